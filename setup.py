@@ -1,0 +1,87 @@
+"""Build taca's extensions over one C core.
+
+- libtaca_core (static, C99 + OpenMP): csrc/taca_common.c and the CPU kernels.
+- taca._numpy_C: the CPython/NumPy binding (csrc/bind_numpy.c), no torch needed at run time.
+- taca._C: the PyTorch binding (csrc/bind_torch.cpp); with CUDA kernels (csrc/cuda/*.cu)
+  when torch has CUDA and nvcc is found (or TACA_FORCE_CUDA=1), CPU-only otherwise.
+
+Environment: TACA_NATIVE=0 drops -march=native; TORCH_CUDA_ARCH_LIST picks GPU targets
+(default "8.0;9.0a"); TACA_NO_CUDA=1 builds CPU-only.
+Install: pip install --no-build-isolation -e .
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import Extension, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CORE_SOURCES = ["csrc/taca_common.c", "csrc/taca_fwd_cpu.c", "csrc/taca_bwd_cpu.c"]
+
+native = ["-march=native"] if os.environ.get("TACA_NATIVE", "1") != "0" else []
+core_cflags = ["-O3", "-std=c99", "-fPIC", "-fopenmp", "-Wall", "-Wextra"] + native
+libraries = [("taca_core", {"sources": CORE_SOURCES, "include_dirs": ["csrc"], "cflags": core_cflags})]
+
+
+def numpy_extension():
+    import numpy as np
+
+    return Extension(
+        "taca._numpy_C",
+        sources=["csrc/bind_numpy.c"],
+        include_dirs=["csrc", np.get_include()],
+        extra_compile_args=["-O2", "-std=c99", "-Wall"],
+        extra_link_args=["-fopenmp"],
+    )
+
+
+def want_cuda(torch_cuda_available_at_build):
+    if os.environ.get("TACA_NO_CUDA", "0") == "1":
+        return False
+    if os.environ.get("TACA_FORCE_CUDA", "0") == "1":
+        return True
+    return torch_cuda_available_at_build
+
+
+def torch_extension():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    has_nvcc = CUDA_HOME is not None and shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")) is not None
+    use_cuda = want_cuda(torch.version.cuda is not None and has_nvcc)
+    cxx = ["-O3", "-std=c++17"]
+    if not use_cuda:
+        return CppExtension(
+            "taca._C",
+            sources=["csrc/bind_torch.cpp"],
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+            "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+    return CUDAExtension(
+        "taca._C",
+        sources=["csrc/bind_torch.cpp"] + sorted(glob.glob("csrc/cuda/*.cu")),
+        include_dirs=[os.path.join(HERE, "csrc"), os.path.join(HERE, "csrc", "cuda")],
+        define_macros=[("TACA_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+ext_modules = [numpy_extension()]
+cmdclass = {}
+try:
+    import torch  # noqa: F401
+    from torch.utils.cpp_extension import BuildExtension
+
+    ext_modules.append(torch_extension())
+    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+except ImportError:
+    print("taca setup: torch not found, building the NumPy binding only", file=sys.stderr)
+
+setup(libraries=libraries, ext_modules=ext_modules, cmdclass=cmdclass)
