@@ -1,0 +1,403 @@
+"""Turn TACA on and off on a diffusers FLUX or SD3/SD3.5 pipeline (or bare transformer).
+
+``taca.enable(pipe)`` installs one TACA processor per attention module (keeping the previous
+processor objects) and a forward pre-hook on the transformer. On every transformer call the
+hook reads ``timestep`` (FLUX: sigma in [0, 1]; SD3: t in [0, 1000]) and the text length
+(``encoder_hidden_states.shape[1]``), evaluates the schedule per sample, and injects
+``taca_gamma`` ((B,) float32 on the device, or None when no sample is in the window: then every
+processor takes diffusers' stock path) and ``taca_text_len`` into a copy of
+``joint_attention_kwargs``. At most one host sync per transformer call (deciding whether any
+sample is in the window). ``taca.disable`` puts back the exact previous processor objects,
+removes the hook and undoes the LoRA changes.
+
+LoRA gating (``lora=``): the adapter is active in exactly the transformer calls where some
+sample of the batch has gamma != 1 and inactive otherwise. LoRA is per module, not per sample:
+with a batch that mixes timesteps (training), the adapter is on for the whole batch if any
+sample is in the window. Gating switches only this adapter in each PEFT layer's active set;
+other adapters stay as the user set them (a global ``disable_lora()`` still turns all off).
+``requires_grad`` of the adapter's weights is left as it was. Toggling LoRA layers changes
+torch.compile guards (one more graph per LoRA state).
+
+Known interplay: ``SD3Transformer2DModel.fuse_qkv_projections()`` replaces every processor; if
+it runs after ``taca.enable`` the next transformer call raises (call ``taca.enable`` again: the
+TACA processors handle fused projections). FLUX's fusion keeps processors and just works.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from typing import Any, Dict, Iterator, Optional, Union
+
+import torch
+
+from . import schedule as _schedule
+from .processors import TacaFluxAttnProcessor, TacaJointAttnProcessor
+
+_SUPPORTED = (
+    "FluxTransformer2DModel (FLUX.1, FLUX Kontext) and SD3Transformer2DModel (SD3, SD3.5), "
+    "or a pipeline with one of them as .transformer"
+)
+_ATTR = "_taca_handle"
+DEFAULT_ADAPTER = "taca"
+
+
+def _kind(transformer) -> Optional[str]:
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    if isinstance(transformer, FluxTransformer2DModel):
+        return "flux"
+    if isinstance(transformer, SD3Transformer2DModel):
+        return "sd3"
+    return None
+
+
+def _resolve(obj):
+    """(pipe or None, transformer, kind) for a pipeline or a transformer (compiled or not)."""
+    pipe = None
+    transformer = obj
+    if not isinstance(obj, torch.nn.Module) and hasattr(obj, "components"):
+        pipe = obj
+        transformer = getattr(obj, "transformer", None)
+        if transformer is None:
+            names = [k for k, v in obj.components.items() if isinstance(v, torch.nn.Module)]
+            raise TypeError(
+                f"taca: {type(obj).__name__} has no .transformer (its models: {names}); supported: {_SUPPORTED}"
+            )
+    transformer = getattr(transformer, "_orig_mod", transformer)
+    kind = _kind(transformer) if isinstance(transformer, torch.nn.Module) else None
+    if kind is None:
+        raise TypeError(f"taca: {type(transformer).__name__} is not supported; supported: {_SUPPORTED}")
+    return pipe, transformer, kind
+
+
+def _attention_modules(transformer) -> Dict[str, torch.nn.Module]:
+    return {
+        name: m for name, m in transformer.named_modules()
+        if hasattr(m, "set_processor") and hasattr(m, "processor")
+    }
+
+
+class TacaHandle:
+    """What ``taca.enable`` installed on one transformer. Read-only for users except through
+    ``taca.enable`` (update) and ``taca.disable``.
+
+    Attributes: ``kind`` ("flux" / "sd3"), ``schedule``, ``gamma_reverse``, ``backend``,
+    ``lora_adapter`` (adapter name or None), ``last_gamma`` ((B,) tensor or None: what the last
+    transformer call used), ``last_step`` (step index of the last call, step schedules only).
+    """
+
+    def __init__(self, pipe, transformer, kind: str):
+        self.pipe = pipe
+        self.transformer = transformer
+        self.kind = kind
+        self.modules = _attention_modules(transformer)
+        self.previous = {name: m.processor for name, m in self.modules.items()}
+        cls = TacaFluxAttnProcessor if kind == "flux" else TacaJointAttnProcessor
+        self.processors = {name: cls(name) for name in self.modules}
+        self.schedule: _schedule.Schedule = _schedule.parse(None)
+        self.gamma_reverse = 1.0
+        self.backend = "auto"
+        self.lora_adapter: Optional[str] = None
+        self._lora_loaded_by_us = False
+        self._lora_source: Any = None
+        self._lora_on: Optional[bool] = None
+        self._lora_prev_active: Dict[str, list] = {}
+        self.last_gamma: Optional[torch.Tensor] = None
+        self.last_step: Optional[int] = None
+        self._step = 0
+        self._last_sigma: Optional[float] = None
+        self._hook = None
+        self._params = [p for p in inspect.signature(type(transformer).forward).parameters if p != "self"]
+
+    def _install(self):
+        for name, m in self.modules.items():
+            p = self.processors[name]
+            p.gamma_reverse, p.backend = self.gamma_reverse, self.backend
+            if m.processor is not p:
+                old = m.processor
+                # keep diffusers' per-module attention backend settings
+                p._attention_backend = getattr(old, "_attention_backend", None)
+                p._parallel_config = getattr(old, "_parallel_config", None)
+                m.set_processor(p)
+        if self._hook is None:
+            self._hook = self.transformer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+
+    def _uninstall(self):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        for name, m in self.modules.items():
+            m.set_processor(self.previous[name])
+
+    def _arg(self, name, args, kwargs):
+        if name in kwargs:
+            return kwargs[name]
+        i = self._params.index(name) if name in self._params else None
+        return args[i] if i is not None and i < len(args) else None
+
+    def _pre_hook(self, module, args, kwargs):
+        for name, m in self.modules.items():
+            if m.processor is not self.processors[name]:
+                raise RuntimeError(
+                    f"taca: the processor of {name} was replaced after taca.enable (now "
+                    f"{type(m.processor).__name__}; e.g. by fuse_qkv_projections or set_attn_processor); "
+                    f"call taca.enable again to reinstall TACA, or taca.disable"
+                )
+        hs = self._arg("hidden_states", args, kwargs)
+        ts = self._arg("timestep", args, kwargs)
+        ehs = self._arg("encoder_hidden_states", args, kwargs)
+        if ts is None or ehs is None or hs is None:
+            raise ValueError("taca: the transformer was called without timestep or encoder_hidden_states")
+        B = hs.shape[0]
+        sigma = torch.as_tensor(ts, device=hs.device).to(torch.float32).reshape(-1)
+        if sigma.numel() == 1 and B != 1:
+            sigma = sigma.expand(B)
+        if self.kind == "sd3":
+            sigma = sigma / 1000.0
+        sigma = self._exact_sigma(sigma)
+
+        step = None
+        if self.schedule.needs_step:
+            step = self._track_step(float(sigma[0]))
+            gamma = self.schedule(sigma, step)
+            on = float(gamma[0]) != 1.0  # step rules give one gamma for the batch; no device work here
+        else:
+            gamma = self.schedule(sigma, None)
+            on = bool((gamma != 1.0).any())  # the one host sync of this call
+        self.last_gamma = gamma if on else None
+        self.last_step = step
+        if self.lora_adapter is not None:
+            self._gate_lora(on)
+
+        jak = dict(self._arg("joint_attention_kwargs", args, kwargs) or {})
+        jak["taca_gamma"] = gamma if on else None
+        jak["taca_text_len"] = int(ehs.shape[1])
+        if "joint_attention_kwargs" not in kwargs and "joint_attention_kwargs" in self._params:
+            i = self._params.index("joint_attention_kwargs")
+            if i < len(args):
+                args = args[:i] + (jak,) + args[i + 1:]
+                return args, kwargs
+        kwargs = dict(kwargs)
+        kwargs["joint_attention_kwargs"] = jak
+        return args, kwargs
+
+    def _exact_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        # FLUX pipelines pass t / 1000 in the latents' dtype (bf16: ~0.004 error near 0.97) but
+        # keep the exact t in pipe._current_timestep; use it when it matches what was passed.
+        t = getattr(self.pipe, "_current_timestep", None) if self.pipe is not None else None
+        if not isinstance(t, torch.Tensor) or t.numel() != 1:
+            return sigma
+        exact = t.detach().to(device=sigma.device, dtype=torch.float32).reshape(1).expand_as(sigma) / 1000.0
+        match = ((exact - sigma).abs() <= 2.0 ** -7).all()
+        return torch.where(match, exact, sigma)
+
+    def _track_step(self, s: float) -> int:
+        sch = getattr(self.pipe, "scheduler", None) if self.pipe is not None else None
+        new_call = sch is not None and getattr(sch, "step_index", 0) is None
+        if new_call or self._last_sigma is None or s > self._last_sigma + 1e-6:
+            self._step = 0
+        elif s < self._last_sigma - 1e-6:
+            self._step += 1
+        self._last_sigma = s
+        return self._step
+
+    def reset_steps(self) -> None:
+        """Start step counting afresh (the next transformer call is step 0)."""
+        self._last_sigma = None
+        self._step = 0
+
+    # LoRA -----------------------------------------------------------------------------------
+    def _lora_layers(self):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for name, m in self.transformer.named_modules():
+            if isinstance(m, BaseTunerLayer) and self.lora_adapter in _layer_adapters(m):
+                yield name, m
+
+    def _gate_lora(self, on: bool) -> None:
+        if self._lora_on is on:
+            return
+        name = self.lora_adapter
+        for _, m in self._lora_layers():
+            active = [a for a in m.active_adapters if a != name]
+            if on:
+                active.append(name)
+            grads = {id(p): p.requires_grad for p in m.parameters()}
+            m.set_adapter(active)
+            for p in m.parameters():
+                p.requires_grad_(grads[id(p)])
+        self._lora_on = on
+
+    def _set_lora(self, lora, adapter_name: str) -> None:
+        if lora is None:
+            self._drop_lora()
+            return
+        if isinstance(lora, os.PathLike):
+            lora = os.fspath(lora)
+        if self.lora_adapter is not None and self._lora_source is not None and _same_source(self._lora_source, lora):
+            return
+        self._drop_lora()
+        loaded = set(getattr(self.transformer, "peft_config", {}) or {})
+        if isinstance(lora, str) and lora in loaded:
+            self.lora_adapter = lora
+            self._lora_loaded_by_us = False
+            self._lora_prev_active = {n: list(m.active_adapters) for n, m in self._lora_layers()}
+        else:
+            if isinstance(lora, str) and not os.path.exists(lora) and "/" not in lora:
+                raise ValueError(
+                    f"taca: lora={lora!r} is neither a loaded adapter (loaded: {sorted(loaded)}) nor an existing path"
+                )
+            if not isinstance(lora, (str, dict)):
+                raise TypeError(f"taca: lora must be a path, a state dict or an adapter name, got {type(lora).__name__}")
+            if adapter_name in loaded:
+                raise ValueError(f"taca: adapter_name={adapter_name!r} is already loaded; pass lora={adapter_name!r} to use it")
+            before = {n: list(m.active_adapters) for n, m in _tuner_layers(self.transformer)}
+            src = dict(lora) if isinstance(lora, dict) else lora  # diffusers pops keys from dicts
+            if self.pipe is not None and hasattr(self.pipe, "load_lora_weights"):
+                self.pipe.load_lora_weights(src, adapter_name=adapter_name)
+            else:
+                self.transformer.load_lora_adapter(src, prefix="transformer", adapter_name=adapter_name)
+            self.lora_adapter = adapter_name
+            self._lora_loaded_by_us = True
+            # loading makes the new adapter the only active one in some versions: give the
+            # user's adapters back their previous activity
+            for n, m in self._lora_layers():
+                keep = [a for a in before.get(n, []) if a != adapter_name]
+                m.set_adapter(keep + [adapter_name])
+        self._lora_source = lora
+        self._lora_on = None
+
+    def _drop_lora(self) -> None:
+        if self.lora_adapter is None:
+            return
+        name = self.lora_adapter
+        if self._lora_loaded_by_us:
+            self.transformer.delete_adapters(name)
+        else:
+            for n, m in self._lora_layers():
+                if n in self._lora_prev_active:
+                    grads = {id(p): p.requires_grad for p in m.parameters()}
+                    m.set_adapter(self._lora_prev_active[n])
+                    for p in m.parameters():
+                        p.requires_grad_(grads[id(p)])
+        self.lora_adapter = None
+        self._lora_source = None
+        self._lora_on = None
+
+
+def _layer_adapters(m) -> set:
+    names = set()
+    for attr in getattr(m, "adapter_layer_names", ()):
+        d = getattr(m, attr, None)
+        if hasattr(d, "keys"):
+            names.update(d.keys())
+    return names
+
+
+def _tuner_layers(transformer):
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return []
+    return [(n, m) for n, m in transformer.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _same_source(a, b) -> bool:
+    if isinstance(a, str) and isinstance(b, str):
+        return a == b
+    return a is b
+
+
+def enable(
+    pipe_or_transformer,
+    gamma: float = 1.2,
+    schedule: Union[None, str, _schedule.Schedule, _schedule.SigmaFn] = None,
+    lora: Union[None, str, os.PathLike, Dict[str, torch.Tensor]] = None,
+    gamma_reverse: float = 1.0,
+    backend: str = "auto",
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> TacaHandle:
+    """Turn TACA on for a FLUX or SD3/SD3.5 pipeline or transformer.
+
+    gamma: gamma0, the multiplier of (image query, text key) logits inside the window.
+    schedule: None / "paper" (gamma0 where sigma >= 0.97), "paper:<sigma>", "steps:<k>" (first k
+        denoising steps of each call), "constant" / "none" (always), a ``taca.schedule.Schedule``,
+        or a callable sigma (B,) float32 -> gamma (B,). See ``taca.schedule``.
+    lora: a TACA LoRA (a file or directory in diffusers' LoRA format, a hub id, a state dict, or
+        the name of an adapter already loaded), loaded as ``adapter_name`` and active exactly in
+        the transformer calls where gamma != 1.
+    gamma_reverse: multiplier of (text query, image key) logits, applied in the same calls.
+    backend: passed to ``taca.joint_attention``.
+
+    Calling it again updates the settings (processors, hook and adapter are not duplicated).
+    Returns the :class:`TacaHandle`. Raises TypeError for unsupported models.
+    """
+    pipe, transformer, kind = _resolve(pipe_or_transformer)
+    sched = _schedule.parse(schedule, gamma)
+    gr = float(gamma_reverse)
+    if not (gr > 0 and gr < float("inf")):
+        raise ValueError(f"taca: gamma_reverse={gamma_reverse} must be finite and > 0")
+    if backend not in ("auto", "cpu", "cuda", "sdpa", "reference"):
+        raise ValueError(f"taca: backend={backend!r} is not one of ('auto', 'cpu', 'cuda', 'sdpa', 'reference')")
+    handle: Optional[TacaHandle] = getattr(transformer, _ATTR, None)
+    fresh = handle is None
+    if fresh:
+        handle = TacaHandle(pipe, transformer, kind)
+    elif pipe is not None:
+        handle.pipe = pipe
+    old = (handle.schedule, handle.gamma_reverse, handle.backend)
+    handle.schedule, handle.gamma_reverse, handle.backend = sched, gr, backend
+    try:
+        handle._set_lora(lora, adapter_name)
+        handle._install()
+    except BaseException:
+        if fresh:
+            handle._drop_lora()
+            handle._uninstall()
+        else:
+            handle.schedule, handle.gamma_reverse, handle.backend = old
+        raise
+    handle.reset_steps()
+    setattr(transformer, _ATTR, handle)
+    return handle
+
+
+def disable(pipe_or_transformer) -> None:
+    """Turn TACA off: restore the exact previous processors, remove the hook, and unload the
+    LoRA that ``enable`` loaded (or give an existing adapter back its previous activity).
+    A no-op when TACA is not enabled."""
+    _, transformer, _ = _resolve(pipe_or_transformer)
+    handle: Optional[TacaHandle] = getattr(transformer, _ATTR, None)
+    if handle is None:
+        return
+    try:
+        handle._uninstall()
+        handle._drop_lora()
+    finally:
+        delattr(transformer, _ATTR)
+
+
+def get_handle(pipe_or_transformer) -> Optional[TacaHandle]:
+    """The active :class:`TacaHandle`, or None when TACA is off."""
+    _, transformer, _ = _resolve(pipe_or_transformer)
+    return getattr(transformer, _ATTR, None)
+
+
+@contextlib.contextmanager
+def enabled(pipe_or_transformer, **kwargs) -> Iterator[TacaHandle]:
+    """``with taca.enabled(pipe, gamma=1.2, ...):`` TACA on inside the block (arguments as
+    :func:`enable`); on exit TACA is off again, or back to its previous settings if it was on."""
+    prev = get_handle(pipe_or_transformer)
+    prev_settings = None
+    if prev is not None:
+        prev_settings = dict(gamma=1.0, schedule=prev.schedule, gamma_reverse=prev.gamma_reverse,
+                             backend=prev.backend, lora=prev._lora_source)
+    handle = enable(pipe_or_transformer, **kwargs)
+    try:
+        yield handle
+    finally:
+        if prev_settings is None:
+            disable(pipe_or_transformer)
+        else:
+            enable(pipe_or_transformer, **prev_settings)
