@@ -1,7 +1,13 @@
 """taca.joint_attention: the one op everything else calls.
 
-Dispatch (backend="auto"): tensors the compiled kernels support go to the C/CUDA kernels
-through the ``torch.ops.taca`` ops; everything else goes to the exact split-SDPA form.
+The compiled kernels are reached through ``torch.ops.taca.fwd`` / ``torch.ops.taca.bwd``
+(csrc/bind_torch.cpp), which take (B, N, H, D) views; this module registers their fake
+impls (for torch.compile) and the autograd formula of ``fwd`` (its backward is ``bwd``).
+
+Dispatch (backend="auto"): CPU tensors -> the C kernel; CUDA float16/bfloat16 tensors with
+a head dim in ``CUDA_HEAD_DIMS`` -> the CUDA kernel (when built); anything else -> the exact
+split-SDPA form (``reference.attention_split_sdpa``), or the materialized reference when lse
+or text_mass is asked for.
 """
 from __future__ import annotations
 
@@ -18,6 +24,74 @@ logger = logging.getLogger("taca")
 _LAYOUTS = ("bhnd", "bnhd")
 _BACKENDS = ("auto", "cpu", "cuda", "sdpa", "reference")
 
+# Head dims the CUDA kernel is dispatched to by backend="auto"; other head dims go to SDPA.
+CUDA_HEAD_DIMS = (64, 128)
+
+try:
+    from . import _C  # noqa: F401  (loads the library: registers torch.ops.taca.*)
+
+    _EXT_ERROR: Optional[BaseException] = None
+except ImportError as e:  # extension not built: auto falls back to SDPA
+    _C = None
+    _EXT_ERROR = e
+
+HAVE_KERNELS: bool = _C is not None and hasattr(torch.ops.taca, "fwd")
+HAVE_CUDA_KERNEL: bool = HAVE_KERNELS and bool(getattr(_C, "has_cuda", False))
+_warned_no_ext = False
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library registrations for the compiled ops
+# ---------------------------------------------------------------------------------------
+
+def _alloc_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Mirror of bind_torch.cpp's alloc_like: empty_like, unless that breaks stride(-1) == 1."""
+    out = torch.empty_like(t, dtype=dtype)
+    if out.size(-1) > 1 and out.stride(-1) != 1:
+        out = t.new_empty(t.shape, dtype=dtype)
+    return out
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if HAVE_KERNELS:
+
+    @torch.library.register_fake("taca::fwd")
+    def _fwd_fake(q, k, v, gamma, gamma_reverse, scale, text_begin, text_end, return_text_mass):
+        B, N, H, _ = q.shape
+        acc = _acc_dtype(q.dtype)
+        out = _alloc_like(q, q.dtype)
+        lse = q.new_empty((B, H, N), dtype=acc)
+        tm = q.new_empty((B, H, N) if return_text_mass else (0,), dtype=acc)
+        return out, lse, tm
+
+    @torch.library.register_fake("taca::bwd")
+    def _bwd_fake(dout, q, k, v, out, lse, gamma, gamma_reverse, scale, text_begin, text_end):
+        return _alloc_like(q, q.dtype), _alloc_like(k, k.dtype), _alloc_like(v, v.dtype)
+
+    def _fwd_setup_context(ctx, inputs, output):
+        q, k, v, gamma, gamma_reverse, scale, text_begin, text_end, _ = inputs
+        out, lse, tm = output
+        ctx.save_for_backward(q, k, v, out, lse, gamma)
+        ctx.args = (gamma_reverse, scale, text_begin, text_end)
+        ctx.mark_non_differentiable(lse, tm)
+
+    def _fwd_backward(ctx, dout, dlse, dtm):
+        q, k, v, out, lse, gamma = ctx.saved_tensors
+        gamma_reverse, scale, text_begin, text_end = ctx.args
+        dq, dk, dv = torch.ops.taca.bwd(
+            dout, q, k, v, out, lse, gamma, gamma_reverse, scale, text_begin, text_end
+        )
+        return dq, dk, dv, None, None, None, None, None, None
+
+    torch.library.register_autograd("taca::fwd", _fwd_backward, setup_context=_fwd_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------
 
 def _validate(q, k, v, text_len, gamma, gamma_reverse, scale, layout, backend):
     if layout not in _LAYOUTS:
@@ -46,11 +120,8 @@ def _validate(q, k, v, text_len, gamma, gamma_reverse, scale, layout, backend):
     if D < 1 or D > 256:
         raise ValueError(f"taca: head dim must be in [1, 256], got {D}")
     N = q.shape[2] if layout == "bhnd" else q.shape[1]
-    if isinstance(text_len, bool) or not isinstance(text_len, int):
-        if isinstance(text_len, torch.SymInt):
-            pass
-        else:
-            raise TypeError(f"taca: text_len must be an int, got {type(text_len).__name__}")
+    if isinstance(text_len, bool) or not isinstance(text_len, (int, torch.SymInt)):
+        raise TypeError(f"taca: text_len must be an int, got {type(text_len).__name__}")
     if text_len < 0 or text_len > N:
         raise ValueError(f"taca: text_len={text_len} must be in [0, {N}] (the sequence length)")
     if isinstance(gamma, torch.Tensor):
@@ -59,7 +130,16 @@ def _validate(q, k, v, text_len, gamma, gamma_reverse, scale, layout, backend):
             raise ValueError(f"taca: gamma must be a float, a 0-d tensor or a ({B},) tensor, got shape {tuple(gamma.shape)}")
         if not gamma.is_floating_point():
             raise TypeError(f"taca: gamma tensor must be floating point, got {gamma.dtype}")
+        if gamma.device != q.device:
+            raise ValueError(f"taca: gamma is on {gamma.device} but q is on {q.device}; pass gamma on q's device")
+        # Values are checked only where that costs no device sync and no graph break; the
+        # CPU kernel checks them itself (also under torch.compile).
+        if gamma.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not bool(torch.isfinite(gamma).all()) or not bool((gamma > 0).all()):
+                raise ValueError(f"taca: gamma={gamma.tolist()} must be finite and > 0")
     else:
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+            raise TypeError(f"taca: gamma must be a float or a tensor, got {type(gamma).__name__}")
         g = float(gamma)
         if not math.isfinite(g) or g <= 0:
             raise ValueError(f"taca: gamma={gamma} must be finite and > 0")
@@ -69,6 +149,66 @@ def _validate(q, k, v, text_len, gamma, gamma_reverse, scale, layout, backend):
     if scale is not None and not math.isfinite(float(scale)):
         raise ValueError(f"taca: scale={scale} must be finite")
     return N
+
+
+# ---------------------------------------------------------------------------------------
+# dispatch
+# ---------------------------------------------------------------------------------------
+
+def _kernel_refusal(q: torch.Tensor, gamma) -> Optional[str]:
+    """Why the compiled kernel cannot take these inputs (None: it can)."""
+    if not HAVE_KERNELS:
+        return f"the taca._C extension is not available ({_EXT_ERROR})"
+    if isinstance(gamma, torch.Tensor) and gamma.requires_grad and torch.is_grad_enabled():
+        return "gamma requires grad and the kernels give gamma no gradient"
+    dev = q.device.type
+    if dev == "cpu":
+        return None
+    if dev == "cuda":
+        if not HAVE_CUDA_KERNEL:
+            return "taca._C was built without CUDA kernels"
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            return f"the CUDA kernel takes float16/bfloat16, got {q.dtype}"
+        if q.shape[-1] not in CUDA_HEAD_DIMS:
+            return f"the CUDA kernel takes head dims {CUDA_HEAD_DIMS}, got {q.shape[-1]}"
+        return None
+    return f"no taca kernel for device type {dev!r}"
+
+
+def _log_fallback(reason: str) -> None:
+    global _warned_no_ext
+    if torch.compiler.is_compiling():
+        return
+    if not HAVE_KERNELS and not _warned_no_ext:
+        _warned_no_ext = True
+        logger.warning("taca: compiled kernels unavailable, using split SDPA: %s", _EXT_ERROR)
+    logger.debug("taca: backend='auto' falls back to SDPA: %s", reason)
+
+
+def _gamma_vector(gamma, batch: int, device: torch.device) -> torch.Tensor:
+    """gamma as the kernels take it: a contiguous (B,) float32 tensor on ``device``."""
+    if isinstance(gamma, torch.Tensor):
+        g = gamma.to(dtype=torch.float32)
+        if g.dim() == 0:
+            g = g.reshape(1).expand(batch)
+        return g.contiguous()
+    return torch.full((batch,), float(gamma), dtype=torch.float32, device=device)
+
+
+def _kernel_forward(q, k, v, text_len, text_first, gamma, gamma_reverse, scale, layout,
+                    return_text_mass):
+    # The kernels take (B, N, H, D) views: "bhnd" is transposed, never copied.
+    qn, kn, vn = ((t.transpose(1, 2) if layout == "bhnd" else t) for t in (q, k, v))
+    # A non-unit stride on D is the one layout the kernels refuse: copy it.
+    qn, kn, vn = ((t.contiguous() if t.size(-1) > 1 and t.stride(-1) != 1 else t) for t in (qn, kn, vn))
+    B, N, _, D = qn.shape
+    tb, te = reference.text_range(N, text_len, text_first)
+    s = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    g = _gamma_vector(gamma, B, q.device)
+    out, lse, tm = torch.ops.taca.fwd(qn, kn, vn, g, float(gamma_reverse), s, tb, te, return_text_mass)
+    if layout == "bhnd":
+        out = out.transpose(1, 2)
+    return out, lse, tm
 
 
 def joint_attention(
@@ -88,36 +228,66 @@ def joint_attention(
 ):
     """Gamma-scaled joint attention (TACA).
 
-    q, k, v: (B, H, N, D) for layout "bhnd" or (B, N, H, D) for "bnhd"; text tokens are the
-    first ``text_len`` tokens (``text_first=True``, FLUX) or the last (SD3).
-    gamma: float or (B,) tensor, multiplies the scaled logits of (visual query, text key)
-    pairs; gamma_reverse those of (text query, visual key) pairs. scale defaults to 1/sqrt(D).
+    q, k, v: (B, H, N, D) for layout "bhnd" or (B, N, H, D) for "bnhd", same shape, dtype and
+    device; any batch/token/head strides (a non-unit stride on D is copied). Text tokens are
+    the first ``text_len`` tokens (``text_first=True``, FLUX) or the last (SD3).
+    gamma: float, 0-d tensor or (B,) tensor on q's device; multiplies the scaled logits of
+    (visual query, text key) pairs. gamma_reverse multiplies those of (text query, visual key)
+    pairs. scale defaults to 1/sqrt(D). Pass gamma as a tensor under torch.compile so changing
+    its value does not recompile.
 
-    Returns out (same layout and dtype as q), plus lse (B, H, N) float32 and text_mass
-    (B, H, N) float32 when asked (float64 for float64 inputs).
+    Returns out (same shape, layout and dtype as q); with ``return_lse`` / ``return_text_mass``
+    a tuple (out, lse, text_mass) holding the asked ones, lse and text_mass being (B, H, N)
+    float32 (float64 for float64 inputs). lse and text_mass carry no gradient.
+
+    backend: "auto" (CPU tensors -> C kernel; CUDA float16/bfloat16 with head dim in
+    ``CUDA_HEAD_DIMS`` -> CUDA kernel; otherwise split SDPA, or the materialized float32
+    reference when lse/text_mass are asked), "cpu" / "cuda" (force the kernel; error if it
+    cannot run), "sdpa" (split SDPA), "reference" (materialized, upcast).
+
+    Gradients: q, k and v get gradients on every backend. The kernels give gamma none, so a
+    gamma tensor that requires grad sends backend="auto" to split SDPA, which differentiates it.
     """
     _validate(q, k, v, text_len, gamma, gamma_reverse, scale, layout, backend)
-    if backend == "reference" or (return_lse or return_text_mass) and backend == "sdpa":
+    want_extra = return_lse or return_text_mass
+
+    if backend in ("cpu", "cuda"):
+        if q.device.type != backend:
+            raise ValueError(f"taca: backend={backend!r} needs q on a {backend} device, got {q.device}")
+        reason = _kernel_refusal(q, None)
+        if reason is not None:
+            raise RuntimeError(f"taca: backend={backend!r} cannot run: {reason}")
+        use_kernel = True
+    elif backend == "auto":
+        reason = _kernel_refusal(q, gamma)
+        use_kernel = reason is None
+        if not use_kernel:
+            _log_fallback(reason)
+    else:
+        use_kernel = False
+
+    if use_kernel:
+        out, lse, tm = _kernel_forward(q, k, v, text_len, text_first, gamma, gamma_reverse,
+                                       scale, layout, return_text_mass)
+        return _pack(out, lse, tm, return_lse, return_text_mass)
+    if backend == "reference" or want_extra:
+        upcast = torch.float64 if q.dtype == torch.float64 else torch.float32
         out, lse, tm = reference.attention_ref(
             q, k, v, text_len=text_len, text_first=text_first, gamma=gamma,
-            gamma_reverse=gamma_reverse, scale=scale, layout=layout, upcast=torch.float32
-            if q.dtype != torch.float64 else torch.float64,
+            gamma_reverse=gamma_reverse, scale=scale, layout=layout, upcast=upcast,
         )
-        out = out.to(q.dtype)
-        return _pack(out, lse, tm, return_lse, return_text_mass)
-    if backend in ("auto", "sdpa"):
-        out = reference.attention_split_sdpa(
-            q, k, v, text_len=text_len, text_first=text_first, gamma=gamma,
-            gamma_reverse=gamma_reverse, scale=scale, layout=layout,
-        )
-        return _pack(out, None, None, False, False)
-    raise NotImplementedError(f"taca: backend={backend!r} needs the compiled extension")
+        return _pack(out.to(q.dtype), lse.detach(), tm.detach(), return_lse, return_text_mass)
+    out = reference.attention_split_sdpa(
+        q, k, v, text_len=text_len, text_first=text_first, gamma=gamma,
+        gamma_reverse=gamma_reverse, scale=scale, layout=layout,
+    )
+    return out
 
 
 def _pack(out, lse, tm, return_lse, return_text_mass):
     if not (return_lse or return_text_mass):
         return out
-    res = (out,)
+    res: Tuple[torch.Tensor, ...] = (out,)
     if return_lse:
         res += (lse,)
     if return_text_mass:
