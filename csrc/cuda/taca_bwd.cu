@@ -1,0 +1,150 @@
+/*
+ * taca_bwd.cu: CUDA backward of gamma-scaled joint attention (TACA), fp16 and bf16.
+ *
+ *   s_ij = scale * (q_i . k_j) * m_ij,  P_ij = exp(s_ij - lse_i)           (forward)
+ *   delta_i = dO_i . O_i,  dP_ij = dO_i . v_j,  dS_ij = P_ij (dP_ij - delta_i)
+ *   dQ_i = scale sum_j m_ij dS_ij k_j,  dK_j = scale sum_i m_ij dS_ij q_i,  dV_j = sum_i P_ij dO_i
+ *   m_ij = gamma[b] (visual query, text key), gamma_reverse (text query, visual key), else 1.
+ *
+ * Shapes: q, k, v, out, dout, dq, dk, dv are (B, N, H, D) with element strides per tensor and
+ * D contiguous; lse (B, H, N) float32 contiguous from the forward; gamma (B,) float32 on the
+ * device. Nothing of size N x N is stored.
+ *
+ * Algorithm (FlashAttention-2 backward, one pass over the key tiles):
+ *   1. bwd_preprocess: delta_i and lse_i * log2(e) into the workspace (one warp per row).
+ *   2. bwd_main, one CTA per (128 key rows, head, batch): K_j, V_j stay in shared memory and
+ *      dK_j, dV_j in registers; the CTA walks every query tile (cp.async double buffer), recomputes
+ *      P^T from lse, forms dS^T, accumulates dV and dK with mma.sync (fp32 accumulate), and
+ *      computes the tile's dQ contribution dS K.
+ *   Determinism without floating-point atomics: the dQ contributions of the key tiles to one
+ *   query tile are added into a float32 workspace in the fixed order jt = 0, 1, ..., nk - 1;
+ *   tile jt waits on a per-(b, h, chunk, query tile) counter until tile jt - 1 has stored its
+ *   sum (ld.acquire spin by one thread, __threadfence + atomicExch release), and the last key
+ *   tile adds its part and writes dq (scaled, cast) itself. This keeps the five matmuls of
+ *   FlashAttention-2 (a separate dQ pass would recompute S and dP: seven matmuls, 1.4x the
+ *   work) and costs only a start-up lag of one add per key tile. A CTA waits only on CTAs with
+ *   a smaller linear block index (blockIdx.x is the key tile), which the hardware has already
+ *   dispatched, so it cannot deadlock. params->deterministic = 0 takes the same path: it is
+ *   no slower in practice than atomics would be, and one path is one thing to test.
+ *
+ * Configurations (taca_bwd_kernel.cuh, config_for): D <= 64 -> DP 64, query tile 128;
+ * D <= 128 -> DP 128, query tile 64; D <= 256 -> DP 256 in two CTAs of 128 columns each
+ * (each recomputes S and dP, owns half of dK, dV, dQ), query tile 32. Other D are zero-padded
+ * to DP. Misaligned or odd-D inputs take a scalar load path.
+ *
+ * Workspace: lse2, delta (B*H*Np floats each), the order counters (B*H*nchunk*nq ints) and
+ * the dQ accumulator (B*H*Np*DP floats, only when there is more than one key tile); Np is N
+ * rounded up to the query tile. Build check:
+ *   nvcc -std=c++17 -O3 -Icsrc -Icsrc/cuda -gencode=arch=compute_90a,code=sm_90a \
+ *     -c csrc/cuda/taca_bwd.cu -o /tmp/x.o -Xptxas -v
+ * Version log and timings: benchmarks/results/KERNEL_LOG.md (backward section).
+ */
+#include "taca_bwd_kernel.cuh"
+
+namespace {
+
+struct Layout {
+    int dp, dc, bm, np, nq, nk;
+    size_t off_lse2, off_delta, off_sem, off_acc, total;
+};
+
+size_t align256(size_t x) { return (x + 255) & ~static_cast<size_t>(255); }
+
+bool layout_of(const taca_bwd_params *p, Layout *L) {
+    const taca_bwd::Config c = taca_bwd::config_for(p->head_dim);
+    if (p->seqlen > (1 << 30)) return false;
+    const int64_t N = p->seqlen;
+    L->dp = c.dp;
+    L->dc = c.dc;
+    L->bm = c.bm;
+    L->nq = static_cast<int>((N + c.bm - 1) / c.bm);
+    L->nk = static_cast<int>((N + taca_bwd::kBlockN - 1) / taca_bwd::kBlockN);
+    L->np = L->nq * c.bm;
+    const size_t bh = static_cast<size_t>(p->batch) * static_cast<size_t>(p->heads);
+    const size_t rows = bh * static_cast<size_t>(L->np);
+    const size_t nch = static_cast<size_t>(c.dp / c.dc);
+    L->off_lse2 = 0;
+    L->off_delta = align256(rows * sizeof(float));
+    L->off_sem = L->off_delta + align256(rows * sizeof(float));
+    L->off_acc = L->off_sem + align256(bh * nch * static_cast<size_t>(L->nq) * sizeof(int));
+    L->total = L->off_acc + (L->nk > 1 ? rows * static_cast<size_t>(c.dp) * sizeof(float) : 0);
+    return true;
+}
+
+}  // namespace
+
+extern "C" size_t taca_bwd_workspace_size(const taca_bwd_params *p) {
+    if (taca_check_bwd(p) != TACA_OK) return 0;
+    if (p->batch * p->seqlen * p->heads == 0) return 0;
+    Layout L;
+    if (!layout_of(p, &L)) return 0;
+    return L.total;
+}
+
+extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
+    int st = taca_check_bwd(p);
+    if (st != TACA_OK) return st;
+    if (p->dtype != TACA_F16 && p->dtype != TACA_BF16) return TACA_ERR_DTYPE;
+    if (p->batch * p->seqlen * p->heads == 0) return TACA_OK;
+    Layout L;
+    if (!layout_of(p, &L)) return TACA_ERR_UNSUPPORTED;
+    if (p->heads * (L.dp / L.dc) > 65535 || p->batch > 65535) return TACA_ERR_UNSUPPORTED;
+    if (!p->workspace || p->workspace_bytes < L.total) return TACA_ERR_WORKSPACE;
+    if ((reinterpret_cast<uintptr_t>(p->workspace) & 15) != 0) return TACA_ERR_WORKSPACE;
+    cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+
+    taca_bwd::BwdArgs a;
+    a.q = p->q;
+    a.k = p->k;
+    a.v = p->v;
+    a.out = p->out;
+    a.dout = p->dout;
+    a.dq = p->dq;
+    a.dk = p->dk;
+    a.dv = p->dv;
+    a.lse = static_cast<const float *>(p->lse);
+    a.gamma = p->gamma;
+    unsigned char *ws = static_cast<unsigned char *>(p->workspace);
+    a.lse2 = reinterpret_cast<float *>(ws + L.off_lse2);
+    a.delta = reinterpret_cast<float *>(ws + L.off_delta);
+    a.sem = reinterpret_cast<int *>(ws + L.off_sem);
+    a.dq_acc = reinterpret_cast<float *>(ws + L.off_acc);
+    a.qs_b = p->q_stride.b, a.qs_n = p->q_stride.n, a.qs_h = p->q_stride.h;
+    a.ks_b = p->k_stride.b, a.ks_n = p->k_stride.n, a.ks_h = p->k_stride.h;
+    a.vs_b = p->v_stride.b, a.vs_n = p->v_stride.n, a.vs_h = p->v_stride.h;
+    a.os_b = p->out_stride.b, a.os_n = p->out_stride.n, a.os_h = p->out_stride.h;
+    a.dos_b = p->dout_stride.b, a.dos_n = p->dout_stride.n, a.dos_h = p->dout_stride.h;
+    a.dqs_b = p->dq_stride.b, a.dqs_n = p->dq_stride.n, a.dqs_h = p->dq_stride.h;
+    a.dks_b = p->dk_stride.b, a.dks_n = p->dk_stride.n, a.dks_h = p->dk_stride.h;
+    a.dvs_b = p->dv_stride.b, a.dvs_n = p->dv_stride.n, a.dvs_h = p->dv_stride.h;
+    a.B = static_cast<int>(p->batch);
+    a.N = static_cast<int>(p->seqlen);
+    a.H = static_cast<int>(p->heads);
+    a.D = static_cast<int>(p->head_dim);
+    a.Np = L.np;
+    a.nq = L.nq;
+    a.nk = L.nk;
+    a.text_begin = static_cast<int>(p->text_begin);
+    a.text_end = static_cast<int>(p->text_end);
+    a.gamma_reverse = p->gamma_reverse;
+    a.scale = p->scale;
+
+    auto al16 = [](const void *ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
+    auto st8 = [](const taca_strides &s) { return s.b % 8 == 0 && s.n % 8 == 0 && s.h % 8 == 0; };
+    a.vec_load = p->head_dim % 8 == 0 && al16(p->q) && al16(p->k) && al16(p->v) &&
+                 al16(p->dout) && st8(p->q_stride) && st8(p->k_stride) && st8(p->v_stride) &&
+                 st8(p->dout_stride);
+    auto al4 = [](const void *ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 3) == 0; };
+    auto st2 = [](const taca_strides &s) { return s.b % 2 == 0 && s.n % 2 == 0 && s.h % 2 == 0; };
+    a.pair_store = p->head_dim % 2 == 0 && al4(p->dq) && al4(p->dk) && al4(p->dv) &&
+                   st2(p->dq_stride) && st2(p->dk_stride) && st2(p->dv_stride);
+
+    const size_t sem_bytes = L.off_acc - L.off_sem;
+    TACA_CUDA_TRY(cudaMemsetAsync(a.sem, 0, sem_bytes, stream), "taca_bwd_cuda memset");
+    const bool bf16 = p->dtype == TACA_BF16;
+    switch (L.dp) {
+    case 64: return taca_bwd::launch_d64(a, stream, bf16);
+    case 128: return taca_bwd::launch_d128(a, stream, bf16);
+    default: return taca_bwd::launch_d256(a, stream, bf16);
+    }
+}

@@ -1,0 +1,457 @@
+/*
+ * taca_bwd_kernel.cuh: the tiled backward kernels of gamma-scaled joint attention
+ * (templates; instantiated in taca_bwd_d64.cu, taca_bwd_d128.cu, taca_bwd_d256.cu and
+ * launched by taca_bwd.cu, whose header explains the algorithm and the choices).
+ *
+ * Forward, the line being differentiated (DESIGN.md section 1):
+ *   s_ij = scale * (q_i . k_j) * m_ij,  P_ij = exp(s_ij - lse_i),  out_i = sum_j P_ij v_j
+ * Backward, per (query tile i, key tile j):
+ *   dP_ij = dO_i . v_j,  dS_ij = P_ij (dP_ij - delta_i),
+ *   dV_j += P_ij dO_i,  dK_j += scale m_ij dS_ij q_i,  dQ_i += scale m_ij dS_ij k_j.
+ */
+#ifndef TACA_BWD_KERNEL_CUH_
+#define TACA_BWD_KERNEL_CUH_
+
+#include "taca_cuda_common.cuh"
+
+namespace taca_bwd {
+
+using namespace taca_cuda;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kBlockN = 16 * kWarps;  // key rows per CTA: 16 per warp
+
+/* Everything the device needs, passed by value. Element strides, D stride 1. */
+struct BwdArgs {
+    const void *q, *k, *v, *out, *dout;  // (B, N, H, D)
+    void *dq, *dk, *dv;                  // (B, N, H, D)
+    const float *lse;                    // (B, H, N) contiguous
+    const float *gamma;                  // (B,) device
+    float *lse2;                         // workspace (B, H, Np): lse * log2(e), +inf past N
+    float *delta;                        // workspace (B, H, Np): dO . O, 0 past N
+    int *sem;                            // workspace (B, H, nchunk, nq): dQ add order
+    float *dq_acc;                       // workspace (B, H, Np, DP) fp32 partial dQ
+    int64_t qs_b, qs_n, qs_h, ks_b, ks_n, ks_h, vs_b, vs_n, vs_h, os_b, os_n, os_h;
+    int64_t dos_b, dos_n, dos_h, dqs_b, dqs_n, dqs_h, dks_b, dks_n, dks_h, dvs_b, dvs_n, dvs_h;
+    int B, N, H, D, Np, nq, nk;
+    int text_begin, text_end;
+    float gamma_reverse, scale;
+    int vec_load;   // q, k, v, dout: 16-byte aligned rows (D % 8 == 0, strides % 8 == 0)
+    int pair_store; // dq, dk, dv: 4-byte aligned pairs (D even, strides even)
+};
+
+__device__ __forceinline__ int ld_acquire(const int *p) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+/* Copy a (R, DP) tile of a (.., N, .., D) tensor (rows from row pointer base, row stride sn)
+ * into shared memory with row stride LD, zero-filling rows >= rows_valid and columns >= D. */
+template <typename T, int R, int DP, int LD>
+__device__ __forceinline__ void load_tile(T *s, const T *base, int64_t sn, int rows_valid, int D,
+                                          bool vec, int tid) {
+    if (vec) {
+        constexpr int CH = DP / 8;
+#pragma unroll 4
+        for (int idx = tid; idx < R * CH; idx += kThreads) {
+            const int r = idx / CH, c = idx % CH;
+            const bool ok = r < rows_valid && c * 8 < D;
+            const T *src = ok ? base + r * sn + c * 8 : base;
+            cp_async_16(smem_u32(s + r * LD + c * 8), src, ok ? 16 : 0);
+        }
+    } else {
+        for (int idx = tid; idx < R * DP; idx += kThreads) {
+            const int r = idx / DP, c = idx % DP;
+            s[r * LD + c] = (r < rows_valid && c < D) ? base[r * sn + c] : from_float<T>(0.f);
+        }
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pair(T *row, int col, int D, bool pair, float v0, float v1) {
+    if (pair && col + 1 < D) {
+        *reinterpret_cast<uint32_t *>(row + col) = pack2<T>(v0, v1);
+    } else {
+        if (col < D) row[col] = from_float<T>(v0);
+        if (col + 1 < D) row[col + 1] = from_float<T>(v1);
+    }
+}
+
+/* delta = rowsum(dO * O) and lse2 = lse * log2(e) for every padded row; one warp per row. */
+template <typename T>
+__global__ void __launch_bounds__(256) bwd_preprocess(const BwdArgs a) {
+    const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    const int64_t rows = static_cast<int64_t>(a.B) * a.H * a.Np;
+    if (row >= rows) return;
+    const int64_t bh = row / a.Np;
+    const int n = static_cast<int>(row % a.Np);
+    const int b = static_cast<int>(bh / a.H), h = static_cast<int>(bh % a.H);
+    float acc = 0.f;
+    if (n < a.N) {
+        const T *o = static_cast<const T *>(a.out) + b * a.os_b + n * a.os_n + h * a.os_h;
+        const T *d = static_cast<const T *>(a.dout) + b * a.dos_b + n * a.dos_n + h * a.dos_h;
+        for (int c = lane; c < a.D; c += 32) acc += to_float<T>(o[c]) * to_float<T>(d[c]);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) {
+        a.delta[row] = acc;
+        a.lse2[row] = n < a.N ? a.lse[bh * a.N + n] * kLog2e : __int_as_float(0x7f800000);
+    }
+}
+
+template <int DP, int BM> struct Smem {
+    static constexpr int LDK = DP + 8;  // +16 bytes per row: conflict-free ldmatrix
+    static constexpr int LDS = BM + 8;
+    static constexpr size_t bytes_elems =
+        (2 * kBlockN * LDK + 4 * BM * LDK + kBlockN * LDS) * 2;
+    static constexpr size_t bytes = bytes_elems + 4 * BM * sizeof(float);
+};
+
+/*
+ * One CTA per (key tile of 128 rows, head x D-chunk, batch). 8 warps; warp w owns key rows
+ * [16w, 16w + 16) for S^T = K Q^T, dP^T = V dO^T, dV += P^T dO and dK += dS^T Q, so P^T and
+ * dS^T stay in registers as A fragments. dS^T also goes to shared memory for
+ * dQ = dS K, computed with warps tiled (BM/16) x (8 / (BM/16)) over the (BM, DC) output and
+ * added to a float32 workspace in key-tile order (see taca_bwd.cu).
+ * DP: head dim padded (64, 128, 256); DC: the D-chunk of dK, dV, dQ this CTA owns.
+ */
+template <typename T, int DP, int DC, int BM>
+__global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
+    constexpr int BN = kBlockN;
+    constexpr int NCH = DP / DC;
+    constexpr int LDK = Smem<DP, BM>::LDK;
+    constexpr int LDS = Smem<DP, BM>::LDS;
+    constexpr int WM = BM / 16;
+    constexpr int WN = kWarps / WM;
+    constexpr int DQN = DC / WN;  // dQ columns per warp
+    static_assert(DP % DC == 0 && DC % 16 == 0 && BM % 16 == 0, "tile shapes");
+    static_assert(WM * WN == kWarps && DQN % 16 == 0, "dQ warp layout");
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T *sK = reinterpret_cast<T *>(smem_raw);
+    T *sV = sK + BN * LDK;
+    T *sQ = sV + BN * LDK;        // [2][BM][LDK]
+    T *sdO = sQ + 2 * BM * LDK;   // [2][BM][LDK]
+    T *sdS = sdO + 2 * BM * LDK;  // [BN][LDS]: dS^T, key rows, query columns
+    float *sL = reinterpret_cast<float *>(sdS + BN * LDS);  // [2][BM] lse2
+    float *sDl = sL + 2 * BM;                               // [2][BM] delta
+
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int jt = blockIdx.x;
+    const int ch = blockIdx.y % NCH, h = blockIdx.y / NCH, b = blockIdx.z;
+    const int j0 = jt * BN, c0 = ch * DC;
+    const int N = a.N, D = a.D, tb = a.text_begin, te = a.text_end;
+    const bool vec = a.vec_load != 0;
+
+    const T *qb = static_cast<const T *>(a.q) + b * a.qs_b + h * a.qs_h;
+    const T *kb = static_cast<const T *>(a.k) + b * a.ks_b + h * a.ks_h;
+    const T *vb = static_cast<const T *>(a.v) + b * a.vs_b + h * a.vs_h;
+    const T *dob = static_cast<const T *>(a.dout) + b * a.dos_b + h * a.dos_h;
+    const int64_t bh = static_cast<int64_t>(b) * a.H + h;
+    const float *lse2b = a.lse2 + bh * a.Np;
+    const float *deltab = a.delta + bh * a.Np;
+
+    const float gam = a.gamma[b];
+    const float grev = a.gamma_reverse;
+    const float lg = a.scale * kLog2e;
+
+    load_tile<T, BN, DP, LDK>(sK, kb + j0 * a.ks_n, a.ks_n, N - j0, D, vec, tid);
+    load_tile<T, BN, DP, LDK>(sV, vb + j0 * a.vs_n, a.vs_n, N - j0, D, vec, tid);
+
+    auto load_q_tile = [&](int it, int buf) {
+        const int i0 = it * BM;
+        load_tile<T, BM, DP, LDK>(sQ + buf * BM * LDK, qb + i0 * a.qs_n, a.qs_n, N - i0, D, vec,
+                                  tid);
+        load_tile<T, BM, DP, LDK>(sdO + buf * BM * LDK, dob + i0 * a.dos_n, a.dos_n, N - i0, D,
+                                  vec, tid);
+        if (tid < BM / 4) {
+            cp_async_16(smem_u32(sL + buf * BM + tid * 4), lse2b + i0 + tid * 4, 16);
+        } else if (tid < BM / 2) {
+            const int u = tid - BM / 4;
+            cp_async_16(smem_u32(sDl + buf * BM + u * 4), deltab + i0 + u * 4, 16);
+        }
+    };
+
+    load_q_tile(0, 0);
+    cp_async_commit();
+
+    // Key rows of this thread in S^T: r0 = 16w + g and r0 + 8.
+    const int kr0 = j0 + 16 * w + g, kr1 = kr0 + 8;
+    const bool kt0 = kr0 >= tb && kr0 < te, kt1 = kr1 >= tb && kr1 < te;
+    const int jend = j0 + BN;
+    const bool k_uniform = jend <= tb || j0 >= te || (j0 >= tb && jend <= te);
+    const bool k_text = j0 >= tb && j0 < te;
+
+    float acc_dv[DC / 8][4], acc_dk[DC / 8][4];
+#pragma unroll
+    for (int i = 0; i < DC / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_dv[i][e] = acc_dk[i][e] = 0.f;
+
+    const int nq = a.nq, nk = a.nk;
+    const int wm = w % WM, wn = w / WM;
+
+    for (int it = 0; it < nq; ++it) {
+        const int buf = it & 1;
+        const int i0 = it * BM;
+        if (it + 1 < nq) {
+            load_q_tile(it + 1, buf ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const T *q_s = sQ + buf * BM * LDK;
+        const T *do_s = sdO + buf * BM * LDK;
+
+        // S^T = K Q^T and dP^T = V dO^T for this warp's 16 key rows.
+        float s[BM / 8][4], dp[BM / 8][4];
+#pragma unroll
+        for (int i = 0; i < BM / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < DP / 16; ++kk) {
+            uint32_t ak[4], av[4];
+            const int ar = 16 * w + (lane & 15), ac = kk * 16 + (lane >> 4) * 8;
+            ldmatrix_x4(ak, smem_u32(sK + ar * LDK + ac));
+            ldmatrix_x4(av, smem_u32(sV + ar * LDK + ac));
+#pragma unroll
+            for (int nb = 0; nb < BM / 16; ++nb) {
+                uint32_t bq[4], bo[4];
+                const int n = nb * 16 + (lane & 7) + ((lane >> 4) << 3);
+                const int kc = kk * 16 + (((lane >> 3) & 1) << 3);
+                ldmatrix_x4(bq, smem_u32(q_s + n * LDK + kc));
+                ldmatrix_x4(bo, smem_u32(do_s + n * LDK + kc));
+                mma_16816<T>(s[2 * nb], ak, bq);
+                mma_16816<T>(s[2 * nb + 1], ak, bq + 2);
+                mma_16816<T>(dp[2 * nb], av, bo);
+                mma_16816<T>(dp[2 * nb + 1], av, bo + 2);
+            }
+        }
+
+        // P^T = exp2(S^T * scale * log2e * m - lse2), dS'^T = m P^T (dP^T - delta).
+        const int iend = i0 + BM;
+        const bool q_uniform = iend <= tb || i0 >= te || (i0 >= tb && iend <= te);
+        const bool q_text = i0 >= tb && i0 < te;
+        const float* lrow = sL + buf * BM;
+        const float* drow = sDl + buf * BM;
+        uint32_t ap[BM / 16][4], ads[BM / 16][4];
+        if (k_uniform && q_uniform) {
+            const float m = (k_text == q_text) ? 1.f : (q_text ? grev : gam);
+            const float cf = lg * m;
+#pragma unroll
+            for (int nb = 0; nb < BM / 8; ++nb) {
+                const int col = nb * 8 + 2 * t;
+                const float2 l2 = *reinterpret_cast<const float2 *>(lrow + col);
+                const float2 dl = *reinterpret_cast<const float2 *>(drow + col);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float p = fast_exp2(s[nb][e] * cf - ((e & 1) ? l2.y : l2.x));
+                    dp[nb][e] = p * (dp[nb][e] - ((e & 1) ? dl.y : dl.x)) * m;
+                    s[nb][e] = p;
+                }
+            }
+        } else {
+#pragma unroll
+            for (int nb = 0; nb < BM / 8; ++nb) {
+                const int col = nb * 8 + 2 * t;
+                const float2 l2 = *reinterpret_cast<const float2 *>(lrow + col);
+                const float2 dl = *reinterpret_cast<const float2 *>(drow + col);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = i0 + col + (e & 1);
+                    const bool qt = qi >= tb && qi < te;
+                    const bool kt = (e < 2) ? kt0 : kt1;
+                    const float m = (qt == kt) ? 1.f : (qt ? grev : gam);
+                    const float p = fast_exp2(s[nb][e] * (lg * m) - ((e & 1) ? l2.y : l2.x));
+                    dp[nb][e] = p * (dp[nb][e] - ((e & 1) ? dl.y : dl.x)) * m;
+                    s[nb][e] = p;
+                }
+            }
+        }
+#pragma unroll
+        for (int kb2 = 0; kb2 < BM / 16; ++kb2) {
+            ap[kb2][0] = pack2<T>(s[2 * kb2][0], s[2 * kb2][1]);
+            ap[kb2][1] = pack2<T>(s[2 * kb2][2], s[2 * kb2][3]);
+            ap[kb2][2] = pack2<T>(s[2 * kb2 + 1][0], s[2 * kb2 + 1][1]);
+            ap[kb2][3] = pack2<T>(s[2 * kb2 + 1][2], s[2 * kb2 + 1][3]);
+            ads[kb2][0] = pack2<T>(dp[2 * kb2][0], dp[2 * kb2][1]);
+            ads[kb2][1] = pack2<T>(dp[2 * kb2][2], dp[2 * kb2][3]);
+            ads[kb2][2] = pack2<T>(dp[2 * kb2 + 1][0], dp[2 * kb2 + 1][1]);
+            ads[kb2][3] = pack2<T>(dp[2 * kb2 + 1][2], dp[2 * kb2 + 1][3]);
+            const int r = 16 * w + g, col = kb2 * 16 + 2 * t;
+            *reinterpret_cast<uint32_t *>(sdS + r * LDS + col) = ads[kb2][0];
+            *reinterpret_cast<uint32_t *>(sdS + (r + 8) * LDS + col) = ads[kb2][1];
+            *reinterpret_cast<uint32_t *>(sdS + r * LDS + col + 8) = ads[kb2][2];
+            *reinterpret_cast<uint32_t *>(sdS + (r + 8) * LDS + col + 8) = ads[kb2][3];
+        }
+
+        // dV += P^T dO, dK += dS'^T Q (this CTA's D-chunk).
+#pragma unroll
+        for (int kb2 = 0; kb2 < BM / 16; ++kb2) {
+#pragma unroll
+            for (int nb2 = 0; nb2 < DC / 16; ++nb2) {
+                uint32_t bo[4], bq[4];
+                const int kr = kb2 * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+                const int nc = c0 + nb2 * 16 + ((lane >> 4) << 3);
+                ldmatrix_x4_trans(bo, smem_u32(do_s + kr * LDK + nc));
+                ldmatrix_x4_trans(bq, smem_u32(q_s + kr * LDK + nc));
+                mma_16816<T>(acc_dv[2 * nb2], ap[kb2], bo);
+                mma_16816<T>(acc_dv[2 * nb2 + 1], ap[kb2], bo + 2);
+                mma_16816<T>(acc_dk[2 * nb2], ads[kb2], bq);
+                mma_16816<T>(acc_dk[2 * nb2 + 1], ads[kb2], bq + 2);
+            }
+        }
+        __syncthreads();  // dS^T complete in shared memory
+
+        // dQ partial (BM, DC) = dS' K: warp (wm, wn) owns rows 16 wm.., columns wn * DQN..
+        float dq[DQN / 8][4];
+#pragma unroll
+        for (int i = 0; i < DQN / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dq[i][e] = 0.f;
+#pragma unroll
+        for (int kb2 = 0; kb2 < BN / 16; ++kb2) {
+            uint32_t ad[4];
+            const int mi = lane >> 3;
+            const int sr = kb2 * 16 + ((mi >> 1) << 3) + (lane & 7);
+            const int sc = 16 * wm + ((mi & 1) << 3);
+            ldmatrix_x4_trans(ad, smem_u32(sdS + sr * LDS + sc));
+#pragma unroll
+            for (int nb2 = 0; nb2 < DQN / 16; ++nb2) {
+                uint32_t bk[4];
+                const int kr = kb2 * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+                const int nc = c0 + wn * DQN + nb2 * 16 + ((lane >> 4) << 3);
+                ldmatrix_x4_trans(bk, smem_u32(sK + kr * LDK + nc));
+                mma_16816<T>(dq[2 * nb2], ad, bk);
+                mma_16816<T>(dq[2 * nb2 + 1], ad, bk + 2);
+            }
+        }
+
+        // Add into dQ in key-tile order 0, 1, ..., nk-1: tile jt waits until tile jt-1 has
+        // added its part, so the float32 sums are the same on every run. The last tile
+        // writes dq itself.
+        const int qr0 = 16 * wm + g;
+        const int qcol0 = c0 + wn * DQN + 2 * t;
+        if (nk == 1 || jt == nk - 1) {
+            int *sem = a.sem + ((bh * NCH + ch) * nq + it);
+            if (nk > 1) {
+                if (tid == 0) {
+                    while (ld_acquire(sem) < jt) {
+                    }
+                }
+                __syncthreads();
+            }
+            const float *accp = a.dq_acc + (bh * a.Np + i0) * DP;
+            T *dqb = static_cast<T *>(a.dq) + b * a.dqs_b + h * a.dqs_h;
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int r = qr0 + half * 8;
+                if (i0 + r >= N) continue;
+                T *dqrow = dqb + static_cast<int64_t>(i0 + r) * a.dqs_n;
+#pragma unroll
+                for (int nb = 0; nb < DQN / 8; ++nb) {
+                    const int col = qcol0 + nb * 8;
+                    float v0 = dq[nb][2 * half], v1 = dq[nb][2 * half + 1];
+                    if (nk > 1) {
+                        const float2 o = __ldcg(reinterpret_cast<const float2 *>(accp + r * DP + col));
+                        v0 += o.x;
+                        v1 += o.y;
+                    }
+                    store_pair<T>(dqrow, col, D, a.pair_store != 0, v0 * a.scale, v1 * a.scale);
+                }
+            }
+        } else {
+            int *sem = a.sem + ((bh * NCH + ch) * nq + it);
+            if (jt > 0) {
+                if (tid == 0) {
+                    while (ld_acquire(sem) < jt) {
+                    }
+                }
+                __syncthreads();
+            }
+            float *accp = a.dq_acc + (bh * a.Np + i0) * DP;
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int r = qr0 + half * 8;
+#pragma unroll
+                for (int nb = 0; nb < DQN / 8; ++nb) {
+                    const int col = qcol0 + nb * 8;
+                    float2 v = make_float2(dq[nb][2 * half], dq[nb][2 * half + 1]);
+                    float2 *dst = reinterpret_cast<float2 *>(accp + r * DP + col);
+                    if (jt > 0) {
+                        const float2 o = __ldcg(dst);
+                        v.x += o.x;
+                        v.y += o.y;
+                    }
+                    __stcg(dst, v);
+                }
+            }
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) atomicExch(sem, jt + 1);
+        }
+    }
+
+    // dK = scale * dK', dV: this thread's rows kr0, kr1 and D-chunk columns.
+    T *dkb = static_cast<T *>(a.dk) + b * a.dks_b + h * a.dks_h;
+    T *dvb = static_cast<T *>(a.dv) + b * a.dvs_b + h * a.dvs_h;
+    const bool pair = a.pair_store != 0;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = half ? kr1 : kr0;
+        if (r >= N) continue;
+        T *dkrow = dkb + static_cast<int64_t>(r) * a.dks_n;
+        T *dvrow = dvb + static_cast<int64_t>(r) * a.dvs_n;
+#pragma unroll
+        for (int nb = 0; nb < DC / 8; ++nb) {
+            const int col = c0 + nb * 8 + 2 * t;
+            store_pair<T>(dkrow, col, D, pair, acc_dk[nb][2 * half] * a.scale,
+                          acc_dk[nb][2 * half + 1] * a.scale);
+            store_pair<T>(dvrow, col, D, pair, acc_dv[nb][2 * half], acc_dv[nb][2 * half + 1]);
+        }
+    }
+}
+
+/* Launch preprocess + main for one (DP, DC, BM) configuration. Defined per head-dim file. */
+template <typename T, int DP, int DC, int BM>
+int launch_bwd(const BwdArgs &a, cudaStream_t stream) {
+    constexpr size_t smem = Smem<DP, BM>::bytes;
+    const int64_t rows = static_cast<int64_t>(a.B) * a.H * a.Np;
+    bwd_preprocess<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(a);
+    int st = taca_cuda_check_launch("taca_bwd_cuda preprocess");
+    if (st != TACA_OK) return st;
+    TACA_CUDA_TRY(cudaFuncSetAttribute(bwd_main<T, DP, DC, BM>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(smem)),
+                  "taca_bwd_cuda cudaFuncSetAttribute");
+    dim3 grid(a.nk, a.H * (DP / DC), a.B);
+    bwd_main<T, DP, DC, BM><<<grid, kThreads, smem, stream>>>(a);
+    return taca_cuda_check_launch("taca_bwd_cuda main");
+}
+
+/* The configuration for a head dim: padded DP, chunk DC, query tile BM. */
+struct Config {
+    int dp, dc, bm;
+};
+inline Config config_for(int64_t head_dim) {
+    if (head_dim <= 64) return {64, 64, 128};
+    if (head_dim <= 128) return {128, 128, 64};
+    return {256, 128, 32};
+}
+
+/* One launcher per padded head dim, each in its own .cu (parallel compiles). */
+int launch_d64(const BwdArgs &a, cudaStream_t stream, bool bf16);
+int launch_d128(const BwdArgs &a, cudaStream_t stream, bool bf16);
+int launch_d256(const BwdArgs &a, cudaStream_t stream, bool bf16);
+
+}  // namespace taca_bwd
+
+#endif /* TACA_BWD_KERNEL_CUH_ */
