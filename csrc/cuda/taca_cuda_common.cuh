@@ -1,0 +1,132 @@
+/*
+ * taca_cuda_common.cuh: device helpers shared by the CUDA kernels (forward and backward).
+ *
+ * - tensor-core wrappers: mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate), ldmatrix
+ *   (plain and transposed), cp.async 16-byte copies with zero fill, bf16/fp16 packing;
+ * - error recording: taca_cuda_record_error() stores the text that taca_last_cuda_error()
+ *   (taca.h, defined in taca_fwd.cu) returns, so every launcher reports the same way.
+ *
+ * Everything here is sm_80+ (mma.sync, ldmatrix, cp.async exist from Ampere on); nothing is
+ * Hopper-only, so every .cu including it compiles for sm_80 and sm_90a alike.
+ * Include only from .cu files: CUDA headers and taca.h, no torch, no Python.
+ */
+#ifndef TACA_CUDA_COMMON_CUH_
+#define TACA_CUDA_COMMON_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "taca.h"
+
+/* Store "<where>: <cudaGetErrorString(err)>" as the text of the last TACA_ERR_CUDA
+ * (thread-local) and return TACA_ERR_CUDA. Defined in taca_fwd.cu. */
+int taca_cuda_record_error(cudaError_t err, const char *where);
+
+/* Check the last launch (cudaGetLastError) and record a failure; TACA_OK otherwise. */
+static inline int taca_cuda_check_launch(const char *where) {
+    cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? TACA_OK : taca_cuda_record_error(err, where);
+}
+
+#define TACA_CUDA_TRY(call, where)                                   \
+    do {                                                             \
+        cudaError_t taca_err_ = (call);                              \
+        if (taca_err_ != cudaSuccess) {                              \
+            (void)cudaGetLastError();                                \
+            return taca_cuda_record_error(taca_err_, where);         \
+        }                                                            \
+    } while (0)
+
+namespace taca_cuda {
+
+/* Element type traits: T is __nv_bfloat16 or __half. */
+template <typename T> struct TypeTraits;
+template <> struct TypeTraits<__nv_bfloat16> {
+    static constexpr bool is_bf16 = true;
+};
+template <> struct TypeTraits<__half> {
+    static constexpr bool is_bf16 = false;
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void *p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+/* Two floats to one 32-bit register of two 16-bit values, lo in the low half. */
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+template <typename T> __device__ __forceinline__ float to_float(T x);
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+    return __bfloat162float(x);
+}
+template <> __device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+template <> __device__ __forceinline__ __half from_float<__half>(float x) {
+    return __float2half_rn(x);
+}
+
+/* D (16x8, fp32) += A (16x16, row) * B (16x8, col). Fragments as in the PTX ISA. */
+template <typename T>
+__device__ __forceinline__ void mma_16816(float *d, const uint32_t *a, const uint32_t *b);
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float *d, const uint32_t *a,
+                                                         const uint32_t *b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float *d, const uint32_t *a, const uint32_t *b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t *r, uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t *r, uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+/* 16-byte global->shared copy; copies src_bytes (0 or 16) and zero-fills the rest. */
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void *src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+}  // namespace taca_cuda
+
+#endif /* TACA_CUDA_COMMON_CUH_ */
