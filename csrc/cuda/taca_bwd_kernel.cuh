@@ -424,6 +424,11 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
 template <typename T, int DP, int DC, int BM>
 int launch_bwd(const BwdArgs &a, cudaStream_t stream) {
     constexpr size_t smem = Smem<DP, BM>::bytes;
+    int dev = 0, smem_max = 0;
+    TACA_CUDA_TRY(cudaGetDevice(&dev), "taca_bwd_cuda cudaGetDevice");
+    TACA_CUDA_TRY(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+                  "taca_bwd_cuda cudaDeviceGetAttribute");
+    if (smem > static_cast<size_t>(smem_max)) return TACA_ERR_UNSUPPORTED;  // D > 128 before sm_90
     const int64_t rows = static_cast<int64_t>(a.B) * a.H * a.Np;
     bwd_preprocess<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(a);
     int st = taca_cuda_check_launch("taca_bwd_cuda preprocess");
