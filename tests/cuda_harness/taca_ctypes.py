@@ -43,12 +43,24 @@ _LIB = None
 
 
 def build(path: str, arch: str = "-gencode=arch=compute_90a,code=sm_90a") -> str:
-    """Compile the forward kernel and the shared validation into a shared library at path."""
-    cmd = ["nvcc", "-shared", "-Xcompiler", "-fPIC", "-std=c++17", "-O3", "--use_fast_math",
-           "-I" + os.path.join(_ROOT, "csrc"), "-I" + os.path.join(_ROOT, "csrc", "cuda"), arch,
-           os.path.join(_ROOT, "csrc", "cuda", "taca_fwd.cu"),
-           os.path.join(_ROOT, "csrc", "taca_common.c"), "-o", path]
-    subprocess.run(cmd, check=True)
+    """Compile the forward kernel files (in parallel) and the shared validation into a shared
+    library at path."""
+    import glob
+
+    inc = ["-I" + os.path.join(_ROOT, "csrc"), "-I" + os.path.join(_ROOT, "csrc", "cuda")]
+    srcs = sorted(glob.glob(os.path.join(_ROOT, "csrc", "cuda", "taca_fwd*.cu")))
+    objs, procs = [], []
+    for src in srcs:
+        obj = path + "." + os.path.basename(src) + ".o"
+        objs.append(obj)
+        procs.append(subprocess.Popen(["nvcc", "-Xcompiler", "-fPIC", "-std=c++17", "-O3",
+                                       "--use_fast_math", *inc, arch, "-c", src, "-o", obj]))
+    common = path + ".common.o"
+    subprocess.run(["cc", "-O2", "-fPIC", "-std=c99", *inc[:1], "-c",
+                    os.path.join(_ROOT, "csrc", "taca_common.c"), "-o", common], check=True)
+    if any(p.wait() != 0 for p in procs):
+        raise RuntimeError("taca_ctypes.build: nvcc failed")
+    subprocess.run(["nvcc", "-shared", *objs, common, "-o", path], check=True)
     return path
 
 
@@ -118,3 +130,9 @@ def fwd(q, k, v, *, text_len, text_first=True, gamma=1.0, gamma_reverse=1.0, sca
     if st != 0:
         raise RuntimeError(f"taca_fwd_cuda failed with status {st}: {load().taca_last_cuda_error().decode()}")
     return out, lse, tm
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(build(sys.argv[1]))

@@ -1,0 +1,285 @@
+"""GPU attention benchmark: the fused TACA CUDA kernel against every PyTorch alternative.
+
+One process, one GPU, every shape of shared/PERFORMANCE.md; forward and forward+backward:
+  taca (gamma=1.2) through the public op (or the ctypes harness for forward when the torch
+  binding has no CUDA kernel), plain SDPA per backend (cuDNN, FLASH_ATTENTION, EFFICIENT; no
+  gamma), split-SDPA with gamma, flex_attention compiled with a score_mod, and the authors' two
+  forms (eager flex_attention; materialized softmax) where they fit. A correctness check against
+  the fp32 reference runs first on every shape. Timing: triton.testing.do_bench median.
+FLOPs: forward 4*B*H*N^2*D, forward+backward 3.5x that.
+
+Usage: python benchmarks/bench_attention_gpu.py [--quick] [--shapes a,b] [--variants] [--out DIR]
+Writes gpu_<gpu>_<date>.json and .md into --out (default benchmarks/results) and prints the
+table last.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests", "cuda_harness"))
+
+SHAPES = {
+    # name: B, H, D, text_len, n_img, text_first
+    "flux1024_b1": (1, 24, 128, 512, 4096, True),
+    "flux1024_b2": (2, 24, 128, 512, 4096, True),
+    "sd35l_cfg": (2, 38, 64, 333, 4096, False),
+    "sd35m_cfg": (2, 24, 64, 333, 4096, False),
+    "flux2048_b1": (1, 24, 128, 512, 16384, True),
+}
+GAMMA = 1.2
+
+
+def _bench(fn: Callable, quick: bool) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median")
+
+
+def _taca_paths():
+    """(public_op_ok, ctypes_module_or_None)."""
+    import taca
+
+    ok = False
+    try:
+        q = torch.randn(1, 1, 8, 64, device="cuda", dtype=torch.bfloat16)
+        taca.joint_attention(q, q, q, text_len=2, backend="cuda")
+        ok = True
+    except (NotImplementedError, RuntimeError, AttributeError):
+        ok = False
+    tc = None
+    try:
+        import taca_ctypes
+
+        if taca_ctypes.load() is not None:
+            tc = taca_ctypes
+    except ImportError:
+        pass
+    return ok, tc
+
+
+def _methods(shape, op_ok, tc, variants: bool):
+    """name -> (fwd closure factory, supports backward)."""
+    import taca
+    from taca import reference
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, H, D, L, n_img, tf = shape
+    N = L + n_img
+    tb, te = reference.text_range(N, L, tf)
+    gamma = torch.full((B,), GAMMA, device="cuda")
+    m = {}
+
+    if op_ok:
+        m["taca_cuda"] = (lambda q, k, v: taca.joint_attention(
+            q, k, v, text_len=L, text_first=tf, gamma=gamma, layout="bhnd", backend="cuda"), True)
+    if tc is not None:
+        vs = range(6) if variants else (range(1) if not op_ok else ())
+        for var in vs:
+            m[f"taca_ctypes_v{var}"] = (lambda q, k, v, var=var: tc.fwd(
+                q, k, v, text_len=L, text_first=tf, gamma=gamma, layout="bhnd", variant=var)[0], False)
+
+    def plain(backend):
+        def f(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v)
+        return f
+
+    m["plain_cudnn"] = (plain(SDPBackend.CUDNN_ATTENTION), True)
+    m["plain_flash2"] = (plain(SDPBackend.FLASH_ATTENTION), True)
+    m["plain_efficient"] = (plain(SDPBackend.EFFICIENT_ATTENTION), True)
+    m["split_sdpa"] = (lambda q, k, v: reference.attention_split_sdpa(
+        q, k, v, text_len=L, text_first=tf, gamma=gamma), True)
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def score_mod(score, b, h, qi, kv):
+        qt = (qi >= tb) & (qi < te)
+        kt = (kv >= tb) & (kv < te)
+        return torch.where(~qt & kt, score * gamma[b], score)
+
+    flex_c = torch.compile(flex_attention, dynamic=False)
+    m["flex_compiled"] = (lambda q, k, v: flex_c(q, k, v, score_mod=score_mod), True)
+    m["flex_eager_authors"] = (lambda q, k, v: flex_attention(q, k, v, score_mod=score_mod), False)
+
+    def materialized(q, k, v):
+        s = torch.matmul(q, k.transpose(-1, -2)) * (D ** -0.5)
+        s[:, :, :tb, tb:te] *= gamma.view(B, 1, 1, 1).to(s.dtype)
+        s[:, :, te:, tb:te] *= gamma.view(B, 1, 1, 1).to(s.dtype)
+        return torch.matmul(s.softmax(-1), v)
+
+    m["materialized_authors"] = (materialized, True)
+    return m
+
+
+def run_shape(sname, shape, op_ok, tc, quick, variants, do_bwd, log):
+    from taca import reference
+
+    B, H, D, L, n_img, tf = shape
+    N = L + n_img
+    flops = 4.0 * B * H * N * N * D
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3))
+    methods = _methods(shape, op_ok, tc, variants)
+    rows = []
+
+    # correctness against the fp32 materialized reference where its N x N logits fit
+    gamma = torch.full((B,), GAMMA, device="cuda")
+    ref_full = ref_plain = base_err = None
+    if B * H * N * N * 4 < 8e9:
+        ref_full = reference.attention_ref(q, k, v, text_len=L, text_first=tf, gamma=gamma,
+                                           upcast=torch.float32)[0]
+        split = reference.attention_split_sdpa(q, k, v, text_len=L, text_first=tf, gamma=gamma)
+        base_err = (split.float() - ref_full).abs().max().item()
+        del split
+    torch.cuda.empty_cache()
+
+    for name, (fn, has_bwd) in methods.items():
+        rec = {"shape": sname, "method": name, "B": B, "H": H, "N": N, "D": D, "text_len": L}
+        gamma_free = name.startswith("plain")
+        try:
+            out = fn(q, k, v)
+            torch.cuda.synchronize()
+            if ref_full is not None:
+                if gamma_free and ref_plain is None:
+                    ref_plain = reference.attention_ref(q, k, v, text_len=L, text_first=tf,
+                                                        gamma=1.0, upcast=torch.float32)[0]
+                r = ref_plain if gamma_free else ref_full
+                rec["max_err"] = (out.float() - r).abs().max().item()
+                rec["sdpa_err"] = base_err
+            del out
+            ms = _bench(lambda: fn(q, k, v), quick)
+            rec["fwd_ms"] = ms
+            rec["fwd_tflops"] = flops / ms / 1e9
+        except torch.OutOfMemoryError:
+            rec["fwd_ms"] = None
+            rec["note"] = "out of memory"
+            torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 - record and go on: one failing baseline must not stop the run
+            rec["fwd_ms"] = None
+            rec["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            torch.cuda.empty_cache()
+        if do_bwd and has_bwd and rec.get("fwd_ms") is not None:
+            try:
+                qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+                do = torch.randn_like(q)
+
+                def fb():
+                    o = fn(qg, kg, vg)
+                    torch.autograd.grad(o, (qg, kg, vg), do)
+
+                fb()
+                ms = _bench(fb, quick)
+                rec["fwdbwd_ms"] = ms
+                rec["fwdbwd_tflops"] = 3.5 * flops / ms / 1e9
+            except torch.OutOfMemoryError:
+                rec["fwdbwd_note"] = "out of memory"
+                torch.cuda.empty_cache()
+            except Exception as e:  # noqa: BLE001
+                rec["fwdbwd_note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                torch.cuda.empty_cache()
+        rows.append(rec)
+        log(f"{sname:12s} {name:22s} fwd {rec.get('fwd_ms')} fb {rec.get('fwdbwd_ms')} "
+            f"err {rec.get('max_err')} {rec.get('note', '')} {rec.get('fwdbwd_note', '')}")
+    del q, k, v, ref_full, ref_plain
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _fmt(x, f="{:.3f}"):
+    return "-" if x is None else f.format(x)
+
+
+def table(rows: List[Dict], header: str) -> str:
+    out = [header, "",
+           "| shape | method | fwd ms | fwd TFLOP/s | fwd vs cuDNN | fwd vs FA2 | fwd+bwd ms | f+b TFLOP/s | f+b vs cuDNN | f+b vs FA2 | max err (sdpa err) | note |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    by = {}
+    for r in rows:
+        by.setdefault(r["shape"], {})[r["method"]] = r
+    for r in rows:
+        base = by[r["shape"]]
+        cud, fa2 = base.get("plain_cudnn", {}), base.get("plain_flash2", {})
+
+        def ratio(key, ref):
+            a, b = r.get(key), ref.get(key)
+            return None if a is None or b is None else b / a
+
+        note = " ".join(x for x in (r.get("note", ""), r.get("fwdbwd_note", "")) if x)
+        err = "-" if r.get("max_err") is None else f"{r['max_err']:.2e} ({_fmt(r.get('sdpa_err'), '{:.2e}')})"
+        out.append(f"| {r['shape']} | {r['method']} | {_fmt(r.get('fwd_ms'))} | {_fmt(r.get('fwd_tflops'), '{:.0f}')} | "
+                   f"{_fmt(ratio('fwd_ms', cud), '{:.2f}x')} | {_fmt(ratio('fwd_ms', fa2), '{:.2f}x')} | "
+                   f"{_fmt(r.get('fwdbwd_ms'))} | {_fmt(r.get('fwdbwd_tflops'), '{:.0f}')} | "
+                   f"{_fmt(ratio('fwdbwd_ms', cud), '{:.2f}x')} | {_fmt(ratio('fwdbwd_ms', fa2), '{:.2f}x')} | {err} | {note} |")
+    out.append("")
+    out.append("Ratios are speed relative to the plain (no gamma) baseline: >1x is faster than it.")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="short timing windows")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
+    ap.add_argument("--methods", default="", help="regex: only methods matching it (plus plain baselines)")
+    ap.add_argument("--variants", action="store_true", help="also time the kernel's tiling variants (ctypes)")
+    ap.add_argument("--no-bwd", action="store_true", help="forward only")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for JSON + md")
+    ap.add_argument("--tag", default="", help="suffix for the output file names")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_attention_gpu: no CUDA device", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    op_ok, tc = _taca_paths()
+    gpu = torch.cuda.get_device_name()
+    header = (f"GPU: {gpu}; torch {torch.__version__}; CUDA {torch.version.cuda}; "
+              f"cuDNN {torch.backends.cudnn.version()}; bf16, gamma={GAMMA}; "
+              f"taca path: {'public op' if op_ok else 'ctypes harness (forward only)' if tc else 'none'}; "
+              f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC")
+    print(header, flush=True)
+    t0 = time.time()
+    rows = []
+    rx = re.compile(args.methods) if args.methods else None
+    for s in args.shapes.split(","):
+        shape = SHAPES[s]
+        if rx is not None:
+            global _methods
+            orig = _methods
+
+            def _filtered(*a, orig=orig, **kw):
+                return {k: v for k, v in orig(*a, **kw).items() if k.startswith("plain") or rx.search(k)}
+            _methods = _filtered
+            try:
+                rows += run_shape(s, shape, op_ok, tc, args.quick, args.variants, not args.no_bwd, print)
+            finally:
+                _methods = orig
+        else:
+            rows += run_shape(s, shape, op_ok, tc, args.quick, args.variants, not args.no_bwd, print)
+        print(f"[{time.time() - t0:.0f} s]", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_")
+    stem = os.path.join(args.out, f"gpu_{slug}_{datetime.datetime.utcnow():%Y%m%d}{args.tag}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"header": header, "rows": rows}, f, indent=1)
+    md = table(rows, header)
+    with open(stem + ".md", "w") as f:
+        f.write(md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

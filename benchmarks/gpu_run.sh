@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One-call GPU script (run through the device tool from the repo root):
+#   build the extension + the ctypes forward library, CUDA tests, compute-sanitizer, benchmark.
+# Env: STEPS (default "build test sanitize bench"), BENCH_ARGS (extra args for the benchmark),
+#      PYTEST_ARGS (extra args for pytest), OUT (folder whose files come back; default /tmp/out).
+set -o pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STEPS=${STEPS:-"build test sanitize bench"}
+export PYTHONUNBUFFERED=1 TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so HF_HUB_OFFLINE=1
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+{
+nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+if has build; then
+  t0=$SECONDS; mkdir -p build
+  (python3 tests/cuda_harness/taca_ctypes.py "$TACA_CUDA_LIB" > "$OUT/build_ctypes.txt" 2>&1; echo "ctypes lib rc=$?") &
+  TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build_ext.txt" 2>&1
+  echo "extension build rc=$? ($((SECONDS - t0)) s)"; tail -5 "$OUT/build_ext.txt"
+  wait; echo "builds done ($((SECONDS - t0)) s)"
+  python3 -c "import torch, taca; print('taca._C has_cuda:', torch.ops.taca.has_cuda())" || true
+fi
+if has test; then
+  t0=$SECONDS
+  tests="tests/test_cuda.py"; [ -f tests/test_cuda_bwd.py ] && tests="$tests tests/test_cuda_bwd.py"
+  python3 -m pytest -q -rs -x $tests $PYTEST_ARGS 2>&1 | tail -40
+  echo "tests done ($((SECONDS - t0)) s)"
+fi
+if has sanitize; then
+  t0=$SECONDS
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --kernel-name kns=taca_ python3 tests/cuda_harness/sanitize_fwd.py > "$OUT/sanitize_$tool.txt" 2>&1
+    echo "sanitizer $tool rc=$?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|kernel calls done' "$OUT/sanitize_$tool.txt" | tr '\n' ' ')"
+  done
+  echo "sanitize done ($((SECONDS - t0)) s)"
+fi
+if has bench; then
+  python3 benchmarks/bench_attention_gpu.py --out "$OUT" $BENCH_ARGS 2>&1 | grep -v "^$" > "$OUT/bench.txt"
+  echo "bench rc=$?"; cat "$OUT/bench.txt"
+fi
+} 2>&1 | tee "$OUT/log.txt"

@@ -1,0 +1,362 @@
+/*
+ * taca_fwd_kernel.cuh: the forward kernel template, its tile configurations and the per-dtype
+ * dispatch over head dims and tiling variants. Included by taca_fwd_bf16.cu and taca_fwd_f16.cu
+ * (one dtype per file so the instances compile in parallel); the algorithm is described in
+ * taca_fwd.cu.
+ */
+#ifndef TACA_FWD_KERNEL_CUH_
+#define TACA_FWD_KERNEL_CUH_
+
+#include <math.h>
+
+#include "taca.h"
+#include "taca_cuda_common.cuh"
+
+namespace taca_fwd {
+
+using namespace taca_cuda;
+
+
+struct FwdArgs {
+    const void *q, *k, *v;
+    void *out;
+    float *lse, *text_mass;
+    int64_t qb, qn, qh, kb, kn, kh, vb, vn, vh, ob, on, oh;
+    int n, d, tb, te;
+    const float *gamma;
+    float gamma_reverse;
+    float scale_log2;  // scale * log2(e)
+};
+
+template <int DP_, int MT_, int BC_, int WARPS_, int MINB_ = 1>
+struct FwdConfig {
+    static constexpr int MINB = MINB_;    // __launch_bounds__ min blocks per SM (register cap)
+    static constexpr int DP = DP_;        // padded head dim
+    static constexpr int MT = MT_;        // 16-row m-tiles per warp
+    static constexpr int BC = BC_;        // keys per K/V tile
+    static constexpr int WARPS = WARPS_;
+    static constexpr int THREADS = WARPS * 32;
+    static constexpr int BR = WARPS * 16 * MT;
+    static constexpr int LD = DP + 8;     // smem row pitch (elements): +16 B kills ldmatrix conflicts
+    static constexpr int NT = BC / 8;     // n-tiles of S
+    static constexpr int KD = DP / 16;    // k-steps of Q K^T
+    static constexpr int DT = DP / 8;     // n-tiles of O
+    static constexpr size_t SMEM = (size_t)(BR + 2 * BC) * LD * 2;
+};
+
+/* Rows [row0, row0 + ROWS) of one (B, N, H, D) tensor slice into smem (pitch LD), zero-padded
+ * for rows >= n and columns >= d. */
+template <typename T, int ROWS, int DP, int LD, int THREADS, bool ALIGNED>
+__device__ __forceinline__ void load_tile(T *s, const T *g, int64_t stride_n, int row0, int n,
+                                          int d, int tid) {
+    constexpr int CPR = DP / 8;  // 16-byte chunks per row
+    if constexpr (ALIGNED && THREADS % CPR == 0 && ROWS % (THREADS / CPR) == 0) {
+        // Each thread keeps one column chunk and walks rows: one pointer, one stride register.
+        constexpr int RSTEP = THREADS / CPR;
+        const int c = tid % CPR, r0 = tid / CPR;
+        const bool cok = c * 8 < d;
+        const T *src = g + (int64_t)(row0 + r0) * stride_n + c * 8;
+        const int64_t step = (int64_t)RSTEP * stride_n;
+        const uint32_t dst = smem_u32(s + r0 * LD + c * 8);
+#pragma unroll
+        for (int it = 0; it < ROWS / RSTEP; ++it) {
+            const bool ok = cok && row0 + r0 + it * RSTEP < n;
+            cp_async_16(dst + it * RSTEP * LD * 2, ok ? src : g, ok ? 16 : 0);
+            src += step;
+        }
+    } else if constexpr (ALIGNED) {
+#pragma unroll
+        for (int i = tid; i < ROWS * CPR; i += THREADS) {
+            const int r = i / CPR, c = i % CPR;
+            const int row = row0 + r;
+            const bool ok = row < n && c * 8 < d;
+            const T *src = ok ? g + (int64_t)row * stride_n + c * 8 : g;
+            cp_async_16(smem_u32(s + r * LD + c * 8), src, ok ? 16 : 0);
+        }
+    } else {
+        for (int i = tid; i < ROWS * DP; i += THREADS) {
+            const int r = i / DP, c = i % DP;
+            const int row = row0 + r;
+            T val = from_float<T>(0.0f);
+            if (row < n && c < d) val = g[(int64_t)row * stride_n + c];
+            s[r * LD + c] = val;
+        }
+    }
+}
+
+template <typename T, typename Cfg, bool ALIGNED>
+__global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB)
+taca_fwd_kernel(const FwdArgs a) {
+    constexpr int DP = Cfg::DP, MT = Cfg::MT, BC = Cfg::BC, BR = Cfg::BR, LD = Cfg::LD;
+    constexpr int NT = Cfg::NT, KD = Cfg::KD, DT = Cfg::DT, THREADS = Cfg::THREADS;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T *sQ = reinterpret_cast<T *>(smem_raw);
+    T *sK = sQ + BR * LD;
+    T *sV = sK + BC * LD;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int q0 = blockIdx.x * BR;
+    const int n = a.n, d = a.d, tb = a.tb, te = a.te;
+
+    const T *gq = static_cast<const T *>(a.q) + b * a.qb + h * a.qh + (int64_t)q0 * a.qn;
+    const T *gk = static_cast<const T *>(a.k) + b * a.kb + h * a.kh;
+    const T *gv = static_cast<const T *>(a.v) + b * a.vb + h * a.vh;
+
+    load_tile<T, BR, DP, LD, THREADS, ALIGNED>(sQ, gq, a.qn, 0, n - q0, d, tid);
+    load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sK, gk, a.kn, 0, n, d, tid);
+    cp_async_commit();
+
+    // Per owned row: the base-2 logit multiplier for text keys and for visual keys.
+    const float g = a.gamma[b];
+    float mul_txt[MT][2], mul_vis[MT][2];
+    const int wrow0 = warp * 16 * MT;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const int row = q0 + wrow0 + mt * 16 + (lane >> 2) + hf * 8;
+            const bool rt = row >= tb && row < te;
+            mul_txt[mt][hf] = a.scale_log2 * (rt ? 1.0f : g);
+            mul_vis[mt][hf] = a.scale_log2 * (rt ? a.gamma_reverse : 1.0f);
+        }
+
+    float o[MT][DT][4];
+    float m_run[MT][2], l_run[MT][2], t_run[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mt][dt][e] = 0.0f;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            m_run[mt][hf] = -INFINITY;
+            l_run[mt][hf] = 0.0f;
+            t_run[mt][hf] = 0.0f;
+        }
+    }
+
+    // Per-lane ldmatrix base addresses; every fragment is a compile-time offset from these.
+    const uint32_t q_lane = smem_u32(sQ + (wrow0 + (lane & 15)) * LD + (lane >> 4) * 8);
+    const uint32_t k_lane = smem_u32(sK + ((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8);
+    const uint32_t v_lane = smem_u32(sV + ((lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8);
+
+    const int nkv = (n + BC - 1) / BC;
+    for (int j = 0; j < nkv; ++j) {
+        const int k0 = j * BC;
+        cp_async_wait<0>();
+        __syncthreads();  // K_j (and Q) landed; every warp is done reading V_{j-1}
+        load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sV, gv, a.vn, k0, n, d, tid);
+        cp_async_commit();
+
+        float s[MT][NT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.0f;
+
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+            uint32_t qa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                ldmatrix_x4(qa[mt], q_lane + (uint32_t)((mt * 16 * LD + kk * 16) * 2));
+#pragma unroll
+            for (int np = 0; np < NT / 2; ++np) {
+                uint32_t kb[4];
+                ldmatrix_x4(kb, k_lane + (uint32_t)((np * 16 * LD + kk * 16) * 2));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_16816<T>(s[mt][2 * np], qa[mt], kb);
+                    mma_16816<T>(s[mt][2 * np + 1], qa[mt], kb + 2);
+                }
+            }
+        }
+
+        // TACA multiplier (one select per column), key bound, then online softmax in base 2.
+        const bool tail = k0 + BC > n;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int col = k0 + nt * 8 + (lane & 3) * 2 + e;
+                const bool ct = col >= tb && col < te;
+                const bool valid = !tail || col < n;
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int hf = 0; hf < 2; ++hf) {
+                        float &x = s[mt][nt][hf * 2 + e];
+                        x = valid ? x * (ct ? mul_txt[mt][hf] : mul_vis[mt][hf]) : -INFINITY;
+                    }
+            }
+
+        uint32_t pa[MT][BC / 16][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                float mx = m_run[mt][hf];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+                    mx = fmaxf(mx, fmaxf(s[mt][nt][hf * 2], s[mt][nt][hf * 2 + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float mbase = mx == -INFINITY ? 0.0f : mx;
+                const float alpha = fast_exp2(m_run[mt][hf] - mbase);
+                m_run[mt][hf] = mx;
+                float ls = 0.0f, ts = 0.0f;
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float p = fast_exp2(s[mt][nt][hf * 2 + e] - mbase);
+                        s[mt][nt][hf * 2 + e] = p;
+                        ls += p;
+                        const int col = k0 + nt * 8 + (lane & 3) * 2 + e;
+                        ts += (col >= tb && col < te) ? p : 0.0f;
+                    }
+                l_run[mt][hf] = l_run[mt][hf] * alpha + ls;
+                t_run[mt][hf] = t_run[mt][hf] * alpha + ts;
+#pragma unroll
+                for (int dt = 0; dt < DT; ++dt) {
+                    o[mt][dt][hf * 2] *= alpha;
+                    o[mt][dt][hf * 2 + 1] *= alpha;
+                }
+            }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int kk = 0; kk < BC / 16; ++kk) {
+                pa[mt][kk][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                pa[mt][kk][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                pa[mt][kk][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                pa[mt][kk][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
+
+        cp_async_wait<0>();
+        __syncthreads();  // V_j landed; every warp is done reading K_j
+        if (j + 1 < nkv) {
+            load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sK, gk, a.kn, k0 + BC, n, d, tid);
+            cp_async_commit();
+        }
+
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk)
+#pragma unroll
+            for (int dp = 0; dp < DT / 2; ++dp) {
+                uint32_t vb[4];
+                ldmatrix_x4_trans(vb, v_lane + (uint32_t)((kk * 16 * LD + dp * 16) * 2));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_16816<T>(o[mt][2 * dp], pa[mt][kk], vb);
+                    mma_16816<T>(o[mt][2 * dp + 1], pa[mt][kk], vb + 2);
+                }
+            }
+    }
+
+    // Epilogue: normalize, write lse / text_mass, stage O through this warp's own rows of sQ
+    // (no other warp reads them) and store rows with 16-byte (or element-wise) writes.
+    const int64_t bh_row = ((int64_t)b * gridDim.y + h) * n;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            float l = l_run[mt][hf], t = t_run[mt][hf];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            t += __shfl_xor_sync(0xffffffffu, t, 1);
+            t += __shfl_xor_sync(0xffffffffu, t, 2);
+            const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+            const int rloc = wrow0 + mt * 16 + (lane >> 2) + hf * 8;
+            const int row = q0 + rloc;
+            if ((lane & 3) == 0 && row < n) {
+                if (a.lse) a.lse[bh_row + row] = (m_run[mt][hf] + log2f(l)) * 0.69314718055994531f;
+                if (a.text_mass) a.text_mass[bh_row + row] = t * inv;
+            }
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                const uint32_t v = pack2<T>(o[mt][dt][hf * 2] * inv, o[mt][dt][hf * 2 + 1] * inv);
+                *reinterpret_cast<uint32_t *>(sQ + rloc * LD + dt * 8 + (lane & 3) * 2) = v;
+            }
+        }
+    __syncwarp();
+    T *go = static_cast<T *>(a.out) + b * a.ob + h * a.oh;
+    if constexpr (ALIGNED) {
+        constexpr int CPR = DP / 8;
+        for (int i = lane; i < 16 * MT * CPR; i += 32) {
+            const int r = i / CPR, c = i % CPR;
+            const int row = q0 + wrow0 + r;
+            if (row < n && c * 8 < d)
+                *reinterpret_cast<uint4 *>(go + (int64_t)row * a.on + c * 8) =
+                    *reinterpret_cast<const uint4 *>(sQ + (wrow0 + r) * LD + c * 8);
+        }
+    } else {
+        for (int i = lane; i < 16 * MT * DP; i += 32) {
+            const int r = i / DP, c = i % DP;
+            const int row = q0 + wrow0 + r;
+            if (row < n && c < d) go[(int64_t)row * a.on + c] = sQ[(wrow0 + r) * LD + c];
+        }
+    }
+}
+
+template <typename T, typename Cfg, bool ALIGNED>
+int launch(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
+    auto kernel = taca_fwd_kernel<T, Cfg, ALIGNED>;
+    const size_t smem = Cfg::SMEM;
+    TACA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                  "taca_fwd_cuda: cudaFuncSetAttribute");
+    dim3 grid((a.n + Cfg::BR - 1) / Cfg::BR, heads, batch);
+    kernel<<<grid, Cfg::THREADS, smem, stream>>>(a);
+    return taca_cuda_check_launch("taca_fwd_cuda: kernel launch");
+}
+
+/* variant 0 is the tuned default; 1..5 are alternative tilings of the aligned D = 64 / 128
+ * paths, kept selectable (taca_fwd_cuda_variant) so the benchmark can compare them. */
+template <typename T, bool ALIGNED>
+int dispatch_dim(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
+    if (a.d <= 32) return launch<T, FwdConfig<32, 2, 64, 4>, ALIGNED>(a, batch, heads, stream);
+    if (a.d <= 64) {
+        if (ALIGNED && variant == 1)
+            return launch<T, FwdConfig<64, 1, 64, 8>, ALIGNED>(a, batch, heads, stream);
+        if (ALIGNED && variant == 2)
+            return launch<T, FwdConfig<64, 1, 128, 8>, ALIGNED>(a, batch, heads, stream);
+        if (ALIGNED && variant == 3)
+            return launch<T, FwdConfig<64, 2, 128, 4>, ALIGNED>(a, batch, heads, stream);
+        if (ALIGNED && variant == 4)
+            return launch<T, FwdConfig<64, 1, 64, 8, 2>, ALIGNED>(a, batch, heads, stream);
+        if (ALIGNED && variant == 5)
+            return launch<T, FwdConfig<64, 1, 128, 4, 3>, ALIGNED>(a, batch, heads, stream);
+        return launch<T, FwdConfig<64, 2, 64, 4>, ALIGNED>(a, batch, heads, stream);
+    }
+    if (a.d <= 96) return launch<T, FwdConfig<96, 1, 64, 8>, ALIGNED>(a, batch, heads, stream);
+    if (a.d <= 128) {
+        if (ALIGNED && variant == 1)
+            return launch<T, FwdConfig<128, 1, 64, 8>, ALIGNED>(a, batch, heads, stream);
+        if (ALIGNED && variant == 2)
+            return launch<T, FwdConfig<128, 1, 128, 8>, ALIGNED>(a, batch, heads, stream);
+        if (ALIGNED && variant == 3)
+            return launch<T, FwdConfig<128, 1, 64, 4>, ALIGNED>(a, batch, heads, stream);
+        if (ALIGNED && variant == 4)
+            return launch<T, FwdConfig<128, 1, 64, 8, 2>, ALIGNED>(a, batch, heads, stream);
+        if (ALIGNED && variant == 5)
+            return launch<T, FwdConfig<128, 1, 64, 4, 3>, ALIGNED>(a, batch, heads, stream);
+        return launch<T, FwdConfig<128, 2, 64, 4>, ALIGNED>(a, batch, heads, stream);
+    }
+    if (a.d <= 160) return launch<T, FwdConfig<160, 1, 64, 4>, ALIGNED>(a, batch, heads, stream);
+    if (a.d <= 192) return launch<T, FwdConfig<192, 1, 64, 4>, ALIGNED>(a, batch, heads, stream);
+    return launch<T, FwdConfig<256, 1, 64, 4>, ALIGNED>(a, batch, heads, stream);
+}
+
+/* Defined in taca_fwd_bf16.cu / taca_fwd_f16.cu. */
+int dispatch_bf16(const FwdArgs &a, int variant, bool aligned, int batch, int heads,
+                  cudaStream_t stream);
+int dispatch_f16(const FwdArgs &a, int variant, bool aligned, int batch, int heads,
+                 cudaStream_t stream);
+
+}  // namespace taca_fwd
+
+#endif  /* TACA_FWD_KERNEL_CUH_ */

@@ -1,0 +1,259 @@
+"""GPU tests of the fused CUDA forward (csrc/cuda/taca_fwd.cu). Skipped without CUDA.
+
+Tolerance rule (STYLE.md): max |kernel - ref_fp32| <= 2 * max |sdpa_bf16 - ref_fp32| + 1e-5, where
+sdpa_bf16 is PyTorch's own SDPA on the same low-precision inputs with gamma applied through the
+exact split form, for out, lse and text_mass (SDPA's lse through the flash / efficient aten ops;
+its text_mass as exp(lse over text keys - lse over all keys)).
+
+The kernel is reached through the public op (taca.joint_attention(backend="cuda")) when the torch
+binding has it, and always through the ctypes harness (tests/cuda_harness) when TACA_CUDA_LIB
+names a built library: the harness lets the tests poison outputs, pass unaligned pointers and
+check status codes.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_harness"))
+import taca_ctypes  # noqa: E402
+
+from taca import reference  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _public_op_works() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    import taca
+
+    try:
+        q = torch.randn(1, 1, 8, 64, device="cuda", dtype=torch.bfloat16)
+        taca.joint_attention(q, q, q, text_len=2, backend="cuda")
+        return True
+    except (NotImplementedError, RuntimeError, AttributeError):
+        return False
+
+
+_PUBLIC = _public_op_works()
+_CTYPES = torch.cuda.is_available() and taca_ctypes.load() is not None
+IMPLS = [i for i, ok in (("op", _PUBLIC), ("ctypes", _CTYPES)) if ok]
+if torch.cuda.is_available() and not IMPLS:
+    pytest.skip("no CUDA kernel reachable (binding without CUDA and TACA_CUDA_LIB unset)",
+                allow_module_level=True)
+
+
+def run_kernel(impl, q, k, v, *, text_len, text_first, gamma, gamma_reverse=1.0, scale=None,
+               layout="bhnd"):
+    """(out, lse, text_mass) from the CUDA kernel through the chosen path."""
+    if impl == "ctypes":
+        return taca_ctypes.fwd(q, k, v, text_len=text_len, text_first=text_first, gamma=gamma,
+                               gamma_reverse=gamma_reverse, scale=scale, layout=layout)
+    import taca
+
+    return taca.joint_attention(q, k, v, text_len=text_len, text_first=text_first, gamma=gamma,
+                                gamma_reverse=gamma_reverse, scale=scale, layout=layout,
+                                return_lse=True, return_text_mass=True, backend="cuda")
+
+
+def _sdpa_out_lse(q, k, v, scale):
+    """(out, lse) of PyTorch's low-precision SDPA; q, k, v (B, H, N, D). D is zero-padded to a
+    multiple of 8 (exact: padding changes neither q.k nor the kept output columns)."""
+    D = q.shape[-1]
+    pad = (-D) % 8
+    if pad:
+        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+    try:
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)[:2]
+    except RuntimeError:
+        o, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)[:2]
+        lse = lse[..., : q.shape[2]]
+    return o[..., :D], lse
+
+
+def sdpa_baseline(q, k, v, *, text_len, text_first, gamma, gamma_reverse, scale):
+    """SDPA's out, lse, text_mass with gamma via the exact split form; (B, H, N, D) inputs."""
+    B, H, N, D = q.shape
+    s = D ** -0.5 if scale is None else scale
+    tb, te = reference.text_range(N, text_len, text_first)
+    g = reference.gamma_vector(gamma, B, q.device, q.dtype).view(B, 1, 1, 1)
+    is_txt = torch.zeros(N, dtype=torch.bool, device=q.device)
+    is_txt[tb:te] = True
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, N, device=q.device)
+    tm = torch.zeros(B, H, N, device=q.device)
+    for rows_txt in (False, True):
+        rows = is_txt if rows_txt else ~is_txt
+        if not rows.any():
+            continue
+        mult_txt, mult_vis = (1.0, gamma_reverse) if rows_txt else (g, 1.0)
+        kk = torch.where(is_txt.view(1, 1, N, 1), k * mult_txt, k * mult_vis).to(q.dtype)
+        o, l_all = _sdpa_out_lse(q[:, :, rows], kk, v, s)
+        out[:, :, rows] = o
+        lse[:, :, rows] = l_all.float()
+        if is_txt.any():
+            _, l_txt = _sdpa_out_lse(q[:, :, rows], kk[:, :, is_txt], v[:, :, is_txt], s)
+            tm[:, :, rows] = torch.exp(l_txt.float() - l_all.float())
+    return out, lse, tm
+
+
+def check_case(impl, B, H, L, n_img, D, text_first, dtype, layout="bhnd", gamma=1.2,
+               gamma_reverse=1.0, per_sample=True, noncontig=False, seed=0):
+    N = L + n_img
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    def rnd():
+        if noncontig and layout == "bnhd":  # (B, N, H, D) slice of wider storage
+            return torch.randn(B, N, H, D + 24, device="cuda", generator=gen).to(dtype)[..., :D]
+        if noncontig:  # (B, H, N, D) view of (B, N, H, D) storage, as diffusers passes it
+            return torch.randn(B, N, H, D, device="cuda", generator=gen).to(dtype).transpose(1, 2)
+        shape = (B, H, N, D) if layout == "bhnd" else (B, N, H, D)
+        return torch.randn(*shape, device="cuda", generator=gen).to(dtype)
+    q, k, v = rnd(), rnd(), rnd()
+    if per_sample:
+        gamma = torch.linspace(0.8, 1.6, B, device="cuda") if B > 1 else torch.tensor([gamma], device="cuda")
+    ref_out, ref_lse, ref_tm = reference.attention_ref(
+        q, k, v, text_len=L, text_first=text_first, gamma=gamma, gamma_reverse=gamma_reverse,
+        layout=layout, upcast=torch.float32)
+    to_bhnd = (lambda x: x.transpose(1, 2)) if layout == "bnhd" else (lambda x: x)
+    so, slse, stm = sdpa_baseline(to_bhnd(q), to_bhnd(k), to_bhnd(v), text_len=L,
+                                  text_first=text_first, gamma=gamma, gamma_reverse=gamma_reverse,
+                                  scale=None)
+    so = so.transpose(1, 2) if layout == "bnhd" else so
+    out, lse, tm = run_kernel(impl, q, k, v, text_len=L, text_first=text_first, gamma=gamma,
+                              gamma_reverse=gamma_reverse, layout=layout)
+    torch.cuda.synchronize()
+    assert out.shape == q.shape and out.dtype == q.dtype
+    for name, got, ref, base in (("out", out, ref_out, so), ("lse", lse, ref_lse, slse),
+                                 ("text_mass", tm, ref_tm, stm)):
+        assert torch.isfinite(got).all(), f"{name}: non-finite (unwritten) elements"
+        err = (got.float() - ref.float()).abs().max().item()
+        tol = 2 * (base.float() - ref.float()).abs().max().item() + 1e-5
+        assert err <= tol, f"{name}: max err {err:.3e} > tol {tol:.3e}"
+    return q, k, v, out, gamma
+
+
+# A covering subset of text lengths x image tokens x head dims x orders x dtypes x layouts.
+CASES = [
+    # B, H, L, n_img, D, text_first, dtype, layout, noncontig
+    (1, 2, 512, 4096, 128, True, torch.bfloat16, "bnhd", True),   # FLUX-like
+    (2, 2, 333, 4096, 64, False, torch.bfloat16, "bhnd", True),   # SD3-like, diffusers view
+    (2, 3, 77, 1025, 128, True, torch.float16, "bhnd", False),
+    (2, 3, 77, 1025, 64, False, torch.float16, "bnhd", False),
+    (1, 2, 0, 1025, 64, True, torch.bfloat16, "bhnd", False),
+    (1, 2, 1, 97, 128, False, torch.bfloat16, "bnhd", True),
+    (2, 2, 512, 1, 64, True, torch.float16, "bhnd", False),
+    (1, 2, 333, 97, 96, True, torch.bfloat16, "bhnd", False),
+    (2, 2, 77, 97, 96, False, torch.float16, "bnhd", True),
+    (1, 2, 1, 1, 128, True, torch.bfloat16, "bhnd", False),
+    (1, 2, 512, 97, 40, True, torch.bfloat16, "bhnd", False),
+    (2, 2, 333, 1025, 256, False, torch.bfloat16, "bnhd", False),
+    (1, 2, 77, 97, 256, True, torch.float16, "bhnd", False),
+    (1, 2, 0, 97, 32, False, torch.float16, "bhnd", False),
+    (1, 2, 77, 1025, 160, True, torch.bfloat16, "bhnd", False),
+    (1, 2, 77, 97, 192, False, torch.bfloat16, "bnhd", True),
+    (1, 2, 333, 97, 33, True, torch.bfloat16, "bhnd", False),     # odd D: element-wise path
+    (1, 1, 77, 1, 8, False, torch.float16, "bhnd", False),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"L{c[2]}-img{c[3]}-D{c[4]}-{'tf' if c[5] else 'tl'}-{str(c[6])[6:]}-{c[7]}{'-view' if c[8] else ''}")
+def test_forward_matches_reference(impl, case):
+    B, H, L, n_img, D, tf, dtype, layout, nc = case
+    check_case(impl, B, H, L, n_img, D, tf, dtype, layout=layout, noncontig=nc)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_text_len_equals_n(impl):
+    check_case(impl, 2, 2, 300, 0, 64, True, torch.bfloat16)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("text_first", [True, False])
+def test_gamma_reverse(impl, text_first):
+    check_case(impl, 2, 2, 77, 1025, 128, text_first, torch.bfloat16, gamma_reverse=0.7)
+    check_case(impl, 1, 2, 333, 97, 64, text_first, torch.float16, gamma_reverse=1.5, per_sample=False)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("D", [64, 128])
+def test_gamma_one_equals_sdpa(impl, D):
+    q, k, v = (torch.randn(2, 3, 1100, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out, _, _ = run_kernel(impl, q, k, v, text_len=77, text_first=False, gamma=1.0)
+    sd = F.scaled_dot_product_attention(q, k, v)
+    ref = reference.attention_ref(q, k, v, text_len=77, text_first=False, upcast=torch.float32)[0]
+    base = (sd.float() - ref).abs().max().item()
+    assert (out.float() - ref).abs().max().item() <= 2 * base + 1e-5
+    assert (out.float() - sd.float()).abs().max().item() <= 3 * base + 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_deterministic_bitwise(impl):
+    q, k, v = (torch.randn(2, 4, 1500, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    g = torch.tensor([1.2, 0.9], device="cuda")
+    a = run_kernel(impl, q, k, v, text_len=333, text_first=True, gamma=g)
+    b = run_kernel(impl, q, k, v, text_len=333, text_first=True, gamma=g)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
+def test_unaligned_pointers_and_strides():
+    # base pointer 2 bytes off 16-byte alignment and odd token strides: the element-wise path
+    B, N, H, D = 2, 700, 3, 64
+    bufs = [torch.randn(B * N * (H * D + 1) + 1, device="cuda").to(torch.bfloat16) for _ in range(3)]
+    q, k, v = (b[1:].view(B, N, H * D + 1)[..., : H * D].view(B, N, H, D) for b in bufs)
+    assert q.data_ptr() % 16 != 0 and q.stride(1) % 8 != 0
+    out, lse, tm = taca_ctypes.fwd(q, k, v, text_len=77, text_first=True, gamma=1.3, layout="bnhd")
+    ref, rlse, rtm = reference.attention_ref(q, k, v, text_len=77, gamma=1.3, layout="bnhd",
+                                             upcast=torch.float32)
+    so = reference.attention_split_sdpa(q, k, v, text_len=77, gamma=1.3, layout="bnhd")
+    tol = 2 * (so.float() - ref).abs().max().item() + 1e-5
+    assert (out.float() - ref).abs().max().item() <= tol
+    assert (lse - rlse).abs().max().item() < 1e-3 and (tm - rtm).abs().max().item() < 1e-3
+
+
+@pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
+def test_poisoned_output_outside_view_untouched():
+    # out is a strided view into a poisoned buffer: every element of the view is written and
+    # nothing between the rows is.
+    B, N, H, D = 1, 513, 2, 128
+    q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=torch.float16) for _ in range(3))
+    big = torch.full((B, N, H, D + 64), float("nan"), device="cuda", dtype=torch.float16)
+    out = big[..., :D]
+    taca_ctypes.fwd(q, k, v, text_len=1, text_first=False, gamma=2.0, layout="bnhd", out=out)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    assert torch.isnan(big[..., D:]).all()
+
+
+@pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
+@pytest.mark.parametrize("variant", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("D", [64, 128])
+def test_tiling_variants(variant, D):
+    q, k, v = (torch.randn(2, 2, 1111, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    g = torch.tensor([1.2, 1.5], device="cuda")
+    out, lse, tm = taca_ctypes.fwd(q, k, v, text_len=333, text_first=False, gamma=g, variant=variant)
+    ref, rlse, rtm = reference.attention_ref(q, k, v, text_len=333, text_first=False, gamma=g,
+                                             upcast=torch.float32)
+    so = reference.attention_split_sdpa(q, k, v, text_len=333, text_first=False, gamma=g)
+    assert (out.float() - ref).abs().max().item() <= 2 * (so.float() - ref).abs().max().item() + 1e-5
+    assert (lse - rlse).abs().max().item() < 1e-3 and (tm - rtm).abs().max().item() < 1e-3
+
+
+@pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
+def test_status_codes():
+    q = torch.randn(1, 2, 64, 64, device="cuda")
+    o = torch.empty_like(q)
+    lse = torch.empty(1, 2, 64, device="cuda")
+    assert taca_ctypes.fwd_status(q, q, q, o, lse, None, text_len=3) == 7  # F32: TACA_ERR_DTYPE
+    qh = q.half()
+    assert taca_ctypes.fwd_status(qh, qh, qh, o.half(), lse, None, text_len=3, gamma_reverse=-1.0) == 5
+    assert taca_ctypes.fwd_status(qh, qh, qh, o.half(), lse, None, text_len=3) == 0
+    assert taca_ctypes.load().taca_last_cuda_error() is not None
