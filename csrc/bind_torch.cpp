@@ -4,7 +4,7 @@
 // TORCH_LIBRARY_IMPL per device, and an empty PyInit__C so `import taca._C` loads this
 // library; taca/ops.py adds register_fake and register_autograd. Tensors arrive as
 // (B, N, H, D) views with any b/n/h strides (ops.py transposes "bhnd" without copying);
-// outputs are allocated with empty_like of the matching input so the fake impls in ops.py
+// outputs take the layout of the matching input (alloc_like) so the fake impls in ops.py
 // reproduce their strides exactly.
 //
 // CPU: float32/float64 straight to taca_fwd_cpu/taca_bwd_cpu; bfloat16/float16 are upcast
@@ -22,6 +22,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <tuple>
 
@@ -61,13 +63,20 @@ bool has_cuda() {
 #endif
 }
 
-// The layout every output takes: empty_like keeps a dense input's strides; the fallback
-// keeps stride(-1) == 1 for the kernels. ops.py's fake impls mirror this function.
+// The layout every output takes: dense, its b/n/h dims in the order of t's strides
+// (largest first, ties by position), D innermost. For a dense input that is t's own layout
+// (no copies for diffusers' views); unlike empty_like it never depends on the strides of
+// size-1 dims or on memory-format heuristics. ops.py's fake impls mirror this function.
 at::Tensor alloc_like(const at::Tensor &t, at::ScalarType dtype) {
-  at::Tensor out = at::empty_like(t, t.options().dtype(dtype));
-  if (out.size(-1) > 1 && out.stride(-1) != 1)
-    out = at::empty(t.sizes(), t.options().dtype(dtype));
-  return out;
+  std::array<int64_t, 4> perm = {0, 1, 2, 3};
+  std::stable_sort(perm.begin(), perm.begin() + 3,
+                   [&](int64_t a, int64_t b) { return t.stride(a) > t.stride(b); });
+  std::array<int64_t, 4> sizes, inv;
+  for (int64_t i = 0; i < 4; ++i) {
+    sizes[i] = t.size(perm[i]);
+    inv[perm[i]] = i;
+  }
+  return at::empty(sizes, t.options().dtype(dtype)).permute(inv);
 }
 
 // Inputs only: the kernels need a unit stride on D; anything else is copied.

@@ -24,8 +24,9 @@ logger = logging.getLogger("taca")
 _LAYOUTS = ("bhnd", "bnhd")
 _BACKENDS = ("auto", "cpu", "cuda", "sdpa", "reference")
 
-# Head dims the CUDA kernel is dispatched to by backend="auto"; other head dims go to SDPA.
-CUDA_HEAD_DIMS = (64, 128)
+# Head dims backend="auto" sends to the CUDA kernel (it pads D internally: every D in
+# [1, 256] runs; 64 and 128 are the tuned ones). Narrow this to route other D to SDPA.
+CUDA_HEAD_DIMS = range(1, 257)
 
 try:
     from . import _C  # noqa: F401  (loads the library: registers torch.ops.taca.*)
@@ -45,11 +46,10 @@ _warned_no_ext = False
 # ---------------------------------------------------------------------------------------
 
 def _alloc_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Mirror of bind_torch.cpp's alloc_like: empty_like, unless that breaks stride(-1) == 1."""
-    out = torch.empty_like(t, dtype=dtype)
-    if out.size(-1) > 1 and out.stride(-1) != 1:
-        out = t.new_empty(t.shape, dtype=dtype)
-    return out
+    """Mirror of bind_torch.cpp's alloc_like: dense, b/n/h ordered by t's strides, D innermost."""
+    perm = sorted(range(3), key=lambda d: -t.stride(d)) + [3]
+    inv = [perm.index(d) for d in range(4)]
+    return t.new_empty([t.shape[d] for d in perm], dtype=dtype).permute(inv)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -170,7 +170,7 @@ def _kernel_refusal(q: torch.Tensor, gamma) -> Optional[str]:
         if q.dtype not in (torch.float16, torch.bfloat16):
             return f"the CUDA kernel takes float16/bfloat16, got {q.dtype}"
         if q.shape[-1] not in CUDA_HEAD_DIMS:
-            return f"the CUDA kernel takes head dims {CUDA_HEAD_DIMS}, got {q.shape[-1]}"
+            return f"head dim {q.shape[-1]} is not in ops.CUDA_HEAD_DIMS"
         return None
     return f"no taca kernel for device type {dev!r}"
 

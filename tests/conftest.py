@@ -1,0 +1,40 @@
+"""Shared pytest fixtures and markers for taca's tests.
+
+- Tests run offline: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE are set before anything imports
+  diffusers or transformers.
+- ``requires_cuda``: skip marker for tests that need a CUDA GPU (CI has none).
+- Every test starts from ``torch.manual_seed(0)``.
+- ``one_thread``: run a test with torch (and the C kernels, which follow
+  ``torch.get_num_threads()``) on one thread; for tests that call tiny ops thousands of
+  times (gradcheck, opcheck), where thread start-up costs more than the work.
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
