@@ -196,4 +196,145 @@ static inline void taca_vec_store(void *base, int64_t idx, int f64, double v) {
         ((float *)base)[idx] = (float)v;
 }
 
+#if TACA_CPU_AVX2
+/*
+ * Tiled float32 path (AVX2 + FMA). Tiles are TACA_T rows (queries) by TACA_T keys; head dims
+ * are padded to Dp = round_up(D, 8) with zeros in packed tiles so every row is whole vectors.
+ * TACA_T is a multiple of 6 (micro-kernel rows) and of 16 (micro-kernel columns).
+ */
+#ifndef TACA_T
+#define TACA_T 96
+#endif
+
+static inline int64_t taca_pad8(int64_t d) { return (d + 7) & ~(int64_t)7; }
+
+
+/*
+ * C[M x Nc] = (acc ? C : 0) + A B with A(i, k) = A[i * ars + k * aks], B row-major (ldb), C
+ * row-major (ldc), Nc % 8 == 0. Register block 6 x 16 (12 accumulators), then 8-column and
+ * single-row tails. B and C rows are read as whole 8-float vectors up to Nc.
+ */
+#define TACA_MK_LOAD(r)                                                                        \
+    x##r##0 = acc ? _mm256_loadu_ps(c0 + r * ldc + c) : _mm256_setzero_ps();                   \
+    x##r##1 = acc ? _mm256_loadu_ps(c0 + r * ldc + c + 8) : _mm256_setzero_ps()
+#define TACA_MK_FMA(r)                                                                         \
+    a = _mm256_broadcast_ss(ak + r * ars);                                                     \
+    x##r##0 = _mm256_fmadd_ps(a, b0, x##r##0);                                                 \
+    x##r##1 = _mm256_fmadd_ps(a, b1, x##r##1)
+#define TACA_MK_STORE(r)                                                                       \
+    _mm256_storeu_ps(c0 + r * ldc + c, x##r##0);                                               \
+    _mm256_storeu_ps(c0 + r * ldc + c + 8, x##r##1)
+
+static inline void taca_gemm_f32(int M, int Nc, int K, const float *A, int64_t ars, int64_t aks,
+                                 const float *B, int64_t ldb, float *C, int64_t ldc, int acc) {
+    int i = 0, c, k;
+    for (; i + 6 <= M; i += 6) {
+        const float *a0 = A + i * ars;
+        float *c0 = C + i * ldc;
+        for (c = 0; c + 16 <= Nc; c += 16) {
+            __m256 x00, x01, x10, x11, x20, x21, x30, x31, x40, x41, x50, x51;
+            TACA_MK_LOAD(0); TACA_MK_LOAD(1); TACA_MK_LOAD(2);
+            TACA_MK_LOAD(3); TACA_MK_LOAD(4); TACA_MK_LOAD(5);
+            for (k = 0; k < K; ++k) {
+                const float *ak = a0 + k * aks;
+                const __m256 b0 = _mm256_loadu_ps(B + k * ldb + c);
+                const __m256 b1 = _mm256_loadu_ps(B + k * ldb + c + 8);
+                __m256 a;
+                TACA_MK_FMA(0); TACA_MK_FMA(1); TACA_MK_FMA(2);
+                TACA_MK_FMA(3); TACA_MK_FMA(4); TACA_MK_FMA(5);
+            }
+            TACA_MK_STORE(0); TACA_MK_STORE(1); TACA_MK_STORE(2);
+            TACA_MK_STORE(3); TACA_MK_STORE(4); TACA_MK_STORE(5);
+        }
+        if (c < Nc) {
+            __m256 x0, x1, x2, x3, x4, x5;
+            x0 = acc ? _mm256_loadu_ps(c0 + 0 * ldc + c) : _mm256_setzero_ps();
+            x1 = acc ? _mm256_loadu_ps(c0 + 1 * ldc + c) : _mm256_setzero_ps();
+            x2 = acc ? _mm256_loadu_ps(c0 + 2 * ldc + c) : _mm256_setzero_ps();
+            x3 = acc ? _mm256_loadu_ps(c0 + 3 * ldc + c) : _mm256_setzero_ps();
+            x4 = acc ? _mm256_loadu_ps(c0 + 4 * ldc + c) : _mm256_setzero_ps();
+            x5 = acc ? _mm256_loadu_ps(c0 + 5 * ldc + c) : _mm256_setzero_ps();
+            for (k = 0; k < K; ++k) {
+                const float *ak = a0 + k * aks;
+                const __m256 b0 = _mm256_loadu_ps(B + k * ldb + c);
+                x0 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + 0 * ars), b0, x0);
+                x1 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + 1 * ars), b0, x1);
+                x2 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + 2 * ars), b0, x2);
+                x3 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + 3 * ars), b0, x3);
+                x4 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + 4 * ars), b0, x4);
+                x5 = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + 5 * ars), b0, x5);
+            }
+            _mm256_storeu_ps(c0 + 0 * ldc + c, x0); _mm256_storeu_ps(c0 + 1 * ldc + c, x1);
+            _mm256_storeu_ps(c0 + 2 * ldc + c, x2); _mm256_storeu_ps(c0 + 3 * ldc + c, x3);
+            _mm256_storeu_ps(c0 + 4 * ldc + c, x4); _mm256_storeu_ps(c0 + 5 * ldc + c, x5);
+        }
+    }
+    for (; i < M; ++i) {
+        const float *a0 = A + i * ars;
+        float *c0 = C + i * ldc;
+        for (c = 0; c < Nc; c += 8) {
+            __m256 x = acc ? _mm256_loadu_ps(c0 + c) : _mm256_setzero_ps();
+            for (k = 0; k < K; ++k)
+                x = _mm256_fmadd_ps(_mm256_broadcast_ss(a0 + k * aks),
+                                    _mm256_loadu_ps(B + k * ldb + c), x);
+            _mm256_storeu_ps(c0 + c, x);
+        }
+    }
+}
+
+/*
+ * Rows n0 .. n0+nr of (b, h) as a row-major operand with whole vectors up to Dp: the source
+ * itself when D is a multiple of 8 (*ld = token stride), else a zero-padded copy in buf.
+ */
+static inline const float *taca_rows_operand(const float *src, const taca_strides *s, int64_t b,
+                                             int64_t h, int64_t n0, int nr, int64_t D,
+                                             float *buf, int64_t *ld) {
+    const int64_t Dp = taca_pad8(D);
+    int r;
+    if (Dp == D) {
+        *ld = s->n;
+        return src + taca_off(s, b, n0, h);
+    }
+    for (r = 0; r < nr; ++r) {
+        memcpy(buf + r * Dp, src + taca_off(s, b, n0 + r, h), (size_t)D * sizeof(float));
+        memset(buf + r * Dp + D, 0, (size_t)(Dp - D) * sizeof(float));
+    }
+    *ld = Dp;
+    return buf;
+}
+
+/* dst (T x Dp, row-major) = rows n0 .. n0+nr of (b, h), zero-padded to T rows and Dp cols. */
+static inline void taca_pack_rows(float *dst, const float *src, const taca_strides *s, int64_t b,
+                                  int64_t h, int64_t n0, int nr, int64_t D, int64_t Dp) {
+    int r;
+    for (r = 0; r < nr; ++r) {
+        memcpy(dst + r * Dp, src + taca_off(s, b, n0 + r, h), (size_t)D * sizeof(float));
+        if (Dp > D) memset(dst + r * Dp + D, 0, (size_t)(Dp - D) * sizeof(float));
+    }
+    if (nr < TACA_T) memset(dst + nr * Dp, 0, (size_t)(TACA_T - nr) * Dp * sizeof(float));
+}
+
+/* dst (D x T, row-major) = transpose of rows n0 .. n0+nr of (b, h); columns >= nr zero. */
+static inline void taca_pack_cols(float *dst, const float *src, const taca_strides *s, int64_t b,
+                                  int64_t h, int64_t n0, int nr, int64_t D) {
+    int r;
+    int64_t d;
+    if (nr < TACA_T) memset(dst, 0, (size_t)(D * TACA_T) * sizeof(float));
+    for (r = 0; r < nr; ++r) {
+        const float *x = src + taca_off(s, b, n0 + r, h);
+        for (d = 0; d < D; ++d) dst[d * TACA_T + r] = x[d];
+    }
+}
+
+/* Per key tile: tmask[j] = 1 for text keys, else 0; pad[j] = 0 for keys < nk, else -inf. */
+static inline void taca_key_masks(float *tmask, float *pad, int64_t k0, int nk, int64_t tb,
+                                  int64_t te) {
+    int j;
+    for (j = 0; j < TACA_T; ++j) {
+        tmask[j] = (j < nk && taca_is_text(k0 + j, tb, te)) ? 1.0f : 0.0f;
+        pad[j] = j < nk ? 0.0f : -INFINITY;
+    }
+}
+#endif
+
 #endif /* TACA_CPU_COMMON_H_ */

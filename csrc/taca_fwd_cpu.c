@@ -83,11 +83,166 @@ static int fwd_portable(const taca_fwd_params *p) {
     return TACA_OK;
 }
 
+#if TACA_CPU_AVX2
+/*
+ * Tiled float32 forward. Per query tile the logits are computed transposed, S^T = K Q^T
+ * (keys x queries), so that Q^T is packed once per query tile, K is read in place, and the
+ * softmax statistics of 8 queries sit in one vector (no horizontal reductions).
+ */
+typedef struct {
+    float *qv, *qt;  /* (D, T) query tile transposed, times the visual-key / text-key multiplier */
+    float *v;        /* (T, Dp) value tile, only when D % 8 != 0 */
+    float *st;       /* (T keys, T queries) logits, then probabilities */
+    float *o;        /* (T, Dp) unnormalized output */
+    float *m, *l, *tm, *alpha; /* (T,) each, per query */
+} fwd_scratch;
+
+static float *fwd_scratch_init(fwd_scratch *w, int64_t D, void **raw) {
+    const int64_t T = TACA_T, Dp = taca_pad8(D);
+    float *base = (float *)taca_aligned_malloc(
+        (size_t)(2 * D * T + 2 * T * Dp + T * T + 4 * T) * sizeof(float), raw);
+    if (!base) return NULL;
+    w->qv = base;
+    w->qt = w->qv + D * T;
+    w->v = w->qt + D * T;
+    w->o = w->v + T * Dp;
+    w->st = w->o + T * Dp;
+    w->m = w->st + T * T;
+    w->l = w->m + T;
+    w->tm = w->l + T;
+    w->alpha = w->tm + T;
+    return base;
+}
+
+/*
+ * S^T rows k0 .. k0+nk (keys) of the query tile: K rows in place times the query tile scaled
+ * for text keys (qt) or visual keys (qv), split at the text range (the logit multiplier of a
+ * (query, key) pair depends on the key only through "is text").
+ */
+static void fwd_logits_t(const taca_fwd_params *p, const fwd_scratch *w, int64_t b, int64_t h,
+                         int64_t k0, int nk) {
+    const int64_t T = TACA_T, D = p->head_dim;
+    const int64_t cut[4] = {k0,
+                            p->text_begin < k0 ? k0 : (p->text_begin > k0 + nk ? k0 + nk : p->text_begin),
+                            p->text_end < k0 ? k0 : (p->text_end > k0 + nk ? k0 + nk : p->text_end),
+                            k0 + nk};
+    int r;
+    for (r = 0; r < 3; ++r) {
+        if (cut[r + 1] <= cut[r]) continue;
+        taca_gemm_f32((int)(cut[r + 1] - cut[r]), (int)T, (int)D,
+                      (const float *)p->k + taca_off(&p->k_stride, b, cut[r], h), p->k_stride.n, 1,
+                      r == 1 ? w->qt : w->qv, T, w->st + (cut[r] - k0) * T, T, 0);
+    }
+}
+
+/* One query tile of (b, h): rows n0 .. n0+nq. */
+static void fwd_tile_f32(const taca_fwd_params *p, fwd_scratch *w, int64_t b, int64_t h,
+                         int64_t n0, int nq) {
+    const int64_t N = p->seqlen, D = p->head_dim, Dp = taca_pad8(D), T = TACA_T;
+    const int64_t tb = p->text_begin, te = p->text_end;
+    const __m256 ninf = _mm256_set1_ps(-INFINITY), zero = _mm256_setzero_ps();
+    int64_t k0, d, ldv;
+    int i, j, iv;
+
+    taca_pack_cols(w->qv, (const float *)p->q, &p->q_stride, b, h, n0, nq, D);
+    for (i = 0; i < nq; ++i) {
+        double ct, cv;
+        taca_row_mults(taca_is_text(n0 + i, tb, te), p->scale, p->gamma[b], p->gamma_reverse, &ct,
+                       &cv);
+        for (d = 0; d < D; ++d) {
+            w->qt[d * T + i] = w->qv[d * T + i] * (float)ct;
+            w->qv[d * T + i] *= (float)cv;
+        }
+    }
+    for (; i < T; ++i)
+        for (d = 0; d < D; ++d) w->qt[d * T + i] = 0.0f;
+    for (i = 0; i < T; ++i) {
+        w->m[i] = -INFINITY;
+        w->l[i] = 0.0f;
+        w->tm[i] = 0.0f;
+    }
+    memset(w->o, 0, (size_t)(T * Dp) * sizeof(float));
+    for (k0 = 0; k0 < N; k0 += T) {
+        const int nk = (int)(N - k0 < T ? N - k0 : T);
+        const float *vop;
+        fwd_logits_t(p, w, b, h, k0, nk);
+        for (iv = 0; iv < T; iv += 8) {
+            const __m256 m_old = _mm256_load_ps(w->m + iv);
+            __m256 bm = ninf, m_new, m_use, alpha, sum = zero, tsum = zero;
+            for (j = 0; j < nk; ++j) bm = _mm256_max_ps(_mm256_load_ps(w->st + j * T + iv), bm);
+            m_new = _mm256_max_ps(bm, m_old);
+            m_use = _mm256_blendv_ps(m_new, zero, _mm256_cmp_ps(m_new, ninf, _CMP_EQ_OQ));
+            alpha = taca_exp256(_mm256_sub_ps(m_old, m_use));
+            for (j = 0; j < nk; ++j) {
+                float *x = w->st + j * T + iv;
+                __m256 e = taca_exp256(_mm256_sub_ps(_mm256_load_ps(x), m_use));
+                _mm256_store_ps(x, e);
+                sum = _mm256_add_ps(sum, e);
+                if (taca_is_text(k0 + j, tb, te)) tsum = _mm256_add_ps(tsum, e);
+            }
+            _mm256_store_ps(w->l + iv, _mm256_fmadd_ps(_mm256_load_ps(w->l + iv), alpha, sum));
+            _mm256_store_ps(w->tm + iv, _mm256_fmadd_ps(_mm256_load_ps(w->tm + iv), alpha, tsum));
+            _mm256_store_ps(w->m + iv, m_new);
+            _mm256_store_ps(w->alpha + iv, alpha);
+        }
+        if (k0 > 0) {
+            for (i = 0; i < nq; ++i) {
+                const __m256 a = _mm256_set1_ps(w->alpha[i]);
+                float *orow = w->o + i * Dp;
+                for (d = 0; d < Dp; d += 8)
+                    _mm256_store_ps(orow + d, _mm256_mul_ps(_mm256_load_ps(orow + d), a));
+            }
+        }
+        vop = taca_rows_operand((const float *)p->v, &p->v_stride, b, h, k0, nk, D, w->v, &ldv);
+        taca_gemm_f32((int)T, (int)Dp, nk, w->st, 1, T, vop, ldv, w->o, Dp, 1);
+    }
+    for (i = 0; i < nq; ++i) {
+        const int64_t row = (b * p->heads + h) * N + n0 + i;
+        const float inv = 1.0f / w->l[i], m_use = w->m[i] == -INFINITY ? 0.0f : w->m[i];
+        float *dst = (float *)p->out + taca_off(&p->out_stride, b, n0 + i, h);
+        for (d = 0; d < D; ++d) dst[d] = w->o[i * Dp + d] * inv;
+        if (p->lse) ((float *)p->lse)[row] = m_use + logf(w->l[i]);
+        if (p->text_mass) ((float *)p->text_mass)[row] = w->tm[i] * inv;
+    }
+}
+
+static int fwd_f32(const taca_fwd_params *p) {
+    const int64_t H = p->heads, N = p->seqlen, T = TACA_T;
+    const int64_t ntile = (N + T - 1) / T, ntask = p->batch * H * ntile;
+    int failed = 0, nt = taca_threads(p->num_threads);
+    (void)nt;
+#pragma omp parallel num_threads(nt)
+    {
+        fwd_scratch w;
+        void *raw = NULL;
+        int64_t t;
+        memset(&w, 0, sizeof(w));
+        if (!fwd_scratch_init(&w, p->head_dim, &raw)) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(dynamic, 1)
+            for (t = 0; t < ntask; ++t) {
+                const int64_t bh = t / ntile, n0 = (t % ntile) * T;
+                fwd_tile_f32(p, &w, bh / H, bh % H, n0, (int)(N - n0 < T ? N - n0 : T));
+            }
+        }
+        free(raw);
+    }
+    return failed ? TACA_ERR_ALLOC : TACA_OK;
+}
+#endif
+
 int taca_fwd_cpu(const taca_fwd_params *p) {
     int st = taca_check_fwd(p);
     if (st != TACA_OK) return st;
     if (p->dtype != TACA_F32 && p->dtype != TACA_F64) return TACA_ERR_DTYPE;
     if (p->batch * p->seqlen * p->heads == 0) return TACA_OK;
     if ((st = taca_check_gamma_host(p->gamma, p->batch)) != TACA_OK) return st;
+#if TACA_CPU_AVX2
+    if (p->dtype == TACA_F32) return fwd_f32(p);
+#endif
     return fwd_portable(p);
 }
