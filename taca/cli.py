@@ -1,0 +1,373 @@
+"""The ``taca`` command (also ``python -m taca``).
+
+    taca demo      [--out DIR] [--steps N] [--gammas 1.1,1.2,1.3] ...   offline, random weights
+    taca generate  --model ID_OR_PATH --prompt TEXT [--gamma 1.2] [--schedule paper] [--compare] ...
+    taca bench     [--script bench_attention.py] [ARGS passed to the script]
+
+Exit codes: 0 success, 1 failure while running, 2 usage errors and missing models/files.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from typing import List, Optional, Sequence
+
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+KNOWN_MODELS = (
+    "black-forest-labs/FLUX.1-dev",
+    "black-forest-labs/FLUX.1-schnell",
+    "stabilityai/stable-diffusion-3-medium-diffusers",
+    "stabilityai/stable-diffusion-3.5-medium",
+    "stabilityai/stable-diffusion-3.5-large",
+)
+
+
+def _positive_float(name: str):
+    def conv(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        if not (v > 0 and v < float("inf")):
+            raise argparse.ArgumentTypeError(f"must be finite and > 0, got {s}")
+        return v
+    return conv
+
+
+def _positive_int(name: str):
+    def conv(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
+        return v
+    return conv
+
+
+def _gamma_list(s: str) -> List[float]:
+    conv = _positive_float("every gamma")
+    vals = [conv(x) for x in s.split(",") if x.strip()]
+    if not vals:
+        raise argparse.ArgumentTypeError("expected a comma-separated list such as 1.1,1.2,1.3")
+    return vals
+
+
+def _schedule_spec(s: str) -> str:
+    from . import schedule
+
+    try:
+        schedule.parse(s, 1.2)
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(str(e).replace("taca: ", "")) from None
+    return s
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="taca",
+        description="TACA (Temperature-Adjusted Cross-modal Attention, arXiv 2506.07986) for diffusers' "
+                    "FLUX.1 and SD3/SD3.5.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="{demo,generate,bench}")
+    sub.required = True
+
+    d = sub.add_parser("demo", help="offline demo on a tiny random-weight FLUX-architecture model (< 1 min on CPU)",
+                       description="Generates one prompt with TACA off and on with a small FLUX-architecture "
+                                   "pipeline built from configs with fixed-seed random weights, prints the text "
+                                   "mass of image queries per step and block, and writes plots and images. "
+                                   "Random weights show the mechanism, not image quality.")
+    d.add_argument("--out", default="taca-out", help="output folder (default: ./taca-out)")
+    d.add_argument("--prompt", default=None, help="prompt (words outside the built-in vocabulary become <unk>)")
+    d.add_argument("--steps", type=_positive_int("--steps"), default=30, help="denoising steps (default 30)")
+    d.add_argument("--gammas", type=_gamma_list, default=[1.1, 1.2, 1.3],
+                   help="gammas evaluated on the baseline's q, k (default 1.1,1.2,1.3)")
+    d.add_argument("--gamma", type=_positive_float("--gamma"), default=1.2,
+                   help="gamma of the 'const' and 'paper' runs (default 1.2)")
+    d.add_argument("--words", default=None, help="comma-separated prompt words for the attention maps (default: mirror)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--run-each-gamma", action="store_true", help="also run a constant-gamma generation per --gammas value")
+    d.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
+    d.set_defaults(func=cmd_demo)
+
+    g = sub.add_parser("generate", help="generate with a real FLUX.1 / SD3 / SD3.5 model (hub id or local folder)",
+                       description="Loads a diffusers FLUX.1 (dev, schnell) or SD3/SD3.5 pipeline with "
+                                   "DiffusionPipeline.from_pretrained and generates with TACA.")
+    g.add_argument("--model", required=True, help=f"hub id (e.g. {KNOWN_MODELS[0]}) or a local pipeline folder")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--gamma", type=_positive_float("--gamma"), default=1.2, help="gamma0 (default 1.2, the paper's)")
+    g.add_argument("--schedule", type=_schedule_spec, default="paper",
+                   help="when gamma is on: paper (sigma >= 0.97, default), paper:<sigma>, steps:<k>, none (always)")
+    g.add_argument("--gamma-reverse", type=_positive_float("--gamma-reverse"), default=1.0,
+                   help="multiplier of text-query x image-key logits (default 1: the paper's TACA)")
+    g.add_argument("--lora", default=None, help="TACA LoRA (file/folder in diffusers' LoRA format, or hub id)")
+    g.add_argument("--steps", type=_positive_int("--steps"), default=None,
+                   help="denoising steps (default: the pipeline's; 4 for FLUX.1-schnell)")
+    g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    g.add_argument("--seed", type=int, default=42, help="seed (default 42, the paper's)")
+    g.add_argument("--height", type=_positive_int("--height"), default=None)
+    g.add_argument("--width", type=_positive_int("--width"), default=None)
+    g.add_argument("--max-sequence-length", type=_positive_int("--max-sequence-length"), default=None,
+                   help="T5 tokens (default: the pipeline's)")
+    g.add_argument("--negative-prompt", default=None, help="negative prompt (SD3/SD3.5)")
+    g.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
+    g.add_argument("--dtype", choices=tuple(_DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    g.add_argument("--offload", action="store_true", help="enable_model_cpu_offload (less GPU memory)")
+    g.add_argument("--backend", choices=("auto", "cpu", "cuda", "sdpa", "reference"), default="auto",
+                   help="attention backend for TACA (default auto)")
+    g.add_argument("--out", default="taca.png", help="output image (default taca.png)")
+    g.add_argument("--compare", action="store_true", help="write TACA off and on side by side (same seed)")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="run the repository's attention benchmark (benchmarks/); extra args pass through",
+                       description="Runs benchmarks/<script> from the repository with this Python; every "
+                                   "argument not listed here is passed to the script.")
+    b.add_argument("--script", default="bench_attention.py", help="script in benchmarks/ (default bench_attention.py)")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``taca`` console script. Returns the exit code."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command != "bench" and extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("taca: interrupted", file=sys.stderr)
+        return 130
+
+
+# demo ---------------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from . import demo
+
+    kw = {}
+    if args.prompt is not None:
+        kw["prompt"] = args.prompt
+    if args.words is not None:
+        kw["words"] = [w.strip() for w in args.words.split(",") if w.strip()]
+    demo.run_demo(out_dir=args.out, steps=args.steps, gammas=args.gammas, paper_gamma=args.gamma,
+                  seed=args.seed, run_each_gamma=args.run_each_gamma, plots=not args.no_plots, **kw)
+    return 0
+
+
+# generate -----------------------------------------------------------------------------------
+def _looks_like_path(model: str) -> bool:
+    if os.path.exists(model):
+        return True
+    if model.startswith((".", "~", os.sep)) or (os.altsep and model.startswith(os.altsep)):
+        return True
+    return model.count("/") != 1  # hub ids are "owner/name"
+
+
+def missing_model_message(model: str, reason: str) -> str:
+    """The one-paragraph message for a model that cannot be loaded without the network."""
+    if _looks_like_path(model):
+        body = (f"taca generate: cannot load the pipeline folder {model!r}: {reason}. Pass a folder written by "
+                f"diffusers' save_pretrained (it holds model_index.json), or a hub id such as {KNOWN_MODELS[0]}.")
+    else:
+        body = (f"taca generate: the weights of {model!r} are not available here ({reason}). Download them "
+                f"while online, e.g. `huggingface-cli download {model} --local-dir ./{model.split('/')[-1]}` "
+                f"(gated models such as FLUX.1-dev and SD3.5 need their license accepted on huggingface.co "
+                f"and `huggingface-cli login` first), then pass --model ./{model.split('/')[-1]}; or run "
+                f"without HF_HUB_OFFLINE=1 so diffusers can fetch and cache them. Supported: "
+                f"{', '.join(KNOWN_MODELS)}.")
+    return textwrap.fill(body, width=100)
+
+
+def _family(pipe) -> Optional[str]:
+    name = type(pipe).__name__
+    if "Flux" in name:
+        return "flux"
+    if "StableDiffusion3" in name:
+        return "sd3"
+    return None
+
+
+def _load_pipeline(model: str, dtype):
+    """(pipe, None) or (None, message)."""
+    if _looks_like_path(model):
+        path = os.path.expanduser(model)
+        if not os.path.isdir(path):
+            return None, missing_model_message(model, "no such folder")
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            return None, missing_model_message(model, "it has no model_index.json")
+        model = path
+    import warnings
+
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # the hub-connection chatter; our message says what matters
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch_dtype -> dtype rename in newer diffusers
+            return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype), None
+    except (OSError, ValueError) as e:  # huggingface_hub's errors derive from these
+        return None, missing_model_message(model, _reason(e))
+    finally:
+        dlogging.set_verbosity(level)
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e)
+    low = text.lower()
+    if "offline" in low or "cached" in low or "cache" in low or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return ("they are not in the local Hugging Face cache and the hub cannot be reached "
+                "(HF_HUB_OFFLINE=1 or no network)")
+    if "gated" in low or "401" in low or "403" in low:
+        return "the repository is gated: accept its license on huggingface.co and log in"
+    if "404" in low or "not found" in low or "does not exist" in low:
+        return "no such repository on the hub"
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return first if len(first) <= 160 else first[:157] + "..."
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    err = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        err("taca generate: --device cuda was given but torch sees no CUDA GPU (torch "
+            f"{torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu")
+        return 2
+    dtype = getattr(torch, _DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")])
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v is not None and v % 16:
+            err(f"taca generate: argument --{name}: must be a multiple of 16, got {v}")
+            return 2
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        err(f"taca generate: argument --out: folder {out_dir} does not exist")
+        return 2
+    if args.lora is not None and _looks_like_path(args.lora) and not os.path.exists(args.lora):
+        err(f"taca generate: argument --lora: {args.lora} does not exist")
+        return 2
+
+    pipe, msg = _load_pipeline(args.model, dtype)
+    if pipe is None:
+        err(msg)
+        return 2
+    family = _family(pipe)
+    if family is None:
+        err(f"taca generate: {args.model} loads as {type(pipe).__name__}, which is not a FLUX or SD3/SD3.5 "
+            "pipeline; TACA supports FluxPipeline-family and StableDiffusion3Pipeline-family models")
+        return 2
+    if args.offload and device == "cuda":
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to(device)
+
+    schnell = family == "flux" and not getattr(pipe.transformer.config, "guidance_embeds", True)
+    call = dict(prompt=args.prompt)
+    if args.steps is not None:
+        call["num_inference_steps"] = args.steps
+    elif schnell:
+        call["num_inference_steps"] = 4
+    if args.guidance is not None:
+        call["guidance_scale"] = args.guidance
+    elif schnell:
+        call["guidance_scale"] = 0.0
+    for k in ("height", "width", "max_sequence_length"):
+        if getattr(args, k) is not None:
+            call[k] = getattr(args, k)
+    if args.negative_prompt is not None:
+        if family != "sd3":
+            err("taca generate: argument --negative-prompt: only SD3/SD3.5 pipelines take a negative prompt here")
+            return 2
+        call["negative_prompt"] = args.negative_prompt
+
+    import taca
+
+    def run(on: bool):
+        gen = torch.Generator(device="cpu").manual_seed(args.seed)
+        if not on:
+            return pipe(generator=gen, **call).images[0], None
+        handle = taca.enable(pipe, gamma=args.gamma, schedule=args.schedule, lora=args.lora,
+                             gamma_reverse=args.gamma_reverse, backend=args.backend)
+        steps_on: List[bool] = []
+        hook = pipe.transformer.register_forward_hook(lambda *a: steps_on.append(handle.last_gamma is not None))
+        try:
+            return pipe(generator=gen, **call).images[0], steps_on
+        finally:
+            hook.remove()
+            taca.disable(pipe)
+
+    print(f"taca generate: {type(pipe).__name__} ({family}) on {device}, {str(dtype).replace('torch.', '')}; "
+          f"gamma={args.gamma:g}, schedule={args.schedule}, seed={args.seed}", file=sys.stderr)
+    images = []
+    if args.compare:
+        images.append(("TACA off", run(False)[0]))
+    img, steps_on = run(True)
+    on_idx = [i for i, s in enumerate(steps_on or []) if s]
+    images.append((f"TACA gamma={args.gamma:g} ({args.schedule})", img))
+    print(f"taca generate: gamma was on in transformer calls {on_idx} of {len(steps_on or [])}", file=sys.stderr)
+    out = images[0][1] if len(images) == 1 else _side_by_side(images)
+    out.save(args.out)
+    print(f"taca generate: wrote {os.path.abspath(args.out)}" + (" (left: TACA off, right: TACA on)" if args.compare else ""))
+    return 0
+
+
+def _side_by_side(images):
+    from PIL import Image, ImageDraw
+
+    w = sum(im.width for _, im in images)
+    h = max(im.height for _, im in images)
+    pad = 20
+    canvas = Image.new("RGB", (w, h + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for label, im in images:
+        canvas.paste(im.convert("RGB"), (x, pad))
+        draw.text((x + 4, 4), label, fill="black")
+        x += im.width
+    return canvas
+
+
+# bench --------------------------------------------------------------------------------------
+def find_benchmarks() -> Optional[str]:
+    """The repository's benchmarks/ folder (next to the taca package in a source checkout, or
+    under the current directory), or None."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for root in (os.path.dirname(here), os.getcwd()):
+        cand = os.path.join(root, "benchmarks")
+        if os.path.isdir(cand):
+            return cand
+    return None
+
+
+def cmd_bench(args) -> int:
+    import subprocess
+
+    folder = find_benchmarks()
+    if folder is None:
+        print("taca bench: the benchmarks/ folder is not available (it ships with the repository, not with the "
+              "installed package). Clone the taca repository, install it with `pip install --no-build-isolation "
+              "-e .`, and run `taca bench` (or `python benchmarks/bench_attention.py`) from there.", file=sys.stderr)
+        return 2
+    script = os.path.join(folder, args.script)
+    if not os.path.isfile(script):
+        found = sorted(f for f in os.listdir(folder) if f.endswith(".py"))
+        print(f"taca bench: argument --script: {script} does not exist; scripts in {folder}: "
+              f"{', '.join(found) or 'none'}", file=sys.stderr)
+        return 2
+    import torch
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (no CUDA GPU visible to torch)"
+    print(f"taca bench: {script} on {dev}", file=sys.stderr, flush=True)
+    return subprocess.call([sys.executable, script, *args.extra], cwd=os.path.dirname(folder))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
