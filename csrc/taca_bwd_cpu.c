@@ -93,6 +93,199 @@ static void bwd_query_portable(const taca_bwd_params *p, const double *delta, in
     taca_row_store(p->dq, taca_off(&p->dq_stride, b, i, h), D, f64, dq, 1.0);
 }
 
+#if TACA_CPU_AVX2
+/*
+ * Tiled float32 backward. Two schedules, both without atomics and deterministic:
+ *   fused (when the (b, h) heads split evenly over the threads, or there are many): one task
+ *     per head; per key tile, per query tile: S = Q K^T, dP = dO V^T, P, G = dS * c, then
+ *     dV += P^T dO, dK += G^T Q and dQ += G K into a per-thread (N, Dp) accumulator (5 GEMMs).
+ *   split: pass 1 over (b, h, key tile) does the same without dQ; pass 2 over (b, h, query
+ *     tile) recomputes S^T = K Q^T and dP^T = V dO^T and accumulates dQ (7 GEMMs, more tasks).
+ */
+typedef struct {
+    float *kt, *vt;             /* (D, T) key / value tile transposed (pass 1) */
+    float *qt, *qv, *dot;       /* (D, T) scaled query tiles / dO tile transposed (pass 2) */
+    float *s, *dp;              /* (T, T) logits -> P, dP -> G */
+    float *dk, *dv, *dq;        /* (T, Dp) accumulators */
+    float *qbuf, *dobuf, *kbuf; /* (T, Dp) padded row operands when D % 8 != 0 */
+    float *multt, *multv;       /* (T,) per key: multiplier for a text / visual query */
+    float *ct, *cv, *lse, *dl;  /* (T,) per query */
+    float *dqacc;               /* (N, Dp) fused schedule only */
+} bwd_scratch;
+
+static float *bwd_scratch_init(bwd_scratch *w, int64_t D, int64_t N, int fused, void **raw) {
+    const int64_t T = TACA_T, Dp = taca_pad8(D);
+    const int64_t n = 5 * D * T + 2 * T * T + 6 * T * Dp + 8 * T + (fused ? N * Dp : 0);
+    float *x = (float *)taca_aligned_malloc((size_t)n * sizeof(float), raw);
+    if (!x) return NULL;
+    w->kt = x; x += D * T;
+    w->vt = x; x += D * T;
+    w->qt = x; x += D * T;
+    w->qv = x; x += D * T;
+    w->dot = x; x += D * T;
+    w->s = x; x += T * T;
+    w->dp = x; x += T * T;
+    w->dk = x; x += T * Dp;
+    w->dv = x; x += T * Dp;
+    w->dq = x; x += T * Dp;
+    w->qbuf = x; x += T * Dp;
+    w->dobuf = x; x += T * Dp;
+    w->kbuf = x; x += T * Dp;
+    w->multt = x; x += T;
+    w->multv = x; x += T;
+    w->ct = x; x += T;
+    w->cv = x; x += T;
+    w->lse = x; x += T;
+    w->dl = x; x += T;
+    x += 2 * T;
+    w->dqacc = fused ? x : NULL;
+    return w->kt;
+}
+
+static void store_rows(float *dst, const taca_strides *s, int64_t b, int64_t h, int64_t n0, int nr,
+                       const float *src, int64_t D, int64_t Dp) {
+    int r;
+    for (r = 0; r < nr; ++r)
+        memcpy(dst + taca_off(s, b, n0 + r, h), src + r * Dp, (size_t)D * sizeof(float));
+}
+
+/* dK, dV of keys k0 .. k0+nk of (b, h); with dqacc, also adds this tile's part of dQ. */
+static void bwd_ktile_f32(const taca_bwd_params *p, bwd_scratch *w, const double *delta, int64_t b,
+                          int64_t h, int64_t k0, int nk, float *dqacc) {
+    const int64_t N = p->seqlen, D = p->head_dim, Dp = taca_pad8(D), T = TACA_T;
+    const int64_t tb = p->text_begin, te = p->text_end, row0 = (b * p->heads + h) * N;
+    const float sc = p->scale, g = p->gamma[b], gr = p->gamma_reverse;
+    const float *kop = NULL;
+    int64_t q0, ldk = 0, ldq, ldo;
+    int i, j;
+
+    taca_pack_cols(w->kt, (const float *)p->k, &p->k_stride, b, h, k0, nk, D);
+    taca_pack_cols(w->vt, (const float *)p->v, &p->v_stride, b, h, k0, nk, D);
+    for (j = 0; j < T; ++j) {
+        const int key_text = j < nk && taca_is_text(k0 + j, tb, te);
+        w->multt[j] = key_text ? sc : sc * gr;
+        w->multv[j] = key_text ? sc * g : sc;
+    }
+    memset(w->dk, 0, (size_t)(T * Dp) * sizeof(float));
+    memset(w->dv, 0, (size_t)(T * Dp) * sizeof(float));
+    if (dqacc)
+        kop = taca_rows_operand((const float *)p->k, &p->k_stride, b, h, k0, nk, D, w->kbuf, &ldk);
+    for (q0 = 0; q0 < N; q0 += T) {
+        const int nq = (int)(N - q0 < T ? N - q0 : T);
+        const float *qop = taca_rows_operand((const float *)p->q, &p->q_stride, b, h, q0, nq, D,
+                                             w->qbuf, &ldq);
+        const float *dop = taca_rows_operand((const float *)p->dout, &p->dout_stride, b, h, q0,
+                                             nq, D, w->dobuf, &ldo);
+        taca_gemm_f32(nq, (int)T, (int)D, qop, ldq, 1, w->kt, T, w->s, T, 0);
+        taca_gemm_f32(nq, (int)T, (int)D, dop, ldo, 1, w->vt, T, w->dp, T, 0);
+        for (i = 0; i < nq; ++i) {
+            const float *mult = taca_is_text(q0 + i, tb, te) ? w->multt : w->multv;
+            const __m256 lse = _mm256_set1_ps(((const float *)p->lse)[row0 + q0 + i]);
+            const __m256 dl = _mm256_set1_ps((float)delta[row0 + q0 + i]);
+            float *srow = w->s + i * T, *grow = w->dp + i * T;
+            for (j = 0; j < T; j += 8) {
+                const __m256 m = _mm256_load_ps(mult + j);
+                const __m256 pr = taca_exp256(
+                    _mm256_sub_ps(_mm256_mul_ps(_mm256_load_ps(srow + j), m), lse));
+                const __m256 ds = _mm256_mul_ps(pr, _mm256_sub_ps(_mm256_load_ps(grow + j), dl));
+                _mm256_store_ps(srow + j, pr);
+                _mm256_store_ps(grow + j, _mm256_mul_ps(ds, m));
+            }
+        }
+        /* dV_j += sum_i P_ij dO_i;  dK_j += sum_i G_ij q_i;  dQ_i += sum_j G_ij k_j */
+        taca_gemm_f32(nk, (int)Dp, nq, w->s, 1, T, dop, ldo, w->dv, Dp, 1);
+        taca_gemm_f32(nk, (int)Dp, nq, w->dp, 1, T, qop, ldq, w->dk, Dp, 1);
+        if (dqacc) taca_gemm_f32(nq, (int)Dp, nk, w->dp, T, 1, kop, ldk, dqacc + q0 * Dp, Dp, 1);
+    }
+    store_rows((float *)p->dk, &p->dk_stride, b, h, k0, nk, w->dk, D, Dp);
+    store_rows((float *)p->dv, &p->dv_stride, b, h, k0, nk, w->dv, D, Dp);
+}
+
+/* dQ of queries q0 .. q0+nq of (b, h) (split schedule, pass 2). */
+static void bwd_qtile_f32(const taca_bwd_params *p, bwd_scratch *w, const double *delta, int64_t b,
+                          int64_t h, int64_t q0, int nq) {
+    const int64_t N = p->seqlen, D = p->head_dim, Dp = taca_pad8(D), T = TACA_T;
+    const int64_t tb = p->text_begin, te = p->text_end, row0 = (b * p->heads + h) * N;
+    int64_t k0, ldk;
+    int i, j, iv;
+
+    taca_pack_q_scaled((const float *)p->q, &p->q_stride, b, h, q0, nq, D, tb, te, p->scale,
+                       p->gamma[b], p->gamma_reverse, w->qt, w->qv, w->ct, w->cv);
+    taca_pack_cols(w->dot, (const float *)p->dout, &p->dout_stride, b, h, q0, nq, D);
+    for (i = 0; i < T; ++i) {
+        w->lse[i] = i < nq ? ((const float *)p->lse)[row0 + q0 + i] : 0.0f;
+        w->dl[i] = i < nq ? (float)delta[row0 + q0 + i] : 0.0f;
+    }
+    memset(w->dq, 0, (size_t)(T * Dp) * sizeof(float));
+    for (k0 = 0; k0 < N; k0 += T) {
+        const int nk = (int)(N - k0 < T ? N - k0 : T);
+        const float *kop;
+        taca_logits_t((const float *)p->k, &p->k_stride, b, h, k0, nk, D, tb, te, w->qt, w->qv,
+                      w->s);
+        taca_gemm_f32(nk, (int)T, (int)D, (const float *)p->v + taca_off(&p->v_stride, b, k0, h),
+                      p->v_stride.n, 1, w->dot, T, w->dp, T, 0);
+        for (j = 0; j < nk; ++j) {
+            const float *c = taca_is_text(k0 + j, tb, te) ? w->ct : w->cv;
+            float *srow = w->s + j * T, *grow = w->dp + j * T;
+            for (iv = 0; iv < T; iv += 8) {
+                const __m256 pr = taca_exp256(
+                    _mm256_sub_ps(_mm256_load_ps(srow + iv), _mm256_load_ps(w->lse + iv)));
+                const __m256 ds = _mm256_mul_ps(
+                    pr, _mm256_sub_ps(_mm256_load_ps(grow + iv), _mm256_load_ps(w->dl + iv)));
+                _mm256_store_ps(grow + iv, _mm256_mul_ps(ds, _mm256_load_ps(c + iv)));
+            }
+        }
+        kop = taca_rows_operand((const float *)p->k, &p->k_stride, b, h, k0, nk, D, w->kbuf, &ldk);
+        taca_gemm_f32((int)T, (int)Dp, nk, w->dp, 1, T, kop, ldk, w->dq, Dp, 1);
+    }
+    store_rows((float *)p->dq, &p->dq_stride, b, h, q0, nq, w->dq, D, Dp);
+}
+
+static int bwd_f32(const taca_bwd_params *p, const double *delta, int nt) {
+    const int64_t H = p->heads, N = p->seqlen, D = p->head_dim, Dp = taca_pad8(D), T = TACA_T;
+    const int64_t BH = p->batch * H, ntile = (N + T - 1) / T;
+    const int fused = nt == 1 || BH % nt == 0 || BH >= 4 * (int64_t)nt;
+    int failed = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        bwd_scratch w;
+        void *raw = NULL;
+        int64_t t;
+        memset(&w, 0, sizeof(w));
+        if (!bwd_scratch_init(&w, D, N, fused, &raw)) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed && fused) {
+#pragma omp for schedule(dynamic, 1)
+            for (t = 0; t < BH; ++t) {
+                const int64_t b = t / H, h = t % H;
+                int64_t k0;
+                memset(w.dqacc, 0, (size_t)(N * Dp) * sizeof(float));
+                for (k0 = 0; k0 < N; k0 += T)
+                    bwd_ktile_f32(p, &w, delta, b, h, k0, (int)(N - k0 < T ? N - k0 : T), w.dqacc);
+                store_rows((float *)p->dq, &p->dq_stride, b, h, 0, (int)N, w.dqacc, D, Dp);
+            }
+        } else if (!failed) {
+#pragma omp for schedule(dynamic, 1)
+            for (t = 0; t < BH * ntile; ++t) {
+                const int64_t bh = t / ntile, k0 = (t % ntile) * T;
+                bwd_ktile_f32(p, &w, delta, bh / H, bh % H, k0, (int)(N - k0 < T ? N - k0 : T),
+                              NULL);
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (t = 0; t < BH * ntile; ++t) {
+                const int64_t bh = t / ntile, q0 = (t % ntile) * T;
+                bwd_qtile_f32(p, &w, delta, bh / H, bh % H, q0, (int)(N - q0 < T ? N - q0 : T));
+            }
+        }
+        free(raw);
+    }
+    return failed ? TACA_ERR_ALLOC : TACA_OK;
+}
+#endif
+
 static int bwd_portable(const taca_bwd_params *p, int nt) {
     const int64_t H = p->heads, N = p->seqlen;
     const int64_t ntask = p->batch * H * N;
@@ -100,6 +293,13 @@ static int bwd_portable(const taca_bwd_params *p, int nt) {
     int64_t t;
     if (!delta) return TACA_ERR_ALLOC;
     delta_portable(p, delta, nt);
+#if TACA_CPU_AVX2
+    if (p->dtype == TACA_F32) {
+        int st = bwd_f32(p, delta, nt);
+        free(delta);
+        return st;
+    }
+#endif
 #pragma omp parallel num_threads(nt)
     {
         double a[TACA_MAX_HEAD_DIM], c[TACA_MAX_HEAD_DIM], e[TACA_MAX_HEAD_DIM],

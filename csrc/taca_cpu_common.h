@@ -335,6 +335,51 @@ static inline void taca_key_masks(float *tmask, float *pad, int64_t k0, int nk, 
         pad[j] = j < nk ? 0.0f : -INFINITY;
     }
 }
+
+/*
+ * S^T (nk keys x T queries, row-major) for keys k0 .. k0+nk of (b, h): K rows read in place
+ * times a transposed query tile scaled for text keys (qt, D x T) or for visual keys (qv),
+ * split at the text range [tb, te): the logit multiplier of a (query, key) pair depends on
+ * the key only through "is text", so it is folded into the two scaled copies of Q^T.
+ */
+static inline void taca_logits_t(const float *k, const taca_strides *ks, int64_t b, int64_t h,
+                                 int64_t k0, int nk, int64_t D, int64_t tb, int64_t te,
+                                 const float *qt, const float *qv, float *st) {
+    const int64_t e = k0 + nk;
+    const int64_t cut[4] = {k0, tb < k0 ? k0 : (tb > e ? e : tb), te < k0 ? k0 : (te > e ? e : te),
+                            e};
+    int r;
+    for (r = 0; r < 3; ++r) {
+        if (cut[r + 1] <= cut[r]) continue;
+        taca_gemm_f32((int)(cut[r + 1] - cut[r]), TACA_T, (int)D, k + taca_off(ks, b, cut[r], h),
+                      ks->n, 1, r == 1 ? qt : qv, TACA_T, st + (cut[r] - k0) * TACA_T, TACA_T, 0);
+    }
+}
+
+/*
+ * Transposed query tile (rows n0 .. n0+nq of (b, h)) scaled per query for text keys (qt) and
+ * visual keys (qv); ct/cv (T,) get the multipliers. Columns >= nq are zero.
+ */
+static inline void taca_pack_q_scaled(const float *q, const taca_strides *qs, int64_t b,
+                                      int64_t h, int64_t n0, int nq, int64_t D, int64_t tb,
+                                      int64_t te, double scale, double gamma, double gamma_rev,
+                                      float *qt, float *qv, float *ct, float *cv) {
+    int i;
+    int64_t d;
+    taca_pack_cols(qv, q, qs, b, h, n0, nq, D);
+    for (i = 0; i < TACA_T; ++i) {
+        double c1 = 0.0, c2 = 0.0;
+        if (i < nq) taca_row_mults(taca_is_text(n0 + i, tb, te), scale, gamma, gamma_rev, &c1, &c2);
+        ct[i] = (float)c1;
+        cv[i] = (float)c2;
+    }
+    for (d = 0; d < D; ++d) {
+        for (i = 0; i < TACA_T; ++i) {
+            qt[d * TACA_T + i] = qv[d * TACA_T + i] * ct[i];
+            qv[d * TACA_T + i] *= cv[i];
+        }
+    }
+}
 #endif
 
 #endif /* TACA_CPU_COMMON_H_ */

@@ -94,13 +94,13 @@ typedef struct {
     float *v;        /* (T, Dp) value tile, only when D % 8 != 0 */
     float *st;       /* (T keys, T queries) logits, then probabilities */
     float *o;        /* (T, Dp) unnormalized output */
-    float *m, *l, *tm, *alpha; /* (T,) each, per query */
+    float *m, *l, *tm, *alpha, *ct, *cv; /* (T,) each, per query */
 } fwd_scratch;
 
 static float *fwd_scratch_init(fwd_scratch *w, int64_t D, void **raw) {
     const int64_t T = TACA_T, Dp = taca_pad8(D);
     float *base = (float *)taca_aligned_malloc(
-        (size_t)(2 * D * T + 2 * T * Dp + T * T + 4 * T) * sizeof(float), raw);
+        (size_t)(2 * D * T + 2 * T * Dp + T * T + 6 * T) * sizeof(float), raw);
     if (!base) return NULL;
     w->qv = base;
     w->qt = w->qv + D * T;
@@ -111,28 +111,9 @@ static float *fwd_scratch_init(fwd_scratch *w, int64_t D, void **raw) {
     w->l = w->m + T;
     w->tm = w->l + T;
     w->alpha = w->tm + T;
+    w->ct = w->alpha + T;
+    w->cv = w->ct + T;
     return base;
-}
-
-/*
- * S^T rows k0 .. k0+nk (keys) of the query tile: K rows in place times the query tile scaled
- * for text keys (qt) or visual keys (qv), split at the text range (the logit multiplier of a
- * (query, key) pair depends on the key only through "is text").
- */
-static void fwd_logits_t(const taca_fwd_params *p, const fwd_scratch *w, int64_t b, int64_t h,
-                         int64_t k0, int nk) {
-    const int64_t T = TACA_T, D = p->head_dim;
-    const int64_t cut[4] = {k0,
-                            p->text_begin < k0 ? k0 : (p->text_begin > k0 + nk ? k0 + nk : p->text_begin),
-                            p->text_end < k0 ? k0 : (p->text_end > k0 + nk ? k0 + nk : p->text_end),
-                            k0 + nk};
-    int r;
-    for (r = 0; r < 3; ++r) {
-        if (cut[r + 1] <= cut[r]) continue;
-        taca_gemm_f32((int)(cut[r + 1] - cut[r]), (int)T, (int)D,
-                      (const float *)p->k + taca_off(&p->k_stride, b, cut[r], h), p->k_stride.n, 1,
-                      r == 1 ? w->qt : w->qv, T, w->st + (cut[r] - k0) * T, T, 0);
-    }
 }
 
 /* One query tile of (b, h): rows n0 .. n0+nq. */
@@ -144,18 +125,8 @@ static void fwd_tile_f32(const taca_fwd_params *p, fwd_scratch *w, int64_t b, in
     int64_t k0, d, ldv;
     int i, j, iv;
 
-    taca_pack_cols(w->qv, (const float *)p->q, &p->q_stride, b, h, n0, nq, D);
-    for (i = 0; i < nq; ++i) {
-        double ct, cv;
-        taca_row_mults(taca_is_text(n0 + i, tb, te), p->scale, p->gamma[b], p->gamma_reverse, &ct,
-                       &cv);
-        for (d = 0; d < D; ++d) {
-            w->qt[d * T + i] = w->qv[d * T + i] * (float)ct;
-            w->qv[d * T + i] *= (float)cv;
-        }
-    }
-    for (; i < T; ++i)
-        for (d = 0; d < D; ++d) w->qt[d * T + i] = 0.0f;
+    taca_pack_q_scaled((const float *)p->q, &p->q_stride, b, h, n0, nq, D, tb, te, p->scale,
+                       p->gamma[b], p->gamma_reverse, w->qt, w->qv, w->ct, w->cv);
     for (i = 0; i < T; ++i) {
         w->m[i] = -INFINITY;
         w->l[i] = 0.0f;
@@ -165,7 +136,8 @@ static void fwd_tile_f32(const taca_fwd_params *p, fwd_scratch *w, int64_t b, in
     for (k0 = 0; k0 < N; k0 += T) {
         const int nk = (int)(N - k0 < T ? N - k0 : T);
         const float *vop;
-        fwd_logits_t(p, w, b, h, k0, nk);
+        taca_logits_t((const float *)p->k, &p->k_stride, b, h, k0, nk, D, p->text_begin,
+                      p->text_end, w->qt, w->qv, w->st);
         for (iv = 0; iv < T; iv += 8) {
             const __m256 m_old = _mm256_load_ps(w->m + iv);
             __m256 bm = ninf, m_new, m_use, alpha, sum = zero, tsum = zero;
