@@ -100,6 +100,7 @@ class TacaHandle:
         self.backend = "auto"
         self.lora_adapter: Optional[str] = None
         self._lora_loaded_by_us = False
+        self._lora_via_pipe = False
         self._lora_source: Any = None
         self._lora_on: Optional[bool] = None
         self._lora_prev_active: Dict[str, list] = {}
@@ -221,12 +222,7 @@ class TacaHandle:
         name = self.lora_adapter
         for _, m in self._lora_layers():
             active = [a for a in m.active_adapters if a != name]
-            if on:
-                active.append(name)
-            grads = {id(p): p.requires_grad for p in m.parameters()}
-            m.set_adapter(active)
-            for p in m.parameters():
-                p.requires_grad_(grads[id(p)])
+            _set_layer_active(m, active + [name] if on else active)
         self._lora_on = on
 
     def _set_lora(self, lora, adapter_name: str) -> None:
@@ -242,7 +238,7 @@ class TacaHandle:
         if isinstance(lora, str) and lora in loaded:
             self.lora_adapter = lora
             self._lora_loaded_by_us = False
-            self._lora_prev_active = {n: list(m.active_adapters) for n, m in self._lora_layers()}
+            self._lora_prev_active = {n: list(m.active_adapters) for n, m in _tuner_layers(self.transformer)}
         else:
             if isinstance(lora, str) and not os.path.exists(lora) and "/" not in lora:
                 raise ValueError(
@@ -253,18 +249,28 @@ class TacaHandle:
             if adapter_name in loaded:
                 raise ValueError(f"taca: adapter_name={adapter_name!r} is already loaded; pass lora={adapter_name!r} to use it")
             before = {n: list(m.active_adapters) for n, m in _tuner_layers(self.transformer)}
+            grads = {id(p): p.requires_grad for p in self.transformer.parameters()}
             src = dict(lora) if isinstance(lora, dict) else lora  # diffusers pops keys from dicts
-            if self.pipe is not None and hasattr(self.pipe, "load_lora_weights"):
+            self._lora_via_pipe = self.pipe is not None and hasattr(self.pipe, "load_lora_weights")
+            if self._lora_via_pipe:
                 self.pipe.load_lora_weights(src, adapter_name=adapter_name)
             else:
-                self.transformer.load_lora_adapter(src, prefix="transformer", adapter_name=adapter_name)
+                # bare transformer: diffusers-format LoRA files only (other formats need the
+                # pipeline's converters: pass the pipeline)
+                extra = {}
+                if isinstance(src, str) and os.path.exists(src):
+                    src, extra["weight_name"] = _lora_file(src)
+                self.transformer.load_lora_adapter(src, prefix="transformer", adapter_name=adapter_name, **extra)
             self.lora_adapter = adapter_name
             self._lora_loaded_by_us = True
-            # loading makes the new adapter the only active one in some versions: give the
-            # user's adapters back their previous activity
-            for n, m in self._lora_layers():
+            # loading makes the new adapter the only active one in every layer: give the user's
+            # adapters back their previous activity (and their requires_grad)
+            for n, m in _tuner_layers(self.transformer):
                 keep = [a for a in before.get(n, []) if a != adapter_name]
-                m.set_adapter(keep + [adapter_name])
+                _set_layer_active(m, keep + ([adapter_name] if adapter_name in _layer_adapters(m) else []))
+            for p in self.transformer.parameters():
+                if id(p) in grads:
+                    p.requires_grad_(grads[id(p)])
         self._lora_source = lora
         self._lora_on = None
 
@@ -272,18 +278,47 @@ class TacaHandle:
         if self.lora_adapter is None:
             return
         name = self.lora_adapter
+        # other adapters keep the activity they have now; ours goes back to where it was
+        now = {n: [a for a in m.active_adapters if a != name] for n, m in _tuner_layers(self.transformer)}
         if self._lora_loaded_by_us:
-            self.transformer.delete_adapters(name)
-        else:
-            for n, m in self._lora_layers():
-                if n in self._lora_prev_active:
-                    grads = {id(p): p.requires_grad for p in m.parameters()}
-                    m.set_adapter(self._lora_prev_active[n])
-                    for p in m.parameters():
-                        p.requires_grad_(grads[id(p)])
+            import warnings
+
+            with warnings.catch_warnings():  # peft warns that the deleted adapter was active
+                warnings.simplefilter("ignore")
+                if self._lora_via_pipe and hasattr(self.pipe, "delete_adapters"):
+                    self.pipe.delete_adapters(name)  # also any text-encoder part it loaded
+                else:
+                    self.transformer.delete_adapters(name)
+        for n, m in _tuner_layers(self.transformer):
+            keep = [a for a in now.get(n, []) if a in _layer_adapters(m)]
+            if not self._lora_loaded_by_us and name in self._lora_prev_active.get(n, []):
+                keep.append(name)
+            _set_layer_active(m, keep)
+        self._lora_prev_active = {}
         self.lora_adapter = None
         self._lora_source = None
         self._lora_on = None
+
+
+def _lora_file(path: str):
+    """(directory, weight_name) of a LoRA file given as a file or a directory holding one."""
+    if os.path.isfile(path):
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if "pytorch_lora_weights.safetensors" in names:
+        return path, "pytorch_lora_weights.safetensors"
+    if len(names) != 1:
+        raise ValueError(f"taca: lora={path!r}: expected one .safetensors LoRA file in the directory, found {names}")
+    return path, names[0]
+
+
+def _set_layer_active(m, names) -> None:
+    """Set a PEFT layer's active adapters, keeping every parameter's requires_grad as it was
+    (peft's set_adapter would freeze the inactive ones and unfreeze the active ones)."""
+    grads = [(p, p.requires_grad) for p in m.parameters()]
+    m.set_adapter(list(names))
+    for p, rg in grads:
+        p.requires_grad_(rg)
 
 
 def _layer_adapters(m) -> set:
