@@ -28,8 +28,9 @@ struct FwdArgs {
     float scale_log2;  // scale * log2(e)
 };
 
-template <int DP_, int MT_, int BC_, int WARPS_, int MINB_ = 1>
+template <int DP_, int MT_, int BC_, int WARPS_, int STAGES_ = 2, int MINB_ = 1>
 struct FwdConfig {
+    static constexpr int STAGES = STAGES_;  // 2: K/V_{j+2} load overlaps tile j+1; 1: FA2's K/V split
     static constexpr int MINB = MINB_;    // __launch_bounds__ min blocks per SM (register cap)
     static constexpr int DP = DP_;        // padded head dim
     static constexpr int MT = MT_;        // 16-row m-tiles per warp
@@ -41,7 +42,7 @@ struct FwdConfig {
     static constexpr int NT = BC / 8;     // n-tiles of S
     static constexpr int KD = DP / 16;    // k-steps of Q K^T
     static constexpr int DT = DP / 8;     // n-tiles of O
-    static constexpr size_t SMEM = (size_t)(BR + 2 * BC) * LD * 2;
+    static constexpr size_t SMEM = (size_t)(BR + 2 * STAGES * BC) * LD * 2;
 };
 
 /* Rows [row0, row0 + ROWS) of one (B, N, H, D) tensor slice into smem (pitch LD), zero-padded
@@ -84,20 +85,85 @@ __device__ __forceinline__ void load_tile(T *s, const T *g, int64_t stride_n, in
     }
 }
 
+/* Tile kinds: which key columns of a K/V tile are text. Uniform tiles (the vast majority) skip
+ * the per-element select and, for visual tiles, the text-mass sum. */
+enum { TILE_VIS = 0, TILE_TXT = 1, TILE_MIXED = 2 };
+
+/* Scale S by the TACA multiplier, mask keys >= n, update the running max / row sum / text sum,
+ * rescale O, and leave P (unnormalized, base 2) in s. */
+template <int KIND, int MT, int NT, int DT>
+__device__ __forceinline__ void softmax_tile(float (&s)[MT][NT][4], float (&o)[MT][DT][4],
+                                             float (&m_run)[MT][2], float (&l_run)[MT][2],
+                                             float (&t_run)[MT][2], const float (&mul_txt)[MT][2],
+                                             const float (&mul_vis)[MT][2], int k0, int n, int tb,
+                                             int te, int lane) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            float mx = m_run[mt][hf];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float &x = s[mt][nt][hf * 2 + e];
+                    if constexpr (KIND == TILE_VIS) {
+                        x *= mul_vis[mt][hf];
+                    } else if constexpr (KIND == TILE_TXT) {
+                        x *= mul_txt[mt][hf];
+                    } else {
+                        const int col = k0 + nt * 8 + (lane & 3) * 2 + e;
+                        const bool ct = col >= tb && col < te;
+                        x = col < n ? x * (ct ? mul_txt[mt][hf] : mul_vis[mt][hf]) : -INFINITY;
+                    }
+                    mx = fmaxf(mx, x);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float mbase = mx == -INFINITY ? 0.0f : mx;
+            const float alpha = fast_exp2(m_run[mt][hf] - mbase);
+            m_run[mt][hf] = mx;
+            float ls = 0.0f, ts = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float pr = fast_exp2(s[mt][nt][hf * 2 + e] - mbase);
+                    s[mt][nt][hf * 2 + e] = pr;
+                    ls += pr;
+                    if constexpr (KIND == TILE_MIXED) {
+                        const int col = k0 + nt * 8 + (lane & 3) * 2 + e;
+                        ts += (col >= tb && col < te) ? pr : 0.0f;
+                    }
+                }
+            l_run[mt][hf] = l_run[mt][hf] * alpha + ls;
+            if constexpr (KIND == TILE_VIS) t_run[mt][hf] *= alpha;
+            else if constexpr (KIND == TILE_TXT) t_run[mt][hf] = t_run[mt][hf] * alpha + ls;
+            else t_run[mt][hf] = t_run[mt][hf] * alpha + ts;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                o[mt][dt][hf * 2] *= alpha;
+                o[mt][dt][hf * 2 + 1] *= alpha;
+            }
+        }
+}
+
 template <typename T, typename Cfg, bool ALIGNED>
 __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB)
 taca_fwd_kernel(const FwdArgs a) {
     constexpr int DP = Cfg::DP, MT = Cfg::MT, BC = Cfg::BC, BR = Cfg::BR, LD = Cfg::LD;
     constexpr int NT = Cfg::NT, KD = Cfg::KD, DT = Cfg::DT, THREADS = Cfg::THREADS;
+    constexpr int STAGES = Cfg::STAGES;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T *sQ = reinterpret_cast<T *>(smem_raw);
-    T *sK = sQ + BR * LD;
-    T *sV = sK + BC * LD;
+    T *sK = sQ + BR * LD;             // STAGES buffers of BC rows
+    T *sV = sK + STAGES * BC * LD;    // STAGES buffers of BC rows
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int h = blockIdx.y, b = blockIdx.z;
     const int q0 = blockIdx.x * BR;
     const int n = a.n, d = a.d, tb = a.tb, te = a.te;
+    const int nkv = (n + BC - 1) / BC;
 
     const T *gq = static_cast<const T *>(a.q) + b * a.qb + h * a.qh + (int64_t)q0 * a.qn;
     const T *gk = static_cast<const T *>(a.k) + b * a.kb + h * a.kh;
@@ -105,6 +171,14 @@ taca_fwd_kernel(const FwdArgs a) {
 
     load_tile<T, BR, DP, LD, THREADS, ALIGNED>(sQ, gq, a.qn, 0, n - q0, d, tid);
     load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sK, gk, a.kn, 0, n, d, tid);
+    if constexpr (STAGES == 2) {
+        load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sV, gv, a.vn, 0, n, d, tid);
+        cp_async_commit();
+        if (nkv > 1) {
+            load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sK + BC * LD, gk, a.kn, BC, n, d, tid);
+            load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sV + BC * LD, gv, a.vn, BC, n, d, tid);
+        }
+    }
     cp_async_commit();
 
     // Per owned row: the base-2 logit multiplier for text keys and for visual keys.
@@ -142,13 +216,19 @@ taca_fwd_kernel(const FwdArgs a) {
     const uint32_t k_lane = smem_u32(sK + ((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8);
     const uint32_t v_lane = smem_u32(sV + ((lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8);
 
-    const int nkv = (n + BC - 1) / BC;
     for (int j = 0; j < nkv; ++j) {
         const int k0 = j * BC;
-        cp_async_wait<0>();
-        __syncthreads();  // K_j (and Q) landed; every warp is done reading V_{j-1}
-        load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sV, gv, a.vn, k0, n, d, tid);
-        cp_async_commit();
+        const int buf = STAGES == 2 ? (j & 1) : 0;
+        const uint32_t buf_off = (uint32_t)(buf * BC * LD * 2);
+        if constexpr (STAGES == 2) {
+            cp_async_wait<1>();
+            __syncthreads();  // K_j, V_j (and Q) landed
+        } else {
+            cp_async_wait<0>();
+            __syncthreads();  // K_j (and Q) landed; every warp is done reading V_{j-1}
+            load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sV, gv, a.vn, k0, n, d, tid);
+            cp_async_commit();
+        }
 
         float s[MT][NT][4];
 #pragma unroll
@@ -167,7 +247,7 @@ taca_fwd_kernel(const FwdArgs a) {
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
                 uint32_t kb[4];
-                ldmatrix_x4(kb, k_lane + (uint32_t)((np * 16 * LD + kk * 16) * 2));
+                ldmatrix_x4(kb, k_lane + buf_off + (uint32_t)((np * 16 * LD + kk * 16) * 2));
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
                     mma_16816<T>(s[mt][2 * np], qa[mt], kb);
@@ -176,57 +256,15 @@ taca_fwd_kernel(const FwdArgs a) {
             }
         }
 
-        // TACA multiplier (one select per column), key bound, then online softmax in base 2.
-        const bool tail = k0 + BC > n;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int col = k0 + nt * 8 + (lane & 3) * 2 + e;
-                const bool ct = col >= tb && col < te;
-                const bool valid = !tail || col < n;
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int hf = 0; hf < 2; ++hf) {
-                        float &x = s[mt][nt][hf * 2 + e];
-                        x = valid ? x * (ct ? mul_txt[mt][hf] : mul_vis[mt][hf]) : -INFINITY;
-                    }
-            }
+        const int k1 = k0 + BC;
+        if (k1 <= n && (k1 <= tb || k0 >= te))
+            softmax_tile<TILE_VIS>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane);
+        else if (k1 <= n && k0 >= tb && k1 <= te)
+            softmax_tile<TILE_TXT>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane);
+        else
+            softmax_tile<TILE_MIXED>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane);
 
         uint32_t pa[MT][BC / 16][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-                float mx = m_run[mt][hf];
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
-                    mx = fmaxf(mx, fmaxf(s[mt][nt][hf * 2], s[mt][nt][hf * 2 + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float mbase = mx == -INFINITY ? 0.0f : mx;
-                const float alpha = fast_exp2(m_run[mt][hf] - mbase);
-                m_run[mt][hf] = mx;
-                float ls = 0.0f, ts = 0.0f;
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const float p = fast_exp2(s[mt][nt][hf * 2 + e] - mbase);
-                        s[mt][nt][hf * 2 + e] = p;
-                        ls += p;
-                        const int col = k0 + nt * 8 + (lane & 3) * 2 + e;
-                        ts += (col >= tb && col < te) ? p : 0.0f;
-                    }
-                l_run[mt][hf] = l_run[mt][hf] * alpha + ls;
-                t_run[mt][hf] = t_run[mt][hf] * alpha + ts;
-#pragma unroll
-                for (int dt = 0; dt < DT; ++dt) {
-                    o[mt][dt][hf * 2] *= alpha;
-                    o[mt][dt][hf * 2 + 1] *= alpha;
-                }
-            }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -237,11 +275,13 @@ taca_fwd_kernel(const FwdArgs a) {
                 pa[mt][kk][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
             }
 
-        cp_async_wait<0>();
-        __syncthreads();  // V_j landed; every warp is done reading K_j
-        if (j + 1 < nkv) {
-            load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sK, gk, a.kn, k0 + BC, n, d, tid);
-            cp_async_commit();
+        if constexpr (STAGES == 1) {
+            cp_async_wait<0>();
+            __syncthreads();  // V_j landed; every warp is done reading K_j
+            if (j + 1 < nkv) {
+                load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sK, gk, a.kn, k1, n, d, tid);
+                cp_async_commit();
+            }
         }
 
 #pragma unroll
@@ -249,13 +289,22 @@ taca_fwd_kernel(const FwdArgs a) {
 #pragma unroll
             for (int dp = 0; dp < DT / 2; ++dp) {
                 uint32_t vb[4];
-                ldmatrix_x4_trans(vb, v_lane + (uint32_t)((kk * 16 * LD + dp * 16) * 2));
+                ldmatrix_x4_trans(vb, v_lane + buf_off + (uint32_t)((kk * 16 * LD + dp * 16) * 2));
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
                     mma_16816<T>(o[mt][2 * dp], pa[mt][kk], vb);
                     mma_16816<T>(o[mt][2 * dp + 1], pa[mt][kk], vb + 2);
                 }
             }
+
+        if constexpr (STAGES == 2) {
+            __syncthreads();  // every warp is done reading buffer `buf`
+            if (j + 2 < nkv) {
+                load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sK + buf * BC * LD, gk, a.kn, k0 + 2 * BC, n, d, tid);
+                load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sV + buf * BC * LD, gv, a.vn, k0 + 2 * BC, n, d, tid);
+            }
+            cp_async_commit();  // possibly empty: keeps one group per tile for wait_group<1>
+        }
     }
 
     // Epilogue: normalize, write lse / text_mass, stage O through this warp's own rows of sQ
@@ -315,40 +364,33 @@ int launch(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
 }
 
 /* variant 0 is the tuned default; 1..5 are alternative tilings of the aligned D = 64 / 128
- * paths, kept selectable (taca_fwd_cuda_variant) so the benchmark can compare them. */
+ * paths, kept selectable (taca_fwd_cuda_variant) so the benchmark can compare them:
+ * 1: one K/V stage (FA2's split K/V overlap), 2: 128-key tiles, 3: 64-row CTAs,
+ * 4: 8 warps x 16 rows with a 128-register cap, 5: 32-key tiles. */
+template <typename T, bool ALIGNED, int D>
+int dispatch_tuned(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
+    if (ALIGNED) {
+        switch (variant) {
+        case 1: return launch<T, FwdConfig<D, 2, 64, 4, 1>, ALIGNED>(a, batch, heads, stream);
+        case 2: return launch<T, FwdConfig<D, 2, 128, 4, 2>, ALIGNED>(a, batch, heads, stream);
+        case 3: return launch<T, FwdConfig<D, 1, 64, 4, 2>, ALIGNED>(a, batch, heads, stream);
+        case 4: return launch<T, FwdConfig<D, 1, 64, 8, 2, 2>, ALIGNED>(a, batch, heads, stream);
+        case 5: return launch<T, FwdConfig<D, 2, 32, 4, 2>, ALIGNED>(a, batch, heads, stream);
+        default: break;
+        }
+    }
+    return launch<T, FwdConfig<D, 2, 64, 4, 2>, ALIGNED>(a, batch, heads, stream);
+}
+
 template <typename T, bool ALIGNED>
 int dispatch_dim(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
-    if (a.d <= 32) return launch<T, FwdConfig<32, 2, 64, 4>, ALIGNED>(a, batch, heads, stream);
-    if (a.d <= 64) {
-        if (ALIGNED && variant == 1)
-            return launch<T, FwdConfig<64, 1, 64, 8>, ALIGNED>(a, batch, heads, stream);
-        if (ALIGNED && variant == 2)
-            return launch<T, FwdConfig<64, 1, 128, 8>, ALIGNED>(a, batch, heads, stream);
-        if (ALIGNED && variant == 3)
-            return launch<T, FwdConfig<64, 2, 128, 4>, ALIGNED>(a, batch, heads, stream);
-        if (ALIGNED && variant == 4)
-            return launch<T, FwdConfig<64, 1, 64, 8, 2>, ALIGNED>(a, batch, heads, stream);
-        if (ALIGNED && variant == 5)
-            return launch<T, FwdConfig<64, 1, 128, 4, 3>, ALIGNED>(a, batch, heads, stream);
-        return launch<T, FwdConfig<64, 2, 64, 4>, ALIGNED>(a, batch, heads, stream);
-    }
-    if (a.d <= 96) return launch<T, FwdConfig<96, 1, 64, 8>, ALIGNED>(a, batch, heads, stream);
-    if (a.d <= 128) {
-        if (ALIGNED && variant == 1)
-            return launch<T, FwdConfig<128, 1, 64, 8>, ALIGNED>(a, batch, heads, stream);
-        if (ALIGNED && variant == 2)
-            return launch<T, FwdConfig<128, 1, 128, 8>, ALIGNED>(a, batch, heads, stream);
-        if (ALIGNED && variant == 3)
-            return launch<T, FwdConfig<128, 1, 64, 4>, ALIGNED>(a, batch, heads, stream);
-        if (ALIGNED && variant == 4)
-            return launch<T, FwdConfig<128, 1, 64, 8, 2>, ALIGNED>(a, batch, heads, stream);
-        if (ALIGNED && variant == 5)
-            return launch<T, FwdConfig<128, 1, 64, 4, 3>, ALIGNED>(a, batch, heads, stream);
-        return launch<T, FwdConfig<128, 2, 64, 4>, ALIGNED>(a, batch, heads, stream);
-    }
-    if (a.d <= 160) return launch<T, FwdConfig<160, 1, 64, 4>, ALIGNED>(a, batch, heads, stream);
-    if (a.d <= 192) return launch<T, FwdConfig<192, 1, 64, 4>, ALIGNED>(a, batch, heads, stream);
-    return launch<T, FwdConfig<256, 1, 64, 4>, ALIGNED>(a, batch, heads, stream);
+    if (a.d <= 32) return launch<T, FwdConfig<32, 2, 64, 4, 2>, ALIGNED>(a, batch, heads, stream);
+    if (a.d <= 64) return dispatch_tuned<T, ALIGNED, 64>(a, variant, batch, heads, stream);
+    if (a.d <= 96) return launch<T, FwdConfig<96, 2, 64, 4, 2>, ALIGNED>(a, batch, heads, stream);
+    if (a.d <= 128) return dispatch_tuned<T, ALIGNED, 128>(a, variant, batch, heads, stream);
+    if (a.d <= 160) return launch<T, FwdConfig<160, 1, 64, 4, 2>, ALIGNED>(a, batch, heads, stream);
+    if (a.d <= 192) return launch<T, FwdConfig<192, 1, 64, 4, 2>, ALIGNED>(a, batch, heads, stream);
+    return launch<T, FwdConfig<256, 1, 64, 4, 2>, ALIGNED>(a, batch, heads, stream);
 }
 
 /* Defined in taca_fwd_bf16.cu / taca_fwd_f16.cu. */
