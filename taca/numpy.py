@@ -29,9 +29,9 @@ def _kernel_dtype(arrays, names):
     for a, name in zip(arrays[1:], names[1:]):
         if a.dtype != dt:
             raise TypeError(f"taca: {name} has dtype {a.dtype}, expected {dt} like {names[0]}")
-    if dt == np.float16:
+    if dt.kind == "f" and dt.itemsize == 2:
         return np.dtype(np.float32), dt
-    if dt in (np.float32, np.float64):
+    if dt.kind == "f" and dt.itemsize in (4, 8):  # any byte order: the C side copies if needed
         return dt, dt
     raise TypeError(f"taca: {names[0]} must be float16, float32 or float64, got {dt}")
 
