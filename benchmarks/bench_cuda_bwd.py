@@ -32,6 +32,7 @@ SHAPES = {
     "flux2048_b1": (1, 24, 128, 512, 16384, True),
 }
 GAMMA, GAMMA_REV = 1.2, 1.0
+MODES = []  # TACA_BWD_MODE timing experiments (--modes atomic,racy,skipdq)
 
 
 def bench(fn, warmup_ms=100, rep_ms=600):
@@ -137,6 +138,16 @@ def run_shape(name, spec):
         torch.autograd.grad(o, (qa2, ka2, va2), dout)
 
     tb_ms = bench(taca_b)
+    r["bwd_modes_ms"] = {}
+    for mode in MODES:
+        var, val = ("TACA_BWD_D64_BM", mode[3:]) if mode.startswith("bm=") else ("TACA_BWD_MODE", mode)
+        if var == "TACA_BWD_D64_BM" and D != 64:
+            continue
+        os.environ[var] = val
+        try:
+            r["bwd_modes_ms"][mode] = bench(taca_b)
+        finally:
+            del os.environ[var]
     t["TACA CUDA kernels"] = (bench(taca_f), bench(taca_fb))
     t["TACA CUDA, autograd op"] = (None, bench(taca_autograd))
     r["taca_bwd_ms"] = tb_ms
@@ -159,7 +170,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="flux1024_b1,sd35m_cfg")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--modes", default="")
     args = ap.parse_args()
+    MODES.extend(m for m in args.modes.split(",") if m)
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.cuda.get_device_name()
     meta = {"gpu": dev, "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -184,6 +197,10 @@ def main():
         rb = "-" if fa2b is None else f"{fa2b / tbm:.2f}"
         lines.append(f"| {r['shape']} | TACA bwd kernel alone | - | {tbm:.3f} | "
                      f"{r['taca_bwd_tflops']:.0f} (bwd FLOPs) | {rb} (vs FA2 bwd) | - |")
+    for r in results:
+        if r["bwd_modes_ms"]:
+            lines.append(f"bwd alone {r['shape']}: ordered {r['taca_bwd_ms']:.3f} ms, " + ", ".join(
+                f"{k} {v:.3f} ms" for k, v in r["bwd_modes_ms"].items()))
     lines.append("")
     for r in results:
         lines.append(f"check {r['shape']}: " + ", ".join(

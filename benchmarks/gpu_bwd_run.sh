@@ -2,7 +2,7 @@
 # gpu_bwd_run.sh: the backward helper's device script. Builds the extension and the
 # standalone harness, checks the CUDA backward (harness vs a float64 CPU reference,
 # compute-sanitizer memcheck + racecheck, pytest), then times it. Run from the repo root:
-#   bash benchmarks/gpu_bwd_run.sh [stages]   stages: comma list of build,harness,sanitize,test,bench
+#   bash benchmarks/gpu_bwd_run.sh [stages]   stages: comma list of build,harness,sanitize,test,bench,ncu
 # (default all); BENCH_SHAPES=flux1024_b1,sd35m_cfg,... picks the timed shapes. Logs go to $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -48,8 +48,17 @@ if has test; then
   python3 -m pytest -q -x tests/test_cuda_bwd.py 2>&1 | tail -25 | tee "$OUT/pytest.txt" || rc=1
 fi
 if has bench; then
-  python3 benchmarks/bench_cuda_bwd.py --shapes "${BENCH_SHAPES:-flux1024_b1,sd35m_cfg}" --out "$OUT" \
+  python3 benchmarks/bench_cuda_bwd.py --shapes "${BENCH_SHAPES:-flux1024_b1,sd35m_cfg}" --out "$OUT" --modes "${BENCH_MODES:-}" \
     > "$OUT/bench_log.txt" 2>&1 || { rc=1; tail -30 "$OUT/bench_log.txt"; }
   cat "$OUT/bench_bwd.md" 2>/dev/null
+fi
+if has ncu; then
+  for shape in d128 d64; do
+    ncu --kernel-name regex:bwd_main --launch-skip 1 --launch-count 1 --section SpeedOfLight \
+      --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
+      --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+      python3 benchmarks/bwd_profile_once.py $shape > "$OUT/ncu_$shape.txt" 2>&1
+    echo "ncu $shape rc=$?"
+  done
 fi
 exit $rc

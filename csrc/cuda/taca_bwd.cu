@@ -39,6 +39,9 @@
  *     -c csrc/cuda/taca_bwd.cu -o /tmp/x.o -Xptxas -v
  * Version log and timings: benchmarks/results/KERNEL_LOG.md (backward section).
  */
+#include <stdlib.h>
+#include <string.h>
+
 #include "taca_bwd_kernel.cuh"
 
 namespace {
@@ -139,11 +142,17 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
     a.pair_store = p->head_dim % 2 == 0 && al4(p->dq) && al4(p->dk) && al4(p->dv) &&
                    st2(p->dq_stride) && st2(p->dk_stride) && st2(p->dv_stride);
 
+    a.mode = p->deterministic ? taca_bwd::kOrdered : taca_bwd::kAtomic;
+    if (const char *m = getenv("TACA_BWD_MODE")) {  // timing experiments only
+        if (!strcmp(m, "atomic")) a.mode = taca_bwd::kAtomic;
+        else if (!strcmp(m, "racy")) a.mode = taca_bwd::kRacy;
+        else if (!strcmp(m, "skipdq")) a.mode = taca_bwd::kSkip;
+    }
     const size_t sem_bytes = L.off_acc - L.off_sem;
     TACA_CUDA_TRY(cudaMemsetAsync(a.sem, 0, sem_bytes, stream), "taca_bwd_cuda memset");
     const bool bf16 = p->dtype == TACA_BF16;
     switch (L.dp) {
-    case 64: return taca_bwd::launch_d64(a, stream, bf16);
+    case 64: return taca_bwd::launch_d64(a, stream, bf16, L.bm);
     case 128: return taca_bwd::launch_d128(a, stream, bf16);
     default: return taca_bwd::launch_d256(a, stream, bf16);
     }

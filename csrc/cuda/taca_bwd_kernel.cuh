@@ -12,6 +12,8 @@
 #ifndef TACA_BWD_KERNEL_CUH_
 #define TACA_BWD_KERNEL_CUH_
 
+#include <stdlib.h>
+
 #include "taca_cuda_common.cuh"
 
 namespace taca_bwd {
@@ -40,12 +42,29 @@ struct BwdArgs {
     float gamma_reverse, scale;
     int vec_load;   // q, k, v, dout: 16-byte aligned rows (D % 8 == 0, strides % 8 == 0)
     int pair_store; // dq, dk, dv: 4-byte aligned pairs (D even, strides even)
+    int mode;       // dQ accumulation, see DqMode
 };
+
+/* How key tiles combine their dQ parts. kOrdered is the default (deterministic); kAtomic is
+ * FlashAttention-2's float atomicAdd (non-deterministic, params->deterministic == 0). kRacy and
+ * kSkip give wrong dq and exist only to time the cost of the ordering (TACA_BWD_MODE). */
+enum DqMode { kOrdered = 0, kAtomic = 1, kRacy = 2, kSkip = 3 };
 
 __device__ __forceinline__ int ld_acquire(const int *p) {
     int v;
     asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
     return v;
+}
+
+/* p[0] += a, p[1] += b as one fire-and-forget reduction (sm_90: one vector op). */
+__device__ __forceinline__ void red_add2(float *p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b)
+                 : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
 }
 
 /* Copy a (R, DP) tile of a (.., N, .., D) tensor (rows from row pointer base, row stride sn)
@@ -104,12 +123,27 @@ __global__ void __launch_bounds__(256) bwd_preprocess(const BwdArgs a) {
     }
 }
 
+/* kAtomic: dq = scale * dq_acc, cast, strided. One thread per element. */
+template <typename T, int DP>
+__global__ void __launch_bounds__(256) bwd_dq_convert(const BwdArgs a) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+    const int64_t total = static_cast<int64_t>(a.B) * a.H * a.N * a.D;
+    if (i >= total) return;
+    const int d = static_cast<int>(i % a.D);
+    const int64_t r = i / a.D;
+    const int n = static_cast<int>(r % a.N);
+    const int64_t bh = r / a.N;
+    const int b = static_cast<int>(bh / a.H), h = static_cast<int>(bh % a.H);
+    T *dq = static_cast<T *>(a.dq) + b * a.dqs_b + n * a.dqs_n + h * a.dqs_h;
+    dq[d] = from_float<T>(a.dq_acc[(bh * a.Np + n) * DP + d] * a.scale);
+}
+
 template <int DP, int BM> struct Smem {
     static constexpr int LDK = DP + 8;  // +16 bytes per row: conflict-free ldmatrix
     static constexpr int LDS = BM + 8;
     static constexpr size_t bytes_elems =
         (2 * kBlockN * LDK + 4 * BM * LDK + kBlockN * LDS) * 2;
-    static constexpr size_t bytes = bytes_elems + 4 * BM * sizeof(float);
+    static constexpr size_t bytes = bytes_elems + 4 * BM * sizeof(float) + 16;
 };
 
 /*
@@ -140,6 +174,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
     T *sdS = sdO + 2 * BM * LDK;  // [BN][LDS]: dS^T, key rows, query columns
     float *sL = reinterpret_cast<float *>(sdS + BN * LDS);  // [2][BM] lse2
     float *sDl = sL + 2 * BM;                               // [2][BM] delta
+    int *sFlag = reinterpret_cast<int *>(sDl + 2 * BM);     // thread 0's early poll of the order
 
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, t = lane & 3;
     const int jt = blockIdx.x;
@@ -207,6 +242,19 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
             cp_async_wait<0>();
         }
         __syncthreads();
+        const bool ordered = a.mode == kOrdered && nk > 1;
+        int *sem_row = a.sem + (bh * NCH + ch) * nq;
+        int polled = 0;
+        if (ordered && tid == 0) {
+            // Release the previous query tile's dQ part (its reductions were issued before the
+            // barrier above): fence.acq_rel + relaxed store, as a release cumulative over the CTA.
+            if (it > 0 && jt < nk - 1) {
+                __threadfence();
+                atomicExch(sem_row + it - 1, jt + 1);
+            }
+            // Poll this tile's order now; the answer is needed only after the dQ matmul.
+            if (jt > 0) polled = ld_acquire(sem_row + it);
+        }
         const T *q_s = sQ + buf * BM * LDK;
         const T *do_s = sdO + buf * BM * LDK;
 
@@ -309,8 +357,10 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
                 mma_16816<T>(acc_dk[2 * nb2 + 1], ads[kb2], bq + 2);
             }
         }
+        if (ordered && tid == 0) *sFlag = polled;
         __syncthreads();  // dS^T complete in shared memory
 
+        if (a.mode == kSkip) continue;
         // dQ partial (BM, DC) = dS' K: warp (wm, wn) owns rows 16 wm.., columns wn * DQN..
         float dq[DQN / 8][4];
 #pragma unroll
@@ -335,71 +385,73 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
             }
         }
 
-        // Add into dQ in key-tile order 0, 1, ..., nk-1: tile jt waits until tile jt-1 has
-        // added its part, so the float32 sums are the same on every run. The last tile
-        // writes dq itself.
+        // Combine the key tiles' dQ parts in the float32 workspace (see taca_bwd.cu); the
+        // last key tile reads the sum and writes dq itself.
         const int qr0 = 16 * wm + g;
         const int qcol0 = c0 + wn * DQN + 2 * t;
-        if (nk == 1 || jt == nk - 1) {
-            int *sem = a.sem + ((bh * NCH + ch) * nq + it);
-            if (nk > 1) {
-                if (tid == 0) {
-                    while (ld_acquire(sem) < jt) {
-                    }
-                }
-                __syncthreads();
-            }
-            const float *accp = a.dq_acc + (bh * a.Np + i0) * DP;
-            T *dqb = static_cast<T *>(a.dq) + b * a.dqs_b + h * a.dqs_h;
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int r = qr0 + half * 8;
-                if (i0 + r >= N) continue;
-                T *dqrow = dqb + static_cast<int64_t>(i0 + r) * a.dqs_n;
-#pragma unroll
-                for (int nb = 0; nb < DQN / 8; ++nb) {
-                    const int col = qcol0 + nb * 8;
-                    float v0 = dq[nb][2 * half], v1 = dq[nb][2 * half + 1];
-                    if (nk > 1) {
-                        const float2 o = __ldcg(reinterpret_cast<const float2 *>(accp + r * DP + col));
-                        v0 += o.x;
-                        v1 += o.y;
-                    }
-                    store_pair<T>(dqrow, col, D, a.pair_store != 0, v0 * a.scale, v1 * a.scale);
-                }
-            }
-        } else {
-            int *sem = a.sem + ((bh * NCH + ch) * nq + it);
-            if (jt > 0) {
-                if (tid == 0) {
-                    while (ld_acquire(sem) < jt) {
-                    }
-                }
-                __syncthreads();
-            }
+        if (nk > 1 && a.mode != kOrdered) {
             float *accp = a.dq_acc + (bh * a.Np + i0) * DP;
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const int r = qr0 + half * 8;
 #pragma unroll
                 for (int nb = 0; nb < DQN / 8; ++nb) {
-                    const int col = qcol0 + nb * 8;
-                    float2 v = make_float2(dq[nb][2 * half], dq[nb][2 * half + 1]);
-                    float2 *dst = reinterpret_cast<float2 *>(accp + r * DP + col);
-                    if (jt > 0) {
-                        const float2 o = __ldcg(dst);
-                        v.x += o.x;
-                        v.y += o.y;
+                    float *dst = accp + r * DP + qcol0 + nb * 8;
+                    if (a.mode == kAtomic) {
+                        red_add2(dst, dq[nb][2 * half], dq[nb][2 * half + 1]);
+                    } else {
+                        __stcg(reinterpret_cast<float2 *>(dst),
+                               make_float2(dq[nb][2 * half], dq[nb][2 * half + 1]));
                     }
-                    __stcg(dst, v);
                 }
             }
-            __threadfence();
-            __syncthreads();
-            if (tid == 0) atomicExch(sem, jt + 1);
+        } else {
+            // Key-tile order 0, 1, ..., nk-1 per query tile: tile jt adds only after tile jt-1
+            // released (sem >= jt), so every float32 sum has the same order on every run.
+            if (ordered && jt > 0 && *sFlag < jt) {
+                if (tid == 0) {
+                    while (ld_acquire(sem_row + it) < jt) {
+                    }
+                }
+                __syncthreads();
+            }
+            const bool last = nk == 1 || jt == nk - 1;
+            float *accp = a.dq_acc + (bh * a.Np + i0) * DP;
+            T *dqb = static_cast<T *>(a.dq) + b * a.dqs_b + h * a.dqs_h;
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int r = qr0 + half * 8;
+                if (last && i0 + r >= N) continue;
+                T *dqrow = dqb + static_cast<int64_t>(i0 + r) * a.dqs_n;
+#pragma unroll
+                for (int nb = 0; nb < DQN / 8; ++nb) {
+                    const int col = qcol0 + nb * 8;
+                    float v0 = dq[nb][2 * half], v1 = dq[nb][2 * half + 1];
+                    float *dst = accp + r * DP + col;
+                    if (last) {
+                        if (nk > 1) {
+                            const float2 o = __ldcg(reinterpret_cast<const float2 *>(dst));
+                            v0 += o.x;
+                            v1 += o.y;
+                        }
+                        store_pair<T>(dqrow, col, D, a.pair_store != 0, v0 * a.scale,
+                                      v1 * a.scale);
+                    } else if (jt == 0) {
+                        __stcg(reinterpret_cast<float2 *>(dst), make_float2(v0, v1));
+                    } else {
+                        red_add2(dst, v0, v1);
+                    }
+                }
+            }
         }
     }
-
+    if (a.mode == kOrdered && nk > 1 && jt < nk - 1) {
+        __syncthreads();
+        if (tid == 0) {
+            __threadfence();
+            atomicExch(a.sem + (bh * NCH + ch) * nq + nq - 1, jt + 1);
+        }
+    }
     // dK = scale * dK', dV: this thread's rows kr0, kr1 and D-chunk columns.
     T *dkb = static_cast<T *>(a.dk) + b * a.dks_b + h * a.dks_h;
     T *dvb = static_cast<T *>(a.dv) + b * a.dvs_b + h * a.dvs_h;
@@ -438,8 +490,17 @@ int launch_bwd(const BwdArgs &a, cudaStream_t stream) {
                                        static_cast<int>(smem)),
                   "taca_bwd_cuda cudaFuncSetAttribute");
     dim3 grid(a.nk, a.H * (DP / DC), a.B);
+    if (a.mode == kAtomic && a.nk > 1) {
+        TACA_CUDA_TRY(cudaMemsetAsync(a.dq_acc, 0,
+                                      static_cast<size_t>(rows) * DP * sizeof(float), stream),
+                      "taca_bwd_cuda memset dq_acc");
+    }
     bwd_main<T, DP, DC, BM><<<grid, kThreads, smem, stream>>>(a);
-    return taca_cuda_check_launch("taca_bwd_cuda main");
+    st = taca_cuda_check_launch("taca_bwd_cuda main");
+    if (st != TACA_OK || a.mode != kAtomic || a.nk == 1) return st;
+    const int64_t total = static_cast<int64_t>(a.B) * a.H * a.N * a.D;
+    bwd_dq_convert<T, DP><<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(a);
+    return taca_cuda_check_launch("taca_bwd_cuda dq convert");
 }
 
 /* The configuration for a head dim: padded DP, chunk DC, query tile BM. */
@@ -447,13 +508,16 @@ struct Config {
     int dp, dc, bm;
 };
 inline Config config_for(int64_t head_dim) {
-    if (head_dim <= 64) return {64, 64, 128};
+    if (head_dim <= 64) {
+        const char *e = getenv("TACA_BWD_D64_BM");  // timing experiment: 64 or 128
+        return {64, 64, (e && atoi(e) == 64) ? 64 : 128};
+    }
     if (head_dim <= 128) return {128, 128, 64};
     return {256, 128, 32};
 }
 
 /* One launcher per padded head dim, each in its own .cu (parallel compiles). */
-int launch_d64(const BwdArgs &a, cudaStream_t stream, bool bf16);
+int launch_d64(const BwdArgs &a, cudaStream_t stream, bool bf16, int bm);
 int launch_d128(const BwdArgs &a, cudaStream_t stream, bool bf16);
 int launch_d256(const BwdArgs &a, cudaStream_t stream, bool bf16);
 
