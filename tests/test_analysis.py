@@ -1,0 +1,167 @@
+"""taca.analysis: telemetry math against materialized probabilities, on synthetic q/k and on
+tiny FLUX / SD3.5 models (the events the processors really emit)."""
+import math
+
+import pytest
+import torch
+
+import taca
+from taca import analysis as ta
+from taca import reference, telemetry
+
+
+# Recorded numbers come from float32 lse / text_mass (the kernel's outputs) and float32 matmuls;
+# compared with float64 materialized probabilities of size ~0.1-0.5, 1e-5 is ~100 float32 ulp.
+
+
+def _materialized(q, k, text_len, text_first, gamma):
+    """P (B, H, N, N) float64 with gamma on (visual query, text key) logits."""
+    B, H, N, D = q.shape
+    s = torch.matmul(q.double(), k.double().transpose(-1, -2)) / math.sqrt(D)
+    s = s * reference.logit_multiplier(N, text_len, text_first, gamma, 1.0, B)
+    return torch.softmax(s, dim=-1)
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_counterfactual_text_mass_matches_materialized(text_first):
+    B, H, N, D, L = 2, 3, 71, 32, 13
+    q, k, v = (torch.randn(B, H, N, D) * 1.5 for _ in range(3))
+    g0 = torch.tensor([1.2, 1.0])
+    _, lse, tm = taca.joint_attention(q, k, v, text_len=L, text_first=text_first, gamma=g0,
+                                      return_lse=True, return_text_mass=True)
+    gammas = [1.0, 1.15, 1.3, 0.8]
+    cf = ta.counterfactual_text_mass(q, k, lse, tm, text_len=L, text_first=text_first,
+                                     scale=1 / math.sqrt(D), gammas=gammas)
+    assert cf.shape == (len(gammas), B, H, N - L)
+    tb, te = (0, L) if text_first else (N - L, N)
+    for i, g in enumerate(gammas):
+        P = _materialized(q, k, L, text_first, g)
+        ref = ta._visual(P[..., tb:te].sum(-1), L, text_first)
+        torch.testing.assert_close(cf[i].double(), ref, atol=1e-5, rtol=0)
+    # larger gamma -> more mass on text, for these random logits, at every query on average
+    assert (cf[2].mean() > cf[1].mean() > cf[0].mean() > cf[3].mean())
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_text_token_probs_matches_materialized(text_first):
+    B, H, N, D, L = 2, 2, 40, 16, 7
+    q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
+    g0 = torch.tensor([1.3, 1.1])
+    _, lse = taca.joint_attention(q, k, v, text_len=L, text_first=text_first, gamma=g0, return_lse=True)
+    idx = [0, 4, 6]
+    p = ta.text_token_probs(q, k, lse, text_len=L, text_first=text_first, gamma=g0,
+                            scale=1 / math.sqrt(D), token_indices=idx)
+    P = _materialized(q, k, L, text_first, g0)
+    tb = 0 if text_first else N - L
+    ref = ta._visual(P[..., [tb + j for j in idx]], L, text_first)
+    torch.testing.assert_close(p.double(), ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="token index 7"):
+        ta.text_token_probs(q, k, lse, text_len=L, text_first=text_first, gamma=g0, scale=0.25, token_indices=[7])
+
+
+def _check_recorder_against_events(rec_tel, events, steps, gammas, token_idx, grid):
+    """Recompute every recorded number from the raw events with materialized probabilities."""
+    names = list(dict.fromkeys(e.name for e in events if 0 < e.text_len < e.q.shape[2]))
+    assert rec_tel.layers == names
+    assert rec_tel.num_steps == steps
+    per_step = len(events) // steps
+    maps_acc = {}
+    for n, e in enumerate(events):
+        s = n // per_step
+        if not 0 < e.text_len < e.q.shape[2]:
+            continue
+        li = names.index(e.name)
+        N = e.q.shape[2]
+        tb, te = (0, e.text_len) if e.text_first else (N - e.text_len, N)
+        P = _materialized(e.q, e.k, e.text_len, e.text_first, e.gamma)
+        vis = ta._visual(P[..., tb:te].sum(-1), e.text_len, e.text_first)  # (B, H, Nv)
+        torch.testing.assert_close(rec_tel.mass[s, li].double(), vis.mean(dim=(1, 2)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(rec_tel.gamma[s, li], e.gamma.float().cpu())
+        for g in gammas:
+            Pg = _materialized(e.q, e.k, e.text_len, e.text_first, g)
+            ref = ta._visual(Pg[..., tb:te].sum(-1), e.text_len, e.text_first).mean(dim=(1, 2))
+            torch.testing.assert_close(rec_tel.counterfactual[g][s, li].double(), ref, atol=1e-5, rtol=0)
+        m = ta._visual(P[..., [tb + j for j in token_idx]].sum(-1), e.text_len, e.text_first).mean(1)
+        acc = maps_acc.setdefault(s, [])
+        acc.append(m)
+    for s, ms in maps_acc.items():
+        ref = torch.stack(ms).mean(0)[:, : grid[0] * grid[1]].reshape(-1, *grid)
+        torch.testing.assert_close(rec_tel.maps[s].double(), ref, atol=1e-5, rtol=0)
+
+
+def test_recorder_tiny_flux_matches_materialized():
+    tiny = pytest.importorskip("taca.tiny")
+    pipe = tiny.flux_pipeline(seed=0)
+    inputs = tiny.flux_inputs(pipe, text_len=12, height=64, width=64, num_inference_steps=3)  # 16 image tokens
+    gammas = [1.0, 1.25]
+    events = []
+    taca.enable(pipe, gamma=1.2, schedule="paper")
+    try:
+        with telemetry.recording(events.append):
+            with ta.record(pipe, gammas=gammas, token_indices=[1, 5], grid=(4, 4)) as rec:
+                pipe(**inputs)
+    finally:
+        taca.disable(pipe)
+    tel = rec.result()
+    assert len(events) == 3 * 4  # 2 double + 2 single blocks, 3 steps
+    _check_recorder_against_events(tel, events, 3, gammas, [1, 5], (4, 4))
+    # the paper rule: gamma 1.2 while sigma >= 0.97 (step 0 here), 1 afterwards
+    assert tel.sigmas[0] == pytest.approx(1.0)
+    assert all(a > b for a, b in zip(tel.sigmas, tel.sigmas[1:]))
+    expect = torch.tensor([1.2 if s >= 0.97 - 1e-5 else 1.0 for s in tel.sigmas])
+    torch.testing.assert_close(tel.gamma_per_step(), expect)
+    # where gamma is 1, the in-effect mass equals the gamma=1 evaluation; where 1.2, it is larger
+    torch.testing.assert_close(tel.mass[1:], tel.counterfactual[1.0][1:], atol=1e-6, rtol=0)
+    assert bool((tel.mass[0] > tel.counterfactual[1.0][0]).all())
+    assert tel.per_step().shape == (3,) and tel.per_layer().shape == (4,)
+    assert tel.relative_magnitude().shape == (3, 4)
+
+
+def test_recorder_tiny_sd35m_cfg_skips_image_only_attention():
+    tiny = pytest.importorskip("taca.tiny")
+    pipe = tiny.sd3_pipeline("sd35m", seed=0)
+    inputs = tiny.sd3_inputs(pipe, text_len=10, height=32, width=32, num_inference_steps=2)  # 16 image tokens
+    events = []
+    with taca.enabled(pipe, gamma=1.3, schedule="constant"):
+        with telemetry.recording(events.append):
+            with ta.record(pipe, gammas=[1.0], token_indices=[0], grid=(4, 4)) as rec:
+                pipe(**inputs)
+    tel = rec.result()
+    joint = [e for e in events if 0 < e.text_len < e.q.shape[2]]
+    assert len(joint) == 2 * 3 and len(tel.layers) == 3  # attn of 3 blocks; attn2 (no text) skipped
+    assert tel.mass.shape == (2, 3, 2)  # CFG batch [uncond, cond]
+    assert tel.sigmas[0] == pytest.approx(1.0)
+    _check_recorder_against_events(tel, joint, 2, [1.0], [0], (4, 4))
+    assert bool((tel.mass > tel.counterfactual[1.0]).all())
+
+
+def test_record_without_taca_reports_clearly():
+    tiny = pytest.importorskip("taca.tiny")
+    pipe = tiny.flux_pipeline(seed=0)
+    with ta.record(pipe) as rec:
+        pipe(**tiny.flux_inputs(pipe, num_inference_steps=1))
+    with pytest.raises(RuntimeError, match="taca.enable"):
+        rec.result()
+
+
+def test_plots_and_map_difference(tmp_path):
+    pytest.importorskip("matplotlib")
+    S, L, B = 5, 3, 1
+    mass = torch.rand(S, L, B) * 0.2
+    tel = ta.TextMassTelemetry(sigmas=[1.0] * S, layers=["a", "b", "c"], mass=mass, gamma=torch.ones(S, L, B),
+                               counterfactual={1.0: mass, 1.2: mass * 1.1}, maps=torch.rand(S, B, 4, 4))
+    tel2 = ta.TextMassTelemetry(sigmas=[1.0] * S, layers=["a", "b", "c"], mass=mass * 1.1, gamma=torch.ones(S, L, B),
+                                maps=tel.maps + 0.5)
+    torch.testing.assert_close(ta.map_difference(tel2, tel), torch.full((S, B, 4, 4), 0.5))
+    fig = ta.plot_text_mass({"gamma=1": tel, "1.2*": tel.relative_magnitude(1.2), "paper": tel2},
+                            layer_names=tel.layers, baseline="gamma=1")
+    p = ta.save_figure(fig, str(tmp_path / "tm.png"))
+    fig2 = ta.plot_attention_maps(tel.maps, tel2.maps, steps=[0, 1, 2])
+    p2 = ta.save_figure(fig2, str(tmp_path / "maps.png"))
+    for f in (p, p2):
+        with open(f, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(KeyError, match="gamma=1.3"):
+        tel.per_step(gamma=1.3)
+    with pytest.raises(ValueError, match="token_indices"):
+        ta.map_difference(tel2, ta.TextMassTelemetry([1.0], ["a"], mass[:1], mass[:1]))
