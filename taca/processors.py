@@ -127,9 +127,10 @@ class TacaFluxAttnProcessor(_TacaProcessorBase):
             text_len = taca_text_len
         record = telemetry.active() and text_len is not None
         if (taca_gamma is None and not record) or text_len is None:
+            # parallel_config only where set: dispatch_attention_fn has it since diffusers 0.36
+            extra = {} if self._parallel_config is None else {"parallel_config": self._parallel_config}
             hidden_states = dispatch_attention_fn(
-                query, key, value, attn_mask=attention_mask,
-                backend=self._attention_backend, parallel_config=self._parallel_config,
+                query, key, value, attn_mask=attention_mask, backend=self._attention_backend, **extra
             )
         else:
             if attention_mask is not None:
