@@ -286,20 +286,11 @@ static int bwd_f32(const taca_bwd_params *p, const double *delta, int nt) {
 }
 #endif
 
-static int bwd_portable(const taca_bwd_params *p, int nt) {
+static void bwd_portable(const taca_bwd_params *p, const double *delta, int nt) {
     const int64_t H = p->heads, N = p->seqlen;
     const int64_t ntask = p->batch * H * N;
-    double *delta = (double *)malloc((size_t)ntask * sizeof(double));
     int64_t t;
-    if (!delta) return TACA_ERR_ALLOC;
-    delta_portable(p, delta, nt);
-#if TACA_CPU_AVX2
-    if (p->dtype == TACA_F32) {
-        int st = bwd_f32(p, delta, nt);
-        free(delta);
-        return st;
-    }
-#endif
+    (void)nt;
 #pragma omp parallel num_threads(nt)
     {
         double a[TACA_MAX_HEAD_DIM], c[TACA_MAX_HEAD_DIM], e[TACA_MAX_HEAD_DIM],
@@ -315,15 +306,31 @@ static int bwd_portable(const taca_bwd_params *p, int nt) {
             bwd_query_portable(p, delta, bh / H, bh % H, t % N, a, c, e);
         }
     }
-    free(delta);
-    return TACA_OK;
 }
 
 int taca_bwd_cpu(const taca_bwd_params *p) {
+    int64_t nrows;
+    double work;
+    double *delta;
     int st = taca_check_bwd(p);
     if (st != TACA_OK) return st;
     if (p->dtype != TACA_F32 && p->dtype != TACA_F64) return TACA_ERR_DTYPE;
     if (p->batch * p->seqlen * p->heads == 0) return TACA_OK;
     if ((st = taca_check_gamma_host(p->gamma, p->batch)) != TACA_OK) return st;
-    return bwd_portable(p, taca_threads(p->num_threads));
+    nrows = p->batch * p->heads * p->seqlen;
+    work = (double)nrows * (double)p->seqlen * (double)p->head_dim;
+    delta = (double *)malloc((size_t)nrows * sizeof(double));
+    if (!delta) return TACA_ERR_ALLOC;
+    delta_portable(p, delta, taca_threads(p->num_threads, nrows, work));
+#if TACA_CPU_AVX2
+    if (p->dtype == TACA_F32) {
+        const int64_t ntile = (p->seqlen + TACA_T - 1) / TACA_T;
+        st = bwd_f32(p, delta, taca_threads(p->num_threads, p->batch * p->heads * ntile, work));
+        free(delta);
+        return st;
+    }
+#endif
+    bwd_portable(p, delta, taca_threads(p->num_threads, nrows, work));
+    free(delta);
+    return TACA_OK;
 }

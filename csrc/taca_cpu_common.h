@@ -46,12 +46,23 @@ static inline void taca_row_mults(int is_text_row, double scale, double gamma, d
     }
 }
 
-/* Resolved OpenMP thread count: num_threads <= 0 means the runtime default. */
-static inline int taca_threads(int num_threads) {
+/*
+ * OpenMP thread count for a kernel of ntask independent tasks and about `work` multiply-adds
+ * per GEMM-like product (B*H*N*N*D): num_threads <= 0 means the runtime default; never more
+ * threads than tasks; small problems run on the calling thread, because starting a team
+ * costs more than they do (and much more when the machine is oversubscribed).
+ */
+#define TACA_SERIAL_WORK 262144.0
+static inline int taca_threads(int num_threads, int64_t ntask, double work) {
 #ifdef _OPENMP
-    return num_threads > 0 ? num_threads : omp_get_max_threads();
+    int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+    if (work < TACA_SERIAL_WORK || ntask <= 1) return 1;
+    if ((int64_t)nt > ntask) nt = (int)ntask;
+    return nt < 1 ? 1 : nt;
 #else
     (void)num_threads;
+    (void)ntask;
+    (void)work;
     return 1;
 #endif
 }

@@ -69,7 +69,8 @@ static int fwd_portable(const taca_fwd_params *p) {
     const int64_t B = p->batch, H = p->heads, N = p->seqlen;
     const int64_t ntask = B * H * N;
     int64_t t;
-    int nt = taca_threads(p->num_threads);
+    int nt = taca_threads(p->num_threads, ntask,
+                          (double)ntask * (double)N * (double)p->head_dim);
     (void)nt;
 #pragma omp parallel num_threads(nt)
     {
@@ -181,7 +182,8 @@ static void fwd_tile_f32(const taca_fwd_params *p, fwd_scratch *w, int64_t b, in
 static int fwd_f32(const taca_fwd_params *p) {
     const int64_t H = p->heads, N = p->seqlen, T = TACA_T;
     const int64_t ntile = (N + T - 1) / T, ntask = p->batch * H * ntile;
-    int failed = 0, nt = taca_threads(p->num_threads);
+    int failed = 0, nt = taca_threads(p->num_threads, ntask,
+                                       (double)p->batch * H * N * N * p->head_dim);
     (void)nt;
 #pragma omp parallel num_threads(nt)
     {
