@@ -42,13 +42,6 @@ from .telemetry import AttentionEvent, recording
 _CHUNK_ELEMS = 1 << 24  # float32 elements per (B, heads, N_vis, text_len) chunk: 64 MiB
 
 
-def visual_rows(n: int, text_len: int, text_first: bool) -> Tuple[slice, slice]:
-    """The visual-token ranges of a sequence of n tokens, as (before_text, after_text) slices."""
-    if text_first:
-        return slice(0, 0), slice(text_len, n)
-    return slice(0, n - text_len), slice(n, n)
-
-
 def _visual(x: torch.Tensor, text_len: int, text_first: bool) -> torch.Tensor:
     """Rows of the visual tokens along dim 2 of a (B, H, N, ...) tensor (a view, no copy)."""
     n = x.shape[2]
@@ -214,9 +207,10 @@ class Recorder:
     """Collects text-mass telemetry per denoising step and attention layer.
 
     Install it with :func:`record` (or ``attach`` + ``taca.telemetry.recording``). Steps are
-    counted by a forward pre-hook on the transformer, one step per transformer call (true CFG or
-    skip-layer guidance make extra calls, each counted as a step). Events from attention calls
-    without text (SD3.5's image-only ``attn2``) are ignored.
+    counted by a forward pre-hook on the transformer: a call whose timestep differs from the
+    previous call's starts a new step; extra calls at the same timestep (FLUX true CFG, SD3
+    skip-layer guidance) join that step, their samples appended along the batch axis. Events
+    from attention calls without text (SD3.5's image-only ``attn2``) are ignored.
 
     gammas: counterfactual gammas evaluated on the same q, k (1.0 gives "without gamma").
     token_indices: text-token positions for attention maps (0-based inside the text block).
@@ -232,7 +226,8 @@ class Recorder:
         self.sigmas: List[Optional[float]] = []
         self.layers: List[str] = []
         self._layer_idx: Dict[str, int] = {}
-        self._rows: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._rows: Dict[Tuple[int, int], List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self._call = 0  # transformer calls within the current step
         self._maps: Dict[int, Tuple[torch.Tensor, int]] = {}
         self._hooks: list = []
         self.text_len = 0
@@ -243,13 +238,17 @@ class Recorder:
         tr = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
         divide = 1000.0 if "SD3" in type(tr).__name__ else 1.0
         def hook(module, args, kwargs):
-            self.step += 1
             t = kwargs.get("timestep")
             sigma = None
             if isinstance(t, torch.Tensor) and t.numel() > 0:
                 sigma = float(t.reshape(-1)[0].float()) / divide
             elif isinstance(t, (int, float)):
                 sigma = float(t) / divide
+            if self.step >= 0 and sigma is not None and self.sigmas[self.step] == sigma:
+                self._call += 1
+                return
+            self.step += 1
+            self._call = 0
             self.sigmas.append(sigma)
         self._hooks.append(tr.register_forward_pre_hook(hook, with_kwargs=True))
         return self
@@ -281,7 +280,11 @@ class Recorder:
                 ).mean(dim=(2, 3))
             else:
                 cf = torch.empty(0, B)
-            self._rows[(step, li)] = (tm.detach(), g.detach().clone(), cf.detach())
+            calls = self._rows.setdefault((step, li), [])
+            if len(calls) > self._call:  # the same module twice in one call: keep the last
+                calls[self._call] = (tm.detach(), g.detach().clone(), cf.detach())
+            else:
+                calls.append((tm.detach(), g.detach().clone(), cf.detach()))
             if self.token_indices:
                 p = text_token_probs(
                     ev.q, ev.k, ev.lse, text_len=ev.text_len, text_first=ev.text_first,
@@ -298,16 +301,20 @@ class Recorder:
                 "taca: no attention events were recorded; is TACA enabled on this pipeline "
                 "(taca.enable(pipe, gamma=1.0) records the baseline)?"
             )
-        B = next(iter(self._rows.values()))[0].shape[0]
+        rows = {}
+        for key, calls in self._rows.items():  # calls at one timestep: samples side by side
+            rows[key] = tuple(torch.cat([c[i].cpu() for c in calls], dim=-1) for i in range(3))
+        B = max(r[0].shape[0] for r in rows.values())
         nan = float("nan")
         mass = torch.full((S, L, B), nan)
         gam = torch.full((S, L, B), nan)
         cf = {g: torch.full((S, L, B), nan) for g in self.gammas}
-        for (s, li), (tm, g, c) in self._rows.items():
-            mass[s, li] = tm.cpu()
-            gam[s, li] = g.cpu()
+        for (s, li), (tm, g, c) in rows.items():
+            b = tm.shape[0]
+            mass[s, li, :b] = tm
+            gam[s, li, :b] = g
             for gi, gg in enumerate(self.gammas):
-                cf[gg][s, li] = c[gi].cpu()
+                cf[gg][s, li, :b] = c[gi]
         maps = None
         if self.token_indices and self._maps:
             nv = next(iter(self._maps.values()))[0].shape[-1]
@@ -401,11 +408,13 @@ def plot_text_mass(curves: Dict[str, Union[TextMassTelemetry, torch.Tensor]], la
         layers = sorted({round(i * (L - 1) / 3) for i in range(4)}) if L > 1 else [0]
     rows = 2 if baseline is not None else 1
     fig = Figure(figsize=(3.0 * len(layers) + 0.6, 2.7 * rows + 0.4), layout="constrained")
-    axes = fig.subplots(rows, len(layers), squeeze=False, sharex=True)
+    axes = fig.subplots(rows, len(layers), squeeze=False, sharex=True,
+                        gridspec_kw={"height_ratios": [0.8, 1.2][:rows] if rows == 2 else [1]})
     styles = {}
     for i, label in enumerate(data):
-        styles[label] = dict(ls="--" if "paper" in label else "-", color=f"C{i}",
-                             lw=1.8 if "paper" in label else 1.3)
+        # "*" curves are evaluations on another run's q, k: dotted, drawn on top
+        ls, lw, z = ("--", 1.8, 2) if "paper" in label else (":", 1.8, 3) if label.endswith("*") else ("-", 1.4, 2)
+        styles[label] = dict(ls=ls, lw=lw, zorder=z, color=f"C{i}")
     for c, li in enumerate(layers):
         ax = axes[0, c]
         ax.axhline(cross_attention_reference(), color="k", lw=1.2, ls=":", label="typical cross-attention")

@@ -165,3 +165,27 @@ def test_plots_and_map_difference(tmp_path):
         tel.per_step(gamma=1.3)
     with pytest.raises(ValueError, match="token_indices"):
         ta.map_difference(tel2, ta.TextMassTelemetry([1.0], ["a"], mass[:1], mass[:1]))
+
+
+def test_recorder_true_cfg_calls_join_their_step():
+    tiny = pytest.importorskip("taca.tiny")
+    pipe = tiny.flux_pipeline(seed=0)
+    inputs = tiny.flux_inputs(pipe, text_len=8, height=64, width=64, num_inference_steps=2)
+    g = torch.Generator().manual_seed(5)
+    inputs.update(negative_prompt_embeds=torch.randn(inputs["prompt_embeds"].shape, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(inputs["pooled_prompt_embeds"].shape, generator=g),
+                  true_cfg_scale=2.0)
+    events = []
+    with taca.enabled(pipe, gamma=1.2, schedule="constant"):
+        with telemetry.recording(events.append):
+            with ta.record(pipe, gammas=[1.0]) as rec:
+                pipe(**inputs)
+    tel = rec.result()
+    assert len(events) == 2 * 2 * 4  # 2 steps x (cond + uncond call) x 4 attention modules
+    assert tel.mass.shape == (2, 4, 2)  # the uncond call's sample sits beside the cond one
+    assert len(tel.sigmas) == 2 and tel.sigmas[0] > tel.sigmas[1]
+    for n, e in enumerate(events):
+        step, call, li = n // 8, (n // 4) % 2, n % 4
+        P = _materialized(e.q, e.k, e.text_len, e.text_first, e.gamma)
+        ref = ta._visual(P[..., : e.text_len].sum(-1), e.text_len, e.text_first).mean(dim=(1, 2))
+        torch.testing.assert_close(tel.mass[step, li, call:call + 1].double(), ref, atol=1e-5, rtol=0)
