@@ -251,15 +251,16 @@ class TacaHandle:
             before = {n: list(m.active_adapters) for n, m in _tuner_layers(self.transformer)}
             grads = {id(p): p.requires_grad for p in self.transformer.parameters()}
             src = dict(lora) if isinstance(lora, dict) else lora  # diffusers pops keys from dicts
+            extra = {}
+            if isinstance(src, str) and os.path.exists(src):
+                # name the file: offline, diffusers does not guess weight names in directories
+                src, extra["weight_name"] = _lora_file(src)
             self._lora_via_pipe = self.pipe is not None and hasattr(self.pipe, "load_lora_weights")
             if self._lora_via_pipe:
-                self.pipe.load_lora_weights(src, adapter_name=adapter_name)
+                self.pipe.load_lora_weights(src, adapter_name=adapter_name, **extra)
             else:
                 # bare transformer: diffusers-format LoRA files only (other formats need the
                 # pipeline's converters: pass the pipeline)
-                extra = {}
-                if isinstance(src, str) and os.path.exists(src):
-                    src, extra["weight_name"] = _lora_file(src)
                 self.transformer.load_lora_adapter(src, prefix="transformer", adapter_name=adapter_name, **extra)
             self.lora_adapter = adapter_name
             self._lora_loaded_by_us = True

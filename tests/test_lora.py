@@ -87,7 +87,7 @@ def test_lora_active_exactly_in_taca_steps(kind, tmp_path):
 
     # references: (a) adapter always on + TACA always on; (b) no adapter, no TACA
     ref_on = tiny.flux_pipeline() if kind == "flux" else tiny.sd3_pipeline("sd35m")
-    ref_on.load_lora_weights(path, adapter_name="always")
+    ref_on.load_lora_weights(path, weight_name="pytorch_lora_weights.safetensors", adapter_name="always")
     taca.enable(ref_on, gamma=1.2, schedule="constant")
     ref_off = tiny.flux_pipeline() if kind == "flux" else tiny.sd3_pipeline("sd35m")
     taca_only = tiny.flux_pipeline() if kind == "flux" else tiny.sd3_pipeline("sd35m")
@@ -138,7 +138,7 @@ def test_lora_by_name_state_dict_and_other_adapters(tmp_path):
     assert torch.equal(_call(t, {**kw, "timestep": torch.tensor([0.5])}), user_only_off)
 
     # by name: an adapter the user loaded (active); gated while enabled, active again after
-    pipe.load_lora_weights(path, adapter_name="mine")
+    pipe.load_lora_weights(path, weight_name="pytorch_lora_weights.safetensors", adapter_name="mine")
     mine_layers = [m for _, m in t.named_modules() if hasattr(m, "lora_A") and "mine" in m.lora_A]
     for _, m in t.named_modules():  # loading deactivates "user"; the user turns both on
         if hasattr(m, "lora_A") and len(m.lora_A):
