@@ -189,3 +189,83 @@ def test_recorder_true_cfg_calls_join_their_step():
         P = _materialized(e.q, e.k, e.text_len, e.text_first, e.gamma)
         ref = ta._visual(P[..., : e.text_len].sum(-1), e.text_len, e.text_first).mean(dim=(1, 2))
         torch.testing.assert_close(tel.mass[step, li, call:call + 1].double(), ref, atol=1e-5, rtol=0)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _kernel_tol(e, tm_ref_vis):
+    """Tolerance for numbers derived from the kernel's float32 lse / text_mass on bf16 inputs:
+    4x the kernel's own text_mass error against the float64 reference, plus 1e-5."""
+    err = (ta._visual(e.text_mass, e.text_len, e.text_first).double() - tm_ref_vis).abs().max().item()
+    return 4 * err + 1e-5
+
+
+@needs_cuda
+def test_recorder_cuda_bf16_kernel_events():
+    tiny = pytest.importorskip("taca.tiny")
+    pipe = tiny.flux_pipeline(seed=0, dtype=torch.bfloat16).to("cuda")
+    inputs = tiny.flux_inputs(pipe, text_len=24, height=128, width=128, num_inference_steps=3)  # 64 image tokens
+    inputs = {k: (v.to("cuda") if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    events = []
+    with taca.enabled(pipe, gamma=1.2, schedule="paper"):
+        with telemetry.recording(events.append):
+            with ta.record(pipe, gammas=[1.0, 1.3], token_indices=[2, 7], grid=(8, 8)) as rec:
+                pipe(**inputs)
+    tel = rec.result()
+    assert events and all(e.q.is_cuda and e.q.dtype == torch.bfloat16 for e in events)
+    assert len(events) == 3 * 4 and tel.mass.shape == (3, 4, 1)
+    for n, e in enumerate(events):
+        s, li = n // 4, n % 4
+        L = e.text_len
+        # the in-effect mass is the kernel's own text_mass, averaged over heads and image queries
+        own = ta._visual(e.text_mass, L, e.text_first).float().mean(dim=(1, 2)).cpu()
+        torch.testing.assert_close(tel.mass[s, li], own)
+        P = _materialized(e.q, e.k, L, e.text_first, e.gamma)
+        tol = _kernel_tol(e, ta._visual(P[..., :L].sum(-1), L, e.text_first))
+        for g in (1.0, 1.3):
+            Pg = _materialized(e.q, e.k, L, e.text_first, g)
+            ref = ta._visual(Pg[..., :L].sum(-1), L, e.text_first).mean(dim=(1, 2)).cpu()
+            torch.testing.assert_close(tel.counterfactual[g][s, li].double(), ref, atol=tol, rtol=0)
+    assert bool((tel.mass[0] > tel.counterfactual[1.0][0]).all())  # step 0: sigma = 1, gamma 1.2
+
+
+@needs_cuda
+def test_counterfactual_and_maps_flux_1024_shape_cuda():
+    """FLUX.1 at 1024x1024: B=1, H=24, N=4608 (512 text first), D=128, bf16; exact against a
+    materialized reference computed head by head; extra memory far below one N x N matrix."""
+    B, H, N, D, L = 1, 24, 4608, 128, 512
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, N, H, D, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3))
+    qb, kb = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, N, D) views, as the processors emit
+    _, lse, tm = taca.joint_attention(q, k, v, text_len=L, text_first=True, gamma=1.2, layout="bnhd",
+                                      return_lse=True, return_text_mass=True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    cf = ta.counterfactual_text_mass(qb, kb, lse, tm, text_len=L, text_first=True, scale=D ** -0.5,
+                                     gammas=[1.0, 1.3])
+    p = ta.text_token_probs(qb, kb, lse, text_len=L, text_first=True, gamma=1.2, scale=D ** -0.5,
+                            token_indices=[5, 100, 511])
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 256 * 2**20, f"{extra / 2**20:.0f} MiB extra (one fp32 N x N for all heads: 1944 MiB)"
+    err_kernel = 0.0
+    err_cf = [0.0, 0.0]
+    err_p = 0.0
+    for h in range(H):
+        s = (qb[0, h].double() @ kb[0, h].double().T) * D ** -0.5
+        for gi, gg in enumerate((1.2, 1.0, 1.3)):
+            sg = s.clone()
+            sg[L:, :L] *= gg
+            P = torch.softmax(sg, dim=-1)
+            t = P[L:, :L].sum(-1)
+            if gi == 0:
+                err_kernel = max(err_kernel, (tm[0, h, L:].double() - t).abs().max().item())
+                err_p = max(err_p, (p[0, h].double() - P[L:, [5, 100, 511]]).abs().max().item())
+            else:
+                err_cf[gi - 1] = max(err_cf[gi - 1], (cf[gi - 1, 0, h].double() - t).abs().max().item())
+    print(f"kernel text_mass err {err_kernel:.2e}; counterfactual err {err_cf}; token probs err {err_p:.2e}; "
+          f"extra memory {extra / 2**20:.1f} MiB")
+    tol = 4 * err_kernel + 1e-5
+    assert max(err_cf) <= tol and err_p <= tol
