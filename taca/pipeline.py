@@ -39,11 +39,24 @@ _SUPPORTED = (
     "or a pipeline with one of them as .transformer"
 )
 _ATTR = "_taca_handle"
+# processors whose computation the TACA processors reproduce exactly at gamma = 1
+_REPLACEABLE = frozenset({
+    "FluxAttnProcessor", "FluxAttnProcessor2_0", "FusedFluxAttnProcessor2_0",
+    "JointAttnProcessor2_0", "FusedJointAttnProcessor2_0",
+})
 DEFAULT_ADAPTER = "taca"
 
 
+MIN_DIFFUSERS = "0.35.0"  # the first release with FluxAttention and _get_qkv_projections
+
+
 def _kind(transformer) -> Optional[str]:
+    import diffusers
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from packaging.version import Version
+
+    if Version(diffusers.__version__).release < Version(MIN_DIFFUSERS).release:
+        raise ImportError(f"taca: needs diffusers>={MIN_DIFFUSERS} (FluxAttention), found {diffusers.__version__}")
 
     if isinstance(transformer, FluxTransformer2DModel):
         return "flux"
@@ -378,6 +391,15 @@ def enable(
         raise ValueError(f"taca: backend={backend!r} is not one of ('auto', 'cpu', 'cuda', 'sdpa', 'reference')")
     handle: Optional[TacaHandle] = getattr(transformer, _ATTR, None)
     fresh = handle is None
+    ours = set(handle.processors.values()) if handle is not None else set()
+    for name, m in _attention_modules(transformer).items():
+        cls = type(m.processor).__name__
+        if m.processor not in ours and cls not in _REPLACEABLE:
+            raise TypeError(
+                f"taca: {name} uses {cls}; taca.enable replaces only diffusers' stock processors "
+                f"({', '.join(sorted(_REPLACEABLE))}), so it would silently drop what {cls} does "
+                f"(e.g. an IP-Adapter); restore the stock processors first"
+            )
     if fresh:
         handle = TacaHandle(pipe, transformer, kind)
     elif pipe is not None:

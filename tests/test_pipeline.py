@@ -117,6 +117,20 @@ def test_unsupported_models():
         taca.enable(torch.nn.Linear(2, 2))
 
 
+def test_foreign_processors_are_refused():
+    """A processor TACA cannot reproduce (IP-Adapter, custom) is not silently dropped."""
+    t = tiny.flux_transformer(num_layers=1, num_single_layers=1)
+
+    class MyProcessor:
+        def __call__(self, attn, hidden_states, *a, **k):
+            raise AssertionError("not called")
+
+    t.transformer_blocks[0].attn.set_processor(MyProcessor())
+    with pytest.raises(TypeError, match="transformer_blocks.0.attn uses MyProcessor; taca.enable replaces only"):
+        taca.enable(t)
+    assert get_handle(t) is None and len(t._forward_pre_hooks) == 0
+
+
 def test_sd3_fuse_qkv_projections_interplay():
     """SD3's fuse_qkv_projections() replaces every processor: after taca.enable the next call
     raises; taca.enable again reinstalls TACA on the fused projections."""
@@ -212,6 +226,32 @@ def test_compiled_flux_no_recompile_across_schedule():
                 out = compiled(**base, timestep=torch.tensor([s]))[0]
                 eager = t(**base, timestep=torch.tensor([s]))[0]
                 torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    finally:
+        taca.disable(t)
+        torch._dynamo.reset()
+
+
+def test_compile_repeated_blocks_fullgraph():
+    """Regional compilation (diffusers' compile_repeated_blocks) with fullgraph=True: the blocks,
+    processors and taca.joint_attention trace without graph breaks; the hook stays outside."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    t = tiny.flux_transformer(num_layers=1, num_single_layers=1)
+    g = torch.Generator().manual_seed(2)
+    n, L = 16, 5
+    base = dict(hidden_states=torch.randn(1, n, 4, generator=g), encoder_hidden_states=torch.randn(1, L, 32, generator=g),
+                pooled_projections=torch.randn(1, 32, generator=g), img_ids=torch.rand(n, 3, generator=g),
+                txt_ids=torch.zeros(L, 3), return_dict=False)
+    taca.enable(t, gamma=1.2, schedule=lambda s: torch.where(s > 0.5, 1.0 + s * 0.3, torch.ones_like(s)))
+    try:
+        eager = {s: t(**base, timestep=torch.tensor([s]))[0] for s in (1.0, 0.2, 0.95, 0.3)}
+        t.compile_repeated_blocks(fullgraph=True, backend="eager")
+        for s in (1.0, 0.2):
+            t(**base, timestep=torch.tensor([s]))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for s in (0.95, 0.3):
+                torch.testing.assert_close(t(**base, timestep=torch.tensor([s]))[0], eager[s], rtol=1e-5, atol=1e-6)
     finally:
         taca.disable(t)
         torch._dynamo.reset()
