@@ -94,34 +94,31 @@ static inline void *taca_aligned_malloc(size_t bytes, void **raw) {
 
 #if TACA_CPU_AVX2
 /*
- * exp of 8 floats, for arguments <= ~88 (the kernels only pass x - rowmax <= 0).
- * Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, degree-7 Taylor polynomial:
- * truncation error < 6e-9 relative, so the result is within a few ulp of expf.
- * NaN stays NaN; x < -87 (including -inf) gives exactly 0.
+ * exp of 8 floats, meant for x <= 0 (the kernels pass x - rowmax or s - lse; x is clamped to
+ * [-87, 88], so a bad lse cannot overflow the exponent bits): x = n ln2 + r, |r| <= ln2/2,
+ * with n rounded by adding 1.5 * 2^23 + 127, so the low bits of that sum already hold the
+ * biased exponent n + 127 (shifted into place: 2^n with no float->int conversion); two-step
+ * Cody-Waite reduction and a degree-6 Taylor polynomial (truncation < 1.3e-7 relative; the
+ * result is within a few ulp of expf). x < -87 is clamped to -87 (result ~1.6e-38 instead
+ * of 0: negligible next to the row max's exp(0) = 1); NaN stays NaN.
  */
 static inline __m256 taca_exp256(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.0f);
-    const __m256 hi = _mm256_set1_ps(88.0f);
-    __m256 xc = _mm256_max_ps(lo, x); /* NaN in x is returned as is */
-    __m256 n, r, p;
-    __m256i e;
-    xc = _mm256_min_ps(hi, xc);
-    n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+    const __m256 shift = _mm256_set1_ps(12583039.0f); /* 1.5 * 2^23 + 127 */
+    __m256 t, n, r, p;
+    /* max/min return their second operand when one is NaN: NaN in x is kept */
+    x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));
+    t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shift);
+    n = _mm256_sub_ps(t, shift);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
     r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    p = _mm256_set1_ps(1.0f / 5040.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_set1_ps(1.0f / 720.0f);
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    e = _mm256_cvtps_epi32(n);
-    e = _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23);
-    p = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-    return _mm256_blendv_ps(p, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)));
 }
 
 static inline float taca_hsum256(__m256 v) {
