@@ -386,11 +386,11 @@ Tensor3 bwd_cuda(const at::Tensor &dout_in, const at::Tensor &q_in, const at::Te
 TORCH_LIBRARY(taca, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor gamma, float gamma_reverse, float scale, "
-      "int text_begin, int text_end, bool return_text_mass) -> (Tensor out, Tensor lse, "
+      "SymInt text_begin, SymInt text_end, bool return_text_mass) -> (Tensor out, Tensor lse, "
       "Tensor text_mass)");
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor gamma, "
-      "float gamma_reverse, float scale, int text_begin, int text_end) -> (Tensor dq, "
+      "float gamma_reverse, float scale, SymInt text_begin, SymInt text_end) -> (Tensor dq, "
       "Tensor dk, Tensor dv)");
   m.def("has_cuda() -> bool", &taca_torch::has_cuda);
 }

@@ -140,13 +140,12 @@ def _validate(q, k, v, text_len, gamma, gamma_reverse, scale, layout, backend):
     else:
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
             raise TypeError(f"taca: gamma must be a float or a tensor, got {type(gamma).__name__}")
-        g = float(gamma)
-        if not math.isfinite(g) or g <= 0:
+        # chained comparisons, not math.isfinite: they also trace under torch.compile
+        if not 0 < float(gamma) < math.inf:
             raise ValueError(f"taca: gamma={gamma} must be finite and > 0")
-    gr = float(gamma_reverse)
-    if not math.isfinite(gr) or gr <= 0:
+    if not 0 < float(gamma_reverse) < math.inf:
         raise ValueError(f"taca: gamma_reverse={gamma_reverse} must be finite and > 0")
-    if scale is not None and not math.isfinite(float(scale)):
+    if scale is not None and not -math.inf < float(scale) < math.inf:
         raise ValueError(f"taca: scale={scale} must be finite")
     return N
 

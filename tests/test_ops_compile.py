@@ -29,8 +29,8 @@ def _inputs(B=2, H=2, N=24, D=16, layout="bnhd"):
     return [t.detach().requires_grad_() for t in (q, k, v)]
 
 
-def _run(fn, q, k, v, gamma):
-    out = fn(q, k, v, gamma)
+def _run(fn, q, k, v, gamma, *extra):
+    out = fn(q, k, v, gamma, *extra)
     out = out[0] if isinstance(out, tuple) else out
     dout = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
     grads = torch.autograd.grad(out, (q, k, v), dout)
@@ -73,3 +73,18 @@ def test_compiled_kernel_with_lse_text_mass_and_0d_gamma(no_recompiles):
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
         torch.testing.assert_close(_run(cf, q, k, v, gamma), _run(f, q, k, v, gamma))
+
+
+@pytest.mark.skipif(not ops.HAVE_KERNELS, reason="taca._C not built")
+@pytest.mark.parametrize("text_first", [True, False])
+def test_dynamic_shapes_compile_once(text_first, no_recompiles):
+    # Sequence and text lengths vary (other resolutions, other prompts): text_begin/text_end
+    # are SymInt in the schemas, so one dynamic graph serves them all.
+    def f(q, k, v, gamma, L):
+        return taca.joint_attention(q, k, v, text_len=L, text_first=text_first, gamma=gamma, layout="bnhd")
+
+    cf = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    for N, L in ((20, 5), (33, 7), (40, 11)):
+        q, k, v = _inputs(N=N)
+        gamma = torch.tensor([1.2, 1.4])
+        torch.testing.assert_close(_run(cf, q, k, v, gamma, L), _run(f, q, k, v, gamma, L))
