@@ -16,25 +16,35 @@
  *      dK_j, dV_j in registers; the CTA walks every query tile (cp.async double buffer), recomputes
  *      P^T from lse, forms dS^T, accumulates dV and dK with mma.sync (fp32 accumulate), and
  *      computes the tile's dQ contribution dS K.
- *   Determinism without floating-point atomics: the dQ contributions of the key tiles to one
- *   query tile are added into a float32 workspace in the fixed order jt = 0, 1, ..., nk - 1;
- *   tile jt waits on a per-(b, h, chunk, query tile) counter until tile jt - 1 has stored its
- *   sum (ld.acquire spin by one thread, __threadfence + atomicExch release), and the last key
- *   tile adds its part and writes dq (scaled, cast) itself. This keeps the five matmuls of
- *   FlashAttention-2 (a separate dQ pass would recompute S and dP: seven matmuls, 1.4x the
- *   work) and costs only a start-up lag of one add per key tile. A CTA waits only on CTAs with
- *   a smaller linear block index (blockIdx.x is the key tile), which the hardware has already
- *   dispatched, so it cannot deadlock. params->deterministic = 0 takes the same path: it is
- *   no slower in practice than atomics would be, and one path is one thing to test.
+ *   3. bwd_dq_convert (when there is more than one key tile): dq = scale * sum of the chains'
+ *      float32 dQ buffers, summed in chain order, cast and stored with dq's strides.
+ *   Determinism without floating-point atomics racing: the key tiles are split into nseg <= 4
+ *   chains of consecutive tiles (about 8+ tiles each); each chain owns a float32 dQ buffer.
+ *   Within a chain, the tiles add their dQ part of a query tile in the fixed order 0, 1, ...:
+ *   the first stores, each next one waits on a per-(chain, b, h, chunk, query tile) counter
+ *   until its predecessor released (thread 0 polls with ld.acquire, issued before the dQ
+ *   matmul so its latency hides), then adds with fire-and-forget red.add.v2.f32, and releases
+ *   at the top of its next query tile (thread 0: __threadfence + atomicExch, after a CTA
+ *   barrier), so only warp 0 waits for the fence while the other warps start the next matmuls.
+ *   Every float32 sum thus has one order on every run. Why this and not the alternatives:
+ *   a separate dQ kernel would recompute S and dP (seven matmuls instead of five, 1.4x the
+ *   work); one float32 buffer per key tile would be O(N^2 / 128) memory. Chains bound the
+ *   start-up lag of the ordering (each link costs a fence and a poll) at the price of nseg
+ *   dQ buffers. A CTA waits only on CTAs of the same chain with a smaller linear block index
+ *   (blockIdx.x is the key tile), which the hardware has already dispatched: no deadlock.
+ *   params->deterministic = 0 uses red.add without order into one zeroed buffer
+ *   (FlashAttention-2's atomics, non-deterministic).
+ *   Measured history (H100, FLUX 1024 b1 bwd alone): v1 ordered with per-tile fence + load
+ *   5.66 ms; v2 early poll + red + delayed release 3.62 ms; see KERNEL_LOG.md.
  *
  * Configurations (taca_bwd_kernel.cuh, config_for): D <= 64 -> DP 64, query tile 128;
  * D <= 128 -> DP 128, query tile 64; D <= 256 -> DP 256 in two CTAs of 128 columns each
  * (each recomputes S and dP, owns half of dK, dV, dQ), query tile 32. Other D are zero-padded
  * to DP. Misaligned or odd-D inputs take a scalar load path.
  *
- * Workspace: lse2, delta (B*H*Np floats each), the order counters (B*H*nchunk*nq ints) and
- * the dQ accumulator (B*H*Np*DP floats, only when there is more than one key tile); Np is N
- * rounded up to the query tile. Build check:
+ * Workspace: lse2, delta (B*H*Np floats each), the order counters (nseg*B*H*nchunk*nq ints)
+ * and the dQ buffers (nseg*B*H*Np*DP floats, only when there is more than one key tile); Np
+ * is N rounded up to the query tile. O(N) memory. Build check:
  *   nvcc -std=c++17 -O3 -Icsrc -Icsrc/cuda -gencode=arch=compute_90a,code=sm_90a \
  *     -c csrc/cuda/taca_bwd.cu -o /tmp/x.o -Xptxas -v
  * Version log and timings: benchmarks/results/KERNEL_LOG.md (backward section).
@@ -47,7 +57,7 @@
 namespace {
 
 struct Layout {
-    int dp, dc, bm, np, nq, nk;
+    int dp, dc, bm, np, nq, nk, nseg, seg_size;
     size_t off_lse2, off_delta, off_sem, off_acc, total;
 };
 
@@ -63,14 +73,24 @@ bool layout_of(const taca_bwd_params *p, Layout *L) {
     L->nq = static_cast<int>((N + c.bm - 1) / c.bm);
     L->nk = static_cast<int>((N + taca_bwd::kBlockN - 1) / taca_bwd::kBlockN);
     L->np = L->nq * c.bm;
+    // Chains of about 8+ key tiles: a chain's start-up lag grows with its length, and each
+    // chain costs one float32 dQ buffer (two at most beyond 8192 tokens, to bound memory).
+    int nseg = L->nk / 8;
+    nseg = nseg < 1 ? 1 : (nseg > 4 ? 4 : nseg);
+    if (N > 8192 && nseg > 2) nseg = 2;
+    L->seg_size = (L->nk + nseg - 1) / nseg;
+    L->nseg = (L->nk + L->seg_size - 1) / L->seg_size;
     const size_t bh = static_cast<size_t>(p->batch) * static_cast<size_t>(p->heads);
     const size_t rows = bh * static_cast<size_t>(L->np);
     const size_t nch = static_cast<size_t>(c.dp / c.dc);
     L->off_lse2 = 0;
     L->off_delta = align256(rows * sizeof(float));
     L->off_sem = L->off_delta + align256(rows * sizeof(float));
-    L->off_acc = L->off_sem + align256(bh * nch * static_cast<size_t>(L->nq) * sizeof(int));
-    L->total = L->off_acc + (L->nk > 1 ? rows * static_cast<size_t>(c.dp) * sizeof(float) : 0);
+    const size_t nseg_z = static_cast<size_t>(L->nseg);
+    L->off_acc =
+        L->off_sem + align256(nseg_z * bh * nch * static_cast<size_t>(L->nq) * sizeof(int));
+    L->total = L->off_acc +
+               (L->nk > 1 ? nseg_z * rows * static_cast<size_t>(c.dp) * sizeof(float) : 0);
     return true;
 }
 
@@ -148,11 +168,17 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
         else if (!strcmp(m, "racy")) a.mode = taca_bwd::kRacy;
         else if (!strcmp(m, "skipdq")) a.mode = taca_bwd::kSkip;
     }
+    a.nseg = L.nseg;
+    a.seg_size = L.seg_size;
+    if (a.mode != taca_bwd::kOrdered) {  // one buffer, no chains
+        a.nseg = 1;
+        a.seg_size = L.nk;
+    }
     const size_t sem_bytes = L.off_acc - L.off_sem;
     TACA_CUDA_TRY(cudaMemsetAsync(a.sem, 0, sem_bytes, stream), "taca_bwd_cuda memset");
     const bool bf16 = p->dtype == TACA_BF16;
     switch (L.dp) {
-    case 64: return taca_bwd::launch_d64(a, stream, bf16, L.bm);
+    case 64: return taca_bwd::launch_d64(a, stream, bf16);
     case 128: return taca_bwd::launch_d128(a, stream, bf16);
     default: return taca_bwd::launch_d256(a, stream, bf16);
     }

@@ -8,10 +8,7 @@
 
 namespace taca_bwd {
 
-int launch_d64(const BwdArgs &a, cudaStream_t stream, bool bf16, int bm) {
-    if (bm == 64)
-        return bf16 ? launch_bwd<__nv_bfloat16, 64, 64, 64>(a, stream)
-                    : launch_bwd<__half, 64, 64, 64>(a, stream);
+int launch_d64(const BwdArgs &a, cudaStream_t stream, bool bf16) {
     return bf16 ? launch_bwd<__nv_bfloat16, 64, 64, 128>(a, stream)
                 : launch_bwd<__half, 64, 64, 128>(a, stream);
 }

@@ -12,8 +12,6 @@
 #ifndef TACA_BWD_KERNEL_CUH_
 #define TACA_BWD_KERNEL_CUH_
 
-#include <stdlib.h>
-
 #include "taca_cuda_common.cuh"
 
 namespace taca_bwd {
@@ -33,11 +31,12 @@ struct BwdArgs {
     const float *gamma;                  // (B,) device
     float *lse2;                         // workspace (B, H, Np): lse * log2(e), +inf past N
     float *delta;                        // workspace (B, H, Np): dO . O, 0 past N
-    int *sem;                            // workspace (B, H, nchunk, nq): dQ add order
-    float *dq_acc;                       // workspace (B, H, Np, DP) fp32 partial dQ
+    int *sem;                            // workspace (nseg, B, H, nchunk, nq): dQ add order
+    float *dq_acc;                       // workspace (nseg, B, H, Np, DP) fp32 partial dQ sums
     int64_t qs_b, qs_n, qs_h, ks_b, ks_n, ks_h, vs_b, vs_n, vs_h, os_b, os_n, os_h;
     int64_t dos_b, dos_n, dos_h, dqs_b, dqs_n, dqs_h, dks_b, dks_n, dks_h, dvs_b, dvs_n, dvs_h;
     int B, N, H, D, Np, nq, nk;
+    int nseg, seg_size;  // key tiles form nseg chains of seg_size (the last may be shorter)
     int text_begin, text_end;
     float gamma_reverse, scale;
     int vec_load;   // q, k, v, dout: 16-byte aligned rows (D % 8 == 0, strides % 8 == 0)
@@ -123,7 +122,7 @@ __global__ void __launch_bounds__(256) bwd_preprocess(const BwdArgs a) {
     }
 }
 
-/* kAtomic: dq = scale * dq_acc, cast, strided. One thread per element. */
+/* dq = scale * (sum of the chains' float32 sums, in chain order), cast, strided. */
 template <typename T, int DP>
 __global__ void __launch_bounds__(256) bwd_dq_convert(const BwdArgs a) {
     const int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
@@ -135,7 +134,11 @@ __global__ void __launch_bounds__(256) bwd_dq_convert(const BwdArgs a) {
     const int64_t bh = r / a.N;
     const int b = static_cast<int>(bh / a.H), h = static_cast<int>(bh % a.H);
     T *dq = static_cast<T *>(a.dq) + b * a.dqs_b + n * a.dqs_n + h * a.dqs_h;
-    dq[d] = from_float<T>(a.dq_acc[(bh * a.Np + n) * DP + d] * a.scale);
+    const int64_t seg_stride = static_cast<int64_t>(a.B) * a.H * a.Np * DP;
+    const float *src = a.dq_acc + (bh * a.Np + n) * DP + d;
+    float v = 0.f;
+    for (int sg = 0; sg < a.nseg; ++sg) v += __ldcs(src + sg * seg_stride);  // fixed order
+    dq[d] = from_float<T>(v * a.scale);
 }
 
 template <int DP, int BM> struct Smem {
@@ -143,7 +146,7 @@ template <int DP, int BM> struct Smem {
     static constexpr int LDS = BM + 8;
     static constexpr size_t bytes_elems =
         (2 * kBlockN * LDK + 4 * BM * LDK + kBlockN * LDS) * 2;
-    static constexpr size_t bytes = bytes_elems + 4 * BM * sizeof(float) + 16;
+    static constexpr size_t bytes = bytes_elems + 4 * BM * sizeof(float);
 };
 
 /*
@@ -174,7 +177,6 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
     T *sdS = sdO + 2 * BM * LDK;  // [BN][LDS]: dS^T, key rows, query columns
     float *sL = reinterpret_cast<float *>(sdS + BN * LDS);  // [2][BM] lse2
     float *sDl = sL + 2 * BM;                               // [2][BM] delta
-    int *sFlag = reinterpret_cast<int *>(sDl + 2 * BM);     // thread 0's early poll of the order
 
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, t = lane & 3;
     const int jt = blockIdx.x;
@@ -230,6 +232,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
 
     const int nq = a.nq, nk = a.nk;
     const int wm = w % WM, wn = w / WM;
+    // Key tile jt is number seg_pos in chain seg; each chain sums into its own dQ buffer.
+    const int seg = jt / a.seg_size, seg_pos = jt % a.seg_size;
+    const int seg_len = min(a.seg_size, nk - seg * a.seg_size);
+    const bool ordered = a.mode == kOrdered && nk > 1;
+    int *sem_row = a.sem + ((seg * static_cast<int64_t>(a.B) * a.H + bh) * NCH + ch) * nq;
+    float *acc_base = a.dq_acc + (seg * static_cast<int64_t>(a.B) * a.H + bh) * a.Np * DP;
 
     for (int it = 0; it < nq; ++it) {
         const int buf = it & 1;
@@ -242,18 +250,13 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
             cp_async_wait<0>();
         }
         __syncthreads();
-        const bool ordered = a.mode == kOrdered && nk > 1;
-        int *sem_row = a.sem + (bh * NCH + ch) * nq;
-        int polled = 0;
-        if (ordered && tid == 0) {
+        if (ordered && tid == 0 && it > 0 && seg_pos < seg_len - 1) {
             // Release the previous query tile's dQ part (its reductions were issued before the
-            // barrier above): fence.acq_rel + relaxed store, as a release cumulative over the CTA.
-            if (it > 0 && jt < nk - 1) {
-                __threadfence();
-                atomicExch(sem_row + it - 1, jt + 1);
-            }
-            // Poll this tile's order now; the answer is needed only after the dQ matmul.
-            if (jt > 0) polled = ld_acquire(sem_row + it);
+            // barrier above): fence.acq_rel + relaxed store, a release cumulative over the CTA.
+            // Done here, not right after the reductions, so that only warp 0 waits on the fence
+            // while the other warps start this tile's matmuls.
+            __threadfence();
+            atomicExch(sem_row + it - 1, seg_pos + 1);
         }
         const T *q_s = sQ + buf * BM * LDK;
         const T *do_s = sdO + buf * BM * LDK;
@@ -357,10 +360,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
                 mma_16816<T>(acc_dk[2 * nb2 + 1], ads[kb2], bq + 2);
             }
         }
-        if (ordered && tid == 0) *sFlag = polled;
         __syncthreads();  // dS^T complete in shared memory
 
         if (a.mode == kSkip) continue;
+        // Ask for this tile's order before the dQ matmul, so the load's latency hides behind it.
+        int polled = 0;
+        if (ordered && tid == 0 && seg_pos > 0) polled = ld_acquire(sem_row + it);
         // dQ partial (BM, DC) = dS' K: warp (wm, wn) owns rows 16 wm.., columns wn * DQN..
         float dq[DQN / 8][4];
 #pragma unroll
@@ -385,71 +390,50 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
             }
         }
 
-        // Combine the key tiles' dQ parts in the float32 workspace (see taca_bwd.cu); the
-        // last key tile reads the sum and writes dq itself.
+        // Combine the key tiles' dQ parts (see taca_bwd.cu): one key tile alone writes dq;
+        // otherwise float32 sums per chain in the workspace, reduced by bwd_dq_convert.
         const int qr0 = 16 * wm + g;
         const int qcol0 = c0 + wn * DQN + 2 * t;
-        if (nk > 1 && a.mode != kOrdered) {
-            float *accp = a.dq_acc + (bh * a.Np + i0) * DP;
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int r = qr0 + half * 8;
-#pragma unroll
-                for (int nb = 0; nb < DQN / 8; ++nb) {
-                    float *dst = accp + r * DP + qcol0 + nb * 8;
-                    if (a.mode == kAtomic) {
-                        red_add2(dst, dq[nb][2 * half], dq[nb][2 * half + 1]);
-                    } else {
-                        __stcg(reinterpret_cast<float2 *>(dst),
-                               make_float2(dq[nb][2 * half], dq[nb][2 * half + 1]));
-                    }
-                }
-            }
-        } else {
-            // Key-tile order 0, 1, ..., nk-1 per query tile: tile jt adds only after tile jt-1
-            // released (sem >= jt), so every float32 sum has the same order on every run.
-            if (ordered && jt > 0 && *sFlag < jt) {
-                if (tid == 0) {
-                    while (ld_acquire(sem_row + it) < jt) {
-                    }
-                }
-                __syncthreads();
-            }
-            const bool last = nk == 1 || jt == nk - 1;
-            float *accp = a.dq_acc + (bh * a.Np + i0) * DP;
+        if (nk == 1) {
             T *dqb = static_cast<T *>(a.dq) + b * a.dqs_b + h * a.dqs_h;
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const int r = qr0 + half * 8;
-                if (last && i0 + r >= N) continue;
+                if (i0 + r >= N) continue;
                 T *dqrow = dqb + static_cast<int64_t>(i0 + r) * a.dqs_n;
 #pragma unroll
-                for (int nb = 0; nb < DQN / 8; ++nb) {
-                    const int col = qcol0 + nb * 8;
-                    float v0 = dq[nb][2 * half], v1 = dq[nb][2 * half + 1];
-                    float *dst = accp + r * DP + col;
-                    if (last) {
-                        if (nk > 1) {
-                            const float2 o = __ldcg(reinterpret_cast<const float2 *>(dst));
-                            v0 += o.x;
-                            v1 += o.y;
-                        }
-                        store_pair<T>(dqrow, col, D, a.pair_store != 0, v0 * a.scale,
-                                      v1 * a.scale);
-                    } else if (jt == 0) {
-                        __stcg(reinterpret_cast<float2 *>(dst), make_float2(v0, v1));
-                    } else {
-                        red_add2(dst, v0, v1);
-                    }
-                }
+                for (int nb = 0; nb < DQN / 8; ++nb)
+                    store_pair<T>(dqrow, qcol0 + nb * 8, D, a.pair_store != 0,
+                                  dq[nb][2 * half] * a.scale, dq[nb][2 * half + 1] * a.scale);
+            }
+            continue;
+        }
+        // Chain order: key tile seg_pos adds only after seg_pos - 1 released this query tile.
+        const bool first = ordered ? seg_pos == 0 : a.mode == kRacy;
+        if (ordered && seg_pos > 0) {
+            if (tid == 0) {
+                while (polled < seg_pos) polled = ld_acquire(sem_row + it);
+            }
+            __syncthreads();
+        }
+        float *accp = (ordered ? acc_base : a.dq_acc + bh * a.Np * DP) + i0 * DP;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int r = qr0 + half * 8;
+#pragma unroll
+            for (int nb = 0; nb < DQN / 8; ++nb) {
+                float *dst = accp + r * DP + qcol0 + nb * 8;
+                if (first) __stcg(reinterpret_cast<float2 *>(dst),
+                                  make_float2(dq[nb][2 * half], dq[nb][2 * half + 1]));
+                else red_add2(dst, dq[nb][2 * half], dq[nb][2 * half + 1]);
             }
         }
     }
-    if (a.mode == kOrdered && nk > 1 && jt < nk - 1) {
+    if (ordered && seg_pos < seg_len - 1) {
         __syncthreads();
         if (tid == 0) {
             __threadfence();
-            atomicExch(a.sem + (bh * NCH + ch) * nq + nq - 1, jt + 1);
+            atomicExch(sem_row + nq - 1, seg_pos + 1);
         }
     }
     // dK = scale * dK', dV: this thread's rows kr0, kr1 and D-chunk columns.
@@ -497,7 +481,7 @@ int launch_bwd(const BwdArgs &a, cudaStream_t stream) {
     }
     bwd_main<T, DP, DC, BM><<<grid, kThreads, smem, stream>>>(a);
     st = taca_cuda_check_launch("taca_bwd_cuda main");
-    if (st != TACA_OK || a.mode != kAtomic || a.nk == 1) return st;
+    if (st != TACA_OK || a.nk == 1) return st;
     const int64_t total = static_cast<int64_t>(a.B) * a.H * a.N * a.D;
     bwd_dq_convert<T, DP><<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(a);
     return taca_cuda_check_launch("taca_bwd_cuda dq convert");
@@ -508,16 +492,13 @@ struct Config {
     int dp, dc, bm;
 };
 inline Config config_for(int64_t head_dim) {
-    if (head_dim <= 64) {
-        const char *e = getenv("TACA_BWD_D64_BM");  // timing experiment: 64 or 128
-        return {64, 64, (e && atoi(e) == 64) ? 64 : 128};
-    }
+    if (head_dim <= 64) return {64, 64, 128};  // 128 beat 64 on H100: 3.64 vs 3.78 ms (v2)
     if (head_dim <= 128) return {128, 128, 64};
     return {256, 128, 32};
 }
 
 /* One launcher per padded head dim, each in its own .cu (parallel compiles). */
-int launch_d64(const BwdArgs &a, cudaStream_t stream, bool bf16, int bm);
+int launch_d64(const BwdArgs &a, cudaStream_t stream, bool bf16);
 int launch_d128(const BwdArgs &a, cudaStream_t stream, bool bf16);
 int launch_d256(const BwdArgs &a, cudaStream_t stream, bool bf16);
 

@@ -218,6 +218,7 @@ int main(int argc, char **argv) {
         {1, 1, 174, 200, 97, 174, 1.2f, 1.2f, 1.3f, false, false},
         {1, 1, 130, 96, 0, 0, 1.2f, 1.2f, 1.0f, true, false},
         {1, 1, 257, 128, 0, 257, 1.2f, 1.2f, 1.0f, true, false},
+        {1, 1, 2100, 64, 2023, 2100, 1.3f, 1.3f, 0.8f, true, false},  // 17 key tiles: 2 chains
     };
     if (quick) cases.resize(4);
     int fail = 0;
