@@ -88,3 +88,23 @@ def test_dynamic_shapes_compile_once(text_first, no_recompiles):
         q, k, v = _inputs(N=N)
         gamma = torch.tensor([1.2, 1.4])
         torch.testing.assert_close(_run(cf, q, k, v, gamma, L), _run(f, q, k, v, gamma, L))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not ops.HAVE_CUDA_KERNEL, reason="taca._C built without CUDA kernels")
+def test_compiled_cuda_kernel_without_recompiles(no_recompiles):
+    def f(q, k, v, gamma):
+        return taca.joint_attention(q, k, v, text_len=77, text_first=False, gamma=gamma, layout="bnhd")
+
+    cf = torch.compile(f, fullgraph=True)
+    base = torch.randn(2, 333, 3, 4, 64, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (t.detach().requires_grad_() for t in base.unbind(2))
+    for g in ([1.0, 1.0], [1.2, 1.5], [2.0, 0.5]):
+        gamma = torch.tensor(g, device="cuda")
+        out_c, out_e = cf(q, k, v, gamma), f(q, k, v, gamma)
+        torch.testing.assert_close(out_c, out_e, atol=0, rtol=0)
+        dout = torch.randn_like(out_e)
+        got = torch.autograd.grad(out_c, (q, k, v), dout)
+        want = torch.autograd.grad(out_e, (q, k, v), dout)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
