@@ -67,6 +67,8 @@ GRID = [
     (1, 3, 512, 1, 64, False, "bnhd", 1.125, 1.5),
     (1, 1, 512, 97, 33, True, "bhnd", 2.0, 0.5),
     (3, 1, 9, 0, 16, True, "bnhd", 1.5, 1.0),  # text only: text_len == N
+    (1, 1, 30, 70, 256, False, "bhnd", 1.5, 1.25),  # the largest head dim
+    (2, 2, 2, 3, 1, True, "bnhd", [2.0, 0.5], 1.0),  # D = 1
 ]
 
 
