@@ -2,7 +2,7 @@
 # One-call GPU script (run through the device tool from the repo root):
 #   build the extension + the ctypes forward library, CUDA tests, compute-sanitizer, benchmark.
 # Env: STEPS (default "build test sanitize bench"), BENCH_ARGS (extra args for the benchmark),
-#      PYTEST_ARGS (extra args for pytest), OUT (folder whose files come back; default /tmp/out).
+#      PYTEST_K (a pytest -k expression), OUT (folder whose files come back; default /tmp/out).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STEPS=${STEPS:-"build test sanitize bench"}
@@ -16,12 +16,12 @@ if has build; then
   TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build_ext.txt" 2>&1
   echo "extension build rc=$? ($((SECONDS - t0)) s)"; tail -5 "$OUT/build_ext.txt"
   wait; echo "builds done ($((SECONDS - t0)) s)"
-  python3 -c "import torch, taca; print('taca._C has_cuda:', torch.ops.taca.has_cuda())" || true
+  python3 -c "import torch, taca, taca._C; print('taca._C has_cuda:', torch.ops.taca.has_cuda())" || true
 fi
 if has test; then
   t0=$SECONDS
   tests="tests/test_cuda.py"; [ -f tests/test_cuda_bwd.py ] && tests="$tests tests/test_cuda_bwd.py"
-  python3 -m pytest -q -rs -x $tests $PYTEST_ARGS 2>&1 | tail -40
+  python3 -m pytest -q -rs $tests ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tail -40
   echo "tests done ($((SECONDS - t0)) s)"
 fi
 if has sanitize; then

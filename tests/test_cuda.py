@@ -248,6 +248,20 @@ def test_tiling_variants(variant, D):
 
 
 @pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
+@pytest.mark.parametrize("scale", [-0.05, 0.0, 0.3])
+def test_scale_sign(scale):
+    # negative / zero scale: uniform key tiles must fall back to the explicit-multiply path
+    q, k, v = (torch.randn(2, 2, 900, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    g = torch.tensor([1.2, 1.5], device="cuda")
+    out, lse, tm = taca_ctypes.fwd(q, k, v, text_len=77, text_first=True, gamma=g, scale=scale)
+    ref, rlse, rtm = reference.attention_ref(q, k, v, text_len=77, gamma=g, scale=scale,
+                                             upcast=torch.float32)
+    so = reference.attention_split_sdpa(q, k, v, text_len=77, gamma=g, scale=scale)
+    assert (out.float() - ref).abs().max().item() <= 2 * (so.float() - ref).abs().max().item() + 1e-5
+    assert (lse - rlse).abs().max().item() < 1e-3 and (tm - rtm).abs().max().item() < 1e-3
+
+
+@pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
 def test_status_codes():
     q = torch.randn(1, 2, 64, 64, device="cuda")
     o = torch.empty_like(q)

@@ -85,6 +85,31 @@ __device__ __forceinline__ void load_tile(T *s, const T *g, int64_t stride_n, in
     }
 }
 
+/* K and V rows [row0, row0 + ROWS) into their smem buffers (V at a fixed offset from K) in one
+ * pass: the row predicate and the smem offsets are shared, which saves registers. */
+template <typename T, int ROWS, int DP, int LD, int THREADS, bool ALIGNED, int V_OFF>
+__device__ __forceinline__ void load_kv_tile(T *sk, const T *gk, int64_t kn, const T *gv,
+                                             int64_t vn, int row0, int n, int d, int tid) {
+    constexpr int CPR = DP / 8;
+    if constexpr (ALIGNED && THREADS % CPR == 0 && ROWS % (THREADS / CPR) == 0) {
+        constexpr int RSTEP = THREADS / CPR;
+        const int c = tid % CPR, r0 = tid / CPR;
+        const bool cok = c * 8 < d;
+        const T *srck = gk + (int64_t)(row0 + r0) * kn + c * 8;
+        const T *srcv = gv + (int64_t)(row0 + r0) * vn + c * 8;
+        const uint32_t dst = smem_u32(sk + r0 * LD + c * 8);
+#pragma unroll
+        for (int it = 0; it < ROWS / RSTEP; ++it) {
+            const bool ok = cok && row0 + r0 + it * RSTEP < n;
+            cp_async_16(dst + it * RSTEP * LD * 2, ok ? srck + it * RSTEP * kn : gk, ok ? 16 : 0);
+            cp_async_16(dst + (V_OFF + it * RSTEP * LD) * 2, ok ? srcv + it * RSTEP * vn : gv, ok ? 16 : 0);
+        }
+    } else {
+        load_tile<T, ROWS, DP, LD, THREADS, ALIGNED>(sk, gk, kn, row0, n, d, tid);
+        load_tile<T, ROWS, DP, LD, THREADS, ALIGNED>(sk + V_OFF, gv, vn, row0, n, d, tid);
+    }
+}
+
 /* Tile kinds: which key columns of a K/V tile are text. Uniform tiles (the vast majority) skip
  * the per-element select and, for visual tiles, the text-mass sum. */
 enum { TILE_VIS = 0, TILE_TXT = 1, TILE_MIXED = 2 };
@@ -101,23 +126,29 @@ __device__ __forceinline__ void softmax_tile(float (&s)[MT][NT][4], float (&o)[M
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-            float mx = m_run[mt][hf];
+            // Uniform tiles keep S raw: max(raw) * mul is the max of the scaled logits (the
+            // launcher only takes this path when mul >= 0), and exp2 gets one FFMA.
+            const float mul = KIND == TILE_TXT ? mul_txt[mt][hf] : mul_vis[mt][hf];
+            float mx;
+            if constexpr (KIND == TILE_MIXED) {
+                mx = m_run[mt][hf];
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
+                for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    float &x = s[mt][nt][hf * 2 + e];
-                    if constexpr (KIND == TILE_VIS) {
-                        x *= mul_vis[mt][hf];
-                    } else if constexpr (KIND == TILE_TXT) {
-                        x *= mul_txt[mt][hf];
-                    } else {
+                    for (int e = 0; e < 2; ++e) {
+                        float &x = s[mt][nt][hf * 2 + e];
                         const int col = k0 + nt * 8 + (lane & 3) * 2 + e;
                         const bool ct = col >= tb && col < te;
                         x = col < n ? x * (ct ? mul_txt[mt][hf] : mul_vis[mt][hf]) : -INFINITY;
+                        mx = fmaxf(mx, x);
                     }
-                    mx = fmaxf(mx, x);
-                }
+            } else {
+                float mr = s[mt][0][hf * 2];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+                    mr = fmaxf(mr, fmaxf(s[mt][nt][hf * 2], s[mt][nt][hf * 2 + 1]));
+                mx = fmaxf(m_run[mt][hf], mr * mul);
+            }
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             const float mbase = mx == -INFINITY ? 0.0f : mx;
@@ -128,7 +159,8 @@ __device__ __forceinline__ void softmax_tile(float (&s)[MT][NT][4], float (&o)[M
             for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const float pr = fast_exp2(s[mt][nt][hf * 2 + e] - mbase);
+                    const float pr = KIND == TILE_MIXED ? fast_exp2(s[mt][nt][hf * 2 + e] - mbase)
+                                                        : fast_exp2(fmaf(s[mt][nt][hf * 2 + e], mul, -mbase));
                     s[mt][nt][hf * 2 + e] = pr;
                     ls += pr;
                     if constexpr (KIND == TILE_MIXED) {
@@ -174,10 +206,8 @@ taca_fwd_kernel(const FwdArgs a) {
     if constexpr (STAGES == 2) {
         load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sV, gv, a.vn, 0, n, d, tid);
         cp_async_commit();
-        if (nkv > 1) {
-            load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sK + BC * LD, gk, a.kn, BC, n, d, tid);
-            load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sV + BC * LD, gv, a.vn, BC, n, d, tid);
-        }
+        if (nkv > 1)
+            load_kv_tile<T, BC, DP, LD, THREADS, ALIGNED, STAGES * BC * LD>(sK + BC * LD, gk, a.kn, gv, a.vn, BC, n, d, tid);
     }
     cp_async_commit();
 
@@ -257,9 +287,9 @@ taca_fwd_kernel(const FwdArgs a) {
         }
 
         const int k1 = k0 + BC;
-        if (k1 <= n && (k1 <= tb || k0 >= te))
+        if (a.scale_log2 >= 0.0f && k1 <= n && (k1 <= tb || k0 >= te))
             softmax_tile<TILE_VIS>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane);
-        else if (k1 <= n && k0 >= tb && k1 <= te)
+        else if (a.scale_log2 >= 0.0f && k1 <= n && k0 >= tb && k1 <= te)
             softmax_tile<TILE_TXT>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane);
         else
             softmax_tile<TILE_MIXED>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane);
@@ -299,10 +329,9 @@ taca_fwd_kernel(const FwdArgs a) {
 
         if constexpr (STAGES == 2) {
             __syncthreads();  // every warp is done reading buffer `buf`
-            if (j + 2 < nkv) {
-                load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sK + buf * BC * LD, gk, a.kn, k0 + 2 * BC, n, d, tid);
-                load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sV + buf * BC * LD, gv, a.vn, k0 + 2 * BC, n, d, tid);
-            }
+            if (j + 2 < nkv)
+                load_kv_tile<T, BC, DP, LD, THREADS, ALIGNED, STAGES * BC * LD>(
+                    sK + buf * BC * LD, gk, a.kn, gv, a.vn, k0 + 2 * BC, n, d, tid);
             cp_async_commit();  // possibly empty: keeps one group per tile for wait_group<1>
         }
     }
