@@ -16,8 +16,10 @@ from taca import reference, telemetry
 
 def _materialized(q, k, text_len, text_first, gamma):
     """P (B, H, N, N) float64 with gamma on (visual query, text key) logits."""
+    q, k = q.detach().double().cpu(), k.detach().double().cpu()
+    gamma = gamma.detach().cpu() if isinstance(gamma, torch.Tensor) else gamma
     B, H, N, D = q.shape
-    s = torch.matmul(q.double(), k.double().transpose(-1, -2)) / math.sqrt(D)
+    s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(D)
     s = s * reference.logit_multiplier(N, text_len, text_first, gamma, 1.0, B)
     return torch.softmax(s, dim=-1)
 
@@ -222,7 +224,7 @@ def test_recorder_cuda_bf16_kernel_events():
         own = ta._visual(e.text_mass, L, e.text_first).float().mean(dim=(1, 2)).cpu()
         torch.testing.assert_close(tel.mass[s, li], own)
         P = _materialized(e.q, e.k, L, e.text_first, e.gamma)
-        tol = _kernel_tol(e, ta._visual(P[..., :L].sum(-1), L, e.text_first))
+        tol = _kernel_tol(e, ta._visual(P[..., :L].sum(-1), L, e.text_first).to(e.q.device))
         for g in (1.0, 1.3):
             Pg = _materialized(e.q, e.k, L, e.text_first, g)
             ref = ta._visual(Pg[..., :L].sum(-1), L, e.text_first).mean(dim=(1, 2)).cpu()
