@@ -125,7 +125,10 @@ def _methods(shape, op_ok, tc, variants: bool):
     return m
 
 
-def run_shape(sname, shape, op_ok, tc, quick, variants, do_bwd, log):
+_HEAVY = ("flex_compiled", "flex_eager_authors", "materialized_authors")
+
+
+def run_shape(sname, shape, op_ok, tc, quick, variants, do_bwd, log, skip_heavy=False):
     from taca import reference
 
     B, H, D, L, n_img, tf = shape
@@ -149,6 +152,10 @@ def run_shape(sname, shape, op_ok, tc, quick, variants, do_bwd, log):
 
     for name, (fn, has_bwd) in methods.items():
         rec = {"shape": sname, "method": name, "B": B, "H": H, "N": N, "D": D, "text_len": L}
+        if skip_heavy and name in _HEAVY:
+            rec.update(fwd_ms=None, note="skipped: benchmark time budget (--max-seconds) spent")
+            rows.append(rec)
+            continue
         gamma_free = name.startswith("plain")
         try:
             out = fn(q, k, v)
@@ -238,6 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-bwd", action="store_true", help="forward only")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for JSON + md")
     ap.add_argument("--tag", default="", help="suffix for the output file names")
+    ap.add_argument("--max-seconds", type=float, default=0.0,
+                    help="after this many seconds, skip the slow alternatives (flex, materialized) on the remaining shapes")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_attention_gpu: no CUDA device", file=sys.stderr)
@@ -248,10 +257,14 @@ def main(argv=None) -> int:
     header = (f"GPU: {gpu}; torch {torch.__version__}; CUDA {torch.version.cuda}; "
               f"cuDNN {torch.backends.cudnn.version()}; bf16, gamma={GAMMA}; "
               f"taca path: {'public op' if op_ok else 'ctypes harness (forward only)' if tc else 'none'}; "
-              f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC")
+              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(header, flush=True)
     t0 = time.time()
     rows = []
+
+    def heavy_off():
+        return args.max_seconds > 0 and time.time() - t0 > args.max_seconds
+
     rx = re.compile(args.methods) if args.methods else None
     for s in args.shapes.split(","):
         shape = SHAPES[s]
@@ -263,15 +276,15 @@ def main(argv=None) -> int:
                 return {k: v for k, v in orig(*a, **kw).items() if k.startswith("plain") or rx.search(k)}
             _methods = _filtered
             try:
-                rows += run_shape(s, shape, op_ok, tc, args.quick, args.variants, not args.no_bwd, print)
+                rows += run_shape(s, shape, op_ok, tc, args.quick, args.variants, not args.no_bwd, print, heavy_off())
             finally:
                 _methods = orig
         else:
-            rows += run_shape(s, shape, op_ok, tc, args.quick, args.variants, not args.no_bwd, print)
+            rows += run_shape(s, shape, op_ok, tc, args.quick, args.variants, not args.no_bwd, print, heavy_off())
         print(f"[{time.time() - t0:.0f} s]", flush=True)
     os.makedirs(args.out, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_")
-    stem = os.path.join(args.out, f"gpu_{slug}_{datetime.datetime.utcnow():%Y%m%d}{args.tag}")
+    stem = os.path.join(args.out, f"gpu_{slug}_{datetime.datetime.now(datetime.timezone.utc):%Y%m%d}{args.tag}")
     with open(stem + ".json", "w") as f:
         json.dump({"header": header, "rows": rows}, f, indent=1)
     md = table(rows, header)
