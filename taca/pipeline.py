@@ -21,6 +21,18 @@ torch.compile guards (one more graph per LoRA state).
 Known interplay: ``SD3Transformer2DModel.fuse_qkv_projections()`` replaces every processor; if
 it runs after ``taca.enable`` the next transformer call raises (call ``taca.enable`` again: the
 TACA processors handle fused projections). FLUX's fusion keeps processors and just works.
+Processors TACA cannot reproduce (IP-Adapter, custom ones) make ``enable`` raise TypeError
+rather than being dropped. A LoRA file's text-encoder part (if any, loaded through the pipeline)
+is not gated: the text encoders run once per call, before the denoising loop.
+
+torch.compile: ``transformer.compile_repeated_blocks(fullgraph=True)`` (regional, FLUX) keeps the
+hook outside the compiled blocks; compiling the whole transformer works with one graph break in
+the hook (the host sync) and at most two graphs (gamma on / off). gamma is a tensor, so a
+changing gamma does not recompile.
+
+Sigma: FLUX pipelines pass t / 1000 in the latents' dtype; when ``enable`` got the pipeline, the
+hook uses the pipeline's exact ``_current_timestep`` instead (it must agree within 2**-7).
+Supported: diffusers >= 0.35.0 (the first release with ``FluxAttention``).
 """
 from __future__ import annotations
 
