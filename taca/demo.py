@@ -278,7 +278,8 @@ def _run_demo(out_dir, prompt, steps, gammas, paper_gamma, words, seed, run_each
         f"({len(_vocab())} words); {DEMO_TEXT_LEN} text tokens, {n_image} image tokens ({height}x{width} px).")
     say("  Random weights show the attention MECHANISM, NOT image quality: the images are noise-like.")
     say(f"  prompt: {prompt!r}, {steps} steps, seed {seed}. Scheduler: FLUX.1-dev's with its 1024x1024")
-    say("  shift, so the paper's rule (gamma while sigma >= 0.97) covers the first steps only (3 of 30);")
+    say("  shift, so the paper's rule (gamma while sigma >= 0.97) covers the first steps only (3 of 30, as in")
+    say("  the paper; fewer with fewer steps);")
     say("  'const' applies gamma at every step, as the paper's Fig. 2 appears to.")
     try:
         tok_idx = ta.token_indices(pipe, prompt, words)
@@ -293,7 +294,7 @@ def _run_demo(out_dir, prompt, steps, gammas, paper_gamma, words, seed, run_each
     runs["off"] = Run("TACA off", 1.0, None, img, None, time.perf_counter() - t0)
 
     plan = [("baseline", "gamma=1", 1.0, "constant")]
-    const = gammas if run_each_gamma else [paper_gamma]
+    const = [*gammas, paper_gamma] if run_each_gamma else [paper_gamma]
     plan += [(f"const{g:g}", f"const {g:g}", g, "constant") for g in sorted(set(const))]
     plan += [("paper", f"paper {paper_gamma:g}", paper_gamma, "paper")]
     for key, label, g, sched in plan:
@@ -313,6 +314,8 @@ def _run_demo(out_dir, prompt, steps, gammas, paper_gamma, words, seed, run_each
     say("")
     say(table)
     say("")
+    on = [i for i, g in enumerate(runs["paper"].telemetry.gamma_per_step().tolist()) if g != 1.0]
+    say(f"Paper rule: gamma {paper_gamma:g} was on in steps {on} of {len(sigmas)} (sigma >= 0.97).")
     say(f"TACA on with gamma = 1 vs TACA off: max |image difference| = {gamma1_diff:.2e} (plain attention).")
 
     files: Dict[str, str] = {}

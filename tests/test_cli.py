@@ -144,3 +144,16 @@ def test_find_benchmarks_in_this_checkout():
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if os.path.isdir(os.path.join(here, "benchmarks")):
         assert cli.find_benchmarks() == os.path.join(here, "benchmarks")
+
+
+def test_demo_subcommand_custom_args(tmp_path, capsys, one_thread):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "demo"
+    rc, stdout, err = _run(["demo", "--out", str(out), "--steps", "2", "--gammas", "1.5", "--run-each-gamma",
+                            "--prompt", "a red cube on the left of a blue sphere", "--words", "cube,sphere",
+                            "--no-plots"], capsys)
+    assert rc == 0, err
+    assert "Paper rule: gamma 1.2 was on in steps [0] of 2" in stdout
+    assert "const 1.5" in stdout and "const 1.2" in stdout and "1.5*" in stdout
+    assert (out / "telemetry.json").exists() and (out / "images.png").exists()
+    assert not (out / "text_mass.png").exists()
