@@ -8,9 +8,10 @@
  *   dV_j  = sum_i P_ij dO_i
  *   dK_j  = sum_i dS_ij c_ij q_i
  *   dQ_i  = sum_j dS_ij c_ij k_j
- * No atomics, no N x N storage, deterministic (for any thread count: every output element is
- * summed by one task in a fixed order). Pass 0 computes delta (B, H, N, double) into malloc'd
- * scratch. Then either
+ * No atomics, no N x N storage, deterministic: every output element is summed by one task in
+ * a fixed order, so runs repeat bit for bit (for a given thread count: the float32 schedule
+ * below depends on it, and the two schedules round differently). Pass 0 computes delta
+ * (B, H, N, double) into malloc'd scratch. Then either
  *   fused:  one task per (b, h) head: per key tile dK, dV; dQ of the whole head accumulates in
  *           a per-thread (N, Dp) buffer (5 GEMM-like products per tile pair), or
  *   split:  pass 1 over (b, h, key tile) owns dK, dV of its keys; pass 2 over (b, h, query
