@@ -33,7 +33,9 @@
  *   dQ buffers. A CTA waits only on CTAs of the same chain with a smaller linear block index
  *   (blockIdx.x is the key tile), which the hardware has already dispatched: no deadlock.
  *   params->deterministic = 0 uses red.add without order into one zeroed buffer
- *   (FlashAttention-2's atomics, non-deterministic).
+ *   (FlashAttention-2's atomics, non-deterministic). The environment variable TACA_BWD_MODE
+ *   (atomic | racy | skipdq) overrides this for timing experiments only: racy and skipdq
+ *   give a wrong dq on purpose (they bound the cost of the ordering and of the dQ matmul).
  *   Measured history (H100, FLUX 1024 b1 bwd alone): v1 ordered with per-tile fence + load
  *   5.66 ms; v2 early poll + red + delayed release 3.62 ms; see KERNEL_LOG.md.
  *
