@@ -155,3 +155,34 @@ def test_step_counter_ignores_repeated_sigma_and_resets():
     finally:
         taca.disable(t)
     assert steps == [(0, True), (0, True), (1, True), (1, True), (2, False), (3, False), (0, True), (1, True)]
+
+
+def test_flux_bf16_timestep_uses_the_pipelines_exact_timestep():
+    """FLUX pipelines pass t / 1000 in bf16 (969.9 -> 968 -> sigma 0.96875); with the pipeline
+    known, the hook uses its exact timestep instead, and ignores a stale one."""
+    pytest.importorskip("diffusers")
+    import taca
+    from taca import tiny
+
+    pipe = tiny.flux_pipeline(num_layers=1, num_single_layers=0)
+    t = pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    n, L = 4, 3
+    kw = dict(hidden_states=torch.randn(1, n, 4, generator=g), encoder_hidden_states=torch.randn(1, L, 32, generator=g),
+              pooled_projections=torch.randn(1, 32, generator=g), img_ids=torch.zeros(n, 3), txt_ids=torch.zeros(L, 3),
+              timestep=torch.tensor([969.9]).to(torch.bfloat16) / 1000)
+    assert float(kw["timestep"]) < 0.9695
+    h = taca.enable(t, gamma=1.2, schedule="paper:0.9695")
+    try:
+        t(**kw)
+        assert h.last_gamma is None  # bare transformer: only the bf16 value is known
+        taca.enable(pipe, gamma=1.2, schedule="paper:0.9695")
+        pipe._current_timestep = torch.tensor(969.9)
+        t(**kw)
+        assert h.last_gamma is not None and h.last_gamma.tolist() == pytest.approx([1.2])
+        pipe._current_timestep = torch.tensor(500.0)  # stale: does not match what was passed
+        t(**kw)
+        assert h.last_gamma is None
+    finally:
+        pipe._current_timestep = None
+        taca.disable(pipe)
