@@ -127,6 +127,57 @@ def build_tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return pipe
 
 
+def build_tiny_sd3_pipeline(seed: int = 0, variant: str = "sd35m", dtype: torch.dtype = torch.float32):
+    """A tiny ``StableDiffusion3Pipeline`` with random weights, text encoders and tokenizers, offline.
+
+    variant: "sd3" (SD3-Medium style), "sd35m" (dual attention in block 0, QK RMSNorm) or
+    "sd35l" (QK RMSNorm). Takes text prompts, CFG and negative prompts; can be saved with
+    ``save_pretrained`` and reloaded. Image tokens: (H/1) * (W/1) with the one-level VAE, so keep
+    H, W small (16 gives 256 image tokens against 77 CLIP + max_sequence_length T5 text tokens).
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    extra = {"sd3": {}, "sd35m": dict(dual_attention_layers=(0,), qk_norm="rms_norm"),
+             "sd35l": dict(qk_norm="rms_norm")}
+    if variant not in extra:
+        raise ValueError(f"taca: variant={variant!r} is not one of {tuple(extra)}")
+    toks = []
+    encs = []
+    torch.manual_seed(seed)
+    for _ in range(2):
+        tok, vocab = _word_tokenizer(
+            _SPECIALS_CLIP, "<|startoftext|> $A <|endoftext|>", pad="<|endoftext|>", unk="<unk>",
+            eos="<|endoftext|>", bos="<|startoftext|>", max_length=77)
+        toks.append(tok)
+        encs.append(CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+            num_hidden_layers=2, max_position_embeddings=77, projection_dim=32,
+            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"])).eval())
+    t5_tok, t5_vocab = _word_tokenizer(_SPECIALS_T5, "$A </s>", pad="<pad>", unk="<unk>", eos="</s>",
+                                       bos=None, max_length=512)
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0)).eval()
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+        **extra[variant]).eval()
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae, text_encoder=encs[0], tokenizer=toks[0], text_encoder_2=encs[1], tokenizer_2=toks[1],
+        text_encoder_3=t5, tokenizer_3=t5_tok)
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    return pipe
+
+
 @dataclass
 class Run:
     """One pipeline call of the demo."""

@@ -157,3 +157,27 @@ def test_demo_subcommand_custom_args(tmp_path, capsys, one_thread):
     assert "const 1.5" in stdout and "const 1.2" in stdout and "1.5*" in stdout
     assert (out / "telemetry.json").exists() and (out / "images.png").exists()
     assert not (out / "text_mass.png").exists()
+
+
+def test_generate_sd35m_folder_cfg_negative_prompt(tmp_path, capsys, one_thread):
+    pytest.importorskip("diffusers")
+    from PIL import Image
+
+    from taca.demo import build_tiny_sd3_pipeline
+
+    folder = tmp_path / "sd35m"
+    build_tiny_sd3_pipeline(seed=0, variant="sd35m").save_pretrained(str(folder))
+    out = tmp_path / "sd3.png"
+    rc, stdout, err = _run(["generate", "--model", str(folder), "--prompt", "a red cube", "--negative-prompt", "blurry",
+                            "--steps", "2", "--height", "16", "--width", "16", "--max-sequence-length", "8",
+                            "--device", "cpu", "--schedule", "steps:1", "--out", str(out), "--compare"], capsys)
+    assert rc == 0, err
+    assert "StableDiffusion3Pipeline (sd3)" in err
+    assert "gamma was on in transformer calls [0] of 2" in err
+    assert Image.open(out).size == (32, 16 + 20)
+
+
+def test_generate_negative_prompt_rejected_for_flux(tiny_folder, capsys):
+    rc, _, err = _run(["generate", "--model", tiny_folder, "--prompt", "x", "--negative-prompt", "y",
+                       "--device", "cpu"], capsys)
+    assert rc == 2 and "--negative-prompt" in err
