@@ -104,6 +104,7 @@ static void bwd_query_portable(const taca_bwd_params *p, const double *delta, in
 }
 
 #if TACA_CPU_AVX2
+TACA_AVX2_BEGIN
 /*
  * Tiled float32 backward. Two schedules, both without atomics and deterministic:
  *   fused (when the (b, h) heads split evenly over the threads, or there are many): one task
@@ -294,6 +295,7 @@ static int bwd_f32(const taca_bwd_params *p, const double *delta, int nt) {
     }
     return failed ? TACA_ERR_ALLOC : TACA_OK;
 }
+TACA_AVX2_END
 #endif
 
 static void bwd_portable(const taca_bwd_params *p, const double *delta, int nt) {
@@ -333,7 +335,7 @@ int taca_bwd_cpu(const taca_bwd_params *p) {
     if (!delta) return TACA_ERR_ALLOC;
     delta_portable(p, delta, taca_threads(p->num_threads, nrows, work));
 #if TACA_CPU_AVX2
-    if (p->dtype == TACA_F32) {
+    if (p->dtype == TACA_F32 && taca_cpu_has_avx2()) {
         const int64_t ntile = (p->seqlen + TACA_T - 1) / TACA_T;
         st = bwd_f32(p, delta, taca_threads(p->num_threads, p->batch * p->heads * ntile, work));
         free(delta);

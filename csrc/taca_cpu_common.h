@@ -21,12 +21,45 @@
 #include <omp.h>
 #endif
 
+/*
+ * The float32 fast path needs AVX2 + FMA. Built with them (-march=native on such a CPU) it is
+ * always taken; built without them by GCC for x86 (TACA_NATIVE=0), its functions are compiled
+ * for AVX2 + FMA anyway (TACA_AVX2_BEGIN/END) and taken when the CPU has them at run time;
+ * elsewhere float32 runs the portable path.
+ */
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
 #define TACA_CPU_AVX2 1
+#define TACA_AVX2_RUNTIME 0
+#elif defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define TACA_CPU_AVX2 1
+#define TACA_AVX2_RUNTIME 1
 #else
 #define TACA_CPU_AVX2 0
+#define TACA_AVX2_RUNTIME 0
 #endif
+
+#if TACA_AVX2_RUNTIME
+#define TACA_AVX2_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma\")")
+#define TACA_AVX2_END _Pragma("GCC pop_options")
+#else
+#define TACA_AVX2_BEGIN
+#define TACA_AVX2_END
+#endif
+
+#if TACA_CPU_AVX2
+#include <immintrin.h>
+#endif
+
+/* Whether the float32 fast path may run on this CPU (TACA_CPU_PORTABLE=1 forbids it: tests). */
+static inline int taca_cpu_has_avx2(void) {
+    const char *force = getenv("TACA_CPU_PORTABLE");
+    if (force && force[0] == '1') return 0;
+#if TACA_AVX2_RUNTIME
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return TACA_CPU_AVX2;
+#endif
+}
 
 static inline int64_t taca_off(const taca_strides *s, int64_t b, int64_t n, int64_t h) {
     return b * s->b + n * s->n + h * s->h;
@@ -93,6 +126,7 @@ static inline void *taca_aligned_malloc(size_t bytes, void **raw) {
 }
 
 #if TACA_CPU_AVX2
+TACA_AVX2_BEGIN
 /*
  * exp of 8 floats, meant for x <= 0 (the kernels pass x - rowmax or s - lse; x is clamped to
  * [-87, 88], so a bad lse cannot overflow the exponent bits): x = n ln2 + r, |r| <= ln2/2,
@@ -138,6 +172,7 @@ static inline float taca_hmax256(__m256 v) {
     if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q))) out = NAN;
     return out;
 }
+TACA_AVX2_END
 #endif
 
 /*
@@ -205,6 +240,7 @@ static inline void taca_vec_store(void *base, int64_t idx, int f64, double v) {
 }
 
 #if TACA_CPU_AVX2
+TACA_AVX2_BEGIN
 /*
  * Tiled float32 path (AVX2 + FMA). Tiles are TACA_T rows (queries) by TACA_T keys; head dims
  * are padded to Dp = round_up(D, 8) with zeros in packed tiles so every row is whole vectors.
@@ -388,6 +424,7 @@ static inline void taca_pack_q_scaled(const float *q, const taca_strides *qs, in
         }
     }
 }
+TACA_AVX2_END
 #endif
 
 #endif /* TACA_CPU_COMMON_H_ */

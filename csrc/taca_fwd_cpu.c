@@ -98,6 +98,7 @@ static int fwd_portable(const taca_fwd_params *p) {
 }
 
 #if TACA_CPU_AVX2
+TACA_AVX2_BEGIN
 /*
  * Tiled float32 forward. Per query tile the logits are computed transposed, S^T = K Q^T
  * (keys x queries), so that Q^T is packed once per query tile, K is read in place, and the
@@ -220,6 +221,7 @@ static int fwd_f32(const taca_fwd_params *p) {
     }
     return failed ? TACA_ERR_ALLOC : TACA_OK;
 }
+TACA_AVX2_END
 #endif
 
 int taca_fwd_cpu(const taca_fwd_params *p) {
@@ -229,7 +231,7 @@ int taca_fwd_cpu(const taca_fwd_params *p) {
     if (p->batch * p->seqlen * p->heads == 0) return TACA_OK;
     if ((st = taca_check_gamma_host(p->gamma, p->batch)) != TACA_OK) return st;
 #if TACA_CPU_AVX2
-    if (p->dtype == TACA_F32) return fwd_f32(p);
+    if (p->dtype == TACA_F32 && taca_cpu_has_avx2()) return fwd_f32(p);
 #endif
     return fwd_portable(p);
 }

@@ -106,6 +106,17 @@ def test_float32_matches_float64(case, num_threads):
     _assert_close(got, ref, 1e-5, str(case))
 
 
+@pytest.mark.parametrize("case", [GRID[2], GRID[3], GRID[6]], ids=["D128", "D40", "D33"])
+def test_portable_float32_path(case, monkeypatch):
+    """The float32 path of CPUs without AVX2 (forced by TACA_CPU_PORTABLE=1)."""
+    monkeypatch.setenv("TACA_CPU_PORTABLE", "1")
+    B, H, L, I, D, tf, layout, gamma, gr = case
+    q, k, v, do = _inputs(_shape(B, H, L + I, D, layout), np.float32, RNG_SEED + D)
+    kw = dict(text_len=L, text_first=tf, gamma=gamma, gamma_reverse=gr, layout=layout)
+    ref = _reference(q, k, v, do, scale=_f32(1 / math.sqrt(D)), **kw)
+    _assert_close(_run(q, k, v, do, num_threads=2, **kw), ref, 1e-5, str(case))
+
+
 def test_default_scale_and_scalar_gamma():
     q, k, v, do = _inputs((2, 2, 40, 64), np.float64, 3)
     kw = dict(text_len=10, text_first=False, gamma=1.2, gamma_reverse=1.1)
