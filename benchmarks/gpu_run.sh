@@ -21,7 +21,8 @@ fi
 if has test; then
   t0=$SECONDS
   tests="tests/test_cuda.py"; [ -f tests/test_cuda_bwd.py ] && tests="$tests tests/test_cuda_bwd.py"
-  python3 -m pytest -q -rs $tests ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tail -40
+  python3 -m pytest -q -rs $tests ${PYTEST_K:+-k "$PYTEST_K"} > "$OUT/pytest.txt" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.txt" | tail -30
   echo "tests done ($((SECONDS - t0)) s)"
 fi
 if has sanitize; then
