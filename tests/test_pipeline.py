@@ -203,9 +203,9 @@ def test_text_length_and_kontext_style_extra_tokens():
     assert seen == [(n + L, L), (n + L, L)]
 
 
-def test_compiled_flux_no_recompile_across_schedule():
-    """torch.compile: after warming up a gamma-on and a gamma-off call, a schedule with changing
-    gamma values runs with no recompilation (gamma is a tensor)."""
+def _compile_setup():
+    """A tiny FLUX transformer with TACA on a schedule whose gamma varies with sigma (gamma 1 below
+    sigma 0.5), fresh dynamo state, and the keyword arguments of one call (timestep left out)."""
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -216,6 +216,13 @@ def test_compiled_flux_no_recompile_across_schedule():
                 pooled_projections=torch.randn(1, 32, generator=g), img_ids=torch.rand(n, 3, generator=g),
                 txt_ids=torch.zeros(L, 3), return_dict=False)
     taca.enable(t, gamma=1.2, schedule=lambda s: torch.where(s > 0.5, 1.0 + s * 0.3, torch.ones_like(s)))
+    return t, base
+
+
+def test_compiled_flux_no_recompile_across_schedule():
+    """torch.compile: after warming up a gamma-on and a gamma-off call, a schedule with changing
+    gamma values runs with no recompilation (gamma is a tensor)."""
+    t, base = _compile_setup()
     compiled = torch.compile(t, backend="eager")
     try:
         outs = {}
@@ -234,16 +241,7 @@ def test_compiled_flux_no_recompile_across_schedule():
 def test_compile_repeated_blocks_fullgraph():
     """Regional compilation (diffusers' compile_repeated_blocks) with fullgraph=True: the blocks,
     processors and taca.joint_attention trace without graph breaks; the hook stays outside."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    t = tiny.flux_transformer(num_layers=1, num_single_layers=1)
-    g = torch.Generator().manual_seed(2)
-    n, L = 16, 5
-    base = dict(hidden_states=torch.randn(1, n, 4, generator=g), encoder_hidden_states=torch.randn(1, L, 32, generator=g),
-                pooled_projections=torch.randn(1, 32, generator=g), img_ids=torch.rand(n, 3, generator=g),
-                txt_ids=torch.zeros(L, 3), return_dict=False)
-    taca.enable(t, gamma=1.2, schedule=lambda s: torch.where(s > 0.5, 1.0 + s * 0.3, torch.ones_like(s)))
+    t, base = _compile_setup()
     try:
         eager = {s: t(**base, timestep=torch.tensor([s]))[0] for s in (1.0, 0.2, 0.95, 0.3)}
         t.compile_repeated_blocks(fullgraph=True, backend="eager")
