@@ -23,14 +23,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from taca import ops, reference  # noqa: E402
 
-SHAPES = {
-    # name: (B, H, D, text_len, image tokens, text_first)
-    "flux1024_b1": (1, 24, 128, 512, 4096, True),
-    "sd35m_cfg": (2, 24, 64, 333, 4096, False),
-    "flux1024_b2": (2, 24, 128, 512, 4096, True),
-    "sd35l_cfg": (2, 38, 64, 333, 4096, False),
-    "flux2048_b1": (1, 24, 128, 512, 16384, True),
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_attention_gpu import SHAPES  # noqa: E402  (name: B, H, D, text_len, image tokens, text_first)
+
 GAMMA, GAMMA_REV = 1.2, 1.0
 MODES = []  # TACA_BWD_MODE timing experiments (--modes atomic,racy,skipdq)
 
