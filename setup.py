@@ -63,6 +63,11 @@ def torch_extension():
     nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__",
             "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+    # The Hopper (wgmma) forward runs only from an sm_90a binary: enable its host dispatch when
+    # 9.0a is built and plain 9.0 is not (an H100 could otherwise load the sm_90 image).
+    archs = [a.strip() for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")]
+    if "9.0a" in archs and "9.0" not in archs and "9.0+PTX" not in archs:
+        nvcc.append("-DTACA_HAVE_SM90A=1")
     return CUDAExtension(
         "taca._C",
         sources=["csrc/bind_torch.cpp"] + sorted(glob.glob("csrc/cuda/*.cu")),

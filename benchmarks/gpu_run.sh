@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
 # One-call GPU script (run through the device tool from the repo root):
 #   build the extension + the ctypes forward library, CUDA tests, compute-sanitizer, benchmark.
-# Env: STEPS (default "build test sanitize bench"), BENCH_ARGS (extra args for the benchmark),
+# Steps: wgmma (standalone Hopper layout check), build, test, sanitize, bench.
+# Env: STEPS (default "wgmma build test sanitize bench"), BENCH_ARGS (extra args for the benchmark),
 #      PYTEST_K (a pytest -k expression), OUT (folder whose files come back; default /tmp/out).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STEPS=${STEPS:-"build test sanitize bench"}
+STEPS=${STEPS:-"wgmma build test sanitize bench"}
+# the lent image's default gcc (/opt/gcc) gives a _C.so that crashes when the op raises
+[ -x /usr/bin/g++ ] && export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/gcc -shared"
+# diffusers wheels carried in .whl (the device image has none)
+if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1; export PYTHONPATH=/tmp/site; fi
 export PYTHONUNBUFFERED=1 TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so HF_HUB_OFFLINE=1
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 {
 nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+if has wgmma; then
+  mkdir -p build
+  nvcc -std=c++17 -O2 -Icsrc -Icsrc/cuda -gencode=arch=compute_90a,code=sm_90a tests/cuda_harness/wgmma_check.cu \
+    -o build/wgmma_check 2>&1 | tail -3 && build/wgmma_check
+fi
 if has build; then
   t0=$SECONDS; mkdir -p build
   (python3 tests/cuda_harness/taca_ctypes.py "$TACA_CUDA_LIB" > "$OUT/build_ctypes.txt" 2>&1; echo "ctypes lib rc=$?") &
@@ -20,9 +30,12 @@ if has build; then
 fi
 if has test; then
   t0=$SECONDS
-  tests="tests/test_cuda.py"; [ -f tests/test_cuda_bwd.py ] && tests="$tests tests/test_cuda_bwd.py"
+  tests="tests/test_cuda.py tests/test_cuda_bwd.py"
   python3 -m pytest -q -rs $tests ${PYTEST_K:+-k "$PYTEST_K"} > "$OUT/pytest.txt" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.txt" | tail -30
+  # CUDA cases of the CPU-first suites (compile, analysis, processors)
+  python3 -m pytest -q -rs tests/test_ops_compile.py tests/test_analysis.py tests/test_processors.py -k "cuda or CUDA" > "$OUT/pytest_more.txt" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_more.txt" | tail -30
   echo "tests done ($((SECONDS - t0)) s)"
 fi
 if has sanitize; then

@@ -234,15 +234,18 @@ def test_poisoned_output_outside_view_untouched():
 
 
 @pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
-@pytest.mark.parametrize("variant", [1, 2, 3, 4, 5])
+# 1..5: mma.sync tilings; 6: the mma.sync default (the default path off Hopper); 0, 7..9: the
+# Hopper wgmma tilings where the device runs sm_90a code (otherwise they fall back to mma.sync).
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
 @pytest.mark.parametrize("D", [64, 128])
-def test_tiling_variants(variant, D):
+@pytest.mark.parametrize("text_first", [False, True])
+def test_tiling_variants(variant, D, text_first):
     q, k, v = (torch.randn(2, 2, 1111, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     g = torch.tensor([1.2, 1.5], device="cuda")
-    out, lse, tm = taca_ctypes.fwd(q, k, v, text_len=333, text_first=False, gamma=g, variant=variant)
-    ref, rlse, rtm = reference.attention_ref(q, k, v, text_len=333, text_first=False, gamma=g,
+    out, lse, tm = taca_ctypes.fwd(q, k, v, text_len=333, text_first=text_first, gamma=g, variant=variant)
+    ref, rlse, rtm = reference.attention_ref(q, k, v, text_len=333, text_first=text_first, gamma=g,
                                              upcast=torch.float32)
-    so = reference.attention_split_sdpa(q, k, v, text_len=333, text_first=False, gamma=g)
+    so = reference.attention_split_sdpa(q, k, v, text_len=333, text_first=text_first, gamma=g)
     assert (out.float() - ref).abs().max().item() <= 2 * (so.float() - ref).abs().max().item() + 1e-5
     assert (lse - rlse).abs().max().item() < 1e-3 and (tm - rtm).abs().max().item() < 1e-3
 

@@ -38,6 +38,10 @@
 
 using taca_fwd::FwdArgs;
 
+/* taca_fwd_sm90.cu: the wgmma forward; TACA_ERR_UNSUPPORTED where it does not apply. */
+int taca_fwd_sm90(const taca_fwd::FwdArgs &a, int dtype, int variant, int batch, int heads,
+                  cudaStream_t stream);
+
 static thread_local char g_last_cuda_error[512] = "";
 
 int taca_cuda_record_error(cudaError_t err, const char *where) {
@@ -88,6 +92,13 @@ extern "C" int taca_fwd_cuda_variant(const taca_fwd_params *p, void *stream, int
                          mult8(p->k_stride) && mult8(p->v_stride) && mult8(p->out_stride);
     cudaStream_t s = static_cast<cudaStream_t>(stream);
     const int B = (int)p->batch, H = (int)p->heads;
+    // Hopper path (taca_fwd_sm90.cu) for aligned D = 64 / 128 on sm_90 when built for sm_90a;
+    // variants 1..6 force the mma.sync kernel (6 = its default tiling).
+    if (aligned && (variant == 0 || variant >= 7)) {
+        const int st90 = taca_fwd_sm90(a, p->dtype, variant, B, H, s);
+        if (st90 != TACA_ERR_UNSUPPORTED) return st90;
+    }
+    if (variant == 6) variant = 0;
     if (p->dtype == TACA_BF16) return taca_fwd::dispatch_bf16(a, variant, aligned, B, H, s);
     return taca_fwd::dispatch_f16(a, variant, aligned, B, H, s);
 }

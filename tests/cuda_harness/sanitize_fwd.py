@@ -19,8 +19,8 @@ def main():
     runs = 0
     if taca_ctypes.load() is not None:
         for D in (64, 128, 40, 256):
-            for var in ((0, 1, 2, 3, 4, 5) if D in (64, 128) else (0,)):
-                q, k, v = (torch.randn(1, 2, 150, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            for var in ((0, 1, 2, 3, 4, 5, 6, 7, 8, 9) if D in (64, 128) else (0,)):
+                q, k, v = (torch.randn(1, 2, 250, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
                 taca_ctypes.fwd(q, k, v, text_len=33, text_first=var % 2 == 0, gamma=1.2, variant=var)
                 runs += 1
         buf = torch.randn(3, 1 + 2 * 130 * 65, device="cuda").half()

@@ -50,11 +50,12 @@ def build(path: str, arch: str = "-gencode=arch=compute_90a,code=sm_90a") -> str
     inc = ["-I" + os.path.join(_ROOT, "csrc"), "-I" + os.path.join(_ROOT, "csrc", "cuda")]
     srcs = sorted(glob.glob(os.path.join(_ROOT, "csrc", "cuda", "taca_fwd*.cu")))
     objs, procs = [], []
+    sm90 = ["-DTACA_HAVE_SM90A=1"] if "90a" in arch else []  # see setup.py
     for src in srcs:
         obj = path + "." + os.path.basename(src) + ".o"
         objs.append(obj)
         procs.append(subprocess.Popen(["nvcc", "-Xcompiler", "-fPIC", "-std=c++17", "-O3",
-                                       "--use_fast_math", *inc, arch, "-c", src, "-o", obj]))
+                                       "--use_fast_math", *inc, arch, *sm90, "-c", src, "-o", obj]))
     common = path + ".common.o"
     subprocess.run(["cc", "-O2", "-fPIC", "-std=c99", *inc[:1], "-c",
                     os.path.join(_ROOT, "csrc", "taca_common.c"), "-o", common], check=True)

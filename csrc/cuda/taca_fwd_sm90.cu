@@ -1,0 +1,266 @@
+/*
+ * taca_fwd_sm90.cu: Hopper (sm_90a) forward of gamma-scaled joint attention with wgmma.
+ *
+ * Same math, arguments and outputs as the mma.sync kernel (taca_fwd.cu); used for aligned
+ * inputs with D = 64 or 128 when the device is compute capability 9.0 and this file was built
+ * for sm_90a (setup.py defines TACA_HAVE_SM90A then). Everything else takes the mma.sync path.
+ *
+ * CTA = WG warpgroups (128 threads each); warpgroup w owns query rows [64w, 64w + 64) of the
+ * CTA's BR = 64 * WG rows. Q (BR x D), and STAGES buffers of K and V tiles (BC keys x D) live
+ * in shared memory in the 128-byte-swizzled layout of taca_sm90.cuh, filled by cp.async from
+ * all threads (K/V_{j+STAGES} loads are issued as soon as tile j is consumed). Per key tile:
+ *   S = Q K^T      D/16 wgmma m64n{BC}k16, A and B from shared memory (both K-major);
+ *   softmax        the mma.sync kernel's softmax_tile (same fragment layout: TACA multiplier,
+ *                  base-2 online softmax, text-mass running sum), P packed to bf16/fp16 registers;
+ *   O += P V       BC/16 x D/64 wgmma m64n64k16, A = P from registers, B = V (N-major).
+ * Accumulators (S: BC/2, O: D/2 fp32 per thread) stay in registers. The epilogue stages O in
+ * the warpgroup's own Q rows (same swizzle) and writes 16-byte rows.
+ *
+ * Kernel versions and measured speeds: benchmarks/results/KERNEL_LOG.md.
+ */
+#include <stdlib.h>
+
+#include "taca_fwd_kernel.cuh"
+#include "taca_sm90.cuh"
+
+namespace taca_fwd90 {
+
+using namespace taca_cuda;
+using namespace taca_sm90;
+using namespace taca_wgmma;
+using taca_fwd::FwdArgs;
+
+template <int DP_, int BC_, int WG_, int STAGES_>
+struct Cfg {
+    static constexpr int DP = DP_, BC = BC_, WG = WG_, STAGES = STAGES_;
+    static constexpr int THREADS = WG * 128;
+    static constexpr int BR = WG * 64;
+    static constexpr int NT = BC / 8;  // 8-column tiles of S per thread row pair
+    static constexpr int DT = DP / 8;  // 8-column tiles of O
+    static constexpr uint32_t Q_BYTES = BR * DP * 2;
+    static constexpr uint32_t KV_BYTES = BC * DP * 2;  // one K or one V buffer
+    static constexpr size_t SMEM = Q_BYTES + 2 * STAGES * KV_BYTES + 1024;  // + alignment slack
+    static_assert(DP % 64 == 0 && BC % 16 == 0 && (BC == 64 || BC == 128), "tile shape");
+};
+
+template <typename T, typename C>
+__global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_kernel(const FwdArgs a) {
+#if TACA_SM90A
+    constexpr int DP = C::DP, BC = C::BC, BR = C::BR, NT = C::NT, DT = C::DT;
+    constexpr int STAGES = C::STAGES;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const uint32_t raw = smem_u32(smem_raw);
+    const uint32_t sq = (raw + 1023u) & ~1023u;
+    unsigned char *const smem = smem_raw + (sq - raw);  // generic pointer to the aligned base
+    const uint32_t sk = sq + C::Q_BYTES;                // STAGES K buffers
+    const uint32_t sv = sk + STAGES * C::KV_BYTES;      // STAGES V buffers
+
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int q0 = blockIdx.x * BR;
+    const int n = a.n, d = a.d, tb = a.tb, te = a.te;
+    const int nkv = (n + BC - 1) / BC;
+
+    const T *gq = static_cast<const T *>(a.q) + b * a.qb + h * a.qh + (int64_t)q0 * a.qn;
+    const T *gk = static_cast<const T *>(a.k) + b * a.kb + h * a.kh;
+    const T *gv = static_cast<const T *>(a.v) + b * a.vb + h * a.vh;
+
+    // Prologue: group 0 = Q + K/V_0, groups 1 .. STAGES-1 = K/V_1 .. (possibly empty).
+    // The first LOADERS threads issue every copy (keeps the row step a multiple of 8 rows, so
+    // each thread's swizzle phase is fixed, for any number of warpgroups).
+    constexpr int LOADERS = 256;
+    const bool loader = tid < LOADERS;
+    if (loader) load_tile_sw128<T, BR, DP, LOADERS>(sq, gq, a.qn, 0, n - q0, d, tid);
+#pragma unroll
+    for (int st = 0; st < STAGES; ++st) {
+        if (loader && st < nkv) {
+            load_tile_sw128<T, BC, DP, LOADERS>(sk + st * C::KV_BYTES, gk, a.kn, st * BC, n, d, tid);
+            load_tile_sw128<T, BC, DP, LOADERS>(sv + st * C::KV_BYTES, gv, a.vn, st * BC, n, d, tid);
+        }
+        cp_async_commit();
+    }
+
+    const float g = a.gamma[b];
+    float mul_txt[1][2], mul_vis[1][2];
+    const int wrow0 = wg * 64 + warp * 16;  // this warp's first row in the CTA tile
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        const int row = q0 + wrow0 + (lane >> 2) + hf * 8;
+        const bool rt = row >= tb && row < te;
+        mul_txt[0][hf] = a.scale_log2 * (rt ? 1.0f : g);
+        mul_vis[0][hf] = a.scale_log2 * (rt ? a.gamma_reverse : 1.0f);
+    }
+
+    float o[1][DT][4];
+    float m_run[1][2], l_run[1][2], t_run[1][2];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[0][dt][e] = 0.0f;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        m_run[0][hf] = -INFINITY;
+        l_run[0][hf] = 0.0f;
+        t_run[0][hf] = 0.0f;
+    }
+
+    const uint32_t q_wg = sq + wg * 64 * 128;  // this warpgroup's 64 rows inside each column block
+
+    for (int j = 0; j < nkv; ++j) {
+        const int k0 = j * BC;
+        const int buf = j % STAGES;
+        const uint32_t kb = sk + buf * C::KV_BYTES, vb = sv + buf * C::KV_BYTES;
+        cp_async_wait<STAGES - 1>();
+        fence_proxy_async();
+        __syncthreads();  // K_j, V_j (and Q) landed and are visible to wgmma
+
+        float s[1][NT][4];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < DP / 16; ++kk) {
+            const uint32_t koff = (kk & 3) * 32;  // 16 columns = 32 B inside a 128 B row
+            wgmma_ss<T, BC, 0, 0>(&s[0][0][0], desc_sw128(q_wg + (kk >> 2) * BR * 128 + koff),
+                                  desc_sw128(kb + (kk >> 2) * BC * 128 + koff), kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs<NT * 4>(&s[0][0][0]);
+
+        const int k1 = k0 + BC;
+        if (a.scale_log2 >= 0.0f && k1 <= n && (k1 <= tb || k0 >= te))
+            taca_fwd::softmax_tile<taca_fwd::TILE_VIS>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane);
+        else if (a.scale_log2 >= 0.0f && k1 <= n && k0 >= tb && k1 <= te)
+            taca_fwd::softmax_tile<taca_fwd::TILE_TXT>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane);
+        else
+            taca_fwd::softmax_tile<taca_fwd::TILE_MIXED>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane);
+
+        uint32_t pa[BC / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) {
+            pa[kk][0] = pack2<T>(s[0][2 * kk][0], s[0][2 * kk][1]);
+            pa[kk][1] = pack2<T>(s[0][2 * kk][2], s[0][2 * kk][3]);
+            pa[kk][2] = pack2<T>(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+            pa[kk][3] = pack2<T>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
+        }
+
+        fence_regs<DT * 4>(&o[0][0][0]);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk)
+#pragma unroll
+            for (int hb = 0; hb < DP / 64; ++hb)
+                wgmma_rs<T, 64, 1>(&o[0][hb * 8][0], pa[kk], desc_sw128(vb + hb * BC * 128 + kk * 16 * 128), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs<DT * 4>(&o[0][0][0]);
+
+        __syncthreads();  // every warpgroup is done with buffer `buf`
+        if (loader && j + STAGES < nkv) {
+            load_tile_sw128<T, BC, DP, LOADERS>(kb, gk, a.kn, k0 + STAGES * BC, n, d, tid);
+            load_tile_sw128<T, BC, DP, LOADERS>(vb, gv, a.vn, k0 + STAGES * BC, n, d, tid);
+        }
+        cp_async_commit();  // possibly empty: one group per tile keeps wait_group<STAGES-1> exact
+    }
+    cp_async_wait<0>();
+
+    // Epilogue: normalize, lse / text_mass, stage O (bf16/fp16) into this warp's own 16 rows of
+    // the Q tile (same swizzle), then 16-byte row stores.
+    fence_proxy_async();
+    const int64_t bh_row = ((int64_t)b * gridDim.y + h) * n;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        float l = l_run[0][hf], t = t_run[0][hf];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        t += __shfl_xor_sync(0xffffffffu, t, 1);
+        t += __shfl_xor_sync(0xffffffffu, t, 2);
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        const int rloc = wrow0 + (lane >> 2) + hf * 8;
+        const int row = q0 + rloc;
+        if ((lane & 3) == 0 && row < n) {
+            if (a.lse) a.lse[bh_row + row] = (m_run[0][hf] + log2f(l)) * 0.69314718055994531f;
+            if (a.text_mass) a.text_mass[bh_row + row] = t * inv;
+        }
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            const uint32_t v = pack2<T>(o[0][dt][hf * 2] * inv, o[0][dt][hf * 2 + 1] * inv);
+            *reinterpret_cast<uint32_t *>(smem + sw128_offset<BR>(rloc, dt) + (lane & 3) * 4) = v;
+        }
+    }
+    __syncwarp();
+    T *go = static_cast<T *>(a.out) + b * a.ob + h * a.oh;
+    constexpr int CPR = DP / 8;
+    for (int i = lane; i < 16 * CPR; i += 32) {
+        const int r = i / CPR, c = i % CPR;
+        const int row = q0 + wrow0 + r;
+        if (row < n && c * 8 < d)
+            *reinterpret_cast<uint4 *>(go + (int64_t)row * a.on + c * 8) =
+                *reinterpret_cast<const uint4 *>(smem + sw128_offset<BR>(wrow0 + r, c));
+    }
+#else
+    (void)a;
+#endif
+}
+
+template <typename T, typename C>
+int launch(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
+    auto kernel = taca_fwd_sm90_kernel<T, C>;
+    // The kernel has a body only in an sm_90a binary: check which one this device runs.
+    cudaFuncAttributes attr;
+    TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_fwd_cuda (sm90): cudaFuncGetAttributes");
+    if (attr.binaryVersion != 90) return TACA_ERR_UNSUPPORTED;
+    TACA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM),
+                  "taca_fwd_cuda (sm90): cudaFuncSetAttribute");
+    dim3 grid((a.n + C::BR - 1) / C::BR, heads, batch);
+    kernel<<<grid, C::THREADS, C::SMEM, stream>>>(a);
+    return taca_cuda_check_launch("taca_fwd_cuda (sm90): kernel launch");
+}
+
+/* variant 0 (default) and 7..9: Hopper tilings. 7: 64-key tiles, 3 stages; 8: 3 warpgroups
+ * (192-row CTAs), 64-key tiles; 9: 3 warpgroups, 128-key tiles (D = 64 only; else default). */
+template <typename T, int D>
+int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
+    switch (variant) {
+    case 7: return launch<T, Cfg<D, 64, 2, 3>>(a, batch, heads, stream);
+    case 8: return launch<T, Cfg<D, 64, 3, 2>>(a, batch, heads, stream);
+    case 9:
+        if constexpr (D == 64) return launch<T, Cfg<D, 128, 3, 2>>(a, batch, heads, stream);
+        break;
+    default: break;
+    }
+    return launch<T, Cfg<D, 128, 2, 2>>(a, batch, heads, stream);
+}
+
+template <typename T>
+int dispatch_t(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
+    return a.d == 64 ? dispatch_d<T, 64>(a, variant, batch, heads, stream)
+                     : dispatch_d<T, 128>(a, variant, batch, heads, stream);
+}
+
+}  // namespace taca_fwd90
+
+/* TACA_ERR_UNSUPPORTED when this path does not apply (the caller then takes mma.sync). */
+int taca_fwd_sm90(const taca_fwd::FwdArgs &a, int dtype, int variant, int batch, int heads,
+                  cudaStream_t stream) {
+#if defined(TACA_HAVE_SM90A)
+    if (a.d != 64 && a.d != 128) return TACA_ERR_UNSUPPORTED;
+    static int cc[64];  // per device: 0 unknown, 1 sm_90, 2 other
+    int dev = 0;
+    TACA_CUDA_TRY(cudaGetDevice(&dev), "taca_fwd_cuda (sm90): cudaGetDevice");
+    if (dev < 0 || dev >= 64) return TACA_ERR_UNSUPPORTED;
+    if (cc[dev] == 0) {
+        int major = 0, minor = 0;
+        TACA_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
+                      "taca_fwd_cuda (sm90): cudaDeviceGetAttribute");
+        TACA_CUDA_TRY(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev),
+                      "taca_fwd_cuda (sm90): cudaDeviceGetAttribute");
+        cc[dev] = (major == 9 && minor == 0) ? 1 : 2;
+    }
+    if (cc[dev] != 1) return TACA_ERR_UNSUPPORTED;
+    if (dtype == TACA_BF16) return taca_fwd90::dispatch_t<__nv_bfloat16>(a, variant, batch, heads, stream);
+    return taca_fwd90::dispatch_t<__half>(a, variant, batch, heads, stream);
+#else
+    (void)a; (void)dtype; (void)variant; (void)batch; (void)heads; (void)stream;
+    return TACA_ERR_UNSUPPORTED;
+#endif
+}

@@ -1,0 +1,74 @@
+/*
+ * taca_sm90.cuh: shared-memory layout helpers for the Hopper (sm_90a, wgmma) kernels.
+ *
+ * Every wgmma operand tile here uses the 128-byte-swizzled layout: a tile of ROWS rows and
+ * DP (a multiple of 64) 16-bit columns is stored as DP/64 column blocks, each ROWS x 128 bytes;
+ * row r of a block starts at r * 128, and its 16-byte chunk c (columns 8c .. 8c+7 of the block)
+ * sits at chunk position c ^ (r % 8). Blocks start 1024-byte aligned, so this is exactly the
+ * hardware's 128B swizzle (address bits [4:6] ^= bits [7:9]) and wgmma reads it through a
+ * descriptor:
+ *   - K-major operand (rows = M or N, columns = the reduction dim K): 8-row groups 1024 B apart
+ *     (stride byte offset), K steps of 16 columns = +32 B on the start address inside a block;
+ *   - MN-major operand (rows = the reduction dim K, columns = N), e.g. V in O += P V: 8-row
+ *     groups of K 1024 B apart; N = 64 columns per wgmma, so one column block per instruction.
+ * Both byte offsets of every descriptor are set to 1024: for the operand shapes used here only
+ * one of them is ever consulted, so the descriptor does not depend on which field the hardware
+ * reads for which layout.
+ */
+#ifndef TACA_SM90_CUH_
+#define TACA_SM90_CUH_
+
+#include <stdint.h>
+
+#include "taca_cuda_common.cuh"
+#include "taca_wgmma.cuh"
+
+namespace taca_sm90 {
+
+using namespace taca_cuda;
+
+/* wgmma shared-memory matrix descriptor, 128-byte swizzle, both byte offsets 1024. */
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t smem_addr) {
+    return (uint64_t)((smem_addr & 0x3FFFFu) >> 4) | ((uint64_t)(1024 >> 4) << 16) |
+           ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+/* Order this thread's earlier shared-memory writes (ordinary or cp.async) before later reads by
+ * the async proxy (wgmma); put it before the barrier that publishes the data. */
+__device__ __forceinline__ void fence_proxy_async() {
+#if TACA_SM90A
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+/* Byte offset of (row r, 16-byte chunk c of the full row) in a swizzled tile of ROWS rows. */
+template <int ROWS>
+__device__ __forceinline__ uint32_t sw128_offset(int r, int c) {
+    return (uint32_t)((c >> 3) * ROWS * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+}
+
+/* Rows [row0, row0 + ROWS) of a (N, D) slice with row stride stride_n (16-byte aligned rows,
+ * D % 8 == 0) into a swizzled tile at smem address s; rows >= n and columns >= d are zero. */
+template <typename T, int ROWS, int DP, int THREADS>
+__device__ __forceinline__ void load_tile_sw128(uint32_t s, const T *g, int64_t stride_n, int row0,
+                                                int n, int d, int tid) {
+    constexpr int CPR = DP / 8;
+    static_assert(THREADS % CPR == 0, "threads must cover whole rows");
+    constexpr int RSTEP = THREADS / CPR;
+    static_assert(RSTEP % 8 == 0 && ROWS % RSTEP == 0, "row step must keep the swizzle phase");
+    const int c = tid % CPR, r0 = tid / CPR;
+    const bool cok = c * 8 < d;
+    const T *src = g + (int64_t)(row0 + r0) * stride_n + c * 8;
+    const int64_t step = (int64_t)RSTEP * stride_n;
+    const uint32_t dst = s + sw128_offset<ROWS>(r0, c);
+#pragma unroll
+    for (int it = 0; it < ROWS / RSTEP; ++it) {
+        const bool ok = cok && row0 + r0 + it * RSTEP < n;
+        cp_async_16(dst + it * RSTEP * 128, ok ? (const void *)src : (const void *)g, ok ? 16 : 0);
+        src += step;
+    }
+}
+
+}  // namespace taca_sm90
+
+#endif  /* TACA_SM90_CUH_ */
