@@ -115,13 +115,14 @@ __device__ __forceinline__ void load_kv_tile(T *sk, const T *gk, int64_t kn, con
 enum { TILE_VIS = 0, TILE_TXT = 1, TILE_MIXED = 2 };
 
 /* Scale S by the TACA multiplier, mask keys >= n, update the running max / row sum / text sum,
- * rescale O, and leave P (unnormalized, base 2) in s. */
-template <int KIND, int MT, int NT, int DT>
+ * leave P (unnormalized, base 2) in s and the rescale factor of O in alpha_out; with SCALE_O,
+ * also rescale O here (otherwise the caller does, e.g. once an in-flight P V product landed). */
+template <int KIND, bool SCALE_O = true, int MT, int NT, int DT>
 __device__ __forceinline__ void softmax_tile(float (&s)[MT][NT][4], float (&o)[MT][DT][4],
                                              float (&m_run)[MT][2], float (&l_run)[MT][2],
                                              float (&t_run)[MT][2], const float (&mul_txt)[MT][2],
                                              const float (&mul_vis)[MT][2], int k0, int n, int tb,
-                                             int te, int lane) {
+                                             int te, int lane, float (&alpha_out)[MT][2]) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -172,10 +173,13 @@ __device__ __forceinline__ void softmax_tile(float (&s)[MT][NT][4], float (&o)[M
             if constexpr (KIND == TILE_VIS) t_run[mt][hf] *= alpha;
             else if constexpr (KIND == TILE_TXT) t_run[mt][hf] = t_run[mt][hf] * alpha + ls;
             else t_run[mt][hf] = t_run[mt][hf] * alpha + ts;
+            alpha_out[mt][hf] = alpha;
+            if constexpr (SCALE_O) {
 #pragma unroll
-            for (int dt = 0; dt < DT; ++dt) {
-                o[mt][dt][hf * 2] *= alpha;
-                o[mt][dt][hf * 2 + 1] *= alpha;
+                for (int dt = 0; dt < DT; ++dt) {
+                    o[mt][dt][hf * 2] *= alpha;
+                    o[mt][dt][hf * 2 + 1] *= alpha;
+                }
             }
         }
 }
@@ -287,12 +291,13 @@ taca_fwd_kernel(const FwdArgs a) {
         }
 
         const int k1 = k0 + BC;
+        float alpha[MT][2];
         if (a.scale_log2 >= 0.0f && k1 <= n && (k1 <= tb || k0 >= te))
-            softmax_tile<TILE_VIS>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane);
+            softmax_tile<TILE_VIS>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
         else if (a.scale_log2 >= 0.0f && k1 <= n && k0 >= tb && k1 <= te)
-            softmax_tile<TILE_TXT>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane);
+            softmax_tile<TILE_TXT>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
         else
-            softmax_tile<TILE_MIXED>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane);
+            softmax_tile<TILE_MIXED>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
 
         uint32_t pa[MT][BC / 16][4];
 #pragma unroll

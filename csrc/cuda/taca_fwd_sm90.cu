@@ -30,9 +30,10 @@ using namespace taca_sm90;
 using namespace taca_wgmma;
 using taca_fwd::FwdArgs;
 
-template <int DP_, int BC_, int WG_, int STAGES_>
+template <int DP_, int BC_, int WG_, int STAGES_, bool OVERLAP_ = false>
 struct Cfg {
     static constexpr int DP = DP_, BC = BC_, WG = WG_, STAGES = STAGES_;
+    static constexpr bool OVERLAP = OVERLAP_;  // P V of tile j-1 in flight during softmax of tile j
     static constexpr int THREADS = WG * 128;
     static constexpr int BR = WG * 64;
     static constexpr int NT = BC / 8;  // 8-column tiles of S per thread row pair
@@ -41,6 +42,7 @@ struct Cfg {
     static constexpr uint32_t KV_BYTES = BC * DP * 2;  // one K or one V buffer
     static constexpr size_t SMEM = Q_BYTES + 2 * STAGES * KV_BYTES + 1024;  // + alignment slack
     static_assert(DP % 64 == 0 && BC % 16 == 0 && (BC == 64 || BC == 128), "tile shape");
+    static_assert(!OVERLAP || STAGES >= 2, "the overlapped loop keeps two tiles resident");
 };
 
 template <typename T, typename C>
@@ -48,6 +50,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_kernel(const FwdA
 #if TACA_SM90A
     constexpr int DP = C::DP, BC = C::BC, BR = C::BR, NT = C::NT, DT = C::DT;
     constexpr int STAGES = C::STAGES;
+    constexpr bool OVERLAP = C::OVERLAP;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const uint32_t raw = smem_u32(smem_raw);
     const uint32_t sq = (raw + 1023u) & ~1023u;
@@ -105,12 +108,22 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_kernel(const FwdA
     }
 
     const uint32_t q_wg = sq + wg * 64 * 128;  // this warpgroup's 64 rows inside each column block
+    // O += P V for one V buffer: BC/16 key steps x D/64 column blocks of m64n64k16, B N-major
+    auto pv_product = [](float (&o_)[1][DT][4], const uint32_t (&p_)[BC / 16][4], uint32_t vbuf) {
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk)
+#pragma unroll
+            for (int hb = 0; hb < DP / 64; ++hb)
+                wgmma_rs<T, 64, 1>(&o_[0][hb * 8][0], p_[kk], desc_sw128(vbuf + hb * BC * 128 + kk * 16 * 128), 1);
+    };
 
+    uint32_t pa[BC / 16][4];  // P of the previous tile while its P V product is in flight (OVERLAP)
     for (int j = 0; j < nkv; ++j) {
         const int k0 = j * BC;
         const int buf = j % STAGES;
         const uint32_t kb = sk + buf * C::KV_BYTES, vb = sv + buf * C::KV_BYTES;
-        cp_async_wait<STAGES - 1>();
+        if constexpr (OVERLAP) cp_async_wait<STAGES - 2>();  // tile j is group j (see below)
+        else cp_async_wait<STAGES - 1>();
         fence_proxy_async();
         __syncthreads();  // K_j, V_j (and Q) landed and are visible to wgmma
 
@@ -123,18 +136,42 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_kernel(const FwdA
                                   desc_sw128(kb + (kk >> 2) * BC * 128 + koff), kk > 0);
         }
         wgmma_commit();
-        wgmma_wait<0>();
+        if constexpr (OVERLAP) {
+            // O += P_{j-1} V_{j-1} runs on the tensor cores while this warpgroup does the
+            // softmax of S_j (which leaves O alone; O is rescaled once the product landed).
+            if (j > 0) {
+                const uint32_t vp = sv + ((j - 1) % STAGES) * C::KV_BYTES;
+                pv_product(o, pa, vp);
+                wgmma_commit();
+                wgmma_wait<1>();
+            } else {
+                wgmma_wait<0>();
+            }
+        } else {
+            wgmma_wait<0>();
+        }
         fence_regs<NT * 4>(&s[0][0][0]);
 
         const int k1 = k0 + BC;
+        float alpha[1][2];
         if (a.scale_log2 >= 0.0f && k1 <= n && (k1 <= tb || k0 >= te))
-            taca_fwd::softmax_tile<taca_fwd::TILE_VIS>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane);
+            taca_fwd::softmax_tile<taca_fwd::TILE_VIS, !OVERLAP>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
         else if (a.scale_log2 >= 0.0f && k1 <= n && k0 >= tb && k1 <= te)
-            taca_fwd::softmax_tile<taca_fwd::TILE_TXT>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane);
+            taca_fwd::softmax_tile<taca_fwd::TILE_TXT, !OVERLAP>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
         else
-            taca_fwd::softmax_tile<taca_fwd::TILE_MIXED>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane);
+            taca_fwd::softmax_tile<taca_fwd::TILE_MIXED, !OVERLAP>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
 
-        uint32_t pa[BC / 16][4];
+        if constexpr (OVERLAP) {
+            wgmma_wait<0>();  // P_{j-1} V_{j-1} landed: O and pa are free again
+            fence_regs<DT * 4>(&o[0][0][0]);
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                o[0][dt][0] *= alpha[0][0];
+                o[0][dt][1] *= alpha[0][0];
+                o[0][dt][2] *= alpha[0][1];
+                o[0][dt][3] *= alpha[0][1];
+            }
+        }
 #pragma unroll
         for (int kk = 0; kk < BC / 16; ++kk) {
             pa[kk][0] = pack2<T>(s[0][2 * kk][0], s[0][2 * kk][1]);
@@ -143,23 +180,44 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_kernel(const FwdA
             pa[kk][3] = pack2<T>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
         }
 
-        fence_regs<DT * 4>(&o[0][0][0]);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BC / 16; ++kk)
-#pragma unroll
-            for (int hb = 0; hb < DP / 64; ++hb)
-                wgmma_rs<T, 64, 1>(&o[0][hb * 8][0], pa[kk], desc_sw128(vb + hb * BC * 128 + kk * 16 * 128), 1);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs<DT * 4>(&o[0][0][0]);
+        if constexpr (OVERLAP) {
+            // Tile j-1 is fully consumed: refill its buffer with tile j-1+STAGES. Group
+            // accounting: the prologue committed tiles 0..STAGES-1 as groups 0..STAGES-1 and
+            // iteration j >= 1 commits tile j-1+STAGES, so tile t is always group t.
+            if (j > 0) {
+                __syncthreads();  // every warpgroup is done with buffer (j-1) % STAGES
+                const int t = j - 1 + STAGES;
+                if (loader && t < nkv) {
+                    const uint32_t off = (uint32_t)((j - 1) % STAGES) * C::KV_BYTES;
+                    load_tile_sw128<T, BC, DP, LOADERS>(sk + off, gk, a.kn, t * BC, n, d, tid);
+                    load_tile_sw128<T, BC, DP, LOADERS>(sv + off, gv, a.vn, t * BC, n, d, tid);
+                }
+                cp_async_commit();
+            }
+        } else {
+            fence_regs<DT * 4>(&o[0][0][0]);
+            wgmma_fence();
+            pv_product(o, pa, vb);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs<DT * 4>(&o[0][0][0]);
 
-        __syncthreads();  // every warpgroup is done with buffer `buf`
-        if (loader && j + STAGES < nkv) {
-            load_tile_sw128<T, BC, DP, LOADERS>(kb, gk, a.kn, k0 + STAGES * BC, n, d, tid);
-            load_tile_sw128<T, BC, DP, LOADERS>(vb, gv, a.vn, k0 + STAGES * BC, n, d, tid);
+            __syncthreads();  // every warpgroup is done with buffer `buf`
+            if (loader && j + STAGES < nkv) {
+                load_tile_sw128<T, BC, DP, LOADERS>(kb, gk, a.kn, k0 + STAGES * BC, n, d, tid);
+                load_tile_sw128<T, BC, DP, LOADERS>(vb, gv, a.vn, k0 + STAGES * BC, n, d, tid);
+            }
+            cp_async_commit();  // possibly empty: one group per tile keeps wait_group<STAGES-1> exact
         }
-        cp_async_commit();  // possibly empty: one group per tile keeps wait_group<STAGES-1> exact
+    }
+    if constexpr (OVERLAP) {  // the last tile's P V
+        if (nkv > 0) {
+            wgmma_fence();
+            pv_product(o, pa, sv + ((nkv - 1) % STAGES) * C::KV_BYTES);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs<DT * 4>(&o[0][0][0]);
+        }
     }
     cp_async_wait<0>();
 
@@ -216,19 +274,29 @@ int launch(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
     return taca_cuda_check_launch("taca_fwd_cuda (sm90): kernel launch");
 }
 
-/* variant 0 (default) and 7..9: Hopper tilings. 7: 64-key tiles, 3 stages; 8: 3 warpgroups
- * (192-row CTAs), 64-key tiles; 9: 3 warpgroups, 128-key tiles (D = 64 only; else default). */
+/* variant 0 is the default; 7..9 are alternatives kept selectable for the benchmark
+ * (taca_fwd_cuda_variant). D = 128: 0: 128-key tiles, 2 stages; 7: the same with the P V
+ * product of tile j-1 overlapping the softmax of tile j (3 stages); 8: overlap, 64-key tiles,
+ * 4 stages; 9: no overlap, 128-key tiles, 3 stages. D = 64: 0: 64-key tiles, 3 stages;
+ * 7: overlap, 64-key tiles, 4 stages; 8: overlap, 128-key tiles, 3 stages; 9: overlap, 3
+ * warpgroups (192-row CTAs), 64-key tiles, 4 stages. */
 template <typename T, int D>
 int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
-    switch (variant) {
-    case 7: return launch<T, Cfg<D, 64, 2, 3>>(a, batch, heads, stream);
-    case 8: return launch<T, Cfg<D, 64, 3, 2>>(a, batch, heads, stream);
-    case 9:
-        if constexpr (D == 64) return launch<T, Cfg<D, 128, 3, 2>>(a, batch, heads, stream);
-        break;
-    default: break;
+    if constexpr (D == 128) {
+        switch (variant) {
+        case 7: return launch<T, Cfg<128, 128, 2, 3, true>>(a, batch, heads, stream);
+        case 8: return launch<T, Cfg<128, 64, 2, 4, true>>(a, batch, heads, stream);
+        case 9: return launch<T, Cfg<128, 128, 2, 3, false>>(a, batch, heads, stream);
+        default: return launch<T, Cfg<128, 128, 2, 2, false>>(a, batch, heads, stream);
+        }
+    } else {
+        switch (variant) {
+        case 7: return launch<T, Cfg<64, 64, 2, 4, true>>(a, batch, heads, stream);
+        case 8: return launch<T, Cfg<64, 128, 2, 3, true>>(a, batch, heads, stream);
+        case 9: return launch<T, Cfg<64, 64, 3, 4, true>>(a, batch, heads, stream);
+        default: return launch<T, Cfg<64, 64, 2, 3, false>>(a, batch, heads, stream);
+        }
     }
-    return launch<T, Cfg<D, 128, 2, 2>>(a, batch, heads, stream);
 }
 
 template <typename T>
