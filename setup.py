@@ -17,6 +17,40 @@ import sys
 from setuptools import Extension, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def use_system_gcc_if_path_gcc_differs():
+    """A GCC on PATH of another major version than /usr/bin/g++ (e.g. /opt/gcc on the GPU image)
+    builds a _C.so that crashes when a C++ exception unwinds (libgcc_s/libstdc++ mismatch with
+    torch's build): then build with /usr/bin/gcc and /usr/bin/g++ (CC, CXX, LDSHARED; nvcc's host
+    compiler follows CC). Skipped when CC or CXX is set, or with TACA_KEEP_CC=1."""
+    import subprocess
+
+    if os.environ.get("TACA_KEEP_CC", "0") == "1" or "CC" in os.environ or "CXX" in os.environ:
+        return
+    sys_gcc, sys_gxx = "/usr/bin/gcc", "/usr/bin/g++"
+    path_gxx = shutil.which("g++")
+    if path_gxx is None or not (os.path.exists(sys_gcc) and os.path.exists(sys_gxx)):
+        return
+    if os.path.realpath(path_gxx) == os.path.realpath(sys_gxx):
+        return
+
+    def major(exe):
+        try:
+            out = subprocess.run([exe, "-dumpversion"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.strip().split(".")[0] or None
+
+    path_v, sys_v = major(path_gxx), major(sys_gxx)
+    if path_v is None or sys_v is None or path_v == sys_v:
+        return
+    os.environ["CC"], os.environ["CXX"] = sys_gcc, sys_gxx
+    os.environ.setdefault("LDSHARED", f"{sys_gcc} -shared")
+    print(f"taca setup: g++ on PATH ({path_gxx}, GCC {path_v}) differs from {sys_gxx} (GCC {sys_v}): building with "
+          f"CC={sys_gcc} CXX={sys_gxx} LDSHARED='{os.environ['LDSHARED']}' (TACA_KEEP_CC=1 keeps PATH's)", file=sys.stderr)
+
+
 CORE_SOURCES = ["csrc/taca_common.c", "csrc/taca_fwd_cpu.c", "csrc/taca_bwd_cpu.c"]
 
 native = ["-march=native"] if os.environ.get("TACA_NATIVE", "1") != "0" else []
@@ -78,6 +112,7 @@ def torch_extension():
     )
 
 
+use_system_gcc_if_path_gcc_differs()
 ext_modules = [numpy_extension()]
 cmdclass = {}
 try:
