@@ -6,9 +6,37 @@ hook reads ``timestep`` (FLUX: sigma in [0, 1]; SD3: t in [0, 1000]) and the tex
 (``encoder_hidden_states.shape[1]``), evaluates the schedule per sample, and injects
 ``taca_gamma`` ((B,) float32 on the device, or None when no sample is in the window: then every
 processor takes diffusers' stock path) and ``taca_text_len`` into a copy of
-``joint_attention_kwargs``. At most one host sync per transformer call (deciding whether any
-sample is in the window). ``taca.disable`` puts back the exact previous processor objects,
+``joint_attention_kwargs``. ``taca.disable`` puts back the exact previous processor objects,
 removes the hook and undoes the LoRA changes.
+
+Host syncs. Deciding whether any sample is in the window needs sigma on the host. The hook reads
+it without touching the device (``handle.last_path == "host"``) when it can prove which value the
+transformer got:
+
+- the ``timestep`` passed is a view of one element of a 1-D tensor (SD3/SD3.5 pipelines pass
+  ``t.expand(B)``, a view into the scheduler's timesteps; so does the FLUX pipelines' ``t``): the
+  hook copies that 1-D tensor to the host once (the one sync of a pipeline call; again only if it
+  changes in place, which its version counter tells) and reads the element at the view's offset.
+  Always right, whoever calls the transformer.
+- FLUX pipelines pass a fresh ``t.expand(B).to(latents.dtype) / 1000``, so the value comes from
+  the pipeline's ``_current_timestep`` (a view as above), trusted only when the transformer is
+  called directly from the ``__call__`` of the pipeline given to ``enable``, and that ``__call__``
+  is diffusers' own FluxPipeline, FluxKontextPipeline or FluxKontextInpaintPipeline (they set
+  ``_current_timestep = t`` right before their transformer calls; the passed bf16/fp16 timestep is
+  then always within 2**-7 of t / 1000, so the sync path would pick t / 1000 too). Extra forwards
+  in a step (true CFG, SD3 skip-layer guidance, PAG) see the same t. A call from a callback, from
+  another pipeline sharing the transformer, or after an interrupted call (stale
+  ``_current_timestep``) does not pass this test.
+- ``schedule="constant"`` needs no sigma.
+
+Otherwise (``torch.compile`` tracing the hook, ``torch.inference_mode`` tensors (no view or version
+tracking), FLUX img2img/inpaint/fill/control pipelines (no ``_current_timestep``), a bare
+transformer called with a fresh tensor (training, per-sample timesteps), callable schedules) the
+hook does what it always did: the sigma and gamma math on the device and one host sync per call
+(``handle.last_path == "sync"``). Both paths give the same gamma: the host path runs the same
+torch code on host copies, and rounds t / 1000 as CUDA does (a multiply by the float32 reciprocal;
+on other accelerators sigma may differ by 1 ulp, which matters only for a sigma within 1 ulp of a
+threshold). ``TACA_HOST_SIGMA=0`` in the environment at ``enable`` forces the sync path.
 
 LoRA gating (``lora=``): the adapter is active in exactly the transformer calls where some
 sample of the batch has gamma != 1 and inactive otherwise. LoRA is per module, not per sample:
@@ -26,9 +54,9 @@ rather than being dropped. A LoRA file's text-encoder part (if any, loaded throu
 is not gated: the text encoders run once per call, before the denoising loop.
 
 torch.compile: ``transformer.compile_repeated_blocks(fullgraph=True)`` (regional, FLUX) keeps the
-hook outside the compiled blocks; compiling the whole transformer works with one graph break in
-the hook (the host sync) and at most two graphs (gamma on / off). gamma is a tensor, so a
-changing gamma does not recompile.
+hook outside the compiled blocks (and the host path above works); compiling the whole transformer
+works with one graph break in the hook (the host sync) and at most two graphs (gamma on / off).
+gamma is a tensor, so a changing gamma does not recompile.
 
 Sigma: FLUX pipelines pass t / 1000 in the latents' dtype; when ``enable`` got the pipeline, the
 hook uses the pipeline's exact ``_current_timestep`` instead (it must agree within 2**-7).
@@ -39,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import sys
 from typing import Any, Dict, Iterator, Optional, Union
 
 import torch
@@ -57,6 +86,14 @@ _REPLACEABLE = frozenset({
     "JointAttnProcessor2_0", "FusedJointAttnProcessor2_0",
 })
 DEFAULT_ADAPTER = "taca"
+# diffusers pipelines whose __call__ sets self._current_timestep = t right before calling the
+# transformer with timestep = t.expand(B).to(latents.dtype) / 1000 (read in diffusers 0.42.1)
+_CURRENT_T_PIPELINES = frozenset({"FluxPipeline", "FluxKontextPipeline", "FluxKontextInpaintPipeline"})
+# schedules that are plain functions of one sigma (or step) and can run on the host
+_HOST_SCHEDULES = (_schedule.PaperSchedule, _schedule.StepSchedule, _schedule.ConstantSchedule)
+_HOST_COPIES_KEPT = 4
+_HOST_COPY_MAX = 4096  # elements: timestep schedules, not a training batch's worth of data
+_TORCH_MODULE_FILE = torch.nn.Module._call_impl.__code__.co_filename
 
 
 MIN_DIFFUSERS = "0.35.0"  # the first release with FluxAttention and _get_qkv_projections
@@ -109,7 +146,10 @@ class TacaHandle:
 
     Attributes: ``kind`` ("flux" / "sd3"), ``schedule``, ``gamma_reverse``, ``backend``,
     ``lora_adapter`` (adapter name or None), ``last_gamma`` ((B,) tensor or None: what the last
-    transformer call used), ``last_step`` (step index of the last call, step schedules only).
+    transformer call used), ``last_step`` (step index of the last call, step schedules only),
+    ``last_path`` ("host": sigma read on the host, no sync; "sync": device math and one host
+    sync; see the module docstring), ``host_copies`` (device-to-host copies of timestep tensors
+    made so far: one per pipeline call on the host path), ``host_sigma`` (False: always "sync").
     """
 
     def __init__(self, pipe, transformer, kind: str):
@@ -133,6 +173,11 @@ class TacaHandle:
         self.last_step: Optional[int] = None
         self._step = 0
         self._last_sigma: Optional[float] = None
+        self.last_path: Optional[str] = None
+        self.host_copies = 0
+        self.host_sigma = os.environ.get("TACA_HOST_SIGMA", "1") != "0"
+        self._host_cache: Dict[int, tuple] = {}
+        self._loop_codes: Dict[type, Any] = {}
         self._hook = None
         self._params = [p for p in inspect.signature(type(transformer).forward).parameters if p != "self"]
 
@@ -176,21 +221,13 @@ class TacaHandle:
         if ts is None or ehs is None or hs is None:
             raise ValueError("taca: the transformer was called without timestep or encoder_hidden_states")
         B = hs.shape[0]
-        sigma = torch.as_tensor(ts, device=hs.device).to(torch.float32).reshape(-1)
-        if sigma.numel() == 1 and B != 1:
-            sigma = sigma.expand(B)
-        if self.kind == "sd3":
-            sigma = sigma / 1000.0
-        sigma = self._exact_sigma(sigma)
-
-        step = None
-        if self.schedule.needs_step:
-            step = self._track_step(float(sigma[0]))
-            gamma = self.schedule(sigma, step)
-            on = float(gamma[0]) != 1.0  # step rules give one gamma for the batch; no device work here
+        decided = self._host_decide(ts, B, hs.device) if self.host_sigma else None
+        if decided is not None:
+            self.last_path = "host"
         else:
-            gamma = self.schedule(sigma, None)
-            on = bool((gamma != 1.0).any())  # the one host sync of this call
+            decided = self._sync_decide(ts, B, hs.device)
+            self.last_path = "sync"
+        gamma, on, step = decided
         self.last_gamma = gamma if on else None
         self.last_step = step
         if self.lora_adapter is not None:
@@ -208,15 +245,130 @@ class TacaHandle:
         kwargs["joint_attention_kwargs"] = jak
         return args, kwargs
 
-    def _exact_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
-        # FLUX pipelines pass t / 1000 in the latents' dtype (bf16: ~0.004 error near 0.97) but
-        # keep the exact t in pipe._current_timestep; use it when it matches what was passed.
-        t = getattr(self.pipe, "_current_timestep", None) if self.pipe is not None else None
-        if not isinstance(t, torch.Tensor) or t.numel() != 1:
-            return sigma
-        exact = t.detach().to(device=sigma.device, dtype=torch.float32).reshape(1).expand_as(sigma) / 1000.0
-        match = ((exact - sigma).abs() <= 2.0 ** -7).all()
-        return torch.where(match, exact, sigma)
+    def _sigma(self, ts, B: int, device, current_t, like=None) -> torch.Tensor:
+        """sigma (B,) float32 on ``device`` from the transformer's ``timestep`` and the pipeline's
+        ``_current_timestep``. The host path runs this same math on host copies of both, with
+        the rounding of the device ``like``."""
+        sigma = torch.as_tensor(ts, device=device).to(torch.float32).reshape(-1)
+        if sigma.numel() == 1 and B != 1:
+            sigma = sigma.expand(B)
+        if self.kind == "sd3":
+            sigma = _div1000(sigma, like)
+        return _exact_sigma(sigma, current_t, like)
+
+    def _current_t(self):
+        return getattr(self.pipe, "_current_timestep", None) if self.pipe is not None else None
+
+    def _sync_decide(self, ts, B: int, device):
+        """(gamma or None, on, step) with the schedule evaluated on the device: one host sync."""
+        sigma = self._sigma(ts, B, device, self._current_t())
+        step = None
+        if self.schedule.needs_step:
+            step = self._track_step(float(sigma[0]))
+            gamma = self.schedule(sigma, step)
+            on = float(gamma[0]) != 1.0  # step rules give one gamma for the batch
+        else:
+            gamma = self.schedule(sigma, None)
+            on = bool((gamma != 1.0).any())  # the one host sync of this call
+        return (gamma if on else None), on, step
+
+    def _host_decide(self, ts, B: int, device):
+        """(gamma or None, on, step) from host values only (no device sync; gamma is filled on the
+        device from a Python float), or None when the host value of sigma is not known for sure."""
+        if type(self.schedule) not in _HOST_SCHEDULES or torch.compiler.is_compiling():
+            return None
+        if isinstance(ts, torch.Tensor) and ts.numel() not in (1, B):
+            return None
+        if isinstance(self.schedule, _schedule.ConstantSchedule):
+            sigma = torch.ones(B)  # gamma does not depend on sigma
+        else:
+            sigma = self._host_sigma(ts, B, device)
+            if sigma is None:
+                return None
+        step = None
+        if self.schedule.needs_step:
+            step = self._track_step(float(sigma[0]))
+        g = self.schedule(sigma[:1], step)
+        g = float(g[0])
+        on = g != 1.0
+        gamma = torch.full((B,), g, dtype=torch.float32, device=device) if on else None
+        return gamma, on, step
+
+    def _host_sigma(self, ts, B: int, device) -> Optional[torch.Tensor]:
+        """sigma (B,) float32 on the CPU, equal to what ``_sigma`` computes on the device, or None."""
+        ct = self._current_t()
+        ct_host = None
+        if isinstance(ct, torch.Tensor) and ct.numel() == 1:
+            ct_host = self._host_copy(ct)
+            if ct_host is None:
+                return None  # the sync path would compare with it: unknown here
+        if isinstance(ts, torch.Tensor):
+            ts_host = self._host_copy(ts)
+        elif isinstance(ts, (int, float)):
+            ts_host = ts
+        else:
+            return None
+        if ts_host is not None:
+            sigma = self._sigma(ts_host, B, "cpu", ct if ct_host is None else ct_host, like=device)
+        elif self.kind == "flux" and ct_host is not None and ts.dtype in _FLOAT_DTYPES and self._called_from_pipe():
+            # FluxPipeline-style loop: ts = t.expand(B).to(dtype) / 1000 with t = _current_timestep.
+            # With |t / 1000| <= 1.5, float16/bfloat16 rounding keeps ts within 1.5 * 2**-8 < 2**-7
+            # of t / 1000, so the sync path's _exact_sigma takes t / 1000: take it here too.
+            exact = _div1000(ct_host.to(torch.float32).reshape(1), device)
+            if not bool((exact.abs() <= 1.5).all()):
+                return None
+            sigma = exact.expand(B)
+        else:
+            return None
+        if not bool((sigma == sigma[:1]).all()):
+            return None
+        return sigma
+
+    def _host_copy(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """x's values on the CPU without a device sync, when x is a view of one element of a 1-D
+        tensor: that tensor is copied to the host the first time it is seen (and again only if
+        it was changed in place), then every view of it is read from the copy. None otherwise
+        (not a view, e.g. a fresh tensor or an inference-mode tensor)."""
+        base = x._base
+        if base is None or base.dim() != 1 or base.dtype != x.dtype or x.numel() == 0:
+            return None
+        if base.numel() > _HOST_COPY_MAX:
+            return None
+        if x.numel() != 1 and any(st != 0 for st in x.stride()):
+            return None
+        off = x.storage_offset() - base.storage_offset()
+        st = base.stride(0)
+        if st <= 0 or off % st != 0 or not 0 <= off // st < base.shape[0]:
+            return None
+        key = id(base)
+        entry = self._host_cache.get(key)
+        if entry is None or entry[0] is not base or entry[1] != base._version:
+            if entry is None and len(self._host_cache) >= _HOST_COPIES_KEPT:
+                self._host_cache.pop(next(iter(self._host_cache)))
+            entry = (base, base._version, base.detach().to("cpu", copy=True))  # the one sync
+            self._host_cache[key] = entry
+            self.host_copies += 1
+        return entry[2][off // st].expand(x.shape)
+
+    def _called_from_pipe(self) -> bool:
+        """True when the transformer call comes straight from the denoising loop of ``self.pipe``'s
+        own ``__call__``, and that is one of diffusers' pipelines that set ``_current_timestep``."""
+        code = self._loop_code()
+        if code is None:
+            return False
+        f = sys._getframe(1)
+        while f is not None and f.f_code.co_filename in (_THIS_FILE, _TORCH_MODULE_FILE):
+            f = f.f_back
+        return f is not None and f.f_code is code and f.f_locals.get("self") is self.pipe
+
+    def _loop_code(self):
+        cls = type(self.pipe)
+        if cls not in self._loop_codes:
+            fn = inspect.unwrap(getattr(cls, "__call__", None))
+            ok = (getattr(fn, "__module__", "") or "").startswith("diffusers.pipelines.") and \
+                (getattr(fn, "__qualname__", "") or "").split(".")[0] in _CURRENT_T_PIPELINES
+            self._loop_codes[cls] = getattr(fn, "__code__", None) if ok else None
+        return self._loop_codes[cls]
 
     def _track_step(self, s: float) -> int:
         sch = getattr(self.pipe, "scheduler", None) if self.pipe is not None else None
@@ -324,6 +476,29 @@ class TacaHandle:
         self.lora_adapter = None
         self._lora_source = None
         self._lora_on = None
+
+
+_THIS_FILE = TacaHandle._pre_hook.__code__.co_filename
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _div1000(x: torch.Tensor, like=None) -> torch.Tensor:
+    """x / 1000 (float32), rounded as on device ``like`` (default: x's): CUDA divides by a Python
+    scalar as a multiply by its float32 reciprocal (1 ulp from a true division at times)."""
+    like = x.device if like is None else torch.device(like)
+    if like.type == "cuda" and x.device.type != "cuda":
+        return x * (torch.ones((), dtype=x.dtype, device=x.device) / 1000.0)
+    return x / 1000.0
+
+
+def _exact_sigma(sigma: torch.Tensor, t, like=None) -> torch.Tensor:
+    # FLUX pipelines pass t / 1000 in the latents' dtype (bf16: ~0.004 error near 0.97) but keep
+    # the exact t in pipe._current_timestep; use it when it matches what was passed.
+    if not isinstance(t, torch.Tensor) or t.numel() != 1:
+        return sigma
+    exact = _div1000(t.detach().to(device=sigma.device, dtype=torch.float32).reshape(1).expand_as(sigma), like)
+    match = ((exact - sigma).abs() <= 2.0 ** -7).all()
+    return torch.where(match, exact, sigma)
 
 
 def _lora_file(path: str):

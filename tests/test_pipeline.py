@@ -253,3 +253,273 @@ def test_compile_repeated_blocks_fullgraph():
     finally:
         taca.disable(t)
         torch._dynamo.reset()
+
+
+# Host path: the hook reads sigma on the host instead of syncing with the device ---------------
+
+def _record(h, t):
+    """Per transformer call: (path taken, gamma values or None)."""
+    log = []
+    hook = t.register_forward_hook(
+        lambda m, a, o: log.append((h.last_path, None if h.last_gamma is None else h.last_gamma.tolist())))
+    return log, hook
+
+
+def _run(pipe, inputs, host: bool, schedule, **kw):
+    """One pipeline call with TACA on; host=False forces today's sync path. Returns (images, log, handle)."""
+    h = taca.enable(pipe, gamma=1.3, schedule=schedule)
+    h.host_sigma = host
+    log, hook = _record(h, pipe.transformer)
+    try:
+        out = pipe(**inputs(), **kw).images
+    finally:
+        hook.remove()
+        taca.disable(pipe)
+    return out, log, h
+
+
+def _no_sync_path(monkeypatch):
+    def refuse(self, *a, **k):
+        raise AssertionError("taca: the sync path ran")
+
+    monkeypatch.setattr(taca.pipeline.TacaHandle, "_sync_decide", refuse)
+
+
+_HOST_CASES = {
+    "flux": lambda: (tiny.flux_pipeline(), tiny.flux_inputs, {}),
+    "flux-bf16": lambda: (tiny.flux_pipeline(dtype=torch.bfloat16), tiny.flux_inputs, {}),
+    "flux-true-cfg": lambda: (tiny.flux_pipeline(), tiny.flux_inputs, "true_cfg"),
+    "sd35m-cfg": lambda: (tiny.sd3_pipeline("sd35m"), tiny.sd3_inputs, {}),
+    "sd35m-skip-layers": lambda: (tiny.sd3_pipeline("sd35m"), tiny.sd3_inputs,
+                                  dict(skip_guidance_layers=[1], skip_layer_guidance_start=0.0)),
+}
+
+
+@pytest.mark.parametrize("case,schedule", [
+    (c, s) for c in ("flux", "sd35m-cfg") for s in ("paper", "constant", "steps:3")
+] + [(c, "paper") for c in ("flux-bf16", "flux-true-cfg", "sd35m-skip-layers")])
+def test_host_path_matches_sync_path(case, schedule, monkeypatch):
+    """Full 28-step pipeline calls: the host path makes the same gamma decisions and gives
+    bit-identical images as the sync path, never runs the sync path, and copies the scheduler's
+    timesteps to the host once per pipeline call."""
+    pipe, make_inputs, extra = _HOST_CASES[case]()
+    if extra == "true_cfg":
+        def inputs():
+            kw = make_inputs(pipe, batch=2, text_len=7, num_inference_steps=28)
+            g = torch.Generator().manual_seed(5)
+            kw["negative_prompt_embeds"] = torch.randn(kw["prompt_embeds"].shape, generator=g)
+            kw["negative_pooled_prompt_embeds"] = torch.randn(kw["pooled_prompt_embeds"].shape, generator=g)
+            return kw
+        extra = dict(true_cfg_scale=2.0)
+    else:
+        def inputs():
+            return make_inputs(pipe, batch=2, text_len=7, num_inference_steps=28)
+    ref, ref_log, _ = _run(pipe, inputs, False, schedule, **extra)
+    with monkeypatch.context() as m:
+        _no_sync_path(m)
+        out, log, h = _run(pipe, inputs, True, schedule, **extra)
+    calls_per_step = 2 if case == "flux-true-cfg" else 1
+    skip_layer_calls = 5 if case == "sd35m-skip-layers" else 0  # steps 1-5 of 28 (start 0, stop 0.2)
+    assert len(log) == 28 * calls_per_step + skip_layer_calls == len(ref_log)
+    assert {p for p, _ in ref_log} == {"sync"} and {p for p, _ in log} == {"host"}
+    assert [g for _, g in log] == [g for _, g in ref_log]
+    assert torch.equal(out, ref)
+    assert h.host_copies == (0 if schedule == "constant" else 1)
+    on = [g is not None for _, g in log]
+    assert any(on) and (schedule == "constant" or not all(on))
+    if schedule == "steps:3":
+        assert on[: 3 * calls_per_step] == [True] * 3 * calls_per_step and not any(on[3 * calls_per_step:])
+
+
+def test_host_path_kontext_and_img2img():
+    """FLUX Kontext (sets _current_timestep) and SD3 img2img (strength: the loop starts inside
+    the scheduler's timesteps) take the host path; FLUX img2img (no _current_timestep, fresh
+    timestep tensors) falls back to the sync path. Same images either way."""
+    from diffusers import FluxImg2ImgPipeline, FluxKontextPipeline, StableDiffusion3Img2ImgPipeline
+
+    flux = tiny.flux_pipeline(vae=True)
+    parts = {k: v for k, v in flux.components.items() if k in (
+        "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")}
+    img = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    sd3 = tiny.sd3_pipeline("sd3", vae=True)
+    cases = []
+    for cls, base, path in ((FluxKontextPipeline, parts, "host"), (FluxImg2ImgPipeline, parts, "sync"),
+                            (StableDiffusion3Img2ImgPipeline, sd3.components, "host")):
+        pipe = cls(**base)
+        pipe.set_progress_bar_config(disable=True)
+        if cls is StableDiffusion3Img2ImgPipeline:
+            def inputs(pipe=pipe):
+                kw = tiny.sd3_inputs(pipe, text_len=7, num_inference_steps=10)
+                del kw["height"], kw["width"]
+                return dict(kw, image=img, strength=0.6)
+        elif cls is FluxKontextPipeline:
+            def inputs(pipe=pipe):
+                return dict(tiny.flux_inputs(pipe, text_len=7, num_inference_steps=10, height=16, width=16),
+                            image=None, max_area=16 * 16)
+        else:
+            def inputs(pipe=pipe):
+                return dict(tiny.flux_inputs(pipe, text_len=7, num_inference_steps=10, height=16, width=16),
+                            image=img, strength=0.6)
+        cases.append((cls.__name__, pipe, inputs, path))
+    for name, pipe, inputs, path in cases:
+        # img2img at strength 0.6 starts below the paper's window: a threshold inside the run
+        ref, ref_log, _ = _run(pipe, inputs, False, "paper:0.5")
+        out, log, h = _run(pipe, inputs, True, "paper:0.5")
+        assert {p for p, _ in log} == {path}, name
+        assert [g for _, g in log] == [g for _, g in ref_log], name
+        assert any(g is not None for _, g in log) and any(g is None for _, g in log), name
+        assert torch.equal(out, ref), name
+    assert sd3.scheduler.begin_index == 4  # img2img with strength 0.6 started at step 4 of 10
+
+
+def _direct_kw(pipe):
+    g = torch.Generator().manual_seed(4)
+    n, L = 16, 5
+    return dict(hidden_states=torch.randn(1, n, 4, generator=g), encoder_hidden_states=torch.randn(1, L, 32, generator=g),
+                pooled_projections=torch.randn(1, 32, generator=g), img_ids=torch.rand(n, 3, generator=g),
+                txt_ids=torch.zeros(L, 3), return_dict=False)
+
+
+def test_direct_calls_with_a_pipeline_handle():
+    """Transformer calls that do not come from the pipeline's own loop never trust the pipeline's
+    _current_timestep on the host: after an interrupted call (stale _current_timestep), from a
+    step callback, from another pipeline sharing the transformer. A timestep that is a view is
+    read on the host whoever calls (and re-read when changed in place)."""
+    pipe, inputs = _flux()
+    t = pipe.transformer
+    h = taca.enable(pipe, gamma=1.3)
+    kw = _direct_kw(pipe)
+    seen = []
+
+    def callback(p, i, ts, kwargs):
+        out = t(**kw, timestep=torch.tensor([0.3]))  # sigma 0.3 while the pipeline is at ~1.0
+        seen.append((h.last_path, h.last_gamma))
+        raise KeyboardInterrupt  # leaves pipe._current_timestep set
+
+    with pytest.raises(KeyboardInterrupt):
+        pipe(**inputs(), callback_on_step_end=callback)
+    assert seen == [("sync", None)]
+    stale = pipe._current_timestep
+    assert isinstance(stale, torch.Tensor) and float(stale) / 1000 > 0.97
+
+    t(**kw, timestep=torch.tensor([0.5]))
+    assert h.last_path == "sync" and h.last_gamma is None  # not the stale t of ~1.0
+    t(**kw, timestep=torch.tensor([0.995]))
+    assert h.last_path == "sync" and h.last_gamma is not None
+
+    sigmas = torch.tensor([0.99, 0.5])
+    t(**kw, timestep=sigmas[1:])
+    assert h.last_path == "host" and h.last_gamma is None
+    t(**kw, timestep=sigmas[:1])
+    assert h.last_path == "host" and h.last_gamma.tolist() == [pytest.approx(1.3)]
+    copies = h.host_copies
+    sigmas[0] = 0.2  # in place: the host copy is stale
+    t(**kw, timestep=sigmas[:1])
+    assert h.last_path == "host" and h.last_gamma is None and h.host_copies == copies + 1
+
+    # another pipeline sharing the transformer (and the scheduler), while pipe's
+    # _current_timestep is still stale: its calls do not use pipe's value on the host
+    from diffusers import FluxPipeline
+
+    other = FluxPipeline(**pipe.components)
+    other.set_progress_bar_config(disable=True)
+    log, hook = _record(h, t)
+    try:
+        out = other(**inputs()).images
+    finally:
+        hook.remove()
+    assert {p for p, _ in log} == {"sync"}
+    taca.disable(pipe)
+    pipe._current_timestep = None
+    ref, ref_log, _ = _run(other, inputs, False, "paper")
+    assert [g for _, g in log] == [g for _, g in ref_log] and torch.equal(out, ref)
+
+
+def test_inference_mode_and_env_switch_use_the_sync_path(monkeypatch):
+    """Inference-mode tensors track neither views nor versions: the sync path, same result."""
+    for make in (_flux, _sd3):
+        pipe, inputs = make()
+        ref, ref_log, _ = _run(pipe, inputs, True, "paper")
+        assert {p for p, _ in ref_log} == {"host"}
+        with torch.inference_mode():
+            out, log, _ = _run(pipe, inputs, True, "paper")
+        assert {p for p, _ in log} == {"sync"}
+        assert [g for _, g in log] == [g for _, g in ref_log] and torch.equal(out, ref)
+    monkeypatch.setenv("TACA_HOST_SIGMA", "0")
+    pipe, inputs = _sd3()
+    h = taca.enable(pipe)
+    assert h.host_sigma is False
+    pipe(**inputs())
+    assert h.last_path == "sync"
+    taca.disable(pipe)
+
+
+def test_callable_schedule_and_training_batches_use_the_sync_path():
+    """Per-sample timesteps (training) and callable schedules keep the device math."""
+    t = tiny.flux_transformer(num_layers=1, num_single_layers=1)
+    g = torch.Generator().manual_seed(6)
+    n, L = 16, 5
+    kw = dict(hidden_states=torch.randn(2, n, 4, generator=g), encoder_hidden_states=torch.randn(2, L, 32, generator=g),
+              pooled_projections=torch.randn(2, 32, generator=g), img_ids=torch.rand(n, 3, generator=g),
+              txt_ids=torch.zeros(L, 3), return_dict=False)
+    with taca.enabled(t, gamma=1.3) as h:
+        t(**kw, timestep=torch.tensor([0.99, 0.2]))
+        assert h.last_path == "sync" and h.last_gamma.tolist() == [pytest.approx(1.3), 1.0]
+        sig = torch.tensor([0.99, 0.2, 0.5])
+        t(**kw, timestep=sig[:2])  # a view, but of two different elements
+        assert h.last_path == "sync" and h.last_gamma.tolist() == [pytest.approx(1.3), 1.0]
+    with taca.enabled(t, schedule=lambda s: torch.full_like(s, 1.1)) as h:
+        t(**kw, timestep=sig[:1].expand(2))
+        assert h.last_path == "sync" and h.last_gamma.tolist() == [pytest.approx(1.1)] * 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts device syncs: needs CUDA")
+@pytest.mark.parametrize("model", ["flux", "sd35m"])
+def test_hook_syncs_on_cuda(model, monkeypatch):
+    """On CUDA the host path syncs once per pipeline call (copying the scheduler's timesteps), the
+    sync path once per transformer call; same gamma decisions and images. Also: the host copy of
+    sigma rounds t / 1000 as CUDA does."""
+    import warnings
+
+    from taca.pipeline import TacaHandle, _div1000
+
+    x = torch.cat([torch.arange(0, 1001, dtype=torch.float32), torch.rand(4096) * 1000])
+    assert torch.equal(_div1000(x, "cuda"), (x.cuda() / 1000.0).cpu())
+
+    counts = []
+    orig = TacaHandle._pre_hook
+
+    def counted(self, module, args, kwargs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return orig(self, module, args, kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                counts.append(sum("synchroniz" in str(w.message) for w in caught))
+
+    monkeypatch.setattr(TacaHandle, "_pre_hook", counted)  # before enable: the hook is a bound method
+    if model == "flux":
+        pipe = tiny.flux_pipeline().to("cuda")
+        make = lambda: tiny.flux_inputs(pipe, batch=2, text_len=7, num_inference_steps=28)  # noqa: E731
+    else:
+        pipe = tiny.sd3_pipeline(model).to("cuda")
+        make = lambda: tiny.sd3_inputs(pipe, batch=2, text_len=7, num_inference_steps=28)  # noqa: E731
+
+    def inputs():
+        return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make().items()}
+
+    pipe(**inputs())  # warm-up
+    runs = {}
+    for host in (True, False):
+        counts.clear()
+        out, log, _ = _run(pipe, inputs, host, "paper")
+        runs[host] = (out, log, list(counts))
+    (out_h, log_h, syncs_h), (out_s, log_s, syncs_s) = runs[True], runs[False]
+    assert {p for p, _ in log_h} == {"host"} and {p for p, _ in log_s} == {"sync"}
+    assert sum(syncs_h) == 1 and syncs_h[0] == 1, syncs_h
+    assert all(c >= 1 for c in syncs_s), syncs_s
+    assert [g for _, g in log_h] == [g for _, g in log_s]
+    assert any(g is not None for _, g in log_h)
+    assert torch.equal(out_h, out_s)
