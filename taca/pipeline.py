@@ -36,7 +36,8 @@ hook does what it always did: the sigma and gamma math on the device and one hos
 (``handle.last_path == "sync"``). Both paths give the same gamma: the host path runs the same
 torch code on host copies, and rounds t / 1000 as CUDA does (a multiply by the float32 reciprocal;
 on other accelerators sigma may differ by 1 ulp, which matters only for a sigma within 1 ulp of a
-threshold). ``TACA_HOST_SIGMA=0`` in the environment at ``enable`` forces the sync path.
+threshold). ``TACA_HOST_SIGMA=0`` in the environment when ``enable`` is called forces the sync
+path (so does ``handle.host_sigma = False``).
 
 LoRA gating (``lora=``): the adapter is active in exactly the transformer calls where some
 sample of the batch has gamma != 1 and inactive otherwise. LoRA is per module, not per sample:
@@ -175,7 +176,7 @@ class TacaHandle:
         self._last_sigma: Optional[float] = None
         self.last_path: Optional[str] = None
         self.host_copies = 0
-        self.host_sigma = os.environ.get("TACA_HOST_SIGMA", "1") != "0"
+        self.host_sigma = True
         self._host_cache: Dict[int, tuple] = {}
         self._loop_codes: Dict[type, Any] = {}
         self._hook = None
@@ -282,7 +283,7 @@ class TacaHandle:
         if isinstance(self.schedule, _schedule.ConstantSchedule):
             sigma = torch.ones(B)  # gamma does not depend on sigma
         else:
-            sigma = self._host_sigma(ts, B, device)
+            sigma = self._sigma_on_host(ts, B, device)
             if sigma is None:
                 return None
         step = None
@@ -294,7 +295,7 @@ class TacaHandle:
         gamma = torch.full((B,), g, dtype=torch.float32, device=device) if on else None
         return gamma, on, step
 
-    def _host_sigma(self, ts, B: int, device) -> Optional[torch.Tensor]:
+    def _sigma_on_host(self, ts, B: int, device) -> Optional[torch.Tensor]:
         """sigma (B,) float32 on the CPU, equal to what ``_sigma`` computes on the device, or None."""
         ct = self._current_t()
         ct_host = None
@@ -593,6 +594,7 @@ def enable(
         handle.pipe = pipe
     old = (handle.schedule, handle.gamma_reverse, handle.backend)
     handle.schedule, handle.gamma_reverse, handle.backend = sched, gr, backend
+    handle.host_sigma = os.environ.get("TACA_HOST_SIGMA", "1") != "0"
     try:
         handle._set_lora(lora, adapter_name)
         handle._install()
