@@ -39,6 +39,9 @@
  *   Measured history (H100, FLUX 1024 b1 bwd alone): v1 ordered with per-tile fence + load
  *   5.66 ms; v2 early poll + red + delayed release 3.62 ms; see KERNEL_LOG.md.
  *
+ * Hopper: on an sm_90 device, in an sm_90a build, aligned D = 64 / 128 inputs take the wgmma
+ * main kernel of taca_bwd_sm90.cu instead of bwd_main (same preprocess, workspace, chains and
+ * dq_convert); TACA_BWD_SM90=0 in the environment forces bwd_main (tests, timing).
  * Configurations (taca_bwd_kernel.cuh, config_for): D <= 64 -> DP 64, query tile 128;
  * D <= 128 -> DP 128, query tile 64; D <= 256 -> DP 256 in two CTAs of 128 columns each
  * (each recomputes S and dP, owns half of dK, dV, dQ), query tile 32. Other D are zero-padded
@@ -55,6 +58,9 @@
 #include <string.h>
 
 #include "taca_bwd_kernel.cuh"
+
+/* taca_bwd_sm90.cu: the wgmma main kernel; TACA_ERR_UNSUPPORTED where it does not apply. */
+int taca_bwd_sm90(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16);
 
 namespace {
 
@@ -179,6 +185,13 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
     const size_t sem_bytes = L.off_acc - L.off_sem;
     TACA_CUDA_TRY(cudaMemsetAsync(a.sem, 0, sem_bytes, stream), "taca_bwd_cuda memset");
     const bool bf16 = p->dtype == TACA_BF16;
+    // Hopper path (taca_bwd_sm90.cu) for aligned D = 64 / 128 on sm_90 when built for sm_90a;
+    // TACA_BWD_SM90=0 (read at every call) forces the mma.sync kernel: a test / timing switch.
+    const char *sm90_env = getenv("TACA_BWD_SM90");
+    if (!(sm90_env && !strcmp(sm90_env, "0"))) {
+        const int st90 = taca_bwd_sm90(a, stream, bf16);
+        if (st90 != TACA_ERR_UNSUPPORTED) return st90;
+    }
     switch (L.dp) {
     case 64: return taca_bwd::launch_d64(a, stream, bf16);
     case 128: return taca_bwd::launch_d128(a, stream, bf16);

@@ -37,6 +37,14 @@ def main():
         runs += 1
         o.sum().backward()
         runs += 1
+        # backward with N not a multiple of the 128-key tile: D=128 (several key tiles, ordered
+        # dQ chains) and D=64 (one key tile); on sm_90 these take the wgmma backward
+        for B, N, D, L, tf, dt in ((1, 300, 128, 77, True, torch.bfloat16), (2, 100, 64, 33, False, torch.float16)):
+            q, k, v = (torch.randn(B, 2, N, D, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
+            o = taca.joint_attention(q, k, v, text_len=L, text_first=tf, gamma=1.3, layout="bhnd",
+                                     backend="cuda")
+            o.backward(torch.randn_like(o))
+            runs += 2
     except (NotImplementedError, RuntimeError, AttributeError) as e:
         print("public op path skipped:", type(e).__name__, str(e)[:200])
     torch.cuda.synchronize()

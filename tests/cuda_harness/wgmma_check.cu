@@ -1,8 +1,12 @@
 /*
- * wgmma_check.cu: standalone check of the Hopper operand layouts of taca_sm90.cuh, the two
- * products the sm90 forward kernel makes, on one warpgroup:
+ * wgmma_check.cu: standalone check of the Hopper operand layouts of taca_sm90.cuh, the
+ * products the sm90 forward and backward kernels make, on one warpgroup:
  *   S (64 x 128) = Q (64 x D) K^T (D x 128)   A, B K-major from swizzled shared memory
  *   O (64 x D)   = P (64 x 128) V (128 x D)   A from registers (bf16), B = V N-major
+ *   O again, with A = P from swizzled shared memory (K-major) and B = V N-major: the
+ *                                             backward's dQ = dS K (wgmma_ss TA=0, TB=1)
+ *   S^T stored by store_block_trans (stmatrix .trans, taca_bwd_sm90.cuh) from the packed S
+ *   fragments into a K-major tile (128 rows x 64): the backward's dS^T -> dS; exact match
  * for D = 64 and 128, against float64 products on the host of the same bf16 values.
  * Build and run on an sm_90 GPU:
  *   nvcc -std=c++17 -O2 -Icsrc -Icsrc/cuda -gencode=arch=compute_90a,code=sm_90a \
@@ -15,25 +19,30 @@
 
 #include <vector>
 
+#include "taca_bwd_sm90.cuh"
 #include "taca_sm90.cuh"
 
 using namespace taca_cuda;
 using namespace taca_sm90;
 using namespace taca_wgmma;
+using namespace taca_bwd90;
 typedef __nv_bfloat16 bf;
 
 template <int D>
 __global__ void __launch_bounds__(128, 1) check_kernel(const bf *q, const bf *k, const bf *p,
-                                                       const bf *v, float *s_out, float *o_out) {
+                                                       const bf *v, float *s_out, float *o_out,
+                                                       float *o2_out, float *st_out) {
 #if TACA_SM90A
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
     const uint32_t sq = base, sk = sq + 64 * D * 2, sv = sk + 128 * D * 2;
+    const uint32_t sp = sv + 128 * D * 2, sst = sp + 64 * 128 * 2;  // P (64 x 128), S^T (128 x 64)
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     // 128 loader threads: the real kernel uses 256, so use the same helper with 128 here
     load_tile_sw128<bf, 64, D, 128>(sq, q, D, 0, 64, D, tid);
     load_tile_sw128<bf, 128, D, 128>(sk, k, D, 0, 128, D, tid);
     load_tile_sw128<bf, 128, D, 128>(sv, v, D, 0, 128, D, tid);
+    load_tile_sw128<bf, 64, 128, 128>(sp, p, 128, 0, 64, 128, tid);
     cp_async_commit();
     cp_async_wait<0>();
     fence_proxy_async();
@@ -78,6 +87,38 @@ __global__ void __launch_bounds__(128, 1) check_kernel(const bf *q, const bf *k,
             const int row = warp * 16 + (lane >> 2) + (e >> 1) * 8, col = nt * 8 + (lane & 3) * 2 + (e & 1);
             o_out[row * D + col] = o[nt * 4 + e];
         }
+
+    // O = P V with P from shared memory (K-major A) and V N-major: wgmma_ss TA=0, TB=1
+    float o2[D / 2];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk)
+#pragma unroll
+        for (int hb = 0; hb < D / 64; ++hb)
+            wgmma_ss<bf, 64, 0, 1>(o2 + hb * 32, desc_sw128(sp + (kk >> 2) * 64 * 128 + (kk & 3) * 32),
+                                   desc_sw128(sv + hb * 128 * 128 + kk * 16 * 128), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs<D / 2>(o2);
+    for (int nt = 0; nt < D / 8; ++nt)
+        for (int e = 0; e < 4; ++e) {
+            const int row = warp * 16 + (lane >> 2) + (e >> 1) * 8, col = nt * 8 + (lane & 3) * 2 + (e & 1);
+            o2_out[row * D + col] = o2[nt * 4 + e];
+        }
+
+    // S^T through stmatrix .trans: pack S (rows = q, columns = k) as A fragments, store transposed
+    for (int kk = 0; kk < 8; ++kk) {
+        uint32_t sa[4];
+        for (int r = 0; r < 4; ++r) sa[r] = pack2<bf>(s[(2 * kk + (r >> 1)) * 4 + (r & 1) * 2],
+                                                      s[(2 * kk + (r >> 1)) * 4 + (r & 1) * 2 + 1]);
+        store_block_trans<128>(sst, sa, warp * 16, kk * 16, lane);
+    }
+    __syncthreads();
+    const unsigned char *tile = smem_raw + (sst - smem_u32(smem_raw));
+    for (int i = tid; i < 128 * 64; i += 128) {
+        const int r = i / 64, c = i % 64;
+        st_out[i] = __bfloat162float(*reinterpret_cast<const bf *>(tile + sw128_offset<128>(r, c >> 3) + (c & 7) * 2));
+    }
 #endif
 }
 
@@ -103,24 +144,29 @@ bool run() {
     };
     fill(hq, fq); fill(hk, fk); fill(hp, fp); fill(hv, fv);
     bf *dq, *dk, *dp, *dv;
-    float *ds, *dout;
+    float *ds, *dout, *do2, *dst;
     CK(cudaMalloc(&dq, hq.size() * 2)); CK(cudaMalloc(&dk, hk.size() * 2));
     CK(cudaMalloc(&dp, hp.size() * 2)); CK(cudaMalloc(&dv, hv.size() * 2));
     CK(cudaMalloc(&ds, 64 * 128 * 4)); CK(cudaMalloc(&dout, 64 * D * 4));
+    CK(cudaMalloc(&do2, 64 * D * 4)); CK(cudaMalloc(&dst, 128 * 64 * 4));
+    CK(cudaMemset(do2, 0xff, 64 * D * 4)); CK(cudaMemset(dst, 0xff, 128 * 64 * 4));
     CK(cudaMemcpy(dq, hq.data(), hq.size() * 2, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(dk, hk.data(), hk.size() * 2, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(dp, hp.data(), hp.size() * 2, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(dv, hv.data(), hv.size() * 2, cudaMemcpyHostToDevice));
     CK(cudaMemset(ds, 0xff, 64 * 128 * 4)); CK(cudaMemset(dout, 0xff, 64 * D * 4));
-    const int smem = (64 + 128 + 128) * D * 2 + 1024;
+    const int smem = (64 + 128 + 128) * D * 2 + 2 * 64 * 128 * 2 + 1024;
     CK(cudaFuncSetAttribute(check_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    check_kernel<D><<<1, 128, smem>>>(dq, dk, dp, dv, ds, dout);
+    check_kernel<D><<<1, 128, smem>>>(dq, dk, dp, dv, ds, dout, do2, dst);
     CK(cudaGetLastError());
     CK(cudaDeviceSynchronize());
-    std::vector<float> s(64 * 128), o(64 * D);
+    std::vector<float> s(64 * 128), o(64 * D), o2(64 * D), st(128 * 64);
+    CK(cudaMemcpy(o2.data(), do2, o2.size() * 4, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(st.data(), dst, st.size() * 4, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(s.data(), ds, s.size() * 4, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(o.data(), dout, o.size() * 4, cudaMemcpyDeviceToHost));
-    double es = 0, eo = 0;
+    double es = 0, eo = 0, eo2 = 0;
+    long bad_st = 0;
     for (int i = 0; i < 64; ++i)
         for (int j = 0; j < 128; ++j) {
             double r = 0;
@@ -134,10 +180,17 @@ bool run() {
             for (int j = 0; j < 128; ++j) r += (double)fp[i * 128 + j] * fv[j * D + c];
             const double e = fabs(r - o[i * D + c]);
             eo = (e == e && eo == eo) ? fmax(eo, e) : NAN;
+            const double e2 = fabs(r - o2[i * D + c]);
+            eo2 = (e2 == e2 && eo2 == eo2) ? fmax(eo2, e2) : NAN;
         }
-    const bool ok = es < 1e-3 && eo < 1e-3;
-    printf("wgmma_check D=%d: S=QK^T max err %.3g, O=PV max err %.3g: %s\n", D, es, eo, ok ? "ok" : "WRONG");
+    for (int i = 0; i < 64; ++i)
+        for (int j = 0; j < 128; ++j)
+            bad_st += st[j * 64 + i] != __bfloat162float(__float2bfloat16(s[i * 128 + j]));
+    const bool ok = es < 1e-3 && eo < 1e-3 && eo2 < 1e-3 && bad_st == 0;
+    printf("wgmma_check D=%d: S=QK^T max err %.3g, O=PV max err %.3g, O=PV (SS TA=0 TB=1) max err %.3g, "
+           "S^T by stmatrix.trans: %ld mismatches: %s\n", D, es, eo, eo2, bad_st, ok ? "ok" : "WRONG");
     cudaFree(dq); cudaFree(dk); cudaFree(dp); cudaFree(dv); cudaFree(ds); cudaFree(dout);
+    cudaFree(do2); cudaFree(dst);
     return ok;
 }
 

@@ -1,0 +1,397 @@
+/*
+ * taca_bwd_sm90.cu: Hopper (sm_90a) main backward kernel of gamma-scaled joint attention with
+ * wgmma, for aligned inputs (vec_load) with D = 64 or 128 on a compute capability 9.0 device
+ * when this file was built for sm_90a (setup.py defines TACA_HAVE_SM90A then). Everything else,
+ * and TACA_BWD_SM90=0 in the environment (a test / benchmarking switch read by taca_bwd.cu),
+ * takes the mma.sync kernel (taca_bwd_kernel.cuh). Math, workspace, preprocess, the ordered dQ
+ * chains and bwd_dq_convert are the mma.sync path's (taca_bwd.cu explains them); only bwd_main
+ * is replaced.
+ *
+ * CTA = 2 warpgroups (256 threads) per (128-key tile, head, batch); warpgroup w owns keys
+ * [64w, 64w + 64). K and V (128 x D) stay in shared memory, Q and dO tiles of BM queries stream
+ * through a cp.async double buffer (BM = 64 for D = 128, 128 for D = 64), all in the 128-byte
+ * swizzled layout of taca_sm90.cuh. Per query tile, per warpgroup (accumulators fp32):
+ *   S^T  (64 keys x BM) = K_w Q^T     wgmma SS, A = K rows, B = Q rows (both K-major)
+ *   dP^T (64 keys x BM) = V_w dO^T    same with V, dO (second commit group: P is computed
+ *                                     while it runs)
+ *   P^T = exp2(S^T scale log2e m - lse2), dS'^T = m P^T (dP^T - delta)  (registers)
+ *   dV_w += P^T dO,  dK_w += dS'^T Q  wgmma RS (A = P^T / dS'^T packed from the accumulators,
+ *                                     B = dO / Q N-major: the forward's O += P V pattern)
+ *   dS' (BM x 128 keys) -> smem       stmatrix .trans of the dS'^T fragments (K-major tile)
+ *   dQ part = dS' K                   wgmma SS, A = dS' (K-major), B = K (N-major, keys = K dim);
+ *                                     D = 128: warpgroup w makes dQ columns [64w, 64w + 64);
+ *                                     D = 64: warpgroup w makes dQ rows [64w, 64w + 64)
+ * then the dQ part goes to the chain buffers exactly as in bwd_main (ordered, deterministic).
+ * Registers per thread: dV + dK accumulators D (64 + 64 at D = 128), S^T + dP^T BM/2 each.
+ * Measured speeds: benchmarks/results/KERNEL_LOG.md, "Backward v4 (Hopper)".
+ */
+#include <stdlib.h>
+
+#include "taca_bwd_kernel.cuh"
+#include "taca_bwd_sm90.cuh"
+#include "taca_sm90.cuh"
+
+namespace taca_bwd90 {
+
+using namespace taca_cuda;
+using namespace taca_sm90;
+using namespace taca_wgmma;
+using taca_bwd::BwdArgs;
+
+template <int DP_>
+struct Cfg {
+    static constexpr int DP = DP_;
+    static constexpr int BN = 128;                 // keys per CTA
+    static constexpr int BM = DP == 64 ? 128 : 64;  // queries per tile (= config_for's bm)
+    static constexpr int THREADS = 256;
+    static constexpr uint32_t KV_BYTES = BN * DP * 2;
+    static constexpr uint32_t QT_BYTES = BM * DP * 2;  // one Q or one dO buffer
+    static constexpr uint32_t DS_BYTES = BM * BN * 2;
+    static constexpr size_t SMEM = 2 * KV_BYTES + 4 * QT_BYTES + DS_BYTES + 4 * BM * sizeof(float) + 1024;
+    static_assert(DP == 64 || DP == 128, "head dim");
+};
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(256, 1) taca_bwd_sm90_kernel(const BwdArgs a) {
+#if TACA_SM90A
+    using C = Cfg<DP>;
+    constexpr int BM = C::BM, BN = C::BN, NT = BM / 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const uint32_t raw = smem_u32(smem_raw);
+    const uint32_t sk = (raw + 1023u) & ~1023u;
+    unsigned char *const smem = smem_raw + (sk - raw);  // generic pointer to the aligned base
+    const uint32_t sv = sk + C::KV_BYTES;
+    const uint32_t sq = sv + C::KV_BYTES;        // [2] Q tiles
+    const uint32_t sdo = sq + 2 * C::QT_BYTES;   // [2] dO tiles
+    const uint32_t sds = sdo + 2 * C::QT_BYTES;  // dS' (BM x 128 keys), K-major
+    float *const sL = reinterpret_cast<float *>(smem + (sds + C::DS_BYTES - sk));  // [2][BM] lse2
+    float *const sDl = sL + 2 * BM;                                                  // [2][BM] delta
+
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int jt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int j0 = jt * BN;
+    const int N = a.N, D = a.D, tb = a.text_begin, te = a.text_end;
+
+    const T *qb = static_cast<const T *>(a.q) + b * a.qs_b + h * a.qs_h;
+    const T *kb = static_cast<const T *>(a.k) + b * a.ks_b + h * a.ks_h;
+    const T *vb = static_cast<const T *>(a.v) + b * a.vs_b + h * a.vs_h;
+    const T *dob = static_cast<const T *>(a.dout) + b * a.dos_b + h * a.dos_h;
+    const int64_t bh = static_cast<int64_t>(b) * a.H + h;
+    const float *lse2b = a.lse2 + bh * a.Np;
+    const float *deltab = a.delta + bh * a.Np;
+
+    const float gam = a.gamma[b];
+    const float grev = a.gamma_reverse;
+    const float lg = a.scale * taca_bwd::kLog2e;
+
+    load_tile_sw128<T, BN, DP, 256>(sk, kb, a.ks_n, j0, N, D, tid);
+    load_tile_sw128<T, BN, DP, 256>(sv, vb, a.vs_n, j0, N, D, tid);
+    auto load_q_tile = [&](int it, int buf) {
+        const int i0 = it * BM;
+        load_tile_sw128<T, BM, DP, 256>(sq + buf * C::QT_BYTES, qb, a.qs_n, i0, N, D, tid);
+        load_tile_sw128<T, BM, DP, 256>(sdo + buf * C::QT_BYTES, dob, a.dos_n, i0, N, D, tid);
+        if (tid < BM / 4) {
+            cp_async_16(smem_u32(sL + buf * BM + tid * 4), lse2b + i0 + tid * 4, 16);
+        } else if (tid < BM / 2) {
+            const int u = tid - BM / 4;
+            cp_async_16(smem_u32(sDl + buf * BM + u * 4), deltab + i0 + u * 4, 16);
+        }
+    };
+    load_q_tile(0, 0);
+    cp_async_commit();
+
+    // This thread's key rows in S^T: 64 wg + 16 warp + g and + 8.
+    const int kw0 = j0 + 64 * wg;  // the warpgroup's first key
+    const int kr0 = kw0 + 16 * warp + g, kr1 = kr0 + 8;
+    const bool kt0 = kr0 >= tb && kr0 < te, kt1 = kr1 >= tb && kr1 < te;
+    const bool k_uniform = kw0 + 64 <= tb || kw0 >= te || (kw0 >= tb && kw0 + 64 <= te);
+    const bool k_text = kw0 >= tb && kw0 < te;
+
+    float dv[DP / 2], dk[DP / 2];
+#pragma unroll
+    for (int i = 0; i < DP / 2; ++i) dv[i] = dk[i] = 0.f;
+
+    const int nq = a.nq, nk = a.nk;
+    const int seg = jt / a.seg_size, seg_pos = jt % a.seg_size;
+    const int seg_len = min(a.seg_size, nk - seg * a.seg_size);
+    const bool ordered = a.mode == taca_bwd::kOrdered && nk > 1;
+    int *sem_row = a.sem + (seg * static_cast<int64_t>(a.B) * a.H + bh) * nq;
+    float *acc_base = a.dq_acc + (seg * static_cast<int64_t>(a.B) * a.H + bh) * a.Np * DP;
+
+    const uint32_t k_wg = sk + wg * 64 * 128, v_wg = sv + wg * 64 * 128;  // rows 64 wg.. of each block
+
+    for (int it = 0; it < nq; ++it) {
+        const int buf = it & 1;
+        const int i0 = it * BM;
+        cp_async_wait<0>();
+        fence_proxy_async();
+        // Tile it landed and is visible to wgmma; every warpgroup finished tile it - 1 (its
+        // wgmma reads of buffer buf ^ 1 and of dS' completed before its wgmma_wait<0>).
+        __syncthreads();
+        if (ordered && tid == 0 && it > 0 && seg_pos < seg_len - 1) {
+            // Release the previous query tile's dQ part (see bwd_main / taca_bwd.cu).
+            __threadfence();
+            atomicExch(sem_row + it - 1, seg_pos + 1);
+        }
+        if (it + 1 < nq) load_q_tile(it + 1, buf ^ 1);
+        cp_async_commit();
+
+        const uint32_t qt = sq + buf * C::QT_BYTES, dot = sdo + buf * C::QT_BYTES;
+        float s[NT * 4], dp[NT * 4];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < DP / 16; ++kk)  // 16 columns = 32 B inside a 128 B row
+            wgmma_ss<T, BM, 0, 0>(s, desc_sw128(k_wg + (kk >> 2) * BN * 128 + (kk & 3) * 32),
+                                  desc_sw128(qt + (kk >> 2) * BM * 128 + (kk & 3) * 32), kk > 0);
+        wgmma_commit();
+#pragma unroll
+        for (int kk = 0; kk < DP / 16; ++kk)
+            wgmma_ss<T, BM, 0, 0>(dp, desc_sw128(v_wg + (kk >> 2) * BN * 128 + (kk & 3) * 32),
+                                  desc_sw128(dot + (kk >> 2) * BM * 128 + (kk & 3) * 32), kk > 0);
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_regs<NT * 4>(s);
+
+        // P^T = exp2(S^T lg m - lse2) while dP^T is computed; then dS'^T = m P^T (dP^T - delta).
+        const float *lrow = sL + buf * BM;
+        const float *drow = sDl + buf * BM;
+        const int qe = i0 + BM;
+        const bool q_uniform = qe <= tb || i0 >= te || (i0 >= tb && qe <= te);
+        const bool uniform = k_uniform && q_uniform;
+        const bool q_text = i0 >= tb && i0 < te;
+        const float mu = (k_text == q_text) ? 1.f : (q_text ? grev : gam);
+        if (uniform) {
+            const float cf = lg * mu;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const float2 l2 = *reinterpret_cast<const float2 *>(lrow + nt * 8 + 2 * t);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[nt * 4 + e] = fast_exp2(s[nt * 4 + e] * cf - ((e & 1) ? l2.y : l2.x));
+            }
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const int col = nt * 8 + 2 * t;
+                const float2 l2 = *reinterpret_cast<const float2 *>(lrow + col);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = i0 + col + (e & 1);
+                    const bool qtx = qi >= tb && qi < te;
+                    const bool ktx = (e < 2) ? kt0 : kt1;
+                    const float m = (qtx == ktx) ? 1.f : (qtx ? grev : gam);
+                    s[nt * 4 + e] = fast_exp2(s[nt * 4 + e] * (lg * m) - ((e & 1) ? l2.y : l2.x));
+                }
+            }
+        }
+        wgmma_wait<0>();
+        fence_regs<NT * 4>(dp);
+        if (uniform) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const float2 dl = *reinterpret_cast<const float2 *>(drow + nt * 8 + 2 * t);
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    dp[nt * 4 + e] = s[nt * 4 + e] * (dp[nt * 4 + e] - ((e & 1) ? dl.y : dl.x)) * mu;
+            }
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const int col = nt * 8 + 2 * t;
+                const float2 dl = *reinterpret_cast<const float2 *>(drow + col);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = i0 + col + (e & 1);
+                    const bool qtx = qi >= tb && qi < te;
+                    const bool ktx = (e < 2) ? kt0 : kt1;
+                    const float m = (qtx == ktx) ? 1.f : (qtx ? grev : gam);
+                    dp[nt * 4 + e] = s[nt * 4 + e] * (dp[nt * 4 + e] - ((e & 1) ? dl.y : dl.x)) * m;
+                }
+            }
+        }
+
+        // Pack P^T and dS'^T as A fragments (16 queries per k-step); dS' transposed to smem.
+        uint32_t pa[BM / 16][4], da[BM / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) {
+            const float *s0 = s + 8 * kk, *d0 = dp + 8 * kk;  // column tiles 2kk, 2kk + 1
+            pa[kk][0] = pack2<T>(s0[0], s0[1]);
+            pa[kk][1] = pack2<T>(s0[2], s0[3]);
+            pa[kk][2] = pack2<T>(s0[4], s0[5]);
+            pa[kk][3] = pack2<T>(s0[6], s0[7]);
+            da[kk][0] = pack2<T>(d0[0], d0[1]);
+            da[kk][1] = pack2<T>(d0[2], d0[3]);
+            da[kk][2] = pack2<T>(d0[4], d0[5]);
+            da[kk][3] = pack2<T>(d0[6], d0[7]);
+            store_block_trans<BM>(sds, da[kk], 64 * wg + 16 * warp, 16 * kk, lane);
+        }
+
+        // dV += P^T dO, dK += dS'^T Q (B = dO / Q tiles, N-major: query rows = the k dim).
+        fence_regs<DP / 2>(dv);
+        fence_regs<DP / 2>(dk);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk)
+#pragma unroll
+            for (int hb = 0; hb < DP / 64; ++hb) {
+                wgmma_rs<T, 64, 1>(dv + hb * 32, pa[kk], desc_sw128(dot + hb * BM * 128 + kk * 16 * 128), 1);
+                wgmma_rs<T, 64, 1>(dk + hb * 32, da[kk], desc_sw128(qt + hb * BM * 128 + kk * 16 * 128), 1);
+            }
+        wgmma_commit();
+
+        fence_proxy_async();  // the stmatrix writes of dS' -> visible to wgmma after the barrier
+        __syncthreads();      // dS' complete in shared memory
+
+        if (a.mode == taca_bwd::kSkip) {
+            wgmma_wait<0>();
+            fence_regs<DP / 2>(dv);
+            fence_regs<DP / 2>(dk);
+            fence_regs<BM / 4>(&pa[0][0]);
+            fence_regs<BM / 4>(&da[0][0]);
+            continue;
+        }
+        // Ask for this tile's order before the dQ matmul, so the load's latency hides behind it.
+        int polled = 0;
+        if (ordered && tid == 0 && seg_pos > 0) polled = taca_bwd::ld_acquire(sem_row + it);
+
+        // dQ part (64 x 64 per warpgroup) = dS' K over the 128 keys.
+        constexpr int QROWS = BM == 128 ? 64 : 0;  // D = 64: split rows; D = 128: split columns
+        constexpr int QCOLS = BM == 128 ? 0 : 64;
+        float dq[32];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+            wgmma_ss<T, 64, 0, 1>(dq,
+                                  desc_sw128(sds + (kk >> 2) * BM * 128 + QROWS * wg * 128 + (kk & 3) * 32),
+                                  desc_sw128(sk + (QCOLS / 64) * wg * BN * 128 + kk * 16 * 128), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs<32>(dq);
+        fence_regs<DP / 2>(dv);
+        fence_regs<DP / 2>(dk);
+        fence_regs<BM / 4>(&pa[0][0]);  // A operands stay untouched until their wgmma completed
+        fence_regs<BM / 4>(&da[0][0]);
+
+        const int qr0 = QROWS * wg + 16 * warp + g;  // this thread's dQ rows qr0, qr0 + 8 (tile)
+        const int qc0 = QCOLS * wg + 2 * t;          // and columns qc0 + 8 nt, + 1
+        if (nk == 1) {
+            T *dqb = static_cast<T *>(a.dq) + b * a.dqs_b + h * a.dqs_h;
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int r = i0 + qr0 + half * 8;
+                if (r >= N) continue;
+                T *dqrow = dqb + static_cast<int64_t>(r) * a.dqs_n;
+#pragma unroll
+                for (int nt = 0; nt < 8; ++nt)
+                    taca_bwd::store_pair<T>(dqrow, qc0 + nt * 8, D, a.pair_store != 0,
+                                            dq[nt * 4 + 2 * half] * a.scale, dq[nt * 4 + 2 * half + 1] * a.scale);
+            }
+            continue;
+        }
+        // Chain order: key tile seg_pos adds only after seg_pos - 1 released this query tile.
+        const bool first = ordered ? seg_pos == 0 : a.mode == taca_bwd::kRacy;
+        if (ordered && seg_pos > 0) {
+            if (tid == 0) {
+                while (polled < seg_pos) polled = taca_bwd::ld_acquire(sem_row + it);
+            }
+            __syncthreads();
+        }
+        float *accp = (ordered ? acc_base : a.dq_acc + bh * a.Np * DP) + static_cast<int64_t>(i0) * DP;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int r = qr0 + half * 8;
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                float *dst = accp + r * DP + qc0 + nt * 8;
+                if (first)
+                    __stcg(reinterpret_cast<float2 *>(dst), make_float2(dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]));
+                else
+                    taca_bwd::red_add2(dst, dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
+            }
+        }
+    }
+    cp_async_wait<0>();
+    if (ordered && seg_pos < seg_len - 1) {
+        __syncthreads();
+        if (tid == 0) {
+            __threadfence();
+            atomicExch(sem_row + nq - 1, seg_pos + 1);
+        }
+    }
+    // dK = scale * dK', dV: rows kr0, kr1; columns 8 nt + 2t, + 1.
+    T *dkb = static_cast<T *>(a.dk) + b * a.dks_b + h * a.dks_h;
+    T *dvb = static_cast<T *>(a.dv) + b * a.dvs_b + h * a.dvs_h;
+    const bool pair = a.pair_store != 0;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = half ? kr1 : kr0;
+        if (r >= N) continue;
+        T *dkrow = dkb + static_cast<int64_t>(r) * a.dks_n;
+        T *dvrow = dvb + static_cast<int64_t>(r) * a.dvs_n;
+#pragma unroll
+        for (int nt = 0; nt < DP / 8; ++nt) {
+            const int col = nt * 8 + 2 * t;
+            taca_bwd::store_pair<T>(dkrow, col, D, pair, dk[nt * 4 + 2 * half] * a.scale,
+                                    dk[nt * 4 + 2 * half + 1] * a.scale);
+            taca_bwd::store_pair<T>(dvrow, col, D, pair, dv[nt * 4 + 2 * half], dv[nt * 4 + 2 * half + 1]);
+        }
+    }
+#else
+    (void)a;
+#endif
+}
+
+template <typename T, int DP>
+int launch(const BwdArgs &a, cudaStream_t stream) {
+    using C = Cfg<DP>;
+    if (a.Np % C::BM != 0 || a.Np != a.nq * C::BM) return TACA_ERR_UNSUPPORTED;  // workspace layout
+    auto kernel = taca_bwd_sm90_kernel<T, DP>;
+    // The kernel has a body only in an sm_90a binary: check which one this device runs.
+    cudaFuncAttributes attr;
+    TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_bwd_cuda (sm90): cudaFuncGetAttributes");
+    if (attr.binaryVersion != 90) return TACA_ERR_UNSUPPORTED;
+    TACA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM),
+                  "taca_bwd_cuda (sm90): cudaFuncSetAttribute");
+    const int64_t rows = static_cast<int64_t>(a.B) * a.H * a.Np;
+    taca_bwd::bwd_preprocess<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(a);
+    int st = taca_cuda_check_launch("taca_bwd_cuda (sm90) preprocess");
+    if (st != TACA_OK) return st;
+    if (a.mode == taca_bwd::kAtomic && a.nk > 1) {
+        TACA_CUDA_TRY(cudaMemsetAsync(a.dq_acc, 0, static_cast<size_t>(rows) * DP * sizeof(float), stream),
+                      "taca_bwd_cuda (sm90) memset dq_acc");
+    }
+    kernel<<<dim3(a.nk, a.H, a.B), C::THREADS, C::SMEM, stream>>>(a);
+    st = taca_cuda_check_launch("taca_bwd_cuda (sm90) main");
+    if (st != TACA_OK || a.nk == 1) return st;
+    const int64_t total = static_cast<int64_t>(a.B) * a.H * a.N * a.D;
+    taca_bwd::bwd_dq_convert<T, DP><<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(a);
+    return taca_cuda_check_launch("taca_bwd_cuda (sm90) dq convert");
+}
+
+}  // namespace taca_bwd90
+
+/* TACA_ERR_UNSUPPORTED when this path does not apply (the caller then takes mma.sync). */
+int taca_bwd_sm90(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16) {
+#if defined(TACA_HAVE_SM90A)
+    if ((a.D != 64 && a.D != 128) || !a.vec_load) return TACA_ERR_UNSUPPORTED;
+    static int cc[64];  // per device: 0 unknown, 1 sm_90, 2 other
+    int dev = 0;
+    TACA_CUDA_TRY(cudaGetDevice(&dev), "taca_bwd_cuda (sm90): cudaGetDevice");
+    if (dev < 0 || dev >= 64) return TACA_ERR_UNSUPPORTED;
+    if (cc[dev] == 0) {
+        int major = 0, minor = 0;
+        TACA_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
+                      "taca_bwd_cuda (sm90): cudaDeviceGetAttribute");
+        TACA_CUDA_TRY(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev),
+                      "taca_bwd_cuda (sm90): cudaDeviceGetAttribute");
+        cc[dev] = (major == 9 && minor == 0) ? 1 : 2;
+    }
+    if (cc[dev] != 1) return TACA_ERR_UNSUPPORTED;
+    if (a.D == 64)
+        return bf16 ? taca_bwd90::launch<__nv_bfloat16, 64>(a, stream) : taca_bwd90::launch<__half, 64>(a, stream);
+    return bf16 ? taca_bwd90::launch<__nv_bfloat16, 128>(a, stream) : taca_bwd90::launch<__half, 128>(a, stream);
+#else
+    (void)a; (void)stream; (void)bf16;
+    return TACA_ERR_UNSUPPORTED;
+#endif
+}

@@ -1,0 +1,44 @@
+/*
+ * taca_bwd_sm90.cuh: helpers of the Hopper (sm_90a) backward kernel (taca_bwd_sm90.cu), kept
+ * apart so tests/cuda_harness/wgmma_check.cu checks exactly the code the kernel uses.
+ *
+ * stmatrix_x4_trans: four 8x8 16-bit matrices from a warp's mma/wgmma fragments (thread lane
+ * holds row lane/4, columns 2*(lane%4), +1 of each, packed) stored TRANSPOSED: lanes 8i..8i+7
+ * give the 16-byte row addresses of matrix i; memory row r of matrix i receives column r of the
+ * fragment matrix. With the RS A-fragment packing of a 16 x 16 block (a[0]: rows 0-7 / cols
+ * 0-7, a[1]: rows 8-15 / cols 0-7, a[2]: rows 0-7 / cols 8-15, a[3]: rows 8-15 / cols 8-15),
+ * lane L addresses memory row (L >> 4) * 8 + (L & 7) (a fragment column) and the 8-element
+ * chunk ((L >> 3) & 1) (fragment rows 0-7 or 8-15): see store_block_trans.
+ */
+#ifndef TACA_BWD_SM90_CUH_
+#define TACA_BWD_SM90_CUH_
+
+#include "taca_sm90.cuh"
+
+namespace taca_bwd90 {
+
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, const uint32_t *r) {
+#if TACA_SM90A
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
+                 "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+                 : "memory");
+#else
+    (void)addr; (void)r;
+#endif
+}
+
+/* Store the transpose of a warp's 16 x 16 block (RS A-fragment packing, fragment rows
+ * row0 .. row0+15 (a multiple of 8), fragment columns col0 .. col0+15) into a 128B-swizzled
+ * K-major tile of ROWS rows at smem address s: tile row = fragment column, tile column =
+ * fragment row. */
+template <int ROWS>
+__device__ __forceinline__ void store_block_trans(uint32_t s, const uint32_t *a, int row0, int col0,
+                                                  int lane) {
+    const int r = col0 + ((lane >> 4) << 3) + (lane & 7);
+    const int c = (row0 >> 3) + ((lane >> 3) & 1);
+    stmatrix_x4_trans(s + taca_sm90::sw128_offset<ROWS>(r, c), a);
+}
+
+}  // namespace taca_bwd90
+
+#endif /* TACA_BWD_SM90_CUH_ */
