@@ -1,5 +1,6 @@
 """taca.enable / disable / enabled on tiny pipelines: round trips, idempotence, exception safety,
-unsupported models, QKV fusion, attention backends, torch.compile."""
+unsupported models, QKV fusion, attention backends, torch.compile, and the hook's host path (sigma
+read without a device sync) against its sync path."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -288,7 +289,7 @@ def _no_sync_path(monkeypatch):
 _HOST_CASES = {
     "flux": lambda: (tiny.flux_pipeline(), tiny.flux_inputs, {}),
     "flux-bf16": lambda: (tiny.flux_pipeline(dtype=torch.bfloat16), tiny.flux_inputs, {}),
-    "flux-true-cfg": lambda: (tiny.flux_pipeline(), tiny.flux_inputs, "true_cfg"),
+    "flux-true-cfg": lambda: (tiny.flux_pipeline(), tiny.flux_inputs, dict(true_cfg_scale=2.0)),
     "sd35m-cfg": lambda: (tiny.sd3_pipeline("sd35m"), tiny.sd3_inputs, {}),
     "sd35m-skip-layers": lambda: (tiny.sd3_pipeline("sd35m"), tiny.sd3_inputs,
                                   dict(skip_guidance_layers=[1], skip_layer_guidance_start=0.0)),
@@ -303,14 +304,13 @@ def test_host_path_matches_sync_path(case, schedule, monkeypatch):
     bit-identical images as the sync path, never runs the sync path, and copies the scheduler's
     timesteps to the host once per pipeline call."""
     pipe, make_inputs, extra = _HOST_CASES[case]()
-    if extra == "true_cfg":
+    if case == "flux-true-cfg":  # a negative prompt: two transformer calls per step
         def inputs():
             kw = make_inputs(pipe, batch=2, text_len=7, num_inference_steps=28)
             g = torch.Generator().manual_seed(5)
             kw["negative_prompt_embeds"] = torch.randn(kw["prompt_embeds"].shape, generator=g)
             kw["negative_pooled_prompt_embeds"] = torch.randn(kw["pooled_prompt_embeds"].shape, generator=g)
             return kw
-        extra = dict(true_cfg_scale=2.0)
     else:
         def inputs():
             return make_inputs(pipe, batch=2, text_len=7, num_inference_steps=28)
@@ -372,7 +372,7 @@ def test_host_path_kontext_and_img2img():
     assert sd3.scheduler.begin_index == 4  # img2img with strength 0.6 started at step 4 of 10
 
 
-def _direct_kw(pipe):
+def _direct_kw():
     g = torch.Generator().manual_seed(4)
     n, L = 16, 5
     return dict(hidden_states=torch.randn(1, n, 4, generator=g), encoder_hidden_states=torch.randn(1, L, 32, generator=g),
@@ -388,11 +388,11 @@ def test_direct_calls_with_a_pipeline_handle():
     pipe, inputs = _flux()
     t = pipe.transformer
     h = taca.enable(pipe, gamma=1.3)
-    kw = _direct_kw(pipe)
+    kw = _direct_kw()
     seen = []
 
     def callback(p, i, ts, kwargs):
-        out = t(**kw, timestep=torch.tensor([0.3]))  # sigma 0.3 while the pipeline is at ~1.0
+        t(**kw, timestep=torch.tensor([0.3]))  # sigma 0.3 while the pipeline is at ~1.0
         seen.append((h.last_path, h.last_gamma))
         raise KeyboardInterrupt  # leaves pipe._current_timestep set
 
