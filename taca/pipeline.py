@@ -358,7 +358,7 @@ class TacaHandle:
         if code is None:
             return False
         f = sys._getframe(1)
-        while f is not None and f.f_code.co_filename in (_THIS_FILE, _TORCH_MODULE_FILE):
+        while f is not None and f.f_code.co_filename in _HOOK_FRAME_FILES:
             f = f.f_back
         return f is not None and f.f_code is code and f.f_locals.get("self") is self.pipe
 
@@ -480,6 +480,9 @@ class TacaHandle:
 
 
 _THIS_FILE = TacaHandle._pre_hook.__code__.co_filename
+# Frames between the pipeline's loop and the hook (torch's hook dispatch, this module); a test
+# that wraps the hook adds its own file here.
+_HOOK_FRAME_FILES = frozenset({_THIS_FILE, _TORCH_MODULE_FILE})
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
