@@ -8,8 +8,7 @@ plus 1e-5. The kernel gets out (cast to the input dtype) and lse from the refere
 tests check the backward alone; test_public_op_fwd_bwd checks the two kernels together.
 On an H100 (sm_90) with an sm_90a build, aligned D = 64 / 128 inputs run the wgmma kernel
 (csrc/cuda/taca_bwd_sm90.cu); test_mma_sync_path forces the mma.sync kernel on the same cases
-with TACA_BWD_SM90=0 so both stay tested, and test_sm90_arrive_handoff the wgmma kernel's
-second dQ hand-off mode.
+with TACA_BWD_SM90=0 so both stay tested.
 Skipped without CUDA or without the CUDA build of taca._C.
 """
 from __future__ import annotations
@@ -140,18 +139,6 @@ def test_mma_sync_path(case, monkeypatch):
     query-tile and chain order. Not asserted: tensor-core rounding inside a k16 step is not
     specified to match between mma.sync and wgmma.)"""
     monkeypatch.setenv("TACA_BWD_SM90", "0")
-    _run_case(case)
-
-
-ARRIVE_CASES = [c for c in MMA_SYNC_CASES if (c[2] + c[3]) > 256]  # several key and query tiles
-
-
-@pytest.mark.parametrize("case", ARRIVE_CASES, ids=[_ids(c) for c in ARRIVE_CASES])
-def test_sm90_arrive_handoff(case, monkeypatch):
-    """The wgmma kernel's second dQ hand-off (TACA_BWD_SM90_HANDOFF=arrive: bar.arrive FULL /
-    EMPTY barriers, writer up to two tiles behind) meets the rule and is deterministic too
-    (elsewhere the same as the default path; the knob is ignored off sm_90)."""
-    monkeypatch.setenv("TACA_BWD_SM90_HANDOFF", "arrive")
     _run_case(case)
 
 
