@@ -374,19 +374,8 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
 int taca_bwd_sm90(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16) {
 #if defined(TACA_HAVE_SM90A)
     if ((a.D != 64 && a.D != 128) || !a.vec_load) return TACA_ERR_UNSUPPORTED;
-    static int cc[64];  // per device: 0 unknown, 1 sm_90, 2 other
-    int dev = 0;
-    TACA_CUDA_TRY(cudaGetDevice(&dev), "taca_bwd_cuda (sm90): cudaGetDevice");
-    if (dev < 0 || dev >= 64) return TACA_ERR_UNSUPPORTED;
-    if (cc[dev] == 0) {
-        int major = 0, minor = 0;
-        TACA_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
-                      "taca_bwd_cuda (sm90): cudaDeviceGetAttribute");
-        TACA_CUDA_TRY(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev),
-                      "taca_bwd_cuda (sm90): cudaDeviceGetAttribute");
-        cc[dev] = (major == 9 && minor == 0) ? 1 : 2;
-    }
-    if (cc[dev] != 1) return TACA_ERR_UNSUPPORTED;
+    const int dev_st = taca_sm90::device_is_sm90("taca_bwd_cuda (sm90): device query");
+    if (dev_st != TACA_OK) return dev_st;
     if (a.D == 64)
         return bf16 ? taca_bwd90::launch<__nv_bfloat16, 64>(a, stream) : taca_bwd90::launch<__half, 64>(a, stream);
     return bf16 ? taca_bwd90::launch<__nv_bfloat16, 128>(a, stream) : taca_bwd90::launch<__half, 128>(a, stream);

@@ -312,19 +312,8 @@ int taca_fwd_sm90(const taca_fwd::FwdArgs &a, int dtype, int variant, int batch,
                   cudaStream_t stream) {
 #if defined(TACA_HAVE_SM90A)
     if (a.d != 64 && a.d != 128) return TACA_ERR_UNSUPPORTED;
-    static int cc[64];  // per device: 0 unknown, 1 sm_90, 2 other
-    int dev = 0;
-    TACA_CUDA_TRY(cudaGetDevice(&dev), "taca_fwd_cuda (sm90): cudaGetDevice");
-    if (dev < 0 || dev >= 64) return TACA_ERR_UNSUPPORTED;
-    if (cc[dev] == 0) {
-        int major = 0, minor = 0;
-        TACA_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
-                      "taca_fwd_cuda (sm90): cudaDeviceGetAttribute");
-        TACA_CUDA_TRY(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev),
-                      "taca_fwd_cuda (sm90): cudaDeviceGetAttribute");
-        cc[dev] = (major == 9 && minor == 0) ? 1 : 2;
-    }
-    if (cc[dev] != 1) return TACA_ERR_UNSUPPORTED;
+    const int dev_st = taca_sm90::device_is_sm90("taca_fwd_cuda (sm90): device query");
+    if (dev_st != TACA_OK) return dev_st;
     if (dtype == TACA_BF16) return taca_fwd90::dispatch_t<__nv_bfloat16>(a, variant, batch, heads, stream);
     return taca_fwd90::dispatch_t<__half>(a, variant, batch, heads, stream);
 #else

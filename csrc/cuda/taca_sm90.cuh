@@ -69,6 +69,23 @@ __device__ __forceinline__ void load_tile_sw128(uint32_t s, const T *g, int64_t 
     }
 }
 
+/* Host side: TACA_OK when the current device is compute capability 9.0 (cached per device),
+ * TACA_ERR_UNSUPPORTED otherwise, TACA_ERR_CUDA when the query fails. The caller still checks
+ * that the kernel it launches was built for sm_90a (cudaFuncAttributes::binaryVersion). */
+static inline int device_is_sm90(const char *where) {
+    static int cc[64];  // per device: 0 unknown, 1 sm_90, 2 other
+    int dev = 0;
+    TACA_CUDA_TRY(cudaGetDevice(&dev), where);
+    if (dev < 0 || dev >= 64) return TACA_ERR_UNSUPPORTED;
+    if (cc[dev] == 0) {
+        int major = 0, minor = 0;
+        TACA_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), where);
+        TACA_CUDA_TRY(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), where);
+        cc[dev] = (major == 9 && minor == 0) ? 1 : 2;
+    }
+    return cc[dev] == 1 ? TACA_OK : TACA_ERR_UNSUPPORTED;
+}
+
 }  // namespace taca_sm90
 
 #endif  /* TACA_SM90_CUH_ */
