@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-call GPU script (run through the device tool from the repo root):
 #   build the extension + the ctypes forward library, CUDA tests, compute-sanitizer, benchmark.
-# Steps: wgmma (standalone Hopper layout check), build, test, sanitize, bench.
+# Steps: wgmma (standalone Hopper layout check), build, test, sanitize, bench, pipeline (not default).
 # Env: STEPS (default "wgmma build test sanitize bench"), BENCH_ARGS (extra args for the benchmark),
 #      PYTEST_K (a pytest -k expression), OUT (folder whose files come back; default /tmp/out).
 set -o pipefail
@@ -34,7 +34,7 @@ if has test; then
   python3 -m pytest -q -rs $tests ${PYTEST_K:+-k "$PYTEST_K"} > "$OUT/pytest.txt" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.txt" | tail -30
   # CUDA cases of the CPU-first suites (compile, analysis, processors)
-  python3 -m pytest -q -rs tests/test_ops_compile.py tests/test_analysis.py tests/test_processors.py -k "cuda or CUDA" > "$OUT/pytest_more.txt" 2>&1
+  python3 -m pytest -q -rs tests/test_ops_compile.py tests/test_analysis.py tests/test_processors.py tests/test_pipeline.py -k "cuda or CUDA" > "$OUT/pytest_more.txt" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_more.txt" | tail -30
   echo "tests done ($((SECONDS - t0)) s)"
 fi
@@ -49,5 +49,9 @@ fi
 if has bench; then
   python3 benchmarks/bench_attention_gpu.py --out "$OUT" $BENCH_ARGS 2>&1 | grep -v "^$" > "$OUT/bench.txt"
   echo "bench rc=$?"; cat "$OUT/bench.txt"
+fi
+if has pipeline; then  # end to end: per-step (bare transformer) and whole 28-step pipeline calls
+  python3 benchmarks/bench_pipeline.py --out "$OUT" --repeats 10 --schedule-repeats 2 2>&1 | tail -4
+  python3 benchmarks/bench_pipeline_loop.py --out "$OUT" --rounds 2 2>&1 | grep -v Siglip | tail -3
 fi
 } 2>&1 | tee "$OUT/log.txt"
