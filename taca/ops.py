@@ -5,7 +5,8 @@ The compiled kernels are reached through ``torch.ops.taca.fwd`` / ``torch.ops.ta
 impls (for torch.compile) and the autograd formula of ``fwd`` (its backward is ``bwd``).
 
 Dispatch (backend="auto"): CPU tensors -> the C kernel; CUDA float16/bfloat16 tensors with
-a head dim in ``CUDA_HEAD_DIMS`` -> the CUDA kernel (when built); anything else -> the exact
+a head dim in ``CUDA_HEAD_DIMS`` and batch / heads within the kernels' grid limits -> the CUDA
+kernel (when built; on an H100 its Hopper path for aligned D = 64 / 128); anything else -> the exact
 split-SDPA form (``reference.attention_split_sdpa``), or the materialized reference when lse
 or text_mass is asked for.
 """
@@ -154,7 +155,14 @@ def _validate(q, k, v, text_len, gamma, gamma_reverse, scale, layout, backend):
 # dispatch
 # ---------------------------------------------------------------------------------------
 
-def _kernel_refusal(q: torch.Tensor, gamma) -> Optional[str]:
+# Grid limits of the CUDA kernels (taca_fwd.cu, taca_bwd.cu): batch and heads index grid
+# dimensions y / z (<= 65535; the backward runs D > 128 as two column halves per head), and
+# token indices are int32.
+_CUDA_GRID_MAX = 65535
+_CUDA_SEQ_MAX = 2**31 - 1 - 256
+
+
+def _kernel_refusal(q: torch.Tensor, gamma, layout: str = "bhnd") -> Optional[str]:
     """Why the compiled kernel cannot take these inputs (None: it can)."""
     if not HAVE_KERNELS:
         return f"the taca._C extension is not available ({_EXT_ERROR})"
@@ -170,6 +178,12 @@ def _kernel_refusal(q: torch.Tensor, gamma) -> Optional[str]:
             return f"the CUDA kernel takes float16/bfloat16, got {q.dtype}"
         if q.shape[-1] not in CUDA_HEAD_DIMS:
             return f"head dim {q.shape[-1]} is not in ops.CUDA_HEAD_DIMS"
+        B = q.shape[0]
+        H, N = (q.shape[1], q.shape[2]) if layout == "bhnd" else (q.shape[2], q.shape[1])
+        if B > _CUDA_GRID_MAX or H * (2 if q.shape[-1] > 128 else 1) > _CUDA_GRID_MAX:
+            return f"batch {B} x heads {H} exceed the CUDA kernels' grid limit ({_CUDA_GRID_MAX})"
+        if N > _CUDA_SEQ_MAX:
+            return f"sequence length {N} exceeds the CUDA kernels' int32 token index"
         return None
     return f"no taca kernel for device type {dev!r}"
 
@@ -253,12 +267,12 @@ def joint_attention(
     if backend in ("cpu", "cuda"):
         if q.device.type != backend:
             raise ValueError(f"taca: backend={backend!r} needs q on a {backend} device, got {q.device}")
-        reason = _kernel_refusal(q, None)
+        reason = _kernel_refusal(q, None, layout)
         if reason is not None:
             raise RuntimeError(f"taca: backend={backend!r} cannot run: {reason}")
         use_kernel = True
     elif backend == "auto":
-        reason = _kernel_refusal(q, gamma)
+        reason = _kernel_refusal(q, gamma, layout)
         use_kernel = reason is None
         if not use_kernel:
             _log_fallback(reason)

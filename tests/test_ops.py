@@ -426,3 +426,24 @@ def test_cuda_small_head_backward_shape_class():
         out.float().square().mean().backward()
         assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
         q.grad = k.grad = v.grad = None
+
+
+def test_cuda_grid_limits_route_auto_to_sdpa(monkeypatch):
+    # The CUDA kernels index batch and heads by grid dimensions (<= 65535; the backward runs
+    # D > 128 as two column halves per head): auto must fall back instead of failing there.
+    # The decision needs no GPU: shape, dtype and device type are all it reads.
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(ops, "HAVE_KERNELS", True)
+    monkeypatch.setattr(ops, "HAVE_CUDA_KERNEL", True)
+
+    def fake(shape):
+        return SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, shape=shape)
+
+    assert ops._kernel_refusal(fake((65535, 24, 64, 128)), None, "bhnd") is None
+    assert "grid limit" in ops._kernel_refusal(fake((65536, 24, 64, 128)), None, "bhnd")
+    assert ops._kernel_refusal(fake((2, 64, 65535, 64)), None, "bnhd") is None
+    assert "grid limit" in ops._kernel_refusal(fake((2, 64, 65536, 64)), None, "bnhd")  # H = 65536
+    assert ops._kernel_refusal(fake((2, 65536, 64, 64)), None, "bnhd") is None  # N = 65536, H = 64
+    assert "grid limit" in ops._kernel_refusal(fake((1, 40000, 8, 256)), None, "bhnd")  # 2 halves per head
+    assert ops._kernel_refusal(fake((1, 40000, 8, 128)), None, "bhnd") is None
