@@ -44,6 +44,10 @@ if has sanitize; then
     compute-sanitizer --tool $tool --kernel-name kns=taca_ python3 tests/cuda_harness/sanitize_fwd.py > "$OUT/sanitize_$tool.txt" 2>&1
     echo "sanitizer $tool rc=$?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|kernel calls done' "$OUT/sanitize_$tool.txt" | tr '\n' ' ')"
   done
+  # does racecheck model named barriers? (a race-free hand-off; see the file's header)
+  mkdir -p build && nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a tests/cuda_harness/namedbar_racecheck.cu -o build/namedbar_racecheck \
+    && compute-sanitizer --tool racecheck build/namedbar_racecheck > "$OUT/sanitize_namedbar.txt" 2>&1
+  echo "racecheck on the named-barrier probe: $(grep -E 'RACECHECK SUMMARY|mismatches' "$OUT/sanitize_namedbar.txt" | tr '\n' ' ')"
   echo "sanitize done ($((SECONDS - t0)) s)"
 fi
 if has bench; then
