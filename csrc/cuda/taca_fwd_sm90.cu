@@ -141,6 +141,9 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_kernel(const FwdA
             // softmax of S_j (which leaves O alone; O is rescaled once the product landed).
             if (j > 0) {
                 const uint32_t vp = sv + ((j - 1) % STAGES) * C::KV_BYTES;
+                fence_regs<DT * 4>(&o[0][0][0]);
+                fence_regs<BC / 4>(&pa[0][0]);
+                wgmma_fence();
                 pv_product(o, pa, vp);
                 wgmma_commit();
                 wgmma_wait<1>();
@@ -164,6 +167,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_kernel(const FwdA
         if constexpr (OVERLAP) {
             wgmma_wait<0>();  // P_{j-1} V_{j-1} landed: O and pa are free again
             fence_regs<DT * 4>(&o[0][0][0]);
+            fence_regs<BC / 4>(&pa[0][0]);  // pa stays live (unreused) while the product reads it
 #pragma unroll
             for (int dt = 0; dt < DT; ++dt) {
                 o[0][dt][0] *= alpha[0][0];
