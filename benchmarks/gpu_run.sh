@@ -7,8 +7,6 @@
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STEPS=${STEPS:-"wgmma build test sanitize bench"}
-# the lent image's default gcc (/opt/gcc) gives a _C.so that crashes when the op raises
-[ -x /usr/bin/g++ ] && export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/gcc -shared"
 # diffusers wheels carried in .whl (the device image has none)
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1; export PYTHONPATH=/tmp/site; fi
 export PYTHONUNBUFFERED=1 TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so HF_HUB_OFFLINE=1
@@ -23,8 +21,9 @@ fi
 if has build; then
   t0=$SECONDS; mkdir -p build
   (python3 tests/cuda_harness/taca_ctypes.py "$TACA_CUDA_LIB" > "$OUT/build_ctypes.txt" 2>&1; echo "ctypes lib rc=$?") &
-  TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build_ext.txt" 2>&1
+  TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 python3 -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build_ext.txt" 2>&1
   echo "extension build rc=$? ($((SECONDS - t0)) s)"; tail -5 "$OUT/build_ext.txt"
+  grep "taca setup" "$OUT/build_ext.txt"  # setup.py's compiler choice (the /opt/gcc _C.so crashed on C++ errors)
   wait; echo "builds done ($((SECONDS - t0)) s)"
   python3 -c "import torch, taca, taca._C; print('taca._C has_cuda:', torch.ops.taca.has_cuda())" || true
 fi

@@ -163,18 +163,16 @@ taca_dtype taca_dtype_of(at::ScalarType t) {
   }
 }
 
-taca_fwd_params fwd_params(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
-                           const at::Tensor &out, const at::Tensor &lse,
-                           const at::Tensor &text_mass, const at::Tensor &gamma,
-                           double gamma_reverse, double scale, int64_t text_begin,
-                           int64_t text_end) {
-  taca_fwd_params p = {};
+// The fields taca_fwd_params and taca_bwd_params share (same names in both structs).
+template <typename P>
+void fill_shared(P &p, const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                 const at::Tensor &out, const at::Tensor &lse, const at::Tensor &gamma,
+                 double gamma_reverse, double scale, int64_t text_begin, int64_t text_end) {
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
-  p.text_mass = text_mass.numel() ? text_mass.data_ptr() : nullptr;
   p.q_stride = strides_of(q);
   p.k_stride = strides_of(k);
   p.v_stride = strides_of(v);
@@ -190,6 +188,16 @@ taca_fwd_params fwd_params(const at::Tensor &q, const at::Tensor &k, const at::T
   p.scale = static_cast<float>(scale);
   p.dtype = taca_dtype_of(q.scalar_type());
   p.num_threads = at::get_num_threads();
+}
+
+taca_fwd_params fwd_params(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                           const at::Tensor &out, const at::Tensor &lse,
+                           const at::Tensor &text_mass, const at::Tensor &gamma,
+                           double gamma_reverse, double scale, int64_t text_begin,
+                           int64_t text_end) {
+  taca_fwd_params p = {};
+  fill_shared(p, q, k, v, out, lse, gamma, gamma_reverse, scale, text_begin, text_end);
+  p.text_mass = text_mass.numel() ? text_mass.data_ptr() : nullptr;
   return p;
 }
 
@@ -199,34 +207,15 @@ taca_bwd_params bwd_params(const at::Tensor &dout, const at::Tensor &q, const at
                            const at::Tensor &gamma, double gamma_reverse, double scale,
                            int64_t text_begin, int64_t text_end) {
   taca_bwd_params p = {};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.out = out.data_ptr();
+  fill_shared(p, q, k, v, out, lse, gamma, gamma_reverse, scale, text_begin, text_end);
   p.dout = dout.data_ptr();
-  p.lse = lse.data_ptr();
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  p.q_stride = strides_of(q);
-  p.k_stride = strides_of(k);
-  p.v_stride = strides_of(v);
-  p.out_stride = strides_of(out);
   p.dout_stride = strides_of(dout);
   p.dq_stride = strides_of(dq);
   p.dk_stride = strides_of(dk);
   p.dv_stride = strides_of(dv);
-  p.batch = q.size(0);
-  p.seqlen = q.size(1);
-  p.heads = q.size(2);
-  p.head_dim = q.size(3);
-  p.text_begin = text_begin;
-  p.text_end = text_end;
-  p.gamma = gamma.data_ptr<float>();
-  p.gamma_reverse = static_cast<float>(gamma_reverse);
-  p.scale = static_cast<float>(scale);
-  p.dtype = taca_dtype_of(q.scalar_type());
-  p.num_threads = at::get_num_threads();
   p.deterministic = 1;
   return p;
 }

@@ -177,16 +177,23 @@ def test_flux_attention_backend_api_keeps_working():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
+def _flux_kw(seed: int, batch: int = 1, n: int = 16, L: int = 5) -> dict:
+    """Keyword arguments of one tiny-FLUX transformer call (n image, L text tokens; timestep left
+    out), drawn from a fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, n, 4, generator=g),
+                encoder_hidden_states=torch.randn(batch, L, 32, generator=g),
+                pooled_projections=torch.randn(batch, 32, generator=g), img_ids=torch.rand(n, 3, generator=g),
+                txt_ids=torch.zeros(L, 3), return_dict=False)
+
+
 def test_text_length_and_kontext_style_extra_tokens():
     """text_len comes from encoder_hidden_states, whatever the image token count (extra
     conditioning tokens after the image, as FLUX Kontext appends them)."""
     t = tiny.flux_transformer(num_layers=1, num_single_layers=1)
-    g = torch.Generator().manual_seed(1)
     n, L = 24, 11  # 16 image + 8 "conditioning" tokens
     seen = []
-    kw = dict(hidden_states=torch.randn(1, n, 4, generator=g), encoder_hidden_states=torch.randn(1, L, 32, generator=g),
-              pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([1.0]),
-              img_ids=torch.rand(n, 3, generator=g), txt_ids=torch.zeros(L, 3))
+    kw = dict(_flux_kw(1, n=n, L=L), timestep=torch.tensor([1.0]))
     import taca.processors as tp
 
     orig = tp.joint_attention
@@ -211,11 +218,7 @@ def _compile_setup():
 
     torch._dynamo.reset()
     t = tiny.flux_transformer(num_layers=1, num_single_layers=1)
-    g = torch.Generator().manual_seed(2)
-    n, L = 16, 5
-    base = dict(hidden_states=torch.randn(1, n, 4, generator=g), encoder_hidden_states=torch.randn(1, L, 32, generator=g),
-                pooled_projections=torch.randn(1, 32, generator=g), img_ids=torch.rand(n, 3, generator=g),
-                txt_ids=torch.zeros(L, 3), return_dict=False)
+    base = _flux_kw(2)
     taca.enable(t, gamma=1.2, schedule=lambda s: torch.where(s > 0.5, 1.0 + s * 0.3, torch.ones_like(s)))
     return t, base
 
@@ -372,14 +375,6 @@ def test_host_path_kontext_and_img2img():
     assert sd3.scheduler.begin_index == 4  # img2img with strength 0.6 started at step 4 of 10
 
 
-def _direct_kw():
-    g = torch.Generator().manual_seed(4)
-    n, L = 16, 5
-    return dict(hidden_states=torch.randn(1, n, 4, generator=g), encoder_hidden_states=torch.randn(1, L, 32, generator=g),
-                pooled_projections=torch.randn(1, 32, generator=g), img_ids=torch.rand(n, 3, generator=g),
-                txt_ids=torch.zeros(L, 3), return_dict=False)
-
-
 def test_direct_calls_with_a_pipeline_handle():
     """Transformer calls that do not come from the pipeline's own loop never trust the pipeline's
     _current_timestep on the host: after an interrupted call (stale _current_timestep), from a
@@ -388,7 +383,7 @@ def test_direct_calls_with_a_pipeline_handle():
     pipe, inputs = _flux()
     t = pipe.transformer
     h = taca.enable(pipe, gamma=1.3)
-    kw = _direct_kw()
+    kw = _flux_kw(4)
     seen = []
 
     def callback(p, i, ts, kwargs):
@@ -457,11 +452,7 @@ def test_inference_mode_and_env_switch_use_the_sync_path(monkeypatch):
 def test_callable_schedule_and_training_batches_use_the_sync_path():
     """Per-sample timesteps (training) and callable schedules keep the device math."""
     t = tiny.flux_transformer(num_layers=1, num_single_layers=1)
-    g = torch.Generator().manual_seed(6)
-    n, L = 16, 5
-    kw = dict(hidden_states=torch.randn(2, n, 4, generator=g), encoder_hidden_states=torch.randn(2, L, 32, generator=g),
-              pooled_projections=torch.randn(2, 32, generator=g), img_ids=torch.rand(n, 3, generator=g),
-              txt_ids=torch.zeros(L, 3), return_dict=False)
+    kw = _flux_kw(6, batch=2)
     with taca.enabled(t, gamma=1.3) as h:
         t(**kw, timestep=torch.tensor([0.99, 0.2]))
         assert h.last_path == "sync" and h.last_gamma.tolist() == [pytest.approx(1.3), 1.0]

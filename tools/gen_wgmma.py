@@ -8,7 +8,11 @@ descriptor, fp32 accumulators d[N/2] (the mma.sync m16n8 fragment layout repeate
 column tiles per warp), transpose flags as template immediates. Writing these by hand is 150
 operand lists; generating them keeps them uniform.
 """
-NS = (32, 64, 128)
+NS = (64, 128)
+# Only forms the kernels use and tests/cuda_harness/wgmma_check.cu validates: A K-major (TA = 0),
+# B K-major or N-major for SS; B N-major for RS. Add others here together with a check case.
+SS_TB = (0, 1)
+RS_TB = (1,)
 DTYPES = (("__nv_bfloat16", "bf16"), ("__half", "f16"))
 
 HEAD = r'''/*
@@ -17,8 +21,8 @@ HEAD = r'''/*
  * Hopper warpgroup matrix multiply-accumulate wrappers (PTX wgmma.mma_async, sm_90a only):
  *   wgmma_ss<T, N, TA, TB>(d, desc_a, desc_b, acc): D(64xN, f32) (+)= A(64x16, smem) B(16xN, smem)
  *   wgmma_rs<T, N, TB>(d, a, desc_b, acc):          D(64xN, f32) (+)= A(64x16, registers) B(16xN)
- * acc = 0 overwrites D. TA / TB = 1 select the M-major A / N-major B shared-memory layouts
- * (16-bit types only). Every call must sit between wgmma_fence() and wgmma_commit(); results
+ * acc = 0 overwrites D. TB = 1 selects the N-major B shared-memory layout (16-bit types only);
+ * generated: N in {64, 128}, SS with TA = 0 and TB = 0 / 1, RS with TB = 1 (tools/gen_wgmma.py). Every call must sit between wgmma_fence() and wgmma_commit(); results
  * are readable after wgmma_wait<k>(). On other targets the bodies compile to a trap.
  */
 #ifndef TACA_WGMMA_CUH_
@@ -78,8 +82,8 @@ def gen():
         for N in NS:
             R = N // 2
             dops = ", ".join(f'"+f"(d[{i}])' for i in range(R))
-            for TA in (0, 1):
-                for TB in (0, 1):
+            for TA in (0,):
+                for TB in SS_TB:
                     out.append(f"""template <>
 __device__ __forceinline__ void wgmma_ss<{T}, {N}, {TA}, {TB}>(float *d, uint64_t da, uint64_t db, int acc) {{
 #if TACA_SM90A
@@ -95,7 +99,7 @@ __device__ __forceinline__ void wgmma_ss<{T}, {N}, {TA}, {TB}>(float *d, uint64_
 #endif
 }}
 """)
-            for TB in (0, 1):
+            for TB in RS_TB:
                 out.append(f"""template <>
 __device__ __forceinline__ void wgmma_rs<{T}, {N}, {TB}>(float *d, const uint32_t *a, uint64_t db, int acc) {{
 #if TACA_SM90A
