@@ -477,7 +477,7 @@ def test_hook_syncs_on_cuda(model, monkeypatch):
     x = torch.cat([torch.arange(0, 1001, dtype=torch.float32), torch.rand(4096) * 1000])
     assert torch.equal(_div1000(x, "cuda"), (x.cuda() / 1000.0).cpu())
 
-    counts = []
+    counts, where = [], []
     orig = TacaHandle._pre_hook
 
     def counted(self, module, args, kwargs):
@@ -488,7 +488,10 @@ def test_hook_syncs_on_cuda(model, monkeypatch):
                 return orig(self, module, args, kwargs)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-                counts.append(sum("synchroniz" in str(w.message) for w in caught))
+                syncs = [w for w in caught if "synchroniz" in str(w.message)]
+                counts.append(len(syncs))
+                # where each sync came from, for the failure message
+                where.append([f"{os.path.basename(w.filename)}:{w.lineno}" for w in syncs])
 
     monkeypatch.setattr(TacaHandle, "_pre_hook", counted)  # before enable: the hook is a bound method
     # the FLUX host path checks that the hook was called from the pipeline's loop: let its frame
@@ -508,11 +511,12 @@ def test_hook_syncs_on_cuda(model, monkeypatch):
     runs = {}
     for host in (True, False):
         counts.clear()
+        where.clear()
         out, log, _ = _run(pipe, inputs, host, "paper")
-        runs[host] = (out, log, list(counts))
-    (out_h, log_h, syncs_h), (out_s, log_s, syncs_s) = runs[True], runs[False]
+        runs[host] = (out, log, list(counts), list(where))
+    (out_h, log_h, syncs_h, where_h), (out_s, log_s, syncs_s, _) = runs[True], runs[False]
     assert {p for p, _ in log_h} == {"host"} and {p for p, _ in log_s} == {"sync"}
-    assert sum(syncs_h) == 1 and syncs_h[0] == 1, syncs_h
+    assert sum(syncs_h) == 1 and syncs_h[0] == 1, (syncs_h, where_h[0])
     assert all(c >= 1 for c in syncs_s), syncs_s
     assert [g for _, g in log_h] == [g for _, g in log_s]
     assert any(g is not None for _, g in log_h)
