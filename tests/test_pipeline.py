@@ -470,6 +470,7 @@ def test_hook_syncs_on_cuda(model, monkeypatch):
     """On CUDA the host path syncs once per pipeline call (copying the scheduler's timesteps), the
     sync path once per transformer call; same gamma decisions and images. Also: the host copy of
     sigma rounds t / 1000 as CUDA does."""
+    import traceback
     import warnings
 
     from taca.pipeline import TacaHandle, _div1000
@@ -481,17 +482,22 @@ def test_hook_syncs_on_cuda(model, monkeypatch):
     orig = TacaHandle._pre_hook
 
     def counted(self, module, args, kwargs):
-        with warnings.catch_warnings(record=True) as caught:
+        syncs = []
+
+        def record(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" in str(message):  # keep the Python stack of each sync, for failures
+                syncs.append("".join(traceback.format_stack(limit=12)[:-1]))
+
+        with warnings.catch_warnings():
             warnings.simplefilter("always")
+            warnings.showwarning = record
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 return orig(self, module, args, kwargs)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-                syncs = [w for w in caught if "synchroniz" in str(w.message)]
                 counts.append(len(syncs))
-                # where each sync came from, for the failure message
-                where.append([f"{os.path.basename(w.filename)}:{w.lineno}" for w in syncs])
+                where.append(syncs)
 
     monkeypatch.setattr(TacaHandle, "_pre_hook", counted)  # before enable: the hook is a bound method
     # the FLUX host path checks that the hook was called from the pipeline's loop: let its frame
@@ -516,7 +522,7 @@ def test_hook_syncs_on_cuda(model, monkeypatch):
         runs[host] = (out, log, list(counts), list(where))
     (out_h, log_h, syncs_h, where_h), (out_s, log_s, syncs_s, _) = runs[True], runs[False]
     assert {p for p, _ in log_h} == {"host"} and {p for p, _ in log_s} == {"sync"}
-    assert sum(syncs_h) == 1 and syncs_h[0] == 1, (syncs_h, where_h[0])
+    assert sum(syncs_h) == 1 and syncs_h[0] == 1, (syncs_h, "\n---\n".join(where_h[0]))
     assert all(c >= 1 for c in syncs_s), syncs_s
     assert [g for _, g in log_h] == [g for _, g in log_s]
     assert any(g is not None for _, g in log_h)
