@@ -235,10 +235,11 @@ def test_poisoned_output_outside_view_untouched():
 
 
 @pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
-# 1..5: mma.sync tilings; 6: the mma.sync default (the default path off Hopper); 0, 7..12: the
+# 1..5: mma.sync tilings; 6: the mma.sync default (the default path off Hopper); 0, 7..13: the
 # Hopper wgmma tilings where the device runs sm_90a code (otherwise they fall back to mma.sync);
-# 10..12 are the warp-specialized TMA kernels at D = 128 (the D = 64 default at D = 64).
-@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
+# at D = 128, 0 = 10 and 11, 12 are the warp-specialized TMA kernels, 13 the cp.async one (the
+# D = 64 default at D = 64).
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("text_first", [False, True])
 def test_tiling_variants(variant, D, text_first):
@@ -252,7 +253,7 @@ def test_tiling_variants(variant, D, text_first):
     assert (lse - rlse).abs().max().item() < 1e-3 and (tm - rtm).abs().max().item() < 1e-3
 
 
-# The warp-specialized D = 128 kernels (TMA maps over arbitrary strides, mbarrier ring, ping-pong
+# The warp-specialized D = 128 kernels (0 = 10 is the default; TMA maps over arbitrary strides, mbarrier ring, ping-pong
 # turns that must pair up for any number of key tiles): the D = 128 cases above plus the edges
 # that stress them: one key tile, N one past a tile, text only, 3 heads x 3 samples (per-sample
 # gamma), strided views of both layouts.

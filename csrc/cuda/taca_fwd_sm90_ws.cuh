@@ -1,6 +1,6 @@
 /*
- * taca_fwd_sm90_ws.cuh: warp-specialized Hopper forward for D = 128 (variants 10..12 of
- * taca_fwd_sm90.cu); included by that file only.
+ * taca_fwd_sm90_ws.cuh: warp-specialized Hopper forward for D = 128 (the default there, and
+ * variants 10..12 of taca_fwd_sm90.cu); included by that file only.
  *
  * Same math and outputs as taca_fwd_sm90_kernel; what differs is who loads and who waits:
  *   CTA = 3 warpgroups, 384 threads, BR = 128 query rows, BC = 128-key tiles.
@@ -13,7 +13,9 @@
  *       issue S_j = Q K_j^T and O += P_{j-1} V_{j-1} as one wgmma group, pass the turn,
  *       wait, release K_j and V_{j-1}, softmax of S_j (rescales O), pack P_j.
  *     So one warpgroup's softmax runs while the other's two products run on the tensor cores
- *     (FA3's ping-pong); no CTA-wide barrier inside the loop.
+ *     (FA3's ping-pong); no CTA-wide barrier inside the loop. Options (WsCfg): OVERLAP starts
+ *     the softmax once S_j landed, with P_{j-1} V_{j-1} still running (O rescaled after it);
+ *     PINGPONG off drops the turns.
  * The epilogue is the v4 one (each warp stages its own 16 rows of O in the Q tile).
  */
 #ifndef TACA_FWD_SM90_WS_CUH_
@@ -27,10 +29,13 @@
 
 namespace taca_fwd90 {
 
-template <int STAGES_, bool PV128_>
+template <int STAGES_, bool OVERLAP_, bool PINGPONG_>
 struct WsCfg {
     static constexpr int DP = 128, BC = 128, BR = 128, STAGES = STAGES_;
-    static constexpr bool PV128 = PV128_;  // P V as m64n128k16 (one instruction per key step)
+    // OVERLAP: softmax of S_j starts once S_j landed, while P_{j-1} V_{j-1} still runs (FA3's
+    // intra-warpgroup overlap); O is rescaled after that product landed.
+    static constexpr bool OVERLAP = OVERLAP_;
+    static constexpr bool PINGPONG = PINGPONG_;  // the two consumers take turns issuing products
     static constexpr int THREADS = 384;
     static constexpr int NT = BC / 8, DT = DP / 8;
     static constexpr uint32_t Q_BYTES = BR * DP * 2;
@@ -146,19 +151,14 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
     const uint32_t q_wg = sq + c * 64 * 128;  // this warpgroup's 64 rows inside each column block
     auto pv_product = [](float (&o_)[1][DT][4], const uint32_t (&p_)[BC / 16][4], uint32_t vbuf) {
 #pragma unroll
-        for (int kk = 0; kk < BC / 16; ++kk) {
-            if constexpr (C::PV128) {
-                wgmma_rs<T, 128, 1>(&o_[0][0][0], p_[kk], desc_sw128_lbo(vbuf + kk * 16 * 128, BC * 128), 1);
-            } else {
+        for (int kk = 0; kk < BC / 16; ++kk)
 #pragma unroll
-                for (int hb = 0; hb < DP / 64; ++hb)
-                    wgmma_rs<T, 64, 1>(&o_[0][hb * 8][0], p_[kk], desc_sw128(vbuf + hb * BC * 128 + kk * 16 * 128), 1);
-            }
-        }
+            for (int hb = 0; hb < DP / 64; ++hb)
+                wgmma_rs<T, 64, 1>(&o_[0][hb * 8][0], p_[kk], desc_sw128(vbuf + hb * BC * 128 + kk * 16 * 128), 1);
     };
 
     mbar_wait(bar_q, 0);
-    if (c == 1) named_bar_arrive(BAR_TURN + 0, 256);  // consumer 0 takes the first turn
+    if (C::PINGPONG && c == 1) named_bar_arrive(BAR_TURN + 0, 256);  // consumer 0 takes the first turn
     uint32_t pa[BC / 16][4];  // P of the previous tile, A operand of its P V product
     // One key tile; FIRST (tile 0) has no previous P V. Two instances so no wgmma is issued on a
     // branch (ptxas serializes wgmma around divergent issue).
@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
         const int k0 = j * BC, s = j % STAGES, sp = (j + STAGES - 1) % STAGES;
         mbar_wait(full_k(s), (j / STAGES) & 1);
         if (!FIRST) mbar_wait(full_v(sp), ((j - 1) / STAGES) & 1);
-        named_bar_sync(BAR_TURN + c, 256);
+        if (C::PINGPONG) named_bar_sync(BAR_TURN + c, 256);
 
         float sacc[1][NT][4];
         fence_regs<DT * 4>(&o[0][0][0]);
@@ -179,27 +179,48 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             wgmma_ss<T, BC, 0, 0>(&sacc[0][0][0], desc_sw128(q_wg + (kk >> 2) * BR * 128 + koff),
                                   desc_sw128(sk + s * C::KV_BYTES + (kk >> 2) * BC * 128 + koff), kk > 0);
         }
-        if constexpr (!FIRST) pv_product(o, pa, sv + sp * C::KV_BYTES);
-        wgmma_commit();
+        wgmma_commit();  // group: S_j
+        if constexpr (!FIRST) {
+            pv_product(o, pa, sv + sp * C::KV_BYTES);
+            wgmma_commit();  // group: P_{j-1} V_{j-1}
+        }
         // pass the turn; consumer 1's last pass would have no taker (consumer 0 is done)
-        if (c == 0 || j + 1 < nkv) named_bar_arrive(BAR_TURN + (1 - c), 256);
-        wgmma_wait<0>();
+        if (C::PINGPONG && (c == 0 || j + 1 < nkv)) named_bar_arrive(BAR_TURN + (1 - c), 256);
+        constexpr bool LATE_O = C::OVERLAP && !FIRST;  // O and P still in flight during the softmax
+        if constexpr (LATE_O) {
+            wgmma_wait<1>();
+        } else {
+            wgmma_wait<0>();
+            fence_regs<DT * 4>(&o[0][0][0]);
+            fence_regs<BC / 4>(&pa[0][0]);
+        }
         fence_regs<NT * 4>(&sacc[0][0][0]);
-        fence_regs<DT * 4>(&o[0][0][0]);
-        fence_regs<BC / 4>(&pa[0][0]);
         if (lane == 0) {
             mbar_arrive(empty_k(s));
-            if (!FIRST) mbar_arrive(empty_v(sp));
+            if (!FIRST && !LATE_O) mbar_arrive(empty_v(sp));
         }
 
         const int k1 = k0 + BC;
         float alpha[1][2];
         if (a.scale_log2 >= 0.0f && k1 <= n && (k1 <= tb || k0 >= te))
-            taca_fwd::softmax_tile<taca_fwd::TILE_VIS, true>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
+            taca_fwd::softmax_tile<taca_fwd::TILE_VIS, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
         else if (a.scale_log2 >= 0.0f && k1 <= n && k0 >= tb && k1 <= te)
-            taca_fwd::softmax_tile<taca_fwd::TILE_TXT, true>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
+            taca_fwd::softmax_tile<taca_fwd::TILE_TXT, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
         else
-            taca_fwd::softmax_tile<taca_fwd::TILE_MIXED, true>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
+            taca_fwd::softmax_tile<taca_fwd::TILE_MIXED, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
+        if constexpr (LATE_O) {
+            wgmma_wait<0>();  // P_{j-1} V_{j-1} landed: O and P are free again
+            fence_regs<DT * 4>(&o[0][0][0]);
+            fence_regs<BC / 4>(&pa[0][0]);
+            if (lane == 0) mbar_arrive(empty_v(sp));
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                o[0][dt][0] *= alpha[0][0];
+                o[0][dt][1] *= alpha[0][0];
+                o[0][dt][2] *= alpha[0][1];
+                o[0][dt][3] *= alpha[0][1];
+            }
+        }
 #pragma unroll
         for (int kk = 0; kk < BC / 16; ++kk) {
             pa[kk][0] = pack2<T>(sacc[0][2 * kk][0], sacc[0][2 * kk][1]);

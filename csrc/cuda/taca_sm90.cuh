@@ -33,13 +33,6 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t smem_addr) {
            ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
 }
 
-/* The same with an explicit leading byte offset: an MN-major operand wider than one 64-column
- * block (e.g. V as B of m64n128k16) steps lbo bytes from one column block to the next. */
-__device__ __forceinline__ uint64_t desc_sw128_lbo(uint32_t smem_addr, uint32_t lbo) {
-    return (uint64_t)((smem_addr & 0x3FFFFu) >> 4) | ((uint64_t)((lbo >> 4) & 0x3FFFu) << 16) |
-           ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
-}
-
 /* Order this thread's earlier shared-memory writes (ordinary or cp.async) before later reads by
  * the async proxy (wgmma); put it before the barrier that publishes the data. */
 __device__ __forceinline__ void fence_proxy_async() {

@@ -19,7 +19,7 @@ def main():
     runs = 0
     if taca_ctypes.load() is not None:
         for D in (64, 128, 40, 256):
-            for var in ((0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12) if D in (64, 128) else (0,)):
+            for var in ((0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13) if D in (64, 128) else (0,)):
                 q, k, v = (torch.randn(1, 2, 250, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
                 taca_ctypes.fwd(q, k, v, text_len=33, text_first=var % 2 == 0, gamma=1.2, variant=var)
                 runs += 1
