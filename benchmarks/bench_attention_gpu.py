@@ -87,8 +87,10 @@ def _methods(shape, op_ok, tc, variants: bool):
         m["taca_cuda"] = (lambda q, k, v: taca.joint_attention(
             q, k, v, text_len=L, text_first=tf, gamma=gamma, layout="bhnd", backend="cuda"), True)
     if tc is not None:
-        # 0: default (Hopper wgmma on sm_90a); 6: the mma.sync default; 7..9: other wgmma tilings
-        vs = (0, 6, 7, 8, 9) if variants else ((0,) if not op_ok else ())
+        # 0: default (Hopper wgmma on sm_90a; at D = 128 the warp-specialized kernel, = 10);
+        # 6: the mma.sync default; 7..9, 13: cp.async wgmma tilings (13: the D = 128 default
+        # before); 11, 12: warp-specialized options (D = 128)
+        vs = (0, 6, 7, 8, 9, 11, 12, 13) if variants else ((0,) if not op_ok else ())
         for var in vs:
             m[f"taca_ctypes_v{var}"] = (lambda q, k, v, var=var: tc.fwd(
                 q, k, v, text_len=L, text_first=tf, gamma=gamma, layout="bhnd", variant=var)[0], False)

@@ -16,6 +16,10 @@
  * Accumulators (S: BC/2, O: D/2 fp32 per thread) stay in registers. The epilogue stages O in
  * the warpgroup's own Q rows (same swizzle) and writes 16-byte rows.
  *
+ * At D = 128 the default is the warp-specialized kernel of taca_fwd_sm90_ws.cuh (TMA loads,
+ * mbarrier pipeline, two consumer warpgroups taking turns); this file's kernel is its fallback
+ * (variant 13) and the D = 64 default.
+ *
  * Kernel versions and measured speeds: benchmarks/results/KERNEL_LOG.md.
  */
 #include <stdlib.h>
@@ -278,12 +282,22 @@ int launch(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
     return taca_cuda_check_launch("taca_fwd_cuda (sm90): kernel launch");
 }
 
-/* variant 0 is the default; 7..9 are alternatives kept selectable for the benchmark
- * (taca_fwd_cuda_variant). D = 128: 0: 128-key tiles, 2 stages; 7: the same with the P V
- * product of tile j-1 overlapping the softmax of tile j (3 stages); 8: overlap, 64-key tiles,
- * 4 stages; 9: no overlap, 128-key tiles, 3 stages. D = 64: 0: 64-key tiles, 3 stages;
+}  // namespace taca_fwd90
+
+#include "taca_fwd_sm90_ws.cuh"
+
+namespace taca_fwd90 {
+
+/* variant 0 is the default; the others are alternatives kept selectable for the benchmark
+ * (taca_fwd_cuda_variant). D = 128: 0 (= 10): warp-specialized (taca_fwd_sm90_ws.cuh: TMA
+ * producer warpgroup, two consumer warpgroups taking turns, 128-key tiles, 2 stages);
+ * 11: the same with the softmax of tile j overlapping P V of tile j-1 inside each warpgroup;
+ * 12: warp-specialized without the turns; 10..12 fall back to 13 where a TMA map cannot be
+ * encoded. 13: this file's kernel (the default before), 128-key tiles, 2 stages; 7: 13 with
+ * the P V product of tile j-1 overlapping the softmax of tile j (3 stages); 8: overlap, 64-key
+ * tiles, 4 stages; 9: no overlap, 128-key tiles, 3 stages. D = 64: 0: 64-key tiles, 3 stages;
  * 7: overlap, 64-key tiles, 4 stages; 8: overlap, 128-key tiles, 3 stages; 9: overlap, 3
- * warpgroups (192-row CTAs), 64-key tiles, 4 stages. */
+ * warpgroups (192-row CTAs), 64-key tiles, 4 stages; 10..13 run 0. */
 template <typename T, int D>
 int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
     if constexpr (D == 128) {
@@ -291,7 +305,14 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
         case 7: return launch<T, Cfg<128, 128, 2, 3, true>>(a, batch, heads, stream);
         case 8: return launch<T, Cfg<128, 64, 2, 4, true>>(a, batch, heads, stream);
         case 9: return launch<T, Cfg<128, 128, 2, 3, false>>(a, batch, heads, stream);
-        default: return launch<T, Cfg<128, 128, 2, 2, false>>(a, batch, heads, stream);
+        case 13: return launch<T, Cfg<128, 128, 2, 2, false>>(a, batch, heads, stream);
+        default: {
+            const int st = variant == 11   ? launch_ws<T, WsCfg<2, true, true>>(a, batch, heads, stream)
+                           : variant == 12 ? launch_ws<T, WsCfg<2, false, false>>(a, batch, heads, stream)
+                                           : launch_ws<T, WsCfg<2, false, true>>(a, batch, heads, stream);
+            if (st != TACA_ERR_UNSUPPORTED) return st;
+            return launch<T, Cfg<128, 128, 2, 2, false>>(a, batch, heads, stream);  // no TMA map
+        }
         }
     } else {
         switch (variant) {

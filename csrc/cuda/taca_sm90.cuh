@@ -69,6 +69,76 @@ __device__ __forceinline__ void load_tile_sw128(uint32_t s, const T *g, int64_t 
     }
 }
 
+/* ---- Warp-specialized pipeline pieces (taca_fwd_sm90_ws.cuh): mbarriers, TMA, named barriers,
+ * register reallocation. All sm_90a-only; elsewhere they compile to nothing. ---- */
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+#if TACA_SM90A
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+#endif
+}
+/* Make mbarrier inits visible to the other threads and to the async proxy (TMA). */
+__device__ __forceinline__ void mbar_init_fence() {
+#if TACA_SM90A
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+/* One arrival that also announces `bytes` of TMA transactions for the current phase. */
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+#if TACA_SM90A
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+#if TACA_SM90A
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+#endif
+}
+/* Wait until the phase of parity `parity` of the barrier has completed. */
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+#if TACA_SM90A
+    asm volatile(
+        "{\n.reg .pred done;\n"
+        "WAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT_%=;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+#endif
+}
+/* 4-d TMA tile load (coordinates innermost first) into shared memory, completing on `bar`. */
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const void *tmap, uint32_t bar, int c0, int c1,
+                                            int c2, int c3) {
+#if TACA_SM90A
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%3, %4, %5, %6}], [%2];\n" ::"r"(dst), "l"(tmap), "r"(bar), "r"(c0), "r"(c1),
+        "r"(c2), "r"(c3) : "memory");
+#endif
+}
+__device__ __forceinline__ void tma_prefetch_desc(const void *tmap) {
+#if TACA_SM90A
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(tmap) : "memory");
+#endif
+}
+/* Named barriers (ids 1..15; 0 is __syncthreads): sync waits, arrive only signals. */
+__device__ __forceinline__ void named_bar_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+/* Per-warpgroup register budget (all 128 threads of the warpgroup must execute it). */
+template <int R> __device__ __forceinline__ void setmaxnreg_inc() {
+#if TACA_SM90A
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
+#endif
+}
+template <int R> __device__ __forceinline__ void setmaxnreg_dec() {
+#if TACA_SM90A
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
+#endif
+}
+
 /* Host side: TACA_OK when the current device is compute capability 9.0 (cached per device),
  * TACA_ERR_UNSUPPORTED otherwise, TACA_ERR_CUDA when the query fails. The caller still checks
  * that the kernel it launches was built for sm_90a (cudaFuncAttributes::binaryVersion). */

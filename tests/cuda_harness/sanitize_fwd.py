@@ -19,10 +19,16 @@ def main():
     runs = 0
     if taca_ctypes.load() is not None:
         for D in (64, 128, 40, 256):
-            for var in ((0, 1, 2, 3, 4, 5, 6, 7, 8, 9) if D in (64, 128) else (0,)):
+            for var in ((0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13) if D in (64, 128) else (0,)):
                 q, k, v = (torch.randn(1, 2, 250, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
                 taca_ctypes.fwd(q, k, v, text_len=33, text_first=var % 2 == 0, gamma=1.2, variant=var)
                 runs += 1
+        # warp-specialized D = 128 kernels: several key tiles (ring wrap-around), N off the tile,
+        # a bnhd view
+        for var in (10, 11, 12):
+            q, k, v = (torch.randn(1, 700, 2, 136, device="cuda", dtype=torch.float16)[..., :128] for _ in range(3))
+            taca_ctypes.fwd(q, k, v, text_len=77, text_first=False, gamma=1.3, layout="bnhd", variant=var)
+            runs += 1
         buf = torch.randn(3, 1 + 2 * 130 * 65, device="cuda").half()
         q, k, v = (b[1:].view(2, 130, 65)[..., :64].unsqueeze(2) for b in buf)
         taca_ctypes.fwd(q, k, v, text_len=7, text_first=False, gamma=0.8, layout="bnhd")

@@ -1,0 +1,369 @@
+/*
+ * taca_fwd_sm90_ws.cuh: warp-specialized Hopper forward for D = 128 (the default there, and
+ * variants 10..12 of taca_fwd_sm90.cu); included by that file only.
+ *
+ * Same math and outputs as taca_fwd_sm90_kernel; what differs is who loads and who waits:
+ *   CTA = 3 warpgroups, 384 threads, BR = 128 query rows, BC = 128-key tiles.
+ *   warpgroup 0 (producer): setmaxnreg down to 24; one thread issues TMA tile loads
+ *     (cuTensorMapEncodeTiled maps, 128B swizzle done by the copy engine, rows >= n zero-filled)
+ *     of Q once and of K_j, V_j into a ring of STAGES buffers each, gated by per-buffer
+ *     mbarriers: full (TMA bytes landed) and empty (all 8 consumer warps done reading).
+ *   warpgroups 1, 2 (consumers, setmaxnreg up to 240): rows [64c, 64c + 64) of the tile. Per
+ *     key tile j, under a two-warpgroup turn (named barriers 1 and 2, strict alternation):
+ *       issue S_j = Q K_j^T and O += P_{j-1} V_{j-1} as one wgmma group, pass the turn,
+ *       wait, release K_j and V_{j-1}, softmax of S_j (rescales O), pack P_j.
+ *     So one warpgroup's softmax runs while the other's two products run on the tensor cores
+ *     (FA3's ping-pong); no CTA-wide barrier inside the loop. Options (WsCfg): OVERLAP starts
+ *     the softmax once S_j landed, with P_{j-1} V_{j-1} still running (O rescaled after it);
+ *     PINGPONG off drops the turns.
+ * The epilogue is the v4 one (each warp stages its own 16 rows of O in the Q tile).
+ */
+#ifndef TACA_FWD_SM90_WS_CUH_
+#define TACA_FWD_SM90_WS_CUH_
+
+#include <string.h>
+
+#include <type_traits>
+
+#include <cuda.h>  // CUtensorMap and its enums (types only: the encoder comes from the runtime)
+
+namespace taca_fwd90 {
+
+template <int STAGES_, bool OVERLAP_, bool PINGPONG_>
+struct WsCfg {
+    static constexpr int DP = 128, BC = 128, BR = 128, STAGES = STAGES_;
+    // OVERLAP: softmax of S_j starts once S_j landed, while P_{j-1} V_{j-1} still runs (FA3's
+    // intra-warpgroup overlap); O is rescaled after that product landed.
+    static constexpr bool OVERLAP = OVERLAP_;
+    static constexpr bool PINGPONG = PINGPONG_;  // the two consumers take turns issuing products
+    static constexpr int THREADS = 384;
+    static constexpr int NT = BC / 8, DT = DP / 8;
+    static constexpr uint32_t Q_BYTES = BR * DP * 2;
+    static constexpr uint32_t KV_BYTES = BC * DP * 2;
+    static constexpr size_t SMEM = Q_BYTES + 2 * STAGES * KV_BYTES + 1024;  // + alignment slack
+};
+
+/* Kernel parameters: the three TMA maps (64-byte aligned, in parameter space) and, for each map,
+ * which of its dimensions 1..3 holds (row, head, batch). */
+struct WsArgs {
+    CUtensorMap tq, tk, tv;
+    FwdArgs a;
+    int pos_q[3], pos_k[3], pos_v[3];
+};
+
+__device__ __forceinline__ int ws_coord(const int (&pos)[3], int dim, int row, int h, int b) {
+    return pos[0] == dim ? row : (pos[1] == dim ? h : b);
+}
+
+template <typename T, typename C>
+__global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const __grid_constant__ WsArgs p) {
+#if TACA_SM90A
+    constexpr int DP = C::DP, BC = C::BC, BR = C::BR, NT = C::NT, DT = C::DT, STAGES = C::STAGES;
+    constexpr int BAR_TURN = 1;  // named barriers 1, 2: consumer 0's and consumer 1's turn
+    const FwdArgs &a = p.a;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __shared__ __align__(8) uint64_t bars[1 + 4 * STAGES];  // Q, full K, full V, empty K, empty V
+    const uint32_t raw = smem_u32(smem_raw);
+    const uint32_t sq = (raw + 1023u) & ~1023u;
+    unsigned char *const smem = smem_raw + (sq - raw);
+    const uint32_t sk = sq + C::Q_BYTES;            // STAGES K buffers
+    const uint32_t sv = sk + STAGES * C::KV_BYTES;  // STAGES V buffers
+    const uint32_t bar_q = smem_u32(&bars[0]);
+    auto full_k = [&](int s) { return bar_q + 8u * (1 + s); };
+    auto full_v = [&](int s) { return bar_q + 8u * (1 + STAGES + s); };
+    auto empty_k = [&](int s) { return bar_q + 8u * (1 + 2 * STAGES + s); };
+    auto empty_v = [&](int s) { return bar_q + 8u * (1 + 3 * STAGES + s); };
+
+    const int tid = threadIdx.x, wg = tid >> 7;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int q0 = blockIdx.x * BR;
+    const int n = a.n, tb = a.tb, te = a.te;
+    const int nkv = (n + BC - 1) / BC;
+
+    if (tid == 0) {
+        mbar_init(bar_q, 1);
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(full_k(s), 1);
+            mbar_init(full_v(s), 1);
+            mbar_init(empty_k(s), 8);  // lane 0 of each of the 8 consumer warps
+            mbar_init(empty_v(s), 8);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        setmaxnreg_dec<24>();
+        if (tid == 0) {
+            tma_prefetch_desc(&p.tq);
+            tma_prefetch_desc(&p.tk);
+            tma_prefetch_desc(&p.tv);
+            mbar_arrive_expect_tx(bar_q, C::Q_BYTES);
+#pragma unroll
+            for (int cb = 0; cb < DP / 64; ++cb)
+                tma_load_4d(sq + cb * BR * 128, &p.tq, bar_q, cb * 64, ws_coord(p.pos_q, 1, q0, h, b),
+                            ws_coord(p.pos_q, 2, q0, h, b), ws_coord(p.pos_q, 3, q0, h, b));
+            for (int j = 0; j < nkv; ++j) {
+                const int s = j % STAGES, r = j / STAGES, row = j * BC;
+                const uint32_t off = s * C::KV_BYTES;
+                if (r > 0) mbar_wait(empty_k(s), (r - 1) & 1);
+                mbar_arrive_expect_tx(full_k(s), C::KV_BYTES);
+#pragma unroll
+                for (int cb = 0; cb < DP / 64; ++cb)
+                    tma_load_4d(sk + off + cb * BC * 128, &p.tk, full_k(s), cb * 64, ws_coord(p.pos_k, 1, row, h, b),
+                                ws_coord(p.pos_k, 2, row, h, b), ws_coord(p.pos_k, 3, row, h, b));
+                if (r > 0) mbar_wait(empty_v(s), (r - 1) & 1);
+                mbar_arrive_expect_tx(full_v(s), C::KV_BYTES);
+#pragma unroll
+                for (int cb = 0; cb < DP / 64; ++cb)
+                    tma_load_4d(sv + off + cb * BC * 128, &p.tv, full_v(s), cb * 64, ws_coord(p.pos_v, 1, row, h, b),
+                                ws_coord(p.pos_v, 2, row, h, b), ws_coord(p.pos_v, 3, row, h, b));
+            }
+        }
+        return;
+    }
+    setmaxnreg_inc<240>();
+
+    const int c = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31;
+    const float g = a.gamma[b];
+    float mul_txt[1][2], mul_vis[1][2];
+    const int wrow0 = c * 64 + warp * 16;  // this warp's first row in the CTA tile
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        const int row = q0 + wrow0 + (lane >> 2) + hf * 8;
+        const bool rt = row >= tb && row < te;
+        mul_txt[0][hf] = a.scale_log2 * (rt ? 1.0f : g);
+        mul_vis[0][hf] = a.scale_log2 * (rt ? a.gamma_reverse : 1.0f);
+    }
+    float o[1][DT][4];
+    float m_run[1][2], l_run[1][2], t_run[1][2];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[0][dt][e] = 0.0f;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        m_run[0][hf] = -INFINITY;
+        l_run[0][hf] = 0.0f;
+        t_run[0][hf] = 0.0f;
+    }
+
+    const uint32_t q_wg = sq + c * 64 * 128;  // this warpgroup's 64 rows inside each column block
+    auto pv_product = [](float (&o_)[1][DT][4], const uint32_t (&p_)[BC / 16][4], uint32_t vbuf) {
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk)
+#pragma unroll
+            for (int hb = 0; hb < DP / 64; ++hb)
+                wgmma_rs<T, 64, 1>(&o_[0][hb * 8][0], p_[kk], desc_sw128(vbuf + hb * BC * 128 + kk * 16 * 128), 1);
+    };
+
+    mbar_wait(bar_q, 0);
+    if (C::PINGPONG && c == 1) named_bar_arrive(BAR_TURN + 0, 256);  // consumer 0 takes the first turn
+    uint32_t pa[BC / 16][4];  // P of the previous tile, A operand of its P V product
+    // One key tile; FIRST (tile 0) has no previous P V. Two instances so no wgmma is issued on a
+    // branch (ptxas serializes wgmma around divergent issue).
+    auto tile = [&](const int j, auto first) {
+        constexpr bool FIRST = decltype(first)::value;
+        const int k0 = j * BC, s = j % STAGES, sp = (j + STAGES - 1) % STAGES;
+        mbar_wait(full_k(s), (j / STAGES) & 1);
+        if (!FIRST) mbar_wait(full_v(sp), ((j - 1) / STAGES) & 1);
+        if (C::PINGPONG) named_bar_sync(BAR_TURN + c, 256);
+
+        float sacc[1][NT][4];
+        fence_regs<DT * 4>(&o[0][0][0]);
+        fence_regs<BC / 4>(&pa[0][0]);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < DP / 16; ++kk) {
+            const uint32_t koff = (kk & 3) * 32;  // 16 columns = 32 B inside a 128 B row
+            wgmma_ss<T, BC, 0, 0>(&sacc[0][0][0], desc_sw128(q_wg + (kk >> 2) * BR * 128 + koff),
+                                  desc_sw128(sk + s * C::KV_BYTES + (kk >> 2) * BC * 128 + koff), kk > 0);
+        }
+        wgmma_commit();  // group: S_j
+        if constexpr (!FIRST) {
+            pv_product(o, pa, sv + sp * C::KV_BYTES);
+            wgmma_commit();  // group: P_{j-1} V_{j-1}
+        }
+        // pass the turn; consumer 1's last pass would have no taker (consumer 0 is done)
+        if (C::PINGPONG && (c == 0 || j + 1 < nkv)) named_bar_arrive(BAR_TURN + (1 - c), 256);
+        constexpr bool LATE_O = C::OVERLAP && !FIRST;  // O and P still in flight during the softmax
+        if constexpr (LATE_O) {
+            wgmma_wait<1>();
+        } else {
+            wgmma_wait<0>();
+            fence_regs<DT * 4>(&o[0][0][0]);
+            fence_regs<BC / 4>(&pa[0][0]);
+        }
+        fence_regs<NT * 4>(&sacc[0][0][0]);
+        if (lane == 0) {
+            mbar_arrive(empty_k(s));
+            if (!FIRST && !LATE_O) mbar_arrive(empty_v(sp));
+        }
+
+        const int k1 = k0 + BC;
+        float alpha[1][2];
+        if (a.scale_log2 >= 0.0f && k1 <= n && (k1 <= tb || k0 >= te))
+            taca_fwd::softmax_tile<taca_fwd::TILE_VIS, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
+        else if (a.scale_log2 >= 0.0f && k1 <= n && k0 >= tb && k1 <= te)
+            taca_fwd::softmax_tile<taca_fwd::TILE_TXT, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
+        else
+            taca_fwd::softmax_tile<taca_fwd::TILE_MIXED, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
+        if constexpr (LATE_O) {
+            wgmma_wait<0>();  // P_{j-1} V_{j-1} landed: O and P are free again
+            fence_regs<DT * 4>(&o[0][0][0]);
+            fence_regs<BC / 4>(&pa[0][0]);
+            if (lane == 0) mbar_arrive(empty_v(sp));
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                o[0][dt][0] *= alpha[0][0];
+                o[0][dt][1] *= alpha[0][0];
+                o[0][dt][2] *= alpha[0][1];
+                o[0][dt][3] *= alpha[0][1];
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) {
+            pa[kk][0] = pack2<T>(sacc[0][2 * kk][0], sacc[0][2 * kk][1]);
+            pa[kk][1] = pack2<T>(sacc[0][2 * kk][2], sacc[0][2 * kk][3]);
+            pa[kk][2] = pack2<T>(sacc[0][2 * kk + 1][0], sacc[0][2 * kk + 1][1]);
+            pa[kk][3] = pack2<T>(sacc[0][2 * kk + 1][2], sacc[0][2 * kk + 1][3]);
+        }
+    };
+    tile(0, std::true_type());
+    for (int j = 1; j < nkv; ++j) tile(j, std::false_type());
+    {  // the last tile's P V (nkv >= 1: n >= 1 here)
+        const int sl = (nkv - 1) % STAGES;
+        mbar_wait(full_v(sl), ((nkv - 1) / STAGES) & 1);
+        fence_regs<DT * 4>(&o[0][0][0]);
+        fence_regs<BC / 4>(&pa[0][0]);
+        wgmma_fence();
+        pv_product(o, pa, sv + sl * C::KV_BYTES);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs<DT * 4>(&o[0][0][0]);
+        fence_regs<BC / 4>(&pa[0][0]);
+    }
+
+    // Epilogue (as v4): normalize, lse / text_mass, stage O into this warp's own 16 rows of the
+    // Q tile (every product that read them has completed), then 16-byte row stores.
+    const int64_t bh_row = ((int64_t)b * gridDim.y + h) * n;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        float l = l_run[0][hf], t = t_run[0][hf];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        t += __shfl_xor_sync(0xffffffffu, t, 1);
+        t += __shfl_xor_sync(0xffffffffu, t, 2);
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        const int rloc = wrow0 + (lane >> 2) + hf * 8;
+        const int row = q0 + rloc;
+        if ((lane & 3) == 0 && row < n) {
+            if (a.lse) a.lse[bh_row + row] = (m_run[0][hf] + log2f(l)) * 0.69314718055994531f;
+            if (a.text_mass) a.text_mass[bh_row + row] = t * inv;
+        }
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            const uint32_t v = pack2<T>(o[0][dt][hf * 2] * inv, o[0][dt][hf * 2 + 1] * inv);
+            *reinterpret_cast<uint32_t *>(smem + sw128_offset<BR>(rloc, dt) + (lane & 3) * 4) = v;
+        }
+    }
+    __syncwarp();
+    T *go = static_cast<T *>(a.out) + b * a.ob + h * a.oh;
+    constexpr int CPR = DP / 8;
+    for (int i = lane; i < 16 * CPR; i += 32) {
+        const int r = i / CPR, cc = i % CPR;
+        const int row = q0 + wrow0 + r;
+        if (row < n)
+            *reinterpret_cast<uint4 *>(go + (int64_t)row * a.on + cc * 8) =
+                *reinterpret_cast<const uint4 *>(smem + sw128_offset<BR>(wrow0 + r, cc));
+    }
+#else
+    (void)p;
+#endif
+}
+
+/* Host: the driver's tensor-map encoder, fetched once through the runtime (no -lcuda). */
+typedef CUresult (*EncodeTiledFn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
+                                  const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
+                                  CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+static inline EncodeTiledFn encode_tiled_fn() {
+    static EncodeTiledFn fn = [] {
+        void *f = nullptr;
+        cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess)
+            f = nullptr;
+#else
+        if (cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &q) != cudaSuccess) f = nullptr;
+#endif
+        if (q != cudaDriverEntryPointSuccess) f = nullptr;
+        cudaGetLastError();  // a failed lookup must not leak into the launch check
+        return reinterpret_cast<EncodeTiledFn>(f);
+    }();
+    return fn;
+}
+
+/* A 4-d map of one (B, N, H, D)-strided tensor: dimension 0 = the D columns (64-column boxes,
+ * 128B swizzle), dimensions 1..3 = rows, heads, batch ordered by increasing stride; box_rows
+ * rows per box. false when the driver rejects it (the caller then takes the cp.async kernel). */
+template <typename T>
+bool encode_map(CUtensorMap *m, int (&pos)[3], const void *base, int64_t sn, int64_t sh, int64_t sb, int n,
+                int heads, int batch, int d, int box_rows) {
+    EncodeTiledFn fn = encode_tiled_fn();
+    if (!fn) return false;
+    int64_t stride[3] = {sn, sh, sb};
+    const int64_t size[3] = {n, heads, batch};
+    // size-1 dimensions may carry any stride (even 0): give them a harmless one
+    int64_t big = 0;
+    for (int i = 0; i < 3; ++i)
+        if (size[i] > 1 && stride[i] > big) big = stride[i];
+    for (int i = 0; i < 3; ++i)
+        if (size[i] == 1) stride[i] = big > 0 ? big : d;
+    int order[3] = {0, 1, 2};
+    for (int i = 1; i < 3; ++i)  // stable insertion sort by stride
+        for (int k = i; k > 0 && stride[order[k]] < stride[order[k - 1]]; --k) {
+            const int t = order[k];
+            order[k] = order[k - 1];
+            order[k - 1] = t;
+        }
+    cuuint64_t dims[4] = {(cuuint64_t)d, 0, 0, 0}, strides[3];
+    cuuint32_t box[4] = {64, 1, 1, 1}, estr[4] = {1, 1, 1, 1};
+    for (int k = 0; k < 3; ++k) {
+        const int i = order[k];
+        dims[k + 1] = (cuuint64_t)size[i];
+        strides[k] = (cuuint64_t)stride[i] * sizeof(T);
+        if (i == 0) box[k + 1] = (cuuint32_t)box_rows;
+        pos[i] = k + 1;
+    }
+    const CUtensorMapDataType dt =
+        std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    return fn(m, dt, 4, const_cast<void *>(base), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+/* TACA_ERR_UNSUPPORTED (nothing launched) when a map cannot be encoded. */
+template <typename T, typename C>
+int launch_ws(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
+    auto kernel = taca_fwd_sm90_ws_kernel<T, C>;
+    cudaFuncAttributes attr;
+    TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_fwd_cuda (sm90 ws): cudaFuncGetAttributes");
+    if (attr.binaryVersion != 90 || a.d != C::DP) return TACA_ERR_UNSUPPORTED;
+    WsArgs p;
+    memset(&p, 0, sizeof(p));
+    p.a = a;
+    if (!encode_map<T>(&p.tq, p.pos_q, a.q, a.qn, a.qh, a.qb, a.n, heads, batch, a.d, C::BR) ||
+        !encode_map<T>(&p.tk, p.pos_k, a.k, a.kn, a.kh, a.kb, a.n, heads, batch, a.d, C::BC) ||
+        !encode_map<T>(&p.tv, p.pos_v, a.v, a.vn, a.vh, a.vb, a.n, heads, batch, a.d, C::BC))
+        return TACA_ERR_UNSUPPORTED;
+    TACA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM),
+                  "taca_fwd_cuda (sm90 ws): cudaFuncSetAttribute");
+    dim3 grid((a.n + C::BR - 1) / C::BR, heads, batch);
+    kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
+    return taca_cuda_check_launch("taca_fwd_cuda (sm90 ws): kernel launch");
+}
+
+}  // namespace taca_fwd90
+
+#endif  /* TACA_FWD_SM90_WS_CUH_ */
