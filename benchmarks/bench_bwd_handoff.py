@@ -6,7 +6,7 @@ bc8237e)? Same process, same inputs, rounds interleaved over the modes, triton d
 dq / dk / dv of every mode are compared bitwise with the default's first.
 
 Usage: python3 benchmarks/bench_bwd_handoff.py [--shapes flux1024_b1,sd35m_cfg] [--rounds 3]
-       [--modes rendezvous,arrive,mbarrier,none] [--out DIR]
+       [--modes mbarrier,mbarrier-eager,rendezvous,arrive,none] [--out DIR]
 Prints a table last; writes JSON to DIR.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from taca import ops, reference  # noqa: E402,F401  (loads taca._C)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_attention_gpu import SHAPES  # noqa: E402
 
-MODES = ["rendezvous", "arrive", "mbarrier", "none"]  # the first is the default
+MODES = ["mbarrier", "mbarrier-eager", "rendezvous", "arrive", "none"]  # the first is the default
 ENV = "TACA_BWD_SM90_HANDOFF"
 
 

@@ -146,13 +146,14 @@ def test_mma_sync_path(case, monkeypatch):
 HANDOFF_CASES = [c for c in MMA_SYNC_CASES if (c[2] + c[3]) > 256]  # several key and query tiles
 
 
-@pytest.mark.parametrize("mode", ["arrive", "mbarrier", "none"])
+@pytest.mark.parametrize("mode", ["mbarrier-eager", "rendezvous", "arrive", "none"])
 @pytest.mark.parametrize("case", HANDOFF_CASES, ids=[_ids(c) for c in HANDOFF_CASES])
 def test_sm90_handoff_modes(case, mode, monkeypatch):
-    """The wgmma kernel's other dQ hand-offs (TACA_BWD_SM90_HANDOFF: "arrive" = named barriers
-    with bar.arrive, "mbarrier" = mbarrier full / empty, "none" = no writer warpgroup, v4a) meet
-    the rule, are deterministic, and give the default (rendezvous) path's gradients bitwise: the
-    same fp32 adds in the same chain order. (Off sm_90 the knob is ignored.)"""
+    """The wgmma kernel's other dQ hand-offs (TACA_BWD_SM90_HANDOFF: "mbarrier-eager" = the
+    default mbarrier hand-off releasing each tile at once, "rendezvous" / "arrive" = named
+    barriers (v4c / v4b), "none" = no writer warpgroup, v4a) meet the rule, are deterministic,
+    and give the default path's gradients bitwise: the same fp32 adds in the same chain order.
+    (Off sm_90 the knob is ignored.)"""
     default = _run_case(case)
     monkeypatch.setenv("TACA_BWD_SM90_HANDOFF", mode)
     got = _run_case(case)

@@ -27,23 +27,26 @@
  * predecessor key tile released this query tile, red.add.v4 or the chain's first store, fence,
  * release), so the global reductions and chain waits leave the MMA warpgroups' critical path.
  * Staging hand-off (TACA_BWD_SM90_HANDOFF, a test / timing knob read at every call):
- *   "rendezvous" (default): both sides bar.sync the named barrier FULL + (tile & 1) with all 384
- *     threads; the writer reads tile it after it, and the MMA warpgroups write tile it + 2 into
- *     the same buffer only after the rendezvous of tile it + 1, which the writer joins after its
- *     reads of tile it. The writer releases tile it - 1 right after the rendezvous of tile it.
- *   "arrive": the MMA warpgroups bar.arrive FULL and bar.sync EMPTY, the writer bar.sync FULL and
- *     bar.arrive EMPTY (writer up to two tiles behind).
- *   "mbarrier": the same full / empty protocol on mbarriers in shared memory (every thread
- *     arrives with release semantics, waiters try_wait.parity with acquire semantics).
+ *   "mbarrier" (default): full[b] / empty[b] mbarriers in shared memory for staging buffer b.
+ *     Every MMA thread arrives on full[b] (release) after its staging writes; the writer waits
+ *     on it (try_wait.parity, acquire), reads, and every writer thread arrives on empty[b], which
+ *     the MMA threads wait on before writing tile it + 2 into b. The writer may lag two tiles.
+ *     It releases tile it - 1 to the chain's successor after its wait for tile it (a 128-thread
+ *     named barrier first, so that every writer thread has issued its adds).
+ *   "mbarrier-eager": the same, releasing each tile right after issuing its adds.
+ *   "rendezvous" (v4c, commit 2a04964): both sides bar.sync the named barrier FULL + (tile & 1)
+ *     with all 384 threads; the writer releases tile it - 1 right after the rendezvous of tile it.
+ *   "arrive" (v4b): the MMA warpgroups bar.arrive FULL and bar.sync EMPTY, the writer bar.sync
+ *     FULL and bar.arrive EMPTY, releasing each tile right after issuing its adds.
  *   "none": no writer warpgroup (256 threads, commit bc8237e, v4a): the MMA warpgroups wait for
  *     the chain and add their dQ part to global memory themselves.
- * All four add the same values in the same chain order (bitwise-equal gradients, tested).
- * Sanitizer history (KERNEL_LOG.md, "Backward v5"): the "4 hazards" reported against the writer
- * warpgroup were measured with the arrive hand-off (the only one in that build), between the MMA
- * warps' staging write and the writer's staging read; the rendezvous hand-off had never been
- * through racecheck.
+ * All five add the same values in the same chain order (bitwise-equal gradients, tested).
+ * compute-sanitizer racecheck (CUDA 13.0, H100, KERNEL_LOG "Backward v5"): 0 hazards for the
+ * mbarrier hand-off and "none"; "rendezvous" and "arrive" report hazards between the writer's
+ * staging read and the MMA warps' staging write (the named-barrier hand-offs; the reason is
+ * discussed there), so they stay opt-in.
  * Registers per MMA thread: dV + dK accumulators D (64 + 64 at D = 128), S^T + dP^T BM/2 each.
- * Measured speeds: benchmarks/results/KERNEL_LOG.md, "Backward v4 (Hopper)".
+ * Measured speeds: benchmarks/results/KERNEL_LOG.md, "Backward v4 (Hopper)" and "Backward v5".
  */
 #include <stdlib.h>
 #include <string.h>
@@ -77,7 +80,7 @@ struct Cfg {
 };
 
 /* Hand-off modes (TACA_BWD_SM90_HANDOFF); kNone is the 256-thread kernel without a writer. */
-enum Handoff { kRendezvous = 0, kArrive = 1, kMbarrier = 2, kNone = 3 };
+enum Handoff { kMbarrier = 0, kMbarrierEager = 1, kRendezvous = 2, kArrive = 3, kNone = 4 };
 
 /* Named barriers (0 is unused with a writer: the writer warpgroup never joins the MMA threads'
  * syncs). FULL + b / EMPTY + b belong to staging buffer b. */
@@ -151,6 +154,11 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
     const uint32_t mb_full = smem_u32(stage + 2 * C::STAGE_BYTES);  // [2] mbarriers, then
     const uint32_t mb_empty = mb_full + 16;                          // [2] (8 bytes each)
     const bool rdv = ho == kRendezvous;
+    const bool mbar = ho == kMbarrier || ho == kMbarrierEager;
+    // Release of a finished query tile to the chain's successor: "late" = one tile later, after
+    // the wait for the next tile (its reductions have had a tile's time to complete, so the
+    // release fence is short), "eager" = right after issuing them (the fence waits for them).
+    const bool late = ho == kMbarrier || ho == kRendezvous;
 
     const int nq = a.nq, nk = a.nk;
     const int jt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -161,7 +169,7 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
     int *sem_row = a.sem + (seg * static_cast<int64_t>(a.B) * a.H + bh) * nq;
     float *acc_base = a.dq_acc + (seg * static_cast<int64_t>(a.B) * a.H + bh) * a.Np * DP;
 
-    if (WRITER && ho == kMbarrier) {
+    if (WRITER && mbar) {
         if (threadIdx.x == 0) {
             mbar_init(mb_full, 256);  // every MMA thread arrives once per staged tile
             mbar_init(mb_full + 8, 256);
@@ -182,13 +190,16 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
         const bool releases = ordered && seg_pos < seg_len - 1;
         for (int it = 0; it < nq; ++it) {
             const int buf = it & 1;
-            if (ho == kMbarrier) mbar_wait(mb_full + 8 * buf, (it >> 1) & 1);  // tile it staged
+            if (mbar) mbar_wait(mb_full + 8 * buf, (it >> 1) & 1);  // tile it staged
             else bar_sync(BAR_FULL + buf, 384);
-            if (rdv && releases && it > 0 && wtid == 0) {
-                // Rendezvous mode: release tile it - 1 (every writer thread issued its adds
-                // before joining the barrier above), a tile after issuing them.
-                __threadfence();
-                atomicExch(sem_row + it - 1, seg_pos + 1);
+            if (late && releases && it > 0) {
+                // Release tile it - 1 once every writer thread issued its adds (in rendezvous
+                // mode the 384-thread barrier above says so).
+                if (!rdv) bar_sync(BAR_WRITER, 128);
+                if (wtid == 0) {
+                    __threadfence();
+                    atomicExch(sem_row + it - 1, seg_pos + 1);
+                }
             }
             if (ordered && seg_pos > 0) {
                 if (wtid == 0) {
@@ -206,9 +217,9 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
                 if (first) __stcg(reinterpret_cast<float4 *>(dst + r * DP + c4 * 4), v);
                 else red_add4(dst + r * DP + c4 * 4, v);
             }
-            if (ho == kMbarrier) mbar_arrive(mb_empty + 8 * buf);  // staging buffer free again
+            if (mbar) mbar_arrive(mb_empty + 8 * buf);  // staging buffer free again
             else if (!rdv && it + 2 < nq) bar_arrive(BAR_EMPTY + buf, 384);
-            if (!rdv && releases) {
+            if (!late && releases) {
                 bar_sync(BAR_WRITER, 128);  // every writer thread issued its adds
                 if (wtid == 0) {
                     __threadfence();
@@ -216,7 +227,7 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
                 }
             }
         }
-        if (rdv && releases) {
+        if (late && releases) {
             bar_sync(BAR_WRITER, 128);
             if (wtid == 0) {
                 __threadfence();
@@ -470,7 +481,7 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
         }
         // Hand the part to the writer warpgroup through staging buffer buf (free once the writer
         // has read tile it - 2 from it: in rendezvous mode the barrier of tile it - 1 says so).
-        if (ho == kMbarrier) {
+        if (mbar) {
             if (it >= 2) mbar_wait(mb_empty + 8 * buf, ((it >> 1) - 1) & 1);
         } else if (!rdv && it >= 2) {
             bar_sync(BAR_EMPTY + buf, 384);
@@ -484,7 +495,7 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
                 *reinterpret_cast<float2 *>(dstage + r * C::SROW + (qc0 + nt * 8) * 4) =
                     make_float2(dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
         }
-        if (ho == kMbarrier) mbar_arrive(mb_full + 8 * buf);
+        if (mbar) mbar_arrive(mb_full + 8 * buf);
         else if (rdv) bar_sync(BAR_FULL + buf, 384);  // rendezvous: the writer finished tile it - 1
         else bar_arrive(BAR_FULL + buf, 384);
     }
@@ -559,11 +570,12 @@ int taca_bwd_sm90(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16) {
     if ((a.D != 64 && a.D != 128) || !a.vec_load) return TACA_ERR_UNSUPPORTED;
     const int dev_st = taca_sm90::device_is_sm90("taca_bwd_cuda (sm90): device query");
     if (dev_st != TACA_OK) return dev_st;
-    // dQ hand-off (a test / timing knob, see the file header): rendezvous unless asked otherwise.
-    int ho = taca_bwd90::kRendezvous;
+    // dQ hand-off (a test / timing knob, see the file header): mbarrier unless asked otherwise.
+    int ho = taca_bwd90::kMbarrier;
     if (const char *e = getenv("TACA_BWD_SM90_HANDOFF")) {
-        if (!strcmp(e, "arrive")) ho = taca_bwd90::kArrive;
-        else if (!strcmp(e, "mbarrier")) ho = taca_bwd90::kMbarrier;
+        if (!strcmp(e, "mbarrier-eager")) ho = taca_bwd90::kMbarrierEager;
+        else if (!strcmp(e, "rendezvous")) ho = taca_bwd90::kRendezvous;
+        else if (!strcmp(e, "arrive")) ho = taca_bwd90::kArrive;
         else if (!strcmp(e, "none")) ho = taca_bwd90::kNone;
     }
     if (a.D == 64)
