@@ -8,7 +8,8 @@ plus 1e-5. The kernel gets out (cast to the input dtype) and lse from the refere
 tests check the backward alone; test_public_op_fwd_bwd checks the two kernels together.
 On an H100 (sm_90) with an sm_90a build, aligned D = 64 / 128 inputs run the wgmma kernel
 (csrc/cuda/taca_bwd_sm90.cu); test_mma_sync_path forces the mma.sync kernel on the same cases
-with TACA_BWD_SM90=0 so both stay tested.
+with TACA_BWD_SM90=0 so both stay tested, and test_sm90_handoff_modes the wgmma kernel's other
+dQ hand-offs (TACA_BWD_SM90_HANDOFF) against the default one, bitwise.
 Skipped without CUDA or without the CUDA build of taca._C.
 """
 from __future__ import annotations
@@ -140,6 +141,24 @@ def test_mma_sync_path(case, monkeypatch):
     specified to match between mma.sync and wgmma.)"""
     monkeypatch.setenv("TACA_BWD_SM90", "0")
     _run_case(case)
+
+
+HANDOFF_CASES = [c for c in MMA_SYNC_CASES if (c[2] + c[3]) > 256]  # several key and query tiles
+
+
+@pytest.mark.parametrize("mode", ["mbarrier-eager", "rendezvous", "arrive", "none"])
+@pytest.mark.parametrize("case", HANDOFF_CASES, ids=[_ids(c) for c in HANDOFF_CASES])
+def test_sm90_handoff_modes(case, mode, monkeypatch):
+    """The wgmma kernel's other dQ hand-offs (TACA_BWD_SM90_HANDOFF: "mbarrier-eager" = the
+    default mbarrier hand-off releasing each tile at once, "rendezvous" / "arrive" = named
+    barriers (v4c / v4b), "none" = no writer warpgroup, v4a) meet the rule, are deterministic,
+    and give the default path's gradients bitwise: the same fp32 adds in the same chain order.
+    (Off sm_90 the knob is ignored.)"""
+    default = _run_case(case)
+    monkeypatch.setenv("TACA_BWD_SM90_HANDOFF", mode)
+    got = _run_case(case)
+    for name, a, b in zip(("dq", "dk", "dv"), got, default):
+        assert torch.equal(a, b), f"{name}: hand-off {mode!r} differs from the default hand-off"
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,9 @@
  * chains and bwd_dq_convert are the mma.sync path's (taca_bwd.cu explains them); only bwd_main
  * is replaced.
  *
- * CTA = 2 warpgroups (256 threads) per (128-key tile, head, batch); warpgroup w owns keys
- * [64w, 64w + 64). K and V (128 x D) stay in shared memory, Q and dO tiles of BM queries stream
+ * CTA = 3 warpgroups (384 threads) per (128-key tile, head, batch): two MMA warpgroups
+ * (setmaxnreg 240 registers) and one dQ writer warpgroup (24 registers). MMA warpgroup w owns
+ * keys [64w, 64w + 64). K and V (128 x D) stay in shared memory, Q and dO tiles of BM queries stream
  * through a cp.async double buffer (BM = 64 for D = 128, 128 for D = 64), all in the 128-byte
  * swizzled layout of taca_sm90.cuh. Per query tile, per warpgroup (accumulators fp32):
  *   S^T  (64 keys x BM) = K_w Q^T     wgmma SS, A = K rows, B = Q rows (both K-major)
@@ -21,11 +22,34 @@
  *   dQ part = dS' K                   wgmma SS, A = dS' (K-major), B = K (N-major, keys = K dim);
  *                                     D = 128: warpgroup w makes dQ columns [64w, 64w + 64);
  *                                     D = 64: warpgroup w makes dQ rows [64w, 64w + 64)
- * then the dQ part goes to the chain buffers exactly as in bwd_main (ordered, deterministic).
- * Registers per thread: dV + dK accumulators D (64 + 64 at D = 128), S^T + dP^T BM/2 each.
- * Measured speeds: benchmarks/results/KERNEL_LOG.md, "Backward v4 (Hopper)".
+ * The dQ part (fp32) goes to one of two shared-memory staging buffers; the writer warpgroup
+ * adds it to the chain's float32 buffer with the ordering protocol of bwd_main (wait until the
+ * predecessor key tile released this query tile, red.add.v4 or the chain's first store, fence,
+ * release), so the global reductions and chain waits leave the MMA warpgroups' critical path.
+ * Staging hand-off (TACA_BWD_SM90_HANDOFF, a test / timing knob read at every call):
+ *   "mbarrier" (default): full[b] / empty[b] mbarriers in shared memory for staging buffer b.
+ *     Every MMA thread arrives on full[b] (release) after its staging writes; the writer waits
+ *     on it (try_wait.parity, acquire), reads, and every writer thread arrives on empty[b], which
+ *     the MMA threads wait on before writing tile it + 2 into b. The writer may lag two tiles.
+ *     It releases tile it - 1 to the chain's successor after its wait for tile it (a 128-thread
+ *     named barrier first, so that every writer thread has issued its adds).
+ *   "mbarrier-eager": the same, releasing each tile right after issuing its adds.
+ *   "rendezvous" (v4c, commit 2a04964): both sides bar.sync the named barrier FULL + (tile & 1)
+ *     with all 384 threads; the writer releases tile it - 1 right after the rendezvous of tile it.
+ *   "arrive" (v4b): the MMA warpgroups bar.arrive FULL and bar.sync EMPTY, the writer bar.sync
+ *     FULL and bar.arrive EMPTY, releasing each tile right after issuing its adds.
+ *   "none": no writer warpgroup (256 threads, commit bc8237e, v4a): the MMA warpgroups wait for
+ *     the chain and add their dQ part to global memory themselves.
+ * All five add the same values in the same chain order (bitwise-equal gradients, tested).
+ * compute-sanitizer racecheck (CUDA 13.0, H100, KERNEL_LOG "Backward v5"): 0 hazards for the
+ * mbarrier hand-off and "none"; "rendezvous" and "arrive" report hazards between the writer's
+ * staging read and the MMA warps' staging write (the named-barrier hand-offs; the reason is
+ * discussed there), so they stay opt-in.
+ * Registers per MMA thread: dV + dK accumulators D (64 + 64 at D = 128), S^T + dP^T BM/2 each.
+ * Measured speeds: benchmarks/results/KERNEL_LOG.md, "Backward v4 (Hopper)" and "Backward v5".
  */
 #include <stdlib.h>
+#include <string.h>
 
 #include "taca_bwd_kernel.cuh"
 #include "taca_bwd_sm90.cuh"
@@ -38,23 +62,83 @@ using namespace taca_sm90;
 using namespace taca_wgmma;
 using taca_bwd::BwdArgs;
 
-template <int DP_>
+template <int DP_, bool WRITER_ = true>
 struct Cfg {
     static constexpr int DP = DP_;
+    static constexpr bool WRITER = WRITER_;
     static constexpr int BN = 128;                 // keys per CTA
     static constexpr int BM = DP == 64 ? 128 : 64;  // queries per tile (= config_for's bm)
-    static constexpr int THREADS = 256;
+    static constexpr int THREADS = WRITER ? 384 : 256;  // 2 MMA warpgroups (+ the dQ writer)
     static constexpr uint32_t KV_BYTES = BN * DP * 2;
     static constexpr uint32_t QT_BYTES = BM * DP * 2;  // one Q or one dO buffer
     static constexpr uint32_t DS_BYTES = BM * BN * 2;
-    static constexpr size_t SMEM = 2 * KV_BYTES + 4 * QT_BYTES + DS_BYTES + 4 * BM * sizeof(float) + 1024;
+    static constexpr uint32_t SROW = DP * 4 + 16;        // dQ staging row (fp32, padded 16 B)
+    static constexpr uint32_t STAGE_BYTES = BM * SROW;  // one of the two dQ staging buffers
+    static constexpr size_t SMEM = 2 * KV_BYTES + 4 * QT_BYTES + DS_BYTES + 4 * BM * sizeof(float) +
+                                   (WRITER ? 2 * STAGE_BYTES + 4 * sizeof(uint64_t) : 0) + 1024;
     static_assert(DP == 64 || DP == 128, "head dim");
 };
 
-template <typename T, int DP>
-__global__ void __launch_bounds__(256, 1) taca_bwd_sm90_kernel(const BwdArgs a) {
+/* Hand-off modes (TACA_BWD_SM90_HANDOFF); kNone is the 256-thread kernel without a writer. */
+enum Handoff { kMbarrier = 0, kMbarrierEager = 1, kRendezvous = 2, kArrive = 3, kNone = 4 };
+
+/* Named barriers (0 is unused with a writer: the writer warpgroup never joins the MMA threads'
+ * syncs). FULL + b / EMPTY + b belong to staging buffer b. */
+enum { BAR_MMA = 1, BAR_FULL = 2, BAR_EMPTY = 4, BAR_WRITER = 6 };
+__device__ __forceinline__ void bar_sync(int id, int n) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int n) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+/* mbarrier (8 bytes of shared memory at address bar): init, arrive (release, CTA scope) and a
+ * spin on try_wait.parity (acquire, CTA scope) until the phase of that parity has completed. */
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
 #if TACA_SM90A
-    using C = Cfg<DP>;
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+#else
+    (void)bar; (void)count;
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+#if TACA_SM90A
+    asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+#else
+    (void)bar;
+#endif
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
+#if TACA_SM90A
+    uint32_t done = 0;
+    while (!done) {
+        asm volatile(
+            "{\n.reg .pred p;\n"
+            "mbarrier.try_wait.parity.acquire.cta.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    }
+#else
+    (void)bar; (void)parity;
+#endif
+}
+/* p[0..3] += v as one fire-and-forget reduction (16-byte aligned p). */
+__device__ __forceinline__ void red_add4(float *p, float4 v) {
+#if TACA_SM90A
+    asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(v.x), "f"(v.y),
+                 "f"(v.z), "f"(v.w)
+                 : "memory");
+#else
+    (void)p; (void)v;
+#endif
+}
+
+template <typename T, int DP, bool WRITER>
+__global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
+    taca_bwd_sm90_kernel(const BwdArgs a, const int ho) {
+#if TACA_SM90A
+    using C = Cfg<DP, WRITER>;
     constexpr int BM = C::BM, BN = C::BN, NT = BM / 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const uint32_t raw = smem_u32(smem_raw);
@@ -66,10 +150,101 @@ __global__ void __launch_bounds__(256, 1) taca_bwd_sm90_kernel(const BwdArgs a) 
     const uint32_t sds = sdo + 2 * C::QT_BYTES;  // dS' (BM x 128 keys), K-major
     float *const sL = reinterpret_cast<float *>(smem + (sds + C::DS_BYTES - sk));  // [2][BM] lse2
     float *const sDl = sL + 2 * BM;                                                  // [2][BM] delta
+    unsigned char *const stage = reinterpret_cast<unsigned char *>(sDl + 2 * BM);   // [2] dQ staging
+    const uint32_t mb_full = smem_u32(stage + 2 * C::STAGE_BYTES);  // [2] mbarriers, then
+    const uint32_t mb_empty = mb_full + 16;                          // [2] (8 bytes each)
+    const bool rdv = ho == kRendezvous;
+    const bool mbar = ho == kMbarrier || ho == kMbarrierEager;
+    // Release of a finished query tile to the chain's successor: "late" = one tile later, after
+    // the wait for the next tile (its reductions have had a tile's time to complete, so the
+    // release fence is short), "eager" = right after issuing them (the fence waits for them).
+    const bool late = ho == kMbarrier || ho == kRendezvous;
+
+    const int nq = a.nq, nk = a.nk;
+    const int jt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int64_t bh = static_cast<int64_t>(b) * a.H + h;
+    const int seg = jt / a.seg_size, seg_pos = jt % a.seg_size;
+    const int seg_len = min(a.seg_size, nk - seg * a.seg_size);
+    const bool ordered = a.mode == taca_bwd::kOrdered && nk > 1;
+    int *sem_row = a.sem + (seg * static_cast<int64_t>(a.B) * a.H + bh) * nq;
+    float *acc_base = a.dq_acc + (seg * static_cast<int64_t>(a.B) * a.H + bh) * a.Np * DP;
+
+    if (WRITER && mbar) {
+        if (threadIdx.x == 0) {
+            mbar_init(mb_full, 256);  // every MMA thread arrives once per staged tile
+            mbar_init(mb_full + 8, 256);
+            mbar_init(mb_empty, 128);  // every writer thread arrives once per tile read
+            mbar_init(mb_empty + 8, 128);
+        }
+        __syncthreads();  // initialised before any thread arrives or waits
+    }
+    if (WRITER && threadIdx.x >= 256) {
+        // dQ writer warpgroup: adds each query tile's dQ part (staged in shared memory by the MMA
+        // warpgroups) to this chain's float32 buffer in chain order (wait for the predecessor,
+        // add with red.v4 / store, fence, release).
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
+        if (nk == 1 || a.mode == taca_bwd::kSkip) return;
+        const int wtid = threadIdx.x - 256;
+        const bool first = ordered ? seg_pos == 0 : a.mode == taca_bwd::kRacy;
+        float *accb = ordered ? acc_base : a.dq_acc + bh * a.Np * DP;
+        const bool releases = ordered && seg_pos < seg_len - 1;
+        for (int it = 0; it < nq; ++it) {
+            const int buf = it & 1;
+            if (mbar) mbar_wait(mb_full + 8 * buf, (it >> 1) & 1);  // tile it staged
+            else bar_sync(BAR_FULL + buf, 384);
+            if (late && releases && it > 0) {
+                // Release tile it - 1 once every writer thread issued its adds (in rendezvous
+                // mode the 384-thread barrier above says so).
+                if (!rdv) bar_sync(BAR_WRITER, 128);
+                if (wtid == 0) {
+                    __threadfence();
+                    atomicExch(sem_row + it - 1, seg_pos + 1);
+                }
+            }
+            if (ordered && seg_pos > 0) {
+                if (wtid == 0) {
+                    while (taca_bwd::ld_acquire(sem_row + it) < seg_pos) {
+                    }
+                }
+                bar_sync(BAR_WRITER, 128);
+            }
+            const unsigned char *src = stage + buf * C::STAGE_BYTES;
+            float *dst = accb + static_cast<int64_t>(it) * BM * DP;
+#pragma unroll 2
+            for (int idx = wtid; idx < BM * DP / 4; idx += 128) {
+                const int r = idx / (DP / 4), c4 = idx % (DP / 4);
+                const float4 v = *reinterpret_cast<const float4 *>(src + r * C::SROW + c4 * 16);
+                if (first) __stcg(reinterpret_cast<float4 *>(dst + r * DP + c4 * 4), v);
+                else red_add4(dst + r * DP + c4 * 4, v);
+            }
+            if (mbar) mbar_arrive(mb_empty + 8 * buf);  // staging buffer free again
+            else if (!rdv && it + 2 < nq) bar_arrive(BAR_EMPTY + buf, 384);
+            if (!late && releases) {
+                bar_sync(BAR_WRITER, 128);  // every writer thread issued its adds
+                if (wtid == 0) {
+                    __threadfence();
+                    atomicExch(sem_row + it, seg_pos + 1);
+                }
+            }
+        }
+        if (late && releases) {
+            bar_sync(BAR_WRITER, 128);
+            if (wtid == 0) {
+                __threadfence();
+                atomicExch(sem_row + nq - 1, seg_pos + 1);
+            }
+        }
+        return;
+    }
+    if (WRITER) asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+    // The MMA warpgroups' CTA-wide syncs: all threads without a writer (v4a: barrier 0).
+    auto mma_sync = [] {
+        if (WRITER) bar_sync(BAR_MMA, 256);
+        else __syncthreads();
+    };
 
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int jt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int j0 = jt * BN;
     const int N = a.N, D = a.D, tb = a.text_begin, te = a.text_end;
 
@@ -77,7 +252,6 @@ __global__ void __launch_bounds__(256, 1) taca_bwd_sm90_kernel(const BwdArgs a) 
     const T *kb = static_cast<const T *>(a.k) + b * a.ks_b + h * a.ks_h;
     const T *vb = static_cast<const T *>(a.v) + b * a.vs_b + h * a.vs_h;
     const T *dob = static_cast<const T *>(a.dout) + b * a.dos_b + h * a.dos_h;
-    const int64_t bh = static_cast<int64_t>(b) * a.H + h;
     const float *lse2b = a.lse2 + bh * a.Np;
     const float *deltab = a.delta + bh * a.Np;
 
@@ -112,13 +286,6 @@ __global__ void __launch_bounds__(256, 1) taca_bwd_sm90_kernel(const BwdArgs a) 
 #pragma unroll
     for (int i = 0; i < DP / 2; ++i) dv[i] = dk[i] = 0.f;
 
-    const int nq = a.nq, nk = a.nk;
-    const int seg = jt / a.seg_size, seg_pos = jt % a.seg_size;
-    const int seg_len = min(a.seg_size, nk - seg * a.seg_size);
-    const bool ordered = a.mode == taca_bwd::kOrdered && nk > 1;
-    int *sem_row = a.sem + (seg * static_cast<int64_t>(a.B) * a.H + bh) * nq;
-    float *acc_base = a.dq_acc + (seg * static_cast<int64_t>(a.B) * a.H + bh) * a.Np * DP;
-
     const uint32_t k_wg = sk + wg * 64 * 128, v_wg = sv + wg * 64 * 128;  // rows 64 wg.. of each block
 
     for (int it = 0; it < nq; ++it) {
@@ -128,8 +295,8 @@ __global__ void __launch_bounds__(256, 1) taca_bwd_sm90_kernel(const BwdArgs a) 
         fence_proxy_async();
         // Tile it landed and is visible to wgmma; every warpgroup finished tile it - 1 (its
         // wgmma reads of buffer buf ^ 1 and of dS' completed before its wgmma_wait<0>).
-        __syncthreads();
-        if (ordered && tid == 0 && it > 0 && seg_pos < seg_len - 1) {
+        mma_sync();
+        if (!WRITER && ordered && tid == 0 && it > 0 && seg_pos < seg_len - 1) {
             // Release the previous query tile's dQ part (see bwd_main / taca_bwd.cu).
             __threadfence();
             atomicExch(sem_row + it - 1, seg_pos + 1);
@@ -240,7 +407,7 @@ __global__ void __launch_bounds__(256, 1) taca_bwd_sm90_kernel(const BwdArgs a) 
         wgmma_commit();
 
         fence_proxy_async();  // the stmatrix writes of dS' -> visible to wgmma after the barrier
-        __syncthreads();      // dS' complete in shared memory
+        mma_sync();  // dS' complete in shared memory
 
         if (a.mode == taca_bwd::kSkip) {
             wgmma_wait<0>();
@@ -250,10 +417,9 @@ __global__ void __launch_bounds__(256, 1) taca_bwd_sm90_kernel(const BwdArgs a) 
             fence_regs<BM / 4>(&da[0][0]);
             continue;
         }
-        // Ask for this tile's order before the dQ matmul, so the load's latency hides behind it.
+        // Without a writer: ask for this tile's order before the dQ matmul (latency hidden).
         int polled = 0;
-        if (ordered && tid == 0 && seg_pos > 0) polled = taca_bwd::ld_acquire(sem_row + it);
-
+        if (!WRITER && ordered && tid == 0 && seg_pos > 0) polled = taca_bwd::ld_acquire(sem_row + it);
         // dQ part (64 x 64 per warpgroup) = dS' K over the 128 keys.
         constexpr int QROWS = BM == 128 ? 64 : 0;  // D = 64: split rows; D = 128: split columns
         constexpr int QCOLS = BM == 128 ? 0 : 64;
@@ -288,30 +454,53 @@ __global__ void __launch_bounds__(256, 1) taca_bwd_sm90_kernel(const BwdArgs a) 
             }
             continue;
         }
-        // Chain order: key tile seg_pos adds only after seg_pos - 1 released this query tile.
-        const bool first = ordered ? seg_pos == 0 : a.mode == taca_bwd::kRacy;
-        if (ordered && seg_pos > 0) {
-            if (tid == 0) {
-                while (polled < seg_pos) polled = taca_bwd::ld_acquire(sem_row + it);
+        if (!WRITER) {
+            // Chain order: key tile seg_pos adds only after seg_pos - 1 released this query tile.
+            const bool first = ordered ? seg_pos == 0 : a.mode == taca_bwd::kRacy;
+            if (ordered && seg_pos > 0) {
+                if (tid == 0) {
+                    while (polled < seg_pos) polled = taca_bwd::ld_acquire(sem_row + it);
+                }
+                __syncthreads();
             }
-            __syncthreads();
+            float *accp = (ordered ? acc_base : a.dq_acc + bh * a.Np * DP) + static_cast<int64_t>(i0) * DP;
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int r = qr0 + half * 8;
+#pragma unroll
+                for (int nt = 0; nt < 8; ++nt) {
+                    float *dst = accp + r * DP + qc0 + nt * 8;
+                    if (first)
+                        __stcg(reinterpret_cast<float2 *>(dst),
+                               make_float2(dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]));
+                    else
+                        taca_bwd::red_add2(dst, dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
+                }
+            }
+            continue;
         }
-        float *accp = (ordered ? acc_base : a.dq_acc + bh * a.Np * DP) + static_cast<int64_t>(i0) * DP;
+        // Hand the part to the writer warpgroup through staging buffer buf (free once the writer
+        // has read tile it - 2 from it: in rendezvous mode the barrier of tile it - 1 says so).
+        if (mbar) {
+            if (it >= 2) mbar_wait(mb_empty + 8 * buf, ((it >> 1) - 1) & 1);
+        } else if (!rdv && it >= 2) {
+            bar_sync(BAR_EMPTY + buf, 384);
+        }
+        unsigned char *dstage = stage + buf * C::STAGE_BYTES;
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const int r = qr0 + half * 8;
 #pragma unroll
-            for (int nt = 0; nt < 8; ++nt) {
-                float *dst = accp + r * DP + qc0 + nt * 8;
-                if (first)
-                    __stcg(reinterpret_cast<float2 *>(dst), make_float2(dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]));
-                else
-                    taca_bwd::red_add2(dst, dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
-            }
+            for (int nt = 0; nt < 8; ++nt)
+                *reinterpret_cast<float2 *>(dstage + r * C::SROW + (qc0 + nt * 8) * 4) =
+                    make_float2(dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
         }
+        if (mbar) mbar_arrive(mb_full + 8 * buf);
+        else if (rdv) bar_sync(BAR_FULL + buf, 384);  // rendezvous: the writer finished tile it - 1
+        else bar_arrive(BAR_FULL + buf, 384);
     }
     cp_async_wait<0>();
-    if (ordered && seg_pos < seg_len - 1) {
+    if (!WRITER && ordered && seg_pos < seg_len - 1) {
         __syncthreads();
         if (tid == 0) {
             __threadfence();
@@ -337,15 +526,15 @@ __global__ void __launch_bounds__(256, 1) taca_bwd_sm90_kernel(const BwdArgs a) 
         }
     }
 #else
-    (void)a;
+    (void)a; (void)ho;
 #endif
 }
 
-template <typename T, int DP>
-int launch(const BwdArgs &a, cudaStream_t stream) {
-    using C = Cfg<DP>;
+template <typename T, int DP, bool WRITER>
+int launch(const BwdArgs &a, cudaStream_t stream, int ho) {
+    using C = Cfg<DP, WRITER>;
     if (a.Np % C::BM != 0 || a.Np != a.nq * C::BM) return TACA_ERR_UNSUPPORTED;  // workspace layout
-    auto kernel = taca_bwd_sm90_kernel<T, DP>;
+    auto kernel = taca_bwd_sm90_kernel<T, DP, WRITER>;
     // The kernel has a body only in an sm_90a binary: check which one this device runs.
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_bwd_cuda (sm90): cudaFuncGetAttributes");
@@ -360,12 +549,17 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
         TACA_CUDA_TRY(cudaMemsetAsync(a.dq_acc, 0, static_cast<size_t>(rows) * DP * sizeof(float), stream),
                       "taca_bwd_cuda (sm90) memset dq_acc");
     }
-    kernel<<<dim3(a.nk, a.H, a.B), C::THREADS, C::SMEM, stream>>>(a);
+    kernel<<<dim3(a.nk, a.H, a.B), C::THREADS, C::SMEM, stream>>>(a, ho);
     st = taca_cuda_check_launch("taca_bwd_cuda (sm90) main");
     if (st != TACA_OK || a.nk == 1) return st;
     const int64_t total = static_cast<int64_t>(a.B) * a.H * a.N * a.D;
     taca_bwd::bwd_dq_convert<T, DP><<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(a);
     return taca_cuda_check_launch("taca_bwd_cuda (sm90) dq convert");
+}
+
+template <typename T, int DP>
+int launch_ho(const BwdArgs &a, cudaStream_t stream, int ho) {
+    return ho == kNone ? launch<T, DP, false>(a, stream, ho) : launch<T, DP, true>(a, stream, ho);
 }
 
 }  // namespace taca_bwd90
@@ -376,9 +570,19 @@ int taca_bwd_sm90(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16) {
     if ((a.D != 64 && a.D != 128) || !a.vec_load) return TACA_ERR_UNSUPPORTED;
     const int dev_st = taca_sm90::device_is_sm90("taca_bwd_cuda (sm90): device query");
     if (dev_st != TACA_OK) return dev_st;
+    // dQ hand-off (a test / timing knob, see the file header): mbarrier unless asked otherwise.
+    int ho = taca_bwd90::kMbarrier;
+    if (const char *e = getenv("TACA_BWD_SM90_HANDOFF")) {
+        if (!strcmp(e, "mbarrier-eager")) ho = taca_bwd90::kMbarrierEager;
+        else if (!strcmp(e, "rendezvous")) ho = taca_bwd90::kRendezvous;
+        else if (!strcmp(e, "arrive")) ho = taca_bwd90::kArrive;
+        else if (!strcmp(e, "none")) ho = taca_bwd90::kNone;
+    }
     if (a.D == 64)
-        return bf16 ? taca_bwd90::launch<__nv_bfloat16, 64>(a, stream) : taca_bwd90::launch<__half, 64>(a, stream);
-    return bf16 ? taca_bwd90::launch<__nv_bfloat16, 128>(a, stream) : taca_bwd90::launch<__half, 128>(a, stream);
+        return bf16 ? taca_bwd90::launch_ho<__nv_bfloat16, 64>(a, stream, ho)
+                    : taca_bwd90::launch_ho<__half, 64>(a, stream, ho);
+    return bf16 ? taca_bwd90::launch_ho<__nv_bfloat16, 128>(a, stream, ho)
+                : taca_bwd90::launch_ho<__half, 128>(a, stream, ho);
 #else
     (void)a; (void)stream; (void)bf16;
     return TACA_ERR_UNSUPPORTED;

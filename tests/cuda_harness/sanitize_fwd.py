@@ -44,8 +44,11 @@ def main():
         o.sum().backward()
         runs += 1
         # backward with N not a multiple of the 128-key tile: D=128 (several key tiles, ordered
-        # dQ chains) and D=64 (one key tile); on sm_90 these take the wgmma backward
-        for B, N, D, L, tf, dt in ((1, 300, 128, 77, True, torch.bfloat16), (2, 100, 64, 33, False, torch.float16)):
+        # dQ chains), D=64 with one key tile and with several (4 query tiles: both dQ staging
+        # buffers of the sm_90 writer warpgroup are reused); on sm_90 these take the wgmma backward
+        cases = ((1, 300, 128, 77, True, torch.bfloat16), (2, 100, 64, 33, False, torch.float16),
+                 (1, 400, 64, 50, True, torch.bfloat16))
+        for B, N, D, L, tf, dt in cases:
             q, k, v = (torch.randn(B, 2, N, D, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
             o = taca.joint_attention(q, k, v, text_len=L, text_first=tf, gamma=1.3, layout="bhnd",
                                      backend="cuda")

@@ -1,0 +1,90 @@
+"""Backward kernel alone, per dQ hand-off of the Hopper kernel (TACA_BWD_SM90_HANDOFF).
+
+Question: what does each hand-off between the MMA warpgroups and the dQ writer warpgroup of
+csrc/cuda/taca_bwd_sm90.cu cost, against the kernel without a writer ("none" = v4a, commit
+bc8237e)? Same process, same inputs, rounds interleaved over the modes, triton do_bench median;
+dq / dk / dv of every mode are compared bitwise with the default's first.
+
+Usage: python3 benchmarks/bench_bwd_handoff.py [--shapes flux1024_b1,sd35m_cfg] [--rounds 3]
+       [--modes mbarrier,mbarrier-eager,rendezvous,arrive,none] [--out DIR]
+Prints a table last; writes JSON to DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from taca import ops, reference  # noqa: E402,F401  (loads taca._C)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_attention_gpu import SHAPES  # noqa: E402
+
+MODES = ["mbarrier", "mbarrier-eager", "rendezvous", "arrive", "none"]  # the first is the default
+ENV = "TACA_BWD_SM90_HANDOFF"
+
+
+def main() -> int:
+    import triton.testing
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="flux1024_b1,sd35m_cfg")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--modes", default=",".join(MODES), help="subset, default first")
+    args = ap.parse_args()
+    MODES[:] = [m for m in args.modes.replace(" ", ",").split(",") if m]
+    dev = torch.cuda.get_device_name()
+    res = {"gpu": dev, "torch": torch.__version__, "cuda": torch.version.cuda,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "shapes": {}}
+    for name in args.shapes.split(","):
+        B, H, D, L, img, text_first = SHAPES[name]
+        N = L + img
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v, dout = (torch.randn(B, N, H, D, generator=gen, device="cuda").to(torch.bfloat16)
+                         for _ in range(4))
+        gamma_t = torch.full((B,), 1.2, device="cuda")
+        tb, te = reference.text_range(N, L, text_first)
+        scale = D ** -0.5
+        out, lse, _ = torch.ops.taca.fwd(q, k, v, gamma_t, 1.0, scale, tb, te, False)
+
+        def bwd():
+            return torch.ops.taca.bwd(dout, q, k, v, out, lse, gamma_t, 1.0, scale, tb, te)
+
+        grads, times = {}, {m: [] for m in MODES}
+        for r in range(args.rounds):
+            for m in MODES:
+                os.environ[ENV] = m
+                try:
+                    if r == 0:
+                        grads[m] = bwd()
+                    times[m].append(triton.testing.do_bench(bwd, warmup=100, rep=500, return_mode="median"))
+                finally:
+                    del os.environ[ENV]
+        torch.cuda.synchronize()
+        equal = {m: all(torch.equal(a, b) for a, b in zip(grads[m], grads[MODES[0]])) for m in MODES}
+        res["shapes"][name] = {"ms": {m: statistics.median(t) for m, t in times.items()},
+                               "all_ms": times, "bitwise_equal_to_default": equal}
+        del grads
+        torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_bwd_handoff.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"GPU {dev}, torch {torch.__version__}, CUDA {torch.version.cuda}, bf16, gamma 1.2; "
+          f"bwd alone, median of {args.rounds} interleaved rounds")
+    print("| shape | " + " | ".join(MODES) + " | bitwise = default |")
+    print("|---|" + "---|" * (len(MODES) + 1))
+    for name, r in res["shapes"].items():
+        eq = ",".join(m for m in MODES if r["bitwise_equal_to_default"][m])
+        print(f"| {name} | " + " | ".join(f"{r['ms'][m]:.3f}" for m in MODES) + f" | {eq} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
