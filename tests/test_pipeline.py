@@ -487,12 +487,14 @@ def test_hook_syncs_on_cuda(model, monkeypatch):
 
         def record(message, category, filename, lineno, file=None, line=None):
             if "synchroniz" in str(message):  # keep the Python stack of each sync, for failures
-                syncs.append("".join(traceback.format_stack(limit=12)[:-1]))
+                syncs.append(f"{message}\n" + "".join(traceback.format_stack(limit=12)[:-1]))
 
         with warnings.catch_warnings():
             warnings.simplefilter("always")
-            warnings.showwarning = record
             torch.cuda.set_sync_debug_mode("warn")
+            # record from here: on the H100 the first switch to "warn" in a FLUX run raised a sync
+            # warning inside torch.cuda.set_sync_debug_mode itself, before any hook code ran
+            warnings.showwarning = record
             try:
                 return orig(self, module, args, kwargs)
             finally:
