@@ -135,14 +135,11 @@ def run_shape(name, spec):
     tb_ms = bench(taca_b)
     r["bwd_modes_ms"] = {}
     for mode in MODES:
-        var, val = ("TACA_BWD_D64_BM", mode[3:]) if mode.startswith("bm=") else ("TACA_BWD_MODE", mode)
-        if var == "TACA_BWD_D64_BM" and D != 64:
-            continue
-        os.environ[var] = val
+        os.environ["TACA_BWD_MODE"] = mode
         try:
             r["bwd_modes_ms"][mode] = bench(taca_b)
         finally:
-            del os.environ[var]
+            del os.environ["TACA_BWD_MODE"]
     t["TACA CUDA kernels"] = (bench(taca_f), bench(taca_fb))
     t["TACA CUDA, autograd op"] = (None, bench(taca_autograd))
     r["taca_bwd_ms"] = tb_ms
