@@ -3,6 +3,8 @@
     taca demo      [--out DIR] [--steps N] [--gammas 1.1,1.2,1.3] ...   offline, random weights
     taca generate  --model ID_OR_PATH --prompt TEXT [--gamma 1.2] [--schedule paper] [--compare] ...
     taca bench     [--script bench_attention.py] [ARGS passed to the script]
+    taca train     --model ID_OR_PATH --data DIR_OR_JSONL --out DIR [...]   LoRA training with TACA on
+    taca eval      generate|score|report ...                              T2I-CompBench
 
 Exit codes: 0 success, 1 failure while running, 2 usage errors and missing models/files.
 """
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="TACA (Temperature-Adjusted Cross-modal Attention, arXiv 2506.07986) for diffusers' "
                     "FLUX.1 and SD3/SD3.5.",
     )
-    sub = p.add_subparsers(dest="command", metavar="{demo,generate,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{demo,generate,train,eval,bench}")
     sub.required = True
 
     d = sub.add_parser("demo", help="offline demo on a tiny random-weight FLUX-architecture model (< 1 min on CPU)",
@@ -121,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="taca.png", help="output image (default taca.png)")
     g.add_argument("--compare", action="store_true", help="write TACA off and on side by side (same seed)")
     g.set_defaults(func=cmd_generate)
+
+    # training and evaluation define their own arguments (argparse only; heavy imports stay in
+    # their command functions)
+    from .train.cli import add_parser as add_train_parser
+    from .eval.cli import add_parser as add_eval_parser
+
+    add_train_parser(sub)
+    add_eval_parser(sub)
 
     b = sub.add_parser("bench", help="run the repository's attention benchmark (benchmarks/); extra args pass through",
                        description="Runs benchmarks/<script> from the repository with this Python; every "
