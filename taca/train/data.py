@@ -1,0 +1,237 @@
+"""Training data: discovery and checks, image preprocessing, the on-disk cache and the sampler.
+
+Data: a folder of images with same-named ``.txt`` captions (``cat.png`` + ``cat.txt``), or a
+``.jsonl`` file of ``{"image": path, "caption": text}`` lines (paths relative to the file).
+Images are resized (shorter side to the resolution, Lanczos) and center-cropped to a square.
+
+Cache: each image's latents and each caption's text embeddings are computed once and stored as
+safetensors under ``<cache>/latents/<key>.safetensors`` and ``<cache>/text/<key>.safetensors``.
+The key hashes the content (the image file's bytes, the caption's text) together with what
+produced the tensors (the model, its encoder configs and weight files' sizes and mtimes, the
+resolution, the text length, the dtype), so a changed image, caption or model never reuses a
+stale entry and several models can share one cache folder.
+
+Sampler: epoch e visits the samples in ``randperm(N)`` seeded by (seed, e); global batch g of
+an epoch is ``perm[g*G:(g+1)*G]`` with G = batch size x processes (the last partial batch is
+dropped), and process r takes its r-th slice. The position in the data is the global micro-batch
+counter alone, so resuming and changing the number of processes (same global batch) visit the
+same samples in the same order.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _derr(msg: str) -> ValueError:
+    from .config import ConfigError
+
+    return ConfigError(f"taca train: argument --data: {msg}")
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: str
+    caption: str
+
+
+def discover(data: str) -> List[Sample]:
+    """The (image, caption) pairs of a folder or a JSONL file, sorted by image path; every image
+    is checked to be readable. Raises ConfigError naming ``--data`` on any problem."""
+    if os.path.isdir(data):
+        samples = _from_folder(data)
+    elif data.endswith(".jsonl") and os.path.isfile(data):
+        samples = _from_jsonl(data)
+    else:
+        raise _derr(f"{data} is neither a folder nor a .jsonl file")
+    if not samples:
+        raise _derr(f"{data} holds no images ({', '.join(IMAGE_EXTS)})")
+    for s in samples:
+        check_image(s.image)
+    return samples
+
+
+def _from_folder(folder: str) -> List[Sample]:
+    out = []
+    for name in sorted(os.listdir(folder)):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() not in IMAGE_EXTS:
+            continue
+        cap = os.path.join(folder, stem + ".txt")
+        if not os.path.isfile(cap):
+            raise _derr(f"{os.path.join(folder, name)} has no caption file {stem}.txt beside it")
+        with open(cap, encoding="utf-8") as f:
+            caption = f.read().strip()
+        if not caption:
+            raise _derr(f"the caption {cap} is empty")
+        out.append(Sample(os.path.join(folder, name), caption))
+    return out
+
+
+def _from_jsonl(path: str) -> List[Sample]:
+    base = os.path.dirname(os.path.abspath(path))
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise _derr(f"{path} line {i} is not JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("image"), str) or not isinstance(rec.get("caption"), str):
+                raise _derr(f'{path} line {i}: expected {{"image": "<path>", "caption": "<text>"}}')
+            if not rec["caption"].strip():
+                raise _derr(f"{path} line {i}: the caption is empty")
+            img = rec["image"] if os.path.isabs(rec["image"]) else os.path.join(base, rec["image"])
+            if not os.path.isfile(img):
+                raise _derr(f"{path} line {i}: image {img} does not exist")
+            out.append(Sample(img, rec["caption"].strip()))
+    return sorted(out, key=lambda s: s.image)
+
+
+def check_image(path: str) -> None:
+    """Raise ConfigError unless ``path`` decodes as an image."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception as e:  # PIL raises many types for truncated / corrupt files
+        raise _derr(f"{path} is not a readable image ({type(e).__name__}: {e})") from None
+
+
+def load_image(path: str, resolution: int, center_crop: bool = True) -> torch.Tensor:
+    """(3, R, R) float32 in [-1, 1]: shorter side resized to R (Lanczos), then a center (or
+    top-left) crop."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        s = resolution / min(w, h)
+        nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+        im = im.resize((nw, nh), Image.LANCZOS)
+        x0, y0 = ((nw - resolution) // 2, (nh - resolution) // 2) if center_crop else (0, 0)
+        im = im.crop((x0, y0, x0 + resolution, y0 + resolution))
+        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def component_fingerprint(model: str, modules: Iterable[torch.nn.Module]) -> str:
+    """Identity of what encodes: the model id or path, the modules' configs, and for local folders
+    the weight files' names, sizes and mtimes (hashing multi-GB weights would take minutes)."""
+    h = hashlib.sha256(os.path.abspath(model).encode() if os.path.exists(model) else model.encode())
+    for m in modules:
+        cfg = getattr(m, "config", None)
+        d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
+        h.update(json.dumps(d, sort_keys=True, default=str).encode())
+        h.update(str(next(m.parameters()).dtype).encode())
+    if os.path.isdir(model):
+        for root, _, files in sorted(os.walk(model)):
+            for f in sorted(files):
+                if f.endswith((".safetensors", ".bin", ".pt")):
+                    st = os.stat(os.path.join(root, f))
+                    h.update(f"{os.path.relpath(os.path.join(root, f), model)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+class Cache:
+    """Latents and text embeddings on disk, one safetensors file per image / caption."""
+
+    def __init__(self, root: str, image_key: str, text_key: str):
+        self.root = root
+        self.image_key = image_key
+        self.text_key = text_key
+        self.entries: List[Tuple[str, str]] = []  # per sample: (latent file, text file)
+
+    def latent_path(self, image_sha: str) -> str:
+        return os.path.join(self.root, "latents", f"{image_sha[:32]}-{self.image_key}.safetensors")
+
+    def text_path(self, caption_sha: str) -> str:
+        return os.path.join(self.root, "text", f"{caption_sha[:32]}-{self.text_key}.safetensors")
+
+    @staticmethod
+    def write(path: str, tensors: Dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)  # readers never see half a file
+
+    @staticmethod
+    def read(path: str) -> Dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(path)
+
+
+class Sampler:
+    """Which samples each process trains on at global micro-batch ``c`` (see the module doc)."""
+
+    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int):
+        self.n, self.bs, self.world, self.rank, self.seed = n, batch_size, world, rank, seed
+        self.global_batch = batch_size * world
+        if n < self.global_batch:
+            from .config import ConfigError
+
+            raise ConfigError(f"taca train: argument --batch-size: the data has {n} samples, fewer than one global "
+                              f"batch ({batch_size} x {world} processes)")
+        self.per_epoch = n // self.global_batch
+        self._perm: Tuple[int, Optional[torch.Tensor]] = (-1, None)
+
+    def epoch_of(self, c: int) -> int:
+        return c // self.per_epoch
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(_mix(self.seed, 0x5EED, epoch))
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return self._perm[1]
+
+    def global_indices(self, c: int) -> List[int]:
+        """Sample indices of global micro-batch ``c`` (all processes)."""
+        perm = self._permutation(self.epoch_of(c))
+        g = c % self.per_epoch
+        return perm[g * self.global_batch:(g + 1) * self.global_batch].tolist()
+
+    def local(self, c: int) -> Tuple[List[int], List[int]]:
+        """(sample indices, positions in the global batch) of this process at micro-batch ``c``."""
+        idx = self.global_indices(c)
+        pos = list(range(self.rank * self.bs, (self.rank + 1) * self.bs))
+        return [idx[p] for p in pos], pos
+
+
+def _mix(*xs: int) -> int:
+    """A 63-bit seed from integers (splitmix64-style), stable across processes and runs."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def stack(dicts: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    return {k: torch.stack([d[k] for d in dicts]) for k in dicts[0]}

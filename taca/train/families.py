@@ -1,0 +1,232 @@
+"""What training needs to know about each model family, and nothing else.
+
+A family turns captions into cached conditioning tensors, images into cached latents, and runs
+one transformer forward on noisy latents at given sigmas, with the model's own conventions (the
+same ones diffusers' ``train_dreambooth_lora_flux.py`` / ``train_dreambooth_lora_sd3.py`` use):
+
+- FLUX.1 (``FluxTransformer2DModel``): latents ``(vae(x) - shift) * scale`` packed 2x2 into
+  tokens, ``timestep = sigma`` (in [0, 1]), the guidance embedding at ``--guidance`` for guidance-
+  distilled models, ``txt_ids`` zeros, ``img_ids`` from the latent grid. The scheduler uses dynamic
+  shifting, so training sigmas are not shifted.
+- SD3 / SD3.5 (``SD3Transformer2DModel``): ``timestep = 1000 sigma``; sigmas are shifted with the
+  scheduler's static shift (3.0), as diffusers' SD3 script does by indexing the shifted schedule.
+- Any pipeline that implements the three methods ``encode_text(captions) -> dict``,
+  ``encode_images(pixels) -> latents`` and ``predict(noisy, sigma, cond) -> output`` (the
+  miniature, ``taca.mini``) is trained through them.
+
+Every family's ``predict`` calls the transformer's forward with ``timestep`` and
+``encoder_hidden_states``, so ``taca.enable``'s pre-hook sees each sample's sigma and gives it its
+own gamma.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+# diffusers' own default target lists (train_dreambooth_lora_flux.py / _sd3.py): the joint
+# attention projections, optionally the feed-forwards of the double-stream blocks. The "attn."
+# prefix keeps SD3.5-Medium's image-only attn2 out, as diffusers' SD3 script does.
+_ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+         "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+_FF = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+PROTOCOL = ("encode_text", "encode_images", "predict")
+
+
+class Family:
+    name = "base"
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    # --- what is trained -----------------------------------------------------------------
+    def target_modules(self, spec) -> List[str]:
+        if spec == "attn":
+            return list(_ATTN)
+        if spec == "attn+ff":
+            return _ATTN + _FF
+        return list(spec)
+
+    def shift(self) -> float:
+        """Static shift applied to sampled sigmas (1: none)."""
+        return 1.0
+
+    # --- caching (run once, before training) ----------------------------------------------
+    def encode_text(self, captions: List[str], device, max_sequence_length: Optional[int]) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B, 3, H, W) in [-1, 1] -> latents (B, C, h, w)."""
+        raise NotImplementedError
+
+    def text_modules(self) -> List[torch.nn.Module]:
+        return []
+
+    def image_modules(self) -> List[torch.nn.Module]:
+        return []
+
+    def release_encoders(self) -> None:
+        """Drop the text encoders and the VAE once everything is cached."""
+
+    # --- training forward ---------------------------------------------------------------
+    def predict(self, transformer, noisy: torch.Tensor, sigma: torch.Tensor, cond: Dict[str, torch.Tensor],
+                guidance: float) -> torch.Tensor:
+        """noisy (B, C, h, w), sigma (B,) float32 -> the model output (B, C, h, w)."""
+        raise NotImplementedError
+
+    def lora_saver(self):
+        """The class whose ``save_lora_weights`` writes the adapter (a diffusers pipeline class)."""
+        raise NotImplementedError
+
+
+def _vae_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    # the posterior mean: cached once, so sampling it per step would need the variance cached too
+    # (for FLUX's and SD3's VAEs the posterior std is ~1e-2 of the latents' spread)
+    lat = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (lat - shift) * vae.config.scaling_factor
+
+
+class _DiffusersFamily(Family):
+    _text_attrs: Sequence[str] = ()
+
+    def text_modules(self):
+        return [getattr(self.pipe, a) for a in self._text_attrs if getattr(self.pipe, a, None) is not None]
+
+    def image_modules(self):
+        return [self.pipe.vae] if getattr(self.pipe, "vae", None) is not None else []
+
+    def encode_images(self, pixels):
+        if getattr(self.pipe, "vae", None) is None:
+            raise ValueError("taca train: the pipeline has no VAE to encode the training images")
+        with torch.no_grad():
+            return _vae_latents(self.pipe.vae, pixels)
+
+    def release_encoders(self):
+        self.pipe = None
+
+
+class FluxFamily(_DiffusersFamily):
+    name = "flux"
+    _text_attrs = ("text_encoder", "text_encoder_2")
+
+    def encode_text(self, captions, device, max_sequence_length):
+        kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        with torch.no_grad():
+            pe, pooled, _ = self.pipe.encode_prompt(prompt=list(captions), prompt_2=None, device=device, **kw)
+        return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
+
+    def predict(self, transformer, noisy, sigma, cond, guidance):
+        from diffusers import FluxPipeline
+
+        B, C, h, w = noisy.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"taca train: FLUX latents must have even height and width, got {h}x{w}")
+        packed = FluxPipeline._pack_latents(noisy, B, C, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(B, h // 2, w // 2, noisy.device, noisy.dtype)
+        pe = cond["prompt_embeds"]
+        txt_ids = torch.zeros(pe.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+        config = getattr(transformer, "config", None) or _unwrap(transformer).config
+        g = torch.full((B,), float(guidance), device=noisy.device, dtype=torch.float32) \
+            if config.guidance_embeds else None
+        out = transformer(hidden_states=packed, timestep=sigma, guidance=g,
+                          pooled_projections=cond["pooled_prompt_embeds"], encoder_hidden_states=pe,
+                          txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        # (B, h/2 * w/2, 4C) tokens back to (B, C, h, w): the inverse of _pack_latents
+        return out.view(B, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h, w)
+
+    def lora_saver(self):
+        from diffusers import FluxPipeline
+
+        return FluxPipeline
+
+
+class SD3Family(_DiffusersFamily):
+    name = "sd3"
+    _text_attrs = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self._shift = float(pipe.scheduler.config.get("shift", 1.0)) \
+            if not pipe.scheduler.config.get("use_dynamic_shifting", False) else 1.0
+
+    def shift(self):
+        return self._shift
+
+    def encode_text(self, captions, device, max_sequence_length):
+        kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        with torch.no_grad():
+            pe, _, pooled, _ = self.pipe.encode_prompt(prompt=list(captions), prompt_2=None, prompt_3=None,
+                                                       device=device, do_classifier_free_guidance=False, **kw)
+        return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
+
+    def predict(self, transformer, noisy, sigma, cond, guidance):
+        return transformer(hidden_states=noisy, timestep=sigma * 1000.0, encoder_hidden_states=cond["prompt_embeds"],
+                           pooled_projections=cond["pooled_prompt_embeds"], return_dict=False)[0]
+
+    def lora_saver(self):
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline
+
+
+class ProtocolFamily(Family):
+    """A pipeline that brings its own ``encode_text`` / ``encode_images`` / ``predict``."""
+
+    name = "protocol"
+
+    def target_modules(self, spec):
+        own = getattr(self.pipe, "lora_target_modules", None)
+        if isinstance(spec, str) and callable(own):
+            return list(own(spec))
+        return super().target_modules(spec)
+
+    def text_modules(self):
+        return [m for m in (getattr(self.pipe, "text_encoder", None),) if isinstance(m, torch.nn.Module)]
+
+    def encode_text(self, captions, device, max_sequence_length):
+        with torch.no_grad():
+            return dict(self.pipe.encode_text(list(captions)))
+
+    def encode_images(self, pixels):
+        with torch.no_grad():
+            return self.pipe.encode_images(pixels)
+
+    def predict(self, transformer, noisy, sigma, cond, guidance):
+        # the pipeline calls self.transformer: let it call the (possibly DDP-wrapped) one we train
+        pipe = self.pipe
+        inner = pipe.transformer
+        object.__setattr__(pipe, "transformer", transformer)
+        try:
+            return pipe.predict(noisy, sigma, cond)
+        finally:
+            object.__setattr__(pipe, "transformer", inner)
+
+    def lora_saver(self):
+        saver = getattr(type(self.pipe), "save_lora_weights", None)
+        if saver is not None:
+            return type(self.pipe)
+        from diffusers import FluxPipeline, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline if isinstance(self.pipe.transformer, SD3Transformer2DModel) else FluxPipeline
+
+
+def _unwrap(m):
+    while hasattr(m, "module"):
+        m = m.module
+    return getattr(m, "_orig_mod", m)
+
+
+def family_for(pipe) -> Family:
+    """The training family of a loaded pipeline."""
+    if all(callable(getattr(pipe, n, None)) for n in PROTOCOL):
+        return ProtocolFamily(pipe)
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    t = getattr(pipe, "transformer", None)
+    if isinstance(t, FluxTransformer2DModel):
+        return FluxFamily(pipe)
+    if isinstance(t, SD3Transformer2DModel):
+        return SD3Family(pipe)
+    raise TypeError(f"taca train: {type(pipe).__name__} is not supported (FLUX.1 and SD3/SD3.5 pipelines, or a "
+                    f"pipeline with encode_text / encode_images / predict)")

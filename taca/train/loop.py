@@ -1,0 +1,498 @@
+"""The training loop of ``taca train`` (accelerate: one process, DDP under ``accelerate launch``).
+
+Per optimizer step, each of ``grad_accum`` micro-batches: cached latents x0 and text embeddings
+of ``batch_size`` samples per process; per sample a timestep u drawn from the chosen law
+restricted to the window, sigma = shift(1 - u) >= t_min / 1000, noise eps; x_t = (1 - sigma) x0
++ sigma eps; the transformer (TACA on through ``taca.enable``: the pre-hook gives each sample its
+gamma from its sigma, the processors apply it) predicts eps - x0; loss = mean (w (pred - target)^2)
+as diffusers' FLUX / SD3 LoRA scripts compute it.
+
+Every random draw of a sample (u and eps) comes from a generator seeded by (seed, global
+micro-batch, position in the global batch), so a resumed run and a run on a different number of
+processes with the same global batch see exactly the same timesteps and noise.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig, parse_targets
+from .data import Cache, Sampler, _mix, component_fingerprint, discover, file_sha256, load_image, stack, text_sha256
+
+ADAPTER = "default"
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+# what taca train writes in --out (--overwrite removes these and nothing else)
+OUTPUTS = (ADAPTER_FILE, "train_config.json", "log.jsonl", "loss.png", "checkpoints", "logs")
+
+
+class ModelNotFound(RuntimeError):
+    """The model cannot be loaded here; the message says how to get it (exit code 2)."""
+
+
+@dataclass
+class TrainResult:
+    out: str
+    adapter: str
+    steps: int
+    losses: List[float] = field(default_factory=list)  # per optimizer step, this run only
+    sigmas: List[float] = field(default_factory=list)  # every sigma this process trained on
+    gammas: List[Optional[float]] = field(default_factory=list)  # per sample: the gamma its forward used
+
+
+# ---------------------------------------------------------------------------------------------
+def sample_sigmas(u_gen: List[torch.Generator], cfg: TrainConfig, shift: float) -> torch.Tensor:
+    """One sigma per generator (float64 on the CPU), from the chosen law restricted to
+    sigma >= t_min / 1000.
+
+    As diffusers' scripts: u ~ law on [0, 1] (``uniform`` or ``logit-normal`` = sigmoid(N(m, s))),
+    unshifted sigma 1 - u, then the scheduler's static shift (SD3: 3.0; FLUX: none). The window
+    restricts u to [0, u_max] with shift(1 - u_max) = t_min / 1000, sampled exactly by inverting
+    the law's CDF (no rejection loop), continuously rather than on the 1000-step grid (which
+    would leave only 31 values in [970, 1000])."""
+    s_lo = cfg.sigma_min
+    # unshift: shift(s) = k s / (1 + (k - 1) s)  =>  s = x / (k - (k - 1) x)
+    s_lo_unshifted = s_lo / (shift - (shift - 1.0) * s_lo) if s_lo > 0 else 0.0
+    u_max = 1.0 - s_lo_unshifted
+    p = torch.tensor([float(torch.rand((), generator=g, dtype=torch.float64)) for g in u_gen], dtype=torch.float64)
+    if cfg.timestep_sampling == "uniform":
+        u = p * u_max
+    else:
+        normal = torch.distributions.Normal(torch.tensor(cfg.logit_mean, dtype=torch.float64),
+                                            torch.tensor(cfg.logit_std, dtype=torch.float64))
+        if u_max >= 1.0:
+            cdf_hi = torch.tensor(1.0, dtype=torch.float64)
+        elif u_max <= 0.0:
+            cdf_hi = torch.tensor(0.0, dtype=torch.float64)
+        else:
+            cdf_hi = normal.cdf(torch.logit(torch.tensor(u_max, dtype=torch.float64)))
+        u = torch.sigmoid(normal.icdf((p * cdf_hi).clamp(1e-300, 1.0 - 1e-16)))
+        u = torch.minimum(u, torch.tensor(u_max, dtype=torch.float64))
+    s = 1.0 - u
+    sigma = shift * s / (1.0 + (shift - 1.0) * s)
+    return sigma.clamp(min=s_lo, max=1.0)
+
+
+def _loss_weights(cfg: TrainConfig, sigma: torch.Tensor) -> torch.Tensor:
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    return compute_loss_weighting_for_sd3(cfg.loss_weighting, sigma)
+
+
+def flow_matching_loss(family, model, x0: torch.Tensor, cond: Dict[str, torch.Tensor], sigma: torch.Tensor,
+                       noise: torch.Tensor, cfg: TrainConfig, weight_dtype: torch.dtype) -> torch.Tensor:
+    """Per-sample loss (B,) float32 of diffusers' flow-matching LoRA scripts.
+
+    x0, noise: (B, C, h, w) latents and noise; sigma: (B,) float32 on the device. x_t = (1 - sigma)
+    x0 + sigma noise (in float32, handed to the model in ``weight_dtype``); target noise - x0, or
+    with ``cfg.precondition_outputs`` (SD3's option) pred = x_t - sigma out against x0; weights from
+    diffusers' ``compute_loss_weighting_for_sd3``."""
+    sb = sigma.view(-1, 1, 1, 1)
+    x0f = x0.float()
+    noisy = (1.0 - sb) * x0f + sb * noise
+    pred = family.predict(model, noisy.to(weight_dtype), sigma, cond, cfg.guidance).float()
+    if cfg.precondition_outputs:
+        pred = pred * (-sb) + noisy
+        target = x0f
+    else:
+        target = noise - x0f
+    w = _loss_weights(cfg, sb).float()
+    return (w * (pred - target) ** 2).reshape(x0.shape[0], -1).mean(1)
+
+
+def _weight_dtype(cfg: TrainConfig) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+
+
+def _load_pipeline(cfg: TrainConfig, dtype: torch.dtype):
+    from ..cli import _load_pipeline as load
+
+    pipe, msg = load(cfg.model, dtype)
+    if pipe is None:
+        raise ModelNotFound(msg.replace("taca generate:", "taca train:"))
+    return pipe
+
+
+def _transformer_skeleton(model: str):
+    """The transformer built from its config on the meta device (no weights read), or None when
+    the config is not available locally (hub ids not yet downloaded: checked when loading)."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    path = os.path.join(os.path.expanduser(model), "transformer", "config.json")
+    if not os.path.isfile(path):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(model, "config.json", subfolder="transformer")
+        except Exception:
+            return None
+    with open(path) as f:
+        config = json.load(f)
+    cls = getattr(diffusers, config.get("_class_name", ""), None)
+    if cls is None:
+        return None
+    with init_empty_weights():
+        return cls.from_config(config)
+
+
+def check_targets(model: str, spec) -> None:
+    """Raise ConfigError when a module name of ``--lora-targets`` (a list) matches no Linear of
+    the transformer; checked on the config-built skeleton before any weights are loaded."""
+    if isinstance(spec, str):
+        return
+    skel = _transformer_skeleton(model)
+    if skel is None:
+        return
+    names = [n for n, m in skel.named_modules() if isinstance(m, torch.nn.Linear)]
+    unknown = [t for t in spec if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        sample = sorted({n.split(".", 2)[-1] for n in names if n.count(".") >= 2})[:12]
+        raise ConfigError(f"taca train: argument --lora-targets: {unknown} match no linear layer of "
+                          f"{type(skel).__name__}; names look like {sample}")
+
+
+# ---------------------------------------------------------------------------------------------
+def _prepare_out(cfg: TrainConfig, is_main: bool) -> None:
+    if not is_main:
+        return
+    if cfg.overwrite and os.path.isdir(cfg.out):
+        for name in OUTPUTS:
+            p = os.path.join(cfg.out, name)
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
+    os.makedirs(cfg.out, exist_ok=True)
+
+
+def _build_cache(cfg, family, samples, accelerator, device, weight_dtype, bar) -> Cache:
+    text_fp = component_fingerprint(cfg.model, family.text_modules())
+    image_fp = component_fingerprint(cfg.model, family.image_modules())
+    cache = Cache(
+        cfg.resolved_cache_dir(),
+        image_key=_short(f"{family.name}:{image_fp}:{cfg.resolution}:{cfg.center_crop}:{weight_dtype}"),
+        text_key=_short(f"{family.name}:{text_fp}:{cfg.max_sequence_length}:{weight_dtype}"),
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    img_sha = [file_sha256(s.image) for s in samples]
+    cap_sha = [text_sha256(s.caption) for s in samples]
+    todo_img = sorted({(h, s.image) for h, s in zip(img_sha, samples) if not os.path.isfile(cache.latent_path(h))})
+    todo_txt = sorted({(h, s.caption) for h, s in zip(cap_sha, samples) if not os.path.isfile(cache.text_path(h))})
+    mine_img, mine_txt = todo_img[rank::world], todo_txt[rank::world]
+    chunk = 4
+    if mine_txt:
+        mods = family.text_modules()
+        for m in mods:
+            m.to(device)
+        for i in bar(range(0, len(mine_txt), chunk), desc="caching text embeddings", unit="batch"):
+            part = mine_txt[i:i + chunk]
+            enc = family.encode_text([c for _, c in part], device, cfg.max_sequence_length)
+            for j, (h, _) in enumerate(part):
+                cache.write(cache.text_path(h), {k: v[j].to(weight_dtype) for k, v in enc.items()})
+    if mine_img:
+        for m in family.image_modules():
+            m.to(device)
+        for i in bar(range(0, len(mine_img), chunk), desc="caching latents", unit="batch"):
+            part = mine_img[i:i + chunk]
+            px = torch.stack([load_image(p, cfg.resolution, cfg.center_crop) for _, p in part])
+            lat = family.encode_images(px)
+            for j, (h, _) in enumerate(part):
+                cache.write(cache.latent_path(h), {"latents": lat[j].to(weight_dtype)})
+    accelerator.wait_for_everyone()
+    cache.entries = [(cache.latent_path(a), cache.text_path(b)) for a, b in zip(img_sha, cap_sha)]
+    return cache
+
+
+def _short(s: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(s.encode()).hexdigest()[:12]
+
+
+def _check_resume_config(saved: Dict[str, Any], cfg: TrainConfig, world: int, saved_world: int) -> None:
+    now = cfg.to_dict()
+    diff = [k for k in now if k not in RESUMABLE_CHANGES and k != "batch_size" and saved.get(k) != now[k]]
+    if saved.get("batch_size", cfg.batch_size) * saved_world != cfg.batch_size * world:
+        diff.append(f"global batch ({saved.get('batch_size')} x {saved_world} processes then, "
+                    f"{cfg.batch_size} x {world} now)")
+    if diff:
+        raise ConfigError(f"taca train: argument --resume: the checkpoint was trained with other settings: {diff}; "
+                          f"resume with the same arguments (only {sorted(RESUMABLE_CHANGES)} may change)")
+
+
+def _plot_losses(log_path: str, png: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    steps, losses = [], []
+    with open(log_path) as f:
+        for line in f:
+            rec = json.loads(line)
+            steps.append(rec["step"])
+            losses.append(rec["loss"])
+    if not steps:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
+    k = max(1, len(losses) // 20)
+    if k > 1:
+        sm = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+        ax.plot(steps, sm, lw=1.5, label=f"moving mean ({k} steps)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("flow-matching loss")
+    ax.set_title("taca train")
+    ax.legend()
+    fig.tight_layout()
+    tmp = png + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+def _truncate_log(path: str, step: int) -> None:
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+# ---------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
+          on_step: Optional[Callable[[Dict[str, Any]], None]] = None) -> TrainResult:
+    """Train a TACA LoRA (or, with ``cfg.taca=False``, the control LoRA) as ``cfg`` says.
+
+    pipeline: an already-loaded pipeline to train instead of loading ``cfg.model`` (the Python
+        API; ``cfg.model`` still names it in the cache key and the saved config).
+    on_step: called on the main process after every optimizer step with the logged record.
+    Returns a :class:`TrainResult`. Raises ConfigError for bad arguments (before loading any
+    model or touching ``cfg.out``) and ModelNotFound when the model is not available here.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    samples = discover(cfg.data)
+    targets = parse_targets(cfg.lora_targets)
+    if pipeline is None:
+        check_targets(cfg.model, targets)
+
+    log_with = None
+    if cfg.report_to != "none":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+            log_with = "tensorboard"
+        elif cfg.report_to == "tensorboard":
+            raise ConfigError("taca train: argument --report-to: tensorboard is not installed (pip install tensorboard)")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision, log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=cfg.out, logging_dir=os.path.join(cfg.out, "logs")),
+        cpu=cfg.device == "cpu",
+    )
+    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    Sampler(len(samples), cfg.batch_size, world, rank, cfg.seed)  # checks the data holds one global batch
+    resume_from = ckpt.resolve(cfg.out, cfg.resume) if cfg.resume else None
+
+    def say(msg: str) -> None:
+        if is_main and progress:
+            tqdm.write(f"taca train: {msg}")
+
+    weight_dtype = _weight_dtype(cfg)
+    pipe = pipeline if pipeline is not None else _load_pipeline(cfg, weight_dtype)
+    _prepare_out(cfg, is_main)
+    accelerator.wait_for_everyone()
+    if is_main and resume_from is None:
+        cfg.save(os.path.join(cfg.out, "train_config.json"))
+
+    from .families import family_for
+
+    family = family_for(pipe)
+    transformer = pipe.transformer
+    say(f"{type(pipe).__name__} ({family.name}), {len(samples)} samples, {world} process(es) on {device}, "
+        f"weights {str(weight_dtype).replace('torch.', '')}, TACA {'on: gamma %g for t >= %g' % (cfg.gamma, cfg.t_min) if cfg.taca else 'off (control LoRA)'}")
+    if device.type == "cuda":
+        # cuDNN's SDPA backward crashed (illegal memory access) in a FLUX-sized LoRA step on an H200
+        # with torch 2.11: the stock path (and the split-SDPA fallback) use flash / efficient
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        say("cuDNN SDPA disabled for training (its backward is unreliable here); stock attention uses "
+            "PyTorch's flash / memory-efficient SDPA")
+
+    def bar(it, **kw):
+        return tqdm(it, disable=not (is_main and progress), **kw)
+
+    cache = _build_cache(cfg, family, samples, accelerator, device, weight_dtype, bar)
+    family.release_encoders()
+    if pipeline is None and family.name != "protocol":
+        del pipe
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # --- the adapter ------------------------------------------------------------------------
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer.requires_grad_(False)
+    if next(transformer.parameters()).dtype != weight_dtype:
+        transformer.to(dtype=weight_dtype)
+    transformer.to(device)
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    torch.manual_seed(cfg.seed)  # LoRA init
+    transformer.add_adapter(LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, init_lora_weights="gaussian",
+        target_modules=family.target_modules(targets)), adapter_name=ADAPTER)
+    cast_training_params(transformer, dtype=torch.float32)
+    transformer.train()
+
+    handle = None
+    if cfg.taca:
+        import taca
+        from taca.schedule import PaperSchedule
+
+        handle = taca.enable(transformer, gamma=cfg.gamma, schedule=PaperSchedule(cfg.gamma, cfg.sigma_min),
+                             backend=cfg.attention_backend)
+
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    say(f"LoRA rank {cfg.rank}, alpha {cfg.lora_alpha:g} on {cfg.lora_targets}: {n_params / 1e6:.2f}M trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.max_steps)
+    model, optimizer = accelerator.prepare(transformer, optimizer)
+    named = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+
+    step, position = 0, 0
+    log_path = os.path.join(cfg.out, "log.jsonl")
+    if resume_from is not None:
+        st = ckpt.load(resume_from, rank)
+        _check_resume_config(st["state"]["config"], cfg, world, st["state"]["world"])
+        missing = set(named) ^ set(st["lora"])
+        if missing:
+            raise ConfigError(f"taca train: argument --resume: the checkpoint's adapter does not fit this model "
+                              f"({len(missing)} tensors differ, e.g. {sorted(missing)[:3]})")
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(st["lora"][n])
+        optimizer.optimizer.load_state_dict(st["optimizer"])
+        lr_scheduler.load_state_dict(st["state"]["scheduler"])
+        step, position = int(st["state"]["step"]), int(st["state"]["position"])
+        ckpt.restore_rng(st["rng"])
+        if is_main:
+            _truncate_log(log_path, step)
+        say(f"resumed from {resume_from} at step {step}")
+    accelerator.wait_for_everyone()
+
+    if log_with is not None:
+        accelerator.init_trackers("taca-train", config={k: v for k, v in cfg.to_dict().items()
+                                                        if isinstance(v, (int, float, str, bool))})
+
+    sampler = Sampler(len(samples), cfg.batch_size, world, rank, cfg.seed)
+    shift = family.shift()
+    result = TrainResult(out=cfg.out, adapter=os.path.join(cfg.out, ADAPTER_FILE), steps=step)
+
+    def save_checkpoint():
+        lora = {n: p.detach() for n, p in named.items()}
+        ckpt.save(cfg.out, step, lora=lora, optimizer=optimizer.optimizer, scheduler=lr_scheduler,
+                  position=position, config=cfg.to_dict(), rank=rank, world=world, is_main=is_main,
+                  barrier=accelerator.wait_for_everyone, keep=cfg.checkpoints_total_limit)
+        if is_main:
+            _plot_losses(log_path, os.path.join(cfg.out, "loss.png"))
+
+    pbar = tqdm(total=cfg.max_steps, initial=step, disable=not (is_main and progress), desc="taca train",
+                unit="step", dynamic_ncols=True)
+    try:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            micro_losses = []
+            for _ in range(cfg.grad_accum):
+                idx, pos = sampler.local(position)
+                entries = [cache.entries[i] for i in idx]
+                x0 = torch.stack([Cache.read(a)["latents"] for a, _ in entries]).to(device)
+                cond = {k: v.to(device) for k, v in stack([Cache.read(b) for _, b in entries]).items()}
+                seeds = [_mix(cfg.seed, position, p) for p in pos]
+                sigma64 = sample_sigmas([torch.Generator().manual_seed(s) for s in seeds], cfg, shift)
+                noise = torch.stack([
+                    torch.randn(x0.shape[1:], generator=torch.Generator(device).manual_seed(s ^ 0x6E015E),
+                                device=device, dtype=torch.float32) for s in seeds])
+                sigma = sigma64.to(device=device, dtype=torch.float32)
+                with accelerator.accumulate(model):
+                    loss = flow_matching_loss(family, model, x0, cond, sigma, noise, cfg, weight_dtype).mean()
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro_losses.append(loss.detach())
+                result.sigmas.extend(sigma64.tolist())
+                if handle is not None:
+                    g = handle.last_gamma
+                    result.gammas.extend(g.tolist() if g is not None else [1.0] * len(idx))
+                position += 1
+            lr_scheduler.step()
+            step += 1
+            loss_val = float(accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean"))
+            result.losses.append(loss_val)
+            dt = time.perf_counter() - t0
+            rec = {"step": step, "loss": loss_val, "lr": lr_scheduler.get_last_lr()[0], "s_per_step": dt,
+                   "sigma_min": float(sigma64.min()), "epoch": sampler.epoch_of(position - 1)}
+            if is_main:
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    if log_with is not None:
+                        accelerator.log({"loss": loss_val, "lr": rec["lr"], "s_per_step": dt}, step=step)
+                pbar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{rec['lr']:.2e}", s_step=f"{dt:.2f}")
+                pbar.update(1)
+                if on_step is not None:
+                    on_step(rec)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                save_checkpoint()
+    except KeyboardInterrupt:
+        # keep what was trained: the next `--resume latest` continues from here
+        if step > 0 and not (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
+            save_checkpoint()
+        raise
+    finally:
+        pbar.close()
+
+    result.steps = step
+    accelerator.wait_for_everyone()
+    if is_main:
+        unwrapped = accelerator.unwrap_model(model)
+        sd = get_peft_model_state_dict(unwrapped, adapter_name=ADAPTER)
+        sd = {k: v.detach().to(weight_dtype).contiguous() for k, v in sd.items()}
+        meta = unwrapped.peft_config[ADAPTER].to_dict()
+        family.lora_saver().save_lora_weights(cfg.out, transformer_lora_layers=sd,
+                                              transformer_lora_adapter_metadata=meta, weight_name=ADAPTER_FILE)
+        _plot_losses(log_path, os.path.join(cfg.out, "loss.png"))
+        say(f"wrote {result.adapter} (load it with pipe.load_lora_weights(...) or taca.enable(pipe, lora=...))")
+    if log_with is not None:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    if handle is not None:
+        import taca
+
+        taca.disable(transformer)
+    return result
