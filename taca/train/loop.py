@@ -304,6 +304,12 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
         cpu=cfg.device == "cpu",
     )
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    dist = str(accelerator.distributed_type).split(".")[-1]
+    if dist in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        # checkpoints and the saved adapter read the LoRA tensors of the local module: with
+        # sharded parameters they would hold shards (not yet built or tested)
+        raise ConfigError(f"taca train: accelerate is configured for {dist}, which taca train does not support yet; "
+                          f"use DDP (accelerate launch --multi_gpu): a LoRA of FLUX.1-dev trains in about 25 GiB")
     device = accelerator.device
     Sampler(len(samples), cfg.batch_size, world, rank, cfg.seed)  # checks the data holds one global batch
     resume_from = ckpt.resolve(cfg.out, cfg.resume) if cfg.resume else None
