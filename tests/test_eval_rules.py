@@ -196,3 +196,12 @@ def test_rule_parser_objects():
     assert complex_objects(p, "The phone was resting on the charger.") == (None, None)
     assert drop_adjectives(p, "The fluffy cat is on the left of the soft pillow.") == \
         "The cat is on the left of the pillow ."
+
+
+def test_unidet_frame():
+    from taca.eval.score import unidet_frame
+
+    assert unidet_frame((1024, 1024)) == (479, 479)
+    # short 768 -> 479, long int(479 * 1024 / 768) = 638 > 480 -> long 480, short int(480 * 479 / 638) = 360
+    assert unidet_frame((1024, 768)) == (480, 360)
+    assert unidet_frame((768, 1024)) == (360, 480)
