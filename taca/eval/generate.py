@@ -218,9 +218,13 @@ def load_pipeline(model: str, dtype):
 
 def _shard() -> tuple:
     """(process_index, num_processes, device) from accelerate (one process without a launcher)."""
+    import torch
     from accelerate import PartialState
 
-    st = PartialState()
+    # Without CUDA (or with `accelerate launch --cpu`) the processes talk over gloo; accelerate only
+    # picks that when asked for the CPU.
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    st = PartialState(cpu=cpu)
     return st.process_index, st.num_processes, st.device
 
 
@@ -279,38 +283,27 @@ def generate(cfg: GenerateConfig, pipe=None) -> Dict[str, int]:
 
     prepared = prepare(cfg)
     rank, world, device = _shard()
-    os.makedirs(cfg.out, exist_ok=True)
-    run_json = os.path.join(cfg.out, "run.json")
-    for c, rows in prepared["plans"].items():
-        os.makedirs(os.path.join(cfg.out, c, "samples"), exist_ok=True)
-    if rank == 0:
-        old = check_run_json(run_json, prepared["settings"])
-        settings = dict(prepared["settings"])
-        if old is not None:
-            settings["prompts"] = {**old.get("prompts", {}), **settings["prompts"]}
-            settings["created"] = old.get("created")
-        settings.setdefault("created", None)
-        settings["created"] = settings["created"] or datetime.datetime.now(datetime.timezone.utc).isoformat()
-        settings["versions"] = _versions()
-        layout.write_json_atomic(run_json, settings)
-        for c, rows in prepared["plans"].items():
-            layout.write_jsonl_atomic(os.path.join(cfg.out, c, "manifest.jsonl"), rows)
-
     todo = {c: [r for r in rows if r["prompt_index"] % world == rank
                 and not os.path.isfile(os.path.join(cfg.out, c, r["file"]))]
             for c, rows in prepared["plans"].items()}
     mine = sum(1 for rows in prepared["plans"].values() for r in rows if r["prompt_index"] % world == rank)
     n_todo = sum(len(v) for v in todo.values())
     stats = {"generated": 0, "skipped": mine - n_todo}
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    dname = cfg.dtype or ("bf16" if dev.type == "cuda" else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dname]
+    if n_todo and pipe is None:
+        pipe = load_pipeline(cfg.model, dtype)  # before writing anything: a missing model leaves no folder
+
+    os.makedirs(cfg.out, exist_ok=True)
+    for c in prepared["plans"]:
+        os.makedirs(os.path.join(cfg.out, c, "samples"), exist_ok=True)
+    if rank == 0:
+        _write_run_files(cfg, prepared)
     if n_todo == 0:
         _say(rank, f"nothing to do ({stats['skipped']} image(s) already there)")
         return stats
 
-    dev = torch.device(device) if not isinstance(device, torch.device) else device
-    dname = cfg.dtype or ("bf16" if dev.type == "cuda" else "fp32")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dname]
-    if pipe is None:
-        pipe = load_pipeline(cfg.model, dtype)
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=not cfg.progress, leave=False, position=1 + rank if world > 1 else 1)
     import taca
@@ -349,6 +342,21 @@ def generate(cfg: GenerateConfig, pipe=None) -> Dict[str, int]:
             taca.disable(pipe)
     _say(rank, f"generated {stats['generated']}, kept {stats['skipped']} existing image(s)")
     return stats
+
+
+def _write_run_files(cfg: GenerateConfig, prepared: Dict[str, Any]) -> None:
+    run_json = os.path.join(cfg.out, "run.json")
+    old = check_run_json(run_json, prepared["settings"])
+    settings = dict(prepared["settings"])
+    created = None
+    if old is not None:
+        settings["prompts"] = {**old.get("prompts", {}), **settings["prompts"]}
+        created = old.get("created")
+    settings["created"] = created or datetime.datetime.now(datetime.timezone.utc).isoformat()
+    settings["versions"] = _versions()
+    layout.write_json_atomic(run_json, settings)
+    for c, rows in prepared["plans"].items():
+        layout.write_jsonl_atomic(os.path.join(cfg.out, c, "manifest.jsonl"), rows)
 
 
 def _say(rank: int, msg: str) -> None:
