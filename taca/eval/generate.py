@@ -162,6 +162,10 @@ def _versions() -> Dict[str, Optional[str]]:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             out[pkg] = None
+    if out["taca"] is None:  # a source checkout on PYTHONPATH
+        from .. import __version__
+
+        out["taca"] = __version__
     return out
 
 
