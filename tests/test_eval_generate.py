@@ -142,6 +142,9 @@ def test_generate_bad_input(tmp_path, pipe_dir, prompts_dir, capsys):
     assert rc == 2 and "--taca" in e
     rc, e = err(["--model", str(tmp_path / "nope"), "--no-taca", "--categories", "color", "--prompts", prompts_dir])
     assert rc == 2 and "--model" in e and "no such folder" in e and "hf download" in e
+    rc, e = err(["--model", "black-forest-labs/FLUX.1-dev", "--no-taca", "--categories", "color", "--prompts",
+                 prompts_dir])                                   # hub id, offline (conftest sets HF_HUB_OFFLINE)
+    assert rc == 2 and "hf download black-forest-labs/FLUX.1-dev --local-dir ./FLUX.1-dev" in e
     rc, e = err(["--model", pipe_dir, "--no-taca", "--categories", "color", "--prompts", prompts_dir,
                  "--height", "40"])
     assert rc == 2 and "multiple of 16" in e

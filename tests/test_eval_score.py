@@ -283,3 +283,6 @@ def test_report_two_runs(tmp_path, capsys):
     j = json.loads(capsys.readouterr().out)
     assert j["runs"][0]["cells"]["color"]["mean"] == 0.76781 and j["published"][0]["color"] == 0.7678
     assert main(["eval", "report", str(tmp_path / "nothing")]) == 2
+    (tmp_path / "table.md").write_text("kept")
+    assert main(["eval", "report", a, "--out", str(tmp_path / "table.md")]) == 2
+    assert (tmp_path / "table.md").read_text() == "kept"
