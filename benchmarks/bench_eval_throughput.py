@@ -50,8 +50,9 @@ FLUX_DEV_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out
                     scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
                     force_upcast=True)
 TINY_TRANSFORMER = dict(FLUX_DEV_TRANSFORMER, num_layers=2, num_single_layers=2, attention_head_dim=16,
-                        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8))
-TINY_VAE = dict(FLUX_DEV_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=16)
+                        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                        axes_dims_rope=(4, 4, 8))
+TINY_VAE = dict(FLUX_DEV_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
 IMAGES_PER_CATEGORY = 3000
 
 

@@ -81,6 +81,13 @@ def test_resume_and_refuse_other_settings(tmp_path, pipe_dir, prompts_dir, run_a
     assert "generated 1, kept 5" in capsys.readouterr().err
     assert open(os.path.join(samples, gone), "rb").read() == before          # same seed, same image
     assert {n: os.stat(os.path.join(samples, n)).st_mtime_ns for n in mtimes} == mtimes   # others untouched
+    # a smaller --limit-prompts run on top: nothing to do, run.json and the manifest keep all 3 prompts
+    manifest = open(os.path.join(out, "color", "manifest.jsonl")).read()
+    assert main(["eval", "generate", "--model", pipe_dir, "--out", out, "--prompts", prompts_dir, "--no-taca",
+                 "--limit-prompts", "1"] + ARGS) == 0
+    assert "nothing to do (2 image(s) already there)" in capsys.readouterr().err
+    assert open(os.path.join(out, "color", "manifest.jsonl")).read() == manifest
+    assert json.load(open(os.path.join(out, "run.json")))["prompts"]["color"]["n_prompts"] == 3
     # other settings into the same folder: refused before loading the model, nothing touched
     run_before = open(os.path.join(out, "run.json")).read()
     rc = main(["eval", "generate", "--model", pipe_dir, "--out", out, "--prompts", prompts_dir, "--taca"] + ARGS)

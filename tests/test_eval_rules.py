@@ -182,7 +182,8 @@ def test_blip_questions_and_pre_question():
 def test_three_in_one_weighting():
     spatial = ["The cat is on the table."]
     action = ["a man rides a horse"]
-    assert rules.three_in_one("the cat is on the table", 0.6, 0.2, 0.3, spatial, action) == (pytest.approx(0.4), "spatial")
+    assert rules.three_in_one("the cat is on the table", 0.6, 0.2, 0.3, spatial, action) == \
+        (pytest.approx(0.4), "spatial")
     assert rules.three_in_one("A man rides a horse.", 0.6, 0.2, 0.3, spatial, action) == (pytest.approx(0.45), "action")
     assert rules.three_in_one("a dog chases a ball", 0.6, 0.2, 0.4, spatial, action) == (pytest.approx(0.4),
                                                                                            "spatial+action")

@@ -141,7 +141,8 @@ def test_spatial2d_cli_and_overwrite(tmp_path, capsys):
     det = _write_jsonl(tmp_path / "det.jsonl", [
         {"image": "a cat on the left of a dog_000000.png", "labels": ["cat", "dog"],
          "boxes": [[0, 0, 10, 10], [200, 0, 210, 10]], "scores": [0.9, 0.8]},
-        {"image": "a cat on the left of a dog_000001.png", "labels": ["dog"], "boxes": [[0, 0, 10, 10]], "scores": [0.9]},
+        {"image": "a cat on the left of a dog_000001.png", "labels": ["dog"], "boxes": [[0, 0, 10, 10]],
+         "scores": [0.9]},
     ])
     args = ["eval", "score", "spatial2d", cat, "--detections", det, "--parser", "rules", "--detector", "unidet-rs200"]
     assert main(args) == 0
@@ -275,7 +276,8 @@ def test_report_two_runs(tmp_path, capsys):
     assert lines[2] == "| base (FLUX.1-dev, no TACA) | 0.7678 | – | – | – | – | – | – | 0.6000 |"
     assert lines[3] == ("| taca (FLUX.1-dev, TACA gamma=1.2 paper lora=r64.safetensors) | 0.7843† | – | – | "
                         "0.2400* | – | – | – | – |")
-    assert "| FLUX.1-Dev + TACA r=64 (paper) | 0.7843 | 0.5362 | 0.6872 | 0.2405 | 0.3041 | 0.4494 | – | – |" in lines
+    assert ("| FLUX.1-Dev + TACA r=64 (paper) | 0.7843 | 0.5362 | 0.6872 | 0.2405 | 0.3041 | 0.4494 | – | – |"
+            in lines)
     assert main(["eval", "report", a, b, "--format", "csv", "--no-published"]) == 0
     csv_lines = capsys.readouterr().out.splitlines()
     assert len(csv_lines) == 3 and csv_lines[1].endswith(",0.7678,–,–,–,–,–,–,0.6000")

@@ -80,7 +80,8 @@ def add_parser(sub) -> None:
     s.add_argument("--complex", action="store_true", default=None,
                    help="the 3-in-1 variants (default on for the complex category, the only one it applies to)")
     s.add_argument("--parser", choices=("auto", "spacy", "rules"), default="auto",
-                   help="prompt analysis: spaCy en_core_web_sm (official) or the rule parser (default: spaCy if installed)")
+                   help="prompt analysis: spaCy en_core_web_sm (official) or the rule parser "
+                        "(default: spaCy if installed)")
     s.add_argument("--prompts", default=None, metavar="DIR", help="folder with complex_val_*.txt / new_objects.txt")
     s.add_argument("--device", default=None, help="default: cuda if available")
     s.add_argument("--batch-size", type=_pos_int, default=32)

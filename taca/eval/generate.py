@@ -142,7 +142,8 @@ def check_run_json(path: str, new: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     diffs = [k for k in _COMPARED if old.get(k) != new.get(k)]
     for cat, info in new["prompts"].items():
         o = old.get("prompts", {}).get(cat)
-        if o is not None and (o.get("sha256") != info["sha256"] or o.get("n_prompts") != info["n_prompts"]):
+        # n_prompts may grow (a --limit-prompts run extended): image i*n+j is the same image either way
+        if o is not None and o.get("sha256") != info["sha256"]:
             diffs.append(f"prompts[{cat}]")
     if diffs:
         detail = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diffs if not k.startswith("prompts["))
@@ -254,7 +255,8 @@ def prepare(cfg: GenerateConfig) -> Dict[str, Any]:
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UsageError(f"taca eval generate: argument --out: {cfg.out} exists and is not a folder")
     lora = (cfg.taca or {}).get("lora")
-    if lora is not None and (os.path.exists(lora) is False and (lora.count("/") != 1 or lora.startswith((".", "/", "~")))):
+    lora_is_path = lora is not None and (lora.count("/") != 1 or lora.startswith((".", "/", "~")))
+    if lora_is_path and not os.path.exists(lora):  # a hub id ("owner/name") is left to taca.enable
         raise UsageError(f"taca eval generate: argument --taca: lora={lora} does not exist")
     info, plans = {}, {}
     for c in cats:
@@ -264,11 +266,11 @@ def prepare(cfg: GenerateConfig) -> Dict[str, Any]:
             raise UsageError(str(e)) from None
         if cfg.limit_prompts is not None:
             prompts = prompts[:cfg.limit_prompts]
-        shipped = cfg.prompts_dir is None
+        legacy = c == "color" and cfg.prompt_set == "7728dea"
+        commit = layout.COLOR_VAL_LEGACY_COMMIT if legacy else layout.PROMPTS_COMMIT
         info[c] = dict(file=os.path.basename(path), sha256=sha, n_prompts=len(prompts),
-                       source=(f"{layout.PROMPTS_SOURCE} @ "
-                               f"{layout.COLOR_VAL_LEGACY_COMMIT if (c == 'color' and cfg.prompt_set == '7728dea') else layout.PROMPTS_COMMIT}"
-                               if shipped else os.path.abspath(path)),
+                       source=(f"{layout.PROMPTS_SOURCE} @ {commit}" if cfg.prompts_dir is None
+                               else os.path.abspath(path)),
                        limited=cfg.limit_prompts is not None)
         plans[c] = plan(prompts, cfg.images_per_prompt, cfg.seed)
     settings = _settings(cfg, info)
@@ -353,14 +355,20 @@ def _write_run_files(cfg: GenerateConfig, prepared: Dict[str, Any]) -> None:
     old = check_run_json(run_json, prepared["settings"])
     settings = dict(prepared["settings"])
     created = None
+    keep = set()
     if old is not None:
-        settings["prompts"] = {**old.get("prompts", {}), **settings["prompts"]}
+        old_prompts = old.get("prompts", {})
+        # a --limit-prompts run after a larger one does not shrink what run.json and the manifest list
+        keep = {c for c, info in settings["prompts"].items()
+                if c in old_prompts and old_prompts[c].get("n_prompts", 0) >= info["n_prompts"]}
+        settings["prompts"] = {**old_prompts, **{c: i for c, i in settings["prompts"].items() if c not in keep}}
         created = old.get("created")
     settings["created"] = created or datetime.datetime.now(datetime.timezone.utc).isoformat()
     settings["versions"] = _versions()
     layout.write_json_atomic(run_json, settings)
     for c, rows in prepared["plans"].items():
-        layout.write_jsonl_atomic(os.path.join(cfg.out, c, "manifest.jsonl"), rows)
+        if c not in keep or not os.path.isfile(os.path.join(cfg.out, c, "manifest.jsonl")):
+            layout.write_jsonl_atomic(os.path.join(cfg.out, c, "manifest.jsonl"), rows)
 
 
 def _say(rank: int, msg: str) -> None:

@@ -69,7 +69,8 @@ def check_folder(kind: str, folder: Optional[str]) -> str:
     if not os.path.isdir(folder):
         raise ScorerMissing(missing_scorer_message(kind, folder, "does not exist"))
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise ScorerMissing(missing_scorer_message(kind, folder, "has no config.json (not a transformers model folder)"))
+        raise ScorerMissing(missing_scorer_message(kind, folder,
+                                                   "has no config.json (not a transformers model folder)"))
     if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(folder)):
         raise ScorerMissing(missing_scorer_message(kind, folder, "holds no weights (*.safetensors / *.bin)"))
     return folder
@@ -188,7 +189,8 @@ class ClipScorer:
         on_cuda = str(device).startswith("cuda")
         self.dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype or ("fp16" if on_cuda else "fp32")]
         try:
-            self.model = CLIPModel.from_pretrained(self.folder, local_files_only=True, dtype=self.dtype).to(device).eval()
+            self.model = CLIPModel.from_pretrained(self.folder, local_files_only=True, dtype=self.dtype)
+            self.model = self.model.to(device).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         except (OSError, ValueError) as e:
             raise ScorerMissing(missing_scorer_message("clip", folder, f"cannot be loaded ({str(e).splitlines()[0]})"))
