@@ -174,3 +174,17 @@ def test_shipped_prompts_and_fast_help():
             "print(sorted(m for m in ('diffusers', 'transformers', 'PIL') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def test_python_pipe_and_batch_size_give_the_same_images(tmp_path, prompts_dir, run_a):
+    from taca.demo import build_tiny_flux_pipeline
+    from taca.eval.generate import GenerateConfig, generate
+
+    # the in-memory pipeline (same seed as the saved folder), two images per call: per-image generators
+    cfg = GenerateConfig(model="tiny-flux (in memory)", out=str(tmp_path / "P"), categories=["color"],
+                         prompts_dir=prompts_dir, images_per_prompt=2, steps=2, height=32, width=32, batch_size=2,
+                         progress=False)
+    assert generate(cfg, pipe=build_tiny_flux_pipeline()) == {"generated": 6, "skipped": 0}
+    for n in _names():
+        assert open(os.path.join(cfg.out, "color", "samples", n), "rb").read() == \
+            open(os.path.join(run_a, "color", "samples", n), "rb").read(), n
