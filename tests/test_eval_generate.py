@@ -59,6 +59,7 @@ def test_layout_manifest_run_json(run_a, prompts_dir):
     assert run["prompts"]["color"]["sha256"] == sha and run["prompts"]["color"]["n_prompts"] == 3
     assert run["taca"] is None and run["pipeline_args"] == {"num_inference_steps": 2, "height": 32, "width": 32}
     assert run["images_per_prompt"] == 2 and run["seed"] == 42 and run["versions"]["diffusers"]
+    assert run["dtype"] == "fp32"  # resolved (CPU), not null
     from PIL import Image
 
     with Image.open(os.path.join(samples, _names()[0])) as im:

@@ -258,6 +258,12 @@ def prepare(cfg: GenerateConfig) -> Dict[str, Any]:
     lora_is_path = lora is not None and (lora.count("/") != 1 or lora.startswith((".", "/", "~")))
     if lora_is_path and not os.path.exists(lora):  # a hub id ("owner/name") is left to taca.enable
         raise UsageError(f"taca eval generate: argument --taca: lora={lora} does not exist")
+    if cfg.dtype is None:  # recorded resolved, so a later explicit --dtype of the same type resumes
+        import torch
+
+        cfg.dtype = "bf16" if torch.cuda.is_available() else "fp32"
+    if cfg.dtype not in ("bf16", "fp16", "fp32"):
+        raise UsageError(f"taca eval generate: argument --dtype: {cfg.dtype!r} is not one of bf16, fp16, fp32")
     info, plans = {}, {}
     for c in cats:
         try:
@@ -296,8 +302,7 @@ def generate(cfg: GenerateConfig, pipe=None) -> Dict[str, int]:
     n_todo = sum(len(v) for v in todo.values())
     stats = {"generated": 0, "skipped": mine - n_todo}
     dev = torch.device(device) if not isinstance(device, torch.device) else device
-    dname = cfg.dtype or ("bf16" if dev.type == "cuda" else "fp32")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dname]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
     if n_todo and pipe is None:
         pipe = load_pipeline(cfg.model, dtype)  # before writing anything: a missing model leaves no folder
 
