@@ -19,7 +19,8 @@ from .score import OUTPUT_DIRS, PRIMARY_METRIC
 COLUMNS = (("color", "Color"), ("shape", "Shape"), ("texture", "Texture"), ("spatial", "2D-Spatial"),
            ("non_spatial", "Non-Spatial"), ("complex", "Complex"), ("3d_spatial", "3D-Spatial"),
            ("numeracy", "Numeracy"))
-# TACA README (github.com/Vchitect/TACA), T2I-CompBench val split, standard metrics.
+# TACA README (github.com/Vchitect/TACA), T2I-CompBench standard metrics (B-VQA x3, UniDet, CLIP, 3-in-1);
+# the README does not state the split, seeds or images per prompt.
 PUBLISHED = (
     ("FLUX.1-Dev (paper)", (0.7678, 0.5064, 0.6756, 0.2066, 0.3035, 0.4359)),
     ("FLUX.1-Dev + TACA r=64 (paper)", (0.7843, 0.5362, 0.6872, 0.2405, 0.3041, 0.4494)),
@@ -115,5 +116,6 @@ def render(run_dirs: Sequence[str], fmt: str = "md", published: bool = True) -> 
     notes = [f"{MARK_UNOFFICIAL} not computed the official way (see that score.json's deviations); "
              f"{MARK_INCOMPLETE} fewer images than the run planned; – not scored."]
     if published:
-        notes.append("Rows marked (paper): published TACA numbers (T2I-CompBench val, 30 steps), for reference.")
+        notes.append("Rows marked (paper): the TACA README's published numbers, for reference (its split, seeds and "
+                     "images per prompt are not stated).")
     return "\n".join(lines + [""] + notes) + "\n"
