@@ -1,7 +1,167 @@
-"""Arguments of ``taca eval``."""
+"""Arguments of ``taca eval`` (generate / score / report). argparse only at import time; the
+command functions import the heavy parts.
+
+Exit codes: 0 success, 1 failure while running, 2 usage errors and missing models/files.
+"""
 from __future__ import annotations
+
+import argparse
+import sys
+
+_CATS = "color,shape,texture,spatial,non_spatial,complex,3d_spatial,numeracy"
+_METRICS = ("blip-vqa", "clip", "spatial2d", "spatial3d", "numeracy", "three-in-one")
+
+
+def _pos_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
+    return v
 
 
 def add_parser(sub) -> None:
-    e = sub.add_parser("eval", help="T2I-CompBench (not yet implemented)")
-    e.set_defaults(func=lambda args: print("taca eval: not built yet") or 2)
+    e = sub.add_parser("eval", help="T2I-CompBench(++): generate, score with the official metrics, report",
+                       description="T2I-CompBench(++) evaluation: `generate` the benchmark images in the official "
+                                   "layout, `score` them with the official metrics (scorer models from local "
+                                   "folders only), `report` the paper's table. See docs/eval.md.")
+    esub = e.add_subparsers(dest="eval_command", metavar="{generate,score,report}")
+    esub.required = True
+
+    g = esub.add_parser("generate", help="images for T2I-CompBench categories (resumable; accelerate launch shards)",
+                        description="Generates 10 images per prompt (seeds 42..51) of each category's *_val.txt "
+                                    "into RUN/<category>/samples/<prompt>_<NNNNNN>.png with manifest.jsonl and "
+                                    "run.json. Existing images are kept. `accelerate launch -m taca eval generate "
+                                    "...` splits the prompts over processes and writes the same files.")
+    g.add_argument("--model", required=True, help="hub id or local diffusers pipeline folder (FLUX.1 / SD3 / SD3.5)")
+    g.add_argument("--out", required=True, help="run folder RUN")
+    g.add_argument("--categories", default=_CATS, help=f"comma-separated (default: all eight: {_CATS})")
+    g.add_argument("--prompts", default=None, metavar="DIR",
+                   help="folder with <category>_val.txt (default: the files shipped with taca, T2I-CompBench @1b70949)")
+    g.add_argument("--prompt-set", choices=("current", "7728dea"), default="current",
+                   help="shipped color_val.txt version: current (default) or 7728dea (before the 2025-09 fix, "
+                        "what the TACA paper used)")
+    g.add_argument("--images-per-prompt", type=_pos_int, default=10, help="default 10 (the benchmark's)")
+    g.add_argument("--seed", type=int, default=42, help="image j of each prompt uses seed+j (default 42)")
+    tg = g.add_mutually_exclusive_group(required=True)
+    tg.add_argument("--taca", nargs="?", const="", default=None, metavar="SPEC",
+                    help="TACA on: gamma=1.2,schedule=paper[,lora=PATH][,gamma_reverse=1][,backend=auto] "
+                         "(bare --taca: gamma 1.2, paper schedule)")
+    tg.add_argument("--no-taca", action="store_true", help="baseline (TACA off)")
+    g.add_argument("--steps", type=_pos_int, default=None, help="denoising steps (default: the pipeline's)")
+    g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    g.add_argument("--height", type=_pos_int, default=None)
+    g.add_argument("--width", type=_pos_int, default=None)
+    g.add_argument("--max-sequence-length", type=_pos_int, default=None)
+    g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default bf16 on GPU, fp32 on CPU")
+    g.add_argument("--batch-size", type=_pos_int, default=1, help="images of one prompt per pipeline call")
+    g.add_argument("--limit-prompts", type=_pos_int, default=None,
+                   help="only the first N prompts per category (smoke tests; recorded in run.json)")
+    g.add_argument("--no-progress", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+    s = esub.add_parser("score", help="score RUN/<category> with one metric",
+                        description="Scores the images of one category folder and writes the official result "
+                                    "file plus score.json and details.jsonl. Metrics: blip-vqa (color, shape, "
+                                    "texture, complex), clip (non_spatial; complex uses --complex), spatial2d "
+                                    "(spatial, complex), spatial3d (3d_spatial), numeracy, three-in-one (complex).")
+    s.add_argument("metric", choices=_METRICS, metavar="METRIC", help=" | ".join(_METRICS))
+    s.add_argument("category_dir", metavar="RUN/<category>")
+    s.add_argument("--category", default=None, help="category when the folder name is not one")
+    s.add_argument("--blip", default=None, metavar="DIR", help="local Salesforce/blip-vqa-capfilt-large folder")
+    s.add_argument("--clip", default=None, metavar="DIR", help="local openai/clip-vit-base-patch32 folder")
+    s.add_argument("--detections", default=None, metavar="FILE", help="detector output, JSONL, one line per image")
+    s.add_argument("--depth", default=None, metavar="DIR",
+                   help="8-bit depth maps <image name>.png (default RUN/3d_spatial/labels/depth/3d_spatial/samples)")
+    s.add_argument("--detector", default=None,
+                   help="which detector made --detections (unidet-rs200 / unidet-r50 count as official)")
+    s.add_argument("--complex", action="store_true", default=None,
+                   help="the 3-in-1 variants (default on for the complex category, the only one it applies to)")
+    s.add_argument("--parser", choices=("auto", "spacy", "rules"), default="auto",
+                   help="prompt analysis: spaCy en_core_web_sm (official) or the rule parser "
+                        "(default: spaCy if installed)")
+    s.add_argument("--prompts", default=None, metavar="DIR", help="folder with complex_val_*.txt / new_objects.txt")
+    s.add_argument("--device", default=None, help="default: cuda if available")
+    s.add_argument("--batch-size", type=_pos_int, default=32)
+    s.add_argument("--np-num", type=_pos_int, default=8, help="B-VQA noun phrases per prompt (default 8, official)")
+    s.add_argument("--image-size", type=_pos_int, default=None, help="B-VQA input size (default 480, official)")
+    s.add_argument("--clip-dtype", choices=("fp16", "fp32"), default=None,
+                   help="default fp16 on CUDA (as clip.load), fp32 on CPU")
+    s.add_argument("--overwrite", action="store_true", help="replace existing results of this metric")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_score)
+
+    r = esub.add_parser("report", help="the paper's table for one or more runs",
+                        description="One row per run in the paper's column order, 4 decimals, marks on scores "
+                                    "not computed the official way, and the published TACA rows for reference.")
+    r.add_argument("runs", nargs="+", metavar="RUN")
+    r.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    r.add_argument("--no-published", action="store_true", help="leave out the paper's rows")
+    r.add_argument("--out", default=None, metavar="FILE", help="write the table here (refuses an existing file)")
+    r.set_defaults(func=cmd_report)
+
+
+def _fail(msg: str, code: int) -> int:
+    print(msg, file=sys.stderr)
+    return code
+
+
+def cmd_generate(args) -> int:
+    from .generate import GenerateConfig, UsageError, generate, parse_taca_spec
+
+    try:
+        taca = None if args.no_taca else parse_taca_spec(args.taca)
+        cfg = GenerateConfig(
+            model=args.model, out=args.out, categories=[c.strip() for c in args.categories.split(",") if c.strip()],
+            prompts_dir=args.prompts, prompt_set=args.prompt_set, images_per_prompt=args.images_per_prompt,
+            seed=args.seed, taca=taca, steps=args.steps, guidance=args.guidance, height=args.height,
+            width=args.width, max_sequence_length=args.max_sequence_length, dtype=args.dtype,
+            batch_size=args.batch_size, limit_prompts=args.limit_prompts, progress=not args.no_progress)
+        generate(cfg)
+    except UsageError as e:
+        return _fail(str(e), 2)
+    except Exception as e:  # noqa: BLE001 (a failure while running: say what, exit 1)
+        return _fail(f"taca eval generate: failed: {type(e).__name__}: {e}", 1)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .generate import UsageError
+    from .models import ScorerMissing
+    from .score import ScoreOptions, run_score
+
+    opts = ScoreOptions(
+        metric=args.metric, category_dir=args.category_dir, category=args.category, complex=args.complex,
+        overwrite=args.overwrite, blip=args.blip, clip=args.clip, detections=args.detections, depth=args.depth,
+        detector=args.detector, parser=args.parser, prompts_dir=args.prompts, device=args.device,
+        batch_size=args.batch_size, np_num=args.np_num, image_size=args.image_size, clip_dtype=args.clip_dtype,
+        progress=not args.no_progress)
+    try:
+        run_score(opts)
+    except (UsageError, ScorerMissing) as e:
+        return _fail(str(e), 2)
+    except Exception as e:  # noqa: BLE001
+        return _fail(f"taca eval score: failed: {type(e).__name__}: {e}", 1)
+    return 0
+
+
+def cmd_report(args) -> int:
+    import os
+
+    from .report import ReportError, render
+
+    if args.out is not None and os.path.exists(args.out):
+        return _fail(f"taca eval report: argument --out: {args.out} exists; it is kept (choose another name)", 2)
+    try:
+        text = render(args.runs, args.format, published=not args.no_published)
+    except ReportError as e:
+        return _fail(str(e), 2)
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"taca eval report: wrote {args.out}", file=sys.stderr)
+    return 0
