@@ -58,6 +58,26 @@ def _gamma_list(s: str) -> List[float]:
     return vals
 
 
+def _guidance(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not (0 <= v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {s}")
+    return v
+
+
+def _seed(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if not (0 <= v < 2**63):  # torch.Generator.manual_seed's range, without its negative wrap-around
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {s}")
+    return v
+
+
 def _schedule_spec(s: str) -> str:
     from . import schedule
 
@@ -102,25 +122,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--gamma", type=_positive_float("--gamma"), default=1.2, help="gamma0 (default 1.2, the paper's)")
     g.add_argument("--schedule", type=_schedule_spec, default="paper",
-                   help="when gamma is on: paper (sigma >= 0.97, default), paper:<sigma>, steps:<k>, none (always)")
+                   help="when gamma is on: paper (sigma >= 0.97, i.e. t >= 970; default), paper:<sigma>, "
+                        "steps:<k> (the first k steps), constant (every step)")
     g.add_argument("--gamma-reverse", type=_positive_float("--gamma-reverse"), default=1.0,
                    help="multiplier of text-query x image-key logits (default 1: the paper's TACA)")
     g.add_argument("--lora", default=None, help="TACA LoRA (file/folder in diffusers' LoRA format, or hub id)")
     g.add_argument("--steps", type=_positive_int("--steps"), default=None,
                    help="denoising steps (default: the pipeline's; 4 for FLUX.1-schnell)")
-    g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
-    g.add_argument("--seed", type=int, default=42, help="seed (default 42, the paper's)")
-    g.add_argument("--height", type=_positive_int("--height"), default=None)
-    g.add_argument("--width", type=_positive_int("--width"), default=None)
+    g.add_argument("--guidance", type=_guidance, default=None, help="guidance scale (default: the pipeline's)")
+    g.add_argument("--seed", type=_seed, default=42, help="seed (default 42, the paper's)")
+    g.add_argument("--height", type=_positive_int("--height"), default=None,
+                   help="a multiple of 16 (default: the pipeline's, 1024 for FLUX.1 and SD3.5)")
+    g.add_argument("--width", type=_positive_int("--width"), default=None, help="a multiple of 16")
     g.add_argument("--max-sequence-length", type=_positive_int("--max-sequence-length"), default=None,
-                   help="T5 tokens (default: the pipeline's)")
+                   help="T5 tokens (default: the pipeline's; at most 512, 256 for FLUX.1-schnell)")
     g.add_argument("--negative-prompt", default=None, help="negative prompt (SD3/SD3.5)")
     g.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     g.add_argument("--dtype", choices=tuple(_DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
-    g.add_argument("--offload", action="store_true", help="enable_model_cpu_offload (less GPU memory)")
+    g.add_argument("--offload", action="store_true", help="enable_model_cpu_offload (less GPU memory; --device cuda)")
     g.add_argument("--backend", choices=("auto", "cpu", "cuda", "sdpa", "reference"), default="auto",
-                   help="attention backend for TACA (default auto)")
-    g.add_argument("--out", default="taca.png", help="output image (default taca.png)")
+                   help="attention backend for TACA (default auto; cuda needs --device cuda, cpu --device cpu)")
+    g.add_argument("--out", default="taca.png",
+                   help="output image, any format Pillow writes (.png, .jpg, .webp, ...; default taca.png); "
+                        "an existing file is not replaced without --overwrite")
+    g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     g.add_argument("--compare", action="store_true", help="write TACA off and on side by side (same seed)")
     g.set_defaults(func=cmd_generate)
 
@@ -185,12 +210,13 @@ def missing_model_message(model: str, reason: str) -> str:
                 f"diffusers' save_pretrained (it holds model_index.json), or a hub id such as {KNOWN_MODELS[0]}.")
     else:
         body = (f"taca generate: the weights of {model!r} are not available here ({reason}). Download them "
-                f"while online, e.g. `huggingface-cli download {model} --local-dir ./{model.split('/')[-1]}` "
+                f"while online, e.g. `hf download {model} --local-dir ./{model.split('/')[-1]}` "
                 f"(gated models such as FLUX.1-dev and SD3.5 need their license accepted on huggingface.co "
-                f"and `huggingface-cli login` first), then pass --model ./{model.split('/')[-1]}; or run "
-                f"without HF_HUB_OFFLINE=1 so diffusers can fetch and cache them. Supported: "
-                f"{', '.join(KNOWN_MODELS)}.")
-    return textwrap.fill(body, width=100)
+                f"and `hf auth login` first; `hf` comes with huggingface_hub), then pass "
+                f"--model ./{model.split('/')[-1]}; or run without HF_HUB_OFFLINE=1 so diffusers can fetch "
+                f"and cache them. Supported: {', '.join(KNOWN_MODELS)}.")
+    # never split a model id, a path or a command at its hyphens: they must stay copyable
+    return textwrap.fill(body, width=100, break_on_hyphens=False, break_long_words=False)
 
 
 def _family(pipe) -> Optional[str]:
@@ -242,29 +268,157 @@ def _reason(e: BaseException) -> str:
     return first if len(first) <= 160 else first[:157] + "..."
 
 
-def cmd_generate(args) -> int:
+# The T5 token limits diffusers 0.42.1's FluxPipeline / StableDiffusion3Pipeline.check_inputs
+# accept (512), and FLUX.1-schnell's (its T5 was used with 256 tokens: the model card's example).
+MAX_SEQUENCE_LENGTH = {"flux": 512, "flux-schnell": 256, "sd3": 512}
+_KNOWN_FAMILIES = {
+    "black-forest-labs/FLUX.1-dev": "flux",
+    "black-forest-labs/FLUX.1-schnell": "flux-schnell",
+    "black-forest-labs/FLUX.1-Kontext-dev": "flux",
+    "stabilityai/stable-diffusion-3-medium-diffusers": "sd3",
+    "stabilityai/stable-diffusion-3.5-medium": "sd3",
+    "stabilityai/stable-diffusion-3.5-large": "sd3",
+    "stabilityai/stable-diffusion-3.5-large-turbo": "sd3",
+}
+
+
+class UsageError(Exception):
+    """A user mistake found before anything is loaded: ``str(e)`` is the one-line message."""
+
+    def __init__(self, arg: Optional[str], msg: str):
+        super().__init__(f"taca generate: argument {arg}: {msg}" if arg else f"taca generate: {msg}")
+
+
+def _peek_family(model: str) -> Optional[str]:
+    """"flux", "flux-schnell" or "sd3" from a known hub id or a local folder's configs (no
+    weights read), or None when it cannot be told before loading."""
+    import json
+
+    if model in _KNOWN_FAMILIES:
+        return _KNOWN_FAMILIES[model]
+    path = os.path.expanduser(model)
+    try:
+        with open(os.path.join(path, "model_index.json")) as f:
+            cls = json.load(f).get("_class_name", "")
+    except (OSError, ValueError):
+        return None
+    if "StableDiffusion3" in cls:
+        return "sd3"
+    if "Flux" not in cls:
+        return None
+    try:
+        with open(os.path.join(path, "transformer", "config.json")) as f:
+            guidance = json.load(f).get("guidance_embeds", True)
+    except (OSError, ValueError):
+        guidance = True
+    return "flux" if guidance else "flux-schnell"
+
+
+def _check_family_args(args, family: Optional[str]) -> None:
+    """Checks that need the model family (known before loading for known ids and folders; None:
+    not known yet, only the bounds common to every family)."""
+    limit = MAX_SEQUENCE_LENGTH.get(family, max(MAX_SEQUENCE_LENGTH.values()))
+    n = args.max_sequence_length
+    if n is not None and n > limit:
+        what = {"flux": "FLUX.1 pipelines", "flux-schnell": "FLUX.1-schnell", "sd3": "SD3/SD3.5 pipelines",
+                None: "FLUX.1 and SD3/SD3.5 pipelines"}[family]
+        raise UsageError("--max-sequence-length", f"{what} take at most {limit} T5 tokens, got {n}")
+    if args.negative_prompt is not None and family not in ("sd3", None):
+        raise UsageError("--negative-prompt", "only SD3/SD3.5 pipelines take a negative prompt here")
+
+
+def _image_format(path: str) -> str:
+    """Pillow's format name for the extension of ``path`` (raises UsageError if Pillow cannot write it)."""
+    from PIL import Image
+
+    Image.init()
+    ext = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        writable = sorted({e for e, f in Image.registered_extensions().items() if f in Image.SAVE}
+                          & {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+        got = f"{ext!r}" if ext else "no extension"
+        raise UsageError("--out", f"{path}: Pillow cannot write images with {got}; use one of {', '.join(writable)}")
+    return fmt
+
+
+def _check_lora(lora: str) -> None:
+    if not _looks_like_path(lora):
+        return  # a hub id or an adapter name: checked when it is loaded
+    path = os.path.expanduser(lora)
+    if not os.path.exists(path):
+        raise UsageError("--lora", f"{lora} does not exist")
+    if os.path.isdir(path):
+        names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not names:
+            raise UsageError("--lora", f"the folder {lora} holds no .safetensors file; pass the LoRA file itself "
+                                       "or a folder with one (diffusers' pytorch_lora_weights.safetensors)")
+        if len(names) > 1 and "pytorch_lora_weights.safetensors" not in names:
+            raise UsageError("--lora", f"the folder {lora} holds several .safetensors files ({', '.join(names)}) "
+                                       "and no pytorch_lora_weights.safetensors; pass the file itself")
+        path = os.path.join(path, "pytorch_lora_weights.safetensors" if len(names) > 1 else names[0])
+    elif not path.endswith(".safetensors"):
+        raise UsageError("--lora", f"{lora} is not a .safetensors file")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            empty = not list(f.keys())
+    except Exception as e:  # a truncated or foreign file; only the header is read here
+        raise UsageError("--lora", f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    if empty:
+        raise UsageError("--lora", f"{path} holds no tensors")
+
+
+def validate_generate_args(args) -> str:
+    """Every check that needs no model: raises :class:`UsageError`; returns the device."""
     import torch
 
-    err = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        err("taca generate: --device cuda was given but torch sees no CUDA GPU (torch "
-            f"{torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu")
-        return 2
-    dtype = getattr(torch, _DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")])
+        raise UsageError("--device", "cuda was given but torch sees no CUDA GPU (torch "
+                                     f"{torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu")
+    if args.backend in ("cpu", "cuda") and args.backend != device:
+        raise UsageError("--backend", f"{args.backend} runs on {args.backend} tensors but the model runs on "
+                                      f"--device {device}; use --backend auto (or --device {args.backend})")
+    if args.backend in ("cpu", "cuda"):
+        from . import ops
+
+        if not (ops.HAVE_CUDA_KERNEL if args.backend == "cuda" else ops.HAVE_KERNELS):
+            raise UsageError("--backend", f"{args.backend}: taca was built without this kernel; use --backend auto")
+    if args.offload and device != "cuda":
+        raise UsageError("--offload", f"moves models between the GPU and the CPU; it needs --device cuda, not {device}")
     for name in ("height", "width"):
         v = getattr(args, name)
         if v is not None and v % 16:
-            err(f"taca generate: argument --{name}: must be a multiple of 16, got {v}")
-            return 2
-    out_dir = os.path.dirname(os.path.abspath(args.out))
+            raise UsageError(f"--{name}", f"must be a multiple of 16, got {v}")
+    out = os.path.abspath(os.path.expanduser(args.out))
+    out_dir = os.path.dirname(out)
     if not os.path.isdir(out_dir):
-        err(f"taca generate: argument --out: folder {out_dir} does not exist")
-        return 2
-    if args.lora is not None and _looks_like_path(args.lora) and not os.path.exists(args.lora):
-        err(f"taca generate: argument --lora: {args.lora} does not exist")
-        return 2
+        raise UsageError("--out", f"folder {out_dir} does not exist")
+    if os.path.isdir(out):
+        raise UsageError("--out", f"{args.out} is a folder; give a file name such as {os.path.join(args.out, 'taca.png')}")
+    if not os.access(out_dir, os.W_OK):
+        raise UsageError("--out", f"folder {out_dir} is not writable")
+    _image_format(out)
+    if os.path.exists(out) and not args.overwrite:
+        raise UsageError("--out", f"{args.out} exists; pass --overwrite to replace it, or another --out")
+    if args.lora is not None:
+        _check_lora(args.lora)
+    _check_family_args(args, _peek_family(args.model))
+    return device
 
+
+def cmd_generate(args) -> int:
+    err = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    try:
+        device = validate_generate_args(args)
+    except UsageError as e:
+        err(str(e))
+        return 2
+    import torch
+
+    dtype = getattr(torch, _DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")])
     pipe, msg = _load_pipeline(args.model, dtype)
     if pipe is None:
         err(msg)
@@ -274,12 +428,17 @@ def cmd_generate(args) -> int:
         err(f"taca generate: {args.model} loads as {type(pipe).__name__}, which is not a FLUX or SD3/SD3.5 "
             "pipeline; TACA supports FluxPipeline-family and StableDiffusion3Pipeline-family models")
         return 2
-    if args.offload and device == "cuda":
+    schnell = family == "flux" and not getattr(pipe.transformer.config, "guidance_embeds", True)
+    try:  # again, with the family the loaded pipeline really has
+        _check_family_args(args, "flux-schnell" if schnell else family)
+    except UsageError as e:
+        err(str(e))
+        return 2
+    if args.offload:
         pipe.enable_model_cpu_offload()
     else:
         pipe.to(device)
 
-    schnell = family == "flux" and not getattr(pipe.transformer.config, "guidance_embeds", True)
     call = dict(prompt=args.prompt)
     if args.steps is not None:
         call["num_inference_steps"] = args.steps
@@ -289,13 +448,14 @@ def cmd_generate(args) -> int:
         call["guidance_scale"] = args.guidance
     elif schnell:
         call["guidance_scale"] = 0.0
-    for k in ("height", "width", "max_sequence_length"):
+    if args.max_sequence_length is not None:
+        call["max_sequence_length"] = args.max_sequence_length
+    elif schnell:
+        call["max_sequence_length"] = MAX_SEQUENCE_LENGTH["flux-schnell"]
+    for k in ("height", "width"):
         if getattr(args, k) is not None:
             call[k] = getattr(args, k)
     if args.negative_prompt is not None:
-        if family != "sd3":
-            err("taca generate: argument --negative-prompt: only SD3/SD3.5 pipelines take a negative prompt here")
-            return 2
         call["negative_prompt"] = args.negative_prompt
 
     import taca
@@ -304,8 +464,12 @@ def cmd_generate(args) -> int:
         gen = torch.Generator(device="cpu").manual_seed(args.seed)
         if not on:
             return pipe(generator=gen, **call).images[0], None
-        handle = taca.enable(pipe, gamma=args.gamma, schedule=args.schedule, lora=args.lora,
-                             gamma_reverse=args.gamma_reverse, backend=args.backend)
+        try:
+            handle = taca.enable(pipe, gamma=args.gamma, schedule=args.schedule, lora=args.lora,
+                                 gamma_reverse=args.gamma_reverse, backend=args.backend)
+        except (ValueError, TypeError, OSError) as e:  # a LoRA that does not fit this model, a hub id offline
+            raise UsageError("--lora" if args.lora is not None else None,
+                             f"cannot enable TACA: {str(e).replace('taca: ', '')}") from None
         steps_on: List[bool] = []
         hook = pipe.transformer.register_forward_hook(lambda *a: steps_on.append(handle.last_gamma is not None))
         try:
@@ -316,17 +480,69 @@ def cmd_generate(args) -> int:
 
     print(f"taca generate: {type(pipe).__name__} ({family}) on {device}, {str(dtype).replace('torch.', '')}; "
           f"gamma={args.gamma:g}, schedule={args.schedule}, seed={args.seed}", file=sys.stderr)
-    images = []
-    if args.compare:
-        images.append(("TACA off", run(False)[0]))
-    img, steps_on = run(True)
+    try:  # TACA on first: a LoRA that does not load fails before any image is made
+        img, steps_on = run(True)
+    except UsageError as e:
+        err(str(e))
+        return 2
     on_idx = [i for i, s in enumerate(steps_on or []) if s]
-    images.append((f"TACA gamma={args.gamma:g} ({args.schedule})", img))
     print(f"taca generate: gamma was on in transformer calls {on_idx} of {len(steps_on or [])}", file=sys.stderr)
+    images = [(f"TACA gamma={args.gamma:g} ({args.schedule})", img)]
+    if args.compare:
+        images.insert(0, ("TACA off", run(False)[0]))
     out = images[0][1] if len(images) == 1 else _side_by_side(images)
-    out.save(args.out)
-    print(f"taca generate: wrote {os.path.abspath(args.out)}" + (" (left: TACA off, right: TACA on)" if args.compare else ""))
-    return 0
+    path, note, rescued = save_image(out, args.out, overwrite=args.overwrite)
+    if note:
+        err(note)
+    if path is None:
+        return 1
+    print(f"taca generate: wrote {path}" + (" (left: TACA off, right: TACA on)" if args.compare else ""))
+    return 1 if rescued else 0
+
+
+def _free_name(path: str) -> str:
+    root, ext = os.path.splitext(path)
+    i = 1
+    while os.path.exists(f"{root}-{i}{ext}"):
+        i += 1
+    return f"{root}-{i}{ext}"
+
+
+def save_image(img, out: str, overwrite: bool = False):
+    """Write a finished image to ``out``; never lose it. Returns (path written or None, note or
+    None, rescued): ``rescued`` is True when ``out`` could not be written and the image went
+    elsewhere (path None: nowhere at all).
+
+    ``out`` was checked before generating; if it appeared since and ``overwrite`` is off, the
+    image goes to ``name-1.ext`` beside it. If writing fails (disk full, folder removed, ...),
+    the image is saved as PNG in the current folder, else in the temp folder, and the note says
+    where and why.
+    """
+    import tempfile
+    import time
+
+    out = os.path.abspath(os.path.expanduser(out))
+    note = None
+    if os.path.exists(out) and not overwrite:
+        new = _free_name(out)
+        note = f"taca generate: {out} appeared while generating; not replacing it, writing {new} instead"
+        out = new
+    try:
+        img.save(out)
+        return out, note, False
+    except Exception as e:  # anything Pillow or the OS raises: the image must survive it
+        why = f"{type(e).__name__}: {e}"
+    name = f"taca-rescued-{time.strftime('%Y%m%d-%H%M%S')}.png"
+    for folder in (os.getcwd(), tempfile.gettempdir()):
+        cand = _free_name(os.path.join(folder, name)) if os.path.exists(os.path.join(folder, name)) else os.path.join(folder, name)
+        try:
+            img.save(cand, format="PNG")
+        except Exception:
+            continue
+        return cand, (f"taca generate: argument --out: could not write {out} ({why}); the image was saved to "
+                      f"{cand} instead"), True
+    return None, (f"taca generate: argument --out: could not write {out} ({why}), nor a copy in {os.getcwd()} "
+                  f"or {tempfile.gettempdir()}; the image is lost"), True
 
 
 def _side_by_side(images):
