@@ -239,13 +239,16 @@ def _load_pipeline(model: str, dtype):
         model = path
     import warnings
 
-    from diffusers import DiffusionPipeline
+    from ._quiet import quiet_imports
+
+    with quiet_imports():
+        from diffusers import DiffusionPipeline
     from diffusers.utils import logging as dlogging
 
     level = dlogging.get_verbosity()
     dlogging.set_verbosity_error()  # the hub-connection chatter; our message says what matters
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_imports():  # the pipeline class is imported here
             warnings.simplefilter("ignore", FutureWarning)  # torch_dtype -> dtype rename in newer diffusers
             return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype), None
     except (OSError, ValueError) as e:  # huggingface_hub's errors derive from these

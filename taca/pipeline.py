@@ -434,12 +434,19 @@ class TacaHandle:
                 # name the file: offline, diffusers does not guess weight names in directories
                 src, extra["weight_name"] = _lora_file(src)
             self._lora_via_pipe = self.pipe is not None and hasattr(self.pipe, "load_lora_weights")
-            if self._lora_via_pipe:
-                self.pipe.load_lora_weights(src, adapter_name=adapter_name, **extra)
-            else:
-                # bare transformer: diffusers-format LoRA files only (other formats need the
-                # pipeline's converters: pass the pipeline)
-                self.transformer.load_lora_adapter(src, prefix="transformer", adapter_name=adapter_name, **extra)
+            import warnings
+
+            with warnings.catch_warnings():
+                # peft warns when a second adapter joins the user's: keeping both is the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute",
+                                        category=UserWarning)
+                if self._lora_via_pipe:
+                    self.pipe.load_lora_weights(src, adapter_name=adapter_name, **extra)
+                else:
+                    # bare transformer: diffusers-format LoRA files only (other formats need the
+                    # pipeline's converters: pass the pipeline)
+                    self.transformer.load_lora_adapter(src, prefix="transformer", adapter_name=adapter_name,
+                                                       **extra)
             self.lora_adapter = adapter_name
             self._lora_loaded_by_us = True
             # loading makes the new adapter the only active one in every layer: give the user's

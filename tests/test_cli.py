@@ -359,3 +359,13 @@ def test_generate_rescues_the_image_when_writing_fails(tiny_folder, tmp_path, ca
     rescued = list(cwd.glob("taca-rescued-*.png"))
     assert len(rescued) == 1 and str(rescued[0]) in err and str(rescued[0]) in stdout
     assert Image.open(rescued[0]).size == (32, 32)
+
+
+def test_demo_prints_no_third_party_noise(tmp_path):
+    # transformers' note that its image processors fall back to PIL without torchvision (for
+    # pipeline parts the demo never uses) is silenced in the demo's import path
+    r = subprocess.run([sys.executable, "-m", "taca", "demo", "--steps", "1", "--no-plots", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "torchvision" not in r.stderr and "Warning" not in r.stderr, r.stderr
+    assert "taca demo:" in r.stdout
