@@ -165,14 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``taca`` console script. Returns the exit code."""
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The parsed command line (``args.extra``: what ``taca bench`` passes on to its script).
+    Usage errors exit with code 2 and a message naming the argument, as argparse does."""
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(list(argv))
     if args.command != "bench" and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``taca`` console script. Returns the exit code."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
