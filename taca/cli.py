@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="taca",
         description="TACA (Temperature-Adjusted Cross-modal Attention, arXiv 2506.07986) for diffusers' "
                     "FLUX.1 and SD3/SD3.5.",
+        epilog="Start with `taca demo` (offline, under a minute on a CPU); `taca COMMAND --help` for each "
+               "command. Exit codes: 0 success, 1 failure while running, 2 usage errors and missing models.",
     )
     sub = p.add_subparsers(dest="command", metavar="{demo,generate,train,eval,bench}")
     sub.required = True
@@ -102,15 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "pipeline built from configs with fixed-seed random weights, prints the text "
                                    "mass of image queries per step and block, and writes plots and images. "
                                    "Random weights show the mechanism, not image quality.")
-    d.add_argument("--out", default="taca-out", help="output folder (default: ./taca-out)")
-    d.add_argument("--prompt", default=None, help="prompt (words outside the built-in vocabulary become <unk>)")
-    d.add_argument("--steps", type=_positive_int("--steps"), default=30, help="denoising steps (default 30)")
-    d.add_argument("--gammas", type=_gamma_list, default=[1.1, 1.2, 1.3],
+    d.add_argument("--out", default="taca-out", metavar="DIR",
+                   help="output folder, created if needed; its plots and images are replaced (default: ./taca-out)")
+    d.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="prompt (words outside the built-in vocabulary become <unk>)")
+    d.add_argument("--steps", type=_positive_int("--steps"), default=30, metavar="N", help="denoising steps (default 30)")
+    d.add_argument("--gammas", type=_gamma_list, default=[1.1, 1.2, 1.3], metavar="G,G,...",
                    help="gammas evaluated on the baseline's q, k (default 1.1,1.2,1.3)")
-    d.add_argument("--gamma", type=_positive_float("--gamma"), default=1.2,
+    d.add_argument("--gamma", type=_positive_float("--gamma"), default=1.2, metavar="G",
                    help="gamma of the 'const' and 'paper' runs (default 1.2)")
-    d.add_argument("--words", default=None, help="comma-separated prompt words for the attention maps (default: mirror)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--words", default=None, metavar="WORD,...",
+                   help="comma-separated prompt words for the attention maps (default: mirror)")
+    d.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the weights and the noise (default 0)")
     d.add_argument("--run-each-gamma", action="store_true", help="also run a constant-gamma generation per --gammas value")
     d.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
     d.set_defaults(func=cmd_demo)
@@ -118,31 +123,33 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate with a real FLUX.1 / SD3 / SD3.5 model (hub id or local folder)",
                        description="Loads a diffusers FLUX.1 (dev, schnell) or SD3/SD3.5 pipeline with "
                                    "DiffusionPipeline.from_pretrained and generates with TACA.")
-    g.add_argument("--model", required=True, help=f"hub id (e.g. {KNOWN_MODELS[0]}) or a local pipeline folder")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--gamma", type=_positive_float("--gamma"), default=1.2, help="gamma0 (default 1.2, the paper's)")
-    g.add_argument("--schedule", type=_schedule_spec, default="paper",
+    g.add_argument("--model", required=True, metavar="ID_OR_PATH",
+                   help=f"hub id (e.g. {KNOWN_MODELS[0]}) or a local pipeline folder")
+    g.add_argument("--prompt", required=True, metavar="TEXT", help="the text prompt")
+    g.add_argument("--gamma", type=_positive_float("--gamma"), default=1.2, metavar="G",
+                   help="gamma0 (default 1.2, the paper's)")
+    g.add_argument("--schedule", type=_schedule_spec, default="paper", metavar="RULE",
                    help="when gamma is on: paper (sigma >= 0.97, i.e. t >= 970; default), paper:<sigma>, "
                         "steps:<k> (the first k steps), constant (every step)")
-    g.add_argument("--gamma-reverse", type=_positive_float("--gamma-reverse"), default=1.0,
+    g.add_argument("--gamma-reverse", type=_positive_float("--gamma-reverse"), default=1.0, metavar="G",
                    help="multiplier of text-query x image-key logits (default 1: the paper's TACA)")
-    g.add_argument("--lora", default=None, help="TACA LoRA (file/folder in diffusers' LoRA format, or hub id)")
-    g.add_argument("--steps", type=_positive_int("--steps"), default=None,
+    g.add_argument("--lora", default=None, metavar="PATH", help="TACA LoRA (file/folder in diffusers' LoRA format, or hub id)")
+    g.add_argument("--steps", type=_positive_int("--steps"), default=None, metavar="N",
                    help="denoising steps (default: the pipeline's; 4 for FLUX.1-schnell)")
-    g.add_argument("--guidance", type=_guidance, default=None, help="guidance scale (default: the pipeline's)")
-    g.add_argument("--seed", type=_seed, default=42, help="seed (default 42, the paper's)")
-    g.add_argument("--height", type=_positive_int("--height"), default=None,
+    g.add_argument("--guidance", type=_guidance, default=None, metavar="G", help="guidance scale (default: the pipeline's)")
+    g.add_argument("--seed", type=_seed, default=42, metavar="N", help="seed (default 42, the paper's)")
+    g.add_argument("--height", type=_positive_int("--height"), default=None, metavar="PX",
                    help="a multiple of 16 (default: the pipeline's, 1024 for FLUX.1 and SD3.5)")
-    g.add_argument("--width", type=_positive_int("--width"), default=None, help="a multiple of 16")
-    g.add_argument("--max-sequence-length", type=_positive_int("--max-sequence-length"), default=None,
+    g.add_argument("--width", type=_positive_int("--width"), default=None, metavar="PX", help="a multiple of 16")
+    g.add_argument("--max-sequence-length", type=_positive_int("--max-sequence-length"), default=None, metavar="N",
                    help="T5 tokens (default: the pipeline's; at most 512, 256 for FLUX.1-schnell)")
-    g.add_argument("--negative-prompt", default=None, help="negative prompt (SD3/SD3.5)")
+    g.add_argument("--negative-prompt", default=None, metavar="TEXT", help="negative prompt (SD3/SD3.5)")
     g.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     g.add_argument("--dtype", choices=tuple(_DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     g.add_argument("--offload", action="store_true", help="enable_model_cpu_offload (less GPU memory; --device cuda)")
     g.add_argument("--backend", choices=("auto", "cpu", "cuda", "sdpa", "reference"), default="auto",
                    help="attention backend for TACA (default auto; cuda needs --device cuda, cpu --device cpu)")
-    g.add_argument("--out", default="taca.png",
+    g.add_argument("--out", default="taca.png", metavar="FILE",
                    help="output image, any format Pillow writes (.png, .jpg, .webp, ...; default taca.png); "
                         "an existing file is not replaced without --overwrite")
     g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -178,7 +185,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``taca`` console script. Returns the exit code."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # a first try: the overview, not just "the following arguments are required"
+        build_parser().print_help(sys.stderr)
+        return 2
+    args = parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -188,6 +199,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 # demo ---------------------------------------------------------------------------------------
 def cmd_demo(args) -> int:
+    out = os.path.expanduser(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        print(f"taca demo: argument --out: {args.out} is a file; the demo writes several files into a folder",
+              file=sys.stderr)
+        return 2
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        print(f"taca demo: argument --out: cannot create the folder {args.out} ({e.strerror or e})", file=sys.stderr)
+        return 2
+    if not os.access(out, os.W_OK):
+        print(f"taca demo: argument --out: the folder {args.out} is not writable", file=sys.stderr)
+        return 2
     from . import demo
 
     kw = {}
@@ -195,7 +219,7 @@ def cmd_demo(args) -> int:
         kw["prompt"] = args.prompt
     if args.words is not None:
         kw["words"] = [w.strip() for w in args.words.split(",") if w.strip()]
-    demo.run_demo(out_dir=args.out, steps=args.steps, gammas=args.gammas, paper_gamma=args.gamma,
+    demo.run_demo(out_dir=out, steps=args.steps, gammas=args.gammas, paper_gamma=args.gamma,
                   seed=args.seed, run_each_gamma=args.run_each_gamma, plots=not args.no_plots, **kw)
     return 0
 

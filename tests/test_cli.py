@@ -369,3 +369,33 @@ def test_demo_prints_no_third_party_noise(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "torchvision" not in r.stderr and "Warning" not in r.stderr, r.stderr
     assert "taca demo:" in r.stdout
+
+
+def test_demo_out_must_be_a_creatable_folder(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    rc, _, err = _run(["demo", "--out", str(f), "--steps", "1"], capsys)
+    assert rc == 2 and "--out" in err and "is a file" in err and "Traceback" not in err
+    assert f.read_text() == "mine"
+    rc, _, err = _run(["demo", "--out", str(f / "sub"), "--steps", "1"], capsys)
+    assert rc == 2 and "--out" in err and "cannot create the folder" in err
+
+
+def test_bare_taca_prints_the_overview(capsys):
+    rc, out, err = _run([], capsys)
+    assert rc == 2
+    for word in ("demo", "generate", "bench", "taca demo", "Exit codes"):
+        assert word in err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["generate", "--help"], ["bench", "--help"]])
+def test_help_exits_0_and_every_option_is_explained(argv, capsys):
+    rc, out, err = _run(argv, capsys)
+    assert rc == 0 and "usage: taca" in out and not err
+    parser = cli.build_parser()
+    if len(argv) > 1:
+        sub = next(a for a in parser._actions if isinstance(a, cli.argparse._SubParsersAction))
+        parser = sub.choices[argv[0]]
+    bare = [a.option_strings[-1] for a in parser._actions
+            if a.option_strings and a.help in (None, "")]
+    assert not bare, f"options without a help line: {bare}"
