@@ -396,11 +396,15 @@ def _check_lora(lora: str) -> None:
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:
-            empty = not list(f.keys())
+            keys = list(f.keys())
     except Exception as e:  # a truncated or foreign file; only the header is read here
         raise UsageError("--lora", f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
-    if empty:
+    if not keys:
         raise UsageError("--lora", f"{path} holds no tensors")
+    # diffusers / PEFT (lora_A, lora_B) and kohya (lora_down, lora_up) names; a LoRA has both halves
+    if not (any("lora_A" in k or "lora_down" in k for k in keys) and any("lora_B" in k or "lora_up" in k for k in keys)):
+        raise UsageError("--lora", f"{path} holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up pairs "
+                                   f"among its {len(keys)} tensors, e.g. {keys[0]})")
 
 
 def validate_generate_args(args) -> str:
@@ -497,12 +501,27 @@ def cmd_generate(args) -> int:
         gen = torch.Generator(device="cpu").manual_seed(args.seed)
         if not on:
             return pipe(generator=gen, **call).images[0], None
+        import logging
+
+        # diffusers logs a failed LoRA load before raising; the one line below says it instead
+        peft_log = logging.getLogger("diffusers.loaders.peft")
+        drop = lambda rec: "was unsuccessful with the following error" not in rec.getMessage()  # noqa: E731
+        peft_log.addFilter(drop)
         try:
             handle = taca.enable(pipe, gamma=args.gamma, schedule=args.schedule, lora=args.lora,
                                  gamma_reverse=args.gamma_reverse, backend=args.backend)
-        except (ValueError, TypeError, OSError) as e:  # a LoRA that does not fit this model, a hub id offline
-            raise UsageError("--lora" if args.lora is not None else None,
-                             f"cannot enable TACA: {str(e).replace('taca: ', '')}") from None
+        except Exception as e:
+            if args.lora is None:
+                raise  # nothing the user gave can be at fault: a bug, keep its traceback
+            # a LoRA for another model, a hub id while offline: diffusers raises anything here
+            if not _looks_like_path(args.lora) and isinstance(e, (OSError, ValueError)):
+                why = (f"{_reason(e)}; download it while online (`hf download {args.lora} --local-dir "
+                       f"./{args.lora.split('/')[-1]}`) and pass the .safetensors file")
+            else:
+                why = f"{type(e).__name__}: {str(e).replace('taca: ', '').strip().splitlines()[0][:300]}"
+            raise UsageError("--lora", f"cannot load {args.lora} into {type(pipe).__name__}: {why}") from None
+        finally:
+            peft_log.removeFilter(drop)
         steps_on: List[bool] = []
         hook = pipe.transformer.register_forward_hook(lambda *a: steps_on.append(handle.last_gamma is not None))
         try:

@@ -213,10 +213,11 @@ def _no_loading(monkeypatch):
     monkeypatch.setattr(cli, "_load_pipeline", boom)
 
 
-def _lora_file(path, tensors=True):
+def _lora_file(path, tensors=True, keys=("transformer.x.lora_A.weight", "transformer.x.lora_B.weight")):
+    import torch
     from safetensors.torch import save_file
 
-    save_file({"transformer.x.lora_A.weight": __import__("torch").zeros(2, 2)} if tensors else {}, str(path))
+    save_file({k: torch.zeros(2, 2) for k in keys} if tensors else {}, str(path))
     return str(path)
 
 
@@ -234,6 +235,7 @@ BAD_GENERATE = [
     ("lora_not_safetensors", ["--lora", "{tmp}/lora.txt"], "--lora", "is not a .safetensors file"),
     ("lora_corrupt", ["--lora", "{tmp}/bad.safetensors"], "--lora", "not a readable safetensors file"),
     ("lora_no_tensors", ["--lora", "{tmp}/empty.safetensors"], "--lora", "holds no tensors"),
+    ("lora_not_a_lora", ["--lora", "{tmp}/half.safetensors"], "--lora", "holds no LoRA weights"),
     ("msl_huge_unknown_model", ["--max-sequence-length", "100000"], "--max-sequence-length", "at most 512"),
     ("msl_dev", ["--model", "black-forest-labs/FLUX.1-dev", "--max-sequence-length", "513"],
      "--max-sequence-length", "FLUX.1 pipelines take at most 512"),
@@ -262,6 +264,7 @@ def test_generate_checks_every_argument_before_loading(extra, arg, words, tmp_pa
     (tmp_path / "lora.txt").write_text("x")
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 5)
     _lora_file(tmp_path / "empty.safetensors", tensors=False)
+    _lora_file(tmp_path / "half.safetensors", keys=("transformer.x.lora_A.weight",))
     argv = ["generate", "--model", "someone/some-model", "--prompt", "p", "--device", "cpu",
             "--out", str(tmp_path / "ok.png")] + [a.replace("{tmp}", str(tmp_path)) for a in extra]
     rc, _, err = _run(argv, capsys)
@@ -399,3 +402,23 @@ def test_help_exits_0_and_every_option_is_explained(argv, capsys):
     bare = [a.option_strings[-1] for a in parser._actions
             if a.option_strings and a.help in (None, "")]
     assert not bare, f"options without a help line: {bare}"
+
+
+@pytest.mark.parametrize("which", ["wrong_model", "hub_id_offline"])
+def test_generate_lora_that_does_not_load_fails_before_any_image(which, tiny_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if which == "wrong_model":  # a well-formed LoRA for modules this transformer does not have
+        lora = _lora_file(tmp_path / "other.safetensors",
+                          keys=("transformer.nothere.lora_A.weight", "transformer.nothere.lora_B.weight"))
+    else:
+        lora = "someone/a-lora"
+    out = tmp_path / "x.png"
+    rc, _, err = _run(["generate", "--model", tiny_folder, "--prompt", "a cat", "--steps", "1", "--height", "32",
+                       "--width", "32", "--max-sequence-length", "16", "--device", "cpu", "--lora", lora,
+                       "--out", str(out), "--compare"], capsys)
+    assert rc == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("taca generate: argument --lora: cannot load") and lora in last
+    if which == "hub_id_offline":
+        assert f"hf download {lora}" in last
+    assert not out.exists()
