@@ -541,7 +541,15 @@ def cmd_generate(args) -> int:
     print(f"taca generate: gamma was on in transformer calls {on_idx} of {len(steps_on or [])}", file=sys.stderr)
     images = [(f"TACA gamma={args.gamma:g} ({args.schedule})", img)]
     if args.compare:
-        images.insert(0, ("TACA off", run(False)[0]))
+        try:
+            images.insert(0, ("TACA off", run(False)[0]))
+        except BaseException:  # Ctrl-C or a crash in the second run: keep the finished TACA image
+            path, note, _ = save_image(img, args.out, overwrite=args.overwrite)
+            if note:
+                err(note)
+            if path is not None:
+                err(f"taca generate: the TACA-off run of --compare did not finish; the TACA image alone is in {path}")
+            raise
     out = images[0][1] if len(images) == 1 else _side_by_side(images)
     path, note, rescued = save_image(out, args.out, overwrite=args.overwrite)
     if note:

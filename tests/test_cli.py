@@ -422,3 +422,29 @@ def test_generate_lora_that_does_not_load_fails_before_any_image(which, tiny_fol
     if which == "hub_id_offline":
         assert f"hf download {lora}" in last
     assert not out.exists()
+
+
+def test_generate_compare_interrupted_keeps_the_finished_image(tiny_folder, tmp_path, capsys, monkeypatch, one_thread):
+    from PIL import Image
+
+    real_load = cli._load_pipeline
+    calls = []
+
+    def load_with_ctrl_c(model, dtype):  # the user presses Ctrl-C during the second (TACA off) run
+        pipe, msg = real_load(model, dtype)
+
+        def hook(module, args):
+            calls.append(1)
+            if len(calls) > 1:
+                raise KeyboardInterrupt
+        pipe.transformer.register_forward_pre_hook(hook)
+        return pipe, msg
+
+    monkeypatch.setattr(cli, "_load_pipeline", load_with_ctrl_c)
+    out = tmp_path / "cmp.png"
+    rc, _, err = _run(["generate", "--model", tiny_folder, "--prompt", "a cat", "--steps", "1", "--height", "32",
+                       "--width", "32", "--max-sequence-length", "16", "--device", "cpu", "--out", str(out),
+                       "--compare"], capsys)
+    assert rc == 130 and "interrupted" in err
+    assert f"the TACA image alone is in {out}" in err
+    assert Image.open(out).size == (32, 32)  # the TACA-on image, not a side-by-side
