@@ -33,7 +33,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     rows = config.stash.get(DOC_SNIPPETS, [])
     if rows:
         terminalreporter.section("documentation snippets")
-        for row in sorted(rows):
+        for row in rows:  # in the order the tests ran: file by file, top to bottom
             terminalreporter.write_line(row)
 
 

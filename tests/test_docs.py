@@ -35,7 +35,7 @@ DOCS = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.pat
                               if f.endswith(".md"))
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 NEEDS = re.compile(r"<!--\s*needs:\s*([\w-]+)\s*-->\s*$")
-KNOWN_NEEDS = {"hub-weights": "needs FLUX.1 / SD3.5 hub weights", "minutes": "takes minutes (a benchmark)"}
+KNOWN_NEEDS = {"hub-weights": "needs FLUX.1 / SD3.5 hub weights", "minutes": "a benchmark: a minute or more"}
 LANGS = ("python", "bash", "text")
 
 
@@ -207,3 +207,10 @@ def test_links_resolve_inside_the_repository(rel):
     assert not broken, f"{rel}: links that do not resolve inside the repository: {broken}"
     # paths of the machine the docs were written on mean nothing to a reader
     assert not re.search(r"(?<![\w.])/(work|home|root|tmp)/", text), f"{rel} cites a path outside the repository"
+
+
+def test_make_demo_says_how_to_use_the_environment():
+    # after `make demo` a new user types `taca ...`: the Makefile says where taca is
+    r = subprocess.run(["make", "-n", "demo"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "source .venv/bin/activate" in r.stdout and ".venv/bin/taca" in r.stdout
