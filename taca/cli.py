@@ -236,7 +236,7 @@ def _looks_like_path(model: str) -> bool:
 def missing_model_message(model: str, reason: str) -> str:
     """The one-paragraph message for a model that cannot be loaded without the network."""
     if _looks_like_path(model):
-        body = (f"taca generate: cannot load the pipeline folder {model!r}: {reason}. Pass a folder written by "
+        body = (f"taca generate: cannot load {model!r} as a pipeline folder: {reason}. Pass a folder written by "
                 f"diffusers' save_pretrained (it holds model_index.json), or a hub id such as {KNOWN_MODELS[0]}.")
     else:
         body = (f"taca generate: the weights of {model!r} are not available here ({reason}). Download them "
@@ -262,6 +262,9 @@ def _load_pipeline(model: str, dtype):
     """(pipe, None) or (None, message)."""
     if _looks_like_path(model):
         path = os.path.expanduser(model)
+        if os.path.isfile(path):
+            return None, missing_model_message(model, "it is a file, not a folder (single-file checkpoints "
+                                                      "are not supported)")
         if not os.path.isdir(path):
             return None, missing_model_message(model, "no such folder")
         if not os.path.isfile(os.path.join(path, "model_index.json")):

@@ -48,6 +48,11 @@ def test_checks_after_parsing_exit_2(capsys, tmp_path):
     assert rc == 2 and "--out" in err
     rc, _, err = _run(["generate", "--model", str(tmp_path / "nothing"), "--prompt", "p", "--device", "cpu"], capsys)
     assert rc == 2 and "no such folder" in err and "Traceback" not in err
+    (tmp_path / "flux1-dev.safetensors").write_bytes(b"x")
+    rc, _, err = _run(["generate", "--model", str(tmp_path / "flux1-dev.safetensors"), "--prompt", "p", "--device",
+                       "cpu", "--out", str(tmp_path / "x.png")], capsys)
+    flat = " ".join(err.split())
+    assert rc == 2 and "is a file, not a folder" in flat and "model_index.json" in flat
 
 
 def test_python_dash_m_taca():
