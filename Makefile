@@ -8,6 +8,8 @@ SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.c csrc
 .PHONY: demo test install bench clean
 demo: install
 	$(VENV)/bin/taca demo
+	@echo "taca is installed in $(VENV), not on PATH: 'source $(VENV)/bin/activate' to use taca and python with taca" \
+	      "in this shell, or call $(VENV)/bin/taca and $(VENV)/bin/python."
 
 test: install
 	$(PY) -m pytest -q tests

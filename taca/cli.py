@@ -58,6 +58,26 @@ def _gamma_list(s: str) -> List[float]:
     return vals
 
 
+def _guidance(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not (0 <= v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {s}")
+    return v
+
+
+def _seed(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if not (0 <= v < 2**63):  # torch.Generator.manual_seed's range, without its negative wrap-around
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {s}")
+    return v
+
+
 def _schedule_spec(s: str) -> str:
     from . import schedule
 
@@ -73,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="taca",
         description="TACA (Temperature-Adjusted Cross-modal Attention, arXiv 2506.07986) for diffusers' "
                     "FLUX.1 and SD3/SD3.5.",
+        epilog="Start with `taca demo` (offline, under a minute on a CPU); `taca COMMAND --help` for each "
+               "command. Exit codes: 0 success, 1 failure while running, 2 usage errors and missing models.",
     )
     sub = p.add_subparsers(dest="command", metavar="{demo,generate,train,eval,bench}")
     sub.required = True
@@ -82,15 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "pipeline built from configs with fixed-seed random weights, prints the text "
                                    "mass of image queries per step and block, and writes plots and images. "
                                    "Random weights show the mechanism, not image quality.")
-    d.add_argument("--out", default="taca-out", help="output folder (default: ./taca-out)")
-    d.add_argument("--prompt", default=None, help="prompt (words outside the built-in vocabulary become <unk>)")
-    d.add_argument("--steps", type=_positive_int("--steps"), default=30, help="denoising steps (default 30)")
-    d.add_argument("--gammas", type=_gamma_list, default=[1.1, 1.2, 1.3],
+    d.add_argument("--out", default="taca-out", metavar="DIR",
+                   help="output folder, created if needed; its plots and images are replaced (default: ./taca-out)")
+    d.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="prompt (words outside the built-in vocabulary become <unk>)")
+    d.add_argument("--steps", type=_positive_int("--steps"), default=30, metavar="N", help="denoising steps (default 30)")
+    d.add_argument("--gammas", type=_gamma_list, default=[1.1, 1.2, 1.3], metavar="G,G,...",
                    help="gammas evaluated on the baseline's q, k (default 1.1,1.2,1.3)")
-    d.add_argument("--gamma", type=_positive_float("--gamma"), default=1.2,
+    d.add_argument("--gamma", type=_positive_float("--gamma"), default=1.2, metavar="G",
                    help="gamma of the 'const' and 'paper' runs (default 1.2)")
-    d.add_argument("--words", default=None, help="comma-separated prompt words for the attention maps (default: mirror)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--words", default=None, metavar="WORD,...",
+                   help="comma-separated prompt words for the attention maps (default: mirror)")
+    d.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the weights and the noise (default 0)")
     d.add_argument("--run-each-gamma", action="store_true", help="also run a constant-gamma generation per --gammas value")
     d.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
     d.set_defaults(func=cmd_demo)
@@ -98,29 +123,36 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate with a real FLUX.1 / SD3 / SD3.5 model (hub id or local folder)",
                        description="Loads a diffusers FLUX.1 (dev, schnell) or SD3/SD3.5 pipeline with "
                                    "DiffusionPipeline.from_pretrained and generates with TACA.")
-    g.add_argument("--model", required=True, help=f"hub id (e.g. {KNOWN_MODELS[0]}) or a local pipeline folder")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--gamma", type=_positive_float("--gamma"), default=1.2, help="gamma0 (default 1.2, the paper's)")
-    g.add_argument("--schedule", type=_schedule_spec, default="paper",
-                   help="when gamma is on: paper (sigma >= 0.97, default), paper:<sigma>, steps:<k>, none (always)")
-    g.add_argument("--gamma-reverse", type=_positive_float("--gamma-reverse"), default=1.0,
+    g.add_argument("--model", required=True, metavar="ID_OR_PATH",
+                   help=f"hub id (e.g. {KNOWN_MODELS[0]}) or a local pipeline folder")
+    g.add_argument("--prompt", required=True, metavar="TEXT", help="the text prompt")
+    g.add_argument("--gamma", type=_positive_float("--gamma"), default=1.2, metavar="G",
+                   help="gamma0 (default 1.2, the paper's)")
+    g.add_argument("--schedule", type=_schedule_spec, default="paper", metavar="RULE",
+                   help="when gamma is on: paper (sigma >= 0.97, i.e. t >= 970; default), paper:<sigma>, "
+                        "steps:<k> (the first k steps), constant (every step)")
+    g.add_argument("--gamma-reverse", type=_positive_float("--gamma-reverse"), default=1.0, metavar="G",
                    help="multiplier of text-query x image-key logits (default 1: the paper's TACA)")
-    g.add_argument("--lora", default=None, help="TACA LoRA (file/folder in diffusers' LoRA format, or hub id)")
-    g.add_argument("--steps", type=_positive_int("--steps"), default=None,
+    g.add_argument("--lora", default=None, metavar="PATH", help="TACA LoRA (file/folder in diffusers' LoRA format, or hub id)")
+    g.add_argument("--steps", type=_positive_int("--steps"), default=None, metavar="N",
                    help="denoising steps (default: the pipeline's; 4 for FLUX.1-schnell)")
-    g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
-    g.add_argument("--seed", type=int, default=42, help="seed (default 42, the paper's)")
-    g.add_argument("--height", type=_positive_int("--height"), default=None)
-    g.add_argument("--width", type=_positive_int("--width"), default=None)
-    g.add_argument("--max-sequence-length", type=_positive_int("--max-sequence-length"), default=None,
-                   help="T5 tokens (default: the pipeline's)")
-    g.add_argument("--negative-prompt", default=None, help="negative prompt (SD3/SD3.5)")
+    g.add_argument("--guidance", type=_guidance, default=None, metavar="G", help="guidance scale (default: the pipeline's)")
+    g.add_argument("--seed", type=_seed, default=42, metavar="N", help="seed (default 42, the paper's)")
+    g.add_argument("--height", type=_positive_int("--height"), default=None, metavar="PX",
+                   help="a multiple of 16 (default: the pipeline's, 1024 for FLUX.1 and SD3.5)")
+    g.add_argument("--width", type=_positive_int("--width"), default=None, metavar="PX", help="a multiple of 16")
+    g.add_argument("--max-sequence-length", type=_positive_int("--max-sequence-length"), default=None, metavar="N",
+                   help="T5 tokens (default: the pipeline's; at most 512, 256 for FLUX.1-schnell)")
+    g.add_argument("--negative-prompt", default=None, metavar="TEXT", help="negative prompt (SD3/SD3.5)")
     g.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     g.add_argument("--dtype", choices=tuple(_DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
-    g.add_argument("--offload", action="store_true", help="enable_model_cpu_offload (less GPU memory)")
+    g.add_argument("--offload", action="store_true", help="enable_model_cpu_offload (less GPU memory; --device cuda)")
     g.add_argument("--backend", choices=("auto", "cpu", "cuda", "sdpa", "reference"), default="auto",
-                   help="attention backend for TACA (default auto)")
-    g.add_argument("--out", default="taca.png", help="output image (default taca.png)")
+                   help="attention backend for TACA (default auto; cuda needs --device cuda, cpu --device cpu)")
+    g.add_argument("--out", default="taca.png", metavar="FILE",
+                   help="output image, any format Pillow writes (.png, .jpg, .webp, ...; default taca.png); "
+                        "an existing file is not replaced without --overwrite")
+    g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     g.add_argument("--compare", action="store_true", help="write TACA off and on side by side (same seed)")
     g.set_defaults(func=cmd_generate)
 
@@ -140,14 +172,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``taca`` console script. Returns the exit code."""
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The parsed command line (``args.extra``: what ``taca bench`` passes on to its script).
+    Usage errors exit with code 2 and a message naming the argument, as argparse does."""
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(list(argv))
     if args.command != "bench" and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``taca`` console script. Returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # a first try: the overview, not just "the following arguments are required"
+        build_parser().print_help(sys.stderr)
+        return 2
+    args = parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -157,6 +199,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 # demo ---------------------------------------------------------------------------------------
 def cmd_demo(args) -> int:
+    out = os.path.expanduser(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        print(f"taca demo: argument --out: {args.out} is a file; the demo writes several files into a folder",
+              file=sys.stderr)
+        return 2
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        print(f"taca demo: argument --out: cannot create the folder {args.out} ({e.strerror or e})", file=sys.stderr)
+        return 2
+    if not os.access(out, os.W_OK):
+        print(f"taca demo: argument --out: the folder {args.out} is not writable", file=sys.stderr)
+        return 2
     from . import demo
 
     kw = {}
@@ -164,7 +219,7 @@ def cmd_demo(args) -> int:
         kw["prompt"] = args.prompt
     if args.words is not None:
         kw["words"] = [w.strip() for w in args.words.split(",") if w.strip()]
-    demo.run_demo(out_dir=args.out, steps=args.steps, gammas=args.gammas, paper_gamma=args.gamma,
+    demo.run_demo(out_dir=out, steps=args.steps, gammas=args.gammas, paper_gamma=args.gamma,
                   seed=args.seed, run_each_gamma=args.run_each_gamma, plots=not args.no_plots, **kw)
     return 0
 
@@ -181,16 +236,17 @@ def _looks_like_path(model: str) -> bool:
 def missing_model_message(model: str, reason: str) -> str:
     """The one-paragraph message for a model that cannot be loaded without the network."""
     if _looks_like_path(model):
-        body = (f"taca generate: cannot load the pipeline folder {model!r}: {reason}. Pass a folder written by "
+        body = (f"taca generate: cannot load {model!r} as a pipeline folder: {reason}. Pass a folder written by "
                 f"diffusers' save_pretrained (it holds model_index.json), or a hub id such as {KNOWN_MODELS[0]}.")
     else:
         body = (f"taca generate: the weights of {model!r} are not available here ({reason}). Download them "
-                f"while online, e.g. `huggingface-cli download {model} --local-dir ./{model.split('/')[-1]}` "
+                f"while online, e.g. `hf download {model} --local-dir ./{model.split('/')[-1]}` "
                 f"(gated models such as FLUX.1-dev and SD3.5 need their license accepted on huggingface.co "
-                f"and `huggingface-cli login` first), then pass --model ./{model.split('/')[-1]}; or run "
-                f"without HF_HUB_OFFLINE=1 so diffusers can fetch and cache them. Supported: "
-                f"{', '.join(KNOWN_MODELS)}.")
-    return textwrap.fill(body, width=100)
+                f"and `hf auth login` first; `hf` comes with huggingface_hub), then pass "
+                f"--model ./{model.split('/')[-1]}; or run without HF_HUB_OFFLINE=1 so diffusers can fetch "
+                f"and cache them. Supported: {', '.join(KNOWN_MODELS)}.")
+    # never split a model id, a path or a command at its hyphens: they must stay copyable
+    return textwrap.fill(body, width=100, break_on_hyphens=False, break_long_words=False)
 
 
 def _family(pipe) -> Optional[str]:
@@ -206,6 +262,9 @@ def _load_pipeline(model: str, dtype):
     """(pipe, None) or (None, message)."""
     if _looks_like_path(model):
         path = os.path.expanduser(model)
+        if os.path.isfile(path):
+            return None, missing_model_message(model, "it is a file, not a folder (single-file checkpoints "
+                                                      "are not supported)")
         if not os.path.isdir(path):
             return None, missing_model_message(model, "no such folder")
         if not os.path.isfile(os.path.join(path, "model_index.json")):
@@ -213,13 +272,16 @@ def _load_pipeline(model: str, dtype):
         model = path
     import warnings
 
-    from diffusers import DiffusionPipeline
+    from ._quiet import quiet_imports
+
+    with quiet_imports():
+        from diffusers import DiffusionPipeline
     from diffusers.utils import logging as dlogging
 
     level = dlogging.get_verbosity()
     dlogging.set_verbosity_error()  # the hub-connection chatter; our message says what matters
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_imports():  # the pipeline class is imported here
             warnings.simplefilter("ignore", FutureWarning)  # torch_dtype -> dtype rename in newer diffusers
             return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype), None
     except (OSError, ValueError) as e:  # huggingface_hub's errors derive from these
@@ -242,29 +304,161 @@ def _reason(e: BaseException) -> str:
     return first if len(first) <= 160 else first[:157] + "..."
 
 
-def cmd_generate(args) -> int:
+# The T5 token limits diffusers 0.42.1's FluxPipeline / StableDiffusion3Pipeline.check_inputs
+# accept (512), and FLUX.1-schnell's (its T5 was used with 256 tokens: the model card's example).
+MAX_SEQUENCE_LENGTH = {"flux": 512, "flux-schnell": 256, "sd3": 512}
+_KNOWN_FAMILIES = {
+    "black-forest-labs/FLUX.1-dev": "flux",
+    "black-forest-labs/FLUX.1-schnell": "flux-schnell",
+    "black-forest-labs/FLUX.1-Kontext-dev": "flux",
+    "stabilityai/stable-diffusion-3-medium-diffusers": "sd3",
+    "stabilityai/stable-diffusion-3.5-medium": "sd3",
+    "stabilityai/stable-diffusion-3.5-large": "sd3",
+    "stabilityai/stable-diffusion-3.5-large-turbo": "sd3",
+}
+
+
+class UsageError(Exception):
+    """A user mistake found before anything is loaded: ``str(e)`` is the one-line message."""
+
+    def __init__(self, arg: Optional[str], msg: str):
+        super().__init__(f"taca generate: argument {arg}: {msg}" if arg else f"taca generate: {msg}")
+
+
+def _peek_family(model: str) -> Optional[str]:
+    """"flux", "flux-schnell" or "sd3" from a known hub id or a local folder's configs (no
+    weights read), or None when it cannot be told before loading."""
+    import json
+
+    if model in _KNOWN_FAMILIES:
+        return _KNOWN_FAMILIES[model]
+    path = os.path.expanduser(model)
+    try:
+        with open(os.path.join(path, "model_index.json")) as f:
+            cls = json.load(f).get("_class_name", "")
+    except (OSError, ValueError):
+        return None
+    if "StableDiffusion3" in cls:
+        return "sd3"
+    if "Flux" not in cls:
+        return None
+    try:
+        with open(os.path.join(path, "transformer", "config.json")) as f:
+            guidance = json.load(f).get("guidance_embeds", True)
+    except (OSError, ValueError):
+        guidance = True
+    return "flux" if guidance else "flux-schnell"
+
+
+def _check_family_args(args, family: Optional[str]) -> None:
+    """Checks that need the model family (known before loading for known ids and folders; None:
+    not known yet, only the bounds common to every family)."""
+    limit = MAX_SEQUENCE_LENGTH.get(family, max(MAX_SEQUENCE_LENGTH.values()))
+    n = args.max_sequence_length
+    if n is not None and n > limit:
+        what = {"flux": "FLUX.1 pipelines", "flux-schnell": "FLUX.1-schnell", "sd3": "SD3/SD3.5 pipelines",
+                None: "FLUX.1 and SD3/SD3.5 pipelines"}[family]
+        raise UsageError("--max-sequence-length", f"{what} take at most {limit} T5 tokens, got {n}")
+    if args.negative_prompt is not None and family not in ("sd3", None):
+        raise UsageError("--negative-prompt", "only SD3/SD3.5 pipelines take a negative prompt here")
+
+
+def _image_format(path: str) -> str:
+    """Pillow's format name for the extension of ``path`` (raises UsageError if Pillow cannot write it)."""
+    from PIL import Image
+
+    Image.init()
+    ext = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        writable = sorted({e for e, f in Image.registered_extensions().items() if f in Image.SAVE}
+                          & {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+        got = f"{ext!r}" if ext else "no extension"
+        raise UsageError("--out", f"{path}: Pillow cannot write images with {got}; use one of {', '.join(writable)}")
+    return fmt
+
+
+def _check_lora(lora: str) -> None:
+    if not _looks_like_path(lora):
+        return  # a hub id or an adapter name: checked when it is loaded
+    path = os.path.expanduser(lora)
+    if not os.path.exists(path):
+        raise UsageError("--lora", f"{lora} does not exist")
+    if os.path.isdir(path):
+        names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not names:
+            raise UsageError("--lora", f"the folder {lora} holds no .safetensors file; pass the LoRA file itself "
+                                       "or a folder with one (diffusers' pytorch_lora_weights.safetensors)")
+        if len(names) > 1 and "pytorch_lora_weights.safetensors" not in names:
+            raise UsageError("--lora", f"the folder {lora} holds several .safetensors files ({', '.join(names)}) "
+                                       "and no pytorch_lora_weights.safetensors; pass the file itself")
+        path = os.path.join(path, "pytorch_lora_weights.safetensors" if len(names) > 1 else names[0])
+    elif not path.endswith(".safetensors"):
+        raise UsageError("--lora", f"{lora} is not a .safetensors file")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # a truncated or foreign file; only the header is read here
+        raise UsageError("--lora", f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    if not keys:
+        raise UsageError("--lora", f"{path} holds no tensors")
+    # diffusers / PEFT (lora_A, lora_B) and kohya (lora_down, lora_up) names; a LoRA has both halves
+    if not (any("lora_A" in k or "lora_down" in k for k in keys) and any("lora_B" in k or "lora_up" in k for k in keys)):
+        raise UsageError("--lora", f"{path} holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up pairs "
+                                   f"among its {len(keys)} tensors, e.g. {keys[0]})")
+
+
+def validate_generate_args(args) -> str:
+    """Every check that needs no model: raises :class:`UsageError`; returns the device."""
     import torch
 
-    err = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        err("taca generate: --device cuda was given but torch sees no CUDA GPU (torch "
-            f"{torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu")
-        return 2
-    dtype = getattr(torch, _DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")])
+        raise UsageError("--device", "cuda was given but torch sees no CUDA GPU (torch "
+                                     f"{torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu")
+    if args.backend in ("cpu", "cuda") and args.backend != device:
+        raise UsageError("--backend", f"{args.backend} runs on {args.backend} tensors but the model runs on "
+                                      f"--device {device}; use --backend auto (or --device {args.backend})")
+    if args.backend in ("cpu", "cuda"):
+        from . import ops
+
+        if not (ops.HAVE_CUDA_KERNEL if args.backend == "cuda" else ops.HAVE_KERNELS):
+            raise UsageError("--backend", f"{args.backend}: taca was built without this kernel; use --backend auto")
+    if args.offload and device != "cuda":
+        raise UsageError("--offload", f"moves models between the GPU and the CPU; it needs --device cuda, not {device}")
     for name in ("height", "width"):
         v = getattr(args, name)
         if v is not None and v % 16:
-            err(f"taca generate: argument --{name}: must be a multiple of 16, got {v}")
-            return 2
-    out_dir = os.path.dirname(os.path.abspath(args.out))
+            raise UsageError(f"--{name}", f"must be a multiple of 16, got {v}")
+    out = os.path.abspath(os.path.expanduser(args.out))
+    out_dir = os.path.dirname(out)
     if not os.path.isdir(out_dir):
-        err(f"taca generate: argument --out: folder {out_dir} does not exist")
-        return 2
-    if args.lora is not None and _looks_like_path(args.lora) and not os.path.exists(args.lora):
-        err(f"taca generate: argument --lora: {args.lora} does not exist")
-        return 2
+        raise UsageError("--out", f"folder {out_dir} does not exist")
+    if os.path.isdir(out):
+        raise UsageError("--out", f"{args.out} is a folder; give a file name such as {os.path.join(args.out, 'taca.png')}")
+    if not os.access(out_dir, os.W_OK):
+        raise UsageError("--out", f"folder {out_dir} is not writable")
+    _image_format(out)
+    if os.path.exists(out) and not args.overwrite:
+        raise UsageError("--out", f"{args.out} exists; pass --overwrite to replace it, or another --out")
+    if args.lora is not None:
+        _check_lora(args.lora)
+    _check_family_args(args, _peek_family(args.model))
+    return device
 
+
+def cmd_generate(args) -> int:
+    err = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    try:
+        device = validate_generate_args(args)
+    except UsageError as e:
+        err(str(e))
+        return 2
+    import torch
+
+    dtype = getattr(torch, _DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")])
     pipe, msg = _load_pipeline(args.model, dtype)
     if pipe is None:
         err(msg)
@@ -274,12 +468,17 @@ def cmd_generate(args) -> int:
         err(f"taca generate: {args.model} loads as {type(pipe).__name__}, which is not a FLUX or SD3/SD3.5 "
             "pipeline; TACA supports FluxPipeline-family and StableDiffusion3Pipeline-family models")
         return 2
-    if args.offload and device == "cuda":
+    schnell = family == "flux" and not getattr(pipe.transformer.config, "guidance_embeds", True)
+    try:  # again, with the family the loaded pipeline really has
+        _check_family_args(args, "flux-schnell" if schnell else family)
+    except UsageError as e:
+        err(str(e))
+        return 2
+    if args.offload:
         pipe.enable_model_cpu_offload()
     else:
         pipe.to(device)
 
-    schnell = family == "flux" and not getattr(pipe.transformer.config, "guidance_embeds", True)
     call = dict(prompt=args.prompt)
     if args.steps is not None:
         call["num_inference_steps"] = args.steps
@@ -289,13 +488,14 @@ def cmd_generate(args) -> int:
         call["guidance_scale"] = args.guidance
     elif schnell:
         call["guidance_scale"] = 0.0
-    for k in ("height", "width", "max_sequence_length"):
+    if args.max_sequence_length is not None:
+        call["max_sequence_length"] = args.max_sequence_length
+    elif schnell:
+        call["max_sequence_length"] = MAX_SEQUENCE_LENGTH["flux-schnell"]
+    for k in ("height", "width"):
         if getattr(args, k) is not None:
             call[k] = getattr(args, k)
     if args.negative_prompt is not None:
-        if family != "sd3":
-            err("taca generate: argument --negative-prompt: only SD3/SD3.5 pipelines take a negative prompt here")
-            return 2
         call["negative_prompt"] = args.negative_prompt
 
     import taca
@@ -304,8 +504,27 @@ def cmd_generate(args) -> int:
         gen = torch.Generator(device="cpu").manual_seed(args.seed)
         if not on:
             return pipe(generator=gen, **call).images[0], None
-        handle = taca.enable(pipe, gamma=args.gamma, schedule=args.schedule, lora=args.lora,
-                             gamma_reverse=args.gamma_reverse, backend=args.backend)
+        import logging
+
+        # diffusers logs a failed LoRA load before raising; the one line below says it instead
+        peft_log = logging.getLogger("diffusers.loaders.peft")
+        drop = lambda rec: "was unsuccessful with the following error" not in rec.getMessage()  # noqa: E731
+        peft_log.addFilter(drop)
+        try:
+            handle = taca.enable(pipe, gamma=args.gamma, schedule=args.schedule, lora=args.lora,
+                                 gamma_reverse=args.gamma_reverse, backend=args.backend)
+        except Exception as e:
+            if args.lora is None:
+                raise  # nothing the user gave can be at fault: a bug, keep its traceback
+            # a LoRA for another model, a hub id while offline: diffusers raises anything here
+            if not _looks_like_path(args.lora) and isinstance(e, (OSError, ValueError)):
+                why = (f"{_reason(e)}; download it while online (`hf download {args.lora} --local-dir "
+                       f"./{args.lora.split('/')[-1]}`) and pass the .safetensors file")
+            else:
+                why = f"{type(e).__name__}: {str(e).replace('taca: ', '').strip().splitlines()[0][:300]}"
+            raise UsageError("--lora", f"cannot load {args.lora} into {type(pipe).__name__}: {why}") from None
+        finally:
+            peft_log.removeFilter(drop)
         steps_on: List[bool] = []
         hook = pipe.transformer.register_forward_hook(lambda *a: steps_on.append(handle.last_gamma is not None))
         try:
@@ -316,17 +535,77 @@ def cmd_generate(args) -> int:
 
     print(f"taca generate: {type(pipe).__name__} ({family}) on {device}, {str(dtype).replace('torch.', '')}; "
           f"gamma={args.gamma:g}, schedule={args.schedule}, seed={args.seed}", file=sys.stderr)
-    images = []
-    if args.compare:
-        images.append(("TACA off", run(False)[0]))
-    img, steps_on = run(True)
+    try:  # TACA on first: a LoRA that does not load fails before any image is made
+        img, steps_on = run(True)
+    except UsageError as e:
+        err(str(e))
+        return 2
     on_idx = [i for i, s in enumerate(steps_on or []) if s]
-    images.append((f"TACA gamma={args.gamma:g} ({args.schedule})", img))
     print(f"taca generate: gamma was on in transformer calls {on_idx} of {len(steps_on or [])}", file=sys.stderr)
+    images = [(f"TACA gamma={args.gamma:g} ({args.schedule})", img)]
+    if args.compare:
+        try:
+            images.insert(0, ("TACA off", run(False)[0]))
+        except BaseException:  # Ctrl-C or a crash in the second run: keep the finished TACA image
+            path, note, _ = save_image(img, args.out, overwrite=args.overwrite)
+            if note:
+                err(note)
+            if path is not None:
+                err(f"taca generate: the TACA-off run of --compare did not finish; the TACA image alone is in {path}")
+            raise
     out = images[0][1] if len(images) == 1 else _side_by_side(images)
-    out.save(args.out)
-    print(f"taca generate: wrote {os.path.abspath(args.out)}" + (" (left: TACA off, right: TACA on)" if args.compare else ""))
-    return 0
+    path, note, rescued = save_image(out, args.out, overwrite=args.overwrite)
+    if note:
+        err(note)
+    if path is None:
+        return 1
+    print(f"taca generate: wrote {path}" + (" (left: TACA off, right: TACA on)" if args.compare else ""))
+    return 1 if rescued else 0
+
+
+def _free_name(path: str) -> str:
+    root, ext = os.path.splitext(path)
+    i = 1
+    while os.path.exists(f"{root}-{i}{ext}"):
+        i += 1
+    return f"{root}-{i}{ext}"
+
+
+def save_image(img, out: str, overwrite: bool = False):
+    """Write a finished image to ``out``; never lose it. Returns (path written or None, note or
+    None, rescued): ``rescued`` is True when ``out`` could not be written and the image went
+    elsewhere (path None: nowhere at all).
+
+    ``out`` was checked before generating; if it appeared since and ``overwrite`` is off, the
+    image goes to ``name-1.ext`` beside it. If writing fails (disk full, folder removed, ...),
+    the image is saved as PNG in the current folder, else in the temp folder, and the note says
+    where and why.
+    """
+    import tempfile
+    import time
+
+    out = os.path.abspath(os.path.expanduser(out))
+    note = None
+    if os.path.exists(out) and not overwrite:
+        new = _free_name(out)
+        note = f"taca generate: {out} appeared while generating; not replacing it, writing {new} instead"
+        out = new
+    try:
+        img.save(out)
+        return out, note, False
+    except Exception as e:  # anything Pillow or the OS raises: the image must survive it
+        why = f"{type(e).__name__}: {e}"
+    name = f"taca-rescued-{time.strftime('%Y%m%d-%H%M%S')}.png"
+    for folder in (os.getcwd(), tempfile.gettempdir()):
+        cand = _free_name(os.path.join(folder, name)) if os.path.exists(os.path.join(folder, name)) else os.path.join(folder, name)
+        try:
+            img.save(cand, format="PNG")
+        except Exception:
+            continue
+        return cand, (f"taca generate: argument --out: could not write {out} ({why}); the image was saved to "
+                      f"{cand} instead"), True
+    return None, (f"taca generate: argument --out: could not write {out} ({why}), nor a copy in {os.getcwd()} "
+                  f"or {tempfile.gettempdir()}; the image is lost"), True
 
 
 def _side_by_side(images):

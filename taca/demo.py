@@ -94,8 +94,11 @@ def build_tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     written with ``save_pretrained`` and reloaded with ``DiffusionPipeline.from_pretrained``.
     Use ``max_sequence_length=DEMO_TEXT_LEN`` and H = W = 32 to keep the demo's 8:1 token ratio.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from ._quiet import quiet_imports
+
+    with quiet_imports():
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     clip_tok, clip_vocab = _word_tokenizer(
         _SPECIALS_CLIP, "<|startoftext|> $A <|endoftext|>", pad="<|endoftext|>", unk="<unk>",
@@ -135,8 +138,12 @@ def build_tiny_sd3_pipeline(seed: int = 0, variant: str = "sd35m", dtype: torch.
     ``save_pretrained`` and reloaded. Image tokens: (H/1) * (W/1) with the one-level VAE, so keep
     H, W small (16 gives 256 image tokens against 77 CLIP + max_sequence_length T5 text tokens).
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from ._quiet import quiet_imports
+
+    with quiet_imports():
+        from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                               StableDiffusion3Pipeline)
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     extra = {"sd3": {}, "sd35m": dict(dual_attention_layers=(0,), qk_norm="rms_norm"),
              "sd35l": dict(qk_norm="rms_norm")}

@@ -2,10 +2,10 @@
 
 ``import taca.numpy`` needs only numpy and the compiled ``taca._numpy_C`` module.
 
-Semantics are those of ``taca.joint_attention`` (DESIGN.md section 1): text tokens are the
-first ``text_len`` tokens (``text_first=True``, FLUX) or the last ones (SD3); gamma multiplies
-the scaled logits of (visual query, text key) pairs, gamma_reverse those of (text query,
-visual key) pairs. gamma, gamma_reverse and scale reach the kernel as float32.
+Semantics are those of ``taca.joint_attention`` (``taca.reference.attention_ref`` spells them
+out in PyTorch): text tokens are the first ``text_len`` tokens (``text_first=True``, FLUX) or
+the last ones (SD3); gamma multiplies the scaled logits of (visual query, text key) pairs,
+gamma_reverse those of (text query, visual key) pairs. gamma, gamma_reverse and scale reach the kernel as float32.
 """
 from __future__ import annotations
 

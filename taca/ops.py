@@ -101,6 +101,10 @@ def _validate(q, k, v, text_len, gamma, gamma_reverse, scale, layout, backend):
         raise ValueError(f"taca: backend={backend!r} is not one of {_BACKENDS}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
+            if type(t).__module__ == "numpy":
+                raise TypeError(f"taca: {name} is a NumPy array; taca.joint_attention takes torch tensors: "
+                                "use taca.numpy.joint_attention for NumPy arrays (same kernel, no torch), or "
+                                "torch.from_numpy")
             raise TypeError(f"taca: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(

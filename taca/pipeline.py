@@ -434,12 +434,19 @@ class TacaHandle:
                 # name the file: offline, diffusers does not guess weight names in directories
                 src, extra["weight_name"] = _lora_file(src)
             self._lora_via_pipe = self.pipe is not None and hasattr(self.pipe, "load_lora_weights")
-            if self._lora_via_pipe:
-                self.pipe.load_lora_weights(src, adapter_name=adapter_name, **extra)
-            else:
-                # bare transformer: diffusers-format LoRA files only (other formats need the
-                # pipeline's converters: pass the pipeline)
-                self.transformer.load_lora_adapter(src, prefix="transformer", adapter_name=adapter_name, **extra)
+            import warnings
+
+            with warnings.catch_warnings():
+                # peft warns when a second adapter joins the user's: keeping both is the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute",
+                                        category=UserWarning)
+                if self._lora_via_pipe:
+                    self.pipe.load_lora_weights(src, adapter_name=adapter_name, **extra)
+                else:
+                    # bare transformer: diffusers-format LoRA files only (other formats need the
+                    # pipeline's converters: pass the pipeline)
+                    self.transformer.load_lora_adapter(src, prefix="transformer", adapter_name=adapter_name,
+                                                       **extra)
             self.lora_adapter = adapter_name
             self._lora_loaded_by_us = True
             # loading makes the new adapter the only active one in every layer: give the user's
@@ -552,7 +559,7 @@ def _same_source(a, b) -> bool:
 def enable(
     pipe_or_transformer,
     gamma: float = 1.2,
-    schedule: Union[None, str, _schedule.Schedule, _schedule.SigmaFn] = None,
+    schedule: Union[None, str, _schedule.Schedule, _schedule.SigmaFn] = "paper",
     lora: Union[None, str, os.PathLike, Dict[str, torch.Tensor]] = None,
     gamma_reverse: float = 1.0,
     backend: str = "auto",
@@ -561,9 +568,11 @@ def enable(
     """Turn TACA on for a FLUX or SD3/SD3.5 pipeline or transformer.
 
     gamma: gamma0, the multiplier of (image query, text key) logits inside the window.
-    schedule: None / "paper" (gamma0 where sigma >= 0.97), "paper:<sigma>", "steps:<k>" (first k
-        denoising steps of each call), "constant" / "none" (always), a ``taca.schedule.Schedule``,
-        or a callable sigma (B,) float32 -> gamma (B,). See ``taca.schedule``.
+    schedule: "paper" (the default, also what None means: gamma0 where sigma >= 0.97, i.e.
+        t >= 970), "paper:<sigma>" (another threshold), "steps:<k>" (first k denoising steps of
+        each call), "constant" (every step), a ``taca.schedule.Schedule``, or a callable
+        sigma (B,) float32 -> gamma (B,). The names are those of ``taca generate --schedule``;
+        "none" is refused as ambiguous. See ``taca.schedule``.
     lora: a TACA LoRA (a file or directory in diffusers' LoRA format, a hub id, a state dict, or
         the name of an adapter already loaded), loaded as ``adapter_name`` and active exactly in
         the transformer calls where gamma != 1.

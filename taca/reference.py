@@ -49,7 +49,8 @@ def logit_multiplier(
     device=None,
     dtype=torch.float64,
 ) -> torch.Tensor:
-    """m of DESIGN.md section 1 as a (B, 1, N, N) tensor (query rows, key columns)."""
+    """The multiplier of the scaled logits, (B, 1, N, N) (query rows, key columns): gamma for
+    (image query, text key), gamma_reverse for (text query, image key), 1 elsewhere."""
     tb, te = text_range(n, text_len, text_first)
     is_text = torch.zeros(n, dtype=torch.bool, device=device)
     is_text[tb:te] = True

@@ -1,7 +1,8 @@
 """When TACA's temperature gamma is on: gamma as a function of the noise level (or step).
 
 Noise level: sigma in [0, 1] (FLUX passes sigma to its transformer; SD3 passes t = 1000 sigma,
-which ``taca.enable`` divides by 1000). Rules:
+which ``taca.enable`` divides by 1000). The same names work in Python (``schedule=``) and on the
+command line (``--schedule``); ``schedule=None`` in Python is the default, ``"paper"``. Rules:
 
 - ``"paper"`` (default, :class:`PaperSchedule`): gamma0 when t >= 970, i.e. sigma >= 0.97, else 1
   (arXiv 2506.07986, section 3.3). Works per sample, so it is also the rule for training, where
@@ -10,7 +11,10 @@ which ``taca.enable`` divides by 1000). Rules:
   call, else 1 (the authors' inference code: ``i < 3``). The step index is the number of distinct
   decreasing sigmas seen since the call began (see ``taca.pipeline``); every sample of the batch
   gets the same gamma.
-- ``"constant"`` / ``"none"`` (:class:`ConstantSchedule`): gamma0 at every step.
+- ``"constant"`` (:class:`ConstantSchedule`; ``"always"`` is the same): gamma0 at every step.
+- ``"none"`` is refused: it read as "no schedule" (the paper's default) to some and as "no
+  window, gamma always" to others. Use ``"constant"`` for gamma at every step, ``"paper"`` for
+  the paper's rule, and gamma = 1 (or ``taca.disable``) for TACA off.
 - any callable ``f(sigma) -> gamma``: ``sigma`` is a (B,) float32 tensor, the result a (B,)
   tensor or a float (:class:`CallableSchedule`).
 
@@ -165,9 +169,10 @@ def _check_gamma(g, what: str) -> float:
 
 
 def parse(spec: Union[None, str, Schedule, SigmaFn], gamma: float = 1.2) -> Schedule:
-    """A :class:`Schedule` from a spec: None or "paper" (optionally "paper:0.95", a sigma
-    threshold), "steps:k", "constant" / "none", a Schedule, or a callable sigma -> gamma.
-    ``gamma`` fills in gamma0 where the spec has none.
+    """A :class:`Schedule` from a spec: None or "paper" (the default; "paper:0.95" sets the sigma
+    threshold), "steps:k", "constant" (alias "always"), a Schedule, or a callable sigma -> gamma.
+    ``gamma`` fills in gamma0 where the spec has none. "none" is refused (see the module
+    docstring): the error says which name to use instead.
     """
     if spec is None:
         return PaperSchedule().with_gamma(gamma)
@@ -177,17 +182,27 @@ def parse(spec: Union[None, str, Schedule, SigmaFn], gamma: float = 1.2) -> Sche
         s = spec.strip().lower()
         name, _, arg = s.partition(":")
         if name == "paper":
-            return PaperSchedule(threshold=float(arg) if arg else PAPER_THRESHOLD).with_gamma(gamma)
+            try:
+                threshold = float(arg) if arg else PAPER_THRESHOLD
+            except ValueError:
+                raise ValueError(f"taca: schedule={spec!r}: expected 'paper:<sigma>' with a number, "
+                                 "e.g. 'paper:0.95'") from None
+            return PaperSchedule(threshold=threshold).with_gamma(gamma)
         if name in ("steps", "step"):
             try:
                 k = int(arg)
             except ValueError:
                 raise ValueError(f"taca: schedule={spec!r}: expected 'steps:<k>' with an integer k") from None
             return StepSchedule(k).with_gamma(gamma)
-        if name in ("constant", "none", "always") and not arg:
+        if name in ("constant", "always") and not arg:
             return ConstantSchedule().with_gamma(gamma)
+        if name in ("none", "off") and not arg:
+            raise ValueError(
+                f"taca: schedule={spec!r} is ambiguous and not accepted: use 'constant' for gamma at every "
+                "step, 'paper' for the paper's rule (the default), or gamma 1 to turn TACA off"
+            )
         raise ValueError(
-            f"taca: schedule={spec!r} is not one of 'paper', 'paper:<sigma>', 'steps:<k>', 'constant', 'none'"
+            f"taca: schedule={spec!r} is not one of 'paper', 'paper:<sigma>', 'steps:<k>', 'constant'"
         )
     if callable(spec):
         return CallableSchedule(spec)

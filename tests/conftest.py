@@ -20,8 +20,27 @@ import torch  # noqa: E402
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+DOC_SNIPPETS = pytest.StashKey[list]()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    config.stash[DOC_SNIPPETS] = []
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # tests/test_docs.py: which documentation snippets ran and which were only parsed, and why
+    rows = config.stash.get(DOC_SNIPPETS, [])
+    if rows:
+        terminalreporter.section("documentation snippets")
+        for row in rows:  # in the order the tests ran: file by file, top to bottom
+            terminalreporter.write_line(row)
+
+
+@pytest.fixture
+def doc_report(request):
+    """A list the documentation tests append their one-line verdicts to (printed at the end)."""
+    return request.config.stash[DOC_SNIPPETS]
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 never a crash; inputs that are odd but valid (non-unit D stride, NaN) behave."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,6 +34,8 @@ BAD = [
     ("rank3", lambda: call(q=torch.randn(H, N, D)), ValueError, "q must have 4 dimensions"),
     ("rank5", lambda: call(k=torch.randn(1, B, H, N, D)), ValueError, "k must have 4 dimensions"),
     ("not_tensor", lambda: call(q=[[1.0]]), TypeError, "q must be a torch.Tensor"),
+    ("numpy_array", lambda: call(k=np.random.randn(B, H, N, D).astype(np.float32)), TypeError,
+     r"k is a NumPy array.*taca\.numpy\.joint_attention"),
     ("dtype_mismatch", lambda: call(k=torch.randn(B, H, N, D, dtype=torch.float64)), TypeError, "same dtype"),
     ("device_mismatch", lambda: call(v=torch.randn(B, H, N, D, device="meta")), ValueError, "same device"),
     ("int_tensors", lambda: call(*[torch.randint(0, 3, (B, H, N, D)) for _ in range(3)]), TypeError, "floating-point"),

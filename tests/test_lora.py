@@ -2,6 +2,7 @@
 the transformer calls where gamma != 1, repeated pipeline calls behave the same, and the user's
 other adapters are left alone."""
 import os
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -122,7 +123,10 @@ def test_lora_by_name_state_dict_and_other_adapters(tmp_path):
     user_only_off = _call(t, {**kw, "timestep": torch.tensor([0.5])})
 
     sd = load_file(os.path.join(path, "pytorch_lora_weights.safetensors"))
-    h = taca.enable(pipe, gamma=1.2, lora=sd)
+    with warnings.catch_warnings(record=True) as caught:  # joining the user's adapter is intended: no noise
+        warnings.simplefilter("always")
+        h = taca.enable(pipe, gamma=1.2, lora=sd)
+    assert not [w for w in caught if "peft_config" in str(w.message)], [str(w.message) for w in caught]
     try:
         off = _call(t, {**kw, "timestep": torch.tensor([0.5])})
         on = _call(t, {**kw, "timestep": torch.tensor([1.0])})
@@ -138,7 +142,9 @@ def test_lora_by_name_state_dict_and_other_adapters(tmp_path):
     assert torch.equal(_call(t, {**kw, "timestep": torch.tensor([0.5])}), user_only_off)
 
     # by name: an adapter the user loaded (active); gated while enabled, active again after
-    pipe.load_lora_weights(path, weight_name="pytorch_lora_weights.safetensors", adapter_name="mine")
+    with warnings.catch_warnings():  # peft's note on a second adapter: this test means to add one
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        pipe.load_lora_weights(path, weight_name="pytorch_lora_weights.safetensors", adapter_name="mine")
     mine_layers = [m for _, m in t.named_modules() if hasattr(m, "lora_A") and "mine" in m.lora_A]
     for _, m in t.named_modules():  # loading deactivates "user"; the user turns both on
         if hasattr(m, "lora_A") and len(m.lora_A):

@@ -64,9 +64,16 @@ def test_parse_and_errors():
     assert isinstance(st, S.StepSchedule) and st.k == 3 and st.gamma0 == 1.1
     assert st(torch.zeros(2), 2).tolist() == pytest.approx([1.1, 1.1])
     assert st(torch.zeros(2), 3).tolist() == [1.0, 1.0]
-    for name in ("constant", "none", "CONSTANT"):
+    for name in ("constant", "always", "CONSTANT"):
         c = S.parse(name, 1.4)
         assert isinstance(c, S.ConstantSchedule) and c(torch.rand(3)).tolist() == pytest.approx([1.4] * 3)
+    # None and "paper" are the same rule; "none" is refused with the names to use instead
+    assert repr(S.parse(None, 1.3)) == repr(S.parse("paper", 1.3)) == "PaperSchedule(gamma=1.3, threshold=0.97)"
+    for name in ("none", "None", "off"):
+        with pytest.raises(ValueError, match=r"ambiguous.*'constant' for gamma at every step.*'paper'"):
+            S.parse(name)
+    with pytest.raises(ValueError, match="paper:<sigma>"):
+        S.parse("paper:high")
     fn = S.parse(lambda sig: 1.0 + 0.5 * sig)
     assert fn(torch.tensor([0.0, 1.0])).tolist() == [1.0, 1.5]
     assert S.parse(lambda sig: 2.0)(torch.zeros(2)).tolist() == [2.0, 2.0]
