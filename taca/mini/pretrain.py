@@ -1,0 +1,441 @@
+"""From-scratch training of the miniature (transformer + text encoder, all parameters).
+
+    python -m taca.mini.pretrain --out runs/mini [--resume runs/mini] [--max-seconds 480] [--device cuda]
+    python -m taca.mini.pretrain export --ckpt runs/mini --out taca/mini/weights --dtype bfloat16
+
+Flow matching on scenes rendered on the fly (``taca.mini.data.SceneSampler`` on the training
+device): x_t = (1 - sigma) x0 + sigma noise, target noise - x0, MSE; sigma logit-normal(0, 1)
+then shifted like the sampler (``--sigma-shift``, default 3, the scheduler's shift), so training
+spends its time where sampling does. Captions are dropped (replaced by "") with probability
+``--caption-dropout`` for classifier-free guidance. AdamW, linear warm-up, constant learning
+rate, optional linear cool-down to 0 between ``--cooldown-start`` and ``--total-steps``;
+gradient clipping; bf16 autocast on CUDA; optional ``torch.compile`` of the transformer; an EMA
+of the weights (used for evaluation and export).
+
+A run stops at ``--max-steps`` or when ``--max-seconds`` of wall-clock time have passed since
+the process started (a GPU call lasts at most 10 minutes), then saves a checkpoint. The next
+invocation resumes from it with ``--resume`` (it may be a different folder than ``--out``).
+Checkpoint folder (every file < 16 MiB for the 3.8M-parameter model):
+
+- ``model.safetensors``: the weights, float32 (``transformer.*``, ``text_encoder.*``)
+- ``ema.safetensors``: the EMA weights, float32
+- ``optim.safetensors``: AdamW's moments in bfloat16 (halves the size; the next loss after a
+  resume is exactly the one the uninterrupted run would have had, later ones differ by rounding)
+- ``state.json``: step, the random generator's state, configs, arguments, elapsed time
+- ``log.jsonl``: one JSON object per line: {"kind": "train", step, loss, lr, s_per_step, ...}
+  and {"kind": "eval", step, per-category accuracy with Wilson intervals, ...}
+
+Evaluation every ``--eval-every`` steps and at the end: the EMA model generates the first
+``--eval-per-category`` prompts of each category of ``taca.mini.data.eval_prompts`` (fixed
+seeds), the judge scores them.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from . import data as D
+from . import judge as J
+
+_T0 = time.time()
+CKPT_FILES = ("model.safetensors", "ema.safetensors", "optim.safetensors", "state.json")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m taca.mini.pretrain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="checkpoint folder to write (created)")
+    p.add_argument("--resume", default=None, help="checkpoint folder to resume from (default: --out if it has one)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="the tiny test configs (CPU smoke runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--total-steps", type=int, default=0, help="with --cooldown-start: the step where lr reaches 0")
+    p.add_argument("--cooldown-start", type=int, default=0, help="step where the linear cool-down starts (0: none)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop at this global step (0: no limit)")
+    p.add_argument("--max-seconds", type=float, default=0, help="stop after this much wall-clock time (0: no limit)")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay (0: no EMA)")
+    p.add_argument("--sigma-shift", type=float, default=3.0)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=2000, help="0: only at the end")
+    p.add_argument("--eval-per-category", type=int, default=100)
+    p.add_argument("--eval-steps", type=int, default=28)
+    p.add_argument("--eval-guidance", type=float, nargs="+", default=[1.0, 3.0])
+    p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    for name in ("batch", "log_every"):
+        if getattr(a, name) < 1:
+            raise SystemExit(f"taca.mini.pretrain: --{name.replace('_', '-')} must be >= 1")
+    if a.lr <= 0:
+        raise SystemExit("taca.mini.pretrain: --lr must be > 0")
+    if a.cooldown_start and a.total_steps <= a.cooldown_start:
+        raise SystemExit("taca.mini.pretrain: --total-steps must be > --cooldown-start")
+    if not 0 <= a.caption_dropout < 1:
+        raise SystemExit("taca.mini.pretrain: --caption-dropout must be in [0, 1)")
+    if not 0 <= a.ema < 1:
+        raise SystemExit("taca.mini.pretrain: --ema must be in [0, 1)")
+    return a
+
+
+def named_params(pipe) -> Dict[str, torch.nn.Parameter]:
+    """The trainable parameters by name ("transformer.*", "text_encoder.*"); tied weights once."""
+    out: Dict[str, torch.nn.Parameter] = {}
+    for prefix in ("transformer", "text_encoder"):
+        for k, v in getattr(pipe, prefix).named_parameters():
+            out[f"{prefix}.{k}"] = v
+    return out
+
+
+def lr_at(step: int, a: argparse.Namespace) -> float:
+    """Learning rate at a (0-based) step: linear warm-up, constant, optional linear cool-down."""
+    lr = a.lr * min(1.0, (step + 1) / max(1, a.warmup))
+    if a.cooldown_start and step >= a.cooldown_start:
+        lr *= max(0.0, 1 - (step - a.cooldown_start) / (a.total_steps - a.cooldown_start))
+    return lr
+
+
+class Trainer:
+    """State of one pretraining run: pipeline, optimizer, EMA, random generator, step.
+
+    ``step()`` runs one optimizer step on a fresh batch and returns its loss (a Python float).
+    ``loss_on(x0, ids, mask, sigma, noise)`` is the loss of a given batch (no update).
+    """
+
+    def __init__(self, a: argparse.Namespace, pipe=None):
+        from . import model as M
+
+        self.a = a
+        self.device = torch.device(a.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            # DESIGN.md's pitfall: cuDNN's SDPA backward failed for small heads on torch 2.11 + CUDA 13
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        tcfg = M.TINY_TRANSFORMER_CONFIG if a.tiny else M.MINI_TRANSFORMER_CONFIG
+        ecfg = M.TINY_TEXT_CONFIG if a.tiny else M.MINI_TEXT_CONFIG
+        self.pipe = pipe if pipe is not None else M.build_pipeline(seed=a.seed, transformer_config=tcfg, text_config=ecfg)
+        self.pipe.to(self.device)
+        self.pipe.transformer.train()
+        self.pipe.text_encoder.train()
+        self.params = named_params(self.pipe)
+        plist = list(self.params.values())
+        fused = self.device.type == "cuda"
+        self.opt = torch.optim.AdamW(plist, lr=a.lr, betas=(0.9, 0.99), weight_decay=a.weight_decay, fused=fused)
+        self.ema = [p.detach().clone().float() for p in plist] if a.ema > 0 else None
+        self.sampler = D.SceneSampler(seed=a.seed, device=self.device)
+        self.generator = self.sampler.generator  # one stream: scenes, captions dropped, sigma, noise
+        tok = self.pipe.tokenize(self.sampler.table.captions, device=self.device)
+        self.tok_ids, self.tok_mask = tok["input_ids"], tok["attention_mask"]
+        empty = self.pipe.tokenize([""], device=self.device)
+        self.empty_ids, self.empty_mask = empty["input_ids"][0], empty["attention_mask"][0]
+        self.step_count = 0
+        self.elapsed = 0.0
+        self.autocast = self.device.type == "cuda"
+        if a.compile:
+            self.pipe.transformer.compile(dynamic=False)
+
+    def sample_batch(self, n: int):
+        """(x0 (n, 3, 32, 32), ids (n, L), mask (n, L), sigma (n,), noise like x0), all from the run's generator."""
+        g = self.generator
+        b = self.sampler.batch(n)
+        ids, mask = self.tok_ids[b.spec_idx], self.tok_mask[b.spec_idx]
+        drop = torch.rand(n, generator=g, device=self.device) < self.a.caption_dropout
+        ids = torch.where(drop[:, None], self.empty_ids[None], ids)
+        mask = torch.where(drop[:, None], self.empty_mask[None], mask)
+        u = torch.sigmoid(torch.randn(n, generator=g, device=self.device))
+        s = self.a.sigma_shift
+        sigma = s * u / (1 + (s - 1) * u)
+        noise = torch.randn(b.images.shape, generator=g, device=self.device)
+        return b.images, ids, mask, sigma, noise
+
+    def loss_on(self, x0, ids, mask, sigma, noise) -> torch.Tensor:
+        """Flow-matching MSE of one batch (differentiable)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            cond = self.pipe.encode_tokens(ids, mask)
+            x0 = self.pipe.encode_images(x0)
+            s = sigma.view(-1, 1, 1, 1)
+            xt = (1 - s) * x0 + s * noise
+            pred = self.pipe.predict(xt, sigma, cond)
+        return torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
+
+    def step(self, batch=None) -> float:
+        """One optimizer step on ``batch`` (a ``sample_batch`` tuple; default a fresh one). Returns the loss."""
+        lr = lr_at(self.step_count, self.a)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        loss = self.loss_on(*(batch if batch is not None else self.sample_batch(self.a.batch)))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.a.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.a.grad_clip)
+        self.opt.step()
+        if self.ema is not None:
+            d = min(self.a.ema, (1 + self.step_count) / (10 + self.step_count))
+            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params.values()], 1 - d)
+        self.step_count += 1
+        return float(loss.detach())
+
+    # checkpoints
+    def save(self, folder: str) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(folder, exist_ok=True)
+        names = list(self.params)
+        tensors = {k: p.detach().float().cpu().contiguous() for k, p in self.params.items()}
+        _atomic(folder, "model.safetensors", lambda f: save_file(tensors, f))
+        if self.ema is not None:
+            ema = {k: e.cpu().contiguous() for k, e in zip(names, self.ema)}
+            _atomic(folder, "ema.safetensors", lambda f: save_file(ema, f))
+        opt: Dict[str, torch.Tensor] = {}
+        opt_step = 0
+        for i, p in enumerate(self.params.values()):
+            st = self.opt.state.get(p)
+            if st:
+                opt[f"exp_avg.{names[i]}"] = st["exp_avg"].detach().to(torch.bfloat16).cpu().contiguous()
+                opt[f"exp_avg_sq.{names[i]}"] = st["exp_avg_sq"].detach().to(torch.bfloat16).cpu().contiguous()
+                opt_step = int(st["step"])
+        _atomic(folder, "optim.safetensors", lambda f: save_file(opt, f))
+        state = {
+            "step": self.step_count, "opt_step": opt_step, "elapsed": self.elapsed,
+            "generator": base64.b64encode(bytes(self.generator.get_state().cpu().tolist())).decode(),
+            "device_type": self.device.type, "args": vars(self.a), "params": self.n_params(),
+            "transformer_config": dict(self.pipe.transformer.config),
+            "text_config": self.pipe.text_encoder.config.to_dict(),
+        }
+        _atomic(folder, "state.json", lambda f: open(f, "w").write(json.dumps(state, indent=1, default=str)))
+
+    def load(self, folder: str) -> None:
+        from safetensors.torch import load_file
+
+        with open(os.path.join(folder, "state.json")) as f:
+            state = json.load(f)
+        model = load_file(os.path.join(folder, "model.safetensors"))
+        _check_keys(model, self.params, "model.safetensors")
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(model[k])
+        ema_path = os.path.join(folder, "ema.safetensors")
+        if self.ema is not None:
+            src = load_file(ema_path) if os.path.exists(ema_path) else model
+            for e, k in zip(self.ema, self.params):
+                e.copy_(src[k])
+        opt = load_file(os.path.join(folder, "optim.safetensors"))
+        if opt:
+            fused = self.device.type == "cuda"
+            for k, p in self.params.items():
+                self.opt.state[p] = {
+                    # fused AdamW keeps its step count on the parameter's device, the others on the CPU
+                    "step": torch.tensor(float(state["opt_step"]), device=p.device if fused else "cpu"),
+                    "exp_avg": opt[f"exp_avg.{k}"].to(p.device, torch.float32),
+                    "exp_avg_sq": opt[f"exp_avg_sq.{k}"].to(p.device, torch.float32),
+                }
+        gstate = torch.tensor(list(base64.b64decode(state["generator"])), dtype=torch.uint8)
+        if state.get("device_type") == self.device.type:
+            self.generator.set_state(gstate)
+        else:  # another kind of device: a different random stream, reseeded from the step
+            self.generator.manual_seed(self.a.seed + 1_000_003 * state["step"])
+        self.step_count = int(state["step"])
+        self.elapsed = float(state.get("elapsed", 0.0))
+
+    def n_params(self) -> Dict[str, int]:
+        from . import model as M
+
+        return M.count_parameters(self.pipe)
+
+    # evaluation
+    @torch.no_grad()
+    def evaluate(self, per_category: int, steps: int, guidance: float) -> Dict[str, Any]:
+        """Judge accuracy of the EMA weights (the live weights without EMA) on the first
+        ``per_category`` eval prompts of each category."""
+        prompts = [p for cat in D.CATEGORIES for p in D.eval_prompts(per_category, seed=0, categories=(cat,))]
+        live = None
+        if self.ema is not None:
+            live = [p.detach().clone() for p in self.params.values()]
+            for p, e in zip(self.params.values(), self.ema):
+                p.data.copy_(e.to(p.dtype))
+        self.pipe.transformer.eval()
+        self.pipe.text_encoder.eval()
+        verdicts = []
+        try:
+            for i in range(0, len(prompts), 512):
+                chunk = prompts[i:i + 512]
+                gens = [torch.Generator(self.device).manual_seed(int(p["seed"])) for p in chunk]
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    imgs = self.pipe([p["caption"] for p in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                                     generator=gens, output_type="latent").images
+                verdicts += J.judge(imgs.float(), [p["caption"] for p in chunk])
+        finally:
+            if live is not None:
+                for p, v in zip(self.params.values(), live):
+                    p.data.copy_(v)
+            self.pipe.transformer.train()
+            self.pipe.text_encoder.train()
+        acc = J.accuracy(verdicts)
+        return {"kind": "eval", "step": self.step_count, "guidance": guidance, "steps": steps,
+                "ema": self.ema is not None, "accuracy": acc}
+
+
+def _atomic(folder: str, name: str, write) -> None:
+    tmp = os.path.join(folder, name + ".tmp")
+    write(tmp)
+    os.replace(tmp, os.path.join(folder, name))
+
+
+def _check_keys(got: Dict[str, torch.Tensor], want: Dict[str, Any], what: str) -> None:
+    missing = sorted(set(want) - set(got))
+    if missing:
+        raise ValueError(f"taca.mini.pretrain: {what} lacks {len(missing)} tensors (e.g. {missing[0]}): "
+                         "a checkpoint of another configuration? (--tiny must match)")
+
+
+def run(a: argparse.Namespace) -> Dict[str, Any]:
+    """Train until --max-steps or --max-seconds, then save to --out. Returns a summary dict."""
+    resume = a.resume
+    if resume is None and os.path.exists(os.path.join(a.out, "state.json")):
+        resume = a.out
+    tr = Trainer(a)
+    os.makedirs(a.out, exist_ok=True)
+    log_path = os.path.join(a.out, "log.jsonl")
+    if resume:
+        if not os.path.exists(os.path.join(resume, "state.json")):
+            raise SystemExit(f"taca.mini.pretrain: --resume {resume} has no state.json")
+        tr.load(resume)
+        src_log = os.path.join(resume, "log.jsonl")
+        if os.path.abspath(src_log) != os.path.abspath(log_path) and os.path.exists(src_log):
+            shutil.copyfile(src_log, log_path)
+    log = open(log_path, "a")
+
+    def write(rec: Dict[str, Any]) -> None:
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+
+    n = tr.n_params()
+    write({"kind": "start", "step": tr.step_count, "resumed_from": resume, "device": str(tr.device),
+           "gpu": torch.cuda.get_device_name(tr.device) if tr.device.type == "cuda" else None,
+           "torch": torch.__version__, "params": n, "args": vars(a)})
+    print(f"taca.mini.pretrain: {n['total'] / 1e6:.2f}M parameters, step {tr.step_count}, device {tr.device}", flush=True)
+
+    def do_eval() -> None:
+        if a.no_eval:
+            return
+        for g in a.eval_guidance:
+            t = time.time()
+            rec = tr.evaluate(a.eval_per_category, a.eval_steps, g)
+            rec["seconds"] = round(time.time() - t, 2)
+            write(rec)
+            accs = " ".join(f"{k} {v['acc']:.3f}" for k, v in rec["accuracy"].items())
+            print(f"eval step {tr.step_count} guidance {g}: {accs} ({rec['seconds']} s)", flush=True)
+
+    bar = None
+    if not a.no_progress:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(initial=tr.step_count, total=a.max_steps or None, mininterval=5, file=sys.stdout)
+        except ImportError:
+            bar = None
+    losses: List[float] = []
+    t_last = time.time()
+    steps_last = tr.step_count
+    first_loss = None
+    reserve = 0.0  # seconds kept for the final eval and save (measured on the fly)
+    while True:
+        if a.max_steps and tr.step_count >= a.max_steps:
+            break
+        if a.max_seconds and time.time() - _T0 + reserve >= a.max_seconds:
+            break
+        t_step = time.time()
+        loss = tr.step()
+        if not math.isfinite(loss):
+            write({"kind": "error", "step": tr.step_count, "loss": loss})
+            raise SystemExit(f"taca.mini.pretrain: loss {loss} at step {tr.step_count}; not saving")
+        tr.elapsed += time.time() - t_step
+        first_loss = loss if first_loss is None else first_loss
+        losses.append(loss)
+        if bar is not None:
+            bar.update(1)
+        if tr.step_count % a.log_every == 0:
+            now = time.time()
+            sps = (now - t_last) / max(1, tr.step_count - steps_last)
+            write({"kind": "train", "step": tr.step_count, "loss": sum(losses) / len(losses),
+                   "lr": lr_at(tr.step_count - 1, a), "s_per_step": round(sps, 4),
+                   "samples": tr.step_count * a.batch, "wall": round(now - _T0, 1)})
+            if bar is not None:
+                bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", s_step=f"{sps:.3f}")
+            losses, t_last, steps_last = [], now, tr.step_count
+        if a.eval_every and tr.step_count % a.eval_every == 0 and not a.no_eval:
+            t = time.time()
+            do_eval()
+            reserve = max(reserve, time.time() - t)
+            t_last = time.time()
+    if bar is not None:
+        bar.close()
+    if losses:
+        write({"kind": "train", "step": tr.step_count, "loss": sum(losses) / len(losses), "lr": lr_at(tr.step_count - 1, a),
+               "samples": tr.step_count * a.batch, "wall": round(time.time() - _T0, 1)})
+    if not (a.eval_every and tr.step_count % a.eval_every == 0):
+        do_eval()
+    tr.save(a.out)
+    write({"kind": "saved", "step": tr.step_count, "wall": round(time.time() - _T0, 1)})
+    log.close()
+    print(f"taca.mini.pretrain: saved step {tr.step_count} to {a.out} ({time.time() - _T0:.0f} s)", flush=True)
+    return {"step": tr.step_count, "first_loss": first_loss, "last_loss": losses[-1] if losses else None}
+
+
+def export(argv: List[str]) -> None:
+    """``export --ckpt DIR --out DIR [--dtype bfloat16] [--no-ema]``: a MiniPipeline folder
+    (``save_pretrained``) from a checkpoint's EMA (or live) weights."""
+    p = argparse.ArgumentParser(prog="python -m taca.mini.pretrain export")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--no-ema", action="store_true")
+    e = p.parse_args(argv)
+    from safetensors.torch import load_file
+
+    from . import model as M
+
+    with open(os.path.join(e.ckpt, "state.json")) as f:
+        state = json.load(f)
+    from transformers import T5Config
+
+    tcfg = {k: v for k, v in state["transformer_config"].items() if not k.startswith("_")}
+    pipe = M.build_pipeline(transformer_config=tcfg, text_config=T5Config(**state["text_config"]).to_dict())
+    src = "model.safetensors" if e.no_ema else "ema.safetensors"
+    weights = load_file(os.path.join(e.ckpt, src))
+    params = named_params(pipe)
+    _check_keys(weights, params, src)
+    with torch.no_grad():
+        for k, prm in params.items():
+            prm.copy_(weights[k])
+    pipe.to(getattr(torch, e.dtype))
+    pipe.save_pretrained(e.out)
+    print(f"taca.mini.pretrain: exported step {state['step']} ({src}, {e.dtype}) to {e.out}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "export":
+        export(argv[1:])
+        return 0
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
