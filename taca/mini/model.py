@@ -257,7 +257,7 @@ def build_pipeline(seed: int = 0, transformer_config: Optional[Dict[str, Any]] =
 
 
 def load_pipeline(path: str, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32):
-    """``MiniPipeline.from_pretrained`` on a local folder, progress bars off."""
+    """``MiniPipeline.from_pretrained`` on a local folder, progress bars off, weights cast to ``dtype``."""
     pipe = _make_or_get().from_pretrained(path, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
