@@ -2,6 +2,7 @@
 
     python -m taca.mini.pretrain --out runs/mini [--resume runs/mini] [--max-seconds 480] [--device cuda]
     python -m taca.mini.pretrain export --ckpt runs/mini --out taca/mini/weights --dtype bfloat16
+    python -m taca.mini.pretrain samples --ckpt runs/mini --out samples.png
 
 Flow matching on scenes rendered on the fly (``taca.mini.data.SceneSampler`` on the training
 device): x_t = (1 - sigma) x0 + sigma noise, target noise - x0, MSE; sigma logit-normal(0, 1)
@@ -397,6 +398,30 @@ def run(a: argparse.Namespace) -> Dict[str, Any]:
     return {"step": tr.step_count, "first_loss": first_loss, "last_loss": losses[-1] if losses else None}
 
 
+def pipeline_from_checkpoint(ckpt: str, ema: bool = True):
+    """A float32 ``MiniPipeline`` with a checkpoint's EMA (or live) weights. Returns (pipe, state)."""
+    from safetensors.torch import load_file
+    from transformers import T5Config
+
+    from . import model as M
+
+    with open(os.path.join(ckpt, "state.json")) as f:
+        state = json.load(f)
+    tcfg = {k: v for k, v in state["transformer_config"].items() if not k.startswith("_")}
+    pipe = M.build_pipeline(transformer_config=tcfg, text_config=T5Config(**state["text_config"]).to_dict())
+    src = "ema.safetensors" if ema and os.path.exists(os.path.join(ckpt, "ema.safetensors")) else "model.safetensors"
+    weights = load_file(os.path.join(ckpt, src))
+    params = named_params(pipe)
+    _check_keys(weights, params, src)
+    with torch.no_grad():
+        for k, prm in params.items():
+            prm.copy_(weights[k])
+    state["weights"] = src
+    pipe.transformer.eval()
+    pipe.text_encoder.eval()
+    return pipe, state
+
+
 def export(argv: List[str]) -> None:
     """``export --ckpt DIR --out DIR [--dtype bfloat16] [--no-ema]``: a MiniPipeline folder
     (``save_pretrained``) from a checkpoint's EMA (or live) weights."""
@@ -406,32 +431,53 @@ def export(argv: List[str]) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--no-ema", action="store_true")
     e = p.parse_args(argv)
-    from safetensors.torch import load_file
-
-    from . import model as M
-
-    with open(os.path.join(e.ckpt, "state.json")) as f:
-        state = json.load(f)
-    from transformers import T5Config
-
-    tcfg = {k: v for k, v in state["transformer_config"].items() if not k.startswith("_")}
-    pipe = M.build_pipeline(transformer_config=tcfg, text_config=T5Config(**state["text_config"]).to_dict())
-    src = "model.safetensors" if e.no_ema else "ema.safetensors"
-    weights = load_file(os.path.join(e.ckpt, src))
-    params = named_params(pipe)
-    _check_keys(weights, params, src)
-    with torch.no_grad():
-        for k, prm in params.items():
-            prm.copy_(weights[k])
+    pipe, state = pipeline_from_checkpoint(e.ckpt, ema=not e.no_ema)
     pipe.to(getattr(torch, e.dtype))
     pipe.save_pretrained(e.out)
-    print(f"taca.mini.pretrain: exported step {state['step']} ({src}, {e.dtype}) to {e.out}")
+    print(f"taca.mini.pretrain: exported step {state['step']} ({state['weights']}, {e.dtype}) to {e.out}")
+
+
+def samples(argv: List[str]) -> None:
+    """``samples --ckpt DIR --out FILE.png [--per-category 8] [--guidance 3] [--steps 28] [--device cpu]``:
+    a grid of generations for the first eval prompts of each category (a row per category),
+    each image framed green when the judge accepts it, red otherwise; prints the accuracies."""
+    p = argparse.ArgumentParser(prog="python -m taca.mini.pretrain samples")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--per-category", type=int, default=8)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    e = p.parse_args(argv)
+    from PIL import Image
+
+    pipe, state = pipeline_from_checkpoint(e.ckpt)
+    pipe.to(e.device)
+    prompts = [x for c in D.CATEGORIES for x in D.eval_prompts(e.per_category, categories=(c,))]
+    caps = [x["caption"] for x in prompts]
+    gens = [torch.Generator(e.device).manual_seed(int(x["seed"])) for x in prompts]
+    with torch.no_grad():
+        img = pipe(caps, num_inference_steps=e.steps, guidance_scale=e.guidance, generator=gens,
+                   output_type="latent").images.float()
+    verdicts = J.judge(img, caps)
+    u8 = D.to_uint8(img)
+    n, k = len(D.CATEGORIES), e.per_category
+    grid = torch.zeros(3, n * 36, k * 36, dtype=torch.uint8)
+    for i, v in enumerate(verdicts):
+        r, c = divmod(i, k)
+        frame = torch.tensor([40, 200, 40] if v.ok else [220, 40, 40], dtype=torch.uint8)[:, None, None]
+        grid[:, r * 36:(r + 1) * 36, c * 36:(c + 1) * 36] = frame
+        grid[:, r * 36 + 2:r * 36 + 34, c * 36 + 2:c * 36 + 34] = u8[i]
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).resize((k * 108, n * 108), Image.NEAREST).save(e.out)
+    acc = J.accuracy(verdicts)
+    print(f"taca.mini.pretrain: step {state['step']} samples -> {e.out}; rows {', '.join(D.CATEGORIES)}; "
+          + " ".join(f"{c} {a['acc']:.2f}" for c, a in acc.items()))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "export":
-        export(argv[1:])
+    if argv and argv[0] in ("export", "samples"):
+        (export if argv[0] == "export" else samples)(argv[1:])
         return 0
     run(parse_args(argv))
     return 0
