@@ -104,3 +104,12 @@ def test_bad_arguments_name_themselves():
         D.SceneSampler().batch(0)
     with pytest.raises(ValueError, match="size=16"):
         D.render_caption("a red circle", size=16)
+
+
+def test_committed_eval_prompts_match_the_generator():
+    assert D.load_eval_prompts() == D.eval_prompts()
+
+
+def test_data_cli_writes_a_folder(tmp_path):
+    assert D.main(["folder", "--out", str(tmp_path), "--n", "2"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["000000.png", "000000.txt", "000001.png", "000001.txt"]

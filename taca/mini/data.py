@@ -448,3 +448,46 @@ def write_folder(out_dir: Union[str, os.PathLike], n: int, seed: int = 0, size: 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) float in [-1, 1] -> uint8 (B, 3, H, W) on the CPU."""
     return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+EVAL_PROMPTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_prompts.json")
+
+
+def load_eval_prompts(path: Optional[str] = None) -> List[Dict[str, object]]:
+    """The committed evaluation prompt set (``eval_prompts.json`` beside this file: the output of
+    ``eval_prompts()``, 2500 prompts with ids, categories and seeds)."""
+    with open(path or EVAL_PROMPTS_FILE) as f:
+        return json.load(f)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m taca.mini.data folder --out DIR --n N [--seed S] [--jsonl]`` writes a training
+    folder; ``python -m taca.mini.data prompts --out FILE`` writes the evaluation prompt set."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m taca.mini.data")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("folder", help="PNG images with same-named .txt captions")
+    f.add_argument("--out", required=True)
+    f.add_argument("--n", type=int, required=True)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--jsonl", action="store_true", help="also metadata.jsonl of {image, caption}")
+    e = sub.add_parser("prompts", help="the evaluation prompt set as JSON")
+    e.add_argument("--out", required=True)
+    e.add_argument("--per-category", type=int, default=500)
+    e.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.cmd == "folder":
+        if a.n < 1:
+            p.error("--n must be >= 1")
+        print(f"wrote {write_folder(a.out, a.n, seed=a.seed, jsonl=a.jsonl)} images to {a.out}")
+    else:
+        rows = eval_prompts(a.per_category, seed=a.seed)
+        with open(a.out, "w") as fh:
+            fh.write("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
+        print(f"wrote {len(rows)} prompts to {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
