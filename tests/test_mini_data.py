@@ -113,3 +113,10 @@ def test_committed_eval_prompts_match_the_generator():
 def test_data_cli_writes_a_folder(tmp_path):
     assert D.main(["folder", "--out", str(tmp_path), "--n", "2"]) == 0
     assert sorted(os.listdir(tmp_path)) == ["000000.png", "000000.txt", "000001.png", "000001.txt"]
+
+
+def test_eval_subset_takes_the_first_prompts_of_each_category():
+    sub = D.eval_subset(3)
+    assert [p["id"] for p in sub] == [f"{c}_{k:04d}" for c in D.CATEGORIES for k in range(3)]
+    with pytest.raises(ValueError, match="per_category=0"):
+        D.eval_subset(0)

@@ -91,3 +91,21 @@ def test_wilson_interval():
     assert hi == 1 and 0.995 < lo < 1
     with pytest.raises(ValueError, match="successes=3, n=2"):
         J.wilson(3, 2)
+
+
+def test_judge_rejects_specks_around_a_right_object():
+    img = D.render_caption(["a red circle"] * 4, seed=6)
+    assert all(v.ok for v in J.judge(img, ["a red circle"] * 4))
+    specked = img.clone()
+    red = D.palette_tensor()[D.COLORS.index("red")]
+    g = torch.Generator().manual_seed(0)
+    for b in range(4):
+        done = 0
+        while done < 20:  # isolated red pixels on background, none touching another colored pixel
+            y, x = torch.randint(1, 31, (2,), generator=g).tolist()
+            if (specked[b, :, y - 1:y + 2, x - 1:x + 2] > -1).any():
+                continue
+            specked[b, :, y, x] = red
+            done += 1
+    v = J.judge(specked, ["a red circle"] * 4)
+    assert all(x.objects_ok and not x.clean and not x.ok for x in v)

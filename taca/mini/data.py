@@ -460,6 +460,14 @@ def load_eval_prompts(path: Optional[str] = None) -> List[Dict[str, object]]:
         return json.load(f)
 
 
+def eval_subset(per_category: int) -> List[Dict[str, object]]:
+    """The first ``per_category`` (<= 500) prompts of each category of the committed set (a random
+    subset of it, since each category's prompts are in random order): quick evaluations."""
+    if not 1 <= per_category <= 500:
+        raise ValueError(f"taca.mini: per_category={per_category} must be in [1, 500]")
+    return [p for p in load_eval_prompts() if int(str(p["id"]).rsplit("_", 1)[1]) < per_category]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m taca.mini.data folder --out DIR --n N [--seed S] [--jsonl]`` writes a training
     folder; ``python -m taca.mini.data prompts --out FILE`` writes the evaluation prompt set."""

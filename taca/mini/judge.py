@@ -8,14 +8,15 @@ Per image (batched, vectorized in torch, CPU or GPU):
    one-pixel ring of unlabeled neighbours (the anti-aliased or blurred edge). In the component
    and its ring every pixel gets a soft coverage ``alpha``: the projection of its color onto the
    segment background -> object color, clamped to [0, 1]. Components with soft area below
-   ``min_area`` pixels are noise and ignored.
+   ``min_area`` pixels are noise, not objects; an image whose noise adds up to more than
+   ``max_noise`` pixels is not clean (scattered colored specks do not depict "a red circle").
 3. Shape, from the soft mask: width ``w`` = sum over columns of the column's max alpha, height
    ``h`` likewise over rows; fill = area / (w h) (circle pi/4, square 1, upright triangle 1/2);
    asymmetry = (centroid y - center of the row profile) / h (triangle 1/6, circle and square 0).
    triangle if asymmetry > ``tri_asym`` or fill < ``tri_fill``, else square if fill >
    ``square_fill``, else circle.
 4. Against the caption's spec: the multiset of detected (color, shape) must equal the spec's
-   exactly (nothing missing, nothing extra), and for a relation the centroids of the two named
+   exactly (nothing missing, nothing extra), the image must be clean, and for a relation the centroids of the two named
    objects must satisfy it on the dominant axis ("left": dx > 0 and |dx| > |dy|).
 
 ``Verdict.ok`` is the per-prompt score; per-category accuracy is the mean of ``ok`` over the
@@ -54,7 +55,8 @@ class Verdict:
     ``ok``: the image satisfies the caption (the per-category score). ``objects_ok``: detected
     (color, shape) multiset equals the spec's (color binding + shape + count). ``colors_ok`` /
     ``shapes_ok``: the multisets of colors / shapes alone. ``count_ok``: the number of objects.
-    ``relation_ok``: the relation (None when the caption has none).
+    ``relation_ok``: the relation (None when the caption has none). ``clean``: colored specks
+    too small to be objects add up to at most ``max_noise`` pixels (``noise_area``).
     """
 
     caption: str
@@ -65,13 +67,16 @@ class Verdict:
     shapes_ok: bool
     count_ok: bool
     relation_ok: Optional[bool]
+    clean: bool = True
+    noise_area: float = 0.0
     detected: List[Detected] = field(default_factory=list)
 
 
 @dataclass
 class JudgeConfig:
     color_tol: float = 75.0
-    min_area: float = 5.0
+    min_area: float = 10.0
+    max_noise: float = 12.0
     tri_asym: float = 0.035
     tri_fill: float = 0.6
     square_fill: float = 0.87
@@ -126,7 +131,11 @@ def _components(lab: torch.Tensor) -> torch.Tensor:
 
 def detect(images, config: Optional[JudgeConfig] = None) -> List[List[Detected]]:
     """Objects in each image. images: (B, 3, H, W) in [-1, 1] (or see ``judge``). Returns B lists."""
-    cfg = config or JudgeConfig()
+    return _detect(images, config or JudgeConfig())[0]
+
+
+def _detect(images, cfg: JudgeConfig):
+    """(B lists of objects, B noise areas)."""
     x = _as_images(images)
     B, _, H, W = x.shape
     dev = x.device
@@ -157,8 +166,9 @@ def detect(images, config: Optional[JudgeConfig] = None) -> List[List[Detected]]
     keys, inv = torch.unique(key[has], return_inverse=True)
     n = keys.numel()
     out: List[List[Detected]] = [[] for _ in range(B)]
+    noise = [0.0] * B
     if n == 0:
-        return out
+        return out, noise
     ys, xs = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.float32) + 0.5,
                             torch.arange(W, device=dev, dtype=torch.float32) + 0.5, indexing="ij")
     a = alpha[has]
@@ -184,10 +194,13 @@ def detect(images, config: Optional[JudgeConfig] = None) -> List[List[Detected]]
     b_of = (keys // (H * W + 1)).tolist()
     rows = torch.stack([area, cx, cy, fill, asym], 1).tolist()
     for i, (b, c, s, (ar, x_, y_, f, asy)) in enumerate(zip(b_of, ccode.tolist(), shape.tolist(), rows)):
-        if c == 0 or ar < cfg.min_area:
+        if c == 0:
+            continue
+        if ar < cfg.min_area:
+            noise[b] += ar
             continue
         out[b].append(Detected(D.COLORS[c - 1], D.SHAPES[s], x_, y_, ar, f, asy))
-    return out
+    return out, noise
 
 
 def _relation_holds(a: Detected, b: Detected, relation: str) -> bool:
@@ -197,8 +210,11 @@ def _relation_holds(a: Detected, b: Detected, relation: str) -> bool:
     return abs(dy) > abs(dx) and (dy > 0 if relation == "above" else dy < 0)
 
 
-def score(spec: Union[D.Spec, str], detected: List[Detected]) -> Verdict:
-    """The verdict for one caption (or spec) given the objects detected in its image."""
+def score(spec: Union[D.Spec, str], detected: List[Detected], noise_area: float = 0.0,
+          config: Optional[JudgeConfig] = None) -> Verdict:
+    """The verdict for one caption (or spec) given the objects detected in its image and the
+    area of the specks too small to be objects."""
+    cfg = config or JudgeConfig()
     caption = spec if isinstance(spec, str) else spec.caption()
     sp = D.parse_caption(spec) if isinstance(spec, str) else spec
     want = Counter(sp.objects())
@@ -213,8 +229,10 @@ def score(spec: Union[D.Spec, str], detected: List[Detected]) -> Verdict:
         a = [d for d in detected if (d.color, d.shape) == (g0.color, g0.shape)]
         b = [d for d in detected if (d.color, d.shape) == (g1.color, g1.shape)]
         relation_ok = len(a) == 1 and len(b) == 1 and _relation_holds(a[0], b[0], sp.relation)
-    ok = objects_ok and relation_ok is not False
-    return Verdict(caption, sp.category, ok, objects_ok, colors_ok, shapes_ok, count_ok, relation_ok, detected)
+    clean = noise_area <= cfg.max_noise
+    ok = objects_ok and relation_ok is not False and clean
+    return Verdict(caption, sp.category, ok, objects_ok, colors_ok, shapes_ok, count_ok, relation_ok, clean,
+                   noise_area, detected)
 
 
 def judge(images, captions: Union[str, Sequence[str]], config: Optional[JudgeConfig] = None) -> List[Verdict]:
@@ -226,10 +244,11 @@ def judge(images, captions: Union[str, Sequence[str]], config: Optional[JudgeCon
     """
     caps = [captions] if isinstance(captions, str) else list(captions)
     specs = [D.parse_caption(c) for c in caps]
-    found = detect(images, config)
+    cfg = config or JudgeConfig()
+    found, noise = _detect(images, cfg)
     if len(found) != len(specs):
         raise ValueError(f"taca.mini: {len(found)} images but {len(specs)} captions")
-    return [score(s, f) for s, f in zip(specs, found)]
+    return [score(s, f, z, cfg) for s, f, z in zip(specs, found, noise)]
 
 
 def wilson(successes: int, n: int, z: float = 1.959963984540054) -> Tuple[float, float]:

@@ -27,8 +27,8 @@ Checkpoint folder (every file < 16 MiB for the 3.8M-parameter model):
   and {"kind": "eval", step, per-category accuracy with Wilson intervals, ...}
 
 Evaluation every ``--eval-every`` steps and at the end: the EMA model generates the first
-``--eval-per-category`` prompts of each category of ``taca.mini.data.eval_prompts`` (fixed
-seeds), the judge scores them.
+``--eval-per-category`` prompts of each category of the committed eval set
+(``taca.mini.data.eval_subset``, fixed seeds), the judge scores them.
 """
 from __future__ import annotations
 
@@ -263,7 +263,7 @@ class Trainer:
     def evaluate(self, per_category: int, steps: int, guidance: float) -> Dict[str, Any]:
         """Judge accuracy of the EMA weights (the live weights without EMA) on the first
         ``per_category`` eval prompts of each category."""
-        prompts = [p for cat in D.CATEGORIES for p in D.eval_prompts(per_category, seed=0, categories=(cat,))]
+        prompts = D.eval_subset(per_category)
         live = None
         if self.ema is not None:
             live = [p.detach().clone() for p in self.params.values()]
@@ -453,7 +453,7 @@ def samples(argv: List[str]) -> None:
 
     pipe, state = pipeline_from_checkpoint(e.ckpt)
     pipe.to(e.device)
-    prompts = [x for c in D.CATEGORIES for x in D.eval_prompts(e.per_category, categories=(c,))]
+    prompts = D.eval_subset(e.per_category)
     caps = [x["caption"] for x in prompts]
     gens = [torch.Generator(e.device).manual_seed(int(x["seed"])) for x in prompts]
     with torch.no_grad():
