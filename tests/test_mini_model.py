@@ -130,3 +130,34 @@ def test_taca_changes_only_the_steps_with_sigma_at_least_097_and_disable_restore
         outs[s] = torch.equal(ref, got)
     assert outs == {0.99: False, 0.97: False, 0.9699: True, 0.5: True, 0.0: True}
     assert not torch.equal(on, base)
+
+
+def test_lora_loads_through_the_pipeline_and_taca_gates_it(tmp_path):
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    pipe = M.build_pipeline(seed=1, transformer_config=M.TINY_TRANSFORMER_CONFIG, text_config=M.TINY_TEXT_CONFIG)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    cond = pipe.encode_text(["a red circle"])
+
+    def outs():
+        return {s: pipe.predict(x, torch.full((1,), s), cond) for s in (0.99, 0.5)}
+
+    ref = outs()
+    with taca.enabled(pipe, gamma=1.2):
+        gamma_only = outs()
+    # a LoRA file in diffusers' pipeline format (keys "transformer.*"), what taca train writes
+    pipe.transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                                            target_modules=["to_q", "to_k", "to_v"]), adapter_name="t")
+    sd = {f"transformer.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(pipe.transformer, adapter_name="t").items()}
+    pipe.transformer.delete_adapters("t")
+    save_file(sd, str(tmp_path / "pytorch_lora_weights.safetensors"))
+    with taca.enabled(pipe, gamma=1.2, lora=str(tmp_path)):
+        on = outs()
+    assert not torch.equal(on[0.99], gamma_only[0.99])  # in the window: gamma and the LoRA
+    assert torch.equal(on[0.5], ref[0.5])  # outside it: neither
+    assert torch.equal(outs()[0.99], ref[0.99])  # and gone after
+    pipe.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors", adapter_name="u")
+    assert "u" in pipe.transformer.peft_config
+    assert not torch.equal(outs()[0.5], ref[0.5])

@@ -174,6 +174,14 @@ def _make_pipeline_class():
             )[0]
             return unpack(out, H, W)
 
+        def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: Optional[str] = None,
+                              **kwargs) -> None:
+            """Load a diffusers-format LoRA (keys ``transformer.*``) into the transformer, as
+            ``FluxPipeline.load_lora_weights`` does for the transformer part (a text-encoder part,
+            if any, is not loaded: the miniature's LoRAs train the transformer only)."""
+            self.transformer.load_lora_adapter(pretrained_model_name_or_path_or_dict, prefix="transformer",
+                                               adapter_name=adapter_name, **kwargs)
+
         @torch.no_grad()
         def __call__(
             self,
