@@ -14,7 +14,7 @@
 # train.log (this call's output), samples.png (EMA generations, a row per category, framed
 # green/red by the judge).
 #
-# Env: CKPT (checkpoint folder to resume from, default runs/mini), BUDGET (seconds of training
+# Env: CKPT (checkpoint folder to resume from, default runs/mini), DEVICE (default cuda), BUDGET (seconds of training
 # before saving, default 480: leaves room for start-up, the final eval and the copy back),
 # ARGS (extra arguments for python -m taca.mini.pretrain, e.g. "--compile" or
 # "--cooldown-start 12000 --total-steps 16000"), OUT (default /tmp/out).
@@ -31,10 +31,10 @@ nvidia-smi -L
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
 echo "resume: ${resume[*]:-(from scratch)}  budget: ${BUDGET}s  args: ${ARGS}"
 # shellcheck disable=SC2086
-python3 -m taca.mini.pretrain --out "$OUT" "${resume[@]}" --device cuda --max-seconds "$BUDGET" --no-progress \
+python3 -m taca.mini.pretrain --out "$OUT" "${resume[@]}" --device "${DEVICE:-cuda}" --max-seconds "$BUDGET" --no-progress \
   --log-every 100 --eval-every 2000 $ARGS
 echo "pretrain rc=$?"
-python3 -m taca.mini.pretrain samples --ckpt "$OUT" --out "$OUT/samples.png" --per-category 12 --device cuda
+python3 -m taca.mini.pretrain samples --ckpt "$OUT" --out "$OUT/samples.png" --per-category 12 --device "${DEVICE:-cuda}"
 python3 - "$OUT/log.jsonl" <<'PY'
 import json, sys
 recs = [json.loads(l) for l in open(sys.argv[1])]
