@@ -26,20 +26,20 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(tmp_path):
     assert after < 0.8 * before, (before, after)
 
 
-def test_resume_gives_the_same_next_loss(tmp_path):
-    a = _args(tmp_path)
+@pytest.mark.parametrize("prefetch,done", [(3, 2), (2, 2)])  # resume inside a data chunk, and at its end
+def test_resume_gives_the_same_next_loss(tmp_path, prefetch, done):
+    a = _args(tmp_path, "--prefetch", str(prefetch))
     tr = P.Trainer(a)
-    for _ in range(2):
+    for _ in range(done):
         tr.step()
     tr.save(a.out)
-    expected = tr.step()
+    expected = float(tr.step())
     resumed = P.Trainer(a)
     resumed.load(a.out)
-    assert resumed.step_count == 2
-    assert resumed.step() == expected
+    assert resumed.step_count == done
+    assert float(resumed.step()) == expected
     # EMA and optimizer moments came back too
-    for e1, e2 in zip(tr.ema, resumed.ema):
-        assert e1.shape == e2.shape
+    torch.testing.assert_close(resumed.ema[0], tr.ema[0], rtol=1e-2, atol=1e-3)
     assert all(resumed.opt.state[p] for p in resumed.params.values())
 
 

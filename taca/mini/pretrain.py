@@ -71,6 +71,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--sigma-shift", type=float, default=3.0)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer")
+    p.add_argument("--prefetch", type=int, default=8,
+                   help="steps of data (scenes, noise, sigma) drawn at once: fewer host syncs on a GPU")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=2000, help="0: only at the end")
     p.add_argument("--eval-per-category", type=int, default=100)
@@ -79,7 +81,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    for name in ("batch", "log_every"):
+    for name in ("batch", "log_every", "prefetch"):
         if getattr(a, name) < 1:
             raise SystemExit(f"taca.mini.pretrain: --{name.replace('_', '-')} must be >= 1")
     if a.lr <= 0:
@@ -146,6 +148,11 @@ class Trainer:
         self.empty_ids, self.empty_mask = empty["input_ids"][0], empty["attention_mask"][0]
         self.step_count = 0
         self.elapsed = 0.0
+        # data is drawn a.prefetch steps at a time; a checkpoint stores the generator state at the
+        # start of the current chunk and the position in it, so a resume redraws the same chunk
+        self._chunk = None
+        self._chunk_state = None
+        self._chunk_pos = 0
         self.autocast = self.device.type == "cuda"
         if a.compile:
             self.pipe.transformer.compile(dynamic=False)
@@ -164,6 +171,17 @@ class Trainer:
         noise = torch.randn(b.images.shape, generator=g, device=self.device)
         return b.images, ids, mask, sigma, noise
 
+    def next_batch(self):
+        """The next training batch (a ``sample_batch`` tuple of ``a.batch`` rows), from the current chunk."""
+        n, k = self.a.batch, self.a.prefetch
+        if self._chunk is None or self._chunk_pos >= k:
+            self._chunk_state = self.generator.get_state()
+            self._chunk = self.sample_batch(n * k)
+            self._chunk_pos = 0
+        i = self._chunk_pos
+        self._chunk_pos += 1
+        return tuple(t[i * n:(i + 1) * n] for t in self._chunk)
+
     def loss_on(self, x0, ids, mask, sigma, noise) -> torch.Tensor:
         """Flow-matching MSE of one batch (differentiable)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -174,12 +192,13 @@ class Trainer:
             pred = self.pipe.predict(xt, sigma, cond)
         return torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
 
-    def step(self, batch=None) -> float:
-        """One optimizer step on ``batch`` (a ``sample_batch`` tuple; default a fresh one). Returns the loss."""
+    def step(self, batch=None) -> torch.Tensor:
+        """One optimizer step on ``batch`` (a ``sample_batch`` tuple; default the next one).
+        Returns the loss, a detached 0-d tensor on the device (no host sync)."""
         lr = lr_at(self.step_count, self.a)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        loss = self.loss_on(*(batch if batch is not None else self.sample_batch(self.a.batch)))
+        loss = self.loss_on(*(batch if batch is not None else self.next_batch()))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.a.grad_clip > 0:
@@ -189,7 +208,7 @@ class Trainer:
             d = min(self.a.ema, (1 + self.step_count) / (10 + self.step_count))
             torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params.values()], 1 - d)
         self.step_count += 1
-        return float(loss.detach())
+        return loss.detach()
 
     # checkpoints
     def save(self, folder: str) -> None:
@@ -213,7 +232,8 @@ class Trainer:
         _atomic(folder, "optim.safetensors", lambda f: save_file(opt, f))
         state = {
             "step": self.step_count, "opt_step": opt_step, "elapsed": self.elapsed,
-            "generator": base64.b64encode(bytes(self.generator.get_state().cpu().tolist())).decode(),
+            "generator": _b64(self._chunk_state if self._chunk is not None else self.generator.get_state()),
+            "chunk_pos": self._chunk_pos if self._chunk is not None else 0,
             "device_type": self.device.type, "args": vars(self.a), "params": self.n_params(),
             "transformer_config": dict(self.pipe.transformer.config),
             "text_config": self.pipe.text_encoder.config.to_dict(),
@@ -246,8 +266,14 @@ class Trainer:
                     "exp_avg_sq": opt[f"exp_avg_sq.{k}"].to(p.device, torch.float32),
                 }
         gstate = torch.tensor(list(base64.b64decode(state["generator"])), dtype=torch.uint8)
+        old = state.get("args", {})
+        same_data = old.get("batch") == self.a.batch and old.get("prefetch", 1) == self.a.prefetch
+        pos = int(state.get("chunk_pos", 0))
         if state.get("device_type") == self.device.type:
             self.generator.set_state(gstate)
+            if pos and same_data:  # redraw the chunk the saved run was in, continue after its last batch
+                self.next_batch()
+                self._chunk_pos = pos
         else:  # another kind of device: a different random stream, reseeded from the step
             self.generator.manual_seed(self.a.seed + 1_000_003 * state["step"])
         self.step_count = int(state["step"])
@@ -289,6 +315,10 @@ class Trainer:
         acc = J.accuracy(verdicts)
         return {"kind": "eval", "step": self.step_count, "guidance": guidance, "steps": steps,
                 "ema": self.ema is not None, "accuracy": acc}
+
+
+def _b64(state: torch.Tensor) -> str:
+    return base64.b64encode(bytes(state.cpu().tolist())).decode()
 
 
 def _atomic(folder: str, name: str, write) -> None:
@@ -350,35 +380,46 @@ def run(a: argparse.Namespace) -> Dict[str, Any]:
             bar = tqdm(initial=tr.step_count, total=a.max_steps or None, mininterval=5, file=sys.stdout)
         except ImportError:
             bar = None
-    losses: List[float] = []
+    pending: List[torch.Tensor] = []  # losses since the last log, still on the device
     t_last = time.time()
     steps_last = tr.step_count
-    first_loss = None
+    first_loss = last_loss = None
     reserve = 0.0  # seconds kept for the final eval and save (measured on the fly)
+
+    def flush(final: bool = False) -> None:
+        nonlocal pending, t_last, steps_last, first_loss, last_loss
+        if not pending:
+            return
+        vals = torch.stack(pending).float().cpu().tolist()  # the one host sync per log interval
+        first_loss = vals[0] if first_loss is None else first_loss
+        last_loss = vals[-1]
+        mean = sum(vals) / len(vals)
+        now = time.time()
+        rec = {"kind": "train", "step": tr.step_count, "loss": mean, "lr": lr_at(tr.step_count - 1, a),
+               "samples": tr.step_count * a.batch, "wall": round(now - _T0, 1)}
+        if not final:
+            rec["s_per_step"] = round((now - t_last) / max(1, tr.step_count - steps_last), 4)
+        if not all(math.isfinite(v) for v in vals):
+            write({**rec, "kind": "error"})
+            raise SystemExit(f"taca.mini.pretrain: non-finite loss before step {tr.step_count}; not saving "
+                             "(the previous checkpoint stays; try a lower --lr)")
+        write(rec)
+        if bar is not None:
+            bar.set_postfix(loss=f"{mean:.4f}", s_step=f"{rec.get('s_per_step', 0):.3f}")
+        pending, t_last, steps_last = [], now, tr.step_count
+
     while True:
         if a.max_steps and tr.step_count >= a.max_steps:
             break
         if a.max_seconds and time.time() - _T0 + reserve >= a.max_seconds:
             break
         t_step = time.time()
-        loss = tr.step()
-        if not math.isfinite(loss):
-            write({"kind": "error", "step": tr.step_count, "loss": loss})
-            raise SystemExit(f"taca.mini.pretrain: loss {loss} at step {tr.step_count}; not saving")
+        pending.append(tr.step())
         tr.elapsed += time.time() - t_step
-        first_loss = loss if first_loss is None else first_loss
-        losses.append(loss)
         if bar is not None:
             bar.update(1)
         if tr.step_count % a.log_every == 0:
-            now = time.time()
-            sps = (now - t_last) / max(1, tr.step_count - steps_last)
-            write({"kind": "train", "step": tr.step_count, "loss": sum(losses) / len(losses),
-                   "lr": lr_at(tr.step_count - 1, a), "s_per_step": round(sps, 4),
-                   "samples": tr.step_count * a.batch, "wall": round(now - _T0, 1)})
-            if bar is not None:
-                bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", s_step=f"{sps:.3f}")
-            losses, t_last, steps_last = [], now, tr.step_count
+            flush()
         if a.eval_every and tr.step_count % a.eval_every == 0 and not a.no_eval:
             t = time.time()
             do_eval()
@@ -386,16 +427,14 @@ def run(a: argparse.Namespace) -> Dict[str, Any]:
             t_last = time.time()
     if bar is not None:
         bar.close()
-    if losses:
-        write({"kind": "train", "step": tr.step_count, "loss": sum(losses) / len(losses), "lr": lr_at(tr.step_count - 1, a),
-               "samples": tr.step_count * a.batch, "wall": round(time.time() - _T0, 1)})
+    flush(final=True)
     if not (a.eval_every and tr.step_count % a.eval_every == 0):
         do_eval()
     tr.save(a.out)
     write({"kind": "saved", "step": tr.step_count, "wall": round(time.time() - _T0, 1)})
     log.close()
     print(f"taca.mini.pretrain: saved step {tr.step_count} to {a.out} ({time.time() - _T0:.0f} s)", flush=True)
-    return {"step": tr.step_count, "first_loss": first_loss, "last_loss": losses[-1] if losses else None}
+    return {"step": tr.step_count, "first_loss": first_loss, "last_loss": last_loss}
 
 
 def pipeline_from_checkpoint(ckpt: str, ema: bool = True):
