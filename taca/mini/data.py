@@ -1,6 +1,6 @@
 """Synthetic compositional scenes: captions, specs and a batched torch renderer.
 
-The grammar (a closed vocabulary of 27 words, captions of at most 11 words)::
+The grammar (a closed vocabulary of 25 words, captions of at most 11 words)::
 
     caption := phrase (("and" phrase) | (relation phrase))*
     phrase  := ("a" | "one" | "two" | "three") color shape["s"]
