@@ -302,7 +302,9 @@ class Trainer:
             for i in range(0, len(prompts), 512):
                 chunk = prompts[i:i + 512]
                 gens = [torch.Generator(self.device).manual_seed(int(p["seed"])) for p in chunk]
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                # eager for evaluation: new batch shapes and no_grad would each cost a recompile
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast), \
+                        torch.compiler.set_stance("force_eager"):
                     imgs = self.pipe([p["caption"] for p in chunk], num_inference_steps=steps, guidance_scale=guidance,
                                      generator=gens, output_type="latent").images
                 verdicts += J.judge(imgs.float(), [p["caption"] for p in chunk])
