@@ -69,6 +69,8 @@ def test_cli_runs_saves_and_resumes_into_another_folder(tmp_path):
 
     with safe_open(str(out / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    card = (out / "README.md").read_text()
+    assert "4 steps of batch 8" in card and "| 4 | 2.0 |" in card
     pipe = M.load_pipeline(str(out))
     assert pipe("a red circle", num_inference_steps=2, output_type="latent").images.shape == (1, 3, 32, 32)
 

@@ -475,7 +475,46 @@ def export(argv: List[str]) -> None:
     pipe, state = pipeline_from_checkpoint(e.ckpt, ema=not e.no_ema)
     pipe.to(getattr(torch, e.dtype))
     pipe.save_pretrained(e.out)
+    with open(os.path.join(e.out, "README.md"), "w") as f:
+        f.write(model_card(e.ckpt, state, e.dtype))
     print(f"taca.mini.pretrain: exported step {state['step']} ({state['weights']}, {e.dtype}) to {e.out}")
+
+
+def model_card(ckpt: str, state: Dict[str, Any], dtype: str) -> str:
+    """A short model card (markdown): data, model, training and the last judge scores from the
+    checkpoint's log.jsonl."""
+    a = state.get("args", {})
+    n = state.get("params", {})
+    recs = []
+    log = os.path.join(ckpt, "log.jsonl")
+    if os.path.exists(log):
+        with open(log) as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+    train = [r for r in recs if r.get("kind") == "train"]
+    evals = [r for r in recs if r.get("kind") == "eval"]
+    lines = [
+        "# taca miniature (MiniPipeline)", "",
+        "A small MM-DiT trained from scratch on taca.mini's synthetic compositional scenes (32x32 RGB, "
+        "1-3 objects, 7 colors, 3 shapes, counts and spatial relations); see docs/mini.md.", "",
+        f"- Model: FluxTransformer2DModel in pixel space ({n.get('transformer', '?')} parameters) + "
+        f"T5EncoderModel ({n.get('text_encoder', '?')}), weights stored in {dtype} ({state.get('weights')}).",
+        f"- Training: {state.get('step')} steps of batch {a.get('batch')} "
+        f"({state.get('step', 0) * (a.get('batch') or 0):,} scenes), AdamW lr {a.get('lr')}, "
+        f"EMA {a.get('ema')}, caption dropout {a.get('caption_dropout')}, sigma shift {a.get('sigma_shift')}.",
+    ]
+    if train:
+        lines.append(f"- Final training loss (mean of the last log interval): {train[-1]['loss']:.4f}.")
+    if evals:
+        lines += ["", "Judge accuracy (95% Wilson intervals) at the last evaluation:", "",
+                  "| step | guidance | " + " | ".join(D.CATEGORIES) + " | all |",
+                  "|---|---|" + "---|" * (len(D.CATEGORIES) + 1)]
+        last = max(r["step"] for r in evals)
+        for r in [r for r in evals if r["step"] == last]:
+            acc = r["accuracy"]
+            cells = [f"{acc[c]['acc']:.3f} [{acc[c]['lo']:.3f}, {acc[c]['hi']:.3f}] (n={acc[c]['n']})" if c in acc else "-"
+                     for c in (*D.CATEGORIES, "all")]
+            lines.append(f"| {r['step']} | {r['guidance']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def samples(argv: List[str]) -> None:
