@@ -91,6 +91,7 @@ class Spec:
 
     @property
     def n_objects(self) -> int:
+        """Objects in the scene (sum of the groups' counts)."""
         return sum(g.count for g in self.groups)
 
     @property
@@ -110,6 +111,7 @@ class Spec:
         return [(g.color, g.shape) for g in self.groups for _ in range(g.count)]
 
     def caption(self) -> str:
+        """The canonical caption ("one" only in the count category, "a" elsewhere)."""
         parts = []
         for i, g in enumerate(self.groups):
             if i:
@@ -357,6 +359,8 @@ class SceneSampler:
         self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
 
     def batch(self, n: int, captions: bool = False) -> Batch:
+        """n random scenes: images (n, 3, size, size) in [-1, 1] on the device, spec indices (n,),
+        layouts, and the captions (list of n str) when ``captions``."""
         if n < 1:
             raise ValueError(f"taca.mini: n={n} must be >= 1")
         idx = self.table.sample(n, self.generator)
@@ -365,9 +369,11 @@ class SceneSampler:
         return Batch(render(layout, self.size), idx, layout, caps)
 
     def get_state(self) -> torch.Tensor:
+        """The random generator's state (a uint8 tensor), for checkpoints."""
         return self.generator.get_state()
 
     def set_state(self, state: torch.Tensor) -> None:
+        """Restore a state from ``get_state``: the next batches repeat."""
         self.generator.set_state(state)
 
 
