@@ -29,6 +29,15 @@ if [ -f "$CKPT/state.json" ]; then resume=(--resume "$CKPT"); fi
 {
 nvidia-smi -L
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+# the data and the judge on the training device: ground truth must score 1.0 there too
+python3 -c "
+import torch, time
+from taca.mini import data as D, judge as J
+dev = '${DEVICE:-cuda}'
+t = time.time(); b = D.SceneSampler(seed=123, device=dev).batch(2000, captions=True); t1 = time.time() - t
+t = time.time(); acc = J.accuracy(J.judge(b.images, b.captions)); t2 = time.time() - t
+print(f'judge on {dev} GT renders: all {acc[\"all\"][\"acc\"]:.4f} (n={acc[\"all\"][\"n\"]}); render 2000 {t1:.2f} s, judge {t2:.2f} s')
+"
 echo "resume: ${resume[*]:-(from scratch)}  budget: ${BUDGET}s  args: ${ARGS}"
 # shellcheck disable=SC2086
 python3 -m taca.mini.pretrain --out "$OUT" "${resume[@]}" --device "${DEVICE:-cuda}" --max-seconds "$BUDGET" --no-progress \
