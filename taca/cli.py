@@ -258,6 +258,25 @@ def _family(pipe) -> Optional[str]:
     return None
 
 
+# pipelines defined in taca, by the class name save_pretrained writes into model_index.json
+_TACA_PIPELINES = {"MiniPipeline": ("taca.mini.model", "MiniPipeline")}
+
+
+def _taca_pipeline_class(folder: str):
+    import importlib
+    import json
+
+    try:
+        with open(os.path.join(folder, "model_index.json")) as f:
+            name = json.load(f).get("_class_name")
+    except (OSError, ValueError):
+        return None
+    if name not in _TACA_PIPELINES:
+        return None
+    mod, attr = _TACA_PIPELINES[name]
+    return getattr(importlib.import_module(mod), attr)
+
+
 def _load_pipeline(model: str, dtype):
     """(pipe, None) or (None, message)."""
     if _looks_like_path(model):
@@ -270,6 +289,9 @@ def _load_pipeline(model: str, dtype):
         if not os.path.isfile(os.path.join(path, "model_index.json")):
             return None, missing_model_message(model, "it has no model_index.json")
         model = path
+        own = _taca_pipeline_class(path)
+        if own is not None:  # a pipeline class of taca's own (the miniature): not in diffusers' namespace
+            return own.from_pretrained(path, dtype=dtype), None
     import warnings
 
     from ._quiet import quiet_imports

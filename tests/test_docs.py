@@ -11,9 +11,11 @@ snippet goes unchecked. A python or bash fence runs, offline, in a fresh folder:
   run the suite inside itself), ``source .venv/bin/activate`` as a check that the file is there.
 
 A fence right after ``<!-- needs: hub-weights -->`` (FLUX.1-dev / SD3.5 weights, not
-downloadable here) or ``<!-- needs: minutes -->`` (a benchmark) is only parsed: python with
-``compile()`` plus a check that every ``taca.<name>`` / ``ta.<name>`` it uses exists, bash by
-parsing every ``taca`` line with the real argparse parser. The terminal summary lists each
+downloadable here) or ``<!-- needs: minutes -->`` (a benchmark, a training run) is only parsed:
+python with ``compile()`` plus a check that every ``taca.<name>`` / ``ta.<name>`` it uses exists,
+bash by parsing every ``taca`` line (also after ``accelerate launch ... -m``, whose options go
+through accelerate's parser) with the real argparse parser; ``hf download`` lines are listed as
+not run, ``python -m MODULE`` lines are checked to name a module. The terminal summary lists each
 snippet with what was done to it.
 """
 import ast
@@ -162,9 +164,24 @@ def test_snippet(snippet, tmp_path, monkeypatch, capsys, doc_report):
                 assert "Traceback" not in err and "Warning" not in err, err[-4000:]
                 assert out.strip(), f"`{' '.join(tokens)}` printed nothing"
                 done.append(f"ran `{' '.join(tokens)}`")
+        elif snippet.needs and cmd == "accelerate" and rest[:1] == ["launch"] and "taca" in rest:
+            # accelerate's own parser takes its options; what follows -m taca goes through ours
+            from accelerate.commands.launch import launch_command_parser
+
+            launch_command_parser().parse_args(rest[1:])
+            args = cli.parse_args(rest[rest.index("taca") + 1:])
+            done.append(f"parsed `accelerate launch ... -m taca {args.command}`")
+        elif snippet.needs and cmd == "hf":
+            assert rest[:1] in (["download"], ["auth"]), f"{snippet.id}: unexpected `hf {' '.join(rest[:1])}`"
+            done.append(f"not run (network): `hf {rest[0]}`")
+        elif snippet.needs and cmd == "python" and rest[:1] == ["-m"]:
+            import importlib.util
+
+            assert importlib.util.find_spec(rest[1]) is not None, f"{snippet.id}: no module {rest[1]}"
+            done.append(f"checked `python -m {rest[1]}` exists")
         elif snippet.needs:
-            pytest.fail(f"{snippet.id}: only taca commands can be parsed; move `{' '.join(tokens)}` out of "
-                        f"the marked fence")
+            pytest.fail(f"{snippet.id}: only taca, accelerate launch -m taca, hf and python -m commands can be "
+                        f"parsed; move `{' '.join(tokens)}` out of the marked fence")
         elif cmd == "python":
             r = subprocess.run([sys.executable, *rest], capture_output=True, text=True, timeout=300, env=_env())
             assert r.returncode == 0, f"{snippet.id}: `{' '.join(tokens)}`:\n{r.stderr[-4000:]}"

@@ -186,7 +186,7 @@ def _build_cache(cfg, family, samples, accelerator, device, weight_dtype, bar) -
     todo_img = sorted({(h, s.image) for h, s in zip(img_sha, samples) if not os.path.isfile(cache.latent_path(h))})
     todo_txt = sorted({(h, s.caption) for h, s in zip(cap_sha, samples) if not os.path.isfile(cache.text_path(h))})
     mine_img, mine_txt = todo_img[rank::world], todo_txt[rank::world]
-    chunk = 4
+    chunk = max(1, cfg.batch_size)  # encoder batch: the training batch fits in memory, so this does
     if mine_txt:
         mods = family.text_modules()
         for m in mods:
