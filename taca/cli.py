@@ -99,24 +99,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="{demo,generate,train,eval,bench}")
     sub.required = True
 
-    d = sub.add_parser("demo", help="offline demo on a tiny random-weight FLUX-architecture model (< 1 min on CPU)",
-                       description="Generates one prompt with TACA off and on with a small FLUX-architecture "
-                                   "pipeline built from configs with fixed-seed random weights, prints the text "
-                                   "mass of image queries per step and block, and writes plots and images. "
-                                   "Random weights show the mechanism, not image quality.")
+    d = sub.add_parser("demo", help="offline demo: the miniature trained here, TACA off and on, judged (< 1 min on CPU)",
+                       description="By default: the miniature (a small FLUX-architecture MM-DiT trained here on "
+                                   "synthetic compositional scenes, shipped with taca) generates compositional prompts "
+                                   "with TACA off, with the paper's rule, and with the paper's rule plus the LoRA "
+                                   "trained with TACA on; a rule-based judge says which images match their caption; "
+                                   "the text mass of image queries per step is plotted. With --random-weights: the "
+                                   "attention mechanism on a FLUX-architecture pipeline with random weights (per "
+                                   "block telemetry, attention maps).")
     d.add_argument("--out", default="taca-out", metavar="DIR",
                    help="output folder, created if needed; its plots and images are replaced (default: ./taca-out)")
+    d.add_argument("--random-weights", action="store_true",
+                   help="the mechanism demo on a random-weight FLUX-architecture pipeline instead of the miniature")
     d.add_argument("--prompt", default=None, metavar="TEXT",
-                   help="prompt (words outside the built-in vocabulary become <unk>)")
-    d.add_argument("--steps", type=_positive_int("--steps"), default=30, metavar="N", help="denoising steps (default 30)")
-    d.add_argument("--gammas", type=_gamma_list, default=[1.1, 1.2, 1.3], metavar="G,G,...",
-                   help="gammas evaluated on the baseline's q, k (default 1.1,1.2,1.3)")
+                   help="prompt (miniature: a caption of its grammar, e.g. 'a red circle to the left of a blue "
+                        "square'; random weights: words outside the built-in vocabulary become <unk>)")
+    d.add_argument("--steps", type=_positive_int("--steps"), default=None, metavar="N",
+                   help="denoising steps (default 28 for the miniature, 30 with --random-weights)")
     d.add_argument("--gamma", type=_positive_float("--gamma"), default=1.2, metavar="G",
-                   help="gamma of the 'const' and 'paper' runs (default 1.2)")
+                   help="gamma of the TACA runs (default 1.2)")
+    d.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the noise (and of the random weights)")
+    d.add_argument("--gammas", type=_gamma_list, default=[1.1, 1.2, 1.3], metavar="G,G,...",
+                   help="--random-weights: gammas evaluated on the baseline's q, k (default 1.1,1.2,1.3)")
     d.add_argument("--words", default=None, metavar="WORD,...",
-                   help="comma-separated prompt words for the attention maps (default: mirror)")
-    d.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the weights and the noise (default 0)")
-    d.add_argument("--run-each-gamma", action="store_true", help="also run a constant-gamma generation per --gammas value")
+                   help="--random-weights: prompt words for the attention maps (default: mirror)")
+    d.add_argument("--run-each-gamma", action="store_true",
+                   help="--random-weights: also run a constant-gamma generation per --gammas value")
     d.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
     d.set_defaults(func=cmd_demo)
 
@@ -212,6 +220,30 @@ def cmd_demo(args) -> int:
     if not os.access(out, os.W_OK):
         print(f"taca demo: argument --out: the folder {args.out} is not writable", file=sys.stderr)
         return 2
+    from .mini import shipped
+
+    if not args.random_weights and shipped("pipeline") is not None:
+        if args.words is not None or args.run_each_gamma:
+            print("taca demo: arguments --words and --run-each-gamma belong to --random-weights", file=sys.stderr)
+            return 2
+        prompts = None
+        if args.prompt is not None:
+            from .mini import data as mini_data
+
+            try:
+                mini_data.parse_caption(args.prompt)
+            except ValueError as e:
+                print(f"taca demo: argument --prompt: {str(e).replace('taca.mini: ', '')}; with --random-weights any "
+                      f"prompt works", file=sys.stderr)
+                return 2
+            prompts = [args.prompt]
+        from .mini import demo as mini_demo
+
+        kw = {} if prompts is None else {"prompts": prompts, "seeds": tuple(range(args.seed, args.seed + 4))}
+        if prompts is None and args.seed:
+            kw["seeds"] = (args.seed,)
+        mini_demo.run(out_dir=out, steps=args.steps or 28, gamma=args.gamma, plots=not args.no_plots, **kw)
+        return 0
     from . import demo
 
     kw = {}
@@ -219,7 +251,10 @@ def cmd_demo(args) -> int:
         kw["prompt"] = args.prompt
     if args.words is not None:
         kw["words"] = [w.strip() for w in args.words.split(",") if w.strip()]
-    demo.run_demo(out_dir=out, steps=args.steps, gammas=args.gammas, paper_gamma=args.gamma,
+    if not args.random_weights:
+        print("taca demo: the miniature's weights are not in this checkout (taca/mini/weights): the random-weight "
+              "mechanism demo runs instead", file=sys.stderr)
+    demo.run_demo(out_dir=out, steps=args.steps or 30, gammas=args.gammas, paper_gamma=args.gamma,
                   seed=args.seed, run_each_gamma=args.run_each_gamma, plots=not args.no_plots, **kw)
     return 0
 

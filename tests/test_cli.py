@@ -176,7 +176,7 @@ def test_find_benchmarks_in_this_checkout():
 def test_demo_subcommand_custom_args(tmp_path, capsys, one_thread):
     pytest.importorskip("diffusers")
     out = tmp_path / "demo"
-    rc, stdout, err = _run(["demo", "--out", str(out), "--steps", "2", "--gammas", "1.5", "--run-each-gamma",
+    rc, stdout, err = _run(["demo", "--random-weights", "--out", str(out), "--steps", "2", "--gammas", "1.5", "--run-each-gamma",
                             "--prompt", "a red cube on the left of a blue sphere", "--words", "cube,sphere",
                             "--no-plots"], capsys)
     assert rc == 0, err

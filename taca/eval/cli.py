@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
                        description="T2I-CompBench(++) evaluation: `generate` the benchmark images in the official "
                                    "layout, `score` them with the official metrics (scorer models from local "
                                    "folders only), `report` the paper's table. See docs/eval.md.")
-    esub = e.add_subparsers(dest="eval_command", metavar="{generate,score,report}")
+    esub = e.add_subparsers(dest="eval_command", metavar="{generate,score,report,mini}")
     esub.required = True
 
     g = esub.add_parser("generate", help="images for T2I-CompBench categories (resumable; accelerate launch shards)",
@@ -102,6 +102,26 @@ def add_parser(sub) -> None:
     r.add_argument("--out", default=None, metavar="FILE", help="write the table here (refuses an existing file)")
     r.set_defaults(func=cmd_report)
 
+    m = esub.add_parser("mini", help="the miniature's benchmark: the judge's accuracy with TACA off and on (CPU, minutes)",
+                        description="The quick version of the benchmark, on the miniature trained here (shipped with "
+                                    "taca): each condition (baseline, gamma 1.1/1.2/1.3 by the paper's rule, the TACA "
+                                    "LoRA, the control LoRA) generates the same prompts with the same seeds and the "
+                                    "rule-based judge scores them, with 95%% intervals. The full run is "
+                                    "--per-category 500 (2500 prompts; minutes on a GPU).")
+    m.add_argument("--per-category", type=_pos_int, default=20, metavar="N",
+                   help="prompts per category (default 20 = 100 prompts; 500 = the full set)")
+    m.add_argument("--steps", type=_pos_int, default=28, metavar="N", help="denoising steps (default 28)")
+    m.add_argument("--guidance", type=float, default=3.0, metavar="G", help="classifier-free guidance (default 3)")
+    m.add_argument("--gammas", default="1.1,1.2,1.3", metavar="LIST", help="training-free gammas (default 1.1,1.2,1.3)")
+    m.add_argument("--pipeline", default=None, metavar="DIR", help="a MiniPipeline folder (default: the shipped one)")
+    m.add_argument("--taca-lora", default=None, metavar="DIR", help="default: the shipped TACA LoRA")
+    m.add_argument("--control-lora", default=None, metavar="DIR", help="default: the shipped control LoRA")
+    m.add_argument("--mass-prompts", type=int, default=8, metavar="N", help="prompts for the text-mass figure (0: none)")
+    m.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    m.add_argument("--out", default="taca-out/eval-mini", metavar="DIR", help="results folder (default taca-out/eval-mini)")
+    m.add_argument("--overwrite", action="store_true", help="replace the results an earlier run wrote in --out")
+    m.set_defaults(func=cmd_mini)
+
 
 def _fail(msg: str, code: int) -> int:
     print(msg, file=sys.stderr)
@@ -164,4 +184,40 @@ def cmd_report(args) -> int:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(text)
         print(f"taca eval report: wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_mini(args) -> int:
+    import os
+
+    from ..mini import shipped
+
+    paths = {}
+    for name in ("pipeline", "taca_lora", "control_lora"):
+        v = getattr(args, name) or shipped(name)
+        if v is None or not os.path.exists(v):
+            return _fail(f"taca eval mini: argument --{name.replace('_', '-')}: "
+                         f"{v or 'the shipped ' + name.replace('_', ' ')} does not exist", 2)
+        paths[name] = v
+    try:
+        gammas = [float(x) for x in args.gammas.split(",") if x.strip()]
+    except ValueError:
+        return _fail(f"taca eval mini: argument --gammas: expected numbers such as 1.1,1.2,1.3, got {args.gammas!r}", 2)
+    if not gammas or any(not (g > 0 and g < float("inf")) for g in gammas):
+        return _fail(f"taca eval mini: argument --gammas: every gamma must be finite and > 0, got {args.gammas!r}", 2)
+    if os.path.isfile(os.path.join(args.out, "results.json")) and not args.overwrite:
+        return _fail(f"taca eval mini: argument --out: {args.out} holds an earlier run's results; pass --overwrite "
+                     f"or another folder", 2)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        return _fail("taca eval mini: argument --device: cuda was given but torch sees no CUDA GPU", 2)
+    from argparse import Namespace
+
+    from ..mini.experiment import run
+
+    run(Namespace(pipeline=paths["pipeline"], taca_lora=paths["taca_lora"], control_lora=paths["control_lora"],
+                  gammas=gammas, per_category=args.per_category, steps=args.steps, guidance=args.guidance,
+                  batch=100, mass_prompts=args.mass_prompts, device=device, out=args.out))
     return 0
