@@ -5,21 +5,14 @@ Exit codes: 0 success, 1 failure while running, 2 usage errors and missing model
 """
 from __future__ import annotations
 
-import argparse
 import sys
+
+from ..cli import _positive_int
 
 _CATS = "color,shape,texture,spatial,non_spatial,complex,3d_spatial,numeracy"
 _METRICS = ("blip-vqa", "clip", "spatial2d", "spatial3d", "numeracy", "three-in-one")
 
-
-def _pos_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
-    return v
+_pos_int = _positive_int("N")  # an integer >= 1
 
 
 def add_parser(sub) -> None:

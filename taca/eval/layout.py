@@ -11,12 +11,13 @@ The official scripts take the prompt from ``name.split('_')[0]`` and the image i
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
+
+from .._util import sha256_file  # noqa: F401  (layout.sha256_file: run files, prompt files)
 
 CATEGORIES: Tuple[str, ...] = (
     "color", "shape", "texture", "spatial", "non_spatial", "complex", "3d_spatial", "numeracy",
@@ -35,12 +36,6 @@ class LayoutError(ValueError):
     """A run folder, category folder or prompt file that is not in the official layout."""
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def image_name(prompt: str, index: int) -> str:

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, TextIO
+from typing import Dict, Optional, Sequence, TextIO
 
 import torch
 

@@ -27,6 +27,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .._util import sha256_file as file_sha256  # noqa: F401  (the cache key of an image)
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -124,14 +126,6 @@ def load_image(path: str, resolution: int, center_crop: bool = True) -> torch.Te
         im = im.crop((x0, y0, x0 + resolution, y0 + resolution))
         arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def text_sha256(text: str) -> str:
