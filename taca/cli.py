@@ -268,13 +268,18 @@ def _looks_like_path(model: str) -> bool:
     return model.count("/") != 1  # hub ids are "owner/name"
 
 
-def missing_model_message(model: str, reason: str) -> str:
-    """The one-paragraph message for a model that cannot be loaded without the network."""
+def missing_model_message(model: str, reason: str, command: str = "taca generate",
+                          argument: Optional[str] = None) -> str:
+    """The one-paragraph message for a model that cannot be loaded without the network, from
+    ``command`` (its ``argument``, when named)."""
+    prefix = f"{command}: " + (f"argument {argument}: " if argument else "")
     if _looks_like_path(model):
-        body = (f"taca generate: cannot load {model!r} as a pipeline folder: {reason}. Pass a folder written by "
-                f"diffusers' save_pretrained (it holds model_index.json), or a hub id such as {KNOWN_MODELS[0]}.")
+        body = (f"{prefix}cannot load {model!r} as a pipeline folder: {reason}. Pass a folder written by "
+                f"diffusers' save_pretrained (it holds model_index.json; e.g. one made with `hf download "
+                f"{KNOWN_MODELS[0]} --local-dir ./{KNOWN_MODELS[0].split('/')[-1]}`), or a hub id such as "
+                f"{KNOWN_MODELS[0]}.")
     else:
-        body = (f"taca generate: the weights of {model!r} are not available here ({reason}). Download them "
+        body = (f"{prefix}the weights of {model!r} are not available here ({reason}). Download them "
                 f"while online, e.g. `hf download {model} --local-dir ./{model.split('/')[-1]}` "
                 f"(gated models such as FLUX.1-dev and SD3.5 need their license accepted on huggingface.co "
                 f"and `hf auth login` first; `hf` comes with huggingface_hub), then pass "
@@ -312,17 +317,19 @@ def _taca_pipeline_class(folder: str):
     return getattr(importlib.import_module(mod), attr)
 
 
-def _load_pipeline(model: str, dtype):
-    """(pipe, None) or (None, message)."""
+def _load_pipeline(model: str, dtype, command: str = "taca generate", argument: Optional[str] = None):
+    """(pipe, None) or (None, message); the message names ``command`` (and ``argument``)."""
+    def missing(reason):
+        return missing_model_message(model, reason, command, argument)
+
     if _looks_like_path(model):
         path = os.path.expanduser(model)
         if os.path.isfile(path):
-            return None, missing_model_message(model, "it is a file, not a folder (single-file checkpoints "
-                                                      "are not supported)")
+            return None, missing("it is a file, not a folder (single-file checkpoints are not supported)")
         if not os.path.isdir(path):
-            return None, missing_model_message(model, "no such folder")
+            return None, missing("no such folder")
         if not os.path.isfile(os.path.join(path, "model_index.json")):
-            return None, missing_model_message(model, "it has no model_index.json")
+            return None, missing("it has no model_index.json")
         model = path
         own = _taca_pipeline_class(path)
         if own is not None:  # a pipeline class of taca's own (the miniature): not in diffusers' namespace
@@ -342,7 +349,7 @@ def _load_pipeline(model: str, dtype):
             warnings.simplefilter("ignore", FutureWarning)  # torch_dtype -> dtype rename in newer diffusers
             return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype), None
     except (OSError, ValueError) as e:  # huggingface_hub's errors derive from these
-        return None, missing_model_message(model, _reason(e))
+        return None, missing(_reason(e))
     finally:
         dlogging.set_verbosity(level)
 

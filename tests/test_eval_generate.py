@@ -152,7 +152,8 @@ def test_generate_bad_input(tmp_path, pipe_dir, prompts_dir, capsys):
     assert rc == 2 and "--model" in e and "no such folder" in e and "hf download" in e
     rc, e = err(["--model", "black-forest-labs/FLUX.1-dev", "--no-taca", "--categories", "color", "--prompts",
                  prompts_dir])                                   # hub id, offline (conftest sets HF_HUB_OFFLINE)
-    assert rc == 2 and "hf download black-forest-labs/FLUX.1-dev --local-dir ./FLUX.1-dev" in e
+    flat = " ".join(e.split())  # the paragraph is wrapped at 100 columns (never inside a word)
+    assert rc == 2 and "hf download black-forest-labs/FLUX.1-dev --local-dir ./FLUX.1-dev" in flat
     rc, e = err(["--model", pipe_dir, "--no-taca", "--categories", "color", "--prompts", prompts_dir,
                  "--height", "40"])
     assert rc == 2 and "multiple of 16" in e

@@ -23,10 +23,6 @@ from typing import Any, Dict, List, Optional, Sequence
 from . import layout
 
 RUN_FORMAT = "taca-eval-run/1"
-KNOWN_MODELS = (
-    "black-forest-labs/FLUX.1-dev",
-    "stabilityai/stable-diffusion-3.5-medium",
-)
 _TACA_KEYS = {"gamma": float, "schedule": str, "lora": str, "gamma_reverse": float, "backend": str}
 
 
@@ -170,50 +166,14 @@ def _versions() -> Dict[str, Optional[str]]:
     return out
 
 
-def missing_model_message(model: str, reason: str) -> str:
-    """One paragraph: which model is missing and how to get it (exit code 2)."""
-    name = model.rstrip("/").split("/")[-1] or model
-    if os.path.exists(model) or model.count("/") != 1 or model.startswith((".", "~", "/")):
-        body = (f"taca eval generate: argument --model: cannot load the pipeline folder {model!r}: {reason}. "
-                f"Pass a folder written by diffusers' save_pretrained (it holds model_index.json), e.g. one "
-                f"made with `hf download {KNOWN_MODELS[0]} --local-dir ./FLUX.1-dev`.")
-    else:
-        body = (f"taca eval generate: argument --model: the weights of {model!r} are not available here "
-                f"({reason}). Download them while online with `hf download {model} --local-dir ./{name}` "
-                f"(gated models such as FLUX.1-dev and SD3.5 need their license accepted on huggingface.co and "
-                f"`hf auth login` first), then pass --model ./{name}.")
-    return textwrap.fill(body, width=100)
-
-
 def load_pipeline(model: str, dtype):
-    """``DiffusionPipeline.from_pretrained`` of a FLUX or SD3/SD3.5 pipeline, or UsageError with
-    :func:`missing_model_message`."""
-    path = os.path.expanduser(model)
-    looks_local = os.path.exists(path) or model.count("/") != 1 or model.startswith((".", "~", "/"))
-    if looks_local:
-        if not os.path.isdir(path):
-            raise UsageError(missing_model_message(model, "no such folder"))
-        if not os.path.isfile(os.path.join(path, "model_index.json")):
-            raise UsageError(missing_model_message(model, "it has no model_index.json"))
-        model = path
-    import warnings
+    """The FLUX or SD3/SD3.5 pipeline ``model`` names (hub id or local folder), through the loader
+    ``taca generate`` uses, or UsageError with its one-paragraph message."""
+    from ..cli import _load_pipeline
 
-    from diffusers import DiffusionPipeline
-    from diffusers.utils import logging as dlogging
-
-    level = dlogging.get_verbosity()
-    dlogging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-    except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
-        raise UsageError(missing_model_message(
-            model, "not in the local Hugging Face cache and the hub cannot be reached" if offline else first)) from None
-    finally:
-        dlogging.set_verbosity(level)
+    pipe, msg = _load_pipeline(model, dtype, command="taca eval generate", argument="--model")
+    if pipe is None:
+        raise UsageError(msg)
     name = type(pipe).__name__
     if "Flux" not in name and "StableDiffusion3" not in name:
         raise UsageError(f"taca eval generate: argument --model: {model} loads as {name}; TACA supports FLUX and "

@@ -113,9 +113,9 @@ def _weight_dtype(cfg: TrainConfig) -> torch.dtype:
 def _load_pipeline(cfg: TrainConfig, dtype: torch.dtype):
     from ..cli import _load_pipeline as load
 
-    pipe, msg = load(cfg.model, dtype)
+    pipe, msg = load(cfg.model, dtype, command="taca train", argument="--model")
     if pipe is None:
-        raise ModelNotFound(msg.replace("taca generate:", "taca train:"))
+        raise ModelNotFound(msg)
     return pipe
 
 
