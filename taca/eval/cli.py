@@ -101,8 +101,8 @@ def add_parser(sub) -> None:
                                     "LoRA, the control LoRA) generates the same prompts with the same seeds and the "
                                     "rule-based judge scores them, with 95%% intervals. The full run is "
                                     "--per-category 500 (2500 prompts; minutes on a GPU).")
-    m.add_argument("--per-category", type=_pos_int, default=20, metavar="N",
-                   help="prompts per category (default 20 = 100 prompts; 500 = the full set)")
+    m.add_argument("--per-category", type=_pos_int, default=4, metavar="N",
+                   help="prompts per category (default 4 = 20 prompts, a few minutes on a CPU; 500 = the full set)")
     m.add_argument("--steps", type=_pos_int, default=28, metavar="N", help="denoising steps (default 28)")
     m.add_argument("--guidance", type=float, default=3.0, metavar="G", help="classifier-free guidance (default 3)")
     m.add_argument("--gammas", default="1.1,1.2,1.3", metavar="LIST", help="training-free gammas (default 1.1,1.2,1.3)")
