@@ -26,14 +26,14 @@ KNOWN_MODELS = (
 )
 
 
-def _positive_float(name: str):
+def _positive_float(name: str, allow_zero: bool = False):
     def conv(s: str) -> float:
         try:
             v = float(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-        if not (v > 0 and v < float("inf")):
-            raise argparse.ArgumentTypeError(f"must be finite and > 0, got {s}")
+        if not ((v >= 0 if allow_zero else v > 0) and v < float("inf")):
+            raise argparse.ArgumentTypeError(f"must be finite and {'>=' if allow_zero else '>'} 0, got {s}")
         return v
     return conv
 
@@ -56,16 +56,6 @@ def _gamma_list(s: str) -> List[float]:
     if not vals:
         raise argparse.ArgumentTypeError("expected a comma-separated list such as 1.1,1.2,1.3")
     return vals
-
-
-def _guidance(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not (0 <= v < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {s}")
-    return v
 
 
 def _seed(s: str) -> int:
@@ -144,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", default=None, metavar="PATH", help="TACA LoRA (file/folder in diffusers' LoRA format, or hub id)")
     g.add_argument("--steps", type=_positive_int("--steps"), default=None, metavar="N",
                    help="denoising steps (default: the pipeline's; 4 for FLUX.1-schnell)")
-    g.add_argument("--guidance", type=_guidance, default=None, metavar="G", help="guidance scale (default: the pipeline's)")
+    g.add_argument("--guidance", type=_positive_float("--guidance", allow_zero=True), default=None, metavar="G", help="guidance scale (default: the pipeline's)")
     g.add_argument("--seed", type=_seed, default=42, metavar="N", help="seed (default 42, the paper's)")
     g.add_argument("--height", type=_positive_int("--height"), default=None, metavar="PX",
                    help="a multiple of 16 (default: the pipeline's, 1024 for FLUX.1 and SD3.5)")

@@ -311,7 +311,7 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
         raise ConfigError(f"taca train: accelerate is configured for {dist}, which taca train does not support yet; "
                           f"use DDP (accelerate launch --multi_gpu): a LoRA of FLUX.1-dev trains in about 25 GiB")
     device = accelerator.device
-    Sampler(len(samples), cfg.batch_size, world, rank, cfg.seed)  # checks the data holds one global batch
+    sampler = Sampler(len(samples), cfg.batch_size, world, rank, cfg.seed)  # raises if the data is < 1 global batch
     resume_from = ckpt.resolve(cfg.out, cfg.resume) if cfg.resume else None
 
     def say(msg: str) -> None:
@@ -414,7 +414,6 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
         accelerator.init_trackers("taca-train", config={k: v for k, v in cfg.to_dict().items()
                                                         if isinstance(v, (int, float, str, bool))})
 
-    sampler = Sampler(len(samples), cfg.batch_size, world, rank, cfg.seed)
     shift = family.shift()
     result = TrainResult(out=cfg.out, adapter=os.path.join(cfg.out, ADAPTER_FILE), steps=step)
 
