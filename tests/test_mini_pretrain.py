@@ -73,6 +73,15 @@ def test_cli_runs_saves_and_resumes_into_another_folder(tmp_path):
     assert "4 steps of batch 8" in card and "| 4 | 2.0 |" in card
     pipe = M.load_pipeline(str(out))
     assert pipe("a red circle", num_inference_steps=2, output_type="latent").images.shape == (1, 3, 32, 32)
+    # curves: the loss and accuracy figure, from the resumed run's log (one resume line drawn)
+    fig = tmp_path / "curves.png"
+    P.main(["curves", "--log", str(second / "log.jsonl"), "--out", str(fig)])
+    from PIL import Image
+
+    w, h = Image.open(fig).size
+    assert w > 2 * h > 0
+    with pytest.raises(SystemExit, match="--log .* is not a file"):
+        P.main(["curves", "--log", str(tmp_path / "none.jsonl"), "--out", str(fig)])
 
 
 def test_bad_arguments_exit_with_a_message(tmp_path):

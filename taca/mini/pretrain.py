@@ -3,6 +3,7 @@
     python -m taca.mini.pretrain --out runs/mini [--resume runs/mini] [--max-seconds 480] [--device cuda]
     python -m taca.mini.pretrain export --ckpt runs/mini --out taca/mini/weights --dtype bfloat16
     python -m taca.mini.pretrain samples --ckpt runs/mini --out samples.png
+    python -m taca.mini.pretrain curves --log runs/mini/log.jsonl --out curves.png
 
 Flow matching on scenes rendered on the fly (``taca.mini.data.SceneSampler`` on the training
 device): x_t = (1 - sigma) x0 + sigma noise, target noise - x0, MSE; sigma logit-normal(0, 1)
@@ -554,10 +555,56 @@ def samples(argv: List[str]) -> None:
           + " ".join(f"{c} {a['acc']:.2f}" for c, a in acc.items()))
 
 
+def curves(argv: List[str]) -> None:
+    """``curves --log DIR/log.jsonl --out FILE.png``: the training loss (per log interval, log
+    scale) and the judge's accuracy per category at each evaluation, against the step; the
+    steps where a run resumed are drawn as vertical lines."""
+    p = argparse.ArgumentParser(prog="python -m taca.mini.pretrain curves")
+    p.add_argument("--log", required=True, help="a pretraining log.jsonl")
+    p.add_argument("--out", required=True, help="the figure to write (.png, .pdf, .svg)")
+    e = p.parse_args(argv)
+    if not os.path.isfile(e.log):
+        raise SystemExit(f"taca.mini.pretrain curves: --log {e.log} is not a file")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(line) for line in open(e.log) if line.strip()]
+    train = [r for r in recs if r["kind"] == "train"]
+    evals = [r for r in recs if r["kind"] == "eval"]
+    if not train:
+        raise SystemExit(f"taca.mini.pretrain curves: --log {e.log} has no training records")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
+    ax1.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1.2)
+    ax1.set_yscale("log")
+    ax1.set(xlabel="step (batch %s)" % recs[0].get("args", {}).get("batch", "?"),
+            ylabel="flow-matching loss (log scale)", title="training loss")
+    for g in sorted({r["guidance"] for r in evals}):
+        rows = [r for r in evals if r["guidance"] == g]
+        for c, style in zip((*D.CATEGORIES, "all"), ("-o", "-s", "-^", "-v", "-D", "k-*")):
+            ax2.plot([r["step"] for r in rows], [r["accuracy"][c]["acc"] for r in rows], style, ms=4,
+                     lw=2 if c == "all" else 1, label=c if len(evals) == len(rows) else f"{c}, guidance {g}")
+    ax2.set(xlabel="step", ylabel="judge accuracy", ylim=(0, 1.02),
+            title="judge accuracy (%d prompts per category)" % (evals[0]["accuracy"][D.CATEGORIES[0]]["n"] if evals else 0))
+    ax2.legend(fontsize=8, loc="lower right")
+    for r in recs:
+        if r["kind"] == "start" and r.get("resumed_from"):
+            for ax in (ax1, ax2):
+                ax.axvline(r["step"], color="0.6", ls=":", lw=1)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.savefig(e.out, dpi=120)
+    print(f"taca.mini.pretrain: curves of {len(train)} log intervals and {len(evals)} evaluations -> {e.out}")
+
+
+_COMMANDS = {"export": export, "samples": samples, "curves": curves}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("export", "samples"):
-        (export if argv[0] == "export" else samples)(argv[1:])
+    if argv and argv[0] in _COMMANDS:
+        _COMMANDS[argv[0]](argv[1:])
         return 0
     run(parse_args(argv))
     return 0
