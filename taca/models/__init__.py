@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, Type
 
 import torch
 
-_BUILTIN = ("flux", "sd3")
+_BUILTIN = ("flux", "sd3", "flux2", "qwenimage", "chroma")
 _REGISTRY: List[Type["Adapter"]] = []
 _loaded = False
 
