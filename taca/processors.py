@@ -107,6 +107,6 @@ class TacaProcessor:
         telemetry.emit(telemetry.AttentionEvent(
             name=self.name, q=qb, k=kb, lse=lse, text_mass=text_mass, text_len=int(text_len),
             text_first=self.text_first, gamma=gamma.to(torch.float32), gamma_reverse=self.gamma_reverse,
-            scale=scale,
+            scale=scale, attn_mask=attn_mask,
         ))
         return out
