@@ -17,7 +17,11 @@ An :class:`Adapter` subclass says
 - ``kwargs_name``: the forward argument that carries attention kwargs to the processors;
 - ``current_t_pipelines``: diffusers pipelines whose ``__call__`` sets ``self._current_timestep =
   t`` right before calling the transformer with ``timestep = t.expand(B).to(latents.dtype) /
-  1000`` (then the hook may read sigma on the host without a device sync; see taca.pipeline).
+  1000`` (then the hook may read sigma on the host without a device sync; see taca.pipeline);
+- for ``taca generate``: ``pipelines`` (the diffusers pipeline classes of the family that
+  generate from a prompt alone; ``serves_pipeline`` may widen this), ``negative_prompt`` (the
+  pipelines take one), ``guidance_arg`` (the call argument ``--guidance`` sets),
+  ``max_sequence_length`` (the most text tokens the pipelines accept).
 
 Adding a model: one module here defining a subclass decorated with :func:`register`, its name
 added to ``_BUILTIN`` below, and one test (``tests/test_models_<family>.py``).
@@ -50,9 +54,18 @@ class Adapter:
     # pipelines' _current_timestep is 1000 sigma (true for flow-matching pipelines that pass
     # t / 1000 or t): the hook may use it to undo the latents-dtype rounding of the timestep
     pipeline_t_is_1000_sigma: bool = True
+    pipelines: Tuple[str, ...] = ()
+    negative_prompt: bool = False
+    guidance_arg: str = "guidance_scale"
+    max_sequence_length: int = 512
 
     def __init__(self, transformer: torch.nn.Module):
         self.transformer = transformer
+
+    @classmethod
+    def serves_pipeline(cls, name: str) -> bool:
+        """Whether the diffusers pipeline class ``name`` is one of this family's."""
+        return name in cls.pipelines
 
     # --- which modules -------------------------------------------------------------------
     def joint_modules(self) -> Dict[str, torch.nn.Module]:
@@ -117,6 +130,21 @@ def adapter_class(transformer) -> Optional[Type[Adapter]]:
     for c in type(transformer).__mro__:
         if c.__name__ in by_class and (c.__module__ or "").startswith("diffusers."):
             return by_class[c.__name__]
+    return None
+
+
+def adapter_for_pipeline(name: str) -> Optional[Type[Adapter]]:
+    """The adapter serving the diffusers pipeline class ``name``, or None."""
+    for a in adapters():
+        if a.serves_pipeline(name):
+            return a
+    return None
+
+
+def by_name(name: str) -> Optional[Type[Adapter]]:
+    for a in adapters():
+        if a.name == name:
+            return a
     return None
 
 

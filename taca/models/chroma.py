@@ -21,6 +21,8 @@ class ChromaAdapter(Adapter):
     # diffusers 0.42.1: _current_timestep = t, then timestep = t.expand(B).to(latents.dtype) / 1000
     # (ChromaImg2ImgPipeline builds its timestep differently: it takes the sync path)
     current_t_pipelines = frozenset({"ChromaPipeline", "ChromaInpaintPipeline"})
+    pipelines = ("ChromaPipeline",)
+    negative_prompt = True
 
     def processor(self, name, module):
         return TacaFluxAttnProcessor(name)

@@ -96,6 +96,11 @@ class FluxAdapter(Adapter):
     # diffusers 0.42.1: these set self._current_timestep = t, then call the transformer with
     # timestep = t.expand(B).to(latents.dtype) / 1000
     current_t_pipelines = frozenset({"FluxPipeline", "FluxKontextPipeline", "FluxKontextInpaintPipeline"})
+    pipelines = ("FluxPipeline", "FluxKontextPipeline")
+
+    @classmethod
+    def serves_pipeline(cls, name):
+        return name.startswith("Flux") and not name.startswith("Flux2")  # FluxImg2Img, Fill, Control, ...
 
     def processor(self, name, module):
         return TacaFluxAttnProcessor(name)

@@ -150,6 +150,7 @@ class Flux2Adapter(Adapter):
     timestep = "sigma"
     # diffusers 0.42.1: _current_timestep = t, then timestep = t.expand(B).to(latents.dtype) / 1000
     current_t_pipelines = frozenset({"Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline"})
+    pipelines = ("Flux2Pipeline", "Flux2KleinPipeline")
 
     def processor(self, name, module):
         from diffusers.models.transformers.transformer_flux2 import Flux2ParallelSelfAttention

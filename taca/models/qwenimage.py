@@ -122,6 +122,10 @@ class QwenImageAdapter(Adapter):
         "QwenImageEditInpaintPipeline", "QwenImageEditPlusPipeline", "QwenImageLayeredPipeline",
         "QwenImageControlNetPipeline", "QwenImageControlNetInpaintPipeline",
     })
+    pipelines = ("QwenImagePipeline",)
+    negative_prompt = True
+    guidance_arg = "true_cfg_scale"  # guidance_scale is for guidance-distilled checkpoints only
+    max_sequence_length = 1024
 
     def processor(self, name, module):
         return TacaQwenDoubleStreamAttnProcessor(name)

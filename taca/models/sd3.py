@@ -113,6 +113,12 @@ class SD3Adapter(Adapter):
     # the SD3 pipelines pass t.expand(B) itself (a view into scheduler.timesteps): the host path
     # reads it without the pipeline's help
     current_t_pipelines = frozenset()
+    pipelines = ("StableDiffusion3Pipeline",)
+    negative_prompt = True
+
+    @classmethod
+    def serves_pipeline(cls, name):
+        return "StableDiffusion3" in name  # img2img, inpaint, PAG, ControlNet
 
     def processor(self, name, module):
         return TacaJointAttnProcessor(name)
