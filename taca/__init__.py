@@ -1,7 +1,7 @@
 """taca: Temperature-Adjusted Cross-modal Attention (arXiv 2506.07986) for diffusers MM-DiTs.
 
 ``taca.joint_attention`` is the op; ``taca.enable`` / ``taca.disable`` / ``taca.enabled``
-patch FLUX and SD3/SD3.5 pipelines. Heavy optional imports (diffusers, matplotlib) stay lazy.
+patch the pipelines of the models in ``taca.models``. Heavy optional imports (diffusers, matplotlib) stay lazy.
 """
 __version__ = "0.1.0"
 

@@ -236,14 +236,18 @@ class Recorder:
     def attach(self, pipe_or_transformer) -> "Recorder":
         """Count steps with a forward pre-hook on the transformer (of a pipeline or itself)."""
         tr = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
-        divide = 1000.0 if "SD3" in type(tr).__name__ else 1.0
+        from . import models
+
+        a = models.adapter_class(getattr(tr, "_orig_mod", tr))
+        convention = a.timestep if a is not None else "sigma"
+
         def hook(module, args, kwargs):
             t = kwargs.get("timestep")
             sigma = None
             if isinstance(t, torch.Tensor) and t.numel() > 0:
-                sigma = float(t.reshape(-1)[0].float()) / divide
+                sigma = models.sigma_of(float(t.reshape(-1)[0].float()), convention)
             elif isinstance(t, (int, float)):
-                sigma = float(t) / divide
+                sigma = models.sigma_of(t, convention)
             if self.step >= 0 and sigma is not None and self.sigmas[self.step] == sigma:
                 self._call += 1
                 return

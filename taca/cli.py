@@ -280,12 +280,11 @@ def missing_model_message(model: str, reason: str, command: str = "taca generate
 
 
 def _family(pipe) -> Optional[str]:
-    name = type(pipe).__name__
-    if "Flux" in name:
-        return "flux"
-    if "StableDiffusion3" in name:
-        return "sd3"
-    return None
+    """The name of the model adapter (``taca.models``) whose pipelines include ``pipe``'s class."""
+    from . import models
+
+    a = models.adapter_for_pipeline(type(pipe).__name__)
+    return None if a is None else a.name
 
 
 # pipelines defined in taca, by the class name save_pretrained writes into model_index.json
@@ -369,6 +368,11 @@ _KNOWN_FAMILIES = {
     "stabilityai/stable-diffusion-3.5-medium": "sd3",
     "stabilityai/stable-diffusion-3.5-large": "sd3",
     "stabilityai/stable-diffusion-3.5-large-turbo": "sd3",
+    "black-forest-labs/FLUX.2-dev": "flux2",
+    "black-forest-labs/FLUX.2-klein-4B": "flux2",
+    "black-forest-labs/FLUX.2-klein-9B": "flux2",
+    "Qwen/Qwen-Image": "qwenimage",
+    "lodestones/Chroma1-HD": "chroma",
 }
 
 
@@ -380,9 +384,11 @@ class UsageError(Exception):
 
 
 def _peek_family(model: str) -> Optional[str]:
-    """"flux", "flux-schnell" or "sd3" from a known hub id or a local folder's configs (no
-    weights read), or None when it cannot be told before loading."""
+    """The family ("flux", "flux-schnell", "sd3", or another adapter's name) from a known hub id
+    or a local folder's configs (no weights read), or None when it cannot be told before loading."""
     import json
+
+    from . import models
 
     if model in _KNOWN_FAMILIES:
         return _KNOWN_FAMILIES[model]
@@ -392,10 +398,11 @@ def _peek_family(model: str) -> Optional[str]:
             cls = json.load(f).get("_class_name", "")
     except (OSError, ValueError):
         return None
-    if "StableDiffusion3" in cls:
-        return "sd3"
-    if "Flux" not in cls:
+    a = models.adapter_for_pipeline(cls)
+    if a is None:
         return None
+    if a.name != "flux":
+        return a.name
     try:
         with open(os.path.join(path, "transformer", "config.json")) as f:
             guidance = json.load(f).get("guidance_embeds", True)
@@ -404,17 +411,29 @@ def _peek_family(model: str) -> Optional[str]:
     return "flux" if guidance else "flux-schnell"
 
 
+_FAMILY_WHAT = {"flux": "FLUX.1 pipelines", "flux-schnell": "FLUX.1-schnell", "sd3": "SD3/SD3.5 pipelines"}
+
+
 def _check_family_args(args, family: Optional[str]) -> None:
     """Checks that need the model family (known before loading for known ids and folders; None:
     not known yet, only the bounds common to every family)."""
-    limit = MAX_SEQUENCE_LENGTH.get(family, max(MAX_SEQUENCE_LENGTH.values()))
+    from . import models
+
+    adapter = models.by_name(family) if family is not None else None
+    if family in MAX_SEQUENCE_LENGTH:
+        limit, what, unit = MAX_SEQUENCE_LENGTH[family], _FAMILY_WHAT[family], "T5 tokens"
+    elif adapter is not None:
+        paren = adapter.label[adapter.label.find("(") + 1 : -1] if "(" in adapter.label else adapter.name
+        limit, what, unit = adapter.max_sequence_length, f"{paren} pipelines", "text tokens"
+    else:
+        limit = max([*MAX_SEQUENCE_LENGTH.values(), *(a.max_sequence_length for a in models.adapters())])
+        what, unit = "the supported pipelines", "text tokens"
     n = args.max_sequence_length
     if n is not None and n > limit:
-        what = {"flux": "FLUX.1 pipelines", "flux-schnell": "FLUX.1-schnell", "sd3": "SD3/SD3.5 pipelines",
-                None: "FLUX.1 and SD3/SD3.5 pipelines"}[family]
-        raise UsageError("--max-sequence-length", f"{what} take at most {limit} T5 tokens, got {n}")
-    if args.negative_prompt is not None and family not in ("sd3", None):
-        raise UsageError("--negative-prompt", "only SD3/SD3.5 pipelines take a negative prompt here")
+        raise UsageError("--max-sequence-length", f"{what} take at most {limit} {unit}, got {n}")
+    if args.negative_prompt is not None and family is not None and not (adapter is not None and adapter.negative_prompt):
+        takes = [a.label[a.label.index("(") + 1 : -1] for a in models.adapters() if a.negative_prompt]
+        raise UsageError("--negative-prompt", f"only {'; '.join(takes)} pipelines take a negative prompt here")
 
 
 def _image_format(path: str) -> str:
@@ -519,8 +538,10 @@ def cmd_generate(args) -> int:
         return 2
     family = _family(pipe)
     if family is None:
+        from . import models
+
         err(f"taca generate: {args.model} loads as {type(pipe).__name__}, which is not a FLUX or SD3/SD3.5 "
-            "pipeline; TACA supports FluxPipeline-family and StableDiffusion3Pipeline-family models")
+            f"pipeline nor another supported one; TACA supports the pipelines of {models.supported()}")
         return 2
     schnell = family == "flux" and not getattr(pipe.transformer.config, "guidance_embeds", True)
     try:  # again, with the family the loaded pipeline really has
@@ -539,7 +560,9 @@ def cmd_generate(args) -> int:
     elif schnell:
         call["num_inference_steps"] = 4
     if args.guidance is not None:
-        call["guidance_scale"] = args.guidance
+        from . import models
+
+        call[models.by_name(family).guidance_arg] = args.guidance
     elif schnell:
         call["guidance_scale"] = 0.0
     if args.max_sequence_length is not None:

@@ -1,13 +1,17 @@
-"""Turn TACA on and off on a diffusers FLUX or SD3/SD3.5 pipeline (or bare transformer).
+"""Turn TACA on and off on a diffusers pipeline (or bare transformer) of a supported model.
 
-``taca.enable(pipe)`` installs one TACA processor per attention module (keeping the previous
-processor objects) and a forward pre-hook on the transformer. On every transformer call the
-hook reads ``timestep`` (FLUX: sigma in [0, 1]; SD3: t in [0, 1000]) and the text length
-(``encoder_hidden_states.shape[1]``), evaluates the schedule per sample, and injects
+What a model is (which modules are joint attention, where the text sits, the timestep convention,
+the processors to install) comes from its adapter in ``taca.models``; nothing here knows a model
+by name. ``taca.enable(pipe)`` installs one TACA processor per joint attention module (keeping the
+previous processor objects) and a forward pre-hook on the transformer. On every transformer call
+the hook reads ``timestep`` (converted to sigma by the adapter's convention, e.g. FLUX passes
+sigma, SD3 t = 1000 sigma) and what the adapter needs of the text layout (the text length, from
+``encoder_hidden_states.shape[1]`` by default), evaluates the schedule per sample, and injects
 ``taca_gamma`` ((B,) float32 on the device, or None when no sample is in the window: then every
-processor takes diffusers' stock path) and ``taca_text_len`` into a copy of
-``joint_attention_kwargs``. ``taca.disable`` puts back the exact previous processor objects,
-removes the hook and undoes the LoRA changes.
+processor takes diffusers' stock path) and the adapter's call state (``taca_text_len``) into a
+copy of the attention kwargs (``joint_attention_kwargs`` or the adapter's ``kwargs_name``).
+``taca.disable`` puts back the exact previous processor objects, removes the hook and undoes the
+LoRA changes.
 
 Host syncs. Deciding whether any sample is in the window needs sigma on the host. The hook reads
 it without touching the device (``handle.last_path == "host"``) when it can prove which value the
@@ -18,10 +22,10 @@ transformer got:
   hook copies that 1-D tensor to the host once (the one sync of a pipeline call; again only if it
   changes in place, which its version counter tells) and reads the element at the view's offset.
   Always right, whoever calls the transformer.
-- FLUX pipelines pass a fresh ``t.expand(B).to(latents.dtype) / 1000``, so the value comes from
-  the pipeline's ``_current_timestep`` (a view as above), trusted only when the transformer is
+- FLUX-style pipelines pass a fresh ``t.expand(B).to(latents.dtype) / 1000``, so the value comes
+  from the pipeline's ``_current_timestep`` (a view as above), trusted only when the transformer is
   called directly from the ``__call__`` of the pipeline given to ``enable``, and that ``__call__``
-  is diffusers' own FluxPipeline, FluxKontextPipeline or FluxKontextInpaintPipeline (they set
+  is one of the adapter's ``current_t_pipelines`` (diffusers' own FluxPipeline, ...: they set
   ``_current_timestep = t`` right before their transformer calls; the passed bf16/fp16 timestep is
   then always within 2**-7 of t / 1000, so the sync path would pick t / 1000 too). Extra forwards
   in a step (true CFG, SD3 skip-layer guidance, PAG) see the same t. A call from a callback, from
@@ -73,23 +77,11 @@ from typing import Any, Dict, Iterator, Optional, Union
 
 import torch
 
+from . import models as _models
 from . import schedule as _schedule
-from .processors import TacaFluxAttnProcessor, TacaJointAttnProcessor
 
-_SUPPORTED = (
-    "FluxTransformer2DModel (FLUX.1, FLUX Kontext) and SD3Transformer2DModel (SD3, SD3.5), "
-    "or a pipeline with one of them as .transformer"
-)
 _ATTR = "_taca_handle"
-# processors whose computation the TACA processors reproduce exactly at gamma = 1
-_REPLACEABLE = frozenset({
-    "FluxAttnProcessor", "FluxAttnProcessor2_0", "FusedFluxAttnProcessor2_0",
-    "JointAttnProcessor2_0", "FusedJointAttnProcessor2_0",
-})
 DEFAULT_ADAPTER = "taca"
-# diffusers pipelines whose __call__ sets self._current_timestep = t right before calling the
-# transformer with timestep = t.expand(B).to(latents.dtype) / 1000 (read in diffusers 0.42.1)
-_CURRENT_T_PIPELINES = frozenset({"FluxPipeline", "FluxKontextPipeline", "FluxKontextInpaintPipeline"})
 # schedules that are plain functions of one sigma (or step) and can run on the host
 _HOST_SCHEDULES = (_schedule.PaperSchedule, _schedule.StepSchedule, _schedule.ConstantSchedule)
 _HOST_COPIES_KEPT = 4
@@ -100,23 +92,21 @@ _TORCH_MODULE_FILE = torch.nn.Module._call_impl.__code__.co_filename
 MIN_DIFFUSERS = "0.35.0"  # the first release with FluxAttention and _get_qkv_projections
 
 
-def _kind(transformer) -> Optional[str]:
+def _supported() -> str:
+    return f"{_models.supported()}, or a pipeline with one of them as .transformer"
+
+
+def _adapter_class(transformer):
     import diffusers
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
     from packaging.version import Version
 
     if Version(diffusers.__version__).release < Version(MIN_DIFFUSERS).release:
         raise ImportError(f"taca: needs diffusers>={MIN_DIFFUSERS} (FluxAttention), found {diffusers.__version__}")
-
-    if isinstance(transformer, FluxTransformer2DModel):
-        return "flux"
-    if isinstance(transformer, SD3Transformer2DModel):
-        return "sd3"
-    return None
+    return _models.adapter_class(transformer)
 
 
 def _resolve(obj):
-    """(pipe or None, transformer, kind) for a pipeline or a transformer (compiled or not)."""
+    """(pipe or None, transformer, adapter class) for a pipeline or a transformer (compiled or not)."""
     pipe = None
     transformer = obj
     if not isinstance(obj, torch.nn.Module) and hasattr(obj, "components"):
@@ -125,27 +115,21 @@ def _resolve(obj):
         if transformer is None:
             names = [k for k, v in obj.components.items() if isinstance(v, torch.nn.Module)]
             raise TypeError(
-                f"taca: {type(obj).__name__} has no .transformer (its models: {names}); supported: {_SUPPORTED}"
+                f"taca: {type(obj).__name__} has no .transformer (its models: {names}); supported: {_supported()}"
             )
     transformer = getattr(transformer, "_orig_mod", transformer)
-    kind = _kind(transformer) if isinstance(transformer, torch.nn.Module) else None
-    if kind is None:
-        raise TypeError(f"taca: {type(transformer).__name__} is not supported; supported: {_SUPPORTED}")
-    return pipe, transformer, kind
-
-
-def _attention_modules(transformer) -> Dict[str, torch.nn.Module]:
-    return {
-        name: m for name, m in transformer.named_modules()
-        if hasattr(m, "set_processor") and hasattr(m, "processor")
-    }
+    adapter = _adapter_class(transformer) if isinstance(transformer, torch.nn.Module) else None
+    if adapter is None:
+        raise TypeError(f"taca: {type(transformer).__name__} is not supported; supported: {_supported()}")
+    return pipe, transformer, adapter
 
 
 class TacaHandle:
     """What ``taca.enable`` installed on one transformer. Read-only for users except through
     ``taca.enable`` (update) and ``taca.disable``.
 
-    Attributes: ``kind`` ("flux" / "sd3"), ``schedule``, ``gamma_reverse``, ``backend``,
+    Attributes: ``adapter`` (the model's :class:`taca.models.Adapter`), ``kind`` (its name:
+    "flux", "sd3", ...), ``schedule``, ``gamma_reverse``, ``backend``,
     ``lora_adapter`` (adapter name or None), ``last_gamma`` ((B,) tensor or None: what the last
     transformer call used), ``last_step`` (step index of the last call, step schedules only),
     ``last_path`` ("host": sigma read on the host, no sync; "sync": device math and one host
@@ -153,14 +137,14 @@ class TacaHandle:
     made so far: one per pipeline call on the host path), ``host_sigma`` (False: always "sync").
     """
 
-    def __init__(self, pipe, transformer, kind: str):
+    def __init__(self, pipe, transformer, adapter: "_models.Adapter"):
         self.pipe = pipe
         self.transformer = transformer
-        self.kind = kind
-        self.modules = _attention_modules(transformer)
+        self.adapter = adapter
+        self.kind = adapter.name
+        self.modules = adapter.joint_modules()
         self.previous = {name: m.processor for name, m in self.modules.items()}
-        cls = TacaFluxAttnProcessor if kind == "flux" else TacaJointAttnProcessor
-        self.processors = {name: cls(name) for name in self.modules}
+        self.processors = {name: adapter.processor(name, m) for name, m in self.modules.items()}
         self.schedule: _schedule.Schedule = _schedule.parse(None)
         self.gamma_reverse = 1.0
         self.backend = "auto"
@@ -218,9 +202,9 @@ class TacaHandle:
                 )
         hs = self._arg("hidden_states", args, kwargs)
         ts = self._arg("timestep", args, kwargs)
-        ehs = self._arg("encoder_hidden_states", args, kwargs)
-        if ts is None or ehs is None or hs is None:
+        if ts is None or hs is None:
             raise ValueError("taca: the transformer was called without timestep or encoder_hidden_states")
+        state = self.adapter.call_state(lambda name: self._arg(name, args, kwargs))
         B = hs.shape[0]
         decided = self._host_decide(ts, B, hs.device) if self.host_sigma else None
         if decided is not None:
@@ -234,16 +218,17 @@ class TacaHandle:
         if self.lora_adapter is not None:
             self._gate_lora(on)
 
-        jak = dict(self._arg("joint_attention_kwargs", args, kwargs) or {})
+        key = self.adapter.kwargs_name
+        jak = dict(self._arg(key, args, kwargs) or {})
         jak["taca_gamma"] = gamma if on else None
-        jak["taca_text_len"] = int(ehs.shape[1])
-        if "joint_attention_kwargs" not in kwargs and "joint_attention_kwargs" in self._params:
-            i = self._params.index("joint_attention_kwargs")
+        jak.update(state)
+        if key not in kwargs and key in self._params:
+            i = self._params.index(key)
             if i < len(args):
                 args = args[:i] + (jak,) + args[i + 1:]
                 return args, kwargs
         kwargs = dict(kwargs)
-        kwargs["joint_attention_kwargs"] = jak
+        kwargs[key] = jak
         return args, kwargs
 
     def _sigma(self, ts, B: int, device, current_t, like=None) -> torch.Tensor:
@@ -253,12 +238,13 @@ class TacaHandle:
         sigma = torch.as_tensor(ts, device=device).to(torch.float32).reshape(-1)
         if sigma.numel() == 1 and B != 1:
             sigma = sigma.expand(B)
-        if self.kind == "sd3":
-            sigma = _div1000(sigma, like)
+        sigma = _to_sigma(sigma, self.adapter.timestep, like)
         return _exact_sigma(sigma, current_t, like)
 
     def _current_t(self):
-        return getattr(self.pipe, "_current_timestep", None) if self.pipe is not None else None
+        if self.pipe is None or not self.adapter.pipeline_t_is_1000_sigma:
+            return None
+        return getattr(self.pipe, "_current_timestep", None)
 
     def _sync_decide(self, ts, B: int, device):
         """(gamma or None, on, step) with the schedule evaluated on the device: one host sync."""
@@ -311,7 +297,7 @@ class TacaHandle:
             return None
         if ts_host is not None:
             sigma = self._sigma(ts_host, B, "cpu", ct if ct_host is None else ct_host, like=device)
-        elif self.kind == "flux" and ct_host is not None and ts.dtype in _FLOAT_DTYPES and self._called_from_pipe():
+        elif ct_host is not None and ts.dtype in _FLOAT_DTYPES and self._called_from_pipe():
             # FluxPipeline-style loop: ts = t.expand(B).to(dtype) / 1000 with t = _current_timestep.
             # With |t / 1000| <= 1.5, float16/bfloat16 rounding keeps ts within 1.5 * 2**-8 < 2**-7
             # of t / 1000, so the sync path's _exact_sigma takes t / 1000: take it here too.
@@ -353,7 +339,8 @@ class TacaHandle:
 
     def _called_from_pipe(self) -> bool:
         """True when the transformer call comes straight from the denoising loop of ``self.pipe``'s
-        own ``__call__``, and that is one of diffusers' pipelines that set ``_current_timestep``."""
+        own ``__call__``, and that is one of diffusers' pipelines that set ``_current_timestep`` and
+        pass ``t / 1000`` (the adapter's ``current_t_pipelines``)."""
         code = self._loop_code()
         if code is None:
             return False
@@ -367,7 +354,7 @@ class TacaHandle:
         if cls not in self._loop_codes:
             fn = inspect.unwrap(getattr(cls, "__call__", None))
             ok = (getattr(fn, "__module__", "") or "").startswith("diffusers.pipelines.") and \
-                (getattr(fn, "__qualname__", "") or "").split(".")[0] in _CURRENT_T_PIPELINES
+                (getattr(fn, "__qualname__", "") or "").split(".")[0] in self.adapter.current_t_pipelines
             self._loop_codes[cls] = getattr(fn, "__code__", None) if ok else None
         return self._loop_codes[cls]
 
@@ -502,6 +489,19 @@ def _div1000(x: torch.Tensor, like=None) -> torch.Tensor:
     return x / 1000.0
 
 
+def _to_sigma(x: torch.Tensor, convention: str, like=None) -> torch.Tensor:
+    """sigma from the transformer's timestep under an adapter's ``timestep`` convention."""
+    if convention == "sigma":
+        return x
+    if convention == "t1000":
+        return _div1000(x, like)
+    if convention == "1-sigma":
+        return 1.0 - x
+    if convention == "1-t1000":
+        return 1.0 - _div1000(x, like)
+    raise ValueError(f"taca: unknown timestep convention {convention!r}")
+
+
 def _exact_sigma(sigma: torch.Tensor, t, like=None) -> torch.Tensor:
     # FLUX pipelines pass t / 1000 in the latents' dtype (bf16: ~0.004 error near 0.97) but keep
     # the exact t in pipe._current_timestep; use it when it matches what was passed.
@@ -565,7 +565,7 @@ def enable(
     backend: str = "auto",
     adapter_name: str = DEFAULT_ADAPTER,
 ) -> TacaHandle:
-    """Turn TACA on for a FLUX or SD3/SD3.5 pipeline or transformer.
+    """Turn TACA on for a pipeline or transformer of a supported model (``taca.models``).
 
     gamma: gamma0, the multiplier of (image query, text key) logits inside the window.
     schedule: "paper" (the default, also what None means: gamma0 where sigma >= 0.97, i.e.
@@ -582,7 +582,7 @@ def enable(
     Calling it again updates the settings (processors, hook and adapter are not duplicated).
     Returns the :class:`TacaHandle`. Raises TypeError for unsupported models.
     """
-    pipe, transformer, kind = _resolve(pipe_or_transformer)
+    pipe, transformer, adapter_cls = _resolve(pipe_or_transformer)
     sched = _schedule.parse(schedule, gamma)
     gr = float(gamma_reverse)
     if not (gr > 0 and gr < float("inf")):
@@ -592,16 +592,12 @@ def enable(
     handle: Optional[TacaHandle] = getattr(transformer, _ATTR, None)
     fresh = handle is None
     ours = set(handle.processors.values()) if handle is not None else set()
-    for name, m in _attention_modules(transformer).items():
-        cls = type(m.processor).__name__
-        if m.processor not in ours and cls not in _REPLACEABLE:
-            raise TypeError(
-                f"taca: {name} uses {cls}; taca.enable replaces only diffusers' stock processors "
-                f"({', '.join(sorted(_REPLACEABLE))}), so it would silently drop what {cls} does "
-                f"(e.g. an IP-Adapter); restore the stock processors first"
-            )
+    adapter = handle.adapter if handle is not None else adapter_cls(transformer)
+    for name, m in adapter.joint_modules().items():
+        if m.processor not in ours:
+            adapter.check_processor(name, m)
     if fresh:
-        handle = TacaHandle(pipe, transformer, kind)
+        handle = TacaHandle(pipe, transformer, adapter)
     elif pipe is not None:
         handle.pipe = pipe
     old = (handle.schedule, handle.gamma_reverse, handle.backend)

@@ -22,6 +22,8 @@ class AttentionEvent:
     q, k: (B, H, N, D) views after QK-norm and RoPE (what the kernel saw).
     lse, text_mass: (B, H, N) float32. gamma: (B,) float32. scale: the logit scale.
     Text tokens are [0, text_len) when text_first, else [N - text_len, N).
+    attn_mask: the stock attention mask the call applied (None for FLUX.1, SD3; Qwen-Image's bool
+    key mask, Chroma's additive float mask), broadcastable to (B, H, N, N).
     """
 
     name: str
@@ -34,6 +36,7 @@ class AttentionEvent:
     gamma: torch.Tensor
     gamma_reverse: float
     scale: float
+    attn_mask: Optional[torch.Tensor] = None
 
 
 Recorder = Callable[[AttentionEvent], None]

@@ -13,6 +13,7 @@ pytest.importorskip("diffusers")
 import taca
 import taca.processors as tp
 from taca import telemetry, tiny
+from taca.models.flux import TacaFluxAttnProcessor
 
 
 def _pipe(kind):
@@ -233,7 +234,7 @@ def test_telemetry_events(kind):
 def test_processor_errors_name_the_argument():
     t = tiny.flux_transformer(num_layers=0, num_single_layers=1)
     attn = t.single_transformer_blocks[0].attn
-    p = tp.TacaFluxAttnProcessor("single_transformer_blocks.0.attn")
+    p = TacaFluxAttnProcessor("single_transformer_blocks.0.attn")
     hs = torch.randn(1, 5, attn.query_dim if hasattr(attn, "query_dim") else 32)
     with pytest.raises(ValueError, match="taca_text_len=9 exceeds sequence length 5"):
         p(attn, hs, None, None, None, taca_gamma=torch.tensor([1.2]), taca_text_len=9)

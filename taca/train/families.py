@@ -217,16 +217,20 @@ def _unwrap(m):
     return getattr(m, "_orig_mod", m)
 
 
+# training families by the name of the model's adapter (taca.models)
+_FAMILIES = {c.name: c for c in (FluxFamily, SD3Family)}
+
+
 def family_for(pipe) -> Family:
     """The training family of a loaded pipeline."""
     if all(callable(getattr(pipe, n, None)) for n in PROTOCOL):
         return ProtocolFamily(pipe)
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from ..models import adapter_class
 
     t = getattr(pipe, "transformer", None)
-    if isinstance(t, FluxTransformer2DModel):
-        return FluxFamily(pipe)
-    if isinstance(t, SD3Transformer2DModel):
-        return SD3Family(pipe)
+    adapter = adapter_class(t) if isinstance(t, torch.nn.Module) else None
+    family = _FAMILIES.get(adapter.name) if adapter is not None else None
+    if family is not None:
+        return family(pipe)
     raise TypeError(f"taca train: {type(pipe).__name__} is not supported (FLUX.1 and SD3/SD3.5 pipelines, or a "
                     f"pipeline with encode_text / encode_images / predict)")

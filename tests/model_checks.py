@@ -1,0 +1,131 @@
+"""Checks shared by the per-model adapter tests (tests/test_models_*.py).
+
+- :func:`paper_attention`: the paper's definition written out, materialized in float64: logits
+  ``scale q.k``, times gamma where a visual query meets a text key, then the stock mask (bool:
+  False keys removed; float: added to the logits, as SDPA does), softmax, weighted sum of v.
+- :class:`Capture`: records every ``taca.joint_attention`` call the processors make (q, k, v,
+  keyword arguments, output). With ``shadow=True`` the processors get diffusers' stock attention
+  of the same q, k, v back instead, so the rest of the forward is the stock model's and the q, k, v
+  of EVERY call can be compared bit for bit with a stock run's.
+- :class:`StockCalls`: records the q, k, v of every stock attention call (dispatch_attention_fn).
+- :func:`window`: the steps the paper's rule puts in the gamma window, from a pipeline's sigmas.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+
+import taca
+import taca.processors as tp
+
+MASKS_SUPPORTED = "attn_mask" in inspect.signature(taca.joint_attention).parameters
+NO_MASK_REASON = "taca.joint_attention has no attn_mask yet (the op change lands from the op branch)"
+
+
+def paper_attention(q, k, v, text_len, gamma, attn_mask=None, text_first=True):
+    """q, k, v: (B, N, H, D); gamma: (B,); attn_mask: None, bool or float, broadcastable to
+    (B, H, N, N). Returns (B, N, H, D) float64."""
+    q, k, v = (x.double().transpose(1, 2) for x in (q, k, v))
+    B, H, N, D = q.shape
+    logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(D)
+    text = torch.zeros(N, dtype=torch.bool)
+    if text_first:
+        text[:text_len] = True
+    else:
+        text[N - text_len:] = True
+    vis_q_text_k = (~text)[:, None] & text[None, :]
+    logits = torch.where(vis_q_text_k, logits * gamma.double().view(B, 1, 1, 1), logits)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        else:
+            logits = logits + attn_mask.double()
+    p = torch.softmax(logits, dim=-1)
+    return torch.einsum("bhij,bhjd->bhid", p, v).transpose(1, 2)
+
+
+class Capture:
+    def __init__(self, monkeypatch, shadow: bool = False):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        self.calls = []
+        orig = tp.joint_attention
+
+        def wrapped(q, k, v, **kw):
+            out = orig(q, k, v, **kw)
+            o = out[0] if isinstance(out, tuple) else out
+            self.calls.append((q.detach().clone(), k.detach().clone(), v.detach().clone(), dict(kw), o.detach().clone()))
+            if shadow:
+                return dispatch_attention_fn(q, k, v, attn_mask=kw.get("attn_mask"))
+            return out
+
+        monkeypatch.setattr(tp, "joint_attention", wrapped)
+
+
+class StockCalls:
+    """q, k, v of every dispatch_attention_fn call made from ``module`` (a diffusers model file)."""
+
+    def __init__(self, monkeypatch, module):
+        self.calls = []
+        orig = module.dispatch_attention_fn
+
+        def grab(q, k, v, *a, **kw):
+            self.calls.append((q.clone(), k.clone(), v.clone(), kw.get("attn_mask")))
+            return orig(q, k, v, *a, **kw)
+
+        monkeypatch.setattr(module, "dispatch_attention_fn", grab)
+
+
+def check_against_paper(calls, text_len, gamma, masks=None):
+    """Every captured call used text_len, text first, the stock scale, and its output equals the
+    paper's definition on the same q, k, v (masks: the expected stock mask per call, or None)."""
+    assert calls
+    for i, (q, k, v, kw, out) in enumerate(calls):
+        assert kw["layout"] == "bnhd" and kw["text_first"] is True
+        assert kw["text_len"] == text_len, (i, kw["text_len"], text_len)
+        assert kw["scale"] == 1 / math.sqrt(q.shape[-1])
+        assert torch.equal(kw["gamma"], gamma)
+        mask = None if masks is None else masks[i]
+        if mask is None:
+            assert kw.get("attn_mask") is None
+        else:
+            assert kw["attn_mask"].dtype == mask.dtype and torch.equal(kw["attn_mask"].expand_as(mask), mask)
+        expect = paper_attention(q, k, v, text_len, gamma, mask)
+        torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=2e-6)
+
+
+def processors_of(transformer):
+    return {n: m.processor for n, m in transformer.named_modules() if hasattr(m, "set_processor") and hasattr(m, "processor")}
+
+
+def check_disable_restores(transformer, before):
+    after = processors_of(transformer)
+    assert after.keys() == before.keys()
+    assert all(after[n] is before[n] for n in before)
+    assert len(transformer._forward_pre_hooks) == 0
+
+
+def window(sigmas, threshold=0.97):
+    """0-based steps where the paper's rule (sigma >= threshold) turns gamma on."""
+    from taca.schedule import PaperSchedule
+
+    sched = PaperSchedule(1.2, threshold)
+    s = torch.as_tensor(sigmas, dtype=torch.float32)
+    return [i for i in range(len(s)) if float(sched(s[i : i + 1])[0]) != 1.0]
+
+
+def ranges(steps):
+    """[0, 1, 2, 5] -> "0-2, 5"; [] -> "none"."""
+    if not steps:
+        return "none"
+    out, start, prev = [], steps[0], steps[0]
+    for s in steps[1:] + [None]:
+        if s is not None and s == prev + 1:
+            prev = s
+            continue
+        out.append(f"{start}-{prev}" if prev != start else f"{start}")
+        if s is not None:
+            start = prev = s
+    return ", ".join(out)

@@ -1,0 +1,212 @@
+"""FLUX.2 (Flux2Transformer2DModel: dev and klein configs) with the taca.models.flux2 adapter, on
+tiny random-weight models (the survey's tiny config): every joint attention call inside the
+window is the paper's definition, outside it and at gamma = 1 the model is stock bit for bit."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import taca
+from taca.pipeline import get_handle
+
+from model_checks import (Capture, StockCalls, check_against_paper, check_disable_restores, processors_of,
+                          ranges, window)
+
+TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32,
+            num_attention_heads=2, joint_attention_dim=24, timestep_guidance_channels=32, mlp_ratio=3.0,
+            axes_dims_rope=(8, 8, 8, 8), rope_theta=2000, guidance_embeds=False)
+# FLUX.2-dev and FLUX.2-klein scheduler/scheduler_config.json. The pipelines pass their own mu
+# (compute_empirical_mu of the image token count and the step count), so base/max shift are unused.
+SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                 base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
+
+
+def _transformer(**kw):
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    return Flux2Transformer2DModel(**{**TINY, **kw}).eval()
+
+
+def _inputs(B, L, hw, n_ref=0, sigma=0.98, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    h, w = hw
+    ids = torch.cartesian_prod(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(), torch.zeros(1))
+    if n_ref:
+        ref = torch.cartesian_prod(torch.full((1,), 10.0), torch.arange(n_ref).float(), torch.zeros(1), torch.zeros(1))
+        ids = torch.cat([ids, ref])
+    txt_ids = torch.cartesian_prod(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.arange(L).float())
+    return dict(hidden_states=torch.randn(B, h * w + n_ref, 16, generator=g),
+                encoder_hidden_states=torch.randn(B, L, 24, generator=g),
+                timestep=torch.full((B,), sigma), img_ids=ids, txt_ids=txt_ids, return_dict=False)
+
+
+@pytest.mark.parametrize("L,hw,batch,n_ref", [(7, (4, 5), 2, 0), (1, (3, 4), 1, 0), (12, (6, 4), 2, 6)])
+def test_joint_calls_are_the_paper_definition(monkeypatch, L, hw, batch, n_ref):
+    """In the window every call (double- and single-stream; edit reference tokens appended after
+    the image count as visual) equals the paper's definition on the stock q, k, v."""
+    import diffusers.models.transformers.transformer_flux2 as tf2
+
+    t = _transformer()
+    stock = StockCalls(monkeypatch, tf2)
+    with torch.no_grad():
+        t(**_inputs(batch, L, hw, n_ref))
+    monkeypatch.undo()
+    cap = Capture(monkeypatch, shadow=True)
+    with taca.enabled(t, gamma=1.3), torch.no_grad():
+        t(**_inputs(batch, L, hw, n_ref))
+    assert len(cap.calls) == len(stock.calls) == TINY["num_layers"] + TINY["num_single_layers"]
+    for (q, k, v, _, _), (sq, sk, sv, smask) in zip(cap.calls, stock.calls):
+        assert smask is None
+        assert torch.equal(q, sq) and torch.equal(k, sk) and torch.equal(v, sv)
+        assert q.shape[1] == L + hw[0] * hw[1] + n_ref
+    check_against_paper(cap.calls, L, torch.full((batch,), 1.3))
+
+
+@pytest.mark.parametrize("hw", [(4, 5), (6, 3)])
+def test_outside_window_and_gamma_one_are_stock(hw):
+    t = _transformer()
+    before = processors_of(t)
+    with torch.no_grad():
+        ref_in = t(**_inputs(2, 7, hw, sigma=0.98))[0]
+        ref_out = t(**_inputs(2, 7, hw, sigma=0.5))[0]
+        h = taca.enable(t, gamma=1.3)
+        assert {type(p).__name__ for p in h.processors.values()} == {
+            "TacaFlux2AttnProcessor", "TacaFlux2ParallelSelfAttnProcessor"}
+        assert torch.equal(t(**_inputs(2, 7, hw, sigma=0.5))[0], ref_out) and h.last_gamma is None
+        assert not torch.equal(t(**_inputs(2, 7, hw, sigma=0.98))[0], ref_in)
+        taca.enable(t, gamma=1.0, schedule="constant")
+        assert torch.equal(t(**_inputs(2, 7, hw, sigma=0.98))[0], ref_in)
+        taca.disable(t)
+    check_disable_restores(t, before)
+
+
+def test_klein_kv_processors_are_refused():
+    from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor
+
+    t = _transformer()
+    kv = Flux2KVAttnProcessor()
+    t.transformer_blocks[0].attn.set_processor(kv)
+    with pytest.raises(TypeError, match="transformer_blocks.0.attn uses Flux2KVAttnProcessor .*KV cache"):
+        taca.enable(t)
+    assert get_handle(t) is None and t.transformer_blocks[0].attn.processor is kv
+    t = _transformer()
+    with taca.enabled(t):
+        with pytest.raises(ValueError, match="kv_cache_mode='cached'"):
+            t(**_inputs(1, 3, (2, 2)), kv_cache_mode="cached")
+
+
+def _klein(seed=0, **kw):
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                             down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=vae, text_encoder=None,
+                              tokenizer=None, transformer=_transformer(**kw), is_distilled=False)
+
+
+def _record_calls(t):
+    """(text length, gamma or None, hook path) of every transformer call."""
+    seen = []
+    hook = t.register_forward_hook(lambda m, a, kw, out: seen.append(
+        (kw["encoder_hidden_states"].shape[1], get_handle(m).last_gamma, get_handle(m).last_path)), with_kwargs=True)
+    return seen, hook
+
+
+@pytest.mark.parametrize("steps,hw,edit", [(8, (32, 48), False), (6, (48, 32), True)])
+def test_klein_pipeline_cfg_unequal_prompts_and_window(monkeypatch, steps, hw, edit):
+    """Flux2KleinPipeline with true CFG (prompt 7 tokens, negative 4), optionally an edit reference
+    image: each call's gamma comes from the pipeline's sigma (host path, no sync), the steps in
+    the window are the paper rule's on the real scheduler, and every joint call in them is the
+    paper's definition with that call's own text length."""
+    import numpy as np
+    import PIL.Image
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    pipe = _klein()
+    g = torch.Generator().manual_seed(0)
+    pe, ne = torch.randn(1, 7, 24, generator=g), torch.randn(1, 4, 24, generator=g)
+    kw = dict(prompt_embeds=pe, negative_prompt_embeds=ne, height=hw[0], width=hw[1], num_inference_steps=steps,
+              guidance_scale=4.0, output_type="pt")
+    if edit:
+        # the smallest reference the pipeline takes (64 px a side): (64 / 2)^2 tokens after the image
+        kw["image"] = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    stock = pipe(generator=torch.Generator().manual_seed(1), **kw).images
+    cap = Capture(monkeypatch)
+    seen, hook = _record_calls(pipe.transformer)
+    with taca.enabled(pipe, gamma=1.3):
+        out = pipe(generator=torch.Generator().manual_seed(1), **kw).images
+    hook.remove()
+    n_img = (hw[0] // 2) * (hw[1] // 2)  # vae_scale_factor 1, 2x2 patches
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sch = FlowMatchEulerDiscreteScheduler(**SCHEDULER)
+    sch.set_timesteps(sigmas=sigmas, mu=compute_empirical_mu(n_img, steps))
+    on = window(sch.timesteps / 1000)
+    assert on, "the first step must be in the window"
+    assert [L for L, _, _ in seen] == [7, 4] * steps
+    assert {p for _, _, p in seen} == {"host"}
+    assert [i for i in range(steps) if seen[2 * i][1] is not None] == on
+    assert all((seen[2 * i][1] is None) == (seen[2 * i + 1][1] is None) for i in range(steps))
+    n_calls = TINY["num_layers"] + TINY["num_single_layers"]
+    assert len(cap.calls) == 2 * n_calls * len(on)
+    for j in range(0, len(cap.calls), n_calls):
+        L = 7 if (j // n_calls) % 2 == 0 else 4
+        chunk = cap.calls[j : j + n_calls]
+        assert all(c[0].shape[1] == L + n_img + (32 * 32 if edit else 0) for c in chunk)
+        check_against_paper(chunk, L, torch.full((1,), 1.3))
+    assert not torch.equal(out, stock)
+
+
+def test_dev_pipeline_guidance_embeds(monkeypatch):
+    """Flux2Pipeline (FLUX.2-dev: guidance embedding, no true CFG), prompt embeddings given."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLFlux2(block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                             down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=vae, text_encoder=None,
+                         tokenizer=None, transformer=_transformer(guidance_embeds=True))
+    kw = dict(prompt_embeds=torch.randn(1, 5, 24, generator=torch.Generator().manual_seed(0)), height=32, width=32,
+              num_inference_steps=4, output_type="pt")
+    stock = pipe(generator=torch.Generator().manual_seed(1), **kw).images
+    cap = Capture(monkeypatch)
+    with taca.enabled(pipe, gamma=1.3) as h:
+        out = pipe(generator=torch.Generator().manual_seed(1), **kw).images
+        assert h.last_path == "host"
+    with taca.enabled(pipe, gamma=1.0, schedule="constant"):
+        assert torch.equal(pipe(generator=torch.Generator().manual_seed(1), **kw).images, stock)
+    assert len(cap.calls) == TINY["num_layers"] + TINY["num_single_layers"]  # step 0 of 4 only
+    check_against_paper(cap.calls, 5, torch.full((1,), 1.3))
+    assert not torch.equal(out, stock)
+
+
+def flux2_windows():
+    """{(steps, image tokens): window} with the real FLUX.2 scheduler config and the pipelines' mu."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+    out = {}
+    for n_img in (4096, 1024):  # 1024x1024 and 512x512 (16x16 pixels per token)
+        for steps in (4, 28, 50):
+            sch = FlowMatchEulerDiscreteScheduler(**SCHEDULER)
+            sch.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=compute_empirical_mu(n_img, steps))
+            out[(steps, n_img)] = ranges(window(sch.timesteps / 1000))
+    return out
+
+
+def test_window_steps_with_the_real_scheduler():
+    """The README's table: FLUX.2 steps in the paper's window (sigma >= 0.97)."""
+    assert flux2_windows() == EXPECTED_WINDOWS
+
+
+# (steps, image tokens) -> steps with gamma; 4 steps: klein (distilled), 28/50: dev, klein base
+EXPECTED_WINDOWS = {(4, 4096): "0", (28, 4096): "0-5", (50, 4096): "0-9",
+                    (4, 1024): "0", (28, 1024): "0-4", (50, 1024): "0-7"}
