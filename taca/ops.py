@@ -60,7 +60,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 if HAVE_KERNELS:
 
     @torch.library.register_fake("taca::fwd")
-    def _fwd_fake(q, k, v, gamma, gamma_reverse, scale, text_begin, text_end, return_text_mass):
+    def _fwd_fake(q, k, v, gamma, gamma_reverse, scale, text_begin, text_end, return_text_mass,
+                  q_text_begin=-1, q_text_end=-1, text_spans=None, attn_mask=None):
         B, N, H, _ = q.shape
         acc = _acc_dtype(q.dtype)
         out = _alloc_like(q, q.dtype)
@@ -69,23 +70,27 @@ if HAVE_KERNELS:
         return out, lse, tm
 
     @torch.library.register_fake("taca::bwd")
-    def _bwd_fake(dout, q, k, v, out, lse, gamma, gamma_reverse, scale, text_begin, text_end):
+    def _bwd_fake(dout, q, k, v, out, lse, gamma, gamma_reverse, scale, text_begin, text_end,
+                  q_text_begin=-1, q_text_end=-1, text_spans=None, attn_mask=None):
         return _alloc_like(q, q.dtype), _alloc_like(k, k.dtype), _alloc_like(v, v.dtype)
 
     def _fwd_setup_context(ctx, inputs, output):
-        q, k, v, gamma, gamma_reverse, scale, text_begin, text_end, _ = inputs
+        q, k, v, gamma, gamma_reverse, scale, text_begin, text_end, _ = inputs[:9]
+        q_text_begin, q_text_end, text_spans, attn_mask = (tuple(inputs[9:]) + (-1, -1, None, None)[len(inputs) - 9:])
         out, lse, tm = output
-        ctx.save_for_backward(q, k, v, out, lse, gamma)
-        ctx.args = (gamma_reverse, scale, text_begin, text_end)
+        ctx.save_for_backward(q, k, v, out, lse, gamma, text_spans, attn_mask)
+        ctx.args = (gamma_reverse, scale, text_begin, text_end, q_text_begin, q_text_end)
+        ctx.n_inputs = len(inputs)
         ctx.mark_non_differentiable(lse, tm)
 
     def _fwd_backward(ctx, dout, dlse, dtm):
-        q, k, v, out, lse, gamma = ctx.saved_tensors
-        gamma_reverse, scale, text_begin, text_end = ctx.args
+        q, k, v, out, lse, gamma, text_spans, attn_mask = ctx.saved_tensors
+        gamma_reverse, scale, text_begin, text_end, q_text_begin, q_text_end = ctx.args
         dq, dk, dv = torch.ops.taca.bwd(
-            dout, q, k, v, out, lse, gamma, gamma_reverse, scale, text_begin, text_end
+            dout, q, k, v, out, lse, gamma, gamma_reverse, scale, text_begin, text_end,
+            q_text_begin, q_text_end, text_spans, attn_mask,
         )
-        return dq, dk, dv, None, None, None, None, None, None
+        return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
     torch.library.register_autograd("taca::fwd", _fwd_backward, setup_context=_fwd_setup_context)
 
@@ -301,7 +306,10 @@ def _feature_refusal(device_type: str, per_sample: bool, cross: bool, gqa: bool,
 
 
 # What each kernel covers beyond one shared text span on one token set with equal heads.
-_KERNEL_FEATURES = {"cpu": (), "cuda": ()}
+_KERNEL_FEATURES = {
+    "cpu": ("per-sample text spans", "different query and key token sets", "grouped KV heads", "attn_mask"),
+    "cuda": (),
+}
 
 
 def _gamma_vector(gamma, batch: int, device: torch.device, dtype=torch.float32) -> torch.Tensor:
@@ -322,9 +330,18 @@ def _kernel_forward(q, k, v, spans, gamma, gamma_reverse, scale, layout, return_
     qn, kn, vn = ((t.contiguous() if t.size(-1) > 1 and t.stride(-1) != 1 else t) for t in (qn, kn, vn))
     B, _, _, D = qn.shape
     s = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    g = _gamma_vector(gamma, B, q.device)
-    kb, ke = spans.k_begin, spans.k_end
-    out, lse, tm = torch.ops.taca.fwd(qn, kn, vn, g, float(gamma_reverse), s, kb, ke, return_text_mass)
+    g = _gamma_vector(gamma, B, q.device, _acc_dtype(q.dtype))
+    if spans.per_sample:
+        cols = [x if isinstance(x, torch.Tensor) else torch.full((B,), x, dtype=torch.int64, device=q.device)
+                for x in spans]
+        out, lse, tm = torch.ops.taca.fwd(qn, kn, vn, g, float(gamma_reverse), s, 0, 0, return_text_mass,
+                                          0, 0, torch.stack(cols, dim=1), attn_mask)
+    elif attn_mask is None and spans.q_begin is spans.k_begin and spans.q_end is spans.k_end:
+        out, lse, tm = torch.ops.taca.fwd(qn, kn, vn, g, float(gamma_reverse), s, spans.k_begin, spans.k_end,
+                                          return_text_mass)
+    else:
+        out, lse, tm = torch.ops.taca.fwd(qn, kn, vn, g, float(gamma_reverse), s, spans.k_begin, spans.k_end,
+                                          return_text_mass, spans.q_begin, spans.q_end, None, attn_mask)
     if layout == "bhnd":
         out = out.transpose(1, 2)
     return out, lse, tm

@@ -230,9 +230,9 @@ def _cpu_kernel_covers(case: Case) -> bool:
 
 
 BACKENDS = ["auto", "sdpa", "reference", "cpu"]
-# The C ABI carries scale and gamma as float32 until the next commit: kernels are not yet
-# float64-exact, so the float64 tests of this commit run the Python paths only.
-KERNEL_F64_EXACT = False
+# The C ABI carries scale and gamma_reverse as double and gamma in the accumulation type
+# (taca.h): the kernels are float64-exact too.
+KERNEL_F64_EXACT = True
 F64_BACKENDS = BACKENDS if KERNEL_F64_EXACT else ["sdpa", "reference"]
 
 
@@ -429,3 +429,123 @@ def test_mask_b_nk_is_fine_when_it_broadcasts():
     # (1, N_k) and (N_q, N_k) are SDPA-broadcastable and accepted
     _call(attn_mask=torch.ones(1, N_, dtype=torch.bool))
     _call(attn_mask=torch.zeros(N_, N_))
+
+
+# ---------------------------------------------------------------------------------------
+# the CPU kernel: gradcheck, the portable float32 path, the registered op, torch.compile
+# ---------------------------------------------------------------------------------------
+
+requires_ext = pytest.mark.skipif(not ops.HAVE_KERNELS, reason="taca._C extension not built")
+
+SMALL = [Case("s_per_sample_cross_gqa_mask", 2, 2, 1, 5, 7, 4, "bnhd",
+              dict(text_len=[2, 3], text_start=[0, 4], query_text_start=[1, 0], query_text_len=[2, 0]),
+              [], [], "bool_b1qk"),
+         Case("s_float_mask_text_last", 2, 2, 2, 6, 6, 4, "bhnd", dict(text_len=2, text_first=False), [], [],
+              "float_bhqk"),
+         Case("s_dead_rows", 2, 2, 2, 10, 10, 4, "bhnd", dict(text_len=3), [], [], "bool_dead_rows"),
+         Case("s_flux2_kv", 1, 2, 2, 6, 9, 4, "bnhd", dict(text_len=2, query_text_len=2), [], [], None)]
+
+
+@requires_ext
+@pytest.mark.parametrize("case", SMALL, ids=[c.name for c in SMALL])
+def test_cpu_kernel_gradcheck(case, one_thread):
+    q, k, v, kw = make(case, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v: taca.joint_attention(q, k, v, backend="cpu", **kw),
+                                    (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@requires_ext
+@pytest.mark.parametrize("name", ["everything", "fully_masked_rows", "float_mask_bhqk", "flux2_kv"])
+def test_cpu_portable_float32_path(name, monkeypatch):
+    # the float32 path of CPUs without AVX2 (TACA_CPU_PORTABLE=1, read at every call)
+    monkeypatch.setenv("TACA_CPU_PORTABLE", "1")
+    test_joint_attention_float32(name, "cpu")
+
+
+def _raw_args(case: Case, dtype=torch.float32, requires_grad=False):
+    q, k, v, kw = make(case, dtype, requires_grad)
+    bn = (lambda t: t.transpose(1, 2)) if case.layout == "bhnd" else (lambda t: t)
+    spans = reference.resolve_spans(case.Nq, case.Nk, kw["text_len"], kw.get("text_first", True),
+                                    kw.get("text_start"), kw.get("query_text_start"), kw.get("query_text_len"))
+    cols = [x if isinstance(x, torch.Tensor) else torch.full((case.B,), x, dtype=torch.int64) for x in spans]
+    mask = kw.get("attn_mask")
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(dtype)
+    g = kw["gamma"].to(dtype)
+    return (bn(q), bn(k), bn(v), g, GAMMA_REV, SCALE, 0, 0, False, 0, 0, torch.stack(cols, 1), mask)
+
+
+@requires_ext
+@pytest.mark.parametrize("name,requires_grad", [("everything", False), ("everything", True),
+                                                ("float_mask_bhqk", True), ("gqa", True)])
+def test_opcheck_fwd_new_arguments(name, requires_grad, one_thread):
+    args = _raw_args(CASES[NAMES.index(name)], requires_grad=requires_grad)
+    torch.library.opcheck(torch.ops.taca.fwd.default, args)
+
+
+@requires_ext
+def test_opcheck_fwd_shared_query_span_and_bwd(one_thread):
+    case = CASES[NAMES.index("flux2_kv")]
+    q, k, v, _, gr, sc, *_ = _raw_args(case)
+    g = torch.tensor([GAMMA, 0.7], dtype=torch.float32)
+    fwd_args = (q, k, v, g, gr, sc, 0, 4, False, 0, 4, None, None)
+    torch.library.opcheck(torch.ops.taca.fwd.default, fwd_args)
+    out, lse, _ = torch.ops.taca.fwd(*fwd_args)
+    args = _raw_args(CASES[NAMES.index("everything")])
+    o2, l2, _ = torch.ops.taca.fwd(*args)
+    for bwd_args in ((torch.randn_like(out), q, k, v, out, lse, g, gr, sc, 0, 4, 0, 4, None, None),
+                     (torch.randn_like(o2), *args[:3], o2, l2, *args[3:8], *args[9:])):
+        torch.library.opcheck(torch.ops.taca.bwd.default, bwd_args)
+
+
+@requires_ext
+def test_raw_op_checks_new_arguments():
+    args = list(_raw_args(CASES[NAMES.index("everything")]))
+    bad_spans = args[11].clone()
+    bad_spans[1, 1] = 99
+    with pytest.raises(ValueError, match=r"text_spans\[1\] key span \[5, 99\)"):
+        torch.ops.taca.fwd(*args[:11], bad_spans, args[12])
+    with pytest.raises(ValueError, match=r"text_spans must be a \(3, 4\) tensor"):
+        torch.ops.taca.fwd(*args[:11], args[11][:, :3], args[12])
+    with pytest.raises(ValueError, match="attn_mask of shape"):
+        torch.ops.taca.fwd(*args[:12], args[12][..., :-1])
+    with pytest.raises(ValueError, match=r"query text range \[0, 99\)"):
+        torch.ops.taca.fwd(*args[:9], 0, 99, None, None)
+    with pytest.raises(TypeError, match="gamma must be float32"):
+        torch.ops.taca.fwd(args[0], args[1], args[2], args[3].double(), *args[4:])
+    with pytest.raises(ValueError, match="heads must be a multiple of k's"):
+        kv3 = torch.randn(3, 13, 3, 8)  # 3 kv heads for 4 query heads
+        torch.ops.taca.fwd(args[0], kv3, kv3, *args[3:])
+
+
+@requires_ext
+def test_compiled_features_without_recompiles():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    old = torch._dynamo.config.error_on_recompile
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        case = CASES[NAMES.index("everything")]
+
+        def f(q, k, v, gamma, text_len, text_start, qs, ql, mask):
+            return taca.joint_attention(q, k, v, text_len=text_len, text_start=text_start, query_text_start=qs,
+                                        query_text_len=ql, attn_mask=mask, gamma=gamma, gamma_reverse=GAMMA_REV,
+                                        scale=SCALE, layout=case.layout)
+
+        cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+        for seed in range(3):
+            torch.manual_seed(seed)
+            q, k, v, kw = make(case, torch.float32, requires_grad=True)
+            lens = torch.randint(0, 5, (case.B,))
+            gamma = torch.rand(case.B) + 0.5
+            a = (q, k, v, gamma, lens, kw["text_start"], kw["query_text_start"], kw["query_text_len"],
+                 kw["attn_mask"])
+            got, want = cf(*a), f(*a)
+            torch.testing.assert_close(got, want)
+            dout = torch.randn_like(got)
+            for x, y in zip(torch.autograd.grad(got, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
+                torch.testing.assert_close(x, y)
+    finally:
+        torch._dynamo.config.error_on_recompile = old
+        torch._dynamo.reset()
