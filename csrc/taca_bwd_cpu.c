@@ -26,8 +26,11 @@
  * Measured (one Zen 3 core, float32, B=1, H=8, N=1152, 128 text tokens): forward + backward
  * 0.78x the time of torch 2.13's CPU SDPA forward + backward (no gamma) at D=64, 1.03x at D=128.
  *
- * Shapes: q, k, v, out, dout, dq, dk, dv: (B, N, H, D), element strides (b, n, h), D contiguous.
- *         lse: (B, H, N) contiguous, float (F32) or double (F64).
+ * Shapes: q, out, dout, dq: (B, N_q, H, D); k, v, dk, dv: (B, N_k, H_kv, D); element strides
+ *         (b, n, h), D contiguous. lse: (B, H, N_q) contiguous, float (F32) or double (F64).
+ * Grouped KV heads: a key tile task owns dK, dV of its kv head and sums over the H / H_kv query
+ * heads reading it (no atomics); the fused schedule needs H_kv == H. Masks: the forward's term is
+ * added to each recomputed logit; a row with lse = -inf (fully masked) has P = dS = 0.
  * Scratch: B*H*N doubles for delta plus per-thread tiles (and the fused dQ buffer), malloc;
  *          TACA_ERR_ALLOC if that fails. The workspace fields of the params are not used.
  * Build: part of libtaca_core (setup.py): cc -O3 -std=c99 -fopenmp -march=native.

@@ -32,8 +32,14 @@
  *   v4 gamma folded into two scaled Q^T (no multiply pass), cheaper exp: 65-67 / 76
  * The GEMM micro-kernel alone runs at 76-82 GFLOP/s; exp is ~13% (D=64) / ~7% (D=128) of it.
  *
- * Shapes: q, k, v, out: (B, N, H, D) with element strides (b, n, h), D contiguous.
- *         lse, text_mass: (B, H, N) contiguous, float (F32) or double (F64); may be NULL.
+ * Shapes: q, out: (B, N_q, H, D); k, v: (B, N_k, H_kv, D) (query head h reads kv head
+ *         h / (H / H_kv), in place); element strides (b, n, h), D contiguous.
+ *         lse, text_mass: (B, H, N_q) contiguous, float (F32) or double (F64); may be NULL.
+ * Spans: per sample (text_spans) or shared; the query span picks the row multipliers, the key
+ * span splits the logit GEMM. Masks are added to the logit tile after scale and gamma (the
+ * portable path adds them per element). A fully masked row (every logit -inf) is written as
+ * out 0, lse -inf, text_mass 0: the AVX2 exp clamps at -87, so its ~1e-38 weights are
+ * discarded by that test rather than computed.
  * Build: part of libtaca_core (setup.py): cc -O3 -std=c99 -fopenmp -march=native.
  */
 #include "taca_cpu_common.h"

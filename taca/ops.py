@@ -4,11 +4,13 @@ The compiled kernels are reached through ``torch.ops.taca.fwd`` / ``torch.ops.ta
 (csrc/bind_torch.cpp), which take (B, N, H, D) views; this module registers their fake
 impls (for torch.compile) and the autograd formula of ``fwd`` (its backward is ``bwd``).
 
-Dispatch (backend="auto"): CPU tensors -> the C kernel; CUDA float16/bfloat16 tensors with
-a head dim in ``CUDA_HEAD_DIMS`` and batch / heads within the kernels' grid limits -> the CUDA
-kernel (when built; on an H100 its Hopper path for aligned D = 64 / 128); anything else -> the exact
-split-SDPA form (``reference.attention_split_sdpa``), or the materialized reference when lse
-or text_mass is asked for.
+Dispatch (backend="auto"): CPU tensors -> the C kernel (every feature: per-sample spans,
+N_q != N_k, grouped KV heads, masks); CUDA float16/bfloat16 tensors with a head dim in
+``CUDA_HEAD_DIMS``, batch / heads within the kernels' grid limits, one shared span on one token set,
+equal heads and no mask -> the CUDA kernel (when built; on an H100 its Hopper path for aligned
+D = 64 / 128); anything else -> the exact split-SDPA form (``reference.attention_split_sdpa``),
+or the materialized reference when lse or text_mass is asked for. ``_KERNEL_FEATURES`` lists
+what each kernel covers.
 """
 from __future__ import annotations
 
@@ -136,13 +138,10 @@ def _check_span(spans: "reference.Spans", n_q: int, n_k: int, given) -> None:
         bt = b if isinstance(b, torch.Tensor) else torch.full_like(e, b)
         et = e if isinstance(e, torch.Tensor) else torch.full_like(b, e)
         ok = (bt >= 0) & (et >= bt) & (et <= n)
-        if bt.device.type == "cpu":
-            if not bool(ok.all()):
-                i = int((~ok).nonzero()[0, 0])
-                raise ValueError(f"taca: {which} text span of sample {i}, [{int(bt[i])}, {int(et[i])}) "
-                                 f"({start_name}, {len_name}), must lie in [0, {n}] with a length >= 0")
-        else:  # checked on the device: no host sync
-            torch._assert_async(ok.all(), f"taca: a {which} text span ({start_name}, {len_name}) is outside [0, {n}]")
+        if not bool(ok.all()):  # a device sync for CUDA tensors: pass ints to avoid it
+            i = int((~ok).nonzero()[0, 0])
+            raise ValueError(f"taca: {which} text span of sample {i}, [{int(bt[i])}, {int(et[i])}) "
+                             f"({start_name}, {len_name}), must lie in [0, {n}] with a length >= 0")
 
 
 def _check_mask(attn_mask, q: torch.Tensor, target) -> None:
