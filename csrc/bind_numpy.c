@@ -14,7 +14,9 @@
  * passed to C by element strides (copied only if D is not contiguous, a stride is negative or
  * not a multiple of the item size, or the data is unaligned or byte-swapped). Outputs are new
  * C-contiguous arrays in the input layout; lse/text_mass are (B, H, N) float32 (float64 for
- * float64 inputs). The GIL is released while a kernel runs.
+ * float64 inputs). gamma, gamma_reverse and scale reach the kernel as double for float64 inputs.
+ * One shared text span on one token set, equal heads, no mask. The GIL is released while a
+ * kernel runs.
  * Build: setup.py (taca._numpy_C), linked with libtaca_core.
  */
 #define PY_SSIZE_T_CLEAN
@@ -152,17 +154,18 @@ static int get_threads(PyObject *o, int *nt) {
     return 0;
 }
 
-/* gamma: a real number or a (B,) array-like of them; written as B float32 values (checked
- * finite and > 0 after rounding to float32). buf has room for max(B, 1) floats. */
-static int get_gamma(PyObject *o, npy_intp B, float *buf) {
+/* gamma: a real number or a (B,) array-like of them, written as B values of the kernel's
+ * accumulation type (taca.h): double for float64 inputs, float (rounded once) for float32;
+ * checked finite and > 0 in that type. buf has room for max(B, 1) doubles. */
+static int get_gamma(PyObject *o, npy_intp B, int f64, double *buf) {
     PyArrayObject *a = NULL;
     const double *g;
     npy_intp b, n;
     if (is_real_scalar(o)) {
         double x;
         if (get_real(o, "gamma", &x) < 0) return -1;
-        buf[0] = (float)x;
-        for (b = 0; b < B; ++b) buf[b] = (float)x;
+        buf[0] = x;
+        for (b = 0; b < B; ++b) buf[b] = x;
         n = B > 0 ? B : 1;
     } else {
         if (PyBool_Check(o) || PyUnicode_Check(o) || PyBytes_Check(o) || o == Py_None) {
@@ -185,22 +188,26 @@ static int get_gamma(PyObject *o, npy_intp B, float *buf) {
             return -1;
         }
         g = (const double *)PyArray_DATA(a);
-        for (b = 0; b < B; ++b) buf[b] = (float)(PyArray_NDIM(a) == 0 ? g[0] : g[b]);
+        for (b = 0; b < B; ++b) buf[b] = PyArray_NDIM(a) == 0 ? g[0] : g[b];
         n = B;
-        if (PyArray_NDIM(a) == 0 && B == 0) buf[0] = (float)g[0], n = 1;
+        if (PyArray_NDIM(a) == 0 && B == 0) buf[0] = g[0], n = 1;
         Py_DECREF(a);
     }
     for (b = 0; b < n; ++b) {
-        if (!isfinite(buf[b]) || !(buf[b] > 0.0f)) {
-            PyObject *val = PyFloat_FromDouble(buf[b]);
+        const double x = f64 ? buf[b] : (double)(float)buf[b];
+        if (!isfinite(x) || !(x > 0.0)) {
+            PyObject *val = PyFloat_FromDouble(x);
             if (val) {
-                PyErr_Format(PyExc_ValueError,
-                             "taca: gamma[%zd]=%R must be finite and > 0 (as float32)",
-                             (Py_ssize_t)b, val);
+                PyErr_Format(PyExc_ValueError, "taca: gamma[%zd]=%R must be finite and > 0%s",
+                             (Py_ssize_t)b, val, f64 ? "" : " (as float32)");
                 Py_DECREF(val);
             }
             return -1;
         }
+    }
+    if (!f64) { /* float32 kernel: floats over the same memory (float b never overtakes double b) */
+        float *fb = (float *)buf;
+        for (b = 0; b < n; ++b) fb[b] = (float)buf[b];
     }
     return 0;
 }
@@ -293,7 +300,7 @@ static PyObject *status_error(int st) {
 /* Scalar keyword arguments shared by forward and backward, checked against (B, N, D). */
 typedef struct {
     int64_t tb, te;
-    float gamma_reverse, scale;
+    double gamma_reverse, scale;
     int bnhd, text_first, num_threads;
 } common_args;
 
@@ -308,8 +315,8 @@ static int parse_common(PyObject *text_len, PyObject *text_first, PyObject *gamm
     if (get_layout(layout, &ca->bnhd) < 0) return -1;
     if (get_flag(text_first, "text_first", &ca->text_first) < 0) return -1;
     if (get_real(gamma_reverse, "gamma_reverse", &x) < 0) return -1;
-    ca->gamma_reverse = (float)x;
-    if (!isfinite(ca->gamma_reverse) || !(ca->gamma_reverse > 0.0f)) {
+    ca->gamma_reverse = x;
+    if (!isfinite(ca->gamma_reverse) || !(ca->gamma_reverse > 0.0)) {
         PyErr_Format(PyExc_ValueError, "taca: gamma_reverse=%R must be finite and > 0",
                      gamma_reverse);
         return -1;
@@ -318,9 +325,9 @@ static int parse_common(PyObject *text_len, PyObject *text_first, PyObject *gamm
         ca->scale = NAN; /* resolved in resolve_common() */
     } else {
         if (get_real(scale, "scale", &x) < 0) return -1;
-        ca->scale = (float)x;
+        ca->scale = x;
         if (!isfinite(ca->scale)) {
-            PyErr_Format(PyExc_ValueError, "taca: scale=%R must be finite (as float32)", scale);
+            PyErr_Format(PyExc_ValueError, "taca: scale=%R must be finite", scale);
             return -1;
         }
     }
@@ -345,7 +352,7 @@ static int resolve_common(PyObject *text_len, const npy_intp shape[4], common_ar
     }
     ca->tb = ca->text_first ? 0 : N - L;
     ca->te = ca->text_first ? L : N;
-    if (isnan(ca->scale)) ca->scale = (float)(1.0 / sqrt((double)D));
+    if (isnan(ca->scale)) ca->scale = 1.0 / sqrt((double)D);
     return 0;
 }
 
@@ -359,7 +366,7 @@ static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kwargs) {
                                 *ret_lse = Py_False, *ret_tm = Py_False, *num_threads = NULL;
     PyObject *one = NULL, *bhnd = NULL, *zero = NULL, *result = NULL;
     PyArrayObject *q = NULL, *k = NULL, *v = NULL, *out = NULL, *lse = NULL, *tm = NULL;
-    float *gbuf = NULL;
+    double *gbuf = NULL;
     npy_intp shape[4], sshape[3];
     int typenum = NPY_NOTYPE, want_lse, want_tm, st;
     common_args ca;
@@ -386,11 +393,11 @@ static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kwargs) {
     if (!(k = as_tensor(ok, "k", ca.bnhd, &typenum, shape, 0, &p.k_stride))) goto fail;
     if (!(v = as_tensor(ov, "v", ca.bnhd, &typenum, shape, 0, &p.v_stride))) goto fail;
     if (resolve_common(text_len, shape, &ca) < 0) goto fail;
-    if (!(gbuf = (float *)PyMem_Malloc((size_t)(shape[0] > 0 ? shape[0] : 1) * sizeof(float)))) {
+    if (!(gbuf = (double *)PyMem_Malloc((size_t)(shape[0] > 0 ? shape[0] : 1) * sizeof(double)))) {
         PyErr_NoMemory();
         goto fail;
     }
-    if (get_gamma(gamma, shape[0], gbuf) < 0) goto fail;
+    if (get_gamma(gamma, shape[0], typenum == NPY_DOUBLE, gbuf) < 0) goto fail;
 
     if (!(out = (PyArrayObject *)PyArray_SimpleNew(4, shape, typenum))) goto fail;
     sshape[0] = shape[0];
@@ -410,8 +417,10 @@ static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kwargs) {
     p.heads = sshape[1];
     p.seqlen = sshape[2];
     p.head_dim = shape[3];
-    p.text_begin = ca.tb;
-    p.text_end = ca.te;
+    p.seqlen_k = p.seqlen;
+    p.heads_kv = p.heads;
+    p.text_begin = p.q_text_begin = ca.tb;
+    p.text_end = p.q_text_end = ca.te;
     p.gamma = gbuf;
     p.gamma_reverse = ca.gamma_reverse;
     p.scale = ca.scale;
@@ -451,7 +460,7 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwargs) {
     PyObject *one = NULL, *bhnd = NULL, *zero = NULL, *result = NULL;
     PyArrayObject *dout = NULL, *q = NULL, *k = NULL, *v = NULL, *out = NULL, *lse = NULL,
                   *dq = NULL, *dk = NULL, *dv = NULL;
-    float *gbuf = NULL;
+    double *gbuf = NULL;
     npy_intp shape[4];
     int typenum = NPY_NOTYPE, st;
     common_args ca;
@@ -505,11 +514,11 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwargs) {
     lse = (PyArrayObject *)PyArray_FROM_OTF(olse, typenum, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
     if (!lse) goto fail;
 
-    if (!(gbuf = (float *)PyMem_Malloc((size_t)(shape[0] > 0 ? shape[0] : 1) * sizeof(float)))) {
+    if (!(gbuf = (double *)PyMem_Malloc((size_t)(shape[0] > 0 ? shape[0] : 1) * sizeof(double)))) {
         PyErr_NoMemory();
         goto fail;
     }
-    if (get_gamma(gamma, shape[0], gbuf) < 0) goto fail;
+    if (get_gamma(gamma, shape[0], typenum == NPY_DOUBLE, gbuf) < 0) goto fail;
     if (!(dq = (PyArrayObject *)PyArray_SimpleNew(4, shape, typenum))) goto fail;
     if (!(dk = (PyArrayObject *)PyArray_SimpleNew(4, shape, typenum))) goto fail;
     if (!(dv = (PyArrayObject *)PyArray_SimpleNew(4, shape, typenum))) goto fail;
@@ -524,8 +533,10 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwargs) {
     p.dq = PyArray_DATA(dq);
     p.dk = PyArray_DATA(dk);
     p.dv = PyArray_DATA(dv);
-    p.text_begin = ca.tb;
-    p.text_end = ca.te;
+    p.seqlen_k = p.seqlen;
+    p.heads_kv = p.heads;
+    p.text_begin = p.q_text_begin = ca.tb;
+    p.text_end = p.q_text_end = ca.te;
     p.gamma = gbuf;
     p.gamma_reverse = ca.gamma_reverse;
     p.scale = ca.scale;

@@ -8,8 +8,12 @@
 // reproduce their strides exactly.
 //
 // CPU: float32/float64 straight to taca_fwd_cpu/taca_bwd_cpu; bfloat16/float16 are upcast
-// to float32 here and the results cast back. CUDA (built with -DTACA_WITH_CUDA): float16 and
-// bfloat16 on the current stream, deterministic backward with a torch-allocated workspace.
+// to float32 here and the results cast back. k and v may have their own token count and
+// fewer heads (grouped KV); per-sample spans travel as a (B, 4) int64 tensor, masks as SDPA's
+// (B, H, N_q, N_k)-broadcastable tensors (bool, or float converted to the accumulation type).
+// CUDA (built with -DTACA_WITH_CUDA): float16 and bfloat16 on the current stream,
+// deterministic backward with a torch-allocated workspace; one shared span, N_q == N_k,
+// equal heads and no mask (anything else is refused with a clear error).
 // Build: pip install --no-build-isolation -e . (setup.py).
 #include <Python.h>
 
@@ -92,6 +96,7 @@ at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// q-like tensors (out, dout): q's exact shape, dtype and device.
 void check_bnhd(const at::Tensor &t, const char *name, const at::Tensor &q) {
   TORCH_CHECK_VALUE(t.dim() == 4, "taca: ", name, " must be a 4-d (B, N, H, D) tensor, got ",
                     t.dim(), " dimensions");
@@ -105,27 +110,118 @@ void check_bnhd(const at::Tensor &t, const char *name, const at::Tensor &q) {
     TORCH_CHECK_VALUE(t.stride(i) >= 0, "taca: ", name, " has a negative stride");
 }
 
-void check_common(const at::Tensor &q, const at::Tensor &gamma, double gamma_reverse,
-                  double scale, int64_t text_begin, int64_t text_end) {
+// k or v: (B, N_k, H_kv, D) with q's B and D.
+void check_kv_one(const at::Tensor &t, const char *name, const at::Tensor &q) {
+  TORCH_CHECK_VALUE(t.dim() == 4, "taca: ", name, " must be a 4-d (B, N_k, H_kv, D) tensor, got ",
+                    t.dim(), " dimensions");
+  TORCH_CHECK_VALUE(t.size(0) == q.size(0) && t.size(3) == q.size(3), "taca: ", name,
+                    " has shape ", t.sizes(), " but q has shape ", q.sizes(),
+                    " (batch and head dim must match)");
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "taca: ", name, " has dtype ",
+                   t.scalar_type(), " but q has dtype ", q.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == q.device(), "taca: ", name, " is on ", t.device(),
+                    " but q is on ", q.device());
+  for (int i = 0; i < 3; ++i)
+    TORCH_CHECK_VALUE(t.stride(i) >= 0, "taca: ", name, " has a negative stride");
+}
+
+// k and v: the same shape, H % H_kv == 0 (grouped KV heads).
+void check_kv(const at::Tensor &k, const at::Tensor &v, const at::Tensor &q) {
+  check_kv_one(k, "k", q);
+  check_kv_one(v, "v", q);
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "taca: v has shape ", v.sizes(), " but k has shape ",
+                    k.sizes());
+  const int64_t H = q.size(2), Hkv = k.size(2);
+  TORCH_CHECK_VALUE(H == 0 || (Hkv > 0 && H % Hkv == 0), "taca: q's ", H,
+                    " heads must be a multiple of k's ", Hkv, " heads");
+}
+
+// The text spans; the query span -1, -1 means "the key span" (one token set).
+struct Spans {
+  int64_t kb, ke, qb, qe;
+};
+
+Spans check_common(const at::Tensor &q, const at::Tensor &k, const at::Tensor &gamma,
+                   double gamma_reverse, double scale, int64_t text_begin, int64_t text_end,
+                   int64_t q_text_begin, int64_t q_text_end,
+                   const c10::optional<at::Tensor> &text_spans) {
   TORCH_CHECK_VALUE(q.dim() == 4, "taca: q must be a 4-d (B, N, H, D) tensor, got ", q.dim(),
                     " dimensions");
   TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()),
                    "taca: q must be floating point, got ", q.scalar_type());
-  const int64_t N = q.size(1), D = q.size(3);
+  const int64_t Nq = q.size(1), D = q.size(3), Nk = k.dim() == 4 ? k.size(1) : -1;
   TORCH_CHECK_VALUE(D >= 1 && D <= TACA_MAX_HEAD_DIM, "taca: head dim D=", D,
                     " must be in [1, ", TACA_MAX_HEAD_DIM, "]");
-  TORCH_CHECK_VALUE(0 <= text_begin && text_begin <= text_end && text_end <= N,
-                    "taca: text range [", text_begin, ", ", text_end,
-                    ") must satisfy 0 <= text_begin <= text_end <= N=", N);
+  if (q_text_begin == -1 && q_text_end == -1) {
+    q_text_begin = text_begin;
+    q_text_end = text_end;
+  }
+  if (text_spans.has_value()) {
+    const at::Tensor &t = *text_spans;
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == q.size(0) && t.size(1) == 4,
+                      "taca: text_spans must be a (", q.size(0), ", 4) tensor, got shape ",
+                      t.sizes());
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "taca: text_spans must be int64, got ",
+                     t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == q.device(), "taca: text_spans is on ", t.device(),
+                      " but q is on ", q.device());
+  } else {
+    TORCH_CHECK_VALUE(0 <= text_begin && text_begin <= text_end && text_end <= Nk,
+                      "taca: text range [", text_begin, ", ", text_end,
+                      ") must satisfy 0 <= text_begin <= text_end <= N=", Nk);
+    TORCH_CHECK_VALUE(0 <= q_text_begin && q_text_begin <= q_text_end && q_text_end <= Nq,
+                      "taca: query text range [", q_text_begin, ", ", q_text_end,
+                      ") must satisfy 0 <= q_text_begin <= q_text_end <= N_q=", Nq,
+                      " (or both -1: the key span)");
+  }
   TORCH_CHECK_VALUE(std::isfinite(gamma_reverse) && gamma_reverse > 0.0,
                     "taca: gamma_reverse=", gamma_reverse, " must be finite and > 0");
   TORCH_CHECK_VALUE(std::isfinite(scale), "taca: scale=", scale, " must be finite");
   TORCH_CHECK_VALUE(gamma.dim() == 1 && gamma.size(0) == q.size(0), "taca: gamma must be a (",
                     q.size(0), ",) tensor, got shape ", gamma.sizes());
-  TORCH_CHECK_TYPE(gamma.scalar_type() == at::kFloat, "taca: gamma must be float32, got ",
+  TORCH_CHECK_TYPE(gamma.scalar_type() == acc_type(q.scalar_type()), "taca: gamma must be ",
+                   acc_type(q.scalar_type()) == at::kDouble ? "float64" : "float32",
+                   " (the accumulation type of ", q.scalar_type(), " inputs), got ",
                    gamma.scalar_type());
   TORCH_CHECK_VALUE(gamma.device() == q.device(), "taca: gamma is on ", gamma.device(),
                     " but q is on ", q.device());
+  return Spans{text_begin, text_end, q_text_begin, q_text_end};
+}
+
+// The mask as the kernels read it: (B, H, N_q, N_k) broadcast strides over bool (1 byte) or
+// accumulation-type elements; *keep holds the (converted) tensor alive.
+taca_mask mask_of(const c10::optional<at::Tensor> &attn_mask, const at::Tensor &q,
+                  const at::Tensor &k, at::Tensor *keep) {
+  taca_mask m = {};
+  m.kind = TACA_MASK_NONE;
+  if (!attn_mask.has_value()) return m;
+  const at::Tensor &a = *attn_mask;
+  const int64_t B = q.size(0), Nq = q.size(1), H = q.size(2), Nk = k.size(1);
+  const std::array<int64_t, 4> target = {B, H, Nq, Nk};
+  TORCH_CHECK_VALUE(a.dim() <= 4, "taca: attn_mask must have at most 4 dimensions, got ", a.dim());
+  for (int64_t i = 0; i < a.dim(); ++i) {
+    const int64_t s = a.size(a.dim() - 1 - i), t = target[3 - i];
+    TORCH_CHECK_VALUE(s == 1 || s == t, "taca: attn_mask of shape ", a.sizes(),
+                      " does not broadcast to (B, H, N_q, N_k) = (", B, ", ", H, ", ", Nq, ", ",
+                      Nk, ")");
+  }
+  TORCH_CHECK_VALUE(a.device() == q.device(), "taca: attn_mask is on ", a.device(),
+                    " but q is on ", q.device());
+  if (a.scalar_type() == at::kBool) {
+    *keep = a.expand({B, H, Nq, Nk});
+    m.kind = TACA_MASK_BOOL;
+  } else {
+    TORCH_CHECK_TYPE(at::isFloatingType(a.scalar_type()),
+                     "taca: attn_mask must be bool or floating point, got ", a.scalar_type());
+    *keep = a.to(acc_type(q.scalar_type())).expand({B, H, Nq, Nk});
+    m.kind = TACA_MASK_ADD;
+  }
+  m.data = keep->data_ptr();
+  m.b = keep->stride(0);
+  m.h = keep->stride(1);
+  m.q = keep->stride(2);
+  m.k = keep->stride(3);
+  return m;
 }
 
 void check_lse(const at::Tensor &lse, const at::Tensor &q) {
@@ -167,7 +263,8 @@ taca_dtype taca_dtype_of(at::ScalarType t) {
 template <typename P>
 void fill_shared(P &p, const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                  const at::Tensor &out, const at::Tensor &lse, const at::Tensor &gamma,
-                 double gamma_reverse, double scale, int64_t text_begin, int64_t text_end) {
+                 double gamma_reverse, double scale, const Spans &sp,
+                 const c10::optional<at::Tensor> &text_spans, const taca_mask &mask) {
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -181,11 +278,17 @@ void fill_shared(P &p, const at::Tensor &q, const at::Tensor &k, const at::Tenso
   p.seqlen = q.size(1);
   p.heads = q.size(2);
   p.head_dim = q.size(3);
-  p.text_begin = text_begin;
-  p.text_end = text_end;
-  p.gamma = gamma.data_ptr<float>();
-  p.gamma_reverse = static_cast<float>(gamma_reverse);
-  p.scale = static_cast<float>(scale);
+  p.seqlen_k = k.size(1);
+  p.heads_kv = k.size(2);
+  p.text_begin = sp.kb;
+  p.text_end = sp.ke;
+  p.q_text_begin = sp.qb;
+  p.q_text_end = sp.qe;
+  p.text_spans = text_spans.has_value() ? text_spans->data_ptr<int64_t>() : nullptr;
+  p.mask = mask;
+  p.gamma = gamma.data_ptr();
+  p.gamma_reverse = gamma_reverse;
+  p.scale = scale;
   p.dtype = taca_dtype_of(q.scalar_type());
   p.num_threads = at::get_num_threads();
 }
@@ -193,10 +296,10 @@ void fill_shared(P &p, const at::Tensor &q, const at::Tensor &k, const at::Tenso
 taca_fwd_params fwd_params(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                            const at::Tensor &out, const at::Tensor &lse,
                            const at::Tensor &text_mass, const at::Tensor &gamma,
-                           double gamma_reverse, double scale, int64_t text_begin,
-                           int64_t text_end) {
+                           double gamma_reverse, double scale, const Spans &sp,
+                           const c10::optional<at::Tensor> &text_spans, const taca_mask &mask) {
   taca_fwd_params p = {};
-  fill_shared(p, q, k, v, out, lse, gamma, gamma_reverse, scale, text_begin, text_end);
+  fill_shared(p, q, k, v, out, lse, gamma, gamma_reverse, scale, sp, text_spans, mask);
   p.text_mass = text_mass.numel() ? text_mass.data_ptr() : nullptr;
   return p;
 }
@@ -205,9 +308,10 @@ taca_bwd_params bwd_params(const at::Tensor &dout, const at::Tensor &q, const at
                            const at::Tensor &v, const at::Tensor &out, const at::Tensor &lse,
                            const at::Tensor &dq, const at::Tensor &dk, const at::Tensor &dv,
                            const at::Tensor &gamma, double gamma_reverse, double scale,
-                           int64_t text_begin, int64_t text_end) {
+                           const Spans &sp, const c10::optional<at::Tensor> &text_spans,
+                           const taca_mask &mask) {
   taca_bwd_params p = {};
-  fill_shared(p, q, k, v, out, lse, gamma, gamma_reverse, scale, text_begin, text_end);
+  fill_shared(p, q, k, v, out, lse, gamma, gamma_reverse, scale, sp, text_spans, mask);
   p.dout = dout.data_ptr();
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
@@ -226,22 +330,42 @@ taca_bwd_params bwd_params(const at::Tensor &dout, const at::Tensor &q, const at
 // torch.compile (the CUDA path cannot read them without a sync).
 at::Tensor host_gamma(const at::Tensor &gamma) {
   at::Tensor g = gamma.contiguous();
-  const float *gp = g.data_ptr<float>();
-  for (int64_t i = 0; i < g.numel(); ++i)
-    TORCH_CHECK_VALUE(std::isfinite(gp[i]) && gp[i] > 0.0f, "taca: gamma[", i, "]=", gp[i],
+  for (int64_t i = 0; i < g.numel(); ++i) {
+    const double x = g.scalar_type() == at::kDouble ? g.data_ptr<double>()[i]
+                                                    : static_cast<double>(g.data_ptr<float>()[i]);
+    TORCH_CHECK_VALUE(std::isfinite(x) && x > 0.0, "taca: gamma[", i, "]=", x,
                       " must be finite and > 0");
+  }
   return g;
+}
+
+// Host per-sample spans, checked here for the same reason; contiguous for the kernel.
+c10::optional<at::Tensor> host_spans(const c10::optional<at::Tensor> &spans, int64_t Nq,
+                                     int64_t Nk) {
+  if (!spans.has_value()) return spans;
+  at::Tensor t = spans->contiguous();
+  const int64_t *s = t.data_ptr<int64_t>();
+  for (int64_t b = 0; b < t.size(0); ++b) {
+    const int64_t *r = s + 4 * b;
+    TORCH_CHECK_VALUE(0 <= r[0] && r[0] <= r[1] && r[1] <= Nk, "taca: text_spans[", b,
+                      "] key span [", r[0], ", ", r[1], ") must lie in [0, N_k=", Nk, "]");
+    TORCH_CHECK_VALUE(0 <= r[2] && r[2] <= r[3] && r[3] <= Nq, "taca: text_spans[", b,
+                      "] query span [", r[2], ", ", r[3], ") must lie in [0, N_q=", Nq, "]");
+  }
+  return t;
 }
 
 bool cpu_native(at::ScalarType t) { return t == at::kFloat || t == at::kDouble; }
 
 Tensor3 fwd_cpu(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tensor &v_in,
                 const at::Tensor &gamma, double gamma_reverse, double scale, int64_t text_begin,
-                int64_t text_end, bool return_text_mass) {
-  check_common(q_in, gamma, gamma_reverse, scale, text_begin, text_end);
+                int64_t text_end, bool return_text_mass, int64_t q_text_begin,
+                int64_t q_text_end, const c10::optional<at::Tensor> &text_spans,
+                const c10::optional<at::Tensor> &attn_mask) {
   check_bnhd(q_in, "q", q_in);
-  check_bnhd(k_in, "k", q_in);
-  check_bnhd(v_in, "v", q_in);
+  const Spans sp = check_common(q_in, k_in, gamma, gamma_reverse, scale, text_begin, text_end,
+                                q_text_begin, q_text_end, text_spans);
+  check_kv(k_in, v_in, q_in);
   TORCH_CHECK_VALUE(q_in.device().is_cpu(), "taca: fwd CPU impl got q on ", q_in.device());
   const int64_t B = q_in.size(0), N = q_in.size(1), H = q_in.size(2);
   const at::ScalarType dt = q_in.scalar_type(), acc = acc_type(dt);
@@ -249,16 +373,18 @@ Tensor3 fwd_cpu(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tensor
   at::Tensor lse = at::empty({B, H, N}, q_in.options().dtype(acc));
   at::Tensor tm = return_text_mass ? at::empty({B, H, N}, q_in.options().dtype(acc))
                                    : at::empty({0}, q_in.options().dtype(acc));
+  at::Tensor mask_keep;
+  const taca_mask mask = mask_of(attn_mask, q_in, k_in, &mask_keep);
   if (B * N * H == 0) return {out, lse, tm};
   const at::Tensor g = host_gamma(gamma);
+  const c10::optional<at::Tensor> spans = host_spans(text_spans, N, k_in.size(1));
 
   const bool native = cpu_native(dt);
   at::Tensor q = unit_last_stride(native ? q_in : q_in.to(at::kFloat));
   at::Tensor k = unit_last_stride(native ? k_in : k_in.to(at::kFloat));
   at::Tensor v = unit_last_stride(native ? v_in : v_in.to(at::kFloat));
   at::Tensor o = native ? out : alloc_like(q_in, at::kFloat);
-  taca_fwd_params p = fwd_params(q, k, v, o, lse, tm, g, gamma_reverse, scale, text_begin,
-                                 text_end);
+  taca_fwd_params p = fwd_params(q, k, v, o, lse, tm, g, gamma_reverse, scale, sp, spans, mask);
   check_status(taca_fwd_cpu(&p), "forward (CPU)");
   if (!native) out.copy_(o);
   return {out, lse, tm};
@@ -267,19 +393,28 @@ Tensor3 fwd_cpu(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tensor
 Tensor3 bwd_cpu(const at::Tensor &dout_in, const at::Tensor &q_in, const at::Tensor &k_in,
                 const at::Tensor &v_in, const at::Tensor &out_in, const at::Tensor &lse_in,
                 const at::Tensor &gamma, double gamma_reverse, double scale, int64_t text_begin,
-                int64_t text_end) {
-  check_common(q_in, gamma, gamma_reverse, scale, text_begin, text_end);
+                int64_t text_end, int64_t q_text_begin, int64_t q_text_end,
+                const c10::optional<at::Tensor> &text_spans,
+                const c10::optional<at::Tensor> &attn_mask) {
   check_bnhd(q_in, "q", q_in);
-  check_bnhd(k_in, "k", q_in);
-  check_bnhd(v_in, "v", q_in);
+  const Spans sp = check_common(q_in, k_in, gamma, gamma_reverse, scale, text_begin, text_end,
+                                q_text_begin, q_text_end, text_spans);
+  check_kv(k_in, v_in, q_in);
   check_bnhd(out_in, "out", q_in);
   check_bnhd(dout_in, "dout", q_in);
   check_lse(lse_in, q_in);
   TORCH_CHECK_VALUE(q_in.device().is_cpu(), "taca: bwd CPU impl got q on ", q_in.device());
   const at::ScalarType dt = q_in.scalar_type();
   at::Tensor dq = alloc_like(q_in, dt), dk = alloc_like(k_in, dt), dv = alloc_like(v_in, dt);
-  if (q_in.size(0) * q_in.size(1) * q_in.size(2) == 0) return {dq, dk, dv};
+  at::Tensor mask_keep;
+  const taca_mask mask = mask_of(attn_mask, q_in, k_in, &mask_keep);
+  if (q_in.size(0) * q_in.size(1) * q_in.size(2) == 0) {  // no query: nothing reads k, v
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
   const at::Tensor g = host_gamma(gamma);
+  const c10::optional<at::Tensor> spans = host_spans(text_spans, q_in.size(1), k_in.size(1));
 
   const bool native = cpu_native(dt);
   auto prep = [&](const at::Tensor &t) {
@@ -292,7 +427,7 @@ Tensor3 bwd_cpu(const at::Tensor &dout_in, const at::Tensor &q_in, const at::Ten
   at::Tensor dk_k = native ? dk : alloc_like(k_in, at::kFloat);
   at::Tensor dv_k = native ? dv : alloc_like(v_in, at::kFloat);
   taca_bwd_params p = bwd_params(dout, q, k, v, out, lse, dq_k, dk_k, dv_k, g, gamma_reverse,
-                                 scale, text_begin, text_end);
+                                 scale, sp, spans, mask);
   check_status(taca_bwd_cpu(&p), "backward (CPU)");
   if (!native) {
     dq.copy_(dq_k);
@@ -311,15 +446,29 @@ void check_cuda_dtype(const at::Tensor &q) {
                    q.scalar_type(), " (use backend=\"sdpa\" for other dtypes)");
 }
 
+// What the CUDA kernels do not cover yet (taca.h): ops.py routes these to split SDPA.
+void check_cuda_features(const at::Tensor &q, const at::Tensor &k, const Spans &sp,
+                         const c10::optional<at::Tensor> &text_spans,
+                         const c10::optional<at::Tensor> &attn_mask) {
+  TORCH_CHECK(!text_spans.has_value() && !attn_mask.has_value() && k.sizes() == q.sizes() &&
+                  sp.qb == sp.kb && sp.qe == sp.ke,
+              "taca: the CUDA kernel does not support per-sample text spans, attn_mask, grouped "
+              "KV heads, different query and key token sets or a query span other than the key "
+              "span (backend='auto' runs them on split SDPA)");
+}
+
 Tensor3 fwd_cuda(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tensor &v_in,
                  const at::Tensor &gamma_in, double gamma_reverse, double scale,
-                 int64_t text_begin, int64_t text_end, bool return_text_mass) {
-  check_common(q_in, gamma_in, gamma_reverse, scale, text_begin, text_end);
+                 int64_t text_begin, int64_t text_end, bool return_text_mass, int64_t q_text_begin,
+                 int64_t q_text_end, const c10::optional<at::Tensor> &text_spans,
+                 const c10::optional<at::Tensor> &attn_mask) {
   check_bnhd(q_in, "q", q_in);
-  check_bnhd(k_in, "k", q_in);
-  check_bnhd(v_in, "v", q_in);
+  const Spans sp = check_common(q_in, k_in, gamma_in, gamma_reverse, scale, text_begin, text_end,
+                                q_text_begin, q_text_end, text_spans);
+  check_kv(k_in, v_in, q_in);
   TORCH_CHECK_VALUE(q_in.is_cuda(), "taca: fwd CUDA impl got q on ", q_in.device());
   check_cuda_dtype(q_in);
+  check_cuda_features(q_in, k_in, sp, text_spans, attn_mask);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), N = q_in.size(1), H = q_in.size(2);
   at::Tensor out = alloc_like(q_in, q_in.scalar_type());
@@ -329,8 +478,9 @@ Tensor3 fwd_cuda(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tenso
   if (B * N * H == 0) return {out, lse, tm};
   at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   at::Tensor gamma = gamma_in.contiguous();
-  taca_fwd_params p = fwd_params(q, k, v, out, lse, tm, gamma, gamma_reverse, scale, text_begin,
-                                 text_end);
+  taca_mask no_mask = {};
+  taca_fwd_params p = fwd_params(q, k, v, out, lse, tm, gamma, gamma_reverse, scale, sp,
+                                 c10::nullopt, no_mask);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   check_status(taca_fwd_cuda(&p, static_cast<void *>(stream)), "forward (CUDA)");
   return {out, lse, tm};
@@ -339,16 +489,19 @@ Tensor3 fwd_cuda(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tenso
 Tensor3 bwd_cuda(const at::Tensor &dout_in, const at::Tensor &q_in, const at::Tensor &k_in,
                  const at::Tensor &v_in, const at::Tensor &out_in, const at::Tensor &lse_in,
                  const at::Tensor &gamma_in, double gamma_reverse, double scale,
-                 int64_t text_begin, int64_t text_end) {
-  check_common(q_in, gamma_in, gamma_reverse, scale, text_begin, text_end);
+                 int64_t text_begin, int64_t text_end, int64_t q_text_begin, int64_t q_text_end,
+                 const c10::optional<at::Tensor> &text_spans,
+                 const c10::optional<at::Tensor> &attn_mask) {
   check_bnhd(q_in, "q", q_in);
-  check_bnhd(k_in, "k", q_in);
-  check_bnhd(v_in, "v", q_in);
+  const Spans sp = check_common(q_in, k_in, gamma_in, gamma_reverse, scale, text_begin, text_end,
+                                q_text_begin, q_text_end, text_spans);
+  check_kv(k_in, v_in, q_in);
   check_bnhd(out_in, "out", q_in);
   check_bnhd(dout_in, "dout", q_in);
   check_lse(lse_in, q_in);
   TORCH_CHECK_VALUE(q_in.is_cuda(), "taca: bwd CUDA impl got q on ", q_in.device());
   check_cuda_dtype(q_in);
+  check_cuda_features(q_in, k_in, sp, text_spans, attn_mask);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::ScalarType dt = q_in.scalar_type();
   at::Tensor dq = alloc_like(q_in, dt), dk = alloc_like(k_in, dt), dv = alloc_like(v_in, dt);
@@ -356,8 +509,9 @@ Tensor3 bwd_cuda(const at::Tensor &dout_in, const at::Tensor &q_in, const at::Te
   at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in),
              out = unit_last_stride(out_in), dout = unit_last_stride(dout_in);
   at::Tensor lse = lse_in.contiguous(), gamma = gamma_in.contiguous();
+  taca_mask no_mask = {};
   taca_bwd_params p = bwd_params(dout, q, k, v, out, lse, dq, dk, dv, gamma, gamma_reverse,
-                                 scale, text_begin, text_end);
+                                 scale, sp, c10::nullopt, no_mask);
   const size_t ws_bytes = taca_bwd_workspace_size(&p);
   at::Tensor workspace =
       at::empty({static_cast<int64_t>(ws_bytes)}, q_in.options().dtype(at::kByte));
@@ -375,12 +529,14 @@ Tensor3 bwd_cuda(const at::Tensor &dout_in, const at::Tensor &q_in, const at::Te
 TORCH_LIBRARY(taca, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor gamma, float gamma_reverse, float scale, "
-      "SymInt text_begin, SymInt text_end, bool return_text_mass) -> (Tensor out, Tensor lse, "
-      "Tensor text_mass)");
+      "SymInt text_begin, SymInt text_end, bool return_text_mass, SymInt q_text_begin=-1, "
+      "SymInt q_text_end=-1, Tensor? text_spans=None, Tensor? attn_mask=None) -> (Tensor out, "
+      "Tensor lse, Tensor text_mass)");
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor gamma, "
-      "float gamma_reverse, float scale, SymInt text_begin, SymInt text_end) -> (Tensor dq, "
-      "Tensor dk, Tensor dv)");
+      "float gamma_reverse, float scale, SymInt text_begin, SymInt text_end, "
+      "SymInt q_text_begin=-1, SymInt q_text_end=-1, Tensor? text_spans=None, "
+      "Tensor? attn_mask=None) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def("has_cuda() -> bool", &taca_torch::has_cuda);
 }
 

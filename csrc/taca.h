@@ -1,21 +1,32 @@
 /*
  * taca.h: the C ABI of the gamma-scaled joint attention kernels.
  *
- * One sequence of N tokens per sample; text tokens are the contiguous range
- * [text_begin, text_end) (FLUX: [0, L), SD3: [N-L, N)); every other token is "visual".
+ * Per sample b: N_q query tokens and N_k key/value tokens (one token set when N_q == N_k and
+ * the spans agree). Text keys are the contiguous range [k_begin, k_end) and text queries
+ * [q_begin, q_end) (FLUX: [0, L) both, SD3: [N-L, N) both; image-only queries: an empty query
+ * span); every other token is "visual". The spans are shared by the batch (text_begin,
+ * text_end, q_text_begin, q_text_end) or per sample (text_spans).
  *
- *   s_ij = scale * (q_i . k_j) * m_ij
+ *   s_ij = scale * (q_i . k_j) * m_ij + mask_ij
  *   m_ij = gamma[b]       if i visual and j text
  *          gamma_reverse  if i text   and j visual
  *          1              otherwise
  *   out_i = sum_j softmax_j(s_ij) v_j,   lse_i = log sum_j exp(s_ij),
  *   text_mass_i = sum_{j text} softmax_j(s_ij)
+ * mask_ij is 0 without a mask, -inf where a bool mask is 0, the value of an additive mask. A
+ * row whose every s_ij is -inf (fully masked) gets out_i = 0, lse_i = -inf, text_mass_i = 0
+ * and zero gradients. Query head h reads key/value head h / (heads / heads_kv) (grouped KV
+ * heads; heads % heads_kv == 0).
  *
  * Tensors are addressed as (B, N, H, D) with element strides for b, n, h and a
  * contiguous last dimension (stride 1), so (B, N, H, D) and (B, H, N, D) views of
  * any storage are both accepted without copies. lse and text_mass are contiguous
- * (B, H, N) arrays of the accumulation type: double for TACA_F64 inputs, float for
+ * (B, H, N_q) arrays of the accumulation type: double for TACA_F64 inputs, float for
  * every other dtype.
+ *
+ * Scalars: scale and gamma_reverse are double; the per-sample gamma array and an additive mask
+ * are of the accumulation type. So float64 inputs are computed with float64 scalars end to end,
+ * and kernels of float accumulation round them to float once.
  *
  * No Python, no torch, no CUDA runtime types here: a CUDA stream travels as void*.
  * Every entry point validates its params and returns a taca_status; it never aborts.
@@ -35,9 +46,9 @@ extern "C" {
 typedef enum {
     TACA_OK = 0,
     TACA_ERR_NULL_POINTER = 1,  /* a required pointer is NULL */
-    TACA_ERR_SHAPE = 2,         /* a size is negative, or sizes overflow */
+    TACA_ERR_SHAPE = 2,         /* a size is negative, sizes overflow, or heads % heads_kv != 0 */
     TACA_ERR_HEAD_DIM = 3,      /* head_dim < 1 or > TACA_MAX_HEAD_DIM */
-    TACA_ERR_TEXT_RANGE = 4,    /* not 0 <= text_begin <= text_end <= seqlen */
+    TACA_ERR_TEXT_RANGE = 4,    /* a text span is not 0 <= begin <= end <= N_k (keys) / N_q */
     TACA_ERR_GAMMA = 5,         /* gamma <= 0 or not finite, gamma_reverse likewise */
     TACA_ERR_SCALE = 6,         /* scale not finite */
     TACA_ERR_DTYPE = 7,         /* dtype unknown or not supported by this device */
@@ -45,7 +56,8 @@ typedef enum {
     TACA_ERR_UNSUPPORTED = 9,   /* valid input this build or device cannot run */
     TACA_ERR_ALLOC = 10,        /* host allocation failed */
     TACA_ERR_CUDA = 11,         /* a CUDA runtime error; see taca_last_cuda_error() */
-    TACA_ERR_WORKSPACE = 12     /* workspace too small */
+    TACA_ERR_WORKSPACE = 12,    /* workspace too small */
+    TACA_ERR_MASK = 13          /* mask kind unknown, or a mask stride negative */
 } taca_status;
 
 typedef enum {
@@ -60,36 +72,59 @@ typedef struct {
     int64_t b, n, h;
 } taca_strides;
 
+typedef enum {
+    TACA_MASK_NONE = 0,
+    TACA_MASK_BOOL = 1,  /* uint8 elements: nonzero = attend, 0 = s_ij is -inf */
+    TACA_MASK_ADD = 2    /* elements of the accumulation type, added to s_ij */
+} taca_mask_kind;
+
+/*
+ * An optional mask, broadcast to (B, H, N_q, N_k) by its element strides (0 repeats a
+ * dimension, as a broadcast torch view does). Memory on the kernel's device.
+ */
 typedef struct {
-    const void *q, *k, *v;     /* (B, N, H, D) */
-    void *out;                 /* (B, N, H, D), written */
-    void *lse;                 /* (B, H, N) contiguous, accumulation type; may be NULL */
-    void *text_mass;           /* (B, H, N) contiguous, accumulation type; may be NULL */
+    const void *data;          /* may be NULL when kind == TACA_MASK_NONE */
+    int kind;                  /* taca_mask_kind */
+    int64_t b, h, q, k;        /* element strides */
+} taca_mask;
+
+/*
+ * The shape and text layout fields taca_fwd_params and taca_bwd_params share.
+ * q/out: (B, seqlen, heads, D); k/v: (B, seqlen_k, heads_kv, D).
+ */
+#define TACA_PROBLEM_FIELDS                                                                  \
+    int64_t batch, seqlen, heads, head_dim; /* seqlen: N_q tokens, heads: query heads */      \
+    int64_t seqlen_k, heads_kv;             /* N_k key/value tokens, key/value heads */       \
+    int64_t text_begin, text_end;           /* text keys [begin, end), shared by the batch */ \
+    int64_t q_text_begin, q_text_end;       /* text queries [begin, end), shared */           \
+    /* NULL, or (B, 4) int64 per sample {k_begin, k_end, q_begin, q_end}, overriding the four \
+     * fields above; host memory for the CPU kernels, device memory for the CUDA kernels. */ \
+    const int64_t *text_spans;                                                               \
+    taca_mask mask;                                                                          \
+    /* (B,) per-sample gamma of the accumulation type (double for TACA_F64, else float):     \
+     * host memory for the CPU kernels, device memory for the CUDA kernels (no host sync). */ \
+    const void *gamma;                                                                       \
+    double gamma_reverse;                                                                    \
+    double scale;              /* usually 1/sqrt(head_dim) */                                 \
+    taca_dtype dtype;                                                                        \
+    int num_threads            /* CPU: OpenMP threads, <= 0 means the runtime default */
+
+typedef struct {
+    const void *q, *k, *v;     /* q: (B, N_q, H, D); k, v: (B, N_k, H_kv, D) */
+    void *out;                 /* (B, N_q, H, D), written */
+    void *lse;                 /* (B, H, N_q) contiguous, accumulation type; may be NULL */
+    void *text_mass;           /* (B, H, N_q) contiguous, accumulation type; may be NULL */
     taca_strides q_stride, k_stride, v_stride, out_stride;
-    int64_t batch, seqlen, heads, head_dim;
-    int64_t text_begin, text_end;
-    /* (B,) float32 per-sample gamma: host memory for the CPU kernels, device memory
-     * for the CUDA kernels (read on the device: no host sync). */
-    const float *gamma;
-    float gamma_reverse;
-    float scale;               /* usually 1/sqrt(head_dim) */
-    taca_dtype dtype;
-    int num_threads;           /* CPU: OpenMP threads, <= 0 means the runtime default */
+    TACA_PROBLEM_FIELDS;
 } taca_fwd_params;
 
 typedef struct {
-    const void *q, *k, *v, *out, *dout;  /* (B, N, H, D) */
-    const void *lse;           /* (B, H, N) contiguous, accumulation type, from forward */
-    void *dq, *dk, *dv;        /* (B, N, H, D), written */
+    const void *q, *k, *v, *out, *dout;  /* as in forward; out and dout (B, N_q, H, D) */
+    const void *lse;           /* (B, H, N_q) contiguous, accumulation type, from forward */
+    void *dq, *dk, *dv;        /* like q, k, v; written */
     taca_strides q_stride, k_stride, v_stride, out_stride, dout_stride;
     taca_strides dq_stride, dk_stride, dv_stride;
-    int64_t batch, seqlen, heads, head_dim;
-    int64_t text_begin, text_end;
-    const float *gamma;        /* (B,) float32, as in forward */
-    float gamma_reverse;
-    float scale;
-    taca_dtype dtype;
-    int num_threads;
+    TACA_PROBLEM_FIELDS;
     /* Scratch memory of at least taca_bwd_workspace_size() bytes on the kernel's
      * device (may be NULL when that size is 0). */
     void *workspace;
@@ -104,13 +139,15 @@ const char *taca_status_string(int status);
 int taca_check_fwd(const taca_fwd_params *p);
 int taca_check_bwd(const taca_bwd_params *p);
 
-/* CPU kernels (taca_fwd_cpu.c, taca_bwd_cpu.c): TACA_F32 and TACA_F64. */
+/* CPU kernels (taca_fwd_cpu.c, taca_bwd_cpu.c): TACA_F32 and TACA_F64, every feature above. */
 int taca_fwd_cpu(const taca_fwd_params *p);
 int taca_bwd_cpu(const taca_bwd_params *p);
 
 /* CUDA kernels (cuda/taca_fwd.cu, cuda/taca_bwd.cu): TACA_F16 and TACA_BF16, every
  * pointer on the current device; stream is a cudaStream_t (NULL: default stream).
- * Asynchronous: they return after the launch. */
+ * Asynchronous: they return after the launch. They return TACA_ERR_UNSUPPORTED for
+ * seqlen_k != seqlen, heads_kv != heads, a query span other than the key span, text_spans
+ * and masks (taca.joint_attention runs those on the split-SDPA form). */
 int taca_fwd_cuda(const taca_fwd_params *p, void *stream);
 int taca_bwd_cuda(const taca_bwd_params *p, void *stream);
 size_t taca_bwd_workspace_size(const taca_bwd_params *p);  /* CUDA backward scratch */

@@ -67,6 +67,57 @@ static inline int64_t taca_off(const taca_strides *s, int64_t b, int64_t n, int6
 
 static inline int taca_is_text(int64_t i, int64_t tb, int64_t te) { return i >= tb && i < te; }
 
+/* The text spans of sample b: keys [kb, ke), queries [qb, qe). */
+typedef struct {
+    int64_t kb, ke, qb, qe;
+} taca_span;
+
+#define TACA_SPAN_OF(p, b)                                                                     \
+    ((p)->text_spans ? taca_span_at((p)->text_spans, (b))                                      \
+                     : taca_span_make((p)->text_begin, (p)->text_end, (p)->q_text_begin,       \
+                                      (p)->q_text_end))
+
+static inline taca_span taca_span_make(int64_t kb, int64_t ke, int64_t qb, int64_t qe) {
+    taca_span s;
+    s.kb = kb;
+    s.ke = ke;
+    s.qb = qb;
+    s.qe = qe;
+    return s;
+}
+
+static inline taca_span taca_span_at(const int64_t *spans, int64_t b) {
+    return taca_span_make(spans[4 * b], spans[4 * b + 1], spans[4 * b + 2], spans[4 * b + 3]);
+}
+
+/* Validates host per-sample spans against N_k (keys) and N_q (queries). */
+static inline int taca_check_spans_host(const int64_t *spans, int64_t batch, int64_t nq,
+                                        int64_t nk) {
+    int64_t b;
+    if (!spans) return TACA_OK;
+    for (b = 0; b < batch; ++b) {
+        const taca_span s = taca_span_at(spans, b);
+        if (s.kb < 0 || s.kb > s.ke || s.ke > nk || s.qb < 0 || s.qb > s.qe || s.qe > nq)
+            return TACA_ERR_TEXT_RANGE;
+    }
+    return TACA_OK;
+}
+
+/* The key/value head query head h reads (grouped KV heads). */
+static inline int64_t taca_kv_head(int64_t h, int64_t heads, int64_t heads_kv) {
+    return h / (heads / heads_kv);
+}
+
+/* The mask term of logit (b, h, i, j): 0 without a mask, -inf where a bool mask is 0. */
+static inline double taca_mask_at(const taca_mask *m, int f64, int64_t b, int64_t h, int64_t i,
+                                  int64_t j) {
+    const int64_t off = b * m->b + h * m->h + i * m->q + j * m->k;
+    if (m->kind == TACA_MASK_BOOL) return ((const unsigned char *)m->data)[off] ? 0.0 : -INFINITY;
+    if (m->kind == TACA_MASK_ADD)
+        return f64 ? ((const double *)m->data)[off] : (double)((const float *)m->data)[off];
+    return 0.0;
+}
+
 /* Multipliers (scale folded in) of row i for text keys (*ct) and visual keys (*cv). */
 static inline void taca_row_mults(int is_text_row, double scale, double gamma, double gamma_rev,
                                   double *ct, double *cv) {
@@ -108,11 +159,18 @@ static inline int taca_thread_id(void) {
 #endif
 }
 
+/* gamma[b] of the per-sample array (accumulation type: double for F64, float otherwise). */
+static inline double taca_gamma_at(const void *gamma, int f64, int64_t b) {
+    return f64 ? ((const double *)gamma)[b] : (double)((const float *)gamma)[b];
+}
+
 /* Validates the per-sample host gamma array: every element finite and > 0. */
-static inline int taca_check_gamma_host(const float *gamma, int64_t batch) {
+static inline int taca_check_gamma_host(const void *gamma, int f64, int64_t batch) {
     int64_t b;
-    for (b = 0; b < batch; ++b)
-        if (!isfinite(gamma[b]) || !(gamma[b] > 0.0f)) return TACA_ERR_GAMMA;
+    for (b = 0; b < batch; ++b) {
+        const double g = taca_gamma_at(gamma, f64, b);
+        if (!isfinite(g) || !(g > 0.0)) return TACA_ERR_GAMMA;
+    }
     return TACA_OK;
 }
 

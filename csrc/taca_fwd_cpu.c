@@ -32,32 +32,60 @@
  *   v4 gamma folded into two scaled Q^T (no multiply pass), cheaper exp: 65-67 / 76
  * The GEMM micro-kernel alone runs at 76-82 GFLOP/s; exp is ~13% (D=64) / ~7% (D=128) of it.
  *
- * Shapes: q, k, v, out: (B, N, H, D) with element strides (b, n, h), D contiguous.
- *         lse, text_mass: (B, H, N) contiguous, float (F32) or double (F64); may be NULL.
+ * Shapes: q, out: (B, N_q, H, D); k, v: (B, N_k, H_kv, D) (query head h reads kv head
+ *         h / (H / H_kv), in place); element strides (b, n, h), D contiguous.
+ *         lse, text_mass: (B, H, N_q) contiguous, float (F32) or double (F64); may be NULL.
+ * Spans: per sample (text_spans) or shared; the query span picks the row multipliers, the key
+ * span splits the logit GEMM. Masks are added to the logit tile after scale and gamma (the
+ * portable path adds them per element). A fully masked row (every logit -inf) is written as
+ * out 0, lse -inf, text_mass 0: the AVX2 exp clamps at -87, so its ~1e-38 weights are
+ * discarded by that test rather than computed.
  * Build: part of libtaca_core (setup.py): cc -O3 -std=c99 -fopenmp -march=native.
  */
 #include "taca_cpu_common.h"
 
 #define PORT_BLOCK 64
 
+/* A fully masked row (every logit -inf): out 0, lse -inf, text_mass 0. */
+static void fwd_store_dead_row(const taca_fwd_params *p, int f64, int64_t b, int64_t h,
+                               int64_t i) {
+    const int64_t row = (b * p->heads + h) * p->seqlen + i;
+    int64_t d;
+    if (f64) {
+        double *o = (double *)p->out + taca_off(&p->out_stride, b, i, h);
+        for (d = 0; d < p->head_dim; ++d) o[d] = 0.0;
+    } else {
+        float *o = (float *)p->out + taca_off(&p->out_stride, b, i, h);
+        for (d = 0; d < p->head_dim; ++d) o[d] = 0.0f;
+    }
+    if (p->lse) taca_vec_store(p->lse, row, f64, -INFINITY);
+    if (p->text_mass) taca_vec_store(p->text_mass, row, f64, 0.0);
+}
+
 static void fwd_row_portable(const taca_fwd_params *p, int64_t b, int64_t h, int64_t i,
                              double *q, double *acc) {
     const int f64 = p->dtype == TACA_F64;
-    const int64_t N = p->seqlen, D = p->head_dim, tb = p->text_begin, te = p->text_end;
+    const int64_t N = p->seqlen_k, D = p->head_dim;
+    const int64_t hk = taca_kv_head(h, p->heads, p->heads_kv);
+    const taca_span sp = TACA_SPAN_OF(p, b);
+    const int masked = p->mask.kind != TACA_MASK_NONE;
     double s[PORT_BLOCK];
     double ct, cv, m = -INFINITY, l = 0.0, tm = 0.0, m_use = 0.0;
     int64_t j0, j, d;
 
-    taca_row_mults(taca_is_text(i, tb, te), p->scale, p->gamma[b], p->gamma_reverse, &ct, &cv);
+    taca_row_mults(taca_is_text(i, sp.qb, sp.qe), p->scale, taca_gamma_at(p->gamma, f64, b),
+                   p->gamma_reverse, &ct, &cv);
     taca_row_load(p->q, taca_off(&p->q_stride, b, i, h), D, f64, q);
     for (d = 0; d < D; ++d) acc[d] = 0.0;
     for (j0 = 0; j0 < N; j0 += PORT_BLOCK) {
         const int64_t j1 = j0 + PORT_BLOCK < N ? j0 + PORT_BLOCK : N;
         double bm = -INFINITY, m_new, alpha;
         for (j = j0; j < j1; ++j) {
-            double c = taca_is_text(j, tb, te) ? ct : cv;
-            s[j - j0] = taca_row_dot(q, p->k, taca_off(&p->k_stride, b, j, h), D, f64) * c;
-            if (s[j - j0] > bm) bm = s[j - j0];
+            double c = taca_is_text(j, sp.kb, sp.ke) ? ct : cv;
+            double x = taca_row_dot(q, p->k, taca_off(&p->k_stride, b, j, hk), D, f64) * c;
+            if (masked) x += taca_mask_at(&p->mask, f64, b, h, i, j);
+            s[j - j0] = x;
+            if (x > bm) bm = x;
         }
         m_new = bm > m ? bm : m;
         m_use = m_new == -INFINITY ? 0.0 : m_new;
@@ -68,14 +96,18 @@ static void fwd_row_portable(const taca_fwd_params *p, int64_t b, int64_t h, int
         for (j = j0; j < j1; ++j) {
             double e = exp(s[j - j0] - m_use);
             l += e;
-            if (taca_is_text(j, tb, te)) tm += e;
-            taca_row_axpy(e, p->v, taca_off(&p->v_stride, b, j, h), D, f64, acc);
+            if (taca_is_text(j, sp.kb, sp.ke)) tm += e;
+            taca_row_axpy(e, p->v, taca_off(&p->v_stride, b, j, hk), D, f64, acc);
         }
         m = m_new;
     }
+    if (l == 0.0) { /* every logit -inf (a NaN logit makes l NaN and the row NaN instead) */
+        fwd_store_dead_row(p, f64, b, h, i);
+        return;
+    }
     taca_row_store(p->out, taca_off(&p->out_stride, b, i, h), D, f64, acc, 1.0 / l);
-    if (p->lse) taca_vec_store(p->lse, (b * p->heads + h) * N + i, f64, m_use + log(l));
-    if (p->text_mass) taca_vec_store(p->text_mass, (b * p->heads + h) * N + i, f64, tm / l);
+    if (p->lse) taca_vec_store(p->lse, (b * p->heads + h) * p->seqlen + i, f64, m_use + log(l));
+    if (p->text_mass) taca_vec_store(p->text_mass, (b * p->heads + h) * p->seqlen + i, f64, tm / l);
 }
 
 static int fwd_portable(const taca_fwd_params *p) {
@@ -83,7 +115,7 @@ static int fwd_portable(const taca_fwd_params *p) {
     const int64_t ntask = B * H * N;
     int64_t t;
     int nt = taca_threads(p->num_threads, ntask,
-                          (double)ntask * (double)N * (double)p->head_dim);
+                          (double)ntask * (double)p->seqlen_k * (double)p->head_dim);
     (void)nt;
 #pragma omp parallel num_threads(nt)
     {
@@ -131,17 +163,41 @@ static float *fwd_scratch_init(fwd_scratch *w, int64_t D, void **raw) {
     return base;
 }
 
+/* st (nk keys x T queries) += the mask terms of queries n0 .. n0+nq, keys k0 .. k0+nk. */
+static void fwd_add_mask(const taca_fwd_params *p, float *st, int64_t b, int64_t h, int64_t n0,
+                         int nq, int64_t k0, int nk) {
+    const taca_mask *m = &p->mask;
+    int i, j;
+    if (m->kind == TACA_MASK_BOOL) {
+        for (j = 0; j < nk; ++j) {
+            const unsigned char *mk = (const unsigned char *)m->data + b * m->b + h * m->h +
+                                      (k0 + j) * m->k + n0 * m->q;
+            for (i = 0; i < nq; ++i)
+                if (!mk[i * m->q]) st[j * TACA_T + i] = -INFINITY;
+        }
+    } else {
+        for (j = 0; j < nk; ++j) {
+            const float *mk =
+                (const float *)m->data + b * m->b + h * m->h + (k0 + j) * m->k + n0 * m->q;
+            for (i = 0; i < nq; ++i) st[j * TACA_T + i] += mk[i * m->q];
+        }
+    }
+}
+
 /* One query tile of (b, h): rows n0 .. n0+nq. */
 static void fwd_tile_f32(const taca_fwd_params *p, fwd_scratch *w, int64_t b, int64_t h,
                          int64_t n0, int nq) {
-    const int64_t N = p->seqlen, D = p->head_dim, Dp = taca_pad8(D), T = TACA_T;
-    const int64_t tb = p->text_begin, te = p->text_end;
+    const int64_t N = p->seqlen_k, D = p->head_dim, Dp = taca_pad8(D), T = TACA_T;
+    const int64_t hk = taca_kv_head(h, p->heads, p->heads_kv);
+    const taca_span sp = TACA_SPAN_OF(p, b);
+    const int64_t tb = sp.kb, te = sp.ke;
     const __m256 ninf = _mm256_set1_ps(-INFINITY), zero = _mm256_setzero_ps();
     int64_t k0, d, ldv;
     int i, j, iv;
 
-    taca_pack_q_scaled((const float *)p->q, &p->q_stride, b, h, n0, nq, D, tb, te, p->scale,
-                       p->gamma[b], p->gamma_reverse, w->qt, w->qv, w->ct, w->cv);
+    taca_pack_q_scaled((const float *)p->q, &p->q_stride, b, h, n0, nq, D, sp.qb, sp.qe, p->scale,
+                       taca_gamma_at(p->gamma, 0, b), p->gamma_reverse, w->qt, w->qv, w->ct,
+                       w->cv);
     for (i = 0; i < T; ++i) {
         w->m[i] = -INFINITY;
         w->l[i] = 0.0f;
@@ -151,8 +207,9 @@ static void fwd_tile_f32(const taca_fwd_params *p, fwd_scratch *w, int64_t b, in
     for (k0 = 0; k0 < N; k0 += T) {
         const int nk = (int)(N - k0 < T ? N - k0 : T);
         const float *vop;
-        taca_logits_t((const float *)p->k, &p->k_stride, b, h, k0, nk, D, p->text_begin,
-                      p->text_end, w->qt, w->qv, w->st);
+        taca_logits_t((const float *)p->k, &p->k_stride, b, hk, k0, nk, D, tb, te, w->qt, w->qv,
+                      w->st);
+        if (p->mask.kind != TACA_MASK_NONE) fwd_add_mask(p, w->st, b, h, n0, nq, k0, nk);
         for (iv = 0; iv < T; iv += 8) {
             const __m256 m_old = _mm256_load_ps(w->m + iv);
             __m256 bm = ninf, m_new, m_use, alpha, sum = zero, tsum = zero;
@@ -180,13 +237,21 @@ static void fwd_tile_f32(const taca_fwd_params *p, fwd_scratch *w, int64_t b, in
                     _mm256_store_ps(orow + d, _mm256_mul_ps(_mm256_load_ps(orow + d), a));
             }
         }
-        vop = taca_rows_operand((const float *)p->v, &p->v_stride, b, h, k0, nk, D, w->v, &ldv);
+        vop = taca_rows_operand((const float *)p->v, &p->v_stride, b, hk, k0, nk, D, w->v, &ldv);
         taca_gemm_f32((int)T, (int)Dp, nk, w->st, 1, T, vop, ldv, w->o, Dp, 1);
     }
     for (i = 0; i < nq; ++i) {
-        const int64_t row = (b * p->heads + h) * N + n0 + i;
+        const int64_t row = (b * p->heads + h) * p->seqlen + n0 + i;
         const float inv = 1.0f / w->l[i], m_use = w->m[i] == -INFINITY ? 0.0f : w->m[i];
         float *dst = (float *)p->out + taca_off(&p->out_stride, b, n0 + i, h);
+        if (w->m[i] == -INFINITY && w->l[i] == w->l[i]) {
+            /* fully masked (taca_exp256 gave its masked keys ~1e-38, not 0): out 0, lse -inf;
+             * a NaN logit leaves m at -inf too, but makes l NaN: that row stays NaN */
+            for (d = 0; d < D; ++d) dst[d] = 0.0f;
+            if (p->lse) ((float *)p->lse)[row] = -INFINITY;
+            if (p->text_mass) ((float *)p->text_mass)[row] = 0.0f;
+            continue;
+        }
         for (d = 0; d < D; ++d) dst[d] = w->o[i * Dp + d] * inv;
         if (p->lse) ((float *)p->lse)[row] = m_use + logf(w->l[i]);
         if (p->text_mass) ((float *)p->text_mass)[row] = w->tm[i] * inv;
@@ -197,7 +262,7 @@ static int fwd_f32(const taca_fwd_params *p) {
     const int64_t H = p->heads, N = p->seqlen, T = TACA_T;
     const int64_t ntile = (N + T - 1) / T, ntask = p->batch * H * ntile;
     int failed = 0, nt = taca_threads(p->num_threads, ntask,
-                                       (double)p->batch * H * N * N * p->head_dim);
+                                       (double)p->batch * H * N * p->seqlen_k * p->head_dim);
     (void)nt;
 #pragma omp parallel num_threads(nt)
     {
@@ -229,7 +294,10 @@ int taca_fwd_cpu(const taca_fwd_params *p) {
     if (st != TACA_OK) return st;
     if (p->dtype != TACA_F32 && p->dtype != TACA_F64) return TACA_ERR_DTYPE;
     if (p->batch * p->seqlen * p->heads == 0) return TACA_OK;
-    if ((st = taca_check_gamma_host(p->gamma, p->batch)) != TACA_OK) return st;
+    if ((st = taca_check_gamma_host(p->gamma, p->dtype == TACA_F64, p->batch)) != TACA_OK)
+        return st;
+    if ((st = taca_check_spans_host(p->text_spans, p->batch, p->seqlen, p->seqlen_k)) != TACA_OK)
+        return st;
 #if TACA_CPU_AVX2
     if (p->dtype == TACA_F32 && taca_cpu_has_avx2()) return fwd_f32(p);
 #endif

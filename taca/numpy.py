@@ -5,7 +5,10 @@
 Semantics are those of ``taca.joint_attention`` (``taca.reference.attention_ref`` spells them
 out in PyTorch): text tokens are the first ``text_len`` tokens (``text_first=True``, FLUX) or
 the last ones (SD3); gamma multiplies the scaled logits of (visual query, text key) pairs,
-gamma_reverse those of (text query, visual key) pairs. gamma, gamma_reverse and scale reach the kernel as float32.
+gamma_reverse those of (text query, visual key) pairs. gamma, gamma_reverse and scale reach the kernel
+as float64 for float64 inputs (exact to float64 rounding) and are rounded once to float32 otherwise.
+The NumPy binding covers one shared text span on one token set; per-sample spans, separate query
+and key token sets, grouped KV heads and masks are in ``taca.joint_attention``.
 """
 from __future__ import annotations
 

@@ -4,11 +4,13 @@ The compiled kernels are reached through ``torch.ops.taca.fwd`` / ``torch.ops.ta
 (csrc/bind_torch.cpp), which take (B, N, H, D) views; this module registers their fake
 impls (for torch.compile) and the autograd formula of ``fwd`` (its backward is ``bwd``).
 
-Dispatch (backend="auto"): CPU tensors -> the C kernel; CUDA float16/bfloat16 tensors with
-a head dim in ``CUDA_HEAD_DIMS`` and batch / heads within the kernels' grid limits -> the CUDA
-kernel (when built; on an H100 its Hopper path for aligned D = 64 / 128); anything else -> the exact
-split-SDPA form (``reference.attention_split_sdpa``), or the materialized reference when lse
-or text_mass is asked for.
+Dispatch (backend="auto"): CPU tensors -> the C kernel (every feature: per-sample spans,
+N_q != N_k, grouped KV heads, masks); CUDA float16/bfloat16 tensors with a head dim in
+``CUDA_HEAD_DIMS``, batch / heads within the kernels' grid limits, one shared span on one token set,
+equal heads and no mask -> the CUDA kernel (when built; on an H100 its Hopper path for aligned
+D = 64 / 128); anything else -> the exact split-SDPA form (``reference.attention_split_sdpa``),
+or the materialized reference when lse or text_mass is asked for. ``_KERNEL_FEATURES`` lists
+what each kernel covers.
 """
 from __future__ import annotations
 
@@ -60,7 +62,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 if HAVE_KERNELS:
 
     @torch.library.register_fake("taca::fwd")
-    def _fwd_fake(q, k, v, gamma, gamma_reverse, scale, text_begin, text_end, return_text_mass):
+    def _fwd_fake(q, k, v, gamma, gamma_reverse, scale, text_begin, text_end, return_text_mass,
+                  q_text_begin=-1, q_text_end=-1, text_spans=None, attn_mask=None):
         B, N, H, _ = q.shape
         acc = _acc_dtype(q.dtype)
         out = _alloc_like(q, q.dtype)
@@ -69,23 +72,27 @@ if HAVE_KERNELS:
         return out, lse, tm
 
     @torch.library.register_fake("taca::bwd")
-    def _bwd_fake(dout, q, k, v, out, lse, gamma, gamma_reverse, scale, text_begin, text_end):
+    def _bwd_fake(dout, q, k, v, out, lse, gamma, gamma_reverse, scale, text_begin, text_end,
+                  q_text_begin=-1, q_text_end=-1, text_spans=None, attn_mask=None):
         return _alloc_like(q, q.dtype), _alloc_like(k, k.dtype), _alloc_like(v, v.dtype)
 
     def _fwd_setup_context(ctx, inputs, output):
-        q, k, v, gamma, gamma_reverse, scale, text_begin, text_end, _ = inputs
+        q, k, v, gamma, gamma_reverse, scale, text_begin, text_end, _ = inputs[:9]
+        q_text_begin, q_text_end, text_spans, attn_mask = (tuple(inputs[9:]) + (-1, -1, None, None)[len(inputs) - 9:])
         out, lse, tm = output
-        ctx.save_for_backward(q, k, v, out, lse, gamma)
-        ctx.args = (gamma_reverse, scale, text_begin, text_end)
+        ctx.save_for_backward(q, k, v, out, lse, gamma, text_spans, attn_mask)
+        ctx.args = (gamma_reverse, scale, text_begin, text_end, q_text_begin, q_text_end)
+        ctx.n_inputs = len(inputs)
         ctx.mark_non_differentiable(lse, tm)
 
     def _fwd_backward(ctx, dout, dlse, dtm):
-        q, k, v, out, lse, gamma = ctx.saved_tensors
-        gamma_reverse, scale, text_begin, text_end = ctx.args
+        q, k, v, out, lse, gamma, text_spans, attn_mask = ctx.saved_tensors
+        gamma_reverse, scale, text_begin, text_end, q_text_begin, q_text_end = ctx.args
         dq, dk, dv = torch.ops.taca.bwd(
-            dout, q, k, v, out, lse, gamma, gamma_reverse, scale, text_begin, text_end
+            dout, q, k, v, out, lse, gamma, gamma_reverse, scale, text_begin, text_end,
+            q_text_begin, q_text_end, text_spans, attn_mask,
         )
-        return dq, dk, dv, None, None, None, None, None, None
+        return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
     torch.library.register_autograd("taca::fwd", _fwd_backward, setup_context=_fwd_setup_context)
 
@@ -94,7 +101,71 @@ if HAVE_KERNELS:
 # validation
 # ---------------------------------------------------------------------------------------
 
-def _validate(q, k, v, text_len, gamma, gamma_reverse, scale, layout, backend):
+def _span_arg(name, x, batch: int, q: torch.Tensor, allow_none: bool):
+    """An int (or SymInt), None where allowed, or a (B,) integer tensor -> int64 on q's device."""
+    if x is None and allow_none:
+        return None
+    if isinstance(x, torch.Tensor):
+        if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+            raise TypeError(f"taca: {name} tensor must have an integer dtype, got {x.dtype}")
+        if x.dim() != 1 or x.shape[0] != batch:
+            raise ValueError(f"taca: {name} must be an int or a ({batch},) integer tensor (one value per "
+                             f"sample), got shape {tuple(x.shape)}")
+        if x.device != q.device and x.device.type != "cpu":
+            raise ValueError(f"taca: {name} is on {x.device} but q is on {q.device}; pass it on q's device or the CPU")
+        return x.to(device=q.device, dtype=torch.int64)
+    if isinstance(x, bool) or not isinstance(x, (int, torch.SymInt)):
+        what = "an int or a (B,) integer tensor" + (" or None" if allow_none else "")
+        raise TypeError(f"taca: {name} must be {what}, got {type(x).__name__}")
+    return x
+
+
+def _check_span(spans: "reference.Spans", n_q: int, n_k: int, given) -> None:
+    """0 <= begin <= end <= N for the key span (N_k) and the query span (N_q)."""
+    checks = (("key", spans.k_begin, spans.k_end, n_k, given["text_start"], "text_start", "text_len"),
+              ("query", spans.q_begin, spans.q_end, n_q, given["query_text_start"], "query_text_start",
+               "query_text_len"))
+    for which, b, e, n, start_given, start_name, len_name in checks:
+        if not isinstance(b, torch.Tensor) and not isinstance(e, torch.Tensor):
+            if b < 0 or e < b or e > n:
+                if start_given is None and which == "key":
+                    raise ValueError(f"taca: text_len={e - b} must be in [0, {n}] (the key sequence length)")
+                raise ValueError(f"taca: {which} text span [{b}, {e}) ({start_name}, {len_name}) must lie in "
+                                 f"[0, {n}] with a length >= 0 ({which} tokens: {n})")
+            continue
+        if torch.compiler.is_compiling():
+            continue  # no value checks inside a graph (the CPU kernel checks spans itself)
+        bt = b if isinstance(b, torch.Tensor) else torch.full_like(e, b)
+        et = e if isinstance(e, torch.Tensor) else torch.full_like(b, e)
+        ok = (bt >= 0) & (et >= bt) & (et <= n)
+        if not bool(ok.all()):  # a device sync for CUDA tensors: pass ints to avoid it
+            i = int((~ok).nonzero()[0, 0])
+            raise ValueError(f"taca: {which} text span of sample {i}, [{int(bt[i])}, {int(et[i])}) "
+                             f"({start_name}, {len_name}), must lie in [0, {n}] with a length >= 0")
+
+
+def _check_mask(attn_mask, q: torch.Tensor, target) -> None:
+    if attn_mask is None:
+        return
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"taca: attn_mask must be None or a torch.Tensor, got {type(attn_mask).__name__}")
+    if attn_mask.dtype not in (torch.bool, torch.float32, q.dtype):
+        raise TypeError(f"taca: attn_mask must be bool (True = attend) or a float mask of dtype float32 or "
+                        f"q's dtype {q.dtype} (added to the logits), got {attn_mask.dtype}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"taca: attn_mask is on {attn_mask.device} but q is on {q.device}")
+    shape = tuple(attn_mask.shape)
+    if len(shape) > 4 or any(s != 1 and s != t for s, t in zip(reversed(shape), reversed(target))):
+        hint = ""
+        if len(shape) == 2 and shape == (target[0], target[3]):
+            hint = "; a (B, N_k) key padding mask must be reshaped to (B, 1, 1, N_k)"
+        raise ValueError(f"taca: attn_mask of shape {shape} does not broadcast to (B, H, N_q, N_k) = "
+                         f"{tuple(target)} as F.scaled_dot_product_attention broadcasts it{hint}")
+
+
+def _validate(q, k, v, text_len, gamma, gamma_reverse, scale, layout, backend, text_start=None,
+              query_text_start=None, query_text_len=None, attn_mask=None, text_first=True):
+    """Checks every argument; returns (N_q, N_k, H_kv, spans, per-sample span args normalized)."""
     if layout not in _LAYOUTS:
         raise ValueError(f"taca: layout={layout!r} is not one of {_LAYOUTS}")
     if backend not in _BACKENDS:
@@ -113,10 +184,17 @@ def _validate(q, k, v, text_len, gamma, gamma_reverse, scale, layout, backend):
             )
         if not t.is_floating_point():
             raise TypeError(f"taca: {name} must be a floating-point tensor, got {t.dtype}")
-    if k.shape != q.shape or v.shape != q.shape:
+    hdim, ndim = (1, 2) if layout == "bhnd" else (2, 1)
+    if v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
         raise ValueError(
-            f"taca: q, k, v must have the same shape, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+            f"taca: k and v must have the same shape, with q's batch size and head dim (their token count "
+            f"and head count may differ from q's), got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
+    H, Hkv = q.shape[hdim], k.shape[hdim]
+    if Hkv == 0 and H != 0 or Hkv != 0 and H % Hkv != 0:
+        raise ValueError(f"taca: q's {H} heads must be a multiple of k and v's {Hkv} heads (grouped "
+                         f"KV heads: query head h reads kv head h // (H // H_kv)), got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"taca: q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
@@ -124,13 +202,19 @@ def _validate(q, k, v, text_len, gamma, gamma_reverse, scale, layout, backend):
     D = q.shape[-1]
     if D < 1 or D > 256:
         raise ValueError(f"taca: head dim must be in [1, 256], got {D}")
-    N = q.shape[2] if layout == "bhnd" else q.shape[1]
-    if isinstance(text_len, bool) or not isinstance(text_len, (int, torch.SymInt)):
-        raise TypeError(f"taca: text_len must be an int, got {type(text_len).__name__}")
-    if text_len < 0 or text_len > N:
-        raise ValueError(f"taca: text_len={text_len} must be in [0, {N}] (the sequence length)")
+    B, Nq, Nk = q.shape[0], q.shape[ndim], k.shape[ndim]
+    if isinstance(text_len, torch.Tensor):
+        text_len = _span_arg("text_len", text_len, B, q, False)
+    elif isinstance(text_len, bool) or not isinstance(text_len, (int, torch.SymInt)):
+        raise TypeError(f"taca: text_len must be an int or a ({B},) integer tensor, got {type(text_len).__name__}")
+    text_start = _span_arg("text_start", text_start, B, q, True)
+    query_text_start = _span_arg("query_text_start", query_text_start, B, q, True)
+    query_text_len = _span_arg("query_text_len", query_text_len, B, q, True)
+    given = dict(text_start=text_start, query_text_start=query_text_start)
+    spans = reference.resolve_spans(Nq, Nk, text_len, text_first, text_start, query_text_start, query_text_len)
+    _check_span(spans, Nq, Nk, given)
+    _check_mask(attn_mask, q, (B, H, Nq, Nk))
     if isinstance(gamma, torch.Tensor):
-        B = q.shape[0]
         if gamma.dim() > 1 or (gamma.dim() == 1 and gamma.shape[0] != B):
             raise ValueError(f"taca: gamma must be a float, a 0-d tensor or a ({B},) tensor, got shape {tuple(gamma.shape)}")
         if not gamma.is_floating_point():
@@ -152,7 +236,7 @@ def _validate(q, k, v, text_len, gamma, gamma_reverse, scale, layout, backend):
         raise ValueError(f"taca: gamma_reverse={gamma_reverse} must be finite and > 0")
     if scale is not None and not -math.inf < float(scale) < math.inf:
         raise ValueError(f"taca: scale={scale} must be finite")
-    return N
+    return Nq, Nk, Hkv, spans, (text_len, text_start, query_text_start, query_text_len)
 
 
 # ---------------------------------------------------------------------------------------
@@ -202,27 +286,61 @@ def _log_fallback(reason: str) -> None:
     logger.debug("taca: backend='auto' falls back to SDPA: %s", reason)
 
 
-def _gamma_vector(gamma, batch: int, device: torch.device) -> torch.Tensor:
-    """gamma as the kernels take it: a contiguous (B,) float32 tensor on ``device``."""
+def _feature_refusal(device_type: str, per_sample: bool, cross: bool, gqa: bool, mask) -> Optional[str]:
+    """Why the kernel of ``device_type`` cannot run these features (None: it can)."""
+    feats = []
+    if per_sample:
+        feats.append("per-sample text spans")
+    if cross:
+        feats.append("different query and key token sets")
+    if gqa:
+        feats.append("grouped KV heads")
+    if mask is not None:
+        feats.append("attn_mask")
+    supported = _KERNEL_FEATURES.get(device_type, ())
+    missing = [f for f in feats if f not in supported]
+    if missing:
+        return f"the {device_type} kernel does not support {', '.join(missing)}"
+    return None
+
+
+# What each kernel covers beyond one shared text span on one token set with equal heads.
+_KERNEL_FEATURES = {
+    "cpu": ("per-sample text spans", "different query and key token sets", "grouped KV heads", "attn_mask"),
+    "cuda": (),
+}
+
+
+def _gamma_vector(gamma, batch: int, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """gamma as the kernels take it: a contiguous (B,) tensor of the accumulation type."""
     if isinstance(gamma, torch.Tensor):
-        g = gamma.to(dtype=torch.float32)
+        g = gamma.to(dtype=dtype)
         if g.dim() == 0:
             g = g.reshape(1).expand(batch)
         return g.contiguous()
-    return torch.full((batch,), float(gamma), dtype=torch.float32, device=device)
+    return torch.full((batch,), float(gamma), dtype=dtype, device=device)
 
 
-def _kernel_forward(q, k, v, text_len, text_first, gamma, gamma_reverse, scale, layout,
-                    return_text_mass):
+def _kernel_forward(q, k, v, spans, gamma, gamma_reverse, scale, layout, return_text_mass,
+                    attn_mask=None):
     # The kernels take (B, N, H, D) views: "bhnd" is transposed, never copied.
     qn, kn, vn = ((t.transpose(1, 2) if layout == "bhnd" else t) for t in (q, k, v))
     # A non-unit stride on D is the one layout the kernels refuse: copy it.
     qn, kn, vn = ((t.contiguous() if t.size(-1) > 1 and t.stride(-1) != 1 else t) for t in (qn, kn, vn))
-    B, N, _, D = qn.shape
-    tb, te = reference.text_range(N, text_len, text_first)
+    B, _, _, D = qn.shape
     s = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    g = _gamma_vector(gamma, B, q.device)
-    out, lse, tm = torch.ops.taca.fwd(qn, kn, vn, g, float(gamma_reverse), s, tb, te, return_text_mass)
+    g = _gamma_vector(gamma, B, q.device, _acc_dtype(q.dtype))
+    if spans.per_sample:
+        cols = [x if isinstance(x, torch.Tensor) else torch.full((B,), x, dtype=torch.int64, device=q.device)
+                for x in spans]
+        out, lse, tm = torch.ops.taca.fwd(qn, kn, vn, g, float(gamma_reverse), s, 0, 0, return_text_mass,
+                                          0, 0, torch.stack(cols, dim=1), attn_mask)
+    elif attn_mask is None and spans.q_begin is spans.k_begin and spans.q_end is spans.k_end:
+        out, lse, tm = torch.ops.taca.fwd(qn, kn, vn, g, float(gamma_reverse), s, spans.k_begin, spans.k_end,
+                                          return_text_mass)
+    else:
+        out, lse, tm = torch.ops.taca.fwd(qn, kn, vn, g, float(gamma_reverse), s, spans.k_begin, spans.k_end,
+                                          return_text_mass, spans.q_begin, spans.q_end, None, attn_mask)
     if layout == "bhnd":
         out = out.transpose(1, 2)
     return out, lse, tm
@@ -233,7 +351,7 @@ def joint_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    text_len: int,
+    text_len: Union[int, torch.Tensor],
     text_first: bool = True,
     gamma: Union[float, torch.Tensor] = 1.0,
     gamma_reverse: float = 1.0,
@@ -242,41 +360,69 @@ def joint_attention(
     return_lse: bool = False,
     return_text_mass: bool = False,
     backend: str = "auto",
+    text_start: Optional[Union[int, torch.Tensor]] = None,
+    query_text_start: Optional[Union[int, torch.Tensor]] = None,
+    query_text_len: Optional[Union[int, torch.Tensor]] = None,
+    attn_mask: Optional[torch.Tensor] = None,
 ):
     """Gamma-scaled joint attention (TACA).
 
-    q, k, v: (B, H, N, D) for layout "bhnd" or (B, N, H, D) for "bnhd", same shape, dtype and
-    device; any batch/token/head strides (a non-unit stride on D is copied). Text tokens are
-    the first ``text_len`` tokens (``text_first=True``, FLUX) or the last (SD3).
-    gamma: float, 0-d tensor or (B,) tensor on q's device; multiplies the scaled logits of
-    (visual query, text key) pairs. gamma_reverse multiplies those of (text query, visual key)
-    pairs. scale defaults to 1/sqrt(D). Pass gamma as a tensor under torch.compile so changing
-    its value does not recompile.
+    q: (B, H, N_q, D) for layout "bhnd" or (B, N_q, H, D) for "bnhd"; k, v: (B, H_kv, N_k, D) or
+    (B, N_k, H_kv, D), same shape as each other; q, k, v of one dtype and device, any
+    batch/token/head strides (a non-unit stride on D is copied). N_q may differ from N_k
+    (image-only queries against [text, image] keys; cached keys). H % H_kv == 0: query head h
+    reads kv head h // (H // H_kv), as SDPA's ``enable_gqa=True`` (no K/V copies on the kernels).
 
-    Returns out (same shape, layout and dtype as q); with ``return_lse`` / ``return_text_mass``
-    a tuple (out, lse, text_mass) holding the asked ones, lse and text_mass being (B, H, N)
-    float32 (float64 for float64 inputs). lse and text_mass carry no gradient.
+    Text spans (each argument an int shared by the batch or a (B,) integer tensor, per sample):
+    key text tokens of sample b are [text_start[b], text_start[b] + text_len[b]); text_start None
+    means 0 with ``text_first=True`` (FLUX) and N_k - text_len with ``text_first=False`` (SD3).
+    Text queries are [query_text_start, query_text_start + query_text_len): by default the key
+    span when N_q == N_k (one token set), and no text query at all when N_q != N_k;
+    query_text_len given without query_text_start starts at 0 (text_first) or N_q - len.
+
+    The logit of query i and key j is scale * (q_i . k_j) * m_ij (+ mask), with m_ij = gamma[b]
+    for (visual query, text key), gamma_reverse for (text query, visual key), 1 otherwise.
+    gamma: float, 0-d tensor or (B,) tensor on q's device. scale defaults to 1/sqrt(D). Pass
+    gamma as a tensor under torch.compile so changing its value does not recompile.
+
+    attn_mask: None, a bool tensor (True = attend) or a float tensor (float32 or q's dtype)
+    added to the logits after scale and gamma, broadcastable to (B, H, N_q, N_k) exactly as
+    ``F.scaled_dot_product_attention`` takes it (so a (B, N_k) padding mask must be passed as
+    (B, 1, 1, N_k)). A query row with every key masked returns out = 0 (what torch's SDPA
+    returns on CPU), lse = -inf, text_mass = 0, and zero gradients.
+
+    Returns out (q's shape, layout and dtype); with ``return_lse`` / ``return_text_mass`` a
+    tuple (out, lse, text_mass) holding the asked ones, lse and text_mass being (B, H, N_q)
+    float32 (float64 for float64 inputs), probabilities after masking. They carry no gradient.
 
     backend: "auto" (CPU tensors -> C kernel; CUDA float16/bfloat16 with head dim in
-    ``CUDA_HEAD_DIMS`` -> CUDA kernel; otherwise split SDPA, or the materialized float32
-    reference when lse/text_mass are asked), "cpu" / "cuda" (force the kernel; error if it
-    cannot run), "sdpa" (split SDPA), "reference" (materialized, upcast).
+    ``CUDA_HEAD_DIMS`` -> CUDA kernel; anything a kernel does not cover -> split SDPA, or the
+    materialized reference when lse/text_mass are asked; a debug log line says why), "cpu" /
+    "cuda" (force the kernel; error if it cannot run), "sdpa" (split SDPA), "reference"
+    (materialized, upcast). Float64 inputs are exact to float64 rounding on every backend.
 
     Gradients: q, k and v get gradients on every backend. The kernels give gamma none, so a
     gamma tensor that requires grad sends backend="auto" to split SDPA, which differentiates it.
     """
-    _validate(q, k, v, text_len, gamma, gamma_reverse, scale, layout, backend)
+    Nq, Nk, Hkv, spans, span_args = _validate(
+        q, k, v, text_len, gamma, gamma_reverse, scale, layout, backend, text_start,
+        query_text_start, query_text_len, attn_mask, text_first)
+    text_len, text_start, query_text_start, query_text_len = span_args
+    H = q.shape[1] if layout == "bhnd" else q.shape[2]
     want_extra = return_lse or return_text_mass
+    feats = (spans.per_sample, Nq != Nk, Hkv != H, attn_mask)
 
     if backend in ("cpu", "cuda"):
         if q.device.type != backend:
             raise ValueError(f"taca: backend={backend!r} needs q on a {backend} device, got {q.device}")
-        reason = _kernel_refusal(q, None, layout)
+        reason = _kernel_refusal(q, None, layout) or _feature_refusal(backend, *feats)
         if reason is not None:
             raise RuntimeError(f"taca: backend={backend!r} cannot run: {reason}")
         use_kernel = True
     elif backend == "auto":
         reason = _kernel_refusal(q, gamma, layout)
+        if reason is None:
+            reason = _feature_refusal(q.device.type, *feats)
         use_kernel = reason is None
         if not use_kernel:
             _log_fallback(reason)
@@ -284,19 +430,20 @@ def joint_attention(
         use_kernel = False
 
     if use_kernel:
-        out, lse, tm = _kernel_forward(q, k, v, text_len, text_first, gamma, gamma_reverse,
-                                       scale, layout, return_text_mass)
+        out, lse, tm = _kernel_forward(q, k, v, spans, gamma, gamma_reverse, scale, layout,
+                                       return_text_mass, attn_mask)
         return _pack(out, lse, tm, return_lse, return_text_mass)
+    span_kw = dict(text_len=text_len, text_first=text_first, text_start=text_start,
+                   query_text_start=query_text_start, query_text_len=query_text_len, attn_mask=attn_mask)
     if backend == "reference" or want_extra:
         upcast = torch.float64 if q.dtype == torch.float64 else torch.float32
         out, lse, tm = reference.attention_ref(
-            q, k, v, text_len=text_len, text_first=text_first, gamma=gamma,
-            gamma_reverse=gamma_reverse, scale=scale, layout=layout, upcast=upcast,
+            q, k, v, gamma=gamma, gamma_reverse=gamma_reverse, scale=scale, layout=layout,
+            upcast=upcast, **span_kw,
         )
         return _pack(out.to(q.dtype), lse.detach(), tm.detach(), return_lse, return_text_mass)
     out = reference.attention_split_sdpa(
-        q, k, v, text_len=text_len, text_first=text_first, gamma=gamma,
-        gamma_reverse=gamma_reverse, scale=scale, layout=layout,
+        q, k, v, gamma=gamma, gamma_reverse=gamma_reverse, scale=scale, layout=layout, **span_kw,
     )
     return out
 

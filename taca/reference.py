@@ -1,21 +1,35 @@
 """Plain-PyTorch forms of gamma-scaled joint attention.
 
-``attention_ref`` materializes the (N, N) logits in float64 (or a chosen dtype) and is the
+``attention_ref`` materializes the (N_q, N_k) logits in float64 (or a chosen dtype) and is the
 oracle every test and benchmark compares against. ``attention_split_sdpa`` is the exact
 two-call form on ``F.scaled_dot_product_attention``: it is the fallback backend for anything
 the kernels do not cover.
 
-Both take q, k, v as (B, N, H, D) ("bnhd") or (B, H, N, D) ("bhnd").
+Both take q as (B, N_q, H, D) ("bnhd") or (B, H, N_q, D) ("bhnd") and k, v as (B, N_k, H_kv, D)
+or (B, H_kv, N_k, D), H % H_kv == 0 (query head h reads kv head h // (H // H_kv), as SDPA's
+``enable_gqa=True``). The definition, per sample b:
+
+    logit(i, j) = scale * (q_i . k_j) * m_ij + mask_ij
+    m_ij = gamma[b]       if query i is visual and key j is text
+           gamma_reverse  if query i is text and key j is visual
+           1              otherwise
+
+Key j is text when text_start[b] <= j < text_start[b] + text_len[b]; query i is text when it
+lies in the query text span (see ``resolve_spans``). attn_mask is SDPA's: bool (True =
+attend, False = logit -inf) or float (added), broadcastable to (B, H, N_q, N_k). A query row
+whose every logit is -inf (fully masked) gets out = 0, lse = -inf, text_mass = 0 and zero
+gradients, as torch 2.13's F.scaled_dot_product_attention returns on CPU.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 GammaLike = Union[float, torch.Tensor]
+SpanLike = Union[int, torch.Tensor]
 
 
 def _to_bhnd(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -31,6 +45,69 @@ def text_range(n: int, text_len: int, text_first: bool) -> Tuple[int, int]:
     return (0, text_len) if text_first else (n - text_len, n)
 
 
+class Spans(NamedTuple):
+    """Text spans [k_begin, k_end) of the keys and [q_begin, q_end) of the queries: each an
+    int (shared by the batch) or a (B,) int64 tensor (per sample)."""
+
+    k_begin: SpanLike
+    k_end: SpanLike
+    q_begin: SpanLike
+    q_end: SpanLike
+
+    @property
+    def per_sample(self) -> bool:
+        return any(isinstance(x, torch.Tensor) for x in self)
+
+
+def resolve_spans(
+    n_q: int,
+    n_k: int,
+    text_len: SpanLike,
+    text_first: bool = True,
+    text_start: Optional[SpanLike] = None,
+    query_text_start: Optional[SpanLike] = None,
+    query_text_len: Optional[SpanLike] = None,
+) -> Spans:
+    """The key and query text spans the arguments of ``joint_attention`` describe.
+
+    Keys: [text_start, text_start + text_len); text_start None means 0 (text_first) or
+    n_k - text_len (text last; per sample for a tensor text_len). Queries: with n_q == n_k and
+    neither query argument given, the key span (one token set). Otherwise query_text_len None
+    means no text query (only allowed when query_text_start is None too, or n_q == n_k where it
+    defaults to text_len), and query_text_start None follows text_first over n_q tokens.
+    Values are not checked here (``taca.ops`` validates them).
+    """
+    k_begin = text_start
+    if k_begin is None:
+        k_begin = 0 if text_first else n_k - text_len
+    k_end = k_begin + text_len
+    if query_text_start is None and query_text_len is None:
+        if n_q == n_k:
+            return Spans(k_begin, k_end, k_begin, k_end)
+        return Spans(k_begin, k_end, 0, 0)
+    if query_text_len is None:
+        if n_q != n_k:
+            raise ValueError("taca: query_text_start needs query_text_len when q and k have "
+                             f"different token counts ({n_q} != {n_k})")
+        query_text_len = text_len
+    q_begin = query_text_start
+    if q_begin is None:
+        q_begin = 0 if text_first else n_q - query_text_len
+    return Spans(k_begin, k_end, q_begin, q_begin + query_text_len)
+
+
+def span_masks(spans: Spans, batch: int, n_q: int, n_k: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(is_text_query (B, N_q), is_text_key (B, N_k)) bool tensors of the spans."""
+
+    def one(begin, end, n):
+        pos = torch.arange(n, device=device)
+        b = begin.to(device).view(-1, 1) if isinstance(begin, torch.Tensor) else begin
+        e = end.to(device).view(-1, 1) if isinstance(end, torch.Tensor) else end
+        return ((pos >= b) & (pos < e)).expand(batch, n)
+
+    return one(spans.q_begin, spans.q_end, n_q), one(spans.k_begin, spans.k_end, n_k)
+
+
 def gamma_vector(gamma: GammaLike, batch: int, device, dtype=torch.float32) -> torch.Tensor:
     """gamma as a (B,) tensor of ``dtype`` on ``device``."""
     if isinstance(gamma, torch.Tensor):
@@ -41,23 +118,29 @@ def gamma_vector(gamma: GammaLike, batch: int, device, dtype=torch.float32) -> t
 
 def logit_multiplier(
     n: int,
-    text_len: int,
+    text_len: SpanLike,
     text_first: bool,
     gamma: GammaLike,
     gamma_reverse: float,
     batch: int,
     device=None,
     dtype=torch.float64,
+    *,
+    n_k: Optional[int] = None,
+    text_start: Optional[SpanLike] = None,
+    query_text_start: Optional[SpanLike] = None,
+    query_text_len: Optional[SpanLike] = None,
 ) -> torch.Tensor:
-    """The multiplier of the scaled logits, (B, 1, N, N) (query rows, key columns): gamma for
-    (image query, text key), gamma_reverse for (text query, image key), 1 elsewhere."""
-    tb, te = text_range(n, text_len, text_first)
-    is_text = torch.zeros(n, dtype=torch.bool, device=device)
-    is_text[tb:te] = True
-    vis_q_text_k = (~is_text)[:, None] & is_text[None, :]
-    text_q_vis_k = is_text[:, None] & (~is_text)[None, :]
+    """The multiplier of the scaled logits, (B, 1, N_q, N_k) (query rows, key columns): gamma
+    for (visual query, text key), gamma_reverse for (text query, visual key), 1 elsewhere.
+    n is N_q; n_k defaults to n."""
+    n_k = n if n_k is None else n_k
+    spans = resolve_spans(n, n_k, text_len, text_first, text_start, query_text_start, query_text_len)
+    q_text, k_text = span_masks(spans, batch, n, n_k, device)
+    vis_q_text_k = (~q_text)[:, None, :, None] & k_text[:, None, None, :]
+    text_q_vis_k = q_text[:, None, :, None] & (~k_text)[:, None, None, :]
     g = gamma_vector(gamma, batch, device, dtype).view(batch, 1, 1, 1)
-    m = torch.ones(batch, 1, n, n, dtype=dtype, device=device)
+    m = torch.ones(batch, 1, n, n_k, dtype=dtype, device=device)
     m = torch.where(vis_q_text_k, g, m)
     m = torch.where(text_q_vis_k, torch.full_like(m, float(gamma_reverse)), m)
     return m
@@ -68,33 +151,64 @@ def attention_ref(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    text_len: int,
+    text_len: SpanLike,
     text_first: bool = True,
     gamma: GammaLike = 1.0,
     gamma_reverse: float = 1.0,
     scale: Optional[float] = None,
     layout: str = "bhnd",
     upcast: Optional[torch.dtype] = torch.float64,
+    text_start: Optional[SpanLike] = None,
+    query_text_start: Optional[SpanLike] = None,
+    query_text_len: Optional[SpanLike] = None,
+    attn_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Materialized reference: returns (out, lse, text_mass).
 
     out has q's layout and ``upcast`` dtype (q's dtype when ``upcast`` is None);
-    lse and text_mass are (B, H, N) in the same dtype.
+    lse and text_mass are (B, H, N_q) in the same dtype.
     """
     qb, kb, vb = (_to_bhnd(t, layout) for t in (q, k, v))
     if upcast is not None:
         qb, kb, vb = qb.to(upcast), kb.to(upcast), vb.to(upcast)
-    B, H, N, D = qb.shape
+    B, H, Nq, D = qb.shape
+    Hkv, Nk = kb.shape[1], kb.shape[2]
+    if Hkv != H:
+        kb, vb = kb.repeat_interleave(H // Hkv, dim=1), vb.repeat_interleave(H // Hkv, dim=1)
     s = math.sqrt(1.0 / D) if scale is None else scale
     logits = torch.matmul(qb, kb.transpose(-1, -2)) * s
-    m = logit_multiplier(N, text_len, text_first, gamma, gamma_reverse, B, qb.device, qb.dtype)
+    spans = resolve_spans(Nq, Nk, text_len, text_first, text_start, query_text_start, query_text_len)
+    m = logit_multiplier(Nq, text_len, text_first, gamma, gamma_reverse, B, qb.device, qb.dtype,
+                         n_k=Nk, text_start=text_start, query_text_start=query_text_start,
+                         query_text_len=query_text_len)
     logits = logits * m
-    lse = torch.logsumexp(logits, dim=-1)
-    p = torch.exp(logits - lse[..., None])
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attn_mask.to(qb.device), -math.inf)
+        else:
+            logits = logits + attn_mask.to(device=qb.device, dtype=qb.dtype)
+    # softmax written so that a row of only -inf gives p = 0 (and finite gradients), not NaN
+    if Nk == 0:
+        mx = logits.new_zeros(logits.shape[:-1] + (1,))
+    else:
+        mx = logits.detach().amax(dim=-1, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    e = torch.exp(logits - mx)
+    total = e.sum(-1, keepdim=True)
+    p = e / torch.where(total == 0, torch.ones_like(total), total)
+    lse = (mx + torch.log(total)).squeeze(-1)
     out = torch.matmul(p, vb)
-    tb, te = text_range(N, text_len, text_first)
-    text_mass = p[..., tb:te].sum(-1)
+    k_text = span_masks(spans, B, Nq, Nk, qb.device)[1]
+    text_mass = (p * k_text[:, None, None, :].to(p.dtype)).sum(-1)
     return _from_bhnd(out, layout), lse, text_mass
+
+
+def _mask_rows(mask: Optional[torch.Tensor], rows) -> Optional[torch.Tensor]:
+    """The mask of a subset of query rows: rows is a list of (begin, end) slices."""
+    if mask is None or mask.dim() < 2 or mask.shape[-2] == 1:
+        return mask
+    parts = [mask[..., a:b, :] for a, b in rows if b > a]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 
 def attention_split_sdpa(
@@ -102,40 +216,85 @@ def attention_split_sdpa(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    text_len: int,
+    text_len: SpanLike,
     text_first: bool = True,
     gamma: GammaLike = 1.0,
     gamma_reverse: float = 1.0,
     scale: Optional[float] = None,
     layout: str = "bhnd",
+    text_start: Optional[SpanLike] = None,
+    query_text_start: Optional[SpanLike] = None,
+    query_text_len: Optional[SpanLike] = None,
+    attn_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Exact TACA on two SDPA calls (differentiable, any backend SDPA picks).
 
     Visual queries attend to K with its text rows multiplied by gamma; text queries attend
-    to K with its visual rows multiplied by gamma_reverse. Exact because RoPE and QK-norm
-    are applied before attention. Returns out in q's layout and dtype.
+    to K with its visual rows multiplied by gamma_reverse; attn_mask (sliced to each call's
+    query rows) is added after that, as in the definition. Exact because RoPE and QK-norm are
+    applied before attention. With per-sample (tensor) spans both calls run over every query
+    and each row takes its own result (twice the work, no host sync). Returns out in q's
+    layout and dtype.
     """
     qb, kb, vb = (_to_bhnd(t, layout) for t in (q, k, v))
-    B, H, N, D = qb.shape
-    tb, te = text_range(N, text_len, text_first)
-    if N == 0 or B == 0 or H == 0:
+    B, H, Nq, D = qb.shape
+    Hkv, Nk = kb.shape[1], kb.shape[2]
+    if Nq == 0 or B == 0 or H == 0:
         return _from_bhnd(torch.empty_like(qb), layout)
-    if text_len in (0, N):
-        out = F.scaled_dot_product_attention(qb, kb, vb, scale=scale)
-        return _from_bhnd(out, layout)
-    g = gamma_vector(gamma, B, qb.device, qb.dtype).view(B, 1, 1, 1)
-    k_txt = kb[:, :, tb:te]
-    k_vis_before, k_vis_after = kb[:, :, :tb], kb[:, :, te:]
-    k_for_vis = torch.cat([k_vis_before, k_txt * g, k_vis_after], dim=2)
-    if gamma_reverse == 1.0:
-        k_for_txt = kb
-    else:
-        k_for_txt = torch.cat(
-            [k_vis_before * gamma_reverse, k_txt, k_vis_after * gamma_reverse], dim=2
-        )
-    q_txt = qb[:, :, tb:te]
-    q_vis = torch.cat([qb[:, :, :tb], qb[:, :, te:]], dim=2) if tb > 0 else qb[:, :, te:]
-    o_vis = F.scaled_dot_product_attention(q_vis, k_for_vis, vb, scale=scale)
-    o_txt = F.scaled_dot_product_attention(q_txt, k_for_txt, vb, scale=scale)
-    out = torch.cat([o_vis[:, :, :tb], o_txt, o_vis[:, :, tb:]], dim=2)
+    if Nk == 0:  # no key at all: every row is fully masked
+        return _from_bhnd(qb * 0, layout)
+    if attn_mask is None:
+        return _from_bhnd(_split(qb, kb, vb, None, text_len, text_first, gamma, gamma_reverse, scale,
+                                 text_start, query_text_start, query_text_len), layout)
+    if attn_mask.is_floating_point() and attn_mask.dtype != qb.dtype and qb.dtype == torch.float64:
+        attn_mask = attn_mask.to(torch.float64)  # exact; SDPA mixes a float32 mask in otherwise
+    out = _split(qb, kb, vb, attn_mask, text_len, text_first, gamma, gamma_reverse, scale, text_start,
+                 query_text_start, query_text_len)
+    # Fully masked query rows are 0 (and get zero gradients) whatever SDPA backend ran: not all
+    # of them agree on such rows.
+    dead = ~attn_mask.any(-1) if attn_mask.dtype == torch.bool else (attn_mask == -math.inf).all(-1)
+    if dead.dim() > 0:
+        out = torch.where(dead[..., None], torch.zeros((), dtype=out.dtype, device=out.device), out)
+    elif bool(dead):
+        out = out * 0
     return _from_bhnd(out, layout)
+
+
+def _split(qb, kb, vb, attn_mask, text_len, text_first, gamma, gamma_reverse, scale, text_start,
+           query_text_start, query_text_len):
+    B, H, Nq, D = qb.shape
+    Hkv, Nk = kb.shape[1], kb.shape[2]
+    extra = {"enable_gqa": True} if Hkv != H else {}
+
+    def sdpa(qq, kk, mask):
+        return F.scaled_dot_product_attention(qq, kk, vb, attn_mask=mask, scale=scale, **extra)
+
+    spans = resolve_spans(Nq, Nk, text_len, text_first, text_start, query_text_start, query_text_len)
+    g = gamma_vector(gamma, B, qb.device, qb.dtype).view(B, 1, 1, 1)
+    gr = float(gamma_reverse)
+    if spans.per_sample:
+        q_text, k_text = span_masks(spans, B, Nq, Nk, qb.device)
+        kt = k_text[:, None, :, None]
+        o_vis = sdpa(qb, torch.where(kt, kb * g, kb), attn_mask)
+        if not isinstance(spans.q_end, torch.Tensor) and spans.q_end == spans.q_begin:
+            return o_vis  # statically no text query
+        o_txt = sdpa(qb, kb if gr == 1.0 else torch.where(kt, kb, kb * gr), attn_mask)
+        return torch.where(q_text[:, None, :, None], o_txt, o_vis)
+
+    kb0, ke0, qb0, qe0 = (int(x) for x in spans)
+    k_txt, k_before, k_after = kb[:, :, kb0:ke0], kb[:, :, :kb0], kb[:, :, ke0:]
+    has_text_key, has_visual_key = ke0 > kb0, ke0 - kb0 < Nk
+    k_for_vis = torch.cat([k_before, k_txt * g, k_after], dim=2) if has_text_key else kb
+    if has_visual_key and gr != 1.0:
+        k_for_txt = torch.cat([k_before * gr, k_txt, k_after * gr], dim=2)
+    else:
+        k_for_txt = kb
+    if qe0 == qb0:  # no text query (text_len 0 on one token set: plain attention)
+        return sdpa(qb, k_for_vis, attn_mask)
+    if qe0 - qb0 == Nq:  # every query is text
+        return sdpa(qb, k_for_txt, attn_mask)
+    o_txt = sdpa(qb[:, :, qb0:qe0], k_for_txt, _mask_rows(attn_mask, [(qb0, qe0)]))
+    q_vis = torch.cat([qb[:, :, :qb0], qb[:, :, qe0:]], dim=2) if qb0 > 0 else qb[:, :, qe0:]
+    o_vis = sdpa(q_vis, k_for_vis, _mask_rows(attn_mask, [(0, qb0), (qe0, Nq)]))
+    out = torch.cat([o_vis[:, :, :qb0], o_txt, o_vis[:, :, qb0:]], dim=2)
+    return out

@@ -18,11 +18,14 @@ N_CALLS = 4000
 
 def _np_reference(q, k, v, text_len, text_first, gamma, gamma_reverse, scale, layout):
     """Materialized float64 reference of the forward: (out, lse, text_mass)."""
+    f64 = np.asarray(q).dtype.itemsize == 8
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     if layout == "bnhd":
         q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     B, H, N, D = q.shape
-    s = float(np.float32(1.0 / math.sqrt(D))) if scale is None else scale  # the C default, float32
+    s = 1.0 / math.sqrt(D) if scale is None else scale  # the C default (rounded by the caller for float32)
+    if not f64 and scale is None:
+        s = float(np.float32(s))
     tb, te = (0, text_len) if text_first else (N - text_len, N)
     is_text = np.zeros(N, bool)
     is_text[tb:te] = True
@@ -191,9 +194,12 @@ def _check_forward_result(res, args, kw, via_wrapper):
             assert np.all(np.isfinite(x))
         if out.size and q.dtype != np.float16:
             tf = kw.get("text_first", True)
+            # the kernel sees gamma_reverse and scale as double for float64 inputs, rounded to
+            # float32 otherwise (taca.h)
+            rnd = (lambda x: float(x)) if q.dtype.itemsize == 8 else (lambda x: float(np.float32(x)))
             ref_out, ref_lse, ref_tm = _np_reference(
-                *args[:3], int(kw["text_len"]), bool(tf), g, float(np.float32(kw.get("gamma_reverse", 1.0))),
-                None if kw.get("scale") is None else float(np.float32(kw["scale"])), layout)
+                *args[:3], int(kw["text_len"]), bool(tf), g, rnd(kw.get("gamma_reverse", 1.0)),
+                None if kw.get("scale") is None else rnd(kw["scale"]), layout)
             tol = 1e-4 if q.dtype.itemsize == 4 else 1e-9
             np.testing.assert_allclose(out, ref_out, rtol=tol, atol=tol * 10)
     return out, (extra[0] if kw.get("return_lse") else None)
@@ -212,7 +218,6 @@ def _one_call(gen):
         kw["text_first"] = gen.flag()
     if gen.chance(0.7):
         g = gen.gamma(shape[0])
-        # keep the reference's gamma exactly what the kernel sees (float32)
         kw["gamma"] = g
     if gen.chance(0.5):
         kw["gamma_reverse"] = gen.real(float(gen.r.uniform(0.5, 2.0)))
@@ -241,10 +246,15 @@ def _one_call(gen):
         res = fn(*args, **kw)
     except (TypeError, ValueError):
         return "err"
+    # keep the reference's gamma exactly what the kernel sees: float64 for float64 inputs,
+    # rounded to float32 otherwise
+    f64 = bool(args) and isinstance(args[0], np.ndarray) and args[0].dtype.kind == "f" and args[0].dtype.itemsize == 8
     if isinstance(kw.get("gamma"), list) or isinstance(kw.get("gamma"), np.ndarray):
-        kw["gamma"] = np.asarray(kw["gamma"], dtype=np.float64).astype(np.float32).astype(np.float64)
+        kw["gamma"] = np.asarray(kw["gamma"], dtype=np.float64)
+        if not f64:
+            kw["gamma"] = kw["gamma"].astype(np.float32).astype(np.float64)
     elif "gamma" in kw:
-        kw["gamma"] = float(np.float32(float(kw["gamma"])))
+        kw["gamma"] = float(kw["gamma"]) if f64 else float(np.float32(float(kw["gamma"])))
     out, lse = _check_forward_result(res, args, kw, via_wrapper)
 
     if lse is None and gen.chance(0.3):

@@ -117,6 +117,11 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
     if (st != TACA_OK) return st;
     if (p->dtype != TACA_F16 && p->dtype != TACA_BF16) return TACA_ERR_DTYPE;
     if (p->batch * p->seqlen * p->heads == 0) return TACA_OK;
+    /* one token set, equal heads, one shared span, no mask (taca.h) */
+    if (p->seqlen_k != p->seqlen || p->heads_kv != p->heads || p->text_spans ||
+        p->mask.kind != TACA_MASK_NONE || p->q_text_begin != p->text_begin ||
+        p->q_text_end != p->text_end)
+        return TACA_ERR_UNSUPPORTED;
     Layout L;
     if (!layout_of(p, &L)) return TACA_ERR_UNSUPPORTED;
     if (p->heads * (L.dp / L.dc) > 65535 || p->batch > 65535) return TACA_ERR_UNSUPPORTED;
@@ -134,7 +139,7 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
     a.dk = p->dk;
     a.dv = p->dv;
     a.lse = static_cast<const float *>(p->lse);
-    a.gamma = p->gamma;
+    a.gamma = static_cast<const float *>(p->gamma);  /* float: the accumulation type */
     unsigned char *ws = static_cast<unsigned char *>(p->workspace);
     a.lse2 = reinterpret_cast<float *>(ws + L.off_lse2);
     a.delta = reinterpret_cast<float *>(ws + L.off_delta);
@@ -157,8 +162,8 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
     a.nk = L.nk;
     a.text_begin = static_cast<int>(p->text_begin);
     a.text_end = static_cast<int>(p->text_end);
-    a.gamma_reverse = p->gamma_reverse;
-    a.scale = p->scale;
+    a.gamma_reverse = static_cast<float>(p->gamma_reverse);
+    a.scale = static_cast<float>(p->scale);
 
     auto al16 = [](const void *ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
     auto st8 = [](const taca_strides &s) { return s.b % 8 == 0 && s.n % 8 == 0 && s.h % 8 == 0; };

@@ -67,6 +67,11 @@ extern "C" int taca_fwd_cuda_variant(const taca_fwd_params *p, void *stream, int
     if (p->batch * p->seqlen * p->heads == 0) return TACA_OK;
     if (p->seqlen > INT32_MAX - 256 || p->heads > 65535 || p->batch > 65535)
         return TACA_ERR_UNSUPPORTED;
+    /* one token set, equal heads, one shared span, no mask (taca.h) */
+    if (p->seqlen_k != p->seqlen || p->heads_kv != p->heads || p->text_spans ||
+        p->mask.kind != TACA_MASK_NONE || p->q_text_begin != p->text_begin ||
+        p->q_text_end != p->text_end)
+        return TACA_ERR_UNSUPPORTED;
 
     FwdArgs a;
     a.q = p->q;
@@ -83,9 +88,9 @@ extern "C" int taca_fwd_cuda_variant(const taca_fwd_params *p, void *stream, int
     a.d = (int)p->head_dim;
     a.tb = (int)p->text_begin;
     a.te = (int)p->text_end;
-    a.gamma = p->gamma;
-    a.gamma_reverse = p->gamma_reverse;
-    a.scale_log2 = p->scale * 1.4426950408889634f;
+    a.gamma = static_cast<const float *>(p->gamma);  /* float: the accumulation type */
+    a.gamma_reverse = static_cast<float>(p->gamma_reverse);
+    a.scale_log2 = static_cast<float>(p->scale * 1.4426950408889634);
 
     const bool aligned = p->head_dim % 8 == 0 && aligned16(p->q) && aligned16(p->k) &&
                          aligned16(p->v) && aligned16(p->out) && mult8(p->q_stride) &&

@@ -146,7 +146,8 @@ static int run_case(const Case &c, std::mt19937 &rng) {
     p.q_stride = p.k_stride = p.v_stride = p.out_stride = p.dout_stride = st;
     p.dq_stride = p.dk_stride = p.dv_stride = st;
     p.batch = B; p.seqlen = N; p.heads = H; p.head_dim = D;
-    p.text_begin = c.tb; p.text_end = c.te;
+    p.seqlen_k = N; p.heads_kv = H;
+    p.text_begin = p.q_text_begin = c.tb; p.text_end = p.q_text_end = c.te;
     p.gamma = g_; p.gamma_reverse = c.grev; p.scale = scale;
     p.dtype = c.bf16 ? TACA_BF16 : TACA_F16;
     p.deterministic = 1;

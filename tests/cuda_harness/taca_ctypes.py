@@ -26,6 +26,11 @@ class Strides(ctypes.Structure):
     _fields_ = [("b", ctypes.c_int64), ("n", ctypes.c_int64), ("h", ctypes.c_int64)]
 
 
+class Mask(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("kind", ctypes.c_int), ("b", ctypes.c_int64),
+                ("h", ctypes.c_int64), ("q", ctypes.c_int64), ("k", ctypes.c_int64)]
+
+
 class FwdParams(ctypes.Structure):
     _fields_ = [
         ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
@@ -33,8 +38,11 @@ class FwdParams(ctypes.Structure):
         ("q_stride", Strides), ("k_stride", Strides), ("v_stride", Strides),
         ("out_stride", Strides),
         ("batch", ctypes.c_int64), ("seqlen", ctypes.c_int64), ("heads", ctypes.c_int64),
-        ("head_dim", ctypes.c_int64), ("text_begin", ctypes.c_int64), ("text_end", ctypes.c_int64),
-        ("gamma", ctypes.c_void_p), ("gamma_reverse", ctypes.c_float), ("scale", ctypes.c_float),
+        ("head_dim", ctypes.c_int64), ("seqlen_k", ctypes.c_int64), ("heads_kv", ctypes.c_int64),
+        ("text_begin", ctypes.c_int64), ("text_end", ctypes.c_int64),
+        ("q_text_begin", ctypes.c_int64), ("q_text_end", ctypes.c_int64),
+        ("text_spans", ctypes.c_void_p), ("mask", Mask),
+        ("gamma", ctypes.c_void_p), ("gamma_reverse", ctypes.c_double), ("scale", ctypes.c_double),
         ("dtype", ctypes.c_int), ("num_threads", ctypes.c_int),
     ]
 
@@ -105,7 +113,9 @@ def fwd_status(q, k, v, out, lse, tm, *, text_len, text_first=True, gamma=1.0, g
     p.q_stride, p.k_stride = _strides(q, layout), _strides(k, layout)
     p.v_stride, p.out_stride = _strides(v, layout), _strides(out, layout)
     p.batch, p.seqlen, p.heads, p.head_dim = B, N, H, D
+    p.seqlen_k, p.heads_kv = N, H
     p.text_begin, p.text_end = tb, te
+    p.q_text_begin, p.q_text_end = tb, te
     p.gamma = g.data_ptr()
     p.gamma_reverse = float(gamma_reverse)
     p.scale = float(D ** -0.5 if scale is None else scale)
