@@ -5,10 +5,10 @@
 # memcheck on the forward harness, then one denoising step of FLUX.2-dev- and Qwen-Image-sized
 # transformers (benchmarks/bench_models_step.py). Run from the repo root with .whl carried:
 #   run(command="bash benchmarks/gpu_models_run.sh", carry=[".whl"], timeout_s=600)
-# Env: STEPS (default "build test sanitize bench"), OUT.
+# Env: STEPS (default "build test bench sanitize"), OUT.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STEPS=${STEPS:-"build test sanitize bench"}
+STEPS=${STEPS:-"build test bench sanitize"}
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1; export PYTHONPATH=/tmp/site; fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -23,18 +23,18 @@ if has build; then
 fi
 if has test; then
   t0=$SECONDS
-  timeout 240 python3 -m pytest -q -rs tests/test_cuda_features.py tests/test_cuda.py tests/test_cuda_bwd.py > "$OUT/pytest.txt" 2>&1
+  timeout 180 python3 -m pytest -q -rs tests/test_cuda_features.py tests/test_cuda.py tests/test_cuda_bwd.py > "$OUT/pytest.txt" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.txt" | tail -20
-  timeout 120 python3 -m pytest -q -rs tests/test_ops.py tests/test_bad_input.py tests/test_ops_compile.py tests/test_ops_features.py -k "cuda or CUDA" > "$OUT/pytest_more.txt" 2>&1
+  timeout 90 python3 -m pytest -q -rs tests/test_ops.py tests/test_bad_input.py tests/test_ops_compile.py tests/test_ops_features.py -k "cuda or CUDA" > "$OUT/pytest_more.txt" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_more.txt" | tail -20
   echo "tests done ($((SECONDS - t0)) s)"
 fi
+if has bench; then
+  timeout 200 python3 benchmarks/bench_models_step.py --out "$OUT" 2>&1 | grep -v "^$\|Warning\|warn(" | tail -8
+fi
 if has sanitize; then
   t0=$SECONDS
-  timeout 120 compute-sanitizer --tool memcheck --kernel-name kns=taca_ python3 tests/cuda_harness/sanitize_fwd.py > "$OUT/sanitize_memcheck.txt" 2>&1
+  timeout 90 compute-sanitizer --tool memcheck --kernel-name kns=taca_ python3 tests/cuda_harness/sanitize_fwd.py > "$OUT/sanitize_memcheck.txt" 2>&1
   echo "sanitizer memcheck rc=$?: $(grep -E 'ERROR SUMMARY|kernel calls done' "$OUT/sanitize_memcheck.txt" | tr '\n' ' ') ($((SECONDS - t0)) s)"
-fi
-if has bench; then
-  python3 benchmarks/bench_models_step.py --out "$OUT" 2>&1 | grep -v "^$\|Warning\|warn(" | tail -8
 fi
 } 2>&1 | tee "$OUT/log.txt"
