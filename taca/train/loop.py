@@ -185,6 +185,9 @@ def _build_cache(cfg, family, samples, accelerator, device, weight_dtype, bar) -
     cap_sha = [text_sha256(s.caption) for s in samples]
     todo_img = sorted({(h, s.image) for h, s in zip(img_sha, samples) if not os.path.isfile(cache.latent_path(h))})
     todo_txt = sorted({(h, s.caption) for h, s in zip(cap_sha, samples) if not os.path.isfile(cache.text_path(h))})
+    # every rank must list the same missing files before any rank writes one: otherwise a slow
+    # rank lists fewer, the rank::world shares no longer cover the list, and entries go missing
+    accelerator.wait_for_everyone()
     mine_img, mine_txt = todo_img[rank::world], todo_txt[rank::world]
     chunk = max(1, cfg.batch_size)  # encoder batch: the training batch fits in memory, so this does
     if mine_txt:
