@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, Type
 
 import torch
 
-_BUILTIN = ("flux", "sd3", "flux2", "qwenimage", "chroma", "longcat", "ovis", "bria", "hidream", "zimage")
+_BUILTIN = ("flux", "sd3", "flux2", "qwenimage", "chroma", "longcat", "ovis", "bria", "hidream", "zimage", "hunyuanimage")
 _REGISTRY: List[Type["Adapter"]] = []
 _loaded = False
 
