@@ -9,7 +9,9 @@ sigma, SD3 t = 1000 sigma) and what the adapter needs of the text layout (the te
 ``encoder_hidden_states.shape[1]`` by default), evaluates the schedule per sample, and injects
 ``taca_gamma`` ((B,) float32 on the device, or None when no sample is in the window: then every
 processor takes diffusers' stock path) and the adapter's call state (``taca_text_len``) into a
-copy of the attention kwargs (``joint_attention_kwargs`` or the adapter's ``kwargs_name``).
+copy of the attention kwargs (``joint_attention_kwargs`` or the adapter's ``kwargs_name``; for
+models whose forward carries no attention kwargs to the processors, ``kwargs_name`` None, the
+hook sets that state on the TACA processors instead, ``TacaProcessor.call_state``).
 ``taca.disable`` puts back the exact previous processor objects, removes the hook and undoes the
 LoRA changes.
 
@@ -200,17 +202,18 @@ class TacaHandle:
                     f"{type(m.processor).__name__}; e.g. by fuse_qkv_projections or set_attn_processor); "
                     f"call taca.enable again to reinstall TACA, or taca.disable"
                 )
-        hs = self._arg("hidden_states", args, kwargs)
-        ts = self._arg("timestep", args, kwargs)
-        if ts is None or hs is None:
+        arg = lambda name: self._arg(name, args, kwargs)  # noqa: E731
+        ts = arg(self.adapter.timestep_arg)
+        batch = self.adapter.batch(arg)
+        if ts is None or batch is None:
             raise ValueError("taca: the transformer was called without timestep or encoder_hidden_states")
-        state = self.adapter.call_state(lambda name: self._arg(name, args, kwargs))
-        B = hs.shape[0]
-        decided = self._host_decide(ts, B, hs.device) if self.host_sigma else None
+        state = self.adapter.call_state(arg)
+        B, device = batch
+        decided = self._host_decide(ts, B, device) if self.host_sigma else None
         if decided is not None:
             self.last_path = "host"
         else:
-            decided = self._sync_decide(ts, B, hs.device)
+            decided = self._sync_decide(ts, B, device)
             self.last_path = "sync"
         gamma, on, step = decided
         self.last_gamma = gamma if on else None
@@ -219,6 +222,13 @@ class TacaHandle:
             self._gate_lora(on)
 
         key = self.adapter.kwargs_name
+        if key is None:
+            # the transformer's forward carries no attention kwargs to the processors: hand them
+            # this call's state directly (read in TacaProcessor.call_state)
+            call = {"taca_gamma": gamma if on else None, **state}
+            for p in self.processors.values():
+                p.call_state = call
+            return args, kwargs
         jak = dict(self._arg(key, args, kwargs) or {})
         jak["taca_gamma"] = gamma if on else None
         jak.update(state)

@@ -19,6 +19,16 @@ pre-hook of ``taca.enable`` (what the model's adapter computes from the transfor
   only the joint sequence, so they need it; double-stream blocks use
   ``encoder_hidden_states.shape[1]``).
 
+Models whose forward carries no attention kwargs to the processors (adapter ``kwargs_name``
+None) get the same state in :attr:`TacaProcessor.call_state`, set by the hook before every
+transformer call (with gradient checkpointing, a block recomputed in the backward pass reads
+the state of the latest transformer call: run one forward per backward there).
+
+Per-sample text spans (Z-Image): ``taca_attention(..., text_start=)`` with ``text_len`` and
+``text_start`` ints or (B,) integer tensors, passed to ``taca.joint_attention(text_start=,
+text_len=)``; with a ``taca.joint_attention`` that has no ``text_start`` the helper raises rather
+than place the text wrongly.
+
 Masks: a mask the stock processor passes to attention is passed to ``taca.joint_attention`` as
 ``attn_mask`` (bool: True = attend; float: added to the logits after scale and gamma, as SDPA adds
 it). With a ``taca.joint_attention`` that has no ``attn_mask`` the helper raises rather than drop
@@ -43,6 +53,10 @@ def _op_takes_masks() -> bool:
     return "attn_mask" in inspect.signature(ops.joint_attention).parameters
 
 
+def _op_takes_spans() -> bool:
+    return "text_start" in inspect.signature(ops.joint_attention).parameters
+
+
 class TacaProcessor:
     """Base class of the TACA processors: one instance per attention module.
 
@@ -54,6 +68,8 @@ class TacaProcessor:
     _parallel_config = None
     text_first: bool = True
     layout: str = "bnhd"
+    # this transformer call's state, for models without attention kwargs (see the module docstring)
+    call_state: dict = {}
 
     def __init__(self, name: str, gamma_reverse: float = 1.0, backend: str = "auto"):
         self.name = name
@@ -71,14 +87,28 @@ class TacaProcessor:
         text_len: Optional[int],
         gamma: Optional[torch.Tensor],
         attn_mask: Optional[torch.Tensor] = None,
+        text_start=None,
     ) -> Optional[torch.Tensor]:
         """TACA attention of q, k, v (in ``self.layout``), or None: then the caller runs its stock
-        attention call. ``text_len`` None means the call has no text (plain attention: stock)."""
+        attention call. ``text_len`` None means the call has no text (plain attention: stock).
+        ``text_start`` (int or (B,) tensor; ``text_len`` then may be a (B,) tensor too): the text
+        keys of sample b are [text_start[b], text_start[b] + text_len[b])."""
         record = telemetry.active() and text_len is not None
         if (gamma is None and not record) or text_len is None:
             return None
         N = q.shape[1] if self.layout == "bnhd" else q.shape[2]
-        if text_len > N:
+        spans = text_start is not None or isinstance(text_len, torch.Tensor)
+        if spans:
+            if not _op_takes_spans():
+                raise NotImplementedError(
+                    f"taca: {self.name}: the text of this call sits at per-sample positions (text_start="
+                    f"{text_start if not isinstance(text_start, torch.Tensor) else text_start.tolist()}) and this "
+                    f"taca.joint_attention takes no text_start, so gamma cannot be applied to the right keys; "
+                    f"use prompts of one length, or a taca build whose joint_attention takes text_start"
+                )
+            if record:
+                raise NotImplementedError(f"taca: {self.name}: telemetry does not record per-sample text spans")
+        elif text_len > N:
             raise ValueError(f"taca: {self.name}: taca_text_len={text_len} exceeds sequence length {N}")
         if self._parallel_config is not None:
             raise NotImplementedError(
@@ -98,6 +128,8 @@ class TacaProcessor:
         if gamma is None:
             gamma = torch.ones(B, device=q.device, dtype=torch.float32)
         scale = 1.0 / math.sqrt(q.shape[-1])
+        if spans:
+            extra["text_start"] = text_start
         kw = dict(text_len=text_len, text_first=self.text_first, gamma=gamma, gamma_reverse=self.gamma_reverse,
                   scale=scale, layout=self.layout, backend=self.backend, **extra)
         if not record:

@@ -18,7 +18,10 @@ from model_checks import MASKS_SUPPORTED
 @pytest.mark.parametrize("cls,family", [
     ("FluxPipeline", "flux"), ("FluxKontextPipeline", "flux"), ("StableDiffusion3Pipeline", "sd3"),
     ("Flux2Pipeline", "flux2"), ("Flux2KleinPipeline", "flux2"), ("QwenImagePipeline", "qwenimage"),
-    ("ChromaPipeline", "chroma"), ("DDPMPipeline", None),
+    ("ChromaPipeline", "chroma"), ("LongCatImagePipeline", "longcat"), ("LongCatImageEditPipeline", None),
+    ("OvisImagePipeline", "ovis"), ("BriaPipeline", "bria"), ("BriaFiboPipeline", "bria_fibo"),
+    ("HiDreamImagePipeline", "hidream"), ("ZImagePipeline", "zimage"), ("HunyuanImagePipeline", "hunyuanimage"),
+    ("DDPMPipeline", None),
 ])
 def test_family_from_a_folder(tmp_path, cls, family):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": cls}))
@@ -47,7 +50,9 @@ def test_family_rules():
         cli._check_family_args(_Args(513), "flux2")
     for family in ("flux2", "flux", "flux-schnell"):
         with pytest.raises(cli.UsageError, match=r"--negative-prompt: only SD3, SD3.5; Qwen-Image, Qwen-Image-Edit; "
-                                                 r"Chroma pipelines take a negative prompt here"):
+                                                 r"Chroma; LongCat-Image, LongCat-Image-Edit; Ovis-Image; Bria 3.2; "
+                                                 r"Bria FIBO, FIBO Edit; HiDream-I1; Z-Image; HunyuanImage 2.1 "
+                                                 r"pipelines take a negative prompt here"):
             cli._check_family_args(_Args(None, "blurry"), family)
 
 

@@ -14,7 +14,12 @@ An :class:`Adapter` subclass says
   the transformer's forward arguments (``arg(name)``);
 - ``timestep``: how the transformer's ``timestep`` maps to sigma: "sigma" (sigma itself),
   "t1000" (t = 1000 sigma), "1-sigma" (reversed), "1-t1000";
-- ``kwargs_name``: the forward argument that carries attention kwargs to the processors;
+- ``kwargs_name``: the forward argument that carries attention kwargs to the processors; None
+  when the model's forward has none that reaches them (LongCat-Image, Bria, HiDream, Z-Image,
+  HunyuanImage): then the hook sets the call state on the TACA processors
+  (``TacaProcessor.call_state``) before every transformer call;
+- ``timestep_arg``: the forward argument holding the timestep ("timestep"; HiDream "timesteps",
+  Z-Image "t"); ``batch(arg)``: (batch size, device) of one call, from ``hidden_states`` by default;
 - ``current_t_pipelines``: diffusers pipelines whose ``__call__`` sets ``self._current_timestep =
   t`` right before calling the transformer with ``timestep = t.expand(B).to(latents.dtype) /
   1000`` (then the hook may read sigma on the host without a device sync; see taca.pipeline);
@@ -34,7 +39,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, Type
 
 import torch
 
-_BUILTIN = ("flux", "sd3", "flux2", "qwenimage", "chroma")
+_BUILTIN = ("flux", "sd3", "flux2", "qwenimage", "chroma", "longcat", "ovis", "bria", "hidream", "zimage", "hunyuanimage")
 _REGISTRY: List[Type["Adapter"]] = []
 _loaded = False
 
@@ -49,7 +54,8 @@ class Adapter:
     transformer_classes: Tuple[str, ...] = ()
     stock_processors: FrozenSet[str] = frozenset()
     timestep: str = "sigma"
-    kwargs_name: str = "joint_attention_kwargs"
+    kwargs_name: Optional[str] = "joint_attention_kwargs"
+    timestep_arg: str = "timestep"
     current_t_pipelines: FrozenSet[str] = frozenset()
     # pipelines' _current_timestep is 1000 sigma (true for flow-matching pipelines that pass
     # t / 1000 or t): the hook may use it to undo the latents-dtype rounding of the timestep
@@ -87,6 +93,11 @@ class Adapter:
             )
 
     # --- per call ------------------------------------------------------------------------
+    def batch(self, arg: Callable[[str], Any]) -> Optional[Tuple[int, torch.device]]:
+        """(batch size, device) of one transformer call, or None when the input is missing."""
+        hs = arg("hidden_states")
+        return None if hs is None else (int(hs.shape[0]), hs.device)
+
     def call_state(self, arg: Callable[[str], Any]) -> Dict[str, Any]:
         """The attention kwargs the hook injects for one call (besides ``taca_gamma``)."""
         ehs = arg("encoder_hidden_states")
