@@ -43,6 +43,11 @@ def _op_takes_masks() -> bool:
     return "attn_mask" in inspect.signature(ops.joint_attention).parameters
 
 
+def _op_takes_spans() -> bool:
+    """Whether ``taca.joint_attention`` takes ``text_start`` and (B,) tensor spans."""
+    return "text_start" in inspect.signature(ops.joint_attention).parameters
+
+
 class TacaProcessor:
     """Base class of the TACA processors: one instance per attention module.
 
@@ -71,14 +76,32 @@ class TacaProcessor:
         text_len: Optional[int],
         gamma: Optional[torch.Tensor],
         attn_mask: Optional[torch.Tensor] = None,
+        *,
+        text_start=None,
+        scale: Optional[float] = None,
     ) -> Optional[torch.Tensor]:
         """TACA attention of q, k, v (in ``self.layout``), or None: then the caller runs its stock
-        attention call. ``text_len`` None means the call has no text (plain attention: stock)."""
+        attention call. ``text_len`` None means the call has no text (plain attention: stock).
+
+        ``text_len`` / ``text_start``: an int, or a (B,) integer tensor (per-sample text spans);
+        text keys (and text queries) of sample b are [text_start[b], text_start[b] + text_len[b]).
+        ``text_start`` None: the first (``text_first``) or last ``text_len`` tokens. Spans other
+        than those need a ``taca.joint_attention`` with ``text_start``; without one this raises
+        rather than put gamma on the wrong tokens. ``scale``: the stock processor's softmax scale
+        (default 1/sqrt(D))."""
         record = telemetry.active() and text_len is not None
         if (gamma is None and not record) or text_len is None:
             return None
         N = q.shape[1] if self.layout == "bnhd" else q.shape[2]
-        if text_len > N:
+        spans = text_start is not None or isinstance(text_len, torch.Tensor)
+        if spans and not _op_takes_spans():
+            raise NotImplementedError(
+                f"taca: {self.name}: the text tokens of this model are not the first or last text_len of the "
+                f"sequence (text_start={_short(text_start)}, text_len={_short(text_len)}), and this "
+                f"taca.joint_attention takes no text_start / per-sample spans; gamma is not applied rather than "
+                f"applied to the wrong tokens (a taca build whose joint_attention takes text_start is needed)"
+            )
+        if not isinstance(text_len, torch.Tensor) and text_len > N:
             raise ValueError(f"taca: {self.name}: taca_text_len={text_len} exceeds sequence length {N}")
         if self._parallel_config is not None:
             raise NotImplementedError(
@@ -94,10 +117,19 @@ class TacaProcessor:
                     f"taca build whose joint_attention takes attn_mask"
                 )
             extra["attn_mask"] = attn_mask
+        if spans:
+            extra["text_start"] = text_start
+            if record:
+                raise NotImplementedError(
+                    f"taca: {self.name}: telemetry events describe text as the first or last text_len tokens; "
+                    f"this model's text spans (text_start={_short(text_start)}, text_len={_short(text_len)}) "
+                    f"cannot be recorded yet"
+                )
         B = q.shape[0]
         if gamma is None:
             gamma = torch.ones(B, device=q.device, dtype=torch.float32)
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        if scale is None:
+            scale = 1.0 / math.sqrt(q.shape[-1])
         kw = dict(text_len=text_len, text_first=self.text_first, gamma=gamma, gamma_reverse=self.gamma_reverse,
                   scale=scale, layout=self.layout, backend=self.backend, **extra)
         if not record:
@@ -110,3 +142,7 @@ class TacaProcessor:
             scale=scale, attn_mask=attn_mask,
         ))
         return out
+
+
+def _short(x):
+    return x.tolist() if isinstance(x, torch.Tensor) else x

@@ -35,6 +35,9 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, Type
 import torch
 
 _BUILTIN = ("flux", "sd3", "flux2", "qwenimage", "chroma")
+_BUILTIN += (  # the models2 branch's adapters, one a line
+    "auraflow",
+)
 _REGISTRY: List[Type["Adapter"]] = []
 _loaded = False
 
