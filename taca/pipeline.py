@@ -162,6 +162,7 @@ class TacaHandle:
         self.host_copies = 0
         self.host_sigma = True
         self._host_cache: Dict[int, tuple] = {}
+        self._sched_tables: Optional[tuple] = None  # the "scheduler" timestep convention's lookup
         self._loop_codes: Dict[type, Any] = {}
         self._hook = None
         self._params = [p for p in inspect.signature(type(transformer).forward).parameters if p != "self"]
@@ -238,8 +239,38 @@ class TacaHandle:
         sigma = torch.as_tensor(ts, device=device).to(torch.float32).reshape(-1)
         if sigma.numel() == 1 and B != 1:
             sigma = sigma.expand(B)
+        if self.adapter.timestep == "scheduler":
+            return self._scheduler_sigma(sigma)
         sigma = _to_sigma(sigma, self.adapter.timestep, like)
         return _exact_sigma(sigma, current_t, like)
+
+    def _scheduler_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma of the adapter's "scheduler" convention: the transformer got the scheduler's own
+        (unshifted) timestep t (plus ``adapter.scheduler_t_offset``); sigma is the scheduler's
+        ``sigmas[i]`` where ``timesteps[i] == t`` (first match). The tables are copied to t's
+        device once per ``set_timesteps``."""
+        sch = getattr(self.pipe, "scheduler", None) if self.pipe is not None else None
+        if sch is None or getattr(sch, "timesteps", None) is None or getattr(sch, "sigmas", None) is None:
+            raise ValueError(
+                f"taca: {self.adapter.label}: the transformer's timestep is the scheduler's unshifted t, not sigma; "
+                f"TACA reads sigma from the pipeline's scheduler (sigmas[i] where timesteps[i] == t): pass the "
+                f"pipeline to taca.enable, not the bare transformer, and call the transformer from it"
+            )
+        ts, sig = sch.timesteps, sch.sigmas
+        key = (id(ts), ts._version, id(sig), sig._version, t.device)
+        if self._sched_tables is None or self._sched_tables[0] != key or self._sched_tables[1] is not ts:
+            n = ts.shape[0]
+            tab = ts.detach().to(device=t.device, dtype=torch.float32) + float(self.adapter.scheduler_t_offset)
+            self._sched_tables = (key, ts, tab, sig.detach()[:n].to(device=t.device, dtype=torch.float32))
+        _, _, tab, sg = self._sched_tables
+        hit = t[:, None] == tab[None, :]
+        if not bool(hit.any(1).all()):
+            raise ValueError(
+                f"taca: {self.adapter.label}: timestep {t.tolist()} is not one of the scheduler's timesteps "
+                f"{(tab[:8].tolist())}...; TACA reads sigma from the scheduler, so the transformer must be called "
+                f"with the pipeline's own timesteps"
+            )
+        return sg[hit.to(torch.int64).argmax(1)]
 
     def _current_t(self):
         if self.pipe is None or not self.adapter.pipeline_t_is_1000_sigma:
