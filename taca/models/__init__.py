@@ -40,6 +40,7 @@ _BUILTIN = ("flux", "sd3", "flux2", "qwenimage", "chroma")
 _BUILTIN += (  # the models2 branch's adapters, one a line
     "auraflow",
     "cogview4",
+    "glm_image",
 )
 _REGISTRY: List[Type["Adapter"]] = []
 _loaded = False
