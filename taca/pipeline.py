@@ -165,6 +165,7 @@ class TacaHandle:
         self._sched_tables: Optional[tuple] = None  # the "scheduler" timestep convention's lookup
         self._loop_codes: Dict[type, Any] = {}
         self._hook = None
+        self._post = None
         self._params = [p for p in inspect.signature(type(transformer).forward).parameters if p != "self"]
 
     def _install(self):
@@ -179,11 +180,18 @@ class TacaHandle:
                 m.set_processor(p)
         if self._hook is None:
             self._hook = self.transformer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+            if self.adapter.kwargs_name is None:
+                # no attention kwargs reach the processors: the state is set on them for one call
+                self._post = self.transformer.register_forward_hook(self._clear_state, always_call=True)
 
     def _uninstall(self):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if getattr(self, "_post", None) is not None:
+            self._post.remove()
+            self._post = None
+            self._clear_state()
         for name, m in self.modules.items():
             m.set_processor(self.previous[name])
 
@@ -220,6 +228,12 @@ class TacaHandle:
             self._gate_lora(on)
 
         key = self.adapter.kwargs_name
+        if key is None:
+            call = dict(state)
+            call["taca_gamma"] = gamma if on else None
+            for p in self.processors.values():
+                p.taca_call = call
+            return None
         jak = dict(self._arg(key, args, kwargs) or {})
         jak["taca_gamma"] = gamma if on else None
         jak.update(state)
@@ -231,6 +245,10 @@ class TacaHandle:
         kwargs = dict(kwargs)
         kwargs[key] = jak
         return args, kwargs
+
+    def _clear_state(self, *_args, **_kw):
+        for p in self.processors.values():
+            p.taca_call = None
 
     def _sigma(self, ts, B: int, device, current_t, like=None) -> torch.Tensor:
         """sigma (B,) float32 on ``device`` from the transformer's ``timestep`` and the pipeline's

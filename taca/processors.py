@@ -59,6 +59,14 @@ class TacaProcessor:
     _parallel_config = None
     text_first: bool = True
     layout: str = "bnhd"
+    # models without attention kwargs (adapter kwargs_name None): the hook's state for the current
+    # transformer call ({"taca_gamma": ..., "taca_text_len": ..., ...}), None outside a call
+    taca_call: Optional[dict] = None
+
+    def call_arg(self, name: str, default=None):
+        """One value of the hook's state for the current call (kwargs-less models)."""
+        c = self.taca_call
+        return default if c is None else c.get(name, default)
 
     def __init__(self, name: str, gamma_reverse: float = 1.0, backend: str = "auto"):
         self.name = name

@@ -16,7 +16,9 @@ An :class:`Adapter` subclass says
   "t1000" (t = 1000 sigma), "1-sigma" (reversed), "1-t1000", "scheduler" (the transformer gets
   the scheduler's unshifted timestep t, plus ``scheduler_t_offset``: sigma is the pipeline's
   ``scheduler.sigmas[i]`` where ``scheduler.timesteps[i] == t``; needs ``taca.enable(pipe)``);
-- ``kwargs_name``: the forward argument that carries attention kwargs to the processors;
+- ``kwargs_name``: the forward argument that carries attention kwargs to the processors (None:
+  the model has none; the hook then sets the call's state as ``processor.taca_call``, a dict
+  of the same keys, and a forward hook clears it after the call);
 - ``current_t_pipelines``: diffusers pipelines whose ``__call__`` sets ``self._current_timestep =
   t`` right before calling the transformer with ``timestep = t.expand(B).to(latents.dtype) /
   1000`` (then the hook may read sigma on the host without a device sync; see taca.pipeline);
@@ -41,6 +43,7 @@ _BUILTIN += (  # the models2 branch's adapters, one a line
     "auraflow",
     "cogview4",
     "glm_image",
+    "ernie_image",
 )
 _REGISTRY: List[Type["Adapter"]] = []
 _loaded = False
@@ -56,7 +59,7 @@ class Adapter:
     transformer_classes: Tuple[str, ...] = ()
     stock_processors: FrozenSet[str] = frozenset()
     timestep: str = "sigma"
-    kwargs_name: str = "joint_attention_kwargs"
+    kwargs_name: Optional[str] = "joint_attention_kwargs"
     current_t_pipelines: FrozenSet[str] = frozenset()
     # pipelines' _current_timestep is 1000 sigma (true for flow-matching pipelines that pass
     # t / 1000 or t): the hook may use it to undo the latents-dtype rounding of the timestep
