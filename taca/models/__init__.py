@@ -44,6 +44,7 @@ _BUILTIN += (  # the models2 branch's adapters, one a line
     "cogview4",
     "glm_image",
     "ernie_image",
+    "krea2",
 )
 _REGISTRY: List[Type["Adapter"]] = []
 _loaded = False
