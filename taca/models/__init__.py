@@ -45,6 +45,7 @@ _BUILTIN += (  # the models2 branch's adapters, one a line
     "glm_image",
     "ernie_image",
     "krea2",
+    "lumina2",
 )
 _REGISTRY: List[Type["Adapter"]] = []
 _loaded = False
