@@ -46,6 +46,7 @@ _BUILTIN += (  # the models2 branch's adapters, one a line
     "ernie_image",
     "krea2",
     "lumina2",
+    "cogvideox",
 )
 _REGISTRY: List[Type["Adapter"]] = []
 _loaded = False
