@@ -47,6 +47,7 @@ _BUILTIN += (  # the models2 branch's adapters, one a line
     "krea2",
     "lumina2",
     "cogvideox",
+    "hunyuan_video",
 )
 _REGISTRY: List[Type["Adapter"]] = []
 _loaded = False
