@@ -177,7 +177,7 @@ class TacaHandle:
                 # keep diffusers' per-module attention backend settings
                 p._attention_backend = getattr(old, "_attention_backend", None)
                 p._parallel_config = getattr(old, "_parallel_config", None)
-                m.set_processor(p)
+                _set_processor(m, p)
         if self._hook is None:
             self._hook = self.transformer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
             if self.adapter.kwargs_name is None:
@@ -193,7 +193,7 @@ class TacaHandle:
             self._post = None
             self._clear_state()
         for name, m in self.modules.items():
-            m.set_processor(self.previous[name])
+            _set_processor(m, self.previous[name])
 
     def _arg(self, name, args, kwargs):
         if name in kwargs:
@@ -527,6 +527,15 @@ _THIS_FILE = TacaHandle._pre_hook.__code__.co_filename
 # that wraps the hook adds its own file here.
 _HOOK_FRAME_FILES = frozenset({_THIS_FILE, _TORCH_MODULE_FILE})
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _set_processor(module, processor) -> None:
+    """``module.set_processor`` where the module has one; a plain ``processor`` attribute otherwise
+    (Mochi's ``MochiAttention`` is an nn.Module with only that attribute)."""
+    if hasattr(module, "set_processor"):
+        module.set_processor(processor)
+    else:
+        module.processor = processor
 
 
 def _div1000(x: torch.Tensor, like=None) -> torch.Tensor:

@@ -48,6 +48,7 @@ _BUILTIN += (  # the models2 branch's adapters, one a line
     "lumina2",
     "cogvideox",
     "hunyuan_video",
+    "mochi",
 )
 _REGISTRY: List[Type["Adapter"]] = []
 _loaded = False
