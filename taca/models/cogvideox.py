@@ -113,9 +113,8 @@ class CogVideoXAdapter(Adapter):
     stock_processors = frozenset({"CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0"})
     timestep = "t1000"  # DDPM t in [0, 999]: the paper's rule on the 1000-step grid, t >= 970 (see above)
     kwargs_name = "attention_kwargs"
-    pipelines = ("CogVideoXPipeline",)
-    negative_prompt = True
-    guidance_arg = "guidance_scale"
+    # taca generate writes images; the video pipelines are supported through taca.enable(pipe) only
+    pipelines = ()
     max_sequence_length = 226
 
     def processor(self, name, module):

@@ -130,9 +130,8 @@ class HunyuanVideoAdapter(Adapter):
     stock_processors = frozenset({"HunyuanVideoAttnProcessor2_0"})
     timestep = "t1000"
     kwargs_name = None  # the blocks forward no attention kwargs to the processors
-    pipelines = ("HunyuanVideoPipeline",)
-    negative_prompt = True
-    guidance_arg = "guidance_scale"
+    # taca generate writes images; the video pipelines are supported through taca.enable(pipe) only
+    pipelines = ()
     max_sequence_length = 256
 
     def joint_modules(self) -> Dict[str, torch.nn.Module]:

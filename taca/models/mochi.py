@@ -142,8 +142,8 @@ class MochiAdapter(Adapter):
     # timestep passed is a view of the scheduler's timesteps, which the hook reads on the host
     pipeline_t_is_1000_sigma = False
     kwargs_name = None  # the blocks forward no attention kwargs to the processors
-    pipelines = ("MochiPipeline",)
-    negative_prompt = True
+    # taca generate writes images; the video pipelines are supported through taca.enable(pipe) only
+    pipelines = ()
     max_sequence_length = 256
 
     def joint_modules(self):
