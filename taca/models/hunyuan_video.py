@@ -8,7 +8,9 @@ processor separately (the single-stream one concatenates it inside), so the text
 ``AttnProcessor2_0``) keeps its stock processor. The model ALWAYS passes a bool key mask
 (B, 1, 1, N): True for the video and for the first ``encoder_attention_mask[b].sum()`` text tokens of
 sample b (count based); it is kept as is, so padded text keys stay removed for every query and
-per-sample valid lengths are exact. Gamma on therefore needs ``taca.joint_attention(attn_mask=)``
+per-sample valid lengths are exact. In image-to-video the LLaVA text stream also carries the
+reference image's tokens: they are keys of the text stream and get gamma like the prompt (as Qwen-Image
+Edit's vision tokens do). Gamma on therefore needs ``taca.joint_attention(attn_mask=)``
 (the processor raises until then). RoPE is on the video only.
 
 The blocks pass no attention kwargs to the processors: the hook hands them the state
