@@ -123,7 +123,6 @@ def test_pipeline_cfg_padded_prompts_and_window(monkeypatch, hw):
     the window are the paper rule's on the real scheduler, and every call in them is the paper's
     definition (text keys [8, 17) for both samples: the padded, zeroed tokens are attended in stock,
     so they are text keys)."""
-    import numpy as np
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     pipe = _pipeline()
