@@ -105,6 +105,7 @@ def check_disable_restores(transformer, before):
     assert after.keys() == before.keys()
     assert all(after[n] is before[n] for n in before)
     assert len(transformer._forward_pre_hooks) == 0
+    assert len(transformer._forward_hooks) == 0  # adapters without attention kwargs add a clearing hook
 
 
 def window(sigmas, threshold=0.97):
