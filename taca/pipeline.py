@@ -11,7 +11,7 @@ sigma, SD3 t = 1000 sigma) and what the adapter needs of the text layout (the te
 processor takes diffusers' stock path) and the adapter's call state (``taca_text_len``) into a
 copy of the attention kwargs (``joint_attention_kwargs`` or the adapter's ``kwargs_name``; for
 models whose forward carries no attention kwargs to the processors, ``kwargs_name`` None, the
-hook sets that state on the TACA processors instead, ``TacaProcessor.call_state``).
+hook sets that state on the TACA processors instead, ``TacaProcessor.taca_call``).
 ``taca.disable`` puts back the exact previous processor objects, removes the hook and undoes the
 LoRA changes.
 
@@ -164,8 +164,10 @@ class TacaHandle:
         self.host_copies = 0
         self.host_sigma = True
         self._host_cache: Dict[int, tuple] = {}
+        self._sched_tables: Optional[tuple] = None  # the "scheduler" timestep convention's lookup
         self._loop_codes: Dict[type, Any] = {}
         self._hook = None
+        self._post = None
         self._params = [p for p in inspect.signature(type(transformer).forward).parameters if p != "self"]
 
     def _install(self):
@@ -177,16 +179,23 @@ class TacaHandle:
                 # keep diffusers' per-module attention backend settings
                 p._attention_backend = getattr(old, "_attention_backend", None)
                 p._parallel_config = getattr(old, "_parallel_config", None)
-                m.set_processor(p)
+                _set_processor(m, p)
         if self._hook is None:
             self._hook = self.transformer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+            if self.adapter.kwargs_name is None:
+                # no attention kwargs reach the processors: the state is set on them for one call
+                self._post = self.transformer.register_forward_hook(self._clear_state, always_call=True)
 
     def _uninstall(self):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if getattr(self, "_post", None) is not None:
+            self._post.remove()
+            self._post = None
+            self._clear_state()
         for name, m in self.modules.items():
-            m.set_processor(self.previous[name])
+            _set_processor(m, self.previous[name])
 
     def _arg(self, name, args, kwargs):
         if name in kwargs:
@@ -223,12 +232,18 @@ class TacaHandle:
 
         key = self.adapter.kwargs_name
         if key is None:
-            # the transformer's forward carries no attention kwargs to the processors: hand them
-            # this call's state directly (read in TacaProcessor.call_state)
-            call = {"taca_gamma": gamma if on else None, **state}
+            if getattr(module, "gradient_checkpointing", False) and torch.is_grad_enabled():
+                raise NotImplementedError(
+                    f"taca: {type(module).__name__} passes no attention kwargs to its processors, so TACA hands "
+                    f"them each call's state, which blocks recomputed by gradient checkpointing in the backward "
+                    f"pass would not see (their gradients would be stock attention's); call "
+                    f"transformer.disable_gradient_checkpointing() or run without autograd"
+                )
+            call = dict(state)
+            call["taca_gamma"] = gamma if on else None
             for p in self.processors.values():
-                p.call_state = call
-            return args, kwargs
+                p.taca_call = call
+            return None
         jak = dict(self._arg(key, args, kwargs) or {})
         jak["taca_gamma"] = gamma if on else None
         jak.update(state)
@@ -241,6 +256,10 @@ class TacaHandle:
         kwargs[key] = jak
         return args, kwargs
 
+    def _clear_state(self, *_args, **_kw):
+        for p in self.processors.values():
+            p.taca_call = None
+
     def _sigma(self, ts, B: int, device, current_t, like=None) -> torch.Tensor:
         """sigma (B,) float32 on ``device`` from the transformer's ``timestep`` and the pipeline's
         ``_current_timestep``. The host path runs this same math on host copies of both, with
@@ -248,8 +267,38 @@ class TacaHandle:
         sigma = torch.as_tensor(ts, device=device).to(torch.float32).reshape(-1)
         if sigma.numel() == 1 and B != 1:
             sigma = sigma.expand(B)
+        if self.adapter.timestep == "scheduler":
+            return self._scheduler_sigma(sigma)
         sigma = _to_sigma(sigma, self.adapter.timestep, like)
         return _exact_sigma(sigma, current_t, like)
+
+    def _scheduler_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma of the adapter's "scheduler" convention: the transformer got the scheduler's own
+        (unshifted) timestep t (plus ``adapter.scheduler_t_offset``); sigma is the scheduler's
+        ``sigmas[i]`` where ``timesteps[i] == t`` (first match). The tables are copied to t's
+        device once per ``set_timesteps``."""
+        sch = getattr(self.pipe, "scheduler", None) if self.pipe is not None else None
+        if sch is None or getattr(sch, "timesteps", None) is None or getattr(sch, "sigmas", None) is None:
+            raise ValueError(
+                f"taca: {self.adapter.label}: the transformer's timestep is the scheduler's unshifted t, not sigma; "
+                f"TACA reads sigma from the pipeline's scheduler (sigmas[i] where timesteps[i] == t): pass the "
+                f"pipeline to taca.enable, not the bare transformer, and call the transformer from it"
+            )
+        ts, sig = sch.timesteps, sch.sigmas
+        key = (id(ts), ts._version, id(sig), sig._version, t.device)
+        if self._sched_tables is None or self._sched_tables[0] != key or self._sched_tables[1] is not ts:
+            n = ts.shape[0]
+            tab = ts.detach().to(device=t.device, dtype=torch.float32) + float(self.adapter.scheduler_t_offset)
+            self._sched_tables = (key, ts, tab, sig.detach()[:n].to(device=t.device, dtype=torch.float32))
+        _, _, tab, sg = self._sched_tables
+        hit = t[:, None] == tab[None, :]
+        if not bool(hit.any(1).all()):
+            raise ValueError(
+                f"taca: {self.adapter.label}: timestep {t.tolist()} is not one of the scheduler's timesteps "
+                f"{(tab[:8].tolist())}...; TACA reads sigma from the scheduler, so the transformer must be called "
+                f"with the pipeline's own timesteps"
+            )
+        return sg[hit.to(torch.int64).argmax(1)]
 
     def _current_t(self):
         if self.pipe is None or not self.adapter.pipeline_t_is_1000_sigma:
@@ -488,6 +537,15 @@ _THIS_FILE = TacaHandle._pre_hook.__code__.co_filename
 # that wraps the hook adds its own file here.
 _HOOK_FRAME_FILES = frozenset({_THIS_FILE, _TORCH_MODULE_FILE})
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _set_processor(module, processor) -> None:
+    """``module.set_processor`` where the module has one; a plain ``processor`` attribute otherwise
+    (Mochi's ``MochiAttention`` is an nn.Module with only that attribute)."""
+    if hasattr(module, "set_processor"):
+        module.set_processor(processor)
+    else:
+        module.processor = processor
 
 
 def _div1000(x: torch.Tensor, like=None) -> torch.Tensor:

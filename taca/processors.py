@@ -20,41 +20,31 @@ pre-hook of ``taca.enable`` (what the model's adapter computes from the transfor
   ``encoder_hidden_states.shape[1]``).
 
 Models whose forward carries no attention kwargs to the processors (adapter ``kwargs_name``
-None) get the same state in :attr:`TacaProcessor.call_state`, set by the hook before every
-transformer call (with gradient checkpointing, a block recomputed in the backward pass reads
-the state of the latest transformer call: run one forward per backward there).
+None) get the same state in :attr:`TacaProcessor.taca_call` (read with :meth:`TacaProcessor.call_arg`),
+set by the hook before every transformer call and cleared by a forward hook after it. A block
+recomputed by gradient checkpointing in the backward pass would find that state gone, so the hook
+refuses such models with gradient checkpointing on while autograd records.
 
-Per-sample text spans (Z-Image): ``taca_attention(..., text_start=)`` with ``text_len`` and
-``text_start`` ints or (B,) integer tensors, passed to ``taca.joint_attention(text_start=,
-text_len=)``; with a ``taca.joint_attention`` that has no ``text_start`` the helper raises rather
-than place the text wrongly.
+Per-sample text spans (Z-Image, Lumina 2, AuraFlow's text after its registers):
+``taca_attention(..., text_start=)`` with ``text_len`` and ``text_start`` ints or (B,) integer
+tensors, passed to ``taca.joint_attention(text_start=, text_len=)``.
 
 Masks: a mask the stock processor passes to attention is passed to ``taca.joint_attention`` as
 ``attn_mask`` (bool: True = attend; float: added to the logits after scale and gamma, as SDPA adds
-it). With a ``taca.joint_attention`` that has no ``attn_mask`` the helper raises rather than drop
-the mask.
+it).
 
 The processors' parameters are named (diffusers drops kwargs that the processor's ``__call__``
 does not name) and never called ``scale`` (reserved for the LoRA scale).
 """
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Optional
 
 import torch
 
-from . import ops, telemetry
+from . import telemetry
 from .ops import joint_attention
-
-
-def _op_takes_masks() -> bool:
-    return "attn_mask" in inspect.signature(ops.joint_attention).parameters
-
-
-def _op_takes_spans() -> bool:
-    return "text_start" in inspect.signature(ops.joint_attention).parameters
 
 
 class TacaProcessor:
@@ -68,8 +58,14 @@ class TacaProcessor:
     _parallel_config = None
     text_first: bool = True
     layout: str = "bnhd"
-    # this transformer call's state, for models without attention kwargs (see the module docstring)
-    call_state: dict = {}
+    # models without attention kwargs (adapter kwargs_name None): the hook's state for the current
+    # transformer call ({"taca_gamma": ..., "taca_text_len": ..., ...}), None outside a call
+    taca_call: Optional[dict] = None
+
+    def call_arg(self, name: str, default=None):
+        """One value of the hook's state for the current call (kwargs-less models)."""
+        c = self.taca_call
+        return default if c is None else c.get(name, default)
 
     def __init__(self, name: str, gamma_reverse: float = 1.0, backend: str = "auto"):
         self.name = name
@@ -87,28 +83,23 @@ class TacaProcessor:
         text_len: Optional[int],
         gamma: Optional[torch.Tensor],
         attn_mask: Optional[torch.Tensor] = None,
+        *,
         text_start=None,
+        scale: Optional[float] = None,
     ) -> Optional[torch.Tensor]:
         """TACA attention of q, k, v (in ``self.layout``), or None: then the caller runs its stock
         attention call. ``text_len`` None means the call has no text (plain attention: stock).
-        ``text_start`` (int or (B,) tensor; ``text_len`` then may be a (B,) tensor too): the text
-        keys of sample b are [text_start[b], text_start[b] + text_len[b])."""
+
+        ``text_len`` / ``text_start``: an int, or a (B,) integer tensor (per-sample text spans);
+        text keys (and text queries) of sample b are [text_start[b], text_start[b] + text_len[b]).
+        ``text_start`` None: the first (``text_first``) or last ``text_len`` tokens. ``scale``: the
+        stock processor's softmax scale (default 1/sqrt(D))."""
         record = telemetry.active() and text_len is not None
         if (gamma is None and not record) or text_len is None:
             return None
         N = q.shape[1] if self.layout == "bnhd" else q.shape[2]
         spans = text_start is not None or isinstance(text_len, torch.Tensor)
-        if spans:
-            if not _op_takes_spans():
-                raise NotImplementedError(
-                    f"taca: {self.name}: the text of this call sits at per-sample positions (text_start="
-                    f"{text_start if not isinstance(text_start, torch.Tensor) else text_start.tolist()}) and this "
-                    f"taca.joint_attention takes no text_start, so gamma cannot be applied to the right keys; "
-                    f"use prompts of one length, or a taca build whose joint_attention takes text_start"
-                )
-            if record:
-                raise NotImplementedError(f"taca: {self.name}: telemetry does not record per-sample text spans")
-        elif text_len > N:
+        if not isinstance(text_len, torch.Tensor) and text_len > N:
             raise ValueError(f"taca: {self.name}: taca_text_len={text_len} exceeds sequence length {N}")
         if self._parallel_config is not None:
             raise NotImplementedError(
@@ -116,20 +107,20 @@ class TacaProcessor:
             )
         extra = {}
         if attn_mask is not None:
-            if not _op_takes_masks():
-                raise NotImplementedError(
-                    f"taca: {self.name}: the model passes an attention mask ({attn_mask.dtype}, shape "
-                    f"{tuple(attn_mask.shape)}) and this taca.joint_attention has no attn_mask, so gamma "
-                    f"cannot be applied without changing what the mask does; use unpadded prompts or a "
-                    f"taca build whose joint_attention takes attn_mask"
-                )
             extra["attn_mask"] = attn_mask
+        if spans:
+            extra["text_start"] = text_start
+            if record:
+                raise NotImplementedError(
+                    f"taca: {self.name}: telemetry events describe text as the first or last text_len tokens; "
+                    f"this model's text spans (text_start={_short(text_start)}, text_len={_short(text_len)}) "
+                    f"cannot be recorded yet"
+                )
         B = q.shape[0]
         if gamma is None:
             gamma = torch.ones(B, device=q.device, dtype=torch.float32)
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        if spans:
-            extra["text_start"] = text_start
+        if scale is None:
+            scale = 1.0 / math.sqrt(q.shape[-1])
         kw = dict(text_len=text_len, text_first=self.text_first, gamma=gamma, gamma_reverse=self.gamma_reverse,
                   scale=scale, layout=self.layout, backend=self.backend, **extra)
         if not record:
@@ -142,3 +133,7 @@ class TacaProcessor:
             scale=scale, attn_mask=attn_mask,
         ))
         return out
+
+
+def _short(x):
+    return x.tolist() if isinstance(x, torch.Tensor) else x

@@ -12,16 +12,12 @@
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
 
-import taca
 import taca.processors as tp
 
-MASKS_SUPPORTED = "attn_mask" in inspect.signature(taca.joint_attention).parameters
-NO_MASK_REASON = "taca.joint_attention has no attn_mask yet (the op change lands from the op branch)"
 
 
 def paper_attention(q, k, v, text_len, gamma, attn_mask=None, text_first=True):
@@ -105,6 +101,7 @@ def check_disable_restores(transformer, before):
     assert after.keys() == before.keys()
     assert all(after[n] is before[n] for n in before)
     assert len(transformer._forward_pre_hooks) == 0
+    assert len(transformer._forward_hooks) == 0  # adapters without attention kwargs add a clearing hook
 
 
 def window(sigmas, threshold=0.97):
@@ -129,3 +126,129 @@ def ranges(steps):
         if s is not None:
             start = prev = s
     return ", ".join(out)
+
+
+# --- text spans that are not the first / last text_len tokens, per-sample spans, image-only
+# queries, grouped KV heads (the models2 adapters: AuraFlow, Lumina2, Ernie-Image, ...) ---------
+
+
+
+def span_mask(B, N, start, length):
+    """(B, N) bool: True on [start[b], start[b] + length[b]) (ints or (B,) tensors)."""
+    start = torch.as_tensor(start).reshape(-1).expand(B)
+    length = torch.as_tensor(length).reshape(-1).expand(B)
+    j = torch.arange(N)[None, :]
+    return (j >= start[:, None]) & (j < (start + length)[:, None])
+
+
+def op_text_masks(kw, B, Nq, Nk):
+    """(key text (B, N_k), query text (B, N_q)) bool, as taca.joint_attention reads its span arguments."""
+    tl = kw["text_len"]
+    ts = kw.get("text_start")
+    if ts is None:
+        ts = 0 if kw.get("text_first", True) else Nk - torch.as_tensor(tl)
+    key = span_mask(B, Nk, ts, tl)
+    qs, ql = kw.get("query_text_start"), kw.get("query_text_len")
+    if qs is None and ql is None:
+        query = key.clone() if Nq == Nk else torch.zeros(B, Nq, dtype=torch.bool)
+    else:
+        if qs is None:
+            qs = 0 if kw.get("text_first", True) else Nq - torch.as_tensor(ql)
+        query = span_mask(B, Nq, qs, ql)
+    return key, query
+
+
+def paper_attention_masks(q, k, v, key_text, query_visual, gamma, attn_mask=None, scale=None, layout="bnhd"):
+    """The paper's definition with explicit token roles, materialized in float64: q (B, N_q, H, D),
+    k, v (B, N_k, H_kv, D) (layout "bnhd"; "bhnd" transposed), H_kv dividing H (query head h reads kv
+    head h // (H // H_kv)); logits ``scale q.k``, times gamma[b] where query_visual[b, i] and
+    key_text[b, j], then the mask (bool: False removed; float: added), softmax, weighted v. A row
+    with every key removed gives 0 (SDPA on CPU). Returns q's layout, float64."""
+    if layout == "bnhd":
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    q, k, v = (x.double() for x in (q, k, v))
+    B, H, Nq, D = q.shape
+    rep = H // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    logits = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    pair = (query_visual[:, :, None] & key_text[:, None, :])[:, None]
+    logits = torch.where(pair, logits * gamma.double().view(B, 1, 1, 1), logits)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        else:
+            logits = logits + attn_mask.double()
+    p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    out = torch.einsum("bhij,bhjd->bhid", p, v)
+    return out.transpose(1, 2) if layout == "bnhd" else out
+
+
+def check_spans_against_paper(calls, key_text, query_visual, gamma, masks=None, scale=None, layout="bnhd"):
+    """Every captured call put the text where ``key_text`` (B, N_k) says (and visual queries where
+    ``query_visual`` (B, N_q) says), used the stock scale and mask, and its output equals
+    :func:`paper_attention_masks` on the same q, k, v. key_text / query_visual / masks / scale:
+    one value for all calls or a list with one per call."""
+    assert calls
+    n = len(calls)
+    per = lambda x: x if isinstance(x, list) else [x] * n  # noqa: E731
+    key_text, query_visual, masks, scale = per(key_text), per(query_visual), per(masks), per(scale)
+    for i, (q, k, v, kw, out) in enumerate(calls):
+        assert kw["layout"] == layout
+        nd = 1 if layout == "bnhd" else 2
+        B, Nq, Nk = q.shape[0], q.shape[nd], k.shape[nd]
+        kt, qt = op_text_masks(kw, B, Nq, Nk)
+        assert torch.equal(kt, key_text[i]), (i, kt, key_text[i])
+        assert torch.equal(~qt, query_visual[i]), (i, qt, query_visual[i])
+        D = q.shape[-1]
+        assert kw["scale"] == (1 / math.sqrt(D) if scale[i] is None else scale[i])
+        assert torch.equal(kw["gamma"], gamma)
+        mask = masks[i]
+        if mask is None:
+            assert kw.get("attn_mask") is None
+        else:
+            got = kw["attn_mask"]
+            assert got.dtype == mask.dtype and torch.equal(got.expand_as(mask), mask)
+        expect = paper_attention_masks(q, k, v, key_text[i], query_visual[i], gamma, mask, kw["scale"], layout)
+        torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=2e-6)
+
+
+class CaptureSDPA:
+    """:class:`Capture` for processors whose stock call is ``F.scaled_dot_product_attention`` on
+    their q, k, v (any layout, the stock scale): records every ``taca.joint_attention`` call; with
+    ``shadow=True`` hands the processor that stock SDPA result instead (so later calls see the
+    stock model's q, k, v bit for bit)."""
+
+    def __init__(self, monkeypatch, shadow: bool = False):
+        import torch.nn.functional as F
+
+        self.calls = []
+        orig = tp.joint_attention
+        sdpa = F.scaled_dot_product_attention
+
+        def wrapped(q, k, v, **kw):
+            out = orig(q, k, v, **kw)
+            o = out[0] if isinstance(out, tuple) else out
+            self.calls.append((q.detach().clone(), k.detach().clone(), v.detach().clone(), dict(kw), o.detach().clone()))
+            if shadow:
+                t = (lambda x: x.transpose(1, 2)) if kw["layout"] == "bnhd" else (lambda x: x)
+                return t(sdpa(t(q), t(k), t(v), attn_mask=kw.get("attn_mask"), scale=kw["scale"]))
+            return out
+
+        monkeypatch.setattr(tp, "joint_attention", wrapped)
+
+
+class StockSDPACalls:
+    """q, k, v (as passed: (B, H, N, D)), mask and scale of every F.scaled_dot_product_attention call."""
+
+    def __init__(self, monkeypatch):
+        import torch.nn.functional as F
+
+        self.calls = []
+        orig = F.scaled_dot_product_attention
+
+        def grab(q, k, v, attn_mask=None, *a, **kw):
+            self.calls.append((q.clone(), k.clone(), v.clone(), attn_mask, kw.get("scale")))
+            return orig(q, k, v, attn_mask, *a, **kw)
+
+        monkeypatch.setattr(F, "scaled_dot_product_attention", grab)

@@ -17,7 +17,7 @@ pytest.importorskip("diffusers")
 import taca
 from taca.pipeline import get_handle
 
-from model_checks import (MASKS_SUPPORTED, NO_MASK_REASON, Capture, StockCalls, check_against_paper,
+from model_checks import (Capture, StockCalls, check_against_paper,
                           check_disable_restores, processors_of, ranges, window)
 
 TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
@@ -117,7 +117,6 @@ def test_fibo_joint_calls_are_the_paper_definition(monkeypatch, B, L, hw, n_ref)
     check_against_paper(cap.calls, L, torch.full((B,), 1.3))
 
 
-@pytest.mark.skipif(not MASKS_SUPPORTED, reason=NO_MASK_REASON)
 @pytest.mark.parametrize("hw,n_ref", [((4, 5), 0), ((3, 3), 6)])
 def test_fibo_padded_cfg_batch_keeps_the_stock_mask(monkeypatch, hw, n_ref):
     """BriaFiboPipeline's CFG batch: [negative (4 valid tokens), positive (7)] padded to 7, the
@@ -140,15 +139,6 @@ def test_fibo_padded_cfg_batch_keeps_the_stock_mask(monkeypatch, hw, n_ref):
     check_against_paper(cap.calls, 7, torch.full((2,), 1.3), [mask] * N_CALLS)
 
 
-@pytest.mark.skipif(MASKS_SUPPORTED, reason="taca.joint_attention takes attn_mask: the mask is applied")
-def test_fibo_mask_is_refused_not_dropped():
-    t = _fibo()
-    with taca.enabled(t, gamma=1.3), torch.no_grad():
-        with pytest.raises(NotImplementedError, match=r"transformer_blocks.0.attn: the model passes an attention "
-                                                      r"mask \(torch.bool, shape \(2, 1, 1, 27\)\)"):
-            t(**_inputs(2, 7, (4, 5), fibo=True, valid=[4, 7]))
-
-
 @pytest.mark.parametrize("fibo,valid", [(False, None), (True, None), (True, [4, 7])])
 @pytest.mark.parametrize("hw", [(4, 5), (6, 3)])
 def test_outside_window_and_gamma_one_are_stock(fibo, valid, hw):
@@ -162,8 +152,7 @@ def test_outside_window_and_gamma_one_are_stock(fibo, valid, hw):
         assert {type(p).__name__ for p in h.processors.values()} == {"TacaFluxLikeProcessor"}
         assert len(h.processors) == N_CALLS
         assert torch.equal(t(**inp(0.5))[0], ref_out) and h.last_gamma is None
-        if valid is None or MASKS_SUPPORTED:
-            assert not torch.equal(t(**inp(0.98))[0], ref_in)
+        assert not torch.equal(t(**inp(0.98))[0], ref_in)
         taca.enable(t, gamma=1.0, schedule="constant")
         assert torch.equal(t(**inp(0.98))[0], ref_in)
         taca.disable(t)

@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 import taca
 from taca.pipeline import get_handle
 
-from model_checks import (MASKS_SUPPORTED, NO_MASK_REASON, Capture, StockCalls, check_against_paper,
+from model_checks import (Capture, StockCalls, check_against_paper,
                           check_disable_restores, processors_of, ranges, window)
 
 TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
@@ -82,19 +82,9 @@ def test_joint_calls_are_the_paper_definition_without_mask(monkeypatch, B, L, hw
     _check_model(monkeypatch, B, L, hw)
 
 
-@pytest.mark.skipif(not MASKS_SUPPORTED, reason=NO_MASK_REASON)
 @pytest.mark.parametrize("B,L,hw,valid", [(2, 9, (3, 4), [4, 8]), (1, 6, (4, 5), [2])])
 def test_additive_mask_is_added_after_gamma(monkeypatch, B, L, hw, valid):
     _check_model(monkeypatch, B, L, hw, valid)
-
-
-@pytest.mark.skipif(MASKS_SUPPORTED, reason="taca.joint_attention takes attn_mask: the mask is applied")
-def test_mask_is_refused_not_dropped():
-    t = _transformer()
-    with taca.enabled(t, gamma=1.3), torch.no_grad():
-        with pytest.raises(NotImplementedError, match=r"transformer_blocks.0.attn: the model passes an attention "
-                                                      r"mask \(torch.float32, shape \(2, 1, 19, 19\)\)"):
-            t(**_inputs(2, 7, (3, 4), valid=[3, 6]))
 
 
 @pytest.mark.parametrize("valid", [None, [3, 6]])
@@ -137,7 +127,6 @@ def test_pipeline_gamma_one_is_stock():
         assert torch.equal(pipe(generator=torch.Generator().manual_seed(1), **kw).images, stock)
 
 
-@pytest.mark.skipif(not MASKS_SUPPORTED, reason=NO_MASK_REASON)
 @pytest.mark.parametrize("hw", [(64, 48), (48, 96)])
 def test_pipeline_cfg_unequal_prompts_and_window(monkeypatch, hw):
     """ChromaPipeline with CFG (9-token prompt with 5 valid, 4-token negative with 1 valid): the

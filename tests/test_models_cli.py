@@ -12,7 +12,6 @@ import torch
 from taca import cli
 from test_cli import _run
 
-from model_checks import MASKS_SUPPORTED
 
 
 @pytest.mark.parametrize("cls,family", [
@@ -51,8 +50,9 @@ def test_family_rules():
     for family in ("flux2", "flux", "flux-schnell"):
         with pytest.raises(cli.UsageError, match=r"--negative-prompt: only SD3, SD3.5; Qwen-Image, Qwen-Image-Edit; "
                                                  r"Chroma; LongCat-Image, LongCat-Image-Edit; Ovis-Image; Bria 3.2; "
-                                                 r"Bria FIBO, FIBO Edit; HiDream-I1; Z-Image; HunyuanImage 2.1 "
-                                                 r"pipelines take a negative prompt here"):
+                                                 r"Bria FIBO, FIBO Edit; HiDream-I1; Z-Image; HunyuanImage 2.1; AuraFlow; "
+                                                 r"CogView4; ERNIE-Image; Krea 2; Lumina-Image 2.0 pipelines take a "
+                                                 r"negative prompt here"):
             cli._check_family_args(_Args(None, "blurry"), family)
 
 
@@ -103,8 +103,6 @@ def test_generate_chroma_at_gamma_one(chroma_folder, tmp_path, capsys, one_threa
     assert (a[:, :16] == a[:, 16:]).all()
 
 
-@pytest.mark.skipif(not MASKS_SUPPORTED, reason="Chroma's pipeline always passes its additive mask: needs "
-                                                "taca.joint_attention(attn_mask=)")
 def test_generate_chroma_with_gamma(chroma_folder, tmp_path, capsys, one_thread):
     rc, _, err = _run(_argv(chroma_folder, tmp_path / "g.png", "--gamma", "1.5", "--schedule", "constant"), capsys)
     assert rc == 0, err

@@ -15,7 +15,7 @@ pytest.importorskip("diffusers")
 import taca
 from taca.pipeline import get_handle
 
-from model_checks import Capture, check_against_paper, check_disable_restores, paper_attention, processors_of, ranges, window
+from model_checks import Capture, check_disable_restores, paper_attention, processors_of, ranges, window
 
 N_DOUBLE, N_SINGLE = 2, 2
 TINY = dict(patch_size=2, in_channels=4, out_channels=4, num_layers=N_DOUBLE, num_single_layers=N_SINGLE,

@@ -15,7 +15,7 @@ pytest.importorskip("diffusers")
 import taca
 from taca.pipeline import get_handle
 
-from model_checks import (MASKS_SUPPORTED, NO_MASK_REASON, Capture, StockCalls, check_disable_restores,
+from model_checks import (Capture, StockCalls, check_disable_restores,
                           paper_attention, processors_of, ranges, window)
 
 N_DOUBLE, N_SINGLE = 2, 2
@@ -60,7 +60,6 @@ def _stock_mask(B, L, hw, valid, glyph=None):
     (1, 5, (4, 5), [5], None),
     (2, 6, (2, 6), [6, 3], (4, [4, 1])),  # with byT5 glyph tokens (per sample [valid byT5, valid MLLM, invalid ...])
 ])
-@pytest.mark.skipif(not MASKS_SUPPORTED, reason=NO_MASK_REASON)
 def test_joint_calls_are_the_paper_definition(monkeypatch, B, L, hw, valid, glyph):
     import diffusers.models.transformers.transformer_hunyuanimage as th
 
@@ -88,17 +87,6 @@ def test_joint_calls_are_the_paper_definition(monkeypatch, B, L, hw, valid, glyp
                                    rtol=1e-5, atol=2e-6)
 
 
-@pytest.mark.skipif(MASKS_SUPPORTED, reason="taca.joint_attention takes attn_mask: the mask is applied")
-def test_mask_is_refused_not_dropped():
-    """The model always passes its key mask (even when no prompt is padded): gamma on raises until
-    the op takes it."""
-    t = _transformer()
-    with taca.enabled(t, gamma=1.3), torch.no_grad():
-        with pytest.raises(NotImplementedError, match=r"transformer_blocks.0.attn: the model passes an attention "
-                                                      r"mask \(torch.bool, shape \(2, 1, 1, 19\)\)"):
-            t(**_inputs(2, 7, (3, 4), [7, 7]))
-
-
 @pytest.mark.parametrize("valid,glyph", [([7, 4], None), ([7, 7], None), ([6, 3], (4, [4, 1]))])
 @pytest.mark.parametrize("hw", [(3, 4), (5, 2)])
 def test_outside_window_and_gamma_one_are_stock(valid, glyph, hw):
@@ -113,8 +101,7 @@ def test_outside_window_and_gamma_one_are_stock(valid, glyph, hw):
         assert sorted(h.processors) == sorted([f"transformer_blocks.{i}.attn" for i in range(N_DOUBLE)] +
                                               [f"single_transformer_blocks.{i}.attn" for i in range(N_SINGLE)])
         assert torch.equal(t(**_inputs(2, L, hw, valid, t=500.0, glyph=glyph))[0], ref_out) and h.last_gamma is None
-        if MASKS_SUPPORTED:
-            assert not torch.equal(t(**_inputs(2, L, hw, valid, t=980.0, glyph=glyph))[0], ref_in)
+        assert not torch.equal(t(**_inputs(2, L, hw, valid, t=980.0, glyph=glyph))[0], ref_in)
         taca.enable(t, gamma=1.0, schedule="constant")
         assert torch.equal(t(**_inputs(2, L, hw, valid, t=980.0, glyph=glyph))[0], ref_in)
         taca.disable(t)
@@ -158,7 +145,6 @@ def test_pipeline_gamma_one_is_stock():
         assert torch.equal(pipe(generator=torch.Generator().manual_seed(1), **kw).images, stock)
 
 
-@pytest.mark.skipif(not MASKS_SUPPORTED, reason=NO_MASK_REASON)
 @pytest.mark.parametrize("hw", [(32, 48), (48, 24)])
 def test_pipeline_cfg_unequal_prompts_and_window(monkeypatch, hw):
     """HunyuanImagePipeline with classifier-free guidance (cond and uncond forwards, text of 10 and

@@ -15,7 +15,7 @@ pytest.importorskip("diffusers")
 import taca
 from taca.pipeline import get_handle
 
-from model_checks import (MASKS_SUPPORTED, NO_MASK_REASON, Capture, StockCalls, check_against_paper,
+from model_checks import (Capture, StockCalls, check_against_paper,
                           check_disable_restores, processors_of, ranges, window)
 
 TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
@@ -83,20 +83,10 @@ def test_joint_calls_are_the_paper_definition(monkeypatch, B, L, shapes):
     _check_model(monkeypatch, B, L, shapes)
 
 
-@pytest.mark.skipif(not MASKS_SUPPORTED, reason=NO_MASK_REASON)
 @pytest.mark.parametrize("shapes", [[(1, 4, 5)], [(1, 4, 5), (1, 2, 3)]])
 def test_padded_prompts_keep_the_stock_mask(monkeypatch, shapes):
     """Padded text keys stay masked for every query; gamma scales the unpadded ones."""
     _check_model(monkeypatch, 2, 9, shapes, valid=[9, 6])
-
-
-@pytest.mark.skipif(MASKS_SUPPORTED, reason="taca.joint_attention takes attn_mask: the mask is applied")
-def test_padded_prompts_are_refused_not_dropped():
-    t = _transformer()
-    with taca.enabled(t, gamma=1.3), torch.no_grad():
-        with pytest.raises(NotImplementedError, match=r"transformer_blocks.0.attn: the model passes an attention "
-                                                      r"mask \(torch.bool, shape \(2, 1, 1, 29\)\)"):
-            t(**_inputs(2, 9, [(1, 4, 5)], valid=[9, 6]))
 
 
 @pytest.mark.parametrize("valid", [None, [9, 6]])

@@ -4,7 +4,6 @@ adapter, on tiny random-weight models: every main-layer attention call inside th
 paper's definition on the stock q, k, v with each sample's own text span (the caption block, its
 pad tokens included) and the stock key mask, outside it and at gamma = 1 the model is stock bit
 for bit; ZImagePipeline with batched CFG (prompts of 7 and 4 tokens) at two resolutions."""
-import inspect
 import math
 import os
 
@@ -18,11 +17,9 @@ pytest.importorskip("diffusers")
 import taca
 from taca.pipeline import get_handle
 
-from model_checks import (MASKS_SUPPORTED, NO_MASK_REASON, Capture, StockCalls, check_disable_restores,
+from model_checks import (Capture, StockCalls, check_disable_restores,
                           paper_attention, processors_of, ranges, window)
 
-SPANS_SUPPORTED = "text_start" in inspect.signature(taca.joint_attention).parameters and MASKS_SUPPORTED
-NO_SPANS_REASON = "taca.joint_attention has no text_start / attn_mask yet (the op change lands from the op branch)"
 
 N_LAYERS = 2
 TINY = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=64, n_layers=N_LAYERS,
@@ -114,23 +111,12 @@ def test_joint_calls_are_the_paper_definition(monkeypatch, hws, caps):
     _check(monkeypatch, hws, caps)
 
 
-@pytest.mark.skipif(not SPANS_SUPPORTED, reason=NO_SPANS_REASON)
 @pytest.mark.parametrize("hws,caps", [
     ([(8, 8), (8, 8)], [5, 40]),  # CFG batch [prompt, negative] of unequal padded lengths: 32 vs 64
     ([(8, 8), (16, 12)], [7, 7]),  # images of different sizes: the captions start at 32 and 64
 ])
 def test_per_sample_spans_and_stock_mask(monkeypatch, hws, caps):
     _check(monkeypatch, hws, caps)
-
-
-@pytest.mark.skipif(SPANS_SUPPORTED, reason="taca.joint_attention takes text_start and attn_mask")
-def test_per_sample_spans_are_refused_not_misplaced():
-    t = _transformer()
-    with taca.enabled(t, gamma=1.3), torch.no_grad():
-        with pytest.raises(NotImplementedError, match=r"layers.0.attention: (the text of this call sits at per-sample "
-                                                      r"positions \(text_start=\[32, 32\]\)|the model passes an "
-                                                      r"attention mask)"):
-            t(**_inputs([(8, 8), (8, 8)], [5, 40]))
 
 
 def test_omni_mode_is_refused():

@@ -13,11 +13,14 @@ An :class:`Adapter` subclass says
   transformer call (default: ``taca_text_len`` = ``encoder_hidden_states.shape[1]``), read from
   the transformer's forward arguments (``arg(name)``);
 - ``timestep``: how the transformer's ``timestep`` maps to sigma: "sigma" (sigma itself),
-  "t1000" (t = 1000 sigma), "1-sigma" (reversed), "1-t1000";
+  "t1000" (t = 1000 sigma), "1-sigma" (reversed), "1-t1000", "scheduler" (the transformer gets
+  the scheduler's unshifted timestep t, plus ``scheduler_t_offset``: sigma is the pipeline's
+  ``scheduler.sigmas[i]`` where ``scheduler.timesteps[i] == t``; needs ``taca.enable(pipe)``);
 - ``kwargs_name``: the forward argument that carries attention kwargs to the processors; None
   when the model's forward has none that reaches them (LongCat-Image, Bria, HiDream, Z-Image,
-  HunyuanImage): then the hook sets the call state on the TACA processors
-  (``TacaProcessor.call_state``) before every transformer call;
+  HunyuanImage, ERNIE-Image, Krea 2, Lumina 2, HunyuanVideo, Mochi): then the hook sets the
+  call's state as ``processor.taca_call`` (a dict of the same keys) and a forward hook clears it
+  after the call;
 - ``timestep_arg``: the forward argument holding the timestep ("timestep"; HiDream "timesteps",
   Z-Image "t"); ``batch(arg)``: (batch size, device) of one call, from ``hidden_states`` by default;
 - ``current_t_pipelines``: diffusers pipelines whose ``__call__`` sets ``self._current_timestep =
@@ -39,11 +42,16 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, Type
 
 import torch
 
-_BUILTIN = ("flux", "sd3", "flux2", "qwenimage", "chroma", "longcat", "ovis", "bria", "hidream", "zimage", "hunyuanimage")
+_BUILTIN = (
+    "flux", "sd3", "flux2", "qwenimage", "chroma",
+    "longcat", "ovis", "bria", "hidream", "zimage", "hunyuanimage",
+    "auraflow", "cogview4", "glm_image", "ernie_image", "krea2", "lumina2",
+    "cogvideox", "hunyuan_video", "mochi",
+)
 _REGISTRY: List[Type["Adapter"]] = []
 _loaded = False
 
-TIMESTEP_CONVENTIONS = ("sigma", "t1000", "1-sigma", "1-t1000")
+TIMESTEP_CONVENTIONS = ("sigma", "t1000", "1-sigma", "1-t1000", "scheduler")
 
 
 class Adapter:
@@ -60,6 +68,8 @@ class Adapter:
     # pipelines' _current_timestep is 1000 sigma (true for flow-matching pipelines that pass
     # t / 1000 or t): the hook may use it to undo the latents-dtype rounding of the timestep
     pipeline_t_is_1000_sigma: bool = True
+    # timestep "scheduler": the transformer gets scheduler.timesteps[i] + this (GLM-Image: -1)
+    scheduler_t_offset: float = 0.0
     pipelines: Tuple[str, ...] = ()
     negative_prompt: bool = False
     guidance_arg: str = "guidance_scale"
@@ -164,7 +174,10 @@ def supported() -> str:
     return ", ".join(a.label or ", ".join(a.transformer_classes) for a in adapters())
 
 
-def sigma_of(timestep: float, convention: str) -> float:
-    """sigma (a Python float) of one transformer ``timestep`` value under ``convention``."""
+def sigma_of(timestep: float, convention: str) -> Optional[float]:
+    """sigma (a Python float) of one transformer ``timestep`` value under ``convention`` (None for
+    "scheduler": the value alone does not tell)."""
     x = float(timestep)
+    if convention == "scheduler":
+        return None  # only the pipeline's scheduler knows (taca.pipeline reads it there)
     return {"sigma": x, "t1000": x / 1000.0, "1-sigma": 1.0 - x, "1-t1000": 1.0 - x / 1000.0}[convention]

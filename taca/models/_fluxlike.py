@@ -25,7 +25,7 @@ class TacaFluxLikeProcessor(TacaProcessor):
     stock processor calls ``.contiguous()`` on the attention output before ``to_out`` /
     ``to_add_out`` (FIBO's double-stream one); ``from_state``: the model's forward carries no
     attention kwargs to the processors, so ``taca_gamma`` / ``taca_text_len`` come from
-    :attr:`call_state`. Double-stream modules (``encoder_hidden_states`` given) return
+    :meth:`call_arg`. Double-stream modules (``encoder_hidden_states`` given) return
     ``(img, txt)``; single-stream ones get the joint sequence and return it.
     """
 
@@ -51,8 +51,8 @@ class TacaFluxLikeProcessor(TacaProcessor):
     ):
         mod = self._mod
         if self.from_state:
-            taca_gamma = self.call_state.get("taca_gamma")
-            taca_text_len = self.call_state.get("taca_text_len")
+            taca_gamma = self.call_arg("taca_gamma")
+            taca_text_len = self.call_arg("taca_text_len")
         query, key, value, encoder_query, encoder_key, encoder_value = mod._get_qkv_projections(
             attn, hidden_states, encoder_hidden_states
         )

@@ -27,7 +27,7 @@ from . import Adapter, register
 class TacaHiDreamAttnProcessor(TacaProcessor):
     """TACA for ``HiDreamAttention``: ``HiDreamAttnProcessor`` op for op (QK RMSNorm over the whole
     inner dim, the padded-key multiply, HiDream's RoPE), gamma on (image query, text key) logits;
-    ``taca_gamma`` / ``taca_text_len`` from :attr:`call_state`."""
+    ``taca_gamma`` / ``taca_text_len`` from :meth:`call_arg`."""
 
     text_first = False
     layout = "bnhd"
@@ -88,8 +88,8 @@ class TacaHiDreamAttnProcessor(TacaProcessor):
             query = torch.cat([query_1, query_2], dim=-1)
             key = torch.cat([key_1, key_2], dim=-1)
 
-        text_len = num_text_tokens if not attn.single else self.call_state.get("taca_text_len")
-        out = self.taca_attention(query, key, value, text_len, self.call_state.get("taca_gamma"))
+        text_len = num_text_tokens if not attn.single else self.call_arg("taca_text_len")
+        out = self.taca_attention(query, key, value, text_len, self.call_arg("taca_gamma"))
         if out is None:
             hidden_states = F.scaled_dot_product_attention(
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), dropout_p=0.0, is_causal=False

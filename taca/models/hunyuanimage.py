@@ -25,7 +25,7 @@ from . import Adapter, attention_modules, register
 
 class TacaHunyuanImageAttnProcessor(TacaProcessor):
     """TACA for HunyuanImage's joint attention: ``HunyuanImageAttnProcessor`` op for op; returns
-    ``(img, txt)``; gamma from :attr:`call_state`."""
+    ``(img, txt)``; gamma from :meth:`call_arg`."""
 
     text_first = False
     layout = "bnhd"
@@ -96,7 +96,7 @@ class TacaHunyuanImageAttnProcessor(TacaProcessor):
             value = torch.cat([value, encoder_value], dim=1)
 
         text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else None
-        out = self.taca_attention(query, key, value, text_len, self.call_state.get("taca_gamma"), attention_mask)
+        out = self.taca_attention(query, key, value, text_len, self.call_arg("taca_gamma"), attention_mask)
         if out is None:
             out = dispatch_attention_fn(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,

@@ -40,7 +40,7 @@ def _round_up(n: int, m: int) -> int:
 
 class TacaZSingleStreamAttnProcessor(TacaProcessor):
     """TACA for Z-Image's main layers: ``ZSingleStreamAttnProcessor`` op for op (QK RMSNorm,
-    complex RoPE, the (B, L) key mask made (B, 1, 1, L)); spans from :attr:`call_state`."""
+    complex RoPE, the (B, L) key mask made (B, 1, 1, L)); spans from :attr:`taca_call`."""
 
     text_first = False
     layout = "bnhd"
@@ -85,7 +85,7 @@ class TacaZSingleStreamAttnProcessor(TacaProcessor):
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
 
-        state = self.call_state
+        state = self.taca_call or {}
         if "taca_seq_len" in state and query.shape[1] != state["taca_seq_len"]:
             raise RuntimeError(
                 f"taca: {self.name}: the joint sequence has {query.shape[1]} tokens where the inputs' image and "
