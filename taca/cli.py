@@ -429,6 +429,9 @@ def _check_family_args(args, family: Optional[str]) -> None:
         limit = max([*MAX_SEQUENCE_LENGTH.values(), *(a.max_sequence_length for a in models.adapters())])
         what, unit = "the supported pipelines", "text tokens"
     n = args.max_sequence_length
+    if n is not None and adapter is not None and not adapter.takes_max_sequence_length:
+        raise UsageError("--max-sequence-length", f"{what} set the prompt length themselves and take no "
+                                                  f"max_sequence_length; leave it out")
     if n is not None and n > limit:
         raise UsageError("--max-sequence-length", f"{what} take at most {limit} {unit}, got {n}")
     if args.negative_prompt is not None and family is not None and not (adapter is not None and adapter.negative_prompt):
@@ -574,6 +577,17 @@ def cmd_generate(args) -> int:
             call[k] = getattr(args, k)
     if args.negative_prompt is not None:
         call["negative_prompt"] = args.negative_prompt
+
+    import inspect
+
+    params = inspect.signature(pipe.__call__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        flags = {"num_inference_steps": "--steps", "max_sequence_length": "--max-sequence-length",
+                 "negative_prompt": "--negative-prompt", "height": "--height", "width": "--width"}
+        for k in call:
+            if k not in params:  # caught before any image is made
+                err(str(UsageError(flags.get(k, "--guidance"), f"{type(pipe).__name__} takes no {k}")))
+                return 2
 
     import taca
 

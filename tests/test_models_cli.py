@@ -47,6 +47,27 @@ def test_family_rules():
         cli._check_family_args(_Args(1025), "qwenimage")
     with pytest.raises(cli.UsageError, match="FLUX.2 dev, klein pipelines take at most 512 text tokens, got 513"):
         cli._check_family_args(_Args(513), "flux2")
+    for family in ("longcat", "hunyuanimage", "ernie_image"):  # their __call__ has no max_sequence_length
+        cli._check_family_args(_Args(None, "blurry"), family)
+        with pytest.raises(cli.UsageError, match="--max-sequence-length: .* take no max_sequence_length"):
+            cli._check_family_args(_Args(64), family)
+
+
+def test_every_family_flag_matches_its_pipelines():
+    """What the adapters say the CLI may pass is what the pipelines' __call__ takes (diffusers as installed)."""
+    import inspect
+
+    import diffusers
+
+    from taca import models
+
+    for a in models.adapters():
+        for name in a.pipelines:
+            params = inspect.signature(getattr(diffusers, name).__call__).parameters
+            assert ("max_sequence_length" in params) == a.takes_max_sequence_length, name
+            assert a.guidance_arg in params, name
+            if a.negative_prompt:
+                assert "negative_prompt" in params, name
     for family in ("flux2", "flux", "flux-schnell"):
         with pytest.raises(cli.UsageError, match=r"--negative-prompt: only SD3, SD3.5; Qwen-Image, Qwen-Image-Edit; "
                                                  r"Chroma; LongCat-Image, LongCat-Image-Edit; Ovis-Image; Bria 3.2; "

@@ -74,6 +74,9 @@ class Adapter:
     negative_prompt: bool = False
     guidance_arg: str = "guidance_scale"
     max_sequence_length: int = 512
+    # the pipelines' __call__ takes max_sequence_length (LongCat-Image, HunyuanImage and ERNIE-Image
+    # fix the prompt length themselves)
+    takes_max_sequence_length: bool = True
 
     def __init__(self, transformer: torch.nn.Module):
         self.transformer = transformer

@@ -92,6 +92,7 @@ class ErnieImageAdapter(Adapter):
     timestep = "t1000"
     kwargs_name = None  # the model forwards no attention kwargs
     pipelines = ("ErnieImagePipeline",)
+    takes_max_sequence_length = False  # its __call__ has no max_sequence_length
     negative_prompt = True
 
     def processor(self, name, module):

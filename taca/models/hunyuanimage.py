@@ -131,6 +131,7 @@ class HunyuanImageAdapter(Adapter):
     # so sigma = t / 1000 as for the FLUX-style pipelines)
     current_t_pipelines = frozenset({"HunyuanImagePipeline", "HunyuanImageRefinerPipeline"})
     pipelines = ("HunyuanImagePipeline",)
+    takes_max_sequence_length = False  # its __call__ has no max_sequence_length
     negative_prompt = True
     # the CFG scale lives in the pipeline's guider; the call takes only the distilled checkpoints' guidance
     guidance_arg = "distilled_guidance_scale"

@@ -28,6 +28,7 @@ class LongCatImageAdapter(Adapter):
     # diffusers 0.42.1: _current_timestep = t, then timestep = t.expand(B).to(latents.dtype), passed / 1000
     current_t_pipelines = frozenset({"LongCatImagePipeline", "LongCatImageEditPipeline"})
     pipelines = ("LongCatImagePipeline",)
+    takes_max_sequence_length = False  # its __call__ has no max_sequence_length
     negative_prompt = True
     max_sequence_length = 512
 
