@@ -1,12 +1,12 @@
-"""The TACA processor of diffusers' FLUX.1 clones (LongCat-Image, Ovis-Image, Bria, Bria FIBO).
+"""The TACA processor of FLUX.1's ``FluxAttnProcessor`` and of its clones (LongCat-Image, Ovis-Image, Bria,
+Bria FIBO).
 
 Each of these model files carries its own copy of ``FluxAttnProcessor`` (``LongCatImageAttnProcessor``,
 ``OvisImageAttnProcessor``, ``BriaAttnProcessor``, ``BriaFiboAttnProcessor``) with its own
-``_get_qkv_projections``. They differ from FLUX's in small ways that change bits (heads unflattened as
-``(heads, -1)``; FIBO's double-stream processor makes the attention output contiguous before the
-output projections, the others do not), so :class:`TacaFluxLikeProcessor` runs the stock
-processor's own steps op for op, with that model file's ``_get_qkv_projections``,
-``apply_rotary_emb`` and ``dispatch_attention_fn``.
+``_get_qkv_projections``. One difference can change bits: FLUX.1's and FIBO's double-stream
+processors make the attention output contiguous before the output projections, the others do not
+(``contiguous_out``). :class:`TacaFluxLikeProcessor` runs the stock processor's own steps op for op,
+with that model file's ``_get_qkv_projections``, ``apply_rotary_emb`` and ``dispatch_attention_fn``.
 """
 from __future__ import annotations
 
@@ -79,9 +79,11 @@ class TacaFluxLikeProcessor(TacaProcessor):
         text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else taca_text_len
         hidden_states = self.taca_attention(query, key, value, text_len, taca_gamma, attention_mask)
         if hidden_states is None:
+            # parallel_config only where set: dispatch_attention_fn has it since diffusers 0.36 (FLUX.1's
+            # processor is supported from 0.35)
+            extra = {} if self._parallel_config is None else {"parallel_config": self._parallel_config}
             hidden_states = mod.dispatch_attention_fn(
-                query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
-                parallel_config=self._parallel_config,
+                query, key, value, attn_mask=attention_mask, backend=self._attention_backend, **extra
             )
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
