@@ -6,8 +6,7 @@ block is the batch's padded text ``text_bth`` (Tmax = its length); sample b's va
 ``text_lens[b]`` tokens, and the model ALWAYS passes a bool key mask (B, 1, 1, N_img + Tmax) that
 removes the padded ones (True = attend). TACA scales image queries on the last Tmax keys and keeps
 that mask as is, so a padded key stays removed and a valid one gets gamma: per-sample valid lengths
-(CFG's negative and positive prompts in one batch) come out exactly. Because the mask is always
-passed, gamma on needs ``taca.joint_attention(attn_mask=)`` (the processor raises until then).
+(CFG's negative and positive prompts in one batch) come out exactly (``taca.joint_attention(attn_mask=)``).
 
 The model takes no attention kwargs: the hook hands each call's state to the processors
 (``kwargs_name = None``). The transformer takes the raw scheduler t (sigma = t / 1000; the pipeline

@@ -7,7 +7,7 @@ part only); both pass the text separately, so every processor knows the text len
 (``encoder_hidden_states.shape[1]``). The text block is the token-refined Qwen2.5-VL text (and,
 with the glyph encoder, per sample [valid byT5, valid MLLM, invalid byT5, invalid MLLM]); the
 model ALWAYS passes a bool key mask (B, 1, 1, N_img + L_txt), True for image keys and valid text
-keys: it stays as stock with TACA on (so gamma on needs ``taca.joint_attention(attn_mask=)``).
+keys: it stays as stock with TACA on (``taca.joint_attention(attn_mask=)``).
 The token refiner (``context_embedder``: text-only self-attention, ``AttnProcessor2_0``) stays
 stock. The transformer's ``attention_kwargs`` carry only the LoRA scale, so the hook hands the
 processors gamma directly. It takes the scheduler's raw t in [0, 1000] (sigma = t / 1000); the

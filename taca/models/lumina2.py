@@ -8,9 +8,8 @@ sequence is ``[valid caption (cap_len[b]), img]``, right-padded to the batch's l
 ``encoder_attention_mask[b].sum()`` caption tokens are copied in), so sample b's text keys are
 ``[0, cap_len[b])``. When the lengths differ within the batch the model passes a bool key mask
 (B, 1, 1, N) removing each sample's tail padding; it is kept as is. With one length for the
-whole batch text_len is an int (the current op takes it); with different lengths it is a (B,)
-tensor, which needs ``taca.joint_attention`` with per-sample spans (the processor raises until
-then, rather than put gamma on the wrong keys).
+whole batch text_len is an int; with different lengths it is a (B,) tensor (per-sample spans of
+``taca.joint_attention``).
 
 Grouped-query attention (24 q / 8 kv heads in the checkpoint): the stock processor repeats K and V to
 the query heads before SDPA, and so does TACA (exact). The softmax scale is the stock one
