@@ -25,6 +25,9 @@ set by the hook before every transformer call and cleared by a forward hook afte
 recomputed by gradient checkpointing in the backward pass would find that state gone, so the hook
 refuses such models with gradient checkpointing on while autograd records.
 
+Image-only queries (PRX, NucleusMoE: N_q != N_k): ``text_len`` / ``text_start`` give the text KEYS,
+and no query is text (``taca.joint_attention``'s default when N_q != N_k).
+
 Per-sample text spans (Z-Image, Lumina 2, AuraFlow's text after its registers):
 ``taca_attention(..., text_start=)`` with ``text_len`` and ``text_start`` ints or (B,) integer
 tensors, passed to ``taca.joint_attention(text_start=, text_len=)``.
@@ -97,10 +100,17 @@ class TacaProcessor:
         record = telemetry.active() and text_len is not None
         if (gamma is None and not record) or text_len is None:
             return None
-        N = q.shape[1] if self.layout == "bnhd" else q.shape[2]
+        # text keys lie in the KEY sequence (image-only queries, PRX / NucleusMoE: N_q != N_k)
+        N = k.shape[1] if self.layout == "bnhd" else k.shape[2]
+        N_q = q.shape[1] if self.layout == "bnhd" else q.shape[2]
         spans = text_start is not None or isinstance(text_len, torch.Tensor)
         if not isinstance(text_len, torch.Tensor) and text_len > N:
             raise ValueError(f"taca: {self.name}: taca_text_len={text_len} exceeds sequence length {N}")
+        if record and N_q != N:
+            raise NotImplementedError(
+                f"taca: {self.name}: telemetry events describe one token sequence for queries and keys; this "
+                f"model's queries are the image tokens only ({N_q} queries, {N} keys) and cannot be recorded yet"
+            )
         if self._parallel_config is not None:
             raise NotImplementedError(
                 f"taca: {self.name}: context parallelism is not supported while gamma is on"

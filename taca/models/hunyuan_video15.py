@@ -1,0 +1,142 @@
+"""HunyuanVideo 1.5 (T2V, I2V): ``HunyuanVideo15Transformer3DModel``, legacy ``Attention`` modules with
+``HunyuanVideo15AttnProcessor2_0`` in the double-stream ``transformer_blocks`` (the only joint blocks).
+
+Video first, context last: ``[video, ctx]``, layout (B, N, H, D). Before the blocks the model reorders
+the context of every sample to ``[valid SigLIP image, valid byT5, valid mLLM, invalid image, invalid
+byT5 (zeroed), invalid mLLM (zeroed)]`` and passes the matching bool ``encoder_attention_mask`` (B, L_ctx).
+The stock processor pads it with True for the video and builds the OUTER-AND bool mask (B, 1, N, N):
+an invalid context token is removed as a key for every query, and its own query row is fully masked
+(stock SDPA gives 0 there; so does ``taca.joint_attention``). TACA keeps that mask as it is.
+
+What counts as text: the whole context block ``[N_vid, N)``, i.e. the byT5 glyph text, the mLLM prompt
+AND, in image-to-video, the SigLIP tokens of the reference image. The paper scales the keys of the
+conditioning stream that the image queries read; the SigLIP tokens are keys of that stream (they
+enter through ``encoder_hidden_states``, share its projections, and are never queries of the noisy
+video), exactly like the Qwen2.5-VL vision tokens of Qwen-Image-Edit's text stream and the LLaVA image
+tokens of HunyuanVideo I2V, which taca also treats as text keys. In text-to-video the SigLIP slots are
+all invalid (masked), so only the prompt's valid byT5 / mLLM keys carry gamma. Scaling the invalid
+slots changes nothing (they are removed keys). Context queries are text queries: not scaled.
+
+The blocks pass no attention kwargs to the processors (the transformer's ``attention_kwargs`` carry the
+LoRA scale only): the hook hands them the state (``kwargs_name = None``). The text length is
+``encoder_hidden_states.shape[1]``. The token refiner (``context_embedder``, text-only
+``AttnProcessor2_0``) stays stock. The transformer takes the raw t (pipeline L739:
+``t.expand(B)``, t = 1000 sigma); the super-resolution meanflow ``timestep_r`` is left as it is.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..processors import TacaProcessor
+from . import Adapter, attention_modules, register
+
+
+class TacaHunyuanVideo15AttnProcessor(TacaProcessor):
+    """TACA for HunyuanVideo 1.5's joint ``attn``: ``HunyuanVideo15AttnProcessor2_0`` op for op (the
+    outer-AND mask included); returns ``(video, ctx)``; gamma from :meth:`call_arg`."""
+
+    text_first = False
+    layout = "bnhd"
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        image_rotary_emb: Optional[torch.Tensor] = None,
+    ):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+
+        query = query.unflatten(2, (attn.heads, -1))
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+
+        if image_rotary_emb is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        if encoder_hidden_states is not None:
+            encoder_query = attn.add_q_proj(encoder_hidden_states)
+            encoder_key = attn.add_k_proj(encoder_hidden_states)
+            encoder_value = attn.add_v_proj(encoder_hidden_states)
+
+            encoder_query = encoder_query.unflatten(2, (attn.heads, -1))
+            encoder_key = encoder_key.unflatten(2, (attn.heads, -1))
+            encoder_value = encoder_value.unflatten(2, (attn.heads, -1))
+
+            if attn.norm_added_q is not None:
+                encoder_query = attn.norm_added_q(encoder_query)
+            if attn.norm_added_k is not None:
+                encoder_key = attn.norm_added_k(encoder_key)
+
+            query = torch.cat([query, encoder_query], dim=1)
+            key = torch.cat([key, encoder_key], dim=1)
+            value = torch.cat([value, encoder_value], dim=1)
+
+        batch_size, seq_len, heads, dim = query.shape
+        attention_mask = F.pad(attention_mask, (seq_len - attention_mask.shape[1], 0), value=True)
+        attention_mask = attention_mask.bool()
+        self_attn_mask_1 = attention_mask.view(batch_size, 1, 1, seq_len).repeat(1, 1, seq_len, 1)
+        self_attn_mask_2 = self_attn_mask_1.transpose(2, 3)
+        attention_mask = (self_attn_mask_1 & self_attn_mask_2).bool()
+
+        text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else None
+        out = self.taca_attention(query, key, value, text_len, self.call_arg("taca_gamma"), attention_mask)
+        if out is None:
+            out = dispatch_attention_fn(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                backend=self._attention_backend, parallel_config=self._parallel_config,
+            )
+
+        hidden_states = out.flatten(2, 3)
+        hidden_states = hidden_states.to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = (
+                hidden_states[:, : -encoder_hidden_states.shape[1]],
+                hidden_states[:, -encoder_hidden_states.shape[1] :],
+            )
+
+            if getattr(attn, "to_out", None) is not None:
+                hidden_states = attn.to_out[0](hidden_states)
+                hidden_states = attn.to_out[1](hidden_states)
+
+            if getattr(attn, "to_add_out", None) is not None:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+
+        return hidden_states, encoder_hidden_states
+
+
+@register
+class HunyuanVideo15Adapter(Adapter):
+    name = "hunyuan_video15"
+    label = "HunyuanVideo15Transformer3DModel (HunyuanVideo 1.5)"
+    transformer_classes = ("HunyuanVideo15Transformer3DModel",)
+    stock_processors = frozenset({"HunyuanVideo15AttnProcessor2_0"})
+    timestep = "t1000"
+    kwargs_name = None  # the blocks forward no attention kwargs to the processors
+    # taca generate writes images; the video pipelines are supported through taca.enable(pipe) only
+    pipelines = ()
+    max_sequence_length = 1000
+
+    def joint_modules(self) -> Dict[str, torch.nn.Module]:
+        return {n: m for n, m in attention_modules(self.transformer).items() if n.startswith("transformer_blocks.")}
+
+    def processor(self, name, module):
+        return TacaHunyuanVideo15AttnProcessor(name)
+
+    def call_state(self, arg):
+        return {}  # the processors read the context length from encoder_hidden_states
