@@ -238,7 +238,7 @@ def attention_split_sdpa(
     """
     qb, kb, vb = (_to_bhnd(t, layout) for t in (q, k, v))
     B, H, Nq, D = qb.shape
-    Hkv, Nk = kb.shape[1], kb.shape[2]
+    Nk = kb.shape[2]
     if Nq == 0 or B == 0 or H == 0:
         return _from_bhnd(torch.empty_like(qb), layout)
     if Nk == 0:  # no key at all: every row is fully masked

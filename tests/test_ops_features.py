@@ -8,7 +8,7 @@ arbitrary float64 values (not float32-representable): float64 inputs must be exa
 rounding on every path.
 """
 import math
-from typing import List, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import pytest
 import torch
