@@ -227,7 +227,7 @@ def attention_split_sdpa(
     query_text_len: Optional[SpanLike] = None,
     attn_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Exact TACA on two SDPA calls (differentiable, any backend SDPA picks).
+    """Exact TACA on two SDPA calls (differentiable, the backend SDPA picks).
 
     Visual queries attend to K with its text rows multiplied by gamma; text queries attend
     to K with its visual rows multiplied by gamma_reverse; attn_mask (sliced to each call's
@@ -235,6 +235,11 @@ def attention_split_sdpa(
     applied before attention. With per-sample (tensor) spans both calls run over every query
     and each row takes its own result (twice the work, no host sync). Returns out in q's
     layout and dtype.
+
+    On CUDA with float16/bfloat16 q: a float mask of another dtype is cast to q's dtype (SDPA's
+    CUDA backends take a bias in q's dtype only; with a float32 one the default pick returned
+    NaN rows on an H200, torch 2.11), and under autograd the cuDNN backend is left out (its
+    backward crashed in a FLUX-sized training step there).
     """
     qb, kb, vb = (_to_bhnd(t, layout) for t in (q, k, v))
     B, H, Nq, D = qb.shape
@@ -248,6 +253,9 @@ def attention_split_sdpa(
                                  text_start, query_text_start, query_text_len), layout)
     if attn_mask.is_floating_point() and attn_mask.dtype != qb.dtype and qb.dtype == torch.float64:
         attn_mask = attn_mask.to(torch.float64)  # exact; SDPA mixes a float32 mask in otherwise
+    if (attn_mask.is_floating_point() and attn_mask.dtype != qb.dtype and qb.is_cuda
+            and qb.dtype in (torch.float16, torch.bfloat16)):
+        attn_mask = attn_mask.to(qb.dtype)  # see the docstring
     out = _split(qb, kb, vb, attn_mask, text_len, text_first, gamma, gamma_reverse, scale, text_start,
                  query_text_start, query_text_len)
     # Fully masked query rows are 0 (and get zero gradients) whatever SDPA backend ran: not all
@@ -267,6 +275,11 @@ def _split(qb, kb, vb, attn_mask, text_len, text_first, gamma, gamma_reverse, sc
     extra = {"enable_gqa": True} if Hkv != H else {}
 
     def sdpa(qq, kk, mask):
+        if qq.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (qb, kb, vb)):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+                return F.scaled_dot_product_attention(qq, kk, vb, attn_mask=mask, scale=scale, **extra)
         return F.scaled_dot_product_attention(qq, kk, vb, attn_mask=mask, scale=scale, **extra)
 
     spans = resolve_spans(Nq, Nk, text_len, text_first, text_start, query_text_start, query_text_len)
