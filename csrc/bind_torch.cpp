@@ -12,8 +12,8 @@
 // fewer heads (grouped KV); per-sample spans travel as a (B, 4) int64 tensor, masks as SDPA's
 // (B, H, N_q, N_k)-broadcastable tensors (bool, or float converted to the accumulation type).
 // CUDA (built with -DTACA_WITH_CUDA): float16 and bfloat16 on the current stream,
-// deterministic backward with a torch-allocated workspace; one shared span, N_q == N_k,
-// equal heads and no mask (anything else is refused with a clear error).
+// deterministic backward with a torch-allocated workspace; the same features as the CPU
+// (per-sample spans as a device tensor, masks, N_q != N_k, grouped KV heads), N_k >= 1.
 // Build: pip install --no-build-isolation -e . (setup.py).
 #include <Python.h>
 
@@ -446,15 +446,16 @@ void check_cuda_dtype(const at::Tensor &q) {
                    q.scalar_type(), " (use backend=\"sdpa\" for other dtypes)");
 }
 
-// What the CUDA kernels do not cover yet (taca.h): ops.py routes these to split SDPA.
-void check_cuda_features(const at::Tensor &q, const at::Tensor &k, const Spans &sp,
-                         const c10::optional<at::Tensor> &text_spans,
-                         const c10::optional<at::Tensor> &attn_mask) {
-  TORCH_CHECK(!text_spans.has_value() && !attn_mask.has_value() && k.sizes() == q.sizes() &&
-                  sp.qb == sp.kb && sp.qe == sp.ke,
-              "taca: the CUDA kernel does not support per-sample text spans, attn_mask, grouped "
-              "KV heads, different query and key token sets or a query span other than the key "
-              "span (backend='auto' runs them on split SDPA)");
+// Per-sample spans for the CUDA kernels: contiguous int64 on q's device. Their values select
+// which logits get gamma and never address memory, so they are not read back here (no host
+// sync); taca.joint_attention checks them.
+c10::optional<at::Tensor> device_spans(const c10::optional<at::Tensor> &spans) {
+  if (!spans.has_value()) return spans;
+  return spans->contiguous();
+}
+
+void check_cuda_keys(const at::Tensor &k) {
+  TORCH_CHECK_VALUE(k.size(1) > 0, "taca: the CUDA kernel needs at least one key token, got N_k=0");
 }
 
 Tensor3 fwd_cuda(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tensor &v_in,
@@ -468,7 +469,7 @@ Tensor3 fwd_cuda(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tenso
   check_kv(k_in, v_in, q_in);
   TORCH_CHECK_VALUE(q_in.is_cuda(), "taca: fwd CUDA impl got q on ", q_in.device());
   check_cuda_dtype(q_in);
-  check_cuda_features(q_in, k_in, sp, text_spans, attn_mask);
+  check_cuda_keys(k_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), N = q_in.size(1), H = q_in.size(2);
   at::Tensor out = alloc_like(q_in, q_in.scalar_type());
@@ -478,9 +479,10 @@ Tensor3 fwd_cuda(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tenso
   if (B * N * H == 0) return {out, lse, tm};
   at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   at::Tensor gamma = gamma_in.contiguous();
-  taca_mask no_mask = {};
-  taca_fwd_params p = fwd_params(q, k, v, out, lse, tm, gamma, gamma_reverse, scale, sp,
-                                 c10::nullopt, no_mask);
+  at::Tensor mask_keep;
+  const taca_mask mask = mask_of(attn_mask, q_in, k_in, &mask_keep);
+  const c10::optional<at::Tensor> spans = device_spans(text_spans);
+  taca_fwd_params p = fwd_params(q, k, v, out, lse, tm, gamma, gamma_reverse, scale, sp, spans, mask);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   check_status(taca_fwd_cuda(&p, static_cast<void *>(stream)), "forward (CUDA)");
   return {out, lse, tm};
@@ -501,7 +503,7 @@ Tensor3 bwd_cuda(const at::Tensor &dout_in, const at::Tensor &q_in, const at::Te
   check_lse(lse_in, q_in);
   TORCH_CHECK_VALUE(q_in.is_cuda(), "taca: bwd CUDA impl got q on ", q_in.device());
   check_cuda_dtype(q_in);
-  check_cuda_features(q_in, k_in, sp, text_spans, attn_mask);
+  check_cuda_keys(k_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::ScalarType dt = q_in.scalar_type();
   at::Tensor dq = alloc_like(q_in, dt), dk = alloc_like(k_in, dt), dv = alloc_like(v_in, dt);
@@ -509,9 +511,11 @@ Tensor3 bwd_cuda(const at::Tensor &dout_in, const at::Tensor &q_in, const at::Te
   at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in),
              out = unit_last_stride(out_in), dout = unit_last_stride(dout_in);
   at::Tensor lse = lse_in.contiguous(), gamma = gamma_in.contiguous();
-  taca_mask no_mask = {};
+  at::Tensor mask_keep;
+  const taca_mask mask = mask_of(attn_mask, q_in, k_in, &mask_keep);
+  const c10::optional<at::Tensor> spans = device_spans(text_spans);
   taca_bwd_params p = bwd_params(dout, q, k, v, out, lse, dq, dk, dv, gamma, gamma_reverse,
-                                 scale, sp, c10::nullopt, no_mask);
+                                 scale, sp, spans, mask);
   const size_t ws_bytes = taca_bwd_workspace_size(&p);
   at::Tensor workspace =
       at::empty({static_cast<int64_t>(ws_bytes)}, q_in.options().dtype(at::kByte));

@@ -145,9 +145,10 @@ int taca_bwd_cpu(const taca_bwd_params *p);
 
 /* CUDA kernels (cuda/taca_fwd.cu, cuda/taca_bwd.cu): TACA_F16 and TACA_BF16, every
  * pointer on the current device; stream is a cudaStream_t (NULL: default stream).
- * Asynchronous: they return after the launch. They return TACA_ERR_UNSUPPORTED for
- * seqlen_k != seqlen, heads_kv != heads, a query span other than the key span, text_spans
- * and masks (taca.joint_attention runs those on the split-SDPA form). */
+ * Asynchronous: they return after the launch. Every feature above (per-sample spans, separate
+ * query and key token sets, grouped KV heads, masks: additive masks as float32). The forward
+ * returns TACA_ERR_UNSUPPORTED for seqlen_k == 0 (every row fully masked; the CPU kernels take
+ * it), the backward for seqlen == 0 with keys (dk, dv would need zeroing). */
 int taca_fwd_cuda(const taca_fwd_params *p, void *stream);
 int taca_bwd_cuda(const taca_bwd_params *p, void *stream);
 size_t taca_bwd_workspace_size(const taca_bwd_params *p);  /* CUDA backward scratch */

@@ -4,13 +4,14 @@ The compiled kernels are reached through ``torch.ops.taca.fwd`` / ``torch.ops.ta
 (csrc/bind_torch.cpp), which take (B, N, H, D) views; this module registers their fake
 impls (for torch.compile) and the autograd formula of ``fwd`` (its backward is ``bwd``).
 
-Dispatch (backend="auto"): CPU tensors -> the C kernel (every feature: per-sample spans,
-N_q != N_k, grouped KV heads, masks); CUDA float16/bfloat16 tensors with a head dim in
-``CUDA_HEAD_DIMS``, batch / heads within the kernels' grid limits, one shared span on one token set,
-equal heads and no mask -> the CUDA kernel (when built; on an H100 its Hopper path for aligned
-D = 64 / 128); anything else -> the exact split-SDPA form (``reference.attention_split_sdpa``),
-or the materialized reference when lse or text_mass is asked for. ``_KERNEL_FEATURES`` lists
-what each kernel covers.
+Dispatch (backend="auto"): CPU tensors -> the C kernel; CUDA float16/bfloat16 tensors with a
+head dim in ``CUDA_HEAD_DIMS``, batch / heads within the kernels' grid limits and at least one key
+-> the CUDA kernel (when built; on an H100/H200 its Hopper path for aligned D = 64 / 128). Both
+kernels cover every feature of the op: per-sample spans, N_q != N_k, grouped KV heads, masks;
+on CUDA, auto sends masks that vary over queries (not (B, H, 1, N_k) key masks) to split SDPA,
+which runs them faster. Anything else -> the exact split-SDPA form (``reference.attention_split_sdpa``), or the
+materialized reference when lse or text_mass is asked for. ``_KERNEL_FEATURES`` lists what each
+kernel covers.
 """
 from __future__ import annotations
 
@@ -250,7 +251,7 @@ _CUDA_GRID_MAX = 65535
 _CUDA_SEQ_MAX = 2**31 - 1 - 256
 
 
-def _kernel_refusal(q: torch.Tensor, gamma, layout: str = "bhnd") -> Optional[str]:
+def _kernel_refusal(q: torch.Tensor, gamma, layout: str = "bhnd", k: Optional[torch.Tensor] = None) -> Optional[str]:
     """Why the compiled kernel cannot take these inputs (None: it can)."""
     if not HAVE_KERNELS:
         return f"the taca._C extension is not available ({_EXT_ERROR})"
@@ -272,6 +273,12 @@ def _kernel_refusal(q: torch.Tensor, gamma, layout: str = "bhnd") -> Optional[st
             return f"batch {B} x heads {H} exceed the CUDA kernels' grid limit ({_CUDA_GRID_MAX})"
         if N > _CUDA_SEQ_MAX:
             return f"sequence length {N} exceeds the CUDA kernels' int32 token index"
+        if k is not None:
+            Nk = k.shape[2] if layout == "bhnd" else k.shape[1]
+            if Nk == 0:
+                return "the CUDA kernels need at least one key token (N_k = 0)"
+            if Nk > _CUDA_SEQ_MAX:
+                return f"key sequence length {Nk} exceeds the CUDA kernels' int32 token index"
         return None
     return f"no taca kernel for device type {dev!r}"
 
@@ -307,8 +314,13 @@ def _feature_refusal(device_type: str, per_sample: bool, cross: bool, gqa: bool,
 # What each kernel covers beyond one shared text span on one token set with equal heads.
 _KERNEL_FEATURES = {
     "cpu": ("per-sample text spans", "different query and key token sets", "grouped KV heads", "attn_mask"),
-    "cuda": (),
+    "cuda": ("per-sample text spans", "different query and key token sets", "grouped KV heads", "attn_mask"),
 }
+
+
+def _per_query_mask(attn_mask) -> bool:
+    """True for a mask with more than one row over the queries (not a key mask)."""
+    return attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] > 1
 
 
 def _gamma_vector(gamma, batch: int, device: torch.device, dtype=torch.float32) -> torch.Tensor:
@@ -415,14 +427,19 @@ def joint_attention(
     if backend in ("cpu", "cuda"):
         if q.device.type != backend:
             raise ValueError(f"taca: backend={backend!r} needs q on a {backend} device, got {q.device}")
-        reason = _kernel_refusal(q, None, layout) or _feature_refusal(backend, *feats)
+        reason = _kernel_refusal(q, None, layout, k) or _feature_refusal(backend, *feats)
         if reason is not None:
             raise RuntimeError(f"taca: backend={backend!r} cannot run: {reason}")
         use_kernel = True
     elif backend == "auto":
-        reason = _kernel_refusal(q, gamma, layout)
+        reason = _kernel_refusal(q, gamma, layout, k)
         if reason is None:
             reason = _feature_refusal(q.device.type, *feats)
+        if reason is None and q.device.type == "cuda" and _per_query_mask(attn_mask):
+            # The kernels read such a mask element by element on every tile; split SDPA (its
+            # memory-efficient backend) was 3-4x faster on Chroma's (B, 1, N, N) mask on an H200
+            # (benchmarks/results/features_*.json). Key masks (B, 1, 1, N_k) stay on the kernel.
+            reason = "a mask that varies over queries runs faster on split SDPA than on the CUDA kernel"
         use_kernel = reason is None
         if not use_kernel:
             _log_fallback(reason)

@@ -1,14 +1,16 @@
 """Issue 12 features on CUDA tensors (skipped without a GPU; run on the H200).
 
-The CUDA kernels cover one shared text span on one token set with equal heads and no mask
-(taca.h); per-sample spans, N_q != N_k, grouped KV heads and masks go through split SDPA under
-backend="auto" and are refused by backend="cuda". What must hold on the GPU:
-- auto on float16/bfloat16 feature cases meets the tolerance rule (STYLE.md) against the float32
-  reference, forward and backward, and fully masked rows are 0;
+The CUDA kernels cover every feature of the op (taca.h): per-sample spans, N_q != N_k, grouped
+KV heads and masks, on the Hopper kernels (D = 64 / 128 aligned) and the mma.sync kernels alike.
+What must hold on the GPU:
+- auto on float16/bfloat16 feature cases (the CPU suite's small cases, now on the kernel) and
+  forced backend="cuda" on multi-tile cases at the models' head dims meet the tolerance rule
+  (STYLE.md) against the float32 reference, forward and backward (deterministic), with lse and
+  text_mass, and fully masked rows are 0 with zero gradients;
 - float64 CUDA tensors (split SDPA) are exact to 1e-12 with arbitrary float64 scalars;
 - the plain kernel path still meets the tolerance rule with arbitrary float64 scalars (the ABI
   now carries them as double and the launchers round them once);
-- forced backend="cuda" names the unsupported feature instead of running wrong.
+- N_k = 0 (every row fully masked) is refused by the CUDA op by name.
 """
 import pytest
 import torch
@@ -98,25 +100,120 @@ def test_cuda_kernel_float64_scalars(dtype, text_first):
         _rule((a.float() - r).abs().max().item(), (t.float() - r).abs().max().item(), nm)
 
 
-@requires_kernel
-@pytest.mark.parametrize("name", ["per_sample_first", "flux2_kv", "gqa", "bool_mask_b11k"])
-def test_cuda_forced_kernel_refuses_features(name):
-    case = CASES[NAMES.index(name)]
-    q, k, v, kw = make(case, torch.bfloat16, device="cuda")
-    kw["gamma"] = kw["gamma"].float()
-    with pytest.raises(RuntimeError, match="the cuda kernel does not support"):
-        taca.joint_attention(q, k, v, backend="cuda", **kw)
+# Multi-tile cases at the models' head dims: D = 64 / 128 aligned take the Hopper kernels on an
+# H100/H200 (their FEAT instances with per-sample spans or a mask), D = 96 / 72 the mma.sync
+# kernels (72: the unaligned element-wise path). Spans are written per sample as in the models
+# (text first with padding-free per-sample lengths, text last, image-only queries, FLUX.2 KV).
+BIG = {
+    # name: (B, H, Hkv, Nq, Nk, D, layout, span kwargs, mask kind or None)
+    "spans_first_d64": (3, 2, 2, 300, 300, 64, "bnhd", dict(text_len=[77, 0, 200]), None),
+    "spans_last_d128": (3, 2, 2, 333, 333, 128, "bhnd", dict(text_len=[10, 150, 333], text_first=False), None),
+    "image_queries_d128": (2, 3, 3, 256, 333, 128, "bnhd", dict(text_len=77, text_first=False), None),
+    "flux2_kv_d128": (2, 2, 2, 300, 450, 128, "bnhd", dict(text_len=64, query_text_len=64), None),
+    "gqa_d128": (2, 8, 2, 300, 300, 128, "bhnd", dict(text_len=77), None),
+    "gqa_d96_lumina": (2, 6, 2, 270, 270, 96, "bnhd", dict(text_len=[40, 90]), "bool_b11k"),
+    "key_mask_d128": (2, 4, 4, 300, 300, 128, "bnhd", dict(text_len=77, text_first=False), "bool_b11k"),
+    "float_mask_d64": (2, 2, 2, 200, 200, 64, "bhnd", dict(text_len=50), "float_bhqk"),
+    "chroma_d128": (2, 2, 2, 260, 260, 128, "bnhd", dict(text_len=64), "float01_outer"),
+    "dead_rows_d64": (2, 2, 2, 200, 200, 64, "bhnd", dict(text_len=50), "bool_dead_rows"),
+    "everything_d128": (3, 4, 2, 290, 333, 128, "bnhd",
+                        dict(text_len=[64, 20, 0], text_start=[0, 200, 7], query_text_start=[0, 3, 0],
+                             query_text_len=[64, 0, 30]), "bool_b1qk"),
+    "everything_d72": (3, 4, 2, 150, 170, 72, "bhnd",
+                       dict(text_len=[30, 20, 0], text_start=[0, 100, 7], query_text_len=[30, 0, 10]),
+                       "float32_neginf"),
+}
+
+
+def _big(name, dtype, seed=0):
+    from test_ops_features import _make_mask, _tensorize
+    B, H, Hkv, Nq, Nk, D, layout, spans, mask = BIG[name]
+    torch.manual_seed(seed)
+    if layout == "bhnd":
+        shapes = ((B, H, Nq, D), (B, Hkv, Nk, D))
+    else:
+        shapes = ((B, Nq, H, D), (B, Nk, Hkv, D))
+    q = torch.randn(shapes[0], device="cuda").to(dtype)
+    k, v = (torch.randn(shapes[1], device="cuda").to(dtype) for _ in range(2))
+    kw = _tensorize(spans, "cuda")
+    kw.update(gamma=torch.tensor([GAMMA, 0.7, 1.9][:B], device="cuda"), gamma_reverse=GAMMA_REV,
+              scale=SCALE, layout=layout)
+    if mask is not None:
+        m = _make_mask(mask, B, H, Nq, Nk, torch.float32)
+        if mask == "float_bhqk":
+            m = m.to(dtype)  # a mask in q's dtype, as models pass it
+        kw["attn_mask"] = m.cuda()
+    return q, k, v, kw
 
 
 @requires_kernel
-def test_cuda_raw_op_refuses_features_by_name():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(BIG))
+def test_cuda_kernel_features_tolerance_rule(name, dtype):
+    q, k, v, kw = _big(name, dtype)
+    ql, kl, vl = (t.requires_grad_() for t in (q, k, v))
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (ql, kl, vl))
+    kw32 = dict(kw)
+    if "attn_mask" in kw and kw["attn_mask"].is_floating_point():
+        kw32["attn_mask"] = kw["attn_mask"].float()
+    out, lse, tm = taca.joint_attention(ql, kl, vl, backend="cuda", return_lse=True, return_text_mass=True, **kw)
+    ref, lse_r, tm_r = reference.attention_ref(qf, kf, vf, upcast=torch.float32, **kw32)
+    live = torch.isfinite(lse_r)  # (B, H, N_q); dead: fully masked rows
+    assert torch.equal(torch.isfinite(lse), live)  # lse = -inf on exactly those rows
+    assert (lse[live] - lse_r[live]).abs().max().item() < 2e-3
+    assert (tm - tm_r.detach()).abs().max().item() < 5e-3
+    # torch's own low-precision error comes from split SDPA, which returns NaN on fully masked
+    # rows (CUDA SDPA backends): it gets those rows unmasked, and dout is 0 there for every
+    # method, so no method's gradients depend on them (dS = P (dP - delta) = 0 on them).
+    kw_t = dict(kw)
+    live_rows = live if kw["layout"] == "bhnd" else live.transpose(1, 2)
+    if not live.all():
+        B, H, Nq, Nk = live.shape + (kl.shape[2] if kw["layout"] == "bhnd" else kl.shape[1],)
+        m = kw["attn_mask"].expand(B, H, Nq, Nk).clone()
+        m[~live] = True if m.dtype == torch.bool else 0.0
+        kw_t["attn_mask"] = m
+    tor = reference.attention_split_sdpa(ql, kl, vl, **kw_t)
+    _rule((out.float() - ref)[live_rows].abs().max().item(), (tor.float() - ref)[live_rows].abs().max().item(), "out")
+    # auto takes the same kernel (bitwise the same output), except for masks that vary over
+    # queries, which it sends to split SDPA (faster there)
+    auto = taca.joint_attention(ql.detach(), kl.detach(), vl.detach(), **kw)
+    if ops._per_query_mask(kw.get("attn_mask")):
+        assert torch.equal(auto, reference.attention_split_sdpa(ql.detach(), kl.detach(), vl.detach(), **kw))
+    else:
+        assert torch.equal(auto, out.detach())
+    dout = torch.randn_like(out) * live_rows[..., None]
+    g_k = torch.autograd.grad(out, (ql, kl, vl), dout)
+    g_r = torch.autograd.grad(ref, (qf, kf, vf), dout.float())
+    g_t = torch.autograd.grad(reference.attention_split_sdpa(ql, kl, vl, **kw_t), (ql, kl, vl), dout)
+    for nm, a, r, t in zip(("dq", "dk", "dv"), g_k, g_r, g_t):
+        assert torch.isfinite(a).all(), nm
+        _rule((a.float() - r).abs().max().item(), (t.float() - r).abs().max().item(), nm)
+    # deterministic backward: a second run is bitwise equal
+    out2 = taca.joint_attention(ql, kl, vl, backend="cuda", **kw)
+    for nm, a, b in zip(("dq", "dk", "dv"), g_k, torch.autograd.grad(out2, (ql, kl, vl), dout)):
+        assert torch.equal(a, b), f"{nm} not bitwise repeatable"
+
+
+@requires_kernel
+def test_cuda_kernel_dead_rows_are_zero():
+    q, k, v, kw = _big("dead_rows_d64", torch.bfloat16)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = taca.joint_attention(q, k, v, backend="cuda", **kw)
+    dead = ~kw["attn_mask"].any(-1)
+    assert dead.any()
+    assert torch.equal(out[dead], torch.zeros_like(out[dead]))
+    dq = torch.autograd.grad(out, q, torch.randn_like(out))[0]
+    assert torch.equal(dq[dead], torch.zeros_like(dq[dead]))
+
+
+@requires_kernel
+def test_cuda_raw_op_refuses_no_keys():
     q = torch.randn(2, 10, 4, 64, device="cuda", dtype=torch.bfloat16)
-    kv = torch.randn(2, 10, 2, 64, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(2, 0, 2, 64, device="cuda", dtype=torch.bfloat16)
     g = torch.ones(2, device="cuda")
-    with pytest.raises(RuntimeError, match="does not support per-sample text spans, attn_mask, grouped"):
-        torch.ops.taca.fwd(q, kv, kv, g, 1.0, 0.125, 0, 3, False)
-    with pytest.raises(RuntimeError, match="does not support"):
-        torch.ops.taca.fwd(q, q, q, g, 1.0, 0.125, 0, 3, False, 0, 0, None, None)
+    with pytest.raises(ValueError, match="at least one key token"):
+        torch.ops.taca.fwd(q, kv, kv, g, 1.0, 0.125, 0, 0, False, 0, 0, None, None)
+    assert "N_k = 0" in ops._kernel_refusal(q, None, "bnhd", kv)
 
 
 def test_cuda_tensor_spans_are_checked():

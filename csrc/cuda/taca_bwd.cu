@@ -1,27 +1,44 @@
 /*
  * taca_bwd.cu: CUDA backward of gamma-scaled joint attention (TACA), fp16 and bf16.
  *
- *   s_ij = scale * (q_i . k_j) * m_ij,  P_ij = exp(s_ij - lse_i)           (forward)
+ *   s_ij = scale * (q_i . k_j) * m_ij + mask_ij,  P_ij = exp(s_ij - lse_i)  (forward)
  *   delta_i = dO_i . O_i,  dP_ij = dO_i . v_j,  dS_ij = P_ij (dP_ij - delta_i)
  *   dQ_i = scale sum_j m_ij dS_ij k_j,  dK_j = scale sum_i m_ij dS_ij q_i,  dV_j = sum_i P_ij dO_i
- *   m_ij = gamma[b] (visual query, text key), gamma_reverse (text query, visual key), else 1.
+ *   m_ij = gamma[b] (visual query, text key), gamma_reverse (text query, visual key), else 1,
+ *   with the query text span [q_begin, q_end) for i and the key text span [k_begin, k_end) for
+ *   j: the shared fields of taca.h or, per sample, the device (B, 4) array text_spans.
+ *   mask_ij: 0 (none), -inf where a uint8 mask is 0, or a float32 additive mask, broadcast to
+ *   (B, H, N_q, N_k) by element strides; it is a constant, so it enters through P only.
  *
- * Shapes: q, k, v, out, dout, dq, dk, dv are (B, N, H, D) with element strides per tensor and
- * D contiguous; lse (B, H, N) float32 contiguous from the forward; gamma (B,) float32 on the
- * device. Nothing of size N x N is stored.
+ * Shapes: q, out, dout, dq are (B, N_q, H, D), k, v, dk, dv (B, N_k, H_kv, D), with element
+ * strides per tensor and D contiguous; lse (B, H, N_q) float32 contiguous from the forward
+ * (-inf: fully masked row); gamma (B,) float32 on the device. Query head h reads key/value head
+ * h / (H / H_kv). Nothing of size N_q x N_k is stored.
  *
  * Algorithm (FlashAttention-2 backward, one pass over the key tiles):
- *   1. bwd_preprocess: delta_i and lse_i * log2(e) into the workspace (one warp per row).
- *   2. bwd_main, one CTA per (128 key rows, head, batch): K_j, V_j stay in shared memory and
- *      dK_j, dV_j in registers; the CTA walks every query tile (cp.async double buffer), recomputes
- *      P^T from lse, forms dS^T, accumulates dV and dK with mma.sync (fp32 accumulate), and
- *      computes the tile's dQ contribution dS K.
+ *   1. bwd_preprocess: delta_i and lse_i * log2(e) into the workspace (one warp per row); lse2 =
+ *      +inf for padding rows and fully masked rows (lse = -inf), so their P is exactly 0 (no NaN
+ *      from -inf - -inf) and they contribute nothing (their dq is 0: out = 0 gives delta = 0).
+ *   2. bwd_main, one CTA per (128 key rows, key/value head, batch): K_j, V_j stay in shared
+ *      memory and dK_j, dV_j in registers; the CTA walks every query tile of every query head of
+ *      its group (GQA: one flattened sequence, head-major; plain attention: group = 1), with a
+ *      cp.async double buffer, recomputes P^T from lse, forms dS^T, accumulates dV and dK with
+ *      mma.sync (fp32 accumulate), and computes the tile's dQ contribution dS K. So dK, dV of a
+ *      key/value head are summed over its query heads in registers, exactly and in one fixed
+ *      order (no reduce kernel, no expanded scratch); each query head keeps its own dQ chain.
+ *      Keys past N_k are zero rows of K and V (and -inf in the masked path); queries past N_q
+ *      zero rows with lse2 = +inf. Tiles whose m is uniform (all text or all visual keys and
+ *      queries) take a fast path without per-element selects; with a mask every tile takes the
+ *      per-element path, which adds log2(e) mask_ij read from global memory (mask_log2). The
+ *      mask is a template flag (separate kernel instances), so the unmasked kernels carry no
+ *      mask code. The spans of the CTA's sample go through shared memory (4 ints, read at every
+ *      tile): held in registers across the loop, the per-sample loads cost spills.
  *   3. bwd_dq_convert (when there is more than one key tile): dq = scale * sum of the chains'
  *      float32 dQ buffers, summed in chain order, cast and stored with dq's strides.
  *   Determinism without floating-point atomics racing: the key tiles are split into nseg <= 4
  *   chains of consecutive tiles (about 8+ tiles each); each chain owns a float32 dQ buffer.
  *   Within a chain, the tiles add their dQ part of a query tile in the fixed order 0, 1, ...:
- *   the first stores, each next one waits on a per-(chain, b, h, chunk, query tile) counter
+ *   the first stores, each next one waits on a per-(chain, b, chunk, h, query tile) counter
  *   until its predecessor released (thread 0 polls with ld.acquire, issued before the dQ
  *   matmul so its latency hides), then adds with fire-and-forget red.add.v2.f32, and releases
  *   at the top of its next query tile (thread 0: __threadfence + atomicExch, after a CTA
@@ -31,7 +48,9 @@
  *   work); one float32 buffer per key tile would be O(N^2 / 128) memory. Chains bound the
  *   start-up lag of the ordering (each link costs a fence and a poll) at the price of nseg
  *   dQ buffers. A CTA waits only on CTAs of the same chain with a smaller linear block index
- *   (blockIdx.x is the key tile), which the hardware has already dispatched: no deadlock.
+ *   (blockIdx.x is the key tile; same blockIdx.y, z), which the hardware has already
+ *   dispatched: no deadlock. With GQA every CTA of a key/value head walks the same flattened
+ *   (query head, query tile) sequence, so the chains of all its query heads keep this order.
  *   params->deterministic = 0 uses red.add without order into one zeroed buffer
  *   (FlashAttention-2's atomics, non-deterministic). The environment variable TACA_BWD_MODE
  *   (atomic | racy | skipdq) overrides this for timing experiments only: racy and skipdq
@@ -47,9 +66,15 @@
  * (each recomputes S and dP, owns half of dK, dV, dQ), query tile 32. Other D are zero-padded
  * to DP. Misaligned or odd-D inputs take a scalar load path.
  *
- * Workspace: lse2, delta (B*H*Np floats each), the order counters (nseg*B*H*nchunk*nq ints)
+ * Workspace: lse2, delta (B*H*Np floats each), the order counters (nseg*B*nchunk*H*nq ints)
  * and the dQ buffers (nseg*B*H*Np*DP floats, only when there is more than one key tile); Np
- * is N rounded up to the query tile. O(N) memory. Build check:
+ * is N_q rounded up to the query tile, the number of key tiles (and chains) follows N_k.
+ * O(N) memory; the layouts put a group's query heads next to each other, so the flattened
+ * (head, tile) index addresses lse2, delta, counters and buffers from the group's first head.
+ * Not run here (TACA_ERR_UNSUPPORTED): N_q = 0 (or H = 0) with a non-empty dk / dv (they
+ * would need zeroing); sizes beyond 2^30 and grids beyond 65535 (H_kv * nchunk, B).
+ * N_k = 0 (every row fully masked): dq = 0 is written by bwd_dq_convert over zero chains.
+ * Build check:
  *   nvcc -std=c++17 -O3 -Icsrc -Icsrc/cuda -gencode=arch=compute_90a,code=sm_90a \
  *     -c csrc/cuda/taca_bwd.cu -o /tmp/x.o -Xptxas -v
  * Version log and timings: benchmarks/results/KERNEL_LOG.md (backward section).
@@ -73,21 +98,24 @@ size_t align256(size_t x) { return (x + 255) & ~static_cast<size_t>(255); }
 
 bool layout_of(const taca_bwd_params *p, Layout *L) {
     const taca_bwd::Config c = taca_bwd::config_for(p->head_dim);
-    if (p->seqlen > (1 << 30)) return false;
-    const int64_t N = p->seqlen;
+    if (p->seqlen > (1 << 30) || p->seqlen_k > (1 << 30)) return false;
+    const int64_t N = p->seqlen;  // query rows: tiles, lse2, delta, counters, dQ buffers
     L->dp = c.dp;
     L->dc = c.dc;
     L->bm = c.bm;
     L->nq = static_cast<int>((N + c.bm - 1) / c.bm);
-    L->nk = static_cast<int>((N + taca_bwd::kBlockN - 1) / taca_bwd::kBlockN);
+    L->nk = static_cast<int>((p->seqlen_k + taca_bwd::kBlockN - 1) / taca_bwd::kBlockN);
     L->np = L->nq * c.bm;
+    // The kernels index a group's query rows as int (flattened tile * BM): group * Np < 2^31.
+    if (static_cast<int64_t>(L->np) * (p->heads / p->heads_kv) > (int64_t{1} << 30)) return false;
     // Chains of about 8+ key tiles: a chain's start-up lag grows with its length, and each
     // chain costs one float32 dQ buffer (two at most beyond 8192 tokens, to bound memory).
     int nseg = L->nk / 8;
     nseg = nseg < 1 ? 1 : (nseg > 4 ? 4 : nseg);
     if (N > 8192 && nseg > 2) nseg = 2;
-    L->seg_size = (L->nk + nseg - 1) / nseg;
-    L->nseg = (L->nk + L->seg_size - 1) / L->seg_size;
+    const int nk1 = L->nk < 1 ? 1 : L->nk;  // N_k = 0 (no key tile): one empty chain
+    L->seg_size = (nk1 + nseg - 1) / nseg;
+    L->nseg = (nk1 + L->seg_size - 1) / L->seg_size;
     const size_t bh = static_cast<size_t>(p->batch) * static_cast<size_t>(p->heads);
     const size_t rows = bh * static_cast<size_t>(L->np);
     const size_t nch = static_cast<size_t>(c.dp / c.dc);
@@ -116,15 +144,17 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
     int st = taca_check_bwd(p);
     if (st != TACA_OK) return st;
     if (p->dtype != TACA_F16 && p->dtype != TACA_BF16) return TACA_ERR_DTYPE;
-    if (p->batch * p->seqlen * p->heads == 0) return TACA_OK;
-    /* one token set, equal heads, one shared span, no mask (taca.h) */
-    if (p->seqlen_k != p->seqlen || p->heads_kv != p->heads || p->text_spans ||
-        p->mask.kind != TACA_MASK_NONE || p->q_text_begin != p->text_begin ||
-        p->q_text_end != p->text_end)
-        return TACA_ERR_UNSUPPORTED;
+    if (p->batch * p->seqlen * p->heads == 0) {
+        /* no query rows: dk, dv would have to be zeroed (not done here) when they are not empty */
+        if (p->batch * p->seqlen_k * p->heads_kv != 0) return TACA_ERR_UNSUPPORTED;
+        return TACA_OK;
+    }
+    /* N_q != N_k, grouped KV heads, query / key spans, per-sample spans and masks are all
+     * handled in-kernel. The additive mask is float32 here (the accumulation type). */
+    if (p->heads > (1 << 30)) return TACA_ERR_UNSUPPORTED;
     Layout L;
     if (!layout_of(p, &L)) return TACA_ERR_UNSUPPORTED;
-    if (p->heads * (L.dp / L.dc) > 65535 || p->batch > 65535) return TACA_ERR_UNSUPPORTED;
+    if (p->heads_kv * (L.dp / L.dc) > 65535 || p->batch > 65535) return TACA_ERR_UNSUPPORTED;
     if (!p->workspace || p->workspace_bytes < L.total) return TACA_ERR_WORKSPACE;
     if ((reinterpret_cast<uintptr_t>(p->workspace) & 15) != 0) return TACA_ERR_WORKSPACE;
     cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
@@ -159,9 +189,16 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
     a.D = static_cast<int>(p->head_dim);
     a.Np = L.np;
     a.nq = L.nq;
+    a.Nk = static_cast<int>(p->seqlen_k);
+    a.Hkv = static_cast<int>(p->heads_kv);
+    a.group = static_cast<int>(p->heads / p->heads_kv);
     a.nk = L.nk;
     a.text_begin = static_cast<int>(p->text_begin);
     a.text_end = static_cast<int>(p->text_end);
+    a.q_text_begin = static_cast<int>(p->q_text_begin);
+    a.q_text_end = static_cast<int>(p->q_text_end);
+    a.spans = p->text_spans;
+    a.mask = taca_cuda::mask_args(p->mask);
     a.gamma_reverse = static_cast<float>(p->gamma_reverse);
     a.scale = static_cast<float>(p->scale);
 
@@ -187,9 +224,19 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
         a.nseg = 1;
         a.seg_size = L.nk;
     }
+    const bool bf16 = p->dtype == TACA_BF16;
+    if (a.Nk == 0) {
+        // No keys: every row is fully masked (out = 0, lse = -inf), so dq = 0 (dk, dv are
+        // empty). bwd_dq_convert over zero chains writes exactly that.
+        a.nseg = 0;
+        const int64_t total = static_cast<int64_t>(a.B) * a.H * a.N * a.D;
+        const unsigned blocks = static_cast<unsigned>((total + 255) / 256);
+        if (bf16) taca_bwd::bwd_dq_convert<__nv_bfloat16, 64><<<blocks, 256, 0, stream>>>(a);
+        else taca_bwd::bwd_dq_convert<__half, 64><<<blocks, 256, 0, stream>>>(a);
+        return taca_cuda_check_launch("taca_bwd_cuda dq zero");
+    }
     const size_t sem_bytes = L.off_acc - L.off_sem;
     TACA_CUDA_TRY(cudaMemsetAsync(a.sem, 0, sem_bytes, stream), "taca_bwd_cuda memset");
-    const bool bf16 = p->dtype == TACA_BF16;
     // Hopper path (taca_bwd_sm90.cu) for aligned D = 64 / 128 on sm_90 when built for sm_90a;
     // TACA_BWD_SM90=0 (read at every call) forces the mma.sync kernel: a test / timing switch.
     const char *sm90_env = getenv("TACA_BWD_SM90");

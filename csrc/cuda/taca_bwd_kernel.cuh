@@ -3,11 +3,13 @@
  * (templates; instantiated in taca_bwd_d64.cu, taca_bwd_d128.cu, taca_bwd_d256.cu and
  * launched by taca_bwd.cu, whose header explains the algorithm and the choices).
  *
- * Forward, the line being differentiated (DESIGN.md section 1):
- *   s_ij = scale * (q_i . k_j) * m_ij,  P_ij = exp(s_ij - lse_i),  out_i = sum_j P_ij v_j
+ * Forward, the line being differentiated (DESIGN.md section 1; taca.h):
+ *   s_ij = scale * (q_i . k_j) * m_ij + mask_ij,  P_ij = exp(s_ij - lse_i),  out_i = sum_j P_ij v_j
  * Backward, per (query tile i, key tile j):
  *   dP_ij = dO_i . v_j,  dS_ij = P_ij (dP_ij - delta_i),
  *   dV_j += P_ij dO_i,  dK_j += scale m_ij dS_ij q_i,  dQ_i += scale m_ij dS_ij k_j.
+ * (mask_ij is a constant: it changes P only.) Query head h reads key/value head h / group; a
+ * CTA owns one key/value head and walks the query tiles of all group query heads of it.
  */
 #ifndef TACA_BWD_KERNEL_CUH_
 #define TACA_BWD_KERNEL_CUH_
@@ -25,19 +27,27 @@ constexpr int kBlockN = 16 * kWarps;  // key rows per CTA: 16 per warp
 
 /* Everything the device needs, passed by value. Element strides, D stride 1. */
 struct BwdArgs {
-    const void *q, *k, *v, *out, *dout;  // (B, N, H, D)
-    void *dq, *dk, *dv;                  // (B, N, H, D)
-    const float *lse;                    // (B, H, N) contiguous
+    const void *q, *out, *dout;          // (B, N, H, D): N = N_q queries, H query heads
+    const void *k, *v;                   // (B, Nk, Hkv, D)
+    void *dq;                            // (B, N, H, D)
+    void *dk, *dv;                       // (B, Nk, Hkv, D)
+    const float *lse;                    // (B, H, N) contiguous (-inf: fully masked row)
     const float *gamma;                  // (B,) device
-    float *lse2;                         // workspace (B, H, Np): lse * log2(e), +inf past N
+    float *lse2;                         // workspace (B, H, Np): lse * log2(e); +inf past N and
+                                         // where lse = -inf (fully masked rows: P = 0)
     float *delta;                        // workspace (B, H, Np): dO . O, 0 past N
-    int *sem;                            // workspace (nseg, B, H, nchunk, nq): dQ add order
+    int *sem;                            // workspace (nseg, B, nchunk, H, nq): dQ add order
     float *dq_acc;                       // workspace (nseg, B, H, Np, DP) fp32 partial dQ sums
     int64_t qs_b, qs_n, qs_h, ks_b, ks_n, ks_h, vs_b, vs_n, vs_h, os_b, os_n, os_h;
     int64_t dos_b, dos_n, dos_h, dqs_b, dqs_n, dqs_h, dks_b, dks_n, dks_h, dvs_b, dvs_n, dvs_h;
-    int B, N, H, D, Np, nq, nk;
+    int B, N, H, D, Np, nq;  // N = N_q; Np = N rounded up to the query tile, nq = Np / BM
+    int Nk, Hkv, group;      // N_k keys, Hkv key/value heads, group = H / Hkv query heads each
+    int nk;                  // key tiles: ceil(Nk / kBlockN)
     int nseg, seg_size;  // key tiles form nseg chains of seg_size (the last may be shorter)
-    int text_begin, text_end;
+    int text_begin, text_end;      // shared key text span [begin, end)
+    int q_text_begin, q_text_end;  // shared query text span
+    const int64_t *spans;  // NULL or device (B, 4) {k_begin, k_end, q_begin, q_end}: overrides
+    MaskArgs mask;         // mask.data NULL: no mask (then mask_ij = 0)
     float gamma_reverse, scale;
     int vec_load;   // q, k, v, dout: 16-byte aligned rows (D % 8 == 0, strides % 8 == 0)
     int pair_store; // dq, dk, dv: 4-byte aligned pairs (D even, strides even)
@@ -98,7 +108,9 @@ __device__ __forceinline__ void store_pair(T *row, int col, int D, bool pair, fl
     }
 }
 
-/* delta = rowsum(dO * O) and lse2 = lse * log2(e) for every padded row; one warp per row. */
+/* delta = rowsum(dO * O) and lse2 = lse * log2(e) for every padded row; one warp per row.
+ * lse2 = +inf past N and for fully masked rows (lse = -inf), so that P = exp2(x - lse2) = 0
+ * there even where x = -inf (a masked entry): no NaN, zero gradient contributions. */
 template <typename T>
 __global__ void __launch_bounds__(256) bwd_preprocess(const BwdArgs a) {
     const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
@@ -118,7 +130,8 @@ __global__ void __launch_bounds__(256) bwd_preprocess(const BwdArgs a) {
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
     if (lane == 0) {
         a.delta[row] = acc;
-        a.lse2[row] = n < a.N ? a.lse[bh * a.N + n] * kLog2e : __int_as_float(0x7f800000);
+        const float l = n < a.N ? a.lse[bh * a.N + n] : -INFINITY;
+        a.lse2[row] = l == -INFINITY ? INFINITY : l * kLog2e;
     }
 }
 
@@ -150,14 +163,21 @@ template <int DP, int BM> struct Smem {
 };
 
 /*
- * One CTA per (key tile of 128 rows, head x D-chunk, batch). 8 warps; warp w owns key rows
+ * One CTA per (key tile of 128 rows, key/value head x D-chunk, batch). It walks the query
+ * tiles of the group's query heads h0 .. h0 + group - 1 as one flattened sequence
+ * it = (h - h0) * nq + query tile (lse2, delta, sem and dq_acc are laid out so that this index
+ * addresses them from the first head on), so dK, dV of the key/value head are summed over
+ * the group in registers (exact, fixed order) and each query head keeps its own dQ chain.
+ * 8 warps; warp w owns key rows
  * [16w, 16w + 16) for S^T = K Q^T, dP^T = V dO^T, dV += P^T dO and dK += dS^T Q, so P^T and
  * dS^T stay in registers as A fragments. dS^T also goes to shared memory for
  * dQ = dS K, computed with warps tiled (BM/16) x (8 / (BM/16)) over the (BM, DC) output and
  * added to a float32 workspace in key-tile order (see taca_bwd.cu).
  * DP: head dim padded (64, 128, 256); DC: the D-chunk of dK, dV, dQ this CTA owns.
+ * MASK: a.mask.data != NULL (a separate instance, so that the unmasked kernel carries no
+ * mask code and keeps its registers).
  */
-template <typename T, int DP, int DC, int BM>
+template <typename T, int DP, int DC, int BM, bool MASK>
 __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
     constexpr int BN = kBlockN;
     constexpr int NCH = DP / DC;
@@ -180,37 +200,48 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
 
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, t = lane & 3;
     const int jt = blockIdx.x;
-    const int ch = blockIdx.y % NCH, h = blockIdx.y / NCH, b = blockIdx.z;
+    const int ch = blockIdx.y % NCH, hk = blockIdx.y / NCH, b = blockIdx.z;
+    const int h0 = hk * a.group;  // first query head of key/value head hk
     const int j0 = jt * BN, c0 = ch * DC;
-    const int N = a.N, D = a.D, tb = a.text_begin, te = a.text_end;
+    const int N = a.N, Nk = a.Nk, D = a.D;
     const bool vec = a.vec_load != 0;
+    // A key mask (the same for every query; per head only with one query head per CTA) whose
+    // keys of this tile all attend: the CTA runs the unmasked paths (one warp vote, no barrier).
+    const bool masked = MASK && !(a.mask.q == 0 && (a.mask.h == 0 || a.group == 1) &&
+                                  keys_attend<BN>(a.mask, b * a.mask.b + h0 * a.mask.h, j0, Nk, lane));
 
-    const T *qb = static_cast<const T *>(a.q) + b * a.qs_b + h * a.qs_h;
-    const T *kb = static_cast<const T *>(a.k) + b * a.ks_b + h * a.ks_h;
-    const T *vb = static_cast<const T *>(a.v) + b * a.vs_b + h * a.vs_h;
-    const T *dob = static_cast<const T *>(a.dout) + b * a.dos_b + h * a.dos_h;
-    const int64_t bh = static_cast<int64_t>(b) * a.H + h;
-    const float *lse2b = a.lse2 + bh * a.Np;
+    const T *kb = static_cast<const T *>(a.k) + b * a.ks_b + hk * a.ks_h;
+    const T *vb = static_cast<const T *>(a.v) + b * a.vs_b + hk * a.vs_h;
+    const int64_t bh = static_cast<int64_t>(b) * a.H + h0;  // (b, h0): the group's first row
+    const float *lse2b = a.lse2 + bh * a.Np;  // flattened tile it starts at it * BM
     const float *deltab = a.delta + bh * a.Np;
 
     const float gam = a.gamma[b];
     const float grev = a.gamma_reverse;
     const float lg = a.scale * kLog2e;
 
-    load_tile<T, BN, DP, LDK>(sK, kb + j0 * a.ks_n, a.ks_n, N - j0, D, vec, tid);
-    load_tile<T, BN, DP, LDK>(sV, vb + j0 * a.vs_n, a.vs_n, N - j0, D, vec, tid);
+    // Keys past Nk are zero rows of K and V (so S^T = 0 and dQ += dS^T . 0 there; the mask
+    // path also gives them P = 0) and are never stored.
+    load_tile<T, BN, DP, LDK>(sK, kb + j0 * a.ks_n, a.ks_n, Nk - j0, D, vec, tid);
+    load_tile<T, BN, DP, LDK>(sV, vb + j0 * a.vs_n, a.vs_n, Nk - j0, D, vec, tid);
+
+    const int nq = a.nq, nk = a.nk;
+    const int nqt = a.group * nq;  // flattened query tiles: it = (h - h0) * nq + tile
 
     auto load_q_tile = [&](int it, int buf) {
-        const int i0 = it * BM;
-        load_tile<T, BM, DP, LDK>(sQ + buf * BM * LDK, qb + i0 * a.qs_n, a.qs_n, N - i0, D, vec,
+        const int hh = it / nq;
+        const int i0 = (it - hh * nq) * BM;
+        const T *qp = static_cast<const T *>(a.q) + b * a.qs_b + (h0 + hh) * a.qs_h;
+        const T *dop = static_cast<const T *>(a.dout) + b * a.dos_b + (h0 + hh) * a.dos_h;
+        load_tile<T, BM, DP, LDK>(sQ + buf * BM * LDK, qp + i0 * a.qs_n, a.qs_n, N - i0, D, vec,
                                   tid);
-        load_tile<T, BM, DP, LDK>(sdO + buf * BM * LDK, dob + i0 * a.dos_n, a.dos_n, N - i0, D,
+        load_tile<T, BM, DP, LDK>(sdO + buf * BM * LDK, dop + i0 * a.dos_n, a.dos_n, N - i0, D,
                                   vec, tid);
         if (tid < BM / 4) {
-            cp_async_16(smem_u32(sL + buf * BM + tid * 4), lse2b + i0 + tid * 4, 16);
+            cp_async_16(smem_u32(sL + buf * BM + tid * 4), lse2b + it * BM + tid * 4, 16);
         } else if (tid < BM / 2) {
             const int u = tid - BM / 4;
-            cp_async_16(smem_u32(sDl + buf * BM + u * 4), deltab + i0 + u * 4, 16);
+            cp_async_16(smem_u32(sDl + buf * BM + u * 4), deltab + it * BM + u * 4, 16);
         }
     };
 
@@ -219,10 +250,19 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
 
     // Key rows of this thread in S^T: r0 = 16w + g and r0 + 8.
     const int kr0 = j0 + 16 * w + g, kr1 = kr0 + 8;
-    const bool kt0 = kr0 >= tb && kr0 < te, kt1 = kr1 >= tb && kr1 < te;
     const int jend = j0 + BN;
-    const bool k_uniform = jend <= tb || j0 >= te || (j0 >= tb && jend <= te);
-    const bool k_text = j0 >= tb && j0 < te;
+    // Text spans of sample b (uniform per CTA) {keys [begin, end), queries [begin, end)} in
+    // shared memory, read (and the key tests redone) at every tile after the barrier at its
+    // top: values held in registers across the loop cost spills (per-sample spans are loads).
+    __shared__ int s_span[4];
+    if (tid == 0) {
+        const Span sp =
+            span_of(a.spans, b, a.text_begin, a.text_end, a.q_text_begin, a.q_text_end);
+        s_span[0] = sp.kb;
+        s_span[1] = sp.ke;
+        s_span[2] = sp.qb;
+        s_span[3] = sp.qe;
+    }
 
     float acc_dv[DC / 8][4], acc_dk[DC / 8][4];
 #pragma unroll
@@ -230,19 +270,22 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_dv[i][e] = acc_dk[i][e] = 0.f;
 
-    const int nq = a.nq, nk = a.nk;
     const int wm = w % WM, wn = w / WM;
     // Key tile jt is number seg_pos in chain seg; each chain sums into its own dQ buffer.
     const int seg = jt / a.seg_size, seg_pos = jt % a.seg_size;
     const int seg_len = min(a.seg_size, nk - seg * a.seg_size);
     const bool ordered = a.mode == kOrdered && nk > 1;
-    int *sem_row = a.sem + ((seg * static_cast<int64_t>(a.B) * a.H + bh) * NCH + ch) * nq;
+    // Counters (seg, b, ch, h, tile) and buffers (seg, b, h, Np rows): the group's heads are
+    // consecutive, so flattened tile it is entry it from head h0 on.
+    int *sem_row =
+        a.sem + ((static_cast<int64_t>(seg * a.B + b) * NCH + ch) * a.H + h0) * nq;
     float *acc_base = a.dq_acc + (seg * static_cast<int64_t>(a.B) * a.H + bh) * a.Np * DP;
 
-    for (int it = 0; it < nq; ++it) {
+    for (int it = 0; it < nqt; ++it) {
         const int buf = it & 1;
-        const int i0 = it * BM;
-        if (it + 1 < nq) {
+        const int hh = it / nq;                // query head h0 + hh
+        const int i0 = (it - hh * nq) * BM;    // its query tile's first row
+        if (it + 1 < nqt) {
             load_q_tile(it + 1, buf ^ 1);
             cp_async_commit();
             cp_async_wait<1>();
@@ -287,10 +330,18 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
             }
         }
 
-        // P^T = exp2(S^T * scale * log2e * m - lse2), dS'^T = m P^T (dP^T - delta).
+        // P^T = exp2(S^T * scale * log2e * m [+ log2e * mask] - lse2),
+        // dS'^T = m P^T (dP^T - delta).
+        const int ksb = s_span[0], kse = s_span[1];  // key text span [ksb, kse)
+        const int qsb = s_span[2], qse = s_span[3];  // query text span [qsb, qse)
+        const bool kt0 = kr0 >= ksb && kr0 < kse, kt1 = kr1 >= ksb && kr1 < kse;
+        // Uniform m over the key tile; never with a mask (its term is per element).
+        const bool k_uniform =
+            !masked && (jend <= ksb || j0 >= kse || (j0 >= ksb && jend <= kse));
+        const bool k_text = j0 >= ksb && j0 < kse;
         const int iend = i0 + BM;
-        const bool q_uniform = iend <= tb || i0 >= te || (i0 >= tb && iend <= te);
-        const bool q_text = i0 >= tb && i0 < te;
+        const bool q_uniform = iend <= qsb || i0 >= qse || (i0 >= qsb && iend <= qse);
+        const bool q_text = i0 >= qsb && i0 < qse;
         const float* lrow = sL + buf * BM;
         const float* drow = sDl + buf * BM;
         uint32_t ap[BM / 16][4], ads[BM / 16][4];
@@ -309,7 +360,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
                     s[nb][e] = p;
                 }
             }
-        } else {
+        } else if (!masked) {
 #pragma unroll
             for (int nb = 0; nb < BM / 8; ++nb) {
                 const int col = nb * 8 + 2 * t;
@@ -318,10 +369,40 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qi = i0 + col + (e & 1);
-                    const bool qt = qi >= tb && qi < te;
+                    const bool qt = qi >= qsb && qi < qse;
                     const bool kt = (e < 2) ? kt0 : kt1;
                     const float m = (qt == kt) ? 1.f : (qt ? grev : gam);
                     const float p = fast_exp2(s[nb][e] * (lg * m) - ((e & 1) ? l2.y : l2.x));
+                    dp[nb][e] = p * (dp[nb][e] - ((e & 1) ? dl.y : dl.x)) * m;
+                    s[nb][e] = p;
+                }
+            }
+        } else {
+            // Masked: + log2(e) mask_ij, read per element (S^T: key row kr, query column qi);
+            // -inf outside N x Nk (padding rows / columns: P = 0, no out-of-bounds read).
+            // Mask offsets of (b, h, i0 + 2t, kr0) and (.., kr1): element (qi, kr) adds
+            // (qi - i0 - 2t) * mask.q (mask_log2 with that base, i = qi - i0 - 2t, j = 0).
+            const int64_t mo0 = b * a.mask.b + (h0 + hh) * a.mask.h +
+                                static_cast<int64_t>(i0 + 2 * t) * a.mask.q + kr0 * a.mask.k;
+            const int64_t mo1 = mo0 + 8 * a.mask.k;
+            const bool kin0 = kr0 < Nk, kin1 = kr1 < Nk;
+#pragma unroll
+            for (int nb = 0; nb < BM / 8; ++nb) {
+                const int col = nb * 8 + 2 * t;
+                const float2 l2 = *reinterpret_cast<const float2 *>(lrow + col);
+                const float2 dl = *reinterpret_cast<const float2 *>(drow + col);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = i0 + col + (e & 1);
+                    const bool qt = qi >= qsb && qi < qse;
+                    const bool kt = (e < 2) ? kt0 : kt1;
+                    const float m = (qt == kt) ? 1.f : (qt ? grev : gam);
+                    const float mt =
+                        (qi < N && ((e < 2) ? kin0 : kin1))
+                            ? mask_log2(a.mask, (e < 2) ? mo0 : mo1, nb * 8 + (e & 1), 0)
+                            : -INFINITY;
+                    const float p =
+                        fast_exp2(s[nb][e] * (lg * m) + mt - ((e & 1) ? l2.y : l2.x));
                     dp[nb][e] = p * (dp[nb][e] - ((e & 1) ? dl.y : dl.x)) * m;
                     s[nb][e] = p;
                 }
@@ -395,7 +476,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
         const int qr0 = 16 * wm + g;
         const int qcol0 = c0 + wn * DQN + 2 * t;
         if (nk == 1) {
-            T *dqb = static_cast<T *>(a.dq) + b * a.dqs_b + h * a.dqs_h;
+            T *dqb = static_cast<T *>(a.dq) + b * a.dqs_b + (h0 + hh) * a.dqs_h;
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const int r = qr0 + half * 8;
@@ -416,7 +497,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
             }
             __syncthreads();
         }
-        float *accp = (ordered ? acc_base : a.dq_acc + bh * a.Np * DP) + i0 * DP;
+        float *accp = (ordered ? acc_base : a.dq_acc + bh * a.Np * DP) +
+                      static_cast<int64_t>(it) * BM * DP;  // head h0 + hh, rows i0..
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const int r = qr0 + half * 8;
@@ -433,17 +515,18 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
         __syncthreads();
         if (tid == 0) {
             __threadfence();
-            atomicExch(sem_row + nq - 1, seg_pos + 1);
+            atomicExch(sem_row + nqt - 1, seg_pos + 1);
         }
     }
-    // dK = scale * dK', dV: this thread's rows kr0, kr1 and D-chunk columns.
-    T *dkb = static_cast<T *>(a.dk) + b * a.dks_b + h * a.dks_h;
-    T *dvb = static_cast<T *>(a.dv) + b * a.dvs_b + h * a.dvs_h;
+    // dK = scale * dK', dV (summed over the group): this thread's rows kr0, kr1 and D-chunk
+    // columns of key/value head hk.
+    T *dkb = static_cast<T *>(a.dk) + b * a.dks_b + hk * a.dks_h;
+    T *dvb = static_cast<T *>(a.dv) + b * a.dvs_b + hk * a.dvs_h;
     const bool pair = a.pair_store != 0;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int r = half ? kr1 : kr0;
-        if (r >= N) continue;
+        if (r >= Nk) continue;
         T *dkrow = dkb + static_cast<int64_t>(r) * a.dks_n;
         T *dvrow = dvb + static_cast<int64_t>(r) * a.dvs_n;
 #pragma unroll
@@ -469,17 +552,18 @@ int launch_bwd(const BwdArgs &a, cudaStream_t stream) {
     bwd_preprocess<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(a);
     int st = taca_cuda_check_launch("taca_bwd_cuda preprocess");
     if (st != TACA_OK) return st;
-    TACA_CUDA_TRY(cudaFuncSetAttribute(bwd_main<T, DP, DC, BM>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
+    const bool masked = a.mask.data != nullptr;
+    auto kernel = masked ? bwd_main<T, DP, DC, BM, true> : bwd_main<T, DP, DC, BM, false>;
+    TACA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(smem)),
                   "taca_bwd_cuda cudaFuncSetAttribute");
-    dim3 grid(a.nk, a.H * (DP / DC), a.B);
+    dim3 grid(a.nk, a.Hkv * (DP / DC), a.B);
     if (a.mode == kAtomic && a.nk > 1) {
         TACA_CUDA_TRY(cudaMemsetAsync(a.dq_acc, 0,
                                       static_cast<size_t>(rows) * DP * sizeof(float), stream),
                       "taca_bwd_cuda memset dq_acc");
     }
-    bwd_main<T, DP, DC, BM><<<grid, kThreads, smem, stream>>>(a);
+    kernel<<<grid, kThreads, smem, stream>>>(a);
     st = taca_cuda_check_launch("taca_bwd_cuda main");
     if (st != TACA_OK || a.nk == 1) return st;
     const int64_t total = static_cast<int64_t>(a.B) * a.H * a.N * a.D;

@@ -7,7 +7,11 @@
  * chains and bwd_dq_convert are the mma.sync path's (taca_bwd.cu explains them); only bwd_main
  * is replaced.
  *
- * CTA = 3 warpgroups (384 threads) per (128-key tile, head, batch): two MMA warpgroups
+ * Spans, masks, N_q != N_k and grouped KV heads as in bwd_main (taca_bwd.cu): a CTA owns one
+ * key/value head and walks the flattened (query head of its group, query tile) sequence; the
+ * dQ writer warpgroup follows the same sequence. The mask is a template flag.
+ *
+ * CTA = 3 warpgroups (384 threads) per (128-key tile, key/value head, batch): two MMA warpgroups
  * (setmaxnreg 240 registers) and one dQ writer warpgroup (24 registers). MMA warpgroup w owns
  * keys [64w, 64w + 64). K and V (128 x D) stay in shared memory, Q and dO tiles of BM queries stream
  * through a cp.async double buffer (BM = 64 for D = 128, 128 for D = 64), all in the 128-byte
@@ -15,7 +19,7 @@
  *   S^T  (64 keys x BM) = K_w Q^T     wgmma SS, A = K rows, B = Q rows (both K-major)
  *   dP^T (64 keys x BM) = V_w dO^T    same with V, dO (second commit group: P is computed
  *                                     while it runs)
- *   P^T = exp2(S^T scale log2e m - lse2), dS'^T = m P^T (dP^T - delta)  (registers)
+ *   P^T = exp2(S^T scale log2e m + log2e mask - lse2), dS'^T = m P^T (dP^T - delta)
  *   dV_w += P^T dO,  dK_w += dS'^T Q  wgmma RS (A = P^T / dS'^T packed from the accumulators,
  *                                     B = dO / Q N-major: the forward's O += P V pattern)
  *   dS' (BM x 128 keys) -> smem       stmatrix .trans of the dS'^T fragments (K-major tile)
@@ -134,7 +138,8 @@ __device__ __forceinline__ void red_add4(float *p, float4 v) {
 #endif
 }
 
-template <typename T, int DP, bool WRITER>
+/* MASK: a.mask.data != NULL (its own instance: the unmasked one carries no mask code). */
+template <typename T, int DP, bool WRITER, bool MASK>
 __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
     taca_bwd_sm90_kernel(const BwdArgs a, const int ho) {
 #if TACA_SM90A
@@ -161,11 +166,14 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
     const bool late = ho == kMbarrier || ho == kRendezvous;
 
     const int nq = a.nq, nk = a.nk;
-    const int jt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int64_t bh = static_cast<int64_t>(b) * a.H + h;
+    const int nqt = a.group * nq;  // flattened query tiles it = (h - h0) * nq + query tile
+    const int jt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    const int h0 = hk * a.group;  // the group's first query head
+    const int64_t bh = static_cast<int64_t>(b) * a.H + h0;
     const int seg = jt / a.seg_size, seg_pos = jt % a.seg_size;
     const int seg_len = min(a.seg_size, nk - seg * a.seg_size);
     const bool ordered = a.mode == taca_bwd::kOrdered && nk > 1;
+    // Layouts (seg, b, h, tile) and (seg, b, h, Np rows): flattened tile it is entry it from h0.
     int *sem_row = a.sem + (seg * static_cast<int64_t>(a.B) * a.H + bh) * nq;
     float *acc_base = a.dq_acc + (seg * static_cast<int64_t>(a.B) * a.H + bh) * a.Np * DP;
 
@@ -188,7 +196,7 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
         const bool first = ordered ? seg_pos == 0 : a.mode == taca_bwd::kRacy;
         float *accb = ordered ? acc_base : a.dq_acc + bh * a.Np * DP;
         const bool releases = ordered && seg_pos < seg_len - 1;
-        for (int it = 0; it < nq; ++it) {
+        for (int it = 0; it < nqt; ++it) {
             const int buf = it & 1;
             if (mbar) mbar_wait(mb_full + 8 * buf, (it >> 1) & 1);  // tile it staged
             else bar_sync(BAR_FULL + buf, 384);
@@ -218,7 +226,7 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
                 else red_add4(dst + r * DP + c4 * 4, v);
             }
             if (mbar) mbar_arrive(mb_empty + 8 * buf);  // staging buffer free again
-            else if (!rdv && it + 2 < nq) bar_arrive(BAR_EMPTY + buf, 384);
+            else if (!rdv && it + 2 < nqt) bar_arrive(BAR_EMPTY + buf, 384);
             if (!late && releases) {
                 bar_sync(BAR_WRITER, 128);  // every writer thread issued its adds
                 if (wtid == 0) {
@@ -231,7 +239,7 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
             bar_sync(BAR_WRITER, 128);
             if (wtid == 0) {
                 __threadfence();
-                atomicExch(sem_row + nq - 1, seg_pos + 1);
+                atomicExch(sem_row + nqt - 1, seg_pos + 1);
             }
         }
         return;
@@ -246,12 +254,13 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     const int j0 = jt * BN;
-    const int N = a.N, D = a.D, tb = a.text_begin, te = a.text_end;
+    const int N = a.N, Nk = a.Nk, D = a.D;
+    // A key mask whose keys of this tile all attend: unmasked paths (as bwd_main)
+    const bool masked = MASK && !(a.mask.q == 0 && (a.mask.h == 0 || a.group == 1) &&
+                                  keys_attend<BN>(a.mask, b * a.mask.b + h0 * a.mask.h, j0, Nk, lane));
 
-    const T *qb = static_cast<const T *>(a.q) + b * a.qs_b + h * a.qs_h;
-    const T *kb = static_cast<const T *>(a.k) + b * a.ks_b + h * a.ks_h;
-    const T *vb = static_cast<const T *>(a.v) + b * a.vs_b + h * a.vs_h;
-    const T *dob = static_cast<const T *>(a.dout) + b * a.dos_b + h * a.dos_h;
+    const T *kb = static_cast<const T *>(a.k) + b * a.ks_b + hk * a.ks_h;
+    const T *vb = static_cast<const T *>(a.v) + b * a.vs_b + hk * a.vs_h;
     const float *lse2b = a.lse2 + bh * a.Np;
     const float *deltab = a.delta + bh * a.Np;
 
@@ -259,17 +268,21 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
     const float grev = a.gamma_reverse;
     const float lg = a.scale * taca_bwd::kLog2e;
 
-    load_tile_sw128<T, BN, DP, 256>(sk, kb, a.ks_n, j0, N, D, tid);
-    load_tile_sw128<T, BN, DP, 256>(sv, vb, a.vs_n, j0, N, D, tid);
+    // Keys past Nk: zero rows of K and V (as bwd_main), never stored.
+    load_tile_sw128<T, BN, DP, 256>(sk, kb, a.ks_n, j0, Nk, D, tid);
+    load_tile_sw128<T, BN, DP, 256>(sv, vb, a.vs_n, j0, Nk, D, tid);
     auto load_q_tile = [&](int it, int buf) {
-        const int i0 = it * BM;
-        load_tile_sw128<T, BM, DP, 256>(sq + buf * C::QT_BYTES, qb, a.qs_n, i0, N, D, tid);
-        load_tile_sw128<T, BM, DP, 256>(sdo + buf * C::QT_BYTES, dob, a.dos_n, i0, N, D, tid);
+        const int hh = it / nq;
+        const int i0 = (it - hh * nq) * BM;
+        const T *qp = static_cast<const T *>(a.q) + b * a.qs_b + (h0 + hh) * a.qs_h;
+        const T *dop = static_cast<const T *>(a.dout) + b * a.dos_b + (h0 + hh) * a.dos_h;
+        load_tile_sw128<T, BM, DP, 256>(sq + buf * C::QT_BYTES, qp, a.qs_n, i0, N, D, tid);
+        load_tile_sw128<T, BM, DP, 256>(sdo + buf * C::QT_BYTES, dop, a.dos_n, i0, N, D, tid);
         if (tid < BM / 4) {
-            cp_async_16(smem_u32(sL + buf * BM + tid * 4), lse2b + i0 + tid * 4, 16);
+            cp_async_16(smem_u32(sL + buf * BM + tid * 4), lse2b + it * BM + tid * 4, 16);
         } else if (tid < BM / 2) {
             const int u = tid - BM / 4;
-            cp_async_16(smem_u32(sDl + buf * BM + u * 4), deltab + i0 + u * 4, 16);
+            cp_async_16(smem_u32(sDl + buf * BM + u * 4), deltab + it * BM + u * 4, 16);
         }
     };
     load_q_tile(0, 0);
@@ -278,9 +291,18 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
     // This thread's key rows in S^T: 64 wg + 16 warp + g and + 8.
     const int kw0 = j0 + 64 * wg;  // the warpgroup's first key
     const int kr0 = kw0 + 16 * warp + g, kr1 = kr0 + 8;
-    const bool kt0 = kr0 >= tb && kr0 < te, kt1 = kr1 >= tb && kr1 < te;
-    const bool k_uniform = kw0 + 64 <= tb || kw0 >= te || (kw0 >= tb && kw0 + 64 <= te);
-    const bool k_text = kw0 >= tb && kw0 < te;
+    // Text spans of sample b {keys [begin, end), queries [begin, end)} in shared memory, read
+    // (and the key tests redone) at every tile after the barrier at its top: values held in
+    // registers across the loop cost spills (per-sample spans are global loads).
+    __shared__ int s_span[4];
+    if (tid == 0) {
+        const Span sp =
+            span_of(a.spans, b, a.text_begin, a.text_end, a.q_text_begin, a.q_text_end);
+        s_span[0] = sp.kb;
+        s_span[1] = sp.ke;
+        s_span[2] = sp.qb;
+        s_span[3] = sp.qe;
+    }
 
     float dv[DP / 2], dk[DP / 2];
 #pragma unroll
@@ -288,9 +310,10 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
 
     const uint32_t k_wg = sk + wg * 64 * 128, v_wg = sv + wg * 64 * 128;  // rows 64 wg.. of each block
 
-    for (int it = 0; it < nq; ++it) {
+    for (int it = 0; it < nqt; ++it) {
         const int buf = it & 1;
-        const int i0 = it * BM;
+        const int hh = it / nq;              // query head h0 + hh
+        const int i0 = (it - hh * nq) * BM;  // its query tile's first row
         cp_async_wait<0>();
         fence_proxy_async();
         // Tile it landed and is visible to wgmma; every warpgroup finished tile it - 1 (its
@@ -301,7 +324,7 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
             __threadfence();
             atomicExch(sem_row + it - 1, seg_pos + 1);
         }
-        if (it + 1 < nq) load_q_tile(it + 1, buf ^ 1);
+        if (it + 1 < nqt) load_q_tile(it + 1, buf ^ 1);
         cp_async_commit();
 
         const uint32_t qt = sq + buf * C::QT_BYTES, dot = sdo + buf * C::QT_BYTES;
@@ -320,13 +343,21 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
         wgmma_wait<1>();
         fence_regs<NT * 4>(s);
 
-        // P^T = exp2(S^T lg m - lse2) while dP^T is computed; then dS'^T = m P^T (dP^T - delta).
+        // P^T = exp2(S^T lg m [+ log2e mask] - lse2) while dP^T is computed;
+        // then dS'^T = m P^T (dP^T - delta).
         const float *lrow = sL + buf * BM;
         const float *drow = sDl + buf * BM;
-        const int qe = i0 + BM;
-        const bool q_uniform = qe <= tb || i0 >= te || (i0 >= tb && qe <= te);
+        const int ksb = s_span[0], kse = s_span[1];  // key text span [ksb, kse)
+        const int qsb = s_span[2], qse = s_span[3];  // query text span [qsb, qse)
+        const bool kt0 = kr0 >= ksb && kr0 < kse, kt1 = kr1 >= ksb && kr1 < kse;
+        // Uniform m over the warpgroup's keys; never with a mask (its term is per element).
+        const bool k_uniform =
+            !masked && (kw0 + 64 <= ksb || kw0 >= kse || (kw0 >= ksb && kw0 + 64 <= kse));
+        const bool k_text = kw0 >= ksb && kw0 < kse;
+        const int iend = i0 + BM;
+        const bool q_uniform = iend <= qsb || i0 >= qse || (i0 >= qsb && iend <= qse);
         const bool uniform = k_uniform && q_uniform;
-        const bool q_text = i0 >= tb && i0 < te;
+        const bool q_text = i0 >= qsb && i0 < qse;
         const float mu = (k_text == q_text) ? 1.f : (q_text ? grev : gam);
         if (uniform) {
             const float cf = lg * mu;
@@ -336,7 +367,7 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) s[nt * 4 + e] = fast_exp2(s[nt * 4 + e] * cf - ((e & 1) ? l2.y : l2.x));
             }
-        } else {
+        } else if (!masked) {
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
                 const int col = nt * 8 + 2 * t;
@@ -344,10 +375,36 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qi = i0 + col + (e & 1);
-                    const bool qtx = qi >= tb && qi < te;
+                    const bool qtx = qi >= qsb && qi < qse;
                     const bool ktx = (e < 2) ? kt0 : kt1;
                     const float m = (qtx == ktx) ? 1.f : (qtx ? grev : gam);
                     s[nt * 4 + e] = fast_exp2(s[nt * 4 + e] * (lg * m) - ((e & 1) ? l2.y : l2.x));
+                }
+            }
+        } else {
+            // Masked: + log2(e) mask_ij per element (S^T: key row kr, query column qi); -inf
+            // outside N x Nk (padding: P = 0, no out-of-bounds read).
+            // Mask offsets of (b, h, i0 + 2t, kr0) and (.., kr1): element (qi, kr) adds
+            // (qi - i0 - 2t) * mask.q (mask_log2 with that base, i = qi - i0 - 2t, j = 0).
+            const int64_t mo0 = b * a.mask.b + (h0 + hh) * a.mask.h +
+                                static_cast<int64_t>(i0 + 2 * t) * a.mask.q + kr0 * a.mask.k;
+            const int64_t mo1 = mo0 + 8 * a.mask.k;
+            const bool kin0 = kr0 < Nk, kin1 = kr1 < Nk;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const int col = nt * 8 + 2 * t;
+                const float2 l2 = *reinterpret_cast<const float2 *>(lrow + col);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = i0 + col + (e & 1);
+                    const bool qtx = qi >= qsb && qi < qse;
+                    const bool ktx = (e < 2) ? kt0 : kt1;
+                    const float m = (qtx == ktx) ? 1.f : (qtx ? grev : gam);
+                    const float mt = (qi < N && ((e < 2) ? kin0 : kin1))
+                                         ? mask_log2(a.mask, (e < 2) ? mo0 : mo1, nt * 8 + (e & 1), 0)
+                                         : -INFINITY;
+                    s[nt * 4 + e] =
+                        fast_exp2(s[nt * 4 + e] * (lg * m) + mt - ((e & 1) ? l2.y : l2.x));
                 }
             }
         }
@@ -369,7 +426,7 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qi = i0 + col + (e & 1);
-                    const bool qtx = qi >= tb && qi < te;
+                    const bool qtx = qi >= qsb && qi < qse;
                     const bool ktx = (e < 2) ? kt0 : kt1;
                     const float m = (qtx == ktx) ? 1.f : (qtx ? grev : gam);
                     dp[nt * 4 + e] = s[nt * 4 + e] * (dp[nt * 4 + e] - ((e & 1) ? dl.y : dl.x)) * m;
@@ -441,7 +498,7 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
         const int qr0 = QROWS * wg + 16 * warp + g;  // this thread's dQ rows qr0, qr0 + 8 (tile)
         const int qc0 = QCOLS * wg + 2 * t;          // and columns qc0 + 8 nt, + 1
         if (nk == 1) {
-            T *dqb = static_cast<T *>(a.dq) + b * a.dqs_b + h * a.dqs_h;
+            T *dqb = static_cast<T *>(a.dq) + b * a.dqs_b + (h0 + hh) * a.dqs_h;
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const int r = i0 + qr0 + half * 8;
@@ -463,7 +520,8 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
                 }
                 __syncthreads();
             }
-            float *accp = (ordered ? acc_base : a.dq_acc + bh * a.Np * DP) + static_cast<int64_t>(i0) * DP;
+            float *accp = (ordered ? acc_base : a.dq_acc + bh * a.Np * DP) +
+                          static_cast<int64_t>(it) * BM * DP;  // head h0 + hh, rows i0..
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const int r = qr0 + half * 8;
@@ -504,17 +562,18 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
         __syncthreads();
         if (tid == 0) {
             __threadfence();
-            atomicExch(sem_row + nq - 1, seg_pos + 1);
+            atomicExch(sem_row + nqt - 1, seg_pos + 1);
         }
     }
-    // dK = scale * dK', dV: rows kr0, kr1; columns 8 nt + 2t, + 1.
-    T *dkb = static_cast<T *>(a.dk) + b * a.dks_b + h * a.dks_h;
-    T *dvb = static_cast<T *>(a.dv) + b * a.dvs_b + h * a.dvs_h;
+    // dK = scale * dK', dV (summed over the group) of key/value head hk: rows kr0, kr1;
+    // columns 8 nt + 2t, + 1.
+    T *dkb = static_cast<T *>(a.dk) + b * a.dks_b + hk * a.dks_h;
+    T *dvb = static_cast<T *>(a.dv) + b * a.dvs_b + hk * a.dvs_h;
     const bool pair = a.pair_store != 0;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int r = half ? kr1 : kr0;
-        if (r >= N) continue;
+        if (r >= Nk) continue;
         T *dkrow = dkb + static_cast<int64_t>(r) * a.dks_n;
         T *dvrow = dvb + static_cast<int64_t>(r) * a.dvs_n;
 #pragma unroll
@@ -534,7 +593,8 @@ template <typename T, int DP, bool WRITER>
 int launch(const BwdArgs &a, cudaStream_t stream, int ho) {
     using C = Cfg<DP, WRITER>;
     if (a.Np % C::BM != 0 || a.Np != a.nq * C::BM) return TACA_ERR_UNSUPPORTED;  // workspace layout
-    auto kernel = taca_bwd_sm90_kernel<T, DP, WRITER>;
+    auto kernel = a.mask.data ? taca_bwd_sm90_kernel<T, DP, WRITER, true>
+                              : taca_bwd_sm90_kernel<T, DP, WRITER, false>;
     // The kernel has a body only in an sm_90a binary: check which one this device runs.
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_bwd_cuda (sm90): cudaFuncGetAttributes");
@@ -549,7 +609,7 @@ int launch(const BwdArgs &a, cudaStream_t stream, int ho) {
         TACA_CUDA_TRY(cudaMemsetAsync(a.dq_acc, 0, static_cast<size_t>(rows) * DP * sizeof(float), stream),
                       "taca_bwd_cuda (sm90) memset dq_acc");
     }
-    kernel<<<dim3(a.nk, a.H, a.B), C::THREADS, C::SMEM, stream>>>(a, ho);
+    kernel<<<dim3(a.nk, a.Hkv, a.B), C::THREADS, C::SMEM, stream>>>(a, ho);
     st = taca_cuda_check_launch("taca_bwd_cuda (sm90) main");
     if (st != TACA_OK || a.nk == 1) return st;
     const int64_t total = static_cast<int64_t>(a.B) * a.H * a.N * a.D;

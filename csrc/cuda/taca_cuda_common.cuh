@@ -16,6 +16,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <math.h>
 #include <stdint.h>
 
 #include "taca.h"
@@ -125,6 +126,57 @@ __device__ __forceinline__ float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
+}
+
+/* The text spans of sample b: keys [kb, ke), queries [qb, qe). spans is NULL (the shared
+ * fields apply) or the device (B, 4) int64 array {k_begin, k_end, q_begin, q_end} of taca.h,
+ * already validated by the caller (0 <= begin <= end <= N). */
+struct Span {
+    int kb, ke, qb, qe;
+};
+__device__ __forceinline__ Span span_of(const int64_t *spans, int b, int kb, int ke, int qb,
+                                        int qe) {
+    if (spans) {
+        const int64_t *r = spans + 4 * (int64_t)b;
+        return Span{(int)r[0], (int)r[1], (int)r[2], (int)r[3]};
+    }
+    return Span{kb, ke, qb, qe};
+}
+
+/* A key mask as the CUDA kernels read it (taca.h, taca_mask): data is NULL without a mask;
+ * kind TACA_MASK_BOOL (uint8, 0 = masked) or TACA_MASK_ADD (float32 added to s_ij); element
+ * strides b, h, q, k over the broadcast (B, H, N_q, N_k) view. */
+struct MaskArgs {
+    const void *data;
+    int kind;
+    int64_t b, h, q, k;
+};
+
+/* The launchers' view of a taca_mask (data NULL when there is none). */
+static inline MaskArgs mask_args(const taca_mask &m) {
+    return MaskArgs{m.kind == TACA_MASK_NONE ? nullptr : m.data, m.kind, m.b, m.h, m.q, m.k};
+}
+
+/* The mask term of s_ij in the kernels' base-2 logit units (log2(e) * mask_ij; -inf where a
+ * bool mask is 0). base = data offset of (b, h, 0, 0); i query, j key. */
+__device__ __forceinline__ float mask_log2(const MaskArgs &m, int64_t base, int i, int j) {
+    const int64_t off = base + (int64_t)i * m.q + (int64_t)j * m.k;
+    if (m.kind == TACA_MASK_BOOL)
+        return static_cast<const uint8_t *>(m.data)[off] ? 0.0f : -INFINITY;
+    return static_cast<const float *>(m.data)[off] * 1.4426950408889634f;
+}
+
+/* A key mask (m.q == 0: the same for every query row): true when every key of [k0, k0 + NKEYS)
+ * below nk attends with a zero mask term, so that tile can take the unmasked paths. One warp
+ * votes (all 32 lanes must call it); base = data offset of (b, h, 0, 0). Padded text keys are
+ * usually one tile or two: the other tiles of a masked call then run at the unmasked speed. */
+template <int NKEYS>
+__device__ __forceinline__ bool keys_attend(const MaskArgs &m, int64_t base, int k0, int nk, int lane) {
+    bool ok = true;
+#pragma unroll
+    for (int c = lane; c < NKEYS; c += 32)
+        if (k0 + c < nk) ok = ok && mask_log2(m, base, 0, k0 + c) == 0.0f;
+    return __all_sync(0xffffffffu, ok);
 }
 
 }  // namespace taca_cuda

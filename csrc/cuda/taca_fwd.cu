@@ -65,13 +65,10 @@ extern "C" int taca_fwd_cuda_variant(const taca_fwd_params *p, void *stream, int
     if (st != TACA_OK) return st;
     if (p->dtype != TACA_F16 && p->dtype != TACA_BF16) return TACA_ERR_DTYPE;
     if (p->batch * p->seqlen * p->heads == 0) return TACA_OK;
-    if (p->seqlen > INT32_MAX - 256 || p->heads > 65535 || p->batch > 65535)
+    if (p->seqlen > INT32_MAX - 256 || p->seqlen_k > INT32_MAX - 256 || p->heads > 65535 ||
+        p->batch > 65535)
         return TACA_ERR_UNSUPPORTED;
-    /* one token set, equal heads, one shared span, no mask (taca.h) */
-    if (p->seqlen_k != p->seqlen || p->heads_kv != p->heads || p->text_spans ||
-        p->mask.kind != TACA_MASK_NONE || p->q_text_begin != p->text_begin ||
-        p->q_text_end != p->text_end)
-        return TACA_ERR_UNSUPPORTED;
+    if (p->seqlen_k == 0) return TACA_ERR_UNSUPPORTED;  /* no keys: every row fully masked */
 
     FwdArgs a;
     a.q = p->q;
@@ -85,9 +82,15 @@ extern "C" int taca_fwd_cuda_variant(const taca_fwd_params *p, void *stream, int
     a.vb = p->v_stride.b; a.vn = p->v_stride.n; a.vh = p->v_stride.h;
     a.ob = p->out_stride.b; a.on = p->out_stride.n; a.oh = p->out_stride.h;
     a.n = (int)p->seqlen;
+    a.nk = (int)p->seqlen_k;
     a.d = (int)p->head_dim;
     a.tb = (int)p->text_begin;
     a.te = (int)p->text_end;
+    a.qtb = (int)p->q_text_begin;
+    a.qte = (int)p->q_text_end;
+    a.group = (int)(p->heads / p->heads_kv);
+    a.spans = p->text_spans;
+    a.mask = taca_cuda::mask_args(p->mask);
     a.gamma = static_cast<const float *>(p->gamma);  /* float: the accumulation type */
     a.gamma_reverse = static_cast<float>(p->gamma_reverse);
     a.scale_log2 = static_cast<float>(p->scale * 1.4426950408889634);

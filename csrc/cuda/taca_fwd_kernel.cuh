@@ -22,7 +22,12 @@ struct FwdArgs {
     void *out;
     float *lse, *text_mass;
     int64_t qb, qn, qh, kb, kn, kh, vb, vn, vh, ob, on, oh;
-    int n, d, tb, te;
+    int n, d, tb, te;  // n: query tokens N_q; [tb, te): shared key text span
+    int nk;            // key/value tokens N_k
+    int qtb, qte;      // shared query text span
+    int group;         // query heads per key/value head (H / H_kv)
+    const int64_t *spans;  // NULL or device (B, 4) {k_begin, k_end, q_begin, q_end}
+    MaskArgs mask;         // mask.data NULL: no mask
     const float *gamma;
     float gamma_reverse;
     float scale_log2;  // scale * log2(e)
@@ -114,15 +119,19 @@ __device__ __forceinline__ void load_kv_tile(T *sk, const T *gk, int64_t kn, con
  * the per-element select and, for visual tiles, the text-mass sum. */
 enum { TILE_VIS = 0, TILE_TXT = 1, TILE_MIXED = 2 };
 
-/* Scale S by the TACA multiplier, mask keys >= n, update the running max / row sum / text sum,
- * leave P (unnormalized, base 2) in s and the rescale factor of O in alpha_out; with SCALE_O,
- * also rescale O here (otherwise the caller does, e.g. once an in-flight P V product landed). */
-template <int KIND, bool SCALE_O = true, int MT, int NT, int DT>
+/* Scale S by the TACA multiplier, mask keys >= n (n = N_k), add the key mask (mixed tiles
+ * only: the callers send every tile of a masked call there; row0 = this lane's first query row,
+ * rows mt * 16 + hf * 8 after it, rows >= nq are padding; MASKED only), update the running max / row sum /
+ * text sum, leave P (unnormalized, base 2) in s and the rescale factor of O in alpha_out; with
+ * SCALE_O, also rescale O here (otherwise the caller does, e.g. once an in-flight P V product
+ * landed). */
+template <int KIND, bool SCALE_O = true, bool MASKED = false, int MT, int NT, int DT>
 __device__ __forceinline__ void softmax_tile(float (&s)[MT][NT][4], float (&o)[MT][DT][4],
                                              float (&m_run)[MT][2], float (&l_run)[MT][2],
                                              float (&t_run)[MT][2], const float (&mul_txt)[MT][2],
                                              const float (&mul_vis)[MT][2], int k0, int n, int tb,
-                                             int te, int lane, float (&alpha_out)[MT][2]) {
+                                             int te, int lane, float (&alpha_out)[MT][2],
+                                             const MaskArgs &mask, int64_t mbase, int row0, int nq) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -141,6 +150,12 @@ __device__ __forceinline__ void softmax_tile(float (&s)[MT][NT][4], float (&o)[M
                         const int col = k0 + nt * 8 + (lane & 3) * 2 + e;
                         const bool ct = col >= tb && col < te;
                         x = col < n ? x * (ct ? mul_txt[mt][hf] : mul_vis[mt][hf]) : -INFINITY;
+                        const int row = row0 + mt * 16 + hf * 8;
+                        if constexpr (MASKED) {
+                            if (mask.data && col < n && row < nq) x += mask_log2(mask, mbase, row, col);
+                        } else {
+                            (void)row;
+                        }
                         mx = fmaxf(mx, x);
                     }
             } else {
@@ -184,7 +199,10 @@ __device__ __forceinline__ void softmax_tile(float (&s)[MT][NT][4], float (&o)[M
         }
 }
 
-template <typename T, typename Cfg, bool ALIGNED>
+/* FEAT: per-sample spans and a mask (a.spans / a.mask read); without it the spans are the shared
+ * fields and nothing is masked, so the common case keeps its registers (the span stays in the
+ * constant bank). N_q != N_k and grouped KV heads need no template switch. */
+template <typename T, typename Cfg, bool ALIGNED, bool FEAT>
 __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB)
 taca_fwd_kernel(const FwdArgs a) {
     constexpr int DP = Cfg::DP, MT = Cfg::MT, BC = Cfg::BC, BR = Cfg::BR, LD = Cfg::LD;
@@ -198,20 +216,25 @@ taca_fwd_kernel(const FwdArgs a) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int h = blockIdx.y, b = blockIdx.z;
     const int q0 = blockIdx.x * BR;
-    const int n = a.n, d = a.d, tb = a.tb, te = a.te;
-    const int nkv = (n + BC - 1) / BC;
+    const Span sp = FEAT ? span_of(a.spans, b, a.tb, a.te, a.qtb, a.qte) : Span{a.tb, a.te, a.qtb, a.qte};
+    const int n = a.n, nk = a.nk, d = a.d, tb = sp.kb, te = sp.ke;
+    const int nkv = (nk + BC - 1) / BC;
+    const int hk = h / a.group;
+    const bool masked = FEAT && a.mask.data != nullptr;
+    const bool key_mask = masked && a.mask.q == 0;  // the same for every query: voted per tile
+    const int64_t mbase = FEAT ? (int64_t)b * a.mask.b + (int64_t)h * a.mask.h : 0;
 
     const T *gq = static_cast<const T *>(a.q) + b * a.qb + h * a.qh + (int64_t)q0 * a.qn;
-    const T *gk = static_cast<const T *>(a.k) + b * a.kb + h * a.kh;
-    const T *gv = static_cast<const T *>(a.v) + b * a.vb + h * a.vh;
+    const T *gk = static_cast<const T *>(a.k) + b * a.kb + hk * a.kh;
+    const T *gv = static_cast<const T *>(a.v) + b * a.vb + hk * a.vh;
 
     load_tile<T, BR, DP, LD, THREADS, ALIGNED>(sQ, gq, a.qn, 0, n - q0, d, tid);
-    load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sK, gk, a.kn, 0, n, d, tid);
+    load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sK, gk, a.kn, 0, nk, d, tid);
     if constexpr (STAGES == 2) {
-        load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sV, gv, a.vn, 0, n, d, tid);
+        load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sV, gv, a.vn, 0, nk, d, tid);
         cp_async_commit();
         if (nkv > 1)
-            load_kv_tile<T, BC, DP, LD, THREADS, ALIGNED, STAGES * BC * LD>(sK + BC * LD, gk, a.kn, gv, a.vn, BC, n, d, tid);
+            load_kv_tile<T, BC, DP, LD, THREADS, ALIGNED, STAGES * BC * LD>(sK + BC * LD, gk, a.kn, gv, a.vn, BC, nk, d, tid);
     }
     cp_async_commit();
 
@@ -224,7 +247,7 @@ taca_fwd_kernel(const FwdArgs a) {
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
             const int row = q0 + wrow0 + mt * 16 + (lane >> 2) + hf * 8;
-            const bool rt = row >= tb && row < te;
+            const bool rt = row >= sp.qb && row < sp.qe;
             mul_txt[mt][hf] = a.scale_log2 * (rt ? 1.0f : g);
             mul_vis[mt][hf] = a.scale_log2 * (rt ? a.gamma_reverse : 1.0f);
         }
@@ -260,7 +283,7 @@ taca_fwd_kernel(const FwdArgs a) {
         } else {
             cp_async_wait<0>();
             __syncthreads();  // K_j (and Q) landed; every warp is done reading V_{j-1}
-            load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sV, gv, a.vn, k0, n, d, tid);
+            load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sV, gv, a.vn, k0, nk, d, tid);
             cp_async_commit();
         }
 
@@ -291,13 +314,21 @@ taca_fwd_kernel(const FwdArgs a) {
         }
 
         const int k1 = k0 + BC;
+        const int row0 = q0 + wrow0 + (lane >> 2);
         float alpha[MT][2];
-        if (a.scale_log2 >= 0.0f && k1 <= n && (k1 <= tb || k0 >= te))
-            softmax_tile<TILE_VIS>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
-        else if (a.scale_log2 >= 0.0f && k1 <= n && k0 >= tb && k1 <= te)
-            softmax_tile<TILE_TXT>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
+        const bool tmask = key_mask ? !keys_attend<BC>(a.mask, mbase, k0, nk, lane) : masked;
+        if (!tmask && a.scale_log2 >= 0.0f && k1 <= nk && (k1 <= tb || k0 >= te))
+            softmax_tile<TILE_VIS>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane, alpha,
+                                   a.mask, mbase, row0, n);
+        else if (!tmask && a.scale_log2 >= 0.0f && k1 <= nk && k0 >= tb && k1 <= te)
+            softmax_tile<TILE_TXT>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane, alpha,
+                                   a.mask, mbase, row0, n);
+        else if (tmask)
+            softmax_tile<TILE_MIXED, true, FEAT>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane,
+                                                 alpha, a.mask, mbase, row0, n);
         else
-            softmax_tile<TILE_MIXED>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
+            softmax_tile<TILE_MIXED, true, false>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane,
+                                                  alpha, a.mask, mbase, row0, n);
 
         uint32_t pa[MT][BC / 16][4];
 #pragma unroll
@@ -314,7 +345,7 @@ taca_fwd_kernel(const FwdArgs a) {
             cp_async_wait<0>();
             __syncthreads();  // V_j landed; every warp is done reading K_j
             if (j + 1 < nkv) {
-                load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sK, gk, a.kn, k1, n, d, tid);
+                load_tile<T, BC, DP, LD, THREADS, ALIGNED>(sK, gk, a.kn, k1, nk, d, tid);
                 cp_async_commit();
             }
         }
@@ -336,7 +367,7 @@ taca_fwd_kernel(const FwdArgs a) {
             __syncthreads();  // every warp is done reading buffer `buf`
             if (j + 2 < nkv)
                 load_kv_tile<T, BC, DP, LD, THREADS, ALIGNED, STAGES * BC * LD>(
-                    sK + buf * BC * LD, gk, a.kn, gv, a.vn, k0 + 2 * BC, n, d, tid);
+                    sK + buf * BC * LD, gk, a.kn, gv, a.vn, k0 + 2 * BC, nk, d, tid);
             cp_async_commit();  // possibly empty: keeps one group per tile for wait_group<1>
         }
     }
@@ -386,9 +417,9 @@ taca_fwd_kernel(const FwdArgs a) {
     }
 }
 
-template <typename T, typename Cfg, bool ALIGNED>
+template <typename T, typename Cfg, bool ALIGNED, bool FEAT = false>
 int launch(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
-    auto kernel = taca_fwd_kernel<T, Cfg, ALIGNED>;
+    auto kernel = taca_fwd_kernel<T, Cfg, ALIGNED, FEAT>;
     const size_t smem = Cfg::SMEM;
     TACA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                   "taca_fwd_cuda: cudaFuncSetAttribute");
@@ -400,10 +431,11 @@ int launch(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
 /* variant 0 is the tuned default; 1..5 are alternative tilings of the aligned D = 64 / 128
  * paths, kept selectable (taca_fwd_cuda_variant) so the benchmark can compare them:
  * 1: one K/V stage (FA2's split K/V overlap), 2: 128-key tiles, 3: 64-row CTAs,
- * 4: 8 warps x 16 rows with a 128-register cap, 5: 32-key tiles. */
-template <typename T, bool ALIGNED, int D>
+ * 4: 8 warps x 16 rows with a 128-register cap, 5: 32-key tiles. With FEAT (per-sample spans
+ * or a mask) only the default tiling is instantiated. */
+template <typename T, bool ALIGNED, int D, bool FEAT>
 int dispatch_tuned(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
-    if (ALIGNED) {
+    if constexpr (ALIGNED && !FEAT) {
         switch (variant) {
         case 1: return launch<T, FwdConfig<D, 2, 64, 4, 1>, ALIGNED>(a, batch, heads, stream);
         case 2: return launch<T, FwdConfig<D, 2, 128, 4, 2>, ALIGNED>(a, batch, heads, stream);
@@ -413,18 +445,25 @@ int dispatch_tuned(const FwdArgs &a, int variant, int batch, int heads, cudaStre
         default: break;
         }
     }
-    return launch<T, FwdConfig<D, 2, 64, 4, 2>, ALIGNED>(a, batch, heads, stream);
+    return launch<T, FwdConfig<D, 2, 64, 4, 2>, ALIGNED, FEAT>(a, batch, heads, stream);
 }
 
+template <typename T, bool ALIGNED, bool FEAT>
+int dispatch_dim_feat(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
+    if (a.d <= 32) return launch<T, FwdConfig<32, 2, 64, 4, 2>, ALIGNED, FEAT>(a, batch, heads, stream);
+    if (a.d <= 64) return dispatch_tuned<T, ALIGNED, 64, FEAT>(a, variant, batch, heads, stream);
+    if (a.d <= 96) return launch<T, FwdConfig<96, 2, 64, 4, 2>, ALIGNED, FEAT>(a, batch, heads, stream);
+    if (a.d <= 128) return dispatch_tuned<T, ALIGNED, 128, FEAT>(a, variant, batch, heads, stream);
+    if (a.d <= 160) return launch<T, FwdConfig<160, 1, 64, 4, 2>, ALIGNED, FEAT>(a, batch, heads, stream);
+    if (a.d <= 192) return launch<T, FwdConfig<192, 1, 64, 4, 2>, ALIGNED, FEAT>(a, batch, heads, stream);
+    return launch<T, FwdConfig<256, 1, 64, 4, 2>, ALIGNED, FEAT>(a, batch, heads, stream);
+}
+
+/* FEAT (per-sample spans or a mask) picks the kernel instance that reads a.spans / a.mask. */
 template <typename T, bool ALIGNED>
 int dispatch_dim(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
-    if (a.d <= 32) return launch<T, FwdConfig<32, 2, 64, 4, 2>, ALIGNED>(a, batch, heads, stream);
-    if (a.d <= 64) return dispatch_tuned<T, ALIGNED, 64>(a, variant, batch, heads, stream);
-    if (a.d <= 96) return launch<T, FwdConfig<96, 2, 64, 4, 2>, ALIGNED>(a, batch, heads, stream);
-    if (a.d <= 128) return dispatch_tuned<T, ALIGNED, 128>(a, variant, batch, heads, stream);
-    if (a.d <= 160) return launch<T, FwdConfig<160, 1, 64, 4, 2>, ALIGNED>(a, batch, heads, stream);
-    if (a.d <= 192) return launch<T, FwdConfig<192, 1, 64, 4, 2>, ALIGNED>(a, batch, heads, stream);
-    return launch<T, FwdConfig<256, 1, 64, 4, 2>, ALIGNED>(a, batch, heads, stream);
+    if (a.spans || a.mask.data) return dispatch_dim_feat<T, ALIGNED, true>(a, variant, batch, heads, stream);
+    return dispatch_dim_feat<T, ALIGNED, false>(a, variant, batch, heads, stream);
 }
 
 /* Defined in taca_fwd_bf16.cu / taca_fwd_f16.cu. */

@@ -45,12 +45,16 @@ struct Cfg {
     static constexpr uint32_t Q_BYTES = BR * DP * 2;
     static constexpr uint32_t KV_BYTES = BC * DP * 2;  // one K or one V buffer
     static constexpr size_t SMEM = Q_BYTES + 2 * STAGES * KV_BYTES + 1024;  // + alignment slack
+    // D = 64, 2 warpgroups, no overlap: 2 CTAs per SM need <= 128 registers (it needs ~127;
+    // the cap keeps the grouped-KV-head index math from tipping it over).
+    static constexpr int MINB = (DP == 64 && WG == 2 && !OVERLAP) ? 2 : 1;
     static_assert(DP % 64 == 0 && BC % 16 == 0 && (BC == 64 || BC == 128), "tile shape");
     static_assert(!OVERLAP || STAGES >= 2, "the overlapped loop keeps two tiles resident");
 };
 
-template <typename T, typename C>
-__global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_kernel(const FwdArgs a) {
+/* FEAT: per-sample spans and a mask, as in taca_fwd_kernel (taca_fwd_kernel.cuh). */
+template <typename T, typename C, bool FEAT>
+__global__ void __launch_bounds__(C::THREADS, FEAT ? 1 : C::MINB) taca_fwd_sm90_kernel(const FwdArgs a) {
 #if TACA_SM90A
     constexpr int DP = C::DP, BC = C::BC, BR = C::BR, NT = C::NT, DT = C::DT;
     constexpr int STAGES = C::STAGES;
@@ -65,12 +69,17 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_kernel(const FwdA
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int h = blockIdx.y, b = blockIdx.z;
     const int q0 = blockIdx.x * BR;
-    const int n = a.n, d = a.d, tb = a.tb, te = a.te;
-    const int nkv = (n + BC - 1) / BC;
+    const Span sp = FEAT ? span_of(a.spans, b, a.tb, a.te, a.qtb, a.qte) : Span{a.tb, a.te, a.qtb, a.qte};
+    const int n = a.n, nk = a.nk, d = a.d, tb = sp.kb, te = sp.ke;
+    const int nkv = (nk + BC - 1) / BC;
+    const int hk = h / a.group;
+    const bool masked = FEAT && a.mask.data != nullptr;
+    const bool key_mask = masked && a.mask.q == 0;  // the same for every query: voted per tile
+    const int64_t mbase = FEAT ? (int64_t)b * a.mask.b + (int64_t)h * a.mask.h : 0;
 
     const T *gq = static_cast<const T *>(a.q) + b * a.qb + h * a.qh + (int64_t)q0 * a.qn;
-    const T *gk = static_cast<const T *>(a.k) + b * a.kb + h * a.kh;
-    const T *gv = static_cast<const T *>(a.v) + b * a.vb + h * a.vh;
+    const T *gk = static_cast<const T *>(a.k) + b * a.kb + hk * a.kh;
+    const T *gv = static_cast<const T *>(a.v) + b * a.vb + hk * a.vh;
 
     // Prologue: group 0 = Q + K/V_0, groups 1 .. STAGES-1 = K/V_1 .. (possibly empty).
     // The first LOADERS threads issue every copy (keeps the row step a multiple of 8 rows, so
@@ -81,8 +90,8 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_kernel(const FwdA
 #pragma unroll
     for (int st = 0; st < STAGES; ++st) {
         if (loader && st < nkv) {
-            load_tile_sw128<T, BC, DP, LOADERS>(sk + st * C::KV_BYTES, gk, a.kn, st * BC, n, d, tid);
-            load_tile_sw128<T, BC, DP, LOADERS>(sv + st * C::KV_BYTES, gv, a.vn, st * BC, n, d, tid);
+            load_tile_sw128<T, BC, DP, LOADERS>(sk + st * C::KV_BYTES, gk, a.kn, st * BC, nk, d, tid);
+            load_tile_sw128<T, BC, DP, LOADERS>(sv + st * C::KV_BYTES, gv, a.vn, st * BC, nk, d, tid);
         }
         cp_async_commit();
     }
@@ -93,7 +102,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_kernel(const FwdA
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
         const int row = q0 + wrow0 + (lane >> 2) + hf * 8;
-        const bool rt = row >= tb && row < te;
+        const bool rt = row >= sp.qb && row < sp.qe;
         mul_txt[0][hf] = a.scale_log2 * (rt ? 1.0f : g);
         mul_vis[0][hf] = a.scale_log2 * (rt ? a.gamma_reverse : 1.0f);
     }
@@ -160,13 +169,21 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_kernel(const FwdA
         fence_regs<NT * 4>(&s[0][0][0]);
 
         const int k1 = k0 + BC;
+        const int row0 = q0 + wrow0 + (lane >> 2);
         float alpha[1][2];
-        if (a.scale_log2 >= 0.0f && k1 <= n && (k1 <= tb || k0 >= te))
-            taca_fwd::softmax_tile<taca_fwd::TILE_VIS, !OVERLAP>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
-        else if (a.scale_log2 >= 0.0f && k1 <= n && k0 >= tb && k1 <= te)
-            taca_fwd::softmax_tile<taca_fwd::TILE_TXT, !OVERLAP>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
+        const bool tmask = key_mask ? !keys_attend<BC>(a.mask, mbase, k0, nk, lane) : masked;
+        if (!tmask && a.scale_log2 >= 0.0f && k1 <= nk && (k1 <= tb || k0 >= te))
+            taca_fwd::softmax_tile<taca_fwd::TILE_VIS, !OVERLAP>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane, alpha,
+                                                                 a.mask, mbase, row0, n);
+        else if (!tmask && a.scale_log2 >= 0.0f && k1 <= nk && k0 >= tb && k1 <= te)
+            taca_fwd::softmax_tile<taca_fwd::TILE_TXT, !OVERLAP>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane, alpha,
+                                                                 a.mask, mbase, row0, n);
+        else if (tmask)
+            taca_fwd::softmax_tile<taca_fwd::TILE_MIXED, !OVERLAP, FEAT>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te,
+                                                                         lane, alpha, a.mask, mbase, row0, n);
         else
-            taca_fwd::softmax_tile<taca_fwd::TILE_MIXED, !OVERLAP>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
+            taca_fwd::softmax_tile<taca_fwd::TILE_MIXED, !OVERLAP, false>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb,
+                                                                          te, lane, alpha, a.mask, mbase, row0, n);
 
         if constexpr (OVERLAP) {
             wgmma_wait<0>();  // P_{j-1} V_{j-1} landed: O and pa are free again
@@ -197,8 +214,8 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_kernel(const FwdA
                 const int t = j - 1 + STAGES;
                 if (loader && t < nkv) {
                     const uint32_t off = (uint32_t)((j - 1) % STAGES) * C::KV_BYTES;
-                    load_tile_sw128<T, BC, DP, LOADERS>(sk + off, gk, a.kn, t * BC, n, d, tid);
-                    load_tile_sw128<T, BC, DP, LOADERS>(sv + off, gv, a.vn, t * BC, n, d, tid);
+                    load_tile_sw128<T, BC, DP, LOADERS>(sk + off, gk, a.kn, t * BC, nk, d, tid);
+                    load_tile_sw128<T, BC, DP, LOADERS>(sv + off, gv, a.vn, t * BC, nk, d, tid);
                 }
                 cp_async_commit();
             }
@@ -212,8 +229,8 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_kernel(const FwdA
 
             __syncthreads();  // every warpgroup is done with buffer `buf`
             if (loader && j + STAGES < nkv) {
-                load_tile_sw128<T, BC, DP, LOADERS>(kb, gk, a.kn, k0 + STAGES * BC, n, d, tid);
-                load_tile_sw128<T, BC, DP, LOADERS>(vb, gv, a.vn, k0 + STAGES * BC, n, d, tid);
+                load_tile_sw128<T, BC, DP, LOADERS>(kb, gk, a.kn, k0 + STAGES * BC, nk, d, tid);
+                load_tile_sw128<T, BC, DP, LOADERS>(vb, gv, a.vn, k0 + STAGES * BC, nk, d, tid);
             }
             cp_async_commit();  // possibly empty: one group per tile keeps wait_group<STAGES-1> exact
         }
@@ -268,9 +285,9 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_kernel(const FwdA
 #endif
 }
 
-template <typename T, typename C>
+template <typename T, typename C, bool FEAT = false>
 int launch(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
-    auto kernel = taca_fwd_sm90_kernel<T, C>;
+    auto kernel = taca_fwd_sm90_kernel<T, C, FEAT>;
     // The kernel has a body only in an sm_90a binary: check which one this device runs.
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_fwd_cuda (sm90): cudaFuncGetAttributes");
@@ -300,6 +317,15 @@ namespace taca_fwd90 {
  * warpgroups (192-row CTAs), 64-key tiles, 4 stages; 10..13 run 0. */
 template <typename T, int D>
 int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
+    if (a.spans || a.mask.data) {  // per-sample spans or a mask: the default tiling's FEAT instance
+        if constexpr (D == 128) {
+            const int st = launch_ws<T, WsCfg<2, false, true>, true>(a, batch, heads, stream);
+            if (st != TACA_ERR_UNSUPPORTED) return st;
+            return taca_fwd90::launch<T, Cfg<128, 128, 2, 2, false>, true>(a, batch, heads, stream);
+        } else {
+            return taca_fwd90::launch<T, Cfg<64, 64, 2, 3, false>, true>(a, batch, heads, stream);
+        }
+    }
     if constexpr (D == 128) {
         switch (variant) {
         case 7: return launch<T, Cfg<128, 128, 2, 3, true>>(a, batch, heads, stream);

@@ -55,7 +55,7 @@ __device__ __forceinline__ int ws_coord(const int (&pos)[3], int dim, int row, i
     return pos[0] == dim ? row : (pos[1] == dim ? h : b);
 }
 
-template <typename T, typename C>
+template <typename T, typename C, bool FEAT>
 __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const __grid_constant__ WsArgs p) {
 #if TACA_SM90A
     constexpr int DP = C::DP, BC = C::BC, BR = C::BR, NT = C::NT, DT = C::DT, STAGES = C::STAGES;
@@ -77,8 +77,10 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
     const int tid = threadIdx.x, wg = tid >> 7;
     const int h = blockIdx.y, b = blockIdx.z;
     const int q0 = blockIdx.x * BR;
-    const int n = a.n, tb = a.tb, te = a.te;
-    const int nkv = (n + BC - 1) / BC;
+    const Span sp = FEAT ? span_of(a.spans, b, a.tb, a.te, a.qtb, a.qte) : Span{a.tb, a.te, a.qtb, a.qte};
+    const int n = a.n, nk = a.nk, tb = sp.kb, te = sp.ke;
+    const int nkv = (nk + BC - 1) / BC;
+    const int hk = h / a.group;  // key/value head (grouped KV heads)
 
     if (tid == 0) {
         mbar_init(bar_q, 1);
@@ -110,14 +112,14 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
                 mbar_arrive_expect_tx(full_k(s), C::KV_BYTES);
 #pragma unroll
                 for (int cb = 0; cb < DP / 64; ++cb)
-                    tma_load_4d(sk + off + cb * BC * 128, &p.tk, full_k(s), cb * 64, ws_coord(p.pos_k, 1, row, h, b),
-                                ws_coord(p.pos_k, 2, row, h, b), ws_coord(p.pos_k, 3, row, h, b));
+                    tma_load_4d(sk + off + cb * BC * 128, &p.tk, full_k(s), cb * 64, ws_coord(p.pos_k, 1, row, hk, b),
+                                ws_coord(p.pos_k, 2, row, hk, b), ws_coord(p.pos_k, 3, row, hk, b));
                 if (r > 0) mbar_wait(empty_v(s), (r - 1) & 1);
                 mbar_arrive_expect_tx(full_v(s), C::KV_BYTES);
 #pragma unroll
                 for (int cb = 0; cb < DP / 64; ++cb)
-                    tma_load_4d(sv + off + cb * BC * 128, &p.tv, full_v(s), cb * 64, ws_coord(p.pos_v, 1, row, h, b),
-                                ws_coord(p.pos_v, 2, row, h, b), ws_coord(p.pos_v, 3, row, h, b));
+                    tma_load_4d(sv + off + cb * BC * 128, &p.tv, full_v(s), cb * 64, ws_coord(p.pos_v, 1, row, hk, b),
+                                ws_coord(p.pos_v, 2, row, hk, b), ws_coord(p.pos_v, 3, row, hk, b));
             }
         }
         return;
@@ -131,7 +133,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
         const int row = q0 + wrow0 + (lane >> 2) + hf * 8;
-        const bool rt = row >= tb && row < te;
+        const bool rt = row >= sp.qb && row < sp.qe;
         mul_txt[0][hf] = a.scale_log2 * (rt ? 1.0f : g);
         mul_vis[0][hf] = a.scale_log2 * (rt ? a.gamma_reverse : 1.0f);
     }
@@ -201,13 +203,24 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
         }
 
         const int k1 = k0 + BC;
+        const int row0 = q0 + wrow0 + (lane >> 2);
+        const int64_t mbase = FEAT ? (int64_t)b * a.mask.b + (int64_t)h * a.mask.h : 0;
+        // a key mask (the same for every query) is voted per tile: unmasked tiles run as usual
+        const bool masked = FEAT && a.mask.data != nullptr &&
+                            (a.mask.q != 0 || !keys_attend<BC>(a.mask, mbase, k0, nk, lane));
         float alpha[1][2];
-        if (a.scale_log2 >= 0.0f && k1 <= n && (k1 <= tb || k0 >= te))
-            taca_fwd::softmax_tile<taca_fwd::TILE_VIS, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
-        else if (a.scale_log2 >= 0.0f && k1 <= n && k0 >= tb && k1 <= te)
-            taca_fwd::softmax_tile<taca_fwd::TILE_TXT, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
+        if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && (k1 <= tb || k0 >= te))
+            taca_fwd::softmax_tile<taca_fwd::TILE_VIS, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane, alpha,
+                                                                a.mask, mbase, row0, n);
+        else if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && k0 >= tb && k1 <= te)
+            taca_fwd::softmax_tile<taca_fwd::TILE_TXT, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane, alpha,
+                                                                a.mask, mbase, row0, n);
+        else if (masked)
+            taca_fwd::softmax_tile<taca_fwd::TILE_MIXED, !LATE_O, FEAT>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te,
+                                                                        lane, alpha, a.mask, mbase, row0, n);
         else
-            taca_fwd::softmax_tile<taca_fwd::TILE_MIXED, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, n, tb, te, lane, alpha);
+            taca_fwd::softmax_tile<taca_fwd::TILE_MIXED, !LATE_O, false>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk,
+                                                                         tb, te, lane, alpha, a.mask, mbase, row0, n);
         if constexpr (LATE_O) {
             wgmma_wait<0>();  // P_{j-1} V_{j-1} landed: O and P are free again
             fence_regs<DT * 4>(&o[0][0][0]);
@@ -231,7 +244,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
     };
     tile(0, std::true_type());
     for (int j = 1; j < nkv; ++j) tile(j, std::false_type());
-    {  // the last tile's P V (nkv >= 1: n >= 1 here)
+    {  // the last tile's P V (nkv >= 1: the launcher refuses N_k = 0)
         const int sl = (nkv - 1) % STAGES;
         mbar_wait(full_v(sl), ((nkv - 1) / STAGES) & 1);
         fence_regs<DT * 4>(&o[0][0][0]);
@@ -344,9 +357,9 @@ bool encode_map(CUtensorMap *m, int (&pos)[3], const void *base, int64_t sn, int
 }
 
 /* TACA_ERR_UNSUPPORTED (nothing launched) when a map cannot be encoded. */
-template <typename T, typename C>
+template <typename T, typename C, bool FEAT = false>
 int launch_ws(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
-    auto kernel = taca_fwd_sm90_ws_kernel<T, C>;
+    auto kernel = taca_fwd_sm90_ws_kernel<T, C, FEAT>;
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_fwd_cuda (sm90 ws): cudaFuncGetAttributes");
     if (attr.binaryVersion != 90 || a.d != C::DP) return TACA_ERR_UNSUPPORTED;
@@ -354,8 +367,8 @@ int launch_ws(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
     memset(&p, 0, sizeof(p));
     p.a = a;
     if (!encode_map<T>(&p.tq, p.pos_q, a.q, a.qn, a.qh, a.qb, a.n, heads, batch, a.d, C::BR) ||
-        !encode_map<T>(&p.tk, p.pos_k, a.k, a.kn, a.kh, a.kb, a.n, heads, batch, a.d, C::BC) ||
-        !encode_map<T>(&p.tv, p.pos_v, a.v, a.vn, a.vh, a.vb, a.n, heads, batch, a.d, C::BC))
+        !encode_map<T>(&p.tk, p.pos_k, a.k, a.kn, a.kh, a.kb, a.nk, heads / a.group, batch, a.d, C::BC) ||
+        !encode_map<T>(&p.tv, p.pos_v, a.v, a.vn, a.vh, a.vb, a.nk, heads / a.group, batch, a.d, C::BC))
         return TACA_ERR_UNSUPPORTED;
     TACA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM),
                   "taca_fwd_cuda (sm90 ws): cudaFuncSetAttribute");

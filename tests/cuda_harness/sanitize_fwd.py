@@ -54,6 +54,24 @@ def main():
                                      backend="cuda")
             o.backward(torch.randn_like(o))
             runs += 2
+        # the op's features on the kernels (FEAT instances and grouped / cross shapes): per-sample
+        # spans, a bool key mask with padded keys, a float (B, H, N_q, N_k) mask with a fully
+        # masked row, image-only queries against [image, text] keys, grouped KV heads
+        dev = "cuda"
+        for D, dt in ((64, torch.bfloat16), (128, torch.float16), (96, torch.bfloat16), (72, torch.float16)):
+            B, H, Hkv, Nq, Nk = 2, 4, 2, 190, 230
+            q = torch.randn(B, H, Nq, D, device=dev, dtype=dt, requires_grad=True)
+            k, v = (torch.randn(B, Hkv, Nk, D, device=dev, dtype=dt, requires_grad=True) for _ in range(2))
+            km = torch.ones(B, 1, 1, Nk, dtype=torch.bool, device=dev)
+            km[1, ..., Nk - 30:] = False
+            fm = torch.randn(B, H, Nq, Nk, device=dev)
+            fm[0, 1, 5] = float("-inf")
+            span_kw = dict(text_len=torch.tensor([40, 0], device=dev), text_start=torch.tensor([0, 100], device=dev),
+                           query_text_len=torch.tensor([20, 10], device=dev))
+            for kw in (dict(span_kw), dict(span_kw, attn_mask=km), dict(text_len=64, text_first=False, attn_mask=fm)):
+                o = taca.joint_attention(q, k, v, gamma=1.3, backend="cuda", **kw)
+                o.backward(torch.randn_like(o))
+                runs += 2
     except (NotImplementedError, RuntimeError, AttributeError) as e:
         print("public op path skipped:", type(e).__name__, str(e)[:200])
     torch.cuda.synchronize()
