@@ -1,0 +1,172 @@
+"""The op's model features on the CUDA kernels against what ran them before (split SDPA).
+
+Shapes from the models the adapters cover (bf16, 1024x1024 images, CFG batch 2 where the model
+pads text): Qwen-Image (text first, padded text as a (B, 1, 1, N_k) bool key mask), HunyuanImage
+2.1 (text last, key mask), Chroma (additive (B, 1, N, N) mask), Krea2 (48 q / 12 kv heads), Lumina
+2 (24 / 8 heads, D = 96, key mask), FLUX.2 Klein-KV-like image-only queries (N_q != N_k) and
+per-sample text lengths without a mask. Per shape, fwd and fwd+bwd medians (triton do_bench) of:
+  kernel  taca.joint_attention(backend="cuda")   (the kernels' feature paths, new)
+  split   taca.joint_attention(backend="sdpa")   (what backend="auto" ran before)
+  plain   F.scaled_dot_product_attention with the same mask, no gamma (efficient / flash / math:
+          torch's pick; cuDNN is left out, its backward is unsafe on the lent GPU)
+and the max error of the kernel and of split SDPA against the float32 reference (a 1/4 query
+subset to keep the reference small). Writes JSON under --out and prints a table.
+
+Run: python benchmarks/bench_features_gpu.py --out DIR [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _bench(fn, quick):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5 if quick else 20, rep=30 if quick else 80, return_mode="median")
+
+
+def shapes():
+    img = 4096
+    return {
+        # name: (B, H, Hkv, Nq, Nk, D, kwargs builder)
+        "qwen-image cfg, key mask": (2, 24, 24, img + 256, img + 256, 128, "qwen"),
+        "hunyuanimage cfg, key mask": (2, 28, 28, img + 256, img + 256, 128, "hunyuan"),
+        "chroma cfg, float mask": (2, 24, 24, img + 512, img + 512, 128, "chroma"),
+        "krea2 GQA 48/12": (1, 48, 12, img + 512, img + 512, 128, "krea2"),
+        "lumina2 GQA 24/8 D96, key mask": (2, 24, 8, img + 256, img + 256, 96, "lumina"),
+        "image-only queries": (1, 24, 24, img, img + 512, 128, "imageq"),
+        "per-sample text lengths": (2, 24, 24, img + 512, img + 512, 128, "spans"),
+    }
+
+
+def build_kwargs(kind, B, H, Nq, Nk, dev):
+    if kind in ("qwen", "hunyuan", "lumina"):
+        L = Nk - 4096
+        m = torch.ones(B, 1, 1, Nk, dtype=torch.bool)
+        valid = [L, L // 3]  # the negative prompt is shorter: padded keys masked
+        first = kind != "hunyuan"
+        for b in range(B):
+            if first:
+                m[b, ..., valid[b]:L] = False
+            else:
+                m[b, ..., Nk - L + valid[b]:] = False
+        return dict(text_len=L, text_first=first, attn_mask=m.to(dev))
+    if kind == "chroma":
+        L = Nk - 4096
+        t = torch.ones(B, Nk)
+        t[1, L // 2:L] = 0.0
+        return dict(text_len=L, attn_mask=(t[:, :, None] * t[:, None, :])[:, None].to(dev, torch.bfloat16))
+    if kind == "krea2":
+        return dict(text_len=512)
+    if kind == "imageq":
+        return dict(text_len=512, text_first=True)
+    if kind == "spans":
+        return dict(text_len=torch.tensor([512, 170], device=dev))
+    raise ValueError(kind)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    import taca
+    from taca import reference
+
+    dev = "cuda"
+    rows = []
+    for name, (B, H, Hkv, Nq, Nk, D, kind) in shapes().items():
+        torch.manual_seed(0)
+        q = torch.randn(B, H, Nq, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(B, Hkv, Nk, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        kw = build_kwargs(kind, B, H, Nq, Nk, dev)
+        kw["gamma"] = 1.2
+        dout = torch.randn(B, H, Nq, D, device=dev, dtype=torch.bfloat16)
+        mask = kw.get("attn_mask")
+        kr, vr = (t.repeat_interleave(H // Hkv, dim=1) if Hkv != H else t for t in (k, v))
+
+        def run(backend):
+            return lambda: taca.joint_attention(q, k, v, backend=backend, **kw)
+
+        def plain():
+            return F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)
+
+        row = dict(shape=name, B=B, H=H, H_kv=Hkv, N_q=Nq, N_k=Nk, D=D)
+        for label, fn in (("kernel", run("cuda")), ("split", run("sdpa")), ("plain", plain)):
+            with torch.no_grad():
+                row[f"{label}_fwd_ms"] = _bench(fn, args.quick)
+
+            def fb(fn=fn):
+                o = fn()
+                torch.autograd.grad(o, (q, k, v), dout)
+
+            row[f"{label}_fwdbwd_ms"] = _bench(fb, args.quick)
+        # errors against the float32 reference on a quarter of the queries (memory)
+        sub = slice(0, Nq // 4)
+        qs = q.detach()[:, :, sub]
+        with torch.no_grad():
+            kw_ref = dict(kw)
+            if mask is not None:
+                kw_ref["attn_mask"] = mask[:, :, sub] if mask.shape[2] > 1 else mask
+                if kw_ref["attn_mask"].is_floating_point():
+                    kw_ref["attn_mask"] = kw_ref["attn_mask"].float()
+            ref = reference.attention_ref(qs.float(), k.detach().float(), v.detach().float(),
+                                          upcast=torch.float32, **_subset_spans(kw_ref, Nq, Nk))[0]
+            outs = {b: taca.joint_attention(q.detach(), k.detach(), v.detach(), backend=b, **kw)[:, :, sub]
+                    for b in ("cuda", "sdpa")}
+        row["kernel_err"] = (outs["cuda"].float() - ref).abs().max().item()
+        row["split_err"] = (outs["sdpa"].float() - ref).abs().max().item()
+        rows.append(row)
+        print(f"{name}: kernel {row['kernel_fwd_ms']:.3f}/{row['kernel_fwdbwd_ms']:.3f} ms, split "
+              f"{row['split_fwd_ms']:.3f}/{row['split_fwdbwd_ms']:.3f}, plain {row['plain_fwd_ms']:.3f}/"
+              f"{row['plain_fwdbwd_ms']:.3f}; err {row['kernel_err']:.2e} vs {row['split_err']:.2e}", flush=True)
+        torch.cuda.empty_cache()
+
+    gpu = torch.cuda.get_device_name().replace(" ", "_")
+    stamp = datetime.datetime.utcnow().strftime("%Y%m%d_%H%M")
+    path = os.path.join(args.out, f"features_{gpu}_{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+    print("\n| shape | kernel fwd / fwd+bwd ms | split SDPA | plain SDPA (same mask, no gamma) | kernel vs split | "
+          "kernel vs plain | max err kernel / split |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['kernel_fwd_ms']:.3f} / {r['kernel_fwdbwd_ms']:.3f} | {r['split_fwd_ms']:.3f} / "
+              f"{r['split_fwdbwd_ms']:.3f} | {r['plain_fwd_ms']:.3f} / {r['plain_fwdbwd_ms']:.3f} | "
+              f"{r['split_fwd_ms'] / r['kernel_fwd_ms']:.2f}x / {r['split_fwdbwd_ms'] / r['kernel_fwdbwd_ms']:.2f}x | "
+              f"{r['plain_fwd_ms'] / r['kernel_fwd_ms']:.2f}x / {r['plain_fwdbwd_ms'] / r['kernel_fwdbwd_ms']:.2f}x | "
+              f"{r['kernel_err']:.1e} / {r['split_err']:.1e} |")
+    print(f"wrote {path}")
+    return 0
+
+
+def _subset_spans(kw, Nq, Nk):
+    """The span arguments for the first quarter of the queries: explicit query spans, so the
+    subset keeps the full call's query text span (text first: [0, L) lies in the first quarter)."""
+    kw = dict(kw)
+    if Nq != Nk:  # image-only queries: no text query
+        kw["query_text_len"] = 0
+        kw["query_text_start"] = 0
+        return kw
+    L = kw["text_len"]
+    first = kw.get("text_first", True)
+    if first:
+        kw["query_text_start"] = 0
+        kw["query_text_len"] = L
+    else:  # text last: no text query among the first quarter
+        kw["query_text_start"] = 0
+        kw["query_text_len"] = 0
+    return kw
+
+
+if __name__ == "__main__":
+    sys.exit(main())
