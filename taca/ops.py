@@ -6,7 +6,7 @@ impls (for torch.compile) and the autograd formula of ``fwd`` (its backward is `
 
 Dispatch (backend="auto"): CPU tensors -> the C kernel; CUDA float16/bfloat16 tensors with a
 head dim in ``CUDA_HEAD_DIMS``, batch / heads within the kernels' grid limits and at least one key
--> the CUDA kernel (when built; on an H100/H200 its Hopper path for aligned D = 64 / 128). Both
+-> the CUDA kernel (when built; on an H100/H200 its Hopper path for aligned D = 64, 72..128). Both
 kernels cover every feature of the op: per-sample spans, N_q != N_k, grouped KV heads, masks;
 on CUDA, auto sends masks that vary over queries (not (B, H, 1, N_k) key masks) to split SDPA,
 which runs them faster. Anything else -> the exact split-SDPA form (``reference.attention_split_sdpa``), or the

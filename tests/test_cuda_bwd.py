@@ -6,7 +6,7 @@ the materialized float32 reference (taca.reference.attention_ref under autograd)
 taca.reference.attention_split_sdpa on the same bf16/fp16 inputs) against that reference,
 plus 1e-5. The kernel gets out (cast to the input dtype) and lse from the reference, so these
 tests check the backward alone; test_public_op_fwd_bwd checks the two kernels together.
-On an H100 (sm_90) with an sm_90a build, aligned D = 64 / 128 inputs run the wgmma kernel
+On an H100 (sm_90) with an sm_90a build, aligned D = 64 and 72..128 inputs run the wgmma kernel
 (csrc/cuda/taca_bwd_sm90.cu); test_mma_sync_path forces the mma.sync kernel on the same cases
 with TACA_BWD_SM90=0 so both stay tested, and test_sm90_handoff_modes the wgmma kernel's other
 dQ hand-offs (TACA_BWD_SM90_HANDOFF) against the default one, bitwise.
@@ -129,7 +129,7 @@ def test_bwd_matches_reference(case):
     _run_case(case)
 
 
-MMA_SYNC_CASES = [c for c in CASES if c[4] in (64, 128) and c[0] * c[1] * (c[2] + c[3]) <= 9000]
+MMA_SYNC_CASES = [c for c in CASES if c[4] in (64, 96, 128) and c[0] * c[1] * (c[2] + c[3]) <= 9000]
 
 
 @pytest.mark.parametrize("case", MMA_SYNC_CASES, ids=[_ids(c) for c in MMA_SYNC_CASES])

@@ -1,6 +1,7 @@
 /*
  * taca_bwd_sm90.cu: Hopper (sm_90a) main backward kernel of gamma-scaled joint attention with
- * wgmma, for aligned inputs (vec_load) with D = 64 or 128 on a compute capability 9.0 device
+ * wgmma, for aligned inputs (vec_load) with D = 64 or 72..128 (zero-filled to 128 columns, as the
+ * workspace's DP) on a compute capability 9.0 device
  * when this file was built for sm_90a (setup.py defines TACA_HAVE_SM90A then). Everything else,
  * and TACA_BWD_SM90=0 in the environment (a test / benchmarking switch read by taca_bwd.cu),
  * takes the mma.sync kernel (taca_bwd_kernel.cuh). Math, workspace, preprocess, the ordered dQ
@@ -627,7 +628,7 @@ int launch_ho(const BwdArgs &a, cudaStream_t stream, int ho) {
 /* TACA_ERR_UNSUPPORTED when this path does not apply (the caller then takes mma.sync). */
 int taca_bwd_sm90(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16) {
 #if defined(TACA_HAVE_SM90A)
-    if ((a.D != 64 && a.D != 128) || !a.vec_load) return TACA_ERR_UNSUPPORTED;
+    if ((a.D != 64 && (a.D < 72 || a.D > 128)) || !a.vec_load) return TACA_ERR_UNSUPPORTED;
     const int dev_st = taca_sm90::device_is_sm90("taca_bwd_cuda (sm90): device query");
     if (dev_st != TACA_OK) return dev_st;
     // dQ hand-off (a test / timing knob, see the file header): mbarrier unless asked otherwise.

@@ -2,8 +2,10 @@
  * taca_fwd_sm90.cu: Hopper (sm_90a) forward of gamma-scaled joint attention with wgmma.
  *
  * Same math, arguments and outputs as the mma.sync kernel (taca_fwd.cu); used for aligned
- * inputs with D = 64 or 128 when the device is compute capability 9.0 and this file was built
- * for sm_90a (setup.py defines TACA_HAVE_SM90A then). Everything else takes the mma.sync path.
+ * inputs with D = 64 or 72..128 when the device is compute capability 9.0 and this file was built
+ * for sm_90a (setup.py defines TACA_HAVE_SM90A then); D < 128 (Lumina 2's 96) runs the D = 128
+ * tiles with zero-filled columns (the cp.async kernel: the TMA one takes D = 128 only). Everything
+ * else takes the mma.sync path.
  *
  * CTA = WG warpgroups (128 threads each); warpgroup w owns query rows [64w, 64w + 64) of the
  * CTA's BR = 64 * WG rows. Q (BR x D), and STAGES buffers of K and V tiles (BC keys x D) live
@@ -362,7 +364,7 @@ int dispatch_t(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
 int taca_fwd_sm90(const taca_fwd::FwdArgs &a, int dtype, int variant, int batch, int heads,
                   cudaStream_t stream) {
 #if defined(TACA_HAVE_SM90A)
-    if (a.d != 64 && a.d != 128) return TACA_ERR_UNSUPPORTED;
+    if (a.d != 64 && (a.d < 72 || a.d > 128)) return TACA_ERR_UNSUPPORTED;  // aligned: d % 8 == 0
     const int dev_st = taca_sm90::device_is_sm90("taca_fwd_cuda (sm90): device query");
     if (dev_st != TACA_OK) return dev_st;
     if (dtype == TACA_BF16) return taca_fwd90::dispatch_t<__nv_bfloat16>(a, variant, batch, heads, stream);
