@@ -373,6 +373,7 @@ _KNOWN_FAMILIES = {
     "black-forest-labs/FLUX.2-klein-9B": "flux2",
     "Qwen/Qwen-Image": "qwenimage",
     "lodestones/Chroma1-HD": "chroma",
+    "THUDM/CogView3-Plus-3B": "cogview3plus",
 }
 
 
