@@ -74,7 +74,7 @@ def test_outside_window_and_gamma_one_are_stock(hw):
         ref_in = t(**_inputs(2, 7, hw, step=980))[0]
         ref_out = t(**_inputs(2, 7, hw, step=960))[0]
         h = taca.enable(t, gamma=1.3)
-        assert {type(p).__name__ for p in h.processors.values()} == {"TacaCogView3PlusAttnProcessor"}
+        assert {type(p).__name__ for p in h.processors.values()} == {"TacaCogVideoXAttnProcessor"}
         assert torch.equal(t(**_inputs(2, 7, hw, step=960))[0], ref_out) and h.last_gamma is None
         assert not torch.equal(t(**_inputs(2, 7, hw, step=980))[0], ref_in)
         taca.enable(t, gamma=1.0, schedule="constant")

@@ -46,7 +46,7 @@ _BUILTIN = (
     "flux", "sd3", "flux2", "qwenimage", "chroma",
     "longcat", "ovis", "bria", "hidream", "zimage", "hunyuanimage",
     "auraflow", "cogview4", "glm_image", "ernie_image", "krea2", "lumina2",
-    "cogvideox", "hunyuan_video", "mochi", "hunyuan_video15", "prx", "nucleusmoe", "cogview3plus",
+    "cogvideox", "hunyuan_video", "mochi", "hunyuan_video15", "prx", "nucleusmoe", "cogview3plus", "consisid",
 )
 _REGISTRY: List[Type["Adapter"]] = []
 _loaded = False

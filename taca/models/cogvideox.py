@@ -29,7 +29,8 @@ from . import Adapter, register
 class TacaCogVideoXAttnProcessor(TacaProcessor):
     """TACA for CogVideoX's ``attn1``: same computation as ``CogVideoXAttnProcessor2_0`` or, for a
     module that had ``FusedCogVideoXAttnProcessor2_0`` when TACA was enabled, as that one; returns
-    ``(video, txt)``."""
+    ``(video, txt)``. Also CogView3-Plus's and ConsisID's, whose blocks forward no attention kwargs:
+    there gamma comes from the hook's per-call state (:meth:`call_arg`)."""
 
     text_first = True
     layout = "bhnd"
@@ -89,6 +90,8 @@ class TacaCogVideoXAttnProcessor(TacaProcessor):
             if not attn.is_cross_attention:
                 key[:, :, text_seq_length:] = apply_rotary_emb(key[:, :, text_seq_length:], image_rotary_emb)
 
+        if taca_gamma is None:
+            taca_gamma = self.call_arg("taca_gamma")
         out = self.taca_attention(query, key, value, text_seq_length, taca_gamma, attention_mask)
         if out is None:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,

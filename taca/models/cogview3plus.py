@@ -15,28 +15,8 @@ training grid, t >= 970 (``timestep = "t1000"``), as for CogVideoX (see ``taca.m
 """
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
-
 from . import Adapter, register
 from .cogvideox import TacaCogVideoXAttnProcessor
-
-
-class TacaCogView3PlusAttnProcessor(TacaCogVideoXAttnProcessor):
-    """TACA for CogView3-Plus's ``attn1``: ``CogVideoXAttnProcessor2_0``'s computation with gamma
-    from the hook's per-call state; returns ``(img, txt)``."""
-
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        attention_mask: Optional[torch.Tensor] = None,
-        image_rotary_emb: Optional[torch.Tensor] = None,
-    ):
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
-                                taca_gamma=self.call_arg("taca_gamma"))
 
 
 @register
@@ -52,4 +32,4 @@ class CogView3PlusAdapter(Adapter):
     max_sequence_length = 224
 
     def processor(self, name, module):
-        return TacaCogView3PlusAttnProcessor(name)
+        return TacaCogVideoXAttnProcessor(name)
