@@ -40,6 +40,13 @@ SHAPES = {
     "sd35m_cfg": (2, 24, 64, 333, 4096, False),
     "flux2048_b1": (1, 24, 128, 512, 16384, True),
 }
+# Other models' head dims (not in PERFORMANCE.md; pick them with --shapes): AuraFlow (12 x 256,
+# 8 registers + 256 text tokens first), Ideogram 4 (18 x 256), Lumina 2 without GQA (D = 96)
+EXTRA_SHAPES = {
+    "auraflow_cfg": (2, 12, 256, 264, 4096, True),
+    "ideogram4_cfg": (2, 18, 256, 512, 4096, True),
+    "d96_cfg": (2, 24, 96, 256, 4096, True),
+}
 GAMMA = 1.2
 
 
@@ -242,7 +249,8 @@ def table(rows: List[Dict], header: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short timing windows")
-    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
+    ap.add_argument("--shapes", default=",".join(SHAPES),
+                    help="comma-separated subset of " + ",".join(list(SHAPES) + list(EXTRA_SHAPES)))
     ap.add_argument("--methods", default="", help="regex: only methods matching it (plus plain baselines)")
     ap.add_argument("--variants", action="store_true", help="also time the kernel's tiling variants (ctypes)")
     ap.add_argument("--no-bwd", action="store_true", help="forward only")
@@ -270,7 +278,7 @@ def main(argv=None) -> int:
 
     rx = re.compile(args.methods) if args.methods else None
     for s in args.shapes.split(","):
-        shape = SHAPES[s]
+        shape = SHAPES[s] if s in SHAPES else EXTRA_SHAPES[s]
         if rx is not None:
             global _methods
             orig = _methods

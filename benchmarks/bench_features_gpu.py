@@ -45,6 +45,10 @@ def shapes():
         "lumina2 GQA 24/8 D96, key mask": (2, 24, 8, img + 256, img + 256, 96, "lumina"),
         "image-only queries": (1, 24, 24, img, img + 512, 128, "imageq"),
         "per-sample text lengths": (2, 24, 24, img + 512, img + 512, 128, "spans"),
+        # head dim 256 (the Hopper D = 256 forward since 2026-12-03): AuraFlow (8 registers + 256
+        # text tokens first, CFG), Ideogram 4 (18 heads, per-sample text)
+        "auraflow cfg D256": (2, 12, 12, img + 264, img + 264, 256, "auraflow"),
+        "ideogram4 D256, per-sample text": (2, 18, 18, img + 512, img + 512, 256, "spans"),
     }
 
 
@@ -65,6 +69,8 @@ def build_kwargs(kind, B, H, Nq, Nk, dev):
         t = torch.ones(B, Nk)
         t[1, L // 2:L] = 0.0
         return dict(text_len=L, attn_mask=(t[:, :, None] * t[:, None, :])[:, None].to(dev, torch.bfloat16))
+    if kind == "auraflow":
+        return dict(text_len=264)
     if kind == "krea2":
         return dict(text_len=512)
     if kind == "imageq":
@@ -78,13 +84,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--shapes", default="", help="regex: only shapes whose name matches")
     args = ap.parse_args(argv)
+    import re
     import taca
     from taca import reference
 
     dev = "cuda"
     rows = []
     for name, (B, H, Hkv, Nq, Nk, D, kind) in shapes().items():
+        if args.shapes and not re.search(args.shapes, name):
+            continue
         torch.manual_seed(0)
         q = torch.randn(B, H, Nq, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
         k, v = (torch.randn(B, Hkv, Nk, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))

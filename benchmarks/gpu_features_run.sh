@@ -5,7 +5,7 @@
 # the feature benchmark (kernel vs the split SDPA that ran these before) and the plain-shape
 # attention table (no regression of the common path). Run from the repo root with .whl carried:
 #   run(command="bash benchmarks/gpu_features_run.sh", carry=[".whl"], timeout_s=600)
-# Env: STEPS (default "build test sanitize bench attn"), OUT.
+# Env: STEPS (default "build test sanitize bench attn"; also attn256), FEAT_ARGS (bench_features_gpu.py), OUT.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STEPS=${STEPS:-"build test sanitize bench attn"}
@@ -42,5 +42,13 @@ fi
 if has attn; then
   timeout 200 python3 benchmarks/bench_attention_gpu.py --quick --out "$OUT" --tag features --methods "taca|split" 2>&1 | grep -v "^$" > "$OUT/bench_attn.txt"
   tail -12 "$OUT/bench_attn.txt"
+fi
+if has attn256; then
+  # head dims 256 / 96 (not PERFORMANCE.md shapes): the kernel (Hopper D = 256 forward = ctypes v0,
+  # the mma.sync forward = v6, v7 = P V overlap) against plain cuDNN / FA2 / efficient and split
+  timeout 300 python3 benchmarks/bench_attention_gpu.py --quick --out "$OUT" --tag d256 --variants \
+    --shapes auraflow_cfg,ideogram4_cfg,d96_cfg --methods 'taca_cuda|taca_ctypes_v(0|6|7)$|split' 2>&1 \
+    | grep -v "^$" > "$OUT/bench_attn256.txt"
+  tail -24 "$OUT/bench_attn256.txt"
 fi
 } 2>&1 | tee "$OUT/log.txt"

@@ -155,6 +155,8 @@ CASES = [
     (1, 2, 512, 97, 40, True, torch.bfloat16, "bhnd", False),
     (2, 2, 333, 1025, 256, False, torch.bfloat16, "bnhd", False),
     (1, 2, 77, 97, 256, True, torch.float16, "bhnd", False),
+    (2, 2, 264, 700, 256, True, torch.bfloat16, "bhnd", True),    # AuraFlow-like: Hopper D = 256
+    (1, 2, 77, 400, 224, False, torch.bfloat16, "bnhd", False),   # zero-filled to 256 on Hopper
     (1, 2, 0, 97, 32, False, torch.float16, "bhnd", False),
     (1, 2, 77, 1025, 160, True, torch.bfloat16, "bhnd", False),
     (1, 2, 77, 97, 192, False, torch.bfloat16, "bnhd", True),

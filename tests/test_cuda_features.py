@@ -101,7 +101,7 @@ def test_cuda_kernel_float64_scalars(dtype, text_first):
 
 
 # Multi-tile cases at the models' head dims: D = 64 / 128 aligned take the Hopper kernels on an
-# H100/H200 (their FEAT instances with per-sample spans or a mask), D = 96 / 72 the mma.sync
+# H100/H200 (their FEAT instances with per-sample spans or a mask; D = 256 too), D = 96 / 72 the mma.sync
 # kernels (72: the unaligned element-wise path). Spans are written per sample as in the models
 # (text first with padding-free per-sample lengths, text last, image-only queries, FLUX.2 KV).
 BIG = {
@@ -119,6 +119,7 @@ BIG = {
     "everything_d128": (3, 4, 2, 290, 333, 128, "bnhd",
                         dict(text_len=[64, 20, 0], text_start=[0, 200, 7], query_text_start=[0, 3, 0],
                              query_text_len=[64, 0, 30]), "bool_b1qk"),
+    "spans_mask_d256": (2, 2, 2, 300, 300, 256, "bnhd", dict(text_len=[60, 7], text_start=[0, 40]), "bool_b11k"),
     "everything_d72": (3, 4, 2, 150, 170, 72, "bhnd",
                        dict(text_len=[30, 20, 0], text_start=[0, 100, 7], query_text_len=[30, 0, 10]),
                        "float32_neginf"),

@@ -2,10 +2,11 @@
  * taca_fwd_sm90.cu: Hopper (sm_90a) forward of gamma-scaled joint attention with wgmma.
  *
  * Same math, arguments and outputs as the mma.sync kernel (taca_fwd.cu); used for aligned
- * inputs with D = 64 or 72..128 when the device is compute capability 9.0 and this file was built
- * for sm_90a (setup.py defines TACA_HAVE_SM90A then); D < 128 (Lumina 2's 96) runs the D = 128
- * tiles with zero-filled columns (the cp.async kernel: the TMA one takes D = 128 only). Everything
- * else takes the mma.sync path.
+ * inputs with D = 64, 72..128 or 200..256 when the device is compute capability 9.0 and this file
+ * was built for sm_90a (setup.py defines TACA_HAVE_SM90A then); D < 128 (Lumina 2's 96) runs the
+ * D = 128 tiles with zero-filled columns (the cp.async kernel: the TMA one takes D = 128 only), and
+ * D = 200..256 (AuraFlow, Ideogram 4) the D = 256 tiles of this file's kernel. Everything else
+ * takes the mma.sync path.
  *
  * CTA = WG warpgroups (128 threads each); warpgroup w owns query rows [64w, 64w + 64) of the
  * CTA's BR = 64 * WG rows. Q (BR x D), and STAGES buffers of K and V tiles (BC keys x D) live
@@ -352,8 +353,20 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
     }
 }
 
+/* D = 256 (AuraFlow, Ideogram 4; aligned 200..256 zero-filled): this file's kernel with two
+ * warpgroups (128-row CTAs) and 64-key tiles, 2 stages: Q 64 KiB + K/V 128 KiB of shared memory,
+ * O 128 fp32 registers per thread. 0: no overlap; 7: P V of tile j-1 overlapping the softmax of
+ * tile j. Variants 1..6 force the mma.sync kernel (taca_fwd.cu). */
+template <typename T>
+int dispatch_d256(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
+    if (a.spans || a.mask.data) return taca_fwd90::launch<T, Cfg<256, 64, 2, 2, false>, true>(a, batch, heads, stream);
+    if (variant == 7) return launch<T, Cfg<256, 64, 2, 2, true>>(a, batch, heads, stream);
+    return launch<T, Cfg<256, 64, 2, 2, false>>(a, batch, heads, stream);
+}
+
 template <typename T>
 int dispatch_t(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
+    if (a.d > 128) return dispatch_d256<T>(a, variant, batch, heads, stream);
     return a.d == 64 ? dispatch_d<T, 64>(a, variant, batch, heads, stream)
                      : dispatch_d<T, 128>(a, variant, batch, heads, stream);
 }
@@ -364,7 +377,8 @@ int dispatch_t(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
 int taca_fwd_sm90(const taca_fwd::FwdArgs &a, int dtype, int variant, int batch, int heads,
                   cudaStream_t stream) {
 #if defined(TACA_HAVE_SM90A)
-    if (a.d != 64 && (a.d < 72 || a.d > 128)) return TACA_ERR_UNSUPPORTED;  // aligned: d % 8 == 0
+    // aligned (d % 8 == 0): 64, 72..128 (zero-filled to 128), 200..256 (zero-filled to 256)
+    if (a.d != 64 && (a.d < 72 || a.d > 128) && (a.d < 200 || a.d > 256)) return TACA_ERR_UNSUPPORTED;
     const int dev_st = taca_sm90::device_is_sm90("taca_fwd_cuda (sm90): device query");
     if (dev_st != TACA_OK) return dev_st;
     if (dtype == TACA_BF16) return taca_fwd90::dispatch_t<__nv_bfloat16>(a, variant, batch, heads, stream);

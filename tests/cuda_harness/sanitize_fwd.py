@@ -19,7 +19,8 @@ def main():
     runs = 0
     if taca_ctypes.load() is not None:
         for D in (64, 128, 40, 256):
-            for var in ((0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13) if D in (64, 128) else (0,)):
+            for var in ((0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13) if D in (64, 128)
+                        else (0, 6, 7) if D == 256 else (0,)):
                 q, k, v = (torch.randn(1, 2, 250, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
                 taca_ctypes.fwd(q, k, v, text_len=33, text_first=var % 2 == 0, gamma=1.2, variant=var)
                 runs += 1
@@ -58,7 +59,8 @@ def main():
         # spans, a bool key mask with padded keys, a float (B, H, N_q, N_k) mask with a fully
         # masked row, image-only queries against [image, text] keys, grouped KV heads
         dev = "cuda"
-        for D, dt in ((64, torch.bfloat16), (128, torch.float16), (96, torch.bfloat16), (72, torch.float16)):
+        for D, dt in ((64, torch.bfloat16), (128, torch.float16), (96, torch.bfloat16), (72, torch.float16),
+                      (256, torch.bfloat16)):
             B, H, Hkv, Nq, Nk = 2, 4, 2, 190, 230
             q = torch.randn(B, H, Nq, D, device=dev, dtype=dt, requires_grad=True)
             k, v = (torch.randn(B, Hkv, Nk, D, device=dev, dtype=dt, requires_grad=True) for _ in range(2))
