@@ -158,7 +158,6 @@ class MotifVideoAdapter(Adapter):
     kwargs_name = None  # the blocks forward no attention kwargs to the processors
     # taca generate writes images; the video pipelines are supported through taca.enable(pipe) only
     pipelines = ()
-    negative_prompt = True
     max_sequence_length = 512
 
     def joint_modules(self) -> Dict[str, torch.nn.Module]:
