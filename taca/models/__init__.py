@@ -18,7 +18,8 @@ An :class:`Adapter` subclass says
   ``scheduler.sigmas[i]`` where ``scheduler.timesteps[i] == t``; needs ``taca.enable(pipe)``);
 - ``kwargs_name``: the forward argument that carries attention kwargs to the processors; None
   when the model's forward has none that reaches them (LongCat-Image, Bria, HiDream, Z-Image,
-  HunyuanImage, ERNIE-Image, Krea 2, Lumina 2, HunyuanVideo, Mochi, HunyuanVideo 1.5, PRX): then the hook sets the
+  HunyuanImage, ERNIE-Image, Krea 2, Lumina 2, HunyuanVideo, Mochi, HunyuanVideo 1.5, PRX,
+  HunyuanVideo Framepack, Motif-Video): then the hook sets the
   call's state as ``processor.taca_call`` (a dict of the same keys) and a forward hook clears it
   after the call;
 - ``timestep_arg``: the forward argument holding the timestep ("timestep"; HiDream "timesteps",
@@ -47,7 +48,7 @@ _BUILTIN = (
     "longcat", "ovis", "bria", "hidream", "zimage", "hunyuanimage",
     "auraflow", "cogview4", "glm_image", "ernie_image", "krea2", "lumina2",
     "cogvideox", "hunyuan_video", "mochi", "hunyuan_video15", "prx", "nucleusmoe", "cogview3plus", "consisid",
-    "easyanimate",
+    "easyanimate", "hunyuan_video_framepack", "motif_video",
 )
 _REGISTRY: List[Type["Adapter"]] = []
 _loaded = False
