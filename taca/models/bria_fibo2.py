@@ -116,8 +116,9 @@ class BriaFibo2Adapter(Adapter):
     kwargs_name = None
     pipelines = ("BriaFibo2Pipeline",)
     negative_prompt = True
-    max_sequence_length = 4096
-    # BriaFibo2Pipeline's __call__ has no max_sequence_length (its processor truncates at 4096)
+    # BriaFibo2Pipeline's __call__ has no max_sequence_length (it truncates prompts at 4096 tokens
+    # itself): `taca generate --max-sequence-length` is refused for it; max_sequence_length keeps the
+    # default 512 (a larger value would raise the bound the CLI checks before the family is known)
     takes_max_sequence_length = False
 
     def joint_modules(self):
