@@ -20,7 +20,7 @@ from test_cli import _run
     ("ChromaPipeline", "chroma"), ("LongCatImagePipeline", "longcat"), ("LongCatImageEditPipeline", None),
     ("OvisImagePipeline", "ovis"), ("BriaPipeline", "bria"), ("BriaFiboPipeline", "bria_fibo"),
     ("HiDreamImagePipeline", "hidream"), ("ZImagePipeline", "zimage"), ("HunyuanImagePipeline", "hunyuanimage"),
-    ("CogView3PlusPipeline", "cogview3plus"), ("DDPMPipeline", None),
+    ("CogView3PlusPipeline", "cogview3plus"), ("BriaFibo2Pipeline", "bria_fibo2"), ("DDPMPipeline", None),
 ])
 def test_family_from_a_folder(tmp_path, cls, family):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": cls}))
@@ -48,7 +48,7 @@ def test_family_rules():
         cli._check_family_args(_Args(1025), "qwenimage")
     with pytest.raises(cli.UsageError, match="FLUX.2 dev, klein pipelines take at most 512 text tokens, got 513"):
         cli._check_family_args(_Args(513), "flux2")
-    for family in ("longcat", "hunyuanimage", "ernie_image"):  # their __call__ has no max_sequence_length
+    for family in ("longcat", "hunyuanimage", "ernie_image", "bria_fibo2"):  # their __call__ has no max_sequence_length
         cli._check_family_args(_Args(None, "blurry"), family)
         with pytest.raises(cli.UsageError, match="--max-sequence-length: .* take no max_sequence_length"):
             cli._check_family_args(_Args(64), family)
@@ -73,7 +73,7 @@ def test_every_family_flag_matches_its_pipelines():
         with pytest.raises(cli.UsageError, match=r"--negative-prompt: only SD3, SD3.5; Qwen-Image, Qwen-Image-Edit; "
                                                  r"Chroma; LongCat-Image, LongCat-Image-Edit; Ovis-Image; Bria 3.2; "
                                                  r"Bria FIBO, FIBO Edit; HiDream-I1; Z-Image; HunyuanImage 2.1; AuraFlow; "
-                                                 r"CogView4; ERNIE-Image; Krea 2; Lumina-Image 2.0; CogView3-Plus pipelines take a "
+                                                 r"CogView4; ERNIE-Image; Krea 2; Lumina-Image 2.0; CogView3-Plus; Bria FIBO 2 pipelines take a "
                                                  r"negative prompt here"):
             cli._check_family_args(_Args(None, "blurry"), family)
 
