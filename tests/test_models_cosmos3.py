@@ -251,3 +251,72 @@ def test_window_steps_with_the_real_scheduler():
 
 
 EXPECTED_WINDOWS = {1.0: {35: "0-1", 50: "0-1"}, 5.0: {35: "0-4", 50: "0-6"}}
+
+
+# --- Cosmos3OmniPipeline end to end: a word-level tokenizer with a chat template written here, a tiny Wan VAE ---
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>"]
+    words = "a red cube on top of blue sphere bad quality blurry cat dog".split()
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<|endoftext|>",
+                                  additional_special_tokens=specials[1:3] + specials[4:])
+    tok.chat_template = ("{% for m in messages %}<|im_start|> {{ m['content'] }} <|im_end|> {% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>{% endif %}")
+    return tok
+
+
+def _omni_pipeline():
+    from diffusers import AutoencoderKLWan, Cosmos3OmniPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=C, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * C, latents_std=[1.0] * C)
+    return Cosmos3OmniPipeline(transformer=_transformer(), text_tokenizer=_tokenizer(), vae=vae,
+                               scheduler=_flow_unipc(5.0), enable_safety_checker=False)
+
+
+def _omni_kwargs(hw, frames, steps, image=None):
+    return dict(prompt="a red cube on top of a blue sphere", negative_prompt="blurry", height=hw[0], width=hw[1],
+                num_frames=frames, num_inference_steps=steps, guidance_scale=4.0, output_type="latent",
+                use_system_prompt=False, add_resolution_template=False, add_duration_template=False,
+                enable_safety_check=False, image=image)
+
+
+@pytest.mark.parametrize("hw,frames,i2v", [((32, 48), 1, False), ((32, 32), 5, True)])
+def test_pipeline_cfg_and_window(monkeypatch, hw, frames, i2v):
+    from taca.pipeline import get_handle
+
+    pipe = _omni_pipeline()
+    steps = 6
+    image = torch.rand(3, hw[0], hw[1]) if i2v else None
+    stock = pipe(generator=torch.Generator().manual_seed(1), **_omni_kwargs(hw, frames, steps, image)).video
+    with taca.enabled(pipe, gamma=1.0, schedule="constant"):
+        same = pipe(generator=torch.Generator().manual_seed(1), **_omni_kwargs(hw, frames, steps, image)).video
+    assert torch.equal(same, stock)
+    gen = GenCalls(monkeypatch)
+    seen = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda m, a, k, o: seen.append((k["und_len"], get_handle(m).last_gamma)), with_kwargs=True)
+    with taca.enabled(pipe, gamma=1.3):
+        pipe(generator=torch.Generator().manual_seed(1), **_omni_kwargs(hw, frames, steps, image))
+    hook.remove()
+    on = window(pipe.scheduler.sigmas[:-1])
+    assert on and on != list(range(steps)) and len(seen) == 2 * steps  # cond and uncond per step
+    assert [i for i in range(steps) if seen[2 * i][1] is not None] == on
+    assert all((seen[2 * i][1] is None) == (seen[2 * i + 1][1] is None) for i in range(steps))
+    und = {s[0] for s in seen}
+    assert len(und) == 2  # the prompt and the negative prompt: two text lengths
+    assert len(gen.calls) == N_LAYERS * 2 * len(on)
+    for q, k, v, out in gen.calls:
+        n_gen = q.shape[0]
+        L = k.shape[0] - n_gen
+        assert L in und
+        expect = paper_attention_masks(q[None], k[None], v[None], span_mask(1, L + n_gen, 0, L),
+                                       torch.ones(1, n_gen, dtype=torch.bool), torch.full((1,), 1.3))
+        torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=2e-6)
