@@ -212,7 +212,7 @@ class TacaHandle:
                     f"call taca.enable again to reinstall TACA, or taca.disable"
                 )
         arg = lambda name: self._arg(name, args, kwargs)  # noqa: E731
-        ts = arg(self.adapter.timestep_arg)
+        ts = self.adapter.timestep_value(arg)
         batch = self.adapter.batch(arg)
         if ts is None or batch is None:
             raise ValueError("taca: the transformer was called without timestep or encoder_hidden_states")

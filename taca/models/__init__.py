@@ -23,7 +23,8 @@ An :class:`Adapter` subclass says
   call's state as ``processor.taca_call`` (a dict of the same keys) and a forward hook clears it
   after the call;
 - ``timestep_arg``: the forward argument holding the timestep ("timestep"; HiDream "timesteps",
-  Z-Image "t"); ``batch(arg)``: (batch size, device) of one call, from ``hidden_states`` by default;
+  Z-Image "t"); ``timestep_value(arg)``: the value read from it (per-token timesteps reduced to the
+  noisy target's: Cosmos3, MiniMax-H3); ``batch(arg)``: (batch size, device) of one call, from ``hidden_states`` by default;
 - ``current_t_pipelines``: diffusers pipelines whose ``__call__`` sets ``self._current_timestep =
   t`` right before calling the transformer with ``timestep = t.expand(B).to(latents.dtype) /
   1000`` (then the hook may read sigma on the host without a device sync; see taca.pipeline);
@@ -48,7 +49,7 @@ _BUILTIN = (
     "longcat", "ovis", "bria", "hidream", "zimage", "hunyuanimage",
     "auraflow", "cogview4", "glm_image", "ernie_image", "krea2", "lumina2",
     "cogvideox", "hunyuan_video", "mochi", "hunyuan_video15", "prx", "nucleusmoe", "cogview3plus", "consisid",
-    "easyanimate", "hunyuan_video_framepack", "motif_video", "flux3", "bria_fibo2",
+    "easyanimate", "hunyuan_video_framepack", "motif_video", "flux3", "bria_fibo2", "cosmos3", "minimax_h3",
 )
 _REGISTRY: List[Type["Adapter"]] = []
 _loaded = False
@@ -112,6 +113,12 @@ class Adapter:
         """(batch size, device) of one transformer call, or None when the input is missing."""
         hs = arg("hidden_states")
         return None if hs is None else (int(hs.shape[0]), hs.device)
+
+    def timestep_value(self, arg: Callable[[str], Any]) -> Any:
+        """The timestep of one transformer call that ``timestep`` converts to sigma: a (B,) or
+        one-element tensor or a Python number. Default: the ``timestep_arg`` argument as passed.
+        Models with per-token timesteps (Cosmos3, MiniMax-H3) reduce them to the noisy target's."""
+        return arg(self.timestep_arg)
 
     def call_state(self, arg: Callable[[str], Any]) -> Dict[str, Any]:
         """The attention kwargs the hook injects for one call (besides ``taca_gamma``)."""
