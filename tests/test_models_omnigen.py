@@ -8,7 +8,6 @@ images are refused; the timestep is 1 - sigma on the checkpoint's invert_sigmas 
 OmniGenPipeline (its CFG batch pads the shorter prompt) end to end."""
 import math
 import os
-import sys
 import types
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
