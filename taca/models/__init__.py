@@ -49,7 +49,7 @@ _BUILTIN = (
     "longcat", "ovis", "bria", "hidream", "zimage", "hunyuanimage",
     "auraflow", "cogview4", "glm_image", "ernie_image", "krea2", "lumina2",
     "cogvideox", "hunyuan_video", "mochi", "hunyuan_video15", "prx", "nucleusmoe", "cogview3plus", "consisid",
-    "easyanimate", "hunyuan_video_framepack", "motif_video", "flux3", "bria_fibo2", "cosmos3", "minimax_h3",
+    "easyanimate", "hunyuan_video_framepack", "motif_video", "flux3", "bria_fibo2", "cosmos3", "minimax_h3", "qwenimage21", "omnigen",
 )
 _REGISTRY: List[Type["Adapter"]] = []
 _loaded = False
