@@ -270,3 +270,31 @@ def test_window_steps_with_the_real_scheduler():
 
 EXPECTED_WINDOWS = {((2048, 2048), 30): "0-2", ((2048, 2048), 48): "0-3", ((2048, 2048), 50): "0-4",
                     ((1024, 1024), 30): "0", ((1024, 1024), 48): "0-1", ((1024, 1024), 50): "0-1"}
+
+
+@pytest.mark.parametrize("given,expect", [
+    ({}, {}),
+    ({"guidance_scale": 5.0}, {"guidance_scale": 5.0, "guidance_schedule": None}),
+    ({"guidance_scale": 5.0, "num_inference_steps": 8}, {"guidance_scale": 5.0, "num_inference_steps": 8,
+                                                          "guidance_schedule": None}),
+    ({"num_inference_steps": 8}, {"num_inference_steps": 8, "guidance_schedule": (7.0,) * 5 + (3.0,) * 3}),
+    ({"num_inference_steps": 2}, {"num_inference_steps": 2, "guidance_schedule": (7.0, 7.0)}),
+])
+def test_generate_call_fits_the_pipelines_guidance_rules(given, expect):
+    """taca generate's --guidance / --steps become arguments Ideogram4Pipeline accepts (its check_inputs
+    refuses a guidance scale next to its default schedule, and a schedule of another length)."""
+    import inspect
+
+    from diffusers import Ideogram4Pipeline
+
+    from taca import models
+
+    call = models.by_name("ideogram4").generate_call(dict(prompt="a red cube", **given))
+    assert call == dict(prompt="a red cube", **expect)
+    pipe, _ = _pipeline()
+    defaults = {k: p.default for k, p in inspect.signature(Ideogram4Pipeline.__call__).parameters.items()}
+    args = {k: call.get(k, defaults[k]) for k in ("prompt", "num_inference_steps", "guidance_scale", "guidance_schedule")}
+    pipe.check_inputs(height=64, width=64, **args)  # raises on what the pipeline refuses
+    with pytest.raises(ValueError, match="Only one of"):  # what the CLI passed before generate_call
+        pipe.check_inputs(prompt="a", height=64, width=64, num_inference_steps=48, guidance_scale=5.0,
+                          guidance_schedule=defaults["guidance_schedule"])

@@ -29,7 +29,8 @@ An :class:`Adapter` subclass says
 - for ``taca generate``: ``pipelines`` (the diffusers pipeline classes of the family that
   generate from a prompt alone; ``serves_pipeline`` may widen this), ``negative_prompt`` (the
   pipelines take one), ``guidance_arg`` (the call argument ``--guidance`` sets),
-  ``max_sequence_length`` (the most text tokens the pipelines accept).
+  ``max_sequence_length`` (the most text tokens the pipelines accept), ``generate_call`` (the
+  call's arguments adjusted for the pipelines).
 
 Adding a model: one module here defining a subclass decorated with :func:`register`, its name
 added to ``_BUILTIN`` below, and one test (``tests/test_models_<family>.py``).
@@ -81,6 +82,12 @@ class Adapter:
 
     def __init__(self, transformer: torch.nn.Module):
         self.transformer = transformer
+
+    @classmethod
+    def generate_call(cls, call: Dict[str, Any]) -> Dict[str, Any]:
+        """``taca generate``'s pipeline call arguments, adjusted for this family's pipelines
+        (Ideogram 4: a guidance scale replaces the default guidance schedule). Default: as given."""
+        return call
 
     @classmethod
     def serves_pipeline(cls, name: str) -> bool:

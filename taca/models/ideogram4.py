@@ -22,6 +22,10 @@ The pipeline's unconditional pass (``unconditional_transformer``, a second model
 ``pipe.transformer`` only, and a transformer called without text (or a row without text in a
 batch with text: text_len 0) runs stock attention there.
 
+``taca generate``: ``--guidance`` sets a constant ``guidance_scale`` (the pipeline's default
+per-step ``guidance_schedule`` is dropped, as the pipeline requires); ``--steps`` alone stretches
+the default schedule (7.0, then 3.0 for the last 3 steps). The pipeline takes no negative prompt.
+
 Timestep: the transformer takes model time ``1 - sigma`` (0 = noise; the pipeline passes
 ``1 - t / 1000`` in the transformer's dtype), one per sample; a per-token (B, L) timestep is
 refused. The blocks forward no attention kwargs: the hook hands the processors their state.
@@ -152,6 +156,22 @@ class Ideogram4Adapter(Adapter):
 
     def processor(self, name, module):
         return TacaIdeogram4AttnProcessor(name)
+
+    @classmethod
+    def generate_call(cls, call):
+        """Ideogram4Pipeline takes a constant ``guidance_scale`` OR a per-step ``guidance_schedule``
+        (default: 7.0 for 45 steps, 3.0 for the last 3 of 48) and raises on both, or on a schedule
+        whose length is not the step count: ``--guidance G`` makes the schedule None (G at every
+        step); ``--steps N`` alone keeps the default's shape, 7.0 then 3.0 for the last 3 steps
+        (all 7.0 when N <= 3)."""
+        call = dict(call)
+        if "guidance_scale" in call:
+            call["guidance_schedule"] = None
+        elif "num_inference_steps" in call:
+            n = int(call["num_inference_steps"])
+            polish = 3 if n > 3 else 0
+            call["guidance_schedule"] = (7.0,) * (n - polish) + (3.0,) * polish
+        return call
 
     def call_state(self, arg):
         ind, seg, ts = arg("indicator"), arg("segment_ids"), arg("timestep")
