@@ -207,7 +207,7 @@ def _pipeline():
     return pipe, lengths
 
 
-def _hook_sigmas(steps, hw, base_mu=0.0):
+def _hook_sigmas(steps, hw, base_mu=0.0, dtype=torch.float32):
     """The sigma the hook reads at each step: 1 - (1 - t / 1000), in float32 as the pipeline computes
     it, on the pipeline's logit-normal sigmas through the scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -215,7 +215,7 @@ def _hook_sigmas(steps, hw, base_mu=0.0):
 
     sch = FlowMatchEulerDiscreteScheduler()
     sch.set_timesteps(sigmas=_logit_normal_sigmas(steps, _resolution_aware_mu(*hw, base_mu=base_mu), std=1.5).tolist())
-    return 1.0 - (1.0 - sch.timesteps.float() / 1000)
+    return 1.0 - (1.0 - sch.timesteps.float() / 1000).to(dtype).float()
 
 
 @pytest.mark.parametrize("hw", [(64, 96), (96, 64)])
@@ -255,17 +255,18 @@ def test_pipeline_two_prompts_and_window(monkeypatch, hw):
     assert not torch.equal(out, stock)
 
 
-def ideogram4_windows():
+def ideogram4_windows(dtype=torch.float32):
     """Windows of the paper's rule on Ideogram4Pipeline's default schedule (logit-normal, mu 0
     shifted by the resolution, std 1.5) through FlowMatchEulerDiscreteScheduler with shift 1 and no
     dynamic shifting (the checkpoint's scheduler config is NOT read here: dynamic shifting would need
     a mu the pipeline does not pass, and any shift other than 1 would distort its own schedule)."""
-    return {(hw, steps): ranges(window(_hook_sigmas(steps, hw)))
+    return {(hw, steps): ranges(window(_hook_sigmas(steps, hw, dtype=dtype)))
             for hw in ((2048, 2048), (1024, 1024)) for steps in (30, 48, 50)}
 
 
 def test_window_steps_with_the_real_scheduler():
     assert ideogram4_windows() == EXPECTED_WINDOWS
+    assert ideogram4_windows(torch.bfloat16) == EXPECTED_WINDOWS  # the model time a bf16 transformer gets
 
 
 EXPECTED_WINDOWS = {((2048, 2048), 30): "0-2", ((2048, 2048), 48): "0-3", ((2048, 2048), 50): "0-4",
