@@ -20,7 +20,8 @@ from test_cli import _run
     ("ChromaPipeline", "chroma"), ("LongCatImagePipeline", "longcat"), ("LongCatImageEditPipeline", None),
     ("OvisImagePipeline", "ovis"), ("BriaPipeline", "bria"), ("BriaFiboPipeline", "bria_fibo"),
     ("HiDreamImagePipeline", "hidream"), ("ZImagePipeline", "zimage"), ("HunyuanImagePipeline", "hunyuanimage"),
-    ("CogView3PlusPipeline", "cogview3plus"), ("DDPMPipeline", None),
+    ("CogView3PlusPipeline", "cogview3plus"), ("Ideogram4Pipeline", "ideogram4"),
+    ("JoyImageEditPipeline", "joyimage"), ("JoyImageEditPlusPipeline", "joyimage_edit_plus"), ("DDPMPipeline", None),
 ])
 def test_family_from_a_folder(tmp_path, cls, family):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": cls}))
@@ -73,7 +74,8 @@ def test_every_family_flag_matches_its_pipelines():
         with pytest.raises(cli.UsageError, match=r"--negative-prompt: only SD3, SD3.5; Qwen-Image, Qwen-Image-Edit; "
                                                  r"Chroma; LongCat-Image, LongCat-Image-Edit; Ovis-Image; Bria 3.2; "
                                                  r"Bria FIBO, FIBO Edit; HiDream-I1; Z-Image; HunyuanImage 2.1; AuraFlow; "
-                                                 r"CogView4; ERNIE-Image; Krea 2; Lumina-Image 2.0; CogView3-Plus pipelines take a "
+                                                 r"CogView4; ERNIE-Image; Krea 2; Lumina-Image 2.0; CogView3-Plus; JoyImage Edit; "
+                                                 r"JoyImage Edit Plus pipelines take a "
                                                  r"negative prompt here"):
             cli._check_family_args(_Args(None, "blurry"), family)
 

@@ -48,7 +48,7 @@ _BUILTIN = (
     "longcat", "ovis", "bria", "hidream", "zimage", "hunyuanimage",
     "auraflow", "cogview4", "glm_image", "ernie_image", "krea2", "lumina2",
     "cogvideox", "hunyuan_video", "mochi", "hunyuan_video15", "prx", "nucleusmoe", "cogview3plus", "consisid",
-    "easyanimate", "ideogram4",
+    "easyanimate", "ideogram4", "joyimage",
 )
 _REGISTRY: List[Type["Adapter"]] = []
 _loaded = False
