@@ -578,6 +578,11 @@ def cmd_generate(args) -> int:
             call[k] = getattr(args, k)
     if args.negative_prompt is not None:
         call["negative_prompt"] = args.negative_prompt
+    from . import models
+
+    adapter = models.by_name(family)
+    if adapter is not None:
+        call = adapter.generate_call(call)
 
     import inspect
 

@@ -23,6 +23,8 @@ from test_cli import _run
     ("CogView3PlusPipeline", "cogview3plus"), ("BriaFibo2Pipeline", "bria_fibo2"), ("DDPMPipeline", None),
     ("CogView3PlusPipeline", "cogview3plus"), ("QwenImage21Pipeline", "qwenimage21"), ("OmniGenPipeline", "omnigen"),
     ("DDPMPipeline", None),
+    ("CogView3PlusPipeline", "cogview3plus"), ("Ideogram4Pipeline", "ideogram4"),
+    ("JoyImageEditPipeline", "joyimage"), ("JoyImageEditPlusPipeline", "joyimage_edit_plus"), ("DDPMPipeline", None),
 ])
 def test_family_from_a_folder(tmp_path, cls, family):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": cls}))
@@ -77,6 +79,8 @@ def test_every_family_flag_matches_its_pipelines():
                                                  r"Bria FIBO, FIBO Edit; HiDream-I1; Z-Image; HunyuanImage 2.1; AuraFlow; "
                                                  r"CogView4; ERNIE-Image; Krea 2; Lumina-Image 2.0; CogView3-Plus; Bria FIBO 2 pipelines take a "
                                                  r"CogView4; ERNIE-Image; Krea 2; Lumina-Image 2.0; CogView3-Plus; Qwen-Image 2.1 pipelines take a "
+                                                 r"CogView4; ERNIE-Image; Krea 2; Lumina-Image 2.0; CogView3-Plus; JoyImage Edit; "
+                                                 r"JoyImage Edit Plus pipelines take a "
                                                  r"negative prompt here"):
             cli._check_family_args(_Args(None, "blurry"), family)
 

@@ -31,7 +31,8 @@ An :class:`Adapter` subclass says
 - for ``taca generate``: ``pipelines`` (the diffusers pipeline classes of the family that
   generate from a prompt alone; ``serves_pipeline`` may widen this), ``negative_prompt`` (the
   pipelines take one), ``guidance_arg`` (the call argument ``--guidance`` sets),
-  ``max_sequence_length`` (the most text tokens the pipelines accept).
+  ``max_sequence_length`` (the most text tokens the pipelines accept), ``generate_call`` (the
+  call's arguments adjusted for the pipelines).
 
 Adding a model: one module here defining a subclass decorated with :func:`register`, its name
 added to ``_BUILTIN`` below, and one test (``tests/test_models_<family>.py``).
@@ -49,7 +50,7 @@ _BUILTIN = (
     "longcat", "ovis", "bria", "hidream", "zimage", "hunyuanimage",
     "auraflow", "cogview4", "glm_image", "ernie_image", "krea2", "lumina2",
     "cogvideox", "hunyuan_video", "mochi", "hunyuan_video15", "prx", "nucleusmoe", "cogview3plus", "consisid",
-    "easyanimate", "hunyuan_video_framepack", "motif_video", "flux3", "bria_fibo2", "cosmos3", "minimax_h3", "qwenimage21", "omnigen",
+    "easyanimate", "hunyuan_video_framepack", "motif_video", "flux3", "bria_fibo2", "cosmos3", "minimax_h3", "qwenimage21", "omnigen", "ideogram4", "joyimage",
 )
 _REGISTRY: List[Type["Adapter"]] = []
 _loaded = False
@@ -83,6 +84,12 @@ class Adapter:
 
     def __init__(self, transformer: torch.nn.Module):
         self.transformer = transformer
+
+    @classmethod
+    def generate_call(cls, call: Dict[str, Any]) -> Dict[str, Any]:
+        """``taca generate``'s pipeline call arguments, adjusted for this family's pipelines
+        (Ideogram 4: a guidance scale replaces the default guidance schedule). Default: as given."""
+        return call
 
     @classmethod
     def serves_pipeline(cls, name: str) -> bool:
