@@ -241,7 +241,7 @@ BAD_GENERATE = [
     ("lora_corrupt", ["--lora", "{tmp}/bad.safetensors"], "--lora", "not a readable safetensors file"),
     ("lora_no_tensors", ["--lora", "{tmp}/empty.safetensors"], "--lora", "holds no tensors"),
     ("lora_not_a_lora", ["--lora", "{tmp}/half.safetensors"], "--lora", "holds no LoRA weights"),
-    ("msl_huge_unknown_model", ["--max-sequence-length", "100000"], "--max-sequence-length", "at most 3000"),  # BriaFiboPipeline
+    ("msl_huge_unknown_model", ["--max-sequence-length", "100000"], "--max-sequence-length", "at most 4096"),  # JoyImage pipelines
     ("msl_dev", ["--model", "black-forest-labs/FLUX.1-dev", "--max-sequence-length", "513"],
      "--max-sequence-length", "FLUX.1 pipelines take at most 512"),
     ("msl_schnell", ["--model", "black-forest-labs/FLUX.1-schnell", "--max-sequence-length", "300"],
