@@ -114,7 +114,10 @@ class TacaProcessor:
         if record and N_q != N:
             raise NotImplementedError(
                 f"taca: {self.name}: telemetry events describe one token sequence for queries and keys; this "
-                f"model's queries are the image tokens only ({N_q} queries, {N} keys) and cannot be recorded yet"
+                + (f"call's queries attend cached keys as well ({N_q} queries, {N} keys)"
+                   if query_text_len is not None else
+                   f"model's queries are the image tokens only ({N_q} queries, {N} keys)")
+                + " and cannot be recorded yet"
             )
         if self._parallel_config is not None:
             raise NotImplementedError(

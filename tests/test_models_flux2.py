@@ -1,6 +1,8 @@
 """FLUX.2 (Flux2Transformer2DModel: dev and klein configs) with the taca.models.flux2 adapter, on
 tiny random-weight models (the survey's tiny config): every joint attention call inside the
-window is the paper's definition, outside it and at gamma = 1 the model is stock bit for bit."""
+window is the paper's definition, outside it and at gamma = 1 the model is stock bit for bit. Klein-KV's
+cache processors: the extract call ([txt, ref, img]; ref queries on ref keys only) and the cached calls
+([txt, img] queries on [txt, cached ref, img] keys), transformer and Flux2KleinKVPipeline."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -185,6 +187,20 @@ def test_klein_kv_outside_window_and_gamma_one_are_stock(hw):
         assert torch.equal(got[0], ref_in[0]) and torch.equal(got[2], ref_in[2]) and _same_cache(got[1], ref_in[1])
         taca.disable(t)
     check_disable_restores(t, before)
+
+
+def test_klein_kv_telemetry_is_refused():
+    """Recording attention (taca.telemetry) in Klein-KV's extract and cached calls is refused with a
+    clear error: an event describes one token sequence for queries and keys."""
+    from taca import telemetry
+
+    t = _kv_transformer()
+    with torch.no_grad():
+        _, cache = t(**_extract(1, 3, (2, 3), 4))
+    with taca.enabled(t, gamma=1.3), telemetry.recording(lambda e: None), torch.no_grad():
+        for kw in (_extract(1, 3, (2, 3), 4), _cached(1, 3, (2, 3), cache)):
+            with pytest.raises(NotImplementedError, match=r"attend cached keys as well \(9 queries, 13 keys\)"):
+                t(**kw)
 
 
 def test_klein_kv_processors_without_a_cache_mode(monkeypatch):

@@ -21,6 +21,7 @@ An :class:`Adapter` subclass says
   HunyuanImage, ERNIE-Image, Krea 2, Lumina 2, HunyuanVideo, Mochi, HunyuanVideo 1.5, PRX): then the hook sets the
   call's state as ``processor.taca_call`` (a dict of the same keys) and a forward hook clears it
   after the call;
+- ``textless(arg)``: True for a call with no text (no gamma, its timestep not read);
 - ``timestep_arg``: the forward argument holding the timestep ("timestep"; HiDream "timesteps",
   Z-Image "t"); ``batch(arg)``: (batch size, device) of one call, from ``hidden_states`` by default;
 - ``current_t_pipelines``: diffusers pipelines whose ``__call__`` sets ``self._current_timestep =
@@ -111,6 +112,12 @@ class Adapter:
         """(batch size, device) of one transformer call, or None when the input is missing."""
         hs = arg("hidden_states")
         return None if hs is None else (int(hs.shape[0]), hs.device)
+
+    def textless(self, arg: Callable[[str], Any]) -> bool:
+        """True when this transformer call has no text at all (GLM-Image's condition-image
+        KV-cache writes, called at timestep 0 before the pipeline sets its schedule): the hook
+        then gives it no gamma without reading its timestep (and counts no step). Default False."""
+        return False
 
     def call_state(self, arg: Callable[[str], Any]) -> Dict[str, Any]:
         """The attention kwargs the hook injects for one call (besides ``taca_gamma``)."""
