@@ -135,7 +135,8 @@ class TacaHandle:
     ``lora_adapter`` (adapter name or None), ``last_gamma`` ((B,) tensor or None: what the last
     transformer call used), ``last_step`` (step index of the last call, step schedules only),
     ``last_path`` ("host": sigma read on the host, no sync; "sync": device math and one host
-    sync; see the module docstring), ``host_copies`` (device-to-host copies of timestep tensors
+    sync; see the module docstring; "textless": a call without text, no gamma, its timestep not
+    read, see ``Adapter.textless``), ``host_copies`` (device-to-host copies of timestep tensors
     made so far: one per pipeline call on the host path), ``host_sigma`` (False: always "sync").
     """
 
@@ -218,12 +219,17 @@ class TacaHandle:
             raise ValueError("taca: the transformer was called without timestep or encoder_hidden_states")
         state = self.adapter.call_state(arg)
         B, device = batch
-        decided = self._host_decide(ts, B, device) if self.host_sigma else None
-        if decided is not None:
-            self.last_path = "host"
+        if self.adapter.textless(arg):
+            # nothing to scale: no gamma, and the timestep (which may lie outside the schedule) is not read
+            decided = (None, False, None)
+            self.last_path = "textless"
         else:
-            decided = self._sync_decide(ts, B, device)
-            self.last_path = "sync"
+            decided = self._host_decide(ts, B, device) if self.host_sigma else None
+            if decided is not None:
+                self.last_path = "host"
+            else:
+                decided = self._sync_decide(ts, B, device)
+                self.last_path = "sync"
         gamma, on, step = decided
         self.last_gamma = gamma if on else None
         self.last_step = step

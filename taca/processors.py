@@ -89,6 +89,8 @@ class TacaProcessor:
         *,
         text_start=None,
         scale: Optional[float] = None,
+        query_text_start=None,
+        query_text_len=None,
     ) -> Optional[torch.Tensor]:
         """TACA attention of q, k, v (in ``self.layout``), or None: then the caller runs its stock
         attention call. ``text_len`` None means the call has no text (plain attention: stock).
@@ -96,7 +98,10 @@ class TacaProcessor:
         ``text_len`` / ``text_start``: an int, or a (B,) integer tensor (per-sample text spans);
         text keys (and text queries) of sample b are [text_start[b], text_start[b] + text_len[b]).
         ``text_start`` None: the first (``text_first``) or last ``text_len`` tokens. ``scale``: the
-        stock processor's softmax scale (default 1/sqrt(D))."""
+        stock processor's softmax scale (default 1/sqrt(D)). ``query_text_start`` /
+        ``query_text_len``: the text QUERIES when they are not the key span (cached keys: FLUX.2
+        Klein-KV's [txt, img] queries on [txt, ref, img] keys, GLM-Image's [txt, img] queries on
+        [cond-image cache, txt, img] keys), passed on to ``taca.joint_attention``."""
         record = telemetry.active() and text_len is not None
         if (gamma is None and not record) or text_len is None:
             return None
@@ -109,7 +114,10 @@ class TacaProcessor:
         if record and N_q != N:
             raise NotImplementedError(
                 f"taca: {self.name}: telemetry events describe one token sequence for queries and keys; this "
-                f"model's queries are the image tokens only ({N_q} queries, {N} keys) and cannot be recorded yet"
+                + (f"call's queries attend cached keys as well ({N_q} queries, {N} keys)"
+                   if query_text_len is not None else
+                   f"model's queries are the image tokens only ({N_q} queries, {N} keys)")
+                + " and cannot be recorded yet"
             )
         if self._parallel_config is not None:
             raise NotImplementedError(
@@ -118,6 +126,9 @@ class TacaProcessor:
         extra = {}
         if attn_mask is not None:
             extra["attn_mask"] = attn_mask
+        if query_text_start is not None or query_text_len is not None:
+            extra["query_text_start"] = query_text_start
+            extra["query_text_len"] = query_text_len
         if spans:
             extra["text_start"] = text_start
             if record:

@@ -3,7 +3,9 @@ models: in the window every joint call is the paper's definition (glyph text fir
 as the stock processor turns it into an ADDITIVE float 0/1 matrix), outside it and at gamma = 1 the
 model is stock bit for bit; sigma is read from the pipeline's scheduler (the transformer gets the
 unshifted t minus 1); GlmImagePipeline with CFG (prior tokens dropped in the negative branch) at two
-resolutions; the KV-cache (condition image) mode is refused."""
+resolutions; condition images through the KV cache (write: textless, stock; read: [txt, img]
+queries on [cache, txt, img] keys; skip: plain), transformer and pipeline; a text mask in read mode
+(which stock fails on too) is refused."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -151,20 +153,151 @@ def test_sigma_comes_from_the_scheduler():
             t(**_inputs(1, 3, (2, 2), 999.0))
 
 
-def test_kv_cache_mode_is_refused():
-    """Condition images (GlmImageKVCache in write / read / skip mode) are refused with TACA on; the
-    unused cache the text-to-image pipeline passes (mode None) is fine."""
+def _write(hw, seed):
+    """GlmImagePipeline's write call for one condition image of hw tokens: no text, timestep 0."""
+    g = torch.Generator().manual_seed(seed)
+    n = hw[0] * hw[1]
+    return dict(hidden_states=torch.randn(1, 4, 2 * hw[0], 2 * hw[1], generator=g),
+                encoder_hidden_states=torch.zeros(1, 0, 24), prior_token_id=torch.randint(0, 32, (1, n), generator=g),
+                prior_token_drop=torch.zeros(1, n, dtype=torch.bool), timestep=torch.zeros(1),
+                target_size=torch.tensor([[16.0 * hw[0], 16.0 * hw[1]]]), crop_coords=torch.zeros(1, 2))
+
+
+def _conditioned(t, B, L, hw, conds, t_read=999.0, paths=None, valid=None):
+    """Write the condition images (``conds``: one list of token grids per cached sample), then the
+    read (conditional) and skip (unconditional) calls, as GlmImagePipeline does. Returns the read
+    and skip outputs and the cache."""
     from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
+
+    kv = GlmImageKVCache(num_layers=TINY["num_layers"])
+    kv.set_mode("write")
+    for i, sample in enumerate(conds):
+        for j, grid in enumerate(sample):
+            t(**_write(grid, 10 * i + j), kv_caches=kv)
+            if paths is not None:
+                h = get_handle(t)
+                paths.append((h.last_path, h.last_gamma))
+        kv.next_sample()
+    kv.set_mode("read")
+    read = t(**_inputs(B, L, hw, t_read, valid=valid), kv_caches=kv)[0]
+    kv.set_mode("skip")
+    skip = t(**_inputs(B, L, hw, t_read, seed=2), kv_caches=kv)[0]
+    return read, skip, kv
+
+
+def _same_cache(a, b):
+    return all(len(x.k_caches) == len(y.k_caches) and all(torch.equal(p, q) for p, q in zip(x.k_caches, y.k_caches))
+               and all(torch.equal(p, q) for p, q in zip(x.v_caches, y.v_caches)) for x, y in zip(a.caches, b.caches))
+
+
+def _sched_pipe_no_t1(t):
+    """A pipeline whose scheduler holds timesteps 1000, 750, 500, 250: the write calls' timestep 0
+    (a scheduler t of 1) is not in it, as after any GlmImagePipeline call."""
+    pipe = _glm_pipe(t)
+    ts = np.array([1000.0, 750.0, 500.0, 250.0], dtype=np.float32)
+    pipe.scheduler.set_timesteps(timesteps=ts, sigmas=ts / 1000, mu=3.0)
+    return pipe
+
+
+# (batch, text tokens, image tokens, condition images: token grids per cached sample)
+KV_CASES = [
+    (2, 16, (3, 4), [[(2, 3)], [(1, 2), (2, 2)]]),  # per-sample caches, 6 tokens each (one and two images)
+    (2, 5, (4, 2), [[(2, 2), (1, 3)]]),  # one cache (two images, 7 tokens) shared by the batch
+    (1, 3, (2, 3), [[(3, 3)]]),
+]
+
+
+@pytest.mark.parametrize("B,L,hw,conds", KV_CASES)
+def test_kv_cache_modes_are_the_paper_definition(monkeypatch, B, L, hw, conds):
+    """Condition images through the KV cache: the write calls (no text, timestep 0) run stock with
+    no gamma and their timestep unread; in the read call (queries [txt, img], keys [cache, txt,
+    img]) every TACA call has text keys [L_c, L_c + L) and text queries the first L, and equals the
+    paper's definition (image queries x glyph keys times gamma; the cached condition-image keys
+    unscaled) on the stock q, k, v; the skip call is plain [txt, img]. With stock attention handed
+    back (shadow), outputs and cache are stock's bit for bit."""
+    import diffusers.models.transformers.transformer_glm_image as tg
+
+    n_layers, I = TINY["num_layers"], hw[0] * hw[1]
+    Lc = sum(h * w for h, w in conds[0])
+    t = _transformer()
+    stock = StockCalls(monkeypatch, tg)
+    with torch.no_grad():
+        read_s, skip_s, kv_s = _conditioned(t, B, L, hw, conds)
+    monkeypatch.undo()
+    n_writes = sum(len(c) for c in conds)
+    assert len(stock.calls) == (n_writes + 2) * n_layers
+    pipe = _sched_pipe_no_t1(t)
+    cap = Capture(monkeypatch, shadow=True)
+    paths = []
+    with taca.enabled(pipe, gamma=1.3), torch.no_grad():
+        read_t, skip_t, kv_t = _conditioned(t, B, L, hw, conds, paths=paths)
+    assert paths == [("textless", None)] * n_writes
+    assert torch.equal(read_t, read_s) and torch.equal(skip_t, skip_s) and _same_cache(kv_t, kv_s)
+    assert len(cap.calls) == 2 * n_layers  # the writes ran stock
+    for (q, k, v, _, _), (sq, sk, sv, smask) in zip(cap.calls, stock.calls[n_writes * n_layers:]):
+        assert smask is None and torch.equal(q, sq) and torch.equal(k, sk) and torch.equal(v, sv)
+    read, skip = cap.calls[:n_layers], cap.calls[n_layers:]
+    assert all(c[0].shape[1] == L + I and c[1].shape[1] == Lc + L + I for c in read)
+    assert all(c[3]["text_start"] == Lc and c[3]["query_text_start"] == 0 and c[3]["query_text_len"] == L
+               for c in read)
+    g = torch.full((B,), 1.3)
+    check_spans_against_paper(read, span_mask(B, Lc + L + I, Lc, L), ~span_mask(B, L + I, 0, L), g)
+    text = span_mask(B, L + I, 0, L)
+    check_spans_against_paper(skip, text, ~text, g)
+
+
+@pytest.mark.parametrize("hw", [(3, 4), (2, 5)])
+def test_kv_cache_modes_outside_window_and_gamma_one_are_stock(hw):
+    """Write, read and skip calls outside the window (timestep 749) and at gamma 1 are stock bit for
+    bit (outputs and cache)."""
+    conds = [[(2, 3)], [(1, 2), (2, 2)]]
+    t = _transformer()
+    pipe = _sched_pipe_no_t1(t)
+    before = processors_of(t)
+    with torch.no_grad():
+        ref_in, ref_out = _conditioned(t, 2, 16, hw, conds, 999.0), _conditioned(t, 2, 16, hw, conds, 749.0)
+        h = taca.enable(pipe, gamma=1.3)
+        got = _conditioned(t, 2, 16, hw, conds, 749.0)
+        assert h.last_gamma is None
+        assert torch.equal(got[0], ref_out[0]) and torch.equal(got[1], ref_out[1]) and _same_cache(got[2], ref_out[2])
+        got = _conditioned(t, 2, 16, hw, conds, 999.0)
+        assert h.last_gamma is not None
+        assert not torch.equal(got[0], ref_in[0]) and not torch.equal(got[1], ref_in[1])
+        taca.enable(pipe, gamma=1.0, schedule="constant")
+        got = _conditioned(t, 2, 16, hw, conds, 999.0)
+        assert torch.equal(got[0], ref_in[0]) and torch.equal(got[1], ref_in[1]) and _same_cache(got[2], ref_in[2])
+        taca.disable(pipe)
+    check_disable_restores(t, before)
+
+
+def test_kv_read_mode_telemetry_is_refused():
+    """Recording attention (taca.telemetry) in a read call is refused with a clear error (an event
+    describes one token sequence for queries and keys); the write calls, textless, record nothing."""
+    from taca import telemetry
 
     t = _transformer()
     pipe = _sched_pipe(t)
-    kv = GlmImageKVCache(num_layers=TINY["num_layers"])
-    with taca.enabled(pipe, gamma=1.3) as h, torch.no_grad():
-        t(**_inputs(1, 3, (2, 2)), kv_caches=kv)
-        assert h.last_gamma is not None
-        kv.set_mode("write")
-        with pytest.raises(ValueError, match=r"GLM-Image with condition images \(kv_caches in write/read/skip mode\)"):
-            t(**_inputs(1, 3, (2, 2)), kv_caches=kv)
+    with taca.enabled(pipe, gamma=1.3), telemetry.recording(lambda e: None), torch.no_grad():
+        with pytest.raises(NotImplementedError, match=r"attend cached keys as well \(11 queries, 15 keys\)"):
+            _conditioned(t, 1, 5, (2, 3), [[(2, 2)]])
+
+
+def test_kv_read_mode_with_a_text_mask_is_refused(monkeypatch):
+    """A text attention_mask in read mode: the stock processor's (T + I) x (T + I) mask does not
+    cover the cached keys (diffusers raises from SDPA); with TACA on, a ValueError naming the mode
+    comes before any attention. A text mask without condition images stays supported."""
+    conds = [[(2, 2)]]
+    t = _transformer()
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        _conditioned(t, 1, 5, (2, 3), conds, valid=[3])
+    pipe = _sched_pipe(t)
+    cap = Capture(monkeypatch)
+    with taca.enabled(pipe, gamma=1.3), torch.no_grad():
+        with pytest.raises(ValueError, match="KV-cache read mode .* with a text attention_mask is not supported"):
+            _conditioned(t, 1, 5, (2, 3), conds, valid=[3])
+        assert not cap.calls
+        t(**_inputs(1, 5, (2, 3), valid=[3]))
+        assert len(cap.calls) == TINY["num_layers"]
 
 
 def _pipe_sigmas(n_img_tokens, steps):
@@ -210,6 +343,62 @@ def test_pipeline_cfg_and_window(monkeypatch, hw):
     assert len(cap.calls) == 2 * n * len(on)
     text = span_mask(1, 5 + n_img, 0, 5)
     check_spans_against_paper(cap.calls, text, ~text, torch.full((1,), 1.3))
+    assert not torch.equal(out, stock)
+
+
+@pytest.mark.parametrize("hw", [(32, 48), (64, 32)])
+def test_pipeline_condition_images(monkeypatch, hw):
+    """GlmImagePipeline with two condition images (a tiny 8x VAE encodes them; prior token ids
+    given, grids of 6 and 4 tokens) and CFG: the two write calls are textless (no gamma, timestep 0
+    not read: the scheduler still holds the previous call's schedule), every step's read call has
+    [txt, img] queries on [10 cached, txt, img] keys and its skip call is plain; the window is the
+    paper rule's, each TACA call the paper's definition; gamma 1 is stock bit for bit."""
+    import PIL.Image
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,) * 4,
+                        layers_per_block=1, norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)
+    from diffusers import FlowMatchEulerDiscreteScheduler, GlmImagePipeline
+
+    pipe = GlmImagePipeline(tokenizer=None, processor=None, text_encoder=None, vision_language_encoder=None, vae=vae,
+                            transformer=_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER))
+    steps, n_img, n_cond = 6, (hw[0] // 16) * (hw[1] // 16), 6 + 4
+    rng = np.random.default_rng(0)
+    images = [PIL.Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)),  # 2 x 3 tokens
+              PIL.Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))]  # 2 x 2 tokens
+    g = torch.Generator().manual_seed(0)
+    kw = dict(image=images, prompt_embeds=torch.randn(1, 5, 24, generator=g),
+              negative_prompt_embeds=torch.randn(1, 5, 24, generator=g),
+              prior_token_ids=torch.randint(0, 32, (1, n_img), generator=g),
+              prior_token_image_ids=[torch.randint(0, 32, (n_cond,), generator=g)],
+              source_image_grid_thw=[torch.tensor([[1, 2, 3], [1, 2, 2]])], guidance_scale=4.0, height=hw[0],
+              width=hw[1], num_inference_steps=steps, output_type="latent")
+    stock = pipe(generator=torch.Generator().manual_seed(1), **kw).images
+    with taca.enabled(pipe, gamma=1.0, schedule="constant"):
+        assert torch.equal(pipe(generator=torch.Generator().manual_seed(1), **kw).images, stock)
+    cap = Capture(monkeypatch)
+    seen = []
+    hook = pipe.transformer.register_forward_hook(lambda m, a, k, o: seen.append(
+        (k["kv_caches"].caches[0].mode, get_handle(m).last_gamma, get_handle(m).last_path)), with_kwargs=True)
+    with taca.enabled(pipe, gamma=1.3):
+        out = pipe(generator=torch.Generator().manual_seed(1), **kw).images
+    hook.remove()
+    assert [m for m, _, _ in seen] == ["write"] * 2 + ["read", "skip"] * steps
+    assert [p for _, _, p in seen] == ["textless"] * 2 + ["sync"] * 2 * steps
+    on = window(_pipe_sigmas(n_img, steps))
+    assert on and on != list(range(steps))
+    assert [i for i in range(steps) if seen[2 + 2 * i][1] is not None] == on
+    assert all((seen[2 + 2 * i][1] is None) == (seen[3 + 2 * i][1] is None) for i in range(steps))
+    n = TINY["num_layers"]
+    assert len(cap.calls) == 2 * n * len(on)
+    read = [c for j, c in enumerate(cap.calls) if (j // n) % 2 == 0]
+    skip = [c for j, c in enumerate(cap.calls) if (j // n) % 2 == 1]
+    g = torch.full((1,), 1.3)
+    check_spans_against_paper(read, span_mask(1, n_cond + 5 + n_img, n_cond, 5), ~span_mask(1, 5 + n_img, 0, 5), g)
+    text = span_mask(1, 5 + n_img, 0, 5)
+    check_spans_against_paper(skip, text, ~text, g)
     assert not torch.equal(out, stock)
 
 

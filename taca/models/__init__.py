@@ -22,6 +22,7 @@ An :class:`Adapter` subclass says
   HunyuanVideo Framepack, Motif-Video): then the hook sets the
   call's state as ``processor.taca_call`` (a dict of the same keys) and a forward hook clears it
   after the call;
+- ``textless(arg)``: True for a call with no text (no gamma, its timestep not read);
 - ``timestep_arg``: the forward argument holding the timestep ("timestep"; HiDream "timesteps",
   Z-Image "t"); ``timestep_value(arg)``: the value read from it (per-token timesteps reduced to the
   noisy target's: Cosmos3, MiniMax-H3); ``batch(arg)``: (batch size, device) of one call, from ``hidden_states`` by default;
@@ -126,6 +127,12 @@ class Adapter:
         one-element tensor or a Python number. Default: the ``timestep_arg`` argument as passed.
         Models with per-token timesteps (Cosmos3, MiniMax-H3) reduce them to the noisy target's."""
         return arg(self.timestep_arg)
+
+    def textless(self, arg: Callable[[str], Any]) -> bool:
+        """True when this transformer call has no text at all (GLM-Image's condition-image
+        KV-cache writes, called at timestep 0 before the pipeline sets its schedule): the hook
+        then gives it no gamma without reading its timestep (and counts no step). Default False."""
+        return False
 
     def call_state(self, arg: Callable[[str], Any]) -> Dict[str, Any]:
         """The attention kwargs the hook injects for one call (besides ``taca_gamma``)."""

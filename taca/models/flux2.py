@@ -9,9 +9,18 @@ sees only the joint sequence: the hook injects ``taca_text_len``. The transforme
 [0, 1] (the pipelines pass ``t / 1000`` in the latents' dtype).
 
 Klein-KV (``Flux2KleinKVPipeline``) installs ``Flux2KVAttnProcessor`` /
-``Flux2KVParallelSelfAttnProcessor``: its cached steps attend [txt, img] queries to
-[txt, ref, img] keys, which needs different query and key text spans; ``taca.enable`` refuses
-them (TypeError) rather than run them without their cache.
+``Flux2KVParallelSelfAttnProcessor``; TACA replaces them with processors that keep their cache
+modes (diffusers' ``_flux2_kv_causal_attention``):
+
+- "extract" (step 0, with reference images): the sequence is [txt, ref, img]; the ref K/V are
+  stored; [txt, img] queries attend all [txt, ref, img] keys (TACA: text keys [0, T), text queries
+  the first T of the [txt, img] queries; img queries get gamma on the text keys, text queries
+  gamma_reverse on ref and img keys), ref queries attend only the ref keys (no text: stock).
+- "cached" (later steps): the sequence is [txt, img]; keys [txt, cached ref, img] (TACA: the
+  same spans, N_q = T + I queries on N_k = T + R + I keys).
+- no mode (no reference image): Flux2AttnProcessor's computation, as stock.
+
+Outside the window every mode runs diffusers' own code, op for op.
 """
 from __future__ import annotations
 
@@ -95,6 +104,117 @@ class TacaFlux2AttnProcessor(TacaProcessor):
         return hidden_states
 
 
+def _kv_attention(proc, query, key, value, num_txt_tokens, num_ref_tokens, kv_cache, gamma):
+    """``_flux2_kv_causal_attention`` (diffusers) with TACA on the [txt, img] queries: "extract"
+    (``kv_cache`` None, ``num_ref_tokens`` > 0) or "cached" (``kv_cache`` given). Stock when the
+    processor's ``taca_attention`` says so (gamma off and nothing recorded) or there is no text."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+    from diffusers.models.transformers.transformer_flux2 import _flux2_kv_causal_attention
+
+    T = num_txt_tokens
+    text_len = T if T > 0 else None  # no text: nothing to scale, the stock call
+    if kv_cache is not None:
+        # cached: [txt, img] queries on [txt, ref cache, img] keys
+        k_ref, v_ref = kv_cache.get()
+        k_all = torch.cat([key[:, :T], k_ref, key[:, T:]], dim=1)
+        v_all = torch.cat([value[:, :T], v_ref, value[:, T:]], dim=1)
+        out = proc.taca_attention(query, k_all, v_all, text_len, gamma, query_text_start=0, query_text_len=T)
+        if out is None:
+            return _flux2_kv_causal_attention(query, key, value, T, 0, kv_cache=kv_cache,
+                                              backend=proc._attention_backend)
+        return out
+    # extract: [txt, ref, img]; [txt, img] queries attend every key, ref queries only the ref keys
+    R = num_ref_tokens
+    q_txt_img = torch.cat([query[:, :T], query[:, T + R:]], dim=1)
+    out = proc.taca_attention(q_txt_img, key, value, text_len, gamma, query_text_start=0, query_text_len=T)
+    if out is None:
+        return _flux2_kv_causal_attention(query, key, value, T, R, backend=proc._attention_backend)
+    attn_ref = dispatch_attention_fn(query[:, T:T + R], key[:, T:T + R], value[:, T:T + R],
+                                     backend=proc._attention_backend)
+    return torch.cat([out[:, :T], attn_ref, out[:, T:]], dim=1)
+
+
+class TacaFlux2KVAttnProcessor(TacaProcessor):
+    """TACA for ``Flux2Attention`` under ``Flux2KVAttnProcessor`` (Klein-KV, double-stream): its
+    extract / cached modes with TACA (see the module docstring); without a mode, as
+    :class:`TacaFlux2AttnProcessor`."""
+
+    text_first = True
+    layout = "bnhd"
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        image_rotary_emb=None,
+        kv_cache=None,
+        kv_cache_mode: Optional[str] = None,
+        num_ref_tokens: int = 0,
+        taca_gamma: Optional[torch.Tensor] = None,
+        taca_text_len: Optional[int] = None,
+    ):
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
+
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states
+        )
+        query = query.unflatten(-1, (-1, attn.head_dim))
+        key = key.unflatten(-1, (-1, attn.head_dim))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
+            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+            encoder_query = attn.norm_added_q(encoder_query)
+            encoder_key = attn.norm_added_k(encoder_key)
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        num_txt_tokens = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else 0
+
+        if kv_cache_mode == "extract" and kv_cache is not None and num_ref_tokens > 0:
+            ref_start = num_txt_tokens
+            ref_end = num_txt_tokens + num_ref_tokens
+            kv_cache.store(key[:, ref_start:ref_end].clone(), value[:, ref_start:ref_end].clone())
+
+        if kv_cache_mode == "extract" and num_ref_tokens > 0:
+            hidden_states = _kv_attention(self, query, key, value, num_txt_tokens, num_ref_tokens, None, taca_gamma)
+        elif kv_cache_mode == "cached" and kv_cache is not None:
+            hidden_states = _kv_attention(self, query, key, value, num_txt_tokens, 0, kv_cache, taca_gamma)
+        else:
+            text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else taca_text_len
+            hidden_states = self.taca_attention(query, key, value, text_len, taca_gamma, attention_mask)
+            if hidden_states is None:
+                hidden_states = _dispatch(self, query, key, value, attention_mask)
+
+        hidden_states = hidden_states.flatten(2, 3)
+        hidden_states = hidden_states.to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+            )
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
 class TacaFlux2ParallelSelfAttnProcessor(TacaProcessor):
     """TACA for ``Flux2ParallelSelfAttention`` (single-stream): the text length comes from the
     hook (``taca_text_len``)."""
@@ -141,36 +261,87 @@ class TacaFlux2ParallelSelfAttnProcessor(TacaProcessor):
         return hidden_states
 
 
+class TacaFlux2KVParallelSelfAttnProcessor(TacaProcessor):
+    """TACA for ``Flux2ParallelSelfAttention`` under ``Flux2KVParallelSelfAttnProcessor`` (Klein-KV,
+    single-stream): the text length is the transformer's ``num_txt_tokens`` in the cache modes,
+    the hook's ``taca_text_len`` without one."""
+
+    text_first = True
+    layout = "bnhd"
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        image_rotary_emb=None,
+        kv_cache=None,
+        kv_cache_mode: Optional[str] = None,
+        num_txt_tokens: int = 0,
+        num_ref_tokens: int = 0,
+        taca_gamma: Optional[torch.Tensor] = None,
+        taca_text_len: Optional[int] = None,
+    ):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        hidden_states_proj = attn.to_qkv_mlp_proj(hidden_states)
+        qkv_dim = 3 * attn.inner_dim
+        mlp_dim = attn.mlp_hidden_dim * attn.mlp_mult_factor
+        local_qkv = hidden_states_proj.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
+        qkv, mlp_hidden_states = torch.split(
+            hidden_states_proj, [local_qkv, hidden_states_proj.shape[-1] - local_qkv], dim=-1
+        )
+        query, key, value = qkv.chunk(3, dim=-1)
+        query = query.unflatten(-1, (-1, attn.head_dim))
+        key = key.unflatten(-1, (-1, attn.head_dim))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        if kv_cache_mode == "extract" and kv_cache is not None and num_ref_tokens > 0:
+            ref_start = num_txt_tokens
+            ref_end = num_txt_tokens + num_ref_tokens
+            kv_cache.store(key[:, ref_start:ref_end].clone(), value[:, ref_start:ref_end].clone())
+
+        if kv_cache_mode == "extract" and num_ref_tokens > 0:
+            attn_output = _kv_attention(self, query, key, value, num_txt_tokens, num_ref_tokens, None, taca_gamma)
+        elif kv_cache_mode == "cached" and kv_cache is not None:
+            attn_output = _kv_attention(self, query, key, value, num_txt_tokens, 0, kv_cache, taca_gamma)
+        else:
+            attn_output = self.taca_attention(query, key, value, taca_text_len, taca_gamma, attention_mask)
+            if attn_output is None:
+                attn_output = _dispatch(self, query, key, value, attention_mask)
+
+        attn_output = attn_output.flatten(2, 3)
+        attn_output = attn_output.to(query.dtype)
+
+        mlp_hidden_states = attn.mlp_act_fn(mlp_hidden_states)
+        hidden_states = torch.cat([attn_output, mlp_hidden_states], dim=-1)
+        hidden_states = attn.to_out(hidden_states)
+        return hidden_states
+
+
 @register
 class Flux2Adapter(Adapter):
     name = "flux2"
     label = "Flux2Transformer2DModel (FLUX.2 dev, klein)"
     transformer_classes = ("Flux2Transformer2DModel",)
-    stock_processors = frozenset({"Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor"})
+    stock_processors = frozenset({"Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor"}) | _KV
     timestep = "sigma"
     # diffusers 0.42.1: _current_timestep = t, then timestep = t.expand(B).to(latents.dtype) / 1000
-    current_t_pipelines = frozenset({"Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline"})
+    current_t_pipelines = frozenset({"Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline",
+                                     "Flux2KleinKVPipeline"})
+    # Flux2KleinKVPipeline is served by taca.enable, not taca generate: its __call__ takes no guidance
     pipelines = ("Flux2Pipeline", "Flux2KleinPipeline")
 
     def processor(self, name, module):
         from diffusers.models.transformers.transformer_flux2 import Flux2ParallelSelfAttention
 
+        kv = type(module.processor).__name__ in _KV
         if isinstance(module, Flux2ParallelSelfAttention):
-            return TacaFlux2ParallelSelfAttnProcessor(name)
-        return TacaFlux2AttnProcessor(name)
-
-    def check_processor(self, name, module):
-        cls = type(module.processor).__name__
-        if cls in _KV:
-            raise TypeError(
-                f"taca: {name} uses {cls} (Flux2KleinKVPipeline's KV cache); TACA does not support the KV-cache "
-                f"processors yet (their cached steps attend [txt, img] queries to [txt, ref, img] keys); use "
-                f"Flux2KleinPipeline, or restore the stock processors and run without kv_cache_mode"
-            )
-        super().check_processor(name, module)
-
-    def call_state(self, arg):
-        mode = arg("kv_cache_mode")
-        if mode is not None:
-            raise ValueError(f"taca: kv_cache_mode={mode!r} (Klein-KV) is not supported with TACA on")
-        return super().call_state(arg)
+            return (TacaFlux2KVParallelSelfAttnProcessor if kv else TacaFlux2ParallelSelfAttnProcessor)(name)
+        return (TacaFlux2KVAttnProcessor if kv else TacaFlux2AttnProcessor)(name)

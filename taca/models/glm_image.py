@@ -13,10 +13,18 @@ pipeline's sigmas are shifted), so the adapter reads sigma from the pipeline's s
 (``scheduler.sigmas[i]`` where ``scheduler.timesteps[i] - 1 == timestep``; needs
 ``taca.enable(pipe)``). The pipeline passes a fresh ``t.expand(B) - 1``: the hook takes its sync path.
 
-Image-conditioned generation (condition images through the KV cache: a "write" call per condition
-image with no text at timestep 0, then "read" calls whose keys are [condition-image cache, txt, img]
-while the queries are [txt, img]) is refused: the hook raises ValueError when ``kv_caches`` is in
-use. Text-to-image passes an unused cache (mode None) and is supported.
+Image-conditioned generation (condition images through ``GlmImageKVCache``):
+
+- "write": one call per condition image, with NO text (an empty glyph block) at timestep 0: the
+  condition image's K/V are stored. Nothing to scale: the adapter marks the call textless (no
+  gamma, its timestep, outside the pipeline's schedule, is not read) and it runs stock.
+- "read" (the conditional branch of every step): queries [txt, img], keys [condition-image cache,
+  txt, img] (the cache prepended). TACA: text keys [L_c, L_c + T), text queries the first T;
+  image queries get gamma on the text keys only (the cached keys are visual: unscaled), text
+  queries gamma_reverse on the cached and image keys. A text ``attention_mask`` in read mode is
+  refused (ValueError): the stock processor's (T + I) x (T + I) mask does not cover the cached keys
+  (stock fails on it too).
+- "skip" (the unconditional branch): plain [txt, img], as text-to-image.
 """
 from __future__ import annotations
 
@@ -77,13 +85,13 @@ class TacaGlmImageAttnProcessor(TacaProcessor):
                 key[:, text_seq_length:, :, :], image_rotary_emb, sequence_dim=1, use_real_unbind_dim=-2
             )
 
-        cached = False
+        n_cached = 0
         if kv_cache is not None:
             if kv_cache.mode == "write":
                 kv_cache.store(key, value)
             elif kv_cache.mode == "read":
                 key, value = kv_cache.get(key, value)
-                cached = key.shape[1] != query.shape[1]
+                n_cached = key.shape[1] - query.shape[1]  # condition-image keys prepended
             elif kv_cache.mode == "skip":
                 pass
 
@@ -98,11 +106,13 @@ class TacaGlmImageAttnProcessor(TacaProcessor):
             attn_mask_matrix = mix_attn_mask @ mix_attn_mask.transpose(1, 2)
             attention_mask = (attn_mask_matrix > 0).unsqueeze(1).to(query.dtype)  # float 0/1: ADDED
 
-        out = None
-        if taca_gamma is not None and cached:
-            raise NotImplementedError(f"taca: {self.name}: GLM-Image's KV-cache read mode is not supported")
-        if not cached:
-            out = self.taca_attention(query, key, value, text_seq_length, taca_gamma, attention_mask)
+        text_len = text_seq_length if text_seq_length > 0 else None  # a write call has no text: stock
+        if n_cached:
+            # read: [txt, img] queries on [cache, txt, img] keys
+            out = self.taca_attention(query, key, value, text_len, taca_gamma, attention_mask, text_start=n_cached,
+                                      query_text_start=0, query_text_len=text_seq_length)
+        else:
+            out = self.taca_attention(query, key, value, text_len, taca_gamma, attention_mask)
         if out is None:
             out = dispatch_attention_fn(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
@@ -137,12 +147,20 @@ class GlmImageAdapter(Adapter):
     def processor(self, name, module):
         return TacaGlmImageAttnProcessor(name)
 
+    def textless(self, arg):
+        """A condition-image write call: GlmImageKVCache in "write" mode and an empty glyph block."""
+        ehs, kv = arg("encoder_hidden_states"), arg("kv_caches")
+        return (ehs is not None and ehs.shape[1] == 0 and kv is not None
+                and any(getattr(c, "mode", None) == "write" for c in getattr(kv, "caches", ())))
+
     def call_state(self, arg):
         kv = arg("kv_caches")
-        if kv is not None and any(getattr(c, "mode", None) is not None for c in getattr(kv, "caches", ())):
+        if arg("attention_mask") is not None and kv is not None and any(
+                getattr(c, "mode", None) == "read" and getattr(c, "k_caches", None) for c in getattr(kv, "caches", ())):
             raise ValueError(
-                "taca: GLM-Image with condition images (kv_caches in write/read/skip mode) is not supported with "
-                "TACA on: its cached keys [condition images, txt, img] need separate query and key text spans; "
-                "generate without condition images, or disable TACA"
+                "taca: GLM-Image's KV-cache read mode (condition images) with a text attention_mask is not "
+                "supported: the stock processor's (text + image) x (text + image) mask does not cover the cached "
+                "condition-image keys (diffusers fails on it too); supported: read mode without attention_mask "
+                "(what GlmImagePipeline passes), or a mask without condition images"
             )
         return super().call_state(arg)
