@@ -41,6 +41,86 @@ def _dispatch(self, query, key, value, attention_mask):
                                  parallel_config=self._parallel_config)
 
 
+def _double_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+    """Stock ``Flux2AttnProcessor``'s q, k, v (B, N, H, D): [txt, img] with QK-norm and RoPE."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
+
+    query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+        attn, hidden_states, encoder_hidden_states
+    )
+    query = query.unflatten(-1, (-1, attn.head_dim))
+    key = key.unflatten(-1, (-1, attn.head_dim))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    query = attn.norm_q(query)
+    key = attn.norm_k(key)
+
+    if attn.added_kv_proj_dim is not None:
+        encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
+        encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
+        encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+        encoder_query = attn.norm_added_q(encoder_query)
+        encoder_key = attn.norm_added_k(encoder_key)
+        query = torch.cat([encoder_query, query], dim=1)
+        key = torch.cat([encoder_key, key], dim=1)
+        value = torch.cat([encoder_value, value], dim=1)
+
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    return query, key, value
+
+
+def _double_out(attn, hidden_states, encoder_hidden_states, dtype):
+    """Stock ``Flux2AttnProcessor``'s output: split [txt, img], project; ``(img, txt)`` or ``img``."""
+    hidden_states = hidden_states.flatten(2, 3)
+    hidden_states = hidden_states.to(dtype)
+
+    if encoder_hidden_states is not None:
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+        )
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)
+
+    if encoder_hidden_states is not None:
+        return hidden_states, encoder_hidden_states
+    return hidden_states
+
+
+def _single_qkv(attn, hidden_states, image_rotary_emb):
+    """Stock ``Flux2ParallelSelfAttnProcessor``'s q, k, v (B, N, H, D) and its MLP branch input."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    hidden_states = attn.to_qkv_mlp_proj(hidden_states)
+    qkv_dim = 3 * attn.inner_dim
+    mlp_dim = attn.mlp_hidden_dim * attn.mlp_mult_factor
+    local_qkv = hidden_states.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
+    qkv, mlp_hidden_states = torch.split(hidden_states, [local_qkv, hidden_states.shape[-1] - local_qkv], dim=-1)
+    query, key, value = qkv.chunk(3, dim=-1)
+    query = query.unflatten(-1, (-1, attn.head_dim))
+    key = key.unflatten(-1, (-1, attn.head_dim))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    query = attn.norm_q(query)
+    key = attn.norm_k(key)
+
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    return query, key, value, mlp_hidden_states
+
+
+def _single_out(attn, attn_output, mlp_hidden_states, dtype):
+    """Stock ``Flux2ParallelSelfAttnProcessor``'s output: attention and MLP branches, one projection."""
+    attn_output = attn_output.flatten(2, 3)
+    attn_output = attn_output.to(dtype)
+    mlp_hidden_states = attn.mlp_act_fn(mlp_hidden_states)
+    hidden_states = torch.cat([attn_output, mlp_hidden_states], dim=-1)
+    return attn.to_out(hidden_states)
+
+
 class TacaFlux2AttnProcessor(TacaProcessor):
     """TACA for ``Flux2Attention`` (double-stream): returns ``(img, txt)``, as stock."""
 
@@ -57,51 +137,12 @@ class TacaFlux2AttnProcessor(TacaProcessor):
         taca_gamma: Optional[torch.Tensor] = None,
         taca_text_len: Optional[int] = None,
     ):
-        from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
-
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        query = query.unflatten(-1, (-1, attn.head_dim))
-        key = key.unflatten(-1, (-1, attn.head_dim))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
-            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            encoder_query = attn.norm_added_q(encoder_query)
-            encoder_key = attn.norm_added_k(encoder_key)
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
+        query, key, value = _double_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else taca_text_len
         hidden_states = self.taca_attention(query, key, value, text_len, taca_gamma, attention_mask)
         if hidden_states is None:
             hidden_states = _dispatch(self, query, key, value, attention_mask)
-        hidden_states = hidden_states.flatten(2, 3)
-        hidden_states = hidden_states.to(query.dtype)
-
-        if encoder_hidden_states is not None:
-            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
-            )
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-
-        if encoder_hidden_states is not None:
-            return hidden_states, encoder_hidden_states
-        return hidden_states
+        return _double_out(attn, hidden_states, encoder_hidden_states, query.dtype)
 
 
 def _kv_attention(proc, query, key, value, num_txt_tokens, num_ref_tokens, kv_cache, gamma):
@@ -134,6 +175,18 @@ def _kv_attention(proc, query, key, value, num_txt_tokens, num_ref_tokens, kv_ca
     return torch.cat([out[:, :T], attn_ref, out[:, T:]], dim=1)
 
 
+def _kv_modes(proc, query, key, value, T, num_ref_tokens, kv_cache, kv_cache_mode, gamma):
+    """The Klein-KV processors' cache step and attention: stores the ref K / V in "extract" mode,
+    then the extract / cached attention; None without a cache mode (the caller's plain call)."""
+    if kv_cache_mode == "extract" and kv_cache is not None and num_ref_tokens > 0:
+        kv_cache.store(key[:, T:T + num_ref_tokens].clone(), value[:, T:T + num_ref_tokens].clone())
+    if kv_cache_mode == "extract" and num_ref_tokens > 0:
+        return _kv_attention(proc, query, key, value, T, num_ref_tokens, None, gamma)
+    if kv_cache_mode == "cached" and kv_cache is not None:
+        return _kv_attention(proc, query, key, value, T, 0, kv_cache, gamma)
+    return None
+
+
 class TacaFlux2KVAttnProcessor(TacaProcessor):
     """TACA for ``Flux2Attention`` under ``Flux2KVAttnProcessor`` (Klein-KV, double-stream): its
     extract / cached modes with TACA (see the module docstring); without a mode, as
@@ -155,64 +208,16 @@ class TacaFlux2KVAttnProcessor(TacaProcessor):
         taca_gamma: Optional[torch.Tensor] = None,
         taca_text_len: Optional[int] = None,
     ):
-        from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
-
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        query = query.unflatten(-1, (-1, attn.head_dim))
-        key = key.unflatten(-1, (-1, attn.head_dim))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
-            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            encoder_query = attn.norm_added_q(encoder_query)
-            encoder_key = attn.norm_added_k(encoder_key)
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
+        query, key, value = _double_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         num_txt_tokens = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else 0
-
-        if kv_cache_mode == "extract" and kv_cache is not None and num_ref_tokens > 0:
-            ref_start = num_txt_tokens
-            ref_end = num_txt_tokens + num_ref_tokens
-            kv_cache.store(key[:, ref_start:ref_end].clone(), value[:, ref_start:ref_end].clone())
-
-        if kv_cache_mode == "extract" and num_ref_tokens > 0:
-            hidden_states = _kv_attention(self, query, key, value, num_txt_tokens, num_ref_tokens, None, taca_gamma)
-        elif kv_cache_mode == "cached" and kv_cache is not None:
-            hidden_states = _kv_attention(self, query, key, value, num_txt_tokens, 0, kv_cache, taca_gamma)
-        else:
+        hidden_states = _kv_modes(self, query, key, value, num_txt_tokens, num_ref_tokens, kv_cache,
+                                  kv_cache_mode, taca_gamma)
+        if hidden_states is None:
             text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else taca_text_len
             hidden_states = self.taca_attention(query, key, value, text_len, taca_gamma, attention_mask)
             if hidden_states is None:
                 hidden_states = _dispatch(self, query, key, value, attention_mask)
-
-        hidden_states = hidden_states.flatten(2, 3)
-        hidden_states = hidden_states.to(query.dtype)
-
-        if encoder_hidden_states is not None:
-            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
-            )
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-
-        if encoder_hidden_states is not None:
-            return hidden_states, encoder_hidden_states
-        return hidden_states
+        return _double_out(attn, hidden_states, encoder_hidden_states, query.dtype)
 
 
 class TacaFlux2ParallelSelfAttnProcessor(TacaProcessor):
@@ -231,34 +236,11 @@ class TacaFlux2ParallelSelfAttnProcessor(TacaProcessor):
         taca_gamma: Optional[torch.Tensor] = None,
         taca_text_len: Optional[int] = None,
     ):
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        hidden_states = attn.to_qkv_mlp_proj(hidden_states)
-        qkv_dim = 3 * attn.inner_dim
-        mlp_dim = attn.mlp_hidden_dim * attn.mlp_mult_factor
-        local_qkv = hidden_states.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
-        qkv, mlp_hidden_states = torch.split(hidden_states, [local_qkv, hidden_states.shape[-1] - local_qkv], dim=-1)
-        query, key, value = qkv.chunk(3, dim=-1)
-        query = query.unflatten(-1, (-1, attn.head_dim))
-        key = key.unflatten(-1, (-1, attn.head_dim))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        hidden_states = self.taca_attention(query, key, value, taca_text_len, taca_gamma, attention_mask)
-        if hidden_states is None:
-            hidden_states = _dispatch(self, query, key, value, attention_mask)
-        hidden_states = hidden_states.flatten(2, 3)
-        hidden_states = hidden_states.to(query.dtype)
-
-        mlp_hidden_states = attn.mlp_act_fn(mlp_hidden_states)
-        hidden_states = torch.cat([hidden_states, mlp_hidden_states], dim=-1)
-        hidden_states = attn.to_out(hidden_states)
-        return hidden_states
+        query, key, value, mlp_hidden_states = _single_qkv(attn, hidden_states, image_rotary_emb)
+        out = self.taca_attention(query, key, value, taca_text_len, taca_gamma, attention_mask)
+        if out is None:
+            out = _dispatch(self, query, key, value, attention_mask)
+        return _single_out(attn, out, mlp_hidden_states, query.dtype)
 
 
 class TacaFlux2KVParallelSelfAttnProcessor(TacaProcessor):
@@ -282,47 +264,14 @@ class TacaFlux2KVParallelSelfAttnProcessor(TacaProcessor):
         taca_gamma: Optional[torch.Tensor] = None,
         taca_text_len: Optional[int] = None,
     ):
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        hidden_states_proj = attn.to_qkv_mlp_proj(hidden_states)
-        qkv_dim = 3 * attn.inner_dim
-        mlp_dim = attn.mlp_hidden_dim * attn.mlp_mult_factor
-        local_qkv = hidden_states_proj.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
-        qkv, mlp_hidden_states = torch.split(
-            hidden_states_proj, [local_qkv, hidden_states_proj.shape[-1] - local_qkv], dim=-1
-        )
-        query, key, value = qkv.chunk(3, dim=-1)
-        query = query.unflatten(-1, (-1, attn.head_dim))
-        key = key.unflatten(-1, (-1, attn.head_dim))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        if kv_cache_mode == "extract" and kv_cache is not None and num_ref_tokens > 0:
-            ref_start = num_txt_tokens
-            ref_end = num_txt_tokens + num_ref_tokens
-            kv_cache.store(key[:, ref_start:ref_end].clone(), value[:, ref_start:ref_end].clone())
-
-        if kv_cache_mode == "extract" and num_ref_tokens > 0:
-            attn_output = _kv_attention(self, query, key, value, num_txt_tokens, num_ref_tokens, None, taca_gamma)
-        elif kv_cache_mode == "cached" and kv_cache is not None:
-            attn_output = _kv_attention(self, query, key, value, num_txt_tokens, 0, kv_cache, taca_gamma)
-        else:
-            attn_output = self.taca_attention(query, key, value, taca_text_len, taca_gamma, attention_mask)
-            if attn_output is None:
-                attn_output = _dispatch(self, query, key, value, attention_mask)
-
-        attn_output = attn_output.flatten(2, 3)
-        attn_output = attn_output.to(query.dtype)
-
-        mlp_hidden_states = attn.mlp_act_fn(mlp_hidden_states)
-        hidden_states = torch.cat([attn_output, mlp_hidden_states], dim=-1)
-        hidden_states = attn.to_out(hidden_states)
-        return hidden_states
+        query, key, value, mlp_hidden_states = _single_qkv(attn, hidden_states, image_rotary_emb)
+        out = _kv_modes(self, query, key, value, num_txt_tokens, num_ref_tokens, kv_cache, kv_cache_mode,
+                        taca_gamma)
+        if out is None:
+            out = self.taca_attention(query, key, value, taca_text_len, taca_gamma, attention_mask)
+            if out is None:
+                out = _dispatch(self, query, key, value, attention_mask)
+        return _single_out(attn, out, mlp_hidden_states, query.dtype)
 
 
 @register
