@@ -93,6 +93,10 @@ def _methods(shape, op_ok, tc, variants: bool):
     if op_ok:
         m["taca_cuda"] = (lambda q, k, v: taca.joint_attention(
             q, k, v, text_len=L, text_first=tf, gamma=gamma, layout="bhnd", backend="cuda"), True)
+        # deterministic=False: the backward adds dQ with unordered atomics (forward unchanged)
+        m["taca_cuda_nondet"] = (lambda q, k, v: taca.joint_attention(
+            q, k, v, text_len=L, text_first=tf, gamma=gamma, layout="bhnd", backend="cuda",
+            deterministic=False), True)
     if tc is not None:
         # 0: default (Hopper wgmma on sm_90a; at D = 128 the warp-specialized kernel, = 10);
         # 6: the mma.sync default; 7..9, 13: cp.async wgmma tilings (13: the D = 128 default

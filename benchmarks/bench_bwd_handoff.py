@@ -6,7 +6,8 @@ bc8237e)? Same process, same inputs, rounds interleaved over the modes, triton d
 dq / dk / dv of every mode are compared bitwise with the default's first.
 
 Usage: python3 benchmarks/bench_bwd_handoff.py [--shapes flux1024_b1,sd35m_cfg] [--rounds 3]
-       [--modes mbarrier,mbarrier-eager,rendezvous,arrive,none] [--out DIR]
+       [--modes bulk,mbarrier,mbarrier-eager,rendezvous,arrive,none,bulk+nd] [--out DIR]
+("+nd": the op's deterministic=False, unordered dQ atomics; not bitwise equal by design)
 Prints a table last; writes JSON to DIR.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from taca import ops, reference  # noqa: E402,F401  (loads taca._C)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_attention_gpu import SHAPES  # noqa: E402
 
-MODES = ["mbarrier", "mbarrier-eager", "rendezvous", "arrive", "none"]  # the first is the default
+MODES = ["bulk", "mbarrier", "mbarrier-eager", "rendezvous", "arrive", "none"]  # the first is the default
 ENV = "TACA_BWD_SM90_HANDOFF"
 
 
@@ -54,17 +55,20 @@ def main() -> int:
         scale = D ** -0.5
         out, lse, _ = torch.ops.taca.fwd(q, k, v, gamma_t, 1.0, scale, tb, te, False)
 
-        def bwd():
-            return torch.ops.taca.bwd(dout, q, k, v, out, lse, gamma_t, 1.0, scale, tb, te)
+        def bwd(det=True):
+            return torch.ops.taca.bwd(dout, q, k, v, out, lse, gamma_t, 1.0, scale, tb, te, -1, -1, None, None, det)
 
         grads, times = {}, {m: [] for m in MODES}
         for r in range(args.rounds):
             for m in MODES:
-                os.environ[ENV] = m
+                # "<hand-off>+nd": that hand-off with deterministic=False (unordered dQ atomics)
+                os.environ[ENV] = m[:-3] if m.endswith("+nd") else m
+                det = not m.endswith("+nd")
                 try:
                     if r == 0:
-                        grads[m] = bwd()
-                    times[m].append(triton.testing.do_bench(bwd, warmup=100, rep=500, return_mode="median"))
+                        grads[m] = bwd(det)
+                    times[m].append(triton.testing.do_bench(lambda: bwd(det), warmup=100, rep=500,
+                                                            return_mode="median"))
                 finally:
                     del os.environ[ENV]
         torch.cuda.synchronize()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # gpu_bwd_handoff_run.sh: one device call for the Hopper backward's dQ hand-offs
-# (TACA_BWD_SM90_HANDOFF = mbarrier (default) / mbarrier-eager / rendezvous / arrive / none, see
+# (TACA_BWD_SM90_HANDOFF = bulk (default) / mbarrier / mbarrier-eager / rendezvous / arrive / none, see
 # csrc/cuda/taca_bwd_sm90.cu). Run from the repo root: OUT=... bash benchmarks/gpu_bwd_handoff_run.sh
 # Env: SMOKE_MODES (modes smoke-tested; a mode that fails or hangs is left out of the rest),
 #      SAN_EXTRA ("mode:tool ..." sanitizer runs of the backward kernels besides the default's),
@@ -17,9 +17,9 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; W=/tmp/hw; mkdir -p $W
 export PYTHONUNBUFFERED=1 TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so HF_HUB_OFFLINE=1
 {
 STEPS=build OUT=$W bash benchmarks/gpu_run.sh
-SMOKE_MODES=${SMOKE_MODES:-"mbarrier mbarrier-eager rendezvous arrive none"}
-SAN_EXTRA=${SAN_EXTRA:-"mbarrier-eager:racecheck rendezvous:racecheck arrive:racecheck none:racecheck"}
-BENCH_MODES=${BENCH_MODES:-"mbarrier mbarrier-eager rendezvous arrive none"}
+SMOKE_MODES=${SMOKE_MODES:-"bulk mbarrier mbarrier-eager rendezvous arrive none"}
+SAN_EXTRA=${SAN_EXTRA:-"mbarrier:racecheck mbarrier-eager:racecheck rendezvous:racecheck arrive:racecheck none:racecheck"}
+BENCH_MODES=${BENCH_MODES:-"bulk mbarrier mbarrier-eager rendezvous arrive none"}
 ok=""; bad=""
 for m in $SMOKE_MODES; do
   if TACA_BWD_SM90_HANDOFF=$m timeout 40 python3 -c "

@@ -12,7 +12,8 @@
 // fewer heads (grouped KV); per-sample spans travel as a (B, 4) int64 tensor, masks as SDPA's
 // (B, H, N_q, N_k)-broadcastable tensors (bool, or float converted to the accumulation type).
 // CUDA (built with -DTACA_WITH_CUDA): float16 and bfloat16 on the current stream,
-// deterministic backward with a torch-allocated workspace; the same features as the CPU
+// backward with a torch-allocated workspace, deterministic unless the op's deterministic=False
+// (dQ then added with unordered atomics, FlashAttention-2's way); the same features as the CPU
 // (per-sample spans as a device tensor, masks, N_q != N_k, grouped KV heads), N_k >= 1.
 // Build: pip install --no-build-isolation -e . (setup.py).
 #include <Python.h>
@@ -309,7 +310,7 @@ taca_bwd_params bwd_params(const at::Tensor &dout, const at::Tensor &q, const at
                            const at::Tensor &dq, const at::Tensor &dk, const at::Tensor &dv,
                            const at::Tensor &gamma, double gamma_reverse, double scale,
                            const Spans &sp, const c10::optional<at::Tensor> &text_spans,
-                           const taca_mask &mask) {
+                           const taca_mask &mask, bool deterministic) {
   taca_bwd_params p = {};
   fill_shared(p, q, k, v, out, lse, gamma, gamma_reverse, scale, sp, text_spans, mask);
   p.dout = dout.data_ptr();
@@ -320,7 +321,7 @@ taca_bwd_params bwd_params(const at::Tensor &dout, const at::Tensor &q, const at
   p.dq_stride = strides_of(dq);
   p.dk_stride = strides_of(dk);
   p.dv_stride = strides_of(dv);
-  p.deterministic = 1;
+  p.deterministic = deterministic ? 1 : 0;
   return p;
 }
 
@@ -361,7 +362,7 @@ Tensor3 fwd_cpu(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tensor
                 const at::Tensor &gamma, double gamma_reverse, double scale, int64_t text_begin,
                 int64_t text_end, bool return_text_mass, int64_t q_text_begin,
                 int64_t q_text_end, const c10::optional<at::Tensor> &text_spans,
-                const c10::optional<at::Tensor> &attn_mask) {
+                const c10::optional<at::Tensor> &attn_mask, bool /*deterministic: backward only*/) {
   check_bnhd(q_in, "q", q_in);
   const Spans sp = check_common(q_in, k_in, gamma, gamma_reverse, scale, text_begin, text_end,
                                 q_text_begin, q_text_end, text_spans);
@@ -395,7 +396,7 @@ Tensor3 bwd_cpu(const at::Tensor &dout_in, const at::Tensor &q_in, const at::Ten
                 const at::Tensor &gamma, double gamma_reverse, double scale, int64_t text_begin,
                 int64_t text_end, int64_t q_text_begin, int64_t q_text_end,
                 const c10::optional<at::Tensor> &text_spans,
-                const c10::optional<at::Tensor> &attn_mask) {
+                const c10::optional<at::Tensor> &attn_mask, bool deterministic) {
   check_bnhd(q_in, "q", q_in);
   const Spans sp = check_common(q_in, k_in, gamma, gamma_reverse, scale, text_begin, text_end,
                                 q_text_begin, q_text_end, text_spans);
@@ -427,7 +428,7 @@ Tensor3 bwd_cpu(const at::Tensor &dout_in, const at::Tensor &q_in, const at::Ten
   at::Tensor dk_k = native ? dk : alloc_like(k_in, at::kFloat);
   at::Tensor dv_k = native ? dv : alloc_like(v_in, at::kFloat);
   taca_bwd_params p = bwd_params(dout, q, k, v, out, lse, dq_k, dk_k, dv_k, g, gamma_reverse,
-                                 scale, sp, spans, mask);
+                                 scale, sp, spans, mask, deterministic);
   check_status(taca_bwd_cpu(&p), "backward (CPU)");
   if (!native) {
     dq.copy_(dq_k);
@@ -462,7 +463,7 @@ Tensor3 fwd_cuda(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tenso
                  const at::Tensor &gamma_in, double gamma_reverse, double scale,
                  int64_t text_begin, int64_t text_end, bool return_text_mass, int64_t q_text_begin,
                  int64_t q_text_end, const c10::optional<at::Tensor> &text_spans,
-                 const c10::optional<at::Tensor> &attn_mask) {
+                 const c10::optional<at::Tensor> &attn_mask, bool /*deterministic: backward only*/) {
   check_bnhd(q_in, "q", q_in);
   const Spans sp = check_common(q_in, k_in, gamma_in, gamma_reverse, scale, text_begin, text_end,
                                 q_text_begin, q_text_end, text_spans);
@@ -493,7 +494,7 @@ Tensor3 bwd_cuda(const at::Tensor &dout_in, const at::Tensor &q_in, const at::Te
                  const at::Tensor &gamma_in, double gamma_reverse, double scale,
                  int64_t text_begin, int64_t text_end, int64_t q_text_begin, int64_t q_text_end,
                  const c10::optional<at::Tensor> &text_spans,
-                 const c10::optional<at::Tensor> &attn_mask) {
+                 const c10::optional<at::Tensor> &attn_mask, bool deterministic) {
   check_bnhd(q_in, "q", q_in);
   const Spans sp = check_common(q_in, k_in, gamma_in, gamma_reverse, scale, text_begin, text_end,
                                 q_text_begin, q_text_end, text_spans);
@@ -515,7 +516,7 @@ Tensor3 bwd_cuda(const at::Tensor &dout_in, const at::Tensor &q_in, const at::Te
   const taca_mask mask = mask_of(attn_mask, q_in, k_in, &mask_keep);
   const c10::optional<at::Tensor> spans = device_spans(text_spans);
   taca_bwd_params p = bwd_params(dout, q, k, v, out, lse, dq, dk, dv, gamma, gamma_reverse,
-                                 scale, sp, spans, mask);
+                                 scale, sp, spans, mask, deterministic);
   const size_t ws_bytes = taca_bwd_workspace_size(&p);
   at::Tensor workspace =
       at::empty({static_cast<int64_t>(ws_bytes)}, q_in.options().dtype(at::kByte));
@@ -534,13 +535,13 @@ TORCH_LIBRARY(taca, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor gamma, float gamma_reverse, float scale, "
       "SymInt text_begin, SymInt text_end, bool return_text_mass, SymInt q_text_begin=-1, "
-      "SymInt q_text_end=-1, Tensor? text_spans=None, Tensor? attn_mask=None) -> (Tensor out, "
-      "Tensor lse, Tensor text_mass)");
+      "SymInt q_text_end=-1, Tensor? text_spans=None, Tensor? attn_mask=None, "
+      "bool deterministic=True) -> (Tensor out, Tensor lse, Tensor text_mass)");
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor gamma, "
       "float gamma_reverse, float scale, SymInt text_begin, SymInt text_end, "
       "SymInt q_text_begin=-1, SymInt q_text_end=-1, Tensor? text_spans=None, "
-      "Tensor? attn_mask=None) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "Tensor? attn_mask=None, bool deterministic=True) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def("has_cuda() -> bool", &taca_torch::has_cuda);
 }
 

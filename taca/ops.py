@@ -64,7 +64,7 @@ if HAVE_KERNELS:
 
     @torch.library.register_fake("taca::fwd")
     def _fwd_fake(q, k, v, gamma, gamma_reverse, scale, text_begin, text_end, return_text_mass,
-                  q_text_begin=-1, q_text_end=-1, text_spans=None, attn_mask=None):
+                  q_text_begin=-1, q_text_end=-1, text_spans=None, attn_mask=None, deterministic=True):
         B, N, H, _ = q.shape
         acc = _acc_dtype(q.dtype)
         out = _alloc_like(q, q.dtype)
@@ -74,24 +74,25 @@ if HAVE_KERNELS:
 
     @torch.library.register_fake("taca::bwd")
     def _bwd_fake(dout, q, k, v, out, lse, gamma, gamma_reverse, scale, text_begin, text_end,
-                  q_text_begin=-1, q_text_end=-1, text_spans=None, attn_mask=None):
+                  q_text_begin=-1, q_text_end=-1, text_spans=None, attn_mask=None, deterministic=True):
         return _alloc_like(q, q.dtype), _alloc_like(k, k.dtype), _alloc_like(v, v.dtype)
 
     def _fwd_setup_context(ctx, inputs, output):
         q, k, v, gamma, gamma_reverse, scale, text_begin, text_end, _ = inputs[:9]
-        q_text_begin, q_text_end, text_spans, attn_mask = (tuple(inputs[9:]) + (-1, -1, None, None)[len(inputs) - 9:])
+        q_text_begin, q_text_end, text_spans, attn_mask, deterministic = (
+            tuple(inputs[9:]) + (-1, -1, None, None, True)[len(inputs) - 9:])
         out, lse, tm = output
         ctx.save_for_backward(q, k, v, out, lse, gamma, text_spans, attn_mask)
-        ctx.args = (gamma_reverse, scale, text_begin, text_end, q_text_begin, q_text_end)
+        ctx.args = (gamma_reverse, scale, text_begin, text_end, q_text_begin, q_text_end, deterministic)
         ctx.n_inputs = len(inputs)
         ctx.mark_non_differentiable(lse, tm)
 
     def _fwd_backward(ctx, dout, dlse, dtm):
         q, k, v, out, lse, gamma, text_spans, attn_mask = ctx.saved_tensors
-        gamma_reverse, scale, text_begin, text_end, q_text_begin, q_text_end = ctx.args
+        gamma_reverse, scale, text_begin, text_end, q_text_begin, q_text_end, deterministic = ctx.args
         dq, dk, dv = torch.ops.taca.bwd(
             dout, q, k, v, out, lse, gamma, gamma_reverse, scale, text_begin, text_end,
-            q_text_begin, q_text_end, text_spans, attn_mask,
+            q_text_begin, q_text_end, text_spans, attn_mask, deterministic,
         )
         return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
@@ -334,7 +335,7 @@ def _gamma_vector(gamma, batch: int, device: torch.device, dtype=torch.float32) 
 
 
 def _kernel_forward(q, k, v, spans, gamma, gamma_reverse, scale, layout, return_text_mass,
-                    attn_mask=None):
+                    attn_mask=None, deterministic=True):
     # The kernels take (B, N, H, D) views: "bhnd" is transposed, never copied.
     qn, kn, vn = ((t.transpose(1, 2) if layout == "bhnd" else t) for t in (q, k, v))
     # A non-unit stride on D is the one layout the kernels refuse: copy it.
@@ -346,13 +347,14 @@ def _kernel_forward(q, k, v, spans, gamma, gamma_reverse, scale, layout, return_
         cols = [x if isinstance(x, torch.Tensor) else torch.full((B,), x, dtype=torch.int64, device=q.device)
                 for x in spans]
         out, lse, tm = torch.ops.taca.fwd(qn, kn, vn, g, float(gamma_reverse), s, 0, 0, return_text_mass,
-                                          0, 0, torch.stack(cols, dim=1), attn_mask)
-    elif attn_mask is None and spans.q_begin is spans.k_begin and spans.q_end is spans.k_end:
+                                          0, 0, torch.stack(cols, dim=1), attn_mask, deterministic)
+    elif attn_mask is None and spans.q_begin is spans.k_begin and spans.q_end is spans.k_end and deterministic:
         out, lse, tm = torch.ops.taca.fwd(qn, kn, vn, g, float(gamma_reverse), s, spans.k_begin, spans.k_end,
                                           return_text_mass)
     else:
         out, lse, tm = torch.ops.taca.fwd(qn, kn, vn, g, float(gamma_reverse), s, spans.k_begin, spans.k_end,
-                                          return_text_mass, spans.q_begin, spans.q_end, None, attn_mask)
+                                          return_text_mass, spans.q_begin, spans.q_end, None, attn_mask,
+                                          deterministic)
     if layout == "bhnd":
         out = out.transpose(1, 2)
     return out, lse, tm
@@ -376,6 +378,7 @@ def joint_attention(
     query_text_start: Optional[Union[int, torch.Tensor]] = None,
     query_text_len: Optional[Union[int, torch.Tensor]] = None,
     attn_mask: Optional[torch.Tensor] = None,
+    deterministic: bool = True,
 ):
     """Gamma-scaled joint attention (TACA).
 
@@ -415,7 +418,12 @@ def joint_attention(
 
     Gradients: q, k and v get gradients on every backend. The kernels give gamma none, so a
     gamma tensor that requires grad sends backend="auto" to split SDPA, which differentiates it.
+    deterministic: True (default): the CUDA backward adds each query tile's dQ parts in a fixed
+    order, so gradients are bitwise repeatable. False: unordered float32 atomics (FlashAttention-2's
+    way; faster, last-bit run-to-run differences in dq). The CPU kernel and split SDPA ignore it.
     """
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"taca: deterministic must be a bool, got {type(deterministic).__name__}")
     Nq, Nk, Hkv, spans, span_args = _validate(
         q, k, v, text_len, gamma, gamma_reverse, scale, layout, backend, text_start,
         query_text_start, query_text_len, attn_mask, text_first)
@@ -448,7 +456,7 @@ def joint_attention(
 
     if use_kernel:
         out, lse, tm = _kernel_forward(q, k, v, spans, gamma, gamma_reverse, scale, layout,
-                                       return_text_mass, attn_mask)
+                                       return_text_mass, attn_mask, deterministic)
         return _pack(out, lse, tm, return_lse, return_text_mass)
     span_kw = dict(text_len=text_len, text_first=text_first, text_start=text_start,
                    query_text_start=query_text_start, query_text_len=query_text_len, attn_mask=attn_mask)

@@ -50,6 +50,7 @@ BAD = [
     ("gamma_nan", lambda: call(gamma=float("nan")), ValueError, "gamma=nan"),
     ("gamma_inf", lambda: call(gamma=math.inf), ValueError, "gamma=inf"),
     ("gamma_str", lambda: call(gamma="1.2"), TypeError, "gamma must be a float or a tensor"),
+    ("deterministic_int", lambda: call(deterministic=0), TypeError, "deterministic must be a bool"),
     ("gamma_tensor_nan", lambda: call(gamma=torch.tensor([1.2, float("nan")])), ValueError, "gamma=.* must be finite and > 0"),
     ("gamma_tensor_zero_0d", lambda: call(gamma=torch.tensor(0.0)), ValueError, "must be finite and > 0"),
     ("gamma_tensor_shape", lambda: call(gamma=torch.ones(B + 1)), ValueError, r"gamma must be a float, a 0-d tensor or a \(2,\) tensor"),

@@ -146,11 +146,12 @@ def test_mma_sync_path(case, monkeypatch):
 HANDOFF_CASES = [c for c in MMA_SYNC_CASES if (c[2] + c[3]) > 256]  # several key and query tiles
 
 
-@pytest.mark.parametrize("mode", ["mbarrier-eager", "rendezvous", "arrive", "none"])
+@pytest.mark.parametrize("mode", ["mbarrier", "mbarrier-eager", "rendezvous", "arrive", "none"])
 @pytest.mark.parametrize("case", HANDOFF_CASES, ids=[_ids(c) for c in HANDOFF_CASES])
 def test_sm90_handoff_modes(case, mode, monkeypatch):
-    """The wgmma kernel's other dQ hand-offs (TACA_BWD_SM90_HANDOFF: "mbarrier-eager" = the
-    default mbarrier hand-off releasing each tile at once, "rendezvous" / "arrive" = named
+    """The wgmma kernel's other dQ hand-offs (TACA_BWD_SM90_HANDOFF; the default is "bulk", TMA
+    bulk reduce-adds: "mbarrier" = per-thread red.add, "mbarrier-eager" = that releasing each tile
+    at once, "rendezvous" / "arrive" = named
     barriers (v4c / v4b), "none" = no writer warpgroup, v4a) meet the rule, are deterministic,
     and give the default path's gradients bitwise: the same fp32 adds in the same chain order.
     (Off sm_90 the knob is ignored.)"""
@@ -182,6 +183,29 @@ def test_public_op_fwd_bwd(L, img, D, text_first, dtype):
     ql, kl, vl = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     reference.attention_split_sdpa(ql, kl, vl, layout="bhnd", **kw).backward(dout)
     _check_rule((qc.grad, kc.grad, vc.grad), (ql.grad, kl.grad, vl.grad), (qf.grad, kf.grad, vf.grad))
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_nondeterministic_backward(D):
+    """deterministic=False (dQ by unordered atomics) meets the same rule against the fp32
+    reference; dk and dv (no atomics) equal the deterministic backward's bitwise."""
+    B, H, L, img = 2, 2, 333, 1025
+    gen = torch.Generator(device="cuda").manual_seed(11 + D)
+    q, k, v = (_make((B, L + img, H, D), BF16, "bnhd", gen) for _ in range(3))
+    dout = torch.randn(q.shape, generator=gen, device="cuda").to(BF16)
+    kw = dict(text_len=L, gamma=1.2, layout="bnhd", backend="cuda")
+    grads = {}
+    for det in (True, False):
+        qc, kc, vc = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+        ops.joint_attention(qc, kc, vc, deterministic=det, **kw).backward(dout)
+        grads[det] = (qc.grad, kc.grad, vc.grad)
+    qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    reference.attention_ref(qf, kf, vf, text_len=L, gamma=1.2, layout="bnhd", upcast=torch.float32)[0].backward(
+        dout.float())
+    ql, kl, vl = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    reference.attention_split_sdpa(ql, kl, vl, text_len=L, gamma=1.2, layout="bnhd").backward(dout)
+    _check_rule(grads[False], (ql.grad, kl.grad, vl.grad), (qf.grad, kf.grad, vf.grad))
+    assert torch.equal(grads[False][1], grads[True][1]) and torch.equal(grads[False][2], grads[True][2])
 
 
 def test_gamma_one_is_plain_attention():

@@ -76,6 +76,24 @@ def test_compiled_kernel_with_lse_text_mass_and_0d_gamma(no_recompiles):
 
 
 @pytest.mark.skipif(not ops.HAVE_KERNELS, reason="taca._C not built")
+def test_compiled_kernel_nondeterministic_flag(no_recompiles):
+    """deterministic=False travels through the op's schema into the compiled backward; the CPU
+    kernel is deterministic either way, so the gradients equal the eager default's bitwise."""
+    def f(q, k, v, gamma):
+        return taca.joint_attention(q, k, v, text_len=7, gamma=gamma, layout="bhnd", deterministic=False)
+
+    def g(q, k, v, gamma):
+        return taca.joint_attention(q, k, v, text_len=7, gamma=gamma, layout="bhnd")
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    q, k, v = _inputs(layout="bhnd")
+    gamma = torch.tensor(1.3)
+    torch.testing.assert_close(cf(q, k, v, gamma), g(q, k, v, gamma), rtol=0, atol=0)
+    for a, b in zip(_run(cf, q, k, v, gamma), _run(g, q, k, v, gamma)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not ops.HAVE_KERNELS, reason="taca._C not built")
 @pytest.mark.parametrize("text_first", [True, False])
 def test_dynamic_shapes_compile_once(text_first, no_recompiles):
     # Sequence and text lengths vary (other resolutions, other prompts): text_begin/text_end
