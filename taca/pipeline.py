@@ -151,6 +151,7 @@ class TacaHandle:
         self.schedule: _schedule.Schedule = _schedule.parse(None)
         self.gamma_reverse = 1.0
         self.backend = "auto"
+        self.deterministic = True
         self.lora_adapter: Optional[str] = None
         self._lora_loaded_by_us = False
         self._lora_via_pipe = False
@@ -174,7 +175,7 @@ class TacaHandle:
     def _install(self):
         for name, m in self.modules.items():
             p = self.processors[name]
-            p.gamma_reverse, p.backend = self.gamma_reverse, self.backend
+            p.gamma_reverse, p.backend, p.deterministic = self.gamma_reverse, self.backend, self.deterministic
             if m.processor is not p:
                 old = m.processor
                 # keep diffusers' per-module attention backend settings
@@ -638,6 +639,7 @@ def enable(
     gamma_reverse: float = 1.0,
     backend: str = "auto",
     adapter_name: str = DEFAULT_ADAPTER,
+    deterministic: bool = True,
 ) -> TacaHandle:
     """Turn TACA on for a pipeline or transformer of a supported model (``taca.models``).
 
@@ -651,7 +653,8 @@ def enable(
         the name of an adapter already loaded), loaded as ``adapter_name`` and active exactly in
         the transformer calls where gamma != 1.
     gamma_reverse: multiplier of (text query, image key) logits, applied in the same calls.
-    backend: passed to ``taca.joint_attention``.
+    backend, deterministic: passed to ``taca.joint_attention`` (deterministic=False: the CUDA
+        backward adds dQ with unordered atomics, slightly faster, not bitwise repeatable).
 
     Calling it again updates the settings (processors, hook and adapter are not duplicated).
     Returns the :class:`TacaHandle`. Raises TypeError for unsupported models.
@@ -661,6 +664,8 @@ def enable(
     gr = float(gamma_reverse)
     if not (gr > 0 and gr < float("inf")):
         raise ValueError(f"taca: gamma_reverse={gamma_reverse} must be finite and > 0")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"taca: deterministic must be a bool, got {type(deterministic).__name__}")
     if backend not in ("auto", "cpu", "cuda", "sdpa", "reference"):
         raise ValueError(f"taca: backend={backend!r} is not one of ('auto', 'cpu', 'cuda', 'sdpa', 'reference')")
     handle: Optional[TacaHandle] = getattr(transformer, _ATTR, None)
@@ -674,8 +679,8 @@ def enable(
         handle = TacaHandle(pipe, transformer, adapter)
     elif pipe is not None:
         handle.pipe = pipe
-    old = (handle.schedule, handle.gamma_reverse, handle.backend)
-    handle.schedule, handle.gamma_reverse, handle.backend = sched, gr, backend
+    old = (handle.schedule, handle.gamma_reverse, handle.backend, handle.deterministic)
+    handle.schedule, handle.gamma_reverse, handle.backend, handle.deterministic = sched, gr, backend, deterministic
     handle.host_sigma = os.environ.get("TACA_HOST_SIGMA", "1") != "0"
     try:
         handle._set_lora(lora, adapter_name)
@@ -685,7 +690,7 @@ def enable(
             handle._drop_lora()
             handle._uninstall()
         else:
-            handle.schedule, handle.gamma_reverse, handle.backend = old
+            handle.schedule, handle.gamma_reverse, handle.backend, handle.deterministic = old
         raise
     handle.reset_steps()
     setattr(transformer, _ATTR, handle)
@@ -721,7 +726,7 @@ def enabled(pipe_or_transformer, **kwargs) -> Iterator[TacaHandle]:
     prev_settings = None
     if prev is not None:
         prev_settings = dict(gamma=1.0, schedule=prev.schedule, gamma_reverse=prev.gamma_reverse,
-                             backend=prev.backend, lora=prev._lora_source)
+                             backend=prev.backend, lora=prev._lora_source, deterministic=prev.deterministic)
     handle = enable(pipe_or_transformer, **kwargs)
     try:
         yield handle

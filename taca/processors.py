@@ -64,6 +64,8 @@ class TacaProcessor:
     # models without attention kwargs (adapter kwargs_name None): the hook's state for the current
     # transformer call ({"taca_gamma": ..., "taca_text_len": ..., ...}), None outside a call
     taca_call: Optional[dict] = None
+    # taca.joint_attention's deterministic (set by taca.enable): False = unordered dQ atomics on CUDA
+    deterministic: bool = True
 
     def call_arg(self, name: str, default=None):
         """One value of the hook's state for the current call (kwargs-less models)."""
@@ -143,7 +145,7 @@ class TacaProcessor:
         if scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
         kw = dict(text_len=text_len, text_first=self.text_first, gamma=gamma, gamma_reverse=self.gamma_reverse,
-                  scale=scale, layout=self.layout, backend=self.backend, **extra)
+                  scale=scale, layout=self.layout, backend=self.backend, deterministic=self.deterministic, **extra)
         if not record:
             return joint_attention(q, k, v, **kw)
         out, lse, text_mass = joint_attention(q, k, v, return_lse=True, return_text_mass=True, **kw)

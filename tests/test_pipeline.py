@@ -66,6 +66,30 @@ def test_enable_twice_is_harmless_and_updates_settings():
     assert len(t._forward_pre_hooks) == 0
 
 
+def test_deterministic_reaches_every_processor_and_the_op(monkeypatch):
+    """enable(deterministic=False) sets it on every TACA processor and hands it to
+    taca.joint_attention (the CPU kernel is deterministic either way: the images are equal);
+    enabled() restores the previous value; a non-bool is refused before anything changes."""
+    pipe, inputs = _flux()
+    taca.enable(pipe, gamma=1.3, schedule="constant")
+    ref = pipe(**inputs()).images
+    from taca import processors as P
+    seen = []
+    real = P.joint_attention
+    monkeypatch.setattr(P, "joint_attention", lambda *a, **kw: seen.append(kw["deterministic"]) or real(*a, **kw))
+    h = taca.enable(pipe, gamma=1.3, schedule="constant", deterministic=False)
+    assert all(p.deterministic is False for p in h.processors.values())
+    assert torch.equal(pipe(**inputs()).images, ref)
+    assert seen and set(seen) == {False}
+    with taca.enabled(pipe, gamma=1.3, schedule="constant"):
+        assert all(p.deterministic is True for p in h.processors.values())
+    assert all(p.deterministic is False for p in h.processors.values())
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        taca.enable(pipe, deterministic="no")
+    assert h.deterministic is False
+    taca.disable(pipe)
+
+
 def test_context_manager_and_exceptions():
     pipe, inputs = _sd3("sd3")
     t = pipe.transformer
