@@ -108,6 +108,27 @@ def test_gamma_on_in_every_training_forward(kind, models, data, tmp_path, monkey
     assert saved["gamma"] == 1.2 and saved["t_min"] == 970.0 and saved["taca"] is True
 
 
+def test_nondeterministic_reaches_the_op(models, data, tmp_path, monkeypatch):
+    """--nondeterministic: every TACA attention call of training gets deterministic=False; it is
+    saved in train_config.json and may change on --resume (it changes only the order of dQ adds)."""
+    from taca.train.cli import config_from_args
+    from taca.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--model", models["flux"], "--data", data, "--out",
+                                      str(tmp_path / "x"), "--nondeterministic"])
+    assert config_from_args(args).deterministic is False
+    seen = []
+    real = taca.processors.joint_attention
+    monkeypatch.setattr(taca.processors, "joint_attention",
+                        lambda *a, **kw: seen.append(kw["deterministic"]) or real(*a, **kw))
+    res = train(_cfg(models["flux"], data, tmp_path / "out", max_steps=1, deterministic=False), progress=False)
+    assert res.steps == 1 and seen and set(seen) == {False}
+    with open(tmp_path / "out" / "train_config.json") as f:
+        assert json.load(f)["deterministic"] is False
+    from taca.train.config import RESUMABLE_CHANGES
+    assert "deterministic" in RESUMABLE_CHANGES
+
+
 def test_control_lora_runs_stock_attention(models, data, tmp_path, monkeypatch):
     counter = _GammaCounter(monkeypatch)
     steps = []

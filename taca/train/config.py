@@ -20,7 +20,7 @@ TARGET_SETS = ("attn", "attn+ff")
 # up to the checkpoint)
 RESUMABLE_CHANGES = frozenset({
     "max_steps", "checkpoint_every", "checkpoints_total_limit", "resume", "overwrite", "log_every",
-    "cache_dir", "num_workers", "dataloader_workers", "report_to",
+    "cache_dir", "num_workers", "dataloader_workers", "report_to", "deterministic",
 })
 
 
@@ -75,6 +75,7 @@ class TrainConfig:
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = False
     attention_backend: str = "auto"  # taca.joint_attention backend for the TACA path
+    deterministic: bool = True  # False: the CUDA backward adds dQ with unordered atomics (faster, not bitwise repeatable)
     seed: int = 0
     checkpoint_every: int = 500
     checkpoints_total_limit: int = 3

@@ -378,7 +378,7 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
         from taca.schedule import PaperSchedule
 
         handle = taca.enable(transformer, gamma=cfg.gamma, schedule=PaperSchedule(cfg.gamma, cfg.sigma_min),
-                             backend=cfg.attention_backend)
+                             backend=cfg.attention_backend, deterministic=cfg.deterministic)
 
     params = [p for p in transformer.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
