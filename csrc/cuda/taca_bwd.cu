@@ -84,8 +84,10 @@
 
 #include "taca_bwd_kernel.cuh"
 
-/* taca_bwd_sm90.cu: the wgmma main kernel; TACA_ERR_UNSUPPORTED where it does not apply. */
+/* taca_bwd_sm90.cu (v5) and taca_bwd_sm90_v6.cu (v6): the wgmma main kernels, same workspace
+ * layout; TACA_ERR_UNSUPPORTED where they do not apply. */
 int taca_bwd_sm90(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16);
+int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16);
 
 namespace {
 
@@ -237,10 +239,16 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
     }
     const size_t sem_bytes = L.off_acc - L.off_sem;
     TACA_CUDA_TRY(cudaMemsetAsync(a.sem, 0, sem_bytes, stream), "taca_bwd_cuda memset");
-    // Hopper path (taca_bwd_sm90.cu) for aligned D = 64 / 128 on sm_90 when built for sm_90a;
-    // TACA_BWD_SM90=0 (read at every call) forces the mma.sync kernel: a test / timing switch.
+    // Hopper path (taca_bwd_sm90*.cu) for aligned D = 64 / 72..128 on sm_90 when built for
+    // sm_90a: v5 or, with TACA_BWD_SM90_KERNEL=v6, v6. TACA_BWD_SM90=0 forces the mma.sync
+    // kernel. Both are test / timing switches, read at every call.
     const char *sm90_env = getenv("TACA_BWD_SM90");
     if (!(sm90_env && !strcmp(sm90_env, "0"))) {
+        const char *kern = getenv("TACA_BWD_SM90_KERNEL");
+        if (kern && !strcmp(kern, "v6")) {
+            const int st6 = taca_bwd_sm90_v6(a, stream, bf16);
+            if (st6 != TACA_ERR_UNSUPPORTED) return st6;
+        }
         const int st90 = taca_bwd_sm90(a, stream, bf16);
         if (st90 != TACA_ERR_UNSUPPORTED) return st90;
     }

@@ -135,41 +135,6 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
     (void)bar; (void)parity;
 #endif
 }
-/* TMA bulk operations of the "bulk" hand-off (bytes a multiple of 16, both addresses 16-byte
- * aligned): g[0..bytes) += s[..] (f32) or g = s, in this thread's bulk async-group; commit, wait
- * until the sources were read (the shared memory may be reused) / until the writes completed. */
-__device__ __forceinline__ void bulk_add_f32(float *g, uint32_t s, uint32_t bytes) {
-#if TACA_SM90A
-    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(g), "r"(s),
-                 "r"(bytes)
-                 : "memory");
-#else
-    (void)g; (void)s; (void)bytes;
-#endif
-}
-__device__ __forceinline__ void bulk_store(float *g, uint32_t s, uint32_t bytes) {
-#if TACA_SM90A
-    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(g), "r"(s), "r"(bytes) : "memory");
-#else
-    (void)g; (void)s; (void)bytes;
-#endif
-}
-__device__ __forceinline__ void bulk_commit() {
-#if TACA_SM90A
-    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void bulk_wait_read() {
-#if TACA_SM90A
-    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void bulk_wait_write() {
-#if TACA_SM90A
-    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
-    asm volatile("fence.proxy.async.global;\n" ::: "memory");  // async-proxy writes before the release
-#endif
-}
 /* p[0..3] += v as one fire-and-forget reduction (16-byte aligned p). */
 __device__ __forceinline__ void red_add4(float *p, float4 v) {
 #if TACA_SM90A

@@ -27,6 +27,41 @@ __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, const uint32_t 
 #endif
 }
 
+/* TMA bulk operations of the dQ writer (the "bulk" hand-off of v5, v6) (bytes a multiple of 16, both addresses 16-byte
+ * aligned): g[0..bytes) += s[..] (f32) or g = s, in this thread's bulk async-group; commit, wait
+ * until the sources were read (the shared memory may be reused) / until the writes completed. */
+__device__ __forceinline__ void bulk_add_f32(float *g, uint32_t s, uint32_t bytes) {
+#if TACA_SM90A
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(g), "r"(s),
+                 "r"(bytes)
+                 : "memory");
+#else
+    (void)g; (void)s; (void)bytes;
+#endif
+}
+__device__ __forceinline__ void bulk_store(float *g, uint32_t s, uint32_t bytes) {
+#if TACA_SM90A
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(g), "r"(s), "r"(bytes) : "memory");
+#else
+    (void)g; (void)s; (void)bytes;
+#endif
+}
+__device__ __forceinline__ void bulk_commit() {
+#if TACA_SM90A
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_wait_read() {
+#if TACA_SM90A
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_wait_write() {
+#if TACA_SM90A
+    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+    asm volatile("fence.proxy.async.global;\n" ::: "memory");  // async-proxy writes before the release
+#endif
+}
 /* Store the transpose of a warp's 16 x 16 block (RS A-fragment packing, fragment rows
  * row0 .. row0+15 (a multiple of 8), fragment columns col0 .. col0+15) into a 128B-swizzled
  * K-major tile of ROWS rows at smem address s: tile row = fragment column, tile column =

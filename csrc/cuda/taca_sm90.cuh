@@ -20,6 +20,10 @@
 
 #include <stdint.h>
 
+#include <type_traits>
+
+#include <cuda.h>  // CUtensorMap and its enums (types only: the encoder comes from the runtime)
+
 #include "taca_cuda_common.cuh"
 #include "taca_wgmma.cuh"
 
@@ -115,6 +119,15 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const void *tmap, uint
         "r"(c2), "r"(c3) : "memory");
 #endif
 }
+/* Non-tensor bulk copy of `bytes` (a multiple of 16; both addresses 16-byte aligned) from global
+ * to shared memory, completing on `bar` (count the bytes with mbar_arrive_expect_tx). */
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar) {
+#if TACA_SM90A
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+#endif
+}
 __device__ __forceinline__ void tma_prefetch_desc(const void *tmap) {
 #if TACA_SM90A
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(tmap) : "memory");
@@ -137,6 +150,72 @@ template <int R> __device__ __forceinline__ void setmaxnreg_dec() {
 #if TACA_SM90A
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
 #endif
+}
+
+/* Coordinate of map dimension dim (1..3) for (row, head, batch), by the map's pos (encode_map). */
+__device__ __forceinline__ int ws_coord(const int (&pos)[3], int dim, int row, int h, int b) {
+    return pos[0] == dim ? row : (pos[1] == dim ? h : b);
+}
+
+/* Host: the driver's tensor-map encoder, fetched once through the runtime (no -lcuda). */
+typedef CUresult (*EncodeTiledFn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
+                                  const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
+                                  CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+static inline EncodeTiledFn encode_tiled_fn() {
+    static EncodeTiledFn fn = [] {
+        void *f = nullptr;
+        cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess)
+            f = nullptr;
+#else
+        if (cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &q) != cudaSuccess) f = nullptr;
+#endif
+        if (q != cudaDriverEntryPointSuccess) f = nullptr;
+        cudaGetLastError();  // a failed lookup must not leak into the launch check
+        return reinterpret_cast<EncodeTiledFn>(f);
+    }();
+    return fn;
+}
+
+/* A 4-d map of one (B, N, H, D)-strided tensor: dimension 0 = the D columns (64-column boxes,
+ * 128B swizzle), dimensions 1..3 = rows, heads, batch ordered by increasing stride; box_rows
+ * rows per box. false when the driver rejects it (the caller then takes the cp.async kernel). */
+template <typename T>
+bool encode_map(CUtensorMap *m, int (&pos)[3], const void *base, int64_t sn, int64_t sh, int64_t sb, int n,
+                int heads, int batch, int d, int box_rows) {
+    EncodeTiledFn fn = encode_tiled_fn();
+    if (!fn) return false;
+    int64_t stride[3] = {sn, sh, sb};
+    const int64_t size[3] = {n, heads, batch};
+    // size-1 dimensions may carry any stride (even 0): give them a harmless one
+    int64_t big = 0;
+    for (int i = 0; i < 3; ++i)
+        if (size[i] > 1 && stride[i] > big) big = stride[i];
+    for (int i = 0; i < 3; ++i)
+        if (size[i] == 1) stride[i] = big > 0 ? big : d;
+    int order[3] = {0, 1, 2};
+    for (int i = 1; i < 3; ++i)  // stable insertion sort by stride
+        for (int k = i; k > 0 && stride[order[k]] < stride[order[k - 1]]; --k) {
+            const int t = order[k];
+            order[k] = order[k - 1];
+            order[k - 1] = t;
+        }
+    cuuint64_t dims[4] = {(cuuint64_t)d, 0, 0, 0}, strides[3];
+    cuuint32_t box[4] = {64, 1, 1, 1}, estr[4] = {1, 1, 1, 1};
+    for (int k = 0; k < 3; ++k) {
+        const int i = order[k];
+        dims[k + 1] = (cuuint64_t)size[i];
+        strides[k] = (cuuint64_t)stride[i] * sizeof(T);
+        if (i == 0) box[k + 1] = (cuuint32_t)box_rows;
+        pos[i] = k + 1;
+    }
+    const CUtensorMapDataType dt =
+        std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    return fn(m, dt, 4, const_cast<void *>(base), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 /* Host side: TACA_OK when the current device is compute capability 9.0 (cached per device),

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One GPU call for the v6 Hopper backward (csrc/cuda/taca_bwd_sm90_v6.cu): build, the CUDA backward
+# and feature tests with v6 forced, memcheck + racecheck of the harness with v6, bwd alone v5 vs v6
+# (same process, interleaved rounds, bitwise comparison), fwd+bwd against cuDNN with v6, then
+# Nsight Compute on one FLUX-1024 backward main kernel (full set + per-SASS-instruction stall
+# samples in $OUT).
+#   run(command="bash benchmarks/gpu_bwd_v6_run.sh", carry=[".whl"], timeout_s=600)
+# Env: STEPS (default "build test sanitize bench attn prof"), MODES (bench modes), PROF ("v6").
+set -o pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STEPS=${STEPS:-"build test sanitize bench attn prof"}
+MODES=${MODES:-"bulk,v6,bulk+nd,v6+nd"}
+PROF=${PROF:-"v6"}
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+{
+if has build; then STEPS=build OUT=/tmp/hw bash benchmarks/gpu_features_run.sh 2>&1 | grep -E "rc=|has_cuda"; fi
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so
+# smoke first: a hang or a crash of v6 must not eat the call's time
+if TACA_BWD_SM90_KERNEL=v6 timeout 60 python3 benchmarks/bwd_profile_once.py; then echo "smoke v6 ok"
+else echo "smoke v6 FAILED"; STEPS=""; fi
+if has test; then
+  t0=$SECONDS
+  nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -Icsrc -Icsrc/cuda tests/cuda_harness/wgmma_check.cu \
+    -o /tmp/wgmma_check 2>&1 | tail -3 && /tmp/wgmma_check | tail -2
+  TACA_BWD_SM90_KERNEL=v6 timeout 200 python3 -m pytest -q tests/test_cuda_bwd.py tests/test_cuda_features.py > "$OUT/pytest_v6.txt" 2>&1
+  echo "tests v6: $(tail -1 "$OUT/pytest_v6.txt") ($((SECONDS - t0)) s)"; grep -E "^(FAILED|ERROR)|Error" "$OUT/pytest_v6.txt" | head -8
+fi
+if has sanitize; then
+  t0=$SECONDS
+  for tool in memcheck racecheck; do
+    TACA_BWD_SM90_KERNEL=v6 timeout 150 compute-sanitizer --tool $tool --kernel-name kns=taca_bwd python3 tests/cuda_harness/sanitize_fwd.py > /tmp/san_v6_$tool.txt 2>&1
+    echo "v6 $tool rc=$?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|calls done' /tmp/san_v6_$tool.txt | tr '\n' ' ') ($((SECONDS - t0)) s)"
+    grep -B2 -A8 -m3 -E "^========= (Invalid|Race|Error)" /tmp/san_v6_$tool.txt | head -40
+  done
+fi
+if has bench; then
+  timeout 200 python3 benchmarks/bench_bwd_handoff.py --rounds 3 --modes "$MODES" --out "$OUT" 2>&1 | tail -5 > /tmp/bench.txt
+fi
+if has attn; then
+  TACA_BWD_SM90_KERNEL=v6 timeout 200 python3 benchmarks/bench_attention_gpu.py --quick --shapes flux1024_b1,sd35m_cfg,flux1024_b2 \
+    --methods "taca|split" --out /tmp/attn --tag v6 2>&1 | grep "^|" | grep -v "plain_eff" > /tmp/attn.txt
+  cp /tmp/attn/*.json "$OUT/" 2>/dev/null
+fi
+if has prof; then
+  for k in $PROF; do
+    t0=$SECONDS
+    if [ "$k" = v6 ]; then export TACA_BWD_SM90_KERNEL=v6; else unset TACA_BWD_SM90_KERNEL; fi
+    timeout 150 ncu --clock-control none --kernel-name regex:taca_bwd_sm90 --launch-skip 1 --launch-count 1 \
+      --set full --import-source no -f -o /tmp/prof_$k python3 benchmarks/bwd_profile_once.py > /tmp/ncu_${k}_run.txt 2>&1
+    echo "ncu $k rc=$? ($((SECONDS - t0)) s)"
+    ncu --import /tmp/prof_$k.ncu-rep --page details > "$OUT/ncu_${k}_details.txt" 2>&1
+    ncu --import /tmp/prof_$k.ncu-rep --page source --csv --print-source sass 2>/dev/null | gzip -c > "$OUT/ncu_${k}_sass.csv.gz"
+    grep -E "Duration|Compute \(SM\) Throughput|Executed Ipc Active|Issue Slots Busy|Warp Cycles Per Issued|Registers Per|Shared Memory Configuration|No Eligible" "$OUT/ncu_${k}_details.txt" | head -12
+  done
+  unset TACA_BWD_SM90_KERNEL
+fi
+cat /tmp/attn.txt /tmp/bench.txt 2>/dev/null
+} 2>&1 | tee "$OUT/log.txt"

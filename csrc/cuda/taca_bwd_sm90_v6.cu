@@ -1,0 +1,545 @@
+/*
+ * taca_bwd_sm90_v6.cu: Hopper (sm_90a) backward main kernel, v6: the v5 kernel of
+ * taca_bwd_sm90.cu (its header explains the math, the chains and the bulk dQ hand-off) with
+ *   1. a TMA producer: warp 8 (lane 0) loads each query tile's Q and dO (tensor maps, 128B
+ *      swizzle by the copy engine, rows >= N and columns >= D zero-filled) and its lse2 / delta
+ *      rows (bulk copies) into a two-deep ring gated by mbarriers: full (bytes landed) and
+ *      empty (lane 0 of each of the 8 MMA warps after its warpgroup's last read of the tile).
+ *      In v5 every MMA thread issued cp.async for the next tile (with its index math) and the
+ *      two MMA warpgroups met at a CTA barrier at the top of every tile: an ncu profile of v5 on
+ *      FLUX 1024 (KERNEL_LOG, "Backward v6") put 10% of the MMA warps' samples in that load
+ *      issue and 6% in the wait + fence + barrier. Here a warpgroup waits on the full barrier
+ *      only; the dS' tile is reused once the other warpgroup's dQ product of the previous tile
+ *      completed (mbarrier ds_free, lane 0 of each MMA warp), so the one CTA barrier left per
+ *      tile is the one that publishes dS'.
+ *   2. FlashAttention-3's GEMM order per query tile: dV = P^T dO is issued before the dS'
+ *      barrier, dQ right after it and dK = dS'^T Q last, so the dQ part is staged for the writer
+ *      while the tensor cores still run dK (v5 waited for all three, then staged).
+ *   3. dQ staging rows padded by 32 B for the float2 stores (v5's 16 B gave 5.3-way bank
+ *      conflicts on 38% of the shared-store wavefronts in that profile).
+ *   A query tile of 80 rows at D = 128 (FA3's; dQ made transposed as dQ^T = K^T dS'^T with
+ *   wgmma_ss TA = 1, one staging buffer for lack of shared memory) was measured slower than 64
+ *   before the TMA producer (1.969 vs 1.724 ms, FLUX 1024 b1) and then needed more registers
+ *   than 240 (ptxas serialized its wgmmas): dropped, see KERNEL_LOG "Backward v6".
+ * The writer warps 9..11 (96 threads) do v5's bulk hand-off (full / empty mbarriers per staging
+ * buffer, TMA bulk reduce-add per row, late release to the chain's successor). Same math,
+ * preprocess, tiles (BM = 64 queries at D = 128, 128 at D = 64), workspace layout, chains and
+ * dq conversion as v5, and the same fp32 operations in the same order: v6's gradients equal
+ * v5's bitwise (tested). Falls back (TACA_ERR_UNSUPPORTED) where a tensor map
+ * cannot be encoded. Selected by TACA_BWD_SM90_KERNEL=v6 (taca_bwd.cu).
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "taca_bwd_kernel.cuh"
+#include "taca_bwd_sm90.cuh"
+#include "taca_sm90.cuh"
+
+namespace taca_bwd96 {
+
+using namespace taca_cuda;
+using namespace taca_sm90;
+using namespace taca_wgmma;
+using taca_bwd::BwdArgs;
+using taca_bwd90::bulk_add_f32;
+using taca_bwd90::bulk_commit;
+using taca_bwd90::bulk_store;
+using taca_bwd90::bulk_wait_read;
+using taca_bwd90::bulk_wait_write;
+using taca_bwd90::store_block_trans;
+
+template <int DP_, int BM_>
+struct Cfg {
+    static constexpr int DP = DP_;
+    static constexpr int BM = BM_;                  // queries per tile
+    static constexpr int BN = 128;                  // keys per CTA
+    static constexpr int THREADS = 384;             // 2 MMA warpgroups + the dQ writer
+    static constexpr int NSTAGE = 2;                // dQ staging buffers
+    static constexpr int WRITERS = 96;              // warps 9..11; warp 8 is the TMA producer
+    static constexpr uint32_t KV_BYTES = BN * DP * 2;
+    static constexpr uint32_t QT_BYTES = BM * DP * 2;  // one Q or one dO buffer
+    static constexpr uint32_t DS_BYTES = BM * BN * 2;
+    static constexpr uint32_t SROW = DP * 4 + 32;  // dQ staging row (fp32), padded for float2 stores
+    static constexpr uint32_t STAGE_BYTES = BM * SROW;
+    static constexpr uint32_t TILE_TX = 2 * QT_BYTES + 2 * BM * 4;  // Q, dO, lse2, delta of a tile
+    static constexpr int NBAR = 2 * NSTAGE + 5;  // stage full/empty, q_full[2], q_empty[2], ds_free
+    static constexpr size_t SMEM = 2 * KV_BYTES + 4 * QT_BYTES + DS_BYTES + 4 * BM * sizeof(float) +
+                                   NSTAGE * STAGE_BYTES + NBAR * sizeof(uint64_t) + 1024;
+    static_assert((DP == 64 && BM == 128) || (DP == 128 && BM == 64), "tile");
+    static_assert(SMEM <= 232448, "shared memory");
+};
+
+enum { BAR_MMA = 1, BAR_WRITER = 6 };
+__device__ __forceinline__ void bar_sync(int id, int n) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+
+/* Kernel parameters: the Q and dO tensor maps (64-byte aligned, in parameter space), which of
+ * each map's dimensions 1..3 holds (row, head, batch), and the arguments. */
+struct V6Args {
+    CUtensorMap tq, tdo;
+    BwdArgs a;
+    int pos_q[3], pos_do[3];
+};
+
+/* MASK: a.mask.data != NULL (its own instance: the unmasked one carries no mask code). */
+template <typename T, int DP, int BM, bool MASK>
+__global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_constant__ V6Args p) {
+#if TACA_SM90A
+    const BwdArgs &a = p.a;
+    using C = Cfg<DP, BM>;
+    constexpr int BN = C::BN, NT = BM / 8, NS = C::NSTAGE;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const uint32_t raw = smem_u32(smem_raw);
+    const uint32_t sk = (raw + 1023u) & ~1023u;
+    unsigned char *const smem = smem_raw + (sk - raw);  // generic pointer to the aligned base
+    const uint32_t sv = sk + C::KV_BYTES;
+    const uint32_t sq = sv + C::KV_BYTES;        // [2] Q tiles
+    const uint32_t sdo = sq + 2 * C::QT_BYTES;   // [2] dO tiles
+    const uint32_t sds = sdo + 2 * C::QT_BYTES;  // dS' (BM x 128 keys), K-major
+    float *const sL = reinterpret_cast<float *>(smem + (sds + C::DS_BYTES - sk));  // [2][BM] lse2
+    float *const sDl = sL + 2 * BM;                                                  // [2][BM] delta
+    unsigned char *const stage = reinterpret_cast<unsigned char *>(sDl + 2 * BM);   // [NS] dQ staging
+    const uint32_t mb_full = smem_u32(stage + NS * C::STAGE_BYTES);  // [NS] mbarriers, then
+    const uint32_t mb_empty = mb_full + 8 * NS;                       // [NS] (8 bytes each)
+    const uint32_t q_full = mb_empty + 8 * NS;                        // [2] tile landed (TMA)
+    const uint32_t q_empty = q_full + 16;                             // [2] tile read by both
+    const uint32_t ds_free = q_empty + 16;                            // dS' read by both
+
+    const int nq = a.nq, nk = a.nk;
+    const int nqt = a.group * nq;  // flattened query tiles it = (h - h0) * nq + query tile
+    const int jt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    const int h0 = hk * a.group;  // the group's first query head
+    const int64_t bh = static_cast<int64_t>(b) * a.H + h0;
+    const int seg = jt / a.seg_size, seg_pos = jt % a.seg_size;
+    const int seg_len = min(a.seg_size, nk - seg * a.seg_size);
+    const bool ordered = a.mode == taca_bwd::kOrdered && nk > 1;
+    int *sem_row = a.sem + (seg * static_cast<int64_t>(a.B) * a.H + bh) * nq;
+    float *acc_base = a.dq_acc + (seg * static_cast<int64_t>(a.B) * a.H + bh) * a.Np * DP;
+
+    const T *kb = static_cast<const T *>(a.k) + b * a.ks_b + hk * a.ks_h;
+    const T *vb = static_cast<const T *>(a.v) + b * a.vs_b + hk * a.vs_h;
+    const float *lse2b = a.lse2 + bh * a.Np;
+    const float *deltab = a.delta + bh * a.Np;
+
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int s = 0; s < NS; ++s) {
+            mbar_init(mb_full + 8 * s, 256);  // every MMA thread arrives once per staged tile
+            mbar_init(mb_empty + 8 * s, C::WRITERS);  // every writer thread once per tile read
+        }
+        for (int s = 0; s < 2; ++s) {
+            mbar_init(q_full + 8 * s, 1);   // the producer's arrive.expect_tx, then the bytes
+            mbar_init(q_empty + 8 * s, 8);  // lane 0 of each MMA warp
+        }
+        mbar_init(ds_free, 8);
+        mbar_init_fence();
+    }
+    __syncthreads();  // initialised before any thread arrives or waits
+    if (threadIdx.x >= 256) setmaxnreg_dec<32>();  // the whole warpgroup, before its roles split (2 x 128 x 240 + 128 x 32 = 64K)
+    if (threadIdx.x >= 256 && threadIdx.x < 288) {
+        // TMA producer (warp 8, lane 0): query tile it into ring slot it & 1 once both MMA
+        // warpgroups released the tile it - 2 held there.
+        if (threadIdx.x != 256) return;
+        tma_prefetch_desc(&p.tq);
+        tma_prefetch_desc(&p.tdo);
+        for (int it = 0; it < nqt; ++it) {
+            const int buf = it & 1;
+            if (it >= 2) mbar_wait(q_empty + 8 * buf, ((it >> 1) - 1) & 1);
+            mbar_arrive_expect_tx(q_full + 8 * buf, C::TILE_TX);
+            const int hh = it / nq;
+            const int i0 = (it - hh * nq) * BM, h = h0 + hh;
+#pragma unroll
+            for (int cb = 0; cb < DP / 64; ++cb) {
+                tma_load_4d(sq + buf * C::QT_BYTES + cb * BM * 128, &p.tq, q_full + 8 * buf, cb * 64,
+                            ws_coord(p.pos_q, 1, i0, h, b), ws_coord(p.pos_q, 2, i0, h, b),
+                            ws_coord(p.pos_q, 3, i0, h, b));
+                tma_load_4d(sdo + buf * C::QT_BYTES + cb * BM * 128, &p.tdo, q_full + 8 * buf, cb * 64,
+                            ws_coord(p.pos_do, 1, i0, h, b), ws_coord(p.pos_do, 2, i0, h, b),
+                            ws_coord(p.pos_do, 3, i0, h, b));
+            }
+            bulk_load(smem_u32(sL + buf * BM), lse2b + it * BM, BM * 4, q_full + 8 * buf);
+            bulk_load(smem_u32(sDl + buf * BM), deltab + it * BM, BM * 4, q_full + 8 * buf);
+        }
+        return;
+    }
+    if (threadIdx.x >= 288) {
+        // dQ writer (warps 9..11, v5's bulk hand-off): tile it's part, staged in buffer it % NS,
+        // goes to the chain's float32 buffer in chain order (wait for the predecessor, TMA bulk
+        // add per row or the chain head's bulk store, release tile it - 1 after the bulk writes
+        // completed).
+        if (nk == 1 || a.mode == taca_bwd::kSkip) return;
+        const int wtid = threadIdx.x - 288;
+        const bool first = ordered ? seg_pos == 0 : a.mode == taca_bwd::kRacy;
+        float *accb = ordered ? acc_base : a.dq_acc + bh * a.Np * DP;
+        const bool releases = ordered && seg_pos < seg_len - 1;
+        for (int it = 0; it < nqt; ++it) {
+            const int buf = it & 1;
+            mbar_wait(mb_full + 8 * buf, (it / NS) & 1);  // tile it staged
+            if (releases && it > 0) {
+                bulk_wait_write();
+                bar_sync(BAR_WRITER, C::WRITERS);
+                if (wtid == 0) {
+                    __threadfence();
+                    atomicExch(sem_row + it - 1, seg_pos + 1);
+                }
+            }
+            if (ordered && seg_pos > 0) {
+                if (wtid == 0) {
+                    while (taca_bwd::ld_acquire(sem_row + it) < seg_pos) {
+                    }
+                }
+                bar_sync(BAR_WRITER, C::WRITERS);
+                asm volatile("fence.proxy.async.global;\n" ::: "memory");
+            }
+            const unsigned char *src = stage + buf * C::STAGE_BYTES;
+            float *dst = accb + static_cast<int64_t>(it) * BM * DP;
+            for (int r = wtid; r < BM; r += C::WRITERS) {  // one row (DP fp32) per bulk operation
+                const uint32_t srow = smem_u32(src + r * C::SROW);
+                if (first) bulk_store(dst + r * DP, srow, DP * 4);
+                else bulk_add_f32(dst + r * DP, srow, DP * 4);
+            }
+            bulk_commit();
+            bulk_wait_read();
+            mbar_arrive(mb_empty + 8 * buf);  // staging buffer free again
+        }
+        bulk_wait_write();  // the CTA may not end before its bulk operations did
+        if (releases) {
+            bar_sync(BAR_WRITER, C::WRITERS);
+            if (wtid == 0) {
+                __threadfence();
+                atomicExch(sem_row + nqt - 1, seg_pos + 1);
+            }
+        }
+        return;
+    }
+    setmaxnreg_inc<240>();
+
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int j0 = jt * BN;
+    const int N = a.N, Nk = a.Nk, D = a.D;
+    const bool masked = MASK && !(a.mask.q == 0 && (a.mask.h == 0 || a.group == 1) &&
+                                  keys_attend<BN>(a.mask, b * a.mask.b + h0 * a.mask.h, j0, Nk, lane));
+
+    const float gam = a.gamma[b];
+    const float grev = a.gamma_reverse;
+    const float lg = a.scale * taca_bwd::kLog2e;
+
+    // K and V once (keys past Nk: zero rows, as v5), then every tile comes from the producer.
+    load_tile_sw128<T, BN, DP, 256>(sk, kb, a.ks_n, j0, Nk, D, tid);
+    load_tile_sw128<T, BN, DP, 256>(sv, vb, a.vs_n, j0, Nk, D, tid);
+    cp_async_commit();
+
+    const int kw0 = j0 + 64 * wg;  // the warpgroup's first key
+    const int kr0 = kw0 + 16 * warp + g, kr1 = kr0 + 8;
+    __shared__ int s_span[4];
+    if (tid == 0) {
+        const Span sp = span_of(a.spans, b, a.text_begin, a.text_end, a.q_text_begin, a.q_text_end);
+        s_span[0] = sp.kb;
+        s_span[1] = sp.ke;
+        s_span[2] = sp.qb;
+        s_span[3] = sp.qe;
+    }
+
+    float dv[DP / 2], dk[DP / 2];
+#pragma unroll
+    for (int i = 0; i < DP / 2; ++i) dv[i] = dk[i] = 0.f;
+
+    const uint32_t k_wg = sk + wg * 64 * 128, v_wg = sv + wg * 64 * 128;  // rows 64 wg.. of each block
+
+    cp_async_wait<0>();
+    fence_proxy_async();
+    bar_sync(BAR_MMA, 256);  // K, V (and s_span) visible to both warpgroups and to wgmma
+
+    for (int it = 0; it < nqt; ++it) {
+        const int buf = it & 1;
+        const int hh = it / nq;
+        const int i0 = (it - hh * nq) * BM;
+        mbar_wait(q_full + 8 * buf, (it >> 1) & 1);  // Q, dO, lse2, delta of tile it landed
+
+        const uint32_t qt = sq + buf * C::QT_BYTES, dot = sdo + buf * C::QT_BYTES;
+        float s[NT * 4], dp[NT * 4];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < DP / 16; ++kk)
+            wgmma_ss<T, BM, 0, 0>(s, desc_sw128(k_wg + (kk >> 2) * BN * 128 + (kk & 3) * 32),
+                                  desc_sw128(qt + (kk >> 2) * BM * 128 + (kk & 3) * 32), kk > 0);
+        wgmma_commit();
+#pragma unroll
+        for (int kk = 0; kk < DP / 16; ++kk)
+            wgmma_ss<T, BM, 0, 0>(dp, desc_sw128(v_wg + (kk >> 2) * BN * 128 + (kk & 3) * 32),
+                                  desc_sw128(dot + (kk >> 2) * BM * 128 + (kk & 3) * 32), kk > 0);
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_regs<NT * 4>(s);
+
+        // P^T and dS'^T exactly as v5 (taca_bwd_sm90.cu)
+        const float *lrow = sL + buf * BM;
+        const float *drow = sDl + buf * BM;
+        const int ksb = s_span[0], kse = s_span[1];
+        const int qsb = s_span[2], qse = s_span[3];
+        const bool kt0 = kr0 >= ksb && kr0 < kse, kt1 = kr1 >= ksb && kr1 < kse;
+        const bool k_uniform =
+            !masked && (kw0 + 64 <= ksb || kw0 >= kse || (kw0 >= ksb && kw0 + 64 <= kse));
+        const bool k_text = kw0 >= ksb && kw0 < kse;
+        const int iend = i0 + BM;
+        const bool q_uniform = iend <= qsb || i0 >= qse || (i0 >= qsb && iend <= qse);
+        const bool uniform = k_uniform && q_uniform;
+        const bool q_text = i0 >= qsb && i0 < qse;
+        const float mu = (k_text == q_text) ? 1.f : (q_text ? grev : gam);
+        if (uniform) {
+            const float cf = lg * mu;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const float2 l2 = *reinterpret_cast<const float2 *>(lrow + nt * 8 + 2 * t);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[nt * 4 + e] = fast_exp2(s[nt * 4 + e] * cf - ((e & 1) ? l2.y : l2.x));
+            }
+        } else if (!masked) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const int col = nt * 8 + 2 * t;
+                const float2 l2 = *reinterpret_cast<const float2 *>(lrow + col);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = i0 + col + (e & 1);
+                    const bool qtx = qi >= qsb && qi < qse;
+                    const bool ktx = (e < 2) ? kt0 : kt1;
+                    const float m = (qtx == ktx) ? 1.f : (qtx ? grev : gam);
+                    s[nt * 4 + e] = fast_exp2(s[nt * 4 + e] * (lg * m) - ((e & 1) ? l2.y : l2.x));
+                }
+            }
+        } else {
+            const int64_t mo0 = b * a.mask.b + (h0 + hh) * a.mask.h +
+                                static_cast<int64_t>(i0 + 2 * t) * a.mask.q + kr0 * a.mask.k;
+            const int64_t mo1 = mo0 + 8 * a.mask.k;
+            const bool kin0 = kr0 < Nk, kin1 = kr1 < Nk;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const int col = nt * 8 + 2 * t;
+                const float2 l2 = *reinterpret_cast<const float2 *>(lrow + col);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = i0 + col + (e & 1);
+                    const bool qtx = qi >= qsb && qi < qse;
+                    const bool ktx = (e < 2) ? kt0 : kt1;
+                    const float m = (qtx == ktx) ? 1.f : (qtx ? grev : gam);
+                    const float mt = (qi < N && ((e < 2) ? kin0 : kin1))
+                                         ? mask_log2(a.mask, (e < 2) ? mo0 : mo1, nt * 8 + (e & 1), 0)
+                                         : -INFINITY;
+                    s[nt * 4 + e] =
+                        fast_exp2(s[nt * 4 + e] * (lg * m) + mt - ((e & 1) ? l2.y : l2.x));
+                }
+            }
+        }
+        wgmma_wait<0>();
+        fence_regs<NT * 4>(dp);
+        if (uniform) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const float2 dl = *reinterpret_cast<const float2 *>(drow + nt * 8 + 2 * t);
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    dp[nt * 4 + e] = s[nt * 4 + e] * (dp[nt * 4 + e] - ((e & 1) ? dl.y : dl.x)) * mu;
+            }
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const int col = nt * 8 + 2 * t;
+                const float2 dl = *reinterpret_cast<const float2 *>(drow + col);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = i0 + col + (e & 1);
+                    const bool qtx = qi >= qsb && qi < qse;
+                    const bool ktx = (e < 2) ? kt0 : kt1;
+                    const float m = (qtx == ktx) ? 1.f : (qtx ? grev : gam);
+                    dp[nt * 4 + e] = s[nt * 4 + e] * (dp[nt * 4 + e] - ((e & 1) ? dl.y : dl.x)) * m;
+                }
+            }
+        }
+
+        // Pack P^T and dS'^T as A fragments (16 queries per k-step); dS' transposed to smem.
+        uint32_t pa[BM / 16][4], da[BM / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) {
+            const float *s0 = s + 8 * kk, *d0 = dp + 8 * kk;
+            pa[kk][0] = pack2<T>(s0[0], s0[1]);
+            pa[kk][1] = pack2<T>(s0[2], s0[3]);
+            pa[kk][2] = pack2<T>(s0[4], s0[5]);
+            pa[kk][3] = pack2<T>(s0[6], s0[7]);
+        }
+        // dV += P^T dO first (group 1): it runs while dS' is packed, stored and published.
+        fence_regs<DP / 2>(dv);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk)
+#pragma unroll
+            for (int hb = 0; hb < DP / 64; ++hb)
+                wgmma_rs<T, 64, 1>(dv + hb * 32, pa[kk], desc_sw128(dot + hb * BM * 128 + kk * 16 * 128), 1);
+        wgmma_commit();
+        // dS' of tile it - 1 read by both warpgroups' dQ products before it is overwritten
+        if (it > 0) mbar_wait(ds_free, (it - 1) & 1);
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) {
+            const float *d0 = dp + 8 * kk;
+            da[kk][0] = pack2<T>(d0[0], d0[1]);
+            da[kk][1] = pack2<T>(d0[2], d0[3]);
+            da[kk][2] = pack2<T>(d0[4], d0[5]);
+            da[kk][3] = pack2<T>(d0[6], d0[7]);
+            store_block_trans<BM>(sds, da[kk], 64 * wg + 16 * warp, 16 * kk, lane);
+        }
+        fence_proxy_async();  // the stmatrix writes of dS' -> visible to wgmma after the barrier
+        bar_sync(BAR_MMA, 256);  // dS' complete in shared memory
+
+        fence_regs<DP / 2>(dk);
+        if (a.mode == taca_bwd::kSkip) {  // timing diagnostic: no dQ product, no hand-off
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; ++kk)
+#pragma unroll
+                for (int hb = 0; hb < DP / 64; ++hb)
+                    wgmma_rs<T, 64, 1>(dk + hb * 32, da[kk], desc_sw128(qt + hb * BM * 128 + kk * 16 * 128), 1);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs<DP / 2>(dv);
+            fence_regs<DP / 2>(dk);
+            fence_regs<BM / 4>(&pa[0][0]);
+            fence_regs<BM / 4>(&da[0][0]);
+            if (lane == 0) {
+                mbar_arrive(ds_free);
+                mbar_arrive(q_empty + 8 * buf);
+            }
+            continue;
+        }
+        // dQ part (group 2) over the 128 keys, then dK += dS'^T Q (group 3). D = 128: warpgroup
+        // w makes dQ columns 64w.. of the BM = 64 rows; D = 64: rows 64w.. of BM = 128 (as v5).
+        constexpr int QROWS = BM == 128 ? 64 : 0;
+        constexpr int QCOLS = BM == 128 ? 0 : 64;
+        float dq[32];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+            wgmma_ss<T, 64, 0, 1>(dq, desc_sw128(sds + (kk >> 2) * BM * 128 + QROWS * wg * 128 + (kk & 3) * 32),
+                                  desc_sw128(sk + (QCOLS / 64) * wg * BN * 128 + kk * 16 * 128), kk > 0);
+        wgmma_commit();
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk)
+#pragma unroll
+            for (int hb = 0; hb < DP / 64; ++hb)
+                wgmma_rs<T, 64, 1>(dk + hb * 32, da[kk], desc_sw128(qt + hb * BM * 128 + kk * 16 * 128), 1);
+        wgmma_commit();
+        wgmma_wait<1>();  // dV and dQ done; dK still running
+        fence_regs<32>(dq);
+        fence_regs<DP / 2>(dv);
+        fence_regs<BM / 4>(&pa[0][0]);  // P^T's registers are free from here
+        __syncwarp();
+        if (lane == 0) mbar_arrive(ds_free);  // this warp's share of the dQ product read dS'
+
+        const int qr0 = QROWS * wg + 16 * warp + g;  // this thread's dQ rows qr0, qr0 + 8 (tile)
+        const int qc0 = QCOLS * wg + 2 * t;          // and columns qc0 + 8 nt, + 1
+        if (nk == 1) {
+            T *dqb = static_cast<T *>(a.dq) + b * a.dqs_b + (h0 + hh) * a.dqs_h;
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int r = i0 + qr0 + half * 8;
+                if (r >= N) continue;
+                T *dqrow = dqb + static_cast<int64_t>(r) * a.dqs_n;
+#pragma unroll
+                for (int nt = 0; nt < 8; ++nt)
+                    taca_bwd::store_pair<T>(dqrow, qc0 + nt * 8, D, a.pair_store != 0, dq[nt * 4 + 2 * half] * a.scale,
+                                            dq[nt * 4 + 2 * half + 1] * a.scale);
+            }
+        } else {
+            // Hand the part to the writer through staging buffer it & 1 (free once the writer
+            // has read tile it - 2 from it).
+            const int sb = it & 1;
+            if (it >= NS) mbar_wait(mb_empty + 8 * sb, ((it / NS) - 1) & 1);
+            unsigned char *dstage = stage + sb * C::STAGE_BYTES;
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int r = qr0 + half * 8;
+#pragma unroll
+                for (int nt = 0; nt < 8; ++nt)
+                    *reinterpret_cast<float2 *>(dstage + r * C::SROW + (qc0 + nt * 8) * 4) =
+                        make_float2(dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
+            }
+            mbar_arrive(mb_full + 8 * sb);
+        }
+        wgmma_wait<0>();
+        fence_regs<DP / 2>(dk);
+        fence_regs<BM / 4>(&da[0][0]);  // dS'^T stays untouched until the dK wgmma completed
+        __syncwarp();
+        if (lane == 0) mbar_arrive(q_empty + 8 * buf);  // Q, dO, lse2, delta of tile it read
+    }
+    // dK = scale * dK', dV (summed over the group) of key/value head hk: rows kr0, kr1.
+    T *dkb = static_cast<T *>(a.dk) + b * a.dks_b + hk * a.dks_h;
+    T *dvb = static_cast<T *>(a.dv) + b * a.dvs_b + hk * a.dvs_h;
+    const bool pair = a.pair_store != 0;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = half ? kr1 : kr0;
+        if (r >= Nk) continue;
+        T *dkrow = dkb + static_cast<int64_t>(r) * a.dks_n;
+        T *dvrow = dvb + static_cast<int64_t>(r) * a.dvs_n;
+#pragma unroll
+        for (int nt = 0; nt < DP / 8; ++nt) {
+            const int col = nt * 8 + 2 * t;
+            taca_bwd::store_pair<T>(dkrow, col, D, pair, dk[nt * 4 + 2 * half] * a.scale,
+                                    dk[nt * 4 + 2 * half + 1] * a.scale);
+            taca_bwd::store_pair<T>(dvrow, col, D, pair, dv[nt * 4 + 2 * half], dv[nt * 4 + 2 * half + 1]);
+        }
+    }
+#else
+    (void)p;
+#endif
+}
+
+template <typename T, int DP, int BM>
+int launch(const BwdArgs &a, cudaStream_t stream) {
+    using C = Cfg<DP, BM>;
+    if (a.Np % BM != 0 || a.Np != a.nq * BM) return TACA_ERR_UNSUPPORTED;  // workspace layout
+    auto kernel = a.mask.data ? taca_bwd_sm90_v6_kernel<T, DP, BM, true> : taca_bwd_sm90_v6_kernel<T, DP, BM, false>;
+    cudaFuncAttributes attr;
+    TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_bwd_cuda (sm90 v6): cudaFuncGetAttributes");
+    if (attr.binaryVersion != 90) return TACA_ERR_UNSUPPORTED;
+    V6Args p;
+    memset(&p, 0, sizeof(p));
+    p.a = a;
+    if (!encode_map<T>(&p.tq, p.pos_q, a.q, a.qs_n, a.qs_h, a.qs_b, a.N, a.H, a.B, a.D, BM) ||
+        !encode_map<T>(&p.tdo, p.pos_do, a.dout, a.dos_n, a.dos_h, a.dos_b, a.N, a.H, a.B, a.D, BM))
+        return TACA_ERR_UNSUPPORTED;  // nothing launched yet
+    TACA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM),
+                  "taca_bwd_cuda (sm90 v6): cudaFuncSetAttribute");
+    const int64_t rows = static_cast<int64_t>(a.B) * a.H * a.Np;
+    taca_bwd::bwd_preprocess<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(a);
+    int st = taca_cuda_check_launch("taca_bwd_cuda (sm90 v6) preprocess");
+    if (st != TACA_OK) return st;
+    if (a.mode == taca_bwd::kAtomic && a.nk > 1) {
+        TACA_CUDA_TRY(cudaMemsetAsync(a.dq_acc, 0, static_cast<size_t>(rows) * DP * sizeof(float), stream),
+                      "taca_bwd_cuda (sm90 v6) memset dq_acc");
+    }
+    kernel<<<dim3(a.nk, a.Hkv, a.B), C::THREADS, C::SMEM, stream>>>(p);
+    st = taca_cuda_check_launch("taca_bwd_cuda (sm90 v6) main");
+    if (st != TACA_OK || a.nk == 1) return st;
+    const int64_t total = static_cast<int64_t>(a.B) * a.H * a.N * a.D;
+    taca_bwd::bwd_dq_convert<T, DP><<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(a);
+    return taca_cuda_check_launch("taca_bwd_cuda (sm90 v6) dq convert");
+}
+
+}  // namespace taca_bwd96
+
+/* TACA_ERR_UNSUPPORTED when v6 does not apply (the caller then takes v5 or mma.sync). */
+int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16) {
+#if defined(TACA_HAVE_SM90A)
+    if ((a.D != 64 && (a.D < 72 || a.D > 128)) || !a.vec_load) return TACA_ERR_UNSUPPORTED;
+    const int dev_st = taca_sm90::device_is_sm90("taca_bwd_cuda (sm90 v6): device query");
+    if (dev_st != TACA_OK) return dev_st;
+    if (a.D == 64)
+        return bf16 ? taca_bwd96::launch<__nv_bfloat16, 64, 128>(a, stream) : taca_bwd96::launch<__half, 64, 128>(a, stream);
+    return bf16 ? taca_bwd96::launch<__nv_bfloat16, 128, 64>(a, stream) : taca_bwd96::launch<__half, 128, 64>(a, stream);
+#else
+    (void)a; (void)stream; (void)bf16;
+    return TACA_ERR_UNSUPPORTED;
+#endif
+}
