@@ -1,4 +1,4 @@
-"""Backward kernel alone, per dQ hand-off of the Hopper kernel (TACA_BWD_SM90_HANDOFF).
+"""Backward kernel alone, per Hopper kernel (v6, v5) and per dQ hand-off of v5 (TACA_BWD_SM90_HANDOFF).
 
 Question: what does each hand-off between the MMA warpgroups and the dQ writer warpgroup of
 csrc/cuda/taca_bwd_sm90.cu cost, against the kernel without a writer ("none" = v4a, commit
@@ -6,10 +6,10 @@ bc8237e)? Same process, same inputs, rounds interleaved over the modes, triton d
 dq / dk / dv of every mode are compared bitwise with the default's first.
 
 Usage: python3 benchmarks/bench_bwd_handoff.py [--shapes flux1024_b1,sd35m_cfg] [--rounds 3]
-       [--modes bulk,mbarrier,mbarrier-eager,rendezvous,arrive,none,bulk+nd] [--out DIR]
+       [--modes v5,v5:mbarrier,v5:mbarrier-eager,v5:rendezvous,v5:arrive,v5:none,v6,v6+nd] [--out DIR]
 ("+nd": the op's deterministic=False, unordered dQ atomics; not bitwise equal by design;
-"v6": the v6 kernel, TACA_BWD_SM90_KERNEL=v6, TMA producer and bulk hand-off; the table also
-gives each mode's max difference to the default)
+"v5": the default kernel with its default hand-off, "v5:<hand-off>" v5 with another, "v6": the opt-in
+v6 kernel (TACA_BWD_SM90_KERNEL=v6); the table also gives each mode's max difference to the first)
 Prints a table last; writes JSON to DIR.
 """
 from __future__ import annotations
@@ -29,7 +29,10 @@ from taca import ops, reference  # noqa: E402,F401  (loads taca._C)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_attention_gpu import SHAPES  # noqa: E402
 
-MODES = ["bulk", "mbarrier", "mbarrier-eager", "rendezvous", "arrive", "none"]  # the first is the default
+# "v5" (the default kernel, its default hand-off "bulk"), "v5:<hand-off>" (v5 with TACA_BWD_SM90_HANDOFF;
+# a bare hand-off name means the same), "v6" (TACA_BWD_SM90_KERNEL=v6); the first mode is the reference
+# of the bitwise comparison
+MODES = ["v5", "v5:mbarrier", "v5:mbarrier-eager", "v5:rendezvous", "v5:arrive", "v5:none", "v6"]
 ENV = "TACA_BWD_SM90_HANDOFF"
 
 
@@ -65,7 +68,9 @@ def main() -> int:
             for m in MODES:
                 # "<hand-off>+nd": that hand-off with deterministic=False (unordered dQ atomics)
                 base = m[:-3] if m.endswith("+nd") else m
-                env = {"TACA_BWD_SM90_KERNEL": "v6"} if base == "v6" else {ENV: base}
+                env = {"TACA_BWD_SM90_KERNEL": "v6" if base == "v6" else "v5"}
+                if base not in ("v6", "v5"):  # "v5:<hand-off>" or a bare v5 hand-off name
+                    env[ENV] = base[3:] if base.startswith("v5:") else base
                 det = not m.endswith("+nd")
                 os.environ.update(env)
                 try:

@@ -155,11 +155,26 @@ def test_sm90_handoff_modes(case, mode, monkeypatch):
     barriers (v4c / v4b), "none" = no writer warpgroup, v4a) meet the rule, are deterministic,
     and give the default path's gradients bitwise: the same fp32 adds in the same chain order.
     (Off sm_90 the knob is ignored.)"""
+    monkeypatch.setenv("TACA_BWD_SM90_KERNEL", "v5")  # the hand-offs are v5's (v6 has "bulk" only)
     default = _run_case(case)
     monkeypatch.setenv("TACA_BWD_SM90_HANDOFF", mode)
     got = _run_case(case)
     for name, a, b in zip(("dq", "dk", "dv"), got, default):
         assert torch.equal(a, b), f"{name}: hand-off {mode!r} differs from the default hand-off"
+
+
+@pytest.mark.parametrize("case", HANDOFF_CASES, ids=[_ids(c) for c in HANDOFF_CASES])
+def test_sm90_v6_kernel(case, monkeypatch):
+    """The opt-in v6 Hopper kernel (TACA_BWD_SM90_KERNEL=v6: TMA producer warp, FA3's GEMM order)
+    meets the rule, is deterministic (_run_case checks both, over three runs), and gives the
+    default (v5) kernel's gradients bitwise: the same fp32 operations in the same order. (Off
+    sm_90 the knob is ignored.)"""
+    monkeypatch.setenv("TACA_BWD_SM90_KERNEL", "v5")
+    default = _run_case(case)
+    monkeypatch.setenv("TACA_BWD_SM90_KERNEL", "v6")
+    got = _run_case(case, reps=3)
+    for name, a, b in zip(("dq", "dk", "dv"), got, default):
+        assert torch.equal(a, b), f"{name}: v6 differs from v5"
 
 
 @pytest.mark.parametrize(

@@ -33,9 +33,8 @@ def main() -> int:
     print(f"{len(rows)} instructions, {tot:.0f} samples ({total_col}); reason columns: {len(reason_cols)}")
     by_op = Counter()
     for r in rows:
-        op = r.get("Source", "").strip().split(" ")[0]
-        if op.startswith("@"):
-            op = r["Source"].strip().split(" ")[1]
+        words = r.get("Source", "").split()
+        op = words[1] if words and words[0].startswith("@") and len(words) > 1 else (words[0] if words else "")
         by_op[op.split(".")[0]] += num(r[total_col])
     print("per opcode:", ", ".join(f"{k} {100 * v / tot:.1f}%" for k, v in by_op.most_common(14)))
     for r in sorted(rows, key=lambda r: -num(r[total_col]))[:n]:

@@ -25,8 +25,14 @@
  * buffer, TMA bulk reduce-add per row, late release to the chain's successor). Same math,
  * preprocess, tiles (BM = 64 queries at D = 128, 128 at D = 64), workspace layout, chains and
  * dq conversion as v5, and the same fp32 operations in the same order: v6's gradients equal
- * v5's bitwise (tested). Falls back (TACA_ERR_UNSUPPORTED) where a tensor map
- * cannot be encoded. Selected by TACA_BWD_SM90_KERNEL=v6 (taca_bwd.cu).
+ * v5's bitwise (bench_bwd_handoff.py, FLUX 1024 and SD3.5-M shapes, H200). Falls back
+ * (TACA_ERR_UNSUPPORTED) where a tensor map * cannot be encoded (v5 then runs). Opt-in (TACA_BWD_SM90_KERNEL=v6, taca_bwd.cu), not the default:
+ * faster than v5 at D = 128 (FLUX 1024 b1 bwd 1.684 vs 1.762 ms on an H200) but slower at D = 64
+ * (SD3.5-M 2.165 vs 1.799), and compute-sanitizer racecheck reports hazards between the
+ * producer's bulk copies of lse2 / delta and the MMA threads' loads of the tile two steps earlier
+ * in that ring slot (released by an mbarrier arrive after a proxy fence; not settled).
+ * KERNEL_LOG "Backward v6" has the runs, the profile and what was tried (an 80-row tile, a
+ * rotated chain schedule) and dropped.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -136,7 +142,9 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         mbar_init_fence();
     }
     __syncthreads();  // initialised before any thread arrives or waits
-    if (threadIdx.x >= 256) setmaxnreg_dec<32>();  // the whole warpgroup, before its roles split (2 x 128 x 240 + 128 x 32 = 64K)
+    // The whole warpgroup, before its roles split: it frees 128 x (168 - 24) registers, exactly what
+    // the two MMA warpgroups take to go from 168 to 240 (setmaxnreg.inc waits for freed registers).
+    if (threadIdx.x >= 256) setmaxnreg_dec<24>();
     if (threadIdx.x >= 256 && threadIdx.x < 288) {
         // TMA producer (warp 8, lane 0): query tile it into ring slot it & 1 once both MMA
         // warpgroups released the tile it - 2 held there.
@@ -177,6 +185,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             const int buf = it & 1;
             mbar_wait(mb_full + 8 * buf, (it / NS) & 1);  // tile it staged
             if (releases && it > 0) {
+                // Release tile it - 1 to the chain's successor once its bulk writes completed.
                 bulk_wait_write();
                 bar_sync(BAR_WRITER, C::WRITERS);
                 if (wtid == 0) {
@@ -274,12 +283,14 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         wgmma_wait<1>();
         fence_regs<NT * 4>(s);
 
-        // P^T and dS'^T exactly as v5 (taca_bwd_sm90.cu)
+        // P^T and dS'^T exactly as v5 (taca_bwd_sm90.cu; kept inline in both while the two kernels are
+        // compared: the one that loses is deleted, see KERNEL_LOG "Backward v6")
         const float *lrow = sL + buf * BM;
         const float *drow = sDl + buf * BM;
-        const int ksb = s_span[0], kse = s_span[1];
-        const int qsb = s_span[2], qse = s_span[3];
+        const int ksb = s_span[0], kse = s_span[1];  // key text span [ksb, kse)
+        const int qsb = s_span[2], qse = s_span[3];  // query text span [qsb, qse)
         const bool kt0 = kr0 >= ksb && kr0 < kse, kt1 = kr1 >= ksb && kr1 < kse;
+        // Uniform m over the warpgroup's keys; never with a mask (its term is per element).
         const bool k_uniform =
             !masked && (kw0 + 64 <= ksb || kw0 >= kse || (kw0 >= ksb && kw0 + 64 <= kse));
         const bool k_text = kw0 >= ksb && kw0 < kse;
@@ -311,6 +322,10 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                 }
             }
         } else {
+            // Masked: + log2(e) mask_ij per element (S^T: key row kr, query column qi); -inf
+            // outside N x Nk (padding: P = 0, no out-of-bounds read).
+            // Mask offsets of (b, h, i0 + 2t, kr0) and (.., kr1): element (qi, kr) adds
+            // (qi - i0 - 2t) * mask.q (mask_log2 with that base, i = qi - i0 - 2t, j = 0).
             const int64_t mo0 = b * a.mask.b + (h0 + hh) * a.mask.h +
                                 static_cast<int64_t>(i0 + 2 * t) * a.mask.q + kr0 * a.mask.k;
             const int64_t mo1 = mo0 + 8 * a.mask.k;
@@ -406,6 +421,8 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             fence_regs<DP / 2>(dk);
             fence_regs<BM / 4>(&pa[0][0]);
             fence_regs<BM / 4>(&da[0][0]);
+            fence_proxy_async();
+            __syncwarp();
             if (lane == 0) {
                 mbar_arrive(ds_free);
                 mbar_arrive(q_empty + 8 * buf);
@@ -469,6 +486,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         wgmma_wait<0>();
         fence_regs<DP / 2>(dk);
         fence_regs<BM / 4>(&da[0][0]);  // dS'^T stays untouched until the dK wgmma completed
+        fence_proxy_async();  // this thread's lse2 / delta reads before the producer's next bulk writes
         __syncwarp();
         if (lane == 0) mbar_arrive(q_empty + 8 * buf);  // Q, dO, lse2, delta of tile it read
     }
