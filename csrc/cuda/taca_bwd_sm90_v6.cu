@@ -26,7 +26,8 @@
  * preprocess, tiles (BM = 64 queries at D = 128, 128 at D = 64), workspace layout, chains and
  * dq conversion as v5, and the same fp32 operations in the same order: v6's gradients equal
  * v5's bitwise (bench_bwd_handoff.py, FLUX 1024 and SD3.5-M shapes, H200). Falls back
- * (TACA_ERR_UNSUPPORTED) where a tensor map * cannot be encoded (v5 then runs). Opt-in (TACA_BWD_SM90_KERNEL=v6, taca_bwd.cu), not the default:
+ * (TACA_ERR_UNSUPPORTED) where a tensor map cannot be encoded (v5 then runs).
+ * Opt-in (TACA_BWD_SM90_KERNEL=v6, taca_bwd.cu), not the default:
  * faster than v5 at D = 128 (FLUX 1024 b1 bwd 1.684 vs 1.762 ms on an H200) but slower at D = 64
  * (SD3.5-M 2.165 vs 1.799), and compute-sanitizer racecheck reports hazards between the
  * producer's bulk copies of lse2 / delta and the MMA threads' loads of the tile two steps earlier
