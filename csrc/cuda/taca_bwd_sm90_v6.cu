@@ -76,10 +76,7 @@ struct Cfg {
     static_assert(SMEM <= 232448, "shared memory");
 };
 
-enum { BAR_MMA = 1, BAR_WRITER = 6 };
-__device__ __forceinline__ void bar_sync(int id, int n) {
-    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
-}
+enum { BAR_MMA = 1, BAR_WRITER = 6 };  // named barriers: the 256 MMA threads, the 96 writer threads
 
 /* Kernel parameters: the Q and dO tensor maps (64-byte aligned, in parameter space), which of
  * each map's dimensions 1..3 holds (row, head, batch), and the arguments. */
@@ -188,7 +185,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             if (releases && it > 0) {
                 // Release tile it - 1 to the chain's successor once its bulk writes completed.
                 bulk_wait_write();
-                bar_sync(BAR_WRITER, C::WRITERS);
+                named_bar_sync(BAR_WRITER, C::WRITERS);
                 if (wtid == 0) {
                     __threadfence();
                     atomicExch(sem_row + it - 1, seg_pos + 1);
@@ -199,7 +196,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                     while (taca_bwd::ld_acquire(sem_row + it) < seg_pos) {
                     }
                 }
-                bar_sync(BAR_WRITER, C::WRITERS);
+                named_bar_sync(BAR_WRITER, C::WRITERS);
                 asm volatile("fence.proxy.async.global;\n" ::: "memory");
             }
             const unsigned char *src = stage + buf * C::STAGE_BYTES;
@@ -215,7 +212,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         }
         bulk_wait_write();  // the CTA may not end before its bulk operations did
         if (releases) {
-            bar_sync(BAR_WRITER, C::WRITERS);
+            named_bar_sync(BAR_WRITER, C::WRITERS);
             if (wtid == 0) {
                 __threadfence();
                 atomicExch(sem_row + nqt - 1, seg_pos + 1);
@@ -260,7 +257,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 
     cp_async_wait<0>();
     fence_proxy_async();
-    bar_sync(BAR_MMA, 256);  // K, V (and s_span) visible to both warpgroups and to wgmma
+    named_bar_sync(BAR_MMA, 256);  // K, V (and s_span) visible to both warpgroups and to wgmma
 
     for (int it = 0; it < nqt; ++it) {
         const int buf = it & 1;
@@ -406,7 +403,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             store_block_trans<BM>(sds, da[kk], 64 * wg + 16 * warp, 16 * kk, lane);
         }
         fence_proxy_async();  // the stmatrix writes of dS' -> visible to wgmma after the barrier
-        bar_sync(BAR_MMA, 256);  // dS' complete in shared memory
+        named_bar_sync(BAR_MMA, 256);  // dS' complete in shared memory
 
         fence_regs<DP / 2>(dk);
         if (a.mode == taca_bwd::kSkip) {  // timing diagnostic: no dQ product, no hand-off

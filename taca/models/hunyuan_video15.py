@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..processors import TacaProcessor
 from . import Adapter, attention_modules, register
+from .hunyuanimage import joint_qkv, split_project
 
 
 class TacaHunyuanVideo15AttnProcessor(TacaProcessor):
@@ -51,40 +52,8 @@ class TacaHunyuanVideo15AttnProcessor(TacaProcessor):
     ):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-
-        query = query.unflatten(2, (attn.heads, -1))
-        key = key.unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-
-        if image_rotary_emb is not None:
-            from diffusers.models.embeddings import apply_rotary_emb
-
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        if encoder_hidden_states is not None:
-            encoder_query = attn.add_q_proj(encoder_hidden_states)
-            encoder_key = attn.add_k_proj(encoder_hidden_states)
-            encoder_value = attn.add_v_proj(encoder_hidden_states)
-
-            encoder_query = encoder_query.unflatten(2, (attn.heads, -1))
-            encoder_key = encoder_key.unflatten(2, (attn.heads, -1))
-            encoder_value = encoder_value.unflatten(2, (attn.heads, -1))
-
-            if attn.norm_added_q is not None:
-                encoder_query = attn.norm_added_q(encoder_query)
-            if attn.norm_added_k is not None:
-                encoder_key = attn.norm_added_k(encoder_key)
-
-            query = torch.cat([query, encoder_query], dim=1)
-            key = torch.cat([key, encoder_key], dim=1)
-            value = torch.cat([value, encoder_value], dim=1)
+        # HunyuanVideo15AttnProcessor2_0 prepares q, k, v exactly as HunyuanImage's processor
+        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
 
         batch_size, seq_len, heads, dim = query.shape
         attention_mask = F.pad(attention_mask, (seq_len - attention_mask.shape[1], 0), value=True)
@@ -105,18 +74,7 @@ class TacaHunyuanVideo15AttnProcessor(TacaProcessor):
         hidden_states = hidden_states.to(query.dtype)
 
         if encoder_hidden_states is not None:
-            hidden_states, encoder_hidden_states = (
-                hidden_states[:, : -encoder_hidden_states.shape[1]],
-                hidden_states[:, -encoder_hidden_states.shape[1] :],
-            )
-
-            if getattr(attn, "to_out", None) is not None:
-                hidden_states = attn.to_out[0](hidden_states)
-                hidden_states = attn.to_out[1](hidden_states)
-
-            if getattr(attn, "to_add_out", None) is not None:
-                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-
+            hidden_states, encoder_hidden_states = split_project(attn, hidden_states, encoder_hidden_states.shape[1])
         return hidden_states, encoder_hidden_states
 
 

@@ -25,7 +25,7 @@ from . import Adapter, attention_modules, register
 
 def joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
     """``HunyuanImageAttnProcessor``'s q, k, v (B, N, H, D) as [img, txt], op for op: RoPE on the image
-    tokens only; shared by HunyuanVideo (its processor is the same) and Motif-Video's."""
+    tokens only; shared by HunyuanVideo (its processor is the same), HunyuanVideo 1.5 and Motif-Video."""
     from diffusers.models.embeddings import apply_rotary_emb
 
     if attn.add_q_proj is None and encoder_hidden_states is not None:
@@ -84,6 +84,19 @@ def joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
     return query, key, value
 
 
+def split_project(attn, hidden_states, n_txt):
+    """An [img, txt] attention output (B, N, C) split at its last ``n_txt`` tokens and projected,
+    ``to_out`` on the image part and ``to_add_out`` on the text part where the module has them:
+    ``HunyuanImageAttnProcessor``'s tail op for op; shared by HunyuanVideo 1.5 and Motif-Video."""
+    hidden_states, encoder_hidden_states = hidden_states[:, :-n_txt], hidden_states[:, -n_txt:]
+    if getattr(attn, "to_out", None) is not None:
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+    if getattr(attn, "to_add_out", None) is not None:
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+    return hidden_states, encoder_hidden_states
+
+
 class TacaHunyuanImageAttnProcessor(TacaProcessor):
     """TACA for HunyuanImage's joint attention: ``HunyuanImageAttnProcessor`` op for op; returns
     ``(img, txt)``; gamma from :meth:`call_arg`."""
@@ -114,16 +127,7 @@ class TacaHunyuanImageAttnProcessor(TacaProcessor):
         hidden_states = hidden_states.to(query.dtype)
 
         if encoder_hidden_states is not None:
-            hidden_states, encoder_hidden_states = (
-                hidden_states[:, : -encoder_hidden_states.shape[1]],
-                hidden_states[:, -encoder_hidden_states.shape[1] :],
-            )
-            if getattr(attn, "to_out", None) is not None:
-                hidden_states = attn.to_out[0](hidden_states)
-                hidden_states = attn.to_out[1](hidden_states)
-            if getattr(attn, "to_add_out", None) is not None:
-                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-
+            hidden_states, encoder_hidden_states = split_project(attn, hidden_states, encoder_hidden_states.shape[1])
         return hidden_states, encoder_hidden_states
 
 

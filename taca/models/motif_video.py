@@ -32,7 +32,7 @@ import torch
 
 from ..processors import TacaProcessor
 from . import Adapter, attention_modules, register
-from .hunyuanimage import joint_qkv
+from .hunyuanimage import joint_qkv, split_project
 
 
 class TacaMotifVideoAttnProcessor(TacaProcessor):
@@ -69,19 +69,7 @@ class TacaMotifVideoAttnProcessor(TacaProcessor):
         hidden_states = hidden_states.to(query.dtype)
 
         if encoder_hidden_states is not None:
-            hidden_states, encoder_hidden_states = (
-                hidden_states[:, : -encoder_hidden_states.shape[1]],
-                hidden_states[:, -encoder_hidden_states.shape[1] :],
-            )
-
-            if attn.to_out is not None:
-                hidden_states = attn.to_out[0](hidden_states)
-                hidden_states = attn.to_out[1](hidden_states)
-
-            if attn.to_add_out is not None:
-                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-
-            return hidden_states, encoder_hidden_states
+            return split_project(attn, hidden_states, encoder_hidden_states.shape[1])
 
         if attn.to_out is not None:
             hidden_states = attn.to_out[0](hidden_states)
