@@ -5,7 +5,8 @@
 # fwd+bwd against cuDNN with v6, and optionally (STEPS with "prof" / "wgmma") Nsight Compute on one FLUX-1024 backward main
 # kernel (full set + per-SASS-instruction stall samples in $OUT) and wgmma_check.
 #   run(command="bash benchmarks/gpu_bwd_v6_run.sh", carry=[".whl"], timeout_s=600)
-# Env: STEPS (default "build test sanitize bench attn"), MODES (bench modes), PROF ("v6").
+# Env: STEPS (default "build test sanitize bench attn"; also "prof", "wgmma", "sass"), MODES (bench modes),
+# PROF ("v6"), SAN_EXTRA (more sanitizer tools).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STEPS=${STEPS:-"build test sanitize bench attn"}
@@ -18,6 +19,11 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TACA_CUDA_LIB=$P
 # smoke first: a hang or a crash of v6 must not eat the call's time
 if TACA_BWD_SM90_KERNEL=v6 timeout 60 python3 benchmarks/bwd_profile_once.py; then echo "smoke v6 ok"
 else echo "smoke v6 FAILED"; STEPS=""; fi
+if has sass; then  # where ptxas spills in v6 (STL / LDL with the surrounding SASS)
+  nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -DTACA_HAVE_SM90A=1 -Icsrc -Icsrc/cuda -cubin \
+    csrc/cuda/taca_bwd_sm90_v6.cu -o /tmp/v6.cubin && cuobjdump -sass /tmp/v6.cubin > /tmp/v6.sass \
+    && python3 tools/sass_spills.py /tmp/v6.sass > "$OUT/v6_spills.txt" && head -12 "$OUT/v6_spills.txt"
+fi
 if has wgmma; then
   nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -Icsrc -Icsrc/cuda tests/cuda_harness/wgmma_check.cu \
     -o /tmp/wgmma_check 2>&1 | tail -3 && /tmp/wgmma_check | tail -2
@@ -29,16 +35,16 @@ if has test; then
 fi
 if has sanitize; then
   t0=$SECONDS
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck $SAN_EXTRA; do
     TACA_BWD_SM90_KERNEL=v6 timeout 150 compute-sanitizer --tool $tool --kernel-name kns=taca_bwd python3 tests/cuda_harness/sanitize_fwd.py > /tmp/san_v6_$tool.txt 2>&1
     echo "v6 $tool rc=$?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|calls done' /tmp/san_v6_$tool.txt | tr '\n' ' ') ($((SECONDS - t0)) s)"
-    grep -B2 -A8 -m3 -E "^========= (Invalid|Race|Error)" /tmp/san_v6_$tool.txt | head -40
+    grep -B2 -A3 -m2 -E "^========= (Invalid|Race|Error)" /tmp/san_v6_$tool.txt | head -14
   done
   # is the v6 racecheck report about its lse2 / delta ring a tool limitation? the pattern alone:
   mkdir -p build && nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -Icsrc -Icsrc/cuda \
     tests/cuda_harness/bulkring_racecheck.cu -o build/bulkring_racecheck \
-    && compute-sanitizer --tool racecheck build/bulkring_racecheck > /tmp/san_bulkring.txt 2>&1
-  echo "racecheck on the bulk-ring probe: $(grep -E 'RACECHECK SUMMARY|mismatches' /tmp/san_bulkring.txt | tr '\n' ' ')"
+    && for m in lane0 all; do compute-sanitizer --tool racecheck build/bulkring_racecheck $m > /tmp/san_bulkring.txt 2>&1
+  echo "racecheck on the bulk-ring probe: $(grep -E 'RACECHECK SUMMARY|mismatches' /tmp/san_bulkring.txt | tr '\n' ' ')"; done
 fi
 if has bench; then
   timeout 200 python3 benchmarks/bench_bwd_handoff.py --rounds 3 --modes "$MODES" --out "$OUT" 2>&1 | tail -5 > /tmp/bench.txt

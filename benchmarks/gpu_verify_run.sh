@@ -1,13 +1,27 @@
 #!/usr/bin/env bash
 # Run: run(command="bash benchmarks/gpu_verify_run.sh", carry=[".whl"]); files under $OUT.
-# lean verification of the bulk default: build, CUDA tests, memcheck, bwd per hand-off, fwd+bwd vs cuDNN
+# Lean verification of the default kernels: build, CUDA tests, memcheck + racecheck (and the racecheck
+# probes), the Hopper backward per kernel (v5 / v6, deterministic or not), fwd+bwd against cuDNN.
+# Env: QUICK=1 (short timing windows, three shapes) or the full table of every PERFORMANCE.md shape.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 {
 STEPS=build OUT=/tmp/hw bash benchmarks/gpu_features_run.sh 2>&1 | grep -E "rc=|has_cuda"
 export TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 timeout 200 python3 -m pytest -q tests/test_cuda_bwd.py tests/test_cuda_features.py tests/test_cuda.py > "$OUT/pytest.txt" 2>&1; tail -1 "$OUT/pytest.txt"
-timeout 150 compute-sanitizer --tool memcheck --kernel-name kns=taca_ python3 tests/cuda_harness/sanitize_fwd.py > "$OUT/memcheck.txt" 2>&1; grep -E "ERROR SUMMARY|calls done" "$OUT/memcheck.txt" | tr '\n' ' '; echo
+grep -E "^(FAILED|ERROR)" "$OUT/pytest.txt" | head -8
+for tool in memcheck racecheck; do
+  timeout 150 compute-sanitizer --tool $tool --kernel-name kns=taca_ python3 tests/cuda_harness/sanitize_fwd.py > "$OUT/$tool.txt" 2>&1
+  echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|calls done' "$OUT/$tool.txt" | tr '\n' ' ')"
+done
+mkdir -p build && nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -Icsrc -Icsrc/cuda \
+  tests/cuda_harness/bulkring_racecheck.cu -o build/bulkring_racecheck \
+  && for m in lane0 all; do compute-sanitizer --tool racecheck build/bulkring_racecheck $m 2>&1 \
+    | grep -E "RACECHECK SUMMARY|mismatches" | tr '\n' ' '; echo; done
 python3 benchmarks/bench_bwd_handoff.py --rounds 3 --modes "v5,v6,v5+nd,v6+nd" --out "$OUT" 2>&1 | tail -4
-python3 benchmarks/bench_attention_gpu.py --quick --shapes flux1024_b1,sd35m_cfg,flux1024_b2 --methods "taca|split" --out "$OUT" --tag final 2>&1 | grep "^|" | grep -v "plain_eff"
+if [ "${QUICK:-0}" = 1 ]; then
+  python3 benchmarks/bench_attention_gpu.py --quick --shapes flux1024_b1,sd35m_cfg,flux1024_b2 --methods "taca|split" --out "$OUT" --tag verify 2>&1 | grep "^|" | grep -v "plain_eff"
+else
+  python3 benchmarks/bench_attention_gpu.py --methods "taca|split" --out "$OUT" --tag verify 2>&1 | grep -v "^$" > "$OUT/bench.txt"; grep "^|" "$OUT/bench.txt" | grep -v plain_eff
+fi
 } 2>&1 | tee "$OUT/log.txt"

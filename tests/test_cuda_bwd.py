@@ -165,10 +165,10 @@ def test_sm90_handoff_modes(case, mode, monkeypatch):
 
 @pytest.mark.parametrize("case", HANDOFF_CASES, ids=[_ids(c) for c in HANDOFF_CASES])
 def test_sm90_v6_kernel(case, monkeypatch):
-    """The opt-in v6 Hopper kernel (TACA_BWD_SM90_KERNEL=v6: TMA producer warp, FA3's GEMM order)
-    meets the rule, is deterministic (_run_case checks both, over three runs), and gives the
-    default (v5) kernel's gradients bitwise: the same fp32 operations in the same order. (Off
-    sm_90 the knob is ignored.)"""
+    """The v6 Hopper kernel (TACA_BWD_SM90_KERNEL=v6 forces it; the default at D = 72..128: producer
+    warp, FA3's GEMM order, two writer warps) meets the rule, is deterministic (_run_case checks
+    both, over three runs), and gives the v5 kernel's gradients bitwise: the same fp32 operations
+    in the same order. (Off sm_90 the knob is ignored.)"""
     monkeypatch.setenv("TACA_BWD_SM90_KERNEL", "v5")
     default = _run_case(case)
     monkeypatch.setenv("TACA_BWD_SM90_KERNEL", "v6")

@@ -59,9 +59,10 @@
  *   5.66 ms; v2 early poll + red + delayed release 3.62 ms; see KERNEL_LOG.md.
  *
  * Hopper: on an sm_90 device, in an sm_90a build, aligned D = 64 / 72..128 inputs take a wgmma
- * main kernel instead of bwd_main (same preprocess, workspace, chains and dq_convert): v5
- * (taca_bwd_sm90.cu) or, opt-in with TACA_BWD_SM90_KERNEL=v6, v6 (taca_bwd_sm90_v6.cu: TMA
- * producer, FA3's GEMM order); TACA_BWD_SM90=0 in the environment forces bwd_main (tests, timing).
+ * main kernel instead of bwd_main (same preprocess, workspace, chains and dq_convert): v6
+ * (taca_bwd_sm90_v6.cu: producer warp, FA3's GEMM order, two writer warps) at D = 72..128, v5
+ * (taca_bwd_sm90.cu) at D = 64 where v6 is slower; TACA_BWD_SM90_KERNEL=v5 / v6 forces one, and
+ * TACA_BWD_SM90=0 in the environment forces bwd_main (tests, timing).
  * Configurations (taca_bwd_kernel.cuh, config_for): D <= 64 -> DP 64, query tile 128;
  * D <= 128 -> DP 128, query tile 64; D <= 256 -> DP 256 in two CTAs of 128 columns each
  * (each recomputes S and dP, owns half of dK, dV, dQ), query tile 32. Other D are zero-padded
@@ -241,13 +242,15 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
     const size_t sem_bytes = L.off_acc - L.off_sem;
     TACA_CUDA_TRY(cudaMemsetAsync(a.sem, 0, sem_bytes, stream), "taca_bwd_cuda memset");
     // Hopper path (taca_bwd_sm90*.cu) for aligned D = 64 / 72..128 on sm_90 when built for
-    // sm_90a: v5 (taca_bwd_sm90.cu) or, with TACA_BWD_SM90_KERNEL=v6, v6 (taca_bwd_sm90_v6.cu,
-    // opt-in: see its header). TACA_BWD_SM90=0 forces the mma.sync kernel. Both are test / timing
-    // switches, read at every call.
+    // sm_90a (see the header above). TACA_BWD_SM90=0 forces the mma.sync kernel. Both are test /
+    // timing switches, read at every call.
     const char *sm90_env = getenv("TACA_BWD_SM90");
     if (!(sm90_env && !strcmp(sm90_env, "0"))) {
+        // v6 at D = 72..128 (faster there: KERNEL_LOG "Backward v6"), v5 at D = 64 (v6 is slower
+        // there); TACA_BWD_SM90_KERNEL=v5 / v6 forces one kernel at every D
         const char *kern = getenv("TACA_BWD_SM90_KERNEL");
-        if (kern && !strcmp(kern, "v6")) {
+        const bool v6 = kern ? !strcmp(kern, "v6") : a.D > 64;
+        if (v6) {
             const int st6 = taca_bwd_sm90_v6(a, stream, bf16);
             if (st6 != TACA_ERR_UNSUPPORTED) return st6;
         }

@@ -65,6 +65,12 @@ __device__ __forceinline__ int ld_acquire(const int *p) {
     return v;
 }
 
+/* *p = v with release semantics at gpu scope (a chain link hands a dQ tile to its successor, which
+ * polls with ld_acquire): lighter than __threadfence() (fence.sc) + atomicExch. */
+__device__ __forceinline__ void st_release(int *p, int v) {
+    asm volatile("st.release.gpu.global.s32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
 /* p[0] += a, p[1] += b as one fire-and-forget reduction (sm_90: one vector op). */
 __device__ __forceinline__ void red_add2(float *p, float a, float b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -1,39 +1,45 @@
 /*
  * taca_bwd_sm90_v6.cu: Hopper (sm_90a) backward main kernel, v6: the v5 kernel of
  * taca_bwd_sm90.cu (its header explains the math, the chains and the bulk dQ hand-off) with
- *   1. a TMA producer: warp 8 (lane 0) loads each query tile's Q and dO (tensor maps, 128B
- *      swizzle by the copy engine, rows >= N and columns >= D zero-filled) and its lse2 / delta
- *      rows (bulk copies) into a two-deep ring gated by mbarriers: full (bytes landed) and
- *      empty (lane 0 of each of the 8 MMA warps after its warpgroup's last read of the tile).
- *      In v5 every MMA thread issued cp.async for the next tile (with its index math) and the
- *      two MMA warpgroups met at a CTA barrier at the top of every tile: an ncu profile of v5 on
- *      FLUX 1024 (KERNEL_LOG, "Backward v6") put 10% of the MMA warps' samples in that load
- *      issue and 6% in the wait + fence + barrier. Here a warpgroup waits on the full barrier
- *      only; the dS' tile is reused once the other warpgroup's dQ product of the previous tile
- *      completed (mbarrier ds_free, lane 0 of each MMA warp), so the one CTA barrier left per
- *      tile is the one that publishes dS'.
+ *   1. a producer warp (8): lane 0 loads each query tile's Q and dO by TMA (tensor maps, 128B
+ *      swizzle by the copy engine, rows >= N and columns >= D zero-filled), the warp copies its
+ *      lse2 / delta rows with ordinary loads and stores, into a two-deep ring gated by mbarriers:
+ *      full (lse2 / delta stored, then the TMA bytes landed) and empty (every MMA thread after its
+ *      warpgroup's last read of the tile). In v5 every MMA thread issued cp.async for the next
+ *      tile (with its index math) and the two MMA warpgroups met at a CTA barrier at the top of
+ *      every tile: an ncu profile of v5 on FLUX 1024 (KERNEL_LOG, "Backward v6") put 10% of the
+ *      MMA warps' samples in that load issue and 6% in the wait + fence + barrier. Here a
+ *      warpgroup waits on the full barrier only; the dS' tile is reused once the other
+ *      warpgroup's dQ product of the previous tile completed (mbarrier ds_free), so the one CTA
+ *      barrier left per tile is the one that publishes dS'.
  *   2. FlashAttention-3's GEMM order per query tile: dV = P^T dO is issued before the dS'
  *      barrier, dQ right after it and dK = dS'^T Q last, so the dQ part is staged for the writer
  *      while the tensor cores still run dK (v5 waited for all three, then staged).
  *   3. dQ staging rows padded by 32 B for the float2 stores (v5's 16 B gave 5.3-way bank
  *      conflicts on 38% of the shared-store wavefronts in that profile).
+ *   4. Two dQ writer warps (9, 10), one per staging buffer, taking alternate query tiles: each
+ *      polls the chain predecessor's release of its tile before the tile is staged, adds it with
+ *      TMA bulk reduce-adds (one per row), frees the buffer once read and releases the tile to the
+ *      successor as soon as its writes completed (st.release.gpu). v5's writer warpgroup released
+ *      tile it - 1 only after tile it was staged (a chain link lagged a whole tile) and met at a
+ *      named barrier plus __threadfence per tile: 1.665 -> 1.614 ms on FLUX 1024 b1 (H200).
+ * The ring's empty barrier takes an arrival from every MMA thread rather than lane 0 of each warp
+ * after __syncwarp: compute-sanitizer racecheck does not model __syncwarp and reported the other
+ * lanes' reads against the next tile's writes (tests/cuda_harness/bulkring_racecheck.cu shows
+ * that alone: 1 hazard with lane-0 arrivals, 0 with every thread arriving; v6 now 0 hazards).
  *   A query tile of 80 rows at D = 128 (FA3's; dQ made transposed as dQ^T = K^T dS'^T with
  *   wgmma_ss TA = 1, one staging buffer for lack of shared memory) was measured slower than 64
  *   before the TMA producer (1.969 vs 1.724 ms, FLUX 1024 b1) and then needed more registers
  *   than 240 (ptxas serialized its wgmmas): dropped, see KERNEL_LOG "Backward v6".
- * The writer warps 9..11 (96 threads) do v5's bulk hand-off (full / empty mbarriers per staging
- * buffer, TMA bulk reduce-add per row, late release to the chain's successor). Same math,
- * preprocess, tiles (BM = 64 queries at D = 128, 128 at D = 64), workspace layout, chains and
- * dq conversion as v5, and the same fp32 operations in the same order: v6's gradients equal
- * v5's bitwise (bench_bwd_handoff.py, FLUX 1024 and SD3.5-M shapes, H200). Falls back
- * (TACA_ERR_UNSUPPORTED) where a tensor map cannot be encoded (v5 then runs).
- * Opt-in (TACA_BWD_SM90_KERNEL=v6, taca_bwd.cu), not the default:
- * faster than v5 at D = 128 (FLUX 1024 b1 bwd 1.684 vs 1.762 ms on an H200) but slower at D = 64
- * (SD3.5-M 2.165 vs 1.799), and compute-sanitizer racecheck reports hazards between the
- * producer's bulk copies of lse2 / delta and the MMA threads' loads of the tile two steps earlier
- * in that ring slot (released by an mbarrier arrive after a proxy fence; not settled).
- * KERNEL_LOG "Backward v6" has the runs, the profile and what was tried (an 80-row tile, a
- * rotated chain schedule) and dropped.
+ * Same math, preprocess, tiles (BM = 64 queries at D = 128, 128 at D = 64), workspace layout,
+ * chains and dq conversion as v5, and the same fp32 operations in the same order: v6's gradients
+ * equal v5's bitwise (bench_bwd_handoff.py, FLUX 1024 and SD3.5-M shapes, H200; tests). Falls
+ * back (TACA_ERR_UNSUPPORTED) where a tensor map cannot be encoded (v5 then runs).
+ * The default at D = 72..128 (taca_bwd.cu): FLUX 1024 b1 bwd 1.607 vs v5's 1.782 ms on an H200.
+ * At D = 64 v5 stays the default: v6 is slower there (SD3.5-M 2.044 vs 1.810 ms), not profiled
+ * yet. KERNEL_LOG "Backward v6" has the runs, the profile and what was tried and dropped (an
+ * 80-row tile, a rotated chain schedule; issuing the next tile's S before dK's wait made ptxas
+ * serialize the wgmmas, C7515, so it has no clean measurement).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -60,23 +66,23 @@ struct Cfg {
     static constexpr int DP = DP_;
     static constexpr int BM = BM_;                  // queries per tile
     static constexpr int BN = 128;                  // keys per CTA
-    static constexpr int THREADS = 384;             // 2 MMA warpgroups + the dQ writer
-    static constexpr int NSTAGE = 2;                // dQ staging buffers
-    static constexpr int WRITERS = 96;              // warps 9..11; warp 8 is the TMA producer
+    static constexpr int THREADS = 384;             // 2 MMA warpgroups, the producer warp, 2 writer warps, 1 idle
+    static constexpr int NSTAGE = 2;                // dQ staging buffers (one per writer warp)
     static constexpr uint32_t KV_BYTES = BN * DP * 2;
     static constexpr uint32_t QT_BYTES = BM * DP * 2;  // one Q or one dO buffer
     static constexpr uint32_t DS_BYTES = BM * BN * 2;
     static constexpr uint32_t SROW = DP * 4 + 32;  // dQ staging row (fp32), padded for float2 stores
     static constexpr uint32_t STAGE_BYTES = BM * SROW;
-    static constexpr uint32_t TILE_TX = 2 * QT_BYTES + 2 * BM * 4;  // Q, dO, lse2, delta of a tile
+    static constexpr uint32_t TILE_TX = 2 * QT_BYTES;  // TMA bytes of a tile: Q and dO
     static constexpr int NBAR = 2 * NSTAGE + 5;  // stage full/empty, q_full[2], q_empty[2], ds_free
     static constexpr size_t SMEM = 2 * KV_BYTES + 4 * QT_BYTES + DS_BYTES + 4 * BM * sizeof(float) +
                                    NSTAGE * STAGE_BYTES + NBAR * sizeof(uint64_t) + 1024;
     static_assert((DP == 64 && BM == 128) || (DP == 128 && BM == 64), "tile");
     static_assert(SMEM <= 232448, "shared memory");
+    static_assert(NSTAGE == 2, "one staging buffer per writer warp (warps 9, 10)");
 };
 
-enum { BAR_MMA = 1, BAR_WRITER = 6 };  // named barriers: the 256 MMA threads, the 96 writer threads
+enum { BAR_MMA = 1 };  // named barrier of the 256 MMA threads
 
 /* Kernel parameters: the Q and dO tensor maps (64-byte aligned, in parameter space), which of
  * each map's dimensions 1..3 holds (row, head, batch), and the arguments. */
@@ -130,11 +136,14 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #pragma unroll
         for (int s = 0; s < NS; ++s) {
             mbar_init(mb_full + 8 * s, 256);  // every MMA thread arrives once per staged tile
-            mbar_init(mb_empty + 8 * s, C::WRITERS);  // every writer thread once per tile read
+            mbar_init(mb_empty + 8 * s, 32);  // every lane of the buffer's writer warp once per tile read
         }
         for (int s = 0; s < 2; ++s) {
-            mbar_init(q_full + 8 * s, 1);   // the producer's arrive.expect_tx, then the bytes
-            mbar_init(q_empty + 8 * s, 8);  // lane 0 of each MMA warp
+            // the producer's arrive after its warp stored lse2 / delta, its arrive.expect_tx, the bytes
+            mbar_init(q_full + 8 * s, 2);
+            // every MMA thread (lane 0 of each warp after __syncwarp would do, but compute-sanitizer
+            // racecheck does not model __syncwarp: it then reports the other lanes' reads)
+            mbar_init(q_empty + 8 * s, 256);
         }
         mbar_init(ds_free, 8);
         mbar_init_fence();
@@ -144,14 +153,30 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     // the two MMA warpgroups take to go from 168 to 240 (setmaxnreg.inc waits for freed registers).
     if (threadIdx.x >= 256) setmaxnreg_dec<24>();
     if (threadIdx.x >= 256 && threadIdx.x < 288) {
-        // TMA producer (warp 8, lane 0): query tile it into ring slot it & 1 once both MMA
-        // warpgroups released the tile it - 2 held there.
-        if (threadIdx.x != 256) return;
-        tma_prefetch_desc(&p.tq);
-        tma_prefetch_desc(&p.tdo);
+        // Producer (warp 8): query tile it into ring slot it & 1 once both MMA warpgroups released
+        // the tile it - 2 held there: lse2 / delta by the warp's ordinary loads and stores, then
+        // lane 0 arrives and loads Q and dO by TMA.
+        const int pl = threadIdx.x - 256;
+        if (pl == 0) {
+            tma_prefetch_desc(&p.tq);
+            tma_prefetch_desc(&p.tdo);
+        }
         for (int it = 0; it < nqt; ++it) {
             const int buf = it & 1;
             if (it >= 2) mbar_wait(q_empty + 8 * buf, ((it >> 1) - 1) & 1);
+            // lanes 0..15 lse2, 16..31 delta, 16 bytes each (BM / 64 per lane)
+            const float4 *src = reinterpret_cast<const float4 *>((pl < 16 ? lse2b : deltab) + it * BM);
+            const uint32_t dst = smem_u32((pl < 16 ? sL : sDl) + buf * BM);
+#pragma unroll
+            for (int c = pl & 15; c < BM / 4; c += 16) {
+                const float4 x = src[c];
+                asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst + 16 * c), "f"(x.x), "f"(x.y),
+                             "f"(x.z), "f"(x.w)
+                             : "memory");
+            }
+            __syncwarp();
+            if (pl != 0) continue;
+            mbar_arrive(q_full + 8 * buf);  // lse2 / delta stored (__syncwarp: the other lanes' too)
             mbar_arrive_expect_tx(q_full + 8 * buf, C::TILE_TX);
             const int hh = it / nq;
             const int i0 = (it - hh * nq) * BM, h = h0 + hh;
@@ -164,60 +189,48 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                             ws_coord(p.pos_do, 1, i0, h, b), ws_coord(p.pos_do, 2, i0, h, b),
                             ws_coord(p.pos_do, 3, i0, h, b));
             }
-            bulk_load(smem_u32(sL + buf * BM), lse2b + it * BM, BM * 4, q_full + 8 * buf);
-            bulk_load(smem_u32(sDl + buf * BM), deltab + it * BM, BM * 4, q_full + 8 * buf);
         }
         return;
     }
     if (threadIdx.x >= 288) {
-        // dQ writer (warps 9..11, v5's bulk hand-off): tile it's part, staged in buffer it % NS,
-        // goes to the chain's float32 buffer in chain order (wait for the predecessor, TMA bulk
-        // add per row or the chain head's bulk store, release tile it - 1 after the bulk writes
-        // completed).
-        if (nk == 1 || a.mode == taca_bwd::kSkip) return;
-        const int wtid = threadIdx.x - 288;
+        // dQ writer, two warps: warp 9 + w takes the tiles it = w, w + 2, .. (staging buffer w).
+        // For tile it: poll the chain predecessor's release of it (while the MMA warps still
+        // compute it), wait until it is staged, add it (or store it: the chain's head) with one
+        // TMA bulk operation per row (BM / 32 per lane), free the staging buffer once read, then
+        // wait for the writes and release tile it to the successor at once (st.release; __syncwarp
+        // orders every lane's completed writes before it). A warp blocks on its writes' completion
+        // while the other warp takes the next tile.
+        if (nk == 1 || a.mode == taca_bwd::kSkip || threadIdx.x >= 352) return;
+        const int w = (threadIdx.x - 288) >> 5, wl = threadIdx.x & 31;
         const bool first = ordered ? seg_pos == 0 : a.mode == taca_bwd::kRacy;
         float *accb = ordered ? acc_base : a.dq_acc + bh * a.Np * DP;
         const bool releases = ordered && seg_pos < seg_len - 1;
-        for (int it = 0; it < nqt; ++it) {
-            const int buf = it & 1;
-            mbar_wait(mb_full + 8 * buf, (it / NS) & 1);  // tile it staged
-            if (releases && it > 0) {
-                // Release tile it - 1 to the chain's successor once its bulk writes completed.
-                bulk_wait_write();
-                named_bar_sync(BAR_WRITER, C::WRITERS);
-                if (wtid == 0) {
-                    __threadfence();
-                    atomicExch(sem_row + it - 1, seg_pos + 1);
-                }
-            }
+        const uint32_t src = smem_u32(stage + w * C::STAGE_BYTES);
+        for (int it = w; it < nqt; it += NS) {
             if (ordered && seg_pos > 0) {
-                if (wtid == 0) {
+                if (wl == 0) {
                     while (taca_bwd::ld_acquire(sem_row + it) < seg_pos) {
                     }
                 }
-                named_bar_sync(BAR_WRITER, C::WRITERS);
+                __syncwarp();
                 asm volatile("fence.proxy.async.global;\n" ::: "memory");
             }
-            const unsigned char *src = stage + buf * C::STAGE_BYTES;
+            mbar_wait(mb_full + 8 * w, (it / NS) & 1);  // tile it staged
             float *dst = accb + static_cast<int64_t>(it) * BM * DP;
-            for (int r = wtid; r < BM; r += C::WRITERS) {  // one row (DP fp32) per bulk operation
-                const uint32_t srow = smem_u32(src + r * C::SROW);
-                if (first) bulk_store(dst + r * DP, srow, DP * 4);
-                else bulk_add_f32(dst + r * DP, srow, DP * 4);
+            for (int r = wl; r < BM; r += 32) {  // (not unrolled: fewer registers in this 24-register warp)
+                if (first) bulk_store(dst + r * DP, src + r * C::SROW, DP * 4);
+                else bulk_add_f32(dst + r * DP, src + r * C::SROW, DP * 4);
             }
             bulk_commit();
             bulk_wait_read();
-            mbar_arrive(mb_empty + 8 * buf);  // staging buffer free again
-        }
-        bulk_wait_write();  // the CTA may not end before its bulk operations did
-        if (releases) {
-            named_bar_sync(BAR_WRITER, C::WRITERS);
-            if (wtid == 0) {
-                __threadfence();
-                atomicExch(sem_row + nqt - 1, seg_pos + 1);
+            mbar_arrive(mb_empty + 8 * w);  // staging buffer free again
+            if (releases) {
+                bulk_wait_write();  // this lane's rows of tile it added (+ proxy fence)
+                __syncwarp();
+                if (wl == 0) taca_bwd::st_release(sem_row + it, seg_pos + 1);
             }
         }
+        bulk_wait_write();  // the CTA may not end before its bulk operations did
         return;
     }
     setmaxnreg_inc<240>();
@@ -421,10 +434,8 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             fence_regs<BM / 4>(&da[0][0]);
             fence_proxy_async();
             __syncwarp();
-            if (lane == 0) {
-                mbar_arrive(ds_free);
-                mbar_arrive(q_empty + 8 * buf);
-            }
+            if (lane == 0) mbar_arrive(ds_free);
+            mbar_arrive(q_empty + 8 * buf);
             continue;
         }
         // dQ part (group 2) over the 128 keys, then dK += dS'^T Q (group 3). D = 128: warpgroup
@@ -484,9 +495,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         wgmma_wait<0>();
         fence_regs<DP / 2>(dk);
         fence_regs<BM / 4>(&da[0][0]);  // dS'^T stays untouched until the dK wgmma completed
-        fence_proxy_async();  // this thread's lse2 / delta reads before the producer's next bulk writes
-        __syncwarp();
-        if (lane == 0) mbar_arrive(q_empty + 8 * buf);  // Q, dO, lse2, delta of tile it read
+        mbar_arrive(q_empty + 8 * buf);  // Q, dO, lse2, delta of tile it read
     }
     // dK = scale * dK', dV (summed over the group) of key/value head hk: rows kr0, kr1.
     T *dkb = static_cast<T *>(a.dk) + b * a.dks_b + hk * a.dks_h;

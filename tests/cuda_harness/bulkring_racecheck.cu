@@ -14,7 +14,8 @@
  *   threads 0..255 (the readers) wait on full[s], read the slot with ordinary loads and check the
  *   values, fence, and lane 0 of each warp arrives on empty[s] (count 8).
  * Any value mismatch is counted (a real race would show up as mismatches over many tiles).
- * Run: compute-sanitizer --tool racecheck build/bulkring_racecheck
+ * Run: compute-sanitizer --tool racecheck build/bulkring_racecheck [all]
+ *   ("all": every reader thread arrives, count 256, instead of lane 0 of each warp after __syncwarp)
  *   hazards reported here = racecheck does not model this ordering (then v6's report says nothing
  *   about v6); 0 hazards = it does (then v6's hazards deserve a real look). Not yet run on a GPU
  *   (written after the session's device time was spent).
@@ -32,7 +33,7 @@ using namespace taca_sm90;
 constexpr int kTiles = 64;
 constexpr int kRow = 128;  // floats per tile (BM = 128 lse2 values), 512 bytes
 
-__global__ void __launch_bounds__(384, 1) ring(const float *src, int *mismatches) {
+__global__ void __launch_bounds__(384, 1) ring(const float *src, int *mismatches, int all_arrive) {
 #if TACA_SM90A
     __shared__ __align__(128) float slot[2][kRow];
     __shared__ __align__(8) uint64_t bars[4];  // full[2], empty[2]
@@ -41,7 +42,7 @@ __global__ void __launch_bounds__(384, 1) ring(const float *src, int *mismatches
     if (tid == 0) {
         for (int s = 0; s < 2; ++s) {
             mbar_init(full + 8 * s, 1);
-            mbar_init(empty + 8 * s, 8);
+            mbar_init(empty + 8 * s, all_arrive ? 256 : 8);
         }
         mbar_init_fence();
     }
@@ -63,16 +64,21 @@ __global__ void __launch_bounds__(384, 1) ring(const float *src, int *mismatches
         mbar_wait(full + 8 * s, (t >> 1) & 1);
         for (int i = tid & 31; i < kRow; i += 32) bad += slot[s][i] != (float)(t * kRow + i);
         fence_proxy_async();
-        __syncwarp();
-        if ((tid & 31) == 0) mbar_arrive(empty + 8 * s);
+        if (all_arrive) {
+            mbar_arrive(empty + 8 * s);
+        } else {
+            __syncwarp();
+            if ((tid & 31) == 0) mbar_arrive(empty + 8 * s);
+        }
     }
     if (bad) atomicAdd(mismatches, bad);
 #else
-    (void)src; (void)mismatches;
+    (void)src; (void)mismatches; (void)all_arrive;
 #endif
 }
 
-int main() {
+int main(int argc, char **argv) {
+    const int all_arrive = argc > 1 && argv[1][0] == 'a';  // "all": every reader arrives (count 256)
     float *src = nullptr;
     int *bad = nullptr;
     float host[kTiles * kRow];
@@ -83,11 +89,12 @@ int main() {
     }
     cudaMemcpy(src, host, sizeof(host), cudaMemcpyHostToDevice);
     cudaMemset(bad, 0, sizeof(int));
-    ring<<<4, 384>>>(src, bad);
+    ring<<<4, 384>>>(src, bad, all_arrive);
     const cudaError_t e = cudaDeviceSynchronize();
     int h = -1;
     cudaMemcpy(&h, bad, sizeof(int), cudaMemcpyDeviceToHost);
-    printf("bulkring_racecheck: %s, mismatches %d\n", cudaGetErrorString(e), h);
+    printf("bulkring_racecheck (%s): %s, mismatches %d\n", all_arrive ? "every reader arrives" : "lane 0 arrives after __syncwarp",
+           cudaGetErrorString(e), h);
     cudaFree(src);
     cudaFree(bad);
     return e == cudaSuccess && h == 0 ? 0 : 1;
