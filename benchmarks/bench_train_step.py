@@ -16,7 +16,9 @@ warm-up step):
 - stock: diffusers' stock processors; PyTorch SDPA with cuDNN disabled (its backward crashed in a
   FLUX-sized step on this machine), so flash attention runs, as in ``taca train --no-taca``;
 - taca: ``taca.enable`` with taca's CUDA kernels (the default of ``taca train``);
-- taca-sdpa: ``taca.enable(backend="sdpa")``, the exact two-call split form, for reference.
+- taca-sdpa: ``taca.enable(backend="sdpa")``, the exact two-call split form, for reference;
+- taca-v5: taca with TACA_BWD_SM90_KERNEL=v5 (the Hopper backward before v6 became the default at
+  D = 72..128), to measure that change end to end.
 
     python benchmarks/bench_train_step.py --out benchmarks/results            # GPU, real sizes
     python benchmarks/bench_train_step.py --tiny --out /tmp/bench              # CPU smoke test
@@ -147,7 +149,9 @@ def main(argv=None):
                 for m in times:
                     if m != "stock":
                         taca.enable(model, gamma=1.2, schedule=PaperSchedule(1.2, 0.97),
-                                    backend="auto" if m == "taca" else "sdpa")
+                                    backend="sdpa" if m == "taca-sdpa" else "auto")
+                    if m == "taca-v5":  # the previous Hopper backward kernel (read at every call)
+                        os.environ["TACA_BWD_SM90_KERNEL"] = "v5"
                     try:
                         step()  # warm-up (and the first-call allocations)
                         if cuda:
@@ -163,6 +167,7 @@ def main(argv=None):
                             peak[m] = max(peak[m], torch.cuda.max_memory_allocated())
                     finally:
                         taca.disable(model)
+                        os.environ.pop("TACA_BWD_SM90_KERNEL", None)
             base = statistics.median(times["stock"]) if "stock" in times else None
             for m, ts in times.items():
                 med = statistics.median(ts)
