@@ -114,6 +114,31 @@ __device__ __forceinline__ void store_pair(T *row, int col, int D, bool pair, fl
     }
 }
 
+/* The epilogue of every backward main kernel: dK = scale * dK' and dV (summed over the group) of
+ * key/value head hk, batch b, for this thread's key rows kr0, kr1 (< Nk) and NB 8-column blocks from
+ * column c0 (+ 2t, + 1 within each): dk[nb * 4 + 2 * half + e] holds row (half ? kr1 : kr0),
+ * column c0 + 8 nb + 2t + e (the mma.sync / wgmma accumulator layout). */
+template <typename T, int NB>
+__device__ __forceinline__ void store_dk_dv(const BwdArgs &a, int b, int hk, int Nk, int D, int kr0, int kr1, int c0,
+                                            int t, const float *dk, const float *dv) {
+    T *dkb = static_cast<T *>(a.dk) + b * a.dks_b + hk * a.dks_h;
+    T *dvb = static_cast<T *>(a.dv) + b * a.dvs_b + hk * a.dvs_h;
+    const bool pair = a.pair_store != 0;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = half ? kr1 : kr0;
+        if (r >= Nk) continue;
+        T *dkrow = dkb + static_cast<int64_t>(r) * a.dks_n;
+        T *dvrow = dvb + static_cast<int64_t>(r) * a.dvs_n;
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) {
+            const int col = c0 + nb * 8 + 2 * t;
+            store_pair<T>(dkrow, col, D, pair, dk[nb * 4 + 2 * half] * a.scale, dk[nb * 4 + 2 * half + 1] * a.scale);
+            store_pair<T>(dvrow, col, D, pair, dv[nb * 4 + 2 * half], dv[nb * 4 + 2 * half + 1]);
+        }
+    }
+}
+
 /* delta = rowsum(dO * O) and lse2 = lse * log2(e) for every padded row; one warp per row.
  * lse2 = +inf past N and for fully masked rows (lse = -inf), so that P = exp2(x - lse2) = 0
  * there even where x = -inf (a masked entry): no NaN, zero gradient contributions. */
@@ -526,23 +551,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
     }
     // dK = scale * dK', dV (summed over the group): this thread's rows kr0, kr1 and D-chunk
     // columns of key/value head hk.
-    T *dkb = static_cast<T *>(a.dk) + b * a.dks_b + hk * a.dks_h;
-    T *dvb = static_cast<T *>(a.dv) + b * a.dvs_b + hk * a.dvs_h;
-    const bool pair = a.pair_store != 0;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const int r = half ? kr1 : kr0;
-        if (r >= Nk) continue;
-        T *dkrow = dkb + static_cast<int64_t>(r) * a.dks_n;
-        T *dvrow = dvb + static_cast<int64_t>(r) * a.dvs_n;
-#pragma unroll
-        for (int nb = 0; nb < DC / 8; ++nb) {
-            const int col = c0 + nb * 8 + 2 * t;
-            store_pair<T>(dkrow, col, D, pair, acc_dk[nb][2 * half] * a.scale,
-                          acc_dk[nb][2 * half + 1] * a.scale);
-            store_pair<T>(dvrow, col, D, pair, acc_dv[nb][2 * half], acc_dv[nb][2 * half + 1]);
-        }
-    }
+    store_dk_dv<T, DC / 8>(a, b, hk, Nk, D, kr0, kr1, c0, t, &acc_dk[0][0], &acc_dv[0][0]);
 }
 
 /* Launch preprocess + main for one (DP, DC, BM) configuration. Defined per head-dim file. */

@@ -590,23 +590,7 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
     }
     // dK = scale * dK', dV (summed over the group) of key/value head hk: rows kr0, kr1;
     // columns 8 nt + 2t, + 1.
-    T *dkb = static_cast<T *>(a.dk) + b * a.dks_b + hk * a.dks_h;
-    T *dvb = static_cast<T *>(a.dv) + b * a.dvs_b + hk * a.dvs_h;
-    const bool pair = a.pair_store != 0;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const int r = half ? kr1 : kr0;
-        if (r >= Nk) continue;
-        T *dkrow = dkb + static_cast<int64_t>(r) * a.dks_n;
-        T *dvrow = dvb + static_cast<int64_t>(r) * a.dvs_n;
-#pragma unroll
-        for (int nt = 0; nt < DP / 8; ++nt) {
-            const int col = nt * 8 + 2 * t;
-            taca_bwd::store_pair<T>(dkrow, col, D, pair, dk[nt * 4 + 2 * half] * a.scale,
-                                    dk[nt * 4 + 2 * half + 1] * a.scale);
-            taca_bwd::store_pair<T>(dvrow, col, D, pair, dv[nt * 4 + 2 * half], dv[nt * 4 + 2 * half + 1]);
-        }
-    }
+    taca_bwd::store_dk_dv<T, DP / 8>(a, b, hk, Nk, D, kr0, kr1, 0, t, dk, dv);
 #else
     (void)a; (void)ho;
 #endif
