@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_attention_gpu import SHAPES  # noqa: E402
 
 # "v5" (the default kernel, its default hand-off "bulk"), "v5:<hand-off>" (v5 with TACA_BWD_SM90_HANDOFF;
-# a bare hand-off name means the same), "v6" (TACA_BWD_SM90_KERNEL=v6); the first mode is the reference
+# a bare hand-off name means the same), "v6" (TACA_BWD_SM90_KERNEL=v6), "v6:rows" / "v6:tensor" (v6
+# with that dQ writer, TACA_BWD_V6_WRITER); the first mode is the reference
 # of the bitwise comparison
 MODES = ["v5", "v5:mbarrier", "v5:mbarrier-eager", "v5:rendezvous", "v5:arrive", "v5:none", "v6"]
 ENV = "TACA_BWD_SM90_HANDOFF"
@@ -68,8 +69,11 @@ def main() -> int:
             for m in MODES:
                 # "<hand-off>+nd": that hand-off with deterministic=False (unordered dQ atomics)
                 base = m[:-3] if m.endswith("+nd") else m
-                env = {"TACA_BWD_SM90_KERNEL": "v6" if base == "v6" else "v5"}
-                if base not in ("v6", "v5"):  # "v5:<hand-off>" or a bare v5 hand-off name
+                is6 = base == "v6" or base.startswith("v6:")
+                env = {"TACA_BWD_SM90_KERNEL": "v6" if is6 else "v5"}
+                if is6 and base != "v6":  # "v6:rows" / "v6:tensor": v6 with that dQ writer
+                    env["TACA_BWD_V6_WRITER"] = base[3:]
+                elif base not in ("v6", "v5"):  # "v5:<hand-off>" or a bare v5 hand-off name
                     env[ENV] = base[3:] if base.startswith("v5:") else base
                 det = not m.endswith("+nd")
                 os.environ.update(env)

@@ -6,12 +6,13 @@
 # kernel (full set + per-SASS-instruction stall samples in $OUT) and wgmma_check.
 #   run(command="bash benchmarks/gpu_bwd_v6_run.sh", carry=[".whl"], timeout_s=600)
 # Env: STEPS (default "build test sanitize bench attn"; also "prof", "wgmma", "sass"), MODES (bench modes),
-# PROF ("v6"), SAN_EXTRA (more sanitizer tools).
+# PROF ("v6"; "v5", "v6:<writer>"), PROF_ARGS ("d64": the SD3.5-M shape), SAN_EXTRA (more sanitizer tools), VARS (v6 dQ writers for the tests, "rows tensor"), SVARS (for the sanitizers, $VARS).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STEPS=${STEPS:-"build test sanitize bench attn"}
 MODES=${MODES:-"v5,v6,v5+nd,v6+nd"}
 PROF=${PROF:-"v6"}
+VARS=${VARS:-"rows tensor"}  # v6 dQ writers (TACA_BWD_V6_WRITER) the tests and sanitizers run with
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 {
 if has build; then STEPS=build OUT=/tmp/hw bash benchmarks/gpu_features_run.sh 2>&1 | grep -E "rc=|has_cuda"; fi
@@ -29,17 +30,19 @@ if has wgmma; then
     -o /tmp/wgmma_check 2>&1 | tail -3 && /tmp/wgmma_check | tail -2
 fi
 if has test; then
-  t0=$SECONDS
-  TACA_BWD_SM90_KERNEL=v6 timeout 240 python3 -m pytest -q tests/test_cuda.py tests/test_cuda_bwd.py tests/test_cuda_features.py > "$OUT/pytest.txt" 2>&1
-  echo "tests: $(tail -1 "$OUT/pytest.txt") ($((SECONDS - t0)) s)"; grep -E "^(FAILED|ERROR)|Error" "$OUT/pytest.txt" | head -8
+  for var in $VARS; do
+    t0=$SECONDS
+    TACA_BWD_V6_WRITER=$var TACA_BWD_SM90_KERNEL=v6 timeout 240 python3 -m pytest -q tests/test_cuda.py tests/test_cuda_bwd.py tests/test_cuda_features.py > "$OUT/pytest_$var.txt" 2>&1
+    echo "tests (v6 writer $var): $(tail -1 "$OUT/pytest_$var.txt") ($((SECONDS - t0)) s)"; grep -E "^(FAILED|ERROR)|Error" "$OUT/pytest_$var.txt" | head -8
+  done
 fi
 if has sanitize; then
   t0=$SECONDS
-  for tool in memcheck racecheck $SAN_EXTRA; do
-    TACA_BWD_SM90_KERNEL=v6 timeout 150 compute-sanitizer --tool $tool --kernel-name kns=taca_bwd python3 tests/cuda_harness/sanitize_fwd.py > /tmp/san_v6_$tool.txt 2>&1
-    echo "v6 $tool rc=$?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|calls done' /tmp/san_v6_$tool.txt | tr '\n' ' ') ($((SECONDS - t0)) s)"
+  for var in ${SVARS:-$VARS}; do for tool in memcheck racecheck $SAN_EXTRA; do
+    TACA_BWD_V6_WRITER=$var TACA_BWD_SM90_KERNEL=v6 timeout 150 compute-sanitizer --tool $tool --kernel-name kns=taca_bwd python3 tests/cuda_harness/sanitize_fwd.py > /tmp/san_v6_$tool.txt 2>&1
+    echo "v6 (writer $var) $tool rc=$?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|calls done' /tmp/san_v6_$tool.txt | tr '\n' ' ') ($((SECONDS - t0)) s)"
     grep -B2 -A3 -m2 -E "^========= (Invalid|Race|Error)" /tmp/san_v6_$tool.txt | head -14
-  done
+  done; done
   # is the v6 racecheck report about its lse2 / delta ring a tool limitation? the pattern alone:
   mkdir -p build && nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -Icsrc -Icsrc/cuda \
     tests/cuda_harness/bulkring_racecheck.cu -o build/bulkring_racecheck \
@@ -56,16 +59,18 @@ if has attn; then
 fi
 if has prof; then
   for k in $PROF; do
-    t0=$SECONDS
-    if [ "$k" = v6 ]; then export TACA_BWD_SM90_KERNEL=v6; else unset TACA_BWD_SM90_KERNEL; fi
+    t0=$SECONDS; kf=${k//:/_}$PROF_ARGS
+    # "v6", "v5" or "v6:<variant>"
+    if [ "${k%%:*}" = v6 ]; then export TACA_BWD_SM90_KERNEL=v6; else export TACA_BWD_SM90_KERNEL=v5; fi
+    if [ "$k" != "${k#v6:}" ]; then export TACA_BWD_V6_WRITER=${k#v6:}; else unset TACA_BWD_V6_WRITER; fi
     timeout 150 ncu --clock-control none --kernel-name regex:taca_bwd_sm90 --launch-skip 1 --launch-count 1 \
-      --set full --import-source no -f -o /tmp/prof_$k python3 benchmarks/bwd_profile_once.py > /tmp/ncu_${k}_run.txt 2>&1
-    echo "ncu $k rc=$? ($((SECONDS - t0)) s)"
-    ncu --import /tmp/prof_$k.ncu-rep --page details > "$OUT/ncu_${k}_details.txt" 2>&1
-    ncu --import /tmp/prof_$k.ncu-rep --page source --csv --print-source sass 2>/dev/null | gzip -c > "$OUT/ncu_${k}_sass.csv.gz"
-    grep -E "Duration|Compute \(SM\) Throughput|Executed Ipc Active|Issue Slots Busy|Warp Cycles Per Issued|Registers Per|Shared Memory Configuration|No Eligible" "$OUT/ncu_${k}_details.txt" | head -12
+      --set full --import-source no -f -o /tmp/prof_$kf python3 benchmarks/bwd_profile_once.py $PROF_ARGS > /tmp/ncu_${kf}_run.txt 2>&1
+    echo "ncu $kf rc=$? ($((SECONDS - t0)) s)"
+    ncu --import /tmp/prof_$kf.ncu-rep --page details > "$OUT/ncu_${kf}_details.txt" 2>&1
+    ncu --import /tmp/prof_$kf.ncu-rep --page source --csv --print-source sass 2>/dev/null | gzip -c > "$OUT/ncu_${kf}_sass.csv.gz"
+    grep -E "Duration|Compute \(SM\) Throughput|Executed Ipc Active|Issue Slots Busy|Warp Cycles Per Issued|Registers Per|Shared Memory Configuration|No Eligible" "$OUT/ncu_${kf}_details.txt" | head -12
   done
-  unset TACA_BWD_SM90_KERNEL
+  unset TACA_BWD_SM90_KERNEL TACA_BWD_V6_WRITER
 fi
 cat /tmp/attn.txt /tmp/bench.txt 2>/dev/null
 } 2>&1 | tee "$OUT/log.txt"

@@ -18,7 +18,7 @@ mkdir -p build && nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -Ics
   tests/cuda_harness/bulkring_racecheck.cu -o build/bulkring_racecheck \
   && for m in lane0 all; do compute-sanitizer --tool racecheck build/bulkring_racecheck $m 2>&1 \
     | grep -E "RACECHECK SUMMARY|mismatches" | tr '\n' ' '; echo; done
-python3 benchmarks/bench_bwd_handoff.py --rounds 3 --modes "v5,v6,v5+nd,v6+nd" --out "$OUT" 2>&1 | tail -4
+python3 benchmarks/bench_bwd_handoff.py --rounds 3 --modes "v6,v6:rows,v6:tensor,v5,v6+nd" --out "$OUT" 2>&1 | tail -4
 if [ "${QUICK:-0}" = 1 ]; then
   python3 benchmarks/bench_attention_gpu.py --quick --shapes flux1024_b1,sd35m_cfg,flux1024_b2 --methods "taca|split" --out "$OUT" --tag verify 2>&1 | grep "^|" | grep -v "plain_eff"
 else

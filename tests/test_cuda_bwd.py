@@ -163,15 +163,18 @@ def test_sm90_handoff_modes(case, mode, monkeypatch):
         assert torch.equal(a, b), f"{name}: hand-off {mode!r} differs from the default hand-off"
 
 
+@pytest.mark.parametrize("writer", ["rows", "tensor"])
 @pytest.mark.parametrize("case", HANDOFF_CASES, ids=[_ids(c) for c in HANDOFF_CASES])
-def test_sm90_v6_kernel(case, monkeypatch):
-    """The v6 Hopper kernel (TACA_BWD_SM90_KERNEL=v6 forces it; the default at D = 72..128: producer
-    warp, FA3's GEMM order, two writer warps) meets the rule, is deterministic (_run_case checks
-    both, over three runs), and gives the v5 kernel's gradients bitwise: the same fp32 operations
-    in the same order. (Off sm_90 the knob is ignored.)"""
+def test_sm90_v6_kernel(case, writer, monkeypatch):
+    """The v6 Hopper kernel (the default; TACA_BWD_SM90_KERNEL=v6 forces it: producer warp, FA3's
+    GEMM order, two writer warps) with either dQ writer (TACA_BWD_V6_WRITER: one TMA bulk reduce-add
+    per row, the default at D = 72..128, or 2-D tensor reduce-adds, the default at D = 64) meets the
+    rule, is deterministic (_run_case checks both, over three runs), and gives the v5 kernel's
+    gradients bitwise: the same fp32 operations in the same order. (Off sm_90 the knobs are ignored.)"""
     monkeypatch.setenv("TACA_BWD_SM90_KERNEL", "v5")
     default = _run_case(case)
     monkeypatch.setenv("TACA_BWD_SM90_KERNEL", "v6")
+    monkeypatch.setenv("TACA_BWD_V6_WRITER", writer)
     got = _run_case(case, reps=3)
     for name, a, b in zip(("dq", "dk", "dv"), got, default):
         assert torch.equal(a, b), f"{name}: v6 differs from v5"

@@ -60,9 +60,10 @@
  *
  * Hopper: on an sm_90 device, in an sm_90a build, aligned D = 64 / 72..128 inputs take a wgmma
  * main kernel instead of bwd_main (same preprocess, workspace, chains and dq_convert): v6
- * (taca_bwd_sm90_v6.cu: producer warp, FA3's GEMM order, two writer warps) at D = 72..128, v5
- * (taca_bwd_sm90.cu) at D = 64 where v6 is slower; TACA_BWD_SM90_KERNEL=v5 / v6 forces one, and
- * TACA_BWD_SM90=0 in the environment forces bwd_main (tests, timing).
+ * (taca_bwd_sm90_v6.cu: producer warp, FA3's GEMM order, two writer warps; the dQ tile added by
+ * 2-D TMA tensor reduce-adds at D = 64, by row bulk reduce-adds at D = 72..128), v5
+ * (taca_bwd_sm90.cu) where v6 cannot encode its tensor maps; TACA_BWD_SM90_KERNEL=v5 / v6 forces
+ * one, and TACA_BWD_SM90=0 in the environment forces bwd_main (tests, timing).
  * Configurations (taca_bwd_kernel.cuh, config_for): D <= 64 -> DP 64, query tile 128;
  * D <= 128 -> DP 128, query tile 64; D <= 256 -> DP 256 in two CTAs of 128 columns each
  * (each recomputes S and dP, owns half of dK, dV, dQ), query tile 32. Other D are zero-padded
@@ -246,10 +247,10 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
     // timing switches, read at every call.
     const char *sm90_env = getenv("TACA_BWD_SM90");
     if (!(sm90_env && !strcmp(sm90_env, "0"))) {
-        // v6 at D = 72..128 (faster there: KERNEL_LOG "Backward v6"), v5 at D = 64 (v6 is slower
-        // there); TACA_BWD_SM90_KERNEL=v5 / v6 forces one kernel at every D
+        // v6 (faster at every D it takes: KERNEL_LOG "Backward v6" and after), v5 where v6 does not
+        // apply; TACA_BWD_SM90_KERNEL=v5 / v6 forces one kernel
         const char *kern = getenv("TACA_BWD_SM90_KERNEL");
-        const bool v6 = kern ? !strcmp(kern, "v6") : a.D > 64;
+        const bool v6 = kern ? !strcmp(kern, "v6") : true;
         if (v6) {
             const int st6 = taca_bwd_sm90_v6(a, stream, bf16);
             if (st6 != TACA_ERR_UNSUPPORTED) return st6;

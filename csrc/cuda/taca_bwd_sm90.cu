@@ -576,6 +576,7 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
                 *reinterpret_cast<float2 *>(dstage + r * C::SROW + (qc0 + nt * 8) * 4) =
                     make_float2(dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
         }
+        if (bulk) fence_proxy_async();  // the copy engine (async proxy) reads what these generic stores wrote
         if (mbar) mbar_arrive(mb_full + 8 * buf);
         else if (rdv) bar_sync(BAR_FULL + buf, 384);  // rendezvous: the writer finished tile it - 1
         else bar_arrive(BAR_FULL + buf, 384);

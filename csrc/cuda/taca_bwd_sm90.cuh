@@ -46,6 +46,27 @@ __device__ __forceinline__ void bulk_store(float *g, uint32_t s, uint32_t bytes)
     (void)g; (void)s; (void)bytes;
 #endif
 }
+/* 2-D TMA tensor operations of v6's tensor writer: the box at (column c0, row c1) of map tmap
+ * += (f32) or = the box staged at shared address s (the map's layout and swizzle), in this thread's
+ * bulk async-group. */
+__device__ __forceinline__ void tma_add_2d(const void *tmap, uint32_t s, int c0, int c1) {
+#if TACA_SM90A
+    asm volatile("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"(tmap),
+                 "r"(s), "r"(c0), "r"(c1)
+                 : "memory");
+#else
+    (void)tmap; (void)s; (void)c0; (void)c1;
+#endif
+}
+__device__ __forceinline__ void tma_store_2d(const void *tmap, uint32_t s, int c0, int c1) {
+#if TACA_SM90A
+    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"(tmap), "r"(s),
+                 "r"(c0), "r"(c1)
+                 : "memory");
+#else
+    (void)tmap; (void)s; (void)c0; (void)c1;
+#endif
+}
 __device__ __forceinline__ void bulk_commit() {
 #if TACA_SM90A
     asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");

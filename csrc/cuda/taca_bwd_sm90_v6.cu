@@ -23,6 +23,15 @@
  *      successor as soon as its writes completed (st.release.gpu). v5's writer warpgroup released
  *      tile it - 1 only after tile it was staged (a chain link lagged a whole tile) and met at a
  *      named barrier plus __threadfence per tile: 1.665 -> 1.614 ms on FLUX 1024 b1 (H200).
+ *   5. Two forms of the dQ writer (TACA_BWD_V6_WRITER, a timing switch): "rows" (item 4, one bulk reduce-add
+ *      per staged row, rows padded by 32 B; the default at D = 72..128) and "tensor" (the staged
+ *      tile in 128B-swizzled boxes of 32 fp32 columns x BM rows, dense, added by DP / 32 2-D TMA
+ *      tensor reduce-adds from one lane; the default at D = 64). At D = 64 a tile is 128 rows, and
+ *      the row writer's 128 operations per tile made the MMA warps wait for free staging buffers
+ *      (19% of an ncu profile's samples): SD3.5-M bwd 2.01 -> 1.71 ms (v5: 1.81 before, 1.93 with
+ *      the proxy fence below), which makes v6 the default at D = 64 too. At D = 128 the two tie.
+ * The MMA threads issue fence.proxy.async.shared::cta after their generic stores to a staging
+ * buffer and before announcing it: the copy engine (async proxy) reads it.
  * The ring's empty barrier takes an arrival from every MMA thread rather than lane 0 of each warp
  * after __syncwarp: compute-sanitizer racecheck does not model __syncwarp and reported the other
  * lanes' reads against the next tile's writes (tests/cuda_harness/bulkring_racecheck.cu shows
@@ -35,11 +44,10 @@
  * chains and dq conversion as v5, and the same fp32 operations in the same order: v6's gradients
  * equal v5's bitwise (bench_bwd_handoff.py, FLUX 1024 and SD3.5-M shapes, H200; tests). Falls
  * back (TACA_ERR_UNSUPPORTED) where a tensor map cannot be encoded (v5 then runs).
- * The default at D = 72..128 (taca_bwd.cu): FLUX 1024 b1 bwd 1.607 vs v5's 1.782 ms on an H200.
- * At D = 64 v5 stays the default: v6 is slower there (SD3.5-M 2.044 vs 1.810 ms), not profiled
- * yet. KERNEL_LOG "Backward v6" has the runs, the profile and what was tried and dropped (an
- * 80-row tile, a rotated chain schedule; issuing the next tile's S before dK's wait made ptxas
- * serialize the wgmmas, C7515, so it has no clean measurement).
+ * The default wherever it applies (taca_bwd.cu): FLUX 1024 b1 bwd 1.61 vs v5's 1.83 ms, SD3.5-M
+ * cfg 1.73 vs 1.93 ms on an H200. KERNEL_LOG "Backward v6" and the entries after it have the runs,
+ * the profiles and what was tried and dropped (an 80-row tile, a rotated chain schedule, the next
+ * tile's S issued during dK, dK from shared memory, a relaxed poll: none faster).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -61,7 +69,9 @@ using taca_bwd90::bulk_wait_read;
 using taca_bwd90::bulk_wait_write;
 using taca_bwd90::store_block_trans;
 
-template <int DP_, int BM_>
+/* TW: the writer adds a staged dQ tile with 2-D TMA tensor reduce-adds (DP / 32 per tile, staging in
+ * 128B-swizzled 32-column boxes) instead of one bulk reduce-add per row (rows padded by 32 B). */
+template <int DP_, int BM_, bool TW = false>
 struct Cfg {
     static constexpr int DP = DP_;
     static constexpr int BM = BM_;                  // queries per tile
@@ -71,12 +81,12 @@ struct Cfg {
     static constexpr uint32_t KV_BYTES = BN * DP * 2;
     static constexpr uint32_t QT_BYTES = BM * DP * 2;  // one Q or one dO buffer
     static constexpr uint32_t DS_BYTES = BM * BN * 2;
-    static constexpr uint32_t SROW = DP * 4 + 32;  // dQ staging row (fp32), padded for float2 stores
-    static constexpr uint32_t STAGE_BYTES = BM * SROW;
+    static constexpr uint32_t SROW = DP * 4 + 32;  // dQ staging row (fp32, !TW), padded for float2 stores
+    static constexpr uint32_t STAGE_BYTES = TW ? BM * DP * 4 : BM * SROW;  // TW: [DP / 32][BM][128 B]
     static constexpr uint32_t TILE_TX = 2 * QT_BYTES;  // TMA bytes of a tile: Q and dO
     static constexpr int NBAR = 2 * NSTAGE + 5;  // stage full/empty, q_full[2], q_empty[2], ds_free
-    static constexpr size_t SMEM = 2 * KV_BYTES + 4 * QT_BYTES + DS_BYTES + 4 * BM * sizeof(float) +
-                                   NSTAGE * STAGE_BYTES + NBAR * sizeof(uint64_t) + 1024;
+    static constexpr size_t SMEM = 2 * KV_BYTES + 4 * QT_BYTES + DS_BYTES + NSTAGE * STAGE_BYTES +
+                                   4 * BM * sizeof(float) + NBAR * sizeof(uint64_t) + 1024;
     static_assert((DP == 64 && BM == 128) || (DP == 128 && BM == 64), "tile");
     static_assert(SMEM <= 232448, "shared memory");
     static_assert(NSTAGE == 2, "one staging buffer per writer warp (warps 9, 10)");
@@ -88,16 +98,17 @@ enum { BAR_MMA = 1 };  // named barrier of the 256 MMA threads
  * each map's dimensions 1..3 holds (row, head, batch), and the arguments. */
 struct V6Args {
     CUtensorMap tq, tdo;
+    CUtensorMap tacc;  // TW: dq_acc as 2-D fp32 (DP columns, every workspace row), 32 x BM boxes, 128B swizzle
     BwdArgs a;
     int pos_q[3], pos_do[3];
 };
 
 /* MASK: a.mask.data != NULL (its own instance: the unmasked one carries no mask code). */
-template <typename T, int DP, int BM, bool MASK>
+template <typename T, int DP, int BM, bool MASK, bool TW>
 __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_constant__ V6Args p) {
 #if TACA_SM90A
     const BwdArgs &a = p.a;
-    using C = Cfg<DP, BM>;
+    using C = Cfg<DP, BM, TW>;
     constexpr int BN = C::BN, NT = BM / 8, NS = C::NSTAGE;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const uint32_t raw = smem_u32(smem_raw);
@@ -107,10 +118,11 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     const uint32_t sq = sv + C::KV_BYTES;        // [2] Q tiles
     const uint32_t sdo = sq + 2 * C::QT_BYTES;   // [2] dO tiles
     const uint32_t sds = sdo + 2 * C::QT_BYTES;  // dS' (BM x 128 keys), K-major
-    float *const sL = reinterpret_cast<float *>(smem + (sds + C::DS_BYTES - sk));  // [2][BM] lse2
-    float *const sDl = sL + 2 * BM;                                                  // [2][BM] delta
-    unsigned char *const stage = reinterpret_cast<unsigned char *>(sDl + 2 * BM);   // [NS] dQ staging
-    const uint32_t mb_full = smem_u32(stage + NS * C::STAGE_BYTES);  // [NS] mbarriers, then
+    // [NS] dQ staging buffers (1024-byte aligned: the TMA boxes' 128B swizzle), then lse2, delta
+    unsigned char *const stage = smem + (sds + C::DS_BYTES - sk);
+    float *const sL = reinterpret_cast<float *>(stage + NS * C::STAGE_BYTES);  // [2][BM] lse2
+    float *const sDl = sL + 2 * BM;                                             // [2][BM] delta
+    const uint32_t mb_full = smem_u32(sDl + 2 * BM);                  // [NS] mbarriers, then
     const uint32_t mb_empty = mb_full + 8 * NS;                       // [NS] (8 bytes each)
     const uint32_t q_full = mb_empty + 8 * NS;                        // [2] tile landed (TMA)
     const uint32_t q_empty = q_full + 16;                             // [2] tile read by both
@@ -200,12 +212,15 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         // wait for the writes and release tile it to the successor at once (st.release; __syncwarp
         // orders every lane's completed writes before it). A warp blocks on its writes' completion
         // while the other warp takes the next tile.
-        if (nk == 1 || a.mode == taca_bwd::kSkip || threadIdx.x >= 352) return;
+        if (nk == 1 || threadIdx.x >= 352) return;
         const int w = (threadIdx.x - 288) >> 5, wl = threadIdx.x & 31;
         const bool first = ordered ? seg_pos == 0 : a.mode == taca_bwd::kRacy;
         float *accb = ordered ? acc_base : a.dq_acc + bh * a.Np * DP;
         const bool releases = ordered && seg_pos < seg_len - 1;
         const uint32_t src = smem_u32(stage + w * C::STAGE_BYTES);
+        // TW: the tile's first row in the 2-D view of dq_acc
+        const int row0 = static_cast<int>((accb - a.dq_acc) / DP);
+        if (TW && wl == 0) tma_prefetch_desc(&p.tacc);
         for (int it = w; it < nqt; it += NS) {
             if (ordered && seg_pos > 0) {
                 if (wl == 0) {
@@ -216,18 +231,38 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                 asm volatile("fence.proxy.async.global;\n" ::: "memory");
             }
             mbar_wait(mb_full + 8 * w, (it / NS) & 1);  // tile it staged
-            float *dst = accb + static_cast<int64_t>(it) * BM * DP;
-            for (int r = wl; r < BM; r += 32) {  // (not unrolled: fewer registers in this 24-register warp)
-                if (first) bulk_store(dst + r * DP, src + r * C::SROW, DP * 4);
-                else bulk_add_f32(dst + r * DP, src + r * C::SROW, DP * 4);
-            }
-            bulk_commit();
-            bulk_wait_read();
-            mbar_arrive(mb_empty + 8 * w);  // staging buffer free again
-            if (releases) {
-                bulk_wait_write();  // this lane's rows of tile it added (+ proxy fence)
+            if constexpr (TW) {
+                // lane 0: DP / 32 tensor operations (32 columns x BM rows each), then the warp
+                // frees the buffer once they read it
+                if (wl == 0) {
+#pragma unroll
+                    for (int cb = 0; cb < DP / 32; ++cb) {
+                        if (first) taca_bwd90::tma_store_2d(&p.tacc, src + cb * BM * 128, cb * 32, row0 + it * BM);
+                        else taca_bwd90::tma_add_2d(&p.tacc, src + cb * BM * 128, cb * 32, row0 + it * BM);
+                    }
+                    bulk_commit();
+                    bulk_wait_read();
+                }
                 __syncwarp();
-                if (wl == 0) taca_bwd::st_release(sem_row + it, seg_pos + 1);
+                mbar_arrive(mb_empty + 8 * w);  // staging buffer free again
+                if (releases && wl == 0) {
+                    bulk_wait_write();  // tile it added (+ proxy fence)
+                    taca_bwd::st_release(sem_row + it, seg_pos + 1);
+                }
+            } else {
+                float *dst = accb + static_cast<int64_t>(it) * BM * DP;
+                for (int r = wl; r < BM; r += 32) {  // (not unrolled: fewer registers in this 24-register warp)
+                    if (first) bulk_store(dst + r * DP, src + r * C::SROW, DP * 4);
+                    else bulk_add_f32(dst + r * DP, src + r * C::SROW, DP * 4);
+                }
+                bulk_commit();
+                bulk_wait_read();
+                mbar_arrive(mb_empty + 8 * w);  // staging buffer free again
+                if (releases) {
+                    bulk_wait_write();  // this lane's rows of tile it added (+ proxy fence)
+                    __syncwarp();
+                    if (wl == 0) taca_bwd::st_release(sem_row + it, seg_pos + 1);
+                }
             }
         }
         bulk_wait_write();  // the CTA may not end before its bulk operations did
@@ -420,25 +455,6 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         named_bar_sync(BAR_MMA, 256);  // dS' complete in shared memory
 
         fence_regs<DP / 2>(dk);
-        if (a.mode == taca_bwd::kSkip) {  // timing diagnostic: no dQ product, no hand-off
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk)
-#pragma unroll
-                for (int hb = 0; hb < DP / 64; ++hb)
-                    wgmma_rs<T, 64, 1>(dk + hb * 32, da[kk], desc_sw128(qt + hb * BM * 128 + kk * 16 * 128), 1);
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_regs<DP / 2>(dv);
-            fence_regs<DP / 2>(dk);
-            fence_regs<BM / 4>(&pa[0][0]);
-            fence_regs<BM / 4>(&da[0][0]);
-            fence_proxy_async();
-            __syncwarp();
-            if (lane == 0) mbar_arrive(ds_free);
-            mbar_arrive(q_empty + 8 * buf);
-            continue;
-        }
         // dQ part (group 2) over the 128 keys, then dK += dS'^T Q (group 3). D = 128: warpgroup
         // w makes dQ columns 64w.. of the BM = 64 rows; D = 64: rows 64w.. of BM = 128 (as v5).
         constexpr int QROWS = BM == 128 ? 64 : 0;
@@ -487,10 +503,17 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             for (int half = 0; half < 2; ++half) {
                 const int r = qr0 + half * 8;
 #pragma unroll
-                for (int nt = 0; nt < 8; ++nt)
-                    *reinterpret_cast<float2 *>(dstage + r * C::SROW + (qc0 + nt * 8) * 4) =
-                        make_float2(dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
+                for (int nt = 0; nt < 8; ++nt) {
+                    const int col = qc0 + nt * 8;  // even: 8 bytes inside one 16-byte unit
+                    // TW: box col / 32, its row r, 16-byte unit (col % 32) / 4 swizzled by r % 8
+                    const uint32_t off = TW ? (col >> 5) * BM * 128 + r * 128 +
+                                                  ((((col & 31) >> 2) ^ (r & 7)) << 4) + (col & 3) * 4
+                                            : r * C::SROW + col * 4;
+                    *reinterpret_cast<float2 *>(dstage + off) = make_float2(dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
+                }
             }
+            // the copy engine (async proxy) reads what these generic stores wrote
+            fence_proxy_async();
             mbar_arrive(mb_full + 8 * sb);
         }
         wgmma_wait<0>();
@@ -505,11 +528,24 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #endif
 }
 
-template <typename T, int DP, int BM>
+/* dq_acc (rows x DP fp32, row-major) as a 2-D tensor map: boxes of 32 columns (128 bytes, the
+ * 128B swizzle's width) x box_rows rows. */
+inline bool encode_acc_map(CUtensorMap *m, float *acc, int64_t rows, int dp, int box_rows) {
+    EncodeTiledFn fn = encode_tiled_fn();
+    if (!fn) return false;
+    const cuuint64_t dims[2] = {(cuuint64_t)dp, (cuuint64_t)rows};
+    const cuuint64_t strides[1] = {(cuuint64_t)dp * sizeof(float)};
+    const cuuint32_t box[2] = {32, (cuuint32_t)box_rows}, estr[2] = {1, 1};
+    return fn(m, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, acc, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <typename T, int DP, int BM, bool TW>
 int launch(const BwdArgs &a, cudaStream_t stream) {
-    using C = Cfg<DP, BM>;
+    using C = Cfg<DP, BM, TW>;
     if (a.Np % BM != 0 || a.Np != a.nq * BM) return TACA_ERR_UNSUPPORTED;  // workspace layout
-    auto kernel = a.mask.data ? taca_bwd_sm90_v6_kernel<T, DP, BM, true> : taca_bwd_sm90_v6_kernel<T, DP, BM, false>;
+    auto kernel = a.mask.data ? taca_bwd_sm90_v6_kernel<T, DP, BM, true, TW> : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW>;
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_bwd_cuda (sm90 v6): cudaFuncGetAttributes");
     if (attr.binaryVersion != 90) return TACA_ERR_UNSUPPORTED;
@@ -519,6 +555,10 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     if (!encode_map<T>(&p.tq, p.pos_q, a.q, a.qs_n, a.qs_h, a.qs_b, a.N, a.H, a.B, a.D, BM) ||
         !encode_map<T>(&p.tdo, p.pos_do, a.dout, a.dos_n, a.dos_h, a.dos_b, a.N, a.H, a.B, a.D, BM))
         return TACA_ERR_UNSUPPORTED;  // nothing launched yet
+    if (TW && a.nk > 1) {
+        const int64_t rows = static_cast<int64_t>(a.nseg) * a.B * a.H * a.Np;
+        if (rows > INT32_MAX || !encode_acc_map(&p.tacc, a.dq_acc, rows, DP, BM)) return TACA_ERR_UNSUPPORTED;
+    }
     TACA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM),
                   "taca_bwd_cuda (sm90 v6): cudaFuncSetAttribute");
     const int64_t rows = static_cast<int64_t>(a.B) * a.H * a.Np;
@@ -542,12 +582,22 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
 /* TACA_ERR_UNSUPPORTED when v6 does not apply (the caller then takes v5 or mma.sync). */
 int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16) {
 #if defined(TACA_HAVE_SM90A)
-    if ((a.D != 64 && (a.D < 72 || a.D > 128)) || !a.vec_load) return TACA_ERR_UNSUPPORTED;
+    // (TACA_BWD_MODE=skipdq, a timing diagnostic, is v5's only)
+    if ((a.D != 64 && (a.D < 72 || a.D > 128)) || !a.vec_load || a.mode == taca_bwd::kSkip)
+        return TACA_ERR_UNSUPPORTED;
     const int dev_st = taca_sm90::device_is_sm90("taca_bwd_cuda (sm90 v6): device query");
     if (dev_st != TACA_OK) return dev_st;
-    if (a.D == 64)
-        return bf16 ? taca_bwd96::launch<__nv_bfloat16, 64, 128>(a, stream) : taca_bwd96::launch<__half, 64, 128>(a, stream);
-    return bf16 ? taca_bwd96::launch<__nv_bfloat16, 128, 64>(a, stream) : taca_bwd96::launch<__half, 128, 64>(a, stream);
+    // The tensor writer at D = 64 (its 128-row tiles took 128 row operations each: the MMA warps
+    // waited for free staging buffers), the row writer at D = 72..128 (the tensor one measured 2%
+    // slower there). TACA_BWD_V6_WRITER=rows / tensor forces one (a timing switch, read per call).
+    const char *wr = getenv("TACA_BWD_V6_WRITER");
+    const bool tw = wr ? !strcmp(wr, "tensor") : a.D == 64;
+    if (a.D == 64) {
+        if (tw) return bf16 ? taca_bwd96::launch<__nv_bfloat16, 64, 128, true>(a, stream) : taca_bwd96::launch<__half, 64, 128, true>(a, stream);
+        return bf16 ? taca_bwd96::launch<__nv_bfloat16, 64, 128, false>(a, stream) : taca_bwd96::launch<__half, 64, 128, false>(a, stream);
+    }
+    if (tw) return bf16 ? taca_bwd96::launch<__nv_bfloat16, 128, 64, true>(a, stream) : taca_bwd96::launch<__half, 128, 64, true>(a, stream);
+    return bf16 ? taca_bwd96::launch<__nv_bfloat16, 128, 64, false>(a, stream) : taca_bwd96::launch<__half, 128, 64, false>(a, stream);
 #else
     (void)a; (void)stream; (void)bf16;
     return TACA_ERR_UNSUPPORTED;
