@@ -6,10 +6,11 @@ bc8237e)? Same process, same inputs, rounds interleaved over the modes, triton d
 dq / dk / dv of every mode are compared bitwise with the default's first.
 
 Usage: python3 benchmarks/bench_bwd_handoff.py [--shapes flux1024_b1,sd35m_cfg] [--rounds 3]
-       [--modes v5,v5:mbarrier,v5:mbarrier-eager,v5:rendezvous,v5:arrive,v5:none,v6,v6+nd] [--out DIR]
+       [--modes v5,v5:mbarrier,v5:mbarrier-eager,v5:rendezvous,v5:arrive,v5:none,v6,v6:rows,v6:tensor,v6+nd] [--out DIR]
 ("+nd": the op's deterministic=False, unordered dQ atomics; not bitwise equal by design;
-"v5": the default kernel with its default hand-off, "v5:<hand-off>" v5 with another, "v6": the
-v6 kernel (TACA_BWD_SM90_KERNEL=v6, the default at D = 72..128); the table also gives each mode's max difference to the first)
+"v5": the v5 kernel with its default hand-off, "v5:<hand-off>" v5 with another, "v6": the v6
+kernel (TACA_BWD_SM90_KERNEL=v6, the default), "v6:rows" / "v6:tensor" v6 with that dQ writer
+(TACA_BWD_V6_WRITER); the table also gives each mode's max difference to the first)
 Prints a table last; writes JSON to DIR.
 """
 from __future__ import annotations

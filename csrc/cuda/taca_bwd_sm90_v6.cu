@@ -329,9 +329,10 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         wgmma_wait<1>();
         fence_regs<NT * 4>(s);
 
-        // P^T and dS'^T exactly as v5 (taca_bwd_sm90.cu). Both kernels stay (v5 at D = 64, v6 at
-        // D = 72..128), but a shared helper changed the PTX of both (the span comparisons come out
-        // reordered), so this copy stays until a device run shows such a helper costs nothing.
+        // P^T and dS'^T exactly as v5 (taca_bwd_sm90.cu). Both kernels stay (v6 the default, v5 where
+        // v6 cannot encode its tensor maps), but a shared helper changed the PTX of both (the span
+        // comparisons come out reordered), so this copy stays until a device run shows such a helper
+        // costs nothing.
         const float *lrow = sL + buf * BM;
         const float *drow = sDl + buf * BM;
         const int ksb = s_span[0], kse = s_span[1];  // key text span [ksb, kse)
