@@ -14,5 +14,3 @@ def test_wgmma_header_is_generated():
                          capture_output=True, text=True).stdout
     with open(os.path.join(ROOT, "csrc", "cuda", "taca_wgmma.cuh")) as f:
         assert f.read() == out, "csrc/cuda/taca_wgmma.cuh differs: run python tools/gen_wgmma.py > csrc/cuda/taca_wgmma.cuh"
-    # every form a kernel instantiates is generated: the (TA, TB) pairs and N of the kernels' calls
-    assert "wgmma_ss<__nv_bfloat16, 64, 1, 1>" in out and "wgmma_ss<__half, 64, 1, 1>" in out

@@ -506,10 +506,9 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #pragma unroll
                 for (int nt = 0; nt < 8; ++nt) {
                     const int col = qc0 + nt * 8;  // even: 8 bytes inside one 16-byte unit
-                    // TW: box col / 32, its row r, 16-byte unit (col % 32) / 4 swizzled by r % 8
-                    const uint32_t off = TW ? (col >> 5) * BM * 128 + r * 128 +
-                                                  ((((col & 31) >> 2) ^ (r & 7)) << 4) + (col & 3) * 4
-                                            : r * C::SROW + col * 4;
+                    // TW: 16-byte unit col / 4 of row r in the 32-column boxes (the swizzled tile
+                    // layout of the bf16 operands, 8 units per 128-byte row)
+                    const uint32_t off = TW ? sw128_offset<BM>(r, col >> 2) + (col & 3) * 4 : r * C::SROW + col * 4;
                     *reinterpret_cast<float2 *>(dstage + off) = make_float2(dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
                 }
             }
@@ -578,6 +577,11 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     return taca_cuda_check_launch("taca_bwd_cuda (sm90 v6) dq convert");
 }
 
+template <int DP, int BM, bool TW>
+int launch_dtype(const BwdArgs &a, cudaStream_t stream, bool bf16) {
+    return bf16 ? launch<__nv_bfloat16, DP, BM, TW>(a, stream) : launch<__half, DP, BM, TW>(a, stream);
+}
+
 }  // namespace taca_bwd96
 
 /* TACA_ERR_UNSUPPORTED when v6 does not apply (the caller then takes v5 or mma.sync). */
@@ -593,12 +597,11 @@ int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16)
     // slower there). TACA_BWD_V6_WRITER=rows / tensor forces one (a timing switch, read per call).
     const char *wr = getenv("TACA_BWD_V6_WRITER");
     const bool tw = wr ? !strcmp(wr, "tensor") : a.D == 64;
-    if (a.D == 64) {
-        if (tw) return bf16 ? taca_bwd96::launch<__nv_bfloat16, 64, 128, true>(a, stream) : taca_bwd96::launch<__half, 64, 128, true>(a, stream);
-        return bf16 ? taca_bwd96::launch<__nv_bfloat16, 64, 128, false>(a, stream) : taca_bwd96::launch<__half, 64, 128, false>(a, stream);
-    }
-    if (tw) return bf16 ? taca_bwd96::launch<__nv_bfloat16, 128, 64, true>(a, stream) : taca_bwd96::launch<__half, 128, 64, true>(a, stream);
-    return bf16 ? taca_bwd96::launch<__nv_bfloat16, 128, 64, false>(a, stream) : taca_bwd96::launch<__half, 128, 64, false>(a, stream);
+    if (a.D == 64)
+        return tw ? taca_bwd96::launch_dtype<64, 128, true>(a, stream, bf16)
+                  : taca_bwd96::launch_dtype<64, 128, false>(a, stream, bf16);
+    return tw ? taca_bwd96::launch_dtype<128, 64, true>(a, stream, bf16)
+              : taca_bwd96::launch_dtype<128, 64, false>(a, stream, bf16);
 #else
     (void)a; (void)stream; (void)bf16;
     return TACA_ERR_UNSUPPORTED;
