@@ -10,7 +10,8 @@ Usage: python3 benchmarks/bench_bwd_handoff.py [--shapes flux1024_b1,sd35m_cfg] 
 ("+nd": the op's deterministic=False, unordered dQ atomics; not bitwise equal by design;
 "v5": the v5 kernel with its default hand-off, "v5:<hand-off>" v5 with another, "v6": the v6
 kernel (TACA_BWD_SM90_KERNEL=v6, the default), "v6:rows" / "v6:tensor" v6 with that dQ writer
-(TACA_BWD_V6_WRITER); the table also gives each mode's max difference to the first)
+(TACA_BWD_V6_WRITER), "<mode>@sN" that mode with N deterministic dQ chains (TACA_BWD_NSEG);
+the table also gives each mode's max difference to the first)
 Prints a table last; writes JSON to DIR.
 """
 from __future__ import annotations
@@ -70,12 +71,18 @@ def main() -> int:
             for m in MODES:
                 # "<hand-off>+nd": that hand-off with deterministic=False (unordered dQ atomics)
                 base = m[:-3] if m.endswith("+nd") else m
+                # "<mode>@sN": that mode with N dQ chains (TACA_BWD_NSEG, a timing switch)
+                nseg = None
+                if "@s" in base:
+                    base, nseg = base.split("@s")
                 is6 = base == "v6" or base.startswith("v6:")
                 env = {"TACA_BWD_SM90_KERNEL": "v6" if is6 else "v5"}
                 if is6 and base != "v6":  # "v6:rows" / "v6:tensor": v6 with that dQ writer
                     env["TACA_BWD_V6_WRITER"] = base[3:]
                 elif base not in ("v6", "v5"):  # "v5:<hand-off>" or a bare v5 hand-off name
                     env[ENV] = base[3:] if base.startswith("v5:") else base
+                if nseg is not None:
+                    env["TACA_BWD_NSEG"] = nseg
                 det = not m.endswith("+nd")
                 os.environ.update(env)
                 try:

@@ -1,5 +1,7 @@
 """One FLUX-1024-shaped (or SD3.5-M) taca backward for a profiler: a warm-up call, then one.
-Usage: ncu --kernel-name regex:bwd_main --launch-skip 1 --launch-count 1 python3 benchmarks/bwd_profile_once.py [d64]"""
+Usage: ncu --kernel-name regex:bwd_main --launch-skip 1 --launch-count 1 python3 benchmarks/bwd_profile_once.py [d64]
+With "cudnn": plain cuDNN SDPA (no gamma) forward + backward instead, warmed up, then one iteration
+between cudaProfilerStart / Stop (ncu --profile-from-start off profiles every kernel of it)."""
 import os
 import sys
 
@@ -10,6 +12,26 @@ from taca import ops  # noqa: E402,F401
 
 B, H, D, L, N = (2, 24, 64, 333, 4429) if "d64" in sys.argv else (1, 24, 128, 512, 4608)
 tb, te = (N - L, N) if "d64" in sys.argv else (0, L)
+if "cudnn" in sys.argv:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+
+    def step():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            F.scaled_dot_product_attention(q, k, v).backward(do)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    sys.exit(0)
 q, k, v, do = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
 g = torch.full((B,), 1.2, device="cuda")
 out, lse, _ = torch.ops.taca.fwd(q, k, v, g, 1.0, D ** -0.5, tb, te, False)

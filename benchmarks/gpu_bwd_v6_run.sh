@@ -6,7 +6,7 @@
 # kernel (full set + per-SASS-instruction stall samples in $OUT) and wgmma_check.
 #   run(command="bash benchmarks/gpu_bwd_v6_run.sh", carry=[".whl"], timeout_s=600)
 # Env: STEPS (default "build test sanitize bench attn"; also "prof", "wgmma", "sass"), MODES (bench modes),
-# PROF ("v6"; "v5", "v6:<writer>"), PROF_ARGS ("d64": the SD3.5-M shape), SAN_EXTRA (more sanitizer tools), VARS (v6 dQ writers for the tests, "rows tensor"), SVARS (for the sanitizers, $VARS).
+# PROF ("v6"; "v5", "v6:<writer>"), PROF_ARGS ("d64": the SD3.5-M shape), SAN_EXTRA (more sanitizer tools), VARS (v6 variants for the tests: "default" or a dQ writer; "rows tensor"); "breakdown" in STEPS: bwd_breakdown.py, SVARS (for the sanitizers, $VARS).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STEPS=${STEPS:-"build test sanitize bench attn"}
@@ -14,6 +14,8 @@ MODES=${MODES:-"v5,v6,v5+nd,v6+nd"}
 PROF=${PROF:-"v6"}
 VARS=${VARS:-"rows tensor"}  # v6 dQ writers (TACA_BWD_V6_WRITER) the tests and sanitizers run with
 has() { [[ " $STEPS " == *" $1 "* ]]; }
+# the environment of a v6 variant: "default" (none) or a dQ writer
+v6env() { case "$1" in default) ;; *) echo "TACA_BWD_V6_WRITER=$1" ;; esac; }
 {
 if has build; then STEPS=build OUT=/tmp/hw bash benchmarks/gpu_features_run.sh 2>&1 | grep -E "rc=|has_cuda"; fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so
@@ -32,14 +34,14 @@ fi
 if has test; then
   for var in $VARS; do
     t0=$SECONDS
-    TACA_BWD_V6_WRITER=$var TACA_BWD_SM90_KERNEL=v6 timeout 240 python3 -m pytest -q tests/test_cuda.py tests/test_cuda_bwd.py tests/test_cuda_features.py > "$OUT/pytest_$var.txt" 2>&1
+    env $(v6env $var) TACA_BWD_SM90_KERNEL=v6 timeout 240 python3 -m pytest -q tests/test_cuda.py tests/test_cuda_bwd.py tests/test_cuda_features.py > "$OUT/pytest_$var.txt" 2>&1
     echo "tests (v6 writer $var): $(tail -1 "$OUT/pytest_$var.txt") ($((SECONDS - t0)) s)"; grep -E "^(FAILED|ERROR)|Error" "$OUT/pytest_$var.txt" | head -8
   done
 fi
 if has sanitize; then
   t0=$SECONDS
   for var in ${SVARS:-$VARS}; do for tool in memcheck racecheck $SAN_EXTRA; do
-    TACA_BWD_V6_WRITER=$var TACA_BWD_SM90_KERNEL=v6 timeout 150 compute-sanitizer --tool $tool --kernel-name kns=taca_bwd python3 tests/cuda_harness/sanitize_fwd.py > /tmp/san_v6_$tool.txt 2>&1
+    env $(v6env $var) TACA_BWD_SM90_KERNEL=v6 timeout 150 compute-sanitizer --tool $tool --kernel-name kns=taca_bwd python3 tests/cuda_harness/sanitize_fwd.py > /tmp/san_v6_$tool.txt 2>&1
     echo "v6 (writer $var) $tool rc=$?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|calls done' /tmp/san_v6_$tool.txt | tr '\n' ' ') ($((SECONDS - t0)) s)"
     grep -B2 -A3 -m2 -E "^========= (Invalid|Race|Error)" /tmp/san_v6_$tool.txt | head -14
   done; done
@@ -49,6 +51,7 @@ if has sanitize; then
     && for m in lane0 all; do compute-sanitizer --tool racecheck build/bulkring_racecheck $m > /tmp/san_bulkring.txt 2>&1
   echo "racecheck on the bulk-ring probe: $(grep -E 'RACECHECK SUMMARY|mismatches' /tmp/san_bulkring.txt | tr '\n' ' ')"; done
 fi
+if has breakdown; then timeout 150 python3 benchmarks/bwd_breakdown.py --out "$OUT" > "$OUT/breakdown.txt" 2>&1; grep -E "total|convert|preprocess" "$OUT/breakdown.txt"; fi
 if has bench; then
   timeout 200 python3 benchmarks/bench_bwd_handoff.py --rounds 3 --modes "$MODES" --out "$OUT" 2>&1 | tail -5 > /tmp/bench.txt
 fi
@@ -62,7 +65,8 @@ if has prof; then
     t0=$SECONDS; kf=${k//:/_}$PROF_ARGS
     # "v6", "v5" or "v6:<variant>"
     if [ "${k%%:*}" = v6 ]; then export TACA_BWD_SM90_KERNEL=v6; else export TACA_BWD_SM90_KERNEL=v5; fi
-    if [ "$k" != "${k#v6:}" ]; then export TACA_BWD_V6_WRITER=${k#v6:}; else unset TACA_BWD_V6_WRITER; fi
+    unset TACA_BWD_V6_WRITER
+    if [ "$k" != "${k#v6:}" ]; then export $(v6env ${k#v6:}); fi
     timeout 150 ncu --clock-control none --kernel-name regex:taca_bwd_sm90 --launch-skip 1 --launch-count 1 \
       --set full --import-source no -f -o /tmp/prof_$kf python3 benchmarks/bwd_profile_once.py $PROF_ARGS > /tmp/ncu_${kf}_run.txt 2>&1
     echo "ncu $kf rc=$? ($((SECONDS - t0)) s)"

@@ -16,7 +16,7 @@
  * h / (H / H_kv). Nothing of size N_q x N_k is stored.
  *
  * Algorithm (FlashAttention-2 backward, one pass over the key tiles):
- *   1. bwd_preprocess: delta_i and lse_i * log2(e) into the workspace (one warp per row); lse2 =
+ *   1. bwd_preprocess: delta_i and lse_i * log2(e) into the workspace (DP / 8 threads per row); lse2 =
  *      +inf for padding rows and fully masked rows (lse = -inf), so their P is exactly 0 (no NaN
  *      from -inf - -inf) and they contribute nothing (their dq is 0: out = 0 gives delta = 0).
  *   2. bwd_main, one CTA per (128 key rows, key/value head, batch): K_j, V_j stay in shared
@@ -54,7 +54,8 @@
  *   params->deterministic = 0 uses red.add without order into one zeroed buffer
  *   (FlashAttention-2's atomics, non-deterministic). The environment variable TACA_BWD_MODE
  *   (atomic | racy | skipdq) overrides this for timing experiments only: racy and skipdq
- *   give a wrong dq on purpose (they bound the cost of the ordering and of the dQ matmul).
+ *   give a wrong dq on purpose (they bound the cost of the ordering and of the dQ matmul);
+ *   TACA_BWD_NSEG=1..8 overrides the number of chains (timing too: 4 measured best on FLUX 1024).
  *   Measured history (H100, FLUX 1024 b1 bwd alone): v1 ordered with per-tile fence + load
  *   5.66 ms; v2 early poll + red + delayed release 3.62 ms; see KERNEL_LOG.md.
  *
@@ -118,6 +119,10 @@ bool layout_of(const taca_bwd_params *p, Layout *L) {
     int nseg = L->nk / 8;
     nseg = nseg < 1 ? 1 : (nseg > 4 ? 4 : nseg);
     if (N > 8192 && nseg > 2) nseg = 2;
+    if (const char *e = getenv("TACA_BWD_NSEG")) {  // timing experiments only (1..8 chains)
+        const int n = atoi(e);
+        if (n >= 1 && n <= 8) nseg = n;
+    }
     const int nk1 = L->nk < 1 ? 1 : L->nk;  // N_k = 0 (no key tile): one empty chain
     L->seg_size = (nk1 + nseg - 1) / nseg;
     L->nseg = (nk1 + L->seg_size - 1) / L->seg_size;
@@ -233,12 +238,10 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
     if (a.Nk == 0) {
         // No keys: every row is fully masked (out = 0, lse = -inf), so dq = 0 (dk, dv are
         // empty). bwd_dq_convert over zero chains writes exactly that.
+        // (DP = 64 here: its column loop covers any D, and no workspace row is read.)
         a.nseg = 0;
-        const int64_t total = static_cast<int64_t>(a.B) * a.H * a.N * a.D;
-        const unsigned blocks = static_cast<unsigned>((total + 255) / 256);
-        if (bf16) taca_bwd::bwd_dq_convert<__nv_bfloat16, 64><<<blocks, 256, 0, stream>>>(a);
-        else taca_bwd::bwd_dq_convert<__half, 64><<<blocks, 256, 0, stream>>>(a);
-        return taca_cuda_check_launch("taca_bwd_cuda dq zero");
+        return bf16 ? taca_bwd::launch_dq_convert<__nv_bfloat16, 64>(a, stream, "taca_bwd_cuda dq zero")
+                    : taca_bwd::launch_dq_convert<__half, 64>(a, stream, "taca_bwd_cuda dq zero");
     }
     const size_t sem_bytes = L.off_acc - L.off_sem;
     TACA_CUDA_TRY(cudaMemsetAsync(a.sem, 0, sem_bytes, stream), "taca_bwd_cuda memset");

@@ -139,50 +139,110 @@ __device__ __forceinline__ void store_dk_dv(const BwdArgs &a, int b, int hk, int
     }
 }
 
-/* delta = rowsum(dO * O) and lse2 = lse * log2(e) for every padded row; one warp per row.
+/* 16-byte vector access to rows of a (B, N, H, D) tensor: D % 8 == 0, base and strides aligned. */
+__device__ __forceinline__ bool rows_vec16(const void *base, int64_t sb, int64_t sn, int64_t sh, int D) {
+    return D % 8 == 0 && (reinterpret_cast<uintptr_t>(base) & 15) == 0 && sb % 8 == 0 && sn % 8 == 0 &&
+           sh % 8 == 0;
+}
+
+/* delta = rowsum(dO * O) and lse2 = lse * log2(e) for every padded row: DP / 8 threads per row,
+ * 8 columns each (one 16-byte load of O and of dO where rows_vec16 allows), summed by shuffles.
  * lse2 = +inf past N and for fully masked rows (lse = -inf), so that P = exp2(x - lse2) = 0
- * there even where x = -inf (a masked entry): no NaN, zero gradient contributions. */
-template <typename T>
+ * there even where x = -inf (a masked entry): no NaN, zero gradient contributions.
+ * (One warp per row with 2-byte loads before: 30 us at FLUX 1024 and 60 us at SD3.5-M cfg on an
+ * H200, against cuDNN's 28; benchmarks/bwd_breakdown.py.) */
+template <typename T, int DP>
 __global__ void __launch_bounds__(256) bwd_preprocess(const BwdArgs a) {
-    const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
+    constexpr int TPR = DP / 8, RPB = 256 / TPR;  // threads per row (a power of two <= 32), rows per block
+    const int sub = threadIdx.x % TPR;
+    const int64_t row = static_cast<int64_t>(blockIdx.x) * RPB + threadIdx.x / TPR;
     const int64_t rows = static_cast<int64_t>(a.B) * a.H * a.Np;
-    if (row >= rows) return;
-    const int64_t bh = row / a.Np;
-    const int n = static_cast<int>(row % a.Np);
-    const int b = static_cast<int>(bh / a.H), h = static_cast<int>(bh % a.H);
+    const bool live = row < rows;  // every lane stays for the shuffles
+    const int64_t bh = live ? row / a.Np : 0;
+    const int n = live ? static_cast<int>(row - bh * a.Np) : a.N;
     float acc = 0.f;
     if (n < a.N) {
+        const int b = static_cast<int>(bh / a.H), h = static_cast<int>(bh % a.H);
         const T *o = static_cast<const T *>(a.out) + b * a.os_b + n * a.os_n + h * a.os_h;
         const T *d = static_cast<const T *>(a.dout) + b * a.dos_b + n * a.dos_n + h * a.dos_h;
-        for (int c = lane; c < a.D; c += 32) acc += to_float<T>(o[c]) * to_float<T>(d[c]);
+        const bool vec = rows_vec16(a.out, a.os_b, a.os_n, a.os_h, a.D) &&
+                         rows_vec16(a.dout, a.dos_b, a.dos_n, a.dos_h, a.D);
+        for (int c0 = sub * 8; c0 < a.D; c0 += TPR * 8) {
+            if (vec) {
+                const uint4 ov = *reinterpret_cast<const uint4 *>(o + c0);
+                const uint4 dv = *reinterpret_cast<const uint4 *>(d + c0);
+                const T *oe = reinterpret_cast<const T *>(&ov), *de = reinterpret_cast<const T *>(&dv);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc += to_float<T>(oe[e]) * to_float<T>(de[e]);
+            } else {
+                for (int c = c0; c < c0 + 8 && c < a.D; ++c) acc += to_float<T>(o[c]) * to_float<T>(d[c]);
+            }
+        }
     }
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) {
+    for (int off = TPR / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (live && sub == 0) {
         a.delta[row] = acc;
         const float l = n < a.N ? a.lse[bh * a.N + n] : -INFINITY;
         a.lse2[row] = l == -INFINITY ? INFINITY : l * kLog2e;
     }
 }
 
-/* dq = scale * (sum of the chains' float32 sums, in chain order), cast, strided. */
+/* dq = scale * (sum of the chains' float32 sums, in chain order), cast, strided: DP / 8 threads
+ * per row, 8 columns each (two 16-byte loads per chain, one 16-byte store where rows_vec16
+ * allows). (One element per thread with 64-bit index divisions before: 111 us at FLUX 1024 with
+ * four chains, 100 us with one, against cuDNN's 26; benchmarks/bwd_breakdown.py.) */
 template <typename T, int DP>
 __global__ void __launch_bounds__(256) bwd_dq_convert(const BwdArgs a) {
-    const int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
-    const int64_t total = static_cast<int64_t>(a.B) * a.H * a.N * a.D;
-    if (i >= total) return;
-    const int d = static_cast<int>(i % a.D);
-    const int64_t r = i / a.D;
-    const int n = static_cast<int>(r % a.N);
+    constexpr int TPR = DP / 8, RPB = 256 / TPR;
+    const int sub = threadIdx.x % TPR;
+    const int64_t r = static_cast<int64_t>(blockIdx.x) * RPB + threadIdx.x / TPR;  // (bh, n) over B*H*N
+    if (r >= static_cast<int64_t>(a.B) * a.H * a.N) return;
     const int64_t bh = r / a.N;
+    const int n = static_cast<int>(r - bh * a.N);
     const int b = static_cast<int>(bh / a.H), h = static_cast<int>(bh % a.H);
     T *dq = static_cast<T *>(a.dq) + b * a.dqs_b + n * a.dqs_n + h * a.dqs_h;
     const int64_t seg_stride = static_cast<int64_t>(a.B) * a.H * a.Np * DP;
-    const float *src = a.dq_acc + (bh * a.Np + n) * DP + d;
-    float v = 0.f;
-    for (int sg = 0; sg < a.nseg; ++sg) v += __ldcs(src + sg * seg_stride);  // fixed order
-    dq[d] = from_float<T>(v * a.scale);
+    const float *src = a.dq_acc + (bh * a.Np + n) * DP;
+    const bool vec = rows_vec16(a.dq, a.dqs_b, a.dqs_n, a.dqs_h, a.D);
+    for (int c0 = sub * 8; c0 < a.D; c0 += TPR * 8) {  // one pass when D <= DP
+        float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int sg = 0; sg < a.nseg; ++sg) {  // fixed order
+            const float4 *s4 = reinterpret_cast<const float4 *>(src + sg * seg_stride + c0);
+            const float4 x = __ldcs(s4), y = __ldcs(s4 + 1);
+            v[0] += x.x, v[1] += x.y, v[2] += x.z, v[3] += x.w;
+            v[4] += y.x, v[5] += y.y, v[6] += y.z, v[7] += y.w;
+        }
+        if (vec) {
+            uint4 o;
+            o.x = pack2<T>(v[0] * a.scale, v[1] * a.scale);
+            o.y = pack2<T>(v[2] * a.scale, v[3] * a.scale);
+            o.z = pack2<T>(v[4] * a.scale, v[5] * a.scale);
+            o.w = pack2<T>(v[6] * a.scale, v[7] * a.scale);
+            *reinterpret_cast<uint4 *>(dq + c0) = o;
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+                if (c0 + e < a.D) dq[c0 + e] = from_float<T>(v[e] * a.scale);
+        }
+    }
+}
+
+/* The two helper kernels of every backward, launched for padded head dim DP (the workspace's
+ * dQ row). Return TACA_OK or the launch error. */
+template <typename T, int DP>
+int launch_preprocess(const BwdArgs &a, cudaStream_t stream, const char *what) {
+    const int64_t rows = static_cast<int64_t>(a.B) * a.H * a.Np;
+    constexpr int RPB = 256 / (DP / 8);
+    bwd_preprocess<T, DP><<<static_cast<unsigned>((rows + RPB - 1) / RPB), 256, 0, stream>>>(a);
+    return taca_cuda_check_launch(what);
+}
+template <typename T, int DP>
+int launch_dq_convert(const BwdArgs &a, cudaStream_t stream, const char *what) {
+    const int64_t rows = static_cast<int64_t>(a.B) * a.H * a.N;
+    constexpr int RPB = 256 / (DP / 8);
+    bwd_dq_convert<T, DP><<<static_cast<unsigned>((rows + RPB - 1) / RPB), 256, 0, stream>>>(a);
+    return taca_cuda_check_launch(what);
 }
 
 template <int DP, int BM> struct Smem {
@@ -564,8 +624,7 @@ int launch_bwd(const BwdArgs &a, cudaStream_t stream) {
                   "taca_bwd_cuda cudaDeviceGetAttribute");
     if (smem > static_cast<size_t>(smem_max)) return TACA_ERR_UNSUPPORTED;  // D > 128 before sm_90
     const int64_t rows = static_cast<int64_t>(a.B) * a.H * a.Np;
-    bwd_preprocess<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(a);
-    int st = taca_cuda_check_launch("taca_bwd_cuda preprocess");
+    int st = launch_preprocess<T, DP>(a, stream, "taca_bwd_cuda preprocess");
     if (st != TACA_OK) return st;
     const bool masked = a.mask.data != nullptr;
     auto kernel = masked ? bwd_main<T, DP, DC, BM, true> : bwd_main<T, DP, DC, BM, false>;
@@ -581,9 +640,7 @@ int launch_bwd(const BwdArgs &a, cudaStream_t stream) {
     kernel<<<grid, kThreads, smem, stream>>>(a);
     st = taca_cuda_check_launch("taca_bwd_cuda main");
     if (st != TACA_OK || a.nk == 1) return st;
-    const int64_t total = static_cast<int64_t>(a.B) * a.H * a.N * a.D;
-    bwd_dq_convert<T, DP><<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(a);
-    return taca_cuda_check_launch("taca_bwd_cuda dq convert");
+    return launch_dq_convert<T, DP>(a, stream, "taca_bwd_cuda dq convert");
 }
 
 /* The configuration for a head dim: padded DP, chunk DC, query tile BM. */

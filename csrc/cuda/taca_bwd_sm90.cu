@@ -610,8 +610,7 @@ int launch(const BwdArgs &a, cudaStream_t stream, int ho) {
     TACA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM),
                   "taca_bwd_cuda (sm90): cudaFuncSetAttribute");
     const int64_t rows = static_cast<int64_t>(a.B) * a.H * a.Np;
-    taca_bwd::bwd_preprocess<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(a);
-    int st = taca_cuda_check_launch("taca_bwd_cuda (sm90) preprocess");
+    int st = taca_bwd::launch_preprocess<T, DP>(a, stream, "taca_bwd_cuda (sm90) preprocess");
     if (st != TACA_OK) return st;
     if (a.mode == taca_bwd::kAtomic && a.nk > 1) {
         TACA_CUDA_TRY(cudaMemsetAsync(a.dq_acc, 0, static_cast<size_t>(rows) * DP * sizeof(float), stream),
@@ -620,9 +619,7 @@ int launch(const BwdArgs &a, cudaStream_t stream, int ho) {
     kernel<<<dim3(a.nk, a.Hkv, a.B), C::THREADS, C::SMEM, stream>>>(a, ho);
     st = taca_cuda_check_launch("taca_bwd_cuda (sm90) main");
     if (st != TACA_OK || a.nk == 1) return st;
-    const int64_t total = static_cast<int64_t>(a.B) * a.H * a.N * a.D;
-    taca_bwd::bwd_dq_convert<T, DP><<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(a);
-    return taca_cuda_check_launch("taca_bwd_cuda (sm90) dq convert");
+    return taca_bwd::launch_dq_convert<T, DP>(a, stream, "taca_bwd_cuda (sm90) dq convert");
 }
 
 template <typename T, int DP>

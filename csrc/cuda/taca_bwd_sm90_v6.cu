@@ -426,20 +426,19 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         uint32_t pa[BM / 16][4], da[BM / 16][4];
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk) {
-            const float *s0 = s + 8 * kk, *d0 = dp + 8 * kk;
+            const float *s0 = s + 8 * kk;
             pa[kk][0] = pack2<T>(s0[0], s0[1]);
             pa[kk][1] = pack2<T>(s0[2], s0[3]);
             pa[kk][2] = pack2<T>(s0[4], s0[5]);
             pa[kk][3] = pack2<T>(s0[6], s0[7]);
         }
-        // dV += P^T dO first (group 1): it runs while dS' is packed, stored and published.
+        // dV += P^T dO first (group 1): it runs while dS' is packed, stored and published. One
+        // m64nDPk16 per k-step (dO's two 64-column blocks BM * 128 bytes apart at DP = 128).
         fence_regs<DP / 2>(dv);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk)
-#pragma unroll
-            for (int hb = 0; hb < DP / 64; ++hb)
-                wgmma_rs<T, 64, 1>(dv + hb * 32, pa[kk], desc_sw128(dot + hb * BM * 128 + kk * 16 * 128), 1);
+            wgmma_rs<T, DP, 1>(dv, pa[kk], desc_sw128_mn(dot + kk * 16 * 128, BM * 128), 1);
         wgmma_commit();
         // dS' of tile it - 1 read by both warpgroups' dQ products before it is overwritten
         if (it > 0) mbar_wait(ds_free, (it - 1) & 1);
@@ -469,9 +468,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         wgmma_commit();
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk)
-#pragma unroll
-            for (int hb = 0; hb < DP / 64; ++hb)
-                wgmma_rs<T, 64, 1>(dk + hb * 32, da[kk], desc_sw128(qt + hb * BM * 128 + kk * 16 * 128), 1);
+            wgmma_rs<T, DP, 1>(dk, da[kk], desc_sw128_mn(qt + kk * 16 * 128, BM * 128), 1);
         wgmma_commit();
         wgmma_wait<1>();  // dV and dQ done; dK still running
         fence_regs<32>(dq);
@@ -562,8 +559,7 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     TACA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM),
                   "taca_bwd_cuda (sm90 v6): cudaFuncSetAttribute");
     const int64_t rows = static_cast<int64_t>(a.B) * a.H * a.Np;
-    taca_bwd::bwd_preprocess<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(a);
-    int st = taca_cuda_check_launch("taca_bwd_cuda (sm90 v6) preprocess");
+    int st = taca_bwd::launch_preprocess<T, DP>(a, stream, "taca_bwd_cuda (sm90 v6) preprocess");
     if (st != TACA_OK) return st;
     if (a.mode == taca_bwd::kAtomic && a.nk > 1) {
         TACA_CUDA_TRY(cudaMemsetAsync(a.dq_acc, 0, static_cast<size_t>(rows) * DP * sizeof(float), stream),
@@ -572,9 +568,7 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     kernel<<<dim3(a.nk, a.Hkv, a.B), C::THREADS, C::SMEM, stream>>>(p);
     st = taca_cuda_check_launch("taca_bwd_cuda (sm90 v6) main");
     if (st != TACA_OK || a.nk == 1) return st;
-    const int64_t total = static_cast<int64_t>(a.B) * a.H * a.N * a.D;
-    taca_bwd::bwd_dq_convert<T, DP><<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(a);
-    return taca_cuda_check_launch("taca_bwd_cuda (sm90 v6) dq convert");
+    return taca_bwd::launch_dq_convert<T, DP>(a, stream, "taca_bwd_cuda (sm90 v6) dq convert");
 }
 
 template <int DP, int BM, bool TW>

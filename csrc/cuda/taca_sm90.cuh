@@ -37,6 +37,15 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t smem_addr) {
            ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
 }
 
+/* The same for an N-major (transposed) operand wider than one swizzle atom: a tile stored as
+ * 64-column blocks of 128-byte rows (sw128_offset's layout), the blocks lbo bytes apart. For an
+ * N-major layout the leading byte offset is the stride between 64-element blocks along N (unused
+ * when N <= 64), the stride byte offset the one between groups of 8 rows along K (1024). */
+__device__ __forceinline__ uint64_t desc_sw128_mn(uint32_t smem_addr, uint32_t lbo) {
+    return (uint64_t)((smem_addr & 0x3FFFFu) >> 4) | ((uint64_t)((lbo >> 4) & 0x3FFFu) << 16) |
+           ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+}
+
 /* Order this thread's earlier shared-memory writes (ordinary or cp.async) before later reads by
  * the async proxy (wgmma); put it before the barrier that publishes the data. */
 __device__ __forceinline__ void fence_proxy_async() {

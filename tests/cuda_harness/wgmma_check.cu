@@ -5,6 +5,9 @@
  *   O (64 x D)   = P (64 x 128) V (128 x D)   A from registers (bf16), B = V N-major
  *   O again, with A = P from swizzled shared memory (K-major) and B = V N-major: the
  *                                             backward's dQ = dS K (wgmma_ss TA=0, TB=1)
+ *   at D = 128, both O products again as one m64n128 instruction per k-step (B = V N-major over
+ *   its two 64-column blocks, desc_sw128_mn with the blocks' stride as leading byte offset): the
+ *   backward's dV, dK (RS) and one-warpgroup dQ (SS) forms
  *   S^T stored by store_block_trans (stmatrix .trans, taca_bwd_sm90.cuh) from the packed S
  *   fragments into a K-major tile (128 rows x 64): the backward's dS^T -> dS; exact match
  * for D = 64 and 128, against float64 products on the host of the same bf16 values.
@@ -31,7 +34,8 @@ typedef __nv_bfloat16 bf;
 template <int D>
 __global__ void __launch_bounds__(128, 1) check_kernel(const bf *q, const bf *k, const bf *p,
                                                        const bf *v, float *s_out, float *o_out,
-                                                       float *o2_out, float *st_out) {
+                                                       float *o2_out, float *st_out, float *o3_out,
+                                                       float *o4_out) {
 #if TACA_SM90A
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -106,6 +110,35 @@ __global__ void __launch_bounds__(128, 1) check_kernel(const bf *q, const bf *k,
             o2_out[row * D + col] = o2[nt * 4 + e];
         }
 
+    if constexpr (D == 128) {  // N = 128 in one instruction: RS (o3), then SS (o4)
+#pragma unroll 1
+        for (int form = 0; form < 2; ++form) {
+            float o3[64];
+            for (int i = 0; i < 64; ++i) o3[i] = 0.0f;
+            fence_regs<64>(o3);
+            wgmma_fence();
+            if (form == 0) {
+#pragma unroll
+                for (int kk = 0; kk < 8; ++kk)
+                    wgmma_rs<bf, 128, 1>(o3, pa[kk], desc_sw128_mn(sv + kk * 16 * 128, 128 * 128), 1);
+            } else {
+#pragma unroll
+                for (int kk = 0; kk < 8; ++kk)
+                    wgmma_ss<bf, 128, 0, 1>(o3, desc_sw128(sp + (kk >> 2) * 64 * 128 + (kk & 3) * 32),
+                                            desc_sw128_mn(sv + kk * 16 * 128, 128 * 128), kk > 0);
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs<64>(o3);
+            float *dst = form == 0 ? o3_out : o4_out;
+            for (int nt = 0; nt < 16; ++nt)
+                for (int e = 0; e < 4; ++e) {
+                    const int row = warp * 16 + (lane >> 2) + (e >> 1) * 8, col = nt * 8 + (lane & 3) * 2 + (e & 1);
+                    dst[row * D + col] = o3[nt * 4 + e];
+                }
+        }
+    }
+
     // S^T through stmatrix .trans: pack S (rows = q, columns = k) as A fragments, store transposed
     for (int kk = 0; kk < 8; ++kk) {
         uint32_t sa[4];
@@ -144,11 +177,13 @@ bool run() {
     };
     fill(hq, fq); fill(hk, fk); fill(hp, fp); fill(hv, fv);
     bf *dq, *dk, *dp, *dv;
-    float *ds, *dout, *do2, *dst;
+    float *ds, *dout, *do2, *dst, *do3, *do4;
     CK(cudaMalloc(&dq, hq.size() * 2)); CK(cudaMalloc(&dk, hk.size() * 2));
     CK(cudaMalloc(&dp, hp.size() * 2)); CK(cudaMalloc(&dv, hv.size() * 2));
     CK(cudaMalloc(&ds, 64 * 128 * 4)); CK(cudaMalloc(&dout, 64 * D * 4));
     CK(cudaMalloc(&do2, 64 * D * 4)); CK(cudaMalloc(&dst, 128 * 64 * 4));
+    CK(cudaMalloc(&do3, 64 * D * 4)); CK(cudaMalloc(&do4, 64 * D * 4));
+    CK(cudaMemset(do3, 0xff, 64 * D * 4)); CK(cudaMemset(do4, 0xff, 64 * D * 4));
     CK(cudaMemset(do2, 0xff, 64 * D * 4)); CK(cudaMemset(dst, 0xff, 128 * 64 * 4));
     CK(cudaMemcpy(dq, hq.data(), hq.size() * 2, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(dk, hk.data(), hk.size() * 2, cudaMemcpyHostToDevice));
@@ -157,15 +192,17 @@ bool run() {
     CK(cudaMemset(ds, 0xff, 64 * 128 * 4)); CK(cudaMemset(dout, 0xff, 64 * D * 4));
     const int smem = (64 + 128 + 128) * D * 2 + 2 * 64 * 128 * 2 + 1024;
     CK(cudaFuncSetAttribute(check_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    check_kernel<D><<<1, 128, smem>>>(dq, dk, dp, dv, ds, dout, do2, dst);
+    check_kernel<D><<<1, 128, smem>>>(dq, dk, dp, dv, ds, dout, do2, dst, do3, do4);
     CK(cudaGetLastError());
     CK(cudaDeviceSynchronize());
-    std::vector<float> s(64 * 128), o(64 * D), o2(64 * D), st(128 * 64);
+    std::vector<float> s(64 * 128), o(64 * D), o2(64 * D), st(128 * 64), o3(64 * D), o4(64 * D);
+    CK(cudaMemcpy(o3.data(), do3, o3.size() * 4, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(o4.data(), do4, o4.size() * 4, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(o2.data(), do2, o2.size() * 4, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(st.data(), dst, st.size() * 4, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(s.data(), ds, s.size() * 4, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(o.data(), dout, o.size() * 4, cudaMemcpyDeviceToHost));
-    double es = 0, eo = 0, eo2 = 0;
+    double es = 0, eo = 0, eo2 = 0, eo3 = 0, eo4 = 0;
     long bad_st = 0;
     for (int i = 0; i < 64; ++i)
         for (int j = 0; j < 128; ++j) {
@@ -182,15 +219,21 @@ bool run() {
             eo = (e == e && eo == eo) ? fmax(eo, e) : NAN;
             const double e2 = fabs(r - o2[i * D + c]);
             eo2 = (e2 == e2 && eo2 == eo2) ? fmax(eo2, e2) : NAN;
+            if (D == 128) {
+                const double e3 = fabs(r - o3[i * D + c]), e4 = fabs(r - o4[i * D + c]);
+                eo3 = (e3 == e3 && eo3 == eo3) ? fmax(eo3, e3) : NAN;
+                eo4 = (e4 == e4 && eo4 == eo4) ? fmax(eo4, e4) : NAN;
+            }
         }
     for (int i = 0; i < 64; ++i)
         for (int j = 0; j < 128; ++j)
             bad_st += st[j * 64 + i] != __bfloat162float(__float2bfloat16(s[i * 128 + j]));
-    const bool ok = es < 1e-3 && eo < 1e-3 && eo2 < 1e-3 && bad_st == 0;
+    const bool ok = es < 1e-3 && eo < 1e-3 && eo2 < 1e-3 && eo3 < 1e-3 && eo4 < 1e-3 && bad_st == 0;
     printf("wgmma_check D=%d: S=QK^T max err %.3g, O=PV max err %.3g, O=PV (SS TA=0 TB=1) max err %.3g, "
-           "S^T by stmatrix.trans: %ld mismatches: %s\n", D, es, eo, eo2, bad_st, ok ? "ok" : "WRONG");
+           "O=PV n128 (RS) %.3g, (SS) %.3g, S^T by stmatrix.trans: %ld mismatches: %s\n", D, es, eo, eo2, eo3, eo4,
+           bad_st, ok ? "ok" : "WRONG");
     cudaFree(dq); cudaFree(dk); cudaFree(dp); cudaFree(dv); cudaFree(ds); cudaFree(dout);
-    cudaFree(do2); cudaFree(dst);
+    cudaFree(do2); cudaFree(dst); cudaFree(do3); cudaFree(do4);
     return ok;
 }
 
