@@ -2,7 +2,8 @@
 # Run: run(command="bash benchmarks/gpu_verify_run.sh", carry=[".whl"]); files under $OUT.
 # Lean verification of the default kernels: build, CUDA tests, memcheck + racecheck (and the racecheck
 # probes), the Hopper backward per kernel (v5 / v6, deterministic or not), fwd+bwd against cuDNN.
-# Env: QUICK=1 (short timing windows, three shapes) or the full table of every PERFORMANCE.md shape.
+# Env: QUICK=1 (short timing windows, three shapes) or the full table of every PERFORMANCE.md shape;
+# TRAIN=1 adds the FLUX.1-dev-sized LoRA training step (stock attention vs taca, batch 1 and 4).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 {
@@ -23,5 +24,9 @@ if [ "${QUICK:-0}" = 1 ]; then
   python3 benchmarks/bench_attention_gpu.py --quick --shapes flux1024_b1,sd35m_cfg,flux1024_b2 --methods "taca|split" --out "$OUT" --tag verify 2>&1 | grep "^|" | grep -v "plain_eff"
 else
   python3 benchmarks/bench_attention_gpu.py --methods "taca|split" --out "$OUT" --tag verify 2>&1 | grep -v "^$" > "$OUT/bench.txt"; grep "^|" "$OUT/bench.txt" | grep -v plain_eff
+fi
+if [ "${TRAIN:-0}" = 1 ]; then  # the LoRA training step, FLUX.1-dev size (bench_train_step.py), stock vs taca
+  timeout 240 python3 benchmarks/bench_train_step.py --models flux --batches 1,4 --methods stock,taca --out "$OUT" 2>&1 \
+    | grep -v "^$" > "$OUT/bench_train.txt"; echo "train bench rc=$?"; grep "^|" "$OUT/bench_train.txt"
 fi
 } 2>&1 | tee "$OUT/log.txt"

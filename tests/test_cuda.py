@@ -239,8 +239,7 @@ def test_poisoned_output_outside_view_untouched():
 @pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
 # 1..5: mma.sync tilings; 6: the mma.sync default (the default path off Hopper); 0, 7..13: the
 # Hopper wgmma tilings where the device runs sm_90a code (otherwise they fall back to mma.sync);
-# at D = 128, 0 = 10 and 11, 12 are the warp-specialized TMA kernels, 13 the cp.async one (the
-# D = 64 default at D = 64).
+# at D = 128 and 64, 0 = 10 and 11, 12 are the warp-specialized TMA kernels, 13 the cp.async one.
 @pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("text_first", [False, True])
@@ -255,22 +254,23 @@ def test_tiling_variants(variant, D, text_first):
     assert (lse - rlse).abs().max().item() < 1e-3 and (tm - rtm).abs().max().item() < 1e-3
 
 
-# The warp-specialized D = 128 kernels (0 = 10 is the default; TMA maps over arbitrary strides, mbarrier ring, ping-pong
-# turns that must pair up for any number of key tiles): the D = 128 cases above plus the edges
-# that stress them: one key tile, N one past a tile, text only, 3 heads x 3 samples (per-sample
-# gamma), strided views of both layouts.
-WS_CASES = [c for c in CASES if c[4] == 128] + [
-    (1, 2, 0, 128, 128, True, torch.bfloat16, "bhnd", False),
-    (1, 2, 77, 52, 128, False, torch.float16, "bnhd", True),
-    (3, 3, 333, 4096, 128, False, torch.bfloat16, "bhnd", True),
-    (2, 1, 512, 257, 128, True, torch.float16, "bnhd", True),
+# The warp-specialized kernels (variants 10..12 at D = 128 and 64, where 0 = 10 is the default;
+# TMA maps over arbitrary strides, mbarrier ring, ping-pong turns that must pair up for any
+# number of key tiles): the D = 64 and 128 cases above plus the edges that stress them: one key
+# tile, N one past a tile, text only, 3 heads x 3 samples (per-sample gamma), strided views of
+# both layouts.
+WS_CASES = [c for c in CASES if c[4] in (64, 128)] + [
+    (1, 2, 0, 128, D, True, torch.bfloat16, "bhnd", False) for D in (64, 128)] + [
+    (1, 2, 77, 52, D, False, torch.float16, "bnhd", True) for D in (64, 128)] + [
+    (3, 3, 333, 4096, D, False, torch.bfloat16, "bhnd", True) for D in (64, 128)] + [
+    (2, 1, 512, 257, D, True, torch.float16, "bnhd", True) for D in (64, 128)] + [
     (1, 2, 300, 0, 128, False, torch.bfloat16, "bhnd", False),
 ]
 
 
 @pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
 @pytest.mark.parametrize("variant", [10, 11, 12])
-@pytest.mark.parametrize("case", WS_CASES, ids=lambda c: f"B{c[0]}H{c[1]}-L{c[2]}-img{c[3]}-{'tf' if c[5] else 'tl'}-{str(c[6])[6:]}-{c[7]}{'-view' if c[8] else ''}")
+@pytest.mark.parametrize("case", WS_CASES, ids=lambda c: f"B{c[0]}H{c[1]}-L{c[2]}-img{c[3]}-D{c[4]}-{'tf' if c[5] else 'tl'}-{str(c[6])[6:]}-{c[7]}{'-view' if c[8] else ''}")
 def test_ws_variants_match_reference(variant, case):
     B, H, L, n_img, D, tf, dtype, layout, nc = case
     check_case("ctypes", B, H, L, n_img, D, tf, dtype, layout=layout, noncontig=nc, variant=variant)
@@ -278,10 +278,11 @@ def test_ws_variants_match_reference(variant, case):
 
 @pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
 @pytest.mark.parametrize("variant", [10, 11, 12])
+@pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("text_first", [True, False])
-def test_ws_variants_gamma_reverse(variant, text_first):
-    check_case("ctypes", 2, 2, 77, 1025, 128, text_first, torch.bfloat16, gamma_reverse=0.7, variant=variant)
-    check_case("ctypes", 1, 2, 333, 97, 128, text_first, torch.float16, gamma_reverse=1.5, per_sample=False,
+def test_ws_variants_gamma_reverse(variant, D, text_first):
+    check_case("ctypes", 2, 2, 77, 1025, D, text_first, torch.bfloat16, gamma_reverse=0.7, variant=variant)
+    check_case("ctypes", 1, 2, 333, 97, D, text_first, torch.float16, gamma_reverse=1.5, per_sample=False,
                variant=variant)
 
 

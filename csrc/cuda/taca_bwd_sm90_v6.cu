@@ -44,8 +44,11 @@
  * chains and dq conversion as v5, and the same fp32 operations in the same order: v6's gradients
  * equal v5's bitwise (bench_bwd_handoff.py, FLUX 1024 and SD3.5-M shapes, H200; tests). Falls
  * back (TACA_ERR_UNSUPPORTED) where a tensor map cannot be encoded (v5 then runs).
- * The default wherever it applies (taca_bwd.cu): FLUX 1024 b1 bwd 1.61 vs v5's 1.83 ms, SD3.5-M
- * cfg 1.73 vs 1.93 ms on an H200. KERNEL_LOG "Backward v6" and the entries after it have the runs,
+ *   6. dV += P^T dO and dK += dS'^T Q as one m64nDPk16 per k-step (dO and Q as 64-column blocks,
+ *      desc_sw128_mn), not two m64n64: cuDNN's instruction mix (ncu) had them so; FLUX main kernel
+ *      1382 -> 1342 us.
+ * The default wherever it applies (taca_bwd.cu): FLUX 1024 b1 bwd 1.52 vs v5's 1.75 ms, SD3.5-M
+ * cfg 1.65 vs 1.85 ms on an H200 (with the preprocess and conversion of taca_bwd_kernel.cuh). KERNEL_LOG "Backward v6" and the entries after it have the runs,
  * the profiles and what was tried and dropped (an 80-row tile, a rotated chain schedule, the next
  * tile's S issued during dK, dK from shared memory, a relaxed poll: none faster).
  */

@@ -315,9 +315,12 @@ namespace taca_fwd90 {
  * 12: warp-specialized without the turns; 10..12 fall back to 13 where a TMA map cannot be
  * encoded. 13: this file's kernel (the default before), 128-key tiles, 2 stages; 7: 13 with
  * the P V product of tile j-1 overlapping the softmax of tile j (3 stages); 8: overlap, 64-key
- * tiles, 4 stages; 9: no overlap, 128-key tiles, 3 stages. D = 64: 0: 64-key tiles, 3 stages;
- * 7: overlap, 64-key tiles, 4 stages; 8: overlap, 128-key tiles, 3 stages; 9: overlap, 3
- * warpgroups (192-row CTAs), 64-key tiles, 4 stages; 10..13 run 0. */
+ * tiles, 4 stages; 9: no overlap, 128-key tiles, 3 stages. D = 64: 0 (= 10): warp-specialized
+ * (taca_fwd_sm90_ws.cuh at DP = 64: 128-row CTAs, 128-key tiles, 2 stages; 0.640 vs 0.671 ms on
+ * SD3.5-M cfg, H200, KERNEL_LOG), 11: that with the intra-warpgroup overlap, 12: that with 4
+ * stages (10..12 fall back to 13 where a TMA map cannot be encoded); 13: this file's kernel,
+ * 64-key tiles, 3 stages (the default before); 7: overlap, 64-key tiles, 4 stages; 8: overlap,
+ * 128-key tiles, 3 stages; 9: overlap, 3 warpgroups (192-row CTAs), 64-key tiles, 4 stages. */
 template <typename T, int D>
 int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
     if (a.spans || a.mask.data) {  // per-sample spans or a mask: the default tiling's FEAT instance
@@ -326,6 +329,8 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
             if (st != TACA_ERR_UNSUPPORTED) return st;
             return taca_fwd90::launch<T, Cfg<128, 128, 2, 2, false>, true>(a, batch, heads, stream);
         } else {
+            const int st = launch_ws<T, WsCfg<2, false, true, 64>, true>(a, batch, heads, stream);
+            if (st != TACA_ERR_UNSUPPORTED) return st;
             return taca_fwd90::launch<T, Cfg<64, 64, 2, 3, false>, true>(a, batch, heads, stream);
         }
     }
@@ -348,7 +353,14 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
         case 7: return launch<T, Cfg<64, 64, 2, 4, true>>(a, batch, heads, stream);
         case 8: return launch<T, Cfg<64, 128, 2, 3, true>>(a, batch, heads, stream);
         case 9: return launch<T, Cfg<64, 64, 3, 4, true>>(a, batch, heads, stream);
-        default: return launch<T, Cfg<64, 64, 2, 3, false>>(a, batch, heads, stream);
+        case 13: return launch<T, Cfg<64, 64, 2, 3, false>>(a, batch, heads, stream);
+        default: {
+            const int st = variant == 11   ? launch_ws<T, WsCfg<2, true, true, 64>>(a, batch, heads, stream)
+                           : variant == 12 ? launch_ws<T, WsCfg<4, false, true, 64>>(a, batch, heads, stream)
+                                           : launch_ws<T, WsCfg<2, false, true, 64>>(a, batch, heads, stream);
+            if (st != TACA_ERR_UNSUPPORTED) return st;
+            return launch<T, Cfg<64, 64, 2, 3, false>>(a, batch, heads, stream);  // no TMA map
+        }
         }
     }
 }

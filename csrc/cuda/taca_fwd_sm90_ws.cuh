@@ -1,6 +1,6 @@
 /*
- * taca_fwd_sm90_ws.cuh: warp-specialized Hopper forward for D = 128 (the default there, and
- * variants 10..12 of taca_fwd_sm90.cu); included by that file only.
+ * taca_fwd_sm90_ws.cuh: warp-specialized Hopper forward for D = 128 and D = 64 (the default at
+ * both, and variants 10..12 of taca_fwd_sm90.cu); included by that file only.
  *
  * Same math and outputs as taca_fwd_sm90_kernel; what differs is who loads and who waits:
  *   CTA = 3 warpgroups, 384 threads, BR = 128 query rows, BC = 128-key tiles.
@@ -25,9 +25,9 @@
 
 namespace taca_fwd90 {
 
-template <int STAGES_, bool OVERLAP_, bool PINGPONG_>
+template <int STAGES_, bool OVERLAP_, bool PINGPONG_, int DP_ = 128>
 struct WsCfg {
-    static constexpr int DP = 128, BC = 128, BR = 128, STAGES = STAGES_;
+    static constexpr int DP = DP_, BC = 128, BR = 128, STAGES = STAGES_;  // DP: 128 or 64
     // OVERLAP: softmax of S_j starts once S_j landed, while P_{j-1} V_{j-1} still runs (FA3's
     // intra-warpgroup overlap); O is rescaled after that product landed.
     static constexpr bool OVERLAP = OVERLAP_;
@@ -37,6 +37,8 @@ struct WsCfg {
     static constexpr uint32_t Q_BYTES = BR * DP * 2;
     static constexpr uint32_t KV_BYTES = BC * DP * 2;
     static constexpr size_t SMEM = Q_BYTES + 2 * STAGES * KV_BYTES + 1024;  // + alignment slack
+    static_assert(DP == 64 || DP == 128, "head dim");
+    static_assert(SMEM <= 232448, "shared memory");
 };
 
 /* Kernel parameters: the three TMA maps (64-byte aligned, in parameter space) and, for each map,

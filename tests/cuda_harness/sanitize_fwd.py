@@ -24,12 +24,13 @@ def main():
                 q, k, v = (torch.randn(1, 2, 250, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
                 taca_ctypes.fwd(q, k, v, text_len=33, text_first=var % 2 == 0, gamma=1.2, variant=var)
                 runs += 1
-        # warp-specialized D = 128 kernels: several key tiles (ring wrap-around), N off the tile,
-        # a bnhd view
-        for var in (10, 11, 12):
-            q, k, v = (torch.randn(1, 700, 2, 136, device="cuda", dtype=torch.float16)[..., :128] for _ in range(3))
-            taca_ctypes.fwd(q, k, v, text_len=77, text_first=False, gamma=1.3, layout="bnhd", variant=var)
-            runs += 1
+        # warp-specialized kernels (D = 128 and 64): several key tiles (ring wrap-around, 4 stages
+        # too), N off the tile, a bnhd view
+        for D in (128, 64):
+            for var in (10, 11, 12):
+                q, k, v = (torch.randn(1, 700, 2, D + 8, device="cuda", dtype=torch.float16)[..., :D] for _ in range(3))
+                taca_ctypes.fwd(q, k, v, text_len=77, text_first=False, gamma=1.3, layout="bnhd", variant=var)
+                runs += 1
         buf = torch.randn(3, 1 + 2 * 130 * 65, device="cuda").half()
         q, k, v = (b[1:].view(2, 130, 65)[..., :64].unsqueeze(2) for b in buf)
         taca_ctypes.fwd(q, k, v, text_len=7, text_first=False, gamma=0.8, layout="bnhd")
