@@ -229,19 +229,20 @@ __global__ void __launch_bounds__(256) bwd_dq_convert(const BwdArgs a) {
 }
 
 /* The two helper kernels of every backward, launched for padded head dim DP (the workspace's
- * dQ row). Return TACA_OK or the launch error. */
+ * dQ row; 256-thread blocks of 256 / (DP / 8) rows). Return TACA_OK or the launch error. */
+template <int DP>
+unsigned row_blocks(int64_t rows) {
+    constexpr int RPB = 256 / (DP / 8);
+    return static_cast<unsigned>((rows + RPB - 1) / RPB);
+}
 template <typename T, int DP>
 int launch_preprocess(const BwdArgs &a, cudaStream_t stream, const char *what) {
-    const int64_t rows = static_cast<int64_t>(a.B) * a.H * a.Np;
-    constexpr int RPB = 256 / (DP / 8);
-    bwd_preprocess<T, DP><<<static_cast<unsigned>((rows + RPB - 1) / RPB), 256, 0, stream>>>(a);
+    bwd_preprocess<T, DP><<<row_blocks<DP>(static_cast<int64_t>(a.B) * a.H * a.Np), 256, 0, stream>>>(a);
     return taca_cuda_check_launch(what);
 }
 template <typename T, int DP>
 int launch_dq_convert(const BwdArgs &a, cudaStream_t stream, const char *what) {
-    const int64_t rows = static_cast<int64_t>(a.B) * a.H * a.N;
-    constexpr int RPB = 256 / (DP / 8);
-    bwd_dq_convert<T, DP><<<static_cast<unsigned>((rows + RPB - 1) / RPB), 256, 0, stream>>>(a);
+    bwd_dq_convert<T, DP><<<row_blocks<DP>(static_cast<int64_t>(a.B) * a.H * a.N), 256, 0, stream>>>(a);
     return taca_cuda_check_launch(what);
 }
 
