@@ -3,7 +3,8 @@
 # Lean verification of the default kernels: build, CUDA tests, memcheck + racecheck (and the racecheck
 # probes), the Hopper backward per kernel (v5 / v6, deterministic or not), fwd+bwd against cuDNN.
 # Env: QUICK=1 (short timing windows, three shapes) or the full table of every PERFORMANCE.md shape;
-# TRAIN=1 adds the FLUX.1-dev-sized LoRA training step (stock attention vs taca, batch 1 and 4).
+# TRAIN=1 adds the FLUX.1-dev-sized LoRA training step (stock attention vs taca, batch 1 and 4);
+# BREAKDOWN=0 skips the per-kernel times of a fwd + bwd iteration (taca vs cuDNN, bwd_breakdown.py).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 {
@@ -24,6 +25,10 @@ if [ "${QUICK:-0}" = 1 ]; then
   python3 benchmarks/bench_attention_gpu.py --quick --shapes flux1024_b1,sd35m_cfg,flux1024_b2 --methods "taca|split" --out "$OUT" --tag verify 2>&1 | grep "^|" | grep -v "plain_eff"
 else
   python3 benchmarks/bench_attention_gpu.py --methods "taca|split" --out "$OUT" --tag verify 2>&1 | grep -v "^$" > "$OUT/bench.txt"; grep "^|" "$OUT/bench.txt" | grep -v plain_eff
+fi
+if [ "${BREAKDOWN:-1}" = 1 ]; then  # per-kernel device times against cuDNN (bwd_breakdown.py, about 30 s)
+  timeout 150 python3 benchmarks/bwd_breakdown.py --out "$OUT" > "$OUT/breakdown.txt" 2>&1
+  grep -E "total|us  " "$OUT/breakdown.txt" | grep -v "CUDAFunctor_add" | cut -c1-120
 fi
 if [ "${TRAIN:-0}" = 1 ]; then  # the LoRA training step, FLUX.1-dev size (bench_train_step.py), stock vs taca
   timeout 240 python3 benchmarks/bench_train_step.py --models flux --batches 1,4 --methods stock,taca --out "$OUT" 2>&1 \
