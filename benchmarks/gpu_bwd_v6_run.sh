@@ -6,7 +6,7 @@
 # kernel (full set + per-SASS-instruction stall samples in $OUT) and wgmma_check.
 #   run(command="bash benchmarks/gpu_bwd_v6_run.sh", carry=[".whl"], timeout_s=600)
 # Env: STEPS (default "build test sanitize bench attn"; also "prof", "wgmma", "sass"), MODES (bench modes),
-# PROF ("v6"; "v5", "v6:<writer>"), PROF_ARGS ("d64": the SD3.5-M shape), SAN_EXTRA (more sanitizer tools), VARS (v6 variants for the tests: "default" or a dQ writer; "rows tensor"); "breakdown" in STEPS: bwd_breakdown.py, SVARS (for the sanitizers, $VARS).
+# PROF ("v6"; "v5", "v6:<writer>"), PROF_ARGS ("d64": the SD3.5-M shape), SAN_EXTRA (more sanitizer tools), VARS (v6 variants for the tests: "default" or a dQ writer; "rows tensor"), SVARS (for the sanitizers, $VARS).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STEPS=${STEPS:-"build test sanitize bench attn"}
@@ -51,7 +51,6 @@ if has sanitize; then
     && for m in lane0 all; do compute-sanitizer --tool racecheck build/bulkring_racecheck $m > /tmp/san_bulkring.txt 2>&1
   echo "racecheck on the bulk-ring probe: $(grep -E 'RACECHECK SUMMARY|mismatches' /tmp/san_bulkring.txt | tr '\n' ' ')"; done
 fi
-if has breakdown; then timeout 150 python3 benchmarks/bwd_breakdown.py --out "$OUT" > "$OUT/breakdown.txt" 2>&1; grep -E "total|convert|preprocess" "$OUT/breakdown.txt"; fi
 if has bench; then
   timeout 200 python3 benchmarks/bench_bwd_handoff.py --rounds 3 --modes "$MODES" --out "$OUT" 2>&1 | tail -5 > /tmp/bench.txt
 fi

@@ -48,9 +48,10 @@
  *      desc_sw128_mn), not two m64n64: cuDNN's instruction mix (ncu) had them so; FLUX main kernel
  *      1382 -> 1342 us.
  * The default wherever it applies (taca_bwd.cu): FLUX 1024 b1 bwd 1.52 vs v5's 1.75 ms, SD3.5-M
- * cfg 1.65 vs 1.85 ms on an H200 (with the preprocess and conversion of taca_bwd_kernel.cuh). KERNEL_LOG "Backward v6" and the entries after it have the runs,
- * the profiles and what was tried and dropped (an 80-row tile, a rotated chain schedule, the next
- * tile's S issued during dK, dK from shared memory, a relaxed poll: none faster).
+ * cfg 1.65 vs 1.85 ms on an H200 (with the preprocess and conversion of taca_bwd_kernel.cuh).
+ * KERNEL_LOG "Backward v6" and the entries after it have the runs, the profiles and what was tried
+ * and dropped (an 80-row tile, a rotated chain schedule, the next tile's S issued during dK, dK
+ * from shared memory, a relaxed poll, one warpgroup making a tile's whole dQ: none faster).
  */
 #include <stdlib.h>
 #include <string.h>

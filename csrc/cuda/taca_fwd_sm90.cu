@@ -26,6 +26,7 @@
  * Kernel versions and measured speeds: benchmarks/results/KERNEL_LOG.md.
  */
 #include <stdlib.h>
+#include <type_traits>
 
 #include "taca_fwd_kernel.cuh"
 #include "taca_sm90.cuh"
@@ -324,15 +325,11 @@ namespace taca_fwd90 {
 template <typename T, int D>
 int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
     if (a.spans || a.mask.data) {  // per-sample spans or a mask: the default tiling's FEAT instance
-        if constexpr (D == 128) {
-            const int st = launch_ws<T, WsCfg<2, false, true>, true>(a, batch, heads, stream);
-            if (st != TACA_ERR_UNSUPPORTED) return st;
-            return taca_fwd90::launch<T, Cfg<128, 128, 2, 2, false>, true>(a, batch, heads, stream);
-        } else {
-            const int st = launch_ws<T, WsCfg<2, false, true, 64>, true>(a, batch, heads, stream);
-            if (st != TACA_ERR_UNSUPPORTED) return st;
-            return taca_fwd90::launch<T, Cfg<64, 64, 2, 3, false>, true>(a, batch, heads, stream);
-        }
+        const int st = launch_ws<T, WsCfg<2, false, true, D>, true>(a, batch, heads, stream);
+        if (st != TACA_ERR_UNSUPPORTED) return st;
+        // no TMA map: this file's kernel (variant 13's tiling)
+        using V13 = std::conditional_t<D == 128, Cfg<128, 128, 2, 2, false>, Cfg<64, 64, 2, 3, false>>;
+        return taca_fwd90::launch<T, V13, true>(a, batch, heads, stream);
     }
     if constexpr (D == 128) {
         switch (variant) {

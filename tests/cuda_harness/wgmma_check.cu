@@ -6,8 +6,10 @@
  *   O again, with A = P from swizzled shared memory (K-major) and B = V N-major: the
  *                                             backward's dQ = dS K (wgmma_ss TA=0, TB=1)
  *   at D = 128, both O products again as one m64n128 instruction per k-step (B = V N-major over
- *   its two 64-column blocks, desc_sw128_mn with the blocks' stride as leading byte offset): the
- *   backward's dV, dK (RS) and one-warpgroup dQ (SS) forms
+ *   its two 64-column blocks, desc_sw128_mn with the blocks' stride as leading byte offset): RS is
+ *   the backward's dV and dK form; SS was a one-warpgroup dQ's (dropped, KERNEL_LOG) and stays as
+ *   the check of that generated form (computed in a loop with RS: both at once made ptxas
+ *   serialize this harness's wgmmas for registers)
  *   S^T stored by store_block_trans (stmatrix .trans, taca_bwd_sm90.cuh) from the packed S
  *   fragments into a K-major tile (128 rows x 64): the backward's dS^T -> dS; exact match
  * for D = 64 and 128, against float64 products on the host of the same bf16 values.
