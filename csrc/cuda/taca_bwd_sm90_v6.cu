@@ -306,6 +306,13 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     for (int i = 0; i < DP / 2; ++i) dv[i] = dk[i] = 0.f;
 
     const uint32_t k_wg = sk + wg * 64 * 128, v_wg = sv + wg * 64 * 128;  // rows 64 wg.. of each block
+    // Descriptors of the fixed operands, advanced per k-step by desc_advance (constant offsets).
+    // dQ: D = 128: warpgroup w makes dQ columns 64w.. of the BM = 64 rows; D = 64: rows 64w.. of
+    // BM = 128 (as v5).
+    constexpr int QROWS = BM == 128 ? 64 : 0;
+    constexpr int QCOLS = BM == 128 ? 0 : 64;
+    const uint64_t d_k = desc_sw128(k_wg), d_v = desc_sw128(v_wg);
+    const uint64_t d_dsq = desc_sw128(sds + QROWS * wg * 128), d_kq = desc_sw128(sk + (QCOLS / 64) * wg * BN * 128);
 
     cp_async_wait<0>();
     fence_proxy_async();
@@ -318,17 +325,19 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         mbar_wait(q_full + 8 * buf, (it >> 1) & 1);  // Q, dO, lse2, delta of tile it landed
 
         const uint32_t qt = sq + buf * C::QT_BYTES, dot = sdo + buf * C::QT_BYTES;
+        const uint64_t d_q = desc_sw128(qt), d_do = desc_sw128(dot);
+        const uint64_t d_q_mn = desc_sw128_mn(qt, BM * 128), d_do_mn = desc_sw128_mn(dot, BM * 128);
         float s[NT * 4], dp[NT * 4];
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < DP / 16; ++kk)
-            wgmma_ss<T, BM, 0, 0>(s, desc_sw128(k_wg + (kk >> 2) * BN * 128 + (kk & 3) * 32),
-                                  desc_sw128(qt + (kk >> 2) * BM * 128 + (kk & 3) * 32), kk > 0);
+            wgmma_ss<T, BM, 0, 0>(s, desc_advance(d_k, (kk >> 2) * BN * 128 + (kk & 3) * 32),
+                                  desc_advance(d_q, (kk >> 2) * BM * 128 + (kk & 3) * 32), kk > 0);
         wgmma_commit();
 #pragma unroll
         for (int kk = 0; kk < DP / 16; ++kk)
-            wgmma_ss<T, BM, 0, 0>(dp, desc_sw128(v_wg + (kk >> 2) * BN * 128 + (kk & 3) * 32),
-                                  desc_sw128(dot + (kk >> 2) * BM * 128 + (kk & 3) * 32), kk > 0);
+            wgmma_ss<T, BM, 0, 0>(dp, desc_advance(d_v, (kk >> 2) * BN * 128 + (kk & 3) * 32),
+                                  desc_advance(d_do, (kk >> 2) * BM * 128 + (kk & 3) * 32), kk > 0);
         wgmma_commit();
         wgmma_wait<1>();
         fence_regs<NT * 4>(s);
@@ -442,7 +451,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk)
-            wgmma_rs<T, DP, 1>(dv, pa[kk], desc_sw128_mn(dot + kk * 16 * 128, BM * 128), 1);
+            wgmma_rs<T, DP, 1>(dv, pa[kk], desc_advance(d_do_mn, kk * 16 * 128), 1);
         wgmma_commit();
         // dS' of tile it - 1 read by both warpgroups' dQ products before it is overwritten
         if (it > 0) mbar_wait(ds_free, (it - 1) & 1);
@@ -459,20 +468,17 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         named_bar_sync(BAR_MMA, 256);  // dS' complete in shared memory
 
         fence_regs<DP / 2>(dk);
-        // dQ part (group 2) over the 128 keys, then dK += dS'^T Q (group 3). D = 128: warpgroup
-        // w makes dQ columns 64w.. of the BM = 64 rows; D = 64: rows 64w.. of BM = 128 (as v5).
-        constexpr int QROWS = BM == 128 ? 64 : 0;
-        constexpr int QCOLS = BM == 128 ? 0 : 64;
+        // dQ part (group 2) over the 128 keys, then dK += dS'^T Q (group 3).
         float dq[32];
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk)
-            wgmma_ss<T, 64, 0, 1>(dq, desc_sw128(sds + (kk >> 2) * BM * 128 + QROWS * wg * 128 + (kk & 3) * 32),
-                                  desc_sw128(sk + (QCOLS / 64) * wg * BN * 128 + kk * 16 * 128), kk > 0);
+            wgmma_ss<T, 64, 0, 1>(dq, desc_advance(d_dsq, (kk >> 2) * BM * 128 + (kk & 3) * 32),
+                                  desc_advance(d_kq, kk * 16 * 128), kk > 0);
         wgmma_commit();
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk)
-            wgmma_rs<T, DP, 1>(dk, da[kk], desc_sw128_mn(qt + kk * 16 * 128, BM * 128), 1);
+            wgmma_rs<T, DP, 1>(dk, da[kk], desc_advance(d_q_mn, kk * 16 * 128), 1);
         wgmma_commit();
         wgmma_wait<1>();  // dV and dQ done; dK still running
         fence_regs<32>(dq);

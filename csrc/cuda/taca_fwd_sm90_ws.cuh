@@ -146,12 +146,14 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
     }
 
     const uint32_t q_wg = sq + c * 64 * 128;  // this warpgroup's 64 rows inside each column block
+    const uint64_t d_qw = desc_sw128(q_wg);   // advanced per k-step (desc_advance)
     auto pv_product = [](float (&o_)[1][DT][4], const uint32_t (&p_)[BC / 16][4], uint32_t vbuf) {
+        const uint64_t d_v = desc_sw128(vbuf);  // advanced per k-step (desc_advance)
 #pragma unroll
         for (int kk = 0; kk < BC / 16; ++kk)
 #pragma unroll
             for (int hb = 0; hb < DP / 64; ++hb)
-                wgmma_rs<T, 64, 1>(&o_[0][hb * 8][0], p_[kk], desc_sw128(vbuf + hb * BC * 128 + kk * 16 * 128), 1);
+                wgmma_rs<T, 64, 1>(&o_[0][hb * 8][0], p_[kk], desc_advance(d_v, hb * BC * 128 + kk * 16 * 128), 1);
     };
 
     mbar_wait(bar_q, 0);
@@ -169,12 +171,13 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
         float sacc[1][NT][4];
         fence_regs<DT * 4>(&o[0][0][0]);
         fence_regs<BC / 4>(&pa[0][0]);
+        const uint64_t d_kj = desc_sw128(sk + s * C::KV_BYTES);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < DP / 16; ++kk) {
             const uint32_t koff = (kk & 3) * 32;  // 16 columns = 32 B inside a 128 B row
-            wgmma_ss<T, BC, 0, 0>(&sacc[0][0][0], desc_sw128(q_wg + (kk >> 2) * BR * 128 + koff),
-                                  desc_sw128(sk + s * C::KV_BYTES + (kk >> 2) * BC * 128 + koff), kk > 0);
+            wgmma_ss<T, BC, 0, 0>(&sacc[0][0][0], desc_advance(d_qw, (kk >> 2) * BR * 128 + koff),
+                                  desc_advance(d_kj, (kk >> 2) * BC * 128 + koff), kk > 0);
         }
         wgmma_commit();  // group: S_j
         if constexpr (!FIRST) {

@@ -46,6 +46,14 @@ __device__ __forceinline__ uint64_t desc_sw128_mn(uint32_t smem_addr, uint32_t l
            ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
 }
 
+/* The descriptor of the address off bytes past desc's (off a multiple of 16). The start address
+ * is the low 14 bits (addr >> 4) and shared-memory addresses stay below 2^18, so the sum never
+ * carries into the byte-offset fields: one 32-bit add per wgmma instead of desc_sw128's mask,
+ * shift and or (ptxas cannot drop the mask of addr + off itself). */
+__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t off) {
+    return (desc & 0xFFFFFFFF00000000ull) | (static_cast<uint32_t>(desc) + (off >> 4));
+}
+
 /* Order this thread's earlier shared-memory writes (ordinary or cp.async) before later reads by
  * the async proxy (wgmma); put it before the barrier that publishes the data. */
 __device__ __forceinline__ void fence_proxy_async() {
