@@ -101,7 +101,7 @@ def _methods(shape, op_ok, tc, variants: bool):
         # 0: default (Hopper wgmma on sm_90a; at D = 128 and 64 the warp-specialized kernel, = 10);
         # 6: the mma.sync default; 7..9, 13: cp.async wgmma tilings (13: the default before);
         # 11, 12: warp-specialized options (D = 128: overlap, no turns; D = 64: overlap, 4 stages)
-        vs = (0, 6, 7, 8, 9, 10, 11, 12, 13) if variants else ((0,) if not op_ok else ())
+        vs = (0, 6, 7, 8, 9, 10, 11, 12, 13, 14) if variants else ((0,) if not op_ok else ())
         for var in vs:
             m[f"taca_ctypes_v{var}"] = (lambda q, k, v, var=var: tc.fwd(
                 q, k, v, text_len=L, text_first=tf, gamma=gamma, layout="bhnd", variant=var)[0], False)

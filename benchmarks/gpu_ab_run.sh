@@ -8,7 +8,7 @@
 # Then, ROUNDS times, new and base alternate in separate processes: the backward alone
 # (bench_bwd_handoff.py, modes $MODES) and forward / forward+backward against cuDNN
 # (bench_attention_gpu.py --quick, $SHAPES). VERIFY=0 skips the verification (both sides built in place);
-# PIPELINE=1 adds bench_pipeline.py on the new tree. The in-process controls (v5 and cuDNN, which the patch does
+# PIPELINE=1 adds bench_pipeline.py on the new tree; BWD=0 skips the backward-alone timing. The in-process controls (v5 and cuDNN, which the patch does
 # not touch) tell a real difference from the GPU's drift between processes. Files under $OUT.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -34,7 +34,7 @@ unset TACA_CUDA_LIB
 for r in $(seq 1 "$ROUNDS"); do
   for side in new base; do
     d=$PWD; [ $side = base ] && d=/tmp/base
-    (cd "$d" && python3 benchmarks/bench_bwd_handoff.py --rounds 2 --modes "$MODES" --out "$OUT/$side$r" 2>&1 \
+    [ "${BWD:-1}" = 1 ] && (cd "$d" && python3 benchmarks/bench_bwd_handoff.py --rounds 2 --modes "$MODES" --out "$OUT/$side$r" 2>&1 \
       | grep -E "^\| [a-z0-9]+_" | sed "s/^/$side$r bwd /")
     (cd "$d" && python3 benchmarks/bench_attention_gpu.py --quick --shapes "$SHAPES" --methods "^taca_cuda$" \
       --out "$OUT/$side$r" --tag ab 2>&1 | grep -E "^\| [a-z0-9]+_" | grep -v plain_eff | sed "s/^/$side$r attn /")

@@ -321,11 +321,16 @@ namespace taca_fwd90 {
  * SD3.5-M cfg, H200, KERNEL_LOG), 11: that with the intra-warpgroup overlap, 12: that with 4
  * stages (10..12 fall back to 13 where a TMA map cannot be encoded); 13: this file's kernel,
  * 64-key tiles, 3 stages (the default before); 7: overlap, 64-key tiles, 4 stages; 8: overlap,
- * 128-key tiles, 3 stages; 9: overlap, 3 warpgroups (192-row CTAs), 64-key tiles, 4 stages. */
+ * 128-key tiles, 3 stages; 9: overlap, 3 warpgroups (192-row CTAs), 64-key tiles, 4 stages.
+ * Both D: the default (0 = 10, and the FEAT instance) is the warp-specialized kernel PERSISTENT
+ * (one CTA per SM over the (query tile, head, batch) items, two Q buffers: the next item's loads
+ * overlap this one's last products and epilogue); 14 is it with one CTA per item (the default
+ * before). */
 template <typename T, int D>
 int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
     if (a.spans || a.mask.data) {  // per-sample spans or a mask: the default tiling's FEAT instance
-        const int st = launch_ws<T, WsCfg<2, false, true, D>, true>(a, batch, heads, stream);
+        const int st = variant == 14 ? launch_ws<T, WsCfg<2, false, true, D>, true>(a, batch, heads, stream)
+                                     : launch_ws<T, WsCfg<2, false, true, D, true>, true>(a, batch, heads, stream);
         if (st != TACA_ERR_UNSUPPORTED) return st;
         // no TMA map: this file's kernel (variant 13's tiling)
         using V13 = std::conditional_t<D == 128, Cfg<128, 128, 2, 2, false>, Cfg<64, 64, 2, 3, false>>;
@@ -340,7 +345,8 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
         default: {
             const int st = variant == 11   ? launch_ws<T, WsCfg<2, true, true>>(a, batch, heads, stream)
                            : variant == 12 ? launch_ws<T, WsCfg<2, false, false>>(a, batch, heads, stream)
-                                           : launch_ws<T, WsCfg<2, false, true>>(a, batch, heads, stream);
+                           : variant == 14 ? launch_ws<T, WsCfg<2, false, true>>(a, batch, heads, stream)
+                                           : launch_ws<T, WsCfg<2, false, true, 128, true>>(a, batch, heads, stream);
             if (st != TACA_ERR_UNSUPPORTED) return st;
             return launch<T, Cfg<128, 128, 2, 2, false>>(a, batch, heads, stream);  // no TMA map
         }
@@ -354,7 +360,8 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
         default: {
             const int st = variant == 11   ? launch_ws<T, WsCfg<2, true, true, 64>>(a, batch, heads, stream)
                            : variant == 12 ? launch_ws<T, WsCfg<4, false, true, 64>>(a, batch, heads, stream)
-                                           : launch_ws<T, WsCfg<2, false, true, 64>>(a, batch, heads, stream);
+                           : variant == 14 ? launch_ws<T, WsCfg<2, false, true, 64>>(a, batch, heads, stream)
+                                           : launch_ws<T, WsCfg<2, false, true, 64, true>>(a, batch, heads, stream);
             if (st != TACA_ERR_UNSUPPORTED) return st;
             return launch<T, Cfg<64, 64, 2, 3, false>>(a, batch, heads, stream);  // no TMA map
         }

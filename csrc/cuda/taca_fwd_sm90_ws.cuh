@@ -17,6 +17,14 @@
  *     the softmax once S_j landed, with P_{j-1} V_{j-1} still running (O rescaled after it);
  *     PINGPONG off drops the turns.
  * The epilogue is the v4 one (each warp stages its own 16 rows of O in the Q tile).
+ * PERSIST (the default, WsCfg): a grid of min(items, SMs) CTAs, each walking the items
+ * w = query tile + tiles * (head + heads * batch) from blockIdx.x in steps of gridDim.x; the K / V
+ * ring position and the ping-pong turns continue across items, Q has two buffers (full / empty
+ * mbarriers; the consumers release one after the epilogue that staged O in it, with a proxy fence
+ * before the copy engine's next load), and the final V tile of an item is released too. So the next
+ * item's Q and first K / V loads run under this item's last products and epilogue instead of a CTA
+ * launch, barrier set-up and pipeline fill per item. H200 (KERNEL_LOG, ninth session): SD3.5-M cfg
+ * 0.628 -> 0.606 ms, SD3.5-L cfg 1.001 -> 0.979, FLUX 1024 b1 0.434 -> 0.430 (one A/B round).
  */
 #ifndef TACA_FWD_SM90_WS_CUH_
 #define TACA_FWD_SM90_WS_CUH_
@@ -25,18 +33,22 @@
 
 namespace taca_fwd90 {
 
-template <int STAGES_, bool OVERLAP_, bool PINGPONG_, int DP_ = 128>
+template <int STAGES_, bool OVERLAP_, bool PINGPONG_, int DP_ = 128, bool PERSIST_ = false>
 struct WsCfg {
     static constexpr int DP = DP_, BC = 128, BR = 128, STAGES = STAGES_;  // DP: 128 or 64
     // OVERLAP: softmax of S_j starts once S_j landed, while P_{j-1} V_{j-1} still runs (FA3's
     // intra-warpgroup overlap); O is rescaled after that product landed.
     static constexpr bool OVERLAP = OVERLAP_;
     static constexpr bool PINGPONG = PINGPONG_;  // the two consumers take turns issuing products
+    // PERSIST: one CTA per SM walks the (query tile, head, batch) items; two Q buffers, so the next
+    // item's Q and first K / V tiles load during this item's last products and epilogue
+    static constexpr bool PERSIST = PERSIST_;
+    static constexpr int NQBUF = PERSIST ? 2 : 1;
     static constexpr int THREADS = 384;
     static constexpr int NT = BC / 8, DT = DP / 8;
     static constexpr uint32_t Q_BYTES = BR * DP * 2;
     static constexpr uint32_t KV_BYTES = BC * DP * 2;
-    static constexpr size_t SMEM = Q_BYTES + 2 * STAGES * KV_BYTES + 1024;  // + alignment slack
+    static constexpr size_t SMEM = NQBUF * Q_BYTES + 2 * STAGES * KV_BYTES + 1024;  // + alignment slack
     static_assert(DP == 64 || DP == 128, "head dim");
     static_assert(SMEM <= 232448, "shared memory");
 };
@@ -47,6 +59,7 @@ struct WsArgs {
     CUtensorMap tq, tk, tv;
     FwdArgs a;
     int pos_q[3], pos_k[3], pos_v[3];
+    int heads, items;  // PERSIST: query heads, and items = query tiles x heads x batch
 };
 
 
@@ -55,30 +68,49 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
 #if TACA_SM90A
     constexpr int DP = C::DP, BC = C::BC, BR = C::BR, NT = C::NT, DT = C::DT, STAGES = C::STAGES;
     constexpr int BAR_TURN = 1;  // named barriers 1, 2: consumer 0's and consumer 1's turn
+    constexpr bool PER = C::PERSIST;
     const FwdArgs &a = p.a;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    __shared__ __align__(8) uint64_t bars[1 + 4 * STAGES];  // Q, full K, full V, empty K, empty V
+    // Q full [NQBUF], Q empty [NQBUF] (PERSIST), full K, full V, empty K, empty V
+    __shared__ __align__(8) uint64_t bars[2 * C::NQBUF + 4 * STAGES];
     const uint32_t raw = smem_u32(smem_raw);
-    const uint32_t sq = (raw + 1023u) & ~1023u;
+    const uint32_t sq = (raw + 1023u) & ~1023u;      // NQBUF Q buffers
     unsigned char *const smem = smem_raw + (sq - raw);
-    const uint32_t sk = sq + C::Q_BYTES;            // STAGES K buffers
-    const uint32_t sv = sk + STAGES * C::KV_BYTES;  // STAGES V buffers
-    const uint32_t bar_q = smem_u32(&bars[0]);
-    auto full_k = [&](int s) { return bar_q + 8u * (1 + s); };
-    auto full_v = [&](int s) { return bar_q + 8u * (1 + STAGES + s); };
-    auto empty_k = [&](int s) { return bar_q + 8u * (1 + 2 * STAGES + s); };
-    auto empty_v = [&](int s) { return bar_q + 8u * (1 + 3 * STAGES + s); };
+    const uint32_t sk = sq + C::NQBUF * C::Q_BYTES;  // STAGES K buffers
+    const uint32_t sv = sk + STAGES * C::KV_BYTES;   // STAGES V buffers
+    const uint32_t bar0 = smem_u32(&bars[0]);
+    auto full_q = [&](int qb) { return bar0 + 8u * qb; };
+    auto empty_q = [&](int qb) { return bar0 + 8u * (C::NQBUF + qb); };
+    auto full_k = [&](int s) { return bar0 + 8u * (2 * C::NQBUF + s); };
+    auto full_v = [&](int s) { return bar0 + 8u * (2 * C::NQBUF + STAGES + s); };
+    auto empty_k = [&](int s) { return bar0 + 8u * (2 * C::NQBUF + 2 * STAGES + s); };
+    auto empty_v = [&](int s) { return bar0 + 8u * (2 * C::NQBUF + 3 * STAGES + s); };
 
     const int tid = threadIdx.x, wg = tid >> 7;
-    const int h = blockIdx.y, b = blockIdx.z;
-    const int q0 = blockIdx.x * BR;
-    const Span sp = FEAT ? span_of(a.spans, b, a.tb, a.te, a.qtb, a.qte) : Span{a.tb, a.te, a.qtb, a.qte};
-    const int n = a.n, nk = a.nk, tb = sp.kb, te = sp.ke;
+    const int n = a.n, nk = a.nk;
     const int nkv = (nk + BC - 1) / BC;
-    const int hk = h / a.group;  // key/value head (grouped KV heads)
+    const int nqt = (n + BR - 1) / BR;
+    const int heads = PER ? p.heads : static_cast<int>(gridDim.y);
+    // Work items w = query tile + nqt * (head + heads * batch): PERSIST walks w = blockIdx.x,
+    // + gridDim.x, ..; otherwise one item, the block's own (blockIdx = (tile, head, batch)).
+    const int w0 = PER ? static_cast<int>(blockIdx.x) : 0;
+    const int wend = PER ? p.items : 1, wstep = PER ? static_cast<int>(gridDim.x) : 1;
+    auto decode = [&](int w, int &qt, int &h, int &b) {
+        if (PER) {
+            qt = w % nqt;
+            const int r = w / nqt;
+            h = r % heads;
+            b = r / heads;
+        } else {
+            qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+        }
+    };
 
     if (tid == 0) {
-        mbar_init(bar_q, 1);
+        for (int qb = 0; qb < C::NQBUF; ++qb) {
+            mbar_init(full_q(qb), 1);
+            mbar_init(empty_q(qb), 256);  // every consumer thread after its epilogue (PERSIST)
+        }
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(full_k(s), 1);
             mbar_init(full_v(s), 1);
@@ -95,26 +127,35 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             tma_prefetch_desc(&p.tq);
             tma_prefetch_desc(&p.tk);
             tma_prefetch_desc(&p.tv);
-            mbar_arrive_expect_tx(bar_q, C::Q_BYTES);
-#pragma unroll
-            for (int cb = 0; cb < DP / 64; ++cb)
-                tma_load_4d(sq + cb * BR * 128, &p.tq, bar_q, cb * 64, ws_coord(p.pos_q, 1, q0, h, b),
-                            ws_coord(p.pos_q, 2, q0, h, b), ws_coord(p.pos_q, 3, q0, h, b));
-            for (int j = 0; j < nkv; ++j) {
-                const int s = j % STAGES, r = j / STAGES, row = j * BC;
-                const uint32_t off = s * C::KV_BYTES;
-                if (r > 0) mbar_wait(empty_k(s), (r - 1) & 1);
-                mbar_arrive_expect_tx(full_k(s), C::KV_BYTES);
+            int jg = 0;  // K / V tiles issued so far: the ring position continues across items
+            for (int w = w0, i = 0; w < wend; w += wstep, ++i) {
+                int qt, h, b;
+                decode(w, qt, h, b);
+                const int q0 = qt * BR, hk = h / a.group, qb = i % C::NQBUF;
+                // Q buffer qb is free once every consumer thread finished item i - 2's epilogue
+                if (PER && i >= C::NQBUF) mbar_wait(empty_q(qb), ((i / C::NQBUF) - 1) & 1);
+                mbar_arrive_expect_tx(full_q(qb), C::Q_BYTES);
 #pragma unroll
                 for (int cb = 0; cb < DP / 64; ++cb)
-                    tma_load_4d(sk + off + cb * BC * 128, &p.tk, full_k(s), cb * 64, ws_coord(p.pos_k, 1, row, hk, b),
-                                ws_coord(p.pos_k, 2, row, hk, b), ws_coord(p.pos_k, 3, row, hk, b));
-                if (r > 0) mbar_wait(empty_v(s), (r - 1) & 1);
-                mbar_arrive_expect_tx(full_v(s), C::KV_BYTES);
+                    tma_load_4d(sq + qb * C::Q_BYTES + cb * BR * 128, &p.tq, full_q(qb), cb * 64,
+                                ws_coord(p.pos_q, 1, q0, h, b), ws_coord(p.pos_q, 2, q0, h, b),
+                                ws_coord(p.pos_q, 3, q0, h, b));
+                for (int j = 0; j < nkv; ++j, ++jg) {
+                    const int s = jg % STAGES, r = jg / STAGES, row = j * BC;
+                    const uint32_t off = s * C::KV_BYTES;
+                    if (r > 0) mbar_wait(empty_k(s), (r - 1) & 1);
+                    mbar_arrive_expect_tx(full_k(s), C::KV_BYTES);
 #pragma unroll
-                for (int cb = 0; cb < DP / 64; ++cb)
-                    tma_load_4d(sv + off + cb * BC * 128, &p.tv, full_v(s), cb * 64, ws_coord(p.pos_v, 1, row, hk, b),
-                                ws_coord(p.pos_v, 2, row, hk, b), ws_coord(p.pos_v, 3, row, hk, b));
+                    for (int cb = 0; cb < DP / 64; ++cb)
+                        tma_load_4d(sk + off + cb * BC * 128, &p.tk, full_k(s), cb * 64, ws_coord(p.pos_k, 1, row, hk, b),
+                                    ws_coord(p.pos_k, 2, row, hk, b), ws_coord(p.pos_k, 3, row, hk, b));
+                    if (r > 0) mbar_wait(empty_v(s), (r - 1) & 1);
+                    mbar_arrive_expect_tx(full_v(s), C::KV_BYTES);
+#pragma unroll
+                    for (int cb = 0; cb < DP / 64; ++cb)
+                        tma_load_4d(sv + off + cb * BC * 128, &p.tv, full_v(s), cb * 64, ws_coord(p.pos_v, 1, row, hk, b),
+                                    ws_coord(p.pos_v, 2, row, hk, b), ws_coord(p.pos_v, 3, row, hk, b));
+                }
             }
         }
         return;
@@ -122,9 +163,27 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
     setmaxnreg_inc<240>();
 
     const int c = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int wrow0 = c * 64 + warp * 16;  // this warp's first row in the CTA tile
+    auto pv_product = [](float (&o_)[1][DT][4], const uint32_t (&p_)[BC / 16][4], uint32_t vbuf) {
+        const uint64_t d_v = desc_sw128(vbuf);  // advanced per k-step (desc_advance)
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk)
+#pragma unroll
+            for (int hb = 0; hb < DP / 64; ++hb)
+                wgmma_rs<T, 64, 1>(&o_[0][hb * 8][0], p_[kk], desc_advance(d_v, hb * BC * 128 + kk * 16 * 128), 1);
+    };
+
+    int jbase = 0;  // ring position of the item's first K / V tile
+    for (int w = w0, i = 0; w < wend; w += wstep, ++i, jbase += nkv) {
+    int qt, h, b;
+    decode(w, qt, h, b);
+    const int q0 = qt * BR, qb = i % C::NQBUF;
+    const uint32_t sqb = sq + qb * C::Q_BYTES;
+    unsigned char *const smem_q = smem + qb * C::Q_BYTES;  // generic pointer to Q buffer qb
+    const Span sp = FEAT ? span_of(a.spans, b, a.tb, a.te, a.qtb, a.qte) : Span{a.tb, a.te, a.qtb, a.qte};
+    const int tb = sp.kb, te = sp.ke;
     const float g = a.gamma[b];
     float mul_txt[1][2], mul_vis[1][2];
-    const int wrow0 = c * 64 + warp * 16;  // this warp's first row in the CTA tile
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
         const int row = q0 + wrow0 + (lane >> 2) + hf * 8;
@@ -145,27 +204,20 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
         t_run[0][hf] = 0.0f;
     }
 
-    const uint32_t q_wg = sq + c * 64 * 128;  // this warpgroup's 64 rows inside each column block
-    const uint64_t d_qw = desc_sw128(q_wg);   // advanced per k-step (desc_advance)
-    auto pv_product = [](float (&o_)[1][DT][4], const uint32_t (&p_)[BC / 16][4], uint32_t vbuf) {
-        const uint64_t d_v = desc_sw128(vbuf);  // advanced per k-step (desc_advance)
-#pragma unroll
-        for (int kk = 0; kk < BC / 16; ++kk)
-#pragma unroll
-            for (int hb = 0; hb < DP / 64; ++hb)
-                wgmma_rs<T, 64, 1>(&o_[0][hb * 8][0], p_[kk], desc_advance(d_v, hb * BC * 128 + kk * 16 * 128), 1);
-    };
+    const uint32_t q_wg = sqb + c * 64 * 128;  // this warpgroup's 64 rows inside each column block
+    const uint64_t d_qw = desc_sw128(q_wg);    // advanced per k-step (desc_advance)
 
-    mbar_wait(bar_q, 0);
+    mbar_wait(full_q(qb), (i / C::NQBUF) & 1);
     if (C::PINGPONG && c == 1) named_bar_arrive(BAR_TURN + 0, 256);  // consumer 0 takes the first turn
     uint32_t pa[BC / 16][4];  // P of the previous tile, A operand of its P V product
-    // One key tile; FIRST (tile 0) has no previous P V. Two instances so no wgmma is issued on a
-    // branch (ptxas serializes wgmma around divergent issue).
+    // One key tile j (ring position jbase + j); FIRST (tile 0) has no previous P V. Two instances so
+    // no wgmma is issued on a branch (ptxas serializes wgmma around divergent issue).
     auto tile = [&](const int j, auto first) {
         constexpr bool FIRST = decltype(first)::value;
-        const int k0 = j * BC, s = j % STAGES, sp = (j + STAGES - 1) % STAGES;
-        mbar_wait(full_k(s), (j / STAGES) & 1);
-        if (!FIRST) mbar_wait(full_v(sp), ((j - 1) / STAGES) & 1);
+        const int jg = jbase + j;
+        const int k0 = j * BC, s = jg % STAGES, sp = (jg + STAGES - 1) % STAGES;
+        mbar_wait(full_k(s), (jg / STAGES) & 1);
+        if (!FIRST) mbar_wait(full_v(sp), ((jg - 1) / STAGES) & 1);
         if (C::PINGPONG) named_bar_sync(BAR_TURN + c, 256);
 
         float sacc[1][NT][4];
@@ -242,9 +294,9 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
     };
     tile(0, std::true_type());
     for (int j = 1; j < nkv; ++j) tile(j, std::false_type());
-    {  // the last tile's P V (nkv >= 1: the launcher refuses N_k = 0)
-        const int sl = (nkv - 1) % STAGES;
-        mbar_wait(full_v(sl), ((nkv - 1) / STAGES) & 1);
+    {  // the last tile's P V (nkv >= 1: the launcher refuses N_k = 0), then its V buffer is free
+        const int jl = jbase + nkv - 1, sl = jl % STAGES;
+        mbar_wait(full_v(sl), (jl / STAGES) & 1);
         fence_regs<DT * 4>(&o[0][0][0]);
         fence_regs<BC / 4>(&pa[0][0]);
         wgmma_fence();
@@ -253,11 +305,12 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
         wgmma_wait<0>();
         fence_regs<DT * 4>(&o[0][0][0]);
         fence_regs<BC / 4>(&pa[0][0]);
+        if (PER && lane == 0) mbar_arrive(empty_v(sl));
     }
 
     // Epilogue (as v4): normalize, lse / text_mass, stage O into this warp's own 16 rows of the
     // Q tile (every product that read them has completed), then 16-byte row stores.
-    const int64_t bh_row = ((int64_t)b * gridDim.y + h) * n;
+    const int64_t bh_row = ((int64_t)b * heads + h) * n;
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
         float l = l_run[0][hf], t = t_run[0][hf];
@@ -275,19 +328,27 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt) {
             const uint32_t v = pack2<T>(o[0][dt][hf * 2] * inv, o[0][dt][hf * 2 + 1] * inv);
-            *reinterpret_cast<uint32_t *>(smem + sw128_offset<BR>(rloc, dt) + (lane & 3) * 4) = v;
+            *reinterpret_cast<uint32_t *>(smem_q + sw128_offset<BR>(rloc, dt) + (lane & 3) * 4) = v;
         }
     }
     __syncwarp();
     T *go = static_cast<T *>(a.out) + b * a.ob + h * a.oh;
     constexpr int CPR = DP / 8;
-    for (int i = lane; i < 16 * CPR; i += 32) {
-        const int r = i / CPR, cc = i % CPR;
+    for (int i2 = lane; i2 < 16 * CPR; i2 += 32) {
+        const int r = i2 / CPR, cc = i2 % CPR;
         const int row = q0 + wrow0 + r;
         if (row < n)
             *reinterpret_cast<uint4 *>(go + (int64_t)row * a.on + cc * 8) =
-                *reinterpret_cast<const uint4 *>(smem + sw128_offset<BR>(wrow0 + r, cc));
+                *reinterpret_cast<const uint4 *>(smem_q + sw128_offset<BR>(wrow0 + r, cc));
     }
+    if (PER) {
+        // Q buffer qb (its O staging read above) may be overwritten by the copy engine's next Q load:
+        // order this thread's generic accesses before those async-proxy writes, then release it.
+        __syncwarp();
+        fence_proxy_async();
+        mbar_arrive(empty_q(qb));
+    }
+    }  // items
 #else
     (void)p;
 #endif
@@ -309,8 +370,20 @@ int launch_ws(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
         return TACA_ERR_UNSUPPORTED;
     TACA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM),
                   "taca_fwd_cuda (sm90 ws): cudaFuncSetAttribute");
-    dim3 grid((a.n + C::BR - 1) / C::BR, heads, batch);
-    kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
+    const int64_t nqt = (a.n + C::BR - 1) / C::BR, items = nqt * heads * batch;
+    if (C::PERSIST) {
+        if (items > INT32_MAX) return TACA_ERR_UNSUPPORTED;
+        int dev = 0, sms = 0;
+        TACA_CUDA_TRY(cudaGetDevice(&dev), "taca_fwd_cuda (sm90 ws): cudaGetDevice");
+        TACA_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev),
+                      "taca_fwd_cuda (sm90 ws): SM count");
+        p.heads = heads;
+        p.items = static_cast<int>(items);
+        kernel<<<static_cast<unsigned>(items < sms ? items : sms), C::THREADS, C::SMEM, stream>>>(p);
+    } else {
+        dim3 grid(static_cast<unsigned>(nqt), heads, batch);
+        kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
+    }
     return taca_cuda_check_launch("taca_fwd_cuda (sm90 ws): kernel launch");
 }
 
