@@ -45,3 +45,4 @@ if [ "${PIPELINE:-0}" = 1 ]; then  # end to end on the new tree (bench_pipeline.
     --out "$OUT/pipeline" > "$OUT/pipeline.txt" 2>&1; echo "pipeline rc=$?"; grep -A3 "^model" "$OUT/pipeline.txt"
 fi
 } 2>&1 | tee "$OUT/log.txt"
+bash benchmarks/pack_out.sh "$OUT"  # at most 8 files come back from the device: the rest in files.tgz

@@ -35,3 +35,4 @@ if [ "${TRAIN:-0}" = 1 ]; then  # the LoRA training step, FLUX.1-dev size (bench
     | grep -v "^$" > "$OUT/bench_train.txt"; echo "train bench rc=$?"; grep "^|" "$OUT/bench_train.txt"
 fi
 } 2>&1 | tee "$OUT/log.txt"
+bash benchmarks/pack_out.sh "$OUT"  # at most 8 files come back from the device: the rest in files.tgz
