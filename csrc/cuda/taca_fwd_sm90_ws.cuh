@@ -175,179 +175,179 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
 
     int jbase = 0;  // ring position of the item's first K / V tile
     for (int w = w0, i = 0; w < wend; w += wstep, ++i, jbase += nkv) {
-    int qt, h, b;
-    decode(w, qt, h, b);
-    const int q0 = qt * BR, qb = i % C::NQBUF;
-    const uint32_t sqb = sq + qb * C::Q_BYTES;
-    unsigned char *const smem_q = smem + qb * C::Q_BYTES;  // generic pointer to Q buffer qb
-    const Span sp = FEAT ? span_of(a.spans, b, a.tb, a.te, a.qtb, a.qte) : Span{a.tb, a.te, a.qtb, a.qte};
-    const int tb = sp.kb, te = sp.ke;
-    const float g = a.gamma[b];
-    float mul_txt[1][2], mul_vis[1][2];
+        int qt, h, b;
+        decode(w, qt, h, b);
+        const int q0 = qt * BR, qb = i % C::NQBUF;
+        const uint32_t sqb = sq + qb * C::Q_BYTES;
+        unsigned char *const smem_q = smem + qb * C::Q_BYTES;  // generic pointer to Q buffer qb
+        const Span sp = FEAT ? span_of(a.spans, b, a.tb, a.te, a.qtb, a.qte) : Span{a.tb, a.te, a.qtb, a.qte};
+        const int tb = sp.kb, te = sp.ke;
+        const float g = a.gamma[b];
+        float mul_txt[1][2], mul_vis[1][2];
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-        const int row = q0 + wrow0 + (lane >> 2) + hf * 8;
-        const bool rt = row >= sp.qb && row < sp.qe;
-        mul_txt[0][hf] = a.scale_log2 * (rt ? 1.0f : g);
-        mul_vis[0][hf] = a.scale_log2 * (rt ? a.gamma_reverse : 1.0f);
-    }
-    float o[1][DT][4];
-    float m_run[1][2], l_run[1][2], t_run[1][2];
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) o[0][dt][e] = 0.0f;
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-        m_run[0][hf] = -INFINITY;
-        l_run[0][hf] = 0.0f;
-        t_run[0][hf] = 0.0f;
-    }
-
-    const uint32_t q_wg = sqb + c * 64 * 128;  // this warpgroup's 64 rows inside each column block
-    const uint64_t d_qw = desc_sw128(q_wg);    // advanced per k-step (desc_advance)
-
-    mbar_wait(full_q(qb), (i / C::NQBUF) & 1);
-    if (C::PINGPONG && c == 1) named_bar_arrive(BAR_TURN + 0, 256);  // consumer 0 takes the first turn
-    uint32_t pa[BC / 16][4];  // P of the previous tile, A operand of its P V product
-    // One key tile j (ring position jbase + j); FIRST (tile 0) has no previous P V. Two instances so
-    // no wgmma is issued on a branch (ptxas serializes wgmma around divergent issue).
-    auto tile = [&](const int j, auto first) {
-        constexpr bool FIRST = decltype(first)::value;
-        const int jg = jbase + j;
-        const int k0 = j * BC, s = jg % STAGES, sp = (jg + STAGES - 1) % STAGES;
-        mbar_wait(full_k(s), (jg / STAGES) & 1);
-        if (!FIRST) mbar_wait(full_v(sp), ((jg - 1) / STAGES) & 1);
-        if (C::PINGPONG) named_bar_sync(BAR_TURN + c, 256);
-
-        float sacc[1][NT][4];
-        fence_regs<DT * 4>(&o[0][0][0]);
-        fence_regs<BC / 4>(&pa[0][0]);
-        const uint64_t d_kj = desc_sw128(sk + s * C::KV_BYTES);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < DP / 16; ++kk) {
-            const uint32_t koff = (kk & 3) * 32;  // 16 columns = 32 B inside a 128 B row
-            wgmma_ss<T, BC, 0, 0>(&sacc[0][0][0], desc_advance(d_qw, (kk >> 2) * BR * 128 + koff),
-                                  desc_advance(d_kj, (kk >> 2) * BC * 128 + koff), kk > 0);
+        for (int hf = 0; hf < 2; ++hf) {
+            const int row = q0 + wrow0 + (lane >> 2) + hf * 8;
+            const bool rt = row >= sp.qb && row < sp.qe;
+            mul_txt[0][hf] = a.scale_log2 * (rt ? 1.0f : g);
+            mul_vis[0][hf] = a.scale_log2 * (rt ? a.gamma_reverse : 1.0f);
         }
-        wgmma_commit();  // group: S_j
-        if constexpr (!FIRST) {
-            pv_product(o, pa, sv + sp * C::KV_BYTES);
-            wgmma_commit();  // group: P_{j-1} V_{j-1}
+        float o[1][DT][4];
+        float m_run[1][2], l_run[1][2], t_run[1][2];
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[0][dt][e] = 0.0f;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            m_run[0][hf] = -INFINITY;
+            l_run[0][hf] = 0.0f;
+            t_run[0][hf] = 0.0f;
         }
-        // pass the turn; consumer 1's last pass would have no taker (consumer 0 is done)
-        if (C::PINGPONG && (c == 0 || j + 1 < nkv)) named_bar_arrive(BAR_TURN + (1 - c), 256);
-        constexpr bool LATE_O = C::OVERLAP && !FIRST;  // O and P still in flight during the softmax
-        if constexpr (LATE_O) {
-            wgmma_wait<1>();
-        } else {
+
+        const uint32_t q_wg = sqb + c * 64 * 128;  // this warpgroup's 64 rows inside each column block
+        const uint64_t d_qw = desc_sw128(q_wg);    // advanced per k-step (desc_advance)
+
+        mbar_wait(full_q(qb), (i / C::NQBUF) & 1);
+        if (C::PINGPONG && c == 1) named_bar_arrive(BAR_TURN + 0, 256);  // consumer 0 takes the first turn
+        uint32_t pa[BC / 16][4];  // P of the previous tile, A operand of its P V product
+        // One key tile j (ring position jbase + j); FIRST (tile 0) has no previous P V. Two instances so
+        // no wgmma is issued on a branch (ptxas serializes wgmma around divergent issue).
+        auto tile = [&](const int j, auto first) {
+            constexpr bool FIRST = decltype(first)::value;
+            const int jg = jbase + j;
+            const int k0 = j * BC, s = jg % STAGES, sp = (jg + STAGES - 1) % STAGES;
+            mbar_wait(full_k(s), (jg / STAGES) & 1);
+            if (!FIRST) mbar_wait(full_v(sp), ((jg - 1) / STAGES) & 1);
+            if (C::PINGPONG) named_bar_sync(BAR_TURN + c, 256);
+
+            float sacc[1][NT][4];
+            fence_regs<DT * 4>(&o[0][0][0]);
+            fence_regs<BC / 4>(&pa[0][0]);
+            const uint64_t d_kj = desc_sw128(sk + s * C::KV_BYTES);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < DP / 16; ++kk) {
+                const uint32_t koff = (kk & 3) * 32;  // 16 columns = 32 B inside a 128 B row
+                wgmma_ss<T, BC, 0, 0>(&sacc[0][0][0], desc_advance(d_qw, (kk >> 2) * BR * 128 + koff),
+                                      desc_advance(d_kj, (kk >> 2) * BC * 128 + koff), kk > 0);
+            }
+            wgmma_commit();  // group: S_j
+            if constexpr (!FIRST) {
+                pv_product(o, pa, sv + sp * C::KV_BYTES);
+                wgmma_commit();  // group: P_{j-1} V_{j-1}
+            }
+            // pass the turn; consumer 1's last pass would have no taker (consumer 0 is done)
+            if (C::PINGPONG && (c == 0 || j + 1 < nkv)) named_bar_arrive(BAR_TURN + (1 - c), 256);
+            constexpr bool LATE_O = C::OVERLAP && !FIRST;  // O and P still in flight during the softmax
+            if constexpr (LATE_O) {
+                wgmma_wait<1>();
+            } else {
+                wgmma_wait<0>();
+                fence_regs<DT * 4>(&o[0][0][0]);
+                fence_regs<BC / 4>(&pa[0][0]);
+            }
+            fence_regs<NT * 4>(&sacc[0][0][0]);
+            if (lane == 0) {
+                mbar_arrive(empty_k(s));
+                if (!FIRST && !LATE_O) mbar_arrive(empty_v(sp));
+            }
+
+            const int k1 = k0 + BC;
+            const int row0 = q0 + wrow0 + (lane >> 2);
+            const int64_t mbase = FEAT ? (int64_t)b * a.mask.b + (int64_t)h * a.mask.h : 0;
+            // a key mask (the same for every query) is voted per tile: unmasked tiles run as usual
+            const bool masked = FEAT && a.mask.data != nullptr &&
+                                (a.mask.q != 0 || !keys_attend<BC>(a.mask, mbase, k0, nk, lane));
+            float alpha[1][2];
+            if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && (k1 <= tb || k0 >= te))
+                taca_fwd::softmax_tile<taca_fwd::TILE_VIS, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane, alpha,
+                                                                    a.mask, mbase, row0, n);
+            else if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && k0 >= tb && k1 <= te)
+                taca_fwd::softmax_tile<taca_fwd::TILE_TXT, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane, alpha,
+                                                                    a.mask, mbase, row0, n);
+            else if (masked)
+                taca_fwd::softmax_tile<taca_fwd::TILE_MIXED, !LATE_O, FEAT>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te,
+                                                                            lane, alpha, a.mask, mbase, row0, n);
+            else
+                taca_fwd::softmax_tile<taca_fwd::TILE_MIXED, !LATE_O, false>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk,
+                                                                             tb, te, lane, alpha, a.mask, mbase, row0, n);
+            if constexpr (LATE_O) {
+                wgmma_wait<0>();  // P_{j-1} V_{j-1} landed: O and P are free again
+                fence_regs<DT * 4>(&o[0][0][0]);
+                fence_regs<BC / 4>(&pa[0][0]);
+                if (lane == 0) mbar_arrive(empty_v(sp));
+#pragma unroll
+                for (int dt = 0; dt < DT; ++dt) {
+                    o[0][dt][0] *= alpha[0][0];
+                    o[0][dt][1] *= alpha[0][0];
+                    o[0][dt][2] *= alpha[0][1];
+                    o[0][dt][3] *= alpha[0][1];
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < BC / 16; ++kk) {
+                pa[kk][0] = pack2<T>(sacc[0][2 * kk][0], sacc[0][2 * kk][1]);
+                pa[kk][1] = pack2<T>(sacc[0][2 * kk][2], sacc[0][2 * kk][3]);
+                pa[kk][2] = pack2<T>(sacc[0][2 * kk + 1][0], sacc[0][2 * kk + 1][1]);
+                pa[kk][3] = pack2<T>(sacc[0][2 * kk + 1][2], sacc[0][2 * kk + 1][3]);
+            }
+        };
+        tile(0, std::true_type());
+        for (int j = 1; j < nkv; ++j) tile(j, std::false_type());
+        {  // the last tile's P V (nkv >= 1: the launcher refuses N_k = 0), then its V buffer is free
+            const int jl = jbase + nkv - 1, sl = jl % STAGES;
+            mbar_wait(full_v(sl), (jl / STAGES) & 1);
+            fence_regs<DT * 4>(&o[0][0][0]);
+            fence_regs<BC / 4>(&pa[0][0]);
+            wgmma_fence();
+            pv_product(o, pa, sv + sl * C::KV_BYTES);
+            wgmma_commit();
             wgmma_wait<0>();
             fence_regs<DT * 4>(&o[0][0][0]);
             fence_regs<BC / 4>(&pa[0][0]);
-        }
-        fence_regs<NT * 4>(&sacc[0][0][0]);
-        if (lane == 0) {
-            mbar_arrive(empty_k(s));
-            if (!FIRST && !LATE_O) mbar_arrive(empty_v(sp));
+            if (PER && lane == 0) mbar_arrive(empty_v(sl));
         }
 
-        const int k1 = k0 + BC;
-        const int row0 = q0 + wrow0 + (lane >> 2);
-        const int64_t mbase = FEAT ? (int64_t)b * a.mask.b + (int64_t)h * a.mask.h : 0;
-        // a key mask (the same for every query) is voted per tile: unmasked tiles run as usual
-        const bool masked = FEAT && a.mask.data != nullptr &&
-                            (a.mask.q != 0 || !keys_attend<BC>(a.mask, mbase, k0, nk, lane));
-        float alpha[1][2];
-        if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && (k1 <= tb || k0 >= te))
-            taca_fwd::softmax_tile<taca_fwd::TILE_VIS, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane, alpha,
-                                                                a.mask, mbase, row0, n);
-        else if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && k0 >= tb && k1 <= te)
-            taca_fwd::softmax_tile<taca_fwd::TILE_TXT, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane, alpha,
-                                                                a.mask, mbase, row0, n);
-        else if (masked)
-            taca_fwd::softmax_tile<taca_fwd::TILE_MIXED, !LATE_O, FEAT>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te,
-                                                                        lane, alpha, a.mask, mbase, row0, n);
-        else
-            taca_fwd::softmax_tile<taca_fwd::TILE_MIXED, !LATE_O, false>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk,
-                                                                         tb, te, lane, alpha, a.mask, mbase, row0, n);
-        if constexpr (LATE_O) {
-            wgmma_wait<0>();  // P_{j-1} V_{j-1} landed: O and P are free again
-            fence_regs<DT * 4>(&o[0][0][0]);
-            fence_regs<BC / 4>(&pa[0][0]);
-            if (lane == 0) mbar_arrive(empty_v(sp));
+        // Epilogue (as v4): normalize, lse / text_mass, stage O into this warp's own 16 rows of the
+        // Q tile (every product that read them has completed), then 16-byte row stores.
+        const int64_t bh_row = ((int64_t)b * heads + h) * n;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            float l = l_run[0][hf], t = t_run[0][hf];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            t += __shfl_xor_sync(0xffffffffu, t, 1);
+            t += __shfl_xor_sync(0xffffffffu, t, 2);
+            const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+            const int rloc = wrow0 + (lane >> 2) + hf * 8;
+            const int row = q0 + rloc;
+            if ((lane & 3) == 0 && row < n) {
+                if (a.lse) a.lse[bh_row + row] = (m_run[0][hf] + log2f(l)) * 0.69314718055994531f;
+                if (a.text_mass) a.text_mass[bh_row + row] = t * inv;
+            }
 #pragma unroll
             for (int dt = 0; dt < DT; ++dt) {
-                o[0][dt][0] *= alpha[0][0];
-                o[0][dt][1] *= alpha[0][0];
-                o[0][dt][2] *= alpha[0][1];
-                o[0][dt][3] *= alpha[0][1];
+                const uint32_t v = pack2<T>(o[0][dt][hf * 2] * inv, o[0][dt][hf * 2 + 1] * inv);
+                *reinterpret_cast<uint32_t *>(smem_q + sw128_offset<BR>(rloc, dt) + (lane & 3) * 4) = v;
             }
         }
-#pragma unroll
-        for (int kk = 0; kk < BC / 16; ++kk) {
-            pa[kk][0] = pack2<T>(sacc[0][2 * kk][0], sacc[0][2 * kk][1]);
-            pa[kk][1] = pack2<T>(sacc[0][2 * kk][2], sacc[0][2 * kk][3]);
-            pa[kk][2] = pack2<T>(sacc[0][2 * kk + 1][0], sacc[0][2 * kk + 1][1]);
-            pa[kk][3] = pack2<T>(sacc[0][2 * kk + 1][2], sacc[0][2 * kk + 1][3]);
-        }
-    };
-    tile(0, std::true_type());
-    for (int j = 1; j < nkv; ++j) tile(j, std::false_type());
-    {  // the last tile's P V (nkv >= 1: the launcher refuses N_k = 0), then its V buffer is free
-        const int jl = jbase + nkv - 1, sl = jl % STAGES;
-        mbar_wait(full_v(sl), (jl / STAGES) & 1);
-        fence_regs<DT * 4>(&o[0][0][0]);
-        fence_regs<BC / 4>(&pa[0][0]);
-        wgmma_fence();
-        pv_product(o, pa, sv + sl * C::KV_BYTES);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs<DT * 4>(&o[0][0][0]);
-        fence_regs<BC / 4>(&pa[0][0]);
-        if (PER && lane == 0) mbar_arrive(empty_v(sl));
-    }
-
-    // Epilogue (as v4): normalize, lse / text_mass, stage O into this warp's own 16 rows of the
-    // Q tile (every product that read them has completed), then 16-byte row stores.
-    const int64_t bh_row = ((int64_t)b * heads + h) * n;
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-        float l = l_run[0][hf], t = t_run[0][hf];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        t += __shfl_xor_sync(0xffffffffu, t, 1);
-        t += __shfl_xor_sync(0xffffffffu, t, 2);
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        const int rloc = wrow0 + (lane >> 2) + hf * 8;
-        const int row = q0 + rloc;
-        if ((lane & 3) == 0 && row < n) {
-            if (a.lse) a.lse[bh_row + row] = (m_run[0][hf] + log2f(l)) * 0.69314718055994531f;
-            if (a.text_mass) a.text_mass[bh_row + row] = t * inv;
-        }
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-            const uint32_t v = pack2<T>(o[0][dt][hf * 2] * inv, o[0][dt][hf * 2 + 1] * inv);
-            *reinterpret_cast<uint32_t *>(smem_q + sw128_offset<BR>(rloc, dt) + (lane & 3) * 4) = v;
-        }
-    }
-    __syncwarp();
-    T *go = static_cast<T *>(a.out) + b * a.ob + h * a.oh;
-    constexpr int CPR = DP / 8;
-    for (int i2 = lane; i2 < 16 * CPR; i2 += 32) {
-        const int r = i2 / CPR, cc = i2 % CPR;
-        const int row = q0 + wrow0 + r;
-        if (row < n)
-            *reinterpret_cast<uint4 *>(go + (int64_t)row * a.on + cc * 8) =
-                *reinterpret_cast<const uint4 *>(smem_q + sw128_offset<BR>(wrow0 + r, cc));
-    }
-    if (PER) {
-        // Q buffer qb (its O staging read above) may be overwritten by the copy engine's next Q load:
-        // order this thread's generic accesses before those async-proxy writes, then release it.
         __syncwarp();
-        fence_proxy_async();
-        mbar_arrive(empty_q(qb));
-    }
+        T *go = static_cast<T *>(a.out) + b * a.ob + h * a.oh;
+        constexpr int CPR = DP / 8;
+        for (int i2 = lane; i2 < 16 * CPR; i2 += 32) {
+            const int r = i2 / CPR, cc = i2 % CPR;
+            const int row = q0 + wrow0 + r;
+            if (row < n)
+                *reinterpret_cast<uint4 *>(go + (int64_t)row * a.on + cc * 8) =
+                    *reinterpret_cast<const uint4 *>(smem_q + sw128_offset<BR>(wrow0 + r, cc));
+        }
+        if (PER) {
+            // Q buffer qb (its O staging read above) may be overwritten by the copy engine's next Q load:
+            // order this thread's generic accesses before those async-proxy writes, then release it.
+            __syncwarp();
+            fence_proxy_async();
+            mbar_arrive(empty_q(qb));
+        }
     }  // items
 #else
     (void)p;
@@ -373,10 +373,9 @@ int launch_ws(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
     const int64_t nqt = (a.n + C::BR - 1) / C::BR, items = nqt * heads * batch;
     if (C::PERSIST) {
         if (items > INT32_MAX) return TACA_ERR_UNSUPPORTED;
-        int dev = 0, sms = 0;
-        TACA_CUDA_TRY(cudaGetDevice(&dev), "taca_fwd_cuda (sm90 ws): cudaGetDevice");
-        TACA_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev),
-                      "taca_fwd_cuda (sm90 ws): SM count");
+        int sms = 0;
+        const int st = device_sm_count(&sms, "taca_fwd_cuda (sm90 ws): SM count");
+        if (st != TACA_OK) return st;  // nothing launched yet
         p.heads = heads;
         p.items = static_cast<int>(items);
         kernel<<<static_cast<unsigned>(items < sms ? items : sms), C::THREADS, C::SMEM, stream>>>(p);
