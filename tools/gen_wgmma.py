@@ -84,9 +84,9 @@ def gen():
         for N in NS:
             R = N // 2
             dops = ", ".join(f'"+f"(d[{i}])' for i in range(R))
-            for TA in (0,):
-                for TB in SS_TB:
-                    out.append(f"""template <>
+            TA = 0  # A K-major only (SS_TB's comment)
+            for TB in SS_TB:
+                out.append(f"""template <>
 __device__ __forceinline__ void wgmma_ss<{T}, {N}, {TA}, {TB}>(float *d, uint64_t da, uint64_t db, int acc) {{
 #if TACA_SM90A
     asm volatile(
