@@ -6,7 +6,7 @@
 # The working tree ("new") is verified as gpu_verify_run.sh does (QUICK=1, no breakdown: build, CUDA
 # tests, memcheck + racecheck); a copy with the patch reversed ("base") is built in /tmp/base meanwhile.
 # Then, ROUNDS times, new and base alternate in separate processes: the backward alone
-# (bench_bwd_handoff.py, modes $MODES) and forward / forward+backward against cuDNN
+# (bench_bwd_handoff.py, modes $MODES, shapes $BWD_SHAPES) and forward / forward+backward against cuDNN
 # (bench_attention_gpu.py --quick, $SHAPES). VERIFY=0 skips the verification (both sides built in place);
 # PIPELINE=1 adds bench_pipeline.py on the new tree; BWD=0 skips the backward-alone timing. The in-process controls (v5 and cuDNN, which the patch does
 # not touch) tell a real difference from the GPU's drift between processes. Files under $OUT.
@@ -16,6 +16,7 @@ PATCH=$PWD/${BASE_PATCH:?set BASE_PATCH to the diff of the tree against the base
 ROUNDS=${ROUNDS:-2}
 MODES=${MODES:-v6,v5,v6+nd}
 SHAPES=${SHAPES:-flux1024_b1,sd35m_cfg,flux1024_b2}
+BWD_SHAPES=${BWD_SHAPES:-flux1024_b1,sd35m_cfg}
 {
 rm -rf /tmp/base && cp -r . /tmp/base && (cd /tmp/base && patch -s -R -p1 < "$PATCH") || { echo "patch -R failed"; exit 1; }
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1; fi
@@ -34,7 +35,7 @@ unset TACA_CUDA_LIB
 for r in $(seq 1 "$ROUNDS"); do
   for side in new base; do
     d=$PWD; [ $side = base ] && d=/tmp/base
-    [ "${BWD:-1}" = 1 ] && (cd "$d" && python3 benchmarks/bench_bwd_handoff.py --rounds 2 --modes "$MODES" --out "$OUT/$side$r" 2>&1 \
+    [ "${BWD:-1}" = 1 ] && (cd "$d" && python3 benchmarks/bench_bwd_handoff.py --rounds 2 --modes "$MODES" --shapes "$BWD_SHAPES" --out "$OUT/$side$r" 2>&1 \
       | grep -E "^\| [a-z0-9]+_" | sed "s/^/$side$r bwd /")
     (cd "$d" && python3 benchmarks/bench_attention_gpu.py --quick --shapes "$SHAPES" --methods "^taca_cuda$" \
       --out "$OUT/$side$r" --tag ab 2>&1 | grep -E "^\| [a-z0-9]+_" | grep -v plain_eff | sed "s/^/$side$r attn /")
