@@ -135,26 +135,16 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
                 // Q buffer qb is free once every consumer thread finished item i - 2's epilogue
                 if (PER && i >= C::NQBUF) mbar_wait(empty_q(qb), ((i / C::NQBUF) - 1) & 1);
                 mbar_arrive_expect_tx(full_q(qb), C::Q_BYTES);
-#pragma unroll
-                for (int cb = 0; cb < DP / 64; ++cb)
-                    tma_load_4d(sq + qb * C::Q_BYTES + cb * BR * 128, &p.tq, full_q(qb), cb * 64,
-                                ws_coord(p.pos_q, 1, q0, h, b), ws_coord(p.pos_q, 2, q0, h, b),
-                                ws_coord(p.pos_q, 3, q0, h, b));
+                tma_load_tile<DP, BR>(sq + qb * C::Q_BYTES, &p.tq, p.pos_q, full_q(qb), q0, h, b);
                 for (int j = 0; j < nkv; ++j, ++jg) {
                     const int s = jg % STAGES, r = jg / STAGES, row = j * BC;
                     const uint32_t off = s * C::KV_BYTES;
                     if (r > 0) mbar_wait(empty_k(s), (r - 1) & 1);
                     mbar_arrive_expect_tx(full_k(s), C::KV_BYTES);
-#pragma unroll
-                    for (int cb = 0; cb < DP / 64; ++cb)
-                        tma_load_4d(sk + off + cb * BC * 128, &p.tk, full_k(s), cb * 64, ws_coord(p.pos_k, 1, row, hk, b),
-                                    ws_coord(p.pos_k, 2, row, hk, b), ws_coord(p.pos_k, 3, row, hk, b));
+                    tma_load_tile<DP, BC>(sk + off, &p.tk, p.pos_k, full_k(s), row, hk, b);
                     if (r > 0) mbar_wait(empty_v(s), (r - 1) & 1);
                     mbar_arrive_expect_tx(full_v(s), C::KV_BYTES);
-#pragma unroll
-                    for (int cb = 0; cb < DP / 64; ++cb)
-                        tma_load_4d(sv + off + cb * BC * 128, &p.tv, full_v(s), cb * 64, ws_coord(p.pos_v, 1, row, hk, b),
-                                    ws_coord(p.pos_v, 2, row, hk, b), ws_coord(p.pos_v, 3, row, hk, b));
+                    tma_load_tile<DP, BC>(sv + off, &p.tv, p.pos_v, full_v(s), row, hk, b);
                 }
             }
         }

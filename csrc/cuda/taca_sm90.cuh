@@ -174,6 +174,17 @@ __device__ __forceinline__ int ws_coord(const int (&pos)[3], int dim, int row, i
     return pos[0] == dim ? row : (pos[1] == dim ? h : b);
 }
 
+/* One tile of ROWS rows x DP columns by TMA into dst, as DP / 64 boxes of 64 columns (128 bytes, the 128B
+ * swizzle's width) ROWS * 128 bytes apart, completing on mbarrier bar: (row, head, batch) placed by pos. */
+template <int DP, int ROWS>
+__device__ __forceinline__ void tma_load_tile(uint32_t dst, const void *tmap, const int (&pos)[3], uint32_t bar, int row,
+                                              int h, int b) {
+#pragma unroll
+    for (int cb = 0; cb < DP / 64; ++cb)
+        tma_load_4d(dst + cb * ROWS * 128, tmap, bar, cb * 64, ws_coord(pos, 1, row, h, b), ws_coord(pos, 2, row, h, b),
+                    ws_coord(pos, 3, row, h, b));
+}
+
 /* Host: the driver's tensor-map encoder, fetched once through the runtime (no -lcuda). */
 typedef CUresult (*EncodeTiledFn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
                                   const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
