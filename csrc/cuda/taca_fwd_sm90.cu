@@ -57,6 +57,85 @@ struct Cfg {
 };
 
 /* FEAT: per-sample spans and a mask, as in taca_fwd_kernel (taca_fwd_kernel.cuh). */
+/* O *= alpha per row (the running max moved), for the warp's two rows. */
+template <int DT>
+__device__ __forceinline__ void rescale_o(float (&o)[1][DT][4], const float (&alpha)[1][2]) {
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+        o[0][dt][0] *= alpha[0][0];
+        o[0][dt][1] *= alpha[0][0];
+        o[0][dt][2] *= alpha[0][1];
+        o[0][dt][3] *= alpha[0][1];
+    }
+}
+
+/* P (the exponentials in the S accumulator layout) packed as the A fragments of the P V product. */
+template <typename T, int BC>
+__device__ __forceinline__ void pack_p(uint32_t (&pa)[BC / 16][4], const float (&s)[1][BC / 8][4]) {
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk) {
+        pa[kk][0] = pack2<T>(s[0][2 * kk][0], s[0][2 * kk][1]);
+        pa[kk][1] = pack2<T>(s[0][2 * kk][2], s[0][2 * kk][3]);
+        pa[kk][2] = pack2<T>(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+        pa[kk][3] = pack2<T>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
+    }
+}
+
+/* Epilogue, first half: each row's sum and text mass reduced over its quad, lse and text_mass written
+ * (rows < n), and O / l staged as T into this warp's own 16 rows (wrow0..) of the 128B-swizzled tile
+ * at stage. */
+template <typename T, int DT, int BR>
+__device__ __forceinline__ void normalize_stage_o(const FwdArgs &a, const float (&o)[1][DT][4], const float (&m_run)[1][2],
+                                                  const float (&l_run)[1][2], const float (&t_run)[1][2], int64_t bh_row,
+                                                  int q0, int wrow0, int lane, int n, unsigned char *stage) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        float l = l_run[0][hf], t = t_run[0][hf];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        t += __shfl_xor_sync(0xffffffffu, t, 1);
+        t += __shfl_xor_sync(0xffffffffu, t, 2);
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        const int rloc = wrow0 + (lane >> 2) + hf * 8;
+        const int row = q0 + rloc;
+        if ((lane & 3) == 0 && row < n) {
+            if (a.lse) a.lse[bh_row + row] = (m_run[0][hf] + log2f(l)) * 0.69314718055994531f;
+            if (a.text_mass) a.text_mass[bh_row + row] = t * inv;
+        }
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            const uint32_t v = pack2<T>(o[0][dt][hf * 2] * inv, o[0][dt][hf * 2 + 1] * inv);
+            *reinterpret_cast<uint32_t *>(stage + sw128_offset<BR>(rloc, dt) + (lane & 3) * 4) = v;
+        }
+    }
+}
+
+/* A warp's per-row state at the start of a query tile: the logit multipliers of its rows q0 + wrow0 +
+ * lane / 4 (+ 8) against text keys (mul_txt) and image keys (mul_vis), scale * log2(e) times gamma
+ * where exactly one side is text, and zeroed O, running max, sum and text mass. */
+template <int DT>
+__device__ __forceinline__ void init_row_state(const FwdArgs &a, float g, int qb, int qe, int q0, int wrow0, int lane,
+                                               float (&mul_txt)[1][2], float (&mul_vis)[1][2], float (&o)[1][DT][4],
+                                               float (&m_run)[1][2], float (&l_run)[1][2], float (&t_run)[1][2]) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        const int row = q0 + wrow0 + (lane >> 2) + hf * 8;
+        const bool rt = row >= qb && row < qe;
+        mul_txt[0][hf] = a.scale_log2 * (rt ? 1.0f : g);
+        mul_vis[0][hf] = a.scale_log2 * (rt ? a.gamma_reverse : 1.0f);
+    }
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[0][dt][e] = 0.0f;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        m_run[0][hf] = -INFINITY;
+        l_run[0][hf] = 0.0f;
+        t_run[0][hf] = 0.0f;
+    }
+}
+
 template <typename T, typename C, bool FEAT>
 __global__ void __launch_bounds__(C::THREADS, FEAT ? 1 : C::MINB) taca_fwd_sm90_kernel(const FwdArgs a) {
 #if TACA_SM90A
@@ -101,28 +180,9 @@ __global__ void __launch_bounds__(C::THREADS, FEAT ? 1 : C::MINB) taca_fwd_sm90_
     }
 
     const float g = a.gamma[b];
-    float mul_txt[1][2], mul_vis[1][2];
     const int wrow0 = wg * 64 + warp * 16;  // this warp's first row in the CTA tile
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-        const int row = q0 + wrow0 + (lane >> 2) + hf * 8;
-        const bool rt = row >= sp.qb && row < sp.qe;
-        mul_txt[0][hf] = a.scale_log2 * (rt ? 1.0f : g);
-        mul_vis[0][hf] = a.scale_log2 * (rt ? a.gamma_reverse : 1.0f);
-    }
-
-    float o[1][DT][4];
-    float m_run[1][2], l_run[1][2], t_run[1][2];
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) o[0][dt][e] = 0.0f;
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-        m_run[0][hf] = -INFINITY;
-        l_run[0][hf] = 0.0f;
-        t_run[0][hf] = 0.0f;
-    }
+    float mul_txt[1][2], mul_vis[1][2], o[1][DT][4], m_run[1][2], l_run[1][2], t_run[1][2];
+    init_row_state<DT>(a, g, sp.qb, sp.qe, q0, wrow0, lane, mul_txt, mul_vis, o, m_run, l_run, t_run);
 
     const uint32_t q_wg = sq + wg * 64 * 128;  // this warpgroup's 64 rows inside each column block
     // O += P V for one V buffer: BC/16 key steps x D/64 column blocks of m64n64k16, B N-major
@@ -193,21 +253,9 @@ __global__ void __launch_bounds__(C::THREADS, FEAT ? 1 : C::MINB) taca_fwd_sm90_
             wgmma_wait<0>();  // P_{j-1} V_{j-1} landed: O and pa are free again
             fence_regs<DT * 4>(&o[0][0][0]);
             fence_regs<BC / 4>(&pa[0][0]);  // pa stays live (unreused) while the product reads it
-#pragma unroll
-            for (int dt = 0; dt < DT; ++dt) {
-                o[0][dt][0] *= alpha[0][0];
-                o[0][dt][1] *= alpha[0][0];
-                o[0][dt][2] *= alpha[0][1];
-                o[0][dt][3] *= alpha[0][1];
-            }
+            rescale_o<DT>(o, alpha);
         }
-#pragma unroll
-        for (int kk = 0; kk < BC / 16; ++kk) {
-            pa[kk][0] = pack2<T>(s[0][2 * kk][0], s[0][2 * kk][1]);
-            pa[kk][1] = pack2<T>(s[0][2 * kk][2], s[0][2 * kk][3]);
-            pa[kk][2] = pack2<T>(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
-            pa[kk][3] = pack2<T>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
-        }
+        pack_p<T, BC>(pa, s);
 
         if constexpr (OVERLAP) {
             // Tile j-1 is fully consumed: refill its buffer with tile j-1+STAGES. Group
@@ -254,26 +302,7 @@ __global__ void __launch_bounds__(C::THREADS, FEAT ? 1 : C::MINB) taca_fwd_sm90_
     // the Q tile (same swizzle), then 16-byte row stores.
     fence_proxy_async();
     const int64_t bh_row = ((int64_t)b * gridDim.y + h) * n;
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-        float l = l_run[0][hf], t = t_run[0][hf];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        t += __shfl_xor_sync(0xffffffffu, t, 1);
-        t += __shfl_xor_sync(0xffffffffu, t, 2);
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        const int rloc = wrow0 + (lane >> 2) + hf * 8;
-        const int row = q0 + rloc;
-        if ((lane & 3) == 0 && row < n) {
-            if (a.lse) a.lse[bh_row + row] = (m_run[0][hf] + log2f(l)) * 0.69314718055994531f;
-            if (a.text_mass) a.text_mass[bh_row + row] = t * inv;
-        }
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-            const uint32_t v = pack2<T>(o[0][dt][hf * 2] * inv, o[0][dt][hf * 2 + 1] * inv);
-            *reinterpret_cast<uint32_t *>(smem + sw128_offset<BR>(rloc, dt) + (lane & 3) * 4) = v;
-        }
-    }
+    normalize_stage_o<T, DT, BR>(a, o, m_run, l_run, t_run, bh_row, q0, wrow0, lane, n, smem);
     __syncwarp();
     T *go = static_cast<T *>(a.out) + b * a.ob + h * a.oh;
     constexpr int CPR = DP / 8;

@@ -173,26 +173,8 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
         const Span sp = FEAT ? span_of(a.spans, b, a.tb, a.te, a.qtb, a.qte) : Span{a.tb, a.te, a.qtb, a.qte};
         const int tb = sp.kb, te = sp.ke;
         const float g = a.gamma[b];
-        float mul_txt[1][2], mul_vis[1][2];
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-            const int row = q0 + wrow0 + (lane >> 2) + hf * 8;
-            const bool rt = row >= sp.qb && row < sp.qe;
-            mul_txt[0][hf] = a.scale_log2 * (rt ? 1.0f : g);
-            mul_vis[0][hf] = a.scale_log2 * (rt ? a.gamma_reverse : 1.0f);
-        }
-        float o[1][DT][4];
-        float m_run[1][2], l_run[1][2], t_run[1][2];
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) o[0][dt][e] = 0.0f;
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-            m_run[0][hf] = -INFINITY;
-            l_run[0][hf] = 0.0f;
-            t_run[0][hf] = 0.0f;
-        }
+        float mul_txt[1][2], mul_vis[1][2], o[1][DT][4], m_run[1][2], l_run[1][2], t_run[1][2];
+        init_row_state<DT>(a, g, sp.qb, sp.qe, q0, wrow0, lane, mul_txt, mul_vis, o, m_run, l_run, t_run);
 
         const uint32_t q_wg = sqb + c * 64 * 128;  // this warpgroup's 64 rows inside each column block
         const uint64_t d_qw = desc_sw128(q_wg);    // advanced per k-step (desc_advance)
@@ -266,21 +248,9 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
                 fence_regs<DT * 4>(&o[0][0][0]);
                 fence_regs<BC / 4>(&pa[0][0]);
                 if (lane == 0) mbar_arrive(empty_v(sp));
-#pragma unroll
-                for (int dt = 0; dt < DT; ++dt) {
-                    o[0][dt][0] *= alpha[0][0];
-                    o[0][dt][1] *= alpha[0][0];
-                    o[0][dt][2] *= alpha[0][1];
-                    o[0][dt][3] *= alpha[0][1];
-                }
+                rescale_o<DT>(o, alpha);
             }
-#pragma unroll
-            for (int kk = 0; kk < BC / 16; ++kk) {
-                pa[kk][0] = pack2<T>(sacc[0][2 * kk][0], sacc[0][2 * kk][1]);
-                pa[kk][1] = pack2<T>(sacc[0][2 * kk][2], sacc[0][2 * kk][3]);
-                pa[kk][2] = pack2<T>(sacc[0][2 * kk + 1][0], sacc[0][2 * kk + 1][1]);
-                pa[kk][3] = pack2<T>(sacc[0][2 * kk + 1][2], sacc[0][2 * kk + 1][3]);
-            }
+            pack_p<T, BC>(pa, sacc);
         };
         tile(0, std::true_type());
         for (int j = 1; j < nkv; ++j) tile(j, std::false_type());
@@ -301,26 +271,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
         // Epilogue (as v4): normalize, lse / text_mass, stage O into this warp's own 16 rows of the
         // Q tile (every product that read them has completed), then 16-byte row stores.
         const int64_t bh_row = ((int64_t)b * heads + h) * n;
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-            float l = l_run[0][hf], t = t_run[0][hf];
-            l += __shfl_xor_sync(0xffffffffu, l, 1);
-            l += __shfl_xor_sync(0xffffffffu, l, 2);
-            t += __shfl_xor_sync(0xffffffffu, t, 1);
-            t += __shfl_xor_sync(0xffffffffu, t, 2);
-            const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-            const int rloc = wrow0 + (lane >> 2) + hf * 8;
-            const int row = q0 + rloc;
-            if ((lane & 3) == 0 && row < n) {
-                if (a.lse) a.lse[bh_row + row] = (m_run[0][hf] + log2f(l)) * 0.69314718055994531f;
-                if (a.text_mass) a.text_mass[bh_row + row] = t * inv;
-            }
-#pragma unroll
-            for (int dt = 0; dt < DT; ++dt) {
-                const uint32_t v = pack2<T>(o[0][dt][hf * 2] * inv, o[0][dt][hf * 2 + 1] * inv);
-                *reinterpret_cast<uint32_t *>(smem_q + sw128_offset<BR>(rloc, dt) + (lane & 3) * 4) = v;
-            }
-        }
+        normalize_stage_o<T, DT, BR>(a, o, m_run, l_run, t_run, bh_row, q0, wrow0, lane, n, smem_q);
         __syncwarp();
         T *go = static_cast<T *>(a.out) + b * a.ob + h * a.oh;
         constexpr int CPR = DP / 8;
