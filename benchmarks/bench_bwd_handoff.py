@@ -10,7 +10,9 @@ Usage: python3 benchmarks/bench_bwd_handoff.py [--shapes flux1024_b1,sd35m_cfg] 
 ("+nd": the op's deterministic=False, unordered dQ atomics; not bitwise equal by design;
 "v5": the v5 kernel with its default hand-off, "v5:<hand-off>" v5 with another, "v6": the v6
 kernel (TACA_BWD_SM90_KERNEL=v6, the default), "v6:rows" / "v6:tensor" v6 with that dQ writer
-(TACA_BWD_V6_WRITER), "<mode>@sN" that mode with N deterministic dQ chains (TACA_BWD_NSEG);
+(TACA_BWD_V6_WRITER), "<mode>@sN" that mode with N deterministic dQ chains (TACA_BWD_NSEG),
+"<mode>@o0" that mode with dQ converted after the main kernel (TACA_BWD_DQ_OVERLAP=0), "<mode>@g1" v6's
+1-D grid at D = 64 (TACA_BWD_V6_GRID=1d); suffixes combine, e.g. "v6@s4@o0+nd");
 the table also gives each mode's max difference to the first)
 Prints a table last; writes JSON to DIR.
 """
@@ -73,10 +75,17 @@ def main() -> int:
                 base = m[:-3] if m.endswith("+nd") else m
                 # "<mode>@sN": that mode with N dQ chains (TACA_BWD_NSEG, a timing switch)
                 nseg = None
+                env = {}
+                # "<mode>@o0": dQ converted after the kernel (TACA_BWD_DQ_OVERLAP=0); "<mode>@g1":
+                # v6's 1-D grid at D = 64 (TACA_BWD_V6_GRID=1d); either order, after any "@sN"
+                for suffix, var, val in (("@o0", "TACA_BWD_DQ_OVERLAP", "0"), ("@g1", "TACA_BWD_V6_GRID", "1d")) * 2:
+                    if base.endswith(suffix):
+                        base = base[:-3]
+                        env[var] = val
                 if "@s" in base:
                     base, nseg = base.split("@s")
                 is6 = base == "v6" or base.startswith("v6:")
-                env = {"TACA_BWD_SM90_KERNEL": "v6" if is6 else "v5"}
+                env["TACA_BWD_SM90_KERNEL"] = "v6" if is6 else "v5"
                 if is6 and base != "v6":  # "v6:rows" / "v6:tensor": v6 with that dQ writer
                     env["TACA_BWD_V6_WRITER"] = base[3:]
                 elif base not in ("v6", "v5"):  # "v5:<hand-off>" or a bare v5 hand-off name

@@ -180,6 +180,104 @@ def test_sm90_v6_kernel(case, writer, monkeypatch):
         assert torch.equal(a, b), f"{name}: v6 differs from v5"
 
 
+GRID_CASES = [c for c in HANDOFF_CASES if c[4] == 64]
+
+
+@pytest.mark.parametrize("case", GRID_CASES, ids=[_ids(c) for c in GRID_CASES])
+def test_sm90_v6_grid_1d(case, monkeypatch):
+    """v6 at D = 64 on a 1-D grid (TACA_BWD_V6_GRID=1d, a timing form: the CTA decodes its key
+    tile, KV head and batch from blockIdx.x) meets the rule, is deterministic and gives the 3-D
+    grid's gradients bitwise (same CTAs, same work). (Off sm_90 the knob is ignored.)"""
+    default = _run_case(case)
+    monkeypatch.setenv("TACA_BWD_V6_GRID", "1d")
+    got = _run_case(case, reps=3)
+    for name, a, b in zip(("dq", "dk", "dv"), got, default):
+        assert torch.equal(a, b), f"{name}: the 1-D grid differs from the 3-D grid"
+
+
+def test_bwd_in_cuda_graph():
+    """The backward captured in a CUDA graph (v6 launches its dQ conversion as a programmatic
+    dependent of the main kernel) replays to the eager gradients bitwise, and replays with new
+    input values: dout halved in place gives exactly half of every gradient (powers of two
+    scale exactly through every product and the bf16 roundings)."""
+    B, H, L, img, D = 1, 3, 333, 2048, 128
+    N = L + img
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v, dout = (_make((B, N, H, D), BF16, "bnhd", gen) for _ in range(4))
+    gamma_t = torch.full((B,), 1.2, device="cuda")
+    scale = D ** -0.5
+    out, lse = torch.ops.taca.fwd(q, k, v, gamma_t, 1.0, scale, 0, L, False)[:2]
+
+    def bwd():
+        return torch.ops.taca.bwd(dout, q, k, v, out, lse, gamma_t, 1.0, scale, 0, L)
+
+    eager = bwd()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            bwd()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static = bwd()
+    g.replay()
+    torch.cuda.synchronize()
+    for name, a, b in zip(("dq", "dk", "dv"), static, eager):
+        assert torch.equal(a, b), f"{name}: graph replay differs from eager"
+    dout.mul_(0.5)
+    g.replay()
+    torch.cuda.synchronize()
+    for name, a, b in zip(("dq", "dk", "dv"), static, eager):
+        assert torch.equal(a, b * 0.5), f"{name}: replay with dout / 2 is not half the gradient"
+
+
+# (B, H, text_len, image tokens, D): FLUX's class with fewer key-tile CTAs than an H100 or H200 has
+# SMs (the conversion starts at once and waits on every tile), the same over several waves, D = 64
+OVERLAP_SHAPES = [(1, 2, 512, 4096, 128), (2, 6, 333, 4096, 128), (2, 5, 77, 2048, 64)]
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["det", "nondet"])
+@pytest.mark.parametrize("shape", OVERLAP_SHAPES, ids=["B%dH%d-L%d-img%d-D%d" % s for s in OVERLAP_SHAPES])
+def test_sm90_v6_dq_overlap(shape, deterministic, monkeypatch):
+    """v6 converts dQ tiles while its main kernel's last wave runs (bwd_dq_convert_tiles, a
+    programmatic dependent launch that waits on per-tile counters; the default) instead of after
+    the kernel (TACA_BWD_DQ_OVERLAP=0). Deterministic: the same sums in the same order, so dq, dk
+    and dv equal the converted-after path's bitwise over three runs. Unordered: dk and dv bitwise
+    (no atomics), dq within 2 bf16 / fp16 units in the last place of the deterministic dq (the fp32
+    adds run in another order, then one rounding): a tile converted before its last key tile's
+    CTA added to it would miss 1 / nk of the sum. (Off sm_90, or where v6 does not run, both
+    paths are the same one.)"""
+    B, H, L, img, D = shape
+    N = L + img
+    dtype = BF16
+    gen = torch.Generator(device="cuda").manual_seed(101 + D + H)
+    q, k, v, dout = (_make((B, N, H, D), dtype, "bnhd", gen) for _ in range(4))
+    gamma_t = torch.full((B,), 1.2, device="cuda")
+    scale = D ** -0.5
+    out, lse = torch.ops.taca.fwd(q, k, v, gamma_t, 1.0, scale, 0, L, False)[:2]
+
+    def grads():
+        _poison_allocator((B, N, H, D), dtype)
+        return torch.ops.taca.bwd(dout, q, k, v, out, lse, gamma_t, 1.0, scale, 0, L,
+                                  deterministic=deterministic)
+
+    monkeypatch.setenv("TACA_BWD_DQ_OVERLAP", "0")
+    after = torch.ops.taca.bwd(dout, q, k, v, out, lse, gamma_t, 1.0, scale, 0, L, deterministic=True)
+    monkeypatch.delenv("TACA_BWD_DQ_OVERLAP")
+    runs = [grads() for _ in range(3)]
+    for got in runs:
+        for name, a, b in zip(("dq", "dk", "dv"), got, after):
+            assert torch.isfinite(a).all(), f"{name}: non-finite values (unwritten or NaN)"
+            if deterministic or name != "dq":
+                assert torch.equal(a, b), f"{name}: overlapped conversion differs from the converted-after path"
+            else:
+                ulp = torch.finfo(dtype).eps * b.float().abs()  # eps = one unit in the last place at 1
+                tiny = torch.finfo(dtype).eps * b.float().abs().max() * 2 ** -10  # values near 0
+                excess = ((a.float() - b.float()).abs() - (2 * ulp + tiny)).max().item()
+                assert excess <= 0, f"dq: unordered overlapped conversion off by {excess:.3g} beyond 2 ulp"
+
+
 @pytest.mark.parametrize(
     "L,img,D,text_first,dtype",
     [(512, 1025, 128, True, BF16), (333, 1025, 64, False, FP16)],

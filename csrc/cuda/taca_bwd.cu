@@ -97,7 +97,7 @@ namespace {
 
 struct Layout {
     int dp, dc, bm, np, nq, nk, nseg, seg_size;
-    size_t off_lse2, off_delta, off_sem, off_acc, total;
+    size_t off_lse2, off_delta, off_sem, off_work, off_acc, total;
 };
 
 size_t align256(size_t x) { return (x + 255) & ~static_cast<size_t>(255); }
@@ -133,8 +133,9 @@ bool layout_of(const taca_bwd_params *p, Layout *L) {
     L->off_delta = align256(rows * sizeof(float));
     L->off_sem = L->off_delta + align256(rows * sizeof(float));
     const size_t nseg_z = static_cast<size_t>(L->nseg);
-    L->off_acc =
-        L->off_sem + align256(nseg_z * bh * nch * static_cast<size_t>(L->nq) * sizeof(int));
+    // the sem counters, then bwd_dq_convert_tiles' item counter (8-byte aligned), zeroed together
+    L->off_work = L->off_sem + ((nseg_z * bh * nch * static_cast<size_t>(L->nq) * sizeof(int) + 7) & ~size_t{7});
+    L->off_acc = align256(L->off_work + sizeof(unsigned long long));
     L->total = L->off_acc +
                (L->nk > 1 ? nseg_z * rows * static_cast<size_t>(c.dp) * sizeof(float) : 0);
     return true;
@@ -184,6 +185,7 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
     a.lse2 = reinterpret_cast<float *>(ws + L.off_lse2);
     a.delta = reinterpret_cast<float *>(ws + L.off_delta);
     a.sem = reinterpret_cast<int *>(ws + L.off_sem);
+    a.work = reinterpret_cast<unsigned long long *>(ws + L.off_work);
     a.dq_acc = reinterpret_cast<float *>(ws + L.off_acc);
     a.qs_b = p->q_stride.b, a.qs_n = p->q_stride.n, a.qs_h = p->q_stride.h;
     a.ks_b = p->k_stride.b, a.ks_n = p->k_stride.n, a.ks_h = p->k_stride.h;
@@ -228,6 +230,10 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
         else if (!strcmp(m, "racy")) a.mode = taca_bwd::kRacy;
         else if (!strcmp(m, "skipdq")) a.mode = taca_bwd::kSkip;
     }
+    // v6 converts dQ tiles beside its main kernel's last wave (bwd_dq_convert_tiles);
+    // TACA_BWD_DQ_OVERLAP=0 converts after it (a timing switch, read per call)
+    const char *ov = getenv("TACA_BWD_DQ_OVERLAP");
+    a.dq_overlap = (a.mode == taca_bwd::kOrdered || a.mode == taca_bwd::kAtomic) && !(ov && !strcmp(ov, "0"));
     a.nseg = L.nseg;
     a.seg_size = L.seg_size;
     if (a.mode != taca_bwd::kOrdered) {  // one buffer, no chains

@@ -52,6 +52,12 @@ struct BwdArgs {
     int vec_load;   // q, k, v, dout: 16-byte aligned rows (D % 8 == 0, strides % 8 == 0)
     int pair_store; // dq, dk, dv: 4-byte aligned pairs (D even, strides even)
     int mode;       // dQ accumulation, see DqMode
+    // v6 only: the main kernel counts each finished dQ tile in sem (ordered: every chain's last
+    // link releases it too; unordered: every key tile's CTA adds 1) and bwd_dq_convert_tiles,
+    // launched as its programmatic dependent, converts tiles as they complete; work is that
+    // kernel's item counter (workspace, zeroed with sem)
+    int dq_overlap;
+    unsigned long long *work;
 };
 
 /* How key tiles combine their dQ parts. kOrdered is the default (deterministic); kAtomic is
@@ -69,6 +75,11 @@ __device__ __forceinline__ int ld_acquire(const int *p) {
  * polls with ld_acquire): lighter than __threadfence() (fence.sc) + atomicExch. */
 __device__ __forceinline__ void st_release(int *p, int v) {
     asm volatile("st.release.gpu.global.s32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
+/* *p += v with release semantics at gpu scope (unordered mode: a CTA counts a dQ tile it added). */
+__device__ __forceinline__ void red_release_add(int *p, int v) {
+    asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
 }
 
 /* p[0] += a, p[1] += b as one fire-and-forget reduction (sm_90: one vector op). */
@@ -193,13 +204,8 @@ __global__ void __launch_bounds__(256) bwd_preprocess(const BwdArgs a) {
  * allows). (One element per thread with 64-bit index divisions before: 111 us at FLUX 1024 with
  * four chains, 100 us with one, against cuDNN's 26; benchmarks/bwd_breakdown.py.) */
 template <typename T, int DP>
-__global__ void __launch_bounds__(256) bwd_dq_convert(const BwdArgs a) {
-    constexpr int TPR = DP / 8, RPB = 256 / TPR;
-    const int sub = threadIdx.x % TPR;
-    const int64_t r = static_cast<int64_t>(blockIdx.x) * RPB + threadIdx.x / TPR;  // (bh, n) over B*H*N
-    if (r >= static_cast<int64_t>(a.B) * a.H * a.N) return;
-    const int64_t bh = r / a.N;
-    const int n = static_cast<int>(r - bh * a.N);
+__device__ __forceinline__ void dq_convert_row(const BwdArgs &a, int64_t bh, int n, int sub) {
+    constexpr int TPR = DP / 8;
     const int b = static_cast<int>(bh / a.H), h = static_cast<int>(bh % a.H);
     T *dq = static_cast<T *>(a.dq) + b * a.dqs_b + n * a.dqs_n + h * a.dqs_h;
     const int64_t seg_stride = static_cast<int64_t>(a.B) * a.H * a.Np * DP;
@@ -226,6 +232,62 @@ __global__ void __launch_bounds__(256) bwd_dq_convert(const BwdArgs a) {
                 if (c0 + e < a.D) dq[c0 + e] = from_float<T>(v[e] * a.scale);
         }
     }
+}
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(256) bwd_dq_convert(const BwdArgs a) {
+    constexpr int TPR = DP / 8, RPB = 256 / TPR;
+    const int64_t r = static_cast<int64_t>(blockIdx.x) * RPB + threadIdx.x / TPR;  // (bh, n) over B*H*N
+    if (r >= static_cast<int64_t>(a.B) * a.H * a.N) return;
+    const int64_t bh = r / a.N;
+    dq_convert_row<T, DP>(a, bh, static_cast<int>(r - bh * a.N), threadIdx.x % TPR);
+}
+
+/* The same conversion, one query tile (BM rows of one head) at a time, run beside the v6 main
+ * kernel as its programmatic dependent launch: the grid may start once every main CTA started
+ * (griddepcontrol.launch_dependents), i.e. during the main kernel's last wave, on the SMs that
+ * wave leaves idle (a main CTA holds a whole SM's registers, so none of these CTAs sits beside
+ * one). CTAs take items (b * H + h, query tile) in order from a.work; thread 0 waits until the
+ * tile is complete: sem (nseg, B, H, nq) holds, per chain, the last link that released the tile
+ * (ordered: complete at the chain's length) or, unordered (nseg = 1), how many key tiles added
+ * to it (complete at nk). ld.acquire there, then the CTA barrier, orders the reads after the
+ * writers' releases (which follow their bulk writes' completion). griddepcontrol.wait at the end:
+ * the grid completes only after the main kernel did, so the stream's next kernel sees dk and dv
+ * too. Same sums in the same order as bwd_dq_convert: bitwise the same dq. */
+template <typename T, int DP, int BM>
+__global__ void __launch_bounds__(256) bwd_dq_convert_tiles(const BwdArgs a) {
+    constexpr int TPR = DP / 8, RPB = 256 / TPR;
+    static_assert(BM % RPB == 0, "rows per block");
+    __shared__ unsigned long long s_item[2];
+    const unsigned long long items = static_cast<unsigned long long>(a.B) * a.H * a.nq;
+    const int sub = threadIdx.x % TPR, rr = threadIdx.x / TPR;
+    for (int round = 0;; round ^= 1) {
+        if (threadIdx.x == 0) {
+            const unsigned long long item = atomicAdd(a.work, 1ull);
+            if (item < items) {
+                const int64_t seg_items = static_cast<int64_t>(a.B) * a.H * a.nq;
+                for (int sg = 0; sg < a.nseg; ++sg) {
+                    const int need = a.mode == kOrdered ? min(a.seg_size, a.nk - sg * a.seg_size) : a.nk;
+                    const int *c = a.sem + sg * seg_items + static_cast<int64_t>(item);
+                    while (ld_acquire(c) < need) __nanosleep(128);
+                }
+            }
+            s_item[round] = item;  // two slots: no barrier needed before the next item's write
+        }
+        __syncthreads();
+        const unsigned long long item = s_item[round];
+        if (item >= items) break;
+        const int64_t bh = static_cast<int64_t>(item / a.nq);
+        const int n0 = static_cast<int>(item - static_cast<unsigned long long>(bh) * a.nq) * BM;
+#pragma unroll
+        for (int k = 0; k < BM / RPB; ++k) {
+            const int n = n0 + rr + k * RPB;
+            if (n < a.N) dq_convert_row<T, DP>(a, bh, n, sub);
+        }
+    }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
 }
 
 /* The two helper kernels of every backward, launched for padded head dim DP (the workspace's

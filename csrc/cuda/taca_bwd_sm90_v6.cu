@@ -47,6 +47,13 @@
  *   6. dV += P^T dO and dK += dS'^T Q as one m64nDPk16 per k-step (dO and Q as 64-column blocks,
  *      desc_sw128_mn), not two m64n64: cuDNN's instruction mix (ncu) had them so; FLUX main kernel
  *      1382 -> 1342 us.
+ *   7. The dQ conversion overlaps the main kernel's last wave (bwd_dq_convert_tiles, launched as
+ *      its programmatic dependent; every CTA triggers it at its start, so it runs once all CTAs
+ *      started, on the SMs the last wave leaves idle): the writers count finished tiles in sem
+ *      (ordered: the chain's last link releases its tiles too; unordered: every CTA adds 1 per
+ *      tile) and the conversion converts each tile once complete, in the same order (bitwise the
+ *      same dq). H200, bwd alone: FLUX 1024 b1 1.470 -> 1.434 ms, b2 -1.7%, SD3.5-M -2.4%,
+ *      SD3.5-L even (KERNEL_LOG, eleventh session). TACA_BWD_DQ_OVERLAP=0 converts after it.
  * The default wherever it applies (taca_bwd.cu): FLUX 1024 b1 bwd 1.52 vs v5's 1.75 ms, SD3.5-M
  * cfg 1.65 vs 1.85 ms on an H200 (with the preprocess and conversion of taca_bwd_kernel.cuh).
  * KERNEL_LOG "Backward v6" and the entries after it have the runs, the profiles and what was tried
@@ -107,8 +114,18 @@ struct V6Args {
     int pos_q[3], pos_do[3];
 };
 
-/* MASK: a.mask.data != NULL (its own instance: the unmasked one carries no mask code). */
-template <typename T, int DP, int BM, bool MASK, bool TW>
+/* The CTA's grid index as one number: G1 kernels run on a 1-D grid of nk * Hkv * B CTAs (key
+ * tile fastest, the 3-D grid's order) and decode (key tile, KV head, batch) from it; volatile,
+ * so that a decode after the tile loop reads it again instead of holding values through it. */
+__device__ __forceinline__ int ctaid_x_volatile() {
+    int x;
+    asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(x));
+    return x;
+}
+
+/* MASK: a.mask.data != NULL (its own instance: the unmasked one carries no mask code).
+ * G1: the 1-D grid (see ctaid_x_volatile), a timing form at D = 64 (TACA_BWD_V6_GRID=1d). */
+template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false>
 __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_constant__ V6Args p) {
 #if TACA_SM90A
     const BwdArgs &a = p.a;
@@ -134,7 +151,9 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 
     const int nq = a.nq, nk = a.nk;
     const int nqt = a.group * nq;  // flattened query tiles it = (h - h0) * nq + query tile
-    const int jt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    const int g1x = G1 ? ctaid_x_volatile() : 0, g1r = G1 ? g1x / a.nk : 0;
+    const int jt = G1 ? g1x - g1r * a.nk : blockIdx.x;
+    const int hk = G1 ? g1r % a.Hkv : blockIdx.y, b = G1 ? g1r / a.Hkv : blockIdx.z;
     const int h0 = hk * a.group;  // the group's first query head
     const int64_t bh = static_cast<int64_t>(b) * a.H + h0;
     const int seg = jt / a.seg_size, seg_pos = jt % a.seg_size;
@@ -174,6 +193,8 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         // lane 0 arrives and loads Q and dO by TMA.
         const int pl = threadIdx.x - 256;
         if (pl == 0) {
+            // bwd_dq_convert_tiles (a programmatic dependent launch) may start once every CTA got here
+            if (a.dq_overlap) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
             tma_prefetch_desc(&p.tq);
             tma_prefetch_desc(&p.tdo);
         }
@@ -220,7 +241,10 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         const int w = (threadIdx.x - 288) >> 5, wl = threadIdx.x & 31;
         const bool first = ordered ? seg_pos == 0 : a.mode == taca_bwd::kRacy;
         float *accb = ordered ? acc_base : a.dq_acc + bh * a.Np * DP;
-        const bool releases = ordered && seg_pos < seg_len - 1;
+        // ordered: a link releases tile it to its successor, and with dq_overlap the chain's last
+        // link releases it too (for bwd_dq_convert_tiles); unordered with dq_overlap: every CTA
+        // counts the tile once its adds completed
+        const bool releases = ordered ? (a.dq_overlap || seg_pos < seg_len - 1) : a.dq_overlap != 0;
         const uint32_t src = smem_u32(stage + w * C::STAGE_BYTES);
         // TW: the tile's first row in the 2-D view of dq_acc
         const int row0 = static_cast<int>((accb - a.dq_acc) / DP);
@@ -251,7 +275,8 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                 mbar_arrive(mb_empty + 8 * w);  // staging buffer free again
                 if (releases && wl == 0) {
                     bulk_wait_write();  // tile it added (+ proxy fence)
-                    taca_bwd::st_release(sem_row + it, seg_pos + 1);
+                    if (ordered) taca_bwd::st_release(sem_row + it, seg_pos + 1);
+                    else taca_bwd::red_release_add(sem_row + it, 1);
                 }
             } else {
                 float *dst = accb + static_cast<int64_t>(it) * BM * DP;
@@ -265,7 +290,10 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                 if (releases) {
                     bulk_wait_write();  // this lane's rows of tile it added (+ proxy fence)
                     __syncwarp();
-                    if (wl == 0) taca_bwd::st_release(sem_row + it, seg_pos + 1);
+                    if (wl == 0) {
+                        if (ordered) taca_bwd::st_release(sem_row + it, seg_pos + 1);
+                        else taca_bwd::red_release_add(sem_row + it, 1);
+                    }
                 }
             }
         }
@@ -529,7 +557,12 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         mbar_arrive(q_empty + 8 * buf);  // Q, dO, lse2, delta of tile it read
     }
     // dK = scale * dK', dV (summed over the group) of key/value head hk: rows kr0, kr1.
-    taca_bwd::store_dk_dv<T, DP / 8>(a, b, hk, Nk, D, kr0, kr1, 0, t, dk, dv);
+    if constexpr (G1) {
+        const int r = ctaid_x_volatile() / a.nk;
+        taca_bwd::store_dk_dv<T, DP / 8>(a, r / a.Hkv, r % a.Hkv, Nk, D, kr0, kr1, 0, t, dk, dv);
+    } else {
+        taca_bwd::store_dk_dv<T, DP / 8>(a, b, hk, Nk, D, kr0, kr1, 0, t, dk, dv);
+    }
 #else
     (void)p;
 #endif
@@ -548,11 +581,14 @@ inline bool encode_acc_map(CUtensorMap *m, float *acc, int64_t rows, int dp, int
               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, int DP, int BM, bool TW>
+template <typename T, int DP, int BM, bool TW, bool G1 = false>
 int launch(const BwdArgs &a, cudaStream_t stream) {
     using C = Cfg<DP, BM, TW>;
     if (a.Np % BM != 0 || a.Np != a.nq * BM) return TACA_ERR_UNSUPPORTED;  // workspace layout
-    auto kernel = a.mask.data ? taca_bwd_sm90_v6_kernel<T, DP, BM, true, TW> : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW>;
+    const int64_t ctas = static_cast<int64_t>(a.nk) * a.Hkv * a.B;
+    if (G1 && ctas > INT32_MAX) return TACA_ERR_UNSUPPORTED;
+    auto kernel = a.mask.data ? taca_bwd_sm90_v6_kernel<T, DP, BM, true, TW, G1>
+                              : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1>;
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_bwd_cuda (sm90 v6): cudaFuncGetAttributes");
     if (attr.binaryVersion != 90) return TACA_ERR_UNSUPPORTED;
@@ -575,10 +611,31 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
         TACA_CUDA_TRY(cudaMemsetAsync(a.dq_acc, 0, static_cast<size_t>(rows) * DP * sizeof(float), stream),
                       "taca_bwd_cuda (sm90 v6) memset dq_acc");
     }
-    kernel<<<dim3(a.nk, a.Hkv, a.B), C::THREADS, C::SMEM, stream>>>(p);
+    const dim3 grid = G1 ? dim3(static_cast<unsigned>(ctas)) : dim3(a.nk, a.Hkv, a.B);
+    kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
     st = taca_cuda_check_launch("taca_bwd_cuda (sm90 v6) main");
     if (st != TACA_OK || a.nk == 1) return st;
-    return taca_bwd::launch_dq_convert<T, DP>(a, stream, "taca_bwd_cuda (sm90 v6) dq convert");
+    if (!a.dq_overlap) return taca_bwd::launch_dq_convert<T, DP>(a, stream, "taca_bwd_cuda (sm90 v6) dq convert");
+    // The conversion as the main kernel's programmatic dependent: it converts tiles as their
+    // chains complete, on the SMs the main kernel's last wave leaves idle (a dozen CTAs per SM
+    // at most; they take items from a counter, so however many are resident do all the work).
+    int dev = 0, sms = 0;
+    TACA_CUDA_TRY(cudaGetDevice(&dev), "taca_bwd_cuda (sm90 v6): cudaGetDevice");
+    TACA_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev),
+                  "taca_bwd_cuda (sm90 v6): device attribute");
+    const int64_t items = static_cast<int64_t>(a.B) * a.H * a.nq;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(items < 8LL * sms ? items : 8LL * sms));
+    cfg.blockDim = dim3(256);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr1[1];
+    attr1[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr1[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr1;
+    cfg.numAttrs = 1;
+    TACA_CUDA_TRY(cudaLaunchKernelEx(&cfg, taca_bwd::bwd_dq_convert_tiles<T, DP, BM>, a),
+                  "taca_bwd_cuda (sm90 v6) dq convert (tiles)");
+    return taca_cuda_check_launch("taca_bwd_cuda (sm90 v6) dq convert (tiles)");
 }
 
 template <int DP, int BM, bool TW>
@@ -601,9 +658,15 @@ int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16)
     // slower there). TACA_BWD_V6_WRITER=rows / tensor forces one (a timing switch, read per call).
     const char *wr = getenv("TACA_BWD_V6_WRITER");
     const bool tw = wr ? !strcmp(wr, "tensor") : a.D == 64;
-    if (a.D == 64)
+    if (a.D == 64) {
+        // TACA_BWD_V6_GRID=1d: the 1-D grid (tensor writer only; a timing form, read per call)
+        const char *gr = getenv("TACA_BWD_V6_GRID");
+        if (tw && gr && !strcmp(gr, "1d"))
+            return bf16 ? taca_bwd96::launch<__nv_bfloat16, 64, 128, true, true>(a, stream)
+                        : taca_bwd96::launch<__half, 64, 128, true, true>(a, stream);
         return tw ? taca_bwd96::launch_dtype<64, 128, true>(a, stream, bf16)
                   : taca_bwd96::launch_dtype<64, 128, false>(a, stream, bf16);
+    }
     return tw ? taca_bwd96::launch_dtype<128, 64, true>(a, stream, bf16)
               : taca_bwd96::launch_dtype<128, 64, false>(a, stream, bf16);
 #else

@@ -61,6 +61,13 @@ def main():
                                      backend="cuda")
             o.backward(torch.randn_like(o))
             runs += 2
+        # deterministic=False (unordered dQ adds; v6 counts each tile's adds for its overlapped conversion)
+        for B, N, D, L, tf, dt in cases[::2]:
+            q, k, v = (torch.randn(B, 2, N, D, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
+            o = taca.joint_attention(q, k, v, text_len=L, text_first=tf, gamma=1.3, layout="bhnd",
+                                     backend="cuda", deterministic=False)
+            o.backward(torch.randn_like(o))
+            runs += 2
         # the op's features on the kernels (FEAT instances and grouped / cross shapes): per-sample
         # spans, a bool key mask with padded keys, a float (B, H, N_q, N_k) mask with a fully
         # masked row, image-only queries against [image, text] keys, grouped KV heads
