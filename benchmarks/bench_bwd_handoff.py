@@ -11,8 +11,9 @@ Usage: python3 benchmarks/bench_bwd_handoff.py [--shapes flux1024_b1,sd35m_cfg] 
 "v5": the v5 kernel with its default hand-off, "v5:<hand-off>" v5 with another, "v6": the v6
 kernel (TACA_BWD_SM90_KERNEL=v6, the default), "v6:rows" / "v6:tensor" v6 with that dQ writer
 (TACA_BWD_V6_WRITER), "<mode>@sN" that mode with N deterministic dQ chains (TACA_BWD_NSEG),
-"<mode>@o0" that mode with dQ converted after the main kernel (TACA_BWD_DQ_OVERLAP=0), "<mode>@g1" v6's
-1-D grid at D = 64 (TACA_BWD_V6_GRID=1d); suffixes combine, e.g. "v6@s4@o0+nd");
+"<mode>@o0" that mode with dQ converted after the main kernel (TACA_BWD_DQ_OVERLAP=0), "<mode>@g3" v6's
+3-D grid at D = 64 (TACA_BWD_V6_GRID=3d; the 1-D one is the default there); suffixes combine, e.g.
+"v6@s4@o0+nd");
 the table also gives each mode's max difference to the first)
 Prints a table last; writes JSON to DIR.
 """
@@ -76,9 +77,9 @@ def main() -> int:
                 # "<mode>@sN": that mode with N dQ chains (TACA_BWD_NSEG, a timing switch)
                 nseg = None
                 env = {}
-                # "<mode>@o0": dQ converted after the kernel (TACA_BWD_DQ_OVERLAP=0); "<mode>@g1":
-                # v6's 1-D grid at D = 64 (TACA_BWD_V6_GRID=1d); either order, after any "@sN"
-                for suffix, var, val in (("@o0", "TACA_BWD_DQ_OVERLAP", "0"), ("@g1", "TACA_BWD_V6_GRID", "1d")) * 2:
+                # "<mode>@o0": dQ converted after the kernel (TACA_BWD_DQ_OVERLAP=0); "<mode>@g3":
+                # v6's 3-D grid at D = 64 (TACA_BWD_V6_GRID=3d); either order, after any "@sN"
+                for suffix, var, val in (("@o0", "TACA_BWD_DQ_OVERLAP", "0"), ("@g3", "TACA_BWD_V6_GRID", "3d")) * 2:
                     if base.endswith(suffix):
                         base = base[:-3]
                         env[var] = val

@@ -185,11 +185,13 @@ GRID_CASES = [c for c in HANDOFF_CASES if c[4] == 64]
 
 @pytest.mark.parametrize("case", GRID_CASES, ids=[_ids(c) for c in GRID_CASES])
 def test_sm90_v6_grid_1d(case, monkeypatch):
-    """v6 at D = 64 on a 1-D grid (TACA_BWD_V6_GRID=1d, a timing form: the CTA decodes its key
-    tile, KV head and batch from blockIdx.x) meets the rule, is deterministic and gives the 3-D
-    grid's gradients bitwise (same CTAs, same work). (Off sm_90 the knob is ignored.)"""
+    """v6 at D = 64 runs on a 1-D grid (the default: the CTA decodes its key tile, KV head and
+    batch from blockIdx.x); TACA_BWD_V6_GRID=3d forces the 3-D grid. Both meet the rule, are
+    deterministic, and give the same gradients bitwise (same CTAs, same work). (Off sm_90 the
+    knob is ignored.)"""
+    monkeypatch.setenv("TACA_BWD_V6_GRID", "3d")
     default = _run_case(case)
-    monkeypatch.setenv("TACA_BWD_V6_GRID", "1d")
+    monkeypatch.delenv("TACA_BWD_V6_GRID")
     got = _run_case(case, reps=3)
     for name, a, b in zip(("dq", "dk", "dv"), got, default):
         assert torch.equal(a, b), f"{name}: the 1-D grid differs from the 3-D grid"
