@@ -79,7 +79,12 @@ def main() -> int:
                 env = {}
                 # "<mode>@o0": dQ converted after the kernel (TACA_BWD_DQ_OVERLAP=0); "<mode>@g3":
                 # v6's 3-D grid at D = 64 (TACA_BWD_V6_GRID=3d); either order, after any "@sN"
-                for suffix, var, val in (("@o0", "TACA_BWD_DQ_OVERLAP", "0"), ("@g3", "TACA_BWD_V6_GRID", "3d")) * 2:
+                # (also "@o2": converted after, the main kernel's per-tile releases kept; "@cN": N
+                # conversion CTAs per SM, TACA_BWD_CONV_CTAS)
+                suffixes = (("@o0", "TACA_BWD_DQ_OVERLAP", "0"), ("@o2", "TACA_BWD_DQ_OVERLAP", "2"),
+                            ("@g3", "TACA_BWD_V6_GRID", "3d")) + tuple(
+                                (f"@c{n}", "TACA_BWD_CONV_CTAS", str(n)) for n in range(1, 9))
+                for suffix, var, val in suffixes * 2:
                     if base.endswith(suffix):
                         base = base[:-3]
                         env[var] = val

@@ -231,9 +231,11 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
         else if (!strcmp(m, "skipdq")) a.mode = taca_bwd::kSkip;
     }
     // v6 converts dQ tiles beside its main kernel's last wave (bwd_dq_convert_tiles);
-    // TACA_BWD_DQ_OVERLAP=0 converts after it (a timing switch, read per call)
+    // TACA_BWD_DQ_OVERLAP=0 converts after it, =2 too but with the main kernel's per-tile
+    // releases kept (timing switches, read per call)
     const char *ov = getenv("TACA_BWD_DQ_OVERLAP");
-    a.dq_overlap = (a.mode == taca_bwd::kOrdered || a.mode == taca_bwd::kAtomic) && !(ov && !strcmp(ov, "0"));
+    a.dq_overlap = !(a.mode == taca_bwd::kOrdered || a.mode == taca_bwd::kAtomic) ? 0
+                   : !ov ? 1 : !strcmp(ov, "0") ? 0 : !strcmp(ov, "2") ? 2 : 1;
     a.nseg = L.nseg;
     a.seg_size = L.seg_size;
     if (a.mode != taca_bwd::kOrdered) {  // one buffer, no chains

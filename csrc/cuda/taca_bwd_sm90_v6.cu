@@ -615,7 +615,7 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
     st = taca_cuda_check_launch("taca_bwd_cuda (sm90 v6) main");
     if (st != TACA_OK || a.nk == 1) return st;
-    if (!a.dq_overlap) return taca_bwd::launch_dq_convert<T, DP>(a, stream, "taca_bwd_cuda (sm90 v6) dq convert");
+    if (a.dq_overlap != 1) return taca_bwd::launch_dq_convert<T, DP>(a, stream, "taca_bwd_cuda (sm90 v6) dq convert");
     // The conversion as the main kernel's programmatic dependent: it converts tiles as their
     // chains complete, on the SMs the main kernel's last wave leaves idle (a dozen CTAs per SM
     // at most; they take items from a counter, so however many are resident do all the work).
@@ -625,7 +625,13 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
                   "taca_bwd_cuda (sm90 v6): device attribute");
     const int64_t items = static_cast<int64_t>(a.B) * a.H * a.nq;
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(items < 8LL * sms ? items : 8LL * sms));
+    int per_sm = 8;
+    if (const char *e = getenv("TACA_BWD_CONV_CTAS")) {  // timing experiments only (1..8 CTAs per SM)
+        const int n = atoi(e);
+        if (n >= 1 && n <= 8) per_sm = n;
+    }
+    const int64_t conv_ctas = static_cast<int64_t>(per_sm) * sms;
+    cfg.gridDim = dim3(static_cast<unsigned>(items < conv_ctas ? items : conv_ctas));
     cfg.blockDim = dim3(256);
     cfg.stream = stream;
     cudaLaunchAttribute attr1[1];
