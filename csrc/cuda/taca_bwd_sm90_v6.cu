@@ -617,12 +617,11 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     if (st != TACA_OK || a.nk == 1) return st;
     if (a.dq_overlap != 1) return taca_bwd::launch_dq_convert<T, DP>(a, stream, "taca_bwd_cuda (sm90 v6) dq convert");
     // The conversion as the main kernel's programmatic dependent: it converts tiles as their
-    // chains complete, on the SMs the main kernel's last wave leaves idle (a dozen CTAs per SM
-    // at most; they take items from a counter, so however many are resident do all the work).
-    int dev = 0, sms = 0;
-    TACA_CUDA_TRY(cudaGetDevice(&dev), "taca_bwd_cuda (sm90 v6): cudaGetDevice");
-    TACA_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev),
-                  "taca_bwd_cuda (sm90 v6): device attribute");
+    // chains complete, on the SMs the main kernel's last wave leaves idle (8 CTAs per SM at most;
+    // they take items from a counter, so however many are resident do all the work).
+    int sms = 0;
+    if (device_sm_count(&sms, "taca_bwd_cuda (sm90 v6): SM count") != TACA_OK)  // the main kernel ran:
+        return taca_bwd::launch_dq_convert<T, DP>(a, stream, "taca_bwd_cuda (sm90 v6) dq convert");  // convert after it
     const int64_t items = static_cast<int64_t>(a.B) * a.H * a.nq;
     cudaLaunchConfig_t cfg = {};
     int per_sm = 8;
