@@ -11,6 +11,7 @@ Install: pip install --no-build-isolation -e .
 """
 import glob
 import os
+import shlex
 import shutil
 import sys
 
@@ -97,6 +98,9 @@ def torch_extension():
     nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__",
             "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+    # Extra nvcc flags for diagnostic builds only, e.g. TACA_NVCC_EXTRA=-DTACA_BWD_TRACE=1 (the v6
+    # backward's per-CTA trace, benchmarks/bwd_trace.py); never needed for a normal install.
+    nvcc += shlex.split(os.environ.get("TACA_NVCC_EXTRA", ""))
     # The Hopper (wgmma) forward runs only from an sm_90a binary: enable its host dispatch when
     # 9.0a is built and plain 9.0 is not (an H100 could otherwise load the sm_90 image).
     archs = [a.strip() for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")]

@@ -53,8 +53,10 @@
  *   (query head, query tile) sequence, so the chains of all its query heads keep this order.
  *   params->deterministic = 0 uses red.add without order into one zeroed buffer
  *   (FlashAttention-2's atomics, non-deterministic). The environment variable TACA_BWD_MODE
- *   (atomic | racy | skipdq) overrides this for timing experiments only: racy and skipdq
- *   give a wrong dq on purpose (they bound the cost of the ordering and of the dQ matmul);
+ *   (atomic | atomicseg | racy | skipdq) overrides this for timing experiments only: racy and
+ *   skipdq give a wrong dq on purpose (they bound the cost of the ordering and of the dQ matmul),
+ *   atomicseg adds without order into the chains' nseg buffers (v6 in a TACA_BWD_TRACE build
+ *   only: their footprint alone);
  *   TACA_BWD_NSEG=1..8 overrides the number of chains (timing too: 4 measured best on FLUX 1024).
  *   Measured history (H100, FLUX 1024 b1 bwd alone): v1 ordered with per-tile fence + load
  *   5.66 ms; v2 early poll + red + delayed release 3.62 ms; see KERNEL_LOG.md.
@@ -136,8 +138,10 @@ bool layout_of(const taca_bwd_params *p, Layout *L) {
     // the sem counters, then bwd_dq_convert_tiles' item counter (8-byte aligned), zeroed together
     L->off_work = L->off_sem + ((nseg_z * bh * nch * static_cast<size_t>(L->nq) * sizeof(int) + 7) & ~size_t{7});
     L->off_acc = align256(L->off_work + sizeof(unsigned long long));
+    // dQ buffer rows of DP + 8 floats: v6's row writer adds a staged tile (rows padded by 32 bytes)
+    // as one block; the other kernels use DP of them (BwdArgs::acc_ld)
     L->total = L->off_acc +
-               (L->nk > 1 ? nseg_z * rows * static_cast<size_t>(c.dp) * sizeof(float) : 0);
+               (L->nk > 1 ? nseg_z * rows * static_cast<size_t>(c.dp + 8) * sizeof(float) : 0);
     return true;
 }
 
@@ -187,6 +191,7 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
     a.sem = reinterpret_cast<int *>(ws + L.off_sem);
     a.work = reinterpret_cast<unsigned long long *>(ws + L.off_work);
     a.dq_acc = reinterpret_cast<float *>(ws + L.off_acc);
+    a.acc_ld = L.dp;  // (v6's row writer: DP + 8)
     a.qs_b = p->q_stride.b, a.qs_n = p->q_stride.n, a.qs_h = p->q_stride.h;
     a.ks_b = p->k_stride.b, a.ks_n = p->k_stride.n, a.ks_h = p->k_stride.h;
     a.vs_b = p->v_stride.b, a.vs_n = p->v_stride.n, a.vs_h = p->v_stride.h;
@@ -225,8 +230,14 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
                    st2(p->dq_stride) && st2(p->dk_stride) && st2(p->dv_stride);
 
     a.mode = p->deterministic ? taca_bwd::kOrdered : taca_bwd::kAtomic;
+    bool keep_chains = false;
     if (const char *m = getenv("TACA_BWD_MODE")) {  // timing experiments only
         if (!strcmp(m, "atomic")) a.mode = taca_bwd::kAtomic;
+#if defined(TACA_BWD_TRACE)
+        // unordered adds into the deterministic chains' buffers (v6, trace builds only): the
+        // chains' memory footprint without their order, to tell the two costs apart
+        else if (!strcmp(m, "atomicseg")) a.mode = taca_bwd::kAtomic, keep_chains = true;
+#endif
         else if (!strcmp(m, "racy")) a.mode = taca_bwd::kRacy;
         else if (!strcmp(m, "skipdq")) a.mode = taca_bwd::kSkip;
     }
@@ -238,7 +249,7 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
                    : !ov ? 1 : !strcmp(ov, "0") ? 0 : !strcmp(ov, "2") ? 2 : 1;
     a.nseg = L.nseg;
     a.seg_size = L.seg_size;
-    if (a.mode != taca_bwd::kOrdered) {  // one buffer, no chains
+    if (a.mode != taca_bwd::kOrdered && !keep_chains) {  // one buffer, no chains
         a.nseg = 1;
         a.seg_size = L.nk;
     }
@@ -256,6 +267,10 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
     // Hopper path (taca_bwd_sm90*.cu) for aligned D = 64 / 72..128 on sm_90 when built for
     // sm_90a (see the header above). TACA_BWD_SM90=0 forces the mma.sync kernel. Both are test /
     // timing switches, read at every call.
+    if (keep_chains) {  // atomicseg: v6's diagnostic only (the other kernels add into one buffer)
+        const int st6 = taca_bwd_sm90_v6(a, stream, bf16);
+        return st6 == TACA_ERR_UNSUPPORTED ? TACA_ERR_UNSUPPORTED : st6;
+    }
     const char *sm90_env = getenv("TACA_BWD_SM90");
     if (!(sm90_env && !strcmp(sm90_env, "0"))) {
         // v6 (faster at every D it takes: KERNEL_LOG "Backward v6" and after), v5 where v6 does not

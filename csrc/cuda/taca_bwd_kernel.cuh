@@ -37,7 +37,7 @@ struct BwdArgs {
                                          // where lse = -inf (fully masked rows: P = 0)
     float *delta;                        // workspace (B, H, Np): dO . O, 0 past N
     int *sem;                            // workspace (nseg, B, nchunk, H, nq): dQ add order
-    float *dq_acc;                       // workspace (nseg, B, H, Np, DP) fp32 partial dQ sums
+    float *dq_acc;                       // workspace (nseg, B, H, Np, acc_ld) fp32 partial dQ sums
     int64_t qs_b, qs_n, qs_h, ks_b, ks_n, ks_h, vs_b, vs_n, vs_h, os_b, os_n, os_h;
     int64_t dos_b, dos_n, dos_h, dqs_b, dqs_n, dqs_h, dks_b, dks_n, dks_h, dvs_b, dvs_n, dvs_h;
     int B, N, H, D, Np, nq;  // N = N_q; Np = N rounded up to the query tile, nq = Np / BM
@@ -58,6 +58,9 @@ struct BwdArgs {
     // kernel's item counter (workspace, zeroed with sem)
     int dq_overlap;
     unsigned long long *work;
+    // dq_acc's row stride in floats (>= DP; the conversions read it): DP, or DP + 8 for v6's row
+    // writer, which adds a staged tile, 32 bytes of padding per row included, as one block
+    int acc_ld;
 };
 
 /* How key tiles combine their dQ parts. kOrdered is the default (deterministic); kAtomic is
@@ -208,8 +211,8 @@ __device__ __forceinline__ void dq_convert_row(const BwdArgs &a, int64_t bh, int
     constexpr int TPR = DP / 8;
     const int b = static_cast<int>(bh / a.H), h = static_cast<int>(bh % a.H);
     T *dq = static_cast<T *>(a.dq) + b * a.dqs_b + n * a.dqs_n + h * a.dqs_h;
-    const int64_t seg_stride = static_cast<int64_t>(a.B) * a.H * a.Np * DP;
-    const float *src = a.dq_acc + (bh * a.Np + n) * DP;
+    const int64_t seg_stride = static_cast<int64_t>(a.B) * a.H * a.Np * a.acc_ld;
+    const float *src = a.dq_acc + (bh * a.Np + n) * a.acc_ld;
     const bool vec = rows_vec16(a.dq, a.dqs_b, a.dqs_n, a.dqs_h, a.D);
     for (int c0 = sub * 8; c0 < a.D; c0 += TPR * 8) {  // one pass when D <= DP
         float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -250,10 +253,11 @@ __global__ void __launch_bounds__(256) bwd_dq_convert(const BwdArgs a) {
  * one). CTAs take items (b * H + h, query tile) in order from a.work; thread 0 waits until the
  * tile is complete: sem (nseg, B, H, nq) holds, per chain, the last link that released the tile
  * (ordered: complete at the chain's length) or, unordered (nseg = 1), how many key tiles added
- * to it (complete at nk). ld.acquire there, then the CTA barrier, orders the reads after the
- * writers' releases (which follow their bulk writes' completion). griddepcontrol.wait at the end:
- * the grid completes only after the main kernel did, so the stream's next kernel sees dk and dv
- * too. Same sums in the same order as bwd_dq_convert: bitwise the same dq. */
+ * to it (complete at nk; in trace builds TACA_BWD_MODE=atomicseg keeps the chains' buffers, each
+ * complete at its chain's length).
+ * ld.acquire there, then the CTA barrier, orders the reads after the writers' releases (which
+ * follow their bulk writes' completion). griddepcontrol.wait at the end: the grid completes only
+ * after the main kernel did, so the stream's next kernel sees dk and dv too. Same sums in the same order as bwd_dq_convert: bitwise the same dq. */
 template <typename T, int DP, int BM>
 __global__ void __launch_bounds__(256) bwd_dq_convert_tiles(const BwdArgs a) {
     constexpr int TPR = DP / 8, RPB = 256 / TPR;
@@ -267,7 +271,13 @@ __global__ void __launch_bounds__(256) bwd_dq_convert_tiles(const BwdArgs a) {
             if (item < items) {
                 const int64_t seg_items = static_cast<int64_t>(a.B) * a.H * a.nq;
                 for (int sg = 0; sg < a.nseg; ++sg) {
+#if defined(TACA_BWD_TRACE)
+                    // the chain's length (ordered: its last link's release; unordered: that many
+                    // adds; one buffer has seg_size = nk)
+                    const int need = min(a.seg_size, a.nk - sg * a.seg_size);
+#else
                     const int need = a.mode == kOrdered ? min(a.seg_size, a.nk - sg * a.seg_size) : a.nk;
+#endif
                     const int *c = a.sem + sg * seg_items + static_cast<int64_t>(item);
                     while (ld_acquire(c) < need) __nanosleep(128);
                 }

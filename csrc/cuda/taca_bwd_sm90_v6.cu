@@ -19,12 +19,16 @@
  *      conflicts on 38% of the shared-store wavefronts in that profile).
  *   4. Two dQ writer warps (9, 10), one per staging buffer, taking alternate query tiles: each
  *      polls the chain predecessor's release of its tile before the tile is staged, adds it with
- *      TMA bulk reduce-adds (one per row), frees the buffer once read and releases the tile to the
- *      successor as soon as its writes completed (st.release.gpu). v5's writer warpgroup released
+ *      TMA bulk reduce-adds (one per row then; one per tile now, item 5), frees the buffer once
+ *      read and releases the tile to the successor as soon as its writes completed (st.release.gpu). v5's writer warpgroup released
  *      tile it - 1 only after tile it was staged (a chain link lagged a whole tile) and met at a
  *      named barrier plus __threadfence per tile: 1.665 -> 1.614 ms on FLUX 1024 b1 (H200).
- *   5. Two forms of the dQ writer (TACA_BWD_V6_WRITER, a timing switch): "rows" (item 4, one bulk reduce-add
- *      per staged row, rows padded by 32 B; the default at D = 72..128) and "tensor" (the staged
+ *   5. Two forms of the dQ writer (TACA_BWD_V6_WRITER, a timing switch): "rows" (item 4, rows padded by
+ *      32 B; the default at D = 72..128; the whole staged tile, padding included, is one contiguous
+ *      block of the workspace (row stride ACC_LD = DP + 8) added by ONE bulk reduce-add: a per-tile
+ *      trace showed the 64 row operations taking ~3 us from staged to released, and each chain link
+ *      waits for its predecessor's release, so link k ran k x 3.8 us behind the head; FLUX 1024 b1
+ *      1.449 -> 1.406 ms, KERNEL_LOG twelfth session) and "tensor" (the staged
  *      tile in 128B-swizzled boxes of 32 fp32 columns x BM rows, dense, added by DP / 32 2-D TMA
  *      tensor reduce-adds from one lane; the default at D = 64). At D = 64 a tile is 128 rows, and
  *      the row writer's 128 operations per tile made the MMA warps wait for free staging buffers
@@ -81,7 +85,7 @@ using taca_bwd90::bulk_wait_write;
 using taca_bwd90::store_block_trans;
 
 /* TW: the writer adds a staged dQ tile with 2-D TMA tensor reduce-adds (DP / 32 per tile, staging in
- * 128B-swizzled 32-column boxes) instead of one bulk reduce-add per row (rows padded by 32 B). */
+ * 128B-swizzled 32-column boxes) instead of one bulk reduce-add of the padded rows (32 B per row). */
 template <int DP_, int BM_, bool TW = false>
 struct Cfg {
     static constexpr int DP = DP_;
@@ -94,6 +98,9 @@ struct Cfg {
     static constexpr uint32_t DS_BYTES = BM * BN * 2;
     static constexpr uint32_t SROW = DP * 4 + 32;  // dQ staging row (fp32, !TW), padded for float2 stores
     static constexpr uint32_t STAGE_BYTES = TW ? BM * DP * 4 : BM * SROW;  // TW: [DP / 32][BM][128 B]
+    // dq_acc's row stride in floats: the row writer's staged tile (rows of SROW bytes, padding
+    // included) is one contiguous block of the workspace, added by one bulk operation
+    static constexpr int ACC_LD = TW ? DP : static_cast<int>(SROW / 4);
     static constexpr uint32_t TILE_TX = 2 * QT_BYTES;  // TMA bytes of a tile: Q and dO
     static constexpr int NBAR = 2 * NSTAGE + 5;  // stage full/empty, q_full[2], q_empty[2], ds_free
     static constexpr size_t SMEM = 2 * KV_BYTES + 4 * QT_BYTES + DS_BYTES + NSTAGE * STAGE_BYTES +
@@ -122,6 +129,37 @@ __device__ __forceinline__ int ctaid_x_volatile() {
     asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(x));
     return x;
 }
+
+#if defined(TACA_BWD_TRACE)
+/* Diagnostic build only (nvcc -DTACA_BWD_TRACE, e.g. TACA_NVCC_EXTRA=-DTACA_BWD_TRACE=1 python3 setup.py
+ * build_ext): every CTA records where its time went, kTraceSlots 64-bit values at g_trace[cta id],
+ * read by taca_bwd_trace_read (benchmarks/bwd_trace.py). Slots: 0 SM id, 1 start (globaltimer, ns),
+ * 2 MMA loop end (ns), 3 key tile | chain position << 16 | chain << 24 | KV head << 32 | batch << 48,
+ * 4..6 MMA thread 0's cycles waiting for a query tile (q_full), for dS' (ds_free + the CTA barrier),
+ * for a free staging buffer (mb_empty); 7, 8 writer warps 0 / 1 (lane 0): cycles polling the chain
+ * predecessor; 9, 10 waiting for a staged tile (mb_full); 11, 12 waiting for their writes;
+ * 13, 14 their end (ns); 15 MMA thread 0's cycles from start to loop end (clock rate). The default
+ * build has none of this (its SASS is unchanged). */
+constexpr int kTraceSlots = 16, kTraceCtas = 16384;
+__device__ unsigned long long g_trace[kTraceCtas * kTraceSlots];
+/* Per query tile (the first kTraceTileCtas CTAs, tiles it < kTraceTiles), globaltimer ns: 0 MMA thread 0
+ * staged its part (after its arrive), 1 the tile's writer lane 0 saw the predecessor's release (0 for a
+ * chain's head and unordered modes), 2 it saw the tile staged, 3 it released the tile (its writes done). */
+constexpr int kTraceTileCtas = 4096, kTraceTiles = 64;
+__device__ unsigned long long g_trace_tiles[kTraceTileCtas * kTraceTiles * 4];
+__device__ __forceinline__ unsigned long long trace_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ unsigned long long trace_smid() {
+    unsigned s;
+    asm volatile("mov.u32 %0, %%smid;\n" : "=r"(s));
+    return s;
+}
+#define V6_TRACE_T0 const long long trace_c0_ = clock64()
+#define V6_TRACE_ADD(acc) acc += static_cast<unsigned long long>(clock64() - trace_c0_)
+#endif
 
 /* MASK: a.mask.data != NULL (its own instance: the unmasked one carries no mask code).
  * G1: the 1-D grid (see ctaid_x_volatile), the default at D = 64 (TACA_BWD_V6_GRID=3d: the 3-D one). */
@@ -160,13 +198,27 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     const int seg_len = min(a.seg_size, nk - seg * a.seg_size);
     const bool ordered = a.mode == taca_bwd::kOrdered && nk > 1;
     int *sem_row = a.sem + (seg * static_cast<int64_t>(a.B) * a.H + bh) * nq;
-    float *acc_base = a.dq_acc + (seg * static_cast<int64_t>(a.B) * a.H + bh) * a.Np * DP;
+    float *acc_base = a.dq_acc + (seg * static_cast<int64_t>(a.B) * a.H + bh) * a.Np * C::ACC_LD;
 
     const T *kb = static_cast<const T *>(a.k) + b * a.ks_b + hk * a.ks_h;
     const T *vb = static_cast<const T *>(a.v) + b * a.vs_b + hk * a.vs_h;
     const float *lse2b = a.lse2 + bh * a.Np;
     const float *deltab = a.delta + bh * a.Np;
 
+#if defined(TACA_BWD_TRACE)
+    const int trace_cid = G1 ? g1x : static_cast<int>(blockIdx.x + a.nk * (blockIdx.y + gridDim.y * blockIdx.z));
+    unsigned long long *const trace = trace_cid < kTraceCtas ? g_trace + trace_cid * kTraceSlots : nullptr;
+    const long long trace_clk0 = clock64();
+    unsigned long long *const trace_t =
+        trace_cid < kTraceTileCtas ? g_trace_tiles + static_cast<size_t>(trace_cid) * kTraceTiles * 4 : nullptr;
+    if (threadIdx.x == 0 && trace) {
+        trace[0] = trace_smid();
+        trace[1] = trace_ns();
+        trace[3] = static_cast<unsigned long long>(jt) | (static_cast<unsigned long long>(seg_pos) << 16) |
+                   (static_cast<unsigned long long>(seg) << 24) | (static_cast<unsigned long long>(hk) << 32) |
+                   (static_cast<unsigned long long>(b) << 48);
+    }
+#endif
     if (threadIdx.x == 0) {
 #pragma unroll
         for (int s = 0; s < NS; ++s) {
@@ -233,14 +285,18 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         // dQ writer, two warps: warp 9 + w takes the tiles it = w, w + 2, .. (staging buffer w).
         // For tile it: poll the chain predecessor's release of it (while the MMA warps still
         // compute it), wait until it is staged, add it (or store it: the chain's head) with one
-        // TMA bulk operation per row (BM / 32 per lane), free the staging buffer once read, then
+        // TMA bulk operation (rows) or DP / 32 tensor ones (TW), free the staging buffer once read, then
         // wait for the writes and release tile it to the successor at once (st.release; __syncwarp
         // orders every lane's completed writes before it). A warp blocks on its writes' completion
         // while the other warp takes the next tile.
         if (nk == 1 || threadIdx.x >= 352) return;
         const int w = (threadIdx.x - 288) >> 5, wl = threadIdx.x & 31;
         const bool first = ordered ? seg_pos == 0 : a.mode == taca_bwd::kRacy;
-        float *accb = ordered ? acc_base : a.dq_acc + bh * a.Np * DP;
+#if defined(TACA_BWD_TRACE)
+        float *accb = acc_base;  // (unordered: seg = 0 with one buffer; the chains' with atomicseg)
+#else
+        float *accb = ordered ? acc_base : a.dq_acc + bh * a.Np * C::ACC_LD;
+#endif
         // ordered: a link releases tile it to its successor, and with dq_overlap the chain's last
         // link releases it too (for bwd_dq_convert_tiles); unordered with dq_overlap: every CTA
         // counts the tile once its adds completed
@@ -249,16 +305,46 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         // TW: the tile's first row in the 2-D view of dq_acc
         const int row0 = static_cast<int>((accb - a.dq_acc) / DP);
         if (TW && wl == 0) tma_prefetch_desc(&p.tacc);
+        if constexpr (!TW) {
+            // The row writer adds a staged tile with one bulk operation, padding included (it lands
+            // in the workspace rows' padding, never read): zero this buffer's padding once.
+            unsigned char *const pad = stage + w * C::STAGE_BYTES + DP * 4;
+            for (int r = wl; r < BM; r += 32) {
+                *reinterpret_cast<float4 *>(pad + r * C::SROW) = make_float4(0.f, 0.f, 0.f, 0.f);
+                *reinterpret_cast<float4 *>(pad + r * C::SROW + 16) = make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+            fence_proxy_async();  // these generic writes before the copy engine's reads
+            __syncwarp();
+        }
+#if defined(TACA_BWD_TRACE)
+        unsigned long long tr_poll = 0, tr_full = 0, tr_write = 0;
+#endif
         for (int it = w; it < nqt; it += NS) {
             if (ordered && seg_pos > 0) {
                 if (wl == 0) {
+#if defined(TACA_BWD_TRACE)
+                    V6_TRACE_T0;
+#endif
                     while (taca_bwd::ld_acquire(sem_row + it) < seg_pos) {
                     }
+#if defined(TACA_BWD_TRACE)
+                    V6_TRACE_ADD(tr_poll);
+                    if (trace_t && it < kTraceTiles) trace_t[it * 4 + 1] = trace_ns();
+#endif
                 }
                 __syncwarp();
                 asm volatile("fence.proxy.async.global;\n" ::: "memory");
             }
+#if defined(TACA_BWD_TRACE)
+            {
+                V6_TRACE_T0;
+                mbar_wait(mb_full + 8 * w, (it / NS) & 1);
+                V6_TRACE_ADD(tr_full);
+                if (wl == 0 && trace_t && it < kTraceTiles) trace_t[it * 4 + 2] = trace_ns();
+            }
+#else
             mbar_wait(mb_full + 8 * w, (it / NS) & 1);  // tile it staged
+#endif
             if constexpr (TW) {
                 // lane 0: DP / 32 tensor operations (32 columns x BM rows each), then the warp
                 // frees the buffer once they read it
@@ -274,30 +360,57 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                 __syncwarp();
                 mbar_arrive(mb_empty + 8 * w);  // staging buffer free again
                 if (releases && wl == 0) {
+#if defined(TACA_BWD_TRACE)
+                    V6_TRACE_T0;
+#endif
                     bulk_wait_write();  // tile it added (+ proxy fence)
+#if defined(TACA_BWD_TRACE)
+                    V6_TRACE_ADD(tr_write);
+#endif
                     if (ordered) taca_bwd::st_release(sem_row + it, seg_pos + 1);
                     else taca_bwd::red_release_add(sem_row + it, 1);
+#if defined(TACA_BWD_TRACE)
+                    if (trace_t && it < kTraceTiles) trace_t[it * 4 + 3] = trace_ns();
+#endif
                 }
             } else {
-                float *dst = accb + static_cast<int64_t>(it) * BM * DP;
-                for (int r = wl; r < BM; r += 32) {  // (not unrolled: fewer registers in this 24-register warp)
-                    if (first) bulk_store(dst + r * DP, src + r * C::SROW, DP * 4);
-                    else bulk_add_f32(dst + r * DP, src + r * C::SROW, DP * 4);
+                // lane 0: the whole tile (BM rows of SROW bytes, contiguous in the workspace: row
+                // stride ACC_LD) by one bulk operation; 64 row operations before took about 3 us
+                // from staged to released, on the chain's critical path (KERNEL_LOG, twelfth session)
+                if (wl == 0) {
+                    float *dst = accb + static_cast<int64_t>(it) * BM * C::ACC_LD;
+                    if (first) bulk_store(dst, src, BM * C::SROW);
+                    else bulk_add_f32(dst, src, BM * C::SROW);
+                    bulk_commit();
+                    bulk_wait_read();
                 }
-                bulk_commit();
-                bulk_wait_read();
+                __syncwarp();
                 mbar_arrive(mb_empty + 8 * w);  // staging buffer free again
-                if (releases) {
-                    bulk_wait_write();  // this lane's rows of tile it added (+ proxy fence)
-                    __syncwarp();
-                    if (wl == 0) {
-                        if (ordered) taca_bwd::st_release(sem_row + it, seg_pos + 1);
-                        else taca_bwd::red_release_add(sem_row + it, 1);
-                    }
+                if (releases && wl == 0) {
+#if defined(TACA_BWD_TRACE)
+                    V6_TRACE_T0;
+#endif
+                    bulk_wait_write();  // tile it added (+ proxy fence)
+#if defined(TACA_BWD_TRACE)
+                    V6_TRACE_ADD(tr_write);
+#endif
+                    if (ordered) taca_bwd::st_release(sem_row + it, seg_pos + 1);
+                    else taca_bwd::red_release_add(sem_row + it, 1);
+#if defined(TACA_BWD_TRACE)
+                    if (trace_t && it < kTraceTiles) trace_t[it * 4 + 3] = trace_ns();
+#endif
                 }
             }
         }
         bulk_wait_write();  // the CTA may not end before its bulk operations did
+#if defined(TACA_BWD_TRACE)
+        if (wl == 0 && trace) {
+            trace[7 + w] = tr_poll;
+            trace[9 + w] = tr_full;
+            trace[11 + w] = tr_write;
+            trace[13 + w] = trace_ns();
+        }
+#endif
         return;
     }
     setmaxnreg_inc<240>();
@@ -346,11 +459,22 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     fence_proxy_async();
     named_bar_sync(BAR_MMA, 256);  // K, V (and s_span) visible to both warpgroups and to wgmma
 
+#if defined(TACA_BWD_TRACE)
+    unsigned long long tr_q = 0, tr_ds = 0, tr_empty = 0;
+#endif
     for (int it = 0; it < nqt; ++it) {
         const int buf = it & 1;
         const int hh = it / nq;
         const int i0 = (it - hh * nq) * BM;
+#if defined(TACA_BWD_TRACE)
+        {
+            V6_TRACE_T0;
+            mbar_wait(q_full + 8 * buf, (it >> 1) & 1);
+            V6_TRACE_ADD(tr_q);
+        }
+#else
         mbar_wait(q_full + 8 * buf, (it >> 1) & 1);  // Q, dO, lse2, delta of tile it landed
+#endif
 
         const uint32_t qt = sq + buf * C::QT_BYTES, dot = sdo + buf * C::QT_BYTES;
         const uint64_t d_q = desc_sw128(qt), d_do = desc_sw128(dot);
@@ -482,7 +606,15 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             wgmma_rs<T, DP, 1>(dv, pa[kk], desc_advance(d_do_mn, kk * 16 * 128), 1);
         wgmma_commit();
         // dS' of tile it - 1 read by both warpgroups' dQ products before it is overwritten
+#if defined(TACA_BWD_TRACE)
+        {
+            V6_TRACE_T0;
+            if (it > 0) mbar_wait(ds_free, (it - 1) & 1);
+            V6_TRACE_ADD(tr_ds);
+        }
+#else
         if (it > 0) mbar_wait(ds_free, (it - 1) & 1);
+#endif
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk) {
             const float *d0 = dp + 8 * kk;
@@ -493,7 +625,15 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             store_block_trans<BM>(sds, da[kk], 64 * wg + 16 * warp, 16 * kk, lane);
         }
         fence_proxy_async();  // the stmatrix writes of dS' -> visible to wgmma after the barrier
+#if defined(TACA_BWD_TRACE)
+        {
+            V6_TRACE_T0;
+            named_bar_sync(BAR_MMA, 256);
+            V6_TRACE_ADD(tr_ds);
+        }
+#else
         named_bar_sync(BAR_MMA, 256);  // dS' complete in shared memory
+#endif
 
         fence_regs<DP / 2>(dk);
         // dQ part (group 2) over the 128 keys, then dK += dS'^T Q (group 3).
@@ -533,7 +673,15 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             // Hand the part to the writer through staging buffer it & 1 (free once the writer
             // has read tile it - 2 from it).
             const int sb = it & 1;
+#if defined(TACA_BWD_TRACE)
+            {
+                V6_TRACE_T0;
+                if (it >= NS) mbar_wait(mb_empty + 8 * sb, ((it / NS) - 1) & 1);
+                V6_TRACE_ADD(tr_empty);
+            }
+#else
             if (it >= NS) mbar_wait(mb_empty + 8 * sb, ((it / NS) - 1) & 1);
+#endif
             unsigned char *dstage = stage + sb * C::STAGE_BYTES;
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
@@ -550,12 +698,24 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             // the copy engine (async proxy) reads what these generic stores wrote
             fence_proxy_async();
             mbar_arrive(mb_full + 8 * sb);
+#if defined(TACA_BWD_TRACE)
+            if (tid == 0 && trace_t && it < kTraceTiles) trace_t[it * 4] = trace_ns();
+#endif
         }
         wgmma_wait<0>();
         fence_regs<DP / 2>(dk);
         fence_regs<BM / 4>(&da[0][0]);  // dS'^T stays untouched until the dK wgmma completed
         mbar_arrive(q_empty + 8 * buf);  // Q, dO, lse2, delta of tile it read
     }
+#if defined(TACA_BWD_TRACE)
+    if (tid == 0 && trace) {
+        trace[2] = trace_ns();
+        trace[4] = tr_q;
+        trace[5] = tr_ds;
+        trace[6] = tr_empty;
+        trace[15] = static_cast<unsigned long long>(clock64() - trace_clk0);
+    }
+#endif
     // dK = scale * dK', dV (summed over the group) of key/value head hk: rows kr0, kr1.
     if constexpr (G1) {
         const int r = ctaid_x_volatile() / a.nk;
@@ -595,6 +755,8 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     V6Args p;
     memset(&p, 0, sizeof(p));
     p.a = a;
+    p.a.acc_ld = C::ACC_LD;
+    const BwdArgs &ac = p.a;  // (what the conversions read too)
     if (!encode_map<T>(&p.tq, p.pos_q, a.q, a.qs_n, a.qs_h, a.qs_b, a.N, a.H, a.B, a.D, BM) ||
         !encode_map<T>(&p.tdo, p.pos_do, a.dout, a.dos_n, a.dos_h, a.dos_b, a.N, a.H, a.B, a.D, BM))
         return TACA_ERR_UNSUPPORTED;  // nothing launched yet
@@ -607,21 +769,21 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     const int64_t rows = static_cast<int64_t>(a.B) * a.H * a.Np;
     int st = taca_bwd::launch_preprocess<T, DP>(a, stream, "taca_bwd_cuda (sm90 v6) preprocess");
     if (st != TACA_OK) return st;
-    if (a.mode == taca_bwd::kAtomic && a.nk > 1) {
-        TACA_CUDA_TRY(cudaMemsetAsync(a.dq_acc, 0, static_cast<size_t>(rows) * DP * sizeof(float), stream),
+    if (a.mode == taca_bwd::kAtomic && a.nk > 1) {  // (a.nseg buffers: 1, or the chains' with atomicseg)
+        TACA_CUDA_TRY(cudaMemsetAsync(a.dq_acc, 0, static_cast<size_t>(a.nseg) * rows * C::ACC_LD * sizeof(float), stream),
                       "taca_bwd_cuda (sm90 v6) memset dq_acc");
     }
     const dim3 grid = G1 ? dim3(static_cast<unsigned>(ctas)) : dim3(a.nk, a.Hkv, a.B);
     kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
     st = taca_cuda_check_launch("taca_bwd_cuda (sm90 v6) main");
     if (st != TACA_OK || a.nk == 1) return st;
-    if (a.dq_overlap != 1) return taca_bwd::launch_dq_convert<T, DP>(a, stream, "taca_bwd_cuda (sm90 v6) dq convert");
+    if (a.dq_overlap != 1) return taca_bwd::launch_dq_convert<T, DP>(ac, stream, "taca_bwd_cuda (sm90 v6) dq convert");
     // The conversion as the main kernel's programmatic dependent: it converts tiles as their
     // chains complete, on the SMs the main kernel's last wave leaves idle (8 CTAs per SM at most;
     // they take items from a counter, so however many are resident do all the work).
     int sms = 0;
     if (device_sm_count(&sms, "taca_bwd_cuda (sm90 v6): SM count") != TACA_OK)  // the main kernel ran:
-        return taca_bwd::launch_dq_convert<T, DP>(a, stream, "taca_bwd_cuda (sm90 v6) dq convert");  // convert after it
+        return taca_bwd::launch_dq_convert<T, DP>(ac, stream, "taca_bwd_cuda (sm90 v6) dq convert");  // convert after it
     const int64_t items = static_cast<int64_t>(a.B) * a.H * a.nq;
     cudaLaunchConfig_t cfg = {};
     int per_sm = 8;
@@ -638,7 +800,7 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     attr1[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr1;
     cfg.numAttrs = 1;
-    TACA_CUDA_TRY(cudaLaunchKernelEx(&cfg, taca_bwd::bwd_dq_convert_tiles<T, DP, BM>, a),
+    TACA_CUDA_TRY(cudaLaunchKernelEx(&cfg, taca_bwd::bwd_dq_convert_tiles<T, DP, BM>, ac),
                   "taca_bwd_cuda (sm90 v6) dq convert (tiles)");
     return taca_cuda_check_launch("taca_bwd_cuda (sm90 v6) dq convert (tiles)");
 }
@@ -649,6 +811,28 @@ int launch_dtype(const BwdArgs &a, cudaStream_t stream, bool bf16) {
 }
 
 }  // namespace taca_bwd96
+
+#if defined(TACA_BWD_TRACE)
+/* The traces of the last v6 launches (diagnostic build only): bytes <= sizeof g_trace (per CTA) or
+ * g_trace_tiles (per tile) copied to dst (host memory), or both zeroed. 0 on success, else the CUDA
+ * error. */
+extern "C" int taca_bwd_trace_read(void *dst, size_t bytes) {
+    if (bytes > sizeof(taca_bwd96::g_trace)) bytes = sizeof(taca_bwd96::g_trace);
+    return static_cast<int>(cudaMemcpyFromSymbol(dst, taca_bwd96::g_trace, bytes));
+}
+extern "C" int taca_bwd_trace_read_tiles(void *dst, size_t bytes) {
+    if (bytes > sizeof(taca_bwd96::g_trace_tiles)) bytes = sizeof(taca_bwd96::g_trace_tiles);
+    return static_cast<int>(cudaMemcpyFromSymbol(dst, taca_bwd96::g_trace_tiles, bytes));
+}
+extern "C" int taca_bwd_trace_reset(void) {
+    void *ptr = nullptr;
+    cudaError_t e = cudaGetSymbolAddress(&ptr, taca_bwd96::g_trace);
+    if (e == cudaSuccess) e = cudaMemset(ptr, 0, sizeof(taca_bwd96::g_trace));
+    if (e == cudaSuccess) e = cudaGetSymbolAddress(&ptr, taca_bwd96::g_trace_tiles);
+    if (e == cudaSuccess) e = cudaMemset(ptr, 0, sizeof(taca_bwd96::g_trace_tiles));
+    return static_cast<int>(e == cudaSuccess ? cudaDeviceSynchronize() : e);
+}
+#endif
 
 /* TACA_ERR_UNSUPPORTED when v6 does not apply (the caller then takes v5 or mma.sync). */
 int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16) {

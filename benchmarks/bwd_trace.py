@@ -1,0 +1,281 @@
+"""Where the v6 backward's time goes, per CTA, from a diagnostic build's trace.
+
+Question: the deterministic dQ chains cost FLUX 1024 b1's backward main kernel ~95 us over
+deterministic=False (1299 vs 1204 us, KERNEL_LOG eleventh session). Is that the chains' order (a
+link waits for its predecessor: the wait would grow with the link's position in the chain), their
+four fp32 buffers (memory traffic: TACA_BWD_MODE=atomicseg adds without order into those same
+buffers), or a per-tile cost of the ordered writer? The trace build (TACA_NVCC_EXTRA=-DTACA_BWD_TRACE=1
+at `setup.py build_ext`; csrc/cuda/taca_bwd_sm90_v6.cu documents the slots) records per CTA its SM,
+start and end (globaltimer), MMA thread 0's cycles waiting for a query tile, for dS' and for a free
+dQ staging buffer, and each writer warp's cycles polling its predecessor, waiting for a staged tile
+and for its writes. The instrumentation itself costs time: compare modes within one build only.
+
+Usage: python3 benchmarks/bwd_trace.py [--shapes flux1024_b1] [--modes det,nd,as,racy] [--reps 3] [--out DIR]
+Modes: "det" (the default, deterministic chains), "nd" (deterministic=False: unordered adds into one
+buffer), "as" (unordered adds into the chains' buffers, TACA_BWD_MODE=atomicseg), "racy" (every key
+tile stores its part, no adds, no order: a wrong dq on purpose, the bound without any dQ reduction);
+"<mode>@sN": N chains (TACA_BWD_NSEG); "<mode>+tw" / "<mode>+rows": v6's tensor / row dQ writer
+(TACA_BWD_V6_WRITER). Prints tables last; writes bwd_trace.json (summaries) and
+bwd_trace_raw.safetensors (the raw per-CTA slots of the last repetition, and the first mode's per-tile
+times) to DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from taca import reference  # noqa: E402
+import taca._C as _C  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_attention_gpu import SHAPES  # noqa: E402
+
+SLOTS, MAX_CTAS = 16, 16384  # kTraceSlots, kTraceCtas of taca_bwd_sm90_v6.cu
+TILE_CTAS, TILES = 4096, 64  # kTraceTileCtas, kTraceTiles
+
+
+def trace_lib():
+    lib = ctypes.CDLL(_C.__file__)
+    try:
+        lib.taca_bwd_trace_read.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        lib.taca_bwd_trace_reset.argtypes = []
+        lib.taca_bwd_trace_read_tiles.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    except AttributeError:
+        sys.exit(f"{_C.__file__} is not a trace build: rebuild with TACA_NVCC_EXTRA=-DTACA_BWD_TRACE=1")
+    return lib
+
+
+def mode_env(mode: str):
+    """(deterministic, environment) of a mode name."""
+    env, base = {}, mode
+    for suffix, writer in (("+tw", "tensor"), ("+rows", "rows")):  # v6's dQ writer (TACA_BWD_V6_WRITER)
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            env["TACA_BWD_V6_WRITER"] = writer
+    if "@s" in base:
+        base, n = base.split("@s")
+        env["TACA_BWD_NSEG"] = n
+    if base == "det":
+        return True, env
+    if base == "nd":
+        return False, env
+    if base == "as":
+        env["TACA_BWD_MODE"] = "atomicseg"
+        return False, env
+    if base == "racy":
+        env["TACA_BWD_MODE"] = "racy"
+        return True, env
+    raise SystemExit(f"--modes: unknown mode {mode!r} (det, nd, as, racy, with an optional @sN, +tw, +rows)")
+
+
+def summarize(tr: np.ndarray, n_sm: int) -> dict:
+    """Per-CTA slots -> times in us (cycles converted at the measured clock)."""
+    start, mma_end = tr[:, 1].astype(np.int64), tr[:, 2].astype(np.int64)
+    wend = np.maximum(tr[:, 13], tr[:, 14]).astype(np.int64)
+    end = np.maximum(mma_end, wend)
+    t0 = start.min()
+    span = (end.max() - t0) / 1e3
+    dur = (end - start) / 1e3
+    ghz = float(np.median(tr[:, 15] / np.maximum(mma_end - start, 1)))
+    cyc = lambda s: tr[:, s].astype(np.float64) / (ghz * 1e3)  # noqa: E731
+    pos = ((tr[:, 3] >> 16) & 0xFF).astype(np.int64)
+    seg = ((tr[:, 3] >> 24) & 0xFF).astype(np.int64)
+    parts = {"q_wait": cyc(4), "ds_wait": cyc(5), "empty_wait": cyc(6),
+             "poll": (cyc(7) + cyc(8)) / 2, "full_wait": (cyc(9) + cyc(10)) / 2,
+             "write_wait": (cyc(11) + cyc(12)) / 2, "dur": dur}
+    by_pos = {k: [float(v[pos == p].mean()) for p in range(pos.max() + 1)] for k, v in parts.items()}
+    # SM occupancy: per SM, the gaps between consecutive CTAs and the idle tail after its last one
+    sm = tr[:, 0].astype(np.int64)
+    gaps = tails = 0.0
+    ends_per_sm = []
+    for s in np.unique(sm):
+        idx = np.where(sm == s)[0]
+        o = idx[np.argsort(start[idx])]
+        gaps += float(np.clip(start[o[1:]] - end[o[:-1]], 0, None).sum()) / 1e3
+        tails += float(end.max() - end[o[-1]]) / 1e3
+        ends_per_sm.append(float(end[o[-1]] - t0) / 1e3)
+    used = len(np.unique(sm))
+    return {
+        "ctas": int(tr.shape[0]), "sms_used": used, "span_us": span, "clock_ghz": ghz,
+        "cta_mean_us": float(dur.mean()),
+        "mean_us": {k: float(v.mean()) for k, v in parts.items()},
+        "by_chain_position": by_pos, "chains": int(seg.max() + 1),
+        "sm_gap_us_per_sm": gaps / max(used, 1), "sm_tail_idle_us_per_sm": tails / max(used, 1),
+        "sm_idle_unused_sms": n_sm - used,
+        "last_end_per_sm_us": {"min": min(ends_per_sm), "median": float(np.median(ends_per_sm)),
+                               "max": max(ends_per_sm)},
+    }
+
+
+def summarize_tiles(tr: np.ndarray, tt: np.ndarray, nqt: int) -> dict:
+    """Per-tile times (tt: CTAs x TILES x 4 ns: staged, predecessor's release seen, staged seen by the
+    writer, released) of the CTAs whose predecessor in the chain is the previous CTA (chain position
+    > 0): how long a link's release trails its predecessor's, and where that time goes. us."""
+    n = min(tt.shape[0], tr.shape[0])
+    tiles = min(nqt, TILES)
+    pos = ((tr[:n, 3] >> 16) & 0xFF).astype(np.int64)
+    S, P, F, R = (tt[:n, :tiles, i].astype(np.float64) for i in range(4))
+    out = {}
+    has_pred = np.where((pos > 0) & (P[:, 0] > 0))[0]
+    if len(has_pred):
+        k, pk = has_pred, has_pred - 1
+        lag = (R[k] - R[pk]) / 1e3                     # link's release after the predecessor's
+        observe = (P[k] - R[pk]) / 1e3                 # predecessor's release -> seen by the poll
+        early = (R[pk] - S[k]) / 1e3                   # > 0: staged before the predecessor released
+        transfer = (R[k] - np.maximum(P[k], F[k])) / 1e3  # seen and staged -> own release
+        mid = slice(tiles // 4, 3 * tiles // 4)        # steady state: the middle half of the tiles
+        med = lambda x: float(np.median(x))  # noqa: E731
+        out = {
+            "links": int(len(k)),
+            "lag_us": {"median": med(lag), "mean": float(lag.mean()), "mid_median": med(lag[:, mid])},
+            "observe_us": {"median": med(observe), "mid_median": med(observe[:, mid])},
+            "staged_before_pred_release_us": {"median": med(early), "mid_median": med(early[:, mid])},
+            "transfer_us": {"median": med(transfer), "mid_median": med(transfer[:, mid])},
+            "lag_by_tile_us": [float(np.median(lag[:, i])) for i in range(tiles)],
+            "staged_to_release_by_position_us": [
+                float(np.median((R[pos == p] - S[pos == p]) / 1e3)) for p in range(pos.max() + 1)],
+        }
+    head = np.where(pos == 0)[0]
+    if len(head):
+        out["head_transfer_us"] = float(np.median((R[head] - F[head]) / 1e3))
+        out["head_staged_to_release_us"] = float(np.median((R[head] - S[head]) / 1e3))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="flux1024_b1")
+    ap.add_argument("--modes", default="det,nd,as,racy")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    if args.reps < 1:
+        raise SystemExit(f"--reps: expected >= 1, got {args.reps}")
+    modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        mode_env(m)  # unknown names fail before any GPU work
+    shapes = [s for s in args.shapes.split(",") if s]
+    for s in shapes:
+        if s not in SHAPES:
+            raise SystemExit(f"--shapes: unknown shape {s!r}; expected one of {sorted(SHAPES)}")
+    lib = trace_lib()
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "shapes": {}}
+    raw = {}
+    for name in shapes:
+        B, H, D, L, img, text_first = SHAPES[name]
+        N = L + img
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v, dout = (torch.randn(B, N, H, D, generator=gen, device="cuda").to(torch.bfloat16)
+                         for _ in range(4))
+        gamma_t = torch.full((B,), 1.2, device="cuda")
+        tb, te = reference.text_range(N, L, text_first)
+        scale = D ** -0.5
+        out, lse, _ = torch.ops.taca.fwd(q, k, v, gamma_t, 1.0, scale, tb, te, False)
+        n_ctas = -(-N // 128) * H * B
+        if n_ctas > MAX_CTAS:
+            raise SystemExit(f"{name}: {n_ctas} CTAs, the trace holds {MAX_CTAS}")
+        buf = np.zeros((n_ctas, SLOTS), dtype=np.uint64)
+        tbuf = np.zeros((min(n_ctas, TILE_CTAS), TILES, 4), dtype=np.uint64)
+        nqt = -(-N // (64 if D > 64 else 128))
+        res["shapes"][name] = {}
+        ref = None
+        for m in modes:
+            det, env = mode_env(m)
+            os.environ.update(env)
+            try:
+                def bwd():
+                    return torch.ops.taca.bwd(dout, q, k, v, out, lse, gamma_t, 1.0, scale, tb, te, -1, -1,
+                                              None, None, det)
+                g = bwd()
+                if ref is None:
+                    ref = g
+                diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(g, ref))
+                for _ in range(3):
+                    bwd()
+                reps = []
+                for _ in range(args.reps):
+                    torch.cuda.synchronize()
+                    if lib.taca_bwd_trace_reset() != 0:
+                        raise SystemExit("taca_bwd_trace_reset failed")
+                    bwd()
+                    torch.cuda.synchronize()
+                    if lib.taca_bwd_trace_read(buf.ctypes.data, buf.nbytes) != 0:
+                        raise SystemExit("taca_bwd_trace_read failed")
+                    if not (buf[:, 1] > 0).all():
+                        raise SystemExit(f"{name} {m}: not every CTA wrote its trace (v6 did not run?)")
+                    if lib.taca_bwd_trace_read_tiles(tbuf.ctypes.data, tbuf.nbytes) != 0:
+                        raise SystemExit("taca_bwd_trace_read_tiles failed")
+                    reps.append(summarize(buf, n_sm))
+                    reps[-1]["tiles"] = summarize_tiles(buf, tbuf, nqt)
+                raw[f"{name}.{m}"] = torch.from_numpy(buf.astype(np.int64).copy())
+                if m == modes[0]:  # the first mode's tile times: ns after the first CTA's start, int32
+                    tt = tbuf[:n_ctas, :nqt].astype(np.int64)
+                    tt = np.where(tt > 0, tt - int(buf[:, 1].min()), 0)
+                    raw[f"{name}.{m}.tiles_ns_from_first_start"] = torch.from_numpy(tt.astype(np.int32))
+            finally:
+                for e in env:
+                    del os.environ[e]
+            # the repetitions' median of every scalar; lists and dicts from the median-span repetition
+            mid = sorted(reps, key=lambda r: r["span_us"])[len(reps) // 2]
+            mid["span_us_all"] = [r["span_us"] for r in reps]
+            mid["max_abs_diff_to_first_mode"] = diff
+            res["shapes"][name][m] = mid
+        del ref
+        torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bwd_trace.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    from safetensors.torch import save_file
+    save_file(raw, os.path.join(args.out, "bwd_trace_raw.safetensors"))
+    print(f"GPU {res['gpu']}, torch {res['torch']}; v6 backward main kernel, trace build (instrumented: "
+          f"compare modes within this build only); us, median-span repetition of {args.reps}")
+    print("| shape | mode | span | CTA mean | q wait | dS' wait | staging wait | poll | writer full wait "
+          "| write wait | SM gaps / SM | SM tail idle / SM | max diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, rs in res["shapes"].items():
+        for m, r in rs.items():
+            mu = r["mean_us"]
+            print(f"| {name} | {m} | {r['span_us']:.1f} | {r['cta_mean_us']:.2f} | {mu['q_wait']:.2f} | "
+                  f"{mu['ds_wait']:.2f} | {mu['empty_wait']:.2f} | {mu['poll']:.2f} | {mu['full_wait']:.2f} | "
+                  f"{mu['write_wait']:.2f} | {r['sm_gap_us_per_sm']:.2f} | {r['sm_tail_idle_us_per_sm']:.1f} | "
+                  f"{r['max_abs_diff_to_first_mode']:.2g} |")
+    print("By chain position (CTA duration / staging wait / poll, us):")
+    for name, rs in res["shapes"].items():
+        for m, r in rs.items():
+            bp = r["by_chain_position"]
+            print(f"| {name} | {m} | dur " + " ".join(f"{x:.1f}" for x in bp["dur"]) +
+                  " | stage " + " ".join(f"{x:.1f}" for x in bp["empty_wait"]) +
+                  " | poll " + " ".join(f"{x:.1f}" for x in bp["poll"]) + " |")
+    print("Per tile (medians, us; the middle half of the tiles in brackets): a link's release after its "
+          "predecessor's | predecessor's release -> seen | staged before the predecessor's release | "
+          "seen and staged -> own release | chain head: staged -> released")
+    for name, rs in res["shapes"].items():
+        for m, r in rs.items():
+            t = r.get("tiles", {})
+            if "lag_us" not in t:
+                print(f"| {name} | {m} | no chain | head staged -> released {t.get('head_staged_to_release_us', 0):.2f} |")
+                continue
+            print(f"| {name} | {m} | lag {t['lag_us']['median']:.2f} ({t['lag_us']['mid_median']:.2f}) | "
+                  f"observe {t['observe_us']['median']:.2f} ({t['observe_us']['mid_median']:.2f}) | "
+                  f"early {t['staged_before_pred_release_us']['median']:.2f} "
+                  f"({t['staged_before_pred_release_us']['mid_median']:.2f}) | "
+                  f"transfer {t['transfer_us']['median']:.2f} ({t['transfer_us']['mid_median']:.2f}) | "
+                  f"head {t.get('head_staged_to_release_us', 0):.2f} |")
+            print("    staged -> released by position: " +
+                  " ".join(f"{x:.1f}" for x in t["staged_to_release_by_position_us"]) +
+                  " | lag by tile: " + " ".join(f"{x:.1f}" for x in t["lag_by_tile_us"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
