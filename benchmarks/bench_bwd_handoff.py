@@ -42,6 +42,25 @@ MODES = ["v5", "v5:mbarrier", "v5:mbarrier-eager", "v5:rendezvous", "v5:arrive",
 ENV = "TACA_BWD_SM90_HANDOFF"
 
 
+def bwd_case(name: str):
+    """Inputs of a backward on shape `name` (bench_attention_gpu.SHAPES; bf16, (B, N, H, D), seed 0,
+    gamma 1.2) and a function running it: (bwd(deterministic) -> (dq, dk, dv), N, D)."""
+    B, H, D, L, img, text_first = SHAPES[name]
+    N = L + img
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, dout = (torch.randn(B, N, H, D, generator=gen, device="cuda").to(torch.bfloat16)
+                     for _ in range(4))
+    gamma_t = torch.full((B,), 1.2, device="cuda")
+    tb, te = reference.text_range(N, L, text_first)
+    scale = D ** -0.5
+    out, lse, _ = torch.ops.taca.fwd(q, k, v, gamma_t, 1.0, scale, tb, te, False)
+
+    def bwd(det=True):
+        return torch.ops.taca.bwd(dout, q, k, v, out, lse, gamma_t, 1.0, scale, tb, te, -1, -1, None, None, det)
+
+    return bwd, N, D
+
+
 def main() -> int:
     import triton.testing
 
@@ -56,19 +75,7 @@ def main() -> int:
     res = {"gpu": dev, "torch": torch.__version__, "cuda": torch.version.cuda,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "shapes": {}}
     for name in args.shapes.split(","):
-        B, H, D, L, img, text_first = SHAPES[name]
-        N = L + img
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v, dout = (torch.randn(B, N, H, D, generator=gen, device="cuda").to(torch.bfloat16)
-                         for _ in range(4))
-        gamma_t = torch.full((B,), 1.2, device="cuda")
-        tb, te = reference.text_range(N, L, text_first)
-        scale = D ** -0.5
-        out, lse, _ = torch.ops.taca.fwd(q, k, v, gamma_t, 1.0, scale, tb, te, False)
-
-        def bwd(det=True):
-            return torch.ops.taca.bwd(dout, q, k, v, out, lse, gamma_t, 1.0, scale, tb, te, -1, -1, None, None, det)
-
+        bwd, _, _ = bwd_case(name)
         grads, times = {}, {m: [] for m in MODES}
         for r in range(args.rounds):
             for m in MODES:

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from taca import reference  # noqa: E402
 import taca._C as _C  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_attention_gpu import SHAPES  # noqa: E402
+from bench_bwd_handoff import bwd_case  # noqa: E402
 
 SLOTS, MAX_CTAS = 16, 16384  # kTraceSlots, kTraceCtas of taca_bwd_sm90_v6.cu
 TILE_CTAS, TILES = 4096, 64  # kTraceTileCtas, kTraceTiles
@@ -172,15 +172,8 @@ def main() -> int:
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "shapes": {}}
     raw = {}
     for name in shapes:
-        B, H, D, L, img, text_first = SHAPES[name]
-        N = L + img
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v, dout = (torch.randn(B, N, H, D, generator=gen, device="cuda").to(torch.bfloat16)
-                         for _ in range(4))
-        gamma_t = torch.full((B,), 1.2, device="cuda")
-        tb, te = reference.text_range(N, L, text_first)
-        scale = D ** -0.5
-        out, lse, _ = torch.ops.taca.fwd(q, k, v, gamma_t, 1.0, scale, tb, te, False)
+        B, H = SHAPES[name][:2]
+        bwd_of, N, D = bwd_case(name)
         n_ctas = -(-N // 128) * H * B
         if n_ctas > MAX_CTAS:
             raise SystemExit(f"{name}: {n_ctas} CTAs, the trace holds {MAX_CTAS}")
@@ -194,8 +187,7 @@ def main() -> int:
             os.environ.update(env)
             try:
                 def bwd():
-                    return torch.ops.taca.bwd(dout, q, k, v, out, lse, gamma_t, 1.0, scale, tb, te, -1, -1,
-                                              None, None, det)
+                    return bwd_of(det)
                 g = bwd()
                 if ref is None:
                     ref = g

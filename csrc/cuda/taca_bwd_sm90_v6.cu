@@ -345,61 +345,41 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #else
             mbar_wait(mb_full + 8 * w, (it / NS) & 1);  // tile it staged
 #endif
-            if constexpr (TW) {
-                // lane 0: DP / 32 tensor operations (32 columns x BM rows each), then the warp
-                // frees the buffer once they read it
-                if (wl == 0) {
+            // lane 0: TW: DP / 32 tensor operations (32 columns x BM rows each); rows: the whole tile
+            // (BM rows of SROW bytes, contiguous in the workspace: row stride ACC_LD) by one bulk
+            // operation (64 row operations before took about 3 us from staged to released, on the
+            // chain's critical path; KERNEL_LOG, twelfth session). The warp frees the buffer once
+            // they read it.
+            if (wl == 0) {
+                if constexpr (TW) {
 #pragma unroll
                     for (int cb = 0; cb < DP / 32; ++cb) {
                         if (first) taca_bwd90::tma_store_2d(&p.tacc, src + cb * BM * 128, cb * 32, row0 + it * BM);
                         else taca_bwd90::tma_add_2d(&p.tacc, src + cb * BM * 128, cb * 32, row0 + it * BM);
                     }
-                    bulk_commit();
-                    bulk_wait_read();
-                }
-                __syncwarp();
-                mbar_arrive(mb_empty + 8 * w);  // staging buffer free again
-                if (releases && wl == 0) {
-#if defined(TACA_BWD_TRACE)
-                    V6_TRACE_T0;
-#endif
-                    bulk_wait_write();  // tile it added (+ proxy fence)
-#if defined(TACA_BWD_TRACE)
-                    V6_TRACE_ADD(tr_write);
-#endif
-                    if (ordered) taca_bwd::st_release(sem_row + it, seg_pos + 1);
-                    else taca_bwd::red_release_add(sem_row + it, 1);
-#if defined(TACA_BWD_TRACE)
-                    if (trace_t && it < kTraceTiles) trace_t[it * 4 + 3] = trace_ns();
-#endif
-                }
-            } else {
-                // lane 0: the whole tile (BM rows of SROW bytes, contiguous in the workspace: row
-                // stride ACC_LD) by one bulk operation; 64 row operations before took about 3 us
-                // from staged to released, on the chain's critical path (KERNEL_LOG, twelfth session)
-                if (wl == 0) {
+                } else {
                     float *dst = accb + static_cast<int64_t>(it) * BM * C::ACC_LD;
                     if (first) bulk_store(dst, src, BM * C::SROW);
                     else bulk_add_f32(dst, src, BM * C::SROW);
-                    bulk_commit();
-                    bulk_wait_read();
                 }
-                __syncwarp();
-                mbar_arrive(mb_empty + 8 * w);  // staging buffer free again
-                if (releases && wl == 0) {
+                bulk_commit();
+                bulk_wait_read();
+            }
+            __syncwarp();
+            mbar_arrive(mb_empty + 8 * w);  // staging buffer free again
+            if (releases && wl == 0) {
 #if defined(TACA_BWD_TRACE)
-                    V6_TRACE_T0;
+                V6_TRACE_T0;
 #endif
-                    bulk_wait_write();  // tile it added (+ proxy fence)
+                bulk_wait_write();  // tile it added (+ proxy fence)
 #if defined(TACA_BWD_TRACE)
-                    V6_TRACE_ADD(tr_write);
+                V6_TRACE_ADD(tr_write);
 #endif
-                    if (ordered) taca_bwd::st_release(sem_row + it, seg_pos + 1);
-                    else taca_bwd::red_release_add(sem_row + it, 1);
+                if (ordered) taca_bwd::st_release(sem_row + it, seg_pos + 1);
+                else taca_bwd::red_release_add(sem_row + it, 1);
 #if defined(TACA_BWD_TRACE)
-                    if (trace_t && it < kTraceTiles) trace_t[it * 4 + 3] = trace_ns();
+                if (trace_t && it < kTraceTiles) trace_t[it * 4 + 3] = trace_ns();
 #endif
-                }
             }
         }
         bulk_wait_write();  // the CTA may not end before its bulk operations did
