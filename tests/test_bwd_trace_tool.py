@@ -76,3 +76,29 @@ def test_modes(bt):
     assert bt.mode_env("as") == (False, {"TACA_BWD_MODE": "atomicseg"})
     with pytest.raises(SystemExit, match="unknown mode 'fast'"):
         bt.mode_env("fast")
+
+
+def test_plot_writes_a_figure_and_keeps_existing_ones(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import save_file
+
+    tr = np.zeros((6, 16), dtype=np.int64)
+    for i in range(6):
+        tr[i, 0], tr[i, 1], tr[i, 2] = i % 3, 1000 + 2000 * (i // 3), 2800 + 2000 * (i // 3) + 100 * i
+        tr[i, 3] = int(_info(i, i % 3, 0))
+    raw = tmp_path / "bwd_trace_raw.safetensors"
+    save_file({"tiny.det": torch.from_numpy(tr), "tiny.nd": torch.from_numpy(tr.copy())}, str(raw))
+    plot = os.path.join(os.path.dirname(_PATH), "plot_bwd_trace.py")
+    out = tmp_path / "fig.png"
+    cmd = [sys.executable, plot, str(raw), "--shape", "tiny", "--modes", "det,nd", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_size > 1000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = out.read_bytes()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode != 0 and "not overwritten" in r.stderr and out.read_bytes() == before
+    r = subprocess.run(cmd[:-2] + ["--out", str(tmp_path / "g.png"), "--modes", "racy"], capture_output=True, text=True)
+    assert r.returncode != 0 and "'tiny.racy' is not in" in r.stderr
