@@ -138,10 +138,9 @@ bool layout_of(const taca_bwd_params *p, Layout *L) {
     // the sem counters, then bwd_dq_convert_tiles' item counter (8-byte aligned), zeroed together
     L->off_work = L->off_sem + ((nseg_z * bh * nch * static_cast<size_t>(L->nq) * sizeof(int) + 7) & ~size_t{7});
     L->off_acc = align256(L->off_work + sizeof(unsigned long long));
-    // dQ buffer rows of DP + 8 floats: v6's row writer adds a staged tile (rows padded by 32 bytes)
-    // as one block; the other kernels use DP of them (BwdArgs::acc_ld)
+    // dQ buffer rows of DP + kAccPad floats (see kAccPad)
     L->total = L->off_acc +
-               (L->nk > 1 ? nseg_z * rows * static_cast<size_t>(c.dp + 8) * sizeof(float) : 0);
+               (L->nk > 1 ? nseg_z * rows * static_cast<size_t>(c.dp + taca_bwd::kAccPad) * sizeof(float) : 0);
     return true;
 }
 
@@ -191,7 +190,7 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
     a.sem = reinterpret_cast<int *>(ws + L.off_sem);
     a.work = reinterpret_cast<unsigned long long *>(ws + L.off_work);
     a.dq_acc = reinterpret_cast<float *>(ws + L.off_acc);
-    a.acc_ld = L.dp;  // (v6's row writer: DP + 8)
+    a.acc_ld = L.dp;  // (v6's row writer: DP + kAccPad)
     a.qs_b = p->q_stride.b, a.qs_n = p->q_stride.n, a.qs_h = p->q_stride.h;
     a.ks_b = p->k_stride.b, a.ks_n = p->k_stride.n, a.ks_h = p->k_stride.h;
     a.vs_b = p->v_stride.b, a.vs_n = p->v_stride.n, a.vs_h = p->v_stride.h;
@@ -267,10 +266,8 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
     // Hopper path (taca_bwd_sm90*.cu) for aligned D = 64 / 72..128 on sm_90 when built for
     // sm_90a (see the header above). TACA_BWD_SM90=0 forces the mma.sync kernel. Both are test /
     // timing switches, read at every call.
-    if (keep_chains) {  // atomicseg: v6's diagnostic only (the other kernels add into one buffer)
-        const int st6 = taca_bwd_sm90_v6(a, stream, bf16);
-        return st6 == TACA_ERR_UNSUPPORTED ? TACA_ERR_UNSUPPORTED : st6;
-    }
+    if (keep_chains)  // atomicseg: v6's diagnostic only (the other kernels add into one buffer)
+        return taca_bwd_sm90_v6(a, stream, bf16);
     const char *sm90_env = getenv("TACA_BWD_SM90");
     if (!(sm90_env && !strcmp(sm90_env, "0"))) {
         // v6 (faster at every D it takes: KERNEL_LOG "Backward v6" and after), v5 where v6 does not

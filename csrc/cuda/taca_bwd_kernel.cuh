@@ -63,6 +63,11 @@ struct BwdArgs {
     int acc_ld;
 };
 
+/* Padding of the workspace's dQ rows, in floats: the buffers hold DP + kAccPad floats per row, so
+ * v6's row writer can add a staged tile (rows padded by this much against bank conflicts) as one
+ * block (BwdArgs::acc_ld; the other kernels use DP of each row). */
+constexpr int kAccPad = 8;
+
 /* How key tiles combine their dQ parts. kOrdered is the default (deterministic); kAtomic is
  * FlashAttention-2's float atomicAdd (non-deterministic, params->deterministic == 0). kRacy and
  * kSkip give wrong dq and exist only to time the cost of the ordering (TACA_BWD_MODE). */
@@ -254,10 +259,10 @@ __global__ void __launch_bounds__(256) bwd_dq_convert(const BwdArgs a) {
  * tile is complete: sem (nseg, B, H, nq) holds, per chain, the last link that released the tile
  * (ordered: complete at the chain's length) or, unordered (nseg = 1), how many key tiles added
  * to it (complete at nk; in trace builds TACA_BWD_MODE=atomicseg keeps the chains' buffers, each
- * complete at its chain's length).
- * ld.acquire there, then the CTA barrier, orders the reads after the writers' releases (which
- * follow their bulk writes' completion). griddepcontrol.wait at the end: the grid completes only
- * after the main kernel did, so the stream's next kernel sees dk and dv too. Same sums in the same order as bwd_dq_convert: bitwise the same dq. */
+ * complete at its chain's length). ld.acquire there, then the CTA barrier, orders the reads after
+ * the writers' releases (which follow their bulk writes' completion). griddepcontrol.wait at the
+ * end: the grid completes only after the main kernel did, so the stream's next kernel sees dk and
+ * dv too. Same sums in the same order as bwd_dq_convert: bitwise the same dq. */
 template <typename T, int DP, int BM>
 __global__ void __launch_bounds__(256) bwd_dq_convert_tiles(const BwdArgs a) {
     constexpr int TPR = DP / 8, RPB = 256 / TPR;

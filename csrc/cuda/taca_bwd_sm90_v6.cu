@@ -20,11 +20,12 @@
  *   4. Two dQ writer warps (9, 10), one per staging buffer, taking alternate query tiles: each
  *      polls the chain predecessor's release of its tile before the tile is staged, adds it with
  *      TMA bulk reduce-adds (one per row then; one per tile now, item 5), frees the buffer once
- *      read and releases the tile to the successor as soon as its writes completed (st.release.gpu). v5's writer warpgroup released
- *      tile it - 1 only after tile it was staged (a chain link lagged a whole tile) and met at a
- *      named barrier plus __threadfence per tile: 1.665 -> 1.614 ms on FLUX 1024 b1 (H200).
- *   5. Two forms of the dQ writer (TACA_BWD_V6_WRITER, a timing switch): "rows" (item 4, rows padded by
- *      32 B; the default at D = 72..128; the whole staged tile, padding included, is one contiguous
+ *      read and releases the tile to the successor as soon as its writes completed
+ *      (st.release.gpu). v5's writer warpgroup released tile it - 1 only after tile it was staged
+ *      (a chain link lagged a whole tile) and met at a named barrier plus __threadfence per tile:
+ *      1.665 -> 1.614 ms on FLUX 1024 b1 (H200).
+ *   5. Two forms of the dQ writer (TACA_BWD_V6_WRITER, a timing switch): "rows" (item 4, rows padded
+ *      by 32 B; the default at D = 72..128; the whole staged tile, padding included, is one contiguous
  *      block of the workspace (row stride ACC_LD = DP + 8) added by ONE bulk reduce-add: a per-tile
  *      trace showed the 64 row operations taking ~3 us from staged to released, and each chain link
  *      waits for its predecessor's release, so link k ran k x 3.8 us behind the head; FLUX 1024 b1
@@ -96,11 +97,12 @@ struct Cfg {
     static constexpr uint32_t KV_BYTES = BN * DP * 2;
     static constexpr uint32_t QT_BYTES = BM * DP * 2;  // one Q or one dO buffer
     static constexpr uint32_t DS_BYTES = BM * BN * 2;
-    static constexpr uint32_t SROW = DP * 4 + 32;  // dQ staging row (fp32, !TW), padded for float2 stores
+    // dQ staging row (fp32, !TW), padded for float2 stores by the workspace rows' padding
+    static constexpr uint32_t SROW = (DP + taca_bwd::kAccPad) * 4;
     static constexpr uint32_t STAGE_BYTES = TW ? BM * DP * 4 : BM * SROW;  // TW: [DP / 32][BM][128 B]
     // dq_acc's row stride in floats: the row writer's staged tile (rows of SROW bytes, padding
     // included) is one contiguous block of the workspace, added by one bulk operation
-    static constexpr int ACC_LD = TW ? DP : static_cast<int>(SROW / 4);
+    static constexpr int ACC_LD = TW ? DP : DP + taca_bwd::kAccPad;
     static constexpr uint32_t TILE_TX = 2 * QT_BYTES;  // TMA bytes of a tile: Q and dO
     static constexpr int NBAR = 2 * NSTAGE + 5;  // stage full/empty, q_full[2], q_empty[2], ds_free
     static constexpr size_t SMEM = 2 * KV_BYTES + 4 * QT_BYTES + DS_BYTES + NSTAGE * STAGE_BYTES +
@@ -285,10 +287,9 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         // dQ writer, two warps: warp 9 + w takes the tiles it = w, w + 2, .. (staging buffer w).
         // For tile it: poll the chain predecessor's release of it (while the MMA warps still
         // compute it), wait until it is staged, add it (or store it: the chain's head) with one
-        // TMA bulk operation (rows) or DP / 32 tensor ones (TW), free the staging buffer once read, then
-        // wait for the writes and release tile it to the successor at once (st.release; __syncwarp
-        // orders every lane's completed writes before it). A warp blocks on its writes' completion
-        // while the other warp takes the next tile.
+        // TMA bulk operation (rows) or DP / 32 tensor ones (TW), free the staging buffer once read,
+        // then wait for the writes and release tile it to the successor at once (st.release). A
+        // warp blocks on its writes' completion while the other warp takes the next tile.
         if (nk == 1 || threadIdx.x >= 352) return;
         const int w = (threadIdx.x - 288) >> 5, wl = threadIdx.x & 31;
         const bool first = ordered ? seg_pos == 0 : a.mode == taca_bwd::kRacy;
