@@ -35,7 +35,7 @@ unset TACA_CUDA_LIB
 for r in $(seq 1 "$ROUNDS"); do
   for side in new base; do
     d=$PWD; [ $side = base ] && d=/tmp/base
-    [ "${BWD:-1}" = 1 ] && (cd "$d" && python3 benchmarks/bench_bwd_handoff.py --rounds 2 --modes "$MODES" --shapes "$BWD_SHAPES" --out "$OUT/$side$r" 2>&1 \
+    [ "${BWD:-1}" = 1 ] && (cd "$d" && timeout 150 python3 benchmarks/bench_bwd_handoff.py --rounds 2 --modes "$MODES" --shapes "$BWD_SHAPES" --out "$OUT/$side$r" 2>&1 \
       | grep -E "^\| [a-z0-9]+_" | sed "s/^/$side$r bwd /")
     (cd "$d" && python3 benchmarks/bench_attention_gpu.py --quick --shapes "$SHAPES" --methods "^taca_cuda$" \
       --out "$OUT/$side$r" --tag ab 2>&1 | grep -E "^\| [a-z0-9]+_" | grep -v plain_eff | sed "s/^/$side$r attn /")
