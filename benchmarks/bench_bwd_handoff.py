@@ -82,9 +82,8 @@ def main() -> int:
         # mode kept its own (bench_bwd_H200_20261204_positions/)
         ref, equal, maxdiff, times = None, {}, {}, {m: [] for m in MODES}
         for r in range(args.rounds):
-            # each round starts one mode later: identical kernels timed first and second in a round
-            # differed by 1.3-2% on FLUX 1024 b1 (ab_H200_20261204_run3, gpu_verify_H200_20261204_run1),
-            # so no mode keeps one position
+            # each round starts one mode later, so that no mode keeps one position in the rounds (a drift
+            # over a round would otherwise fall on the same modes every time)
             for m in MODES[r % len(MODES):] + MODES[:r % len(MODES)]:
                 # "<hand-off>+nd": that hand-off with deterministic=False (unordered dQ atomics)
                 base = m[:-3] if m.endswith("+nd") else m
