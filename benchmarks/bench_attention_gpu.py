@@ -162,7 +162,13 @@ def run_shape(sname, shape, op_ok, tc, quick, variants, do_bwd, log, skip_heavy=
         split = reference.attention_split_sdpa(q, k, v, text_len=L, text_first=tf, gamma=gamma)
         base_err = (split.float() - ref_full).abs().max().item()
         del split
+        if any(n.startswith("plain") for n in methods):
+            ref_plain = reference.attention_ref(q, k, v, text_len=L, text_first=tf, gamma=1.0,
+                                                upcast=torch.float32)[0]
     torch.cuda.empty_cache()
+    # Every method is timed with the same tensors alive (its own are freed before the next method's are
+    # made): in bench_bwd_handoff.py, timing each mode beside other modes' tensors put one kernel 1.5-2%
+    # apart from itself (results/bench_bwd_H200_20261204_positions/).
 
     for name, (fn, has_bwd) in methods.items():
         rec = {"shape": sname, "method": name, "B": B, "H": H, "N": N, "D": D, "text_len": L}
@@ -175,9 +181,6 @@ def run_shape(sname, shape, op_ok, tc, quick, variants, do_bwd, log, skip_heavy=
             out = fn(q, k, v)
             torch.cuda.synchronize()
             if ref_full is not None:
-                if gamma_free and ref_plain is None:
-                    ref_plain = reference.attention_ref(q, k, v, text_len=L, text_first=tf,
-                                                        gamma=1.0, upcast=torch.float32)[0]
                 r = ref_plain if gamma_free else ref_full
                 rec["max_err"] = (out.float() - r).abs().max().item()
                 rec["sdpa_err"] = base_err
@@ -206,6 +209,7 @@ def run_shape(sname, shape, op_ok, tc, quick, variants, do_bwd, log, skip_heavy=
                 ms = _bench(fb, quick)
                 rec["fwdbwd_ms"] = ms
                 rec["fwdbwd_tflops"] = 3.5 * flops / ms / 1e9
+                del qg, kg, vg, do, fb
             except torch.OutOfMemoryError:
                 rec["fwdbwd_note"] = "out of memory"
                 torch.cuda.empty_cache()
