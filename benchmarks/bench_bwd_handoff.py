@@ -116,7 +116,8 @@ def main() -> int:
                 try:
                     if r == 0:  # (round 0 starts with MODES[0]: ref is set first)
                         g = bwd(det)
-                        ref = g if ref is None else ref
+                        if ref is None:
+                            ref = g
                         equal[m] = all(torch.equal(a, b) for a, b in zip(g, ref))
                         maxdiff[m] = max(float((a.float() - b.float()).abs().max()) for a, b in zip(g, ref))
                         del g

@@ -26,7 +26,7 @@
  *      1.665 -> 1.614 ms on FLUX 1024 b1 (H200).
  *   5. Two forms of the dQ writer (TACA_BWD_V6_WRITER, a timing switch): "rows" (item 4, rows padded
  *      by 32 B; the default at D = 72..128; the whole staged tile, padding included, is one contiguous
- *      block of the workspace (row stride ACC_LD = DP + 8) added by ONE bulk reduce-add: a per-tile
+ *      block of the workspace (row stride ACC_LD = DP + kAccPad) added by ONE bulk reduce-add: a per-tile
  *      trace showed the 64 row operations taking ~3 us from staged to released, and each chain link
  *      waits for its predecessor's release, so link k ran k x 3.8 us behind the head; FLUX 1024 b1
  *      1.449 -> 1.406 ms, KERNEL_LOG twelfth session) and "tensor" (the staged
