@@ -13,7 +13,8 @@ Usage: python3 benchmarks/bench_bwd_handoff.py [--shapes flux1024_b1,sd35m_cfg] 
 kernel (TACA_BWD_SM90_KERNEL=v6, the default), "v6:rows" / "v6:tensor" v6 with that dQ writer
 (TACA_BWD_V6_WRITER), "<mode>@sN" that mode with N deterministic dQ chains (TACA_BWD_NSEG),
 "<mode>@o0" that mode with dQ converted after the main kernel (TACA_BWD_DQ_OVERLAP=0), "<mode>@g3" v6's
-3-D grid at D = 64 (TACA_BWD_V6_GRID=3d; the 1-D one is the default there); suffixes combine, e.g.
+3-D grid at D = 64 (TACA_BWD_V6_GRID=3d; the 1-D one is the default there), "<mode>@fs" v6 with dK / dV
+by fragment stores (TACA_BWD_V6_DKV=frag; TMA stores are the default); suffixes combine, e.g.
 "v6@s4@o0+nd");
 the table also gives each mode's max difference to the first)
 Prints a table last; writes JSON to DIR.
@@ -93,11 +94,12 @@ def main() -> int:
                 # "<mode>@o0": dQ converted after the kernel (TACA_BWD_DQ_OVERLAP=0); "<mode>@g3":
                 # v6's 3-D grid at D = 64 (TACA_BWD_V6_GRID=3d); either order, after any "@sN"
                 # (also "@o2": converted after, the main kernel's per-tile releases kept; "@cN": N
-                # conversion CTAs per SM, TACA_BWD_CONV_CTAS)
+                # conversion CTAs per SM, TACA_BWD_CONV_CTAS; "@fs": v6's dK / dV by fragment stores,
+                # TACA_BWD_V6_DKV=frag)
                 suffixes = (("@o0", "TACA_BWD_DQ_OVERLAP", "0"), ("@o2", "TACA_BWD_DQ_OVERLAP", "2"),
-                            ("@g3", "TACA_BWD_V6_GRID", "3d")) + tuple(
+                            ("@g3", "TACA_BWD_V6_GRID", "3d"), ("@fs", "TACA_BWD_V6_DKV", "frag")) + tuple(
                                 (f"@c{n}", "TACA_BWD_CONV_CTAS", str(n)) for n in range(1, 9))
-                for suffix, var, val in suffixes * 2:
+                for suffix, var, val in suffixes * 3:
                     if base.endswith(suffix):
                         base = base[:-3]
                         env[var] = val

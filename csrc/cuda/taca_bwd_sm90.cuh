@@ -27,6 +27,21 @@ __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, const uint32_t 
 #endif
 }
 
+/* stmatrix_x4 without .trans: four 8x8 16-bit matrices stored as they are held (memory row r of
+ * matrix i = fragment row r): lanes 8i..8i+7 give the 16-byte row addresses of matrix i. With an
+ * m64nN wgmma accumulator packed per 8-column block nb (r[0]: rows g of block nb, r[1]: rows g + 8,
+ * r[2], r[3]: the same of block nb + 1), lane L addresses fragment row ((L >> 3) & 1) * 8 + (L & 7)
+ * of the warp's 16 and 16-byte chunk nb + (L >> 4): see store_acc_rows. */
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t *r) {
+#if TACA_SM90A
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]),
+                 "r"(r[1]), "r"(r[2]), "r"(r[3])
+                 : "memory");
+#else
+    (void)addr; (void)r;
+#endif
+}
+
 /* TMA bulk operations of the dQ writer (the "bulk" hand-off of v5, v6) (bytes a multiple of 16, both addresses 16-byte
  * aligned): g[0..bytes) += s[..] (f32) or g = s, in this thread's bulk async-group; commit, wait
  * until the sources were read (the shared memory may be reused) / until the writes completed. */
@@ -67,6 +82,17 @@ __device__ __forceinline__ void tma_store_2d(const void *tmap, uint32_t s, int c
     (void)tmap; (void)s; (void)c0; (void)c1;
 #endif
 }
+/* 4-D TMA tensor store (coordinates innermost first) of the box staged at shared address s (the map's
+ * layout and swizzle), in this thread's bulk async-group; out-of-bounds parts of the box are not written. */
+__device__ __forceinline__ void tma_store_4d(const void *tmap, uint32_t s, int c0, int c1, int c2, int c3) {
+#if TACA_SM90A
+    asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(tmap),
+                 "r"(s), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+                 : "memory");
+#else
+    (void)tmap; (void)s; (void)c0; (void)c1; (void)c2; (void)c3;
+#endif
+}
 __device__ __forceinline__ void bulk_commit() {
 #if TACA_SM90A
     asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
@@ -93,6 +119,24 @@ __device__ __forceinline__ void store_block_trans(uint32_t s, const uint32_t *a,
     const int r = col0 + ((lane >> 4) << 3) + (lane & 7);
     const int c = (row0 >> 3) + ((lane >> 3) & 1);
     stmatrix_x4_trans(s + taca_sm90::sw128_offset<ROWS>(r, c), a);
+}
+
+/* A warp's rows of an m64nN fp32 wgmma accumulator (16 rows: row0 = 16 * warp of the warpgroup's 64,
+ * + the warpgroup's first tile row; N / 8 blocks of acc[nb * 4 .. + 3]), times `mul`, converted to T and
+ * stored into a 128B-swizzled tile of ROWS rows (N / 64 blocks of 64 columns, ROWS * 128 bytes apart: the
+ * layout TMA loads and stores with a 128B-swizzled box of 64 columns): one stmatrix_x4 per 16 columns. */
+template <typename T, int ROWS, int N>
+__device__ __forceinline__ void store_acc_rows(uint32_t s, const float *acc, float mul, int row0, int lane) {
+    const int r = row0 + ((lane >> 3) & 1) * 8 + (lane & 7);
+#pragma unroll
+    for (int nb = 0; nb < N / 8; nb += 2) {
+        uint32_t x[4];
+        x[0] = taca_cuda::pack2<T>(acc[nb * 4] * mul, acc[nb * 4 + 1] * mul);
+        x[1] = taca_cuda::pack2<T>(acc[nb * 4 + 2] * mul, acc[nb * 4 + 3] * mul);
+        x[2] = taca_cuda::pack2<T>(acc[nb * 4 + 4] * mul, acc[nb * 4 + 5] * mul);
+        x[3] = taca_cuda::pack2<T>(acc[nb * 4 + 6] * mul, acc[nb * 4 + 7] * mul);
+        stmatrix_x4(s + taca_sm90::sw128_offset<ROWS>(r, nb + (lane >> 4)), x);
+    }
 }
 
 }  // namespace taca_bwd90
