@@ -34,7 +34,8 @@
  *      tensor reduce-adds from one lane; the default at D = 64). At D = 64 a tile is 128 rows, and
  *      the row writer's 128 operations per tile made the MMA warps wait for free staging buffers
  *      (19% of an ncu profile's samples): SD3.5-M bwd 2.01 -> 1.71 ms (v5: 1.81 before, 1.93 with
- *      the proxy fence below), which makes v6 the default at D = 64 too. At D = 128 the two tie.
+ *      the proxy fence below), which makes v6 the default at D = 64 too. At D = 128 the row writer
+ *      is 5.3-5.7% faster (FLUX 1024 b1 / b2, across processes: KERNEL_LOG, fourteenth session).
  * The MMA threads issue fence.proxy.async.shared::cta after their generic stores to a staging
  * buffer and before announcing it: the copy engine (async proxy) reads it.
  * The ring's empty barrier takes an arrival from every MMA thread rather than lane 0 of each warp
@@ -878,13 +879,13 @@ int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16)
     const int dev_st = taca_sm90::device_is_sm90("taca_bwd_cuda (sm90 v6): device query");
     if (dev_st != TACA_OK) return dev_st;
     // The tensor writer at D = 64 (its 128-row tiles took 128 row operations each: the MMA warps
-    // waited for free staging buffers), the row writer at D = 72..128 (the tensor one measured 2%
-    // slower there). TACA_BWD_V6_WRITER=rows / tensor forces one (a timing switch, read per call).
+    // waited for free staging buffers), the row writer at D = 72..128 (the tensor one 5.3-5.7% slower
+    // there, across processes). TACA_BWD_V6_WRITER=rows / tensor forces one (a timing switch, read per call).
     const char *wr = getenv("TACA_BWD_V6_WRITER");
     const bool tw = wr ? !strcmp(wr, "tensor") : a.D == 64;
     if (a.D == 64) {
         // The 1-D grid with the tensor writer (the default pair at D = 64): 1-2% faster than the
-        // 3-D grid on an H200 (KERNEL_LOG, eleventh session; its tile loop is scheduled differently,
+        // 3-D grid on an H200 (KERNEL_LOG, eleventh session; 1.6% across processes, fourteenth; its tile loop is scheduled differently,
         // the work is the same). TACA_BWD_V6_GRID=3d forces the 3-D grid (a timing switch, read per call).
         const char *gr = getenv("TACA_BWD_V6_GRID");
         if (tw && !(gr && !strcmp(gr, "3d")))
