@@ -180,6 +180,17 @@ def test_sm90_v6_kernel(case, writer, monkeypatch):
         assert torch.equal(a, b), f"{name}: v6 differs from v5"
 
 
+def _switch_is_bitwise(case, monkeypatch, var, value, what):
+    """Gradients of `case` with the timing switch `var`=`value` (one run), then without it (three
+    runs: deterministic): bitwise the same; _run_case checks the rule on both."""
+    monkeypatch.setenv(var, value)
+    switched = _run_case(case)
+    monkeypatch.delenv(var)
+    got = _run_case(case, reps=3)
+    for name, a, b in zip(("dq", "dk", "dv"), got, switched):
+        assert torch.equal(a, b), f"{name}: {what}"
+
+
 GRID_CASES = [c for c in HANDOFF_CASES if c[4] == 64]
 
 
@@ -189,12 +200,7 @@ def test_sm90_v6_grid_1d(case, monkeypatch):
     batch from blockIdx.x); TACA_BWD_V6_GRID=3d forces the 3-D grid. Both meet the rule, are
     deterministic, and give the same gradients bitwise (same CTAs, same work). (Off sm_90 the
     knob is ignored.)"""
-    monkeypatch.setenv("TACA_BWD_V6_GRID", "3d")
-    default = _run_case(case)
-    monkeypatch.delenv("TACA_BWD_V6_GRID")
-    got = _run_case(case, reps=3)
-    for name, a, b in zip(("dq", "dk", "dv"), got, default):
-        assert torch.equal(a, b), f"{name}: the 1-D grid differs from the 3-D grid"
+    _switch_is_bitwise(case, monkeypatch, "TACA_BWD_V6_GRID", "3d", "the 1-D grid differs from the 3-D grid")
 
 
 DKV_CASES = [c for c in CASES if c[4] == 64]  # v6's TMA dK / dV epilogue is D = 64's
@@ -208,12 +214,7 @@ def test_sm90_v6_dkv_by_tma(case, monkeypatch):
     masked) always use. Both meet the rule, are deterministic, and give the same gradients bitwise (same
     values, same bf16 / fp16 rounding). (Off sm_90 the knob is ignored.)"""
     monkeypatch.setenv("TACA_BWD_SM90_KERNEL", "v6")
-    monkeypatch.setenv("TACA_BWD_V6_DKV", "frag")
-    default = _run_case(case)
-    monkeypatch.delenv("TACA_BWD_V6_DKV")
-    got = _run_case(case, reps=3)
-    for name, a, b in zip(("dq", "dk", "dv"), got, default):
-        assert torch.equal(a, b), f"{name}: dK / dV by TMA differ from the fragment stores"
+    _switch_is_bitwise(case, monkeypatch, "TACA_BWD_V6_DKV", "frag", "dK / dV by TMA differ from the fragment stores")
 
 
 def test_bwd_in_cuda_graph():
