@@ -7,13 +7,15 @@
 # same allocation sequence as the others' of its kind.
 #   run(command="bash benchmarks/gpu_modes_xproc.sh", carry=[".whl"], timeout_s=600)
 # Env: MODES (default "v6,v6@s6,v6:tensor,v6@g3"), SHAPES (default flux1024_b1,flux1024_b2,sd35m_cfg), ROUNDS (3),
-# BUILD=0 to use an existing in-place build, OUT.
+# BUILD=0 to use an existing in-place build, APPLY=FILE.patch to apply a patch to the tree first (e.g.
+# benchmarks/results/prepared_dkv_every_kernel.patch with MODES="v6,v6@tm,v6@fs"), OUT.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 MODES=${MODES:-v6,v6@s6,v6:tensor,v6@g3}
 SHAPES=${SHAPES:-flux1024_b1,flux1024_b2,sd35m_cfg}
 ROUNDS=${ROUNDS:-3}
 {
+if [ -n "${APPLY:-}" ]; then git apply "$APPLY" && echo "applied $APPLY" || { echo "git apply $APPLY failed"; exit 1; }; fi
 if [ "${BUILD:-1}" = 1 ]; then STEPS=build OUT=/tmp/hw bash benchmarks/gpu_features_run.sh 2>&1 | grep -E "rc=|has_cuda"; fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 for r in $(seq 1 "$ROUNDS"); do
