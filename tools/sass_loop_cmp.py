@@ -8,7 +8,7 @@ fourteenth sessions). A loop that is "exact" here is the measured one; anything 
 
 Usage:
   python3 tools/sass_loop_cmp.py build TREE OUT.sass [--src csrc/cuda/taca_bwd_sm90_v6.cu]
-      nvcc -cubin (sm_90a, the flags of setup.py's release build) of TREE's source, then nvdisasm into OUT.sass
+      nvcc -cubin (sm_90a; setup.py's nvcc flags less -lineinfo, which adds no instructions) of TREE's source, then nvdisasm into OUT.sass
       (nvdisasm from PATH, CUDA_HOME/bin, or the `nvidia-cuda-nvdisasm` wheel installed with pip --target DIR and
       named by NVDISASM=DIR/nvidia/cu13/bin/nvdisasm).
   python3 tools/sass_loop_cmp.py cmp A.sass B.sass [--match v6_kernel] [--diff SUBSTRING] [--tail 60]

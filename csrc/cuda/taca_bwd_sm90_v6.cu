@@ -885,8 +885,9 @@ int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16)
     const bool tw = wr ? !strcmp(wr, "tensor") : a.D == 64;
     if (a.D == 64) {
         // The 1-D grid with the tensor writer (the default pair at D = 64): 1-2% faster than the
-        // 3-D grid on an H200 (KERNEL_LOG, eleventh session; 1.6% across processes, fourteenth; its tile loop is scheduled differently,
-        // the work is the same). TACA_BWD_V6_GRID=3d forces the 3-D grid (a timing switch, read per call).
+        // 3-D grid on an H200 (KERNEL_LOG, eleventh session; 1.6% across processes, fourteenth; its
+        // tile loop is scheduled differently, the work is the same). TACA_BWD_V6_GRID=3d forces the
+        // 3-D grid (a timing switch, read per call).
         const char *gr = getenv("TACA_BWD_V6_GRID");
         if (tw && !(gr && !strcmp(gr, "3d")))
             return bf16 ? taca_bwd96::launch<__nv_bfloat16, 64, 128, true, true>(a, stream)
