@@ -6,15 +6,16 @@ bc8237e)? Same process, same inputs, rounds interleaved over the modes (each rou
 later), triton do_bench median;
 dq / dk / dv of every mode are compared bitwise with the default's first.
 
-Usage: python3 benchmarks/bench_bwd_handoff.py [--shapes flux1024_b1,sd35m_cfg] [--rounds 3]
+Usage: python3 benchmarks/bench_bwd_handoff.py [--shapes flux1024_b1,sd35m_cfg,flux1024_b2+kmask] [--rounds 3]
        [--modes v5,v5:mbarrier,v5:mbarrier-eager,v5:rendezvous,v5:arrive,v5:none,v6,v6:rows,v6:tensor,v6+nd] [--out DIR]
 ("+nd": the op's deterministic=False, unordered dQ atomics; not bitwise equal by design;
 "v5": the v5 kernel with its default hand-off, "v5:<hand-off>" v5 with another, "v6": the v6
 kernel (TACA_BWD_SM90_KERNEL=v6, the default), "v6:rows" / "v6:tensor" v6 with that dQ writer
 (TACA_BWD_V6_WRITER), "<mode>@sN" that mode with N deterministic dQ chains (TACA_BWD_NSEG),
 "<mode>@o0" that mode with dQ converted after the main kernel (TACA_BWD_DQ_OVERLAP=0), "<mode>@g3" v6's
-3-D grid at D = 64 (TACA_BWD_V6_GRID=3d; the 1-D one is the default there), "<mode>@fs" v6 with dK / dV
-by fragment stores (TACA_BWD_V6_DKV=frag; TMA stores are the default); suffixes combine, e.g.
+3-D grid at D = 64 (TACA_BWD_V6_GRID=3d; the 1-D one is the default there), "<mode>@fs" / "<mode>@tm" v6 with
+dK / dV by fragment stores / by TMA (TACA_BWD_V6_DKV=frag / tma; TMA is the default);
+suffixes combine, e.g.
 "v6@s4@o0+nd");
 the table also gives each mode's max difference to the first)
 Prints a table last; writes JSON to DIR.
@@ -46,8 +47,13 @@ ENV = "TACA_BWD_SM90_HANDOFF"
 
 def bwd_case(name: str):
     """Inputs of a backward on shape `name` (bench_attention_gpu.SHAPES; bf16, (B, N, H, D), seed 0,
-    gamma 1.2) and a function running it: (bwd(deterministic) -> (dq, dk, dv), N, D)."""
-    B, H, D, L, img, text_first = SHAPES[name]
+    gamma 1.2) and a function running it: (bwd(deterministic) -> (dq, dk, dv), N, D). "<shape>+kmask":
+    with a (B, 1, 1, N) bool key mask that drops the last two thirds of every other sample's text (a
+    padded negative prompt, as Qwen-Image's), so the kernels' masked instances run."""
+    base, _, extra = name.partition("+")
+    if extra not in ("", "kmask"):
+        raise SystemExit(f"--shapes: {name!r}: expected <shape> or <shape>+kmask")
+    B, H, D, L, img, text_first = SHAPES[base]
     N = L + img
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (torch.randn(B, N, H, D, generator=gen, device="cuda").to(torch.bfloat16)
@@ -55,10 +61,14 @@ def bwd_case(name: str):
     gamma_t = torch.full((B,), 1.2, device="cuda")
     tb, te = reference.text_range(N, L, text_first)
     scale = D ** -0.5
-    out, lse, _ = torch.ops.taca.fwd(q, k, v, gamma_t, 1.0, scale, tb, te, False)
+    mask = None
+    if extra == "kmask":
+        mask = torch.ones(B, 1, 1, N, dtype=torch.bool, device="cuda")
+        mask[1::2, :, :, tb + L // 3:te] = False
+    out, lse, _ = torch.ops.taca.fwd(q, k, v, gamma_t, 1.0, scale, tb, te, False, attn_mask=mask)
 
     def bwd(det=True):
-        return torch.ops.taca.bwd(dout, q, k, v, out, lse, gamma_t, 1.0, scale, tb, te, -1, -1, None, None, det)
+        return torch.ops.taca.bwd(dout, q, k, v, out, lse, gamma_t, 1.0, scale, tb, te, -1, -1, None, mask, det)
 
     return bwd, N, D
 
@@ -94,10 +104,11 @@ def main() -> int:
                 # "<mode>@o0": dQ converted after the kernel (TACA_BWD_DQ_OVERLAP=0); "<mode>@g3":
                 # v6's 3-D grid at D = 64 (TACA_BWD_V6_GRID=3d); either order, after any "@sN"
                 # (also "@o2": converted after, the main kernel's per-tile releases kept; "@cN": N
-                # conversion CTAs per SM, TACA_BWD_CONV_CTAS; "@fs": v6's dK / dV by fragment stores,
-                # TACA_BWD_V6_DKV=frag)
+                # conversion CTAs per SM, TACA_BWD_CONV_CTAS; "@fs" / "@tm": v6's dK / dV by fragment
+                # stores / by TMA, TACA_BWD_V6_DKV=frag / tma)
                 suffixes = (("@o0", "TACA_BWD_DQ_OVERLAP", "0"), ("@o2", "TACA_BWD_DQ_OVERLAP", "2"),
-                            ("@g3", "TACA_BWD_V6_GRID", "3d"), ("@fs", "TACA_BWD_V6_DKV", "frag")) + tuple(
+                            ("@g3", "TACA_BWD_V6_GRID", "3d"), ("@fs", "TACA_BWD_V6_DKV", "frag"),
+                            ("@tm", "TACA_BWD_V6_DKV", "tma")) + tuple(
                                 (f"@c{n}", "TACA_BWD_CONV_CTAS", str(n)) for n in range(1, 9))
                 for suffix, var, val in suffixes * 3:
                     if base.endswith(suffix):

@@ -7,8 +7,9 @@
 # same allocation sequence as the others' of its kind.
 #   run(command="bash benchmarks/gpu_modes_xproc.sh", carry=[".whl"], timeout_s=600)
 # Env: MODES (default "v6,v6@s6,v6:tensor,v6@g3"), SHAPES (default flux1024_b1,flux1024_b2,sd35m_cfg), ROUNDS (3),
-# BUILD=0 to use an existing in-place build, APPLY=FILE.patch to apply a patch to the tree first (e.g.
-# benchmarks/results/prepared_dkv_every_kernel.patch with MODES="v6,v6@tm,v6@fs"), OUT.
+# BUILD=0 to use an existing in-place build, APPLY=FILE.patch to apply a patch to the tree first (a prepared
+# experiment in one call: `git show af35c58:benchmarks/results/prepared_dkv_every_kernel.patch` was one), OUT.
+# Shapes take "+kmask" (a bool key mask: bench_bwd_handoff.py) for the masked kernels.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 MODES=${MODES:-v6,v6@s6,v6:tensor,v6@g3}

@@ -203,18 +203,23 @@ def test_sm90_v6_grid_1d(case, monkeypatch):
     _switch_is_bitwise(case, monkeypatch, "TACA_BWD_V6_GRID", "3d", "the 1-D grid differs from the 3-D grid")
 
 
-DKV_CASES = [c for c in CASES if c[4] == 64]  # v6's TMA dK / dV epilogue is D = 64's
+DKV_CASES = [c for c in CASES if c[4] in (64, 96, 128)]
 
 
 @pytest.mark.parametrize("case", DKV_CASES, ids=[_ids(c) for c in DKV_CASES])
 def test_sm90_v6_dkv_by_tma(case, monkeypatch):
-    """v6 at D = 64 without a mask stores dK and dV through shared memory with TMA tensor stores (the
-    default there; a key tile's last rows past Nk are clipped by the copy engine);
-    TACA_BWD_V6_DKV=frag forces the direct fragment stores, which the other v6 kernels (D = 72..128, and
-    masked) always use. Both meet the rule, are deterministic, and give the same gradients bitwise (same
-    values, same bf16 / fp16 rounding). (Off sm_90 the knob is ignored.)"""
+    """v6 stores dK and dV either through shared memory with TMA tensor stores (the default;
+    a key tile's last rows past Nk and columns past D are clipped by the copy engine) or
+    straight from the fragments; TACA_BWD_V6_DKV=tma / frag forces one. Both meet the rule, are
+    deterministic, and give the same gradients bitwise (same values, same bf16 / fp16 rounding). (Off
+    sm_90 the knob is ignored.)"""
     monkeypatch.setenv("TACA_BWD_SM90_KERNEL", "v6")
-    _switch_is_bitwise(case, monkeypatch, "TACA_BWD_V6_DKV", "frag", "dK / dV by TMA differ from the fragment stores")
+    monkeypatch.setenv("TACA_BWD_V6_DKV", "frag")
+    frag = _run_case(case)
+    monkeypatch.setenv("TACA_BWD_V6_DKV", "tma")
+    got = _run_case(case, reps=3)
+    for name, a, b in zip(("dq", "dk", "dv"), got, frag):
+        assert torch.equal(a, b), f"{name}: dK / dV by TMA differ from the fragment stores"
 
 
 def test_bwd_in_cuda_graph():

@@ -111,7 +111,7 @@ BIG = {
     "image_queries_d128": (2, 3, 3, 256, 333, 128, "bnhd", dict(text_len=77, text_first=False), None),
     "flux2_kv_d128": (2, 2, 2, 300, 450, 128, "bnhd", dict(text_len=64, query_text_len=64), None),
     "gqa_d128": (2, 8, 2, 300, 300, 128, "bhnd", dict(text_len=77), None),
-    # D = 64 without a mask: v6's dK / dV by TMA stores (key rows past Nk = 450 clipped), grouped KV heads
+    # D = 64: v6's dK / dV by TMA stores with key rows past Nk = 450 clipped, grouped KV heads
     "gqa_kv_d64": (2, 8, 2, 300, 450, 64, "bnhd", dict(text_len=64, query_text_len=64), None),
     "gqa_d96_lumina": (2, 6, 2, 270, 270, 96, "bnhd", dict(text_len=[40, 90]), "bool_b11k"),
     "key_mask_d128": (2, 4, 4, 300, 300, 128, "bnhd", dict(text_len=77, text_first=False), "bool_b11k"),
@@ -198,13 +198,15 @@ def test_cuda_kernel_features_tolerance_rule(name, dtype):
 
 
 @requires_kernel
-@pytest.mark.parametrize("name", ["gqa_kv_d64", "spans_first_d64"])
+@pytest.mark.parametrize("name", ["gqa_kv_d64", "spans_first_d64", "gqa_d128", "everything_d128", "key_mask_d128",
+                                  "float_mask_d64", "dead_rows_d64"])
 def test_cuda_kernel_dkv_by_tma_bitwise(name, monkeypatch):
-    """Hopper v6 at D = 64 without a mask stores dK / dV by TMA (its default there) or by fragment
-    stores (TACA_BWD_V6_DKV=frag): with grouped KV heads, N_q != N_k and per-sample spans, bitwise the
-    same gradients. (Off sm_90 the knob is ignored and the two runs are trivially equal.)"""
+    """Hopper v6 stores dK / dV by TMA (the default) or by fragment stores;
+    TACA_BWD_V6_DKV=tma / frag forces one: with grouped KV heads, N_q != N_k, per-sample spans and
+    masks, bitwise the same gradients. (Off sm_90 the knob is ignored and the runs are trivially equal.)"""
     q, k, v, kw = _big(name, torch.bfloat16)
     ql, kl, vl = (t.requires_grad_() for t in (q, k, v))
+    monkeypatch.setenv("TACA_BWD_V6_DKV", "tma")
     out = taca.joint_attention(ql, kl, vl, backend="cuda", **kw)
     dout = torch.randn_like(out)
     g_tma = torch.autograd.grad(out, (ql, kl, vl), dout)

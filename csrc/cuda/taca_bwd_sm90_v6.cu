@@ -60,13 +60,15 @@
  *      tile) and the conversion converts each tile once complete, in the same order (bitwise the
  *      same dq). H200, bwd alone: FLUX 1024 b1 1.470 -> 1.434 ms, b2 -1.7%, SD3.5-M -2.4%,
  *      SD3.5-L even (KERNEL_LOG, eleventh session). TACA_BWD_DQ_OVERLAP=0 converts after it.
- *   8. At D = 64 without a mask (kDkvTma), dK and dV leave through shared memory: each warpgroup
- *      stages its 64 rows (stmatrix) into the K and V tiles, then one thread stores them by TMA (64 x 64
- *      boxes; rows past Nk and columns past D clipped by the copy engine), not each thread's 4-byte stores
- *      from the fragments (8 rows x 16 bytes per warp instruction) before the next CTA can start on the
- *      SM: SD3.5-M bwd -1.3%, SD3.5-L -0.3 to -0.7% (KERNEL_LOG, fourteenth session). Elsewhere the added
- *      code moved the tile loop's instructions (D = 128: FLUX 1024 b1 1.5-2% slower), so those kernels
- *      keep the fragment stores and their code. TACA_BWD_V6_DKV=frag forces them (a timing switch).
+ *   8. dK and dV can leave through shared memory: each warpgroup stages its 64 rows (stmatrix) into
+ *      the K and V tiles, then one thread stores them by TMA (64 x 64 boxes; rows past Nk and columns
+ *      past D clipped by the copy engine), not each thread's 4-byte stores from the fragments (8 rows x
+ *      16 bytes per warp instruction) before the next CTA can start on the SM. The default: bwd alone
+ *      FLUX 1024 b1 -1.8%, b2 -1.6%, SD3.5-M -1.2%, SD3.5-L -1.3% (deterministic; -1.3 to -2.1%
+ *      unordered), one mode per process (KERNEL_LOG, fifteenth session). The epilogue reads every
+ *      value it needs again (volatile), so nothing extra lives through the tile loop, and every
+ *      kernel's loop compiles exactly as without it (a first form moved D = 128's loop and ran FLUX
+ *      1.5-2% slower). TACA_BWD_V6_DKV=frag / tma forces one (a timing switch).
  * The default wherever it applies (taca_bwd.cu): FLUX 1024 b1 bwd 1.52 vs v5's 1.75 ms, SD3.5-M
  * cfg 1.65 vs 1.85 ms on an H200 (with the preprocess and conversion of taca_bwd_kernel.cuh).
  * KERNEL_LOG "Backward v6" and the entries after it have the runs, the profiles and what was tried
@@ -129,19 +131,11 @@ struct V6Args {
     CUtensorMap tacc;  // TW: dq_acc as 2-D fp32 (DP columns, every workspace row), 32 x BM boxes, 128B swizzle
     BwdArgs a;
     int pos_q[3], pos_do[3];
-    // (after the fields above, whose parameter offsets the D = 128 kernels' code keeps: see kDkvTma)
     CUtensorMap tdk, tdv;  // dkv_tma: dK and dV as the Q map is (64 x 64 boxes: one warpgroup's rows)
     int pos_dk[3], pos_dv[3];
     int dkv_tma;  // dK / dV through shared memory and TMA stores (else fragment stores to global)
 };
 
-/* Which kernels have the TMA dK / dV epilogue: D = 64's without a mask. Elsewhere the added code moved
- * the tile loop's instructions (nvdisasm; at D = 128 a few, and that build ran FLUX 1024 b1 1.5-2% slower
- * in both epilogues: ab_H200_20261204_run4/, KERNEL_LOG fourteenth session; the masked D = 64 loops were
- * rescheduled throughout and not timed), so those keep the fragment stores only and their code is
- * unchanged. */
-template <int DP, bool MASK>
-constexpr bool kDkvTma = DP == 64 && !MASK;
 
 /* The CTA's grid index as one number: G1 kernels run on a 1-D grid of nk * Hkv * B CTAs (key
  * tile fastest, the 3-D grid's order) and decode (key tile, KV head, batch) from it; volatile,
@@ -718,31 +712,38 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     }
 #endif
     // dK = scale * dK', dV (summed over the group) of key/value head hk: rows kr0, kr1.
-    if (kDkvTma<DP, MASK> && p.dkv_tma) {
+    if (p.dkv_tma) {
         // Through shared memory: each warpgroup stages its 64 rows into the K and V tiles (K once
         // both warpgroups' last dQ products read it: the barrier), then one thread of it stores
         // them with DP / 64 TMA boxes per tensor. A CTA's direct fragment stores took several us
         // (8 rows x 16 bytes per warp instruction) before the next CTA could start on its SM.
+        // Every value the epilogue needs is read again here (volatile), none held through the loop:
+        // values live across it changed ptxas's schedule of the D = 128 tile loop.
+        int etid, ecx, ecy, ecz;
+        asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(etid));
+        asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(ecx));
+        asm volatile("mov.u32 %0, %%ctaid.y;\n" : "=r"(ecy));
+        asm volatile("mov.u32 %0, %%ctaid.z;\n" : "=r"(ecz));
+        const int ewg = etid >> 7, erow = 64 * ewg + 16 * ((etid >> 5) & 3), elane = etid & 31;
+        const int ejt = G1 ? ecx % a.nk : ecx, er = G1 ? ecx / a.nk : 0;
+        const int ehk = G1 ? er % a.Hkv : ecy, eb = G1 ? er / a.Hkv : ecz;
+        uint32_t eraw;
+        asm volatile("mov.u32 %0, %1;\n" : "=r"(eraw) : "r"(smem_u32(smem_raw)));
+        const uint32_t esk = (eraw + 1023u) & ~1023u, esv = esk + C::KV_BYTES;
         named_bar_sync(BAR_MMA, 256);
-        taca_bwd90::store_acc_rows<T, BN, DP>(sk, dk, a.scale, 64 * wg + 16 * warp, lane);
-        taca_bwd90::store_acc_rows<T, BN, DP>(sv, dv, 1.f, 64 * wg + 16 * warp, lane);
+        taca_bwd90::store_acc_rows<T, BN, DP>(esk, dk, a.scale, erow, elane);
+        taca_bwd90::store_acc_rows<T, BN, DP>(esv, dv, 1.f, erow, elane);
         fence_proxy_async();  // the copy engine reads what stmatrix wrote
-        named_bar_sync(2 + wg, 128);
-        if ((tid & 127) == 0 && j0 + 64 * wg < Nk) {
-            int bb = b, hh = hk;
-            if constexpr (G1) {
-                const int r = ctaid_x_volatile() / a.nk;
-                bb = r / a.Hkv;
-                hh = r % a.Hkv;
-            }
-            const int row = j0 + 64 * wg;
+        named_bar_sync(2 + ewg, 128);
+        const int row = ejt * BN + 64 * ewg;
+        if ((etid & 127) == 0 && row < a.Nk) {
 #pragma unroll
             for (int cb = 0; cb < DP / 64; ++cb) {
-                const uint32_t off = cb * BN * 128 + wg * 64 * 128;
-                taca_bwd90::tma_store_4d(&p.tdk, sk + off, cb * 64, ws_coord(p.pos_dk, 1, row, hh, bb),
-                                         ws_coord(p.pos_dk, 2, row, hh, bb), ws_coord(p.pos_dk, 3, row, hh, bb));
-                taca_bwd90::tma_store_4d(&p.tdv, sv + off, cb * 64, ws_coord(p.pos_dv, 1, row, hh, bb),
-                                         ws_coord(p.pos_dv, 2, row, hh, bb), ws_coord(p.pos_dv, 3, row, hh, bb));
+                const uint32_t off = cb * BN * 128 + ewg * 64 * 128;
+                taca_bwd90::tma_store_4d(&p.tdk, esk + off, cb * 64, ws_coord(p.pos_dk, 1, row, ehk, eb),
+                                         ws_coord(p.pos_dk, 2, row, ehk, eb), ws_coord(p.pos_dk, 3, row, ehk, eb));
+                taca_bwd90::tma_store_4d(&p.tdv, esv + off, cb * 64, ws_coord(p.pos_dv, 1, row, ehk, eb),
+                                         ws_coord(p.pos_dv, 2, row, ehk, eb), ws_coord(p.pos_dv, 3, row, ehk, eb));
             }
             bulk_commit();
             bulk_wait_read();  // the shared memory stays until the copy engine read it
@@ -794,10 +795,13 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
         const int64_t rows = static_cast<int64_t>(a.nseg) * a.B * a.H * a.Np;
         if (rows > INT32_MAX || !encode_acc_map(&p.tacc, a.dq_acc, rows, DP, BM)) return TACA_ERR_UNSUPPORTED;
     }
-    // dK / dV by TMA stores where their maps can be encoded (16-byte aligned base and strides), else
-    // fragment stores. TACA_BWD_V6_DKV=frag forces the latter (a timing switch, read per call).
+    // dK / dV by TMA stores (every v6 kernel has both epilogues; its tile loop compiles exactly as without
+    // this one, nvdisasm): the default, measured faster at D = 64 and 128 (KERNEL_LOG, fifteenth session);
+    // the fragment stores where the maps cannot be encoded. TACA_BWD_V6_DKV=frag / tma forces one (a timing
+    // switch, read per call).
     const char *dkv = getenv("TACA_BWD_V6_DKV");
-    p.dkv_tma = (a.mask.data ? kDkvTma<DP, true> : kDkvTma<DP, false>) && !(dkv && !strcmp(dkv, "frag")) &&
+    const bool want_tma = dkv ? strcmp(dkv, "frag") != 0 : true;
+    p.dkv_tma = want_tma &&
                 encode_map<T>(&p.tdk, p.pos_dk, a.dk, a.dks_n, a.dks_h, a.dks_b, a.Nk, a.Hkv, a.B, a.D, 64) &&
                 encode_map<T>(&p.tdv, p.pos_dv, a.dv, a.dvs_n, a.dvs_h, a.dvs_b, a.Nk, a.Hkv, a.B, a.D, 64);
     TACA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM),
