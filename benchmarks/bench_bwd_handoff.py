@@ -14,8 +14,8 @@ kernel (TACA_BWD_SM90_KERNEL=v6, the default), "v6:rows" / "v6:tensor" v6 with t
 (TACA_BWD_V6_WRITER), "<mode>@sN" that mode with N deterministic dQ chains (TACA_BWD_NSEG),
 "<mode>@o0" that mode with dQ converted after the main kernel (TACA_BWD_DQ_OVERLAP=0), "<mode>@g3" v6's
 3-D grid at D = 64 (TACA_BWD_V6_GRID=3d; the 1-D one is the default there), "<mode>@fs" / "<mode>@tm" v6 with
-dK / dV by fragment stores / by TMA (TACA_BWD_V6_DKV=frag / tma; TMA is the default);
-suffixes combine, e.g.
+dK / dV by fragment stores / by TMA (TACA_BWD_V6_DKV=frag / tma; TMA is the default), "<mode>@me" a key mask
+by v6's per-element path (TACA_BWD_V6_MASK=elem); suffixes combine, e.g.
 "v6@s4@o0+nd");
 the table also gives each mode's max difference to the first)
 Prints a table last; writes JSON to DIR.
@@ -49,10 +49,11 @@ def bwd_case(name: str):
     """Inputs of a backward on shape `name` (bench_attention_gpu.SHAPES; bf16, (B, N, H, D), seed 0,
     gamma 1.2) and a function running it: (bwd(deterministic) -> (dq, dk, dv), N, D). "<shape>+kmask":
     with a (B, 1, 1, N) bool key mask that drops the last two thirds of every other sample's text (a
-    padded negative prompt, as Qwen-Image's), so the kernels' masked instances run."""
+    padded negative prompt, as Qwen-Image's), so the kernels' masked instances run; "<shape>+kall": such a
+    mask with every key attending (the masked instances, every key tile on their unmasked paths)."""
     base, _, extra = name.partition("+")
-    if extra not in ("", "kmask"):
-        raise SystemExit(f"--shapes: {name!r}: expected <shape> or <shape>+kmask")
+    if extra not in ("", "kmask", "kall"):
+        raise SystemExit(f"--shapes: {name!r}: expected <shape>, <shape>+kmask or <shape>+kall")
     B, H, D, L, img, text_first = SHAPES[base]
     N = L + img
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -62,9 +63,10 @@ def bwd_case(name: str):
     tb, te = reference.text_range(N, L, text_first)
     scale = D ** -0.5
     mask = None
-    if extra == "kmask":
+    if extra:
         mask = torch.ones(B, 1, 1, N, dtype=torch.bool, device="cuda")
-        mask[1::2, :, :, tb + L // 3:te] = False
+        if extra == "kmask":
+            mask[1::2, :, :, tb + L // 3:te] = False
     out, lse, _ = torch.ops.taca.fwd(q, k, v, gamma_t, 1.0, scale, tb, te, False, attn_mask=mask)
 
     def bwd(det=True):
@@ -105,10 +107,11 @@ def main() -> int:
                 # v6's 3-D grid at D = 64 (TACA_BWD_V6_GRID=3d); either order, after any "@sN"
                 # (also "@o2": converted after, the main kernel's per-tile releases kept; "@cN": N
                 # conversion CTAs per SM, TACA_BWD_CONV_CTAS; "@fs" / "@tm": v6's dK / dV by fragment
-                # stores / by TMA, TACA_BWD_V6_DKV=frag / tma)
+                # stores / by TMA, TACA_BWD_V6_DKV=frag / tma; "@me": a key mask by v6's per-element
+                # path, TACA_BWD_V6_MASK=elem)
                 suffixes = (("@o0", "TACA_BWD_DQ_OVERLAP", "0"), ("@o2", "TACA_BWD_DQ_OVERLAP", "2"),
                             ("@g3", "TACA_BWD_V6_GRID", "3d"), ("@fs", "TACA_BWD_V6_DKV", "frag"),
-                            ("@tm", "TACA_BWD_V6_DKV", "tma")) + tuple(
+                            ("@tm", "TACA_BWD_V6_DKV", "tma"), ("@me", "TACA_BWD_V6_MASK", "elem")) + tuple(
                                 (f"@c{n}", "TACA_BWD_CONV_CTAS", str(n)) for n in range(1, 9))
                 for suffix, var, val in suffixes * 3:
                     if base.endswith(suffix):

@@ -116,6 +116,8 @@ BIG = {
     "gqa_d96_lumina": (2, 6, 2, 270, 270, 96, "bnhd", dict(text_len=[40, 90]), "bool_b11k"),
     "key_mask_d128": (2, 4, 4, 300, 300, 128, "bnhd", dict(text_len=77, text_first=False), "bool_b11k"),
     "float_mask_d64": (2, 2, 2, 200, 200, 64, "bhnd", dict(text_len=50), "float_bhqk"),
+    # a float key mask per head (mask.h != 0) with grouped KV heads and N_q != N_k: v6's key-mask path
+    "float_keys_gqa_d64": (2, 8, 2, 300, 450, 64, "bnhd", dict(text_len=64, query_text_len=64), "float_bh1k"),
     "chroma_d128": (2, 2, 2, 260, 260, 128, "bnhd", dict(text_len=64), "float01_outer"),
     "dead_rows_d64": (2, 2, 2, 200, 200, 64, "bhnd", dict(text_len=50), "bool_dead_rows"),
     "everything_d128": (3, 4, 2, 290, 333, 128, "bnhd",
@@ -197,25 +199,44 @@ def test_cuda_kernel_features_tolerance_rule(name, dtype):
         assert torch.equal(a, b), f"{nm} not bitwise repeatable"
 
 
+def _grads_by_switch(name, var, values, monkeypatch):
+    """dq, dk, dv of BIG case `name` (bf16), one set per value of the environment switch `var`, from the same
+    inputs and dout."""
+    q, k, v, kw = _big(name, torch.bfloat16)
+    ql, kl, vl = (t.requires_grad_() for t in (q, k, v))
+    dout, grads = None, []
+    for val in values:
+        monkeypatch.setenv(var, val)
+        out = taca.joint_attention(ql, kl, vl, backend="cuda", **kw)
+        dout = torch.randn_like(out) if dout is None else dout
+        grads.append(torch.autograd.grad(out, (ql, kl, vl), dout))
+    return grads
+
+
 @requires_kernel
 @pytest.mark.parametrize("name", ["gqa_kv_d64", "spans_first_d64", "gqa_d128", "everything_d128", "key_mask_d128",
-                                  "float_mask_d64", "dead_rows_d64"])
+                                  "float_mask_d64", "dead_rows_d64", "float_keys_gqa_d64"])
 def test_cuda_kernel_dkv_by_tma_bitwise(name, monkeypatch):
     """Hopper v6 stores dK / dV by TMA (the default) or by fragment stores;
     TACA_BWD_V6_DKV=tma / frag forces one: with grouped KV heads, N_q != N_k, per-sample spans and
     masks, bitwise the same gradients. (Off sm_90 the knob is ignored and the runs are trivially equal.)"""
-    q, k, v, kw = _big(name, torch.bfloat16)
-    ql, kl, vl = (t.requires_grad_() for t in (q, k, v))
-    monkeypatch.setenv("TACA_BWD_V6_DKV", "tma")
-    out = taca.joint_attention(ql, kl, vl, backend="cuda", **kw)
-    dout = torch.randn_like(out)
-    g_tma = torch.autograd.grad(out, (ql, kl, vl), dout)
-    monkeypatch.setenv("TACA_BWD_V6_DKV", "frag")
-    out = taca.joint_attention(ql, kl, vl, backend="cuda", **kw)
-    g_frag = torch.autograd.grad(out, (ql, kl, vl), dout)
+    g_tma, g_frag = _grads_by_switch(name, "TACA_BWD_V6_DKV", ("tma", "frag"), monkeypatch)
     for nm, a, b in zip(("dq", "dk", "dv"), g_tma, g_frag):
         assert torch.isfinite(a).all(), nm
         assert torch.equal(a, b), f"{nm}: dK / dV by TMA differ from the fragment stores"
+
+
+@requires_kernel
+@pytest.mark.parametrize("name", ["key_mask_d128", "gqa_d96_lumina", "float_keys_gqa_d64", "float_mask_d64"])
+def test_cuda_kernel_key_mask_per_tile_bitwise(name, monkeypatch):
+    """A key mask (the same for every query row: (B, 1, 1, N_k) bool, (B, H, 1, N_k) float with grouped KV
+    heads) takes Hopper v6's per-tile path, each thread's two key terms read once per tile;
+    TACA_BWD_V6_MASK=elem forces the per-element path of general masks. Bitwise the same gradients (the
+    same sums). float_mask_d64, a (B, H, N_q, N_k) mask, runs the per-element path under both."""
+    g_tile, g_elem = _grads_by_switch(name, "TACA_BWD_V6_MASK", ("tile", "elem"), monkeypatch)
+    for nm, a, b in zip(("dq", "dk", "dv"), g_tile, g_elem):
+        assert torch.isfinite(a).all(), nm
+        assert torch.equal(a, b), f"{nm}: the key mask's per-tile path differs from the per-element one"
 
 
 @requires_kernel

@@ -96,6 +96,11 @@ def _make_mask(kind, B, H, Nq, Nk, dtype):
         return m
     if kind == "float_bhqk":
         return torch.randn(B, H, Nq, Nk, generator=g).to(dtype)
+    if kind == "float_bh1k":  # a key mask per head: additive, -inf on a third of the keys (one kept per head)
+        m = torch.randn(B, H, 1, Nk, generator=g)
+        m[torch.rand(B, H, 1, Nk, generator=g) < 0.3] = -math.inf
+        m[..., 0] = 0.0
+        return m.to(dtype)
     if kind == "float01_outer":  # Chroma: additive 0/1 outer product of a token mask
         t = (torch.rand(B, Nq, generator=g) < 0.7).to(dtype)
         return (t[:, :, None] * t[:, None, :])[:, None]
