@@ -15,7 +15,7 @@ kernel (TACA_BWD_SM90_KERNEL=v6, the default), "v6:rows" / "v6:tensor" v6 with t
 "<mode>@o0" that mode with dQ converted after the main kernel (TACA_BWD_DQ_OVERLAP=0), "<mode>@g3" v6's
 3-D grid at D = 64 (TACA_BWD_V6_GRID=3d; the 1-D one is the default there), "<mode>@fs" / "<mode>@tm" v6 with
 dK / dV by fragment stores / by TMA (TACA_BWD_V6_DKV=frag / tma; TMA is the default), "<mode>@me" a key mask
-by v6's per-element path (TACA_BWD_V6_MASK=elem); suffixes combine, e.g.
+by the per-element path (TACA_BWD_MASK=elem), "mma" the mma.sync kernel (TACA_BWD_SM90=0, other GPUs' backward); suffixes combine, e.g.
 "v6@s4@o0+nd");
 the table also gives each mode's max difference to the first)
 Prints a table last; writes JSON to DIR.
@@ -107,11 +107,11 @@ def main() -> int:
                 # v6's 3-D grid at D = 64 (TACA_BWD_V6_GRID=3d); either order, after any "@sN"
                 # (also "@o2": converted after, the main kernel's per-tile releases kept; "@cN": N
                 # conversion CTAs per SM, TACA_BWD_CONV_CTAS; "@fs" / "@tm": v6's dK / dV by fragment
-                # stores / by TMA, TACA_BWD_V6_DKV=frag / tma; "@me": a key mask by v6's per-element
-                # path, TACA_BWD_V6_MASK=elem)
+                # stores / by TMA, TACA_BWD_V6_DKV=frag / tma; "@me": a key mask by the per-element
+                # path, TACA_BWD_MASK=elem)
                 suffixes = (("@o0", "TACA_BWD_DQ_OVERLAP", "0"), ("@o2", "TACA_BWD_DQ_OVERLAP", "2"),
                             ("@g3", "TACA_BWD_V6_GRID", "3d"), ("@fs", "TACA_BWD_V6_DKV", "frag"),
-                            ("@tm", "TACA_BWD_V6_DKV", "tma"), ("@me", "TACA_BWD_V6_MASK", "elem")) + tuple(
+                            ("@tm", "TACA_BWD_V6_DKV", "tma"), ("@me", "TACA_BWD_MASK", "elem")) + tuple(
                                 (f"@c{n}", "TACA_BWD_CONV_CTAS", str(n)) for n in range(1, 9))
                 for suffix, var, val in suffixes * 3:
                     if base.endswith(suffix):
@@ -121,7 +121,9 @@ def main() -> int:
                     base, nseg = base.split("@s")
                 is6 = base == "v6" or base.startswith("v6:")
                 env["TACA_BWD_SM90_KERNEL"] = "v6" if is6 else "v5"
-                if is6 and base != "v6":  # "v6:rows" / "v6:tensor": v6 with that dQ writer
+                if base == "mma":  # the mma.sync kernel (TACA_BWD_SM90=0): what other GPUs run
+                    env["TACA_BWD_SM90"] = "0"
+                elif is6 and base != "v6":  # "v6:rows" / "v6:tensor": v6 with that dQ writer
                     env["TACA_BWD_V6_WRITER"] = base[3:]
                 elif base not in ("v6", "v5"):  # "v5:<hand-off>" or a bare v5 hand-off name
                     env[ENV] = base[3:] if base.startswith("v5:") else base

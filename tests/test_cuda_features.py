@@ -227,13 +227,19 @@ def test_cuda_kernel_dkv_by_tma_bitwise(name, monkeypatch):
 
 
 @requires_kernel
+@pytest.mark.parametrize("kernel", ["default", "v5", "mma_sync"])
 @pytest.mark.parametrize("name", ["key_mask_d128", "gqa_d96_lumina", "float_keys_gqa_d64", "float_mask_d64"])
-def test_cuda_kernel_key_mask_per_tile_bitwise(name, monkeypatch):
+def test_cuda_kernel_key_mask_per_tile_bitwise(name, kernel, monkeypatch):
     """A key mask (the same for every query row: (B, 1, 1, N_k) bool, (B, H, 1, N_k) float with grouped KV
-    heads) takes Hopper v6's per-tile path, each thread's two key terms read once per tile;
-    TACA_BWD_V6_MASK=elem forces the per-element path of general masks. Bitwise the same gradients (the
-    same sums). float_mask_d64, a (B, H, N_q, N_k) mask, runs the per-element path under both."""
-    g_tile, g_elem = _grads_by_switch(name, "TACA_BWD_V6_MASK", ("tile", "elem"), monkeypatch)
+    heads) takes the backward kernels' per-tile path, each thread's two key terms read once per query tile;
+    TACA_BWD_MASK=elem forces the per-element path of general masks. Bitwise the same gradients (the same
+    sums), in the default kernel (v6 on Hopper), Hopper's v5 and the mma.sync kernel (TACA_BWD_SM90=0, what
+    other GPUs run). float_mask_d64, a (B, H, N_q, N_k) mask, runs the per-element path under both."""
+    if kernel == "v5":
+        monkeypatch.setenv("TACA_BWD_SM90_KERNEL", "v5")
+    elif kernel == "mma_sync":
+        monkeypatch.setenv("TACA_BWD_SM90", "0")
+    g_tile, g_elem = _grads_by_switch(name, "TACA_BWD_MASK", ("tile", "elem"), monkeypatch)
     for nm, a, b in zip(("dq", "dk", "dv"), g_tile, g_elem):
         assert torch.isfinite(a).all(), nm
         assert torch.equal(a, b), f"{nm}: the key mask's per-tile path differs from the per-element one"

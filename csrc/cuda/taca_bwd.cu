@@ -215,6 +215,12 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
     a.q_text_end = static_cast<int>(p->q_text_end);
     a.spans = p->text_spans;
     a.mask = taca_cuda::mask_args(p->mask);
+    {
+        // a key mask: its terms per query tile (BwdArgs::mask_keys); TACA_BWD_MASK=elem forces the
+        // per-element path of general masks (a timing switch: the same gradients bitwise)
+        const char *mk = getenv("TACA_BWD_MASK");
+        a.mask_keys = a.mask.data && a.mask.q == 0 && !(mk && !strcmp(mk, "elem"));
+    }
     a.gamma_reverse = static_cast<float>(p->gamma_reverse);
     a.scale = static_cast<float>(p->scale);
 

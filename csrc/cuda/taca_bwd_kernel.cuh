@@ -61,6 +61,9 @@ struct BwdArgs {
     // dq_acc's row stride in floats (>= DP; the conversions read it): DP, or DP + 8 for v6's row
     // writer, which adds a staged tile, 32 bytes of padding per row included, as one block
     int acc_ld;
+    // a key mask (mask.q == 0): the backward kernels read each thread's two key terms once per query
+    // tile (key_mask_terms), not per element; TACA_BWD_MASK=elem forces the per-element path (timing)
+    int mask_keys;
 };
 
 /* Padding of the workspace's dQ rows, in floats: the buffers hold DP + kAccPad floats per row, so
@@ -542,6 +545,27 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
                     const bool kt = (e < 2) ? kt0 : kt1;
                     const float m = (qt == kt) ? 1.f : (qt ? grev : gam);
                     const float p = fast_exp2(s[nb][e] * (lg * m) - ((e & 1) ? l2.y : l2.x));
+                    dp[nb][e] = p * (dp[nb][e] - ((e & 1) ? dl.y : dl.x)) * m;
+                    s[nb][e] = p;
+                }
+            }
+        } else if (a.mask_keys) {
+            // A key mask: the thread's two key terms once per tile (as v6; the same sums)
+            const float2 mk = key_mask_terms(a.mask, b * a.mask.b + (h0 + hh) * a.mask.h, kr0, Nk);
+#pragma unroll
+            for (int nb = 0; nb < BM / 8; ++nb) {
+                const int col = nb * 8 + 2 * t;
+                const float2 l2 = *reinterpret_cast<const float2 *>(lrow + col);
+                const float2 dl = *reinterpret_cast<const float2 *>(drow + col);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = i0 + col + (e & 1);
+                    const bool qt = qi >= qsb && qi < qse;
+                    const bool kt = (e < 2) ? kt0 : kt1;
+                    const float m = (qt == kt) ? 1.f : (qt ? grev : gam);
+                    const float mt = qi < N ? ((e < 2) ? mk.x : mk.y) : -INFINITY;
+                    const float p =
+                        fast_exp2(s[nb][e] * (lg * m) + mt - ((e & 1) ? l2.y : l2.x));
                     dp[nb][e] = p * (dp[nb][e] - ((e & 1) ? dl.y : dl.x)) * m;
                     s[nb][e] = p;
                 }

@@ -404,6 +404,24 @@ __global__ void __launch_bounds__(Cfg<DP, WRITER>::THREADS, 1)
                     s[nt * 4 + e] = fast_exp2(s[nt * 4 + e] * (lg * m) - ((e & 1) ? l2.y : l2.x));
                 }
             }
+        } else if (a.mask_keys) {
+            // A key mask: the thread's two key terms once per tile (as v6; the same sums)
+            const float2 mk = key_mask_terms(a.mask, b * a.mask.b + (h0 + hh) * a.mask.h, kr0, Nk);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const int col = nt * 8 + 2 * t;
+                const float2 l2 = *reinterpret_cast<const float2 *>(lrow + col);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = i0 + col + (e & 1);
+                    const bool qtx = qi >= qsb && qi < qse;
+                    const bool ktx = (e < 2) ? kt0 : kt1;
+                    const float m = (qtx == ktx) ? 1.f : (qtx ? grev : gam);
+                    const float mt = qi < N ? ((e < 2) ? mk.x : mk.y) : -INFINITY;
+                    s[nt * 4 + e] =
+                        fast_exp2(s[nt * 4 + e] * (lg * m) + mt - ((e & 1) ? l2.y : l2.x));
+                }
+            }
         } else {
             // Masked: + log2(e) mask_ij per element (S^T: key row kr, query column qi); -inf
             // outside N x Nk (padding: P = 0, no out-of-bounds read).

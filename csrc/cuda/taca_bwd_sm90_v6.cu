@@ -134,7 +134,6 @@ struct V6Args {
     CUtensorMap tdk, tdv;  // dkv_tma: dK and dV as the Q map is (64 x 64 boxes: one warpgroup's rows)
     int pos_dk[3], pos_dv[3];
     int dkv_tma;  // dK / dV through shared memory and TMA stores (else fragment stores to global)
-    int mask_keys;  // MASK: the mask is the same for every query (a key mask): two terms per thread and tile
 };
 
 
@@ -530,13 +529,11 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                     s[nt * 4 + e] = fast_exp2(s[nt * 4 + e] * (lg * m) - ((e & 1) ? l2.y : l2.x));
                 }
             }
-        } else if (p.mask_keys) {
+        } else if (a.mask_keys) {
             // A key mask (mask.q == 0): the thread's two keys kr0, kr1 have one term each for every
             // query of the tile, read once (not 2 x NT x 2 byte loads with 64-bit offsets per tile);
             // -inf for keys past Nk and queries past N, as below (the same sums, bitwise).
-            const int64_t mo0 = b * a.mask.b + (h0 + hh) * a.mask.h + kr0 * a.mask.k;
-            const float mk0 = kr0 < Nk ? mask_log2(a.mask, mo0, 0, 0) : -INFINITY;
-            const float mk1 = kr1 < Nk ? mask_log2(a.mask, mo0 + 8 * a.mask.k, 0, 0) : -INFINITY;
+            const float2 mk = key_mask_terms(a.mask, b * a.mask.b + (h0 + hh) * a.mask.h, kr0, Nk);
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
                 const int col = nt * 8 + 2 * t;
@@ -547,7 +544,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                     const bool qtx = qi >= qsb && qi < qse;
                     const bool ktx = (e < 2) ? kt0 : kt1;
                     const float m = (qtx == ktx) ? 1.f : (qtx ? grev : gam);
-                    const float mt = qi < N ? ((e < 2) ? mk0 : mk1) : -INFINITY;
+                    const float mt = qi < N ? ((e < 2) ? mk.x : mk.y) : -INFINITY;
                     s[nt * 4 + e] =
                         fast_exp2(s[nt * 4 + e] * (lg * m) + mt - ((e & 1) ? l2.y : l2.x));
                 }
@@ -822,10 +819,6 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     // this one, nvdisasm): the default, measured faster at D = 64 and 128 (KERNEL_LOG, fifteenth session);
     // the fragment stores where the maps cannot be encoded. TACA_BWD_V6_DKV=frag / tma forces one (a timing
     // switch, read per call).
-    // A key mask (the same for every query row) takes a per-tile path in the masked instances;
-    // TACA_BWD_V6_MASK=elem forces the per-element one (a timing switch; the same gradients bitwise).
-    const char *mk = getenv("TACA_BWD_V6_MASK");
-    p.mask_keys = a.mask.data && a.mask.q == 0 && !(mk && !strcmp(mk, "elem"));
     const char *dkv = getenv("TACA_BWD_V6_DKV");
     const bool want_tma = dkv ? strcmp(dkv, "frag") != 0 : true;
     p.dkv_tma = want_tma &&

@@ -166,6 +166,15 @@ __device__ __forceinline__ float mask_log2(const MaskArgs &m, int64_t base, int 
     return static_cast<const float *>(m.data)[off] * 1.4426950408889634f;
 }
 
+/* A key mask's terms (m.q == 0: the same for every query row) of the two keys a thread holds in the
+ * backward's S^T fragments, kr0 and kr0 + 8 (-inf past nk); base = data offset of (b, h, 0, 0). The
+ * backward kernels read them once per query tile instead of per element (BwdArgs::mask_keys). */
+__device__ __forceinline__ float2 key_mask_terms(const MaskArgs &m, int64_t base, int kr0, int nk) {
+    const int64_t o = base + kr0 * m.k;
+    return make_float2(kr0 < nk ? mask_log2(m, o, 0, 0) : -INFINITY,
+                       kr0 + 8 < nk ? mask_log2(m, o + 8 * m.k, 0, 0) : -INFINITY);
+}
+
 /* A key mask (m.q == 0: the same for every query row): true when every key of [k0, k0 + NKEYS)
  * below nk attends with a zero mask term, so that tile can take the unmasked paths. One warp
  * votes (all 32 lanes must call it); base = data offset of (b, h, 0, 0). Padded text keys are
