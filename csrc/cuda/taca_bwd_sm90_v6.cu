@@ -69,6 +69,8 @@
  *      value it needs again (volatile), so nothing extra lives through the tile loop, and every
  *      kernel's loop compiles exactly as without it (a first form moved D = 128's loop and ran FLUX
  *      1.5-2% slower). TACA_BWD_V6_DKV=frag / tma forces one (a timing switch).
+ *   9. A key mask (the same for every query row) adds each thread's two key terms, read once per
+ *      query tile, not a byte load per element (taca_bwd.cu, BwdArgs::mask_keys).
  * The default wherever it applies (taca_bwd.cu): FLUX 1024 b1 bwd 1.52 vs v5's 1.75 ms, SD3.5-M
  * cfg 1.65 vs 1.85 ms on an H200 (with the preprocess and conversion of taca_bwd_kernel.cuh).
  * KERNEL_LOG "Backward v6" and the entries after it have the runs, the profiles and what was tried
