@@ -5,7 +5,10 @@
 # Env: QUICK=1 (short timing windows, three shapes) or the full table of every PERFORMANCE.md shape;
 # TRAIN=1 adds the FLUX.1-dev-sized LoRA training step (stock attention vs taca, batch 1 and 4);
 # VARIANTS=1 the forward's variants 10 (the persistent default) and 14 (one CTA per item) in one process;
-# BREAKDOWN=0 skips the per-kernel times of a fwd + bwd iteration (taca vs cuDNN, bwd_breakdown.py).
+# BREAKDOWN=0 skips the per-kernel times of a fwd + bwd iteration (taca vs cuDNN, bwd_breakdown.py; BREAKDOWN_SHAPES
+# picks its shapes, default flux1024_b1,sd35m_cfg); PIPELINE=1 adds the FLUX.1-dev-sized transformer call and 28-step
+# schedule, stock and TACA interleaved (bench_pipeline.py). TRAIN=1 PIPELINE=1 re-measures both end-to-end numbers
+# of the kernel issue in the same call (about 500 s in all).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 {
@@ -33,12 +36,17 @@ if [ "${VARIANTS:-0}" = 1 ]; then  # forward variants in one process: 10 (= the 
     | grep "^|" | grep -E "ctypes|cudnn" | grep -v plain_eff
 fi
 if [ "${BREAKDOWN:-1}" = 1 ]; then  # per-kernel device times against cuDNN (bwd_breakdown.py, about 30 s)
-  timeout 150 python3 benchmarks/bwd_breakdown.py --out "$OUT" > "$OUT/breakdown.txt" 2>&1
+  timeout 150 python3 benchmarks/bwd_breakdown.py --shapes "${BREAKDOWN_SHAPES:-flux1024_b1,sd35m_cfg}" --out "$OUT" \
+    > "$OUT/breakdown.txt" 2>&1
   grep -E "total|us  " "$OUT/breakdown.txt" | grep -v "CUDAFunctor_add" | cut -c1-120
 fi
 if [ "${TRAIN:-0}" = 1 ]; then  # the LoRA training step, FLUX.1-dev size (bench_train_step.py), stock vs taca
   timeout 240 python3 benchmarks/bench_train_step.py --models flux --batches 1,4 --methods stock,taca --out "$OUT" 2>&1 \
     | grep -v "^$" > "$OUT/bench_train.txt"; echo "train bench rc=$?"; grep "^|" "$OUT/bench_train.txt"
+fi
+if [ "${PIPELINE:-0}" = 1 ]; then  # a FLUX.1-dev-sized transformer call and the 28-step schedule (bench_pipeline.py)
+  timeout 200 python3 benchmarks/bench_pipeline.py --models flux --repeats 10 --schedule-repeats 2 --out "$OUT/pipeline" \
+    > "$OUT/pipeline.txt" 2>&1; echo "pipeline rc=$?"; grep -A3 "^model" "$OUT/pipeline.txt"
 fi
 } 2>&1 | tee "$OUT/log.txt"
 bash benchmarks/pack_out.sh "$OUT"  # at most 8 files come back from the device: the rest in files.tgz
