@@ -120,13 +120,14 @@ def main() -> int:
                 if "@s" in base:
                     base, nseg = base.split("@s")
                 is6 = base == "v6" or base.startswith("v6:")
-                env["TACA_BWD_SM90_KERNEL"] = "v6" if is6 else "v5"
                 if base == "mma":  # the mma.sync kernel (TACA_BWD_SM90=0): what other GPUs run
                     env["TACA_BWD_SM90"] = "0"
-                elif is6 and base != "v6":  # "v6:rows" / "v6:tensor": v6 with that dQ writer
-                    env["TACA_BWD_V6_WRITER"] = base[3:]
-                elif base not in ("v6", "v5"):  # "v5:<hand-off>" or a bare v5 hand-off name
-                    env[ENV] = base[3:] if base.startswith("v5:") else base
+                else:
+                    env["TACA_BWD_SM90_KERNEL"] = "v6" if is6 else "v5"
+                    if is6 and base != "v6":  # "v6:rows" / "v6:tensor": v6 with that dQ writer
+                        env["TACA_BWD_V6_WRITER"] = base[3:]
+                    elif base not in ("v6", "v5"):  # "v5:<hand-off>" or a bare v5 hand-off name
+                        env[ENV] = base[3:] if base.startswith("v5:") else base
                 if nseg is not None:
                     env["TACA_BWD_NSEG"] = nseg
                 det = not m.endswith("+nd")

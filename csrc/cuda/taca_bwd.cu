@@ -33,8 +33,9 @@
  *      mask's two terms per thread read once per query tile (BwdArgs::mask_keys, key_mask_terms;
  *      FLUX b2 / SD3.5-M with padded CFG text: v6 -8.8% / -13.0% against reading per element),
  *      other masks per element from global memory (mask_log2). The mask is a template flag
- *      (separate kernel instances), so the unmasked kernels carry no mask code. The spans of the CTA's sample go through shared memory (4 ints, read at every
- *      tile): held in registers across the loop, the per-sample loads cost spills.
+ *      (separate kernel instances), so the unmasked kernels carry no mask code. The spans of the
+ *      CTA's sample go through shared memory (4 ints, read at every tile): held in registers
+ *      across the loop, the per-sample loads cost spills.
  *   3. bwd_dq_convert (when there is more than one key tile): dq = scale * sum of the chains'
  *      float32 dQ buffers, summed in chain order, cast and stored with dq's strides.
  *   Determinism without floating-point atomics racing: the key tiles are split into nseg <= 4

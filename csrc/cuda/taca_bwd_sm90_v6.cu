@@ -138,7 +138,6 @@ struct V6Args {
     int dkv_tma;  // dK / dV through shared memory and TMA stores (else fragment stores to global)
 };
 
-
 /* The CTA's grid index as one number: G1 kernels run on a 1-D grid of nk * Hkv * B CTAs (key
  * tile fastest, the 3-D grid's order) and decode (key tile, KV head, batch) from it; volatile,
  * so that a decode after the tile loop reads it again instead of holding values through it. */
@@ -822,8 +821,7 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     // the fragment stores where the maps cannot be encoded. TACA_BWD_V6_DKV=frag / tma forces one (a timing
     // switch, read per call).
     const char *dkv = getenv("TACA_BWD_V6_DKV");
-    const bool want_tma = dkv ? strcmp(dkv, "frag") != 0 : true;
-    p.dkv_tma = want_tma &&
+    p.dkv_tma = !(dkv && !strcmp(dkv, "frag")) &&
                 encode_map<T>(&p.tdk, p.pos_dk, a.dk, a.dks_n, a.dks_h, a.dks_b, a.Nk, a.Hkv, a.B, a.D, 64) &&
                 encode_map<T>(&p.tdv, p.pos_dv, a.dv, a.dvs_n, a.dvs_h, a.dvs_b, a.Nk, a.Hkv, a.B, a.D, 64);
     TACA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM),
