@@ -123,6 +123,9 @@ BIG = {
     "everything_d128": (3, 4, 2, 290, 333, 128, "bnhd",
                         dict(text_len=[64, 20, 0], text_start=[0, 200, 7], query_text_start=[0, 3, 0],
                              query_text_len=[64, 0, 30]), "bool_b1qk"),
+    # a padded prompt on enough keys for unmasked tiles beside masked ones (the forward's per-tile key terms)
+    "padded_text_d128": (2, 4, 4, 1100, 1100, 128, "bnhd", dict(text_len=256), "bool_pad_text"),
+    "padded_text_gqa_d64": (2, 4, 2, 1100, 1100, 64, "bhnd", dict(text_len=256), "bool_pad_text"),
     "spans_mask_d256": (2, 2, 2, 300, 300, 256, "bnhd", dict(text_len=[60, 7], text_start=[0, 40]), "bool_b11k"),
     "everything_d72": (3, 4, 2, 150, 170, 72, "bhnd",
                        dict(text_len=[30, 20, 0], text_start=[0, 100, 7], query_text_len=[30, 0, 10]),
@@ -243,6 +246,24 @@ def test_cuda_kernel_key_mask_per_tile_bitwise(name, kernel, monkeypatch):
     for nm, a, b in zip(("dq", "dk", "dv"), g_tile, g_elem):
         assert torch.isfinite(a).all(), nm
         assert torch.equal(a, b), f"{nm}: the key mask's per-tile path differs from the per-element one"
+
+
+@requires_kernel
+@pytest.mark.parametrize("name", ["key_mask_d128", "gqa_d96_lumina", "float_keys_gqa_d64", "padded_text_d128",
+                                  "padded_text_gqa_d64", "float_mask_d64", "spans_mask_d256"])
+def test_cuda_forward_key_mask_per_tile_bitwise(name, monkeypatch):
+    """Hopper's forward takes a key mask as per-tile terms (each lane reads four keys of the tile, shuffled to
+    the lanes whose columns they are); TACA_FWD_MASK=elem forces the per-element path. Bitwise the same out,
+    lse and text_mass (the same sums). float_mask_d64 (per query) and D = 256 run the per-element path under
+    both; other GPUs ignore the switch."""
+    q, k, v, kw = _big(name, torch.bfloat16)
+    res = []
+    for val in ("tile", "elem"):
+        monkeypatch.setenv("TACA_FWD_MASK", val)
+        res.append(taca.joint_attention(q, k, v, backend="cuda", return_lse=True, return_text_mass=True, **kw))
+    for nm, a, b in zip(("out", "lse", "text_mass"), *res):
+        assert torch.equal(a, b), f"{nm}: the forward's per-tile key terms differ from the per-element path"
+    assert torch.isfinite(res[0][0]).all()
 
 
 @requires_kernel

@@ -110,6 +110,10 @@ def _make_mask(kind, B, H, Nq, Nk, dtype):
         m[0, 1, 2] = False  # a visual query row with every key masked
         m[1, :, 1] = False  # a text query row, every head
         return m
+    if kind == "bool_pad_text":  # a padded prompt (Qwen-Image): sample B-1's text keys 90..255 masked, the rest kept
+        m = torch.ones(B, 1, 1, Nk, dtype=torch.bool)
+        m[-1, ..., 90:256] = False
+        return m
     if kind == "float32_neginf":
         m = torch.randn(B, 1, Nq, Nk, generator=g)
         m[1, 0, 5] = -math.inf  # fully masked by an additive -inf row

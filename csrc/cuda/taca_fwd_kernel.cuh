@@ -121,17 +121,21 @@ enum { TILE_VIS = 0, TILE_TXT = 1, TILE_MIXED = 2 };
 
 /* Scale S by the TACA multiplier, mask keys >= n (n = N_k), add the key mask (mixed tiles
  * only: the callers send every tile of a masked call there; row0 = this lane's first query row,
- * rows mt * 16 + hf * 8 after it, rows >= nq are padding; MASKED only), update the running max / row sum /
+ * rows mt * 16 + hf * 8 after it, rows >= nq are padding; MASKED only; or, KEYT, a key mask's terms of the
+ * 128-key tile, key k0 + c held by lane c % 32 in kt[c / 32], shuffled to the lanes whose columns they are),
+ * update the running max / row sum /
  * text sum, leave P (unnormalized, base 2) in s and the rescale factor of O in alpha_out; with
  * SCALE_O, also rescale O here (otherwise the caller does, e.g. once an in-flight P V product
  * landed). */
-template <int KIND, bool SCALE_O = true, bool MASKED = false, int MT, int NT, int DT>
+template <int KIND, bool SCALE_O = true, bool MASKED = false, bool KEYT = false, int MT, int NT, int DT>
 __device__ __forceinline__ void softmax_tile(float (&s)[MT][NT][4], float (&o)[MT][DT][4],
                                              float (&m_run)[MT][2], float (&l_run)[MT][2],
                                              float (&t_run)[MT][2], const float (&mul_txt)[MT][2],
                                              const float (&mul_vis)[MT][2], int k0, int n, int tb,
                                              int te, int lane, float (&alpha_out)[MT][2],
-                                             const MaskArgs &mask, int64_t mbase, int row0, int nq) {
+                                             const MaskArgs &mask, int64_t mbase, int row0, int nq,
+                                             const float *kt = nullptr) {
+    static_assert(!KEYT || (KIND == TILE_MIXED && !MASKED && NT == 16), "key terms: mixed 128-key tiles");
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -150,6 +154,8 @@ __device__ __forceinline__ void softmax_tile(float (&s)[MT][NT][4], float (&o)[M
                         const int col = k0 + nt * 8 + (lane & 3) * 2 + e;
                         const bool ct = col >= tb && col < te;
                         x = col < n ? x * (ct ? mul_txt[mt][hf] : mul_vis[mt][hf]) : -INFINITY;
+                        if constexpr (KEYT)  // key col - k0 = nt * 8 + ..: lane (col - k0) % 32 holds its term
+                            x += __shfl_sync(0xffffffffu, kt[nt >> 2], (nt * 8 + (lane & 3) * 2 + e) & 31);
                         const int row = row0 + mt * 16 + hf * 8;
                         if constexpr (MASKED) {
                             if (mask.data && col < n && row < nq) x += mask_log2(mask, mbase, row, col);

@@ -355,11 +355,24 @@ namespace taca_fwd90 {
  * (one CTA per SM over the (query tile, head, batch) items, two Q buffers: the next item's loads
  * overlap this one's last products and epilogue); 14 is it with one CTA per item (the default
  * before). */
+/* TACA_FWD_MASK=elem: a key mask by the per-element path (MK_ANY) instead of per-tile terms (a timing switch:
+ * the same outputs bitwise). */
+static inline bool mask_elem() {
+    const char *mk = getenv("TACA_FWD_MASK");
+    return mk && !strcmp(mk, "elem");
+}
+
 template <typename T, int D>
 int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
     if (a.spans || a.mask.data) {  // per-sample spans or a mask: the default tiling's FEAT instance
-        const int st = variant == 14 ? launch_ws<T, WsCfg<2, false, true, D>, true>(a, batch, heads, stream)
-                                     : launch_ws<T, WsCfg<2, false, true, D, true>, true>(a, batch, heads, stream);
+        // the mask code only where there is a mask; a key mask as per-tile terms (MK_*, taca_fwd_sm90_ws.cuh)
+        using W = WsCfg<2, false, true, D, true>;
+        using W14 = WsCfg<2, false, true, D>;
+        const int st = variant == 14     ? (a.mask.data ? launch_ws<T, W14, true, MK_ANY>(a, batch, heads, stream)
+                                                        : launch_ws<T, W14, true, MK_NONE>(a, batch, heads, stream))
+                       : !a.mask.data    ? launch_ws<T, W, true, MK_NONE>(a, batch, heads, stream)
+                       : a.mask.q == 0 && !mask_elem() ? launch_ws<T, W, true, MK_KEY>(a, batch, heads, stream)
+                                                       : launch_ws<T, W, true, MK_ANY>(a, batch, heads, stream);
         if (st != TACA_ERR_UNSUPPORTED) return st;
         // no TMA map: this file's kernel (variant 13's tiling)
         using V13 = std::conditional_t<D == 128, Cfg<128, 128, 2, 2, false>, Cfg<64, 64, 2, 3, false>>;

@@ -53,6 +53,12 @@ struct WsCfg {
     static_assert(SMEM <= 232448, "shared memory");
 };
 
+/* The mask code an instance carries: none; a key mask (mask.q == 0: the same for every query row) as
+ * per-tile terms; any mask, read per element. FEAT (per-sample spans) without a mask takes MK_NONE: its tile
+ * loop is then the plain instance's (the per-element path inside the loop made the whole loop slower,
+ * KERNEL_LOG 2026-12-04, sixteenth session). */
+enum { MK_NONE = 0, MK_KEY = 1, MK_ANY = 2 };
+
 /* Kernel parameters: the three TMA maps (64-byte aligned, in parameter space) and, for each map,
  * which of its dimensions 1..3 holds (row, head, batch). */
 struct WsArgs {
@@ -63,7 +69,7 @@ struct WsArgs {
 };
 
 
-template <typename T, typename C, bool FEAT>
+template <typename T, typename C, bool FEAT, int MK>
 __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const __grid_constant__ WsArgs p) {
 #if TACA_SM90A
     constexpr int DP = C::DP, BC = C::BC, BR = C::BR, NT = C::NT, DT = C::DT, STAGES = C::STAGES;
@@ -182,12 +188,30 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
         mbar_wait(full_q(qb), (i / C::NQBUF) & 1);
         if (C::PINGPONG && c == 1) named_bar_arrive(BAR_TURN + 0, 256);  // consumer 0 takes the first turn
         uint32_t pa[BC / 16][4];  // P of the previous tile, A operand of its P V product
+        // MK_KEY: a key mask's terms of a tile, key k0 + c in lane c % 32's [c / 32] (-> kt in the tile),
+        // read one tile ahead so their loads land during a tile's products instead of before its vote
+        const int64_t mbase = MK ? (int64_t)b * a.mask.b + (int64_t)h * a.mask.h : 0;
+        float kt_next[BC / 32];
+        auto read_terms = [&](int k0) {
+#pragma unroll
+            for (int i = 0; i < BC / 32; ++i) {
+                const int c = k0 + lane + 32 * i;
+                kt_next[i] = c < nk ? mask_log2(a.mask, mbase, 0, c) : 0.0f;
+            }
+        };
+        if constexpr (MK == MK_KEY) read_terms(0);
         // One key tile j (ring position jbase + j); FIRST (tile 0) has no previous P V. Two instances so
         // no wgmma is issued on a branch (ptxas serializes wgmma around divergent issue).
         auto tile = [&](const int j, auto first) {
             constexpr bool FIRST = decltype(first)::value;
             const int jg = jbase + j;
             const int k0 = j * BC, s = jg % STAGES, sp = (jg + STAGES - 1) % STAGES;
+            float kt[BC / 32];
+            if constexpr (MK == MK_KEY) {
+#pragma unroll
+                for (int i = 0; i < BC / 32; ++i) kt[i] = kt_next[i];
+                if (j + 1 < nkv) read_terms(k0 + BC);
+            }
             mbar_wait(full_k(s), (jg / STAGES) & 1);
             if (!FIRST) mbar_wait(full_v(sp), ((jg - 1) / STAGES) & 1);
             if (C::PINGPONG) named_bar_sync(BAR_TURN + c, 256);
@@ -226,10 +250,20 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
 
             const int k1 = k0 + BC;
             const int row0 = q0 + wrow0 + (lane >> 2);
-            const int64_t mbase = FEAT ? (int64_t)b * a.mask.b + (int64_t)h * a.mask.h : 0;
-            // a key mask (the same for every query) is voted per tile: unmasked tiles run as usual
-            const bool masked = FEAT && a.mask.data != nullptr &&
-                                (a.mask.q != 0 || !keys_attend<BC>(a.mask, mbase, k0, nk, lane));
+            // a key mask (the same for every query) is voted per tile: unmasked tiles run as usual.
+            // MK_KEY: the warp's terms of this tile (read during the previous one).
+            bool masked = false;
+            if constexpr (MK == MK_ANY) {
+                masked = a.mask.q != 0 || !keys_attend<BC>(a.mask, mbase, k0, nk, lane);
+                (void)kt;
+            } else if constexpr (MK == MK_KEY) {
+                bool ok = true;
+#pragma unroll
+                for (int i = 0; i < BC / 32; ++i) ok = ok && kt[i] == 0.0f;
+                masked = !__all_sync(0xffffffffu, ok);
+            } else {
+                (void)kt;
+            }
             float alpha[1][2];
             if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && (k1 <= tb || k0 >= te))
                 taca_fwd::softmax_tile<taca_fwd::TILE_VIS, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane, alpha,
@@ -237,9 +271,12 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             else if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && k0 >= tb && k1 <= te)
                 taca_fwd::softmax_tile<taca_fwd::TILE_TXT, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane, alpha,
                                                                     a.mask, mbase, row0, n);
-            else if (masked)
-                taca_fwd::softmax_tile<taca_fwd::TILE_MIXED, !LATE_O, FEAT>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te,
-                                                                            lane, alpha, a.mask, mbase, row0, n);
+            else if (MK == MK_KEY)  // a masked or mixed tile: the key terms (zero where nothing is masked)
+                taca_fwd::softmax_tile<taca_fwd::TILE_MIXED, !LATE_O, false, MK == MK_KEY>(
+                    sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane, alpha, a.mask, mbase, row0, n, kt);
+            else if (MK == MK_ANY)  // any mask, read per element
+                taca_fwd::softmax_tile<taca_fwd::TILE_MIXED, !LATE_O, MK == MK_ANY>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0,
+                                                                                   nk, tb, te, lane, alpha, a.mask, mbase, row0, n);
             else
                 taca_fwd::softmax_tile<taca_fwd::TILE_MIXED, !LATE_O, false>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk,
                                                                              tb, te, lane, alpha, a.mask, mbase, row0, n);
@@ -296,9 +333,9 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
 }
 
 /* TACA_ERR_UNSUPPORTED (nothing launched) when a map cannot be encoded. */
-template <typename T, typename C, bool FEAT = false>
+template <typename T, typename C, bool FEAT = false, int MK = MK_NONE>
 int launch_ws(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
-    auto kernel = taca_fwd_sm90_ws_kernel<T, C, FEAT>;
+    auto kernel = taca_fwd_sm90_ws_kernel<T, C, FEAT, MK>;
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_fwd_cuda (sm90 ws): cudaFuncGetAttributes");
     if (attr.binaryVersion != 90 || a.d != C::DP) return TACA_ERR_UNSUPPORTED;
