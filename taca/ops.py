@@ -15,8 +15,10 @@ kernel covers.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
+import weakref
 from typing import Optional, Tuple, Union
 
 import torch
@@ -146,6 +148,37 @@ def _check_span(spans: "reference.Spans", n_q: int, n_k: int, given) -> None:
                              f"({start_name}, {len_name}), must lie in [0, {n}] with a length >= 0")
 
 
+# Span arguments given as tensors whose values were checked, so a model passing the same (B,) tensors to
+# every attention layer pays the check's device sync once per set of tensors, not once per layer (on an
+# H200 the sync made a FLUX-sized call's host time 1.2 ms against 0.13 ms with ints,
+# benchmarks/results/KERNEL_LOG.md 2026-12-04 sixteenth session). An entry holds weak references, and each
+# tensor's version counter: an in-place change, or a new tensor at a reused id, is checked again.
+_CHECKED_SPANS: "collections.OrderedDict" = collections.OrderedDict()
+_CHECKED_SPANS_MAX = 64
+
+
+def _spans_key(args, n_q: int, n_k: int, text_first: bool):
+    """(key, tensors) for the checked-span cache; None when no argument is a tensor."""
+    tensors = tuple(x for x in args if isinstance(x, torch.Tensor))
+    if not tensors:
+        return None
+    key = (n_q, n_k, bool(text_first)) + tuple(
+        (id(x), x._version, x.data_ptr(), x.device) if isinstance(x, torch.Tensor) else x for x in args)
+    return key, tensors
+
+
+def _spans_checked(entry) -> bool:
+    refs = _CHECKED_SPANS.get(entry[0])
+    return refs is not None and all(r() is t for r, t in zip(refs, entry[1]))
+
+
+def _remember_spans(entry) -> None:
+    _CHECKED_SPANS[entry[0]] = tuple(weakref.ref(t) for t in entry[1])
+    _CHECKED_SPANS.move_to_end(entry[0])
+    while len(_CHECKED_SPANS) > _CHECKED_SPANS_MAX:
+        _CHECKED_SPANS.popitem(last=False)
+
+
 def _check_mask(attn_mask, q: torch.Tensor, target) -> None:
     if attn_mask is None:
         return
@@ -205,6 +238,7 @@ def _validate(q, k, v, text_len, gamma, gamma_reverse, scale, layout, backend, t
     if D < 1 or D > 256:
         raise ValueError(f"taca: head dim must be in [1, 256], got {D}")
     B, Nq, Nk = q.shape[0], q.shape[ndim], k.shape[ndim]
+    raw_spans = (text_len, text_start, query_text_start, query_text_len)  # as given: the checked-span cache's key
     if isinstance(text_len, torch.Tensor):
         text_len = _span_arg("text_len", text_len, B, q, False)
     elif isinstance(text_len, bool) or not isinstance(text_len, (int, torch.SymInt)):
@@ -214,7 +248,13 @@ def _validate(q, k, v, text_len, gamma, gamma_reverse, scale, layout, backend, t
     query_text_len = _span_arg("query_text_len", query_text_len, B, q, True)
     given = dict(text_start=text_start, query_text_start=query_text_start)
     spans = reference.resolve_spans(Nq, Nk, text_len, text_first, text_start, query_text_start, query_text_len)
-    _check_span(spans, Nq, Nk, given)
+    entry = None
+    if not torch.compiler.is_compiling():
+        entry = _spans_key(raw_spans, Nq, Nk, text_first)
+    if entry is None or not _spans_checked(entry):
+        _check_span(spans, Nq, Nk, given)
+        if entry is not None:
+            _remember_spans(entry)
     _check_mask(attn_mask, q, (B, H, Nq, Nk))
     if isinstance(gamma, torch.Tensor):
         if gamma.dim() > 1 or (gamma.dim() == 1 and gamma.shape[0] != B):
