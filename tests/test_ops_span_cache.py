@@ -63,8 +63,17 @@ def test_span_lengths_are_part_of_the_key(counted_checks):
 
 
 def test_cache_is_bounded_and_holds_no_tensor(counted_checks):
+    """Temporary tensors: each is checked (a freed one's id and address may come back with the next
+    tensor, whose key is then equal: its dead weak reference sends it to the check), the cache stays
+    bounded and keeps none of them alive."""
     q, k, v = _qkv()
-    for i in range(ops._CHECKED_SPANS_MAX + 10):
+    n = ops._CHECKED_SPANS_MAX + 10
+    for i in range(n):
         taca.joint_attention(q, k, v, text_len=torch.tensor([i % 12, 2]), backend="cpu")
-    assert len(ops._CHECKED_SPANS) == ops._CHECKED_SPANS_MAX
+    assert len(counted_checks) == n
+    assert 1 <= len(ops._CHECKED_SPANS) <= ops._CHECKED_SPANS_MAX
     assert all(r() is None for refs in ops._CHECKED_SPANS.values() for r in refs)  # weak references only
+    kept = [torch.tensor([i % 12, 2]) for i in range(n)]  # alive: distinct keys, the oldest evicted
+    for t in kept:
+        taca.joint_attention(q, k, v, text_len=t, backend="cpu")
+    assert len(ops._CHECKED_SPANS) == ops._CHECKED_SPANS_MAX
