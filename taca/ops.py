@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import threading
 import weakref
 from typing import Optional, Tuple, Union
 
@@ -155,6 +156,7 @@ def _check_span(spans: "reference.Spans", n_q: int, n_k: int, given) -> None:
 # tensor's version counter: an in-place change, or a new tensor at a reused id, is checked again.
 _CHECKED_SPANS: "collections.OrderedDict" = collections.OrderedDict()
 _CHECKED_SPANS_MAX = 64
+_CHECKED_SPANS_LOCK = threading.Lock()
 
 
 def _spans_key(args, n_q: int, n_k: int, text_first: bool):
@@ -168,15 +170,18 @@ def _spans_key(args, n_q: int, n_k: int, text_first: bool):
 
 
 def _spans_checked(entry) -> bool:
-    refs = _CHECKED_SPANS.get(entry[0])
+    with _CHECKED_SPANS_LOCK:
+        refs = _CHECKED_SPANS.get(entry[0])
     return refs is not None and all(r() is t for r, t in zip(refs, entry[1]))
 
 
 def _remember_spans(entry) -> None:
-    _CHECKED_SPANS[entry[0]] = tuple(weakref.ref(t) for t in entry[1])
-    _CHECKED_SPANS.move_to_end(entry[0])
-    while len(_CHECKED_SPANS) > _CHECKED_SPANS_MAX:
-        _CHECKED_SPANS.popitem(last=False)
+    refs = tuple(weakref.ref(t) for t in entry[1])
+    with _CHECKED_SPANS_LOCK:  # threads sharing the module: no eviction between the insert and the move
+        _CHECKED_SPANS[entry[0]] = refs
+        _CHECKED_SPANS.move_to_end(entry[0])
+        while len(_CHECKED_SPANS) > _CHECKED_SPANS_MAX:
+            _CHECKED_SPANS.popitem(last=False)
 
 
 def _check_mask(attn_mask, q: torch.Tensor, target) -> None:
@@ -434,6 +439,8 @@ def joint_attention(
     Text queries are [query_text_start, query_text_start + query_text_len): by default the key
     span when N_q == N_k (one token set), and no text query at all when N_q != N_k;
     query_text_len given without query_text_start starts at 0 (text_first) or N_q - len.
+    Span tensors' values are checked once per set of tensors (for CUDA tensors that check is a
+    device sync): pass the same tensors to every layer; an in-place change is checked again.
 
     The logit of query i and key j is scale * (q_i . k_j) * m_ij (+ mask), with m_ij = gamma[b]
     for (visual query, text key), gamma_reverse for (text query, visual key), 1 otherwise.

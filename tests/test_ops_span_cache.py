@@ -77,3 +77,28 @@ def test_cache_is_bounded_and_holds_no_tensor(counted_checks):
     for t in kept:
         taca.joint_attention(q, k, v, text_len=t, backend="cpu")
     assert len(ops._CHECKED_SPANS) == ops._CHECKED_SPANS_MAX
+
+
+def test_threads_share_the_cache(counted_checks):
+    """Calls from several threads (a server running pipelines side by side): no error, every set checked."""
+    import threading
+
+    q, k, v = _qkv()
+    tensors = [torch.tensor([i % 12, 2]) for i in range(ops._CHECKED_SPANS_MAX * 2)]
+    errors = []
+
+    def work(part):
+        try:
+            for t in part:
+                taca.joint_attention(q, k, v, text_len=t, backend="cpu")
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(tensors[i::4],)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert len(counted_checks) == len(tensors)
+    assert len(ops._CHECKED_SPANS) == ops._CHECKED_SPANS_MAX
