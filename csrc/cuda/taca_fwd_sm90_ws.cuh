@@ -54,7 +54,8 @@ struct WsCfg {
 };
 
 /* The mask code an instance carries: none; a key mask (mask.q == 0: the same for every query row) as
- * per-tile terms; any mask, read per element. FEAT (per-sample spans) without a mask takes MK_NONE: its tile
+ * per-tile terms; any mask read per element (a key mask is still voted per tile there, its unmasked tiles
+ * taking the plain paths; TACA_FWD_MASK=elem sends key masks here). FEAT (per-sample spans) without a mask takes MK_NONE: its tile
  * loop is then the plain instance's (the per-element path inside the loop made the whole loop slower,
  * KERNEL_LOG 2026-12-04, sixteenth session). */
 enum { MK_NONE = 0, MK_KEY = 1, MK_ANY = 2 };
@@ -189,7 +190,8 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
         if (C::PINGPONG && c == 1) named_bar_arrive(BAR_TURN + 0, 256);  // consumer 0 takes the first turn
         uint32_t pa[BC / 16][4];  // P of the previous tile, A operand of its P V product
         // MK_KEY: a key mask's terms of a tile, key k0 + c in lane c % 32's [c / 32] (-> kt in the tile),
-        // read one tile ahead so their loads land during a tile's products instead of before its vote
+        // read one tile ahead. mask_log2 converts each element at its load, so the reading tile still waits on
+        // the loads (Nsight Compute, KERNEL_LOG sixteenth session; prepared_fwd_keymask_raw.patch defers it)
         const int64_t mbase = MK ? (int64_t)b * a.mask.b + (int64_t)h * a.mask.h : 0;
         float kt_next[BC / 32];
         auto read_terms = [&](int k0) {
