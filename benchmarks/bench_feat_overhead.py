@@ -61,7 +61,7 @@ def _split(fn, calls=20):
     return dev_us / calls / 1e3, host
 
 
-def cases(B, H, D, L, n_img, first, dev):
+def cases(B, L, n_img, first, dev):
     n = L + n_img
     short = torch.tensor([L, L // 3], device=dev)
     pad = torch.ones(B, 1, 1, n, dtype=torch.bool)
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         q, k, v = (torch.randn(B, H, n, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
         dout = torch.randn_like(q)
-        cs = cases(B, H, D, L, n_img, first, dev)
+        cs = cases(B, L, n_img, first, dev)
         fns = {}
         for cname, kw in cs.items():
             for env in ([None, "elem"] if "attn_mask" in kw else [None]):

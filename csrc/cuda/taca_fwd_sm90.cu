@@ -338,6 +338,13 @@ int launch(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
 
 namespace taca_fwd90 {
 
+/* TACA_FWD_MASK=elem: a key mask by the per-element path (MK_ANY) instead of per-tile terms (a timing switch:
+ * the same outputs bitwise). */
+static inline bool mask_elem() {
+    const char *mk = getenv("TACA_FWD_MASK");
+    return mk && !strcmp(mk, "elem");
+}
+
 /* variant 0 is the default; the others are alternatives kept selectable for the benchmark
  * (taca_fwd_cuda_variant). D = 128: 0 (= 10): warp-specialized (taca_fwd_sm90_ws.cuh: TMA
  * producer warpgroup, two consumer warpgroups taking turns, 128-key tiles, 2 stages);
@@ -355,13 +362,6 @@ namespace taca_fwd90 {
  * (one CTA per SM over the (query tile, head, batch) items, two Q buffers: the next item's loads
  * overlap this one's last products and epilogue); 14 is it with one CTA per item (the default
  * before). */
-/* TACA_FWD_MASK=elem: a key mask by the per-element path (MK_ANY) instead of per-tile terms (a timing switch:
- * the same outputs bitwise). */
-static inline bool mask_elem() {
-    const char *mk = getenv("TACA_FWD_MASK");
-    return mk && !strcmp(mk, "elem");
-}
-
 template <typename T, int D>
 int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
     if (a.spans || a.mask.data) {  // per-sample spans or a mask: the default tiling's FEAT instance
