@@ -189,16 +189,31 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
         mbar_wait(full_q(qb), (i / C::NQBUF) & 1);
         if (C::PINGPONG && c == 1) named_bar_arrive(BAR_TURN + 0, 256);  // consumer 0 takes the first turn
         uint32_t pa[BC / 16][4];  // P of the previous tile, A operand of its P V product
-        // MK_KEY: a key mask's terms of a tile, key k0 + c in lane c % 32's [c / 32] (-> kt in the tile),
-        // read one tile ahead. mask_log2 converts each element at its load, so the reading tile still waits on
-        // the loads (Nsight Compute, KERNEL_LOG sixteenth session; prepared_fwd_keymask_raw.patch defers it)
+        // MK_KEY: a key mask's raw elements of a tile (bool bytes or float bits), key k0 + c in lane c % 32's
+        // [c / 32], read one tile ahead and converted to terms (kt) only in the next tile: the loads land
+        // during a tile's products. Addresses: a per-lane pointer, advanced per tile; the element kind is a
+        // uniform branch per tile, not one per load.
         const int64_t mbase = MK ? (int64_t)b * a.mask.b + (int64_t)h * a.mask.h : 0;
-        float kt_next[BC / 32];
+        const bool mbool = a.mask.kind == TACA_MASK_BOOL;
+        const int64_t mesz = mbool ? 1 : 4;
+        const char *mlane = MK == MK_KEY ? static_cast<const char *>(a.mask.data) + (mbase + (int64_t)lane * a.mask.k) * mesz
+                                         : nullptr;
+        const int64_t mstep = (int64_t)32 * a.mask.k * mesz;  // bytes from key c to key c + 32
+        uint32_t kr_next[BC / 32];
         auto read_terms = [&](int k0) {
+            const char *p = mlane + (int64_t)k0 * a.mask.k * mesz;
+            if (mbool) {
 #pragma unroll
-            for (int i = 0; i < BC / 32; ++i) {
-                const int c = k0 + lane + 32 * i;
-                kt_next[i] = c < nk ? mask_log2(a.mask, mbase, 0, c) : 0.0f;
+                for (int i = 0; i < BC / 32; ++i) {
+                    kr_next[i] = 1u;  // past nk: attends (a zero term; those columns are -inf already)
+                    if (k0 + lane + 32 * i < nk) kr_next[i] = *reinterpret_cast<const uint8_t *>(p + i * mstep);
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < BC / 32; ++i) {
+                    kr_next[i] = 0u;
+                    if (k0 + lane + 32 * i < nk) kr_next[i] = *reinterpret_cast<const uint32_t *>(p + i * mstep);
+                }
             }
         };
         if constexpr (MK == MK_KEY) read_terms(0);
@@ -208,10 +223,10 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             constexpr bool FIRST = decltype(first)::value;
             const int jg = jbase + j;
             const int k0 = j * BC, s = jg % STAGES, sp = (jg + STAGES - 1) % STAGES;
-            float kt[BC / 32];
+            uint32_t kr[BC / 32];
             if constexpr (MK == MK_KEY) {
 #pragma unroll
-                for (int i = 0; i < BC / 32; ++i) kt[i] = kt_next[i];
+                for (int i = 0; i < BC / 32; ++i) kr[i] = kr_next[i];
                 if (j + 1 < nkv) read_terms(k0 + BC);
             }
             mbar_wait(full_k(s), (jg / STAGES) & 1);
@@ -254,17 +269,21 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             const int row0 = q0 + wrow0 + (lane >> 2);
             // a key mask (the same for every query) is voted per tile: unmasked tiles run as usual.
             // MK_KEY: the warp's terms of this tile (read during the previous one).
+            float kt[BC / 32];  // MK_KEY: this tile's terms, key k0 + c in lane c % 32's kt[c / 32]
             bool masked = false;
             if constexpr (MK == MK_ANY) {
                 masked = a.mask.q != 0 || !keys_attend<BC>(a.mask, mbase, k0, nk, lane);
-                (void)kt;
+                (void)kt, (void)kr;
             } else if constexpr (MK == MK_KEY) {
                 bool ok = true;
 #pragma unroll
-                for (int i = 0; i < BC / 32; ++i) ok = ok && kt[i] == 0.0f;
+                for (int i = 0; i < BC / 32; ++i) {  // the terms mask_log2 gives, from the raw elements
+                    kt[i] = mbool ? (kr[i] ? 0.0f : -INFINITY) : __uint_as_float(kr[i]) * 1.4426950408889634f;
+                    ok = ok && kt[i] == 0.0f;
+                }
                 masked = !__all_sync(0xffffffffu, ok);
             } else {
-                (void)kt;
+                (void)kt, (void)kr;
             }
             float alpha[1][2];
             if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && (k1 <= tb || k0 >= te))
