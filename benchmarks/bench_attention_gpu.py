@@ -46,6 +46,9 @@ EXTRA_SHAPES = {
     "auraflow_cfg": (2, 12, 256, 264, 4096, True),
     "ideogram4_cfg": (2, 18, 256, 512, 4096, True),
     "d96_cfg": (2, 24, 96, 256, 4096, True),
+    # SD3.5-M CFG at 512 x 512 and 1536 x 1536: other key counts for the D = 64 key-tile choice (d64_key_tile)
+    "sd35m_cfg_512": (2, 24, 64, 333, 1024, False),
+    "sd35m_cfg_1536": (2, 24, 64, 333, 9216, False),
 }
 GAMMA = 1.2
 
@@ -100,8 +103,10 @@ def _methods(shape, op_ok, tc, variants: bool):
     if tc is not None:
         # 0: default (Hopper wgmma on sm_90a; at D = 128 and 64 the warp-specialized kernel, = 10);
         # 6: the mma.sync default; 7..9, 13: cp.async wgmma tilings (13: the default before);
-        # 11, 12: warp-specialized options (D = 128: overlap, no turns; D = 64: overlap, 4 stages)
-        vs = (0, 6, 7, 8, 9, 10, 11, 12, 13, 14) if variants else ((0,) if not op_ok else ())
+        # 11, 12: warp-specialized options (D = 128: overlap, no turns; D = 64: overlap, 4 stages);
+        # 14: one CTA per item; 15, 16: wider key tiles (D = 128: 160 persistent, 192 one CTA per item;
+        # D = 64: 192 / 160 persistent)
+        vs = (0, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16) if variants else ((0,) if not op_ok else ())
         for var in vs:
             m[f"taca_ctypes_v{var}"] = (lambda q, k, v, var=var: tc.fwd(
                 q, k, v, text_len=L, text_first=tf, gamma=gamma, layout="bhnd", variant=var)[0], False)

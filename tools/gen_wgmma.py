@@ -9,6 +9,8 @@ column tiles per warp), transpose flags as template immediates. Writing these by
 operand lists; generating them keeps them uniform.
 """
 NS = (64, 128)
+# Wider S = Q K^T products for the forward's benchmark key tiles (WsCfg's BC): SS, A and B K-major only.
+NS_S_ONLY = (160, 192, 256)
 # Only forms the kernels use and tests/cuda_harness/wgmma_check.cu validates: A K-major (TA = 0),
 # B K-major or N-major for SS; B N-major for RS. Add others here together with a check case.
 # (An M-major A, TA = 1, was generated and checked for a dK = dS'^T Q read from shared memory,
@@ -24,7 +26,8 @@ HEAD = r'''/*
  *   wgmma_ss<T, N, TA, TB>(d, desc_a, desc_b, acc): D(64xN, f32) (+)= A(64x16, smem) B(16xN, smem)
  *   wgmma_rs<T, N, TB>(d, a, desc_b, acc):          D(64xN, f32) (+)= A(64x16, registers) B(16xN)
  * acc = 0 overwrites D. TB = 1 selects the N-major B shared-memory layout (16-bit types only);
- * generated: N in {64, 128}, SS with TA = 0 and TB = 0 / 1, RS with TB = 1 (tools/gen_wgmma.py). Every call must sit between wgmma_fence() and wgmma_commit(); results
+ * generated: N in {64, 128}, SS with TA = 0 and TB = 0 / 1, RS with TB = 1; N in {160, 192, 256}, SS with TA = TB = 0
+ * (tools/gen_wgmma.py). Every call must sit between wgmma_fence() and wgmma_commit(); results
  * are readable after wgmma_wait<k>(). On other targets the bodies compile to a trap.
  */
 #ifndef TACA_WGMMA_CUH_
@@ -81,11 +84,11 @@ def regs(n0, cnt):
 def gen():
     out = [HEAD]
     for T, ptx in DTYPES:
-        for N in NS:
+        for N in NS + NS_S_ONLY:
             R = N // 2
             dops = ", ".join(f'"+f"(d[{i}])' for i in range(R))
             TA = 0  # A K-major only (SS_TB's comment)
-            for TB in SS_TB:
+            for TB in (SS_TB if N in NS else (0,)):
                 out.append(f"""template <>
 __device__ __forceinline__ void wgmma_ss<{T}, {N}, {TA}, {TB}>(float *d, uint64_t da, uint64_t db, int acc) {{
 #if TACA_SM90A
@@ -101,7 +104,7 @@ __device__ __forceinline__ void wgmma_ss<{T}, {N}, {TA}, {TB}>(float *d, uint64_
 #endif
 }}
 """)
-            for TB in RS_TB:
+            for TB in (RS_TB if N in NS else ()):
                 out.append(f"""template <>
 __device__ __forceinline__ void wgmma_rs<{T}, {N}, {TB}>(float *d, const uint32_t *a, uint64_t db, int acc) {{
 #if TACA_SM90A

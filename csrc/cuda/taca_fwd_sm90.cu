@@ -345,6 +345,21 @@ static inline bool mask_elem() {
     return mk && !strcmp(mk, "elem");
 }
 
+/* D = 64 default: the key tile (128, 160 or 192 keys) with the least work by a tile count model, keys rounded up to
+ * whole tiles plus a per-tile cost of 27 keys' worth: fitted on the H200 at SD3.5-M CFG 1536 x 1536 (9549 keys; the
+ * three tile sizes cover the same 9600 keys there; 192-key tiles 5.7% and 160-key ones 2.5% faster than 128-key
+ * ones, KERNEL_LOG seventeenth session). It also ranks SD3.5 CFG at 1024 x 1024 (4429 keys) as measured: 160 best
+ * (-1.0% / -1.5% against 128), 192 +0.4..1.0%. Ties keep the smaller tile. Returns the tile's key count. */
+static inline int d64_key_tile(int nk) {
+    int best = 128;
+    int64_t cost = (int64_t)((nk + 127) / 128) * (128 + 27);
+    for (int bc : {160, 192}) {
+        const int64_t c = (int64_t)((nk + bc - 1) / bc) * (bc + 27);
+        if (c < cost) cost = c, best = bc;
+    }
+    return best;
+}
+
 /* variant 0 is the default; the others are alternatives kept selectable for the benchmark
  * (taca_fwd_cuda_variant). D = 128: 0 (= 10): warp-specialized (taca_fwd_sm90_ws.cuh: TMA
  * producer warpgroup, two consumer warpgroups taking turns, 128-key tiles, 2 stages);
@@ -358,10 +373,13 @@ static inline bool mask_elem() {
  * stages (10..12 fall back to 13 where a TMA map cannot be encoded); 13: this file's kernel,
  * 64-key tiles, 3 stages (the default before); 7: overlap, 64-key tiles, 4 stages; 8: overlap,
  * 128-key tiles, 3 stages; 9: overlap, 3 warpgroups (192-row CTAs), 64-key tiles, 4 stages.
- * Both D: the default (0 = 10, and the FEAT instance) is the warp-specialized kernel PERSISTENT
+ * Both D: the default (0 = 10 at D = 128; at D = 64, 0 is 10, 15 or 16 by d64_key_tile; the FEAT instance) is the
+ * warp-specialized kernel PERSISTENT
  * (one CTA per SM over the (query tile, head, batch) items, two Q buffers: the next item's loads
  * overlap this one's last products and epilogue); 14 is it with one CTA per item (the default
- * before). */
+ * before). Wider key tiles (WsCfg's BC): D = 128, 15: the default with 160-key tiles (shared memory
+ * allows no more with two Q buffers), 16: 192-key tiles, one CTA per item; D = 64, 15 / 16: the
+ * default with 192- / 160-key tiles (256 keys made ptxas serialize the wgmmas for registers). */
 template <typename T, int D>
 int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
     if (a.spans || a.mask.data) {  // per-sample spans or a mask: the default tiling's FEAT instance
@@ -388,6 +406,8 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
             const int st = variant == 11   ? launch_ws<T, WsCfg<2, true, true>>(a, batch, heads, stream)
                            : variant == 12 ? launch_ws<T, WsCfg<2, false, false>>(a, batch, heads, stream)
                            : variant == 14 ? launch_ws<T, WsCfg<2, false, true>>(a, batch, heads, stream)
+                           : variant == 15 ? launch_ws<T, WsCfg<2, false, true, 128, true, 160>>(a, batch, heads, stream)
+                           : variant == 16 ? launch_ws<T, WsCfg<2, false, true, 128, false, 192>>(a, batch, heads, stream)
                                            : launch_ws<T, WsCfg<2, false, true, 128, true>>(a, batch, heads, stream);
             if (st != TACA_ERR_UNSUPPORTED) return st;
             return launch<T, Cfg<128, 128, 2, 2, false>>(a, batch, heads, stream);  // no TMA map
@@ -403,6 +423,10 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
             const int st = variant == 11   ? launch_ws<T, WsCfg<2, true, true, 64>>(a, batch, heads, stream)
                            : variant == 12 ? launch_ws<T, WsCfg<4, false, true, 64>>(a, batch, heads, stream)
                            : variant == 14 ? launch_ws<T, WsCfg<2, false, true, 64>>(a, batch, heads, stream)
+                           : variant == 15 || (variant == 0 && d64_key_tile(a.nk) == 192)
+                                           ? launch_ws<T, WsCfg<2, false, true, 64, true, 192>>(a, batch, heads, stream)
+                           : variant == 16 || (variant == 0 && d64_key_tile(a.nk) == 160)
+                                           ? launch_ws<T, WsCfg<2, false, true, 64, true, 160>>(a, batch, heads, stream)
                                            : launch_ws<T, WsCfg<2, false, true, 64, true>>(a, batch, heads, stream);
             if (st != TACA_ERR_UNSUPPORTED) return st;
             return launch<T, Cfg<64, 64, 2, 3, false>>(a, batch, heads, stream);  // no TMA map

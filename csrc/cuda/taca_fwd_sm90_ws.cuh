@@ -33,9 +33,11 @@
 
 namespace taca_fwd90 {
 
-template <int STAGES_, bool OVERLAP_, bool PINGPONG_, int DP_ = 128, bool PERSIST_ = false>
+template <int STAGES_, bool OVERLAP_, bool PINGPONG_, int DP_ = 128, bool PERSIST_ = false, int BC_ = 128>
 struct WsCfg {
-    static constexpr int DP = DP_, BC = 128, BR = 128, STAGES = STAGES_;  // DP: 128 or 64
+    // DP: 128 or 64. BC: keys per tile (128 in the defaults; 160 / 192 / 256 are benchmark variants, FA3 takes 176
+    // at D = 128): fewer tiles amortize each tile's softmax bookkeeping and turn hand-offs over more products.
+    static constexpr int DP = DP_, BC = BC_, BR = 128, STAGES = STAGES_;
     // OVERLAP: softmax of S_j starts once S_j landed, while P_{j-1} V_{j-1} still runs (FA3's
     // intra-warpgroup overlap); O is rescaled after that product landed.
     static constexpr bool OVERLAP = OVERLAP_;
@@ -50,6 +52,7 @@ struct WsCfg {
     static constexpr uint32_t KV_BYTES = BC * DP * 2;
     static constexpr size_t SMEM = NQBUF * Q_BYTES + 2 * STAGES * KV_BYTES + 1024;  // + alignment slack
     static_assert(DP == 64 || DP == 128, "head dim");
+    static_assert(BC % 32 == 0 && BC <= 256, "key tile: a multiple of 32 keys (the key-mask terms), at most 256");
     static_assert(SMEM <= 232448, "shared memory");
 };
 

@@ -10,6 +10,8 @@
  *   the backward's dV and dK form; SS was a one-warpgroup dQ's (dropped, KERNEL_LOG) and stays as
  *   the check of that generated form (computed in a loop with RS: both at once made ptxas
  *   serialize this harness's wgmmas for registers)
+ *   S (64 x N) = Q K^T for N = 160, 192, 256 (the forward's wider benchmark key tiles, WsCfg's BC), one
+ *   instruction per k-step, K's N rows swizzled as the kernel's TMA boxes lay them out
  *   S^T stored by store_block_trans (stmatrix .trans, taca_bwd_sm90.cuh) from the packed S
  *   fragments into a K-major tile (128 rows x 64): the backward's dS^T -> dS; exact match
  * for D = 64 and 128, against float64 products on the host of the same bf16 values.
@@ -157,6 +159,36 @@ __global__ void __launch_bounds__(128, 1) check_kernel(const bf *q, const bf *k,
 #endif
 }
 
+/* S (64 x N) = Q K^T with one m64nNk16 per k-step: N rows of K in 64-column blocks of N x 128 bytes. */
+template <int D, int N>
+__global__ void __launch_bounds__(128, 1) check_s_wide(const bf *q, const bf *k, float *s_out) {
+#if TACA_SM90A
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const uint32_t sq = (smem_u32(smem_raw) + 1023u) & ~1023u, sk = sq + 64 * D * 2;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    load_tile_sw128<bf, 64, D, 128>(sq, q, D, 0, 64, D, tid);
+    load_tile_sw128<bf, N, D, 128>(sk, k, D, 0, N, D, tid);
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+    float s[N / 2];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+        wgmma_ss<bf, N, 0, 0>(s, desc_sw128(sq + (kk >> 2) * 64 * 128 + (kk & 3) * 32),
+                              desc_sw128(sk + (kk >> 2) * N * 128 + (kk & 3) * 32), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs<N / 2>(s);
+    for (int nt = 0; nt < N / 8; ++nt)
+        for (int e = 0; e < 4; ++e) {
+            const int row = warp * 16 + (lane >> 2) + (e >> 1) * 8, col = nt * 8 + (lane & 3) * 2 + (e & 1);
+            s_out[row * N + col] = s[nt * 4 + e];
+        }
+#endif
+}
+
 #define CK(x)                                                                          \
     do {                                                                               \
         cudaError_t e_ = (x);                                                          \
@@ -239,8 +271,42 @@ bool run() {
     return ok;
 }
 
+template <int D, int N>
+bool run_wide() {
+    std::vector<bf> hq(64 * D), hk(N * D);
+    std::vector<float> fq(64 * D), fk(N * D), s(64 * N);
+    srand(99 + D + N);
+    for (size_t i = 0; i < hq.size(); ++i) fq[i] = __bfloat162float(hq[i] = __float2bfloat16((float)rand() / RAND_MAX * 2.0f - 1.0f));
+    for (size_t i = 0; i < hk.size(); ++i) fk[i] = __bfloat162float(hk[i] = __float2bfloat16((float)rand() / RAND_MAX * 2.0f - 1.0f));
+    bf *dq, *dk;
+    float *ds;
+    CK(cudaMalloc(&dq, hq.size() * 2)); CK(cudaMalloc(&dk, hk.size() * 2)); CK(cudaMalloc(&ds, s.size() * 4));
+    CK(cudaMemcpy(dq, hq.data(), hq.size() * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dk, hk.data(), hk.size() * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemset(ds, 0xff, s.size() * 4));
+    const int smem = (64 + N) * D * 2 + 1024;
+    CK(cudaFuncSetAttribute(check_s_wide<D, N>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    check_s_wide<D, N><<<1, 128, smem>>>(dq, dk, ds);
+    CK(cudaGetLastError());
+    CK(cudaDeviceSynchronize());
+    CK(cudaMemcpy(s.data(), ds, s.size() * 4, cudaMemcpyDeviceToHost));
+    double es = 0;
+    for (int i = 0; i < 64; ++i)
+        for (int j = 0; j < N; ++j) {
+            double r = 0;
+            for (int c = 0; c < D; ++c) r += (double)fq[i * D + c] * fk[j * D + c];
+            const double e = fabs(r - s[i * N + j]);
+            es = (e == e && es == es) ? fmax(es, e) : NAN;
+        }
+    const bool ok = es < 1e-3;
+    printf("wgmma_check D=%d: S=QK^T m64n%dk16 max err %.3g: %s\n", D, N, es, ok ? "ok" : "WRONG");
+    cudaFree(dq); cudaFree(dk); cudaFree(ds);
+    return ok;
+}
+
 int main() {
-    const bool ok = run<64>() & run<128>();
+    bool ok = run<64>() & run<128>();
+    ok &= run_wide<64, 192>() & run_wide<64, 256>() & run_wide<128, 160>() & run_wide<128, 192>();
     printf("wgmma_check: %s\n", ok ? "PASS" : "FAIL");
     return ok ? 0 : 1;
 }
