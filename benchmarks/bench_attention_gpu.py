@@ -46,9 +46,11 @@ EXTRA_SHAPES = {
     "auraflow_cfg": (2, 12, 256, 264, 4096, True),
     "ideogram4_cfg": (2, 18, 256, 512, 4096, True),
     "d96_cfg": (2, 24, 96, 256, 4096, True),
-    # SD3.5-M CFG at 512 x 512 and 1536 x 1536: other key counts for the D = 64 key-tile choice (d64_key_tile)
+    # SD3.5-M CFG at other resolutions: other key counts for the D = 64 key-tile choice (d64_key_tile)
     "sd35m_cfg_512": (2, 24, 64, 333, 1024, False),
+    "sd35m_cfg_768": (2, 24, 64, 333, 2304, False),
     "sd35m_cfg_1536": (2, 24, 64, 333, 9216, False),
+    "sd35m_cfg_2048": (2, 24, 64, 333, 16384, False),
 }
 GAMMA = 1.2
 
