@@ -4,7 +4,7 @@
 # probes), the Hopper backward per kernel (v5 / v6, deterministic or not), fwd+bwd against cuDNN.
 # Env: QUICK=1 (short timing windows, three shapes) or the full table of every PERFORMANCE.md shape;
 # TRAIN=1 adds the FLUX.1-dev-sized LoRA training step (stock attention vs taca, batch 1 and 4);
-# VARIANTS=1 the forward's variants 10 (the persistent default) and 14 (one CTA per item) in one process;
+# VARIANTS=1 the forward's variants 0, 10 (persistent), 14 (one CTA per item), 15 / 16 (wider key tiles) in one process;
 # BREAKDOWN=0 skips the per-kernel times of a fwd + bwd iteration (taca vs cuDNN, bwd_breakdown.py; BREAKDOWN_SHAPES
 # picks its shapes, default flux1024_b1,sd35m_cfg); PIPELINE=1 adds the FLUX.1-dev-sized transformer call and 28-step
 # schedule, stock and TACA interleaved (bench_pipeline.py). TRAIN=1 PIPELINE=1 re-measures both end-to-end numbers
@@ -30,10 +30,11 @@ if [ "${QUICK:-0}" = 1 ]; then
 else
   python3 benchmarks/bench_attention_gpu.py --methods "taca|split" --out "$OUT" --tag verify 2>&1 | grep -v "^$" > "$OUT/bench.txt"; grep "^|" "$OUT/bench.txt" | grep -v plain_eff
 fi
-if [ "${VARIANTS:-0}" = 1 ]; then  # forward variants in one process: 10 (= the default) vs 14 (one CTA per item)
-  python3 benchmarks/bench_attention_gpu.py --quick --no-bwd --variants --methods "taca_ctypes_v(10|14)$" \
-    --shapes flux1024_b1,flux1024_b2,sd35m_cfg,sd35l_cfg,flux2048_b1 --out "$OUT" --tag variants 2>&1 \
-    | grep "^|" | grep -E "ctypes|cudnn" | grep -v plain_eff
+if [ "${VARIANTS:-0}" = 1 ]; then  # forward variants in one process: 0 (the default), 10 (persistent, 128-key tiles),
+  # 14 (one CTA per item), 15 / 16 (wider key tiles; at D = 64 the default picks 10, 15 or 16 by key count)
+  python3 benchmarks/bench_attention_gpu.py --quick --no-bwd --variants --methods "taca_ctypes_v(0|10|14|15|16)$" \
+    --shapes flux1024_b1,flux1024_b2,sd35m_cfg,sd35l_cfg,flux2048_b1,sd35m_cfg_768,sd35m_cfg_1536,sd35m_cfg_2048 \
+    --out "$OUT" --tag variants 2>&1 | grep "^|" | grep -E "ctypes|cudnn" | grep -v plain_eff
 fi
 if [ "${BREAKDOWN:-1}" = 1 ]; then  # per-kernel device times against cuDNN (bwd_breakdown.py, about 30 s)
   timeout 150 python3 benchmarks/bwd_breakdown.py --shapes "${BREAKDOWN_SHAPES:-flux1024_b1,sd35m_cfg}" --out "$OUT" \
