@@ -35,8 +35,9 @@ namespace taca_fwd90 {
 
 template <int STAGES_, bool OVERLAP_, bool PINGPONG_, int DP_ = 128, bool PERSIST_ = false, int BC_ = 128>
 struct WsCfg {
-    // DP: 128 or 64. BC: keys per tile (128 in the defaults; 160 / 192 / 256 are benchmark variants, FA3 takes 176
-    // at D = 128): fewer tiles amortize each tile's softmax bookkeeping and turn hand-offs over more products.
+    // DP: 128 or 64. BC: keys per tile: 128 at D = 128 and in the FEAT instances; the D = 64 default picks 128, 160 or
+    // 192 by key count (d64_key_tile, taca_fwd_sm90.cu); fewer tiles amortize each tile's softmax bookkeeping and
+    // turn hand-offs over more products (FA3 takes 176 at D = 128; here wider tiles were slower on FLUX, KERNEL_LOG).
     static constexpr int DP = DP_, BC = BC_, BR = 128, STAGES = STAGES_;
     // OVERLAP: softmax of S_j starts once S_j landed, while P_{j-1} V_{j-1} still runs (FA3's
     // intra-warpgroup overlap); O is rescaled after that product landed.
