@@ -340,7 +340,7 @@ namespace taca_fwd90 {
 
 /* TACA_FWD_MASK=elem: a key mask by the per-element path (MK_ANY) instead of per-tile terms (a timing switch:
  * the same outputs bitwise). */
-static inline bool mask_elem() {
+[[maybe_unused]] static inline bool mask_elem() {
     const char *mk = getenv("TACA_FWD_MASK");
     return mk && !strcmp(mk, "elem");
 }
@@ -350,7 +350,7 @@ static inline bool mask_elem() {
  * three tile sizes cover the same 9600 keys there; 192-key tiles 5.7% and 160-key ones 2.5% faster than 128-key
  * ones, KERNEL_LOG seventeenth session). It also ranks SD3.5 CFG at 1024 x 1024 (4429 keys) as measured: 160 best
  * (-1.0% / -1.5% against 128), 192 +0.4..1.0%. Ties keep the smaller tile. Returns the tile's key count. */
-static inline int d64_key_tile(int nk) {
+[[maybe_unused]] static inline int d64_key_tile(int nk) {
     int best = 128;
     int64_t cost = (int64_t)((nk + 127) / 128) * (128 + 27);
     for (int bc : {160, 192}) {
