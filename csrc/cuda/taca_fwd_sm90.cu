@@ -420,13 +420,13 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
         case 9: return launch<T, Cfg<64, 64, 3, 4, true>>(a, batch, heads, stream);
         case 13: return launch<T, Cfg<64, 64, 2, 3, false>>(a, batch, heads, stream);
         default: {
+            // the persistent kernel's key tile: 0 by key count, 15 / 16: 192 / 160 keys, 10: 128
+            const int bc = variant == 0 ? d64_key_tile(a.nk) : variant == 15 ? 192 : variant == 16 ? 160 : 128;
             const int st = variant == 11   ? launch_ws<T, WsCfg<2, true, true, 64>>(a, batch, heads, stream)
                            : variant == 12 ? launch_ws<T, WsCfg<4, false, true, 64>>(a, batch, heads, stream)
                            : variant == 14 ? launch_ws<T, WsCfg<2, false, true, 64>>(a, batch, heads, stream)
-                           : variant == 15 || (variant == 0 && d64_key_tile(a.nk) == 192)
-                                           ? launch_ws<T, WsCfg<2, false, true, 64, true, 192>>(a, batch, heads, stream)
-                           : variant == 16 || (variant == 0 && d64_key_tile(a.nk) == 160)
-                                           ? launch_ws<T, WsCfg<2, false, true, 64, true, 160>>(a, batch, heads, stream)
+                           : bc == 192     ? launch_ws<T, WsCfg<2, false, true, 64, true, 192>>(a, batch, heads, stream)
+                           : bc == 160     ? launch_ws<T, WsCfg<2, false, true, 64, true, 160>>(a, batch, heads, stream)
                                            : launch_ws<T, WsCfg<2, false, true, 64, true>>(a, batch, heads, stream);
             if (st != TACA_ERR_UNSUPPORTED) return st;
             return launch<T, Cfg<64, 64, 2, 3, false>>(a, batch, heads, stream);  // no TMA map
