@@ -122,7 +122,7 @@ enum { TILE_VIS = 0, TILE_TXT = 1, TILE_MIXED = 2 };
 /* Scale S by the TACA multiplier, mask keys >= n (n = N_k), add the key mask (mixed tiles
  * only: the callers send every tile of a masked call there; row0 = this lane's first query row,
  * rows mt * 16 + hf * 8 after it, rows >= nq are padding; MASKED only; or, KEYT, a key mask's terms of the
- * 128-key tile, key k0 + c held by lane c % 32 in kt[c / 32], shuffled to the lanes whose columns they are),
+ * tile in shared memory, key k0 + c at kt[c]),
  * update the running max / row sum /
  * text sum, leave P (unnormalized, base 2) in s and the rescale factor of O in alpha_out; with
  * SCALE_O, also rescale O here (otherwise the caller does, e.g. once an in-flight P V product
@@ -135,7 +135,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[MT][NT][4], float (&o)[M
                                              int te, int lane, float (&alpha_out)[MT][2],
                                              const MaskArgs &mask, int64_t mbase, int row0, int nq,
                                              const float *kt = nullptr) {
-    static_assert(!KEYT || (KIND == TILE_MIXED && !MASKED && NT == 16), "key terms: mixed 128-key tiles");
+    static_assert(!KEYT || (KIND == TILE_MIXED && !MASKED), "key terms: mixed tiles");
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -154,8 +154,8 @@ __device__ __forceinline__ void softmax_tile(float (&s)[MT][NT][4], float (&o)[M
                         const int col = k0 + nt * 8 + (lane & 3) * 2 + e;
                         const bool ct = col >= tb && col < te;
                         x = col < n ? x * (ct ? mul_txt[mt][hf] : mul_vis[mt][hf]) : -INFINITY;
-                        if constexpr (KEYT)  // key col - k0 = nt * 8 + ..: lane (col - k0) % 32 holds its term
-                            x += __shfl_sync(0xffffffffu, kt[nt >> 2], (nt * 8 + (lane & 3) * 2 + e) & 31);
+                        if constexpr (KEYT)  // the tile's terms (shared memory), key col at kt[col - k0]
+                            x += kt[nt * 8 + (lane & 3) * 2 + e];
                         const int row = row0 + mt * 16 + hf * 8;
                         if constexpr (MASKED) {
                             if (mask.data && col < n && row < nq) x += mask_log2(mask, mbase, row, col);

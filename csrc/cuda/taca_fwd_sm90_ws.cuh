@@ -52,6 +52,9 @@ struct WsCfg {
     static constexpr uint32_t Q_BYTES = BR * DP * 2;
     static constexpr uint32_t KV_BYTES = BC * DP * 2;
     static constexpr size_t SMEM = NQBUF * Q_BYTES + 2 * STAGES * KV_BYTES + 1024;  // + alignment slack
+    // MK_KEY: 2 x STAGES slots of a key tile's mask terms (BC floats) and its "every key attends" flag
+    static constexpr int KT_SLOTS = 2 * STAGES;
+    static constexpr size_t KT_BYTES = KT_SLOTS * (BC * 4 + 16);
     static_assert(DP == 64 || DP == 128, "head dim");
     static_assert(BC % 32 == 0 && BC <= 256, "key tile: a multiple of 32 keys (the key-mask terms), at most 256");
     static_assert(SMEM <= 232448, "shared memory");
@@ -89,6 +92,9 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
     unsigned char *const smem = smem_raw + (sq - raw);
     const uint32_t sk = sq + C::NQBUF * C::Q_BYTES;  // STAGES K buffers
     const uint32_t sv = sk + STAGES * C::KV_BYTES;   // STAGES V buffers
+    // MK_KEY: KT_SLOTS x BC key terms, then KT_SLOTS flags (dynamic shared memory past the V buffers)
+    float *const kterm = reinterpret_cast<float *>(smem + (sv + STAGES * C::KV_BYTES - sq));
+    int *const kflag = reinterpret_cast<int *>(kterm + C::KT_SLOTS * BC);
     const uint32_t bar0 = smem_u32(&bars[0]);
     auto full_q = [&](int qb) { return bar0 + 8u * qb; };
     auto empty_q = [&](int qb) { return bar0 + 8u * (C::NQBUF + qb); };
@@ -134,6 +140,82 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
 
     if (wg == 0) {
         setmaxnreg_dec<24>();
+        if constexpr (MK == MK_KEY) {
+            // The producer warp reads a key mask: for each K tile, every lane converts the terms of keys k0 + lane
+            // + 32 i, stores them in the tile's slot (jg % KT_SLOTS) and the warp votes whether every key attends;
+            // lane 0 stores the flag and only then issues the tile's K load, so the full_k barrier that the
+            // consumers wait on also publishes the slot. Slot jg was last read in tile jg - KT_SLOTS's softmax,
+            // which every consumer finished before releasing K tile jg - STAGES (waited on here first).
+            // The raw elements (bool bytes or float bits) of tile j + 1 are loaded right after tile j's K / V loads
+            // were issued and converted only when tile j + 1's slot is written: no K load waits on a mask load
+            // (the form that loaded them just before each K load ran 3-4% slower, KERNEL_LOG seventeenth session).
+            if (tid < 32) {
+                const int lane = tid;
+                if (lane == 0) {
+                    tma_prefetch_desc(&p.tq);
+                    tma_prefetch_desc(&p.tk);
+                    tma_prefetch_desc(&p.tv);
+                }
+                const bool mbool = a.mask.kind == TACA_MASK_BOOL;
+                const int64_t mesz = mbool ? 1 : 4, mstep = (int64_t)32 * a.mask.k * mesz;  // key c -> c + 32
+                uint32_t kr[BC / 32];
+                auto read_raw = [&](const char *pl, int k0) {  // pl: this lane's element of key k0 + lane
+                    if (mbool) {
+#pragma unroll
+                        for (int i2 = 0; i2 < BC / 32; ++i2) {
+                            kr[i2] = 1u;  // past nk: attends (a zero term; those columns are -inf already)
+                            if (k0 + lane + 32 * i2 < nk) kr[i2] = *reinterpret_cast<const uint8_t *>(pl + i2 * mstep);
+                        }
+                    } else {
+#pragma unroll
+                        for (int i2 = 0; i2 < BC / 32; ++i2) {
+                            kr[i2] = 0u;
+                            if (k0 + lane + 32 * i2 < nk) kr[i2] = *reinterpret_cast<const uint32_t *>(pl + i2 * mstep);
+                        }
+                    }
+                };
+                int jg = 0;
+                for (int w = w0, i = 0; w < wend; w += wstep, ++i) {
+                    int qt, h, b;
+                    decode(w, qt, h, b);
+                    const int q0 = qt * BR, hk = h / a.group, qb = i % C::NQBUF;
+                    const char *const mlane = static_cast<const char *>(a.mask.data) +
+                                              ((int64_t)b * a.mask.b + (int64_t)h * a.mask.h + (int64_t)lane * a.mask.k) * mesz;
+                    read_raw(mlane, 0);  // lands during the Q buffer's wait
+                    if (lane == 0) {
+                        if (PER && i >= C::NQBUF) mbar_wait(empty_q(qb), ((i / C::NQBUF) - 1) & 1);
+                        mbar_arrive_expect_tx(full_q(qb), C::Q_BYTES);
+                        tma_load_tile<DP, BR>(sq + qb * C::Q_BYTES, &p.tq, p.pos_q, full_q(qb), q0, h, b);
+                    }
+                    for (int j = 0; j < nkv; ++j, ++jg) {
+                        const int s = jg % STAGES, r = jg / STAGES, row = j * BC;
+                        const uint32_t off = s * C::KV_BYTES;
+                        if (r > 0) mbar_wait(empty_k(s), (r - 1) & 1);  // every lane: the slot is free
+                        float *const kt = kterm + (jg % C::KT_SLOTS) * BC;
+                        bool ok = true;
+#pragma unroll
+                        for (int i2 = 0; i2 < BC / 32; ++i2) {  // the terms mask_log2 gives, from the raw elements
+                            const float t = mbool ? (kr[i2] ? 0.0f : -INFINITY) : __uint_as_float(kr[i2]) * 1.4426950408889634f;
+                            kt[lane + 32 * i2] = t;
+                            ok = ok && t == 0.0f;
+                        }
+                        ok = __all_sync(0xffffffffu, ok);
+                        __syncwarp();  // the lanes' stores ordered before lane 0's arrive below
+                        if (lane == 0) {
+                            kflag[jg % C::KT_SLOTS] = ok;
+                            mbar_arrive_expect_tx(full_k(s), C::KV_BYTES);  // also releases the slot's stores
+                            tma_load_tile<DP, BC>(sk + off, &p.tk, p.pos_k, full_k(s), row, hk, b);
+                            if (r > 0) mbar_wait(empty_v(s), (r - 1) & 1);
+                            mbar_arrive_expect_tx(full_v(s), C::KV_BYTES);
+                            tma_load_tile<DP, BC>(sv + off, &p.tv, p.pos_v, full_v(s), row, hk, b);
+                        }
+                        if (j + 1 < nkv) read_raw(mlane + (int64_t)(row + BC) * a.mask.k * mesz, row + BC);
+                        __syncwarp();
+                    }
+                }
+            }
+            return;
+        }
         if (tid == 0) {
             tma_prefetch_desc(&p.tq);
             tma_prefetch_desc(&p.tk);
@@ -193,46 +275,13 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
         mbar_wait(full_q(qb), (i / C::NQBUF) & 1);
         if (C::PINGPONG && c == 1) named_bar_arrive(BAR_TURN + 0, 256);  // consumer 0 takes the first turn
         uint32_t pa[BC / 16][4];  // P of the previous tile, A operand of its P V product
-        // MK_KEY: a key mask's raw elements of a tile (bool bytes or float bits), key k0 + c in lane c % 32's
-        // [c / 32], read one tile ahead and converted to terms (kt) only in the next tile: the loads land
-        // during a tile's products. Addresses: a per-lane pointer, advanced per tile; the element kind is a
-        // uniform branch per tile, not one per load.
         const int64_t mbase = MK ? (int64_t)b * a.mask.b + (int64_t)h * a.mask.h : 0;
-        const bool mbool = a.mask.kind == TACA_MASK_BOOL;
-        const int64_t mesz = mbool ? 1 : 4;
-        const char *mlane = MK == MK_KEY ? static_cast<const char *>(a.mask.data) + (mbase + (int64_t)lane * a.mask.k) * mesz
-                                         : nullptr;
-        const int64_t mstep = (int64_t)32 * a.mask.k * mesz;  // bytes from key c to key c + 32
-        uint32_t kr_next[BC / 32];
-        auto read_terms = [&](int k0) {
-            const char *p = mlane + (int64_t)k0 * a.mask.k * mesz;
-            if (mbool) {
-#pragma unroll
-                for (int i = 0; i < BC / 32; ++i) {
-                    kr_next[i] = 1u;  // past nk: attends (a zero term; those columns are -inf already)
-                    if (k0 + lane + 32 * i < nk) kr_next[i] = *reinterpret_cast<const uint8_t *>(p + i * mstep);
-                }
-            } else {
-#pragma unroll
-                for (int i = 0; i < BC / 32; ++i) {
-                    kr_next[i] = 0u;
-                    if (k0 + lane + 32 * i < nk) kr_next[i] = *reinterpret_cast<const uint32_t *>(p + i * mstep);
-                }
-            }
-        };
-        if constexpr (MK == MK_KEY) read_terms(0);
         // One key tile j (ring position jbase + j); FIRST (tile 0) has no previous P V. Two instances so
         // no wgmma is issued on a branch (ptxas serializes wgmma around divergent issue).
         auto tile = [&](const int j, auto first) {
             constexpr bool FIRST = decltype(first)::value;
             const int jg = jbase + j;
             const int k0 = j * BC, s = jg % STAGES, sp = (jg + STAGES - 1) % STAGES;
-            uint32_t kr[BC / 32];
-            if constexpr (MK == MK_KEY) {
-#pragma unroll
-                for (int i = 0; i < BC / 32; ++i) kr[i] = kr_next[i];
-                if (j + 1 < nkv) read_terms(k0 + BC);
-            }
             mbar_wait(full_k(s), (jg / STAGES) & 1);
             if (!FIRST) mbar_wait(full_v(sp), ((jg - 1) / STAGES) & 1);
             if (C::PINGPONG) named_bar_sync(BAR_TURN + c, 256);
@@ -272,22 +321,13 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             const int k1 = k0 + BC;
             const int row0 = q0 + wrow0 + (lane >> 2);
             // a key mask (the same for every query) is voted per tile: unmasked tiles run as usual.
-            // MK_KEY: the warp's terms of this tile (read during the previous one).
-            float kt[BC / 32];  // MK_KEY: this tile's terms, key k0 + c in lane c % 32's kt[c / 32]
+            // MK_KEY: the producer's vote and terms of this tile (its slot, published with full_k).
+            const float *kt = MK == MK_KEY ? kterm + (jg % C::KT_SLOTS) * BC : nullptr;
             bool masked = false;
             if constexpr (MK == MK_ANY) {
                 masked = a.mask.q != 0 || !keys_attend<BC>(a.mask, mbase, k0, nk, lane);
-                (void)kt, (void)kr;
             } else if constexpr (MK == MK_KEY) {
-                bool ok = true;
-#pragma unroll
-                for (int i = 0; i < BC / 32; ++i) {  // the terms mask_log2 gives, from the raw elements
-                    kt[i] = mbool ? (kr[i] ? 0.0f : -INFINITY) : __uint_as_float(kr[i]) * 1.4426950408889634f;
-                    ok = ok && kt[i] == 0.0f;
-                }
-                masked = !__all_sync(0xffffffffu, ok);
-            } else {
-                (void)kt, (void)kr;
+                masked = !kflag[jg % C::KT_SLOTS];
             }
             float alpha[1][2];
             if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && (k1 <= tb || k0 >= te))
@@ -371,7 +411,8 @@ int launch_ws(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
         !encode_map<T>(&p.tk, p.pos_k, a.k, a.kn, a.kh, a.kb, a.nk, heads / a.group, batch, a.d, C::BC) ||
         !encode_map<T>(&p.tv, p.pos_v, a.v, a.vn, a.vh, a.vb, a.nk, heads / a.group, batch, a.d, C::BC))
         return TACA_ERR_UNSUPPORTED;
-    TACA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM),
+    const size_t smem = C::SMEM + (MK == MK_KEY ? C::KT_BYTES : 0);
+    TACA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                   "taca_fwd_cuda (sm90 ws): cudaFuncSetAttribute");
     const int64_t nqt = (a.n + C::BR - 1) / C::BR, items = nqt * heads * batch;
     if (C::PERSIST) {
@@ -381,10 +422,10 @@ int launch_ws(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
         if (st != TACA_OK) return st;  // nothing launched yet
         p.heads = heads;
         p.items = static_cast<int>(items);
-        kernel<<<static_cast<unsigned>(items < sms ? items : sms), C::THREADS, C::SMEM, stream>>>(p);
+        kernel<<<static_cast<unsigned>(items < sms ? items : sms), C::THREADS, smem, stream>>>(p);
     } else {
         dim3 grid(static_cast<unsigned>(nqt), heads, batch);
-        kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
+        kernel<<<grid, C::THREADS, smem, stream>>>(p);
     }
     return taca_cuda_check_launch("taca_fwd_cuda (sm90 ws): kernel launch");
 }
