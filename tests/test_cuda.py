@@ -144,6 +144,7 @@ CASES = [
     # B, H, L, n_img, D, text_first, dtype, layout, noncontig
     (1, 2, 512, 4096, 128, True, torch.bfloat16, "bnhd", True),   # FLUX-like
     (2, 2, 333, 4096, 64, False, torch.bfloat16, "bhnd", True),   # SD3-like, diffusers view
+    (1, 2, 200, 1000, 128, True, torch.bfloat16, "bhnd", False),  # boundary mid-tile on an 8-key group
     (2, 3, 77, 1025, 128, True, torch.float16, "bhnd", False),
     (2, 3, 77, 1025, 64, False, torch.float16, "bnhd", False),
     (1, 2, 0, 1025, 64, True, torch.bfloat16, "bhnd", False),
@@ -269,6 +270,10 @@ WS_CASES = [c for c in CASES if c[4] in (64, 128)] + [
     (3, 3, 333, 4096, D, False, torch.bfloat16, "bhnd", True) for D in (64, 128)] + [
     (2, 1, 512, 257, D, True, torch.float16, "bnhd", True) for D in (64, 128)] + [
     (1, 2, 300, 0, 128, False, torch.bfloat16, "bhnd", False),
+] + [
+    # text / image boundary mid-tile on an 8-key group and a ragged last tile (TILE_GROUP) at every key tile
+    (2, 2, 200, 1000, D, tf, dt, lay, nc) for D in (64, 128)
+    for tf, dt, lay, nc in ((True, torch.bfloat16, "bhnd", False), (False, torch.float16, "bnhd", True))
 ]
 
 
@@ -288,23 +293,27 @@ def test_ws_variants_gamma_reverse(variant, D, text_first):
     check_case("ctypes", 2, 2, 77, 1025, D, text_first, torch.bfloat16, gamma_reverse=0.7, variant=variant)
     check_case("ctypes", 1, 2, 333, 97, D, text_first, torch.float16, gamma_reverse=1.5, per_sample=False,
                variant=variant)
+    check_case("ctypes", 2, 2, 200, 1000, D, text_first, torch.bfloat16, gamma_reverse=0.7, variant=variant)
 
 
 @pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
 @pytest.mark.parametrize("scale", [-0.05, 0.0, 0.3])
-def test_scale_sign(scale):
-    # negative / zero scale: uniform key tiles must fall back to the explicit-multiply path
+@pytest.mark.parametrize("L", [77, 80])
+def test_scale_sign(scale, L):
+    # negative / zero scale: uniform key tiles must fall back to the explicit-multiply path; L = 80 puts
+    # the boundary mid-tile on an 8-key group and N = 900 leaves the last tile ragged (TILE_GROUP at scale 0:
+    # the keys past N are -inf times a zero multiplier there)
     q, k, v = (torch.randn(2, 2, 900, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     g = torch.tensor([1.2, 1.5], device="cuda")
-    out, lse, tm = taca_ctypes.fwd(q, k, v, text_len=77, text_first=True, gamma=g, scale=scale)
-    ref, rlse, rtm = reference.attention_ref(q, k, v, text_len=77, gamma=g, scale=scale,
+    out, lse, tm = taca_ctypes.fwd(q, k, v, text_len=L, text_first=True, gamma=g, scale=scale)
+    ref, rlse, rtm = reference.attention_ref(q, k, v, text_len=L, gamma=g, scale=scale,
                                              upcast=torch.float32)
     # The fused SDPA backends return NaN for scale <= 0 (seen on H100, torch 2.11: they take
     # the row max of the unscaled scores), so the baseline here is SDPA's math backend.
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.MATH):
-        so = reference.attention_split_sdpa(q, k, v, text_len=77, gamma=g, scale=scale)
+        so = reference.attention_split_sdpa(q, k, v, text_len=L, gamma=g, scale=scale)
     base = (so.float() - ref).abs().max().item()
     assert math.isfinite(base)
     assert (out.float() - ref).abs().max().item() <= 2 * base + 1e-5
