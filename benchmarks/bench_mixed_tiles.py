@@ -4,8 +4,8 @@ ragged (keys past N_k), against shapes whose every tile is uniform, same number 
 The warp-specialized forward runs a uniform tile (all image keys or all text keys, every key < N_k) with one
 multiplier per row (TILE_VIS / TILE_TXT); any other tile takes the per-element TILE_MIXED softmax. The cases
 differ only in where the text lies and in N by less than one tile, so the tile counts are equal and the time
-difference is the MIXED tiles' extra cost. Boundaries on multiples of 8 keys and ragged last tiles take the
-cheaper TILE_GROUP path (the "8" cases and "ragged"); the others stay per element. The ctypes harness (tests/cuda_harness) with preallocated outputs;
+difference is the MIXED tiles' extra cost. The "8" cases put the boundary on an 8-key group (what the dropped
+TILE_GROUP forms needed: KERNEL_LOG, eighteenth session); on main they run TILE_MIXED like the others. The ctypes harness (tests/cuda_harness) with preallocated outputs;
 each case is timed in rounds that alternate the cases (triton do_bench, median of medians).
 
 Run: TACA_CUDA_LIB=build/libtaca_fwd_ctypes.so python benchmarks/bench_mixed_tiles.py --out DIR [--rounds 5]
@@ -48,6 +48,16 @@ CASES = [
     ("sd35l_cfg", 2, 38, 64, 4429, 333, False, 0, "SD3.5-L CFG 1024"),
     ("flux1024_b1", 1, 24, 128, 4608, 512, True, 0, "FLUX 1024, 36 uniform tiles"),
     ("flux1024_b2", 2, 24, 128, 4608, 512, True, 0, "FLUX 1024 batch 2"),
+    # the default's kernels by their variant numbers (160-key tiles at D = 64: 16, 128-key tiles at D = 128: 10): on
+    # main the same kernels as variant 0 above, so the pairs are an in-process control; a build whose default
+    # differs (the dropped TILE_GROUP instances) is A/B-timed against them in one process
+    ("d64_160_uniform_v0", 2, 24, 64, 4480, 320, False, 0, "= d64_160_uniform through the default"),
+    ("sd35m_cfg_v16", 2, 24, 64, 4429, 333, False, 16, "= sd35m_cfg by variant number"),
+    ("sd35l_cfg_v16", 2, 38, 64, 4429, 333, False, 16, "= sd35l_cfg by variant number"),
+    ("d128_boundary8_v10", 1, 24, 128, 4608, 504, True, 10, "= d128_boundary8 by variant number"),
+    ("d128_ragged_v10", 1, 24, 128, 4600, 512, True, 10, "= d128_ragged by variant number"),
+    ("flux1024_b1_v10", 1, 24, 128, 4608, 512, True, 10, "= flux1024_b1 by variant number"),
+    ("flux1024_b2_v10", 2, 24, 128, 4608, 512, True, 10, "= flux1024_b2 by variant number"),
 ]
 
 
@@ -105,7 +115,9 @@ def main():
     ms = {r["case"]: r["ms"] for r in rows}
     for r in rows:
         b = "d64_160_uniform" if r["variant"] == 16 else base[r["D"]] if r["variant"] != 0 or r["D"] == 128 else None
-        rel = f"{ms[r['case']] / ms[b]:.4f}" if b in ms and not r["case"].startswith(("sd35", "flux")) else "-"
+        if r["case"].startswith(("sd35", "flux")) or r["case"].endswith(("_v0", "_v10", "_v16")):
+            b = None
+        rel = f"{ms[r['case']] / ms[b]:.4f}" if b in ms else "-"
         print(f"| {r['case']} | {r['N']} | {r['text_len']} {'first' if r['text_first'] else 'last'} | "
               f"{r['variant']} | {r['tiles']} | {r['ms']:.4f} | {rel} |")
     if args.out:

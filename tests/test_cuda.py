@@ -278,7 +278,7 @@ WS_CASES = [c for c in CASES if c[4] in (64, 128)] + [
 
 
 @pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
-@pytest.mark.parametrize("variant", [10, 11, 12, 14, 15, 16])
+@pytest.mark.parametrize("variant", [0, 10, 11, 12, 14, 15, 16])  # 0: the default dispatch
 @pytest.mark.parametrize("case", WS_CASES, ids=lambda c: f"B{c[0]}H{c[1]}-L{c[2]}-img{c[3]}-D{c[4]}-{'tf' if c[5] else 'tl'}-{str(c[6])[6:]}-{c[7]}{'-view' if c[8] else ''}")
 def test_ws_variants_match_reference(variant, case):
     B, H, L, n_img, D, tf, dtype, layout, nc = case
@@ -286,7 +286,7 @@ def test_ws_variants_match_reference(variant, case):
 
 
 @pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
-@pytest.mark.parametrize("variant", [10, 11, 12, 14, 15, 16])
+@pytest.mark.parametrize("variant", [0, 10, 11, 12, 14, 15, 16])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("text_first", [True, False])
 def test_ws_variants_gamma_reverse(variant, D, text_first):
