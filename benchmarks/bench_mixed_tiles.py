@@ -26,38 +26,38 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "cuda_harness"))
 
-# (name, B, H, D, N, text_len, text_first, variant, what the key tiles are)
+# (name, B, H, D, N, text_len, text_first, variant, the case it is compared with, what the key tiles are)
 CASES = [
     # D = 64 (SD3.5-M CFG heads), variant 10 = the persistent kernel with 128-key tiles: 35 key tiles
-    ("d64_uniform", 2, 24, 64, 4480, 384, False, 10, "35 tiles, none mixed (text 4096..4480)"),
-    ("d64_ragged", 2, 24, 64, 4429, 333, False, 10, "last tile ragged (4352..4429, text)"),
-    ("d64_boundary", 2, 24, 64, 4480, 435, False, 10, "boundary mid-tile (4045 in 3968..4096)"),
-    ("d64_boundary8", 2, 24, 64, 4480, 440, False, 10, "boundary mid-tile on an 8-key group (4040)"),
-    ("d64_both", 2, 24, 64, 4429, 384, False, 10, "boundary mid-tile and the last tile ragged"),
-    ("d64_both8", 2, 24, 64, 4429, 389, False, 10, "boundary mid-tile (4040) and the last tile ragged"),
+    ("d64_uniform", 2, 24, 64, 4480, 384, False, 10, "", "35 tiles, none mixed (text 4096..4480)"),
+    ("d64_ragged", 2, 24, 64, 4429, 333, False, 10, "d64_uniform", "last tile ragged (4352..4429, text)"),
+    ("d64_boundary", 2, 24, 64, 4480, 435, False, 10, "d64_uniform", "boundary mid-tile (4045 in 3968..4096)"),
+    ("d64_boundary8", 2, 24, 64, 4480, 440, False, 10, "d64_uniform", "boundary mid-tile on an 8-key group (4040)"),
+    ("d64_both", 2, 24, 64, 4429, 384, False, 10, "d64_uniform", "boundary mid-tile and the last tile ragged"),
+    ("d64_both8", 2, 24, 64, 4429, 389, False, 10, "d64_uniform", "boundary mid-tile (4040) and the last tile ragged"),
     # D = 64 with the default rule's 160-key tiles (variant 16): the SD3.5-M shape as the public op runs it
-    ("d64_160_sd35m", 2, 24, 64, 4429, 333, False, 16, "28 tiles: boundary 4096 in 4000..4160, last ragged"),
-    ("d64_160_uniform", 2, 24, 64, 4480, 320, False, 16, "28 tiles, none mixed (text 4160..4480)"),
+    ("d64_160_sd35m", 2, 24, 64, 4429, 333, False, 16, "d64_160_uniform", "28 tiles: boundary 4096 in 4000..4160, last ragged"),
+    ("d64_160_uniform", 2, 24, 64, 4480, 320, False, 16, "", "28 tiles, none mixed (text 4160..4480)"),
     # D = 128 (FLUX heads), variant 0 = the default persistent kernel, 128-key tiles: 36 key tiles
-    ("d128_uniform", 1, 24, 128, 4608, 512, True, 0, "36 tiles, none mixed (FLUX 1024)"),
-    ("d128_boundary", 1, 24, 128, 4608, 500, True, 0, "boundary mid-tile (500 in 384..512)"),
-    ("d128_boundary8", 1, 24, 128, 4608, 504, True, 0, "boundary mid-tile on an 8-key group (504)"),
-    ("d128_ragged", 1, 24, 128, 4600, 512, True, 0, "last tile ragged (4480..4600)"),
+    ("d128_uniform", 1, 24, 128, 4608, 512, True, 0, "", "36 tiles, none mixed (FLUX 1024)"),
+    ("d128_boundary", 1, 24, 128, 4608, 500, True, 0, "d128_uniform", "boundary mid-tile (500 in 384..512)"),
+    ("d128_boundary8", 1, 24, 128, 4608, 504, True, 0, "d128_uniform", "boundary mid-tile on an 8-key group (504)"),
+    ("d128_ragged", 1, 24, 128, 4600, 512, True, 0, "d128_uniform", "last tile ragged (4480..4600)"),
     # PERFORMANCE.md shapes through the default dispatch (variant 0), for A/B runs of two builds
-    ("sd35m_cfg", 2, 24, 64, 4429, 333, False, 0, "SD3.5-M CFG 1024 (the default key tile)"),
-    ("sd35l_cfg", 2, 38, 64, 4429, 333, False, 0, "SD3.5-L CFG 1024"),
-    ("flux1024_b1", 1, 24, 128, 4608, 512, True, 0, "FLUX 1024, 36 uniform tiles"),
-    ("flux1024_b2", 2, 24, 128, 4608, 512, True, 0, "FLUX 1024 batch 2"),
+    ("sd35m_cfg", 2, 24, 64, 4429, 333, False, 0, "", "SD3.5-M CFG 1024 (the default key tile)"),
+    ("sd35l_cfg", 2, 38, 64, 4429, 333, False, 0, "", "SD3.5-L CFG 1024"),
+    ("flux1024_b1", 1, 24, 128, 4608, 512, True, 0, "", "FLUX 1024, 36 uniform tiles"),
+    ("flux1024_b2", 2, 24, 128, 4608, 512, True, 0, "", "FLUX 1024 batch 2"),
     # the default's kernels by their variant numbers (160-key tiles at D = 64: 16, 128-key tiles at D = 128: 10): on
     # main the same kernels as variant 0 above, so the pairs are an in-process control; a build whose default
     # differs (the dropped TILE_GROUP instances) is A/B-timed against them in one process
-    ("d64_160_uniform_v0", 2, 24, 64, 4480, 320, False, 0, "= d64_160_uniform through the default"),
-    ("sd35m_cfg_v16", 2, 24, 64, 4429, 333, False, 16, "= sd35m_cfg by variant number"),
-    ("sd35l_cfg_v16", 2, 38, 64, 4429, 333, False, 16, "= sd35l_cfg by variant number"),
-    ("d128_boundary8_v10", 1, 24, 128, 4608, 504, True, 10, "= d128_boundary8 by variant number"),
-    ("d128_ragged_v10", 1, 24, 128, 4600, 512, True, 10, "= d128_ragged by variant number"),
-    ("flux1024_b1_v10", 1, 24, 128, 4608, 512, True, 10, "= flux1024_b1 by variant number"),
-    ("flux1024_b2_v10", 2, 24, 128, 4608, 512, True, 10, "= flux1024_b2 by variant number"),
+    ("d64_160_uniform_v0", 2, 24, 64, 4480, 320, False, 0, "d64_160_uniform", "= d64_160_uniform through the default"),
+    ("sd35m_cfg_v16", 2, 24, 64, 4429, 333, False, 16, "sd35m_cfg", "= sd35m_cfg by variant number"),
+    ("sd35l_cfg_v16", 2, 38, 64, 4429, 333, False, 16, "sd35l_cfg", "= sd35l_cfg by variant number"),
+    ("d128_boundary8_v10", 1, 24, 128, 4608, 504, True, 10, "d128_boundary8", "= d128_boundary8 by variant number"),
+    ("d128_ragged_v10", 1, 24, 128, 4600, 512, True, 10, "d128_ragged", "= d128_ragged by variant number"),
+    ("flux1024_b1_v10", 1, 24, 128, 4608, 512, True, 10, "flux1024_b1", "= flux1024_b1 by variant number"),
+    ("flux1024_b2_v10", 2, 24, 128, 4608, 512, True, 10, "flux1024_b2", "= flux1024_b2 by variant number"),
 ]
 
 
@@ -82,7 +82,7 @@ def main():
     want = [c for c in CASES if not args.cases or c[0] in args.cases.split(",")]
     torch.manual_seed(0)
     calls = {}
-    for name, B, H, D, N, L, tf, var, _ in want:
+    for name, B, H, D, N, L, tf, var, _, _ in want:
         q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         out = torch.empty_like(q)
         lse = torch.empty(B, H, N, device="cuda")
@@ -106,20 +106,17 @@ def main():
         for c in (want if r % 2 == 0 else want[::-1]):
             times[c[0]].append(do_bench(calls[c[0]], warmup=10, rep=100, return_mode="median"))
     rows = []
-    for name, B, H, D, N, L, tf, var, what in want:
-        rows.append(dict(case=name, B=B, H=H, D=D, N=N, text_len=L, text_first=tf, variant=var, tiles=what,
+    for name, B, H, D, N, L, tf, var, vs, what in want:
+        rows.append(dict(case=name, B=B, H=H, D=D, N=N, text_len=L, text_first=tf, variant=var, vs=vs, tiles=what,
                          ms=statistics.median(times[name]), rounds=times[name]))
-    base = {64: "d64_uniform", 128: "d128_uniform"}
-    print("| case | N | text | variant | key tiles | ms (median of rounds) | vs uniform |")
-    print("|---|---|---|---|---|---|---|")
+    print("| case | N | text | variant | key tiles | ms (median of rounds) | against | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     ms = {r["case"]: r["ms"] for r in rows}
     for r in rows:
-        b = "d64_160_uniform" if r["variant"] == 16 else base[r["D"]] if r["variant"] != 0 or r["D"] == 128 else None
-        if r["case"].startswith(("sd35", "flux")) or r["case"].endswith(("_v0", "_v10", "_v16")):
-            b = None
+        b = r["vs"]
         rel = f"{ms[r['case']] / ms[b]:.4f}" if b in ms else "-"
         print(f"| {r['case']} | {r['N']} | {r['text_len']} {'first' if r['text_first'] else 'last'} | "
-              f"{r['variant']} | {r['tiles']} | {r['ms']:.4f} | {rel} |")
+              f"{r['variant']} | {r['tiles']} | {r['ms']:.4f} | {b or '-'} | {rel} |")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d_%H%M")

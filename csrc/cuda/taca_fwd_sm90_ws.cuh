@@ -138,6 +138,28 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
     }
     __syncthreads();
 
+    // The producer's TMA issue, by one thread: the three maps' descriptors; item i's Q into buffer qb once item
+    // i - NQBUF's consumers released it (PERSIST); K, then V, into ring slot s (round r; the caller waited for K's
+    // release, since the key-mask form publishes the slot's terms with full_k)
+    auto prefetch_maps = [&]() {
+        tma_prefetch_desc(&p.tq);
+        tma_prefetch_desc(&p.tk);
+        tma_prefetch_desc(&p.tv);
+    };
+    auto issue_q = [&](int i, int qb, int q0, int h, int b) {
+        if (PER && i >= C::NQBUF) mbar_wait(empty_q(qb), ((i / C::NQBUF) - 1) & 1);
+        mbar_arrive_expect_tx(full_q(qb), C::Q_BYTES);
+        tma_load_tile<DP, BR>(sq + qb * C::Q_BYTES, &p.tq, p.pos_q, full_q(qb), q0, h, b);
+    };
+    auto issue_kv = [&](int s, int r, int row, int hk, int b) {
+        const uint32_t off = s * C::KV_BYTES;
+        mbar_arrive_expect_tx(full_k(s), C::KV_BYTES);
+        tma_load_tile<DP, BC>(sk + off, &p.tk, p.pos_k, full_k(s), row, hk, b);
+        if (r > 0) mbar_wait(empty_v(s), (r - 1) & 1);
+        mbar_arrive_expect_tx(full_v(s), C::KV_BYTES);
+        tma_load_tile<DP, BC>(sv + off, &p.tv, p.pos_v, full_v(s), row, hk, b);
+    };
+
     if (wg == 0) {
         setmaxnreg_dec<24>();
         if constexpr (MK == MK_KEY) {
@@ -151,11 +173,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             // (the form that loaded them just before each K load ran 3-4% slower, KERNEL_LOG seventeenth session).
             if (tid < 32) {
                 const int lane = tid;
-                if (lane == 0) {
-                    tma_prefetch_desc(&p.tq);
-                    tma_prefetch_desc(&p.tk);
-                    tma_prefetch_desc(&p.tv);
-                }
+                if (lane == 0) prefetch_maps();
                 const bool mbool = a.mask.kind == TACA_MASK_BOOL;
                 const int64_t mesz = mbool ? 1 : 4, mstep = (int64_t)32 * a.mask.k * mesz;  // key c -> c + 32
                 uint32_t kr[BC / 32];
@@ -182,14 +200,9 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
                     const char *const mlane = static_cast<const char *>(a.mask.data) +
                                               ((int64_t)b * a.mask.b + (int64_t)h * a.mask.h + (int64_t)lane * a.mask.k) * mesz;
                     read_raw(mlane, 0);  // lands during the Q buffer's wait
-                    if (lane == 0) {
-                        if (PER && i >= C::NQBUF) mbar_wait(empty_q(qb), ((i / C::NQBUF) - 1) & 1);
-                        mbar_arrive_expect_tx(full_q(qb), C::Q_BYTES);
-                        tma_load_tile<DP, BR>(sq + qb * C::Q_BYTES, &p.tq, p.pos_q, full_q(qb), q0, h, b);
-                    }
+                    if (lane == 0) issue_q(i, qb, q0, h, b);
                     for (int j = 0; j < nkv; ++j, ++jg) {
                         const int s = jg % STAGES, r = jg / STAGES, row = j * BC;
-                        const uint32_t off = s * C::KV_BYTES;
                         if (r > 0) mbar_wait(empty_k(s), (r - 1) & 1);  // every lane: the slot is free
                         float *const kt = kterm + (jg % C::KT_SLOTS) * BC;
                         bool ok = true;
@@ -203,11 +216,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
                         __syncwarp();  // the lanes' stores ordered before lane 0's arrive below
                         if (lane == 0) {
                             kflag[jg % C::KT_SLOTS] = ok;
-                            mbar_arrive_expect_tx(full_k(s), C::KV_BYTES);  // also releases the slot's stores
-                            tma_load_tile<DP, BC>(sk + off, &p.tk, p.pos_k, full_k(s), row, hk, b);
-                            if (r > 0) mbar_wait(empty_v(s), (r - 1) & 1);
-                            mbar_arrive_expect_tx(full_v(s), C::KV_BYTES);
-                            tma_load_tile<DP, BC>(sv + off, &p.tv, p.pos_v, full_v(s), row, hk, b);
+                            issue_kv(s, r, row, hk, b);  // full_k's arrive also releases the slot's stores
                         }
                         if (j + 1 < nkv) read_raw(mlane + (int64_t)(row + BC) * a.mask.k * mesz, row + BC);
                         __syncwarp();
@@ -217,27 +226,17 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             return;
         }
         if (tid == 0) {
-            tma_prefetch_desc(&p.tq);
-            tma_prefetch_desc(&p.tk);
-            tma_prefetch_desc(&p.tv);
+            prefetch_maps();
             int jg = 0;  // K / V tiles issued so far: the ring position continues across items
             for (int w = w0, i = 0; w < wend; w += wstep, ++i) {
                 int qt, h, b;
                 decode(w, qt, h, b);
                 const int q0 = qt * BR, hk = h / a.group, qb = i % C::NQBUF;
-                // Q buffer qb is free once every consumer thread finished item i - 2's epilogue
-                if (PER && i >= C::NQBUF) mbar_wait(empty_q(qb), ((i / C::NQBUF) - 1) & 1);
-                mbar_arrive_expect_tx(full_q(qb), C::Q_BYTES);
-                tma_load_tile<DP, BR>(sq + qb * C::Q_BYTES, &p.tq, p.pos_q, full_q(qb), q0, h, b);
+                issue_q(i, qb, q0, h, b);  // Q buffer qb: free once every consumer finished item i - 2's epilogue
                 for (int j = 0; j < nkv; ++j, ++jg) {
-                    const int s = jg % STAGES, r = jg / STAGES, row = j * BC;
-                    const uint32_t off = s * C::KV_BYTES;
+                    const int s = jg % STAGES, r = jg / STAGES;
                     if (r > 0) mbar_wait(empty_k(s), (r - 1) & 1);
-                    mbar_arrive_expect_tx(full_k(s), C::KV_BYTES);
-                    tma_load_tile<DP, BC>(sk + off, &p.tk, p.pos_k, full_k(s), row, hk, b);
-                    if (r > 0) mbar_wait(empty_v(s), (r - 1) & 1);
-                    mbar_arrive_expect_tx(full_v(s), C::KV_BYTES);
-                    tma_load_tile<DP, BC>(sv + off, &p.tv, p.pos_v, full_v(s), row, hk, b);
+                    issue_kv(s, r, j * BC, hk, b);
                 }
             }
         }
