@@ -143,7 +143,7 @@ def bench_model(kind: str, args, device, dtype):
 
     def use(taca_on: bool):
         if taca_on and state["h"] is None:
-            state["h"] = taca.enable(model, gamma=args.gamma, backend=args.backend)
+            state["h"] = taca.enable(model, gamma=args.gamma, backend=args.backend, fp8=args.fp8)
         elif not taca_on and state["h"] is not None:
             taca.disable(model)
             state["h"] = None
@@ -202,6 +202,7 @@ def bench_model(kind: str, args, device, dtype):
     res["hook_path"] = paths
     res["gamma_off_bit_identical_to_stock"] = bool(torch.equal(out_off, out_stock_off))
     res["gamma_on_rel_change"] = float((out_taca - out_stock).norm() / out_stock.norm())
+    res["gamma_off_rel_change"] = float((out_off - out_stock_off).norm() / out_stock_off.norm())
     res["schedule_stock_ms"] = statistics.median(sched[False])
     res["schedule_taca_ms"] = statistics.median(sched[True])
     res["schedule_estimate_taca_ms"] = len(window) * res["taca_gamma_on_ms"] + (n - len(window)) * res["taca_gamma_off_ms"]
@@ -227,12 +228,15 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--schedule-repeats", type=int, default=2)
+    ap.add_argument("--fp8", action="store_true",
+                    help="taca.enable(fp8=True): every TACA-processed call (gamma on and off) through the FP8 forward")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     env = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-               torch=torch.__version__, cuda=torch.version.cuda, tiny=args.tiny, gamma=args.gamma, backend=args.backend)
+               torch=torch.__version__, cuda=torch.version.cuda, tiny=args.tiny, gamma=args.gamma, backend=args.backend,
+               fp8=args.fp8)
     try:
         import diffusers
 
@@ -246,7 +250,8 @@ def main(argv=None):
     with open(path, "w") as f:
         json.dump(dict(env=env, results=results), f, indent=2)
     print(f"# {env['device']}, torch {env['torch']}, CUDA {env['cuda']}, diffusers {env.get('diffusers')}, "
-          f"gamma {args.gamma}, backend {args.backend}{' (TINY configs)' if args.tiny else ''}; JSON: {path}")
+          f"gamma {args.gamma}, backend {args.backend}{', fp8' if args.fp8 else ''}"
+          f"{' (TINY configs)' if args.tiny else ''}; JSON: {path}")
     hdr = f"{'model':12} {'B':>2} {'img+txt':>10} {'stock ms':>9} {'TACA on':>9} {'(+%)':>7} {'sync (+%)':>9} {'TACA off':>9} {'(+%)':>7} " \
           f"{'off==stock':>10} | {args.steps}-step: {'window':>8} {'stock ms':>10} {'TACA ms':>10} {'(+%)':>7}"
     print(hdr)
@@ -258,6 +263,8 @@ def main(argv=None):
               f"{r['taca_gamma_off_ms']:9.2f} {r['gamma_off_overhead_pct']:+7.2f} {str(r['gamma_off_bit_identical_to_stock']):>10} | "
               f"{(str(w[0]) + '-' + str(w[-1])) if w else 'none':>16} "
               f"{r['schedule_stock_ms']:10.1f} {r['schedule_taca_ms']:10.1f} {r['schedule_overhead_pct']:+7.2f}")
+        print(f"  output change against stock: gamma on {r['gamma_on_rel_change']:.4f}, gamma off "
+              f"{r['gamma_off_rel_change']:.4f} (relative L2)")
 
 
 if __name__ == "__main__":

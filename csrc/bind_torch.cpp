@@ -527,6 +527,49 @@ Tensor3 bwd_cuda(const at::Tensor &dout_in, const at::Tensor &q_in, const at::Te
   return {dq, dk, dv};
 }
 
+// The opt-in FP8 (e4m3) forward for inference: q, k, v quantized into a workspace by the kernel's own
+// passes (taca.h, taca_fwd_fp8_cuda). No mask, no per-sample spans, head dim 128 (taca.joint_attention
+// checks these before it gets here, with messages naming the argument).
+Tensor3 fwd_fp8_cuda(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tensor &v_in,
+                     const at::Tensor &gamma_in, double gamma_reverse, double scale, int64_t text_begin,
+                     int64_t text_end, bool return_text_mass, int64_t q_text_begin, int64_t q_text_end) {
+  check_bnhd(q_in, "q", q_in);
+  const Spans sp = check_common(q_in, k_in, gamma_in, gamma_reverse, scale, text_begin, text_end,
+                                q_text_begin, q_text_end, c10::nullopt);
+  check_kv(k_in, v_in, q_in);
+  TORCH_CHECK_VALUE(q_in.is_cuda(), "taca: fwd_fp8 got q on ", q_in.device(), ", needs a CUDA device");
+  check_cuda_dtype(q_in);
+  check_cuda_keys(k_in);
+  TORCH_CHECK_VALUE(q_in.size(3) == 128, "taca: fp8=True takes head dim 128, got ", q_in.size(3));
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const int64_t B = q_in.size(0), N = q_in.size(1), H = q_in.size(2);
+  at::Tensor out = alloc_like(q_in, q_in.scalar_type());
+  at::Tensor lse = at::empty({B, H, N}, q_in.options().dtype(at::kFloat));
+  at::Tensor tm = return_text_mass ? at::empty({B, H, N}, q_in.options().dtype(at::kFloat))
+                                   : at::empty({0}, q_in.options().dtype(at::kFloat));
+  if (B * N * H == 0) return {out, lse, tm};
+  // 16-byte rows for the quantization passes' loads: copy what is not so aligned
+  auto rows16 = [](const at::Tensor &t) {
+    at::Tensor u = unit_last_stride(t);
+    const bool ok = reinterpret_cast<uintptr_t>(u.data_ptr()) % 16 == 0 && u.stride(0) % 8 == 0 &&
+                    u.stride(1) % 8 == 0 && u.stride(2) % 8 == 0;
+    return ok ? u : u.contiguous();
+  };
+  at::Tensor q = rows16(q_in), k = rows16(k_in), v = rows16(v_in);
+  at::Tensor gamma = gamma_in.contiguous();
+  const taca_mask no_mask = {nullptr, TACA_MASK_NONE, 0, 0, 0, 0};
+  taca_fwd_params p = fwd_params(q, k, v, out, lse, tm, gamma, gamma_reverse, scale, sp, c10::nullopt, no_mask);
+  const size_t ws_bytes = taca_fwd_fp8_workspace_size(&p);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, q_in.options().dtype(at::kByte));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int st = taca_fwd_fp8_cuda(&p, workspace.data_ptr(), ws_bytes, static_cast<void *>(stream));
+  TORCH_CHECK(st != TACA_ERR_UNSUPPORTED,
+              "taca: fp8=True needs an sm_90 (Hopper) GPU and a taca build for sm_90a "
+              "(TORCH_CUDA_ARCH_LIST containing 9.0a); this device or build cannot run it");
+  check_status(st, "forward fp8 (CUDA)");
+  return {out, lse, tm};
+}
+
 #endif  // TACA_WITH_CUDA
 
 }  // namespace taca_torch
@@ -542,6 +585,10 @@ TORCH_LIBRARY(taca, m) {
       "float gamma_reverse, float scale, SymInt text_begin, SymInt text_end, "
       "SymInt q_text_begin=-1, SymInt q_text_end=-1, Tensor? text_spans=None, "
       "Tensor? attn_mask=None, bool deterministic=True) -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def(
+      "fwd_fp8(Tensor q, Tensor k, Tensor v, Tensor gamma, float gamma_reverse, float scale, "
+      "SymInt text_begin, SymInt text_end, bool return_text_mass, SymInt q_text_begin=-1, "
+      "SymInt q_text_end=-1) -> (Tensor out, Tensor lse, Tensor text_mass)");
   m.def("has_cuda() -> bool", &taca_torch::has_cuda);
 }
 
@@ -554,5 +601,6 @@ TORCH_LIBRARY_IMPL(taca, CPU, m) {
 TORCH_LIBRARY_IMPL(taca, CUDA, m) {
   m.impl("fwd", &taca_torch::fwd_cuda);
   m.impl("bwd", &taca_torch::bwd_cuda);
+  m.impl("fwd_fp8", &taca_torch::fwd_fp8_cuda);
 }
 #endif

@@ -152,6 +152,13 @@ int taca_bwd_cpu(const taca_bwd_params *p);
 int taca_fwd_cuda(const taca_fwd_params *p, void *stream);
 int taca_bwd_cuda(const taca_bwd_params *p, void *stream);
 size_t taca_bwd_workspace_size(const taca_bwd_params *p);  /* CUDA backward scratch */
+/* Opt-in FP8 (e4m3) forward for inference (cuda/taca_fwd_sm90_fp8.cuh): q, k, v (TACA_F16 / TACA_BF16) quantized
+ * into the workspace (Q and K one scale per 128-token tile, V one per channel), the products in e4m3 with fp32
+ * accumulation, out / lse / text_mass as taca_fwd_cuda writes them. head_dim 128, 16-byte aligned inputs, no
+ * text_spans or mask, an sm_90 device and an sm_90a build: TACA_ERR_UNSUPPORTED otherwise. The workspace
+ * (taca_fwd_fp8_workspace_size bytes, on the device) holds the quantized inputs. */
+size_t taca_fwd_fp8_workspace_size(const taca_fwd_params *p);
+int taca_fwd_fp8_cuda(const taca_fwd_params *p, void *workspace, size_t workspace_bytes, void *stream);
 const char *taca_last_cuda_error(void);  /* text of the last TACA_ERR_CUDA, or "" */
 
 #ifdef __cplusplus

@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--offload", action="store_true", help="enable_model_cpu_offload (less GPU memory; --device cuda)")
     g.add_argument("--backend", choices=("auto", "cpu", "cuda", "sdpa", "reference"), default="auto",
                    help="attention backend for TACA (default auto; cuda needs --device cuda, cpu --device cpu)")
+    g.add_argument("--fp8", action="store_true",
+                   help="FP8 (e4m3) attention in every TACA-processed call, gamma on and off (taca.enable(fp8=True)): "
+                        "--device cuda on an sm_90 GPU (H100 / H200), bf16 or fp16, head dim 128 (FLUX.1)")
     g.add_argument("--out", default="taca.png", metavar="FILE",
                    help="output image, any format Pillow writes (.png, .jpg, .webp, ...; default taca.png); "
                         "an existing file is not replaced without --overwrite")
@@ -503,6 +506,20 @@ def validate_generate_args(args) -> str:
 
         if not (ops.HAVE_CUDA_KERNEL if args.backend == "cuda" else ops.HAVE_KERNELS):
             raise UsageError("--backend", f"{args.backend}: taca was built without this kernel; use --backend auto")
+    if args.fp8:
+        if device != "cuda":
+            raise UsageError("--fp8", f"runs the FP8 CUDA kernel; it needs --device cuda, not {device}")
+        if args.dtype == "fp32":
+            raise UsageError("--fp8", "takes bf16 or fp16 models (the kernel quantizes 16-bit q, k, v), not --dtype fp32")
+        if args.backend not in ("auto", "cuda"):
+            raise UsageError("--fp8", f"runs the CUDA kernel; --backend {args.backend} cannot (use auto or cuda)")
+        from . import ops
+
+        if not ops.HAVE_CUDA_KERNEL:
+            raise UsageError("--fp8", "taca was built without CUDA kernels")
+        if torch.cuda.get_device_capability() != (9, 0):
+            raise UsageError("--fp8", f"needs an sm_90 GPU (H100 / H200); this one is "
+                                      f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
     if args.offload and device != "cuda":
         raise UsageError("--offload", f"moves models between the GPU and the CPU; it needs --device cuda, not {device}")
     for name in ("height", "width"):
@@ -550,6 +567,10 @@ def cmd_generate(args) -> int:
     schnell = family == "flux" and not getattr(pipe.transformer.config, "guidance_embeds", True)
     try:  # again, with the family the loaded pipeline really has
         _check_family_args(args, "flux-schnell" if schnell else family)
+        head_dim = getattr(pipe.transformer.config, "attention_head_dim", None)
+        if args.fp8 and isinstance(head_dim, int) and head_dim != 128:
+            raise UsageError("--fp8", f"the FP8 kernel takes head dim 128; this {type(pipe).__name__}'s transformer has "
+                                      f"{head_dim}")
     except UsageError as e:
         err(str(e))
         return 2
@@ -609,7 +630,7 @@ def cmd_generate(args) -> int:
         peft_log.addFilter(drop)
         try:
             handle = taca.enable(pipe, gamma=args.gamma, schedule=args.schedule, lora=args.lora,
-                                 gamma_reverse=args.gamma_reverse, backend=args.backend)
+                                 gamma_reverse=args.gamma_reverse, backend=args.backend, fp8=args.fp8)
         except Exception as e:
             if args.lora is None:
                 raise  # nothing the user gave can be at fault: a bug, keep its traceback

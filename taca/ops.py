@@ -75,6 +75,13 @@ if HAVE_KERNELS:
         tm = q.new_empty((B, H, N) if return_text_mass else (0,), dtype=acc)
         return out, lse, tm
 
+    if hasattr(torch.ops.taca, "fwd_fp8"):
+
+        @torch.library.register_fake("taca::fwd_fp8")
+        def _fwd_fp8_fake(q, k, v, gamma, gamma_reverse, scale, text_begin, text_end, return_text_mass,
+                          q_text_begin=-1, q_text_end=-1):
+            return _fwd_fake(q, k, v, gamma, gamma_reverse, scale, text_begin, text_end, return_text_mass)
+
     @torch.library.register_fake("taca::bwd")
     def _bwd_fake(dout, q, k, v, out, lse, gamma, gamma_reverse, scale, text_begin, text_end,
                   q_text_begin=-1, q_text_end=-1, text_spans=None, attn_mask=None, deterministic=True):
@@ -379,8 +386,34 @@ def _gamma_vector(gamma, batch: int, device: torch.device, dtype=torch.float32) 
     return torch.full((batch,), float(gamma), dtype=dtype, device=device)
 
 
+def _check_fp8(q, k, v, gamma, layout, backend, spans, attn_mask) -> None:
+    """joint_attention(fp8=True)'s preconditions, each refused with what it needs, before any work."""
+    if backend not in ("auto", "cuda"):
+        raise ValueError(f"taca: fp8=True runs the CUDA kernel; backend={backend!r} cannot (use 'auto' or 'cuda')")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"taca: fp8=True takes float16 or bfloat16 q, k, v, got {q.dtype}")
+    if q.shape[-1] != 128:
+        raise ValueError(f"taca: fp8=True takes head dim 128, got {q.shape[-1]}")
+    if attn_mask is not None:
+        raise ValueError("taca: fp8=True takes no attn_mask (the FP8 kernel has no mask path)")
+    if spans.per_sample:
+        raise ValueError("taca: fp8=True takes int span arguments (text_len, text_start, ...), not per-sample tensors")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) or (
+            isinstance(gamma, torch.Tensor) and gamma.requires_grad and torch.is_grad_enabled()):
+        raise ValueError("taca: fp8=True is an inference forward with no backward: call it under torch.no_grad() "
+                         "or torch.inference_mode(), or drop fp8 for training")
+    if q.device.type != "cuda":
+        raise ValueError(f"taca: fp8=True runs on a CUDA device (an sm_90 GPU), got q on {q.device}")
+    if not HAVE_CUDA_KERNEL or not hasattr(torch.ops.taca, "fwd_fp8"):
+        raise RuntimeError("taca: fp8=True needs the CUDA extension, which this installation lacks"
+                           + (f" ({_EXT_ERROR})" if _EXT_ERROR else ""))
+    reason = _kernel_refusal(q, None, layout, k)
+    if reason is not None:
+        raise RuntimeError(f"taca: fp8=True cannot run: {reason}")
+
+
 def _kernel_forward(q, k, v, spans, gamma, gamma_reverse, scale, layout, return_text_mass,
-                    attn_mask=None, deterministic=True):
+                    attn_mask=None, deterministic=True, fp8=False):
     # The kernels take (B, N, H, D) views: "bhnd" is transposed, never copied.
     qn, kn, vn = ((t.transpose(1, 2) if layout == "bhnd" else t) for t in (q, k, v))
     # A non-unit stride on D is the one layout the kernels refuse: copy it.
@@ -388,7 +421,10 @@ def _kernel_forward(q, k, v, spans, gamma, gamma_reverse, scale, layout, return_
     B, _, _, D = qn.shape
     s = 1.0 / math.sqrt(D) if scale is None else float(scale)
     g = _gamma_vector(gamma, B, q.device, _acc_dtype(q.dtype))
-    if spans.per_sample:
+    if fp8:
+        out, lse, tm = torch.ops.taca.fwd_fp8(qn, kn, vn, g, float(gamma_reverse), s, spans.k_begin, spans.k_end,
+                                              return_text_mass, spans.q_begin, spans.q_end)
+    elif spans.per_sample:
         cols = [x if isinstance(x, torch.Tensor) else torch.full((B,), x, dtype=torch.int64, device=q.device)
                 for x in spans]
         out, lse, tm = torch.ops.taca.fwd(qn, kn, vn, g, float(gamma_reverse), s, 0, 0, return_text_mass,
@@ -424,6 +460,7 @@ def joint_attention(
     query_text_len: Optional[Union[int, torch.Tensor]] = None,
     attn_mask: Optional[torch.Tensor] = None,
     deterministic: bool = True,
+    fp8: bool = False,
 ):
     """Gamma-scaled joint attention (TACA).
 
@@ -468,12 +505,27 @@ def joint_attention(
     deterministic: True (default): the CUDA backward adds each query tile's dQ parts in a fixed
     order, so gradients are bitwise repeatable. False: unordered float32 atomics (FlashAttention-2's
     way; faster, last-bit run-to-run differences in dq). The CPU kernel and split SDPA ignore it.
+
+    fp8: True runs the opt-in FP8 (e4m3) forward, for inference: q and k are quantized with one scale
+    per 128-token tile, v with one per channel, the attention probabilities in e4m3 too, products
+    accumulated in float32 (``reference.quantize_fp8`` / ``attention_fp8_ref`` are its arithmetic).
+    Faster than the 16-bit kernel, less exact (benchmarks/results/KERNEL_LOG.md gives both, measured).
+    Needs a CUDA float16/bfloat16 q on an sm_90 GPU with a build for sm_90a, head dim 128, no attn_mask,
+    span arguments that are ints, and no gradient (under torch.no_grad() or torch.inference_mode(), or
+    inputs that do not require grad): anything else raises rather than silently running another path.
     """
     if not isinstance(deterministic, bool):
         raise TypeError(f"taca: deterministic must be a bool, got {type(deterministic).__name__}")
+    if not isinstance(fp8, bool):
+        raise TypeError(f"taca: fp8 must be a bool, got {type(fp8).__name__}")
     Nq, Nk, Hkv, spans, span_args = _validate(
         q, k, v, text_len, gamma, gamma_reverse, scale, layout, backend, text_start,
         query_text_start, query_text_len, attn_mask, text_first)
+    if fp8:
+        _check_fp8(q, k, v, gamma, layout, backend, spans, attn_mask)
+        out, lse, tm = _kernel_forward(q, k, v, spans, gamma, gamma_reverse, scale, layout,
+                                       return_text_mass, fp8=True)
+        return _pack(out, lse, tm, return_lse, return_text_mass)
     text_len, text_start, query_text_start, query_text_len = span_args
     H = q.shape[1] if layout == "bhnd" else q.shape[2]
     want_extra = return_lse or return_text_mass

@@ -152,6 +152,7 @@ class TacaHandle:
         self.gamma_reverse = 1.0
         self.backend = "auto"
         self.deterministic = True
+        self.fp8 = False
         self.lora_adapter: Optional[str] = None
         self._lora_loaded_by_us = False
         self._lora_via_pipe = False
@@ -176,6 +177,7 @@ class TacaHandle:
         for name, m in self.modules.items():
             p = self.processors[name]
             p.gamma_reverse, p.backend, p.deterministic = self.gamma_reverse, self.backend, self.deterministic
+            p.fp8 = self.fp8
             if m.processor is not p:
                 old = m.processor
                 # keep diffusers' per-module attention backend settings
@@ -640,6 +642,7 @@ def enable(
     backend: str = "auto",
     adapter_name: str = DEFAULT_ADAPTER,
     deterministic: bool = True,
+    fp8: bool = False,
 ) -> TacaHandle:
     """Turn TACA on for a pipeline or transformer of a supported model (``taca.models``).
 
@@ -655,6 +658,10 @@ def enable(
     gamma_reverse: multiplier of (text query, image key) logits, applied in the same calls.
     backend, deterministic: passed to ``taca.joint_attention`` (deterministic=False: the CUDA
         backward adds dQ with unordered atomics, slightly faster, not bitwise repeatable).
+    fp8: every joint attention call of the transformer (inside the gamma window and outside it) through
+        ``taca.joint_attention(fp8=True)``, the FP8 forward: inference only, head dim 128 (FLUX.1 and other
+        128-dim models), an sm_90 GPU; a call it cannot take raises. Outside the window the output is then
+        no longer bit-identical to stock attention.
 
     Calling it again updates the settings (processors, hook and adapter are not duplicated).
     Returns the :class:`TacaHandle`. Raises TypeError for unsupported models.
@@ -666,6 +673,8 @@ def enable(
         raise ValueError(f"taca: gamma_reverse={gamma_reverse} must be finite and > 0")
     if not isinstance(deterministic, bool):
         raise TypeError(f"taca: deterministic must be a bool, got {type(deterministic).__name__}")
+    if not isinstance(fp8, bool):
+        raise TypeError(f"taca: fp8 must be a bool, got {type(fp8).__name__}")
     if backend not in ("auto", "cpu", "cuda", "sdpa", "reference"):
         raise ValueError(f"taca: backend={backend!r} is not one of ('auto', 'cpu', 'cuda', 'sdpa', 'reference')")
     handle: Optional[TacaHandle] = getattr(transformer, _ATTR, None)
@@ -679,8 +688,9 @@ def enable(
         handle = TacaHandle(pipe, transformer, adapter)
     elif pipe is not None:
         handle.pipe = pipe
-    old = (handle.schedule, handle.gamma_reverse, handle.backend, handle.deterministic)
+    old = (handle.schedule, handle.gamma_reverse, handle.backend, handle.deterministic, handle.fp8)
     handle.schedule, handle.gamma_reverse, handle.backend, handle.deterministic = sched, gr, backend, deterministic
+    handle.fp8 = fp8
     handle.host_sigma = os.environ.get("TACA_HOST_SIGMA", "1") != "0"
     try:
         handle._set_lora(lora, adapter_name)
@@ -690,7 +700,7 @@ def enable(
             handle._drop_lora()
             handle._uninstall()
         else:
-            handle.schedule, handle.gamma_reverse, handle.backend, handle.deterministic = old
+            handle.schedule, handle.gamma_reverse, handle.backend, handle.deterministic, handle.fp8 = old
         raise
     handle.reset_steps()
     setattr(transformer, _ATTR, handle)
@@ -726,7 +736,8 @@ def enabled(pipe_or_transformer, **kwargs) -> Iterator[TacaHandle]:
     prev_settings = None
     if prev is not None:
         prev_settings = dict(gamma=1.0, schedule=prev.schedule, gamma_reverse=prev.gamma_reverse,
-                             backend=prev.backend, lora=prev._lora_source, deterministic=prev.deterministic)
+                             backend=prev.backend, lora=prev._lora_source, deterministic=prev.deterministic,
+                             fp8=prev.fp8)
     handle = enable(pipe_or_transformer, **kwargs)
     try:
         yield handle

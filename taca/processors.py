@@ -66,6 +66,8 @@ class TacaProcessor:
     taca_call: Optional[dict] = None
     # taca.joint_attention's deterministic (set by taca.enable): False = unordered dQ atomics on CUDA
     deterministic: bool = True
+    # taca.enable(fp8=True): every call with text (gamma on or off) through joint_attention(fp8=True)
+    fp8: bool = False
 
     def call_arg(self, name: str, default=None):
         """One value of the hook's state for the current call (kwargs-less models)."""
@@ -105,7 +107,7 @@ class TacaProcessor:
         Klein-KV's [txt, img] queries on [txt, ref, img] keys, GLM-Image's [txt, img] queries on
         [cond-image cache, txt, img] keys), passed on to ``taca.joint_attention``."""
         record = telemetry.active() and text_len is not None
-        if (gamma is None and not record) or text_len is None:
+        if (gamma is None and not record and not self.fp8) or text_len is None:
             return None
         # text keys lie in the KEY sequence (image-only queries, PRX / NucleusMoE: N_q != N_k)
         N = k.shape[1] if self.layout == "bnhd" else k.shape[2]
@@ -146,6 +148,8 @@ class TacaProcessor:
             scale = 1.0 / math.sqrt(q.shape[-1])
         kw = dict(text_len=text_len, text_first=self.text_first, gamma=gamma, gamma_reverse=self.gamma_reverse,
                   scale=scale, layout=self.layout, backend=self.backend, deterministic=self.deterministic, **extra)
+        if self.fp8:
+            kw["fp8"] = True
         if not record:
             return joint_attention(q, k, v, **kw)
         out, lse, text_mass = joint_attention(q, k, v, return_lse=True, return_text_mass=True, **kw)

@@ -311,3 +311,146 @@ def _split(qb, kb, vb, attn_mask, text_len, text_first, gamma, gamma_reverse, sc
     o_vis = sdpa(q_vis, k_for_vis, _mask_rows(attn_mask, [(0, qb0), (qe0, Nq)]))
     out = torch.cat([o_vis[:, :, :qb0], o_txt, o_vis[:, :, qb0:]], dim=2)
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# The FP8 forward's arithmetic (``joint_attention(..., fp8=True)``), for its tests and error tables
+# ---------------------------------------------------------------------------------------
+
+FP8_MAX = 448.0  # float8 e4m3's largest finite value
+FP8_TILE = 128   # tokens per scale block of Q and K (the CUDA kernel's query and key tiles)
+
+
+class Fp8Inputs(NamedTuple):
+    """q, k, v as the FP8 kernel quantizes them, (B, H, N, D) / (B, H_kv, N_k, D) float8_e4m3fn, with
+    their scales: q_scale (B, H, ceil(N_q / 128)) and k_scale (B, H_kv, ceil(N_k / 128)) one per 128-token
+    tile, v_scale (B, H_kv, D) one per channel. x ~= x8 * scale."""
+    q8: torch.Tensor
+    q_scale: torch.Tensor
+    k8: torch.Tensor
+    k_scale: torch.Tensor
+    v8: torch.Tensor
+    v_scale: torch.Tensor
+
+
+# Every division and product below is made in float64 and rounded once to float32: the correctly rounded float32
+# result (53 >= 2 * 24 + 2 bits, so the double rounding is innocuous), as the CUDA passes compute it (__fdiv_rn,
+# __fmul_rn). torch's own float32 division by a scalar may multiply by a rounded reciprocal instead (on CUDA),
+# which moves the result by an ulp and flips e4m3 roundings at ties.
+def _fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    return torch.where(amax > 0, (amax.double() / FP8_MAX).float(), torch.ones_like(amax))
+
+
+def _fp8_inv(amax: torch.Tensor) -> torch.Tensor:
+    return torch.where(amax > 0, (FP8_MAX / amax.double()).float(), torch.ones_like(amax))
+
+
+def _fp8_mul(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    return (x.double() * inv.double()).float()
+
+
+def _fp8_round(y: torch.Tensor) -> torch.Tensor:
+    return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def _fp8_tiles(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    B, H, N, D = x.shape
+    T = -(-N // FP8_TILE)
+    a = F.pad(x.abs(), (0, 0, 0, T * FP8_TILE - N)).reshape(B, H, T, FP8_TILE * D).amax(-1)
+    rows = _fp8_inv(a).repeat_interleave(FP8_TILE, dim=2)[:, :, :N, None]
+    return _fp8_round(_fp8_mul(x, rows)), _fp8_scale(a)
+
+
+def quantize_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str = "bhnd") -> Fp8Inputs:
+    """The FP8 kernel's quantization, bit for bit (taca_fwd_sm90_fp8.cuh): per 128-token tile of Q and of K
+    (scale = amax / 448, 1 for an all-zero tile) and per channel of V over all keys: x * (448 / amax) in float32,
+    rounded to the nearest e4m3. x ~= x8 * scale."""
+    qb, kb, vb = (_to_bhnd(t, layout).float() for t in (q, k, v))
+    q8, qs = _fp8_tiles(qb)
+    k8, ks = _fp8_tiles(kb)
+    va = vb.abs().amax(dim=2)
+    v8 = _fp8_round(_fp8_mul(vb, _fp8_inv(va)[:, :, None, :]))
+    return Fp8Inputs(q8, qs, k8, ks, v8, _fp8_scale(va))
+
+
+def attention_fp8_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    text_len: SpanLike,
+    round_p: bool,
+    text_first: bool = True,
+    gamma: GammaLike = 1.0,
+    gamma_reverse: float = 1.0,
+    scale: Optional[float] = None,
+    layout: str = "bhnd",
+    text_start: Optional[SpanLike] = None,
+    query_text_start: Optional[SpanLike] = None,
+    query_text_len: Optional[SpanLike] = None,
+    logits_dtype: Optional[torch.dtype] = None,
+    fp8_matmul: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 attention on the FP8 kernel's quantized inputs (``quantize_fp8``), dequantized: (out, lse,
+    text_mass) as ``attention_ref`` returns them. round_p=False: the exact softmax of those inputs, the FP8
+    forward's reference. round_p=True: also P = exp(logit - row max) rounded to e4m3 before P V, with the row sum
+    taken before rounding, as the kernel does (its max is a running one, tile by tile): a float32 model of the
+    kernel's own rounding, the yardstick of its tolerance rule (tests/test_cuda_fp8.py). logits_dtype (round_p
+    only): the scaled logits rounded to it before the softmax. fp8_matmul (round_p only; CUDA, sm_89+): Q8 K8^T made by
+    the tensor cores' own FP8 product (torch._scaled_mm with fast accumulation, the products the kernel's wgmma
+    makes) instead of in float32: its rounding is relative to the largest term of each sum (about 2^-12 of it on an
+    H200), not to each logit."""
+    f = quantize_fp8(q, k, v, layout)
+    rows = lambda s, n: s.repeat_interleave(FP8_TILE, dim=2)[:, :, :n, None]  # noqa: E731
+    qd = f.q8.float() * rows(f.q_scale, f.q8.shape[2])
+    kd = f.k8.float() * rows(f.k_scale, f.k8.shape[2])
+    span_kw = dict(text_len=text_len, text_first=text_first, gamma=gamma, gamma_reverse=gamma_reverse,
+                   scale=scale, text_start=text_start, query_text_start=query_text_start,
+                   query_text_len=query_text_len)
+    if not round_p:
+        vd = f.v8.float() * f.v_scale[:, :, None, :]
+        out, lse, tm = attention_ref(qd, kd, vd, layout="bhnd", upcast=torch.float32, **span_kw)
+        return _from_bhnd(out, layout), lse, tm
+    B, H, Nq, D = qd.shape
+    Hkv, Nk = kd.shape[1], kd.shape[2]
+    v8, vs = f.v8.float(), f.v_scale
+    if Hkv != H:
+        kd = kd.repeat_interleave(H // Hkv, dim=1)
+        v8, vs = v8.repeat_interleave(H // Hkv, dim=1), vs.repeat_interleave(H // Hkv, dim=1)
+    s = math.sqrt(1.0 / D) if scale is None else scale
+    m = logit_multiplier(Nq, text_len, text_first, gamma, gamma_reverse, B, qd.device, torch.float32, n_k=Nk,
+                         text_start=text_start, query_text_start=query_text_start, query_text_len=query_text_len)
+    if fp8_matmul:
+        k8 = f.k8 if Hkv == H else f.k8.repeat_interleave(H // Hkv, dim=1)
+        prod = _fp8_products(f.q8, k8)
+        qs = f.q_scale.repeat_interleave(FP8_TILE, dim=2)[:, :, :Nq, None]
+        ks = (f.k_scale if Hkv == H else f.k_scale.repeat_interleave(H // Hkv, dim=1))
+        ks = ks.repeat_interleave(FP8_TILE, dim=2)[:, :, None, :Nk]
+        logits = prod * qs * ks * s * m
+    else:
+        logits = torch.matmul(qd, kd.transpose(-1, -2)) * s * m
+    if logits_dtype is not None:
+        logits = logits.to(logits_dtype).float()
+    mx = logits.amax(dim=-1, keepdim=True)
+    e = torch.exp(logits - mx)
+    total = e.sum(-1, keepdim=True)
+    out = torch.matmul(e.to(torch.float8_e4m3fn).float(), v8) * vs[:, :, None, :] / total
+    spans = resolve_spans(Nq, Nk, text_len, text_first, text_start, query_text_start, query_text_len)
+    k_text = span_masks(spans, B, Nq, Nk, qd.device)[1]
+    tm = (e * k_text[:, None, None, :].float()).sum(-1) / total.squeeze(-1)
+    return _from_bhnd(out, layout), (mx + torch.log(total)).squeeze(-1), tm
+
+
+def _fp8_products(q8: torch.Tensor, k8: torch.Tensor) -> torch.Tensor:
+    """q8 k8^T per (batch, head) by torch._scaled_mm with fast accumulation (float32 out): (B, H, N_q, N_k)."""
+    B, H, Nq, _ = q8.shape
+    Nk = k8.shape[2]
+    pad = lambda x: F.pad(x.view(torch.uint8), (0, 0, 0, (-x.shape[0]) % 16)).view(torch.float8_e4m3fn)  # noqa: E731
+    one = torch.ones((), device=q8.device)
+    out = torch.empty(B, H, Nq, Nk, device=q8.device)
+    for b in range(B):
+        for h in range(H):
+            r = torch._scaled_mm(pad(q8[b, h]), pad(k8[b, h]).t(), one, one, out_dtype=torch.float32,
+                                 use_fast_accum=True)
+            out[b, h] = r[:Nq, :Nk]
+    return out

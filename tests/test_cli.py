@@ -234,6 +234,7 @@ BAD_GENERATE = [
     ("out_exists", ["--out", "{tmp}/done.png"], "--out", "exists; pass --overwrite"),
     ("backend_cuda_on_cpu", ["--backend", "cuda"], "--backend", "--device cpu"),
     ("offload_on_cpu", ["--offload"], "--offload", "needs --device cuda"),
+    ("fp8_on_cpu", ["--fp8"], "--fp8", "needs --device cuda, not cpu"),
     ("lora_missing", ["--lora", "{tmp}/nope.safetensors"], "--lora", "does not exist"),
     ("lora_empty_folder", ["--lora", "{tmp}/emptylora"], "--lora", "holds no .safetensors file"),
     ("lora_two_files", ["--lora", "{tmp}/twolora"], "--lora", "several .safetensors files"),

@@ -556,3 +556,25 @@ def test_hook_syncs_on_cuda(model, monkeypatch):
     assert [g for _, g in log_h] == [g for _, g in log_s]
     assert any(g is not None for _, g in log_h)
     assert torch.equal(out_h, out_s)
+
+
+def test_fp8_reaches_every_processor_and_every_call(monkeypatch):
+    """enable(fp8=True) sets it on every TACA processor, and every call with text (gamma on and, unlike the
+    default, gamma off) goes through taca.joint_attention(fp8=True), which refuses this tiny float32 CPU model
+    with a message naming fp8; enabled() restores the previous value; a non-bool is refused."""
+    pipe, inputs = _flux()
+    from taca import processors as P
+    seen = []
+    real = P.joint_attention
+    monkeypatch.setattr(P, "joint_attention", lambda *a, **kw: seen.append(kw.get("fp8", False)) or real(*a, **kw))
+    h = taca.enable(pipe, gamma=1.3, schedule="steps:1", fp8=True)
+    assert all(p.fp8 is True for p in h.processors.values())
+    with pytest.raises(TypeError, match="fp8=True takes float16 or bfloat16"):
+        pipe(**inputs())
+    assert seen and set(seen) == {True}
+    with taca.enabled(pipe, gamma=1.3, schedule="constant"):
+        assert all(p.fp8 is False for p in h.processors.values())
+    assert all(p.fp8 is True for p in h.processors.values())
+    with pytest.raises(TypeError, match="fp8 must be a bool"):
+        taca.enable(pipe, fp8=1)
+    taca.disable(pipe)

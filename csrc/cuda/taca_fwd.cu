@@ -30,6 +30,7 @@
  * Kernel versions and measured speeds: benchmarks/results/KERNEL_LOG.md.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "taca.h"
@@ -41,6 +42,8 @@ using taca_fwd::FwdArgs;
 /* taca_fwd_sm90.cu: the wgmma forward; TACA_ERR_UNSUPPORTED where it does not apply. */
 int taca_fwd_sm90(const taca_fwd::FwdArgs &a, int dtype, int variant, int batch, int heads,
                   cudaStream_t stream);
+int taca_fwd_fp8_sm90(const taca_fwd::FwdArgs &a, int dtype, int variant, int batch, int heads, void *workspace,
+                      cudaStream_t stream);
 
 static thread_local char g_last_cuda_error[512] = "";
 
@@ -59,17 +62,8 @@ bool mult8(const taca_strides &s) { return s.b % 8 == 0 && s.n % 8 == 0 && s.h %
 
 }  // namespace
 
-/* Internal tuning entry (not in taca.h): taca_fwd_cuda with a chosen tiling variant. */
-extern "C" int taca_fwd_cuda_variant(const taca_fwd_params *p, void *stream, int variant) {
-    int st = taca_check_fwd(p);
-    if (st != TACA_OK) return st;
-    if (p->dtype != TACA_F16 && p->dtype != TACA_BF16) return TACA_ERR_DTYPE;
-    if (p->batch * p->seqlen * p->heads == 0) return TACA_OK;
-    if (p->seqlen > INT32_MAX - 256 || p->seqlen_k > INT32_MAX - 256 || p->heads > 65535 ||
-        p->batch > 65535)
-        return TACA_ERR_UNSUPPORTED;
-    if (p->seqlen_k == 0) return TACA_ERR_UNSUPPORTED;  /* no keys: every row fully masked */
-
+/* The kernels' argument block of a checked taca_fwd_params. */
+static FwdArgs fwd_args(const taca_fwd_params *p) {
     FwdArgs a;
     a.q = p->q;
     a.k = p->k;
@@ -94,10 +88,30 @@ extern "C" int taca_fwd_cuda_variant(const taca_fwd_params *p, void *stream, int
     a.gamma = static_cast<const float *>(p->gamma);  /* float: the accumulation type */
     a.gamma_reverse = static_cast<float>(p->gamma_reverse);
     a.scale_log2 = static_cast<float>(p->scale * 1.4426950408889634);
+    return a;
+}
 
-    const bool aligned = p->head_dim % 8 == 0 && aligned16(p->q) && aligned16(p->k) &&
-                         aligned16(p->v) && aligned16(p->out) && mult8(p->q_stride) &&
-                         mult8(p->k_stride) && mult8(p->v_stride) && mult8(p->out_stride);
+/* The sizes every CUDA forward refuses (int indices inside the kernels, grid limits). */
+static bool fwd_too_large(const taca_fwd_params *p) {
+    return p->seqlen > INT32_MAX - 256 || p->seqlen_k > INT32_MAX - 256 || p->heads > 65535 || p->batch > 65535;
+}
+
+static bool fwd_aligned(const taca_fwd_params *p) {
+    return p->head_dim % 8 == 0 && aligned16(p->q) && aligned16(p->k) && aligned16(p->v) && aligned16(p->out) &&
+           mult8(p->q_stride) && mult8(p->k_stride) && mult8(p->v_stride) && mult8(p->out_stride);
+}
+
+/* Internal tuning entry (not in taca.h): taca_fwd_cuda with a chosen tiling variant. */
+extern "C" int taca_fwd_cuda_variant(const taca_fwd_params *p, void *stream, int variant) {
+    int st = taca_check_fwd(p);
+    if (st != TACA_OK) return st;
+    if (p->dtype != TACA_F16 && p->dtype != TACA_BF16) return TACA_ERR_DTYPE;
+    if (p->batch * p->seqlen * p->heads == 0) return TACA_OK;
+    if (fwd_too_large(p)) return TACA_ERR_UNSUPPORTED;
+    if (p->seqlen_k == 0) return TACA_ERR_UNSUPPORTED;  /* no keys: every row fully masked */
+
+    const FwdArgs a = fwd_args(p);
+    const bool aligned = fwd_aligned(p);
     cudaStream_t s = static_cast<cudaStream_t>(stream);
     const int B = (int)p->batch, H = (int)p->heads;
     // Hopper path (taca_fwd_sm90.cu) for aligned D = 64 / 128 on sm_90 when built for sm_90a;
@@ -113,4 +127,31 @@ extern "C" int taca_fwd_cuda_variant(const taca_fwd_params *p, void *stream, int
 
 extern "C" int taca_fwd_cuda(const taca_fwd_params *p, void *stream) {
     return taca_fwd_cuda_variant(p, stream, 0);
+}
+
+extern "C" size_t taca_fwd_fp8_workspace_size(const taca_fwd_params *p) {
+    if (taca_check_fwd(p) != TACA_OK) return 0;
+    return (size_t)taca_fwd::fp8_layout(p->batch, p->heads, p->heads_kv, p->seqlen, p->seqlen_k).total;
+}
+
+/* Internal tuning entry (not in taca.h): taca_fwd_fp8_cuda with a chosen variant (0, 2, 4, 10, 12, 14: see below). */
+extern "C" int taca_fwd_fp8_cuda_variant(const taca_fwd_params *p, void *workspace, size_t workspace_bytes, void *stream,
+                                         int variant) {
+    int st = taca_check_fwd(p);
+    if (st != TACA_OK) return st;
+    if (p->dtype != TACA_F16 && p->dtype != TACA_BF16) return TACA_ERR_DTYPE;
+    if (p->head_dim != 128 || p->text_spans || p->mask.kind != TACA_MASK_NONE) return TACA_ERR_UNSUPPORTED;
+    if (p->batch * p->seqlen * p->heads == 0) return TACA_OK;
+    if (fwd_too_large(p) || p->seqlen_k == 0 || !fwd_aligned(p)) return TACA_ERR_UNSUPPORTED;
+    if (!workspace || workspace_bytes < taca_fwd_fp8_workspace_size(p)) return TACA_ERR_WORKSPACE;
+    return taca_fwd_fp8_sm90(fwd_args(p), p->dtype, variant, (int)p->batch, (int)p->heads, workspace,
+                             static_cast<cudaStream_t>(stream));
+}
+
+/* TACA_FP8_VARIANT=n: the FP8 kernel's variant n (a timing switch, the same outputs up to the order of P V's
+ * rounding: 2 / 4 stages of the K / V ring instead of 3, + 10 the intra-warpgroup overlap). */
+extern "C" int taca_fwd_fp8_cuda(const taca_fwd_params *p, void *workspace, size_t workspace_bytes, void *stream) {
+    const char *env = getenv("TACA_FP8_VARIANT");
+    const int variant = env ? atoi(env) : 0;
+    return taca_fwd_fp8_cuda_variant(p, workspace, workspace_bytes, stream, variant);
 }

@@ -33,6 +33,31 @@ struct FwdArgs {
     float scale_log2;  // scale * log2(e)
 };
 
+/* The FP8 forward's workspace (taca_fwd_fp8_cuda, taca_fwd_sm90_fp8.cuh): byte offsets, each 1024-aligned, of
+ * q8 (B, H, N_q, 128) and k8 (B, H_kv, N_k, 128) e4m3; v8 (B, H_kv, 128, nk16) e4m3 (transposed, N_k rounded
+ * up to 16); the float scales of Q's and K's 128-row tiles (B, H, nqt) and (B, H_kv, nkt); V's channel amax
+ * (B, H_kv, 128) float bits. */
+struct Fp8Layout {
+    int64_t q8, k8, v8, qs, ks, vs, total;
+    int nqt, nkt, nk16;
+};
+static inline Fp8Layout fp8_layout(int64_t B, int64_t H, int64_t Hkv, int64_t nq, int64_t nk) {
+    auto up = [](int64_t x) { return (x + 1023) / 1024 * 1024; };
+    Fp8Layout L;
+    L.nqt = (int)((nq + 127) / 128);
+    L.nkt = (int)((nk + 127) / 128);
+    L.nk16 = (int)((nk + 15) / 16 * 16);
+    int64_t o = 0;
+    L.q8 = o, o += up(B * H * nq * 128);
+    L.k8 = o, o += up(B * Hkv * nk * 128);
+    L.v8 = o, o += up(B * Hkv * 128 * L.nk16);
+    L.qs = o, o += up(B * H * L.nqt * 4);
+    L.ks = o, o += up(B * Hkv * L.nkt * 4);
+    L.vs = o, o += up(B * Hkv * 128 * 4);
+    L.total = o;
+    return L;
+}
+
 template <int DP_, int MT_, int BC_, int WARPS_, int STAGES_ = 2, int MINB_ = 1>
 struct FwdConfig {
     static constexpr int STAGES = STAGES_;  // 2: K/V_{j+2} load overlaps tile j+1; 1: FA2's K/V split

@@ -455,6 +455,23 @@ int dispatch_t(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
 
 }  // namespace taca_fwd90
 
+#include "taca_fwd_sm90_fp8.cuh"
+
+/* The FP8 forward (taca_fwd_fp8_cuda): TACA_ERR_UNSUPPORTED where it cannot run (no sm_90a build or device, or a
+ * TMA map the driver refuses). The caller checked D = 128, alignment, no spans or mask. */
+int taca_fwd_fp8_sm90(const taca_fwd::FwdArgs &a, int dtype, int variant, int batch, int heads, void *workspace,
+                      cudaStream_t stream) {
+#if defined(TACA_HAVE_SM90A)
+    const int dev_st = taca_sm90::device_is_sm90("taca_fwd_fp8_cuda: device query");
+    if (dev_st != TACA_OK) return dev_st;
+    if (dtype == TACA_BF16) return taca_fwd90::launch_fp8<__nv_bfloat16>(a, variant, batch, heads, workspace, stream);
+    return taca_fwd90::launch_fp8<__half>(a, variant, batch, heads, workspace, stream);
+#else
+    (void)a; (void)dtype; (void)variant; (void)batch; (void)heads; (void)workspace; (void)stream;
+    return TACA_ERR_UNSUPPORTED;
+#endif
+}
+
 /* TACA_ERR_UNSUPPORTED when this path does not apply (the caller then takes mma.sync). */
 int taca_fwd_sm90(const taca_fwd::FwdArgs &a, int dtype, int variant, int batch, int heads,
                   cudaStream_t stream) {
