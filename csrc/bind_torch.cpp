@@ -459,6 +459,14 @@ void check_cuda_keys(const at::Tensor &k) {
   TORCH_CHECK_VALUE(k.size(1) > 0, "taca: the CUDA kernel needs at least one key token, got N_k=0");
 }
 
+// The CUDA forwards' outputs: out like q, lse (B, H, N_q) float32, text_mass the same or empty.
+Tensor3 cuda_fwd_outputs(const at::Tensor &q, bool return_text_mass) {
+  const int64_t B = q.size(0), N = q.size(1), H = q.size(2);
+  const auto f32 = q.options().dtype(at::kFloat);
+  return {alloc_like(q, q.scalar_type()), at::empty({B, H, N}, f32),
+          return_text_mass ? at::empty({B, H, N}, f32) : at::empty({0}, f32)};
+}
+
 Tensor3 fwd_cuda(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tensor &v_in,
                  const at::Tensor &gamma_in, double gamma_reverse, double scale,
                  int64_t text_begin, int64_t text_end, bool return_text_mass, int64_t q_text_begin,
@@ -472,12 +480,9 @@ Tensor3 fwd_cuda(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tenso
   check_cuda_dtype(q_in);
   check_cuda_keys(k_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const int64_t B = q_in.size(0), N = q_in.size(1), H = q_in.size(2);
-  at::Tensor out = alloc_like(q_in, q_in.scalar_type());
-  at::Tensor lse = at::empty({B, H, N}, q_in.options().dtype(at::kFloat));
-  at::Tensor tm = return_text_mass ? at::empty({B, H, N}, q_in.options().dtype(at::kFloat))
-                                   : at::empty({0}, q_in.options().dtype(at::kFloat));
-  if (B * N * H == 0) return {out, lse, tm};
+  at::Tensor out, lse, tm;
+  std::tie(out, lse, tm) = cuda_fwd_outputs(q_in, return_text_mass);
+  if (q_in.size(0) * q_in.size(1) * q_in.size(2) == 0) return {out, lse, tm};
   at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   at::Tensor gamma = gamma_in.contiguous();
   at::Tensor mask_keep;
@@ -542,12 +547,9 @@ Tensor3 fwd_fp8_cuda(const at::Tensor &q_in, const at::Tensor &k_in, const at::T
   check_cuda_keys(k_in);
   TORCH_CHECK_VALUE(q_in.size(3) == 128, "taca: fp8=True takes head dim 128, got ", q_in.size(3));
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const int64_t B = q_in.size(0), N = q_in.size(1), H = q_in.size(2);
-  at::Tensor out = alloc_like(q_in, q_in.scalar_type());
-  at::Tensor lse = at::empty({B, H, N}, q_in.options().dtype(at::kFloat));
-  at::Tensor tm = return_text_mass ? at::empty({B, H, N}, q_in.options().dtype(at::kFloat))
-                                   : at::empty({0}, q_in.options().dtype(at::kFloat));
-  if (B * N * H == 0) return {out, lse, tm};
+  at::Tensor out, lse, tm;
+  std::tie(out, lse, tm) = cuda_fwd_outputs(q_in, return_text_mass);
+  if (q_in.size(0) * q_in.size(1) * q_in.size(2) == 0) return {out, lse, tm};
   // 16-byte rows for the quantization passes' loads: copy what is not so aligned
   auto rows16 = [](const at::Tensor &t) {
     at::Tensor u = unit_last_stride(t);

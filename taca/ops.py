@@ -3,6 +3,7 @@
 The compiled kernels are reached through ``torch.ops.taca.fwd`` / ``torch.ops.taca.bwd``
 (csrc/bind_torch.cpp), which take (B, N, H, D) views; this module registers their fake
 impls (for torch.compile) and the autograd formula of ``fwd`` (its backward is ``bwd``).
+``torch.ops.taca.fwd_fp8`` is the opt-in FP8 forward (``joint_attention(fp8=True)``; CUDA only, no autograd).
 
 Dispatch (backend="auto"): CPU tensors -> the C kernel; CUDA float16/bfloat16 tensors with a
 head dim in ``CUDA_HEAD_DIMS``, batch / heads within the kernels' grid limits and at least one key

@@ -86,21 +86,17 @@ def regs(n0, cnt):
     return ",".join(f"%{i}" for i in range(n0, n0 + cnt))
 
 
-def gen():
-    out = [HEAD]
-    for T, ptx in DTYPES:
-        for N in NS + NS_S_ONLY:
-            R = N // 2
-            dops = ", ".join(f'"+f"(d[{i}])' for i in range(R))
-            TA = 0  # A K-major only (SS_TB's comment)
-            for TB in (SS_TB if N in NS else (0,)):
-                out.append(f"""template <>
+def ss(T, N, shape, types, imm, TA, TB):
+    """wgmma_ss<T, N, TA, TB>: A and B from shared-memory descriptors; imm: the trailing immediates."""
+    R = N // 2
+    dops = ", ".join(f'"+f"(d[{i}])' for i in range(R))
+    return f"""template <>
 __device__ __forceinline__ void wgmma_ss<{T}, {N}, {TA}, {TB}>(float *d, uint64_t da, uint64_t db, int acc) {{
 #if TACA_SM90A
     asm volatile(
         "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{R + 2}, 0;\\n"
-        "wgmma.mma_async.sync.aligned.m64n{N}k16.f32.{ptx}.{ptx} "
-        "{{{regs(0, R)}}}, %{R}, %{R + 1}, p, 1, 1, {TA}, {TB};\\n}}\\n"
+        "wgmma.mma_async.sync.aligned.{shape}.f32.{types} "
+        "{{{regs(0, R)}}}, %{R}, %{R + 1}, p, {imm};\\n}}\\n"
         : {dops}
         : "l"(da), "l"(db), "r"(acc));
 #else
@@ -108,15 +104,20 @@ __device__ __forceinline__ void wgmma_ss<{T}, {N}, {TA}, {TB}>(float *d, uint64_
     __trap();
 #endif
 }}
-""")
-            for TB in (RS_TB if N in NS else ()):
-                out.append(f"""template <>
+"""
+
+
+def rs(T, N, shape, types, imm, TB):
+    """wgmma_rs<T, N, TB>: A from four 32-bit registers, B from a descriptor."""
+    R = N // 2
+    dops = ", ".join(f'"+f"(d[{i}])' for i in range(R))
+    return f"""template <>
 __device__ __forceinline__ void wgmma_rs<{T}, {N}, {TB}>(float *d, const uint32_t *a, uint64_t db, int acc) {{
 #if TACA_SM90A
     asm volatile(
         "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{R + 5}, 0;\\n"
-        "wgmma.mma_async.sync.aligned.m64n{N}k16.f32.{ptx}.{ptx} "
-        "{{{regs(0, R)}}}, {{%{R},%{R + 1},%{R + 2},%{R + 3}}}, %{R + 4}, p, 1, 1, {TB};\\n}}\\n"
+        "wgmma.mma_async.sync.aligned.{shape}.f32.{types} "
+        "{{{regs(0, R)}}}, {{%{R},%{R + 1},%{R + 2},%{R + 3}}}, %{R + 4}, p, {imm};\\n}}\\n"
         : {dops}
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
 #else
@@ -124,40 +125,21 @@ __device__ __forceinline__ void wgmma_rs<{T}, {N}, {TB}>(float *d, const uint32_
     __trap();
 #endif
 }}
-""")
-    for N in FP8_NS:
-        R = N // 2
-        dops = ", ".join(f'"+f"(d[{i}])' for i in range(R))
-        out.append(f"""template <>
-__device__ __forceinline__ void wgmma_ss<__nv_fp8_e4m3, {N}, 0, 0>(float *d, uint64_t da, uint64_t db, int acc) {{
-#if TACA_SM90A
-    asm volatile(
-        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{R + 2}, 0;\\n"
-        "wgmma.mma_async.sync.aligned.m64n{N}k32.f32.e4m3.e4m3 "
-        "{{{regs(0, R)}}}, %{R}, %{R + 1}, p, 1, 1;\\n}}\\n"
-        : {dops}
-        : "l"(da), "l"(db), "r"(acc));
-#else
-    (void)d; (void)da; (void)db; (void)acc;
-    __trap();
-#endif
-}}
-""")
-        out.append(f"""template <>
-__device__ __forceinline__ void wgmma_rs<__nv_fp8_e4m3, {N}, 0>(float *d, const uint32_t *a, uint64_t db, int acc) {{
-#if TACA_SM90A
-    asm volatile(
-        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{R + 5}, 0;\\n"
-        "wgmma.mma_async.sync.aligned.m64n{N}k32.f32.e4m3.e4m3 "
-        "{{{regs(0, R)}}}, {{%{R},%{R + 1},%{R + 2},%{R + 3}}}, %{R + 4}, p, 1, 1;\\n}}\\n"
-        : {dops}
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
-#else
-    (void)d; (void)a; (void)db; (void)acc;
-    __trap();
-#endif
-}}
-""")
+"""
+
+
+def gen():
+    out = [HEAD]
+    for T, ptx in DTYPES:
+        for N in NS + NS_S_ONLY:
+            TA = 0  # A K-major only (SS_TB's comment)
+            for TB in (SS_TB if N in NS else (0,)):
+                out.append(ss(T, N, f"m64n{N}k16", f"{ptx}.{ptx}", f"1, 1, {TA}, {TB}", TA, TB))
+            for TB in (RS_TB if N in NS else ()):
+                out.append(rs(T, N, f"m64n{N}k16", f"{ptx}.{ptx}", f"1, 1, {TB}", TB))
+    for N in FP8_NS:  # no transpose immediates for 8-bit types
+        out.append(ss("__nv_fp8_e4m3", N, f"m64n{N}k32", "e4m3.e4m3", "1, 1", 0, 0))
+        out.append(rs("__nv_fp8_e4m3", N, f"m64n{N}k32", "e4m3.e4m3", "1, 1", 0))
     out.append("}  // namespace taca_wgmma\n\n#endif  /* TACA_WGMMA_CUH_ */\n")
     return "\n".join(s for s in out if s)
 
