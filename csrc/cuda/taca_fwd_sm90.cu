@@ -379,7 +379,8 @@ namespace taca_fwd90 {
  * overlap this one's last products and epilogue); 14 is it with one CTA per item (the default
  * before). Wider key tiles (WsCfg's BC): D = 128, 15: the default with 160-key tiles (shared memory
  * allows no more with two Q buffers), 16: 192-key tiles, one CTA per item; D = 64, 15 / 16: the
- * default with 192- / 160-key tiles (256 keys made ptxas serialize the wgmmas for registers). */
+ * default with 192- / 160-key tiles (256 keys made ptxas serialize the wgmmas for registers); 17: the persistent kernel
+ * with three consumer warpgroups (192-row CTAs, 128-key tiles; compiled, not yet timed: KERNEL_LOG nineteenth session). */
 template <typename T, int D>
 int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
     if (a.spans || a.mask.data) {  // per-sample spans or a mask: the default tiling's FEAT instance
@@ -424,6 +425,7 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
             const int bc = variant == 0 ? d64_key_tile(a.nk) : variant == 15 ? 192 : variant == 16 ? 160 : 128;
             const int st = variant == 11   ? launch_ws<T, WsCfg<2, true, true, 64>>(a, batch, heads, stream)
                            : variant == 12 ? launch_ws<T, WsCfg<4, false, true, 64>>(a, batch, heads, stream)
+                           : variant == 17 ? launch_ws<T, WsCfg<2, false, true, 64, true, 128, 3>>(a, batch, heads, stream)
                            : variant == 14 ? launch_ws<T, WsCfg<2, false, true, 64>>(a, batch, heads, stream)
                            : bc == 192     ? launch_ws<T, WsCfg<2, false, true, 64, true, 192>>(a, batch, heads, stream)
                            : bc == 160     ? launch_ws<T, WsCfg<2, false, true, 64, true, 160>>(a, batch, heads, stream)

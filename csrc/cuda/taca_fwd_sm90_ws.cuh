@@ -3,7 +3,8 @@
  * both, and variants 10..12 of taca_fwd_sm90.cu); included by that file only.
  *
  * Same math and outputs as taca_fwd_sm90_kernel; what differs is who loads and who waits:
- *   CTA = 3 warpgroups, 384 threads, BR = 128 query rows, BC = 128-key tiles.
+ *   CTA = 3 warpgroups, 384 threads, BR = 128 query rows, BC = 128-key tiles (WsCfg's NC = 3: 4 warpgroups,
+ *   512 threads, BR = 192, three consumers taking turns round robin; a variant at D = 64).
  *   warpgroup 0 (producer): setmaxnreg down to 24; one thread issues TMA tile loads
  *     (cuTensorMapEncodeTiled maps, 128B swizzle done by the copy engine, rows >= n zero-filled)
  *     of Q once and of K_j, V_j into a ring of STAGES buffers each, gated by per-buffer
@@ -33,12 +34,16 @@
 
 namespace taca_fwd90 {
 
-template <int STAGES_, bool OVERLAP_, bool PINGPONG_, int DP_ = 128, bool PERSIST_ = false, int BC_ = 128>
+template <int STAGES_, bool OVERLAP_, bool PINGPONG_, int DP_ = 128, bool PERSIST_ = false, int BC_ = 128, int NC_ = 2>
 struct WsCfg {
     // DP: 128 or 64. BC: keys per tile: 128 at D = 128 and in the FEAT instances; the D = 64 default picks 128, 160 or
     // 192 by key count (d64_key_tile, taca_fwd_sm90.cu); fewer tiles amortize each tile's softmax bookkeeping and
     // turn hand-offs over more products (FA3 takes 176 at D = 128; here wider tiles were slower on FLUX, KERNEL_LOG).
-    static constexpr int DP = DP_, BC = BC_, BR = 128, STAGES = STAGES_;
+    // NC: consumer warpgroups of 64 rows each (2; 3 = FA3's 192-row CTAs at D = 64, a variant: with three the
+    // softmax chains of two overlap the third's products; 160 registers a consumer thread instead of 240)
+    static constexpr int NC = NC_;
+    static constexpr int DP = DP_, BC = BC_, BR = 64 * NC, STAGES = STAGES_;
+    static constexpr int CONS_REG = NC == 2 ? 240 : 160;
     // OVERLAP: softmax of S_j starts once S_j landed, while P_{j-1} V_{j-1} still runs (FA3's
     // intra-warpgroup overlap); O is rescaled after that product landed.
     static constexpr bool OVERLAP = OVERLAP_;
@@ -47,7 +52,7 @@ struct WsCfg {
     // item's Q and first K / V tiles load during this item's last products and epilogue
     static constexpr bool PERSIST = PERSIST_;
     static constexpr int NQBUF = PERSIST ? 2 : 1;
-    static constexpr int THREADS = 384;
+    static constexpr int THREADS = 128 * (NC + 1);
     static constexpr int NT = BC / 8, DT = DP / 8;
     static constexpr uint32_t Q_BYTES = BR * DP * 2;
     static constexpr uint32_t KV_BYTES = BC * DP * 2;
@@ -56,6 +61,7 @@ struct WsCfg {
     static constexpr int KT_SLOTS = 2 * STAGES;
     static constexpr size_t KT_BYTES = KT_SLOTS * (BC * 4 + 16);
     static_assert(DP == 64 || DP == 128, "head dim");
+    static_assert(NC == 2 || (NC == 3 && PERSIST && PINGPONG && !OVERLAP), "three consumers: the persistent ping-pong form");
     static_assert(BC % 32 == 0 && BC <= 256, "key tile: a multiple of 32 keys (the key-mask terms), at most 256");
     static_assert(SMEM <= 232448, "shared memory");
 };
@@ -126,13 +132,13 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
     if (tid == 0) {
         for (int qb = 0; qb < C::NQBUF; ++qb) {
             mbar_init(full_q(qb), 1);
-            mbar_init(empty_q(qb), 256);  // every consumer thread after its epilogue (PERSIST)
+            mbar_init(empty_q(qb), 128 * C::NC);  // every consumer thread after its epilogue (PERSIST)
         }
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(full_k(s), 1);
             mbar_init(full_v(s), 1);
-            mbar_init(empty_k(s), 8);  // lane 0 of each of the 8 consumer warps
-            mbar_init(empty_v(s), 8);
+            mbar_init(empty_k(s), 4 * C::NC);  // lane 0 of each consumer warp
+            mbar_init(empty_v(s), 4 * C::NC);
         }
         mbar_init_fence();
     }
@@ -242,7 +248,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
         }
         return;
     }
-    setmaxnreg_inc<240>();
+    setmaxnreg_inc<C::CONS_REG>();
 
     const int c = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31;
     const int wrow0 = c * 64 + warp * 16;  // this warp's first row in the CTA tile
@@ -272,7 +278,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
         const uint64_t d_qw = desc_sw128(q_wg);    // advanced per k-step (desc_advance)
 
         mbar_wait(full_q(qb), (i / C::NQBUF) & 1);
-        if (C::PINGPONG && c == 1) named_bar_arrive(BAR_TURN + 0, 256);  // consumer 0 takes the first turn
+        if (C::PINGPONG && c == C::NC - 1) named_bar_arrive(BAR_TURN + 0, 256);  // consumer 0 takes the first turn
         uint32_t pa[BC / 16][4];  // P of the previous tile, A operand of its P V product
         const int64_t mbase = MK ? (int64_t)b * a.mask.b + (int64_t)h * a.mask.h : 0;
         // One key tile j (ring position jbase + j); FIRST (tile 0) has no previous P V. Two instances so
@@ -302,7 +308,11 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
                 wgmma_commit();  // group: P_{j-1} V_{j-1}
             }
             // pass the turn; consumer 1's last pass would have no taker (consumer 0 is done)
-            if (C::PINGPONG && (c == 0 || j + 1 < nkv)) named_bar_arrive(BAR_TURN + (1 - c), 256);
+            if constexpr (C::NC == 2) {
+                if (C::PINGPONG && (c == 0 || j + 1 < nkv)) named_bar_arrive(BAR_TURN + (1 - c), 256);
+            } else {  // round robin: the last consumer's last pass would have no taker
+                if (c + 1 < C::NC || j + 1 < nkv) named_bar_arrive(BAR_TURN + (c + 1 < C::NC ? c + 1 : 0), 256);
+            }
             constexpr bool LATE_O = C::OVERLAP && !FIRST;  // O and P still in flight during the softmax
             if constexpr (LATE_O) {
                 wgmma_wait<1>();
