@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_attention_gpu import SHAPES  # noqa: E402
+from benchmarks.bwd_breakdown import kernel_times  # noqa: E402
 
 SHAPES_128 = {k: v for k, v in SHAPES.items() if v[2] == 128}
 
@@ -37,25 +38,6 @@ def _bench(fn):
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=10, rep=80, return_mode="median")
-
-
-def _kernel_times(fn, calls=10):
-    """{kernel name: device us per call} over `calls` calls (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    out = {}
-    for e in prof.key_averages():
-        if str(getattr(e, "device_type", "")).endswith("CUDA"):
-            t = getattr(e, "device_time_total", 0.0) or getattr(e, "cuda_time_total", 0.0)
-            if t:
-                out[e.key[:60]] = t / calls
-    return out
 
 
 def main(argv=None) -> int:
@@ -82,30 +64,27 @@ def main(argv=None) -> int:
         kw = dict(text_len=L, text_first=first, gamma=1.2)
         flops = 4.0 * B * H * N * N * D
 
-        def fp8_call(variant=None):
-            def f():
-                if variant is None:
-                    os.environ.pop("TACA_FP8_VARIANT", None)
-                else:
-                    os.environ["TACA_FP8_VARIANT"] = str(variant)
-                return taca.joint_attention(q, k, v, fp8=True, **kw)
-            return f
-
-        methods = {
-            "cudnn": lambda: _cudnn(q, k, v),
-            "taca_bf16": lambda: taca.joint_attention(q, k, v, **kw),
-            "taca_fp8": fp8_call(),
+        fp8 = lambda: taca.joint_attention(q, k, v, fp8=True, **kw)  # noqa: E731
+        methods = {  # name: (call, TACA_FP8_VARIANT or None)
+            "cudnn": (lambda: _cudnn(q, k, v), None),
+            "taca_bf16": (lambda: taca.joint_attention(q, k, v, **kw), None),
+            "taca_fp8": (fp8, None),
         }
         for var in filter(None, args.variants.split(",")):
-            methods[f"taca_fp8@v{var}"] = fp8_call(int(var))
+            methods[f"taca_fp8@v{var}"] = (fp8, var)
         times = {m: [] for m in methods}
         with torch.no_grad():
             for r in range(args.rounds):
                 order = list(methods) if r % 2 == 0 else list(methods)[::-1]
                 for m in order:
-                    times[m].append(_bench(methods[m]))
+                    fn, var = methods[m]
+                    if var is None:
+                        os.environ.pop("TACA_FP8_VARIANT", None)
+                    else:
+                        os.environ["TACA_FP8_VARIANT"] = var
+                    times[m].append(_bench(fn))
             os.environ.pop("TACA_FP8_VARIANT", None)
-            split = _kernel_times(methods["taca_fp8"])
+            split = kernel_times(fp8, 10, warmup=1)
         base = statistics.median(times["cudnn"])
         for m, ts in times.items():
             ms = statistics.median(ts)
@@ -142,7 +121,7 @@ def main(argv=None) -> int:
     for r in rows:
         if r["method"] == "taca_fp8 kernels":
             print(f"{r['shape']}: fp8 call device us: quantization {r['quant_us']:.1f}, attention {r['attn_us']:.1f}; "
-                  + ", ".join(f"{k2} {v2:.1f}" for k2, v2 in r["split_us"].items()))
+                  + ", ".join(f"{k2[:60]} {v2:.1f}" for k2, v2 in r["split_us"].items()))
         if r["method"] == "error":
             print(f"{r['shape']} error vs fp32 exact: bf16 max {r['bf16_max']:.3e} relRMS {r['bf16_rel_rms']:.2e}; "
                   f"fp8 max {r['fp8_max']:.3e} relRMS {r['fp8_rel_rms']:.2e} cos {r['fp8_cos']:.6f}; "

@@ -44,14 +44,11 @@ def _methods(shape):
     }
 
 
-def _profile(fn, q, k, v, do, iters):
+def kernel_times(step, iters, warmup=5):
+    """{CUDA kernel name: device us per call of step}, sorted by time, over iters calls (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    def step():
-        out = fn(q, k, v)
-        out.backward(do)
-
-    for _ in range(5):
+    for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -63,6 +60,14 @@ def _profile(fn, q, k, v, do, iters):
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             per[ev.name] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
     return {k: v / iters for k, v in sorted(per.items(), key=lambda kv: -kv[1])}
+
+
+def _profile(fn, q, k, v, do, iters):
+    def step():
+        out = fn(q, k, v)
+        out.backward(do)
+
+    return kernel_times(step, iters)
 
 
 def main() -> int:

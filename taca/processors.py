@@ -147,9 +147,8 @@ class TacaProcessor:
         if scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
         kw = dict(text_len=text_len, text_first=self.text_first, gamma=gamma, gamma_reverse=self.gamma_reverse,
-                  scale=scale, layout=self.layout, backend=self.backend, deterministic=self.deterministic, **extra)
-        if self.fp8:
-            kw["fp8"] = True
+                  scale=scale, layout=self.layout, backend=self.backend, deterministic=self.deterministic,
+                  fp8=self.fp8, **extra)
         if not record:
             return joint_attention(q, k, v, **kw)
         out, lse, text_mass = joint_attention(q, k, v, return_lse=True, return_text_mass=True, **kw)

@@ -401,34 +401,27 @@ def attention_fp8_ref(
     makes) instead of in float32: its rounding is relative to the largest term of each sum (about 2^-12 of it on an
     H200), not to each logit."""
     f = quantize_fp8(q, k, v, layout)
-    rows = lambda s, n: s.repeat_interleave(FP8_TILE, dim=2)[:, :, :n, None]  # noqa: E731
-    qd = f.q8.float() * rows(f.q_scale, f.q8.shape[2])
-    kd = f.k8.float() * rows(f.k_scale, f.k8.shape[2])
+    B, H, Nq, D = f.q8.shape
+    Hkv, Nk = f.k8.shape[1], f.k8.shape[2]
+    q_rows = f.q_scale.repeat_interleave(FP8_TILE, dim=2)[:, :, :Nq, None]
+    k_rows = f.k_scale.repeat_interleave(FP8_TILE, dim=2)[:, :, :Nk, None]
     span_kw = dict(text_len=text_len, text_first=text_first, gamma=gamma, gamma_reverse=gamma_reverse,
                    scale=scale, text_start=text_start, query_text_start=query_text_start,
                    query_text_len=query_text_len)
     if not round_p:
-        vd = f.v8.float() * f.v_scale[:, :, None, :]
-        out, lse, tm = attention_ref(qd, kd, vd, layout="bhnd", upcast=torch.float32, **span_kw)
+        out, lse, tm = attention_ref(f.q8.float() * q_rows, f.k8.float() * k_rows, f.v8.float() * f.v_scale[:, :, None, :],
+                                     layout="bhnd", upcast=torch.float32, **span_kw)
         return _from_bhnd(out, layout), lse, tm
-    B, H, Nq, D = qd.shape
-    Hkv, Nk = kd.shape[1], kd.shape[2]
-    v8, vs = f.v8.float(), f.v_scale
-    if Hkv != H:
-        kd = kd.repeat_interleave(H // Hkv, dim=1)
-        v8, vs = v8.repeat_interleave(H // Hkv, dim=1), vs.repeat_interleave(H // Hkv, dim=1)
+    rep = lambda x: x if Hkv == H else x.repeat_interleave(H // Hkv, dim=1)  # noqa: E731
+    k8, k_rows, v8, vs = rep(f.k8), rep(k_rows), rep(f.v8.float()), rep(f.v_scale)
     s = math.sqrt(1.0 / D) if scale is None else scale
-    m = logit_multiplier(Nq, text_len, text_first, gamma, gamma_reverse, B, qd.device, torch.float32, n_k=Nk,
+    m = logit_multiplier(Nq, text_len, text_first, gamma, gamma_reverse, B, f.q8.device, torch.float32, n_k=Nk,
                          text_start=text_start, query_text_start=query_text_start, query_text_len=query_text_len)
     if fp8_matmul:
-        k8 = f.k8 if Hkv == H else f.k8.repeat_interleave(H // Hkv, dim=1)
         prod = _fp8_products(f.q8, k8)
-        qs = f.q_scale.repeat_interleave(FP8_TILE, dim=2)[:, :, :Nq, None]
-        ks = (f.k_scale if Hkv == H else f.k_scale.repeat_interleave(H // Hkv, dim=1))
-        ks = ks.repeat_interleave(FP8_TILE, dim=2)[:, :, None, :Nk]
-        logits = prod * qs * ks * s * m
     else:
-        logits = torch.matmul(qd, kd.transpose(-1, -2)) * s * m
+        prod = torch.matmul(f.q8.float(), k8.float().transpose(-1, -2))
+    logits = prod * q_rows * k_rows.transpose(-1, -2) * s * m
     if logits_dtype is not None:
         logits = logits.to(logits_dtype).float()
     mx = logits.amax(dim=-1, keepdim=True)
@@ -436,13 +429,14 @@ def attention_fp8_ref(
     total = e.sum(-1, keepdim=True)
     out = torch.matmul(e.to(torch.float8_e4m3fn).float(), v8) * vs[:, :, None, :] / total
     spans = resolve_spans(Nq, Nk, text_len, text_first, text_start, query_text_start, query_text_len)
-    k_text = span_masks(spans, B, Nq, Nk, qd.device)[1]
+    k_text = span_masks(spans, B, Nq, Nk, f.q8.device)[1]
     tm = (e * k_text[:, None, None, :].float()).sum(-1) / total.squeeze(-1)
     return _from_bhnd(out, layout), (mx + torch.log(total)).squeeze(-1), tm
 
 
-def _fp8_products(q8: torch.Tensor, k8: torch.Tensor) -> torch.Tensor:
-    """q8 k8^T per (batch, head) by torch._scaled_mm with fast accumulation (float32 out): (B, H, N_q, N_k)."""
+def _fp8_products(q8: torch.Tensor, k8: torch.Tensor, fast_accum: bool = True) -> torch.Tensor:
+    """q8 k8^T per (batch, head) by torch._scaled_mm, float32 out, fast accumulation by default (the tensor cores'
+    own, as the kernel's wgmma accumulates): (B, H, N_q, N_k)."""
     B, H, Nq, _ = q8.shape
     Nk = k8.shape[2]
     pad = lambda x: F.pad(x.view(torch.uint8), (0, 0, 0, (-x.shape[0]) % 16)).view(torch.float8_e4m3fn)  # noqa: E731
@@ -451,6 +445,6 @@ def _fp8_products(q8: torch.Tensor, k8: torch.Tensor) -> torch.Tensor:
     for b in range(B):
         for h in range(H):
             r = torch._scaled_mm(pad(q8[b, h]), pad(k8[b, h]).t(), one, one, out_dtype=torch.float32,
-                                 use_fast_accum=True)
+                                 use_fast_accum=fast_accum)
             out[b, h] = r[:Nq, :Nk]
     return out

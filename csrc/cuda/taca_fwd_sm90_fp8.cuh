@@ -452,29 +452,31 @@ static inline bool encode_u8_map(CUtensorMap *m, const void *base, const int64_t
               CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-/* Quantize q, k, v into the workspace (layout L), then the attention kernel. */
-template <typename T>
-int launch_fp8(const FwdArgs &a, int variant, int batch, int heads, void *ws, cudaStream_t stream) {
+/* Quantize q, k, v into the workspace (taca_fwd::fp8_layout), then the attention kernel of configuration C. */
+template <typename T, typename C>
+int launch_fp8_cfg(const FwdArgs &a, int batch, int heads, void *ws, cudaStream_t stream) {
+    auto kernel = taca_fwd_fp8_kernel<T, C>;
     const int hkv = heads / a.group;
     const Fp8Layout L = taca_fwd::fp8_layout(batch, heads, hkv, a.n, a.nk);
+    const int64_t items = (int64_t)L.nqt * heads * batch;
+    if (items > INT32_MAX) return TACA_ERR_UNSUPPORTED;
+    cudaFuncAttributes attr;
+    TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_fwd_fp8_cuda: cudaFuncGetAttributes");
+    if (attr.binaryVersion != 90) return TACA_ERR_UNSUPPORTED;
     unsigned char *w = static_cast<unsigned char *>(ws);
     uint8_t *q8 = w + L.q8, *k8 = w + L.k8, *v8 = w + L.v8;
     float *qs = reinterpret_cast<float *>(w + L.qs), *ks = reinterpret_cast<float *>(w + L.ks);
     unsigned int *vmax = reinterpret_cast<unsigned int *>(w + L.vs);
-    // variant: the K / V ring's stages, 0 = 3 (the default: 1-2% faster than 2 on FLUX shapes, H200, KERNEL_LOG),
-    // 2, 3 or 4; + 10: the intra-warpgroup overlap (OVERLAP; measured no faster)
-    const int stages = variant % 10 == 2 ? 2 : variant % 10 == 4 ? 4 : 3;
-    const bool ovl = variant >= 10;
-    auto kernel = stages == 3 ? (ovl ? taca_fwd_fp8_kernel<T, Fp8Cfg<3, true>> : taca_fwd_fp8_kernel<T, Fp8Cfg<3>>)
-                  : stages == 4 ? (ovl ? taca_fwd_fp8_kernel<T, Fp8Cfg<4, true>> : taca_fwd_fp8_kernel<T, Fp8Cfg<4>>)
-                  : (ovl ? taca_fwd_fp8_kernel<T, Fp8Cfg<2, true>> : taca_fwd_fp8_kernel<T, Fp8Cfg<2>>);
-    const size_t smem = stages == 3 ? Fp8Cfg<3>::SMEM : stages == 4 ? Fp8Cfg<4>::SMEM : Fp8Cfg<2>::SMEM;
-    cudaFuncAttributes attr;
-    TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_fwd_fp8_cuda: cudaFuncGetAttributes");
-    if (attr.binaryVersion != 90) return TACA_ERR_UNSUPPORTED;
     Fp8Args p;
     memset(&p, 0, sizeof(p));
     p.a = a;
+    p.qs = qs;
+    p.ks = ks;
+    p.vmax = vmax;
+    p.heads = heads;
+    p.items = static_cast<int>(items);
+    p.nqt = L.nqt;
+    p.nkt = L.nkt;
     const int64_t qdims[4] = {128, a.n, heads, batch}, kdims[4] = {128, a.nk, hkv, batch};
     const int64_t vdims[4] = {L.nk16, 128, hkv, batch};
     if (!encode_u8_map(&p.tq, q8, qdims, 128, 128) || !encode_u8_map(&p.tk, k8, kdims, 128, 128) ||
@@ -483,7 +485,7 @@ int launch_fp8(const FwdArgs &a, int variant, int batch, int heads, void *ws, cu
     int sms = 0;
     const int st = device_sm_count(&sms, "taca_fwd_fp8_cuda: SM count");
     if (st != TACA_OK) return st;
-    TACA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+    TACA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM),
                   "taca_fwd_fp8_cuda: cudaFuncSetAttribute");
 
     const T *q = static_cast<const T *>(a.q), *k = static_cast<const T *>(a.k), *v = static_cast<const T *>(a.v);
@@ -494,18 +496,24 @@ int launch_fp8(const FwdArgs &a, int variant, int batch, int heads, void *ws, cu
     fp8_quant_v<T><<<dim3(L.nkt, hkv, batch), 256, 0, stream>>>(v, a.vb, a.vn, a.vh, a.nk, L.nk16, vmax, v8);
     const int rc = taca_cuda_check_launch("taca_fwd_fp8_cuda: quantization");
     if (rc != TACA_OK) return rc;
-
-    p.qs = qs;
-    p.ks = ks;
-    p.vmax = vmax;
-    p.heads = heads;
-    p.nqt = L.nqt;
-    p.nkt = L.nkt;
-    const int64_t items = (int64_t)L.nqt * heads * batch;
-    if (items > INT32_MAX) return TACA_ERR_UNSUPPORTED;
-    p.items = static_cast<int>(items);
-    kernel<<<static_cast<unsigned>(items < sms ? items : sms), 384, smem, stream>>>(p);
+    kernel<<<static_cast<unsigned>(items < sms ? items : sms), C::THREADS, C::SMEM, stream>>>(p);
     return taca_cuda_check_launch("taca_fwd_fp8_cuda: kernel launch");
+}
+
+/* variant: the K / V ring's stages, 0 = 3 (the default; 2 and 3 measured within noise of each other on FLUX shapes,
+ * H200, KERNEL_LOG), 2, 3 or 4; + 10: the intra-warpgroup overlap (OVERLAP; measured 1-6% slower). */
+template <typename T>
+int launch_fp8(const FwdArgs &a, int variant, int batch, int heads, void *ws, cudaStream_t stream) {
+    const int stages = variant % 10 == 2 ? 2 : variant % 10 == 4 ? 4 : 3;
+    const bool ovl = variant >= 10;
+    if (stages == 2)
+        return ovl ? launch_fp8_cfg<T, Fp8Cfg<2, true>>(a, batch, heads, ws, stream)
+                   : launch_fp8_cfg<T, Fp8Cfg<2>>(a, batch, heads, ws, stream);
+    if (stages == 4)
+        return ovl ? launch_fp8_cfg<T, Fp8Cfg<4, true>>(a, batch, heads, ws, stream)
+                   : launch_fp8_cfg<T, Fp8Cfg<4>>(a, batch, heads, ws, stream);
+    return ovl ? launch_fp8_cfg<T, Fp8Cfg<3, true>>(a, batch, heads, ws, stream)
+               : launch_fp8_cfg<T, Fp8Cfg<3>>(a, batch, heads, ws, stream);
 }
 
 }  // namespace taca_fwd90

@@ -83,6 +83,9 @@ def load() -> Optional[ctypes.CDLL]:
         lib = ctypes.CDLL(path)
         lib.taca_fwd_cuda_variant.argtypes = [ctypes.POINTER(FwdParams), ctypes.c_void_p, ctypes.c_int]
         lib.taca_fwd_cuda_variant.restype = ctypes.c_int
+        lib.taca_fwd_fp8_cuda_variant.argtypes = [ctypes.POINTER(FwdParams), ctypes.c_void_p, ctypes.c_size_t,
+                                                  ctypes.c_void_p, ctypes.c_int]
+        lib.taca_fwd_fp8_cuda_variant.restype = ctypes.c_int
         lib.taca_last_cuda_error.restype = ctypes.c_char_p
         _LIB = lib
     return _LIB
@@ -96,10 +99,10 @@ def _strides(x: torch.Tensor, layout: str) -> Strides:
     return Strides(x.stride(0), x.stride(1), x.stride(2))
 
 
-def fwd_status(q, k, v, out, lse, tm, *, text_len, text_first=True, gamma=1.0, gamma_reverse=1.0,
-               scale=None, layout="bhnd", variant=0, dtype_code=None) -> int:
-    """Call taca_fwd_cuda_variant on caller-provided tensors; returns the taca_status."""
-    lib = load()
+def fwd_params(q, k, v, out, lse, tm, *, text_len, text_first=True, gamma=1.0, gamma_reverse=1.0,
+               scale=None, layout="bhnd", dtype_code=None) -> Tuple["FwdParams", torch.Tensor]:
+    """The taca_fwd_params of these tensors (N_q = N_k, H_kv = H), and the (B,) gamma tensor they point into
+    (keep it alive, and record it on the stream, until the call completed)."""
     B = q.shape[0]
     N, H = (q.shape[2], q.shape[1]) if layout == "bhnd" else (q.shape[1], q.shape[2])
     D = q.shape[3]
@@ -121,8 +124,24 @@ def fwd_status(q, k, v, out, lse, tm, *, text_len, text_first=True, gamma=1.0, g
     p.scale = float(D ** -0.5 if scale is None else scale)
     p.dtype = _DTYPES[q.dtype] if dtype_code is None else dtype_code
     p.num_threads = 0
-    st = lib.taca_fwd_cuda_variant(ctypes.byref(p), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream),
-                                   variant)
+    return p, g
+
+
+def fwd_status(q, k, v, out, lse, tm, *, variant=0, **kw) -> int:
+    """Call taca_fwd_cuda_variant on caller-provided tensors (fwd_params' arguments); returns the taca_status."""
+    p, g = fwd_params(q, k, v, out, lse, tm, **kw)
+    st = load().taca_fwd_cuda_variant(ctypes.byref(p), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream),
+                                      variant)
+    g.record_stream(torch.cuda.current_stream())
+    return st
+
+
+def fwd_fp8_status(q, k, v, out, lse, tm, workspace, *, variant=0, **kw) -> int:
+    """Call taca_fwd_fp8_cuda_variant with a caller-provided workspace (a CUDA uint8 tensor), so its quantized
+    inputs can be read back; returns the taca_status."""
+    p, g = fwd_params(q, k, v, out, lse, tm, **kw)
+    st = load().taca_fwd_fp8_cuda_variant(ctypes.byref(p), ctypes.c_void_p(workspace.data_ptr()), workspace.numel(),
+                                          ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), variant)
     g.record_stream(torch.cuda.current_stream())
     return st
 
