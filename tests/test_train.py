@@ -1,7 +1,8 @@
 """taca train on tiny FLUX and SD3.5 pipelines saved with save_pretrained (random weights, CPU):
 the loss falls on a fixed batch, gamma is on in every training forward for every sample, the
 control LoRA runs stock attention, the adapter loads through diffusers and taca.enable, resuming
-is bitwise exact, two processes under accelerate launch match one, bad input fails early."""
+is bitwise exact, two processes under accelerate launch (DDP, and FSDP2 with its checkpoints resumable
+across layouts) match one, bad input fails early."""
 import json
 import os
 import subprocess
@@ -269,6 +270,89 @@ def test_two_processes_match_one(models, data, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+
+
+def _launch_fsdp2(args, out, port):
+    """taca train in 2 CPU processes under accelerate's FSDP2 path (examples/accelerate_fsdp2.yaml,
+    through tests/fsdp_cpu.py: accelerate selects FSDP only on GPUs)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", NCCL_NVLS_ENABLE="0")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(root, "examples", "accelerate_fsdp2.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+           "--main_process_port", str(port), os.path.join(root, "tests", "fsdp_cpu.py"), "train", *args,
+           "--out", str(out), "--batch-size", "1"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout + p.stderr  # taca train's messages go through tqdm.write (stdout)
+
+
+def test_fsdp2_matches_one_process_and_checkpoints_cross_layouts(models, data, tmp_path):
+    """FSDP2 (2 CPU processes, batch 1 each, every block and the LoRA sharded) against 1 process
+    with batch 2: the same losses and adapter; its checkpoint (gathered tensors) resumes in one
+    process, and one process's checkpoint resumes under FSDP2, both landing on the same step 3."""
+    from safetensors.torch import load_file
+
+    args = ["--model", models["flux"], "--data", data, "--resolution", str(RES), "--max-steps", "3",
+            "--mixed-precision", "no", "--max-sequence-length", str(TEXT_LEN), "--lr", "1e-3", "--rank", "4",
+            "--report-to", "none", "--checkpoint-every", "2", "--device", "cpu"]
+    one = train(_cfg(models["flux"], data, tmp_path / "one", batch_size=2, checkpoint_every=2), progress=False)
+    err = _launch_fsdp2(args, tmp_path / "fsdp", 29533)
+    # the tiny FLUX: 2 double + 2 single blocks, the norm_out tail and the root are FSDP units, and
+    # every parameter tensor (frozen weights and LoRA) is a shard
+    assert "FSDP2: " in err and " parameter tensors sharded over 2 processes" in err, err[-2000:]
+    n = err.split("FSDP2: ")[1].split(" parameter tensors")[0].split(" of ")
+    assert int(n[0]) == int(n[1]) > 0, n
+    with open(tmp_path / "fsdp" / "log.jsonl") as f:
+        fs = [json.loads(line)["loss"] for line in f]
+    torch.testing.assert_close(torch.tensor(fs), torch.tensor(one.losses), rtol=1e-4, atol=1e-6)
+    a = load_file(str(tmp_path / "one" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "fsdp" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+    # the FSDP2 adapter loads into a pipeline through diffusers
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(models["flux"])
+    pipe.load_lora_weights(str(tmp_path / "fsdp"))
+    assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+
+    # FSDP2 checkpoint (full tensors, as a DDP one) -> one process
+    res = train(_cfg(models["flux"], data, tmp_path / "fsdp", batch_size=2, checkpoint_every=2,
+                     resume=str(tmp_path / "fsdp" / "checkpoints" / "checkpoint-000002")), progress=False)
+    torch.testing.assert_close(torch.tensor(res.losses), torch.tensor(one.losses[2:]), rtol=1e-4, atol=1e-6)
+    c = load_file(str(tmp_path / "fsdp" / "pytorch_lora_weights.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], rtol=1e-3, atol=1e-5)
+
+    # one process's checkpoint -> FSDP2 (the moments are sharded like the parameters on load),
+    # continuing the one-process run in its own --out (its adapter was read above)
+    _launch_fsdp2([*args, "--resume", str(tmp_path / "one" / "checkpoints" / "checkpoint-000002")], tmp_path / "one",
+                  29534)
+    with open(tmp_path / "one" / "log.jsonl") as f:
+        rs = [json.loads(line) for line in f]
+    assert [r["step"] for r in rs] == [1, 2, 3]
+    torch.testing.assert_close(torch.tensor([rs[2]["loss"]]), torch.tensor(one.losses[2:]), rtol=1e-4, atol=1e-6)
+    d = load_file(str(tmp_path / "one" / "pytorch_lora_weights.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], d[k], rtol=1e-3, atol=1e-5)
+
+
+def test_unsupported_accelerate_layouts_are_refused():
+    from types import SimpleNamespace
+
+    def acc(version=2, ac=False):
+        return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(
+            fsdp_version=version, activation_checkpointing=ac)))
+
+    train_loop._check_distributed(acc(), "FSDP")
+    train_loop._check_distributed(acc(), "MULTI_GPU")
+    with pytest.raises(ConfigError, match="FSDP version 1; taca train shards with FSDP2"):
+        train_loop._check_distributed(acc(version=1), "FSDP")
+    with pytest.raises(ConfigError, match="fsdp_activation_checkpointing is not supported; use taca train --gradient"):
+        train_loop._check_distributed(acc(ac=True), "FSDP")
+    with pytest.raises(ConfigError, match="DEEPSPEED, which taca train does not support"):
+        train_loop._check_distributed(acc(), "DEEPSPEED")
 
 
 # --- bad input: exit 2, one message naming the argument, no model loaded, --out untouched -------

@@ -4,7 +4,7 @@
     result = train(TrainConfig(model="black-forest-labs/FLUX.1-dev", data="./pairs", out="./taca-lora"))
 
 ``TrainConfig`` (``taca.train.config``) holds every argument of the command; ``train`` (in
-``taca.train.loop``) runs it on accelerate (one process, or DDP under ``accelerate launch``) and
+``taca.train.loop``) runs it on accelerate (one process, or DDP / FSDP2 under ``accelerate launch``) and
 returns a ``TrainResult``. See ``taca train --help``.
 """
 from .config import ConfigError, TrainConfig

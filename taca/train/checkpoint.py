@@ -79,9 +79,11 @@ def _rng_state() -> Dict[str, torch.Tensor]:
     return st
 
 
-def save(out: str, step: int, *, lora: Dict[str, torch.Tensor], optimizer, scheduler, position: int,
+def save(out: str, step: int, *, lora: Dict[str, torch.Tensor], optimizer: Dict[str, Any], scheduler, position: int,
          config: Dict[str, Any], rank: int, world: int, is_main: bool, barrier, keep: int) -> Optional[str]:
-    """Write checkpoint ``step`` (every process calls this; ``barrier`` syncs them)."""
+    """Write checkpoint ``step`` (every process calls this; ``barrier`` syncs them).
+
+    lora: the adapter's full tensors by name; optimizer: the optimizer's state dict (full tensors)."""
     from safetensors.torch import save_file
 
     root = os.path.join(out, "checkpoints")
@@ -94,7 +96,7 @@ def save(out: str, step: int, *, lora: Dict[str, torch.Tensor], optimizer, sched
     save_file(_rng_state(), os.path.join(tmp, f"rng-rank{rank}.safetensors"))
     if is_main:
         save_file({k: v.detach().contiguous().cpu() for k, v in lora.items()}, os.path.join(tmp, "lora.safetensors"))
-        tensors, meta = _flatten_optimizer(optimizer.state_dict())
+        tensors, meta = _flatten_optimizer(optimizer)
         save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
         state = {"step": step, "position": position, "world": world, "optimizer": meta,
                  "scheduler": scheduler.state_dict(), "config": config}

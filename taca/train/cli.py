@@ -8,7 +8,8 @@ The paper's recipe is the default: TACA on (gamma 1.2) in every training forward
 t >= 970 of 1000, LoRA rank = alpha = 16 on the joint-attention projections, AdamW lr 1e-4,
 batch 4. --no-taca trains the control LoRA (same recipe, stock attention).
 
-Several GPUs (DDP):  accelerate launch --num_processes 8 -m taca train --model ... (same arguments)
+Several GPUs (DDP):  accelerate launch --multi_gpu --num_processes 8 -m taca train --model ... (same arguments)
+Sharded (FSDP2):     accelerate launch --config_file examples/accelerate_fsdp2.yaml --num_processes 8 -m taca train ...
 Output in --out: pytorch_lora_weights.safetensors (diffusers' LoRA format), train_config.json,
 log.jsonl, loss.png, checkpoints/checkpoint-<step>/ (--resume latest continues exactly).
 """

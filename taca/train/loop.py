@@ -1,4 +1,4 @@
-"""The training loop of ``taca train`` (accelerate: one process, DDP under ``accelerate launch``).
+"""The training loop of ``taca train`` (accelerate: one process, DDP or FSDP2 under ``accelerate launch``).
 
 Per optimizer step, each of ``grad_accum`` micro-batches: cached latents x0 and text embeddings
 of ``batch_size`` samples per process; per sample a timestep u drawn from the chosen law
@@ -10,6 +10,10 @@ as diffusers' FLUX / SD3 LoRA scripts compute it.
 Every random draw of a sample (u and eps) comes from a generator seeded by (seed, global
 micro-batch, position in the global batch), so a resumed run and a run on a different number of
 processes with the same global batch see exactly the same timesteps and noise.
+
+Under FSDP2 (accelerate's plugin, ``fsdp_version: 2``) the frozen weights and the LoRA are sharded
+over the processes; checkpoints and the saved adapter hold the gathered (full) tensors, in the
+same files as a one-process or DDP run, so a run may resume under another layout.
 """
 from __future__ import annotations
 
@@ -272,6 +276,64 @@ def _truncate_log(path: str, step: int) -> None:
         f.writelines(keep)
 
 
+def _check_distributed(accelerator, dist: str) -> None:
+    """Refuse the accelerate layouts taca train does not run (before any model is loaded)."""
+    if dist in ("DEEPSPEED", "MEGATRON_LM"):
+        raise ConfigError(f"taca train: accelerate is configured for {dist}, which taca train does not support; "
+                          f"use DDP (accelerate launch --multi_gpu) or FSDP2 (--use_fsdp --fsdp_version 2)")
+    if dist != "FSDP":
+        return
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        raise ConfigError("taca train: accelerate is configured for FSDP version 1; taca train shards with FSDP2 "
+                          "(fsdp_version: 2 in the accelerate config, or accelerate launch --fsdp_version 2)")
+    if plugin.activation_checkpointing:
+        # accelerate's checkpoint wrapper renames every parameter inside the wrapped blocks, so the
+        # adapter's tensors would no longer carry PEFT's names
+        raise ConfigError("taca train: accelerate's fsdp_activation_checkpointing is not supported; "
+                          "use taca train --gradient-checkpointing (diffusers' own) instead")
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a collective: every process calls it), else t."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(t, DTensor):
+            return t.full_tensor()
+    return t
+
+
+def _like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``full`` on ref's device and dtype, sharded as ref when ref is an FSDP2 shard."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if isinstance(ref, DTensor):
+            local = ref.to_local()
+            return distribute_tensor(full.to(device=local.device, dtype=local.dtype), ref.device_mesh, ref.placements)
+    return full.to(device=ref.device, dtype=ref.dtype)
+
+
+def _full_optimizer_state(optimizer) -> Dict[str, Any]:
+    """The optimizer's state dict with FSDP2-sharded moments gathered (every process calls it)."""
+    sd = optimizer.state_dict()
+    return {"state": {i: {k: _full(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+                      for i, st in sd["state"].items()},
+            "param_groups": sd["param_groups"]}
+
+
+def _shard_optimizer_state(sd: Dict[str, Any], optimizer) -> Dict[str, Any]:
+    """A checkpoint's (full) optimizer state laid out like this run's parameters."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for i, st in sd["state"].items():
+        p = params[int(i)]
+        state[i] = {k: _like(v, p) if isinstance(v, torch.Tensor) and v.shape == p.shape else v
+                    for k, v in st.items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
 # ---------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
           on_step: Optional[Callable[[Dict[str, Any]], None]] = None) -> TrainResult:
@@ -308,11 +370,8 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
     )
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     dist = str(accelerator.distributed_type).split(".")[-1]
-    if dist in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        # checkpoints and the saved adapter read the LoRA tensors of the local module: with
-        # sharded parameters they would hold shards (not yet built or tested)
-        raise ConfigError(f"taca train: accelerate is configured for {dist}, which taca train does not support yet; "
-                          f"use DDP (accelerate launch --multi_gpu): a LoRA of FLUX.1-dev trains in about 25 GiB")
+    _check_distributed(accelerator, dist)
+    fsdp = dist == "FSDP"
     device = accelerator.device
     sampler = Sampler(len(samples), cfg.batch_size, world, rank, cfg.seed)  # raises if the data is < 1 global batch
     resume_from = ckpt.resolve(cfg.out, cfg.resume) if cfg.resume else None
@@ -390,7 +449,15 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.max_steps)
     model, optimizer = accelerator.prepare(transformer, optimizer)
-    named = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+    # FSDP2 replaces the parameters by sharded ones (DTensors): take them from the prepared model
+    named = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    params = list(named.values())
+    if fsdp:
+        from torch.distributed.tensor import DTensor
+
+        all_params = list(accelerator.unwrap_model(model).parameters())
+        say(f"FSDP2: {sum(isinstance(p, DTensor) for p in all_params)} of {len(all_params)} parameter tensors "
+            f"sharded over {world} processes")
 
     step, position = 0, 0
     log_path = os.path.join(cfg.out, "log.jsonl")
@@ -403,8 +470,8 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
                               f"({len(missing)} tensors differ, e.g. {sorted(missing)[:3]})")
         with torch.no_grad():
             for n, p in named.items():
-                p.copy_(st["lora"][n])
-        optimizer.optimizer.load_state_dict(st["optimizer"])
+                p.copy_(_like(st["lora"][n], p))
+        optimizer.optimizer.load_state_dict(_shard_optimizer_state(st["optimizer"], optimizer.optimizer))
         lr_scheduler.load_state_dict(st["state"]["scheduler"])
         step, position = int(st["state"]["step"]), int(st["state"]["position"])
         ckpt.restore_rng(st["rng"])
@@ -421,8 +488,8 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
     result = TrainResult(out=cfg.out, adapter=os.path.join(cfg.out, ADAPTER_FILE), steps=step)
 
     def save_checkpoint():
-        lora = {n: p.detach() for n, p in named.items()}
-        ckpt.save(cfg.out, step, lora=lora, optimizer=optimizer.optimizer, scheduler=lr_scheduler,
+        lora = {n: _full(p.detach()) for n, p in named.items()}
+        ckpt.save(cfg.out, step, lora=lora, optimizer=_full_optimizer_state(optimizer.optimizer), scheduler=lr_scheduler,
                   position=position, config=cfg.to_dict(), rank=rank, world=world, is_main=is_main,
                   barrier=accelerator.wait_for_everyone, keep=cfg.checkpoints_total_limit)
         if is_main:
@@ -487,9 +554,10 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
 
     result.steps = step
     accelerator.wait_for_everyone()
+    full = {n: _full(p.detach()) for n, p in named.items()}  # every process: FSDP2 gathers the shards
     if is_main:
         unwrapped = accelerator.unwrap_model(model)
-        sd = get_peft_model_state_dict(unwrapped, adapter_name=ADAPTER)
+        sd = get_peft_model_state_dict(unwrapped, state_dict=full, adapter_name=ADAPTER)
         sd = {k: v.detach().to(weight_dtype).contiguous() for k, v in sd.items()}
         meta = unwrapped.peft_config[ADAPTER].to_dict()
         family.lora_saver().save_lora_weights(cfg.out, transformer_lora_layers=sd,
