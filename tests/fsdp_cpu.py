@@ -22,6 +22,8 @@ def _init_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
     _init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
     if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
         self.distributed_type = DistributedType.FSDP
+        if self._mixed_precision != "no":  # as accelerate does for FSDP on GPUs
+            fsdp_plugin.set_mixed_precision(self._mixed_precision)
         self.fsdp_plugin = fsdp_plugin
 
 

@@ -272,13 +272,13 @@ def test_two_processes_match_one(models, data, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
 
 
-def _launch_fsdp2(args, out, port):
+def _launch_fsdp2(args, out, port, mixed_precision="no"):
     """taca train in 2 CPU processes under accelerate's FSDP2 path (examples/accelerate_fsdp2.yaml,
     through tests/fsdp_cpu.py: accelerate selects FSDP only on GPUs)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", NCCL_NVLS_ENABLE="0")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join(root, "examples", "accelerate_fsdp2.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+           os.path.join(root, "examples", "accelerate_fsdp2.yaml"), "--num_processes", "2", "--mixed_precision", mixed_precision,
            "--main_process_port", str(port), os.path.join(root, "tests", "fsdp_cpu.py"), "train", *args,
            "--out", str(out), "--batch-size", "1"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -336,6 +336,27 @@ def test_fsdp2_matches_one_process_and_checkpoints_cross_layouts(models, data, t
     d = load_file(str(tmp_path / "one" / "pytorch_lora_weights.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], d[k], rtol=1e-3, atol=1e-5)
+
+
+def test_fsdp2_bf16_matches_one_process(models, data, tmp_path):
+    """bf16 weights under FSDP2's mixed-precision policy (LoRA gradients reduced in float32) against
+    one process under autocast: the same losses within bf16's rounding."""
+    args = ["--model", models["flux"], "--data", data, "--resolution", str(RES), "--max-steps", "3",
+            "--mixed-precision", "bf16", "--max-sequence-length", str(TEXT_LEN), "--lr", "1e-3", "--rank", "4",
+            "--report-to", "none", "--checkpoint-every", "100", "--device", "cpu"]
+    # the reference in its own process too: accelerate's state in this one is already float32
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-m", "taca", "train", *args, "--out", str(tmp_path / "one"), "--batch-size",
+                        "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = _launch_fsdp2(args, tmp_path / "fsdp", 29535, mixed_precision="bf16")
+    assert "weights bfloat16" in out and "FSDP2: " in out
+    losses = []
+    for run in ("one", "fsdp"):
+        with open(tmp_path / run / "log.jsonl") as f:
+            losses.append(torch.tensor([json.loads(line)["loss"] for line in f]))
+    assert len(losses[0]) == 3
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-3, atol=1e-5)
 
 
 def test_unsupported_accelerate_layouts_are_refused():

@@ -381,6 +381,13 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
             tqdm.write(f"taca train: {msg}")
 
     weight_dtype = _weight_dtype(cfg)
+    if fsdp and weight_dtype != torch.float32:
+        # accelerate's FSDP2 policy reduces gradients in the compute dtype; the LoRA's are few, so
+        # reduce them in float32 as DDP does (the frozen weights have none)
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+            param_dtype=weight_dtype, reduce_dtype=torch.float32, output_dtype=weight_dtype)
     pipe = pipeline if pipeline is not None else _load_pipeline(cfg, weight_dtype)
     _prepare_out(cfg, is_main)
     accelerator.wait_for_everyone()
