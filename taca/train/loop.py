@@ -428,14 +428,19 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
     transformer.requires_grad_(False)
     if next(transformer.parameters()).dtype != weight_dtype:
         transformer.to(dtype=weight_dtype)
-    transformer.to(device)
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    torch.manual_seed(cfg.seed)  # LoRA init
+    # the LoRA is initialized where the model was loaded (the CPU for taca train), so one process,
+    # DDP and FSDP2 start from the same adapter
+    torch.manual_seed(cfg.seed)
     transformer.add_adapter(LoraConfig(
         r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, init_lora_weights="gaussian",
         target_modules=family.target_modules(targets)), adapter_name=ADAPTER)
     cast_training_params(transformer, dtype=torch.float32)
+    if not fsdp:
+        # FSDP2's fully_shard moves each block's shard to the device itself: the whole model never
+        # sits on one GPU
+        transformer.to(device)
     transformer.train()
 
     handle = None
