@@ -276,7 +276,9 @@ def _launch_fsdp2(args, out, port, mixed_precision="no"):
     """taca train in 2 CPU processes under accelerate's FSDP2 path (examples/accelerate_fsdp2.yaml,
     through tests/fsdp_cpu.py: accelerate selects FSDP only on GPUs)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", NCCL_NVLS_ENABLE="0")
+    # NVLink multicast stays off wherever processes are launched (the device machines' rule)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", NCCL_NVLS_ENABLE="0",
+               TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            os.path.join(root, "examples", "accelerate_fsdp2.yaml"), "--num_processes", "2", "--mixed_precision", mixed_precision,
            "--main_process_port", str(port), os.path.join(root, "tests", "fsdp_cpu.py"), "train", *args,

@@ -17,6 +17,7 @@ import datetime
 import os
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -286,6 +287,7 @@ def generate(cfg: GenerateConfig, pipe=None) -> Dict[str, int]:
     call = _pipeline_args(cfg)
     from tqdm.auto import tqdm
 
+    t0 = time.perf_counter()
     bar = tqdm(total=n_todo, desc=f"taca eval generate [{rank + 1}/{world}]" if world > 1 else "taca eval generate",
                unit="img", disable=not cfg.progress, position=rank if world > 1 else 0)
     try:
@@ -311,7 +313,9 @@ def generate(cfg: GenerateConfig, pipe=None) -> Dict[str, int]:
         bar.close()
         if cfg.taca is not None:
             taca.disable(pipe)
-    _say(rank, f"generated {stats['generated']}, kept {stats['skipped']} existing image(s)")
+    dt = time.perf_counter() - t0
+    _say(rank, f"generated {stats['generated']} in {dt:.2f} s ({stats['generated'] / max(dt, 1e-9):.3f} img/s, model "
+               f"loading excluded), kept {stats['skipped']} existing image(s)")
     return stats
 
 

@@ -511,6 +511,8 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
                 unit="step", dynamic_ncols=True)
     try:
         while step < cfg.max_steps:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             micro_losses = []
             for _ in range(cfg.grad_accum):
@@ -544,6 +546,9 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
             dt = time.perf_counter() - t0
             rec = {"step": step, "loss": loss_val, "lr": lr_scheduler.get_last_lr()[0], "s_per_step": dt,
                    "sigma_min": float(sigma64.min()), "epoch": sampler.epoch_of(position - 1)}
+            if device.type == "cuda":  # this step's peak, the largest over the processes
+                peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
+                rec["peak_mem_gib"] = float(accelerator.gather(peak).max())
             if is_main:
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     with open(log_path, "a") as f:
