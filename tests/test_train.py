@@ -289,15 +289,18 @@ def _launch_fsdp2(args, out, port, mixed_precision="no"):
 
 
 def test_fsdp2_matches_one_process_and_checkpoints_cross_layouts(models, data, tmp_path):
-    """FSDP2 (2 CPU processes, batch 1 each, every block and the LoRA sharded) against 1 process
-    with batch 2: the same losses and adapter; its checkpoint (gathered tensors) resumes in one
-    process, and one process's checkpoint resumes under FSDP2, both landing on the same step 3."""
+    """FSDP2 (2 CPU processes, batch 1 each, every block and the LoRA sharded; 2 micro-batches per
+    step, gradient checkpointing) against 1 process with batch 2: the same losses and adapter; its
+    checkpoint (gathered tensors) resumes in one process, and one process's checkpoint resumes
+    under FSDP2, both landing on the same step 3."""
     from safetensors.torch import load_file
 
     args = ["--model", models["flux"], "--data", data, "--resolution", str(RES), "--max-steps", "3",
             "--mixed-precision", "no", "--max-sequence-length", str(TEXT_LEN), "--lr", "1e-3", "--rank", "4",
-            "--report-to", "none", "--checkpoint-every", "2", "--device", "cpu"]
-    one = train(_cfg(models["flux"], data, tmp_path / "one", batch_size=2, checkpoint_every=2), progress=False)
+            "--report-to", "none", "--checkpoint-every", "2", "--device", "cpu", "--grad-accum", "2",
+            "--gradient-checkpointing"]
+    one = train(_cfg(models["flux"], data, tmp_path / "one", batch_size=2, checkpoint_every=2, grad_accum=2,
+                     gradient_checkpointing=True), progress=False)
     err = _launch_fsdp2(args, tmp_path / "fsdp", 29533)
     # the tiny FLUX: 2 double + 2 single blocks, the norm_out tail and the root are FSDP units, and
     # every parameter tensor (frozen weights and LoRA) is a shard
@@ -320,8 +323,8 @@ def test_fsdp2_matches_one_process_and_checkpoints_cross_layouts(models, data, t
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
 
     # FSDP2 checkpoint (full tensors, as a DDP one) -> one process
-    res = train(_cfg(models["flux"], data, tmp_path / "fsdp", batch_size=2, checkpoint_every=2,
-                     resume=str(tmp_path / "fsdp" / "checkpoints" / "checkpoint-000002")), progress=False)
+    res = train(_cfg(models["flux"], data, tmp_path / "fsdp", batch_size=2, checkpoint_every=2, grad_accum=2,
+                     gradient_checkpointing=True, resume=str(tmp_path / "fsdp" / "checkpoints" / "checkpoint-000002")), progress=False)
     torch.testing.assert_close(torch.tensor(res.losses), torch.tensor(one.losses[2:]), rtol=1e-4, atol=1e-6)
     c = load_file(str(tmp_path / "fsdp" / "pytorch_lora_weights.safetensors"))
     for k in a:
