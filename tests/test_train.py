@@ -367,9 +367,12 @@ def test_fsdp2_bf16_matches_one_process(models, data, tmp_path):
 def test_unsupported_accelerate_layouts_are_refused():
     from types import SimpleNamespace
 
-    def acc(version=2, ac=False):
+    def acc(version=2, ac=False, offload=False):
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
         return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(
-            fsdp_version=version, activation_checkpointing=ac)))
+            fsdp_version=version, activation_checkpointing=ac,
+            cpu_offload=CPUOffloadPolicy() if offload else OffloadPolicy())))
 
     train_loop._check_distributed(acc(), "FSDP")
     train_loop._check_distributed(acc(), "MULTI_GPU")
@@ -377,6 +380,8 @@ def test_unsupported_accelerate_layouts_are_refused():
         train_loop._check_distributed(acc(version=1), "FSDP")
     with pytest.raises(ConfigError, match="fsdp_activation_checkpointing is not supported; use taca train --gradient"):
         train_loop._check_distributed(acc(ac=True), "FSDP")
+    with pytest.raises(ConfigError, match="fsdp_offload_params is not supported"):
+        train_loop._check_distributed(acc(offload=True), "FSDP")
     with pytest.raises(ConfigError, match="DEEPSPEED, which taca train does not support"):
         train_loop._check_distributed(acc(), "DEEPSPEED")
 

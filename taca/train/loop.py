@@ -292,6 +292,11 @@ def _check_distributed(accelerator, dist: str) -> None:
         # adapter's tensors would no longer carry PEFT's names
         raise ConfigError("taca train: accelerate's fsdp_activation_checkpointing is not supported; "
                           "use taca train --gradient-checkpointing (diffusers' own) instead")
+    if type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy":
+        # the shards would live on the CPU, where the checkpoints' gathers (NCCL) cannot reach them;
+        # not built, and torch refuses the policy on machines without an accelerator, so not testable here
+        raise ConfigError("taca train: accelerate's fsdp_offload_params is not supported; FSDP2 without offload "
+                          "already splits the frozen weights over the GPUs (FLUX.1-dev's 24 GB of bf16 weights: 12 GB each on 2)")
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
