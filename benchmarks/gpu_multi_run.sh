@@ -7,10 +7,13 @@
 #   taca eval generate on one process and on N; then bench_multi_gpu.py report (JSON + table).
 # TINY=1 runs the same on this machine's CPUs: the demo's tiny FLUX, 2 gloo processes, FSDP2 through
 # tests/fsdp_cpu.py (accelerate selects FSDP only on GPUs). Env: OUT, W (work folder), STEPS (default
-# "build make train eval report"), TRAIN_STEPS (20), B (batch per process, 1), NPROC (default: the GPUs).
+# "build make train eval report"), TRAIN_STEPS (16), B (batch per process, 1), NPROC (default: the GPUs).
+# Estimated ~8-10 min on 2 GPUs (build ~2, the 24 GB model ~1.5, three trainings with loading ~1.5 each, eval ~1):
+# if a call would pass the 10-minute limit, split it, STEPS="build make train" then STEPS="eval report" with
+# the same W, in calls less than 30 s apart (the machine keeps /tmp only while it stays warm).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; W=${W:-/tmp/mgpu}; mkdir -p "$OUT" "$W/runs"
-TINY=${TINY:-0}; TRAIN_STEPS=${TRAIN_STEPS:-20}; B=${B:-1}
+TINY=${TINY:-0}; TRAIN_STEPS=${TRAIN_STEPS:-16}; B=${B:-1}
 STEPS=${STEPS:-"build make train eval report"}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 # NVLink multicast off in NCCL, PyTorch and NVSHMEM, as the device machines require
