@@ -223,8 +223,8 @@ def cmd_report(args) -> None:
               f"{r['efficiency_vs_one']:.3f} | {mem} | {r['loss_max_rel_diff_vs_one']:.2e} | "
               f"{a['max_abs_diff_vs_one']:.2e} (largest entry {a['largest_entry_one']:.2e}) | {a['loads']} |")
     if ev:
-        print(f"eval generate: {ev['images']} images, {ev['processes']} processes: identical files {ev['identical_files']}"
-              f" (names equal {ev['same_names']}); images/s one process {ev['images_per_s_one']:.3f}, "
+        print(f"eval generate: {ev['images']} images, {ev['processes']} processes: "
+              f"identical files {ev['identical_files']} (names equal {ev['same_names']}); images/s one process {ev['images_per_s_one']:.3f}, "
               f"{ev['processes']} processes {ev['images_per_s_n']:.3f} "
               f"(per process {ev['images_per_s_n'] / ev['images_per_s_one'] / max(ev['processes'], 1):.3f} of one)")
 

@@ -79,8 +79,9 @@ def _rng_state() -> Dict[str, torch.Tensor]:
     return st
 
 
-def save(out: str, step: int, *, lora: Dict[str, torch.Tensor], optimizer: Dict[str, Any], scheduler, position: int,
-         config: Dict[str, Any], rank: int, world: int, is_main: bool, barrier, keep: int) -> Optional[str]:
+def save(out: str, step: int, *, lora: Dict[str, torch.Tensor], optimizer: Dict[str, Any], scheduler,
+         position: int, config: Dict[str, Any], rank: int, world: int, is_main: bool, barrier,
+         keep: int) -> Optional[str]:
     """Write checkpoint ``step`` (every process calls this; ``barrier`` syncs them).
 
     lora: the adapter's full tensors by name; optimizer: the optimizer's state dict (full tensors)."""

@@ -296,7 +296,8 @@ def _check_distributed(accelerator, dist: str) -> None:
         # the shards would live on the CPU, where the checkpoints' gathers (NCCL) cannot reach them;
         # not built, and torch refuses the policy on machines without an accelerator, so not testable here
         raise ConfigError("taca train: accelerate's fsdp_offload_params is not supported; FSDP2 without offload "
-                          "already splits the frozen weights over the GPUs (FLUX.1-dev's 24 GB of bf16 weights: 12 GB each on 2)")
+                          "already splits the frozen weights over the GPUs (FLUX.1-dev's 24 GB of bf16 weights: "
+                          "12 GB each on 2)")
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -506,8 +507,8 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
 
     def save_checkpoint():
         lora = {n: _full(p.detach()) for n, p in named.items()}
-        ckpt.save(cfg.out, step, lora=lora, optimizer=_full_optimizer_state(optimizer.optimizer), scheduler=lr_scheduler,
-                  position=position, config=cfg.to_dict(), rank=rank, world=world, is_main=is_main,
+        ckpt.save(cfg.out, step, lora=lora, optimizer=_full_optimizer_state(optimizer.optimizer),
+                  scheduler=lr_scheduler, position=position, config=cfg.to_dict(), rank=rank, world=world, is_main=is_main,
                   barrier=accelerator.wait_for_everyone, keep=cfg.checkpoints_total_limit)
         if is_main:
             _plot_losses(log_path, os.path.join(cfg.out, "loss.png"))
