@@ -12,7 +12,7 @@ channels, VAE factor 8), and a folder of synthetic captioned images at --resolut
 ``report`` reads the runs the shell script made under W/runs:
 - train/<layout>/log.jsonl for layout in one (1 process, global batch), ddp, fsdp (N processes,
   global batch / N each): per-step loss against one's (the draws are the same: differences are
-  reduction order and bf16 rounding), median s/step after the first 2 steps, images/s, per-process
+  reduction order and bf16 rounding), beside the noise scale (one's step-to-step loss change), median s/step after the first 2 steps, images/s, per-process
   images/s over one process's (the "efficiency"), the median of each step's peak memory (the
   largest over the processes, taca train logs it);
 - the adapters: same keys, shapes and dtypes as one process's, the largest difference, and that
@@ -199,6 +199,11 @@ def cmd_report(args) -> None:
     if "one" not in runs:
         raise SystemExit(f"{args.work}/runs/train/one/log.jsonl is missing: the one-process run is the reference")
     one = runs["one"]
+    # the scale "within noise" is read against: how much the one-process loss moves from step to step
+    # (each step draws other samples, timesteps and noise)
+    steps = one["losses"]
+    one["loss_step_to_step_rel_std"] = (statistics.pstdev([b - a for a, b in zip(steps, steps[1:])]) /
+                                        statistics.mean(steps)) if len(steps) > 2 else None
     for name, r in runs.items():
         n = min(len(r["losses"]), len(one["losses"]))
         d = [abs(x - y) / abs(y) for x, y in zip(r["losses"][:n], one["losses"][:n])]
@@ -222,6 +227,9 @@ def cmd_report(args) -> None:
         print(f"| {name} | {r['world']} | {r['batch_per_process']} | {r['s_per_step']:.3f} | {r['images_per_s']:.2f} | "
               f"{r['efficiency_vs_one']:.3f} | {mem} | {r['loss_max_rel_diff_vs_one']:.2e} | "
               f"{a['max_abs_diff_vs_one']:.2e} (largest entry {a['largest_entry_one']:.2e}) | {a['loads']} |")
+    if one["loss_step_to_step_rel_std"] is not None:
+        print(f"noise scale: the one-process loss moves {one['loss_step_to_step_rel_std']:.2e} (relative std of "
+              f"step-to-step changes)")
     if ev:
         print(f"eval generate: {ev['images']} images, {ev['processes']} processes: "
               f"identical files {ev['identical_files']} (names equal {ev['same_names']}); images/s one process {ev['images_per_s_one']:.3f}, "
