@@ -37,8 +37,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-FLUX_DEV_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                          max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
 
 
 def make_pipeline(tiny: bool, device: str):
@@ -48,26 +46,19 @@ def make_pipeline(tiny: bool, device: str):
 
         return build_tiny_flux_pipeline(seed=0)
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
     from bench_pipeline import FLUX_DEV
-    from taca.demo import _SPECIALS_CLIP, _SPECIALS_T5, _word_tokenizer
+    from taca.tiny import FLUX_DEV_SCHEDULER_CONFIG
+    from taca.demo import _clip_config, _clip_tokenizer, _t5_config, _t5_tokenizer
 
-    clip_tok, clip_vocab = _word_tokenizer(
-        _SPECIALS_CLIP, "<|startoftext|> $A <|endoftext|>", pad="<|endoftext|>", unk="<unk>",
-        eos="<|endoftext|>", bos="<|startoftext|>", max_length=77)
-    t5_tok, t5_vocab = _word_tokenizer(_SPECIALS_T5, "$A </s>", pad="<pad>", unk="<unk>", eos="</s>",
-                                       bos=None, max_length=512)
+    clip_tok, clip_vocab = _clip_tokenizer()
+    t5_tok, t5_vocab = _t5_tokenizer()
     torch.manual_seed(0)
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(clip_vocab), hidden_size=FLUX_DEV["pooled_projection_dim"], intermediate_size=256,
-        num_attention_heads=4, num_hidden_layers=1, max_position_embeddings=77, projection_dim=64,
-        bos_token_id=clip_vocab["<|startoftext|>"], eos_token_id=clip_vocab["<|endoftext|>"],
-        pad_token_id=clip_vocab["<|endoftext|>"]))
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_vocab), d_model=FLUX_DEV["joint_attention_dim"], d_kv=64, d_ff=256, num_layers=1,
-        num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0))
+    clip = CLIPTextModel(_clip_config(clip_vocab, hidden_size=FLUX_DEV["pooled_projection_dim"],
+                                      intermediate_size=256, projection_dim=64, num_hidden_layers=1))
+    t5 = T5EncoderModel(_t5_config(t5_vocab, d_model=FLUX_DEV["joint_attention_dim"], d_kv=64, d_ff=256,
+                                   num_layers=1))
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 32, 32), layers_per_block=1,
@@ -80,7 +71,7 @@ def make_pipeline(tiny: bool, device: str):
             transformer = FluxTransformer2DModel(**FLUX_DEV)
     finally:
         torch.set_default_dtype(old)
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), vae=vae, text_encoder=clip,
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER_CONFIG), vae=vae, text_encoder=clip,
                         tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer.cpu())
     return pipe
 

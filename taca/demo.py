@@ -87,6 +87,37 @@ def _word_tokenizer(specials: Sequence[str], template: str, pad: str, unk: str, 
     return PreTrainedTokenizerFast(tokenizer_object=tk, **kw), vocab
 
 
+def _clip_tokenizer():
+    """The tiny CLIP tokenizer and its vocabulary (77 tokens, CLIP's specials)."""
+    return _word_tokenizer(_SPECIALS_CLIP, "<|startoftext|> $A <|endoftext|>", pad="<|endoftext|>", unk="<unk>",
+                           eos="<|endoftext|>", bos="<|startoftext|>", max_length=77)
+
+
+def _t5_tokenizer():
+    """The tiny T5 tokenizer and its vocabulary (up to 512 tokens, T5's specials)."""
+    return _word_tokenizer(_SPECIALS_T5, "$A </s>", pad="<pad>", unk="<unk>", eos="</s>", bos=None, max_length=512)
+
+
+def _clip_config(vocab, hidden_size: int, intermediate_size: int, projection_dim: int, num_hidden_layers: int = 2):
+    """A CLIP text config over the tiny CLIP vocabulary (4 heads, 77 positions)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=intermediate_size, num_attention_heads=4,
+        num_hidden_layers=num_hidden_layers, max_position_embeddings=77, projection_dim=projection_dim,
+        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"])
+
+
+def _t5_config(vocab, d_model: int, d_kv: int, d_ff: int, num_layers: int = 2):
+    """A T5 encoder config over the tiny T5 vocabulary (4 heads, 8 relative-position buckets, no dropout)."""
+    from transformers import T5Config
+
+    return T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers,
+                    num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0,
+                    eos_token_id=1, decoder_start_token_id=0)
+
+
 def build_tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """The demo's FLUX-architecture ``FluxPipeline``, fixed-seed random weights, fully offline.
 
@@ -98,23 +129,13 @@ def build_tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
 
     with quiet_imports():
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+        from transformers import CLIPTextModel, T5EncoderModel
 
-    clip_tok, clip_vocab = _word_tokenizer(
-        _SPECIALS_CLIP, "<|startoftext|> $A <|endoftext|>", pad="<|endoftext|>", unk="<unk>",
-        eos="<|endoftext|>", bos="<|startoftext|>", max_length=77)
-    t5_tok, t5_vocab = _word_tokenizer(_SPECIALS_T5, "$A </s>", pad="<pad>", unk="<unk>", eos="</s>",
-                                       bos=None, max_length=512)
+    clip_tok, clip_vocab = _clip_tokenizer()
+    t5_tok, t5_vocab = _t5_tokenizer()
     torch.manual_seed(seed)
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(clip_vocab), hidden_size=64, intermediate_size=128, num_attention_heads=4,
-        num_hidden_layers=2, max_position_embeddings=77, projection_dim=64,
-        bos_token_id=clip_vocab["<|startoftext|>"], eos_token_id=clip_vocab["<|endoftext|>"],
-        pad_token_id=clip_vocab["<|endoftext|>"]))
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_vocab), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0))
+    clip = CLIPTextModel(_clip_config(clip_vocab, hidden_size=64, intermediate_size=128, projection_dim=64))
+    t5 = T5EncoderModel(_t5_config(t5_vocab, d_model=64, d_kv=16, d_ff=128))
     transformer = FluxTransformer2DModel(**DEMO_TRANSFORMER)
     vae = AutoencoderKL(
         sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
@@ -143,7 +164,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, variant: str = "sd35m", dtype: torch.
     with quiet_imports():
         from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                                StableDiffusion3Pipeline)
-        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+        from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     extra = {"sd3": {}, "sd35m": dict(dual_attention_layers=(0,), qk_norm="rms_norm"),
              "sd35l": dict(qk_norm="rms_norm")}
@@ -153,21 +174,12 @@ def build_tiny_sd3_pipeline(seed: int = 0, variant: str = "sd35m", dtype: torch.
     encs = []
     torch.manual_seed(seed)
     for _ in range(2):
-        tok, vocab = _word_tokenizer(
-            _SPECIALS_CLIP, "<|startoftext|> $A <|endoftext|>", pad="<|endoftext|>", unk="<unk>",
-            eos="<|endoftext|>", bos="<|startoftext|>", max_length=77)
+        tok, vocab = _clip_tokenizer()
         toks.append(tok)
-        encs.append(CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_attention_heads=4,
-            num_hidden_layers=2, max_position_embeddings=77, projection_dim=32,
-            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"])).eval())
-    t5_tok, t5_vocab = _word_tokenizer(_SPECIALS_T5, "$A </s>", pad="<pad>", unk="<unk>", eos="</s>",
-                                       bos=None, max_length=512)
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0)).eval()
+        encs.append(CLIPTextModelWithProjection(
+            _clip_config(vocab, hidden_size=32, intermediate_size=64, projection_dim=32)).eval())
+    t5_tok, t5_vocab = _t5_tokenizer()
+    t5 = T5EncoderModel(_t5_config(t5_vocab, d_model=32, d_kv=8, d_ff=64)).eval()
     transformer = SD3Transformer2DModel(
         sample_size=32, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
         caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
