@@ -226,6 +226,3 @@ def _mix(*xs: int) -> int:
         h ^= h >> 29
     return h & 0x7FFFFFFFFFFFFFFF
 
-
-def stack(dicts: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    return {k: torch.stack([d[k] for d in dicts]) for k in dicts[0]}

@@ -28,7 +28,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig, parse_targets
-from .data import Cache, Sampler, _mix, component_fingerprint, discover, file_sha256, load_image, stack, text_sha256
+from .data import Cache, Sampler, _mix, component_fingerprint, discover, file_sha256, load_image, text_sha256
 
 ADAPTER = "default"
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
@@ -97,7 +97,7 @@ def flow_matching_loss(family, model, x0: torch.Tensor, cond: Dict[str, torch.Te
     x0 + sigma noise (in float32, handed to the model in ``weight_dtype``); target noise - x0, or
     with ``cfg.precondition_outputs`` (SD3's option) pred = x_t - sigma out against x0; weights from
     diffusers' ``compute_loss_weighting_for_sd3``."""
-    sb = sigma.view(-1, 1, 1, 1)
+    sb = sigma.view(-1, *([1] * (x0.dim() - 1)))
     x0f = x0.float()
     noisy = (1.0 - sb) * x0f + sb * noise
     pred = family.predict(model, noisy.to(weight_dtype), sigma, cond, cfg.guidance).float()
@@ -200,9 +200,11 @@ def _build_cache(cfg, family, samples, accelerator, device, weight_dtype, bar) -
             m.to(device)
         for i in bar(range(0, len(mine_txt), chunk), desc="caching text embeddings", unit="batch"):
             part = mine_txt[i:i + chunk]
-            enc = family.encode_text([c for _, c in part], device, cfg.max_sequence_length)
-            for j, (h, _) in enumerate(part):
-                cache.write(cache.text_path(h), {k: v[j].to(weight_dtype) for k, v in enc.items()})
+            enc = family.split_text(family.encode_text([c for _, c in part], device, cfg.max_sequence_length))
+            for (h, _), e in zip(part, enc):
+                # embeddings in the weights' dtype; masks, lengths and ids as they are
+                cache.write(cache.text_path(h), {k: v.to(weight_dtype) if v.is_floating_point() else v
+                                                 for k, v in e.items()})
     if mine_img:
         for m in family.image_modules():
             m.to(device)
@@ -525,7 +527,7 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
                 idx, pos = sampler.local(position)
                 entries = [cache.entries[i] for i in idx]
                 x0 = torch.stack([Cache.read(a)["latents"] for a, _ in entries]).to(device)
-                cond = {k: v.to(device) for k, v in stack([Cache.read(b) for _, b in entries]).items()}
+                cond = {k: v.to(device) for k, v in family.collate([Cache.read(b) for _, b in entries]).items()}
                 seeds = [_mix(cfg.seed, position, p) for p in pos]
                 sigma64 = sample_sigmas([torch.Generator().manual_seed(s) for s in seeds], cfg, shift)
                 noise = torch.stack([

@@ -10,6 +10,9 @@ same ones diffusers' ``train_dreambooth_lora_flux.py`` / ``train_dreambooth_lora
   shifting, so training sigmas are not shifted.
 - SD3 / SD3.5 (``SD3Transformer2DModel``): ``timestep = 1000 sigma``; sigmas are shifted with the
   scheduler's static shift (3.0), as diffusers' SD3 script does by indexing the shifted schedule.
+- The other families (Qwen-Image, FLUX.2, Chroma, Z-Image, HiDream, Lumina2) live in this package's
+  modules, one per family, each following diffusers' own LoRA script for the model where there is
+  one (``train_dreambooth_lora_<model>.py``); they are imported when a pipeline of theirs is trained.
 - Any pipeline that implements the three methods ``encode_text(captions) -> dict``,
   ``encode_images(pixels) -> latents`` and ``predict(noisy, sigma, cond) -> output`` (the
   miniature, ``taca.mini``) is trained through them.
@@ -59,6 +62,17 @@ class Family:
         """pixels (B, 3, H, W) in [-1, 1] -> latents (B, C, h, w)."""
         raise NotImplementedError
 
+    def split_text(self, enc: Dict[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
+        """A batch from ``encode_text`` -> one dict per caption, as cached. The default takes row j
+        of every tensor; families whose encoders pad to the batch's longest prompt trim each caption
+        to its own tokens here, so a caption's cache entry never depends on the batch it came in."""
+        n = len(next(iter(enc.values())))
+        return [{k: v[j] for k, v in enc.items()} for j in range(n)]
+
+    def collate(self, entries: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """Cached per-caption dicts -> the batch ``predict`` takes (the inverse of split_text)."""
+        return {k: torch.stack([e[k] for e in entries]) for k in entries[0]}
+
     def text_modules(self) -> List[torch.nn.Module]:
         return []
 
@@ -71,12 +85,53 @@ class Family:
     # --- training forward ---------------------------------------------------------------
     def predict(self, transformer, noisy: torch.Tensor, sigma: torch.Tensor, cond: Dict[str, torch.Tensor],
                 guidance: float) -> torch.Tensor:
-        """noisy (B, C, h, w), sigma (B,) float32 -> the model output (B, C, h, w)."""
+        """noisy: latents like ``encode_images``' (B, C, h, w); sigma (B,) float32 -> the velocity
+        ``noise - x0`` as the model predicts it, shaped like noisy (families whose models predict
+        ``x0 - noise``, as Z-Image and Lumina2 do, negate it here)."""
         raise NotImplementedError
 
     def lora_saver(self):
         """The class whose ``save_lora_weights`` writes the adapter (a diffusers pipeline class)."""
         raise NotImplementedError
+
+
+def split_by_mask(enc: Dict[str, torch.Tensor], mask: str, seq: Sequence[str]) -> List[Dict[str, torch.Tensor]]:
+    """Per-caption entries of a batch whose prompts were padded after their tokens: the tensors
+    named in ``seq`` ((B, L, ...), the sequence on dim 1) cut to each row's number of True / 1
+    entries in ``enc[mask]`` ((B, L)); the mask itself is dropped (``pad_collate`` rebuilds it);
+    the other tensors taken row by row."""
+    m = enc[mask]
+    if m.dim() != 2:
+        raise ValueError(f"taca train: the text mask {mask!r} must be (B, L), got {tuple(m.shape)}")
+    lengths = m.bool().sum(1).tolist()
+    for j, n in enumerate(lengths):
+        if not bool(m[j, :n].bool().all()):
+            raise ValueError(f"taca train: the text mask {mask!r} of caption {j} is not a prefix of valid tokens")
+    return [{k: (v[j, :n] if k in seq else v[j]) for k, v in enc.items() if k != mask}
+            for j, n in enumerate(lengths)]
+
+
+def pad_collate(entries: Sequence[Dict[str, torch.Tensor]], mask: str, seq: Sequence[str],
+                length: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """The inverse of ``split_by_mask``: the ``seq`` tensors zero-padded after their tokens to the
+    batch's longest caption (or to ``length``), with ``mask`` a (B, L) bool tensor (True = a token);
+    the other tensors stacked."""
+    n = [int(e[seq[0]].shape[0]) for e in entries]
+    L = max(n) if length is None else int(length)
+    if L < max(n):
+        raise ValueError(f"taca train: a cached caption has {max(n)} tokens, more than the {L} padded to")
+    out: Dict[str, torch.Tensor] = {}
+    for k in entries[0]:
+        if k in seq:
+            first = entries[0][k]
+            pad = first.new_zeros((len(entries), L) + tuple(first.shape[1:]))
+            for j, e in enumerate(entries):
+                pad[j, :n[j]] = e[k]
+            out[k] = pad
+        else:
+            out[k] = torch.stack([e[k] for e in entries])
+    out[mask] = torch.arange(L)[None, :] < torch.tensor(n)[:, None]
+    return out
 
 
 def _vae_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
@@ -217,20 +272,38 @@ def _unwrap(m):
     return getattr(m, "_orig_mod", m)
 
 
-# training families by the name of the model's adapter (taca.models)
-_FAMILIES = {c.name: c for c in (FluxFamily, SD3Family)}
+# training families by the name of the model's adapter (taca.models): a class, or the module of
+# this package that defines it (imported when needed)
+_FAMILIES = {"flux": FluxFamily, "sd3": SD3Family, "qwenimage": "qwenimage:QwenImageFamily",
+             "flux2": "flux2:Flux2Family", "chroma": "chroma:ChromaFamily", "zimage": "zimage:ZImageFamily",
+             "hidream": "hidream:HiDreamFamily", "lumina2": "lumina2:Lumina2Family"}
+
+
+def supported() -> List[str]:
+    """The adapter names (taca.models) of the families taca train knows."""
+    return sorted(_FAMILIES)
 
 
 def family_for(pipe) -> Family:
     """The training family of a loaded pipeline."""
     if all(callable(getattr(pipe, n, None)) for n in PROTOCOL):
         return ProtocolFamily(pipe)
-    from ..models import adapter_class
+    from ...models import adapter_class
 
     t = getattr(pipe, "transformer", None)
     adapter = adapter_class(t) if isinstance(t, torch.nn.Module) else None
     family = _FAMILIES.get(adapter.name) if adapter is not None else None
+    if isinstance(family, str):
+        import importlib
+
+        mod, cls = family.split(":")
+        try:
+            family = getattr(importlib.import_module(f"{__name__}.{mod}"), cls)
+        except ModuleNotFoundError as e:  # a family not written yet; not a missing dependency of one
+            if e.name != f"{__name__}.{mod}":
+                raise
+            family = None
     if family is not None:
         return family(pipe)
-    raise TypeError(f"taca train: {type(pipe).__name__} is not supported (FLUX.1 and SD3/SD3.5 pipelines, or a "
-                    f"pipeline with encode_text / encode_images / predict)")
+    raise TypeError(f"taca train: {type(pipe).__name__} is not supported: the families are {', '.join(supported())} "
+                    f"(taca.models' adapter names), or a pipeline with encode_text / encode_images / predict")
