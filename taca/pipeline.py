@@ -241,17 +241,12 @@ class TacaHandle:
 
         key = self.adapter.kwargs_name
         if key is None:
-            if getattr(module, "gradient_checkpointing", False) and torch.is_grad_enabled():
-                raise NotImplementedError(
-                    f"taca: {type(module).__name__} passes no attention kwargs to its processors, so TACA hands "
-                    f"them each call's state, which blocks recomputed by gradient checkpointing in the backward "
-                    f"pass would not see (their gradients would be stock attention's); call "
-                    f"transformer.disable_gradient_checkpointing() or run without autograd"
-                )
             call = dict(state)
             call["taca_gamma"] = gamma if on else None
             for p in self.processors.values():
                 p.taca_call = call
+            if torch.is_grad_enabled():
+                self._keep_state_in_checkpoints(module, call)
             return None
         jak = dict(self._arg(key, args, kwargs) or {})
         jak["taca_gamma"] = gamma if on else None
@@ -265,9 +260,55 @@ class TacaHandle:
         kwargs[key] = jak
         return args, kwargs
 
+    def _keep_state_in_checkpoints(self, model, call: dict) -> None:
+        """Gradient checkpointing with a kwargs-less model: the blocks recomputed in the backward
+        pass run after this call's state was cleared, so for this call every module's
+        ``_gradient_checkpointing_func`` (diffusers' hook for checkpointing a block) is wrapped to
+        run the block with ``call`` set on the processors, in the forward and in the recomputation.
+        ``_clear_state`` puts the functions back. (Every diffusers 0.42.1 transformer checkpoints its
+        blocks through that function; none calls torch.utils.checkpoint itself.)"""
+        mods = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
+                and callable(getattr(m, "_gradient_checkpointing_func", None))]
+        if not mods:
+            if getattr(model, "gradient_checkpointing", False):
+                raise NotImplementedError(
+                    f"taca: {type(model).__name__} checkpoints its blocks without diffusers' "
+                    f"_gradient_checkpointing_func, so TACA cannot hand its state to the blocks recomputed in the "
+                    f"backward pass; call transformer.disable_gradient_checkpointing() or run without autograd")
+            return
+        procs = list(self.processors.values())
+
+        def wrap(func):
+            def checkpointed(block, *args, **kwargs):
+                def run(*a, **k):
+                    before = [p.taca_call for p in procs]
+                    for p in procs:
+                        p.taca_call = call
+                    try:
+                        return block(*a, **k)
+                    finally:
+                        for p, c in zip(procs, before):
+                            p.taca_call = c
+
+                return func(run, *args, **kwargs)
+
+            return checkpointed
+
+        self._ckpt_saved = [(m, m.__dict__.get("_gradient_checkpointing_func")) for m in mods]
+        for m in mods:
+            m._gradient_checkpointing_func = wrap(m._gradient_checkpointing_func)
+
     def _clear_state(self, *_args, **_kw):
         for p in self.processors.values():
             p.taca_call = None
+        saved = getattr(self, "_ckpt_saved", None)
+        if saved:
+            self._ckpt_saved = None
+            for m, f in saved:
+                if f is None:
+                    m.__dict__.pop("_gradient_checkpointing_func", None)
+                else:
+                    m._gradient_checkpointing_func = f
 
     def _sigma(self, ts, B: int, device, current_t, like=None) -> torch.Tensor:
         """sigma (B,) float32 on ``device`` from the transformer's ``timestep`` and the pipeline's

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+import taca
 import taca.processors as tp
 
 
@@ -252,3 +253,40 @@ class StockSDPACalls:
             return orig(q, k, v, attn_mask, *a, **kw)
 
         monkeypatch.setattr(F, "scaled_dot_product_attention", grab)
+
+
+def check_checkpointing_keeps_state(make_transformer, inputs, gamma: float = 1.3):
+    """Gradient checkpointing on a model whose forward carries no attention kwargs (the hook hands
+    each call's state to the processors): the blocks recomputed in the backward pass run with TACA's
+    state too, so the output and every gradient equal those of the same model without
+    checkpointing; stock attention's gradients differ (so a recomputation without gamma would be
+    seen); the model's checkpointing function is its own again after the call.
+
+    make_transformer() -> a fresh transformer (same weights each call); inputs: its forward's
+    kwargs, with a timestep inside the paper's gamma window."""
+
+    def run(checkpointing: bool, with_taca: bool):
+        t = make_transformer()
+        t.train()
+        if checkpointing:
+            t.enable_gradient_checkpointing()
+        func = t.__dict__.get("_gradient_checkpointing_func")
+        handle = taca.enable(t, gamma=gamma) if with_taca else None
+        out = t(**inputs)[0]
+        out.float().square().mean().backward()
+        if handle is not None:
+            assert handle.last_gamma is not None, "the inputs' timestep is outside the gamma window"
+            taca.disable(t)
+        assert t.__dict__.get("_gradient_checkpointing_func") is func
+        grads = {n: p.grad.clone() for n, p in t.named_parameters() if p.grad is not None}
+        return out.detach(), grads
+
+    ref_out, ref = run(False, True)
+    out, got = run(True, True)
+    _, stock = run(False, False)
+    assert torch.equal(out, ref_out)
+    assert set(got) == set(ref) and len(ref) > 0
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-7, msg=n)
+    # gamma changes the gradients measurably: a recomputation with stock attention would fail above
+    assert any(not torch.allclose(stock[n], ref[n], rtol=1e-4, atol=1e-6) for n in ref)

@@ -17,7 +17,7 @@ pytest.importorskip("diffusers")
 import taca
 from taca.pipeline import get_handle
 
-from model_checks import (Capture, StockCalls, check_against_paper, check_disable_restores,
+from model_checks import (check_checkpointing_keeps_state, Capture, StockCalls, check_against_paper, check_disable_restores,
                           check_spans_against_paper, processors_of, ranges, span_mask, window)
 
 # gist counts: prompts of 2 tokens get 4 gist tokens, longer ones 8
@@ -158,14 +158,8 @@ def test_outside_window_and_gamma_one_are_stock(hw, valid, ctx):
         assert torch.equal(t(**inp(0.98))[0], ref_in)
 
 
-def test_gradient_checkpointing_is_refused_under_autograd():
-    t = _transformer()
-    t.enable_gradient_checkpointing()
-    with taca.enabled(t, gamma=1.3):
-        with pytest.raises(NotImplementedError, match="gradient checkpointing"):
-            t(**_inputs(1, 4, (4, 4)))
-        with torch.no_grad():
-            t(**_inputs(1, 4, (4, 4)))
+def test_gradient_checkpointing_keeps_the_call_state():
+    check_checkpointing_keeps_state(_transformer, _inputs(1, 4, (4, 4)))
 
 
 def test_a_sequence_the_adapter_does_not_know_is_refused():

@@ -15,7 +15,7 @@ pytest.importorskip("diffusers")
 import taca
 from taca.pipeline import get_handle
 
-from model_checks import (Capture, StockCalls, check_disable_restores,
+from model_checks import (check_checkpointing_keeps_state, Capture, StockCalls, check_disable_restores,
                           check_spans_against_paper, processors_of, ranges, span_mask, window)
 
 TINY = dict(hidden_size=64, num_attention_heads=2, num_layers=2, ffn_hidden_size=64, in_channels=4, out_channels=4,
@@ -156,16 +156,9 @@ def test_window_steps_with_the_scheduler():
 EXPECTED_WINDOWS = {(1.0, 8): "0", (1.0, 28): "0", (1.0, 50): "0-1", (3.0, 8): "0", (3.0, 28): "0-2", (3.0, 50): "0-4"}
 
 
-def test_gradient_checkpointing_with_autograd_is_refused():
-    """Blocks recomputed by gradient checkpointing would not see the call's state (the model passes
-    no attention kwargs): refused with a message, not trained with stock attention's gradients."""
-    t = _transformer()
-    if not getattr(t, "_supports_gradient_checkpointing", False):
+def test_gradient_checkpointing_keeps_the_call_state():
+    """Blocks recomputed by gradient checkpointing see the call's state too (the model passes no
+    attention kwargs): the gradients are TACA's, equal to those without checkpointing."""
+    if not getattr(_transformer(), "_supports_gradient_checkpointing", False):
         pytest.skip("this diffusers' ErnieImageTransformer2DModel has no gradient checkpointing")
-    t.enable_gradient_checkpointing()
-    t.train()
-    with taca.enabled(t, gamma=1.3):
-        with pytest.raises(NotImplementedError, match="gradient checkpointing"):
-            t(**_inputs([5, 3], (4, 4)))
-        with torch.no_grad():  # inference with the flag left on still works
-            t(**_inputs([5, 3], (4, 4)))
+    check_checkpointing_keeps_state(_transformer, _inputs([5, 3], (4, 4)))

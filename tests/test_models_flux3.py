@@ -16,7 +16,7 @@ pytest.importorskip("diffusers")
 import taca
 from taca.pipeline import get_handle
 
-from model_checks import (Capture, StockCalls, check_against_paper, check_disable_restores, processors_of,
+from model_checks import (check_checkpointing_keeps_state, Capture, StockCalls, check_against_paper, check_disable_restores, processors_of,
                           ranges, window)
 
 TINY = dict(in_channels=16, cond_in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=32,
@@ -128,16 +128,10 @@ def test_outside_window_and_gamma_one_are_stock(hw, cond_hw):
         assert torch.equal(t(**inp(0.98))[0], ref_in)
 
 
-def test_gradient_checkpointing_is_refused_under_autograd():
-    """The forward carries no attention kwargs: the hook hands each call's state to the
-    processors, which blocks recomputed in the backward pass would not see."""
-    t = _transformer()
-    t.enable_gradient_checkpointing()
-    with taca.enabled(t, gamma=1.3):
-        with pytest.raises(NotImplementedError, match="gradient checkpointing"):
-            t(**_inputs(1, 3, (2, 2)))
-        with torch.no_grad():
-            t(**_inputs(1, 3, (2, 2)))
+def test_gradient_checkpointing_keeps_the_call_state():
+    """The forward carries no attention kwargs: the hook hands each call's state to the processors,
+    and to the blocks recomputed in the backward pass through the checkpointing function."""
+    check_checkpointing_keeps_state(_transformer, _inputs(1, 3, (2, 2)))
 
 
 def _modular(distilled=False):
