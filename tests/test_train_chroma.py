@@ -1,0 +1,293 @@
+"""taca train on a tiny Chroma pipeline (ChromaPipeline, random weights, CPU, saved with
+save_pretrained): gamma in every joint attention call of every training forward (with and without
+gradient checkpointing), the control LoRA runs stock attention, ``ChromaFamily.predict`` is what
+ChromaPipeline's own denoising loop feeds its transformer (packing, ids, sigma, the additive text
+mask over the fixed-length padding), the latents are what the pipeline's decoder inverts, a
+caption's cache entry does not depend on its batch, and the adapter loads back."""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+import taca  # noqa: E402
+from taca.train import TrainConfig, train  # noqa: E402
+from taca.train.families import family_for  # noqa: E402
+
+from test_train import _GammaCounter, _write_data  # noqa: E402
+
+RES = 32  # one-level VAE: 32x32 latents, 2x2 packing -> 256 image tokens
+TEXT_LEN = 16
+TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6), approximator_num_channels=16,
+            approximator_hidden_dim=32, approximator_layers=1)
+# FLUX.1's scheduler (dynamic shifting), as Chroma1-HD's
+SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                 base_image_seq_len=256, max_image_seq_len=4096)
+N_JOINT = TINY["num_layers"] + TINY["num_single_layers"]
+
+
+def _build(seed=0):
+    from diffusers import (AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel,
+                           FlowMatchEulerDiscreteScheduler)
+    from transformers import T5EncoderModel
+
+    from taca.demo import _t5_config, _t5_tokenizer
+
+    tok, vocab = _t5_tokenizer()
+    torch.manual_seed(seed)
+    t5 = T5EncoderModel(_t5_config(vocab, d_model=32, d_kv=8, d_ff=64))
+    transformer = ChromaTransformer2DModel(**TINY)
+    # FLUX.1's VAE normalization (Chroma uses FLUX's VAE): non-trivial shift and scale
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.1159, scaling_factor=0.3611)
+    pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=vae, text_encoder=t5,
+                          tokenizer=tok, transformer=transformer)
+    for m in (t5, transformer, vae):
+        m.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models") / "chroma"
+    _build().save_pretrained(str(d))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return _write_data(tmp_path_factory.mktemp("data") / "pairs", n=4)
+
+
+def _load(model):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _cfg(model, data, out, **kw):
+    base = dict(model=model, data=data, out=str(out), resolution=RES, batch_size=2, max_steps=3,
+                checkpoint_every=100, mixed_precision="no", max_sequence_length=TEXT_LEN, lr=1e-3, rank=4,
+                report_to="none", device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(model, data, tmp_path_factory):
+    """One TACA run (3 steps, batch 2), its joint-attention gammas counted through the processors."""
+    mp = pytest.MonkeyPatch()
+    counter = _GammaCounter(mp)
+    try:
+        res = train(_cfg(model, data, tmp_path_factory.mktemp("run") / "out"), progress=False)
+    finally:
+        mp.undo()
+    return res, counter.gammas
+
+
+def test_family_conventions(model):
+    from diffusers import ChromaPipeline
+
+    pipe = _load(model)
+    fam = family_for(pipe)
+    assert type(fam).__name__ == "ChromaFamily" and fam.name == "chroma"
+    assert fam.shift() == 1.0  # dynamic shifting: sampled sigmas are not shifted
+    assert fam.lora_saver() is ChromaPipeline
+    assert fam.text_modules() == [pipe.text_encoder] and fam.image_modules() == [pipe.vae]
+    # the joint attention of the double blocks (8 projections) and of the single blocks (q, k, v)
+    names = [n for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    attn = [n for n in names if any(n.endswith(t) for t in fam.target_modules("attn"))]
+    assert len(attn) == 8 * TINY["num_layers"] + 3 * TINY["num_single_layers"]
+    ff = [n for n in names if any(n.endswith(t) for t in fam.target_modules("attn+ff"))]
+    assert len(ff) == len(attn) + 4 * TINY["num_layers"]
+    assert fam.target_modules(["to_q"]) == ["to_q"]
+
+
+def test_gamma_on_in_every_training_forward(trained):
+    res, gammas = trained
+    assert res.steps == 3 and len(res.losses) == 3 and all(torch.isfinite(torch.tensor(res.losses)))
+    assert len(res.sigmas) == 3 * 2 and min(res.sigmas) >= 0.97 and max(res.sigmas) <= 1.0
+    assert res.gammas == pytest.approx([1.2] * len(res.sigmas))
+    assert len(gammas) == 3 * N_JOINT
+    assert all(g.shape == (2,) and torch.allclose(g, torch.full((2,), 1.2)) for g in gammas)
+    for name in ("pytorch_lora_weights.safetensors", "train_config.json", "log.jsonl", "loss.png"):
+        assert os.path.isfile(os.path.join(res.out, name)), name
+
+
+def test_control_and_gradient_checkpointing(model, data, tmp_path, monkeypatch):
+    counter = _GammaCounter(monkeypatch)
+    res = train(_cfg(model, data, tmp_path / "control", taca=False, max_steps=2), progress=False)
+    assert counter.gammas == [] and res.gammas == [] and min(res.sigmas) >= 0.97
+    assert all(torch.isfinite(torch.tensor(res.losses)))
+    res = train(_cfg(model, data, tmp_path / "gc", gradient_checkpointing=True, max_steps=2), progress=False)
+    assert all(torch.isfinite(torch.tensor(res.losses)))
+    # every joint attention of the forward, and again where the backward recomputes the blocks
+    assert len(counter.gammas) == 2 * 2 * N_JOINT
+    assert all(torch.allclose(g, torch.full((2,), 1.2)) for g in counter.gammas)
+    assert res.gammas == pytest.approx([1.2] * 4)
+
+
+def test_gradient_checkpointing_computes_the_same_function(model, monkeypatch):
+    """diffusers' ChromaTransformer2DModel drops joint_attention_kwargs (TACA's gamma) and the
+    single blocks' attention_mask in its checkpointed calls; ChromaFamily.predict hands them back:
+    with TACA on, the checkpointed forward and its gradients equal the plain ones."""
+    from peft import LoraConfig
+
+    pipe = _load(model)
+    fam = family_for(pipe)
+    t = pipe.transformer
+    t.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=fam.target_modules("attn")))
+    t.train()
+    cond = _cond(fam, ["a red square", "a big red square next to a small blue round mirror"])
+    x = torch.randn(2, 4, RES, RES, generator=torch.Generator().manual_seed(5))
+    sigma = torch.tensor([0.99, 0.98])
+    lora = [p for n, p in t.named_parameters() if "lora_B" in n]
+    with torch.no_grad():
+        for p in lora:
+            p.normal_(0, 0.1)
+    results = []
+    with taca.enabled(t, gamma=1.2):
+        for gc in (False, True):
+            t.enable_gradient_checkpointing() if gc else t.disable_gradient_checkpointing()
+            out = fam.predict(t, x, sigma, cond, 1.0)
+            grads = torch.autograd.grad(out.square().mean(), lora)
+            results.append((out.detach(), grads))
+        # without the family's fix the checkpointed forward is another function (no gamma, and
+        # the single blocks without the mask)
+        import contextlib
+
+        import taca.train.families.chroma as chroma
+
+        monkeypatch.setattr(chroma, "_full_checkpoint_args", lambda model: contextlib.nullcontext())
+        unfixed = fam.predict(t, x, sigma, cond, 1.0).detach()
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-6)
+    assert not torch.allclose(unfixed, results[0][0], atol=1e-4)
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def _cond(fam, captions, length=TEXT_LEN):
+    enc = fam.encode_text(captions, torch.device("cpu"), length)
+    return fam.collate(fam.split_text(enc))
+
+
+def test_predict_is_the_pipelines_transformer_call(model):
+    """ChromaPipeline.__call__ (no CFG, 2 steps, TACA on: the first step at sigma 1 gets gamma
+    1.2 through the pipeline's _current_timestep, the second is stock): what its transformer
+    returns for its own packed latents, ids, timestep and mask equals ChromaFamily.predict on
+    the unpacked latents, the sigma and the cached conditioning of the same prompt."""
+    from diffusers import ChromaPipeline
+
+    pipe = _load(model)
+    fam = family_for(pipe)
+    prompt = "a red square on a blue background"
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 4, RES, RES, generator=g)
+    seen = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda m, a, k, o: seen.append((k["hidden_states"].clone(), k["timestep"].clone(), k["attention_mask"].clone(),
+                                        o[0].clone(), taca.pipeline.get_handle(m).last_gamma)), with_kwargs=True)
+    packed = ChromaPipeline._pack_latents(x, 1, 4, RES, RES)
+    with taca.enabled(pipe, gamma=1.2), torch.no_grad():
+        pipe(prompt=prompt, latents=packed, height=RES, width=RES, num_inference_steps=2, guidance_scale=1.0,
+             max_sequence_length=TEXT_LEN, output_type="latent")
+        hook.remove()
+        assert len(seen) == 2
+        cond = _cond(fam, [prompt])
+        n_tok = len(pipe.tokenizer(prompt).input_ids)
+        assert cond["attention_mask"].shape == (1, TEXT_LEN) and int(cond["attention_mask"].sum()) == n_tok + 1
+        for i, (hs, ts, mask, out, gamma) in enumerate(seen):
+            assert torch.equal(mask[0, :TEXT_LEN], cond["attention_mask"][0])
+            noisy = ChromaPipeline._unpack_latents(hs, RES, RES, pipe.vae_scale_factor)
+            if i == 0:
+                assert torch.equal(noisy, x) and float(ts) == 1.0
+            pred = fam.predict(pipe.transformer, noisy, ts.float(), cond, 1.0)
+            train_gamma = taca.pipeline.get_handle(pipe.transformer).last_gamma
+            assert (gamma is None) == (train_gamma is None) == (i == 1)
+            if i == 0:
+                assert torch.allclose(gamma, torch.tensor([1.2])) and torch.allclose(train_gamma, torch.tensor([1.2]))
+            want = ChromaPipeline._unpack_latents(out, RES, RES, pipe.vae_scale_factor)
+            torch.testing.assert_close(pred, want, rtol=0, atol=1e-6)
+        # why the fixed-length padding is cached: the padding tokens are not masked out (the mask
+        # is added, +1 / 0), so the same prompt padded to another length changes the output
+        longer = fam.predict(pipe.transformer, x, torch.tensor([1.0]), _cond(fam, [prompt], TEXT_LEN + 8), 1.0)
+        first = ChromaPipeline._unpack_latents(seen[0][3], RES, RES, pipe.vae_scale_factor)
+        assert not torch.allclose(longer, first, atol=1e-4)
+
+
+def test_latents_are_what_the_pipeline_decodes(model, monkeypatch):
+    """encode_images, packed and handed to ChromaPipeline as its latents with a transformer that
+    predicts 0 (the Euler steps keep them): the pipeline's own unpack + denormalization + decode
+    gives the VAE's reconstruction of the image."""
+    from diffusers import ChromaPipeline
+
+    pipe = _load(model)
+    fam = family_for(pipe)
+    px = torch.rand(2, 3, RES, RES, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    lat = fam.encode_images(px)
+    assert lat.shape == (2, 4, RES, RES)
+    with torch.no_grad():
+        mode = pipe.vae.encode(px).latent_dist.mode()
+        torch.testing.assert_close(lat, (mode - 0.1159) * 0.3611)
+        want = (pipe.vae.decode(mode).sample / 2 + 0.5).clamp(0, 1)
+        monkeypatch.setattr(pipe.transformer, "forward",
+                            lambda hidden_states, **kw: (torch.zeros_like(hidden_states),))
+        got = pipe(prompt=["a cat", "a dog"], latents=ChromaPipeline._pack_latents(lat, 2, 4, RES, RES), height=RES,
+                   width=RES, num_inference_steps=2, guidance_scale=1.0, max_sequence_length=TEXT_LEN,
+                   output_type="pt").images
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_entry_and_predict_do_not_depend_on_the_batch(model):
+    pipe = _load(model)
+    fam = family_for(pipe)
+    short, long_ = "a red square", "a big red square next to a small blue round mirror on the wall"
+    dev = torch.device("cpu")
+    alone = fam.split_text(fam.encode_text([short], dev, TEXT_LEN))[0]
+    both = fam.split_text(fam.encode_text([long_, short], dev, TEXT_LEN))
+    assert set(alone) == {"prompt_embeds", "attention_mask"} and alone["attention_mask"].dtype == torch.float32
+    assert int(alone["attention_mask"].sum()) < int(both[0]["attention_mask"].sum())
+    assert torch.equal(alone["attention_mask"], both[1]["attention_mask"])
+    torch.testing.assert_close(alone["prompt_embeds"], both[1]["prompt_embeds"], rtol=0, atol=1e-6)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, RES, RES, generator=g)
+    sigma = torch.tensor([0.99, 0.5])
+    with taca.enabled(pipe.transformer, gamma=1.2), torch.no_grad():
+        batch = fam.predict(pipe.transformer, x, sigma, fam.collate(both), 1.0)
+        for j, e in enumerate(both):
+            one = fam.predict(pipe.transformer, x[j:j + 1], sigma[j:j + 1], fam.collate([e]), 1.0)
+            torch.testing.assert_close(batch[j:j + 1], one, rtol=0, atol=1e-5)
+
+
+def test_adapter_loads(model, trained):
+    res, _ = trained
+    pipe = _load(model)
+    t = pipe.transformer
+    fam = family_for(pipe)
+    x = torch.randn(1, 4, RES, RES, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cond = _cond(fam, ["a red square"])
+        base = fam.predict(t, x, torch.tensor([0.5]), cond, 1.0)
+        pipe.load_lora_weights(res.out)
+        assert any("lora" in n for n, _ in t.named_parameters())
+        lora = fam.predict(t, x, torch.tensor([0.5]), cond, 1.0)
+        assert not torch.allclose(lora, base, atol=1e-6)
+    kw = dict(prompt="a red square", height=RES, width=RES, num_inference_steps=2, guidance_scale=1.0,
+              max_sequence_length=TEXT_LEN, output_type="latent")
+    out = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.isfinite(out).all()
+    fresh = _load(model)
+    with taca.enabled(fresh, gamma=1.2, lora=res.out):
+        assert any("lora" in n for n, _ in fresh.transformer.named_parameters())
+        out = fresh(generator=torch.Generator().manual_seed(0), **kw).images
+        assert torch.isfinite(out).all()
+        with torch.no_grad():  # sigma 0.5: gamma 1, the adapter gated off -> the stock model
+            assert torch.equal(fam.predict(fresh.transformer, x, torch.tensor([0.5]), cond, 1.0), base)
