@@ -1,0 +1,382 @@
+"""taca train on tiny FLUX.2 pipelines (random weights, CPU, saved with save_pretrained): klein
+(Flux2KleinPipeline: tiny Qwen3ForCausalLM + a tiny byte-level Qwen2 tokenizer) and dev
+(Flux2Pipeline: tiny Mistral3ForConditionalGeneration; its tokenizer is a word-level fast tokenizer
+with a Mistral-style chat template standing in for the PixtralProcessor, which needs torchvision).
+
+Both are trained end to end (gamma in every joint attention call of every training forward, with
+and without gradient checkpointing; the control LoRA runs stock attention); Flux2Family.predict is
+checked against what each pipeline's own __call__ feeds its transformer (inputs, ids, timestep,
+guidance, output and TACA's gamma); encode_images against the pipelines' batch-norm normalization
+and their decode path; a caption's cache entry and prediction against its batch; the saved adapter
+loads through diffusers and taca.enable."""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+pytest.importorskip("transformers")
+
+import taca  # noqa: E402
+from taca.pipeline import get_handle  # noqa: E402
+from taca.train import TrainConfig, train  # noqa: E402
+from taca.train.families import family_for  # noqa: E402
+from taca.train.families.flux2 import Flux2Family  # noqa: E402
+from test_train import _GammaCounter, _write_data  # noqa: E402
+
+RES = 32  # 32x32 images: 2-level VAE (scale 2) -> 16x16 latents -> 2x2 patches -> 8x8 = 64 image tokens
+TEXT_LEN = 40  # every prompt padded to 40 text tokens
+# tests/test_models_flux2.py's tiny transformer; joint_attention_dim 24 = 3 stacked hidden states of 8
+TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32,
+            num_attention_heads=2, joint_attention_dim=24, timestep_guidance_channels=32, mlp_ratio=3.0,
+            axes_dims_rope=(8, 8, 8, 8), rope_theta=2000)
+N_JOINT = TINY["num_layers"] + TINY["num_single_layers"]
+# FLUX.2-dev / klein scheduler_config.json
+SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                 base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
+PROMPTS = ["a red square on a blue background", "a cat"]
+# tiny models: one torch thread is faster than several (and than several fighting over shared cores)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _qwen_tokenizer():
+    """A byte-level Qwen2 tokenizer: the 256 byte symbols, no merges, Qwen's special tokens."""
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for s in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[s] = len(vocab)
+    tok = Qwen2TokenizerFast(vocab=vocab, merges=[], model_max_length=512,
+                             extra_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
+def _mistral_tokenizer():
+    """A word-level fast tokenizer with Mistral's chat specials and a template for the pipeline's
+    [system, user] messages of {"type": "text"} parts (unknown words -> <unk>)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from taca.demo import _vocab
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"]
+    vocab = {t: i for i, t in enumerate(specials + _vocab())}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", model_max_length=512, extra_special_tokens=specials[4:])
+    tok.chat_template = (
+        "<s>{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{% else %}[INST]{% endif %}"
+        "{% for c in m['content'] %}{{ c['text'] }}{% endfor %}"
+        "{% if m['role'] == 'system' %}[/SYSTEM_PROMPT]{% else %}[/INST]{% endif %}{% endfor %}")
+    return tok
+
+
+def _vae():
+    """AutoencoderKLFlux2, 2 levels, 4 latent channels (16 after 2x2 patches), non-trivial batch-norm stats."""
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    g = torch.Generator().manual_seed(5)
+    vae.bn.running_mean.copy_(torch.randn(16, generator=g) * 0.3)
+    vae.bn.running_var.copy_(torch.rand(16, generator=g) * 2 + 0.3)
+    return vae.eval()
+
+
+def build_klein(seed=0):
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tok = _qwen_tokenizer()
+    # 27 layers: the pipeline stacks hidden states (9, 18, 27)
+    te = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=27,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                                      max_position_embeddings=512, tie_word_embeddings=True)).eval()
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=_vae(), text_encoder=te,
+                              tokenizer=tok, transformer=Flux2Transformer2DModel(**TINY, guidance_embeds=False).eval(),
+                              is_distilled=False)
+
+
+def build_dev(seed=0):
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    torch.manual_seed(seed)
+    tok = _mistral_tokenizer()
+    n = len(tok)
+    # 30 text layers: the pipeline stacks hidden states (10, 20, 30)
+    te = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=MistralConfig(vocab_size=n, hidden_size=8, intermediate_size=16, num_hidden_layers=30,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                                  max_position_embeddings=512),
+        vision_config=PixtralVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                          num_attention_heads=2, image_size=16, patch_size=4, head_dim=4),
+        image_token_index=n - 1)).eval()
+    return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=_vae(), text_encoder=te,
+                         tokenizer=tok, transformer=Flux2Transformer2DModel(**TINY, guidance_embeds=True).eval())
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux2")
+    build_klein().save_pretrained(str(root / "klein"))
+    build_dev().save_pretrained(str(root / "dev"))
+    return {"klein": str(root / "klein"), "dev": str(root / "dev")}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return _write_data(tmp_path_factory.mktemp("data") / "pairs", n=8)
+
+
+def _load(path):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _cfg(model, data, out, **kw):
+    base = dict(model=model, data=data, out=str(out), resolution=RES, batch_size=2, max_steps=3,
+                checkpoint_every=100, mixed_precision="no", max_sequence_length=TEXT_LEN, lr=1e-3, rank=4,
+                report_to="none", device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,gc", [("klein", False), ("dev", False), ("klein", True)])
+def test_gamma_on_in_every_training_forward(kind, gc, models, data, tmp_path, monkeypatch):
+    from taca.train.data import Cache
+
+    counter = _GammaCounter(monkeypatch)
+    res = train(_cfg(models[kind], data, tmp_path / "out", gradient_checkpointing=gc), progress=False)
+    assert res.steps == 3 and len(res.losses) == 3 and all(torch.isfinite(torch.tensor(res.losses)))
+    assert len(res.sigmas) == 3 * 2 and min(res.sigmas) >= 0.97 and max(res.sigmas) <= 1.0
+    assert res.gammas == pytest.approx([1.2] * len(res.sigmas))
+    # every joint attention (2 double- + 2 single-stream) of every training forward had gamma 1.2;
+    # with gradient checkpointing each block's forward runs again in the backward, with its gamma
+    assert len(counter.gammas) == 3 * N_JOINT * (2 if gc else 1)
+    assert all(g.shape == (2,) and torch.allclose(g, torch.full((2,), 1.2)) for g in counter.gammas)
+    for name in ("pytorch_lora_weights.safetensors", "train_config.json", "log.jsonl", "loss.png"):
+        assert os.path.isfile(tmp_path / "out" / name), name
+    # the cache: patchified latents (16, 8, 8); prompt embeddings padded to TEXT_LEN, nothing else
+    cache = tmp_path / "out" / "cache"
+    lat = Cache.read(str(next((cache / "latents").iterdir())))
+    txt = Cache.read(str(next((cache / "text").iterdir())))
+    assert lat["latents"].shape == (16, RES // 4, RES // 4)
+    assert set(txt) == {"prompt_embeds"} and txt["prompt_embeds"].shape == (TEXT_LEN, 24)
+    # "attn": both streams' joint-attention projections and the single blocks' fused ones; no feed-forward
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors")).keys()
+    assert any(".attn.to_qkv_mlp_proj.lora_A" in k for k in keys)
+    assert any("single_transformer_blocks.1.attn.to_out.lora_A" in k for k in keys)
+    assert any("transformer_blocks.0.attn.to_out.0.lora_A" in k for k in keys)
+    assert any("transformer_blocks.0.attn.add_k_proj.lora_A" in k for k in keys)
+    assert any("transformer_blocks.0.attn.to_add_out.lora_A" in k for k in keys)
+    assert not any(".ff." in k or ".ff_context." in k for k in keys)
+
+
+def test_control_lora_runs_stock_attention(models, data, tmp_path, monkeypatch):
+    counter = _GammaCounter(monkeypatch)
+    res = train(_cfg(models["klein"], data, tmp_path / "out", taca=False, max_steps=2), progress=False)
+    assert counter.gammas == [] and res.gammas == [] and res.steps == 2
+    assert all(torch.isfinite(torch.tensor(res.losses))) and min(res.sigmas) >= 0.97
+    assert os.path.isfile(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+def _record(transformer):
+    """Every transformer call's kwargs, output and TACA gamma."""
+    calls = []
+
+    def hook(m, args, kwargs, out):
+        h = get_handle(m)
+        calls.append((dict(kwargs), out[0].detach().clone(), None if h is None else h.last_gamma))
+
+    return calls, transformer.register_forward_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("kind", ["klein", "dev"])
+def test_predict_is_the_pipelines_transformer_call(kind, models):
+    """The pipeline's own __call__ (2 steps: t = 1000 in the window, then one outside it) records
+    every transformer call; Flux2Family.predict on the same latents (unpacked with the pipeline's
+    _unpack_latents_with_ids), sigma = the passed timestep, and the prompt encoded by
+    encode_text makes the same call: identical hidden states, timestep, guidance, ids and text,
+    the same output, and the same TACA gamma (through the timestep kwarg vs the pipeline's
+    _current_timestep)."""
+    from diffusers import Flux2Pipeline
+
+    pipe = _load(models[kind])
+    fam = family_for(pipe)
+    assert isinstance(fam, Flux2Family) and fam.shift() == 1.0
+    guidance_scale = 1.0 if kind == "klein" else 2.5  # klein: no true CFG (one call per step)
+    t = pipe.transformer
+    calls, hook = _record(t)
+    with taca.enabled(pipe, gamma=1.2), torch.no_grad():
+        pipe(prompt=PROMPTS, height=RES, width=RES, num_inference_steps=2, guidance_scale=guidance_scale,
+             max_sequence_length=TEXT_LEN, generator=torch.Generator().manual_seed(0), output_type="latent")
+        n_pipe = len(calls)
+        enc = fam.encode_text(PROMPTS, torch.device("cpu"), TEXT_LEN)
+        preds = []
+        for kw, _, _ in calls[:n_pipe]:
+            noisy = Flux2Pipeline._unpack_latents_with_ids(kw["hidden_states"], kw["img_ids"])
+            assert noisy.shape == (2, 16, RES // 4, RES // 4)
+            preds.append(fam.predict(t, noisy, kw["timestep"], enc, guidance_scale))
+    hook.remove()
+    assert n_pipe == 2 and len(calls) == 4
+    gammas = []
+    for (kw_p, out_p, g_p), (kw_f, out_f, g_f) in zip(calls[:2], calls[2:]):
+        assert kw_f["timestep"].dtype == torch.float32 and torch.equal(kw_f["timestep"], kw_p["timestep"])
+        for k in ("hidden_states", "encoder_hidden_states", "txt_ids", "img_ids"):
+            assert kw_f[k].dtype == kw_p[k].dtype and torch.equal(kw_f[k], kw_p[k]), k
+        if kind == "dev":
+            assert torch.equal(kw_f["guidance"], kw_p["guidance"]) and float(kw_f["guidance"][0]) == 2.5
+        else:
+            assert kw_p["guidance"] is None and kw_f["guidance"] is None
+        assert torch.equal(out_f, out_p)
+        assert (g_p is None) == (g_f is None) and (g_p is None or torch.equal(g_p, g_f))
+        gammas.append(None if g_p is None else g_p.tolist())
+    assert gammas == [[pytest.approx(1.2)] * 2, None]  # step 0 (sigma 1) in the window, step 1 out
+    # the returned velocity: the pipeline's transformer output, unpacked with its own helper
+    for pred, (kw, out, _) in zip(preds, calls[:2]):
+        assert torch.equal(pred, Flux2Pipeline._unpack_latents_with_ids(out, kw["img_ids"]))
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["klein", "dev"])
+def test_latents_invert_the_pipelines_normalization(kind, models):
+    """encode_images = the pipelines' own _encode_vae_image (posterior mode, 2x2 patches, batch-
+    norm running stats), with non-trivial stats; the decode path's inverse (x std + mean, then
+    _unpatchify_latents) gives back the VAE's latents; for klein through the pipeline's __call__
+    itself (output_type="latent" returns the denormalized latents), the scheduler step held fixed."""
+    pipe = _load(models[kind])
+    fam = family_for(pipe)
+    vae = pipe.vae
+    assert vae.bn.running_mean.abs().min() > 0 and not torch.allclose(vae.bn.running_var, torch.ones(16))
+    px = torch.rand(2, 3, RES, RES, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    lat = fam.encode_images(px)
+    assert lat.shape == (2, 16, RES // 4, RES // 4)
+    with torch.no_grad():
+        mode = vae.encode(px).latent_dist.mode()
+        assert torch.equal(lat, pipe._encode_vae_image(px, generator=None))
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    torch.testing.assert_close(pipe._unpatchify_latents(lat * std + mean), mode, rtol=1e-5, atol=1e-6)
+    if kind == "klein":
+        pipe.scheduler.step = lambda noise_pred, t, latents, return_dict=False: (latents,)
+        out = pipe(prompt=PROMPTS, height=RES, width=RES, num_inference_steps=1, guidance_scale=1.0,
+                   max_sequence_length=TEXT_LEN, latents=lat, output_type="latent").images
+        torch.testing.assert_close(out, mode, rtol=1e-5, atol=1e-6)
+
+
+def test_odd_latents_are_refused(models):
+    fam = family_for(_load(models["klein"]))
+    with pytest.raises(ValueError, match="even height and width"):
+        fam.encode_images(torch.zeros(1, 3, 34, 34))  # 17x17 latents
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["klein", "dev"])
+def test_a_caption_does_not_depend_on_its_batch(kind, models):
+    """The pipelines pad every prompt to max_sequence_length (no mask reaches the transformer):
+    a caption's cache entry is the same alone or next to a longer one, and predict on the
+    collated batch equals predict on each caption alone."""
+    pipe = _load(models[kind])
+    fam = family_for(pipe)
+    cpu = torch.device("cpu")
+    long_, short = "a red square on a blue background with a green circle", "a cat"
+    both = fam.split_text(fam.encode_text([long_, short], cpu, TEXT_LEN))
+    alone = fam.split_text(fam.encode_text([short], cpu, TEXT_LEN))
+    assert [e["prompt_embeds"].shape for e in both] == [(TEXT_LEN, 24)] * 2
+    torch.testing.assert_close(both[1]["prompt_embeds"], alone[0]["prompt_embeds"], rtol=1e-5, atol=1e-6)
+    assert fam.split_text(fam.encode_text([short], cpu, None))[0]["prompt_embeds"].shape == (512, 24)  # default
+    g = torch.Generator().manual_seed(2)
+    noisy = torch.randn(2, 16, RES // 4, RES // 4, generator=g)
+    sigma = torch.tensor([0.99, 0.5])
+    with taca.enabled(pipe.transformer, gamma=1.2), torch.no_grad():
+        batch = fam.predict(pipe.transformer, noisy, sigma, fam.collate(both), 3.5)
+        for j in range(2):
+            one = fam.predict(pipe.transformer, noisy[j:j + 1], sigma[j:j + 1], fam.collate([both[j]]), 3.5)
+            torch.testing.assert_close(batch[j:j + 1], one, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # "attn" then "attn+ff" on one skeleton
+def test_targets_match_the_real_configs():
+    """"attn" / "attn+ff" name Linear layers of FLUX.2-dev (diffusers' default config) and
+    FLUX.2-klein-4B (5 + 20 blocks, 24 heads, Qwen3-4B's 3 x 2560 text features), built on the
+    meta device: both streams' projections of the double-stream blocks (the scripts' default list
+    plus the text stream's four), the single-stream to_out per block, never the double-stream
+    blocks' to_out ModuleList."""
+    from accelerate import init_empty_weights
+    from diffusers import Flux2Transformer2DModel
+    from peft import LoraConfig, inject_adapter_in_model
+
+    class _P:  # what Flux2Family reads from a pipeline
+        def __init__(self, t):
+            self.transformer = t
+            self.scheduler = type("S", (), {"config": {"use_dynamic_shifting": False, "shift": 3.0}})()
+
+    for kw, n_double, n_single in [({}, 8, 48), (dict(num_layers=5, num_single_layers=20, num_attention_heads=24,
+                                                       joint_attention_dim=7680, guidance_embeds=False), 5, 20)]:
+        with init_empty_weights():
+            t = Flux2Transformer2DModel(**kw)
+        fam = Flux2Family(_P(t))
+        assert fam.shift() == 3.0  # a static shift is taken from the scheduler (FLUX.2's is dynamic: 1)
+        linear = {n for n, m in t.named_modules() if isinstance(m, torch.nn.Linear)}
+        for spec, per_double, per_single in (("attn", 8, 2), ("attn+ff", 12, 2)):
+            targets = fam.target_modules(spec)
+            hit = {n for n in linear if any(n == x or n.endswith("." + x) for x in targets)}
+            assert all(any(n == x or n.endswith("." + x) for n in linear) for x in targets)
+            assert len(hit) == per_double * n_double + per_single * n_single
+            assert sum("add_" in n or "to_add_out" in n for n in hit) == 4 * n_double
+            inject_adapter_in_model(LoraConfig(r=2, target_modules=targets), t, adapter_name=spec.replace("+", "_"),
+                                     low_cpu_mem_usage=True)
+        assert fam.target_modules(["attn.add_k_proj"]) == ["attn.add_k_proj"]
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["klein", "dev"])
+def test_adapter_loads_in_its_pipeline(kind, models, data, tmp_path):
+    res = train(_cfg(models[kind], data, tmp_path / "out", max_steps=2, lr=1e-2), progress=False)
+    pipe = _load(models[kind])
+    t = pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.randn(1, 16, RES // 4, RES // 4, generator=g)
+    fam = family_for(pipe)
+    cond = fam.encode_text(["a red square"], torch.device("cpu"), TEXT_LEN)
+
+    def velocity(s):
+        return fam.predict(t, noisy, torch.tensor([s]), cond, 3.5)
+
+    with torch.no_grad():
+        stock = {s: velocity(s) for s in (0.5, 1.0)}
+        with taca.enabled(pipe, gamma=1.2):
+            taca_only = velocity(1.0)
+        with taca.enabled(pipe, gamma=1.2, lora=res.out):
+            with_lora = {s: velocity(s) for s in (0.5, 1.0)}
+            call = dict(prompt="a red square", height=RES, width=RES, num_inference_steps=2,
+                        max_sequence_length=TEXT_LEN, output_type="latent", guidance_scale=1.0)
+            lat = pipe(generator=torch.Generator().manual_seed(0), **call).images
+            assert torch.isfinite(lat).all()
+        assert torch.equal(with_lora[0.5], stock[0.5])  # gamma 1: the stock model, adapter off
+        assert not torch.allclose(with_lora[1.0], taca_only, atol=1e-5)  # gamma on: the adapter acts
+        assert torch.equal(velocity(1.0), stock[1.0])  # disable restores
+        assert not any("lora" in n for n in t.state_dict())
+        # diffusers' own loader takes the file as is (the adapter always on)
+        pipe.load_lora_weights(res.out, adapter_name="mine")
+        assert any("lora_A" in n for n in t.state_dict())
+        assert not torch.allclose(velocity(0.5), stock[0.5], atol=1e-5)
+        lat2 = pipe(generator=torch.Generator().manual_seed(0), **call).images
+        assert torch.isfinite(lat2).all() and not torch.equal(lat2, lat)
