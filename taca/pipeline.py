@@ -186,8 +186,9 @@ class TacaHandle:
                 _set_processor(m, p)
         if self._hook is None:
             self._hook = self.transformer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-            if self.adapter.kwargs_name is None:
-                # no attention kwargs reach the processors: the state is set on them for one call
+            if self.adapter.kwargs_name is None or self._fixes_checkpointing:
+                # no attention kwargs reach the processors: the state is set on them for one call;
+                # or the checkpointing function is wrapped for one call: both undone after it
                 self._post = self.transformer.register_forward_hook(self._clear_state, always_call=True)
 
     def _uninstall(self):
@@ -251,14 +252,40 @@ class TacaHandle:
         jak = dict(self._arg(key, args, kwargs) or {})
         jak["taca_gamma"] = gamma if on else None
         jak.update(state)
-        if key not in kwargs and key in self._params:
-            i = self._params.index(key)
-            if i < len(args):
-                args = args[:i] + (jak,) + args[i + 1:]
-                return args, kwargs
-        kwargs = dict(kwargs)
-        kwargs[key] = jak
+        i = self._params.index(key) if key not in kwargs and key in self._params else None
+        if i is not None and i < len(args):
+            args = args[:i] + (jak,) + args[i + 1:]
+        else:
+            kwargs = dict(kwargs)
+            kwargs[key] = jak
+        if self._fixes_checkpointing and torch.is_grad_enabled():
+            final = lambda name: self._arg(name, args, kwargs)  # noqa: E731
+            adapter = self.adapter
+
+            def fix(func):
+                def checkpointed(block, *a):
+                    return func(block, *adapter.checkpointed_args(block, a, final))
+
+                return checkpointed
+
+            self._wrap_checkpointing(module, fix)
         return args, kwargs
+
+    @property
+    def _fixes_checkpointing(self) -> bool:
+        return type(self.adapter).checkpointed_args is not _models.Adapter.checkpointed_args
+
+    def _wrap_checkpointing(self, model, wrap) -> bool:
+        """For one call: every module's ``_gradient_checkpointing_func`` replaced by ``wrap(func)``
+        where the module checkpoints (``_clear_state`` puts them back). False when none does."""
+        mods = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
+                and callable(getattr(m, "_gradient_checkpointing_func", None))]
+        if not mods:
+            return False
+        self._ckpt_saved = [(m, m.__dict__.get("_gradient_checkpointing_func")) for m in mods]
+        for m in mods:
+            m._gradient_checkpointing_func = wrap(m._gradient_checkpointing_func)
+        return True
 
     def _keep_state_in_checkpoints(self, model, call: dict) -> None:
         """Gradient checkpointing with a kwargs-less model: the blocks recomputed in the backward
@@ -267,15 +294,6 @@ class TacaHandle:
         run the block with ``call`` set on the processors, in the forward and in the recomputation.
         ``_clear_state`` puts the functions back. (Every diffusers 0.42.1 transformer checkpoints its
         blocks through that function; none calls torch.utils.checkpoint itself.)"""
-        mods = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
-                and callable(getattr(m, "_gradient_checkpointing_func", None))]
-        if not mods:
-            if getattr(model, "gradient_checkpointing", False):
-                raise NotImplementedError(
-                    f"taca: {type(model).__name__} checkpoints its blocks without diffusers' "
-                    f"_gradient_checkpointing_func, so TACA cannot hand its state to the blocks recomputed in the "
-                    f"backward pass; call transformer.disable_gradient_checkpointing() or run without autograd")
-            return
         procs = list(self.processors.values())
 
         def wrap(func):
@@ -294,9 +312,11 @@ class TacaHandle:
 
             return checkpointed
 
-        self._ckpt_saved = [(m, m.__dict__.get("_gradient_checkpointing_func")) for m in mods]
-        for m in mods:
-            m._gradient_checkpointing_func = wrap(m._gradient_checkpointing_func)
+        if not self._wrap_checkpointing(model, wrap) and getattr(model, "gradient_checkpointing", False):
+            raise NotImplementedError(
+                f"taca: {type(model).__name__} checkpoints its blocks without diffusers' "
+                f"_gradient_checkpointing_func, so TACA cannot hand its state to the blocks recomputed in the "
+                f"backward pass; call transformer.disable_gradient_checkpointing() or run without autograd")
 
     def _clear_state(self, *_args, **_kw):
         for p in self.processors.values():

@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 import taca
 from taca.pipeline import get_handle
 
-from model_checks import (Capture, StockCalls, check_against_paper,
+from model_checks import (check_checkpointing_keeps_state, Capture, StockCalls, check_against_paper,
                           check_disable_restores, processors_of, ranges, window)
 
 TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
@@ -187,3 +187,10 @@ def test_window_steps_with_the_real_scheduler():
 # (steps, image tokens) -> steps with gamma; 26: Chroma1-HD's suggested steps, 40/50: others
 EXPECTED_WINDOWS = {(26, 4096): "0-2", (40, 4096): "0-3", (50, 4096): "0-4",
                     (26, 1024): "0-1", (40, 1024): "0-2", (50, 1024): "0-2"}
+
+
+@pytest.mark.parametrize("valid", [None, [7, 4]])
+def test_gradient_checkpointing_keeps_gamma_and_the_mask(valid):
+    """diffusers 0.42.1's checkpointed blocks get no attention kwargs (no gamma) and the single
+    blocks no mask: taca.enable hands both back, so output and gradients equal the plain forward's."""
+    check_checkpointing_keeps_state(_transformer, _inputs(2, 9, (4, 4), valid=valid))

@@ -137,8 +137,9 @@ def test_control_and_gradient_checkpointing(model, data, tmp_path, monkeypatch):
 
 def test_gradient_checkpointing_computes_the_same_function(model, monkeypatch):
     """diffusers' ChromaTransformer2DModel drops joint_attention_kwargs (TACA's gamma) and the
-    single blocks' attention_mask in its checkpointed calls; ChromaFamily.predict hands them back:
-    with TACA on, the checkpointed forward and its gradients equal the plain ones."""
+    single blocks' attention_mask in its checkpointed calls; taca.enable and ChromaFamily.predict
+    hand them back: with TACA on, the checkpointed forward and its gradients equal the plain ones;
+    the control's checkpointed forward equals its plain one."""
     from peft import LoraConfig
 
     pipe = _load(model)
@@ -160,16 +161,22 @@ def test_gradient_checkpointing_computes_the_same_function(model, monkeypatch):
             out = fam.predict(t, x, sigma, cond, 1.0)
             grads = torch.autograd.grad(out.square().mean(), lora)
             results.append((out.detach(), grads))
-        # without the family's fix the checkpointed forward is another function (no gamma, and
-        # the single blocks without the mask)
-        import contextlib
-
-        import taca.train.families.chroma as chroma
-
-        monkeypatch.setattr(chroma, "_full_checkpoint_args", lambda model: contextlib.nullcontext())
-        unfixed = fam.predict(t, x, sigma, cond, 1.0).detach()
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-6)
-    assert not torch.allclose(unfixed, results[0][0], atol=1e-4)
+    # the control LoRA (no taca.enable, which puts the arguments back on TACA runs itself): the
+    # family's fix alone gives the single blocks their mask; without it the checkpointed forward
+    # is another function
+    import contextlib
+
+    import taca.train.families.chroma as chroma
+
+    control = []
+    for gc in (False, True):
+        t.enable_gradient_checkpointing() if gc else t.disable_gradient_checkpointing()
+        control.append(fam.predict(t, x, sigma, cond, 1.0).detach())
+    monkeypatch.setattr(chroma, "_full_checkpoint_args", lambda model: contextlib.nullcontext())
+    unfixed = fam.predict(t, x, sigma, cond, 1.0).detach()
+    torch.testing.assert_close(control[1], control[0], rtol=0, atol=1e-6)
+    assert not torch.allclose(unfixed, control[0], atol=1e-4)
     for a, b in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 

@@ -134,6 +134,14 @@ class Adapter:
         then gives it no gamma without reading its timestep (and counts no step). Default False."""
         return False
 
+    def checkpointed_args(self, block: torch.nn.Module, args: tuple, arg: Callable[[str], Any]) -> tuple:
+        """The positional arguments of a block the transformer's forward checkpoints (``args``, as
+        that forward passes them to ``_gradient_checkpointing_func``). A model whose checkpointing
+        branch drops arguments its plain branch passes (TACA's attention kwargs among them) puts
+        them back here; ``arg(name)`` reads the forward's own arguments, TACA's state included.
+        Default: unchanged (the hook then leaves the checkpointing function alone)."""
+        return args
+
     def call_state(self, arg: Callable[[str], Any]) -> Dict[str, Any]:
         """The attention kwargs the hook injects for one call (besides ``taca_gamma``)."""
         ehs = arg("encoder_hidden_states")

@@ -4,11 +4,30 @@ As FLUX.1 (text first, layout (B, N, H, D), the transformer takes sigma), plus a
 the pipeline's 0/1 text mask becomes a FLOAT (B, 1, N, N) outer product that SDPA ADDS to the
 logits (+1 where both tokens are valid, 0 elsewhere: nothing is masked out). TACA reproduces that
 exactly: the same float mask is added after scale and gamma (``taca.joint_attention(attn_mask=)``).
+
+Gradient checkpointing: diffusers 0.42.1's forward calls its checkpointed blocks without
+``joint_attention_kwargs`` (so without TACA's gamma) and its single-stream blocks also without
+``attention_mask``; the adapter hands them both back (:func:`full_block_args`), so a checkpointed
+forward and its recomputation compute what the plain forward does.
 """
 from __future__ import annotations
 
 from . import Adapter, register
 from .flux import TacaFluxAttnProcessor
+
+
+def full_block_args(block, args: tuple, attention_mask, joint_attention_kwargs) -> tuple:
+    """A Chroma block's positional arguments with those the checkpointing branch drops put back:
+    double-stream blocks take (hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+    attention_mask, joint_attention_kwargs) and get the first 5, single-stream blocks take
+    (hidden_states, temb, image_rotary_emb, attention_mask, joint_attention_kwargs) and get the
+    first 3 (a diffusers that passes them all is left as it is)."""
+    from diffusers.models.transformers.transformer_chroma import ChromaTransformerBlock
+
+    full = 6 if isinstance(block, ChromaTransformerBlock) else 5
+    if len(args) >= full:
+        return args
+    return args + (attention_mask, joint_attention_kwargs)[len(args) - full:]
 
 
 @register
@@ -26,3 +45,6 @@ class ChromaAdapter(Adapter):
 
     def processor(self, name, module):
         return TacaFluxAttnProcessor(name)
+
+    def checkpointed_args(self, block, args, arg):
+        return full_block_args(block, args, arg("attention_mask"), arg("joint_attention_kwargs"))

@@ -30,8 +30,9 @@ switch to a bool mask, the cached bool mask is passed on as it is and the paddin
 Gradient checkpointing: ``ChromaTransformer2DModel.forward`` (diffusers 0.42.1 and main) calls
 its checkpointed blocks without ``joint_attention_kwargs`` (so without TACA's per-call state:
 gamma would silently be off) and its single-stream blocks without ``attention_mask`` (a different
-function than the one the pipeline runs). ``predict`` therefore hands the checkpointing function
-the arguments the forward drops, for the duration of its call (:func:`_full_checkpoint_args`).
+function than the one the pipeline runs). ``taca.enable`` puts both back on the TACA runs
+(``taca.models.chroma.full_block_args``); ``predict`` does the same for every run, the control
+LoRA's included, for the duration of its call (:func:`_full_checkpoint_args`).
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def _full_checkpoint_args(model):
     if not (getattr(model, "gradient_checkpointing", False) and torch.is_grad_enabled() and func is not None):
         yield
         return
-    from diffusers.models.transformers.transformer_chroma import ChromaTransformerBlock
+    from ...models.chroma import full_block_args
 
     seen = {}
 
@@ -112,13 +113,7 @@ def _full_checkpoint_args(model):
         seen["jak"] = kwargs.get("joint_attention_kwargs")
 
     def checkpointed(block, *args):
-        # the blocks' positional parameters: double (hidden_states, encoder_hidden_states, temb,
-        # image_rotary_emb, attention_mask, joint_attention_kwargs), single (hidden_states, temb,
-        # image_rotary_emb, attention_mask, joint_attention_kwargs); the forward passes the first
-        # 5 / 3 (a diffusers that passes more is left as it is)
-        full = 6 if isinstance(block, ChromaTransformerBlock) else 5
-        missing = (seen["mask"], seen["jak"])[len(args) - full:] if len(args) < full else ()
-        return func(block, *args, *missing)
+        return func(block, *full_block_args(block, args, seen["mask"], seen["jak"]))
 
     hook = model.register_forward_pre_hook(grab, with_kwargs=True)
     model._gradient_checkpointing_func = checkpointed
