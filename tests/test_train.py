@@ -426,6 +426,18 @@ def test_bad_input(tmp_path, monkeypatch, capsys, models, data):
     b(["--resolution", "40"], "argument --resolution: must be a multiple of 16")
     b(["--model", str(tmp_path / "no-such-model")], "argument --model: ")
     b(["--lora-targets", "to_q,not_a_layer"], "argument --lora-targets: ['not_a_layer'] match no linear layer")
+    b(["--max-sequence-length", "0"], "argument --max-sequence-length: must be a positive integer")
+    b(["--max-sequence-length", "600"], "argument --max-sequence-length: FLUX.1, FLUX Kontext pipelines take at most")
+    # a family taca.enable runs but taca train does not train, told from model_index.json alone
+    other = tmp_path / "cogview4"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "CogView4Pipeline"}))
+    b(["--model", str(other)], "is a CogView4 model, which taca train does not train (taca.enable runs it)")
+    hidream = tmp_path / "hidream"
+    hidream.mkdir()
+    (hidream / "model_index.json").write_text(json.dumps({"_class_name": "HiDreamImagePipeline"}))
+    b(["--model", str(hidream), "--max-sequence-length", "200"],
+      "argument --max-sequence-length: HiDream-I1 pipelines take at most 128 text tokens, got 200")
     b(["--batch-size", "32"], "argument --batch-size: the data has 16 samples")
     b(["--resume", "latest"], "argument --resume: no checkpoint")
     used = tmp_path / "used"

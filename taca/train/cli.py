@@ -54,7 +54,7 @@ def add_parser(sub) -> None:
     a("--max-steps", type=int, default=1000, help="optimizer steps (default 1000)")
     a("--resolution", type=int, default=1024, help="square training resolution, a multiple of 16 (default 1024)")
     a("--no-center-crop", dest="center_crop", action="store_false", help="crop the top-left square instead")
-    a("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the pipeline's)")
+    a("--max-sequence-length", type=int, default=None, help="text tokens (default: the pipeline's; at most what the model takes)")
     a("--mixed-precision", default="bf16", choices=("no", "bf16", "fp16"),
       help="weights and autocast dtype (default bf16; use no on the CPU)")
     a("--gradient-checkpointing", action="store_true")

@@ -71,7 +71,7 @@ class TrainConfig:
     resolution: int = 1024
     center_crop: bool = True
     random_flip: bool = False
-    max_sequence_length: Optional[int] = None  # None: the pipeline's default (FLUX 512, SD3 256)
+    max_sequence_length: Optional[int] = None  # text tokens; None: the pipeline's default (FLUX 512, SD3 256)
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = False
     attention_backend: str = "auto"  # taca.joint_attention backend for the TACA path
@@ -146,8 +146,10 @@ class TrainConfig:
         if not isinstance(self.resolution, int) or self.resolution < 16 or self.resolution % 16:
             raise _err("--resolution", f"must be a multiple of 16 (VAE factor 8 x patch 2), got {self.resolution!r}")
         if self.max_sequence_length is not None and (not isinstance(self.max_sequence_length, int)
-                                                     or not 1 <= self.max_sequence_length <= 512):
-            raise _err("--max-sequence-length", f"must be in [1, 512] (T5 tokens), got {self.max_sequence_length!r}")
+                                                     or isinstance(self.max_sequence_length, bool)
+                                                     or self.max_sequence_length < 1):
+            # the model's own limit is checked before loading where the model is known (check_model)
+            raise _err("--max-sequence-length", f"must be a positive integer, got {self.max_sequence_length!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise _err("--mixed-precision", f"must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.attention_backend not in ("auto", "cpu", "cuda", "sdpa", "reference"):

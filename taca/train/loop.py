@@ -146,6 +146,38 @@ def _transformer_skeleton(model: str):
         return cls.from_config(config)
 
 
+def check_model(cfg: TrainConfig) -> None:
+    """Raise ConfigError before any weights are loaded when ``--model`` is known (a known hub id or
+    a local folder's model_index.json) to be a family taca train does not train, or to take fewer
+    text tokens than ``--max-sequence-length``."""
+    from .. import models
+    from ..cli import MAX_SEQUENCE_LENGTH, _peek_family
+    from .families import supported
+
+    family = _peek_family(cfg.model)
+    if family is None:
+        return
+    adapter = models.by_name("flux" if family == "flux-schnell" else family)
+    if adapter is None:
+        return
+    label = adapter.label[adapter.label.find("(") + 1:-1] if "(" in adapter.label else adapter.name
+    if adapter.name not in supported():
+        trained = [models.by_name(n) for n in supported()]
+        names = [a.label[a.label.find("(") + 1:-1] if "(" in a.label else a.name for a in trained if a is not None]
+        raise ConfigError(f"taca train: argument --model: {cfg.model} is a {label} model, which taca train does "
+                          f"not train (taca.enable runs it); taca train trains {'; '.join(names)}")
+    n = cfg.max_sequence_length
+    if n is None:
+        return
+    if not adapter.takes_max_sequence_length:
+        raise ConfigError(f"taca train: argument --max-sequence-length: {label} pipelines set the prompt length "
+                          f"themselves and take no max_sequence_length; leave it out")
+    limit = MAX_SEQUENCE_LENGTH.get(family, adapter.max_sequence_length)
+    if n > limit:
+        raise ConfigError(f"taca train: argument --max-sequence-length: {label} pipelines take at most {limit} "
+                          f"text tokens, got {n}")
+
+
 def check_targets(model: str, spec) -> None:
     """Raise ConfigError when a module name of ``--lora-targets`` (a list) matches no Linear of
     the transformer; checked on the config-built skeleton before any weights are loaded."""
@@ -361,6 +393,7 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
     samples = discover(cfg.data)
     targets = parse_targets(cfg.lora_targets)
     if pipeline is None:
+        check_model(cfg)
         check_targets(cfg.model, targets)
 
     log_with = None

@@ -276,7 +276,8 @@ def _unwrap(m):
 # this package that defines it (imported when needed)
 _FAMILIES = {"flux": FluxFamily, "sd3": SD3Family, "qwenimage": "qwenimage:QwenImageFamily",
              "flux2": "flux2:Flux2Family", "chroma": "chroma:ChromaFamily", "zimage": "zimage:ZImageFamily",
-             "hidream": "hidream:HiDreamFamily", "lumina2": "lumina2:Lumina2Family"}
+             "hidream": "hidream:HiDreamFamily", "lumina2": "lumina2:Lumina2Family", "krea2": "krea2:Krea2Family",
+             "ideogram4": "ideogram4:Ideogram4Family", "qwenimage21": "qwenimage21:QwenImage21Family"}
 
 
 def supported() -> List[str]:
@@ -297,12 +298,7 @@ def family_for(pipe) -> Family:
         import importlib
 
         mod, cls = family.split(":")
-        try:
-            family = getattr(importlib.import_module(f"{__name__}.{mod}"), cls)
-        except ModuleNotFoundError as e:  # a family not written yet; not a missing dependency of one
-            if e.name != f"{__name__}.{mod}":
-                raise
-            family = None
+        family = getattr(importlib.import_module(f"{__name__}.{mod}"), cls)
     if family is not None:
         return family(pipe)
     raise TypeError(f"taca train: {type(pipe).__name__} is not supported: the families are {', '.join(supported())} "
