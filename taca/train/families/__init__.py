@@ -95,6 +95,27 @@ class Family:
         raise NotImplementedError
 
 
+def static_shift(scheduler) -> float:
+    """The static shift a diffusers scheduler applies to its sigmas: 1 with dynamic (resolution-
+    dependent) shifting, where diffusers' scripts do not shift the sampled sigmas; ``flow_shift``
+    for UniPC / DPM-Solver with flow sigmas; ``shift`` otherwise (FlowMatchEulerDiscreteScheduler)."""
+    cfg = getattr(scheduler, "config", None) or {}
+    if cfg.get("use_dynamic_shifting", False):
+        return 1.0
+    if cfg.get("use_flow_sigmas", False):
+        return float(cfg.get("flow_shift", 1.0) or 1.0)
+    return float(cfg.get("shift", 1.0) or 1.0)
+
+
+def layer_names(transformer, block: str, parts: Sequence[str]) -> List[str]:
+    """Full module names ``<block>.<i>.<part>`` of the transformer's Linear layers: names PEFT
+    matches exactly, so a refiner's ``noise_refiner.0.attention.to_q`` is not among them."""
+    import re
+
+    pat = re.compile(rf"{re.escape(block)}\.\d+\.(?:{'|'.join(re.escape(p) for p in parts)})")
+    return [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and pat.fullmatch(n)]
+
+
 def split_by_mask(enc: Dict[str, torch.Tensor], mask: str, seq: Sequence[str]) -> List[Dict[str, torch.Tensor]]:
     """Per-caption entries of a batch whose prompts were padded after their tokens: the tensors
     named in ``seq`` ((B, L, ...), the sequence on dim 1) cut to each row's number of True / 1
@@ -143,7 +164,16 @@ def _vae_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 
 class _DiffusersFamily(Family):
+    """A diffusers pipeline's family: training sigmas shifted by the scheduler's static shift."""
+
     _text_attrs: Sequence[str] = ()
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self._shift = static_shift(getattr(pipe, "scheduler", None))
+
+    def shift(self):
+        return self._shift
 
     def text_modules(self):
         return [getattr(self.pipe, a) for a in self._text_attrs if getattr(self.pipe, a, None) is not None]
@@ -164,6 +194,9 @@ class _DiffusersFamily(Family):
 class FluxFamily(_DiffusersFamily):
     name = "flux"
     _text_attrs = ("text_encoder", "text_encoder_2")
+
+    def shift(self):
+        return 1.0
 
     def encode_text(self, captions, device, max_sequence_length):
         kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
@@ -199,14 +232,6 @@ class FluxFamily(_DiffusersFamily):
 class SD3Family(_DiffusersFamily):
     name = "sd3"
     _text_attrs = ("text_encoder", "text_encoder_2", "text_encoder_3")
-
-    def __init__(self, pipe):
-        super().__init__(pipe)
-        self._shift = float(pipe.scheduler.config.get("shift", 1.0)) \
-            if not pipe.scheduler.config.get("use_dynamic_shifting", False) else 1.0
-
-    def shift(self):
-        return self._shift
 
     def encode_text(self, captions, device, max_sequence_length):
         kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}

@@ -36,28 +36,16 @@ LoRA's included, for the duration of its call (:func:`_full_checkpoint_args`).
 """
 from __future__ import annotations
 
-import torch
-
 from contextlib import contextmanager
 
+import torch
+
 from . import _DiffusersFamily, _unwrap
-
-
-def _dynamic_or_static_shift(pipe) -> float:
-    cfg = pipe.scheduler.config
-    return 1.0 if cfg.get("use_dynamic_shifting", False) else float(cfg.get("shift", 1.0))
 
 
 class ChromaFamily(_DiffusersFamily):
     name = "chroma"
     _text_attrs = ("text_encoder",)
-
-    def __init__(self, pipe):
-        super().__init__(pipe)
-        self._shift = _dynamic_or_static_shift(pipe)
-
-    def shift(self):
-        return self._shift
 
     def encode_text(self, captions, device, max_sequence_length):
         kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}

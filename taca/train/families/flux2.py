@@ -48,8 +48,6 @@ class Flux2Family(_DiffusersFamily):
 
     def __init__(self, pipe):
         super().__init__(pipe)
-        cfg = pipe.scheduler.config
-        self._shift = 1.0 if cfg.get("use_dynamic_shifting", False) else float(cfg.get("shift", 1.0))
         self._n_single = int(pipe.transformer.config.num_single_layers)
         # the Klein pipelines call the transformer with guidance=None; Flux2Pipeline passes its
         # guidance_scale (used only where the transformer has a guidance embedding: dev)
@@ -65,9 +63,6 @@ class Flux2Family(_DiffusersFamily):
             mods = _ATTN_DOUBLE + _ATTN_SINGLE + single_out
             return mods + list(_FF) if spec == "attn+ff" else mods
         return list(spec)
-
-    def shift(self) -> float:
-        return self._shift
 
     # --- caching ----------------------------------------------------------------------------
     def encode_text(self, captions, device, max_sequence_length):

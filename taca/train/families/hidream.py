@@ -45,25 +45,9 @@ _ATTN = ["to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out
 _FF = ["w1", "w2", "w3"]
 
 
-def _static_shift(scheduler) -> float:
-    cfg = scheduler.config
-    if cfg.get("use_dynamic_shifting", False):
-        return 1.0
-    if cfg.get("use_flow_sigmas", False):  # UniPC / DPM-Solver with flow sigmas
-        return float(cfg.get("flow_shift", 1.0) or 1.0)
-    return float(cfg.get("shift", 1.0) or 1.0)
-
-
 class HiDreamFamily(_DiffusersFamily):
     name = "hidream"
     _text_attrs = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
-
-    def __init__(self, pipe):
-        super().__init__(pipe)
-        self._shift = _static_shift(pipe.scheduler)
-
-    def shift(self):
-        return self._shift
 
     def target_modules(self, spec):
         if spec == "attn":

@@ -59,9 +59,6 @@ class Krea2Family(_DiffusersFamily):
 
     def __init__(self, pipe):
         super().__init__(pipe)
-        sch = getattr(pipe, "scheduler", None)
-        config = getattr(sch, "config", None) or {}
-        self._shift = 1.0 if config.get("use_dynamic_shifting", False) else float(config.get("shift", 1.0))
         self._patch = int(getattr(pipe, "patch_size", None) or pipe.config.get("patch_size", 2))
         self._n_blocks = int(pipe.transformer.config.num_layers)
 
@@ -70,9 +67,6 @@ class Krea2Family(_DiffusersFamily):
             names = _ATTN + _FF if spec == "attn+ff" else _ATTN
             return [f"transformer_blocks.{i}.{n}" for i in range(self._n_blocks) for n in names]
         return list(spec)
-
-    def shift(self):
-        return self._shift
 
     # --- caching ----------------------------------------------------------------------------
     def encode_text(self, captions, device, max_sequence_length):

@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _DiffusersFamily, pad_collate, split_by_mask
-from .zimage import _layer_names, _static_shift
+from . import _DiffusersFamily, layer_names, pad_collate, split_by_mask
 
 _ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
 _FF = ("feed_forward.linear_1", "feed_forward.linear_2", "feed_forward.linear_3")
@@ -44,14 +43,10 @@ class Lumina2Family(_DiffusersFamily):
 
     def __init__(self, pipe):
         super().__init__(pipe)
-        self._shift = _static_shift(pipe.scheduler)
         self._n_train = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
         t = pipe.transformer
-        self._attn = _layer_names(t, "layers", _ATTN)
-        self._ff = _layer_names(t, "layers", _FF)
-
-    def shift(self):
-        return self._shift
+        self._attn = layer_names(t, "layers", _ATTN)
+        self._ff = layer_names(t, "layers", _FF)
 
     def target_modules(self, spec):
         if spec == "attn":

@@ -58,9 +58,6 @@ class QwenImageFamily(_DiffusersFamily):
                 f"taca train: {cls} conditions on reference images, which taca train does not feed; "
                 f"Qwen-Image training is text-to-image (load the model as a QwenImagePipeline)")
         super().__init__(pipe)
-        sch = getattr(pipe, "scheduler", None)
-        config = getattr(sch, "config", None) or {}
-        self._shift = 1.0 if config.get("use_dynamic_shifting", False) else float(config.get("shift", 1.0))
 
     def target_modules(self, spec) -> List[str]:
         if spec == "attn":
@@ -68,9 +65,6 @@ class QwenImageFamily(_DiffusersFamily):
         if spec == "attn+ff":
             return _ATTN + _FF
         return list(spec)
-
-    def shift(self):
-        return self._shift
 
     # --- caching ----------------------------------------------------------------------------
     def encode_text(self, captions, device, max_sequence_length):

@@ -26,28 +26,14 @@ recomputes in the backward (``TacaHandle._keep_state_in_checkpoints``).
 """
 from __future__ import annotations
 
-import re
-from typing import List
 
 import torch
 
-from . import _DiffusersFamily, pad_collate, split_by_mask
+from . import _DiffusersFamily, layer_names, pad_collate, split_by_mask
 
 _ATTN = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
 _FF = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 _MASK, _SEQ = "prompt_mask", ("prompt_embeds",)
-
-
-def _layer_names(transformer, block: str, parts) -> List[str]:
-    """Full module names ``<block>.<i>.<part>`` of the transformer's Linear layers (the names PEFT
-    matches exactly: a refiner's ``noise_refiner.0.attention.to_q`` does not end in them)."""
-    pat = re.compile(rf"{re.escape(block)}\.\d+\.(?:{'|'.join(re.escape(p) for p in parts)})")
-    return [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and pat.fullmatch(n)]
-
-
-def _static_shift(scheduler) -> float:
-    cfg = scheduler.config
-    return 1.0 if cfg.get("use_dynamic_shifting", False) else float(cfg.get("shift", 1.0))
 
 
 class ZImageFamily(_DiffusersFamily):
@@ -56,13 +42,9 @@ class ZImageFamily(_DiffusersFamily):
 
     def __init__(self, pipe):
         super().__init__(pipe)
-        self._shift = _static_shift(pipe.scheduler)
         t = pipe.transformer
-        self._attn = _layer_names(t, "layers", _ATTN)
-        self._ff = _layer_names(t, "layers", _FF)
-
-    def shift(self):
-        return self._shift
+        self._attn = layer_names(t, "layers", _ATTN)
+        self._ff = layer_names(t, "layers", _FF)
 
     def target_modules(self, spec):
         if spec == "attn":
