@@ -18,6 +18,7 @@ from taca.pipeline import get_handle
 
 from model_checks import (CaptureSDPA, StockSDPACalls, check_disable_restores,
                           check_spans_against_paper, processors_of, ranges, span_mask, window)
+from model_checks import check_checkpointing_keeps_state
 
 TINY = dict(sample_size=16, patch_size=2, in_channels=4, num_mmdit_layers=2, num_single_dit_layers=2,
             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=32,
@@ -160,3 +161,19 @@ def test_window_steps_with_the_real_scheduler():
 
 
 EXPECTED_WINDOWS = {20: "0", 28: "0-1", 50: "0-2"}
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_gradient_checkpointing_keeps_the_call_state(fuse):
+    """diffusers 0.42.1 checkpoints the joint blocks as (hidden_states, encoder_hidden_states, temb)
+    and the single-DiT blocks as (hidden_states, temb), without the attention_kwargs the plain
+    branch passes (TACA's state): the adapter hands them back, so output and gradients equal the
+    plain forward's (no attention mask; fused QKV too)."""
+
+    def make():
+        t = _transformer()
+        if fuse:
+            t.fuse_qkv_projections()
+        return t
+
+    check_checkpointing_keeps_state(make, _inputs(2, 7, (3, 4)))

@@ -19,6 +19,7 @@ from taca.pipeline import get_handle
 
 from model_checks import (Capture, StockCalls, check_against_paper,
                           check_disable_restores, processors_of, ranges, window)
+from model_checks import check_checkpointing_keeps_state
 
 TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=[4, 6, 6])
@@ -231,3 +232,18 @@ def test_window_steps_with_the_real_scheduler():
 # ("bria", steps) or ("fibo", steps, image tokens) -> steps with gamma
 EXPECTED_WINDOWS = {("bria", 30): "0", ("bria", 50): "0-1", ("fibo", 30, 4096): "0-2", ("fibo", 50, 4096): "0-4",
                     ("fibo", 30, 1024): "0-1", ("fibo", 50, 1024): "0-2"}
+
+
+def test_bria_gradient_checkpointing_keeps_the_call_state():
+    """Bria 3.2's forward carries no attention kwargs: the hook hands each call's state to the
+    processors, and to the blocks recomputed in the backward pass through the checkpointing function
+    (t = 1000 sigma; no attention mask)."""
+    check_checkpointing_keeps_state(_bria, _inputs(2, 7, (4, 5)))
+
+
+@pytest.mark.parametrize("valid,n_ref", [(None, 0), ([4, 7], 0), ([4, 7], 6)])
+def test_fibo_gradient_checkpointing_keeps_the_call_state(valid, n_ref):
+    """FIBO's checkpointed blocks get joint_attention_kwargs (TACA's state and the pipeline's key mask)
+    and the per-block text encoder layers like the plain ones, padded prompts and edit references
+    included: output and gradients equal the plain forward's."""
+    check_checkpointing_keeps_state(_fibo, _inputs(2, 7, (4, 5), n_ref, fibo=True, valid=valid))

@@ -18,6 +18,7 @@ from taca.pipeline import get_handle
 
 from model_checks import (CaptureSDPA, StockSDPACalls, check_disable_restores, check_spans_against_paper,
                           processors_of, ranges, span_mask, window)
+from model_checks import check_checkpointing_keeps_state
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
             text_embed_dim=24, num_layers=2, sample_width=8, sample_height=6, sample_frames=5, patch_size=2,
@@ -168,3 +169,10 @@ def test_window_steps_with_the_real_scheduler():
 
 
 EXPECTED_WINDOWS = {20: "0", 50: "0-1", 100: "0-2"}  # trailing: 999, 979, 959, ... (50 steps)
+
+
+@pytest.mark.parametrize("rope", [True, False])
+def test_gradient_checkpointing_keeps_the_call_state(rope):
+    """diffusers' checkpointed CogVideoX blocks get attention_kwargs (TACA's state) like the plain
+    ones: output and gradients equal the plain forward's (DDPM t = 980; no attention mask)."""
+    check_checkpointing_keeps_state(lambda: _transformer(rope), _inputs(_transformer(rope), 2, 7, (3, 4)))

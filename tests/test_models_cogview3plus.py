@@ -18,6 +18,7 @@ from taca.pipeline import get_handle
 
 from model_checks import (CaptureSDPA, StockSDPACalls, check_disable_restores, check_spans_against_paper,
                           processors_of, span_mask, window)
+from model_checks import check_checkpointing_keeps_state
 
 TINY = dict(patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
             out_channels=4, text_embed_dim=24, time_embed_dim=16, condition_dim=8, pos_embed_max_size=16,
@@ -134,3 +135,10 @@ def test_pipeline_cfg_and_window(monkeypatch, hw):
     text = span_mask(2, 7 + n_tok, 0, 7)
     check_spans_against_paper(cap.calls, text, ~text, torch.full((2,), 1.3), layout="bhnd")
     assert not torch.equal(out, stock)
+
+
+def test_gradient_checkpointing_keeps_the_call_state():
+    """The forward carries no attention kwargs: the hook hands each call's state to the processors,
+    and to the blocks recomputed in the backward pass through the checkpointing function (DDPM
+    t = 980; no attention mask)."""
+    check_checkpointing_keeps_state(_transformer, _inputs(2, 7, (6, 8)))

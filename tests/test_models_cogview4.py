@@ -18,6 +18,7 @@ from taca.pipeline import get_handle
 
 from model_checks import (CaptureSDPA, StockSDPACalls, check_disable_restores,
                           check_spans_against_paper, processors_of, ranges, span_mask, window)
+from model_checks import check_checkpointing_keeps_state
 
 TINY = dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
             text_embed_dim=24, time_embed_dim=16, condition_dim=8, pos_embed_max_size=16, sample_size=16,
@@ -216,3 +217,13 @@ def test_window_steps_with_the_real_scheduler():
 
 # (steps, image tokens) -> steps with gamma; 50: the pipeline's default
 EXPECTED_WINDOWS = {(28, 4096): "0-2", (50, 4096): "0-4", (28, 1024): "0-1", (50, 1024): "0-2"}
+
+
+@pytest.mark.parametrize("valid", [None, [16, 9]])
+def test_gradient_checkpointing_keeps_the_call_state(monkeypatch, valid):
+    """diffusers' checkpointed CogView4 blocks get attention_kwargs (TACA's state) and the text mask
+    like the plain ones, left-padded prompts included. sigma comes from the scheduler, so the check's
+    taca.enable(transformer) is made taca.enable(pipeline around it) (t = 1000: sigma 1)."""
+    enable = taca.enable
+    monkeypatch.setattr(taca, "enable", lambda t, **kw: enable(_sched_pipe(t), **kw))
+    check_checkpointing_keeps_state(_transformer, _inputs(2, 16, (3, 4), 1000.0, valid))

@@ -16,6 +16,7 @@ import taca
 
 from model_checks import (CaptureSDPA, StockSDPACalls, check_disable_restores, check_spans_against_paper,
                           processors_of, span_mask)
+from model_checks import check_checkpointing_keeps_state
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
             text_embed_dim=24, num_layers=2, sample_width=8, sample_height=6, sample_frames=5, patch_size=2,
@@ -95,3 +96,11 @@ def test_ddpm_timestep_rule_is_t_at_least_970():
         for step, on in ((999, True), (970, True), (969, False), (500, False)):
             t(**_inputs(t, 1, 7, (2, 2), step=step))
             assert (h.last_gamma is not None) == on, step
+
+
+@pytest.mark.parametrize("face", [True, False])
+def test_gradient_checkpointing_keeps_the_call_state(face):
+    """The forward carries no attention kwargs: the hook hands each call's state to the processors,
+    and to the blocks recomputed in the backward pass through the checkpointing function, the face
+    adapter's local perceiver included (DDPM t = 980; no attention mask)."""
+    check_checkpointing_keeps_state(lambda: _transformer(face), _inputs(_transformer(face), 2, 7, (3, 4)))

@@ -18,6 +18,7 @@ import taca
 
 from model_checks import (Capture, StockCalls, check_disable_restores, paper_attention_masks, processors_of, ranges,
                           span_mask, window)
+from model_checks import check_checkpointing_keeps_state
 
 N_LAYERS = 2
 H, H_KV, D = 4, 2, 16
@@ -320,3 +321,25 @@ def test_pipeline_cfg_and_window(monkeypatch, hw, frames, i2v):
         expect = paper_attention_masks(q[None], k[None], v[None], span_mask(1, L + n_gen, 0, L),
                                        torch.ones(1, n_gen, dtype=torch.bool), torch.full((1,), 1.3))
         torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("variant", ["qwen", "nemotron"])
+@pytest.mark.parametrize("thw,cond,sound,action", [((2, 4, 6), (), 0, 0), ((3, 2, 4), (0,), 3, 4)])
+def test_gradient_checkpointing_keeps_the_call_state(variant, thw, cond, sound, action):
+    """The forward carries no attention kwargs: the hook hands each call's state to the processors,
+    and to the blocks recomputed in the backward pass through the checkpointing function,
+    conditioning frames, sound and action streams included (t = 1000 sigma). The model returns lists
+    of per-item vision / sound / action outputs: the check compares one tensor, their concatenation."""
+    from diffusers import Cosmos3OmniTransformer
+
+    class OneTensor(Cosmos3OmniTransformer):
+        def forward(self, *args, **kwargs):
+            outs = super().forward(*args, **kwargs)
+            return (torch.cat([o.flatten() for items in outs if items is not None for o in items]),)
+
+    def make():
+        t = _transformer(variant)
+        t.__class__ = OneTensor  # same modules and weights, the forward's outputs concatenated
+        return t
+
+    check_checkpointing_keeps_state(make, _inputs(thw=thw, cond_frames=cond, sound=sound, action=action)[0])

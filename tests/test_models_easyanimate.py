@@ -17,6 +17,7 @@ import taca
 
 from model_checks import (CaptureSDPA, StockSDPACalls, check_disable_restores, check_spans_against_paper,
                           processors_of, span_mask)
+from model_checks import check_checkpointing_keeps_state
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, patch_size=2,
             sample_width=8, sample_height=8, num_layers=3, mmdit_layers=2, time_embed_dim=16, text_embed_dim=24)
@@ -83,3 +84,11 @@ def test_timestep_rule_is_t_over_1000():
         for step, on in ((1000.0, True), (970.0, True), (969.0, False), (500.0, False)):
             t(**_inputs(t, 1, 7, (2, 2), step=step))
             assert (h.last_gamma is not None) == on, step
+
+
+@pytest.mark.parametrize("t5", [False, True])
+def test_gradient_checkpointing_keeps_the_call_state(t5):
+    """The forward carries no attention kwargs: the hook hands each call's state to the processors,
+    and to the blocks recomputed in the backward pass through the checkpointing function, the T5
+    text included (t = 1000 sigma; no attention mask)."""
+    check_checkpointing_keeps_state(lambda: _transformer(t5), _inputs(_transformer(t5), 2, 7, (3, 4)))

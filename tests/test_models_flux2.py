@@ -17,6 +17,7 @@ from taca.pipeline import get_handle
 
 from model_checks import (Capture, StockCalls, check_against_paper, check_disable_restores,
                           check_spans_against_paper, processors_of, ranges, span_mask, window)
+from model_checks import check_checkpointing_keeps_state
 
 TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32,
             num_attention_heads=2, joint_attention_dim=24, timestep_guidance_channels=32, mlp_ratio=3.0,
@@ -372,3 +373,11 @@ def test_window_steps_with_the_real_scheduler():
 # (steps, image tokens) -> steps with gamma; 4 steps: klein (distilled), 28/50: dev, klein base
 EXPECTED_WINDOWS = {(4, 4096): "0", (28, 4096): "0-5", (50, 4096): "0-9",
                     (4, 1024): "0", (28, 1024): "0-4", (50, 1024): "0-7"}
+
+
+@pytest.mark.parametrize("n_ref", [0, 6])
+def test_gradient_checkpointing_keeps_the_call_state(n_ref):
+    """diffusers' checkpointed FLUX.2 blocks (double- and single-stream) get joint_attention_kwargs
+    (TACA's state) like the plain ones, edit reference tokens included: output and gradients equal
+    the plain forward's (FLUX.2 has no attention mask)."""
+    check_checkpointing_keeps_state(_transformer, _inputs(2, 7, (4, 5), n_ref))

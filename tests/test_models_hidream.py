@@ -16,6 +16,7 @@ import taca
 from taca.pipeline import get_handle
 
 from model_checks import Capture, check_disable_restores, paper_attention, processors_of, ranges, window
+from model_checks import check_checkpointing_keeps_state
 
 N_DOUBLE, N_SINGLE = 2, 2
 TINY = dict(patch_size=2, in_channels=4, out_channels=4, num_layers=N_DOUBLE, num_single_layers=N_SINGLE,
@@ -190,3 +191,10 @@ def test_window_steps_with_the_real_scheduler():
 
 # (checkpoint, steps) -> steps with gamma
 EXPECTED_WINDOWS = {("full", 30): "0-2", ("full", 50): "0-4", ("dev", 28): "0-4", ("fast", 16): "0-1"}
+
+
+def test_gradient_checkpointing_keeps_the_call_state():
+    """The forward carries no attention kwargs: the hook hands each call's state to the processors,
+    and to the (double- and single-stream) blocks recomputed in the backward pass through the
+    checkpointing function (HiDream has no attention mask; t = 1000 sigma)."""
+    check_checkpointing_keeps_state(_transformer, _inputs(2, 6, 5, (8, 8)))

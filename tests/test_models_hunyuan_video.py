@@ -19,6 +19,7 @@ from taca.pipeline import get_handle
 
 from model_checks import (Capture, StockCalls, check_disable_restores,
                           check_spans_against_paper, processors_of, ranges, span_mask, window)
+from model_checks import check_checkpointing_keeps_state
 
 TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2,
             num_single_layers=2, num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=16,
@@ -166,3 +167,11 @@ def test_window_steps_with_the_real_scheduler():
 
 
 EXPECTED_WINDOWS = {30: "0-5", 50: "0-8"}
+
+
+@pytest.mark.parametrize("valid", [[7, 4], [7, 7]])
+def test_gradient_checkpointing_keeps_the_call_state(valid):
+    """The forward carries no attention kwargs: the hook hands each call's state (the padded prompts'
+    key mask included) to the processors, and to the (double- and single-stream) blocks recomputed in
+    the backward pass through the checkpointing function (t = 1000 sigma)."""
+    check_checkpointing_keeps_state(_transformer, _inputs(valid, 7, (2, 3, 2)))

@@ -17,6 +17,7 @@ import taca
 
 from model_checks import (Capture, StockCalls, check_disable_restores, check_spans_against_paper,
                           processors_of, ranges, span_mask, window)
+from model_checks import check_checkpointing_keeps_state
 
 TINY = dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
             num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=24, text_embed_2_dim=20,
@@ -216,3 +217,11 @@ def test_window_steps_with_the_real_scheduler():
 
 
 EXPECTED_WINDOWS = {5.0: {30: "0-4", 50: "0-6"}, 7.0: {30: "0-5", 50: "0-8"}, 9.0: {30: "0-6", 50: "0-10"}}
+
+
+@pytest.mark.parametrize("valid,valid2,thw,i2v", [CASES[0], CASES[1]])
+def test_gradient_checkpointing_keeps_the_call_state(valid, valid2, thw, i2v):
+    """The forward carries no attention kwargs: the hook hands each call's state (the padded prompts'
+    masks, the image-to-video SigLIP tokens) to the processors, and to the blocks recomputed in the
+    backward pass through the checkpointing function (t = 1000 sigma)."""
+    check_checkpointing_keeps_state(_transformer, _inputs(valid, valid2, thw, i2v))

@@ -21,6 +21,7 @@ from taca.pipeline import get_handle
 
 from model_checks import (Capture, StockCalls, check_disable_restores, check_spans_against_paper,
                           processors_of, ranges, span_mask, window)
+from model_checks import check_checkpointing_keeps_state
 
 N_IMG = 3  # SigLIP tokens in the transformer tests
 TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2,
@@ -220,3 +221,11 @@ def test_window_steps_with_the_real_scheduler():
 
 
 EXPECTED_WINDOWS = {25: "0-4", 30: "0-5", 50: "0-8"}
+
+
+@pytest.mark.parametrize("valid", [[7, 4], [5]])
+def test_gradient_checkpointing_keeps_the_call_state(valid):
+    """The forward carries no attention kwargs: the hook hands each call's state (the padded CFG
+    batch's mask; one sample: the context truncated to its valid prompt) to the processors, and to
+    the blocks recomputed in the backward pass through the checkpointing function (t = 1000 sigma)."""
+    check_checkpointing_keeps_state(_transformer, _inputs(valid, 7, (2, 4, 6)))

@@ -20,6 +20,7 @@ from taca.pipeline import get_handle
 
 from model_checks import (Capture, StockCalls, check_disable_restores, check_spans_against_paper, processors_of,
                           ranges, span_mask, window)
+from model_checks import check_checkpointing_keeps_state
 
 N_LAYERS = 2
 TINY = dict(in_channels=16, num_layers=N_LAYERS, attention_head_dim=32, num_attention_heads=2, intermediate_size=64,
@@ -299,3 +300,11 @@ def test_generate_call_fits_the_pipelines_guidance_rules(given, expect):
     with pytest.raises(ValueError, match="Only one of"):  # what the CLI passed before generate_call
         pipe.check_inputs(prompt="a", height=64, width=64, num_inference_steps=48, guidance_scale=5.0,
                           guidance_schedule=defaults["guidance_schedule"])
+
+
+@pytest.mark.parametrize("text_lengths,max_text", [([6, 4], 6), ([5, 5], 5)])
+def test_gradient_checkpointing_keeps_the_call_state(text_lengths, max_text):
+    """The forward carries no attention kwargs: the hook hands each call's state (per-row text spans
+    of the left-padded layout, the segment mask) to the processors, and to the blocks recomputed in
+    the backward pass through the checkpointing function (timestep = 1 - sigma)."""
+    check_checkpointing_keeps_state(_transformer, _inputs(text_lengths, (3, 4), max_text))

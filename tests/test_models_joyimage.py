@@ -21,6 +21,7 @@ from taca.pipeline import get_handle
 
 from model_checks import (Capture, StockCalls, check_disable_restores, check_spans_against_paper, processors_of,
                           ranges, span_mask, window)
+from model_checks import check_checkpointing_keeps_state
 
 N_LAYERS = 2
 TINY = dict(patch_size=[1, 2, 2], in_channels=4, hidden_size=32, num_attention_heads=2, text_dim=24,
@@ -370,3 +371,17 @@ def test_window_steps_with_the_real_scheduler():
 
 EXPECTED_WINDOWS = {(1.0, 28): "0", (1.0, 40): "0-1", (1.0, 50): "0-1",
                     (3.0, 28): "0-2", (3.0, 40): "0-3", (3.0, 50): "0-4"}
+
+
+@pytest.mark.parametrize("items", [0, 2])
+def test_edit_gradient_checkpointing_keeps_the_call_state(items):
+    """The forward carries no attention kwargs: the hook hands each call's state to the processors,
+    and to the blocks recomputed in the backward pass through the checkpointing function, reference
+    images included (t = 1000 sigma)."""
+    check_checkpointing_keeps_state(_edit, _edit_inputs(items, (4, 4), 5))
+
+
+@pytest.mark.parametrize("shapes,L,valid", [PLUS_CASES[0], PLUS_CASES[3]])
+def test_edit_plus_gradient_checkpointing_keeps_the_call_state(shapes, L, valid):
+    """Edit Plus: the same, with per-sample references (padded slots) and the padded prompts' mask."""
+    check_checkpointing_keeps_state(_plus, _plus_inputs(shapes, L, valid)[0])

@@ -19,6 +19,7 @@ from taca.pipeline import get_handle
 
 from model_checks import (Capture, StockCalls, check_disable_restores,
                           check_spans_against_paper, processors_of, ranges, span_mask, window)
+from model_checks import check_checkpointing_keeps_state
 
 TINY = dict(in_channels=16, num_layers=2, attention_head_dim=32, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=64, timestep_embed_dim=32, text_hidden_dim=24, num_text_layers=3,
@@ -196,3 +197,11 @@ def test_window_steps_with_the_real_scheduler():
 
 EXPECTED_WINDOWS = {("base", 28, 4096): "0-1", ("base", 50, 4096): "0-3", ("base", 28, 1024): "0-1",
                     ("base", 50, 1024): "0-2", ("turbo", 4): "0", ("turbo", 8): "0"}
+
+
+@pytest.mark.parametrize("valid", [None, [9, 4]])
+def test_gradient_checkpointing_keeps_the_call_state(valid):
+    """The forward carries no attention kwargs: the hook hands each call's state to the processors,
+    and to the blocks recomputed in the backward pass through the checkpointing function, padded
+    prompts (the stock key mask) included."""
+    check_checkpointing_keeps_state(_transformer, _inputs(2, 9, (3, 4), valid))

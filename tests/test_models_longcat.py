@@ -17,6 +17,7 @@ from taca.pipeline import get_handle
 
 from model_checks import (Capture, StockCalls, check_against_paper, check_disable_restores, processors_of,
                           ranges, window)
+from model_checks import check_checkpointing_keeps_state
 
 TINY = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=24, axes_dims_rope=[4, 6, 6])
@@ -167,3 +168,11 @@ def test_window_steps_with_the_real_scheduler():
 
 # (steps, image tokens) -> steps with gamma; 50 is the pipeline's default
 EXPECTED_WINDOWS = {(28, 4096): "0-2", (50, 4096): "0-4", (28, 1024): "0-1", (50, 1024): "0-2"}
+
+
+@pytest.mark.parametrize("n_ref", [0, 8])
+def test_gradient_checkpointing_keeps_the_call_state(n_ref):
+    """The forward carries no attention kwargs: the hook hands each call's state to the processors,
+    and to the (double- and single-stream) blocks recomputed in the backward pass through the
+    checkpointing function, edit reference tokens included (LongCat-Image has no attention mask)."""
+    check_checkpointing_keeps_state(_transformer, _inputs(2, 7, (3, 6), n_ref))

@@ -18,6 +18,7 @@ from taca.pipeline import get_handle
 
 from model_checks import (CaptureSDPA, StockSDPACalls,
                           check_disable_restores, check_spans_against_paper, processors_of, ranges, span_mask, window)
+from model_checks import check_checkpointing_keeps_state
 
 TINY = dict(sample_size=16, patch_size=2, in_channels=4, hidden_size=48, num_layers=2, num_refiner_layers=1,
             num_attention_heads=4, num_kv_heads=2, axes_dim_rope=(4, 4, 4), axes_lens=(64, 32, 32), cap_feat_dim=24)
@@ -189,3 +190,11 @@ def test_window_steps_with_the_real_scheduler():
 
 
 EXPECTED_WINDOWS = {30: "0-4", 50: "0-7"}
+
+
+@pytest.mark.parametrize("valid", [[9, 9], [9, 5]])
+def test_gradient_checkpointing_keeps_the_call_state(valid):
+    """The forward carries no attention kwargs: the hook hands each call's state (per-sample caption
+    lengths and the stock mask included) to the processors, and to the blocks recomputed in the
+    backward pass through the checkpointing function (timestep = 1 - sigma)."""
+    check_checkpointing_keeps_state(_transformer, _inputs(valid, 9, (3, 4)))

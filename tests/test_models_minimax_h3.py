@@ -18,6 +18,7 @@ import taca
 
 from model_checks import (Capture, StockCalls, check_disable_restores, paper_attention_masks, processors_of, ranges,
                           span_mask, window)
+from model_checks import check_checkpointing_keeps_state
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, hidden_size=24, num_layers=2, num_refiner_layers=1,
             ffn_dim=32, in_channels=4, audio_in_channels=6, patch_size=(1, 2, 2), text_dim=20, freq_dim=16,
@@ -203,3 +204,11 @@ def test_window_steps_with_the_real_scheduler():
 
 
 EXPECTED_WINDOWS = {30: "0-7", 50: "0-13"}
+
+
+@pytest.mark.parametrize("hw,anchors", [((4, 6), ("first",)), ((2, 4), ())])
+def test_gradient_checkpointing_keeps_the_call_state(hw, anchors):
+    """The forward carries no attention kwargs: the hook hands each call's state (text, video and
+    audio spans of the packed sequence) to the processors, and to the blocks recomputed in the backward
+    pass through the checkpointing function (t = 1 - sigma, per token)."""
+    check_checkpointing_keeps_state(_transformer, _inputs(hw=hw, anchors=anchors))

@@ -17,6 +17,7 @@ import taca
 from taca.pipeline import get_handle
 
 from model_checks import CaptureSDPA, StockSDPACalls, check_spans_against_paper, ranges, span_mask, window
+from model_checks import check_checkpointing_keeps_state
 
 TINY = dict(patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2, pooled_projection_dim=16,
             in_channels=4, text_embed_dim=24, time_embed_dim=16, activation_fn="swiglu", max_sequence_length=16)
@@ -163,3 +164,11 @@ def test_window_steps_with_the_real_scheduler():
 
 
 EXPECTED_WINDOWS = {28: "0-14", 50: "0-26", 64: "0-33"}  # the linear half of the schedule stays above 0.975
+
+
+@pytest.mark.parametrize("valid", [[7, 4], [7, 7]])
+def test_gradient_checkpointing_keeps_the_call_state(valid):
+    """The forward carries no attention kwargs: the hook hands each call's state (per-sample valid
+    text) to the processors, and to the blocks recomputed in the backward pass through the
+    checkpointing function (t = (1 - sigma) 1000)."""
+    check_checkpointing_keeps_state(_transformer, _inputs(valid, 7, (2, 2, 3)))

@@ -21,6 +21,7 @@ from taca.pipeline import get_handle
 
 from model_checks import (Capture, StockCalls, check_disable_restores, check_spans_against_paper,
                           processors_of, ranges, span_mask, window)
+from model_checks import check_checkpointing_keeps_state
 
 BASE = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
             num_single_layers=2, patch_size=1, patch_size_t=1, text_embed_dim=24, image_embed_dim=12,
@@ -267,3 +268,12 @@ def test_window_steps_with_the_real_scheduler():
 
 
 EXPECTED_WINDOWS = {(1.0, 30): "0", (1.0, 50): "0-1", (15.0, 30): "0-9", (15.0, 50): "0-15"}
+
+
+@pytest.mark.parametrize("cfg", [BASE, DECODER], ids=["base", "decoder"])
+@pytest.mark.parametrize("valid,image,mask", [([7, 4], True, True), ([7, 7], False, False)])
+def test_gradient_checkpointing_keeps_the_call_state(cfg, valid, image, mask):
+    """The forward carries no attention kwargs: the hook hands each call's state (the padded prompts'
+    mask, the image tokens) to the processors, and to the blocks recomputed in the backward pass
+    through the checkpointing function, decoder layers included (t = 1000 sigma)."""
+    check_checkpointing_keeps_state(lambda: _transformer(cfg), _inputs(valid, 7, (2, 3, 2), image=image, mask=mask))

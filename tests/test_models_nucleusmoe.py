@@ -17,6 +17,7 @@ import taca
 
 from model_checks import (Capture, StockCalls, check_disable_restores, check_spans_against_paper,
                           processors_of, ranges, span_mask, window)
+from model_checks import check_checkpointing_keeps_state
 
 TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=4,
             num_key_value_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6), moe_enabled=False)
@@ -202,3 +203,10 @@ def test_window_steps_with_the_real_scheduler():
 
 
 EXPECTED_WINDOWS = {4096: {28: "0-2", 50: "0-4"}, 1024: {28: "0-1", 50: "0-2"}}
+
+
+@pytest.mark.parametrize("valid,mask", [([7, 4], True), ([7, 7], False)])
+def test_gradient_checkpointing_keeps_the_call_state(valid, mask):
+    """diffusers' checkpointed NucleusMoE blocks get their attention_kwargs (TACA's state, the text
+    mask) like the plain ones, padded prompts included: output and gradients equal the plain forward's."""
+    check_checkpointing_keeps_state(_transformer, _inputs(valid, 7, (3, 4), mask=mask))

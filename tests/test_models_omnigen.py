@@ -22,6 +22,7 @@ import taca.processors as tp
 from taca.pipeline import get_handle
 
 from model_checks import check_disable_restores, paper_attention_masks, processors_of, ranges, window
+from model_checks import check_checkpointing_keeps_state
 
 VOCAB = 64
 TINY = dict(in_channels=4, patch_size=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
@@ -278,3 +279,11 @@ def test_pipeline_cfg_padded_prompts_and_window(monkeypatch, hw):
                                        torch.full((2,), GAMMA), m, layout="bhnd")
         torch.testing.assert_close(o.double(), expect, rtol=1e-5, atol=2e-6)
     assert not torch.equal(out, stock)
+
+
+@pytest.mark.parametrize("lengths", [[9, 9], [9, 5]])
+def test_gradient_checkpointing_keeps_the_call_state(lengths):
+    """The forward carries no attention kwargs: the hook hands each call's state (per-sample text
+    spans of the collator's left-padded layout, its mask) to the processors, and to the blocks
+    recomputed in the backward pass through the checkpointing function (timestep = 1 - sigma)."""
+    check_checkpointing_keeps_state(_transformer, _inputs(lengths, (4, 6)))

@@ -16,6 +16,7 @@ import taca
 
 from model_checks import (Capture, StockCalls, check_disable_restores, check_spans_against_paper,
                           processors_of, ranges, span_mask, window)
+from model_checks import check_checkpointing_keeps_state
 
 TINY = dict(in_channels=4, patch_size=2, context_in_dim=24, hidden_size=32, num_heads=2, depth=2, axes_dim=[8, 8])
 N_BLOCKS = TINY["depth"]
@@ -184,3 +185,11 @@ def test_window_steps_with_the_real_scheduler():
 
 
 EXPECTED_WINDOWS = {1.0: {28: "0", 50: "0-1"}, 3.0: {28: "0-2", 50: "0-4"}}
+
+
+@pytest.mark.parametrize("valid,mask", [([7, 4], True), ([7, 7], False)])
+def test_gradient_checkpointing_keeps_the_call_state(valid, mask):
+    """The forward carries no attention kwargs: the hook hands each call's state (the padded prompts'
+    key mask included) to the processors, and to the blocks recomputed in the backward pass through
+    the checkpointing function."""
+    check_checkpointing_keeps_state(_transformer, _inputs(valid, 7, (6, 8), mask=mask))

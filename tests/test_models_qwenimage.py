@@ -17,6 +17,7 @@ from taca.pipeline import get_handle
 
 from model_checks import (Capture, StockCalls, check_against_paper,
                           check_disable_restores, processors_of, ranges, window)
+from model_checks import check_checkpointing_keeps_state
 
 TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6))
@@ -183,3 +184,10 @@ def test_window_steps_with_the_real_scheduler():
 # (steps, image tokens) -> steps with gamma
 EXPECTED_WINDOWS = {(20, 4096): "0-1", (30, 4096): "0-1", (50, 4096): "0-2",
                     (20, 6889): "0-1", (30, 6889): "0-1", (50, 6889): "0-3"}
+
+
+@pytest.mark.parametrize("valid", [None, [9, 6]])
+def test_gradient_checkpointing_keeps_the_call_state(valid):
+    """diffusers' checkpointed Qwen-Image blocks get attention_kwargs (TACA's state) and the text
+    mask like the plain ones, padded prompts included: output and gradients equal the plain forward's."""
+    check_checkpointing_keeps_state(_transformer, _inputs(2, 9, [(1, 4, 5)], valid))

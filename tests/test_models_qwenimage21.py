@@ -21,6 +21,7 @@ import taca.processors as tp
 from taca.pipeline import get_handle
 
 from model_checks import check_disable_restores, paper_attention_masks, processors_of, ranges, window
+from model_checks import check_checkpointing_keeps_state
 
 TINY = dict(patch_size=1, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
             context_in_dim=24, axes_dims_rope=(4, 6, 6))
@@ -387,3 +388,11 @@ def test_window_steps_with_the_scheduler():
 # (steps, image tokens: 1024x1024 and 1280x1280 at 16x16 pixels per token) -> steps with gamma
 EXPECTED_WINDOWS = {(20, 4096): "0-1", (30, 4096): "0-1", (40, 4096): "0-2", (50, 4096): "0-2",
                     (20, 6400): "0-1", (30, 6400): "0-1", (40, 6400): "0-2", (50, 6400): "0-3"}
+
+
+@pytest.mark.parametrize("name,pad", [("t2i", [0, 3]), ("two_conds", [0, 2])])
+def test_gradient_checkpointing_keeps_the_call_state(name, pad):
+    """The forward carries no attention kwargs: the hook hands each call's state (text segments,
+    padded prompts' key mask) to the processors, and to the blocks recomputed in the backward pass
+    through the checkpointing function."""
+    check_checkpointing_keeps_state(_transformer, _inputs(name, pad=pad))

@@ -19,6 +19,7 @@ from taca.pipeline import get_handle
 
 from model_checks import (Capture, StockCalls, check_disable_restores,
                           paper_attention, processors_of, ranges, window)
+from model_checks import check_checkpointing_keeps_state
 
 
 N_LAYERS = 2
@@ -214,3 +215,23 @@ def test_window_steps_with_the_real_scheduler():
 
 # steps -> steps with gamma
 EXPECTED_WINDOWS = {8: "0", 9: "0", 28: "0-2", 50: "0-4"}
+
+
+@pytest.mark.parametrize("hws,caps", [([(8, 8), (8, 8)], [5, 20]),  # one span, padded captions
+                                      ([(8, 8), (16, 12)], [5, 40])])  # per-sample spans, stock key mask
+def test_gradient_checkpointing_keeps_the_call_state(hws, caps):
+    """The forward carries no attention kwargs: the hook hands each call's state (per-sample spans
+    included) to the processors, and to the blocks recomputed in the backward pass through the
+    checkpointing function (t = 1 - sigma)."""
+    from diffusers import ZImageTransformer2DModel
+
+    class OneTensor(ZImageTransformer2DModel):
+        def forward(self, *args, **kwargs):
+            return (torch.cat([o.flatten() for o in super().forward(*args, **kwargs)[0]]),)
+
+    def make():
+        t = _transformer()
+        t.__class__ = OneTensor  # same modules and weights; the check wants one tensor: the samples concatenated
+        return t
+
+    check_checkpointing_keeps_state(make, _inputs(hws, caps))

@@ -22,6 +22,11 @@ blocks read it from ``encoder_hidden_states``; the single blocks get it from the
 (``taca_text_len``). Layout (B, H, N, D), scale ``attn.scale``, no mask, no RoPE. The transformer
 takes sigma in [0, 1] (the pipeline passes ``t / 1000``, a fresh tensor: the hook takes its sync
 path).
+
+Gradient checkpointing: diffusers 0.42.1's forward calls its checkpointed joint blocks as
+(hidden_states, encoder_hidden_states, temb) and its single-DiT blocks as (hidden_states, temb),
+without the ``attention_kwargs`` its plain branch passes (so without TACA's gamma and text length);
+the adapter hands them back (:meth:`AuraFlowAdapter.checkpointed_args`).
 """
 from __future__ import annotations
 
@@ -147,3 +152,14 @@ class AuraFlowAdapter(Adapter):
     def processor(self, name, module):
         fused = type(module.processor).__name__ == "FusedAuraFlowAttnProcessor2_0"
         return TacaAuraFlowAttnProcessor(name, self.transformer.register_tokens.shape[1], fused=fused)
+
+    def checkpointed_args(self, block, args, arg):
+        """Joint blocks take (hidden_states, encoder_hidden_states, temb, attention_kwargs), single-DiT
+        blocks (hidden_states, temb, attention_kwargs); the checkpointing branch passes all but the last
+        (a diffusers that passes them all is left as it is)."""
+        from diffusers.models.transformers.auraflow_transformer_2d import AuraFlowJointTransformerBlock
+
+        full = 4 if isinstance(block, AuraFlowJointTransformerBlock) else 3
+        if len(args) >= full:
+            return args
+        return args + (arg("attention_kwargs"),)
