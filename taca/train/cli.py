@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
 
     t = sub.add_parser(
         "train", help="train a TACA LoRA (the paper's recipe) on a folder of captioned images",
-        description="LoRA training with TACA on, written in diffusers' LoRA format (FLUX.1, SD3/SD3.5).",
+        description="LoRA training with TACA on, written in diffusers' LoRA format (FLUX.1, SD3/SD3.5, FLUX.2, "
+                    "Qwen-Image, Qwen-Image 2.1, Chroma, Z-Image, HiDream-I1, Lumina-Image 2.0, Krea 2, Ideogram 4).",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = t.add_argument
     a("--model", required=True, help="hub id (e.g. black-forest-labs/FLUX.1-dev) or a local pipeline folder")
@@ -31,7 +32,7 @@ def add_parser(sub) -> None:
     a("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     a("--lora-dropout", type=float, default=0.0)
     a("--lora-targets", default="attn",
-      help="attn (joint-attention projections, default), attn+ff (plus the double blocks' feed-forwards), or a "
+      help="attn (joint-attention projections, default), attn+ff (plus the blocks' feed-forwards), or a "
            "comma-separated list of module names (e.g. to_q,to_k,to_v)")
     a("--gamma", type=float, default=1.2, help="TACA's gamma (default 1.2)")
     a("--t-min", type=float, default=970.0, help="train timesteps t >= this, of 1000 (default 970)")
