@@ -228,8 +228,10 @@ def test_targets_match_the_real_config():
     names = [n for n, m in t.named_modules() if isinstance(m, torch.nn.Linear)]
     from taca.train.families.krea2 import Krea2Family
 
-    fam = Krea2Family.__new__(Krea2Family)
-    fam._n_blocks = t.config.num_layers
+    class _Pipe:  # what Krea2Family reads of a pipeline
+        transformer, scheduler, patch_size, config = t, None, 2, {}
+
+    fam = Krea2Family(_Pipe())
     for spec, per_block in (("attn", 5), ("attn+ff", 8)):
         targets = fam.target_modules(spec)
         hit = [n for n in names if any(n == s or n.endswith("." + s) for s in targets)]

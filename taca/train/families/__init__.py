@@ -43,11 +43,18 @@ class Family:
         self.pipe = pipe
 
     # --- what is trained -----------------------------------------------------------------
+    # the module names "attn" / "attn+ff" stand for (PEFT matches a name or a dotted suffix);
+    # families set their own, as class attributes or per model in __init__
+    attn_targets: Sequence[str] = tuple(_ATTN)
+    ff_targets: Sequence[str] = tuple(_FF)
+
     def target_modules(self, spec) -> List[str]:
+        """``--lora-targets``: "attn" (the joint-attention projections), "attn+ff" (plus the
+        blocks' feed-forwards) or a list of module names, passed through."""
         if spec == "attn":
-            return list(_ATTN)
+            return list(self.attn_targets)
         if spec == "attn+ff":
-            return _ATTN + _FF
+            return list(self.attn_targets) + list(self.ff_targets)
         return list(spec)
 
     def shift(self) -> float:
@@ -161,6 +168,32 @@ def _vae_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
     lat = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (lat - shift) * vae.config.scaling_factor
+
+
+class _MaskedTextFamily:
+    """A mixin for families whose pipeline pads prompts to the batch's longest with a mask: each
+    caption cached at its own tokens (``split_by_mask``), re-padded per batch (``pad_collate``)."""
+
+    text_mask: str = "prompt_embeds_mask"
+    text_seq: Sequence[str] = ("prompt_embeds",)
+
+    def split_text(self, enc):
+        return split_by_mask(enc, self.text_mask, self.text_seq)
+
+    def collate(self, entries):
+        return pad_collate(entries, self.text_mask, self.text_seq)
+
+
+def one_frame(noisy: torch.Tensor, label: str):
+    """Image latents of a video VAE, (B, C, 1, h, w) (or already (B, C, h, w)) -> ((B, C, h, w),
+    whether the input had the frame axis)."""
+    if noisy.dim() == 5:
+        if noisy.shape[2] != 1:
+            raise ValueError(f"taca train: {label} image latents have one frame, got {tuple(noisy.shape)}")
+        return noisy[:, :, 0], True
+    if noisy.dim() == 4:
+        return noisy, False
+    raise ValueError(f"taca train: {label} latents must be (B, C, 1, h, w), got {tuple(noisy.shape)}")
 
 
 class _DiffusersFamily(Family):

@@ -25,7 +25,6 @@ text-to-image: its processors without a cache mode are the stock computation).
 """
 from __future__ import annotations
 
-from typing import List
 
 import torch
 
@@ -48,7 +47,10 @@ class Flux2Family(_DiffusersFamily):
 
     def __init__(self, pipe):
         super().__init__(pipe)
-        self._n_single = int(pipe.transformer.config.num_single_layers)
+        n_single = int(pipe.transformer.config.num_single_layers)
+        self.attn_targets = _ATTN_DOUBLE + _ATTN_SINGLE + [
+            f"single_transformer_blocks.{i}.attn.to_out" for i in range(n_single)]
+        self.ff_targets = _FF
         # the Klein pipelines call the transformer with guidance=None; Flux2Pipeline passes its
         # guidance_scale (used only where the transformer has a guidance embedding: dev)
         self._klein = type(pipe).__name__.startswith("Flux2Klein")
@@ -57,13 +59,6 @@ class Flux2Family(_DiffusersFamily):
         self._saver = type(pipe) if callable(getattr(type(pipe), "save_lora_weights", None)) else Flux2Pipeline
 
     # --- what is trained -----------------------------------------------------------------
-    def target_modules(self, spec) -> List[str]:
-        if spec in ("attn", "attn+ff"):
-            single_out = [f"single_transformer_blocks.{i}.attn.to_out" for i in range(self._n_single)]
-            mods = _ATTN_DOUBLE + _ATTN_SINGLE + single_out
-            return mods + list(_FF) if spec == "attn+ff" else mods
-        return list(spec)
-
     # --- caching ----------------------------------------------------------------------------
     def encode_text(self, captions, device, max_sequence_length):
         kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}

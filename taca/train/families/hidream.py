@@ -48,13 +48,8 @@ _FF = ["w1", "w2", "w3"]
 class HiDreamFamily(_DiffusersFamily):
     name = "hidream"
     _text_attrs = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
+    attn_targets, ff_targets = _ATTN, _FF
 
-    def target_modules(self, spec):
-        if spec == "attn":
-            return list(_ATTN)
-        if spec == "attn+ff":
-            return _ATTN + _FF
-        return list(spec)
 
     def encode_text(self, captions, device, max_sequence_length):
         kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}

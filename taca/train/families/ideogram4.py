@@ -41,7 +41,6 @@ captions are encoded as written (Ideogram 4 is trained on JSON captions; write t
 from __future__ import annotations
 
 import inspect
-from typing import List
 
 import torch
 
@@ -57,13 +56,8 @@ _PATCH = 2  # Ideogram4Pipeline.patch_size
 class Ideogram4Family(_DiffusersFamily):
     name = "ideogram4"
     _text_attrs = ("text_encoder",)
+    attn_targets, ff_targets = _ATTN, _FF
 
-    def target_modules(self, spec) -> List[str]:
-        if spec == "attn":
-            return list(_ATTN)
-        if spec == "attn+ff":
-            return _ATTN + _FF
-        return list(spec)
 
     def shift(self):
         return 1.0

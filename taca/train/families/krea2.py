@@ -40,11 +40,10 @@
 from __future__ import annotations
 
 import inspect
-from typing import List
 
 import torch
 
-from . import _DiffusersFamily
+from . import _DiffusersFamily, one_frame
 from .qwenimage import QwenImageFamily
 
 _ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_gate", "attn.to_out.0")
@@ -60,13 +59,9 @@ class Krea2Family(_DiffusersFamily):
     def __init__(self, pipe):
         super().__init__(pipe)
         self._patch = int(getattr(pipe, "patch_size", None) or pipe.config.get("patch_size", 2))
-        self._n_blocks = int(pipe.transformer.config.num_layers)
-
-    def target_modules(self, spec) -> List[str]:
-        if spec in ("attn", "attn+ff"):
-            names = _ATTN + _FF if spec == "attn+ff" else _ATTN
-            return [f"transformer_blocks.{i}.{n}" for i in range(self._n_blocks) for n in names]
-        return list(spec)
+        n_blocks = int(pipe.transformer.config.num_layers)
+        self.attn_targets = [f"transformer_blocks.{i}.{n}" for i in range(n_blocks) for n in _ATTN]
+        self.ff_targets = [f"transformer_blocks.{i}.{n}" for i in range(n_blocks) for n in _FF]
 
     # --- caching ----------------------------------------------------------------------------
     def encode_text(self, captions, device, max_sequence_length):
@@ -110,15 +105,7 @@ class Krea2Family(_DiffusersFamily):
     def predict(self, transformer, noisy, sigma, cond, guidance):
         from diffusers import Krea2Pipeline
 
-        five = noisy.dim() == 5
-        if five:
-            if noisy.shape[2] != 1:
-                raise ValueError(f"taca train: Krea 2 image latents have one frame, got {tuple(noisy.shape)}")
-            x = noisy[:, :, 0]
-        elif noisy.dim() == 4:
-            x = noisy
-        else:
-            raise ValueError(f"taca train: Krea 2 latents must be (B, C, 1, h, w), got {tuple(noisy.shape)}")
+        x, five = one_frame(noisy, "Krea 2")
         B, C, h, w = x.shape
         p = self._patch
         if h % p or w % p:

@@ -30,30 +30,24 @@ from __future__ import annotations
 
 import torch
 
-from . import _DiffusersFamily, layer_names, pad_collate, split_by_mask
+from . import _DiffusersFamily, _MaskedTextFamily, layer_names
 
 _ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
 _FF = ("feed_forward.linear_1", "feed_forward.linear_2", "feed_forward.linear_3")
-_MASK, _SEQ = "prompt_attention_mask", ("prompt_embeds",)
+_MASK = "prompt_attention_mask"
 
 
-class Lumina2Family(_DiffusersFamily):
+class Lumina2Family(_MaskedTextFamily, _DiffusersFamily):
     name = "lumina2"
     _text_attrs = ("text_encoder",)
+    text_mask = _MASK
 
     def __init__(self, pipe):
         super().__init__(pipe)
         self._n_train = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
         t = pipe.transformer
-        self._attn = layer_names(t, "layers", _ATTN)
-        self._ff = layer_names(t, "layers", _FF)
-
-    def target_modules(self, spec):
-        if spec == "attn":
-            return list(self._attn)
-        if spec == "attn+ff":
-            return self._attn + self._ff
-        return list(spec)
+        self.attn_targets = layer_names(t, "layers", _ATTN)
+        self.ff_targets = layer_names(t, "layers", _FF)
 
     def encode_text(self, captions, device, max_sequence_length):
         kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
@@ -61,12 +55,6 @@ class Lumina2Family(_DiffusersFamily):
             pe, mask, _, _ = self.pipe.encode_prompt(prompt=list(captions), do_classifier_free_guidance=False,
                                                      device=device, **kw)
         return {"prompt_embeds": pe, _MASK: mask}
-
-    def split_text(self, enc):
-        return split_by_mask(enc, _MASK, _SEQ)
-
-    def collate(self, entries):
-        return pad_collate(entries, _MASK, _SEQ)
 
     def predict(self, transformer, noisy, sigma, cond, guidance):
         t = sigma.float() * self._n_train  # the scheduler's timestep

@@ -32,24 +32,25 @@ conditioning is out of scope, and those pipelines are refused rather than traine
 from __future__ import annotations
 
 import inspect
-from typing import List
 
 import torch
 
-from . import _DiffusersFamily, _unwrap, pad_collate, split_by_mask
+from . import _DiffusersFamily, _MaskedTextFamily, _unwrap, one_frame
 
 # both streams' projections of the joint attention (diffusers' train_dreambooth_lora_qwen_image.py
 # trains only the image stream's to_q / to_k / to_v / to_out.0 by default)
 _ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
          "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 _FF = ["img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
-_MASK, _SEQ = "prompt_embeds_mask", ("prompt_embeds",)
+_MASK = "prompt_embeds_mask"
 _DEFAULT_MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline.__call__'s and the script's default
 
 
-class QwenImageFamily(_DiffusersFamily):
+class QwenImageFamily(_MaskedTextFamily, _DiffusersFamily):
     name = "qwenimage"
     _text_attrs = ("text_encoder",)
+    text_mask = _MASK
+    attn_targets, ff_targets = _ATTN, _FF
 
     def __init__(self, pipe):
         cls = type(pipe).__name__
@@ -59,12 +60,6 @@ class QwenImageFamily(_DiffusersFamily):
                 f"Qwen-Image training is text-to-image (load the model as a QwenImagePipeline)")
         super().__init__(pipe)
 
-    def target_modules(self, spec) -> List[str]:
-        if spec == "attn":
-            return list(_ATTN)
-        if spec == "attn+ff":
-            return _ATTN + _FF
-        return list(spec)
 
     # --- caching ----------------------------------------------------------------------------
     def encode_text(self, captions, device, max_sequence_length):
@@ -78,12 +73,6 @@ class QwenImageFamily(_DiffusersFamily):
         if mask is None:  # the pipeline drops the mask when no prompt is padded
             mask = torch.ones(pe.shape[:2], dtype=torch.long, device=pe.device)
         return {"prompt_embeds": pe, _MASK: mask}
-
-    def split_text(self, enc):
-        return split_by_mask(enc, _MASK, _SEQ)
-
-    def collate(self, entries):
-        return pad_collate(entries, _MASK, _SEQ)
 
     def encode_images(self, pixels):
         vae = getattr(self.pipe, "vae", None)
@@ -101,15 +90,7 @@ class QwenImageFamily(_DiffusersFamily):
     def predict(self, transformer, noisy, sigma, cond, guidance):
         from diffusers import QwenImagePipeline
 
-        five = noisy.dim() == 5
-        if five:
-            if noisy.shape[2] != 1:
-                raise ValueError(f"taca train: Qwen-Image image latents have one frame, got {tuple(noisy.shape)}")
-            x = noisy[:, :, 0]
-        elif noisy.dim() == 4:
-            x = noisy
-        else:
-            raise ValueError(f"taca train: Qwen-Image latents must be (B, C, 1, h, w), got {tuple(noisy.shape)}")
+        x, five = one_frame(noisy, "Qwen-Image")
         B, C, h, w = x.shape
         if h % 2 or w % 2:
             raise ValueError(f"taca train: Qwen-Image latents must have even height and width, got {h}x{w}")

@@ -46,11 +46,10 @@ trained: captions are encoded without them.
 """
 from __future__ import annotations
 
-from typing import List
 
 import torch
 
-from . import _unwrap
+from . import _unwrap, one_frame
 from .qwenimage import _MASK, QwenImageFamily
 
 _ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
@@ -62,13 +61,8 @@ _SLOT = 4  # latent tokens per image slot of the text sequence (2x2), transforme
 class QwenImage21Family(QwenImageFamily):
     name = "qwenimage21"
     _text_attrs = ("text_encoder",)
+    attn_targets, ff_targets = _ATTN, _FF
 
-    def target_modules(self, spec) -> List[str]:
-        if spec == "attn":
-            return list(_ATTN)
-        if spec == "attn+ff":
-            return _ATTN + _FF
-        return list(spec)
 
     # --- caching ----------------------------------------------------------------------------
     def encode_text(self, captions, device, max_sequence_length):
@@ -98,15 +92,7 @@ class QwenImage21Family(QwenImageFamily):
 
     # --- training forward -------------------------------------------------------------------
     def predict(self, transformer, noisy, sigma, cond, guidance):
-        five = noisy.dim() == 5
-        if five:
-            if noisy.shape[2] != 1:
-                raise ValueError(f"taca train: Qwen-Image 2.1 image latents have one frame, got {tuple(noisy.shape)}")
-            x = noisy[:, :, 0]
-        elif noisy.dim() == 4:
-            x = noisy
-        else:
-            raise ValueError(f"taca train: Qwen-Image 2.1 latents must be (B, C, 1, h, w), got {tuple(noisy.shape)}")
+        x, five = one_frame(noisy, "Qwen-Image 2.1")
         B, C, h, w = x.shape
         if h % 2 or w % 2:
             raise ValueError(f"taca train: Qwen-Image 2.1 latents must have even height and width (2x2 image "

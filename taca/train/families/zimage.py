@@ -29,29 +29,23 @@ from __future__ import annotations
 
 import torch
 
-from . import _DiffusersFamily, layer_names, pad_collate, split_by_mask
+from . import _DiffusersFamily, _MaskedTextFamily, layer_names
 
 _ATTN = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
 _FF = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
-_MASK, _SEQ = "prompt_mask", ("prompt_embeds",)
+_MASK = "prompt_mask"
 
 
-class ZImageFamily(_DiffusersFamily):
+class ZImageFamily(_MaskedTextFamily, _DiffusersFamily):
     name = "zimage"
     _text_attrs = ("text_encoder",)
+    text_mask = _MASK
 
     def __init__(self, pipe):
         super().__init__(pipe)
         t = pipe.transformer
-        self._attn = layer_names(t, "layers", _ATTN)
-        self._ff = layer_names(t, "layers", _FF)
-
-    def target_modules(self, spec):
-        if spec == "attn":
-            return list(self._attn)
-        if spec == "attn+ff":
-            return self._attn + self._ff
-        return list(spec)
+        self.attn_targets = layer_names(t, "layers", _ATTN)
+        self.ff_targets = layer_names(t, "layers", _FF)
 
     def encode_text(self, captions, device, max_sequence_length):
         kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
@@ -65,12 +59,6 @@ class ZImageFamily(_DiffusersFamily):
             pe[j, :n[j]] = e
         mask = torch.arange(max(n), device=pe.device)[None, :] < torch.tensor(n, device=pe.device)[:, None]
         return {"prompt_embeds": pe, _MASK: mask}
-
-    def split_text(self, enc):
-        return split_by_mask(enc, _MASK, _SEQ)
-
-    def collate(self, entries):
-        return pad_collate(entries, _MASK, _SEQ)
 
     def encode_images(self, pixels):
         lat = super().encode_images(pixels)
