@@ -4,7 +4,7 @@ gradient checkpointing), the control LoRA runs stock attention, ``ChromaFamily.p
 ChromaPipeline's own denoising loop feeds its transformer (packing, ids, sigma, the additive text
 mask over the fixed-length padding), the latents are what the pipeline's decoder inverts, a
 caption's cache entry does not depend on its batch, and the adapter loads back."""
-import os
+from functools import partial
 
 import pytest
 import torch
@@ -14,10 +14,13 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 import taca  # noqa: E402
-from taca.train import TrainConfig, train  # noqa: E402
+from taca.train import train  # noqa: E402
 from taca.train.families import family_for  # noqa: E402
 
-from test_train import _GammaCounter, _write_data  # noqa: E402
+from train_checks import (check_adapter_gates_predict, check_batch_independent,  # noqa: E402
+                          check_control_and_checkpointing, check_flux_vae_latents, check_taca_run,
+                          check_zero_model_decodes, data_fixture, load, model_fixture, run_fixture, text_cond,
+                          train_config)
 
 RES = 32  # one-level VAE: 32x32 latents, 2x2 packing -> 256 image tokens
 TEXT_LEN = 16
@@ -53,50 +56,17 @@ def _build(seed=0):
     return pipe
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("models") / "chroma"
-    _build().save_pretrained(str(d))
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return _write_data(tmp_path_factory.mktemp("data") / "pairs", n=4)
-
-
-def _load(model):
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _cfg(model, data, out, **kw):
-    base = dict(model=model, data=data, out=str(out), resolution=RES, batch_size=2, max_steps=3,
-                checkpoint_every=100, mixed_precision="no", max_sequence_length=TEXT_LEN, lr=1e-3, rank=4,
-                report_to="none", device="cpu")
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def trained(model, data, tmp_path_factory):
-    """One TACA run (3 steps, batch 2), its joint-attention gammas counted through the processors."""
-    mp = pytest.MonkeyPatch()
-    counter = _GammaCounter(mp)
-    try:
-        res = train(_cfg(model, data, tmp_path_factory.mktemp("run") / "out"), progress=False)
-    finally:
-        mp.undo()
-    return res, counter.gammas
+_cfg = partial(train_config, resolution=RES, max_sequence_length=TEXT_LEN)
+model = model_fixture(_build, "chroma")
+data = data_fixture(4)
+# one TACA run (3 steps, batch 2), its joint-attention gammas counted through the processors
+trained = run_fixture(lambda model, data, out: train(_cfg(model, data, out), progress=False))
 
 
 def test_family_conventions(model):
     from diffusers import ChromaPipeline
 
-    pipe = _load(model)
+    pipe = load(model)
     fam = family_for(pipe)
     assert type(fam).__name__ == "ChromaFamily" and fam.name == "chroma"
     assert fam.shift() == 1.0  # dynamic shifting: sampled sigmas are not shifted
@@ -113,26 +83,11 @@ def test_family_conventions(model):
 
 def test_gamma_on_in_every_training_forward(trained):
     res, gammas = trained
-    assert res.steps == 3 and len(res.losses) == 3 and all(torch.isfinite(torch.tensor(res.losses)))
-    assert len(res.sigmas) == 3 * 2 and min(res.sigmas) >= 0.97 and max(res.sigmas) <= 1.0
-    assert res.gammas == pytest.approx([1.2] * len(res.sigmas))
-    assert len(gammas) == 3 * N_JOINT
-    assert all(g.shape == (2,) and torch.allclose(g, torch.full((2,), 1.2)) for g in gammas)
-    for name in ("pytorch_lora_weights.safetensors", "train_config.json", "log.jsonl", "loss.png"):
-        assert os.path.isfile(os.path.join(res.out, name)), name
+    check_taca_run(res, gammas, 3 * N_JOINT)
 
 
 def test_control_and_gradient_checkpointing(model, data, tmp_path, monkeypatch):
-    counter = _GammaCounter(monkeypatch)
-    res = train(_cfg(model, data, tmp_path / "control", taca=False, max_steps=2), progress=False)
-    assert counter.gammas == [] and res.gammas == [] and min(res.sigmas) >= 0.97
-    assert all(torch.isfinite(torch.tensor(res.losses)))
-    res = train(_cfg(model, data, tmp_path / "gc", gradient_checkpointing=True, max_steps=2), progress=False)
-    assert all(torch.isfinite(torch.tensor(res.losses)))
-    # every joint attention of the forward, and again where the backward recomputes the blocks
-    assert len(counter.gammas) == 2 * 2 * N_JOINT
-    assert all(torch.allclose(g, torch.full((2,), 1.2)) for g in counter.gammas)
-    assert res.gammas == pytest.approx([1.2] * 4)
+    check_control_and_checkpointing(partial(_cfg, model, data), tmp_path, monkeypatch, N_JOINT)
 
 
 def test_gradient_checkpointing_computes_the_same_function(model, monkeypatch):
@@ -142,12 +97,12 @@ def test_gradient_checkpointing_computes_the_same_function(model, monkeypatch):
     the control's checkpointed forward equals its plain one."""
     from peft import LoraConfig
 
-    pipe = _load(model)
+    pipe = load(model)
     fam = family_for(pipe)
     t = pipe.transformer
     t.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=fam.target_modules("attn")))
     t.train()
-    cond = _cond(fam, ["a red square", "a big red square next to a small blue round mirror"])
+    cond = text_cond(fam, ["a red square", "a big red square next to a small blue round mirror"], TEXT_LEN)
     x = torch.randn(2, 4, RES, RES, generator=torch.Generator().manual_seed(5))
     sigma = torch.tensor([0.99, 0.98])
     lora = [p for n, p in t.named_parameters() if "lora_B" in n]
@@ -181,11 +136,6 @@ def test_gradient_checkpointing_computes_the_same_function(model, monkeypatch):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
-def _cond(fam, captions, length=TEXT_LEN):
-    enc = fam.encode_text(captions, torch.device("cpu"), length)
-    return fam.collate(fam.split_text(enc))
-
-
 def test_predict_is_the_pipelines_transformer_call(model):
     """ChromaPipeline.__call__ (no CFG, 2 steps, TACA on: the first step at sigma 1 gets gamma
     1.2 through the pipeline's _current_timestep, the second is stock): what its transformer
@@ -193,7 +143,7 @@ def test_predict_is_the_pipelines_transformer_call(model):
     the unpacked latents, the sigma and the cached conditioning of the same prompt."""
     from diffusers import ChromaPipeline
 
-    pipe = _load(model)
+    pipe = load(model)
     fam = family_for(pipe)
     prompt = "a red square on a blue background"
     g = torch.Generator().manual_seed(3)
@@ -208,7 +158,7 @@ def test_predict_is_the_pipelines_transformer_call(model):
              max_sequence_length=TEXT_LEN, output_type="latent")
         hook.remove()
         assert len(seen) == 2
-        cond = _cond(fam, [prompt])
+        cond = text_cond(fam, [prompt], TEXT_LEN)
         n_tok = len(pipe.tokenizer(prompt).input_ids)
         assert cond["attention_mask"].shape == (1, TEXT_LEN) and int(cond["attention_mask"].sum()) == n_tok + 1
         for i, (hs, ts, mask, out, gamma) in enumerate(seen):
@@ -225,7 +175,7 @@ def test_predict_is_the_pipelines_transformer_call(model):
             torch.testing.assert_close(pred, want, rtol=0, atol=1e-6)
         # why the fixed-length padding is cached: the padding tokens are not masked out (the mask
         # is added, +1 / 0), so the same prompt padded to another length changes the output
-        longer = fam.predict(pipe.transformer, x, torch.tensor([1.0]), _cond(fam, [prompt], TEXT_LEN + 8), 1.0)
+        longer = fam.predict(pipe.transformer, x, torch.tensor([1.0]), text_cond(fam, [prompt], TEXT_LEN + 8), 1.0)
         first = ChromaPipeline._unpack_latents(seen[0][3], RES, RES, pipe.vae_scale_factor)
         assert not torch.allclose(longer, first, atol=1e-4)
 
@@ -236,25 +186,16 @@ def test_latents_are_what_the_pipeline_decodes(model, monkeypatch):
     gives the VAE's reconstruction of the image."""
     from diffusers import ChromaPipeline
 
-    pipe = _load(model)
+    pipe = load(model)
     fam = family_for(pipe)
     px = torch.rand(2, 3, RES, RES, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    lat = fam.encode_images(px)
-    assert lat.shape == (2, 4, RES, RES)
-    with torch.no_grad():
-        mode = pipe.vae.encode(px).latent_dist.mode()
-        torch.testing.assert_close(lat, (mode - 0.1159) * 0.3611)
-        want = (pipe.vae.decode(mode).sample / 2 + 0.5).clamp(0, 1)
-        monkeypatch.setattr(pipe.transformer, "forward",
-                            lambda hidden_states, **kw: (torch.zeros_like(hidden_states),))
-        got = pipe(prompt=["a cat", "a dog"], latents=ChromaPipeline._pack_latents(lat, 2, 4, RES, RES), height=RES,
-                   width=RES, num_inference_steps=2, guidance_scale=1.0, max_sequence_length=TEXT_LEN,
-                   output_type="pt").images
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    lat, mode = check_flux_vae_latents(fam, pipe.vae, px, (2, 4, RES, RES))
+    check_zero_model_decodes(pipe, mode, monkeypatch, dict(latents=ChromaPipeline._pack_latents(lat, 2, 4, RES, RES),
+                                                           height=RES, width=RES, max_sequence_length=TEXT_LEN))
 
 
 def test_cache_entry_and_predict_do_not_depend_on_the_batch(model):
-    pipe = _load(model)
+    pipe = load(model)
     fam = family_for(pipe)
     short, long_ = "a red square", "a big red square next to a small blue round mirror on the wall"
     dev = torch.device("cpu")
@@ -264,37 +205,9 @@ def test_cache_entry_and_predict_do_not_depend_on_the_batch(model):
     assert int(alone["attention_mask"].sum()) < int(both[0]["attention_mask"].sum())
     assert torch.equal(alone["attention_mask"], both[1]["attention_mask"])
     torch.testing.assert_close(alone["prompt_embeds"], both[1]["prompt_embeds"], rtol=0, atol=1e-6)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, RES, RES, generator=g)
-    sigma = torch.tensor([0.99, 0.5])
-    with taca.enabled(pipe.transformer, gamma=1.2), torch.no_grad():
-        batch = fam.predict(pipe.transformer, x, sigma, fam.collate(both), 1.0)
-        for j, e in enumerate(both):
-            one = fam.predict(pipe.transformer, x[j:j + 1], sigma[j:j + 1], fam.collate([e]), 1.0)
-            torch.testing.assert_close(batch[j:j + 1], one, rtol=0, atol=1e-5)
+    x = torch.randn(2, 4, RES, RES, generator=torch.Generator().manual_seed(1))
+    check_batch_independent(fam, pipe.transformer, x, torch.tensor([0.99, 0.5]), both, rtol=0, atol=1e-5)
 
 
 def test_adapter_loads(model, trained):
-    res, _ = trained
-    pipe = _load(model)
-    t = pipe.transformer
-    fam = family_for(pipe)
-    x = torch.randn(1, 4, RES, RES, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        cond = _cond(fam, ["a red square"])
-        base = fam.predict(t, x, torch.tensor([0.5]), cond, 1.0)
-        pipe.load_lora_weights(res.out)
-        assert any("lora" in n for n, _ in t.named_parameters())
-        lora = fam.predict(t, x, torch.tensor([0.5]), cond, 1.0)
-        assert not torch.allclose(lora, base, atol=1e-6)
-    kw = dict(prompt="a red square", height=RES, width=RES, num_inference_steps=2, guidance_scale=1.0,
-              max_sequence_length=TEXT_LEN, output_type="latent")
-    out = pipe(generator=torch.Generator().manual_seed(0), **kw).images
-    assert torch.isfinite(out).all()
-    fresh = _load(model)
-    with taca.enabled(fresh, gamma=1.2, lora=res.out):
-        assert any("lora" in n for n, _ in fresh.transformer.named_parameters())
-        out = fresh(generator=torch.Generator().manual_seed(0), **kw).images
-        assert torch.isfinite(out).all()
-        with torch.no_grad():  # sigma 0.5: gamma 1, the adapter gated off -> the stock model
-            assert torch.equal(fam.predict(fresh.transformer, x, torch.tensor([0.5]), cond, 1.0), base)
+    check_adapter_gates_predict(partial(load, model), trained[0].out, RES, TEXT_LEN)

@@ -10,6 +10,7 @@ guidance, output and TACA's gamma); encode_images against the pipelines' batch-n
 and their decode path; a caption's cache entry and prediction against its batch; the saved adapter
 loads through diffusers and taca.enable."""
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -21,10 +22,11 @@ pytest.importorskip("transformers")
 
 import taca  # noqa: E402
 from taca.pipeline import get_handle  # noqa: E402
-from taca.train import TrainConfig, train  # noqa: E402
+from taca.train import train  # noqa: E402
 from taca.train.families import family_for  # noqa: E402
 from taca.train.families.flux2 import Flux2Family  # noqa: E402
-from test_train import _GammaCounter, _write_data  # noqa: E402
+from train_checks import (GammaCounter, check_batch_independent, check_taca_run, control_run,  # noqa: E402
+                          data_fixture, load, train_config)
 
 RES = 32  # 32x32 images: 2-level VAE (scale 2) -> 16x16 latents -> 2x2 patches -> 8x8 = 64 image tokens
 TEXT_LEN = 40  # every prompt padded to 40 text tokens
@@ -132,25 +134,8 @@ def models(tmp_path_factory):
     return {"klein": str(root / "klein"), "dev": str(root / "dev")}
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return _write_data(tmp_path_factory.mktemp("data") / "pairs", n=8)
-
-
-def _load(path):
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(path)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _cfg(model, data, out, **kw):
-    base = dict(model=model, data=data, out=str(out), resolution=RES, batch_size=2, max_steps=3,
-                checkpoint_every=100, mixed_precision="no", max_sequence_length=TEXT_LEN, lr=1e-3, rank=4,
-                report_to="none", device="cpu")
-    base.update(kw)
-    return TrainConfig(**base)
+data = data_fixture(8)
+_cfg = partial(train_config, resolution=RES, max_sequence_length=TEXT_LEN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,17 +143,11 @@ def _cfg(model, data, out, **kw):
 def test_gamma_on_in_every_training_forward(kind, gc, models, data, tmp_path, monkeypatch):
     from taca.train.data import Cache
 
-    counter = _GammaCounter(monkeypatch)
+    gammas = GammaCounter(monkeypatch).gammas
     res = train(_cfg(models[kind], data, tmp_path / "out", gradient_checkpointing=gc), progress=False)
-    assert res.steps == 3 and len(res.losses) == 3 and all(torch.isfinite(torch.tensor(res.losses)))
-    assert len(res.sigmas) == 3 * 2 and min(res.sigmas) >= 0.97 and max(res.sigmas) <= 1.0
-    assert res.gammas == pytest.approx([1.2] * len(res.sigmas))
     # every joint attention (2 double- + 2 single-stream) of every training forward had gamma 1.2;
     # with gradient checkpointing each block's forward runs again in the backward, with its gamma
-    assert len(counter.gammas) == 3 * N_JOINT * (2 if gc else 1)
-    assert all(g.shape == (2,) and torch.allclose(g, torch.full((2,), 1.2)) for g in counter.gammas)
-    for name in ("pytorch_lora_weights.safetensors", "train_config.json", "log.jsonl", "loss.png"):
-        assert os.path.isfile(tmp_path / "out" / name), name
+    check_taca_run(res, gammas, 3 * N_JOINT * (2 if gc else 1))
     # the cache: patchified latents (16, 8, 8); prompt embeddings padded to TEXT_LEN, nothing else
     cache = tmp_path / "out" / "cache"
     lat = Cache.read(str(next((cache / "latents").iterdir())))
@@ -188,10 +167,8 @@ def test_gamma_on_in_every_training_forward(kind, gc, models, data, tmp_path, mo
 
 
 def test_control_lora_runs_stock_attention(models, data, tmp_path, monkeypatch):
-    counter = _GammaCounter(monkeypatch)
-    res = train(_cfg(models["klein"], data, tmp_path / "out", taca=False, max_steps=2), progress=False)
-    assert counter.gammas == [] and res.gammas == [] and res.steps == 2
-    assert all(torch.isfinite(torch.tensor(res.losses))) and min(res.sigmas) >= 0.97
+    res = control_run(partial(_cfg, models["klein"], data), tmp_path / "out", monkeypatch, max_steps=2)
+    assert res.steps == 2
     assert os.path.isfile(tmp_path / "out" / "pytorch_lora_weights.safetensors")
 
 
@@ -217,7 +194,7 @@ def test_predict_is_the_pipelines_transformer_call(kind, models):
     _current_timestep)."""
     from diffusers import Flux2Pipeline
 
-    pipe = _load(models[kind])
+    pipe = load(models[kind])
     fam = family_for(pipe)
     assert isinstance(fam, Flux2Family) and fam.shift() == 1.0
     guidance_scale = 1.0 if kind == "klein" else 2.5  # klein: no true CFG (one call per step)
@@ -260,7 +237,7 @@ def test_latents_invert_the_pipelines_normalization(kind, models):
     norm running stats), with non-trivial stats; the decode path's inverse (x std + mean, then
     _unpatchify_latents) gives back the VAE's latents; for klein through the pipeline's __call__
     itself (output_type="latent" returns the denormalized latents), the scheduler step held fixed."""
-    pipe = _load(models[kind])
+    pipe = load(models[kind])
     fam = family_for(pipe)
     vae = pipe.vae
     assert vae.bn.running_mean.abs().min() > 0 and not torch.allclose(vae.bn.running_var, torch.ones(16))
@@ -281,7 +258,7 @@ def test_latents_invert_the_pipelines_normalization(kind, models):
 
 
 def test_odd_latents_are_refused(models):
-    fam = family_for(_load(models["klein"]))
+    fam = family_for(load(models["klein"]))
     with pytest.raises(ValueError, match="even height and width"):
         fam.encode_images(torch.zeros(1, 3, 34, 34))  # 17x17 latents
 
@@ -292,7 +269,7 @@ def test_a_caption_does_not_depend_on_its_batch(kind, models):
     """The pipelines pad every prompt to max_sequence_length (no mask reaches the transformer):
     a caption's cache entry is the same alone or next to a longer one, and predict on the
     collated batch equals predict on each caption alone."""
-    pipe = _load(models[kind])
+    pipe = load(models[kind])
     fam = family_for(pipe)
     cpu = torch.device("cpu")
     long_, short = "a red square on a blue background with a green circle", "a cat"
@@ -301,14 +278,8 @@ def test_a_caption_does_not_depend_on_its_batch(kind, models):
     assert [e["prompt_embeds"].shape for e in both] == [(TEXT_LEN, 24)] * 2
     torch.testing.assert_close(both[1]["prompt_embeds"], alone[0]["prompt_embeds"], rtol=1e-5, atol=1e-6)
     assert fam.split_text(fam.encode_text([short], cpu, None))[0]["prompt_embeds"].shape == (512, 24)  # default
-    g = torch.Generator().manual_seed(2)
-    noisy = torch.randn(2, 16, RES // 4, RES // 4, generator=g)
-    sigma = torch.tensor([0.99, 0.5])
-    with taca.enabled(pipe.transformer, gamma=1.2), torch.no_grad():
-        batch = fam.predict(pipe.transformer, noisy, sigma, fam.collate(both), 3.5)
-        for j in range(2):
-            one = fam.predict(pipe.transformer, noisy[j:j + 1], sigma[j:j + 1], fam.collate([both[j]]), 3.5)
-            torch.testing.assert_close(batch[j:j + 1], one, rtol=1e-5, atol=1e-5)
+    noisy = torch.randn(2, 16, RES // 4, RES // 4, generator=torch.Generator().manual_seed(2))
+    check_batch_independent(fam, pipe.transformer, noisy, torch.tensor([0.99, 0.5]), both, 3.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +321,7 @@ def test_targets_match_the_real_configs():
 @pytest.mark.parametrize("kind", ["klein", "dev"])
 def test_adapter_loads_in_its_pipeline(kind, models, data, tmp_path):
     res = train(_cfg(models[kind], data, tmp_path / "out", max_steps=2, lr=1e-2), progress=False)
-    pipe = _load(models[kind])
+    pipe = load(models[kind])
     t = pipe.transformer
     g = torch.Generator().manual_seed(0)
     noisy = torch.randn(1, 16, RES // 4, RES // 4, generator=g)

@@ -5,7 +5,7 @@ every training forward (with diffusers' gradient checkpointing too), the control
 denoising loop (1000 sigma, unpatched latents), the train-mode layout folds back exactly, the
 latents are what the pipeline's decoder inverts, the Llama states (layers, B, L, D) are split and
 batched on dim 1, and the adapter loads back."""
-import os
+from functools import partial
 
 import pytest
 import torch
@@ -17,10 +17,13 @@ pytest.importorskip("transformers")
 
 import taca  # noqa: E402
 from taca.pipeline import get_handle  # noqa: E402
-from taca.train import TrainConfig, train  # noqa: E402
+from taca.train import train  # noqa: E402
 from taca.train.families import family_for  # noqa: E402
 
-from test_train import _GammaCounter, _write_data  # noqa: E402
+from train_checks import (check_adapter_gates_predict, check_batch_independent,  # noqa: E402
+                          check_control_and_checkpointing, check_flux_vae_latents, check_taca_run,
+                          check_zero_model_decodes, data_fixture, load, model_fixture, run_fixture, text_cond,
+                          train_config)
 
 RES = 32  # one-level VAE: 32x32 latents, patch 2 -> 256 image tokens
 TEXT_LEN = 16  # T5 16 + 2 x Llama 16 = 48 text tokens per joint attention
@@ -74,49 +77,17 @@ def _build(seed=0):
     return pipe
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("models") / "hidream"
-    _build().save_pretrained(str(d))
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return _write_data(tmp_path_factory.mktemp("data") / "pairs", n=4)
-
-
 def _load(model):
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load(model)
     # the pipeline rescales every request to the area of default_sample_size latents a side
     pipe.default_sample_size = RES // pipe.vae_scale_factor
     return pipe
 
 
-def _cfg(model, data, out, **kw):
-    base = dict(model=model, data=data, out=str(out), resolution=RES, batch_size=2, max_steps=3,
-                checkpoint_every=100, mixed_precision="no", max_sequence_length=TEXT_LEN, lr=1e-3, rank=4,
-                report_to="none", device="cpu")
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def trained(model, data, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    counter = _GammaCounter(mp)
-    try:
-        res = train(_cfg(model, data, tmp_path_factory.mktemp("run") / "out"), progress=False)
-    finally:
-        mp.undo()
-    return res, counter.gammas
-
-
-def _cond(fam, captions, length=TEXT_LEN):
-    return fam.collate(fam.split_text(fam.encode_text(captions, torch.device("cpu"), length)))
+_cfg = partial(train_config, resolution=RES, max_sequence_length=TEXT_LEN)
+model = model_fixture(_build, "hidream")
+data = data_fixture(4)
+trained = run_fixture(lambda model, data, out: train(_cfg(model, data, out), progress=False))
 
 
 def test_family_conventions(model):
@@ -167,36 +138,16 @@ def test_text_entries_split_llama_on_dim_1(model):
     back = fam.collate(both)
     assert all(torch.equal(back[k], enc[k]) for k in enc)
     x = torch.randn(2, 4, RES, RES, generator=torch.Generator().manual_seed(1))
-    sigma = torch.tensor([0.99, 0.5])
-    with taca.enabled(pipe.transformer, gamma=1.2), torch.no_grad():
-        batch = fam.predict(pipe.transformer, x, sigma, back, 1.0)
-        for j, e in enumerate(both):
-            one = fam.predict(pipe.transformer, x[j:j + 1], sigma[j:j + 1], fam.collate([e]), 1.0)
-            torch.testing.assert_close(batch[j:j + 1], one, rtol=0, atol=1e-5)
+    check_batch_independent(fam, pipe.transformer, x, torch.tensor([0.99, 0.5]), both, rtol=0, atol=1e-5)
 
 
 def test_gamma_on_in_every_training_forward(trained):
     res, gammas = trained
-    assert res.steps == 3 and len(res.losses) == 3 and all(torch.isfinite(torch.tensor(res.losses)))
-    assert len(res.sigmas) == 3 * 2 and min(res.sigmas) >= 0.97 and max(res.sigmas) <= 1.0
-    assert res.gammas == pytest.approx([1.2] * len(res.sigmas))
-    assert len(gammas) == 3 * N_JOINT
-    assert all(g.shape == (2,) and torch.allclose(g, torch.full((2,), 1.2)) for g in gammas)
-    for name in ("pytorch_lora_weights.safetensors", "train_config.json", "log.jsonl", "loss.png"):
-        assert os.path.isfile(os.path.join(res.out, name)), name
+    check_taca_run(res, gammas, 3 * N_JOINT)
 
 
 def test_control_and_gradient_checkpointing(model, data, tmp_path, monkeypatch):
-    counter = _GammaCounter(monkeypatch)
-    res = train(_cfg(model, data, tmp_path / "control", taca=False, max_steps=2), progress=False)
-    assert counter.gammas == [] and res.gammas == [] and min(res.sigmas) >= 0.97
-    assert all(torch.isfinite(torch.tensor(res.losses)))
-    res = train(_cfg(model, data, tmp_path / "gc", gradient_checkpointing=True, max_steps=2), progress=False)
-    assert all(torch.isfinite(torch.tensor(res.losses)))
-    # every joint attention of the forward, and again where the backward recomputes the blocks
-    assert len(counter.gammas) == 2 * 2 * N_JOINT
-    assert all(torch.allclose(g, torch.full((2,), 1.2)) for g in counter.gammas)
-    assert res.gammas == pytest.approx([1.2] * 4)
+    check_control_and_checkpointing(partial(_cfg, model, data), tmp_path, monkeypatch, N_JOINT)
 
 
 def test_train_mode_and_checkpointing_compute_the_same_function(model):
@@ -213,7 +164,7 @@ def test_train_mode_and_checkpointing_compute_the_same_function(model):
     with torch.no_grad():
         for p in lora:
             p.normal_(0, 0.1)
-    cond = _cond(fam, ["a red square", "a big red square next to a small blue round mirror"])
+    cond = text_cond(fam, ["a red square", "a big red square next to a small blue round mirror"], TEXT_LEN)
     x = torch.randn(2, 4, RES, RES, generator=torch.Generator().manual_seed(5))
     sigma = torch.tensor([0.99, 0.98])
     with taca.enabled(t, gamma=1.2):
@@ -251,7 +202,7 @@ def test_predict_is_the_pipelines_transformer_call(model):
         hook.remove()
         # UniPC's integer timesteps: 999 for sigma 1, 750 for sigma 0.75 (flow_shift 3)
         assert [float(ts) for _, ts, _, _ in seen] == [999.0, 750.0]
-        cond = _cond(fam, [prompt])
+        cond = text_cond(fam, [prompt], TEXT_LEN)
         for i, (hs, ts, out, gamma) in enumerate(seen):
             if i == 0:
                 assert torch.equal(hs, x)
@@ -274,36 +225,10 @@ def test_latents_are_what_the_pipeline_decodes(model, monkeypatch):
     fam = family_for(pipe)
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     px = torch.rand(2, 3, RES, RES, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    lat = fam.encode_images(px)
-    assert lat.shape == (2, 4, RES, RES)
-    with torch.no_grad():
-        mode = pipe.vae.encode(px).latent_dist.mode()
-        torch.testing.assert_close(lat, (mode - 0.1159) * 0.3611)
-        want = (pipe.vae.decode(mode).sample / 2 + 0.5).clamp(0, 1)
-        monkeypatch.setattr(pipe.transformer, "forward", lambda hidden_states, **kw: (torch.zeros_like(hidden_states),))
-        got = pipe(prompt=["a cat", "a dog"], latents=lat, height=RES, width=RES, num_inference_steps=2,
-                   guidance_scale=1.0, max_sequence_length=TEXT_LEN, output_type="pt").images
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    lat, mode = check_flux_vae_latents(fam, pipe.vae, px, (2, 4, RES, RES))
+    check_zero_model_decodes(pipe, mode, monkeypatch, dict(latents=lat, height=RES, width=RES,
+                                                           max_sequence_length=TEXT_LEN))
 
 
 def test_adapter_loads(model, trained):
-    res, _ = trained
-    pipe = _load(model)
-    t = pipe.transformer
-    fam = family_for(pipe)
-    x = torch.randn(1, 4, RES, RES, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        cond = _cond(fam, ["a red square"])
-        base = fam.predict(t, x, torch.tensor([0.5]), cond, 1.0)
-        pipe.load_lora_weights(res.out)
-        assert any("lora" in n for n, _ in t.named_parameters())
-        assert not torch.allclose(fam.predict(t, x, torch.tensor([0.5]), cond, 1.0), base, atol=1e-6)
-    kw = dict(prompt="a red square", height=RES, width=RES, num_inference_steps=2, guidance_scale=1.0,
-              max_sequence_length=TEXT_LEN, output_type="latent")
-    assert torch.isfinite(pipe(generator=torch.Generator().manual_seed(0), **kw).images).all()
-    fresh = _load(model)
-    with taca.enabled(fresh, gamma=1.2, lora=res.out):
-        assert any("lora" in n for n, _ in fresh.transformer.named_parameters())
-        assert torch.isfinite(fresh(generator=torch.Generator().manual_seed(0), **kw).images).all()
-        with torch.no_grad():  # sigma 0.5: gamma 1, the adapter gated off -> the stock model
-            assert torch.equal(fam.predict(fresh.transformer, x, torch.tensor([0.5]), cond, 1.0), base)
+    check_adapter_gates_predict(partial(_load, model), trained[0].out, RES, TEXT_LEN)

@@ -8,6 +8,7 @@ padding the text to the batch's longest caption instead of the pipeline's max_se
 changes nothing; the cached latents are what the pipeline's decode path inverts; a caption's cache
 entry and prediction do not depend on its batch; the adapter loads through diffusers and taca.enable."""
 import os
+from functools import partial
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -19,12 +20,15 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 pytest.importorskip("tokenizers")
 
-import taca  # noqa: E402
-from taca.train import TrainConfig, train  # noqa: E402
+from taca.train import train  # noqa: E402
+from taca.train.families.ideogram4 import Ideogram4Family  # noqa: E402
 
 from test_models_ideogram4 import N_LAYERS  # noqa: E402
 from test_models_ideogram4 import TINY as _TINY  # noqa: E402  (the adapter tests' tiny config)
-from test_train_qwenimage import LONG, SHORT, _counting, _Record, _tokenizer, _write_data, cache_dir_of  # noqa: E402
+from train_checks import (LONG, SHORT, Record, cache_dir, cached_text, check_alone_as_in_batch,  # noqa: E402,F401
+                          check_batch_independent, check_gated_pipeline, check_lora_layers, check_taca_run,
+                          checked_family, checkpointed_run, control_run, data_fixture, load, model_fixture,
+                          one_torch_thread, qwen2_bpe_tokenizer, run_fixture, train_config, write_captioned_data)
 
 # the pipeline's text encoding calls transformers' layers with an argument they deprecate (diffusers' side)
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
@@ -73,7 +77,7 @@ def _pipeline():
     pipe = Ideogram4Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(), text_encoder=None, tokenizer=None,
                              transformer=Ideogram4Transformer2DModel(**TINY).eval(),
                              unconditional_transformer=Ideogram4Transformer2DModel(**TINY).eval())
-    tok = _tokenizer(CHAT_FORMAT)
+    tok = qwen2_bpe_tokenizer(CHAT_FORMAT)
     tok.chat_template = CHAT
     pipe.register_modules(tokenizer=tok, text_encoder=_text_encoder(len(tok)))
     pipe.set_progress_bar_config(disable=True)
@@ -84,57 +88,15 @@ def _n_tokens(pipe, caption):
     return len(pipe.tokenizer(CHAT_FORMAT.format(caption), add_special_tokens=False).input_ids)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread for the whole module (training runs included): the tiny models' ops cost
-    less than waking a second thread, many times over on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("models") / "ideogram4"
-    _pipeline().save_pretrained(str(d))
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return _write_data(tmp_path_factory.mktemp("data") / "pairs")
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))  # shared by the training runs: one model, one encoding
-
-
-def _cfg(model, data, out, cache, **kw):
-    base = dict(model=model, data=data, out=str(out), resolution=RES, batch_size=2, max_steps=3, checkpoint_every=100,
-                mixed_precision="no", max_sequence_length=TEXT_LEN, lr=1e-3, rank=4, report_to="none", device="cpu",
-                cache_dir=cache)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def taca_run(model_dir, data, cache_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "out"
-    gammas = []
-    with pytest.MonkeyPatch.context() as mp:
-        _counting(mp, gammas)
-        res = train(_cfg(model_dir, data, out, cache_dir), progress=False)
-    return res, gammas
-
-
 def _family(pipe):
-    from taca.train.families import family_for
-    from taca.train.families.ideogram4 import Ideogram4Family
+    return checked_family(pipe, Ideogram4Family, "ideogram4")
 
-    fam = family_for(pipe)
-    assert isinstance(fam, Ideogram4Family) and fam.name == "ideogram4"
-    return fam
+
+_cfg = partial(train_config, resolution=RES, max_sequence_length=TEXT_LEN)
+model_dir = model_fixture(_pipeline, "ideogram4")
+data = data_fixture(4, write_captioned_data)
+taca_run = run_fixture(lambda model_dir, data, cache_dir, out: train(_cfg(model_dir, data, out, cache_dir=cache_dir),
+                                                                     progress=False))
 
 
 def _grid(tokens, h=4, w=4):
@@ -145,43 +107,25 @@ def _grid(tokens, h=4, w=4):
 # --- 1. training --------------------------------------------------------------------------------
 def test_gamma_in_every_training_forward(taca_run):
     res, gammas = taca_run
-    assert res.steps == 3 and len(res.losses) == 3 and all(torch.isfinite(torch.tensor(res.losses)))
-    assert len(res.sigmas) == 3 * 2 and min(res.sigmas) >= 0.97 and max(res.sigmas) <= 1.0
-    assert res.gammas == pytest.approx([1.2] * len(res.sigmas))
     # every block's attention is joint: one call per block per forward
-    assert len(gammas) == 3 * N_LAYERS
-    assert all(g.shape == (2,) and torch.allclose(g, torch.full((2,), 1.2)) for g in gammas)
-    for name in ("pytorch_lora_weights.safetensors", "train_config.json", "log.jsonl", "loss.png"):
-        assert os.path.isfile(os.path.join(res.out, name)), name
+    check_taca_run(res, gammas, 3 * N_LAYERS)
     # the text cache holds each caption at its own length (collate left-pads per batch)
-    from taca.train.data import Cache
-
-    text = os.path.join(cache_dir_of(res), "text")
-    lengths = set()
-    for root, _, files in os.walk(text):
-        for f in files:
-            e = Cache.read(os.path.join(root, f))
-            assert set(e) == {"prompt_embeds"} and e["prompt_embeds"].shape[1] == TINY["llm_features_dim"]
-            lengths.add(e["prompt_embeds"].shape[0])
+    entries = cached_text(res)
+    for e in entries:
+        assert set(e) == {"prompt_embeds"} and e["prompt_embeds"].shape[1] == TINY["llm_features_dim"]
+    lengths = {e["prompt_embeds"].shape[0] for e in entries}
     assert len(lengths) > 1 and max(lengths) <= TEXT_LEN
 
 
 def test_control_run_has_no_taca(model_dir, data, cache_dir, tmp_path, monkeypatch):
-    gammas = []
-    _counting(monkeypatch, gammas)
-    res = train(_cfg(model_dir, data, tmp_path / "out", cache_dir, taca=False), progress=False)
-    assert gammas == [] and res.gammas == [] and res.steps == 3
-    assert all(torch.isfinite(torch.tensor(res.losses))) and min(res.sigmas) >= 0.97
+    res = control_run(partial(_cfg, model_dir, data, cache_dir=cache_dir), tmp_path / "out", monkeypatch)
+    assert res.steps == 3
 
 
 def test_gradient_checkpointing_keeps_gamma(model_dir, data, cache_dir, tmp_path, monkeypatch, taca_run):
-    gammas = []
-    _counting(monkeypatch, gammas)
-    res = train(_cfg(model_dir, data, tmp_path / "out", cache_dir, gradient_checkpointing=True), progress=False)
     # every block runs twice per step (forward, then its recomputation in backward), gamma each time
-    assert len(gammas) == 2 * 3 * N_LAYERS
-    assert all(torch.allclose(g, torch.full((2,), 1.2)) for g in gammas)
-    torch.testing.assert_close(torch.tensor(res.losses), torch.tensor(taca_run[0].losses), rtol=1e-5, atol=1e-7)
+    checkpointed_run(partial(_cfg, model_dir, data, cache_dir=cache_dir), taca_run[0], tmp_path / "out", monkeypatch,
+                     2 * 3 * N_LAYERS)
 
 
 # --- 2. predict is the pipeline's own forward -----------------------------------------------------
@@ -200,7 +144,7 @@ def test_predict_is_the_pipelines_forward(prompts):
     run = dict(prompt=prompts, height=RES, width=RES, num_inference_steps=2, guidance_scale=1.0,
                guidance_schedule=None, output_type="latent")
     with torch.no_grad():
-        rec = _Record(t)
+        rec = Record(t)
         pipe(max_sequence_length=L, generator=torch.Generator().manual_seed(0), **run)
         assert len(rec.calls) == 2
         cond = fam.collate(fam.split_text(fam.encode_text(prompts, torch.device("cpu"), L)))
@@ -219,7 +163,7 @@ def test_predict_is_the_pipelines_forward(prompts):
                 assert torch.equal(mine[k], kw[k]), k
         rec.h.remove()
         # the pipeline's default-style block (longer than any caption): the same image prediction
-        rec = _Record(t)
+        rec = Record(t)
         pipe(max_sequence_length=TEXT_LEN, generator=torch.Generator().manual_seed(0), **run)
         assert len(rec.calls) == 2
         for kw, out in list(rec.calls):
@@ -303,13 +247,8 @@ def test_cache_entry_and_prediction_do_not_depend_on_the_batch():
     assert n_tokens[0] == 3 + 8 and n_tokens[1] > n_tokens[0]  # a, red, square + the chat turn's 8 tokens
 
     with torch.no_grad():
-        alone = fam.split_text(fam.encode_text([SHORT], cpu, TEXT_LEN))
-        both = fam.split_text(fam.encode_text([SHORT, LONG], cpu, TEXT_LEN))
-        long_alone = fam.split_text(fam.encode_text([LONG], cpu, TEXT_LEN))
+        alone, both, _ = check_alone_as_in_batch(fam, TEXT_LEN, n_tokens)
         tight = fam.split_text(fam.encode_text([SHORT], cpu, n_tokens[0]))  # no padding at all
-        assert [e["prompt_embeds"].shape[0] for e in both] == n_tokens and set(both[0]) == {"prompt_embeds"}
-        torch.testing.assert_close(both[0]["prompt_embeds"], alone[0]["prompt_embeds"], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(both[1]["prompt_embeds"], long_alone[0]["prompt_embeds"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(tight[0]["prompt_embeds"], alone[0]["prompt_embeds"], rtol=1e-5, atol=1e-6)
         with pytest.raises(ValueError, match="exceeds max_sequence_length"):  # the pipeline does not truncate
             fam.encode_text([LONG], cpu, n_tokens[1] - 1)
@@ -318,25 +257,17 @@ def test_cache_entry_and_prediction_do_not_depend_on_the_batch():
         assert batch["prompt_embeds"].shape[:2] == (2, n_tokens[1]) and batch["text_lengths"].tolist() == n_tokens
         pad = n_tokens[1] - n_tokens[0]
         assert not bool(batch["prompt_embeds"][0, :pad].any())  # left padding, as the pipeline lays it out
-        g = torch.Generator().manual_seed(5)
-        noisy = torch.randn(2, 16, 4, 4, generator=g)
-        sigma = torch.tensor([0.99, 0.975])
-        t = pipe.transformer
-        with taca.enabled(t, gamma=1.2, schedule="paper"):
-            together = fam.predict(t, noisy, sigma, batch, 1.0)
-            for j, e in enumerate(both):
-                single = fam.predict(t, noisy[j:j + 1], sigma[j:j + 1], fam.collate([e]), 1.0)
-                torch.testing.assert_close(together[j:j + 1], single, rtol=1e-5, atol=1e-5)
+        noisy = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(5))
+        check_batch_independent(fam, pipe.transformer, noisy, torch.tensor([0.99, 0.975]), both, schedule="paper")
 
 
 # --- 5. the saved adapter ------------------------------------------------------------------------
 def test_adapter_loads_in_diffusers_and_taca(model_dir, taca_run):
-    from diffusers import DiffusionPipeline, Ideogram4Pipeline
+    from diffusers import Ideogram4Pipeline
 
     res = taca_run[0]
-    pipe = DiffusionPipeline.from_pretrained(model_dir)
+    pipe = load(model_dir)
     assert isinstance(pipe, Ideogram4Pipeline)
-    pipe.set_progress_bar_config(disable=True)
     t = pipe.transformer
     g = torch.Generator().manual_seed(0)
     pos, seg, ind = Ideogram4Pipeline._prepare_ids([5], 4, 4, 6, "cpu")
@@ -347,17 +278,10 @@ def test_adapter_loads_in_diffusers_and_taca(model_dir, taca_run):
                 guidance_schedule=None, max_sequence_length=TEXT_LEN, output_type="latent")
     with torch.no_grad():
         stock = t(**kw)[0]
-        base = pipe(generator=torch.Generator().manual_seed(0), **call).images
-        with taca.enabled(pipe, gamma=1.2, lora=res.out):
-            on = pipe(generator=torch.Generator().manual_seed(0), **call).images
-        assert torch.isfinite(on).all() and not torch.equal(on, base)
-        assert torch.equal(pipe(generator=torch.Generator().manual_seed(0), **call).images, base)
-        assert not any("lora" in n for n in t.state_dict())
+        check_gated_pipeline(pipe, res.out, call)
         fresh = Ideogram4Pipeline.from_pretrained(model_dir)
         fresh.load_lora_weights(res.out)
         ft = fresh.transformer
-        lora = [n for n, _ in ft.named_parameters() if "lora_" in n]
-        assert lora and all(n.startswith("layers.") and ".attention." in n for n in lora)
-        assert {n.split(".attention.")[1].split(".lora_")[0] for n in lora} == {"to_q", "to_k", "to_v", "to_out.0"}
+        check_lora_layers(ft, "layers.", ".attention.", {"to_q", "to_k", "to_v", "to_out.0"})
         assert not any("lora_" in n for n, _ in fresh.unconditional_transformer.named_parameters())
         assert not torch.allclose(ft(**kw)[0], stock, atol=1e-7)

@@ -7,6 +7,7 @@ with zeros where the encoder had padding, which the model never reads); the cach
 the pipeline's decode path inverts; a caption's cache entry and prediction do not depend on its
 batch; the adapter loads through diffusers and taca.enable."""
 import os
+from functools import partial
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -18,12 +19,15 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 pytest.importorskip("tokenizers")
 
-import taca  # noqa: E402
-from taca.train import TrainConfig, train  # noqa: E402
+from taca.train import train  # noqa: E402
+from taca.train.families.krea2 import Krea2Family  # noqa: E402
 
 from test_models_krea2 import SCHEDULER, TINY  # noqa: E402  (the adapter tests' tiny configs)
-from test_train_qwenimage import (LATENTS_MEAN, LATENTS_STD, LONG, SHORT, _counting, _Record,  # noqa: E402
-                                  _tokenizer, _write_data, cache_dir_of)
+from train_checks import (LONG, SHORT, Record, cache_dir, cached_text, check_batch_independent,  # noqa: E402,F401
+                          check_gated_pipeline, check_lora_layers, check_qwenimage_latents, check_taca_run,
+                          checked_family, checkpointed_run, control_run, data_fixture, load, model_fixture,
+                          one_torch_thread, qwen2_bpe_tokenizer, qwenimage_vae, run_fixture, train_config,
+                          write_captioned_data)
 
 RES = 32  # 32x32 pixels -> 8x8 latents (the tiny VAE's factor 4) -> 4x4 = 16 image tokens (2x2 patches)
 TEXT_LEN = 16  # the pipeline's fixed text block: caption tokens, padding, 5 suffix tokens
@@ -48,121 +52,58 @@ def _text_encoder(vocab_size):
 
 
 def _pipeline():
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, Krea2Pipeline,
-                           Krea2Transformer2DModel)
+    from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline, Krea2Transformer2DModel
 
     torch.manual_seed(0)
-    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
-                                 temperal_downsample=[False, True], latents_mean=LATENTS_MEAN,
-                                 latents_std=LATENTS_STD).eval()
+    vae = qwenimage_vae()
     transformer = Krea2Transformer2DModel(**TINY).eval()
     pipe = Krea2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=vae, text_encoder=None,
                          tokenizer=None, transformer=transformer, text_encoder_select_layers=SELECT)
     # Krea 2's prefix is Qwen-Image's template prefix (34 tokens with one token per word), its suffix 5 tokens
-    tok = _tokenizer(pipe.prompt_template_encode_prefix + "{}" + pipe.prompt_template_encode_suffix)
+    tok = qwen2_bpe_tokenizer(pipe.prompt_template_encode_prefix + "{}" + pipe.prompt_template_encode_suffix)
     pipe.register_modules(tokenizer=tok, text_encoder=_text_encoder(len(tok)))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread for the whole module (training runs included): the tiny models' ops cost
-    less than waking a second thread, many times over on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("models") / "krea2"
-    _pipeline().save_pretrained(str(d))
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return _write_data(tmp_path_factory.mktemp("data") / "pairs")
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))  # shared by the training runs: one model, one encoding
-
-
-def _cfg(model, data, out, cache, **kw):
-    base = dict(model=model, data=data, out=str(out), resolution=RES, batch_size=2, max_steps=3, checkpoint_every=100,
-                mixed_precision="no", max_sequence_length=TEXT_LEN, lr=1e-3, rank=4, report_to="none", device="cpu",
-                cache_dir=cache)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def taca_run(model_dir, data, cache_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "out"
-    gammas = []
-    with pytest.MonkeyPatch.context() as mp:
-        _counting(mp, gammas)
-        res = train(_cfg(model_dir, data, out, cache_dir), progress=False)
-    return res, gammas
-
-
 def _family(pipe):
-    from taca.train.families import family_for
-    from taca.train.families.krea2 import Krea2Family
+    return checked_family(pipe, Krea2Family, "krea2")
 
-    fam = family_for(pipe)
-    assert isinstance(fam, Krea2Family) and fam.name == "krea2"
-    return fam
+
+_cfg = partial(train_config, resolution=RES, max_sequence_length=TEXT_LEN)
+model_dir = model_fixture(_pipeline, "krea2")
+data = data_fixture(4, write_captioned_data)
+taca_run = run_fixture(lambda model_dir, data, cache_dir, out: train(_cfg(model_dir, data, out, cache_dir=cache_dir),
+                                                                     progress=False))
 
 
 # --- 1. training --------------------------------------------------------------------------------
 def test_gamma_in_every_training_forward(taca_run):
     res, gammas = taca_run
-    assert res.steps == 3 and len(res.losses) == 3 and all(torch.isfinite(torch.tensor(res.losses)))
-    assert len(res.sigmas) == 3 * 2 and min(res.sigmas) >= 0.97 and max(res.sigmas) <= 1.0
-    assert res.gammas == pytest.approx([1.2] * len(res.sigmas))
     # each joint block's attention in each forward; the text-fusion blocks' text-only ones never
-    assert len(gammas) == 3 * TINY["num_layers"]
-    assert all(g.shape == (2,) and torch.allclose(g, torch.full((2,), 1.2)) for g in gammas)
-    for name in ("pytorch_lora_weights.safetensors", "train_config.json", "log.jsonl", "loss.png"):
-        assert os.path.isfile(os.path.join(res.out, name)), name
+    check_taca_run(res, gammas, 3 * TINY["num_layers"])
     # the text cache holds each caption's valid tokens only, with their places in the fixed block
-    from taca.train.data import Cache
-
-    text = os.path.join(cache_dir_of(res), "text")
-    lengths = set()
-    for root, _, files in os.walk(text):
-        for f in files:
-            e = Cache.read(os.path.join(root, f))
-            assert set(e) == {"prompt_embeds", "text_positions", "text_len"} and int(e["text_len"]) == TEXT_LEN
-            n = e["prompt_embeds"].shape[0]
-            assert e["prompt_embeds"].shape[1:] == (TINY["num_text_layers"], TINY["text_hidden_dim"])
-            # the caption's tokens from the start, the 5 suffix tokens at the block's end
-            pos = e["text_positions"].tolist()
-            assert pos == list(range(n - 5)) + list(range(TEXT_LEN - 5, TEXT_LEN))
-            lengths.add(n)
+    entries = cached_text(res)
+    for e in entries:
+        assert set(e) == {"prompt_embeds", "text_positions", "text_len"} and int(e["text_len"]) == TEXT_LEN
+        n = e["prompt_embeds"].shape[0]
+        assert e["prompt_embeds"].shape[1:] == (TINY["num_text_layers"], TINY["text_hidden_dim"])
+        # the caption's tokens from the start, the 5 suffix tokens at the block's end
+        pos = e["text_positions"].tolist()
+        assert pos == list(range(n - 5)) + list(range(TEXT_LEN - 5, TEXT_LEN))
+    lengths = {e["prompt_embeds"].shape[0] for e in entries}
     assert len(lengths) > 1 and max(lengths) <= TEXT_LEN
 
 
 def test_control_run_has_no_taca(model_dir, data, cache_dir, tmp_path, monkeypatch):
-    gammas = []
-    _counting(monkeypatch, gammas)
-    res = train(_cfg(model_dir, data, tmp_path / "out", cache_dir, taca=False), progress=False)
-    assert gammas == [] and res.gammas == [] and res.steps == 3
-    assert all(torch.isfinite(torch.tensor(res.losses))) and min(res.sigmas) >= 0.97
+    res = control_run(partial(_cfg, model_dir, data, cache_dir=cache_dir), tmp_path / "out", monkeypatch)
+    assert res.steps == 3
 
 
 def test_gradient_checkpointing_keeps_gamma(model_dir, data, cache_dir, tmp_path, monkeypatch, taca_run):
-    gammas = []
-    _counting(monkeypatch, gammas)
-    res = train(_cfg(model_dir, data, tmp_path / "out", cache_dir, gradient_checkpointing=True), progress=False)
     # every block runs twice per step (forward, then its recomputation in backward), gamma each time
-    assert len(gammas) == 2 * 3 * TINY["num_layers"]
-    assert all(torch.allclose(g, torch.full((2,), 1.2)) for g in gammas)
-    torch.testing.assert_close(torch.tensor(res.losses), torch.tensor(taca_run[0].losses), rtol=1e-5, atol=1e-7)
+    checkpointed_run(partial(_cfg, model_dir, data, cache_dir=cache_dir), taca_run[0], tmp_path / "out", monkeypatch,
+                     2 * 3 * TINY["num_layers"])
 
 
 # --- 2. predict is the pipeline's own forward -----------------------------------------------------
@@ -175,7 +116,7 @@ def test_predict_is_the_pipelines_forward(prompts):
     pipe = _pipeline()
     fam = _family(pipe)
     t = pipe.transformer
-    rec = _Record(t)
+    rec = Record(t)
     with torch.no_grad():
         pipe(prompt=prompts, height=RES, width=RES, num_inference_steps=2, guidance_scale=0.0,
              max_sequence_length=TEXT_LEN, generator=torch.Generator().manual_seed(0), output_type="latent")
@@ -247,28 +188,11 @@ def test_latents_are_what_the_pipeline_decodes():
     """encode_images = (mode - latents_mean) / latents_std per channel, 5-D; fed to the pipeline as
     its final latents, its own decode path (denormalize, vae.decode) gives back vae.decode(mode)."""
     pipe = _pipeline()
-    fam = _family(pipe)
-    vae = pipe.vae
-    g = torch.Generator().manual_seed(3)
-    px = torch.rand(2, 3, RES, RES, generator=g) * 2 - 1
-    with torch.no_grad():
-        lat = fam.encode_images(px)
-        mode = vae.encode(px.unsqueeze(2)).latent_dist.mode()
-        assert lat.shape == (2, 4, 1, RES // 4, RES // 4) == mode.shape
-        mean = torch.tensor(LATENTS_MEAN).view(1, 4, 1, 1, 1)
-        std = torch.tensor(LATENTS_STD).view(1, 4, 1, 1, 1)
-        torch.testing.assert_close(lat, (mode - mean) / std, rtol=1e-6, atol=1e-6)
-        assert not torch.allclose(lat, mode, atol=1e-2)  # the normalization is not the identity here
-
-        # the pipeline's decode path on these latents: packed as its loop keeps them, swapped in at its last step
-        packed = pipe._pack_latents(lat[:, :, 0], 2, 4, RES // 4, RES // 4)
-        d = TINY["text_hidden_dim"]
-        images = pipe(prompt_embeds=torch.zeros(2, 3, TINY["num_text_layers"], d),
-                      prompt_embeds_mask=torch.ones(2, 3, dtype=torch.bool), height=RES, width=RES,
-                      num_inference_steps=2, guidance_scale=0.0, output_type="pt",
-                      callback_on_step_end=lambda p, i, t, kw: {"latents": packed}).images
-        expect = pipe.image_processor.postprocess(vae.decode(mode).sample[:, :, 0], output_type="pt")
-    torch.testing.assert_close(images, expect, rtol=1e-5, atol=1e-5)
+    d = TINY["text_hidden_dim"]
+    check_qwenimage_latents(pipe, _family(pipe), RES, lambda callback: pipe(
+        prompt_embeds=torch.zeros(2, 3, TINY["num_text_layers"], d),
+        prompt_embeds_mask=torch.ones(2, 3, dtype=torch.bool), height=RES, width=RES, num_inference_steps=2,
+        guidance_scale=0.0, output_type="pt", callback_on_step_end=callback).images)
 
 
 # --- 4. variable-length prompts ----------------------------------------------------------------
@@ -304,25 +228,17 @@ def test_cache_entry_and_prediction_do_not_depend_on_the_batch():
         assert torch.equal(batch["prompt_embeds_mask"], mask)
         assert torch.equal(batch["prompt_embeds"][mask], pe[mask])
 
-        g = torch.Generator().manual_seed(5)
-        noisy = torch.randn(2, 4, 1, 8, 8, generator=g)
-        sigma = torch.tensor([0.99, 0.975])
-        t = pipe.transformer
-        with taca.enabled(t, gamma=1.2, schedule="paper"):
-            together = fam.predict(t, noisy, sigma, batch, 1.0)
-            for j, e in enumerate(both):
-                single = fam.predict(t, noisy[j:j + 1], sigma[j:j + 1], fam.collate([e]), 1.0)
-                torch.testing.assert_close(together[j:j + 1], single, rtol=1e-5, atol=1e-5)
+        noisy = torch.randn(2, 4, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+        check_batch_independent(fam, pipe.transformer, noisy, torch.tensor([0.99, 0.975]), both, schedule="paper")
 
 
 # --- 5. the saved adapter ------------------------------------------------------------------------
 def test_adapter_loads_in_diffusers_and_taca(model_dir, taca_run):
-    from diffusers import DiffusionPipeline, Krea2Pipeline
+    from diffusers import Krea2Pipeline
 
     res = taca_run[0]
-    pipe = DiffusionPipeline.from_pretrained(model_dir)
+    pipe = load(model_dir)
     assert isinstance(pipe, Krea2Pipeline) and pipe.text_encoder_select_layers == SELECT
-    pipe.set_progress_bar_config(disable=True)
     t = pipe.transformer
     g = torch.Generator().manual_seed(0)
     kw = dict(hidden_states=torch.randn(1, 16, TINY["in_channels"], generator=g),
@@ -333,17 +249,9 @@ def test_adapter_loads_in_diffusers_and_taca(model_dir, taca_run):
                 max_sequence_length=TEXT_LEN, output_type="latent")
     with torch.no_grad():
         stock = t(**kw)[0]
-        base = pipe(generator=torch.Generator().manual_seed(0), **call).images
-        with taca.enabled(pipe, gamma=1.2, lora=res.out):
-            on = pipe(generator=torch.Generator().manual_seed(0), **call).images
-        assert torch.isfinite(on).all() and not torch.equal(on, base)
-        assert torch.equal(pipe(generator=torch.Generator().manual_seed(0), **call).images, base)
-        assert not any("lora" in n for n in t.state_dict())
+        check_gated_pipeline(pipe, res.out, call)
         fresh = Krea2Pipeline.from_pretrained(model_dir)
         fresh.load_lora_weights(res.out)
         ft = fresh.transformer
-        lora = [n for n, _ in ft.named_parameters() if "lora_" in n]
-        assert lora and all(n.startswith("transformer_blocks.") and ".attn." in n for n in lora)
-        assert {n.split(".attn.")[1].split(".lora_")[0] for n in lora} == {
-            "to_q", "to_k", "to_v", "to_gate", "to_out.0"}
+        check_lora_layers(ft, "transformer_blocks.", ".attn.", {"to_q", "to_k", "to_v", "to_gate", "to_out.0"})
         assert not torch.allclose(ft(**kw)[0], stock, atol=1e-7)

@@ -24,10 +24,14 @@ pytest.importorskip("accelerate")
 pytest.importorskip("tokenizers")
 
 import taca  # noqa: E402
-from taca.train import TrainConfig, train  # noqa: E402
+from taca.train import train  # noqa: E402
+from taca.train.families.qwenimage21 import QwenImage21Family  # noqa: E402
 
 from test_models_qwenimage21 import SCHEDULER, TINY  # noqa: E402  (the adapter tests' tiny configs)
-from test_train_qwenimage import LONG, SHORT, _counting, _Record, _tokenizer, _write_data, cache_dir_of  # noqa: E402
+from train_checks import (LONG, SHORT, GammaCounter, Record, cache_dir, cached_text,  # noqa: E402,F401
+                          check_alone_as_in_batch, check_batch_independent, check_control, check_gated_pipeline,
+                          check_lora_layers, check_taca_run, checked_family, data_fixture, model_fixture,
+                          one_torch_thread, qwen2_bpe_tokenizer, run_fixture, train_config, write_captioned_data)
 
 RES = 64  # 64x64 pixels -> 4x4 latents (16x) -> 16 image tokens, 4 image slots
 LATENTS_MEAN = [0.3, -0.7, 0.1, 1.2] * 4  # non-trivial per-channel normalization (16 channels)
@@ -46,7 +50,7 @@ def _processor():
     from transformers import processing_utils as pu
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-    tok = _tokenizer(T2I)
+    tok = qwen2_bpe_tokenizer(T2I)
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *VISION]})
     check = pu.ProcessorMixin.check_argument_for_proper_class
     with pytest.MonkeyPatch.context() as mp:
@@ -88,94 +92,45 @@ def _pipeline():
     return pipe
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread for the whole module (training runs included): the tiny models' ops cost
-    less than waking a second thread, many times over on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("models") / "qwenimage21"
-    _pipeline().save_pretrained(str(d))
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return _write_data(tmp_path_factory.mktemp("data") / "pairs")
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))  # shared by the training runs: one model, one encoding
-
-
-def _train(model, data, out, cache, **kw):
-    base = dict(model=model, data=data, out=str(out), resolution=RES, batch_size=2, max_steps=3, checkpoint_every=100,
-                mixed_precision="no", lr=1e-3, rank=4, report_to="none", device="cpu", cache_dir=cache)
-    base.update(kw)
-    return train(TrainConfig(**base), pipeline=_pipeline(), progress=False)  # a fresh copy of model's pipeline
-
-
-@pytest.fixture(scope="module")
-def taca_run(model_dir, data, cache_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "out"
-    gammas = []
-    with pytest.MonkeyPatch.context() as mp:
-        _counting(mp, gammas)
-        res = _train(model_dir, data, out, cache_dir)
-    return res, gammas
+def _train(model, data, out, **kw):
+    """taca train with a fresh copy of model's pipeline (the folder's processor needs torchvision to load)."""
+    return train(train_config(model, data, out, resolution=RES, max_sequence_length=None, **kw), pipeline=_pipeline(),
+                 progress=False)
 
 
 def _family(pipe):
-    from taca.train.families import family_for
-    from taca.train.families.qwenimage21 import QwenImage21Family
+    return checked_family(pipe, QwenImage21Family, "qwenimage21")
 
-    fam = family_for(pipe)
-    assert isinstance(fam, QwenImage21Family) and fam.name == "qwenimage21"
-    return fam
+
+model_dir = model_fixture(_pipeline, "qwenimage21")
+data = data_fixture(4, write_captioned_data)
+taca_run = run_fixture(lambda model_dir, data, cache_dir, out: _train(model_dir, data, out, cache_dir=cache_dir))
 
 
 # --- 1. training --------------------------------------------------------------------------------
 def test_gamma_in_every_training_forward(taca_run):
     res, gammas = taca_run
-    assert res.steps == 3 and len(res.losses) == 3 and all(torch.isfinite(torch.tensor(res.losses)))
-    assert len(res.sigmas) == 3 * 2 and min(res.sigmas) >= 0.97 and max(res.sigmas) <= 1.0
-    assert res.gammas == pytest.approx([1.2] * len(res.sigmas))
+    check_taca_run(res, gammas, None)
     # per block, the target image's queries against all keys (the text segment's causal call has no
     # gamma); a batch of two captions of unequal lengths is two calls of one sample
     assert sum(g.numel() for g in gammas) == 3 * 2 * TINY["num_layers"] and len(gammas) >= 3 * TINY["num_layers"]
     assert all(torch.allclose(g, torch.full_like(g, 1.2)) for g in gammas)
-    for name in ("pytorch_lora_weights.safetensors", "train_config.json", "log.jsonl", "loss.png"):
-        assert os.path.isfile(os.path.join(res.out, name)), name
-    from taca.train.data import Cache
-
-    text = os.path.join(cache_dir_of(res), "text")
-    lengths = set()
-    for root, _, files in os.walk(text):
-        for f in files:
-            e = Cache.read(os.path.join(root, f))
-            assert set(e) == {"prompt_embeds"} and e["prompt_embeds"].shape[1] == TINY["context_in_dim"]
-            lengths.add(e["prompt_embeds"].shape[0])
-    assert len(lengths) > 1
+    entries = cached_text(res)
+    for e in entries:
+        assert set(e) == {"prompt_embeds"} and e["prompt_embeds"].shape[1] == TINY["context_in_dim"]
+    assert len({e["prompt_embeds"].shape[0] for e in entries}) > 1
 
 
 def test_control_run_has_no_taca(model_dir, data, cache_dir, tmp_path, monkeypatch):
-    gammas = []
-    _counting(monkeypatch, gammas)
-    res = _train(model_dir, data, tmp_path / "out", cache_dir, taca=False)
-    assert gammas == [] and res.gammas == [] and res.steps == 3
-    assert all(torch.isfinite(torch.tensor(res.losses))) and min(res.sigmas) >= 0.97
+    gammas = GammaCounter(monkeypatch).gammas
+    res = _train(model_dir, data, tmp_path / "out", cache_dir=cache_dir, taca=False)
+    check_control(res, gammas)
+    assert res.steps == 3
 
 
 def test_gradient_checkpointing_keeps_gamma(model_dir, data, cache_dir, tmp_path, monkeypatch, taca_run):
-    gammas = []
-    _counting(monkeypatch, gammas)
-    res = _train(model_dir, data, tmp_path / "out", cache_dir, gradient_checkpointing=True)
+    gammas = GammaCounter(monkeypatch).gammas
+    res = _train(model_dir, data, tmp_path / "out", cache_dir=cache_dir, gradient_checkpointing=True)
     # every block runs twice per step (forward, then its recomputation in backward), gamma each time
     assert sum(g.numel() for g in gammas) == 2 * 3 * 2 * TINY["num_layers"]
     assert len(gammas) == 2 * len(taca_run[1]) and all(torch.allclose(g, torch.full_like(g, 1.2)) for g in gammas)
@@ -212,7 +167,7 @@ def test_predict_is_the_pipelines_forward(prompt):
     run = dict(prompt=prompt, height=RES, width=RES, num_inference_steps=2, true_cfg_scale=1.0,
                generator=torch.Generator().manual_seed(0), output_type="latent")
     with torch.no_grad():
-        rec = _Record(t)
+        rec = Record(t)
         pipe(use_kv_cache=False, **run)
         assert len(rec.calls) == 2
         cond = fam.collate(fam.split_text(fam.encode_text([prompt], torch.device("cpu"), None)))
@@ -234,7 +189,7 @@ def test_predict_is_the_pipelines_forward(prompt):
             assert kw["img_mask"].sum(1).tolist() == [slots] and bool(kw["img_mask"][:, -slots:].all())
         rec.h.remove()
 
-        rec = _Record(t)
+        rec = Record(t)
         pipe(**run)  # use_kv_cache=True
         assert [kw["kv_cache_mode"] for kw, _ in rec.calls] == ["extract", "cached"]
         for kw, out in list(rec.calls):
@@ -263,7 +218,7 @@ def test_a_padded_batch_is_each_caption_alone():
         g = torch.Generator().manual_seed(5)
         noisy = torch.randn(2, TINY["in_channels"], 1, h, w, generator=g)
         sigma = torch.tensor([0.99, 0.975])
-        rec = _Record(t)
+        rec = Record(t)
         together = fam.predict(t, noisy, sigma, batch, 1.0)
         # two calls, one per caption, each unpadded and without a text mask
         assert [kw["encoder_hidden_states"].shape[:2] for kw, _ in rec.calls] == \
@@ -280,7 +235,7 @@ def test_a_padded_batch_is_each_caption_alone():
                 assert (got is None) if expect is None else got.tolist() == pytest.approx(expect)
 
         # the pipeline's batched forward: the padded SHORT row differs from SHORT alone, LONG does not
-        rec = _Record(t)
+        rec = Record(t)
         pipe(prompt=[SHORT, LONG], height=RES, width=RES, num_inference_steps=2, true_cfg_scale=1.0,
              use_kv_cache=False, latents=pipe._pack_latents(noisy[:, :, 0], 2, TINY["in_channels"], h, w),
              output_type="latent")
@@ -352,7 +307,6 @@ def test_latents_are_the_pipelines_encoding_and_what_it_decodes():
 def test_cache_entry_and_prediction_do_not_depend_on_the_batch():
     pipe = _pipeline()
     fam = _family(pipe)
-    cpu = torch.device("cpu")
     tok = pipe.processor.tokenizer
     # the dropped system turn is the template's, no more: 12 tokens with one token per word here
     assert pipe._drop_idx == len(tok(T2I.split("<|im_start|>user")[0]).input_ids) == 12
@@ -360,25 +314,15 @@ def test_cache_entry_and_prediction_do_not_depend_on_the_batch():
     assert n_tokens[0] == 3 + 8 and n_tokens[1] > n_tokens[0]  # <|im_start|> user \n, 3 words, the end of turns
 
     with torch.no_grad():
-        alone = fam.split_text(fam.encode_text([SHORT], cpu, None))
-        both = fam.split_text(fam.encode_text([SHORT, LONG], cpu, None))
-        long_alone = fam.split_text(fam.encode_text([LONG], cpu, None))
-        assert [e["prompt_embeds"].shape[0] for e in both] == n_tokens and set(both[0]) == {"prompt_embeds"}
-        torch.testing.assert_close(both[0]["prompt_embeds"], alone[0]["prompt_embeds"], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(both[1]["prompt_embeds"], long_alone[0]["prompt_embeds"], rtol=1e-5, atol=1e-6)
+        _, both, _ = check_alone_as_in_batch(fam, None, n_tokens)
 
         batch = fam.collate(both)
         assert batch["prompt_embeds_mask"].dtype == torch.bool
         assert batch["prompt_embeds_mask"].sum(1).tolist() == n_tokens
-        g = torch.Generator().manual_seed(5)
-        noisy = torch.randn(2, TINY["in_channels"], 1, RES // 16, RES // 16, generator=g)
-        sigma = torch.tensor([0.99, 0.975])
-        t = pipe.transformer
-        with taca.enabled(t, gamma=1.2, schedule="paper"):
-            together = fam.predict(t, noisy, sigma, batch, 1.0)
-            for j, e in enumerate(both):
-                single = fam.predict(t, noisy[j:j + 1], sigma[j:j + 1], fam.collate([e]), 1.0)
-                assert torch.equal(together[j:j + 1], single)
+        noisy = torch.randn(2, TINY["in_channels"], 1, RES // 16, RES // 16, generator=torch.Generator().manual_seed(5))
+        # exactly: one transformer call per caption length, unpadded
+        check_batch_independent(fam, pipe.transformer, noisy, torch.tensor([0.99, 0.975]), both, rtol=0, atol=0,
+                                schedule="paper")
 
 
 # --- 5. the saved adapter ------------------------------------------------------------------------
@@ -395,14 +339,7 @@ def test_adapter_loads_in_diffusers_and_taca(taca_run):
     call = dict(prompt=SHORT, height=RES, width=RES, num_inference_steps=2, true_cfg_scale=1.0, output_type="latent")
     with torch.no_grad():
         stock = t(**kw)[0]
-        base = pipe(generator=torch.Generator().manual_seed(0), **call).images
-        with taca.enabled(pipe, gamma=1.2, lora=res.out):
-            on = pipe(generator=torch.Generator().manual_seed(0), **call).images
-        assert torch.isfinite(on).all() and not torch.equal(on, base)
-        assert torch.equal(pipe(generator=torch.Generator().manual_seed(0), **call).images, base)
-        assert not any("lora" in n for n in t.state_dict())
+        check_gated_pipeline(pipe, res.out, call)
         pipe.load_lora_weights(res.out)
-        lora = [n for n, _ in t.named_parameters() if "lora_" in n]
-        assert lora and all(n.startswith("transformer_blocks.") and ".attn." in n for n in lora)
-        assert {n.split(".attn.")[1].split(".lora_")[0] for n in lora} == {"to_q", "to_k", "to_v", "to_out.0"}
+        check_lora_layers(t, "transformer_blocks.", ".attn.", {"to_q", "to_k", "to_v", "to_out.0"})
         assert not torch.allclose(t(**kw)[0], stock, atol=1e-7)

@@ -5,7 +5,7 @@ main-layer attention call of every training forward (with and without gradient c
 then trains the same adapter), the control run stock; the family's predict is the pipeline's own
 denoising step (timestep 1 - sigma, negated output) and its latents the ones the pipeline decodes;
 captions cached unpadded, independent of their batch; the adapter loads through diffusers and taca."""
-import os
+from functools import partial
 
 import pytest
 import torch
@@ -15,9 +15,11 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 import taca  # noqa: E402
-from taca.train import TrainConfig, train  # noqa: E402
+from taca.train import train  # noqa: E402
 
-from test_train import _GammaCounter, _write_data  # noqa: E402
+from train_checks import (RUN_FILES, check_adapter_in_pipeline, check_last_latents_decode,  # noqa: E402
+                          check_same_adapter, check_taca_run, checkpointed_run, control_run, data_fixture, load,
+                          model_fixture, run_fixture, saved_lora_modules, spelled_out, text_cond, train_config)
 
 RES = 32  # 32x32 images -> 16x16 latents (2-level VAE) -> 64 image tokens (2x2 patches)
 TEXT_LEN = 48
@@ -44,15 +46,7 @@ def _tokenizer():
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     vocab = {t: i for i, t in enumerate(sorted(set(bytes_to_unicode().values())))}
-    merges = []
-    for w in _WORDS:
-        for s in ("\u0120" + w, w):
-            cur = s[0]
-            for ch in s[1:]:
-                if (cur, ch) not in merges:
-                    merges.append((cur, ch))
-                cur += ch
-                vocab.setdefault(cur, len(vocab))
+    merges = spelled_out(_WORDS, "\u0120", vocab)
     for s in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
         vocab.setdefault(s, len(vocab))
     tok = Qwen2Tokenizer(vocab=vocab, merges=merges, extra_special_tokens=["<|im_start|>", "<|im_end|>"],
@@ -83,57 +77,18 @@ def build_pipeline(seed=0):
     return pipe
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "zimage"
-    build_pipeline().save_pretrained(str(path))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return _write_data(tmp_path_factory.mktemp("data") / "pairs", n=8)
-
-
-def _load(model):
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _cfg(model, data, out, **kw):
-    base = dict(model=model, data=data, out=str(out), resolution=RES, batch_size=2, max_steps=3,
-                checkpoint_every=100, mixed_precision="no", max_sequence_length=TEXT_LEN, lr=1e-3, rank=4,
-                report_to="none", device="cpu")
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def trained(model, data, tmp_path_factory):
-    """One TACA run, kept for the adapter tests."""
-    import taca.processors
-
-    mp = pytest.MonkeyPatch()
-    try:
-        calls = []
-        real = taca.processors.joint_attention
-        mp.setattr(taca.processors, "joint_attention",
-                   lambda *a, **kw: calls.append(kw["gamma"].detach().clone()) or real(*a, **kw))
-        out = tmp_path_factory.mktemp("runs") / "taca"
-        res = train(_cfg(model, data, out), progress=False)
-    finally:
-        mp.undo()
-    return res, calls
+_cfg = partial(train_config, resolution=RES, max_sequence_length=TEXT_LEN)
+model = model_fixture(build_pipeline, "zimage")
+data = data_fixture(8)
+trained = run_fixture(lambda model, data, out: train(_cfg(model, data, out), progress=False),
+                      where=("runs", "taca"))  # one TACA run, kept for the adapter tests
 
 
 def test_family_and_targets(model):
     from taca.train.families import family_for
     from taca.train.families.zimage import ZImageFamily
 
-    fam = family_for(_load(model))
+    fam = family_for(load(model))
     assert isinstance(fam, ZImageFamily) and fam.shift() == 3.0
     attn = fam.target_modules("attn")
     assert attn == [f"layers.{i}.attention.{p}" for i in range(N_LAYERS) for p in ("to_q", "to_k", "to_v", "to_out.0")]
@@ -169,52 +124,23 @@ def test_targets_on_the_real_config():
 
 
 def test_gamma_on_in_every_training_forward(trained):
-    from safetensors.torch import load_file
-
     res, calls = trained
-    assert res.steps == 3 and len(res.losses) == 3 and all(torch.isfinite(torch.tensor(res.losses)))
-    assert len(res.sigmas) == 3 * 2 and min(res.sigmas) >= 0.97 and max(res.sigmas) <= 1.0
-    assert res.gammas == pytest.approx([1.2] * len(res.sigmas))
     # every main-layer attention of every forward (the refiners are stock): 3 steps x 2 layers
-    assert len(calls) == 3 * N_LAYERS
-    assert all(g.shape == (2,) and torch.allclose(g, torch.full((2,), 1.2)) for g in calls)
-    for name in ("pytorch_lora_weights.safetensors", "train_config.json", "log.jsonl"):
-        assert os.path.isfile(os.path.join(res.out, name)), name
-    sd = load_file(os.path.join(res.out, "pytorch_lora_weights.safetensors"))
-    mods = {k.split(".lora_")[0] for k in sd}
-    assert mods == {f"transformer.layers.{i}.attention.{p}" for i in range(N_LAYERS)
-                    for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    check_taca_run(res, calls, 3 * N_LAYERS, files=RUN_FILES[:3])
+    assert saved_lora_modules(res.out) == {f"transformer.layers.{i}.attention.{p}" for i in range(N_LAYERS)
+                                           for p in ("to_q", "to_k", "to_v", "to_out.0")}
 
 
 def test_gradient_checkpointing_recomputes_taca(trained, model, data, tmp_path, monkeypatch):
     """With checkpointing every main layer runs twice per step (forward, recompute in the backward),
     both times with gamma; the gradients are the same, so the losses and the adapter are too."""
-    from safetensors.torch import load_file
-
-    counter = _GammaCounter(monkeypatch)
-    res = train(_cfg(model, data, tmp_path / "out", gradient_checkpointing=True), progress=False)
-    assert len(counter.gammas) == 2 * 3 * N_LAYERS
-    assert all(torch.allclose(g, torch.full((2,), 1.2)) for g in counter.gammas)
-    ref, _ = trained
-    torch.testing.assert_close(torch.tensor(res.losses), torch.tensor(ref.losses), rtol=1e-5, atol=1e-7)
-    a = load_file(os.path.join(ref.out, "pytorch_lora_weights.safetensors"))
-    b = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
-    assert not any(torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)  # it did train
+    res = checkpointed_run(partial(_cfg, model, data), trained[0], tmp_path / "out", monkeypatch, 2 * 3 * N_LAYERS)
+    check_same_adapter(trained[0].out, res.out)
 
 
 def test_control_runs_stock_attention(model, data, tmp_path, monkeypatch):
-    counter = _GammaCounter(monkeypatch)
-    res = train(_cfg(model, data, tmp_path / "out", taca=False, max_steps=2), progress=False)
-    assert counter.gammas == [] and res.gammas == [] and len(res.losses) == 2
-    assert min(res.sigmas) >= 0.97 and all(torch.isfinite(torch.tensor(res.losses)))
-
-
-def _cond(fam, captions, max_len=TEXT_LEN):
-    """What training hands predict: encode, split per caption (the cache), collate."""
-    return fam.collate(fam.split_text(fam.encode_text(captions, torch.device("cpu"), max_len)))
+    res = control_run(partial(_cfg, model, data), tmp_path / "out", monkeypatch, max_steps=2)
+    assert len(res.losses) == 2
 
 
 def test_predict_is_the_pipelines_denoising_step(model):
@@ -223,7 +149,7 @@ def test_predict_is_the_pipelines_denoising_step(model):
     its result equal the family's predict with the scheduler's sigmas."""
     from taca.train.families import family_for
 
-    pipe = _load(model)
+    pipe = load(model)
     fam = family_for(pipe)
     prompts = ["a red square", "a big yellow circle on a green background with a small blue square"]
     lat = pipe.prepare_latents(2, 4, RES, RES, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(3))
@@ -239,7 +165,7 @@ def test_predict_is_the_pipelines_denoising_step(model):
         hook.remove()
         sigmas = pipe.scheduler.sigmas  # [1, shifted 0.5 = 0.75, 0]
         assert sigmas.tolist() == pytest.approx([1.0, 0.75, 0.0])
-        cond = _cond(fam, prompts)
+        cond = text_cond(fam, prompts, TEXT_LEN)
         x = lat
         for i in range(2):
             s = sigmas[i].expand(2)
@@ -264,29 +190,14 @@ def test_latents_are_what_the_pipeline_decodes(model):
     """encode_images' latents, put in place of the pipeline's last latents, decode (through the
     pipeline's own un-normalization and VAE decode) to the VAE's reconstruction of the posterior
     mode; with Z-Image's non-trivial shift 0.1159 and scale 0.3611."""
-    from taca.train.families import family_for
-
-    pipe = _load(model)
-    assert (pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor) == (0.1159, 0.3611)
-    fam = family_for(pipe)
-    g = torch.Generator().manual_seed(0)
-    px = torch.rand(1, 3, RES, RES, generator=g) * 2 - 1
-    lat = fam.encode_images(px)
-    assert lat.shape == (1, 4, RES // 2, RES // 2)
-    with torch.no_grad():
-        mode = pipe.vae.encode(px).latent_dist.mode()
-        torch.testing.assert_close(lat, (mode - 0.1159) * 0.3611)
-        want = pipe.image_processor.postprocess(pipe.vae.decode(mode).sample, output_type="pt")
-        got = pipe(prompt="a red square", height=RES, width=RES, num_inference_steps=1, guidance_scale=0.0,
-                   max_sequence_length=TEXT_LEN, output_type="pt",
-                   callback_on_step_end=lambda p, i, t, kw: {"latents": lat.clone()}).images
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    check_last_latents_decode(load(model), RES, RES // 2,
+                              dict(height=RES, width=RES, guidance_scale=0.0, max_sequence_length=TEXT_LEN))
 
 
 def test_captions_cached_unpadded_and_batch_independent(model):
     from taca.train.families import family_for
 
-    pipe = _load(model)
+    pipe = load(model)
     fam = family_for(pipe)
     cpu = torch.device("cpu")
     short, long = "a red square", "a big yellow circle on a green background with a small blue square and a cat"
@@ -311,20 +222,6 @@ def test_captions_cached_unpadded_and_batch_independent(model):
 
 
 def test_adapter_loads_in_diffusers_and_taca(trained, model):
-    res, _ = trained
-    pipe = _load(model)
-    kw = dict(prompt="a red square", height=RES, width=RES, num_inference_steps=2, guidance_scale=0.0,
-              max_sequence_length=TEXT_LEN, output_type="latent")
-    base = pipe(generator=torch.Generator().manual_seed(0), **kw).images
-    with taca.enabled(pipe, gamma=1.2, lora=res.out):
-        assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
-        on = pipe(generator=torch.Generator().manual_seed(0), **kw).images
-    assert torch.isfinite(on).all() and not torch.equal(on, base)
-    # disabled: stock again
-    assert torch.equal(pipe(generator=torch.Generator().manual_seed(0), **kw).images, base)
-    fresh = _load(model)
-    fresh.load_lora_weights(res.out)
-    names = [n for n, _ in fresh.transformer.named_parameters() if "lora_A" in n]
-    assert len(names) == 4 * N_LAYERS and all(n.startswith("layers.") for n in names)
-    lora = fresh(generator=torch.Generator().manual_seed(0), **kw).images
-    assert torch.isfinite(lora).all() and not torch.allclose(lora, base, atol=1e-7)
+    call = dict(prompt="a red square", height=RES, width=RES, num_inference_steps=2, guidance_scale=0.0,
+                max_sequence_length=TEXT_LEN, output_type="latent")
+    check_adapter_in_pipeline(partial(load, model), trained[0].out, call, 4 * N_LAYERS)
