@@ -123,6 +123,16 @@ def layer_names(transformer, block: str, parts: Sequence[str]) -> List[str]:
     return [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and pat.fullmatch(n)]
 
 
+def call_default(pipe, name: str, fallback):
+    """The default of argument ``name`` of the pipeline's ``__call__`` (what generating uses), or
+    ``fallback`` when it has none."""
+    import inspect
+
+    p = inspect.signature(type(pipe).__call__).parameters.get(name)
+    return p.default if p is not None and p.default is not inspect.Parameter.empty and p.default is not None \
+        else fallback
+
+
 def split_by_mask(enc: Dict[str, torch.Tensor], mask: str, seq: Sequence[str]) -> List[Dict[str, torch.Tensor]]:
     """Per-caption entries of a batch whose prompts were padded after their tokens: the tensors
     named in ``seq`` ((B, L, ...), the sequence on dim 1) cut to each row's number of True / 1

@@ -39,11 +39,10 @@
 """
 from __future__ import annotations
 
-import inspect
 
 import torch
 
-from . import _DiffusersFamily, one_frame
+from . import _DiffusersFamily, call_default, one_frame
 from .qwenimage import QwenImageFamily
 
 _ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_gate", "attn.to_out.0")
@@ -66,9 +65,7 @@ class Krea2Family(_DiffusersFamily):
     # --- caching ----------------------------------------------------------------------------
     def encode_text(self, captions, device, max_sequence_length):
         if max_sequence_length is None:
-            p = inspect.signature(type(self.pipe).__call__).parameters.get("max_sequence_length")
-            max_sequence_length = p.default if p is not None and isinstance(p.default, int) \
-                else _DEFAULT_MAX_SEQUENCE_LENGTH
+            max_sequence_length = call_default(self.pipe, "max_sequence_length", _DEFAULT_MAX_SEQUENCE_LENGTH)
         with torch.no_grad():
             pe, mask = self.pipe.encode_prompt(prompt=list(captions), device=device,
                                                max_sequence_length=int(max_sequence_length))

@@ -31,11 +31,10 @@ conditioning is out of scope, and those pipelines are refused rather than traine
 """
 from __future__ import annotations
 
-import inspect
 
 import torch
 
-from . import _DiffusersFamily, _MaskedTextFamily, _unwrap, one_frame
+from . import _DiffusersFamily, _MaskedTextFamily, _unwrap, call_default, one_frame
 
 # both streams' projections of the joint attention (diffusers' train_dreambooth_lora_qwen_image.py
 # trains only the image stream's to_q / to_k / to_v / to_out.0 by default)
@@ -60,13 +59,10 @@ class QwenImageFamily(_MaskedTextFamily, _DiffusersFamily):
                 f"Qwen-Image training is text-to-image (load the model as a QwenImagePipeline)")
         super().__init__(pipe)
 
-
     # --- caching ----------------------------------------------------------------------------
     def encode_text(self, captions, device, max_sequence_length):
         if max_sequence_length is None:
-            p = inspect.signature(type(self.pipe).__call__).parameters.get("max_sequence_length")
-            max_sequence_length = p.default if p is not None and isinstance(p.default, int) \
-                else _DEFAULT_MAX_SEQUENCE_LENGTH
+            max_sequence_length = call_default(self.pipe, "max_sequence_length", _DEFAULT_MAX_SEQUENCE_LENGTH)
         with torch.no_grad():
             pe, mask = self.pipe.encode_prompt(prompt=list(captions), device=device,
                                                max_sequence_length=int(max_sequence_length))
