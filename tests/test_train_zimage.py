@@ -225,3 +225,29 @@ def test_adapter_loads_in_diffusers_and_taca(trained, model):
     call = dict(prompt="a red square", height=RES, width=RES, num_inference_steps=2, guidance_scale=0.0,
                 max_sequence_length=TEXT_LEN, output_type="latent")
     check_adapter_in_pipeline(partial(load, model), trained[0].out, call, 4 * N_LAYERS)
+
+
+def test_fsdp2_with_gradient_checkpointing_matches_one_process(trained, model, data, tmp_path):
+    """Z-Image hands its processors TACA's state outside the attention kwargs: under FSDP2 (2 CPU
+    processes, batch 1 each, every block sharded) with gradient checkpointing, the blocks recomputed
+    in the backward still get it: losses and adapter equal one process's with the same global batch."""
+    import json
+    import os
+
+    from safetensors.torch import load_file
+    from test_train import _launch_fsdp2
+
+    args = ["--model", model, "--data", data, "--resolution", str(RES), "--max-steps", "3", "--mixed-precision", "no",
+            "--max-sequence-length", str(TEXT_LEN), "--lr", "1e-3", "--rank", "4", "--report-to", "none",
+            "--device", "cpu", "--gradient-checkpointing"]
+    err = _launch_fsdp2(args, tmp_path / "fsdp", 29541)
+    n = err.split("FSDP2: ")[1].split(" parameter tensors")[0].split(" of ")
+    assert int(n[0]) == int(n[1]) > 0, n
+    with open(tmp_path / "fsdp" / "log.jsonl") as f:
+        losses = [json.loads(line)["loss"] for line in f]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(trained[0].losses), rtol=1e-4, atol=1e-6)
+    a = load_file(str(tmp_path / "fsdp" / "pytorch_lora_weights.safetensors"))
+    b = load_file(os.path.join(trained[0].out, "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
