@@ -234,6 +234,27 @@ class _DiffusersFamily(Family):
         self.pipe = None
 
 
+def flux_tokens(noisy: torch.Tensor, text_len: int, label: str = "FLUX"):
+    """FLUX.1-style inputs (FLUX.1, Chroma): latents (B, C, h, w) -> (tokens (B, h/2 * w/2, 4 C)
+    packed 2x2 by the pipeline's ``_pack_latents``, img_ids from the latent grid, txt_ids zeros)."""
+    from diffusers import FluxPipeline
+
+    B, C, h, w = noisy.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"taca train: {label} latents must have even height and width, got {h}x{w}")
+    packed = FluxPipeline._pack_latents(noisy, B, C, h, w)
+    img_ids = FluxPipeline._prepare_latent_image_ids(B, h // 2, w // 2, noisy.device, noisy.dtype)
+    txt_ids = torch.zeros(text_len, 3, device=noisy.device, dtype=noisy.dtype)
+    return packed, img_ids, txt_ids
+
+
+def flux_latents(out: torch.Tensor, shape) -> torch.Tensor:
+    """(B, h/2 * w/2, 4 C) tokens back to latents of ``shape`` (B, C, h, w): the inverse of
+    ``_pack_latents``."""
+    B, C, h, w = shape
+    return out.view(B, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h, w)
+
+
 class FluxFamily(_DiffusersFamily):
     name = "flux"
     _text_attrs = ("text_encoder", "text_encoder_2")
@@ -248,23 +269,16 @@ class FluxFamily(_DiffusersFamily):
         return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
 
     def predict(self, transformer, noisy, sigma, cond, guidance):
-        from diffusers import FluxPipeline
-
-        B, C, h, w = noisy.shape
-        if h % 2 or w % 2:
-            raise ValueError(f"taca train: FLUX latents must have even height and width, got {h}x{w}")
-        packed = FluxPipeline._pack_latents(noisy, B, C, h, w)
-        img_ids = FluxPipeline._prepare_latent_image_ids(B, h // 2, w // 2, noisy.device, noisy.dtype)
+        B = noisy.shape[0]
         pe = cond["prompt_embeds"]
-        txt_ids = torch.zeros(pe.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+        packed, img_ids, txt_ids = flux_tokens(noisy, pe.shape[1])
         config = getattr(transformer, "config", None) or _unwrap(transformer).config
         g = torch.full((B,), float(guidance), device=noisy.device, dtype=torch.float32) \
             if config.guidance_embeds else None
         out = transformer(hidden_states=packed, timestep=sigma, guidance=g,
                           pooled_projections=cond["pooled_prompt_embeds"], encoder_hidden_states=pe,
                           txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-        # (B, h/2 * w/2, 4C) tokens back to (B, C, h, w): the inverse of _pack_latents
-        return out.view(B, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h, w)
+        return flux_latents(out, noisy.shape)
 
     def lora_saver(self):
         from diffusers import FluxPipeline

@@ -40,7 +40,7 @@ from contextlib import contextmanager
 
 import torch
 
-from . import _DiffusersFamily, _unwrap
+from . import _DiffusersFamily, _unwrap, flux_latents, flux_tokens
 
 
 class ChromaFamily(_DiffusersFamily):
@@ -57,13 +57,9 @@ class ChromaFamily(_DiffusersFamily):
     def predict(self, transformer, noisy, sigma, cond, guidance):
         from diffusers import ChromaPipeline
 
-        B, C, h, w = noisy.shape
-        if h % 2 or w % 2:
-            raise ValueError(f"taca train: Chroma latents must have even height and width, got {h}x{w}")
-        packed = ChromaPipeline._pack_latents(noisy, B, C, h, w)
-        img_ids = ChromaPipeline._prepare_latent_image_ids(B, h // 2, w // 2, noisy.device, noisy.dtype)
+        B = noisy.shape[0]
         pe = cond["prompt_embeds"]
-        txt_ids = torch.zeros(pe.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+        packed, img_ids, txt_ids = flux_tokens(noisy, pe.shape[1], "Chroma")
         # at inference the text mask is in the text encoder's dtype, which is the embeddings' dtype
         text_mask = cond["attention_mask"].to(noisy.device)
         if text_mask.is_floating_point():
@@ -73,8 +69,7 @@ class ChromaFamily(_DiffusersFamily):
         with _full_checkpoint_args(_unwrap(transformer)):
             out = transformer(hidden_states=packed, timestep=sigma, encoder_hidden_states=pe, txt_ids=txt_ids,
                               img_ids=img_ids, attention_mask=mask, return_dict=False)[0]
-        # (B, h/2 * w/2, 4C) tokens back to (B, C, h, w): the inverse of _pack_latents
-        return out.view(B, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h, w)
+        return flux_latents(out, noisy.shape)
 
     def lora_saver(self):
         from diffusers import ChromaPipeline
