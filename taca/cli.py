@@ -427,8 +427,7 @@ def _check_family_args(args, family: Optional[str]) -> None:
     if family in MAX_SEQUENCE_LENGTH:
         limit, what, unit = MAX_SEQUENCE_LENGTH[family], _FAMILY_WHAT[family], "T5 tokens"
     elif adapter is not None:
-        paren = adapter.label[adapter.label.find("(") + 1 : -1] if "(" in adapter.label else adapter.name
-        limit, what, unit = adapter.max_sequence_length, f"{paren} pipelines", "text tokens"
+        limit, what, unit = adapter.max_sequence_length, f"{adapter.short_label()} pipelines", "text tokens"
     else:
         limit = max([*MAX_SEQUENCE_LENGTH.values(), *(a.max_sequence_length for a in models.adapters())])
         what, unit = "the supported pipelines", "text tokens"
@@ -439,7 +438,7 @@ def _check_family_args(args, family: Optional[str]) -> None:
     if n is not None and n > limit:
         raise UsageError("--max-sequence-length", f"{what} take at most {limit} {unit}, got {n}")
     if args.negative_prompt is not None and family is not None and not (adapter is not None and adapter.negative_prompt):
-        takes = [a.label[a.label.index("(") + 1 : -1] for a in models.adapters() if a.negative_prompt]
+        takes = [a.short_label() for a in models.adapters() if a.negative_prompt]
         raise UsageError("--negative-prompt", f"only {'; '.join(takes)} pipelines take a negative prompt here")
 
 

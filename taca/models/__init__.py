@@ -87,6 +87,13 @@ class Adapter:
         self.transformer = transformer
 
     @classmethod
+    def short_label(cls) -> str:
+        """The model names inside ``label``'s parentheses ("FLUX.1, FLUX Kontext"), else ``name``."""
+        if "(" in cls.label:
+            return cls.label[cls.label.index("(") + 1 : cls.label.rindex(")")]
+        return cls.name
+
+    @classmethod
     def generate_call(cls, call: Dict[str, Any]) -> Dict[str, Any]:
         """``taca generate``'s pipeline call arguments, adjusted for this family's pipelines
         (Ideogram 4: a guidance scale replaces the default guidance schedule). Default: as given."""

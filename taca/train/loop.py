@@ -160,10 +160,10 @@ def check_model(cfg: TrainConfig) -> None:
     adapter = models.by_name("flux" if family == "flux-schnell" else family)
     if adapter is None:
         return
-    label = adapter.label[adapter.label.find("(") + 1:-1] if "(" in adapter.label else adapter.name
+    label = adapter.short_label()
     if adapter.name not in supported():
         trained = [models.by_name(n) for n in supported()]
-        names = [a.label[a.label.find("(") + 1:-1] if "(" in a.label else a.name for a in trained if a is not None]
+        names = [a.short_label() for a in trained if a is not None]
         raise ConfigError(f"taca train: argument --model: {cfg.model} is a {label} model, which taca train does "
                           f"not train (taca.enable runs it); taca train trains {'; '.join(names)}")
     n = cfg.max_sequence_length
