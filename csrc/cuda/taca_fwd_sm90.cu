@@ -373,23 +373,27 @@ namespace taca_fwd90 {
  * stages (10..12 fall back to 13 where a TMA map cannot be encoded); 13: this file's kernel,
  * 64-key tiles, 3 stages (the default before); 7: overlap, 64-key tiles, 4 stages; 8: overlap,
  * 128-key tiles, 3 stages; 9: overlap, 3 warpgroups (192-row CTAs), 64-key tiles, 4 stages.
- * Both D: the default (0 = 10 at D = 128; at D = 64, 0 is 10, 15 or 16 by d64_key_tile; the FEAT instance) is the
+ * Both D: the default (0 = 10 at D = 128; 0 = 17 at D = 64; the FEAT instance) is the
  * warp-specialized kernel PERSISTENT
  * (one CTA per SM over the (query tile, head, batch) items, two Q buffers: the next item's loads
  * overlap this one's last products and epilogue); 14 is it with one CTA per item (the default
  * before). Wider key tiles (WsCfg's BC): D = 128, 15: the default with 160-key tiles (shared memory
  * allows no more with two Q buffers), 16: 192-key tiles, one CTA per item; D = 64, 15 / 16: the
- * default with 192- / 160-key tiles (256 keys made ptxas serialize the wgmmas for registers); 17: the persistent kernel
- * with three consumer warpgroups (192-row CTAs, 128-key tiles; compiled, not yet timed: KERNEL_LOG nineteenth session). */
+ * default with 192- / 160-key tiles (256 keys made ptxas serialize the wgmmas for registers); 18: 10, 15 or 16 by
+ * d64_key_tile (the default before); 17 (= 0): the persistent kernel with three consumer warpgroups (192-row CTAs,
+ * 128-key tiles; SD3.5-M / L CFG 0.536 / 0.812 ms against 18's 0.614 / 0.977 on an H200, KERNEL_LOG). */
 template <typename T, int D>
 int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
     if (a.spans || a.mask.data) {  // per-sample spans or a mask: the default tiling's FEAT instance
         // the mask code only where there is a mask; a key mask as per-tile terms (MK_*, taca_fwd_sm90_ws.cuh)
+        // D = 64 without a mask: three consumer warpgroups (192-row CTAs) as the default below; with a mask two (ptxas:
+        // 48 / 156 spilled bytes for MK_KEY / MK_ANY at three consumers' 160 registers, not timed)
         using W = WsCfg<2, false, true, D, true>;
+        using W3 = std::conditional_t<D == 64, WsCfg<2, false, true, 64, true, 128, 3>, W>;
         using W14 = WsCfg<2, false, true, D>;
         const int st = variant == 14     ? (a.mask.data ? launch_ws<T, W14, true, MK_ANY>(a, batch, heads, stream)
                                                         : launch_ws<T, W14, true, MK_NONE>(a, batch, heads, stream))
-                       : !a.mask.data    ? launch_ws<T, W, true, MK_NONE>(a, batch, heads, stream)
+                       : !a.mask.data    ? launch_ws<T, W3, true, MK_NONE>(a, batch, heads, stream)
                        : a.mask.q == 0 && !mask_elem() ? launch_ws<T, W, true, MK_KEY>(a, batch, heads, stream)
                                                        : launch_ws<T, W, true, MK_ANY>(a, batch, heads, stream);
         if (st != TACA_ERR_UNSUPPORTED) return st;
@@ -421,11 +425,13 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
         case 9: return launch<T, Cfg<64, 64, 3, 4, true>>(a, batch, heads, stream);
         case 13: return launch<T, Cfg<64, 64, 2, 3, false>>(a, batch, heads, stream);
         default: {
-            // the persistent kernel's key tile: 0 by key count, 15 / 16: 192 / 160 keys, 10: 128
-            const int bc = variant == 0 ? d64_key_tile(a.nk) : variant == 15 ? 192 : variant == 16 ? 160 : 128;
+            // two consumer warpgroups: 18 picks the key tile by key count (the default before), 15 / 16: 192 / 160
+            // keys, 10: 128; 0 = 17: three consumer warpgroups, 128-key tiles
+            const int bc = variant == 18 ? d64_key_tile(a.nk) : variant == 15 ? 192 : variant == 16 ? 160 : 128;
             const int st = variant == 11   ? launch_ws<T, WsCfg<2, true, true, 64>>(a, batch, heads, stream)
                            : variant == 12 ? launch_ws<T, WsCfg<4, false, true, 64>>(a, batch, heads, stream)
-                           : variant == 17 ? launch_ws<T, WsCfg<2, false, true, 64, true, 128, 3>>(a, batch, heads, stream)
+                           : variant == 0 || variant == 17
+                               ? launch_ws<T, WsCfg<2, false, true, 64, true, 128, 3>>(a, batch, heads, stream)
                            : variant == 14 ? launch_ws<T, WsCfg<2, false, true, 64>>(a, batch, heads, stream)
                            : bc == 192     ? launch_ws<T, WsCfg<2, false, true, 64, true, 192>>(a, batch, heads, stream)
                            : bc == 160     ? launch_ws<T, WsCfg<2, false, true, 64, true, 160>>(a, batch, heads, stream)
