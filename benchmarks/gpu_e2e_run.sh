@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One device call (about 8 min): end to end after a kernel change. Build; one transformer call and the 28-step
+# schedule of SD3.5-Large- and FLUX.1-dev-sized transformers, stock vs TACA (bench_pipeline.py); the LoRA training
+# step of SD3.5-Medium- and FLUX.1-dev-sized transformers, stock vs taca (bench_train_step.py), SD3 first (the D = 64
+# kernels changed). Run: run(command="bash benchmarks/gpu_e2e_run.sh", carry=[".whl"]); files under $OUT.
+set -o pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+{
+STEPS=build OUT=/tmp/hw bash benchmarks/gpu_features_run.sh 2>&1 | grep -E "rc=|has_cuda"
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+timeout 150 python3 benchmarks/bench_train_step.py --models sd35m --batches 1,4 --methods stock,taca --out "$OUT" \
+  > "$OUT/train_sd3.txt" 2>&1; echo "train sd35m rc=$?"; grep "^|" "$OUT/train_sd3.txt"
+timeout 150 python3 benchmarks/bench_pipeline.py --models sd3,flux --repeats 8 --schedule-repeats 2 --out "$OUT/pipeline" \
+  > "$OUT/pipeline.txt" 2>&1; echo "pipeline rc=$?"; grep -A4 "^model" "$OUT/pipeline.txt"
+timeout 130 python3 benchmarks/bench_train_step.py --models flux --batches 1 --methods stock,taca --out "$OUT" \
+  > "$OUT/train_flux.txt" 2>&1; echo "train flux rc=$?"; grep "^|" "$OUT/train_flux.txt"
+} 2>&1 | tee "$OUT/log.txt"
+bash benchmarks/pack_out.sh "$OUT"
