@@ -345,6 +345,12 @@ namespace taca_fwd90 {
     return mk && !strcmp(mk, "elem");
 }
 
+/* TACA_FWD_MASK=nc3 (a timing switch): at D = 64 a key mask's per-tile terms in the three-consumer kernel */
+[[maybe_unused]] static inline bool mask_nc3() {
+    const char *mk = getenv("TACA_FWD_MASK");
+    return mk && !strcmp(mk, "nc3");
+}
+
 /* D = 64 default: the key tile (128, 160 or 192 keys) with the least work by a tile count model, keys rounded up to
  * whole tiles plus a per-tile cost of 27 keys' worth: fitted on the H200 at SD3.5-M CFG 1536 x 1536 (9549 keys; the
  * three tile sizes cover the same 9600 keys there; 192-key tiles 5.7% and 160-key ones 2.5% faster than 128-key
@@ -394,6 +400,7 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
         const int st = variant == 14     ? (a.mask.data ? launch_ws<T, W14, true, MK_ANY>(a, batch, heads, stream)
                                                         : launch_ws<T, W14, true, MK_NONE>(a, batch, heads, stream))
                        : !a.mask.data    ? launch_ws<T, W3, true, MK_NONE>(a, batch, heads, stream)
+                       : a.mask.q == 0 && D == 64 && mask_nc3() ? launch_ws<T, W3, true, MK_KEY>(a, batch, heads, stream)
                        : a.mask.q == 0 && !mask_elem() ? launch_ws<T, W, true, MK_KEY>(a, batch, heads, stream)
                                                        : launch_ws<T, W, true, MK_ANY>(a, batch, heads, stream);
         if (st != TACA_ERR_UNSUPPORTED) return st;
