@@ -19,9 +19,9 @@
  * Accumulators (S: BC/2, O: D/2 fp32 per thread) stay in registers. The epilogue stages O in
  * the warpgroup's own Q rows (same swizzle) and writes 16-byte rows.
  *
- * At D = 128 the default is the warp-specialized kernel of taca_fwd_sm90_ws.cuh (TMA loads,
- * mbarrier pipeline, two consumer warpgroups taking turns); this file's kernel is its fallback
- * (variant 13) and the D = 64 default.
+ * At D = 128 and D = 64 the default is the warp-specialized kernel of taca_fwd_sm90_ws.cuh (TMA loads,
+ * mbarrier pipeline, consumer warpgroups taking turns: two at D = 128, three at D = 64); this file's kernel is its
+ * fallback where no TMA map can be encoded (variant 13), and the D = 256 kernel.
  *
  * Kernel versions and measured speeds: benchmarks/results/KERNEL_LOG.md.
  */

@@ -4,7 +4,7 @@
  *
  * Same math and outputs as taca_fwd_sm90_kernel; what differs is who loads and who waits:
  *   CTA = 3 warpgroups, 384 threads, BR = 128 query rows, BC = 128-key tiles (WsCfg's NC = 3: 4 warpgroups,
- *   512 threads, BR = 192, three consumers taking turns round robin; a variant at D = 64).
+ *   512 threads, BR = 192, three consumers taking turns round robin; the default at D = 64).
  *   warpgroup 0 (producer): setmaxnreg down to 24; one thread issues TMA tile loads
  *     (cuTensorMapEncodeTiled maps, 128B swizzle done by the copy engine, rows >= n zero-filled)
  *     of Q once and of K_j, V_j into a ring of STAGES buffers each, gated by per-buffer
@@ -39,7 +39,7 @@ struct WsCfg {
     // DP: 128 or 64. BC: keys per tile: 128 at D = 128 and in the FEAT instances; the D = 64 default picks 128, 160 or
     // 192 by key count (d64_key_tile, taca_fwd_sm90.cu); fewer tiles amortize each tile's softmax bookkeeping and
     // turn hand-offs over more products (FA3 takes 176 at D = 128; here wider tiles were slower on FLUX, KERNEL_LOG).
-    // NC: consumer warpgroups of 64 rows each (2; 3 = FA3's 192-row CTAs at D = 64, a variant: with three the
+    // NC: consumer warpgroups of 64 rows each (2; 3 = FA3's 192-row CTAs, the D = 64 default: with three the
     // softmax chains of two overlap the third's products; 160 registers a consumer thread instead of 240)
     static constexpr int NC = NC_;
     static constexpr int DP = DP_, BC = BC_, BR = 64 * NC, STAGES = STAGES_;
