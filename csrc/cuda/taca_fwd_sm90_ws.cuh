@@ -36,7 +36,7 @@ namespace taca_fwd90 {
 
 template <int STAGES_, bool OVERLAP_, bool PINGPONG_, int DP_ = 128, bool PERSIST_ = false, int BC_ = 128, int NC_ = 2>
 struct WsCfg {
-    // DP: 128 or 64. BC: keys per tile: 128 at D = 128 and in the FEAT instances; the D = 64 default picks 128, 160 or
+    // DP: 128 or 64. BC: keys per tile: 128 in the defaults; at D = 64 variant 18 (two consumers) picks 128, 160 or
     // 192 by key count (d64_key_tile, taca_fwd_sm90.cu); fewer tiles amortize each tile's softmax bookkeeping and
     // turn hand-offs over more products (FA3 takes 176 at D = 128; here wider tiles were slower on FLUX, KERNEL_LOG).
     // NC: consumer warpgroups of 64 rows each (2; 3 = FA3's 192-row CTAs, the D = 64 default: with three the
