@@ -2,7 +2,8 @@
 
 Question: does training with TACA cost more than training without it? Target (issue 10): s/step
 ratio TACA / stock <= 1.00 on FLUX.1-dev-sized and SD3.5-Medium-sized transformers, with the same
-peak memory within 2%.
+peak memory within 2%. ``--models flux2,qwenimage`` adds FLUX.2-dev- and Qwen-Image-sized ones (configs
+of bench_models_step.py; their taca train families' predict and "attn" targets: both streams).
 
 Models have the real configurations and random bf16 weights (no download). The step is taca
 train's own: ``taca.train.loop.flow_matching_loss`` through the family's ``predict`` (FLUX: packed
@@ -41,6 +42,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 import taca  # noqa: E402
+from bench_models_step import FLUX2_DEV, QWEN_IMAGE, TINY_FLUX2, TINY_QWEN  # noqa: E402
 from bench_pipeline import FLUX_DEV, TINY_FLUX  # noqa: E402
 from taca.schedule import PaperSchedule  # noqa: E402
 from taca.train import TrainConfig  # noqa: E402
@@ -58,11 +60,18 @@ ATTN_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 
 
-def build(kind, tiny, device, dtype):
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+MODELS = ("flux", "sd35m", "flux2", "qwenimage")
 
-    cls = FluxTransformer2DModel if kind == "flux" else SD3Transformer2DModel
-    cfg = (TINY_FLUX if kind == "flux" else TINY_SD35M) if tiny else (FLUX_DEV if kind == "flux" else SD35_MEDIUM)
+
+def build(kind, tiny, device, dtype):
+    import diffusers
+
+    if kind in ("flux2", "qwenimage"):  # bench_models_step.py's configs: the classes' defaults are the checkpoints'
+        cls, cfg = {"flux2": (diffusers.Flux2Transformer2DModel, TINY_FLUX2 if tiny else FLUX2_DEV),
+                    "qwenimage": (diffusers.QwenImageTransformer2DModel, TINY_QWEN if tiny else QWEN_IMAGE)}[kind]
+    else:
+        cls = diffusers.FluxTransformer2DModel if kind == "flux" else diffusers.SD3Transformer2DModel
+        cfg = (TINY_FLUX if kind == "flux" else TINY_SD35M) if tiny else (FLUX_DEV if kind == "flux" else SD35_MEDIUM)
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in bf16 on the device: no float32 copy of 12B weights
@@ -74,9 +83,40 @@ def build(kind, tiny, device, dtype):
     return model
 
 
+def family(kind, model):
+    """taca train's family for ``kind``, on a stand-in pipeline (the families read the transformer's config, the
+    pipeline's class name and the scheduler's shift; no encoder runs here)."""
+    if kind == "flux":
+        return FluxFamily(None)
+    if kind == "sd35m":
+        return SD3Family(SimpleNamespace(scheduler=SimpleNamespace(config={"shift": 3.0})))
+    from taca.train.families.flux2 import Flux2Family
+    from taca.train.families.qwenimage import QwenImageFamily
+
+    import diffusers
+
+    pipe_cls = diffusers.Flux2Pipeline if kind == "flux2" else diffusers.QwenImagePipeline
+    stand_in = type(pipe_cls.__name__, (SimpleNamespace,), {})  # the name the families check, nothing loaded
+    pipe = stand_in(transformer=model, scheduler=None)
+    return (Flux2Family if kind == "flux2" else QwenImageFamily)(pipe)
+
+
 def batch_inputs(kind, model, batch, tiny, device, dtype):
     cfg = model.config
     g = torch.Generator().manual_seed(1)
+    if kind in ("flux2", "qwenimage"):
+        # the latents the families' predict takes at 1024x1024: FLUX.2 2x2-patchified (B, 128, 64, 64); Qwen-Image
+        # one frame (B, 16, 1, 128, 128), packed 2x2 by predict; 512 / 256 text tokens (bench_models_step.py's)
+        side = 4 if tiny else 64
+        if kind == "flux2":
+            shape, L = (batch, cfg.in_channels, side, side), (8 if tiny else 512)
+        else:
+            shape, L = (batch, cfg.in_channels // 4, 1, 2 * side, 2 * side), (8 if tiny else 256)
+        x0 = torch.randn(*shape, generator=g).to(device, dtype)
+        cond = {"prompt_embeds": torch.randn(batch, L, cfg.joint_attention_dim, generator=g).to(device, dtype)}
+        if kind == "qwenimage":
+            cond["prompt_embeds_mask"] = torch.ones(batch, L, dtype=torch.long, device=device)  # unpadded
+        return x0, cond, L
     side = 8 if tiny else 128  # latent side at 1024x1024 (VAE factor 8)
     ch = cfg.in_channels // 4 if kind == "flux" else cfg.in_channels  # FLUX packs 2x2 latent pixels
     L = (12 if tiny else 512) if kind == "flux" else (11 if tiny else 333)
@@ -88,7 +128,7 @@ def batch_inputs(kind, model, batch, tiny, device, dtype):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="flux,sd35m")
+    ap.add_argument("--models", default="flux,sd35m", help=f"comma list of {', '.join(MODELS)}")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--methods", default="stock,taca,taca-sdpa")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per method per round")
@@ -114,18 +154,22 @@ def main(argv=None):
     print(f"# {env}", flush=True)
     cfg = TrainConfig(model="-", data="-", out="-", mixed_precision="bf16" if cuda else "no")
     rows = []
-    for kind in args.models.split(","):
+    kinds = args.models.split(",")
+    unknown = [k for k in kinds if k not in MODELS]
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; expected some of {', '.join(MODELS)}")
+    for kind in kinds:
         model = build(kind, args.tiny, device, dtype)
         model.requires_grad_(False)
         if not args.no_checkpointing:
             model.enable_gradient_checkpointing()
+        fam = family(kind, model)
         model.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                     target_modules=ATTN_TARGETS))
+                                     target_modules=ATTN_TARGETS if kind in ("flux", "sd35m") else fam.target_modules("attn")))
         cast_training_params(model, dtype=torch.float32)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         n_lora = sum(p.numel() for p in params)
-        fam = FluxFamily(None) if kind == "flux" else SD3Family(SimpleNamespace(scheduler=SimpleNamespace(config={"shift": 3.0})))
         opt = torch.optim.AdamW(params, lr=1e-5)
         for batch in [int(b) for b in args.batches.split(",")]:
             x0, cond, L = batch_inputs(kind, model, batch, args.tiny, device, dtype)
