@@ -519,3 +519,34 @@ def test_enable_loads_other_trainers_formats(fmt, models, tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert torch.equal(off, stock)
     assert not torch.allclose(got, pipe.transformer(timestep=torch.tensor([1.0]), **kw)[0], atol=1e-5)
+
+
+def test_cache_that_cannot_fit_stops_after_its_first_batch(models, data, tmp_path, monkeypatch, capsys):
+    """The first encoded batch tells an entry's size: when the rest cannot fit on the cache's disk (with
+    SPARE_BYTES left), taca train stops there with one message naming --cache-dir, keeps what it wrote, and
+    the same command then reuses it (an --out holding only the default cache starts afresh)."""
+    import shutil
+    from collections import namedtuple
+
+    from taca.train.data import SPARE_BYTES
+
+    usage = namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+    free = {"bytes": SPARE_BYTES + 64}  # less than one more text entry
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(*real(p)[:2], free["bytes"]))
+    out = tmp_path / "out"
+    args = ["train", "--model", models["flux"], "--data", data, "--out", str(out), "--resolution", str(RES),
+            "--mixed-precision", "no", "--report-to", "none", "--batch-size", "2", "--max-steps", "1",
+            "--max-sequence-length", str(TEXT_LEN), "--device", "cpu"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "argument --cache-dir: the text embeddings need about" in err and "2 entries of" in err, err
+    assert "or a shorter --max-sequence-length" in err and "Traceback" not in err, err
+    written = sorted(os.listdir(out / "cache" / "text"))
+    assert len(written) == 2 and os.listdir(out) == ["cache"]  # the first batch of the 4 distinct captions
+    mtimes = {n: os.path.getmtime(out / "cache" / "text" / n) for n in written}
+    free["bytes"] = real(str(tmp_path)).free
+    assert cli_main(args) == 0
+    assert len(os.listdir(out / "cache" / "text")) == 4
+    assert {n: os.path.getmtime(out / "cache" / "text" / n) for n in written} == mtimes  # reused, not rewritten
+    assert os.path.isfile(out / "pytorch_lora_weights.safetensors")

@@ -184,7 +184,9 @@ class TrainConfig:
                 raise _err("--resume", f"{self.resume} is not a checkpoint folder (or pass 'latest')")
             if self.overwrite:
                 raise _err("--overwrite", "cannot be combined with --resume (resuming keeps what --out holds)")
-        elif os.path.isdir(out) and os.listdir(out) and not self.overwrite:
+        elif os.path.isdir(out) and set(os.listdir(out)) - {"cache"} and not self.overwrite:
+            # (a folder holding only the default cache, left by a run stopped while caching, starts afresh and
+            # reuses it)
             raise _err("--out", f"{out} is not empty; pass --resume latest to continue its run, --overwrite to "
                                 f"replace it, or another folder (an earlier adapter is never overwritten silently)")
 

@@ -150,6 +150,9 @@ def component_fingerprint(model: str, modules: Iterable[torch.nn.Module]) -> str
     return h.hexdigest()[:16]
 
 
+SPARE_BYTES = 1 << 30  # free space a full cache leaves on its disk (checkpoints and adapters come after it)
+
+
 class Cache:
     """Latents and text embeddings on disk, one safetensors file per image / caption."""
 
@@ -173,6 +176,23 @@ class Cache:
         tmp = f"{path}.tmp{os.getpid()}"
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
         os.replace(tmp, path)  # readers never see half a file
+
+    def check_space(self, entry_bytes: int, n_more: int, what: str, hint: str = "") -> None:
+        """Raise ConfigError naming ``--cache-dir`` when ``n_more`` more entries of about ``entry_bytes``
+        each would not fit in the free space of the cache folder's disk with ``SPARE_BYTES`` left: the
+        first encoded batch tells an entry's size, so a cache that cannot fit stops there, not hours
+        later on a full disk."""
+        import shutil
+
+        need, free = entry_bytes * n_more, shutil.disk_usage(self.root).free
+        if need + SPARE_BYTES > free:
+            from .config import ConfigError
+
+            raise ConfigError(
+                f"taca train: argument --cache-dir: the {what} need about {need / 2**30:.1f} GiB more ({n_more} "
+                f"entries of {entry_bytes / 2**20:.1f} MiB), {free / 2**30:.1f} GiB is free on {self.root}; free space "
+                f"or point --cache-dir at a larger disk{hint}; the entries written so far are kept, and the same command reuses "
+                f"them")
 
     @staticmethod
     def read(path: str) -> Dict[str, torch.Tensor]:

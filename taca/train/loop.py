@@ -237,6 +237,10 @@ def _build_cache(cfg, family, samples, accelerator, device, weight_dtype, bar) -
                 # embeddings in the weights' dtype; masks, lengths and ids as they are
                 cache.write(cache.text_path(h), {k: v.to(weight_dtype) if v.is_floating_point() else v
                                                  for k, v in e.items()})
+            if i == 0:  # every rank writes to this disk: the whole list's remainder must fit
+                size = max(os.path.getsize(cache.text_path(h)) for h, _ in part)
+                cache.check_space(size, len(todo_txt) - len(part), "text embeddings",
+                                  " or a shorter --max-sequence-length (entries are padded to it)")
     if mine_img:
         for m in family.image_modules():
             m.to(device)
@@ -246,6 +250,9 @@ def _build_cache(cfg, family, samples, accelerator, device, weight_dtype, bar) -
             lat = family.encode_images(px)
             for j, (h, _) in enumerate(part):
                 cache.write(cache.latent_path(h), {"latents": lat[j].to(weight_dtype)})
+            if i == 0:
+                size = max(os.path.getsize(cache.latent_path(h)) for h, _ in part)
+                cache.check_space(size, len(todo_img) - len(part), "latents", " or a lower --resolution")
     accelerator.wait_for_everyone()
     cache.entries = [(cache.latent_path(a), cache.text_path(b)) for a, b in zip(img_sha, cap_sha)]
     return cache
@@ -432,8 +439,6 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
     pipe = pipeline if pipeline is not None else _load_pipeline(cfg, weight_dtype)
     _prepare_out(cfg, is_main)
     accelerator.wait_for_everyone()
-    if is_main and resume_from is None:
-        cfg.save(os.path.join(cfg.out, "train_config.json"))
 
     from .families import family_for
 
@@ -452,6 +457,9 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
         return tqdm(it, disable=not (is_main and progress), **kw)
 
     cache = _build_cache(cfg, family, samples, accelerator, device, weight_dtype, bar)
+    if is_main and resume_from is None:
+        # after the cache: an --out that holds only the default cache (a run stopped while caching) starts afresh
+        cfg.save(os.path.join(cfg.out, "train_config.json"))
     family.release_encoders()
     if pipeline is None and family.name != "protocol":
         del pipe
