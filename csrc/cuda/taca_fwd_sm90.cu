@@ -387,7 +387,9 @@ namespace taca_fwd90 {
  * allows no more with two Q buffers), 16: 192-key tiles, one CTA per item; D = 64, 15 / 16: the
  * default with 192- / 160-key tiles (256 keys made ptxas serialize the wgmmas for registers); 18: 10, 15 or 16 by
  * d64_key_tile (the default before); 17 (= 0): the persistent kernel with three consumer warpgroups (192-row CTAs,
- * 128-key tiles; SD3.5-M / L CFG 0.536 / 0.812 ms against 18's 0.614 / 0.977 on an H200, KERNEL_LOG). */
+ * 128-key tiles; SD3.5-M / L CFG 0.536 / 0.812 ms against 18's 0.614 / 0.977 on an H200, KERNEL_LOG). D = 128, 19 / 20:
+ * three consumer warpgroups on 64-key tiles (three warpgroups' S, O and P of 128-key tiles need more than 160
+ * registers), 2 / 3 stages; compiled without spills, not yet timed. */
 template <typename T, int D>
 int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
     if (a.spans || a.mask.data) {  // per-sample spans or a mask: the default tiling's FEAT instance
@@ -420,6 +422,8 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
                            : variant == 14 ? launch_ws<T, WsCfg<2, false, true>>(a, batch, heads, stream)
                            : variant == 15 ? launch_ws<T, WsCfg<2, false, true, 128, true, 160>>(a, batch, heads, stream)
                            : variant == 16 ? launch_ws<T, WsCfg<2, false, true, 128, false, 192>>(a, batch, heads, stream)
+                           : variant == 19 ? launch_ws<T, WsCfg<2, false, true, 128, true, 64, 3>>(a, batch, heads, stream)
+                           : variant == 20 ? launch_ws<T, WsCfg<3, false, true, 128, true, 64, 3>>(a, batch, heads, stream)
                                            : launch_ws<T, WsCfg<2, false, true, 128, true>>(a, batch, heads, stream);
             if (st != TACA_ERR_UNSUPPORTED) return st;
             return launch<T, Cfg<128, 128, 2, 2, false>>(a, batch, heads, stream);  // no TMA map
