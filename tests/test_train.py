@@ -284,7 +284,9 @@ def _launch_fsdp2(args, out, port, mixed_precision="no"):
            "--main_process_port", str(port), os.path.join(root, "tests", "fsdp_cpu.py"), "train", *args,
            "--out", str(out), "--batch-size", "1"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    # every rank's error lines first (the tail alone showed only rank 0's "connection reset" when rank 1 aborted)
+    errors = [ln for ln in p.stderr.splitlines() if "Error" in ln or "error:" in ln or "Signal" in ln]
+    assert p.returncode == 0, "\n".join(errors[-30:]) + "\n--- stderr tail:\n" + p.stderr[-3000:]
     return p.stdout + p.stderr  # taca train's messages go through tqdm.write (stdout)
 
 
