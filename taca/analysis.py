@@ -31,7 +31,6 @@ Typical use (any FLUX or SD3 pipeline with TACA enabled, gamma 1 included)::
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 

@@ -75,6 +75,7 @@ import contextlib
 import inspect
 import os
 import sys
+import types
 from typing import Any, Dict, Iterator, Optional, Union
 
 import torch
@@ -168,6 +169,9 @@ class TacaHandle:
         self.host_sigma = True
         self._host_cache: Dict[int, tuple] = {}
         self._sched_tables: Optional[tuple] = None  # the "scheduler" timestep convention's lookup
+        # (timesteps, sigmas) a trainer lends for its own calls of a bare transformer whose adapter reads sigma from
+        # the pipeline's scheduler (the "scheduler" convention): used instead of pipe.scheduler while set
+        self.sigma_table: Optional[tuple] = None
         self._loop_codes: Dict[type, Any] = {}
         self._hook = None
         self._post = None
@@ -347,7 +351,10 @@ class TacaHandle:
         (unshifted) timestep t (plus ``adapter.scheduler_t_offset``); sigma is the scheduler's
         ``sigmas[i]`` where ``timesteps[i] == t`` (first match). The tables are copied to t's
         device once per ``set_timesteps``."""
-        sch = getattr(self.pipe, "scheduler", None) if self.pipe is not None else None
+        if self.sigma_table is not None:
+            sch = types.SimpleNamespace(timesteps=self.sigma_table[0], sigmas=self.sigma_table[1])
+        else:
+            sch = getattr(self.pipe, "scheduler", None) if self.pipe is not None else None
         if sch is None or getattr(sch, "timesteps", None) is None or getattr(sch, "sigmas", None) is None:
             raise ValueError(
                 f"taca: {self.adapter.label}: the transformer's timestep is the scheduler's unshifted t, not sigma; "
