@@ -299,6 +299,43 @@ def test_training_on_captions_of_two_lengths(model, tmp_path, monkeypatch):
     assert any(g.shape == (1,) for g in gammas)  # some batch mixed the two lengths
 
 
+def test_two_processes_with_mixed_lengths_match_one(model, tmp_path):
+    """DDP (accelerate launch, 2 gloo CPU processes, batch 2 each) against one process with batch 4, on captions
+    of 16, 16, 32 and 48 tokens: every 2 + 2 split of them puts two lengths in one process's batch, so each step
+    makes two transformer calls before one backward somewhere; same losses and adapter as one process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    d = write_captioned_data(tmp_path / "pairs", n=4)
+    longest = LONGER + " and a big blue square with a dog next to a red circle"  # 34 words: 48 tokens
+    for i, c in enumerate([SHORT, LONGER, longest, "a cat"]):
+        with open(os.path.join(d, f"img{i:02d}.txt"), "w") as f:
+            f.write(c)
+    one = train(_cfg(model, d, tmp_path / "one", batch_size=4, seed=1, cache_dir=str(tmp_path / "cache")), progress=False)
+    assert sorted(int(e["prompt_embeds"].shape[0]) for e in cached_text(one)) == [16, 16, 32, 48]
+    args = ["--model", model, "--data", d, "--resolution", str(RES), "--max-steps", "3", "--mixed-precision", "no",
+            "--max-sequence-length", str(TEXT_LEN), "--lr", "1e-3", "--rank", "4", "--report-to", "none",
+            "--checkpoint-every", "100", "--device", "cpu", "--seed", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29543",
+           "-m", "taca", "train", *args, "--out", str(tmp_path / "two"), "--batch-size", "2"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with open(tmp_path / "two" / "log.jsonl") as f:
+        two = [json.loads(line)["loss"] for line in f]
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one.losses), rtol=1e-4, atol=1e-6)
+    a = load_file(str(tmp_path / "one" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "two" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+
+
 def test_adapter_loads_in_diffusers_and_taca(trained, model):
     call = dict(prompt="a red square", height=RES, width=RES, num_inference_steps=2, guidance_scale=1.0,
                 max_sequence_length=TEXT_LEN, output_type="latent")
