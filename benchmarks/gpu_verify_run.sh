@@ -5,7 +5,8 @@
 # Env: QUICK=1 (short timing windows, three shapes) or the full table of every PERFORMANCE.md shape;
 # TRAIN=1 adds the FLUX.1-dev-sized LoRA training step (stock attention vs taca, batch 1 and 4);
 # VARIANTS=1 the forward's variants 0, 10 (persistent), 14 (one CTA per item), 15 / 16 (wider key tiles), 17 (three
-# consumer warpgroups at D = 64) in one process;
+# consumer warpgroups at D = 64: the default there), 18 (D = 64's two-consumer default before), 19 / 20 (D = 128: three
+# consumers on 64-key tiles) in one process;
 # BREAKDOWN=0 skips the per-kernel times of a fwd + bwd iteration (taca vs cuDNN, bwd_breakdown.py; BREAKDOWN_SHAPES
 # picks its shapes, default flux1024_b1,sd35m_cfg); PIPELINE=1 adds the FLUX.1-dev-sized transformer call and 28-step
 # schedule, stock and TACA interleaved (bench_pipeline.py). TRAIN=1 PIPELINE=1 re-measures both end-to-end numbers
@@ -32,9 +33,9 @@ else
   python3 benchmarks/bench_attention_gpu.py --methods "taca|split" --out "$OUT" --tag verify 2>&1 | grep -v "^$" > "$OUT/bench.txt"; grep "^|" "$OUT/bench.txt" | grep -v plain_eff
 fi
 if [ "${VARIANTS:-0}" = 1 ]; then  # forward variants in one process: 0 (the default), 10 (persistent, 128-key tiles),
-  # 14 (one CTA per item), 15 / 16 (wider key tiles; at D = 64 the default picks 10, 15 or 16 by key count),
-  # 17 (D = 64: three consumer warpgroups, 192-row CTAs; at D = 128 the default again)
-  python3 benchmarks/bench_attention_gpu.py --quick --no-bwd --variants --methods "taca_ctypes_v(0|10|14|15|16|17)$" \
+  # 14 (one CTA per item), 15 / 16 (wider key tiles), 17 (D = 64: three consumer warpgroups, 192-row CTAs, = 0; at
+  # D = 128 the default again), 18 (D = 64: 10, 15 or 16 by key count), 19 / 20 (D = 128: three consumers, 64-key tiles)
+  python3 benchmarks/bench_attention_gpu.py --quick --no-bwd --variants --methods "taca_ctypes_v(0|10|14|15|16|17|18|19|20)$" \
     --shapes flux1024_b1,flux1024_b2,sd35m_cfg,sd35l_cfg,flux2048_b1,sd35m_cfg_768,sd35m_cfg_1536,sd35m_cfg_2048 \
     --out "$OUT" --tag variants 2>&1 | grep "^|" | grep -E "ctypes|cudnn" | grep -v plain_eff
 fi
