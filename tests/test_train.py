@@ -244,32 +244,46 @@ def test_resume_is_bitwise(models, data, tmp_path):
         train(_cfg(models["flux"], data, tmp_path / "part", max_steps=6, resume="latest", lr=5e-4), progress=False)
 
 
+def _launch_ddp(args, out, port, batch_size):
+    """taca train in 2 CPU processes (gloo) under accelerate launch, batch_size each; returns the logged losses.
+    accelerate's --cpu launcher starts one process; --multi_gpu starts torch.distributed.run, and --device cpu
+    (Accelerator(cpu=True)) then selects MULTI_CPU with gloo."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "taca", "train", *args, "--out", str(out), "--batch-size", str(batch_size)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def _assert_same_adapters(a_dir, b_dir, exact_layout=False):
+    """The adapters saved in a_dir and b_dir: the same keys, tensors within rtol 1e-3 / atol 1e-5 (runs that differ
+    in reduction order); exact_layout: also the same shapes and dtypes. Returns a_dir's tensors."""
+    from safetensors.torch import load_file
+
+    a = load_file(os.path.join(a_dir, "pytorch_lora_weights.safetensors"))
+    b = load_file(os.path.join(b_dir, "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and a
+    if exact_layout:
+        assert all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+    return a
+
+
 def test_two_processes_match_one(models, data, tmp_path):
     """accelerate launch with 2 CPU processes (gloo), batch 1 each, against 1 process with batch 2."""
     args = ["--model", models["flux"], "--data", data, "--resolution", str(RES), "--max-steps", "3",
             "--mixed-precision", "no", "--max-sequence-length", str(TEXT_LEN), "--lr", "1e-3", "--rank", "4",
             "--report-to", "none", "--checkpoint-every", "100", "--device", "cpu"]
     one = train(_cfg(models["flux"], data, tmp_path / "one", batch_size=2), progress=False)
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    # accelerate's --cpu launcher starts one process; --multi_gpu starts torch.distributed.run, and
-    # --device cpu (Accelerator(cpu=True)) then selects MULTI_CPU with gloo
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-           "-m", "taca", "train", *args, "--out", str(tmp_path / "two"), "--batch-size", "1"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    with open(tmp_path / "two" / "log.jsonl") as f:
-        two = [json.loads(line)["loss"] for line in f]
+    two = _launch_ddp(args, tmp_path / "two", 29517, batch_size=1)
     assert len(two) == 3
     # same samples, timesteps and noise; only the reduction order differs
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one.losses), rtol=1e-4, atol=1e-6)
-    from safetensors.torch import load_file
-
-    a = load_file(str(tmp_path / "one" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(tmp_path / "two" / "pytorch_lora_weights.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+    _assert_same_adapters(tmp_path / "one", tmp_path / "two")
 
 
 def _launch_fsdp2(args, out, port, mixed_precision="no"):
@@ -312,11 +326,7 @@ def test_fsdp2_matches_one_process_and_checkpoints_cross_layouts(models, data, t
     with open(tmp_path / "fsdp" / "log.jsonl") as f:
         fs = [json.loads(line)["loss"] for line in f]
     torch.testing.assert_close(torch.tensor(fs), torch.tensor(one.losses), rtol=1e-4, atol=1e-6)
-    a = load_file(str(tmp_path / "one" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(tmp_path / "fsdp" / "pytorch_lora_weights.safetensors"))
-    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+    a = _assert_same_adapters(tmp_path / "one", tmp_path / "fsdp", exact_layout=True)
     # the FSDP2 adapter loads into a pipeline through diffusers
     from diffusers import FluxPipeline
 
@@ -328,9 +338,7 @@ def test_fsdp2_matches_one_process_and_checkpoints_cross_layouts(models, data, t
     res = train(_cfg(models["flux"], data, tmp_path / "fsdp", batch_size=2, checkpoint_every=2, grad_accum=2,
                      gradient_checkpointing=True, resume=str(tmp_path / "fsdp" / "checkpoints" / "checkpoint-000002")), progress=False)
     torch.testing.assert_close(torch.tensor(res.losses), torch.tensor(one.losses[2:]), rtol=1e-4, atol=1e-6)
-    c = load_file(str(tmp_path / "fsdp" / "pytorch_lora_weights.safetensors"))
-    for k in a:
-        torch.testing.assert_close(a[k], c[k], rtol=1e-3, atol=1e-5)
+    _assert_same_adapters(tmp_path / "one", tmp_path / "fsdp")
 
     # one process's checkpoint -> FSDP2 (the moments are sharded like the parameters on load),
     # continuing the one-process run in its own --out (its adapter was read above)

@@ -21,10 +21,10 @@ pytest.importorskip("accelerate")
 import taca  # noqa: E402
 from taca.train import train  # noqa: E402
 
-from train_checks import (GammaCounter, Record, cached_text, check_adapter_in_pipeline,  # noqa: E402
-                          check_batch_independent, check_same_adapter, check_taca_run, checkpointed_run, control_run,
-                          data_fixture, load, model_fixture, run_fixture, saved_lora_modules, text_cond, train_config,
-                          write_captioned_data)
+from train_checks import (GammaCounter, Record, assert_same_adapters, cached_text,  # noqa: E402
+                          check_adapter_in_pipeline, check_batch_independent, check_same_adapter, check_taca_run,
+                          checkpointed_run, control_run, data_fixture, launch_ddp, load, model_fixture, run_fixture,
+                          saved_lora_modules, text_cond, train_config, write_captioned_data)
 
 RES = 32  # 32x32 images -> 16x16 latents (2-level VAE) -> 64 image tokens (2x2 patches): mu = 0.625
 TEXT_LEN = 48
@@ -303,12 +303,7 @@ def test_two_processes_with_mixed_lengths_match_one(model, tmp_path):
     """DDP (accelerate launch, 2 gloo CPU processes, batch 2 each) against one process with batch 4, on captions
     of 16, 16, 32 and 48 tokens: every 2 + 2 split of them puts two lengths in one process's batch, so each step
     makes two transformer calls before one backward somewhere; same losses and adapter as one process."""
-    import json
     import os
-    import subprocess
-    import sys
-
-    from safetensors.torch import load_file
 
     d = write_captioned_data(tmp_path / "pairs", n=4)
     longest = LONGER + " and a big blue square with a dog next to a red circle"  # 34 words: 48 tokens
@@ -320,20 +315,9 @@ def test_two_processes_with_mixed_lengths_match_one(model, tmp_path):
     args = ["--model", model, "--data", d, "--resolution", str(RES), "--max-steps", "3", "--mixed-precision", "no",
             "--max-sequence-length", str(TEXT_LEN), "--lr", "1e-3", "--rank", "4", "--report-to", "none",
             "--checkpoint-every", "100", "--device", "cpu", "--seed", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29543",
-           "-m", "taca", "train", *args, "--out", str(tmp_path / "two"), "--batch-size", "2"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    with open(tmp_path / "two" / "log.jsonl") as f:
-        two = [json.loads(line)["loss"] for line in f]
+    two = launch_ddp(args, tmp_path / "two", 29543, batch_size=2)
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one.losses), rtol=1e-4, atol=1e-6)
-    a = load_file(str(tmp_path / "one" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(tmp_path / "two" / "pytorch_lora_weights.safetensors"))
-    assert a.keys() == b.keys() and a
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+    assert_same_adapters(tmp_path / "one", tmp_path / "two")
 
 
 def test_adapter_loads_in_diffusers_and_taca(trained, model):

@@ -2,7 +2,8 @@
 ``from train_checks import ...`` (like tests/model_checks.py for the adapter tests).
 
 - the recipe: :func:`train_config` (tests/test_train.py's TrainConfig, any field in kw in its
-  place), :func:`write_data` and :class:`GammaCounter` (re-exported from tests/test_train.py),
+  place), :func:`write_data`, :class:`GammaCounter`, :func:`launch_ddp` and :func:`assert_same_adapters`
+  (re-exported from tests/test_train.py),
   :func:`load`, :func:`text_cond`, :func:`checked_family`;
 - module fixtures: :func:`model_fixture`, :func:`data_fixture` and :func:`run_fixture` (one TACA
   run, every gamma recorded) make them; :func:`cache_dir` and the autouse :func:`one_torch_thread`
@@ -28,10 +29,12 @@ import torch
 
 import taca
 from taca.train import train
-from test_train import _cfg, _GammaCounter, _write_data
+from test_train import _assert_same_adapters, _cfg, _GammaCounter, _launch_ddp, _write_data
 
 GammaCounter = _GammaCounter  # records every gamma the TACA processors pass to taca.processors.joint_attention
 write_data = _write_data  # n coloured-square images with captions, 32 to 47 px a side (not square)
+launch_ddp = _launch_ddp  # taca train in 2 gloo CPU processes under accelerate launch: the logged losses
+assert_same_adapters = _assert_same_adapters  # two saved adapters equal to rtol 1e-3 / atol 1e-5
 
 RUN_FILES = ("pytorch_lora_weights.safetensors", "train_config.json", "log.jsonl", "loss.png")
 ADAPTER = RUN_FILES[0]

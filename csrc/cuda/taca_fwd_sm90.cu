@@ -338,17 +338,11 @@ int launch(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
 
 namespace taca_fwd90 {
 
-/* TACA_FWD_MASK=elem: a key mask by the per-element path (MK_ANY) instead of per-tile terms (a timing switch:
- * the same outputs bitwise). */
-[[maybe_unused]] static inline bool mask_elem() {
+/* TACA_FWD_MASK, timing switches with the same outputs bitwise: "elem" takes a key mask by the per-element path
+ * (MK_ANY) instead of per-tile terms; "nc3" (D = 64) takes its per-tile terms in the three-consumer kernel. */
+[[maybe_unused]] static inline bool fwd_mask_mode(const char *mode) {
     const char *mk = getenv("TACA_FWD_MASK");
-    return mk && !strcmp(mk, "elem");
-}
-
-/* TACA_FWD_MASK=nc3 (a timing switch): at D = 64 a key mask's per-tile terms in the three-consumer kernel */
-[[maybe_unused]] static inline bool mask_nc3() {
-    const char *mk = getenv("TACA_FWD_MASK");
-    return mk && !strcmp(mk, "nc3");
+    return mk && !strcmp(mk, mode);
 }
 
 /* D = 64 default: the key tile (128, 160 or 192 keys) with the least work by a tile count model, keys rounded up to
@@ -402,8 +396,8 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
         const int st = variant == 14     ? (a.mask.data ? launch_ws<T, W14, true, MK_ANY>(a, batch, heads, stream)
                                                         : launch_ws<T, W14, true, MK_NONE>(a, batch, heads, stream))
                        : !a.mask.data    ? launch_ws<T, W3, true, MK_NONE>(a, batch, heads, stream)
-                       : a.mask.q == 0 && D == 64 && mask_nc3() ? launch_ws<T, W3, true, MK_KEY>(a, batch, heads, stream)
-                       : a.mask.q == 0 && !mask_elem() ? launch_ws<T, W, true, MK_KEY>(a, batch, heads, stream)
+                       : a.mask.q == 0 && D == 64 && fwd_mask_mode("nc3") ? launch_ws<T, W3, true, MK_KEY>(a, batch, heads, stream)
+                       : a.mask.q == 0 && !fwd_mask_mode("elem") ? launch_ws<T, W, true, MK_KEY>(a, batch, heads, stream)
                                                        : launch_ws<T, W, true, MK_ANY>(a, batch, heads, stream);
         if (st != TACA_ERR_UNSUPPORTED) return st;
         // no TMA map: this file's kernel (variant 13's tiling)

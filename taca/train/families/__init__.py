@@ -172,12 +172,19 @@ def pad_collate(entries: Sequence[Dict[str, torch.Tensor]], mask: str, seq: Sequ
     return out
 
 
-def _vae_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
-    # the posterior mean: cached once, so sampling it per step would need the variance cached too
-    # (for FLUX's and SD3's VAEs the posterior std is ~1e-2 of the latents' spread)
-    lat = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (lat - shift) * vae.config.scaling_factor
+def vae_mode(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE posterior's mean for ``pixels`` (its own dtype and device): cached once, so sampling
+    it per step would need the variance cached too (for FLUX's and SD3's VAEs the posterior std is
+    ~1e-2 of the latents' spread)."""
+    return vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
+
+
+def _vae_latents(vae, pixels: torch.Tensor, shift: bool = True) -> torch.Tensor:
+    """``(mode - shift_factor) * scaling_factor`` (FLUX.1, SD3); ``shift=False``: ``mode * scaling_factor``
+    (pipelines that decode ``latents / scaling_factor`` and add no shift back: AuraFlow, CogView4)."""
+    lat = vae_mode(vae, pixels)
+    sf = (getattr(vae.config, "shift_factor", None) or 0.0) if shift else 0.0
+    return (lat - sf) * vae.config.scaling_factor
 
 
 class _MaskedTextFamily:
@@ -224,11 +231,16 @@ class _DiffusersFamily(Family):
     def image_modules(self):
         return [self.pipe.vae] if getattr(self.pipe, "vae", None) is not None else []
 
-    def encode_images(self, pixels):
-        if getattr(self.pipe, "vae", None) is None:
+    def vae(self):
+        """The pipeline's VAE (ValueError when it has none)."""
+        vae = getattr(self.pipe, "vae", None)
+        if vae is None:
             raise ValueError("taca train: the pipeline has no VAE to encode the training images")
+        return vae
+
+    def encode_images(self, pixels):
         with torch.no_grad():
-            return _vae_latents(self.pipe.vae, pixels)
+            return _vae_latents(self.vae(), pixels)
 
     def release_encoders(self):
         self.pipe = None

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _DiffusersFamily
+from . import _DiffusersFamily, _vae_latents
 
 # every attention of the model is joint: the MMDiT blocks' (image and context projections) and the
 # single-DiT blocks' (over [registers, text, image]); PEFT matches these as ".<name>" suffixes
@@ -50,13 +50,9 @@ class AuraFlowFamily(_DiffusersFamily):
         return {"prompt_embeds": pe}
 
     def encode_images(self, pixels):
-        vae = getattr(self.pipe, "vae", None)
-        if vae is None:
-            raise ValueError("taca train: the pipeline has no VAE to encode the training images")
-        with torch.no_grad():
-            lat = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
         # the pipeline decodes latents / scaling_factor: no shift, whatever the VAE config says
-        return lat * vae.config.scaling_factor
+        with torch.no_grad():
+            return _vae_latents(self.vae(), pixels, shift=False)
 
     def predict(self, transformer, noisy, sigma, cond, guidance):
         timestep = sigma.to(device=noisy.device, dtype=noisy.dtype)

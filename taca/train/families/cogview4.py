@@ -50,7 +50,7 @@ import math
 
 import torch
 
-from . import _DiffusersFamily, _unwrap, call_default, layer_names
+from . import _DiffusersFamily, _unwrap, _vae_latents, call_default, layer_names
 
 _ATTN = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
 _FF = ("ff.net.0.proj", "ff.net.2")
@@ -134,12 +134,8 @@ class CogView4Family(_DiffusersFamily):
 
     # --- images ------------------------------------------------------------------------------
     def encode_images(self, pixels):
-        vae = getattr(self.pipe, "vae", None)
-        if vae is None:
-            raise ValueError("taca train: the pipeline has no VAE to encode the training images")
         with torch.no_grad():
-            lat = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
-            lat = lat * vae.config.scaling_factor  # the pipeline decodes latents / scaling_factor
+            lat = _vae_latents(self.vae(), pixels, shift=False)  # the pipeline decodes latents / scaling_factor
         p = self._patch
         if lat.shape[-2] % p or lat.shape[-1] % p:
             raise ValueError(f"taca train: CogView4 latents must have height and width divisible by the patch size "

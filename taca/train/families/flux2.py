@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _DiffusersFamily, _unwrap
+from . import _DiffusersFamily, _unwrap, vae_mode
 
 # "attn": every projection of the joint attention: to_q/k/v/to_out.0 of the double-stream blocks
 # and their text stream's add_q/k/v_proj / to_add_out (gamma scales the text keys), and in the
@@ -67,13 +67,11 @@ class Flux2Family(_DiffusersFamily):
         return {"prompt_embeds": pe}
 
     def encode_images(self, pixels):
-        vae = getattr(self.pipe, "vae", None)
-        if vae is None:
-            raise ValueError("taca train: the pipeline has no VAE to encode the training images")
+        vae = self.vae()
         from diffusers import Flux2Pipeline
 
         with torch.no_grad():
-            lat = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
+            lat = vae_mode(vae, pixels)
             if lat.shape[-2] % 2 or lat.shape[-1] % 2:
                 raise ValueError(f"taca train: FLUX.2 latents must have even height and width (2x2 patches), got "
                                  f"{lat.shape[-2]}x{lat.shape[-1]}: use a --resolution divisible by "

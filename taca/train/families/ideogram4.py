@@ -44,7 +44,7 @@ import inspect
 
 import torch
 
-from . import _DiffusersFamily
+from . import _DiffusersFamily, vae_mode
 
 _ATTN = ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0"]
 _FF = ["feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
@@ -94,11 +94,9 @@ class Ideogram4Family(_DiffusersFamily):
         return {"prompt_embeds": pe, "text_lengths": torch.tensor(n, dtype=torch.long)}
 
     def encode_images(self, pixels):
-        vae = getattr(self.pipe, "vae", None)
-        if vae is None:
-            raise ValueError("taca train: the pipeline has no VAE to encode the training images")
+        vae = self.vae()
         with torch.no_grad():
-            z = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()  # (B, C, H, W)
+            z = vae_mode(vae, pixels)  # (B, C, H, W)
             B, C, H, W = z.shape
             p = _PATCH
             if H % p or W % p:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _DiffusersFamily, _MaskedTextFamily, _unwrap, call_default, one_frame
+from . import _DiffusersFamily, _MaskedTextFamily, _unwrap, call_default, one_frame, vae_mode
 
 # both streams' projections of the joint attention (diffusers' train_dreambooth_lora_qwen_image.py
 # trains only the image stream's to_q / to_k / to_v / to_out.0 by default)
@@ -71,13 +71,10 @@ class QwenImageFamily(_MaskedTextFamily, _DiffusersFamily):
         return {"prompt_embeds": pe, _MASK: mask}
 
     def encode_images(self, pixels):
-        vae = getattr(self.pipe, "vae", None)
-        if vae is None:
-            raise ValueError("taca train: the pipeline has no VAE to encode the training images")
+        vae = self.vae()
         c = vae.config
         with torch.no_grad():
-            x = pixels.to(device=vae.device, dtype=vae.dtype).unsqueeze(2)  # (B, 3, 1, H, W): one frame
-            z = vae.encode(x).latent_dist.mode()  # (B, C, 1, h, w)
+            z = vae_mode(vae, pixels.unsqueeze(2))  # (B, 3, 1, H, W): one frame -> (B, C, 1, h, w)
             mean = torch.tensor(c.latents_mean, device=z.device, dtype=z.dtype).view(1, c.z_dim, 1, 1, 1)
             inv_std = 1.0 / torch.tensor(c.latents_std, device=z.device, dtype=z.dtype).view(1, c.z_dim, 1, 1, 1)
             return (z - mean) * inv_std
