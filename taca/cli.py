@@ -380,6 +380,32 @@ _KNOWN_FAMILIES = {
 }
 
 
+# the pipeline classes of the known hub ids whose class tells what they train on (reference images)
+_KNOWN_PIPELINES = {
+    "black-forest-labs/FLUX.1-dev": "FluxPipeline",
+    "black-forest-labs/FLUX.1-schnell": "FluxPipeline",
+    "black-forest-labs/FLUX.1-Kontext-dev": "FluxKontextPipeline",
+    "black-forest-labs/FLUX.2-dev": "Flux2Pipeline",
+    "black-forest-labs/FLUX.2-klein-4B": "Flux2KleinPipeline",
+    "black-forest-labs/FLUX.2-klein-9B": "Flux2KleinPipeline",
+}
+
+
+def _peek_pipeline_class(model: str) -> Optional[str]:
+    """The pipeline class name of a known hub id or a local folder's model_index.json (None: not
+    known before loading)."""
+    import json
+
+    if model in _KNOWN_PIPELINES:
+        return _KNOWN_PIPELINES[model]
+    try:
+        with open(os.path.join(os.path.expanduser(model), "model_index.json")) as f:
+            cls = json.load(f).get("_class_name")
+    except (OSError, ValueError):
+        return None
+    return cls if isinstance(cls, str) and cls else None
+
+
 class UsageError(Exception):
     """A user mistake found before anything is loaded: ``str(e)`` is the one-line message."""
 

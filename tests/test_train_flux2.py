@@ -8,7 +8,10 @@ and without gradient checkpointing; the control LoRA runs stock attention); Flux
 checked against what each pipeline's own __call__ feeds its transformer (inputs, ids, timestep,
 guidance, output and TACA's gamma); encode_images against the pipelines' batch-norm normalization
 and their decode path; a caption's cache entry and prediction against its batch; the saved adapter
-loads through diffusers and taca.enable."""
+loads through diffusers and taca.enable. Reference images (edits): predict with two references
+against each pipeline's __call__ with image=[...] (the references' tokens, ids and the cut output),
+training on a JSONL of edits (gamma on, every forward carrying its line's references, one cache
+entry per distinct image, the adapter loading), and the Klein-KV pipeline refusing references."""
 import os
 from functools import partial
 
@@ -26,7 +29,7 @@ from taca.train import train  # noqa: E402
 from taca.train.families import family_for  # noqa: E402
 from taca.train.families.flux2 import Flux2Family  # noqa: E402
 from train_checks import (GammaCounter, check_batch_independent, check_taca_run, control_run,  # noqa: E402
-                          data_fixture, load, train_config)
+                          data_fixture, load, train_config, write_data)
 
 RES = 32  # 32x32 images: 2-level VAE (scale 2) -> 16x16 latents -> 2x2 patches -> 8x8 = 64 image tokens
 TEXT_LEN = 40  # every prompt padded to 40 text tokens
@@ -351,3 +354,229 @@ def test_adapter_loads_in_its_pipeline(kind, models, data, tmp_path):
         assert not torch.allclose(velocity(0.5), stock[0.5], atol=1e-5)
         lat2 = pipe(generator=torch.Generator().manual_seed(0), **call).images
         assert torch.isfinite(lat2).all() and not torch.equal(lat2, lat)
+
+
+# --- reference images (edits) -----------------------------------------------------------------
+N_TOKENS = (RES // 4) ** 2  # a target's image tokens
+# the pipelines' image processor refuses a reference under 64 px a side; a 64 x 64 one it takes as
+# it is (no resize, no crop), and keeps at its own size next to a RES x RES target
+REF_RES = 64
+N_REF = (REF_RES // 4) ** 2
+
+
+def _noise_pngs(folder, n, seed=0):
+    """n REF_RES x REF_RES PNGs of uniform random RGB noise; their paths."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = [os.path.join(folder, f"ref{i}.png") for i in range(n)]
+    for p in paths:
+        Image.fromarray(rng.integers(0, 256, (REF_RES, REF_RES, 3), dtype=np.uint8)).save(p)
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["klein", "dev"])
+def test_predict_with_references_is_the_pipelines_call(kind, models, tmp_path):
+    """The pipeline's own __call__ (a RES x RES target) with image=[ref0, ref1] (REF_RES x REF_RES
+    PNGs, the smallest it takes: its preprocessing is taca's load_image, bit for bit; the references
+    keep their size, as in the pipeline) records its first transformer call (sigma 1, TACA on);
+    Flux2Family.predict on the target's latents (the first h w tokens, unpacked), the same sigma and
+    cond = prompt_embeds + reference_latents (encode_images of each reference alone, stacked (B, R,
+    C, h, w); training's load_image + encode_images give them to 1e-5) makes the same call:
+    identical hidden states (the references' tokens appended in order), ids (t = 0, 10, 20), text,
+    timestep, guidance and gamma, the same output, and returns the pipeline's noise_pred (its first
+    h w tokens) unpacked. Another second reference, the two swapped, or none at all change the
+    prediction."""
+    from diffusers import Flux2Pipeline
+    from PIL import Image
+
+    from taca.train.data import load_image
+
+    paths = _noise_pngs(tmp_path, 3)  # two references and another image in place of the second
+    images = [Image.open(p).convert("RGB") for p in paths]
+    pipe = load(models[kind])
+    fam = family_for(pipe)
+    # the pipeline's preprocessing: load_image's pixels bit for bit, in a channels-last layout
+    # (numpy's HWC permuted), in which the VAE's convolutions round differently (~1e-6) from
+    # load_image's contiguous tensor: the exact comparison encodes the pipeline's own tensor
+    px = [pipe.image_processor.preprocess(im, height=REF_RES, width=REF_RES, resize_mode="crop") for im in images]
+    for p, x in zip(paths, px):
+        assert torch.equal(x[0], load_image(p, REF_RES))
+    guidance_scale = 1.0 if kind == "klein" else 2.5
+    t = pipe.transformer
+    calls, hook = _record(t)
+    with taca.enabled(pipe, gamma=1.2), torch.no_grad():
+        pipe(prompt=PROMPTS, image=images[:2], height=RES, width=RES, num_inference_steps=1,
+             guidance_scale=guidance_scale, max_sequence_length=TEXT_LEN, generator=torch.Generator().manual_seed(0),
+             output_type="latent")
+        assert len(calls) == 1
+        kw_p, out_p, g_p = calls[0]
+        ids = kw_p["img_ids"]
+        n_all = N_TOKENS + 2 * N_REF
+        assert kw_p["hidden_states"].shape == (2, n_all, 16) and out_p.shape == (2, n_all, 16)
+        starts = [0, N_TOKENS, N_TOKENS + N_REF, n_all]
+        assert all((ids[:, a:b, 0] == 10 * i).all() for i, (a, b) in enumerate(zip(starts, starts[1:])))
+        noisy = Flux2Pipeline._unpack_latents_with_ids(kw_p["hidden_states"][:, :N_TOKENS], ids[:, :N_TOKENS])
+        assert noisy.shape == (2, 16, RES // 4, RES // 4)
+        lat = [fam.encode_images(x) for x in px]  # (1, 16, 16, 16) each, as the pipeline encodes them
+        for p, x in zip(paths, lat):  # what training caches (load_image, encode_images)
+            torch.testing.assert_close(fam.encode_images(load_image(p, REF_RES)[None]), x, rtol=1e-5, atol=1e-6)
+        enc = fam.encode_text(PROMPTS, torch.device("cpu"), TEXT_LEN)
+
+        def predict(*refs):
+            cond = dict(enc)
+            if refs:  # the same references for both prompts: (2, R, 16, 16, 16)
+                cond["reference_latents"] = torch.stack([lat[r] for r in refs], 1).expand(2, -1, -1, -1, -1)
+            return fam.predict(t, noisy, kw_p["timestep"], cond, guidance_scale)
+
+        pred = predict(0, 1)
+        assert len(calls) == 2
+        kw_f, out_f, g_f = calls[1]
+        others = [predict(0, 2), predict(1, 0), predict()]
+    hook.remove()
+    assert kw_f["timestep"].dtype == torch.float32 and torch.equal(kw_f["timestep"], kw_p["timestep"])
+    for k in ("hidden_states", "encoder_hidden_states", "txt_ids", "img_ids"):
+        assert kw_f[k].dtype == kw_p[k].dtype and torch.equal(kw_f[k], kw_p[k]), k
+    if kind == "dev":
+        assert torch.equal(kw_f["guidance"], kw_p["guidance"]) and float(kw_f["guidance"][0]) == 2.5
+    else:
+        assert kw_p["guidance"] is None and kw_f["guidance"] is None
+    assert torch.equal(out_f, out_p)
+    assert g_p is not None and torch.equal(g_f, g_p) and g_p.tolist() == [pytest.approx(1.2)] * 2
+    assert torch.equal(pred, Flux2Pipeline._unpack_latents_with_ids(out_p[:, :N_TOKENS], ids[:, :N_TOKENS]))
+    for other in others:  # another second reference; the two swapped; no reference
+        assert other.shape == pred.shape and not torch.allclose(other, pred, atol=1e-5)
+
+
+# what each JSONL line of the edits data set gives: (target, [reference, reference]); img00 is the
+# target of the first line and a reference of the third: one image, one cache entry
+EDITS = [(0, [4, 5]), (1, [5, 4]), (2, [0, 4]), (3, [4, 1])]
+
+
+@pytest.fixture(scope="module")
+def edits(tmp_path_factory):
+    """<tmp>/edits.jsonl: the EDITS lines over write_data's 6 images (32 to 47 px a side, not
+    square: load_image resizes and crops targets and references alike) with their captions (four
+    distinct ones); gives (the file, [(target path, [reference paths], caption)] in line order)."""
+    import json
+
+    folder = tmp_path_factory.mktemp("edits")
+    write_data(folder, n=6)
+    name = [f"img{i:02d}.png" for i in range(6)]
+    rows = []
+    with open(folder / "edits.jsonl", "w") as f:
+        for tgt, refs in EDITS:
+            caption = (folder / f"img{tgt:02d}.txt").read_text()
+            f.write(json.dumps({"image": name[tgt], "references": [name[r] for r in refs], "caption": caption}) + "\n")
+            rows.append((str(folder / name[tgt]), [str(folder / name[r]) for r in refs], caption))
+    assert len({c for _, _, c in rows}) == 4
+    return str(folder / "edits.jsonl"), rows
+
+
+def _record_training_forwards(monkeypatch):
+    """Every Flux2Transformer2DModel forward's hidden_states, img_ids and encoder_hidden_states
+    (training loads its own pipeline: the class's forward is wrapped)."""
+    from diffusers import Flux2Transformer2DModel
+
+    calls = []
+    real = Flux2Transformer2DModel.forward
+
+    def forward(self, *args, **kw):
+        calls.append({k: kw[k].detach().clone() for k in ("hidden_states", "img_ids", "encoder_hidden_states")})
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(Flux2Transformer2DModel, "forward", forward)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["klein", "dev"])
+def test_training_with_references(kind, models, edits, tmp_path, monkeypatch):
+    """taca train on the edits JSONL (two references per line): gamma 1.2 in every joint attention
+    of every training forward; every forward feeds the transformer the target's tokens and both
+    references' (3 x N_TOKENS, ids t = 0, 10, 20), each row's reference tokens the cached latents of
+    its own line's references in order (the line found by its caption's embeddings); the cache holds
+    one latent entry per distinct image (6: the targets and references, img00 being both) and one
+    text entry per caption; the saved adapter loads through diffusers' load_lora_weights and changes
+    predict with references, and the pipeline still runs with image=[...]."""
+    from diffusers import Flux2Pipeline
+    from PIL import Image
+
+    from taca.train.data import Cache, file_sha256, text_sha256
+
+    jsonl, rows = edits
+    gammas = GammaCounter(monkeypatch).gammas
+    forwards = _record_training_forwards(monkeypatch)
+    res = train(_cfg(models[kind], jsonl, tmp_path / "out", lr=1e-2), progress=False)
+    monkeypatch.undo()
+    check_taca_run(res, gammas, 3 * N_JOINT)
+
+    cache = tmp_path / "out" / "cache"
+
+    def entry(sub, sha):  # the cache file of a sha256 (named <sha[:32]>-<key>.safetensors)
+        (path,) = [p for p in (cache / sub).iterdir() if p.name.startswith(sha[:32])]
+        return Cache.read(str(path))
+
+    images = {p for tgt, refs, _ in rows for p in [tgt] + refs}
+    assert len(images) == 6 and len({file_sha256(p) for p in images}) == 6
+    assert sorted(p.name[:32] for p in (cache / "latents").iterdir()) == sorted(file_sha256(p)[:32] for p in images)
+    assert len(list((cache / "text").iterdir())) == 4
+    texts = [entry("text", text_sha256(c))["prompt_embeds"] for _, _, c in rows]
+    refs = [[Flux2Pipeline._pack_latents(entry("latents", file_sha256(r))["latents"][None])[0] for r in rr]
+            for _, rr, _ in rows]
+    assert all(r.shape == (N_TOKENS, 16) for rr in refs for r in rr)
+
+    assert len(forwards) == 3
+    seen = set()
+    for kw in forwards:
+        assert kw["hidden_states"].shape == (2, 3 * N_TOKENS, 16) and kw["img_ids"].shape == (2, 3 * N_TOKENS, 4)
+        for i in range(3):
+            assert (kw["img_ids"][:, i * N_TOKENS:(i + 1) * N_TOKENS, 0] == 10 * i).all()
+        for b in range(2):
+            (line,) = [j for j, e in enumerate(texts) if torch.equal(kw["encoder_hidden_states"][b], e)]
+            seen.add(line)
+            for i, r in enumerate(refs[line]):
+                assert torch.equal(kw["hidden_states"][b, (i + 1) * N_TOKENS:(i + 2) * N_TOKENS], r), (line, i)
+    assert len(seen) > 1
+
+    # the adapter: diffusers' loader takes the file; predict with the references moves; the pipeline runs
+    pipe = load(models[kind])
+    fam = family_for(pipe)
+    t = pipe.transformer
+    cond = {"prompt_embeds": texts[0][None],
+            "reference_latents": torch.stack([entry("latents", file_sha256(r))["latents"] for r in rows[0][1]])[None]}
+    noisy = torch.randn(1, 16, RES // 4, RES // 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stock = fam.predict(t, noisy, torch.tensor([0.5]), cond, 3.5)
+        pipe.load_lora_weights(res.out, adapter_name="mine")
+        assert any("lora_A" in n for n in t.state_dict())
+        assert not torch.allclose(fam.predict(t, noisy, torch.tensor([0.5]), cond, 3.5), stock, atol=1e-5)
+        ref_images = [Image.open(p).convert("RGB").resize((REF_RES, REF_RES)) for p in rows[0][1]]
+        lat = pipe(prompt=rows[0][2], image=ref_images, height=RES, width=RES, num_inference_steps=2,
+                   guidance_scale=1.0, max_sequence_length=TEXT_LEN, generator=torch.Generator().manual_seed(0),
+                   output_type="latent").images
+    assert lat.numel() == 4 * (RES // 2) ** 2 and torch.isfinite(lat).all()  # klein unpacks them, dev not
+
+
+def test_klein_kv_takes_no_references(models, edits, tmp_path):
+    """Flux2Pipeline and Flux2KleinPipeline take any number of references; the Klein-KV pipeline
+    (its references go through its K/V cache, which is not trained) none: check_references and
+    train on the edits data with a Flux2KleinKVPipeline (the klein components) raise ConfigError
+    naming --data, before a step runs."""
+    from diffusers import Flux2KleinKVPipeline
+
+    from taca.train import ConfigError
+    from taca.train.families import check_references
+
+    for cls in ("Flux2Pipeline", "Flux2KleinPipeline"):
+        check_references(Flux2Family, cls, 2)
+    check_references(Flux2Family, "Flux2KleinKVPipeline", 0)
+    msg = "argument --data: Flux2KleinKVPipeline takes no reference images, and the data gives {} per sample"
+    with pytest.raises(ConfigError, match=msg.format(1)):
+        check_references(Flux2Family, "Flux2KleinKVPipeline", 1)
+    kv = Flux2KleinKVPipeline(**load(models["klein"]).components)
+    with pytest.raises(ConfigError, match=msg.format(2)):
+        train(_cfg(models["klein"], edits[0], tmp_path / "out"), pipeline=kv, progress=False)
+    assert not os.path.exists(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    assert not os.path.exists(tmp_path / "out" / "cache")

@@ -159,16 +159,6 @@ def test_targets_match_the_real_config():
     assert fam.target_modules(["attn.add_k_proj"]) == ["attn.add_k_proj"]
 
 
-def test_edit_pipelines_are_refused():
-    from diffusers import QwenImageEditPipeline
-
-    from taca.train.families.qwenimage import QwenImageFamily
-
-    pipe = QwenImageEditPipeline.__new__(QwenImageEditPipeline)
-    with pytest.raises(ValueError, match="reference images"):
-        QwenImageFamily(pipe)
-
-
 # --- 3. latents -------------------------------------------------------------------------------
 def test_latents_are_what_the_pipeline_decodes():
     """encode_images = (mode - latents_mean) / latents_std per channel, 5-D; fed to the pipeline as

@@ -22,12 +22,13 @@ def add_parser(sub) -> None:
         "train", help="train a TACA LoRA (the paper's recipe) on a folder of captioned images",
         description="LoRA training with TACA on, written in diffusers' LoRA format (FLUX.1, SD3/SD3.5, FLUX.2, "
                     "Qwen-Image, Qwen-Image 2.1, Chroma, Z-Image, HiDream-I1, Lumina-Image 2.0, Krea 2, Ideogram 4, AuraFlow, "
-                    "CogView4).",
+                    "CogView4; edits with reference images: FLUX.1 Kontext, FLUX.2, Qwen-Image-Edit).",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = t.add_argument
     a("--model", required=True, help="hub id (e.g. black-forest-labs/FLUX.1-dev) or a local pipeline folder")
     a("--data", required=True, help="a folder of images with same-named .txt captions, or a .jsonl of "
-                                    '{"image": path, "caption": text}')
+                                    '{"image": path, "caption": text}; edits for FLUX.1 Kontext / FLUX.2 add '
+                                    '"reference": path or "references": [paths] (the image is the result)')
     a("--out", required=True, help="output folder (refused when not empty, unless --resume or --overwrite)")
     a("--rank", type=int, default=16, help="LoRA rank (default 16)")
     a("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
@@ -55,6 +56,9 @@ def add_parser(sub) -> None:
     a("--grad-accum", type=int, default=1)
     a("--max-steps", type=int, default=1000, help="optimizer steps (default 1000)")
     a("--resolution", type=int, default=1024, help="square training resolution, a multiple of 16 (default 1024)")
+    a("--reference-resolution", type=int, default=None,
+      help="square side of an edit's reference images (default: what the pipeline feeds at inference: 1024 for "
+           "FLUX.1 Kontext and Qwen-Image-Edit, --resolution for FLUX.2)")
     a("--no-center-crop", dest="center_crop", action="store_false", help="crop the top-left square instead")
     a("--max-sequence-length", type=int, default=None, help="text tokens (default: the pipeline's; at most what the model takes)")
     a("--mixed-precision", default="bf16", choices=("no", "bf16", "fp16"),

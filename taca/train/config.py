@@ -69,6 +69,9 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 1000  # optimizer steps
     resolution: int = 1024
+    # square side of the reference images of edits; None: the pipeline's own (Kontext / Qwen-Image-Edit 1024
+    # whatever the output size, FLUX.2 the output's)
+    reference_resolution: Optional[int] = None
     center_crop: bool = True
     random_flip: bool = False
     max_sequence_length: Optional[int] = None  # text tokens; None: the pipeline's default (FLUX 512, SD3 256)
@@ -145,6 +148,9 @@ class TrainConfig:
                 raise _err(arg, f"must be an integer >= {lo}, got {v!r}")
         if not isinstance(self.resolution, int) or self.resolution < 16 or self.resolution % 16:
             raise _err("--resolution", f"must be a multiple of 16 (VAE factor 8 x patch 2), got {self.resolution!r}")
+        r = self.reference_resolution
+        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 16 or r % 16):
+            raise _err("--reference-resolution", f"must be a multiple of 16, got {r!r}")
         if self.max_sequence_length is not None and (not isinstance(self.max_sequence_length, int)
                                                      or isinstance(self.max_sequence_length, bool)
                                                      or self.max_sequence_length < 1):

@@ -1,8 +1,12 @@
 """Training data: discovery and checks, image preprocessing, the on-disk cache and the sampler.
 
 Data: a folder of images with same-named ``.txt`` captions (``cat.png`` + ``cat.txt``), or a
-``.jsonl`` file of ``{"image": path, "caption": text}`` lines (paths relative to the file).
-Images are resized (shorter side to the resolution, Lanczos) and center-cropped to a square.
+``.jsonl`` file of ``{"image": path, "caption": text}`` lines (paths relative to the file). For the
+pipelines that condition on reference images (FLUX.1 Kontext, FLUX.2) a JSONL line may add
+``"reference": path`` or ``"references": [path, ...]``: the image is then the edit's result, the
+references its inputs, and every line gives the same number of them.
+Images, references too, are resized (shorter side to the resolution, Lanczos) and center-cropped
+to a square.
 
 Cache: each image's latents and each caption's text embeddings are computed once and stored as
 safetensors under ``<cache>/latents/<key>.safetensors`` and ``<cache>/text/<key>.safetensors``.
@@ -42,6 +46,7 @@ def _derr(msg: str) -> ValueError:
 class Sample:
     image: str
     caption: str
+    references: Tuple[str, ...] = ()  # reference (input) images of an edit, in order
 
 
 def discover(data: str) -> List[Sample]:
@@ -55,9 +60,20 @@ def discover(data: str) -> List[Sample]:
         raise _derr(f"{data} is neither a folder nor a .jsonl file")
     if not samples:
         raise _derr(f"{data} holds no images ({', '.join(IMAGE_EXTS)})")
+    counts = sorted({len(s.references) for s in samples})
+    if len(counts) > 1:
+        first = {n: next(s.image for s in samples if len(s.references) == n) for n in counts}
+        raise _derr(f"every sample needs the same number of reference images, {data} has "
+                    f"{' and '.join(f'{n} ({os.path.basename(first[n])}, ...)' for n in counts)}")
     for s in samples:
-        check_image(s.image)
+        for path in (s.image,) + s.references:
+            check_image(path)
     return samples
+
+
+def n_references(samples: List[Sample]) -> int:
+    """The number of reference images each sample has (``discover`` checked it is the same for all)."""
+    return len(samples[0].references) if samples else 0
 
 
 def _from_folder(folder: str) -> List[Sample]:
@@ -92,11 +108,35 @@ def _from_jsonl(path: str) -> List[Sample]:
                 raise _derr(f'{path} line {i}: expected {{"image": "<path>", "caption": "<text>"}}')
             if not rec["caption"].strip():
                 raise _derr(f"{path} line {i}: the caption is empty")
-            img = rec["image"] if os.path.isabs(rec["image"]) else os.path.join(base, rec["image"])
-            if not os.path.isfile(img):
-                raise _derr(f"{path} line {i}: image {img} does not exist")
-            out.append(Sample(img, rec["caption"].strip()))
+            img = _existing(base, rec["image"], f"{path} line {i}: image")
+            refs = _references(rec, f"{path} line {i}")
+            out.append(Sample(img, rec["caption"].strip(), tuple(_existing(base, r, f"{path} line {i}: reference")
+                                                                 for r in refs)))
     return sorted(out, key=lambda s: s.image)
+
+
+def _existing(base: str, p: str, what: str) -> str:
+    full = p if os.path.isabs(p) else os.path.join(base, p)
+    if not os.path.isfile(full):
+        raise _derr(f"{what} {full} does not exist")
+    return full
+
+
+def _references(rec: dict, where: str) -> List[str]:
+    """A JSONL record's reference paths: ``"reference": path`` or ``"references": [path, ...]``."""
+    if "reference" in rec and "references" in rec:
+        raise _derr(f'{where}: give "reference" or "references", not both')
+    if "reference" in rec:
+        refs = [rec["reference"]]
+    elif "references" not in rec:
+        return []
+    else:
+        refs = rec["references"]
+        if not isinstance(refs, list) or not refs:
+            raise _derr(f'{where}: "references" must be a non-empty list of image paths')
+    if not all(isinstance(r, str) and r for r in refs):
+        raise _derr(f'{where}: a reference must be an image path (a string), got {refs!r}')
+    return refs
 
 
 def check_image(path: str) -> None:
@@ -110,10 +150,8 @@ def check_image(path: str) -> None:
         raise _derr(f"{path} is not a readable image ({type(e).__name__}: {e})") from None
 
 
-def load_image(path: str, resolution: int, center_crop: bool = True) -> torch.Tensor:
-    """(3, R, R) float32 in [-1, 1]: shorter side resized to R (Lanczos), then a center (or
-    top-left) crop."""
-    import numpy as np
+def load_pil(path: str, resolution: int, center_crop: bool = True):
+    """The RGB PIL image R x R: shorter side resized to R (Lanczos), then a center (or top-left) crop."""
     from PIL import Image
 
     with Image.open(path) as im:
@@ -123,8 +161,14 @@ def load_image(path: str, resolution: int, center_crop: bool = True) -> torch.Te
         nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
         im = im.resize((nw, nh), Image.LANCZOS)
         x0, y0 = ((nw - resolution) // 2, (nh - resolution) // 2) if center_crop else (0, 0)
-        im = im.crop((x0, y0, x0 + resolution, y0 + resolution))
-        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+        return im.crop((x0, y0, x0 + resolution, y0 + resolution))
+
+
+def load_image(path: str, resolution: int, center_crop: bool = True) -> torch.Tensor:
+    """(3, R, R) float32 in [-1, 1]: ``load_pil``'s image."""
+    import numpy as np
+
+    arr = np.asarray(load_pil(path, resolution, center_crop), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
@@ -161,9 +205,12 @@ class Cache:
         self.image_key = image_key
         self.text_key = text_key
         self.entries: List[Tuple[str, str]] = []  # per sample: (latent file, text file)
+        self.references: List[Tuple[str, ...]] = []  # per sample: its references' latent files
 
-    def latent_path(self, image_sha: str) -> str:
-        return os.path.join(self.root, "latents", f"{image_sha[:32]}-{self.image_key}.safetensors")
+    def latent_path(self, image_sha: str, key: Optional[str] = None) -> str:
+        """The latents of an image; ``key``: what produced them, when not ``image_key`` (references at
+        another size)."""
+        return os.path.join(self.root, "latents", f"{image_sha[:32]}-{key or self.image_key}.safetensors")
 
     def text_path(self, caption_sha: str) -> str:
         return os.path.join(self.root, "text", f"{caption_sha[:32]}-{self.text_key}.safetensors")

@@ -28,7 +28,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig, parse_targets
-from .data import Cache, Sampler, _mix, component_fingerprint, discover, file_sha256, load_image, text_sha256
+from .data import (Cache, Sampler, _mix, component_fingerprint, discover, file_sha256, load_image, load_pil,
+                   n_references, text_sha256)
 
 ADAPTER = "default"
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
@@ -146,13 +147,14 @@ def _transformer_skeleton(model: str):
         return cls.from_config(config)
 
 
-def check_model(cfg: TrainConfig) -> None:
+def check_model(cfg: TrainConfig, n_refs: int = 0) -> None:
     """Raise ConfigError before any weights are loaded when ``--model`` is known (a known hub id or
-    a local folder's model_index.json) to be a family taca train does not train, or to take fewer
-    text tokens than ``--max-sequence-length``."""
+    a local folder's model_index.json) to be a family taca train does not train, to take fewer
+    text tokens than ``--max-sequence-length``, or fewer reference images than the data's
+    ``n_refs`` per sample."""
     from .. import models
-    from ..cli import MAX_SEQUENCE_LENGTH, _peek_family
-    from .families import supported
+    from ..cli import MAX_SEQUENCE_LENGTH, _peek_family, _peek_pipeline_class
+    from .families import check_references, family_class, supported
 
     family = _peek_family(cfg.model)
     if family is None:
@@ -166,6 +168,9 @@ def check_model(cfg: TrainConfig) -> None:
         names = [a.short_label() for a in trained if a is not None]
         raise ConfigError(f"taca train: argument --model: {cfg.model} is a {label} model, which taca train does "
                           f"not train (taca.enable runs it); taca train trains {'; '.join(names)}")
+    pipeline_class = _peek_pipeline_class(cfg.model)
+    if pipeline_class is not None:
+        check_references(family_class(adapter.name), pipeline_class, n_refs)
     n = cfg.max_sequence_length
     if n is None:
         return
@@ -208,19 +213,42 @@ def _prepare_out(cfg: TrainConfig, is_main: bool) -> None:
     os.makedirs(cfg.out, exist_ok=True)
 
 
+def reference_resolution(cfg: TrainConfig, family) -> int:
+    """The square side the references of edits are loaded at: ``--reference-resolution``, else what the
+    pipeline feeds at inference (``family.reference_resolution``)."""
+    return cfg.reference_resolution if cfg.reference_resolution is not None else family.reference_resolution(cfg.resolution)
+
+
 def _build_cache(cfg, family, samples, accelerator, device, weight_dtype, bar) -> Cache:
     text_fp = component_fingerprint(cfg.model, family.text_modules())
     image_fp = component_fingerprint(cfg.model, family.image_modules())
+    ref_res = reference_resolution(cfg, family)
+    # a caption whose embedding sees the references (Qwen-Image-Edit's vision-language encoder) is
+    # keyed by the references' content and size too
+    text_refs = family.text_references() and any(s.references for s in samples)
+
+    def image_key(res):
+        return _short(f"{family.name}:{image_fp}:{res}:{cfg.center_crop}:{weight_dtype}")
+
     cache = Cache(
         cfg.resolved_cache_dir(),
-        image_key=_short(f"{family.name}:{image_fp}:{cfg.resolution}:{cfg.center_crop}:{weight_dtype}"),
-        text_key=_short(f"{family.name}:{text_fp}:{cfg.max_sequence_length}:{weight_dtype}"),
+        image_key=image_key(cfg.resolution),
+        text_key=_short(f"{family.name}:{text_fp}:{cfg.max_sequence_length}:{weight_dtype}"
+                        + (f":{family.pipeline_class}:{ref_res}:{cfg.center_crop}" if text_refs else "")),
     )
+    ref_key = image_key(ref_res)
     rank, world = accelerator.process_index, accelerator.num_processes
     img_sha = [file_sha256(s.image) for s in samples]
-    cap_sha = [text_sha256(s.caption) for s in samples]
-    todo_img = sorted({(h, s.image) for h, s in zip(img_sha, samples) if not os.path.isfile(cache.latent_path(h))})
-    todo_txt = sorted({(h, s.caption) for h, s in zip(cap_sha, samples) if not os.path.isfile(cache.text_path(h))})
+    ref_sha = [tuple(file_sha256(r) for r in s.references) for s in samples]
+    cap_sha = [text_sha256(s.caption + "".join(f"\0{h}" for h in hs)) if text_refs else text_sha256(s.caption)
+               for s, hs in zip(samples, ref_sha)]
+    # references are cached as latents like the targets (at the same size, an image that is both is one entry)
+    images = {(cache.image_key, cfg.resolution, h, s.image) for h, s in zip(img_sha, samples)}
+    images |= {(ref_key, ref_res, h, r) for hs, s in zip(ref_sha, samples) for h, r in zip(hs, s.references)}
+    todo_img = sorted({(k, res, h) + (p,) for k, res, h, p in images if not os.path.isfile(cache.latent_path(h, k))})
+    todo_img = [t for i, t in enumerate(todo_img) if i == 0 or t[:3] != todo_img[i - 1][:3]]  # one path per entry
+    todo_txt = sorted({(h, s.caption, s.references if text_refs else ()) for h, s in zip(cap_sha, samples)
+                       if not os.path.isfile(cache.text_path(h))})
     # every rank must list the same missing files before any rank writes one: otherwise a slow
     # rank lists fewer, the rank::world shares no longer cover the list, and entries go missing
     accelerator.wait_for_everyone()
@@ -232,29 +260,34 @@ def _build_cache(cfg, family, samples, accelerator, device, weight_dtype, bar) -
             m.to(device)
         for i in bar(range(0, len(mine_txt), chunk), desc="caching text embeddings", unit="batch"):
             part = mine_txt[i:i + chunk]
-            enc = family.split_text(family.encode_text([c for _, c in part], device, cfg.max_sequence_length))
-            for (h, _), e in zip(part, enc):
+            kw = {"references": [[load_pil(p, ref_res, cfg.center_crop) for p in refs] for _, _, refs in part]} \
+                if text_refs else {}
+            enc = family.split_text(family.encode_text([c for _, c, _ in part], device, cfg.max_sequence_length, **kw))
+            for (h, _, _), e in zip(part, enc):
                 # embeddings in the weights' dtype; masks, lengths and ids as they are
                 cache.write(cache.text_path(h), {k: v.to(weight_dtype) if v.is_floating_point() else v
                                                  for k, v in e.items()})
             if i == 0:  # every rank writes to this disk: the whole list's remainder must fit
-                size = max(os.path.getsize(cache.text_path(h)) for h, _ in part)
+                size = max(os.path.getsize(cache.text_path(h)) for h, _, _ in part)
                 cache.check_space(size, len(todo_txt) - len(part), "text embeddings",
                                   " or a shorter --max-sequence-length (entries are padded to it)")
     if mine_img:
         for m in family.image_modules():
             m.to(device)
-        for i in bar(range(0, len(mine_img), chunk), desc="caching latents", unit="batch"):
-            part = mine_img[i:i + chunk]
-            px = torch.stack([load_image(p, cfg.resolution, cfg.center_crop) for _, p in part])
+        # batches of one size (targets at --resolution, references at theirs)
+        groups = [[t for t in mine_img if t[1] == res] for res in sorted({t[1] for t in mine_img})]
+        chunks = [g[i:i + chunk] for g in groups for i in range(0, len(g), chunk)]
+        for i, part in enumerate(bar(chunks, desc="caching latents", unit="batch")):
+            px = torch.stack([load_image(p, res, cfg.center_crop) for _, res, _, p in part])
             lat = family.encode_images(px)
-            for j, (h, _) in enumerate(part):
-                cache.write(cache.latent_path(h), {"latents": lat[j].to(weight_dtype)})
+            for j, (k, _, h, _) in enumerate(part):
+                cache.write(cache.latent_path(h, k), {"latents": lat[j].to(weight_dtype)})
             if i == 0:
-                size = max(os.path.getsize(cache.latent_path(h)) for h, _ in part)
+                size = max(os.path.getsize(cache.latent_path(h, k)) for k, _, h, _ in part)
                 cache.check_space(size, len(todo_img) - len(part), "latents", " or a lower --resolution")
     accelerator.wait_for_everyone()
     cache.entries = [(cache.latent_path(a), cache.text_path(b)) for a, b in zip(img_sha, cap_sha)]
+    cache.references = [tuple(cache.latent_path(h, ref_key) for h in hs) for hs in ref_sha]
     return cache
 
 
@@ -400,7 +433,7 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
     samples = discover(cfg.data)
     targets = parse_targets(cfg.lora_targets)
     if pipeline is None:
-        check_model(cfg)
+        check_model(cfg, n_references(samples))
         check_targets(cfg.model, targets)
 
     log_with = None
@@ -437,14 +470,16 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
         accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
             param_dtype=weight_dtype, reduce_dtype=torch.float32, output_dtype=weight_dtype)
     pipe = pipeline if pipeline is not None else _load_pipeline(cfg, weight_dtype)
-    _prepare_out(cfg, is_main)
-    accelerator.wait_for_everyone()
-
-    from .families import family_for
+    from .families import check_references, family_for
 
     family = family_for(pipe)
+    n_refs = n_references(samples)
+    check_references(type(family), family.pipeline_class, n_refs)  # before --out is touched
+    _prepare_out(cfg, is_main)
+    accelerator.wait_for_everyone()
     transformer = pipe.transformer
-    say(f"{type(pipe).__name__} ({family.name}), {len(samples)} samples, {world} process(es) on {device}, "
+    say(f"{type(pipe).__name__} ({family.name}), {len(samples)} samples"
+        f"{f' with {n_refs} reference image(s) each' if n_refs else ''}, {world} process(es) on {device}, "
         f"weights {str(weight_dtype).replace('torch.', '')}, TACA {'on: gamma %g for t >= %g' % (cfg.gamma, cfg.t_min) if cfg.taca else 'off (control LoRA)'}")
     if device.type == "cuda":
         # cuDNN's SDPA backward crashed (illegal memory access) in a FLUX-sized LoRA step on an H200
@@ -569,6 +604,9 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
                 entries = [cache.entries[i] for i in idx]
                 x0 = torch.stack([Cache.read(a)["latents"] for a, _ in entries]).to(device)
                 cond = {k: v.to(device) for k, v in family.collate([Cache.read(b) for _, b in entries]).items()}
+                if n_refs:  # (B, R, C, h, w)
+                    cond["reference_latents"] = torch.stack([
+                        torch.stack([Cache.read(r)["latents"] for r in cache.references[i]]) for i in idx]).to(device)
                 seeds = [_mix(cfg.seed, position, p) for p in pos]
                 sigma64 = sample_sigmas([torch.Generator().manual_seed(s) for s in seeds], cfg, shift)
                 noise = torch.stack([

@@ -10,9 +10,13 @@ same ones diffusers' ``train_dreambooth_lora_flux.py`` / ``train_dreambooth_lora
   shifting, so training sigmas are not shifted.
 - SD3 / SD3.5 (``SD3Transformer2DModel``): ``timestep = 1000 sigma``; sigmas are shifted with the
   scheduler's static shift (3.0), as diffusers' SD3 script does by indexing the shifted schedule.
-- The other families (Qwen-Image, FLUX.2, Chroma, Z-Image, HiDream, Lumina2) live in this package's
+- The other families (Qwen-Image, FLUX.2, Chroma, Z-Image, HiDream, Lumina2, ...) live in this package's
   modules, one per family, each following diffusers' own LoRA script for the model where there is
   one (``train_dreambooth_lora_<model>.py``); they are imported when a pipeline of theirs is trained.
+- Reference images (edits): a family whose pipelines condition on images appended after the image
+  tokens (FLUX.1 Kontext, FLUX.2) says how many per sample its pipeline takes (``references_for``);
+  their latents (``encode_images``, cached like the targets') reach ``predict`` as
+  ``cond["reference_latents"]`` (B, R, C, h, w), and the loss covers the target's tokens only.
 - Any pipeline that implements the three methods ``encode_text(captions) -> dict``,
   ``encode_images(pixels) -> latents`` and ``predict(noisy, sigma, cond) -> output`` (the
   miniature, ``taca.mini``) is trained through them.
@@ -41,6 +45,33 @@ class Family:
 
     def __init__(self, pipe):
         self.pipe = pipe
+        self.pipeline_class = type(pipe).__name__
+
+    # --- reference images -------------------------------------------------------------------
+    @classmethod
+    def references_for(cls, pipeline_class: str) -> int:
+        """How many reference images per sample a pipeline of this class conditions on in training
+        (0: text to image only)."""
+        return 0
+
+    @classmethod
+    def references_needed(cls, pipeline_class: str) -> int:
+        """How many a pipeline of this class needs (an edit pipeline whose prompt template expects an
+        image: 1)."""
+        return 0
+
+    def max_references(self) -> int:
+        return self.references_for(self.pipeline_class)
+
+    def reference_resolution(self, resolution: int) -> int:
+        """The square side references are loaded at by default: what the pipeline feeds its model at
+        inference for a square input (``resolution``: the training images')."""
+        return resolution
+
+    def text_references(self) -> bool:
+        """True when the text embedding depends on the references (``encode_text`` then takes
+        ``references``: per caption, its reference images as RGB PIL images at the reference size)."""
+        return False
 
     # --- what is trained -----------------------------------------------------------------
     # the module names "attn" / "attn+ff" stand for (PEFT matches a name or a dotted suffix);
@@ -267,9 +298,40 @@ def flux_latents(out: torch.Tensor, shape) -> torch.Tensor:
     return out.view(B, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h, w)
 
 
+def flux_reference_tokens(refs: torch.Tensor, label: str = "FLUX Kontext"):
+    """A Kontext reference's latents (B, 1, C, h, w) -> (tokens (B, h/2 * w/2, 4 C), ids whose
+    first coordinate is 1), as ``FluxKontextPipeline.prepare_latents`` builds them."""
+    from diffusers import FluxPipeline
+
+    if refs.dim() != 5 or refs.shape[1] != 1:
+        raise ValueError(f"taca train: {label} takes one reference latent per sample, (B, 1, C, h, w); got "
+                         f"{tuple(refs.shape)}")
+    ref = refs[:, 0]
+    B, C, h, w = ref.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"taca train: {label} reference latents must have even height and width, got {h}x{w}")
+    ids = FluxPipeline._prepare_latent_image_ids(B, h // 2, w // 2, ref.device, ref.dtype)
+    ids[..., 0] = 1
+    return FluxPipeline._pack_latents(ref, B, C, h, w), ids
+
+
 class FluxFamily(_DiffusersFamily):
+    """FLUX.1 and FLUX.1 Kontext. Kontext edits (``FluxKontextPipeline``): the reference image's
+    latents, packed like the target's, follow the image tokens with ids (1, i, j), the guidance
+    embedding as for FLUX.1-dev, and the output is cut to the target's tokens, as the pipeline does;
+    without references a Kontext pipeline trains text to image (which it also generates)."""
+
     name = "flux"
     _text_attrs = ("text_encoder", "text_encoder_2")
+
+    @classmethod
+    def references_for(cls, pipeline_class):
+        return 1 if "Kontext" in pipeline_class else 0
+
+    def reference_resolution(self, resolution):
+        # FluxKontextPipeline resizes its input to the preferred Kontext resolution of the nearest
+        # aspect ratio (_auto_resize): 1024 x 1024 for a square, whatever the output size
+        return 1024 if self.max_references() else resolution
 
     def shift(self):
         return 1.0
@@ -287,10 +349,15 @@ class FluxFamily(_DiffusersFamily):
         config = getattr(transformer, "config", None) or _unwrap(transformer).config
         g = torch.full((B,), float(guidance), device=noisy.device, dtype=torch.float32) \
             if config.guidance_embeds else None
+        n = packed.shape[1]
+        refs = cond.get("reference_latents")
+        if refs is not None:
+            ref_tokens, ref_ids = flux_reference_tokens(refs.to(packed.dtype))
+            packed, img_ids = torch.cat([packed, ref_tokens], 1), torch.cat([img_ids, ref_ids], 0)
         out = transformer(hidden_states=packed, timestep=sigma, guidance=g,
                           pooled_projections=cond["pooled_prompt_embeds"], encoder_hidden_states=pe,
                           txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-        return flux_latents(out, noisy.shape)
+        return flux_latents(out[:, :n], noisy.shape)
 
     def lora_saver(self):
         from diffusers import FluxPipeline
@@ -375,6 +442,40 @@ _FAMILIES = {"flux": FluxFamily, "sd3": SD3Family, "qwenimage": "qwenimage:QwenI
              "auraflow": "auraflow:AuraFlowFamily", "cogview4": "cogview4:CogView4Family"}
 
 
+# what the reference-image error lists: the pipelines trained with reference images
+REFERENCE_PIPELINES = ("FluxKontextPipeline (1 each), Flux2Pipeline / Flux2KleinPipeline (any number), "
+                       "QwenImageEditPipeline (1), QwenImageEditPlusPipeline (any number)")
+
+
+def check_references(family_cls, pipeline_class: str, n: int) -> None:
+    """Raise ConfigError naming ``--data`` when the data's ``n`` reference images per sample are
+    more than a ``pipeline_class`` pipeline of ``family_cls`` takes."""
+    from ..config import ConfigError
+
+    need = family_cls.references_needed(pipeline_class)
+    if n < need:
+        raise ConfigError(f"taca train: argument --data: {pipeline_class} trains edits: every sample needs "
+                          f"{need} reference image{'s' * (need > 1)} or more (\"reference\" / \"references\" in the "
+                          f".jsonl), the data gives {n}")
+    limit = family_cls.references_for(pipeline_class)
+    if n <= limit:
+        return
+    takes = "no reference images" if limit == 0 else f"at most {limit} reference image{'s' * (limit > 1)}"
+    raise ConfigError(f"taca train: argument --data: {pipeline_class} takes {takes}, and the data gives {n} per "
+                      f"sample; reference images train these pipelines: {REFERENCE_PIPELINES}")
+
+
+def family_class(adapter_name: str):
+    """The training family class of an adapter name (taca.models), or None."""
+    family = _FAMILIES.get(adapter_name)
+    if isinstance(family, str):
+        import importlib
+
+        mod, cls = family.split(":")
+        family = getattr(importlib.import_module(f"{__name__}.{mod}"), cls)
+    return family
+
+
 def supported() -> List[str]:
     """The adapter names (taca.models) of the families taca train knows."""
     return sorted(_FAMILIES)
@@ -388,12 +489,7 @@ def family_for(pipe) -> Family:
 
     t = getattr(pipe, "transformer", None)
     adapter = adapter_class(t) if isinstance(t, torch.nn.Module) else None
-    family = _FAMILIES.get(adapter.name) if adapter is not None else None
-    if isinstance(family, str):
-        import importlib
-
-        mod, cls = family.split(":")
-        family = getattr(importlib.import_module(f"{__name__}.{mod}"), cls)
+    family = family_class(adapter.name) if adapter is not None else None
     if family is not None:
         return family(pipe)
     raise TypeError(f"taca train: {type(pipe).__name__} is not supported: the families are {', '.join(supported())} "

@@ -19,9 +19,14 @@ as diffusers' ``train_dreambooth_lora_flux2.py`` / ``train_dreambooth_lora_flux2
 - the scheduler uses dynamic shifting (the pipelines pass their own mu), and the scripts do not
   shift the sampled sigmas: ``shift()`` is 1 (a static shift would be taken from the scheduler).
 
-Text-to-image only: edit conditioning (reference images appended after the image tokens) and the
-Klein-KV pipeline's reference K/V cache are not trained here (a Klein-KV pipeline trains as plain
-text-to-image: its processors without a cache mode are the stock computation).
+- reference images (edits; ``Flux2Pipeline`` / ``Flux2KleinPipeline``'s ``image``): each one's
+  latents as ``encode_images`` makes them (the pipelines' ``_encode_vae_image``), packed and
+  appended after the image tokens in order, with ids from ``_prepare_image_ids`` (t = 10, 20, ...
+  for the first, second, ...); the output is cut to the target's tokens, as the pipelines do.
+
+The Klein-KV pipeline's reference K/V cache is not trained here (a Klein-KV pipeline trains as
+plain text to image, without references: its processors without a cache mode are the stock
+computation).
 """
 from __future__ import annotations
 
@@ -58,7 +63,11 @@ class Flux2Family(_DiffusersFamily):
 
         self._saver = type(pipe) if callable(getattr(type(pipe), "save_lora_weights", None)) else Flux2Pipeline
 
-    # --- what is trained -----------------------------------------------------------------
+    @classmethod
+    def references_for(cls, pipeline_class):
+        # the pipelines take a list of any length; the Klein-KV pipeline's references go through its cache
+        return 1 << 16 if pipeline_class in ("Flux2Pipeline", "Flux2KleinPipeline") else 0
+
     # --- caching ----------------------------------------------------------------------------
     def encode_text(self, captions, device, max_sequence_length):
         kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
@@ -93,6 +102,12 @@ class Flux2Family(_DiffusersFamily):
         config = getattr(transformer, "config", None) or _unwrap(transformer).config
         g = torch.full((B,), float(guidance), device=noisy.device, dtype=torch.float32) \
             if config.guidance_embeds and not self._klein else None
+        refs = cond.get("reference_latents")
+        if refs is not None:  # (B, R, C, h', w'): packed in order after the image tokens
+            lats = [refs[:, r].to(tokens.dtype) for r in range(refs.shape[1])]
+            ref_ids = Flux2Pipeline._prepare_image_ids([x[:1] for x in lats]).to(noisy.device)  # (1, N, 4)
+            tokens = torch.cat([tokens] + [Flux2Pipeline._pack_latents(x) for x in lats], 1)
+            img_ids = torch.cat([img_ids, ref_ids.expand(B, -1, -1).to(img_ids.dtype)], 1)
         # the pipelines pass t / 1000 (= sigma); the transformer multiplies by 1000 itself
         out = transformer(hidden_states=tokens, timestep=sigma, guidance=g, encoder_hidden_states=pe,
                           txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]

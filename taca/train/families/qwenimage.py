@@ -25,9 +25,22 @@ diffusers' ``train_dreambooth_lora_qwen_image.py`` and of the 0.42.1 pipeline it
   stream's four by default (``--lora-targets to_q,to_k,to_v,to_out.0`` reproduces it). "attn+ff"
   adds the image and text MLPs.
 
-Text-to-image only: the Edit / EditPlus / Layered pipelines share the transformer but condition on
-reference images (extra latent tokens after the image, an image-aware prompt template); that
-conditioning is out of scope, and those pipelines are refused rather than trained without it.
+Edits (``QwenImageEditPipeline``: one reference; ``QwenImageEditPlusPipeline``: any number), as the
+0.42.1 pipelines condition on references (diffusers has no Qwen-Image-Edit LoRA script):
+
+- the prompt: the pipeline's own ``encode_prompt`` with the references shown to Qwen2.5-VL (its edit
+  template and image placeholders, one caption at a time: the pipelines share one set of references
+  across a batch of prompts). Edit shows the reference at its VAE size (1024 x 1024 for a square);
+  Edit Plus resizes each to 384 x 384 area first (``CONDITION_IMAGE_SIZE``), as ``__call__`` does.
+  A caption's entry therefore depends on its references: the cache keys it by their content and
+  size too. ``max_sequence_length`` does not reach the edit pipelines' encoder (they encode the
+  whole prompt), nor taca train's.
+- the references' latents: ``encode_images`` of the reference at 1024 x 1024 (``VAE_IMAGE_SIZE``,
+  the pipelines' size for a square input, whatever the output's; ``--reference-resolution``
+  overrides), packed 2x2 and appended after the image tokens in order, with ``img_shapes`` listing
+  the target's then each reference's (1, h/2, w/2); the output is cut to the target's tokens.
+- the edit pipelines need references (their template expects an image); the Edit Inpaint and
+  Layered pipelines (a mask, RGBA layers) are refused rather than trained without their conditioning.
 """
 from __future__ import annotations
 
@@ -43,6 +56,9 @@ _ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
 _FF = ["img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
 _MASK = "prompt_embeds_mask"
 _DEFAULT_MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline.__call__'s and the script's default
+# the edit pipelines trained with references, and how many each takes
+_EDIT = {"QwenImageEditPipeline": 1, "QwenImageEditPlusPipeline": 1 << 16}
+_VAE_IMAGE_SIDE = 1024  # the edit pipelines' VAE size for a square input (calculate_dimensions(1024 ** 2, 1))
 
 
 class QwenImageFamily(_MaskedTextFamily, _DiffusersFamily):
@@ -53,14 +69,33 @@ class QwenImageFamily(_MaskedTextFamily, _DiffusersFamily):
 
     def __init__(self, pipe):
         cls = type(pipe).__name__
-        if "Edit" in cls or "Layered" in cls:
+        if ("Edit" in cls or "Layered" in cls) and cls not in _EDIT:
             raise ValueError(
-                f"taca train: {cls} conditions on reference images, which taca train does not feed; "
-                f"Qwen-Image training is text-to-image (load the model as a QwenImagePipeline)")
+                f"taca train: {cls} conditions on what taca train does not feed (a mask or layers); Qwen-Image "
+                f"trains text to image (QwenImagePipeline) or edits (QwenImageEditPipeline, QwenImageEditPlusPipeline)")
         super().__init__(pipe)
+        self._edit = cls in _EDIT
+        self._plus = cls == "QwenImageEditPlusPipeline"
+
+    # --- reference images -------------------------------------------------------------------
+    @classmethod
+    def references_for(cls, pipeline_class):
+        return _EDIT.get(pipeline_class, 0)
+
+    @classmethod
+    def references_needed(cls, pipeline_class):
+        return 1 if pipeline_class in _EDIT else 0
+
+    def reference_resolution(self, resolution):
+        return _VAE_IMAGE_SIDE if self._edit else resolution
+
+    def text_references(self):
+        return self._edit
 
     # --- caching ----------------------------------------------------------------------------
-    def encode_text(self, captions, device, max_sequence_length):
+    def encode_text(self, captions, device, max_sequence_length, references=None):
+        if self._edit:
+            return self._encode_edit(captions, device, references)
         if max_sequence_length is None:
             max_sequence_length = call_default(self.pipe, "max_sequence_length", _DEFAULT_MAX_SEQUENCE_LENGTH)
         with torch.no_grad():
@@ -69,6 +104,30 @@ class QwenImageFamily(_MaskedTextFamily, _DiffusersFamily):
         if mask is None:  # the pipeline drops the mask when no prompt is padded
             mask = torch.ones(pe.shape[:2], dtype=torch.long, device=pe.device)
         return {"prompt_embeds": pe, _MASK: mask}
+
+    def _encode_edit(self, captions, device, references):
+        """Each caption with its own references shown to the vision-language encoder, as the edit
+        pipelines' ``__call__`` shows them; the entries padded to the longest with the mask."""
+        if references is None or len(references) != len(captions) or not all(references):
+            raise ValueError(f"taca train: {type(self.pipe).__name__} encodes each caption with its reference images")
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION_IMAGE_SIZE, calculate_dimensions
+
+        embeds = []
+        with torch.no_grad():
+            for caption, refs in zip(captions, references):
+                if self._plus:
+                    shown = []
+                    for im in refs:
+                        w, h = calculate_dimensions(CONDITION_IMAGE_SIZE, im.size[0] / im.size[1])[:2]
+                        shown.append(self.pipe.image_processor.resize(im, h, w))
+                else:
+                    shown = refs[0]
+                pe, _ = self.pipe.encode_prompt(prompt=[caption], image=shown, device=device)
+                embeds.append(pe[0])
+        n = max(e.shape[0] for e in embeds)
+        pe = torch.stack([torch.cat([e, e.new_zeros(n - e.shape[0], e.shape[1])]) for e in embeds])
+        mask = torch.arange(n, device=pe.device)[None] < torch.tensor([e.shape[0] for e in embeds], device=pe.device)[:, None]
+        return {"prompt_embeds": pe, _MASK: mask.long()}
 
     def encode_images(self, pixels):
         vae = self.vae()
@@ -88,6 +147,19 @@ class QwenImageFamily(_MaskedTextFamily, _DiffusersFamily):
         if h % 2 or w % 2:
             raise ValueError(f"taca train: Qwen-Image latents must have even height and width, got {h}x{w}")
         packed = QwenImagePipeline._pack_latents(x, B, C, h, w)
+        n, shapes = packed.shape[1], [(1, h // 2, w // 2)]
+        refs = cond.get("reference_latents")
+        if refs is not None:  # (B, R, C, 1, h', w'): packed in order after the image tokens
+            tokens = [packed]
+            for r in range(refs.shape[1]):
+                ref, _ = one_frame(refs[:, r].to(packed.dtype), "Qwen-Image-Edit reference")
+                hr, wr = ref.shape[-2:]
+                if hr % 2 or wr % 2:
+                    raise ValueError(f"taca train: Qwen-Image-Edit reference latents must have even height and width, "
+                                     f"got {hr}x{wr}")
+                tokens.append(QwenImagePipeline._pack_latents(ref, B, C, hr, wr))
+                shapes.append((1, hr // 2, wr // 2))
+            packed = torch.cat(tokens, 1)
         mask = cond.get(_MASK)
         if mask is not None:
             mask = mask.to(device=noisy.device, dtype=torch.bool)
@@ -98,9 +170,9 @@ class QwenImageFamily(_MaskedTextFamily, _DiffusersFamily):
             if config.get("guidance_embeds", False) else None
         out = transformer(hidden_states=packed, timestep=sigma, guidance=g,
                           encoder_hidden_states=cond["prompt_embeds"], encoder_hidden_states_mask=mask,
-                          img_shapes=[[(1, h // 2, w // 2)]] * B, return_dict=False)[0]
+                          img_shapes=[shapes] * B, return_dict=False)[0]
         # (B, h/2 * w/2, 4 C) tokens back to latents: the inverse of _pack_latents
-        out = out.reshape(B, h // 2, w // 2, -1, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, -1, h, w)
+        out = out[:, :n].reshape(B, h // 2, w // 2, -1, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, -1, h, w)
         return out.unsqueeze(2) if five else out
 
     def lora_saver(self):
