@@ -439,7 +439,8 @@ _FAMILIES = {"flux": FluxFamily, "sd3": SD3Family, "qwenimage": "qwenimage:QwenI
              "flux2": "flux2:Flux2Family", "chroma": "chroma:ChromaFamily", "zimage": "zimage:ZImageFamily",
              "hidream": "hidream:HiDreamFamily", "lumina2": "lumina2:Lumina2Family", "krea2": "krea2:Krea2Family",
              "ideogram4": "ideogram4:Ideogram4Family", "qwenimage21": "qwenimage21:QwenImage21Family",
-             "auraflow": "auraflow:AuraFlowFamily", "cogview4": "cogview4:CogView4Family"}
+             "auraflow": "auraflow:AuraFlowFamily", "cogview4": "cogview4:CogView4Family",
+             "ernie_image": "ernie_image:ErnieImageFamily"}
 
 
 # what the reference-image error lists: the pipelines trained with reference images
