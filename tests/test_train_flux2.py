@@ -29,7 +29,7 @@ from taca.train import train  # noqa: E402
 from taca.train.families import family_for  # noqa: E402
 from taca.train.families.flux2 import Flux2Family  # noqa: E402
 from train_checks import (GammaCounter, check_batch_independent, check_taca_run, control_run,  # noqa: E402
-                          data_fixture, load, train_config, write_data)
+                          data_fixture, load, record_forwards, train_config, write_data)
 
 RES = 32  # 32x32 images: 2-level VAE (scale 2) -> 16x16 latents -> 2x2 patches -> 8x8 = 64 image tokens
 TEXT_LEN = 40  # every prompt padded to 40 text tokens
@@ -187,6 +187,18 @@ def _record(transformer):
     return calls, transformer.register_forward_hook(hook, with_kwargs=True)
 
 
+def _check_same_call(kind, kw_p, out_p, kw_f, out_f):
+    """The family's transformer call (kw_f, out_f) is the pipeline's (kw_p, out_p), bit for bit: the
+    timestep (float32), tokens, text, ids, the guidance (dev: 2.5; klein: none) and the output."""
+    assert kw_f["timestep"].dtype == torch.float32 and torch.equal(kw_f["timestep"], kw_p["timestep"])
+    for k in ("hidden_states", "encoder_hidden_states", "txt_ids", "img_ids"):
+        assert kw_f[k].dtype == kw_p[k].dtype and torch.equal(kw_f[k], kw_p[k]), k
+    if kind == "dev":
+        assert torch.equal(kw_f["guidance"], kw_p["guidance"]) and float(kw_f["guidance"][0]) == 2.5
+    else:
+        assert kw_p["guidance"] is None and kw_f["guidance"] is None
+    assert torch.equal(out_f, out_p)
+
 @pytest.mark.parametrize("kind", ["klein", "dev"])
 def test_predict_is_the_pipelines_transformer_call(kind, models):
     """The pipeline's own __call__ (2 steps: t = 1000 in the window, then one outside it) records
@@ -217,14 +229,7 @@ def test_predict_is_the_pipelines_transformer_call(kind, models):
     assert n_pipe == 2 and len(calls) == 4
     gammas = []
     for (kw_p, out_p, g_p), (kw_f, out_f, g_f) in zip(calls[:2], calls[2:]):
-        assert kw_f["timestep"].dtype == torch.float32 and torch.equal(kw_f["timestep"], kw_p["timestep"])
-        for k in ("hidden_states", "encoder_hidden_states", "txt_ids", "img_ids"):
-            assert kw_f[k].dtype == kw_p[k].dtype and torch.equal(kw_f[k], kw_p[k]), k
-        if kind == "dev":
-            assert torch.equal(kw_f["guidance"], kw_p["guidance"]) and float(kw_f["guidance"][0]) == 2.5
-        else:
-            assert kw_p["guidance"] is None and kw_f["guidance"] is None
-        assert torch.equal(out_f, out_p)
+        _check_same_call(kind, kw_p, out_p, kw_f, out_f)
         assert (g_p is None) == (g_f is None) and (g_p is None or torch.equal(g_p, g_f))
         gammas.append(None if g_p is None else g_p.tolist())
     assert gammas == [[pytest.approx(1.2)] * 2, None]  # step 0 (sigma 1) in the window, step 1 out
@@ -436,14 +441,7 @@ def test_predict_with_references_is_the_pipelines_call(kind, models, tmp_path):
         kw_f, out_f, g_f = calls[1]
         others = [predict(0, 2), predict(1, 0), predict()]
     hook.remove()
-    assert kw_f["timestep"].dtype == torch.float32 and torch.equal(kw_f["timestep"], kw_p["timestep"])
-    for k in ("hidden_states", "encoder_hidden_states", "txt_ids", "img_ids"):
-        assert kw_f[k].dtype == kw_p[k].dtype and torch.equal(kw_f[k], kw_p[k]), k
-    if kind == "dev":
-        assert torch.equal(kw_f["guidance"], kw_p["guidance"]) and float(kw_f["guidance"][0]) == 2.5
-    else:
-        assert kw_p["guidance"] is None and kw_f["guidance"] is None
-    assert torch.equal(out_f, out_p)
+    _check_same_call(kind, kw_p, out_p, kw_f, out_f)
     assert g_p is not None and torch.equal(g_f, g_p) and g_p.tolist() == [pytest.approx(1.2)] * 2
     assert torch.equal(pred, Flux2Pipeline._unpack_latents_with_ids(out_p[:, :N_TOKENS], ids[:, :N_TOKENS]))
     for other in others:  # another second reference; the two swapped; no reference
@@ -475,22 +473,6 @@ def edits(tmp_path_factory):
     return str(folder / "edits.jsonl"), rows
 
 
-def _record_training_forwards(monkeypatch):
-    """Every Flux2Transformer2DModel forward's hidden_states, img_ids and encoder_hidden_states
-    (training loads its own pipeline: the class's forward is wrapped)."""
-    from diffusers import Flux2Transformer2DModel
-
-    calls = []
-    real = Flux2Transformer2DModel.forward
-
-    def forward(self, *args, **kw):
-        calls.append({k: kw[k].detach().clone() for k in ("hidden_states", "img_ids", "encoder_hidden_states")})
-        return real(self, *args, **kw)
-
-    monkeypatch.setattr(Flux2Transformer2DModel, "forward", forward)
-    return calls
-
-
 @pytest.mark.parametrize("kind", ["klein", "dev"])
 def test_training_with_references(kind, models, edits, tmp_path, monkeypatch):
     """taca train on the edits JSONL (two references per line): gamma 1.2 in every joint attention
@@ -507,7 +489,9 @@ def test_training_with_references(kind, models, edits, tmp_path, monkeypatch):
 
     jsonl, rows = edits
     gammas = GammaCounter(monkeypatch).gammas
-    forwards = _record_training_forwards(monkeypatch)
+    from diffusers import Flux2Transformer2DModel
+
+    forwards = record_forwards(monkeypatch, Flux2Transformer2DModel, ("hidden_states", "img_ids", "encoder_hidden_states"))
     res = train(_cfg(models[kind], jsonl, tmp_path / "out", lr=1e-2), progress=False)
     monkeypatch.undo()
     check_taca_run(res, gammas, 3 * N_JOINT)

@@ -25,7 +25,7 @@ from taca.train import loop as train_loop  # noqa: E402
 from taca.train.data import discover, load_image  # noqa: E402
 from taca.train.families import FluxFamily, check_references, family_for  # noqa: E402
 from train_checks import (GammaCounter, Record, check_adapter_in_pipeline, check_taca_run, control_run,  # noqa: E402,F401
-                          load, one_torch_thread, train_config)
+                          load, one_torch_thread, record_forwards, train_config)
 
 RES = 32  # 32x32 images: the demo's 1-level VAE -> 32x32 latents -> 16x16 = 256 target tokens, as many reference ones
 TEXT_LEN = 16
@@ -169,19 +169,12 @@ def run(models, edits, tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     gammas = GammaCounter(mp).gammas
-    lengths = []
-    real = FluxTransformer2DModel.forward
-
-    def forward(self, hidden_states=None, *a, **kw):
-        lengths.append(int(hidden_states.shape[1]))
-        return real(self, hidden_states, *a, **kw)
-
-    mp.setattr(FluxTransformer2DModel, "forward", forward)
+    forwards = record_forwards(mp, FluxTransformer2DModel)
     try:
         res = train(_cfg(models["kontext"], edits)(tmp_path_factory.mktemp("run") / "out"), progress=False)
     finally:
         mp.undo()
-    return res, gammas, lengths
+    return res, gammas, [f["hidden_states"].shape[1] for f in forwards]
 
 
 def test_training_with_references(run, models):
@@ -209,17 +202,10 @@ def test_references_at_their_own_size(models, edits, tmp_path, monkeypatch):
 
     assert family_for(load(models["kontext"])).reference_resolution(RES) == 1024
     assert family_for(load(models["flux"])).reference_resolution(RES) == RES
-    lengths = []
-    real = FluxTransformer2DModel.forward
-
-    def forward(self, hidden_states=None, *a, **kw):
-        lengths.append(int(hidden_states.shape[1]))
-        return real(self, hidden_states, *a, **kw)
-
-    monkeypatch.setattr(FluxTransformer2DModel, "forward", forward)
+    forwards = record_forwards(monkeypatch, FluxTransformer2DModel)
     res = train(_cfg(models["kontext"], edits)(tmp_path / "out", reference_resolution=48, max_steps=2),
                 progress=False)
-    assert res.steps == 2 and lengths == [N_IMG + 24 * 24] * 2
+    assert res.steps == 2 and [f["hidden_states"].shape[1] for f in forwards] == [N_IMG + 24 * 24] * 2
     assert len(os.listdir(tmp_path / "out" / "cache" / "latents")) == 8
 
 

@@ -30,7 +30,7 @@ from taca.train.families import check_references, family_for  # noqa: E402
 from taca.train.families.qwenimage import QwenImageFamily  # noqa: E402
 from test_train_qwenimage import SCHEDULER, TINY, _text_encoder  # noqa: E402
 from train_checks import (GammaCounter, Record, check_taca_run, one_torch_thread, qwen2_bpe_tokenizer,  # noqa: E402,F401
-                          qwenimage_vae, train_config)
+                          qwenimage_vae, record_forwards, train_config)
 
 RES = 32  # 32x32 pixels -> 8x8 latents (the tiny VAE's factor 4) -> 4x4 = 16 image tokens
 N_IMG = (RES // 4 // 2) ** 2
@@ -156,17 +156,10 @@ def _train(pipe, data, out, monkeypatch, **kw):
     from diffusers import QwenImageTransformer2DModel
 
     gammas = GammaCounter(monkeypatch).gammas
-    lengths = []
-    real = QwenImageTransformer2DModel.forward
-
-    def forward(self, hidden_states=None, *a, **k):
-        lengths.append(int(hidden_states.shape[1]))
-        return real(self, hidden_states, *a, **k)
-
-    monkeypatch.setattr(QwenImageTransformer2DModel, "forward", forward)
+    forwards = record_forwards(monkeypatch, QwenImageTransformer2DModel)
     cfg = train_config("tiny/qwen-image-edit", data, out / "run", resolution=RES, reference_resolution=RES,
                        max_sequence_length=None, **kw)
-    return train(cfg, pipeline=pipe, progress=False), gammas, lengths
+    return train(cfg, pipeline=pipe, progress=False), gammas, [f["hidden_states"].shape[1] for f in forwards]
 
 
 @pytest.mark.parametrize("plus", [False, True], ids=["edit", "edit_plus"])

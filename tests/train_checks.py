@@ -4,7 +4,8 @@
 - the recipe: :func:`train_config` (tests/test_train.py's TrainConfig, any field in kw in its
   place), :func:`write_data`, :class:`GammaCounter`, :func:`launch_ddp` and :func:`assert_same_adapters`
   (re-exported from tests/test_train.py),
-  :func:`load`, :func:`text_cond`, :func:`checked_family`;
+  :func:`load`, :func:`text_cond`, :func:`checked_family`, :func:`record_forwards` (a model class's
+  forward kwargs, training runs included);
 - module fixtures: :func:`model_fixture`, :func:`data_fixture` and :func:`run_fixture` (one TACA
   run, every gamma recorded) make them; :func:`cache_dir` and the autouse :func:`one_torch_thread`
   are fixtures to import by name;
@@ -284,6 +285,20 @@ class Record:
         self.calls = []
         self.h = module.register_forward_hook(
             lambda m, a, kw, out: self.calls.append((dict(kw), out[0].detach().clone())), with_kwargs=True)
+
+
+def record_forwards(monkeypatch, cls, keys=("hidden_states",)):
+    """Every forward of the model class cls from now on (a training run loads its own pipeline, so
+    the class's forward is wrapped): detached copies of the keyword arguments named in keys."""
+    calls = []
+    real = cls.forward
+
+    def forward(self, *args, **kw):
+        calls.append({k: kw[k].detach().clone() for k in keys})
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(cls, "forward", forward)
+    return calls
 
 
 def cached_text(res):

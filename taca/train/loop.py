@@ -270,7 +270,8 @@ def _build_cache(cfg, family, samples, accelerator, device, weight_dtype, bar) -
             if i == 0:  # every rank writes to this disk: the whole list's remainder must fit
                 size = max(os.path.getsize(cache.text_path(h)) for h, _, _ in part)
                 cache.check_space(size, len(todo_txt) - len(part), "text embeddings",
-                                  " or a shorter --max-sequence-length (entries are padded to it)")
+                                  " or a shorter --max-sequence-length (entries are padded to it)"
+                                  if _takes_max_sequence_length(family) else "")
     if mine_img:
         for m in family.image_modules():
             m.to(device)
@@ -289,6 +290,15 @@ def _build_cache(cfg, family, samples, accelerator, device, weight_dtype, bar) -
     cache.entries = [(cache.latent_path(a), cache.text_path(b)) for a, b in zip(img_sha, cap_sha)]
     cache.references = [tuple(cache.latent_path(h, ref_key) for h in hs) for hs in ref_sha]
     return cache
+
+
+def _takes_max_sequence_length(family) -> bool:
+    """Whether --max-sequence-length means something to the family's pipeline (its adapter says)."""
+    from ..models import adapter_class
+
+    t = getattr(getattr(family, "pipe", None), "transformer", None)
+    adapter = adapter_class(t) if isinstance(t, torch.nn.Module) else None
+    return adapter is None or adapter.takes_max_sequence_length
 
 
 def _short(s: str) -> str:
