@@ -41,7 +41,7 @@ class BriaAdapter(Adapter):
     current_t_pipelines = frozenset()
     pipelines = ("BriaPipeline",)
     negative_prompt = True
-    max_sequence_length = 128
+    max_sequence_length = 512  # BriaPipeline.check_inputs' limit (its default is 128)
 
     def processor(self, name, module):
         return TacaFluxLikeProcessor(name, _BRIA, from_state=True)

@@ -292,6 +292,17 @@ def _build_cache(cfg, family, samples, accelerator, device, weight_dtype, bar) -
     return cache
 
 
+def _how_to_load(family) -> str:
+    """How a user loads the saved adapter into the family's pipeline (some have no LoRA loader)."""
+    import diffusers
+
+    cls = getattr(diffusers, family.pipeline_class, None)
+    if cls is None or callable(getattr(cls, "load_lora_weights", None)):
+        return "pipe.load_lora_weights(...) or taca.enable(pipe, lora=...)"
+    return (f"taca.enable(pipe, lora=...) or pipe.transformer.load_lora_adapter(..., prefix='transformer'): "
+            f"{family.pipeline_class} has no load_lora_weights")
+
+
 def _takes_max_sequence_length(family) -> bool:
     """Whether --max-sequence-length means something to the family's pipeline (its adapter says)."""
     from ..models import adapter_class
@@ -677,7 +688,7 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
         family.lora_saver().save_lora_weights(cfg.out, transformer_lora_layers=sd,
                                               transformer_lora_adapter_metadata=meta, weight_name=ADAPTER_FILE)
         _plot_losses(log_path, os.path.join(cfg.out, "loss.png"))
-        say(f"wrote {result.adapter} (load it with pipe.load_lora_weights(...) or taca.enable(pipe, lora=...))")
+        say(f"wrote {result.adapter} (load it with {_how_to_load(family)})")
     if log_with is not None:
         accelerator.end_training()
     accelerator.wait_for_everyone()
