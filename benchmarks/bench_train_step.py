@@ -3,7 +3,8 @@
 Question: does training with TACA cost more than training without it? Target (issue 10): s/step
 ratio TACA / stock <= 1.00 on FLUX.1-dev-sized and SD3.5-Medium-sized transformers, with the same
 peak memory within 2%. ``--models flux2,qwenimage`` adds FLUX.2-dev- and Qwen-Image-sized ones (configs
-of bench_models_step.py; their taca train families' predict and "attn" targets: both streams).
+of bench_models_step.py; their taca train families' predict and "attn" targets: both streams); ``kontext`` a
+FLUX.1-Kontext-dev edit step (FLUX.1-dev's transformer, one 1024x1024 reference: 8192 image tokens).
 
 Models have the real configurations and random bf16 weights (no download). The step is taca
 train's own: ``taca.train.loop.flow_matching_loss`` through the family's ``predict`` (FLUX: packed
@@ -60,7 +61,7 @@ ATTN_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 
 
-MODELS = ("flux", "sd35m", "flux2", "qwenimage")
+MODELS = ("flux", "sd35m", "flux2", "qwenimage", "kontext")
 
 
 def build(kind, tiny, device, dtype):
@@ -70,8 +71,9 @@ def build(kind, tiny, device, dtype):
         cls, cfg = {"flux2": (diffusers.Flux2Transformer2DModel, TINY_FLUX2 if tiny else FLUX2_DEV),
                     "qwenimage": (diffusers.QwenImageTransformer2DModel, TINY_QWEN if tiny else QWEN_IMAGE)}[kind]
     else:
-        cls = diffusers.FluxTransformer2DModel if kind == "flux" else diffusers.SD3Transformer2DModel
-        cfg = (TINY_FLUX if kind == "flux" else TINY_SD35M) if tiny else (FLUX_DEV if kind == "flux" else SD35_MEDIUM)
+        flux = kind in ("flux", "kontext")  # FLUX.1-Kontext-dev has FLUX.1-dev's transformer config
+        cls = diffusers.FluxTransformer2DModel if flux else diffusers.SD3Transformer2DModel
+        cfg = (TINY_FLUX if flux else TINY_SD35M) if tiny else (FLUX_DEV if flux else SD35_MEDIUM)
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in bf16 on the device: no float32 copy of 12B weights
@@ -88,6 +90,8 @@ def family(kind, model):
     pipeline's class name and the scheduler's shift; no encoder runs here)."""
     if kind == "flux":
         return FluxFamily(None)
+    if kind == "kontext":  # an edit: the reference's tokens follow the target's
+        return FluxFamily(type("FluxKontextPipeline", (SimpleNamespace,), {})(scheduler=None))
     if kind == "sd35m":
         return SD3Family(SimpleNamespace(scheduler=SimpleNamespace(config={"shift": 3.0})))
     from taca.train.families.flux2 import Flux2Family
@@ -118,11 +122,14 @@ def batch_inputs(kind, model, batch, tiny, device, dtype):
             cond["prompt_embeds_mask"] = torch.ones(batch, L, dtype=torch.long, device=device)  # unpadded
         return x0, cond, L
     side = 8 if tiny else 128  # latent side at 1024x1024 (VAE factor 8)
-    ch = cfg.in_channels // 4 if kind == "flux" else cfg.in_channels  # FLUX packs 2x2 latent pixels
-    L = (12 if tiny else 512) if kind == "flux" else (11 if tiny else 333)
+    flux = kind in ("flux", "kontext")
+    ch = cfg.in_channels // 4 if flux else cfg.in_channels  # FLUX packs 2x2 latent pixels
+    L = (12 if tiny else 512) if flux else (11 if tiny else 333)
     x0 = torch.randn(batch, ch, side, side, generator=g).to(device, dtype)
     cond = {"prompt_embeds": torch.randn(batch, L, cfg.joint_attention_dim, generator=g).to(device, dtype),
             "pooled_prompt_embeds": torch.randn(batch, cfg.pooled_projection_dim, generator=g).to(device, dtype)}
+    if kind == "kontext":  # one reference image at 1024x1024: 4096 more image tokens
+        cond["reference_latents"] = torch.randn(batch, 1, ch, side, side, generator=g).to(device, dtype)
     return x0, cond, L
 
 
@@ -165,7 +172,7 @@ def main(argv=None):
             model.enable_gradient_checkpointing()
         fam = family(kind, model)
         model.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                     target_modules=ATTN_TARGETS if kind in ("flux", "sd35m") else fam.target_modules("attn")))
+                                     target_modules=ATTN_TARGETS if kind in ("flux", "sd35m", "kontext") else fam.target_modules("attn")))
         cast_training_params(model, dtype=torch.float32)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
