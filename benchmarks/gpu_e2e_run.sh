@@ -2,7 +2,8 @@
 # One device call (about 8 min): end to end after a kernel change. Build; one transformer call and the 28-step
 # schedule of SD3.5-Large- and FLUX.1-dev-sized transformers, stock vs TACA (bench_pipeline.py); the LoRA training
 # step of SD3.5-Medium- and FLUX.1-dev-sized transformers, stock vs taca (bench_train_step.py), SD3 first (the D = 64
-# kernels changed). NEW_MODELS=1 adds the FLUX.2-dev- and Qwen-Image-sized training steps (their taca train families).
+# kernels changed). NEW_MODELS=1 adds the FLUX.2-dev- and Qwen-Image-sized training steps (their taca train families)
+# and a FLUX.1-Kontext-dev edit step with one reference.
 # Run: run(command="bash benchmarks/gpu_e2e_run.sh", carry=[".whl"]); files under $OUT.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -18,6 +19,10 @@ timeout 130 python3 benchmarks/bench_train_step.py --models flux --batches 1 --m
 if [ "${NEW_MODELS:-0}" = 1 ]; then  # FLUX.2-dev- (32B) and Qwen-Image-sized (20B) LoRA training steps, batch 1
   timeout 300 python3 benchmarks/bench_train_step.py --models qwenimage,flux2 --batches 1 --methods stock,taca \
     --rounds 3 --steps 4 --out "$OUT" > "$OUT/train_new.txt" 2>&1; echo "train new rc=$?"; grep "^|" "$OUT/train_new.txt"
+  # a FLUX.1-Kontext-dev edit step (one 1024 px reference: 8192 image tokens; taca train's reference path)
+  timeout 200 python3 benchmarks/bench_train_step.py --models kontext --batches 1 --methods stock,taca \
+    --rounds 3 --steps 4 --out "$OUT/kontext" > "$OUT/train_kontext.txt" 2>&1; echo "train kontext rc=$?"
+  grep "^|" "$OUT/train_kontext.txt"
 fi
 } 2>&1 | tee "$OUT/log.txt"
 bash benchmarks/pack_out.sh "$OUT"
