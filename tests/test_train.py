@@ -439,11 +439,10 @@ def test_bad_input(tmp_path, monkeypatch, capsys, models, data):
     b(["--max-sequence-length", "0"], "argument --max-sequence-length: must be a positive integer")
     b(["--max-sequence-length", "600"], "argument --max-sequence-length: FLUX.1, FLUX Kontext pipelines take at most")
     # a family taca.enable runs but taca train does not train, told from model_index.json alone
-    other = tmp_path / "longcat"
+    other = tmp_path / "omnigen"
     other.mkdir()
-    (other / "model_index.json").write_text(json.dumps({"_class_name": "LongCatImagePipeline"}))
-    b(["--model", str(other)], "is a LongCat-Image, LongCat-Image-Edit model, which taca train does not train "
-                               "(taca.enable runs it)")
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "OmniGenPipeline"}))
+    b(["--model", str(other)], "is a OmniGen model, which taca train does not train (taca.enable runs it)")
     hidream = tmp_path / "hidream"
     hidream.mkdir()
     (hidream / "model_index.json").write_text(json.dumps({"_class_name": "HiDreamImagePipeline"}))

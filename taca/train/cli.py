@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
         "train", help="train a TACA LoRA (the paper's recipe) on a folder of captioned images",
         description="LoRA training with TACA on, written in diffusers' LoRA format (FLUX.1, SD3/SD3.5, FLUX.2, "
                     "Qwen-Image, Qwen-Image 2.1, Chroma, Z-Image, HiDream-I1, Lumina-Image 2.0, Krea 2, Ideogram 4, AuraFlow, "
-                    "CogView4, ERNIE-Image, Ovis-Image, Bria 3.x; edits with reference images: FLUX.1 Kontext, FLUX.2, Qwen-Image-Edit).",
+                    "CogView4, ERNIE-Image, Ovis-Image, Bria 3.x, LongCat-Image; edits with reference images: FLUX.1 Kontext, "
+                    "FLUX.2, Qwen-Image-Edit, LongCat-Image-Edit).",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = t.add_argument
     a("--model", required=True, help="hub id (e.g. black-forest-labs/FLUX.1-dev) or a local pipeline folder")
@@ -58,7 +59,7 @@ def add_parser(sub) -> None:
     a("--resolution", type=int, default=1024, help="square training resolution, a multiple of 16 (default 1024)")
     a("--reference-resolution", type=int, default=None,
       help="square side of an edit's reference images (default: what the pipeline feeds at inference: 1024 for "
-           "FLUX.1 Kontext and Qwen-Image-Edit, --resolution for FLUX.2)")
+           "FLUX.1 Kontext, Qwen-Image-Edit and LongCat-Image-Edit, --resolution for FLUX.2)")
     a("--no-center-crop", dest="center_crop", action="store_false", help="crop the top-left square instead")
     a("--max-sequence-length", type=int, default=None, help="text tokens (default: the pipeline's; at most what the model takes)")
     a("--mixed-precision", default="bf16", choices=("no", "bf16", "fp16"),

@@ -69,7 +69,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 1000  # optimizer steps
     resolution: int = 1024
-    # square side of the reference images of edits; None: the pipeline's own (Kontext / Qwen-Image-Edit 1024
+    # square side of the reference images of edits; None: the pipeline's own (Kontext / Qwen / LongCat edits 1024
     # whatever the output size, FLUX.2 the output's)
     reference_resolution: Optional[int] = None
     center_crop: bool = True

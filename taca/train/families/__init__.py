@@ -440,13 +440,14 @@ _FAMILIES = {"flux": FluxFamily, "sd3": SD3Family, "qwenimage": "qwenimage:QwenI
              "hidream": "hidream:HiDreamFamily", "lumina2": "lumina2:Lumina2Family", "krea2": "krea2:Krea2Family",
              "ideogram4": "ideogram4:Ideogram4Family", "qwenimage21": "qwenimage21:QwenImage21Family",
              "auraflow": "auraflow:AuraFlowFamily", "cogview4": "cogview4:CogView4Family",
+             "longcat": "longcat:LongCatImageFamily",
              "ernie_image": "ernie_image:ErnieImageFamily", "ovis": "ovis:OvisImageFamily",
              "bria": "bria:BriaFamily"}
 
 
 # what the reference-image error lists: the pipelines trained with reference images
 REFERENCE_PIPELINES = ("FluxKontextPipeline (1 each), Flux2Pipeline / Flux2KleinPipeline (any number), "
-                       "QwenImageEditPipeline (1), QwenImageEditPlusPipeline (any number)")
+                       "QwenImageEditPipeline (1), QwenImageEditPlusPipeline (any number), LongCatImageEditPipeline (1)")
 
 
 def check_references(family_cls, pipeline_class: str, n: int) -> None:
