@@ -460,6 +460,22 @@ def test_bad_input(tmp_path, monkeypatch, capsys, models, data):
         TrainConfig(model=models["flux"], data=data, out=str(tmp_path / "x"), lora_targets="to_q;rm -rf").validate()
 
 
+def test_a_family_refuses_an_option_before_loading(tmp_path, monkeypatch, capsys, models, data):
+    """Family.check_config runs on the pipeline class read from model_index.json, before any weights
+    load and before --out is written (the CLI exits 2 with its one-line message)."""
+    from taca.train.families import FluxFamily
+
+    seen = []
+
+    def refuse(cls, cfg, pipeline_class):
+        seen.append((cls.__name__, pipeline_class, cfg.rank))
+        raise ConfigError("taca train: argument --rank: not with this pipeline (a test)")
+
+    monkeypatch.setattr(FluxFamily, "check_config", classmethod(refuse))
+    _bad(tmp_path, monkeypatch, capsys, models, data, ["--rank", "8"], "argument --rank: not with this pipeline")
+    assert seen == [("FluxFamily", "FluxPipeline", 8)]
+
+
 def test_overwrite_replaces_only_what_train_wrote(models, data, tmp_path):
     out = tmp_path / "out"
     train(_cfg(models["flux"], data, out, max_steps=1), progress=False)

@@ -488,3 +488,10 @@ def test_what_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="trains edits"):
         train(_edit_cfg(str(data), tmp_path / "out"), pipeline=_pipeline(edit=True), progress=False)
     assert not (tmp_path / "out").exists()
+    # a --max-sequence-length for the edit pipeline (not known before loading: the adapter lists only the
+    # text-to-image pipeline) is refused once it is loaded, still before --out is written
+    edits = _edits(tmp_path / "edits")
+    with pytest.raises(ConfigError, match="argument --max-sequence-length: LongCat-Image.* take no max_sequence_length"):
+        train(_edit_cfg(edits, tmp_path / "out", max_sequence_length=256), pipeline=_pipeline(edit=True),
+              progress=False)
+    assert not (tmp_path / "out").exists()

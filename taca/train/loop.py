@@ -171,16 +171,21 @@ def check_model(cfg: TrainConfig, n_refs: int = 0) -> None:
     pipeline_class = _peek_pipeline_class(cfg.model)
     if pipeline_class is not None:
         check_references(family_class(adapter.name), pipeline_class, n_refs)
+        family_class(adapter.name).check_config(cfg, pipeline_class)
     n = cfg.max_sequence_length
     if n is None:
         return
-    if not adapter.takes_max_sequence_length:
-        raise ConfigError(f"taca train: argument --max-sequence-length: {label} pipelines set the prompt length "
-                          f"themselves and take no max_sequence_length; leave it out")
+    _check_takes_max_sequence_length(cfg, adapter)
     limit = MAX_SEQUENCE_LENGTH.get(family, adapter.max_sequence_length)
     if n > limit:
         raise ConfigError(f"taca train: argument --max-sequence-length: {label} pipelines take at most {limit} "
                           f"text tokens, got {n}")
+
+
+def _check_takes_max_sequence_length(cfg: TrainConfig, adapter) -> None:
+    if cfg.max_sequence_length is not None and adapter is not None and not adapter.takes_max_sequence_length:
+        raise ConfigError(f"taca train: argument --max-sequence-length: {adapter.short_label()} pipelines set the "
+                          f"prompt length themselves and take no max_sequence_length; leave it out")
 
 
 def check_targets(model: str, spec) -> None:
@@ -496,6 +501,11 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
     family = family_for(pipe)
     n_refs = n_references(samples)
     check_references(type(family), family.pipeline_class, n_refs)  # before --out is touched
+    type(family).check_config(cfg, family.pipeline_class)
+    if family.name != "protocol":
+        from ..models import adapter_class
+
+        _check_takes_max_sequence_length(cfg, adapter_class(pipe.transformer))
     _prepare_out(cfg, is_main)
     accelerator.wait_for_everyone()
     transformer = pipe.transformer

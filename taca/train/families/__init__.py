@@ -63,6 +63,12 @@ class Family:
     def max_references(self) -> int:
         return self.references_for(self.pipeline_class)
 
+    @classmethod
+    def check_config(cls, cfg, pipeline_class: str) -> None:
+        """Raise ConfigError (naming the argument) for a training option a ``pipeline_class`` pipeline
+        cannot train with. Called before any weights load where the class is known (a local folder's
+        model_index.json, a known hub id), and again before ``--out`` is touched."""
+
     def reference_resolution(self, resolution: int) -> int:
         """The square side references are loaded at by default: what the pipeline feeds its model at
         inference for a square input (``resolution``: the training images')."""
