@@ -209,6 +209,48 @@ def pad_collate(entries: Sequence[Dict[str, torch.Tensor]], mask: str, seq: Sequ
     return out
 
 
+def fixed_text_length(n, pipe, default: int, limit: int, label: str) -> int:
+    """``--max-sequence-length`` for a pipeline that pads every prompt to a fixed length: None -> the
+    pipeline's ``__call__`` default (else ``default``); a ConfigError naming the argument for a
+    non-positive length or one above ``limit`` (what the pipeline's check_inputs refuses)."""
+    from ..config import ConfigError
+
+    if n is None:
+        n = call_default(pipe, "max_sequence_length", default)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"taca train: argument --max-sequence-length: must be a positive integer, got {n!r}")
+    if n > limit:
+        raise ConfigError(f"taca train: argument --max-sequence-length: {label} pipelines take at most {limit} text "
+                          f"tokens ({type(pipe).__name__}.check_inputs refuses more), got {n}")
+    return n
+
+
+def check_text_parts(pipe, label: str, parts=("text_encoder", "tokenizer")) -> None:
+    """ValueError unless the pipeline has the parts that encode the captions."""
+    missing = [a for a in parts if getattr(pipe, a, None) is None]
+    if missing:
+        raise ValueError(f"taca train: the {label} pipeline has no {' / '.join(missing)} to encode the captions with")
+
+
+def check_tokens_and_text(noisy: torch.Tensor, pe: torch.Tensor, label: str) -> None:
+    """ValueError unless noisy is (B, C, h, w) and the prompt embeddings (B, L, D) for its batch."""
+    if noisy.dim() != 4:
+        raise ValueError(f"taca train: {label} latents must be (B, C, h, w), got {tuple(noisy.shape)}")
+    if pe.dim() != 3 or pe.shape[0] != noisy.shape[0]:
+        raise ValueError(f"taca train: {label} prompt_embeds must be (B, L, D) for the latents' batch of "
+                         f"{noisy.shape[0]}, got {tuple(pe.shape)}")
+
+
+def saver_or_flux(pipeline_name: str):
+    """The diffusers pipeline class that writes the adapter: ``pipeline_name``'s where it has
+    ``save_lora_weights``, else FluxPipeline (the same "transformer."-prefixed file, which the
+    transformer's ``load_lora_adapter(prefix="transformer")`` and ``taca.enable(lora=)`` read)."""
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_name)
+    return cls if hasattr(cls, "save_lora_weights") else diffusers.FluxPipeline
+
+
 def vae_mode(vae, pixels: torch.Tensor) -> torch.Tensor:
     """The VAE posterior's mean for ``pixels`` (its own dtype and device): cached once, so sampling
     it per step would need the variance cached too (for FLUX's and SD3's VAEs the posterior std is

@@ -77,7 +77,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _DiffusersFamily, _unwrap, call_default, flux_latents, flux_tokens
+from . import (_DiffusersFamily, _unwrap, check_text_parts, check_tokens_and_text, fixed_text_length, flux_latents,
+               flux_tokens, saver_or_flux)
 
 _MAX_SEQUENCE_LENGTH = 512  # BriaPipeline.check_inputs refuses more (l. 318-319)
 _DEFAULT_SEQUENCE_LENGTH = 128  # BriaPipeline.__call__'s default (l. 469)
@@ -123,24 +124,13 @@ class BriaFamily(_DiffusersFamily):
 
     def max_sequence_length(self, n) -> int:
         """``--max-sequence-length`` as the pipeline takes it: None -> its default (128); at most 512."""
-        from ..config import ConfigError
-
-        if n is None:
-            n = call_default(self.pipe, "max_sequence_length", _DEFAULT_SEQUENCE_LENGTH)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(f"taca train: argument --max-sequence-length: must be a positive integer, got {n!r}")
-        if n > _MAX_SEQUENCE_LENGTH:
-            raise ConfigError(f"taca train: argument --max-sequence-length: Bria pipelines take at most "
-                              f"{_MAX_SEQUENCE_LENGTH} text tokens (BriaPipeline.check_inputs refuses more), got {n}")
-        return n
+        return fixed_text_length(n, self.pipe, _DEFAULT_SEQUENCE_LENGTH, _MAX_SEQUENCE_LENGTH, "Bria")
 
     # --- caching ----------------------------------------------------------------------------
     def encode_text(self, captions, device, max_sequence_length):
         n = self.max_sequence_length(max_sequence_length)
         pipe = self.pipe
-        missing = [a for a in ("text_encoder", "tokenizer") if getattr(pipe, a, None) is None]
-        if missing:
-            raise ValueError(f"taca train: the Bria pipeline has no {' / '.join(missing)} to encode the captions with")
+        check_text_parts(pipe, "Bria")
         with torch.no_grad():
             pe = pipe.encode_prompt(prompt=list(captions), device=device, do_classifier_free_guidance=False,
                                     max_sequence_length=n)[0]
@@ -149,11 +139,7 @@ class BriaFamily(_DiffusersFamily):
     # --- training forward -------------------------------------------------------------------
     def predict(self, transformer, noisy, sigma, cond, guidance):
         pe = cond["prompt_embeds"]
-        if noisy.dim() != 4:
-            raise ValueError(f"taca train: Bria latents must be (B, C, h, w), got {tuple(noisy.shape)}")
-        if pe.dim() != 3 or pe.shape[0] != noisy.shape[0]:
-            raise ValueError(f"taca train: Bria prompt_embeds must be (B, L, D) for the latents' batch of "
-                             f"{noisy.shape[0]}, got {tuple(pe.shape)}")
+        check_tokens_and_text(noisy, pe, "Bria")
         packed, img_ids, _ = flux_tokens(noisy, pe.shape[1], "Bria")
         # encode_prompt's text ids: float32 zeros (l. 238), whatever the latents' dtype
         txt_ids = torch.zeros(pe.shape[1], 3, device=noisy.device)
@@ -163,10 +149,4 @@ class BriaFamily(_DiffusersFamily):
         return flux_latents(out, noisy.shape)
 
     def lora_saver(self):
-        from diffusers import BriaPipeline
-
-        if hasattr(BriaPipeline, "save_lora_weights"):
-            return BriaPipeline
-        from diffusers import FluxPipeline  # the same "transformer."-prefixed file format
-
-        return FluxPipeline
+        return saver_or_flux("BriaPipeline")  # no LoRA loader in diffusers 0.42.1

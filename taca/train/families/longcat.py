@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _DiffusersFamily, flux_latents
+from . import _DiffusersFamily, flux_latents, saver_or_flux
 
 _T2I, _EDIT = "LongCatImagePipeline", "LongCatImageEditPipeline"
 _TOKENIZER_MAX_LENGTH = 512  # the pipelines' tokenizer_max_length: every caption padded to it
@@ -216,10 +216,4 @@ class LongCatImageFamily(_DiffusersFamily):
         return flux_latents(out[:, :n], noisy.shape)
 
     def lora_saver(self):
-        from diffusers import LongCatImagePipeline
-
-        if hasattr(LongCatImagePipeline, "save_lora_weights"):
-            return LongCatImagePipeline
-        from diffusers import FluxPipeline  # the same "transformer."-prefixed file format
-
-        return FluxPipeline
+        return saver_or_flux("LongCatImagePipeline")  # no LoRA loader in diffusers 0.42.1

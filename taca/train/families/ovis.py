@@ -68,7 +68,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _DiffusersFamily, call_default, flux_latents, flux_tokens
+from . import (_DiffusersFamily, check_text_parts, check_tokens_and_text, fixed_text_length, flux_latents, flux_tokens,
+               saver_or_flux)
 
 _MAX_SEQUENCE_LENGTH = 256  # OvisImagePipeline.__call__'s default, and the most its check_inputs allows
 
@@ -88,26 +89,13 @@ class OvisImageFamily(_DiffusersFamily):
 
     def max_sequence_length(self, n) -> int:
         """``--max-sequence-length`` as the pipeline takes it: None -> its default (256); at most 256."""
-        from ..config import ConfigError
-
-        if n is None:
-            n = call_default(self.pipe, "max_sequence_length", _MAX_SEQUENCE_LENGTH)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(f"taca train: argument --max-sequence-length: must be a positive integer, got {n!r}")
-        if n > _MAX_SEQUENCE_LENGTH:
-            raise ConfigError(f"taca train: argument --max-sequence-length: Ovis-Image pipelines take at most "
-                              f"{_MAX_SEQUENCE_LENGTH} text tokens (OvisImagePipeline.check_inputs refuses more), "
-                              f"got {n}")
-        return n
+        return fixed_text_length(n, self.pipe, _MAX_SEQUENCE_LENGTH, _MAX_SEQUENCE_LENGTH, "Ovis-Image")
 
     # --- caching ----------------------------------------------------------------------------
     def encode_text(self, captions, device, max_sequence_length):
         n = self.max_sequence_length(max_sequence_length)
         pipe = self.pipe
-        missing = [a for a in ("text_encoder", "tokenizer") if getattr(pipe, a, None) is None]
-        if missing:
-            raise ValueError(f"taca train: the Ovis-Image pipeline has no {' / '.join(missing)} to encode the "
-                             f"captions with")
+        check_text_parts(pipe, "Ovis-Image")
         with torch.no_grad():
             pe = pipe.encode_prompt(prompt=list(captions), do_classifier_free_guidance=False, device=device,
                                     max_sequence_length=n)[0]
@@ -116,11 +104,7 @@ class OvisImageFamily(_DiffusersFamily):
     # --- training forward -------------------------------------------------------------------
     def predict(self, transformer, noisy, sigma, cond, guidance):
         pe = cond["prompt_embeds"]
-        if noisy.dim() != 4:
-            raise ValueError(f"taca train: Ovis-Image latents must be (B, C, h, w), got {tuple(noisy.shape)}")
-        if pe.dim() != 3 or pe.shape[0] != noisy.shape[0]:
-            raise ValueError(f"taca train: Ovis-Image prompt_embeds must be (B, L, D) for the latents' batch of "
-                             f"{noisy.shape[0]}, got {tuple(pe.shape)}")
+        check_tokens_and_text(noisy, pe, "Ovis-Image")
         packed, img_ids, _ = flux_tokens(noisy, pe.shape[1], "Ovis-Image")  # FLUX.1's txt_ids (zeros) not used
         out = transformer(hidden_states=packed, timestep=sigma, encoder_hidden_states=pe,
                           txt_ids=text_ids(pe.shape[1], pe.device, pe.dtype), img_ids=img_ids,
@@ -128,10 +112,4 @@ class OvisImageFamily(_DiffusersFamily):
         return flux_latents(out, noisy.shape)
 
     def lora_saver(self):
-        from diffusers import OvisImagePipeline
-
-        if hasattr(OvisImagePipeline, "save_lora_weights"):
-            return OvisImagePipeline
-        from diffusers import FluxPipeline  # the same "transformer."-prefixed file format
-
-        return FluxPipeline
+        return saver_or_flux("OvisImagePipeline")  # no LoRA loader in diffusers 0.42.1
