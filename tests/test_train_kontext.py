@@ -24,8 +24,9 @@ from taca.train import ConfigError, train  # noqa: E402
 from taca.train import loop as train_loop  # noqa: E402
 from taca.train.data import discover, load_image  # noqa: E402
 from taca.train.families import FluxFamily, check_references, family_for  # noqa: E402
-from train_checks import (GammaCounter, Record, check_adapter_in_pipeline, check_taca_run, control_run,  # noqa: E402,F401
-                          load, one_torch_thread, record_forwards, train_config)
+from train_checks import (GammaCounter, Record, assert_same_adapters, check_adapter_in_pipeline,  # noqa: E402,F401
+                          check_taca_run, control_run, launch_ddp, load, one_torch_thread, record_forwards,
+                          train_config)
 
 RES = 32  # 32x32 images: the demo's 1-level VAE -> 32x32 latents -> 16x16 = 256 target tokens, as many reference ones
 TEXT_LEN = 16
@@ -207,6 +208,21 @@ def test_references_at_their_own_size(models, edits, tmp_path, monkeypatch):
                 progress=False)
     assert res.steps == 2 and [f["hidden_states"].shape[1] for f in forwards] == [N_IMG + 24 * 24] * 2
     assert len(os.listdir(tmp_path / "out" / "cache" / "latents")) == 8
+
+
+def test_two_processes_match_one(models, edits, tmp_path):
+    """DDP (accelerate launch, 2 gloo CPU processes, batch 1 each) against one process with batch 2, with
+    references at 48 px beside 32 px targets: the two ranks split the cache's mixed list (targets and
+    references at two sizes, one image both) between them, and the run has the same losses (rtol 1e-4)
+    and adapter (1e-3) as one process."""
+    one = train(_cfg(models["kontext"], edits)(tmp_path / "one", reference_resolution=48, seed=1), progress=False)
+    args = ["--model", models["kontext"], "--data", edits, "--resolution", str(RES), "--reference-resolution", "48",
+            "--max-steps", "3", "--mixed-precision", "no", "--max-sequence-length", str(TEXT_LEN), "--lr", "1e-3",
+            "--rank", "4", "--report-to", "none", "--checkpoint-every", "100", "--device", "cpu", "--seed", "1"]
+    two = launch_ddp(args, tmp_path / "two", 29547, batch_size=1)
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one.losses), rtol=1e-4, atol=1e-6)
+    assert_same_adapters(tmp_path / "one", tmp_path / "two")
+    assert len(os.listdir(tmp_path / "two" / "cache" / "latents")) == 8
 
 
 def test_control_run_with_references(models, edits, tmp_path, monkeypatch):
