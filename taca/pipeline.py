@@ -517,9 +517,21 @@ class TacaHandle:
             if isinstance(m, BaseTunerLayer) and self.lora_adapter in _layer_adapters(m):
                 yield name, m
 
+    def _check_no_cache(self) -> None:
+        """Gating a LoRA by step is wrong under a diffusers cache (text K / V, first-block, ...): what it
+        caches in a step with the adapter on would serve the steps where it is off."""
+        cfg = getattr(self.transformer, "_cache_config", None)
+        if getattr(self.transformer, "is_cache_enabled", False):
+            raise ValueError(
+                f"taca: lora=: the transformer has a diffusers cache enabled ({type(cfg).__name__}): what it caches "
+                f"in the steps with the adapter on (gamma != 1) would be reused in the steps where it is off; disable "
+                f"the cache (transformer.disable_cache()) or load the adapter with load_lora_weights (always on)")
+
     def _gate_lora(self, on: bool) -> None:
         if self._lora_on is on:
             return
+        if self._lora_on is not None:
+            self._check_no_cache()  # a cache enabled after taca.enable
         name = self.lora_adapter
         for _, m in self._lora_layers():
             active = [a for a in m.active_adapters if a != name]
@@ -530,6 +542,7 @@ class TacaHandle:
         if lora is None:
             self._drop_lora()
             return
+        self._check_no_cache()
         if isinstance(lora, os.PathLike):
             lora = os.fspath(lora)
         if self.lora_adapter is not None and self._lora_source is not None and _same_source(self._lora_source, lora):
