@@ -258,6 +258,18 @@ def vae_mode(vae, pixels: torch.Tensor) -> torch.Tensor:
     return vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
 
 
+def qwen_vae_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """``AutoencoderKLQwenImage`` latents as the Qwen-Image-style pipelines' decode path inverts them:
+    pixels (B, 3, H, W) as one frame -> the posterior mode (B, C, 1, h, w) normalized per channel,
+    ``(z - latents_mean) * (1 / latents_std)``."""
+    c = vae.config
+    with torch.no_grad():
+        z = vae_mode(vae, pixels.unsqueeze(2))
+        mean = torch.tensor(c.latents_mean, device=z.device, dtype=z.dtype).view(1, c.z_dim, 1, 1, 1)
+        inv_std = 1.0 / torch.tensor(c.latents_std, device=z.device, dtype=z.dtype).view(1, c.z_dim, 1, 1, 1)
+        return (z - mean) * inv_std
+
+
 def _vae_latents(vae, pixels: torch.Tensor, shift: bool = True) -> torch.Tensor:
     """``(mode - shift_factor) * scaling_factor`` (FLUX.1, SD3); ``shift=False``: ``mode * scaling_factor``
     (pipelines that decode ``latents / scaling_factor`` and add no shift back: AuraFlow, CogView4)."""
@@ -490,7 +502,9 @@ _FAMILIES = {"flux": FluxFamily, "sd3": SD3Family, "qwenimage": "qwenimage:QwenI
              "auraflow": "auraflow:AuraFlowFamily", "cogview4": "cogview4:CogView4Family",
              "longcat": "longcat:LongCatImageFamily",
              "ernie_image": "ernie_image:ErnieImageFamily", "ovis": "ovis:OvisImageFamily",
-             "bria": "bria:BriaFamily"}
+             "bria": "bria:BriaFamily",
+             "nucleusmoe": "nucleusmoe:NucleusMoEImageFamily",
+             "hunyuanimage": "hunyuanimage:HunyuanImageFamily"}
 
 
 # what the reference-image error lists: the pipelines trained with reference images

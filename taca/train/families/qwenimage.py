@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _DiffusersFamily, _MaskedTextFamily, _unwrap, call_default, one_frame, vae_mode
+from . import _DiffusersFamily, _MaskedTextFamily, _unwrap, call_default, one_frame, qwen_vae_latents
 
 # both streams' projections of the joint attention (diffusers' train_dreambooth_lora_qwen_image.py
 # trains only the image stream's to_q / to_k / to_v / to_out.0 by default)
@@ -131,12 +131,7 @@ class QwenImageFamily(_MaskedTextFamily, _DiffusersFamily):
 
     def encode_images(self, pixels):
         vae = self.vae()
-        c = vae.config
-        with torch.no_grad():
-            z = vae_mode(vae, pixels.unsqueeze(2))  # (B, 3, 1, H, W): one frame -> (B, C, 1, h, w)
-            mean = torch.tensor(c.latents_mean, device=z.device, dtype=z.dtype).view(1, c.z_dim, 1, 1, 1)
-            inv_std = 1.0 / torch.tensor(c.latents_std, device=z.device, dtype=z.dtype).view(1, c.z_dim, 1, 1, 1)
-            return (z - mean) * inv_std
+        return qwen_vae_latents(vae, pixels)
 
     # --- training forward -------------------------------------------------------------------
     def predict(self, transformer, noisy, sigma, cond, guidance):
