@@ -569,7 +569,14 @@ class TacaHandle:
             if isinstance(src, str) and os.path.exists(src):
                 # name the file: offline, diffusers does not guess weight names in directories
                 src, extra["weight_name"] = _lora_file(src)
-            self._lora_via_pipe = self.pipe is not None and hasattr(self.pipe, "load_lora_weights")
+            # the pipeline's loader where it loads a transformer (PRXPipeline inherits Stable Diffusion's,
+            # which wants a UNet), else the transformer's own
+            self._lora_via_pipe = self.pipe is not None and hasattr(self.pipe, "load_lora_weights") and \
+                "transformer" in (getattr(self.pipe, "_lora_loadable_modules", None) or ["transformer"])
+            if not self._lora_via_pipe and not callable(getattr(self.transformer, "load_lora_adapter", None)):
+                raise ValueError(
+                    f"taca: lora=: {type(self.transformer).__name__} has no LoRA support in this diffusers (no "
+                    f"load_lora_adapter){_LORA_SUPPORT_HINT.get(type(self.transformer).__name__, '')}")
             import warnings
 
             with warnings.catch_warnings():
@@ -680,6 +687,13 @@ def _lora_file(path: str):
     if len(names) != 1:
         raise ValueError(f"taca: lora={path!r}: expected one .safetensors LoRA file in the directory, found {names}")
     return path, names[0]
+
+
+# what to do for transformers whose diffusers class lacks the LoRA API
+_LORA_SUPPORT_HINT = {
+    "PRXTransformer2DModel": "; call taca.train.families.prx.lora_support(pipe) first, which gives it diffusers' "
+                             "PeftAdapterMixin",
+}
 
 
 def _set_layer_active(m, names) -> None:

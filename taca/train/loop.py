@@ -302,8 +302,13 @@ def _how_to_load(family) -> str:
     import diffusers
 
     cls = getattr(diffusers, family.pipeline_class, None)
-    if cls is None or callable(getattr(cls, "load_lora_weights", None)):
+    if cls is None or (callable(getattr(cls, "load_lora_weights", None))
+                       and "transformer" in (getattr(cls, "_lora_loadable_modules", None) or ["transformer"])):
         return "pipe.load_lora_weights(...) or taca.enable(pipe, lora=...)"
+    if family.pipeline_class.startswith("PRX"):
+        return ("taca.train.families.prx.lora_support(pipe), then taca.enable(pipe, lora=...) or "
+                "pipe.transformer.load_lora_adapter(..., prefix='transformer'): PRXTransformer2DModel has no LoRA API "
+                "in this diffusers")
     return (f"taca.enable(pipe, lora=...) or pipe.transformer.load_lora_adapter(..., prefix='transformer'): "
             f"{family.pipeline_class} has no load_lora_weights")
 
@@ -498,7 +503,10 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
     pipe = pipeline if pipeline is not None else _load_pipeline(cfg, weight_dtype)
     from .families import check_references, family_for
 
-    family = family_for(pipe)
+    try:
+        family = family_for(pipe)
+    except (TypeError, ValueError) as e:  # a pipeline the families refuse: one line naming --model, no traceback
+        raise ConfigError(f"taca train: argument --model: {str(e).removeprefix('taca train: ')}") from e
     n_refs = n_references(samples)
     check_references(type(family), family.pipeline_class, n_refs)  # before --out is touched
     type(family).check_config(cfg, family.pipeline_class)

@@ -503,6 +503,7 @@ _FAMILIES = {"flux": FluxFamily, "sd3": SD3Family, "qwenimage": "qwenimage:QwenI
              "longcat": "longcat:LongCatImageFamily",
              "ernie_image": "ernie_image:ErnieImageFamily", "ovis": "ovis:OvisImageFamily",
              "bria": "bria:BriaFamily",
+             "prx": "prx:PRXFamily",
              "nucleusmoe": "nucleusmoe:NucleusMoEImageFamily",
              "hunyuanimage": "hunyuanimage:HunyuanImageFamily"}
 
