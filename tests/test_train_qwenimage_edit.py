@@ -226,3 +226,10 @@ def test_what_the_edit_pipelines_refuse(tmp_path):
         train(train_config("tiny/qwen-image-edit", str(data), tmp_path / "out", resolution=RES,
                            max_sequence_length=None), pipeline=_pipeline(), progress=False)
     assert not (tmp_path / "out").exists()
+    # a pipeline the family refuses, handed to train(): one ConfigError naming --model (the CLI's one line)
+    layered = QwenImageLayeredPipeline.__new__(QwenImageLayeredPipeline)
+    object.__setattr__(layered, "transformer", _pipeline().transformer)
+    with pytest.raises(ConfigError, match="argument --model: QwenImageLayeredPipeline conditions on what taca train"):
+        train(train_config("tiny/qwen-image-edit", str(data), tmp_path / "out", resolution=RES,
+                           max_sequence_length=None), pipeline=layered, progress=False)
+    assert not (tmp_path / "out").exists()
