@@ -25,11 +25,12 @@ from taca.train import train  # noqa: E402
 from taca.train.config import ConfigError  # noqa: E402
 
 from test_models_ovis import SCHEDULER, TINY  # noqa: E402  (the adapter tests' tiny configs)
-from train_checks import (ADAPTER, LONG, RUN_FILES, SHORT, Record, cache_dir, cached_text,  # noqa: E402,F401
+from train_checks import (LONG, RUN_FILES, SHORT, Record, cache_dir, cached_text,  # noqa: E402,F401
                           check_alone_as_in_batch, check_batch_independent, check_flux_vae_latents,
-                          check_gated_pipeline, check_same_adapter, check_taca_run, check_zero_model_decodes,
+                          check_same_adapter, check_taca_run, check_zero_model_decodes,
                           checked_family, checkpointed_run, control_run, data_fixture, load, model_fixture,
-                          qwen2_bpe_tokenizer, run_fixture, saved_lora_modules, text_cond, train_config)
+                          check_transformer_loaded_adapter, qwen2_bpe_tokenizer, run_fixture, saved_lora_modules,
+                          text_cond, train_config)
 
 RES = 32  # 32x32 images -> 16x16 latents (2-level VAE) -> 2x2 packing -> 64 image tokens
 TEXT_LEN = 32  # every caption padded to 32 text tokens (the pipeline tokenizes to 32 + 28)
@@ -293,28 +294,8 @@ def test_adapter_loads_in_diffusers_and_taca(trained, model):
     loads it through the transformer); diffusers' transformer.load_lora_adapter(prefix="transformer")
     loads the same layers with the trained scale (alpha 8 / rank 4, from the file's metadata), and
     with TACA on both predict the same."""
-    out = trained[0].out
     call = dict(prompt="a red square", height=RES, width=RES, num_inference_steps=2, guidance_scale=1.0,
                 max_sequence_length=TEXT_LEN, output_type="latent")
-    check_gated_pipeline(load(model), out, call)
-    fresh = load(model)
-    fam = _family(fresh)
-    if not hasattr(fresh, "load_lora_weights"):  # diffusers 0.42.1: no LoRA loader mixin on the pipeline
-        fresh.transformer.load_lora_adapter(out, prefix="transformer", weight_name=ADAPTER)
-    else:
-        fresh.load_lora_weights(out, weight_name=ADAPTER)
-    lora = [(n, m) for n, m in fresh.transformer.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)]
-    assert {n for n, _ in lora} == set(_attn_names(N_DOUBLE, N_SINGLE))
-    assert all(list(m.scaling.values()) == [2.0] for _, m in lora)
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
-    sigma = torch.tensor([0.99])
-    with torch.no_grad():
-        cond = text_cond(fam, ["a red square"], TEXT_LEN)
-        with taca.enabled(fresh.transformer, gamma=1.2):
-            diffusers_loaded = fam.predict(fresh.transformer, x, sigma, cond, 1.0)
-        other = load(model)
-        stock = fam.predict(other.transformer, x, sigma, cond, 1.0)
-        with taca.enabled(other, gamma=1.2, lora=out):
-            taca_loaded = fam.predict(other.transformer, x, sigma, cond, 1.0)
-    torch.testing.assert_close(taca_loaded, diffusers_loaded, rtol=0, atol=1e-6)
-    assert not torch.allclose(taca_loaded, stock, atol=1e-5)
+    check_transformer_loaded_adapter(partial(load, model), trained[0].out, call, _attn_names(N_DOUBLE, N_SINGLE), x,
+                                     TEXT_LEN, 2.0)

@@ -19,6 +19,7 @@
   :func:`check_zero_model_decodes`, :func:`check_last_latents_decode`,
   :func:`check_qwenimage_latents`), and of the saved adapter through taca.enable(lora=) and
   diffusers' load_lora_weights (:func:`check_gated_pipeline`, :func:`check_adapter_in_pipeline`,
+  :func:`check_transformer_loaded_adapter` where the pipeline has no load_lora_weights,
   :func:`check_adapter_gates_predict`, :func:`check_lora_layers`).
 """
 import inspect
@@ -424,6 +425,35 @@ def check_adapter_in_pipeline(load_pipe, adapter, call, n_lora_a, prefix="layers
     assert len(names) == n_lora_a and all(n.startswith(prefix) for n in names)
     lora = fresh(generator=torch.Generator().manual_seed(0), **call).images
     assert torch.isfinite(lora).all() and not torch.allclose(lora, base, atol=1e-7)
+
+
+def check_transformer_loaded_adapter(load_pipe, adapter, call, names, x, text_len, scale):
+    """For pipelines without load_lora_weights (Bria, Ovis-Image in diffusers 0.42.1): check_gated_pipeline
+    on load_pipe(); the transformer's load_lora_adapter(prefix="transformer") on a fresh one puts LoRA
+    layers on exactly the modules named, with the trained scale (alpha / rank, from the file's metadata);
+    with TACA on, the family's predict at sigma 0.99 through it equals predict under taca.enable(pipe,
+    lora=adapter) (to 1e-6) and differs from the stock model's."""
+    from taca.train.families import family_for
+
+    check_gated_pipeline(load_pipe(), adapter, call)
+    fresh = load_pipe()
+    fam = family_for(fresh)
+    assert not hasattr(fresh, "load_lora_weights")  # else its own loader is the one to test
+    fresh.transformer.load_lora_adapter(adapter, prefix="transformer", weight_name=ADAPTER)
+    lora = [(n, m) for n, m in fresh.transformer.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)]
+    assert {n for n, _ in lora} == set(names)
+    assert all(list(m.scaling.values()) == [scale] for _, m in lora)
+    sigma = torch.tensor([0.99])
+    with torch.no_grad():
+        cond = text_cond(fam, ["a red square"], text_len)
+        with taca.enabled(fresh.transformer, gamma=1.2):
+            diffusers_loaded = fam.predict(fresh.transformer, x, sigma, cond, 1.0)
+        other = load_pipe()
+        stock = fam.predict(other.transformer, x, sigma, cond, 1.0)
+        with taca.enabled(other, gamma=1.2, lora=adapter):
+            taca_loaded = fam.predict(other.transformer, x, sigma, cond, 1.0)
+    torch.testing.assert_close(taca_loaded, diffusers_loaded, rtol=0, atol=1e-6)
+    assert not torch.allclose(taca_loaded, stock, atol=1e-5)
 
 
 def check_adapter_gates_predict(load_pipe, adapter, res, text_len):
