@@ -337,9 +337,8 @@ def test_max_sequence_length_and_bad_input(model):
     fibo = BriaFiboTransformer2DModel(**TINY, text_encoder_dim=20)
     fibo_pipe = type("BriaFiboPipeline", (), {})()
     fibo_pipe.transformer = fibo
-    with pytest.raises(TypeError, match="BriaFiboPipeline is not supported"):
-        family_for(fibo_pipe)
-    with pytest.raises(ValueError, match="BriaFiboPipeline.*structured JSON prompts"):
+    assert type(family_for(fibo_pipe)).__name__ == "BriaFiboFamily"  # FIBO's own family, not this one
+    with pytest.raises(ValueError, match="Bria FIBO: structured JSON prompts.*bria_fibo"):
         BriaFamily(SimpleNamespace(scheduler=None, transformer=fibo))
     pipe.text_encoder = None
     with pytest.raises(ValueError, match="no text_encoder"):

@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
         "train", help="train a TACA LoRA (the paper's recipe) on a folder of captioned images",
         description="LoRA training with TACA on, written in diffusers' LoRA format (FLUX.1, SD3/SD3.5, FLUX.2, "
                     "Qwen-Image, Qwen-Image 2.1, Chroma, Z-Image, HiDream-I1, Lumina-Image 2.0, Krea 2, Ideogram 4, "
-                    "AuraFlow, CogView4, ERNIE-Image, Ovis-Image, Bria 3.x, LongCat-Image, Nucleus-Image, "
+                    "AuraFlow, CogView4, ERNIE-Image, Ovis-Image, Bria 3.x, Bria FIBO, LongCat-Image, Nucleus-Image, "
                     "HunyuanImage 2.1, PRX; edits with reference images: FLUX.1 Kontext, FLUX.2, Qwen-Image-Edit, "
                     "LongCat-Image-Edit).",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

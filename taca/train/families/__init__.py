@@ -502,7 +502,7 @@ _FAMILIES = {"flux": FluxFamily, "sd3": SD3Family, "qwenimage": "qwenimage:QwenI
              "auraflow": "auraflow:AuraFlowFamily", "cogview4": "cogview4:CogView4Family",
              "longcat": "longcat:LongCatImageFamily",
              "ernie_image": "ernie_image:ErnieImageFamily", "ovis": "ovis:OvisImageFamily",
-             "bria": "bria:BriaFamily",
+             "bria": "bria:BriaFamily", "bria_fibo": "bria_fibo:BriaFiboFamily",
              "prx": "prx:PRXFamily",
              "nucleusmoe": "nucleusmoe:NucleusMoEImageFamily",
              "hunyuanimage": "hunyuanimage:HunyuanImageFamily"}

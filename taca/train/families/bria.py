@@ -69,9 +69,9 @@ Saving: ``BriaPipeline`` has no LoRA loader mixin in diffusers 0.42.1 (no ``save
 (which falls back to it for pipelines without ``load_lora_weights``) read; should a later diffusers
 give the pipeline its own ``save_lora_weights``, that one is used.
 
-Bria FIBO / FIBO Edit (``BriaFiboTransformer2DModel``, ``BriaFiboPipeline`` / ``BriaFiboEditPipeline``:
-structured JSON prompts, per-block text-encoder layers) have their own adapter (``bria_fibo``) and no
-training family; a FIBO transformer handed to this family is refused, naming the pipeline.
+Bria FIBO (``BriaFiboTransformer2DModel``, ``BriaFiboPipeline``: structured JSON prompts, per-block
+text-encoder layers) has its own adapter and training family (``bria_fibo``); a FIBO transformer
+handed to this family is refused, naming the pipeline.
 """
 from __future__ import annotations
 
@@ -95,10 +95,9 @@ class BriaFamily(_DiffusersFamily):
         if tname is not None and tname != "BriaTransformer2DModel":
             what = type(pipe).__name__
             if tname.startswith("BriaFibo"):
-                raise ValueError(f"taca train: {what} runs {tname} (Bria FIBO / FIBO Edit: BriaFiboPipeline, "
-                                 f"BriaFiboEditPipeline), whose structured JSON prompts and per-block text-encoder "
-                                 f"layers taca train does not feed; it trains Bria 3.x (BriaPipeline, "
-                                 f"BriaTransformer2DModel); run FIBO through taca.enable")
+                raise ValueError(f"taca train: {what} runs {tname} (Bria FIBO: structured JSON prompts, per-block "
+                                 f"text-encoder layers); this family trains Bria 3.x (BriaPipeline, "
+                                 f"BriaTransformer2DModel): FIBO trains through taca.train.families.bria_fibo")
             raise ValueError(f"taca train: the Bria family trains BriaPipeline's BriaTransformer2DModel, got {tname}")
         super().__init__(pipe)
         sch = getattr(pipe, "scheduler", None)
