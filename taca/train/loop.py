@@ -170,8 +170,8 @@ def check_model(cfg: TrainConfig, n_refs: int = 0) -> None:
                           f"not train (taca.enable runs it); taca train trains {'; '.join(names)}")
     pipeline_class = _peek_pipeline_class(cfg.model)
     if pipeline_class is not None:
+        family_class(adapter.name).check_config(cfg, pipeline_class)  # a pipeline refused outright says so first
         check_references(family_class(adapter.name), pipeline_class, n_refs)
-        family_class(adapter.name).check_config(cfg, pipeline_class)
     n = cfg.max_sequence_length
     if n is None:
         return
@@ -508,8 +508,8 @@ def train(cfg: TrainConfig, pipeline=None, progress: bool = True,
     except (TypeError, ValueError) as e:  # a pipeline the families refuse: one line naming --model, no traceback
         raise ConfigError(f"taca train: argument --model: {str(e).removeprefix('taca train: ')}") from e
     n_refs = n_references(samples)
-    check_references(type(family), family.pipeline_class, n_refs)  # before --out is touched
-    type(family).check_config(cfg, family.pipeline_class)
+    type(family).check_config(cfg, family.pipeline_class)  # before --out is touched
+    check_references(type(family), family.pipeline_class, n_refs)
     if family.name != "protocol":
         from ..models import adapter_class
 
