@@ -19,10 +19,10 @@ pytest.importorskip("accelerate")
 import taca  # noqa: E402
 from taca.train import train  # noqa: E402
 
-from train_checks import (LONG, RUN_FILES, SHORT, check_adapter_in_pipeline, check_alone_as_in_batch,  # noqa: E402
-                          check_batch_independent, check_same_adapter, check_taca_run, checked_family,
-                          checkpointed_run, control_run, data_fixture, load, model_fixture, run_fixture,
-                          saved_lora_modules, text_cond, train_config)
+from train_checks import (check_adapter_in_pipeline, check_alone_as_in_batch, check_batch_independent,  # noqa: E402
+                          check_same_adapter, check_taca_run, checked_family, checkpointed_run, control_run,
+                          data_fixture, load, LONG, model_fixture, peft_hits, RUN_FILES, run_fixture,
+                          saved_lora_modules, SHORT, text_cond, train_config)
 
 RES = 32  # 32x32 images -> 4x4 latents (8x VAE) -> 4 image tokens (2x2 patches)
 TEXT_LEN = 16
@@ -82,9 +82,6 @@ def _family(pipe):
     return checked_family(pipe, AuraFlowFamily, "auraflow")
 
 
-def _hit(linear, keys):
-    """The Linear layers PEFT targets for keys (a name or a ".name" suffix)."""
-    return {n for n in linear if any(n == k or n.endswith("." + k) for k in keys)}
 
 
 def test_family_and_targets(model):
@@ -92,7 +89,7 @@ def test_family_and_targets(model):
     fam = _family(pipe)
     assert fam.shift() == pytest.approx(1.73) and fam.lora_saver() is type(pipe)
     linear = {n for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert _hit(linear, fam.target_modules("attn")) == set(_attn_names(N_MMDIT, N_SINGLE))
+    assert peft_hits(linear, fam.target_modules("attn")) == set(_attn_names(N_MMDIT, N_SINGLE))
     assert fam.target_modules(["to_q"]) == ["to_q"]
 
 
@@ -115,16 +112,16 @@ def test_targets_on_the_real_config():
                                        pos_embed_max_size=9216)
     fam = AuraFlowFamily(SimpleNamespace(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), transformer=t))
     linear = {n for n, m in t.named_modules() if isinstance(m, torch.nn.Linear)}
-    attn = _hit(linear, fam.target_modules("attn"))
+    attn = peft_hits(linear, fam.target_modules("attn"))
     assert attn == set(_attn_names(4, 32)) and len(attn) == 4 * 8 + 32 * 4
-    ff = _hit(linear, fam.target_modules("attn+ff")) - attn
+    ff = peft_hits(linear, fam.target_modules("attn+ff")) - attn
     want_ff = {f"joint_transformer_blocks.{i}.{f}.{p}" for i in range(4) for f in ("ff", "ff_context")
                for p in ("linear_1", "linear_2", "out_projection")}
     want_ff |= {f"single_transformer_blocks.{i}.ff.{p}" for i in range(32) for p in ("linear_1", "linear_2",
                                                                                     "out_projection")}
     assert ff == want_ff
     # every suffix hits something (no dead name)
-    assert all(_hit(linear, [k]) for k in fam.target_modules("attn+ff"))
+    assert all(peft_hits(linear, [k]) for k in fam.target_modules("attn+ff"))
 
 
 def test_gamma_on_in_every_training_forward(trained):

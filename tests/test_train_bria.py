@@ -26,20 +26,17 @@ from taca.train import train  # noqa: E402
 from taca.train.config import ConfigError  # noqa: E402
 
 from test_models_bria import BRIA_SCHEDULER, TINY  # noqa: E402  (the adapter tests' tiny configs)
-from train_checks import (LONG, RUN_FILES, SHORT, check_alone_as_in_batch,  # noqa: E402
-                          check_batch_independent, check_flux_vae_latents, check_same_adapter,
-                          check_taca_run, check_zero_model_decodes, checked_family, checkpointed_run, control_run,
-                          check_transformer_loaded_adapter, data_fixture, load, model_fixture, run_fixture,
-                          saved_lora_modules, text_cond,
-                          train_config)
+from train_checks import (check_alone_as_in_batch, check_batch_independent, check_flux_vae_latents,  # noqa: E402
+                          check_same_adapter, check_taca_run, check_transformer_loaded_adapter,
+                          check_zero_model_decodes, checked_family, checkpointed_run, control_run, data_fixture,
+                          flux_attn_names, flux_ff_names, load, LONG, model_fixture, peft_hits, RUN_FILES, run_fixture,
+                          saved_lora_modules, SHORT, text_cond, train_config)
 
 RES = 32  # 32x32 images -> 16x16 latents (2-level VAE) -> 2x2 packing -> 64 image tokens
 TEXT_LEN = 16  # every caption zero-padded to 16 text tokens
 TEXT_DIM = TINY["joint_attention_dim"]  # 24
 N_DOUBLE, N_SINGLE = TINY["num_layers"], TINY["num_single_layers"]
 N_JOINT = N_DOUBLE + N_SINGLE  # every attention of the model is joint
-_DOUBLE_ATTN = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-_SINGLE_ATTN = ("to_q", "to_k", "to_v")
 
 
 def _vae(shift=0.1159, scale=0.3611):
@@ -74,19 +71,10 @@ def _family(pipe):
     return checked_family(pipe, BriaFamily, "bria")
 
 
-def _attn_names(n_double, n_single):
-    return ([f"transformer_blocks.{i}.attn.{p}" for i in range(n_double) for p in _DOUBLE_ATTN]
-            + [f"single_transformer_blocks.{i}.attn.{p}" for i in range(n_single) for p in _SINGLE_ATTN])
 
 
-def _ff_names(n_double):
-    return {f"transformer_blocks.{i}.{f}.{p}" for i in range(n_double) for f in ("ff", "ff_context")
-            for p in ("net.0.proj", "net.2")}
 
 
-def _hit(linear, keys):
-    """The Linear layers PEFT targets for keys (a name or a ".name" suffix)."""
-    return {n for n in linear if any(n == k or n.endswith("." + k) for k in keys)}
 
 
 def _n_tokens(pipe, caption):
@@ -115,9 +103,9 @@ def test_family_and_targets(model):
     assert callable(fam.lora_saver().save_lora_weights)
     assert fam.text_modules() == [pipe.text_encoder] and fam.image_modules() == [pipe.vae]
     linear = {n for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
-    attn = _hit(linear, fam.target_modules("attn"))
-    assert attn == set(_attn_names(N_DOUBLE, N_SINGLE))
-    assert _hit(linear, fam.target_modules("attn+ff")) - attn == _ff_names(N_DOUBLE)
+    attn = peft_hits(linear, fam.target_modules("attn"))
+    assert attn == set(flux_attn_names(N_DOUBLE, N_SINGLE))
+    assert peft_hits(linear, fam.target_modules("attn+ff")) - attn == flux_ff_names(N_DOUBLE)
     assert fam.target_modules(["to_q"]) == ["to_q"]
     # a static shift is applied to the pipeline's sigmas by set_timesteps: training shifts alike;
     # under dynamic shifting (FLUX.1's mu) the sampled sigmas are not shifted
@@ -141,17 +129,17 @@ def test_targets_on_the_real_config():
     assert (t.config.num_layers, t.config.num_single_layers, t.inner_dim) == (19, 38, 3072)
     fam = BriaFamily(SimpleNamespace(scheduler=None, transformer=t))
     linear = {n for n, m in t.named_modules() if isinstance(m, torch.nn.Linear)}
-    attn = _hit(linear, fam.target_modules("attn"))
-    assert attn == set(_attn_names(19, 38)) and len(attn) == 19 * 8 + 38 * 3
-    assert _hit(linear, fam.target_modules("attn+ff")) - attn == _ff_names(19)
-    assert all(_hit(linear, [k]) for k in fam.target_modules("attn+ff"))  # no dead name
+    attn = peft_hits(linear, fam.target_modules("attn"))
+    assert attn == set(flux_attn_names(19, 38)) and len(attn) == 19 * 8 + 38 * 3
+    assert peft_hits(linear, fam.target_modules("attn+ff")) - attn == flux_ff_names(19)
+    assert all(peft_hits(linear, [k]) for k in fam.target_modules("attn+ff"))  # no dead name
 
 
 def test_gamma_on_in_every_training_forward(trained):
     res, calls = trained
     # every joint attention of every forward: 3 steps x (2 double + 2 single blocks)
     check_taca_run(res, calls, 3 * N_JOINT, files=RUN_FILES[:3])
-    assert saved_lora_modules(res.out) == {f"transformer.{n}" for n in _attn_names(N_DOUBLE, N_SINGLE)}
+    assert saved_lora_modules(res.out) == {f"transformer.{n}" for n in flux_attn_names(N_DOUBLE, N_SINGLE)}
 
 
 def test_gradient_checkpointing_recomputes_taca(trained, model, data, tmp_path, monkeypatch):
@@ -353,5 +341,5 @@ def test_adapter_loads_in_diffusers_and_taca(trained, model):
     call = dict(prompt="a red square", height=RES, width=RES, num_inference_steps=2, guidance_scale=1.0,
                 max_sequence_length=TEXT_LEN, output_type="latent")
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
-    check_transformer_loaded_adapter(partial(load, model), trained[0].out, call, _attn_names(N_DOUBLE, N_SINGLE), x,
+    check_transformer_loaded_adapter(partial(load, model), trained[0].out, call, flux_attn_names(N_DOUBLE, N_SINGLE), x,
                                      TEXT_LEN, 2.0)

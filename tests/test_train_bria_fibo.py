@@ -25,10 +25,10 @@ from taca.train import train  # noqa: E402
 from taca.train.config import ConfigError  # noqa: E402
 
 from test_models_bria import FIBO_SCHEDULER  # noqa: E402
-from train_checks import (LONG, SHORT, ADAPTER, RUN_FILES, check_batch_independent, check_gated_pipeline,  # noqa: E402
-                          check_same_adapter, check_taca_run, checked_family, checkpointed_run, control_run,
-                          data_fixture, load, model_fixture, run_fixture, saved_lora_modules, text_cond,
-                          train_config)
+from train_checks import (ADAPTER, check_batch_independent, check_gated_pipeline, check_same_adapter,  # noqa: E402
+                          check_taca_run, checked_family, checkpointed_run, control_run, data_fixture, flux_attn_names,
+                          load, LONG, model_fixture, peft_hits, RUN_FILES, run_fixture, saved_lora_modules, SHORT,
+                          text_cond, train_config)
 
 RES = 32  # 32x32 images -> 2x2 latents (factor 16) -> 4 image tokens (no patching)
 TEXT_LEN = 16
@@ -38,8 +38,6 @@ N_JOINT = N_DOUBLE + N_SINGLE
 MEAN, STD = [0.3, -0.7, 0.1, 1.2], [0.5, 2.0, 1.5, 0.8]
 TINY = dict(patch_size=1, in_channels=4, num_layers=N_DOUBLE, num_single_layers=N_SINGLE, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=2 * HID, axes_dims_rope=[4, 6, 6], text_encoder_dim=HID)
-_DOUBLE_ATTN = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-_SINGLE_ATTN = ("to_q", "to_k", "to_v")
 
 
 def _vae():
@@ -76,13 +74,8 @@ def _family(pipe):
     return checked_family(pipe, BriaFiboFamily, "bria_fibo")
 
 
-def _attn_names(n_double, n_single):
-    return ([f"transformer_blocks.{i}.attn.{p}" for i in range(n_double) for p in _DOUBLE_ATTN]
-            + [f"single_transformer_blocks.{i}.attn.{p}" for i in range(n_single) for p in _SINGLE_ATTN])
 
 
-def _hit(linear, keys):
-    return {n for n in linear if any(n == k or n.endswith("." + k) for k in keys)}
 
 
 model = model_fixture(build_pipeline, "fibo")
@@ -116,11 +109,11 @@ def test_family_and_targets(model):
     fam = _family(pipe)
     assert fam.lora_saver().__name__ == "BriaFiboPipeline"
     linear = {n for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
-    attn = _hit(linear, fam.target_modules("attn"))
-    assert attn == set(_attn_names(N_DOUBLE, N_SINGLE))
+    attn = peft_hits(linear, fam.target_modules("attn"))
+    assert attn == set(flux_attn_names(N_DOUBLE, N_SINGLE))
     ff = {f"transformer_blocks.{i}.{f}.{p}" for i in range(N_DOUBLE) for f in ("ff", "ff_context")
           for p in ("net.0.proj", "net.2")}
-    assert _hit(linear, fam.target_modules("attn+ff")) - attn == ff
+    assert peft_hits(linear, fam.target_modules("attn+ff")) - attn == ff
     assert fam.shift() == 1.0  # dynamic shifting
     assert BriaFiboFamily(SimpleNamespace(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))).shift() == 3.0
 
@@ -128,7 +121,7 @@ def test_family_and_targets(model):
 def test_gamma_on_in_every_training_forward(trained):
     res, calls = trained
     check_taca_run(res, calls, 3 * N_JOINT, files=RUN_FILES[:3])
-    assert saved_lora_modules(res.out) == {f"transformer.{n}" for n in _attn_names(N_DOUBLE, N_SINGLE)}
+    assert saved_lora_modules(res.out) == {f"transformer.{n}" for n in flux_attn_names(N_DOUBLE, N_SINGLE)}
 
 
 def test_gradient_checkpointing_recomputes_taca(trained, model, data, tmp_path, monkeypatch):
@@ -340,7 +333,7 @@ def test_adapter_loads_in_diffusers_and_taca(trained, model):
     fresh = load(model)
     fresh.load_lora_weights(out, weight_name=ADAPTER)
     lora = {n for n, m in fresh.transformer.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
-    assert lora == set(_attn_names(N_DOUBLE, N_SINGLE))
+    assert lora == set(flux_attn_names(N_DOUBLE, N_SINGLE))
     fam = _family(fresh)
     x = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(2))
     sigma = torch.tensor([0.99])

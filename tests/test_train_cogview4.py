@@ -21,9 +21,9 @@ pytest.importorskip("accelerate")
 import taca  # noqa: E402
 from taca.train import train  # noqa: E402
 
-from train_checks import (GammaCounter, Record, assert_same_adapters, cached_text,  # noqa: E402
-                          check_adapter_in_pipeline, check_batch_independent, check_same_adapter, check_taca_run,
-                          checkpointed_run, control_run, data_fixture, launch_ddp, load, model_fixture, run_fixture,
+from train_checks import (assert_same_adapters, cached_text, check_adapter_in_pipeline,  # noqa: E402
+                          check_batch_independent, check_same_adapter, check_taca_run, checkpointed_run, control_run,
+                          data_fixture, GammaCounter, launch_ddp, load, model_fixture, peft_hits, Record, run_fixture,
                           saved_lora_modules, text_cond, train_config, write_captioned_data)
 
 RES = 32  # 32x32 images -> 16x16 latents (2-level VAE) -> 64 image tokens (2x2 patches): mu = 0.625
@@ -142,7 +142,7 @@ def test_targets_on_the_real_config():
     assert len(attn) == 28 * 4 and len(both) == 28 * 6
     linear = {n for n, m in t.named_modules() if isinstance(m, torch.nn.Linear)}
     assert set(both) <= linear
-    hit = {n for n in linear if any(n == k or n.endswith("." + k) for k in attn)}
+    hit = peft_hits(linear, attn)
     assert hit == set(attn) == {n for n in linear if ".attn1." in n}
 
 

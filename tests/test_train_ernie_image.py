@@ -22,10 +22,10 @@ pytest.importorskip("transformers")
 import taca  # noqa: E402
 from taca.train import train  # noqa: E402
 
-from train_checks import (LONG, SHORT, Record, cache_dir, cached_text, check_adapter_in_pipeline,  # noqa: E402,F401
-                          check_alone_as_in_batch, check_batch_independent, check_same_adapter, check_taca_run,
-                          checked_family, checkpointed_run, control_run, data_fixture, load, model_fixture,
-                          run_fixture, saved_lora_modules, text_cond, train_config, write_captioned_data)
+from train_checks import (cache_dir, cached_text, check_adapter_in_pipeline, check_alone_as_in_batch,  # noqa: E402,F401
+                          check_batch_independent, check_same_adapter, check_taca_run, checked_family, checkpointed_run,
+                          control_run, data_fixture, load, LONG, model_fixture, peft_hits, Record, run_fixture,
+                          saved_lora_modules, SHORT, text_cond, train_config, write_captioned_data)
 
 RES = 32  # 2-level VAE (x2) and 2x2 patches: vae_scale_factor 4 -> 8x8 latents of 16 channels -> 64 image tokens
 N_LAYERS = 2
@@ -104,9 +104,6 @@ def _names(n_layers, parts, where):
     return [f"layers.{i}.{where}.{p}" for i in range(n_layers) for p in parts]
 
 
-def _hit(linear, keys):
-    """The Linear layers PEFT targets for keys (a name or a ".name" suffix)."""
-    return {n for n in linear if any(n == k or n.endswith("." + k) for k in keys)}
 
 
 # --- the family and its targets ------------------------------------------------------------------
@@ -142,11 +139,11 @@ def test_targets_on_the_real_config():
                                          rope_theta=256, rope_axes_dim=(32, 48, 48))
     fam = ErnieImageFamily(SimpleNamespace(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), transformer=t))
     linear = {n for n, m in t.named_modules() if isinstance(m, torch.nn.Linear)}
-    attn = _hit(linear, fam.target_modules("attn"))
+    attn = peft_hits(linear, fam.target_modules("attn"))
     assert attn == {n for n in linear if ".self_attention." in n} and len(attn) == 36 * 4
-    ff = _hit(linear, fam.target_modules("attn+ff")) - attn
+    ff = peft_hits(linear, fam.target_modules("attn+ff")) - attn
     assert ff == {n for n in linear if ".mlp." in n} and len(ff) == 36 * 3
-    assert all(_hit(linear, [k]) for k in fam.target_modules("attn+ff"))  # no dead name
+    assert all(peft_hits(linear, [k]) for k in fam.target_modules("attn+ff"))  # no dead name
 
 
 # --- training ----------------------------------------------------------------------------------

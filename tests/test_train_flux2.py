@@ -491,7 +491,8 @@ def test_training_with_references(kind, models, edits, tmp_path, monkeypatch):
     gammas = GammaCounter(monkeypatch).gammas
     from diffusers import Flux2Transformer2DModel
 
-    forwards = record_forwards(monkeypatch, Flux2Transformer2DModel, ("hidden_states", "img_ids", "encoder_hidden_states"))
+    forwards = record_forwards(monkeypatch, Flux2Transformer2DModel,
+                               ("hidden_states", "img_ids", "encoder_hidden_states"))
     res = train(_cfg(models[kind], jsonl, tmp_path / "out", lr=1e-2), progress=False)
     monkeypatch.undo()
     check_taca_run(res, gammas, 3 * N_JOINT)

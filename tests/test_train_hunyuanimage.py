@@ -31,10 +31,11 @@ from taca.train import train  # noqa: E402
 from taca.train.config import ConfigError  # noqa: E402
 
 from test_models_hunyuanimage import TINY  # noqa: E402  (the adapter tests' tiny transformer)
-from train_checks import (ADAPTER, LONG, RUN_FILES, SHORT, cache_dir, cached_text, one_torch_thread,  # noqa: E402,F401
-                          check_batch_independent, check_gated_pipeline, check_taca_run, checked_family, control_run,
-                          data_fixture, load, model_fixture, qwen2_bpe_tokenizer, run_fixture, saved_lora_modules,
-                          text_cond, train_config, write_captioned_data)
+from train_checks import (ADAPTER, cache_dir, cached_text, check_batch_independent,  # noqa: E402,F401
+                          check_gated_pipeline, check_taca_run, checked_family, control_run, data_fixture,
+                          flux_attn_names, flux_ff_names, load, LONG, model_fixture, one_torch_thread, peft_hits,
+                          qwen2_bpe_tokenizer, RUN_FILES, run_fixture, saved_lora_modules, SHORT, text_cond,
+                          train_config, write_captioned_data)
 
 RES = 32  # 32x32 pixels -> 8x8 latents (the tiny VAE's factor 4), patch 1 -> 64 image tokens
 N_DOUBLE, N_SINGLE = TINY["num_layers"], TINY["num_single_layers"]
@@ -45,9 +46,6 @@ SCALE = 0.75  # the VAE's scaling_factor (non-trivial: the real one is not 1 eit
 SHIFT = 5.0  # tests/test_models_hunyuanimage.py's static shift for the 2.1 scheduler (not read from the hub here)
 GLYPH = 'a sign that says "hello"'  # quoted text: the pipeline encodes 'Text "hello". ' with ByT5
 CAPTIONS = [SHORT, LONG, GLYPH, "a small green square on a red background"]
-_DOUBLE = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-_SINGLE = ("to_q", "to_k", "to_v")
-_FF = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 
 
 def _text_encoder(vocab_size):
@@ -118,18 +116,10 @@ def _family(pipe):
     return checked_family(pipe, HunyuanImageFamily, "hunyuanimage")
 
 
-def _attn_names(n_double, n_single):
-    return ([f"transformer_blocks.{i}.attn.{p}" for i in range(n_double) for p in _DOUBLE]
-            + [f"single_transformer_blocks.{i}.attn.{p}" for i in range(n_single) for p in _SINGLE])
 
 
-def _ff_names(n_double):
-    return [f"transformer_blocks.{i}.{p}" for i in range(n_double) for p in _FF]
 
 
-def _hit(linear, keys):
-    """The Linear layers PEFT targets for keys (a name or a ".name" suffix)."""
-    return {n for n in linear if any(n == k or n.endswith("." + k) for k in keys)}
 
 
 def _valid(pipe, captions):
@@ -160,11 +150,11 @@ def test_family_and_targets(model):
     assert not hasattr(HunyuanImagePipeline, "load_lora_weights") and fam.lora_saver() is FluxPipeline
     assert fam.text_modules() == [pipe.text_encoder, pipe.text_encoder_2] and fam.image_modules() == [pipe.vae]
     attn = fam.target_modules("attn")
-    assert sorted(attn) == sorted(_attn_names(N_DOUBLE, N_SINGLE)) and len(set(attn)) == len(attn)
+    assert sorted(attn) == sorted(flux_attn_names(N_DOUBLE, N_SINGLE)) and len(set(attn)) == len(attn)
     assert fam.target_modules("attn+ff") == attn + fam.ff_targets
-    assert sorted(fam.ff_targets) == sorted(_ff_names(N_DOUBLE))
+    assert sorted(fam.ff_targets) == sorted(flux_ff_names(N_DOUBLE))
     linear = {n for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
-    hit = _hit(linear, fam.target_modules("attn+ff"))
+    hit = peft_hits(linear, fam.target_modules("attn+ff"))
     assert hit == set(fam.target_modules("attn+ff"))  # real Linear layers, the token refiner's not among them
     assert any(n.startswith("context_embedder.") and n.endswith(".attn.to_q") for n in linear)
     assert fam.target_modules(["to_q"]) == ["to_q"]
@@ -187,11 +177,11 @@ def test_targets_on_the_real_config():
         (20, 40, 3584, 64)
     fam = HunyuanImageFamily(SimpleNamespace(scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT), transformer=t))
     linear = {n for n, m in t.named_modules() if isinstance(m, torch.nn.Linear)}
-    attn = _hit(linear, fam.target_modules("attn"))
-    assert attn == set(_attn_names(20, 40)) and len(attn) == 20 * 8 + 40 * 3
-    assert _hit(linear, fam.target_modules("attn+ff")) - attn == set(_ff_names(20))
-    assert all(_hit(linear, [k]) for k in fam.target_modules("attn+ff"))  # no dead name
-    assert not any(n.startswith("context_embedder") for n in _hit(linear, fam.target_modules("attn+ff")))
+    attn = peft_hits(linear, fam.target_modules("attn"))
+    assert attn == set(flux_attn_names(20, 40)) and len(attn) == 20 * 8 + 40 * 3
+    assert peft_hits(linear, fam.target_modules("attn+ff")) - attn == set(flux_ff_names(20))
+    assert all(peft_hits(linear, [k]) for k in fam.target_modules("attn+ff"))  # no dead name
+    assert not any(n.startswith("context_embedder") for n in peft_hits(linear, fam.target_modules("attn+ff")))
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -201,7 +191,7 @@ def test_gamma_on_in_every_training_forward(trained, model):
     others), the masks dropped; the adapter on the attention projections."""
     res, calls = trained
     check_taca_run(res, calls, 3 * N_JOINT, files=RUN_FILES[:3])
-    assert saved_lora_modules(res.out) == {f"transformer.{n}" for n in _attn_names(N_DOUBLE, N_SINGLE)}
+    assert saved_lora_modules(res.out) == {f"transformer.{n}" for n in flux_attn_names(N_DOUBLE, N_SINGLE)}
     entries = cached_text(res)
     assert len(entries) == 4 and all(set(e) == {"prompt_embeds", "prompt_embeds_2"} for e in entries)
     n, n2 = _valid(load(model), CAPTIONS)
@@ -511,7 +501,7 @@ def test_adapter_loads_in_diffusers_and_taca(trained, model):
     fam = _family(fresh)
     fresh.transformer.load_lora_adapter(out, prefix="transformer", weight_name=ADAPTER)
     lora = {n for n, m in fresh.transformer.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
-    assert lora == set(_attn_names(N_DOUBLE, N_SINGLE))
+    assert lora == set(flux_attn_names(N_DOUBLE, N_SINGLE))
     x = torch.randn(1, *LAT, generator=torch.Generator().manual_seed(2))
     sigma = torch.tensor([0.99])
     with torch.no_grad():

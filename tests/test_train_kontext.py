@@ -154,7 +154,8 @@ def test_predict_matches_the_kontext_pipeline(tmp_path):
 
     # the reference matters: another one changes the target's prediction
     with torch.no_grad():
-        other = dict(cond, reference_latents=fam.encode_images(load_image(_png(tmp_path / "o.png", 8), RES)[None])[:, None])
+        other_ref = fam.encode_images(load_image(_png(tmp_path / "o.png", 8), RES)[None])
+        other = dict(cond, reference_latents=other_ref[:, None])
         assert not torch.allclose(fam.predict(pipe.transformer, noisy, kw["timestep"], other, 3.5), mine, atol=1e-4)
         # and without one the family predicts text to image (which Kontext also generates)
         t2i = {k: v for k, v in cond.items() if k != "reference_latents"}

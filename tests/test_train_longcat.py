@@ -40,11 +40,12 @@ from taca.train.families import check_references  # noqa: E402
 from taca.train.families.longcat import LongCatImageFamily  # noqa: E402
 
 from test_models_longcat import SCHEDULER, TINY  # noqa: E402  (the adapter tests' tiny configs)
-from train_checks import (ADAPTER, LONG, SHORT, GammaCounter, Record, cache_dir, cached_text,  # noqa: E402,F401
-                          check_alone_as_in_batch, check_batch_independent, check_control, check_flux_vae_latents,
-                          check_gammas, check_gated_pipeline, check_taca_run, check_zero_model_decodes,
-                          checked_family, data_fixture, one_torch_thread, qwen2_bpe_tokenizer, record_forwards,
-                          saved_lora_modules, text_cond, train_config)
+from train_checks import (ADAPTER, cache_dir, cached_text, check_alone_as_in_batch,  # noqa: E402,F401
+                          check_batch_independent, check_control, check_flux_vae_latents, check_gammas,
+                          check_gated_pipeline, check_taca_run, check_zero_model_decodes, checked_family, data_fixture,
+                          flux_attn_names, flux_ff_names, GammaCounter, LONG, one_torch_thread, peft_hits,
+                          qwen2_bpe_tokenizer, Record, record_forwards, saved_lora_modules, SHORT, text_cond,
+                          train_config)
 
 RES = 32  # 32x32 pixels -> 16x16 latents (2-level VAE) -> 8x8 = 64 image tokens
 N_IMG = (RES // 4) ** 2
@@ -52,8 +53,6 @@ TEXT = 512  # the pipelines pad every caption to 512 tokens (tokenizer_max_lengt
 N_CALLS = TINY["num_layers"] + TINY["num_single_layers"]  # every attention is joint
 VL_PIXELS = 56 * 56  # the processor shows the vision tower at most 56x56 pixels
 EDIT_TEXT = 2 + 1 + TEXT  # edits: <|vision_start|>, 1 image token (a 16x16 image shown as 28x28), <|vision_end|>
-_DOUBLE = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-_SINGLE = ("to_q", "to_k", "to_v")
 
 
 # --- the tiny pipelines ------------------------------------------------------------------------------
@@ -174,17 +173,15 @@ def test_family_targets_and_conventions():
     def hits(t, spec):
         linear = {n for n, m in t.named_modules() if isinstance(m, torch.nn.Linear)}
         keys = fam.target_modules(spec)
-        assert all(any(n == k or n.endswith("." + k) for n in linear) for k in keys)  # no dead name
-        return {n for n in linear if any(n == k or n.endswith("." + k) for k in keys)}
+        assert all(peft_hits(linear, [k]) for k in keys)  # no dead name
+        return peft_hits(linear, keys)
 
     with init_empty_weights():
         real = LongCatImageTransformer2DModel()  # meituan-longcat/LongCat-Image's config = the class defaults
     for t, nd, ns in ((pipe.transformer, TINY["num_layers"], TINY["num_single_layers"]), (real, 19, 38)):
         attn = hits(t, "attn")
-        assert attn == {f"transformer_blocks.{i}.attn.{p}" for i in range(nd) for p in _DOUBLE} | {
-            f"single_transformer_blocks.{i}.attn.{p}" for i in range(ns) for p in _SINGLE}
-        assert hits(t, "attn+ff") - attn == {f"transformer_blocks.{i}.{f}.{p}" for i in range(nd)
-                                             for f in ("ff", "ff_context") for p in ("net.0.proj", "net.2")}
+        assert attn == set(flux_attn_names(nd, ns))
+        assert hits(t, "attn+ff") - attn == flux_ff_names(nd)
     assert fam.target_modules(["to_q"]) == ["to_q"]
 
 
@@ -306,8 +303,7 @@ def test_adapter_loads(t2i_run):
         fresh.transformer.load_lora_adapter(os.path.join(res.out, ADAPTER), prefix="transformer")
         lora = fresh(generator=torch.Generator().manual_seed(0), **call).images
     nd, ns = TINY["num_layers"], TINY["num_single_layers"]
-    want = {f"transformer_blocks.{i}.attn.{p}" for i in range(nd) for p in _DOUBLE} | {
-        f"single_transformer_blocks.{i}.attn.{p}" for i in range(ns) for p in _SINGLE}
+    want = set(flux_attn_names(nd, ns))
     assert saved_lora_modules(res.out) == {"transformer." + m for m in want}
     assert {n.split(".lora_")[0] for n, _ in fresh.transformer.named_parameters() if "lora_A" in n} == want
     assert torch.isfinite(lora).all() and not torch.allclose(lora, base, atol=1e-6)
@@ -491,7 +487,8 @@ def test_what_is_refused(tmp_path):
     # a --max-sequence-length for the edit pipeline (not known before loading: the adapter lists only the
     # text-to-image pipeline) is refused once it is loaded, still before --out is written
     edits = _edits(tmp_path / "edits")
-    with pytest.raises(ConfigError, match="argument --max-sequence-length: LongCat-Image.* take no max_sequence_length"):
+    with pytest.raises(ConfigError,
+                       match="argument --max-sequence-length: LongCat-Image.* take no max_sequence_length"):
         train(_edit_cfg(edits, tmp_path / "out", max_sequence_length=256), pipeline=_pipeline(edit=True),
               progress=False)
     assert not (tmp_path / "out").exists()

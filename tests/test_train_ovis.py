@@ -25,12 +25,11 @@ from taca.train import train  # noqa: E402
 from taca.train.config import ConfigError  # noqa: E402
 
 from test_models_ovis import SCHEDULER, TINY  # noqa: E402  (the adapter tests' tiny configs)
-from train_checks import (LONG, RUN_FILES, SHORT, Record, cache_dir, cached_text,  # noqa: E402,F401
-                          check_alone_as_in_batch, check_batch_independent, check_flux_vae_latents,
-                          check_same_adapter, check_taca_run, check_zero_model_decodes,
-                          checked_family, checkpointed_run, control_run, data_fixture, load, model_fixture,
-                          check_transformer_loaded_adapter, qwen2_bpe_tokenizer, run_fixture, saved_lora_modules,
-                          text_cond, train_config)
+from train_checks import (cache_dir, cached_text, check_alone_as_in_batch, check_batch_independent,  # noqa: E402,F401
+                          check_flux_vae_latents, check_same_adapter, check_taca_run, check_transformer_loaded_adapter,
+                          check_zero_model_decodes, checked_family, checkpointed_run, control_run, data_fixture,
+                          flux_attn_names, flux_ff_names, load, LONG, model_fixture, peft_hits, qwen2_bpe_tokenizer,
+                          Record, RUN_FILES, run_fixture, saved_lora_modules, SHORT, text_cond, train_config)
 
 RES = 32  # 32x32 images -> 16x16 latents (2-level VAE) -> 2x2 packing -> 64 image tokens
 TEXT_LEN = 32  # every caption padded to 32 text tokens (the pipeline tokenizes to 32 + 28)
@@ -45,8 +44,6 @@ CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
         "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
 MESSAGE = "<|im_start|>user\n" + SYSTEM + "{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-_DOUBLE_ATTN = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-_SINGLE_ATTN = ("to_q", "to_k", "to_v")
 
 
 def build_pipeline(seed=0):
@@ -78,19 +75,10 @@ def _family(pipe):
     return checked_family(pipe, OvisImageFamily, "ovis")
 
 
-def _attn_names(n_double, n_single):
-    return ([f"transformer_blocks.{i}.attn.{p}" for i in range(n_double) for p in _DOUBLE_ATTN]
-            + [f"single_transformer_blocks.{i}.attn.{p}" for i in range(n_single) for p in _SINGLE_ATTN])
 
 
-def _ff_names(n_double):
-    return {f"transformer_blocks.{i}.{f}.{p}" for i in range(n_double) for f in ("ff", "ff_context")
-            for p in ("net.0.proj", "net.2")}
 
 
-def _hit(linear, keys):
-    """The Linear layers PEFT targets for keys (a name or a ".name" suffix)."""
-    return {n for n in linear if any(n == k or n.endswith("." + k) for k in keys)}
 
 
 def _kept_tokens(pipe, caption):
@@ -123,9 +111,9 @@ def test_family_and_targets(model):
     assert fam.lora_saver() is (OvisImagePipeline if hasattr(OvisImagePipeline, "save_lora_weights") else FluxPipeline)
     assert fam.text_modules() == [pipe.text_encoder] and fam.image_modules() == [pipe.vae]
     linear = {n for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
-    attn = _hit(linear, fam.target_modules("attn"))
-    assert attn == set(_attn_names(N_DOUBLE, N_SINGLE))
-    assert _hit(linear, fam.target_modules("attn+ff")) - attn == _ff_names(N_DOUBLE)
+    attn = peft_hits(linear, fam.target_modules("attn"))
+    assert attn == set(flux_attn_names(N_DOUBLE, N_SINGLE))
+    assert peft_hits(linear, fam.target_modules("attn+ff")) - attn == flux_ff_names(N_DOUBLE)
     assert fam.target_modules(["to_q"]) == ["to_q"]
     # a scheduler with a static shift (no dynamic shifting) ignores the pipeline's mu: training shifts alike
     static = OvisImageFamily(SimpleNamespace(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0)))
@@ -148,17 +136,17 @@ def test_targets_on_the_real_config():
     assert (t.config.num_layers, t.config.num_single_layers, t.inner_dim) == (6, 27, 3072)
     fam = OvisImageFamily(SimpleNamespace(scheduler=None, transformer=t))
     linear = {n for n, m in t.named_modules() if isinstance(m, torch.nn.Linear)}
-    attn = _hit(linear, fam.target_modules("attn"))
-    assert attn == set(_attn_names(6, 27)) and len(attn) == 6 * 8 + 27 * 3
-    assert _hit(linear, fam.target_modules("attn+ff")) - attn == _ff_names(6)
-    assert all(_hit(linear, [k]) for k in fam.target_modules("attn+ff"))  # no dead name
+    attn = peft_hits(linear, fam.target_modules("attn"))
+    assert attn == set(flux_attn_names(6, 27)) and len(attn) == 6 * 8 + 27 * 3
+    assert peft_hits(linear, fam.target_modules("attn+ff")) - attn == flux_ff_names(6)
+    assert all(peft_hits(linear, [k]) for k in fam.target_modules("attn+ff"))  # no dead name
 
 
 def test_gamma_on_in_every_training_forward(trained):
     res, calls = trained
     # every joint attention of every forward: 3 steps x (2 double + 2 single blocks)
     check_taca_run(res, calls, 3 * N_JOINT, files=RUN_FILES[:3])
-    assert saved_lora_modules(res.out) == {f"transformer.{n}" for n in _attn_names(N_DOUBLE, N_SINGLE)}
+    assert saved_lora_modules(res.out) == {f"transformer.{n}" for n in flux_attn_names(N_DOUBLE, N_SINGLE)}
     # the text cache: each caption's fixed-length embedding, nothing else (the text ids are rebuilt)
     entries = cached_text(res)
     assert entries and all(set(e) == {"prompt_embeds"} for e in entries)
@@ -297,5 +285,5 @@ def test_adapter_loads_in_diffusers_and_taca(trained, model):
     call = dict(prompt="a red square", height=RES, width=RES, num_inference_steps=2, guidance_scale=1.0,
                 max_sequence_length=TEXT_LEN, output_type="latent")
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
-    check_transformer_loaded_adapter(partial(load, model), trained[0].out, call, _attn_names(N_DOUBLE, N_SINGLE), x,
+    check_transformer_loaded_adapter(partial(load, model), trained[0].out, call, flux_attn_names(N_DOUBLE, N_SINGLE), x,
                                      TEXT_LEN, 2.0)

@@ -39,10 +39,10 @@ from taca.train import train  # noqa: E402
 from taca.train.config import ConfigError  # noqa: E402
 
 from test_models_prx import TINY, _transformer  # noqa: E402  (the adapter tests' tiny transformer)
-from train_checks import (ADAPTER, LONG, RUN_FILES, SHORT, cache_dir, cached_text,  # noqa: E402,F401
-                          check_batch_independent, check_same_adapter, check_taca_run, check_zero_model_decodes,
-                          checked_family, checkpointed_run, control_run, data_fixture, load, run_fixture,
-                          saved_lora_modules, text_cond, train_config)
+from train_checks import (ADAPTER, cache_dir, cached_text, check_batch_independent,  # noqa: E402,F401
+                          check_same_adapter, check_taca_run, check_zero_model_decodes, checked_family,
+                          checkpointed_run, control_run, data_fixture, load, LONG, peft_hits, RUN_FILES, run_fixture,
+                          saved_lora_modules, SHORT, text_cond, train_config)
 
 RES = 32  # 32x32 images -> 16x16 latents (2-level VAE) -> 2x2 patches -> 64 image tokens
 TEXT_LEN = 16  # every caption padded to 16 tokens, with the mask
@@ -158,9 +158,6 @@ def _ff_names(n):
     return {f"blocks.{i}.{p}" for i in range(n) for p in _FF}
 
 
-def _hit(linear, keys):
-    """The Linear layers PEFT targets for keys (a name or a ".name" suffix)."""
-    return {n for n in linear if any(n == k or n.endswith("." + k) for k in keys)}
 
 
 def _call(**kw):
@@ -195,9 +192,9 @@ def test_family_and_targets(model):
     assert callable(fam.lora_saver().save_lora_weights) and fam.lora_saver().__name__ == "FluxPipeline"
     assert fam.text_modules() == [pipe.text_encoder] and fam.image_modules() == [pipe.vae]
     linear = {n for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
-    attn = _hit(linear, fam.target_modules("attn"))
+    attn = peft_hits(linear, fam.target_modules("attn"))
     assert attn == _attn_names(N_BLOCKS)
-    assert _hit(linear, fam.target_modules("attn+ff")) - attn == _ff_names(N_BLOCKS)
+    assert peft_hits(linear, fam.target_modules("attn+ff")) - attn == _ff_names(N_BLOCKS)
     assert fam.target_modules(["to_out.0"]) == ["to_out.0"]
     assert PRXFamily(SimpleNamespace(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))).shift() == 1.0
 
@@ -216,10 +213,10 @@ def test_targets_on_the_real_config():
     assert (t.config.depth, t.config.hidden_size, t.config.context_in_dim) == (16, 1792, 2304)
     fam = PRXFamily(SimpleNamespace(scheduler=None, transformer=t))
     linear = {n for n, m in t.named_modules() if isinstance(m, torch.nn.Linear)}
-    attn = _hit(linear, fam.target_modules("attn"))
+    attn = peft_hits(linear, fam.target_modules("attn"))
     assert attn == _attn_names(16) and len(attn) == 16 * 3
-    assert _hit(linear, fam.target_modules("attn+ff")) - attn == _ff_names(16)
-    assert all(_hit(linear, [k]) for k in fam.target_modules("attn+ff"))  # no dead name
+    assert peft_hits(linear, fam.target_modules("attn+ff")) - attn == _ff_names(16)
+    assert all(peft_hits(linear, [k]) for k in fam.target_modules("attn+ff"))  # no dead name
     assert t.get_submodule("blocks.0.attention.txt_kv_proj").in_features == 1792  # the projected text
 
 

@@ -5,7 +5,8 @@
   place), :func:`write_data`, :class:`GammaCounter`, :func:`launch_ddp` and :func:`assert_same_adapters`
   (re-exported from tests/test_train.py),
   :func:`load`, :func:`text_cond`, :func:`checked_family`, :func:`record_forwards` (a model class's
-  forward kwargs, training runs included);
+  forward kwargs, training runs included), :func:`peft_hits`, :func:`flux_attn_names` / :func:`flux_ff_names`
+  (target-name expectations);
 - module fixtures: :func:`model_fixture`, :func:`data_fixture` and :func:`run_fixture` (one TACA
   run, every gamma recorded) make them; :func:`cache_dir` and the autouse :func:`one_torch_thread`
   are fixtures to import by name;
@@ -286,6 +287,29 @@ class Record:
         self.calls = []
         self.h = module.register_forward_hook(
             lambda m, a, kw, out: self.calls.append((dict(kw), out[0].detach().clone())), with_kwargs=True)
+
+
+# the joint-attention projections of FLUX.1-layout blocks (and clones: Bria, Ovis-Image, LongCat, HunyuanImage)
+FLUX_DOUBLE_ATTN = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+FLUX_SINGLE_ATTN = ("to_q", "to_k", "to_v")
+
+
+def peft_hits(linear, keys):
+    """The Linear layer names PEFT targets for keys (a full name or a ".name" suffix)."""
+    return {n for n in linear if any(n == k or n.endswith("." + k) for k in keys)}
+
+
+def flux_attn_names(n_double, n_single, double=FLUX_DOUBLE_ATTN, single=FLUX_SINGLE_ATTN):
+    """The full names of the joint-attention projections of n_double double- and n_single single-stream
+    FLUX.1-layout blocks (``transformer_blocks.<i>.attn.<p>``, ``single_transformer_blocks.<i>.attn.<p>``)."""
+    return ([f"transformer_blocks.{i}.attn.{p}" for i in range(n_double) for p in double]
+            + [f"single_transformer_blocks.{i}.attn.{p}" for i in range(n_single) for p in single])
+
+
+def flux_ff_names(n_double):
+    """The double-stream blocks' feed-forward Linear names (``ff`` / ``ff_context``, FLUX.1's layout)."""
+    return {f"transformer_blocks.{i}.{f}.{p}" for i in range(n_double) for f in ("ff", "ff_context")
+            for p in ("net.0.proj", "net.2")}
 
 
 def record_forwards(monkeypatch, cls, keys=("hidden_states",)):
