@@ -251,6 +251,36 @@ def saver_or_flux(pipeline_name: str):
     return cls if hasattr(cls, "save_lora_weights") else diffusers.FluxPipeline
 
 
+def check_flow_scheduler(sch, label: str, pipeline: str, not_flow: Optional[str] = None, no_mu: bool = False,
+                         t1000: bool = True) -> None:
+    """ValueError for a scheduler a family cannot train with (None: nothing to check).
+
+    not_flow: the message when ``sch`` is not a ``FlowMatchEulerDiscreteScheduler`` (None: any class);
+    no_mu: the pipeline passes no ``mu`` to ``set_timesteps``, so dynamic shifting cannot generate;
+    t1000: the transformer gets the scheduler's ``t = num_train_timesteps sigma``, which TACA reads as
+    t / 1000, so another ``num_train_timesteps`` is refused. ``invert_sigmas`` (t = 1000 (1 - sigma))
+    is always refused."""
+    if sch is None:
+        return
+    if not_flow is not None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if not isinstance(sch, FlowMatchEulerDiscreteScheduler):
+            raise ValueError(not_flow)
+    cfg = dict(getattr(sch, "config", None) or {})
+    if no_mu and cfg.get("use_dynamic_shifting", False):
+        raise ValueError(f"taca train: the {label} scheduler has use_dynamic_shifting=True, but {pipeline} passes no "
+                         f"mu to set_timesteps (it cannot generate with it); use the model's own static-shift "
+                         f"scheduler")
+    if cfg.get("invert_sigmas", False):
+        raise ValueError(f"taca train: the {label} scheduler has invert_sigmas=True (t = 1000 (1 - sigma)); not "
+                         f"supported")
+    n_train = int(cfg.get("num_train_timesteps", 1000) or 1000)
+    if t1000 and n_train != 1000:
+        raise ValueError(f"taca train: the {label} scheduler has num_train_timesteps={n_train}: the transformer would "
+                         f"get t = {n_train} sigma, and TACA reads sigma as t / 1000; not supported")
+
+
 def vae_mode(vae, pixels: torch.Tensor) -> torch.Tensor:
     """The VAE posterior's mean for ``pixels`` (its own dtype and device): cached once, so sampling
     it per step would need the variance cached too (for FLUX's and SD3's VAEs the posterior std is
@@ -510,7 +540,8 @@ _FAMILIES = {"flux": FluxFamily, "sd3": SD3Family, "qwenimage": "qwenimage:QwenI
 
 # what the reference-image error lists: the pipelines trained with reference images
 REFERENCE_PIPELINES = ("FluxKontextPipeline (1 each), Flux2Pipeline / Flux2KleinPipeline (any number), "
-                       "QwenImageEditPipeline (1), QwenImageEditPlusPipeline (any number), LongCatImageEditPipeline (1)")
+                       "QwenImageEditPipeline (1), QwenImageEditPlusPipeline (any number), "
+                       "LongCatImageEditPipeline (1)")
 
 
 def check_references(family_cls, pipeline_class: str, n: int) -> None:

@@ -77,8 +77,8 @@ from __future__ import annotations
 
 import torch
 
-from . import (_DiffusersFamily, _unwrap, check_text_parts, check_tokens_and_text, fixed_text_length, flux_latents,
-               flux_tokens, saver_or_flux)
+from . import (_DiffusersFamily, _unwrap, check_flow_scheduler, check_text_parts, check_tokens_and_text,
+               fixed_text_length, flux_latents, flux_tokens, saver_or_flux)
 
 _MAX_SEQUENCE_LENGTH = 512  # BriaPipeline.check_inputs refuses more (l. 318-319)
 _DEFAULT_SEQUENCE_LENGTH = 128  # BriaPipeline.__call__'s default (l. 469)
@@ -101,24 +101,11 @@ class BriaFamily(_DiffusersFamily):
             raise ValueError(f"taca train: the Bria family trains BriaPipeline's BriaTransformer2DModel, got {tname}")
         super().__init__(pipe)
         sch = getattr(pipe, "scheduler", None)
-        if sch is not None:
-            from diffusers import FlowMatchEulerDiscreteScheduler
-
-            if not isinstance(sch, FlowMatchEulerDiscreteScheduler):
-                pred = getattr(getattr(sch, "config", None), "prediction_type", None)
-                raise ValueError(f"taca train: this BriaPipeline has a {type(sch).__name__}"
-                                 f"{f' (prediction_type {pred!r})' if pred else ''}: its model is a diffusion model "
-                                 f"of that scheduler, not the flow-matching velocity taca train trains; Bria is "
-                                 f"trained with its FlowMatchEulerDiscreteScheduler")
-            cfg = sch.config
-            if cfg.get("invert_sigmas", False):
-                raise ValueError("taca train: the Bria scheduler has invert_sigmas=True (t = 1000 (1 - sigma)); "
-                                 "not supported")
-            n_train = int(cfg.get("num_train_timesteps", _T_SCALE) or _T_SCALE)
-            if n_train != _T_SCALE:
-                raise ValueError(f"taca train: the Bria scheduler has num_train_timesteps={n_train}: the transformer "
-                                 f"would get t = {n_train} sigma, and TACA reads sigma as t / {_T_SCALE}; not "
-                                 f"supported")
+        pred = getattr(getattr(sch, "config", None), "prediction_type", None)
+        what = f"{type(sch).__name__}{f' (prediction_type {pred!r})' if pred else ''}"
+        check_flow_scheduler(sch, "Bria", "BriaPipeline", not_flow=(
+            f"taca train: this BriaPipeline has a {what}: its model is a diffusion model of that scheduler, not the "
+            f"flow-matching velocity taca train trains; Bria is trained with its FlowMatchEulerDiscreteScheduler"))
         self._t_scale = float(_T_SCALE)
 
     def max_sequence_length(self, n) -> int:

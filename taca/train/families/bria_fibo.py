@@ -81,8 +81,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _DiffusersFamily, _unwrap, check_tokens_and_text, fixed_text_length, pad_collate, qwen_vae_latents, \
-    split_by_mask
+from . import (_DiffusersFamily, _unwrap, check_flow_scheduler, check_tokens_and_text, fixed_text_length, pad_collate,
+               qwen_vae_latents, split_by_mask)
 
 _MAX_SEQUENCE_LENGTH = 3000  # BriaFiboPipeline.check_inputs refuses more (l. 768-769)
 _T_SCALE = 1000  # the adapter's "t1000" timestep convention
@@ -122,22 +122,10 @@ class BriaFiboFamily(_DiffusersFamily):
                              f"got {tname}")
         super().__init__(pipe)
         sch = getattr(pipe, "scheduler", None)
-        if sch is not None:
-            from diffusers import FlowMatchEulerDiscreteScheduler
-
-            if not isinstance(sch, FlowMatchEulerDiscreteScheduler):
-                raise ValueError(f"taca train: this BriaFiboPipeline has a {type(sch).__name__}: taca train trains "
-                                 f"the flow-matching velocity with FlowMatchEulerDiscreteScheduler (the pipeline "
-                                 f"passes sigmas and mu to set_timesteps, which only flow-matching schedulers take)")
-            cfg = sch.config
-            if cfg.get("invert_sigmas", False):
-                raise ValueError("taca train: the Bria FIBO scheduler has invert_sigmas=True (t = 1000 (1 - sigma)); "
-                                 "not supported")
-            n_train = int(cfg.get("num_train_timesteps", _T_SCALE) or _T_SCALE)
-            if n_train != _T_SCALE:
-                raise ValueError(f"taca train: the Bria FIBO scheduler has num_train_timesteps={n_train}: the "
-                                 f"transformer would get t = {n_train} sigma, and TACA reads sigma as t / {_T_SCALE}; "
-                                 f"not supported")
+        check_flow_scheduler(sch, "Bria FIBO", "BriaFiboPipeline", not_flow=(
+            f"taca train: this BriaFiboPipeline has a {type(sch).__name__}: taca train trains the flow-matching "
+            f"velocity with FlowMatchEulerDiscreteScheduler (the pipeline passes sigmas and mu to set_timesteps, "
+            f"which only flow-matching schedulers take)"))
         te = getattr(pipe, "text_encoder", None)
         # encode_prompt's text ids are in the text encoder's dtype (l. 309); None: the embeddings'
         self._txt_dtype = te.dtype if te is not None else None

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _DiffusersFamily, _MaskedTextFamily, layer_names, pad_collate, vae_mode
+from . import _DiffusersFamily, _MaskedTextFamily, check_flow_scheduler, layer_names, pad_collate, vae_mode
 
 _ATTN = ("self_attention.to_q", "self_attention.to_k", "self_attention.to_v", "self_attention.to_out.0")
 _FF = ("mlp.gate_proj", "mlp.up_proj", "mlp.linear_fc2")
@@ -80,21 +80,8 @@ class ErnieImageFamily(_MaskedTextFamily, _DiffusersFamily):
             raise ValueError(f"taca train: this ERNIE-Image transformer takes {c.in_channels} input channels for "
                              f"{c.out_channels} output channels; ErnieImagePipeline denoises latents of one shape "
                              f"(text to image), which is what taca train trains")
-        sch = getattr(pipe, "scheduler", None)
-        cfg = dict(getattr(sch, "config", None) or {})
-        if cfg.get("use_dynamic_shifting", False):
-            raise ValueError("taca train: the ERNIE-Image scheduler has use_dynamic_shifting=True, but "
-                             "ErnieImagePipeline passes no mu to set_timesteps (it cannot generate with it); "
-                             "use the model's own static-shift scheduler")
-        if cfg.get("invert_sigmas", False):
-            raise ValueError("taca train: the ERNIE-Image scheduler has invert_sigmas=True (t = 1000 (1 - sigma)); "
-                             "not supported")
-        n_train = int(cfg.get("num_train_timesteps", _T_SCALE) or _T_SCALE)
-        if n_train != _T_SCALE:
-            raise ValueError(f"taca train: the ERNIE-Image scheduler has num_train_timesteps={n_train}: the "
-                             f"transformer would get t = {n_train} sigma, and TACA reads sigma as t / {_T_SCALE}; "
-                             f"not supported")
-        self._t_scale = float(n_train)
+        check_flow_scheduler(getattr(pipe, "scheduler", None), "ERNIE-Image", "ErnieImagePipeline", no_mu=True)
+        self._t_scale = float(_T_SCALE)
         self._patch = int(c.patch_size)
         vae = getattr(pipe, "vae", None)
         if vae is not None:

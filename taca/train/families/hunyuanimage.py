@@ -89,8 +89,8 @@ import os
 
 import torch
 
-from . import (_DiffusersFamily, _unwrap, _vae_latents, check_text_parts, check_tokens_and_text, layer_names,
-               pad_collate, saver_or_flux, split_by_mask)
+from . import (_DiffusersFamily, _unwrap, _vae_latents, check_flow_scheduler, check_text_parts, check_tokens_and_text,
+               layer_names, pad_collate, saver_or_flux, split_by_mask)
 
 _DOUBLE_ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
@@ -166,25 +166,9 @@ class HunyuanImageFamily(_DiffusersFamily):
                                  f"latents of one shape (text to image), which is what taca train trains")
         super().__init__(pipe)
         sch = getattr(pipe, "scheduler", None)
-        if sch is not None:
-            from diffusers import FlowMatchEulerDiscreteScheduler
-
-            if not isinstance(sch, FlowMatchEulerDiscreteScheduler):
-                raise ValueError(f"taca train: this {_T2I} has a {type(sch).__name__}; HunyuanImage is trained with "
-                                 f"the pipeline's FlowMatchEulerDiscreteScheduler")
-            cfg = sch.config
-            if cfg.get("use_dynamic_shifting", False):
-                raise ValueError(f"taca train: the HunyuanImage scheduler has use_dynamic_shifting=True, but {_T2I} "
-                                 f"passes no mu to set_timesteps (it cannot generate with it); use the model's own "
-                                 f"static-shift scheduler")
-            if cfg.get("invert_sigmas", False):
-                raise ValueError("taca train: the HunyuanImage scheduler has invert_sigmas=True "
-                                 "(t = 1000 (1 - sigma)); not supported")
-            n_train = int(cfg.get("num_train_timesteps", _T_SCALE) or _T_SCALE)
-            if n_train != _T_SCALE:
-                raise ValueError(f"taca train: the HunyuanImage scheduler has num_train_timesteps={n_train}: the "
-                                 f"transformer would get t = {n_train} sigma, and TACA reads sigma as t / {_T_SCALE}; "
-                                 f"not supported")
+        check_flow_scheduler(sch, "HunyuanImage", _T2I, no_mu=True, not_flow=(
+            f"taca train: this {_T2I} has a {type(sch).__name__}; HunyuanImage is trained with the pipeline's "
+            f"FlowMatchEulerDiscreteScheduler"))
         self._text_len = int(getattr(pipe, "tokenizer_max_length", _TEXT_LEN))
         self._text_len_2 = int(getattr(pipe, "tokenizer_2_max_length", _TEXT_LEN_2))
         self._patch = tuple(int(p) for p in c.patch_size) if c is not None else (1, 1)

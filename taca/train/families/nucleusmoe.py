@@ -100,8 +100,8 @@ from __future__ import annotations
 
 import torch
 
-from . import (_DiffusersFamily, _MaskedTextFamily, _unwrap, call_default, layer_names, one_frame, pad_collate,
-               qwen_vae_latents, saver_or_flux)
+from . import (_DiffusersFamily, _MaskedTextFamily, _unwrap, call_default, check_flow_scheduler, layer_names, one_frame,
+               pad_collate, qwen_vae_latents, saver_or_flux)
 
 _ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_v_proj")
 _FF = ("img_mlp.net.0.proj", "img_mlp.net.2", "img_mlp.shared_expert.net.0.proj", "img_mlp.shared_expert.net.2")
@@ -137,11 +137,8 @@ class NucleusMoEImageFamily(_MaskedTextFamily, _DiffusersFamily):
         if vae is not None and int(vae.config.z_dim) != n_lat:
             raise ValueError(f"taca train: the pipeline's VAE has {vae.config.z_dim} latent channels, the transformer "
                              f"takes {n_lat} (in_channels // 4)")
-        sch = getattr(pipe, "scheduler", None)
-        cfg = dict(getattr(sch, "config", None) or {})
-        if cfg.get("invert_sigmas", False):
-            raise ValueError("taca train: the Nucleus-Image scheduler has invert_sigmas=True (t = 1000 (1 - sigma)); "
-                             "not supported")
+        # the pipeline divides the scheduler's t by num_train_timesteps: any value is read back as sigma
+        check_flow_scheduler(getattr(pipe, "scheduler", None), "Nucleus-Image", "NucleusMoEImagePipeline", t1000=False)
         self._patch = p
         self._vae_factor = int(getattr(pipe, "vae_scale_factor", 8))
         self._check_padding_side()

@@ -98,7 +98,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _DiffusersFamily, _unwrap, call_default, layer_names
+from . import _DiffusersFamily, _unwrap, call_default, check_flow_scheduler, layer_names
 
 _ATTN = ("attention.img_qkv_proj", "attention.txt_kv_proj", "attention.to_out.0")
 _FF = ("gate_proj", "up_proj", "down_proj")
@@ -170,20 +170,12 @@ class PRXFamily(_DiffusersFamily):
         super().__init__(pipe)
         self._n_train = 1000.0  # FlowMatchEulerDiscreteScheduler's default num_train_timesteps
         sch = getattr(pipe, "scheduler", None)
+        # the pipeline divides the scheduler's t by num_train_timesteps: any value is read back as sigma
+        check_flow_scheduler(sch, "PRX", "PRXPipeline", no_mu=True, t1000=False, not_flow=(
+            f"taca train: this PRXPipeline has a {type(sch).__name__}; PRX is trained with the "
+            f"FlowMatchEulerDiscreteScheduler its pipeline steps with (a flow-matching velocity)"))
         if sch is not None:
-            from diffusers import FlowMatchEulerDiscreteScheduler
-
-            if not isinstance(sch, FlowMatchEulerDiscreteScheduler):
-                raise ValueError(f"taca train: this PRXPipeline has a {type(sch).__name__}; PRX is trained with the "
-                                 f"FlowMatchEulerDiscreteScheduler its pipeline steps with (a flow-matching velocity)")
-            cfg = sch.config
-            if cfg.get("use_dynamic_shifting", False):
-                raise ValueError("taca train: the PRX scheduler has use_dynamic_shifting=True, but PRXPipeline passes "
-                                 "no mu to set_timesteps (it cannot generate with it); use a static-shift scheduler")
-            if cfg.get("invert_sigmas", False):
-                raise ValueError("taca train: the PRX scheduler has invert_sigmas=True (t = 1000 (1 - sigma)); "
-                                 "not supported")
-            self._n_train = float(cfg.get("num_train_timesteps", 1000) or 1000)
+            self._n_train = float(sch.config.get("num_train_timesteps", 1000) or 1000)
         vae = getattr(pipe, "vae", _ABSENT)
         if vae is None:
             raise ValueError("taca train: this PRXPipeline has no VAE: it then denoises latents it cannot decode "

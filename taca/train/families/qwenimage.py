@@ -110,7 +110,8 @@ class QwenImageFamily(_MaskedTextFamily, _DiffusersFamily):
         pipelines' ``__call__`` shows them; the entries padded to the longest with the mask."""
         if references is None or len(references) != len(captions) or not all(references):
             raise ValueError(f"taca train: {type(self.pipe).__name__} encodes each caption with its reference images")
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION_IMAGE_SIZE, calculate_dimensions
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (CONDITION_IMAGE_SIZE,
+                                                                                 calculate_dimensions)
 
         embeds = []
         with torch.no_grad():
@@ -126,7 +127,8 @@ class QwenImageFamily(_MaskedTextFamily, _DiffusersFamily):
                 embeds.append(pe[0])
         n = max(e.shape[0] for e in embeds)
         pe = torch.stack([torch.cat([e, e.new_zeros(n - e.shape[0], e.shape[1])]) for e in embeds])
-        mask = torch.arange(n, device=pe.device)[None] < torch.tensor([e.shape[0] for e in embeds], device=pe.device)[:, None]
+        lengths = torch.tensor([e.shape[0] for e in embeds], device=pe.device)
+        mask = torch.arange(n, device=pe.device)[None] < lengths[:, None]
         return {"prompt_embeds": pe, _MASK: mask.long()}
 
     def encode_images(self, pixels):
