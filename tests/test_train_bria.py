@@ -21,7 +21,6 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 import taca  # noqa: E402
-from taca.pipeline import get_handle  # noqa: E402
 from taca.train import train  # noqa: E402
 from taca.train.config import ConfigError  # noqa: E402
 
@@ -29,8 +28,8 @@ from test_models_bria import BRIA_SCHEDULER, TINY  # noqa: E402  (the adapter te
 from train_checks import (check_alone_as_in_batch, check_batch_independent, check_flux_vae_latents,  # noqa: E402
                           check_same_adapter, check_taca_run, check_transformer_loaded_adapter,
                           check_zero_model_decodes, checked_family, checkpointed_run, control_run, data_fixture,
-                          flux_attn_names, flux_ff_names, load, LONG, model_fixture, peft_hits, RUN_FILES, run_fixture,
-                          saved_lora_modules, SHORT, text_cond, train_config)
+                          flux_attn_names, flux_ff_names, load, LONG, model_fixture, peft_hits, record_calls, RUN_FILES,
+                          run_fixture, saved_lora_modules, SHORT, text_cond, train_config)
 
 RES = 32  # 32x32 images -> 16x16 latents (2-level VAE) -> 2x2 packing -> 64 image tokens
 TEXT_LEN = 16  # every caption zero-padded to 16 text tokens
@@ -154,12 +153,6 @@ def test_control_runs_stock_attention(model, data, tmp_path, monkeypatch):
     assert len(res.losses) == 2
 
 
-def _record(t):
-    """Records every transformer call: (kwargs, output, the TACA gamma of the call)."""
-    calls = []
-    hook = t.register_forward_hook(lambda m, a, kw, o: calls.append(
-        (dict(kw), o[0].detach().clone(), get_handle(m).last_gamma if get_handle(m) else None)), with_kwargs=True)
-    return calls, hook
 
 
 def test_predict_is_the_pipelines_denoising_step(model):
@@ -184,7 +177,7 @@ def test_predict_is_the_pipelines_denoising_step(model):
     h, w = 2 * (H // pipe.vae_scale_factor), 2 * (W // pipe.vae_scale_factor)  # prepare_latents' grid
     assert (h, w) == (16, 24)
     x = torch.randn(2, 4, h, w, generator=torch.Generator().manual_seed(3))
-    calls, hook = _record(t)
+    calls, hook = record_calls(t)
     with taca.enabled(pipe, gamma=1.2), torch.no_grad():
         out = pipe(prompt=prompts, latents=BriaPipeline._pack_latents(x, 2, 4, h, w), height=H, width=W,
                    num_inference_steps=3, guidance_scale=1.0, max_sequence_length=TEXT_LEN,

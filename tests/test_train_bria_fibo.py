@@ -20,15 +20,14 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 import taca  # noqa: E402
-from taca.pipeline import get_handle  # noqa: E402
 from taca.train import train  # noqa: E402
 from taca.train.config import ConfigError  # noqa: E402
 
 from test_models_bria import FIBO_SCHEDULER  # noqa: E402
 from train_checks import (ADAPTER, check_batch_independent, check_gated_pipeline, check_same_adapter,  # noqa: E402
                           check_taca_run, checked_family, checkpointed_run, control_run, data_fixture, flux_attn_names,
-                          load, LONG, model_fixture, peft_hits, RUN_FILES, run_fixture, saved_lora_modules, SHORT,
-                          text_cond, train_config)
+                          load, LONG, model_fixture, peft_hits, record_calls, RUN_FILES, run_fixture,
+                          saved_lora_modules, SHORT, text_cond, train_config)
 
 RES = 32  # 32x32 images -> 2x2 latents (factor 16) -> 4 image tokens (no patching)
 TEXT_LEN = 16
@@ -134,11 +133,6 @@ def test_control_runs_stock_attention(model, data, tmp_path, monkeypatch):
     assert len(res.losses) == 2
 
 
-def _record(t):
-    calls = []
-    hook = t.register_forward_hook(lambda m, a, kw, o: calls.append(
-        (dict(kw), o[0].detach().clone(), get_handle(m).last_gamma if get_handle(m) else None)), with_kwargs=True)
-    return calls, hook
 
 
 _KEYS = ("hidden_states", "timestep", "encoder_hidden_states", "txt_ids", "img_ids")
@@ -160,7 +154,7 @@ def test_predict_is_the_pipelines_denoising_step(model):
     H, W = 32, 48
     h, w = H // 16, W // 16
     x = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(3))
-    calls, hook = _record(t)
+    calls, hook = record_calls(t)
     with taca.enabled(pipe, gamma=1.2), torch.no_grad():
         out = pipe(prompt=[LONG], latents=BriaFiboPipeline._pack_latents_no_patch(x, 1, 4, h, w), height=H, width=W,
                    num_inference_steps=3, guidance_scale=1.0, max_sequence_length=TEXT_LEN,

@@ -24,12 +24,11 @@ pytest.importorskip("accelerate")
 pytest.importorskip("transformers")
 
 import taca  # noqa: E402
-from taca.pipeline import get_handle  # noqa: E402
 from taca.train import train  # noqa: E402
 from taca.train.families import family_for  # noqa: E402
 from taca.train.families.flux2 import Flux2Family  # noqa: E402
-from train_checks import (GammaCounter, check_batch_independent, check_taca_run, control_run,  # noqa: E402
-                          data_fixture, load, record_forwards, train_config, write_data)
+from train_checks import (check_batch_independent, check_taca_run, control_run, data_fixture,  # noqa: E402
+                          GammaCounter, load, record_calls, record_forwards, train_config, write_data)
 
 RES = 32  # 32x32 images: 2-level VAE (scale 2) -> 16x16 latents -> 2x2 patches -> 8x8 = 64 image tokens
 TEXT_LEN = 40  # every prompt padded to 40 text tokens
@@ -176,15 +175,6 @@ def test_control_lora_runs_stock_attention(models, data, tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-def _record(transformer):
-    """Every transformer call's kwargs, output and TACA gamma."""
-    calls = []
-
-    def hook(m, args, kwargs, out):
-        h = get_handle(m)
-        calls.append((dict(kwargs), out[0].detach().clone(), None if h is None else h.last_gamma))
-
-    return calls, transformer.register_forward_hook(hook, with_kwargs=True)
 
 
 def _check_same_call(kind, kw_p, out_p, kw_f, out_f):
@@ -214,7 +204,7 @@ def test_predict_is_the_pipelines_transformer_call(kind, models):
     assert isinstance(fam, Flux2Family) and fam.shift() == 1.0
     guidance_scale = 1.0 if kind == "klein" else 2.5  # klein: no true CFG (one call per step)
     t = pipe.transformer
-    calls, hook = _record(t)
+    calls, hook = record_calls(t)
     with taca.enabled(pipe, gamma=1.2), torch.no_grad():
         pipe(prompt=PROMPTS, height=RES, width=RES, num_inference_steps=2, guidance_scale=guidance_scale,
              max_sequence_length=TEXT_LEN, generator=torch.Generator().manual_seed(0), output_type="latent")
@@ -411,7 +401,7 @@ def test_predict_with_references_is_the_pipelines_call(kind, models, tmp_path):
         assert torch.equal(x[0], load_image(p, REF_RES))
     guidance_scale = 1.0 if kind == "klein" else 2.5
     t = pipe.transformer
-    calls, hook = _record(t)
+    calls, hook = record_calls(t)
     with taca.enabled(pipe, gamma=1.2), torch.no_grad():
         pipe(prompt=PROMPTS, image=images[:2], height=RES, width=RES, num_inference_steps=1,
              guidance_scale=guidance_scale, max_sequence_length=TEXT_LEN, generator=torch.Generator().manual_seed(0),

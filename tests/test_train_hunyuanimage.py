@@ -26,7 +26,6 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 import taca  # noqa: E402
-from taca.pipeline import get_handle  # noqa: E402
 from taca.train import train  # noqa: E402
 from taca.train.config import ConfigError  # noqa: E402
 
@@ -34,8 +33,8 @@ from test_models_hunyuanimage import TINY  # noqa: E402  (the adapter tests' tin
 from train_checks import (ADAPTER, cache_dir, cached_text, check_batch_independent,  # noqa: E402,F401
                           check_gated_pipeline, check_taca_run, checked_family, control_run, data_fixture,
                           flux_attn_names, flux_ff_names, load, LONG, model_fixture, one_torch_thread, peft_hits,
-                          qwen2_bpe_tokenizer, RUN_FILES, run_fixture, saved_lora_modules, SHORT, text_cond,
-                          train_config, write_captioned_data)
+                          qwen2_bpe_tokenizer, record_calls, RUN_FILES, run_fixture, saved_lora_modules, SHORT,
+                          text_cond, train_config, write_captioned_data)
 
 RES = 32  # 32x32 pixels -> 8x8 latents (the tiny VAE's factor 4), patch 1 -> 64 image tokens
 N_DOUBLE, N_SINGLE = TINY["num_layers"], TINY["num_single_layers"]
@@ -269,12 +268,6 @@ def _check_call(kw, mine, n, n2):
     assert kw["timestep_r"] is None
 
 
-def _record(t):
-    """Records every transformer call: (kwargs, output, the TACA gamma of the call)."""
-    calls = []
-    hook = t.register_forward_hook(lambda m, a, kw, o: calls.append(
-        (dict(kw), o[0].detach().clone(), get_handle(m).last_gamma if get_handle(m) else None)), with_kwargs=True)
-    return calls, hook
 
 
 @pytest.mark.parametrize("guider", [False, True])
@@ -297,7 +290,7 @@ def test_predict_is_the_pipelines_denoising_step(model, guider):
     n, n2 = _valid(pipe, prompts)
     assert n2[0] == 0 < n2[1]
     x = torch.randn(2, *LAT, generator=torch.Generator().manual_seed(3))
-    calls, hook = _record(t)
+    calls, hook = record_calls(t)
     per_step = 2 if guider else 1
     with taca.enabled(pipe, gamma=1.2), torch.no_grad():
         out = pipe(prompt=prompts, latents=x.clone(), height=RES, width=RES, num_inference_steps=2,
@@ -338,7 +331,7 @@ def test_predict_in_bf16_with_a_guidance_embedding():
     prompts = [GLYPH, LONG]
     n, n2 = _valid(pipe, prompts)
     lat = torch.randn(2, *LAT, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
-    calls, hook = _record(pipe.transformer)
+    calls, hook = record_calls(pipe.transformer)
     with taca.enabled(pipe, gamma=1.2), torch.no_grad():
         pipe(prompt=prompts, latents=lat.clone(), height=RES, width=RES, num_inference_steps=3,
              distilled_guidance_scale=3.1, output_type="latent")

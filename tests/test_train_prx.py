@@ -34,15 +34,14 @@ pytest.importorskip("transformers")
 
 import taca  # noqa: E402
 import taca.pipeline  # noqa: E402
-from taca.pipeline import get_handle  # noqa: E402
 from taca.train import train  # noqa: E402
 from taca.train.config import ConfigError  # noqa: E402
 
 from test_models_prx import TINY, _transformer  # noqa: E402  (the adapter tests' tiny transformer)
 from train_checks import (ADAPTER, cache_dir, cached_text, check_batch_independent,  # noqa: E402,F401
                           check_same_adapter, check_taca_run, check_zero_model_decodes, checked_family,
-                          checkpointed_run, control_run, data_fixture, load, LONG, peft_hits, RUN_FILES, run_fixture,
-                          saved_lora_modules, SHORT, text_cond, train_config)
+                          checkpointed_run, control_run, data_fixture, load, LONG, peft_hits, record_calls, RUN_FILES,
+                          run_fixture, saved_lora_modules, SHORT, text_cond, train_config)
 
 RES = 32  # 32x32 images -> 16x16 latents (2-level VAE) -> 2x2 patches -> 64 image tokens
 TEXT_LEN = 16  # every caption padded to 16 tokens, with the mask
@@ -245,12 +244,6 @@ def test_control_runs_stock_attention(model, data, cache_dir, tmp_path, monkeypa
     assert len(res.losses) == 2
 
 
-def _record(t):
-    """Records every transformer call: (kwargs, output, the TACA gamma of the call)."""
-    calls = []
-    hook = t.register_forward_hook(lambda m, a, kw, o: calls.append(
-        (dict(kw), o[0].detach().clone(), get_handle(m).last_gamma if get_handle(m) else None)), with_kwargs=True)
-    return calls, hook
 
 
 def timesteps_off(sch, i):
@@ -285,7 +278,7 @@ def test_predict_is_the_pipelines_denoising_step(model):
     h, w = H // pipe.vae_scale_factor, W // pipe.vae_scale_factor
     assert (h, w) == (16, 24)
     x = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(3))
-    calls, hook = _record(t)
+    calls, hook = record_calls(t)
     with taca.enabled(pipe, gamma=1.2), torch.no_grad():
         out = pipe(prompt=SHORT, latents=x, **_call(height=H, width=W, num_inference_steps=3)).images
         seen = list(calls)

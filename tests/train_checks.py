@@ -4,7 +4,7 @@
 - the recipe: :func:`train_config` (tests/test_train.py's TrainConfig, any field in kw in its
   place), :func:`write_data`, :class:`GammaCounter`, :func:`launch_ddp` and :func:`assert_same_adapters`
   (re-exported from tests/test_train.py),
-  :func:`load`, :func:`text_cond`, :func:`checked_family`, :func:`record_forwards` (a model class's
+  :func:`load`, :func:`text_cond`, :func:`checked_family`, :func:`record_calls` (a transformer's calls with their gamma), :func:`record_forwards` (a model class's
   forward kwargs, training runs included), :func:`peft_hits`, :func:`flux_attn_names` / :func:`flux_ff_names`
   (target-name expectations);
 - module fixtures: :func:`model_fixture`, :func:`data_fixture` and :func:`run_fixture` (one TACA
@@ -310,6 +310,20 @@ def flux_ff_names(n_double):
     """The double-stream blocks' feed-forward Linear names (``ff`` / ``ff_context``, FLUX.1's layout)."""
     return {f"transformer_blocks.{i}.{f}.{p}" for i in range(n_double) for f in ("ff", "ff_context")
             for p in ("net.0.proj", "net.2")}
+
+
+def record_calls(transformer):
+    """Records every call of a transformer instance: (its keyword arguments, its first output, the TACA
+    gamma of the call or None). Returns (calls, the hook handle)."""
+    from taca.pipeline import get_handle
+
+    calls = []
+
+    def hook(m, args, kwargs, out):
+        h = get_handle(m)
+        calls.append((dict(kwargs), out[0].detach().clone(), None if h is None else h.last_gamma))
+
+    return calls, transformer.register_forward_hook(hook, with_kwargs=True)
 
 
 def record_forwards(monkeypatch, cls, keys=("hidden_states",)):
