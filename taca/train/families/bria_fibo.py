@@ -81,8 +81,8 @@ from __future__ import annotations
 
 import torch
 
-from . import (_DiffusersFamily, _unwrap, check_flow_scheduler, check_tokens_and_text, fixed_text_length, pad_collate,
-               qwen_vae_latents, split_by_mask)
+from . import (_DiffusersFamily, _unwrap, check_flow_scheduler, check_text_parts, check_tokens_and_text,
+               fixed_text_length, pad_collate, qwen_vae_latents, split_by_mask)
 
 _MAX_SEQUENCE_LENGTH = 3000  # BriaFiboPipeline.check_inputs refuses more (l. 768-769)
 _T_SCALE = 1000  # the adapter's "t1000" timestep convention
@@ -152,10 +152,7 @@ class BriaFiboFamily(_DiffusersFamily):
     def encode_text(self, captions, device, max_sequence_length):
         n = self.max_sequence_length(max_sequence_length)
         pipe = self.pipe
-        missing = [a for a in ("text_encoder", "tokenizer", "transformer") if getattr(pipe, a, None) is None]
-        if missing:
-            raise ValueError(f"taca train: the Bria FIBO pipeline has no {' / '.join(missing)} to encode the "
-                             f"captions with")
+        check_text_parts(pipe, "Bria FIBO", ("text_encoder", "tokenizer", "transformer"))
         n_blocks = _n_blocks(pipe.transformer)
         dtype = pipe.transformer.dtype
         rows = []

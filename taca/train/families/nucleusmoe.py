@@ -100,8 +100,8 @@ from __future__ import annotations
 
 import torch
 
-from . import (_DiffusersFamily, _MaskedTextFamily, _unwrap, call_default, check_flow_scheduler, layer_names, one_frame,
-               pad_collate, qwen_vae_latents, saver_or_flux)
+from . import (_DiffusersFamily, _MaskedTextFamily, _unwrap, call_default, check_flow_scheduler, check_text_parts,
+               layer_names, one_frame, pad_collate, qwen_vae_latents, saver_or_flux)
 
 _ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_v_proj")
 _FF = ("img_mlp.net.0.proj", "img_mlp.net.2", "img_mlp.shared_expert.net.0.proj", "img_mlp.shared_expert.net.2")
@@ -175,10 +175,7 @@ class NucleusMoEImageFamily(_MaskedTextFamily, _DiffusersFamily):
     def encode_text(self, captions, device, max_sequence_length):
         n = self.max_sequence_length(max_sequence_length)
         pipe = self.pipe
-        missing = [a for a in ("text_encoder", "processor") if getattr(pipe, a, None) is None]
-        if missing:
-            raise ValueError(f"taca train: the Nucleus-Image pipeline has no {' / '.join(missing)} to encode the "
-                             f"captions with")
+        check_text_parts(pipe, "Nucleus-Image", ("text_encoder", "processor"))
         captions = list(captions)
         if not captions or not all(isinstance(c, str) for c in captions):
             raise ValueError(f"taca train: Nucleus-Image captions must be a non-empty list of strings, "
