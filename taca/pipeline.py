@@ -569,10 +569,7 @@ class TacaHandle:
             if isinstance(src, str) and os.path.exists(src):
                 # name the file: offline, diffusers does not guess weight names in directories
                 src, extra["weight_name"] = _lora_file(src)
-            # the pipeline's loader where it loads a transformer (PRXPipeline inherits Stable Diffusion's,
-            # which wants a UNet), else the transformer's own
-            self._lora_via_pipe = self.pipe is not None and hasattr(self.pipe, "load_lora_weights") and \
-                "transformer" in (getattr(self.pipe, "_lora_loadable_modules", None) or ["transformer"])
+            self._lora_via_pipe = self.pipe is not None and loads_transformer_lora(type(self.pipe))
             if not self._lora_via_pipe and not callable(getattr(self.transformer, "load_lora_adapter", None)):
                 raise ValueError(
                     f"taca: lora=: {type(self.transformer).__name__} has no LoRA support in this diffusers (no "
@@ -687,6 +684,13 @@ def _lora_file(path: str):
     if len(names) != 1:
         raise ValueError(f"taca: lora={path!r}: expected one .safetensors LoRA file in the directory, found {names}")
     return path, names[0]
+
+
+def loads_transformer_lora(pipeline_cls) -> bool:
+    """Whether a pipeline class's ``load_lora_weights`` loads a transformer's LoRA (PRXPipeline inherits
+    Stable Diffusion's, which wants a UNet; some pipelines have none): else the transformer's own loader."""
+    return callable(getattr(pipeline_cls, "load_lora_weights", None)) and \
+        "transformer" in (getattr(pipeline_cls, "_lora_loadable_modules", None) or ["transformer"])
 
 
 # what to do for transformers whose diffusers class lacks the LoRA API

@@ -476,6 +476,23 @@ def test_a_family_refuses_an_option_before_loading(tmp_path, monkeypatch, capsys
     assert seen == [("FluxFamily", "FluxPipeline", 8)]
 
 
+def test_the_last_line_says_how_to_load_the_adapter():
+    """taca train's last message: the pipeline's load_lora_weights where it loads a transformer, the
+    transformer's loader where the pipeline has none (Ovis-Image) or one for a UNet, and a family's own
+    hint where neither works as is (PRX's transformer has no LoRA API)."""
+    from taca.train.families import Family
+    from taca.train.families.prx import PRXFamily
+
+    def how(cls, pipeline_class):
+        fam = cls.__new__(cls)
+        fam.pipeline_class = pipeline_class
+        return train_loop._how_to_load(fam)
+
+    assert how(Family, "FluxPipeline").startswith("pipe.load_lora_weights(...)")
+    assert "OvisImagePipeline has no load_lora_weights" in how(Family, "OvisImagePipeline")
+    assert how(PRXFamily, "PRXPipeline").startswith("taca.train.families.prx.lora_support(pipe)")
+
+
 def test_overwrite_replaces_only_what_train_wrote(models, data, tmp_path):
     out = tmp_path / "out"
     train(_cfg(models["flux"], data, out, max_steps=1), progress=False)

@@ -301,14 +301,13 @@ def _how_to_load(family) -> str:
     """How a user loads the saved adapter into the family's pipeline (some have no LoRA loader)."""
     import diffusers
 
+    from ..pipeline import loads_transformer_lora
+
+    if family.load_hint is not None:
+        return family.load_hint
     cls = getattr(diffusers, family.pipeline_class, None)
-    if cls is None or (callable(getattr(cls, "load_lora_weights", None))
-                       and "transformer" in (getattr(cls, "_lora_loadable_modules", None) or ["transformer"])):
+    if cls is None or loads_transformer_lora(cls):
         return "pipe.load_lora_weights(...) or taca.enable(pipe, lora=...)"
-    if family.pipeline_class.startswith("PRX"):
-        return ("taca.train.families.prx.lora_support(pipe), then taca.enable(pipe, lora=...) or "
-                "pipe.transformer.load_lora_adapter(..., prefix='transformer'): PRXTransformer2DModel has no LoRA API "
-                "in this diffusers")
     return (f"taca.enable(pipe, lora=...) or pipe.transformer.load_lora_adapter(..., prefix='transformer'): "
             f"{family.pipeline_class} has no load_lora_weights")
 

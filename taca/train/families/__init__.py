@@ -42,6 +42,7 @@ PROTOCOL = ("encode_text", "encode_images", "predict")
 
 class Family:
     name = "base"
+    load_hint = None  # how to load the saved adapter, where the usual ways do not work (taca train's last line)
 
     def __init__(self, pipe):
         self.pipe = pipe

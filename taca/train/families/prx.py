@@ -148,6 +148,9 @@ def lora_support(model):
 class PRXFamily(_DiffusersFamily):
     name = "prx"
     _text_attrs = ("text_encoder",)
+    load_hint = ("taca.train.families.prx.lora_support(pipe), then taca.enable(pipe, lora=...) or "
+                 "pipe.transformer.load_lora_adapter(..., prefix='transformer'): PRXTransformer2DModel has no LoRA API "
+                 "in this diffusers")
 
     @classmethod
     def check_config(cls, cfg, pipeline_class):
