@@ -387,13 +387,33 @@ class TacaHandle:
         sigma = self._sigma(ts, B, device, self._current_t())
         step = None
         if self.schedule.needs_step:
-            step = self._track_step(float(sigma[0]))
+            first, bad = torch.stack([sigma[0], _out_of_range(sigma).to(sigma.dtype)]).tolist()
+            self._check_range(ts, bad)
+            step = self._track_step(first)
             gamma = self.schedule(sigma, step)
             on = float(gamma[0]) != 1.0  # step rules give one gamma for the batch
         else:
             gamma = self.schedule(sigma, None)
-            on = bool((gamma != 1.0).any())  # the one host sync of this call
+            # the one host sync of this call: is gamma on anywhere, is sigma out of range anywhere
+            on, bad = torch.stack([(gamma != 1.0).any(), _out_of_range(sigma)]).tolist()
+            self._check_range(ts, bad)
         return (gamma if on else None), on, step
+
+    def _check_range(self, ts, bad) -> None:
+        """Refuse a timestep whose sigma under the adapter's convention is outside [0, 1] or NaN (a bare
+        transformer called with t in [0, 1000] where its pipeline passes t / 1000): the schedule would
+        read it as always early (or never), silently. (t / 1000 where t is expected is in range: not caught.)"""
+        if not bad:
+            return
+        t = ts.detach().float().reshape(-1)[:4].tolist() if isinstance(ts, torch.Tensor) else ts
+        conv = self.adapter.timestep
+        unit = {"sigma": "sigma in [0, 1]", "1-sigma": "1 - sigma in [0, 1]",
+                "t1000": "t = 1000 * sigma in [0, 1000]", "1-t1000": "1000 * (1 - sigma) in [0, 1000]"}.get(conv, conv)
+        raise ValueError(
+            f"taca: {self.adapter.label}: timestep {t} is out of range: this transformer takes {unit} "
+            f"(the adapter's {conv!r} convention), as its diffusers pipeline passes it; TACA's schedule reads "
+            f"sigma from it"
+        )
 
     def _host_decide(self, ts, B: int, device):
         """(gamma or None, on, step) from host values only (no device sync; gamma is filled on the
@@ -443,6 +463,7 @@ class TacaHandle:
             sigma = exact.expand(B)
         else:
             return None
+        self._check_range(ts, bool(_out_of_range(sigma)))
         if not bool((sigma == sigma[:1]).all()):
             return None
         return sigma
@@ -662,6 +683,15 @@ def _to_sigma(x: torch.Tensor, convention: str, like=None) -> torch.Tensor:
     if convention == "1-t1000":
         return 1.0 - _div1000(x, like)
     raise ValueError(f"taca: unknown timestep convention {convention!r}")
+
+
+# sigma is in [0, 1] in every flow-matching pipeline; the slack covers t / 1000 rounded to bfloat16 (< 2**-8)
+_SIGMA_SLACK = 2.0 ** -7
+
+
+def _out_of_range(sigma: torch.Tensor) -> torch.Tensor:
+    """Whether any sigma lies outside [0, 1] (beyond rounding), or is NaN: a 0-d bool tensor."""
+    return ~((sigma >= -_SIGMA_SLACK) & (sigma <= 1.0 + _SIGMA_SLACK)).all()
 
 
 def _exact_sigma(sigma: torch.Tensor, t, like=None) -> torch.Tensor:

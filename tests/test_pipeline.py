@@ -578,3 +578,31 @@ def test_fp8_reaches_every_processor_and_every_call(monkeypatch):
     with pytest.raises(TypeError, match="fp8 must be a bool"):
         taca.enable(pipe, fp8=1)
     taca.disable(pipe)
+
+
+def test_timestep_out_of_range_is_refused():
+    """A bare FLUX transformer (its pipeline passes sigma = t / 1000) called with t in [0, 1000], or NaN: the
+    schedule would read sigma 970 as early in every call. Refused on the host path and the sync path (per-sample
+    timesteps), naming the convention; in-range and edge values (0, 1, t / 1000 in bfloat16) pass."""
+    t = tiny.flux_transformer(num_layers=1, num_single_layers=1)
+    kw = _flux_kw(6, batch=2)
+    with taca.enabled(t, gamma=1.3) as h:
+        for bad in (torch.tensor([970.0, 970.0]), torch.tensor([0.99, 970.0]), torch.tensor([float("nan")] * 2),
+                    torch.tensor([-0.5, 0.2]), 970.0):
+            with pytest.raises(ValueError, match=r"timestep .* out of range.*sigma in \[0, 1\].*'sigma' convention"):
+                t(**kw, timestep=bad)
+        for good in (torch.tensor([1.0, 0.0]), torch.tensor([1000.0]).to(torch.bfloat16) / 1000,
+                     torch.tensor([0.97])):
+            t(**kw, timestep=good)
+        assert h.last_gamma is not None  # 0.97 is early: gamma on
+    with taca.enabled(t, schedule="paper", gamma=1.3) as h:  # a paper rule on the host path (one timestep)
+        with pytest.raises(ValueError, match="out of range"):
+            t(**kw, timestep=torch.tensor([970.0]))
+        t(**kw, timestep=torch.tensor([0.98]))
+        assert h.last_gamma is not None
+    sd3 = tiny.sd3_transformer()  # SD3 takes t in [0, 1000]: 1970 is refused with that unit named
+    with taca.enabled(sd3, gamma=1.3):
+        x = torch.randn(1, sd3.config.in_channels, 8, 8)
+        with pytest.raises(ValueError, match=r"t = 1000 \* sigma in \[0, 1000\]"):
+            sd3(hidden_states=x, encoder_hidden_states=torch.randn(1, 5, sd3.config.joint_attention_dim),
+                pooled_projections=torch.randn(1, sd3.config.pooled_projection_dim), timestep=torch.tensor([1970.0]))
