@@ -108,9 +108,8 @@ def _methods(shape, op_ok, tc, variants: bool):
         # 11, 12: warp-specialized options (D = 128: overlap, no turns; D = 64: overlap, 4 stages);
         # 14: one CTA per item; 15, 16: wider key tiles (D = 128: 160 persistent, 192 one CTA per item;
         # D = 64: 192 / 160 persistent); 17: D = 64, three consumer warpgroups (D = 128: the default);
-        # 18: D = 64, two consumers with the key tile by count (the default before); 19 / 20: D = 128, three
-        # consumers on 64-key tiles, 2 / 3 stages (at D = 64: 10)
-        vs = (0, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20) if variants else ((0,) if not op_ok else ())
+        # 18: D = 64, two consumers with the key tile by count (the default before)
+        vs = (0, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18) if variants else ((0,) if not op_ok else ())
         for var in vs:
             m[f"taca_ctypes_v{var}"] = (lambda q, k, v, var=var: tc.fwd(
                 q, k, v, text_len=L, text_first=tf, gamma=gamma, layout="bhnd", variant=var)[0], False)

@@ -339,7 +339,10 @@ int launch(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
 namespace taca_fwd90 {
 
 /* TACA_FWD_MASK, timing switches with the same outputs bitwise: "elem" takes a key mask by the per-element path
- * (MK_ANY) instead of per-tile terms; "nc3" (D = 64) takes its per-tile terms in the three-consumer kernel. */
+ * (MK_ANY) instead of per-tile terms; "nc3" (D = 64) takes its per-tile terms in the three-consumer kernel: 16% faster
+ * (SD3.5-M CFG with a key mask 0.664 -> 0.557 ms, H200), but compute-sanitizer racecheck reports hazards on its key
+ * term slots once they are reused (more than 4 key tiles): not the default until that is understood (KERNEL_LOG
+ * 2026-12-05, twenty-fourth session). */
 [[maybe_unused]] static inline bool fwd_mask_mode(const char *mode) {
     const char *mk = getenv("TACA_FWD_MASK");
     return mk && !strcmp(mk, mode);
@@ -381,24 +384,24 @@ namespace taca_fwd90 {
  * allows no more with two Q buffers), 16: 192-key tiles, one CTA per item; D = 64, 15 / 16: the
  * default with 192- / 160-key tiles (256 keys made ptxas serialize the wgmmas for registers); 18: 10, 15 or 16 by
  * d64_key_tile (the default before); 17 (= 0): the persistent kernel with three consumer warpgroups (192-row CTAs,
- * 128-key tiles; SD3.5-M / L CFG 0.536 / 0.812 ms against 18's 0.614 / 0.977 on an H200, KERNEL_LOG). D = 128, 19 / 20:
- * three consumer warpgroups on 64-key tiles (three warpgroups' S, O and P of 128-key tiles need more than 160
- * registers), 2 / 3 stages; compiled without spills, not yet timed. */
+ * 128-key tiles; SD3.5-M / L CFG 0.536 / 0.812 ms against 18's 0.614 / 0.977 on an H200, KERNEL_LOG). Three consumer
+ * warpgroups at D = 128 (64-key tiles: 128-key ones need more than 160 registers) ran 6-12% slower than 0 at the FLUX
+ * shapes and were removed (KERNEL_LOG 2026-12-05). */
 template <typename T, int D>
 int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
     if (a.spans || a.mask.data) {  // per-sample spans or a mask: the default tiling's FEAT instance
         // the mask code only where there is a mask; a key mask as per-tile terms (MK_*, taca_fwd_sm90_ws.cuh)
-        // D = 64 without a mask: three consumer warpgroups (192-row CTAs) as the default below; with a mask two (ptxas:
-        // 48 / 156 spilled bytes for MK_KEY / MK_ANY at three consumers' 160 registers, not timed)
+        // D = 64 without a mask: three consumer warpgroups (192-row CTAs) as the default below; with a mask two (MK_KEY
+        // at three, TACA_FWD_MASK=nc3, spills 48 bytes and runs 16% faster, but see fwd_mask_mode; MK_ANY spills 156)
         using W = WsCfg<2, false, true, D, true>;
         using W3 = std::conditional_t<D == 64, WsCfg<2, false, true, 64, true, 128, 3>, W>;
         using W14 = WsCfg<2, false, true, D>;
         const int st = variant == 14     ? (a.mask.data ? launch_ws<T, W14, true, MK_ANY>(a, batch, heads, stream)
                                                         : launch_ws<T, W14, true, MK_NONE>(a, batch, heads, stream))
                        : !a.mask.data    ? launch_ws<T, W3, true, MK_NONE>(a, batch, heads, stream)
-                       : a.mask.q == 0 && D == 64 && fwd_mask_mode("nc3") ? launch_ws<T, W3, true, MK_KEY>(a, batch, heads, stream)
-                       : a.mask.q == 0 && !fwd_mask_mode("elem") ? launch_ws<T, W, true, MK_KEY>(a, batch, heads, stream)
-                                                       : launch_ws<T, W, true, MK_ANY>(a, batch, heads, stream);
+                       : fwd_mask_mode("elem") || a.mask.q != 0 ? launch_ws<T, W, true, MK_ANY>(a, batch, heads, stream)
+                       : D == 64 && fwd_mask_mode("nc3") ? launch_ws<T, W3, true, MK_KEY>(a, batch, heads, stream)
+                                                       : launch_ws<T, W, true, MK_KEY>(a, batch, heads, stream);
         if (st != TACA_ERR_UNSUPPORTED) return st;
         // no TMA map: this file's kernel (variant 13's tiling)
         using V13 = std::conditional_t<D == 128, Cfg<128, 128, 2, 2, false>, Cfg<64, 64, 2, 3, false>>;
@@ -416,8 +419,6 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
                            : variant == 14 ? launch_ws<T, WsCfg<2, false, true>>(a, batch, heads, stream)
                            : variant == 15 ? launch_ws<T, WsCfg<2, false, true, 128, true, 160>>(a, batch, heads, stream)
                            : variant == 16 ? launch_ws<T, WsCfg<2, false, true, 128, false, 192>>(a, batch, heads, stream)
-                           : variant == 19 ? launch_ws<T, WsCfg<2, false, true, 128, true, 64, 3>>(a, batch, heads, stream)
-                           : variant == 20 ? launch_ws<T, WsCfg<3, false, true, 128, true, 64, 3>>(a, batch, heads, stream)
                                            : launch_ws<T, WsCfg<2, false, true, 128, true>>(a, batch, heads, stream);
             if (st != TACA_ERR_UNSUPPORTED) return st;
             return launch<T, Cfg<128, 128, 2, 2, false>>(a, batch, heads, stream);  // no TMA map
