@@ -2,18 +2,20 @@
 # One short device call (about 4 min): is the racecheck report on D = 64's three-consumer key-mask instance
 # (TACA_FWD_MASK=nc3, 5 hazards over sanitize_fwd.py's persistent key-mask call, results/mask3_H100_20261205/) also
 # there in the two-consumer default once the key-term slots are reused? Build; racecheck of sanitize_fwd_keymask.py
-# (10 key tiles, persistent items, D = 64 and 128, bool and float masks) under the default, then under nc3; the
-# key-mask bitwise test (SKIP_TEST=1: not). MODES="tile" checks the default only. Run: run(command="bash benchmarks/gpu_keymask_race.sh", carry=[".whl"]).
+# (10 key tiles, persistent items, D = 64 and 128, bool and float masks) under the default, nc3, and both with
+# TACA_FWD_KT_ARRIVE=all (every lane arrives on the key-term barriers: does the report go?); the key-mask bitwise
+# test (SKIP_TEST=1: not). MODES="tile" checks the default only. Run: run(command="bash benchmarks/gpu_keymask_race.sh",
+# carry=[".whl"]).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 {
 STEPS=build OUT=/tmp/hw bash benchmarks/gpu_features_run.sh 2>&1 | grep -E "rc=|has_cuda"
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-for mode in ${MODES:-tile nc3}; do
-  TACA_FWD_MASK=$mode timeout ${RACE_TIMEOUT:-100} compute-sanitizer --tool racecheck --kernel-name kns=taca_ \
-    python3 tests/cuda_harness/sanitize_fwd_keymask.py > "$OUT/race.$mode.txt" 2>&1
-  echo "racecheck $mode: $(grep -E 'RACECHECK SUMMARY|calls done' "$OUT/race.$mode.txt" | tr '\n' ' ')"
-  grep -oE "Write access at [^(]*WsCfg<[^>]*>[^+]*\+0x[0-9a-f]+ in [a-z0-9_.]+:[0-9]+" "$OUT/race.$mode.txt" | sort | uniq -c | head -4
+for mode in ${MODES:-tile nc3 tile:all nc3:all}; do
+  TACA_FWD_MASK=${mode%%:*} TACA_FWD_KT_ARRIVE=$([[ $mode == *:all ]] && echo all) timeout ${RACE_TIMEOUT:-100} compute-sanitizer --tool racecheck --kernel-name kns=taca_ \
+    python3 tests/cuda_harness/sanitize_fwd_keymask.py > "$OUT/race.${mode/:/_}.txt" 2>&1
+  echo "racecheck $mode: $(grep -E 'RACECHECK SUMMARY|calls done' "$OUT/race.${mode/:/_}.txt" | tr '\n' ' ')"
+  grep -oE "(Write|Read) access at .* in [a-z0-9_.]+:[0-9]+" "$OUT/race.${mode/:/_}.txt" | sed 's/ at .* in / at /' | sort | uniq -c | head -6
 done
 [ "${SKIP_TEST:-0}" = 1 ] || timeout 60 python3 -m pytest -q tests/test_cuda_features.py -k key_mask > "$OUT/pytest.txt" 2>&1; tail -1 "$OUT/pytest.txt"
 } 2>&1 | tee "$OUT/log.txt"

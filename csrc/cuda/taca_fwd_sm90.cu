@@ -348,6 +348,13 @@ namespace taca_fwd90 {
     return mk && !strcmp(mk, mode);
 }
 
+/* TACA_FWD_KT_ARRIVE=all: the key-mask instances whose barriers every lane arrives on (KTA, taca_fwd_sm90_ws.cuh), a
+ * checking switch for compute-sanitizer racecheck; the same outputs bitwise. */
+[[maybe_unused]] static inline bool fwd_kt_arrive_all() {
+    const char *ka = getenv("TACA_FWD_KT_ARRIVE");
+    return ka && !strcmp(ka, "all");
+}
+
 /* D = 64 default: the key tile (128, 160 or 192 keys) with the least work by a tile count model, keys rounded up to
  * whole tiles plus a per-tile cost of 27 keys' worth: fitted on the H200 at SD3.5-M CFG 1536 x 1536 (9549 keys; the
  * three tile sizes cover the same 9600 keys there; 192-key tiles 5.7% and 160-key ones 2.5% faster than 128-key
@@ -400,6 +407,9 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
                                                         : launch_ws<T, W14, true, MK_NONE>(a, batch, heads, stream))
                        : !a.mask.data    ? launch_ws<T, W3, true, MK_NONE>(a, batch, heads, stream)
                        : fwd_mask_mode("elem") || a.mask.q != 0 ? launch_ws<T, W, true, MK_ANY>(a, batch, heads, stream)
+                       : fwd_kt_arrive_all()             ? (D == 64 && fwd_mask_mode("nc3")
+                                                              ? launch_ws<T, W3, true, MK_KEY, true>(a, batch, heads, stream)
+                                                              : launch_ws<T, W, true, MK_KEY, true>(a, batch, heads, stream))
                        : D == 64 && fwd_mask_mode("nc3") ? launch_ws<T, W3, true, MK_KEY>(a, batch, heads, stream)
                                                        : launch_ws<T, W, true, MK_KEY>(a, batch, heads, stream);
         if (st != TACA_ERR_UNSUPPORTED) return st;

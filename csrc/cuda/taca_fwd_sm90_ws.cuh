@@ -83,7 +83,13 @@ struct WsArgs {
 };
 
 
-template <typename T, typename C, bool FEAT, int MK>
+/* KTA (MK_KEY only; instances of their own, chosen by TACA_FWD_KT_ARRIVE=all: a checking switch, compiled, not run
+ * yet, KERNEL_LOG 2026-12-05, twenty-fourth session): every producer lane arrives on full_k after its key-term stores
+ * and every consumer thread on empty_k, instead of lane 0 after a __syncwarp / lane 0 of each consumer warp. The same
+ * protocol; compute-sanitizer racecheck does not model __syncwarp-ordered lane-0 arrivals (the backward's ring
+ * needed every-thread arrivals to check clean), and it reported hazards on the reused key-term slots of the
+ * three-consumer MK_KEY instance. The default instances are unchanged by it (their PTX is identical). */
+template <typename T, typename C, bool FEAT, int MK, bool KTA = false>
 __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const __grid_constant__ WsArgs p) {
 #if TACA_SM90A
     constexpr int DP = C::DP, BC = C::BC, BR = C::BR, NT = C::NT, DT = C::DT, STAGES = C::STAGES;
@@ -134,10 +140,11 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             mbar_init(full_q(qb), 1);
             mbar_init(empty_q(qb), 128 * C::NC);  // every consumer thread after its epilogue (PERSIST)
         }
+        constexpr bool all = MK == MK_KEY && KTA;
         for (int s = 0; s < STAGES; ++s) {
-            mbar_init(full_k(s), 1);
+            mbar_init(full_k(s), all ? 32 : 1);              // (all: every producer lane)
             mbar_init(full_v(s), 1);
-            mbar_init(empty_k(s), 4 * C::NC);  // lane 0 of each consumer warp
+            mbar_init(empty_k(s), all ? 128 * C::NC : 4 * C::NC);  // lane 0 of each consumer warp (all: every thread)
             mbar_init(empty_v(s), 4 * C::NC);
         }
         mbar_init_fence();
@@ -220,6 +227,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
                         }
                         ok = __all_sync(0xffffffffu, ok);
                         __syncwarp();  // the lanes' stores ordered before lane 0's arrive below
+                        if (KTA && lane != 0) mbar_arrive(full_k(s));  // (lane 0's: issue_kv's expect_tx)
                         if (lane == 0) {
                             kflag[jg % C::KT_SLOTS] = ok;
                             issue_kv(s, r, row, hk, b);  // full_k's arrive also releases the slot's stores
@@ -322,7 +330,10 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
                 fence_regs<BC / 4>(&pa[0][0]);
             }
             fence_regs<NT * 4>(&sacc[0][0][0]);
-            if (lane == 0) {
+            if constexpr (MK == MK_KEY && KTA) {
+                mbar_arrive(empty_k(s));  // every consumer thread
+                if (lane == 0 && !FIRST && !LATE_O) mbar_arrive(empty_v(sp));
+            } else if (lane == 0) {
                 mbar_arrive(empty_k(s));
                 if (!FIRST && !LATE_O) mbar_arrive(empty_v(sp));
             }
@@ -407,9 +418,9 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
 }
 
 /* TACA_ERR_UNSUPPORTED (nothing launched) when a map cannot be encoded. */
-template <typename T, typename C, bool FEAT = false, int MK = MK_NONE>
+template <typename T, typename C, bool FEAT = false, int MK = MK_NONE, bool KTA = false>
 int launch_ws(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
-    auto kernel = taca_fwd_sm90_ws_kernel<T, C, FEAT, MK>;
+    auto kernel = taca_fwd_sm90_ws_kernel<T, C, FEAT, MK, KTA>;
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_fwd_cuda (sm90 ws): cudaFuncGetAttributes");
     if (attr.binaryVersion != 90 || a.d != C::DP) return TACA_ERR_UNSUPPORTED;
