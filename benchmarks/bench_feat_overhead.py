@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_attention_gpu import SHAPES  # noqa: E402
+from benchmarks.bench_attention_gpu import EXTRA_SHAPES, SHAPES  # noqa: E402
 
 
 def _bench(fn):
@@ -91,9 +91,10 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     rows = []
     for name in args.shapes.split(","):
-        if name not in SHAPES:
-            raise SystemExit(f"--shapes: unknown shape {name!r}; expected some of {sorted(SHAPES)}")
-        B, H, D, L, n_img, first = SHAPES[name]
+        shapes = {**SHAPES, **EXTRA_SHAPES}  # PERFORMANCE.md's shapes and the other resolutions (768, 1536 px, ...)
+        if name not in shapes:
+            raise SystemExit(f"--shapes: unknown shape {name!r}; expected some of {sorted(shapes)}")
+        B, H, D, L, n_img, first = shapes[name]
         n = L + n_img
         torch.manual_seed(0)
         q, k, v = (torch.randn(B, H, n, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
