@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import re
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -193,7 +192,7 @@ def run_shape(sname, shape, op_ok, tc, quick, variants, do_bwd, log, skip_heavy=
                 rec["max_err"] = (out.float() - r).abs().max().item()
                 rec["sdpa_err"] = base_err
             del out
-            ms = _bench(lambda: fn(q, k, v), quick)
+            ms = _bench(lambda q=q, k=k, v=v: fn(q, k, v), quick)  # bound now: q, k, v are deleted after the loop
             rec["fwd_ms"] = ms
             rec["fwd_tflops"] = flops / ms / 1e9
         except torch.OutOfMemoryError:
