@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=".")
     ap.add_argument("--mask-modes", default="elem", help="TACA_FWD_MASK values the mask cases run under too "
-                    "(elem: the per-element path; nc3: at D = 64 the three-consumer kernel's per-tile terms)")
+                    "(elem: the per-element path; nc3: at D = 64 the three-consumer kernel's per-tile terms; a '+all' suffix "
+                    "adds TACA_FWD_KT_ARRIVE=all, the every-lane-arrival instances, e.g. tile+all, nc3+all)")
     args = ap.parse_args(argv)
     import taca
 
@@ -104,12 +105,16 @@ def main(argv=None) -> int:
         for cname, kw in cs.items():
             for env in ([None, *args.mask_modes.split(",")] if "attn_mask" in kw else [None]):
                 def fwd(kw=kw, env=env, q=q, k=k, v=v):
-                    if env:
-                        os.environ["TACA_FWD_MASK"] = env
+                    if env:  # "<TACA_FWD_MASK>[+all]": +all sets TACA_FWD_KT_ARRIVE=all too
+                        mode, _, arrive = env.partition("+")
+                        os.environ["TACA_FWD_MASK"] = mode
+                        if arrive:
+                            os.environ["TACA_FWD_KT_ARRIVE"] = arrive
                     try:
                         return taca.joint_attention(q, k, v, text_first=first, gamma=1.2, backend="cuda", **kw)
                     finally:
                         os.environ.pop("TACA_FWD_MASK", None)
+                        os.environ.pop("TACA_FWD_KT_ARRIVE", None)
                 fns[cname + (f"@{env}" if env else "")] = fwd
         qg, kg, vg = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One short device call (about 4 min): is the racecheck report on D = 64's three-consumer key-mask instance
+# One short device call (about 6 min): is the racecheck report on D = 64's three-consumer key-mask instance
 # (TACA_FWD_MASK=nc3, 5 hazards over sanitize_fwd.py's persistent key-mask call, results/mask3_H100_20261205/) also
 # there in the two-consumer default once the key-term slots are reused? Build; racecheck of sanitize_fwd_keymask.py
 # (10 key tiles, persistent items, D = 64 and 128, bool and float masks) under the default, nc3, and both with
 # TACA_FWD_KT_ARRIVE=all (every lane arrives on the key-term barriers: does the report go?); the key-mask bitwise
-# test (SKIP_TEST=1: not). MODES="tile" checks the default only. Run: run(command="bash benchmarks/gpu_keymask_race.sh",
+# test (SKIP_TEST=1: not); what each form costs at SD3.5-M CFG (SKIP_BENCH=1: not). MODES="tile" checks the default
+# only. Run: run(command="bash benchmarks/gpu_keymask_race.sh",
 # carry=[".whl"]).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -18,5 +19,8 @@ for mode in ${MODES:-tile nc3 tile:all nc3:all}; do
   grep -oE "(Write|Read) access at .* in [a-z0-9_.]+:[0-9]+" "$OUT/race.${mode/:/_}.txt" | sed 's/ at .* in / at /' | sort | uniq -c | head -6
 done
 [ "${SKIP_TEST:-0}" = 1 ] || timeout 60 python3 -m pytest -q tests/test_cuda_features.py -k key_mask > "$OUT/pytest.txt" 2>&1; tail -1 "$OUT/pytest.txt"
+# what the forms cost (SKIP_BENCH=1: not): SD3.5-M CFG key masks, two / three consumers, lane-0 / every-lane arrivals
+[ "${SKIP_BENCH:-0}" = 1 ] || { timeout 120 python3 benchmarks/bench_feat_overhead.py --shapes sd35m_cfg --rounds 3 \
+  --mask-modes nc3,tile+all,nc3+all --out "$OUT" > "$OUT/feat.txt" 2>&1; echo "feat rc=$?"; grep "^|" "$OUT/feat.txt" | grep -v spans; }
 } 2>&1 | tee "$OUT/log.txt"
 bash benchmarks/pack_out.sh "$OUT"
