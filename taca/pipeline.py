@@ -35,6 +35,9 @@ transformer got:
   ``_current_timestep``) does not pass this test.
 - ``schedule="constant"`` needs no sigma.
 
+A timestep whose sigma (under the adapter's convention) lies outside [0, 1] or is NaN is refused
+(ValueError) by every schedule that reads sigma, on either path (``schedule="constant"`` reads none).
+
 Otherwise (``torch.compile`` tracing the hook, ``torch.inference_mode`` tensors (no view or version
 tracking), FLUX img2img/inpaint/fill/control pipelines (no ``_current_timestep``), a bare
 transformer called with a fresh tensor (training, per-sample timesteps), callable schedules) the
@@ -396,7 +399,8 @@ class TacaHandle:
             gamma = self.schedule(sigma, None)
             # the one host sync of this call: is gamma on anywhere, is sigma out of range anywhere
             on, bad = torch.stack([(gamma != 1.0).any(), _out_of_range(sigma)]).tolist()
-            self._check_range(ts, bad)
+            if not isinstance(self.schedule, _schedule.ConstantSchedule):  # as the host path: it needs no sigma
+                self._check_range(ts, bad)
         return (gamma if on else None), on, step
 
     def _check_range(self, ts, bad) -> None:

@@ -600,6 +600,13 @@ def test_timestep_out_of_range_is_refused():
             t(**kw, timestep=torch.tensor([970.0]))
         t(**kw, timestep=torch.tensor([0.98]))
         assert h.last_gamma is not None
+    # schedule="constant" reads no sigma (the host path never computes it): not refused on either path
+    with taca.enabled(t, schedule="constant", gamma=1.3) as h:
+        t(**kw, timestep=torch.tensor([970.0, 970.0]))
+        assert h.last_path == "host" and h.last_gamma is not None
+        h.host_sigma = False  # the sync path
+        t(**kw, timestep=torch.tensor([970.0, 970.0]))
+        assert h.last_path == "sync" and h.last_gamma is not None
     sd3 = tiny.sd3_transformer()  # SD3 takes t in [0, 1000]: 1970 is refused with that unit named
     with taca.enabled(sd3, gamma=1.3):
         x = torch.randn(1, sd3.config.in_channels, 8, 8)
