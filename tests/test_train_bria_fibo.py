@@ -24,10 +24,10 @@ from taca.train import train  # noqa: E402
 from taca.train.config import ConfigError  # noqa: E402
 
 from test_models_bria import FIBO_SCHEDULER  # noqa: E402
-from train_checks import (ADAPTER, check_batch_independent, check_gated_pipeline, check_same_adapter,  # noqa: E402
-                          check_taca_run, checked_family, checkpointed_run, control_run, data_fixture, flux_attn_names,
-                          load, LONG, model_fixture, peft_hits, record_calls, RUN_FILES, run_fixture,
-                          saved_lora_modules, SHORT, text_cond, train_config)
+from train_checks import (ADAPTER, check_batch_independent, check_gated_pipeline, check_loaded_predict,  # noqa: E402
+                          check_same_adapter, check_taca_run, checked_family, checkpointed_run, control_run,
+                          data_fixture, flux_attn_names, load, LONG, model_fixture, peft_hits, record_calls, RUN_FILES,
+                          run_fixture, saved_lora_modules, SHORT, text_cond, train_config)
 
 RES = 32  # 32x32 images -> 2x2 latents (factor 16) -> 4 image tokens (no patching)
 TEXT_LEN = 16
@@ -330,14 +330,4 @@ def test_adapter_loads_in_diffusers_and_taca(trained, model):
     assert lora == set(flux_attn_names(N_DOUBLE, N_SINGLE))
     fam = _family(fresh)
     x = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(2))
-    sigma = torch.tensor([0.99])
-    with torch.no_grad():
-        cond = text_cond(fam, ["a red square"], TEXT_LEN)
-        with taca.enabled(fresh.transformer, gamma=1.2):
-            diffusers_loaded = fam.predict(fresh.transformer, x, sigma, cond, 1.0)
-        other = load(model)
-        stock = fam.predict(other.transformer, x, sigma, cond, 1.0)
-        with taca.enabled(other, gamma=1.2, lora=out):
-            taca_loaded = fam.predict(other.transformer, x, sigma, cond, 1.0)
-    torch.testing.assert_close(taca_loaded, diffusers_loaded, rtol=0, atol=1e-6)
-    assert not torch.allclose(taca_loaded, stock, atol=1e-5)
+    check_loaded_predict(fam, fresh, load(model), out, x, "a red square", TEXT_LEN)

@@ -33,9 +33,10 @@ from taca.train import train  # noqa: E402
 
 from test_models_nucleusmoe import TINY as ADAPTER_TINY  # noqa: E402  (the adapter tests' tiny config)
 from test_models_nucleusmoe import _scheduler  # noqa: E402  (dynamic shifting, diffusers' default bounds)
-from train_checks import (ADAPTER, LATENTS_MEAN, LATENTS_STD, LONG, SHORT, GammaCounter, Record,  # noqa: E402,F401
+from train_checks import (ADAPTER, LONG, SHORT, GammaCounter, Record,  # noqa: E402,F401
                           cache_dir, cached_text, check_alone_as_in_batch, check_batch_independent, check_control,
-                          check_gammas, check_gated_pipeline, check_same_adapter, check_taca_run, checked_family,
+                          check_gammas, check_gated_pipeline, check_qwenimage_latents,
+                          check_same_adapter, check_taca_run, checked_family,
                           data_fixture, model_fixture, one_torch_thread, qwen2_bpe_tokenizer, qwenimage_vae,
                           run_fixture, saved_lora_modules, text_cond, train_config, write_captioned_data)
 
@@ -344,23 +345,11 @@ def test_latents_are_what_the_pipeline_decodes():
     vae.decode) gives back vae.decode(mode). Sizes the VAE and the patches do not divide are refused."""
     pipe = _pipeline()
     fam = _family(pipe)
-    vae = pipe.vae
-    g = torch.Generator().manual_seed(3)
-    px = torch.rand(2, 3, RES, RES, generator=g) * 2 - 1
-    with torch.no_grad():
-        lat = fam.encode_images(px)
-        mode = vae.encode(px.unsqueeze(2)).latent_dist.mode()
-        assert lat.shape == (2, 4, 1, RES // 4, RES // 4) == mode.shape
-        mean = torch.tensor(LATENTS_MEAN).view(1, 4, 1, 1, 1)
-        std = torch.tensor(LATENTS_STD).view(1, 4, 1, 1, 1)
-        torch.testing.assert_close(lat, (mode - mean) / std, rtol=1e-6, atol=1e-6)
-        assert not torch.allclose(lat, mode, atol=1e-2)  # the normalization is not the identity here
-        packed = pipe._pack_latents(lat, 2, 4, RES // 4, RES // 4, TINY["patch_size"])
-        got = pipe(prompt_embeds=torch.zeros(2, 8, TEXT_DIM), height=RES, width=RES, num_inference_steps=2,
-                   guidance_scale=1.0, output_type="pt",
-                   callback_on_step_end=lambda p, i, t, kw: {"latents": packed.clone()}).images
-        want = pipe.image_processor.postprocess(vae.decode(mode).sample[:, :, 0], output_type="pt")
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    check_qwenimage_latents(
+        pipe, fam, RES, lambda callback: pipe(
+            prompt_embeds=torch.zeros(2, 8, TEXT_DIM), height=RES, width=RES, num_inference_steps=2,
+            guidance_scale=1.0, output_type="pt", callback_on_step_end=callback).images,
+        pack=lambda lat: pipe._pack_latents(lat, 2, 4, RES // 4, RES // 4, TINY["patch_size"]))
     with pytest.raises(ValueError, match="--resolution.*divisible by 8"):
         fam.encode_images(torch.zeros(1, 3, 36, 36))
 

@@ -4,9 +4,9 @@
 - the recipe: :func:`train_config` (tests/test_train.py's TrainConfig, any field in kw in its
   place), :func:`write_data`, :class:`GammaCounter`, :func:`launch_ddp` and :func:`assert_same_adapters`
   (re-exported from tests/test_train.py),
-  :func:`load`, :func:`text_cond`, :func:`checked_family`, :func:`record_calls` (a transformer's calls with their gamma), :func:`record_forwards` (a model class's
-  forward kwargs, training runs included), :func:`peft_hits`, :func:`flux_attn_names` / :func:`flux_ff_names`
-  (target-name expectations);
+  :func:`load`, :func:`text_cond`, :func:`checked_family`, :func:`record_calls` (a transformer's calls with their
+  gamma), :func:`record_forwards` (a model class's forward kwargs, training runs included), :func:`peft_hits`,
+  :func:`flux_attn_names` / :func:`flux_ff_names` (target-name expectations);
 - module fixtures: :func:`model_fixture`, :func:`data_fixture` and :func:`run_fixture` (one TACA
   run, every gamma recorded) make them; :func:`cache_dir` and the autouse :func:`one_torch_thread`
   are fixtures to import by name;
@@ -216,11 +216,12 @@ def check_alone_as_in_batch(fam, length, n_tokens):
     return alone, both, long_alone
 
 
-def check_qwenimage_latents(pipe, fam, res, decode):
+def check_qwenimage_latents(pipe, fam, res, decode, pack=None):
     """With qwenimage_vae: encode_images = (mode - LATENTS_MEAN) / LATENTS_STD per channel, 5-D;
     decode(callback), the pipeline run to output_type="pt" with callback_on_step_end=callback,
-    which swaps these latents in at its last step (packed as its loop keeps them), gives back
-    vae.decode(mode): its own decode path (denormalize, vae.decode) inverts encode_images."""
+    which swaps these latents in at its last step (packed as its loop keeps them: pack(latents),
+    by default Qwen-Image's 2x2 packing of the one frame), gives back vae.decode(mode): its own
+    decode path (denormalize, vae.decode) inverts encode_images."""
     vae = pipe.vae
     g = torch.Generator().manual_seed(3)
     px = torch.rand(2, 3, res, res, generator=g) * 2 - 1
@@ -233,8 +234,8 @@ def check_qwenimage_latents(pipe, fam, res, decode):
         torch.testing.assert_close(lat, (mode - mean) / std, rtol=1e-6, atol=1e-6)
         assert not torch.allclose(lat, mode, atol=1e-2)  # the normalization is not the identity here
 
-        packed = pipe._pack_latents(lat[:, :, 0], 2, 4, res // 4, res // 4)
-        images = decode(lambda p, i, t, kw: {"latents": packed})
+        packed = pack(lat) if pack else pipe._pack_latents(lat[:, :, 0], 2, 4, res // 4, res // 4)
+        images = decode(lambda p, i, t, kw: {"latents": packed.clone()})
         expect = pipe.image_processor.postprocess(vae.decode(mode).sample[:, :, 0], output_type="pt")
     torch.testing.assert_close(images, expect, rtol=1e-5, atol=1e-5)
 
@@ -481,12 +482,18 @@ def check_transformer_loaded_adapter(load_pipe, adapter, call, names, x, text_le
     lora = [(n, m) for n, m in fresh.transformer.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)]
     assert {n for n, _ in lora} == set(names)
     assert all(list(m.scaling.values()) == [scale] for _, m in lora)
+    check_loaded_predict(fam, fresh, load_pipe(), adapter, x, "a red square", text_len)
+
+
+def check_loaded_predict(fam, fresh, other, adapter, x, caption, text_len):
+    """With TACA on, the family's predict at sigma 0.99 on latents x for the caption through ``fresh`` (a
+    pipeline with the adapter loaded by diffusers) equals predict under taca.enable(other, lora=adapter)
+    (to 1e-6; ``other`` a stock pipeline) and differs from other's stock predict."""
     sigma = torch.tensor([0.99])
     with torch.no_grad():
-        cond = text_cond(fam, ["a red square"], text_len)
+        cond = text_cond(fam, [caption], text_len)
         with taca.enabled(fresh.transformer, gamma=1.2):
             diffusers_loaded = fam.predict(fresh.transformer, x, sigma, cond, 1.0)
-        other = load_pipe()
         stock = fam.predict(other.transformer, x, sigma, cond, 1.0)
         with taca.enabled(other, gamma=1.2, lora=adapter):
             taca_loaded = fam.predict(other.transformer, x, sigma, cond, 1.0)

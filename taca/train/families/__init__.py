@@ -233,6 +233,17 @@ def check_text_parts(pipe, label: str, parts=("text_encoder", "tokenizer")) -> N
         raise ValueError(f"taca train: the {label} pipeline has no {' / '.join(missing)} to encode the captions with")
 
 
+def check_image_size(pixels: torch.Tensor, multiple, label: str, why: str) -> None:
+    """``--resolution`` refusal (ValueError) of images (..., H, W) whose height or width is not a multiple of
+    ``multiple`` (an int, or (for H, for W)); ``why`` says what sets it (the VAE's factor, the patches)."""
+    mh, mw = (multiple, multiple) if isinstance(multiple, int) else multiple
+    H, W = pixels.shape[-2:]
+    if H % mh or W % mw:
+        m = mh if mh == mw else f"{mh} x {mw}"
+        raise ValueError(f"taca train: argument --resolution: {label} images must have height and width divisible "
+                         f"by {m} ({why}), got {H}x{W}")
+
+
 def check_tokens_and_text(noisy: torch.Tensor, pe: torch.Tensor, label: str) -> None:
     """ValueError unless noisy is (B, C, h, w) and the prompt embeddings (B, L, D) for its batch."""
     if noisy.dim() != 4:

@@ -57,7 +57,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _DiffusersFamily, _MaskedTextFamily, check_flow_scheduler, layer_names, pad_collate, vae_mode
+from . import (_DiffusersFamily, _MaskedTextFamily, check_flow_scheduler, check_image_size, layer_names, pad_collate,
+               vae_mode)
 
 _ATTN = ("self_attention.to_q", "self_attention.to_k", "self_attention.to_v", "self_attention.to_out.0")
 _FF = ("mlp.gate_proj", "mlp.up_proj", "mlp.linear_fc2")
@@ -117,12 +118,8 @@ class ErnieImageFamily(_MaskedTextFamily, _DiffusersFamily):
 
         vae = self.vae()
         factor = int(getattr(self.pipe, "vae_scale_factor", 2 ** len(vae.config.block_out_channels)))
-        multiple = factor * self._patch
-        H, W = pixels.shape[-2:]
-        if H % multiple or W % multiple:
-            raise ValueError(f"taca train: argument --resolution: ERNIE-Image images must have height and width "
-                             f"divisible by {multiple} (the VAE and its 2x2 patches: {factor}; the transformer's "
-                             f"patches: {self._patch}), got {H}x{W}")
+        check_image_size(pixels, factor * self._patch, "ERNIE-Image",
+                         f"the VAE and its 2x2 patches: {factor}; the transformer's patches: {self._patch}")
         with torch.no_grad():
             lat = ErnieImagePipeline._patchify_latents(vae_mode(vae, pixels))  # (B, 4C, H/f, W/f)
             mean = vae.bn.running_mean.view(1, -1, 1, 1).to(lat.device, lat.dtype)

@@ -89,8 +89,8 @@ import os
 
 import torch
 
-from . import (_DiffusersFamily, _unwrap, _vae_latents, check_flow_scheduler, check_text_parts, check_tokens_and_text,
-               layer_names, pad_collate, saver_or_flux, split_by_mask)
+from . import (_DiffusersFamily, _unwrap, _vae_latents, check_flow_scheduler, check_image_size, check_text_parts,
+               check_tokens_and_text, layer_names, pad_collate, saver_or_flux, split_by_mask)
 
 _DOUBLE_ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
@@ -237,10 +237,8 @@ class HunyuanImageFamily(_DiffusersFamily):
         factor = int(getattr(self.pipe, "vae_scale_factor", vae.config.spatial_compression_ratio))
         ph, pw = self._patch[-2:]
         H, W = pixels.shape[-2:]
-        if H % (factor * ph) or W % (factor * pw):
-            raise ValueError(f"taca train: argument --resolution: HunyuanImage images must have height and width "
-                             f"divisible by {factor * ph} (the VAE's {factor}x compression and the transformer's "
-                             f"{ph}x{pw} patches), got {H}x{W}")
+        check_image_size(pixels, (factor * ph, factor * pw), "HunyuanImage",
+                         f"the VAE's {factor}x compression and the transformer's {ph}x{pw} patches")
         if vae.config.get("scaling_factor") is None:
             raise ValueError(f"taca train: the HunyuanImage VAE config has no scaling_factor, which {_T2I} divides its "
                              f"latents by before decoding (l. 858)")

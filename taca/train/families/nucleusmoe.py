@@ -100,8 +100,8 @@ from __future__ import annotations
 
 import torch
 
-from . import (_DiffusersFamily, _MaskedTextFamily, _unwrap, call_default, check_flow_scheduler, check_text_parts,
-               layer_names, one_frame, pad_collate, qwen_vae_latents, saver_or_flux)
+from . import (_DiffusersFamily, _MaskedTextFamily, _unwrap, call_default, check_flow_scheduler, check_image_size,
+               check_text_parts, layer_names, one_frame, pad_collate, qwen_vae_latents, saver_or_flux)
 
 _ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_v_proj")
 _FF = ("img_mlp.net.0.proj", "img_mlp.net.2", "img_mlp.shared_expert.net.0.proj", "img_mlp.shared_expert.net.2")
@@ -195,12 +195,8 @@ class NucleusMoEImageFamily(_MaskedTextFamily, _DiffusersFamily):
 
     def encode_images(self, pixels):
         vae = self.vae()
-        multiple = self._vae_factor * self._patch
-        H, W = pixels.shape[-2:]
-        if H % multiple or W % multiple:
-            raise ValueError(f"taca train: argument --resolution: Nucleus-Image images must have height and width "
-                             f"divisible by {multiple} (the VAE's {self._vae_factor} times the transformer's "
-                             f"{self._patch}x{self._patch} patches), got {H}x{W}")
+        check_image_size(pixels, self._vae_factor * self._patch, "Nucleus-Image",
+                         f"the VAE's {self._vae_factor} times the transformer's {self._patch}x{self._patch} patches")
         return qwen_vae_latents(vae, pixels)
 
     # --- training forward -------------------------------------------------------------------

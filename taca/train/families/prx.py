@@ -98,7 +98,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _DiffusersFamily, _unwrap, call_default, check_flow_scheduler, layer_names
+from . import _DiffusersFamily, _unwrap, call_default, check_flow_scheduler, check_image_size, layer_names
 
 _ATTN = ("attention.img_qkv_proj", "attention.txt_kv_proj", "attention.to_out.0")
 _FF = ("gate_proj", "up_proj", "down_proj")
@@ -265,12 +265,8 @@ class PRXFamily(_DiffusersFamily):
         vae = self.vae()
         scale, shift = self._vae_factors(vae)
         factor = self.vae_scale_factor()
-        multiple = factor * self._patch
-        H, W = pixels.shape[-2:]
-        if H % multiple or W % multiple:
-            raise ValueError(f"taca train: argument --resolution: PRX images must have height and width divisible "
-                             f"by {multiple} (the VAE's {factor} x the transformer's {self._patch}x{self._patch} "
-                             f"patches, as PRXPipeline.check_inputs requires), got {H}x{W}")
+        check_image_size(pixels, factor * self._patch, "PRX", f"the VAE's {factor} x the transformer's "
+                         f"{self._patch}x{self._patch} patches, as PRXPipeline.check_inputs requires")
         with torch.no_grad():
             enc = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype))
             lat = enc.latent_dist.mode() if hasattr(enc, "latent_dist") else enc.latent  # AutoencoderKL / DC
