@@ -33,12 +33,12 @@ from taca.train import train  # noqa: E402
 
 from test_models_nucleusmoe import TINY as ADAPTER_TINY  # noqa: E402  (the adapter tests' tiny config)
 from test_models_nucleusmoe import _scheduler  # noqa: E402  (dynamic shifting, diffusers' default bounds)
-from train_checks import (ADAPTER, LONG, SHORT, GammaCounter, Record,  # noqa: E402,F401
+from train_checks import (ADAPTER, LONG, SHORT, VISION, GammaCounter, Record,  # noqa: E402,F401
                           cache_dir, cached_text, check_alone_as_in_batch, check_batch_independent, check_control,
-                          check_gammas, check_gated_pipeline, check_qwenimage_latents,
-                          check_same_adapter, check_taca_run, checked_family,
-                          data_fixture, model_fixture, one_torch_thread, qwen2_bpe_tokenizer, qwenimage_vae,
-                          run_fixture, saved_lora_modules, text_cond, train_config, write_captioned_data)
+                          check_gammas, check_gated_pipeline, check_qwenimage_latents, check_same_adapter,
+                          check_taca_run, checked_family, data_fixture, model_fixture, one_torch_thread,
+                          qwen3vl_processor, qwenimage_vae, run_fixture, saved_lora_modules,
+                          text_cond, train_config, write_captioned_data)
 
 RES = 32  # 32x32 pixels -> 8x8 latents (the tiny VAE's factor 4) -> 4x4 = 16 image tokens (2x2 patches)
 N_LAYERS = 3
@@ -49,7 +49,6 @@ TINY = {**ADAPTER_TINY, "num_layers": N_LAYERS, "moe_enabled": True, "dense_moe_
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
         "{% else %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-VISION = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 ATTN = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
 DENSE_FF = ("img_mlp.net.0.proj", "img_mlp.net.2")
 SHARED_FF = ("img_mlp.shared_expert.net.0.proj", "img_mlp.shared_expert.net.2")
@@ -65,21 +64,8 @@ def _template():
 
 
 def _processor():
-    """A Qwen3VLProcessor around a tiny BPE tokenizer (right padding, Qwen2Tokenizer's default). Its video
-    processor is built without torchvision but fails transformers' class check (whose lookup needs
-    torchvision): relaxed for that argument."""
-    from transformers import Qwen2VLImageProcessorPil, Qwen3VLProcessor
-    from transformers import processing_utils as pu
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-
-    tok = qwen2_bpe_tokenizer(_template())
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *VISION]})
-    check = pu.ProcessorMixin.check_argument_for_proper_class
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pu.ProcessorMixin, "check_argument_for_proper_class",
-                   lambda self, name, arg: type(arg) if name == "video_processor" else check(self, name, arg))
-        return Qwen3VLProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tok,
-                                video_processor=Qwen3VLVideoProcessor(), chat_template=CHAT)
+    """A Qwen3VLProcessor around a tiny BPE tokenizer (right padding, Qwen2Tokenizer's default)."""
+    return qwen3vl_processor(_template(), CHAT)
 
 
 def _text_encoder(tok):

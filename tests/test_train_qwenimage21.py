@@ -28,10 +28,11 @@ from taca.train import train  # noqa: E402
 from taca.train.families.qwenimage21 import QwenImage21Family  # noqa: E402
 
 from test_models_qwenimage21 import SCHEDULER, TINY  # noqa: E402  (the adapter tests' tiny configs)
-from train_checks import (LONG, SHORT, GammaCounter, Record, cache_dir, cached_text,  # noqa: E402,F401
+from train_checks import (LONG, SHORT, VISION, GammaCounter, Record, cache_dir, cached_text,  # noqa: E402,F401
                           check_alone_as_in_batch, check_batch_independent, check_control, check_gated_pipeline,
                           check_lora_layers, check_taca_run, checked_family, data_fixture, model_fixture,
-                          one_torch_thread, qwen2_bpe_tokenizer, run_fixture, train_config, write_captioned_data)
+                          one_torch_thread, qwen3vl_processor, run_fixture, train_config,
+                          write_captioned_data)
 
 RES = 64  # 64x64 pixels -> 4x4 latents (16x) -> 16 image tokens, 4 image slots
 LATENTS_MEAN = [0.3, -0.7, 0.1, 1.2] * 4  # non-trivial per-channel normalization (16 channels)
@@ -40,24 +41,11 @@ CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['cont
         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 T2I = ("<|im_start|>system\nComprehend and analyze the provided prompt.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
        "<|im_start|>assistant\n")  # QwenImage21Pipeline.prompt_template_t2i
-VISION = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
 def _processor():
-    """A Qwen3VLProcessor around a tiny tokenizer. Its video processor is built without torchvision
-    but fails transformers' class check (whose lookup needs torchvision): relaxed for that argument."""
-    from transformers import Qwen2VLImageProcessorPil, Qwen3VLProcessor
-    from transformers import processing_utils as pu
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-
-    tok = qwen2_bpe_tokenizer(T2I)
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *VISION]})
-    check = pu.ProcessorMixin.check_argument_for_proper_class
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pu.ProcessorMixin, "check_argument_for_proper_class",
-                   lambda self, name, arg: type(arg) if name == "video_processor" else check(self, name, arg))
-        return Qwen3VLProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tok,
-                                video_processor=Qwen3VLVideoProcessor(), chat_template=CHAT)
+    """A Qwen3VLProcessor around a tiny tokenizer."""
+    return qwen3vl_processor(T2I, CHAT)
 
 
 def _text_encoder(tok):

@@ -155,6 +155,27 @@ def qwen2_bpe_tokenizer(template):
     return Qwen2Tokenizer(vocab=model["vocab"], merges=merges, additional_special_tokens=["<|im_start|>", "<|im_end|>"])
 
 
+VISION = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]  # Qwen-VL's vision tokens
+
+
+def qwen3vl_processor(template, chat_template):
+    """A Qwen3VLProcessor around qwen2_bpe_tokenizer(template) with Qwen's chat and :data:`VISION` tokens
+    added. Its video processor is built without torchvision but fails transformers' class check (whose
+    lookup needs torchvision): relaxed for that argument."""
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLProcessor
+    from transformers import processing_utils as pu
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    tok = qwen2_bpe_tokenizer(template)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *VISION]})
+    check = pu.ProcessorMixin.check_argument_for_proper_class
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pu.ProcessorMixin, "check_argument_for_proper_class",
+                   lambda self, name, arg: type(arg) if name == "video_processor" else check(self, name, arg))
+        return Qwen3VLProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tok,
+                                video_processor=Qwen3VLVideoProcessor(), chat_template=chat_template)
+
+
 def spelled_out(words, space, vocab):
     """BPE merges spelling out each word, with and without the leading-space symbol space, one
     character at a time; every prefix is added to vocab (in place). Returns the merges."""
