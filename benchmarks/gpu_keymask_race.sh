@@ -22,5 +22,8 @@ done
 # what the forms cost (SKIP_BENCH=1: not): SD3.5-M CFG key masks, two / three consumers, lane-0 / every-lane arrivals
 [ "${SKIP_BENCH:-0}" = 1 ] || { timeout 120 python3 benchmarks/bench_feat_overhead.py --shapes sd35m_cfg --rounds 3 \
   --mask-modes nc3,tile+all,nc3+all --out "$OUT" > "$OUT/feat.txt" 2>&1; echo "feat rc=$?"; grep "^|" "$OUT/feat.txt" | grep -v spans; }
+# the partial wave (SKIP_TAIL=1: not): FLUX 1024's shape at head counts that fill the 132 SMs evenly (22, 33, 44) or not
+[ "${SKIP_TAIL:-0}" = 1 ] || { timeout 150 python3 benchmarks/bench_fwd_tail.py --rounds 3 --out "$OUT" > "$OUT/tail.txt" 2>&1; \
+  echo "tail rc=$?"; grep -E "^\||^GPU" "$OUT/tail.txt"; }
 } 2>&1 | tee "$OUT/log.txt"
 bash benchmarks/pack_out.sh "$OUT"

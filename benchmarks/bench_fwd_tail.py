@@ -1,0 +1,119 @@
+"""What the last, partial wave costs: FLUX 1024's attention shape at head counts that fill the GPU evenly or not.
+
+Question (issue 13): the D = 128 forward is 3-8% behind cuDNN at FLUX 1024 (864 items of 128 query rows on 132 SMs:
+6.55 waves in 7) but even at FLUX 2048 (3168 items: 24 whole waves). Is the partial wave that gap? Every head is
+the same work, so time per head is flat where the grid fills the SMs evenly; a kernel that pays for the partial
+wave in full runs H = 24 at 7 / 6 of H = 22's time (792 items, 6 whole waves), one that balances it at 24 / 22.
+Both methods at each head count, same process, rounds interleaved: taca's public op (gamma 1.2, text first) and
+plain cuDNN SDPA (no gamma), forward and forward + backward (the backward's items are key tiles: the same 36 per
+head at 4608 keys).
+
+Usage: python3 benchmarks/bench_fwd_tail.py [--heads 22,24,33,44,48] [--tokens 4608] [--rounds 3] [--out DIR]
+Prints a table last; writes fwd_tail.json to DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--heads", default="22,24,33,44,48")
+    ap.add_argument("--tokens", type=int, default=4608, help="sequence length (text 512 first)")
+    ap.add_argument("--text", type=int, default=512)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-bwd", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    heads = [int(h) for h in args.heads.split(",") if h]
+    if not heads or min(heads) < 1:
+        ap.error(f"--heads: expected positive integers, got {args.heads!r}")
+    if not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
+    import taca
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from triton.testing import do_bench
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    N, D, L = args.tokens, args.dim, args.text
+    qtile = 128  # the D = 128 forward's query tile (and the backward's key tile)
+    gamma = torch.full((1,), 1.2, device="cuda")
+    res = {h: {"taca_fwd": [], "cudnn_fwd": [], "taca_fb": [], "cudnn_fb": []} for h in heads}
+
+    def fns(h):
+        g = torch.Generator(device="cuda").manual_seed(h)
+        q, k, v = (torch.randn(1, h, N, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        do = torch.randn_like(q)
+
+        def taca_f(q=q, k=k, v=v):
+            return taca.joint_attention(q, k, v, text_len=L, text_first=True, gamma=gamma, layout="bhnd",
+                                        backend="cuda")
+
+        def cudnn_f(q=q, k=k, v=v):
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v)
+
+        qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+
+        def fb(f):
+            def run():
+                o = f(qg, kg, vg)
+                torch.autograd.backward(o, do)
+                qg.grad = kg.grad = vg.grad = None
+            return run
+        return {"taca_fwd": taca_f, "cudnn_fwd": cudnn_f, "taca_fb": fb(taca_f), "cudnn_fb": fb(cudnn_f)}
+
+    t0 = time.time()
+    for r in range(args.rounds):
+        for h in heads:
+            f = fns(h)
+            for name, fn in f.items():
+                if args.no_bwd and name.endswith("_fb"):
+                    continue
+                res[h][name].append(do_bench(fn, warmup=10, rep=60, return_mode="median"))
+            del f
+            torch.cuda.empty_cache()
+        print(f"round {r + 1}/{args.rounds} done ({time.time() - t0:.0f} s)", flush=True)
+
+    def med(x):
+        x = sorted(x)
+        return x[len(x) // 2] if x else float("nan")
+
+    base = heads[0]
+    out = {"gpu": torch.cuda.get_device_name(0), "sms": sms, "tokens": N, "dim": D, "text": L,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": args.rounds, "heads": {}}
+    lines = [f"GPU {out['gpu']} ({sms} SMs), N = {N}, D = {D}, batch 1; ms medians of {args.rounds} rounds; "
+             f"'per head' is relative to H = {base}'s time per head",
+             "| heads | items | waves | taca fwd | per head | cuDNN fwd | per head | fwd ratio | taca f+b | per head | "
+             "cuDNN f+b | per head | f+b ratio |", "|" + "---|" * 13]
+    for h in heads:
+        items = ((N + qtile - 1) // qtile) * h
+        row = {k: med(v) for k, v in res[h].items()}
+        out["heads"][h] = {"items": items, "waves": items / sms, **row, "raw": res[h]}
+        rel = {k: (row[k] / h) / (med(res[base][k]) / base) for k in row}
+        lines.append(
+            f"| {h} | {items} | {items / sms:.2f} | {row['taca_fwd']:.4f} | {rel['taca_fwd']:.3f} | "
+            f"{row['cudnn_fwd']:.4f} | {rel['cudnn_fwd']:.3f} | {row['cudnn_fwd'] / row['taca_fwd']:.3f} | "
+            f"{row['taca_fb']:.4f} | {rel['taca_fb']:.3f} | {row['cudnn_fb']:.4f} | {rel['cudnn_fb']:.3f} | "
+            f"{row['cudnn_fb'] / row['taca_fb']:.3f} |")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "fwd_tail.json"), "w") as fh:
+            json.dump(out, fh, indent=1)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
