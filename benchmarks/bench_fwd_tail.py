@@ -8,7 +8,12 @@ Both methods at each head count, same process, rounds interleaved: taca's public
 plain cuDNN SDPA (no gamma), forward and forward + backward (the backward's items are key tiles: the same 36 per
 head at 4608 keys).
 
-Usage: python3 benchmarks/bench_fwd_tail.py [--heads 22,24,33,44,48] [--tokens 4608] [--rounds 3] [--out DIR]
+--split auto,3 also times taca with TACA_FWD_SPLIT set to each value (the opt-in tail split: the partial wave's items
+as key ranges over every SM), same process, same rounds ("taca_split<v>" columns in the JSON; the table shows the
+first).
+
+Usage: python3 benchmarks/bench_fwd_tail.py [--heads 22,24,33,44,48] [--tokens 4608] [--rounds 3] [--split auto]
+       [--out DIR]
 Prints a table last; writes fwd_tail.json to DIR.
 """
 from __future__ import annotations
@@ -33,6 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-bwd", action="store_true")
+    ap.add_argument("--split", default="", help="TACA_FWD_SPLIT values to time taca with too (comma-separated)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     heads = [int(h) for h in args.heads.split(",") if h]
@@ -49,7 +55,9 @@ def main(argv=None) -> int:
     N, D, L = args.tokens, args.dim, args.text
     qtile = 128  # the D = 128 forward's query tile (and the backward's key tile)
     gamma = torch.full((1,), 1.2, device="cuda")
-    res = {h: {"taca_fwd": [], "cudnn_fwd": [], "taca_fb": [], "cudnn_fb": []} for h in heads}
+    splits = [x for x in args.split.split(",") if x]
+    names = ["taca_fwd", "cudnn_fwd", "taca_fb", "cudnn_fb"] + [f"split{x}_{m}" for x in splits for m in ("fwd", "fb")]
+    res = {h: {nm: [] for nm in names} for h in heads}
 
     def fns(h):
         g = torch.Generator(device="cuda").manual_seed(h)
@@ -72,14 +80,26 @@ def main(argv=None) -> int:
                 torch.autograd.backward(o, do)
                 qg.grad = kg.grad = vg.grad = None
             return run
-        return {"taca_fwd": taca_f, "cudnn_fwd": cudnn_f, "taca_fb": fb(taca_f), "cudnn_fb": fb(cudnn_f)}
+        def with_split(fn, val):
+            def run():
+                os.environ["TACA_FWD_SPLIT"] = val
+                try:
+                    return fn()
+                finally:
+                    os.environ.pop("TACA_FWD_SPLIT", None)
+            return run
+        out = {"taca_fwd": taca_f, "cudnn_fwd": cudnn_f, "taca_fb": fb(taca_f), "cudnn_fb": fb(cudnn_f)}
+        for x in splits:
+            out[f"split{x}_fwd"] = with_split(taca_f, x)
+            out[f"split{x}_fb"] = with_split(fb(taca_f), x)
+        return out
 
     t0 = time.time()
     for r in range(args.rounds):
         for h in heads:
             f = fns(h)
             for name, fn in f.items():
-                if args.no_bwd and name.endswith("_fb"):
+                if args.no_bwd and name.endswith("fb"):
                     continue
                 res[h][name].append(do_bench(fn, warmup=10, rep=60, return_mode="median"))
             del f
@@ -93,10 +113,12 @@ def main(argv=None) -> int:
     base = heads[0]
     out = {"gpu": torch.cuda.get_device_name(0), "sms": sms, "tokens": N, "dim": D, "text": L,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": args.rounds, "heads": {}}
+    sp = f"split{splits[0]}" if splits else None
     lines = [f"GPU {out['gpu']} ({sms} SMs), N = {N}, D = {D}, batch 1; ms medians of {args.rounds} rounds; "
-             f"'per head' is relative to H = {base}'s time per head",
+             f"'per head' is relative to H = {base}'s time per head"
+             + (f"; split = TACA_FWD_SPLIT={splits[0]}, vs = its time over the unsplit taca's" if sp else ""),
              "| heads | items | waves | taca fwd | per head | cuDNN fwd | per head | fwd ratio | taca f+b | per head | "
-             "cuDNN f+b | per head | f+b ratio |", "|" + "---|" * 13]
+             "cuDNN f+b | per head | f+b ratio |" + (" split |" if sp else ""), "|" + "---|" * (14 if sp else 13)]
     for h in heads:
         items = ((N + qtile - 1) // qtile) * h
         row = {k: med(v) for k, v in res[h].items()}
@@ -106,7 +128,10 @@ def main(argv=None) -> int:
             f"| {h} | {items} | {items / sms:.2f} | {row['taca_fwd']:.4f} | {rel['taca_fwd']:.3f} | "
             f"{row['cudnn_fwd']:.4f} | {rel['cudnn_fwd']:.3f} | {row['cudnn_fwd'] / row['taca_fwd']:.3f} | "
             f"{row['taca_fb']:.4f} | {rel['taca_fb']:.3f} | {row['cudnn_fb']:.4f} | {rel['cudnn_fb']:.3f} | "
-            f"{row['cudnn_fb'] / row['taca_fb']:.3f} |")
+            f"{row['cudnn_fb'] / row['taca_fb']:.3f} |"
+            + (f" split fwd {row[sp + '_fwd']:.4f} (vs {row[sp + '_fwd'] / row['taca_fwd']:.3f}, cuDNN ratio "
+               f"{row['cudnn_fwd'] / row[sp + '_fwd']:.3f}) f+b {row[sp + '_fb']:.4f} "
+               f"(vs {row[sp + '_fb'] / row['taca_fb']:.3f}) |" if sp else ""))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "fwd_tail.json"), "w") as fh:

@@ -150,6 +150,12 @@ int taca_bwd_cpu(const taca_bwd_params *p);
  * returns TACA_ERR_UNSUPPORTED for seqlen_k == 0 (every row fully masked; the CPU kernels take
  * it), the backward for seqlen == 0 with keys (dk, dv would need zeroing). */
 int taca_fwd_cuda(const taca_fwd_params *p, void *stream);
+/* taca_fwd_cuda with scratch memory (taca_fwd_cuda_workspace_size bytes, on the device; 0 bytes: none needed, and
+ * taca_fwd_cuda_ws is taca_fwd_cuda). The one user so far is the opt-in tail split of the D = 128 Hopper forward
+ * (environment TACA_FWD_SPLIT = auto or a part count): the partial last wave's query tiles run as key ranges spread
+ * over every SM and merged by the last range (the same outputs up to the merge's rounding, deterministic). */
+size_t taca_fwd_cuda_workspace_size(const taca_fwd_params *p);
+int taca_fwd_cuda_ws(const taca_fwd_params *p, void *workspace, size_t workspace_bytes, void *stream);
 int taca_bwd_cuda(const taca_bwd_params *p, void *stream);
 size_t taca_bwd_workspace_size(const taca_bwd_params *p);  /* CUDA backward scratch */
 /* Opt-in FP8 (e4m3) forward for inference (cuda/taca_fwd_sm90_fp8.cuh): q, k, v (TACA_F16 / TACA_BF16) quantized

@@ -208,6 +208,59 @@ def test_deterministic_bitwise(impl):
 
 
 @pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
+def _split_heads(N, B):
+    """A head count that gives the D = 128 forward (128-row query tiles) a partial last wave on this GPU."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    nqt = -(-N // 128)
+    h = sms // (nqt * B) + 1
+    while (nqt * h * B) % sms == 0:
+        h += 1
+    return h
+
+
+SPLIT_CASES = [
+    # B, L, n_img, text_first, dtype, layout, noncontig, TACA_FWD_SPLIT
+    (1, 512, 4096, True, torch.bfloat16, "bnhd", True, "auto"),  # FLUX-like, diffusers' view
+    (1, 512, 4096, True, torch.bfloat16, "bhnd", False, "2"),
+    (2, 333, 4000, False, torch.float16, "bhnd", False, "3"),  # ragged last tiles, text last, per-sample gamma
+    (1, 77, 1025, True, torch.bfloat16, "bhnd", False, "7"),  # 9 key tiles in 7 uneven ranges
+    (1, 77, 1025, True, torch.bfloat16, "bhnd", False, "16"),  # clamped to 9: one key tile a range
+]
+
+
+@pytest.mark.skipif(not _PUBLIC, reason="the public op has no CUDA kernel (the split takes its workspace)")
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: f"L{c[1]}-img{c[2]}-B{c[0]}-{c[5]}-split{c[7]}")
+def test_forward_tail_split(case, monkeypatch):
+    """TACA_FWD_SPLIT (opt-in): the D = 128 Hopper forward runs the partial last wave's items as key ranges spread
+    over every SM, merged by the range that finishes last. The tolerance rule against the fp32 reference (out, lse,
+    text_mass), bitwise the same over repeated calls (the merge's order is fixed), and every whole item bitwise the
+    unsplit kernel's; on sm_90 the split items' lse differs from the unsplit kernel's (the merge's rounding: the
+    path ran). Other GPUs ignore the switch (all equal)."""
+    B, L, n_img, tf, dtype, layout, nc, parts = case
+    N = L + n_img
+    H = _split_heads(N, B)
+    monkeypatch.setenv("TACA_FWD_SPLIT", parts)
+    q, k, v, out, gamma = check_case("op", B, H, L, n_img, 128, tf, dtype, layout=layout, noncontig=nc)
+    split = [run_kernel("op", q, k, v, text_len=L, text_first=tf, gamma=gamma, layout=layout) for _ in range(2)]
+    monkeypatch.setenv("TACA_FWD_SPLIT", "0")
+    plain = run_kernel("op", q, k, v, text_len=L, text_first=tf, gamma=gamma, layout=layout)
+    for name, a, b in zip(("out", "lse", "text_mass"), *split):
+        assert torch.equal(a, b), f"{name}: two split calls differ"
+    assert torch.equal(split[0][0], out)
+    # items w = query tile + nqt * (head + H * batch); the first items - items % SMs are whole
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    nqt = -(-N // 128)
+    first = nqt * H * B - (nqt * H * B) % sms
+    whole = (torch.arange(nqt * H * B, device="cuda") < first).view(B, H, nqt)
+    rows = whole.repeat_interleave(128, dim=2)[..., :N]  # (B, H, N)
+    to_bhnd = (lambda x: x.transpose(1, 2)) if layout == "bnhd" else (lambda x: x)
+    for name, a, b in zip(("out", "lse", "text_mass"), split[0], plain):
+        a, b = (to_bhnd(a), to_bhnd(b)) if name == "out" else (a, b)
+        assert torch.equal(a[rows], b[rows]), f"{name}: a whole item differs from the unsplit kernel's"
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert not torch.equal(split[0][1][~rows], plain[1][~rows]), "the split did not run (lse equal everywhere)"
+
+
 def test_unaligned_pointers_and_strides():
     # base pointer 2 bytes off 16-byte alignment and odd token strides: the element-wise path
     B, N, H, D = 2, 700, 3, 64

@@ -39,9 +39,11 @@
 
 using taca_fwd::FwdArgs;
 
-/* taca_fwd_sm90.cu: the wgmma forward; TACA_ERR_UNSUPPORTED where it does not apply. */
+/* taca_fwd_sm90.cu: the wgmma forward; TACA_ERR_UNSUPPORTED where it does not apply. ws: the tail split's
+ * workspace or NULL (taca_fwd_sm90_split_bytes: its size, 0 where no split runs). */
 int taca_fwd_sm90(const taca_fwd::FwdArgs &a, int dtype, int variant, int batch, int heads,
-                  cudaStream_t stream);
+                  cudaStream_t stream, void *ws, size_t ws_bytes);
+size_t taca_fwd_sm90_split_bytes(const taca_fwd::FwdArgs &a, int variant, int batch, int heads);
 int taca_fwd_fp8_sm90(const taca_fwd::FwdArgs &a, int dtype, int variant, int batch, int heads, void *workspace,
                       cudaStream_t stream);
 
@@ -101,8 +103,9 @@ static bool fwd_aligned(const taca_fwd_params *p) {
            mult8(p->q_stride) && mult8(p->k_stride) && mult8(p->v_stride) && mult8(p->out_stride);
 }
 
-/* Internal tuning entry (not in taca.h): taca_fwd_cuda with a chosen tiling variant. */
-extern "C" int taca_fwd_cuda_variant(const taca_fwd_params *p, void *stream, int variant) {
+/* Internal tuning entry (not in taca.h): taca_fwd_cuda_ws with a chosen tiling variant. */
+extern "C" int taca_fwd_cuda_variant_ws(const taca_fwd_params *p, void *workspace, size_t workspace_bytes, void *stream,
+                                        int variant) {
     int st = taca_check_fwd(p);
     if (st != TACA_OK) return st;
     if (p->dtype != TACA_F16 && p->dtype != TACA_BF16) return TACA_ERR_DTYPE;
@@ -117,7 +120,7 @@ extern "C" int taca_fwd_cuda_variant(const taca_fwd_params *p, void *stream, int
     // Hopper path (taca_fwd_sm90.cu) for aligned D = 64 / 128 on sm_90 when built for sm_90a;
     // variants 1..6 force the mma.sync kernel (6 = its default tiling).
     if (aligned && (variant == 0 || variant >= 7)) {
-        const int st90 = taca_fwd_sm90(a, p->dtype, variant, B, H, s);
+        const int st90 = taca_fwd_sm90(a, p->dtype, variant, B, H, s, workspace, workspace_bytes);
         if (st90 != TACA_ERR_UNSUPPORTED) return st90;
     }
     if (variant == 6) variant = 0;
@@ -125,8 +128,25 @@ extern "C" int taca_fwd_cuda_variant(const taca_fwd_params *p, void *stream, int
     return taca_fwd::dispatch_f16(a, variant, aligned, B, H, s);
 }
 
+/* Internal tuning entry (not in taca.h): taca_fwd_cuda with a chosen tiling variant. */
+extern "C" int taca_fwd_cuda_variant(const taca_fwd_params *p, void *stream, int variant) {
+    return taca_fwd_cuda_variant_ws(p, nullptr, 0, stream, variant);
+}
+
 extern "C" int taca_fwd_cuda(const taca_fwd_params *p, void *stream) {
-    return taca_fwd_cuda_variant(p, stream, 0);
+    return taca_fwd_cuda_variant_ws(p, nullptr, 0, stream, 0);
+}
+
+extern "C" size_t taca_fwd_cuda_workspace_size(const taca_fwd_params *p) {
+    const char *env = getenv("TACA_FWD_SPLIT");  // the one case that takes a workspace, opt-in for now
+    if (!env || !*env || (env[0] == '0' && !env[1])) return 0;
+    if (taca_check_fwd(p) != TACA_OK || (p->dtype != TACA_F16 && p->dtype != TACA_BF16)) return 0;
+    if (p->batch * p->seqlen * p->heads == 0 || fwd_too_large(p) || p->seqlen_k == 0 || !fwd_aligned(p)) return 0;
+    return taca_fwd_sm90_split_bytes(fwd_args(p), 0, (int)p->batch, (int)p->heads);
+}
+
+extern "C" int taca_fwd_cuda_ws(const taca_fwd_params *p, void *workspace, size_t workspace_bytes, void *stream) {
+    return taca_fwd_cuda_variant_ws(p, workspace, workspace_bytes, stream, 0);
 }
 
 extern "C" size_t taca_fwd_fp8_workspace_size(const taca_fwd_params *p) {

@@ -395,7 +395,8 @@ namespace taca_fwd90 {
  * warpgroups at D = 128 (64-key tiles: 128-key ones need more than 160 registers) ran 6-12% slower than 0 at the FLUX
  * shapes and were removed (KERNEL_LOG 2026-12-05). */
 template <typename T, int D>
-int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
+int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream, void *ws = nullptr,
+               size_t ws_bytes = 0) {
     if (a.spans || a.mask.data) {  // per-sample spans or a mask: the default tiling's FEAT instance
         // the mask code only where there is a mask; a key mask as per-tile terms (MK_*, taca_fwd_sm90_ws.cuh)
         // D = 64 without a mask: three consumer warpgroups (192-row CTAs) as the default below; with a mask two (MK_KEY
@@ -424,6 +425,19 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
         case 9: return launch<T, Cfg<128, 128, 2, 3, false>>(a, batch, heads, stream);
         case 13: return launch<T, Cfg<128, 128, 2, 2, false>>(a, batch, heads, stream);
         default: {
+            // the tail split (opt-in, TACA_FWD_SPLIT): the default kernel with the partial wave's items in key ranges
+            if (ws && (variant == 0 || variant == 10)) {
+                using W = WsCfg<2, false, true, 128, true>;
+                int sms = 0;
+                const int sst = device_sm_count(&sms, "taca_fwd_cuda (sm90 ws): SM count");
+                if (sst != TACA_OK) return sst;
+                const SplitPlan sp = fwd_split_plan<128>((int64_t)((a.n + W::BR - 1) / W::BR) * heads * batch, sms,
+                                                         (a.nk + W::BC - 1) / W::BC);
+                if (sp.parts >= 2 && ws_bytes >= sp.bytes) {
+                    const int st = launch_ws<T, W, false, MK_NONE, false, true>(a, batch, heads, stream, &sp, ws);
+                    if (st != TACA_ERR_UNSUPPORTED) return st;
+                }
+            }
             const int st = variant == 11   ? launch_ws<T, WsCfg<2, true, true>>(a, batch, heads, stream)
                            : variant == 12 ? launch_ws<T, WsCfg<2, false, false>>(a, batch, heads, stream)
                            : variant == 14 ? launch_ws<T, WsCfg<2, false, true>>(a, batch, heads, stream)
@@ -471,10 +485,10 @@ int dispatch_d256(const FwdArgs &a, int variant, int batch, int heads, cudaStrea
 }
 
 template <typename T>
-int dispatch_t(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
+int dispatch_t(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream, void *ws, size_t ws_bytes) {
     if (a.d > 128) return dispatch_d256<T>(a, variant, batch, heads, stream);
     return a.d == 64 ? dispatch_d<T, 64>(a, variant, batch, heads, stream)
-                     : dispatch_d<T, 128>(a, variant, batch, heads, stream);
+                     : dispatch_d<T, 128>(a, variant, batch, heads, stream, ws, ws_bytes);
 }
 
 }  // namespace taca_fwd90
@@ -496,18 +510,38 @@ int taca_fwd_fp8_sm90(const taca_fwd::FwdArgs &a, int dtype, int variant, int ba
 #endif
 }
 
-/* TACA_ERR_UNSUPPORTED when this path does not apply (the caller then takes mma.sync). */
+/* TACA_ERR_UNSUPPORTED when this path does not apply (the caller then takes mma.sync). ws: the tail split's
+ * workspace (taca_fwd_sm90_split_bytes), or NULL. */
 int taca_fwd_sm90(const taca_fwd::FwdArgs &a, int dtype, int variant, int batch, int heads,
-                  cudaStream_t stream) {
+                  cudaStream_t stream, void *ws, size_t ws_bytes) {
 #if defined(TACA_HAVE_SM90A)
     // aligned (d % 8 == 0): 64, 72..128 (zero-filled to 128), 200..256 (zero-filled to 256)
     if (a.d != 64 && (a.d < 72 || a.d > 128) && (a.d < 200 || a.d > 256)) return TACA_ERR_UNSUPPORTED;
     const int dev_st = taca_sm90::device_is_sm90("taca_fwd_cuda (sm90): device query");
     if (dev_st != TACA_OK) return dev_st;
-    if (dtype == TACA_BF16) return taca_fwd90::dispatch_t<__nv_bfloat16>(a, variant, batch, heads, stream);
-    return taca_fwd90::dispatch_t<__half>(a, variant, batch, heads, stream);
+    if (dtype == TACA_BF16) return taca_fwd90::dispatch_t<__nv_bfloat16>(a, variant, batch, heads, stream, ws, ws_bytes);
+    return taca_fwd90::dispatch_t<__half>(a, variant, batch, heads, stream, ws, ws_bytes);
 #else
-    (void)a; (void)dtype; (void)variant; (void)batch; (void)heads; (void)stream;
+    (void)a; (void)dtype; (void)variant; (void)batch; (void)heads; (void)stream; (void)ws; (void)ws_bytes;
     return TACA_ERR_UNSUPPORTED;
+#endif
+}
+
+/* The workspace the tail split takes for this call (0: none, no split: TACA_FWD_SPLIT unset, not the D = 128 default
+ * kernel's case, or no partial wave). The caller checked the parameters and alignment. */
+size_t taca_fwd_sm90_split_bytes(const taca_fwd::FwdArgs &a, int variant, int batch, int heads) {
+#if defined(TACA_HAVE_SM90A)
+    const char *env = getenv("TACA_FWD_SPLIT");
+    if (!env || !*env || !strcmp(env, "0")) return 0;
+    if ((variant != 0 && variant != 10) || a.d < 72 || a.d > 128 || a.spans || a.mask.data) return 0;
+    if (taca_sm90::device_is_sm90("taca_fwd_cuda (sm90): device query") != TACA_OK) return 0;
+    int sms = 0;
+    if (taca_sm90::device_sm_count(&sms, "taca_fwd_cuda (sm90 ws): SM count") != TACA_OK) return 0;
+    using W = taca_fwd90::WsCfg<2, false, true, 128, true>;
+    const int64_t items = (int64_t)((a.n + W::BR - 1) / W::BR) * heads * batch;
+    return taca_fwd90::fwd_split_plan<128>(items, sms, (a.nk + W::BC - 1) / W::BC).bytes;
+#else
+    (void)a; (void)variant; (void)batch; (void)heads;
+    return 0;
 #endif
 }

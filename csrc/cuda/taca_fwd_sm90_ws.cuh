@@ -80,7 +80,72 @@ struct WsArgs {
     FwdArgs a;
     int pos_q[3], pos_k[3], pos_v[3];
     int heads, items;  // PERSIST: query heads, and items = query tiles x heads x batch
+    // SPLIT (the tail split, fwd_split_plan): items < split_first whole as before; the split_tail items after them
+    // each as split_parts key ranges (units w = split_first + tail item + split_tail x part), merged by the range that
+    // finishes last (split_tickets: one counter per tail item and consumer warp; split_ws: each range's O, m, l, t)
+    float *split_ws;
+    int *split_tickets;
+    int split_first, split_tail, split_parts;
 };
+
+/* SPLIT: one key range of a tail item is done; its consumer warp stores the range's state (O unnormalized, running
+ * max, sums, text mass: the thread's own values, float4 k of thread ct at split_ws[((unit) * K4 + k) * 256 + ct]) and
+ * counts itself on the item's ticket. The warp that counts last (the other ranges' warps stored theirs before they
+ * counted: __threadfence, atomicAdd) merges every range's state in range order 0, 1, .. into o / m / l / t (the same
+ * operations whichever range came last: the output does not depend on the order the ranges finished) and returns true:
+ * it then writes the rows as a whole item would. The others return false. */
+template <int DT>
+__device__ __forceinline__ bool split_merge(const WsArgs &p, int t, int part, int ct, int cw, int lane,
+                                            float (&o)[1][DT][4], float (&m_run)[1][2], float (&l_run)[1][2],
+                                            float (&t_run)[1][2]) {
+    constexpr int K4 = DT + 2;  // O as DT float4, then (m0, m1, l0, l1) and (t0, t1, 0, 0)
+    const int P = p.split_parts;
+    float4 *const ws = reinterpret_cast<float4 *>(p.split_ws);
+    float4 *const mine = ws + static_cast<int64_t>(t * P + part) * K4 * 256 + ct;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) mine[dt * 256] = make_float4(o[0][dt][0], o[0][dt][1], o[0][dt][2], o[0][dt][3]);
+    mine[DT * 256] = make_float4(m_run[0][0], m_run[0][1], l_run[0][0], l_run[0][1]);
+    mine[(DT + 1) * 256] = make_float4(t_run[0][0], t_run[0][1], 0.0f, 0.0f);
+    __threadfence();  // this thread's state before the warp's count (threadFenceReduction's pattern, per warp)
+    __syncwarp();
+    int before = 0;
+    if (lane == 0) {
+        before = atomicAdd(p.split_tickets + t * 8 + cw, 1);
+        __threadfence();  // the count before the reads below
+    }
+    before = __shfl_sync(0xffffffffu, before, 0);
+    if (before != P - 1) return false;
+    __syncwarp();  // every range counted: their states are visible (read past L1: __ldcg)
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) o[0][dt][0] = o[0][dt][1] = o[0][dt][2] = o[0][dt][3] = 0.0f;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) m_run[0][hf] = -INFINITY, l_run[0][hf] = 0.0f, t_run[0][hf] = 0.0f;
+    for (int r = 0; r < P; ++r) {
+        const float4 *const src = ws + static_cast<int64_t>(t * P + r) * K4 * 256 + ct;
+        const float4 ml = __ldcg(src + DT * 256), tt = __ldcg(src + (DT + 1) * 256);
+        const float mr[2] = {ml.x, ml.y}, lr[2] = {ml.z, ml.w}, tr[2] = {tt.x, tt.y};
+        float wa[2], wb[2];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const float mx = fmaxf(m_run[0][hf], mr[hf]);
+            const float base = mx == -INFINITY ? 0.0f : mx;
+            wa[hf] = fast_exp2(m_run[0][hf] - base);
+            wb[hf] = fast_exp2(mr[hf] - base);
+            m_run[0][hf] = mx;
+            l_run[0][hf] = l_run[0][hf] * wa[hf] + lr[hf] * wb[hf];
+            t_run[0][hf] = t_run[0][hf] * wa[hf] + tr[hf] * wb[hf];
+        }
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            const float4 x = __ldcg(src + dt * 256);
+            o[0][dt][0] = o[0][dt][0] * wa[0] + x.x * wb[0];
+            o[0][dt][1] = o[0][dt][1] * wa[0] + x.y * wb[0];
+            o[0][dt][2] = o[0][dt][2] * wa[1] + x.z * wb[1];
+            o[0][dt][3] = o[0][dt][3] * wa[1] + x.w * wb[1];
+        }
+    }
+    return true;
+}
 
 
 /* KTA (MK_KEY only; instances of their own, chosen by TACA_FWD_KT_ARRIVE=all: a checking switch, compiled, not run
@@ -89,9 +154,10 @@ struct WsArgs {
  * protocol; compute-sanitizer racecheck does not model __syncwarp-ordered lane-0 arrivals (the backward's ring
  * needed every-thread arrivals to check clean), and it reported hazards on the reused key-term slots of the
  * three-consumer MK_KEY instance. The default instances are unchanged by it (their PTX is identical). */
-template <typename T, typename C, bool FEAT, int MK, bool KTA = false>
+template <typename T, typename C, bool FEAT, int MK, bool KTA = false, bool SPLIT = false>
 __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const __grid_constant__ WsArgs p) {
 #if TACA_SM90A
+    static_assert(!SPLIT || (C::PERSIST && C::NC == 2 && !FEAT && MK == MK_NONE), "the tail split: the plain persistent form");
     constexpr int DP = C::DP, BC = C::BC, BR = C::BR, NT = C::NT, DT = C::DT, STAGES = C::STAGES;
     constexpr int BAR_TURN = 1;  // named barriers 1, 2: consumer 0's and consumer 1's turn
     constexpr bool PER = C::PERSIST;
@@ -123,7 +189,8 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
     // Work items w = query tile + nqt * (head + heads * batch): PERSIST walks w = blockIdx.x,
     // + gridDim.x, ..; otherwise one item, the block's own (blockIdx = (tile, head, batch)).
     const int w0 = PER ? static_cast<int>(blockIdx.x) : 0;
-    const int wend = PER ? p.items : 1, wstep = PER ? static_cast<int>(gridDim.x) : 1;
+    const int wend = !PER ? 1 : SPLIT ? p.split_first + p.split_tail * p.split_parts : p.items;
+    const int wstep = PER ? static_cast<int>(gridDim.x) : 1;
     auto decode = [&](int w, int &qt, int &h, int &b) {
         if (PER) {
             qt = w % nqt;
@@ -133,6 +200,17 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
         } else {
             qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
         }
+    };
+    // SPLIT: unit w's item and key tiles [jb, je) (the whole range below split_first)
+    auto decode_unit = [&](int w, int &qt, int &h, int &b, int &jb, int &je) {
+        jb = 0, je = nkv;
+        if (SPLIT && w >= p.split_first) {
+            const int u = w - p.split_first, part = u / p.split_tail;
+            w = p.split_first + (u - part * p.split_tail);
+            jb = part * nkv / p.split_parts;
+            je = (part + 1) * nkv / p.split_parts;
+        }
+        decode(w, qt, h, b);
     };
 
     if (tid == 0) {
@@ -243,11 +321,13 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             prefetch_maps();
             int jg = 0;  // K / V tiles issued so far: the ring position continues across items
             for (int w = w0, i = 0; w < wend; w += wstep, ++i) {
-                int qt, h, b;
-                decode(w, qt, h, b);
+                int qt, h, b, ujb = 0, uje = nkv;
+                if constexpr (SPLIT) decode_unit(w, qt, h, b, ujb, uje);
+                else decode(w, qt, h, b);
+                const int jb = SPLIT ? ujb : 0, je = SPLIT ? uje : nkv;
                 const int q0 = qt * BR, hk = h / a.group, qb = i % C::NQBUF;
                 issue_q(i, qb, q0, h, b);  // Q buffer qb: free once every consumer finished item i - 2's epilogue
-                for (int j = 0; j < nkv; ++j, ++jg) {
+                for (int j = jb; j < je; ++j, ++jg) {
                     const int s = jg % STAGES, r = jg / STAGES;
                     if (r > 0) mbar_wait(empty_k(s), (r - 1) & 1);
                     issue_kv(s, r, j * BC, hk, b);
@@ -270,9 +350,12 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
     };
 
     int jbase = 0;  // ring position of the item's first K / V tile
-    for (int w = w0, i = 0; w < wend; w += wstep, ++i, jbase += nkv) {
+    int ujb = 0, uje = nkv;  // SPLIT: the unit's key tiles
+    for (int w = w0, i = 0; w < wend; w += wstep, ++i, jbase += SPLIT ? uje - ujb : nkv) {
         int qt, h, b;
-        decode(w, qt, h, b);
+        if constexpr (SPLIT) decode_unit(w, qt, h, b, ujb, uje);
+        else decode(w, qt, h, b);
+        const int jb = SPLIT ? ujb : 0, je = SPLIT ? uje : nkv;
         const int q0 = qt * BR, qb = i % C::NQBUF;
         const uint32_t sqb = sq + qb * C::Q_BYTES;
         unsigned char *const smem_q = smem + qb * C::Q_BYTES;  // generic pointer to Q buffer qb
@@ -293,7 +376,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
         // no wgmma is issued on a branch (ptxas serializes wgmma around divergent issue).
         auto tile = [&](const int j, auto first) {
             constexpr bool FIRST = decltype(first)::value;
-            const int jg = jbase + j;
+            const int jg = jbase + (j - jb);
             const int k0 = j * BC, s = jg % STAGES, sp = (jg + STAGES - 1) % STAGES;
             mbar_wait(full_k(s), (jg / STAGES) & 1);
             if (!FIRST) mbar_wait(full_v(sp), ((jg - 1) / STAGES) & 1);
@@ -317,9 +400,9 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             }
             // pass the turn; consumer 1's last pass would have no taker (consumer 0 is done)
             if constexpr (C::NC == 2) {
-                if (C::PINGPONG && (c == 0 || j + 1 < nkv)) named_bar_arrive(BAR_TURN + (1 - c), 256);
+                if (C::PINGPONG && (c == 0 || j + 1 < je)) named_bar_arrive(BAR_TURN + (1 - c), 256);
             } else {  // round robin: the last consumer's last pass would have no taker
-                if (c + 1 < C::NC || j + 1 < nkv) named_bar_arrive(BAR_TURN + (c + 1 < C::NC ? c + 1 : 0), 256);
+                if (c + 1 < C::NC || j + 1 < je) named_bar_arrive(BAR_TURN + (c + 1 < C::NC ? c + 1 : 0), 256);
             }
             constexpr bool LATE_O = C::OVERLAP && !FIRST;  // O and P still in flight during the softmax
             if constexpr (LATE_O) {
@@ -374,10 +457,10 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             }
             pack_p<T, BC>(pa, sacc);
         };
-        tile(0, std::true_type());
-        for (int j = 1; j < nkv; ++j) tile(j, std::false_type());
+        tile(jb, std::true_type());
+        for (int j = jb + 1; j < je; ++j) tile(j, std::false_type());
         {  // the last tile's P V (nkv >= 1: the launcher refuses N_k = 0), then its V buffer is free
-            const int jl = jbase + nkv - 1, sl = jl % STAGES;
+            const int jl = jbase + (je - jb) - 1, sl = jl % STAGES;
             mbar_wait(full_v(sl), (jl / STAGES) & 1);
             fence_regs<DT * 4>(&o[0][0][0]);
             fence_regs<BC / 4>(&pa[0][0]);
@@ -390,19 +473,30 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             if (PER && lane == 0) mbar_arrive(empty_v(sl));
         }
 
+        // SPLIT: a key range of a tail item; only the warp that finishes its rows' last range writes them
+        bool emit = true;
+        if constexpr (SPLIT) {
+            if (w >= p.split_first) {
+                const int u = w - p.split_first, part = u / p.split_tail;
+                emit = split_merge<DT>(p, u - part * p.split_tail, part, tid - 128, c * 4 + warp, lane, o, m_run, l_run,
+                                       t_run);
+            }
+        }
         // Epilogue (as v4): normalize, lse / text_mass, stage O into this warp's own 16 rows of the
         // Q tile (every product that read them has completed), then 16-byte row stores.
-        const int64_t bh_row = ((int64_t)b * heads + h) * n;
-        normalize_stage_o<T, DT, BR>(a, o, m_run, l_run, t_run, bh_row, q0, wrow0, lane, n, smem_q);
-        __syncwarp();
-        T *go = static_cast<T *>(a.out) + b * a.ob + h * a.oh;
-        constexpr int CPR = DP / 8;
-        for (int i2 = lane; i2 < 16 * CPR; i2 += 32) {
-            const int r = i2 / CPR, cc = i2 % CPR;
-            const int row = q0 + wrow0 + r;
-            if (row < n)
-                *reinterpret_cast<uint4 *>(go + (int64_t)row * a.on + cc * 8) =
-                    *reinterpret_cast<const uint4 *>(smem_q + sw128_offset<BR>(wrow0 + r, cc));
+        if (!SPLIT || emit) {
+            const int64_t bh_row = ((int64_t)b * heads + h) * n;
+            normalize_stage_o<T, DT, BR>(a, o, m_run, l_run, t_run, bh_row, q0, wrow0, lane, n, smem_q);
+            __syncwarp();
+            T *go = static_cast<T *>(a.out) + b * a.ob + h * a.oh;
+            constexpr int CPR = DP / 8;
+            for (int i2 = lane; i2 < 16 * CPR; i2 += 32) {
+                const int r = i2 / CPR, cc = i2 % CPR;
+                const int row = q0 + wrow0 + r;
+                if (row < n)
+                    *reinterpret_cast<uint4 *>(go + (int64_t)row * a.on + cc * 8) =
+                        *reinterpret_cast<const uint4 *>(smem_q + sw128_offset<BR>(wrow0 + r, cc));
+            }
         }
         if (PER) {
             // Q buffer qb (its O staging read above) may be overwritten by the copy engine's next Q load:
@@ -417,10 +511,51 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
 #endif
 }
 
-/* TACA_ERR_UNSUPPORTED (nothing launched) when a map cannot be encoded. */
-template <typename T, typename C, bool FEAT = false, int MK = MK_NONE, bool KTA = false>
-int launch_ws(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
-    auto kernel = taca_fwd_sm90_ws_kernel<T, C, FEAT, MK, KTA>;
+/* The tail split's plan (SPLIT): items = query tiles x heads x batch on sms CTAs. The whole waves (items - items %
+ * sms) run as before; the partial wave's tail items each as parts key ranges, the units spread over every CTA, the
+ * ranges merged by the last one (split_merge). parts: TACA_FWD_SPLIT = n forces n (at most the key tiles, 16),
+ * "auto" takes the count with the least estimated makespan of the tail, ceil(tail x P / sms) rounds of nkv / P + 2
+ * tiles (a range's fixed cost: its Q load, pipeline fill and state store, guessed as two tiles' time), none when
+ * one part is best. Unset or 0: no split (an opt-in timing switch until measured, KERNEL_LOG 2026-12-05,
+ * twenty-fifth session). parts = 0: no split. Bytes: the tickets (tail x 8 ints, 256-aligned), then the states. */
+struct SplitPlan {
+    int first, tail, parts;
+    size_t bytes, tickets_bytes;
+};
+template <int DP>
+static inline SplitPlan fwd_split_plan(int64_t items, int sms, int nkv) {
+    SplitPlan sp = {0, 0, 0, 0, 0};
+    const char *env = getenv("TACA_FWD_SPLIT");
+    if (!env || !*env || !strcmp(env, "0") || sms <= 0 || items <= sms || items % sms == 0 || nkv < 2) return sp;
+    const int tail = static_cast<int>(items % sms);
+    int parts = 0;
+    if (!strcmp(env, "auto")) {
+        double best = nkv;  // one part: the partial wave as it is
+        for (int P = 2; P <= 16 && P <= nkv; ++P) {
+            const double cost = static_cast<double>((static_cast<int64_t>(tail) * P + sms - 1) / sms) *
+                                (static_cast<double>(nkv) / P + 2.0);
+            if (cost < best) best = cost, parts = P;
+        }
+    } else {
+        parts = atoi(env);
+        if (parts > nkv) parts = nkv;
+        if (parts > 16) parts = 16;
+    }
+    if (parts < 2) return sp;
+    sp.first = static_cast<int>(items - tail);
+    sp.tail = tail;
+    sp.parts = parts;
+    sp.tickets_bytes = (static_cast<size_t>(tail) * 8 * sizeof(int) + 255) / 256 * 256;
+    sp.bytes = sp.tickets_bytes + static_cast<size_t>(tail) * parts * (DP / 8 + 2) * 256 * 16;
+    return sp;
+}
+
+/* TACA_ERR_UNSUPPORTED (nothing launched) when a map cannot be encoded. SPLIT: the tail split with plan sp in
+ * workspace ws (sp.bytes; its tickets zeroed here, on the stream). */
+template <typename T, typename C, bool FEAT = false, int MK = MK_NONE, bool KTA = false, bool SPLIT = false>
+int launch_ws(const FwdArgs &a, int batch, int heads, cudaStream_t stream, const SplitPlan *sp = nullptr,
+              void *ws = nullptr) {
+    auto kernel = taca_fwd_sm90_ws_kernel<T, C, FEAT, MK, KTA, SPLIT>;
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_fwd_cuda (sm90 ws): cudaFuncGetAttributes");
     if (attr.binaryVersion != 90 || a.d != C::DP) return TACA_ERR_UNSUPPORTED;
@@ -442,6 +577,15 @@ int launch_ws(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
         if (st != TACA_OK) return st;  // nothing launched yet
         p.heads = heads;
         p.items = static_cast<int>(items);
+        if constexpr (SPLIT) {
+            if (!sp || !ws || sp->parts < 2 || sp->first + sp->tail != items) return TACA_ERR_UNSUPPORTED;
+            p.split_tickets = static_cast<int *>(ws);
+            p.split_ws = reinterpret_cast<float *>(static_cast<unsigned char *>(ws) + sp->tickets_bytes);
+            p.split_first = sp->first;
+            p.split_tail = sp->tail;
+            p.split_parts = sp->parts;
+            TACA_CUDA_TRY(cudaMemsetAsync(ws, 0, sp->tickets_bytes, stream), "taca_fwd_cuda (sm90 ws): split tickets");
+        }
         kernel<<<static_cast<unsigned>(items < sms ? items : sms), C::THREADS, smem, stream>>>(p);
     } else {
         dim3 grid(static_cast<unsigned>(nqt), heads, batch);

@@ -100,6 +100,10 @@ def main():
         km[0, ..., 750:] = False
         taca.joint_attention(q, k, v, text_len=104, text_first=True, gamma=1.2, attn_mask=km, backend="cuda")
         runs += 1
+        # the D = 128 tail split (TACA_FWD_SPLIT): sanitize_fwd_split.py's calls
+        import sanitize_fwd_split
+
+        runs += sanitize_fwd_split.main()
     except (NotImplementedError, RuntimeError, AttributeError) as e:
         print("public op path skipped:", type(e).__name__, str(e)[:200])
     torch.cuda.synchronize()

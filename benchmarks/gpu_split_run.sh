@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One device call (about 8 min): the D = 128 forward's opt-in tail split (TACA_FWD_SPLIT; KERNEL_LOG 2026-12-05,
+# twenty-fifth session). Build; its tests and the plain forward's; memcheck + racecheck of sanitize_fwd_split.py; then
+# bench_fwd_tail.py: FLUX 1024's shape at head counts that fill the SMs evenly (22, 44: 6 and 12 waves on 132 SMs)
+# or not (24, 48: FLUX b1 and b2's items), taca with and without the split against cuDNN, one process.
+# Env: SPLITS (the TACA_FWD_SPLIT values timed; default auto,3,5), HEADS, ROUNDS, SKIP_SAN=1.
+# Run: run(command="bash benchmarks/gpu_split_run.sh", carry=[".whl"]).
+set -o pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+{
+STEPS=build OUT=/tmp/hw bash benchmarks/gpu_features_run.sh 2>&1 | grep -E "rc=|has_cuda"
+export TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+timeout 150 python3 -m pytest -q tests/test_cuda.py -k "tail_split or forward_matches_reference or deterministic" \
+  > "$OUT/pytest.txt" 2>&1
+tail -1 "$OUT/pytest.txt"; grep -E "^(FAILED|ERROR)|Error" "$OUT/pytest.txt" | head -8
+if [ "${SKIP_SAN:-0}" != 1 ]; then
+  for tool in memcheck racecheck; do
+    timeout 120 compute-sanitizer --tool $tool --kernel-name kns=taca_ python3 tests/cuda_harness/sanitize_fwd_split.py \
+      > "$OUT/split.$tool.txt" 2>&1
+    echo "sanitize_fwd_split $tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|calls done' "$OUT/split.$tool.txt" | tr '\n' ' ')"
+  done
+fi
+timeout 240 python3 benchmarks/bench_fwd_tail.py --heads "${HEADS:-22,24,44,48}" --split "${SPLITS:-auto,3,5}" \
+  --rounds "${ROUNDS:-3}" --out "$OUT" > "$OUT/tail.txt" 2>&1; echo "tail rc=$?"; grep -E "^\||^GPU|Error" "$OUT/tail.txt"
+python3 - "$OUT/fwd_tail.json" <<'PY' 2>/dev/null
+import json, sys
+d = json.load(open(sys.argv[1]))
+for h, r in d["heads"].items():
+    sp = {k: round(v, 4) for k, v in r.items() if k.startswith("split") and k.endswith("fwd")}
+    print(h, "taca", round(r["taca_fwd"], 4), "cudnn", round(r["cudnn_fwd"], 4), sp)
+PY
+} 2>&1 | tee "$OUT/log.txt"
+bash benchmarks/pack_out.sh "$OUT"

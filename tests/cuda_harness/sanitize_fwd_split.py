@@ -1,0 +1,37 @@
+"""The D = 128 forward's tail split (TACA_FWD_SPLIT) alone, for compute-sanitizer (memcheck / racecheck): the same
+case as sanitize_fwd.py's last one, short enough for racecheck in a device call of its own.
+
+Run: compute-sanitizer --tool racecheck --kernel-name kns=taca_ python3 tests/cuda_harness/sanitize_fwd_split.py
+More items than SMs with a partial last wave (7 query tiles x H heads of 800 tokens), the tail items as 3 key ranges,
+then as 7 (one key tile each: TACA_FWD_SPLIT=16 is clamped to the 7 key tiles); text_mass on, so the merge carries it.
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import taca  # noqa: E402
+
+
+def main():
+    torch.manual_seed(0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    H = sms // 7 + 1
+    while H * 7 % sms == 0:
+        H += 1
+    runs = 0
+    for dt, tf in ((torch.bfloat16, True), (torch.float16, False)):
+        q, k, v = (torch.randn(1, H, 800, 128, device="cuda", dtype=dt) for _ in range(3))
+        for parts in ("3", "16"):
+            os.environ["TACA_FWD_SPLIT"] = parts
+            taca.joint_attention(q, k, v, text_len=104, text_first=tf, gamma=1.2, backend="cuda", return_text_mass=True)
+            runs += 1
+    os.environ.pop("TACA_FWD_SPLIT")
+    torch.cuda.synchronize()
+    print(f"sanitize_fwd_split: {runs} kernel calls done ({H} heads, {sms} SMs)")
+    return runs
+
+
+if __name__ == "__main__":
+    main()
