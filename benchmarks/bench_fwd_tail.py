@@ -8,8 +8,9 @@ Both methods at each head count, same process, rounds interleaved: taca's public
 plain cuDNN SDPA (no gamma), forward and forward + backward (the backward's items are key tiles: the same 36 per
 head at 4608 keys).
 
---split auto,3 also times taca with TACA_FWD_SPLIT set to each value (the opt-in tail split: the partial wave's items
-as key ranges over every SM), same process, same rounds ("taca_split<v>" columns in the JSON; the table shows the
+--split auto,3,auto@two also times taca with TACA_FWD_SPLIT set to each value (the opt-in tail split: the partial
+wave's items as key ranges over every SM; "@two": TACA_FWD_SPLIT_FORM=two, the whole items by the default kernel and
+the ranges by a second launch), same process, same rounds ("split<v>_fwd" / "_fb" in the JSON; the table shows the
 first).
 
 Usage: python3 benchmarks/bench_fwd_tail.py [--heads 22,24,33,44,48] [--tokens 4608] [--rounds 3] [--split auto]
@@ -81,12 +82,16 @@ def main(argv=None) -> int:
                 qg.grad = kg.grad = vg.grad = None
             return run
         def with_split(fn, val):
+            parts, _, form = val.partition("@")
+
             def run():
-                os.environ["TACA_FWD_SPLIT"] = val
+                os.environ["TACA_FWD_SPLIT"] = parts
+                os.environ["TACA_FWD_SPLIT_FORM"] = form or "one"
                 try:
                     return fn()
                 finally:
                     os.environ.pop("TACA_FWD_SPLIT", None)
+                    os.environ.pop("TACA_FWD_SPLIT_FORM", None)
             return run
         out = {"taca_fwd": taca_f, "cudnn_fwd": cudnn_f, "taca_fb": fb(taca_f), "cudnn_fb": fb(cudnn_f)}
         for x in splits:

@@ -3,7 +3,8 @@
 # twenty-fifth session). Build; its tests and the plain forward's; memcheck + racecheck of sanitize_fwd_split.py; then
 # bench_fwd_tail.py: FLUX 1024's shape at head counts that fill the SMs evenly (22, 44: 6 and 12 waves on 132 SMs)
 # or not (24, 48: FLUX b1 and b2's items), taca with and without the split against cuDNN, one process.
-# Env: SPLITS (the TACA_FWD_SPLIT values timed; default auto,3,5), HEADS, ROUNDS, SKIP_SAN=1.
+# Env: SPLITS (the TACA_FWD_SPLIT values timed, "@two": the two-launch form; default auto,auto@two,3), HEADS,
+# ROUNDS, SKIP_SAN=1.
 # Run: run(command="bash benchmarks/gpu_split_run.sh", carry=[".whl"]).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,7 +21,7 @@ if [ "${SKIP_SAN:-0}" != 1 ]; then
     echo "sanitize_fwd_split $tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|calls done' "$OUT/split.$tool.txt" | tr '\n' ' ')"
   done
 fi
-timeout 240 python3 benchmarks/bench_fwd_tail.py --heads "${HEADS:-22,24,44,48}" --split "${SPLITS:-auto,3,5}" \
+timeout 240 python3 benchmarks/bench_fwd_tail.py --heads "${HEADS:-22,24,44,48}" --split "${SPLITS:-auto,auto@two,3}" \
   --rounds "${ROUNDS:-3}" --out "$OUT" > "$OUT/tail.txt" 2>&1; echo "tail rc=$?"; grep -E "^\||^GPU|Error" "$OUT/tail.txt"
 python3 - "$OUT/fwd_tail.json" <<'PY' 2>/dev/null
 import json, sys

@@ -219,27 +219,31 @@ def _split_heads(N, B):
 
 
 SPLIT_CASES = [
-    # B, L, n_img, text_first, dtype, layout, noncontig, TACA_FWD_SPLIT
-    (1, 512, 4096, True, torch.bfloat16, "bnhd", True, "auto"),  # FLUX-like, diffusers' view
-    (1, 512, 4096, True, torch.bfloat16, "bhnd", False, "2"),
-    (2, 333, 4000, False, torch.float16, "bhnd", False, "3"),  # ragged last tiles, text last, per-sample gamma
-    (1, 77, 1025, True, torch.bfloat16, "bhnd", False, "7"),  # 9 key tiles in 7 uneven ranges
-    (1, 77, 1025, True, torch.bfloat16, "bhnd", False, "16"),  # clamped to 9: one key tile a range
+    # B, L, n_img, text_first, dtype, layout, noncontig, TACA_FWD_SPLIT, TACA_FWD_SPLIT_FORM
+    (1, 512, 4096, True, torch.bfloat16, "bnhd", True, "auto", "one"),  # FLUX-like, diffusers' view
+    (1, 512, 4096, True, torch.bfloat16, "bnhd", True, "auto", "two"),
+    (1, 512, 4096, True, torch.bfloat16, "bhnd", False, "2", "one"),
+    (2, 333, 4000, False, torch.float16, "bhnd", False, "3", "one"),  # ragged last tiles, text last, per-sample gamma
+    (2, 333, 4000, False, torch.float16, "bhnd", False, "3", "two"),
+    (1, 77, 1025, True, torch.bfloat16, "bhnd", False, "7", "one"),  # 9 key tiles in 7 uneven ranges
+    (1, 77, 1025, True, torch.bfloat16, "bhnd", False, "16", "two"),  # clamped to 9: one key tile a range
 ]
 
 
 @pytest.mark.skipif(not _PUBLIC, reason="the public op has no CUDA kernel (the split takes its workspace)")
-@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: f"L{c[1]}-img{c[2]}-B{c[0]}-{c[5]}-split{c[7]}")
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: f"L{c[1]}-img{c[2]}-B{c[0]}-{c[5]}-split{c[7]}-{c[8]}")
 def test_forward_tail_split(case, monkeypatch):
     """TACA_FWD_SPLIT (opt-in): the D = 128 Hopper forward runs the partial last wave's items as key ranges spread
     over every SM, merged by the range that finishes last. The tolerance rule against the fp32 reference (out, lse,
     text_mass), bitwise the same over repeated calls (the merge's order is fixed), and every whole item bitwise the
     unsplit kernel's; on sm_90 the split items' lse differs from the unsplit kernel's (the merge's rounding: the
-    path ran). Other GPUs ignore the switch (all equal)."""
-    B, L, n_img, tf, dtype, layout, nc, parts = case
+    path ran). Other GPUs ignore the switch (all equal). Both forms: one launch, or the whole items by the default
+    kernel and then the ranges by a second launch (TACA_FWD_SPLIT_FORM=two)."""
+    B, L, n_img, tf, dtype, layout, nc, parts, form = case
     N = L + n_img
     H = _split_heads(N, B)
     monkeypatch.setenv("TACA_FWD_SPLIT", parts)
+    monkeypatch.setenv("TACA_FWD_SPLIT_FORM", form)
     q, k, v, out, gamma = check_case("op", B, H, L, n_img, 128, tf, dtype, layout=layout, noncontig=nc)
     split = [run_kernel("op", q, k, v, text_len=L, text_first=tf, gamma=gamma, layout=layout) for _ in range(2)]
     monkeypatch.setenv("TACA_FWD_SPLIT", "0")

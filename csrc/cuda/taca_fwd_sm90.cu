@@ -434,6 +434,10 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
                 const SplitPlan sp = fwd_split_plan<128>((int64_t)((a.n + W::BR - 1) / W::BR) * heads * batch, sms,
                                                          (a.nk + W::BC - 1) / W::BC);
                 if (sp.parts >= 2 && ws_bytes >= sp.bytes) {
+                    if (sp.two) {  // the whole items by the default kernel, then the tail's ranges
+                        const int st1 = launch_ws<T, W>(a, batch, heads, stream, nullptr, nullptr, sp.first);
+                        if (st1 != TACA_OK) return st1;  // UNSUPPORTED: nothing launched, nor below
+                    }
                     const int st = launch_ws<T, W, false, MK_NONE, false, true>(a, batch, heads, stream, &sp, ws);
                     if (st != TACA_ERR_UNSUPPORTED) return st;
                 }

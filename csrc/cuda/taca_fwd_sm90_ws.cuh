@@ -80,12 +80,14 @@ struct WsArgs {
     FwdArgs a;
     int pos_q[3], pos_k[3], pos_v[3];
     int heads, items;  // PERSIST: query heads, and items = query tiles x heads x batch
-    // SPLIT (the tail split, fwd_split_plan): items < split_first whole as before; the split_tail items after them
-    // each as split_parts key ranges (units w = split_first + tail item + split_tail x part), merged by the range that
-    // finishes last (split_tickets: one counter per tail item and consumer warp; split_ws: each range's O, m, l, t)
+    // SPLIT (the tail split, fwd_split_plan): units w < split_first are whole items as before; the split_tail items
+    // from split_item0 on each run as split_parts key ranges (units w = split_first + tail item + split_tail x part),
+    // merged by the range that finishes last (split_tickets: one counter per tail item and consumer warp; split_ws:
+    // each range's O, m, l, t). One launch: split_first = split_item0 = the whole items; two launches (the whole
+    // items by the default instance first): split_first = 0
     float *split_ws;
     int *split_tickets;
-    int split_first, split_tail, split_parts;
+    int split_first, split_tail, split_parts, split_item0;
 };
 
 /* SPLIT: one key range of a tail item is done; its consumer warp stores the range's state (O unnormalized, running
@@ -206,7 +208,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
         jb = 0, je = nkv;
         if (SPLIT && w >= p.split_first) {
             const int u = w - p.split_first, part = u / p.split_tail;
-            w = p.split_first + (u - part * p.split_tail);
+            w = p.split_item0 + (u - part * p.split_tail);
             jb = part * nkv / p.split_parts;
             je = (part + 1) * nkv / p.split_parts;
         }
@@ -521,10 +523,11 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
 struct SplitPlan {
     int first, tail, parts;
     size_t bytes, tickets_bytes;
+    bool two;  // TACA_FWD_SPLIT_FORM=two: the whole items by the default kernel, then the ranges by a second launch
 };
 template <int DP>
 static inline SplitPlan fwd_split_plan(int64_t items, int sms, int nkv) {
-    SplitPlan sp = {0, 0, 0, 0, 0};
+    SplitPlan sp = {0, 0, 0, 0, 0, false};
     const char *env = getenv("TACA_FWD_SPLIT");
     if (!env || !*env || !strcmp(env, "0") || sms <= 0 || items <= sms || items % sms == 0 || nkv < 2) return sp;
     const int tail = static_cast<int>(items % sms);
@@ -543,6 +546,8 @@ static inline SplitPlan fwd_split_plan(int64_t items, int sms, int nkv) {
     }
     if (parts < 2) return sp;
     sp.first = static_cast<int>(items - tail);
+    const char *form = getenv("TACA_FWD_SPLIT_FORM");
+    sp.two = form && !strcmp(form, "two");
     sp.tail = tail;
     sp.parts = parts;
     sp.tickets_bytes = (static_cast<size_t>(tail) * 8 * sizeof(int) + 255) / 256 * 256;
@@ -551,10 +556,11 @@ static inline SplitPlan fwd_split_plan(int64_t items, int sms, int nkv) {
 }
 
 /* TACA_ERR_UNSUPPORTED (nothing launched) when a map cannot be encoded. SPLIT: the tail split with plan sp in
- * workspace ws (sp.bytes; its tickets zeroed here, on the stream). */
+ * workspace ws (sp.bytes; its tickets zeroed here, on the stream); sp.two: only the tail's ranges (the caller
+ * launched the whole items). items_limit >= 0 (PERSIST): the first items_limit items only. */
 template <typename T, typename C, bool FEAT = false, int MK = MK_NONE, bool KTA = false, bool SPLIT = false>
 int launch_ws(const FwdArgs &a, int batch, int heads, cudaStream_t stream, const SplitPlan *sp = nullptr,
-              void *ws = nullptr) {
+              void *ws = nullptr, int64_t items_limit = -1) {
     auto kernel = taca_fwd_sm90_ws_kernel<T, C, FEAT, MK, KTA, SPLIT>;
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_fwd_cuda (sm90 ws): cudaFuncGetAttributes");
@@ -569,7 +575,8 @@ int launch_ws(const FwdArgs &a, int batch, int heads, cudaStream_t stream, const
     const size_t smem = C::SMEM + (MK == MK_KEY ? C::KT_BYTES : 0);
     TACA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                   "taca_fwd_cuda (sm90 ws): cudaFuncSetAttribute");
-    const int64_t nqt = (a.n + C::BR - 1) / C::BR, items = nqt * heads * batch;
+    const int64_t nqt = (a.n + C::BR - 1) / C::BR, all_items = nqt * heads * batch;
+    int64_t items = items_limit >= 0 && items_limit < all_items ? items_limit : all_items;
     if (C::PERSIST) {
         if (items > INT32_MAX) return TACA_ERR_UNSUPPORTED;
         int sms = 0;
@@ -581,9 +588,11 @@ int launch_ws(const FwdArgs &a, int batch, int heads, cudaStream_t stream, const
             if (!sp || !ws || sp->parts < 2 || sp->first + sp->tail != items) return TACA_ERR_UNSUPPORTED;
             p.split_tickets = static_cast<int *>(ws);
             p.split_ws = reinterpret_cast<float *>(static_cast<unsigned char *>(ws) + sp->tickets_bytes);
-            p.split_first = sp->first;
+            p.split_first = sp->two ? 0 : sp->first;
+            p.split_item0 = sp->first;
             p.split_tail = sp->tail;
             p.split_parts = sp->parts;
+            if (sp->two) items = static_cast<int64_t>(sp->tail) * sp->parts;  // the grid: units, at most the SMs
             TACA_CUDA_TRY(cudaMemsetAsync(ws, 0, sp->tickets_bytes, stream), "taca_fwd_cuda (sm90 ws): split tickets");
         }
         kernel<<<static_cast<unsigned>(items < sms ? items : sms), C::THREADS, smem, stream>>>(p);
