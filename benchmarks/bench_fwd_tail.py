@@ -103,10 +103,10 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         for h in heads:
             f = fns(h)
-            for name, fn in f.items():
-                if args.no_bwd and name.endswith("fb"):
-                    continue
-                res[h][name].append(do_bench(fn, warmup=10, rep=60, return_mode="median"))
+            order = [nm for nm in f if not (args.no_bwd and nm.endswith("fb"))]
+            order = order[r % len(order):] + order[:r % len(order)]  # rotated each round: no method keeps a position
+            for name in order:
+                res[h][name].append(do_bench(f[name], warmup=10, rep=60, return_mode="median"))
             del f
             torch.cuda.empty_cache()
         print(f"round {r + 1}/{args.rounds} done ({time.time() - t0:.0f} s)", flush=True)

@@ -227,6 +227,9 @@ SPLIT_CASES = [
     (2, 333, 4000, False, torch.float16, "bhnd", False, "3", "two"),
     (1, 77, 1025, True, torch.bfloat16, "bhnd", False, "7", "one"),  # 9 key tiles in 7 uneven ranges
     (1, 77, 1025, True, torch.bfloat16, "bhnd", False, "16", "two"),  # clamped to 9: one key tile a range
+    (1, 512, 4096, True, torch.bfloat16, "bnhd", True, "range", "one"),  # one range of the tail's tiles per CTA
+    (2, 333, 4000, False, torch.float16, "bhnd", False, "range", "two"),
+    (1, 77, 1025, True, torch.bfloat16, "bhnd", False, "range", "one"),
 ]
 
 
@@ -238,7 +241,8 @@ def test_forward_tail_split(case, monkeypatch):
     text_mass), bitwise the same over repeated calls (the merge's order is fixed), and every whole item bitwise the
     unsplit kernel's; on sm_90 the split items' lse differs from the unsplit kernel's (the merge's rounding: the
     path ran). Other GPUs ignore the switch (all equal). Both forms: one launch, or the whole items by the default
-    kernel and then the ranges by a second launch (TACA_FWD_SPLIT_FORM=two)."""
+    kernel and then the ranges by a second launch (TACA_FWD_SPLIT_FORM=two); and TACA_FWD_SPLIT=range (one contiguous
+    range of the tail's key tiles per CTA, an item merged from the ranges covering it)."""
     B, L, n_img, tf, dtype, layout, nc, parts, form = case
     N = L + n_img
     H = _split_heads(N, B)

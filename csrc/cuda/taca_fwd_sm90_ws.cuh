@@ -85,9 +85,12 @@ struct WsArgs {
     // merged by the range that finishes last (split_tickets: one counter per tail item and consumer warp; split_ws:
     // each range's O, m, l, t). One launch: split_first = split_item0 = the whole items; two launches (the whole
     // items by the default instance first): split_first = 0
+    // split_range (TACA_FWD_SPLIT=range): the tail's key tiles (tail x nkv) cut into one contiguous range per CTA
+    // (stream-K over the tail), each CTA's range in at most two units (units w = split_first + CTA and + CTA + SMs),
+    // an item merged from the 1..split_parts ranges that cover it
     float *split_ws;
     int *split_tickets;
-    int split_first, split_tail, split_parts, split_item0;
+    int split_first, split_tail, split_parts, split_item0, split_range;
 };
 
 /* SPLIT: one key range of a tail item is done; its consumer warp stores the range's state (O unnormalized, running
@@ -97,13 +100,13 @@ struct WsArgs {
  * operations whichever range came last: the output does not depend on the order the ranges finished) and returns true:
  * it then writes the rows as a whole item would. The others return false. */
 template <int DT>
-__device__ __forceinline__ bool split_merge(const WsArgs &p, int t, int part, int ct, int cw, int lane,
+__device__ __forceinline__ bool split_merge(const WsArgs &p, int t, int part, int P, int ct, int cw, int lane,
                                             float (&o)[1][DT][4], float (&m_run)[1][2], float (&l_run)[1][2],
                                             float (&t_run)[1][2]) {
     constexpr int K4 = DT + 2;  // O as DT float4, then (m0, m1, l0, l1) and (t0, t1, 0, 0)
-    const int P = p.split_parts;
+    const int slots = p.split_parts;  // state slots per tail item; P (<= slots) of them used by item t
     float4 *const ws = reinterpret_cast<float4 *>(p.split_ws);
-    float4 *const mine = ws + static_cast<int64_t>(t * P + part) * K4 * 256 + ct;
+    float4 *const mine = ws + static_cast<int64_t>(t * slots + part) * K4 * 256 + ct;
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) mine[dt * 256] = make_float4(o[0][dt][0], o[0][dt][1], o[0][dt][2], o[0][dt][3]);
     mine[DT * 256] = make_float4(m_run[0][0], m_run[0][1], l_run[0][0], l_run[0][1]);
@@ -123,7 +126,7 @@ __device__ __forceinline__ bool split_merge(const WsArgs &p, int t, int part, in
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) m_run[0][hf] = -INFINITY, l_run[0][hf] = 0.0f, t_run[0][hf] = 0.0f;
     for (int r = 0; r < P; ++r) {
-        const float4 *const src = ws + static_cast<int64_t>(t * P + r) * K4 * 256 + ct;
+        const float4 *const src = ws + static_cast<int64_t>(t * slots + r) * K4 * 256 + ct;
         const float4 ml = __ldcg(src + DT * 256), tt = __ldcg(src + (DT + 1) * 256);
         const float mr[2] = {ml.x, ml.y}, lr[2] = {ml.z, ml.w}, tr[2] = {tt.x, tt.y};
         float wa[2], wb[2];
@@ -191,7 +194,9 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
     // Work items w = query tile + nqt * (head + heads * batch): PERSIST walks w = blockIdx.x,
     // + gridDim.x, ..; otherwise one item, the block's own (blockIdx = (tile, head, batch)).
     const int w0 = PER ? static_cast<int>(blockIdx.x) : 0;
-    const int wend = !PER ? 1 : SPLIT ? p.split_first + p.split_tail * p.split_parts : p.items;
+    const int wend = !PER ? 1
+                     : SPLIT ? p.split_first + (p.split_range ? 2 * static_cast<int>(gridDim.x) : p.split_tail * p.split_parts)
+                             : p.items;
     const int wstep = PER ? static_cast<int>(gridDim.x) : 1;
     auto decode = [&](int w, int &qt, int &h, int &b) {
         if (PER) {
@@ -203,16 +208,38 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
         }
     };
-    // SPLIT: unit w's item and key tiles [jb, je) (the whole range below split_first)
-    auto decode_unit = [&](int w, int &qt, int &h, int &b, int &jb, int &je) {
-        jb = 0, je = nkv;
-        if (SPLIT && w >= p.split_first) {
-            const int u = w - p.split_first, part = u / p.split_tail;
-            w = p.split_item0 + (u - part * p.split_tail);
-            jb = part * nkv / p.split_parts;
-            je = (part + 1) * nkv / p.split_parts;
+    // SPLIT: unit w's tail item t (-1: a whole item), key tiles [jb, je) (empty: no unit), and the item's range
+    // index (part) and range count (np)
+    auto split_unit = [&](int w, int &t, int &jb, int &je, int &part, int &np) {
+        t = -1, jb = 0, je = nkv, part = 0, np = 1;
+        if (!SPLIT || w < p.split_first) return;
+        const int u = w - p.split_first;
+        if (!p.split_range) {
+            part = u / p.split_tail, np = p.split_parts;
+            t = u - part * p.split_tail;
+            jb = part * nkv / np;
+            je = (part + 1) * nkv / np;
+            return;
         }
-        decode(w, qt, h, b);
+        // range form: CTA cta's tiles [lo, hi) of the tail's tail x nkv (tail item t, tile j at t x nkv + j), at
+        // most two units: k = 0 the part in item lo / nkv, k = 1 the rest (in the next item) or nothing
+        const int S = static_cast<int>(gridDim.x), cta = u % S, k = u / S;
+        const int64_t U = static_cast<int64_t>(p.split_tail) * nkv;
+        const int64_t lo = cta * U / S, hi = (cta + 1) * U / S;
+        const int t1 = static_cast<int>(lo / nkv);
+        t = t1 + k;
+        const int64_t ib = static_cast<int64_t>(t) * nkv;  // item t's first tile
+        jb = k == 0 ? static_cast<int>(lo - ib) : 0;
+        je = static_cast<int>((hi < ib + nkv ? hi : ib + nkv) - ib);
+        if (k == 1 && hi <= ib) jb = je = 0;  // the range ended in item t1
+        // the ranges (CTAs) covering item t: c(x) = the CTA whose range holds tile x = ((x + 1) S - 1) / U
+        const int ca = static_cast<int>(((ib + 1) * S - 1) / U), cb = static_cast<int>(((ib + nkv) * S - 1) / U);
+        part = cta - ca, np = cb - ca + 1;
+    };
+    auto decode_unit = [&](int w, int &qt, int &h, int &b, int &jb, int &je) {
+        int t, part, np;
+        split_unit(w, t, jb, je, part, np);
+        decode(t < 0 ? w : p.split_item0 + t, qt, h, b);
     };
 
     if (tid == 0) {
@@ -327,6 +354,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
                 if constexpr (SPLIT) decode_unit(w, qt, h, b, ujb, uje);
                 else decode(w, qt, h, b);
                 const int jb = SPLIT ? ujb : 0, je = SPLIT ? uje : nkv;
+                if (SPLIT && jb >= je) continue;  // an empty unit: only ever a CTA's last (range form)
                 const int q0 = qt * BR, hk = h / a.group, qb = i % C::NQBUF;
                 issue_q(i, qb, q0, h, b);  // Q buffer qb: free once every consumer finished item i - 2's epilogue
                 for (int j = jb; j < je; ++j, ++jg) {
@@ -358,6 +386,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
         if constexpr (SPLIT) decode_unit(w, qt, h, b, ujb, uje);
         else decode(w, qt, h, b);
         const int jb = SPLIT ? ujb : 0, je = SPLIT ? uje : nkv;
+        if (SPLIT && jb >= je) continue;  // as the producer
         const int q0 = qt * BR, qb = i % C::NQBUF;
         const uint32_t sqb = sq + qb * C::Q_BYTES;
         unsigned char *const smem_q = smem + qb * C::Q_BYTES;  // generic pointer to Q buffer qb
@@ -478,11 +507,10 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
         // SPLIT: a key range of a tail item; only the warp that finishes its rows' last range writes them
         bool emit = true;
         if constexpr (SPLIT) {
-            if (w >= p.split_first) {
-                const int u = w - p.split_first, part = u / p.split_tail;
-                emit = split_merge<DT>(p, u - part * p.split_tail, part, tid - 128, c * 4 + warp, lane, o, m_run, l_run,
-                                       t_run);
-            }
+            int t, sjb, sje, part, np;
+            split_unit(w, t, sjb, sje, part, np);
+            if (t >= 0 && np > 1)
+                emit = split_merge<DT>(p, t, part, np, tid - 128, c * 4 + warp, lane, o, m_run, l_run, t_run);
         }
         // Epilogue (as v4): normalize, lse / text_mass, stage O into this warp's own 16 rows of the
         // Q tile (every product that read them has completed), then 16-byte row stores.
@@ -518,21 +546,35 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
  * ranges merged by the last one (split_merge). parts: TACA_FWD_SPLIT = n forces n (at most the key tiles, 16),
  * "auto" takes the count with the least estimated makespan of the tail, ceil(tail x P / sms) rounds of nkv / P + 2
  * tiles (a range's fixed cost: its Q load, pipeline fill and state store, guessed as two tiles' time), none when
- * one part is best. Unset or 0: no split (an opt-in timing switch until measured, KERNEL_LOG 2026-12-05,
+ * one part is best; "range": every CTA one contiguous range of the tail's tail x nkv key tiles (stream-K over the
+ * tail: one round of U / sms tiles, at most two units a CTA), when U >= sms. Unset or 0: no split (an opt-in timing switch until measured, KERNEL_LOG 2026-12-05,
  * twenty-fifth session). parts = 0: no split. Bytes: the tickets (tail x 8 ints, 256-aligned), then the states. */
 struct SplitPlan {
-    int first, tail, parts;
+    int first, tail, parts;  // parts: key ranges per tail item (range form: the most ranges any item has)
     size_t bytes, tickets_bytes;
-    bool two;  // TACA_FWD_SPLIT_FORM=two: the whole items by the default kernel, then the ranges by a second launch
+    bool two;    // TACA_FWD_SPLIT_FORM=two: the whole items by the default kernel, then the ranges by a second launch
+    bool range;  // TACA_FWD_SPLIT=range: one contiguous range of the tail's key tiles per CTA (split_unit)
 };
 template <int DP>
 static inline SplitPlan fwd_split_plan(int64_t items, int sms, int nkv) {
-    SplitPlan sp = {0, 0, 0, 0, 0, false};
+    SplitPlan sp = {0, 0, 0, 0, 0, false, false};
     const char *env = getenv("TACA_FWD_SPLIT");
     if (!env || !*env || !strcmp(env, "0") || sms <= 0 || items <= sms || items % sms == 0 || nkv < 2) return sp;
     const int tail = static_cast<int>(items % sms);
     int parts = 0;
-    if (!strcmp(env, "auto")) {
+    if (!strcmp(env, "range")) {
+        // every CTA one range of U / sms tiles (U = tail x nkv >= sms: no empty range); the ranges covering item t are
+        // CTAs c(t nkv) .. c(t nkv + nkv - 1), c(x) = ((x + 1) sms - 1) / U, as split_unit counts them
+        const int64_t U = static_cast<int64_t>(tail) * nkv;
+        if (U < sms) return sp;
+        sp.range = true;
+        for (int t = 0; t < tail; ++t) {
+            const int64_t ib = static_cast<int64_t>(t) * nkv;
+            const int np = static_cast<int>(((ib + nkv) * sms - 1) / U - ((ib + 1) * sms - 1) / U + 1);
+            if (np > parts) parts = np;
+        }
+        if (parts < 2) parts = 2;  // (the slots; an item covered by one range merges nothing)
+    } else if (!strcmp(env, "auto")) {
         double best = nkv;  // one part: the partial wave as it is
         for (int P = 2; P <= 16 && P <= nkv; ++P) {
             const double cost = static_cast<double>((static_cast<int64_t>(tail) * P + sms - 1) / sms) *
@@ -592,7 +634,9 @@ int launch_ws(const FwdArgs &a, int batch, int heads, cudaStream_t stream, const
             p.split_item0 = sp->first;
             p.split_tail = sp->tail;
             p.split_parts = sp->parts;
-            if (sp->two) items = static_cast<int64_t>(sp->tail) * sp->parts;  // the grid: units, at most the SMs
+            p.split_range = sp->range;
+            // the grid: the units, at most the SMs (range form: the SMs, whose count split_unit's ranges assume)
+            if (sp->two) items = sp->range ? sms : static_cast<int64_t>(sp->tail) * sp->parts;
             TACA_CUDA_TRY(cudaMemsetAsync(ws, 0, sp->tickets_bytes, stream), "taca_fwd_cuda (sm90 ws): split tickets");
         }
         kernel<<<static_cast<unsigned>(items < sms ? items : sms), C::THREADS, smem, stream>>>(p);

@@ -3,7 +3,8 @@ enough for racecheck in a device call of its own (sanitize_fwd.py runs it last t
 
 Run: compute-sanitizer --tool racecheck --kernel-name kns=taca_ python3 tests/cuda_harness/sanitize_fwd_split.py
 More items than SMs with a partial last wave (7 query tiles x H heads of 800 tokens), the tail items as 3 key ranges,
-then as 7 (one key tile each: TACA_FWD_SPLIT=16 is clamped to the 7 key tiles), and as 3 in the two-launch form;
+then as 7 (one key tile each: TACA_FWD_SPLIT=16 is clamped to the 7 key tiles), as 3 in the two-launch form, and
+in the range form (one contiguous range of the tail's key tiles per CTA) in both;
 text_mass on, so the merge carries it.
 """
 import os
@@ -24,7 +25,7 @@ def main():
     runs = 0
     for dt, tf in ((torch.bfloat16, True), (torch.float16, False)):
         q, k, v = (torch.randn(1, H, 800, 128, device="cuda", dtype=dt) for _ in range(3))
-        for parts, form in (("3", "one"), ("16", "one"), ("3", "two")):
+        for parts, form in (("3", "one"), ("16", "one"), ("3", "two"), ("range", "one"), ("range", "two")):
             os.environ["TACA_FWD_SPLIT"] = parts
             os.environ["TACA_FWD_SPLIT_FORM"] = form
             taca.joint_attention(q, k, v, text_len=104, text_first=tf, gamma=1.2, backend="cuda", return_text_mass=True)
