@@ -96,9 +96,9 @@ struct WsArgs {
 /* SPLIT: one key range of a tail item is done; its consumer warp stores the range's state (O unnormalized, running
  * max, sums, text mass: the thread's own values, float4 k of thread ct at split_ws[((unit) * K4 + k) * 256 + ct]) and
  * counts itself on the item's ticket. The warp that counts last (the other ranges' warps stored theirs before they
- * counted: __threadfence, atomicAdd) merges every range's state in range order 0, 1, .. into o / m / l / t (the same
- * operations whichever range came last: the output does not depend on the order the ranges finished) and returns true:
- * it then writes the rows as a whole item would. The others return false. */
+ * counted: __threadfence, atomicAdd) merges every range's state, its own included, in range order 0, 1, .. into
+ * o / m / l / t (the same operations whichever range came last: the output does not depend on the order the ranges
+ * finished) and returns true: it then writes the rows as a whole item would. The others return false. */
 template <int DT>
 __device__ __forceinline__ bool split_merge(const WsArgs &p, int t, int part, int P, int ct, int cw, int lane,
                                             float (&o)[1][DT][4], float (&m_run)[1][2], float (&l_run)[1][2],
@@ -121,32 +121,35 @@ __device__ __forceinline__ bool split_merge(const WsArgs &p, int t, int part, in
     before = __shfl_sync(0xffffffffu, before, 0);
     if (before != P - 1) return false;
     __syncwarp();  // every range counted: their states are visible (read past L1: __ldcg)
+    // Two passes, so that no load waits on the one before (a chain of P rescalings was P L2 round trips): the rows'
+    // max over the ranges, then O, l, t as sums over r = 0, 1, .. of exp2(m_r - max) times range r's (one fixed order)
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll 4
+    for (int r = 0; r < P; ++r) {
+        const float4 ml = __ldcg(ws + (static_cast<int64_t>(t * slots + r) * K4 + DT) * 256 + ct);
+        mx[0] = fmaxf(mx[0], ml.x);
+        mx[1] = fmaxf(mx[1], ml.y);
+    }
+    const float base[2] = {mx[0] == -INFINITY ? 0.0f : mx[0], mx[1] == -INFINITY ? 0.0f : mx[1]};
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) o[0][dt][0] = o[0][dt][1] = o[0][dt][2] = o[0][dt][3] = 0.0f;
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) m_run[0][hf] = -INFINITY, l_run[0][hf] = 0.0f, t_run[0][hf] = 0.0f;
+    for (int hf = 0; hf < 2; ++hf) m_run[0][hf] = mx[hf], l_run[0][hf] = 0.0f, t_run[0][hf] = 0.0f;
     for (int r = 0; r < P; ++r) {
         const float4 *const src = ws + static_cast<int64_t>(t * slots + r) * K4 * 256 + ct;
         const float4 ml = __ldcg(src + DT * 256), tt = __ldcg(src + (DT + 1) * 256);
-        const float mr[2] = {ml.x, ml.y}, lr[2] = {ml.z, ml.w}, tr[2] = {tt.x, tt.y};
-        float wa[2], wb[2];
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-            const float mx = fmaxf(m_run[0][hf], mr[hf]);
-            const float base = mx == -INFINITY ? 0.0f : mx;
-            wa[hf] = fast_exp2(m_run[0][hf] - base);
-            wb[hf] = fast_exp2(mr[hf] - base);
-            m_run[0][hf] = mx;
-            l_run[0][hf] = l_run[0][hf] * wa[hf] + lr[hf] * wb[hf];
-            t_run[0][hf] = t_run[0][hf] * wa[hf] + tr[hf] * wb[hf];
-        }
+        const float w0 = fast_exp2(ml.x - base[0]), w1 = fast_exp2(ml.y - base[1]);
+        l_run[0][0] += ml.z * w0;
+        l_run[0][1] += ml.w * w1;
+        t_run[0][0] += tt.x * w0;
+        t_run[0][1] += tt.y * w1;
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt) {
             const float4 x = __ldcg(src + dt * 256);
-            o[0][dt][0] = o[0][dt][0] * wa[0] + x.x * wb[0];
-            o[0][dt][1] = o[0][dt][1] * wa[0] + x.y * wb[0];
-            o[0][dt][2] = o[0][dt][2] * wa[1] + x.z * wb[1];
-            o[0][dt][3] = o[0][dt][3] * wa[1] + x.w * wb[1];
+            o[0][dt][0] += x.x * w0;
+            o[0][dt][1] += x.y * w0;
+            o[0][dt][2] += x.z * w1;
+            o[0][dt][3] += x.w * w1;
         }
     }
     return true;
@@ -544,9 +547,10 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
 /* The tail split's plan (SPLIT): items = query tiles x heads x batch on sms CTAs. The whole waves (items - items %
  * sms) run as before; the partial wave's tail items each as parts key ranges, the units spread over every CTA, the
  * ranges merged by the last one (split_merge). parts: TACA_FWD_SPLIT = n forces n (at most the key tiles, 16),
- * "auto" takes the count with the least estimated makespan of the tail, ceil(tail x P / sms) rounds of nkv / P + 2
- * tiles (a range's fixed cost: its Q load, pipeline fill and state store, guessed as two tiles' time), none when
- * one part is best; "range": every CTA one contiguous range of the tail's tail x nkv key tiles (stream-K over the
+ * "auto" takes the count with the least estimated makespan of the tail, ceil(tail x P / sms) rounds of nkv / P + 6
+ * tiles (a range's fixed cost: its Q load, pipeline fill, state store and merge; 6 tiles puts the H100 runs on the
+ * right side: FLUX b2's tail split in 11 (-4%), b1's not split (5 parts in three rounds gained nothing), KERNEL_LOG
+ * twenty-fifth session), none when one part is best; "range": every CTA one contiguous range of the tail's tail x nkv key tiles (stream-K over the
  * tail: one round of U / sms tiles, at most two units a CTA), when U >= sms. Unset or 0: no split (an opt-in timing switch until measured, KERNEL_LOG 2026-12-05,
  * twenty-fifth session). parts = 0: no split. Bytes: the tickets (tail x 8 ints, 256-aligned), then the states. */
 struct SplitPlan {
@@ -578,7 +582,7 @@ static inline SplitPlan fwd_split_plan(int64_t items, int sms, int nkv) {
         double best = nkv;  // one part: the partial wave as it is
         for (int P = 2; P <= 16 && P <= nkv; ++P) {
             const double cost = static_cast<double>((static_cast<int64_t>(tail) * P + sms - 1) / sms) *
-                                (static_cast<double>(nkv) / P + 2.0);
+                                (static_cast<double>(nkv) / P + 6.0);
             if (cost < best) best = cost, parts = P;
         }
     } else {
