@@ -208,12 +208,13 @@ def test_deterministic_bitwise(impl):
 
 
 @pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
-def _split_heads(N, B):
-    """A head count that gives the D = 128 forward (128-row query tiles) a partial last wave on this GPU."""
+def _split_heads(N, B, range_form=False):
+    """A head count that gives the D = 128 forward (128-row query tiles) a partial last wave on this GPU (range_form:
+    with at least as many tail key tiles as SMs, which TACA_FWD_SPLIT=range needs)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     nqt = -(-N // 128)
     h = sms // (nqt * B) + 1
-    while (nqt * h * B) % sms == 0:
+    while (nqt * h * B) % sms == 0 or (range_form and (nqt * h * B) % sms * nqt < sms):
         h += 1
     return h
 
@@ -245,7 +246,7 @@ def test_forward_tail_split(case, monkeypatch):
     range of the tail's key tiles per CTA, an item merged from the ranges covering it)."""
     B, L, n_img, tf, dtype, layout, nc, parts, form = case
     N = L + n_img
-    H = _split_heads(N, B)
+    H = _split_heads(N, B, range_form=parts == "range")
     monkeypatch.setenv("TACA_FWD_SPLIT", parts)
     monkeypatch.setenv("TACA_FWD_SPLIT_FORM", form)
     q, k, v, out, gamma = check_case("op", B, H, L, n_img, 128, tf, dtype, layout=layout, noncontig=nc)
