@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_harness"))
 import taca_ctypes  # noqa: E402
+from sanitize_fwd_split import split_heads  # noqa: E402
 
 from taca import reference  # noqa: E402
 
@@ -207,18 +208,6 @@ def test_deterministic_bitwise(impl):
         assert torch.equal(x, y)
 
 
-@pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
-def _split_heads(N, B, range_form=False):
-    """A head count that gives the D = 128 forward (128-row query tiles) a partial last wave on this GPU (range_form:
-    with at least as many tail key tiles as SMs, which TACA_FWD_SPLIT=range needs)."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    nqt = -(-N // 128)
-    h = sms // (nqt * B) + 1
-    while (nqt * h * B) % sms == 0 or (range_form and (nqt * h * B) % sms * nqt < sms):
-        h += 1
-    return h
-
-
 SPLIT_CASES = [
     # B, L, n_img, text_first, dtype, layout, noncontig, TACA_FWD_SPLIT, TACA_FWD_SPLIT_FORM
     (1, 512, 4096, True, torch.bfloat16, "bnhd", True, "auto", "one"),  # FLUX-like, diffusers' view
@@ -246,7 +235,7 @@ def test_forward_tail_split(case, monkeypatch):
     range of the tail's key tiles per CTA, an item merged from the ranges covering it)."""
     B, L, n_img, tf, dtype, layout, nc, parts, form = case
     N = L + n_img
-    H = _split_heads(N, B, range_form=parts == "range")
+    H = split_heads(N, B, range_form=parts == "range")
     monkeypatch.setenv("TACA_FWD_SPLIT", parts)
     monkeypatch.setenv("TACA_FWD_SPLIT_FORM", form)
     q, k, v, out, gamma = check_case("op", B, H, L, n_img, 128, tf, dtype, layout=layout, noncontig=nc)
@@ -270,6 +259,7 @@ def test_forward_tail_split(case, monkeypatch):
         assert not torch.equal(split[0][1][~rows], plain[1][~rows]), "the split did not run (lse equal everywhere)"
 
 
+@pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
 def test_unaligned_pointers_and_strides():
     # base pointer 2 bytes off 16-byte alignment and odd token strides: the element-wise path
     B, N, H, D = 2, 700, 3, 64

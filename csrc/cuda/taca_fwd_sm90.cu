@@ -355,6 +355,21 @@ namespace taca_fwd90 {
     return ka && !strcmp(ka, "all");
 }
 
+/* The tail split (TACA_FWD_SPLIT, fwd_split_plan) of a call: the default D = 128 persistent kernel's items (WSplit)
+ * on this device's SMs; no plan (parts 0) for other variants, head dims, spans or masks. The SM count query's status
+ * (the dispatch and taca_fwd_sm90_split_bytes both take the plan from here, so the workspace sized is the one used). */
+using WSplit = WsCfg<2, false, true, 128, true>;
+[[maybe_unused]] static inline int d128_split_plan(const FwdArgs &a, int variant, int batch, int heads, SplitPlan *sp) {
+    *sp = SplitPlan{};
+    if ((variant != 0 && variant != 10) || a.d < 72 || a.d > 128 || a.spans || a.mask.data) return TACA_OK;
+    int sms = 0;
+    const int st = device_sm_count(&sms, "taca_fwd_cuda (sm90 ws): SM count");
+    if (st != TACA_OK) return st;
+    *sp = fwd_split_plan<128>((int64_t)((a.n + WSplit::BR - 1) / WSplit::BR) * heads * batch, sms,
+                              (a.nk + WSplit::BC - 1) / WSplit::BC);
+    return TACA_OK;
+}
+
 /* D = 64 default: the key tile (128, 160 or 192 keys) with the least work by a tile count model, keys rounded up to
  * whole tiles plus a per-tile cost of 27 keys' worth: fitted on the H200 at SD3.5-M CFG 1536 x 1536 (9549 keys; the
  * three tile sizes cover the same 9600 keys there; 192-key tiles 5.7% and 160-key ones 2.5% faster than 128-key
@@ -426,20 +441,19 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
         case 13: return launch<T, Cfg<128, 128, 2, 2, false>>(a, batch, heads, stream);
         default: {
             // the tail split (opt-in, TACA_FWD_SPLIT): the default kernel with the partial wave's items in key ranges
-            if (ws && (variant == 0 || variant == 10)) {
-                using W = WsCfg<2, false, true, 128, true>;
-                int sms = 0;
-                const int sst = device_sm_count(&sms, "taca_fwd_cuda (sm90 ws): SM count");
+            if (ws) {
+                SplitPlan sp;
+                const int sst = d128_split_plan(a, variant, batch, heads, &sp);
                 if (sst != TACA_OK) return sst;
-                const SplitPlan sp = fwd_split_plan<128>((int64_t)((a.n + W::BR - 1) / W::BR) * heads * batch, sms,
-                                                         (a.nk + W::BC - 1) / W::BC);
                 if (sp.parts >= 2 && ws_bytes >= sp.bytes) {
-                    if (sp.two) {  // the whole items by the default kernel, then the tail's ranges
-                        const int st1 = launch_ws<T, W>(a, batch, heads, stream, nullptr, nullptr, sp.first);
-                        if (st1 != TACA_OK) return st1;  // UNSUPPORTED: nothing launched, nor below
+                    // two: the whole items by the default kernel first, then the tail's ranges (UNSUPPORTED: nothing
+                    // launched; the unsplit kernel below, which would refuse the same maps)
+                    const int st1 = sp.two ? launch_ws<T, WSplit>(a, batch, heads, stream, nullptr, nullptr, sp.first) : TACA_OK;
+                    if (st1 != TACA_OK && st1 != TACA_ERR_UNSUPPORTED) return st1;
+                    if (st1 == TACA_OK) {
+                        const int st = launch_ws<T, WSplit, false, MK_NONE, false, true>(a, batch, heads, stream, &sp, ws);
+                        if (st != TACA_ERR_UNSUPPORTED) return st;
                     }
-                    const int st = launch_ws<T, W, false, MK_NONE, false, true>(a, batch, heads, stream, &sp, ws);
-                    if (st != TACA_ERR_UNSUPPORTED) return st;
                 }
             }
             const int st = variant == 11   ? launch_ws<T, WsCfg<2, true, true>>(a, batch, heads, stream)
@@ -532,18 +546,13 @@ int taca_fwd_sm90(const taca_fwd::FwdArgs &a, int dtype, int variant, int batch,
 }
 
 /* The workspace the tail split takes for this call (0: none, no split: TACA_FWD_SPLIT unset, not the D = 128 default
- * kernel's case, or no partial wave). The caller checked the parameters and alignment. */
+ * kernel's case, or no partial wave). The caller checked the parameters, the alignment and that the switch is set. */
 size_t taca_fwd_sm90_split_bytes(const taca_fwd::FwdArgs &a, int variant, int batch, int heads) {
 #if defined(TACA_HAVE_SM90A)
-    const char *env = getenv("TACA_FWD_SPLIT");
-    if (!env || !*env || !strcmp(env, "0")) return 0;
-    if ((variant != 0 && variant != 10) || a.d < 72 || a.d > 128 || a.spans || a.mask.data) return 0;
     if (taca_sm90::device_is_sm90("taca_fwd_cuda (sm90): device query") != TACA_OK) return 0;
-    int sms = 0;
-    if (taca_sm90::device_sm_count(&sms, "taca_fwd_cuda (sm90 ws): SM count") != TACA_OK) return 0;
-    using W = taca_fwd90::WsCfg<2, false, true, 128, true>;
-    const int64_t items = (int64_t)((a.n + W::BR - 1) / W::BR) * heads * batch;
-    return taca_fwd90::fwd_split_plan<128>(items, sms, (a.nk + W::BC - 1) / W::BC).bytes;
+    taca_fwd90::SplitPlan sp;
+    if (taca_fwd90::d128_split_plan(a, variant, batch, heads, &sp) != TACA_OK) return 0;
+    return sp.bytes;
 #else
     (void)a; (void)variant; (void)batch; (void)heads;
     return 0;

@@ -507,7 +507,8 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             if (PER && lane == 0) mbar_arrive(empty_v(sl));
         }
 
-        // SPLIT: a key range of a tail item; only the warp that finishes its rows' last range writes them
+        // SPLIT: a key range of a tail item; only the warp that finishes its rows' last range writes them (the unit
+        // decoded again here rather than held through the tile loop: values live across it move ptxas's schedule)
         bool emit = true;
         if constexpr (SPLIT) {
             int t, sjb, sje, part, np;

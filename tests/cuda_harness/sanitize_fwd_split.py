@@ -16,19 +16,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import taca  # noqa: E402
 
 
+def split_heads(N, B=1, range_form=False):
+    """A head count that gives the D = 128 forward (128-row query tiles) of (B, H, N) a partial last wave on this GPU
+    (range_form: with at least as many tail key tiles as SMs, which TACA_FWD_SPLIT=range needs)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    nqt = -(-N // 128)
+    h = sms // (nqt * B) + 1
+    while (nqt * h * B) % sms == 0 or (range_form and (nqt * h * B) % sms * nqt < sms):
+        h += 1
+    return h
+
+
 def main():
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-
-    def heads(range_form):  # a partial last wave (range: with at least as many tail key tiles as SMs)
-        h = sms // 7 + 1
-        while h * 7 % sms == 0 or (range_form and h * 7 % sms * 7 < sms):
-            h += 1
-        return h
     runs = 0
     for dt, tf in ((torch.bfloat16, True), (torch.float16, False)):
         for parts, form in (("3", "one"), ("16", "one"), ("3", "two"), ("range", "one"), ("range", "two")):
-            q, k, v = (torch.randn(1, heads(parts == "range"), 800, 128, device="cuda", dtype=dt) for _ in range(3))
+            q, k, v = (torch.randn(1, split_heads(800, range_form=parts == "range"), 800, 128, device="cuda", dtype=dt)
+                       for _ in range(3))
             os.environ["TACA_FWD_SPLIT"] = parts
             os.environ["TACA_FWD_SPLIT_FORM"] = form
             taca.joint_attention(q, k, v, text_len=104, text_first=tf, gamma=1.2, backend="cuda", return_text_mass=True)
@@ -36,7 +42,8 @@ def main():
     os.environ.pop("TACA_FWD_SPLIT")
     os.environ.pop("TACA_FWD_SPLIT_FORM")
     torch.cuda.synchronize()
-    print(f"sanitize_fwd_split: {runs} kernel calls done ({heads(False)} / {heads(True)} heads, {sms} SMs)")
+    print(f"sanitize_fwd_split: {runs} kernel calls done ({split_heads(800)} / {split_heads(800, range_form=True)} heads, "
+          f"{sms} SMs)")
     return runs
 
 
