@@ -7,8 +7,8 @@ For each shape, the same q / k / v and gamma through taca.joint_attention(backen
   mask1        the int plus an all-True (B, 1, 1, N) bool key mask (FEAT; every tile votes unmasked)
   maskpad      the int plus a key mask hiding sample 1's text past L // 3 (FEAT; padded text keys)
 the mask cases again as "<case>@elem" under TACA_FWD_MASK=elem (the per-element path of general masks; on
-Hopper a key mask otherwise takes per-tile terms; --mask-modes elem,nc3 adds "<case>@nc3", D = 64's per-tile terms in
-the three-consumer kernel), and plain cuDNN SDPA (no gamma) for scale. Rounds alternate the cases; per case the median of the
+Hopper a key mask otherwise takes per-tile terms; --mask-modes elem,tile adds "<case>@tile", D = 64's per-tile terms in
+the two-consumer kernel instead of the three-consumer default), and plain cuDNN SDPA (no gamma) for scale. Rounds alternate the cases; per case the median of the
 rounds' medians (triton do_bench), forward alone and forward + backward; and, per forward, where its
 time goes: the device time of its kernels per call (torch.profiler, every CUDA kernel the call launched)
 and the host time of the Python call (wall clock of back-to-back calls without a sync; an argument check
@@ -84,8 +84,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=".")
     ap.add_argument("--mask-modes", default="elem", help="TACA_FWD_MASK values the mask cases run under too "
-                    "(elem: the per-element path; nc3: at D = 64 the three-consumer kernel's per-tile terms; a '+all' suffix "
-                    "adds TACA_FWD_KT_ARRIVE=all, the every-lane-arrival instances, e.g. tile+all, nc3+all)")
+                    "(elem: the per-element path; tile: at D = 64 the two-consumer kernel's per-tile terms, nc3 the "
+                    "three-consumer default's; a '+X' suffix sets TACA_FWD_KT_ARRIVE=X, e.g. nc3+lane0: lane-0 barrier "
+                    "arrivals, the default before)")
     args = ap.parse_args(argv)
     import taca
 
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
         for cname, kw in cs.items():
             for env in ([None, *args.mask_modes.split(",")] if "attn_mask" in kw else [None]):
                 def fwd(kw=kw, env=env, q=q, k=k, v=v):
-                    if env:  # "<TACA_FWD_MASK>[+all]": +all sets TACA_FWD_KT_ARRIVE=all too
+                    if env:  # "<TACA_FWD_MASK>[+X]": +X sets TACA_FWD_KT_ARRIVE=X too
                         mode, _, arrive = env.partition("+")
                         os.environ["TACA_FWD_MASK"] = mode
                         if arrive:

@@ -490,7 +490,7 @@ Tensor3 fwd_cuda(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tenso
   const c10::optional<at::Tensor> spans = device_spans(text_spans);
   taca_fwd_params p = fwd_params(q, k, v, out, lse, tm, gamma, gamma_reverse, scale, sp, spans, mask);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  // scratch for the opt-in tail split (TACA_FWD_SPLIT; 0 bytes otherwise: no allocation)
+  // scratch for the D = 128 forward's tail split (where it runs; 0 bytes otherwise: no allocation)
   const size_t ws_bytes = taca_fwd_cuda_workspace_size(&p);
   at::Tensor workspace;
   if (ws_bytes) workspace = at::empty({static_cast<int64_t>(ws_bytes)}, q_in.options().dtype(at::kByte));

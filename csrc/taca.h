@@ -151,9 +151,10 @@ int taca_bwd_cpu(const taca_bwd_params *p);
  * it), the backward for seqlen == 0 with keys (dk, dv would need zeroing). */
 int taca_fwd_cuda(const taca_fwd_params *p, void *stream);
 /* taca_fwd_cuda with scratch memory (taca_fwd_cuda_workspace_size bytes, on the device; 0 bytes: none needed, and
- * taca_fwd_cuda_ws is taca_fwd_cuda). The one user so far is the opt-in tail split of the D = 128 Hopper forward
- * (environment TACA_FWD_SPLIT = auto or a part count): the partial last wave's query tiles run as key ranges spread
- * over every SM and merged by the last range (the same outputs up to the merge's rounding, deterministic). */
+ * taca_fwd_cuda_ws is taca_fwd_cuda). The one user so far is the tail split of the D = 128 Hopper forward (FLUX's
+ * head dim; environment TACA_FWD_SPLIT=0 turns it off): the partial last wave's query tiles run as key ranges spread
+ * over every SM and merged by the last range (the same outputs up to the merge's rounding, deterministic).
+ * taca_fwd_cuda, without a workspace, runs those tiles whole. */
 size_t taca_fwd_cuda_workspace_size(const taca_fwd_params *p);
 int taca_fwd_cuda_ws(const taca_fwd_params *p, void *workspace, size_t workspace_bytes, void *stream);
 int taca_bwd_cuda(const taca_bwd_params *p, void *stream);

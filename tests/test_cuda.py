@@ -220,13 +220,16 @@ SPLIT_CASES = [
     (1, 512, 4096, True, torch.bfloat16, "bnhd", True, "range", "one"),  # one range of the tail's tiles per CTA
     (2, 333, 4000, False, torch.float16, "bhnd", False, "range", "two"),
     (1, 77, 1025, True, torch.bfloat16, "bhnd", False, "range", "one"),
+    (1, 512, 4096, True, torch.bfloat16, "bnhd", True, "", "one"),  # unset: the default (the range form where it pays)
+    (2, 333, 4000, False, torch.float16, "bhnd", False, "", "one"),
 ]
 
 
 @pytest.mark.skipif(not _PUBLIC, reason="the public op has no CUDA kernel (the split takes its workspace)")
-@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: f"L{c[1]}-img{c[2]}-B{c[0]}-{c[5]}-split{c[7]}-{c[8]}")
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: f"L{c[1]}-img{c[2]}-B{c[0]}-{c[5]}-split{c[7] or 'default'}-{c[8]}")
 def test_forward_tail_split(case, monkeypatch):
-    """TACA_FWD_SPLIT (opt-in): the D = 128 Hopper forward runs the partial last wave's items as key ranges spread
+    """The tail split (TACA_FWD_SPLIT; unset: the range form where ceil(tail key tiles / SMs) + 10 is under the key
+    tiles; 0: off): the D = 128 Hopper forward runs the partial last wave's items as key ranges spread
     over every SM, merged by the range that finishes last. The tolerance rule against the fp32 reference (out, lse,
     text_mass), bitwise the same over repeated calls (the merge's order is fixed), and every whole item bitwise the
     unsplit kernel's; on sm_90 the split items' lse differs from the unsplit kernel's (the merge's rounding: the
@@ -235,8 +238,12 @@ def test_forward_tail_split(case, monkeypatch):
     range of the tail's key tiles per CTA, an item merged from the ranges covering it)."""
     B, L, n_img, tf, dtype, layout, nc, parts, form = case
     N = L + n_img
-    H = split_heads(N, B, range_form=parts == "range")
-    monkeypatch.setenv("TACA_FWD_SPLIT", parts)
+    H = split_heads(N, B, range_form=parts == "range", default=not parts)
+    assert H is not None
+    if parts:
+        monkeypatch.setenv("TACA_FWD_SPLIT", parts)
+    else:
+        monkeypatch.delenv("TACA_FWD_SPLIT", raising=False)
     monkeypatch.setenv("TACA_FWD_SPLIT_FORM", form)
     q, k, v, out, gamma = check_case("op", B, H, L, n_img, 128, tf, dtype, layout=layout, noncontig=nc)
     split = [run_kernel("op", q, k, v, text_len=L, text_first=tf, gamma=gamma, layout=layout) for _ in range(2)]

@@ -255,19 +255,20 @@ def test_cuda_forward_key_mask_per_tile_bitwise(name, monkeypatch):
     """Hopper's forward takes a key mask as per-tile terms (each lane reads four keys of the tile, shuffled to
     the lanes whose columns they are); TACA_FWD_MASK=elem forces the per-element path. Bitwise the same out,
     lse and text_mass (the same sums). float_mask_d64 (per query) and D = 256 run the per-element path under
-    both; other GPUs ignore the switch. TACA_FWD_MASK=nc3 (D = 64: the per-tile terms in the three-consumer kernel,
-    192-row CTAs over the same 128-key tiles, so the same per-row sums) too, and both with TACA_FWD_KT_ARRIVE=all
-    (every lane arrives on the key-term barriers: a checking switch for compute-sanitizer racecheck)."""
+    both; other GPUs ignore the switch. At D = 64 the terms run in the three-consumer kernel by default (192-row CTAs
+    over the same 128-key tiles, so the same per-row sums) and TACA_FWD_MASK=tile takes the two-consumer one; both
+    again with TACA_FWD_KT_ARRIVE=lane0 (lane 0 of each warp arrives on the key-term barriers after a __syncwarp; the
+    default has every lane arrive, which compute-sanitizer racecheck can check)."""
     q, k, v, kw = _big(name, torch.bfloat16)
     res = []
-    for val, arrive in (("tile", ""), ("elem", ""), ("nc3", ""), ("tile", "all"), ("nc3", "all")):
+    for val, arrive in (("", ""), ("elem", ""), ("tile", ""), ("", "lane0"), ("tile", "lane0")):
         monkeypatch.setenv("TACA_FWD_MASK", val)
         monkeypatch.setenv("TACA_FWD_KT_ARRIVE", arrive)
         res.append(taca.joint_attention(q, k, v, backend="cuda", return_lse=True, return_text_mass=True, **kw))
     for nm, a, b, c, d, e in zip(("out", "lse", "text_mass"), *res):
         assert torch.equal(a, b), f"{nm}: the forward's per-tile key terms differ from the per-element path"
-        assert torch.equal(a, c), f"{nm}: the three-consumer kernel's per-tile key terms differ"
-        assert torch.equal(a, d) and torch.equal(a, e), f"{nm}: the every-lane-arrival instances differ"
+        assert torch.equal(a, c), f"{nm}: the two- and three-consumer kernels' per-tile key terms differ"
+        assert torch.equal(a, d) and torch.equal(a, e), f"{nm}: the lane-0-arrival instances differ"
     assert torch.isfinite(res[0][0]).all()
 
 

@@ -339,20 +339,22 @@ int launch(const FwdArgs &a, int batch, int heads, cudaStream_t stream) {
 namespace taca_fwd90 {
 
 /* TACA_FWD_MASK, timing switches with the same outputs bitwise: "elem" takes a key mask by the per-element path
- * (MK_ANY) instead of per-tile terms; "nc3" (D = 64) takes its per-tile terms in the three-consumer kernel: 16% faster
- * (SD3.5-M CFG with a key mask 0.664 -> 0.557 ms, H200), but compute-sanitizer racecheck reports hazards on its key
- * term slots once they are reused (more than 4 key tiles): not the default until that is understood (KERNEL_LOG
- * 2026-12-05, twenty-fourth session). */
+ * (MK_ANY) instead of per-tile terms; "tile" (D = 64) takes its per-tile terms in the two-consumer kernel (the default
+ * before: the three-consumer one is 16-18% faster, SD3.5-M CFG with a key mask 0.665 -> 0.556 ms on an H100, KERNEL_LOG
+ * 2026-12-05, twenty-sixth session); unset or "nc3": the default. */
 [[maybe_unused]] static inline bool fwd_mask_mode(const char *mode) {
     const char *mk = getenv("TACA_FWD_MASK");
     return mk && !strcmp(mk, mode);
 }
 
-/* TACA_FWD_KT_ARRIVE=all: the key-mask instances whose barriers every lane arrives on (KTA, taca_fwd_sm90_ws.cuh), a
- * checking switch for compute-sanitizer racecheck; the same outputs bitwise. */
-[[maybe_unused]] static inline bool fwd_kt_arrive_all() {
+/* TACA_FWD_KT_ARRIVE=lane0: the key-mask instances whose barriers lane 0 of each warp arrives on after a __syncwarp
+ * (the default before). The default (KTA, taca_fwd_sm90_ws.cuh) has every lane arrive: the same outputs bitwise, and
+ * the one compute-sanitizer racecheck checks clean (it does not model __syncwarp: lane-0 arrivals drew 20 hazards on
+ * the reused key-term slots under both consumer counts, every-lane ones none; no measurable cost, KERNEL_LOG
+ * twenty-sixth session). */
+[[maybe_unused]] static inline bool fwd_kt_arrive_lane0() {
     const char *ka = getenv("TACA_FWD_KT_ARRIVE");
-    return ka && !strcmp(ka, "all");
+    return ka && !strcmp(ka, "lane0");
 }
 
 /* The tail split (TACA_FWD_SPLIT, fwd_split_plan) of a call: the default D = 128 persistent kernel's items (WSplit)
@@ -414,8 +416,8 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
                size_t ws_bytes = 0) {
     if (a.spans || a.mask.data) {  // per-sample spans or a mask: the default tiling's FEAT instance
         // the mask code only where there is a mask; a key mask as per-tile terms (MK_*, taca_fwd_sm90_ws.cuh)
-        // D = 64 without a mask: three consumer warpgroups (192-row CTAs) as the default below; with a mask two (MK_KEY
-        // at three, TACA_FWD_MASK=nc3, spills 48 bytes and runs 16% faster, but see fwd_mask_mode; MK_ANY spills 156)
+        // D = 64: three consumer warpgroups (192-row CTAs) as the default below, a key mask's terms too (MK_KEY at three
+        // spills 48 bytes and runs 16-18% faster than at two, TACA_FWD_MASK=tile; MK_ANY at three spills 156: two)
         using W = WsCfg<2, false, true, D, true>;
         using W3 = std::conditional_t<D == 64, WsCfg<2, false, true, 64, true, 128, 3>, W>;
         using W14 = WsCfg<2, false, true, D>;
@@ -423,11 +425,11 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
                                                         : launch_ws<T, W14, true, MK_NONE>(a, batch, heads, stream))
                        : !a.mask.data    ? launch_ws<T, W3, true, MK_NONE>(a, batch, heads, stream)
                        : fwd_mask_mode("elem") || a.mask.q != 0 ? launch_ws<T, W, true, MK_ANY>(a, batch, heads, stream)
-                       : fwd_kt_arrive_all()             ? (D == 64 && fwd_mask_mode("nc3")
-                                                              ? launch_ws<T, W3, true, MK_KEY, true>(a, batch, heads, stream)
-                                                              : launch_ws<T, W, true, MK_KEY, true>(a, batch, heads, stream))
-                       : D == 64 && fwd_mask_mode("nc3") ? launch_ws<T, W3, true, MK_KEY>(a, batch, heads, stream)
-                                                       : launch_ws<T, W, true, MK_KEY>(a, batch, heads, stream);
+                       : D == 64 && !fwd_mask_mode("tile")
+                           ? (fwd_kt_arrive_lane0() ? launch_ws<T, W3, true, MK_KEY>(a, batch, heads, stream)
+                                                    : launch_ws<T, W3, true, MK_KEY, true>(a, batch, heads, stream))
+                       : fwd_kt_arrive_lane0() ? launch_ws<T, W, true, MK_KEY>(a, batch, heads, stream)
+                                               : launch_ws<T, W, true, MK_KEY, true>(a, batch, heads, stream);
         if (st != TACA_ERR_UNSUPPORTED) return st;
         // no TMA map: this file's kernel (variant 13's tiling)
         using V13 = std::conditional_t<D == 128, Cfg<128, 128, 2, 2, false>, Cfg<64, 64, 2, 3, false>>;
@@ -440,7 +442,7 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
         case 9: return launch<T, Cfg<128, 128, 2, 3, false>>(a, batch, heads, stream);
         case 13: return launch<T, Cfg<128, 128, 2, 2, false>>(a, batch, heads, stream);
         default: {
-            // the tail split (opt-in, TACA_FWD_SPLIT): the default kernel with the partial wave's items in key ranges
+            // the tail split (fwd_split_plan; TACA_FWD_SPLIT=0: none): the partial wave's items in key ranges
             if (ws) {
                 SplitPlan sp;
                 const int sst = d128_split_plan(a, variant, batch, heads, &sp);
@@ -545,8 +547,8 @@ int taca_fwd_sm90(const taca_fwd::FwdArgs &a, int dtype, int variant, int batch,
 #endif
 }
 
-/* The workspace the tail split takes for this call (0: none, no split: TACA_FWD_SPLIT unset, not the D = 128 default
- * kernel's case, or no partial wave). The caller checked the parameters, the alignment and that the switch is set. */
+/* The workspace the tail split takes for this call (0: none, no split: TACA_FWD_SPLIT=0, not the D = 128 default
+ * kernel's case, no partial wave, or one the plan leaves whole). The caller checked the parameters and the alignment. */
 size_t taca_fwd_sm90_split_bytes(const taca_fwd::FwdArgs &a, int variant, int batch, int heads) {
 #if defined(TACA_HAVE_SM90A)
     if (taca_sm90::device_is_sm90("taca_fwd_cuda (sm90): device query") != TACA_OK) return 0;

@@ -156,12 +156,13 @@ __device__ __forceinline__ bool split_merge(const WsArgs &p, int t, int part, in
 }
 
 
-/* KTA (MK_KEY only; instances of their own, chosen by TACA_FWD_KT_ARRIVE=all: a checking switch, compiled, not run
- * yet, KERNEL_LOG 2026-12-05, twenty-fourth session): every producer lane arrives on full_k after its key-term stores
- * and every consumer thread on empty_k, instead of lane 0 after a __syncwarp / lane 0 of each consumer warp. The same
- * protocol; compute-sanitizer racecheck does not model __syncwarp-ordered lane-0 arrivals (the backward's ring
- * needed every-thread arrivals to check clean), and it reported hazards on the reused key-term slots of the
- * three-consumer MK_KEY instance. The default instances are unchanged by it (their PTX is identical). */
+/* KTA (MK_KEY only; instances of their own, the key-mask default since the twenty-sixth session; TACA_FWD_KT_ARRIVE=
+ * lane0 takes the others): every producer lane arrives on full_k after its key-term stores and every consumer thread
+ * on empty_k, instead of lane 0 after a __syncwarp / lane 0 of each consumer warp. The same protocol and outputs;
+ * compute-sanitizer racecheck does not model __syncwarp-ordered lane-0 arrivals (the backward's ring needed
+ * every-thread arrivals to check clean) and reported 20 hazards on the reused key-term slots of the lane-0 MK_KEY
+ * instances, two and three consumers alike; the KTA instances check clean (KERNEL_LOG twenty-fourth and twenty-sixth
+ * sessions). */
 template <typename T, typename C, bool FEAT, int MK, bool KTA = false, bool SPLIT = false>
 __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const __grid_constant__ WsArgs p) {
 #if TACA_SM90A
@@ -552,8 +553,9 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
  * tiles (a range's fixed cost: its Q load, pipeline fill, state store and merge; 6 tiles puts the H100 runs on the
  * right side: FLUX b2's tail split in 11 (-4%), b1's not split (5 parts in three rounds gained nothing), KERNEL_LOG
  * twenty-fifth session), none when one part is best; "range": every CTA one contiguous range of the tail's tail x nkv key tiles (stream-K over the
- * tail: one round of U / sms tiles, at most two units a CTA), when U >= sms. Unset or 0: no split (an opt-in timing switch until measured, KERNEL_LOG 2026-12-05,
- * twenty-fifth session). parts = 0: no split. Bytes: the tickets (tail x 8 ints, 256-aligned), then the states. */
+ * tail: one round of U / sms tiles, at most two units a CTA), when U >= sms. Unset: the range form where
+ * ceil(U / sms) + 10 < nkv (the default since the twenty-sixth session: FLUX 1024 b1's items about 2%, b2's 3-4%
+ * faster on H100s over three leases, KERNEL_LOG); "0": no split. parts = 0: no split. Bytes: the tickets (tail x 8 ints, 256-aligned), then the states. */
 struct SplitPlan {
     int first, tail, parts;  // parts: key ranges per tail item (range form: the most ranges any item has)
     size_t bytes, tickets_bytes;
@@ -564,14 +566,20 @@ template <int DP>
 static inline SplitPlan fwd_split_plan(int64_t items, int sms, int nkv) {
     SplitPlan sp = {0, 0, 0, 0, 0, false, false};
     const char *env = getenv("TACA_FWD_SPLIT");
-    if (!env || !*env || !strcmp(env, "0") || sms <= 0 || items <= sms || items % sms == 0 || nkv < 2) return sp;
+    const bool dflt = !env || !*env;  // unset: the range form where the model below expects a gain
+    if ((!dflt && !strcmp(env, "0")) || sms <= 0 || items <= sms || items % sms == 0 || nkv < 2) return sp;
     const int tail = static_cast<int>(items % sms);
     int parts = 0;
-    if (!strcmp(env, "range")) {
+    if (dflt || !strcmp(env, "range")) {
         // every CTA one range of U / sms tiles (U = tail x nkv >= sms: no empty range); the ranges covering item t are
         // CTAs c(t nkv) .. c(t nkv + nkv - 1), c(x) = ((x + 1) sms - 1) / U, as split_unit counts them
         const int64_t U = static_cast<int64_t>(tail) * nkv;
         if (U < sms) return sp;
+        // the default only where the tail's round, ceil(U / sms) tiles plus 10 tiles' worth of fixed cost (the state
+        // stores, the merge, the tickets' memset), is shorter than the nkv tiles of an unsplit item: 10 puts all 13
+        // (N, H) points with a partial wave of an H100 sweep on their measured side (N 1536..8704, 24 / 48 heads; 6, auto's value, had
+        // N 1536 at 24 and 48 heads and N 2560 at 24 split and 2-4% slower; KERNEL_LOG twenty-sixth session)
+        if (dflt && (U + sms - 1) / sms + 10 >= nkv) return sp;
         sp.range = true;
         for (int t = 0; t < tail; ++t) {
             const int64_t ib = static_cast<int64_t>(t) * nkv;

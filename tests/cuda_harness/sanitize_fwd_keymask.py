@@ -2,7 +2,8 @@
 across many key tiles and persistent items, at D = 64 and 128, bool and float masks.
 
 Run: compute-sanitizer --tool racecheck --kernel-name kns=taca_ python3 tests/cuda_harness/sanitize_fwd_keymask.py
-(TACA_FWD_MASK=nc3: D = 64's three-consumer instance).
+(the default: at D = 64 the three-consumer instance, every lane arriving on the key-term barriers; TACA_FWD_MASK=tile
+the two-consumer one, TACA_FWD_KT_ARRIVE=lane0 the lane-0 arrivals).
 """
 import os
 import sys

@@ -16,15 +16,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import taca  # noqa: E402
 
 
-def split_heads(N, B=1, range_form=False):
+def split_heads(N, B=1, range_form=False, default=False):
     """A head count that gives the D = 128 forward (128-row query tiles) of (B, H, N) a partial last wave on this GPU
-    (range_form: with at least as many tail key tiles as SMs, which TACA_FWD_SPLIT=range needs)."""
+    (range_form: with at least as many tail key tiles U as SMs, which TACA_FWD_SPLIT=range needs; default: also
+    ceil(U / SMs) + 10 < the key tiles, where the default, TACA_FWD_SPLIT unset, splits; None if no head count up to
+    4 x SMs does)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     nqt = -(-N // 128)
-    h = sms // (nqt * B) + 1
-    while (nqt * h * B) % sms == 0 or (range_form and (nqt * h * B) % sms * nqt < sms):
-        h += 1
-    return h
+    for h in range(sms // (nqt * B) + 1, 4 * sms + 1):
+        u = (nqt * h * B) % sms * nqt
+        if u and (not (range_form or default) or u >= sms) and (not default or -(-u // sms) + 10 < nqt):
+            return h
+    return None
 
 
 def main():
