@@ -8,10 +8,11 @@ Both methods at each head count, same process, rounds interleaved: taca's public
 plain cuDNN SDPA (no gamma), forward and forward + backward (the backward's items are key tiles: the same 36 per
 head at 4608 keys).
 
---split auto,3,auto@two also times taca with TACA_FWD_SPLIT set to each value (the opt-in tail split: the partial
-wave's items as key ranges over every SM; "@two": TACA_FWD_SPLIT_FORM=two, the whole items by the default kernel and
-the ranges by a second launch), same process, same rounds ("split<v>_fwd" / "_fb" in the JSON; the table shows the
-first).
+--split 0,auto,3,auto@two also times taca with TACA_FWD_SPLIT set to each value (the tail split: the partial wave's
+items as key ranges over every SM, by default in the range form where a model expects a gain; 0: off; "@two":
+TACA_FWD_SPLIT_FORM=two, the whole items by the default kernel and the ranges by a second launch), same process, same
+rounds ("split<v>_fwd" / "_fb" in the JSON; the table shows the first). Every method runs through the same
+environment-setting wrapper (its host cost would otherwise bias the ratios by 2-4%).
 
 Usage: python3 benchmarks/bench_fwd_tail.py [--heads 22,24,33,44,48] [--tokens 4608] [--rounds 3] [--split auto]
        [--out DIR]
@@ -93,7 +94,11 @@ def main(argv=None) -> int:
                     os.environ.pop("TACA_FWD_SPLIT", None)
                     os.environ.pop("TACA_FWD_SPLIT_FORM", None)
             return run
-        out = {"taca_fwd": taca_f, "cudnn_fwd": cudnn_f, "taca_fb": fb(taca_f), "cudnn_fb": fb(cudnn_f)}
+        # every method through the same wrapper (taca's default and cuDNN with TACA_FWD_SPLIT set to "", which is
+        # unset's meaning): its two putenv / unsetenv pairs cost host time that do_bench partly measures (it records
+        # the start event right after its L2 flush), 2-4% at these shapes on an H100 (KERNEL_LOG twenty-sixth session)
+        out = {"taca_fwd": with_split(taca_f, ""), "cudnn_fwd": with_split(cudnn_f, ""),
+               "taca_fb": with_split(fb(taca_f), ""), "cudnn_fb": with_split(fb(cudnn_f), "")}
         for x in splits:
             out[f"split{x}_fwd"] = with_split(taca_f, x)
             out[f"split{x}_fb"] = with_split(fb(taca_f), x)
