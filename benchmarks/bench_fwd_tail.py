@@ -15,7 +15,7 @@ rounds ("split<v>_fwd" / "_fb" in the JSON; the table shows the first). Every me
 environment-setting wrapper (its host cost would otherwise bias the ratios by 2-4%).
 
 Usage: python3 benchmarks/bench_fwd_tail.py [--heads 22,24,33,44,48] [--tokens 4608] [--rounds 3] [--split auto]
-       [--out DIR]
+       [--feature none|spans|keymask|keypad] [--out DIR]
 Prints a table last; writes fwd_tail.json to DIR.
 """
 from __future__ import annotations
@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--split", default="", help="TACA_FWD_SPLIT values to time taca with too (comma-separated)")
+    ap.add_argument("--feature", default="none", choices=("none", "spans", "keymask", "keypad"),
+                    help="taca's call through the forward's feature instances: spans (text_len a (1,) tensor), "
+                         "keymask (an all-True (1, 1, 1, N) bool key mask), keypad (one hiding the text past L / 3)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     heads = [int(h) for h in args.heads.split(",") if h]
@@ -66,9 +69,18 @@ def main(argv=None) -> int:
         q, k, v = (torch.randn(1, h, N, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
         do = torch.randn_like(q)
 
+        fkw = {}
+        if args.feature == "spans":
+            fkw["text_len"] = torch.tensor([L], device="cuda")
+        elif args.feature in ("keymask", "keypad"):
+            m = torch.ones(1, 1, 1, N, dtype=torch.bool, device="cuda")
+            if args.feature == "keypad":
+                m[..., L // 3:L] = False
+            fkw["attn_mask"] = m
+
         def taca_f(q=q, k=k, v=v):
-            return taca.joint_attention(q, k, v, text_len=L, text_first=True, gamma=gamma, layout="bhnd",
-                                        backend="cuda")
+            return taca.joint_attention(q, k, v, **{"text_len": L, **fkw}, text_first=True, gamma=gamma,
+                                        layout="bhnd", backend="cuda")
 
         def cudnn_f(q=q, k=k, v=v):
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -121,10 +133,10 @@ def main(argv=None) -> int:
         return x[len(x) // 2] if x else float("nan")
 
     base = heads[0]
-    out = {"gpu": torch.cuda.get_device_name(0), "sms": sms, "tokens": N, "dim": D, "text": L,
+    out = {"gpu": torch.cuda.get_device_name(0), "sms": sms, "tokens": N, "dim": D, "text": L, "feature": args.feature,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": args.rounds, "heads": {}}
     sp = f"split{splits[0]}" if splits else None
-    lines = [f"GPU {out['gpu']} ({sms} SMs), N = {N}, D = {D}, batch 1; ms medians of {args.rounds} rounds; "
+    lines = [f"GPU {out['gpu']} ({sms} SMs), N = {N}, D = {D}, batch 1, feature {args.feature}; ms medians of {args.rounds} rounds; "
              f"'per head' is relative to H = {base}'s time per head"
              + (f"; split = TACA_FWD_SPLIT={splits[0]}, vs = its time over the unsplit taca's" if sp else ""),
              "| heads | items | waves | taca fwd | per head | cuDNN fwd | per head | fwd ratio | taca f+b | per head | "

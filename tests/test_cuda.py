@@ -266,6 +266,83 @@ def test_forward_tail_split(case, monkeypatch):
         assert not torch.equal(split[0][1][~rows], plain[1][~rows]), "the split did not run (lse equal everywhere)"
 
 
+SPLIT_FEAT_CASES = [
+    # B, text_len (per sample: a list), n_img, text_first, key mask (None, "bool": sample 1's text padded, "float":
+    # a -1.5 bias on every 7th key and a -inf run), TACA_FWD_SPLIT ("": unset, the default), TACA_FWD_SPLIT_FORM
+    (2, [512, 300], 4096, True, None, "range", "one"),  # per-sample spans (FLUX-like, padding-free prompts)
+    (2, 512, 4096, True, "bool", "range", "one"),  # a padded prompt's key mask: the per-tile terms (MK_KEY)
+    (2, 512, 4096, True, "bool", "", "one"),  # unset: the feature instances do not split (opt-in until timed)
+    (1, 333, 4000, False, "float", "range", "two"),
+    (2, [77, 200], 1025, False, "bool", "3", "one"),  # spans and a key mask, 9 key tiles in 3 ranges
+]
+
+
+@pytest.mark.skipif(not _PUBLIC, reason="the public op has no CUDA kernel (the split takes its workspace)")
+@pytest.mark.parametrize("case", SPLIT_FEAT_CASES,
+                         ids=lambda c: f"B{c[0]}-img{c[2]}-{c[4] or 'spans'}-split{c[5] or 'default'}-{c[6]}")
+def test_forward_tail_split_features(case, monkeypatch):
+    """The tail split in the D = 128 forward's feature instances (opt-in: TACA_FWD_SPLIT set; unset, they run
+    unsplit): per-sample spans, and a key mask's per-tile terms (a (B, 1, 1, N) mask). Against the fp32 reference:
+    out by the tolerance rule (split SDPA's error), lse and text_mass within the feature tests' bounds; two calls
+    bitwise equal; every whole item bitwise the unsplit kernel's (TACA_FWD_SPLIT=0) and, on sm_90, the split items'
+    lse not (the path ran; unset: equal everywhere)."""
+    import taca
+
+    B, L, n_img, tf, mk, parts, form = case
+    Lmax = max(L) if isinstance(L, list) else L
+    N = Lmax + n_img
+    H = split_heads(N, B, range_form=parts == "range", default=not parts)
+    assert H is not None
+    for var in ("TACA_FWD_MASK", "TACA_FWD_KT_ARRIVE"):
+        monkeypatch.delenv(var, raising=False)
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    q, k, v = (torch.randn(B, H, N, 128, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3))
+    kw = dict(text_len=torch.tensor(L, device="cuda") if isinstance(L, list) else L, text_first=tf,
+              gamma=torch.linspace(1.2, 1.5, B, device="cuda"))
+    if mk == "bool":
+        m = torch.ones(B, 1, 1, N, dtype=torch.bool, device="cuda")
+        if B > 1:
+            m[1, ..., (150 if tf else N - Lmax + 40):(Lmax if tf else N)] = False  # sample 1's padded text
+        kw["attn_mask"] = m
+    elif mk == "float":
+        m = torch.zeros(B, 1, 1, N, device="cuda")
+        m[..., ::7] = -1.5
+        m[..., 500:520] = float("-inf")
+        kw["attn_mask"] = m
+
+    def run():
+        return taca.joint_attention(q, k, v, backend="cuda", return_lse=True, return_text_mass=True, **kw)
+
+    if parts:
+        monkeypatch.setenv("TACA_FWD_SPLIT", parts)
+    else:
+        monkeypatch.delenv("TACA_FWD_SPLIT", raising=False)
+    monkeypatch.setenv("TACA_FWD_SPLIT_FORM", form)
+    split = [run() for _ in range(2)]
+    monkeypatch.setenv("TACA_FWD_SPLIT", "0")
+    plain = run()
+    qf, kf, vf = (t.float() for t in (q, k, v))
+    ref, lse_r, tm_r = reference.attention_ref(qf, kf, vf, upcast=torch.float32, **kw)
+    tor = reference.attention_split_sdpa(q, k, v, **kw)
+    out, lse, tm = split[0]
+    err, base = (out.float() - ref).abs().max().item(), (tor.float() - ref).abs().max().item()
+    assert err <= 2 * base + 1e-5, f"out: {err:.3g} > 2 x {base:.3g} + 1e-5"
+    assert torch.isfinite(lse).all() and (lse - lse_r).abs().max().item() < 2e-3
+    assert (tm - tm_r).abs().max().item() < 5e-3
+    for name, a, b in zip(("out", "lse", "text_mass"), *split):
+        assert torch.equal(a, b), f"{name}: two split calls differ"
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    nqt = -(-N // 128)
+    first = nqt * H * B - (nqt * H * B) % sms
+    rows = (torch.arange(nqt * H * B, device="cuda") < first).view(B, H, nqt).repeat_interleave(128, dim=2)[..., :N]
+    for name, a, b in zip(("out", "lse", "text_mass"), split[0], plain):
+        assert torch.equal(a[rows], b[rows]), f"{name}: a whole item differs from the unsplit kernel's"
+    if not parts:
+        assert torch.equal(lse, plain[1]), "unset: the feature instances ran split"
+    elif torch.cuda.get_device_capability() == (9, 0):
+        assert not torch.equal(lse[~rows], plain[1][~rows]), "the split did not run (lse equal everywhere)"
+
+
 @pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
 def test_unaligned_pointers_and_strides():
     # base pointer 2 bytes off 16-byte alignment and odd token strides: the element-wise path

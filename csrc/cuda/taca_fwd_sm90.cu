@@ -357,19 +357,45 @@ namespace taca_fwd90 {
     return ka && !strcmp(ka, "lane0");
 }
 
-/* The tail split (TACA_FWD_SPLIT, fwd_split_plan) of a call: the default D = 128 persistent kernel's items (WSplit)
- * on this device's SMs; no plan (parts 0) for other variants, head dims, spans or masks. The SM count query's status
- * (the dispatch and taca_fwd_sm90_split_bytes both take the plan from here, so the workspace sized is the one used). */
+/* The tail split (TACA_FWD_SPLIT, fwd_split_plan) of a call: the default D = 128 persistent kernel's items (WSplit;
+ * its FEAT instances too, opt-in: per-sample spans, and a key mask's per-tile terms with every-lane arrivals) on this device's
+ * SMs; no plan (parts 0) for other variants, head dims, masks that vary over queries or the switches that take the
+ * per-element or lane-0 mask paths. The SM count query's status (the dispatch and taca_fwd_sm90_split_bytes both take
+ * the plan from here, so the workspace sized is the one used). */
 using WSplit = WsCfg<2, false, true, 128, true>;
+[[maybe_unused]] static inline bool d128_split_mask_ok(const FwdArgs &a) {
+    return !a.mask.data || (a.mask.q == 0 && !fwd_mask_mode("elem") && !fwd_kt_arrive_lane0());
+}
 [[maybe_unused]] static inline int d128_split_plan(const FwdArgs &a, int variant, int batch, int heads, SplitPlan *sp) {
     *sp = SplitPlan{};
-    if ((variant != 0 && variant != 10) || a.d < 72 || a.d > 128 || a.spans || a.mask.data) return TACA_OK;
+    if ((variant != 0 && variant != 10) || a.d < 72 || a.d > 128 || !d128_split_mask_ok(a)) return TACA_OK;
+    // the feature instances' split only when TACA_FWD_SPLIT is set: compiled and tested, not yet timed (their tile
+    // loops differ from the unsplit instances' in SASS, as the plain split's does; KERNEL_LOG twenty-sixth session)
+    const char *env = getenv("TACA_FWD_SPLIT");
+    if ((a.spans || a.mask.data) && (!env || !*env)) return TACA_OK;
     int sms = 0;
     const int st = device_sm_count(&sms, "taca_fwd_cuda (sm90 ws): SM count");
     if (st != TACA_OK) return st;
     *sp = fwd_split_plan<128>((int64_t)((a.n + WSplit::BR - 1) / WSplit::BR) * heads * batch, sms,
                               (a.nk + WSplit::BC - 1) / WSplit::BC);
     return TACA_OK;
+}
+
+/* The tail split of the D = 128 persistent instance <FEAT, MK, KTA> (TACA_ERR_UNSUPPORTED when none ran: no plan, a
+ * workspace too small, a map refused; the caller then launches the unsplit kernel, which would refuse the same maps).
+ * The two-launch form (TACA_FWD_SPLIT_FORM=two): the whole items by the unsplit instance first, then the ranges. */
+template <typename T, bool FEAT, int MK, bool KTA>
+int launch_split(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream, void *ws, size_t ws_bytes) {
+    if (!ws) return TACA_ERR_UNSUPPORTED;
+    SplitPlan sp;
+    const int sst = d128_split_plan(a, variant, batch, heads, &sp);
+    if (sst != TACA_OK) return sst;
+    if (sp.parts < 2 || ws_bytes < sp.bytes) return TACA_ERR_UNSUPPORTED;
+    if (sp.two) {
+        const int st1 = launch_ws<T, WSplit, FEAT, MK, KTA>(a, batch, heads, stream, nullptr, nullptr, sp.first);
+        if (st1 != TACA_OK) return st1;
+    }
+    return launch_ws<T, WSplit, FEAT, MK, KTA, true>(a, batch, heads, stream, &sp, ws);
 }
 
 /* D = 64 default: the key tile (128, 160 or 192 keys) with the least work by a tile count model, keys rounded up to
@@ -421,6 +447,13 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
         using W = WsCfg<2, false, true, D, true>;
         using W3 = std::conditional_t<D == 64, WsCfg<2, false, true, 64, true, 128, 3>, W>;
         using W14 = WsCfg<2, false, true, D>;
+        if constexpr (D == 128) {  // the tail split (d128_split_plan): spans, or a key mask's terms (KTA)
+            if (variant != 14 && d128_split_mask_ok(a)) {
+                const int sst = a.mask.data ? launch_split<T, true, MK_KEY, true>(a, variant, batch, heads, stream, ws, ws_bytes)
+                                            : launch_split<T, true, MK_NONE, false>(a, variant, batch, heads, stream, ws, ws_bytes);
+                if (sst != TACA_ERR_UNSUPPORTED) return sst;
+            }
+        }
         const int st = variant == 14     ? (a.mask.data ? launch_ws<T, W14, true, MK_ANY>(a, batch, heads, stream)
                                                         : launch_ws<T, W14, true, MK_NONE>(a, batch, heads, stream))
                        : !a.mask.data    ? launch_ws<T, W3, true, MK_NONE>(a, batch, heads, stream)
@@ -443,21 +476,8 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
         case 13: return launch<T, Cfg<128, 128, 2, 2, false>>(a, batch, heads, stream);
         default: {
             // the tail split (fwd_split_plan; TACA_FWD_SPLIT=0: none): the partial wave's items in key ranges
-            if (ws) {
-                SplitPlan sp;
-                const int sst = d128_split_plan(a, variant, batch, heads, &sp);
-                if (sst != TACA_OK) return sst;
-                if (sp.parts >= 2 && ws_bytes >= sp.bytes) {
-                    // two: the whole items by the default kernel first, then the tail's ranges (UNSUPPORTED: nothing
-                    // launched; the unsplit kernel below, which would refuse the same maps)
-                    const int st1 = sp.two ? launch_ws<T, WSplit>(a, batch, heads, stream, nullptr, nullptr, sp.first) : TACA_OK;
-                    if (st1 != TACA_OK && st1 != TACA_ERR_UNSUPPORTED) return st1;
-                    if (st1 == TACA_OK) {
-                        const int st = launch_ws<T, WSplit, false, MK_NONE, false, true>(a, batch, heads, stream, &sp, ws);
-                        if (st != TACA_ERR_UNSUPPORTED) return st;
-                    }
-                }
-            }
+            const int sst = launch_split<T, false, MK_NONE, false>(a, variant, batch, heads, stream, ws, ws_bytes);
+            if (sst != TACA_ERR_UNSUPPORTED) return sst;
             const int st = variant == 11   ? launch_ws<T, WsCfg<2, true, true>>(a, batch, heads, stream)
                            : variant == 12 ? launch_ws<T, WsCfg<2, false, false>>(a, batch, heads, stream)
                            : variant == 14 ? launch_ws<T, WsCfg<2, false, true>>(a, batch, heads, stream)

@@ -166,7 +166,8 @@ __device__ __forceinline__ bool split_merge(const WsArgs &p, int t, int part, in
 template <typename T, typename C, bool FEAT, int MK, bool KTA = false, bool SPLIT = false>
 __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const __grid_constant__ WsArgs p) {
 #if TACA_SM90A
-    static_assert(!SPLIT || (C::PERSIST && C::NC == 2 && !FEAT && MK == MK_NONE), "the tail split: the plain persistent form");
+    static_assert(!SPLIT || (C::PERSIST && C::NC == 2 && (MK == MK_NONE || (MK == MK_KEY && KTA))),
+                  "the tail split: the two-consumer persistent form, without a mask or with a key mask's terms");
     constexpr int DP = C::DP, BC = C::BC, BR = C::BR, NT = C::NT, DT = C::DT, STAGES = C::STAGES;
     constexpr int BAR_TURN = 1;  // named barriers 1, 2: consumer 0's and consumer 1's turn
     constexpr bool PER = C::PERSIST;
@@ -318,14 +319,19 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
                 };
                 int jg = 0;
                 for (int w = w0, i = 0; w < wend; w += wstep, ++i) {
-                    int qt, h, b;
-                    decode(w, qt, h, b);
+                    int qt, h, b, ujb = 0, uje = nkv;  // SPLIT: the unit's key tiles [jb, je), as the consumers
+                    if constexpr (SPLIT) decode_unit(w, qt, h, b, ujb, uje);
+                    else decode(w, qt, h, b);
+                    const int jb = SPLIT ? ujb : 0, je = SPLIT ? uje : nkv;
+                    if (SPLIT && jb >= je) continue;  // an empty unit: only ever a CTA's last (range form)
                     const int q0 = qt * BR, hk = h / a.group, qb = i % C::NQBUF;
                     const char *const mlane = static_cast<const char *>(a.mask.data) +
                                               ((int64_t)b * a.mask.b + (int64_t)h * a.mask.h + (int64_t)lane * a.mask.k) * mesz;
-                    read_raw(mlane, 0);  // lands during the Q buffer's wait
+                    // lands during the Q buffer's wait
+                    if (SPLIT) read_raw(mlane + (int64_t)jb * BC * a.mask.k * mesz, jb * BC);
+                    else read_raw(mlane, 0);
                     if (lane == 0) issue_q(i, qb, q0, h, b);
-                    for (int j = 0; j < nkv; ++j, ++jg) {
+                    for (int j = jb; j < je; ++j, ++jg) {
                         const int s = jg % STAGES, r = jg / STAGES, row = j * BC;
                         if (r > 0) mbar_wait(empty_k(s), (r - 1) & 1);  // every lane: the slot is free
                         float *const kt = kterm + (jg % C::KT_SLOTS) * BC;
@@ -343,7 +349,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
                             kflag[jg % C::KT_SLOTS] = ok;
                             issue_kv(s, r, row, hk, b);  // full_k's arrive also releases the slot's stores
                         }
-                        if (j + 1 < nkv) read_raw(mlane + (int64_t)(row + BC) * a.mask.k * mesz, row + BC);
+                        if (j + 1 < je) read_raw(mlane + (int64_t)(row + BC) * a.mask.k * mesz, row + BC);
                         __syncwarp();
                     }
                 }

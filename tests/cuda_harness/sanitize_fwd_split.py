@@ -5,7 +5,8 @@ Run: compute-sanitizer --tool racecheck --kernel-name kns=taca_ python3 tests/cu
 More items than SMs with a partial last wave (7 query tiles x H heads of 800 tokens), the tail items as 3 key ranges,
 then as 7 (one key tile each: TACA_FWD_SPLIT=16 is clamped to the 7 key tiles), as 3 in the two-launch form, and
 in the range form (one contiguous range of the tail's key tiles per CTA) in both;
-text_mass on, so the merge carries it.
+text_mass on, so the merge carries it. Then the feature instances (two samples): per-sample text lengths, and a
+(B, 1, 1, N) key mask (the per-tile terms, bool and float) with them, in 3 ranges and in the range form.
 """
 import os
 import sys
@@ -42,6 +43,21 @@ def main():
             os.environ["TACA_FWD_SPLIT_FORM"] = form
             taca.joint_attention(q, k, v, text_len=104, text_first=tf, gamma=1.2, backend="cuda", return_text_mass=True)
             runs += 1 + (form == "two")
+    # the feature instances: two samples' text lengths (FEAT), and a key mask's per-tile terms (MK_KEY)
+    os.environ["TACA_FWD_SPLIT_FORM"] = "one"
+    tl = torch.tensor([104, 37], device="cuda")
+    km = torch.ones(2, 1, 1, 800, dtype=torch.bool, device="cuda")
+    km[1, ..., 37:104] = False  # sample 1's padded text
+    fm = torch.zeros(2, 1, 1, 800, device="cuda")
+    fm[..., ::7] = -1.5
+    fm[0, ..., 300:340] = float("-inf")
+    for parts in ("3", "range"):
+        os.environ["TACA_FWD_SPLIT"] = parts
+        q, k, v = (torch.randn(2, split_heads(800, B=2, range_form=parts == "range"), 800, 128, device="cuda",
+                               dtype=torch.bfloat16) for _ in range(3))
+        for mask in (None, km, fm):
+            taca.joint_attention(q, k, v, text_len=tl, gamma=1.2, attn_mask=mask, backend="cuda", return_text_mass=True)
+            runs += 1
     os.environ.pop("TACA_FWD_SPLIT")
     os.environ.pop("TACA_FWD_SPLIT_FORM")
     torch.cuda.synchronize()
