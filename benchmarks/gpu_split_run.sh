@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call (about 8 min): the D = 128 forward's opt-in tail split (TACA_FWD_SPLIT; KERNEL_LOG 2026-12-05,
-# twenty-fifth session). Build; its tests and the plain forward's; memcheck + racecheck of sanitize_fwd_split.py; then
+# One device call (about 8 min): the D = 128 forward's tail split (TACA_FWD_SPLIT; KERNEL_LOG 2026-12-05, twenty-fifth
+# session; the range form is the default since the twenty-sixth where its model expects a gain, so "0" is the control). Build; its tests and the plain forward's; memcheck + racecheck of sanitize_fwd_split.py; then
 # bench_fwd_tail.py: FLUX 1024's shape at head counts that fill the SMs evenly (22, 44: 6 and 12 waves on 132 SMs)
 # or not (24, 48: FLUX b1 and b2's items), taca with and without the split against cuDNN, one process.
 # Env: SPLITS (the TACA_FWD_SPLIT values timed, "@two": the two-launch form; default 0,auto,range: "0" sets the
