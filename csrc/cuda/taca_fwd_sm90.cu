@@ -358,17 +358,18 @@ namespace taca_fwd90 {
 }
 
 /* The tail split (TACA_FWD_SPLIT, fwd_split_plan) of a call: the default D = 128 persistent kernel's items (WSplit;
- * its FEAT instances too, opt-in: per-sample spans, and a key mask's per-tile terms with every-lane arrivals) on this device's
- * SMs; no plan (parts 0) for other variants, head dims, masks that vary over queries or the switches that take the
- * per-element or lane-0 mask paths. The SM count query's status (the dispatch and taca_fwd_sm90_split_bytes both take
- * the plan from here, so the workspace sized is the one used). */
+ * its FEAT instances too, opt-in: per-sample spans, and a key mask's per-tile terms with every-lane arrivals) on this
+ * device's SMs; no plan (parts 0) for other variants, head dims other than 128 (launch_ws runs WSplit at 128 only),
+ * masks that vary over queries, or the switches that take the per-element or lane-0 mask paths. The SM count query's
+ * status (the dispatch and taca_fwd_sm90_split_bytes both take the plan from here, so the workspace sized is the one
+ * used). */
 using WSplit = WsCfg<2, false, true, 128, true>;
 [[maybe_unused]] static inline bool d128_split_mask_ok(const FwdArgs &a) {
     return !a.mask.data || (a.mask.q == 0 && !fwd_mask_mode("elem") && !fwd_kt_arrive_lane0());
 }
 [[maybe_unused]] static inline int d128_split_plan(const FwdArgs &a, int variant, int batch, int heads, SplitPlan *sp) {
     *sp = SplitPlan{};
-    if ((variant != 0 && variant != 10) || a.d < 72 || a.d > 128 || !d128_split_mask_ok(a)) return TACA_OK;
+    if ((variant != 0 && variant != 10) || a.d != WSplit::DP || !d128_split_mask_ok(a)) return TACA_OK;
     // the feature instances' split only when TACA_FWD_SPLIT is set: compiled and tested, not yet timed (their tile
     // loops differ from the unsplit instances' in SASS, as the plain split's does; KERNEL_LOG twenty-sixth session)
     const char *env = getenv("TACA_FWD_SPLIT");
