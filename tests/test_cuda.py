@@ -225,6 +225,27 @@ SPLIT_CASES = [
 ]
 
 
+def _check_split(split, plain, B, H, N, layout="bhnd", expect_split=True):
+    """The tail split's checks against the unsplit kernel (TACA_FWD_SPLIT=0): split, two calls' (out, lse, text_mass),
+    bitwise equal (the merge's order is fixed); every whole item (items w = query tile + nqt * (head + H * batch), the
+    first items - items % SMs) bitwise the unsplit kernel's; on sm_90 the split items' lse differs from it (the
+    merge's rounding: the path ran), or, with expect_split False, lse equal everywhere."""
+    for name, a, b in zip(("out", "lse", "text_mass"), *split):
+        assert torch.equal(a, b), f"{name}: two split calls differ"
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    nqt = -(-N // 128)
+    first = nqt * H * B - (nqt * H * B) % sms
+    rows = (torch.arange(nqt * H * B, device="cuda") < first).view(B, H, nqt).repeat_interleave(128, dim=2)[..., :N]
+    to_bhnd = (lambda x: x.transpose(1, 2)) if layout == "bnhd" else (lambda x: x)
+    for name, a, b in zip(("out", "lse", "text_mass"), split[0], plain):
+        a, b = (to_bhnd(a), to_bhnd(b)) if name == "out" else (a, b)
+        assert torch.equal(a[rows], b[rows]), f"{name}: a whole item differs from the unsplit kernel's"
+    if not expect_split:
+        assert torch.equal(split[0][1], plain[1]), "the split ran where it should not"
+    elif torch.cuda.get_device_capability() == (9, 0):
+        assert not torch.equal(split[0][1][~rows], plain[1][~rows]), "the split did not run (lse equal everywhere)"
+
+
 @pytest.mark.skipif(not _PUBLIC, reason="the public op has no CUDA kernel (the split takes its workspace)")
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: f"L{c[1]}-img{c[2]}-B{c[0]}-{c[5]}-split{c[7] or 'default'}-{c[8]}")
 def test_forward_tail_split(case, monkeypatch):
@@ -249,21 +270,8 @@ def test_forward_tail_split(case, monkeypatch):
     split = [run_kernel("op", q, k, v, text_len=L, text_first=tf, gamma=gamma, layout=layout) for _ in range(2)]
     monkeypatch.setenv("TACA_FWD_SPLIT", "0")
     plain = run_kernel("op", q, k, v, text_len=L, text_first=tf, gamma=gamma, layout=layout)
-    for name, a, b in zip(("out", "lse", "text_mass"), *split):
-        assert torch.equal(a, b), f"{name}: two split calls differ"
     assert torch.equal(split[0][0], out)
-    # items w = query tile + nqt * (head + H * batch); the first items - items % SMs are whole
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    nqt = -(-N // 128)
-    first = nqt * H * B - (nqt * H * B) % sms
-    whole = (torch.arange(nqt * H * B, device="cuda") < first).view(B, H, nqt)
-    rows = whole.repeat_interleave(128, dim=2)[..., :N]  # (B, H, N)
-    to_bhnd = (lambda x: x.transpose(1, 2)) if layout == "bnhd" else (lambda x: x)
-    for name, a, b in zip(("out", "lse", "text_mass"), split[0], plain):
-        a, b = (to_bhnd(a), to_bhnd(b)) if name == "out" else (a, b)
-        assert torch.equal(a[rows], b[rows]), f"{name}: a whole item differs from the unsplit kernel's"
-    if torch.cuda.get_device_capability() == (9, 0):
-        assert not torch.equal(split[0][1][~rows], plain[1][~rows]), "the split did not run (lse equal everywhere)"
+    _check_split(split, plain, B, H, N, layout)
 
 
 SPLIT_FEAT_CASES = [
@@ -329,18 +337,7 @@ def test_forward_tail_split_features(case, monkeypatch):
     assert err <= 2 * base + 1e-5, f"out: {err:.3g} > 2 x {base:.3g} + 1e-5"
     assert torch.isfinite(lse).all() and (lse - lse_r).abs().max().item() < 2e-3
     assert (tm - tm_r).abs().max().item() < 5e-3
-    for name, a, b in zip(("out", "lse", "text_mass"), *split):
-        assert torch.equal(a, b), f"{name}: two split calls differ"
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    nqt = -(-N // 128)
-    first = nqt * H * B - (nqt * H * B) % sms
-    rows = (torch.arange(nqt * H * B, device="cuda") < first).view(B, H, nqt).repeat_interleave(128, dim=2)[..., :N]
-    for name, a, b in zip(("out", "lse", "text_mass"), split[0], plain):
-        assert torch.equal(a[rows], b[rows]), f"{name}: a whole item differs from the unsplit kernel's"
-    if not parts:
-        assert torch.equal(lse, plain[1]), "unset: the feature instances ran split"
-    elif torch.cuda.get_device_capability() == (9, 0):
-        assert not torch.equal(lse[~rows], plain[1][~rows]), "the split did not run (lse equal everywhere)"
+    _check_split(split, plain, B, H, N, expect_split=bool(parts))  # unset: the feature instances stay whole
 
 
 @pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")

@@ -138,8 +138,7 @@ extern "C" int taca_fwd_cuda(const taca_fwd_params *p, void *stream) {
 }
 
 extern "C" size_t taca_fwd_cuda_workspace_size(const taca_fwd_params *p) {
-    const char *env = getenv("TACA_FWD_SPLIT");  // the one case that takes a workspace (fwd_split_plan); "0": none
-    if (env && env[0] == '0' && !env[1]) return 0;
+    // the one case that takes a workspace: the tail split (its plan, fwd_split_plan, reads TACA_FWD_SPLIT)
     if (taca_check_fwd(p) != TACA_OK || (p->dtype != TACA_F16 && p->dtype != TACA_BF16)) return 0;
     if (p->batch * p->seqlen * p->heads == 0 || fwd_too_large(p) || p->seqlen_k == 0 || !fwd_aligned(p)) return 0;
     return taca_fwd_sm90_split_bytes(fwd_args(p), 0, (int)p->batch, (int)p->heads);

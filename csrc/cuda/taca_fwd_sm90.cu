@@ -370,15 +370,13 @@ using WSplit = WsCfg<2, false, true, 128, true>;
 [[maybe_unused]] static inline int d128_split_plan(const FwdArgs &a, int variant, int batch, int heads, SplitPlan *sp) {
     *sp = SplitPlan{};
     if ((variant != 0 && variant != 10) || a.d != WSplit::DP || !d128_split_mask_ok(a)) return TACA_OK;
-    // the feature instances' split only when TACA_FWD_SPLIT is set: compiled and tested, not yet timed (their tile
-    // loops differ from the unsplit instances' in SASS, as the plain split's does; KERNEL_LOG twenty-sixth session)
-    const char *env = getenv("TACA_FWD_SPLIT");
-    if ((a.spans || a.mask.data) && (!env || !*env)) return TACA_OK;
     int sms = 0;
     const int st = device_sm_count(&sms, "taca_fwd_cuda (sm90 ws): SM count");
     if (st != TACA_OK) return st;
-    *sp = fwd_split_plan<128>((int64_t)((a.n + WSplit::BR - 1) / WSplit::BR) * heads * batch, sms,
-                              (a.nk + WSplit::BC - 1) / WSplit::BC);
+    // the feature instances split only when TACA_FWD_SPLIT is set: compiled and tested, not yet timed (their tile
+    // loops differ from the unsplit instances' in SASS, as the plain split's does; KERNEL_LOG twenty-sixth session)
+    *sp = fwd_split_plan<WSplit::DP>((int64_t)((a.n + WSplit::BR - 1) / WSplit::BR) * heads * batch, sms,
+                                     (a.nk + WSplit::BC - 1) / WSplit::BC, !a.spans && !a.mask.data);
     return TACA_OK;
 }
 

@@ -241,10 +241,19 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
         const int ca = static_cast<int>(((ib + 1) * S - 1) / U), cb = static_cast<int>(((ib + nkv) * S - 1) / U);
         part = cta - ca, np = cb - ca + 1;
     };
+    // unit w's item (qt, h, b) and key tiles [jb, je) (without SPLIT: item w, every key tile); false: an empty unit
+    // (SPLIT's range form only, a CTA's last), which the producer and the consumers both skip
     auto decode_unit = [&](int w, int &qt, int &h, int &b, int &jb, int &je) {
-        int t, part, np;
-        split_unit(w, t, jb, je, part, np);
-        decode(t < 0 ? w : p.split_item0 + t, qt, h, b);
+        if constexpr (SPLIT) {
+            int t, part, np;
+            split_unit(w, t, jb, je, part, np);
+            decode(t < 0 ? w : p.split_item0 + t, qt, h, b);
+            return jb < je;
+        } else {
+            decode(w, qt, h, b);
+            jb = 0, je = nkv;
+            return true;
+        }
     };
 
     if (tid == 0) {
@@ -319,17 +328,12 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
                 };
                 int jg = 0;
                 for (int w = w0, i = 0; w < wend; w += wstep, ++i) {
-                    int qt, h, b, ujb = 0, uje = nkv;  // SPLIT: the unit's key tiles [jb, je), as the consumers
-                    if constexpr (SPLIT) decode_unit(w, qt, h, b, ujb, uje);
-                    else decode(w, qt, h, b);
-                    const int jb = SPLIT ? ujb : 0, je = SPLIT ? uje : nkv;
-                    if (SPLIT && jb >= je) continue;  // an empty unit: only ever a CTA's last (range form)
+                    int qt, h, b, jb, je;
+                    if (!decode_unit(w, qt, h, b, jb, je)) continue;
                     const int q0 = qt * BR, hk = h / a.group, qb = i % C::NQBUF;
                     const char *const mlane = static_cast<const char *>(a.mask.data) +
                                               ((int64_t)b * a.mask.b + (int64_t)h * a.mask.h + (int64_t)lane * a.mask.k) * mesz;
-                    // lands during the Q buffer's wait
-                    if (SPLIT) read_raw(mlane + (int64_t)jb * BC * a.mask.k * mesz, jb * BC);
-                    else read_raw(mlane, 0);
+                    read_raw(mlane + (int64_t)jb * BC * a.mask.k * mesz, jb * BC);  // lands during the Q buffer's wait
                     if (lane == 0) issue_q(i, qb, q0, h, b);
                     for (int j = jb; j < je; ++j, ++jg) {
                         const int s = jg % STAGES, r = jg / STAGES, row = j * BC;
@@ -360,11 +364,8 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             prefetch_maps();
             int jg = 0;  // K / V tiles issued so far: the ring position continues across items
             for (int w = w0, i = 0; w < wend; w += wstep, ++i) {
-                int qt, h, b, ujb = 0, uje = nkv;
-                if constexpr (SPLIT) decode_unit(w, qt, h, b, ujb, uje);
-                else decode(w, qt, h, b);
-                const int jb = SPLIT ? ujb : 0, je = SPLIT ? uje : nkv;
-                if (SPLIT && jb >= je) continue;  // an empty unit: only ever a CTA's last (range form)
+                int qt, h, b, jb, je;
+                if (!decode_unit(w, qt, h, b, jb, je)) continue;
                 const int q0 = qt * BR, hk = h / a.group, qb = i % C::NQBUF;
                 issue_q(i, qb, q0, h, b);  // Q buffer qb: free once every consumer finished item i - 2's epilogue
                 for (int j = jb; j < je; ++j, ++jg) {
@@ -390,13 +391,17 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
     };
 
     int jbase = 0;  // ring position of the item's first K / V tile
-    int ujb = 0, uje = nkv;  // SPLIT: the unit's key tiles
+    // SPLIT: the unit's key tiles. Without SPLIT jb / je stay per-item constants below (as loop-carried variables
+    // they moved every default kernel's tile loop in SASS)
+    int ujb = 0, uje = nkv;
     for (int w = w0, i = 0; w < wend; w += wstep, ++i, jbase += SPLIT ? uje - ujb : nkv) {
         int qt, h, b;
-        if constexpr (SPLIT) decode_unit(w, qt, h, b, ujb, uje);
-        else decode(w, qt, h, b);
+        if constexpr (SPLIT) {
+            if (!decode_unit(w, qt, h, b, ujb, uje)) continue;  // as the producer
+        } else {
+            decode(w, qt, h, b);
+        }
         const int jb = SPLIT ? ujb : 0, je = SPLIT ? uje : nkv;
-        if (SPLIT && jb >= je) continue;  // as the producer
         const int q0 = qt * BR, qb = i % C::NQBUF;
         const uint32_t sqb = sq + qb * C::Q_BYTES;
         unsigned char *const smem_q = smem + qb * C::Q_BYTES;  // generic pointer to Q buffer qb
@@ -554,14 +559,17 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
 
 /* The tail split's plan (SPLIT): items = query tiles x heads x batch on sms CTAs. The whole waves (items - items %
  * sms) run as before; the partial wave's tail items each as parts key ranges, the units spread over every CTA, the
- * ranges merged by the last one (split_merge). parts: TACA_FWD_SPLIT = n forces n (at most the key tiles, 16),
- * "auto" takes the count with the least estimated makespan of the tail, ceil(tail x P / sms) rounds of nkv / P + 6
- * tiles (a range's fixed cost: its Q load, pipeline fill, state store and merge; 6 tiles puts the H100 runs on the
- * right side: FLUX b2's tail split in 11 (-4%), b1's not split (5 parts in three rounds gained nothing), KERNEL_LOG
- * twenty-fifth session), none when one part is best; "range": every CTA one contiguous range of the tail's tail x nkv key tiles (stream-K over the
- * tail: one round of U / sms tiles, at most two units a CTA), when U >= sms. Unset: the range form where
- * ceil(U / sms) + 10 < nkv (the default since the twenty-sixth session: FLUX 1024 b1's items about 2%, b2's 3-4%
- * faster on H100s over three leases, KERNEL_LOG); "0": no split. parts = 0: no split. Bytes: the tickets (tail x 8 ints, 256-aligned), then the states. */
+ * ranges merged by the last one (split_merge). TACA_FWD_SPLIT:
+ * - n forces n parts (at most the key tiles, 16);
+ * - "auto" takes the count with the least estimated makespan of the tail, ceil(tail x P / sms) rounds of nkv / P + 6
+ *   tiles (a range's fixed cost: its Q load, pipeline fill, state store and merge; 6 tiles puts the H100 runs on the
+ *   right side: FLUX b2's tail split in 11 (-4%), b1's not split (5 parts in three rounds gained nothing),
+ *   KERNEL_LOG twenty-fifth session), none when one part is best;
+ * - "range": every CTA one contiguous range of the tail's tail x nkv key tiles (stream-K over the tail: one round of
+ *   U / sms tiles, at most two units a CTA), when U >= sms;
+ * - unset (and by_default): the range form where ceil(U / sms) + 10 < nkv (the default since the twenty-sixth
+ *   session: FLUX 1024 b1's and b2's items 2-5% faster on an H100, KERNEL_LOG); "0": no split.
+ * parts = 0: no split. Bytes: the tickets (tail x 8 ints, 256-aligned), then the states. */
 struct SplitPlan {
     int first, tail, parts;  // parts: key ranges per tail item (range form: the most ranges any item has)
     size_t bytes, tickets_bytes;
@@ -569,11 +577,11 @@ struct SplitPlan {
     bool range;  // TACA_FWD_SPLIT=range: one contiguous range of the tail's key tiles per CTA (split_unit)
 };
 template <int DP>
-static inline SplitPlan fwd_split_plan(int64_t items, int sms, int nkv) {
+static inline SplitPlan fwd_split_plan(int64_t items, int sms, int nkv, bool by_default = true) {
     SplitPlan sp = {0, 0, 0, 0, 0, false, false};
     const char *env = getenv("TACA_FWD_SPLIT");
-    const bool dflt = !env || !*env;  // unset: the range form where the model below expects a gain
-    if ((!dflt && !strcmp(env, "0")) || sms <= 0 || items <= sms || items % sms == 0 || nkv < 2) return sp;
+    const bool dflt = !env || !*env;  // unset: the range form where the model below expects a gain (by_default)
+    if ((dflt && !by_default) || (!dflt && !strcmp(env, "0")) || sms <= 0 || items <= sms || items % sms == 0 || nkv < 2) return sp;
     const int tail = static_cast<int>(items % sms);
     int parts = 0;
     if (dflt || !strcmp(env, "range")) {
@@ -583,8 +591,9 @@ static inline SplitPlan fwd_split_plan(int64_t items, int sms, int nkv) {
         if (U < sms) return sp;
         // the default only where the tail's round, ceil(U / sms) tiles plus 10 tiles' worth of fixed cost (the state
         // stores, the merge, the tickets' memset), is shorter than the nkv tiles of an unsplit item: 10 puts all 13
-        // (N, H) points with a partial wave of an H100 sweep on their measured side (N 1536..8704, 24 / 48 heads; 6, auto's value, had
-        // N 1536 at 24 and 48 heads and N 2560 at 24 split and 2-4% slower; KERNEL_LOG twenty-sixth session)
+        // (N, H) points with a partial wave of an H100 sweep on their measured side (N 1536..8704, 24 / 48 heads; 6,
+        // auto's value, had N 1536 at 24 and 48 heads and N 2560 at 24 split and 2-4% slower; KERNEL_LOG
+        // twenty-sixth session)
         if (dflt && (U + sms - 1) / sms + 10 >= nkv) return sp;
         sp.range = true;
         for (int t = 0; t < tail; ++t) {
