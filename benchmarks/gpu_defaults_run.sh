@@ -15,13 +15,7 @@
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 {
-hash=$(cat csrc/*.c csrc/*.cpp csrc/*.h csrc/cuda/* setup.py 2>/dev/null | md5sum | cut -c1-16)
-if [ -f build/.srchash ] && [ "$(cat build/.srchash)" = "$hash" ] && [ -f build/libtaca_fwd_ctypes.so ] &&
-   PYTHONPATH=/tmp/site python3 -c "import torch, taca._C; assert torch.ops.taca.has_cuda()" 2>/dev/null; then
-  echo "build reused ($hash)"
-else
-  STEPS=build OUT=/tmp/hw bash benchmarks/gpu_features_run.sh 2>&1 | grep -E "rc=|has_cuda" && echo "$hash" > build/.srchash
-fi
+source benchmarks/gpu_build.sh
 export TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi -L
 if [ "${PART:-check}" = e2e ]; then  # after a change to the split model: its tests, two tail points, a FLUX step

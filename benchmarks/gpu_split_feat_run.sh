@@ -10,7 +10,7 @@
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 {
-STEPS=build OUT=/tmp/hw bash benchmarks/gpu_features_run.sh 2>&1 | grep -E "rc=|has_cuda"
+source benchmarks/gpu_build.sh  # (reused on a warm machine when the sources match)
 export TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 timeout 200 python3 -m pytest -q tests/test_cuda.py tests/test_cuda_features.py \
   -k "tail_split or key_mask or features_tolerance or deterministic" > "$OUT/pytest.txt" 2>&1

@@ -279,7 +279,8 @@ SPLIT_FEAT_CASES = [
     # a -1.5 bias on every 7th key and a -inf run), TACA_FWD_SPLIT ("": unset, the default), TACA_FWD_SPLIT_FORM
     (2, [512, 300], 4096, True, None, "range", "one"),  # per-sample spans (FLUX-like, padding-free prompts)
     (2, 512, 4096, True, "bool", "range", "one"),  # a padded prompt's key mask: the per-tile terms (MK_KEY)
-    (2, 512, 4096, True, "bool", "", "one"),  # unset: the feature instances do not split (opt-in until timed)
+    (2, 512, 4096, True, "bool", "", "one"),  # unset: a key mask's instances do not split (opt-in: slower)
+    (2, [512, 300], 4096, True, None, "", "one"),  # unset: per-sample spans split where the model expects a gain
     (1, 333, 4000, False, "float", "range", "two"),
     (2, [77, 200], 1025, False, "bool", "3", "one"),  # spans and a key mask, 9 key tiles in 3 ranges
 ]
@@ -289,11 +290,11 @@ SPLIT_FEAT_CASES = [
 @pytest.mark.parametrize("case", SPLIT_FEAT_CASES,
                          ids=lambda c: f"B{c[0]}-img{c[2]}-{c[4] or 'spans'}-split{c[5] or 'default'}-{c[6]}")
 def test_forward_tail_split_features(case, monkeypatch):
-    """The tail split in the D = 128 forward's feature instances (opt-in: TACA_FWD_SPLIT set; unset, they run
-    unsplit): per-sample spans, and a key mask's per-tile terms (a (B, 1, 1, N) mask). Against the fp32 reference:
+    """The tail split in the D = 128 forward's feature instances: per-sample spans (unset: where the plain kernel's
+    model splits), and a key mask's per-tile terms (a (B, 1, 1, N) mask; opt-in, TACA_FWD_SPLIT set; unset, unsplit). Against the fp32 reference:
     out by the tolerance rule (split SDPA's error), lse and text_mass within the feature tests' bounds; two calls
     bitwise equal; every whole item bitwise the unsplit kernel's (TACA_FWD_SPLIT=0) and, on sm_90, the split items'
-    lse not (the path ran; unset: equal everywhere)."""
+    lse not (the path ran; a key mask unset: equal everywhere)."""
     import taca
 
     B, L, n_img, tf, mk, parts, form = case
@@ -337,7 +338,7 @@ def test_forward_tail_split_features(case, monkeypatch):
     assert err <= 2 * base + 1e-5, f"out: {err:.3g} > 2 x {base:.3g} + 1e-5"
     assert torch.isfinite(lse).all() and (lse - lse_r).abs().max().item() < 2e-3
     assert (tm - tm_r).abs().max().item() < 5e-3
-    _check_split(split, plain, B, H, N, expect_split=bool(parts))  # unset: the feature instances stay whole
+    _check_split(split, plain, B, H, N, expect_split=bool(parts) or mk is None)  # unset: a key mask's items whole
 
 
 @pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")

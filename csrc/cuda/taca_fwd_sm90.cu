@@ -358,7 +358,7 @@ namespace taca_fwd90 {
 }
 
 /* The tail split (TACA_FWD_SPLIT, fwd_split_plan) of a call: the default D = 128 persistent kernel's items (WSplit;
- * its FEAT instances too, opt-in: per-sample spans, and a key mask's per-tile terms with every-lane arrivals) on this
+ * its FEAT instances too: per-sample spans, and, opt-in, a key mask's per-tile terms with every-lane arrivals) on this
  * device's SMs; no plan (parts 0) for other variants, head dims other than 128 (launch_ws runs WSplit at 128 only),
  * masks that vary over queries, or the switches that take the per-element or lane-0 mask paths. The SM count query's
  * status (the dispatch and taca_fwd_sm90_split_bytes both take the plan from here, so the workspace sized is the one
@@ -373,10 +373,11 @@ using WSplit = WsCfg<2, false, true, 128, true>;
     int sms = 0;
     const int st = device_sm_count(&sms, "taca_fwd_cuda (sm90 ws): SM count");
     if (st != TACA_OK) return st;
-    // the feature instances split only when TACA_FWD_SPLIT is set: compiled and tested, not yet timed (their tile
-    // loops differ from the unsplit instances' in SASS, as the plain split's does; KERNEL_LOG twenty-sixth session)
+    // a key mask's instances split only when TACA_FWD_SPLIT is set: on an H100 their range form was 2-5% slower than
+    // unsplit at FLUX 1024's item counts (its registers spill: 76 / 116 bytes), where per-sample spans' was 0.3-2.7%
+    // faster, as the plain instance's (KERNEL_LOG twenty-seventh session)
     *sp = fwd_split_plan<WSplit::DP>((int64_t)((a.n + WSplit::BR - 1) / WSplit::BR) * heads * batch, sms,
-                                     (a.nk + WSplit::BC - 1) / WSplit::BC, !a.spans && !a.mask.data);
+                                     (a.nk + WSplit::BC - 1) / WSplit::BC, !a.mask.data);
     return TACA_OK;
 }
 
