@@ -116,7 +116,7 @@ struct Cfg {
     // included) is one contiguous block of the workspace, added by one bulk operation
     static constexpr int ACC_LD = TW ? DP : DP + taca_bwd::kAccPad;
     static constexpr uint32_t TILE_TX = 2 * QT_BYTES;  // TMA bytes of a tile: Q and dO
-    static constexpr int NBAR = 2 * NSTAGE + 5;  // stage full/empty, q_full[2], q_empty[2], ds_free
+    static constexpr int NBAR = 2 * NSTAGE + 7;  // stage full/empty, q_full[2], q_empty[2], ds_free, peer_full[2]
     static constexpr size_t SMEM = 2 * KV_BYTES + 4 * QT_BYTES + DS_BYTES + NSTAGE * STAGE_BYTES +
                                    4 * BM * sizeof(float) + NBAR * sizeof(uint64_t) + 1024;
     static_assert((DP == 64 && BM == 128) || (DP == 128 && BM == 64), "tile");
@@ -179,8 +179,17 @@ __device__ __forceinline__ unsigned long long trace_smid() {
 #endif
 
 /* MASK: a.mask.data != NULL (its own instance: the unmasked one carries no mask code).
- * G1: the 1-D grid (see ctaid_x_volatile), the default at D = 64 (TACA_BWD_V6_GRID=3d: the 3-D one). */
-template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false>
+ * G1: the 1-D grid (see ctaid_x_volatile), the default at D = 64 (TACA_BWD_V6_GRID=3d: the 3-D one).
+ * PAIR (TACA_BWD_PAIR=1, opt-in: compiled, not yet run; the ordered mode, the row writer, the 3-D grid):
+ * clusters of two CTAs, key tiles jt = 2m (rank 0) and 2m + 1 (rank 1) of one chain (seg_size even, the
+ * grid's x rounded up to even; a rank 1 past the last key tile exits after the cluster barrier). Rank 1's
+ * writer warps add nothing to global memory: once its MMA threads staged tile it, the writer arrives on
+ * rank 0's peer_full; rank 0's MMA threads wait for that, read rank 1's staged part from its shared memory
+ * (ld.shared::cluster), stage own + peer (a fixed order: deterministic) and release rank 1's buffer by a
+ * remote arrival on its mb_empty; rank 0's writer adds the sum as one chain link. So a chain of L key
+ * tiles has ceil(L / 2) links: the ordered hand-off (a poll, a bulk reduce-add's completion, ~2.3 us per
+ * link on FLUX 1024, KERNEL_LOG twelfth session) is paid half as often. Not v5's sums (other fp32 order). */
+template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false, bool PAIR = false>
 __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_constant__ V6Args p) {
 #if TACA_SM90A
     const BwdArgs &a = p.a;
@@ -203,6 +212,8 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     const uint32_t q_full = mb_empty + 8 * NS;                        // [2] tile landed (TMA)
     const uint32_t q_empty = q_full + 16;                             // [2] tile read by both
     const uint32_t ds_free = q_empty + 16;                            // dS' read by both
+    const uint32_t peer_full = ds_free + 8;                           // PAIR, rank 0: [NS] rank 1 staged
+    static_assert(!PAIR || (DP == 128 && !TW && !G1), "PAIR: D = 128, the row writer, the 3-D grid");
 
     const int nq = a.nq, nk = a.nk;
     const int nqt = a.group * nq;  // flattened query tiles it = (h - h0) * nq + query tile
@@ -212,6 +223,9 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     const int h0 = hk * a.group;  // the group's first query head
     const int64_t bh = static_cast<int64_t>(b) * a.H + h0;
     const int seg = jt / a.seg_size, seg_pos = jt % a.seg_size;
+    // PAIR: cluster rank (blockIdx.x & 1: cluster (2, 1, 1)), a rank 1 past the key tiles, rank 0 with a peer
+    const int prank = PAIR ? static_cast<int>(blockIdx.x & 1) : 0;
+    const bool phantom = PAIR && jt >= nk, has_peer = PAIR && prank == 0 && jt + 1 < nk;
     const int seg_len = min(a.seg_size, nk - seg * a.seg_size);
     const bool ordered = a.mode == taca_bwd::kOrdered && nk > 1;
     int *sem_row = a.sem + (seg * static_cast<int64_t>(a.B) * a.H + bh) * nq;
@@ -240,7 +254,10 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #pragma unroll
         for (int s = 0; s < NS; ++s) {
             mbar_init(mb_full + 8 * s, 256);  // every MMA thread arrives once per staged tile
-            mbar_init(mb_empty + 8 * s, 32);  // every lane of the buffer's writer warp once per tile read
+            // every lane of the buffer's writer warp once per tile read (PAIR, rank 1: lane 0 of each of
+            // rank 0's MMA warps once they read the tile from here)
+            mbar_init(mb_empty + 8 * s, PAIR && prank == 1 ? 8 : 32);
+            if (PAIR) mbar_init(peer_full + 8 * s, 1);  // rank 1's writer lane 0 per staged tile
         }
         for (int s = 0; s < 2; ++s) {
             // the producer's arrive after its warp stored lse2 / delta, its arrive.expect_tx, the bytes
@@ -253,6 +270,13 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         mbar_init_fence();
     }
     __syncthreads();  // initialised before any thread arrives or waits
+    if constexpr (PAIR) {
+        cluster_sync_all();  // and before the other CTA of the pair arrives on them
+        if (phantom) {  // (a.dq_overlap: the dependent conversion may start once every CTA got here)
+            if (threadIdx.x == 0 && a.dq_overlap) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+            return;
+        }
+    }
     // The whole warpgroup, before its roles split: it frees 128 x (168 - 24) registers, exactly what
     // the two MMA warpgroups take to go from 168 to 240 (setmaxnreg.inc waits for freed registers).
     if (threadIdx.x >= 256) setmaxnreg_dec<24>();
@@ -307,6 +331,19 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         // warp blocks on its writes' completion while the other warp takes the next tile.
         if (nk == 1 || threadIdx.x >= 352) return;
         const int w = (threadIdx.x - 288) >> 5, wl = threadIdx.x & 31;
+        if (PAIR && prank == 1) {
+            // PAIR, rank 1: tell rank 0 each tile staged here; stay until rank 0 read the last one (its
+            // remote arrivals on mb_empty: this shared memory must outlive its reads)
+            const uint32_t peer_bar = mapa_shared(peer_full + 8 * w, 0);
+            int last = -1;
+            for (int it = w; it < nqt; it += NS) {
+                mbar_wait(mb_full + 8 * w, (it / NS) & 1);
+                if (wl == 0) mbar_arrive_cluster(peer_bar);
+                last = it;
+            }
+            if (last >= 0) mbar_wait_cluster(mb_empty + 8 * w, (last / NS) & 1);
+            return;
+        }
         const bool first = ordered ? seg_pos == 0 : a.mode == taca_bwd::kRacy;
 #if defined(TACA_BWD_TRACE)
         float *accb = acc_base;  // (unordered: seg = 0 with one buffer; the chains' with atomicseg)
@@ -316,7 +353,9 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         // ordered: a link releases tile it to its successor, and with dq_overlap the chain's last
         // link releases it too (for bwd_dq_convert_tiles); unordered with dq_overlap: every CTA
         // counts the tile once its adds completed
-        const bool releases = ordered ? (a.dq_overlap || seg_pos < seg_len - 1) : a.dq_overlap != 0;
+        // (PAIR: a link is a pair, the last one where seg_pos + 2 >= seg_len)
+        const bool releases = ordered ? (a.dq_overlap || (PAIR ? seg_pos + 2 < seg_len : seg_pos < seg_len - 1))
+                                      : a.dq_overlap != 0;
         const uint32_t src = smem_u32(stage + w * C::STAGE_BYTES);
         // TW: the tile's first row in the 2-D view of dq_acc
         const int row0 = static_cast<int>((accb - a.dq_acc) / DP);
@@ -391,7 +430,8 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #if defined(TACA_BWD_TRACE)
                 V6_TRACE_ADD(tr_write);
 #endif
-                if (ordered) taca_bwd::st_release(sem_row + it, seg_pos + 1);
+                // (PAIR: the next link's seg_pos, or seg_len after the last: what the conversion waits for)
+                if (ordered) taca_bwd::st_release(sem_row + it, PAIR ? min(seg_pos + 2, seg_len) : seg_pos + 1);
                 else taca_bwd::red_release_add(sem_row + it, 1);
 #if defined(TACA_BWD_TRACE)
                 if (trace_t && it < kTraceTiles) trace_t[it * 4 + 3] = trace_ns();
@@ -696,9 +736,28 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                 V6_TRACE_ADD(tr_empty);
             }
 #else
-            if (it >= NS) mbar_wait(mb_empty + 8 * sb, ((it / NS) - 1) & 1);
+            if (it >= NS) {
+                // (PAIR: rank 1's arrivals come from rank 0)
+                if constexpr (PAIR) mbar_wait_cluster(mb_empty + 8 * sb, ((it / NS) - 1) & 1);
+                else mbar_wait(mb_empty + 8 * sb, ((it / NS) - 1) & 1);
+            }
 #endif
             unsigned char *dstage = stage + sb * C::STAGE_BYTES;
+            if (PAIR && has_peer) {
+                // rank 0: + rank 1's part of the tile (the same rows and columns of its buffer sb), own + peer
+                mbar_wait_cluster(peer_full + 8 * sb, (it / NS) & 1);
+                const uint32_t rb = mapa_shared(smem_u32(dstage), 1) + qc0 * 4;
+                float pv[2][16];
+                ld_cluster_f2x8(rb + qr0 * C::SROW, pv[0]);
+                ld_cluster_f2x8(rb + (qr0 + 8) * C::SROW, pv[1]);
+#pragma unroll
+                for (int half = 0; half < 2; ++half)
+#pragma unroll
+                    for (int nt = 0; nt < 8; ++nt) {
+                        dq[nt * 4 + 2 * half] += pv[half][2 * nt];
+                        dq[nt * 4 + 2 * half + 1] += pv[half][2 * nt + 1];
+                    }
+            }
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const int r = qr0 + half * 8;
@@ -714,6 +773,10 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             // the copy engine (async proxy) reads what these generic stores wrote
             fence_proxy_async();
             mbar_arrive(mb_full + 8 * sb);
+            if (PAIR && has_peer) {  // rank 1's buffer sb read by this warp (its loads' values used above)
+                __syncwarp();
+                if (lane == 0) mbar_arrive_cluster(mapa_shared(mb_empty + 8 * sb, 1));
+            }
 #if defined(TACA_BWD_TRACE)
             if (tid == 0 && trace_t && it < kTraceTiles) trace_t[it * 4] = trace_ns();
 #endif
@@ -793,14 +856,15 @@ inline bool encode_acc_map(CUtensorMap *m, float *acc, int64_t rows, int dp, int
               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, int DP, int BM, bool TW, bool G1 = false>
+template <typename T, int DP, int BM, bool TW, bool G1 = false, bool PAIR = false>
 int launch(const BwdArgs &a, cudaStream_t stream) {
     using C = Cfg<DP, BM, TW>;
     if (a.Np % BM != 0 || a.Np != a.nq * BM) return TACA_ERR_UNSUPPORTED;  // workspace layout
+    if (PAIR && (a.mode != taca_bwd::kOrdered || a.nk < 2)) return TACA_ERR_UNSUPPORTED;
     const int64_t ctas = static_cast<int64_t>(a.nk) * a.Hkv * a.B;
     if (G1 && ctas > INT32_MAX) return TACA_ERR_UNSUPPORTED;
-    auto kernel = a.mask.data ? taca_bwd_sm90_v6_kernel<T, DP, BM, true, TW, G1>
-                              : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1>;
+    auto kernel = a.mask.data ? taca_bwd_sm90_v6_kernel<T, DP, BM, true, TW, G1, PAIR>
+                              : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1, PAIR>;
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_bwd_cuda (sm90 v6): cudaFuncGetAttributes");
     if (attr.binaryVersion != 90) return TACA_ERR_UNSUPPORTED;
@@ -808,6 +872,12 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     memset(&p, 0, sizeof(p));
     p.a = a;
     p.a.acc_ld = C::ACC_LD;
+    if (PAIR && (a.seg_size & 1)) {
+        // chains of whole pairs: seg_size rounded up to even (fewer chains or as many: the workspace has
+        // their counters and buffers), the conversion told the same
+        p.a.seg_size = a.seg_size + 1;
+        p.a.nseg = (a.nk + p.a.seg_size - 1) / p.a.seg_size;
+    }
     const BwdArgs &ac = p.a;  // (what the conversions read too)
     if (!encode_map<T>(&p.tq, p.pos_q, a.q, a.qs_n, a.qs_h, a.qs_b, a.N, a.H, a.B, a.D, BM) ||
         !encode_map<T>(&p.tdo, p.pos_do, a.dout, a.dos_n, a.dos_h, a.dos_b, a.N, a.H, a.B, a.D, BM))
@@ -833,8 +903,24 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
         TACA_CUDA_TRY(cudaMemsetAsync(a.dq_acc, 0, static_cast<size_t>(a.nseg) * rows * C::ACC_LD * sizeof(float), stream),
                       "taca_bwd_cuda (sm90 v6) memset dq_acc");
     }
-    const dim3 grid = G1 ? dim3(static_cast<unsigned>(ctas)) : dim3(a.nk, a.Hkv, a.B);
-    kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
+    const dim3 grid = G1 ? dim3(static_cast<unsigned>(ctas)) : dim3(PAIR ? (a.nk + 1) & ~1 : a.nk, a.Hkv, a.B);
+    if constexpr (PAIR) {  // clusters of two CTAs along x (key tiles 2m, 2m + 1)
+        cudaLaunchConfig_t pc = {};
+        pc.gridDim = grid;
+        pc.blockDim = dim3(C::THREADS);
+        pc.dynamicSmemBytes = C::SMEM;
+        pc.stream = stream;
+        cudaLaunchAttribute pa[1];
+        pa[0].id = cudaLaunchAttributeClusterDimension;
+        pa[0].val.clusterDim.x = 2;
+        pa[0].val.clusterDim.y = 1;
+        pa[0].val.clusterDim.z = 1;
+        pc.attrs = pa;
+        pc.numAttrs = 1;
+        TACA_CUDA_TRY(cudaLaunchKernelEx(&pc, kernel, p), "taca_bwd_cuda (sm90 v6 pair) main");
+    } else {
+        kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
+    }
     st = taca_cuda_check_launch("taca_bwd_cuda (sm90 v6) main");
     if (st != TACA_OK || a.nk == 1) return st;
     if (a.dq_overlap != 1) return taca_bwd::launch_dq_convert<T, DP>(ac, stream, "taca_bwd_cuda (sm90 v6) dq convert");
@@ -918,6 +1004,14 @@ int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16)
                         : taca_bwd96::launch<__half, 64, 128, true, true>(a, stream);
         return tw ? taca_bwd96::launch_dtype<64, 128, true>(a, stream, bf16)
                   : taca_bwd96::launch_dtype<64, 128, false>(a, stream, bf16);
+    }
+    // TACA_BWD_PAIR=1 (opt-in, a timing switch read per call): the row writer's chains in CTA pairs
+    // (clusters of two; see the kernel), where the chains are ordered; else the form below
+    const char *pr = getenv("TACA_BWD_PAIR");
+    if (!tw && pr && !strcmp(pr, "1") && a.mode == taca_bwd::kOrdered && a.nk > 1) {
+        const int stp = bf16 ? taca_bwd96::launch<__nv_bfloat16, 128, 64, false, false, true>(a, stream)
+                             : taca_bwd96::launch<__half, 128, 64, false, false, true>(a, stream);
+        if (stp != TACA_ERR_UNSUPPORTED) return stp;
     }
     return tw ? taca_bwd96::launch_dtype<128, 64, true>(a, stream, bf16)
               : taca_bwd96::launch_dtype<128, 64, false>(a, stream, bf16);
