@@ -116,7 +116,8 @@ struct Cfg {
     // included) is one contiguous block of the workspace, added by one bulk operation
     static constexpr int ACC_LD = TW ? DP : DP + taca_bwd::kAccPad;
     static constexpr uint32_t TILE_TX = 2 * QT_BYTES;  // TMA bytes of a tile: Q and dO
-    static constexpr int NBAR = 2 * NSTAGE + 7;  // stage full/empty, q_full[2], q_empty[2], ds_free, peer_full[2]
+    // stage full/empty, q_full[2], q_empty[2], ds_free, and PAIR's peer_full, peer_ready, peer_read, xfree [2]
+    static constexpr int NBAR = 2 * NSTAGE + 13;
     static constexpr size_t SMEM = 2 * KV_BYTES + 4 * QT_BYTES + DS_BYTES + NSTAGE * STAGE_BYTES +
                                    4 * BM * sizeof(float) + NBAR * sizeof(uint64_t) + 1024;
     static_assert((DP == 64 && BM == 128) || (DP == 128 && BM == 64), "tile");
@@ -136,6 +137,9 @@ struct V6Args {
     CUtensorMap tdk, tdv;  // dkv_tma: dK and dV as the Q map is (64 x 64 boxes: one warpgroup's rows)
     int pos_dk[3], pos_dv[3];
     int dkv_tma;  // dK / dV through shared memory and TMA stores (else fragment stores to global)
+    // PAIR: 1 the pairs; 2 a timing diagnostic (wrong dQ): rank 0 does every handshake but reads nothing
+    // from rank 1 (TACA_BWD_PAIR=1 / 2)
+    int pair_mode;
 };
 
 /* The CTA's grid index as one number: G1 kernels run on a 1-D grid of nk * Hkv * B CTAs (key
@@ -180,15 +184,24 @@ __device__ __forceinline__ unsigned long long trace_smid() {
 
 /* MASK: a.mask.data != NULL (its own instance: the unmasked one carries no mask code).
  * G1: the 1-D grid (see ctaid_x_volatile), the default at D = 64 (TACA_BWD_V6_GRID=3d: the 3-D one).
- * PAIR (TACA_BWD_PAIR=1, opt-in: compiled, not yet run; the ordered mode, the row writer, the 3-D grid):
- * clusters of two CTAs, key tiles jt = 2m (rank 0) and 2m + 1 (rank 1) of one chain (seg_size even, the
- * grid's x rounded up to even; a rank 1 past the last key tile exits after the cluster barrier). Rank 1's
- * writer warps add nothing to global memory: once its MMA threads staged tile it, the writer arrives on
- * rank 0's peer_full; rank 0's MMA threads wait for that, read rank 1's staged part from its shared memory
- * (ld.shared::cluster), stage own + peer (a fixed order: deterministic) and release rank 1's buffer by a
- * remote arrival on its mb_empty; rank 0's writer adds the sum as one chain link. So a chain of L key
- * tiles has ceil(L / 2) links: the ordered hand-off (a poll, a bulk reduce-add's completion, ~2.3 us per
- * link on FLUX 1024, KERNEL_LOG twelfth session) is paid half as often. Not v5's sums (other fp32 order). */
+ * PAIR (TACA_BWD_PAIR=1, opt-in; the ordered mode, the row writer, the 3-D grid): clusters of two CTAs, key
+ * tiles jt = 2m (rank 0) and 2m + 1 (rank 1) of one chain (seg_size even, the grid's x rounded up to even; a
+ * rank 1 past the last key tile exits after the cluster barrier). Rank 1 adds nothing to global memory:
+ * rank 0's MMA threads read its staged part of each tile from its shared memory (ld.shared::cluster), stage
+ * own + peer (a fixed order: deterministic), and rank 0's writer adds the sum as one chain link. So a chain of
+ * L key tiles has ceil(L / 2) links: the ordered hand-off (a poll, a bulk reduce-add's completion, ~2.3 us
+ * per link on FLUX 1024, KERNEL_LOG twelfth session) is paid half as often. Not v5's sums (other fp32 order).
+ * The cluster-scope handshakes run in relay lanes, never in the MMA threads: an acquire or release at cluster
+ * scope compiles to MEMBAR.ALL.GPU + CCTL.IVALL, and the first form, which had the MMA threads wait and
+ * arrive at cluster scope (10 such membars in the kernel against the default's 2), ran FLUX 1024's backward
+ * 49% slower on an H100 (KERNEL_LOG twenty-seventh session). Per staging buffer s, tile it:
+ *   rank 1: MMA threads stage, arrive mb_full[s] (CTA); relay (writer warp s, lane 0): wait mb_full[s],
+ *           arrive rank 0's peer_full[s] (release.cluster), wait xfree[s] (acquire.cluster), arrive mb_empty[s]
+ *           (count 1), which its MMA threads wait for before staging tile it + 2 (CTA scope, as by default);
+ *   rank 0: relay (warp 11, lane 0, tiles in order): wait peer_full[s] (acquire.cluster), arrive
+ *           peer_ready[s]; wait peer_read[s] (its 256 MMA threads' arrivals once they used rank 1's values),
+ *           arrive rank 1's xfree[s] (release.cluster); MMA threads wait peer_ready[s] (CTA), load, add,
+ *           arrive peer_read[s], stage as by default. */
 template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false, bool PAIR = false>
 __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_constant__ V6Args p) {
 #if TACA_SM90A
@@ -212,7 +225,10 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     const uint32_t q_full = mb_empty + 8 * NS;                        // [2] tile landed (TMA)
     const uint32_t q_empty = q_full + 16;                             // [2] tile read by both
     const uint32_t ds_free = q_empty + 16;                            // dS' read by both
-    const uint32_t peer_full = ds_free + 8;                           // PAIR, rank 0: [NS] rank 1 staged
+    const uint32_t peer_full = ds_free + 8;        // PAIR (see above): rank 0 [NS], remote arrivals
+    const uint32_t peer_ready = peer_full + 8 * NS;  // rank 0 [NS], its relay's
+    const uint32_t peer_read = peer_ready + 8 * NS;  // rank 0 [NS], its MMA threads'
+    const uint32_t xfree = peer_read + 8 * NS;       // rank 1 [NS], remote arrivals
     static_assert(!PAIR || (DP == 128 && !TW && !G1), "PAIR: D = 128, the row writer, the 3-D grid");
 
     const int nq = a.nq, nk = a.nk;
@@ -254,10 +270,15 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #pragma unroll
         for (int s = 0; s < NS; ++s) {
             mbar_init(mb_full + 8 * s, 256);  // every MMA thread arrives once per staged tile
-            // every lane of the buffer's writer warp once per tile read (PAIR, rank 1: lane 0 of each of
-            // rank 0's MMA warps once they read the tile from here)
-            mbar_init(mb_empty + 8 * s, PAIR && prank == 1 ? 8 : 32);
-            if (PAIR) mbar_init(peer_full + 8 * s, 1);  // rank 1's writer lane 0 per staged tile
+            // every lane of the buffer's writer warp once per tile read (PAIR, rank 1: its relay lane once
+            // rank 0 read the tile from here)
+            mbar_init(mb_empty + 8 * s, PAIR && prank == 1 ? 1 : 32);
+            if (PAIR) {
+                mbar_init(peer_full + 8 * s, 1);
+                mbar_init(peer_ready + 8 * s, 1);
+                mbar_init(peer_read + 8 * s, 256);
+                mbar_init(xfree + 8 * s, 1);
+            }
         }
         for (int s = 0; s < 2; ++s) {
             // the producer's arrive after its warp stored lse2 / delta, its arrive.expect_tx, the bytes
@@ -329,21 +350,36 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         // TMA bulk operation (rows) or DP / 32 tensor ones (TW), free the staging buffer once read,
         // then wait for the writes and release tile it to the successor at once (st.release). A
         // warp blocks on its writes' completion while the other warp takes the next tile.
+        if constexpr (PAIR) {
+            // the pair's relays (see the kernel's comment), lane 0 of: rank 1's writer warps (buffer w, tiles
+            // w, w + 2, ..; the last wait keeps this shared memory alive until rank 0 read it), rank 0's warp
+            // 11 (both buffers, tiles in order; none without a peer)
+            const int rw = (threadIdx.x - 288) >> 5;
+            if ((threadIdx.x & 31) != 0 || (prank == 1 ? rw > 1 : rw != 2 || !has_peer)) {
+                if (prank == 1 || rw == 2) return;  // (rank 0's writer warps go on below)
+            } else if (prank == 1) {
+                const uint32_t peer_bar = mapa_shared(peer_full + 8 * rw, 0);
+                for (int it = rw; it < nqt; it += NS) {
+                    mbar_wait(mb_full + 8 * rw, (it / NS) & 1);
+                    mbar_arrive_cluster(peer_bar);
+                    mbar_wait_cluster(xfree + 8 * rw, (it / NS) & 1);
+                    mbar_arrive(mb_empty + 8 * rw);
+                }
+                return;
+            } else {
+                for (int it = 0; it < nqt; ++it) {
+                    const int sb = it & 1;
+                    const uint32_t par = (it / NS) & 1;
+                    mbar_wait_cluster(peer_full + 8 * sb, par);
+                    mbar_arrive(peer_ready + 8 * sb);
+                    mbar_wait(peer_read + 8 * sb, par);
+                    mbar_arrive_cluster(mapa_shared(xfree + 8 * sb, 1));
+                }
+                return;
+            }
+        }
         if (nk == 1 || threadIdx.x >= 352) return;
         const int w = (threadIdx.x - 288) >> 5, wl = threadIdx.x & 31;
-        if (PAIR && prank == 1) {
-            // PAIR, rank 1: tell rank 0 each tile staged here; stay until rank 0 read the last one (its
-            // remote arrivals on mb_empty: this shared memory must outlive its reads)
-            const uint32_t peer_bar = mapa_shared(peer_full + 8 * w, 0);
-            int last = -1;
-            for (int it = w; it < nqt; it += NS) {
-                mbar_wait(mb_full + 8 * w, (it / NS) & 1);
-                if (wl == 0) mbar_arrive_cluster(peer_bar);
-                last = it;
-            }
-            if (last >= 0) mbar_wait_cluster(mb_empty + 8 * w, (last / NS) & 1);
-            return;
-        }
         const bool first = ordered ? seg_pos == 0 : a.mode == taca_bwd::kRacy;
 #if defined(TACA_BWD_TRACE)
         float *accb = acc_base;  // (unordered: seg = 0 with one buffer; the chains' with atomicseg)
@@ -736,27 +772,27 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                 V6_TRACE_ADD(tr_empty);
             }
 #else
-            if (it >= NS) {
-                // (PAIR: rank 1's arrivals come from rank 0)
-                if constexpr (PAIR) mbar_wait_cluster(mb_empty + 8 * sb, ((it / NS) - 1) & 1);
-                else mbar_wait(mb_empty + 8 * sb, ((it / NS) - 1) & 1);
-            }
+            if (it >= NS) mbar_wait(mb_empty + 8 * sb, ((it / NS) - 1) & 1);
 #endif
             unsigned char *dstage = stage + sb * C::STAGE_BYTES;
             if (PAIR && has_peer) {
-                // rank 0: + rank 1's part of the tile (the same rows and columns of its buffer sb), own + peer
-                mbar_wait_cluster(peer_full + 8 * sb, (it / NS) & 1);
-                const uint32_t rb = mapa_shared(smem_u32(dstage), 1) + qc0 * 4;
-                float pv[2][16];
-                ld_cluster_f2x8(rb + qr0 * C::SROW, pv[0]);
-                ld_cluster_f2x8(rb + (qr0 + 8) * C::SROW, pv[1]);
+                // rank 0: + rank 1's part of the tile (the same rows and columns of its buffer sb), own + peer;
+                // the relay saw it staged (peer_ready), and hands the buffer back once every thread used it
+                mbar_wait(peer_ready + 8 * sb, (it / NS) & 1);
+                if (p.pair_mode != 2) {
+                    const uint32_t rb = mapa_shared(smem_u32(dstage), 1) + qc0 * 4;
+                    float pv[2][16];
+                    ld_cluster_f2x8(rb + qr0 * C::SROW, pv[0]);
+                    ld_cluster_f2x8(rb + (qr0 + 8) * C::SROW, pv[1]);
 #pragma unroll
-                for (int half = 0; half < 2; ++half)
+                    for (int half = 0; half < 2; ++half)
 #pragma unroll
-                    for (int nt = 0; nt < 8; ++nt) {
-                        dq[nt * 4 + 2 * half] += pv[half][2 * nt];
-                        dq[nt * 4 + 2 * half + 1] += pv[half][2 * nt + 1];
-                    }
+                        for (int nt = 0; nt < 8; ++nt) {
+                            dq[nt * 4 + 2 * half] += pv[half][2 * nt];
+                            dq[nt * 4 + 2 * half + 1] += pv[half][2 * nt + 1];
+                        }
+                }
+                mbar_arrive(peer_read + 8 * sb);
             }
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
@@ -773,10 +809,6 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             // the copy engine (async proxy) reads what these generic stores wrote
             fence_proxy_async();
             mbar_arrive(mb_full + 8 * sb);
-            if (PAIR && has_peer) {  // rank 1's buffer sb read by this warp (its loads' values used above)
-                __syncwarp();
-                if (lane == 0) mbar_arrive_cluster(mapa_shared(mb_empty + 8 * sb, 1));
-            }
 #if defined(TACA_BWD_TRACE)
             if (tid == 0 && trace_t && it < kTraceTiles) trace_t[it * 4] = trace_ns();
 #endif
@@ -872,6 +904,10 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     memset(&p, 0, sizeof(p));
     p.a = a;
     p.a.acc_ld = C::ACC_LD;
+    if (PAIR) {
+        const char *pm = getenv("TACA_BWD_PAIR");
+        p.pair_mode = pm && !strcmp(pm, "2") ? 2 : 1;
+    }
     if (PAIR && (a.seg_size & 1)) {
         // chains of whole pairs: seg_size rounded up to even (fewer chains or as many: the workspace has
         // their counters and buffers), the conversion told the same
@@ -1008,7 +1044,7 @@ int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16)
     // TACA_BWD_PAIR=1 (opt-in, a timing switch read per call): the row writer's chains in CTA pairs
     // (clusters of two; see the kernel), where the chains are ordered; else the form below
     const char *pr = getenv("TACA_BWD_PAIR");
-    if (!tw && pr && !strcmp(pr, "1") && a.mode == taca_bwd::kOrdered && a.nk > 1) {
+    if (!tw && pr && (!strcmp(pr, "1") || !strcmp(pr, "2")) && a.mode == taca_bwd::kOrdered && a.nk > 1) {
         const int stp = bf16 ? taca_bwd96::launch<__nv_bfloat16, 128, 64, false, false, true>(a, stream)
                              : taca_bwd96::launch<__half, 128, 64, false, false, true>(a, stream);
         if (stp != TACA_ERR_UNSUPPORTED) return stp;
