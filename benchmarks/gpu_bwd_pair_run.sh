@@ -3,8 +3,9 @@
 # machine); one pair backward under a 60 s timeout first (a hang stops the call there); test_sm90_v6_pair and the
 # default v6 tests; memcheck + racecheck of sanitize_bwd_pair.py; bench_bwd_handoff.py at FLUX 1024 b1 / b2 (and
 # FLUX 2048 b1 with LONG=1): v6 (default), v6@pr (pairs), v6@p2 (pairs without the peer's loads: a diagnostic,
-# wrong dQ), v6+nd (unordered), 5 rotated rounds. First run (twenty-seventh session): the first form, with
-# cluster-scope waits in the MMA threads, 49% slower; the relay form (cluster scope in relay lanes only) since.
+# wrong dQ), v6@s2@pr (pairs in 2 chains), v6+nd (unordered), 5 rotated rounds. First run (twenty-seventh
+# session): the first form, with cluster-scope waits in the MMA threads, 49% slower; the relay form (cluster
+# scope in relay lanes only) since.
 # Run: run(command="bash benchmarks/gpu_bwd_pair_run.sh", carry=[".whl"]).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -30,7 +31,7 @@ if [ $rc = 0 ]; then
     echo "sanitize_bwd_pair $tool rc=$?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|calls done' "$OUT/pair.$tool.txt" | tr '\n' ' ')"
   done
   timeout 200 python3 benchmarks/bench_bwd_handoff.py --shapes flux1024_b1,flux1024_b2$([ "${LONG:-0}" = 1 ] && echo ,flux2048_b1) \
-    --modes v6,v6@pr,v6@p2,v6+nd --rounds "${ROUNDS:-5}" --out "$OUT" > "$OUT/bench.txt" 2>&1; echo "bench rc=$?"; tail -5 "$OUT/bench.txt"
+    --modes v6,v6@pr,v6@p2,v6@s2@pr,v6+nd --rounds "${ROUNDS:-5}" --out "$OUT" > "$OUT/bench.txt" 2>&1; echo "bench rc=$?"; tail -5 "$OUT/bench.txt"
 fi
 } 2>&1 | tee "$OUT/log.txt"
 bash benchmarks/pack_out.sh "$OUT"
