@@ -195,29 +195,34 @@ PAIR_CASES = [c for c in CASES if c[4] in (96, 128) and c[2] + c[3] > 256]
 @pytest.mark.parametrize("extra", ["", "nseg3", "nseg8", "o0", "kmask"])
 @pytest.mark.parametrize("case", PAIR_CASES, ids=[_ids(c) for c in PAIR_CASES])
 def test_sm90_v6_pair(case, extra, monkeypatch):
-    """TACA_BWD_PAIR=1 (opt-in): v6's deterministic dQ chains in clusters of two CTAs (rank 1 hands its dQ
-    part to rank 0 through distributed shared memory; a chain link is a pair). Meets the rule and is
-    deterministic over three runs (_run_case); dK and dV bitwise the default's (each CTA's own sums), dQ
-    within 2 units in the last place of the default's (the fp32 adds grouped by pairs: another order, then
-    one rounding). Extras: 3 or 8 chains (TACA_BWD_NSEG; odd chain lengths rounded up to pairs), dQ
-    converted after the main kernel (TACA_BWD_DQ_OVERLAP=0), a key mask (the masked instance). (Off sm_90,
-    or where v6 does not run, the knob is ignored: all equal.)"""
+    """TACA_BWD_PAIR=1 / 3 (opt-in): v6's deterministic dQ chains in clusters of two CTAs (rank 1's dQ part
+    reaches rank 0 through distributed shared memory, pulled by rank 0's loads or pushed by rank 1's stores;
+    a chain link is a pair). Each meets the rule and is deterministic over three runs (_run_case); dK and dV
+    bitwise the default's (each CTA's own sums), dQ within 2 units in the last place of the default's (the
+    fp32 adds grouped by pairs: another order, then one rounding); the two forms bitwise equal (the same
+    sums). Extras: 3 or 8 chains (TACA_BWD_NSEG; odd chain lengths rounded up to pairs), dQ converted after
+    the main kernel (TACA_BWD_DQ_OVERLAP=0), a key mask (the masked instance). (Off sm_90, or where v6 does
+    not run, the knob is ignored: all equal.)"""
     monkeypatch.setenv("TACA_BWD_SM90_KERNEL", "v6")
     if extra.startswith("nseg"):
         monkeypatch.setenv("TACA_BWD_NSEG", extra[4:])
     elif extra == "o0":
         monkeypatch.setenv("TACA_BWD_DQ_OVERLAP", "0")
     default = _run_case(case, key_mask=extra == "kmask")
-    monkeypatch.setenv("TACA_BWD_PAIR", "1")
-    got = _run_case(case, reps=3, key_mask=extra == "kmask")
-    for name, a, b in zip(("dq", "dk", "dv"), got, default):
-        if name != "dq":
-            assert torch.equal(a, b), f"{name}: the pairs changed a CTA's own sums"
-            continue
-        ulp = torch.finfo(b.dtype).eps * b.float().abs()
-        tiny = torch.finfo(b.dtype).eps * b.float().abs().max() * 2 ** -10  # values near 0
-        excess = ((a.float() - b.float()).abs() - (2 * ulp + tiny)).max().item()
-        assert excess <= 0, f"dq: the pairs' sums off by {excess:.3g} beyond 2 ulp of the default's"
+    forms = {}
+    for form in ("1", "3"):
+        monkeypatch.setenv("TACA_BWD_PAIR", form)
+        forms[form] = got = _run_case(case, reps=3, key_mask=extra == "kmask")
+        for name, a, b in zip(("dq", "dk", "dv"), got, default):
+            if name != "dq":
+                assert torch.equal(a, b), f"{name}: the pairs (form {form}) changed a CTA's own sums"
+                continue
+            ulp = torch.finfo(b.dtype).eps * b.float().abs()
+            tiny = torch.finfo(b.dtype).eps * b.float().abs().max() * 2 ** -10  # values near 0
+            excess = ((a.float() - b.float()).abs() - (2 * ulp + tiny)).max().item()
+            assert excess <= 0, f"dq: the pairs' sums (form {form}) off by {excess:.3g} beyond 2 ulp of the default's"
+    for name, a, b in zip(("dq", "dk", "dv"), forms["1"], forms["3"]):
+        assert torch.equal(a, b), f"{name}: the push form differs from the pull form"
 
 
 def _switch_is_bitwise(case, monkeypatch, var, value, what):

@@ -137,8 +137,8 @@ struct V6Args {
     CUtensorMap tdk, tdv;  // dkv_tma: dK and dV as the Q map is (64 x 64 boxes: one warpgroup's rows)
     int pos_dk[3], pos_dv[3];
     int dkv_tma;  // dK / dV through shared memory and TMA stores (else fragment stores to global)
-    // PAIR: 1 the pairs; 2 a timing diagnostic (wrong dQ): rank 0 does every handshake but reads nothing
-    // from rank 1 (TACA_BWD_PAIR=1 / 2)
+    // PAIR: 1 the pairs, rank 0 pulling rank 1's part; 3 rank 1 pushing it into rank 0's staging buffer;
+    // 2 a timing diagnostic (wrong dQ): mode 1's handshakes without the loads (TACA_BWD_PAIR=1 / 3 / 2)
     int pair_mode;
 };
 
@@ -201,7 +201,11 @@ __device__ __forceinline__ unsigned long long trace_smid() {
  *   rank 0: relay (warp 11, lane 0, tiles in order): wait peer_full[s] (acquire.cluster), arrive
  *           peer_ready[s]; wait peer_read[s] (its 256 MMA threads' arrivals once they used rank 1's values),
  *           arrive rank 1's xfree[s] (release.cluster); MMA threads wait peer_ready[s] (CTA), load, add,
- *           arrive peer_read[s], stage as by default. */
+ *           arrive peer_read[s], stage as by default.
+ * TACA_BWD_PAIR=3, the push form: rank 1's MMA threads store their part straight into rank 0's staging buffer s
+ * (st.shared::cluster: no load latency in either rank's MMA threads; rank 1's own buffers unused), rank 0's MMA
+ * threads add their part to it in place (a local load, own + peer: bitwise mode 1's sums), and rank 0's relay
+ * frees the buffer to rank 1 once rank 0's writer read the tile (its mb_empty[s]) instead of peer_read[s]. */
 template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false, bool PAIR = false>
 __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_constant__ V6Args p) {
 #if TACA_SM90A
@@ -372,7 +376,9 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                     const uint32_t par = (it / NS) & 1;
                     mbar_wait_cluster(peer_full + 8 * sb, par);
                     mbar_arrive(peer_ready + 8 * sb);
-                    mbar_wait(peer_read + 8 * sb, par);
+                    // (push form: rank 1 writes tile it + 2 into this buffer once the writer read tile it)
+                    if (p.pair_mode == 3) mbar_wait(mb_empty + 8 * sb, par);
+                    else mbar_wait(peer_read + 8 * sb, par);
                     mbar_arrive_cluster(mapa_shared(xfree + 8 * sb, 1));
                 }
                 return;
@@ -780,10 +786,22 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                 // the relay saw it staged (peer_ready), and hands the buffer back once every thread used it
                 mbar_wait(peer_ready + 8 * sb, (it / NS) & 1);
                 if (p.pair_mode != 2) {
-                    const uint32_t rb = mapa_shared(smem_u32(dstage), 1) + qc0 * 4;
                     float pv[2][16];
-                    ld_cluster_f2x8(rb + qr0 * C::SROW, pv[0]);
-                    ld_cluster_f2x8(rb + (qr0 + 8) * C::SROW, pv[1]);
+                    if (p.pair_mode == 3) {  // push form: rank 1's part is in this buffer already
+#pragma unroll
+                        for (int half = 0; half < 2; ++half)
+#pragma unroll
+                            for (int nt = 0; nt < 8; ++nt) {
+                                const float2 x = *reinterpret_cast<const float2 *>(
+                                    dstage + (qr0 + half * 8) * C::SROW + (qc0 + nt * 8) * 4);
+                                pv[half][2 * nt] = x.x;
+                                pv[half][2 * nt + 1] = x.y;
+                            }
+                    } else {
+                        const uint32_t rb = mapa_shared(smem_u32(dstage), 1) + qc0 * 4;
+                        ld_cluster_f2x8(rb + qr0 * C::SROW, pv[0]);
+                        ld_cluster_f2x8(rb + (qr0 + 8) * C::SROW, pv[1]);
+                    }
 #pragma unroll
                     for (int half = 0; half < 2; ++half)
 #pragma unroll
@@ -792,8 +810,11 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                             dq[nt * 4 + 2 * half + 1] += pv[half][2 * nt + 1];
                         }
                 }
-                mbar_arrive(peer_read + 8 * sb);
+                if (p.pair_mode != 3) mbar_arrive(peer_read + 8 * sb);
             }
+            // (push form, rank 1: into rank 0's buffer sb, the same offsets)
+            const bool push = PAIR && prank == 1 && p.pair_mode == 3;
+            const uint32_t rdst = push ? mapa_shared(smem_u32(dstage), 0) : 0u;
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const int r = qr0 + half * 8;
@@ -803,7 +824,10 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                     // TW: 16-byte unit col / 4 of row r in the 32-column boxes (the swizzled tile
                     // layout of the bf16 operands, 8 units per 128-byte row)
                     const uint32_t off = TW ? sw128_offset<BM>(r, col >> 2) + (col & 3) * 4 : r * C::SROW + col * 4;
-                    *reinterpret_cast<float2 *>(dstage + off) = make_float2(dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
+                    if (PAIR && push)
+                        st_cluster_f2(rdst + off, dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
+                    else
+                        *reinterpret_cast<float2 *>(dstage + off) = make_float2(dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
                 }
             }
             // the copy engine (async proxy) reads what these generic stores wrote
@@ -906,7 +930,7 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     p.a.acc_ld = C::ACC_LD;
     if (PAIR) {
         const char *pm = getenv("TACA_BWD_PAIR");
-        p.pair_mode = pm && !strcmp(pm, "2") ? 2 : 1;
+        p.pair_mode = pm && (!strcmp(pm, "2") || !strcmp(pm, "3")) ? atoi(pm) : 1;
     }
     if (PAIR && (a.seg_size & 1)) {
         // chains of whole pairs: seg_size rounded up to even (fewer chains or as many: the workspace has
@@ -1044,7 +1068,8 @@ int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16)
     // TACA_BWD_PAIR=1 (opt-in, a timing switch read per call): the row writer's chains in CTA pairs
     // (clusters of two; see the kernel), where the chains are ordered; else the form below
     const char *pr = getenv("TACA_BWD_PAIR");
-    if (!tw && pr && (!strcmp(pr, "1") || !strcmp(pr, "2")) && a.mode == taca_bwd::kOrdered && a.nk > 1) {
+    if (!tw && pr && (!strcmp(pr, "1") || !strcmp(pr, "2") || !strcmp(pr, "3")) && a.mode == taca_bwd::kOrdered &&
+        a.nk > 1) {
         const int stp = bf16 ? taca_bwd96::launch<__nv_bfloat16, 128, 64, false, false, true>(a, stream)
                              : taca_bwd96::launch<__half, 128, 64, false, false, true>(a, stream);
         if (stp != TACA_ERR_UNSUPPORTED) return stp;

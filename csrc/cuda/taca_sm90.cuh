@@ -222,6 +222,15 @@ __device__ __forceinline__ void ld_cluster_f2x8(uint32_t remote_addr, float (&v)
 #endif
 }
 
+/* A float2 store into another CTA's shared memory (shared::cluster address). */
+__device__ __forceinline__ void st_cluster_f2(uint32_t remote_addr, float x, float y) {
+#if TACA_SM90A
+    asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};\n" ::"r"(remote_addr), "f"(x), "f"(y) : "memory");
+#else
+    (void)remote_addr, (void)x, (void)y;
+#endif
+}
+
 /* Coordinate of map dimension dim (1..3) for (row, head, batch), by the map's pos (encode_map). */
 __device__ __forceinline__ int ws_coord(const int (&pos)[3], int dim, int row, int h, int b) {
     return pos[0] == dim ? row : (pos[1] == dim ? h : b);

@@ -1,8 +1,8 @@
-"""compute-sanitizer harness of the v6 backward's CTA pairs (TACA_BWD_PAIR=1: dQ chains in clusters of two,
-rank 1's part read by rank 0 from its shared memory). Backward calls at D = 128 (and 96) with an even and an
+"""compute-sanitizer harness of the v6 backward's CTA pairs (TACA_BWD_PAIR=1 / 3: dQ chains in clusters of two,
+rank 1's part read by rank 0 from its shared memory, or stored by rank 1 into rank 0's). Backward calls at D = 128 (and 96) with an even and an
 odd number of key tiles (a rank 1 past the last key tile), several query tiles (both staging buffers reused
 on both ranks), 1 and 2 chains, with and without a key mask. Run:
-  TACA_BWD_PAIR=1 compute-sanitizer --tool memcheck --kernel-name kns=taca_bwd python3 tests/cuda_harness/sanitize_bwd_pair.py
+  compute-sanitizer --tool memcheck --kernel-name kns=taca_bwd python3 tests/cuda_harness/sanitize_bwd_pair.py
 """
 from __future__ import annotations
 
@@ -14,8 +14,17 @@ import taca
 
 
 def main() -> int:
-    os.environ.setdefault("TACA_BWD_PAIR", "1")
     torch.manual_seed(0)
+    runs = 0
+    for form in ("1", "3"):  # rank 0 pulls rank 1's part, rank 1 pushes it
+        os.environ["TACA_BWD_PAIR"] = form
+        runs += _calls()
+    torch.cuda.synchronize()
+    print(f"sanitize_bwd_pair: {runs} kernel calls done")
+    return runs
+
+
+def _calls() -> int:
     runs = 0
     # (B, H, N, D, text_len, dtype, TACA_BWD_NSEG): key tiles 3 (odd), 4, 5 (odd, two chains of 4 and 1 ->
     # pairs: 4 + 1), 2 at D = 96
@@ -35,8 +44,6 @@ def main() -> int:
             o.backward(torch.randn_like(o))
             runs += 2
         os.environ.pop("TACA_BWD_NSEG", None)
-    torch.cuda.synchronize()
-    print(f"sanitize_bwd_pair: {runs} kernel calls done")
     return runs
 
 
