@@ -204,8 +204,10 @@ __device__ __forceinline__ unsigned long long trace_smid() {
  *           arrive peer_read[s], stage as by default.
  * TACA_BWD_PAIR=3, the push form: rank 1's MMA threads store their part straight into rank 0's staging buffer s
  * (st.shared::cluster: no load latency in either rank's MMA threads; rank 1's own buffers unused), rank 0's MMA
- * threads add their part to it in place (a local load, own + peer: bitwise mode 1's sums), and rank 0's relay
- * frees the buffer to rank 1 once rank 0's writer read the tile (its mb_empty[s]) instead of peer_read[s]. */
+ * threads add their part to it in place (a local load, own + peer: bitwise mode 1's sums), and rank 0's writer
+ * hands the buffer back (rank 1's xfree[s], a CTA-scope release) once its bulk read of the tile completed; the
+ * relay then only passes peer_full on (a relay that waited for the writer's read would hold tile it + 1's
+ * peer_ready behind tile it's chain poll). */
 template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false, bool PAIR = false>
 __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_constant__ V6Args p) {
 #if TACA_SM90A
@@ -376,9 +378,8 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                     const uint32_t par = (it / NS) & 1;
                     mbar_wait_cluster(peer_full + 8 * sb, par);
                     mbar_arrive(peer_ready + 8 * sb);
-                    // (push form: rank 1 writes tile it + 2 into this buffer once the writer read tile it)
-                    if (p.pair_mode == 3) mbar_wait(mb_empty + 8 * sb, par);
-                    else mbar_wait(peer_read + 8 * sb, par);
+                    if (p.pair_mode == 3) continue;  // (push form: the writer hands the buffer back)
+                    mbar_wait(peer_read + 8 * sb, par);
                     mbar_arrive_cluster(mapa_shared(xfree + 8 * sb, 1));
                 }
                 return;
@@ -461,6 +462,9 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                 }
                 bulk_commit();
                 bulk_wait_read();
+                // push form: rank 1 may store its part of tile it + 2 here now (the copy engine's reads are
+                // complete: a CTA-scope release, no GPU-scope membar on the chain's path)
+                if (PAIR && has_peer && p.pair_mode == 3) mbar_arrive_remote_cta(mapa_shared(xfree + 8 * w, 1));
             }
             __syncwarp();
             mbar_arrive(mb_empty + 8 * w);  // staging buffer free again

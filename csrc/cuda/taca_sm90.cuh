@@ -191,6 +191,13 @@ __device__ __forceinline__ void mbar_arrive_cluster(uint32_t remote_bar) {
     asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote_bar) : "memory");
 #endif
 }
+/* An arrival on another CTA's mbarrier with the default release at CTA scope (no GPU-scope membar; CUTLASS's
+ * ClusterBarrier::arrive(cta_id)): for handing back a buffer whose reads have completed. */
+__device__ __forceinline__ void mbar_arrive_remote_cta(uint32_t remote_bar) {
+#if TACA_SM90A
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote_bar) : "memory");
+#endif
+}
 __device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
 #if TACA_SM90A
     asm volatile(
