@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One device call (about 6 min): the v6 backward's CTA pairs (TACA_BWD_PAIR=1, opt-in). Build (reused on a warm
 # machine); one pair backward under a 60 s timeout first (a hang stops the call there); test_sm90_v6_pair and the
-# default v6 tests; memcheck + racecheck of sanitize_bwd_pair.py; bench_bwd_handoff.py at FLUX 1024 b1 / b2 (and
-# FLUX 2048 b1 with LONG=1): v6 (default), v6@pr (pairs, rank 0 pulls), v6@p3 (pairs, rank 1 pushes), v6@p2
-# (pull without the peer's loads: a diagnostic, wrong dQ), v6@s2@pr (pairs in 2 chains), v6+nd (unordered), 5
-# rotated rounds. First run (twenty-seventh
-# session): the first form, with cluster-scope waits in the MMA threads, 49% slower; the relay form (cluster
-# scope in relay lanes only) since.
+# default v6 tests; memcheck + racecheck of sanitize_bwd_pair.py and racecheck of the hand-off alone
+# (pair_relay_racecheck.cu, pull and push); bench_bwd_handoff.py at FLUX 1024 b1 / b2 (and FLUX 2048 b1 with
+# LONG=1): v6 (default), v6@pr (pairs, rank 0 pulls), v6@p3 (pairs, rank 1 pushes), v6@p2 (pull without the peer's
+# loads: a diagnostic, wrong dQ), v6@s2@pr (pairs in 2 chains), v6+nd (unordered), 5 rotated rounds. First run
+# (twenty-seventh session): the first form, with cluster-scope waits in the MMA threads, 49% slower; the relay
+# forms (cluster scope in relay lanes only) since.
 # Run: run(command="bash benchmarks/gpu_bwd_pair_run.sh", carry=[".whl"]).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -31,6 +31,11 @@ if [ $rc = 0 ]; then
       tests/cuda_harness/sanitize_bwd_pair.py > "$OUT/pair.$tool.txt" 2>&1
     echo "sanitize_bwd_pair $tool rc=$?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|calls done' "$OUT/pair.$tool.txt" | tr '\n' ' ')"
   done
+  # the hand-off alone (tests/cuda_harness/pair_relay_racecheck.cu): does racecheck follow it?
+  nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -Icsrc -Icsrc/cuda tests/cuda_harness/pair_relay_racecheck.cu \
+    -o build/pair_relay_racecheck && for m in pull push; do timeout 60 compute-sanitizer --tool racecheck \
+    build/pair_relay_racecheck $m > "$OUT/probe.$m.txt" 2>&1
+    echo "pair relay probe $m: $(grep -E 'RACECHECK SUMMARY|mismatches' "$OUT/probe.$m.txt" | tr '\n' ' ')"; done
   timeout 200 python3 benchmarks/bench_bwd_handoff.py --shapes flux1024_b1,flux1024_b2$([ "${LONG:-0}" = 1 ] && echo ,flux2048_b1) \
     --modes v6,v6@pr,v6@p3,v6@p2,v6@s2@pr,v6+nd --rounds "${ROUNDS:-5}" --out "$OUT" > "$OUT/bench.txt" 2>&1; echo "bench rc=$?"; tail -5 "$OUT/bench.txt"
 fi
