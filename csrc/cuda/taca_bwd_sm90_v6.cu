@@ -974,11 +974,7 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
         pc.blockDim = dim3(C::THREADS);
         pc.dynamicSmemBytes = C::SMEM;
         pc.stream = stream;
-        cudaLaunchAttribute pa[1];
-        pa[0].id = cudaLaunchAttributeClusterDimension;
-        pa[0].val.clusterDim.x = 2;
-        pa[0].val.clusterDim.y = 1;
-        pa[0].val.clusterDim.z = 1;
+        cudaLaunchAttribute pa[1] = {cluster_dim_attr(2)};
         pc.attrs = pa;
         pc.numAttrs = 1;
         TACA_CUDA_TRY(cudaLaunchKernelEx(&pc, kernel, p), "taca_bwd_cuda (sm90 v6 pair) main");

@@ -116,14 +116,16 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 #endif
 }
-/* Wait until the phase of parity `parity` of the barrier has completed. */
+/* Wait until the phase of parity `parity` of the barrier has completed (SEM: "" the default acquire at CTA
+ * scope, ".acquire.cluster" for arrivals from another CTA of the cluster, mbar_wait_cluster). */
+#define TACA_MBAR_WAIT_PTX(SEM)                                  \
+    "{\n.reg .pred done;\n"                                      \
+    "WAIT_%=:\n"                                                 \
+    "mbarrier.try_wait.parity" SEM ".shared::cta.b64 done, [%0], %1;\n" \
+    "@!done bra WAIT_%=;\n}\n"
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 #if TACA_SM90A
-    asm volatile(
-        "{\n.reg .pred done;\n"
-        "WAIT_%=:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra WAIT_%=;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+    asm volatile(TACA_MBAR_WAIT_PTX("") ::"r"(bar), "r"(parity) : "memory");
 #endif
 }
 /* 4-d TMA tile load (coordinates innermost first) into shared memory, completing on `bar`. */
@@ -200,11 +202,7 @@ __device__ __forceinline__ void mbar_arrive_remote_cta(uint32_t remote_bar) {
 }
 __device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
 #if TACA_SM90A
-    asm volatile(
-        "{\n.reg .pred done;\n"
-        "WAIT_%=:\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra WAIT_%=;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+    asm volatile(TACA_MBAR_WAIT_PTX(".acquire.cluster") ::"r"(bar), "r"(parity) : "memory");
 #endif
 }
 /* Eight consecutive float2 at remote_addr + 32 i (i = 0..7) of another CTA's shared memory, in one asm:
@@ -252,6 +250,16 @@ __device__ __forceinline__ void tma_load_tile(uint32_t dst, const void *tmap, co
     for (int cb = 0; cb < DP / 64; ++cb)
         tma_load_4d(dst + cb * ROWS * 128, tmap, bar, cb * 64, ws_coord(pos, 1, row, h, b), ws_coord(pos, 2, row, h, b),
                     ws_coord(pos, 3, row, h, b));
+}
+
+/* Host: the launch attribute of clusters of x CTAs along the grid's x (cudaLaunchKernelEx). */
+static inline cudaLaunchAttribute cluster_dim_attr(unsigned x) {
+    cudaLaunchAttribute at;
+    at.id = cudaLaunchAttributeClusterDimension;
+    at.val.clusterDim.x = x;
+    at.val.clusterDim.y = 1;
+    at.val.clusterDim.z = 1;
+    return at;
 }
 
 /* Host: the driver's tensor-map encoder, fetched once through the runtime (no -lcuda). */

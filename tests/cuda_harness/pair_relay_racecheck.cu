@@ -131,11 +131,7 @@ int main(int argc, char **argv) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(4);
     cfg.blockDim = dim3(384);
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeClusterDimension;
-    at[0].val.clusterDim.x = 2;
-    at[0].val.clusterDim.y = 1;
-    at[0].val.clusterDim.z = 1;
+    cudaLaunchAttribute at[1] = {cluster_dim_attr(2)};
     cfg.attrs = at;
     cfg.numAttrs = 1;
     cudaError_t e = cudaLaunchKernelEx(&cfg, pair, bad, push);
