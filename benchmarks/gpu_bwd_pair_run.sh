@@ -2,9 +2,9 @@
 # One device call (about 6 min): the v6 backward's CTA pairs (TACA_BWD_PAIR=1, opt-in). Build (reused on a warm
 # machine); one pair backward under a 60 s timeout first (a hang stops the call there); test_sm90_v6_pair and the
 # default v6 tests; memcheck + racecheck of sanitize_bwd_pair.py and racecheck of the hand-off alone
-# (pair_relay_racecheck.cu, pull and push); bench_bwd_handoff.py at FLUX 1024 b1 / b2 (and FLUX 2048 b1 with
-# LONG=1): v6 (default), v6@pr (pairs, rank 0 pulls), v6@p3 (pairs, rank 1 pushes), v6@p2 (pull without the peer's
-# loads: a diagnostic, wrong dQ), v6@s2@pr (pairs in 2 chains), v6+nd (unordered), 5 rotated rounds. First run
+# (pair_relay_racecheck.cu, pull / push / async); bench_bwd_handoff.py at FLUX 1024 b1 / b2 (and FLUX 2048 b1 with
+# LONG=1): v6 (default), v6@pr (pairs, rank 0 pulls), v6@p3 / v6@p4 (rank 1 pushes; by st.async), v6@p2 (pull
+# without the peer's loads: a diagnostic, wrong dQ), v6@s2@pr (pairs in 2 chains), v6+nd (unordered), 5 rotated rounds. First run
 # (twenty-seventh session): the first form, with cluster-scope waits in the MMA threads, 49% slower; the relay
 # forms (cluster scope in relay lanes only) since.
 # Run: run(command="bash benchmarks/gpu_bwd_pair_run.sh", carry=[".whl"]).
@@ -15,7 +15,7 @@ source benchmarks/gpu_build.sh  # (reused on a warm machine when the sources mat
 export TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so PYTHONPATH=/tmp/site:$PWD/tests/cuda_harness PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi -L
 rc=0
-for m in 1 2 3; do [ $rc = 0 ] || break; TACA_BWD_PAIR=$m timeout 60 python3 - <<'PY' || rc=$?
+for m in 1 2 3 4; do [ $rc = 0 ] || break; TACA_BWD_PAIR=$m timeout 60 python3 - <<'PY' || rc=$?
 import torch, taca
 q, k, v = (torch.randn(1, 24, 4608, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
 o = taca.joint_attention(q, k, v, text_len=512, gamma=1.2, backend="cuda")
@@ -33,11 +33,11 @@ if [ $rc = 0 ]; then
   done
   # the hand-off alone (tests/cuda_harness/pair_relay_racecheck.cu): does racecheck follow it?
   nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -Icsrc -Icsrc/cuda tests/cuda_harness/pair_relay_racecheck.cu \
-    -o build/pair_relay_racecheck && for m in pull push; do timeout 60 compute-sanitizer --tool racecheck \
+    -o build/pair_relay_racecheck && for m in pull push async; do timeout 60 compute-sanitizer --tool racecheck \
     build/pair_relay_racecheck $m > "$OUT/probe.$m.txt" 2>&1
     echo "pair relay probe $m: $(grep -E 'RACECHECK SUMMARY|mismatches' "$OUT/probe.$m.txt" | tr '\n' ' ')"; done
   timeout 200 python3 benchmarks/bench_bwd_handoff.py --shapes flux1024_b1,flux1024_b2$([ "${LONG:-0}" = 1 ] && echo ,flux2048_b1) \
-    --modes v6,v6@pr,v6@p3,v6@p2,v6@s2@pr,v6+nd --rounds "${ROUNDS:-5}" --out "$OUT" > "$OUT/bench.txt" 2>&1; echo "bench rc=$?"; tail -5 "$OUT/bench.txt"
+    --modes v6,v6@pr,v6@p3,v6@p4,v6@p2,v6@s2@pr,v6+nd --rounds "${ROUNDS:-5}" --out "$OUT" > "$OUT/bench.txt" 2>&1; echo "bench rc=$?"; tail -5 "$OUT/bench.txt"
 fi
 } 2>&1 | tee "$OUT/log.txt"
 bash benchmarks/pack_out.sh "$OUT"

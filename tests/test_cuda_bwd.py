@@ -195,12 +195,12 @@ PAIR_CASES = [c for c in CASES if c[4] in (96, 128) and c[2] + c[3] > 256]
 @pytest.mark.parametrize("extra", ["", "nseg3", "nseg8", "o0", "kmask"])
 @pytest.mark.parametrize("case", PAIR_CASES, ids=[_ids(c) for c in PAIR_CASES])
 def test_sm90_v6_pair(case, extra, monkeypatch):
-    """TACA_BWD_PAIR=1 / 3 (opt-in): v6's deterministic dQ chains in clusters of two CTAs (rank 1's dQ part
-    reaches rank 0 through distributed shared memory, pulled by rank 0's loads or pushed by rank 1's stores;
-    a chain link is a pair). Each meets the rule and is deterministic over three runs (_run_case); dK and dV
+    """TACA_BWD_PAIR=1 / 3 / 4 (opt-in): v6's deterministic dQ chains in clusters of two CTAs (rank 1's dQ part
+    reaches rank 0 through distributed shared memory, pulled by rank 0's loads or pushed by rank 1's stores,
+    plain or st.async; a chain link is a pair). Each meets the rule and is deterministic over three runs (_run_case); dK and dV
     bitwise the default's (each CTA's own sums), dQ within 2 units in the last place of the default's (the
-    fp32 adds grouped by pairs: another order, then one rounding); the two forms bitwise equal (the same
-    sums). Extras: 3 or 8 chains (TACA_BWD_NSEG; odd chain lengths rounded up to pairs), dQ converted after
+    fp32 adds grouped by pairs: another order, then one rounding); the three forms bitwise equal (the
+    same sums). Extras: 3 or 8 chains (TACA_BWD_NSEG; odd chain lengths rounded up to pairs), dQ converted after
     the main kernel (TACA_BWD_DQ_OVERLAP=0), a key mask (the masked instance). (Off sm_90, or where v6 does
     not run, the knob is ignored: all equal.)"""
     monkeypatch.setenv("TACA_BWD_SM90_KERNEL", "v6")
@@ -210,7 +210,7 @@ def test_sm90_v6_pair(case, extra, monkeypatch):
         monkeypatch.setenv("TACA_BWD_DQ_OVERLAP", "0")
     default = _run_case(case, key_mask=extra == "kmask")
     forms = {}
-    for form in ("1", "3"):
+    for form in ("1", "3", "4"):
         monkeypatch.setenv("TACA_BWD_PAIR", form)
         forms[form] = got = _run_case(case, reps=3, key_mask=extra == "kmask")
         for name, a, b in zip(("dq", "dk", "dv"), got, default):
@@ -221,8 +221,9 @@ def test_sm90_v6_pair(case, extra, monkeypatch):
             tiny = torch.finfo(b.dtype).eps * b.float().abs().max() * 2 ** -10  # values near 0
             excess = ((a.float() - b.float()).abs() - (2 * ulp + tiny)).max().item()
             assert excess <= 0, f"dq: the pairs' sums (form {form}) off by {excess:.3g} beyond 2 ulp of the default's"
-    for name, a, b in zip(("dq", "dk", "dv"), forms["1"], forms["3"]):
-        assert torch.equal(a, b), f"{name}: the push form differs from the pull form"
+    for form in ("3", "4"):
+        for name, a, b in zip(("dq", "dk", "dv"), forms["1"], forms[form]):
+            assert torch.equal(a, b), f"{name}: the push form {form} differs from the pull form"
 
 
 def _switch_is_bitwise(case, monkeypatch, var, value, what):

@@ -137,8 +137,9 @@ struct V6Args {
     CUtensorMap tdk, tdv;  // dkv_tma: dK and dV as the Q map is (64 x 64 boxes: one warpgroup's rows)
     int pos_dk[3], pos_dv[3];
     int dkv_tma;  // dK / dV through shared memory and TMA stores (else fragment stores to global)
-    // PAIR: 1 the pairs, rank 0 pulling rank 1's part; 3 rank 1 pushing it into rank 0's staging buffer;
-    // 2 a timing diagnostic (wrong dQ): mode 1's handshakes without the loads (TACA_BWD_PAIR=1 / 3 / 2)
+    // PAIR: 1 the pairs, rank 0 pulling rank 1's part; 3 rank 1 pushing it into rank 0's staging buffer; 4 the
+    // same push by st.async (complete_tx on rank 0's peer_full); 2 a timing diagnostic (wrong dQ): mode 1's
+    // handshakes without the loads (TACA_BWD_PAIR=1 / 3 / 4 / 2)
     int pair_mode;
 };
 
@@ -207,7 +208,10 @@ __device__ __forceinline__ unsigned long long trace_smid() {
  * threads add their part to it in place (a local load, own + peer: bitwise mode 1's sums), and rank 0's writer
  * hands the buffer back (rank 1's xfree[s], a CTA-scope release) once its bulk read of the tile completed; the
  * relay then only passes peer_full on (a relay that waited for the writer's read would hold tile it + 1's
- * peer_ready behind tile it's chain poll). */
+ * peer_ready behind tile it's chain poll).
+ * TACA_BWD_PAIR=4: the push form with st.async stores, each completing its 8 bytes on rank 0's peer_full[s],
+ * which rank 0's relay arms with the tile's 32 KB (arrive.expect_tx) before waiting on it: the data is visible
+ * once the phase completes, by construction; rank 1's relay keeps only the xfree -> mb_empty leg. */
 template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false, bool PAIR = false>
 __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_constant__ V6Args p) {
 #if TACA_SM90A
@@ -366,8 +370,10 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             } else if (prank == 1) {
                 const uint32_t peer_bar = mapa_shared(peer_full + 8 * rw, 0);
                 for (int it = rw; it < nqt; it += NS) {
-                    mbar_wait(mb_full + 8 * rw, (it / NS) & 1);
-                    mbar_arrive_cluster(peer_bar);
+                    if (p.pair_mode != 4) {  // (st.async completes rank 0's peer_full itself)
+                        mbar_wait(mb_full + 8 * rw, (it / NS) & 1);
+                        mbar_arrive_cluster(peer_bar);
+                    }
                     mbar_wait_cluster(xfree + 8 * rw, (it / NS) & 1);
                     mbar_arrive(mb_empty + 8 * rw);
                 }
@@ -376,9 +382,11 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                 for (int it = 0; it < nqt; ++it) {
                     const int sb = it & 1;
                     const uint32_t par = (it / NS) & 1;
+                    // (st.async: this arrival arms the phase with the tile's bytes, rank 1's stores complete it)
+                    if (p.pair_mode == 4) mbar_arrive_expect_tx(peer_full + 8 * sb, BM * DP * 4);
                     mbar_wait_cluster(peer_full + 8 * sb, par);
                     mbar_arrive(peer_ready + 8 * sb);
-                    if (p.pair_mode == 3) continue;  // (push form: the writer hands the buffer back)
+                    if (p.pair_mode >= 3) continue;  // (push forms: the writer hands the buffer back)
                     mbar_wait(peer_read + 8 * sb, par);
                     mbar_arrive_cluster(mapa_shared(xfree + 8 * sb, 1));
                 }
@@ -464,7 +472,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                 bulk_wait_read();
                 // push form: rank 1 may store its part of tile it + 2 here now (the copy engine's reads are
                 // complete: a CTA-scope release, no GPU-scope membar on the chain's path)
-                if (PAIR && has_peer && p.pair_mode == 3) mbar_arrive_remote_cta(mapa_shared(xfree + 8 * w, 1));
+                if (PAIR && has_peer && p.pair_mode >= 3) mbar_arrive_remote_cta(mapa_shared(xfree + 8 * w, 1));
             }
             __syncwarp();
             mbar_arrive(mb_empty + 8 * w);  // staging buffer free again
@@ -791,7 +799,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                 mbar_wait(peer_ready + 8 * sb, (it / NS) & 1);
                 if (p.pair_mode != 2) {
                     float pv[2][16];
-                    if (p.pair_mode == 3) {  // push form: rank 1's part is in this buffer already
+                    if (p.pair_mode >= 3) {  // push forms: rank 1's part is in this buffer already
 #pragma unroll
                         for (int half = 0; half < 2; ++half)
 #pragma unroll
@@ -814,11 +822,12 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                             dq[nt * 4 + 2 * half + 1] += pv[half][2 * nt + 1];
                         }
                 }
-                if (p.pair_mode != 3) mbar_arrive(peer_read + 8 * sb);
+                if (p.pair_mode < 3) mbar_arrive(peer_read + 8 * sb);
             }
-            // (push form, rank 1: into rank 0's buffer sb, the same offsets)
-            const bool push = PAIR && prank == 1 && p.pair_mode == 3;
+            // (push forms, rank 1: into rank 0's buffer sb, the same offsets; st.async: completing on its peer_full)
+            const bool push = PAIR && prank == 1 && p.pair_mode >= 3;
             const uint32_t rdst = push ? mapa_shared(smem_u32(dstage), 0) : 0u;
+            const uint32_t rbar = push ? mapa_shared(peer_full + 8 * sb, 0) : 0u;
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const int r = qr0 + half * 8;
@@ -828,7 +837,9 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                     // TW: 16-byte unit col / 4 of row r in the 32-column boxes (the swizzled tile
                     // layout of the bf16 operands, 8 units per 128-byte row)
                     const uint32_t off = TW ? sw128_offset<BM>(r, col >> 2) + (col & 3) * 4 : r * C::SROW + col * 4;
-                    if (PAIR && push)
+                    if (PAIR && push && p.pair_mode == 4)
+                        st_async_f2(rdst + off, dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1], rbar);
+                    else if (PAIR && push)
                         st_cluster_f2(rdst + off, dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
                     else
                         *reinterpret_cast<float2 *>(dstage + off) = make_float2(dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
@@ -934,7 +945,7 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     p.a.acc_ld = C::ACC_LD;
     if (PAIR) {
         const char *pm = getenv("TACA_BWD_PAIR");
-        p.pair_mode = pm && (!strcmp(pm, "2") || !strcmp(pm, "3")) ? atoi(pm) : 1;
+        p.pair_mode = pm && (!strcmp(pm, "2") || !strcmp(pm, "3") || !strcmp(pm, "4")) ? atoi(pm) : 1;
     }
     if (PAIR && (a.seg_size & 1)) {
         // chains of whole pairs: seg_size rounded up to even (fewer chains or as many: the workspace has
@@ -1068,8 +1079,7 @@ int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16)
     // TACA_BWD_PAIR=1 (opt-in, a timing switch read per call): the row writer's chains in CTA pairs
     // (clusters of two; see the kernel), where the chains are ordered; else the form below
     const char *pr = getenv("TACA_BWD_PAIR");
-    if (!tw && pr && (!strcmp(pr, "1") || !strcmp(pr, "2") || !strcmp(pr, "3")) && a.mode == taca_bwd::kOrdered &&
-        a.nk > 1) {
+    if (!tw && pr && pr[0] >= '1' && pr[0] <= '4' && !pr[1] && a.mode == taca_bwd::kOrdered && a.nk > 1) {
         const int stp = bf16 ? taca_bwd96::launch<__nv_bfloat16, 128, 64, false, false, true>(a, stream)
                              : taca_bwd96::launch<__half, 128, 64, false, false, true>(a, stream);
         if (stp != TACA_ERR_UNSUPPORTED) return stp;

@@ -227,6 +227,17 @@ __device__ __forceinline__ void ld_cluster_f2x8(uint32_t remote_addr, float (&v)
 #endif
 }
 
+/* A float2 store into another CTA's shared memory that completes 8 bytes of transactions on the mbarrier
+ * remote_bar there (shared::cluster addresses): visible to that CTA's threads once the barrier's phase completes. */
+__device__ __forceinline__ void st_async_f2(uint32_t remote_addr, float x, float y, uint32_t remote_bar) {
+#if TACA_SM90A
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [%0], {%1, %2}, [%3];\n" ::"r"(remote_addr),
+                 "r"(__float_as_uint(x)), "r"(__float_as_uint(y)), "r"(remote_bar)
+                 : "memory");
+#else
+    (void)remote_addr, (void)x, (void)y, (void)remote_bar;
+#endif
+}
 /* A float2 store into another CTA's shared memory (shared::cluster address). */
 __device__ __forceinline__ void st_cluster_f2(uint32_t remote_addr, float x, float y) {
 #if TACA_SM90A

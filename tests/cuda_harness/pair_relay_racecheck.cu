@@ -12,7 +12,9 @@
  *   push (TACA_BWD_PAIR=3): rank 1's MMA threads store into rank 0's buffer s (st.shared::cluster); rank 0's MMA
  *     threads add their value in place (a local load); rank 0's writer, once it read the tile, arrives on rank 1's
  *     xfree[s] (CTA-scope release, as the kernel's after its bulk read); rank 0's relay only passes peer_full on.
- * Run: compute-sanitizer --tool racecheck build/pair_relay_racecheck [pull|push]
+ *   async (TACA_BWD_PAIR=4): push by st.async, each store completing its bytes on rank 0's peer_full[s], which
+ *     rank 0's relay arms with the tile's bytes (arrive.expect_tx); rank 1's relay keeps only xfree -> mb_empty.
+ * Run: compute-sanitizer --tool racecheck build/pair_relay_racecheck [pull|push|async]
  * Build: nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -Icsrc -Icsrc/cuda \
  *        tests/cuda_harness/pair_relay_racecheck.cu -o build/pair_relay_racecheck
  * Result: not yet run (written in the twenty-seventh session, after the first pair form's racecheck reported
@@ -38,6 +40,13 @@ __device__ __forceinline__ float ld_cluster_f32(uint32_t addr) {
     asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
 #endif
     return v;
+}
+__device__ __forceinline__ void st_async_f32(uint32_t addr, float v, uint32_t remote_bar) {
+#if TACA_SM90A
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(addr),
+                 "r"(__float_as_uint(v)), "r"(remote_bar)
+                 : "memory");
+#endif
 }
 __device__ __forceinline__ void st_cluster_f32(uint32_t addr, float v) {
 #if TACA_SM90A
@@ -73,7 +82,10 @@ __global__ void __launch_bounds__(384, 1) pair(int *mismatches, int push) {
             const uint32_t par = (t >> 1) & 1;
             if (t >= 2) mbar_wait(mb_empty + 8 * s, ((t >> 1) - 1) & 1);
             if (rank == 1) {
-                if (push) st_cluster_f32(mapa_shared(smem_u32(&buf[s][tid]), 0), value(1, t, tid));
+                if (push == 2)
+                    st_async_f32(mapa_shared(smem_u32(&buf[s][tid]), 0), value(1, t, tid), mapa_shared(peer_full + 8 * s, 0));
+                else if (push)
+                    st_cluster_f32(mapa_shared(smem_u32(&buf[s][tid]), 0), value(1, t, tid));
                 else buf[s][tid] = value(1, t, tid);
             } else {
                 mbar_wait(peer_ready + 8 * s, par);
@@ -89,8 +101,10 @@ __global__ void __launch_bounds__(384, 1) pair(int *mismatches, int push) {
         if (rank == 1 && w < 2) {        // relay of buffer w
             for (int t = w; t < kTiles; t += 2) {
                 const uint32_t par = (t >> 1) & 1;
-                mbar_wait(mb_full + 8 * w, par);
-                mbar_arrive_cluster(mapa_shared(peer_full + 8 * w, 0));
+                if (push != 2) {
+                    mbar_wait(mb_full + 8 * w, par);
+                    mbar_arrive_cluster(mapa_shared(peer_full + 8 * w, 0));
+                }
                 mbar_wait_cluster(xfree + 8 * w, par);
                 mbar_arrive(mb_empty + 8 * w);
             }
@@ -98,6 +112,7 @@ __global__ void __launch_bounds__(384, 1) pair(int *mismatches, int push) {
             for (int t = 0; t < kTiles; ++t) {
                 const int s = t & 1;
                 const uint32_t par = (t >> 1) & 1;
+                if (push == 2) mbar_arrive_expect_tx(peer_full + 8 * s, kRow * 4);
                 mbar_wait_cluster(peer_full + 8 * s, par);
                 mbar_arrive(peer_ready + 8 * s);
                 if (push) continue;
@@ -121,7 +136,7 @@ __global__ void __launch_bounds__(384, 1) pair(int *mismatches, int push) {
 }
 
 int main(int argc, char **argv) {
-    const int push = argc > 1 && !strcmp(argv[1], "push");
+    const int push = argc > 1 && !strcmp(argv[1], "push") ? 1 : argc > 1 && !strcmp(argv[1], "async") ? 2 : 0;
     int *bad = nullptr;
     if (cudaMalloc(&bad, sizeof(int)) != cudaSuccess) {
         printf("pair_relay_racecheck: cudaMalloc failed\n");
@@ -138,7 +153,8 @@ int main(int argc, char **argv) {
     if (e == cudaSuccess) e = cudaDeviceSynchronize();
     int h = -1;
     cudaMemcpy(&h, bad, sizeof(int), cudaMemcpyDeviceToHost);
-    printf("pair_relay_racecheck (%s): %s, mismatches %d\n", push ? "push" : "pull", cudaGetErrorString(e), h);
+    printf("pair_relay_racecheck (%s): %s, mismatches %d\n", push == 2 ? "async" : push ? "push" : "pull",
+           cudaGetErrorString(e), h);
     cudaFree(bad);
     return e == cudaSuccess && h == 0 ? 0 : 1;
 }

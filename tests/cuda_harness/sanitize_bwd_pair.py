@@ -1,7 +1,8 @@
-"""compute-sanitizer harness of the v6 backward's CTA pairs (TACA_BWD_PAIR=1 / 3: dQ chains in clusters of two,
-rank 1's part read by rank 0 from its shared memory, or stored by rank 1 into rank 0's). Backward calls at D = 128 (and 96) with an even and an
-odd number of key tiles (a rank 1 past the last key tile), several query tiles (both staging buffers reused
-on both ranks), 1 and 2 chains, with and without a key mask. Run:
+"""compute-sanitizer harness of the v6 backward's CTA pairs (TACA_BWD_PAIR=1 / 3 / 4: dQ chains in clusters of
+two, rank 1's part read by rank 0 from its shared memory, or stored by rank 1 into rank 0's, plainly or by
+st.async). Backward calls at D = 128 (and 96) with an even and an odd number of key tiles (a rank 1 past the
+last key tile), several query tiles (both staging buffers reused on both ranks), 1 and 2 chains, with and without
+a key mask. Run:
   compute-sanitizer --tool memcheck --kernel-name kns=taca_bwd python3 tests/cuda_harness/sanitize_bwd_pair.py
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import taca
 def main() -> int:
     torch.manual_seed(0)
     runs = 0
-    for form in ("1", "3"):  # rank 0 pulls rank 1's part, rank 1 pushes it
+    for form in ("1", "3", "4"):  # rank 0 pulls rank 1's part, rank 1 pushes it (plain stores, st.async)
         os.environ["TACA_BWD_PAIR"] = form
         runs += _calls()
     torch.cuda.synchronize()
