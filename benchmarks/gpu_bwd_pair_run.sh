@@ -27,11 +27,8 @@ done; echo "smoke rc=$rc"
 if [ $rc = 0 ]; then
   timeout 240 python3 -m pytest -q tests/test_cuda_bwd.py -k "pair or v6_kernel or dq_overlap or matches_reference" \
     > "$OUT/pytest.txt" 2>&1; echo "pytest: $(tail -1 "$OUT/pytest.txt")"; grep -E "^(FAILED|ERROR)" "$OUT/pytest.txt" | head -12
-  for tool in memcheck racecheck; do
-    timeout 150 compute-sanitizer --tool $tool --kernel-name kns=taca_bwd python3 \
-      tests/cuda_harness/sanitize_bwd_pair.py > "$OUT/pair.$tool.txt" 2>&1
-    echo "sanitize_bwd_pair $tool rc=$?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|calls done' "$OUT/pair.$tool.txt" | tr '\n' ' ')"
-  done
+  source benchmarks/gpu_sanitize.sh
+  sanitize tests/cuda_harness/sanitize_bwd_pair.py taca_bwd pair
   # the hand-off alone (tests/cuda_harness/pair_relay_racecheck.cu): does racecheck follow it?
   nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -Icsrc -Icsrc/cuda tests/cuda_harness/pair_relay_racecheck.cu \
     -o build/pair_relay_racecheck && for m in pull push async; do timeout 60 compute-sanitizer --tool racecheck \

@@ -33,12 +33,8 @@ elif [ "${PART:-check}" = check ]; then
   timeout 240 python3 -m pytest -q tests/test_cuda.py tests/test_cuda_features.py tests/test_cuda_bwd.py \
     tests/test_ops_compile.py > "$OUT/pytest.txt" 2>&1
   echo "pytest ($((SECONDS - t0)) s): $(tail -1 "$OUT/pytest.txt")"; grep -E "^(FAILED|ERROR)" "$OUT/pytest.txt" | head -8
-  for tool in memcheck racecheck; do
-    t0=$SECONDS
-    timeout 150 compute-sanitizer --tool $tool --kernel-name kns=taca_ python3 tests/cuda_harness/sanitize_fwd.py \
-      > "$OUT/fwd.$tool.txt" 2>&1
-    echo "sanitize_fwd $tool ($((SECONDS - t0)) s): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|calls done' "$OUT/fwd.$tool.txt" | tr '\n' ' ')"
-  done
+  source benchmarks/gpu_sanitize.sh
+  sanitize tests/cuda_harness/sanitize_fwd.py taca_ fwd
   for mode in default tile:lane0; do
     m=${mode%%:*}; [ "$m" = default ] && m=
     TACA_FWD_MASK=$m TACA_FWD_KT_ARRIVE=$([[ $mode == *:* ]] && echo "${mode#*:}") timeout 100 compute-sanitizer \

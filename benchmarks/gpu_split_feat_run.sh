@@ -16,11 +16,8 @@ timeout 200 python3 -m pytest -q tests/test_cuda.py tests/test_cuda_features.py 
   -k "tail_split or key_mask or features_tolerance or deterministic" > "$OUT/pytest.txt" 2>&1
 tail -1 "$OUT/pytest.txt"; grep -E "^(FAILED|ERROR)" "$OUT/pytest.txt" | head -8
 if [ "${SKIP_SAN:-0}" != 1 ]; then
-  for tool in memcheck racecheck; do
-    timeout 150 compute-sanitizer --tool $tool --kernel-name kns=taca_ python3 tests/cuda_harness/sanitize_fwd_split.py \
-      > "$OUT/split.$tool.txt" 2>&1
-    echo "sanitize_fwd_split $tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|calls done' "$OUT/split.$tool.txt" | tr '\n' ' ')"
-  done
+  source benchmarks/gpu_sanitize.sh
+  sanitize tests/cuda_harness/sanitize_fwd_split.py taca_ split
 fi
 for f in $(echo "${FEATURES:-spans,keymask,keypad}" | tr , ' '); do
   mkdir -p "$OUT/$f"

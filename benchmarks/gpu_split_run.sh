@@ -15,11 +15,8 @@ timeout 150 python3 -m pytest -q tests/test_cuda.py -k "tail_split or forward_ma
   > "$OUT/pytest.txt" 2>&1
 tail -1 "$OUT/pytest.txt"; grep -E "^(FAILED|ERROR)|Error" "$OUT/pytest.txt" | head -8
 if [ "${SKIP_SAN:-0}" != 1 ]; then
-  for tool in memcheck racecheck; do
-    timeout 120 compute-sanitizer --tool $tool --kernel-name kns=taca_ python3 tests/cuda_harness/sanitize_fwd_split.py \
-      > "$OUT/split.$tool.txt" 2>&1
-    echo "sanitize_fwd_split $tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|calls done' "$OUT/split.$tool.txt" | tr '\n' ' ')"
-  done
+  source benchmarks/gpu_sanitize.sh
+  sanitize tests/cuda_harness/sanitize_fwd_split.py taca_ split 120
 fi
 timeout 240 python3 benchmarks/bench_fwd_tail.py --heads "${HEADS:-22,24,44,48}" --split "${SPLITS:-0,auto,range}" \
   --rounds "${ROUNDS:-7}" $([ "${BWD:-0}" = 1 ] || echo --no-bwd) --out "$OUT" > "$OUT/tail.txt" 2>&1; echo "tail rc=$?"; grep -E "^\||^GPU|Error" "$OUT/tail.txt"

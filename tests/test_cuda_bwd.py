@@ -85,6 +85,14 @@ def _sdpa_grads(q, k, v, dout, **kw):
     return ql.grad, kl.grad, vl.grad
 
 
+def _ulp_excess(a, b, ulps=2):
+    """How far |a - b| goes beyond `ulps` units in the last place of b's dtype at b's values (eps = one unit at 1),
+    plus eps x max|b| x 2^-10 for values near 0; <= 0: within."""
+    eps = torch.finfo(b.dtype).eps
+    bound = ulps * eps * b.float().abs() + eps * b.float().abs().max() * 2 ** -10
+    return ((a.float() - b.float()).abs() - bound).max().item()
+
+
 def _check_rule(got, sdpa, ref, names=("dq", "dk", "dv")):
     msgs = []
     for name, g, s, r in zip(names, got, sdpa, ref):
@@ -197,10 +205,10 @@ PAIR_CASES = [c for c in CASES if c[4] in (96, 128) and c[2] + c[3] > 256]
 def test_sm90_v6_pair(case, extra, monkeypatch):
     """TACA_BWD_PAIR=1 / 3 / 4 (opt-in): v6's deterministic dQ chains in clusters of two CTAs (rank 1's dQ part
     reaches rank 0 through distributed shared memory, pulled by rank 0's loads or pushed by rank 1's stores,
-    plain or st.async; a chain link is a pair). Each meets the rule and is deterministic over three runs (_run_case); dK and dV
-    bitwise the default's (each CTA's own sums), dQ within 2 units in the last place of the default's (the
-    fp32 adds grouped by pairs: another order, then one rounding); the three forms bitwise equal (the
-    same sums). Extras: 3 or 8 chains (TACA_BWD_NSEG; odd chain lengths rounded up to pairs), dQ converted after
+    plain or st.async; a chain link is a pair). Each meets the rule and is deterministic over three runs
+    (_run_case); dK and dV bitwise the default's (each CTA's own sums), dQ within 2 units in the last place of
+    the default's (the fp32 adds grouped by pairs: another order, then one rounding); the three forms bitwise
+    equal (the same sums). Extras: 3 or 8 chains (TACA_BWD_NSEG; odd chain lengths rounded up to pairs), dQ converted after
     the main kernel (TACA_BWD_DQ_OVERLAP=0), a key mask (the masked instance). (Off sm_90, or where v6 does
     not run, the knob is ignored: all equal.)"""
     monkeypatch.setenv("TACA_BWD_SM90_KERNEL", "v6")
@@ -217,9 +225,7 @@ def test_sm90_v6_pair(case, extra, monkeypatch):
             if name != "dq":
                 assert torch.equal(a, b), f"{name}: the pairs (form {form}) changed a CTA's own sums"
                 continue
-            ulp = torch.finfo(b.dtype).eps * b.float().abs()
-            tiny = torch.finfo(b.dtype).eps * b.float().abs().max() * 2 ** -10  # values near 0
-            excess = ((a.float() - b.float()).abs() - (2 * ulp + tiny)).max().item()
+            excess = _ulp_excess(a, b)
             assert excess <= 0, f"dq: the pairs' sums (form {form}) off by {excess:.3g} beyond 2 ulp of the default's"
     for form in ("3", "4"):
         for name, a, b in zip(("dq", "dk", "dv"), forms["1"], forms[form]):
@@ -345,9 +351,7 @@ def test_sm90_v6_dq_overlap(shape, deterministic, monkeypatch):
             if deterministic or name != "dq":
                 assert torch.equal(a, b), f"{name}: overlapped conversion differs from the converted-after path"
             else:
-                ulp = torch.finfo(dtype).eps * b.float().abs()  # eps = one unit in the last place at 1
-                tiny = torch.finfo(dtype).eps * b.float().abs().max() * 2 ** -10  # values near 0
-                excess = ((a.float() - b.float()).abs() - (2 * ulp + tiny)).max().item()
+                excess = _ulp_excess(a, b)
                 assert excess <= 0, f"dq: unordered overlapped conversion off by {excess:.3g} beyond 2 ulp"
 
 

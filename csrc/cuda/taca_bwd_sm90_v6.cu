@@ -943,9 +943,9 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     memset(&p, 0, sizeof(p));
     p.a = a;
     p.a.acc_ld = C::ACC_LD;
-    if (PAIR) {
+    if (PAIR) {  // (taca_bwd_sm90_v6 launches PAIR only for TACA_BWD_PAIR = 1..4)
         const char *pm = getenv("TACA_BWD_PAIR");
-        p.pair_mode = pm && (!strcmp(pm, "2") || !strcmp(pm, "3") || !strcmp(pm, "4")) ? atoi(pm) : 1;
+        p.pair_mode = pm ? atoi(pm) : 1;
     }
     if (PAIR && (a.seg_size & 1)) {
         // chains of whole pairs: seg_size rounded up to even (fewer chains or as many: the workspace has
@@ -1076,10 +1076,10 @@ int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16)
         return tw ? taca_bwd96::launch_dtype<64, 128, true>(a, stream, bf16)
                   : taca_bwd96::launch_dtype<64, 128, false>(a, stream, bf16);
     }
-    // TACA_BWD_PAIR=1 (opt-in, a timing switch read per call): the row writer's chains in CTA pairs
-    // (clusters of two; see the kernel), where the chains are ordered; else the form below
+    // TACA_BWD_PAIR=1..4 (opt-in, a timing switch read per call): the row writer's chains in CTA pairs
+    // (clusters of two; see the kernel); launch refuses where the chains are not ordered, then the form below
     const char *pr = getenv("TACA_BWD_PAIR");
-    if (!tw && pr && pr[0] >= '1' && pr[0] <= '4' && !pr[1] && a.mode == taca_bwd::kOrdered && a.nk > 1) {
+    if (!tw && pr && pr[0] >= '1' && pr[0] <= '4' && !pr[1]) {
         const int stp = bf16 ? taca_bwd96::launch<__nv_bfloat16, 128, 64, false, false, true>(a, stream)
                              : taca_bwd96::launch<__half, 128, 64, false, false, true>(a, stream);
         if (stp != TACA_ERR_UNSUPPORTED) return stp;
