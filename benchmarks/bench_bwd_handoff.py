@@ -15,9 +15,7 @@ kernel (TACA_BWD_SM90_KERNEL=v6, the default), "v6:rows" / "v6:tensor" v6 with t
 "<mode>@o0" that mode with dQ converted after the main kernel (TACA_BWD_DQ_OVERLAP=0), "<mode>@g3" v6's
 3-D grid at D = 64 (TACA_BWD_V6_GRID=3d; the 1-D one is the default there), "<mode>@fs" / "<mode>@tm" v6 with
 dK / dV by fragment stores / by TMA (TACA_BWD_V6_DKV=frag / tma; TMA is the default), "<mode>@me" a key mask
-by the per-element path (TACA_BWD_MASK=elem), "<mode>@pr" / "@p3" / "@p4" v6's chains in CTA pairs, rank 0
-pulling / rank 1 pushing / pushing by st.async (TACA_BWD_PAIR=1 / 3 / 4; "@p2"
-the pull form's diagnostic without the peer's loads, wrong dQ), "mma" the mma.sync kernel (TACA_BWD_SM90=0, other GPUs' backward); suffixes combine, e.g.
+by the per-element path (TACA_BWD_MASK=elem), "mma" the mma.sync kernel (TACA_BWD_SM90=0, other GPUs' backward); suffixes combine, e.g.
 "v6@s4@o0+nd");
 the table also gives each mode's max difference to the first)
 Prints a table last; writes JSON to DIR.
@@ -113,9 +111,7 @@ def main() -> int:
                 # path, TACA_BWD_MASK=elem)
                 suffixes = (("@o0", "TACA_BWD_DQ_OVERLAP", "0"), ("@o2", "TACA_BWD_DQ_OVERLAP", "2"),
                             ("@g3", "TACA_BWD_V6_GRID", "3d"), ("@fs", "TACA_BWD_V6_DKV", "frag"),
-                            ("@tm", "TACA_BWD_V6_DKV", "tma"), ("@me", "TACA_BWD_MASK", "elem"),
-                            ("@pr", "TACA_BWD_PAIR", "1"), ("@p2", "TACA_BWD_PAIR", "2"),
-                            ("@p3", "TACA_BWD_PAIR", "3"), ("@p4", "TACA_BWD_PAIR", "4")) + tuple(
+                            ("@tm", "TACA_BWD_V6_DKV", "tma"), ("@me", "TACA_BWD_MASK", "elem")) + tuple(
                                 (f"@c{n}", "TACA_BWD_CONV_CTAS", str(n)) for n in range(1, 9))
                 for suffix, var, val in suffixes * 3:
                     if base.endswith(suffix):

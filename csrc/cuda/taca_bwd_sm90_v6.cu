@@ -116,8 +116,7 @@ struct Cfg {
     // included) is one contiguous block of the workspace, added by one bulk operation
     static constexpr int ACC_LD = TW ? DP : DP + taca_bwd::kAccPad;
     static constexpr uint32_t TILE_TX = 2 * QT_BYTES;  // TMA bytes of a tile: Q and dO
-    // stage full/empty, q_full[2], q_empty[2], ds_free, and PAIR's peer_full, peer_ready, peer_read, xfree [2]
-    static constexpr int NBAR = 2 * NSTAGE + 13;
+    static constexpr int NBAR = 2 * NSTAGE + 5;  // stage full/empty, q_full[2], q_empty[2], ds_free
     static constexpr size_t SMEM = 2 * KV_BYTES + 4 * QT_BYTES + DS_BYTES + NSTAGE * STAGE_BYTES +
                                    4 * BM * sizeof(float) + NBAR * sizeof(uint64_t) + 1024;
     static_assert((DP == 64 && BM == 128) || (DP == 128 && BM == 64), "tile");
@@ -137,10 +136,6 @@ struct V6Args {
     CUtensorMap tdk, tdv;  // dkv_tma: dK and dV as the Q map is (64 x 64 boxes: one warpgroup's rows)
     int pos_dk[3], pos_dv[3];
     int dkv_tma;  // dK / dV through shared memory and TMA stores (else fragment stores to global)
-    // PAIR: 1 the pairs, rank 0 pulling rank 1's part; 3 rank 1 pushing it into rank 0's staging buffer; 4 the
-    // same push by st.async (complete_tx on rank 0's peer_full); 2 a timing diagnostic (wrong dQ): mode 1's
-    // handshakes without the loads (TACA_BWD_PAIR=1 / 3 / 4 / 2)
-    int pair_mode;
 };
 
 /* The CTA's grid index as one number: G1 kernels run on a 1-D grid of nk * Hkv * B CTAs (key
@@ -184,35 +179,8 @@ __device__ __forceinline__ unsigned long long trace_smid() {
 #endif
 
 /* MASK: a.mask.data != NULL (its own instance: the unmasked one carries no mask code).
- * G1: the 1-D grid (see ctaid_x_volatile), the default at D = 64 (TACA_BWD_V6_GRID=3d: the 3-D one).
- * PAIR (TACA_BWD_PAIR=1, opt-in; the ordered mode, the row writer, the 3-D grid): clusters of two CTAs, key
- * tiles jt = 2m (rank 0) and 2m + 1 (rank 1) of one chain (seg_size even, the grid's x rounded up to even; a
- * rank 1 past the last key tile exits after the cluster barrier). Rank 1 adds nothing to global memory:
- * rank 0's MMA threads read its staged part of each tile from its shared memory (ld.shared::cluster), stage
- * own + peer (a fixed order: deterministic), and rank 0's writer adds the sum as one chain link. So a chain of
- * L key tiles has ceil(L / 2) links: the ordered hand-off (a poll, a bulk reduce-add's completion, ~2.3 us
- * per link on FLUX 1024, KERNEL_LOG twelfth session) is paid half as often. Not v5's sums (other fp32 order).
- * The cluster-scope handshakes run in relay lanes, never in the MMA threads: an acquire or release at cluster
- * scope compiles to MEMBAR.ALL.GPU + CCTL.IVALL, and the first form, which had the MMA threads wait and
- * arrive at cluster scope (10 such membars in the kernel against the default's 2), ran FLUX 1024's backward
- * 49% slower on an H100 (KERNEL_LOG twenty-seventh session). Per staging buffer s, tile it:
- *   rank 1: MMA threads stage, arrive mb_full[s] (CTA); relay (writer warp s, lane 0): wait mb_full[s],
- *           arrive rank 0's peer_full[s] (release.cluster), wait xfree[s] (acquire.cluster), arrive mb_empty[s]
- *           (count 1), which its MMA threads wait for before staging tile it + 2 (CTA scope, as by default);
- *   rank 0: relay (warp 11, lane 0, tiles in order): wait peer_full[s] (acquire.cluster), arrive
- *           peer_ready[s]; wait peer_read[s] (its 256 MMA threads' arrivals once they used rank 1's values),
- *           arrive rank 1's xfree[s] (release.cluster); MMA threads wait peer_ready[s] (CTA), load, add,
- *           arrive peer_read[s], stage as by default.
- * TACA_BWD_PAIR=3, the push form: rank 1's MMA threads store their part straight into rank 0's staging buffer s
- * (st.shared::cluster: no load latency in either rank's MMA threads; rank 1's own buffers unused), rank 0's MMA
- * threads add their part to it in place (a local load, own + peer: bitwise mode 1's sums), and rank 0's writer
- * hands the buffer back (rank 1's xfree[s], a CTA-scope release) once its bulk read of the tile completed; the
- * relay then only passes peer_full on (a relay that waited for the writer's read would hold tile it + 1's
- * peer_ready behind tile it's chain poll).
- * TACA_BWD_PAIR=4: the push form with st.async stores, each completing its 8 bytes on rank 0's peer_full[s],
- * which rank 0's relay arms with the tile's 32 KB (arrive.expect_tx) before waiting on it: the data is visible
- * once the phase completes, by construction; rank 1's relay keeps only the xfree -> mb_empty leg. */
-template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false, bool PAIR = false>
+ * G1: the 1-D grid (see ctaid_x_volatile), the default at D = 64 (TACA_BWD_V6_GRID=3d: the 3-D one). */
+template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false>
 __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_constant__ V6Args p) {
 #if TACA_SM90A
     const BwdArgs &a = p.a;
@@ -235,11 +203,6 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     const uint32_t q_full = mb_empty + 8 * NS;                        // [2] tile landed (TMA)
     const uint32_t q_empty = q_full + 16;                             // [2] tile read by both
     const uint32_t ds_free = q_empty + 16;                            // dS' read by both
-    const uint32_t peer_full = ds_free + 8;        // PAIR (see above): rank 0 [NS], remote arrivals
-    const uint32_t peer_ready = peer_full + 8 * NS;  // rank 0 [NS], its relay's
-    const uint32_t peer_read = peer_ready + 8 * NS;  // rank 0 [NS], its MMA threads'
-    const uint32_t xfree = peer_read + 8 * NS;       // rank 1 [NS], remote arrivals
-    static_assert(!PAIR || (DP == 128 && !TW && !G1), "PAIR: D = 128, the row writer, the 3-D grid");
 
     const int nq = a.nq, nk = a.nk;
     const int nqt = a.group * nq;  // flattened query tiles it = (h - h0) * nq + query tile
@@ -249,9 +212,6 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     const int h0 = hk * a.group;  // the group's first query head
     const int64_t bh = static_cast<int64_t>(b) * a.H + h0;
     const int seg = jt / a.seg_size, seg_pos = jt % a.seg_size;
-    // PAIR: cluster rank (blockIdx.x & 1: cluster (2, 1, 1)), a rank 1 past the key tiles, rank 0 with a peer
-    const int prank = PAIR ? static_cast<int>(blockIdx.x & 1) : 0;
-    const bool phantom = PAIR && jt >= nk, has_peer = PAIR && prank == 0 && jt + 1 < nk;
     const int seg_len = min(a.seg_size, nk - seg * a.seg_size);
     const bool ordered = a.mode == taca_bwd::kOrdered && nk > 1;
     int *sem_row = a.sem + (seg * static_cast<int64_t>(a.B) * a.H + bh) * nq;
@@ -280,15 +240,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #pragma unroll
         for (int s = 0; s < NS; ++s) {
             mbar_init(mb_full + 8 * s, 256);  // every MMA thread arrives once per staged tile
-            // every lane of the buffer's writer warp once per tile read (PAIR, rank 1: its relay lane once
-            // rank 0 read the tile from here)
-            mbar_init(mb_empty + 8 * s, PAIR && prank == 1 ? 1 : 32);
-            if (PAIR) {
-                mbar_init(peer_full + 8 * s, 1);
-                mbar_init(peer_ready + 8 * s, 1);
-                mbar_init(peer_read + 8 * s, 256);
-                mbar_init(xfree + 8 * s, 1);
-            }
+            mbar_init(mb_empty + 8 * s, 32);  // every lane of the buffer's writer warp once per tile read
         }
         for (int s = 0; s < 2; ++s) {
             // the producer's arrive after its warp stored lse2 / delta, its arrive.expect_tx, the bytes
@@ -301,13 +253,6 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         mbar_init_fence();
     }
     __syncthreads();  // initialised before any thread arrives or waits
-    if constexpr (PAIR) {
-        cluster_sync_all();  // and before the other CTA of the pair arrives on them
-        if (phantom) {  // (a.dq_overlap: the dependent conversion may start once every CTA got here)
-            if (threadIdx.x == 0 && a.dq_overlap) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-            return;
-        }
-    }
     // The whole warpgroup, before its roles split: it frees 128 x (168 - 24) registers, exactly what
     // the two MMA warpgroups take to go from 168 to 240 (setmaxnreg.inc waits for freed registers).
     if (threadIdx.x >= 256) setmaxnreg_dec<24>();
@@ -360,39 +305,6 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         // TMA bulk operation (rows) or DP / 32 tensor ones (TW), free the staging buffer once read,
         // then wait for the writes and release tile it to the successor at once (st.release). A
         // warp blocks on its writes' completion while the other warp takes the next tile.
-        if constexpr (PAIR) {
-            // the pair's relays (see the kernel's comment), lane 0 of: rank 1's writer warps (buffer w, tiles
-            // w, w + 2, ..; the last wait keeps this shared memory alive until rank 0 read it), rank 0's warp
-            // 11 (both buffers, tiles in order; none without a peer)
-            const int rw = (threadIdx.x - 288) >> 5;
-            if ((threadIdx.x & 31) != 0 || (prank == 1 ? rw > 1 : rw != 2 || !has_peer)) {
-                if (prank == 1 || rw == 2) return;  // (rank 0's writer warps go on below)
-            } else if (prank == 1) {
-                const uint32_t peer_bar = mapa_shared(peer_full + 8 * rw, 0);
-                for (int it = rw; it < nqt; it += NS) {
-                    if (p.pair_mode != 4) {  // (st.async completes rank 0's peer_full itself)
-                        mbar_wait(mb_full + 8 * rw, (it / NS) & 1);
-                        mbar_arrive_cluster(peer_bar);
-                    }
-                    mbar_wait_cluster(xfree + 8 * rw, (it / NS) & 1);
-                    mbar_arrive(mb_empty + 8 * rw);
-                }
-                return;
-            } else {
-                for (int it = 0; it < nqt; ++it) {
-                    const int sb = it & 1;
-                    const uint32_t par = (it / NS) & 1;
-                    // (st.async: this arrival arms the phase with the tile's bytes, rank 1's stores complete it)
-                    if (p.pair_mode == 4) mbar_arrive_expect_tx(peer_full + 8 * sb, BM * DP * 4);
-                    mbar_wait_cluster(peer_full + 8 * sb, par);
-                    mbar_arrive(peer_ready + 8 * sb);
-                    if (p.pair_mode >= 3) continue;  // (push forms: the writer hands the buffer back)
-                    mbar_wait(peer_read + 8 * sb, par);
-                    mbar_arrive_cluster(mapa_shared(xfree + 8 * sb, 1));
-                }
-                return;
-            }
-        }
         if (nk == 1 || threadIdx.x >= 352) return;
         const int w = (threadIdx.x - 288) >> 5, wl = threadIdx.x & 31;
         const bool first = ordered ? seg_pos == 0 : a.mode == taca_bwd::kRacy;
@@ -404,9 +316,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         // ordered: a link releases tile it to its successor, and with dq_overlap the chain's last
         // link releases it too (for bwd_dq_convert_tiles); unordered with dq_overlap: every CTA
         // counts the tile once its adds completed
-        // (PAIR: a link is a pair, the last one where seg_pos + 2 >= seg_len)
-        const bool releases = ordered ? (a.dq_overlap || (PAIR ? seg_pos + 2 < seg_len : seg_pos < seg_len - 1))
-                                      : a.dq_overlap != 0;
+        const bool releases = ordered ? (a.dq_overlap || seg_pos < seg_len - 1) : a.dq_overlap != 0;
         const uint32_t src = smem_u32(stage + w * C::STAGE_BYTES);
         // TW: the tile's first row in the 2-D view of dq_acc
         const int row0 = static_cast<int>((accb - a.dq_acc) / DP);
@@ -470,9 +380,6 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                 }
                 bulk_commit();
                 bulk_wait_read();
-                // push form: rank 1 may store its part of tile it + 2 here now (the copy engine's reads are
-                // complete: a CTA-scope release, no GPU-scope membar on the chain's path)
-                if (PAIR && has_peer && p.pair_mode >= 3) mbar_arrive_remote_cta(mapa_shared(xfree + 8 * w, 1));
             }
             __syncwarp();
             mbar_arrive(mb_empty + 8 * w);  // staging buffer free again
@@ -484,8 +391,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #if defined(TACA_BWD_TRACE)
                 V6_TRACE_ADD(tr_write);
 #endif
-                // (PAIR: the next link's seg_pos, or seg_len after the last: what the conversion waits for)
-                if (ordered) taca_bwd::st_release(sem_row + it, PAIR ? min(seg_pos + 2, seg_len) : seg_pos + 1);
+                if (ordered) taca_bwd::st_release(sem_row + it, seg_pos + 1);
                 else taca_bwd::red_release_add(sem_row + it, 1);
 #if defined(TACA_BWD_TRACE)
                 if (trace_t && it < kTraceTiles) trace_t[it * 4 + 3] = trace_ns();
@@ -793,41 +699,6 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             if (it >= NS) mbar_wait(mb_empty + 8 * sb, ((it / NS) - 1) & 1);
 #endif
             unsigned char *dstage = stage + sb * C::STAGE_BYTES;
-            if (PAIR && has_peer) {
-                // rank 0: + rank 1's part of the tile (the same rows and columns of its buffer sb), own + peer;
-                // the relay saw it staged (peer_ready), and hands the buffer back once every thread used it
-                mbar_wait(peer_ready + 8 * sb, (it / NS) & 1);
-                if (p.pair_mode != 2) {
-                    float pv[2][16];
-                    if (p.pair_mode >= 3) {  // push forms: rank 1's part is in this buffer already
-#pragma unroll
-                        for (int half = 0; half < 2; ++half)
-#pragma unroll
-                            for (int nt = 0; nt < 8; ++nt) {
-                                const float2 x = *reinterpret_cast<const float2 *>(
-                                    dstage + (qr0 + half * 8) * C::SROW + (qc0 + nt * 8) * 4);
-                                pv[half][2 * nt] = x.x;
-                                pv[half][2 * nt + 1] = x.y;
-                            }
-                    } else {
-                        const uint32_t rb = mapa_shared(smem_u32(dstage), 1) + qc0 * 4;
-                        ld_cluster_f2x8(rb + qr0 * C::SROW, pv[0]);
-                        ld_cluster_f2x8(rb + (qr0 + 8) * C::SROW, pv[1]);
-                    }
-#pragma unroll
-                    for (int half = 0; half < 2; ++half)
-#pragma unroll
-                        for (int nt = 0; nt < 8; ++nt) {
-                            dq[nt * 4 + 2 * half] += pv[half][2 * nt];
-                            dq[nt * 4 + 2 * half + 1] += pv[half][2 * nt + 1];
-                        }
-                }
-                if (p.pair_mode < 3) mbar_arrive(peer_read + 8 * sb);
-            }
-            // (push forms, rank 1: into rank 0's buffer sb, the same offsets; st.async: completing on its peer_full)
-            const bool push = PAIR && prank == 1 && p.pair_mode >= 3;
-            const uint32_t rdst = push ? mapa_shared(smem_u32(dstage), 0) : 0u;
-            const uint32_t rbar = push ? mapa_shared(peer_full + 8 * sb, 0) : 0u;
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const int r = qr0 + half * 8;
@@ -837,12 +708,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                     // TW: 16-byte unit col / 4 of row r in the 32-column boxes (the swizzled tile
                     // layout of the bf16 operands, 8 units per 128-byte row)
                     const uint32_t off = TW ? sw128_offset<BM>(r, col >> 2) + (col & 3) * 4 : r * C::SROW + col * 4;
-                    if (PAIR && push && p.pair_mode == 4)
-                        st_async_f2(rdst + off, dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1], rbar);
-                    else if (PAIR && push)
-                        st_cluster_f2(rdst + off, dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
-                    else
-                        *reinterpret_cast<float2 *>(dstage + off) = make_float2(dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
+                    *reinterpret_cast<float2 *>(dstage + off) = make_float2(dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
                 }
             }
             // the copy engine (async proxy) reads what these generic stores wrote
@@ -927,15 +793,14 @@ inline bool encode_acc_map(CUtensorMap *m, float *acc, int64_t rows, int dp, int
               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, int DP, int BM, bool TW, bool G1 = false, bool PAIR = false>
+template <typename T, int DP, int BM, bool TW, bool G1 = false>
 int launch(const BwdArgs &a, cudaStream_t stream) {
     using C = Cfg<DP, BM, TW>;
     if (a.Np % BM != 0 || a.Np != a.nq * BM) return TACA_ERR_UNSUPPORTED;  // workspace layout
-    if (PAIR && (a.mode != taca_bwd::kOrdered || a.nk < 2)) return TACA_ERR_UNSUPPORTED;
     const int64_t ctas = static_cast<int64_t>(a.nk) * a.Hkv * a.B;
     if (G1 && ctas > INT32_MAX) return TACA_ERR_UNSUPPORTED;
-    auto kernel = a.mask.data ? taca_bwd_sm90_v6_kernel<T, DP, BM, true, TW, G1, PAIR>
-                              : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1, PAIR>;
+    auto kernel = a.mask.data ? taca_bwd_sm90_v6_kernel<T, DP, BM, true, TW, G1>
+                              : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1>;
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_bwd_cuda (sm90 v6): cudaFuncGetAttributes");
     if (attr.binaryVersion != 90) return TACA_ERR_UNSUPPORTED;
@@ -943,16 +808,6 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     memset(&p, 0, sizeof(p));
     p.a = a;
     p.a.acc_ld = C::ACC_LD;
-    if (PAIR) {  // (taca_bwd_sm90_v6 launches PAIR only for TACA_BWD_PAIR = 1..4)
-        const char *pm = getenv("TACA_BWD_PAIR");
-        p.pair_mode = pm ? atoi(pm) : 1;
-    }
-    if (PAIR && (a.seg_size & 1)) {
-        // chains of whole pairs: seg_size rounded up to even (fewer chains or as many: the workspace has
-        // their counters and buffers), the conversion told the same
-        p.a.seg_size = a.seg_size + 1;
-        p.a.nseg = (a.nk + p.a.seg_size - 1) / p.a.seg_size;
-    }
     const BwdArgs &ac = p.a;  // (what the conversions read too)
     if (!encode_map<T>(&p.tq, p.pos_q, a.q, a.qs_n, a.qs_h, a.qs_b, a.N, a.H, a.B, a.D, BM) ||
         !encode_map<T>(&p.tdo, p.pos_do, a.dout, a.dos_n, a.dos_h, a.dos_b, a.N, a.H, a.B, a.D, BM))
@@ -978,20 +833,8 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
         TACA_CUDA_TRY(cudaMemsetAsync(a.dq_acc, 0, static_cast<size_t>(a.nseg) * rows * C::ACC_LD * sizeof(float), stream),
                       "taca_bwd_cuda (sm90 v6) memset dq_acc");
     }
-    const dim3 grid = G1 ? dim3(static_cast<unsigned>(ctas)) : dim3(PAIR ? (a.nk + 1) & ~1 : a.nk, a.Hkv, a.B);
-    if constexpr (PAIR) {  // clusters of two CTAs along x (key tiles 2m, 2m + 1)
-        cudaLaunchConfig_t pc = {};
-        pc.gridDim = grid;
-        pc.blockDim = dim3(C::THREADS);
-        pc.dynamicSmemBytes = C::SMEM;
-        pc.stream = stream;
-        cudaLaunchAttribute pa[1] = {cluster_dim_attr(2)};
-        pc.attrs = pa;
-        pc.numAttrs = 1;
-        TACA_CUDA_TRY(cudaLaunchKernelEx(&pc, kernel, p), "taca_bwd_cuda (sm90 v6 pair) main");
-    } else {
-        kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
-    }
+    const dim3 grid = G1 ? dim3(static_cast<unsigned>(ctas)) : dim3(a.nk, a.Hkv, a.B);
+    kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
     st = taca_cuda_check_launch("taca_bwd_cuda (sm90 v6) main");
     if (st != TACA_OK || a.nk == 1) return st;
     if (a.dq_overlap != 1) return taca_bwd::launch_dq_convert<T, DP>(ac, stream, "taca_bwd_cuda (sm90 v6) dq convert");
@@ -1075,14 +918,6 @@ int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16)
                         : taca_bwd96::launch<__half, 64, 128, true, true>(a, stream);
         return tw ? taca_bwd96::launch_dtype<64, 128, true>(a, stream, bf16)
                   : taca_bwd96::launch_dtype<64, 128, false>(a, stream, bf16);
-    }
-    // TACA_BWD_PAIR=1..4 (opt-in, a timing switch read per call): the row writer's chains in CTA pairs
-    // (clusters of two; see the kernel); launch refuses where the chains are not ordered, then the form below
-    const char *pr = getenv("TACA_BWD_PAIR");
-    if (!tw && pr && pr[0] >= '1' && pr[0] <= '4' && !pr[1]) {
-        const int stp = bf16 ? taca_bwd96::launch<__nv_bfloat16, 128, 64, false, false, true>(a, stream)
-                             : taca_bwd96::launch<__half, 128, 64, false, false, true>(a, stream);
-        if (stp != TACA_ERR_UNSUPPORTED) return stp;
     }
     return tw ? taca_bwd96::launch_dtype<128, 64, true>(a, stream, bf16)
               : taca_bwd96::launch_dtype<128, 64, false>(a, stream, bf16);

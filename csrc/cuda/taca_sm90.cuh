@@ -116,16 +116,14 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 #endif
 }
-/* Wait until the phase of parity `parity` of the barrier has completed (SEM: "" the default acquire at CTA
- * scope, ".acquire.cluster" for arrivals from another CTA of the cluster, mbar_wait_cluster). */
-#define TACA_MBAR_WAIT_PTX(SEM)                                  \
-    "{\n.reg .pred done;\n"                                      \
-    "WAIT_%=:\n"                                                 \
-    "mbarrier.try_wait.parity" SEM ".shared::cta.b64 done, [%0], %1;\n" \
-    "@!done bra WAIT_%=;\n}\n"
+/* Wait until the phase of parity `parity` of the barrier has completed. */
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 #if TACA_SM90A
-    asm volatile(TACA_MBAR_WAIT_PTX("") ::"r"(bar), "r"(parity) : "memory");
+    asm volatile(
+        "{\n.reg .pred done;\n"
+        "WAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT_%=;\n}\n" ::"r"(bar), "r"(parity) : "memory");
 #endif
 }
 /* 4-d TMA tile load (coordinates innermost first) into shared memory, completing on `bar`. */
@@ -171,82 +169,6 @@ template <int R> __device__ __forceinline__ void setmaxnreg_dec() {
 #endif
 }
 
-/* ---- Thread-block clusters (the backward's CTA pairs, taca_bwd_sm90_v6.cu TACA_BWD_PAIR): a barrier of
- * every thread of the cluster, shared-memory addresses of another CTA of it (mapa), an mbarrier arrival
- * there (release at cluster scope), a wait that acquires at cluster scope (the arrivals came from another
- * CTA), and a load from another CTA's shared memory. ---- */
-__device__ __forceinline__ void cluster_sync_all() {
-#if TACA_SM90A
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-#endif
-}
-/* The shared::cluster address of `addr` (this CTA's shared memory) in the CTA of cluster rank `rank`. */
-__device__ __forceinline__ uint32_t mapa_shared(uint32_t addr, uint32_t rank) {
-    uint32_t r = addr;
-#if TACA_SM90A
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
-#endif
-    return r;
-}
-__device__ __forceinline__ void mbar_arrive_cluster(uint32_t remote_bar) {
-#if TACA_SM90A
-    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote_bar) : "memory");
-#endif
-}
-/* An arrival on another CTA's mbarrier with the default release at CTA scope (no GPU-scope membar; CUTLASS's
- * ClusterBarrier::arrive(cta_id)): for handing back a buffer whose reads have completed. */
-__device__ __forceinline__ void mbar_arrive_remote_cta(uint32_t remote_bar) {
-#if TACA_SM90A
-    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote_bar) : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
-#if TACA_SM90A
-    asm volatile(TACA_MBAR_WAIT_PTX(".acquire.cluster") ::"r"(bar), "r"(parity) : "memory");
-#endif
-}
-/* Eight consecutive float2 at remote_addr + 32 i (i = 0..7) of another CTA's shared memory, in one asm:
- * the loads issue back to back, their latency paid once. */
-__device__ __forceinline__ void ld_cluster_f2x8(uint32_t remote_addr, float (&v)[16]) {
-#if TACA_SM90A
-    asm volatile(
-        "ld.shared::cluster.v2.f32 {%0, %1}, [%16];\n"
-        "ld.shared::cluster.v2.f32 {%2, %3}, [%16+32];\n"
-        "ld.shared::cluster.v2.f32 {%4, %5}, [%16+64];\n"
-        "ld.shared::cluster.v2.f32 {%6, %7}, [%16+96];\n"
-        "ld.shared::cluster.v2.f32 {%8, %9}, [%16+128];\n"
-        "ld.shared::cluster.v2.f32 {%10, %11}, [%16+160];\n"
-        "ld.shared::cluster.v2.f32 {%12, %13}, [%16+192];\n"
-        "ld.shared::cluster.v2.f32 {%14, %15}, [%16+224];\n"
-        : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3]), "=f"(v[4]), "=f"(v[5]), "=f"(v[6]), "=f"(v[7]),
-          "=f"(v[8]), "=f"(v[9]), "=f"(v[10]), "=f"(v[11]), "=f"(v[12]), "=f"(v[13]), "=f"(v[14]), "=f"(v[15])
-        : "r"(remote_addr));
-#else
-    for (int i = 0; i < 16; ++i) v[i] = 0.f;
-    (void)remote_addr;
-#endif
-}
-
-/* A float2 store into another CTA's shared memory that completes 8 bytes of transactions on the mbarrier
- * remote_bar there (shared::cluster addresses): visible to that CTA's threads once the barrier's phase completes. */
-__device__ __forceinline__ void st_async_f2(uint32_t remote_addr, float x, float y, uint32_t remote_bar) {
-#if TACA_SM90A
-    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [%0], {%1, %2}, [%3];\n" ::"r"(remote_addr),
-                 "r"(__float_as_uint(x)), "r"(__float_as_uint(y)), "r"(remote_bar)
-                 : "memory");
-#else
-    (void)remote_addr, (void)x, (void)y, (void)remote_bar;
-#endif
-}
-/* A float2 store into another CTA's shared memory (shared::cluster address). */
-__device__ __forceinline__ void st_cluster_f2(uint32_t remote_addr, float x, float y) {
-#if TACA_SM90A
-    asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};\n" ::"r"(remote_addr), "f"(x), "f"(y) : "memory");
-#else
-    (void)remote_addr, (void)x, (void)y;
-#endif
-}
-
 /* Coordinate of map dimension dim (1..3) for (row, head, batch), by the map's pos (encode_map). */
 __device__ __forceinline__ int ws_coord(const int (&pos)[3], int dim, int row, int h, int b) {
     return pos[0] == dim ? row : (pos[1] == dim ? h : b);
@@ -261,16 +183,6 @@ __device__ __forceinline__ void tma_load_tile(uint32_t dst, const void *tmap, co
     for (int cb = 0; cb < DP / 64; ++cb)
         tma_load_4d(dst + cb * ROWS * 128, tmap, bar, cb * 64, ws_coord(pos, 1, row, h, b), ws_coord(pos, 2, row, h, b),
                     ws_coord(pos, 3, row, h, b));
-}
-
-/* Host: the launch attribute of clusters of x CTAs along the grid's x (cudaLaunchKernelEx). */
-static inline cudaLaunchAttribute cluster_dim_attr(unsigned x) {
-    cudaLaunchAttribute at;
-    at.id = cudaLaunchAttributeClusterDimension;
-    at.val.clusterDim.x = x;
-    at.val.clusterDim.y = 1;
-    at.val.clusterDim.z = 1;
-    return at;
 }
 
 /* Host: the driver's tensor-map encoder, fetched once through the runtime (no -lcuda). */
