@@ -1,5 +1,6 @@
-"""One row per profiled kernel from `ncu --import X.ncu-rep --page raw --csv`: duration, SM clock, issue
-activity, tensor-pipe activity, DRAM / L2, and the stall reasons with the most warps per issued instruction.
+"""One row per profiled kernel from `ncu --import X.ncu-rep --page raw --csv`: duration (us), SM clock, issue
+activity, tensor-pipe activity, DRAM throughput, L2 hit rate, and the stall reasons with the most warps per issued
+instruction.
 
 Usage: python tools/ncu_kernel_table.py RAW.csv[.gz] [--columns]  (--columns: list the metric names and exit)
 Metrics a given ncu version does not report are shown as "-"; the candidates for each column are tried in order."""
@@ -20,8 +21,11 @@ COLS = [  # (header, candidate metric names)
                   "sm__inst_executed_pipe_tensor_op_gmma.avg.pct_of_peak_sustained_active"]),
     ("DRAM %", ["dram__throughput.avg.pct_of_peak_sustained_elapsed", "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed"]),
     ("L2 hit %", ["lts__t_sector_hit_rate.pct"]),
-    ("L2 GB", ["lts__t_bytes.sum"]),
 ]
+# a duration's unit as ncu writes it (its versions differ) -> factor to microseconds
+TIME_US = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "s": 1e6, "second": 1e6}
+FREQ_GHZ = {"hz": 1e-9, "khz": 1e-6, "mhz": 1e-3, "ghz": 1.0, "cycle/second": 1e-9, "cycle/nsecond": 1.0,
+            "cycle/usecond": 1e-3}
 STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$")
 
 
@@ -32,13 +36,14 @@ def num(s):
         return None
 
 
-def main() -> int:
-    path = sys.argv[1]
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    path = argv[0]
     f = gzip.open(path, "rt", errors="replace") if path.endswith(".gz") else open(path, errors="replace")
     rows = list(csv.reader(f))
     head = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
     names, units, data = rows[head], rows[head + 1], rows[head + 2:]
-    if "--columns" in sys.argv:
+    if "--columns" in argv:
         print("\n".join(n for n in names))
         return 0
     idx = {n: i for i, n in enumerate(names)}
@@ -53,15 +58,11 @@ def main() -> int:
             c = next((n for n in cands if n in idx), None)
             v = num(r[idx[c]]) if c else None
             if v is not None and c == "gpu__time_duration.sum":
-                u = units[idx[c]]
-                v = v / 1e3 if u == "nsecond" else v * 1e3 if u == "msecond" else v
-            if v is not None and c and c.endswith("per_second"):
-                u = units[idx[c]]
-                v = v / 1e9 if u in ("hz", "Hz", "cycle/second") else v / 1e3 if u == "Mhz" else v
-            if v is not None and c == "lts__t_bytes.sum":
-                u = units[idx[c]]
-                scale = {"byte": 1e-9, "Kbyte": 1e-6, "Mbyte": 1e-3, "Gbyte": 1.0, "Tbyte": 1e3}.get(u, None)
-                v = v * scale if scale else None
+                f_us = TIME_US.get(units[idx[c]])
+                v = v * f_us if f_us is not None else None  # an unknown unit: "-", not a wrong number
+            elif v is not None and c.endswith("per_second"):
+                f_ghz = FREQ_GHZ.get(units[idx[c]].lower())
+                v = v * f_ghz if f_ghz is not None else None
             cells.append("-" if v is None else f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}")
         stalls = sorted(((num(r[i]) or 0.0, m.group(1)) for n, i in idx.items() if (m := STALL.match(n))), reverse=True)
         top = ", ".join(f"{s} {v:.2f}" for v, s in stalls[:5])
