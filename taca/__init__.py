@@ -18,7 +18,11 @@ def __getattr__(name):
         import importlib
 
         mod, attr = _LAZY[name]
-        return getattr(importlib.import_module(f".{mod}", __name__), attr)
+        value = getattr(importlib.import_module(f".{mod}", __name__), attr)
+        # cached: __getattr__ runs only for names missing from the module, so later lookups are plain (an
+        # import_module per call cost ~7 us of host time per taca.joint_attention call)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'taca' has no attribute {name!r}")
 
 
