@@ -8,7 +8,9 @@
 # Then, ROUNDS times, new and base alternate in separate processes: the backward alone
 # (bench_bwd_handoff.py, modes $MODES, shapes $BWD_SHAPES) and forward / forward+backward against cuDNN
 # (bench_attention_gpu.py --quick, $SHAPES). VERIFY=0 skips the verification (both sides built in place);
-# PIPELINE=1 adds bench_pipeline.py on the new tree; BWD=0 skips the backward-alone timing. The in-process controls (v5 and cuDNN, which the patch does
+# PIPELINE=1 adds bench_pipeline.py on the new tree; BWD=0 skips the backward-alone timing; HASH=1 first compares
+# the two sides' outputs and gradients bitwise (benchmarks/out_hash.py: for changes that must not move them);
+# SUSTAINED=1 adds bench_sustained.py phases ($SUS_PHASES on $SUS_SHAPES) per side and round. The in-process controls (v5 and cuDNN, which the patch does
 # not touch) tell a real difference from the GPU's drift between processes. Files under $OUT.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -32,6 +34,13 @@ fi
 wait
 unset TACA_CUDA_LIB
 (cd /tmp/base && python3 -c 'import sys, torch; sys.path.insert(0, "."); import taca._C as c; print("base imports", c.__file__)')
+if [ "${HASH:-0}" = 1 ]; then  # outputs that must not move (benchmarks/out_hash.py): both sides' digests, compared
+  for side in new base; do d=$PWD; [ $side = base ] && d=/tmp/base
+    (cd "$d" && timeout 120 python3 benchmarks/out_hash.py > "$OUT/hash_$side.txt" 2>&1); done
+  if cmp -s "$OUT/hash_new.txt" "$OUT/hash_base.txt" && grep -q "fwd" "$OUT/hash_new.txt"; then
+    echo "outputs bitwise equal new / base ($(wc -l < "$OUT/hash_new.txt") cases)"
+  else echo "OUTPUTS DIFFER new / base:"; diff "$OUT/hash_new.txt" "$OUT/hash_base.txt" | head -12; fi
+fi
 for r in $(seq 1 "$ROUNDS"); do
   for side in new base; do
     d=$PWD; [ $side = base ] && d=/tmp/base
@@ -39,6 +48,10 @@ for r in $(seq 1 "$ROUNDS"); do
       | grep -E "^\| [a-z0-9]+_" | sed "s/^/$side$r bwd /")
     (cd "$d" && python3 benchmarks/bench_attention_gpu.py --quick --shapes "$SHAPES" --methods "^taca_cuda$" \
       --out "$OUT/$side$r" --tag ab 2>&1 | grep -E "^\| [a-z0-9]+_" | grep -v plain_eff | sed "s/^/$side$r attn /")
+    # SUSTAINED=1: the same side back to back under the power cap too (bench_sustained.py, $SUS_PHASES, 3 s each)
+    [ "${SUSTAINED:-0}" = 1 ] && (cd "$d" && timeout 200 python3 benchmarks/bench_sustained.py --shapes "${SUS_SHAPES:-flux1024_b1,sd35m_cfg}" \
+      --only "${SUS_PHASES:-taca fwd,cudnn fwd}" --seconds 3 --rounds 1 --out "$OUT/${side}${r}_sus" 2>&1 \
+      | grep -E "^\| [a-z0-9]+_" | sed "s/^/$side$r sustained /")
   done
 done
 if [ "${PIPELINE:-0}" = 1 ]; then  # end to end on the new tree (bench_pipeline.py: stock and TACA interleaved)
