@@ -13,17 +13,10 @@ from taca import ops  # noqa: E402,F401
 B, H, D, L, N = (2, 24, 64, 333, 4429) if "d64" in sys.argv else (1, 24, 128, 512, 4608)
 tb, te = (N - L, N) if "d64" in sys.argv else (0, L)
 if "cudnn" in sys.argv:
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from profile_long import cudnn_iter
 
-    q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_(True)
-
-    def step():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            F.scaled_dot_product_attention(q, k, v).backward(do)
-
+    step = cudnn_iter(N, B, H, D)
     for _ in range(3):
         step()
     torch.cuda.synchronize()

@@ -26,7 +26,8 @@ def taca_iter(N):
     return step
 
 
-def cudnn_iter(N):
+def cudnn_iter(N, B=B, H=H, D=D):
+    """One plain cuDNN SDPA forward + backward (no gamma) on (B, H, N, D) bf16 inputs, as a closure."""
     q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     for t in (q, k, v):
         t.requires_grad_(True)
@@ -37,16 +38,21 @@ def cudnn_iter(N):
     return step
 
 
-for N in (L + 4096, L + 16384):
-    for name, make in (("taca", taca_iter), ("cudnn", cudnn_iter)):
-        step = make(N)
-        for _ in range(3):
+def main():
+    for N in (L + 4096, L + 16384):
+        for name, make in (("taca", taca_iter), ("cudnn", cudnn_iter)):
+            step = make(N)
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            print(f"profiled: {name} N={N}", flush=True)
+            torch.cuda.cudart().cudaProfilerStart()
             step()
-        torch.cuda.synchronize()
-        print(f"profiled: {name} N={N}", flush=True)
-        torch.cuda.cudart().cudaProfilerStart()
-        step()
-        torch.cuda.synchronize()
-        torch.cuda.cudart().cudaProfilerStop()
-        del step
-        torch.cuda.empty_cache()
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaProfilerStop()
+            del step
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
