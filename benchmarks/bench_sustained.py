@@ -6,10 +6,10 @@ because the GPU runs taca's kernels at a lower clock (power)?
 
 Phases (bhnd, bf16, gamma 1.2; shapes by bench_attention_gpu.py's names), each --seconds long, in --rounds rotated
 orders: taca fwd, cuDNN fwd, taca fwd+bwd (autograd), cuDNN fwd+bwd; with --nseg N,..: taca fwd+bwd with
-TACA_BWD_NSEG=N ("taca f+b nsegN"); with --extra: taca fwd with
-TACA_FWD_SPLIT=0 ("taca fwd split0"), taca fwd+bwd with deterministic=False ("taca f+b nondet"). Per phase: ms per
-iteration (CUDA events over the whole phase), mean SM MHz, mean W, energy per iteration (ms x W), the share of samples with the software power cap
-active (throttle reason 0x4).
+TACA_BWD_NSEG=N ("taca f+b nsegN"); with --extra: taca fwd with TACA_FWD_SPLIT=0 ("taca fwd split0"), taca
+fwd+bwd with deterministic=False ("taca f+b nondet"). Per phase: ms per iteration (CUDA events over the whole phase),
+mean SM MHz, mean W, energy per iteration (ms x W), the share of samples with the software power cap active
+(throttle reason 0x4).
 Usage: python benchmarks/bench_sustained.py [--shapes flux1024_b1,flux2048_b1] [--seconds 4] [--rounds 2] [--extra]
        [--out DIR]"""
 import argparse
@@ -34,12 +34,17 @@ FIELDS = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons
 
 
 def with_env(step, name, value):
+    """step with the environment variable name set to value for its duration (the previous value restored)."""
     def run():
+        before = os.environ.get(name)
         os.environ[name] = value
         try:
             step()
         finally:
-            del os.environ[name]
+            if before is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = before
     return run
 
 
@@ -90,7 +95,8 @@ def run_phase(step, seconds):
         for _ in range(4):
             step()
         n += 4
-        torch.cuda.synchronize() if n % 32 == 0 else None
+        if n % 32 == 0:  # (keeps the host at most 32 iterations ahead)
+            torch.cuda.synchronize()
     e1.record()
     torch.cuda.synchronize()
     return e0.elapsed_time(e1) / n, t0, dt.datetime.now()
@@ -107,8 +113,9 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     log = "/tmp/smi_sustained.csv"
+    smi_out = open(log, "w")
     smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={FIELDS}", "--format=csv,noheader,nounits", "-lms", "50"],
-                           stdout=open(log, "w"), stderr=subprocess.DEVNULL)
+                           stdout=smi_out, stderr=subprocess.DEVNULL)
     res = []
     try:
         for N in a.shapes.split(","):
@@ -129,8 +136,11 @@ def main() -> int:
         time.sleep(0.2)
         smi.terminate()
         smi.wait()
+        smi_out.close()
     samples = []
-    for line in open(log):
+    with open(log) as f:
+        lines = f.read().splitlines()
+    for line in lines:
         p = [s.strip() for s in line.split(",")]
         try:
             samples.append((dt.datetime.strptime(p[0], "%Y/%m/%d %H:%M:%S.%f"), float(p[1]), float(p[2]),
