@@ -152,7 +152,8 @@ enum { TILE_VIS = 0, TILE_TXT = 1, TILE_MIXED = 2 };
  * text sum, leave P (unnormalized, base 2) in s and the rescale factor of O in alpha_out; with
  * SCALE_O, also rescale O here (otherwise the caller does, e.g. once an in-flight P V product
  * landed). */
-template <int KIND, bool SCALE_O = true, bool MASKED = false, bool KEYT = false, int MT, int NT, int DT>
+template <int KIND, bool SCALE_O = true, bool MASKED = false, bool KEYT = false, bool TREE = true, int MT, int NT,
+          int DT>
 __device__ __forceinline__ void softmax_tile(float (&s)[MT][NT][4], float (&o)[MT][DT][4],
                                              float (&m_run)[MT][2], float (&l_run)[MT][2],
                                              float (&t_run)[MT][2], const float (&mul_txt)[MT][2],
@@ -190,10 +191,27 @@ __device__ __forceinline__ void softmax_tile(float (&s)[MT][NT][4], float (&o)[M
                         mx = fmaxf(mx, x);
                     }
             } else {
-                float mr = s[mt][0][hf * 2];
+                // TREE (the Hopper kernels): the row's max as a tree (depth log2(2 NT) instead of a chain of NT
+                // dependent FMNMX: the chain waited on each max's fixed latency, ~16 x 4-6 clocks per row and tile at
+                // D = 128; KERNEL_LOG, twenty-eighth session). The same value in any order (max is exact), so the
+                // outputs do not move. The mma.sync kernels keep the chain (with the tree ptxas gave some of their
+                // instances more registers or spills).
+                float mr;
+                if constexpr (TREE) {
+                    float v[NT];
 #pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
-                    mr = fmaxf(mr, fmaxf(s[mt][nt][hf * 2], s[mt][nt][hf * 2 + 1]));
+                    for (int nt = 0; nt < NT; ++nt) v[nt] = fmaxf(s[mt][nt][hf * 2], s[mt][nt][hf * 2 + 1]);
+#pragma unroll
+                    for (int st = 1; st < NT; st *= 2)
+#pragma unroll
+                        for (int i = 0; i + st < NT; i += 2 * st) v[i] = fmaxf(v[i], v[i + st]);
+                    mr = v[0];
+                } else {
+                    mr = s[mt][0][hf * 2];
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+                        mr = fmaxf(mr, fmaxf(s[mt][nt][hf * 2], s[mt][nt][hf * 2 + 1]));
+                }
                 mx = fmaxf(m_run[mt][hf], mr * mul);
             }
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -349,17 +367,17 @@ taca_fwd_kernel(const FwdArgs a) {
         float alpha[MT][2];
         const bool tmask = key_mask ? !keys_attend<BC>(a.mask, mbase, k0, nk, lane) : masked;
         if (!tmask && a.scale_log2 >= 0.0f && k1 <= nk && (k1 <= tb || k0 >= te))
-            softmax_tile<TILE_VIS>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane, alpha,
-                                   a.mask, mbase, row0, n);
+            softmax_tile<TILE_VIS, true, false, false, false>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb,
+                                                              te, lane, alpha, a.mask, mbase, row0, n);
         else if (!tmask && a.scale_log2 >= 0.0f && k1 <= nk && k0 >= tb && k1 <= te)
-            softmax_tile<TILE_TXT>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane, alpha,
-                                   a.mask, mbase, row0, n);
+            softmax_tile<TILE_TXT, true, false, false, false>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb,
+                                                              te, lane, alpha, a.mask, mbase, row0, n);
         else if (tmask)
-            softmax_tile<TILE_MIXED, true, FEAT>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane,
-                                                 alpha, a.mask, mbase, row0, n);
+            softmax_tile<TILE_MIXED, true, FEAT, false, false>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb,
+                                                               te, lane, alpha, a.mask, mbase, row0, n);
         else
-            softmax_tile<TILE_MIXED, true, false>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane,
-                                                  alpha, a.mask, mbase, row0, n);
+            softmax_tile<TILE_MIXED, true, false, false, false>(s, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk,
+                                                                tb, te, lane, alpha, a.mask, mbase, row0, n);
 
         uint32_t pa[MT][BC / 16][4];
 #pragma unroll
