@@ -274,6 +274,62 @@ def test_forward_tail_split(case, monkeypatch):
     _check_split(split, plain, B, H, N, layout)
 
 
+OVERLAP_CASES = [
+    # B, H, L, n_img, text_first, dtype, layout, noncontig
+    (1, 24, 512, 4096, True, torch.bfloat16, "bnhd", True),  # FLUX 1024's shape, diffusers' view: the tail split
+    (2, 3, 333, 4000, False, torch.float16, "bhnd", False),  # ragged last tiles, text last, per-sample gamma
+    (1, 2, 77, 12211, True, torch.bfloat16, "bhnd", False),  # 12288 keys: the rule's largest overlapped count
+    (1, 2, 77, 12212, True, torch.bfloat16, "bhnd", False),  # 12289 keys: no overlap by default
+]
+
+
+def _fwd_overlap_flags(fn):
+    """The D = 128 warp-specialized forward kernels fn launched: their WsCfg's OVERLAP argument (True / False), from
+    the CUDA kernel names the profiler records (demangled or mangled)."""
+    import re
+
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    flags = []
+    for e in prof.events():
+        m = re.search(r"WsCfg<2, (true|false), true, 128, true, 128, 2>", e.name) or re.search(
+            r"WsCfgILi2ELb([01])ELb1ELi128ELb1ELi128ELi2E", e.name)
+        if m and "fwd" in e.name:
+            flags.append(m.group(1) in ("true", "1"))
+    return flags
+
+
+@pytest.mark.skipif(not _PUBLIC, reason="the public op has no CUDA kernel")
+@pytest.mark.parametrize("case", OVERLAP_CASES, ids=lambda c: f"B{c[0]}-H{c[1]}-N{c[2] + c[3]}-{c[6]}")
+def test_forward_overlap(case, monkeypatch):
+    """The D = 128 default's intra-warpgroup overlap (the softmax of key tile j while P V of tile j - 1 runs; on by
+    default up to 12288 keys, TACA_FWD_OVERLAP=0 / 1 forces it off / on): the tolerance rule against the fp32
+    reference by default, the outputs (out, lse, text_mass) of both forced forms bitwise the default's (the same fp32
+    operations in the same order), and on sm_90 the kernels launched carry the form asked for."""
+    B, H, L, n_img, tf, dtype, layout, nc = case
+    monkeypatch.delenv("TACA_FWD_OVERLAP", raising=False)
+    q, k, v, out, gamma = check_case("op", B, H, L, n_img, 128, tf, dtype, layout=layout, noncontig=nc)
+
+    def call():
+        return run_kernel("op", q, k, v, text_len=L, text_first=tf, gamma=gamma, layout=layout)
+
+    default = call()
+    assert torch.equal(default[0], out)
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    for env, want in (("1", True), ("0", False), (None, L + n_img <= 12288)):
+        if env is None:
+            monkeypatch.delenv("TACA_FWD_OVERLAP", raising=False)
+        else:
+            monkeypatch.setenv("TACA_FWD_OVERLAP", env)
+        for name, a, b in zip(("out", "lse", "text_mass"), call(), default):
+            assert torch.equal(a, b), f"{name}: TACA_FWD_OVERLAP={env} differs from the default"
+        if hopper:
+            flags = _fwd_overlap_flags(call)
+            assert flags and all(f == want for f in flags), f"TACA_FWD_OVERLAP={env}: kernels {flags}, want {want}"
+
+
 SPLIT_FEAT_CASES = [
     # B, text_len (per sample: a list), n_img, text_first, key mask (None, "bool": sample 1's text padded, "float":
     # a -1.5 bias on every 7th key and a -inf run), TACA_FWD_SPLIT ("": unset, the default), TACA_FWD_SPLIT_FORM

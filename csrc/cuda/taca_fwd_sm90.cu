@@ -364,6 +364,17 @@ namespace taca_fwd90 {
  * status (the dispatch and taca_fwd_sm90_split_bytes both take the plan from here, so the workspace sized is the one
  * used). */
 using WSplit = WsCfg<2, false, true, 128, true>;
+// WSplit with FA3's intra-warpgroup overlap (softmax of S_j while P_{j-1} V_{j-1} runs; O rescaled once it landed):
+// the same fp32 operations in the same order (bitwise-equal outputs), measured per key count (fwd_overlap)
+using WSplitOv = WsCfg<2, true, true, 128, true>;
+/* The D = 128 default's intra-warpgroup overlap (WSplitOv) or not (WSplit): TACA_FWD_OVERLAP=0 / 1 forces one (a
+ * timing switch); otherwise overlap up to 12288 keys. H100, forward ms without / with it (KERNEL_LOG twenty-ninth
+ * session): FLUX 512 (1536 keys) even; FLUX 1024 (4608) -2.7..-3.8% isolated, -1.9..-2.2% sustained; FLUX 1536 (9728)
+ * -6% isolated, -2.5% sustained; FLUX 2048 (16896) even isolated (noisy), +0.2% / +1.6% sustained on two machines. */
+[[maybe_unused]] static inline bool fwd_overlap(const FwdArgs &a) {
+    if (const char *e = getenv("TACA_FWD_OVERLAP")) return strcmp(e, "0") != 0;
+    return a.nk <= 12288;
+}
 [[maybe_unused]] static inline bool d128_split_mask_ok(const FwdArgs &a) {
     return !a.mask.data || (a.mask.q == 0 && !fwd_mask_mode("elem") && !fwd_kt_arrive_lane0());
 }
@@ -384,7 +395,7 @@ using WSplit = WsCfg<2, false, true, 128, true>;
 /* The tail split of the D = 128 persistent instance <FEAT, MK, KTA> (TACA_ERR_UNSUPPORTED when none ran: no plan, a
  * workspace too small, a map refused; the caller then launches the unsplit kernel, which would refuse the same maps).
  * The two-launch form (TACA_FWD_SPLIT_FORM=two): the whole items by the unsplit instance first, then the ranges. */
-template <typename T, bool FEAT, int MK, bool KTA>
+template <typename T, bool FEAT, int MK, bool KTA, typename WS = WSplit>
 int launch_split(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream, void *ws, size_t ws_bytes) {
     if (!ws) return TACA_ERR_UNSUPPORTED;
     SplitPlan sp;
@@ -392,10 +403,10 @@ int launch_split(const FwdArgs &a, int variant, int batch, int heads, cudaStream
     if (sst != TACA_OK) return sst;
     if (sp.parts < 2 || ws_bytes < sp.bytes) return TACA_ERR_UNSUPPORTED;
     if (sp.two) {
-        const int st1 = launch_ws<T, WSplit, FEAT, MK, KTA>(a, batch, heads, stream, nullptr, nullptr, sp.first);
+        const int st1 = launch_ws<T, WS, FEAT, MK, KTA>(a, batch, heads, stream, nullptr, nullptr, sp.first);
         if (st1 != TACA_OK) return st1;
     }
-    return launch_ws<T, WSplit, FEAT, MK, KTA, true>(a, batch, heads, stream, &sp, ws);
+    return launch_ws<T, WS, FEAT, MK, KTA, true>(a, batch, heads, stream, &sp, ws);
 }
 
 /* D = 64 default: the key tile (128, 160 or 192 keys) with the least work by a tile count model, keys rounded up to
@@ -426,6 +437,7 @@ int launch_split(const FwdArgs &a, int variant, int batch, int heads, cudaStream
  * stages (10..12 fall back to 13 where a TMA map cannot be encoded); 13: this file's kernel,
  * 64-key tiles, 3 stages (the default before); 7: overlap, 64-key tiles, 4 stages; 8: overlap,
  * 128-key tiles, 3 stages; 9: overlap, 3 warpgroups (192-row CTAs), 64-key tiles, 4 stages.
+ * D = 128's default takes 11's intra-warpgroup overlap in its persistent form up to 12288 keys (fwd_overlap).
  * Both D: the default (0 = 10 at D = 128; 0 = 17 at D = 64; the FEAT instance) is the
  * warp-specialized kernel PERSISTENT
  * (one CTA per SM over the (query tile, head, batch) items, two Q buffers: the next item's loads
@@ -476,14 +488,17 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
         case 13: return launch<T, Cfg<128, 128, 2, 2, false>>(a, batch, heads, stream);
         default: {
             // the tail split (fwd_split_plan; TACA_FWD_SPLIT=0: none): the partial wave's items in key ranges
-            const int sst = launch_split<T, false, MK_NONE, false>(a, variant, batch, heads, stream, ws, ws_bytes);
+            const bool ov = fwd_overlap(a);
+            const int sst = ov ? launch_split<T, false, MK_NONE, false, WSplitOv>(a, variant, batch, heads, stream, ws, ws_bytes)
+                               : launch_split<T, false, MK_NONE, false>(a, variant, batch, heads, stream, ws, ws_bytes);
             if (sst != TACA_ERR_UNSUPPORTED) return sst;
             const int st = variant == 11   ? launch_ws<T, WsCfg<2, true, true>>(a, batch, heads, stream)
                            : variant == 12 ? launch_ws<T, WsCfg<2, false, false>>(a, batch, heads, stream)
                            : variant == 14 ? launch_ws<T, WsCfg<2, false, true>>(a, batch, heads, stream)
                            : variant == 15 ? launch_ws<T, WsCfg<2, false, true, 128, true, 160>>(a, batch, heads, stream)
                            : variant == 16 ? launch_ws<T, WsCfg<2, false, true, 128, false, 192>>(a, batch, heads, stream)
-                                           : launch_ws<T, WsCfg<2, false, true, 128, true>>(a, batch, heads, stream);
+                           : ov            ? launch_ws<T, WSplitOv>(a, batch, heads, stream)
+                                           : launch_ws<T, WSplit>(a, batch, heads, stream);
             if (st != TACA_ERR_UNSUPPORTED) return st;
             return launch<T, Cfg<128, 128, 2, 2, false>>(a, batch, heads, stream);  // no TMA map
         }
