@@ -42,6 +42,9 @@ SHAPES = {
 # Other models' head dims (not in PERFORMANCE.md; pick them with --shapes): AuraFlow (12 x 256,
 # 8 registers + 256 text tokens first), Ideogram 4 (18 x 256), Lumina 2 without GQA (D = 96)
 EXTRA_SHAPES = {
+    # FLUX at other resolutions (D = 128 key counts between and around the PERFORMANCE.md ones)
+    "flux512_b1": (1, 24, 128, 512, 1024, True),
+    "flux1536_b1": (1, 24, 128, 512, 9216, True),
     "auraflow_cfg": (2, 12, 256, 264, 4096, True),
     "ideogram4_cfg": (2, 18, 256, 512, 4096, True),
     "d96_cfg": (2, 24, 96, 256, 4096, True),

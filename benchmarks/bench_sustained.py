@@ -7,10 +7,11 @@ because the GPU runs taca's kernels at a lower clock (power)?
 Phases (bhnd, bf16, gamma 1.2; shapes by bench_attention_gpu.py's names), each --seconds long, in --rounds rotated
 orders: taca fwd, cuDNN fwd, taca fwd+bwd (autograd), cuDNN fwd+bwd; with --nseg N,..: taca fwd+bwd with
 TACA_BWD_NSEG=N ("taca f+b nsegN"); with --extra: taca fwd with TACA_FWD_SPLIT=0 ("taca fwd split0"), taca
-fwd+bwd with deterministic=False ("taca f+b nondet"). Per phase: ms per iteration (CUDA events over the whole phase),
+fwd+bwd with deterministic=False ("taca f+b nondet"); with --env NAME=VALUE,..: taca fwd and fwd+bwd with that
+variable set ("taca fwd NAME=VALUE", e.g. TACA_FWD_OVERLAP=0). Per phase: ms per iteration (CUDA events over the whole phase),
 mean SM MHz, mean W, energy per iteration (ms x W), the share of samples with the software power cap active
 (throttle reason 0x4).
-Usage: python benchmarks/bench_sustained.py [--shapes flux1024_b1,flux2048_b1] [--seconds 4] [--rounds 2] [--extra]
+Usage: python benchmarks/bench_sustained.py [--shapes flux1024_b1,flux2048_b1] [--seconds 4] [--rounds 2] [--extra] [--env NAME=VALUE,..]
        [--out DIR]"""
 import argparse
 import datetime as dt
@@ -48,7 +49,7 @@ def with_env(step, name, value):
     return run
 
 
-def phases(shape, extra, nseg=()):
+def phases(shape, extra, nseg=(), envs=()):
     B, H, D, L, n_img, tf = shape
     N = L + n_img
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -80,6 +81,10 @@ def phases(shape, extra, nseg=()):
         out["taca f+b nondet"] = fb(lambda: taca_f(det=False))
     for n in nseg:
         out[f"taca f+b nseg{n}"] = with_env(fb(taca_f), "TACA_BWD_NSEG", str(n))
+    for e in envs:  # NAME=VALUE: taca fwd and f+b with that variable set
+        name, value = e.split("=", 1)
+        out[f"taca fwd {e}"] = with_env(fwd(taca_f), name, value)
+        out[f"taca f+b {e}"] = with_env(fb(taca_f), name, value)
     return out
 
 
@@ -107,11 +112,15 @@ def main() -> int:
     ap.add_argument("--shapes", default="flux1024_b1,flux2048_b1")
     ap.add_argument("--extra", action="store_true")
     ap.add_argument("--nseg", default="", help="also taca f+b with TACA_BWD_NSEG set to each (comma-separated)")
+    ap.add_argument("--env", default="", help="also taca fwd / f+b with NAME=VALUE set, for each (comma-separated)")
     ap.add_argument("--only", default="", help="comma-separated phase names to keep (default: all)")
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    bad = [e for e in a.env.split(",") if e and "=" not in e]
+    if bad:
+        ap.error(f"--env: expected NAME=VALUE entries, got {bad}")
     log = "/tmp/smi_sustained.csv"
     smi_out = open(log, "w")
     smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={FIELDS}", "--format=csv,noheader,nounits", "-lms", "50"],
@@ -120,7 +129,7 @@ def main() -> int:
     try:
         for N in a.shapes.split(","):
             ph = phases(SHAPES[N] if N in SHAPES else EXTRA_SHAPES[N], a.extra,
-                        [int(x) for x in a.nseg.split(",") if x])
+                        [int(x) for x in a.nseg.split(",") if x], [e for e in a.env.split(",") if e])
             if a.only:
                 ph = {k: v for k, v in ph.items() if k in a.only.split(",")}
             names = list(ph)
