@@ -16,9 +16,11 @@ environment-setting wrapper (its host cost would otherwise bias the ratios by 2-
 back per sample (the time per call reported): do_bench starts its event right after its L2 flush, so host time
 before a single call's launch lands in the sample; with K queued calls it is hidden behind the GPU's work but the
 first's (identical kernels read 1-3% apart through the wrapper with K = 1 in the twenty-seventh session's calls).
+--env NAME=VALUE,.. also times taca with each variable set (e.g. TACA_FWD_OVERLAP=0 with --feature spans), through
+the same wrapper ("env<i>_fwd" / "_fb" in the JSON, a line per variable under the table).
 
 Usage: python3 benchmarks/bench_fwd_tail.py [--heads 22,24,33,44,48] [--tokens 4608] [--rounds 3] [--split auto]
-       [--feature none|spans|keymask|keypad] [--calls 1] [--out DIR]
+       [--feature none|spans|keymask|keypad] [--env NAME=VALUE,..] [--calls 1] [--out DIR]
 Prints a table last; writes fwd_tail.json to DIR.
 """
 from __future__ import annotations
@@ -47,12 +49,16 @@ def main(argv=None) -> int:
     ap.add_argument("--feature", default="none", choices=("none", "spans", "keymask", "keypad"),
                     help="taca's call through the forward's feature instances: spans (text_len a (1,) tensor), "
                          "keymask (an all-True (1, 1, 1, N) bool key mask), keypad (one hiding the text past L / 3)")
+    ap.add_argument("--env", default="", help="NAME=VALUE,..: also time taca with each variable set (methods env<i>)")
     ap.add_argument("--calls", type=int, default=1, help="calls back to back per timed sample (time per call)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     heads = [int(h) for h in args.heads.split(",") if h]
     if not heads or min(heads) < 1:
         ap.error(f"--heads: expected positive integers, got {args.heads!r}")
+    envs = [e for e in args.env.split(",") if e]
+    if any("=" not in e for e in envs):
+        ap.error(f"--env: expected NAME=VALUE entries, got {args.env!r}")
     if args.calls < 1:
         ap.error(f"--calls: expected a positive integer, got {args.calls}")
     if not torch.cuda.is_available():
@@ -67,7 +73,8 @@ def main(argv=None) -> int:
     qtile = 128  # the D = 128 forward's query tile (and the backward's key tile)
     gamma = torch.full((1,), 1.2, device="cuda")
     splits = [x for x in args.split.split(",") if x]
-    names = ["taca_fwd", "cudnn_fwd", "taca_fb", "cudnn_fb"] + [f"split{x}_{m}" for x in splits for m in ("fwd", "fb")]
+    names = (["taca_fwd", "cudnn_fwd", "taca_fb", "cudnn_fb"] + [f"split{x}_{m}" for x in splits for m in ("fwd", "fb")]
+             + [f"env{i}_{m}" for i in range(len(envs)) for m in ("fwd", "fb")])
     res = {h: {nm: [] for nm in names} for h in heads}
 
     def fns(h):
@@ -100,17 +107,21 @@ def main(argv=None) -> int:
                 torch.autograd.backward(o, do)
                 qg.grad = kg.grad = vg.grad = None
             return run
-        def with_split(fn, val):
+        def with_split(fn, val, env=""):
             parts, _, form = val.partition("@")
+            # env "NAME=VALUE" (--env); otherwise a variable nothing reads, so every method sets and unsets three
+            ename, _, evalue = (env or "TACA_BENCH_UNUSED=1").partition("=")
 
             def run():
                 os.environ["TACA_FWD_SPLIT"] = parts
                 os.environ["TACA_FWD_SPLIT_FORM"] = form or "one"
+                os.environ[ename] = evalue
                 try:
                     return fn()
                 finally:
                     os.environ.pop("TACA_FWD_SPLIT", None)
                     os.environ.pop("TACA_FWD_SPLIT_FORM", None)
+                    os.environ.pop(ename, None)
             return run
         # every method through the same wrapper (taca's default and cuDNN with TACA_FWD_SPLIT set to "", which is
         # unset's meaning): its two putenv / unsetenv pairs cost host time that do_bench partly measures (it records
@@ -120,6 +131,9 @@ def main(argv=None) -> int:
         for x in splits:
             out[f"split{x}_fwd"] = with_split(taca_f, x)
             out[f"split{x}_fb"] = with_split(fb(taca_f), x)
+        for i, e in enumerate(envs):
+            out[f"env{i}_fwd"] = with_split(taca_f, "", e)
+            out[f"env{i}_fb"] = with_split(fb(taca_f), "", e)
         return out
 
     t0 = time.time()
@@ -164,6 +178,12 @@ def main(argv=None) -> int:
             + (f" split fwd {row[sp + '_fwd']:.4f} (vs {row[sp + '_fwd'] / row['taca_fwd']:.3f}, cuDNN ratio "
                f"{row['cudnn_fwd'] / row[sp + '_fwd']:.3f}) f+b {row[sp + '_fb']:.4f} "
                f"(vs {row[sp + '_fb'] / row['taca_fb']:.3f}) |" if sp else ""))
+    for i, e in enumerate(envs):  # --env methods: forward / fwd+bwd time over the default taca's, per head count
+        lines.append(f"{e}: " + ", ".join(
+            f"H {h} fwd {out['heads'][h][f'env{i}_fwd']:.4f} ({out['heads'][h][f'env{i}_fwd'] / out['heads'][h]['taca_fwd']:.3f}) "
+            f"f+b {out['heads'][h][f'env{i}_fb']:.4f} ({out['heads'][h][f'env{i}_fb'] / out['heads'][h]['taca_fb']:.3f})"
+            for h in heads))
+    out["env"] = envs
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "fwd_tail.json"), "w") as fh:
