@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -286,9 +287,8 @@ OVERLAP_CASES = [
 def _fwd_overlap_flags(fn):
     """The D = 128 warp-specialized forward kernels fn launched: their WsCfg's OVERLAP argument (True / False), from
     the CUDA kernel names the profiler records (demangled or mangled)."""
-    import re
-
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
