@@ -5,6 +5,8 @@
 # FLUX at 512 / 1024 / 1536 / 2048 (1536 / 4608 / 9728 / 16896 keys) under sustained load (bench_sustained.py, both
 # forms and cuDNN, 3 s phases, 2 rotated rounds) and isolated (bench_attention_gpu.py --quick, forms alternating in
 # separate processes, ROUNDS rounds).
+# SHAPES=.. picks others (flux1792_b1 / flux1920_b1: 13056 / 14912 keys, around the 12288 threshold); SKIP_TESTS=1
+# skips the tests and sanitizers; SPANS=1 adds bench_fwd_tail.py --feature spans with both forms (the FEAT instances).
 #   run(command="bash benchmarks/gpu_overlap_run.sh", carry=[".whl"])
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -30,5 +32,9 @@ for r in $(seq 1 "${ROUNDS:-2}"); do for ov in 0 1; do
     --methods "^taca_cuda$" --out "$OUT/iso_ov${ov}_$r" --tag ov 2>&1 | grep -E "^\| [a-z0-9]+_" | grep -v "plain_eff\|flash2" \
     | cut -c1-80 | sed "s/^/ov$ov r$r /"
 done; done
+if [ "${SPANS:-0}" = 1 ]; then  # per-sample spans (a (1,) text_len tensor: the FEAT split instances), both forms
+  timeout 150 python3 benchmarks/bench_fwd_tail.py --feature spans --env TACA_FWD_OVERLAP=0,TACA_FWD_OVERLAP=1 \
+    --heads 24,48 --rounds 3 --no-bwd --out "$OUT/spans" > "$OUT/spans.txt" 2>&1; echo "spans rc=$?"; tail -8 "$OUT/spans.txt"
+fi
 } 2>&1 | tee "$OUT/log.txt"
 bash benchmarks/pack_out.sh "$OUT"
