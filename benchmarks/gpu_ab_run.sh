@@ -10,7 +10,8 @@
 # (bench_attention_gpu.py --quick, $SHAPES). VERIFY=0 skips the verification (both sides built in place);
 # PIPELINE=1 adds bench_pipeline.py on the new tree; BWD=0 skips the backward-alone timing; HASH=1 first compares
 # the two sides' outputs and gradients bitwise (benchmarks/out_hash.py: for changes that must not move them);
-# SUSTAINED=1 adds bench_sustained.py phases ($SUS_PHASES on $SUS_SHAPES) per side and round. The in-process controls (v5 and cuDNN, which the patch does
+# SUSTAINED=1 adds bench_sustained.py phases ($SUS_PHASES on $SUS_SHAPES) per side and round; ATTN=0 skips the
+# isolated forward / forward+backward against cuDNN. The in-process controls (v5 and cuDNN, which the patch does
 # not touch) tell a real difference from the GPU's drift between processes. Files under $OUT.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -29,7 +30,7 @@ build /tmp/base base &
 if [ "${VERIFY:-1}" = 1 ]; then
   QUICK=1 BREAKDOWN=0 OUT="$OUT/new_verify" bash benchmarks/gpu_verify_run.sh 2>&1 | grep -v "^|"
 else
-  rm -rf build taca/_C.*.so taca/_numpy_C.*.so; build . new
+  source benchmarks/gpu_build.sh  # reuses a warm machine's build of these sources (build/.srchash)
 fi
 wait
 unset TACA_CUDA_LIB
@@ -46,7 +47,7 @@ for r in $(seq 1 "$ROUNDS"); do
     d=$PWD; [ $side = base ] && d=/tmp/base
     [ "${BWD:-1}" = 1 ] && (cd "$d" && timeout 150 python3 benchmarks/bench_bwd_handoff.py --rounds 2 --modes "$MODES" --shapes "$BWD_SHAPES" --out "$OUT/$side$r" 2>&1 \
       | grep -E "^\| [a-z0-9]+_" | sed "s/^/$side$r bwd /")
-    (cd "$d" && python3 benchmarks/bench_attention_gpu.py --quick --shapes "$SHAPES" --methods "^taca_cuda$" \
+    [ "${ATTN:-1}" = 1 ] && (cd "$d" && python3 benchmarks/bench_attention_gpu.py --quick --shapes "$SHAPES" --methods "^taca_cuda$" \
       --out "$OUT/$side$r" --tag ab 2>&1 | grep -E "^\| [a-z0-9]+_" | grep -v plain_eff | sed "s/^/$side$r attn /")
     # SUSTAINED=1: the same side back to back under the power cap too (bench_sustained.py, $SUS_PHASES, 3 s each)
     [ "${SUSTAINED:-0}" = 1 ] && (cd "$d" && timeout 200 python3 benchmarks/bench_sustained.py --shapes "${SUS_SHAPES:-flux1024_b1,sd35m_cfg}" \
