@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next device session's first call, steps in order of priority under one wall-clock deadline (LIMIT seconds,
 # default 540), so that a short budget still buys the most important answers. Written after a session (the thirtieth)
-# in which no machine could be started (17 refused starts, the budget spent on them).
+# in which no machine could be started (16 failed starts at 90 s each spent the budget).
 # Here, first (the two prepared patches applied; ab.patch untracked, it travels with the tree; do not commit it):
 #   git apply benchmarks/results/prepared_bwd_early_dv.patch benchmarks/results/prepared_fwd_overlap_spans.patch
 #   git diff HEAD -- csrc > ab.patch
