@@ -45,7 +45,7 @@ EXTRA_SHAPES = {
     # FLUX at other resolutions (D = 128 key counts between and around the PERFORMANCE.md ones)
     "flux512_b1": (1, 24, 128, 512, 1024, True),
     "flux1536_b1": (1, 24, 128, 512, 9216, True),
-    "flux1792_b1": (1, 24, 128, 512, 12544, True),  # 13056 keys: just past fwd_overlap's 12288
+    "flux1792_b1": (1, 24, 128, 512, 12544, True),  # 13056 keys: past fwd_overlap's first threshold (12288)
     "flux1920_b1": (1, 24, 128, 512, 14400, True),  # 14912 keys
     "auraflow_cfg": (2, 12, 256, 264, 4096, True),
     "ideogram4_cfg": (2, 18, 256, 512, 4096, True),

@@ -2,8 +2,8 @@
 # The next device session's first call, steps in order of priority under one wall-clock deadline (LIMIT seconds,
 # default 540), so that a short budget still buys the most important answers. Written after a session (the thirtieth)
 # in which no machine could be started (16 failed starts at 90 s each spent the budget).
-# Here, first (the two prepared patches applied; ab.patch untracked, it travels with the tree; do not commit it):
-#   git apply benchmarks/results/prepared_bwd_early_dv.patch benchmarks/results/prepared_fwd_overlap_spans.patch
+# Here, first (the experiment applied to csrc; ab.patch untracked, it travels with the tree; do not commit it;
+# the thirty-first session ran it with the early-dV and spans-overlap patches, s31_20261206/call1_H200_next/):
 #   git diff HEAD -- csrc > ab.patch
 #   run(command="LIMIT=540 bash benchmarks/gpu_next_run.sh", carry=[".whl"], timeout_s=LIMIT + 20)
 # Steps, each skipped when too little time is left:

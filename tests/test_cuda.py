@@ -279,8 +279,8 @@ OVERLAP_CASES = [
     # B, H, L, n_img, text_first, dtype, layout, noncontig
     (1, 24, 512, 4096, True, torch.bfloat16, "bnhd", True),  # FLUX 1024's shape, diffusers' view: the tail split
     (2, 3, 333, 4000, False, torch.float16, "bhnd", False),  # ragged last tiles, text last, per-sample gamma
-    (1, 2, 77, 12211, True, torch.bfloat16, "bhnd", False),  # 12288 keys: the rule's largest overlapped count
-    (1, 2, 77, 12212, True, torch.bfloat16, "bhnd", False),  # 12289 keys: no overlap by default
+    (1, 2, 77, 15283, True, torch.bfloat16, "bhnd", False),  # 15360 keys: the rule's largest overlapped count
+    (1, 2, 77, 15284, True, torch.bfloat16, "bhnd", False),  # 15361 keys: no overlap by default
 ]
 
 
@@ -305,7 +305,7 @@ def _fwd_overlap_flags(fn):
 @pytest.mark.parametrize("case", OVERLAP_CASES, ids=lambda c: f"B{c[0]}-H{c[1]}-N{c[2] + c[3]}-{c[6]}")
 def test_forward_overlap(case, monkeypatch):
     """The D = 128 default's intra-warpgroup overlap (the softmax of key tile j while P V of tile j - 1 runs; on by
-    default up to 12288 keys, TACA_FWD_OVERLAP=0 / 1 forces it off / on): the tolerance rule against the fp32
+    default up to 15360 keys, TACA_FWD_OVERLAP=0 / 1 forces it off / on): the tolerance rule against the fp32
     reference by default, the outputs (out, lse, text_mass) of both forced forms bitwise the default's (the same fp32
     operations in the same order), and on sm_90 the kernels launched carry the form asked for."""
     B, H, L, n_img, tf, dtype, layout, nc = case
@@ -318,7 +318,39 @@ def test_forward_overlap(case, monkeypatch):
     default = call()
     assert torch.equal(default[0], out)
     hopper = torch.cuda.get_device_capability() == (9, 0)
-    for env, want in (("1", True), ("0", False), (None, L + n_img <= 12288)):
+    for env, want in (("1", True), ("0", False), (None, L + n_img <= 15360)):
+        if env is None:
+            monkeypatch.delenv("TACA_FWD_OVERLAP", raising=False)
+        else:
+            monkeypatch.setenv("TACA_FWD_OVERLAP", env)
+        for name, a, b in zip(("out", "lse", "text_mass"), call(), default):
+            assert torch.equal(a, b), f"{name}: TACA_FWD_OVERLAP={env} differs from the default"
+        if hopper:
+            flags = _fwd_overlap_flags(call)
+            assert flags and all(f == want for f in flags), f"TACA_FWD_OVERLAP={env}: kernels {flags}, want {want}"
+
+
+@pytest.mark.skipif(not _PUBLIC, reason="the public op has no CUDA kernel")
+@pytest.mark.parametrize("H, L, n_img", [(24, [512, 300], 4096), (3, [333, 100], 4000)], ids=["split", "unsplit"])
+def test_forward_overlap_spans(H, L, n_img, monkeypatch):
+    """Per-sample spans (the forward's FEAT instances) take the overlap as the plain default does: outputs with
+    TACA_FWD_OVERLAP=0 / 1 bitwise the default's, and on sm_90 the kernels launched carry the form asked for (the
+    tolerance rule for these instances: test_forward_tail_split_features, which runs the default)."""
+    import taca
+
+    B, N = 2, max(L) + n_img
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(B, H, N, 128, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3))
+
+    def call():
+        return taca.joint_attention(q, k, v, text_len=torch.tensor(L, device="cuda"), text_first=True,
+                                    gamma=torch.linspace(1.2, 1.5, B, device="cuda"), backend="cuda",
+                                    return_lse=True, return_text_mass=True)
+
+    monkeypatch.delenv("TACA_FWD_OVERLAP", raising=False)
+    default = call()
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    for env, want in (("1", True), ("0", False), (None, True)):
         if env is None:
             monkeypatch.delenv("TACA_FWD_OVERLAP", raising=False)
         else:

@@ -368,12 +368,13 @@ using WSplit = WsCfg<2, false, true, 128, true>;
 // the same fp32 operations in the same order (bitwise-equal outputs), measured per key count (fwd_overlap)
 using WSplitOv = WsCfg<2, true, true, 128, true>;
 /* The D = 128 default's intra-warpgroup overlap (WSplitOv) or not (WSplit): TACA_FWD_OVERLAP=0 / 1 forces one (a
- * timing switch); otherwise overlap up to 12288 keys. H100, forward ms without / with it (KERNEL_LOG twenty-ninth
+ * timing switch); otherwise overlap up to 15360 keys. H100, forward ms without / with it (KERNEL_LOG twenty-ninth
  * session): FLUX 512 (1536 keys) even; FLUX 1024 (4608) -2.7..-3.8% isolated, -1.9..-2.2% sustained; FLUX 1536 (9728)
- * -6% isolated, -2.5% sustained; FLUX 2048 (16896) even isolated (noisy), +0.2% / +1.6% sustained on two machines. */
+ * -6% isolated, -2.5% sustained; FLUX 2048 (16896) even isolated (noisy), +0.2% / +1.6% sustained on two machines.
+ * H200, sustained (thirty-first session): 13056 keys -2.1%, 14912 -3.0%, 16896 +1.4%; isolated noisy either way. */
 [[maybe_unused]] static inline bool fwd_overlap(const FwdArgs &a) {
     if (const char *e = getenv("TACA_FWD_OVERLAP")) return strcmp(e, "0") != 0;
-    return a.nk <= 12288;
+    return a.nk <= 15360;
 }
 [[maybe_unused]] static inline bool d128_split_mask_ok(const FwdArgs &a) {
     return !a.mask.data || (a.mask.q == 0 && !fwd_mask_mode("elem") && !fwd_kt_arrive_lane0());
@@ -437,7 +438,7 @@ int launch_split(const FwdArgs &a, int variant, int batch, int heads, cudaStream
  * stages (10..12 fall back to 13 where a TMA map cannot be encoded); 13: this file's kernel,
  * 64-key tiles, 3 stages (the default before); 7: overlap, 64-key tiles, 4 stages; 8: overlap,
  * 128-key tiles, 3 stages; 9: overlap, 3 warpgroups (192-row CTAs), 64-key tiles, 4 stages.
- * D = 128's default takes 11's intra-warpgroup overlap in its persistent form up to 12288 keys (fwd_overlap).
+ * D = 128's default takes 11's intra-warpgroup overlap in its persistent form up to 15360 keys (fwd_overlap).
  * Both D: the default (0 = 10 at D = 128; 0 = 17 at D = 64; the FEAT instance) is the
  * warp-specialized kernel PERSISTENT
  * (one CTA per SM over the (query tile, head, batch) items, two Q buffers: the next item's loads
@@ -461,14 +462,18 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
         using W14 = WsCfg<2, false, true, D>;
         if constexpr (D == 128) {  // the tail split (d128_split_plan): spans, or a key mask's terms (KTA)
             if (variant != 14 && d128_split_mask_ok(a)) {
+                // per-sample spans without a mask: the overlap as the plain default (fwd_overlap)
                 const int sst = a.mask.data ? launch_split<T, true, MK_KEY, true>(a, variant, batch, heads, stream, ws, ws_bytes)
-                                            : launch_split<T, true, MK_NONE, false>(a, variant, batch, heads, stream, ws, ws_bytes);
+                                : fwd_overlap(a)
+                                    ? launch_split<T, true, MK_NONE, false, WSplitOv>(a, variant, batch, heads, stream, ws, ws_bytes)
+                                    : launch_split<T, true, MK_NONE, false>(a, variant, batch, heads, stream, ws, ws_bytes);
                 if (sst != TACA_ERR_UNSUPPORTED) return sst;
             }
         }
         const int st = variant == 14     ? (a.mask.data ? launch_ws<T, W14, true, MK_ANY>(a, batch, heads, stream)
                                                         : launch_ws<T, W14, true, MK_NONE>(a, batch, heads, stream))
-                       : !a.mask.data    ? launch_ws<T, W3, true, MK_NONE>(a, batch, heads, stream)
+                       : !a.mask.data    ? (D == 128 && fwd_overlap(a) ? launch_ws<T, WSplitOv, true, MK_NONE>(a, batch, heads, stream)
+                                                                       : launch_ws<T, W3, true, MK_NONE>(a, batch, heads, stream))
                        : fwd_mask_mode("elem") || a.mask.q != 0 ? launch_ws<T, W, true, MK_ANY>(a, batch, heads, stream)
                        : D == 64 && !fwd_mask_mode("tile")
                            ? (fwd_kt_arrive_lane0() ? launch_ws<T, W3, true, MK_KEY>(a, batch, heads, stream)
