@@ -3,15 +3,21 @@
 # default 540), so that a short budget still buys the most important answers. Written after a session (the thirtieth)
 # in which no machine could be started (16 failed starts at 90 s each spent the budget).
 # Here, first (the experiment applied to csrc; ab.patch untracked, it travels with the tree; do not commit it;
-# the thirty-first session ran it with the early-dV and spans-overlap patches, s31_20261206/call1_H200_next/):
-#   git diff HEAD -- csrc > ab.patch
-#   run(command="LIMIT=540 bash benchmarks/gpu_next_run.sh", carry=[".whl"], timeout_s=LIMIT + 20)
+# the thirty-first session ran it with the early-dV and spans-overlap patches, s31_20261206/call1_H200_next/).
+# The thirty-second's: the three-chain rule (its test and a multi-chain sanitizer case come with it):
+#   git apply benchmarks/results/prepared_bwd_3chains.patch && git diff HEAD -- csrc > ab.patch
+#   run(command="LIMIT=540 AB_SHAPES=flux1024_b2,flux1024_b1 bash benchmarks/gpu_next_run.sh", carry=[".whl"],
+#       timeout_s=560)
+# (ab.patch holds csrc only: the base side of the A/B is HEAD's kernels, the tests are the applied tree's. With the
+# chain rule out_hash.py's dQ must differ where 48+ (batch, head) pairs meet 32+ key tiles (sd35m_cfg) and nowhere
+# else, and v5 shares the layout: at b2 it is no control.)
 # Steps, each skipped when too little time is left:
-#   1. build (gpu_build.sh), the CUDA tests (test_cuda*.py: the committed, never-run test_forward_overlap and the spans
-#      patch's test_forward_overlap_spans among them; -rs lists skips), memcheck + racecheck (sanitize_fwd.py);
+#   1. build (gpu_build.sh), the CUDA tests (test_cuda*.py, with whatever the applied patch adds; -rs lists skips),
+#      memcheck + racecheck (sanitize_fwd.py);
 #   2. the A/B against HEAD (gpu_ab_run.sh VERIFY=0 ATTN=0: outputs and gradients bitwise, out_hash.py; the backward
 #      alone, bench_bwd_handoff.py, v6 with v5 as the in-process control; fwd+bwd sustained against cuDNN), two rounds;
-#   3. the spans instances' overlap (bench_fwd_tail.py --feature spans, TACA_FWD_OVERLAP=0 / 1 in one process).
+#   3. SPANS=1: the spans instances' overlap (bench_fwd_tail.py --feature spans, TACA_FWD_OVERLAP=0 / 1, one process;
+#      run and kept by the thirty-first session).
 # Files under $OUT (8 at most come back: log0.txt, pytest.txt, all.memcheck.txt, all.racecheck.txt, ab/log.txt,
 # ab/files.tgz, spans.txt, spans/fwd_tail.json).
 set -o pipefail
@@ -23,18 +29,18 @@ source benchmarks/gpu_build.sh
 nvidia-smi -L
 export TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so PYTHONPATH=/tmp/site:$PWD/tests/cuda_harness PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 timeout 120 python3 -m pytest -q -rs tests/test_cuda_bwd.py tests/test_cuda_features.py tests/test_cuda.py > "$OUT/pytest.txt" 2>&1
-echo "pytest rc=$?: $(tail -1 "$OUT/pytest.txt")"; grep -E "^(FAILED|ERROR)|overlap" "$OUT/pytest.txt" | head -8
-[ "$(left)" -gt 120 ] && { source benchmarks/gpu_sanitize.sh; sanitize tests/cuda_harness/sanitize_fwd.py taca_ all 60; }
+echo "pytest rc=$?: $(tail -1 "$OUT/pytest.txt")"; grep -E "^(FAILED|ERROR)|overlap|chain" "$OUT/pytest.txt" | head -8
+[ "$(left)" -gt 200 ] && { source benchmarks/gpu_sanitize.sh; sanitize tests/cuda_harness/sanitize_fwd.py taca_ all 120; }
 echo "tests done at $SECONDS s"
 } 2>&1 | tee "$OUT/log0.txt"
 unset TACA_CUDA_LIB; export PYTHONPATH=/tmp/site
-t=$(( $(left) - 45 ))
-[ "$t" -gt 60 ] && SHAPES=flux1024_b1 BWD_SHAPES=flux1024_b1 SUS_SHAPES=flux1024_b1 MODES=v6,v5 ATTN=0 VERIFY=0 HASH=1 \
+t=$(( $(left) - 45 )); AB_SHAPES=${AB_SHAPES:-flux1024_b1}
+[ "$t" -gt 60 ] && SHAPES=$AB_SHAPES BWD_SHAPES=$AB_SHAPES SUS_SHAPES=$AB_SHAPES MODES=v6,v5 ATTN=0 VERIFY=0 HASH=1 \
   SUSTAINED=1 SUS_PHASES='taca f+b,cudnn f+b' ROUNDS=2 BASE_PATCH=${BASE_PATCH:-ab.patch} OUT=$OUT/ab timeout "$t" \
   bash benchmarks/gpu_ab_run.sh
 bash benchmarks/pack_out.sh "$OUT/ab" 2>/dev/null  # also when the deadline cut the A/B short
 echo "ab done at $SECONDS s"
 t=$(( $(left) - 5 ))
-[ "$t" -gt 20 ] && timeout "$t" python3 benchmarks/bench_fwd_tail.py --feature spans \
+[ "${SPANS:-0}" = 1 ] && [ "$t" -gt 20 ] && timeout "$t" python3 benchmarks/bench_fwd_tail.py --feature spans \
   --env TACA_FWD_OVERLAP=0,TACA_FWD_OVERLAP=1 --heads 24,48 --rounds 2 --no-bwd --out "$OUT/spans" > "$OUT/spans.txt" 2>&1
 tail -6 "$OUT/spans.txt" 2>/dev/null; echo "all done at $SECONDS s"
