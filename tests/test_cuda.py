@@ -301,6 +301,22 @@ def _fwd_overlap_flags(fn):
     return flags
 
 
+def _check_overlap_forms(call, default, default_overlaps, monkeypatch):
+    """call() with TACA_FWD_OVERLAP=1, =0 and unset: (out, lse, text_mass) bitwise `default`, and on sm_90 the D = 128
+    forward kernels launched with the form asked for (unset: `default_overlaps`)."""
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    for env, want in (("1", True), ("0", False), (None, default_overlaps)):
+        if env is None:
+            monkeypatch.delenv("TACA_FWD_OVERLAP", raising=False)
+        else:
+            monkeypatch.setenv("TACA_FWD_OVERLAP", env)
+        for name, a, b in zip(("out", "lse", "text_mass"), call(), default):
+            assert torch.equal(a, b), f"{name}: TACA_FWD_OVERLAP={env} differs from the default"
+        if hopper:
+            flags = _fwd_overlap_flags(call)
+            assert flags and all(f == want for f in flags), f"TACA_FWD_OVERLAP={env}: kernels {flags}, want {want}"
+
+
 @pytest.mark.skipif(not _PUBLIC, reason="the public op has no CUDA kernel")
 @pytest.mark.parametrize("case", OVERLAP_CASES, ids=lambda c: f"B{c[0]}-H{c[1]}-N{c[2] + c[3]}-{c[6]}")
 def test_forward_overlap(case, monkeypatch):
@@ -317,17 +333,7 @@ def test_forward_overlap(case, monkeypatch):
 
     default = call()
     assert torch.equal(default[0], out)
-    hopper = torch.cuda.get_device_capability() == (9, 0)
-    for env, want in (("1", True), ("0", False), (None, L + n_img <= 15360)):
-        if env is None:
-            monkeypatch.delenv("TACA_FWD_OVERLAP", raising=False)
-        else:
-            monkeypatch.setenv("TACA_FWD_OVERLAP", env)
-        for name, a, b in zip(("out", "lse", "text_mass"), call(), default):
-            assert torch.equal(a, b), f"{name}: TACA_FWD_OVERLAP={env} differs from the default"
-        if hopper:
-            flags = _fwd_overlap_flags(call)
-            assert flags and all(f == want for f in flags), f"TACA_FWD_OVERLAP={env}: kernels {flags}, want {want}"
+    _check_overlap_forms(call, default, L + n_img <= 15360, monkeypatch)
 
 
 @pytest.mark.skipif(not _PUBLIC, reason="the public op has no CUDA kernel")
@@ -348,18 +354,7 @@ def test_forward_overlap_spans(H, L, n_img, monkeypatch):
                                     return_lse=True, return_text_mass=True)
 
     monkeypatch.delenv("TACA_FWD_OVERLAP", raising=False)
-    default = call()
-    hopper = torch.cuda.get_device_capability() == (9, 0)
-    for env, want in (("1", True), ("0", False), (None, True)):
-        if env is None:
-            monkeypatch.delenv("TACA_FWD_OVERLAP", raising=False)
-        else:
-            monkeypatch.setenv("TACA_FWD_OVERLAP", env)
-        for name, a, b in zip(("out", "lse", "text_mass"), call(), default):
-            assert torch.equal(a, b), f"{name}: TACA_FWD_OVERLAP={env} differs from the default"
-        if hopper:
-            flags = _fwd_overlap_flags(call)
-            assert flags and all(f == want for f in flags), f"TACA_FWD_OVERLAP={env}: kernels {flags}, want {want}"
+    _check_overlap_forms(call, call(), True, monkeypatch)
 
 
 SPLIT_FEAT_CASES = [
