@@ -16,10 +16,8 @@
 #      memcheck + racecheck (sanitize_fwd.py);
 #   2. the A/B against HEAD (gpu_ab_run.sh VERIFY=0 ATTN=0: outputs and gradients bitwise, out_hash.py; the backward
 #      alone, bench_bwd_handoff.py, v6 with v5 as the in-process control; fwd+bwd sustained against cuDNN), two rounds;
-#   3. SPANS=1: the spans instances' overlap (bench_fwd_tail.py --feature spans, TACA_FWD_OVERLAP=0 / 1, one process;
-#      run and kept by the thirty-first session).
-# Files under $OUT (8 at most come back: log0.txt, pytest.txt, all.memcheck.txt, all.racecheck.txt, ab/log.txt,
-# ab/files.tgz, spans.txt, spans/fwd_tail.json).
+# (The thirty-first session's third step, the spans instances' overlap timing, is gpu_overlap_run.sh SPANS=1.)
+# Files under $OUT: log0.txt, pytest.txt, all.memcheck.txt, all.racecheck.txt, ab/log.txt, ab/files.tgz.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; LIMIT=${LIMIT:-540}
 left() { echo $((LIMIT - SECONDS)); }
@@ -39,8 +37,4 @@ t=$(( $(left) - 45 )); AB_SHAPES=${AB_SHAPES:-flux1024_b1}
   SUSTAINED=1 SUS_PHASES='taca f+b,cudnn f+b' ROUNDS=2 BASE_PATCH=${BASE_PATCH:-ab.patch} OUT=$OUT/ab timeout "$t" \
   bash benchmarks/gpu_ab_run.sh
 bash benchmarks/pack_out.sh "$OUT/ab" 2>/dev/null  # also when the deadline cut the A/B short
-echo "ab done at $SECONDS s"
-t=$(( $(left) - 5 ))
-[ "${SPANS:-0}" = 1 ] && [ "$t" -gt 20 ] && timeout "$t" python3 benchmarks/bench_fwd_tail.py --feature spans \
-  --env TACA_FWD_OVERLAP=0,TACA_FWD_OVERLAP=1 --heads 24,48 --rounds 2 --no-bwd --out "$OUT/spans" > "$OUT/spans.txt" 2>&1
-tail -6 "$OUT/spans.txt" 2>/dev/null; echo "all done at $SECONDS s"
+echo "all done at $SECONDS s"

@@ -5,9 +5,9 @@
 # FLUX at 512 / 1024 / 1536 / 2048 (1536 / 4608 / 9728 / 16896 keys) under sustained load (bench_sustained.py, both
 # forms and cuDNN, 3 s phases, 2 rotated rounds) and isolated (bench_attention_gpu.py --quick, forms alternating in
 # separate processes, ROUNDS rounds).
-# SHAPES=.. picks others (flux1792_b1 / flux1920_b1: 13056 / 14912 keys: the threshold was 12288 before they were timed,
-# 15360 after); SKIP_TESTS=1
-# skips the tests and sanitizers; SPANS=1 adds bench_fwd_tail.py --feature spans with both forms (the FEAT instances).
+# SHAPES=.. picks others (flux1792_b1 / flux1920_b1: 13056 / 14912 keys; the threshold was 12288 before they were
+# timed, 15360 after); SKIP_TESTS=1 skips the tests and sanitizers; SPANS=1 adds bench_fwd_tail.py --feature spans
+# with both forms (the FEAT instances).
 #   run(command="bash benchmarks/gpu_overlap_run.sh", carry=[".whl"])
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
