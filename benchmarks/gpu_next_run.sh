@@ -4,13 +4,12 @@
 # in which no machine could be started (16 failed starts at 90 s each spent the budget).
 # Here, first (the experiment applied to csrc; ab.patch untracked, it travels with the tree; do not commit it;
 # the thirty-first session ran it with the early-dV and spans-overlap patches, s31_20261206/call1_H200_next/).
-# The thirty-second's: the three-chain rule (its test and a multi-chain sanitizer case come with it):
-#   git apply benchmarks/results/prepared_bwd_3chains.patch && git diff HEAD -- csrc > ab.patch
+# (The thirty-second session verified the three-chain rule with one build instead, gpu_verify_one.sh: when the base
+# side of an A/B was measured already, that call is ~140 s shorter.) Usage:
+#   git apply benchmarks/results/prepared_X.patch && git diff HEAD -- csrc > ab.patch
 #   run(command="LIMIT=540 AB_SHAPES=flux1024_b2,flux1024_b1 bash benchmarks/gpu_next_run.sh", carry=[".whl"],
 #       timeout_s=560)
-# (ab.patch holds csrc only: the base side of the A/B is HEAD's kernels, the tests are the applied tree's. With the
-# chain rule out_hash.py's dQ must differ where 48+ (batch, head) pairs meet 32+ key tiles (sd35m_cfg) and nowhere
-# else, and v5 shares the layout: at b2 it is no control.)
+# (ab.patch holds csrc only: the base side of the A/B is HEAD's kernels, the tests are the applied tree's.)
 # Steps, each skipped when too little time is left:
 #   1. build (gpu_build.sh), the CUDA tests (test_cuda*.py, with whatever the applied patch adds; -rs lists skips),
 #      memcheck + racecheck (sanitize_fwd.py);

@@ -367,3 +367,23 @@ def test_gamma_one_is_plain_attention():
     got = torch.ops.taca.bwd(dout, q, k, v, out_ref.to(BF16), lse_ref, ones, 1.0, D ** -0.5, 0, L)
     sdpa = _sdpa_grads(q, k, v, dout, text_len=0)
     _check_rule(got, sdpa, ref)
+
+
+# 2 x 24 (batch, head) pairs, 4096 keys (32 key tiles: one chain per 8 would make 4)
+CHAIN_CASE = (2, 24, 77, 4019, 128, True, BF16, [1.2, 1.3], 1.0, "bnhd")
+
+
+def test_dq_chain_counts(monkeypatch):
+    """The deterministic dQ chains (taca_bwd.cu layout_of): 3 by default from 48 (batch, head) pairs. Every forced
+    count (TACA_BWD_NSEG = 1, 2, 3, 4, 8) meets the rule and is deterministic (_run_case checks both), dK / dV are
+    bitwise the default's (they do not pass through the chains), and the default's dQ is bitwise the 3-chain one's
+    (the same chains summed in the same order: the rule is in effect)."""
+    monkeypatch.delenv("TACA_BWD_NSEG", raising=False)
+    default = _run_case(CHAIN_CASE)
+    for n in (1, 2, 3, 4, 8):
+        monkeypatch.setenv("TACA_BWD_NSEG", str(n))
+        got = _run_case(CHAIN_CASE)
+        for name, a, b in zip(("dk", "dv"), got[1:], default[1:]):
+            assert torch.equal(a, b), f"{name}: {n} chains differ from the default's"
+        if n == 3:
+            assert torch.equal(got[0], default[0]), "dq: the default is not the 3-chain sum"

@@ -124,6 +124,11 @@ bool layout_of(const taca_bwd_params *p, Layout *L) {
     int nseg = L->nk / 8;
     nseg = nseg < 1 ? 1 : (nseg > 4 ? 4 : nseg);
     if (N > 8192 && nseg > 2) nseg = 2;
+    // Three chains at most from 48 (batch, head) pairs: with twice FLUX 1024's CTAs the chains' start-up lag is
+    // amortized and one dQ buffer less to sum pays (H100 v6, backward alone, KERNEL_LOG thirty-first and -second
+    // sessions: FLUX 1024 b2 -1.1% / -2.3% / -2.0% / -2.0% in four calls, fwd+bwd sustained -1.5%; SD3.5-M / -L CFG
+    // within 1%; at b1, 24 pairs, it cost +0.4%).
+    if (static_cast<int64_t>(p->batch) * p->heads >= 48 && nseg > 3) nseg = 3;
     if (const char *e = getenv("TACA_BWD_NSEG")) {  // timing experiments only (1..8 chains)
         const int n = atoi(e);
         if (n >= 1 && n <= 8) nseg = n;

@@ -67,6 +67,13 @@ def main():
                                      backend="cuda")
             o.backward(torch.randn_like(o))
             runs += 2
+        # several deterministic dQ chains (taca_bwd.cu layout_of: one per 8 key tiles, 4 at most, 3 from 48 (batch,
+        # head) pairs); the small cases above have one: FLUX 1024 b2's pairs at 4096 keys (32 key tiles)
+        q, k, v = (torch.randn(2, 24, 4096, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        o = taca.joint_attention(q, k, v, text_len=77, text_first=True, gamma=1.3, layout="bhnd", backend="cuda")
+        o.backward(torch.randn_like(o))
+        runs += 2
         # deterministic=False (unordered dQ adds; v6 counts each tile's adds for its overlapped conversion)
         for B, N, D, L, tf, dt in cases[::2]:
             q, k, v = (torch.randn(B, 2, N, D, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
