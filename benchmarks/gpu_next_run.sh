@@ -16,21 +16,15 @@
 #   2. the A/B against HEAD (gpu_ab_run.sh VERIFY=0 ATTN=0: outputs and gradients bitwise, out_hash.py; the backward
 #      alone, bench_bwd_handoff.py, v6 with v5 as the in-process control; fwd+bwd sustained against cuDNN), two rounds;
 # (The thirty-first session's third step, the spans instances' overlap timing, is gpu_overlap_run.sh SPANS=1.)
-# Files under $OUT: log0.txt, pytest.txt, all.memcheck.txt, all.racecheck.txt, ab/log.txt, ab/files.tgz.
+# Files under $OUT: verify/log.txt, verify/files.tgz (pytest.txt, all.memcheck.txt, all.racecheck.txt), ab/log.txt,
+# ab/files.tgz.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; LIMIT=${LIMIT:-540}
 left() { echo $((LIMIT - SECONDS)); }
 [ -f "${BASE_PATCH:-ab.patch}" ] || { echo "no ${BASE_PATCH:-ab.patch}: make it here first (see the header)"; exit 2; }
-{
-source benchmarks/gpu_build.sh
-nvidia-smi -L
-export TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so PYTHONPATH=/tmp/site:$PWD/tests/cuda_harness PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-timeout 120 python3 -m pytest -q -rs tests/test_cuda_bwd.py tests/test_cuda_features.py tests/test_cuda.py > "$OUT/pytest.txt" 2>&1
-echo "pytest rc=$?: $(tail -1 "$OUT/pytest.txt")"; grep -E "^(FAILED|ERROR)|overlap|chain" "$OUT/pytest.txt" | head -8
-[ "$(left)" -gt 200 ] && { source benchmarks/gpu_sanitize.sh; sanitize tests/cuda_harness/sanitize_fwd.py taca_ all 120; }
-echo "tests done at $SECONDS s"
-} 2>&1 | tee "$OUT/log0.txt"
-unset TACA_CUDA_LIB; export PYTHONPATH=/tmp/site
+# step 1: build, CUDA tests, memcheck + racecheck (gpu_verify_one.sh without its timing steps), in $OUT/verify
+env -u MODES -u SUS_NSEG OUT="$OUT/verify" LIMIT="$LIMIT" bash benchmarks/gpu_verify_one.sh
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 t=$(( $(left) - 45 )); AB_SHAPES=${AB_SHAPES:-flux1024_b1}
 [ "$t" -gt 60 ] && SHAPES=$AB_SHAPES BWD_SHAPES=$AB_SHAPES SUS_SHAPES=$AB_SHAPES MODES=v6,v5 ATTN=0 VERIFY=0 HASH=1 \
   SUSTAINED=1 SUS_PHASES='taca f+b,cudnn f+b' ROUNDS=2 BASE_PATCH=${BASE_PATCH:-ab.patch} OUT=$OUT/ab timeout "$t" \

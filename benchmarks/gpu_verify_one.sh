@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One device call that verifies the working tree's kernels with a single build (no A/B base build): build (reused on
 # a warm machine), the CUDA tests, memcheck + racecheck of sanitize_fwd.py, then timing switches of that build: the
-# backward alone one mode per process (gpu_modes_xproc.sh, MODES / SHAPES / ROUNDS) and, with SUS_NSEG, sustained
-# fwd+bwd phases against cuDNN with TACA_BWD_NSEG forced (bench_sustained.py --nseg). Each step is skipped when less
-# than it needs is left of LIMIT seconds. Written for the thirty-second session's chain rule (one build instead of
-# gpu_next_run.sh's two: the base side of that A/B was measured three times already).
+# backward alone one mode per process (gpu_modes_xproc.sh, with MODES / SHAPES / ROUNDS; skipped without MODES) and,
+# with SUS_NSEG, sustained fwd+bwd phases against cuDNN with TACA_BWD_NSEG forced (bench_sustained.py --nseg, on
+# SHAPES). Each step is skipped when less than it needs is left of LIMIT seconds. Written for the thirty-second
+# session's chain rule (one build instead of gpu_next_run.sh's two: the base side of that A/B was measured three
+# times already); gpu_next_run.sh runs it without MODES for its tests step.
 #   run(command="LIMIT=420 MODES=v6,v6@s4 SHAPES=flux1024_b2,flux1024_b1 SUS_NSEG=4 bash benchmarks/gpu_verify_one.sh",
 #       carry=[".whl"], timeout_s=440)
 set -o pipefail
@@ -16,7 +17,6 @@ nvidia-smi -L; echo "built at $SECONDS s"
 export TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so PYTHONPATH=/tmp/site:$PWD/tests/cuda_harness PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 timeout 150 python3 -m pytest -q -rs tests/test_cuda_bwd.py tests/test_cuda_features.py tests/test_cuda.py > "$OUT/pytest.txt" 2>&1
 echo "pytest rc=$?: $(tail -1 "$OUT/pytest.txt")"; grep -E "^(FAILED|ERROR)" "$OUT/pytest.txt" | head -8
-grep -E "chain_counts" "$OUT/pytest.txt" | head -3
 if [ "$(left)" -gt 150 ]; then source benchmarks/gpu_sanitize.sh; sanitize tests/cuda_harness/sanitize_fwd.py taca_ all 120; fi
 echo "tests done at $SECONDS s"
 unset TACA_CUDA_LIB; export PYTHONPATH=/tmp/site
@@ -27,7 +27,7 @@ if [ -n "${SUS_NSEG:-}" ] && [ "$(left)" -gt 60 ]; then
   done
 fi
 t=$(( $(left) - 10 ))
-[ "$t" -gt 40 ] && BUILD=0 OUT=$OUT/xproc timeout "$t" bash benchmarks/gpu_modes_xproc.sh 2>&1 | tail -12
+[ -n "${MODES:-}" ] && [ "$t" -gt 40 ] && BUILD=0 OUT=$OUT/xproc timeout "$t" bash benchmarks/gpu_modes_xproc.sh 2>&1 | tail -12
 echo "all done at $SECONDS s"
 } 2>&1 | tee "$OUT/log.txt"
 bash benchmarks/pack_out.sh "$OUT" 2>/dev/null; true
