@@ -177,12 +177,14 @@ def test_sm90_v6_kernel(case, writer, monkeypatch):
     """The v6 Hopper kernel (the default; TACA_BWD_SM90_KERNEL=v6 forces it: producer warp, FA3's
     GEMM order, two writer warps) with either dQ writer (TACA_BWD_V6_WRITER: one TMA bulk reduce-add
     per row, the default at D = 72..128, or 2-D tensor reduce-adds, the default at D = 64) meets the
-    rule, is deterministic (_run_case checks both, over three runs), and gives the v5 kernel's
-    gradients bitwise: the same fp32 operations in the same order. (Off sm_90 the knobs are ignored.)"""
+    rule, is deterministic (_run_case checks both, over three runs), and without its skew
+    (TACA_BWD_SKEW=0; test_sm90_v6_skew has the default) gives the v5 kernel's gradients bitwise: the
+    same fp32 operations in the same order. (Off sm_90 the knobs are ignored.)"""
     monkeypatch.setenv("TACA_BWD_SM90_KERNEL", "v5")
     default = _run_case(case)
     monkeypatch.setenv("TACA_BWD_SM90_KERNEL", "v6")
     monkeypatch.setenv("TACA_BWD_V6_WRITER", writer)
+    monkeypatch.setenv("TACA_BWD_SKEW", "0")
     got = _run_case(case, reps=3)
     for name, a, b in zip(("dq", "dk", "dv"), got, default):
         assert torch.equal(a, b), f"{name}: v6 differs from v5"
@@ -387,3 +389,27 @@ def test_dq_chain_counts(monkeypatch):
             assert torch.equal(a, b), f"{name}: {n} chains differ from the default's"
         if n == 3:
             assert torch.equal(got[0], default[0]), "dq: the default is not the 3-chain sum"
+
+
+# FLUX's class at D = 128 (36 key tiles: 4 chains of 9 links over 72 query tiles), SD3.5's at D = 64 (35 key tiles,
+# 4 chains, 35 query tiles of 128: the chains' visits wrap), N = 513 (5 key tiles: one chain over 9 query tiles)
+SKEW_CASES = [CASES[0], CASES[1], CASES[11]]
+
+
+@pytest.mark.parametrize("case", SKEW_CASES, ids=[_ids(c) for c in SKEW_CASES])
+def test_sm90_v6_skew(case, monkeypatch):
+    """v6's skew (the default where a chain fits the query tiles and half the SMs): the CTA of key tile jt walks the
+    query tiles from (-jt) mod tiles on, so each chain link reaches a tile one step after its predecessor, and a
+    tile's chain order is the order of those visits. With it and without it (TACA_BWD_SKEW=0) the rule holds and the
+    backward is deterministic (_run_case; three runs with it); the two differ only in the order of fp32 sums (dK, dV
+    over the query tiles, dQ over a tile's chain), so they agree within 2 units in the last place; on sm_90 dk
+    differs bitwise (the skew ran). Elsewhere the knob is ignored."""
+    monkeypatch.delenv("TACA_BWD_SKEW", raising=False)
+    on = _run_case(case, reps=3)
+    monkeypatch.setenv("TACA_BWD_SKEW", "0")
+    off = _run_case(case)
+    for name, a, b in zip(("dq", "dk", "dv"), on, off):
+        excess = _ulp_excess(a, b)
+        assert excess <= 0, f"{name}: with and without the skew {excess:.3g} apart beyond 2 ulp"
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert not torch.equal(on[1], off[1]), "dk: bitwise equal with and without the skew (it did not run)"

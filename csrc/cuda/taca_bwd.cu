@@ -262,6 +262,8 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
                    : !ov ? 1 : !strcmp(ov, "0") ? 0 : !strcmp(ov, "2") ? 2 : 1;
     a.nseg = L.nseg;
     a.seg_size = L.seg_size;
+    a.chain_len = L.seg_size;  // (v6's skew rule: the same in every mode, so dK / dV sum alike)
+    a.skew = 0;                // v6 decides (its launch)
     if (a.mode != taca_bwd::kOrdered && !keep_chains) {  // one buffer, no chains
         a.nseg = 1;
         a.seg_size = L.nk;

@@ -71,6 +71,20 @@
  *      1.5-2% slower). TACA_BWD_V6_DKV=frag / tma forces one (a timing switch).
  *   9. A key mask (the same for every query row) adds each thread's two key terms, read once per
  *      query tile, not a byte load per element (taca_bwd.cu, BwdArgs::mask_keys).
+ *  10. The skew: the CTA of key tile jt walks the flattened query tiles cyclically from (-jt) mod nqt,
+ *      so chain link p + 1 reaches each tile one step (one tile's time) after link p, and a tile's
+ *      chain order is the order of those visits: a rotation of the chain, rank (p - head) mod
+ *      length, head = nqt - y where the visits wrap (y = (tile + chain's first key tile) mod nqt >
+ *      nqt - length), else 0. Without it every link reached a tile at the same step and waited
+ *      for its predecessor's release (a poll, then a 34 KB bulk reduce-add's completion: 2.3 us
+ *      per link on FLUX 1024), so link k ran k x 2.3 us behind its chain's head and its MMA warps
+ *      stalled on full staging buffers (trace, KERNEL_LOG twelfth session: CTA time +2.4 us per
+ *      chain position). With it the handoff (~2 us) fits inside the one step each link has, and
+ *      the window of tiles a head's CTAs read at once is the chain's length (a rotation by
+ *      tiles / length per position, tried in the "Backward v6" entry, spread it over the whole
+ *      head and lost). Still deterministic: each tile has one fixed order. Offsets follow the key
+ *      tile (not its chain position), so dK / dV sum the query tiles in the same order with any
+ *      chain count and in the unordered mode. Where it applies: see launch (TACA_BWD_SKEW=0: off).
  * The default wherever it applies (taca_bwd.cu): FLUX 1024 b1 bwd 1.52 vs v5's 1.75 ms, SD3.5-M
  * cfg 1.65 vs 1.85 ms on an H200 (with the preprocess and conversion of taca_bwd_kernel.cuh).
  * KERNEL_LOG "Backward v6" and the entries after it have the runs, the profiles and what was tried
@@ -214,6 +228,8 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     const int seg = jt / a.seg_size, seg_pos = jt % a.seg_size;
     const int seg_len = min(a.seg_size, nk - seg * a.seg_size);
     const bool ordered = a.mode == taca_bwd::kOrdered && nk > 1;
+    // skew (item 10): at step it this CTA takes flattened query tile it + soff (mod nqt), soff = -jt
+    const int soff = a.skew ? (nqt - jt % nqt) % nqt : 0;
     int *sem_row = a.sem + (seg * static_cast<int64_t>(a.B) * a.H + bh) * nq;
     float *acc_base = a.dq_acc + (seg * static_cast<int64_t>(a.B) * a.H + bh) * a.Np * C::ACC_LD;
 
@@ -269,9 +285,10 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         }
         for (int it = 0; it < nqt; ++it) {
             const int buf = it & 1;
+            const int x = it + soff < nqt ? it + soff : it + soff - nqt;  // the tile taken at step it
             if (it >= 2) mbar_wait(q_empty + 8 * buf, ((it >> 1) - 1) & 1);
             // lanes 0..15 lse2, 16..31 delta, 16 bytes each (BM / 64 per lane)
-            const float4 *src = reinterpret_cast<const float4 *>((pl < 16 ? lse2b : deltab) + it * BM);
+            const float4 *src = reinterpret_cast<const float4 *>((pl < 16 ? lse2b : deltab) + x * BM);
             const uint32_t dst = smem_u32((pl < 16 ? sL : sDl) + buf * BM);
 #pragma unroll
             for (int c = pl & 15; c < BM / 4; c += 16) {
@@ -284,8 +301,8 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             if (pl != 0) continue;
             mbar_arrive(q_full + 8 * buf);  // lse2 / delta stored (__syncwarp: the other lanes' too)
             mbar_arrive_expect_tx(q_full + 8 * buf, C::TILE_TX);
-            const int hh = it / nq;
-            const int i0 = (it - hh * nq) * BM, h = h0 + hh;
+            const int hh = x / nq;
+            const int i0 = (x - hh * nq) * BM, h = h0 + hh;
 #pragma unroll
             for (int cb = 0; cb < DP / 64; ++cb) {
                 tma_load_4d(sq + buf * C::QT_BYTES + cb * BM * 128, &p.tq, q_full + 8 * buf, cb * 64,
@@ -307,16 +324,14 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         // warp blocks on its writes' completion while the other warp takes the next tile.
         if (nk == 1 || threadIdx.x >= 352) return;
         const int w = (threadIdx.x - 288) >> 5, wl = threadIdx.x & 31;
-        const bool first = ordered ? seg_pos == 0 : a.mode == taca_bwd::kRacy;
+        const bool racy_first = a.mode == taca_bwd::kRacy;
+        const int chain0 = seg * a.seg_size;  // the chain's first key tile (skew: its rank rule)
 #if defined(TACA_BWD_TRACE)
         float *accb = acc_base;  // (unordered: seg = 0 with one buffer; the chains' with atomicseg)
 #else
         float *accb = ordered ? acc_base : a.dq_acc + bh * a.Np * C::ACC_LD;
 #endif
-        // ordered: a link releases tile it to its successor, and with dq_overlap the chain's last
-        // link releases it too (for bwd_dq_convert_tiles); unordered with dq_overlap: every CTA
-        // counts the tile once its adds completed
-        const bool releases = ordered ? (a.dq_overlap || seg_pos < seg_len - 1) : a.dq_overlap != 0;
+        const bool releases_unordered = a.dq_overlap != 0;
         const uint32_t src = smem_u32(stage + w * C::STAGE_BYTES);
         // TW: the tile's first row in the 2-D view of dq_acc
         const int row0 = static_cast<int>((accb - a.dq_acc) / DP);
@@ -336,12 +351,29 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         unsigned long long tr_poll = 0, tr_full = 0, tr_write = 0;
 #endif
         for (int it = w; it < nqt; it += NS) {
-            if (ordered && seg_pos > 0) {
+            const int x = it + soff < nqt ? it + soff : it + soff - nqt;  // the tile of step it
+            // The link's rank in tile x's chain order: its chain position without skew; with skew
+            // the links reach x at steps (x + chain0 + p) mod nqt, p = 0 .. seg_len - 1 (seg_len <=
+            // nqt), so the order by step starts at p = nqt - y where that wraps (y = (x + chain0) mod
+            // nqt > nqt - seg_len), else at 0, and goes on cyclically.
+            int rank = seg_pos;
+            if (a.skew) {
+                int y = x + chain0 % nqt;
+                if (y >= nqt) y -= nqt;
+                const int head = y > nqt - seg_len ? nqt - y : 0;
+                rank = seg_pos >= head ? seg_pos - head : seg_pos - head + seg_len;
+            }
+            const bool first = ordered ? rank == 0 : racy_first;
+            // ordered: a link releases tile x to its successor, and with dq_overlap the chain's last
+            // link releases it too (for bwd_dq_convert_tiles); unordered with dq_overlap: every CTA
+            // counts the tile once its adds completed
+            const bool releases = ordered ? (a.dq_overlap || rank < seg_len - 1) : releases_unordered;
+            if (ordered && rank > 0) {
                 if (wl == 0) {
 #if defined(TACA_BWD_TRACE)
                     V6_TRACE_T0;
 #endif
-                    while (taca_bwd::ld_acquire(sem_row + it) < seg_pos) {
+                    while (taca_bwd::ld_acquire(sem_row + x) < rank) {
                     }
 #if defined(TACA_BWD_TRACE)
                     V6_TRACE_ADD(tr_poll);
@@ -370,11 +402,11 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                 if constexpr (TW) {
 #pragma unroll
                     for (int cb = 0; cb < DP / 32; ++cb) {
-                        if (first) taca_bwd90::tma_store_2d(&p.tacc, src + cb * BM * 128, cb * 32, row0 + it * BM);
-                        else taca_bwd90::tma_add_2d(&p.tacc, src + cb * BM * 128, cb * 32, row0 + it * BM);
+                        if (first) taca_bwd90::tma_store_2d(&p.tacc, src + cb * BM * 128, cb * 32, row0 + x * BM);
+                        else taca_bwd90::tma_add_2d(&p.tacc, src + cb * BM * 128, cb * 32, row0 + x * BM);
                     }
                 } else {
-                    float *dst = accb + static_cast<int64_t>(it) * BM * C::ACC_LD;
+                    float *dst = accb + static_cast<int64_t>(x) * BM * C::ACC_LD;
                     if (first) bulk_store(dst, src, BM * C::SROW);
                     else bulk_add_f32(dst, src, BM * C::SROW);
                 }
@@ -391,8 +423,8 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #if defined(TACA_BWD_TRACE)
                 V6_TRACE_ADD(tr_write);
 #endif
-                if (ordered) taca_bwd::st_release(sem_row + it, seg_pos + 1);
-                else taca_bwd::red_release_add(sem_row + it, 1);
+                if (ordered) taca_bwd::st_release(sem_row + x, rank + 1);
+                else taca_bwd::red_release_add(sem_row + x, 1);
 #if defined(TACA_BWD_TRACE)
                 if (trace_t && it < kTraceTiles) trace_t[it * 4 + 3] = trace_ns();
 #endif
@@ -460,8 +492,9 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #endif
     for (int it = 0; it < nqt; ++it) {
         const int buf = it & 1;
-        const int hh = it / nq;
-        const int i0 = (it - hh * nq) * BM;
+        const int x = it + soff < nqt ? it + soff : it + soff - nqt;  // the tile of step it (skew)
+        const int hh = x / nq;
+        const int i0 = (x - hh * nq) * BM;
 #if defined(TACA_BWD_TRACE)
         {
             V6_TRACE_T0;
@@ -808,6 +841,19 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     memset(&p, 0, sizeof(p));
     p.a = a;
     p.a.acc_ld = C::ACC_LD;
+    {
+        // The skew (item 10): the default where a chain of the ordered layout (chain_len links, in every mode, so
+        // dK / dV sum the query tiles alike in both) fits the flattened query tiles (distinct steps) and half
+        // the SMs (a link may wait on a later one of its chain: with at most half the SMs in one chain the
+        // CTAs of the chain at the dispatch front cannot hold every SM). TACA_BWD_SKEW=0 turns it off (a timing
+        // and test switch, read per call).
+        const char *sk = getenv("TACA_BWD_SKEW");
+        int sms = 0;
+        const int nqt = a.group * a.nq;
+        p.a.skew = !(sk && !strcmp(sk, "0")) && a.nk > 1 && a.chain_len <= nqt &&
+                   taca_sm90::device_sm_count(&sms, "taca_bwd_cuda (sm90 v6): SM count") == TACA_OK &&
+                   2 * a.chain_len <= sms;
+    }
     const BwdArgs &ac = p.a;  // (what the conversions read too)
     if (!encode_map<T>(&p.tq, p.pos_q, a.q, a.qs_n, a.qs_h, a.qs_b, a.N, a.H, a.B, a.D, BM) ||
         !encode_map<T>(&p.tdo, p.pos_do, a.dout, a.dos_n, a.dos_h, a.dos_b, a.N, a.H, a.B, a.D, BM))
