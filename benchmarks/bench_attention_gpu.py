@@ -55,6 +55,8 @@ EXTRA_SHAPES = {
     "sd35m_cfg_768": (2, 24, 64, 333, 2304, False),
     "sd35m_cfg_1536": (2, 24, 64, 333, 9216, False),
     "sd35m_cfg_2048": (2, 24, 64, 333, 16384, False),
+    # one sample (a batch-1 LoRA training step's attention)
+    "sd35m_b1": (1, 24, 64, 333, 4096, False),
 }
 GAMMA = 1.2
 

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from taca import ops, reference  # noqa: E402,F401  (loads taca._C)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention_gpu import SHAPES  # noqa: E402
+from bench_attention_gpu import EXTRA_SHAPES, SHAPES  # noqa: E402
 
 # "v5" (the default kernel, its default hand-off "bulk"), "v5:<hand-off>" (v5 with TACA_BWD_SM90_HANDOFF;
 # a bare hand-off name means the same), "v6" (TACA_BWD_SM90_KERNEL=v6), "v6:rows" / "v6:tensor" (v6
@@ -54,7 +54,7 @@ def bwd_case(name: str):
     base, _, extra = name.partition("+")
     if extra not in ("", "kmask", "kall"):
         raise SystemExit(f"--shapes: {name!r}: expected <shape>, <shape>+kmask or <shape>+kall")
-    B, H, D, L, img, text_first = SHAPES[base]
+    B, H, D, L, img, text_first = SHAPES[base] if base in SHAPES else EXTRA_SHAPES[base]
     N = L + img
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (torch.randn(B, N, H, D, generator=gen, device="cuda").to(torch.bfloat16)

@@ -60,7 +60,8 @@
  *   skipdq give a wrong dq on purpose (they bound the cost of the ordering and of the dQ matmul),
  *   atomicseg adds without order into the chains' nseg buffers (v6 in a TACA_BWD_TRACE build
  *   only: their footprint alone);
- *   TACA_BWD_NSEG=1..8 overrides the number of chains (timing too: 4 measured best on FLUX 1024).
+ *   TACA_BWD_NSEG=1..8 overrides the number of chains (timing too: 4 measured best on FLUX 1024
+ *   before v6's skew, which takes the chains' lag away: v6 then runs two at most, see layout_of).
  *   Measured history (H100, FLUX 1024 b1 bwd alone): v1 ordered with per-tile fence + load
  *   5.66 ms; v2 early poll + red + delayed release 3.62 ms; see KERNEL_LOG.md.
  *
@@ -101,7 +102,7 @@ int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16)
 namespace {
 
 struct Layout {
-    int dp, dc, bm, np, nq, nk, nseg, seg_size;
+    int dp, dc, bm, np, nq, nk, nseg, seg_size, skew_len;
     size_t off_lse2, off_delta, off_sem, off_work, off_acc, total;
 };
 
@@ -129,13 +130,19 @@ bool layout_of(const taca_bwd_params *p, Layout *L) {
     // sessions: FLUX 1024 b2 -1.1% / -2.3% / -2.0% / -2.0% in four calls, fwd+bwd sustained -1.5%; SD3.5-M / -L CFG
     // within 1%; at b1, 24 pairs, it cost +0.4%).
     if (static_cast<int64_t>(p->batch) * p->heads >= 48 && nseg > 3) nseg = 3;
-    if (const char *e = getenv("TACA_BWD_NSEG")) {  // timing experiments only (1..8 chains)
+    // v6's skew (taca_bwd_sm90_v6.cu, item 10) takes the chains' lag away: where it applies v6 runs two chains at
+    // most (one fp32 dQ buffer fewer to sum than three, two fewer than four; H100, backward alone, one mode per
+    // process, KERNEL_LOG thirty-third session: FLUX 1024 b1 1.350 against 1.356 ms with four, b2 2.698 against
+    // 2.731 with three, SD3.5-M CFG 1.450 against 1.461 with three; one chain lost 12% there).
+    int skew_nseg = nseg > 2 ? 2 : nseg;
+    if (const char *e = getenv("TACA_BWD_NSEG")) {  // timing experiments only (1..8 chains, with the skew too)
         const int n = atoi(e);
-        if (n >= 1 && n <= 8) nseg = n;
+        if (n >= 1 && n <= 8) nseg = skew_nseg = n;
     }
     const int nk1 = L->nk < 1 ? 1 : L->nk;  // N_k = 0 (no key tile): one empty chain
     L->seg_size = (nk1 + nseg - 1) / nseg;
     L->nseg = (nk1 + L->seg_size - 1) / L->seg_size;
+    L->skew_len = (nk1 + skew_nseg - 1) / skew_nseg;  // >= seg_size: its chains fit the workspace's
     const size_t bh = static_cast<size_t>(p->batch) * static_cast<size_t>(p->heads);
     const size_t rows = bh * static_cast<size_t>(L->np);
     const size_t nch = static_cast<size_t>(c.dp / c.dc);
@@ -262,7 +269,7 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
                    : !ov ? 1 : !strcmp(ov, "0") ? 0 : !strcmp(ov, "2") ? 2 : 1;
     a.nseg = L.nseg;
     a.seg_size = L.seg_size;
-    a.chain_len = L.seg_size;  // (v6's skew rule: the same in every mode, so dK / dV sum alike)
+    a.chain_len = L.skew_len;  // v6's chains with its skew (decided on this in every mode: dK / dV sum alike)
     a.skew = 0;                // v6 decides (its launch)
     if (a.mode != taca_bwd::kOrdered && !keep_chains) {  // one buffer, no chains
         a.nseg = 1;

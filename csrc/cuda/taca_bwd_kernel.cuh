@@ -64,10 +64,10 @@ struct BwdArgs {
     // a key mask (mask.q == 0): the backward kernels read each thread's two key terms once per query
     // tile (key_mask_terms), not per element; TACA_BWD_MASK=elem forces the per-element path (timing)
     int mask_keys;
-    // v6 only: the ordered layout's chain length (seg_size before the unordered modes' one buffer),
-    // for v6's skew rule; skew != 0: the CTA of key tile jt walks the flattened query tiles from
-    // (-jt) mod (group * nq) on, cyclically, so each chain link reaches a tile one step after its
-    // predecessor (taca_bwd_sm90_v6.cu, item 10)
+    // v6 only: the length of the chains it runs with its skew (taca_bwd.cu layout_of: two chains at most;
+    // <= seg_size's chains in number, so they fit the workspace), the same in every mode; skew != 0: the CTA
+    // of key tile jt walks the flattened query tiles from (-jt) mod (group * nq) on, cyclically, so each
+    // chain link reaches a tile one step after its predecessor (taca_bwd_sm90_v6.cu, item 10)
     int chain_len;
     int skew;
 };

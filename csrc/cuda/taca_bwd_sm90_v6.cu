@@ -842,9 +842,9 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     p.a = a;
     p.a.acc_ld = C::ACC_LD;
     {
-        // The skew (item 10): the default where a chain of the ordered layout (chain_len links, in every mode, so
-        // dK / dV sum the query tiles alike in both) fits the flattened query tiles (distinct steps) and half
-        // the SMs (a link may wait on a later one of its chain: with at most half the SMs in one chain the
+        // The skew (item 10): the default where a chain of its layout (chain_len links, two chains at most;
+        // decided on that in every mode, so dK / dV sum the query tiles alike in all) fits the flattened query
+        // tiles (distinct steps) and half the SMs (a link may wait on a later one of its chain: with at most half the SMs in one chain the
         // CTAs of the chain at the dispatch front cannot hold every SM). TACA_BWD_SKEW=0 turns it off (a timing
         // and test switch, read per call).
         const char *sk = getenv("TACA_BWD_SKEW");
@@ -853,6 +853,10 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
         p.a.skew = !(sk && !strcmp(sk, "0")) && a.nk > 1 && a.chain_len <= nqt &&
                    taca_sm90::device_sm_count(&sms, "taca_bwd_cuda (sm90 v6): SM count") == TACA_OK &&
                    2 * a.chain_len <= sms;
+        if (p.a.skew && a.mode == taca_bwd::kOrdered) {  // its chains (fewer: taca_bwd.cu layout_of)
+            p.a.seg_size = a.chain_len;
+            p.a.nseg = (a.nk + a.chain_len - 1) / a.chain_len;
+        }
     }
     const BwdArgs &ac = p.a;  // (what the conversions read too)
     if (!encode_map<T>(&p.tq, p.pos_q, a.q, a.qs_n, a.qs_h, a.qs_b, a.N, a.H, a.B, a.D, BM) ||
