@@ -416,3 +416,22 @@ def test_sm90_v6_skew(case, monkeypatch):
         assert excess <= 0, f"{name}: with and without the skew {excess:.3g} apart beyond 2 ulp"
     if torch.cuda.get_device_capability() == (9, 0):
         assert not torch.equal(on[1], off[1]), "dk: bitwise equal with and without the skew (it did not run)"
+
+
+def test_sm90_v6_skew_mps_share(monkeypatch):
+    """Under MPS with CUDA_MPS_ACTIVE_THREAD_PERCENTAGE the skew's SM rule counts that share of the SMs: FLUX's class
+    (two chains of 18 key tiles) keeps it on a whole H100 / H200 (2 x 18 <= 132 SMs) but not with 25% of them (33
+    SMs), where its gradients are bitwise those with TACA_BWD_SKEW=0. (The variable is read per call by taca; CUDA
+    itself reads it only when it connects to an MPS server, so setting it here changes nothing else.)"""
+    case = CASES[0]
+    monkeypatch.setenv("TACA_BWD_SKEW", "0")
+    off = _run_case(case)
+    monkeypatch.delenv("TACA_BWD_SKEW")
+    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "25")
+    share = _run_case(case)
+    for name, a, b in zip(("dq", "dk", "dv"), share, off):
+        assert torch.equal(a, b), f"{name}: the skew ran on a quarter of the SMs"
+    if torch.cuda.get_device_capability() == (9, 0):
+        monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+        whole = _run_case(case)
+        assert not torch.equal(whole[1], off[1]), "dk: the skew did not run on the whole GPU"

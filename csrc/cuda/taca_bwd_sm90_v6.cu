@@ -844,15 +844,21 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     {
         // The skew (item 10): the default where a chain of its layout (chain_len links, two chains at most;
         // decided on that in every mode, so dK / dV sum the query tiles alike in all) fits the flattened query
-        // tiles (distinct steps) and half the SMs (a link may wait on a later one of its chain: with at most half the SMs in one chain the
-        // CTAs of the chain at the dispatch front cannot hold every SM). TACA_BWD_SKEW=0 turns it off (a timing
-        // and test switch, read per call).
+        // tiles (distinct steps) and half the SMs: a link may wait on a later one of its chain, and with at most
+        // half the SMs in one chain the CTAs of the chain at the dispatch front cannot hold every SM (other
+        // kernels beside it, NCCL's in DDP, take fewer). Under MPS with CUDA_MPS_ACTIVE_THREAD_PERCENTAGE the
+        // SMs counted are that share; on a GPU partitioned otherwise (green contexts) set TACA_BWD_SKEW=0, which
+        // turns it off (also a timing and test switch; read per call).
         const char *sk = getenv("TACA_BWD_SKEW");
         int sms = 0;
         const int nqt = a.group * a.nq;
-        p.a.skew = !(sk && !strcmp(sk, "0")) && a.nk > 1 && a.chain_len <= nqt &&
-                   taca_sm90::device_sm_count(&sms, "taca_bwd_cuda (sm90 v6): SM count") == TACA_OK &&
-                   2 * a.chain_len <= sms;
+        const bool on = !(sk && !strcmp(sk, "0")) && a.nk > 1 && a.chain_len <= nqt &&
+                        taca_sm90::device_sm_count(&sms, "taca_bwd_cuda (sm90 v6): SM count") == TACA_OK;
+        if (const char *mps = getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")) {
+            const double pct = atof(mps);
+            if (pct > 0. && pct < 100.) sms = static_cast<int>(sms * pct / 100.);
+        }
+        p.a.skew = on && 2 * a.chain_len <= sms;
         if (p.a.skew && a.mode == taca_bwd::kOrdered) {  // its chains (fewer: taca_bwd.cu layout_of)
             p.a.seg_size = a.chain_len;
             p.a.nseg = (a.nk + a.chain_len - 1) / a.chain_len;
