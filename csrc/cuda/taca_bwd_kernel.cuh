@@ -14,6 +14,9 @@
 #ifndef TACA_BWD_KERNEL_CUH_
 #define TACA_BWD_KERNEL_CUH_
 
+#include <stdlib.h>
+#include <string.h>
+
 #include "taca_cuda_common.cuh"
 
 namespace taca_bwd {
@@ -64,10 +67,11 @@ struct BwdArgs {
     // a key mask (mask.q == 0): the backward kernels read each thread's two key terms once per query
     // tile (key_mask_terms), not per element; TACA_BWD_MASK=elem forces the per-element path (timing)
     int mask_keys;
-    // v6 only: the length of the chains it runs with its skew (taca_bwd.cu layout_of: two chains at most;
-    // <= seg_size's chains in number, so they fit the workspace), the same in every mode; skew != 0: the CTA
-    // of key tile jt walks the flattened query tiles from (-jt) mod (group * nq) on, cyclically, so each
-    // chain link reaches a tile one step after its predecessor (taca_bwd_sm90_v6.cu, item 10)
+    // v6: the length of the chains it runs with the skew (taca_bwd.cu layout_of: two chains at
+    // most; <= seg_size's chains in number, so they fit the workspace), the same in every mode; skew != 0
+    // (apply_skew_rule): the CTA of key tile jt walks the flattened query tiles from (-jt) mod (group * nq)
+    // on, cyclically, so each chain link reaches a tile one step after its predecessor (taca_bwd_sm90_v6.cu,
+    // item 10)
     int chain_len;
     int skew;
 };
@@ -81,6 +85,42 @@ constexpr int kAccPad = 8;
  * FlashAttention-2's float atomicAdd (non-deterministic, params->deterministic == 0). kRacy and
  * kSkip give wrong dq and exist only to time the cost of the ordering (TACA_BWD_MODE). */
 enum DqMode { kOrdered = 0, kAtomic = 1, kRacy = 2, kSkip = 3 };
+
+/* The skew rule (taca_bwd_sm90_v6.cu, item 10): a->skew = 1 where it applies, and then in
+ * the ordered mode the chains it runs (a->chain_len key tiles each, two chains at most: taca_bwd.cu layout_of,
+ * never more buffers than the workspace holds). It applies where a chain fits the flattened query tiles (distinct
+ * steps) and half the SMs: a link may wait on a later one of its chain, and with at most half the SMs in one chain
+ * the CTAs of the chain at the dispatch front cannot hold every SM (other kernels beside it, NCCL's in DDP, take
+ * fewer). Under MPS with CUDA_MPS_ACTIVE_THREAD_PERCENTAGE the SMs counted are that share; on a GPU partitioned
+ * otherwise (green contexts) TACA_BWD_SKEW=0 turns it off (also a timing and test switch; read per call). Decided
+ * on chain_len in every mode, so dK / dV sum the query tiles alike in all. sms: the device's SM count (<= 0:
+ * unknown, no skew). */
+inline void apply_skew_rule(BwdArgs *a, int sms) {
+    const char *sk = getenv("TACA_BWD_SKEW");
+    if (const char *mps = getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")) {
+        const double pct = atof(mps);
+        if (pct > 0. && pct < 100.) sms = static_cast<int>(sms * pct / 100.);
+    }
+    a->skew = !(sk && !strcmp(sk, "0")) && a->nk > 1 && a->chain_len <= a->group * a->nq && 2 * a->chain_len <= sms;
+    if (a->skew && a->mode == kOrdered) {
+        a->seg_size = a->chain_len;
+        a->nseg = (a->nk + a->chain_len - 1) / a->chain_len;
+    }
+}
+
+/* The skewed walk: the flattened query tile a CTA whose tile offset is soff (= (nqt - jt % nqt) % nqt with the skew,
+ * else 0) takes at step it, and a chain link's rank in tile x's chain order (p: its chain position, len: its chain's
+ * length, chain0: the chain's first key tile): the order of the links' visits to x (see taca_bwd_sm90_v6.cu, 10). */
+__device__ __forceinline__ int skew_tile(int it, int soff, int nqt) {
+    return it + soff < nqt ? it + soff : it + soff - nqt;
+}
+__device__ __forceinline__ int skew_rank(int x, int p, int len, int chain0, int nqt, bool skew) {
+    if (!skew) return p;
+    int y = x + chain0 % nqt;
+    if (y >= nqt) y -= nqt;
+    const int head = y > nqt - len ? nqt - y : 0;
+    return p >= head ? p - head : p - head + len;
+}
 
 __device__ __forceinline__ int ld_acquire(const int *p) {
     int v;

@@ -285,7 +285,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         }
         for (int it = 0; it < nqt; ++it) {
             const int buf = it & 1;
-            const int x = it + soff < nqt ? it + soff : it + soff - nqt;  // the tile taken at step it
+            const int x = taca_bwd::skew_tile(it, soff, nqt);  // the tile taken at step it
             if (it >= 2) mbar_wait(q_empty + 8 * buf, ((it >> 1) - 1) & 1);
             // lanes 0..15 lse2, 16..31 delta, 16 bytes each (BM / 64 per lane)
             const float4 *src = reinterpret_cast<const float4 *>((pl < 16 ? lse2b : deltab) + x * BM);
@@ -351,18 +351,12 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         unsigned long long tr_poll = 0, tr_full = 0, tr_write = 0;
 #endif
         for (int it = w; it < nqt; it += NS) {
-            const int x = it + soff < nqt ? it + soff : it + soff - nqt;  // the tile of step it
+            const int x = taca_bwd::skew_tile(it, soff, nqt);  // the tile of step it
             // The link's rank in tile x's chain order: its chain position without skew; with skew
             // the links reach x at steps (x + chain0 + p) mod nqt, p = 0 .. seg_len - 1 (seg_len <=
             // nqt), so the order by step starts at p = nqt - y where that wraps (y = (x + chain0) mod
             // nqt > nqt - seg_len), else at 0, and goes on cyclically.
-            int rank = seg_pos;
-            if (a.skew) {
-                int y = x + chain0 % nqt;
-                if (y >= nqt) y -= nqt;
-                const int head = y > nqt - seg_len ? nqt - y : 0;
-                rank = seg_pos >= head ? seg_pos - head : seg_pos - head + seg_len;
-            }
+            const int rank = taca_bwd::skew_rank(x, seg_pos, seg_len, chain0, nqt, a.skew != 0);
             const bool first = ordered ? rank == 0 : racy_first;
             // ordered: a link releases tile x to its successor, and with dq_overlap the chain's last
             // link releases it too (for bwd_dq_convert_tiles); unordered with dq_overlap: every CTA
@@ -492,7 +486,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #endif
     for (int it = 0; it < nqt; ++it) {
         const int buf = it & 1;
-        const int x = it + soff < nqt ? it + soff : it + soff - nqt;  // the tile of step it (skew)
+        const int x = taca_bwd::skew_tile(it, soff, nqt);  // the tile of step it (skew)
         const int hh = x / nq;
         const int i0 = (x - hh * nq) * BM;
 #if defined(TACA_BWD_TRACE)
@@ -842,27 +836,10 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     p.a = a;
     p.a.acc_ld = C::ACC_LD;
     {
-        // The skew (item 10): the default where a chain of its layout (chain_len links, two chains at most;
-        // decided on that in every mode, so dK / dV sum the query tiles alike in all) fits the flattened query
-        // tiles (distinct steps) and half the SMs: a link may wait on a later one of its chain, and with at most
-        // half the SMs in one chain the CTAs of the chain at the dispatch front cannot hold every SM (other
-        // kernels beside it, NCCL's in DDP, take fewer). Under MPS with CUDA_MPS_ACTIVE_THREAD_PERCENTAGE the
-        // SMs counted are that share; on a GPU partitioned otherwise (green contexts) set TACA_BWD_SKEW=0, which
-        // turns it off (also a timing and test switch; read per call).
-        const char *sk = getenv("TACA_BWD_SKEW");
+        // the skew (item 10) where it applies, and the chains it runs (taca_bwd::apply_skew_rule)
         int sms = 0;
-        const int nqt = a.group * a.nq;
-        const bool on = !(sk && !strcmp(sk, "0")) && a.nk > 1 && a.chain_len <= nqt &&
-                        taca_sm90::device_sm_count(&sms, "taca_bwd_cuda (sm90 v6): SM count") == TACA_OK;
-        if (const char *mps = getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")) {
-            const double pct = atof(mps);
-            if (pct > 0. && pct < 100.) sms = static_cast<int>(sms * pct / 100.);
-        }
-        p.a.skew = on && 2 * a.chain_len <= sms;
-        if (p.a.skew && a.mode == taca_bwd::kOrdered) {  // its chains (fewer: taca_bwd.cu layout_of)
-            p.a.seg_size = a.chain_len;
-            p.a.nseg = (a.nk + a.chain_len - 1) / a.chain_len;
-        }
+        if (taca_sm90::device_sm_count(&sms, "taca_bwd_cuda (sm90 v6): SM count") != TACA_OK) sms = 0;
+        taca_bwd::apply_skew_rule(&p.a, sms);
     }
     const BwdArgs &ac = p.a;  // (what the conversions read too)
     if (!encode_map<T>(&p.tq, p.pos_q, a.q, a.qs_n, a.qs_h, a.qs_b, a.N, a.H, a.B, a.D, BM) ||
