@@ -14,7 +14,7 @@ weights with float32 LoRA parameters under bf16 autocast (as accelerate's bf16 m
 AdamW, 1024x1024 (4096 image tokens; FLUX 512 text tokens, SD3.5 333).
 
 Methods, interleaved over --rounds (each round times --steps steps of every method after one
-warm-up step):
+warm-up step, starting one method later than the round before):
 - stock: diffusers' stock processors; PyTorch SDPA with cuDNN disabled (its backward crashed in a
   FLUX-sized step on this machine), so flash attention runs, as in ``taca train --no-taca``;
 - taca: ``taca.enable`` with taca's CUDA kernels (the default of ``taca train``);
@@ -196,8 +196,11 @@ def main(argv=None):
             times = {m: [] for m in args.methods.split(",")}
             cpu = {m: [] for m in times}  # the launching thread's CPU time: ~ wall time when launch-bound
             peak = {m: 0 for m in times}
-            for _ in range(args.rounds):
-                for m in times:
+            names = list(times)
+            for r in range(args.rounds):
+                # each round starts one method later: no method keeps the first place (the SD3.5-M batch-1 ratio
+                # followed the order, 1.03-1.04x with stock first, 1.00x with taca first: KERNEL_LOG, 33rd session)
+                for m in names[r % len(names):] + names[:r % len(names)]:
                     if m != "stock":
                         taca.enable(model, gamma=1.2, schedule=PaperSchedule(1.2, 0.97),
                                     backend="sdpa" if m == "taca-sdpa" else "auto")
