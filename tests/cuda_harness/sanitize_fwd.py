@@ -107,6 +107,26 @@ def main():
         km[0, ..., 750:] = False
         taca.joint_attention(q, k, v, text_len=104, text_first=True, gamma=1.2, attn_mask=km, backend="cuda")
         runs += 1
+        # the mma.sync backward (what GPUs other than Hopper run; TACA_BWD_SM90=0 forces it on sm_90, where the cases
+        # above take the wgmma kernels): several dQ chains (17 key tiles), D = 64 with a key mask, D = 256 (two column
+        # chunks per key tile), deterministic and not
+        os.environ["TACA_BWD_SM90"] = "0"
+        try:
+            for B, N, D, dt, masked, det in ((1, 2100, 128, torch.bfloat16, False, True),
+                                             (2, 1100, 64, torch.float16, True, True),
+                                             (1, 700, 256, torch.bfloat16, False, True),
+                                             (1, 2100, 128, torch.bfloat16, False, False)):
+                q, k, v = (torch.randn(B, 2, N, D, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
+                km = None
+                if masked:
+                    km = torch.ones(B, 1, 1, N, dtype=torch.bool, device=dev)
+                    km[-1, ..., N - 70:] = False
+                o = taca.joint_attention(q, k, v, text_len=77, text_first=True, gamma=1.3, layout="bhnd",
+                                         attn_mask=km, backend="cuda", deterministic=det)
+                o.backward(torch.randn_like(o))
+                runs += 2
+        finally:
+            del os.environ["TACA_BWD_SM90"]
         # the D = 128 tail split (TACA_FWD_SPLIT): sanitize_fwd_split.py's calls
         import sanitize_fwd_split
 
