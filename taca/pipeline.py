@@ -790,7 +790,7 @@ def enable(
         the transformer calls where gamma != 1.
     gamma_reverse: multiplier of (text query, image key) logits, applied in the same calls.
     backend, deterministic: passed to ``taca.joint_attention`` (deterministic=False: the CUDA
-        backward adds dQ with unordered atomics, slightly faster, not bitwise repeatable).
+        backward adds dQ with unordered atomics: not bitwise repeatable, and no faster since the backward's skew).
     fp8: every joint attention call of the transformer (inside the gamma window and outside it) through
         ``taca.joint_attention(fp8=True)``, the FP8 forward: inference only, head dim 128 (FLUX.1 and other
         128-dim models), an sm_90 GPU; a call it cannot take raises. Outside the window the output is then

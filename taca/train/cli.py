@@ -69,8 +69,8 @@ def add_parser(sub) -> None:
     a("--attention-backend", default="auto", choices=("auto", "cpu", "cuda", "sdpa", "reference"),
       help="taca.joint_attention backend on the TACA path (default auto: taca's kernels)")
     a("--nondeterministic", dest="deterministic", action="store_false",
-      help="let the CUDA attention backward add dQ with unordered atomics (a little faster; gradients then differ "
-           "in the last bits from run to run)")
+      help="let the CUDA attention backward add dQ with unordered atomics (no faster than the default since its "
+           "skew; gradients then differ in the last bits from run to run)")
     a("--seed", type=int, default=0)
     a("--checkpoint-every", type=int, default=500)
     a("--checkpoints-total-limit", type=int, default=3, help="keep the newest K checkpoints (default 3)")

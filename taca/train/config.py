@@ -78,7 +78,7 @@ class TrainConfig:
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = False
     attention_backend: str = "auto"  # taca.joint_attention backend for the TACA path
-    deterministic: bool = True  # False: the CUDA backward adds dQ with unordered atomics (faster, not bitwise repeatable)
+    deterministic: bool = True  # False: the CUDA backward adds dQ with unordered atomics (not bitwise repeatable; no faster)
     seed: int = 0
     checkpoint_every: int = 500
     checkpoints_total_limit: int = 3
