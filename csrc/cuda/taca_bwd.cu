@@ -270,7 +270,7 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
     a.nseg = L.nseg;
     a.seg_size = L.seg_size;
     a.chain_len = L.skew_len;  // v6's chains with its skew (decided on this in every mode: dK / dV sum alike)
-    a.skew = 0;                // v6 decides (its launch)
+    a.skew = 0;                // v6 decides (apply_skew_rule in its launch)
     if (a.mode != taca_bwd::kOrdered && !keep_chains) {  // one buffer, no chains
         a.nseg = 1;
         a.seg_size = L.nk;

@@ -84,7 +84,8 @@
  *      tiles / length per position, tried in the "Backward v6" entry, spread it over the whole
  *      head and lost). Still deterministic: each tile has one fixed order. Offsets follow the key
  *      tile (not its chain position), so dK / dV sum the query tiles in the same order with any
- *      chain count and in the unordered mode. Where it applies: see launch (TACA_BWD_SKEW=0: off).
+ *      chain count and in the unordered mode. Where it applies: taca_bwd::apply_skew_rule
+ *      (taca_bwd_kernel.cuh; TACA_BWD_SKEW=0: off).
  * The default wherever it applies (taca_bwd.cu): FLUX 1024 b1 bwd 1.52 vs v5's 1.75 ms, SD3.5-M
  * cfg 1.65 vs 1.85 ms on an H200 (with the preprocess and conversion of taca_bwd_kernel.cuh).
  * KERNEL_LOG "Backward v6" and the entries after it have the runs, the profiles and what was tried
