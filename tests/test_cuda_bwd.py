@@ -377,13 +377,13 @@ CHAIN_CASE = (2, 24, 77, 4019, 128, True, BF16, [1.2, 1.3], 1.0, "bnhd")
 
 def test_dq_chain_counts(monkeypatch):
     """The deterministic dQ chains (taca_bwd.cu layout_of): 3 by default from 48 (batch, head) pairs, 2 in the
-    Hopper v6 kernel with its skew (sm_90). Every forced count (TACA_BWD_NSEG = 1, 2, 3, 4, 8) meets the rule and
+    v6 and mma.sync kernels with their skew. Every forced count (TACA_BWD_NSEG = 1, 2, 3, 4, 8) meets the rule and
     is deterministic (_run_case checks both), dK / dV are bitwise the default's (they do not pass through the
     chains; with the skew every count here keeps it, so the query tiles are summed in one order), and the
     default's dQ is bitwise the 2- / 3-chain one's (the same chains summed in the same order: the rule is in
     effect)."""
     monkeypatch.delenv("TACA_BWD_NSEG", raising=False)
-    want = 2 if torch.cuda.get_device_capability() == (9, 0) else 3
+    want = 2  # (the skew applies in every kernel here: 16 key tiles per chain, 64 query tiles)
     default = _run_case(CHAIN_CASE)
     for n in (1, 2, 3, 4, 8):
         monkeypatch.setenv("TACA_BWD_NSEG", str(n))
@@ -407,6 +407,12 @@ def test_sm90_v6_skew(case, monkeypatch):
     backward is deterministic (_run_case; three runs with it); the two differ only in the order of fp32 sums (dK, dV
     over the query tiles, dQ over a tile's chain), so they agree within 2 units in the last place; on sm_90 dk
     differs bitwise (the skew ran). Elsewhere the knob is ignored."""
+    _check_skew(case, monkeypatch, torch.cuda.get_device_capability() == (9, 0))
+
+
+def _check_skew(case, monkeypatch, ran):
+    """Gradients of `case` with the skew (three runs) and without (TACA_BWD_SKEW=0): the rule and determinism
+    (_run_case), within 2 ulp of each other, and where `ran`, dk not bitwise equal (the skew ran)."""
     monkeypatch.delenv("TACA_BWD_SKEW", raising=False)
     on = _run_case(case, reps=3)
     monkeypatch.setenv("TACA_BWD_SKEW", "0")
@@ -414,8 +420,16 @@ def test_sm90_v6_skew(case, monkeypatch):
     for name, a, b in zip(("dq", "dk", "dv"), on, off):
         excess = _ulp_excess(a, b)
         assert excess <= 0, f"{name}: with and without the skew {excess:.3g} apart beyond 2 ulp"
-    if torch.cuda.get_device_capability() == (9, 0):
+    if ran:
         assert not torch.equal(on[1], off[1]), "dk: bitwise equal with and without the skew (it did not run)"
+
+
+@pytest.mark.parametrize("case", SKEW_CASES, ids=[_ids(c) for c in SKEW_CASES])
+def test_mma_sync_skew(case, monkeypatch):
+    """The mma.sync kernel (what GPUs other than Hopper run; TACA_BWD_SM90=0 forces it on sm_90) takes the same skew
+    and the same chains with it (taca_bwd_kernel.cuh apply_skew_rule): as test_sm90_v6_skew, on any GPU."""
+    monkeypatch.setenv("TACA_BWD_SM90", "0")
+    _check_skew(case, monkeypatch, True)
 
 
 def test_sm90_v6_skew_mps_share(monkeypatch):

@@ -67,7 +67,7 @@ struct BwdArgs {
     // a key mask (mask.q == 0): the backward kernels read each thread's two key terms once per query
     // tile (key_mask_terms), not per element; TACA_BWD_MASK=elem forces the per-element path (timing)
     int mask_keys;
-    // v6: the length of the chains it runs with the skew (taca_bwd.cu layout_of: two chains at
+    // v6 and bwd_main: the length of the chains they run with the skew (taca_bwd.cu layout_of: two chains at
     // most; <= seg_size's chains in number, so they fit the workspace), the same in every mode; skew != 0
     // (apply_skew_rule): the CTA of key tile jt walks the flattened query tiles from (-jt) mod (group * nq)
     // on, cyclically, so each chain link reaches a tile one step after its predecessor (taca_bwd_sm90_v6.cu,
@@ -86,7 +86,7 @@ constexpr int kAccPad = 8;
  * kSkip give wrong dq and exist only to time the cost of the ordering (TACA_BWD_MODE). */
 enum DqMode { kOrdered = 0, kAtomic = 1, kRacy = 2, kSkip = 3 };
 
-/* The skew rule (taca_bwd_sm90_v6.cu, item 10): a->skew = 1 where it applies, and then in
+/* The skew rule (taca_bwd_sm90_v6.cu, item 10; bwd_main takes it too): a->skew = 1 where it applies, and then in
  * the ordered mode the chains it runs (a->chain_len key tiles each, two chains at most: taca_bwd.cu layout_of,
  * never more buffers than the workspace holds). It applies where a chain fits the flattened query tiles (distinct
  * steps) and half the SMs: a link may wait on a later one of its chain, and with at most half the SMs in one chain
@@ -446,7 +446,10 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
     const int nq = a.nq, nk = a.nk;
     const int nqt = a.group * nq;  // flattened query tiles: it = (h - h0) * nq + tile
 
-    auto load_q_tile = [&](int it, int buf) {
+    // the skew (apply_skew_rule): at step it this CTA takes flattened query tile skew_tile(it, soff, nqt)
+    const int soff = a.skew ? (nqt - jt % nqt) % nqt : 0;
+    auto load_q_tile = [&](int step, int buf) {
+        const int it = skew_tile(step, soff, nqt);
         const int hh = it / nq;
         const int i0 = (it - hh * nq) * BM;
         const T *qp = static_cast<const T *>(a.q) + b * a.qs_b + (h0 + hh) * a.qs_h;
@@ -493,32 +496,38 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
     const int seg = jt / a.seg_size, seg_pos = jt % a.seg_size;
     const int seg_len = min(a.seg_size, nk - seg * a.seg_size);
     const bool ordered = a.mode == kOrdered && nk > 1;
+    const int chain0 = seg * a.seg_size;  // the chain's first key tile (the skew's rank rule)
     // Counters (seg, b, ch, h, tile) and buffers (seg, b, h, Np rows): the group's heads are
     // consecutive, so flattened tile it is entry it from head h0 on.
     int *sem_row =
         a.sem + ((static_cast<int64_t>(seg * a.B + b) * NCH + ch) * a.H + h0) * nq;
     float *acc_base = a.dq_acc + (seg * static_cast<int64_t>(a.B) * a.H + bh) * a.Np * DP;
 
-    for (int it = 0; it < nqt; ++it) {
-        const int buf = it & 1;
+    int prev_x = 0, prev_rank = 0;  // the previous step's tile and this link's rank in its chain order
+    for (int step = 0; step < nqt; ++step) {
+        const int buf = step & 1;
+        const int it = skew_tile(step, soff, nqt);  // the flattened query tile of this step
+        const int rank = skew_rank(it, seg_pos, seg_len, chain0, nqt, a.skew != 0);
         const int hh = it / nq;                // query head h0 + hh
         const int i0 = (it - hh * nq) * BM;    // its query tile's first row
-        if (it + 1 < nqt) {
-            load_q_tile(it + 1, buf ^ 1);
+        if (step + 1 < nqt) {
+            load_q_tile(step + 1, buf ^ 1);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
         __syncthreads();
-        if (ordered && tid == 0 && it > 0 && seg_pos < seg_len - 1) {
+        if (ordered && tid == 0 && step > 0 && prev_rank < seg_len - 1) {
             // Release the previous query tile's dQ part (its reductions were issued before the
             // barrier above): fence.acq_rel + relaxed store, a release cumulative over the CTA.
             // Done here, not right after the reductions, so that only warp 0 waits on the fence
             // while the other warps start this tile's matmuls.
             __threadfence();
-            atomicExch(sem_row + it - 1, seg_pos + 1);
+            atomicExch(sem_row + prev_x, prev_rank + 1);
         }
+        prev_x = it;
+        prev_rank = rank;
         const T *q_s = sQ + buf * BM * LDK;
         const T *do_s = sdO + buf * BM * LDK;
 
@@ -685,7 +694,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
         if (a.mode == kSkip) continue;
         // Ask for this tile's order before the dQ matmul, so the load's latency hides behind it.
         int polled = 0;
-        if (ordered && tid == 0 && seg_pos > 0) polled = ld_acquire(sem_row + it);
+        if (ordered && tid == 0 && rank > 0) polled = ld_acquire(sem_row + it);
         // dQ partial (BM, DC) = dS' K: warp (wm, wn) owns rows 16 wm.., columns wn * DQN..
         float dq[DQN / 8][4];
 #pragma unroll
@@ -728,11 +737,11 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
             }
             continue;
         }
-        // Chain order: key tile seg_pos adds only after seg_pos - 1 released this query tile.
-        const bool first = ordered ? seg_pos == 0 : a.mode == kRacy;
-        if (ordered && seg_pos > 0) {
+        // Chain order: the link of rank r adds only after rank r - 1 released this query tile.
+        const bool first = ordered ? rank == 0 : a.mode == kRacy;
+        if (ordered && rank > 0) {
             if (tid == 0) {
-                while (polled < seg_pos) polled = ld_acquire(sem_row + it);
+                while (polled < rank) polled = ld_acquire(sem_row + it);
             }
             __syncthreads();
         }
@@ -750,11 +759,11 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
             }
         }
     }
-    if (ordered && seg_pos < seg_len - 1) {
+    if (ordered && prev_rank < seg_len - 1) {
         __syncthreads();
         if (tid == 0) {
             __threadfence();
-            atomicExch(sem_row + nqt - 1, seg_pos + 1);
+            atomicExch(sem_row + prev_x, prev_rank + 1);
         }
     }
     // dK = scale * dK', dV (summed over the group): this thread's rows kr0, kr1 and D-chunk
@@ -764,14 +773,18 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_main(const BwdArgs a) {
 
 /* Launch preprocess + main for one (DP, DC, BM) configuration. Defined per head-dim file. */
 template <typename T, int DP, int DC, int BM>
-int launch_bwd(const BwdArgs &a, cudaStream_t stream) {
+int launch_bwd(const BwdArgs &a_in, cudaStream_t stream) {
     constexpr size_t smem = Smem<DP, BM>::bytes;
     int dev = 0, smem_max = 0;
     TACA_CUDA_TRY(cudaGetDevice(&dev), "taca_bwd_cuda cudaGetDevice");
     TACA_CUDA_TRY(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
                   "taca_bwd_cuda cudaDeviceGetAttribute");
     if (smem > static_cast<size_t>(smem_max)) return TACA_ERR_UNSUPPORTED;  // D > 128 before sm_90
-    const int64_t rows = static_cast<int64_t>(a.B) * a.H * a.Np;
+    const int64_t rows = static_cast<int64_t>(a_in.B) * a_in.H * a_in.Np;
+    int sms = 0;
+    TACA_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "taca_bwd_cuda SM count");
+    BwdArgs a = a_in;
+    apply_skew_rule(&a, sms);  // (the skew, and the chains it runs)
     int st = launch_preprocess<T, DP>(a, stream, "taca_bwd_cuda preprocess");
     if (st != TACA_OK) return st;
     const bool masked = a.mask.data != nullptr;
