@@ -86,6 +86,14 @@
  *      tile (not its chain position), so dK / dV sum the query tiles in the same order with any
  *      chain count and in the unordered mode. Where it applies: taca_bwd::apply_skew_rule
  *      (taca_bwd_kernel.cuh; TACA_BWD_SKEW=0: off).
+ *  11. Reads ahead (PF; D = 72..128 with the row writer, unmasked): the text span is read into registers
+ *      once before the tile loop, and each tile's lse2 / delta rows are loaded between the S / dP
+ *      commits and their waits. The loop's wgmma fences (asm with memory clobbers) kept ptxas from
+ *      hoisting them: the span's LDS + R2UR sat right after S's wait (3.5% of an ncu profile's stall
+ *      samples, short scoreboard) and the first exp waited on its lse2 load (2.1%). The same values and
+ *      operations (bitwise the same gradients); backward alone -0.6 to -1.7% on an H100 (KERNEL_LOG,
+ *      thirty-fourth session). Masked instances keep the reads where used (ptxas spilled 8 bytes with
+ *      them); TACA_BWD_V6_PF=0 forces that form (a timing switch).
  * The default wherever it applies (taca_bwd.cu): FLUX 1024 b1 bwd 1.52 vs v5's 1.75 ms, SD3.5-M
  * cfg 1.65 vs 1.85 ms on an H200 (with the preprocess and conversion of taca_bwd_kernel.cuh).
  * KERNEL_LOG "Backward v6" and the entries after it have the runs, the profiles and what was tried
@@ -194,8 +202,10 @@ __device__ __forceinline__ unsigned long long trace_smid() {
 #endif
 
 /* MASK: a.mask.data != NULL (its own instance: the unmasked one carries no mask code).
- * G1: the 1-D grid (see ctaid_x_volatile), the default at D = 64 (TACA_BWD_V6_GRID=3d: the 3-D one). */
-template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false>
+ * G1: the 1-D grid (see ctaid_x_volatile), the default at D = 64 (TACA_BWD_V6_GRID=3d: the 3-D one).
+ * PF (item 11, BM = 64): the text span read into registers once, before the tile loop, and each tile's
+ * lse2 / delta rows loaded while its S / dP products run (not after their wait). */
+template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false, bool PF = false>
 __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_constant__ V6Args p) {
 #if TACA_SM90A
     const BwdArgs &a = p.a;
@@ -481,6 +491,12 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     cp_async_wait<0>();
     fence_proxy_async();
     named_bar_sync(BAR_MMA, 256);  // K, V (and s_span) visible to both warpgroups and to wgmma
+    static_assert(!PF || BM == 64, "PF: 16 registers for a tile's lse2 / delta at BM = 64");
+    int span_r[4] = {0, 0, 0, 0};  // PF: the span, read once (the loop's fences keep it from being hoisted)
+    if constexpr (PF) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) span_r[i] = s_span[i];
+    }
 
 #if defined(TACA_BWD_TRACE)
     unsigned long long tr_q = 0, tr_ds = 0, tr_empty = 0;
@@ -515,6 +531,13 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             wgmma_ss<T, BM, 0, 0>(dp, desc_advance(d_v, (kk >> 2) * BN * 128 + (kk & 3) * 32),
                                   desc_advance(d_do, (kk >> 2) * BM * 128 + (kk & 3) * 32), kk > 0);
         wgmma_commit();
+        // PF: this tile's lse2 rows (in shared memory since q_full) read while S and dP run
+        float2 l2v[PF ? NT : 1];
+        if constexpr (PF) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+                l2v[nt] = *reinterpret_cast<const float2 *>(sL + buf * BM + nt * 8 + 2 * t);
+        }
         wgmma_wait<1>();
         fence_regs<NT * 4>(s);
 
@@ -524,8 +547,8 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         // costs nothing.
         const float *lrow = sL + buf * BM;
         const float *drow = sDl + buf * BM;
-        const int ksb = s_span[0], kse = s_span[1];  // key text span [ksb, kse)
-        const int qsb = s_span[2], qse = s_span[3];  // query text span [qsb, qse)
+        const int ksb = PF ? span_r[0] : s_span[0], kse = PF ? span_r[1] : s_span[1];  // key text span [ksb, kse)
+        const int qsb = PF ? span_r[2] : s_span[2], qse = PF ? span_r[3] : s_span[3];  // query text span [qsb, qse)
         const bool kt0 = kr0 >= ksb && kr0 < kse, kt1 = kr1 >= ksb && kr1 < kse;
         // Uniform m over the warpgroup's keys; never with a mask (its term is per element).
         const bool k_uniform =
@@ -540,7 +563,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             const float cf = lg * mu;
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
-                const float2 l2 = *reinterpret_cast<const float2 *>(lrow + nt * 8 + 2 * t);
+                const float2 l2 = PF ? l2v[PF ? nt : 0] : *reinterpret_cast<const float2 *>(lrow + nt * 8 + 2 * t);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) s[nt * 4 + e] = fast_exp2(s[nt * 4 + e] * cf - ((e & 1) ? l2.y : l2.x));
             }
@@ -548,7 +571,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
                 const int col = nt * 8 + 2 * t;
-                const float2 l2 = *reinterpret_cast<const float2 *>(lrow + col);
+                const float2 l2 = PF ? l2v[PF ? nt : 0] : *reinterpret_cast<const float2 *>(lrow + col);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qi = i0 + col + (e & 1);
@@ -566,7 +589,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
                 const int col = nt * 8 + 2 * t;
-                const float2 l2 = *reinterpret_cast<const float2 *>(lrow + col);
+                const float2 l2 = PF ? l2v[PF ? nt : 0] : *reinterpret_cast<const float2 *>(lrow + col);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qi = i0 + col + (e & 1);
@@ -590,7 +613,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
                 const int col = nt * 8 + 2 * t;
-                const float2 l2 = *reinterpret_cast<const float2 *>(lrow + col);
+                const float2 l2 = PF ? l2v[PF ? nt : 0] : *reinterpret_cast<const float2 *>(lrow + col);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qi = i0 + col + (e & 1);
@@ -605,12 +628,18 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                 }
             }
         }
+        float2 dlv[PF ? NT : 1];  // PF: the delta rows, read while dP runs
+        if constexpr (PF) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+                dlv[nt] = *reinterpret_cast<const float2 *>(drow + nt * 8 + 2 * t);
+        }
         wgmma_wait<0>();
         fence_regs<NT * 4>(dp);
         if (uniform) {
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
-                const float2 dl = *reinterpret_cast<const float2 *>(drow + nt * 8 + 2 * t);
+                const float2 dl = PF ? dlv[PF ? nt : 0] : *reinterpret_cast<const float2 *>(drow + nt * 8 + 2 * t);
 #pragma unroll
                 for (int e = 0; e < 4; ++e)
                     dp[nt * 4 + e] = s[nt * 4 + e] * (dp[nt * 4 + e] - ((e & 1) ? dl.y : dl.x)) * mu;
@@ -619,7 +648,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
                 const int col = nt * 8 + 2 * t;
-                const float2 dl = *reinterpret_cast<const float2 *>(drow + col);
+                const float2 dl = PF ? dlv[PF ? nt : 0] : *reinterpret_cast<const float2 *>(drow + col);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qi = i0 + col + (e & 1);
@@ -821,14 +850,15 @@ inline bool encode_acc_map(CUtensorMap *m, float *acc, int64_t rows, int dp, int
               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, int DP, int BM, bool TW, bool G1 = false>
+template <typename T, int DP, int BM, bool TW, bool G1 = false, bool PF = false>
 int launch(const BwdArgs &a, cudaStream_t stream) {
     using C = Cfg<DP, BM, TW>;
     if (a.Np % BM != 0 || a.Np != a.nq * BM) return TACA_ERR_UNSUPPORTED;  // workspace layout
     const int64_t ctas = static_cast<int64_t>(a.nk) * a.Hkv * a.B;
     if (G1 && ctas > INT32_MAX) return TACA_ERR_UNSUPPORTED;
-    auto kernel = a.mask.data ? taca_bwd_sm90_v6_kernel<T, DP, BM, true, TW, G1>
-                              : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1>;
+    // (PF unmasked only: with a mask's code ptxas spilled 8 bytes)
+    auto kernel = a.mask.data ? taca_bwd_sm90_v6_kernel<T, DP, BM, true, TW, G1, false>
+                              : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1, PF>;
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_bwd_cuda (sm90 v6): cudaFuncGetAttributes");
     if (attr.binaryVersion != 90) return TACA_ERR_UNSUPPORTED;
@@ -953,8 +983,14 @@ int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16)
         return tw ? taca_bwd96::launch_dtype<64, 128, true>(a, stream, bf16)
                   : taca_bwd96::launch_dtype<64, 128, false>(a, stream, bf16);
     }
-    return tw ? taca_bwd96::launch_dtype<128, 64, true>(a, stream, bf16)
-              : taca_bwd96::launch_dtype<128, 64, false>(a, stream, bf16);
+    if (tw) return taca_bwd96::launch_dtype<128, 64, true>(a, stream, bf16);
+    // Item 11 (the span and each tile's lse2 / delta read ahead) with the row writer; TACA_BWD_V6_PF=0 reads
+    // them where they are used (a timing switch, read per call).
+    const char *pf = getenv("TACA_BWD_V6_PF");
+    if (!(pf && !strcmp(pf, "0")))
+        return bf16 ? taca_bwd96::launch<__nv_bfloat16, 128, 64, false, false, true>(a, stream)
+                    : taca_bwd96::launch<__half, 128, 64, false, false, true>(a, stream);
+    return taca_bwd96::launch_dtype<128, 64, false>(a, stream, bf16);
 #else
     (void)a; (void)stream; (void)bf16;
     return TACA_ERR_UNSUPPORTED;
