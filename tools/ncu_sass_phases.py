@@ -13,33 +13,14 @@ session read its phase table off the same CSV by hand; this makes it repeatable.
 from __future__ import annotations
 
 import argparse
-import csv
-import gzip
-import io
+import os
 import re
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ncu_sass_top import load, num as _num  # noqa: E402  (the export's reader, shared)
+
 _BRA = re.compile(r"\bBRA(?:\.\S+)?\s+(0x[0-9a-fA-F]+)")
-
-
-def _num(x) -> float:
-    try:
-        return float(str(x).replace(",", ""))
-    except ValueError:
-        return 0.0
-
-
-def load(path: str):
-    """The CSV's instruction rows (dicts) and the name of the all-samples column."""
-    raw = gzip.open(path, "rt", errors="replace") if path.endswith(".gz") else open(path, errors="replace")
-    with raw:
-        lines = raw.read().splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith('"') and "Source" in ln)
-    rows = list(csv.DictReader(io.StringIO("\n".join(lines[start:]))))
-    if not rows:
-        raise SystemExit(f"{path}: no instruction rows")
-    total_col = next(c for c in rows[0] if "Sampling (All" in c)
-    return rows, total_col
 
 
 def _opcode(src: str) -> str:

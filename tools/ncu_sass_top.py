@@ -11,23 +11,32 @@ import sys
 from collections import Counter
 
 
+def num(x) -> float:
+    """A CSV cell as a number (thousands separators dropped; 0 for anything else)."""
+    try:
+        return float(str(x).replace(",", ""))
+    except ValueError:
+        return 0.0
+
+
+def load(path: str):
+    """The export's instruction rows (dicts, one per SASS instruction) and the name of its all-samples column."""
+    raw = gzip.open(path, "rt", errors="replace") if path.endswith(".gz") else open(path, errors="replace")
+    with raw:
+        lines = raw.read().splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith('"') and "Source" in ln)
+    rows = list(csv.DictReader(io.StringIO("\n".join(lines[start:]))))
+    if not rows:
+        raise SystemExit(f"{path}: no instruction rows")
+    return rows, next(c for c in rows[0] if "Sampling (All" in c)
+
+
 def main() -> int:
     path = sys.argv[1]
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 40
-    raw = gzip.open(path, "rt", errors="replace") if path.endswith(".gz") else open(path, errors="replace")
-    text = raw.read()
-    lines = text.splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith('"') and "Source" in ln)
-    rows = list(csv.DictReader(io.StringIO("\n".join(lines[start:]))))
+    rows, total_col = load(path)
     cols = list(rows[0].keys())
-    total_col = next(c for c in cols if "Sampling (All" in c)
     reason_cols = [c for c in cols if c.lower().startswith("stall_") or "(stall" in c.lower()]
-
-    def num(x):
-        try:
-            return float(str(x).replace(",", ""))
-        except ValueError:
-            return 0.0
 
     tot = sum(num(r[total_col]) for r in rows)
     print(f"{len(rows)} instructions, {tot:.0f} samples ({total_col}); reason columns: {len(reason_cols)}")

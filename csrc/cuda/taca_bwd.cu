@@ -61,7 +61,7 @@
  *   atomicseg adds without order into the chains' nseg buffers (v6 in a TACA_BWD_TRACE build
  *   only: their footprint alone);
  *   TACA_BWD_NSEG=1..8 overrides the number of chains (timing too: 4 measured best on FLUX 1024
- *   before v6's skew, which takes the chains' lag away: v6 then runs two at most, see layout_of).
+ *   before the skew, which takes the chains' lag away: v6 and mma.sync then run two at most, see layout_of).
  *   Measured history (H100, FLUX 1024 b1 bwd alone): v1 ordered with per-tile fence + load
  *   5.66 ms; v2 early poll + red + delayed release 3.62 ms; see KERNEL_LOG.md.
  *
@@ -130,10 +130,11 @@ bool layout_of(const taca_bwd_params *p, Layout *L) {
     // sessions: FLUX 1024 b2 -1.1% / -2.3% / -2.0% / -2.0% in four calls, fwd+bwd sustained -1.5%; SD3.5-M / -L CFG
     // within 1%; at b1, 24 pairs, it cost +0.4%).
     if (static_cast<int64_t>(p->batch) * p->heads >= 48 && nseg > 3) nseg = 3;
-    // v6's skew (taca_bwd_sm90_v6.cu, item 10) takes the chains' lag away: where it applies v6 runs two chains at
-    // most (one fp32 dQ buffer fewer to sum than three, two fewer than four; H100, backward alone, one mode per
-    // process, KERNEL_LOG thirty-third session: FLUX 1024 b1 1.350 against 1.356 ms with four, b2 2.698 against
-    // 2.731 with three, SD3.5-M CFG 1.450 against 1.461 with three; one chain lost 12% there).
+    // The skew (taca_bwd_sm90_v6.cu, item 10; bwd_main too) takes the chains' lag away: where it applies the
+    // kernels run two chains at most (one fp32 dQ buffer fewer to sum than three, two fewer than four; H100, v6
+    // backward alone, one mode per process, KERNEL_LOG thirty-third session: FLUX 1024 b1 1.350 against 1.356 ms
+    // with four, b2 2.698 against 2.731 with three, SD3.5-M CFG 1.450 against 1.461 with three; one chain lost 12%
+    // there).
     int skew_nseg = nseg > 2 ? 2 : nseg;
     if (const char *e = getenv("TACA_BWD_NSEG")) {  // timing experiments only (1..8 chains, with the skew too)
         const int n = atoi(e);
@@ -269,8 +270,8 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
                    : !ov ? 1 : !strcmp(ov, "0") ? 0 : !strcmp(ov, "2") ? 2 : 1;
     a.nseg = L.nseg;
     a.seg_size = L.seg_size;
-    a.chain_len = L.skew_len;  // v6's chains with its skew (decided on this in every mode: dK / dV sum alike)
-    a.skew = 0;                // v6 decides (apply_skew_rule in its launch)
+    a.chain_len = L.skew_len;  // the chains with the skew (decided on this in every mode: dK / dV sum alike)
+    a.skew = 0;                // each kernel's launch decides (apply_skew_rule)
     if (a.mode != taca_bwd::kOrdered && !keep_chains) {  // one buffer, no chains
         a.nseg = 1;
         a.seg_size = L.nk;

@@ -782,7 +782,7 @@ int launch_bwd(const BwdArgs &a_in, cudaStream_t stream) {
     if (smem > static_cast<size_t>(smem_max)) return TACA_ERR_UNSUPPORTED;  // D > 128 before sm_90
     const int64_t rows = static_cast<int64_t>(a_in.B) * a_in.H * a_in.Np;
     int sms = 0;
-    TACA_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "taca_bwd_cuda SM count");
+    if (device_sm_count(&sms, "taca_bwd_cuda SM count") != TACA_OK) sms = 0;  // (unknown: no skew)
     BwdArgs a = a_in;
     apply_skew_rule(&a, sms);  // (the skew, and the chains it runs)
     int st = launch_preprocess<T, DP>(a, stream, "taca_bwd_cuda preprocess");

@@ -547,6 +547,11 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         // costs nothing.
         const float *lrow = sL + buf * BM;
         const float *drow = sDl + buf * BM;
+        // the lse2 pair of columns nt * 8 + 2 t: read ahead (PF) or here
+        auto lse2_at = [&](int nt) -> float2 {
+            if constexpr (PF) return l2v[nt];
+            else return *reinterpret_cast<const float2 *>(lrow + nt * 8 + 2 * t);
+        };
         const int ksb = PF ? span_r[0] : s_span[0], kse = PF ? span_r[1] : s_span[1];  // key text span [ksb, kse)
         const int qsb = PF ? span_r[2] : s_span[2], qse = PF ? span_r[3] : s_span[3];  // query text span [qsb, qse)
         const bool kt0 = kr0 >= ksb && kr0 < kse, kt1 = kr1 >= ksb && kr1 < kse;
@@ -563,7 +568,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             const float cf = lg * mu;
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
-                const float2 l2 = PF ? l2v[PF ? nt : 0] : *reinterpret_cast<const float2 *>(lrow + nt * 8 + 2 * t);
+                const float2 l2 = lse2_at(nt);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) s[nt * 4 + e] = fast_exp2(s[nt * 4 + e] * cf - ((e & 1) ? l2.y : l2.x));
             }
@@ -571,7 +576,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
                 const int col = nt * 8 + 2 * t;
-                const float2 l2 = PF ? l2v[PF ? nt : 0] : *reinterpret_cast<const float2 *>(lrow + col);
+                const float2 l2 = lse2_at(nt);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qi = i0 + col + (e & 1);
@@ -589,7 +594,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
                 const int col = nt * 8 + 2 * t;
-                const float2 l2 = PF ? l2v[PF ? nt : 0] : *reinterpret_cast<const float2 *>(lrow + col);
+                const float2 l2 = lse2_at(nt);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qi = i0 + col + (e & 1);
@@ -613,7 +618,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
                 const int col = nt * 8 + 2 * t;
-                const float2 l2 = PF ? l2v[PF ? nt : 0] : *reinterpret_cast<const float2 *>(lrow + col);
+                const float2 l2 = lse2_at(nt);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qi = i0 + col + (e & 1);
@@ -634,12 +639,16 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             for (int nt = 0; nt < NT; ++nt)
                 dlv[nt] = *reinterpret_cast<const float2 *>(drow + nt * 8 + 2 * t);
         }
+        auto delta_at = [&](int nt) -> float2 {  // the delta pair of columns nt * 8 + 2 t, as lse2_at
+            if constexpr (PF) return dlv[nt];
+            else return *reinterpret_cast<const float2 *>(drow + nt * 8 + 2 * t);
+        };
         wgmma_wait<0>();
         fence_regs<NT * 4>(dp);
         if (uniform) {
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
-                const float2 dl = PF ? dlv[PF ? nt : 0] : *reinterpret_cast<const float2 *>(drow + nt * 8 + 2 * t);
+                const float2 dl = delta_at(nt);
 #pragma unroll
                 for (int e = 0; e < 4; ++e)
                     dp[nt * 4 + e] = s[nt * 4 + e] * (dp[nt * 4 + e] - ((e & 1) ? dl.y : dl.x)) * mu;
@@ -648,7 +657,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
                 const int col = nt * 8 + 2 * t;
-                const float2 dl = PF ? dlv[PF ? nt : 0] : *reinterpret_cast<const float2 *>(drow + col);
+                const float2 dl = delta_at(nt);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qi = i0 + col + (e & 1);
@@ -869,7 +878,7 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     {
         // the skew (item 10) where it applies, and the chains it runs (taca_bwd::apply_skew_rule)
         int sms = 0;
-        if (taca_sm90::device_sm_count(&sms, "taca_bwd_cuda (sm90 v6): SM count") != TACA_OK) sms = 0;
+        if (device_sm_count(&sms, "taca_bwd_cuda (sm90 v6): SM count") != TACA_OK) sms = 0;
         taca_bwd::apply_skew_rule(&p.a, sms);
     }
     const BwdArgs &ac = p.a;  // (what the conversions read too)

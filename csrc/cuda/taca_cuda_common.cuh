@@ -188,6 +188,18 @@ __device__ __forceinline__ bool keys_attend(const MaskArgs &m, int64_t base, int
     return __all_sync(0xffffffffu, ok);
 }
 
+/* *sms = the current device's SM count (the persistent kernels' grid, the backward's skew rule), queried once
+ * per device. */
+static inline int device_sm_count(int *sms, const char *where) {
+    static int count[64];  // per device: 0 unknown
+    int dev = 0;
+    TACA_CUDA_TRY(cudaGetDevice(&dev), where);
+    if (dev < 0 || dev >= 64) return TACA_ERR_UNSUPPORTED;
+    if (count[dev] == 0) TACA_CUDA_TRY(cudaDeviceGetAttribute(&count[dev], cudaDevAttrMultiProcessorCount, dev), where);
+    *sms = count[dev];
+    return TACA_OK;
+}
+
 }  // namespace taca_cuda
 
 #endif /* TACA_CUDA_COMMON_CUH_ */

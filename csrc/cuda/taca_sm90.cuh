@@ -263,17 +263,6 @@ static inline int device_is_sm90(const char *where) {
     return cc[dev] == 1 ? TACA_OK : TACA_ERR_UNSUPPORTED;
 }
 
-/* *sms = the current device's SM count (the persistent kernels' grid), queried once per device. */
-static inline int device_sm_count(int *sms, const char *where) {
-    static int count[64];  // per device: 0 unknown
-    int dev = 0;
-    TACA_CUDA_TRY(cudaGetDevice(&dev), where);
-    if (dev < 0 || dev >= 64) return TACA_ERR_UNSUPPORTED;
-    if (count[dev] == 0) TACA_CUDA_TRY(cudaDeviceGetAttribute(&count[dev], cudaDevAttrMultiProcessorCount, dev), where);
-    *sms = count[dev];
-    return TACA_OK;
-}
-
 }  // namespace taca_sm90
 
 #endif  /* TACA_SM90_CUH_ */
