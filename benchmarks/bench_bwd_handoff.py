@@ -54,7 +54,10 @@ def bwd_case(name: str):
     base, _, extra = name.partition("+")
     if extra not in ("", "kmask", "kall"):
         raise SystemExit(f"--shapes: {name!r}: expected <shape>, <shape>+kmask or <shape>+kall")
-    B, H, D, L, img, text_first = SHAPES[base] if base in SHAPES else EXTRA_SHAPES[base]
+    shapes = {**SHAPES, **EXTRA_SHAPES}
+    if base not in shapes:
+        raise SystemExit(f"--shapes: {base!r}: expected one of {', '.join(shapes)}")
+    B, H, D, L, img, text_first = shapes[base]
     N = L + img
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (torch.randn(B, N, H, D, generator=gen, device="cuda").to(torch.bfloat16)
