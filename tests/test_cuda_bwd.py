@@ -201,16 +201,18 @@ def _switch_is_bitwise(case, monkeypatch, var, value, what):
         assert torch.equal(a, b), f"{name}: {what}"
 
 
-PF_CASES = [c for c in CASES if 72 <= c[4] <= 128]
+PF_CASES = [c for c in CASES if c[4] == 64 or 72 <= c[4] <= 128]
 
 
 @pytest.mark.parametrize("case", PF_CASES, ids=[_ids(c) for c in PF_CASES])
 def test_sm90_v6_read_ahead(case, monkeypatch):
     """v6 at D = 72..128 with the row writer (the default there) reads the text span once before its tile loop and
-    each tile's lse2 / delta rows while the tile's S / dP products run; TACA_BWD_V6_PF=0 reads them where they are
-    used. Both meet the rule, are deterministic and give the same gradients bitwise (the same values, the same
-    operations). (Off sm_90 the knob is ignored.)"""
+    each tile's lse2 / delta rows while the tile's S / dP products run (at D = 64, in the default 1-D grid with the
+    tensor writer, the span only); TACA_BWD_V6_PF=0 reads them where they are used. Both meet the rule, are
+    deterministic and give the same gradients bitwise (the same values, the same operations); so does the tile
+    index divided per tile (TACA_BWD_V6_IX=0) instead of stepped on. (Off sm_90 the knobs are ignored.)"""
     _switch_is_bitwise(case, monkeypatch, "TACA_BWD_V6_PF", "0", "the reads ahead changed the gradients")
+    _switch_is_bitwise(case, monkeypatch, "TACA_BWD_V6_IX", "0", "the stepped tile index changed the gradients")
 
 
 GRID_CASES = [c for c in HANDOFF_CASES if c[4] == 64]

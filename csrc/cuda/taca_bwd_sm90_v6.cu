@@ -86,14 +86,20 @@
  *      tile (not its chain position), so dK / dV sum the query tiles in the same order with any
  *      chain count and in the unordered mode. Where it applies: taca_bwd::apply_skew_rule
  *      (taca_bwd_kernel.cuh; TACA_BWD_SKEW=0: off).
- *  11. Reads ahead (PF; D = 72..128 with the row writer, unmasked): the text span is read into registers
+ *  11. Reads ahead (PF; D = 72..128 with the row writer, unmasked; D = 64 below): the text span is read into registers
  *      once before the tile loop, and each tile's lse2 / delta rows are loaded between the S / dP
  *      commits and their waits. The loop's wgmma fences (asm with memory clobbers) kept ptxas from
  *      hoisting them: the span's LDS + R2UR sat right after S's wait (3.5% of an ncu profile's stall
  *      samples, short scoreboard) and the first exp waited on its lse2 load (2.1%). The same values and
  *      operations (bitwise the same gradients); backward alone -0.6 to -1.7% on an H100 (KERNEL_LOG,
  *      thirty-fourth session). Masked instances keep the reads where used (ptxas spilled 8 bytes with
- *      them); TACA_BWD_V6_PF=0 forces that form (a timing switch).
+ *      them); TACA_BWD_V6_PF=0 forces that form (a timing switch). At D = 64 (the 1-D grid with the
+ *      tensor writer) the span only: lse2 ahead took 32 registers at BM = 128 (12 bytes spilled).
+ *  12. The tile index stepped on (IX, with PF): the MMA warps took each step's (head, query tile) as
+ *      x / nq and its remainder, an integer division (I2F, MUFU.RCP, F2I and ~30 dependent integer
+ *      ops, 4.8% of the profile's stall samples at the loop's top) between the previous tile's last
+ *      wait and this tile's first wgmma, where neither warpgroup has tensor work queued; now they
+ *      step (x, head, query tile) on at the loop's end. TACA_BWD_V6_IX=0: the division (a timing switch).
  * The default wherever it applies (taca_bwd.cu): FLUX 1024 b1 bwd 1.52 vs v5's 1.75 ms, SD3.5-M
  * cfg 1.65 vs 1.85 ms on an H200 (with the preprocess and conversion of taca_bwd_kernel.cuh).
  * KERNEL_LOG "Backward v6" and the entries after it have the runs, the profiles and what was tried
@@ -204,8 +210,10 @@ __device__ __forceinline__ unsigned long long trace_smid() {
 /* MASK: a.mask.data != NULL (its own instance: the unmasked one carries no mask code).
  * G1: the 1-D grid (see ctaid_x_volatile), the default at D = 64 (TACA_BWD_V6_GRID=3d: the 3-D one).
  * PF (item 11, BM = 64): the text span read into registers once, before the tile loop, and each tile's
- * lse2 / delta rows loaded while its S / dP products run (not after their wait). */
-template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false, bool PF = false>
+ * lse2 / delta rows loaded while its S / dP products run (not after their wait).
+ * IX (item 12, with PF): the MMA warps step their tile's (head, query tile) on from the last one, not by a
+ * division per tile. */
+template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false, bool PF = false, bool IX = false>
 __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_constant__ V6Args p) {
 #if TACA_SM90A
     const BwdArgs &a = p.a;
@@ -491,7 +499,9 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     cp_async_wait<0>();
     fence_proxy_async();
     named_bar_sync(BAR_MMA, 256);  // K, V (and s_span) visible to both warpgroups and to wgmma
-    static_assert(!PF || BM == 64, "PF: 16 registers for a tile's lse2 / delta at BM = 64");
+    // PF: lse2 / delta read ahead at BM = 64 only (at BM = 128, 32 registers each: ptxas spilled 12 bytes
+    // with the lse2 rows ahead, 4 without), the span at both
+    constexpr bool PFL = PF && BM == 64;
     int span_r[4] = {0, 0, 0, 0};  // PF: the span, read once (the loop's fences keep it from being hoisted)
     if constexpr (PF) {
 #pragma unroll
@@ -501,11 +511,24 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #if defined(TACA_BWD_TRACE)
     unsigned long long tr_q = 0, tr_ds = 0, tr_empty = 0;
 #endif
+    static_assert(!IX || PF, "IX: with PF");
+    // IX: the tile of step it as (flattened index, head, query tile), stepped on at the loop's end
+    int ix_x = soff, ix_h = IX ? soff / nq : 0, ix_q = IX ? soff - (soff / nq) * nq : 0;
+    auto ix_step = [&]() {
+        if constexpr (IX) {  // the next step's tile: x + 1, wrapping at nqt (the skew's cycle) and at nq per head
+            if (++ix_x == nqt) {
+                ix_x = ix_h = ix_q = 0;
+            } else if (++ix_q == nq) {
+                ix_q = 0;
+                ++ix_h;
+            }
+        }
+    };
     for (int it = 0; it < nqt; ++it) {
         const int buf = it & 1;
-        const int x = taca_bwd::skew_tile(it, soff, nqt);  // the tile of step it (skew)
-        const int hh = x / nq;
-        const int i0 = (x - hh * nq) * BM;
+        const int x = IX ? ix_x : taca_bwd::skew_tile(it, soff, nqt);  // the tile of step it (skew)
+        const int hh = IX ? ix_h : x / nq;
+        const int i0 = (IX ? ix_q : x - hh * nq) * BM;
 #if defined(TACA_BWD_TRACE)
         {
             V6_TRACE_T0;
@@ -532,8 +555,8 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                                   desc_advance(d_do, (kk >> 2) * BM * 128 + (kk & 3) * 32), kk > 0);
         wgmma_commit();
         // PF: this tile's lse2 rows (in shared memory since q_full) read while S and dP run
-        float2 l2v[PF ? NT : 1];
-        if constexpr (PF) {
+        float2 l2v[PFL ? NT : 1];
+        if constexpr (PFL) {
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
                 l2v[nt] = *reinterpret_cast<const float2 *>(sL + buf * BM + nt * 8 + 2 * t);
@@ -547,9 +570,9 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         // costs nothing.
         const float *lrow = sL + buf * BM;
         const float *drow = sDl + buf * BM;
-        // the lse2 pair of columns nt * 8 + 2 t: read ahead (PF) or here
+        // the lse2 pair of columns nt * 8 + 2 t: read ahead (PFL) or here
         auto lse2_at = [&](int nt) -> float2 {
-            if constexpr (PF) return l2v[nt];
+            if constexpr (PFL) return l2v[nt];
             else return *reinterpret_cast<const float2 *>(lrow + nt * 8 + 2 * t);
         };
         const int ksb = PF ? span_r[0] : s_span[0], kse = PF ? span_r[1] : s_span[1];  // key text span [ksb, kse)
@@ -633,14 +656,14 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                 }
             }
         }
-        float2 dlv[PF ? NT : 1];  // PF: the delta rows, read while dP runs
-        if constexpr (PF) {
+        float2 dlv[PFL ? NT : 1];  // PF: the delta rows, read while dP runs
+        if constexpr (PFL) {
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
                 dlv[nt] = *reinterpret_cast<const float2 *>(drow + nt * 8 + 2 * t);
         }
         auto delta_at = [&](int nt) -> float2 {  // the delta pair of columns nt * 8 + 2 t, as lse2_at
-            if constexpr (PF) return dlv[nt];
+            if constexpr (PFL) return dlv[nt];
             else return *reinterpret_cast<const float2 *>(drow + nt * 8 + 2 * t);
         };
         wgmma_wait<0>();
@@ -788,6 +811,8 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         fence_regs<DP / 2>(dk);
         fence_regs<BM / 4>(&da[0][0]);  // dS'^T stays untouched until the dK wgmma completed
         mbar_arrive(q_empty + 8 * buf);  // Q, dO, lse2, delta of tile it read
+        ix_step();
+        (void)x;
     }
 #if defined(TACA_BWD_TRACE)
     if (tid == 0 && trace) {
@@ -859,7 +884,7 @@ inline bool encode_acc_map(CUtensorMap *m, float *acc, int64_t rows, int dp, int
               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, int DP, int BM, bool TW, bool G1 = false, bool PF = false>
+template <typename T, int DP, int BM, bool TW, bool G1 = false, bool PF = false, bool IX = false>
 int launch(const BwdArgs &a, cudaStream_t stream) {
     using C = Cfg<DP, BM, TW>;
     if (a.Np % BM != 0 || a.Np != a.nq * BM) return TACA_ERR_UNSUPPORTED;  // workspace layout
@@ -867,7 +892,7 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     if (G1 && ctas > INT32_MAX) return TACA_ERR_UNSUPPORTED;
     // (PF unmasked only: with a mask's code ptxas spilled 8 bytes)
     auto kernel = a.mask.data ? taca_bwd_sm90_v6_kernel<T, DP, BM, true, TW, G1, false>
-                              : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1, PF>;
+                              : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1, PF, IX>;
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_bwd_cuda (sm90 v6): cudaFuncGetAttributes");
     if (attr.binaryVersion != 90) return TACA_ERR_UNSUPPORTED;
@@ -986,19 +1011,36 @@ int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16)
         // tile loop is scheduled differently, the work is the same). TACA_BWD_V6_GRID=3d forces the
         // 3-D grid (a timing switch, read per call).
         const char *gr = getenv("TACA_BWD_V6_GRID");
-        if (tw && !(gr && !strcmp(gr, "3d")))
+        if (tw && !(gr && !strcmp(gr, "3d"))) {
+            // items 11 (the span read ahead; not lse2 / delta at BM = 128) and 12 in this default pair;
+            // TACA_BWD_V6_PF=0 / TACA_BWD_V6_IX=0 as at D = 128
+            const char *pf = getenv("TACA_BWD_V6_PF"), *ix = getenv("TACA_BWD_V6_IX");
+            if (!(pf && !strcmp(pf, "0"))) {
+                if (!(ix && !strcmp(ix, "0")))
+                    return bf16 ? taca_bwd96::launch<__nv_bfloat16, 64, 128, true, true, true, true>(a, stream)
+                                : taca_bwd96::launch<__half, 64, 128, true, true, true, true>(a, stream);
+                return bf16 ? taca_bwd96::launch<__nv_bfloat16, 64, 128, true, true, true>(a, stream)
+                            : taca_bwd96::launch<__half, 64, 128, true, true, true>(a, stream);
+            }
             return bf16 ? taca_bwd96::launch<__nv_bfloat16, 64, 128, true, true>(a, stream)
                         : taca_bwd96::launch<__half, 64, 128, true, true>(a, stream);
+        }
         return tw ? taca_bwd96::launch_dtype<64, 128, true>(a, stream, bf16)
                   : taca_bwd96::launch_dtype<64, 128, false>(a, stream, bf16);
     }
     if (tw) return taca_bwd96::launch_dtype<128, 64, true>(a, stream, bf16);
     // Item 11 (the span and each tile's lse2 / delta read ahead) with the row writer; TACA_BWD_V6_PF=0 reads
     // them where they are used (a timing switch, read per call).
-    const char *pf = getenv("TACA_BWD_V6_PF");
-    if (!(pf && !strcmp(pf, "0")))
+    // Item 12 (the tile index stepped, not divided) with it; TACA_BWD_V6_IX=0 divides (a timing switch, read per
+    // call).
+    const char *pf = getenv("TACA_BWD_V6_PF"), *ix = getenv("TACA_BWD_V6_IX");
+    if (!(pf && !strcmp(pf, "0"))) {
+        if (!(ix && !strcmp(ix, "0")))
+            return bf16 ? taca_bwd96::launch<__nv_bfloat16, 128, 64, false, false, true, true>(a, stream)
+                        : taca_bwd96::launch<__half, 128, 64, false, false, true, true>(a, stream);
         return bf16 ? taca_bwd96::launch<__nv_bfloat16, 128, 64, false, false, true>(a, stream)
                     : taca_bwd96::launch<__half, 128, 64, false, false, true>(a, stream);
+    }
     return taca_bwd96::launch_dtype<128, 64, false>(a, stream, bf16);
 #else
     (void)a; (void)stream; (void)bf16;
