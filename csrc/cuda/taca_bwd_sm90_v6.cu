@@ -100,11 +100,14 @@
  *      ops, 4.8% of the profile's stall samples at the loop's top) between the previous tile's last
  *      wait and this tile's first wgmma, where neither warpgroup has tensor work queued; now they
  *      step (x, head, query tile) on at the loop's end. TACA_BWD_V6_IX=0: the division (a timing switch).
+ *      Backward alone -1.1 to -1.9% at FLUX 1024 on an H100 (with the span ahead at D = 64: -0.5 to
+ *      -2.7% at SD3.5 CFG; KERNEL_LOG, thirty-fifth session).
  * The default wherever it applies (taca_bwd.cu): FLUX 1024 b1 bwd 1.52 vs v5's 1.75 ms, SD3.5-M
  * cfg 1.65 vs 1.85 ms on an H200 (with the preprocess and conversion of taca_bwd_kernel.cuh).
  * KERNEL_LOG "Backward v6" and the entries after it have the runs, the profiles and what was tried
  * and dropped (an 80-row tile, a rotated chain schedule, the next tile's S issued during dK, dK
- * from shared memory, a relaxed poll, one warpgroup making a tile's whole dQ: none faster).
+ * from shared memory, a relaxed poll, one warpgroup making a tile's whole dQ (twice: over its own keys,
+ * and over all 128 alternating by tile), none faster).
  */
 #include <stdlib.h>
 #include <string.h>
