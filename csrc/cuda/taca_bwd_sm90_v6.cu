@@ -102,6 +102,14 @@
  *      step (x, head, query tile) on at the loop's end. TACA_BWD_V6_IX=0: the division (a timing switch).
  *      Backward alone -1.1 to -1.9% at FLUX 1024 on an H100 (with the span ahead at D = 64: -0.5 to
  *      -2.7% at SD3.5 CFG; KERNEL_LOG, thirty-fifth session).
+ *  13. dQ staged at the next tile (DS, with IX; D = 72..128 with the row writer, more than one key
+ *      tile, no mask; TACA_BWD_V6_DS=1, a timing switch, off by default until measured): tile it's
+ *      dQ part is kept in 32 registers and staged at tile it + 1 between the S commit and dP's issue
+ *      (while S runs), so tile it ends with one wait for dV, dQ and dK instead of waiting for dQ,
+ *      staging while dK runs (the profile's 6.3% dQ wait and 9.5% staging phases), then waiting for
+ *      dK. Staged before dP's issue: with dQ's registers live beside S's, dP's, dK's and dV's
+ *      accumulators ptxas serialized the wgmmas (C7512) and spilled 384 bytes. The same values in
+ *      the same staging order: bitwise the same gradients (test_sm90_v6_dq_staged_next_tile).
  * The default wherever it applies (taca_bwd.cu): FLUX 1024 b1 bwd 1.52 vs v5's 1.75 ms, SD3.5-M
  * cfg 1.65 vs 1.85 ms on an H200 (with the preprocess and conversion of taca_bwd_kernel.cuh).
  * KERNEL_LOG "Backward v6" and the entries after it have the runs, the profiles and what was tried
@@ -210,13 +218,35 @@ __device__ __forceinline__ unsigned long long trace_smid() {
 #define V6_TRACE_ADD(acc) acc += static_cast<unsigned long long>(clock64() - trace_c0_)
 #endif
 
+/* DS (item 13): hand tile ti's dQ part q (this thread's rows qr0, qr0 + 8 and columns qc0 + 8 nt, + 1 of the tile)
+ * to the row writer through staging buffer ti & 1 (free once the writer has read tile ti - 2 from it), as the
+ * other forms do inline at the end of tile ti. (They keep their own copy: a lambda shared with them, even uncalled there, moved their loops' SASS.) */
+template <typename C>
+__device__ __forceinline__ void stage_dq_rows(unsigned char *stage, uint32_t mb_full, uint32_t mb_empty, int ti, int qr0,
+                                              int qc0, const float (&q)[32]) {
+    const int sb = ti & 1;
+    if (ti >= C::NSTAGE) mbar_wait(mb_empty + 8 * sb, ((ti / C::NSTAGE) - 1) & 1);
+    unsigned char *dstage = stage + sb * C::STAGE_BYTES;
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+            *reinterpret_cast<float2 *>(dstage + (qr0 + half * 8) * C::SROW + (qc0 + nt * 8) * 4) =
+                make_float2(q[nt * 4 + 2 * half], q[nt * 4 + 2 * half + 1]);
+    fence_proxy_async();  // the copy engine (async proxy) reads what these generic stores wrote
+    mbar_arrive(mb_full + 8 * sb);
+}
+
 /* MASK: a.mask.data != NULL (its own instance: the unmasked one carries no mask code).
  * G1: the 1-D grid (see ctaid_x_volatile), the default at D = 64 (TACA_BWD_V6_GRID=3d: the 3-D one).
  * PF (item 11, BM = 64): the text span read into registers once, before the tile loop, and each tile's
  * lse2 / delta rows loaded while its S / dP products run (not after their wait).
  * IX (item 12, with PF): the MMA warps step their tile's (head, query tile) on from the last one, not by a
- * division per tile. */
-template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false, bool PF = false, bool IX = false>
+ * division per tile.
+ * DS (item 13, with IX; D = 72..128 with the row writer, more than one key tile): tile it's dQ is staged at
+ * tile it + 1, while its S / dP products run, not between the dQ and dK waits of tile it. */
+template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false, bool PF = false, bool IX = false,
+          bool DS = false>
 __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_constant__ V6Args p) {
 #if TACA_SM90A
     const BwdArgs &a = p.a;
@@ -527,6 +557,8 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             }
         }
     };
+    static_assert(!DS || (IX && DP == 128 && BM == 64 && !TW), "DS: with IX, D = 72..128 with the row writer");
+    float dq_ds[DS ? 32 : 1];  // DS: tile it's dQ part, kept until it is staged at tile it + 1 (stage_dq_rows)
     for (int it = 0; it < nqt; ++it) {
         const int buf = it & 1;
         const int x = IX ? ix_x : taca_bwd::skew_tile(it, soff, nqt);  // the tile of step it (skew)
@@ -552,6 +584,12 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             wgmma_ss<T, BM, 0, 0>(s, desc_advance(d_k, (kk >> 2) * BN * 128 + (kk & 3) * 32),
                                   desc_advance(d_q, (kk >> 2) * BM * 128 + (kk & 3) * 32), kk > 0);
         wgmma_commit();
+        // DS: the previous tile's dQ part staged while S runs (before dP's issue: with dQ's 32 registers live
+        // beside S's, dP's, dK's and dV's accumulators ptxas serialized the wgmmas and spilled)
+        if constexpr (DS) {
+            if (it > 0)
+                stage_dq_rows<C>(stage, mb_full, mb_empty, it - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
+        }
 #pragma unroll
         for (int kk = 0; kk < DP / 16; ++kk)
             wgmma_ss<T, BM, 0, 0>(dp, desc_advance(d_v, (kk >> 2) * BN * 128 + (kk & 3) * 32),
@@ -756,6 +794,21 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         for (int kk = 0; kk < BM / 16; ++kk)
             wgmma_rs<T, DP, 1>(dk, da[kk], desc_advance(d_q_mn, kk * 16 * 128), 1);
         wgmma_commit();
+        if constexpr (DS) {  // dV, dQ and dK done; dQ is staged at the next tile's top (or after the loop)
+            wgmma_wait<0>();
+            fence_regs<32>(dq);
+            fence_regs<DP / 2>(dv);
+            fence_regs<BM / 4>(&pa[0][0]);
+            fence_regs<DP / 2>(dk);
+            fence_regs<BM / 4>(&da[0][0]);
+#pragma unroll
+            for (int i = 0; i < (DS ? 32 : 0); ++i) dq_ds[i] = dq[i];
+            __syncwarp();
+            if (lane == 0) mbar_arrive(ds_free);  // this warp's share of the dQ product read dS'
+            mbar_arrive(q_empty + 8 * buf);       // Q, dO, lse2, delta of tile it read
+            ix_step();
+            continue;
+        }
         wgmma_wait<1>();  // dV and dQ done; dK still running
         fence_regs<32>(dq);
         fence_regs<DP / 2>(dv);
@@ -817,6 +870,8 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         ix_step();
         (void)x;
     }
+    if constexpr (DS)  // the last tile's dQ part (nqt >= 1)
+        stage_dq_rows<C>(stage, mb_full, mb_empty, nqt - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
 #if defined(TACA_BWD_TRACE)
     if (tid == 0 && trace) {
         trace[2] = trace_ns();
@@ -887,15 +942,16 @@ inline bool encode_acc_map(CUtensorMap *m, float *acc, int64_t rows, int dp, int
               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, int DP, int BM, bool TW, bool G1 = false, bool PF = false, bool IX = false>
+template <typename T, int DP, int BM, bool TW, bool G1 = false, bool PF = false, bool IX = false, bool DS = false>
 int launch(const BwdArgs &a, cudaStream_t stream) {
     using C = Cfg<DP, BM, TW>;
     if (a.Np % BM != 0 || a.Np != a.nq * BM) return TACA_ERR_UNSUPPORTED;  // workspace layout
     const int64_t ctas = static_cast<int64_t>(a.nk) * a.Hkv * a.B;
     if (G1 && ctas > INT32_MAX) return TACA_ERR_UNSUPPORTED;
     // (PF unmasked only: with a mask's code ptxas spilled 8 bytes)
+    if (DS && a.nk == 1) return TACA_ERR_UNSUPPORTED;  // (DS stages every tile; one key tile stores dQ directly)
     auto kernel = a.mask.data ? taca_bwd_sm90_v6_kernel<T, DP, BM, true, TW, G1, false>
-                              : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1, PF, IX>;
+                              : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1, PF, IX, DS>;
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_bwd_cuda (sm90 v6): cudaFuncGetAttributes");
     if (attr.binaryVersion != 90) return TACA_ERR_UNSUPPORTED;
@@ -1036,8 +1092,13 @@ int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16)
     // them where they are used (a timing switch, read per call).
     // Item 12 (the tile index stepped, not divided) with it; TACA_BWD_V6_IX=0 divides (a timing switch, read per
     // call).
-    const char *pf = getenv("TACA_BWD_V6_PF"), *ix = getenv("TACA_BWD_V6_IX");
+    // Item 13 (dQ staged at the next tile's top; more than one key tile, no mask): TACA_BWD_V6_DS=1, a timing
+    // switch (not the default: not yet measured).
+    const char *pf = getenv("TACA_BWD_V6_PF"), *ix = getenv("TACA_BWD_V6_IX"), *ds = getenv("TACA_BWD_V6_DS");
     if (!(pf && !strcmp(pf, "0"))) {
+        if (ds && !strcmp(ds, "1") && !(ix && !strcmp(ix, "0")) && a.nk > 1 && !a.mask.data)
+            return bf16 ? taca_bwd96::launch<__nv_bfloat16, 128, 64, false, false, true, true, true>(a, stream)
+                        : taca_bwd96::launch<__half, 128, 64, false, false, true, true, true>(a, stream);
         if (!(ix && !strcmp(ix, "0")))
             return bf16 ? taca_bwd96::launch<__nv_bfloat16, 128, 64, false, false, true, true>(a, stream)
                         : taca_bwd96::launch<__half, 128, 64, false, false, true, true>(a, stream);
