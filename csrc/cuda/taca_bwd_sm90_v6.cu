@@ -102,8 +102,9 @@
  *      step (x, head, query tile) on at the loop's end. TACA_BWD_V6_IX=0: the division (a timing switch).
  *      Backward alone -1.1 to -1.9% at FLUX 1024 on an H100 (with the span ahead at D = 64: -0.5 to
  *      -2.7% at SD3.5 CFG; KERNEL_LOG, thirty-fifth session).
- *  13. dQ staged at the next tile (DS, with IX; D = 72..128 with the row writer, more than one key
- *      tile, no mask; TACA_BWD_V6_DS=1, a timing switch, off by default until measured): tile it's
+ *  13. dQ staged at the next tile (DS, with IX; D = 72..128 with the row writer and D = 64 with the
+ *      tensor writer, more than one key tile, no mask; TACA_BWD_V6_DS=1, a timing switch, off by
+ *      default until measured): tile it's
  *      dQ part is kept in 32 registers and staged at tile it + 1 between the S commit and dP's issue
  *      (while S runs), so tile it ends with one wait for dV, dQ and dK instead of waiting for dQ,
  *      staging while dK runs (the profile's 6.3% dQ wait and 9.5% staging phases), then waiting for
@@ -221,7 +222,7 @@ __device__ __forceinline__ unsigned long long trace_smid() {
 /* DS (item 13): hand tile ti's dQ part q (this thread's rows qr0, qr0 + 8 and columns qc0 + 8 nt, + 1 of the tile)
  * to the row writer through staging buffer ti & 1 (free once the writer has read tile ti - 2 from it), as the
  * other forms do inline at the end of tile ti. (They keep their own copy: a lambda shared with them, even uncalled there, moved their loops' SASS.) */
-template <typename C>
+template <typename C, int BM, bool TW>
 __device__ __forceinline__ void stage_dq_rows(unsigned char *stage, uint32_t mb_full, uint32_t mb_empty, int ti, int qr0,
                                               int qc0, const float (&q)[32]) {
     const int sb = ti & 1;
@@ -230,9 +231,12 @@ __device__ __forceinline__ void stage_dq_rows(unsigned char *stage, uint32_t mb_
 #pragma unroll
     for (int half = 0; half < 2; ++half)
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-            *reinterpret_cast<float2 *>(dstage + (qr0 + half * 8) * C::SROW + (qc0 + nt * 8) * 4) =
-                make_float2(q[nt * 4 + 2 * half], q[nt * 4 + 2 * half + 1]);
+        for (int nt = 0; nt < 8; ++nt) {
+            const int r = qr0 + half * 8, col = qc0 + nt * 8;
+            // TW: 16-byte unit col / 4 of row r in the 32-column boxes (the swizzled tile layout)
+            const uint32_t off = TW ? sw128_offset<BM>(r, col >> 2) + (col & 3) * 4 : r * C::SROW + col * 4;
+            *reinterpret_cast<float2 *>(dstage + off) = make_float2(q[nt * 4 + 2 * half], q[nt * 4 + 2 * half + 1]);
+        }
     fence_proxy_async();  // the copy engine (async proxy) reads what these generic stores wrote
     mbar_arrive(mb_full + 8 * sb);
 }
@@ -243,7 +247,7 @@ __device__ __forceinline__ void stage_dq_rows(unsigned char *stage, uint32_t mb_
  * lse2 / delta rows loaded while its S / dP products run (not after their wait).
  * IX (item 12, with PF): the MMA warps step their tile's (head, query tile) on from the last one, not by a
  * division per tile.
- * DS (item 13, with IX; D = 72..128 with the row writer, more than one key tile): tile it's dQ is staged at
+ * DS (item 13, with IX; the default pairs of D = 72..128 and D = 64, more than one key tile): tile it's dQ is staged at
  * tile it + 1, while its S / dP products run, not between the dQ and dK waits of tile it. */
 template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false, bool PF = false, bool IX = false,
           bool DS = false>
@@ -557,7 +561,8 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             }
         }
     };
-    static_assert(!DS || (IX && DP == 128 && BM == 64 && !TW), "DS: with IX, D = 72..128 with the row writer");
+    static_assert(!DS || (IX && ((DP == 128 && BM == 64 && !TW) || (DP == 64 && BM == 128 && TW))),
+                  "DS: with IX, D = 72..128 with the row writer or D = 64 with the tensor writer");
     float dq_ds[DS ? 32 : 1];  // DS: tile it's dQ part, kept until it is staged at tile it + 1 (stage_dq_rows)
     for (int it = 0; it < nqt; ++it) {
         const int buf = it & 1;
@@ -588,7 +593,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         // beside S's, dP's, dK's and dV's accumulators ptxas serialized the wgmmas and spilled)
         if constexpr (DS) {
             if (it > 0)
-                stage_dq_rows<C>(stage, mb_full, mb_empty, it - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
+                stage_dq_rows<C, BM, TW>(stage, mb_full, mb_empty, it - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
         }
 #pragma unroll
         for (int kk = 0; kk < DP / 16; ++kk)
@@ -871,7 +876,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         (void)x;
     }
     if constexpr (DS)  // the last tile's dQ part (nqt >= 1)
-        stage_dq_rows<C>(stage, mb_full, mb_empty, nqt - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
+        stage_dq_rows<C, BM, TW>(stage, mb_full, mb_empty, nqt - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
 #if defined(TACA_BWD_TRACE)
     if (tid == 0 && trace) {
         trace[2] = trace_ns();
@@ -1073,8 +1078,11 @@ int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16)
         if (tw && !(gr && !strcmp(gr, "3d"))) {
             // items 11 (the span read ahead; not lse2 / delta at BM = 128) and 12 in this default pair;
             // TACA_BWD_V6_PF=0 / TACA_BWD_V6_IX=0 as at D = 128
-            const char *pf = getenv("TACA_BWD_V6_PF"), *ix = getenv("TACA_BWD_V6_IX");
+            const char *pf = getenv("TACA_BWD_V6_PF"), *ix = getenv("TACA_BWD_V6_IX"), *ds = getenv("TACA_BWD_V6_DS");
             if (!(pf && !strcmp(pf, "0"))) {
+                if (ds && !strcmp(ds, "1") && !(ix && !strcmp(ix, "0")) && a.nk > 1 && !a.mask.data)  // item 13
+                    return bf16 ? taca_bwd96::launch<__nv_bfloat16, 64, 128, true, true, true, true, true>(a, stream)
+                                : taca_bwd96::launch<__half, 64, 128, true, true, true, true, true>(a, stream);
                 if (!(ix && !strcmp(ix, "0")))
                     return bf16 ? taca_bwd96::launch<__nv_bfloat16, 64, 128, true, true, true, true>(a, stream)
                                 : taca_bwd96::launch<__half, 64, 128, true, true, true, true>(a, stream);
@@ -1093,7 +1101,7 @@ int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16)
     // Item 12 (the tile index stepped, not divided) with it; TACA_BWD_V6_IX=0 divides (a timing switch, read per
     // call).
     // Item 13 (dQ staged at the next tile's top; more than one key tile, no mask): TACA_BWD_V6_DS=1, a timing
-    // switch (not the default: not yet measured).
+    // switch (not the default: measured once, -0.4 / -1.2% at FLUX 1024 b1 / b2, not yet sanitizer-checked).
     const char *pf = getenv("TACA_BWD_V6_PF"), *ix = getenv("TACA_BWD_V6_IX"), *ds = getenv("TACA_BWD_V6_DS");
     if (!(pf && !strcmp(pf, "0"))) {
         if (ds && !strcmp(ds, "1") && !(ix && !strcmp(ix, "0")) && a.nk > 1 && !a.mask.data)

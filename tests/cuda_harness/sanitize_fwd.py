@@ -127,13 +127,12 @@ def main():
                 runs += 2
         finally:
             del os.environ["TACA_BWD_SM90"]
-        # v6 at D = 128 with each tile's dQ staged at the next tile's top (TACA_BWD_V6_DS=1, a timing switch): 17 key
-        # tiles, 33 query tiles per head, deterministic and not
+        # v6 with each tile's dQ staged at the next tile's top (TACA_BWD_V6_DS=1, a timing switch): D = 128 (17 key
+        # tiles, 33 query tiles per head) deterministic and not, D = 64 (the tensor writer) deterministic
         os.environ["TACA_BWD_V6_DS"] = "1"
         try:
-            for det in (True, False):
-                q, k, v = (torch.randn(1, 2, 2100, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
-                           for _ in range(3))
+            for D, dt, det in ((128, torch.bfloat16, True), (128, torch.bfloat16, False), (64, torch.float16, True)):
+                q, k, v = (torch.randn(1, 2, 2100, D, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
                 o = taca.joint_attention(q, k, v, text_len=77, text_first=True, gamma=1.3, layout="bhnd",
                                          backend="cuda", deterministic=det)
                 o.backward(torch.randn_like(o))
