@@ -1032,6 +1032,25 @@ int launch_dtype(const BwdArgs &a, cudaStream_t stream, bool bf16) {
     return bf16 ? launch<__nv_bfloat16, DP, BM, TW>(a, stream) : launch<__half, DP, BM, TW>(a, stream);
 }
 
+inline bool env_is(const char *name, const char *value) {
+    const char *v = getenv(name);
+    return v && !strcmp(v, value);
+}
+
+/* The default pair of a head dim (D = 72..128: the row writer; D = 64: the 1-D grid with the tensor writer) with
+ * items 11-13, each behind a timing switch read per call: TACA_BWD_V6_PF=0 reads the span and lse2 / delta where
+ * they are used (item 11 off, and 12, 13 with it), TACA_BWD_V6_IX=0 divides the tile index (item 12 off, 13 with
+ * it), TACA_BWD_V6_DS=1 stages dQ at the next tile's top (item 13, more than one key tile, no mask; off by
+ * default: measured once, -0.4 / -1.2% at FLUX 1024 b1 / b2, not yet sanitizer-checked). */
+template <typename T, int DP, int BM, bool TW, bool G1>
+int launch_default(const BwdArgs &a, cudaStream_t stream) {
+    if (env_is("TACA_BWD_V6_PF", "0")) return launch<T, DP, BM, TW, G1>(a, stream);
+    if (env_is("TACA_BWD_V6_IX", "0")) return launch<T, DP, BM, TW, G1, true>(a, stream);
+    if (env_is("TACA_BWD_V6_DS", "1") && a.nk > 1 && !a.mask.data)
+        return launch<T, DP, BM, TW, G1, true, true, true>(a, stream);
+    return launch<T, DP, BM, TW, G1, true, true>(a, stream);
+}
+
 }  // namespace taca_bwd96
 
 #if defined(TACA_BWD_TRACE)
@@ -1074,46 +1093,17 @@ int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16)
         // 3-D grid on an H200 (KERNEL_LOG, eleventh session; 1.6% across processes, fourteenth; its
         // tile loop is scheduled differently, the work is the same). TACA_BWD_V6_GRID=3d forces the
         // 3-D grid (a timing switch, read per call).
-        const char *gr = getenv("TACA_BWD_V6_GRID");
-        if (tw && !(gr && !strcmp(gr, "3d"))) {
-            // items 11 (the span read ahead; not lse2 / delta at BM = 128) and 12 in this default pair;
-            // TACA_BWD_V6_PF=0 / TACA_BWD_V6_IX=0 as at D = 128
-            const char *pf = getenv("TACA_BWD_V6_PF"), *ix = getenv("TACA_BWD_V6_IX"), *ds = getenv("TACA_BWD_V6_DS");
-            if (!(pf && !strcmp(pf, "0"))) {
-                if (ds && !strcmp(ds, "1") && !(ix && !strcmp(ix, "0")) && a.nk > 1 && !a.mask.data)  // item 13
-                    return bf16 ? taca_bwd96::launch<__nv_bfloat16, 64, 128, true, true, true, true, true>(a, stream)
-                                : taca_bwd96::launch<__half, 64, 128, true, true, true, true, true>(a, stream);
-                if (!(ix && !strcmp(ix, "0")))
-                    return bf16 ? taca_bwd96::launch<__nv_bfloat16, 64, 128, true, true, true, true>(a, stream)
-                                : taca_bwd96::launch<__half, 64, 128, true, true, true, true>(a, stream);
-                return bf16 ? taca_bwd96::launch<__nv_bfloat16, 64, 128, true, true, true>(a, stream)
-                            : taca_bwd96::launch<__half, 64, 128, true, true, true>(a, stream);
-            }
-            return bf16 ? taca_bwd96::launch<__nv_bfloat16, 64, 128, true, true>(a, stream)
-                        : taca_bwd96::launch<__half, 64, 128, true, true>(a, stream);
-        }
+        // Items 11 (the span only: not lse2 / delta at BM = 128) to 13 in this default pair.
+        if (tw && !taca_bwd96::env_is("TACA_BWD_V6_GRID", "3d"))
+            return bf16 ? taca_bwd96::launch_default<__nv_bfloat16, 64, 128, true, true>(a, stream)
+                        : taca_bwd96::launch_default<__half, 64, 128, true, true>(a, stream);
         return tw ? taca_bwd96::launch_dtype<64, 128, true>(a, stream, bf16)
                   : taca_bwd96::launch_dtype<64, 128, false>(a, stream, bf16);
     }
     if (tw) return taca_bwd96::launch_dtype<128, 64, true>(a, stream, bf16);
-    // Item 11 (the span and each tile's lse2 / delta read ahead) with the row writer; TACA_BWD_V6_PF=0 reads
-    // them where they are used (a timing switch, read per call).
-    // Item 12 (the tile index stepped, not divided) with it; TACA_BWD_V6_IX=0 divides (a timing switch, read per
-    // call).
-    // Item 13 (dQ staged at the next tile's top; more than one key tile, no mask): TACA_BWD_V6_DS=1, a timing
-    // switch (not the default: measured once, -0.4 / -1.2% at FLUX 1024 b1 / b2, not yet sanitizer-checked).
-    const char *pf = getenv("TACA_BWD_V6_PF"), *ix = getenv("TACA_BWD_V6_IX"), *ds = getenv("TACA_BWD_V6_DS");
-    if (!(pf && !strcmp(pf, "0"))) {
-        if (ds && !strcmp(ds, "1") && !(ix && !strcmp(ix, "0")) && a.nk > 1 && !a.mask.data)
-            return bf16 ? taca_bwd96::launch<__nv_bfloat16, 128, 64, false, false, true, true, true>(a, stream)
-                        : taca_bwd96::launch<__half, 128, 64, false, false, true, true, true>(a, stream);
-        if (!(ix && !strcmp(ix, "0")))
-            return bf16 ? taca_bwd96::launch<__nv_bfloat16, 128, 64, false, false, true, true>(a, stream)
-                        : taca_bwd96::launch<__half, 128, 64, false, false, true, true>(a, stream);
-        return bf16 ? taca_bwd96::launch<__nv_bfloat16, 128, 64, false, false, true>(a, stream)
-                    : taca_bwd96::launch<__half, 128, 64, false, false, true>(a, stream);
-    }
-    return taca_bwd96::launch_dtype<128, 64, false>(a, stream, bf16);
+    // the row writer: items 11 (the span and each tile's lse2 / delta read ahead) to 13
+    return bf16 ? taca_bwd96::launch_default<__nv_bfloat16, 128, 64, false, false>(a, stream)
+                : taca_bwd96::launch_default<__half, 128, 64, false, false>(a, stream);
 #else
     (void)a; (void)stream; (void)bf16;
     return TACA_ERR_UNSUPPORTED;
