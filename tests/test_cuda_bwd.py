@@ -217,11 +217,13 @@ def test_sm90_v6_read_ahead(case, monkeypatch):
 
 @pytest.mark.parametrize("case", PF_CASES, ids=[_ids(c) for c in PF_CASES])
 def test_sm90_v6_dq_staged_next_tile(case, monkeypatch):
-    """TACA_BWD_V6_DS=1 (a timing switch; v6's default instances at D = 64 and 72..128, more than one key tile, no
-    mask): each tile's dQ part is staged at the next tile's top, while its S product runs, instead of between that
-    tile's dQ and dK waits. The same values staged in the same order: both forms meet the rule, are deterministic and give
-    the same gradients bitwise. (Elsewhere, and off sm_90, the knob is ignored.)"""
-    _switch_is_bitwise(case, monkeypatch, "TACA_BWD_V6_DS", "1", "staging dQ at the next tile changed the gradients")
+    """v6's default instances (more than one key tile, no mask) stage each tile's dQ part at the next tile's top,
+    while its S product runs, instead of between that tile's dQ and dK waits: the default at D = 72..128
+    (TACA_BWD_V6_DS=0 turns it off), a switch at D = 64 (TACA_BWD_V6_DS=1 turns it on). The same values staged in
+    the same order: both forms meet the rule, are deterministic and give the same gradients bitwise. (Elsewhere,
+    and off sm_90, the knob is ignored.)"""
+    value = "0" if 72 <= case[4] <= 128 else "1"  # the form that is not the default
+    _switch_is_bitwise(case, monkeypatch, "TACA_BWD_V6_DS", value, "staging dQ at the next tile changed the gradients")
 
 
 GRID_CASES = [c for c in HANDOFF_CASES if c[4] == 64]

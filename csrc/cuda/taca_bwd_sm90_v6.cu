@@ -102,9 +102,9 @@
  *      step (x, head, query tile) on at the loop's end. TACA_BWD_V6_IX=0: the division (a timing switch).
  *      Backward alone -1.1 to -1.9% at FLUX 1024 on an H100 (with the span ahead at D = 64: -0.5 to
  *      -2.7% at SD3.5 CFG; KERNEL_LOG, thirty-fifth session).
- *  13. dQ staged at the next tile (DS, with IX; D = 72..128 with the row writer and D = 64 with the
- *      tensor writer, more than one key tile, no mask; TACA_BWD_V6_DS=1, a timing switch, off by
- *      default until measured): tile it's
+ *  13. dQ staged at the next tile (DS, with IX; more than one key tile, no mask; the default at D = 72..128
+ *      with the row writer, TACA_BWD_V6_DS=0 turns it off; at D = 64 with the tensor writer
+ *      TACA_BWD_V6_DS=1 turns it on, slower there: +2.0% at SD3.5-M CFG): tile it's
  *      dQ part is kept in 32 registers and staged at tile it + 1 between the S commit and dP's issue
  *      (while S runs), so tile it ends with one wait for dV, dQ and dK instead of waiting for dQ,
  *      staging while dK runs (the profile's 6.3% dQ wait and 9.5% staging phases), then waiting for
@@ -1040,14 +1040,16 @@ inline bool env_is(const char *name, const char *value) {
 /* The default pair of a head dim (D = 72..128: the row writer; D = 64: the 1-D grid with the tensor writer) with
  * items 11-13, each behind a timing switch read per call: TACA_BWD_V6_PF=0 reads the span and lse2 / delta where
  * they are used (item 11 off, and 12, 13 with it), TACA_BWD_V6_IX=0 divides the tile index (item 12 off, 13 with
- * it), TACA_BWD_V6_DS=1 stages dQ at the next tile's top (item 13, more than one key tile, no mask; off by
- * default: measured once, -0.4 / -1.2% at FLUX 1024 b1 / b2, not yet sanitizer-checked). */
+ * it), item 13 (dQ staged at the next tile's top; more than one key tile, no mask) is on at D = 72..128 unless
+ * TACA_BWD_V6_DS=0 and off at D = 64 unless TACA_BWD_V6_DS=1: backward alone on an H100, three rounds one mode
+ * per process, -0.9 / -0.7 / -0.6% at FLUX 1024 b1 / b2 / 2048 b1, +2.0% at SD3.5-M CFG (KERNEL_LOG,
+ * thirty-sixth session). */
 template <typename T, int DP, int BM, bool TW, bool G1>
 int launch_default(const BwdArgs &a, cudaStream_t stream) {
     if (env_is("TACA_BWD_V6_PF", "0")) return launch<T, DP, BM, TW, G1>(a, stream);
     if (env_is("TACA_BWD_V6_IX", "0")) return launch<T, DP, BM, TW, G1, true>(a, stream);
-    if (env_is("TACA_BWD_V6_DS", "1") && a.nk > 1 && !a.mask.data)
-        return launch<T, DP, BM, TW, G1, true, true, true>(a, stream);
+    const bool ds = DP == 128 ? !env_is("TACA_BWD_V6_DS", "0") : env_is("TACA_BWD_V6_DS", "1");
+    if (ds && a.nk > 1 && !a.mask.data) return launch<T, DP, BM, TW, G1, true, true, true>(a, stream);
     return launch<T, DP, BM, TW, G1, true, true>(a, stream);
 }
 

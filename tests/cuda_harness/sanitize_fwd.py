@@ -127,11 +127,14 @@ def main():
                 runs += 2
         finally:
             del os.environ["TACA_BWD_SM90"]
-        # v6 with each tile's dQ staged at the next tile's top (TACA_BWD_V6_DS=1, a timing switch): D = 128 (17 key
-        # tiles, 33 query tiles per head) deterministic and not, D = 64 (the tensor writer) deterministic
+        # v6 with each tile's dQ staged at the next tile's top forced on (TACA_BWD_V6_DS=1: the default at D = 72..128,
+        # a switch at D = 64): D = 128 (17 key tiles, 33 query tiles per head) deterministic and not, D = 64 (the
+        # tensor writer) deterministic; then D = 128 with it off (TACA_BWD_V6_DS=0, the earlier default)
         os.environ["TACA_BWD_V6_DS"] = "1"
         try:
-            for D, dt, det in ((128, torch.bfloat16, True), (128, torch.bfloat16, False), (64, torch.float16, True)):
+            for D, dt, det, ds in ((128, torch.bfloat16, True, "1"), (128, torch.bfloat16, False, "1"),
+                                   (64, torch.float16, True, "1"), (128, torch.bfloat16, True, "0")):
+                os.environ["TACA_BWD_V6_DS"] = ds
                 q, k, v = (torch.randn(1, 2, 2100, D, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
                 o = taca.joint_attention(q, k, v, text_len=77, text_first=True, gamma=1.3, layout="bhnd",
                                          backend="cuda", deterministic=det)
