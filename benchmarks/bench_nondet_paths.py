@@ -10,6 +10,9 @@ with either span form, rounds interleaved (triton do_bench median), so the diffe
   bwd det|nd -1|qspan    taca::bwd alone (the forward's out and lse as inputs), ordered or unordered dQ
   f+b det / f+b nd       joint_attention forward + backward through autograd, as the table times it
 
+Written in the thirty-sixth session, whose device time ran out before it ran: run on the CPU ops only (a tiny shape,
+the device and dtype swapped), never yet on a GPU.
+
 Usage: python3 benchmarks/bench_nondet_paths.py [--shapes flux2048_b1,flux1024_b2] [--rounds 3] [--out DIR]
 Prints a table last; writes bench_nondet_paths.json to DIR.
 """
@@ -26,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import taca  # noqa: E402
-from taca import reference  # noqa: E402
+from taca import ops as _ops, reference  # noqa: E402,F401  (ops loads taca._C: torch.ops.taca)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_attention_gpu import EXTRA_SHAPES, GAMMA, SHAPES  # noqa: E402
