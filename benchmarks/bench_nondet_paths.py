@@ -2,10 +2,12 @@
 
 The full table (bench_attention_gpu.py) had FLUX 2048 b1 fwd+bwd with deterministic=False 12% slower than the
 default (23.88 against 21.33 ms, thirty-sixth session; 24.46 / 21.59 the session before), while the backward alone
-(bench_bwd_handoff.py "+nd", one mode per process) was 1.6% faster unordered. The op's two modes differ in one more
-thing than the backward's dQ: with deterministic=False, joint_attention passes the query text span explicitly (equal
-to the key span) to taca::fwd, and so to taca::bwd (the default passes -1, "the key span"). This times each piece
-with either span form, rounds interleaved (triton do_bench median), so the difference can be told apart:
+(bench_bwd_handoff.py "+nd", one mode per process) was 1.6% faster unordered. The op's two modes differ in the call
+as well as in the backward's dQ: with deterministic=False, joint_attention passes the query text span explicitly
+(equal to the key span) to taca::fwd and taca::bwd, where the default passes -1; the binding (check_common) resolves
+-1 to the key span, so the kernels get the same integers either way, and the span forms are timed only to rule the
+call path out. This times each piece in one process, rounds interleaved (triton do_bench median, 300 ms each, where
+the table's fwd+bwd takes 100 ms: about five FLUX 2048 iterations), so the difference can be told apart:
   fwd -1 / fwd qspan     taca::fwd with the query span implicit / explicit
   bwd det|nd -1|qspan    taca::bwd alone (the forward's out and lse as inputs), ordered or unordered dQ
   f+b det / f+b nd       joint_attention forward + backward through autograd, as the table times it
