@@ -77,6 +77,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    known = {**SHAPES, **EXTRA_SHAPES}
+    for name in args.shapes.split(","):
+        if name not in known:
+            ap.error(f"--shapes: {name!r}: expected one of {', '.join(known)}")
+    if args.rounds < 1:
+        ap.error(f"--rounds: expected >= 1, got {args.rounds}")
     from triton.testing import do_bench
 
     gpu = torch.cuda.get_device_name()

@@ -247,8 +247,8 @@ __device__ __forceinline__ void stage_dq_rows(unsigned char *stage, uint32_t mb_
  * lse2 / delta rows loaded while its S / dP products run (not after their wait).
  * IX (item 12, with PF): the MMA warps step their tile's (head, query tile) on from the last one, not by a
  * division per tile.
- * DS (item 13, with IX; the default pairs of D = 72..128 and D = 64, more than one key tile): tile it's dQ is staged at
- * tile it + 1, while its S / dP products run, not between the dQ and dK waits of tile it. */
+ * DS (item 13, with IX; more than one key tile: the default at D = 72..128, a switch in D = 64's default pair): tile
+ * it's dQ is staged at tile it + 1, while its S / dP products run, not between the dQ and dK waits of tile it. */
 template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false, bool PF = false, bool IX = false,
           bool DS = false>
 __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_constant__ V6Args p) {
