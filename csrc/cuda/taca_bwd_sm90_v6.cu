@@ -806,14 +806,8 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             fence_regs<BM / 4>(&pa[0][0]);
             fence_regs<DP / 2>(dk);
             fence_regs<BM / 4>(&da[0][0]);
-            // Kept through an XOR with zero (nqt >= 1, so nqt >> 31 is 0; ptxas cannot know it): a plain copy
-            // (or an asm mov) is coalesced away, and ptxas then treats the kept registers as defined by a wgmma
-            // and injects a wait for every wgmma in flight (C7517) before stage_dq_rows reads them: S's, so
-            // the staging ran after S completed and dP issued only after it (an ncu profile, KERNEL_LOG
-            // thirty-seventh session). The same bits either way.
-            const uint32_t zero = static_cast<uint32_t>(nqt) >> 31;
 #pragma unroll
-            for (int i = 0; i < (DS ? 32 : 0); ++i) dq_ds[i] = __uint_as_float(__float_as_uint(dq[i]) ^ zero);
+            for (int i = 0; i < (DS ? 32 : 0); ++i) dq_ds[i] = dq[i];
             __syncwarp();
             if (lane == 0) mbar_arrive(ds_free);  // this warp's share of the dQ product read dS'
             mbar_arrive(q_empty + 8 * buf);       // Q, dO, lse2, delta of tile it read
