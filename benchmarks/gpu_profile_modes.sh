@@ -6,6 +6,8 @@
 # $OUT/ncu_NAME_*. Written for the thirty-seventh session: where the DS default's cycles went (d128), and why
 # DS lost at D = 64 (d64 with TACA_BWD_V6_DS=1 against the default).
 #   PROFILES="ds:d128 d0:d128:TACA_BWD_V6_DS=0 d64:d64 d64ds:d64:TACA_BWD_V6_DS=1" bash benchmarks/gpu_profile_modes.sh
+# Packs $OUT at the end (pack_out.sh: the device tool brings back 8 files; the first run lost six profiles to
+# that limit); PACK=0 leaves it to the caller.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -22,3 +24,5 @@ for p in ${PROFILES:-"ds:d128"}; do
   grep -E "^  [a-zA-Z_].*\(|Duration|Registers Per|Issue Slots Busy" "$OUT/ncu_${name}_details.txt" | head -5
   gzip -f "$OUT/ncu_${name}_details.txt"
 done
+[ "${PACK:-1}" = 1 ] && bash benchmarks/pack_out.sh "$OUT"
+true

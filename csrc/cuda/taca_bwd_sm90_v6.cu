@@ -111,6 +111,10 @@
  *      dK. Staged before dP's issue: with dQ's registers live beside S's, dP's, dK's and dV's
  *      accumulators ptxas serialized the wgmmas (C7512) and spilled 384 bytes. The same values in
  *      the same staging order: bitwise the same gradients (test_sm90_v6_dq_staged_next_tile).
+ *      As compiled, ptxas injects a wait for S's wgmmas before the staging (C7517: it reads registers a wgmma
+ *      defined), so a tile runs S, that wait, the staging, then dP's issue; with the wait removed (the part kept
+ *      through an XOR with a zero ptxas cannot prove) the staging overlapped S and the backward ran 5% slower
+ *      (shared memory is as busy as the tensor pipe in this loop; KERNEL_LOG, thirty-seventh session).
  * The default wherever it applies (taca_bwd.cu): FLUX 1024 b1 bwd 1.52 vs v5's 1.75 ms, SD3.5-M
  * cfg 1.65 vs 1.85 ms on an H200 (with the preprocess and conversion of taca_bwd_kernel.cuh).
  * KERNEL_LOG "Backward v6" and the entries after it have the runs, the profiles and what was tried
