@@ -115,6 +115,15 @@
  *      defined), so a tile runs S, that wait, the staging, then dP's issue; with the wait removed (the part kept
  *      through an XOR with a zero ptxas cannot prove) the staging overlapped S and the backward ran 5% slower
  *      (shared memory is as busy as the tensor pipe in this loop; KERNEL_LOG, thirty-seventh session).
+ *  14. Conflict-free tensor-writer staging (CF; TW, the default pair at D = 64, TACA_BWD_V6_CF=0 turns it off): in
+ *      each float2 store of the staging the warp's lanes (row g, columns 2t, 2t + 1 of an accumulator block) wrote
+ *      rows g = 0..3 (a half-warp) at the 16-byte units 2 nt + (t >> 1) swizzled by the row (unit ^ (row & 7)), four
+ *      unit positions for eight units: 2-way bank conflicts, 4 wavefronts per STS.64 where 2 suffice (ncu: 15.05 M
+ *      excess wavefronts, 8.3% of the D = 64 main kernel's shared-memory traffic, thirty-seventh session). With CF
+ *      the lanes of odd rows store the pair of block nt ^ 2 in the store of block nt: the same element at its own
+ *      swizzled place (its offset differs from block nt's by the unit's bit 2 only: off ^ 64), so every half-warp
+ *      covers the eight unit positions once. Two selects and an XOR per store; the same values in the same places
+ *      (bitwise the same gradients).
  * The default wherever it applies (taca_bwd.cu): FLUX 1024 b1 bwd 1.52 vs v5's 1.75 ms, SD3.5-M
  * cfg 1.65 vs 1.85 ms on an H200 (with the preprocess and conversion of taca_bwd_kernel.cuh).
  * KERNEL_LOG "Backward v6" and the entries after it have the runs, the profiles and what was tried
@@ -226,12 +235,13 @@ __device__ __forceinline__ unsigned long long trace_smid() {
 /* DS (item 13): hand tile ti's dQ part q (this thread's rows qr0, qr0 + 8 and columns qc0 + 8 nt, + 1 of the tile)
  * to the row writer through staging buffer ti & 1 (free once the writer has read tile ti - 2 from it), as the
  * other forms do inline at the end of tile ti. (They keep their own copy: a lambda shared with them, even uncalled there, moved their loops' SASS.) */
-template <typename C, int BM, bool TW>
+template <typename C, int BM, bool TW, bool CF = false>
 __device__ __forceinline__ void stage_dq_rows(unsigned char *stage, uint32_t mb_full, uint32_t mb_empty, int ti, int qr0,
                                               int qc0, const float (&q)[32]) {
     const int sb = ti & 1;
     if (ti >= C::NSTAGE) mbar_wait(mb_empty + 8 * sb, ((ti / C::NSTAGE) - 1) & 1);
     unsigned char *dstage = stage + sb * C::STAGE_BYTES;
+    const bool odd = CF && (qr0 & 1);  // CF (item 14): odd rows' lanes store nt ^ 2's pair
 #pragma unroll
     for (int half = 0; half < 2; ++half)
 #pragma unroll
@@ -239,7 +249,10 @@ __device__ __forceinline__ void stage_dq_rows(unsigned char *stage, uint32_t mb_
             const int r = qr0 + half * 8, col = qc0 + nt * 8;
             // TW: 16-byte unit col / 4 of row r in the 32-column boxes (the swizzled tile layout)
             const uint32_t off = TW ? sw128_offset<BM>(r, col >> 2) + (col & 3) * 4 : r * C::SROW + col * 4;
-            *reinterpret_cast<float2 *>(dstage + off) = make_float2(q[nt * 4 + 2 * half], q[nt * 4 + 2 * half + 1]);
+            const int n2 = nt ^ 2;
+            *reinterpret_cast<float2 *>(dstage + (off ^ (odd ? 64u : 0u))) =
+                odd ? make_float2(q[n2 * 4 + 2 * half], q[n2 * 4 + 2 * half + 1])
+                    : make_float2(q[nt * 4 + 2 * half], q[nt * 4 + 2 * half + 1]);
         }
     fence_proxy_async();  // the copy engine (async proxy) reads what these generic stores wrote
     mbar_arrive(mb_full + 8 * sb);
@@ -252,9 +265,10 @@ __device__ __forceinline__ void stage_dq_rows(unsigned char *stage, uint32_t mb_
  * IX (item 12, with PF): the MMA warps step their tile's (head, query tile) on from the last one, not by a
  * division per tile.
  * DS (item 13, with IX; more than one key tile: the default at D = 72..128, a switch in D = 64's default pair): tile
- * it's dQ is staged at tile it + 1, while its S / dP products run, not between the dQ and dK waits of tile it. */
+ * it's dQ is staged at tile it + 1, while its S / dP products run, not between the dQ and dK waits of tile it.
+ * CF (item 14, TW only): the staging's float2 stores without bank conflicts. */
 template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false, bool PF = false, bool IX = false,
-          bool DS = false>
+          bool DS = false, bool CF = false>
 __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_constant__ V6Args p) {
 #if TACA_SM90A
     const BwdArgs &a = p.a;
@@ -565,6 +579,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             }
         }
     };
+    static_assert(!CF || TW, "CF: the tensor writer's swizzled staging");
     static_assert(!DS || (IX && ((DP == 128 && BM == 64 && !TW) || (DP == 64 && BM == 128 && TW))),
                   "DS: with IX, D = 72..128 with the row writer or D = 64 with the tensor writer");
     float dq_ds[DS ? 32 : 1];  // DS: tile it's dQ part, kept until it is staged at tile it + 1 (stage_dq_rows)
@@ -597,7 +612,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         // beside S's, dP's, dK's and dV's accumulators ptxas serialized the wgmmas and spilled)
         if constexpr (DS) {
             if (it > 0)
-                stage_dq_rows<C, BM, TW>(stage, mb_full, mb_empty, it - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
+                stage_dq_rows<C, BM, TW, CF>(stage, mb_full, mb_empty, it - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
         }
 #pragma unroll
         for (int kk = 0; kk < DP / 16; ++kk)
@@ -853,6 +868,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             if (it >= NS) mbar_wait(mb_empty + 8 * sb, ((it / NS) - 1) & 1);
 #endif
             unsigned char *dstage = stage + sb * C::STAGE_BYTES;
+            const bool odd = CF && (qr0 & 1);  // CF (item 14): odd rows' lanes store nt ^ 2's pair
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const int r = qr0 + half * 8;
@@ -862,7 +878,10 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                     // TW: 16-byte unit col / 4 of row r in the 32-column boxes (the swizzled tile
                     // layout of the bf16 operands, 8 units per 128-byte row)
                     const uint32_t off = TW ? sw128_offset<BM>(r, col >> 2) + (col & 3) * 4 : r * C::SROW + col * 4;
-                    *reinterpret_cast<float2 *>(dstage + off) = make_float2(dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
+                    const int n2 = nt ^ 2;
+                    *reinterpret_cast<float2 *>(dstage + (off ^ (odd ? 64u : 0u))) =
+                        odd ? make_float2(dq[n2 * 4 + 2 * half], dq[n2 * 4 + 2 * half + 1])
+                            : make_float2(dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
                 }
             }
             // the copy engine (async proxy) reads what these generic stores wrote
@@ -880,7 +899,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         (void)x;
     }
     if constexpr (DS)  // the last tile's dQ part (nqt >= 1)
-        stage_dq_rows<C, BM, TW>(stage, mb_full, mb_empty, nqt - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
+        stage_dq_rows<C, BM, TW, CF>(stage, mb_full, mb_empty, nqt - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
 #if defined(TACA_BWD_TRACE)
     if (tid == 0 && trace) {
         trace[2] = trace_ns();
@@ -951,7 +970,8 @@ inline bool encode_acc_map(CUtensorMap *m, float *acc, int64_t rows, int dp, int
               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, int DP, int BM, bool TW, bool G1 = false, bool PF = false, bool IX = false, bool DS = false>
+template <typename T, int DP, int BM, bool TW, bool G1 = false, bool PF = false, bool IX = false, bool DS = false,
+          bool CF = false>
 int launch(const BwdArgs &a, cudaStream_t stream) {
     using C = Cfg<DP, BM, TW>;
     if (a.Np % BM != 0 || a.Np != a.nq * BM) return TACA_ERR_UNSUPPORTED;  // workspace layout
@@ -960,7 +980,7 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     // (PF unmasked only: with a mask's code ptxas spilled 8 bytes)
     if (DS && a.nk == 1) return TACA_ERR_UNSUPPORTED;  // (DS stages every tile; one key tile stores dQ directly)
     auto kernel = a.mask.data ? taca_bwd_sm90_v6_kernel<T, DP, BM, true, TW, G1, false>
-                              : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1, PF, IX, DS>;
+                              : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1, PF, IX, DS, CF>;
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_bwd_cuda (sm90 v6): cudaFuncGetAttributes");
     if (attr.binaryVersion != 90) return TACA_ERR_UNSUPPORTED;
@@ -1047,12 +1067,19 @@ inline bool env_is(const char *name, const char *value) {
  * it), item 13 (dQ staged at the next tile's top; more than one key tile, no mask) is on at D = 72..128 unless
  * TACA_BWD_V6_DS=0 and off at D = 64 unless TACA_BWD_V6_DS=1: backward alone on an H100, three rounds one mode
  * per process, -0.9 / -0.7 / -0.6% at FLUX 1024 b1 / b2 / 2048 b1, +2.0% at SD3.5-M CFG (KERNEL_LOG,
- * thirty-sixth session). */
+ * thirty-sixth session). Item 14 (the tensor writer's staging without bank conflicts, D = 64's pair) is opt-in,
+ * TACA_BWD_V6_CF=1, until timed (written in the thirty-seventh session with no device time left to run it). */
 template <typename T, int DP, int BM, bool TW, bool G1>
 int launch_default(const BwdArgs &a, cudaStream_t stream) {
     if (env_is("TACA_BWD_V6_PF", "0")) return launch<T, DP, BM, TW, G1>(a, stream);
     if (env_is("TACA_BWD_V6_IX", "0")) return launch<T, DP, BM, TW, G1, true>(a, stream);
     const bool ds = DP == 128 ? !env_is("TACA_BWD_V6_DS", "0") : env_is("TACA_BWD_V6_DS", "1");
+    if constexpr (TW) {
+        if (env_is("TACA_BWD_V6_CF", "1")) {
+            if (ds && a.nk > 1 && !a.mask.data) return launch<T, DP, BM, TW, G1, true, true, true, true>(a, stream);
+            return launch<T, DP, BM, TW, G1, true, true, false, true>(a, stream);
+        }
+    }
     if (ds && a.nk > 1 && !a.mask.data) return launch<T, DP, BM, TW, G1, true, true, true>(a, stream);
     return launch<T, DP, BM, TW, G1, true, true>(a, stream);
 }

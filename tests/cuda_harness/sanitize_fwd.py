@@ -141,6 +141,21 @@ def main():
                 runs += 2
         finally:
             os.environ.pop("TACA_BWD_V6_DS", None)
+        # D = 64's tensor-writer staging without bank conflicts (TACA_BWD_V6_CF=1, opt-in: odd rows' lanes store
+        # another block's pair in each float2 store), with and without DS, deterministic and not
+        os.environ["TACA_BWD_V6_CF"] = "1"
+        try:
+            for det, ds in ((True, "0"), (False, "0"), (True, "1")):
+                os.environ["TACA_BWD_V6_DS"] = ds
+                q, k, v = (torch.randn(2, 2, 2100, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+                           for _ in range(3))
+                o = taca.joint_attention(q, k, v, text_len=77, text_first=False, gamma=1.3, layout="bhnd",
+                                         backend="cuda", deterministic=det)
+                o.backward(torch.randn_like(o))
+                runs += 2
+        finally:
+            os.environ.pop("TACA_BWD_V6_CF", None)
+            os.environ.pop("TACA_BWD_V6_DS", None)
         # the D = 128 tail split (TACA_FWD_SPLIT): sanitize_fwd_split.py's calls
         import sanitize_fwd_split
 
