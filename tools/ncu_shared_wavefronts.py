@@ -21,12 +21,18 @@ from ncu_sass_top import load, num  # noqa: E402  (the export's reader, shared)
 
 
 def kind(src: str) -> str:
+    """The instruction's kind: opcode and width for shared loads / stores, shape and operand source for HGMMA (SS: A
+    from shared memory by descriptor, RS: A from registers), else the opcode."""
     words = src.split()
-    op = words[1] if words and words[0].startswith("@") and len(words) > 1 else (words[0] if words else "")
-    parts = op.split(".")
-    if parts[0] == "HGMMA":  # the shape, and whether A comes from registers (RS) or shared memory (SS)
-        rs = len(words) > 2 and words[-3 if words[0].startswith("@") else 2].rstrip(",").startswith("R") and "gdesc" in src
-        return f"HGMMA.{parts[1]} {'RS' if rs else 'SS'}"
+    if words and words[0].startswith("@"):
+        words = words[1:]
+    if not words:
+        return ""
+    parts = words[0].split(".")
+    if parts[0] == "HGMMA":
+        operands = " ".join(words[1:]).split(",")
+        a = operands[1].strip() if len(operands) > 1 else ""
+        return f"HGMMA.{parts[1]} {'SS' if a.startswith('gdesc') else 'RS'}"
     return ".".join(parts[:2]) if parts[0] in ("LDS", "STS", "STSM", "LDSM") else parts[0]
 
 
