@@ -1,0 +1,72 @@
+"""benchmarks/bench_attention_gpu.py's interleaved rounds (--rounds), on the CPU with a stand-in for the timer: every
+timed method but the slow alternatives gets `rounds` timings of its forward and its fwd+bwd, the methods rotated
+each round, and each cell becomes the median of its rounds; a bad --rounds is refused before any work (the table
+itself needs a GPU)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                     "bench_attention_gpu.py")
+
+
+@pytest.fixture(scope="module")
+def bag():
+    spec = importlib.util.spec_from_file_location("bench_attention_gpu_under_test", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_more_rounds_medians_and_rotation(bag, monkeypatch):
+    current, calls = [None], []
+    # each method's timings in the order of its calls: its forward, then its fwd+bwd, per round
+    script = {"taca_cuda": iter([2.0, 20.0, 3.0, 30.0]), "plain_cudnn": iter([5.0, 50.0, 7.0, 70.0])}
+    grads = []
+
+    def fake_bench(fn, quick):
+        fn()  # runs the closure: a forward, or a forward and its gradient
+        calls.append(current[0])
+        return next(script[current[0]])
+
+    monkeypatch.setattr(bag, "_bench", fake_bench)
+
+    def fn(q, k, v):
+        if q.requires_grad:
+            grads.append(True)
+        return q * k + v
+
+    class Tracking(dict):  # the method being timed: looked up right before its two timings
+        def __getitem__(self, key):
+            current[0] = key
+            return dict.__getitem__(self, key)
+
+    methods = Tracking({name: (fn, True) for name in ("taca_cuda", "plain_cudnn", "materialized_authors")})
+    rows = [
+        {"shape": "s", "method": "taca_cuda", "fwd_ms": 1.0, "fwd_tflops": 100.0, "fwdbwd_ms": 10.0,
+         "fwdbwd_tflops": 100.0},
+        {"shape": "s", "method": "plain_cudnn", "fwd_ms": 6.0, "fwd_tflops": 100.0, "fwdbwd_ms": 60.0,
+         "fwdbwd_tflops": 100.0},
+        {"shape": "s", "method": "materialized_authors", "fwd_ms": 99.0, "fwd_tflops": 1.0},  # slow: one pass only
+    ]
+    q, k, v = (torch.randn(1, 1, 4, 8) for _ in range(3))
+    bag._more_rounds(rows, methods, q, k, v, 3, False, True, lambda *a: None)
+    by = {r["method"]: r for r in rows}
+    # round 2 starts at the second timed method (the rotation), round 3 at the first
+    assert calls == ["plain_cudnn", "plain_cudnn", "taca_cuda", "taca_cuda",
+                     "taca_cuda", "taca_cuda", "plain_cudnn", "plain_cudnn"]
+    assert len(grads) == 4  # every fwd+bwd timing ran on inputs that require grad
+    assert by["taca_cuda"]["fwd_ms_rounds"] == [1.0, 2.0, 3.0] and by["taca_cuda"]["fwd_ms"] == 2.0
+    assert by["taca_cuda"]["fwdbwd_ms_rounds"] == [10.0, 20.0, 30.0] and by["taca_cuda"]["fwdbwd_ms"] == 20.0
+    assert by["plain_cudnn"]["fwd_ms"] == 6.0 and by["plain_cudnn"]["fwdbwd_ms"] == 60.0
+    assert by["taca_cuda"]["fwd_tflops"] == pytest.approx(50.0)  # rescaled to the median's time
+    assert "fwd_ms_rounds" not in by["materialized_authors"] and by["materialized_authors"]["fwd_ms"] == 99.0
+
+
+def test_bad_rounds_refused(bag):
+    with pytest.raises(SystemExit):
+        bag.main(["--rounds", "0"])
