@@ -17,7 +17,8 @@ nvidia-smi -L; echo "built at $SECONDS s"
 export TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so PYTHONPATH=/tmp/site:$PWD/tests/cuda_harness PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 timeout 150 python3 -m pytest -q -rs tests/test_cuda_bwd.py tests/test_cuda_features.py tests/test_cuda.py > "$OUT/pytest.txt" 2>&1
 echo "pytest rc=$?: $(tail -1 "$OUT/pytest.txt")"; grep -E "^(FAILED|ERROR)" "$OUT/pytest.txt" | head -8
-if [ "$(left)" -gt 150 ]; then source benchmarks/gpu_sanitize.sh; sanitize tests/cuda_harness/sanitize_fwd.py taca_ all 120; fi
+# racecheck of sanitize_fwd.py took 77-93 s on an H100 and ran past 110 s on an H200 (thirty-seventh session)
+if [ "$(left)" -gt 200 ]; then source benchmarks/gpu_sanitize.sh; sanitize tests/cuda_harness/sanitize_fwd.py taca_ all 170; fi
 echo "tests done at $SECONDS s"
 unset TACA_CUDA_LIB; export PYTHONPATH=/tmp/site
 if [ -n "${SUS_NSEG:-}" ] && [ "$(left)" -gt 60 ]; then
