@@ -241,13 +241,10 @@ def test_sm90_v6_staging_conflict_free(case, ds, monkeypatch):
     _switch_is_bitwise(case, monkeypatch, "TACA_BWD_V6_CF", "1", "the conflict-free staging changed the gradients")
 
 
-PX_CASES = [c for c in PF_CASES if 72 <= c[4] <= 128]
-
-
-@pytest.mark.parametrize("case", PX_CASES, ids=[_ids(c) for c in PX_CASES])
+@pytest.mark.parametrize("case", PF_CASES, ids=[_ids(c) for c in PF_CASES])
 def test_sm90_v6_poly_exp(case, monkeypatch):
-    """TACA_BWD_V6_PX=1 (opt-in, D = 72..128 with dQ staged at the next tile): half the exps of a uniform tile by a
-    degree-3 polynomial on the FMA pipe (relative error 1e-4, below the bf16 roundings P and dS' go through). It
+    """TACA_BWD_V6_PX=1 (opt-in: D = 72..128 with dQ staged at the next tile, D = 64's default pair): half the exps of
+    a uniform tile by a degree-3 polynomial on the FMA pipe (relative error 1e-4, below the bf16 roundings P and dS' go through). It
     meets the rule and is deterministic (_run_case checks both); on sm_90 it is not bitwise the default (the path
     ran). (Elsewhere, and off sm_90, the knob is ignored.)"""
     default = _run_case(case)

@@ -124,9 +124,10 @@
  *      swizzled place (its offset differs from block nt's by the unit's bit 2 only: off ^ 64), so every half-warp
  *      covers the eight unit positions once. Two selects and an XOR per store; the same values in the same places
  *      (bitwise the same gradients).
- *  15. Half the exps on the FMA pipe (PX; with DS at D = 72..128, TACA_BWD_V6_PX=1, opt-in until timed): in a uniform
- *      tile the odd query columns take poly_exp2 (eight FMA-pipe instructions) instead of MUFU.EX2, 16 of a thread's
- *      32 per tile. The exp phase was the largest of the loop's phases in every profile (14-19% of the stall
+ *  15. Half the exps on the FMA pipe (PX; with DS at D = 72..128, without it at D = 64 with or without CF;
+ *      TACA_BWD_V6_PX=1, opt-in until timed): in a uniform tile the odd query columns take poly_exp2 (eight FMA-pipe
+ *      instructions) instead of MUFU.EX2, 16 of a thread's 32 exps per tile at D = 128, 32 of 64 at D = 64 (BM = 128:
+ *      there MUFU's share of a tile is twice as large against the same tensor work). The exp phase was the largest of the loop's phases in every profile (14-19% of the stall
  *      samples, the FFMAs waiting on MUFU results: short scoreboard); MUFU does 16 exps a clock per SM, the FMA pipe
  *      128 fp32 operations, and issue slots are 28% busy. Not bitwise the default (relative error 1e-4 on half of P
  *      before its bf16 rounding); the rule and determinism hold (test_sm90_v6_poly_exp).
@@ -287,7 +288,8 @@ __device__ __forceinline__ void stage_dq_rows(unsigned char *stage, uint32_t mb_
  * DS (item 13, with IX; more than one key tile: the default at D = 72..128, a switch in D = 64's default pair): tile
  * it's dQ is staged at tile it + 1, while its S / dP products run, not between the dQ and dK waits of tile it.
  * CF (item 14, TW only): the staging's float2 stores without bank conflicts.
- * PX (item 15, with DS at D = 72..128): half the exps of a uniform tile by poly_exp2 on the FMA pipe. */
+ * PX (item 15, with DS at D = 72..128, or in D = 64's default pair): half the exps of a uniform tile by poly_exp2 on
+ * the FMA pipe. */
 template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false, bool PF = false, bool IX = false,
           bool DS = false, bool CF = false, bool PX = false>
 __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_constant__ V6Args p) {
@@ -601,7 +603,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         }
     };
     static_assert(!CF || TW, "CF: the tensor writer's swizzled staging");
-    static_assert(!PX || (DS && DP == 128), "PX: with DS at D = 72..128");
+    static_assert(!PX || (DS && DP == 128 && !TW) || (DP == 64 && TW), "PX: with DS at D = 72..128, or D = 64's pair");
     static_assert(!DS || (IX && ((DP == 128 && BM == 64 && !TW) || (DP == 64 && BM == 128 && TW))),
                   "DS: with IX, D = 72..128 with the row writer or D = 64 with the tensor writer");
     float dq_ds[DS ? 32 : 1];  // DS: tile it's dQ part, kept until it is staged at tile it + 1 (stage_dq_rows)
@@ -1094,13 +1096,17 @@ inline bool env_is(const char *name, const char *value) {
  * per process, -0.9 / -0.7 / -0.6% at FLUX 1024 b1 / b2 / 2048 b1, +2.0% at SD3.5-M CFG (KERNEL_LOG,
  * thirty-sixth session). Item 14 (the tensor writer's staging without bank conflicts, D = 64's pair) is opt-in,
  * TACA_BWD_V6_CF=1, until timed (written in the thirty-seventh session with no device time left to run it); so is
- * item 15 (half of a uniform tile's exps on the FMA pipe, D = 72..128 with DS), TACA_BWD_V6_PX=1. */
+ * item 15 (half of a uniform tile's exps on the FMA pipe: D = 72..128 with DS, D = 64 without), TACA_BWD_V6_PX=1. */
 template <typename T, int DP, int BM, bool TW, bool G1>
 int launch_default(const BwdArgs &a, cudaStream_t stream) {
     if (env_is("TACA_BWD_V6_PF", "0")) return launch<T, DP, BM, TW, G1>(a, stream);
     if (env_is("TACA_BWD_V6_IX", "0")) return launch<T, DP, BM, TW, G1, true>(a, stream);
     const bool ds = DP == 128 ? !env_is("TACA_BWD_V6_DS", "0") : env_is("TACA_BWD_V6_DS", "1");
     if constexpr (TW) {
+        if (env_is("TACA_BWD_V6_PX", "1") && !(ds && a.nk > 1 && !a.mask.data)) {  // (D = 64: PX without DS)
+            if (env_is("TACA_BWD_V6_CF", "1")) return launch<T, DP, BM, TW, G1, true, true, false, true, true>(a, stream);
+            return launch<T, DP, BM, TW, G1, true, true, false, false, true>(a, stream);
+        }
         if (env_is("TACA_BWD_V6_CF", "1")) {
             if (ds && a.nk > 1 && !a.mask.data) return launch<T, DP, BM, TW, G1, true, true, true, true>(a, stream);
             return launch<T, DP, BM, TW, G1, true, true, false, true>(a, stream);

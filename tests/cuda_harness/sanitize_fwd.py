@@ -156,14 +156,17 @@ def main():
         finally:
             os.environ.pop("TACA_BWD_V6_CF", None)
             os.environ.pop("TACA_BWD_V6_DS", None)
-        # D = 128 with half of a uniform tile's exps on the FMA pipe (TACA_BWD_V6_PX=1, opt-in; with DS, the default)
+        # half of a uniform tile's exps on the FMA pipe (TACA_BWD_V6_PX=1, opt-in): D = 128 (with DS, the default
+        # there) and D = 64 (without DS, the default there)
         os.environ["TACA_BWD_V6_PX"] = "1"
         try:
-            q, k, v = (torch.randn(1, 2, 2100, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
-                       for _ in range(3))
-            o = taca.joint_attention(q, k, v, text_len=77, text_first=True, gamma=1.3, layout="bhnd", backend="cuda")
-            o.backward(torch.randn_like(o))
-            runs += 2
+            for D in (128, 64):
+                q, k, v = (torch.randn(1, 2, 2100, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+                           for _ in range(3))
+                o = taca.joint_attention(q, k, v, text_len=77, text_first=True, gamma=1.3, layout="bhnd",
+                                         backend="cuda")
+                o.backward(torch.randn_like(o))
+                runs += 2
         finally:
             os.environ.pop("TACA_BWD_V6_PX", None)
         # the D = 128 tail split (TACA_FWD_SPLIT): sanitize_fwd_split.py's calls
