@@ -226,11 +226,7 @@ def run_shape(sname, shape, op_ok, tc, quick, variants, do_bwd, log, skip_heavy=
             try:
                 qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
                 do = torch.randn_like(q)
-
-                def fb():
-                    o = fn(qg, kg, vg)
-                    torch.autograd.grad(o, (qg, kg, vg), do)
-
+                fb = _fwd_bwd(fn, qg, kg, vg, do)
                 fb()
                 ms = _bench(fb, quick)
                 rec["fwdbwd_ms"] = ms
@@ -252,6 +248,14 @@ def run_shape(sname, shape, op_ok, tc, quick, variants, do_bwd, log, skip_heavy=
     return rows
 
 
+def _fwd_bwd(fn, qg, kg, vg, do):
+    """A closure running fn's forward and its gradient with respect to (qg, kg, vg), as the table times it."""
+    def fb():
+        o = fn(qg, kg, vg)
+        torch.autograd.grad(o, (qg, kg, vg), do)
+    return fb
+
+
 def _more_rounds(rows, methods, q, k, v, rounds, quick, do_bwd, log):
     """Rounds 2..`rounds` of every timed method but the slow alternatives (_HEAVY, efficient), the methods in a
     rotated order each round, every fwd+bwd on one shared set of gradient inputs; each cell becomes the median of its
@@ -260,6 +264,8 @@ def _more_rounds(rows, methods, q, k, v, rounds, quick, do_bwd, log):
     session), where an interleaved measurement had them 1.2% apart."""
     timed = [r for r in rows if r.get("fwd_ms") is not None and r["method"] not in _HEAVY
              and r["method"] != "plain_efficient"]
+    if not timed:  # (every method failed or is a slow alternative)
+        return
     for r in timed:
         r["fwd_ms_rounds"] = [r["fwd_ms"]]
         if r.get("fwdbwd_ms") is not None:
@@ -271,10 +277,7 @@ def _more_rounds(rows, methods, q, k, v, rounds, quick, do_bwd, log):
             fn = methods[r["method"]][0]
             r["fwd_ms_rounds"].append(_bench(lambda fn=fn: fn(q, k, v), quick))
             if do_bwd and "fwdbwd_ms_rounds" in r:
-                def fb(fn=fn):
-                    o = fn(qg, kg, vg)
-                    torch.autograd.grad(o, (qg, kg, vg), do)
-                r["fwdbwd_ms_rounds"].append(_bench(fb, quick))
+                r["fwdbwd_ms_rounds"].append(_bench(_fwd_bwd(fn, qg, kg, vg, do), quick))
     for r in timed:
         r["fwd_ms"] = statistics.median(r["fwd_ms_rounds"])
         r["fwd_tflops"] *= r["fwd_ms_rounds"][0] / r["fwd_ms"]
@@ -366,7 +369,7 @@ def main(argv=None) -> int:
                 _methods = orig
         else:
             rows += run_shape(s, shape, op_ok, tc, args.quick, args.variants, not args.no_bwd, print, heavy_off(),
-                                  args.rounds)
+                              args.rounds)
         print(f"[{time.time() - t0:.0f} s]", flush=True)
     os.makedirs(args.out, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_")

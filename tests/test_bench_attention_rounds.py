@@ -4,25 +4,17 @@ each round, and each cell becomes the median of its rounds; a bad --rounds is re
 itself needs a GPU)."""
 from __future__ import annotations
 
-import importlib.util
 import os
+import sys
 
 import pytest
 import torch
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                     "bench_attention_gpu.py")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+import bench_attention_gpu as bag  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def bag():
-    spec = importlib.util.spec_from_file_location("bench_attention_gpu_under_test", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_more_rounds_medians_and_rotation(bag, monkeypatch):
+def test_more_rounds_medians_and_rotation(monkeypatch):
     current, calls = [None], []
     # each method's timings in the order of its calls: its forward, then its fwd+bwd, per round
     script = {"taca_cuda": iter([2.0, 20.0, 3.0, 30.0]), "plain_cudnn": iter([5.0, 50.0, 7.0, 70.0])}
@@ -67,6 +59,15 @@ def test_more_rounds_medians_and_rotation(bag, monkeypatch):
     assert "fwd_ms_rounds" not in by["materialized_authors"] and by["materialized_authors"]["fwd_ms"] == 99.0
 
 
-def test_bad_rounds_refused(bag):
+def test_nothing_timed_is_left_alone(monkeypatch):
+    monkeypatch.setattr(bag, "_bench", lambda fn, quick: pytest.fail("nothing should be timed"))
+    rows = [{"shape": "s", "method": "taca_cuda", "fwd_ms": None, "note": "out of memory"},
+            {"shape": "s", "method": "materialized_authors", "fwd_ms": 99.0, "fwd_tflops": 1.0}]
+    q = torch.randn(1, 1, 4, 8)
+    bag._more_rounds(rows, {}, q, q, q, 3, False, True, lambda *a: None)
+    assert rows[0]["fwd_ms"] is None and rows[1]["fwd_ms"] == 99.0 and "fwd_ms_rounds" not in rows[1]
+
+
+def test_bad_rounds_refused():
     with pytest.raises(SystemExit):
         bag.main(["--rounds", "0"])

@@ -244,9 +244,9 @@ def test_sm90_v6_staging_conflict_free(case, ds, monkeypatch):
 @pytest.mark.parametrize("case", PF_CASES, ids=[_ids(c) for c in PF_CASES])
 def test_sm90_v6_poly_exp(case, monkeypatch):
     """TACA_BWD_V6_PX=1 (opt-in: D = 72..128 with dQ staged at the next tile, D = 64's default pair): half the exps of
-    a uniform tile by a degree-3 polynomial on the FMA pipe (relative error 1e-4, below the bf16 roundings P and dS' go through). It
-    meets the rule and is deterministic (_run_case checks both); on sm_90 it is not bitwise the default (the path
-    ran). (Elsewhere, and off sm_90, the knob is ignored.)"""
+    a uniform tile by a degree-3 polynomial on the FMA pipe (relative error 1e-4, below the bf16 roundings P and dS'
+    go through). It meets the rule and is deterministic (_run_case checks both); on sm_90 it is not bitwise the
+    default (the path ran). (Elsewhere, and off sm_90, the knob is ignored.)"""
     default = _run_case(case)
     monkeypatch.setenv("TACA_BWD_V6_PX", "1")
     got = _run_case(case, reps=3)

@@ -2,12 +2,12 @@
 
 Usage: python tools/ncu_shared_wavefronts.py FILE.csv[.gz] [--steps N]
 
-Each wavefront is one cycle of the SM's shared-memory pipe (128 bytes). Prints every kind's total, share, wavefronts per
-warp-level execution and, with --steps (the kernel's tile steps over all CTAs, e.g. 864 CTAs x 72 query tiles = 62208 for
-the v6 backward at FLUX 1024 b1), per step, to set against the tensor work per step. Written in the thirty-seventh
-session to test the reading that the v6 backward's loop is as much shared-memory-bound as tensor-bound: an SS
-m64n64k16 wgmma reads 32 wavefronts (4 KB) per warpgroup in its 32 tensor cycles. The copy engine's traffic (TMA tile
-loads, the bulk reduce-add's reads of the dQ staging) is not in these counters.
+Each wavefront is one cycle of the SM's shared-memory pipe (128 bytes). Prints every kind's total, share, wavefronts
+per warp-level execution and, with --steps (the kernel's tile steps over all CTAs, e.g. 864 CTAs x 72 query tiles =
+62208 for the v6 backward at FLUX 1024 b1), per step, to set against the tensor work per step. Written in the
+thirty-seventh session to test the reading that the v6 backward's loop is as much shared-memory-bound as
+tensor-bound: an SS m64n64k16 wgmma reads 32 wavefronts (4 KB) per warpgroup in its 32 tensor cycles. The copy
+engine's traffic (TMA tile loads, the bulk reduce-add's reads of the dQ staging) is not in these counters.
 """
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def main(argv=None) -> int:
             wf[k] += w
             ex[k] += num(r["Instructions Executed"])
     total = sum(wf.values())
-    print(f"{total / 1e6:.2f} M shared-memory wavefronts" + (f", {total / args.steps:.0f} per step" if args.steps else ""))
+    per_step = f", {total / args.steps:.0f} per step" if args.steps else ""
+    print(f"{total / 1e6:.2f} M shared-memory wavefronts{per_step}")
     print("| kind | M wavefronts | share | per warp execution |" + (" per step |" if args.steps else ""))
     print("|---|---|---|---|" + ("---|" if args.steps else ""))
     for k, v in wf.most_common():

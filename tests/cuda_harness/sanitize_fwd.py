@@ -14,6 +14,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import taca_ctypes  # noqa: E402
 
 
+def _v6_switch_call(dev, env, B, D, dtype, text_first, det):
+    """One v6 forward + backward (2 kernel calls) with the timing switches `env` set for it, then unset: 2 heads,
+    2100 tokens (17 key tiles), 77 text tokens, gamma 1.3."""
+    import taca  # (main imports it first, inside its public-op block)
+
+    os.environ.update(env)
+    try:
+        q, k, v = (torch.randn(B, 2, 2100, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+        o = taca.joint_attention(q, k, v, text_len=77, text_first=text_first, gamma=1.3, layout="bhnd",
+                                 backend="cuda", deterministic=det)
+        o.backward(torch.randn_like(o))
+    finally:
+        for name in env:
+            os.environ.pop(name, None)
+    return 2
+
+
 def main():
     torch.manual_seed(0)
     runs = 0
@@ -130,45 +147,18 @@ def main():
         # v6 with each tile's dQ staged at the next tile's top forced on (TACA_BWD_V6_DS=1: the default at D = 72..128,
         # a switch at D = 64): D = 128 (17 key tiles, 33 query tiles per head) deterministic and not, D = 64 (the
         # tensor writer) deterministic; then D = 128 with it off (TACA_BWD_V6_DS=0, the earlier default)
-        try:
-            for D, dt, det, ds in ((128, torch.bfloat16, True, "1"), (128, torch.bfloat16, False, "1"),
-                                   (64, torch.float16, True, "1"), (128, torch.bfloat16, True, "0")):
-                os.environ["TACA_BWD_V6_DS"] = ds
-                q, k, v = (torch.randn(1, 2, 2100, D, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
-                o = taca.joint_attention(q, k, v, text_len=77, text_first=True, gamma=1.3, layout="bhnd",
-                                         backend="cuda", deterministic=det)
-                o.backward(torch.randn_like(o))
-                runs += 2
-        finally:
-            os.environ.pop("TACA_BWD_V6_DS", None)
+        for D, dt, det, ds in ((128, torch.bfloat16, True, "1"), (128, torch.bfloat16, False, "1"),
+                               (64, torch.float16, True, "1"), (128, torch.bfloat16, True, "0")):
+            runs += _v6_switch_call(dev, {"TACA_BWD_V6_DS": ds}, 1, D, dt, True, det)
         # D = 64's tensor-writer staging without bank conflicts (TACA_BWD_V6_CF=1, opt-in: odd rows' lanes store
         # another block's pair in each float2 store), with and without DS, deterministic and not
-        os.environ["TACA_BWD_V6_CF"] = "1"
-        try:
-            for det, ds in ((True, "0"), (False, "0"), (True, "1")):
-                os.environ["TACA_BWD_V6_DS"] = ds
-                q, k, v = (torch.randn(2, 2, 2100, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
-                           for _ in range(3))
-                o = taca.joint_attention(q, k, v, text_len=77, text_first=False, gamma=1.3, layout="bhnd",
-                                         backend="cuda", deterministic=det)
-                o.backward(torch.randn_like(o))
-                runs += 2
-        finally:
-            os.environ.pop("TACA_BWD_V6_CF", None)
-            os.environ.pop("TACA_BWD_V6_DS", None)
+        for det, ds in ((True, "0"), (False, "0"), (True, "1")):
+            runs += _v6_switch_call(dev, {"TACA_BWD_V6_CF": "1", "TACA_BWD_V6_DS": ds}, 2, 64, torch.bfloat16, False,
+                                    det)
         # half of a uniform tile's exps on the FMA pipe (TACA_BWD_V6_PX=1, opt-in): D = 128 (with DS, the default
         # there) and D = 64 (without DS, the default there)
-        os.environ["TACA_BWD_V6_PX"] = "1"
-        try:
-            for D in (128, 64):
-                q, k, v = (torch.randn(1, 2, 2100, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-                           for _ in range(3))
-                o = taca.joint_attention(q, k, v, text_len=77, text_first=True, gamma=1.3, layout="bhnd",
-                                         backend="cuda")
-                o.backward(torch.randn_like(o))
-                runs += 2
-        finally:
-            os.environ.pop("TACA_BWD_V6_PX", None)
+        for D in (128, 64):
+            runs += _v6_switch_call(dev, {"TACA_BWD_V6_PX": "1"}, 1, D, torch.bfloat16, True, True)
         # the D = 128 tail split (TACA_FWD_SPLIT): sanitize_fwd_split.py's calls
         import sanitize_fwd_split
 
