@@ -226,34 +226,6 @@ def test_sm90_v6_dq_staged_next_tile(case, monkeypatch):
     _switch_is_bitwise(case, monkeypatch, "TACA_BWD_V6_DS", value, "staging dQ at the next tile changed the gradients")
 
 
-CF_CASES = [c for c in PF_CASES if c[4] == 64]
-
-
-@pytest.mark.parametrize("ds", ["0", "1"])
-@pytest.mark.parametrize("case", CF_CASES, ids=[_ids(c) for c in CF_CASES])
-def test_sm90_v6_staging_conflict_free(case, ds, monkeypatch):
-    """D = 64's default v6 pair (the tensor writer) with TACA_BWD_V6_CF=1 stages dQ without shared-memory bank
-    conflicts: in each float2 store the lanes of odd rows store block nt ^ 2's pair at its own swizzled place, so
-    the same values land in the same places. With staging at the tile or at the next tile (TACA_BWD_V6_DS): both
-    forms meet the rule, are deterministic and give the same gradients bitwise. (Elsewhere, and off sm_90, the knob
-    is ignored.)"""
-    monkeypatch.setenv("TACA_BWD_V6_DS", ds)
-    _switch_is_bitwise(case, monkeypatch, "TACA_BWD_V6_CF", "1", "the conflict-free staging changed the gradients")
-
-
-@pytest.mark.parametrize("case", PF_CASES, ids=[_ids(c) for c in PF_CASES])
-def test_sm90_v6_poly_exp(case, monkeypatch):
-    """TACA_BWD_V6_PX=1 (opt-in: D = 72..128 with dQ staged at the next tile, D = 64's default pair): half the exps of
-    a uniform tile by a degree-3 polynomial on the FMA pipe (relative error 1e-4, below the bf16 roundings P and dS'
-    go through). It meets the rule and is deterministic (_run_case checks both); on sm_90 it is not bitwise the
-    default (the path ran). (Elsewhere, and off sm_90, the knob is ignored.)"""
-    default = _run_case(case)
-    monkeypatch.setenv("TACA_BWD_V6_PX", "1")
-    got = _run_case(case, reps=3)
-    if torch.cuda.get_device_capability() == (9, 0):
-        assert any(not torch.equal(a, b) for a, b in zip(got, default)), "the polynomial exps did not run"
-
-
 GRID_CASES = [c for c in HANDOFF_CASES if c[4] == 64]
 
 

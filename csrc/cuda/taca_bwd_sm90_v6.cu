@@ -115,28 +115,14 @@
  *      defined), so a tile runs S, that wait, the staging, then dP's issue; with the wait removed (the part kept
  *      through an XOR with a zero ptxas cannot prove) the staging overlapped S and the backward ran 5% slower
  *      (shared memory is as busy as the tensor pipe in this loop; KERNEL_LOG, thirty-seventh session).
- *  14. Conflict-free tensor-writer staging (CF; TW, the default pair at D = 64, TACA_BWD_V6_CF=0 turns it off): in
- *      each float2 store of the staging the warp's lanes (row g, columns 2t, 2t + 1 of an accumulator block) wrote
- *      rows g = 0..3 (a half-warp) at the 16-byte units 2 nt + (t >> 1) swizzled by the row (unit ^ (row & 7)), four
- *      unit positions for eight units: 2-way bank conflicts, 4 wavefronts per STS.64 where 2 suffice (ncu: 15.05 M
- *      excess wavefronts, 8.3% of the D = 64 main kernel's shared-memory traffic, thirty-seventh session). With CF
- *      the lanes of odd rows store the pair of block nt ^ 2 in the store of block nt: the same element at its own
- *      swizzled place (its offset differs from block nt's by the unit's bit 2 only: off ^ 64), so every half-warp
- *      covers the eight unit positions once. Two selects and an XOR per store; the same values in the same places
- *      (bitwise the same gradients).
- *  15. Half the exps on the FMA pipe (PX; with DS at D = 72..128, without it at D = 64 with or without CF;
- *      TACA_BWD_V6_PX=1, opt-in until timed): in a uniform tile the odd query columns take poly_exp2 (eight FMA-pipe
- *      instructions) instead of MUFU.EX2, 16 of a thread's 32 exps per tile at D = 128, 32 of 64 at D = 64 (BM = 128:
- *      there MUFU's share of a tile is twice as large against the same tensor work). The exp phase was the largest of the loop's phases in every profile (14-19% of the stall
- *      samples, the FFMAs waiting on MUFU results: short scoreboard); MUFU does 16 exps a clock per SM, the FMA pipe
- *      128 fp32 operations, and issue slots are 28% busy. Not bitwise the default (relative error 1e-4 on half of P
- *      before its bf16 rounding); the rule and determinism hold (test_sm90_v6_poly_exp).
  * The default wherever it applies (taca_bwd.cu): FLUX 1024 b1 bwd 1.52 vs v5's 1.75 ms, SD3.5-M
  * cfg 1.65 vs 1.85 ms on an H200 (with the preprocess and conversion of taca_bwd_kernel.cuh).
  * KERNEL_LOG "Backward v6" and the entries after it have the runs, the profiles and what was tried
  * and dropped (an 80-row tile, a rotated chain schedule, the next tile's S issued during dK, dK
  * from shared memory, a relaxed poll, one warpgroup making a tile's whole dQ (twice: over its own keys,
- * and over all 128 alternating by tile), none faster).
+ * and over all 128 alternating by tile), the DS staging in S's shadow without ptxas's injected wait (+5%), D = 64's
+ * staging without bank conflicts (+1.9%) and half of a uniform tile's exps by a polynomial on the FMA pipe
+ * (+0.4% at D = 128, +4% at D = 64; thirty-eighth session), none faster).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -239,30 +225,15 @@ __device__ __forceinline__ unsigned long long trace_smid() {
 #define V6_TRACE_ADD(acc) acc += static_cast<unsigned long long>(clock64() - trace_c0_)
 #endif
 
-/* PX (item 15): 2^x on the FMA pipe, for the exps MUFU would queue: x clamped to -126 (so 2^x >= 2^-126 where
- * ex2.approx.ftz flushes to 0: P below 1.2e-38, nothing a bf16 operand or an fp32 sum can see; rows past N, lse2 =
- * +inf, get 2^-126 against zero dO / delta rows, so no gradient moves), x = j + f with j = rint(x) by the 1.5 * 2^23
- * trick and f in [-1/2, 1/2], 2^f by a degree-3 polynomial fitted for relative error with p(0) = 1 (max 1.0e-4 in
- * fp32: below the 3.9e-3 of the bf16 roundings P and dS' go through), and j added to the exponent. Eight FMA-pipe
- * instructions, no MUFU. */
-__device__ __forceinline__ float poly_exp2(float x) {
-    x = fmaxf(x, -126.f);
-    const float t = __fadd_rn(x, 12582912.f);  // 1.5 * 2^23: rint(x) in the low mantissa bits of t (no contraction)
-    const float f = __fsub_rn(x, __fsub_rn(t, 12582912.f));
-    const float p = fmaf(fmaf(fmaf(0.05500858277f, f, 0.24221037328f), f, 0.69328290224f), f, 1.f);
-    return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-}
-
 /* DS (item 13): hand tile ti's dQ part q (this thread's rows qr0, qr0 + 8 and columns qc0 + 8 nt, + 1 of the tile)
  * to the row writer through staging buffer ti & 1 (free once the writer has read tile ti - 2 from it), as the
  * other forms do inline at the end of tile ti. (They keep their own copy: a lambda shared with them, even uncalled there, moved their loops' SASS.) */
-template <typename C, int BM, bool TW, bool CF = false>
+template <typename C, int BM, bool TW>
 __device__ __forceinline__ void stage_dq_rows(unsigned char *stage, uint32_t mb_full, uint32_t mb_empty, int ti, int qr0,
                                               int qc0, const float (&q)[32]) {
     const int sb = ti & 1;
     if (ti >= C::NSTAGE) mbar_wait(mb_empty + 8 * sb, ((ti / C::NSTAGE) - 1) & 1);
     unsigned char *dstage = stage + sb * C::STAGE_BYTES;
-    const bool odd = CF && (qr0 & 1);  // CF (item 14): odd rows' lanes store nt ^ 2's pair
 #pragma unroll
     for (int half = 0; half < 2; ++half)
 #pragma unroll
@@ -270,10 +241,7 @@ __device__ __forceinline__ void stage_dq_rows(unsigned char *stage, uint32_t mb_
             const int r = qr0 + half * 8, col = qc0 + nt * 8;
             // TW: 16-byte unit col / 4 of row r in the 32-column boxes (the swizzled tile layout)
             const uint32_t off = TW ? sw128_offset<BM>(r, col >> 2) + (col & 3) * 4 : r * C::SROW + col * 4;
-            const int n2 = nt ^ 2;
-            *reinterpret_cast<float2 *>(dstage + (off ^ (odd ? 64u : 0u))) =
-                odd ? make_float2(q[n2 * 4 + 2 * half], q[n2 * 4 + 2 * half + 1])
-                    : make_float2(q[nt * 4 + 2 * half], q[nt * 4 + 2 * half + 1]);
+            *reinterpret_cast<float2 *>(dstage + off) = make_float2(q[nt * 4 + 2 * half], q[nt * 4 + 2 * half + 1]);
         }
     fence_proxy_async();  // the copy engine (async proxy) reads what these generic stores wrote
     mbar_arrive(mb_full + 8 * sb);
@@ -286,12 +254,9 @@ __device__ __forceinline__ void stage_dq_rows(unsigned char *stage, uint32_t mb_
  * IX (item 12, with PF): the MMA warps step their tile's (head, query tile) on from the last one, not by a
  * division per tile.
  * DS (item 13, with IX; more than one key tile: the default at D = 72..128, a switch in D = 64's default pair): tile
- * it's dQ is staged at tile it + 1, while its S / dP products run, not between the dQ and dK waits of tile it.
- * CF (item 14, TW only): the staging's float2 stores without bank conflicts.
- * PX (item 15, with DS at D = 72..128, or in D = 64's default pair): half the exps of a uniform tile by poly_exp2 on
- * the FMA pipe. */
+ * it's dQ is staged at tile it + 1, while its S / dP products run, not between the dQ and dK waits of tile it. */
 template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false, bool PF = false, bool IX = false,
-          bool DS = false, bool CF = false, bool PX = false>
+          bool DS = false>
 __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_constant__ V6Args p) {
 #if TACA_SM90A
     const BwdArgs &a = p.a;
@@ -602,8 +567,6 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             }
         }
     };
-    static_assert(!CF || TW, "CF: the tensor writer's swizzled staging");
-    static_assert(!PX || (DS && DP == 128 && !TW) || (DP == 64 && TW), "PX: with DS at D = 72..128, or D = 64's pair");
     static_assert(!DS || (IX && ((DP == 128 && BM == 64 && !TW) || (DP == 64 && BM == 128 && TW))),
                   "DS: with IX, D = 72..128 with the row writer or D = 64 with the tensor writer");
     float dq_ds[DS ? 32 : 1];  // DS: tile it's dQ part, kept until it is staged at tile it + 1 (stage_dq_rows)
@@ -636,7 +599,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         // beside S's, dP's, dK's and dV's accumulators ptxas serialized the wgmmas and spilled)
         if constexpr (DS) {
             if (it > 0)
-                stage_dq_rows<C, BM, TW, CF>(stage, mb_full, mb_empty, it - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
+                stage_dq_rows<C, BM, TW>(stage, mb_full, mb_empty, it - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
         }
 #pragma unroll
         for (int kk = 0; kk < DP / 16; ++kk)
@@ -682,10 +645,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             for (int nt = 0; nt < NT; ++nt) {
                 const float2 l2 = lse2_at(nt);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float x = s[nt * 4 + e] * cf - ((e & 1) ? l2.y : l2.x);
-                    s[nt * 4 + e] = (PX && (e & 1)) ? poly_exp2(x) : fast_exp2(x);
-                }
+                for (int e = 0; e < 4; ++e) s[nt * 4 + e] = fast_exp2(s[nt * 4 + e] * cf - ((e & 1) ? l2.y : l2.x));
             }
         } else if (!masked) {
 #pragma unroll
@@ -895,7 +855,6 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             if (it >= NS) mbar_wait(mb_empty + 8 * sb, ((it / NS) - 1) & 1);
 #endif
             unsigned char *dstage = stage + sb * C::STAGE_BYTES;
-            const bool odd = CF && (qr0 & 1);  // CF (item 14): odd rows' lanes store nt ^ 2's pair
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const int r = qr0 + half * 8;
@@ -905,10 +864,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                     // TW: 16-byte unit col / 4 of row r in the 32-column boxes (the swizzled tile
                     // layout of the bf16 operands, 8 units per 128-byte row)
                     const uint32_t off = TW ? sw128_offset<BM>(r, col >> 2) + (col & 3) * 4 : r * C::SROW + col * 4;
-                    const int n2 = nt ^ 2;
-                    *reinterpret_cast<float2 *>(dstage + (off ^ (odd ? 64u : 0u))) =
-                        odd ? make_float2(dq[n2 * 4 + 2 * half], dq[n2 * 4 + 2 * half + 1])
-                            : make_float2(dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
+                    *reinterpret_cast<float2 *>(dstage + off) = make_float2(dq[nt * 4 + 2 * half], dq[nt * 4 + 2 * half + 1]);
                 }
             }
             // the copy engine (async proxy) reads what these generic stores wrote
@@ -926,7 +882,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         (void)x;
     }
     if constexpr (DS)  // the last tile's dQ part (nqt >= 1)
-        stage_dq_rows<C, BM, TW, CF>(stage, mb_full, mb_empty, nqt - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
+        stage_dq_rows<C, BM, TW>(stage, mb_full, mb_empty, nqt - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
 #if defined(TACA_BWD_TRACE)
     if (tid == 0 && trace) {
         trace[2] = trace_ns();
@@ -997,8 +953,7 @@ inline bool encode_acc_map(CUtensorMap *m, float *acc, int64_t rows, int dp, int
               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, int DP, int BM, bool TW, bool G1 = false, bool PF = false, bool IX = false, bool DS = false,
-          bool CF = false, bool PX = false>
+template <typename T, int DP, int BM, bool TW, bool G1 = false, bool PF = false, bool IX = false, bool DS = false>
 int launch(const BwdArgs &a, cudaStream_t stream) {
     using C = Cfg<DP, BM, TW>;
     if (a.Np % BM != 0 || a.Np != a.nq * BM) return TACA_ERR_UNSUPPORTED;  // workspace layout
@@ -1007,7 +962,7 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     // (PF unmasked only: with a mask's code ptxas spilled 8 bytes)
     if (DS && a.nk == 1) return TACA_ERR_UNSUPPORTED;  // (DS stages every tile; one key tile stores dQ directly)
     auto kernel = a.mask.data ? taca_bwd_sm90_v6_kernel<T, DP, BM, true, TW, G1, false>
-                              : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1, PF, IX, DS, CF, PX>;
+                              : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1, PF, IX, DS>;
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_bwd_cuda (sm90 v6): cudaFuncGetAttributes");
     if (attr.binaryVersion != 90) return TACA_ERR_UNSUPPORTED;
@@ -1094,28 +1049,12 @@ inline bool env_is(const char *name, const char *value) {
  * it), item 13 (dQ staged at the next tile's top; more than one key tile, no mask) is on at D = 72..128 unless
  * TACA_BWD_V6_DS=0 and off at D = 64 unless TACA_BWD_V6_DS=1: backward alone on an H100, three rounds one mode
  * per process, -0.9 / -0.7 / -0.6% at FLUX 1024 b1 / b2 / 2048 b1, +2.0% at SD3.5-M CFG (KERNEL_LOG,
- * thirty-sixth session). Item 14 (the tensor writer's staging without bank conflicts, D = 64's pair) is opt-in,
- * TACA_BWD_V6_CF=1, until timed (written in the thirty-seventh session with no device time left to run it); so is
- * item 15 (half of a uniform tile's exps on the FMA pipe: D = 72..128 with DS, D = 64 without), TACA_BWD_V6_PX=1. */
+ * thirty-sixth session). */
 template <typename T, int DP, int BM, bool TW, bool G1>
 int launch_default(const BwdArgs &a, cudaStream_t stream) {
     if (env_is("TACA_BWD_V6_PF", "0")) return launch<T, DP, BM, TW, G1>(a, stream);
     if (env_is("TACA_BWD_V6_IX", "0")) return launch<T, DP, BM, TW, G1, true>(a, stream);
     const bool ds = DP == 128 ? !env_is("TACA_BWD_V6_DS", "0") : env_is("TACA_BWD_V6_DS", "1");
-    if constexpr (TW) {
-        if (env_is("TACA_BWD_V6_PX", "1") && !(ds && a.nk > 1 && !a.mask.data)) {  // (D = 64: PX without DS)
-            if (env_is("TACA_BWD_V6_CF", "1")) return launch<T, DP, BM, TW, G1, true, true, false, true, true>(a, stream);
-            return launch<T, DP, BM, TW, G1, true, true, false, false, true>(a, stream);
-        }
-        if (env_is("TACA_BWD_V6_CF", "1")) {
-            if (ds && a.nk > 1 && !a.mask.data) return launch<T, DP, BM, TW, G1, true, true, true, true>(a, stream);
-            return launch<T, DP, BM, TW, G1, true, true, false, true>(a, stream);
-        }
-    }
-    if constexpr (DP == 128) {
-        if (ds && a.nk > 1 && !a.mask.data && env_is("TACA_BWD_V6_PX", "1"))
-            return launch<T, DP, BM, TW, G1, true, true, true, false, true>(a, stream);
-    }
     if (ds && a.nk > 1 && !a.mask.data) return launch<T, DP, BM, TW, G1, true, true, true>(a, stream);
     return launch<T, DP, BM, TW, G1, true, true>(a, stream);
 }

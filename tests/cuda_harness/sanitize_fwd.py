@@ -150,15 +150,6 @@ def main():
         for D, dt, det, ds in ((128, torch.bfloat16, True, "1"), (128, torch.bfloat16, False, "1"),
                                (64, torch.float16, True, "1"), (128, torch.bfloat16, True, "0")):
             runs += _v6_switch_call(dev, {"TACA_BWD_V6_DS": ds}, 1, D, dt, True, det)
-        # D = 64's tensor-writer staging without bank conflicts (TACA_BWD_V6_CF=1, opt-in: odd rows' lanes store
-        # another block's pair in each float2 store), with and without DS, deterministic and not
-        for det, ds in ((True, "0"), (False, "0"), (True, "1")):
-            runs += _v6_switch_call(dev, {"TACA_BWD_V6_CF": "1", "TACA_BWD_V6_DS": ds}, 2, 64, torch.bfloat16, False,
-                                    det)
-        # half of a uniform tile's exps on the FMA pipe (TACA_BWD_V6_PX=1, opt-in): D = 128 (with DS, the default
-        # there) and D = 64 (without DS, the default there)
-        for D in (128, 64):
-            runs += _v6_switch_call(dev, {"TACA_BWD_V6_PX": "1"}, 1, D, torch.bfloat16, True, True)
         # the D = 128 tail split (TACA_FWD_SPLIT): sanitize_fwd_split.py's calls
         import sanitize_fwd_split
 
