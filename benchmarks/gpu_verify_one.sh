@@ -5,6 +5,8 @@
 # with SUS_NSEG, sustained fwd+bwd phases against cuDNN with TACA_BWD_NSEG forced (bench_sustained.py --nseg, on
 # SHAPES). Each step is skipped when less than it needs is left of LIMIT seconds. Written for the thirty-second
 # session's chain rule (one build instead of gpu_next_run.sh's two: the base side of that A/B was measured three
+# PYTEST_K: a pytest -k expression for the CUDA tests; SAN_LAST=1: the sanitizers after the timing, with 200 s
+# kept for them (a short call's timing first).
 # times already); gpu_next_run.sh runs it without MODES for its tests step.
 #   run(command="LIMIT=420 MODES=v6,v6@s4 SHAPES=flux1024_b2,flux1024_b1 SUS_NSEG=4 bash benchmarks/gpu_verify_one.sh",
 #       carry=[".whl"], timeout_s=440)
@@ -15,10 +17,12 @@ left() { echo $((LIMIT - SECONDS)); }
 source benchmarks/gpu_build.sh
 nvidia-smi -L; echo "built at $SECONDS s"
 export TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so PYTHONPATH=/tmp/site:$PWD/tests/cuda_harness PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-timeout 150 python3 -m pytest -q -rs tests/test_cuda_bwd.py tests/test_cuda_features.py tests/test_cuda.py > "$OUT/pytest.txt" 2>&1
+timeout 150 python3 -m pytest -q -rs tests/test_cuda_bwd.py tests/test_cuda_features.py tests/test_cuda.py ${PYTEST_K:+-k "$PYTEST_K"} > "$OUT/pytest.txt" 2>&1
 echo "pytest rc=$?: $(tail -1 "$OUT/pytest.txt")"; grep -E "^(FAILED|ERROR)" "$OUT/pytest.txt" | head -8
-# racecheck of sanitize_fwd.py took 77-93 s on an H100 and ran past 110 s on an H200 (thirty-seventh session)
-if [ "$(left)" -gt 200 ]; then source benchmarks/gpu_sanitize.sh; sanitize tests/cuda_harness/sanitize_fwd.py taca_ all 170; fi
+# racecheck of sanitize_fwd.py took 77-93 s on an H100 and ran past 110 s on an H200 (thirty-seventh session);
+# SAN_LAST=1 runs the sanitizers after the timing (when a call's device time is short, the timing comes first)
+san() { if [ "$(left)" -gt 200 ]; then source benchmarks/gpu_sanitize.sh; sanitize tests/cuda_harness/sanitize_fwd.py taca_ all 170; else echo "sanitizers skipped: $(left) s left"; fi; }
+[ -z "${SAN_LAST:-}" ] && san
 echo "tests done at $SECONDS s"
 unset TACA_CUDA_LIB; export PYTHONPATH=/tmp/site
 if [ -n "${SUS_NSEG:-}" ] && [ "$(left)" -gt 60 ]; then
@@ -27,8 +31,9 @@ if [ -n "${SUS_NSEG:-}" ] && [ "$(left)" -gt 60 ]; then
       --only "taca f+b,cudnn f+b,taca f+b nseg$SUS_NSEG" --out "$OUT/sus_$s" 2>&1 | grep "^|" | tail -8
   done
 fi
-t=$(( $(left) - 10 ))
+t=$(( $(left) - ${SAN_LAST:+200 -} 10 ))
 [ -n "${MODES:-}" ] && [ "$t" -gt 40 ] && BUILD=0 OUT=$OUT/xproc timeout "$t" bash benchmarks/gpu_modes_xproc.sh 2>&1 | tail -12
+[ -n "${SAN_LAST:-}" ] && san
 echo "all done at $SECONDS s"
 } 2>&1 | tee "$OUT/log.txt"
 bash benchmarks/pack_out.sh "$OUT" 2>/dev/null; true
