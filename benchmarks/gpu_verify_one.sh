@@ -5,9 +5,9 @@
 # with SUS_NSEG, sustained fwd+bwd phases against cuDNN with TACA_BWD_NSEG forced (bench_sustained.py --nseg, on
 # SHAPES). Each step is skipped when less than it needs is left of LIMIT seconds. Written for the thirty-second
 # session's chain rule (one build instead of gpu_next_run.sh's two: the base side of that A/B was measured three
+# times already); gpu_next_run.sh runs it without MODES for its tests step.
 # PYTEST_K: a pytest -k expression for the CUDA tests; SAN_LAST=1: the sanitizers after the timing, with 200 s
 # kept for them (a short call's timing first).
-# times already); gpu_next_run.sh runs it without MODES for its tests step.
 #   run(command="LIMIT=420 MODES=v6,v6@s4 SHAPES=flux1024_b2,flux1024_b1 SUS_NSEG=4 bash benchmarks/gpu_verify_one.sh",
 #       carry=[".whl"], timeout_s=440)
 set -o pipefail
