@@ -21,7 +21,7 @@ timeout 150 python3 -m pytest -q -rs tests/test_cuda_bwd.py tests/test_cuda_feat
 echo "pytest rc=$?: $(tail -1 "$OUT/pytest.txt")"; grep -E "^(FAILED|ERROR)" "$OUT/pytest.txt" | head -8
 # racecheck of sanitize_fwd.py took 77-93 s on an H100 and ran past 110 s on an H200 (thirty-seventh session);
 # SAN_LAST=1 runs the sanitizers after the timing (when a call's device time is short, the timing comes first)
-san() { if [ "$(left)" -gt 200 ]; then source benchmarks/gpu_sanitize.sh; sanitize tests/cuda_harness/sanitize_fwd.py taca_ all 170; else echo "sanitizers skipped: $(left) s left"; fi; }
+san() { if [ "$(left)" -gt 200 ]; then source benchmarks/gpu_sanitize.sh; (export TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so; sanitize tests/cuda_harness/sanitize_fwd.py taca_ all 170); else echo "sanitizers skipped: $(left) s left"; fi; }
 [ -z "${SAN_LAST:-}" ] && san
 echo "tests done at $SECONDS s"
 unset TACA_CUDA_LIB; export PYTHONPATH=/tmp/site
