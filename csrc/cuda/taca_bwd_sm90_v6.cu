@@ -122,7 +122,9 @@
  * from shared memory, a relaxed poll, one warpgroup making a tile's whole dQ (twice: over its own keys,
  * and over all 128 alternating by tile), the DS staging in S's shadow without ptxas's injected wait (+5%), D = 64's
  * staging without bank conflicts (+1.9%) and half of a uniform tile's exps by a polynomial on the FMA pipe
- * (+0.4% at D = 128, +4% at D = 64; thirty-eighth session), none faster).
+ * (+0.4% at D = 128, +4% at D = 64), and, with deterministic=False, dQ added by the MMA threads' own
+ * red.global.add.v2.f32 instead of the staging and the writers' bulk reduce-add (+22 to +27%; thirty-eighth session),
+ * none faster).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -247,21 +249,6 @@ __device__ __forceinline__ void stage_dq_rows(unsigned char *stage, uint32_t mb_
     mbar_arrive(mb_full + 8 * sb);
 }
 
-/* RD (item 14): add a tile's dQ part q (rows qr0, qr0 + 8 and columns qc0 + 8 nt, + 1 of the tile whose first
- * workspace row is dst, row stride LD floats) to the zeroed workspace from the registers, red.global.add.v2.f32 per
- * pair (unordered: deterministic=False only), not through a staging buffer and a writer warp's bulk reduce-add. */
-template <int LD>
-__device__ __forceinline__ void red_dq_rows(float *dst, int qr0, int qc0, const float (&q)[32]) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half)
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-            float *ptr = dst + (qr0 + half * 8) * LD + qc0 + nt * 8;
-            asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(ptr), "f"(q[nt * 4 + 2 * half]),
-                         "f"(q[nt * 4 + 2 * half + 1]));
-        }
-}
-
 /* MASK: a.mask.data != NULL (its own instance: the unmasked one carries no mask code).
  * G1: the 1-D grid (see ctaid_x_volatile), the default at D = 64 (TACA_BWD_V6_GRID=3d: the 3-D one).
  * PF (item 11, BM = 64): the text span read into registers once, before the tile loop, and each tile's
@@ -269,11 +256,9 @@ __device__ __forceinline__ void red_dq_rows(float *dst, int qr0, int qc0, const 
  * IX (item 12, with PF): the MMA warps step their tile's (head, query tile) on from the last one, not by a
  * division per tile.
  * DS (item 13, with IX; more than one key tile: the default at D = 72..128, a switch in D = 64's default pair): tile
- * it's dQ is staged at tile it + 1, while its S / dP products run, not between the dQ and dK waits of tile it.
- * RD (item 14, with IX, D = 72..128, unordered mode, more than one key tile): the MMA threads add their dQ parts to
- * the workspace themselves (red_dq_rows) where the other forms stage them; the writer warps exit at once. */
+ * it's dQ is staged at tile it + 1, while its S / dP products run, not between the dQ and dK waits of tile it. */
 template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false, bool PF = false, bool IX = false,
-          bool DS = false, bool RD = false>
+          bool DS = false>
 __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_constant__ V6Args p) {
 #if TACA_SM90A
     const BwdArgs &a = p.a;
@@ -401,7 +386,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         // TMA bulk operation (rows) or DP / 32 tensor ones (TW), free the staging buffer once read,
         // then wait for the writes and release tile it to the successor at once (st.release). A
         // warp blocks on its writes' completion while the other warp takes the next tile.
-        if (nk == 1 || threadIdx.x >= 352 || RD) return;
+        if (nk == 1 || threadIdx.x >= 352) return;
         const int w = (threadIdx.x - 288) >> 5, wl = threadIdx.x & 31;
         const bool racy_first = a.mode == taca_bwd::kRacy;
         const int chain0 = seg * a.seg_size;  // the chain's first key tile (skew: its rank rule)
@@ -586,9 +571,6 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     };
     static_assert(!DS || (IX && ((DP == 128 && BM == 64 && !TW) || (DP == 64 && BM == 128 && TW))),
                   "DS: with IX, D = 72..128 with the row writer or D = 64 with the tensor writer");
-    static_assert(!RD || (IX && DP == 128 && BM == 64 && !TW && !MASK), "RD: with IX, D = 72..128, the row layout");
-    // RD: the unordered mode's one workspace buffer (the first row of this CTA's group of heads)
-    float *const acc_u = a.dq_acc + bh * a.Np * C::ACC_LD;
     float dq_ds[DS ? 32 : 1];  // DS: tile it's dQ part, kept until it is staged at tile it + 1 (stage_dq_rows)
     for (int it = 0; it < nqt; ++it) {
         const int buf = it & 1;
@@ -617,11 +599,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         wgmma_commit();
         // DS: the previous tile's dQ part staged while S runs (before dP's issue: with dQ's 32 registers live
         // beside S's, dP's, dK's and dV's accumulators ptxas serialized the wgmmas and spilled)
-        if constexpr (DS && RD) {
-            if (it > 0)  // the previous step's tile: x - 1, cyclically (the skew's order)
-                red_dq_rows<C::ACC_LD>(acc_u + static_cast<int64_t>(x == 0 ? nqt - 1 : x - 1) * BM * C::ACC_LD,
-                                       QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
-        } else if constexpr (DS) {
+        if constexpr (DS) {
             if (it > 0)
                 stage_dq_rows<C, BM, TW>(stage, mb_full, mb_empty, it - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
         }
@@ -865,8 +843,6 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                     taca_bwd::store_pair<T>(dqrow, qc0 + nt * 8, D, a.pair_store != 0, dq[nt * 4 + 2 * half] * a.scale,
                                             dq[nt * 4 + 2 * half + 1] * a.scale);
             }
-        } else if constexpr (RD) {
-            red_dq_rows<C::ACC_LD>(acc_u + static_cast<int64_t>(x) * BM * C::ACC_LD, qr0, qc0, dq);
         } else {
             // Hand the part to the writer through staging buffer it & 1 (free once the writer
             // has read tile it - 2 from it).
@@ -907,10 +883,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         ix_step();
         (void)x;
     }
-    if constexpr (DS && RD)  // the last tile's dQ part (nqt >= 1): the tile of step nqt - 1
-        red_dq_rows<C::ACC_LD>(acc_u + static_cast<int64_t>(taca_bwd::skew_tile(nqt - 1, soff, nqt)) * BM * C::ACC_LD,
-                               QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
-    else if constexpr (DS)  // the last tile's dQ part (nqt >= 1)
+    if constexpr (DS)  // the last tile's dQ part (nqt >= 1)
         stage_dq_rows<C, BM, TW>(stage, mb_full, mb_empty, nqt - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
 #if defined(TACA_BWD_TRACE)
     if (tid == 0 && trace) {
@@ -982,8 +955,7 @@ inline bool encode_acc_map(CUtensorMap *m, float *acc, int64_t rows, int dp, int
               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, int DP, int BM, bool TW, bool G1 = false, bool PF = false, bool IX = false, bool DS = false,
-          bool RD = false>
+template <typename T, int DP, int BM, bool TW, bool G1 = false, bool PF = false, bool IX = false, bool DS = false>
 int launch(const BwdArgs &a, cudaStream_t stream) {
     using C = Cfg<DP, BM, TW>;
     if (a.Np % BM != 0 || a.Np != a.nq * BM) return TACA_ERR_UNSUPPORTED;  // workspace layout
@@ -991,9 +963,8 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     if (G1 && ctas > INT32_MAX) return TACA_ERR_UNSUPPORTED;
     // (PF unmasked only: with a mask's code ptxas spilled 8 bytes)
     if (DS && a.nk == 1) return TACA_ERR_UNSUPPORTED;  // (DS stages every tile; one key tile stores dQ directly)
-    if (RD && (a.nk == 1 || a.mode != taca_bwd::kAtomic || a.nseg != 1 || a.mask.data)) return TACA_ERR_UNSUPPORTED;
     auto kernel = a.mask.data ? taca_bwd_sm90_v6_kernel<T, DP, BM, true, TW, G1, false>
-                              : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1, PF, IX, DS, RD>;
+                              : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1, PF, IX, DS>;
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_bwd_cuda (sm90 v6): cudaFuncGetAttributes");
     if (attr.binaryVersion != 90) return TACA_ERR_UNSUPPORTED;
@@ -1007,8 +978,6 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
         if (device_sm_count(&sms, "taca_bwd_cuda (sm90 v6): SM count") != TACA_OK) sms = 0;
         taca_bwd::apply_skew_rule(&p.a, sms);
     }
-    // RD: no per-tile release (the MMA threads' reductions would each need a fence first): converted after the kernel
-    if (RD) p.a.dq_overlap = 0;
     const BwdArgs &ac = p.a;  // (what the conversions read too)
     if (!encode_map<T>(&p.tq, p.pos_q, a.q, a.qs_n, a.qs_h, a.qs_b, a.N, a.H, a.B, a.D, BM) ||
         !encode_map<T>(&p.tdo, p.pos_do, a.dout, a.dos_n, a.dos_h, a.dos_b, a.N, a.H, a.B, a.D, BM))
@@ -1038,7 +1007,7 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
     st = taca_cuda_check_launch("taca_bwd_cuda (sm90 v6) main");
     if (st != TACA_OK || a.nk == 1) return st;
-    if (ac.dq_overlap != 1) return taca_bwd::launch_dq_convert<T, DP>(ac, stream, "taca_bwd_cuda (sm90 v6) dq convert");
+    if (a.dq_overlap != 1) return taca_bwd::launch_dq_convert<T, DP>(ac, stream, "taca_bwd_cuda (sm90 v6) dq convert");
     // The conversion as the main kernel's programmatic dependent: it converts tiles as their
     // chains complete, on the SMs the main kernel's last wave leaves idle (8 CTAs per SM at most;
     // they take items from a counter, so however many are resident do all the work).
@@ -1088,12 +1057,6 @@ int launch_default(const BwdArgs &a, cudaStream_t stream) {
     if (env_is("TACA_BWD_V6_PF", "0")) return launch<T, DP, BM, TW, G1>(a, stream);
     if (env_is("TACA_BWD_V6_IX", "0")) return launch<T, DP, BM, TW, G1, true>(a, stream);
     const bool ds = DP == 128 ? !env_is("TACA_BWD_V6_DS", "0") : env_is("TACA_BWD_V6_DS", "1");
-    if constexpr (DP == 128 && !TW) {
-        // item 14 (TACA_BWD_V6_RD=1, opt-in until timed): the unordered mode's dQ by the MMA threads' own reductions
-        if (env_is("TACA_BWD_V6_RD", "1") && a.mode == taca_bwd::kAtomic && a.nseg == 1 && a.nk > 1 && !a.mask.data)
-            return ds ? launch<T, DP, BM, TW, G1, true, true, true, true>(a, stream)
-                      : launch<T, DP, BM, TW, G1, true, true, false, true>(a, stream);
-    }
     if (ds && a.nk > 1 && !a.mask.data) return launch<T, DP, BM, TW, G1, true, true, true>(a, stream);
     return launch<T, DP, BM, TW, G1, true, true>(a, stream);
 }

@@ -150,11 +150,6 @@ def main():
         for D, dt, det, ds in ((128, torch.bfloat16, True, "1"), (128, torch.bfloat16, False, "1"),
                                (64, torch.float16, True, "1"), (128, torch.bfloat16, True, "0")):
             runs += _v6_switch_call(dev, {"TACA_BWD_V6_DS": ds}, 1, D, dt, True, det)
-        # deterministic=False with dQ added from the MMA threads' registers (TACA_BWD_V6_RD=1, opt-in), with the
-        # staging point at the next tile (the default there) and at the tile
-        for ds in ("1", "0"):
-            runs += _v6_switch_call(dev, {"TACA_BWD_V6_RD": "1", "TACA_BWD_V6_DS": ds}, 1, 128, torch.bfloat16, True,
-                                    False)
         # the D = 128 tail split (TACA_FWD_SPLIT): sanitize_fwd_split.py's calls
         import sanitize_fwd_split
 
