@@ -31,7 +31,8 @@ if [ -n "${SUS_NSEG:-}" ] && [ "$(left)" -gt 60 ]; then
       --only "taca f+b,cudnn f+b,taca f+b nseg$SUS_NSEG" --out "$OUT/sus_$s" 2>&1 | grep "^|" | tail -8
   done
 fi
-t=$(( $(left) - ${SAN_LAST:+200 -} 10 ))
+keep=10; [ -n "${SAN_LAST:-}" ] && keep=210  # seconds kept after the timing (SAN_LAST: for the sanitizers)
+t=$(( $(left) - keep ))
 [ -n "${MODES:-}" ] && [ "$t" -gt 40 ] && BUILD=0 OUT=$OUT/xproc timeout "$t" bash benchmarks/gpu_modes_xproc.sh 2>&1 | tail -12
 [ -n "${SAN_LAST:-}" ] && san
 echo "all done at $SECONDS s"
