@@ -165,7 +165,7 @@ struct Cfg {
     // included) is one contiguous block of the workspace, added by one bulk operation
     static constexpr int ACC_LD = TW ? DP : DP + taca_bwd::kAccPad;
     static constexpr uint32_t TILE_TX = 2 * QT_BYTES;  // TMA bytes of a tile: Q and dO
-    static constexpr int NBAR = 2 * NSTAGE + 5;  // stage full/empty, q_full[2], q_empty[2], ds_free
+    static constexpr int NBAR = 2 * NSTAGE + 6;  // stage full/empty, q_full[2], q_empty[2], ds_free, ds_full (DF)
     static constexpr size_t SMEM = 2 * KV_BYTES + 4 * QT_BYTES + DS_BYTES + NSTAGE * STAGE_BYTES +
                                    4 * BM * sizeof(float) + NBAR * sizeof(uint64_t) + 1024;
     static_assert((DP == 64 && BM == 128) || (DP == 128 && BM == 64), "tile");
@@ -173,7 +173,7 @@ struct Cfg {
     static_assert(NSTAGE == 2, "one staging buffer per writer warp (warps 9, 10)");
 };
 
-enum { BAR_MMA = 1 };  // named barrier of the 256 MMA threads
+enum { BAR_MMA = 1, BAR_LEAD = 4 };  // named barriers: the 256 MMA threads; DF's lead (2, 3: the epilogue's)
 
 /* Kernel parameters: the Q and dO tensor maps (64-byte aligned, in parameter space), which of
  * each map's dimensions 1..3 holds (row, head, batch), and the arguments. */
@@ -185,6 +185,7 @@ struct V6Args {
     CUtensorMap tdk, tdv;  // dkv_tma: dK and dV as the Q map is (64 x 64 boxes: one warpgroup's rows)
     int pos_dk[3], pos_dv[3];
     int dkv_tma;  // dK / dV through shared memory and TMA stores (else fragment stores to global)
+    int df_lead;  // DF: warpgroup 1 starts once warpgroup 0 has its first tile's exponentials (TACA_BWD_V6_DFLEAD=0: off)
 };
 
 /* The CTA's grid index as one number: G1 kernels run on a 1-D grid of nk * Hkv * B CTAs (key
@@ -256,9 +257,14 @@ __device__ __forceinline__ void stage_dq_rows(unsigned char *stage, uint32_t mb_
  * IX (item 12, with PF): the MMA warps step their tile's (head, query tile) on from the last one, not by a
  * division per tile.
  * DS (item 13, with IX; more than one key tile: the default at D = 72..128, a switch in D = 64's default pair): tile
- * it's dQ is staged at tile it + 1, while its S / dP products run, not between the dQ and dK waits of tile it. */
+ * it's dQ is staged at tile it + 1, while its S / dP products run, not between the dQ and dK waits of tile it.
+ * DF (item 16, with IX, not with DS; D = 72..128 with the row writer, more than one key tile, no mask; a switch,
+ * TACA_BWD_V6_DF=1): tile it's dQ product itself is issued at tile it + 1 (after S), so no CTA barrier is left in
+ * the loop: a warpgroup publishes its dS' half by an mbarrier (ds_full) and goes on to dK, and the two warpgroups may
+ * drift apart by up to about half a tile (one's exponentials beside the other's products), where the barrier kept
+ * them in step. */
 template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false, bool PF = false, bool IX = false,
-          bool DS = false>
+          bool DS = false, bool DF = false>
 __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_constant__ V6Args p) {
 #if TACA_SM90A
     const BwdArgs &a = p.a;
@@ -281,6 +287,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     const uint32_t q_full = mb_empty + 8 * NS;                        // [2] tile landed (TMA)
     const uint32_t q_empty = q_full + 16;                             // [2] tile read by both
     const uint32_t ds_free = q_empty + 16;                            // dS' read by both
+    const uint32_t ds_full = ds_free + 8;                             // DF: dS' stored by both
 
     const int nq = a.nq, nk = a.nk;
     const int nqt = a.group * nq;  // flattened query tiles it = (h - h0) * nq + query tile
@@ -330,6 +337,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             mbar_init(q_empty + 8 * s, 256);
         }
         mbar_init(ds_free, 8);
+        if constexpr (DF) mbar_init(ds_full, 256);  // every MMA thread after its dS' stores (and proxy fence)
         mbar_init_fence();
     }
     __syncthreads();  // initialised before any thread arrives or waits
@@ -571,7 +579,12 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     };
     static_assert(!DS || (IX && ((DP == 128 && BM == 64 && !TW) || (DP == 64 && BM == 128 && TW))),
                   "DS: with IX, D = 72..128 with the row writer or D = 64 with the tensor writer");
-    float dq_ds[DS ? 32 : 1];  // DS: tile it's dQ part, kept until it is staged at tile it + 1 (stage_dq_rows)
+    static_assert(!DF || (IX && !DS && DP == 128 && BM == 64 && !TW), "DF: with IX, not DS, D = 72..128, row writer");
+    float dq_ds[DS || DF ? 32 : 1];  // DS: tile it's dQ part, kept until it is staged at tile it + 1 (stage_dq_rows)
+    // DF: warpgroup 1 waits for warpgroup 0's first exponentials (BAR_LEAD), so that the two start apart
+    if constexpr (DF) {
+        if (p.df_lead && wg == 1) named_bar_sync(BAR_LEAD, 256);
+    }
     for (int it = 0; it < nqt; ++it) {
         const int buf = it & 1;
         const int x = IX ? ix_x : taca_bwd::skew_tile(it, soff, nqt);  // the tile of step it (skew)
@@ -602,6 +615,25 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         if constexpr (DS) {
             if (it > 0)
                 stage_dq_rows<C, BM, TW>(stage, mb_full, mb_empty, it - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
+        }
+        // DF: tile it - 1's dQ part over the 128 keys once both warpgroups stored its dS' (issued after S, waited with
+        // it: the staging then runs as DS's does), dS' freed, the part staged
+        if constexpr (DF) {
+            if (it > 0) {
+                mbar_wait(ds_full, (it - 1) & 1);
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < BN / 16; ++kk)
+                    wgmma_ss<T, 64, 0, 1>(dq_ds, desc_advance(d_dsq, (kk >> 2) * BM * 128 + (kk & 3) * 32),
+                                          desc_advance(d_kq, kk * 16 * 128), kk > 0);
+                wgmma_commit();
+                wgmma_wait<0>();
+                fence_regs<32>(dq_ds);
+                fence_regs<NT * 4>(s);
+                __syncwarp();
+                if (lane == 0) mbar_arrive(ds_free);  // this warp's share of the dQ product read dS' of tile it - 1
+                stage_dq_rows<C, BM, TW>(stage, mb_full, mb_empty, it - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
+            }
         }
 #pragma unroll
         for (int kk = 0; kk < DP / 16; ++kk)
@@ -710,6 +742,9 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                 }
             }
         }
+        if constexpr (DF) {
+            if (p.df_lead && wg == 0 && it == 0) named_bar_arrive(BAR_LEAD, 256);  // warpgroup 1 may start
+        }
         float2 dlv[PFL ? NT : 1];  // PF: the delta rows, read while dP runs
         if constexpr (PFL) {
 #pragma unroll
@@ -784,6 +819,23 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             store_block_trans<BM>(sds, da[kk], 64 * wg + 16 * warp, 16 * kk, lane);
         }
         fence_proxy_async();  // the stmatrix writes of dS' -> visible to wgmma after the barrier
+        if constexpr (DF) {  // dS' published (no barrier: dQ is the next tile's), dK += dS'^T Q, then the tile ends
+            mbar_arrive(ds_full);
+            fence_regs<DP / 2>(dk);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; ++kk)
+                wgmma_rs<T, DP, 1>(dk, da[kk], desc_advance(d_q_mn, kk * 16 * 128), 1);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs<DP / 2>(dv);
+            fence_regs<BM / 4>(&pa[0][0]);
+            fence_regs<DP / 2>(dk);
+            fence_regs<BM / 4>(&da[0][0]);
+            mbar_arrive(q_empty + 8 * buf);  // Q, dO, lse2, delta of tile it read
+            ix_step();
+            continue;
+        }
 #if defined(TACA_BWD_TRACE)
         {
             V6_TRACE_T0;
@@ -885,6 +937,18 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     }
     if constexpr (DS)  // the last tile's dQ part (nqt >= 1)
         stage_dq_rows<C, BM, TW>(stage, mb_full, mb_empty, nqt - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
+    if constexpr (DF) {  // the last tile's dQ product and its staging
+        mbar_wait(ds_full, (nqt - 1) & 1);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+            wgmma_ss<T, 64, 0, 1>(dq_ds, desc_advance(d_dsq, (kk >> 2) * BM * 128 + (kk & 3) * 32),
+                                  desc_advance(d_kq, kk * 16 * 128), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs<32>(dq_ds);
+        stage_dq_rows<C, BM, TW>(stage, mb_full, mb_empty, nqt - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
+    }
 #if defined(TACA_BWD_TRACE)
     if (tid == 0 && trace) {
         trace[2] = trace_ns();
@@ -955,16 +1019,17 @@ inline bool encode_acc_map(CUtensorMap *m, float *acc, int64_t rows, int dp, int
               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, int DP, int BM, bool TW, bool G1 = false, bool PF = false, bool IX = false, bool DS = false>
+template <typename T, int DP, int BM, bool TW, bool G1 = false, bool PF = false, bool IX = false, bool DS = false,
+          bool DF = false>
 int launch(const BwdArgs &a, cudaStream_t stream) {
     using C = Cfg<DP, BM, TW>;
     if (a.Np % BM != 0 || a.Np != a.nq * BM) return TACA_ERR_UNSUPPORTED;  // workspace layout
     const int64_t ctas = static_cast<int64_t>(a.nk) * a.Hkv * a.B;
     if (G1 && ctas > INT32_MAX) return TACA_ERR_UNSUPPORTED;
     // (PF unmasked only: with a mask's code ptxas spilled 8 bytes)
-    if (DS && a.nk == 1) return TACA_ERR_UNSUPPORTED;  // (DS stages every tile; one key tile stores dQ directly)
+    if ((DS || DF) && a.nk == 1) return TACA_ERR_UNSUPPORTED;  // (DS / DF stage every tile; one key tile stores dQ directly)
     auto kernel = a.mask.data ? taca_bwd_sm90_v6_kernel<T, DP, BM, true, TW, G1, false>
-                              : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1, PF, IX, DS>;
+                              : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1, PF, IX, DS, DF>;
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_bwd_cuda (sm90 v6): cudaFuncGetAttributes");
     if (attr.binaryVersion != 90) return TACA_ERR_UNSUPPORTED;
@@ -972,6 +1037,10 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     memset(&p, 0, sizeof(p));
     p.a = a;
     p.a.acc_ld = C::ACC_LD;
+    {
+        const char *lead = getenv("TACA_BWD_V6_DFLEAD");  // DF's lead (a timing switch): on unless "0"
+        p.df_lead = !(lead && !strcmp(lead, "0"));
+    }
     {
         // the skew (item 10) where it applies, and the chains it runs (taca_bwd::apply_skew_rule)
         int sms = 0;
@@ -1056,6 +1125,10 @@ template <typename T, int DP, int BM, bool TW, bool G1>
 int launch_default(const BwdArgs &a, cudaStream_t stream) {
     if (env_is("TACA_BWD_V6_PF", "0")) return launch<T, DP, BM, TW, G1>(a, stream);
     if (env_is("TACA_BWD_V6_IX", "0")) return launch<T, DP, BM, TW, G1, true>(a, stream);
+    if constexpr (DP == 128 && !TW) {  // item 16 (DF; opt-in, a timing switch): dQ's product at the next tile
+        if (env_is("TACA_BWD_V6_DF", "1") && a.nk > 1 && !a.mask.data)
+            return launch<T, DP, BM, TW, G1, true, true, false, true>(a, stream);
+    }
     const bool ds = DP == 128 ? !env_is("TACA_BWD_V6_DS", "0") : env_is("TACA_BWD_V6_DS", "1");
     if (ds && a.nk > 1 && !a.mask.data) return launch<T, DP, BM, TW, G1, true, true, true>(a, stream);
     return launch<T, DP, BM, TW, G1, true, true>(a, stream);
