@@ -258,8 +258,8 @@ __device__ __forceinline__ void stage_dq_rows(unsigned char *stage, uint32_t mb_
  * division per tile.
  * DS (item 13, with IX; more than one key tile: the default at D = 72..128, a switch in D = 64's default pair): tile
  * it's dQ is staged at tile it + 1, while its S / dP products run, not between the dQ and dK waits of tile it.
- * DF (item 16, with IX, not with DS; D = 72..128 with the row writer, more than one key tile, no mask; a switch,
- * TACA_BWD_V6_DF=1): tile it's dQ product itself is issued at tile it + 1 (after S), so no CTA barrier is left in
+ * DF (item 16, with IX, not with DS; D = 72..128 with the row writer, more than one key tile, no mask; the default
+ * there, TACA_BWD_V6_DF=0 gives DS): tile it's dQ product itself is issued at tile it + 1 (after S), so no CTA barrier is left in
  * the loop: a warpgroup publishes its dS' half by an mbarrier (ds_full) and goes on to dK, and the two warpgroups may
  * drift apart by up to about half a tile (one's exponentials beside the other's products), where the barrier kept
  * them in step. */
@@ -330,8 +330,9 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             mbar_init(mb_empty + 8 * s, 32);  // every lane of the buffer's writer warp once per tile read
         }
         for (int s = 0; s < 2; ++s) {
-            // the producer's arrive after its warp stored lse2 / delta, its arrive.expect_tx, the bytes
-            mbar_init(q_full + 8 * s, 2);
+            // the producer's arrive after its warp stored lse2 / delta (DF: every lane's after its own stores), its
+            // arrive.expect_tx, the bytes
+            mbar_init(q_full + 8 * s, DF ? 33 : 2);
             // every MMA thread (lane 0 of each warp after __syncwarp would do, but compute-sanitizer
             // racecheck does not model __syncwarp: it then reports the other lanes' reads)
             mbar_init(q_empty + 8 * s, 256);
@@ -369,9 +370,16 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
                              "f"(x.z), "f"(x.w)
                              : "memory");
             }
-            __syncwarp();
-            if (pl != 0) continue;
-            mbar_arrive(q_full + 8 * buf);  // lse2 / delta stored (__syncwarp: the other lanes' too)
+            if constexpr (DF) {
+                // every lane arrives after its own stores: racecheck does not model __syncwarp, and without the
+                // loop's CTA barrier (DF) it reported the other lanes' stores against the MMA threads' reads
+                mbar_arrive(q_full + 8 * buf);
+                if (pl != 0) continue;
+            } else {
+                __syncwarp();
+                if (pl != 0) continue;
+                mbar_arrive(q_full + 8 * buf);  // lse2 / delta stored (__syncwarp: the other lanes' too)
+            }
             mbar_arrive_expect_tx(q_full + 8 * buf, C::TILE_TX);
             const int hh = x / nq;
             const int i0 = (x - hh * nq) * BM, h = h0 + hh;
@@ -1115,21 +1123,23 @@ inline bool env_is(const char *name, const char *value) {
 }
 
 /* The default pair of a head dim (D = 72..128: the row writer; D = 64: the 1-D grid with the tensor writer) with
- * items 11-13, each behind a timing switch read per call: TACA_BWD_V6_PF=0 reads the span and lse2 / delta where
- * they are used (item 11 off, and 12, 13 with it), TACA_BWD_V6_IX=0 divides the tile index (item 12 off, 13 with
- * it), item 13 (dQ staged at the next tile's top; more than one key tile, no mask) is on at D = 72..128 unless
- * TACA_BWD_V6_DS=0 and off at D = 64 unless TACA_BWD_V6_DS=1: backward alone on an H100, three rounds one mode
- * per process, -0.9 / -0.7 / -0.6% at FLUX 1024 b1 / b2 / 2048 b1, +2.0% at SD3.5-M CFG (KERNEL_LOG,
- * thirty-sixth session). */
+ * items 11-13 and 16, each behind a timing switch read per call: TACA_BWD_V6_PF=0 reads the span and lse2 / delta
+ * where they are used (item 11 off, and 12, 13, 16 with it), TACA_BWD_V6_IX=0 divides the tile index (item 12 off,
+ * 13 and 16 with it), item 13 (dQ staged at the next tile's top; more than one key tile, no mask) is on at
+ * D = 72..128 unless TACA_BWD_V6_DS=0 and off at D = 64 unless TACA_BWD_V6_DS=1: backward alone on an H100, three
+ * rounds one mode per process, -0.9 / -0.7 / -0.6% at FLUX 1024 b1 / b2 / 2048 b1, +2.0% at SD3.5-M CFG
+ * (KERNEL_LOG, thirty-sixth session). Item 16 (DF: dQ's product itself at the next tile, no CTA barrier in the
+ * loop) takes DS's place at D = 72..128 unless TACA_BWD_V6_DF=0 (then DS): -4.3% / -4.5% / -4.8% at FLUX 1024 b1 /
+ * b2 / 2048 b1 against DS (H100, three rounds one mode per process; KERNEL_LOG, thirty-ninth session). */
 template <typename T, int DP, int BM, bool TW, bool G1>
 int launch_default(const BwdArgs &a, cudaStream_t stream) {
     if (env_is("TACA_BWD_V6_PF", "0")) return launch<T, DP, BM, TW, G1>(a, stream);
     if (env_is("TACA_BWD_V6_IX", "0")) return launch<T, DP, BM, TW, G1, true>(a, stream);
-    if constexpr (DP == 128 && !TW) {  // item 16 (DF; opt-in, a timing switch): dQ's product at the next tile
-        if (env_is("TACA_BWD_V6_DF", "1") && a.nk > 1 && !a.mask.data)
+    const bool ds = DP == 128 ? !env_is("TACA_BWD_V6_DS", "0") : env_is("TACA_BWD_V6_DS", "1");
+    if constexpr (DP == 128 && !TW) {  // item 16 (DF): dQ's product at the next tile, in place of DS
+        if (ds && !env_is("TACA_BWD_V6_DF", "0") && a.nk > 1 && !a.mask.data)
             return launch<T, DP, BM, TW, G1, true, true, false, true>(a, stream);
     }
-    const bool ds = DP == 128 ? !env_is("TACA_BWD_V6_DS", "0") : env_is("TACA_BWD_V6_DS", "1");
     if (ds && a.nk > 1 && !a.mask.data) return launch<T, DP, BM, TW, G1, true, true, true>(a, stream);
     return launch<T, DP, BM, TW, G1, true, true>(a, stream);
 }

@@ -144,16 +144,16 @@ def main():
                 runs += 2
         finally:
             del os.environ["TACA_BWD_SM90"]
-        # v6 with each tile's dQ staged at the next tile's top forced on (TACA_BWD_V6_DS=1: the default at D = 72..128,
-        # a switch at D = 64): D = 128 (17 key tiles, 33 query tiles per head) deterministic and not, D = 64 (the
-        # tensor writer) deterministic; then D = 128 with it off (TACA_BWD_V6_DS=0, the earlier default)
+        # v6 with each tile's dQ staged at the next tile's top forced on (TACA_BWD_V6_DS=1 with TACA_BWD_V6_DF=0: the
+        # earlier default at D = 72..128, a switch at D = 64): D = 128 (17 key tiles, 33 query tiles per head)
+        # deterministic and not, D = 64 (the tensor writer) deterministic; then D = 128 with it off (TACA_BWD_V6_DS=0)
         for D, dt, det, ds in ((128, torch.bfloat16, True, "1"), (128, torch.bfloat16, False, "1"),
                                (64, torch.float16, True, "1"), (128, torch.bfloat16, True, "0")):
-            runs += _v6_switch_call(dev, {"TACA_BWD_V6_DS": ds}, D, dt, det)
-        # v6 with each tile's dQ product at the next tile (TACA_BWD_V6_DF=1, no CTA barrier in the loop): D = 128
-        # deterministic with and without its lead, and not deterministic
+            runs += _v6_switch_call(dev, {"TACA_BWD_V6_DS": ds, "TACA_BWD_V6_DF": "0"}, D, dt, det)
+        # v6 with each tile's dQ product at the next tile (DF, the default at D = 72..128: no CTA barrier in the loop):
+        # D = 128 deterministic with and without its lead, and not deterministic
         for dt, det, lead in ((torch.bfloat16, True, "1"), (torch.float16, True, "0"), (torch.bfloat16, False, "1")):
-            runs += _v6_switch_call(dev, {"TACA_BWD_V6_DF": "1", "TACA_BWD_V6_DFLEAD": lead}, 128, dt, det)
+            runs += _v6_switch_call(dev, {"TACA_BWD_V6_DFLEAD": lead}, 128, dt, det)
         # the D = 128 tail split (TACA_FWD_SPLIT): sanitize_fwd_split.py's calls
         import sanitize_fwd_split
 
