@@ -115,6 +115,22 @@
  *      defined), so a tile runs S, that wait, the staging, then dP's issue; with the wait removed (the part kept
  *      through an XOR with a zero ptxas cannot prove) the staging overlapped S and the backward ran 5% slower
  *      (shared memory is as busy as the tensor pipe in this loop; KERNEL_LOG, thirty-seventh session).
+ *  16. dQ's product at the next tile (DF; with IX, in DS's place: D = 72..128 with the row writer, more than one key
+ *      tile, no mask; TACA_BWD_V6_DF=0 gives DS; items 14 and 15 were switches measured slower and removed): tile it's
+ *      dQ product (both warpgroups' dS' halves x K) is issued at tile it + 1 after S, waited with it and staged
+ *      there, so the loop has no CTA barrier left: a warpgroup publishes its dS' half by an mbarrier (ds_full, every
+ *      MMA thread after its stores and proxy fence) and goes on to dK. The one per-tile CTA barrier had kept the two
+ *      warpgroups in step, their exponentials and dS' phases at the same time with the tensor cores idle; now one
+ *      may lead the other by up to about half a tile (a warpgroup's dS' store waits for the other's dQ product of
+ *      the previous tile, ds_free; its dQ product waits for the other's dS', ds_full), and the tensor cores take the
+ *      other's products during one's exponentials. cuDNN's backward kernel (64x64x128_1x4x1) runs one MMA
+ *      warpgroup per CTA, whose CTAs drift freely. The same products of the same operands staged in the same order:
+ *      bitwise the same gradients. Backward alone on an H100, three rounds one mode per process: FLUX 1024 b1 1.348
+ *      -> 1.290 ms, b2 2.730 -> 2.607, FLUX 2048 16.94 -> 16.12 (-4.3 / -4.5 / -4.8%; KERNEL_LOG, thirty-ninth
+ *      session). Warpgroup 1 starting after warpgroup 0's first exponentials (BAR_LEAD) or with it
+ *      (TACA_BWD_V6_DFLEAD=0) made no difference: they drift apart on their own. In DF every producer lane arrives
+ *      on q_full after its own lse2 / delta stores (racecheck does not model __syncwarp, and without the loop's CTA
+ *      barrier it reported them against the MMA threads' reads).
  * The default wherever it applies (taca_bwd.cu): FLUX 1024 b1 bwd 1.52 vs v5's 1.75 ms, SD3.5-M
  * cfg 1.65 vs 1.85 ms on an H200 (with the preprocess and conversion of taca_bwd_kernel.cuh).
  * KERNEL_LOG "Backward v6" and the entries after it have the runs, the profiles and what was tried
