@@ -227,18 +227,18 @@ def test_sm90_v6_dq_staged_next_tile(case, monkeypatch):
     _switch_is_bitwise(case, monkeypatch, "TACA_BWD_V6_DS", value, "staging dQ at the next tile changed the gradients")
 
 
-DF_CASES = [c for c in PF_CASES if 72 <= c[4] <= 128]
-
-
-@pytest.mark.parametrize("case", DF_CASES, ids=[_ids(c) for c in DF_CASES])
+@pytest.mark.parametrize("case", PF_CASES, ids=[_ids(c) for c in PF_CASES])
 def test_sm90_v6_dq_product_next_tile(case, monkeypatch):
     """v6 at D = 72..128 (more than one key tile, no mask) issues each tile's dQ product at the next tile, after its S
-    product (DF, the default there), so that the two MMA warpgroups meet at no CTA barrier in the loop (dS' published
-    by an mbarrier), with warpgroup 1 started after warpgroup 0's first exponentials or, with TACA_BWD_V6_DFLEAD=0, at
-    once; TACA_BWD_V6_DF=0 gives the earlier default (DS: the product in its own tile, staged at the next). The same
-    products of the same operands, staged in the same order: all three meet the rule, are deterministic and give the
-    same gradients bitwise. (Elsewhere, and off sm_90, the knobs are ignored.)"""
-    _switch_is_bitwise(case, monkeypatch, "TACA_BWD_V6_DF", "0", "the dQ product at the next tile changed the gradients")
+    product (DF, the default there; TACA_BWD_V6_DF=1 turns it on at D = 64), so that the two MMA warpgroups meet at
+    no CTA barrier in the loop (dS' published by an mbarrier), with warpgroup 1 started after warpgroup 0's first
+    exponentials or, with TACA_BWD_V6_DFLEAD=0, at once; TACA_BWD_V6_DF=0 gives the earlier default at D = 72..128
+    (DS: the product in its own tile, staged at the next). The same products of the same operands, staged in the same
+    order: every form meets the rule, is deterministic and gives the same gradients bitwise. (Elsewhere, and off
+    sm_90, the knobs are ignored.)"""
+    value = "0" if 72 <= case[4] <= 128 else "1"  # the form that is not the default
+    _switch_is_bitwise(case, monkeypatch, "TACA_BWD_V6_DF", value, "the dQ product at the next tile changed the gradients")
+    monkeypatch.setenv("TACA_BWD_V6_DF", "1")
     _switch_is_bitwise(case, monkeypatch, "TACA_BWD_V6_DFLEAD", "0", "DF without its lead changed the gradients")
 
 

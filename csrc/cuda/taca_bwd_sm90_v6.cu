@@ -603,7 +603,8 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     };
     static_assert(!DS || (IX && ((DP == 128 && BM == 64 && !TW) || (DP == 64 && BM == 128 && TW))),
                   "DS: with IX, D = 72..128 with the row writer or D = 64 with the tensor writer");
-    static_assert(!DF || (IX && !DS && DP == 128 && BM == 64 && !TW), "DF: with IX, not DS, D = 72..128, row writer");
+    static_assert(!DF || (IX && !DS && ((DP == 128 && BM == 64 && !TW) || (DP == 64 && BM == 128 && TW))),
+                  "DF: with IX, not DS, D = 72..128 with the row writer or D = 64 with the tensor writer");
     float dq_ds[DS || DF ? 32 : 1];  // DS: tile it's dQ part, kept until it is staged at tile it + 1 (stage_dq_rows)
     // DF: warpgroup 1 waits for warpgroup 0's first exponentials (BAR_LEAD), so that the two start apart
     if constexpr (DF) {
@@ -1152,9 +1153,10 @@ int launch_default(const BwdArgs &a, cudaStream_t stream) {
     if (env_is("TACA_BWD_V6_PF", "0")) return launch<T, DP, BM, TW, G1>(a, stream);
     if (env_is("TACA_BWD_V6_IX", "0")) return launch<T, DP, BM, TW, G1, true>(a, stream);
     const bool ds = DP == 128 ? !env_is("TACA_BWD_V6_DS", "0") : env_is("TACA_BWD_V6_DS", "1");
-    if constexpr (DP == 128 && !TW) {  // item 16 (DF): dQ's product at the next tile, in place of DS
-        if (ds && !env_is("TACA_BWD_V6_DF", "0") && a.nk > 1 && !a.mask.data)
-            return launch<T, DP, BM, TW, G1, true, true, false, true>(a, stream);
+    if constexpr ((DP == 128 && !TW) || (DP == 64 && TW)) {  // item 16 (DF): dQ's product at the next tile
+        // (in DS's place at D = 72..128 unless TACA_BWD_V6_DF=0; at D = 64 a switch, TACA_BWD_V6_DF=1)
+        const bool df = DP == 128 ? ds && !env_is("TACA_BWD_V6_DF", "0") : env_is("TACA_BWD_V6_DF", "1");
+        if (df && a.nk > 1 && !a.mask.data) return launch<T, DP, BM, TW, G1, true, true, false, true>(a, stream);
     }
     if (ds && a.nk > 1 && !a.mask.data) return launch<T, DP, BM, TW, G1, true, true, true>(a, stream);
     return launch<T, DP, BM, TW, G1, true, true>(a, stream);

@@ -151,9 +151,10 @@ def main():
                                (64, torch.float16, True, "1"), (128, torch.bfloat16, True, "0")):
             runs += _v6_switch_call(dev, {"TACA_BWD_V6_DS": ds, "TACA_BWD_V6_DF": "0"}, D, dt, det)
         # v6 with each tile's dQ product at the next tile (DF, the default at D = 72..128: no CTA barrier in the loop):
-        # D = 128 deterministic with and without its lead, and not deterministic
-        for dt, det, lead in ((torch.bfloat16, True, "1"), (torch.float16, True, "0"), (torch.bfloat16, False, "1")):
-            runs += _v6_switch_call(dev, {"TACA_BWD_V6_DFLEAD": lead}, 128, dt, det)
+        # D = 128 deterministic with and without its lead, and not deterministic; D = 64 (a switch there, the tensor writer)
+        for D, dt, det, lead in ((128, torch.bfloat16, True, "1"), (128, torch.float16, True, "0"),
+                                 (128, torch.bfloat16, False, "1"), (64, torch.bfloat16, True, "1")):
+            runs += _v6_switch_call(dev, {"TACA_BWD_V6_DF": "1", "TACA_BWD_V6_DFLEAD": lead}, D, dt, det)
         # the D = 128 tail split (TACA_FWD_SPLIT): sanitize_fwd_split.py's calls
         import sanitize_fwd_split
 
