@@ -266,6 +266,21 @@ __device__ __forceinline__ void stage_dq_rows(unsigned char *stage, uint32_t mb_
     mbar_arrive(mb_full + 8 * sb);
 }
 
+/* DF (item 16): query tile ti's dQ part over the CTA's BN keys (dS' of both warpgroups, K) once ds_full says both
+ * warpgroups stored its dS' (phase ti & 1), issued, committed and waited for (with any group in flight before it). */
+template <typename T, int BM, int BN>
+__device__ __forceinline__ void df_dq_product(float (&q)[32], uint32_t ds_full, int ti, uint64_t d_dsq, uint64_t d_kq) {
+    mbar_wait(ds_full, ti & 1);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+        wgmma_ss<T, 64, 0, 1>(q, desc_advance(d_dsq, (kk >> 2) * BM * 128 + (kk & 3) * 32),
+                              desc_advance(d_kq, kk * 16 * 128), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs<32>(q);
+}
+
 /* MASK: a.mask.data != NULL (its own instance: the unmasked one carries no mask code).
  * G1: the 1-D grid (see ctaid_x_volatile), the default at D = 64 (TACA_BWD_V6_GRID=3d: the 3-D one).
  * PF (item 11, BM = 64): the text span read into registers once, before the tile loop, and each tile's
@@ -645,15 +660,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         // it: the staging then runs as DS's does), dS' freed, the part staged
         if constexpr (DF) {
             if (it > 0) {
-                mbar_wait(ds_full, (it - 1) & 1);
-                wgmma_fence();
-#pragma unroll
-                for (int kk = 0; kk < BN / 16; ++kk)
-                    wgmma_ss<T, 64, 0, 1>(dq_ds, desc_advance(d_dsq, (kk >> 2) * BM * 128 + (kk & 3) * 32),
-                                          desc_advance(d_kq, kk * 16 * 128), kk > 0);
-                wgmma_commit();
-                wgmma_wait<0>();
-                fence_regs<32>(dq_ds);
+                df_dq_product<T, BM, BN>(dq_ds, ds_full, it - 1, d_dsq, d_kq);
                 fence_regs<NT * 4>(s);
                 __syncwarp();
                 if (lane == 0) mbar_arrive(ds_free);  // this warp's share of the dQ product read dS' of tile it - 1
@@ -963,15 +970,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     if constexpr (DS)  // the last tile's dQ part (nqt >= 1)
         stage_dq_rows<C, BM, TW>(stage, mb_full, mb_empty, nqt - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
     if constexpr (DF) {  // the last tile's dQ product and its staging
-        mbar_wait(ds_full, (nqt - 1) & 1);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk)
-            wgmma_ss<T, 64, 0, 1>(dq_ds, desc_advance(d_dsq, (kk >> 2) * BM * 128 + (kk & 3) * 32),
-                                  desc_advance(d_kq, kk * 16 * 128), kk > 0);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs<32>(dq_ds);
+        df_dq_product<T, BM, BN>(dq_ds, ds_full, nqt - 1, d_dsq, d_kq);
         stage_dq_rows<C, BM, TW>(stage, mb_full, mb_empty, nqt - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
     }
 #if defined(TACA_BWD_TRACE)
