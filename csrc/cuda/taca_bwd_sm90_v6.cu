@@ -103,7 +103,8 @@
  *      Backward alone -1.1 to -1.9% at FLUX 1024 on an H100 (with the span ahead at D = 64: -0.5 to
  *      -2.7% at SD3.5 CFG; KERNEL_LOG, thirty-fifth session).
  *  13. dQ staged at the next tile (DS, with IX; more than one key tile, no mask; the default at D = 72..128
- *      with the row writer, TACA_BWD_V6_DS=0 turns it off; at D = 64 with the tensor writer
+ *      with the row writer until item 16 took its place (TACA_BWD_V6_DF=0 gives it back), TACA_BWD_V6_DS=0 turns it
+ *      off; at D = 64 with the tensor writer
  *      TACA_BWD_V6_DS=1 turns it on, slower there: +2.0% at SD3.5-M CFG): tile it's
  *      dQ part is kept in 32 registers and staged at tile it + 1 between the S commit and dP's issue
  *      (while S runs), so tile it ends with one wait for dV, dQ and dK instead of waiting for dQ,
@@ -287,7 +288,8 @@ __device__ __forceinline__ void df_dq_product(float (&q)[32], uint32_t ds_full, 
  * lse2 / delta rows loaded while its S / dP products run (not after their wait).
  * IX (item 12, with PF): the MMA warps step their tile's (head, query tile) on from the last one, not by a
  * division per tile.
- * DS (item 13, with IX; more than one key tile: the default at D = 72..128, a switch in D = 64's default pair): tile
+ * DS (item 13, with IX; more than one key tile: the default at D = 72..128 until DF took its place, a switch in D = 64's
+ * default pair): tile
  * it's dQ is staged at tile it + 1, while its S / dP products run, not between the dQ and dK waits of tile it.
  * DF (item 16, with IX, not with DS; D = 72..128 with the row writer, more than one key tile, no mask; the default
  * there, TACA_BWD_V6_DF=0 gives DS): tile it's dQ product itself is issued at tile it + 1 (after S), so no CTA barrier is left in
