@@ -267,16 +267,31 @@ __device__ __forceinline__ void stage_dq_rows(unsigned char *stage, uint32_t mb_
     mbar_arrive(mb_full + 8 * sb);
 }
 
-/* DF (item 16): query tile ti's dQ part over the CTA's BN keys (dS' of both warpgroups, K) once ds_full says both
- * warpgroups stored its dS' (phase ti & 1), issued, committed and waited for (with any group in flight before it). */
+/* The warpgroup's dQ part of a query tile over the CTA's BN keys (dS' of both warpgroups x K), issued (the caller
+ * fences before and commits after). */
 template <typename T, int BM, int BN>
-__device__ __forceinline__ void df_dq_product(float (&q)[32], uint32_t ds_full, int ti, uint64_t d_dsq, uint64_t d_kq) {
-    mbar_wait(ds_full, ti & 1);
-    wgmma_fence();
+__device__ __forceinline__ void issue_dq_product(float (&q)[32], uint64_t d_dsq, uint64_t d_kq) {
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk)
         wgmma_ss<T, 64, 0, 1>(q, desc_advance(d_dsq, (kk >> 2) * BM * 128 + (kk & 3) * 32),
                               desc_advance(d_kq, kk * 16 * 128), kk > 0);
+}
+
+/* dK += dS'^T Q for the warpgroup's 64 keys (dS'^T from registers, Q's BM rows from shared memory), issued. */
+template <typename T, int DP, int BM>
+__device__ __forceinline__ void issue_dk_product(float (&dk)[DP / 2], const uint32_t (&da)[BM / 16][4], uint64_t d_q_mn) {
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk)
+        wgmma_rs<T, DP, 1>(dk, da[kk], desc_advance(d_q_mn, kk * 16 * 128), 1);
+}
+
+/* DF (item 16): query tile ti's dQ part once ds_full says both warpgroups stored its dS' (phase ti & 1), issued,
+ * committed and waited for (with any group in flight before it). */
+template <typename T, int BM, int BN>
+__device__ __forceinline__ void df_dq_product(float (&q)[32], uint32_t ds_full, int ti, uint64_t d_dsq, uint64_t d_kq) {
+    mbar_wait(ds_full, ti & 1);
+    wgmma_fence();
+    issue_dq_product<T, BM, BN>(q, d_dsq, d_kq);
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs<32>(q);
@@ -857,9 +872,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             mbar_arrive(ds_full);
             fence_regs<DP / 2>(dk);
             wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk)
-                wgmma_rs<T, DP, 1>(dk, da[kk], desc_advance(d_q_mn, kk * 16 * 128), 1);
+            issue_dk_product<T, DP, BM>(dk, da, d_q_mn);
             wgmma_commit();
             wgmma_wait<0>();
             fence_regs<DP / 2>(dv);
@@ -884,14 +897,9 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         // dQ part (group 2) over the 128 keys, then dK += dS'^T Q (group 3).
         float dq[32];
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk)
-            wgmma_ss<T, 64, 0, 1>(dq, desc_advance(d_dsq, (kk >> 2) * BM * 128 + (kk & 3) * 32),
-                                  desc_advance(d_kq, kk * 16 * 128), kk > 0);
+        issue_dq_product<T, BM, BN>(dq, d_dsq, d_kq);
         wgmma_commit();
-#pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk)
-            wgmma_rs<T, DP, 1>(dk, da[kk], desc_advance(d_q_mn, kk * 16 * 128), 1);
+        issue_dk_product<T, DP, BM>(dk, da, d_q_mn);
         wgmma_commit();
         if constexpr (DS) {  // dV, dQ and dK done; dQ is staged at the next tile's top (or after the loop)
             wgmma_wait<0>();
