@@ -1,0 +1,73 @@
+"""The forward alone, taca (the public op, gamma 1.2) and plain cuDNN SDPA (no gamma) in one process, for A/B runs of
+the forward's timing switches across processes (benchmarks/gpu_fwd_modes.sh sets one mode's environment per process).
+Each cell: `--reps` medians of triton's do_bench (at least 20 iterations each), the median of those.
+
+Usage: python benchmarks/bench_fwd_modes.py [--shapes flux1024_b1,flux2048_b1] [--reps 3] [--out DIR]
+Writes DIR/bench_fwd_modes.json: {"shapes": {shape: {"taca": ms, "cudnn": ms}}, "env": {TACA_FWD_*: value}}."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from bench_attention_gpu import EXTRA_SHAPES, GAMMA, SHAPES, _bench  # noqa: E402  (the table's shapes and timer)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="flux1024_b1,flux2048_b1")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    shapes = {**SHAPES, **EXTRA_SHAPES}
+    names = [s for s in args.shapes.split(",") if s]
+    bad = [s for s in names if s not in shapes]
+    if bad:
+        raise SystemExit(f"--shapes: unknown {bad}; expected names from {sorted(shapes)}")
+    if args.reps < 1:
+        raise SystemExit(f"--reps: expected at least 1, got {args.reps}")
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_fwd_modes.py needs a CUDA device")
+    import taca
+
+    res = {}
+    for s in names:
+        B, H, D, L, n_img, tf = shapes[s]
+        N = L + n_img
+        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        g = torch.full((B,), GAMMA, device="cuda")
+
+        def taca_fwd():
+            return taca.joint_attention(q, k, v, text_len=L, text_first=tf, gamma=g, backend="cuda")
+
+        def cudnn_fwd():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v)
+
+        cell = {}
+        for name, fn in (("taca", taca_fwd), ("cudnn", cudnn_fwd)):
+            fn()
+            torch.cuda.synchronize()
+            cell[name] = statistics.median(_bench(fn, False) for _ in range(args.reps))
+        res[s] = cell
+        print(f"{s}: taca {cell['taca']:.4f} ms, cudnn {cell['cudnn']:.4f} ms, speed {cell['cudnn'] / cell['taca']:.3f}x",
+              flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k.startswith("TACA_FWD_")}
+        with open(os.path.join(args.out, "bench_fwd_modes.json"), "w") as f:
+            json.dump({"shapes": res, "env": env, "device": torch.cuda.get_device_name()}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
