@@ -284,9 +284,9 @@ OVERLAP_CASES = [
 ]
 
 
-def _fwd_overlap_flags(fn):
-    """The D = 128 warp-specialized forward kernels fn launched: their WsCfg's OVERLAP argument (True / False), from
-    the CUDA kernel names the profiler records (demangled or mangled)."""
+def _fwd_ws_flags(fn):
+    """The D = 128 warp-specialized forward kernels fn launched: their WsCfg's (OVERLAP, FORM) arguments (a bool, an
+    int), from the CUDA kernel names the profiler records (demangled or mangled; FORM is WsCfg's last argument)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -294,11 +294,16 @@ def _fwd_overlap_flags(fn):
         torch.cuda.synchronize()
     flags = []
     for e in prof.events():
-        m = re.search(r"WsCfg<2, (true|false), true, 128, true, 128, 2>", e.name) or re.search(
-            r"WsCfgILi2ELb([01])ELb1ELi128ELb1ELi128ELi2E", e.name)
+        m = re.search(r"WsCfg<2, (true|false), true, 128, true, 128, 2, (\d)>", e.name) or re.search(
+            r"WsCfgILi2ELb([01])ELb1ELi128ELb1ELi128ELi2ELi(\d)E", e.name)
         if m and "fwd" in e.name:
-            flags.append(m.group(1) in ("true", "1"))
+            flags.append((m.group(1) in ("true", "1"), int(m.group(2))))
     return flags
+
+
+def _fwd_overlap_flags(fn):
+    """The D = 128 warp-specialized forward kernels fn launched: their WsCfg's OVERLAP argument (True / False)."""
+    return [ov for ov, _ in _fwd_ws_flags(fn)]
 
 
 def _check_overlap_forms(call, default, default_overlaps, monkeypatch):
@@ -355,6 +360,52 @@ def test_forward_overlap_spans(H, L, n_img, monkeypatch):
 
     monkeypatch.delenv("TACA_FWD_OVERLAP", raising=False)
     _check_overlap_forms(call, call(), True, monkeypatch)
+
+
+FORM_CASES = [
+    # B, H, L, n_img, text_first, dtype, layout, noncontig, TACA_FWD_OVERLAP (None: the default by key count)
+    (1, 24, 512, 4096, True, torch.bfloat16, "bnhd", True, None),  # FLUX 1024, diffusers' view: overlap + tail split
+    (2, 3, 333, 4000, False, torch.float16, "bhnd", False, "0"),  # ragged last tiles, text last, per-sample gamma
+    (1, 2, 77, 15284, True, torch.bfloat16, "bhnd", False, None),  # past the overlap's key count
+    (1, 3, 40, 100, True, torch.bfloat16, "bhnd", False, "1"),  # one partial key tile
+    (2, 2, 300, 1000, True, torch.bfloat16, "bhnd", False, "0"),  # 300 text keys: uniform text tiles and mixed ones
+]
+
+
+@pytest.mark.skipif(not _PUBLIC, reason="the public op has no CUDA kernel")
+@pytest.mark.parametrize("case", FORM_CASES, ids=lambda c: f"B{c[0]}-H{c[1]}-N{c[2] + c[3]}-{c[5]}-ov{c[8]}")
+def test_forward_forms(case, monkeypatch):
+    """The D = 128 default's timing switches (WsCfg's FORM): TACA_FWD_PVW=1 (P V as one m64n128k16 wgmma per 16 keys
+    over both column blocks of V instead of two m64n64k16), TACA_FWD_IL=1 (uniform tiles' softmax with O's rescale and
+    P's packing between the exponentials) and both: the tolerance rule against the fp32 reference by default,
+    (out, lse, text_mass) of every form bitwise the default's (the same fp32 operations on every value), and on sm_90
+    the kernels launched carry the form asked for (unset: 0)."""
+    B, H, L, n_img, tf, dtype, layout, nc, ov = case
+    for name in ("TACA_FWD_PVW", "TACA_FWD_IL"):
+        monkeypatch.delenv(name, raising=False)
+    if ov is None:
+        monkeypatch.delenv("TACA_FWD_OVERLAP", raising=False)
+    else:
+        monkeypatch.setenv("TACA_FWD_OVERLAP", ov)
+    q, k, v, out, gamma = check_case("op", B, H, L, n_img, 128, tf, dtype, layout=layout, noncontig=nc)
+
+    def call():
+        return run_kernel("op", q, k, v, text_len=L, text_first=tf, gamma=gamma, layout=layout)
+
+    default = call()
+    assert torch.equal(default[0], out)
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    if hopper:
+        assert {f for _, f in _fwd_ws_flags(call)} == {0}
+    for pvw, il in ((1, 0), (0, 1), (1, 1)):
+        monkeypatch.setenv("TACA_FWD_PVW", str(pvw))
+        monkeypatch.setenv("TACA_FWD_IL", str(il))
+        got = call()
+        for name, x, y in zip(("out", "lse", "text_mass"), got, default):
+            assert torch.equal(x, y), f"{name}: TACA_FWD_PVW={pvw} TACA_FWD_IL={il} differs from the default"
+        if hopper:
+            flags = _fwd_ws_flags(call)
+            assert flags and all(f == pvw + 2 * il for _, f in flags), f"PVW={pvw} IL={il}: kernels {flags}"
 
 
 SPLIT_FEAT_CASES = [

@@ -81,6 +81,79 @@ __device__ __forceinline__ void pack_p(uint32_t (&pa)[BC / 16][4], const float (
     }
 }
 
+/* The WS kernels' uniform tiles (every key of the tile text, or every one visual; no mask; mul >= 0) with WsCfg's IL:
+ * the same fp32 operations on every value as taca_fwd::softmax_tile<TILE_VIS / TILE_TXT> (the row max as its tree, the
+ * row sums in its order) and pack_p, so the same outputs; what differs is the order in the source: both rows' maxima
+ * first, then per 8-key column tile the four exponentials, O's rescale of one 8-column tile (SCALE_O) and, every second
+ * column tile, P's four packed registers (PACK), so that ptxas can fill the exponentials' issue gaps with them. txt:
+ * the tile's keys are text (text mass summed). mul: the rows' multipliers for this tile's kind. */
+template <typename T, bool SCALE_O, int NT, int DT>
+__device__ __forceinline__ void softmax_uniform_il(float (&s)[1][NT][4], float (&o)[1][DT][4], float (&m_run)[1][2],
+                                                   float (&l_run)[1][2], float (&t_run)[1][2], const float (&mul)[1][2],
+                                                   bool txt, float (&alpha_out)[1][2], uint32_t (&pa)[NT / 2][4]) {
+    static_assert(NT % 2 == 0, "key tile: whole 16-key steps");
+    float mb[2], al[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        float v[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) v[nt] = fmaxf(s[0][nt][hf * 2], s[0][nt][hf * 2 + 1]);
+#pragma unroll
+        for (int st = 1; st < NT; st *= 2)
+#pragma unroll
+            for (int i = 0; i + st < NT; i += 2 * st) v[i] = fmaxf(v[i], v[i + st]);
+        mb[hf] = fmaxf(m_run[0][hf], v[0] * mul[0][hf]);
+    }
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) mb[hf] = fmaxf(mb[hf], __shfl_xor_sync(0xffffffffu, mb[hf], 1));
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) mb[hf] = fmaxf(mb[hf], __shfl_xor_sync(0xffffffffu, mb[hf], 2));
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        const float mx = mb[hf];
+        mb[hf] = mx == -INFINITY ? 0.0f : mx;
+        al[hf] = taca_cuda::fast_exp2(m_run[0][hf] - mb[hf]);
+        m_run[0][hf] = mx;
+        alpha_out[0][hf] = al[hf];
+    }
+    float ls[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const float pr = taca_cuda::fast_exp2(fmaf(s[0][nt][hf * 2 + e], mul[0][hf], -mb[hf]));
+                s[0][nt][hf * 2 + e] = pr;
+                ls[hf] += pr;
+            }
+        if constexpr (SCALE_O) {
+            if (nt < DT) {
+#pragma unroll
+                for (int c = 0; c < 4; ++c) o[0][nt][c] *= al[c >> 1];
+            }
+        }
+        if (nt & 1) {
+            const int kk = nt >> 1;
+            pa[kk][0] = pack2<T>(s[0][2 * kk][0], s[0][2 * kk][1]);
+            pa[kk][1] = pack2<T>(s[0][2 * kk][2], s[0][2 * kk][3]);
+            pa[kk][2] = pack2<T>(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+            pa[kk][3] = pack2<T>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
+        }
+    }
+    if constexpr (SCALE_O) {
+#pragma unroll
+        for (int dt = NT; dt < DT; ++dt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) o[0][dt][c] *= al[c >> 1];
+    }
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        l_run[0][hf] = l_run[0][hf] * al[hf] + ls[hf];
+        t_run[0][hf] = txt ? t_run[0][hf] * al[hf] + ls[hf] : t_run[0][hf] * al[hf];
+    }
+}
+
 /* Epilogue, first half: each row's sum and text mass reduced over its quad, lse and text_mass written
  * (rows < n), and O / l staged as T into this warp's own 16 rows (wrow0..) of the 128B-swizzled tile
  * at stage. */
@@ -376,6 +449,25 @@ using WSplitOv = WsCfg<2, true, true, 128, true>;
     if (const char *e = getenv("TACA_FWD_OVERLAP")) return strcmp(e, "0") != 0;
     return a.nk <= 15360;
 }
+// WsCfg's FORM for the D = 128 default without spans or a mask (timing switches, off by default): TACA_FWD_PVW=1 adds
+// PVW (P V as m64n128k16 wgmmas), TACA_FWD_IL=1 adds IL (uniform tiles' softmax with O's rescale and P's packing
+// between the exponentials)
+template <int F> using WSplitF = WsCfg<2, false, true, 128, true, 128, 2, F>;
+template <int F> using WSplitOvF = WsCfg<2, true, true, 128, true, 128, 2, F>;
+[[maybe_unused]] static inline int fwd_form() {
+    const char *p = getenv("TACA_FWD_PVW"), *i = getenv("TACA_FWD_IL");
+    return (p && !strcmp(p, "1") ? 1 : 0) | (i && !strcmp(i, "1") ? 2 : 0);
+}
+// run(std::integral_constant<int, F>()) for the call's form F (fwd_form)
+template <typename R>
+static inline int by_form(R &&run) {
+    switch (fwd_form()) {
+    case 1: return run(std::integral_constant<int, 1>());
+    case 2: return run(std::integral_constant<int, 2>());
+    case 3: return run(std::integral_constant<int, 3>());
+    default: return run(std::integral_constant<int, 0>());
+    }
+}
 [[maybe_unused]] static inline bool d128_split_mask_ok(const FwdArgs &a) {
     return !a.mask.data || (a.mask.q == 0 && !fwd_mask_mode("elem") && !fwd_kt_arrive_lane0());
 }
@@ -494,16 +586,22 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
         default: {
             // the tail split (fwd_split_plan; TACA_FWD_SPLIT=0: none): the partial wave's items in key ranges
             const bool ov = fwd_overlap(a);
-            const int sst = ov ? launch_split<T, false, MK_NONE, false, WSplitOv>(a, variant, batch, heads, stream, ws, ws_bytes)
-                               : launch_split<T, false, MK_NONE, false>(a, variant, batch, heads, stream, ws, ws_bytes);
+            const int sst = by_form([&](auto f) {
+                constexpr int F = decltype(f)::value;
+                return ov ? launch_split<T, false, MK_NONE, false, WSplitOvF<F>>(a, variant, batch, heads, stream, ws, ws_bytes)
+                          : launch_split<T, false, MK_NONE, false, WSplitF<F>>(a, variant, batch, heads, stream, ws, ws_bytes);
+            });
             if (sst != TACA_ERR_UNSUPPORTED) return sst;
             const int st = variant == 11   ? launch_ws<T, WsCfg<2, true, true>>(a, batch, heads, stream)
                            : variant == 12 ? launch_ws<T, WsCfg<2, false, false>>(a, batch, heads, stream)
                            : variant == 14 ? launch_ws<T, WsCfg<2, false, true>>(a, batch, heads, stream)
                            : variant == 15 ? launch_ws<T, WsCfg<2, false, true, 128, true, 160>>(a, batch, heads, stream)
                            : variant == 16 ? launch_ws<T, WsCfg<2, false, true, 128, false, 192>>(a, batch, heads, stream)
-                           : ov            ? launch_ws<T, WSplitOv>(a, batch, heads, stream)
-                                           : launch_ws<T, WSplit>(a, batch, heads, stream);
+                           : by_form([&](auto f) {
+                                 constexpr int F = decltype(f)::value;
+                                 return ov ? launch_ws<T, WSplitOvF<F>>(a, batch, heads, stream)
+                                           : launch_ws<T, WSplitF<F>>(a, batch, heads, stream);
+                             });
             if (st != TACA_ERR_UNSUPPORTED) return st;
             return launch<T, Cfg<128, 128, 2, 2, false>>(a, batch, heads, stream);  // no TMA map
         }

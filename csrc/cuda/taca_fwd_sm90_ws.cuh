@@ -34,7 +34,8 @@
 
 namespace taca_fwd90 {
 
-template <int STAGES_, bool OVERLAP_, bool PINGPONG_, int DP_ = 128, bool PERSIST_ = false, int BC_ = 128, int NC_ = 2>
+template <int STAGES_, bool OVERLAP_, bool PINGPONG_, int DP_ = 128, bool PERSIST_ = false, int BC_ = 128, int NC_ = 2,
+          int FORM_ = 0>
 struct WsCfg {
     // DP: 128 or 64. BC: keys per tile: 128 in the defaults; at D = 64 variant 18 (two consumers) picks 128, 160 or
     // 192 by key count (d64_key_tile, taca_fwd_sm90.cu); fewer tiles amortize each tile's softmax bookkeeping and
@@ -48,6 +49,15 @@ struct WsCfg {
     // intra-warpgroup overlap); O is rescaled after that product landed.
     static constexpr bool OVERLAP = OVERLAP_;
     static constexpr bool PINGPONG = PINGPONG_;  // the two consumers take turns issuing products
+    // FORM (timing switches of the D = 128 default, fwd_form; 0 the default), bits:
+    // PVW (1, D = 128): P V as one m64n128k16 per 16 keys over both 64-column blocks of V (an N-major descriptor whose
+    //   leading byte offset steps between the blocks, as the backward's dV product) instead of two m64n64k16: 8 wgmmas
+    //   a tile instead of 16, each P fragment sent once (cuDNN's and FA3's form)
+    // IL (2): uniform tiles (text or visual keys only) by softmax_uniform_il, one path for both kinds, with O's rescale
+    //   and P's packing between the exponentials (in the default they were merged after the tile kinds' join, and ran
+    //   after the last exponential: KERNEL_LOG fortieth session)
+    static constexpr int FORM = FORM_;
+    static constexpr bool PVW = (FORM & 1) != 0, IL = (FORM & 2) != 0;
     // PERSIST: one CTA per SM walks the (query tile, head, batch) items; two Q buffers, so the next
     // item's Q and first K / V tiles load during this item's last products and epilogue
     static constexpr bool PERSIST = PERSIST_;
@@ -61,6 +71,7 @@ struct WsCfg {
     static constexpr int KT_SLOTS = 2 * STAGES;
     static constexpr size_t KT_BYTES = KT_SLOTS * (BC * 4 + 16);
     static_assert(DP == 64 || DP == 128, "head dim");
+    static_assert(!PVW || DP == 128, "the wide P V product: D = 128");
     static_assert(NC == 2 || (NC == 3 && PERSIST && PINGPONG && !OVERLAP), "three consumers: the persistent ping-pong form");
     static_assert(BC % 32 == 0 && BC <= 256, "key tile: a multiple of 32 keys (the key-mask terms), at most 256");
     static_assert(SMEM <= 232448, "shared memory");
@@ -382,12 +393,19 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
     const int c = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31;
     const int wrow0 = c * 64 + warp * 16;  // this warp's first row in the CTA tile
     auto pv_product = [](float (&o_)[1][DT][4], const uint32_t (&p_)[BC / 16][4], uint32_t vbuf) {
-        const uint64_t d_v = desc_sw128(vbuf);  // advanced per k-step (desc_advance)
+        if constexpr (C::PVW) {  // both column blocks (BC x 64 each, BC * 128 bytes apart) in one product
+            const uint64_t d_v = desc_sw128_mn(vbuf, BC * 128);
 #pragma unroll
-        for (int kk = 0; kk < BC / 16; ++kk)
+            for (int kk = 0; kk < BC / 16; ++kk)
+                wgmma_rs<T, 128, 1>(&o_[0][0][0], p_[kk], desc_advance(d_v, kk * 16 * 128), 1);
+        } else {
+            const uint64_t d_v = desc_sw128(vbuf);  // advanced per k-step (desc_advance)
 #pragma unroll
-            for (int hb = 0; hb < DP / 64; ++hb)
-                wgmma_rs<T, 64, 1>(&o_[0][hb * 8][0], p_[kk], desc_advance(d_v, hb * BC * 128 + kk * 16 * 128), 1);
+            for (int kk = 0; kk < BC / 16; ++kk)
+#pragma unroll
+                for (int hb = 0; hb < DP / 64; ++hb)
+                    wgmma_rs<T, 64, 1>(&o_[0][hb * 8][0], p_[kk], desc_advance(d_v, hb * BC * 128 + kk * 16 * 128), 1);
+        }
     };
 
     int jbase = 0;  // ring position of the item's first K / V tile
@@ -479,10 +497,15 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
                 masked = !kflag[jg % C::KT_SLOTS];
             }
             float alpha[1][2];
-            if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && (k1 <= tb || k0 >= te))
+            const bool uni_vis = k1 <= tb || k0 >= te, uni_txt = k0 >= tb && k1 <= te;
+            if (C::IL && !masked && a.scale_log2 >= 0.0f && k1 <= nk && (uni_vis || uni_txt)) {
+                // the rows' multipliers selected as values (a reference to either array put both on the stack)
+                const float mu[1][2] = {{uni_vis ? mul_vis[0][0] : mul_txt[0][0], uni_vis ? mul_vis[0][1] : mul_txt[0][1]}};
+                softmax_uniform_il<T, !LATE_O>(sacc, o, m_run, l_run, t_run, mu, !uni_vis, alpha, pa);
+            } else if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && uni_vis)
                 taca_fwd::softmax_tile<taca_fwd::TILE_VIS, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane, alpha,
                                                                     a.mask, mbase, row0, n);
-            else if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && k0 >= tb && k1 <= te)
+            else if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && uni_txt)
                 taca_fwd::softmax_tile<taca_fwd::TILE_TXT, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane, alpha,
                                                                     a.mask, mbase, row0, n);
             else if (MK == MK_KEY)  // a masked or mixed tile: the key terms (zero where nothing is masked)
@@ -501,7 +524,10 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
                 if (lane == 0) mbar_arrive(empty_v(sp));
                 rescale_o<DT>(o, alpha);
             }
-            pack_p<T, BC>(pa, sacc);
+            // IL without LATE_O: the uniform path packed P itself (with LATE_O the P V product in flight reads pa until
+            // the wait above); the others pack here, after their loop
+            if (!C::IL || LATE_O || !(!masked && a.scale_log2 >= 0.0f && k1 <= nk && (uni_vis || uni_txt)))
+                pack_p<T, BC>(pa, sacc);
         };
         tile(jb, std::true_type());
         for (int j = jb + 1; j < je; ++j) tile(j, std::false_type());
