@@ -107,7 +107,9 @@ def sdpa_baseline(q, k, v, *, text_len, text_first, gamma, gamma_reverse, scale)
 
 
 def check_case(impl, B, H, L, n_img, D, text_first, dtype, layout="bhnd", gamma=1.2,
-               gamma_reverse=1.0, per_sample=True, noncontig=False, seed=0, variant=0):
+               gamma_reverse=1.0, per_sample=True, noncontig=False, seed=0, variant=0, edit=None):
+    """The kernel's (out, lse, text_mass) against the fp32 reference by the tolerance rule, on random inputs (edit:
+    a function applied in place to (q, k, v) first); returns q, k, v, out, gamma."""
     N = L + n_img
     gen = torch.Generator(device="cuda").manual_seed(seed)
     def rnd():
@@ -118,6 +120,8 @@ def check_case(impl, B, H, L, n_img, D, text_first, dtype, layout="bhnd", gamma=
         shape = (B, H, N, D) if layout == "bhnd" else (B, N, H, D)
         return torch.randn(*shape, device="cuda", generator=gen).to(dtype)
     q, k, v = rnd(), rnd(), rnd()
+    if edit is not None:
+        edit(q, k, v)
     if per_sample:
         gamma = torch.linspace(0.8, 1.6, B, device="cuda") if B > 1 else torch.tensor([gamma], device="cuda")
     ref_out, ref_lse, ref_tm = reference.attention_ref(
@@ -379,9 +383,10 @@ def test_forward_forms(case, monkeypatch):
     over both column blocks of V instead of two m64n64k16), TACA_FWD_IL=1 (uniform tiles' softmax with O's rescale and
     P's packing between the exponentials) and both: the tolerance rule against the fp32 reference by default,
     (out, lse, text_mass) of every form bitwise the default's (the same fp32 operations on every value), and on sm_90
-    the kernels launched carry the form asked for (unset: 0)."""
+    the kernels launched carry the form asked for (unset: 0). TACA_FWD_LZ=1 (the lazy running max): the tolerance
+    rule, with and without keys that move the max late."""
     B, H, L, n_img, tf, dtype, layout, nc, ov = case
-    for name in ("TACA_FWD_PVW", "TACA_FWD_IL"):
+    for name in ("TACA_FWD_PVW", "TACA_FWD_IL", "TACA_FWD_LZ"):
         monkeypatch.delenv(name, raising=False)
     if ov is None:
         monkeypatch.delenv("TACA_FWD_OVERLAP", raising=False)
@@ -406,6 +411,23 @@ def test_forward_forms(case, monkeypatch):
         if hopper:
             flags = _fwd_ws_flags(call)
             assert flags and all(f == pvw + 2 * il for _, f in flags), f"PVW={pvw} IL={il}: kernels {flags}"
+    # TACA_FWD_LZ=1 (IL with the lazy running max, form 6): not bitwise the default (its exponentials are taken
+    # against a stale max), so the tolerance rule; a run of large keys late in the sequence moves the max past the
+    # threshold mid-row (the rescale branch), the first tile always does
+    for name in ("TACA_FWD_PVW", "TACA_FWD_IL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TACA_FWD_LZ", "1")
+
+    def late_keys(q_, k_, v_):
+        n = k_.shape[1] if layout == "bnhd" else k_.shape[2]
+        sl = slice(n - 40, n - 30)
+        (k_[:, sl] if layout == "bnhd" else k_[:, :, sl]).mul_(6.0)
+
+    for edit in (None, late_keys):
+        check_case("op", B, H, L, n_img, 128, tf, dtype, layout=layout, noncontig=nc, edit=edit)
+    if hopper:
+        flags = _fwd_ws_flags(call)
+        assert flags and all(f == 6 for _, f in flags), f"LZ: kernels {flags}"
 
 
 SPLIT_FEAT_CASES = [

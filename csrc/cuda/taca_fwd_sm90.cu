@@ -87,8 +87,13 @@ __device__ __forceinline__ void pack_p(uint32_t (&pa)[BC / 16][4], const float (
  * first, then per 8-key column tile the four exponentials, O's rescale of one 8-column tile (SCALE_O) and, every second
  * column tile, P's four packed registers (PACK), so that ptxas can fill the exponentials' issue gaps with them. txt:
  * the tile's keys are text (text mass summed). mul: the rows' multipliers for this tile's kind. */
-template <typename T, bool SCALE_O, int NT, int DT>
-__device__ __forceinline__ void softmax_uniform_il(float (&s)[1][NT][4], float (&o)[1][DT][4], float (&m_run)[1][2],
+/* LAZY (WsCfg's LZ, FlashAttention-4's rule): the running max moves only when some row of the warp would grow by more
+ * than LAZY_LOG2 (base 2); otherwise every row keeps its max, the tile's exponentials stay below 2^LAZY_LOG2 (P in bf16
+ * and the fp32 sums hold that), alpha is 1 and O is not rescaled. Returns whether O needs the rescale by alpha_out (a
+ * warp-uniform value). Not bitwise the default: the exponentials are taken against another max. */
+constexpr float LAZY_LOG2 = 8.0f;
+template <typename T, bool SCALE_O, int NT, int DT, bool LAZY = false>
+__device__ __forceinline__ bool softmax_uniform_il(float (&s)[1][NT][4], float (&o)[1][DT][4], float (&m_run)[1][2],
                                                    float (&l_run)[1][2], float (&t_run)[1][2], const float (&mul)[1][2],
                                                    bool txt, float (&alpha_out)[1][2], uint32_t (&pa)[NT / 2][4]) {
     static_assert(NT % 2 == 0, "key tile: whole 16-key steps");
@@ -108,13 +113,21 @@ __device__ __forceinline__ void softmax_uniform_il(float (&s)[1][NT][4], float (
     for (int hf = 0; hf < 2; ++hf) mb[hf] = fmaxf(mb[hf], __shfl_xor_sync(0xffffffffu, mb[hf], 1));
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) mb[hf] = fmaxf(mb[hf], __shfl_xor_sync(0xffffffffu, mb[hf], 2));
+    bool moved = true;
+    if constexpr (LAZY)
+        moved = __any_sync(0xffffffffu, mb[0] > m_run[0][0] + LAZY_LOG2 || mb[1] > m_run[0][1] + LAZY_LOG2);
+    if (moved) {
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-        const float mx = mb[hf];
-        mb[hf] = mx == -INFINITY ? 0.0f : mx;
-        al[hf] = taca_cuda::fast_exp2(m_run[0][hf] - mb[hf]);
-        m_run[0][hf] = mx;
-        alpha_out[0][hf] = al[hf];
+        for (int hf = 0; hf < 2; ++hf) {
+            const float mx = mb[hf];
+            mb[hf] = mx == -INFINITY ? 0.0f : mx;
+            al[hf] = taca_cuda::fast_exp2(m_run[0][hf] - mb[hf]);
+            m_run[0][hf] = mx;
+            alpha_out[0][hf] = al[hf];
+        }
+    } else {  // LAZY: every row keeps its (finite) max
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) mb[hf] = m_run[0][hf], al[hf] = 1.0f, alpha_out[0][hf] = 1.0f;
     }
     float ls[2] = {0.0f, 0.0f};
 #pragma unroll
@@ -127,7 +140,7 @@ __device__ __forceinline__ void softmax_uniform_il(float (&s)[1][NT][4], float (
                 s[0][nt][hf * 2 + e] = pr;
                 ls[hf] += pr;
             }
-        if constexpr (SCALE_O) {
+        if constexpr (SCALE_O && !LAZY) {
             if (nt < DT) {
 #pragma unroll
                 for (int c = 0; c < 4; ++c) o[0][nt][c] *= al[c >> 1];
@@ -141,17 +154,26 @@ __device__ __forceinline__ void softmax_uniform_il(float (&s)[1][NT][4], float (
             pa[kk][3] = pack2<T>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
         }
     }
-    if constexpr (SCALE_O) {
+    if constexpr (SCALE_O && !LAZY) {
 #pragma unroll
         for (int dt = NT; dt < DT; ++dt)
 #pragma unroll
             for (int c = 0; c < 4; ++c) o[0][dt][c] *= al[c >> 1];
+    }
+    if constexpr (SCALE_O && LAZY) {  // the rare tile that moved the max: a branch of its own
+        if (moved) {
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) o[0][dt][c] *= al[c >> 1];
+        }
     }
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
         l_run[0][hf] = l_run[0][hf] * al[hf] + ls[hf];
         t_run[0][hf] = txt ? t_run[0][hf] * al[hf] + ls[hf] : t_run[0][hf] * al[hf];
     }
+    return moved;
 }
 
 /* Epilogue, first half: each row's sum and text mass reduced over its quad, lse and text_mass written
@@ -451,11 +473,12 @@ using WSplitOv = WsCfg<2, true, true, 128, true>;
 }
 // WsCfg's FORM for the D = 128 default without spans or a mask (timing switches, off by default): TACA_FWD_PVW=1 adds
 // PVW (P V as m64n128k16 wgmmas), TACA_FWD_IL=1 adds IL (uniform tiles' softmax with O's rescale and P's packing
-// between the exponentials)
+// between the exponentials), TACA_FWD_LZ=1 adds IL and LZ (the lazy running max; without PVW only)
 template <int F> using WSplitF = WsCfg<2, false, true, 128, true, 128, 2, F>;
 template <int F> using WSplitOvF = WsCfg<2, true, true, 128, true, 128, 2, F>;
 [[maybe_unused]] static inline int fwd_form() {
-    const char *p = getenv("TACA_FWD_PVW"), *i = getenv("TACA_FWD_IL");
+    const char *p = getenv("TACA_FWD_PVW"), *i = getenv("TACA_FWD_IL"), *z = getenv("TACA_FWD_LZ");
+    if (z && !strcmp(z, "1")) return 6;
     return (p && !strcmp(p, "1") ? 1 : 0) | (i && !strcmp(i, "1") ? 2 : 0);
 }
 // run(std::integral_constant<int, F>()) for the call's form F (fwd_form)
@@ -465,6 +488,7 @@ static inline int by_form(R &&run) {
     case 1: return run(std::integral_constant<int, 1>());
     case 2: return run(std::integral_constant<int, 2>());
     case 3: return run(std::integral_constant<int, 3>());
+    case 6: return run(std::integral_constant<int, 6>());
     default: return run(std::integral_constant<int, 0>());
     }
 }

@@ -57,7 +57,10 @@ struct WsCfg {
     //   and P's packing between the exponentials (in the default they were merged after the tile kinds' join, and ran
     //   after the last exponential: KERNEL_LOG fortieth session)
     static constexpr int FORM = FORM_;
-    static constexpr bool PVW = (FORM & 1) != 0, IL = (FORM & 2) != 0;
+    // LZ (4, with IL): uniform tiles keep the running max unless a row of the warp grows by more than 2^8
+    //   (softmax_uniform_il's LAZY, FlashAttention-4's rule): most tiles then skip O's rescale. Not bitwise the default
+    static constexpr bool PVW = (FORM & 1) != 0, IL = (FORM & 2) != 0, LZ = (FORM & 4) != 0;
+    static_assert(!LZ || IL, "the lazy max: the IL path's");
     // PERSIST: one CTA per SM walks the (query tile, head, batch) items; two Q buffers, so the next
     // item's Q and first K / V tiles load during this item's last products and epilogue
     static constexpr bool PERSIST = PERSIST_;
@@ -497,11 +500,12 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
                 masked = !kflag[jg % C::KT_SLOTS];
             }
             float alpha[1][2];
+            bool moved = true;  // LZ: whether O needs its rescale by alpha
             const bool uni_vis = k1 <= tb || k0 >= te, uni_txt = k0 >= tb && k1 <= te;
             if (C::IL && !masked && a.scale_log2 >= 0.0f && k1 <= nk && (uni_vis || uni_txt)) {
                 // the rows' multipliers selected as values (a reference to either array put both on the stack)
                 const float mu[1][2] = {{uni_vis ? mul_vis[0][0] : mul_txt[0][0], uni_vis ? mul_vis[0][1] : mul_txt[0][1]}};
-                softmax_uniform_il<T, !LATE_O>(sacc, o, m_run, l_run, t_run, mu, !uni_vis, alpha, pa);
+                moved = softmax_uniform_il<T, !LATE_O, NT, DT, C::LZ>(sacc, o, m_run, l_run, t_run, mu, !uni_vis, alpha, pa);
             } else if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && uni_vis)
                 taca_fwd::softmax_tile<taca_fwd::TILE_VIS, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane, alpha,
                                                                     a.mask, mbase, row0, n);
@@ -522,7 +526,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
                 fence_regs<DT * 4>(&o[0][0][0]);
                 fence_regs<BC / 4>(&pa[0][0]);
                 if (lane == 0) mbar_arrive(empty_v(sp));
-                rescale_o<DT>(o, alpha);
+                if (!C::LZ || moved) rescale_o<DT>(o, alpha);
             }
             // IL without LATE_O: the uniform path packed P itself (with LATE_O the P V product in flight reads pa until
             // the wait above); the others pack here, after their loop
