@@ -125,9 +125,12 @@ __device__ __forceinline__ bool softmax_uniform_il(float (&s)[1][NT][4], float (
             m_run[0][hf] = mx;
             alpha_out[0][hf] = al[hf];
         }
-    } else {  // LAZY: every row keeps its (finite) max
+    } else {  // LAZY: every row keeps its max (-inf only where the row saw no finite logit yet, nor does it now)
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) mb[hf] = m_run[0][hf], al[hf] = 1.0f, alpha_out[0][hf] = 1.0f;
+        for (int hf = 0; hf < 2; ++hf) {
+            mb[hf] = m_run[0][hf] == -INFINITY ? 0.0f : m_run[0][hf];
+            al[hf] = 1.0f, alpha_out[0][hf] = 1.0f;
+        }
     }
     float ls[2] = {0.0f, 0.0f};
 #pragma unroll
