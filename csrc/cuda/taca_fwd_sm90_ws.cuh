@@ -500,16 +500,23 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
                 masked = !kflag[jg % C::KT_SLOTS];
             }
             float alpha[1][2];
-            bool moved = true;  // LZ: whether O needs its rescale by alpha
-            const bool uni_vis = k1 <= tb || k0 >= te, uni_txt = k0 >= tb && k1 <= te;
-            if (C::IL && !masked && a.scale_log2 >= 0.0f && k1 <= nk && (uni_vis || uni_txt)) {
-                // the rows' multipliers selected as values (a reference to either array put both on the stack)
-                const float mu[1][2] = {{uni_vis ? mul_vis[0][0] : mul_txt[0][0], uni_vis ? mul_vis[0][1] : mul_txt[0][1]}};
-                moved = softmax_uniform_il<T, !LATE_O, NT, DT, C::LZ>(sacc, o, m_run, l_run, t_run, mu, !uni_vis, alpha, pa);
-            } else if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && uni_vis)
+            bool moved = true;   // LZ: whether O needs its rescale by alpha
+            bool il_done = false;  // IL: a uniform tile, its softmax (and without LATE_O its packing) done
+            if constexpr (C::IL) {
+                const bool uni_vis = k1 <= tb || k0 >= te, uni_txt = k0 >= tb && k1 <= te;
+                if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && (uni_vis || uni_txt)) {
+                    // the rows' multipliers selected as values (a reference to either array put both on the stack)
+                    const float mu[1][2] = {{uni_vis ? mul_vis[0][0] : mul_txt[0][0], uni_vis ? mul_vis[0][1] : mul_txt[0][1]}};
+                    moved = softmax_uniform_il<T, !LATE_O, NT, DT, C::LZ>(sacc, o, m_run, l_run, t_run, mu, !uni_vis, alpha, pa);
+                    il_done = true;
+                }
+            }
+            // (the default's chain verbatim: FORM 0's instances keep their SASS)
+            if (il_done) {
+            } else if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && (k1 <= tb || k0 >= te))
                 taca_fwd::softmax_tile<taca_fwd::TILE_VIS, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane, alpha,
                                                                     a.mask, mbase, row0, n);
-            else if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && uni_txt)
+            else if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && k0 >= tb && k1 <= te)
                 taca_fwd::softmax_tile<taca_fwd::TILE_TXT, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane, alpha,
                                                                     a.mask, mbase, row0, n);
             else if (MK == MK_KEY)  // a masked or mixed tile: the key terms (zero where nothing is masked)
@@ -530,8 +537,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             }
             // IL without LATE_O: the uniform path packed P itself (with LATE_O the P V product in flight reads pa until
             // the wait above); the others pack here, after their loop
-            if (!C::IL || LATE_O || !(!masked && a.scale_log2 >= 0.0f && k1 <= nk && (uni_vis || uni_txt)))
-                pack_p<T, BC>(pa, sacc);
+            if (LATE_O || !il_done) pack_p<T, BC>(pa, sacc);
         };
         tile(jb, std::true_type());
         for (int j = jb + 1; j < je; ++j) tile(j, std::false_type());
