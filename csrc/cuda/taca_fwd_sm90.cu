@@ -92,7 +92,7 @@ __device__ __forceinline__ void pack_p(uint32_t (&pa)[BC / 16][4], const float (
  * and the fp32 sums hold that), alpha is 1 and O is not rescaled. Returns whether O needs the rescale by alpha_out (a
  * warp-uniform value). Not bitwise the default: the exponentials are taken against another max. */
 constexpr float LAZY_LOG2 = 8.0f;
-template <typename T, bool SCALE_O, int NT, int DT, bool LAZY = false>
+template <typename T, bool SCALE_O, int NT, int DT, bool LAZY = false, bool PACK = SCALE_O>
 __device__ __forceinline__ bool softmax_uniform_il(float (&s)[1][NT][4], float (&o)[1][DT][4], float (&m_run)[1][2],
                                                    float (&l_run)[1][2], float (&t_run)[1][2], const float (&mul)[1][2],
                                                    bool txt, float (&alpha_out)[1][2], uint32_t (&pa)[NT / 2][4]) {
@@ -149,7 +149,7 @@ __device__ __forceinline__ bool softmax_uniform_il(float (&s)[1][NT][4], float (
                 for (int c = 0; c < 4; ++c) o[0][nt][c] *= al[c >> 1];
             }
         }
-        if (nt & 1) {
+        if (PACK && (nt & 1)) {  // (not while a P V product in flight still reads pa: the caller packs after it)
             const int kk = nt >> 1;
             pa[kk][0] = pack2<T>(s[0][2 * kk][0], s[0][2 * kk][1]);
             pa[kk][1] = pack2<T>(s[0][2 * kk][2], s[0][2 * kk][3]);
