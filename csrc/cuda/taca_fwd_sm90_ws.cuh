@@ -507,8 +507,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
                 if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && (uni_vis || uni_txt)) {
                     // the rows' multipliers selected as values (a reference to either array put both on the stack)
                     const float mu[1][2] = {{uni_vis ? mul_vis[0][0] : mul_txt[0][0], uni_vis ? mul_vis[0][1] : mul_txt[0][1]}};
-                    moved = softmax_uniform_il<T, !LATE_O, NT, DT, C::LZ, !LATE_O>(sacc, o, m_run, l_run, t_run, mu, !uni_vis,
-                                                                                  alpha, pa);
+                    moved = softmax_uniform_il<T, !LATE_O, NT, DT, C::LZ>(sacc, o, m_run, l_run, t_run, mu, !uni_vis, alpha, pa);
                     il_done = true;
                 }
             }
