@@ -298,8 +298,8 @@ def _fwd_ws_flags(fn):
         torch.cuda.synchronize()
     flags = []
     for e in prof.events():
-        m = re.search(r"WsCfg<2, (true|false), true, 128, true, 128, 2, (\d)>", e.name) or re.search(
-            r"WsCfgILi2ELb([01])ELb1ELi128ELb1ELi128ELi2ELi(\d)E", e.name)
+        m = re.search(r"WsCfg<2, (true|false), true, 128, true, 128, 2, (\d+)>", e.name) or re.search(
+            r"WsCfgILi2ELb([01])ELb1ELi128ELb1ELi128ELi2ELi(\d+)E", e.name)
         if m and "fwd" in e.name:
             flags.append((m.group(1) in ("true", "1"), int(m.group(2))))
     return flags
@@ -381,12 +381,13 @@ FORM_CASES = [
 def test_forward_forms(case, monkeypatch):
     """The D = 128 default's timing switches (WsCfg's FORM): TACA_FWD_PVW=1 (P V as one m64n128k16 wgmma per 16 keys
     over both column blocks of V instead of two m64n64k16), TACA_FWD_IL=1 (uniform tiles' softmax with O's rescale and
-    P's packing between the exponentials) and both: the tolerance rule against the fp32 reference by default,
-    (out, lse, text_mass) of every form bitwise the default's (the same fp32 operations on every value), and on sm_90
-    the kernels launched carry the form asked for (unset: 0). TACA_FWD_LZ=1 (the lazy running max): the tolerance
-    rule, with and without keys that move the max late."""
+    P's packing between the exponentials), both, and TACA_FWD_TX=1 (IL with the consumers' turn around the
+    exponentials instead of the wgmma issue; with and without PVW): the tolerance rule against the fp32 reference by
+    default, (out, lse, text_mass) of every form bitwise the default's (the same fp32 operations on every value), and
+    on sm_90 the kernels launched carry the form asked for (unset: 0). TACA_FWD_LZ=1 (the lazy running max): the
+    tolerance rule, with and without keys that move the max late."""
     B, H, L, n_img, tf, dtype, layout, nc, ov = case
-    for name in ("TACA_FWD_PVW", "TACA_FWD_IL", "TACA_FWD_LZ"):
+    for name in ("TACA_FWD_PVW", "TACA_FWD_IL", "TACA_FWD_LZ", "TACA_FWD_TX"):
         monkeypatch.delenv(name, raising=False)
     if ov is None:
         monkeypatch.delenv("TACA_FWD_OVERLAP", raising=False)
@@ -402,19 +403,21 @@ def test_forward_forms(case, monkeypatch):
     hopper = torch.cuda.get_device_capability() == (9, 0)
     if hopper:
         assert {f for _, f in _fwd_ws_flags(call)} == {0}
-    for pvw, il in ((1, 0), (0, 1), (1, 1)):
+    for pvw, il, tx in ((1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1), (1, 0, 1)):
         monkeypatch.setenv("TACA_FWD_PVW", str(pvw))
         monkeypatch.setenv("TACA_FWD_IL", str(il))
+        monkeypatch.setenv("TACA_FWD_TX", str(tx))
         got = call()
         for name, x, y in zip(("out", "lse", "text_mass"), got, default):
-            assert torch.equal(x, y), f"{name}: TACA_FWD_PVW={pvw} TACA_FWD_IL={il} differs from the default"
+            assert torch.equal(x, y), f"{name}: TACA_FWD_PVW={pvw} TACA_FWD_IL={il} TACA_FWD_TX={tx} differs from the default"
         if hopper:
             flags = _fwd_ws_flags(call)
-            assert flags and all(f == pvw + 2 * il for _, f in flags), f"PVW={pvw} IL={il}: kernels {flags}"
+            want = pvw + (10 if tx else 2 * il)  # TX implies IL (form bits: PVW 1, IL 2, TX 8)
+            assert flags and all(f == want for _, f in flags), f"PVW={pvw} IL={il} TX={tx}: kernels {flags}"
     # TACA_FWD_LZ=1 (IL with the lazy running max, form 6): not bitwise the default (its exponentials are taken
     # against a stale max), so the tolerance rule; a run of large keys late in the sequence moves the max past the
     # threshold mid-row (the rescale branch), the first tile always does
-    for name in ("TACA_FWD_PVW", "TACA_FWD_IL"):
+    for name in ("TACA_FWD_PVW", "TACA_FWD_IL", "TACA_FWD_TX"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TACA_FWD_LZ", "1")
 

@@ -93,10 +93,27 @@ __device__ __forceinline__ void pack_p(uint32_t (&pa)[BC / 16][4], const float (
  * and the fp32 sums hold that), alpha is 1 and O is not rescaled. Returns whether O needs the rescale by alpha_out (a
  * warp-uniform value). Not bitwise the default: the exponentials are taken against another max. */
 constexpr float LAZY_LOG2 = 8.0f;
-template <typename T, bool SCALE_O, int NT, int DT, bool LAZY = false>
+/* WsCfg's TX: the two consumers' ping-pong turn around the exponentials. take(): wait for this consumer's turn (named
+ * barrier own); pass(): hand it to the other (barrier next), unless pass_on is false (the other is done). ON false: no
+ * barriers. */
+template <bool ON>
+struct TxTurn {
+    int own, next;
+    bool pass_on;
+    __device__ __forceinline__ void take() const {
+        if constexpr (ON) named_bar_sync(own, 256);
+    }
+    __device__ __forceinline__ void pass() const {
+        if constexpr (ON) {
+            if (pass_on) named_bar_arrive(next, 256);
+        }
+    }
+};
+template <typename T, bool SCALE_O, int NT, int DT, bool LAZY = false, bool TX = false>
 __device__ __forceinline__ bool softmax_uniform_il(float (&s)[1][NT][4], float (&o)[1][DT][4], float (&m_run)[1][2],
                                                    float (&l_run)[1][2], float (&t_run)[1][2], const float (&mul)[1][2],
-                                                   bool txt, float (&alpha_out)[1][2], uint32_t (&pa)[NT / 2][4]) {
+                                                   bool txt, float (&alpha_out)[1][2], uint32_t (&pa)[NT / 2][4],
+                                                   const TxTurn<TX> &turn = TxTurn<TX>{0, 0, false}) {
     static_assert(NT % 2 == 0, "key tile: whole 16-key steps");
     float mb[2], al[2];
 #pragma unroll
@@ -114,6 +131,7 @@ __device__ __forceinline__ bool softmax_uniform_il(float (&s)[1][NT][4], float (
     for (int hf = 0; hf < 2; ++hf) mb[hf] = fmaxf(mb[hf], __shfl_xor_sync(0xffffffffu, mb[hf], 1));
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) mb[hf] = fmaxf(mb[hf], __shfl_xor_sync(0xffffffffu, mb[hf], 2));
+    turn.take();  // TX: the exponentials (and with SCALE_O O's rescale and P's packing) under the turn
     bool moved = true;
     if constexpr (LAZY)
         moved = __any_sync(0xffffffffu, mb[0] > m_run[0][0] + LAZY_LOG2 || mb[1] > m_run[0][1] + LAZY_LOG2);
@@ -158,6 +176,7 @@ __device__ __forceinline__ bool softmax_uniform_il(float (&s)[1][NT][4], float (
             pa[kk][3] = pack2<T>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
         }
     }
+    turn.pass();
     if constexpr (SCALE_O && !LAZY) {
 #pragma unroll
         for (int dt = NT; dt < DT; ++dt)
@@ -477,13 +496,14 @@ using WSplitOv = WsCfg<2, true, true, 128, true>;
 }
 // WsCfg's FORM for the D = 128 default without spans or a mask (timing switches, off by default): TACA_FWD_PVW=1 adds
 // PVW (P V as m64n128k16 wgmmas), TACA_FWD_IL=1 adds IL (uniform tiles' softmax with O's rescale and P's packing
-// between the exponentials), TACA_FWD_LZ=1 adds IL and LZ (the lazy running max; without PVW only)
+// between the exponentials), TACA_FWD_LZ=1 adds IL and LZ (the lazy running max; without PVW only), TACA_FWD_TX=1 adds
+// IL and TX (the consumers' turn around the exponentials instead of the wgmma issue; with or without PVW, not with LZ)
 template <int F> using WSplitF = WsCfg<2, false, true, 128, true, 128, 2, F>;
 template <int F> using WSplitOvF = WsCfg<2, true, true, 128, true, 128, 2, F>;
 [[maybe_unused]] static inline int fwd_form() {
-    const char *p = getenv("TACA_FWD_PVW"), *i = getenv("TACA_FWD_IL"), *z = getenv("TACA_FWD_LZ");
+    const char *p = getenv("TACA_FWD_PVW"), *i = getenv("TACA_FWD_IL"), *z = getenv("TACA_FWD_LZ"), *x = getenv("TACA_FWD_TX");
     if (z && !strcmp(z, "1")) return 6;
-    return (p && !strcmp(p, "1") ? 1 : 0) | (i && !strcmp(i, "1") ? 2 : 0);
+    return (p && !strcmp(p, "1") ? 1 : 0) | (i && !strcmp(i, "1") ? 2 : 0) | (x && !strcmp(x, "1") ? 10 : 0);
 }
 // run(std::integral_constant<int, F>()) for the call's form F (fwd_form)
 template <typename R>
@@ -493,6 +513,8 @@ static inline int by_form(R &&run) {
     case 2: return run(std::integral_constant<int, 2>());
     case 3: return run(std::integral_constant<int, 3>());
     case 6: return run(std::integral_constant<int, 6>());
+    case 10: return run(std::integral_constant<int, 10>());
+    case 11: return run(std::integral_constant<int, 11>());
     default: return run(std::integral_constant<int, 0>());
     }
 }
