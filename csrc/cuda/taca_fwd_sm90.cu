@@ -699,7 +699,21 @@ int dispatch_t(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
                      : dispatch_d<T, 128>(a, variant, batch, heads, stream, ws, ws_bytes);
 }
 
+/* dispatch_t<__half>: defined in taca_fwd_sm90_f16.cu, which compiles this file a second time with
+ * TACA_FWD90_HALF_PART, so the __half kernels are a translation unit of their own and build in parallel with the
+ * bf16 ones (one file held every instance: the longest compile of the build, ~3 min on one core) */
+int dispatch_half(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream, void *ws, size_t ws_bytes);
+
 }  // namespace taca_fwd90
+
+#if defined(TACA_FWD90_HALF_PART)
+#if defined(TACA_HAVE_SM90A)
+int taca_fwd90::dispatch_half(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream, void *ws,
+                              size_t ws_bytes) {
+    return dispatch_t<__half>(a, variant, batch, heads, stream, ws, ws_bytes);
+}
+#endif
+#else  // the bf16 part: the entry points, the bf16 kernels and the FP8 forward
 
 #include "taca_fwd_sm90_fp8.cuh"
 
@@ -728,7 +742,7 @@ int taca_fwd_sm90(const taca_fwd::FwdArgs &a, int dtype, int variant, int batch,
     const int dev_st = taca_sm90::device_is_sm90("taca_fwd_cuda (sm90): device query");
     if (dev_st != TACA_OK) return dev_st;
     if (dtype == TACA_BF16) return taca_fwd90::dispatch_t<__nv_bfloat16>(a, variant, batch, heads, stream, ws, ws_bytes);
-    return taca_fwd90::dispatch_t<__half>(a, variant, batch, heads, stream, ws, ws_bytes);
+    return taca_fwd90::dispatch_half(a, variant, batch, heads, stream, ws, ws_bytes);
 #else
     (void)a; (void)dtype; (void)variant; (void)batch; (void)heads; (void)stream; (void)ws; (void)ws_bytes;
     return TACA_ERR_UNSUPPORTED;
@@ -748,3 +762,4 @@ size_t taca_fwd_sm90_split_bytes(const taca_fwd::FwdArgs &a, int variant, int ba
     return 0;
 #endif
 }
+#endif  // TACA_FWD90_HALF_PART
