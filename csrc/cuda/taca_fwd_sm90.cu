@@ -92,7 +92,7 @@ __device__ __forceinline__ void pack_p(uint32_t (&pa)[BC / 16][4], const float (
  * than LAZY_LOG2 (base 2); otherwise every row keeps its max, the tile's exponentials stay below 2^LAZY_LOG2 (P in bf16
  * and the fp32 sums hold that), alpha is 1 and O is not rescaled. Returns whether O needs the rescale by alpha_out (a
  * warp-uniform value). Not bitwise the default: the exponentials are taken against another max. */
-constexpr float LAZY_LOG2 = 8.0f;
+[[maybe_unused]] constexpr float LAZY_LOG2 = 8.0f;  // (unreferenced in builds without sm_90a)
 /* WsCfg's TX: the two consumers' ping-pong turn around the exponentials. take(): wait for this consumer's turn (named
  * barrier own); pass(): hand it to the other (barrier next), unless pass_on is false (the other is done). ON false: no
  * barriers. */
