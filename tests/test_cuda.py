@@ -380,14 +380,13 @@ FORM_CASES = [
 @pytest.mark.parametrize("case", FORM_CASES, ids=lambda c: f"B{c[0]}-H{c[1]}-N{c[2] + c[3]}-{c[5]}-ov{c[8]}")
 def test_forward_forms(case, monkeypatch):
     """The D = 128 default's timing switches (WsCfg's FORM): TACA_FWD_PVW=1 (P V as one m64n128k16 wgmma per 16 keys
-    over both column blocks of V instead of two m64n64k16), TACA_FWD_IL=1 (uniform tiles' softmax with O's rescale and
-    P's packing between the exponentials), both, and TACA_FWD_TX=1 (IL with the consumers' turn around the
-    exponentials instead of the wgmma issue; with and without PVW): the tolerance rule against the fp32 reference by
-    default, (out, lse, text_mass) of every form bitwise the default's (the same fp32 operations on every value), and
-    on sm_90 the kernels launched carry the form asked for (unset: 0). TACA_FWD_LZ=1 (the lazy running max): the
-    tolerance rule, with and without keys that move the max late."""
+    over both column blocks of V instead of two m64n64k16), TACA_FWD_TX=1 (uniform tiles by softmax_uniform_il with
+    the consumers' turn around the exponentials instead of the wgmma issue) and both: the tolerance rule against the
+    fp32 reference by default, (out, lse, text_mass) of every form bitwise the default's (the same fp32 operations on
+    every value), and on sm_90 the kernels launched carry the form asked for (unset: 0). TACA_FWD_LZ=1 (the lazy
+    running max): the tolerance rule, with and without keys that move the max late."""
     B, H, L, n_img, tf, dtype, layout, nc, ov = case
-    for name in ("TACA_FWD_PVW", "TACA_FWD_IL", "TACA_FWD_LZ", "TACA_FWD_TX"):
+    for name in ("TACA_FWD_PVW", "TACA_FWD_LZ", "TACA_FWD_TX"):
         monkeypatch.delenv(name, raising=False)
     if ov is None:
         monkeypatch.delenv("TACA_FWD_OVERLAP", raising=False)
@@ -403,21 +402,20 @@ def test_forward_forms(case, monkeypatch):
     hopper = torch.cuda.get_device_capability() == (9, 0)
     if hopper:
         assert {f for _, f in _fwd_ws_flags(call)} == {0}
-    for pvw, il, tx in ((1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1), (1, 0, 1)):
+    for pvw, tx in ((1, 0), (0, 1), (1, 1)):
         monkeypatch.setenv("TACA_FWD_PVW", str(pvw))
-        monkeypatch.setenv("TACA_FWD_IL", str(il))
         monkeypatch.setenv("TACA_FWD_TX", str(tx))
         got = call()
         for name, x, y in zip(("out", "lse", "text_mass"), got, default):
-            assert torch.equal(x, y), f"{name}: TACA_FWD_PVW={pvw} TACA_FWD_IL={il} TACA_FWD_TX={tx} differs from the default"
+            assert torch.equal(x, y), f"{name}: TACA_FWD_PVW={pvw} TACA_FWD_TX={tx} differs from the default"
         if hopper:
             flags = _fwd_ws_flags(call)
-            want = pvw + (10 if tx else 2 * il)  # TX implies IL (form bits: PVW 1, IL 2, TX 8)
-            assert flags and all(f == want for _, f in flags), f"PVW={pvw} IL={il} TX={tx}: kernels {flags}"
+            want = pvw + 10 * tx  # form bits: PVW 1, IL 2, TX 8 (TX takes IL's path)
+            assert flags and all(f == want for _, f in flags), f"PVW={pvw} TX={tx}: kernels {flags}"
     # TACA_FWD_LZ=1 (IL with the lazy running max, form 6): not bitwise the default (its exponentials are taken
     # against a stale max), so the tolerance rule; a run of large keys late in the sequence moves the max past the
     # threshold mid-row (the rescale branch), the first tile always does
-    for name in ("TACA_FWD_PVW", "TACA_FWD_IL", "TACA_FWD_TX"):
+    for name in ("TACA_FWD_PVW", "TACA_FWD_TX"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TACA_FWD_LZ", "1")
 

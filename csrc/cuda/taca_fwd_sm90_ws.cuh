@@ -53,9 +53,9 @@ struct WsCfg {
     // PVW (1, D = 128): P V as one m64n128k16 per 16 keys over both 64-column blocks of V (an N-major descriptor whose
     //   leading byte offset steps between the blocks, as the backward's dV product) instead of two m64n64k16: 8 wgmmas
     //   a tile instead of 16, each P fragment sent once (cuDNN's and FA3's form)
-    // IL (2): uniform tiles (text or visual keys only) by softmax_uniform_il, one path for both kinds, with O's rescale
-    //   and P's packing between the exponentials (in the default they were merged after the tile kinds' join, and ran
-    //   after the last exponential: KERNEL_LOG fortieth session)
+    // IL (2; built only with LZ or TX): uniform tiles (text or visual keys only) by softmax_uniform_il, one path for
+    //   both kinds, with O's rescale and P's packing between the exponentials in the source (in the default they were
+    //   merged after the tile kinds' join, and ran after the last exponential: KERNEL_LOG fortieth session)
     static constexpr int FORM = FORM_;
     // LZ (4, with IL): uniform tiles keep the running max unless a row of the warp grows by more than 2^8
     //   (softmax_uniform_il's LAZY, FlashAttention-4's rule): most tiles then skip O's rescale. Not bitwise the default
