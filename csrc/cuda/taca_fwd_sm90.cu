@@ -81,18 +81,6 @@ __device__ __forceinline__ void pack_p(uint32_t (&pa)[BC / 16][4], const float (
     }
 }
 
-/* The WS kernels' uniform tiles (every key of the tile text, or every one visual; no mask; mul >= 0) with WsCfg's IL:
- * the same fp32 operations on every value as taca_fwd::softmax_tile<TILE_VIS / TILE_TXT> (the row max as its tree, the
- * row sums in its order) and pack_p, so the same outputs; what differs is the order in the source: both rows' maxima
- * first, then per 8-key column tile the four exponentials and, with SCALE_O (no P V product in flight, so O and pa are
- * free), O's rescale of one 8-column tile and, every second column tile, P's four packed registers, so that ptxas can
- * fill the exponentials' issue gaps with them (without SCALE_O the caller rescales and packs after its wait). txt:
- * the tile's keys are text (text mass summed). mul: the rows' multipliers for this tile's kind. */
-/* LAZY (WsCfg's LZ, FlashAttention-4's rule): the running max moves only when some row of the warp would grow by more
- * than LAZY_LOG2 (base 2); otherwise every row keeps its max, the tile's exponentials stay below 2^LAZY_LOG2 (P in bf16
- * and the fp32 sums hold that), alpha is 1 and O is not rescaled. Returns whether O needs the rescale by alpha_out (a
- * warp-uniform value). Not bitwise the default: the exponentials are taken against another max. */
-[[maybe_unused]] constexpr float LAZY_LOG2 = 8.0f;  // (unreferenced in builds without sm_90a)
 /* WsCfg's TX: the two consumers' ping-pong turn around the exponentials. take(): wait for this consumer's turn (named
  * barrier own); pass(): hand it to the other (barrier next), unless pass_on is false (the other is done). ON false: no
  * barriers. */
@@ -109,6 +97,20 @@ struct TxTurn {
         }
     }
 };
+
+/* The WS kernels' uniform tiles (every key of the tile text, or every one visual; no mask; mul >= 0) with WsCfg's IL:
+ * the same fp32 operations on every value as taca_fwd::softmax_tile<TILE_VIS / TILE_TXT> (the row max as its tree, the
+ * row sums in its order) and pack_p, so the same outputs; what differs is the order in the source: both rows' maxima
+ * first, then per 8-key column tile the four exponentials and, with SCALE_O (no P V product in flight, so O and pa are
+ * free), O's rescale of one 8-column tile and, every second column tile, P's four packed registers, so that ptxas can
+ * fill the exponentials' issue gaps with them (without SCALE_O the caller rescales and packs after its wait). txt:
+ * the tile's keys are text (text mass summed). mul: the rows' multipliers for this tile's kind. turn (TX): taken after
+ * the row max, passed after the last exponential. */
+/* LAZY (WsCfg's LZ, FlashAttention-4's rule): the running max moves only when some row of the warp would grow by more
+ * than LAZY_LOG2 (base 2); otherwise every row keeps its max, the tile's exponentials stay below 2^LAZY_LOG2 (P in bf16
+ * and the fp32 sums hold that), alpha is 1 and O is not rescaled. Returns whether O needs the rescale by alpha_out (a
+ * warp-uniform value). Not bitwise the default: the exponentials are taken against another max. */
+[[maybe_unused]] constexpr float LAZY_LOG2 = 8.0f;  // (unreferenced in builds without sm_90a)
 template <typename T, bool SCALE_O, int NT, int DT, bool LAZY = false, bool TX = false>
 __device__ __forceinline__ bool softmax_uniform_il(float (&s)[1][NT][4], float (&o)[1][DT][4], float (&m_run)[1][2],
                                                    float (&l_run)[1][2], float (&t_run)[1][2], const float (&mul)[1][2],
