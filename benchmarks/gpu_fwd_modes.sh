@@ -3,7 +3,7 @@
 # plain cuDNN's in that process), the modes alternate process by process for $ROUNDS rounds, then a table of each
 # mode's median ms and its speed against cuDNN (the median over rounds of the per-process ratios).
 #   run(command="bash benchmarks/gpu_fwd_modes.sh", carry=[".whl"])
-# Env: MODES (default "base,pvw"): "base" the defaults, else "+"-joined switches: pvw (TACA_FWD_PVW=1),
+# Env: MODES (default "base,pvw"): "base" the defaults, else "+"-joined switches: pvw (TACA_FWD_PVW=1), pvw0 (TACA_FWD_PVW=0),
 # lz (TACA_FWD_LZ=1: IL and the lazy max), tx (TACA_FWD_TX=1: IL and the turn around the exponentials), ov0 / ov1
 # (TACA_FWD_OVERLAP=0 / 1), sp0 (TACA_FWD_SPLIT=0); SHAPES (default flux1024_b1,flux1024_b2,flux2048_b1), ROUNDS (3),
 # BUILD=0 to reuse an in-place build (gpu_build.sh reuses a matching one anyway), TESTS (a pytest -k expression, e.g.
@@ -21,6 +21,7 @@ menv() {  # mode -> env assignments
   for s in ${m//+/ }; do
     case $s in
       pvw) e="$e TACA_FWD_PVW=1" ;;
+      pvw0) e="$e TACA_FWD_PVW=0" ;;
       lz) e="$e TACA_FWD_LZ=1" ;;
       tx) e="$e TACA_FWD_TX=1" ;;
       ov0) e="$e TACA_FWD_OVERLAP=0" ;;

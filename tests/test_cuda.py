@@ -379,12 +379,13 @@ FORM_CASES = [
 @pytest.mark.skipif(not _PUBLIC, reason="the public op has no CUDA kernel")
 @pytest.mark.parametrize("case", FORM_CASES, ids=lambda c: f"B{c[0]}-H{c[1]}-N{c[2] + c[3]}-{c[5]}-ov{c[8]}")
 def test_forward_forms(case, monkeypatch):
-    """The D = 128 default's timing switches (WsCfg's FORM): TACA_FWD_PVW=1 (P V as one m64n128k16 wgmma per 16 keys
-    over both column blocks of V instead of two m64n64k16), TACA_FWD_TX=1 (uniform tiles by softmax_uniform_il with
-    the consumers' turn around the exponentials instead of the wgmma issue) and both: the tolerance rule against the
-    fp32 reference by default, (out, lse, text_mass) of every form bitwise the default's (the same fp32 operations on
-    every value), and on sm_90 the kernels launched carry the form asked for (unset: 0). TACA_FWD_LZ=1 (the lazy
-    running max): the tolerance rule, with and without keys that move the max late."""
+    """The D = 128 default's forms (WsCfg's FORM): PVW (P V as one m64n128k16 wgmma per 16 keys over both column
+    blocks of V instead of two m64n64k16) is the default, TACA_FWD_PVW=0 the m64n64k16 form; TACA_FWD_TX=1 (uniform
+    tiles by softmax_uniform_il with the consumers' turn around the exponentials instead of the wgmma issue) with
+    either: the tolerance rule against the fp32 reference by default, (out, lse, text_mass) of every form bitwise the
+    default's (the same fp32 operations on every value), and on sm_90 the kernels launched carry the form asked for
+    (unset: 1). TACA_FWD_LZ=1 (the lazy running max): the tolerance rule, with and without keys that move the max
+    late."""
     B, H, L, n_img, tf, dtype, layout, nc, ov = case
     for name in ("TACA_FWD_PVW", "TACA_FWD_LZ", "TACA_FWD_TX"):
         monkeypatch.delenv(name, raising=False)
@@ -401,8 +402,8 @@ def test_forward_forms(case, monkeypatch):
     assert torch.equal(default[0], out)
     hopper = torch.cuda.get_device_capability() == (9, 0)
     if hopper:
-        assert {f for _, f in _fwd_ws_flags(call)} == {0}
-    for pvw, tx in ((1, 0), (0, 1), (1, 1)):
+        assert {f for _, f in _fwd_ws_flags(call)} == {1}
+    for pvw, tx in ((0, 0), (1, 0), (0, 1), (1, 1)):
         monkeypatch.setenv("TACA_FWD_PVW", str(pvw))
         monkeypatch.setenv("TACA_FWD_TX", str(tx))
         got = call()

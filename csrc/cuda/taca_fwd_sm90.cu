@@ -496,17 +496,17 @@ using WSplitOv = WsCfg<2, true, true, 128, true>;
     if (const char *e = getenv("TACA_FWD_OVERLAP")) return strcmp(e, "0") != 0;
     return a.nk <= 15360;
 }
-// WsCfg's FORM for the D = 128 default without spans or a mask (timing switches, off by default): TACA_FWD_PVW=1 adds
-// PVW (P V as m64n128k16 wgmmas), TACA_FWD_LZ=1 takes IL and LZ (the lazy running max; without PVW only),
-// TACA_FWD_TX=1 adds IL and TX (the consumers' turn around the exponentials instead of the wgmma issue; with or without
-// PVW, not with LZ). IL alone (TACA_FWD_IL=1 in the fortieth session) was slower at FLUX 1024 and with PVW at 2048
-// (H200, KERNEL_LOG forty-first session): its forms 2 and 3 are no longer built
+// WsCfg's FORM for the D = 128 default without spans or a mask: PVW (P V as m64n128k16 wgmmas) by default
+// (TACA_FWD_PVW=0 for the m64n64k16 form; bitwise the same), TACA_FWD_LZ=1 takes IL and LZ (the lazy running max;
+// without PVW only), TACA_FWD_TX=1 adds IL and TX (the consumers' turn around the exponentials instead of the wgmma
+// issue; with or without PVW, not with LZ). IL alone (TACA_FWD_IL=1 in the fortieth session) was slower at FLUX 1024
+// and with PVW at 2048 (H200, KERNEL_LOG forty-first session): its forms 2 and 3 are no longer built
 template <int F> using WSplitF = WsCfg<2, false, true, 128, true, 128, 2, F>;
 template <int F> using WSplitOvF = WsCfg<2, true, true, 128, true, 128, 2, F>;
 [[maybe_unused]] static inline int fwd_form() {
     const char *p = getenv("TACA_FWD_PVW"), *z = getenv("TACA_FWD_LZ"), *x = getenv("TACA_FWD_TX");
     if (z && !strcmp(z, "1")) return 6;
-    return (p && !strcmp(p, "1") ? 1 : 0) | (x && !strcmp(x, "1") ? 10 : 0);
+    return (p && !strcmp(p, "0") ? 0 : 1) | (x && !strcmp(x, "1") ? 10 : 0);
 }
 // run(std::integral_constant<int, F>()) for the call's form F (fwd_form)
 template <typename R>
