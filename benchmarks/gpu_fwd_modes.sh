@@ -7,7 +7,8 @@
 # lz (TACA_FWD_LZ=1: IL and the lazy max), tx (TACA_FWD_TX=1: IL and the turn around the exponentials), ov0 / ov1
 # (TACA_FWD_OVERLAP=0 / 1), sp0 (TACA_FWD_SPLIT=0); SHAPES (default flux1024_b1,flux1024_b2,flux2048_b1), ROUNDS (3),
 # BUILD=0 to reuse an in-place build (gpu_build.sh reuses a matching one anyway), TESTS (a pytest -k expression, e.g.
-# "forms or overlap or split": those CUDA tests first, into $OUT/tests.txt, and with MEMCHECK (another -k expression)
+# "forms or overlap or split": those CUDA tests first, into $OUT/tests.txt; TEST_FILES the test files, default
+# tests/test_cuda.py, and with MEMCHECK (another -k expression)
 # compute-sanitizer memcheck over those, into $OUT/memcheck.txt; their tails go into the log), OUT. The log is
 # $OUT/log.txt (tee): redirect the call's other output elsewhere.
 set -o pipefail
@@ -37,10 +38,10 @@ if [ "${BUILD:-1}" = 1 ]; then source benchmarks/gpu_build.sh; fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi -L
 if [ -n "${TESTS:-}" ]; then
-  python3 -m pytest -q tests/test_cuda.py -k "$TESTS" > "$OUT/tests.txt" 2>&1; echo "tests ($TESTS): rc=$?"; tail -4 "$OUT/tests.txt"
+  python3 -m pytest -q ${TEST_FILES:-tests/test_cuda.py} -k "$TESTS" > "$OUT/tests.txt" 2>&1; echo "tests ($TESTS): rc=$?"; tail -4 "$OUT/tests.txt"
 fi
 if [ -n "${MEMCHECK:-}" ]; then
-  compute-sanitizer --tool memcheck python3 -m pytest -q -x tests/test_cuda.py -k "$MEMCHECK" > "$OUT/memcheck.txt" 2>&1
+  compute-sanitizer --tool memcheck python3 -m pytest -q -x ${TEST_FILES:-tests/test_cuda.py} -k "$MEMCHECK" > "$OUT/memcheck.txt" 2>&1
   echo "memcheck ($MEMCHECK): rc=$?"; tail -3 "$OUT/memcheck.txt"
 fi
 for r in $(seq 1 "$ROUNDS"); do

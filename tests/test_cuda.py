@@ -499,6 +499,80 @@ def test_forward_tail_split_features(case, monkeypatch):
     _check_split(split, plain, B, H, N, expect_split=bool(parts) or mk is None)  # unset: a key mask's items whole
 
 
+PVW_FEAT_CASES = [
+    # B, H, text_len (a list: per-sample spans), n_img, text_first, mask (None; "bool": sample 1's text padded, a key
+    # mask's per-tile terms; "float": a bias and a -inf run on keys; "elem": a per-query (B, 1, N, N) mask, read per
+    # element), env (TACA_FWD_OVERLAP / TACA_FWD_SPLIT / TACA_FWD_MASK / TACA_FWD_KT_ARRIVE settings)
+    (2, 3, [512, 300], 1500, True, None, {}),  # spans, the overlapped instance (<= 15360 keys)
+    (2, 3, [512, 300], 1500, True, None, {"TACA_FWD_OVERLAP": "0"}),  # spans, not overlapped
+    (2, 3, [77, 200], 1025, False, None, {"TACA_FWD_SPLIT": "range"}),  # spans, the tail split's key ranges
+    (2, 3, 512, 1500, True, "bool", {}),  # a padded prompt: MK_KEY with the per-tile arrive (KTA)
+    (2, 3, 512, 1500, True, "bool", {"TACA_FWD_KT_ARRIVE": "lane0", "TACA_FWD_SPLIT": "0"}),  # MK_KEY, lane 0
+    (1, 2, 333, 1200, False, "float", {"TACA_FWD_SPLIT": "3"}),  # a float key mask, split into 3 ranges
+    (2, 2, 300, 700, True, "elem", {}),  # a per-query mask: MK_ANY
+]
+
+
+@pytest.mark.skipif(not _PUBLIC, reason="the public op has no CUDA kernel")
+@pytest.mark.parametrize("case", PVW_FEAT_CASES,
+                         ids=lambda c: f"B{c[0]}-img{c[3]}-{c[5] or 'spans'}-" + "-".join(f"{k[9:]}{v}" for k, v in c[6].items()))
+def test_forward_pvw_features(case, monkeypatch):
+    """PVW (P V as m64n128k16 wgmmas, the D = 128 default's form) in the instances with per-sample spans or a mask:
+    out by the tolerance rule against the fp32 reference, lse and text_mass within the feature tests' bounds; every
+    output bitwise the m64n64k16 form's (TACA_FWD_PVW=0: the same fp32 operations); on sm_90 the kernels launched
+    carry FORM 1 by default and 0 with TACA_FWD_PVW=0."""
+    import taca
+
+    B, H, L, n_img, tf, mk, env = case
+    for var in ("TACA_FWD_MASK", "TACA_FWD_KT_ARRIVE", "TACA_FWD_OVERLAP", "TACA_FWD_SPLIT", "TACA_FWD_SPLIT_FORM",
+                "TACA_FWD_PVW", "TACA_FWD_LZ", "TACA_FWD_TX"):
+        monkeypatch.delenv(var, raising=False)
+    for var, val in env.items():
+        monkeypatch.setenv(var, val)
+    Lmax = max(L) if isinstance(L, list) else L
+    N = Lmax + n_img
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    q, k, v = (torch.randn(B, H, N, 128, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3))
+    kw = dict(text_len=torch.tensor(L, device="cuda") if isinstance(L, list) else L, text_first=tf,
+              gamma=torch.linspace(1.2, 1.5, B, device="cuda"))
+    if mk == "bool":
+        m = torch.ones(B, 1, 1, N, dtype=torch.bool, device="cuda")
+        m[1, ..., 150:Lmax] = False  # sample 1's padded text (text first)
+        kw["attn_mask"] = m
+    elif mk == "float":
+        m = torch.zeros(B, 1, 1, N, device="cuda")
+        m[..., ::7] = -1.5
+        m[..., 500:520] = float("-inf")
+        kw["attn_mask"] = m
+    elif mk == "elem":
+        m = torch.rand(B, 1, N, N, device="cuda", generator=gen) > 0.1
+        m[..., 0] = True  # every row attends somewhere
+        kw["attn_mask"] = m
+
+    def run():
+        return taca.joint_attention(q, k, v, backend="cuda", return_lse=True, return_text_mass=True, **kw)
+
+    default = run()
+    qf, kf, vf = (t.float() for t in (q, k, v))
+    ref, lse_r, tm_r = reference.attention_ref(qf, kf, vf, upcast=torch.float32, **kw)
+    tor = reference.attention_split_sdpa(q, k, v, **kw)
+    out, lse, tm = default
+    err, base = (out.float() - ref).abs().max().item(), (tor.float() - ref).abs().max().item()
+    assert err <= 2 * base + 1e-5, f"out: {err:.3g} > 2 x {base:.3g} + 1e-5"
+    assert torch.isfinite(lse).all() and (lse - lse_r).abs().max().item() < 2e-3
+    assert (tm - tm_r).abs().max().item() < 5e-3
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    if hopper:
+        flags = _fwd_ws_flags(run)
+        assert flags and all(f == 1 for _, f in flags), f"default: kernels {flags}"
+    monkeypatch.setenv("TACA_FWD_PVW", "0")
+    for name, x, y in zip(("out", "lse", "text_mass"), run(), default):
+        assert torch.equal(x, y), f"{name}: TACA_FWD_PVW=0 differs from the default"
+    if hopper:
+        flags = _fwd_ws_flags(run)
+        assert flags and all(f == 0 for _, f in flags), f"TACA_FWD_PVW=0: kernels {flags}"
+
+
 @pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
 def test_unaligned_pointers_and_strides():
     # base pointer 2 bytes off 16-byte alignment and odd token strides: the element-wise path

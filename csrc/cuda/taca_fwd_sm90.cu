@@ -503,10 +503,22 @@ using WSplitOv = WsCfg<2, true, true, 128, true>;
 // and with PVW at 2048 (H200, KERNEL_LOG forty-first session): its forms 2 and 3 are no longer built
 template <int F> using WSplitF = WsCfg<2, false, true, 128, true, 128, 2, F>;
 template <int F> using WSplitOvF = WsCfg<2, true, true, 128, true, 128, 2, F>;
+[[maybe_unused]] static inline bool fwd_pvw() {
+    const char *p = getenv("TACA_FWD_PVW");
+    return !(p && !strcmp(p, "0"));
+}
 [[maybe_unused]] static inline int fwd_form() {
-    const char *p = getenv("TACA_FWD_PVW"), *z = getenv("TACA_FWD_LZ"), *x = getenv("TACA_FWD_TX");
+    const char *z = getenv("TACA_FWD_LZ"), *x = getenv("TACA_FWD_TX");
     if (z && !strcmp(z, "1")) return 6;
-    return (p && !strcmp(p, "0") ? 0 : 1) | (x && !strcmp(x, "1") ? 10 : 0);
+    return (fwd_pvw() ? 1 : 0) | (x && !strcmp(x, "1") ? 10 : 0);
+}
+// run(std::integral_constant<int, F>()) with F = 1 (PVW) at D = 128 unless TACA_FWD_PVW=0, else 0: the form of the
+// instances with spans or a mask (fwd_pvw; IL, LZ and TX are the plain default's only)
+template <int D, typename R>
+static inline int by_pvw(R &&run) {
+    if constexpr (D == 128)
+        if (fwd_pvw()) return run(std::integral_constant<int, 1>());
+    return run(std::integral_constant<int, 0>());
 }
 // run(std::integral_constant<int, F>()) for the call's form F (fwd_form)
 template <typename R>
@@ -600,29 +612,33 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
         // the mask code only where there is a mask; a key mask as per-tile terms (MK_*, taca_fwd_sm90_ws.cuh)
         // D = 64: three consumer warpgroups (192-row CTAs) as the default below, a key mask's terms too (MK_KEY at three
         // spills 48 bytes and runs 16-18% faster than at two, TACA_FWD_MASK=tile; MK_ANY at three spills 156: two)
-        using W = WsCfg<2, false, true, D, true>;
-        using W3 = std::conditional_t<D == 64, WsCfg<2, false, true, 64, true, 128, 3>, W>;
-        using W14 = WsCfg<2, false, true, D>;
-        if constexpr (D == 128) {  // the tail split (d128_split_plan): spans, or a key mask's terms (KTA)
-            if (variant != 14 && d128_split_mask_ok(a)) {
-                // per-sample spans without a mask: the overlap as the plain default (fwd_overlap)
-                const int sst = a.mask.data ? launch_split<T, true, MK_KEY, true>(a, variant, batch, heads, stream, ws, ws_bytes)
-                                : fwd_overlap(a)
-                                    ? launch_split<T, true, MK_NONE, false, WSplitOv>(a, variant, batch, heads, stream, ws, ws_bytes)
-                                    : launch_split<T, true, MK_NONE, false>(a, variant, batch, heads, stream, ws, ws_bytes);
-                if (sst != TACA_ERR_UNSUPPORTED) return sst;
+        // D = 128: PVW as the plain default's (fwd_pvw; TACA_FWD_PVW=0 the m64n64k16 form)
+        const int st = by_pvw<D>([&](auto f) {
+            constexpr int F = decltype(f)::value;
+            using W = WsCfg<2, false, true, D, true, 128, 2, F>;
+            using W3 = std::conditional_t<D == 64, WsCfg<2, false, true, 64, true, 128, 3>, W>;
+            using W14 = WsCfg<2, false, true, D>;
+            if constexpr (D == 128) {  // the tail split (d128_split_plan): spans, or a key mask's terms (KTA)
+                if (variant != 14 && d128_split_mask_ok(a)) {
+                    // per-sample spans without a mask: the overlap as the plain default (fwd_overlap)
+                    const int sst = a.mask.data ? launch_split<T, true, MK_KEY, true, WSplitF<F>>(a, variant, batch, heads, stream, ws, ws_bytes)
+                                    : fwd_overlap(a)
+                                        ? launch_split<T, true, MK_NONE, false, WSplitOvF<F>>(a, variant, batch, heads, stream, ws, ws_bytes)
+                                        : launch_split<T, true, MK_NONE, false, WSplitF<F>>(a, variant, batch, heads, stream, ws, ws_bytes);
+                    if (sst != TACA_ERR_UNSUPPORTED) return sst;
+                }
             }
-        }
-        const int st = variant == 14     ? (a.mask.data ? launch_ws<T, W14, true, MK_ANY>(a, batch, heads, stream)
-                                                        : launch_ws<T, W14, true, MK_NONE>(a, batch, heads, stream))
-                       : !a.mask.data    ? (D == 128 && fwd_overlap(a) ? launch_ws<T, WSplitOv, true, MK_NONE>(a, batch, heads, stream)
-                                                                       : launch_ws<T, W3, true, MK_NONE>(a, batch, heads, stream))
-                       : fwd_mask_mode("elem") || a.mask.q != 0 ? launch_ws<T, W, true, MK_ANY>(a, batch, heads, stream)
-                       : D == 64 && !fwd_mask_mode("tile")
-                           ? (fwd_kt_arrive_lane0() ? launch_ws<T, W3, true, MK_KEY>(a, batch, heads, stream)
-                                                    : launch_ws<T, W3, true, MK_KEY, true>(a, batch, heads, stream))
-                       : fwd_kt_arrive_lane0() ? launch_ws<T, W, true, MK_KEY>(a, batch, heads, stream)
-                                               : launch_ws<T, W, true, MK_KEY, true>(a, batch, heads, stream);
+            return variant == 14 ? (a.mask.data ? launch_ws<T, W14, true, MK_ANY>(a, batch, heads, stream)
+                                                : launch_ws<T, W14, true, MK_NONE>(a, batch, heads, stream))
+                   : !a.mask.data ? (D == 128 && fwd_overlap(a) ? launch_ws<T, WSplitOvF<F>, true, MK_NONE>(a, batch, heads, stream)
+                                                                : launch_ws<T, W3, true, MK_NONE>(a, batch, heads, stream))
+                   : fwd_mask_mode("elem") || a.mask.q != 0 ? launch_ws<T, W, true, MK_ANY>(a, batch, heads, stream)
+                   : D == 64 && !fwd_mask_mode("tile")
+                       ? (fwd_kt_arrive_lane0() ? launch_ws<T, W3, true, MK_KEY>(a, batch, heads, stream)
+                                                : launch_ws<T, W3, true, MK_KEY, true>(a, batch, heads, stream))
+                   : fwd_kt_arrive_lane0() ? launch_ws<T, W, true, MK_KEY>(a, batch, heads, stream)
+                                           : launch_ws<T, W, true, MK_KEY, true>(a, batch, heads, stream);
+        });
         if (st != TACA_ERR_UNSUPPORTED) return st;
         // no TMA map: this file's kernel (variant 13's tiling)
         using V13 = std::conditional_t<D == 128, Cfg<128, 128, 2, 2, false>, Cfg<64, 64, 2, 3, false>>;
