@@ -2,7 +2,11 @@
 the forward's timing switches across processes (benchmarks/gpu_fwd_modes.sh sets one mode's environment per process).
 Each cell: `--reps` medians of triton's do_bench (at least 20 iterations each), the median of those.
 
-Usage: python benchmarks/bench_fwd_modes.py [--shapes flux1024_b1,flux2048_b1] [--reps 3] [--out DIR]
+A shape name may end in "+spans" (per-sample text lengths: sample b > 0 keeps 60% of the text, the rest of its text
+slots are not attended) or "+mask" (a bool (B, 1, 1, N) key mask: every sample's last 40% of text keys padded out):
+the D = 128 instances with spans or a mask (cuDNN's cell stays plain attention without a mask).
+
+Usage: python benchmarks/bench_fwd_modes.py [--shapes flux1024_b1,flux2048_b1,flux1024_b2+spans] [--reps 3] [--out DIR]
 Writes DIR/bench_fwd_modes.json: {"shapes": {shape: {"taca": ms, "cudnn": ms}}, "env": {TACA_FWD_*: value}}."""
 from __future__ import annotations
 
@@ -30,9 +34,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     shapes = {**SHAPES, **EXTRA_SHAPES}
     names = [s for s in args.shapes.split(",") if s]
-    bad = [s for s in names if s not in shapes]
+    def parse(s):  # "flux1024_b2+spans" -> ("flux1024_b2", "+spans")
+        for f in ("+spans", "+mask"):
+            if s.endswith(f):
+                return s[: -len(f)], f
+        return s, ""
+
+    split = [parse(s) for s in names]
+    bad = [s for s, _ in split if s not in shapes]
     if bad:
         raise SystemExit(f"--shapes: unknown {bad}; expected names from {sorted(shapes)}")
+    one = [s for s, (b, f) in zip(names, split) if f == "+spans" and shapes[b][0] < 2]
+    if one:
+        raise SystemExit(f"--shapes: {one}: per-sample spans need a batch of 2 or more")
     if args.reps < 1:
         raise SystemExit(f"--reps: expected at least 1, got {args.reps}")
     if not torch.cuda.is_available():
@@ -40,14 +54,22 @@ def main(argv=None) -> int:
     import taca
 
     res = {}
-    for s in names:
-        B, H, D, L, n_img, tf = shapes[s]
+    for s, (base, feat) in zip(names, split):
+        B, H, D, L, n_img, tf = shapes[base]
         N = L + n_img
         q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         g = torch.full((B,), GAMMA, device="cuda")
+        kw = dict(text_len=L)
+        if feat == "+spans":
+            kw["text_len"] = torch.tensor([L] + [int(0.6 * L)] * (B - 1), device="cuda")
+        elif feat == "+mask":
+            m = torch.ones(B, 1, 1, N, dtype=torch.bool, device="cuda")
+            pad = slice(int(0.6 * L), L) if tf else slice(n_img + int(0.6 * L), N)
+            m[..., pad] = False
+            kw["attn_mask"] = m
 
         def taca_fwd():
-            return taca.joint_attention(q, k, v, text_len=L, text_first=tf, gamma=g, backend="cuda")
+            return taca.joint_attention(q, k, v, text_first=tf, gamma=g, backend="cuda", **kw)
 
         def cudnn_fwd():
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
