@@ -499,6 +499,7 @@ def test_forward_tail_split_features(case, monkeypatch):
     _check_split(split, plain, B, H, N, expect_split=bool(parts) or mk is None)  # unset: a key mask's items whole
 
 
+FEAT_PVW_DEFAULT = 0  # the form of the D = 128 instances with spans or a mask when TACA_FWD_PVW is unset
 PVW_FEAT_CASES = [
     # B, H, text_len (a list: per-sample spans), n_img, text_first, mask (None; "bool": sample 1's text padded, a key
     # mask's per-tile terms; "float": a bias and a -inf run on keys; "elem": a per-query (B, 1, N, N) mask, read per
@@ -517,10 +518,11 @@ PVW_FEAT_CASES = [
 @pytest.mark.parametrize("case", PVW_FEAT_CASES,
                          ids=lambda c: f"B{c[0]}-img{c[3]}-{c[5] or 'spans'}-" + "-".join(f"{k[9:]}{v}" for k, v in c[6].items()))
 def test_forward_pvw_features(case, monkeypatch):
-    """PVW (P V as m64n128k16 wgmmas, the D = 128 default's form) in the instances with per-sample spans or a mask:
-    out by the tolerance rule against the fp32 reference, lse and text_mass within the feature tests' bounds; every
-    output bitwise the m64n64k16 form's (TACA_FWD_PVW=0: the same fp32 operations); on sm_90 the kernels launched
-    carry FORM 1 by default and 0 with TACA_FWD_PVW=0."""
+    """PVW (P V as m64n128k16 wgmmas, the D = 128 default's form) in the instances with per-sample spans or a mask
+    (TACA_FWD_PVW=1; unset, their form is FEAT_PVW_DEFAULT): out by the tolerance rule against the fp32 reference, lse
+    and text_mass within the feature tests' bounds; every output bitwise the m64n64k16 form's (TACA_FWD_PVW=0: the
+    same fp32 operations) and the unset default's; on sm_90 the kernels launched carry FORM 1 with TACA_FWD_PVW=1, 0
+    with TACA_FWD_PVW=0, FEAT_PVW_DEFAULT unset."""
     import taca
 
     B, H, L, n_img, tf, mk, env = case
@@ -552,25 +554,27 @@ def test_forward_pvw_features(case, monkeypatch):
     def run():
         return taca.joint_attention(q, k, v, backend="cuda", return_lse=True, return_text_mass=True, **kw)
 
-    default = run()
+    monkeypatch.setenv("TACA_FWD_PVW", "1")
+    pvw = run()
     qf, kf, vf = (t.float() for t in (q, k, v))
     ref, lse_r, tm_r = reference.attention_ref(qf, kf, vf, upcast=torch.float32, **kw)
     tor = reference.attention_split_sdpa(q, k, v, **kw)
-    out, lse, tm = default
+    out, lse, tm = pvw
     err, base = (out.float() - ref).abs().max().item(), (tor.float() - ref).abs().max().item()
     assert err <= 2 * base + 1e-5, f"out: {err:.3g} > 2 x {base:.3g} + 1e-5"
     assert torch.isfinite(lse).all() and (lse - lse_r).abs().max().item() < 2e-3
     assert (tm - tm_r).abs().max().item() < 5e-3
     hopper = torch.cuda.get_device_capability() == (9, 0)
-    if hopper:
-        flags = _fwd_ws_flags(run)
-        assert flags and all(f == 1 for _, f in flags), f"default: kernels {flags}"
-    monkeypatch.setenv("TACA_FWD_PVW", "0")
-    for name, x, y in zip(("out", "lse", "text_mass"), run(), default):
-        assert torch.equal(x, y), f"{name}: TACA_FWD_PVW=0 differs from the default"
-    if hopper:
-        flags = _fwd_ws_flags(run)
-        assert flags and all(f == 0 for _, f in flags), f"TACA_FWD_PVW=0: kernels {flags}"
+    for val, form in (("1", 1), ("0", 0), (None, FEAT_PVW_DEFAULT)):
+        if val is None:
+            monkeypatch.delenv("TACA_FWD_PVW")
+        else:
+            monkeypatch.setenv("TACA_FWD_PVW", val)
+        for name, x, y in zip(("out", "lse", "text_mass"), run(), pvw):
+            assert torch.equal(x, y), f"{name}: TACA_FWD_PVW={val} differs from TACA_FWD_PVW=1"
+        if hopper:
+            flags = _fwd_ws_flags(run)
+            assert flags and all(f == form for _, f in flags), f"TACA_FWD_PVW={val}: kernels {flags}"
 
 
 @pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
