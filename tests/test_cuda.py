@@ -366,6 +366,7 @@ def test_forward_overlap_spans(H, L, n_img, monkeypatch):
     _check_overlap_forms(call, call(), True, monkeypatch)
 
 
+PVW_DEFAULT = 0  # the D = 128 default's form when TACA_FWD_PVW is unset (1: PVW)
 FORM_CASES = [
     # B, H, L, n_img, text_first, dtype, layout, noncontig, TACA_FWD_OVERLAP (None: the default by key count)
     (1, 24, 512, 4096, True, torch.bfloat16, "bnhd", True, None),  # FLUX 1024, diffusers' view: overlap + tail split
@@ -379,13 +380,13 @@ FORM_CASES = [
 @pytest.mark.skipif(not _PUBLIC, reason="the public op has no CUDA kernel")
 @pytest.mark.parametrize("case", FORM_CASES, ids=lambda c: f"B{c[0]}-H{c[1]}-N{c[2] + c[3]}-{c[5]}-ov{c[8]}")
 def test_forward_forms(case, monkeypatch):
-    """The D = 128 default's forms (WsCfg's FORM): PVW (P V as one m64n128k16 wgmma per 16 keys over both column
-    blocks of V instead of two m64n64k16) is the default, TACA_FWD_PVW=0 the m64n64k16 form; TACA_FWD_TX=1 (uniform
-    tiles by softmax_uniform_il with the consumers' turn around the exponentials instead of the wgmma issue) with
-    either: the tolerance rule against the fp32 reference by default, (out, lse, text_mass) of every form bitwise the
-    default's (the same fp32 operations on every value), and on sm_90 the kernels launched carry the form asked for
-    (unset: 1). TACA_FWD_LZ=1 (the lazy running max): the tolerance rule, with and without keys that move the max
-    late."""
+    """The D = 128 default's forms (WsCfg's FORM): TACA_FWD_PVW=1 (P V as one m64n128k16 wgmma per 16 keys over both
+    column blocks of V instead of two m64n64k16; unset, the form PVW_DEFAULT), TACA_FWD_PVW=0 the m64n64k16 form,
+    TACA_FWD_TX=1 (uniform tiles by softmax_uniform_il with the consumers' turn around the exponentials instead of the
+    wgmma issue) with either: the tolerance rule against the fp32 reference by default, (out, lse, text_mass) of every
+    form bitwise the default's (the same fp32 operations on every value), and on sm_90 the kernels launched carry the
+    form asked for (unset: PVW_DEFAULT). TACA_FWD_LZ=1 (the lazy running max): the tolerance rule, with and without
+    keys that move the max late."""
     B, H, L, n_img, tf, dtype, layout, nc, ov = case
     for name in ("TACA_FWD_PVW", "TACA_FWD_LZ", "TACA_FWD_TX"):
         monkeypatch.delenv(name, raising=False)
@@ -402,7 +403,7 @@ def test_forward_forms(case, monkeypatch):
     assert torch.equal(default[0], out)
     hopper = torch.cuda.get_device_capability() == (9, 0)
     if hopper:
-        assert {f for _, f in _fwd_ws_flags(call)} == {1}
+        assert {f for _, f in _fwd_ws_flags(call)} == {PVW_DEFAULT}
     for pvw, tx in ((0, 0), (1, 0), (0, 1), (1, 1)):
         monkeypatch.setenv("TACA_FWD_PVW", str(pvw))
         monkeypatch.setenv("TACA_FWD_TX", str(tx))
@@ -499,7 +500,7 @@ def test_forward_tail_split_features(case, monkeypatch):
     _check_split(split, plain, B, H, N, expect_split=bool(parts) or mk is None)  # unset: a key mask's items whole
 
 
-FEAT_PVW_DEFAULT = 0  # the form of the D = 128 instances with spans or a mask when TACA_FWD_PVW is unset
+FEAT_PVW_DEFAULT = PVW_DEFAULT  # the form of the D = 128 instances with spans or a mask when TACA_FWD_PVW is unset
 PVW_FEAT_CASES = [
     # B, H, text_len (a list: per-sample spans), n_img, text_first, mask (None; "bool": sample 1's text padded, a key
     # mask's per-tile terms; "float": a bias and a -inf run on keys; "elem": a per-query (B, 1, N, N) mask, read per
