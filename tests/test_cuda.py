@@ -310,20 +310,28 @@ def _fwd_overlap_flags(fn):
     return [ov for ov, _ in _fwd_ws_flags(fn)]
 
 
+def _check_env_forms(call, default, var, wants, kernel_flags, monkeypatch):
+    """call() with the environment variable `var` at each (value, want) of `wants` (value None: unset): (out, lse,
+    text_mass) bitwise `default`, and on sm_90 every flag kernel_flags(call) reports (one per D = 128 forward kernel
+    launched) equal to want."""
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    for env, want in wants:
+        if env is None:
+            monkeypatch.delenv(var, raising=False)
+        else:
+            monkeypatch.setenv(var, env)
+        for name, a, b in zip(("out", "lse", "text_mass"), call(), default):
+            assert torch.equal(a, b), f"{name}: {var}={env} differs from the default"
+        if hopper:
+            flags = kernel_flags(call)
+            assert flags and all(f == want for f in flags), f"{var}={env}: kernels {flags}, want {want}"
+
+
 def _check_overlap_forms(call, default, default_overlaps, monkeypatch):
     """call() with TACA_FWD_OVERLAP=1, =0 and unset: (out, lse, text_mass) bitwise `default`, and on sm_90 the D = 128
     forward kernels launched with the form asked for (unset: `default_overlaps`)."""
-    hopper = torch.cuda.get_device_capability() == (9, 0)
-    for env, want in (("1", True), ("0", False), (None, default_overlaps)):
-        if env is None:
-            monkeypatch.delenv("TACA_FWD_OVERLAP", raising=False)
-        else:
-            monkeypatch.setenv("TACA_FWD_OVERLAP", env)
-        for name, a, b in zip(("out", "lse", "text_mass"), call(), default):
-            assert torch.equal(a, b), f"{name}: TACA_FWD_OVERLAP={env} differs from the default"
-        if hopper:
-            flags = _fwd_overlap_flags(call)
-            assert flags and all(f == want for f in flags), f"TACA_FWD_OVERLAP={env}: kernels {flags}, want {want}"
+    _check_env_forms(call, default, "TACA_FWD_OVERLAP", (("1", True), ("0", False), (None, default_overlaps)),
+                     _fwd_overlap_flags, monkeypatch)
 
 
 @pytest.mark.skipif(not _PUBLIC, reason="the public op has no CUDA kernel")
@@ -433,6 +441,47 @@ def test_forward_forms(case, monkeypatch):
         assert flags and all(f == 6 for _, f in flags), f"LZ: kernels {flags}"
 
 
+def _feat_inputs(B, H, L, n_img, tf, mk, seed):
+    """Random bf16 (B, H, N, 128) q, k, v and the op's keyword arguments for the feature instances: text_len (a list:
+    per-sample spans), text_first, per-sample gamma, and attn_mask by `mk`: None; "bool", sample 1's text keys from
+    150 on padded (a (B, 1, 1, N) key mask); "float", a -1.5 bias on every 7th key and a -inf run; "elem", a random
+    per-query (B, 1, N, N) bool mask (key 0 always attended)."""
+    Lmax = max(L) if isinstance(L, list) else L
+    N = Lmax + n_img
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(B, H, N, 128, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3))
+    kw = dict(text_len=torch.tensor(L, device="cuda") if isinstance(L, list) else L, text_first=tf,
+              gamma=torch.linspace(1.2, 1.5, B, device="cuda"))
+    if mk == "bool":
+        m = torch.ones(B, 1, 1, N, dtype=torch.bool, device="cuda")
+        if B > 1:
+            m[1, ..., (150 if tf else N - Lmax + 40):(Lmax if tf else N)] = False  # sample 1's padded text
+        kw["attn_mask"] = m
+    elif mk == "float":
+        m = torch.zeros(B, 1, 1, N, device="cuda")
+        m[..., ::7] = -1.5
+        m[..., 500:520] = float("-inf")
+        kw["attn_mask"] = m
+    elif mk == "elem":
+        m = torch.rand(B, 1, N, N, device="cuda", generator=gen) > 0.1
+        m[..., 0] = True
+        kw["attn_mask"] = m
+    return q, k, v, kw
+
+
+def _check_feat_ref(got, q, k, v, kw):
+    """The op's (out, lse, text_mass) against the fp32 reference: out by the tolerance rule (split SDPA's error), lse
+    finite and within 2e-3, text_mass within 5e-3 (the feature tests' bounds)."""
+    qf, kf, vf = (t.float() for t in (q, k, v))
+    ref, lse_r, tm_r = reference.attention_ref(qf, kf, vf, upcast=torch.float32, **kw)
+    tor = reference.attention_split_sdpa(q, k, v, **kw)
+    out, lse, tm = got
+    err, base = (out.float() - ref).abs().max().item(), (tor.float() - ref).abs().max().item()
+    assert err <= 2 * base + 1e-5, f"out: {err:.3g} > 2 x {base:.3g} + 1e-5"
+    assert torch.isfinite(lse).all() and (lse - lse_r).abs().max().item() < 2e-3
+    assert (tm - tm_r).abs().max().item() < 5e-3
+
+
 SPLIT_FEAT_CASES = [
     # B, text_len (per sample: a list), n_img, text_first, key mask (None, "bool": sample 1's text padded, "float":
     # a -1.5 bias on every 7th key and a -inf run), TACA_FWD_SPLIT ("": unset, the default), TACA_FWD_SPLIT_FORM
@@ -463,20 +512,7 @@ def test_forward_tail_split_features(case, monkeypatch):
     assert H is not None
     for var in ("TACA_FWD_MASK", "TACA_FWD_KT_ARRIVE"):
         monkeypatch.delenv(var, raising=False)
-    gen = torch.Generator(device="cuda").manual_seed(7)
-    q, k, v = (torch.randn(B, H, N, 128, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3))
-    kw = dict(text_len=torch.tensor(L, device="cuda") if isinstance(L, list) else L, text_first=tf,
-              gamma=torch.linspace(1.2, 1.5, B, device="cuda"))
-    if mk == "bool":
-        m = torch.ones(B, 1, 1, N, dtype=torch.bool, device="cuda")
-        if B > 1:
-            m[1, ..., (150 if tf else N - Lmax + 40):(Lmax if tf else N)] = False  # sample 1's padded text
-        kw["attn_mask"] = m
-    elif mk == "float":
-        m = torch.zeros(B, 1, 1, N, device="cuda")
-        m[..., ::7] = -1.5
-        m[..., 500:520] = float("-inf")
-        kw["attn_mask"] = m
+    q, k, v, kw = _feat_inputs(B, H, L, n_img, tf, mk, seed=7)
 
     def run():
         return taca.joint_attention(q, k, v, backend="cuda", return_lse=True, return_text_mass=True, **kw)
@@ -489,14 +525,7 @@ def test_forward_tail_split_features(case, monkeypatch):
     split = [run() for _ in range(2)]
     monkeypatch.setenv("TACA_FWD_SPLIT", "0")
     plain = run()
-    qf, kf, vf = (t.float() for t in (q, k, v))
-    ref, lse_r, tm_r = reference.attention_ref(qf, kf, vf, upcast=torch.float32, **kw)
-    tor = reference.attention_split_sdpa(q, k, v, **kw)
-    out, lse, tm = split[0]
-    err, base = (out.float() - ref).abs().max().item(), (tor.float() - ref).abs().max().item()
-    assert err <= 2 * base + 1e-5, f"out: {err:.3g} > 2 x {base:.3g} + 1e-5"
-    assert torch.isfinite(lse).all() and (lse - lse_r).abs().max().item() < 2e-3
-    assert (tm - tm_r).abs().max().item() < 5e-3
+    _check_feat_ref(split[0], q, k, v, kw)
     _check_split(split, plain, B, H, N, expect_split=bool(parts) or mk is None)  # unset: a key mask's items whole
 
 
@@ -532,50 +561,16 @@ def test_forward_pvw_features(case, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     for var, val in env.items():
         monkeypatch.setenv(var, val)
-    Lmax = max(L) if isinstance(L, list) else L
-    N = Lmax + n_img
-    gen = torch.Generator(device="cuda").manual_seed(11)
-    q, k, v = (torch.randn(B, H, N, 128, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3))
-    kw = dict(text_len=torch.tensor(L, device="cuda") if isinstance(L, list) else L, text_first=tf,
-              gamma=torch.linspace(1.2, 1.5, B, device="cuda"))
-    if mk == "bool":
-        m = torch.ones(B, 1, 1, N, dtype=torch.bool, device="cuda")
-        m[1, ..., 150:Lmax] = False  # sample 1's padded text (text first)
-        kw["attn_mask"] = m
-    elif mk == "float":
-        m = torch.zeros(B, 1, 1, N, device="cuda")
-        m[..., ::7] = -1.5
-        m[..., 500:520] = float("-inf")
-        kw["attn_mask"] = m
-    elif mk == "elem":
-        m = torch.rand(B, 1, N, N, device="cuda", generator=gen) > 0.1
-        m[..., 0] = True  # every row attends somewhere
-        kw["attn_mask"] = m
+    q, k, v, kw = _feat_inputs(B, H, L, n_img, tf, mk, seed=11)
 
     def run():
         return taca.joint_attention(q, k, v, backend="cuda", return_lse=True, return_text_mass=True, **kw)
 
     monkeypatch.setenv("TACA_FWD_PVW", "1")
     pvw = run()
-    qf, kf, vf = (t.float() for t in (q, k, v))
-    ref, lse_r, tm_r = reference.attention_ref(qf, kf, vf, upcast=torch.float32, **kw)
-    tor = reference.attention_split_sdpa(q, k, v, **kw)
-    out, lse, tm = pvw
-    err, base = (out.float() - ref).abs().max().item(), (tor.float() - ref).abs().max().item()
-    assert err <= 2 * base + 1e-5, f"out: {err:.3g} > 2 x {base:.3g} + 1e-5"
-    assert torch.isfinite(lse).all() and (lse - lse_r).abs().max().item() < 2e-3
-    assert (tm - tm_r).abs().max().item() < 5e-3
-    hopper = torch.cuda.get_device_capability() == (9, 0)
-    for val, form in (("1", 1), ("0", 0), (None, FEAT_PVW_DEFAULT)):
-        if val is None:
-            monkeypatch.delenv("TACA_FWD_PVW")
-        else:
-            monkeypatch.setenv("TACA_FWD_PVW", val)
-        for name, x, y in zip(("out", "lse", "text_mass"), run(), pvw):
-            assert torch.equal(x, y), f"{name}: TACA_FWD_PVW={val} differs from TACA_FWD_PVW=1"
-        if hopper:
-            flags = _fwd_ws_flags(run)
-            assert flags and all(f == form for _, f in flags), f"TACA_FWD_PVW={val}: kernels {flags}"
+    _check_feat_ref(pvw, q, k, v, kw)
+    _check_env_forms(run, pvw, "TACA_FWD_PVW", (("1", 1), ("0", 0), (None, FEAT_PVW_DEFAULT)),
+                     lambda fn: [f for _, f in _fwd_ws_flags(fn)], monkeypatch)
 
 
 @pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
