@@ -500,8 +500,8 @@ using WSplitOv = WsCfg<2, true, true, 128, true>;
 // PVW (P V as m64n128k16 wgmmas; the only switch not slower anywhere on an H200, to become the default once its
 // bitwise tests have run on a GPU), TACA_FWD_LZ=1 takes IL and LZ (the lazy running max; without PVW only),
 // TACA_FWD_TX=1 adds IL and TX (the consumers' turn around the exponentials instead of the wgmma issue; with or without
-// PVW, not with LZ). IL alone (TACA_FWD_IL=1 in the fortieth session) was slower at FLUX 1024
-// and with PVW at 2048 (H200, KERNEL_LOG forty-first session): its forms 2 and 3 are no longer built
+// PVW, not with LZ). IL alone (TACA_FWD_IL=1 in the fortieth session) was slower at FLUX 1024 and with PVW at 2048
+// (H200, KERNEL_LOG forty-first session): its forms 2 and 3 are no longer built
 template <int F> using WSplitF = WsCfg<2, false, true, 128, true, 128, 2, F>;
 template <int F> using WSplitOvF = WsCfg<2, true, true, 128, true, 128, 2, F>;
 [[maybe_unused]] static inline bool fwd_pvw() {
