@@ -2,9 +2,9 @@
 the forward's timing switches across processes (benchmarks/gpu_fwd_modes.sh sets one mode's environment per process).
 Each cell: `--reps` medians of triton's do_bench (at least 20 iterations each), the median of those.
 
-A shape name may end in "+spans" (per-sample text lengths: sample b > 0 keeps 60% of the text, the rest of its text
-slots are not attended) or "+mask" (a bool (B, 1, 1, N) key mask: every sample's last 40% of text keys padded out):
-the D = 128 instances with spans or a mask (cuDNN's cell stays plain attention without a mask).
+A shape name may end in "+spans" (per-sample text lengths: sample b > 0 has 60% of the shape's text length, its other
+text slots then count as image tokens) or "+mask" (a bool (B, 1, 1, N) key mask: every sample's last 40% of text keys
+padded out): the D = 128 instances with spans or a mask (cuDNN's cell stays plain attention without a mask).
 
 Usage: python benchmarks/bench_fwd_modes.py [--shapes flux1024_b1,flux2048_b1,flux1024_b2+spans] [--reps 3] [--out DIR]
 Writes DIR/bench_fwd_modes.json: {"shapes": {shape: {"taca": ms, "cudnn": ms}}, "env": {TACA_FWD_*: value}}."""
@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     shapes = {**SHAPES, **EXTRA_SHAPES}
     names = [s for s in args.shapes.split(",") if s]
+
     def parse(s):  # "flux1024_b2+spans" -> ("flux1024_b2", "+spans")
         for f in ("+spans", "+mask"):
             if s.endswith(f):
@@ -44,9 +45,9 @@ def main(argv=None) -> int:
     bad = [s for s, _ in split if s not in shapes]
     if bad:
         raise SystemExit(f"--shapes: unknown {bad}; expected names from {sorted(shapes)}")
-    one = [s for s, (b, f) in zip(names, split) if f == "+spans" and shapes[b][0] < 2]
-    if one:
-        raise SystemExit(f"--shapes: {one}: per-sample spans need a batch of 2 or more")
+    batch1 = [s for s, (b, f) in zip(names, split) if f == "+spans" and shapes[b][0] < 2]
+    if batch1:
+        raise SystemExit(f"--shapes: {batch1}: per-sample spans need a batch of 2 or more")
     if args.reps < 1:
         raise SystemExit(f"--reps: expected at least 1, got {args.reps}")
     if not torch.cuda.is_available():

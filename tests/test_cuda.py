@@ -310,6 +310,11 @@ def _fwd_overlap_flags(fn):
     return [ov for ov, _ in _fwd_ws_flags(fn)]
 
 
+def _fwd_form_flags(fn):
+    """The D = 128 warp-specialized forward kernels fn launched: their WsCfg's FORM argument (an int)."""
+    return [f for _, f in _fwd_ws_flags(fn)]
+
+
 def _check_env_forms(call, default, var, wants, kernel_flags, monkeypatch):
     """call() with the environment variable `var` at each (value, want) of `wants` (value None: unset): (out, lse,
     text_mass) bitwise `default`, and on sm_90 every flag kernel_flags(call) reports (one per D = 128 forward kernel
@@ -443,9 +448,9 @@ def test_forward_forms(case, monkeypatch):
 
 def _feat_inputs(B, H, L, n_img, tf, mk, seed):
     """Random bf16 (B, H, N, 128) q, k, v and the op's keyword arguments for the feature instances: text_len (a list:
-    per-sample spans), text_first, per-sample gamma, and attn_mask by `mk`: None; "bool", sample 1's text keys from
-    150 on padded (a (B, 1, 1, N) key mask); "float", a -1.5 bias on every 7th key and a -inf run; "elem", a random
-    per-query (B, 1, N, N) bool mask (key 0 always attended)."""
+    per-sample spans), text_first, per-sample gamma, and attn_mask by `mk`: None; "bool", a (B, 1, 1, N) key mask
+    padding sample 1's text keys from the 151st (text first) or the 41st (text last) on; "float", a -1.5 bias on every
+    7th key and a -inf run; "elem", a random per-query (B, 1, N, N) bool mask (key 0 always attended)."""
     Lmax = max(L) if isinstance(L, list) else L
     N = Lmax + n_img
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -529,7 +534,6 @@ def test_forward_tail_split_features(case, monkeypatch):
     _check_split(split, plain, B, H, N, expect_split=bool(parts) or mk is None)  # unset: a key mask's items whole
 
 
-FEAT_PVW_DEFAULT = PVW_DEFAULT  # the form of the D = 128 instances with spans or a mask when TACA_FWD_PVW is unset
 PVW_FEAT_CASES = [
     # B, H, text_len (a list: per-sample spans), n_img, text_first, mask (None; "bool": sample 1's text padded, a key
     # mask's per-tile terms; "float": a bias and a -inf run on keys; "elem": a per-query (B, 1, N, N) mask, read per
@@ -549,10 +553,10 @@ PVW_FEAT_CASES = [
                          ids=lambda c: f"B{c[0]}-img{c[3]}-{c[5] or 'spans'}-" + "-".join(f"{k[9:]}{v}" for k, v in c[6].items()))
 def test_forward_pvw_features(case, monkeypatch):
     """PVW (P V as m64n128k16 wgmmas, the D = 128 default's form) in the instances with per-sample spans or a mask
-    (TACA_FWD_PVW=1; unset, their form is FEAT_PVW_DEFAULT): out by the tolerance rule against the fp32 reference, lse
-    and text_mass within the feature tests' bounds; every output bitwise the m64n64k16 form's (TACA_FWD_PVW=0: the
+    (TACA_FWD_PVW=1; unset, PVW_DEFAULT as the plain instances'): out by the tolerance rule against the fp32 reference,
+    lse and text_mass within the feature tests' bounds; every output bitwise the m64n64k16 form's (TACA_FWD_PVW=0: the
     same fp32 operations) and the unset default's; on sm_90 the kernels launched carry FORM 1 with TACA_FWD_PVW=1, 0
-    with TACA_FWD_PVW=0, FEAT_PVW_DEFAULT unset."""
+    with TACA_FWD_PVW=0, PVW_DEFAULT unset."""
     import taca
 
     B, H, L, n_img, tf, mk, env = case
@@ -569,8 +573,7 @@ def test_forward_pvw_features(case, monkeypatch):
     monkeypatch.setenv("TACA_FWD_PVW", "1")
     pvw = run()
     _check_feat_ref(pvw, q, k, v, kw)
-    _check_env_forms(run, pvw, "TACA_FWD_PVW", (("1", 1), ("0", 0), (None, FEAT_PVW_DEFAULT)),
-                     lambda fn: [f for _, f in _fwd_ws_flags(fn)], monkeypatch)
+    _check_env_forms(run, pvw, "TACA_FWD_PVW", (("1", 1), ("0", 0), (None, PVW_DEFAULT)), _fwd_form_flags, monkeypatch)
 
 
 @pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
