@@ -379,7 +379,7 @@ def test_forward_overlap_spans(H, L, n_img, monkeypatch):
     _check_overlap_forms(call, call(), True, monkeypatch)
 
 
-PVW_DEFAULT = 0  # the D = 128 default's form when TACA_FWD_PVW is unset (1: PVW)
+PVW_DEFAULT = 1  # the D = 128 default's form when TACA_FWD_PVW is unset (1: PVW)
 FORM_CASES = [
     # B, H, L, n_img, text_first, dtype, layout, noncontig, TACA_FWD_OVERLAP (None: the default by key count)
     (1, 24, 512, 4096, True, torch.bfloat16, "bnhd", True, None),  # FLUX 1024, diffusers' view: overlap + tail split

@@ -496,24 +496,23 @@ using WSplitOv = WsCfg<2, true, true, 128, true>;
     if (const char *e = getenv("TACA_FWD_OVERLAP")) return strcmp(e, "0") != 0;
     return a.nk <= 15360;
 }
-// WsCfg's FORM for the D = 128 default without spans or a mask (timing switches, off by default): TACA_FWD_PVW=1 adds
-// PVW (P V as m64n128k16 wgmmas; the only switch not slower anywhere on an H200, to become the default once its
-// bitwise tests have run on a GPU), TACA_FWD_LZ=1 takes IL and LZ (the lazy running max; without PVW only),
-// TACA_FWD_TX=1 adds IL and TX (the consumers' turn around the exponentials instead of the wgmma issue; with or without
+// WsCfg's FORM for the D = 128 default without spans or a mask: PVW (P V as m64n128k16 wgmmas, bitwise the m64n64k16
+// form; the default, TACA_FWD_PVW=0 the m64n64k16 form) and timing switches, off by default: TACA_FWD_LZ=1 takes IL
+// and LZ (the lazy running max; without PVW only), TACA_FWD_TX=1 adds IL and TX (the consumers' turn around the exponentials instead of the wgmma issue; with or without
 // PVW, not with LZ). IL alone (TACA_FWD_IL=1 in the fortieth session) was slower at FLUX 1024 and with PVW at 2048
 // (H200, KERNEL_LOG forty-first session): its forms 2 and 3 are no longer built
 template <int F> using WSplitF = WsCfg<2, false, true, 128, true, 128, 2, F>;
 template <int F> using WSplitOvF = WsCfg<2, true, true, 128, true, 128, 2, F>;
 [[maybe_unused]] static inline bool fwd_pvw() {
     const char *p = getenv("TACA_FWD_PVW");
-    return p && !strcmp(p, "1");
+    return !(p && !strcmp(p, "0"));
 }
 [[maybe_unused]] static inline int fwd_form() {
     const char *z = getenv("TACA_FWD_LZ"), *x = getenv("TACA_FWD_TX");
     if (z && !strcmp(z, "1")) return 6;
     return (fwd_pvw() ? 1 : 0) | (x && !strcmp(x, "1") ? 10 : 0);
 }
-// run(std::integral_constant<int, F>()) with F = 1 (PVW) at D = 128 when TACA_FWD_PVW=1 (fwd_pvw), else 0: the form
+// run(std::integral_constant<int, F>()) with F = 1 (PVW) at D = 128 unless TACA_FWD_PVW=0 (fwd_pvw), else 0: the form
 // of the instances with spans or a mask (IL, LZ and TX are the plain default's only)
 template <int D, typename R>
 static inline int by_pvw(R &&run) {
@@ -613,7 +612,7 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
         // the mask code only where there is a mask; a key mask as per-tile terms (MK_*, taca_fwd_sm90_ws.cuh)
         // D = 64: three consumer warpgroups (192-row CTAs) as the default below, a key mask's terms too (MK_KEY at three
         // spills 48 bytes and runs 16-18% faster than at two, TACA_FWD_MASK=tile; MK_ANY at three spills 156: two)
-        // D = 128: PVW with TACA_FWD_PVW=1 (by_pvw), as the plain default's
+        // D = 128: PVW unless TACA_FWD_PVW=0 (by_pvw), as the plain default's
         const int st = by_pvw<D>([&](auto f) {
             constexpr int F = decltype(f)::value;
             using W = WsCfg<2, false, true, D, true, 128, 2, F>;
