@@ -399,7 +399,7 @@ def test_forward_forms(case, monkeypatch):
     wgmma issue) with either: the tolerance rule against the fp32 reference by default, (out, lse, text_mass) of every
     form bitwise the default's (the same fp32 operations on every value), and on sm_90 the kernels launched carry the
     form asked for (unset: PVW_DEFAULT). TACA_FWD_LZ=1 (the lazy running max): the tolerance rule, with and without
-    keys that move the max late."""
+    keys that move the max late, and bitwise across TACA_FWD_PVW=0 / 1 / unset (forms 6 and 7)."""
     B, H, L, n_img, tf, dtype, layout, nc, ov = case
     for name in ("TACA_FWD_PVW", "TACA_FWD_LZ", "TACA_FWD_TX"):
         monkeypatch.delenv(name, raising=False)
@@ -440,10 +440,21 @@ def test_forward_forms(case, monkeypatch):
         (k_[:, sl] if layout == "bnhd" else k_[:, :, sl]).mul_(6.0)
 
     for edit in (None, late_keys):
-        check_case("op", B, H, L, n_img, 128, tf, dtype, layout=layout, noncontig=nc, edit=edit)
-    if hopper:
-        flags = _fwd_ws_flags(call)
-        assert flags and all(f == 6 for _, f in flags), f"LZ: kernels {flags}"
+        q, k, v, _, gamma = check_case("op", B, H, L, n_img, 128, tf, dtype, layout=layout, noncontig=nc, edit=edit)
+        lz = call()  # TACA_FWD_PVW unset: PVW_DEFAULT
+        if hopper:
+            flags = _fwd_ws_flags(call)
+            assert flags and all(f == 6 + PVW_DEFAULT for _, f in flags), f"LZ: kernels {flags}"
+        # LZ with and without PVW: the same exponentials and sums, only P V's wgmma shape differs, so bitwise
+        for pvw in (0, 1):
+            monkeypatch.setenv("TACA_FWD_PVW", str(pvw))
+            got = call()
+            for name, x, y in zip(("out", "lse", "text_mass"), got, lz):
+                assert torch.equal(x, y), f"{name}: TACA_FWD_LZ=1 TACA_FWD_PVW={pvw} differs from LZ's default form"
+            if hopper:
+                flags = _fwd_ws_flags(call)
+                assert flags and all(f == 6 + pvw for _, f in flags), f"LZ PVW={pvw}: kernels {flags}"
+        monkeypatch.delenv("TACA_FWD_PVW")
 
 
 def _feat_inputs(B, H, L, n_img, tf, mk, seed):
