@@ -441,20 +441,9 @@ def test_forward_forms(case, monkeypatch):
 
     for edit in (None, late_keys):
         q, k, v, _, gamma = check_case("op", B, H, L, n_img, 128, tf, dtype, layout=layout, noncontig=nc, edit=edit)
-        lz = call()  # TACA_FWD_PVW unset: PVW_DEFAULT
-        if hopper:
-            flags = _fwd_ws_flags(call)
-            assert flags and all(f == 6 + PVW_DEFAULT for _, f in flags), f"LZ: kernels {flags}"
-        # LZ with and without PVW: the same exponentials and sums, only P V's wgmma shape differs, so bitwise
-        for pvw in (0, 1):
-            monkeypatch.setenv("TACA_FWD_PVW", str(pvw))
-            got = call()
-            for name, x, y in zip(("out", "lse", "text_mass"), got, lz):
-                assert torch.equal(x, y), f"{name}: TACA_FWD_LZ=1 TACA_FWD_PVW={pvw} differs from LZ's default form"
-            if hopper:
-                flags = _fwd_ws_flags(call)
-                assert flags and all(f == 6 + pvw for _, f in flags), f"LZ PVW={pvw}: kernels {flags}"
-        monkeypatch.delenv("TACA_FWD_PVW")
+        # LZ with and without PVW (forms 7 and 6): the same exponentials and sums, only P V's wgmma shape differs
+        _check_env_forms(call, call(), "TACA_FWD_PVW", (("1", 7), ("0", 6), (None, 6 + PVW_DEFAULT)), _fwd_form_flags,
+                         monkeypatch)
 
 
 def _feat_inputs(B, H, L, n_img, tf, mk, seed):
