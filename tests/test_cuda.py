@@ -427,7 +427,7 @@ def test_forward_forms(case, monkeypatch):
             flags = _fwd_ws_flags(call)
             want = pvw + 10 * tx  # form bits: PVW 1, IL 2, TX 8 (TX takes IL's path)
             assert flags and all(f == want for _, f in flags), f"PVW={pvw} TX={tx}: kernels {flags}"
-    # TACA_FWD_LZ=1 (IL with the lazy running max, form 6): not bitwise the default (its exponentials are taken
+    # TACA_FWD_LZ=1 (IL with the lazy running max, forms 6 and 7): not bitwise the default (its exponentials are taken
     # against a stale max), so the tolerance rule; a run of large keys late in the sequence moves the max past the
     # threshold mid-row (the rescale branch), the first tile always does
     for name in ("TACA_FWD_PVW", "TACA_FWD_TX"):
