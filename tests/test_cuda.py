@@ -399,7 +399,8 @@ def test_forward_forms(case, monkeypatch):
     wgmma issue) with either: the tolerance rule against the fp32 reference by default, (out, lse, text_mass) of every
     form bitwise the default's (the same fp32 operations on every value), and on sm_90 the kernels launched carry the
     form asked for (unset: PVW_DEFAULT). TACA_FWD_LZ=1 (the lazy running max): the tolerance rule, with and without
-    keys that move the max late, and bitwise across TACA_FWD_PVW=0 / 1 / unset (forms 6 and 7)."""
+    keys that move the max late, and bitwise across TACA_FWD_PVW=0 / 1 / unset, with TACA_FWD_TX=1 too (forms 6, 7,
+    14, 15)."""
     B, H, L, n_img, tf, dtype, layout, nc, ov = case
     for name in ("TACA_FWD_PVW", "TACA_FWD_LZ", "TACA_FWD_TX"):
         monkeypatch.delenv(name, raising=False)
@@ -427,9 +428,9 @@ def test_forward_forms(case, monkeypatch):
             flags = _fwd_ws_flags(call)
             want = pvw + 10 * tx  # form bits: PVW 1, IL 2, TX 8 (TX takes IL's path)
             assert flags and all(f == want for _, f in flags), f"PVW={pvw} TX={tx}: kernels {flags}"
-    # TACA_FWD_LZ=1 (IL with the lazy running max, forms 6 and 7): not bitwise the default (its exponentials are taken
-    # against a stale max), so the tolerance rule; a run of large keys late in the sequence moves the max past the
-    # threshold mid-row (the rescale branch), the first tile always does
+    # TACA_FWD_LZ=1 (IL with the lazy running max, forms 6 and 7; with TX 14, 15): not bitwise the default (its
+    # exponentials are taken against a stale max), so the tolerance rule; a run of large keys late in the sequence
+    # moves the max past the threshold mid-row (the rescale branch), the first tile always does
     for name in ("TACA_FWD_PVW", "TACA_FWD_TX"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TACA_FWD_LZ", "1")
@@ -441,9 +442,15 @@ def test_forward_forms(case, monkeypatch):
 
     for edit in (None, late_keys):
         q, k, v, _, gamma = check_case("op", B, H, L, n_img, 128, tf, dtype, layout=layout, noncontig=nc, edit=edit)
-        # LZ with and without PVW (forms 7 and 6): the same exponentials and sums, only P V's wgmma shape differs
-        _check_env_forms(call, call(), "TACA_FWD_PVW", (("1", 7), ("0", 6), (None, 6 + PVW_DEFAULT)), _fwd_form_flags,
+        # LZ with and without PVW (forms 7 and 6), and with TX (15 and 14): the same exponentials and sums; PVW
+        # changes only P V's wgmma shape, TX only where the consumers take their turn
+        lz = call()
+        _check_env_forms(call, lz, "TACA_FWD_PVW", (("1", 7), ("0", 6), (None, 6 + PVW_DEFAULT)), _fwd_form_flags,
                          monkeypatch)
+        monkeypatch.setenv("TACA_FWD_TX", "1")
+        _check_env_forms(call, lz, "TACA_FWD_PVW", (("1", 15), ("0", 14), (None, 14 + PVW_DEFAULT)), _fwd_form_flags,
+                         monkeypatch)
+        monkeypatch.delenv("TACA_FWD_TX")
 
 
 def _feat_inputs(B, H, L, n_img, tf, mk, seed):

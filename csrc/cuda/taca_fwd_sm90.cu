@@ -499,7 +499,7 @@ using WSplitOv = WsCfg<2, true, true, 128, true>;
 // WsCfg's FORM for the D = 128 default without spans or a mask: PVW (P V as m64n128k16 wgmmas, bitwise the m64n64k16
 // form; the default, TACA_FWD_PVW=0 the m64n64k16 form) and timing switches, off by default, each with PVW or not:
 // TACA_FWD_LZ=1 adds IL and LZ (the lazy running max), TACA_FWD_TX=1 adds IL and TX (the consumers' turn around the
-// exponentials instead of the wgmma issue; not with LZ). IL alone (TACA_FWD_IL=1 in the fortieth session) was slower
+// exponentials instead of the wgmma issue), both LZ and TX (forms 14, 15). IL alone (TACA_FWD_IL=1 in the fortieth session) was slower
 // at FLUX 1024 and with PVW at 2048 (H200, KERNEL_LOG forty-first session): its forms 2 and 3 are no longer built
 template <int F> using WSplitF = WsCfg<2, false, true, 128, true, 128, 2, F>;
 template <int F> using WSplitOvF = WsCfg<2, true, true, 128, true, 128, 2, F>;
@@ -510,8 +510,8 @@ template <int F> using WSplitOvF = WsCfg<2, true, true, 128, true, 128, 2, F>;
 [[maybe_unused]] static inline int fwd_form() {
     const char *z = getenv("TACA_FWD_LZ"), *x = getenv("TACA_FWD_TX");
     const int pvw = fwd_pvw() ? 1 : 0;
-    if (z && !strcmp(z, "1")) return pvw | 6;
-    return pvw | (x && !strcmp(x, "1") ? 10 : 0);
+    const int tx = x && !strcmp(x, "1") ? 10 : 0;
+    return pvw | tx | (z && !strcmp(z, "1") ? 6 : 0);
 }
 // run(std::integral_constant<int, F>()) with F = 1 (PVW) at D = 128 unless TACA_FWD_PVW=0 (fwd_pvw), else 0: the form
 // of the instances with spans or a mask (IL, LZ and TX are the plain default's only)
@@ -530,6 +530,8 @@ static inline int by_form(R &&run) {
     case 7: return run(std::integral_constant<int, 7>());
     case 10: return run(std::integral_constant<int, 10>());
     case 11: return run(std::integral_constant<int, 11>());
+    case 14: return run(std::integral_constant<int, 14>());
+    case 15: return run(std::integral_constant<int, 15>());
     default: return run(std::integral_constant<int, 0>());
     }
 }
