@@ -288,6 +288,12 @@ OVERLAP_CASES = [
 ]
 
 
+def _kernel_names():
+    """Whether the tests check the names of the kernels launched (sm_90's forms): not under compute-sanitizer, where the
+    profiler records no kernels (benchmarks/gpu_fwd_modes.sh sets TACA_TEST_KERNEL_NAMES=0 there)."""
+    return torch.cuda.get_device_capability() == (9, 0) and os.environ.get("TACA_TEST_KERNEL_NAMES", "1") != "0"
+
+
 def _fwd_ws_flags(fn):
     """The D = 128 warp-specialized forward kernels fn launched: their WsCfg's (OVERLAP, FORM) arguments (a bool, an
     int), from the CUDA kernel names the profiler records (demangled or mangled; FORM is WsCfg's last argument)."""
@@ -317,9 +323,9 @@ def _fwd_form_flags(fn):
 
 def _check_env_forms(call, default, var, wants, kernel_flags, monkeypatch):
     """call() with the environment variable `var` at each (value, want) of `wants` (value None: unset): (out, lse,
-    text_mass) bitwise `default`, and on sm_90 every flag kernel_flags(call) reports (one per D = 128 forward kernel
-    launched) equal to want."""
-    hopper = torch.cuda.get_device_capability() == (9, 0)
+    text_mass) bitwise `default`, and on sm_90 (_kernel_names) every flag kernel_flags(call) reports (one per D = 128
+    forward kernel launched) equal to want."""
+    hopper = _kernel_names()
     for env, want in wants:
         if env is None:
             monkeypatch.delenv(var, raising=False)
@@ -393,16 +399,14 @@ FORM_CASES = [
 @pytest.mark.skipif(not _PUBLIC, reason="the public op has no CUDA kernel")
 @pytest.mark.parametrize("case", FORM_CASES, ids=lambda c: f"B{c[0]}-H{c[1]}-N{c[2] + c[3]}-{c[5]}-ov{c[8]}")
 def test_forward_forms(case, monkeypatch):
-    """The D = 128 default's forms (WsCfg's FORM): TACA_FWD_PVW=1 (P V as one m64n128k16 wgmma per 16 keys over both
-    column blocks of V instead of two m64n64k16; unset, the form PVW_DEFAULT), TACA_FWD_PVW=0 the m64n64k16 form,
-    TACA_FWD_TX=1 (uniform tiles by softmax_uniform_il with the consumers' turn around the exponentials instead of the
-    wgmma issue) with either: the tolerance rule against the fp32 reference by default, (out, lse, text_mass) of every
-    form bitwise the default's (the same fp32 operations on every value), and on sm_90 the kernels launched carry the
-    form asked for (unset: PVW_DEFAULT). TACA_FWD_LZ=1 (the lazy running max): the tolerance rule, with and without
-    keys that move the max late, and bitwise across TACA_FWD_PVW=0 / 1 / unset, with TACA_FWD_TX=1 too (forms 6, 7,
-    14, 15)."""
+    """The D = 128 default's forms (WsCfg's FORM): PVW (P V as one m64n128k16 wgmma per 16 keys over both column blocks
+    of V; TACA_FWD_PVW=1, and unset PVW_DEFAULT) and TACA_FWD_PVW=0 (two m64n64k16): the tolerance rule against the fp32
+    reference by default, (out, lse, text_mass) of both forms bitwise the default's (the same fp32 operations on every
+    value), and on sm_90 the kernels launched carry the form asked for. TACA_FWD_LZ=1 (the lazy running max): the
+    tolerance rule, with and without keys that move the max late, and bitwise across TACA_FWD_PVW=1 / 0 / unset
+    (forms 7, 6)."""
     B, H, L, n_img, tf, dtype, layout, nc, ov = case
-    for name in ("TACA_FWD_PVW", "TACA_FWD_LZ", "TACA_FWD_TX"):
+    for name in ("TACA_FWD_PVW", "TACA_FWD_LZ"):
         monkeypatch.delenv(name, raising=False)
     if ov is None:
         monkeypatch.delenv("TACA_FWD_OVERLAP", raising=False)
@@ -415,24 +419,11 @@ def test_forward_forms(case, monkeypatch):
 
     default = call()
     assert torch.equal(default[0], out)
-    hopper = torch.cuda.get_device_capability() == (9, 0)
-    if hopper:
-        assert {f for _, f in _fwd_ws_flags(call)} == {PVW_DEFAULT}
-    for pvw, tx in ((0, 0), (1, 0), (0, 1), (1, 1)):
-        monkeypatch.setenv("TACA_FWD_PVW", str(pvw))
-        monkeypatch.setenv("TACA_FWD_TX", str(tx))
-        got = call()
-        for name, x, y in zip(("out", "lse", "text_mass"), got, default):
-            assert torch.equal(x, y), f"{name}: TACA_FWD_PVW={pvw} TACA_FWD_TX={tx} differs from the default"
-        if hopper:
-            flags = _fwd_ws_flags(call)
-            want = pvw + 10 * tx  # form bits: PVW 1, IL 2, TX 8 (TX takes IL's path)
-            assert flags and all(f == want for _, f in flags), f"PVW={pvw} TX={tx}: kernels {flags}"
-    # TACA_FWD_LZ=1 (IL with the lazy running max, forms 6 and 7; with TX 14, 15): not bitwise the default (its
-    # exponentials are taken against a stale max), so the tolerance rule; a run of large keys late in the sequence
-    # moves the max past the threshold mid-row (the rescale branch), the first tile always does
-    for name in ("TACA_FWD_PVW", "TACA_FWD_TX"):
-        monkeypatch.delenv(name, raising=False)
+    _check_env_forms(call, default, "TACA_FWD_PVW", (("0", 0), ("1", 1), (None, PVW_DEFAULT)), _fwd_form_flags,
+                     monkeypatch)
+    # TACA_FWD_LZ=1 (IL with the lazy running max, forms 6 and 7): not bitwise the default (its exponentials are taken
+    # against a stale max), so the tolerance rule; a run of large keys late in the sequence moves the max past the
+    # threshold mid-row (the rescale branch), the first tile always does
     monkeypatch.setenv("TACA_FWD_LZ", "1")
 
     def late_keys(q_, k_, v_):
@@ -442,15 +433,9 @@ def test_forward_forms(case, monkeypatch):
 
     for edit in (None, late_keys):
         q, k, v, _, gamma = check_case("op", B, H, L, n_img, 128, tf, dtype, layout=layout, noncontig=nc, edit=edit)
-        # LZ with and without PVW (forms 7 and 6), and with TX (15 and 14): the same exponentials and sums; PVW
-        # changes only P V's wgmma shape, TX only where the consumers take their turn
-        lz = call()
-        _check_env_forms(call, lz, "TACA_FWD_PVW", (("1", 7), ("0", 6), (None, 6 + PVW_DEFAULT)), _fwd_form_flags,
+        # LZ with and without PVW (forms 7 and 6): the same exponentials and sums, only P V's wgmma shape differs
+        _check_env_forms(call, call(), "TACA_FWD_PVW", (("1", 7), ("0", 6), (None, 6 + PVW_DEFAULT)), _fwd_form_flags,
                          monkeypatch)
-        monkeypatch.setenv("TACA_FWD_TX", "1")
-        _check_env_forms(call, lz, "TACA_FWD_PVW", (("1", 15), ("0", 14), (None, 14 + PVW_DEFAULT)), _fwd_form_flags,
-                         monkeypatch)
-        monkeypatch.delenv("TACA_FWD_TX")
 
 
 def _feat_inputs(B, H, L, n_img, tf, mk, seed):
@@ -568,7 +553,7 @@ def test_forward_pvw_features(case, monkeypatch):
 
     B, H, L, n_img, tf, mk, env = case
     for var in ("TACA_FWD_MASK", "TACA_FWD_KT_ARRIVE", "TACA_FWD_OVERLAP", "TACA_FWD_SPLIT", "TACA_FWD_SPLIT_FORM",
-                "TACA_FWD_PVW", "TACA_FWD_LZ", "TACA_FWD_TX"):
+                "TACA_FWD_PVW", "TACA_FWD_LZ"):
         monkeypatch.delenv(var, raising=False)
     for var, val in env.items():
         monkeypatch.setenv(var, val)

@@ -81,41 +81,22 @@ __device__ __forceinline__ void pack_p(uint32_t (&pa)[BC / 16][4], const float (
     }
 }
 
-/* WsCfg's TX: the two consumers' ping-pong turn around the exponentials. take(): wait for this consumer's turn (named
- * barrier own); pass(): hand it to the other (barrier next), unless pass_on is false (the other is done). ON false: no
- * barriers. */
-template <bool ON>
-struct TxTurn {
-    int own, next;
-    bool pass_on;
-    __device__ __forceinline__ void take() const {
-        if constexpr (ON) named_bar_sync(own, 256);
-    }
-    __device__ __forceinline__ void pass() const {
-        if constexpr (ON) {
-            if (pass_on) named_bar_arrive(next, 256);
-        }
-    }
-};
-
 /* The WS kernels' uniform tiles (every key of the tile text, or every one visual; no mask; mul >= 0) with WsCfg's IL:
  * the same fp32 operations on every value as taca_fwd::softmax_tile<TILE_VIS / TILE_TXT> (the row max as its tree, the
  * row sums in its order) and pack_p, so the same outputs; what differs is the order in the source: both rows' maxima
  * first, then per 8-key column tile the four exponentials and, with SCALE_O (no P V product in flight, so O and pa are
  * free), O's rescale of one 8-column tile and, every second column tile, P's four packed registers, so that ptxas can
  * fill the exponentials' issue gaps with them (without SCALE_O the caller rescales and packs after its wait). txt:
- * the tile's keys are text (text mass summed). mul: the rows' multipliers for this tile's kind. turn (TX): taken after
- * the row max, passed after the last exponential. */
+ * the tile's keys are text (text mass summed). mul: the rows' multipliers for this tile's kind. */
 /* LAZY (WsCfg's LZ, FlashAttention-4's rule): the running max moves only when some row of the warp would grow by more
  * than LAZY_LOG2 (base 2); otherwise every row keeps its max, the tile's exponentials stay below 2^LAZY_LOG2 (P in bf16
  * and the fp32 sums hold that), alpha is 1 and O is not rescaled. Returns whether O needs the rescale by alpha_out (a
  * warp-uniform value). Not bitwise the default: the exponentials are taken against another max. */
 [[maybe_unused]] constexpr float LAZY_LOG2 = 8.0f;  // (unreferenced in builds without sm_90a)
-template <typename T, bool SCALE_O, int NT, int DT, bool LAZY = false, bool TX = false>
+template <typename T, bool SCALE_O, int NT, int DT, bool LAZY = false>
 __device__ __forceinline__ bool softmax_uniform_il(float (&s)[1][NT][4], float (&o)[1][DT][4], float (&m_run)[1][2],
                                                    float (&l_run)[1][2], float (&t_run)[1][2], const float (&mul)[1][2],
-                                                   bool txt, float (&alpha_out)[1][2], uint32_t (&pa)[NT / 2][4],
-                                                   const TxTurn<TX> &turn = TxTurn<TX>{0, 0, false}) {
+                                                   bool txt, float (&alpha_out)[1][2], uint32_t (&pa)[NT / 2][4]) {
     static_assert(NT % 2 == 0, "key tile: whole 16-key steps");
     float mb[2], al[2];
 #pragma unroll
@@ -133,7 +114,6 @@ __device__ __forceinline__ bool softmax_uniform_il(float (&s)[1][NT][4], float (
     for (int hf = 0; hf < 2; ++hf) mb[hf] = fmaxf(mb[hf], __shfl_xor_sync(0xffffffffu, mb[hf], 1));
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) mb[hf] = fmaxf(mb[hf], __shfl_xor_sync(0xffffffffu, mb[hf], 2));
-    turn.take();  // TX: the exponentials (and with SCALE_O O's rescale and P's packing) under the turn
     bool moved = true;
     if constexpr (LAZY)
         moved = __any_sync(0xffffffffu, mb[0] > m_run[0][0] + LAZY_LOG2 || mb[1] > m_run[0][1] + LAZY_LOG2);
@@ -178,7 +158,6 @@ __device__ __forceinline__ bool softmax_uniform_il(float (&s)[1][NT][4], float (
             pa[kk][3] = pack2<T>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
         }
     }
-    turn.pass();
     if constexpr (SCALE_O && !LAZY) {
 #pragma unroll
         for (int dt = NT; dt < DT; ++dt)
@@ -497,10 +476,10 @@ using WSplitOv = WsCfg<2, true, true, 128, true>;
     return a.nk <= 15360;
 }
 // WsCfg's FORM for the D = 128 default without spans or a mask: PVW (P V as m64n128k16 wgmmas, bitwise the m64n64k16
-// form; the default, TACA_FWD_PVW=0 the m64n64k16 form) and timing switches, off by default, each with PVW or not:
-// TACA_FWD_LZ=1 adds IL and LZ (the lazy running max), TACA_FWD_TX=1 adds IL and TX (the consumers' turn around the
-// exponentials instead of the wgmma issue), both LZ and TX (forms 14, 15). IL alone (TACA_FWD_IL=1 in the fortieth session) was slower
-// at FLUX 1024 and with PVW at 2048 (H200, KERNEL_LOG forty-first session): its forms 2 and 3 are no longer built
+// form; the default, TACA_FWD_PVW=0 the m64n64k16 form) and a timing switch, off by default, with PVW or not:
+// TACA_FWD_LZ=1 adds IL and LZ (the lazy running max). IL alone (TACA_FWD_IL=1 in the fortieth session) was slower at
+// FLUX 1024 and with PVW at 2048 (H200, KERNEL_LOG forty-first session), TX (TACA_FWD_TX=1: the consumers' turn around
+// the exponentials) 4-9% slower everywhere (H100, forty-third session): neither is built now
 template <int F> using WSplitF = WsCfg<2, false, true, 128, true, 128, 2, F>;
 template <int F> using WSplitOvF = WsCfg<2, true, true, 128, true, 128, 2, F>;
 [[maybe_unused]] static inline bool fwd_pvw() {
@@ -508,13 +487,11 @@ template <int F> using WSplitOvF = WsCfg<2, true, true, 128, true, 128, 2, F>;
     return !(p && !strcmp(p, "0"));
 }
 [[maybe_unused]] static inline int fwd_form() {
-    const char *z = getenv("TACA_FWD_LZ"), *x = getenv("TACA_FWD_TX");
-    const int pvw = fwd_pvw() ? 1 : 0;
-    const int tx = x && !strcmp(x, "1") ? 10 : 0;
-    return pvw | tx | (z && !strcmp(z, "1") ? 6 : 0);
+    const char *z = getenv("TACA_FWD_LZ");
+    return (fwd_pvw() ? 1 : 0) | (z && !strcmp(z, "1") ? 6 : 0);
 }
 // run(std::integral_constant<int, F>()) with F = 1 (PVW) at D = 128 unless TACA_FWD_PVW=0 (fwd_pvw), else 0: the form
-// of the instances with spans or a mask (IL, LZ and TX are the plain default's only)
+// of the instances with spans or a mask (IL and LZ are the plain default's only)
 template <int D, typename R>
 static inline int by_pvw(R &&run) {
     if constexpr (D == 128)
@@ -528,10 +505,6 @@ static inline int by_form(R &&run) {
     case 1: return run(std::integral_constant<int, 1>());
     case 6: return run(std::integral_constant<int, 6>());
     case 7: return run(std::integral_constant<int, 7>());
-    case 10: return run(std::integral_constant<int, 10>());
-    case 11: return run(std::integral_constant<int, 11>());
-    case 14: return run(std::integral_constant<int, 14>());
-    case 15: return run(std::integral_constant<int, 15>());
     default: return run(std::integral_constant<int, 0>());
     }
 }

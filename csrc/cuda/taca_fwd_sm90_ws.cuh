@@ -53,18 +53,15 @@ struct WsCfg {
     // PVW (1, D = 128): P V as one m64n128k16 per 16 keys over both 64-column blocks of V (an N-major descriptor whose
     //   leading byte offset steps between the blocks, as the backward's dV product) instead of two m64n64k16: 8 wgmmas
     //   a tile instead of 16, each P fragment sent once (cuDNN's and FA3's form)
-    // IL (2; built only with LZ or TX): uniform tiles (text or visual keys only) by softmax_uniform_il, one path for
+    // IL (2; built only with LZ): uniform tiles (text or visual keys only) by softmax_uniform_il, one path for
     //   both kinds, with O's rescale and P's packing between the exponentials in the source (in the default they were
     //   merged after the tile kinds' join, and ran after the last exponential: KERNEL_LOG fortieth session)
     static constexpr int FORM = FORM_;
     // LZ (4, with IL): uniform tiles keep the running max unless a row of the warp grows by more than 2^8
     //   (softmax_uniform_il's LAZY, FlashAttention-4's rule): most tiles then skip O's rescale. Not bitwise the default
-    // TX (8, with IL): the two consumers' turn wraps their exponentials (taken after the row max, passed after the last
-    //   exponential; a mixed tile's whole softmax) instead of their wgmma issue, which then runs free: cuDNN's order (ncu,
-    //   KERNEL_LOG fortieth session). Bitwise the default (the same operations; only the barriers move)
-    static constexpr bool PVW = (FORM & 1) != 0, IL = (FORM & 2) != 0, LZ = (FORM & 4) != 0, TX = (FORM & 8) != 0;
+    static constexpr bool PVW = (FORM & 1) != 0, IL = (FORM & 2) != 0, LZ = (FORM & 4) != 0;
     static_assert(!LZ || IL, "the lazy max: the IL path's");
-    static_assert(!TX || (IL && PINGPONG_ && NC_ == 2), "the turn around the exponentials: IL's path, two consumers");
+    static_assert(FORM >= 0 && FORM < 8, "FORM: the PVW, IL and LZ bits");
     // PERSIST: one CTA per SM walks the (query tile, head, batch) items; two Q buffers, so the next
     // item's Q and first K / V tiles load during this item's last products and epilogue
     static constexpr bool PERSIST = PERSIST_;
@@ -451,7 +448,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             const int k0 = j * BC, s = jg % STAGES, sp = (jg + STAGES - 1) % STAGES;
             mbar_wait(full_k(s), (jg / STAGES) & 1);
             if (!FIRST) mbar_wait(full_v(sp), ((jg - 1) / STAGES) & 1);
-            if (C::PINGPONG && !C::TX) named_bar_sync(BAR_TURN + c, 256);
+            if (C::PINGPONG) named_bar_sync(BAR_TURN + c, 256);
 
             float sacc[1][NT][4];
             fence_regs<DT * 4>(&o[0][0][0]);
@@ -471,7 +468,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             }
             // pass the turn; consumer 1's last pass would have no taker (consumer 0 is done)
             if constexpr (C::NC == 2) {
-                if (C::PINGPONG && !C::TX && (c == 0 || j + 1 < je)) named_bar_arrive(BAR_TURN + (1 - c), 256);
+                if (C::PINGPONG && (c == 0 || j + 1 < je)) named_bar_arrive(BAR_TURN + (1 - c), 256);
             } else {  // round robin: the last consumer's last pass would have no taker
                 if (c + 1 < C::NC || j + 1 < je) named_bar_arrive(BAR_TURN + (c + 1 < C::NC ? c + 1 : 0), 256);
             }
@@ -506,20 +503,17 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             float alpha[1][2];
             bool moved = true;   // LZ: whether O needs its rescale by alpha
             bool il_done = false;  // IL: a uniform tile, its softmax (and without LATE_O its packing) done
-            // TX: the turn, taken and passed once per tile on every path (the same alternation as the issue's turn)
-            const TxTurn<C::TX> turn{BAR_TURN + c, BAR_TURN + (1 - c), c == 0 || j + 1 < je};
             if constexpr (C::IL) {
                 const bool uni_vis = k1 <= tb || k0 >= te, uni_txt = k0 >= tb && k1 <= te;
                 if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && (uni_vis || uni_txt)) {
                     // the rows' multipliers selected as values (a reference to either array put both on the stack)
                     const float mu[1][2] = {{uni_vis ? mul_vis[0][0] : mul_txt[0][0], uni_vis ? mul_vis[0][1] : mul_txt[0][1]}};
-                    moved = softmax_uniform_il<T, !LATE_O, NT, DT, C::LZ>(sacc, o, m_run, l_run, t_run, mu, !uni_vis, alpha, pa,
-                                                                          turn);
+                    moved = softmax_uniform_il<T, !LATE_O, NT, DT, C::LZ>(sacc, o, m_run, l_run, t_run, mu, !uni_vis, alpha,
+                                                                          pa);
                     il_done = true;
                 }
             }
             // (the default's chain verbatim: FORM 0's instances keep their SASS)
-            if (C::TX && !il_done) turn.take();  // a mixed tile: its whole softmax under the turn
             if (il_done) {
             } else if (!masked && a.scale_log2 >= 0.0f && k1 <= nk && (k1 <= tb || k0 >= te))
                 taca_fwd::softmax_tile<taca_fwd::TILE_VIS, !LATE_O>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk, tb, te, lane, alpha,
@@ -536,7 +530,6 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             else
                 taca_fwd::softmax_tile<taca_fwd::TILE_MIXED, !LATE_O, false>(sacc, o, m_run, l_run, t_run, mul_txt, mul_vis, k0, nk,
                                                                              tb, te, lane, alpha, a.mask, mbase, row0, n);
-            if (C::TX && !il_done) turn.pass();
             if constexpr (LATE_O) {
                 wgmma_wait<0>();  // P_{j-1} V_{j-1} landed: O and P are free again
                 fence_regs<DT * 4>(&o[0][0][0]);
