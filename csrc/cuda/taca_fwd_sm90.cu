@@ -175,7 +175,9 @@ __device__ __forceinline__ bool softmax_uniform_il(float (&s)[1][NT][4], float (
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
         l_run[0][hf] = l_run[0][hf] * al[hf] + ls[hf];
-        t_run[0][hf] = txt ? t_run[0][hf] * al[hf] + ls[hf] : t_run[0][hf] * al[hf];
+        // fmaf: softmax_tile's t * alpha + ls is one FFMA; written as `txt ? t * al + ls : t * al` ptxas shares the
+        // product (an FMUL, then an FADD where txt): other last bits of text_mass (TX's test, forty-third session)
+        t_run[0][hf] = txt ? fmaf(t_run[0][hf], al[hf], ls[hf]) : t_run[0][hf] * al[hf];
     }
     return moved;
 }
