@@ -385,6 +385,31 @@ def test_forward_overlap_spans(H, L, n_img, monkeypatch):
     _check_overlap_forms(call, call(), True, monkeypatch)
 
 
+@pytest.mark.skipif(not _PUBLIC, reason="the public op has no CUDA kernel")
+@pytest.mark.parametrize("B, H, mk, split", [(2, 8, "bool", "range"), (2, 3, "bool", None), (1, 2, "float", "3")],
+                         ids=["bool-split", "bool-unsplit", "float-3ranges"])
+def test_forward_overlap_keymask(B, H, mk, split, monkeypatch):
+    """A key mask's D = 128 instances (MK_KEY with every consumer thread arriving) take the overlap only when
+    TACA_FWD_OVERLAP=1 (opt-in until timed): outputs with TACA_FWD_OVERLAP=1 / 0 bitwise the default's (unset: no
+    overlap), out by the tolerance rule against the fp32 reference, and on sm_90 the kernels launched carry the form
+    asked for; in the tail split's ranges (forced: a key mask's instances split only when asked) and unsplit."""
+    import taca
+
+    for var in ("TACA_FWD_MASK", "TACA_FWD_KT_ARRIVE", "TACA_FWD_OVERLAP", "TACA_FWD_SPLIT", "TACA_FWD_SPLIT_FORM"):
+        monkeypatch.delenv(var, raising=False)
+    if split is not None:
+        monkeypatch.setenv("TACA_FWD_SPLIT", split)
+    q, k, v, kw = _feat_inputs(B, H, 512, 4096, True, mk, seed=5)
+
+    def call():
+        return taca.joint_attention(q, k, v, backend="cuda", return_lse=True, return_text_mass=True, **kw)
+
+    monkeypatch.setenv("TACA_FWD_OVERLAP", "1")
+    _check_feat_ref(call(), q, k, v, kw)
+    monkeypatch.delenv("TACA_FWD_OVERLAP")
+    _check_overlap_forms(call, call(), False, monkeypatch)
+
+
 PVW_DEFAULT = 1  # the D = 128 default's form when TACA_FWD_PVW is unset (1: PVW)
 FORM_CASES = [
     # B, H, L, n_img, text_first, dtype, layout, noncontig, TACA_FWD_OVERLAP (None: the default by key count)

@@ -477,6 +477,12 @@ using WSplitOv = WsCfg<2, true, true, 128, true>;
     if (const char *e = getenv("TACA_FWD_OVERLAP")) return strcmp(e, "0") != 0;
     return a.nk <= 15360;
 }
+// A key mask's D = 128 instances (MK_KEY, every consumer thread arriving) take the overlap only when TACA_FWD_OVERLAP
+// is set and not 0 (not yet timed: unset, none, as before)
+[[maybe_unused]] static inline bool fwd_mask_overlap() {
+    const char *e = getenv("TACA_FWD_OVERLAP");
+    return e && strcmp(e, "0") != 0;
+}
 // WsCfg's FORM for the D = 128 default without spans or a mask: PVW (P V as m64n128k16 wgmmas, bitwise the m64n64k16
 // form; the default, TACA_FWD_PVW=0 the m64n64k16 form) and a timing switch, off by default, with PVW or not:
 // TACA_FWD_LZ=1 adds IL and LZ (the lazy running max). IL alone (TACA_FWD_IL=1 in the fortieth session) was slower at
@@ -600,7 +606,9 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
             if constexpr (D == 128) {  // the tail split (d128_split_plan): spans, or a key mask's terms (KTA)
                 if (variant != 14 && d128_split_mask_ok(a)) {
                     // per-sample spans without a mask: the overlap as the plain default (fwd_overlap)
-                    const int sst = a.mask.data ? launch_split<T, true, MK_KEY, true, WSplitF<F>>(a, variant, batch, heads, stream, ws, ws_bytes)
+                    const int sst = a.mask.data ? (fwd_mask_overlap()
+                                                       ? launch_split<T, true, MK_KEY, true, WSplitOvF<F>>(a, variant, batch, heads, stream, ws, ws_bytes)
+                                                       : launch_split<T, true, MK_KEY, true, WSplitF<F>>(a, variant, batch, heads, stream, ws, ws_bytes))
                                     : fwd_overlap(a)
                                         ? launch_split<T, true, MK_NONE, false, WSplitOvF<F>>(a, variant, batch, heads, stream, ws, ws_bytes)
                                         : launch_split<T, true, MK_NONE, false, WSplitF<F>>(a, variant, batch, heads, stream, ws, ws_bytes);
@@ -616,7 +624,8 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
                        ? (fwd_kt_arrive_lane0() ? launch_ws<T, W3, true, MK_KEY>(a, batch, heads, stream)
                                                 : launch_ws<T, W3, true, MK_KEY, true>(a, batch, heads, stream))
                    : fwd_kt_arrive_lane0() ? launch_ws<T, W, true, MK_KEY>(a, batch, heads, stream)
-                                           : launch_ws<T, W, true, MK_KEY, true>(a, batch, heads, stream);
+                   : D == 128 && fwd_mask_overlap() ? launch_ws<T, WSplitOvF<F>, true, MK_KEY, true>(a, batch, heads, stream)
+                                                    : launch_ws<T, W, true, MK_KEY, true>(a, batch, heads, stream);
         });
         if (st != TACA_ERR_UNSUPPORTED) return st;
         // no TMA map: this file's kernel (variant 13's tiling)
