@@ -457,6 +457,7 @@ def test_forward_forms(case, monkeypatch):
         (k_[:, sl] if layout == "bnhd" else k_[:, :, sl]).mul_(6.0)
 
     for edit in (None, late_keys):
+        # (rebinds q, k, v, gamma: call() runs on this case's inputs)
         q, k, v, _, gamma = check_case("op", B, H, L, n_img, 128, tf, dtype, layout=layout, noncontig=nc, edit=edit)
         # LZ with and without PVW (forms 7 and 6): the same exponentials and sums, only P V's wgmma shape differs
         _check_env_forms(call, call(), "TACA_FWD_PVW", (("1", 7), ("0", 6), (None, 6 + PVW_DEFAULT)), _fwd_form_flags,

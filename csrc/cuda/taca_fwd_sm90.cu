@@ -469,25 +469,20 @@ using WSplit = WsCfg<2, false, true, 128, true>;
 // the same fp32 operations in the same order (bitwise-equal outputs), measured per key count (fwd_overlap)
 using WSplitOv = WsCfg<2, true, true, 128, true>;
 /* The D = 128 default's intra-warpgroup overlap (WSplitOv) or not (WSplit): TACA_FWD_OVERLAP=0 / 1 forces one (a
- * timing switch); otherwise overlap up to 15360 keys. H100, forward ms without / with it (KERNEL_LOG twenty-ninth
+ * timing switch); otherwise overlap up to 15360 keys, and not with a key mask (its instances, MK_KEY with every
+ * consumer thread arriving, take it only when forced: not yet timed). H100, forward ms without / with it (KERNEL_LOG twenty-ninth
  * session): FLUX 512 (1536 keys) even; FLUX 1024 (4608) -2.7..-3.8% isolated, -1.9..-2.2% sustained; FLUX 1536 (9728)
  * -6% isolated, -2.5% sustained; FLUX 2048 (16896) even isolated (noisy), +0.2% / +1.6% sustained on two machines.
  * H200, sustained (thirty-first session): 13056 keys -2.1%, 14912 -3.0%, 16896 +1.4%; isolated noisy either way. */
 [[maybe_unused]] static inline bool fwd_overlap(const FwdArgs &a) {
     if (const char *e = getenv("TACA_FWD_OVERLAP")) return strcmp(e, "0") != 0;
-    return a.nk <= 15360;
-}
-// A key mask's D = 128 instances (MK_KEY, every consumer thread arriving) take the overlap only when TACA_FWD_OVERLAP
-// is set and not 0 (not yet timed: unset, none, as before)
-[[maybe_unused]] static inline bool fwd_mask_overlap() {
-    const char *e = getenv("TACA_FWD_OVERLAP");
-    return e && strcmp(e, "0") != 0;
+    return a.nk <= 15360 && !a.mask.data;
 }
 // WsCfg's FORM for the D = 128 default without spans or a mask: PVW (P V as m64n128k16 wgmmas, bitwise the m64n64k16
 // form; the default, TACA_FWD_PVW=0 the m64n64k16 form) and a timing switch, off by default, with PVW or not:
 // TACA_FWD_LZ=1 adds IL and LZ (the lazy running max). IL alone (TACA_FWD_IL=1 in the fortieth session) was slower at
 // FLUX 1024 and with PVW at 2048 (H200, KERNEL_LOG forty-first session), TX (TACA_FWD_TX=1: the consumers' turn around
-// the exponentials) 4-9% slower everywhere (H100, forty-third session): neither is built now
+// the exponentials) 3.5-9% slower everywhere (H100, forty-third session): neither is built now
 template <int F> using WSplitF = WsCfg<2, false, true, 128, true, 128, 2, F>;
 template <int F> using WSplitOvF = WsCfg<2, true, true, 128, true, 128, 2, F>;
 [[maybe_unused]] static inline bool fwd_pvw() {
@@ -605,13 +600,13 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
             using W14 = WsCfg<2, false, true, D>;
             if constexpr (D == 128) {  // the tail split (d128_split_plan): spans, or a key mask's terms (KTA)
                 if (variant != 14 && d128_split_mask_ok(a)) {
-                    // per-sample spans without a mask: the overlap as the plain default (fwd_overlap)
-                    const int sst = a.mask.data ? (fwd_mask_overlap()
-                                                       ? launch_split<T, true, MK_KEY, true, WSplitOvF<F>>(a, variant, batch, heads, stream, ws, ws_bytes)
-                                                       : launch_split<T, true, MK_KEY, true, WSplitF<F>>(a, variant, batch, heads, stream, ws, ws_bytes))
-                                    : fwd_overlap(a)
-                                        ? launch_split<T, true, MK_NONE, false, WSplitOvF<F>>(a, variant, batch, heads, stream, ws, ws_bytes)
-                                        : launch_split<T, true, MK_NONE, false, WSplitF<F>>(a, variant, batch, heads, stream, ws, ws_bytes);
+                    // the overlap by fwd_overlap: spans as the plain default, a key mask only when forced
+                    const bool ov = fwd_overlap(a);
+                    const int sst = a.mask.data
+                                        ? (ov ? launch_split<T, true, MK_KEY, true, WSplitOvF<F>>(a, variant, batch, heads, stream, ws, ws_bytes)
+                                              : launch_split<T, true, MK_KEY, true, WSplitF<F>>(a, variant, batch, heads, stream, ws, ws_bytes))
+                                        : ov ? launch_split<T, true, MK_NONE, false, WSplitOvF<F>>(a, variant, batch, heads, stream, ws, ws_bytes)
+                                             : launch_split<T, true, MK_NONE, false, WSplitF<F>>(a, variant, batch, heads, stream, ws, ws_bytes);
                     if (sst != TACA_ERR_UNSUPPORTED) return sst;
                 }
             }
@@ -624,8 +619,8 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
                        ? (fwd_kt_arrive_lane0() ? launch_ws<T, W3, true, MK_KEY>(a, batch, heads, stream)
                                                 : launch_ws<T, W3, true, MK_KEY, true>(a, batch, heads, stream))
                    : fwd_kt_arrive_lane0() ? launch_ws<T, W, true, MK_KEY>(a, batch, heads, stream)
-                   : D == 128 && fwd_mask_overlap() ? launch_ws<T, WSplitOvF<F>, true, MK_KEY, true>(a, batch, heads, stream)
-                                                    : launch_ws<T, W, true, MK_KEY, true>(a, batch, heads, stream);
+                   : D == 128 && fwd_overlap(a) ? launch_ws<T, WSplitOvF<F>, true, MK_KEY, true>(a, batch, heads, stream)
+                                                : launch_ws<T, W, true, MK_KEY, true>(a, batch, heads, stream);
         });
         if (st != TACA_ERR_UNSUPPORTED) return st;
         // no TMA map: this file's kernel (variant 13's tiling)
