@@ -469,14 +469,16 @@ using WSplit = WsCfg<2, false, true, 128, true>;
 // the same fp32 operations in the same order (bitwise-equal outputs), measured per key count (fwd_overlap)
 using WSplitOv = WsCfg<2, true, true, 128, true>;
 /* The D = 128 default's intra-warpgroup overlap (WSplitOv) or not (WSplit): TACA_FWD_OVERLAP=0 / 1 forces one (a
- * timing switch); otherwise overlap up to 15360 keys, and not with a key mask (its instances, MK_KEY with every
+ * timing switch); otherwise overlap at every key count (up to 15360 before PVW), and not with a key mask (its instances, MK_KEY with every
  * consumer thread arriving, take it only when forced: not yet timed). H100, forward ms without / with it (KERNEL_LOG twenty-ninth
  * session): FLUX 512 (1536 keys) even; FLUX 1024 (4608) -2.7..-3.8% isolated, -1.9..-2.2% sustained; FLUX 1536 (9728)
  * -6% isolated, -2.5% sustained; FLUX 2048 (16896) even isolated (noisy), +0.2% / +1.6% sustained on two machines.
- * H200, sustained (thirty-first session): 13056 keys -2.1%, 14912 -3.0%, 16896 +1.4%; isolated noisy either way. */
+ * H200, sustained (thirty-first session): 13056 keys -2.1%, 14912 -3.0%, 16896 +1.4%; isolated noisy either way.
+ * With PVW the default (forty-fourth session, H100, one mode per process, 3 rounds, two calls): FLUX 2048 -4.1% and
+ * -3.6%; with a key mask +4.8% (so the mask keeps it opt-in). */
 [[maybe_unused]] static inline bool fwd_overlap(const FwdArgs &a) {
     if (const char *e = getenv("TACA_FWD_OVERLAP")) return strcmp(e, "0") != 0;
-    return a.nk <= 15360 && !a.mask.data;
+    return !a.mask.data;
 }
 // WsCfg's FORM for the D = 128 default without spans or a mask: PVW (P V as m64n128k16 wgmmas, bitwise the m64n64k16
 // form; the default, TACA_FWD_PVW=0 the m64n64k16 form) and a timing switch, off by default, with PVW or not:
@@ -573,7 +575,7 @@ int launch_split(const FwdArgs &a, int variant, int batch, int heads, cudaStream
  * stages (10..12 fall back to 13 where a TMA map cannot be encoded); 13: this file's kernel,
  * 64-key tiles, 3 stages (the default before); 7: overlap, 64-key tiles, 4 stages; 8: overlap,
  * 128-key tiles, 3 stages; 9: overlap, 3 warpgroups (192-row CTAs), 64-key tiles, 4 stages.
- * D = 128's default takes 11's intra-warpgroup overlap in its persistent form up to 15360 keys (fwd_overlap).
+ * D = 128's default takes 11's intra-warpgroup overlap in its persistent form (fwd_overlap).
  * Both D: the default (0 = 10 at D = 128; 0 = 17 at D = 64; the FEAT instance) is the
  * warp-specialized kernel PERSISTENT
  * (one CTA per SM over the (query tile, head, batch) items, two Q buffers: the next item's loads
