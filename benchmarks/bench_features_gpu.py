@@ -7,6 +7,8 @@ pads text): Qwen-Image (text first, padded text as a (B, 1, 1, N_k) bool key mas
 per-sample text lengths without a mask. Per shape, fwd and fwd+bwd medians (triton do_bench) of:
   kernel  taca.joint_attention(backend="cuda")   (the kernels' feature paths, new)
   split   taca.joint_attention(backend="sdpa")   (what backend="auto" ran before)
+  auto    taca.joint_attention(backend="auto")   (what runs by default: the kernel, or for Chroma's outer-product
+          mask the key-mask kernel plus a maskless one over the rows whose token mask is 0)
   plain   F.scaled_dot_product_attention with the same mask, no gamma (efficient / flash / math:
           torch's pick; cuDNN is left out, its backward is unsafe on the lent GPU)
 and the max error of the kernel and of split SDPA against the float32 reference (a 1/4 query
@@ -88,7 +90,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import re
     import taca
-    from taca import reference
+    from taca import ops, reference
 
     dev = "cuda"
     rows = []
@@ -111,7 +113,7 @@ def main(argv=None):
             return F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)
 
         row = dict(shape=name, B=B, H=H, H_kv=Hkv, N_q=Nq, N_k=Nk, D=D)
-        for label, fn in (("kernel", run("cuda")), ("split", run("sdpa")), ("plain", plain)):
+        for label, fn in (("kernel", run("cuda")), ("split", run("sdpa")), ("auto", run("auto")), ("plain", plain)):
             with torch.no_grad():
                 row[f"{label}_fwd_ms"] = _bench(fn, args.quick)
 
@@ -120,6 +122,14 @@ def main(argv=None):
                 torch.autograd.grad(o, (q, k, v), dout)
 
             row[f"{label}_fwdbwd_ms"] = _bench(fb, args.quick)
+        if mask is not None and ops._outer_mask_rows(mask) is not None:
+            # the outer-product check, paid once per mask tensor (a model passes one to every layer): uncached
+            def check():
+                ops._OUTER_MASKS.clear()
+                return ops._outer_mask_rows(mask)
+
+            row["outer_check_ms"] = _bench(check, args.quick)
+            print(f"{name}: the outer-product check (once per mask tensor) {row['outer_check_ms']:.3f} ms", flush=True)
         # errors against the float32 reference on a quarter of the queries (memory)
         sub = slice(0, Nq // 4)
         qs = q.detach()[:, :, sub]
@@ -132,13 +142,15 @@ def main(argv=None):
             ref = reference.attention_ref(qs.float(), k.detach().float(), v.detach().float(),
                                           upcast=torch.float32, **_subset_spans(kw_ref, Nq, Nk))[0]
             outs = {b: taca.joint_attention(q.detach(), k.detach(), v.detach(), backend=b, **kw)[:, :, sub]
-                    for b in ("cuda", "sdpa")}
+                    for b in ("cuda", "sdpa", "auto")}
         row["kernel_err"] = (outs["cuda"].float() - ref).abs().max().item()
         row["split_err"] = (outs["sdpa"].float() - ref).abs().max().item()
+        row["auto_err"] = (outs["auto"].float() - ref).abs().max().item()
         rows.append(row)
         print(f"{name}: kernel {row['kernel_fwd_ms']:.3f}/{row['kernel_fwdbwd_ms']:.3f} ms, split "
               f"{row['split_fwd_ms']:.3f}/{row['split_fwdbwd_ms']:.3f}, plain {row['plain_fwd_ms']:.3f}/"
-              f"{row['plain_fwdbwd_ms']:.3f}; err {row['kernel_err']:.2e} vs {row['split_err']:.2e}", flush=True)
+              f"{row['plain_fwdbwd_ms']:.3f}, auto {row['auto_fwd_ms']:.3f}/{row['auto_fwdbwd_ms']:.3f}; err "
+              f"{row['kernel_err']:.2e} vs {row['split_err']:.2e} (auto {row['auto_err']:.2e})", flush=True)
         torch.cuda.empty_cache()
 
     gpu = torch.cuda.get_device_name().replace(" ", "_")
@@ -146,15 +158,16 @@ def main(argv=None):
     path = os.path.join(args.out, f"features_{gpu}_{stamp}.json")
     with open(path, "w") as f:
         json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
-    print("\n| shape | kernel fwd / fwd+bwd ms | split SDPA | plain SDPA (same mask, no gamma) | kernel vs split | "
-          "kernel vs plain | max err kernel / split |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| shape | kernel fwd / fwd+bwd ms | split SDPA | auto | plain SDPA (same mask, no gamma) | kernel vs split | "
+          "auto vs plain | max err kernel / split / auto |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['shape']} | {r['kernel_fwd_ms']:.3f} / {r['kernel_fwdbwd_ms']:.3f} | {r['split_fwd_ms']:.3f} / "
-              f"{r['split_fwdbwd_ms']:.3f} | {r['plain_fwd_ms']:.3f} / {r['plain_fwdbwd_ms']:.3f} | "
+              f"{r['split_fwdbwd_ms']:.3f} | {r['auto_fwd_ms']:.3f} / {r['auto_fwdbwd_ms']:.3f} | "
+              f"{r['plain_fwd_ms']:.3f} / {r['plain_fwdbwd_ms']:.3f} | "
               f"{r['split_fwd_ms'] / r['kernel_fwd_ms']:.2f}x / {r['split_fwdbwd_ms'] / r['kernel_fwdbwd_ms']:.2f}x | "
-              f"{r['plain_fwd_ms'] / r['kernel_fwd_ms']:.2f}x / {r['plain_fwdbwd_ms'] / r['kernel_fwdbwd_ms']:.2f}x | "
-              f"{r['kernel_err']:.1e} / {r['split_err']:.1e} |")
+              f"{r['plain_fwd_ms'] / r['auto_fwd_ms']:.2f}x / {r['plain_fwdbwd_ms'] / r['auto_fwdbwd_ms']:.2f}x | "
+              f"{r['kernel_err']:.1e} / {r['split_err']:.1e} / {r['auto_err']:.1e} |")
     print(f"wrote {path}")
     return 0
 

@@ -377,6 +377,85 @@ def _per_query_mask(attn_mask) -> bool:
     return attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] > 1
 
 
+# Outer-product masks (Chroma): a float mask with mask[b, 0, i, j] = m[b, i] * m[b, j] for a 0/1 token vector m, added
+# to the logits. Row i with m_i = 1 adds m_j to key j: a float KEY mask, which the kernels take per key tile (nearly
+# free). Row i with m_i = 0 adds 0: no mask. So the op runs as the key-mask kernel over every row, and again without a
+# mask over the rows [r0, r1) that hold every m_i = 0 row of the batch, whose outputs replace those rows (the same
+# logits, each row computed exactly as the mask says). The element-wise kernel path or split SDPA ran it 4.5x /
+# 1.2x slower forward and 3x slower forward + backward than plain SDPA with the mask (README, features table).
+# Whether a mask is such a product is checked once per mask tensor (a device sync): a model passes one mask tensor to
+# every layer. An entry holds a weak reference and the tensor's version: an in-place change is checked again.
+_OUTER_MASKS: "collections.OrderedDict" = collections.OrderedDict()
+_OUTER_MASKS_MAX = 16
+_OUTER_MASKS_LOCK = threading.Lock()
+_OUTER_CHUNK = 1 << 24  # mask elements compared at a time (bounds the check's temporaries)
+
+
+def _outer_mask_rows(attn_mask: torch.Tensor):
+    """(key mask (B', 1, 1, N) in the mask's dtype, zero rows (B', r1 - r0) bool, r0, r1) when ``attn_mask`` is a
+    float (B', 1, N, N) mask equal to m_i * m_j for a 0/1 vector m (r0 == r1: no m_i = 0 row), else None."""
+    if (torch.compiler.is_compiling() or not attn_mask.is_floating_point() or attn_mask.dim() != 4
+            or attn_mask.shape[1] != 1 or attn_mask.shape[2] != attn_mask.shape[3] or attn_mask.shape[2] == 0):
+        return None
+    key = (id(attn_mask), attn_mask._version, attn_mask.data_ptr(), attn_mask.device)
+    with _OUTER_MASKS_LOCK:
+        hit = _OUTER_MASKS.get(key)
+    if hit is not None and hit[0]() is attn_mask:
+        return hit[1]
+    m = torch.diagonal(attn_mask[:, 0], dim1=-2, dim2=-1)  # (B', N): m_i * m_i = m_i for m in {0, 1}
+    ok = ((m == 0) | (m == 1)).all()
+    n = m.shape[-1]
+    rows = max(1, _OUTER_CHUNK // n)
+    for b in range(m.shape[0]):
+        for i in range(0, n, rows):
+            blk = attn_mask[b, 0, i:i + rows]
+            ok = ok & (blk == m[b, i:i + rows, None] * m[b, None, :]).all()
+    zero = m == 0
+    idx = torch.arange(n, device=m.device)
+    anyz = zero.any(0)
+    r0 = torch.where(anyz, idx, n).min()
+    r1 = torch.where(anyz, idx + 1, 0).max()
+    ok, r0, r1 = (int(x) for x in torch.stack([ok.to(torch.int64), r0, r1]).tolist())  # the one sync
+    res = None
+    if ok:
+        r1 = max(r1, r0)
+        res = (m[:, None, None, :].contiguous(), zero[:, r0:r1].contiguous(), r0, r1)
+    with _OUTER_MASKS_LOCK:
+        _OUTER_MASKS[key] = (weakref.ref(attn_mask), res)
+        _OUTER_MASKS.move_to_end(key)
+        while len(_OUTER_MASKS) > _OUTER_MASKS_MAX:
+            _OUTER_MASKS.popitem(last=False)
+    return res
+
+
+def _outer_mask_attention(q, k, v, outer, spans, layout, return_lse, return_text_mass, **kw):
+    """joint_attention with an outer-product mask (``_outer_mask_rows``'s ``outer``) as the key-mask call over every
+    row and a maskless call over rows [r0, r1), spliced by the rows' m_i (int spans; N_q == N_k). kw: gamma,
+    gamma_reverse, scale, deterministic, backend (the kernel's)."""
+    kmask, zrows, r0, r1 = outer
+    want = return_lse or return_text_mass
+    kspan = dict(text_start=spans.k_begin, text_len=spans.k_end - spans.k_begin)
+    res = joint_attention(q, k, v, layout=layout, attn_mask=kmask, query_text_start=spans.q_begin,
+                          query_text_len=spans.q_end - spans.q_begin, return_lse=True, return_text_mass=True,
+                          **kspan, **kw)
+    if r1 > r0:
+        tok = 2 if layout == "bhnd" else 1
+        qs = q.narrow(tok, r0, r1 - r0)
+        qb, qe = min(max(spans.q_begin - r0, 0), r1 - r0), min(max(spans.q_end - r0, 0), r1 - r0)
+        sub = joint_attention(qs, k, v, layout=layout, query_text_start=qb, query_text_len=max(qe - qb, 0),
+                              return_lse=True, return_text_mass=True, **kspan, **kw)
+        sel_out = zrows[:, None, :, None] if layout == "bhnd" else zrows[:, :, None, None]
+        sel_row = zrows[:, None, :]  # lse and text_mass: (B, H, N_q)
+        spliced = []
+        for i, (a, s_) in enumerate(zip(res, sub)):
+            d, sel = (tok, sel_out) if i == 0 else (2, sel_row)
+            mid = torch.where(sel, s_, a.narrow(d, r0, r1 - r0))
+            spliced.append(torch.cat([a.narrow(d, 0, r0), mid, a.narrow(d, r1, a.shape[d] - r1)], dim=d))
+        res = tuple(spliced)
+    out, lse, tm = res
+    return _pack(out, lse, tm, return_lse, return_text_mass) if want else out
+
+
 def _gamma_vector(gamma, batch: int, device: torch.device, dtype=torch.float32) -> torch.Tensor:
     """gamma as the kernels take it: a contiguous (B,) tensor of the accumulation type."""
     if isinstance(gamma, torch.Tensor):
@@ -540,8 +619,15 @@ def joint_attention(
         if reason is None:
             reason = _feature_refusal(q.device.type, *feats)
         if reason is None and q.device.type == "cuda" and _per_query_mask(attn_mask):
-            # The kernels read such a mask element by element on every tile; split SDPA (its
-            # memory-efficient backend) was 3-4x faster on Chroma's (B, 1, N, N) mask on an H200
+            # Chroma's outer-product mask: the key-mask kernel over every row, a maskless one over the m_i = 0 rows
+            if Nq == Nk and not spans.per_sample:
+                outer = _outer_mask_rows(attn_mask)
+                if outer is not None:
+                    return _outer_mask_attention(
+                        q, k, v, outer, spans, layout, return_lse, return_text_mass, gamma=gamma,
+                        gamma_reverse=gamma_reverse, scale=scale, deterministic=deterministic, backend="cuda")
+            # Other masks that vary over queries: the kernels read them element by element on every tile; split
+            # SDPA (its memory-efficient backend) was 3-4x faster on such a (B, 1, N, N) mask on an H200
             # (benchmarks/results/features_*.json). Key masks (B, 1, 1, N_k) stay on the kernel.
             reason = "a mask that varies over queries runs faster on split SDPA than on the CUDA kernel"
         use_kernel = reason is None

@@ -184,10 +184,19 @@ def test_cuda_kernel_features_tolerance_rule(name, dtype):
         kw_t["attn_mask"] = m
     tor = reference.attention_split_sdpa(ql, kl, vl, **kw_t)
     _rule((out.float() - ref)[live_rows].abs().max().item(), (tor.float() - ref)[live_rows].abs().max().item(), "out")
-    # auto takes the same kernel (bitwise the same output), except for masks that vary over
-    # queries, which it sends to split SDPA (faster there)
+    # auto takes the same kernel (bitwise the same output), except for masks that vary over queries: an outer
+    # product (Chroma) runs as the key-mask kernel plus a maskless one over its m_i = 0 rows
+    # (test_cuda_outer_mask_auto), any other such mask goes to split SDPA (faster there)
     auto = taca.joint_attention(ql.detach(), kl.detach(), vl.detach(), **kw)
-    if ops._per_query_mask(kw.get("attn_mask")):
+    mask = kw.get("attn_mask")
+    per_sample = any(isinstance(kw.get(a), torch.Tensor)
+                     for a in ("text_len", "text_start", "query_text_start", "query_text_len"))
+    tok = 2 if kw["layout"] == "bhnd" else 1
+    if (ops._per_query_mask(mask) and ql.shape[tok] == kl.shape[tok] and not per_sample
+            and ops._outer_mask_rows(mask)):
+        _rule((auto.float() - ref)[live_rows].abs().max().item(), (tor.float() - ref)[live_rows].abs().max().item(),
+              "auto out")
+    elif ops._per_query_mask(mask):
         assert torch.equal(auto, reference.attention_split_sdpa(ql.detach(), kl.detach(), vl.detach(), **kw))
     else:
         assert torch.equal(auto, out.detach())
@@ -320,3 +329,46 @@ def test_cuda_tensor_spans_are_checked():
     q, k, v = (torch.randn(2, 2, 10, 16, device="cuda") for _ in range(3))
     with pytest.raises(ValueError, match=r"key text span of sample 1, \[0, 11\)"):
         taca.joint_attention(q, k, v, text_len=torch.tensor([3, 11], device="cuda"))
+
+
+@requires_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout,text_first,D", [("bnhd", True, 128), ("bhnd", False, 64), ("bnhd", True, 96)])
+def test_cuda_outer_mask_auto(layout, text_first, D, dtype, monkeypatch):
+    """Chroma's float (B, 1, N, N) mask m_i * m_j under backend="auto": the key-mask kernel over every row and a
+    maskless one over the rows with m_i = 0 (ops._outer_mask_attention), never split SDPA; out, lse, text_mass
+    and the gradients by the tolerance rule against the float32 reference with the same mask; bitwise repeatable."""
+    B, H, N, L = 2, 4, 1100, 256
+    torch.manual_seed(0)
+    shape = (B, H, N, D) if layout == "bhnd" else (B, N, H, D)
+    q, k, v = (torch.randn(shape, device="cuda").to(dtype).requires_grad_() for _ in range(3))
+    txt = torch.arange(L) if text_first else torch.arange(N - L, N)
+    m = torch.ones(B, N)
+    m[0, txt[100:]] = 0  # ChromaPipeline: a prompt's padding tokens past the first, text only
+    m[1, txt[7:]] = 0
+    mask = (m[:, :, None] * m[:, None, :])[:, None].to("cuda", dtype)
+    kw = dict(text_len=L, text_first=text_first, gamma=torch.tensor([GAMMA, 0.7], device="cuda"),
+              gamma_reverse=GAMMA_REV, scale=SCALE, layout=layout, attn_mask=mask)
+
+    def no_split(*a, **k):
+        raise AssertionError("split SDPA ran")
+
+    monkeypatch.setattr(reference, "attention_split_sdpa", no_split)
+    out, lse, tm = taca.joint_attention(q, k, v, return_lse=True, return_text_mass=True, **kw)
+    out2 = taca.joint_attention(q, k, v, **kw)
+    monkeypatch.undo()
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    kw32 = dict(kw, attn_mask=mask.float())
+    ref, lse_r, tm_r = reference.attention_ref(qf, kf, vf, upcast=torch.float32, **kw32)
+    tor = reference.attention_split_sdpa(q, k, v, **kw)
+    _rule((out.float() - ref).abs().max().item(), (tor.float() - ref).abs().max().item(), "out")
+    assert (lse - lse_r).abs().max().item() < 2e-3
+    assert (tm - tm_r).abs().max().item() < 5e-3
+    dout = torch.randn_like(out)
+    g = torch.autograd.grad(out, (q, k, v), dout)
+    for nm, a, r, t in zip(("dq", "dk", "dv"), g, torch.autograd.grad(ref, (qf, kf, vf), dout.float()),
+                           torch.autograd.grad(tor, (q, k, v), dout)):
+        assert torch.isfinite(a).all(), nm
+        _rule((a.float() - r).abs().max().item(), (t.float() - r).abs().max().item(), nm)
+    for nm, a, b in zip(("out", "dq", "dk", "dv"), (out,) + g, (out2,) + torch.autograd.grad(out2, (q, k, v), dout)):
+        assert torch.equal(a, b), f"{nm} not bitwise repeatable"
