@@ -133,6 +133,36 @@ def batch_inputs(kind, model, batch, tiny, device, dtype):
     return x0, cond, L
 
 
+def profile_methods(names, model, step, kind, batch, cuda, out):
+    """One warm step per method under torch.profiler; prints (and writes) the top 20 rows by self device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    for m in names:
+        if m != "stock":
+            taca.enable(model, gamma=1.2, schedule=PaperSchedule(1.2, 0.97),
+                        backend="sdpa" if m == "taca-sdpa" else "auto")
+        if m == "taca-v5":
+            os.environ["TACA_BWD_SM90_KERNEL"] = "v5"
+        try:
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            with profile(activities=acts) as prof:
+                float(step().detach())
+            table = prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=70)
+        finally:
+            taca.disable(model)
+            os.environ.pop("TACA_BWD_SM90_KERNEL", None)
+        text = f"## profile {kind} batch {batch} {m}\n{table}"
+        print(text, flush=True)
+        if out:
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, f"profile_{kind}_b{batch}_{m}.txt"), "w") as f:
+                f.write(text)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="flux,sd35m", help=f"comma list of {', '.join(MODELS)}")
@@ -144,6 +174,9 @@ def main(argv=None):
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="tiny configs (CPU smoke test)")
     ap.add_argument("--out", default=None, help="folder for the JSON and markdown results")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timing, one more step per method under torch.profiler: its top kernels by "
+                         "device time (CPU ops on a CPU run) printed and written under --out")
     args = ap.parse_args(argv)
 
     from diffusers.training_utils import cast_training_params
@@ -222,6 +255,8 @@ def main(argv=None):
                     finally:
                         taca.disable(model)
                         os.environ.pop("TACA_BWD_SM90_KERNEL", None)
+            if args.profile:
+                profile_methods(names, model, step, kind, batch, cuda, args.out)
             base = statistics.median(times["stock"]) if "stock" in times else None
             for m, ts in times.items():
                 med = statistics.median(ts)

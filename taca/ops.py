@@ -9,8 +9,9 @@ Dispatch (backend="auto"): CPU tensors -> the C kernel; CUDA float16/bfloat16 te
 head dim in ``CUDA_HEAD_DIMS``, batch / heads within the kernels' grid limits and at least one key
 -> the CUDA kernel (when built; on an H100/H200 its Hopper path for aligned D = 64, 72..128). Both
 kernels cover every feature of the op: per-sample spans, N_q != N_k, grouped KV heads, masks;
-on CUDA, auto sends masks that vary over queries (not (B, H, 1, N_k) key masks) to split SDPA,
-which runs them faster. Anything else -> the exact split-SDPA form (``reference.attention_split_sdpa``), or the
+on CUDA, auto runs Chroma's outer-product mask (float m_i * m_j) as the key-mask kernel plus a maskless one over
+the m_i = 0 rows, and sends other masks that vary over queries (not (B, H, 1, N_k) key masks) to split SDPA,
+which runs them faster than the kernels' element-wise path. Anything else -> the exact split-SDPA form (``reference.attention_split_sdpa``), or the
 materialized reference when lse or text_mass is asked for. ``_KERNEL_FEATURES`` lists what each
 kernel covers.
 """
