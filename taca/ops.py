@@ -9,8 +9,8 @@ Dispatch (backend="auto"): CPU tensors -> the C kernel; CUDA float16/bfloat16 te
 head dim in ``CUDA_HEAD_DIMS``, batch / heads within the kernels' grid limits and at least one key
 -> the CUDA kernel (when built; on an H100/H200 its Hopper path for aligned D = 64, 72..128). Both
 kernels cover every feature of the op: per-sample spans, N_q != N_k, grouped KV heads, masks;
-on CUDA, auto runs Chroma's outer-product mask (float m_i * m_j) as the key-mask kernel plus a maskless one over
-the m_i = 0 rows, and sends other masks that vary over queries (not (B, H, 1, N_k) key masks) to split SDPA,
+on CUDA, auto runs outer-product masks (Chroma's float m_i * m_j, HunyuanVideo 1.5's bool m_i & m_j) as the
+key-mask kernel plus, for the m_i = 0 rows, a maskless one (float) or a fully masked row's values (bool), and sends other masks that vary over queries (not (B, H, 1, N_k) key masks) to split SDPA,
 which runs them faster than the kernels' element-wise path. Anything else -> the exact split-SDPA form (``reference.attention_split_sdpa``), or the
 materialized reference when lse or text_mass is asked for. ``_KERNEL_FEATURES`` lists what each
 kernel covers.
@@ -378,13 +378,15 @@ def _per_query_mask(attn_mask) -> bool:
     return attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] > 1
 
 
-# Outer-product masks (Chroma): a float mask with mask[b, 0, i, j] = m[b, i] * m[b, j] for a 0/1 token vector m, added
-# to the logits. Row i with m_i = 1 adds m_j to key j: a float KEY mask, which the kernels take per key tile (nearly
-# free). Row i with m_i = 0 adds 0: no mask. So the op runs as the key-mask kernel over every row, and again without a
-# mask over the rows [r0, r1) that hold every m_i = 0 row of the batch, whose outputs replace those rows (the same
-# logits, each row computed exactly as the mask says). The element-wise kernel path or split SDPA ran it 4.5x /
+# Outer-product masks: a float mask with mask[b, 0, i, j] = m[b, i] * m[b, j] for a 0/1 token vector m, added to the
+# logits (Chroma), or a bool mask m_i & m_j (HunyuanVideo 1.5's outer-AND). Row i with m_i = 1 adds m_j to key j /
+# keeps the keys with m_j: a KEY mask, which the kernels take per key tile (nearly free). Row i with m_i = 0 adds 0
+# (float: no mask) / has every key masked (bool: out 0, lse -inf, text_mass 0, zero gradients, as the op defines a
+# fully masked row). So the op runs as the key-mask kernel over every row, and (float) again without a mask over
+# the rows [r0, r1) that hold every m_i = 0 row of the batch, whose outputs replace those rows; (bool) those rows
+# are set to the fully masked row's values. The kernels' element-wise path or split SDPA ran Chroma's 4.5x /
 # 1.2x slower forward and 3x slower forward + backward than plain SDPA with the mask (README, features table).
-# Whether a mask is such a product is checked once per mask tensor (a device sync): a model passes one mask tensor to
+# Whether a mask is such a product is checked once per mask tensor (a device sync): Chroma passes one mask tensor to
 # every layer. An entry holds a weak reference and the tensor's version: an in-place change is checked again.
 _OUTER_MASKS: "collections.OrderedDict" = collections.OrderedDict()
 _OUTER_MASKS_MAX = 16
@@ -394,9 +396,10 @@ _OUTER_CHUNK = 1 << 24  # mask elements compared at a time (bounds the check's t
 
 def _outer_mask_rows(attn_mask: torch.Tensor):
     """(key mask (B', 1, 1, N) in the mask's dtype, zero rows (B', r1 - r0) bool, r0, r1) when ``attn_mask`` is a
-    float (B', 1, N, N) mask equal to m_i * m_j for a 0/1 vector m (r0 == r1: no m_i = 0 row), else None."""
-    if (torch.compiler.is_compiling() or not attn_mask.is_floating_point() or attn_mask.dim() != 4
-            or attn_mask.shape[1] != 1 or attn_mask.shape[2] != attn_mask.shape[3] or attn_mask.shape[2] == 0):
+    (B', 1, N, N) mask equal to m_i * m_j for a 0/1 vector m (float) or to m_i & m_j (bool), else None; r0 == r1:
+    no m_i = 0 row."""
+    if (torch.compiler.is_compiling() or attn_mask.dim() != 4 or attn_mask.shape[1] != 1
+            or attn_mask.shape[2] != attn_mask.shape[3] or attn_mask.shape[2] == 0):
         return None
     key = (id(attn_mask), attn_mask._version, attn_mask.data_ptr(), attn_mask.device)
     with _OUTER_MASKS_LOCK:
@@ -404,23 +407,19 @@ def _outer_mask_rows(attn_mask: torch.Tensor):
     if hit is not None and hit[0]() is attn_mask:
         return hit[1]
     m = torch.diagonal(attn_mask[:, 0], dim1=-2, dim2=-1)  # (B', N): m_i * m_i = m_i for m in {0, 1}
-    ok = ((m == 0) | (m == 1)).all()
+    is_bool = attn_mask.dtype == torch.bool
+    ok = torch.ones((), dtype=torch.bool, device=m.device) if is_bool else ((m == 0) | (m == 1)).all()
     n = m.shape[-1]
     rows = max(1, _OUTER_CHUNK // n)
-    for b in range(m.shape[0]):
-        for i in range(0, n, rows):
-            blk = attn_mask[b, 0, i:i + rows]
-            ok = ok & (blk == m[b, i:i + rows, None] * m[b, None, :]).all()
-    zero = m == 0
-    idx = torch.arange(n, device=m.device)
-    anyz = zero.any(0)
-    r0 = torch.where(anyz, idx, n).min()
-    r1 = torch.where(anyz, idx + 1, 0).max()
-    ok, r0, r1 = (int(x) for x in torch.stack([ok.to(torch.int64), r0, r1]).tolist())  # the one sync
-    res = None
-    if ok:
-        r1 = max(r1, r0)
-        res = (m[:, None, None, :].contiguous(), zero[:, r0:r1].contiguous(), r0, r1)
+    chunks = [(b, i) for b in range(m.shape[0]) for i in range(0, n, rows)]
+    for c, (b, i) in enumerate(chunks):
+        mi, blk = m[b, i:i + rows, None], attn_mask[b, 0, i:i + rows]
+        ok = ok & (blk == ((mi & m[b, None, :]) if is_bool else mi * m[b, None, :])).all()
+        if c == 0 and len(chunks) > 1 and not bool(ok):  # a mask of another kind: one chunk read, not all
+            res = None
+            break
+    else:
+        res = _outer_mask_result(m, is_bool, ok, n)
     with _OUTER_MASKS_LOCK:
         _OUTER_MASKS[key] = (weakref.ref(attn_mask), res)
         _OUTER_MASKS.move_to_end(key)
@@ -429,10 +428,24 @@ def _outer_mask_rows(attn_mask: torch.Tensor):
     return res
 
 
+def _outer_mask_result(m, is_bool, ok, n):
+    """_outer_mask_rows's answer from the diagonal m (B', n) and the comparisons' ``ok`` (a device bool)."""
+    zero = ~m if is_bool else m == 0
+    idx = torch.arange(n, device=m.device)
+    anyz = zero.any(0)
+    r0 = torch.where(anyz, idx, n).min()
+    r1 = torch.where(anyz, idx + 1, 0).max()
+    ok, r0, r1 = (int(x) for x in torch.stack([ok.to(torch.int64), r0, r1]).tolist())  # the sync
+    if not ok:
+        return None
+    r1 = max(r1, r0)
+    return m[:, None, None, :].contiguous(), zero[:, r0:r1].contiguous(), r0, r1
+
+
 def _outer_mask_attention(q, k, v, outer, spans, layout, return_lse, return_text_mass, **kw):
     """joint_attention with an outer-product mask (``_outer_mask_rows``'s ``outer``) as the key-mask call over every
-    row and a maskless call over rows [r0, r1), spliced by the rows' m_i (int spans; N_q == N_k). kw: gamma,
-    gamma_reverse, scale, deterministic, backend (the kernel's)."""
+    row and, for rows [r0, r1), a maskless call (float) or the fully masked row's values (bool), spliced by the rows'
+    m_i (int spans; N_q == N_k). kw: gamma, gamma_reverse, scale, deterministic, backend (the kernel's)."""
     kmask, zrows, r0, r1 = outer
     want = return_lse or return_text_mass
     kspan = dict(text_start=spans.k_begin, text_len=spans.k_end - spans.k_begin)
@@ -441,10 +454,15 @@ def _outer_mask_attention(q, k, v, outer, spans, layout, return_lse, return_text
                           **kspan, **kw)
     if r1 > r0:
         tok = 2 if layout == "bhnd" else 1
-        qs = q.narrow(tok, r0, r1 - r0)
-        qb, qe = min(max(spans.q_begin - r0, 0), r1 - r0), min(max(spans.q_end - r0, 0), r1 - r0)
-        sub = joint_attention(qs, k, v, layout=layout, query_text_start=qb, query_text_len=max(qe - qb, 0),
-                              return_lse=True, return_text_mass=True, **kspan, **kw)
+        if kmask.dtype == torch.bool:  # the m_i = 0 rows have every key masked: what the op gives such a row
+            o, ls, t = (x.narrow(d, r0, r1 - r0) for x, d in zip(res, (tok, 2, 2)))
+            sub = (o.new_zeros(()).expand_as(o), ls.new_full((), -math.inf).expand_as(ls),
+                   t.new_zeros(()).expand_as(t))
+        else:
+            qs = q.narrow(tok, r0, r1 - r0)
+            qb, qe = min(max(spans.q_begin - r0, 0), r1 - r0), min(max(spans.q_end - r0, 0), r1 - r0)
+            sub = joint_attention(qs, k, v, layout=layout, query_text_start=qb, query_text_len=max(qe - qb, 0),
+                                  return_lse=True, return_text_mass=True, **kspan, **kw)
         sel_out = zrows[:, None, :, None] if layout == "bhnd" else zrows[:, :, None, None]
         sel_row = zrows[:, None, :]  # lse and text_mass: (B, H, N_q)
         spliced = []
@@ -620,7 +638,7 @@ def joint_attention(
         if reason is None:
             reason = _feature_refusal(q.device.type, *feats)
         if reason is None and q.device.type == "cuda" and _per_query_mask(attn_mask):
-            # Chroma's outer-product mask: the key-mask kernel over every row, a maskless one over the m_i = 0 rows
+            # outer-product masks (Chroma, HunyuanVideo 1.5): the key-mask kernel, the m_i = 0 rows apart
             if Nq == Nk and not spans.per_sample:
                 outer = _outer_mask_rows(attn_mask)
                 if outer is not None:

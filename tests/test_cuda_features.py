@@ -332,21 +332,25 @@ def test_cuda_tensor_spans_are_checked():
 
 
 @requires_kernel
+@pytest.mark.parametrize("kind", ["float", "bool"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout,text_first,D", [("bnhd", True, 128), ("bhnd", False, 64), ("bnhd", True, 96)])
-def test_cuda_outer_mask_auto(layout, text_first, D, dtype, monkeypatch):
-    """Chroma's float (B, 1, N, N) mask m_i * m_j under backend="auto": the key-mask kernel over every row and a
-    maskless one over the rows with m_i = 0 (ops._outer_mask_attention), never split SDPA; out, lse, text_mass
-    and the gradients by the tolerance rule against the float32 reference with the same mask; bitwise repeatable."""
+def test_cuda_outer_mask_auto(layout, text_first, D, dtype, kind, monkeypatch):
+    """Outer-product masks under backend="auto": Chroma's float (B, 1, N, N) m_i * m_j as the key-mask kernel over
+    every row and a maskless one over the rows with m_i = 0, HunyuanVideo 1.5's bool m_i & m_j as the key-mask
+    kernel with those rows fully masked (out 0, lse -inf, text_mass 0, no gradient) (ops._outer_mask_attention),
+    never split SDPA; out, lse, text_mass and the gradients by the tolerance rule against the float32 reference
+    with the same mask on the live rows; bitwise repeatable."""
     B, H, N, L = 2, 4, 1100, 256
     torch.manual_seed(0)
     shape = (B, H, N, D) if layout == "bhnd" else (B, N, H, D)
     q, k, v = (torch.randn(shape, device="cuda").to(dtype).requires_grad_() for _ in range(3))
     txt = torch.arange(L) if text_first else torch.arange(N - L, N)
     m = torch.ones(B, N)
-    m[0, txt[100:]] = 0  # ChromaPipeline: a prompt's padding tokens past the first, text only
+    m[0, txt[100:]] = 0  # a prompt's padding tokens (Chroma keeps the first valid), text only
     m[1, txt[7:]] = 0
-    mask = (m[:, :, None] * m[:, None, :])[:, None].to("cuda", dtype)
+    mask = (m[:, :, None] * m[:, None, :])[:, None].cuda()
+    mask = mask.to(dtype) if kind == "float" else mask > 0
     kw = dict(text_len=L, text_first=text_first, gamma=torch.tensor([GAMMA, 0.7], device="cuda"),
               gamma_reverse=GAMMA_REV, scale=SCALE, layout=layout, attn_mask=mask)
 
@@ -358,13 +362,20 @@ def test_cuda_outer_mask_auto(layout, text_first, D, dtype, monkeypatch):
     out2 = taca.joint_attention(q, k, v, **kw)
     monkeypatch.undo()
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-    kw32 = dict(kw, attn_mask=mask.float())
+    kw32 = dict(kw, attn_mask=mask.float() if kind == "float" else mask)
     ref, lse_r, tm_r = reference.attention_ref(qf, kf, vf, upcast=torch.float32, **kw32)
-    tor = reference.attention_split_sdpa(q, k, v, **kw)
-    _rule((out.float() - ref).abs().max().item(), (tor.float() - ref).abs().max().item(), "out")
-    assert (lse - lse_r).abs().max().item() < 2e-3
-    assert (tm - tm_r).abs().max().item() < 5e-3
-    dout = torch.randn_like(out)
+    live = torch.isfinite(lse_r)  # (B, H, N): bool's m_i = 0 rows are dead
+    assert torch.equal(torch.isfinite(lse), live) and (kind == "float") == bool(live.all())
+    rows = live if layout == "bhnd" else live.transpose(1, 2)
+    assert torch.equal(out[~rows], torch.zeros_like(out[~rows])) and torch.equal(tm[~live], torch.zeros_like(tm[~live]))
+    kw_t = dict(kw)  # split SDPA gives NaN on fully masked rows: it gets them unmasked (dout is 0 there)
+    if kind == "bool":
+        kw_t["attn_mask"] = mask | (m == 0).cuda()[:, None, :, None]
+    tor = reference.attention_split_sdpa(q, k, v, **kw_t)
+    _rule((out.float() - ref)[rows].abs().max().item(), (tor.float() - ref)[rows].abs().max().item(), "out")
+    assert (lse - lse_r)[live].abs().max().item() < 2e-3
+    assert (tm - tm_r)[live].abs().max().item() < 5e-3
+    dout = torch.randn_like(out) * rows[..., None]
     g = torch.autograd.grad(out, (q, k, v), dout)
     for nm, a, r, t in zip(("dq", "dk", "dv"), g, torch.autograd.grad(ref, (qf, kf, vf), dout.float()),
                            torch.autograd.grad(tor, (q, k, v), dout)):

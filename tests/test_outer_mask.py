@@ -1,6 +1,7 @@
-"""Chroma's outer-product mask (a float (B, 1, N, N) mask equal to m_i * m_j for a 0/1 token vector m) run as the
-key-mask kernel over every row plus a maskless kernel call over the m_i = 0 rows (``ops._outer_mask_rows`` /
-``ops._outer_mask_attention``; backend="auto" takes it on CUDA). Here on the CPU kernel in float64: exact against
+"""Outer-product masks: Chroma's float (B, 1, N, N) mask m_i * m_j for a 0/1 token vector m, run as the key-mask
+kernel over every row plus a maskless kernel call over the m_i = 0 rows, and HunyuanVideo 1.5's bool m_i & m_j, run
+as the key-mask kernel with the m_i = 0 rows set to a fully masked row's values (``ops._outer_mask_rows`` /
+``ops._outer_mask_attention``; backend="auto" takes them on CUDA). Here on the CPU kernel in float64: exact against
 the materialized reference, values and gradients; the detection against masks that are not such products."""
 import pytest
 import torch
@@ -46,14 +47,21 @@ def test_rows_detected():
         assert torch.equal(zrows, m[:, 3:12] == 0)
 
 
+def test_rows_detected_bool():
+    m = _tokens(2, 30, [[20, 21, 29], []]) > 0  # HunyuanVideo 1.5: invalid context tokens last
+    kmask, zrows, r0, r1 = ops._outer_mask_rows(m[:, None, None, :] & m[:, None, :, None])
+    assert (r0, r1) == (20, 30) and kmask.dtype == torch.bool and torch.equal(kmask[:, 0, 0], m)
+    assert torch.equal(zrows, ~m[:, 20:30])
+
+
 def test_rows_no_zero_row_and_broadcast_batch():
     mask = torch.ones(1, 1, 9, 9)
     kmask, zrows, r0, r1 = ops._outer_mask_rows(mask)
     assert r0 == r1 and zrows.shape == (1, 0) and kmask.shape == (1, 1, 1, 9)
 
 
-@pytest.mark.parametrize("kind", ["not_product", "values_0_2", "bool", "per_head", "key_mask", "neg_inf",
-                                  "rect"])
+@pytest.mark.parametrize("kind", ["not_product", "values_0_2", "bool_not_product", "per_head", "key_mask",
+                                  "neg_inf", "rect"])
 def test_rows_refused(kind):
     m = _tokens(2, 10, [[7, 8], [9]])
     mask = _outer(m).float()
@@ -61,8 +69,9 @@ def test_rows_refused(kind):
         mask[0, 0, 1, 8] = 1.0  # row 1 (m = 1) adds 1 to key 8 (m = 0)
     elif kind == "values_0_2":
         mask = _outer(2 * m).float()
-    elif kind == "bool":
+    elif kind == "bool_not_product":
         mask = mask.bool()
+        mask[1, 0, 9, 2] = True  # row 9 (m = 0) keeps key 2
     elif kind == "per_head":
         mask = mask.expand(2, 3, 10, 10).contiguous()
     elif kind == "key_mask":
@@ -72,6 +81,23 @@ def test_rows_refused(kind):
     elif kind == "rect":
         mask = mask[..., :7]
     assert ops._outer_mask_rows(mask) is None
+
+
+@pytest.mark.parametrize("bad", [None, (0, 1, 8), (1, 9, 3)])  # no fault, one in the first chunk, one in the last
+def test_rows_in_chunks(bad, monkeypatch):
+    """Compared a few rows at a time (as a 4608-token mask is, in 16M-element chunks), with an early exit after the
+    first chunk: the same answers."""
+    monkeypatch.setattr(ops, "_OUTER_CHUNK", 30)  # 3 rows of 10 a chunk: 4 chunks a sample
+    for dt in (torch.float32, torch.bool):
+        m = _tokens(2, 10, [[7, 8], [9]])
+        mask = _outer(m).float() if dt == torch.float32 else _outer(m) > 0
+        if bad is not None:
+            b, i, j = bad
+            mask[b, 0, i, j] = 0.5 if dt == torch.float32 else not mask[b, 0, i, j]
+        got = ops._outer_mask_rows(mask)
+        assert (got is None) == (bad is not None)
+        if got is not None:
+            assert got[2:] == (7, 10) and torch.equal(got[1], m[:, 7:] == 0)
 
 
 def test_rows_rechecked_after_inplace_change():
@@ -86,9 +112,10 @@ def test_rows_rechecked_after_inplace_change():
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
 @pytest.mark.parametrize("text_first", [True, False])
 @pytest.mark.parametrize("pattern", ["chroma", "scattered", "none", "broadcast"])
-def test_outer_mask_attention_exact(layout, text_first, pattern):
+@pytest.mark.parametrize("kind", ["float", "bool"])
+def test_outer_mask_attention_exact(layout, text_first, pattern, kind):
     """out, lse and text_mass, and the gradients of q, k, v, equal the materialized reference's with the same
-    (B, 1, N, N) mask to float64 rounding."""
+    (B, 1, N, N) mask to float64 rounding (bool: the m_i = 0 rows fully masked, out 0, lse -inf)."""
     B, H, N, D, L = 2, 3, 23, 8, 9
     txt = list(range(0, L)) if text_first else list(range(N - L, N))
     zero = {"chroma": [txt[5:], txt[2:]],
@@ -96,7 +123,7 @@ def test_outer_mask_attention_exact(layout, text_first, pattern):
             "none": [[], []],
             "broadcast": [txt[4:]]}[pattern]
     m = _tokens(len(zero), N, zero)
-    mask = _outer(m)
+    mask = _outer(m) if kind == "float" else _outer(m) > 0
     q, k, v = (t.requires_grad_() for t in _inputs(B, H, N, D, layout))
     kw = dict(text_len=L, text_first=text_first, gamma=torch.tensor([GAMMA, 0.7], dtype=torch.float64),
               gamma_reverse=GAMMA_REV, scale=SCALE, layout=layout)
