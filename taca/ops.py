@@ -401,6 +401,8 @@ def _outer_mask_rows(attn_mask: torch.Tensor):
     if (torch.compiler.is_compiling() or attn_mask.dim() != 4 or attn_mask.shape[1] != 1
             or attn_mask.shape[2] != attn_mask.shape[3] or attn_mask.shape[2] == 0):
         return None
+    if attn_mask.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None  # no sync inside a CUDA graph capture: such a call keeps split SDPA
     key = (id(attn_mask), attn_mask._version, attn_mask.data_ptr(), attn_mask.device)
     with _OUTER_MASKS_LOCK:
         hit = _OUTER_MASKS.get(key)
