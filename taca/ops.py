@@ -430,6 +430,46 @@ def _outer_mask_rows(attn_mask: torch.Tensor):
     return res
 
 
+# Masks a model builds anew in every block from one (B, N) token mask (Chroma's blocks each compute
+# m[:, None, None, :] * m[:, None, :, None] from the transformer's attention_mask): the adapter's processor names the
+# token mask (``_outer_hint``), the first mask of each block kind is checked, and the later ones of that kind built
+# from the same token mask are taken as its outer product without being read or synced on.
+_TOKEN_MASKS: "collections.OrderedDict" = collections.OrderedDict()
+
+
+def _outer_hint(attn_mask: torch.Tensor, token_mask: torch.Tensor, kind: str = "") -> None:
+    """Tells backend="auto" that ``attn_mask`` (B, 1, N, N) is the outer product of ``token_mask`` (B, N) (float
+    m_i * m_j or bool m_i & m_j) built by the formula of the blocks of ``kind``: checked for the first mask of a
+    (token mask, kind, mask shape and dtype), taken for the later ones. Nothing happens where the check cannot run
+    (torch.compile, a CUDA graph capture) or for a mask that is not such a product of this token mask."""
+    if (torch.compiler.is_compiling() or not isinstance(token_mask, torch.Tensor) or attn_mask.dim() != 4
+            or token_mask.dim() != 2 or tuple(token_mask.shape) != (attn_mask.shape[0], attn_mask.shape[-1])
+            or (attn_mask.is_cuda and torch.cuda.is_current_stream_capturing())):
+        return
+    tkey = (id(token_mask), token_mask._version, token_mask.data_ptr(), kind, tuple(attn_mask.shape),
+            attn_mask.dtype, attn_mask.device)
+    with _OUTER_MASKS_LOCK:
+        hit = _TOKEN_MASKS.get(tkey)
+    if hit is not None and hit[0]() is token_mask:
+        outer = hit[1]
+    else:
+        outer = _outer_mask_rows(attn_mask)  # the check (a sync)
+        if outer is not None and not torch.equal(outer[0][:, 0, 0], token_mask.to(attn_mask.dtype)):
+            outer = None  # a product, but not of this token mask: this mask keeps its own entry only
+        with _OUTER_MASKS_LOCK:
+            _TOKEN_MASKS[tkey] = (weakref.ref(token_mask), outer)
+            _TOKEN_MASKS.move_to_end(tkey)
+            while len(_TOKEN_MASKS) > _OUTER_MASKS_MAX:
+                _TOKEN_MASKS.popitem(last=False)
+    if outer is not None:
+        key = (id(attn_mask), attn_mask._version, attn_mask.data_ptr(), attn_mask.device)
+        with _OUTER_MASKS_LOCK:
+            _OUTER_MASKS[key] = (weakref.ref(attn_mask), outer)
+            _OUTER_MASKS.move_to_end(key)
+            while len(_OUTER_MASKS) > _OUTER_MASKS_MAX:
+                _OUTER_MASKS.popitem(last=False)
+
+
 def _outer_mask_result(m, is_bool, ok, n):
     """_outer_mask_rows's answer from the diagonal m (B', n) and the comparisons' ``ok`` (a device bool)."""
     zero = ~m if is_bool else m == 0

@@ -46,7 +46,7 @@ from typing import Optional
 
 import torch
 
-from . import telemetry
+from . import ops, telemetry
 from .ops import joint_attention
 
 
@@ -95,6 +95,7 @@ class TacaProcessor:
         scale: Optional[float] = None,
         query_text_start=None,
         query_text_len=None,
+        token_mask: Optional[torch.Tensor] = None,
     ) -> Optional[torch.Tensor]:
         """TACA attention of q, k, v (in ``self.layout``), or None: then the caller runs its stock
         attention call. ``text_len`` None means the call has no text (plain attention: stock).
@@ -105,7 +106,10 @@ class TacaProcessor:
         stock processor's softmax scale (default 1/sqrt(D)). ``query_text_start`` /
         ``query_text_len``: the text QUERIES when they are not the key span (cached keys: FLUX.2
         Klein-KV's [txt, img] queries on [txt, ref, img] keys, GLM-Image's [txt, img] queries on
-        [cond-image cache, txt, img] keys), passed on to ``taca.joint_attention``."""
+        [cond-image cache, txt, img] keys), passed on to ``taca.joint_attention``. ``token_mask``: the
+        (B, N) token mask this module's ``attn_mask`` is the outer product of (Chroma's blocks build it
+        from the transformer's mask): on CUDA the op then takes the mask as a key mask without reading
+        it in every block (``ops._outer_hint``)."""
         record = telemetry.active() and text_len is not None
         if (gamma is None and not record and not self.fp8) or text_len is None:
             return None
@@ -130,6 +134,8 @@ class TacaProcessor:
         extra = {}
         if attn_mask is not None:
             extra["attn_mask"] = attn_mask
+            if token_mask is not None and attn_mask.is_cuda:
+                ops._outer_hint(attn_mask, token_mask, self.name.split(".")[0])
         if query_text_start is not None or query_text_len is not None:
             extra["query_text_start"] = query_text_start
             extra["query_text_len"] = query_text_len

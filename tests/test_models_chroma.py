@@ -194,3 +194,40 @@ def test_gradient_checkpointing_keeps_gamma_and_the_mask(valid):
     """diffusers 0.42.1's checkpointed blocks get no attention kwargs (no gamma) and the single
     blocks no mask: taca.enable hands both back, so output and gradients equal the plain forward's."""
     check_checkpointing_keeps_state(_transformer, _inputs(2, 9, (4, 4), valid=valid))
+
+
+@pytest.mark.parametrize("B,L,hw,valid", [(2, 9, (3, 4), [4, 8]), (1, 6, (4, 5), [2])])
+def test_token_mask_reaches_every_block_and_makes_its_mask(monkeypatch, B, L, hw, valid):
+    """The adapter hands every joint call the transformer's (B, N) mask m (``token_mask``), and in every block, double-
+    and single-stream, diffusers' mask is exactly m_i * m_j: what ``ops._outer_hint`` takes on trust after the
+    first mask of each block kind (checked here for the installed diffusers, with gradient checkpointing's
+    recomputation too)."""
+    from taca.processors import TacaProcessor
+
+    seen = []
+    orig = TacaProcessor.taca_attention
+
+    def spy(self, q, k, v, text_len, gamma, attn_mask=None, **kw):
+        seen.append((self.name, attn_mask, kw.get("token_mask")))
+        return orig(self, q, k, v, text_len, gamma, attn_mask, **kw)
+
+    monkeypatch.setattr(TacaProcessor, "taca_attention", spy)
+    t = _transformer()
+    kw = _inputs(B, L, hw, valid)
+    with taca.enabled(t, gamma=1.3), torch.no_grad():
+        t(**kw)
+    assert len(seen) == TINY["num_layers"] + TINY["num_single_layers"]
+    assert {name.split(".")[0] for name, _, _ in seen} == {"transformer_blocks", "single_transformer_blocks"}
+    for name, mask, tok in seen:
+        assert tok is kw["attention_mask"], name
+        assert torch.equal(mask, tok[:, None, None, :] * tok[:, None, :, None]), name
+    # training: the checkpointed blocks get the token mask too (the adapter puts the dropped kwargs back)
+    seen.clear()
+    t.train()
+    t.enable_gradient_checkpointing()
+    kw = _inputs(B, L, hw, valid)
+    kw["hidden_states"].requires_grad_()
+    with taca.enabled(t, gamma=1.3):
+        t(**kw)[0].sum().backward()
+    assert len(seen) == 2 * (TINY["num_layers"] + TINY["num_single_layers"])  # forward and recomputation
+    assert all(tok is kw["attention_mask"] for _, _, tok in seen)

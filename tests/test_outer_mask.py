@@ -145,3 +145,41 @@ def test_outer_mask_attention_exact(layout, text_first, pattern, kind):
                                      gamma=kw["gamma"], gamma_reverse=GAMMA_REV, scale=SCALE, deterministic=True,
                                      backend="cpu")
     assert isinstance(only, torch.Tensor) and torch.equal(only, got[0].detach())
+
+
+def test_hint_checks_the_first_mask_of_a_kind_and_takes_the_rest(monkeypatch):
+    """``_outer_hint``: the first mask built from a token mask (per block kind, mask shape and dtype) is checked;
+    later masks from the same token mask and kind are entered without a read; a mask that is not that token mask's
+    product, or a changed token mask, is checked again."""
+    calls = []
+    orig = ops._outer_mask_rows
+
+    def counting(mask):
+        calls.append(mask)
+        return orig(mask)
+
+    monkeypatch.setattr(ops, "_outer_mask_rows", counting)
+    tok = _tokens(2, 12, [[8, 9, 10, 11], [5, 6, 7, 8, 9, 10, 11]]).float()
+    masks = [_outer(tok) for _ in range(3)]  # new tensors, as Chroma's blocks build them
+    ops._outer_hint(masks[0], tok, "transformer_blocks")
+    assert len(calls) == 1
+    ops._outer_hint(masks[1], tok, "transformer_blocks")
+    assert len(calls) == 1  # taken on trust
+    ops._outer_hint(masks[2], tok, "single_transformer_blocks")
+    assert len(calls) == 2  # a new kind: checked
+    monkeypatch.setattr(ops, "_outer_mask_rows", orig)
+    got = ops._outer_mask_rows(masks[1])  # entered by the hint: no check needed
+    assert got is not None and got[2:] == (5, 12) and torch.equal(got[0][:, 0, 0], tok)
+    # a product of another token mask: no entry from the hint
+    other = _tokens(2, 12, [[0], []]).float()
+    wrong = _outer(other)
+    monkeypatch.setattr(ops, "_outer_mask_rows", counting)
+    ops._outer_hint(wrong, tok, "k2")
+    assert len(calls) == 3
+    # the token mask changed in place: checked again
+    tok[0, 8] = 1.0
+    ops._outer_hint(_outer(tok), tok, "transformer_blocks")
+    assert len(calls) == 4
+    # shapes that do not fit: ignored
+    ops._outer_hint(masks[0], tok[:, :5], "transformer_blocks")
+    assert len(calls) == 4

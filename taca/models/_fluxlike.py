@@ -26,7 +26,8 @@ class TacaFluxLikeProcessor(TacaProcessor):
     ``to_add_out`` (FIBO's double-stream one); ``from_state``: the model's forward carries no
     attention kwargs to the processors, so ``taca_gamma`` / ``taca_text_len`` come from
     :meth:`call_arg`. Double-stream modules (``encoder_hidden_states`` given) return
-    ``(img, txt)``; single-stream ones get the joint sequence and return it.
+    ``(img, txt)``; single-stream ones get the joint sequence and return it. ``taca_token_mask`` (Chroma's
+    adapter injects it): the transformer's (B, N) mask whose outer product the blocks pass as ``attention_mask``.
     """
 
     text_first = True
@@ -48,6 +49,7 @@ class TacaFluxLikeProcessor(TacaProcessor):
         image_rotary_emb=None,
         taca_gamma: Optional[torch.Tensor] = None,
         taca_text_len: Optional[int] = None,
+        taca_token_mask: Optional[torch.Tensor] = None,
     ):
         mod = self._mod
         if self.from_state:
@@ -77,7 +79,8 @@ class TacaFluxLikeProcessor(TacaProcessor):
             key = mod.apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else taca_text_len
-        hidden_states = self.taca_attention(query, key, value, text_len, taca_gamma, attention_mask)
+        hidden_states = self.taca_attention(query, key, value, text_len, taca_gamma, attention_mask,
+                                            token_mask=taca_token_mask)
         if hidden_states is None:
             # parallel_config only where set: dispatch_attention_fn has it since diffusers 0.36 (FLUX.1's
             # processor is supported from 0.35)
