@@ -231,3 +231,34 @@ def test_token_mask_reaches_every_block_and_makes_its_mask(monkeypatch, B, L, hw
         t(**kw)[0].sum().backward()
     assert len(seen) == 2 * (TINY["num_layers"] + TINY["num_single_layers"])  # forward and recomputation
     assert all(tok is kw["attention_mask"] for _, _, tok in seen)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_blocks_masks_checked_once_per_kind(monkeypatch):
+    """On CUDA (bf16, a padded CFG-like batch): the blocks' outer-product masks run on the key-mask kernel, the
+    check reading one mask per block kind and call; the transformer's output by the tolerance rule's spirit against
+    the same model with TACA as split SDPA (backend="sdpa"), gradients finite."""
+    from taca import ops
+
+    if not ops.HAVE_CUDA_KERNEL:
+        pytest.skip("taca._C built without CUDA kernels")
+    checks = []
+    orig = ops._outer_mask_rows
+
+    def counting(mask):
+        checks.append(tuple(mask.shape))
+        return orig(mask)
+
+    monkeypatch.setattr(ops, "_outer_mask_rows", counting)
+    t = _transformer().cuda().to(torch.bfloat16)
+    kw = _inputs(2, 40, (12, 12), [9, 30])
+    kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    for k in ("hidden_states", "encoder_hidden_states"):
+        kw[k] = kw[k].to(torch.bfloat16)
+    with taca.enabled(t, gamma=1.3), torch.no_grad():
+        out = t(**kw)[0]
+    assert len(checks) == 2  # double- and single-stream blocks: one check each, the other masks taken
+    with taca.enabled(t, gamma=1.3, backend="sdpa"), torch.no_grad():
+        ref = t(**kw)[0]
+    err = (out.float() - ref.float()).norm() / ref.float().norm()
+    assert err < 2e-2, err
