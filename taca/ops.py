@@ -422,11 +422,7 @@ def _outer_mask_rows(attn_mask: torch.Tensor):
             break
     else:
         res = _outer_mask_result(m, is_bool, ok, n)
-    with _OUTER_MASKS_LOCK:
-        _OUTER_MASKS[key] = (weakref.ref(attn_mask), res)
-        _OUTER_MASKS.move_to_end(key)
-        while len(_OUTER_MASKS) > _OUTER_MASKS_MAX:
-            _OUTER_MASKS.popitem(last=False)
+    _remember_outer(attn_mask, res)
     return res
 
 
@@ -437,14 +433,23 @@ def _outer_mask_rows(attn_mask: torch.Tensor):
 _TOKEN_MASKS: "collections.OrderedDict" = collections.OrderedDict()
 
 
-def _outer_hint(attn_mask: torch.Tensor, token_mask: torch.Tensor, kind: str = "") -> None:
+def _outer_hint(attn_mask: torch.Tensor, token_mask: torch.Tensor, kind: str = "", trusted: bool = False) -> None:
     """Tells backend="auto" that ``attn_mask`` (B, 1, N, N) is the outer product of ``token_mask`` (B, N) (float
     m_i * m_j or bool m_i & m_j) built by the formula of the blocks of ``kind``: checked for the first mask of a
-    (token mask, kind, mask shape and dtype), taken for the later ones. Nothing happens where the check cannot run
-    (torch.compile, a CUDA graph capture) or for a mask that is not such a product of this token mask."""
+    (token mask, kind, mask shape and dtype), taken for the later ones. ``trusted`` (bool masks only): the caller
+    built ``attn_mask`` as token_mask_i & token_mask_j itself, just before: taken without a check, a read or a
+    sync (every row then goes through the fully-masked-row selection, the rows with m_i = 1 unchanged). Nothing
+    happens where the check cannot run (torch.compile, a CUDA graph capture) or for a mask that is not such a
+    product of this token mask."""
     if (torch.compiler.is_compiling() or not isinstance(token_mask, torch.Tensor) or attn_mask.dim() != 4
-            or token_mask.dim() != 2 or tuple(token_mask.shape) != (attn_mask.shape[0], attn_mask.shape[-1])
+            or attn_mask.shape[1] != 1 or attn_mask.shape[2] != attn_mask.shape[3] or token_mask.dim() != 2
+            or tuple(token_mask.shape) != (attn_mask.shape[0], attn_mask.shape[3])
             or (attn_mask.is_cuda and torch.cuda.is_current_stream_capturing())):
+        return
+    if trusted:
+        if attn_mask.dtype != torch.bool or token_mask.dtype != torch.bool:
+            return
+        _remember_outer(attn_mask, (token_mask[:, None, None, :].contiguous(), ~token_mask, 0, token_mask.shape[1]))
         return
     tkey = (id(token_mask), token_mask._version, token_mask.data_ptr(), kind, tuple(attn_mask.shape),
             attn_mask.dtype, attn_mask.device)
@@ -462,12 +467,16 @@ def _outer_hint(attn_mask: torch.Tensor, token_mask: torch.Tensor, kind: str = "
             while len(_TOKEN_MASKS) > _OUTER_MASKS_MAX:
                 _TOKEN_MASKS.popitem(last=False)
     if outer is not None:
-        key = (id(attn_mask), attn_mask._version, attn_mask.data_ptr(), attn_mask.device)
-        with _OUTER_MASKS_LOCK:
-            _OUTER_MASKS[key] = (weakref.ref(attn_mask), outer)
-            _OUTER_MASKS.move_to_end(key)
-            while len(_OUTER_MASKS) > _OUTER_MASKS_MAX:
-                _OUTER_MASKS.popitem(last=False)
+        _remember_outer(attn_mask, outer)
+
+
+def _remember_outer(attn_mask: torch.Tensor, outer) -> None:
+    key = (id(attn_mask), attn_mask._version, attn_mask.data_ptr(), attn_mask.device)
+    with _OUTER_MASKS_LOCK:
+        _OUTER_MASKS[key] = (weakref.ref(attn_mask), outer)
+        _OUTER_MASKS.move_to_end(key)
+        while len(_OUTER_MASKS) > _OUTER_MASKS_MAX:
+            _OUTER_MASKS.popitem(last=False)
 
 
 def _outer_mask_result(m, is_bool, ok, n):
@@ -511,7 +520,9 @@ def _outer_mask_attention(q, k, v, outer, spans, layout, return_lse, return_text
         for i, (a, s_) in enumerate(zip(res, sub)):
             d, sel = (tok, sel_out) if i == 0 else (2, sel_row)
             mid = torch.where(sel, s_, a.narrow(d, r0, r1 - r0))
-            spliced.append(torch.cat([a.narrow(d, 0, r0), mid, a.narrow(d, r1, a.shape[d] - r1)], dim=d))
+            whole = r0 == 0 and r1 == a.shape[d]
+            spliced.append(mid if whole else torch.cat([a.narrow(d, 0, r0), mid, a.narrow(d, r1, a.shape[d] - r1)],
+                                                       dim=d))
         res = tuple(spliced)
     out, lse, tm = res
     return _pack(out, lse, tm, return_lse, return_text_mass) if want else out

@@ -225,3 +225,26 @@ def test_gradient_checkpointing_keeps_the_call_state(valid, valid2, thw, i2v):
     masks, the image-to-video SigLIP tokens) to the processors, and to the blocks recomputed in the
     backward pass through the checkpointing function (t = 1000 sigma)."""
     check_checkpointing_keeps_state(_transformer, _inputs(valid, valid2, thw, i2v))
+
+
+@pytest.mark.parametrize("valid,valid2,thw,i2v", CASES[:2])
+def test_processor_names_its_token_mask(monkeypatch, valid, valid2, thw, i2v):
+    """The processor hands taca_attention the (B, N) token mask it builds its outer-AND mask from, as trusted
+    (the mask is tokens_i & tokens_j, made there): on CUDA the op takes it as a key mask without a check."""
+    from taca.processors import TacaProcessor
+
+    seen = []
+    orig = TacaProcessor.taca_attention
+
+    def spy(self, q, k, v, text_len, gamma, attn_mask=None, **kw):
+        seen.append((attn_mask, kw.get("token_mask"), kw.get("token_mask_trusted")))
+        return orig(self, q, k, v, text_len, gamma, attn_mask, **kw)
+
+    monkeypatch.setattr(TacaProcessor, "taca_attention", spy)
+    t = _transformer()
+    with taca.enabled(t, gamma=1.3), torch.no_grad():
+        t(**_inputs(valid, valid2, thw, i2v))
+    assert len(seen) == N_JOINT
+    for mask, tok, trusted in seen:
+        assert trusted is True and tok.dtype == torch.bool
+        assert torch.equal(mask, tok[:, None, None, :] & tok[:, None, :, None])

@@ -58,12 +58,16 @@ class TacaHunyuanVideo15AttnProcessor(TacaProcessor):
         batch_size, seq_len, heads, dim = query.shape
         attention_mask = F.pad(attention_mask, (seq_len - attention_mask.shape[1], 0), value=True)
         attention_mask = attention_mask.bool()
+        tokens = attention_mask
         self_attn_mask_1 = attention_mask.view(batch_size, 1, 1, seq_len).repeat(1, 1, seq_len, 1)
         self_attn_mask_2 = self_attn_mask_1.transpose(2, 3)
         attention_mask = (self_attn_mask_1 & self_attn_mask_2).bool()
 
         text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else None
-        out = self.taca_attention(query, key, value, text_len, self.call_arg("taca_gamma"), attention_mask)
+        # the mask is tokens_i & tokens_j, built just above: on CUDA the op runs it as a key mask, the rows of
+        # invalid context tokens fully masked, without checking it (token_mask_trusted)
+        out = self.taca_attention(query, key, value, text_len, self.call_arg("taca_gamma"), attention_mask,
+                                  token_mask=tokens, token_mask_trusted=True)
         if out is None:
             out = dispatch_attention_fn(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
