@@ -386,8 +386,9 @@ def _per_query_mask(attn_mask) -> bool:
 # the rows [r0, r1) that hold every m_i = 0 row of the batch, whose outputs replace those rows; (bool) those rows
 # are set to the fully masked row's values. The kernels' element-wise path or split SDPA ran Chroma's 4.5x /
 # 1.2x slower forward and 3x slower forward + backward than plain SDPA with the mask (README, features table).
-# Whether a mask is such a product is checked once per mask tensor (a device sync): Chroma passes one mask tensor to
-# every layer. An entry holds a weak reference and the tensor's version: an in-place change is checked again.
+# Whether a mask is such a product is checked once per mask tensor (a device sync; a model that builds its mask anew
+# in every block names the token mask instead: ``_outer_hint``). An entry holds a weak reference and the tensor's
+# version: an in-place change is checked again.
 _OUTER_MASKS: "collections.OrderedDict" = collections.OrderedDict()
 _OUTER_MASKS_MAX = 16
 _OUTER_MASKS_LOCK = threading.Lock()
@@ -496,36 +497,34 @@ def _outer_mask_result(m, is_bool, ok, n):
 def _outer_mask_attention(q, k, v, outer, spans, layout, return_lse, return_text_mass, **kw):
     """joint_attention with an outer-product mask (``_outer_mask_rows``'s ``outer``) as the key-mask call over every
     row and, for rows [r0, r1), a maskless call (float) or the fully masked row's values (bool), spliced by the rows'
-    m_i (int spans; N_q == N_k). kw: gamma, gamma_reverse, scale, deterministic, backend (the kernel's)."""
+    m_i (int spans; N_q == N_k). kw: gamma, gamma_reverse, scale, deterministic, backend (the kernel's). Only what
+    is asked for is computed (the kernels' text mass costs time)."""
     kmask, zrows, r0, r1 = outer
-    want = return_lse or return_text_mass
+    flags = dict(return_lse=return_lse, return_text_mass=return_text_mass)
     kspan = dict(text_start=spans.k_begin, text_len=spans.k_end - spans.k_begin)
-    res = joint_attention(q, k, v, layout=layout, attn_mask=kmask, query_text_start=spans.q_begin,
-                          query_text_len=spans.q_end - spans.q_begin, return_lse=True, return_text_mass=True,
-                          **kspan, **kw)
+
+    def parts(res):
+        return list(res) if isinstance(res, tuple) else [res]
+
+    res = parts(joint_attention(q, k, v, layout=layout, attn_mask=kmask, query_text_start=spans.q_begin,
+                                query_text_len=spans.q_end - spans.q_begin, **flags, **kspan, **kw))
     if r1 > r0:
         tok = 2 if layout == "bhnd" else 1
+        dims = [tok] + [2] * (len(res) - 1)  # out's token dim; lse and text_mass are (B, H, N_q)
         if kmask.dtype == torch.bool:  # the m_i = 0 rows have every key masked: what the op gives such a row
-            o, ls, t = (x.narrow(d, r0, r1 - r0) for x, d in zip(res, (tok, 2, 2)))
-            sub = (o.new_zeros(()).expand_as(o), ls.new_full((), -math.inf).expand_as(ls),
-                   t.new_zeros(()).expand_as(t))
+            fills = [0.0] + ([-math.inf] if return_lse else []) + ([0.0] if return_text_mass else [])
+            sub = [x.new_full((), f).expand_as(x.narrow(d, r0, r1 - r0)) for x, d, f in zip(res, dims, fills)]
         else:
             qs = q.narrow(tok, r0, r1 - r0)
             qb, qe = min(max(spans.q_begin - r0, 0), r1 - r0), min(max(spans.q_end - r0, 0), r1 - r0)
-            sub = joint_attention(qs, k, v, layout=layout, query_text_start=qb, query_text_len=max(qe - qb, 0),
-                                  return_lse=True, return_text_mass=True, **kspan, **kw)
-        sel_out = zrows[:, None, :, None] if layout == "bhnd" else zrows[:, :, None, None]
-        sel_row = zrows[:, None, :]  # lse and text_mass: (B, H, N_q)
-        spliced = []
-        for i, (a, s_) in enumerate(zip(res, sub)):
-            d, sel = (tok, sel_out) if i == 0 else (2, sel_row)
-            mid = torch.where(sel, s_, a.narrow(d, r0, r1 - r0))
+            sub = parts(joint_attention(qs, k, v, layout=layout, query_text_start=qb, query_text_len=max(qe - qb, 0),
+                                        **flags, **kspan, **kw))
+        sels = [zrows[:, None, :, None] if layout == "bhnd" else zrows[:, :, None, None]] + [zrows[:, None, :]] * 2
+        for i, (a, s_, d) in enumerate(zip(res, sub, dims)):
+            mid = torch.where(sels[i], s_, a.narrow(d, r0, r1 - r0))
             whole = r0 == 0 and r1 == a.shape[d]
-            spliced.append(mid if whole else torch.cat([a.narrow(d, 0, r0), mid, a.narrow(d, r1, a.shape[d] - r1)],
-                                                       dim=d))
-        res = tuple(spliced)
-    out, lse, tm = res
-    return _pack(out, lse, tm, return_lse, return_text_mass) if want else out
+            res[i] = mid if whole else torch.cat([a.narrow(d, 0, r0), mid, a.narrow(d, r1, a.shape[d] - r1)], dim=d)
+    return tuple(res) if len(res) > 1 else res[0]
 
 
 def _gamma_vector(gamma, batch: int, device: torch.device, dtype=torch.float32) -> torch.Tensor:

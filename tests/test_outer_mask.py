@@ -212,3 +212,21 @@ def test_trusted_hint_bool(layout, monkeypatch):
     dout = torch.randn_like(got[0])
     for a, b in zip(torch.autograd.grad(got[0], (q, k, v), dout), torch.autograd.grad(want[0], (q, k, v), dout)):
         torch.testing.assert_close(a, b, **EXACT_GRAD)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("kind", ["float", "bool"])
+@pytest.mark.parametrize("want", [(True, False), (False, True)])
+def test_outer_mask_attention_returns_what_is_asked(kind, want):
+    B, H, N, D, L = 2, 2, 17, 8, 6
+    m = _tokens(B, N, [[3, 4, 5], [1, 2, 3, 4, 5]])
+    mask = _outer(m) if kind == "float" else _outer(m) > 0
+    q, k, v = _inputs(B, H, N, D, "bhnd")
+    spans = reference.resolve_spans(N, N, L, True)
+    kw = dict(gamma=GAMMA, gamma_reverse=GAMMA_REV, scale=SCALE)
+    got = ops._outer_mask_attention(q, k, v, ops._outer_mask_rows(mask), spans, "bhnd", *want, deterministic=True,
+                                    backend="cpu", **kw)
+    out, lse, tm = reference.attention_ref(q, k, v, attn_mask=mask, text_len=L, **kw)
+    assert isinstance(got, tuple) and len(got) == 2
+    torch.testing.assert_close(got[0], out, **EXACT)
+    torch.testing.assert_close(got[1], lse if want[0] else tm, **EXACT)
