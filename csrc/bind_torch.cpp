@@ -2,7 +2,7 @@
 //
 // Modeled on pytorch/extension-cpp: the schemas live in TORCH_LIBRARY(taca), one
 // TORCH_LIBRARY_IMPL per device, and an empty PyInit__C so `import taca._C` loads this
-// library; taca/ops.py adds register_fake and register_autograd. Tensors arrive as
+// library; taca/ops.py adds register_fake, fwd's autograd is FwdFunction (below). Tensors arrive as
 // (B, N, H, D) views with any b/n/h strides (ops.py transposes "bhnd" without copying);
 // outputs take the layout of the matching input (alloc_like) so the fake impls in ops.py
 // reproduce their strides exactly.
@@ -20,6 +20,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #ifdef TACA_WITH_CUDA
@@ -49,6 +50,13 @@ PyObject *PyInit__C(void) {
   PyObject *flag = PyBool_FromLong(has_cuda);
   if (PyModule_AddObject(m, "has_cuda", flag) < 0) {
     Py_XDECREF(flag);
+    Py_DECREF(m);
+    return NULL;
+  }
+  // fwd's autograd kernel is this library's (FwdFunction below): ops.py registers none in Python
+  PyObject *cpp_autograd = PyBool_FromLong(1);
+  if (PyModule_AddObject(m, "cpp_autograd", cpp_autograd) < 0) {
+    Py_XDECREF(cpp_autograd);
     Py_DECREF(m);
     return NULL;
   }
@@ -579,6 +587,79 @@ Tensor3 fwd_fp8_cuda(const at::Tensor &q_in, const at::Tensor &k_in, const at::T
 
 #endif  // TACA_WITH_CUDA
 
+// fwd's autograd in C++ (as torchvision's ops: a torch::autograd::Function at the Autograd key, the fake
+// impls in Python): the forward redispatches below autograd, the backward node calls taca::bwd. It replaced
+// torch.library.register_autograd's Python Function, whose glue (apply, setup_context, the backward's
+// Python) cost ~270 us per forward + backward on a CPU where the op itself took ~50 us: per call host time
+// that a small-batch training step, bound by its host, pays in full (KERNEL_LOG, forty-fourth session).
+// gamma, the spans and the mask get no gradient (the Python version's None); lse and text_mass none either.
+using FwdSig = Tensor3(const at::Tensor &, const at::Tensor &, const at::Tensor &, const at::Tensor &, double,
+                       double, c10::SymInt, c10::SymInt, bool, c10::SymInt, c10::SymInt,
+                       const c10::optional<at::Tensor> &, const c10::optional<at::Tensor> &, bool);
+using BwdSig = Tensor3(const at::Tensor &, const at::Tensor &, const at::Tensor &, const at::Tensor &,
+                       const at::Tensor &, const at::Tensor &, const at::Tensor &, double, double, c10::SymInt,
+                       c10::SymInt, c10::SymInt, c10::SymInt, const c10::optional<at::Tensor> &,
+                       const c10::optional<at::Tensor> &, bool);
+
+class FwdFunction : public torch::autograd::Function<FwdFunction> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext *ctx, const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+      const at::Tensor &gamma, double gamma_reverse, double scale, c10::SymInt text_begin, c10::SymInt text_end,
+      bool return_text_mass, c10::SymInt q_text_begin, c10::SymInt q_text_end,
+      const c10::optional<at::Tensor> &text_spans, const c10::optional<at::Tensor> &attn_mask, bool deterministic) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("taca::fwd", "").typed<FwdSig>();
+    Tensor3 res;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      res = op.call(q, k, v, gamma, gamma_reverse, scale, text_begin, text_end, return_text_mass, q_text_begin,
+                    q_text_end, text_spans, attn_mask, deterministic);
+    }
+    auto &[out, lse, tm] = res;
+    ctx->save_for_backward({q, k, v, out, lse, gamma, text_spans.value_or(at::Tensor()),
+                            attn_mask.value_or(at::Tensor())});
+    ctx->saved_data["gamma_reverse"] = gamma_reverse;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["text_begin"] = text_begin;
+    ctx->saved_data["text_end"] = text_end;
+    ctx->saved_data["q_text_begin"] = q_text_begin;
+    ctx->saved_data["q_text_end"] = q_text_end;
+    ctx->saved_data["deterministic"] = deterministic;
+    ctx->mark_non_differentiable({lse, tm});
+    return {out, lse, tm};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("taca::bwd", "").typed<BwdSig>();
+    const auto s = ctx->get_saved_variables();
+    const auto opt = [](const at::Tensor &t) {
+      return t.defined() ? c10::optional<at::Tensor>(t) : c10::optional<at::Tensor>();
+    };
+    auto &d = ctx->saved_data;
+    auto [dq, dk, dv] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], d["gamma_reverse"].toDouble(),
+                                d["scale"].toDouble(), d["text_begin"].toSymInt(), d["text_end"].toSymInt(),
+                                d["q_text_begin"].toSymInt(), d["q_text_end"].toSymInt(), opt(s[6]), opt(s[7]),
+                                d["deterministic"].toBool());
+    torch::autograd::variable_list g(14);  // one per forward argument; undefined: no gradient
+    g[0] = dq;
+    g[1] = dk;
+    g[2] = dv;
+    return g;
+  }
+};
+
+Tensor3 fwd_autograd(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &gamma,
+                     double gamma_reverse, double scale, c10::SymInt text_begin, c10::SymInt text_end,
+                     bool return_text_mass, c10::SymInt q_text_begin, c10::SymInt q_text_end,
+                     const c10::optional<at::Tensor> &text_spans, const c10::optional<at::Tensor> &attn_mask,
+                     bool deterministic) {
+  auto r = FwdFunction::apply(q, k, v, gamma, gamma_reverse, scale, std::move(text_begin), std::move(text_end),
+                              return_text_mass, std::move(q_text_begin), std::move(q_text_end), text_spans,
+                              attn_mask, deterministic);
+  return {r[0], r[1], r[2]};
+}
+
 }  // namespace taca_torch
 
 TORCH_LIBRARY(taca, m) {
@@ -598,6 +679,8 @@ TORCH_LIBRARY(taca, m) {
       "SymInt q_text_end=-1) -> (Tensor out, Tensor lse, Tensor text_mass)");
   m.def("has_cuda() -> bool", &taca_torch::has_cuda);
 }
+
+TORCH_LIBRARY_IMPL(taca, Autograd, m) { m.impl("fwd", &taca_torch::fwd_autograd); }
 
 TORCH_LIBRARY_IMPL(taca, CPU, m) {
   m.impl("fwd", &taca_torch::fwd_cpu);

@@ -2,7 +2,9 @@
 
 The compiled kernels are reached through ``torch.ops.taca.fwd`` / ``torch.ops.taca.bwd``
 (csrc/bind_torch.cpp), which take (B, N, H, D) views; this module registers their fake
-impls (for torch.compile) and the autograd formula of ``fwd`` (its backward is ``bwd``).
+impls (for torch.compile). The autograd of ``fwd`` (its backward is ``bwd``) is a C++ function in the
+extension (less host time per call than a Python one); an extension built before it gets the Python
+formula below.
 ``torch.ops.taca.fwd_fp8`` is the opt-in FP8 forward (``joint_attention(fp8=True)``; CUDA only, no autograd).
 
 Dispatch (backend="auto"): CPU tensors -> the C kernel; CUDA float16/bfloat16 tensors with a
@@ -108,7 +110,8 @@ if HAVE_KERNELS:
         )
         return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
-    torch.library.register_autograd("taca::fwd", _fwd_backward, setup_context=_fwd_setup_context)
+    if not getattr(_C, "cpp_autograd", False):  # an extension built before fwd's autograd moved to C++
+        torch.library.register_autograd("taca::fwd", _fwd_backward, setup_context=_fwd_setup_context)
 
 
 # ---------------------------------------------------------------------------------------
