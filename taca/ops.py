@@ -11,8 +11,7 @@ Dispatch (backend="auto"): CPU tensors -> the C kernel; CUDA float16/bfloat16 te
 head dim in ``CUDA_HEAD_DIMS``, batch / heads within the kernels' grid limits and at least one key
 -> the CUDA kernel (when built; on an H100/H200 its Hopper path for aligned D = 64, 72..128). Both
 kernels cover every feature of the op: per-sample spans, N_q != N_k, grouped KV heads, masks;
-on CUDA, auto runs outer-product masks (Chroma's float m_i * m_j, HunyuanVideo 1.5's bool m_i & m_j) as the
-key-mask kernel plus, for the m_i = 0 rows, a maskless one (float) or a fully masked row's values (bool), and sends other masks that vary over queries (not (B, H, 1, N_k) key masks) to split SDPA,
+on CUDA, auto runs outer-product masks (Chroma's float m_i * m_j, a bool m_i & m_j) as the key-mask kernel plus, for the m_i = 0 rows, a maskless one (float) or a fully masked row's values (bool), and sends other masks that vary over queries (not (B, H, 1, N_k) key masks) to split SDPA,
 which runs them faster than the kernels' element-wise path. Anything else -> the exact split-SDPA form (``reference.attention_split_sdpa``), or the
 materialized reference when lse or text_mass is asked for. ``_KERNEL_FEATURES`` lists what each
 kernel covers.
@@ -382,7 +381,8 @@ def _per_query_mask(attn_mask) -> bool:
 
 
 # Outer-product masks: a float mask with mask[b, 0, i, j] = m[b, i] * m[b, j] for a 0/1 token vector m, added to the
-# logits (Chroma), or a bool mask m_i & m_j (HunyuanVideo 1.5's outer-AND). Row i with m_i = 1 adds m_j to key j /
+# logits (Chroma), or a bool mask m_i & m_j (an outer-AND, as HunyuanVideo 1.5's; its adapter runs it as a key mask
+# itself). Row i with m_i = 1 adds m_j to key j /
 # keeps the keys with m_j: a KEY mask, which the kernels take per key tile (nearly free). Row i with m_i = 0 adds 0
 # (float: no mask) / has every key masked (bool: out 0, lse -inf, text_mass 0, zero gradients, as the op defines a
 # fully masked row). So the op runs as the key-mask kernel over every row, and (float) again without a mask over
@@ -437,23 +437,15 @@ def _outer_mask_rows(attn_mask: torch.Tensor):
 _TOKEN_MASKS: "collections.OrderedDict" = collections.OrderedDict()
 
 
-def _outer_hint(attn_mask: torch.Tensor, token_mask: torch.Tensor, kind: str = "", trusted: bool = False) -> None:
+def _outer_hint(attn_mask: torch.Tensor, token_mask: torch.Tensor, kind: str = "") -> None:
     """Tells backend="auto" that ``attn_mask`` (B, 1, N, N) is the outer product of ``token_mask`` (B, N) (float
     m_i * m_j or bool m_i & m_j) built by the formula of the blocks of ``kind``: checked for the first mask of a
-    (token mask, kind, mask shape and dtype), taken for the later ones. ``trusted`` (bool masks only): the caller
-    built ``attn_mask`` as token_mask_i & token_mask_j itself, just before: taken without a check, a read or a
-    sync (every row then goes through the fully-masked-row selection, the rows with m_i = 1 unchanged). Nothing
-    happens where the check cannot run (torch.compile, a CUDA graph capture) or for a mask that is not such a
-    product of this token mask."""
+    (token mask, kind, mask shape and dtype), taken for the later ones. Nothing happens where the check cannot run
+    (torch.compile, a CUDA graph capture) or for a mask that is not such a product of this token mask."""
     if (torch.compiler.is_compiling() or not isinstance(token_mask, torch.Tensor) or attn_mask.dim() != 4
             or attn_mask.shape[1] != 1 or attn_mask.shape[2] != attn_mask.shape[3] or token_mask.dim() != 2
             or tuple(token_mask.shape) != (attn_mask.shape[0], attn_mask.shape[3])
             or (attn_mask.is_cuda and torch.cuda.is_current_stream_capturing())):
-        return
-    if trusted:
-        if attn_mask.dtype != torch.bool or token_mask.dtype != torch.bool:
-            return
-        _remember_outer(attn_mask, (token_mask[:, None, None, :].contiguous(), ~token_mask, 0, token_mask.shape[1]))
         return
     tkey = (id(token_mask), token_mask._version, token_mask.data_ptr(), kind, tuple(attn_mask.shape),
             attn_mask.dtype, attn_mask.device)

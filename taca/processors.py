@@ -96,7 +96,6 @@ class TacaProcessor:
         query_text_start=None,
         query_text_len=None,
         token_mask: Optional[torch.Tensor] = None,
-        token_mask_trusted: bool = False,
     ) -> Optional[torch.Tensor]:
         """TACA attention of q, k, v (in ``self.layout``), or None: then the caller runs its stock
         attention call. ``text_len`` None means the call has no text (plain attention: stock).
@@ -110,8 +109,7 @@ class TacaProcessor:
         [cond-image cache, txt, img] keys), passed on to ``taca.joint_attention``. ``token_mask``: the
         (B, N) token mask this module's ``attn_mask`` is the outer product of (Chroma's blocks build it
         from the transformer's mask): on CUDA the op then takes the mask as a key mask without reading
-        it in every block (``ops._outer_hint``); ``token_mask_trusted``: this processor built the bool
-        ``attn_mask`` as token_mask_i & token_mask_j itself (no check at all)."""
+        it in every block (``ops._outer_hint``)."""
         record = telemetry.active() and text_len is not None
         if (gamma is None and not record and not self.fp8) or text_len is None:
             return None
@@ -137,7 +135,7 @@ class TacaProcessor:
         if attn_mask is not None:
             extra["attn_mask"] = attn_mask
             if token_mask is not None and attn_mask.is_cuda:
-                ops._outer_hint(attn_mask, token_mask, self.name.split(".")[0], token_mask_trusted)
+                ops._outer_hint(attn_mask, token_mask, self.name.split(".")[0])
         if query_text_start is not None or query_text_len is not None:
             extra["query_text_start"] = query_text_start
             extra["query_text_len"] = query_text_len

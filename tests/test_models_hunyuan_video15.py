@@ -227,24 +227,30 @@ def test_gradient_checkpointing_keeps_the_call_state(valid, valid2, thw, i2v):
     check_checkpointing_keeps_state(_transformer, _inputs(valid, valid2, thw, i2v))
 
 
-@pytest.mark.parametrize("valid,valid2,thw,i2v", CASES[:2])
-def test_processor_names_its_token_mask(monkeypatch, valid, valid2, thw, i2v):
-    """The processor hands taca_attention the (B, N) token mask it builds its outer-AND mask from, as trusted
-    (the mask is tokens_i & tokens_j, made there): on CUDA the op takes it as a key mask without a check."""
-    from taca.processors import TacaProcessor
+@pytest.mark.parametrize("valid,valid2,thw,i2v", CASES[:3])
+def test_key_mask_route_equals_the_outer_and_mask(monkeypatch, valid, valid2, thw, i2v):
+    """The route CUDA takes (the valid tokens as a (B, 1, 1, N) key mask, the invalid tokens' rows set to 0, no
+    (B, 1, N, N) mask built), forced here on the CPU kernel: the model's output and its gradients equal those of
+    the outer-AND mask path to float32 rounding, and no joint call gets a per-query mask."""
+    from taca.models.hunyuan_video15 import TacaHunyuanVideo15AttnProcessor
 
-    seen = []
-    orig = TacaProcessor.taca_attention
-
-    def spy(self, q, k, v, text_len, gamma, attn_mask=None, **kw):
-        seen.append((attn_mask, kw.get("token_mask"), kw.get("token_mask_trusted")))
-        return orig(self, q, k, v, text_len, gamma, attn_mask, **kw)
-
-    monkeypatch.setattr(TacaProcessor, "taca_attention", spy)
     t = _transformer()
-    with taca.enabled(t, gamma=1.3), torch.no_grad():
-        t(**_inputs(valid, valid2, thw, i2v))
-    assert len(seen) == N_JOINT
-    for mask, tok, trusted in seen:
-        assert trusted is True and tok.dtype == torch.bool
-        assert torch.equal(mask, tok[:, None, None, :] & tok[:, None, :, None])
+
+    def run(route):
+        if route:
+            monkeypatch.setattr(TacaHunyuanVideo15AttnProcessor, "_key_mask_route",
+                                lambda self, q, gamma, text_len: gamma is not None and text_len is not None)
+        cap = Capture(monkeypatch)
+        kw = _inputs(valid, valid2, thw, i2v)
+        kw["hidden_states"].requires_grad_()
+        with taca.enabled(t, gamma=1.3):
+            out = t(**kw)[0]
+            (grad,) = torch.autograd.grad(out.square().sum(), kw["hidden_states"])
+        monkeypatch.undo()
+        return out.detach(), grad, [c[3].get("attn_mask") for c in cap.calls]
+
+    out_r, grad_r, masks_r = run(True)
+    out_m, grad_m, masks_m = run(False)
+    assert all(m.shape[2] == 1 for m in masks_r) and all(m.shape[2] > 1 for m in masks_m)
+    torch.testing.assert_close(out_r, out_m, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_r, grad_m, atol=1e-5, rtol=1e-4)

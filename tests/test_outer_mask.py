@@ -1,5 +1,5 @@
 """Outer-product masks: Chroma's float (B, 1, N, N) mask m_i * m_j for a 0/1 token vector m, run as the key-mask
-kernel over every row plus a maskless kernel call over the m_i = 0 rows, and HunyuanVideo 1.5's bool m_i & m_j, run
+kernel over every row plus a maskless kernel call over the m_i = 0 rows, and a bool m_i & m_j (an outer-AND), run
 as the key-mask kernel with the m_i = 0 rows set to a fully masked row's values (``ops._outer_mask_rows`` /
 ``ops._outer_mask_attention``; backend="auto" takes them on CUDA). Here on the CPU kernel in float64: exact against
 the materialized reference, values and gradients; the detection against masks that are not such products."""
@@ -183,35 +183,6 @@ def test_hint_checks_the_first_mask_of_a_kind_and_takes_the_rest(monkeypatch):
     # shapes that do not fit: ignored
     ops._outer_hint(masks[0], tok[:, :5], "transformer_blocks")
     assert len(calls) == 4
-
-
-@needs_cpu_kernel
-@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
-def test_trusted_hint_bool(layout, monkeypatch):
-    """``_outer_hint(trusted=True)`` (HunyuanVideo 1.5's processor, which builds its bool outer-AND mask itself):
-    the entry is made without a check, over every row, and the op's result with it equals the reference's."""
-    monkeypatch.setattr(ops, "_outer_mask_rows", lambda m: pytest.fail("checked"))
-    B, H, N, D, L = 2, 2, 19, 8, 7
-    tok = torch.ones(B, N, dtype=torch.bool)
-    tok[0, N - 3:] = False  # context last, invalid tokens at its end
-    tok[1, N - 6:] = False
-    mask = tok[:, None, None, :] & tok[:, None, :, None]
-    ops._outer_hint(mask, tok, "transformer_blocks", trusted=True)
-    ops._outer_hint(mask.float(), tok, "x", trusted=True)  # float masks are never trusted: no entry, no check
-    key = (id(mask), mask._version, mask.data_ptr(), mask.device)
-    outer = ops._OUTER_MASKS[key][1]
-    assert outer[2:] == (0, N) and torch.equal(outer[1], ~tok)
-    q, k, v = (t.requires_grad_() for t in _inputs(B, H, N, D, layout))
-    spans = reference.resolve_spans(N, N, L, False)
-    kw = dict(gamma=torch.tensor([GAMMA, 0.7], dtype=torch.float64), gamma_reverse=GAMMA_REV, scale=SCALE)
-    got = ops._outer_mask_attention(q, k, v, outer, spans, layout, True, True, deterministic=True, backend="cpu",
-                                    **kw)
-    want = reference.attention_ref(q, k, v, attn_mask=mask, text_len=L, text_first=False, layout=layout, **kw)
-    for a, b, nm in zip(got, want, ("out", "lse", "text_mass")):
-        torch.testing.assert_close(a, b.detach() if nm != "out" else b, **EXACT, msg=lambda s: f"{nm}: {s}")
-    dout = torch.randn_like(got[0])
-    for a, b in zip(torch.autograd.grad(got[0], (q, k, v), dout), torch.autograd.grad(want[0], (q, k, v), dout)):
-        torch.testing.assert_close(a, b, **EXACT_GRAD)
 
 
 @needs_cpu_kernel

@@ -6,7 +6,9 @@ the context of every sample to ``[valid SigLIP image, valid byT5, valid mLLM, in
 byT5 (zeroed), invalid mLLM (zeroed)]`` and passes the matching bool ``encoder_attention_mask`` (B, L_ctx).
 The stock processor pads it with True for the video and builds the OUTER-AND bool mask (B, 1, N, N):
 an invalid context token is removed as a key for every query, and its own query row is fully masked
-(stock SDPA gives 0 there; so does ``taca.joint_attention``). TACA keeps that mask as it is.
+(stock SDPA gives 0 there; so does ``taca.joint_attention``). TACA keeps that mask's meaning; on CUDA it
+runs it as the (B, 1, 1, N) key mask of the valid tokens with the invalid tokens' rows set to 0, and never
+builds the (B, 1, N, N) mask (N^2 bytes a sample).
 
 What counts as text: the whole context block ``[N_vid, N)``, i.e. the byT5 glyph text, the mLLM prompt
 AND, in image-to-video, the SigLIP tokens of the reference image. The paper scales the keys of the
@@ -30,6 +32,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from .. import telemetry
 from ..processors import TacaProcessor
 from . import Adapter, attention_modules, register
 from .hunyuanimage import joint_qkv, split_project
@@ -41,6 +44,12 @@ class TacaHunyuanVideo15AttnProcessor(TacaProcessor):
 
     text_first = False
     layout = "bnhd"
+
+    def _key_mask_route(self, query: torch.Tensor, gamma, text_len) -> bool:
+        """Whether this call runs the outer-AND mask as a key mask plus zeroed rows (TACA on, on CUDA, no telemetry
+        recording, not FP8) instead of building the (B, 1, N, N) mask."""
+        return (gamma is not None and text_len is not None and query.is_cuda and not telemetry.active()
+                and not self.fp8)
 
     def __call__(
         self,
@@ -59,15 +68,23 @@ class TacaHunyuanVideo15AttnProcessor(TacaProcessor):
         attention_mask = F.pad(attention_mask, (seq_len - attention_mask.shape[1], 0), value=True)
         attention_mask = attention_mask.bool()
         tokens = attention_mask
-        self_attn_mask_1 = attention_mask.view(batch_size, 1, 1, seq_len).repeat(1, 1, seq_len, 1)
-        self_attn_mask_2 = self_attn_mask_1.transpose(2, 3)
-        attention_mask = (self_attn_mask_1 & self_attn_mask_2).bool()
-
         text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else None
-        # the mask is tokens_i & tokens_j, built just above: on CUDA the op runs it as a key mask, the rows of
-        # invalid context tokens fully masked, without checking it (token_mask_trusted)
-        out = self.taca_attention(query, key, value, text_len, self.call_arg("taca_gamma"), attention_mask,
-                                  token_mask=tokens, token_mask_trusted=True)
+        gamma = self.call_arg("taca_gamma")
+        out = None
+        if self._key_mask_route(query, gamma, text_len):
+            # the stock mask is tokens_i & tokens_j: a key mask for the rows of valid tokens, every key masked for
+            # the rows of invalid ones (0, as the op and stock SDPA give such a row, with no gradient). On CUDA the
+            # key mask runs on the kernels' per-tile path and the (B, 1, N, N) mask (N^2 bytes a sample: 1.6 GB at
+            # 40k video tokens) is never built; elsewhere (the CPU kernel reads masks element by element anyway,
+            # telemetry records the mask) the stock mask as built below.
+            out = self.taca_attention(query, key, value, text_len, gamma, tokens[:, None, None, :])
+            if out is not None:
+                out = out.masked_fill(~tokens[:, :, None, None], 0)
+        if out is None:
+            self_attn_mask_1 = attention_mask.view(batch_size, 1, 1, seq_len).repeat(1, 1, seq_len, 1)
+            self_attn_mask_2 = self_attn_mask_1.transpose(2, 3)
+            attention_mask = (self_attn_mask_1 & self_attn_mask_2).bool()
+            out = self.taca_attention(query, key, value, text_len, gamma, attention_mask)
         if out is None:
             out = dispatch_attention_fn(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
