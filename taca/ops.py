@@ -630,7 +630,11 @@ def joint_attention(
     added to the logits after scale and gamma, broadcastable to (B, H, N_q, N_k) exactly as
     ``F.scaled_dot_product_attention`` takes it (so a (B, N_k) padding mask must be passed as
     (B, 1, 1, N_k)). A query row with every key masked returns out = 0 (what torch's SDPA
-    returns on CPU), lse = -inf, text_mass = 0, and zero gradients.
+    returns on CPU), lse = -inf, text_mass = 0, and zero gradients. On CUDA, backend="auto" runs a
+    key mask on the kernel's per-tile path; a (B, 1, N, N) mask that is an outer product of a 0/1
+    token mask m (float m_i * m_j, as Chroma's, or bool m_i & m_j) as that key mask with the m_i = 0
+    rows apart (checked once per mask tensor: one read of it and a device sync); any other mask that
+    varies over queries on split SDPA.
 
     Returns out (q's shape, layout and dtype); with ``return_lse`` / ``return_text_mass`` a
     tuple (out, lse, text_mass) holding the asked ones, lse and text_mass being (B, H, N_q)
