@@ -123,7 +123,7 @@ def main(argv=None):
 
             row[f"{label}_fwdbwd_ms"] = _bench(fb, args.quick)
         if mask is not None and ops._outer_mask_rows(mask) is not None:
-            # the outer-product check, paid once per mask tensor (a model passes one to every layer): uncached
+            # the outer-product check, uncached: paid once per mask tensor (Chroma: once per block kind and call)
             def check():
                 ops._OUTER_MASKS.clear()
                 return ops._outer_mask_rows(mask)

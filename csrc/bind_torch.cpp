@@ -53,13 +53,6 @@ PyObject *PyInit__C(void) {
     Py_DECREF(m);
     return NULL;
   }
-  // fwd's autograd kernel is this library's (FwdFunction below): ops.py registers none in Python
-  PyObject *cpp_autograd = PyBool_FromLong(1);
-  if (PyModule_AddObject(m, "cpp_autograd", cpp_autograd) < 0) {
-    Py_XDECREF(cpp_autograd);
-    Py_DECREF(m);
-    return NULL;
-  }
   return m;
 }
 }

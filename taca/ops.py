@@ -2,18 +2,19 @@
 
 The compiled kernels are reached through ``torch.ops.taca.fwd`` / ``torch.ops.taca.bwd``
 (csrc/bind_torch.cpp), which take (B, N, H, D) views; this module registers their fake
-impls (for torch.compile). The autograd of ``fwd`` (its backward is ``bwd``) is a C++ function in the
-extension (less host time per call than a Python one); an extension built before it gets the Python
-formula below.
+impls (for torch.compile); the autograd of ``fwd`` (its backward is ``bwd``) is a C++ function in the
+extension (less host time per call than a Python one).
 ``torch.ops.taca.fwd_fp8`` is the opt-in FP8 forward (``joint_attention(fp8=True)``; CUDA only, no autograd).
 
 Dispatch (backend="auto"): CPU tensors -> the C kernel; CUDA float16/bfloat16 tensors with a
 head dim in ``CUDA_HEAD_DIMS``, batch / heads within the kernels' grid limits and at least one key
 -> the CUDA kernel (when built; on an H100/H200 its Hopper path for aligned D = 64, 72..128). Both
 kernels cover every feature of the op: per-sample spans, N_q != N_k, grouped KV heads, masks;
-on CUDA, auto runs outer-product masks (Chroma's float m_i * m_j, a bool m_i & m_j) as the key-mask kernel plus, for the m_i = 0 rows, a maskless one (float) or a fully masked row's values (bool), and sends other masks that vary over queries (not (B, H, 1, N_k) key masks) to split SDPA,
-which runs them faster than the kernels' element-wise path. Anything else -> the exact split-SDPA form (``reference.attention_split_sdpa``), or the
-materialized reference when lse or text_mass is asked for. ``_KERNEL_FEATURES`` lists what each
+on CUDA, auto runs outer-product masks (Chroma's float m_i * m_j, a bool m_i & m_j) as the key-mask
+kernel plus, for the m_i = 0 rows, a maskless one (float) or a fully masked row's values (bool), and
+sends other masks that vary over queries (not (B, H, 1, N_k) key masks) to split SDPA, which runs them
+faster than the kernels' element-wise path. Anything else -> the exact split-SDPA form
+(``reference.attention_split_sdpa``), or the materialized reference when lse or text_mass is asked for. ``_KERNEL_FEATURES`` lists what each
 kernel covers.
 """
 from __future__ import annotations
@@ -90,28 +91,6 @@ if HAVE_KERNELS:
                   q_text_begin=-1, q_text_end=-1, text_spans=None, attn_mask=None, deterministic=True):
         return _alloc_like(q, q.dtype), _alloc_like(k, k.dtype), _alloc_like(v, v.dtype)
 
-    def _fwd_setup_context(ctx, inputs, output):
-        q, k, v, gamma, gamma_reverse, scale, text_begin, text_end, _ = inputs[:9]
-        q_text_begin, q_text_end, text_spans, attn_mask, deterministic = (
-            tuple(inputs[9:]) + (-1, -1, None, None, True)[len(inputs) - 9:])
-        out, lse, tm = output
-        ctx.save_for_backward(q, k, v, out, lse, gamma, text_spans, attn_mask)
-        ctx.args = (gamma_reverse, scale, text_begin, text_end, q_text_begin, q_text_end, deterministic)
-        ctx.n_inputs = len(inputs)
-        ctx.mark_non_differentiable(lse, tm)
-
-    def _fwd_backward(ctx, dout, dlse, dtm):
-        q, k, v, out, lse, gamma, text_spans, attn_mask = ctx.saved_tensors
-        gamma_reverse, scale, text_begin, text_end, q_text_begin, q_text_end, deterministic = ctx.args
-        dq, dk, dv = torch.ops.taca.bwd(
-            dout, q, k, v, out, lse, gamma, gamma_reverse, scale, text_begin, text_end,
-            q_text_begin, q_text_end, text_spans, attn_mask, deterministic,
-        )
-        return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
-
-    if not getattr(_C, "cpp_autograd", False):  # an extension built before fwd's autograd moved to C++
-        torch.library.register_autograd("taca::fwd", _fwd_backward, setup_context=_fwd_setup_context)
-
 
 # ---------------------------------------------------------------------------------------
 # validation
@@ -170,29 +149,42 @@ _CHECKED_SPANS_MAX = 64
 _CHECKED_SPANS_LOCK = threading.Lock()
 
 
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """A tensor's identity in the caches below: a new tensor at a reused id, or an in-place change, differs."""
+    return id(t), t._version, t.data_ptr(), t.device
+
+
+def _cache_get(cache, lock, key):
+    with lock:
+        return cache.get(key)
+
+
+def _cache_put(cache, lock, key, value, limit: int) -> None:
+    with lock:  # threads sharing the module: no eviction between the insert and the move
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > limit:
+            cache.popitem(last=False)
+
+
 def _spans_key(args, n_q: int, n_k: int, text_first: bool):
     """(key, tensors) for the checked-span cache; None when no argument is a tensor."""
     tensors = tuple(x for x in args if isinstance(x, torch.Tensor))
     if not tensors:
         return None
     key = (n_q, n_k, bool(text_first)) + tuple(
-        (id(x), x._version, x.data_ptr(), x.device) if isinstance(x, torch.Tensor) else x for x in args)
+        _tensor_key(x) if isinstance(x, torch.Tensor) else x for x in args)
     return key, tensors
 
 
 def _spans_checked(entry) -> bool:
-    with _CHECKED_SPANS_LOCK:
-        refs = _CHECKED_SPANS.get(entry[0])
+    refs = _cache_get(_CHECKED_SPANS, _CHECKED_SPANS_LOCK, entry[0])
     return refs is not None and all(r() is t for r, t in zip(refs, entry[1]))
 
 
 def _remember_spans(entry) -> None:
     refs = tuple(weakref.ref(t) for t in entry[1])
-    with _CHECKED_SPANS_LOCK:  # threads sharing the module: no eviction between the insert and the move
-        _CHECKED_SPANS[entry[0]] = refs
-        _CHECKED_SPANS.move_to_end(entry[0])
-        while len(_CHECKED_SPANS) > _CHECKED_SPANS_MAX:
-            _CHECKED_SPANS.popitem(last=False)
+    _cache_put(_CHECKED_SPANS, _CHECKED_SPANS_LOCK, entry[0], refs, _CHECKED_SPANS_MAX)
 
 
 def _check_mask(attn_mask, q: torch.Tensor, target) -> None:
@@ -407,9 +399,7 @@ def _outer_mask_rows(attn_mask: torch.Tensor):
         return None
     if attn_mask.is_cuda and torch.cuda.is_current_stream_capturing():
         return None  # no sync inside a CUDA graph capture: such a call keeps split SDPA
-    key = (id(attn_mask), attn_mask._version, attn_mask.data_ptr(), attn_mask.device)
-    with _OUTER_MASKS_LOCK:
-        hit = _OUTER_MASKS.get(key)
+    hit = _cache_get(_OUTER_MASKS, _OUTER_MASKS_LOCK, _tensor_key(attn_mask))
     if hit is not None and hit[0]() is attn_mask:
         return hit[1]
     m = torch.diagonal(attn_mask[:, 0], dim1=-2, dim2=-1)  # (B', N): m_i * m_i = m_i for m in {0, 1}
@@ -447,32 +437,22 @@ def _outer_hint(attn_mask: torch.Tensor, token_mask: torch.Tensor, kind: str = "
             or tuple(token_mask.shape) != (attn_mask.shape[0], attn_mask.shape[3])
             or (attn_mask.is_cuda and torch.cuda.is_current_stream_capturing())):
         return
-    tkey = (id(token_mask), token_mask._version, token_mask.data_ptr(), kind, tuple(attn_mask.shape),
-            attn_mask.dtype, attn_mask.device)
-    with _OUTER_MASKS_LOCK:
-        hit = _TOKEN_MASKS.get(tkey)
+    tkey = _tensor_key(token_mask) + (kind, tuple(attn_mask.shape), attn_mask.dtype, attn_mask.device)
+    hit = _cache_get(_TOKEN_MASKS, _OUTER_MASKS_LOCK, tkey)
     if hit is not None and hit[0]() is token_mask:
         outer = hit[1]
     else:
         outer = _outer_mask_rows(attn_mask)  # the check (a sync)
         if outer is not None and not torch.equal(outer[0][:, 0, 0], token_mask.to(attn_mask.dtype)):
             outer = None  # a product, but not of this token mask: this mask keeps its own entry only
-        with _OUTER_MASKS_LOCK:
-            _TOKEN_MASKS[tkey] = (weakref.ref(token_mask), outer)
-            _TOKEN_MASKS.move_to_end(tkey)
-            while len(_TOKEN_MASKS) > _OUTER_MASKS_MAX:
-                _TOKEN_MASKS.popitem(last=False)
+        _cache_put(_TOKEN_MASKS, _OUTER_MASKS_LOCK, tkey, (weakref.ref(token_mask), outer), _OUTER_MASKS_MAX)
     if outer is not None:
         _remember_outer(attn_mask, outer)
 
 
 def _remember_outer(attn_mask: torch.Tensor, outer) -> None:
-    key = (id(attn_mask), attn_mask._version, attn_mask.data_ptr(), attn_mask.device)
-    with _OUTER_MASKS_LOCK:
-        _OUTER_MASKS[key] = (weakref.ref(attn_mask), outer)
-        _OUTER_MASKS.move_to_end(key)
-        while len(_OUTER_MASKS) > _OUTER_MASKS_MAX:
-            _OUTER_MASKS.popitem(last=False)
+    _cache_put(_OUTER_MASKS, _OUTER_MASKS_LOCK, _tensor_key(attn_mask), (weakref.ref(attn_mask), outer),
+               _OUTER_MASKS_MAX)
 
 
 def _outer_mask_result(m, is_bool, ok, n):
@@ -689,7 +669,7 @@ def joint_attention(
         if reason is None:
             reason = _feature_refusal(q.device.type, *feats)
         if reason is None and q.device.type == "cuda" and _per_query_mask(attn_mask):
-            # outer-product masks (Chroma, HunyuanVideo 1.5): the key-mask kernel, the m_i = 0 rows apart
+            # outer-product masks (Chroma's float one, bool outer-ANDs): the key-mask kernel, the m_i = 0 rows apart
             if Nq == Nk and not spans.per_sample:
                 outer = _outer_mask_rows(attn_mask)
                 if outer is not None:

@@ -45,11 +45,10 @@ class TacaHunyuanVideo15AttnProcessor(TacaProcessor):
     text_first = False
     layout = "bnhd"
 
-    def _key_mask_route(self, query: torch.Tensor, gamma, text_len) -> bool:
-        """Whether this call runs the outer-AND mask as a key mask plus zeroed rows (TACA on, on CUDA, no telemetry
+    def _key_mask_route(self, query: torch.Tensor) -> bool:
+        """Whether a TACA call runs the outer-AND mask as a key mask plus zeroed rows (on CUDA, no telemetry
         recording, not FP8) instead of building the (B, 1, N, N) mask."""
-        return (gamma is not None and text_len is not None and query.is_cuda and not telemetry.active()
-                and not self.fp8)
+        return query.is_cuda and not telemetry.active() and not self.fp8
 
     def __call__(
         self,
@@ -71,7 +70,7 @@ class TacaHunyuanVideo15AttnProcessor(TacaProcessor):
         text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else None
         gamma = self.call_arg("taca_gamma")
         out = None
-        if self._key_mask_route(query, gamma, text_len):
+        if self._key_mask_route(query):  # (taca_attention gives None with TACA off: the stock path below)
             # the stock mask is tokens_i & tokens_j: a key mask for the rows of valid tokens, every key masked for
             # the rows of invalid ones (0, as the op and stock SDPA give such a row, with no gradient). On CUDA the
             # key mask runs on the kernels' per-tile path and the (B, 1, N, N) mask (N^2 bytes a sample: 1.6 GB at
