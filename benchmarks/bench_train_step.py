@@ -19,6 +19,8 @@ warm-up step, starting one method later than the round before):
   FLUX-sized step on this machine), so flash attention runs, as in ``taca train --no-taca``;
 - taca: ``taca.enable`` with taca's CUDA kernels (the default of ``taca train``);
 - taca-sdpa: ``taca.enable(backend="sdpa")``, the exact two-call split form, for reference;
+- taca-off: taca.enable with gamma 1 (its pre-hook and processors run, each attention call takes the
+  stock path): what TACA's Python around the attention costs, apart from the attention call;
 - taca-v5: taca with TACA_BWD_SM90_KERNEL=v5 (the Hopper backward before v6 became the default at
   D = 72..128), to measure that change end to end.
 
@@ -133,6 +135,13 @@ def batch_inputs(kind, model, batch, tiny, device, dtype):
     return x0, cond, L
 
 
+def _enable(model, m):
+    if m == "taca-off":  # the hook and processors installed, gamma 1 in every call: the stock attention call
+        taca.enable(model, gamma=1.0, schedule="constant")
+    else:
+        taca.enable(model, gamma=1.2, schedule=PaperSchedule(1.2, 0.97), backend="sdpa" if m == "taca-sdpa" else "auto")
+
+
 def profile_methods(names, model, step, kind, batch, cuda, out):
     """One warm step per method under torch.profiler; prints (and writes) the top 20 rows by self device time."""
     from torch.profiler import ProfilerActivity, profile
@@ -141,8 +150,7 @@ def profile_methods(names, model, step, kind, batch, cuda, out):
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     for m in names:
         if m != "stock":
-            taca.enable(model, gamma=1.2, schedule=PaperSchedule(1.2, 0.97),
-                        backend="sdpa" if m == "taca-sdpa" else "auto")
+            _enable(model, m)
         if m == "taca-v5":
             os.environ["TACA_BWD_SM90_KERNEL"] = "v5"
         try:
@@ -235,8 +243,7 @@ def main(argv=None):
                 # followed the order, 1.03-1.04x with stock first, 1.00x with taca first: KERNEL_LOG, 33rd session)
                 for m in names[r % len(names):] + names[:r % len(names)]:
                     if m != "stock":
-                        taca.enable(model, gamma=1.2, schedule=PaperSchedule(1.2, 0.97),
-                                    backend="sdpa" if m == "taca-sdpa" else "auto")
+                        _enable(model, m)
                     if m == "taca-v5":  # the previous Hopper backward kernel (read at every call)
                         os.environ["TACA_BWD_SM90_KERNEL"] = "v5"
                     try:
@@ -264,21 +271,25 @@ def main(argv=None):
                            cpu_s_per_step=statistics.median(cpu[m]),
                            peak_gib=peak[m] / 2**30, lora_params=n_lora, text_tokens=L,
                            ratio_to_stock=(med / base) if base else None,
+                           min_ratio_to_stock=(min(ts) / min(times["stock"])) if base else None,
+                           s_steps=[round(t, 5) for t in ts],  # every timed step, rounds in order (--steps each)
                            peak_ratio_to_stock=(peak[m] / peak["stock"]) if base and peak["stock"] else None)
                 rows.append(row)
-                print(json.dumps(row), flush=True)
+                print(json.dumps({k: v for k, v in row.items() if k != "s_steps"}), flush=True)
         del model, opt, params
         if cuda:
             torch.cuda.empty_cache()
 
     lines = [f"LoRA training step, {gpu}, torch {env['torch']} (CUDA {env['cuda']}), diffusers {env['diffusers']}, "
              f"{env['date']}", "",
-             "| model | batch | method | s/step (median) | min | ratio to stock | CPU s/step | peak GiB | peak ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | batch | method | s/step (median) | min | ratio to stock | min ratio | CPU s/step | peak GiB | peak ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['ratio_to_stock']:.3f}" if r["ratio_to_stock"] else "-"
         pr = f"{r['peak_ratio_to_stock']:.3f}" if r["peak_ratio_to_stock"] else "-"
+        mr = f"{r['min_ratio_to_stock']:.3f}" if r["min_ratio_to_stock"] else "-"
         lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['s_per_step']:.4f} | {r['s_min']:.4f} | {ratio} | "
+                     f"{mr} | "
                      f"{r['cpu_s_per_step']:.4f} | "
                      f"{r['peak_gib']:.2f} | {pr} |")
     table = "\n".join(lines)

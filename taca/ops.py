@@ -537,9 +537,13 @@ def _check_fp8(q, k, v, gamma, layout, backend, spans, attn_mask) -> None:
 def _kernel_forward(q, k, v, spans, gamma, gamma_reverse, scale, layout, return_text_mass,
                     attn_mask=None, deterministic=True, fp8=False):
     # The kernels take (B, N, H, D) views: "bhnd" is transposed, never copied.
-    qn, kn, vn = ((t.transpose(1, 2) if layout == "bhnd" else t) for t in (q, k, v))
+    if layout == "bhnd":
+        qn, kn, vn = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    else:
+        qn, kn, vn = q, k, v
     # A non-unit stride on D is the one layout the kernels refuse: copy it.
-    qn, kn, vn = ((t.contiguous() if t.size(-1) > 1 and t.stride(-1) != 1 else t) for t in (qn, kn, vn))
+    if qn.stride(-1) != 1 or kn.stride(-1) != 1 or vn.stride(-1) != 1:
+        qn, kn, vn = ((t.contiguous() if t.size(-1) > 1 and t.stride(-1) != 1 else t) for t in (qn, kn, vn))
     B, _, _, D = qn.shape
     s = 1.0 / math.sqrt(D) if scale is None else float(scale)
     g = _gamma_vector(gamma, B, q.device, _acc_dtype(q.dtype))
