@@ -51,6 +51,11 @@ def shapes():
         # text tokens first, CFG), Ideogram 4 (18 heads, per-sample text)
         "auraflow cfg D256": (2, 12, 12, img + 264, img + 264, 256, "auraflow"),
         "ideogram4 D256, per-sample text": (2, 18, 18, img + 512, img + 512, 256, "spans"),
+        # masks whose rows all equal one row outside a few (ops._row_range_mask): OmniGen's image rows (32 heads,
+        # D = 96, CFG batch, the negative prompt left-padded; the processor passes those rows of the model's float
+        # (B, 1, N, N) mask), Ideogram 4's bool segment mask (the left padding sees only itself)
+        "omnigen cfg D96, image rows of the float mask": (2, 32, 32, img, img + 121, 96, "omnigen"),
+        "ideogram4 D256, segment mask, per-sample text": (2, 18, 18, img + 512, img + 512, 256, "segment"),
     }
 
 
@@ -71,6 +76,22 @@ def build_kwargs(kind, B, H, Nq, Nk, dev):
         t = torch.ones(B, Nk)
         t[1, L // 2:L] = 0.0
         return dict(text_len=L, attn_mask=(t[:, :, None] * t[:, None, :])[:, None].to(dev, torch.bfloat16))
+    if kind == "omnigen":  # [condition (L, left-padded), time token, image]: text causal, image sees every unpadded key
+        L, N = Nk - Nq - 1, Nk
+        m = torch.zeros(B, N, N, dtype=torch.bool)
+        for b, pad in enumerate([0, L - 9]):  # the negative prompt: 9 tokens
+            m[b, :L + 1, :L + 1] = torch.ones(L + 1, L + 1, dtype=torch.bool).tril()
+            m[b, L + 1:] = True
+            m[b, :, :pad] = False
+            m[b, torch.arange(pad), torch.arange(pad)] = True
+        full = ((~m).to(torch.bfloat16) * torch.finfo(torch.bfloat16).min)[:, None].to(dev)
+        return dict(text_len=L, text_first=True, attn_mask=full[:, :, L + 1:])  # the processor's view
+    if kind == "segment":
+        L, pad = Nk - 4096, torch.tensor([0, 512 - 170])
+        seg = torch.ones(B, Nk, dtype=torch.long)
+        seg[1, :int(pad[1])] = -1
+        return dict(text_len=torch.tensor([512, 170], device=dev), text_start=pad.to(dev),
+                    attn_mask=(seg[:, :, None] == seg[:, None, :])[:, None].to(dev))
     if kind == "auraflow":
         return dict(text_len=264)
     if kind == "krea2":
@@ -130,6 +151,15 @@ def main(argv=None):
 
             row["outer_check_ms"] = _bench(check, args.quick)
             print(f"{name}: the outer-product check (once per mask tensor) {row['outer_check_ms']:.3f} ms", flush=True)
+        elif mask is not None and mask.shape[-2] > 1 and ops._row_range_mask(mask) is not None:
+            def check():
+                ops._ROW_MASKS.clear()
+                return ops._row_range_mask(mask)
+
+            row["row_check_ms"] = _bench(check, args.quick)
+            row["row_range"] = list(ops._row_range_mask(mask)[1:])
+            print(f"{name}: the row check (once per mask) {row['row_check_ms']:.3f} ms, rows apart "
+                  f"{row['row_range']}", flush=True)
         # errors against the float32 reference on a quarter of the queries (memory)
         sub = slice(0, Nq // 4)
         qs = q.detach()[:, :, sub]

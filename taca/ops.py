@@ -502,6 +502,105 @@ def _outer_mask_attention(q, k, v, outer, spans, layout, return_lse, return_text
     return tuple(res) if len(res) > 1 else res[0]
 
 
+# Masks whose query rows all equal one row outside a contiguous range [r0, r1): OmniGen's image rows (every image
+# query sees every unpadded token; its processor passes those rows of the model's (B, 1, N, N) mask), Ideogram 4's
+# segment mask (every row but the left padding's). Outside [r0, r1) the mask is that row broadcast, a KEY mask, which
+# the kernels take per key tile; the rows [r0, r1) run apart with their own rows of the mask (split SDPA) and replace
+# those rows. Checked once per mask (a read of it and a device sync); a view is known by its base tensor and its place
+# in it, so a model that slices one mask in every block is checked once per mask, not per block.
+_ROW_MASKS: "collections.OrderedDict" = collections.OrderedDict()
+
+
+def _mask_identity(t: torch.Tensor):
+    """(cache key, tensor to hold weakly): a view by its base and its place in it (views share the version counter)."""
+    base = t if t._base is None else t._base
+    return _tensor_key(base) + (t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype), base
+
+
+def _row_range_mask(attn_mask: torch.Tensor):
+    """(key mask (..., 1, N_k), r0, r1) when every query row of ``attn_mask`` (..., N_q, N_k) outside rows [r0, r1)
+    equals its last row (or else its first) in every leading index, [r0, r1) being at most half the rows
+    (r0 == r1: every row equal); else None. NaN compares unequal (no key mask then)."""
+    if (torch.compiler.is_compiling() or attn_mask.requires_grad or attn_mask.dim() < 2 or attn_mask.shape[-2] < 2
+            or attn_mask.shape[-1] == 0):
+        return None
+    if attn_mask.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None  # no sync inside a CUDA graph capture: such a call keeps split SDPA
+    key, base = _mask_identity(attn_mask)
+    hit = _cache_get(_ROW_MASKS, _OUTER_MASKS_LOCK, key)
+    if hit is not None and hit[0]() is base:
+        found = hit[1]
+    else:
+        found = None
+        n = attn_mask.shape[-2]
+        per_row = max(1, attn_mask[..., :1, :].numel())
+        rows = max(1, _OUTER_CHUNK // per_row)
+        for ref in (n - 1, 0):
+            r = attn_mask[..., ref:ref + 1, :]
+            parts = []
+            for i in range(0, n, rows):
+                d = (attn_mask[..., i:i + rows, :] != r).any(-1)  # (..., rows): a row differs somewhere
+                parts.append(d.reshape(-1, d.shape[-1]).any(0))
+            diff = torch.cat(parts)
+            idx = torch.arange(n, device=diff.device)
+            r0 = torch.where(diff, idx, n).min()
+            r1 = torch.where(diff, idx + 1, 0).max()
+            r0, r1 = (int(x) for x in torch.stack([r0, r1]).tolist())  # the sync
+            if r1 <= r0:  # no row differs
+                r0 = r1 = 0
+            if r1 - r0 <= n // 2:
+                found = (ref, r0, r1)
+                break
+        _cache_put(_ROW_MASKS, _OUTER_MASKS_LOCK, key, (weakref.ref(base), found), _OUTER_MASKS_MAX)
+    if found is None:
+        return None
+    ref, r0, r1 = found
+    return attn_mask[..., ref:ref + 1, :], r0, r1
+
+
+def _row_range_attention(q, k, v, rowmask, attn_mask, span_args, text_first, layout, return_lse, return_text_mass,
+                         **kw):
+    """joint_attention with ``_row_range_mask``'s answer: the key-mask kernel over every row, and the rows [r0, r1)
+    again with their own rows of ``attn_mask`` (split SDPA, or the materialized reference for lse / text_mass),
+    spliced in. span_args: the validated (text_len, text_start, query_text_start, query_text_len); kw: gamma,
+    gamma_reverse, scale, deterministic, backend (the kernel's)."""
+    kmask, r0, r1 = rowmask
+    text_len, text_start, qts, qtl = span_args
+    flags = dict(return_lse=return_lse, return_text_mass=return_text_mass)
+    span_kw = dict(text_len=text_len, text_first=text_first, text_start=text_start, query_text_start=qts,
+                   query_text_len=qtl)
+    res = joint_attention(q, k, v, layout=layout, attn_mask=kmask, **flags, **span_kw, **kw)
+    if r1 == r0:
+        return res
+    res = list(res) if isinstance(res, tuple) else [res]
+    tok = 2 if layout == "bhnd" else 1
+    n_q = q.shape[tok]
+    n_k = k.shape[tok]
+    spans = reference.resolve_spans(n_q, n_k, text_len, text_first, text_start, qts, qtl)
+    # the query text span within rows [r0, r1) (ints or per-sample tensors)
+    qb = (spans.q_begin - r0).clamp(0, r1 - r0) if isinstance(spans.q_begin, torch.Tensor) else \
+        min(max(spans.q_begin - r0, 0), r1 - r0)
+    qe = (spans.q_end - r0).clamp(0, r1 - r0) if isinstance(spans.q_end, torch.Tensor) else \
+        min(max(spans.q_end - r0, 0), r1 - r0)
+    sub_mask = attn_mask.narrow(-2, r0, r1 - r0) if attn_mask.shape[-2] > 1 else attn_mask
+    # joint_attention's split-SDPA / reference fallback itself (the spans were checked by the call above: new span
+    # tensors here would be checked again, a device sync per call)
+    sub_kw = dict(gamma=kw["gamma"], gamma_reverse=kw["gamma_reverse"], scale=kw["scale"], layout=layout,
+                  text_len=spans.k_end - spans.k_begin, text_start=spans.k_begin, query_text_start=qb,
+                  query_text_len=qe - qb, attn_mask=sub_mask)
+    qs = q.narrow(tok, r0, r1 - r0)
+    if return_lse or return_text_mass:
+        upcast = torch.float64 if q.dtype == torch.float64 else torch.float32
+        o, lse, tm = reference.attention_ref(qs, k, v, upcast=upcast, **sub_kw)
+        sub = [o.to(q.dtype)] + ([lse.detach()] if return_lse else []) + ([tm.detach()] if return_text_mass else [])
+    else:
+        sub = [reference.attention_split_sdpa(qs, k, v, **sub_kw)]
+    dims = [tok] + [2] * (len(res) - 1)  # out's token dim; lse and text_mass are (B, H, N_q)
+    for i, (a, s_, d) in enumerate(zip(res, sub, dims)):
+        res[i] = torch.cat([a.narrow(d, 0, r0), s_.to(a.dtype), a.narrow(d, r1, a.shape[d] - r1)], dim=d)
+    return tuple(res) if len(res) > 1 else res[0]
+
+
 def _gamma_vector(gamma, batch: int, device: torch.device, dtype=torch.float32) -> torch.Tensor:
     """gamma as the kernels take it: a contiguous (B,) tensor of the accumulation type."""
     if isinstance(gamma, torch.Tensor):
@@ -617,8 +716,10 @@ def joint_attention(
     returns on CPU), lse = -inf, text_mass = 0, and zero gradients. On CUDA, backend="auto" runs a
     key mask on the kernel's per-tile path; a (B, 1, N, N) mask that is an outer product of a 0/1
     token mask m (float m_i * m_j, as Chroma's, or bool m_i & m_j) as that key mask with the m_i = 0
-    rows apart (checked once per mask tensor: one read of it and a device sync); any other mask that
-    varies over queries on split SDPA.
+    rows apart (checked once per mask tensor: one read of it and a device sync); a mask whose query
+    rows all equal one row outside a contiguous range of at most half of them (OmniGen's image rows,
+    Ideogram 4's segment mask) as that row's key mask with the range's rows on split SDPA (checked
+    once per mask; a view by its base tensor); any other mask that varies over queries on split SDPA.
 
     Returns out (q's shape, layout and dtype); with ``return_lse`` / ``return_text_mass`` a
     tuple (out, lse, text_mass) holding the asked ones, lse and text_mass being (B, H, N_q)
@@ -680,6 +781,12 @@ def joint_attention(
                     return _outer_mask_attention(
                         q, k, v, outer, spans, layout, return_lse, return_text_mass, gamma=gamma,
                         gamma_reverse=gamma_reverse, scale=scale, deterministic=deterministic, backend="cuda")
+            # rows all equal outside a few (OmniGen's image rows, Ideogram 4's segment mask): the key-mask kernel
+            rowmask = _row_range_mask(attn_mask)
+            if rowmask is not None:
+                return _row_range_attention(
+                    q, k, v, rowmask, attn_mask, span_args, text_first, layout, return_lse, return_text_mass,
+                    gamma=gamma, gamma_reverse=gamma_reverse, scale=scale, deterministic=deterministic, backend="cuda")
             # Other masks that vary over queries: the kernels read them element by element on every tile; split
             # SDPA (its memory-efficient backend) was 3-4x faster on such a (B, 1, N, N) mask on an H200
             # (benchmarks/results/features_*.json). Key masks (B, 1, 1, N_k) stay on the kernel.

@@ -383,3 +383,61 @@ def test_cuda_outer_mask_auto(layout, text_first, D, dtype, kind, monkeypatch):
         _rule((a.float() - r).abs().max().item(), (t.float() - r).abs().max().item(), nm)
     for nm, a, b in zip(("out", "dq", "dk", "dv"), (out,) + g, (out2,) + torch.autograd.grad(out2, (q, k, v), dout)):
         assert torch.equal(a, b), f"{nm} not bitwise repeatable"
+
+
+@requires_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case,layout,D", [("omnigen", "bhnd", 64), ("omnigen", "bnhd", 128),
+                                           ("segment_spans", "bnhd", 128), ("segment_spans", "bhnd", 64)])
+def test_cuda_row_range_mask_auto(case, layout, D, dtype, monkeypatch):
+    """Masks whose rows all equal one row outside a few under backend="auto": OmniGen's image rows (image-only queries,
+    every row the same key mask) and Ideogram 4's segment mask (per-sample spans, the left padding's rows differ) run
+    as the key-mask kernel plus split SDPA over the differing rows (ops._row_range_attention), once per call; out,
+    lse, text_mass and the gradients by the tolerance rule against the float32 reference with the whole mask;
+    bitwise repeatable."""
+    from test_row_range_mask import _omnigen_mask, _segment_mask
+
+    B, H = 2, 4
+    torch.manual_seed(0)
+    if case == "omnigen":
+        L, N = 77, 1100
+        full = _omnigen_mask([20, 0], L, N, torch.float32).cuda()
+        mask, Nq = full[:, :, L + 1:].to(dtype), N - L - 1
+        spans = dict(text_len=L, text_first=True)
+    else:
+        pad = [40, 3]
+        N = Nq = 1100
+        mask = _segment_mask(pad, N).cuda()
+        spans = dict(text_len=torch.tensor([100, 250], device="cuda"), text_start=torch.tensor(pad, device="cuda"))
+    shp = lambda n: (B, H, n, D) if layout == "bhnd" else (B, n, H, D)  # noqa: E731
+    q = torch.randn(shp(Nq), device="cuda").to(dtype).requires_grad_()
+    k, v = (torch.randn(shp(N), device="cuda").to(dtype).requires_grad_() for _ in range(2))
+    kw = dict(gamma=torch.tensor([GAMMA, 0.7], device="cuda"), gamma_reverse=GAMMA_REV, scale=SCALE, layout=layout,
+              attn_mask=mask, **spans)
+    calls = []
+    orig = ops._row_range_attention
+
+    def counting(*a, **k_):
+        calls.append(a[4])
+        return orig(*a, **k_)
+
+    monkeypatch.setattr(ops, "_row_range_attention", counting)
+    out, lse, tm = taca.joint_attention(q, k, v, return_lse=True, return_text_mass=True, **kw)
+    out2 = taca.joint_attention(q, k, v, **kw)
+    monkeypatch.undo()
+    assert len(calls) == 2
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    kw32 = dict(kw, attn_mask=mask.float() if mask.dtype != torch.bool else mask)
+    ref, lse_r, tm_r = reference.attention_ref(qf, kf, vf, upcast=torch.float32, **kw32)
+    tor = reference.attention_split_sdpa(q, k, v, **kw)
+    _rule((out.float() - ref).abs().max().item(), (tor.float() - ref).abs().max().item(), "out")
+    assert (lse - lse_r).abs().max().item() < 2e-3
+    assert (tm - tm_r).abs().max().item() < 5e-3
+    dout = torch.randn_like(out)
+    g = torch.autograd.grad(out, (q, k, v), dout)
+    for nm, a, r, t in zip(("dq", "dk", "dv"), g, torch.autograd.grad(ref, (qf, kf, vf), dout.float()),
+                           torch.autograd.grad(tor, (q, k, v), dout)):
+        assert torch.isfinite(a).all(), nm
+        _rule((a.float() - r).abs().max().item(), (t.float() - r).abs().max().item(), nm)
+    for nm, a, b in zip(("out", "dq", "dk", "dv"), (out,) + g, (out2,) + torch.autograd.grad(out2, (q, k, v), dout)):
+        assert torch.equal(a, b), f"{nm} not bitwise repeatable"
