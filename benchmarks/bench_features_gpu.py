@@ -212,8 +212,8 @@ def _subset_spans(kw, Nq, Nk):
         return kw
     L = kw["text_len"]
     first = kw.get("text_first", True)
-    if first:
-        kw["query_text_start"] = 0
+    if first:  # (text_start given: the text queries start there, inside the first quarter in these shapes)
+        kw["query_text_start"] = kw.get("text_start", 0)
         kw["query_text_len"] = L
     else:  # text last: no text query among the first quarter
         kw["query_text_start"] = 0

@@ -561,8 +561,8 @@ def _row_range_mask(attn_mask: torch.Tensor):
 def _row_range_attention(q, k, v, rowmask, attn_mask, span_args, text_first, layout, return_lse, return_text_mass,
                          **kw):
     """joint_attention with ``_row_range_mask``'s answer: the key-mask kernel over every row, and the rows [r0, r1)
-    again with their own rows of ``attn_mask`` (split SDPA, or the materialized reference for lse / text_mass),
-    spliced in. span_args: the validated (text_len, text_start, query_text_start, query_text_len); kw: gamma,
+    again with their own rows of ``attn_mask`` (split SDPA; lse / text_mass, where asked, from the materialized
+    reference), spliced in. span_args: the validated (text_len, text_start, query_text_start, query_text_len); kw: gamma,
     gamma_reverse, scale, deterministic, backend (the kernel's)."""
     kmask, r0, r1 = rowmask
     text_len, text_start, qts, qtl = span_args
@@ -589,12 +589,12 @@ def _row_range_attention(q, k, v, rowmask, attn_mask, span_args, text_first, lay
                   text_len=spans.k_end - spans.k_begin, text_start=spans.k_begin, query_text_start=qb,
                   query_text_len=qe - qb, attn_mask=sub_mask)
     qs = q.narrow(tok, r0, r1 - r0)
+    sub = [reference.attention_split_sdpa(qs, k, v, **sub_kw)]  # out the same whatever else is asked
     if return_lse or return_text_mass:
         upcast = torch.float64 if q.dtype == torch.float64 else torch.float32
-        o, lse, tm = reference.attention_ref(qs, k, v, upcast=upcast, **sub_kw)
-        sub = [o.to(q.dtype)] + ([lse.detach()] if return_lse else []) + ([tm.detach()] if return_text_mass else [])
-    else:
-        sub = [reference.attention_split_sdpa(qs, k, v, **sub_kw)]
+        with torch.no_grad():
+            _, lse, tm = reference.attention_ref(qs, k, v, upcast=upcast, **sub_kw)
+        sub += ([lse] if return_lse else []) + ([tm] if return_text_mass else [])
     dims = [tok] + [2] * (len(res) - 1)  # out's token dim; lse and text_mass are (B, H, N_q)
     for i, (a, s_, d) in enumerate(zip(res, sub, dims)):
         res[i] = torch.cat([a.narrow(d, 0, r0), s_.to(a.dtype), a.narrow(d, r1, a.shape[d] - r1)], dim=d)

@@ -160,7 +160,7 @@ def test_row_range_attention_exact(layout, case):
                                     spans.get("text_first", True), layout, False, False, deterministic=True,
                                     backend="cpu", **kw)
     assert isinstance(only, torch.Tensor)
-    torch.testing.assert_close(only, got[0].detach(), **EXACT)
+    assert torch.equal(only, got[0].detach())  # out does not depend on what else is asked
     one = ops._row_range_attention(q.detach(), k.detach(), v.detach(), rowmask, mask, args,
                                    spans.get("text_first", True), layout, False, True, deterministic=True,
                                    backend="cpu", **kw)
