@@ -502,6 +502,12 @@ def _outer_mask_attention(q, k, v, outer, spans, layout, return_lse, return_text
     return tuple(res) if len(res) > 1 else res[0]
 
 
+# Device types on which backend="auto" decomposes masks that vary over queries (the outer products above, the row
+# ranges below) into key-mask kernel calls: CUDA, where the kernels take a key mask per key tile and any other mask
+# element by element (or split SDPA). The CPU kernel reads every mask element by element at no loss; tests add "cpu"
+# to run the decompositions through whole models on it.
+_MASK_ROUTES = ("cuda",)
+
 # Masks whose query rows all equal one row outside a contiguous range [r0, r1): OmniGen's image rows (every image
 # query sees every unpadded token; its processor passes those rows of the model's (B, 1, N, N) mask), Ideogram 4's
 # segment mask (every row but the left padding's). Outside [r0, r1) the mask is that row broadcast, a KEY mask, which
@@ -773,20 +779,22 @@ def joint_attention(
         reason = _kernel_refusal(q, gamma, layout, k)
         if reason is None:
             reason = _feature_refusal(q.device.type, *feats)
-        if reason is None and q.device.type == "cuda" and _per_query_mask(attn_mask):
+        if reason is None and q.device.type in _MASK_ROUTES and _per_query_mask(attn_mask):
             # outer-product masks (Chroma's float one, bool outer-ANDs): the key-mask kernel, the m_i = 0 rows apart
             if Nq == Nk and not spans.per_sample:
                 outer = _outer_mask_rows(attn_mask)
                 if outer is not None:
                     return _outer_mask_attention(
                         q, k, v, outer, spans, layout, return_lse, return_text_mass, gamma=gamma,
-                        gamma_reverse=gamma_reverse, scale=scale, deterministic=deterministic, backend="cuda")
+                        gamma_reverse=gamma_reverse, scale=scale, deterministic=deterministic,
+                        backend=q.device.type)
             # rows all equal outside a few (OmniGen's image rows, Ideogram 4's segment mask): the key-mask kernel
             rowmask = _row_range_mask(attn_mask)
             if rowmask is not None:
                 return _row_range_attention(
                     q, k, v, rowmask, attn_mask, span_args, text_first, layout, return_lse, return_text_mass,
-                    gamma=gamma, gamma_reverse=gamma_reverse, scale=scale, deterministic=deterministic, backend="cuda")
+                    gamma=gamma, gamma_reverse=gamma_reverse, scale=scale, deterministic=deterministic,
+                    backend=q.device.type)
             # Other masks that vary over queries: the kernels read them element by element on every tile; split
             # SDPA (its memory-efficient backend) was 3-4x faster on such a (B, 1, N, N) mask on an H200
             # (benchmarks/results/features_*.json). Key masks (B, 1, 1, N_k) stay on the kernel.

@@ -308,3 +308,29 @@ def test_gradient_checkpointing_keeps_the_call_state(text_lengths, max_text):
     of the left-padded layout, the segment mask) to the processors, and to the blocks recomputed in
     the backward pass through the checkpointing function (timestep = 1 - sigma)."""
     check_checkpointing_keeps_state(_transformer, _inputs(text_lengths, (3, 4), max_text))
+
+
+@pytest.mark.parametrize("text_lengths,grid,max_text", [([6, 4], (3, 4), 6), ([2, 7], (2, 5), 8)])
+def test_segment_mask_runs_as_a_key_mask_with_the_padding_apart(monkeypatch, text_lengths, grid, max_text):
+    """On CUDA, backend="auto" takes Ideogram 4's segment mask as the last row's key mask on the key-mask kernel,
+    with the left padding's rows (the batch's longest padding) on split SDPA (ops._row_range_mask /
+    _row_range_attention). That route forced on the CPU kernel here: every layer takes it with the padding rows
+    apart, and the model's output equals the element-wise mask path's."""
+    from taca import ops
+
+    t = _transformer()
+    with taca.enabled(t, gamma=1.3), torch.no_grad():
+        want = t(**_inputs(text_lengths, grid, max_text))[0]
+    routed = []
+    orig = ops._row_range_attention
+
+    def attn(*a, **k):
+        routed.append(tuple(a[3][1:]))
+        return orig(*a, **k)
+
+    monkeypatch.setattr(ops, "_MASK_ROUTES", ("cuda", "cpu"))
+    monkeypatch.setattr(ops, "_row_range_attention", attn)
+    with taca.enabled(t, gamma=1.3), torch.no_grad():
+        got = t(**_inputs(text_lengths, grid, max_text))[0]
+    assert routed == [(0, max_text - min(text_lengths))] * N_LAYERS
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

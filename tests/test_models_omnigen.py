@@ -287,3 +287,35 @@ def test_gradient_checkpointing_keeps_the_call_state(lengths):
     spans of the collator's left-padded layout, its mask) to the processors, and to the blocks
     recomputed in the backward pass through the checkpointing function (timestep = 1 - sigma)."""
     check_checkpointing_keeps_state(_transformer, _inputs(lengths, (4, 6)))
+
+
+@pytest.mark.parametrize("lengths,hw", [([9, 5], (4, 6)), ([4, 11, 7], (6, 4))])
+def test_image_rows_run_as_a_key_mask(monkeypatch, lengths, hw):
+    """On CUDA, backend="auto" takes the image rows of OmniGen's mask as a key mask (every image row sees every
+    unpadded key: ops._row_range_mask finds no row apart) on the key-mask kernel. That route forced on the CPU
+    kernel here: in every layer, no row apart, the mask checked once per transformer call (the processor's image-row
+    view is known by its base tensor); the model's output equals the element-wise mask path's."""
+    from taca import ops
+
+    t = _transformer()
+    with taca.enabled(t, gamma=GAMMA), torch.no_grad():
+        want = t(**_inputs(lengths, hw))[0]
+    routed, checks = [], []
+    orig_attn, orig_put = ops._row_range_attention, ops._cache_put
+
+    def attn(*a, **k):
+        routed.append(tuple(a[3][1:]))
+        return orig_attn(*a, **k)
+
+    def put(cache, *a, **k):
+        if cache is ops._ROW_MASKS:
+            checks.append(1)
+        return orig_put(cache, *a, **k)
+
+    monkeypatch.setattr(ops, "_MASK_ROUTES", ("cuda", "cpu"))
+    monkeypatch.setattr(ops, "_row_range_attention", attn)
+    monkeypatch.setattr(ops, "_cache_put", put)
+    with taca.enabled(t, gamma=GAMMA), torch.no_grad():
+        got = t(**_inputs(lengths, hw))[0]
+    assert routed == [(0, 0)] * TINY["num_layers"] and len(checks) == 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
