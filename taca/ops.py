@@ -541,17 +541,21 @@ def _row_range_mask(attn_mask: torch.Tensor):
         n = attn_mask.shape[-2]
         per_row = max(1, attn_mask[..., :1, :].numel())
         rows = max(1, _OUTER_CHUNK // per_row)
-        for ref in (n - 1, 0):
-            r = attn_mask[..., ref:ref + 1, :]
-            parts = []
-            for i in range(0, n, rows):
-                d = (attn_mask[..., i:i + rows, :] != r).any(-1)  # (..., rows): a row differs somewhere
+        refs = (n - 1, 0)  # the last row first (left padding apart), then the first (right padding apart)
+        diffs = [[] for _ in refs]
+        for i in range(0, n, rows):
+            blk = attn_mask[..., i:i + rows, :]
+            for ref, parts in zip(refs, diffs):
+                d = (blk != attn_mask[..., ref:ref + 1, :]).any(-1)  # (..., rows): a row differs somewhere
                 parts.append(d.reshape(-1, d.shape[-1]).any(0))
+        idx = torch.arange(n, device=attn_mask.device)
+        ends = []
+        for parts in diffs:
             diff = torch.cat(parts)
-            idx = torch.arange(n, device=diff.device)
-            r0 = torch.where(diff, idx, n).min()
-            r1 = torch.where(diff, idx + 1, 0).max()
-            r0, r1 = (int(x) for x in torch.stack([r0, r1]).tolist())  # the sync
+            ends += [torch.where(diff, idx, n).min(), torch.where(diff, idx + 1, 0).max()]
+        ends = [int(x) for x in torch.stack(ends).tolist()]  # the sync (one for both references)
+        for j, ref in enumerate(refs):
+            r0, r1 = ends[2 * j], ends[2 * j + 1]
             if r1 <= r0:  # no row differs
                 r0 = r1 = 0
             if r1 - r0 <= n // 2:
