@@ -31,6 +31,18 @@ def _rule(err_kernel, err_torch, what):
     assert err_kernel <= 2 * err_torch + 1e-5, f"{what}: {err_kernel:.3g} > 2 x {err_torch:.3g} + 1e-5"
 
 
+def _grads_by_rule_and_repeatable(out, out2, qkv, ref, qkv_f, tor, dout):
+    """dq, dk, dv of ``out`` finite and by the tolerance rule against the float32 reference's (``ref`` of ``qkv_f``)
+    and split SDPA's (``tor``); ``out`` and its gradients bitwise those of the same call made again (``out2``)."""
+    g = torch.autograd.grad(out, qkv, dout)
+    for nm, a, r, t in zip(("dq", "dk", "dv"), g, torch.autograd.grad(ref, qkv_f, dout.float()),
+                           torch.autograd.grad(tor, qkv, dout)):
+        assert torch.isfinite(a).all(), nm
+        _rule((a.float() - r).abs().max().item(), (t.float() - r).abs().max().item(), nm)
+    for nm, a, b in zip(("out", "dq", "dk", "dv"), (out,) + g, (out2,) + torch.autograd.grad(out2, qkv, dout)):
+        assert torch.equal(a, b), f"{nm} not bitwise repeatable"
+
+
 def _to(kw, device, dtype=None):
     out = {}
     for key, val in kw.items():
@@ -376,13 +388,7 @@ def test_cuda_outer_mask_auto(layout, text_first, D, dtype, kind, monkeypatch):
     assert (lse - lse_r)[live].abs().max().item() < 2e-3
     assert (tm - tm_r)[live].abs().max().item() < 5e-3
     dout = torch.randn_like(out) * rows[..., None]
-    g = torch.autograd.grad(out, (q, k, v), dout)
-    for nm, a, r, t in zip(("dq", "dk", "dv"), g, torch.autograd.grad(ref, (qf, kf, vf), dout.float()),
-                           torch.autograd.grad(tor, (q, k, v), dout)):
-        assert torch.isfinite(a).all(), nm
-        _rule((a.float() - r).abs().max().item(), (t.float() - r).abs().max().item(), nm)
-    for nm, a, b in zip(("out", "dq", "dk", "dv"), (out,) + g, (out2,) + torch.autograd.grad(out2, (q, k, v), dout)):
-        assert torch.equal(a, b), f"{nm} not bitwise repeatable"
+    _grads_by_rule_and_repeatable(out, out2, (q, k, v), ref, (qf, kf, vf), tor, dout)
 
 
 @requires_kernel
@@ -434,10 +440,4 @@ def test_cuda_row_range_mask_auto(case, layout, D, dtype, monkeypatch):
     assert (lse - lse_r).abs().max().item() < 2e-3
     assert (tm - tm_r).abs().max().item() < 5e-3
     dout = torch.randn_like(out)
-    g = torch.autograd.grad(out, (q, k, v), dout)
-    for nm, a, r, t in zip(("dq", "dk", "dv"), g, torch.autograd.grad(ref, (qf, kf, vf), dout.float()),
-                           torch.autograd.grad(tor, (q, k, v), dout)):
-        assert torch.isfinite(a).all(), nm
-        _rule((a.float() - r).abs().max().item(), (t.float() - r).abs().max().item(), nm)
-    for nm, a, b in zip(("out", "dq", "dk", "dv"), (out,) + g, (out2,) + torch.autograd.grad(out2, (q, k, v), dout)):
-        assert torch.equal(a, b), f"{nm} not bitwise repeatable"
+    _grads_by_rule_and_repeatable(out, out2, (q, k, v), ref, (qf, kf, vf), tor, dout)

@@ -17,6 +17,17 @@ EXACT_GRAD = dict(atol=1e-11, rtol=1e-10)
 needs_cpu_kernel = pytest.mark.skipif(not ops.HAVE_KERNELS, reason="the compiled CPU kernel is not built")
 
 
+def exact_against(got, want, qkv):
+    """(out, lse, text_mass) and out's gradients of q, k, v equal the materialized reference's to float64 rounding."""
+    for a, b, nm in zip(got, want, ("out", "lse", "text_mass")):
+        torch.testing.assert_close(a, b.detach() if nm != "out" else b, **EXACT, msg=lambda s: f"{nm}: {s}")
+    dout = torch.randn_like(got[0])
+    ga = torch.autograd.grad(got[0], qkv, dout)
+    gb = torch.autograd.grad(want[0], qkv, dout)
+    for a, b, nm in zip(ga, gb, ("dq", "dk", "dv")):
+        torch.testing.assert_close(a, b, **EXACT_GRAD, msg=lambda s: f"{nm}: {s}")
+
+
 def _tokens(B, N, zero_rows, dtype=torch.float64):
     """m: (B, N) ones with zeros at zero_rows[b] (a list of index lists)."""
     m = torch.ones(B, N, dtype=dtype)
@@ -133,13 +144,7 @@ def test_outer_mask_attention_exact(layout, text_first, pattern, kind):
     got = ops._outer_mask_attention(q, k, v, outer, spans, layout, True, True, gamma=kw["gamma"],
                                     gamma_reverse=GAMMA_REV, scale=SCALE, deterministic=True, backend="cpu")
     want = reference.attention_ref(q, k, v, attn_mask=mask, **kw)
-    for a, b, nm in zip(got, want, ("out", "lse", "text_mass")):
-        torch.testing.assert_close(a, b.detach() if nm != "out" else b, **EXACT, msg=lambda s: f"{nm}: {s}")
-    dout = torch.randn_like(got[0])
-    ga = torch.autograd.grad(got[0], (q, k, v), dout)
-    gb = torch.autograd.grad(want[0], (q, k, v), dout)
-    for a, b, nm in zip(ga, gb, ("dq", "dk", "dv")):
-        torch.testing.assert_close(a, b, **EXACT_GRAD, msg=lambda s: f"{nm}: {s}")
+    exact_against(got, want, (q, k, v))
     # only out asked: a tensor, the same values
     only = ops._outer_mask_attention(q.detach(), k.detach(), v.detach(), outer, spans, layout, False, False,
                                      gamma=kw["gamma"], gamma_reverse=GAMMA_REV, scale=SCALE, deterministic=True,

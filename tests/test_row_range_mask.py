@@ -9,13 +9,7 @@ import torch
 
 from taca import ops, reference
 
-GAMMA = 1.2345678901234
-GAMMA_REV = 0.8765432109876
-SCALE = 0.3141592653589793
-EXACT = dict(atol=1e-12, rtol=1e-12)
-EXACT_GRAD = dict(atol=1e-11, rtol=1e-10)
-
-needs_cpu_kernel = pytest.mark.skipif(not ops.HAVE_KERNELS, reason="the compiled CPU kernel is not built")
+from test_outer_mask import EXACT, GAMMA, GAMMA_REV, SCALE, exact_against, needs_cpu_kernel
 
 
 def _omnigen_mask(pad, L, N, dtype=torch.float64):
@@ -149,13 +143,7 @@ def test_row_range_attention_exact(layout, case):
     got = ops._row_range_attention(q, k, v, rowmask, mask, args, spans.get("text_first", True), layout, True, True,
                                    deterministic=True, backend="cpu", **kw)
     want = reference.attention_ref(q, k, v, attn_mask=mask, layout=layout, **spans, **kw)
-    for a, b, nm in zip(got, want, ("out", "lse", "text_mass")):
-        torch.testing.assert_close(a, b.detach() if nm != "out" else b, **EXACT, msg=lambda s: f"{nm}: {s}")
-    dout = torch.randn_like(got[0])
-    ga = torch.autograd.grad(got[0], (q, k, v), dout)
-    gb = torch.autograd.grad(want[0], (q, k, v), dout)
-    for a, b, nm in zip(ga, gb, ("dq", "dk", "dv")):
-        torch.testing.assert_close(a, b, **EXACT_GRAD, msg=lambda s: f"{nm}: {s}")
+    exact_against(got, want, (q, k, v))
     only = ops._row_range_attention(q.detach(), k.detach(), v.detach(), rowmask, mask, args,
                                     spans.get("text_first", True), layout, False, False, deterministic=True,
                                     backend="cpu", **kw)
