@@ -611,6 +611,42 @@ def _row_range_attention(q, k, v, rowmask, attn_mask, span_args, text_first, lay
     return tuple(res) if len(res) > 1 else res[0]
 
 
+# The processors' call (int text span, no mask, no per-sample or query span, not fp8) repeats with the same shapes in
+# every block: once such a call passed _validate and went to a kernel, its key (every property _validate and the
+# dispatch read, apart from the scalars, which _scalars_ok checks at every call) maps to its spans and the next such
+# call goes to the kernel directly. _validate and the dispatch cost ~30 us a call on the GPU machine's host
+# (benchmarks/bench_host_cost.py: joint_attention 49.8 us a forward against the op's 18.5), which a training step at
+# batch 1 pays in full (KERNEL_LOG, forty-fifth session). Not under torch.compile, not for tensor subclasses or a gamma
+# tensor on the CPU (its values are checked at every call).
+_FAST_CALLS: dict = {}
+_FAST_CALLS_MAX = 256
+
+
+def _fast_key(q, k, v, text_len, text_first, gamma, layout, backend):
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+        return None
+    if type(text_first) is not bool or torch.compiler.is_compiling():
+        return None
+    if type(gamma) is float:
+        g = None
+    elif type(gamma) is torch.Tensor and gamma.device.type != "cpu":
+        g = (gamma.shape, gamma.dtype, gamma.device, gamma.requires_grad)
+    else:
+        return None
+    return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, text_len, text_first,
+            layout, backend, g, torch.is_grad_enabled())
+
+
+def _scalars_ok(gamma, gamma_reverse, scale) -> bool:
+    """gamma (a float), gamma_reverse and scale as _validate takes them; False sends the call through _validate (which
+    raises with the message)."""
+    try:
+        return ((type(gamma) is not float or 0 < gamma < math.inf) and 0 < float(gamma_reverse) < math.inf
+                and (scale is None or -math.inf < float(scale) < math.inf))
+    except (TypeError, ValueError):
+        return False
+
+
 def _gamma_vector(gamma, batch: int, device: torch.device, dtype=torch.float32) -> torch.Tensor:
     """gamma as the kernels take it: a contiguous (B,) tensor of the accumulation type."""
     if isinstance(gamma, torch.Tensor):
@@ -755,6 +791,16 @@ def joint_attention(
     span arguments that are ints, and no gradient (under torch.no_grad() or torch.inference_mode(), or
     inputs that do not require grad): anything else raises rather than silently running another path.
     """
+    fast = None
+    if (type(text_len) is int and text_start is None and query_text_start is None and query_text_len is None
+            and attn_mask is None and fp8 is False and type(deterministic) is bool):
+        fast = _fast_key(q, k, v, text_len, text_first, gamma, layout, backend)
+        if fast is not None:
+            spans = _FAST_CALLS.get(fast)
+            if spans is not None and _scalars_ok(gamma, gamma_reverse, scale):
+                out, lse, tm = _kernel_forward(q, k, v, spans, gamma, gamma_reverse, scale, layout,
+                                               return_text_mass, None, deterministic)
+                return _pack(out, lse, tm, return_lse, return_text_mass)
     if not isinstance(deterministic, bool):
         raise TypeError(f"taca: deterministic must be a bool, got {type(deterministic).__name__}")
     if not isinstance(fp8, bool):
@@ -812,6 +858,10 @@ def joint_attention(
     if use_kernel:
         out, lse, tm = _kernel_forward(q, k, v, spans, gamma, gamma_reverse, scale, layout,
                                        return_text_mass, attn_mask, deterministic)
+        if fast is not None:  # validated and sent to the kernel: the next call like it goes straight there
+            if len(_FAST_CALLS) >= _FAST_CALLS_MAX:
+                _FAST_CALLS.clear()
+            _FAST_CALLS[fast] = spans
         return _pack(out, lse, tm, return_lse, return_text_mass)
     span_kw = dict(text_len=text_len, text_first=text_first, text_start=text_start,
                    query_text_start=query_text_start, query_text_len=query_text_len, attn_mask=attn_mask)
