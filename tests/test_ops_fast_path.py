@@ -120,3 +120,24 @@ def test_table_is_bounded(monkeypatch, counted):
         q, k, v = _qkv(N=n)
         taca.joint_attention(q, k, v, text_len=2, gamma=1.2)
         assert len(ops._FAST_CALLS) <= 3
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and ops.HAVE_CUDA_KERNEL), reason="needs a CUDA GPU and kernels")
+def test_cuda_processor_call(counted):
+    """The processors' call on CUDA (bf16, a (B,) gamma tensor on the device, bnhd): the second call is the fast
+    path's, bitwise the first's in out and gradients; a gamma tensor requiring grad under autograd still goes to
+    split SDPA (keyed), which differentiates it."""
+    q, k, v = (t.cuda().bfloat16().requires_grad_() for t in _qkv(B=2, H=4, N=300, D=64, layout="bnhd"))
+    g = torch.tensor([1.2, 1.0], device="cuda")
+    kw = dict(text_len=77, text_first=True, gamma=g, layout="bnhd", scale=0.125)
+    a = taca.joint_attention(q, k, v, **kw)
+    b = taca.joint_attention(q, k, v, **kw)
+    assert len(counted) == 1 and torch.equal(a, b)
+    dout = torch.randn_like(a)
+    for x, y in zip(torch.autograd.grad(a, (q, k, v), dout), torch.autograd.grad(b, (q, k, v), dout)):
+        assert torch.equal(x, y)
+    gg = g.clone().requires_grad_()
+    out = taca.joint_attention(q, k, v, **dict(kw, gamma=gg))
+    assert len(counted) == 2
+    (dg,) = torch.autograd.grad(out.float().sum(), (gg,))
+    assert torch.isfinite(dg).all() and dg.abs().sum() > 0
