@@ -13,9 +13,10 @@ kernels cover every feature of the op: per-sample spans, N_q != N_k, grouped KV 
 on CUDA, auto runs outer-product masks (Chroma's float m_i * m_j, a bool m_i & m_j) as the key-mask
 kernel plus, for the m_i = 0 rows, a maskless one (float) or a fully masked row's values (bool), and
 sends other masks that vary over queries (not (B, H, 1, N_k) key masks) to split SDPA, which runs them
-faster than the kernels' element-wise path. Anything else -> the exact split-SDPA form
-(``reference.attention_split_sdpa``), or the materialized reference when lse or text_mass is asked for. ``_KERNEL_FEATURES`` lists what each
-kernel covers.
+faster than the kernels' element-wise path, except masks whose rows all equal one row outside a few
+(``_row_range_mask``: that row as a key mask, the few rows on split SDPA). Anything else -> the exact
+split-SDPA form (``reference.attention_split_sdpa``), or the materialized reference when lse or
+text_mass is asked for. ``_KERNEL_FEATURES`` lists what each kernel covers.
 """
 from __future__ import annotations
 
@@ -206,6 +207,17 @@ def _check_mask(attn_mask, q: torch.Tensor, target) -> None:
                          f"{tuple(target)} as F.scaled_dot_product_attention broadcasts it{hint}")
 
 
+def _check_scalars(gamma, gamma_reverse, scale) -> None:
+    """gamma (a number; None: a tensor, checked elsewhere) and gamma_reverse finite and > 0, scale None or finite.
+    Chained comparisons, not math.isfinite: they also trace under torch.compile."""
+    if gamma is not None and not 0 < float(gamma) < math.inf:
+        raise ValueError(f"taca: gamma={gamma} must be finite and > 0")
+    if not 0 < float(gamma_reverse) < math.inf:
+        raise ValueError(f"taca: gamma_reverse={gamma_reverse} must be finite and > 0")
+    if scale is not None and not -math.inf < float(scale) < math.inf:
+        raise ValueError(f"taca: scale={scale} must be finite")
+
+
 def _validate(q, k, v, text_len, gamma, gamma_reverse, scale, layout, backend, text_start=None,
               query_text_start=None, query_text_len=None, attn_mask=None, text_first=True):
     """Checks every argument; returns (N_q, N_k, H_kv, spans, per-sample span args normalized)."""
@@ -279,13 +291,7 @@ def _validate(q, k, v, text_len, gamma, gamma_reverse, scale, layout, backend, t
     else:
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
             raise TypeError(f"taca: gamma must be a float or a tensor, got {type(gamma).__name__}")
-        # chained comparisons, not math.isfinite: they also trace under torch.compile
-        if not 0 < float(gamma) < math.inf:
-            raise ValueError(f"taca: gamma={gamma} must be finite and > 0")
-    if not 0 < float(gamma_reverse) < math.inf:
-        raise ValueError(f"taca: gamma_reverse={gamma_reverse} must be finite and > 0")
-    if scale is not None and not -math.inf < float(scale) < math.inf:
-        raise ValueError(f"taca: scale={scale} must be finite")
+    _check_scalars(None if isinstance(gamma, torch.Tensor) else gamma, gamma_reverse, scale)
     return Nq, Nk, Hkv, spans, (text_len, text_start, query_text_start, query_text_len)
 
 
@@ -478,10 +484,7 @@ def _outer_mask_attention(q, k, v, outer, spans, layout, return_lse, return_text
     flags = dict(return_lse=return_lse, return_text_mass=return_text_mass)
     kspan = dict(text_start=spans.k_begin, text_len=spans.k_end - spans.k_begin)
 
-    def parts(res):
-        return list(res) if isinstance(res, tuple) else [res]
-
-    res = parts(joint_attention(q, k, v, layout=layout, attn_mask=kmask, query_text_start=spans.q_begin,
+    res = _as_list(joint_attention(q, k, v, layout=layout, attn_mask=kmask, query_text_start=spans.q_begin,
                                 query_text_len=spans.q_end - spans.q_begin, **flags, **kspan, **kw))
     if r1 > r0:
         tok = 2 if layout == "bhnd" else 1
@@ -492,14 +495,24 @@ def _outer_mask_attention(q, k, v, outer, spans, layout, return_lse, return_text
         else:
             qs = q.narrow(tok, r0, r1 - r0)
             qb, qe = min(max(spans.q_begin - r0, 0), r1 - r0), min(max(spans.q_end - r0, 0), r1 - r0)
-            sub = parts(joint_attention(qs, k, v, layout=layout, query_text_start=qb, query_text_len=max(qe - qb, 0),
+            sub = _as_list(joint_attention(qs, k, v, layout=layout, query_text_start=qb, query_text_len=max(qe - qb, 0),
                                         **flags, **kspan, **kw))
         sels = [zrows[:, None, :, None] if layout == "bhnd" else zrows[:, :, None, None]] + [zrows[:, None, :]] * 2
         for i, (a, s_, d) in enumerate(zip(res, sub, dims)):
-            mid = torch.where(sels[i], s_, a.narrow(d, r0, r1 - r0))
-            whole = r0 == 0 and r1 == a.shape[d]
-            res[i] = mid if whole else torch.cat([a.narrow(d, 0, r0), mid, a.narrow(d, r1, a.shape[d] - r1)], dim=d)
+            res[i] = _splice(a, d, r0, r1, torch.where(sels[i], s_, a.narrow(d, r0, r1 - r0)))
     return tuple(res) if len(res) > 1 else res[0]
+
+
+def _as_list(res) -> list:
+    """joint_attention's result (out, or a tuple of the asked outputs) as a list."""
+    return list(res) if isinstance(res, tuple) else [res]
+
+
+def _splice(a: torch.Tensor, d: int, r0: int, r1: int, mid: torch.Tensor) -> torch.Tensor:
+    """``a`` with its rows [r0, r1) along dim ``d`` replaced by ``mid``."""
+    if r0 == 0 and r1 == a.shape[d]:
+        return mid
+    return torch.cat([a.narrow(d, 0, r0), mid, a.narrow(d, r1, a.shape[d] - r1)], dim=d)
 
 
 # Device types on which backend="auto" decomposes masks that vary over queries (the outer products above, the row
@@ -572,8 +585,8 @@ def _row_range_attention(q, k, v, rowmask, attn_mask, span_args, text_first, lay
                          **kw):
     """joint_attention with ``_row_range_mask``'s answer: the key-mask kernel over every row, and the rows [r0, r1)
     again with their own rows of ``attn_mask`` (split SDPA; lse / text_mass, where asked, from the materialized
-    reference), spliced in. span_args: the validated (text_len, text_start, query_text_start, query_text_len); kw: gamma,
-    gamma_reverse, scale, deterministic, backend (the kernel's)."""
+    reference), spliced in. span_args: the validated (text_len, text_start, query_text_start, query_text_len); kw:
+    gamma, gamma_reverse, scale, deterministic, backend (the kernel's)."""
     kmask, r0, r1 = rowmask
     text_len, text_start, qts, qtl = span_args
     flags = dict(return_lse=return_lse, return_text_mass=return_text_mass)
@@ -582,7 +595,7 @@ def _row_range_attention(q, k, v, rowmask, attn_mask, span_args, text_first, lay
     res = joint_attention(q, k, v, layout=layout, attn_mask=kmask, **flags, **span_kw, **kw)
     if r1 == r0:
         return res
-    res = list(res) if isinstance(res, tuple) else [res]
+    res = _as_list(res)
     tok = 2 if layout == "bhnd" else 1
     n_q = q.shape[tok]
     n_k = k.shape[tok]
@@ -607,14 +620,14 @@ def _row_range_attention(q, k, v, rowmask, attn_mask, span_args, text_first, lay
         sub += ([lse] if return_lse else []) + ([tm] if return_text_mass else [])
     dims = [tok] + [2] * (len(res) - 1)  # out's token dim; lse and text_mass are (B, H, N_q)
     for i, (a, s_, d) in enumerate(zip(res, sub, dims)):
-        res[i] = torch.cat([a.narrow(d, 0, r0), s_.to(a.dtype), a.narrow(d, r1, a.shape[d] - r1)], dim=d)
+        res[i] = _splice(a, d, r0, r1, s_.to(a.dtype))
     return tuple(res) if len(res) > 1 else res[0]
 
 
 # The processors' call (int text span, no mask, no per-sample or query span, not fp8) repeats with the same shapes in
 # every block: once such a call passed _validate and went to a kernel, its key (every property _validate and the
-# dispatch read, apart from the scalars, which _scalars_ok checks at every call) maps to its spans and the next such
-# call goes to the kernel directly. _validate and the dispatch cost ~30 us a call on the GPU machine's host
+# dispatch read, apart from the scalars, which _check_scalars checks at every call) maps to its spans and the next
+# such call goes to the kernel directly. _validate and the dispatch cost ~30 us a call on the GPU machine's host
 # (benchmarks/bench_host_cost.py: joint_attention 49.8 us a forward against the op's 18.5), which a training step at
 # batch 1 pays in full (KERNEL_LOG, forty-fifth session). Not under torch.compile, not for tensor subclasses or a gamma
 # tensor on the CPU (its values are checked at every call).
@@ -635,16 +648,6 @@ def _fast_key(q, k, v, text_len, text_first, gamma, layout, backend):
         return None
     return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, text_len, text_first,
             layout, backend, g, torch.is_grad_enabled())
-
-
-def _scalars_ok(gamma, gamma_reverse, scale) -> bool:
-    """gamma (a float), gamma_reverse and scale as _validate takes them; False sends the call through _validate (which
-    raises with the message)."""
-    try:
-        return ((type(gamma) is not float or 0 < gamma < math.inf) and 0 < float(gamma_reverse) < math.inf
-                and (scale is None or -math.inf < float(scale) < math.inf))
-    except (TypeError, ValueError):
-        return False
 
 
 def _gamma_vector(gamma, batch: int, device: torch.device, dtype=torch.float32) -> torch.Tensor:
@@ -797,7 +800,8 @@ def joint_attention(
         fast = _fast_key(q, k, v, text_len, text_first, gamma, layout, backend)
         if fast is not None:
             spans = _FAST_CALLS.get(fast)
-            if spans is not None and _scalars_ok(gamma, gamma_reverse, scale):
+            if spans is not None:
+                _check_scalars(None if isinstance(gamma, torch.Tensor) else gamma, gamma_reverse, scale)  # (no key)
                 out, lse, tm = _kernel_forward(q, k, v, spans, gamma, gamma_reverse, scale, layout,
                                                return_text_mass, None, deterministic)
                 return _pack(out, lse, tm, return_lse, return_text_mass)
