@@ -41,7 +41,10 @@ does not name) and never called ``scale`` (reserved for the LoRA scale).
 """
 from __future__ import annotations
 
+import collections
 import math
+import threading
+import weakref
 from typing import Optional
 
 import torch
@@ -109,7 +112,7 @@ class TacaProcessor:
         [cond-image cache, txt, img] keys), passed on to ``taca.joint_attention``. ``token_mask``: the
         (B, N) token mask this module's ``attn_mask`` is the outer product of (Chroma's blocks build it
         from the transformer's mask): on CUDA the op then takes the mask as a key mask without reading
-        it in every block (``ops._outer_hint``)."""
+        it in every block (``ops._outer_hint``; on the devices of ``ops._MASK_ROUTES``)."""
         record = telemetry.active() and text_len is not None
         if (gamma is None and not record and not self.fp8) or text_len is None:
             return None
@@ -134,7 +137,7 @@ class TacaProcessor:
         extra = {}
         if attn_mask is not None:
             extra["attn_mask"] = attn_mask
-            if token_mask is not None and attn_mask.is_cuda:
+            if token_mask is not None and attn_mask.device.type in ops._MASK_ROUTES:
                 ops._outer_hint(attn_mask, token_mask, self.name.split(".")[0])
         if query_text_start is not None or query_text_len is not None:
             extra["query_text_start"] = query_text_start
@@ -169,3 +172,25 @@ class TacaProcessor:
 
 def _short(x):
     return x.tolist() if isinstance(x, torch.Tensor) else x
+
+
+# CogView4's and GLM-Image's processors build, in every block, the float 0/1 matrix ((mix @ mix^T) > 0) with
+# mix = [text mask, ones over the image] from the transformer's (B, T) text mask: the outer product of the token mask
+# m = mix > 0. The processors name m (``taca_attention(token_mask=)``) so that the op checks the first such matrix of
+# a call and takes the others (``ops._outer_hint``); m must be ONE tensor across the blocks, so it is kept here per
+# (text mask, image length, device), holding a weak reference to the text mask.
+_JOINT_TOKEN_MASKS: "collections.OrderedDict" = collections.OrderedDict()
+_JOINT_TOKEN_MASKS_LOCK = threading.Lock()
+
+
+def joint_token_mask(text_mask: torch.Tensor, n_image: int, device) -> torch.Tensor:
+    """The (B, T + n_image) bool token mask [text_mask > 0, True...] on ``device`` for a (B, T) ``text_mask``: the
+    same tensor for every call with the same (unchanged) text mask, image length and device."""
+    key = ops._tensor_key(text_mask) + (int(n_image), torch.device(device))
+    hit = ops._cache_get(_JOINT_TOKEN_MASKS, _JOINT_TOKEN_MASKS_LOCK, key)
+    if hit is not None and hit[0]() is text_mask:
+        return hit[1]
+    txt = text_mask.to(device=device, dtype=torch.float32) > 0
+    m = torch.cat([txt, txt.new_ones(txt.shape[0], int(n_image))], dim=1)
+    ops._cache_put(_JOINT_TOKEN_MASKS, _JOINT_TOKEN_MASKS_LOCK, key, (weakref.ref(text_mask), m), 16)
+    return m

@@ -15,7 +15,7 @@ import taca
 from taca.pipeline import get_handle
 
 from model_checks import (check_checkpointing_keeps_state, Capture, StockCalls, check_against_paper,
-                          check_disable_restores, processors_of, ranges, window)
+                          check_disable_restores, check_outer_hint_routes, processors_of, ranges, window)
 
 TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6), approximator_num_channels=16,
@@ -231,6 +231,15 @@ def test_token_mask_reaches_every_block_and_makes_its_mask(monkeypatch, B, L, hw
         t(**kw)[0].sum().backward()
     assert len(seen) == 2 * (TINY["num_layers"] + TINY["num_single_layers"])  # forward and recomputation
     assert all(tok is kw["attention_mask"] for _, _, tok in seen)
+
+
+def test_blocks_masks_checked_once_per_kind(monkeypatch):
+    """With the mask routes on (CUDA's; here the CPU's): every block's mask takes the outer-product route, one mask
+    per block kind is read over two calls with the same mask, the output unchanged."""
+    t = _transformer()
+    kw = _inputs(2, 9, (4, 4), [4, 8])
+    check_outer_hint_routes(monkeypatch, t, lambda: t(**kw)[0], n_calls=TINY["num_layers"] + TINY["num_single_layers"],
+                            n_kinds=2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -18,7 +18,7 @@ from taca.pipeline import get_handle
 
 from model_checks import (CaptureSDPA, StockSDPACalls, check_disable_restores,
                           check_spans_against_paper, processors_of, ranges, span_mask, window)
-from model_checks import check_checkpointing_keeps_state
+from model_checks import check_checkpointing_keeps_state, check_outer_hint_routes
 
 TINY = dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
             text_embed_dim=24, time_embed_dim=16, condition_dim=8, pos_embed_max_size=16, sample_size=16,
@@ -99,6 +99,15 @@ def test_text_mask_stays_additive(monkeypatch):
     """A 2-D text mask (left padding: 16 and 9 valid of 16): the stock processor's float 0/1 matrix is
     added after gamma, as SDPA adds it (it masks nothing)."""
     _check_model(monkeypatch, 2, 16, (3, 4), valid=[16, 9])
+
+
+def test_text_mask_matrices_checked_once(monkeypatch):
+    """Every block's float 0/1 matrix is the outer product of one token mask [text mask > 0, ones] the processor
+    names (``processors.joint_token_mask``): with the mask routes on (CUDA's; here the CPU's), the first matrix is
+    read, the others of this and the next call with the same text mask are taken, the output unchanged."""
+    t = _transformer()
+    kw = _inputs(2, 16, (3, 4), valid=[16, 9])
+    check_outer_hint_routes(monkeypatch, _sched_pipe(t), lambda: t(**kw)[0], n_calls=TINY["num_layers"], n_kinds=1)
 
 
 @pytest.mark.parametrize("valid", [None, [16, 9]])

@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..processors import TacaProcessor
+from .. import ops
+from ..processors import TacaProcessor, joint_token_mask
 from . import Adapter, register
 
 
@@ -76,10 +77,13 @@ class TacaCogView4AttnProcessor(TacaProcessor):
                 key[:, :, text_seq_length:, :], image_rotary_emb, use_real_unbind_dim=-2
             )
 
+        token_mask = None
         if attention_mask is not None:
             text_attn_mask = attention_mask
             if text_attn_mask.dim() != 2:
                 raise ValueError("the shape of text_attn_mask should be (batch_size, text_seq_length)")
+            if query.device.type in ops._MASK_ROUTES:  # the matrix below is this token mask's outer product
+                token_mask = joint_token_mask(attention_mask, image_seq_length, query.device)
             text_attn_mask = text_attn_mask.float().to(query.device)
             mix_attn_mask = torch.ones((batch_size, text_seq_length + image_seq_length), device=query.device)
             mix_attn_mask[:, :text_seq_length] = text_attn_mask
@@ -87,7 +91,8 @@ class TacaCogView4AttnProcessor(TacaProcessor):
             attn_mask_matrix = mix_attn_mask @ mix_attn_mask.transpose(1, 2)
             attention_mask = (attn_mask_matrix > 0).unsqueeze(1).to(query.dtype)  # float 0/1: ADDED by SDPA
 
-        out = self.taca_attention(query, key, value, text_seq_length, taca_gamma, attention_mask)
+        out = self.taca_attention(query, key, value, text_seq_length, taca_gamma, attention_mask,
+                                  token_mask=token_mask)
         if out is None:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
                                                  is_causal=False)

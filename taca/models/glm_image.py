@@ -32,7 +32,8 @@ from typing import Optional
 
 import torch
 
-from ..processors import TacaProcessor
+from .. import ops
+from ..processors import TacaProcessor, joint_token_mask
 from . import Adapter, register
 
 
@@ -95,10 +96,13 @@ class TacaGlmImageAttnProcessor(TacaProcessor):
             elif kv_cache.mode == "skip":
                 pass
 
+        token_mask = None
         if attention_mask is not None:
             text_attn_mask = attention_mask
             if text_attn_mask.dim() != 2:
                 raise ValueError("the shape of text_attn_mask should be (batch_size, text_seq_length)")
+            if query.device.type in ops._MASK_ROUTES:  # the matrix below is this token mask's outer product
+                token_mask = joint_token_mask(attention_mask, image_seq_length, query.device)
             text_attn_mask = text_attn_mask.float().to(query.device)
             mix_attn_mask = torch.ones((batch_size, text_seq_length + image_seq_length), device=query.device)
             mix_attn_mask[:, :text_seq_length] = text_attn_mask
@@ -112,7 +116,7 @@ class TacaGlmImageAttnProcessor(TacaProcessor):
             out = self.taca_attention(query, key, value, text_len, taca_gamma, attention_mask, text_start=n_cached,
                                       query_text_start=0, query_text_len=text_seq_length)
         else:
-            out = self.taca_attention(query, key, value, text_len, taca_gamma, attention_mask)
+            out = self.taca_attention(query, key, value, text_len, taca_gamma, attention_mask, token_mask=token_mask)
         if out is None:
             out = dispatch_attention_fn(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
