@@ -242,6 +242,21 @@ def test_sm90_v6_dq_product_next_tile(case, monkeypatch):
     _switch_is_bitwise(case, monkeypatch, "TACA_BWD_V6_DFLEAD", "0", "DF without its lead changed the gradients")
 
 
+D2_CASES = [c for c in PF_CASES if c[4] == 64]
+
+
+@pytest.mark.parametrize("case", D2_CASES, ids=[_ids(c) for c in D2_CASES])
+def test_sm90_v6_two_ds_buffers(case, monkeypatch):
+    """v6 at D = 64 with DF and two dS' buffers (TACA_BWD_V6_D2=1, a switch; more than one key tile, no mask): tile
+    it's dS' goes to buffer it & 1, its store waits for tile it - 2's dQ products, so the two MMA warpgroups may drift
+    further apart. The same products of the same operands staged in the same order: with and without DF's lead it
+    meets the rule, is deterministic and gives the default's gradients bitwise. (Elsewhere, and off sm_90, the knob
+    is ignored.)"""
+    _switch_is_bitwise(case, monkeypatch, "TACA_BWD_V6_D2", "1", "two dS' buffers changed the gradients")
+    monkeypatch.setenv("TACA_BWD_V6_DFLEAD", "0")
+    _switch_is_bitwise(case, monkeypatch, "TACA_BWD_V6_D2", "1", "two dS' buffers without the lead changed the gradients")
+
+
 GRID_CASES = [c for c in HANDOFF_CASES if c[4] == 64]
 
 

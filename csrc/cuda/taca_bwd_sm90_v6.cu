@@ -165,7 +165,11 @@ using taca_bwd90::store_block_trans;
 
 /* TW: the writer adds a staged dQ tile with 2-D TMA tensor reduce-adds (DP / 32 per tile, staging in
  * 128B-swizzled 32-column boxes) instead of one bulk reduce-add of the padded rows (32 B per row). */
-template <int DP_, int BM_, bool TW = false>
+/* D2 (D = 64 with DF): two dS' buffers, tile ti's in buffer ti & 1, so that a warpgroup stores tile it's dS' once both
+ * warpgroups' dQ products read tile it - 2's (not it - 1's): FlashAttention-3's two dS stages. It fits in 227 KiB
+ * because its span words move into dynamic shared memory (no static shared memory) declared 128-byte aligned, so
+ * the 1024-byte alignment of the base costs at most 896 bytes, not 1024. */
+template <int DP_, int BM_, bool TW = false, bool D2 = false>
 struct Cfg {
     static constexpr int DP = DP_;
     static constexpr int BM = BM_;                  // queries per tile
@@ -182,10 +186,17 @@ struct Cfg {
     // included) is one contiguous block of the workspace, added by one bulk operation
     static constexpr int ACC_LD = TW ? DP : DP + taca_bwd::kAccPad;
     static constexpr uint32_t TILE_TX = 2 * QT_BYTES;  // TMA bytes of a tile: Q and dO
-    static constexpr int NBAR = 2 * NSTAGE + 6;  // stage full/empty, q_full[2], q_empty[2], ds_free, ds_full (DF)
-    static constexpr size_t SMEM = 2 * KV_BYTES + 4 * QT_BYTES + DS_BYTES + NSTAGE * STAGE_BYTES +
-                                   4 * BM * sizeof(float) + NBAR * sizeof(uint64_t) + 1024;
+    static constexpr int NDS = D2 ? 2 : 1;  // dS' buffers
+    // stage full/empty, q_full[2], q_empty[2], ds_free, ds_full (DF), D2: ds_free, ds_full of buffer 1
+    static constexpr int NBAR = 2 * NSTAGE + 6 + (D2 ? 2 : 0);
+    // the base's 1024-byte alignment: at most 1024 - 128 bytes past a 128-aligned base (D2), 1024 past a 16-aligned
+    // one (the static span words before it)
+    static constexpr uint32_t ALIGN_SLACK = D2 ? 1024 - 128 : 1024;
+    static constexpr size_t SMEM = 2 * KV_BYTES + 4 * QT_BYTES + NDS * DS_BYTES + NSTAGE * STAGE_BYTES +
+                                   4 * BM * sizeof(float) + NBAR * sizeof(uint64_t) + (D2 ? 4 * sizeof(int) : 0) +
+                                   ALIGN_SLACK;
     static_assert((DP == 64 && BM == 128) || (DP == 128 && BM == 64), "tile");
+    static_assert(!D2 || (DP == 64 && BM == 128 && TW), "D2: D = 64 with the tensor writer");
     static_assert(SMEM <= 232448, "shared memory");
     static_assert(NSTAGE == 2, "one staging buffer per writer warp (warps 9, 10)");
 };
@@ -285,11 +296,11 @@ __device__ __forceinline__ void issue_dk_product(float (&dk)[DP / 2], const uint
         wgmma_rs<T, DP, 1>(dk, da[kk], desc_advance(d_q_mn, kk * 16 * 128), 1);
 }
 
-/* DF (item 16): query tile ti's dQ part once ds_full says both warpgroups stored its dS' (phase ti & 1), issued,
- * committed and waited for (with any group in flight before it). */
-template <typename T, int BM, int BN>
+/* DF (item 16): query tile ti's dQ part once ds_full (D2: that of its dS' buffer ti & 1) says both warpgroups stored
+ * its dS' (phase ti & 1; D2 (ti >> 1) & 1), issued, committed and waited for (with any group in flight before it). */
+template <typename T, int BM, int BN, bool D2 = false>
 __device__ __forceinline__ void df_dq_product(float (&q)[32], uint32_t ds_full, int ti, uint64_t d_dsq, uint64_t d_kq) {
-    mbar_wait(ds_full, ti & 1);
+    mbar_wait(ds_full, D2 ? (ti >> 1) & 1 : ti & 1);
     wgmma_fence();
     issue_dq_product<T, BM, BN>(q, d_dsq, d_kq);
     wgmma_commit();
@@ -310,24 +321,27 @@ __device__ __forceinline__ void df_dq_product(float (&q)[32], uint32_t ds_full, 
  * there, TACA_BWD_V6_DF=0 gives DS): tile it's dQ product itself is issued at tile it + 1 (after S), so no CTA barrier is left in
  * the loop: a warpgroup publishes its dS' half by an mbarrier (ds_full) and goes on to dK, and the two warpgroups may
  * drift apart by up to about half a tile (one's exponentials beside the other's products), where the barrier kept
- * them in step. */
+ * them in step.
+ * D2 (with DF, D = 64; see Cfg): two dS' buffers, so that a warpgroup's dS' store waits for tile it - 2's dQ products,
+ * not it - 1's, and either warpgroup may lead by up to about a tile and a half. */
 template <typename T, int DP, int BM, bool MASK, bool TW, bool G1 = false, bool PF = false, bool IX = false,
-          bool DS = false, bool DF = false>
+          bool DS = false, bool DF = false, bool D2 = false>
 __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_constant__ V6Args p) {
 #if TACA_SM90A
     const BwdArgs &a = p.a;
-    using C = Cfg<DP, BM, TW>;
+    using C = Cfg<DP, BM, TW, D2>;
+    static_assert(!D2 || DF, "D2: with DF");
     constexpr int BN = C::BN, NT = BM / 8, NS = C::NSTAGE;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    extern __shared__ __align__(128) unsigned char smem_raw[];
     const uint32_t raw = smem_u32(smem_raw);
     const uint32_t sk = (raw + 1023u) & ~1023u;
     unsigned char *const smem = smem_raw + (sk - raw);  // generic pointer to the aligned base
     const uint32_t sv = sk + C::KV_BYTES;
     const uint32_t sq = sv + C::KV_BYTES;        // [2] Q tiles
     const uint32_t sdo = sq + 2 * C::QT_BYTES;   // [2] dO tiles
-    const uint32_t sds = sdo + 2 * C::QT_BYTES;  // dS' (BM x 128 keys), K-major
+    const uint32_t sds = sdo + 2 * C::QT_BYTES;  // [NDS] dS' (BM x 128 keys), K-major
     // [NS] dQ staging buffers (1024-byte aligned: the TMA boxes' 128B swizzle), then lse2, delta
-    unsigned char *const stage = smem + (sds + C::DS_BYTES - sk);
+    unsigned char *const stage = smem + (sds + C::NDS * C::DS_BYTES - sk);
     float *const sL = reinterpret_cast<float *>(stage + NS * C::STAGE_BYTES);  // [2][BM] lse2
     float *const sDl = sL + 2 * BM;                                             // [2][BM] delta
     const uint32_t mb_full = smem_u32(sDl + 2 * BM);                  // [NS] mbarriers, then
@@ -336,6 +350,15 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     const uint32_t q_empty = q_full + 16;                             // [2] tile read by both
     const uint32_t ds_free = q_empty + 16;                            // dS' read by both
     const uint32_t ds_full = ds_free + 8;                             // DF: dS' stored by both
+    // (D2: buffer 1's at ds_free + 16, ds_full + 16)
+    // the key / query text spans, by thread 0 for all: static shared memory, D2 dynamic (after the barriers)
+    int *s_span;
+    if constexpr (D2) {
+        s_span = reinterpret_cast<int *>(sDl + 2 * BM + 2 * C::NBAR);
+    } else {
+        __shared__ int s_span_st[4];
+        s_span = s_span_st;
+    }
 
     const int nq = a.nq, nk = a.nk;
     const int nqt = a.group * nq;  // flattened query tiles it = (h - h0) * nq + query tile
@@ -385,8 +408,11 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             // racecheck does not model __syncwarp: it then reports the other lanes' reads)
             mbar_init(q_empty + 8 * s, 256);
         }
-        mbar_init(ds_free, 8);
-        if constexpr (DF) mbar_init(ds_full, 256);  // every MMA thread after its dS' stores (and proxy fence)
+#pragma unroll
+        for (int s = 0; s < C::NDS; ++s) {
+            mbar_init(ds_free + 16 * s, 8);
+            if constexpr (DF) mbar_init(ds_full + 16 * s, 256);  // every MMA thread after its dS' stores (and proxy fence)
+        }
         mbar_init_fence();
     }
     __syncthreads();  // initialised before any thread arrives or waits
@@ -583,7 +609,6 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 
     const int kw0 = j0 + 64 * wg;  // the warpgroup's first key
     const int kr0 = kw0 + 16 * warp + g, kr1 = kr0 + 8;
-    __shared__ int s_span[4];
     if (tid == 0) {
         const Span sp = span_of(a.spans, b, a.text_begin, a.text_end, a.q_text_begin, a.q_text_end);
         s_span[0] = sp.kb;
@@ -642,6 +667,14 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     if constexpr (DF) {
         if (p.df_lead && wg == 1) named_bar_sync(BAR_LEAD, 256);
     }
+    // D2: tile ti's dQ product over dS' buffer ti & 1 (its ds_full and phase, its descriptor), for DF's calls below
+    auto df_dq = [&](int ti) {
+        if constexpr (D2)
+            df_dq_product<T, BM, BN, true>(dq_ds, ds_full + 16 * (ti & 1), ti, desc_advance(d_dsq, (ti & 1) * C::DS_BYTES),
+                                           d_kq);
+        else if constexpr (DF)
+            df_dq_product<T, BM, BN>(dq_ds, ds_full, ti, d_dsq, d_kq);
+    };
     for (int it = 0; it < nqt; ++it) {
         const int buf = it & 1;
         const int x = IX ? ix_x : taca_bwd::skew_tile(it, soff, nqt);  // the tile of step it (skew)
@@ -677,10 +710,11 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         // it: the staging then runs as DS's does), dS' freed, the part staged
         if constexpr (DF) {
             if (it > 0) {
-                df_dq_product<T, BM, BN>(dq_ds, ds_full, it - 1, d_dsq, d_kq);
+                df_dq(it - 1);
                 fence_regs<NT * 4>(s);
                 __syncwarp();
-                if (lane == 0) mbar_arrive(ds_free);  // this warp's share of the dQ product read dS' of tile it - 1
+                // this warp's share of the dQ product read dS' of tile it - 1 (D2: in buffer (it - 1) & 1)
+                if (lane == 0) mbar_arrive(D2 ? ds_free + 16 * ((it - 1) & 1) : ds_free);
                 stage_dq_rows<C, BM, TW>(stage, mb_full, mb_empty, it - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
             }
         }
@@ -848,16 +882,25 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
         for (int kk = 0; kk < BM / 16; ++kk)
             wgmma_rs<T, DP, 1>(dv, pa[kk], desc_advance(d_do_mn, kk * 16 * 128), 1);
         wgmma_commit();
-        // dS' of tile it - 1 read by both warpgroups' dQ products before it is overwritten
+        // dS' of tile it - 1 (D2: it - 2, the last in this buffer) read by both warpgroups' dQ products before it is
+        // overwritten
+        auto wait_ds_free = [&]() {
+            if constexpr (D2) {
+                if (it >= 2) mbar_wait(ds_free + 16 * buf, ((it - 2) >> 1) & 1);
+            } else {
+                if (it > 0) mbar_wait(ds_free, (it - 1) & 1);
+            }
+        };
 #if defined(TACA_BWD_TRACE)
         {
             V6_TRACE_T0;
-            if (it > 0) mbar_wait(ds_free, (it - 1) & 1);
+            wait_ds_free();
             V6_TRACE_ADD(tr_ds);
         }
 #else
-        if (it > 0) mbar_wait(ds_free, (it - 1) & 1);
+        wait_ds_free();
 #endif
+        const uint32_t sds_it = D2 ? sds + buf * C::DS_BYTES : sds;  // (D2: buffer it & 1)
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk) {
             const float *d0 = dp + 8 * kk;
@@ -865,11 +908,11 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
             da[kk][1] = pack2<T>(d0[2], d0[3]);
             da[kk][2] = pack2<T>(d0[4], d0[5]);
             da[kk][3] = pack2<T>(d0[6], d0[7]);
-            store_block_trans<BM>(sds, da[kk], 64 * wg + 16 * warp, 16 * kk, lane);
+            store_block_trans<BM>(sds_it, da[kk], 64 * wg + 16 * warp, 16 * kk, lane);
         }
         fence_proxy_async();  // the stmatrix writes of dS' -> visible to wgmma after the barrier
         if constexpr (DF) {  // dS' published (no barrier: dQ is the next tile's), dK += dS'^T Q, then the tile ends
-            mbar_arrive(ds_full);
+            mbar_arrive(D2 ? ds_full + 16 * buf : ds_full);
             fence_regs<DP / 2>(dk);
             wgmma_fence();
             issue_dk_product<T, DP, BM>(dk, da, d_q_mn);
@@ -980,7 +1023,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
     if constexpr (DS)  // the last tile's dQ part (nqt >= 1)
         stage_dq_rows<C, BM, TW>(stage, mb_full, mb_empty, nqt - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
     if constexpr (DF) {  // the last tile's dQ product and its staging
-        df_dq_product<T, BM, BN>(dq_ds, ds_full, nqt - 1, d_dsq, d_kq);
+        df_dq(nqt - 1);
         stage_dq_rows<C, BM, TW>(stage, mb_full, mb_empty, nqt - 1, QROWS * wg + 16 * warp + g, QCOLS * wg + 2 * t, dq_ds);
     }
 #if defined(TACA_BWD_TRACE)
@@ -1054,16 +1097,16 @@ inline bool encode_acc_map(CUtensorMap *m, float *acc, int64_t rows, int dp, int
 }
 
 template <typename T, int DP, int BM, bool TW, bool G1 = false, bool PF = false, bool IX = false, bool DS = false,
-          bool DF = false>
+          bool DF = false, bool D2 = false>
 int launch(const BwdArgs &a, cudaStream_t stream) {
-    using C = Cfg<DP, BM, TW>;
+    using C = Cfg<DP, BM, TW, D2>;
     if (a.Np % BM != 0 || a.Np != a.nq * BM) return TACA_ERR_UNSUPPORTED;  // workspace layout
     const int64_t ctas = static_cast<int64_t>(a.nk) * a.Hkv * a.B;
     if (G1 && ctas > INT32_MAX) return TACA_ERR_UNSUPPORTED;
     // (PF unmasked only: with a mask's code ptxas spilled 8 bytes)
     if ((DS || DF) && a.nk == 1) return TACA_ERR_UNSUPPORTED;  // (DS / DF stage every tile; one key tile stores dQ directly)
     auto kernel = a.mask.data ? taca_bwd_sm90_v6_kernel<T, DP, BM, true, TW, G1, false>
-                              : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1, PF, IX, DS, DF>;
+                              : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1, PF, IX, DS, DF, D2>;
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_bwd_cuda (sm90 v6): cudaFuncGetAttributes");
     if (attr.binaryVersion != 90) return TACA_ERR_UNSUPPORTED;
@@ -1165,6 +1208,10 @@ int launch_default(const BwdArgs &a, cudaStream_t stream) {
     if constexpr ((DP == 128 && !TW) || (DP == 64 && TW)) {  // item 16 (DF): dQ's product at the next tile
         // (in DS's place at D = 72..128 unless TACA_BWD_V6_DF=0; at D = 64 a switch, TACA_BWD_V6_DF=1)
         const bool df = DP == 128 ? ds && !env_is("TACA_BWD_V6_DF", "0") : env_is("TACA_BWD_V6_DF", "1");
+        if constexpr (DP == 64) {  // D2 (DF with two dS' buffers): a switch, TACA_BWD_V6_D2=1
+            if (env_is("TACA_BWD_V6_D2", "1") && a.nk > 1 && !a.mask.data)
+                return launch<T, DP, BM, TW, G1, true, true, false, true, true>(a, stream);
+        }
         if (df && a.nk > 1 && !a.mask.data) return launch<T, DP, BM, TW, G1, true, true, false, true>(a, stream);
     }
     if (ds && a.nk > 1 && !a.mask.data) return launch<T, DP, BM, TW, G1, true, true, true>(a, stream);

@@ -155,6 +155,10 @@ def main():
         for D, dt, det, lead in ((128, torch.bfloat16, True, "1"), (128, torch.float16, True, "0"),
                                  (128, torch.bfloat16, False, "1"), (64, torch.bfloat16, True, "1")):
             runs += _v6_switch_call(dev, {"TACA_BWD_V6_DF": "1", "TACA_BWD_V6_DFLEAD": lead}, D, dt, det)
+        # D2 (D = 64: DF with two dS' buffers, a switch): sanitize_bwd_d2.py's calls
+        import sanitize_bwd_d2
+
+        runs += sanitize_bwd_d2.main()
         # the D = 128 tail split (TACA_FWD_SPLIT): sanitize_fwd_split.py's calls
         import sanitize_fwd_split
 
