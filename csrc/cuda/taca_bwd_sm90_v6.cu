@@ -1105,6 +1105,7 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     if (G1 && ctas > INT32_MAX) return TACA_ERR_UNSUPPORTED;
     // (PF unmasked only: with a mask's code ptxas spilled 8 bytes)
     if ((DS || DF) && a.nk == 1) return TACA_ERR_UNSUPPORTED;  // (DS / DF stage every tile; one key tile stores dQ directly)
+    if (D2 && a.mask.data) return TACA_ERR_UNSUPPORTED;  // (its SMEM, with the masked kernel's static words, is too much)
     auto kernel = a.mask.data ? taca_bwd_sm90_v6_kernel<T, DP, BM, true, TW, G1, false>
                               : taca_bwd_sm90_v6_kernel<T, DP, BM, false, TW, G1, PF, IX, DS, DF, D2>;
     cudaFuncAttributes attr;
