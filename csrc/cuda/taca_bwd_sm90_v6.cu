@@ -132,6 +132,13 @@
  *      (TACA_BWD_V6_DFLEAD=0) made no difference: they drift apart on their own. In DF every producer lane arrives
  *      on q_full after its own lse2 / delta stores (racecheck does not model __syncwarp, and without the loop's CTA
  *      barrier it reported them against the MMA threads' reads).
+ *  17. D2 (D = 64 with DF, a switch: TACA_BWD_V6_D2=1; more than one key tile, no mask): two dS' buffers, tile it's
+ *      in buffer it & 1, each with its own ds_full / ds_free, so that a warpgroup's dS' store waits for tile it - 2's
+ *      dQ products, not it - 1's (FlashAttention-3's two dS stages at head dim 64). It did not fit beside the two
+ *      32 KiB staging buffers by 80 bytes; it does with the span words in dynamic shared memory (no static shared
+ *      memory) declared 128-byte aligned, so that the 1024-byte alignment of the base costs at most 896 bytes (see
+ *      Cfg). The same products of the same operands staged in the same order: bitwise the default's gradients
+ *      (test_sm90_v6_two_ds_buffers). Every other instance compiles to the same SASS as before it.
  * The default wherever it applies (taca_bwd.cu): FLUX 1024 b1 bwd 1.52 vs v5's 1.75 ms, SD3.5-M
  * cfg 1.65 vs 1.85 ms on an H200 (with the preprocess and conversion of taca_bwd_kernel.cuh).
  * KERNEL_LOG "Backward v6" and the entries after it have the runs, the profiles and what was tried
