@@ -293,8 +293,8 @@ def check_checkpointing_keeps_state(make_transformer, inputs, gamma: float = 1.3
 
 
 def check_outer_hint_routes(monkeypatch, target, run, n_calls: int, n_kinds: int):
-    """Models whose blocks build an outer-product mask from one token mask (Chroma; CogView4's and GLM-Image's text
-    masks), with the mask routes on the CPU (``ops._MASK_ROUTES``, as on CUDA): every joint call takes the outer-
+    """Models whose blocks build an outer-product mask from one token mask (Chroma; CogView4's and GLM-Image's float
+    0/1 matrices from [text mask > 0, ones], which their processors name), with the mask routes on the CPU (``ops._MASK_ROUTES``, as on CUDA): every joint call takes the outer-
     product route, a full read of a mask (``ops._outer_mask_result``) happens once per block kind over two
     transformer calls with the same inputs (the hint, ``ops._outer_hint``; without it: once per block and call), and
     the output is the element-wise kernel's (routes off) to float32 rounding.

@@ -114,9 +114,8 @@ def test_text_mask_stays_additive(monkeypatch):
 
 
 def test_text_mask_matrices_checked_once(monkeypatch):
-    """Every block's float 0/1 matrix is the outer product of one token mask [text mask > 0, ones] the processor
-    names (``processors.joint_token_mask``): with the mask routes on (CUDA's; here the CPU's), the first matrix is
-    read, the others of this and the next call with the same text mask are taken, the output unchanged."""
+    """GLM-Image's per-block text-mask matrices, named by their token mask (``processors.joint_token_mask``): one read
+    over two calls with the mask routes on (``check_outer_hint_routes``)."""
     t = _transformer()
     kw = _inputs(2, 16, (3, 4), valid=[16, 9])
     check_outer_hint_routes(monkeypatch, _sched_pipe(t), lambda: t(**kw)[0], n_calls=TINY["num_layers"], n_kinds=1)
