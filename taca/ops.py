@@ -784,7 +784,9 @@ def joint_attention(
     gamma tensor that requires grad sends backend="auto" to split SDPA, which differentiates it.
     deterministic: True (default): the CUDA backward adds each query tile's dQ parts in a fixed
     order, so gradients are bitwise repeatable. False: unordered float32 atomics (FlashAttention-2's
-    way; faster, last-bit run-to-run differences in dq). The CPU kernel and split SDPA ignore it.
+    way; faster, last-bit run-to-run differences in dq). The CPU kernel and split SDPA ignore it, and so
+    do the rows that backend="auto" sends to split SDPA beside a kernel call (a mask's few differing
+    rows, see attn_mask): torch's SDPA backward with a mask adds its parts in no fixed order.
 
     fp8: True runs the opt-in FP8 (e4m3) forward, for inference: q and k are quantized with one scale
     per 128-token tile, v with one per channel, the attention probabilities in e4m3 too, products

@@ -31,15 +31,19 @@ def _rule(err_kernel, err_torch, what):
     assert err_kernel <= 2 * err_torch + 1e-5, f"{what}: {err_kernel:.3g} > 2 x {err_torch:.3g} + 1e-5"
 
 
-def _grads_by_rule_and_repeatable(out, out2, qkv, ref, qkv_f, tor, dout):
+def _grads_by_rule_and_repeatable(out, out2, qkv, ref, qkv_f, tor, dout, grads_repeatable=True):
     """dq, dk, dv of ``out`` finite and by the tolerance rule against the float32 reference's (``ref`` of ``qkv_f``)
-    and split SDPA's (``tor``); ``out`` and its gradients bitwise those of the same call made again (``out2``)."""
+    and split SDPA's (``tor``); ``out`` and (``grads_repeatable``) its gradients bitwise those of the same call made
+    again (``out2``). Not for a route whose backward runs torch's SDPA: the memory-efficient backward with a mask adds
+    its parts in no fixed order (the forty-sixth session's H100 run of the row-range route: dq differed between two
+    identical calls at Ideogram 4's segment mask)."""
     g = torch.autograd.grad(out, qkv, dout)
     for nm, a, r, t in zip(("dq", "dk", "dv"), g, torch.autograd.grad(ref, qkv_f, dout.float()),
                            torch.autograd.grad(tor, qkv, dout)):
         assert torch.isfinite(a).all(), nm
         _rule((a.float() - r).abs().max().item(), (t.float() - r).abs().max().item(), nm)
-    for nm, a, b in zip(("out", "dq", "dk", "dv"), (out,) + g, (out2,) + torch.autograd.grad(out2, qkv, dout)):
+    g2 = torch.autograd.grad(out2, qkv, dout)
+    for nm, a, b in list(zip(("out", "dq", "dk", "dv"), (out,) + g, (out2,) + g2))[:4 if grads_repeatable else 1]:
         assert torch.equal(a, b), f"{nm} not bitwise repeatable"
 
 
@@ -399,8 +403,8 @@ def test_cuda_row_range_mask_auto(case, layout, D, dtype, monkeypatch):
     """Masks whose rows all equal one row outside a few under backend="auto": OmniGen's image rows (image-only queries,
     every row the same key mask) and Ideogram 4's segment mask (per-sample spans, the left padding's rows differ) run
     as the key-mask kernel plus split SDPA over the differing rows (ops._row_range_attention), once per call; out,
-    lse, text_mass and the gradients by the tolerance rule against the float32 reference with the whole mask;
-    bitwise repeatable."""
+    lse, text_mass and the gradients by the tolerance rule against the float32 reference with the whole mask; out
+    bitwise repeatable (the gradients of the rows on split SDPA are torch's mask backward's: not in a fixed order)."""
     from test_row_range_mask import _omnigen_mask, _segment_mask
 
     B, H = 2, 4
@@ -440,4 +444,4 @@ def test_cuda_row_range_mask_auto(case, layout, D, dtype, monkeypatch):
     assert (lse - lse_r).abs().max().item() < 2e-3
     assert (tm - tm_r).abs().max().item() < 5e-3
     dout = torch.randn_like(out)
-    _grads_by_rule_and_repeatable(out, out2, (q, k, v), ref, (qf, kf, vf), tor, dout)
+    _grads_by_rule_and_repeatable(out, out2, (q, k, v), ref, (qf, kf, vf), tor, dout, grads_repeatable=False)
