@@ -4,7 +4,8 @@
 # 1..6 deterministic dQ chains (TACA_BWD_NSEG); Nsight Compute (full set) on every kernel of one plain
 # cuDNN fwd + bwd iteration and on taca's v6 backward main kernel (FLUX 1024 b1 shape).
 #   run(command="bash benchmarks/gpu_breakdown_run.sh", carry=[".whl"], timeout_s=600)
-# Env: STEPS (default "build breakdown nseg ncu"), OUT.
+# Env: STEPS (default "build breakdown nseg ncu"), OUT, PROFILE_SHAPE ("d64": the ncu step at SD3.5-M CFG, D = 64,
+# bwd_profile_once.py's other shape).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STEPS=${STEPS:-"build breakdown nseg ncu"}
@@ -19,7 +20,7 @@ fi
 if has ncu; then
   t0=$SECONDS
   timeout 150 ncu --clock-control none --profile-from-start off --set full --import-source no -f -o /tmp/prof_cudnn \
-    python3 benchmarks/bwd_profile_once.py cudnn > /tmp/ncu_cudnn_run.txt 2>&1
+    python3 benchmarks/bwd_profile_once.py cudnn ${PROFILE_SHAPE:-} > /tmp/ncu_cudnn_run.txt 2>&1
   echo "ncu cudnn rc=$? ($((SECONDS - t0)) s)"; tail -3 /tmp/ncu_cudnn_run.txt
   ncu --import /tmp/prof_cudnn.ncu-rep --page details > "$OUT/ncu_cudnn_details.txt" 2>&1
   # cuDNN's kernels: instruction counts per opcode only (tools/ncu_sass_ops.py), not their SASS
@@ -27,7 +28,7 @@ if has ncu; then
   python3 tools/ncu_sass_ops.py /tmp/ncu_cudnn_sass.csv.gz > "$OUT/ncu_cudnn_ops.txt"
   t0=$SECONDS
   timeout 120 ncu --clock-control none --kernel-name regex:taca_bwd_sm90 --launch-skip 1 --launch-count 1 \
-    --set full --import-source no -f -o /tmp/prof_v6 python3 benchmarks/bwd_profile_once.py > /tmp/ncu_v6_run.txt 2>&1
+    --set full --import-source no -f -o /tmp/prof_v6 python3 benchmarks/bwd_profile_once.py ${PROFILE_SHAPE:-} > /tmp/ncu_v6_run.txt 2>&1
   echo "ncu v6 rc=$? ($((SECONDS - t0)) s)"
   ncu --import /tmp/prof_v6.ncu-rep --page details > "$OUT/ncu_v6_details.txt" 2>&1
   ncu --import /tmp/prof_v6.ncu-rep --page source --csv --print-source sass 2>/dev/null | gzip -c > "$OUT/ncu_v6_sass.csv.gz"
