@@ -581,11 +581,12 @@ def _row_range_mask(attn_mask: torch.Tensor):
     return attn_mask[..., ref:ref + 1, :], r0, r1
 
 
-def _row_range_attention(q, k, v, rowmask, attn_mask, span_args, text_first, layout, return_lse, return_text_mass,
-                         **kw):
+def _row_range_attention(q, k, v, rowmask, attn_mask, spans, span_args, text_first, layout, return_lse,
+                         return_text_mass, **kw):
     """joint_attention with ``_row_range_mask``'s answer: the key-mask kernel over every row, and the rows [r0, r1)
     again with their own rows of ``attn_mask`` (split SDPA; lse / text_mass, where asked, from the materialized
-    reference), spliced in. span_args: the validated (text_len, text_start, query_text_start, query_text_len); kw:
+    reference), spliced in. spans, span_args: _validate's resolved spans and its normalized (text_len, text_start,
+    query_text_start, query_text_len); kw:
     gamma, gamma_reverse, scale, deterministic, backend (the kernel's)."""
     kmask, r0, r1 = rowmask
     text_len, text_start, qts, qtl = span_args
@@ -597,9 +598,6 @@ def _row_range_attention(q, k, v, rowmask, attn_mask, span_args, text_first, lay
         return res
     res = _as_list(res)
     tok = 2 if layout == "bhnd" else 1
-    n_q = q.shape[tok]
-    n_k = k.shape[tok]
-    spans = reference.resolve_spans(n_q, n_k, text_len, text_first, text_start, qts, qtl)
     # the query text span within rows [r0, r1) (ints or per-sample tensors)
     qb = (spans.q_begin - r0).clamp(0, r1 - r0) if isinstance(spans.q_begin, torch.Tensor) else \
         min(max(spans.q_begin - r0, 0), r1 - r0)
@@ -848,7 +846,7 @@ def joint_attention(
             rowmask = _row_range_mask(attn_mask)
             if rowmask is not None:
                 return _row_range_attention(
-                    q, k, v, rowmask, attn_mask, span_args, text_first, layout, return_lse, return_text_mass,
+                    q, k, v, rowmask, attn_mask, spans, span_args, text_first, layout, return_lse, return_text_mass,
                     gamma=gamma, gamma_reverse=gamma_reverse, scale=scale, deterministic=deterministic,
                     backend=q.device.type)
             # Other masks that vary over queries: the kernels read them element by element on every tile; split

@@ -111,8 +111,9 @@ class TacaProcessor:
         Klein-KV's [txt, img] queries on [txt, ref, img] keys, GLM-Image's [txt, img] queries on
         [cond-image cache, txt, img] keys), passed on to ``taca.joint_attention``. ``token_mask``: the
         (B, N) token mask this module's ``attn_mask`` is the outer product of (Chroma's blocks build it
-        from the transformer's mask): on CUDA the op then takes the mask as a key mask without reading
-        it in every block (``ops._outer_hint``; on the devices of ``ops._MASK_ROUTES``)."""
+        from the transformer's mask; CogView4's and GLM-Image's from their text mask): the op then takes
+        the mask as a key mask without reading it in every block (``ops._outer_hint``; on the devices
+        of ``ops._MASK_ROUTES``: CUDA)."""
         record = telemetry.active() and text_len is not None
         if (gamma is None and not record and not self.fp8) or text_len is None:
             return None
@@ -192,5 +193,6 @@ def joint_token_mask(text_mask: torch.Tensor, n_image: int, device) -> torch.Ten
         return hit[1]
     txt = text_mask.to(device=device, dtype=torch.float32) > 0
     m = torch.cat([txt, txt.new_ones(txt.shape[0], int(n_image))], dim=1)
-    ops._cache_put(_JOINT_TOKEN_MASKS, _JOINT_TOKEN_MASKS_LOCK, key, (weakref.ref(text_mask), m), 16)
+    ops._cache_put(_JOINT_TOKEN_MASKS, _JOINT_TOKEN_MASKS_LOCK, key, (weakref.ref(text_mask), m),
+                   ops._OUTER_MASKS_MAX)
     return m

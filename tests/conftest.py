@@ -57,3 +57,23 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """``spy(owner, name)`` replaces ``owner.name`` (a function, or a method of a class) for the test by a wrapper that
+    calls it through and appends each call's ``(args, kwargs)`` to the list it returns (``monkeypatch.undo()`` or the
+    test's end restores it)."""
+
+    def install(owner, name):
+        calls = []
+        real = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append((args, kwargs))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+        return calls
+
+    return install

@@ -292,36 +292,25 @@ def check_checkpointing_keeps_state(make_transformer, inputs, gamma: float = 1.3
     assert any(not torch.allclose(stock[n], ref[n], rtol=1e-4, atol=1e-6) for n in ref)
 
 
-def check_outer_hint_routes(monkeypatch, target, run, n_calls: int, n_kinds: int):
+def check_outer_hint_routes(monkeypatch, spy, target, run, n_calls: int, n_kinds: int):
     """Models whose blocks build an outer-product mask from one token mask (Chroma; CogView4's and GLM-Image's float
-    0/1 matrices from [text mask > 0, ones], which their processors name), with the mask routes on the CPU (``ops._MASK_ROUTES``, as on CUDA): every joint call takes the outer-
-    product route, a full read of a mask (``ops._outer_mask_result``) happens once per block kind over two
-    transformer calls with the same inputs (the hint, ``ops._outer_hint``; without it: once per block and call), and
-    the output is the element-wise kernel's (routes off) to float32 rounding.
+    0/1 matrices from [text mask > 0, ones], which their processors name), with the mask routes on the CPU
+    (``ops._MASK_ROUTES``, as on CUDA): every joint call takes the outer-product route, a full read of a mask
+    (``ops._outer_mask_result``) happens once per block kind over two transformer calls with the same inputs (the
+    hint, ``ops._outer_hint``; without it: once per block and call), and the output is the element-wise kernel's
+    (routes off) to float32 rounding.
 
-    target: what ``taca.enabled`` gets; run() -> the transformer's output (inputs with the mask, timestep inside
-    the gamma window); n_calls: joint calls per transformer call."""
+    monkeypatch, spy: the test's fixtures (conftest); target: what ``taca.enabled`` gets; run() -> the transformer's
+    output (inputs with the mask, timestep inside the gamma window); n_calls: joint calls per transformer call."""
     from taca import ops
 
     with taca.enabled(target, gamma=1.3), torch.no_grad():
         ref = run()
     monkeypatch.setattr(ops, "_MASK_ROUTES", ("cuda", "cpu"))
-    reads, routed = [], []
-    orig_result, orig_attention = ops._outer_mask_result, ops._outer_mask_attention
-
-    def counting_result(*a):
-        reads.append(a[0].shape)
-        return orig_result(*a)
-
-    def counting_attention(*a, **kw):
-        routed.append(1)
-        return orig_attention(*a, **kw)
-
-    monkeypatch.setattr(ops, "_outer_mask_result", counting_result)
-    monkeypatch.setattr(ops, "_outer_mask_attention", counting_attention)
+    reads, routed = spy(ops, "_outer_mask_result"), spy(ops, "_outer_mask_attention")
     with taca.enabled(target, gamma=1.3), torch.no_grad():
         outs = [run(), run()]
     assert len(routed) == 2 * n_calls
-    assert len(reads) == n_kinds, reads
+    assert len(reads) == n_kinds, [args[0].shape for args, _ in reads]
     for out in outs:
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -399,7 +399,7 @@ def test_cuda_outer_mask_auto(layout, text_first, D, dtype, kind, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case,layout,D", [("omnigen", "bhnd", 64), ("omnigen", "bnhd", 128),
                                            ("segment_spans", "bnhd", 128), ("segment_spans", "bhnd", 64)])
-def test_cuda_row_range_mask_auto(case, layout, D, dtype, monkeypatch):
+def test_cuda_row_range_mask_auto(case, layout, D, dtype, monkeypatch, spy):
     """Masks whose rows all equal one row outside a few under backend="auto": OmniGen's image rows (image-only queries,
     every row the same key mask) and Ideogram 4's segment mask (per-sample spans, the left padding's rows differ) run
     as the key-mask kernel plus split SDPA over the differing rows (ops._row_range_attention), once per call; out,
@@ -424,14 +424,7 @@ def test_cuda_row_range_mask_auto(case, layout, D, dtype, monkeypatch):
     k, v = (torch.randn(shp(N), device="cuda").to(dtype).requires_grad_() for _ in range(2))
     kw = dict(gamma=torch.tensor([GAMMA, 0.7], device="cuda"), gamma_reverse=GAMMA_REV, scale=SCALE, layout=layout,
               attn_mask=mask, **spans)
-    calls = []
-    orig = ops._row_range_attention
-
-    def counting(*a, **k_):
-        calls.append(a[4])
-        return orig(*a, **k_)
-
-    monkeypatch.setattr(ops, "_row_range_attention", counting)
+    calls = spy(ops, "_row_range_attention")
     out, lse, tm = taca.joint_attention(q, k, v, return_lse=True, return_text_mass=True, **kw)
     out2 = taca.joint_attention(q, k, v, **kw)
     monkeypatch.undo()

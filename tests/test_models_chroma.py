@@ -233,17 +233,17 @@ def test_token_mask_reaches_every_block_and_makes_its_mask(monkeypatch, B, L, hw
     assert all(tok is kw["attention_mask"] for _, _, tok in seen)
 
 
-def test_blocks_masks_checked_once_per_kind(monkeypatch):
+def test_blocks_masks_checked_once_per_kind(monkeypatch, spy):
     """With the mask routes on (CUDA's; here the CPU's): every block's mask takes the outer-product route, one mask
     per block kind is read over two calls with the same mask, the output unchanged."""
     t = _transformer()
     kw = _inputs(2, 9, (4, 4), [4, 8])
-    check_outer_hint_routes(monkeypatch, t, lambda: t(**kw)[0], n_calls=TINY["num_layers"] + TINY["num_single_layers"],
+    check_outer_hint_routes(monkeypatch, spy, t, lambda: t(**kw)[0], n_calls=TINY["num_layers"] + TINY["num_single_layers"],
                             n_kinds=2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_blocks_masks_checked_once_per_kind(monkeypatch):
+def test_cuda_blocks_masks_checked_once_per_kind(spy):
     """On CUDA (bf16, a padded CFG-like batch): the blocks' outer-product masks run on the key-mask kernel, the
     check reading one mask per block kind and call; the transformer's output by the tolerance rule's spirit against
     the same model with TACA as split SDPA (backend="sdpa"), gradients finite."""
@@ -251,14 +251,7 @@ def test_cuda_blocks_masks_checked_once_per_kind(monkeypatch):
 
     if not ops.HAVE_CUDA_KERNEL:
         pytest.skip("taca._C built without CUDA kernels")
-    checks = []
-    orig = ops._outer_mask_result  # reached once a mask was read whole (the lookups of entered masks do not)
-
-    def counting(*a):
-        checks.append(a[0].shape)
-        return orig(*a)
-
-    monkeypatch.setattr(ops, "_outer_mask_result", counting)
+    checks = spy(ops, "_outer_mask_result")  # reached once a mask was read whole (not by lookups of entered masks)
     t = _transformer().cuda().to(torch.bfloat16)
     kw = _inputs(2, 40, (12, 12), [9, 30])
     kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}

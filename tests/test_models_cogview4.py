@@ -101,12 +101,12 @@ def test_text_mask_stays_additive(monkeypatch):
     _check_model(monkeypatch, 2, 16, (3, 4), valid=[16, 9])
 
 
-def test_text_mask_matrices_checked_once(monkeypatch):
+def test_text_mask_matrices_checked_once(monkeypatch, spy):
     """CogView4's per-block text-mask matrices, named by their token mask (``processors.joint_token_mask``): one read
     over two calls with the mask routes on (``check_outer_hint_routes``)."""
     t = _transformer()
     kw = _inputs(2, 16, (3, 4), valid=[16, 9])
-    check_outer_hint_routes(monkeypatch, _sched_pipe(t), lambda: t(**kw)[0], n_calls=TINY["num_layers"], n_kinds=1)
+    check_outer_hint_routes(monkeypatch, spy, _sched_pipe(t), lambda: t(**kw)[0], n_calls=TINY["num_layers"], n_kinds=1)
 
 
 @pytest.mark.parametrize("valid", [None, [16, 9]])

@@ -15,18 +15,10 @@ needs_cpu_kernel = pytest.mark.skipif(not ops.HAVE_KERNELS, reason="the compiled
 
 
 @pytest.fixture
-def counted(monkeypatch):
-    """The number of full validations (ops._validate calls) made so far, with an empty fast-path table."""
-    calls = []
-    orig = ops._validate
-
-    def counting(*a, **k):
-        calls.append(1)
-        return orig(*a, **k)
-
-    monkeypatch.setattr(ops, "_validate", counting)
+def counted(monkeypatch, spy):
+    """The full validations (ops._validate calls) made so far, with an empty fast-path table."""
     monkeypatch.setattr(ops, "_FAST_CALLS", {})
-    return calls
+    return spy(ops, "_validate")
 
 
 def _qkv(B=2, H=3, N=20, D=8, layout="bhnd", dtype=torch.float32, seed=0, grad=False):

@@ -8,17 +8,9 @@ from taca import ops
 
 
 @pytest.fixture
-def counted_checks(monkeypatch):
-    calls = []
-    real = ops._check_span
-
-    def counting(*a, **kw):
-        calls.append(1)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(ops, "_check_span", counting)
+def counted_checks(monkeypatch, spy):
     monkeypatch.setattr(ops, "_CHECKED_SPANS", type(ops._CHECKED_SPANS)())
-    return calls
+    return spy(ops, "_check_span")
 
 
 def _qkv(B=2, N=12, D=8):

@@ -75,19 +75,12 @@ def test_rows_refused():
     assert ops._row_range_mask(torch.zeros(1, 1, 8, 8, requires_grad=True)) is None
 
 
-def test_views_of_one_mask_checked_once(monkeypatch):
+def test_views_of_one_mask_checked_once(spy):
     """A model slicing one mask in every block (OmniGen's processor takes the image rows of the transformer's mask)
     pays one check per mask; a change in place is checked again."""
     L, N = 5, 24
     mask = _omnigen_mask([1, 0], L, N)
-    calls = []
-    orig = torch.Tensor.__ne__
-
-    def counting(self, other):
-        calls.append(1)
-        return orig(self, other)
-
-    monkeypatch.setattr(torch.Tensor, "__ne__", counting)
+    calls = spy(torch.Tensor, "__ne__")
     first = ops._row_range_mask(mask[:, :, L + 1:])
     n = len(calls)
     assert n > 0 and first is not None
@@ -139,18 +132,18 @@ def test_row_range_attention_exact(layout, case):
     q, k, v = _inputs(B, H, Nq, N, D, layout)
     rowmask = ops._row_range_mask(mask)
     assert rowmask is not None
+    tf = spans.get("text_first", True)
     args = (spans["text_len"], spans.get("text_start"), None, None)
-    got = ops._row_range_attention(q, k, v, rowmask, mask, args, spans.get("text_first", True), layout, True, True,
-                                   deterministic=True, backend="cpu", **kw)
+    res = reference.resolve_spans(Nq, N, spans["text_len"], tf, spans.get("text_start"), None, None)  # as _validate
+    got = ops._row_range_attention(q, k, v, rowmask, mask, res, args, tf, layout, True, True, deterministic=True,
+                                   backend="cpu", **kw)
     want = reference.attention_ref(q, k, v, attn_mask=mask, layout=layout, **spans, **kw)
     exact_against(got, want, (q, k, v))
-    only = ops._row_range_attention(q.detach(), k.detach(), v.detach(), rowmask, mask, args,
-                                    spans.get("text_first", True), layout, False, False, deterministic=True,
-                                    backend="cpu", **kw)
+    only = ops._row_range_attention(q.detach(), k.detach(), v.detach(), rowmask, mask, res, args, tf, layout, False,
+                                    False, deterministic=True, backend="cpu", **kw)
     assert isinstance(only, torch.Tensor)
     assert torch.equal(only, got[0].detach())  # out does not depend on what else is asked
-    one = ops._row_range_attention(q.detach(), k.detach(), v.detach(), rowmask, mask, args,
-                                   spans.get("text_first", True), layout, False, True, deterministic=True,
-                                   backend="cpu", **kw)
+    one = ops._row_range_attention(q.detach(), k.detach(), v.detach(), rowmask, mask, res, args, tf, layout, False,
+                                   True, deterministic=True, backend="cpu", **kw)
     assert isinstance(one, tuple) and len(one) == 2
     torch.testing.assert_close(one[1], want[2].detach(), **EXACT)
