@@ -58,6 +58,10 @@ EXTRA_SHAPES = {
     "sd35m_cfg_2048": (2, 24, 64, 333, 16384, False),
     # one sample (a batch-1 LoRA training step's attention)
     "sd35m_b1": (1, 24, 64, 333, 4096, False),
+    # FlashAttention-3's own benchmark setting (its paper, section 4.1: hidden size 2048, so 32 heads at D = 64 and
+    # 16 at D = 128, batch x tokens = 16k), for its published rates; here 512 of the tokens are text, first
+    **{f"fa3_d{d}_{n // 1024}k": (16384 // n, 2048 // d, d, 512, n - 512, True)
+       for d in (64, 128) for n in (4096, 8192, 16384)},
 }
 GAMMA = 1.2
 
