@@ -158,6 +158,12 @@ CASES = [
     (2, 2, 512, 1, 64, True, torch.float16, "bhnd", False),
     (1, 2, 333, 97, 96, True, torch.bfloat16, "bhnd", False),
     (2, 2, 77, 97, 96, False, torch.float16, "bnhd", True),
+    # D = 72..120 on the D = 128 warp-specialized kernel, zero-filled (Lumina 2's 96 at FLUX 1024's item count: the
+    # tail split; several key tiles, boundaries mid-tile)
+    (1, 24, 512, 4096, 96, True, torch.bfloat16, "bnhd", True),
+    (2, 3, 77, 1025, 72, False, torch.float16, "bhnd", False),
+    (1, 2, 200, 1000, 80, True, torch.bfloat16, "bnhd", True),
+    (2, 2, 333, 1025, 120, True, torch.bfloat16, "bhnd", False),
     (1, 2, 1, 1, 128, True, torch.bfloat16, "bhnd", False),
     (1, 2, 512, 97, 40, True, torch.bfloat16, "bhnd", False),
     (2, 2, 333, 1025, 256, False, torch.bfloat16, "bnhd", False),

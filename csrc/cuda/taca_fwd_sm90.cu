@@ -3,10 +3,10 @@
  *
  * Same math, arguments and outputs as the mma.sync kernel (taca_fwd.cu); used for aligned
  * inputs with D = 64, 72..128 or 200..256 when the device is compute capability 9.0 and this file
- * was built for sm_90a (setup.py defines TACA_HAVE_SM90A then); D < 128 (Lumina 2's 96) runs the
- * D = 128 tiles with zero-filled columns (the cp.async kernel: the TMA one takes D = 128 only), and
- * D = 200..256 (AuraFlow, Ideogram 4) the D = 256 tiles of this file's kernel. Everything else
- * takes the mma.sync path.
+ * was built for sm_90a (setup.py defines TACA_HAVE_SM90A then); D = 72..120 (Lumina 2's 96) runs the
+ * D = 128 tiles with zero-filled columns (the warp-specialized TMA kernel since the forty-seventh session, the
+ * cp.async one before), and D = 200..256 (AuraFlow, Ideogram 4) the D = 256 tiles of this file's kernel.
+ * Everything else takes the mma.sync path.
  *
  * CTA = WG warpgroups (128 threads each); warpgroup w owns query rows [64w, 64w + 64) of the
  * CTA's BR = 64 * WG rows. Q (BR x D), and STAGES buffers of K and V tiles (BC keys x D) live
@@ -518,7 +518,8 @@ static inline int by_form(R &&run) {
 }
 [[maybe_unused]] static inline int d128_split_plan(const FwdArgs &a, int variant, int batch, int heads, SplitPlan *sp) {
     *sp = SplitPlan{};
-    if ((variant != 0 && variant != 10) || a.d != WSplit::DP || !d128_split_mask_ok(a)) return TACA_OK;
+    if ((variant != 0 && variant != 10) || !ws_head_dim_ok<WSplit::DP>(a.d) || !d128_split_mask_ok(a))
+        return TACA_OK;
     int sms = 0;
     const int st = device_sm_count(&sms, "taca_fwd_cuda (sm90 ws): SM count");
     if (st != TACA_OK) return st;

@@ -577,7 +577,8 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             for (int i2 = lane; i2 < 16 * CPR; i2 += 32) {
                 const int r = i2 / CPR, cc = i2 % CPR;
                 const int row = q0 + wrow0 + r;
-                if (row < n)
+                // (DP = 128 with D = 72..120, ws_head_dim_ok: the columns past D are not the output's)
+                if (row < n && (DP == 64 || cc * 8 < a.d))
                     *reinterpret_cast<uint4 *>(go + (int64_t)row * a.on + cc * 8) =
                         *reinterpret_cast<const uint4 *>(smem_q + sw128_offset<BR>(wrow0 + r, cc));
             }
@@ -663,6 +664,20 @@ static inline SplitPlan fwd_split_plan(int64_t items, int sms, int nkv, bool by_
     return sp;
 }
 
+/* The head dims a WS instance of padded dim DP runs: DP itself, and at DP = 128 aligned D = 72..120 too (Lumina 2's and
+ * OmniGen's 96), zero-filled as the backward's v6 does: the tensor maps span D columns, so the copy engine fills the
+ * columns past D of each 64-column box with zeros (S gains nothing from them, O's columns past D are zero), the
+ * transaction bytes are still the whole box's, and the epilogue stores D columns. Before, these ran the cp.async
+ * kernel (variant 13's tiling), 0.62-0.65x plain cuDNN at D = 96 (KERNEL_LOG, 2026-12-03); TACA_FWD_PAD=0 sends them
+ * there again (a timing switch). */
+template <int DP>
+static inline bool ws_head_dim_ok(int d) {
+    if (d == DP) return true;
+    if (DP != 128 || d < 72 || d >= 128 || d % 8 != 0) return false;
+    const char *e = getenv("TACA_FWD_PAD");
+    return !(e && !strcmp(e, "0"));
+}
+
 /* TACA_ERR_UNSUPPORTED (nothing launched) when a map cannot be encoded. SPLIT: the tail split with plan sp in
  * workspace ws (sp.bytes; its tickets zeroed here, on the stream); sp.two: only the tail's ranges (the caller
  * launched the whole items). items_limit >= 0 (PERSIST): the first items_limit items only. */
@@ -672,7 +687,7 @@ int launch_ws(const FwdArgs &a, int batch, int heads, cudaStream_t stream, const
     auto kernel = taca_fwd_sm90_ws_kernel<T, C, FEAT, MK, KTA, SPLIT>;
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_fwd_cuda (sm90 ws): cudaFuncGetAttributes");
-    if (attr.binaryVersion != 90 || a.d != C::DP) return TACA_ERR_UNSUPPORTED;
+    if (attr.binaryVersion != 90 || !ws_head_dim_ok<C::DP>(a.d)) return TACA_ERR_UNSUPPORTED;
     WsArgs p;
     memset(&p, 0, sizeof(p));
     p.a = a;
