@@ -4,12 +4,12 @@
 # D96 / D120 cases, test_cuda_features.py's 96 / 72 ones); compute-sanitizer memcheck + racecheck on sanitize_fwd.py;
 # the D = 96 forward and fwd+bwd against the cp.async kernel (ctypes variant 13) and plain cuDNN in one process; the
 # feature shapes at D = 96 (Lumina 2, OmniGen) and D = 128 with a key mask (Qwen-Image: the change
-# renumbered that instance's registers) with TACA_FWD_PAD=0 and without, one process each, twice.
+# renumbered that instance's registers) with TACA_FWD_PAD=0 and without, one process each, FEAT_ROUNDS times.
 #   run(command="bash benchmarks/gpu_pad_run.sh", carry=[".whl"], timeout_s=600)
-# Env: STEPS (default "build test sanitize bench feat"), OUT.
+# Env: STEPS (default "build test bench sanitize feat", run in that order), FEAT_ROUNDS (2), OUT.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STEPS=${STEPS:-"build test sanitize bench feat"}
+STEPS=${STEPS:-"build test bench sanitize feat"}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 {
 if has build; then STEPS=build OUT=/tmp/hw bash benchmarks/gpu_features_run.sh 2>&1 | grep -E "rc=|has_cuda|GPU|torch"; fi
@@ -22,20 +22,21 @@ if has test; then
   echo "test_cuda_features.py (96 / 72) rc=$?: $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/pytest_features.txt" | tail -6 | tr '\n' ' ')"
   echo "tests ($((SECONDS - t0)) s)"
 fi
-if has sanitize; then
-  source benchmarks/gpu_sanitize.sh
-  sanitize tests/cuda_harness/sanitize_fwd.py taca_ sanitize_fwd 150
-fi
 if has bench; then
   t0=$SECONDS
   timeout 150 python3 benchmarks/bench_attention_gpu.py --rounds 3 --variants --shapes d96_cfg \
     --methods 'taca_cuda$|taca_ctypes_v(0|13)$|split' --out "$OUT" --tag _d96 > "$OUT/bench_d96.txt" 2>&1
   echo "bench d96 rc=$? ($((SECONDS - t0)) s)"
 fi
+if has sanitize; then
+  source benchmarks/gpu_sanitize.sh
+  sanitize tests/cuda_harness/sanitize_fwd.py taca_ sanitize_fwd 150
+fi
 if has feat; then
   t0=$SECONDS
-  for r in 1 2; do
+  for r in $(seq 1 "${FEAT_ROUNDS:-2}"); do
     for pad in 0 1; do
+      mkdir -p "$OUT/feat_pad${pad}_r$r"
       TACA_FWD_PAD=$pad timeout 100 python3 benchmarks/bench_features_gpu.py --shapes 'lumina|omnigen|qwen' \
         --out "$OUT/feat_pad${pad}_r$r" > "$OUT/feat_pad${pad}_r$r.txt" 2>&1
       echo "features TACA_FWD_PAD=$pad round $r rc=$?"
