@@ -1,0 +1,41 @@
+"""Head dims 72..120 on the D = 128 warp-specialized forward (TMA boxes past D zero-filled, stores up to D) alone, for
+compute-sanitizer (memcheck / racecheck) in a short device call (sanitize_fwd.py runs these paths too, among 160 calls).
+
+Run: compute-sanitizer --tool memcheck --kernel-name kns=taca_fwd python3 tests/cuda_harness/sanitize_fwd_pad.py
+D = 96 and 72 in a (B, N, H, D) view of wider storage (the columns past D hold other heads' values, which the copy
+engine must not read): the plain kernel at 24 heads x 1300 tokens (several key tiles, a partial last wave: the tail
+split), per-sample text spans, a bool key mask with padded keys and grouped KV heads (Lumina 2's kind), fp16 and bf16.
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import taca  # noqa: E402
+
+
+def main():
+    torch.manual_seed(0)
+    runs = 0
+    dev = "cuda"
+    for D, dt in ((96, torch.bfloat16), (72, torch.float16)):
+        qkv = torch.randn(1, 1300, 3, 24, D, device=dev, dtype=dt)
+        taca.joint_attention(*qkv.unbind(2), text_len=200, text_first=True, gamma=1.2, layout="bnhd", backend="cuda")
+        runs += 1
+        B, H, Hkv, N = 2, 6, 2, 700
+        q = torch.randn(B, N, H, D, device=dev, dtype=dt)
+        kv = torch.randn(B, N, 2, Hkv, D, device=dev, dtype=dt)
+        km = torch.ones(B, 1, 1, N, dtype=torch.bool, device=dev)
+        km[1, ..., 40:90] = False
+        spans = dict(text_len=torch.tensor([90, 40], device=dev))
+        for kw in (spans, dict(spans, attn_mask=km)):
+            taca.joint_attention(q, kv[:, :, 0], kv[:, :, 1], gamma=1.2, layout="bnhd", backend="cuda", **kw)
+            runs += 1
+    torch.cuda.synchronize()
+    print(f"sanitize_fwd_pad: {runs} kernel calls done")
+    return runs
+
+
+if __name__ == "__main__":
+    main()
