@@ -668,8 +668,9 @@ static inline SplitPlan fwd_split_plan(int64_t items, int sms, int nkv, bool by_
  * OmniGen's 96), zero-filled as the backward's v6 does: the tensor maps span D columns, so the copy engine fills the
  * columns past D of each 64-column box with zeros (S gains nothing from them, O's columns past D are zero), the
  * transaction bytes are still the whole box's, and the epilogue stores D columns. Before, these ran the cp.async
- * kernel (variant 13's tiling), 0.62-0.65x plain cuDNN at D = 96 (KERNEL_LOG, 2026-12-03); TACA_FWD_PAD=0 sends them
- * there again (a timing switch). */
+ * kernel (variant 13's tiling), 0.62-0.65x plain cuDNN at D = 96 (KERNEL_LOG, 2026-12-03); here 1.04x at D = 96 CFG
+ * (0.668 against 1.247 ms on an H100, KERNEL_LOG forty-seventh session). TACA_FWD_PAD=0 sends them there again (a
+ * timing switch). */
 template <int DP>
 static inline bool ws_head_dim_ok(int d) {
     if (d == DP) return true;
