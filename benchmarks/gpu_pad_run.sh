@@ -2,7 +2,8 @@
 # One GPU call for head dims 72..120 on the D = 128 warp-specialized forward (zero-filled TMA boxes; TACA_FWD_PAD=0
 # sends them to the cp.async kernel as before): build; the CUDA tests at those head dims (test_cuda.py's D72 / D80 /
 # D96 / D120 cases, test_cuda_features.py's 96 / 72 ones); compute-sanitizer memcheck + racecheck on sanitize_fwd_pad.py (SAN=full: sanitize_fwd.py);
-# the D = 96 forward and fwd+bwd against the cp.async kernel (ctypes variant 13) and plain cuDNN in one process; the
+# the D = 96 forward and fwd+bwd against the cp.async kernel (ctypes variant 13) and plain cuDNN in one process (and
+# D = 256's cp.async default against the opt-in warp-specialized kernel, ctypes variant 10); the
 # feature shapes at D = 96 (Lumina 2, OmniGen) and D = 128 with a key mask (Qwen-Image: the change
 # renumbered that instance's registers) with TACA_FWD_PAD=0 and without, one process each, FEAT_ROUNDS times.
 #   run(command="bash benchmarks/gpu_pad_run.sh", carry=[".whl"], timeout_s=600)
@@ -16,8 +17,8 @@ if has build; then STEPS=build OUT=/tmp/hw bash benchmarks/gpu_features_run.sh 2
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so
 if has test; then
   t0=$SECONDS
-  timeout 100 python3 -m pytest -q tests/test_cuda.py -k "D72 or D80 or D96 or D120" > "$OUT/pytest_cuda.txt" 2>&1
-  echo "test_cuda.py (D 72..120) rc=$?: $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/pytest_cuda.txt" | tail -6 | tr '\n' ' ')"
+  timeout 100 python3 -m pytest -q tests/test_cuda.py -k "D72 or D80 or D96 or D120 or ws_d256" > "$OUT/pytest_cuda.txt" 2>&1
+  echo "test_cuda.py (D 72..120, WS at D = 256) rc=$?: $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/pytest_cuda.txt" | tail -6 | tr '\n' ' ')"
   timeout 100 python3 -m pytest -q tests/test_cuda_features.py -k "96 or 72" > "$OUT/pytest_features.txt" 2>&1
   echo "test_cuda_features.py (96 / 72) rc=$?: $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/pytest_features.txt" | tail -6 | tr '\n' ' ')"
   echo "tests ($((SECONDS - t0)) s)"
@@ -27,6 +28,11 @@ if has bench; then
   timeout 100 python3 benchmarks/bench_attention_gpu.py --rounds 3 --variants --shapes d96_cfg \
     --methods 'taca_cuda$|taca_ctypes_v(0|13)$|split' --out "$OUT" --tag _d96 > "$OUT/bench_d96.txt" 2>&1
   echo "bench d96 rc=$? ($((SECONDS - t0)) s)"
+  # D = 256: the cp.async default (v0) against the opt-in warp-specialized kernel (v10)
+  t0=$SECONDS
+  timeout 150 python3 benchmarks/bench_attention_gpu.py --rounds 3 --variants --shapes auraflow_cfg,ideogram4_cfg \
+    --methods 'taca_cuda$|taca_ctypes_v(0|10)$|split' --out "$OUT" --tag _d256 > "$OUT/bench_d256.txt" 2>&1
+  echo "bench d256 rc=$? ($((SECONDS - t0)) s)"
 fi
 if has sanitize; then
   source benchmarks/gpu_sanitize.sh
@@ -46,6 +52,6 @@ if has feat; then
   done
   echo "features ($((SECONDS - t0)) s)"
 fi
-grep -E "^\| d96" "$OUT/bench_d96.txt" | cut -d'|' -f2-10
+grep -hE "^\| (d96|auraflow|ideogram)" "$OUT/bench_d96.txt" "$OUT/bench_d256.txt" | cut -d'|' -f2-10
 for f in "$OUT"/feat_pad*_r*.txt; do echo "== $(basename "$f")"; grep -E "lumina|omnigen|qwen|hunyuan" "$f" | tail -3 | cut -c1-150; done
 } 2>&1 | tee "$OUT/log.txt"

@@ -690,6 +690,33 @@ def test_ws_variants_gamma_reverse(variant, D, text_first):
     check_case("ctypes", 2, 2, 200, 1000, D, text_first, torch.bfloat16, gamma_reverse=0.7, variant=variant)
 
 
+# The warp-specialized kernel at D = 256 (ctypes variant 10, opt-in since the forty-seventh session; aligned 200..248
+# zero-filled): two consumers of 64 rows, 64-key tiles, one CTA per item. The D = 256 / 224 cases above and the WS
+# edges: one key tile, fewer keys than a tile, text only, many key tiles and items in a strided view, a zero-filled
+# head dim in a (B, N, H, D) slice of wider storage.
+WS256_CASES = [c for c in CASES if c[4] in (224, 256)] + [
+    (1, 2, 0, 64, 256, True, torch.bfloat16, "bhnd", False),
+    (1, 2, 77, 52, 256, False, torch.float16, "bnhd", True),
+    (1, 2, 300, 0, 256, False, torch.bfloat16, "bhnd", False),
+    (3, 3, 333, 4096, 256, False, torch.bfloat16, "bhnd", True),
+    (2, 2, 200, 1000, 208, True, torch.bfloat16, "bnhd", True),
+]
+
+
+@pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
+@pytest.mark.parametrize("case", WS256_CASES, ids=lambda c: f"B{c[0]}H{c[1]}-L{c[2]}-img{c[3]}-D{c[4]}-{'tf' if c[5] else 'tl'}-{str(c[6])[6:]}-{c[7]}{'-view' if c[8] else ''}")
+def test_ws_d256_matches_reference(case):
+    B, H, L, n_img, D, tf, dtype, layout, nc = case
+    check_case("ctypes", B, H, L, n_img, D, tf, dtype, layout=layout, noncontig=nc, variant=10)
+
+
+@pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
+@pytest.mark.parametrize("text_first", [True, False])
+def test_ws_d256_gamma_reverse(text_first):
+    check_case("ctypes", 2, 2, 77, 1025, 256, text_first, torch.bfloat16, gamma_reverse=0.7, variant=10)
+    check_case("ctypes", 1, 2, 333, 97, 256, text_first, torch.float16, gamma_reverse=1.5, per_sample=False, variant=10)
+
+
 @pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
 @pytest.mark.parametrize("scale", [-0.05, 0.0, 0.3])
 @pytest.mark.parametrize("L", [77, 80])

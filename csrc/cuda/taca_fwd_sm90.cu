@@ -684,6 +684,12 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
     }
 }
 
+/* The warp-specialized kernel at D = 256 (ctypes variant 10, opt-in): two consumer warpgroups of 64 rows, 64-key
+ * tiles, two stages, one CTA per item (two Q buffers do not fit beside the stages): Q 64 KiB + K / V 128 KiB; O is 128
+ * fp32 registers a consumer thread. Compiled and unmeasured (forty-seventh session): the default stays the cp.async
+ * kernel below until a device run has timed it and its tests passed. */
+using W256 = WsCfg<2, false, true, 256, false, 64>;
+
 /* D = 256 (AuraFlow, Ideogram 4; aligned 200..256 zero-filled): this file's kernel with two
  * warpgroups (128-row CTAs) and 64-key tiles, 2 stages: Q 64 KiB + K/V 128 KiB of shared memory,
  * O 128 fp32 registers per thread. 0: no overlap; 7: P V of tile j-1 overlapping the softmax of
@@ -691,6 +697,10 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
 template <typename T>
 int dispatch_d256(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
     if (a.spans || a.mask.data) return taca_fwd90::launch<T, Cfg<256, 64, 2, 2, false>, true>(a, batch, heads, stream);
+    if (variant == 10) {  // the warp-specialized kernel at D = 256 (opt-in, not yet measured): W256
+        const int st = launch_ws<T, W256>(a, batch, heads, stream);
+        if (st != TACA_ERR_UNSUPPORTED) return st;
+    }
     if (variant == 7) return launch<T, Cfg<256, 64, 2, 2, true>>(a, batch, heads, stream);
     return launch<T, Cfg<256, 64, 2, 2, false>>(a, batch, heads, stream);
 }

@@ -74,7 +74,7 @@ struct WsCfg {
     // MK_KEY: 2 x STAGES slots of a key tile's mask terms (BC floats) and its "every key attends" flag
     static constexpr int KT_SLOTS = 2 * STAGES;
     static constexpr size_t KT_BYTES = KT_SLOTS * (BC * 4 + 16);
-    static_assert(DP == 64 || DP == 128, "head dim");
+    static_assert(DP == 64 || DP == 128 || DP == 256, "head dim");
     static_assert(!PVW || DP == 128, "the wide P V product: D = 128");
     static_assert(NC == 2 || (NC == 3 && PERSIST && PINGPONG && !OVERLAP), "three consumers: the persistent ping-pong form");
     static_assert(BC % 32 == 0 && BC <= 256, "key tile: a multiple of 32 keys (the key-mask terms), at most 256");
@@ -674,6 +674,7 @@ static inline SplitPlan fwd_split_plan(int64_t items, int sms, int nkv, bool by_
 template <int DP>
 static inline bool ws_head_dim_ok(int d) {
     if (d == DP) return true;
+    if (DP == 256) return d >= 200 && d < 256 && d % 8 == 0;  // (the opt-in D = 256 instance, dispatch_d256)
     if (DP != 128 || d < 72 || d >= 128 || d % 8 != 0) return false;
     const char *e = getenv("TACA_FWD_PAD");
     return !(e && !strcmp(e, "0"));

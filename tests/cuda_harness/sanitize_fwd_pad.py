@@ -4,7 +4,8 @@ compute-sanitizer (memcheck / racecheck) in a short device call (sanitize_fwd.py
 Run: compute-sanitizer --tool memcheck --kernel-name kns=taca_fwd python3 tests/cuda_harness/sanitize_fwd_pad.py
 D = 96 and 72 in a (B, N, H, D) view of wider storage (the columns past D hold other heads' values, which the copy
 engine must not read): the plain kernel at 24 heads x 1300 tokens (several key tiles, a partial last wave: the tail
-split), per-sample text spans, a bool key mask with padded keys and grouped KV heads (Lumina 2's kind), fp16 and bf16.
+split), per-sample text spans, a bool key mask with padded keys and grouped KV heads (Lumina 2's kind), fp16 and bf16;
+with TACA_CUDA_LIB set, the opt-in D = 256 warp-specialized kernel (ctypes variant 10) at D = 256 and 224 too.
 """
 import os
 import sys
@@ -31,6 +32,17 @@ def main():
         spans = dict(text_len=torch.tensor([90, 40], device=dev))
         for kw in (spans, dict(spans, attn_mask=km)):
             taca.joint_attention(q, kv[:, :, 0], kv[:, :, 1], gamma=1.2, layout="bnhd", backend="cuda", **kw)
+            runs += 1
+    # the opt-in warp-specialized kernel at D = 256 (ctypes variant 10; 224 zero-filled), through the ctypes harness
+    lib = os.environ.get("TACA_CUDA_LIB")
+    if lib and os.path.exists(lib):
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import taca_ctypes
+
+        for D, dt in ((256, torch.bfloat16), (224, torch.float16)):
+            qkv = torch.randn(2, 700, 3, 3, D, device=dev, dtype=dt)
+            taca_ctypes.fwd(*qkv.unbind(2), text_len=150, text_first=False, gamma=torch.tensor([1.2, 1.5], device=dev),
+                            layout="bnhd", variant=10)
             runs += 1
     torch.cuda.synchronize()
     print(f"sanitize_fwd_pad: {runs} kernel calls done")
