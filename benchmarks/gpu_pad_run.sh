@@ -7,7 +7,8 @@
 # feature shapes at D = 96 (Lumina 2, OmniGen) and D = 128 with a key mask (Qwen-Image: the change
 # renumbered that instance's registers) with TACA_FWD_PAD=0 and without, one process each, FEAT_ROUNDS times.
 #   run(command="bash benchmarks/gpu_pad_run.sh", carry=[".whl"], timeout_s=600)
-# Env: STEPS (default "build test bench sanitize feat", run in that order), FEAT_ROUNDS (2), SAN, OUT.
+# Env: STEPS (default "build test bench sanitize feat"; whatever the order given, they run in this one), FEAT_ROUNDS
+# (2), SAN (pad: sanitize_fwd_pad.py; full: sanitize_fwd.py), OUT.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STEPS=${STEPS:-"build test bench sanitize feat"}
