@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One GPU call for head dims 72..120 on the D = 128 warp-specialized forward (zero-filled TMA boxes; TACA_FWD_PAD=0
-# sends them to the cp.async kernel as before): build; the CUDA tests at those head dims (test_cuda.py's D72 / D80 /
-# D96 / D120 cases, test_cuda_features.py's 96 / 72 ones); compute-sanitizer memcheck + racecheck on sanitize_fwd_pad.py (SAN=full: sanitize_fwd.py);
-# the D = 96 forward and fwd+bwd against the cp.async kernel (ctypes variant 13) and plain cuDNN in one process (and
-# D = 256's cp.async default against the opt-in warp-specialized kernel, ctypes variant 10); the
-# feature shapes at D = 96 (Lumina 2, OmniGen) and D = 128 with a key mask (Qwen-Image: the change
-# renumbered that instance's registers) with TACA_FWD_PAD=0 and without, one process each, FEAT_ROUNDS times.
+# sends them to the cp.async kernel as before) and the opt-in warp-specialized kernel at D = 256 (ctypes variant 10):
+# build; the CUDA tests (test_cuda.py's D72 / D80 / D96 / D120 cases and ws_d256 tests, test_cuda_features.py's 96 / 72
+# ones); the D = 96 forward and fwd+bwd against the cp.async kernel (ctypes variant 13) and plain cuDNN in one process,
+# and D = 256's cp.async default (v0) against v10; compute-sanitizer memcheck + racecheck of sanitize_fwd_pad.py; the
+# feature shapes at D = 96 (Lumina 2, OmniGen) and D = 128 with a key mask (Qwen-Image: the change renumbered that
+# instance's registers) with TACA_FWD_PAD=0 and without, one process each, FEAT_ROUNDS times.
 #   run(command="bash benchmarks/gpu_pad_run.sh", carry=[".whl"], timeout_s=600)
 # Env: STEPS (default "build test bench sanitize feat"; whatever the order given, they run in this one), FEAT_ROUNDS
 # (2), SAN (pad: sanitize_fwd_pad.py; full: sanitize_fwd.py), OUT.
