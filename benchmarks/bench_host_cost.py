@@ -12,7 +12,9 @@ Cases (each forward alone, with torch.no_grad, and forward + backward under auto
   sdpa-flash   F.scaled_dot_product_attention on the flash backend (what stock training runs)
   sdpa-eff     the memory-efficient backend
   sdpa-cudnn   cuDNN (forward only: its backward is not used on the device machine)
-The backward's host time is (fwd+bwd) - fwd.
+The backward's host time two ways: (fwd+bwd) - fwd, and directly ("bwd direct": --calls outputs made first under
+autograd, then only their .backward() calls timed). The difference form moved with the order of the cases (the
+forty-sixth session: joint's backward 7 us more than the op's with joint timed first, even with it timed second).
 
 Run: python benchmarks/bench_host_cost.py --out DIR [--calls 400] [--rounds 5]
 """
@@ -38,6 +40,17 @@ def _time_loop(fn, calls: int) -> float:
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def _time_bwd(fg, dout, calls: int) -> float:
+    """Microseconds per .backward() of `calls` outputs of fg (made first, untimed), back to back, one sync at the end."""
+    outs = [fg() for _ in range(calls)]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for o in outs:
+        o.backward(dout)
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / calls * 1e6
 
@@ -75,14 +88,15 @@ def cases(B=1, H=2, n_img=256, n_txt=64, D=64, dtype=torch.bfloat16):
                 return F.scaled_dot_product_attention(a, b, c)
         return f
 
+    # name -> (forward, forward under autograd returning its output, that output's gradient); None: no backward
     out = {}
-    out["joint"] = (lambda: joint(q, k, v), lambda: joint(qg, kg, vg).backward(dout))
-    out["op"] = (lambda: op(q, k, v), lambda: op(qg, kg, vg).backward(dout))
+    out["joint"] = (lambda: joint(q, k, v), lambda: joint(qg, kg, vg), dout)
+    out["op"] = (lambda: op(q, k, v), lambda: op(qg, kg, vg), dout)
     out["sdpa-flash"] = (lambda: sdpa(SDPBackend.FLASH_ATTENTION)(qt, kt, vt),
-                         lambda: sdpa(SDPBackend.FLASH_ATTENTION)(qtg, ktg, vtg).backward(doutt))
+                         lambda: sdpa(SDPBackend.FLASH_ATTENTION)(qtg, ktg, vtg), doutt)
     out["sdpa-eff"] = (lambda: sdpa(SDPBackend.EFFICIENT_ATTENTION)(qt, kt, vt),
-                       lambda: sdpa(SDPBackend.EFFICIENT_ATTENTION)(qtg, ktg, vtg).backward(doutt))
-    out["sdpa-cudnn"] = (lambda: sdpa(SDPBackend.CUDNN_ATTENTION)(qt, kt, vt), None)
+                       lambda: sdpa(SDPBackend.EFFICIENT_ATTENTION)(qtg, ktg, vtg), doutt)
+    out["sdpa-cudnn"] = (lambda: sdpa(SDPBackend.CUDNN_ATTENTION)(qt, kt, vt), None, None)
     return out
 
 
@@ -95,28 +109,31 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("bench_host_cost.py needs a CUDA device")
     cs = cases()
-    res = {name: {"fwd": [], "fwd_bwd": []} for name in cs}
-    for name, (f, fb) in cs.items():  # warm-up (first-call set-up, autotuning, caches)
+    res = {name: {"fwd": [], "fwd_bwd": [], "bwd": []} for name in cs}
+    for name, (f, fg, d) in cs.items():  # warm-up (first-call set-up, autotuning, caches)
         for _ in range(20):
             with torch.no_grad():
                 f()
-            if fb is not None:
-                fb()
+            if fg is not None:
+                fg().backward(d)
     for r in range(args.rounds):
         names = list(cs)
         names = names[r % len(names):] + names[:r % len(names)]
         for name in names:
-            f, fb = cs[name]
+            f, fg, d = cs[name]
             with torch.no_grad():
                 res[name]["fwd"].append(_time_loop(f, args.calls))
-            if fb is not None:
-                res[name]["fwd_bwd"].append(_time_loop(fb, args.calls))
+            if fg is not None:
+                res[name]["fwd_bwd"].append(_time_loop(lambda fg=fg, d=d: fg().backward(d), args.calls))
+                res[name]["bwd"].append(_time_bwd(fg, d, args.calls))
     rows = []
     for name, d in res.items():
         fwd = statistics.median(d["fwd"])
         fb = statistics.median(d["fwd_bwd"]) if d["fwd_bwd"] else None
+        bd = statistics.median(d["bwd"]) if d["bwd"] else None
         rows.append({"case": name, "fwd_us": fwd, "fwd_bwd_us": fb, "bwd_us": None if fb is None else fb - fwd,
-                     "fwd_rounds": d["fwd"], "fwd_bwd_rounds": d["fwd_bwd"]})
+                     "bwd_direct_us": bd, "fwd_rounds": d["fwd"], "fwd_bwd_rounds": d["fwd_bwd"],
+                     "bwd_direct_rounds": d["bwd"]})
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(), "torch": torch.__version__, "calls": args.calls,
             "rounds": args.rounds, "shape": "B1 H2 N 256+64 D64 bf16 bnhd"}
@@ -125,12 +142,11 @@ def main(argv=None):
         with open(os.path.join(args.out, "host_cost.json"), "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
     print(f"host time per call, us ({meta['device']}, {args.calls} calls x {args.rounds} rounds, medians)")
-    print("| case | fwd | fwd+bwd | bwd |")
-    print("|---|---|---|---|")
+    print("| case | fwd | fwd+bwd | bwd (difference) | bwd direct |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        fb = "-" if r["fwd_bwd_us"] is None else f"{r['fwd_bwd_us']:.1f}"
-        bw = "-" if r["bwd_us"] is None else f"{r['bwd_us']:.1f}"
-        print(f"| {r['case']} | {r['fwd_us']:.1f} | {fb} | {bw} |")
+        fb, bw, bd = ("-" if r[key] is None else f"{r[key]:.1f}" for key in ("fwd_bwd_us", "bwd_us", "bwd_direct_us"))
+        print(f"| {r['case']} | {r['fwd_us']:.1f} | {fb} | {bw} | {bd} |")
 
 
 if __name__ == "__main__":
