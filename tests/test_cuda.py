@@ -186,6 +186,16 @@ def test_forward_matches_reference(impl, case):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("pad", ["0", "1"])
+def test_padded_head_dim_routes(impl, pad, monkeypatch):
+    # D = 72..120: the warp-specialized D = 128 forward zero-filled (default) and the cp.async one (TACA_FWD_PAD=0, the
+    # route before, kept as a timing switch), each by the tolerance rule
+    monkeypatch.setenv("TACA_FWD_PAD", pad)
+    check_case(impl, 2, 3, 333, 1500, 96, True, torch.bfloat16, layout="bnhd", noncontig=True)
+    check_case(impl, 1, 2, 77, 1025, 72, False, torch.float16)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_text_len_equals_n(impl):
     check_case(impl, 2, 2, 300, 0, 64, True, torch.bfloat16)
 
