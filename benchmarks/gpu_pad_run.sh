@@ -39,7 +39,7 @@ if has sanitize; then
   source benchmarks/gpu_sanitize.sh
   # SAN=full: the whole forward harness (160 calls, ~2 min for both tools); default: the padded head dims alone
   if [ "${SAN:-pad}" = full ]; then sanitize tests/cuda_harness/sanitize_fwd.py taca_ sanitize_fwd 150
-  else sanitize tests/cuda_harness/sanitize_fwd_pad.py taca_fwd sanitize_fwd_pad 90; fi
+  else sanitize tests/cuda_harness/sanitize_fwd_pad.py taca_fwd sanitize_fwd_pad 120; fi
 fi
 if has feat; then
   t0=$SECONDS

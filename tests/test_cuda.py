@@ -668,6 +668,10 @@ def test_tiling_variants(variant, D, text_first):
 # and 128 cases above plus the edges that stress them: one key tile, N one past a tile, text only,
 # 3 heads x 3 samples (per-sample gamma; 315 items: on a 132-SM H100 / H200 some CTAs take 3, so
 # a Q buffer is reused), strided views of both layouts.
+def _ws_case_id(c):
+    return f"B{c[0]}H{c[1]}-L{c[2]}-img{c[3]}-D{c[4]}-{'tf' if c[5] else 'tl'}-{str(c[6])[6:]}-{c[7]}{'-view' if c[8] else ''}"
+
+
 WS_CASES = [c for c in CASES if c[4] in (64, 128)] + [
     (1, 2, 0, 128, D, True, torch.bfloat16, "bhnd", False) for D in (64, 128)] + [
     (1, 2, 77, 52, D, False, torch.float16, "bnhd", True) for D in (64, 128)] + [
@@ -683,7 +687,7 @@ WS_CASES = [c for c in CASES if c[4] in (64, 128)] + [
 
 @pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
 @pytest.mark.parametrize("variant", [0, 10, 11, 12, 14, 15, 16, 17, 18])  # 0 (= 17 at D = 64): three consumers; 18: two, key tile by count
-@pytest.mark.parametrize("case", WS_CASES, ids=lambda c: f"B{c[0]}H{c[1]}-L{c[2]}-img{c[3]}-D{c[4]}-{'tf' if c[5] else 'tl'}-{str(c[6])[6:]}-{c[7]}{'-view' if c[8] else ''}")
+@pytest.mark.parametrize("case", WS_CASES, ids=_ws_case_id)
 def test_ws_variants_match_reference(variant, case):
     B, H, L, n_img, D, tf, dtype, layout, nc = case
     check_case("ctypes", B, H, L, n_img, D, tf, dtype, layout=layout, noncontig=nc, variant=variant)
@@ -714,7 +718,7 @@ WS256_CASES = [c for c in CASES if c[4] in (224, 256)] + [
 
 
 @pytest.mark.skipif(not _CTYPES, reason="TACA_CUDA_LIB not built")
-@pytest.mark.parametrize("case", WS256_CASES, ids=lambda c: f"B{c[0]}H{c[1]}-L{c[2]}-img{c[3]}-D{c[4]}-{'tf' if c[5] else 'tl'}-{str(c[6])[6:]}-{c[7]}{'-view' if c[8] else ''}")
+@pytest.mark.parametrize("case", WS256_CASES, ids=_ws_case_id)
 def test_ws_d256_matches_reference(case):
     B, H, L, n_img, D, tf, dtype, layout, nc = case
     check_case("ctypes", B, H, L, n_img, D, tf, dtype, layout=layout, noncontig=nc, variant=10)

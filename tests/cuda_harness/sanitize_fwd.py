@@ -98,12 +98,10 @@ def main():
                                      backend="cuda", deterministic=False)
             o.backward(torch.randn_like(o))
             runs += 2
-        # D = 96 and 72 on the D = 128 warp-specialized forward (TMA boxes past D zero-filled, stores up to D): several
-        # key tiles and FLUX 1024's item count (the tail split's partial wave) in a (B, N, H, D) view
-        for D in (96, 72):
-            qkv = torch.randn(1, 4608, 3, 24, D, device="cuda", dtype=torch.bfloat16)
-            taca.joint_attention(*qkv.unbind(2), text_len=512, text_first=True, gamma=1.2, layout="bnhd", backend="cuda")
-            runs += 1
+        # the padded head dims on the warp-specialized forward (D = 72..120 at 128, the opt-in D = 256 kernel)
+        import sanitize_fwd_pad  # (imports taca: here, inside the public-op block)
+
+        runs += sanitize_fwd_pad.main()
         # the op's features on the kernels (FEAT instances and grouped / cross shapes): per-sample
         # spans, a bool key mask with padded keys, a float (B, H, N_q, N_k) mask with a fully
         # masked row, image-only queries against [image, text] keys, grouped KV heads

@@ -1,10 +1,10 @@
 """Head dims 72..120 on the D = 128 warp-specialized forward (TMA boxes past D zero-filled, stores up to D) alone, for
-compute-sanitizer (memcheck / racecheck) in a short device call (sanitize_fwd.py runs these paths too, among 160 calls).
+compute-sanitizer (memcheck / racecheck) in a short device call (sanitize_fwd.py runs it too, among its other calls).
 
 Run: compute-sanitizer --tool memcheck --kernel-name kns=taca_fwd python3 tests/cuda_harness/sanitize_fwd_pad.py
 D = 96 and 72 in a (B, N, H, D) view of wider storage (the columns past D hold other heads' values, which the copy
-engine must not read): the plain kernel at 24 heads x 1300 tokens (several key tiles, a partial last wave: the tail
-split), per-sample text spans, a bool key mask with padded keys and grouped KV heads (Lumina 2's kind), fp16 and bf16;
+engine must not read): the plain kernel at FLUX 1024's 24 heads x 4608 tokens (36 key tiles; 864 items leave a
+partial last wave on 132 SMs: the tail split), per-sample text spans, a bool key mask with padded keys and grouped KV heads (Lumina 2's kind), fp16 and bf16;
 with TACA_CUDA_LIB set, the opt-in D = 256 warp-specialized kernel (ctypes variant 10) at D = 256 and 224 too.
 """
 import os
@@ -21,8 +21,8 @@ def main():
     runs = 0
     dev = "cuda"
     for D, dt in ((96, torch.bfloat16), (72, torch.float16)):
-        qkv = torch.randn(1, 1300, 3, 24, D, device=dev, dtype=dt)
-        taca.joint_attention(*qkv.unbind(2), text_len=200, text_first=True, gamma=1.2, layout="bnhd", backend="cuda")
+        qkv = torch.randn(1, 4608, 3, 24, D, device=dev, dtype=dt)
+        taca.joint_attention(*qkv.unbind(2), text_len=512, text_first=True, gamma=1.2, layout="bnhd", backend="cuda")
         runs += 1
         B, H, Hkv, N = 2, 6, 2, 700
         q = torch.randn(B, N, H, D, device=dev, dtype=dt)
