@@ -5,23 +5,25 @@
 # ones); the D = 96 forward and fwd+bwd against the cp.async kernel (ctypes variant 13) and plain cuDNN in one process,
 # and D = 256's cp.async default (v0) against v10; compute-sanitizer memcheck + racecheck of sanitize_fwd_pad.py; the
 # feature shapes at D = 96 (Lumina 2, OmniGen) and D = 128 with a key mask (Qwen-Image: the change renumbered that
-# instance's registers) with TACA_FWD_PAD=0 and without, one process each, FEAT_ROUNDS times.
+# instance's registers) with TACA_FWD_PAD=0 and without, one process each, FEAT_ROUNDS times; feat256: AuraFlow's and
+# Ideogram 4's feature shapes (per-sample text, a segment mask) with TACA_FWD_D256=cp (the cp.async forward) and ws
+# (the warp-specialized one's FEAT instances), one process each.
 #   run(command="bash benchmarks/gpu_pad_run.sh", carry=[".whl"], timeout_s=600)
-# Env: STEPS (default "build test bench sanitize feat"; whatever the order given, they run in this one), FEAT_ROUNDS
+# Env: STEPS (default "build test bench sanitize feat feat256"; whatever the order given, they run in this one), FEAT_ROUNDS
 # (2), SAN (pad: sanitize_fwd_pad.py; full: sanitize_fwd.py), OUT.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STEPS=${STEPS:-"build test bench sanitize feat"}
+STEPS=${STEPS:-"build test bench sanitize feat feat256"}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 {
 if has build; then STEPS=build OUT=/tmp/hw bash benchmarks/gpu_features_run.sh 2>&1 | grep -E "rc=|has_cuda|GPU|torch"; fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so
 if has test; then
   t0=$SECONDS
-  timeout 100 python3 -m pytest -q tests/test_cuda.py -k "D72 or D80 or D96 or D120 or ws_d256 or padded_head_dim" > "$OUT/pytest_cuda.txt" 2>&1
+  timeout 100 python3 -m pytest -q tests/test_cuda.py -k "D72 or D80 or D96 or D120 or ws_d256 or padded_head_dim or d256_routes" > "$OUT/pytest_cuda.txt" 2>&1
   echo "test_cuda.py (D 72..120, WS at D = 256) rc=$?: $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/pytest_cuda.txt" | tail -6 | tr '\n' ' ')"
-  timeout 100 python3 -m pytest -q tests/test_cuda_features.py -k "96 or 72" > "$OUT/pytest_features.txt" 2>&1
-  echo "test_cuda_features.py (96 / 72) rc=$?: $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/pytest_features.txt" | tail -6 | tr '\n' ' ')"
+  timeout 160 python3 -m pytest -q tests/test_cuda_features.py -k "96 or 72 or 256 or 224" > "$OUT/pytest_features.txt" 2>&1
+  echo "test_cuda_features.py (96 / 72 / 256 / 224) rc=$?: $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/pytest_features.txt" | tail -6 | tr '\n' ' ')"
   echo "tests ($((SECONDS - t0)) s)"
 fi
 if has bench; then
@@ -53,6 +55,16 @@ if has feat; then
   done
   echo "features ($((SECONDS - t0)) s)"
 fi
+if has feat256; then
+  t0=$SECONDS
+  for route in cp ws; do
+    mkdir -p "$OUT/feat256_$route"
+    TACA_FWD_D256=$route timeout 150 python3 benchmarks/bench_features_gpu.py --shapes 'auraflow|ideogram' \
+      --out "$OUT/feat256_$route" > "$OUT/feat256_$route.txt" 2>&1
+    echo "features D = 256 TACA_FWD_D256=$route rc=$?"
+  done
+  echo "features D = 256 ($((SECONDS - t0)) s)"
+fi
 grep -hE "^\| (d96|auraflow|ideogram)" "$OUT/bench_d96.txt" "$OUT/bench_d256.txt" | cut -d'|' -f2-10
-for f in "$OUT"/feat_pad*_r*.txt; do echo "== $(basename "$f")"; grep -E "lumina|omnigen|qwen|hunyuan" "$f" | tail -3 | cut -c1-150; done
+for f in "$OUT"/feat_pad*_r*.txt "$OUT"/feat256_*.txt; do echo "== $(basename "$f")"; grep -E "lumina|omnigen|qwen|hunyuan|auraflow|ideogram" "$f" | tail -3 | cut -c1-150; done
 } 2>&1 | tee "$OUT/log.txt"

@@ -196,6 +196,16 @@ def test_padded_head_dim_routes(impl, pad, monkeypatch):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("route", ["cp", "ws"])
+def test_d256_routes(impl, route, monkeypatch):
+    # D = 200..256: the warp-specialized forward (TACA_FWD_D256=ws) and the cp.async one (cp), each by the tolerance rule
+    # through the default variant (the public op too)
+    monkeypatch.setenv("TACA_FWD_D256", route)
+    check_case(impl, 2, 3, 333, 1500, 256, True, torch.bfloat16, layout="bnhd", noncontig=True)
+    check_case(impl, 1, 2, 77, 1025, 208, False, torch.float16)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_text_len_equals_n(impl):
     check_case(impl, 2, 2, 300, 0, 64, True, torch.bfloat16)
 

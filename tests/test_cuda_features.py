@@ -145,6 +145,9 @@ BIG = {
     "padded_text_d128": (2, 4, 4, 1100, 1100, 128, "bnhd", dict(text_len=256), "bool_pad_text"),
     "padded_text_gqa_d64": (2, 4, 2, 1100, 1100, 64, "bhnd", dict(text_len=256), "bool_pad_text"),
     "spans_mask_d256": (2, 2, 2, 300, 300, 256, "bnhd", dict(text_len=[60, 7], text_start=[0, 40]), "bool_b11k"),
+    # D = 256 with spans alone (Ideogram 4's per-sample text) and a per-query float mask, D = 224 zero-filled
+    "spans_d256": (2, 3, 3, 700, 700, 256, "bhnd", dict(text_len=[170, 512], text_first=True), None),
+    "float_mask_d224": (2, 2, 1, 200, 260, 224, "bnhd", dict(text_len=50), "float_bhqk"),
     "everything_d72": (3, 4, 2, 150, 170, 72, "bhnd",
                        dict(text_len=[30, 20, 0], text_start=[0, 100, 7], query_text_len=[30, 0, 10]),
                        "float32_neginf"),
@@ -317,6 +320,17 @@ def test_cuda_forward_key_mask_per_tile_bitwise(name, monkeypatch):
         assert torch.equal(a, c), f"{nm}: the two- and three-consumer kernels' per-tile key terms differ"
         assert torch.equal(a, d) and torch.equal(a, e), f"{nm}: the lane-0-arrival instances differ"
     assert torch.isfinite(res[0][0]).all()
+
+
+@requires_kernel
+@pytest.mark.parametrize("route", ["cp", "ws"])
+@pytest.mark.parametrize("name", ["spans_mask_d256", "spans_d256", "float_mask_d224"])
+def test_cuda_d256_forward_routes(name, route, monkeypatch):
+    """D = 200..256 on both Hopper forwards (TACA_FWD_D256: the warp-specialized kernel's FEAT instances, spans alone, a
+    key mask's per-tile terms, a per-query mask; or the cp.async kernel), each by the tolerance rule with its
+    gradients (other GPUs ignore the switch)."""
+    monkeypatch.setenv("TACA_FWD_D256", route)
+    test_cuda_kernel_features_tolerance_rule(name, torch.bfloat16)
 
 
 @requires_kernel

@@ -684,23 +684,37 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
     }
 }
 
-/* The warp-specialized kernel at D = 256 (ctypes variant 10, opt-in): two consumer warpgroups of 64 rows, 64-key
- * tiles, two stages, one CTA per item (two Q buffers do not fit beside the stages): Q 64 KiB + K / V 128 KiB; O is 128
- * fp32 registers a consumer thread. Compiled and unmeasured (forty-seventh session): the default stays the cp.async
- * kernel below until a device run has timed it and its tests passed. */
+/* The warp-specialized kernel at D = 256 (WS256): two consumer warpgroups of 64 rows, 64-key tiles, two stages, one CTA
+ * per item (two Q buffers do not fit beside the stages): Q 64 KiB + K / V 128 KiB; O is 128 fp32 registers a consumer
+ * thread. Its FEAT instances take per-sample spans (MK_NONE), a key mask's per-tile terms (MK_KEY, KTA) and any other
+ * mask (MK_ANY), as D = 128's do. Where it runs: fwd_d256_ws. */
 using W256 = WsCfg<2, false, true, 256, false, 64>;
 
-/* D = 256 (AuraFlow, Ideogram 4; aligned 200..256 zero-filled): this file's kernel with two
- * warpgroups (128-row CTAs) and 64-key tiles, 2 stages: Q 64 KiB + K/V 128 KiB of shared memory,
- * O 128 fp32 registers per thread. 0: no overlap; 7: P V of tile j-1 overlapping the softmax of
- * tile j. Variants 1..6 force the mma.sync kernel (taca_fwd.cu). */
+/* TACA_FWD_D256=ws / cp (a timing switch, read at every call): the warp-specialized kernel or this file's cp.async
+ * kernel at D = 200..256 for variant 0; variant 10 is the warp-specialized one, the others the cp.async ones. Default:
+ * cp.async until a device run timed both (forty-eighth session). */
+[[maybe_unused]] static inline bool fwd_d256_ws(int variant) {
+    if (variant == 10) return true;
+    if (variant != 0) return false;
+    const char *e = getenv("TACA_FWD_D256");
+    return e && !strcmp(e, "ws");
+}
+
+/* D = 256 (AuraFlow, Ideogram 4; aligned 200..256 zero-filled): W256 (fwd_d256_ws), else this file's kernel with two
+ * warpgroups (128-row CTAs) and 64-key tiles, 2 stages: Q 64 KiB + K/V 128 KiB of shared memory, O 128 fp32
+ * registers per thread. 7: P V of tile j-1 overlapping the softmax of tile j. Variants 1..6 force the mma.sync
+ * kernel (taca_fwd.cu). */
 template <typename T>
 int dispatch_d256(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t stream) {
-    if (a.spans || a.mask.data) return taca_fwd90::launch<T, Cfg<256, 64, 2, 2, false>, true>(a, batch, heads, stream);
-    if (variant == 10) {  // the warp-specialized kernel at D = 256 (opt-in, not yet measured): W256
-        const int st = launch_ws<T, W256>(a, batch, heads, stream);
+    if (fwd_d256_ws(variant)) {
+        const int st = !a.spans && !a.mask.data ? launch_ws<T, W256>(a, batch, heads, stream)
+                       : !a.mask.data           ? launch_ws<T, W256, true, MK_NONE>(a, batch, heads, stream)
+                       : fwd_mask_mode("elem") || a.mask.q != 0 || fwd_kt_arrive_lane0()
+                           ? launch_ws<T, W256, true, MK_ANY>(a, batch, heads, stream)
+                           : launch_ws<T, W256, true, MK_KEY, true>(a, batch, heads, stream);
         if (st != TACA_ERR_UNSUPPORTED) return st;
     }
+    if (a.spans || a.mask.data) return taca_fwd90::launch<T, Cfg<256, 64, 2, 2, false>, true>(a, batch, heads, stream);
     if (variant == 7) return launch<T, Cfg<256, 64, 2, 2, true>>(a, batch, heads, stream);
     return launch<T, Cfg<256, 64, 2, 2, false>>(a, batch, heads, stream);
 }
