@@ -5,7 +5,8 @@ Run: compute-sanitizer --tool memcheck --kernel-name kns=taca_fwd python3 tests/
 D = 96 and 72 in a (B, N, H, D) view of wider storage (the columns past D hold other heads' values, which the copy
 engine must not read): the plain kernel at FLUX 1024's 24 heads x 4608 tokens (36 key tiles; 864 items leave a
 partial last wave on 132 SMs: the tail split), per-sample text spans, a bool key mask with padded keys and grouped KV heads (Lumina 2's kind), fp16 and bf16;
-with TACA_CUDA_LIB set, the opt-in D = 256 warp-specialized kernel (ctypes variant 10) at D = 256 and 224 too.
+with TACA_CUDA_LIB set, the D = 256 warp-specialized kernel (ctypes variant 10) at D = 256 and 224 too; and its FEAT
+instances through the public op (TACA_FWD_D256=ws): per-sample spans, a bool key mask with spans, a float per-query mask.
 """
 import os
 import sys
@@ -44,6 +45,24 @@ def main():
             taca_ctypes.fwd(*qkv.unbind(2), text_len=150, text_first=False, gamma=torch.tensor([1.2, 1.5], device=dev),
                             layout="bnhd", variant=10)
             runs += 1
+    # the D = 256 warp-specialized kernel's FEAT instances (spans; a key mask's terms; any mask), through the public op
+    prev = os.environ.get("TACA_FWD_D256")
+    os.environ["TACA_FWD_D256"] = "ws"
+    try:
+        B, H, N, D = 2, 3, 700, 256
+        q, k, v = (torch.randn(B, N, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        km = torch.ones(B, 1, 1, N, dtype=torch.bool, device=dev)
+        km[0, ..., 100:170] = False
+        fm = torch.randn(B, H, N, N, device=dev, dtype=torch.bfloat16)
+        spans = dict(text_len=torch.tensor([170, 512], device=dev))
+        for kw in (spans, dict(spans, attn_mask=km), dict(text_len=50, attn_mask=fm)):
+            taca.joint_attention(q, k, v, gamma=1.2, layout="bnhd", backend="cuda", **kw)
+            runs += 1
+    finally:
+        if prev is None:
+            os.environ.pop("TACA_FWD_D256", None)
+        else:
+            os.environ["TACA_FWD_D256"] = prev
     torch.cuda.synchronize()
     print(f"sanitize_fwd_pad: {runs} kernel calls done")
     return runs
