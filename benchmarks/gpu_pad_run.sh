@@ -7,10 +7,12 @@
 # feature shapes at D = 96 (Lumina 2, OmniGen) and D = 128 with a key mask (Qwen-Image: the change renumbered that
 # instance's registers) with TACA_FWD_PAD=0 and without, one process each, FEAT_ROUNDS times; feat256: AuraFlow's and
 # Ideogram 4's feature shapes (per-sample text, a segment mask) with TACA_FWD_D256=cp (the cp.async forward) and ws
-# (the warp-specialized one's FEAT instances), one process each.
+# (the warp-specialized one's FEAT instances), one process each; turn: the forward's TACA_FWD_TURN=1 (the consumers'
+# turn across items) against the default, with the tail split and without (TACA_FWD_SPLIT=0), one mode per process
+# (gpu_fwd_modes.sh; TURN_SHAPES, TURN_ROUNDS (2)).
 #   run(command="bash benchmarks/gpu_pad_run.sh", carry=[".whl"], timeout_s=600)
 # Env: STEPS (default "build test bench sanitize feat feat256"; whatever the order given, they run in this one), FEAT_ROUNDS
-# (2), SAN (pad: sanitize_fwd_pad.py; full: sanitize_fwd.py), OUT.
+# (2), SAN (pad: sanitize_fwd_pad.py; full: sanitize_fwd.py), BENCH (the bench step's parts: "d96 d256"), OUT.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STEPS=${STEPS:-"build test bench sanitize feat feat256"}
@@ -20,17 +22,19 @@ if has build; then STEPS=build OUT=/tmp/hw bash benchmarks/gpu_features_run.sh 2
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so
 if has test; then
   t0=$SECONDS
-  timeout 100 python3 -m pytest -q tests/test_cuda.py -k "D72 or D80 or D96 or D120 or ws_d256 or padded_head_dim or d256_routes" > "$OUT/pytest_cuda.txt" 2>&1
+  timeout 150 python3 -m pytest -q tests/test_cuda.py -k "D72 or D80 or D96 or D120 or ws_d256 or padded_head_dim or d256_routes or turn_across" > "$OUT/pytest_cuda.txt" 2>&1
   echo "test_cuda.py (D 72..120, WS at D = 256) rc=$?: $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/pytest_cuda.txt" | tail -6 | tr '\n' ' ')"
   timeout 160 python3 -m pytest -q tests/test_cuda_features.py -k "96 or 72 or 256 or 224" > "$OUT/pytest_features.txt" 2>&1
   echo "test_cuda_features.py (96 / 72 / 256 / 224) rc=$?: $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/pytest_features.txt" | tail -6 | tr '\n' ' ')"
   echo "tests ($((SECONDS - t0)) s)"
 fi
-if has bench; then
+if has bench && [[ " ${BENCH:-d96 d256} " == *" d96 "* ]]; then
   t0=$SECONDS
   timeout 100 python3 benchmarks/bench_attention_gpu.py --rounds 3 --variants --shapes d96_cfg \
     --methods 'taca_cuda$|taca_ctypes_v(0|13)$|split' --out "$OUT" --tag _d96 > "$OUT/bench_d96.txt" 2>&1
   echo "bench d96 rc=$? ($((SECONDS - t0)) s)"
+fi
+if has bench && [[ " ${BENCH:-d96 d256} " == *" d256 "* ]]; then
   # D = 256: the cp.async default (v0) against the opt-in warp-specialized kernel (v10)
   t0=$SECONDS
   timeout 150 python3 benchmarks/bench_attention_gpu.py --rounds 3 --variants --shapes auraflow_cfg,ideogram4_cfg \
@@ -55,6 +59,12 @@ if has feat; then
   done
   echo "features ($((SECONDS - t0)) s)"
 fi
+if has turn; then
+  t0=$SECONDS
+  OUT=$OUT/turn BUILD=0 ROUNDS=${TURN_ROUNDS:-2} MODES=base,turn,sp0,sp0+turn \
+    SHAPES=${TURN_SHAPES:-fa3_d128_4k,fa3_d64_4k,flux1024_b1,sd35m_cfg,fa3_d128_16k} bash benchmarks/gpu_fwd_modes.sh > /dev/null 2>&1
+  echo "turn modes rc=$? ($((SECONDS - t0)) s)"
+fi
 if has feat256; then
   t0=$SECONDS
   for route in cp ws; do
@@ -66,5 +76,6 @@ if has feat256; then
   echo "features D = 256 ($((SECONDS - t0)) s)"
 fi
 grep -hE "^\| (d96|auraflow|ideogram)" "$OUT/bench_d96.txt" "$OUT/bench_d256.txt" | cut -d'|' -f2-10
+[ -f "$OUT/turn/log.txt" ] && grep -E "^\| " "$OUT/turn/log.txt" | cut -c1-160
 for f in "$OUT"/feat_pad*_r*.txt "$OUT"/feat256_*.txt; do echo "== $(basename "$f")"; grep -E "lumina|omnigen|qwen|hunyuan|auraflow|ideogram" "$f" | tail -3 | cut -c1-150; done
 } 2>&1 | tee "$OUT/log.txt"

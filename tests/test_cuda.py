@@ -391,6 +391,39 @@ def test_forward_overlap(case, monkeypatch):
 
 
 @pytest.mark.skipif(not _PUBLIC, reason="the public op has no CUDA kernel")
+@pytest.mark.parametrize("shape", [(2, 24, 4608, 128), (4, 16, 4096, 128), (2, 24, 4352, 96), (2, 24, 4429, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_forward_turn_across_items(shape, monkeypatch):
+    """TACA_FWD_TURN=1: the persistent forward's consumers pass their ping-pong turn on across a CTA's items (WsCfg's
+    TURN bit, instances of their own: the D = 128 default's PVW form as FORM 9, D = 64's three-consumer default as 8).
+    Only the order in which the consumers issue changes: out, lse and text_mass bitwise the default's, and on sm_90 the
+    D = 128 kernels launched carry the form asked for. Several items per CTA: FLUX 1024 CFG (1728 items),
+    FlashAttention-3's 4k shape (2048), D = 96 zero-filled, SD3.5-M CFG at D = 64. The tail split, whose instances
+    are built without TURN, is off here (TACA_FWD_SPLIT=0); with it a TURN call launches the split's form 1."""
+    B, H, N, D = shape
+    monkeypatch.setenv("TACA_FWD_SPLIT", "0")
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(B, N, H, D, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(3))
+    gamma = torch.linspace(1.2, 1.5, B, device="cuda")
+
+    def call():
+        return run_kernel("op", q, k, v, text_len=333, text_first=True, gamma=gamma, layout="bnhd")
+
+    monkeypatch.delenv("TACA_FWD_TURN", raising=False)
+    default = call()
+    assert torch.isfinite(default[0]).all()
+    if D == 64:
+        monkeypatch.setenv("TACA_FWD_TURN", "1")
+        for name, a, b in zip(("out", "lse", "text_mass"), call(), default):
+            assert torch.equal(a, b), f"{name}: TACA_FWD_TURN=1 differs from the default"
+    else:
+        _check_env_forms(call, default, "TACA_FWD_TURN", (("1", 9), ("0", 1), (None, 1)), _fwd_form_flags, monkeypatch)
+        monkeypatch.delenv("TACA_FWD_SPLIT")  # the split (these shapes leave a partial wave): form 1 with TURN too
+        split = call()
+        _check_env_forms(call, split, "TACA_FWD_TURN", (("1", 1), (None, 1)), _fwd_form_flags, monkeypatch)
+
+
+@pytest.mark.skipif(not _PUBLIC, reason="the public op has no CUDA kernel")
 @pytest.mark.parametrize("H, L, n_img", [(24, [512, 300], 4096), (3, [333, 100], 4000)], ids=["split", "unsplit"])
 def test_forward_overlap_spans(H, L, n_img, monkeypatch):
     """Per-sample spans (the forward's FEAT instances) take the overlap as the plain default does: outputs with

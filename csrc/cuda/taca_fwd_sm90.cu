@@ -481,8 +481,10 @@ using WSplitOv = WsCfg<2, true, true, 128, true>;
     return !a.mask.data;
 }
 // WsCfg's FORM for the D = 128 default without spans or a mask: PVW (P V as m64n128k16 wgmmas, bitwise the m64n64k16
-// form; the default, TACA_FWD_PVW=0 the m64n64k16 form) and a timing switch, off by default, with PVW or not:
-// TACA_FWD_LZ=1 adds IL and LZ (the lazy running max). IL alone (TACA_FWD_IL=1 in the fortieth session) was slower at
+// form; the default, TACA_FWD_PVW=0 the m64n64k16 form) and timing switches, off by default: TACA_FWD_LZ=1 adds IL and
+// LZ (the lazy running max), with PVW or not; TACA_FWD_TURN=1 adds TURN (the consumers' turn across items, bitwise the
+// same outputs) to the PVW form without LZ, and to D = 64's plain default (fwd_turn); calls the tail split takes run
+// without it (TACA_FWD_SPLIT=0 turns the split off). IL alone (TACA_FWD_IL=1 in the fortieth session) was slower at
 // FLUX 1024 and with PVW at 2048 (H200, KERNEL_LOG forty-first session), TX (TACA_FWD_TX=1: the consumers' turn around
 // the exponentials) 3.5-9% slower everywhere (H100, forty-third session): neither is built now
 template <int F> using WSplitF = WsCfg<2, false, true, 128, true, 128, 2, F>;
@@ -491,9 +493,14 @@ template <int F> using WSplitOvF = WsCfg<2, true, true, 128, true, 128, 2, F>;
     const char *p = getenv("TACA_FWD_PVW");
     return !(p && !strcmp(p, "0"));
 }
+[[maybe_unused]] static inline bool fwd_turn() {
+    const char *t = getenv("TACA_FWD_TURN");
+    return t && !strcmp(t, "1");
+}
 [[maybe_unused]] static inline int fwd_form() {
     const char *z = getenv("TACA_FWD_LZ");
-    return (fwd_pvw() ? 1 : 0) | (z && !strcmp(z, "1") ? 6 : 0);
+    const int f = (fwd_pvw() ? 1 : 0) | (z && !strcmp(z, "1") ? 6 : 0);
+    return f == 1 && fwd_turn() ? 9 : f;  // TURN: built with PVW alone
 }
 // run(std::integral_constant<int, F>()) with F = 1 (PVW) at D = 128 unless TACA_FWD_PVW=0 (fwd_pvw), else 0: the form
 // of the instances with spans or a mask (IL and LZ are the plain default's only)
@@ -510,6 +517,7 @@ static inline int by_form(R &&run) {
     case 1: return run(std::integral_constant<int, 1>());
     case 6: return run(std::integral_constant<int, 6>());
     case 7: return run(std::integral_constant<int, 7>());
+    case 9: return run(std::integral_constant<int, 9>());
     default: return run(std::integral_constant<int, 0>());
     }
 }
@@ -641,8 +649,9 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
             const bool ov = fwd_overlap(a);
             const int sst = by_form([&](auto f) {
                 constexpr int F = decltype(f)::value;
-                return ov ? launch_split<T, false, MK_NONE, false, WSplitOvF<F>>(a, variant, batch, heads, stream, ws, ws_bytes)
-                          : launch_split<T, false, MK_NONE, false, WSplitF<F>>(a, variant, batch, heads, stream, ws, ws_bytes);
+                // (TURN, F & 8, is not built into the split's instances: the split runs without it)
+                return ov ? launch_split<T, false, MK_NONE, false, WSplitOvF<(F & 7)>>(a, variant, batch, heads, stream, ws, ws_bytes)
+                          : launch_split<T, false, MK_NONE, false, WSplitF<(F & 7)>>(a, variant, batch, heads, stream, ws, ws_bytes);
             });
             if (sst != TACA_ERR_UNSUPPORTED) return sst;
             const int st = variant == 11   ? launch_ws<T, WsCfg<2, true, true>>(a, batch, heads, stream)
@@ -671,6 +680,8 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
             const int bc = variant == 18 ? d64_key_tile(a.nk) : variant == 15 ? 192 : variant == 16 ? 160 : 128;
             const int st = variant == 11   ? launch_ws<T, WsCfg<2, true, true, 64>>(a, batch, heads, stream)
                            : variant == 12 ? launch_ws<T, WsCfg<4, false, true, 64>>(a, batch, heads, stream)
+                           : (variant == 0 || variant == 17) && fwd_turn()
+                               ? launch_ws<T, WsCfg<2, false, true, 64, true, 128, 3, 8>>(a, batch, heads, stream)
                            : variant == 0 || variant == 17
                                ? launch_ws<T, WsCfg<2, false, true, 64, true, 128, 3>>(a, batch, heads, stream)
                            : variant == 14 ? launch_ws<T, WsCfg<2, false, true, 64>>(a, batch, heads, stream)
