@@ -186,23 +186,17 @@ def test_forward_matches_reference(impl, case):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("pad", ["0", "1"])
-def test_padded_head_dim_routes(impl, pad, monkeypatch):
-    # D = 72..120: the warp-specialized D = 128 forward zero-filled (default) and the cp.async one (TACA_FWD_PAD=0, the
-    # route before, kept as a timing switch), each by the tolerance rule
-    monkeypatch.setenv("TACA_FWD_PAD", pad)
-    check_case(impl, 2, 3, 333, 1500, 96, True, torch.bfloat16, layout="bnhd", noncontig=True)
-    check_case(impl, 1, 2, 77, 1025, 72, False, torch.float16)
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("route", ["cp", "ws"])
-def test_d256_routes(impl, route, monkeypatch):
-    # D = 200..256: the warp-specialized forward (TACA_FWD_D256=ws) and the cp.async one (cp), each by the tolerance rule
-    # through the default variant (the public op too)
-    monkeypatch.setenv("TACA_FWD_D256", route)
-    check_case(impl, 2, 3, 333, 1500, 256, True, torch.bfloat16, layout="bnhd", noncontig=True)
-    check_case(impl, 1, 2, 77, 1025, 208, False, torch.float16)
+@pytest.mark.parametrize("var, value, dims", [("TACA_FWD_PAD", "0", (96, 72)), ("TACA_FWD_PAD", "1", (96, 72)),
+                                              ("TACA_FWD_D256", "cp", (256, 208)), ("TACA_FWD_D256", "ws", (256, 208))],
+                         ids=["pad0", "pad1", "d256cp", "d256ws"])
+def test_forward_head_dim_routes(impl, var, value, dims, monkeypatch):
+    # Both forward routes of the padded head dims, each by the tolerance rule through the default variant (the public op
+    # too): D = 72..120 on the warp-specialized D = 128 forward zero-filled (default) or the cp.async one (TACA_FWD_PAD=0,
+    # the route before, kept as a timing switch); D = 200..256 on the warp-specialized D = 256 forward (TACA_FWD_D256=ws)
+    # or the cp.async one (cp). A strided (B, N, H, D) view, then fp16 at the smaller (zero-filled) dim, text last
+    monkeypatch.setenv(var, value)
+    check_case(impl, 2, 3, 333, 1500, dims[0], True, torch.bfloat16, layout="bnhd", noncontig=True)
+    check_case(impl, 1, 2, 77, 1025, dims[1], False, torch.float16)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
