@@ -3,7 +3,8 @@
 # sends them to the cp.async kernel as before) and the opt-in warp-specialized kernel at D = 256 (ctypes variant 10):
 # build; the CUDA tests (test_cuda.py's D72 / D80 / D96 / D120 cases and ws_d256 tests, test_cuda_features.py's 96 / 72
 # ones); the D = 96 forward and fwd+bwd against the cp.async kernel (ctypes variant 13) and plain cuDNN in one process,
-# and D = 256's cp.async default (v0) against v10; compute-sanitizer memcheck + racecheck of sanitize_fwd_pad.py; the
+# and D = 256's cp.async default (v0) against v10; compute-sanitizer memcheck + racecheck of sanitize_fwd_pad.py, and
+# of sanitize_fwd_turn.py with synccheck too; the
 # feature shapes at D = 96 (Lumina 2, OmniGen) and D = 128 with a key mask (Qwen-Image: the change renumbered that
 # instance's registers) with TACA_FWD_PAD=0 and without, one process each, FEAT_ROUNDS times; feat256: AuraFlow's and
 # Ideogram 4's feature shapes (per-sample text, a segment mask) with TACA_FWD_D256=cp (the cp.async forward) and ws
@@ -45,7 +46,11 @@ if has sanitize; then
   source benchmarks/gpu_sanitize.sh
   # SAN=full: the whole forward harness (160 calls, ~2 min for both tools); default: the padded head dims alone
   if [ "${SAN:-pad}" = full ]; then sanitize tests/cuda_harness/sanitize_fwd.py taca_ sanitize_fwd 150
-  else sanitize tests/cuda_harness/sanitize_fwd_pad.py taca_fwd sanitize_fwd_pad 120; fi
+  else
+    sanitize tests/cuda_harness/sanitize_fwd_pad.py taca_fwd sanitize_fwd_pad 120
+    # TURN: memcheck, racecheck and synccheck (the turn's named barriers)
+    SAN_TOOLS="memcheck racecheck synccheck" sanitize tests/cuda_harness/sanitize_fwd_turn.py taca_fwd sanitize_fwd_turn 120
+  fi
 fi
 if has feat; then
   t0=$SECONDS

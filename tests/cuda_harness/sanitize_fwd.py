@@ -167,6 +167,10 @@ def main():
         import sanitize_fwd_split
 
         runs += sanitize_fwd_split.main()
+        # TURN (the consumers' turn across items, TACA_FWD_TURN=1): sanitize_fwd_turn.py's calls
+        import sanitize_fwd_turn
+
+        runs += sanitize_fwd_turn.main()
     except (NotImplementedError, RuntimeError, AttributeError) as e:
         print("public op path skipped:", type(e).__name__, str(e)[:200])
     torch.cuda.synchronize()
