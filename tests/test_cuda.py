@@ -392,8 +392,8 @@ def test_forward_turn_across_items(shape, monkeypatch):
     TURN bit, instances of their own: the D = 128 default's PVW form as FORM 9, D = 64's three-consumer default as 8).
     Only the order in which the consumers issue changes: out, lse and text_mass bitwise the default's, and on sm_90 the
     D = 128 kernels launched carry the form asked for. Several items per CTA: FLUX 1024 CFG (1728 items),
-    FlashAttention-3's 4k shape (2048), D = 96 zero-filled, SD3.5-M CFG at D = 64. The tail split, whose instances
-    are built without TURN, is off here (TACA_FWD_SPLIT=0); with it a TURN call launches the split's form 1."""
+    FlashAttention-3's 4k shape (2048), D = 96 zero-filled, SD3.5-M CFG at D = 64; at D >= 96 with the tail split
+    (these shapes leave a partial wave; TURN passes the turn between its whole items) and without (TACA_FWD_SPLIT=0)."""
     B, H, N, D = shape
     monkeypatch.setenv("TACA_FWD_SPLIT", "0")
     gen = torch.Generator(device="cuda").manual_seed(3)
@@ -412,9 +412,9 @@ def test_forward_turn_across_items(shape, monkeypatch):
             assert torch.equal(a, b), f"{name}: TACA_FWD_TURN=1 differs from the default"
     else:
         _check_env_forms(call, default, "TACA_FWD_TURN", (("1", 9), ("0", 1), (None, 1)), _fwd_form_flags, monkeypatch)
-        monkeypatch.delenv("TACA_FWD_SPLIT")  # the split (these shapes leave a partial wave): form 1 with TURN too
+        monkeypatch.delenv("TACA_FWD_SPLIT")
         split = call()
-        _check_env_forms(call, split, "TACA_FWD_TURN", (("1", 1), (None, 1)), _fwd_form_flags, monkeypatch)
+        _check_env_forms(call, split, "TACA_FWD_TURN", (("1", 9), (None, 1)), _fwd_form_flags, monkeypatch)
 
 
 @pytest.mark.skipif(not _PUBLIC, reason="the public op has no CUDA kernel")

@@ -483,8 +483,7 @@ using WSplitOv = WsCfg<2, true, true, 128, true>;
 // WsCfg's FORM for the D = 128 default without spans or a mask: PVW (P V as m64n128k16 wgmmas, bitwise the m64n64k16
 // form; the default, TACA_FWD_PVW=0 the m64n64k16 form) and timing switches, off by default: TACA_FWD_LZ=1 adds IL and
 // LZ (the lazy running max), with PVW or not; TACA_FWD_TURN=1 adds TURN (the consumers' turn across items, bitwise the
-// same outputs) to the PVW form without LZ, and to D = 64's plain default (fwd_turn); calls the tail split takes run
-// without it (TACA_FWD_SPLIT=0 turns the split off). IL alone (TACA_FWD_IL=1 in the fortieth session) was slower at
+// same outputs) to the PVW form without LZ (the tail split's instance too), and to D = 64's plain default (fwd_turn). IL alone (TACA_FWD_IL=1 in the fortieth session) was slower at
 // FLUX 1024 and with PVW at 2048 (H200, KERNEL_LOG forty-first session), TX (TACA_FWD_TX=1: the consumers' turn around
 // the exponentials) 3.5-9% slower everywhere (H100, forty-third session): neither is built now
 template <int F> using WSplitF = WsCfg<2, false, true, 128, true, 128, 2, F>;
@@ -649,9 +648,8 @@ int dispatch_d(const FwdArgs &a, int variant, int batch, int heads, cudaStream_t
             const bool ov = fwd_overlap(a);
             const int sst = by_form([&](auto f) {
                 constexpr int F = decltype(f)::value;
-                // (TURN, F & 8, is not built into the split's instances: the split runs without it)
-                return ov ? launch_split<T, false, MK_NONE, false, WSplitOvF<(F & 7)>>(a, variant, batch, heads, stream, ws, ws_bytes)
-                          : launch_split<T, false, MK_NONE, false, WSplitF<(F & 7)>>(a, variant, batch, heads, stream, ws, ws_bytes);
+                return ov ? launch_split<T, false, MK_NONE, false, WSplitOvF<F>>(a, variant, batch, heads, stream, ws, ws_bytes)
+                          : launch_split<T, false, MK_NONE, false, WSplitF<F>>(a, variant, batch, heads, stream, ws, ws_bytes);
             });
             if (sst != TACA_ERR_UNSUPPORTED) return sst;
             const int st = variant == 11   ? launch_ws<T, WsCfg<2, true, true>>(a, batch, heads, stream)

@@ -60,11 +60,11 @@ struct WsCfg {
     // LZ (4, with IL): uniform tiles keep the running max unless a row of the warp grows by more than 2^8
     //   (softmax_uniform_il's LAZY, FlashAttention-4's rule): most tiles then skip O's rescale. Not bitwise the default
     // TURN (8; persistent ping-pong forms): the consumers' turn continues across a CTA's items: the last consumer passes
-    //   it to consumer 0 after its last tile's softmax when the CTA has another item, so consumer 0 starts that item
-    //   while this one's last P V product and epilogue run. Without it consumer 0 gets its first turn of the next item
-    //   only once the last consumer has finished this item, epilogue included (at FlashAttention-3's 4k-token shapes
-    //   the D = 128 forward ran 4% under its 16k rate, whose items are four times as long: about 3 us an item). Not in
-    //   the tail split's instances (a call the split takes runs without it)
+    //   it to consumer 0 once its last P V product of an item is issued, when the CTA has another (whole) item, so
+    //   consumer 0 starts that item while this one's last product and epilogue run. Without it consumer 0 gets its first
+    //   turn of the next item only once the last consumer has finished this item, epilogue included (at
+    //   FlashAttention-3's 4k-token shapes the D = 128 forward ran 4% under its 16k rate, whose items are four times as
+    //   long: about 3 us an item)
     static constexpr bool PVW = (FORM & 1) != 0, IL = (FORM & 2) != 0, LZ = (FORM & 4) != 0, TURN = (FORM & 8) != 0;
     static_assert(!LZ || IL, "the lazy max: the IL path's");
     static_assert(FORM >= 0 && FORM < 16, "FORM: the PVW, IL, LZ and TURN bits");
@@ -190,8 +190,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
 #if TACA_SM90A
     static_assert(!SPLIT || (C::PERSIST && C::NC == 2 && (MK == MK_NONE || (MK == MK_KEY && KTA))),
                   "the tail split: the two-consumer persistent form, without a mask or with a key mask's terms");
-    // (TURN in the split instances compiled to a larger loop, half its exponentials twice and 6x the P2R: not built)
-    static_assert(!(SPLIT && C::TURN), "the turn across items: unsplit instances");
+
     constexpr int DP = C::DP, BC = C::BC, BR = C::BR, NT = C::NT, DT = C::DT, STAGES = C::STAGES;
     constexpr int BAR_TURN = 1;  // named barriers 1, 2: consumer 0's and consumer 1's turn
     constexpr bool PER = C::PERSIST;
@@ -446,9 +445,10 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
         const uint64_t d_qw = desc_sw128(q_wg);    // advanced per k-step (desc_advance)
 
         mbar_wait(full_q(qb), (i / C::NQBUF) & 1);
-        // consumer 0 takes the first turn: of every item, or with TURN of the CTA's first, the last consumer passing it
-        // on after its last tile of each item that has a successor (below)
-        if (C::PINGPONG && c == C::NC - 1 && (!C::TURN || w == w0)) named_bar_arrive(BAR_TURN + 0, 256);
+        // consumer 0 takes the first turn: of every item, or with TURN of the CTA's first (and of the split's tail
+        // units), the last consumer passing it on at the end of each (whole) item that has a successor (below)
+        if (C::PINGPONG && c == C::NC - 1 && (!C::TURN || w == w0 || (SPLIT && w >= p.split_first)))
+            named_bar_arrive(BAR_TURN + 0, 256);
         uint32_t pa[BC / 16][4];  // P of the previous tile, A operand of its P V product
         const int64_t mbase = MK ? (int64_t)b * a.mask.b + (int64_t)h * a.mask.h : 0;
         // One key tile j (ring position jbase + j); FIRST (tile 0) has no previous P V. Two instances so
@@ -554,11 +554,6 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
         };
         tile(jb, std::true_type());
         for (int j = jb + 1; j < je; ++j) tile(j, std::false_type());
-        if constexpr (C::TURN) {
-            // the last consumer's last pass of an item has no taker in the tile loop (consumer 0 is done with it): with a
-            // next item consumer 0 takes it here and starts that item while this one's last P V product and epilogue run
-            if (c == C::NC - 1 && w + wstep < wend) named_bar_arrive(BAR_TURN + 0, 256);
-        }
         {  // the last tile's P V (nkv >= 1: the launcher refuses N_k = 0), then its V buffer is free
             const int jl = jbase + (je - jb) - 1, sl = jl % STAGES;
             mbar_wait(full_v(sl), (jl / STAGES) & 1);
@@ -567,6 +562,13 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
             wgmma_fence();
             pv_product(o, pa, sv + sl * C::KV_BYTES);
             wgmma_commit();
+            // TURN: the last consumer's last pass of an item had no taker in the tile loop (consumer 0 is done with this
+            // item): with a next item consumer 0 takes it here and starts that item while this one's last P V product
+            // and epilogue run. SPLIT: between whole items only (the tail's key-range units, which may be empty, keep
+            // their first-turn arrival). Here, once the last product is issued, and not right after the tile loop:
+            // there ptxas emitted half the split instances' exponentials twice and moved the others' loops
+            if constexpr (C::TURN)
+                if (c == C::NC - 1 && w + wstep < (SPLIT ? p.split_first : wend)) named_bar_arrive(BAR_TURN + 0, 256);
             wgmma_wait<0>();
             fence_regs<DT * 4>(&o[0][0][0]);
             fence_regs<BC / 4>(&pa[0][0]);

@@ -4,8 +4,8 @@ device call; sanitize_fwd.py runs it too, among its other calls.
 
 Run: compute-sanitizer --tool synccheck --kernel-name kns=taca_fwd python3 tests/cuda_harness/sanitize_fwd_turn.py
 Several items per CTA (45 heads x 800 tokens: 315 items at D = 128 and 96, 225 at D = 64's 192-row tiles; 2 x 24 heads x
-4608 tokens: FLUX 1024 CFG's 1728), the tail split off (its instances are built without TURN) and on (a TURN call the
-split takes runs the split's own instance), text first and last, bf16 and fp16.
+4608 tokens: FLUX 1024 CFG's 1728), the tail split off and on (its TURN instance passes the turn between whole items; its
+key-range units keep the first-turn arrival), text first and last, bf16 and fp16.
 """
 import os
 import sys
