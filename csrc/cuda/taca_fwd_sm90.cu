@@ -483,9 +483,10 @@ using WSplitOv = WsCfg<2, true, true, 128, true>;
 // WsCfg's FORM for the D = 128 default without spans or a mask: PVW (P V as m64n128k16 wgmmas, bitwise the m64n64k16
 // form; the default, TACA_FWD_PVW=0 the m64n64k16 form) and timing switches, off by default: TACA_FWD_LZ=1 adds IL and
 // LZ (the lazy running max), with PVW or not; TACA_FWD_TURN=1 adds TURN (the consumers' turn across items, bitwise the
-// same outputs) to the PVW form without LZ (the tail split's instance too), and to D = 64's plain default (fwd_turn). IL alone (TACA_FWD_IL=1 in the fortieth session) was slower at
-// FLUX 1024 and with PVW at 2048 (H200, KERNEL_LOG forty-first session), TX (TACA_FWD_TX=1: the consumers' turn around
-// the exponentials) 3.5-9% slower everywhere (H100, forty-third session): neither is built now
+// same outputs) to the PVW form without LZ (the tail split's instance too), and to D = 64's plain default (fwd_turn).
+// IL alone (TACA_FWD_IL=1 in the fortieth session) was slower at FLUX 1024 and with PVW at 2048 (H200, KERNEL_LOG
+// forty-first session), TX (TACA_FWD_TX=1: the consumers' turn around the exponentials) 3.5-9% slower everywhere (H100,
+// forty-third session): neither is built now
 template <int F> using WSplitF = WsCfg<2, false, true, 128, true, 128, 2, F>;
 template <int F> using WSplitOvF = WsCfg<2, true, true, 128, true, 128, 2, F>;
 [[maybe_unused]] static inline bool fwd_pvw() {

@@ -190,7 +190,6 @@ __global__ void __launch_bounds__(C::THREADS, 1) taca_fwd_sm90_ws_kernel(const _
 #if TACA_SM90A
     static_assert(!SPLIT || (C::PERSIST && C::NC == 2 && (MK == MK_NONE || (MK == MK_KEY && KTA))),
                   "the tail split: the two-consumer persistent form, without a mask or with a key mask's terms");
-
     constexpr int DP = C::DP, BC = C::BC, BR = C::BR, NT = C::NT, DT = C::DT, STAGES = C::STAGES;
     constexpr int BAR_TURN = 1;  // named barriers 1, 2: consumer 0's and consumer 1's turn
     constexpr bool PER = C::PERSIST;
