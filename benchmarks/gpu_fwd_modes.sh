@@ -5,8 +5,8 @@
 #   run(command="bash benchmarks/gpu_fwd_modes.sh", carry=[".whl"])
 # Env: MODES (default "base,pvw0"): "base" the defaults, else "+"-joined switches: pvw (TACA_FWD_PVW=1), pvw0
 # (TACA_FWD_PVW=0: lz without PVW too), lz (TACA_FWD_LZ=1: IL and the lazy max), ov0 / ov1 (TACA_FWD_OVERLAP=0 / 1), sp0
-# (TACA_FWD_SPLIT=0), turn (TACA_FWD_TURN=1: the consumers' turn across items); SHAPES (default flux1024_b1,flux1024_b2,flux2048_b1; a name may end in +spans or +mask,
-# bench_fwd_modes.py), ROUNDS (3), BUILD=0 to reuse an in-place build (gpu_build.sh reuses a matching one anyway), TESTS
+# (TACA_FWD_SPLIT=0), turn (TACA_FWD_TURN=1: the consumers' turn across items); SHAPES (default
+# flux1024_b1,flux1024_b2,flux2048_b1; a name may end in +spans or +mask, bench_fwd_modes.py), ROUNDS (3), BUILD=0 to reuse an in-place build (gpu_build.sh reuses a matching one anyway), TESTS
 # (a pytest -k expression, e.g. "forms or overlap or split": those CUDA tests first, into $OUT/tests.txt; TEST_FILES the
 # test files, default tests/test_cuda.py, and with MEMCHECK (another -k expression) compute-sanitizer memcheck over
 # those, into $OUT/memcheck.txt; their tails go into the log), OUT. The log is $OUT/log.txt (tee): redirect the call's

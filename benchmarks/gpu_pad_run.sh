@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# One GPU call for head dims 72..120 on the D = 128 warp-specialized forward (zero-filled TMA boxes; TACA_FWD_PAD=0
-# sends them to the cp.async kernel as before) and the opt-in warp-specialized kernel at D = 256 (ctypes variant 10):
-# build; the CUDA tests (test_cuda.py's D72 / D80 / D96 / D120 cases and ws_d256 tests, test_cuda_features.py's 96 / 72
-# ones); the D = 96 forward and fwd+bwd against the cp.async kernel (ctypes variant 13) and plain cuDNN in one process,
-# and D = 256's cp.async default (v0) against v10; compute-sanitizer memcheck + racecheck of sanitize_fwd_pad.py, and
-# of sanitize_fwd_turn.py with synccheck too; the
-# feature shapes at D = 96 (Lumina 2, OmniGen) and D = 128 with a key mask (Qwen-Image: the change renumbered that
-# instance's registers) with TACA_FWD_PAD=0 and without, one process each, FEAT_ROUNDS times; feat256: AuraFlow's and
-# Ideogram 4's feature shapes (per-sample text, a segment mask) with TACA_FWD_D256=cp (the cp.async forward) and ws
-# (the warp-specialized one's FEAT instances), one process each; turn: the forward's TACA_FWD_TURN=1 (the consumers'
-# turn across items) against the default, with the tail split and without (TACA_FWD_SPLIT=0), one mode per process
-# (gpu_fwd_modes.sh; TURN_SHAPES, TURN_ROUNDS (2)).
+# One GPU call for the padded head dims on the warp-specialized forwards (D = 72..120 zero-filled on the D = 128 kernel,
+# TACA_FWD_PAD=0 sending them to the cp.async kernel as before; D = 200..256 on the D = 256 one, ctypes variant 10 or
+# TACA_FWD_D256=ws) and for TURN (TACA_FWD_TURN=1, the forward consumers' turn across items). Steps:
+#   build;
+#   test: test_cuda.py's D72 / D80 / D96 / D120 cases, ws_d256, head_dim_routes and turn_across tests;
+#     test_cuda_features.py's 96 / 72 / 256 / 224 ones;
+#   bench (BENCH, default "d96 d256"): the D = 96 forward and fwd+bwd against the cp.async kernel (ctypes variant 13)
+#     and plain cuDNN in one process; D = 256's cp.async default (v0) against v10;
+#   sanitize: memcheck + racecheck of sanitize_fwd_pad.py, and of sanitize_fwd_turn.py with synccheck too (SAN=full:
+#     the whole sanitize_fwd.py instead);
+#   feat: the feature shapes at D = 96 (Lumina 2, OmniGen) and D = 128 with a key mask (Qwen-Image: the D = 72..120
+#     change renumbered that instance's registers) with TACA_FWD_PAD=0 and without, one process each, FEAT_ROUNDS (2)
+#     times;
+#   turn: TACA_FWD_TURN=1 against the default, with the tail split and without (TACA_FWD_SPLIT=0), one mode per
+#     process (gpu_fwd_modes.sh; TURN_SHAPES, TURN_ROUNDS (2));
+#   feat256: AuraFlow's and Ideogram 4's feature shapes (per-sample text, a segment mask) with TACA_FWD_D256=cp and
+#     ws, one process each.
 #   run(command="bash benchmarks/gpu_pad_run.sh", carry=[".whl"], timeout_s=600)
-# Env: STEPS (default "build test bench sanitize feat feat256"; whatever the order given, they run in this one), FEAT_ROUNDS
-# (2), SAN (pad: sanitize_fwd_pad.py; full: sanitize_fwd.py), BENCH (the bench step's parts: "d96 d256"), OUT.
+# Env: STEPS (default "build test bench sanitize feat feat256"; whatever the order given, they run in the order above),
+# FEAT_ROUNDS, SAN, BENCH, TURN_SHAPES, TURN_ROUNDS, OUT.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STEPS=${STEPS:-"build test bench sanitize feat feat256"}

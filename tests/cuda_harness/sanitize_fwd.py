@@ -12,22 +12,19 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import taca_ctypes  # noqa: E402
+from harness_env import switches  # noqa: E402
 
 
 def _v6_switch_call(dev, env, D, dtype, det):
-    """One v6 forward + backward (2 kernel calls) with the timing switches `env` set for it, then unset: batch 1,
+    """One v6 forward + backward (2 kernel calls) with the timing switches `env` set for it, then restored: batch 1,
     2 heads, 2100 tokens (17 key tiles), 77 text tokens first, gamma 1.3."""
     import taca  # (main imports it first, inside its public-op block)
 
-    os.environ.update(env)
-    try:
+    with switches(env):
         q, k, v = (torch.randn(1, 2, 2100, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
         o = taca.joint_attention(q, k, v, text_len=77, text_first=True, gamma=1.3, layout="bhnd",
                                  backend="cuda", deterministic=det)
         o.backward(torch.randn_like(o))
-    finally:
-        for name in env:
-            os.environ.pop(name, None)
     return 2
 
 
