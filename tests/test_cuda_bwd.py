@@ -47,6 +47,10 @@ CASES = [
     (1, 1, 512, 97, 200, True, FP16, 1.3, 1.0, "bnhd"),  # two D-chunks of 128
     (1, 2, 77, 20, 128, False, BF16, 1.3, 0.9, "bnhd"),  # one key tile (no dQ chains), D=128
     (2, 1, 200, 313, 128, True, FP16, [0.8, 1.4], 1.2, "bhnd"),  # N=513: 5 key tiles, tail of 1
+    # D = 136..256 on Hopper: the wgmma kernel (taca_bwd_sm90_d256.cu; 64 x 64 tiles): AuraFlow's class (N = 1364:
+    # 22 key and 22 query tiles, the skew on), D = 224 zero-filled columns with text last
+    (2, 2, 264, 1100, 256, True, BF16, [1.2, 1.3], 1.0, "bhnd"),
+    (1, 3, 77, 1000, 224, False, FP16, 1.3, 0.9, "bnhd"),
 ]
 
 
@@ -392,7 +396,7 @@ def test_public_op_fwd_bwd(L, img, D, text_first, dtype):
     _check_rule((qc.grad, kc.grad, vc.grad), (ql.grad, kl.grad, vl.grad), (qf.grad, kf.grad, vf.grad))
 
 
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 128, 256])
 def test_nondeterministic_backward(D):
     """deterministic=False (dQ by unordered atomics) meets the same rule against the fp32
     reference; dk and dv (no atomics) equal the deterministic backward's bitwise."""
@@ -505,3 +509,29 @@ def test_sm90_v6_skew_mps_share(monkeypatch):
         monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
         whole = _run_case(case)
         assert not torch.equal(whole[1], off[1]), "dk: the skew did not run on the whole GPU"
+
+
+D256_CASES = [c for c in CASES if c[4] > 128 and c[2] + c[3] > 128]  # more than one 128-key tile
+
+
+@pytest.mark.parametrize("case", D256_CASES, ids=[_ids(c) for c in D256_CASES])
+def test_sm90_d256_kernel(case, monkeypatch):
+    """D = 136..256: the wgmma kernel (TACA_BWD_D256=wgmma; sm_90 with an sm_90a build) and the mma.sync kernel
+    (TACA_BWD_D256=mma, what other GPUs run) both meet the rule and are deterministic (_run_case); they sum in other
+    orders (64- against 32-row query tiles), so on sm_90 dk differs bitwise: the wgmma kernel ran. Elsewhere the
+    switch changes nothing and the two are equal."""
+    monkeypatch.setenv("TACA_BWD_D256", "wgmma")
+    wg = _run_case(case)
+    monkeypatch.setenv("TACA_BWD_D256", "mma")
+    mma = _run_case(case)
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert not torch.equal(wg[1], mma[1]), "dk: bitwise the mma.sync kernel's (the wgmma kernel did not run)"
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(wg, mma))
+
+
+@pytest.mark.parametrize("case", D256_CASES[-2:-1], ids=[_ids(c) for c in D256_CASES[-2:-1]])
+def test_sm90_d256_skew(case, monkeypatch):
+    """The D = 256 wgmma kernel's skew (v6's, chains counted in 64-key tiles): as test_sm90_v6_skew."""
+    monkeypatch.setenv("TACA_BWD_D256", "wgmma")
+    _check_skew(case, monkeypatch, torch.cuda.get_device_capability() == (9, 0))

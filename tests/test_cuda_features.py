@@ -148,6 +148,10 @@ BIG = {
     # D = 256 with spans alone (Ideogram 4's per-sample text) and a per-query float mask, D = 224 zero-filled
     "spans_d256": (2, 3, 3, 700, 700, 256, "bhnd", dict(text_len=[170, 512], text_first=True), None),
     "float_mask_d224": (2, 2, 1, 200, 260, 224, "bnhd", dict(text_len=50), "float_bhqk"),
+    # the D = 256 wgmma backward (no mask): grouped KV heads with N_q != N_k (FLUX.2-style KV text), per-sample spans
+    # at D = 208 with text last
+    "gqa_kv_d256": (2, 4, 2, 300, 700, 256, "bnhd", dict(text_len=64, query_text_len=64), None),
+    "gqa_spans_d208": (2, 6, 2, 333, 333, 208, "bhnd", dict(text_len=[77, 200], text_first=False), None),
     "everything_d72": (3, 4, 2, 150, 170, 72, "bhnd",
                        dict(text_len=[30, 20, 0], text_start=[0, 100, 7], query_text_len=[30, 0, 10]),
                        "float32_neginf"),
@@ -261,7 +265,7 @@ def test_cuda_kernel_dkv_by_tma_bitwise(name, monkeypatch):
 
 @requires_kernel
 @pytest.mark.parametrize("name", ["cross_many_keys_d128", "image_queries_d128", "gqa_d128", "everything_d128",
-                                  "padded_text_gqa_d64", "key_mask_d128"])
+                                  "padded_text_gqa_d64", "key_mask_d128", "spans_d256"])
 def test_cuda_kernel_bwd_skew(name, monkeypatch):
     """Hopper v6's skew (each key tile's CTA starts at another query tile; TACA_BWD_SKEW=0 turns it off) with
     grouped KV heads, N_q != N_k, per-sample spans and masks: the gradients with and without it agree within 2 units

@@ -9,8 +9,10 @@ column tiles per warp), transpose flags as template immediates. Writing these by
 operand lists; generating them keeps them uniform.
 """
 NS = (64, 128)
-# Wider S = Q K^T products for the forward's benchmark key tiles (WsCfg's BC): SS, A and B K-major only.
-NS_S_ONLY = (160, 192, 256)
+# S = Q K^T-shaped products, SS with A and B K-major only: N = 32 for the D = 256 backward's S^T / dP^T (each MMA
+# warpgroup's 32 queries of a 64-query tile, taca_bwd_sm90_d256.cu); N = 160..256 for the forward's benchmark key
+# tiles (WsCfg's BC).
+NS_S_ONLY = (32, 160, 192, 256)
 # Only forms the kernels use and tests/cuda_harness/wgmma_check.cu validates: A K-major (TA = 0),
 # B K-major or N-major for SS; B N-major for RS. Add others here together with a check case.
 # (An M-major A, TA = 1, was generated and checked for a dK = dS'^T Q read from shared memory,
@@ -30,7 +32,7 @@ HEAD = r'''/*
  *   wgmma_rs<T, N, TB>(d, a, desc_b, acc):          D(64xN, f32) (+)= A(64x16, registers) B(16xN)
  * acc = 0 overwrites D. TB = 1 selects the N-major B shared-memory layout (16-bit types only);
  * T = __nv_fp8_e4m3: k32 instead of k16 (A 64x32, B 32xN, both K-major; TA = TB = 0), N = 128;
- * generated: N in {64, 128}, SS with TA = 0 and TB = 0 / 1, RS with TB = 1; N in {160, 192, 256}, SS with TA = TB = 0
+ * generated: N in {64, 128}, SS with TA = 0 and TB = 0 / 1, RS with TB = 1; N in {32, 160, 192, 256}, SS with TA = TB = 0
  * (tools/gen_wgmma.py). Every call must sit between wgmma_fence() and wgmma_commit(); results
  * are readable after wgmma_wait<k>(). On other targets the bodies compile to a trap.
  */

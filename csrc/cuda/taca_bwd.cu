@@ -98,6 +98,8 @@
  * layout; TACA_ERR_UNSUPPORTED where they do not apply. */
 int taca_bwd_sm90(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16);
 int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16);
+/* taca_bwd_sm90_d256.cu: the wgmma main kernel at D = 136..256 (TACA_ERR_UNSUPPORTED where it does not apply). */
+int taca_bwd_sm90_d256(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16);
 
 namespace {
 
@@ -115,9 +117,12 @@ bool layout_of(const taca_bwd_params *p, Layout *L) {
     L->dp = c.dp;
     L->dc = c.dc;
     L->bm = c.bm;
-    L->nq = static_cast<int>((N + c.bm - 1) / c.bm);
+    // rows: a multiple of the query tile; at D = 256 of 64 (the Hopper kernel's tile, taca_bwd_sm90_d256.cu; the
+    // mma.sync kernel then walks an even number of its 32-row tiles, the last possibly all padding: P = 0 there)
+    const int64_t row_unit = c.dp == 256 ? 64 : c.bm;
+    L->np = static_cast<int>((N + row_unit - 1) / row_unit * row_unit);
+    L->nq = L->np / c.bm;
     L->nk = static_cast<int>((p->seqlen_k + taca_bwd::kBlockN - 1) / taca_bwd::kBlockN);
-    L->np = L->nq * c.bm;
     // The kernels index a group's query rows as int (flattened tile * BM): group * Np < 2^31.
     if (static_cast<int64_t>(L->np) * (p->heads / p->heads_kv) > (int64_t{1} << 30)) return false;
     // Chains of about 8+ key tiles: a chain's start-up lag grows with its length, and each
@@ -304,6 +309,10 @@ extern "C" int taca_bwd_cuda(const taca_bwd_params *p, void *stream_ptr) {
         }
         const int st90 = taca_bwd_sm90(a, stream, bf16);
         if (st90 != TACA_ERR_UNSUPPORTED) return st90;
+        if (L.dp == 256) {  // D = 136..256: the wgmma kernel where it applies (TACA_BWD_D256=wgmma / mma)
+            const int st256 = taca_bwd_sm90_d256(a, stream, bf16);
+            if (st256 != TACA_ERR_UNSUPPORTED) return st256;
+        }
     }
     switch (L.dp) {
     case 64: return taca_bwd::launch_d64(a, stream, bf16);

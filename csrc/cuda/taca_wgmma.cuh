@@ -6,7 +6,7 @@
  *   wgmma_rs<T, N, TB>(d, a, desc_b, acc):          D(64xN, f32) (+)= A(64x16, registers) B(16xN)
  * acc = 0 overwrites D. TB = 1 selects the N-major B shared-memory layout (16-bit types only);
  * T = __nv_fp8_e4m3: k32 instead of k16 (A 64x32, B 32xN, both K-major; TA = TB = 0), N = 128;
- * generated: N in {64, 128}, SS with TA = 0 and TB = 0 / 1, RS with TB = 1; N in {160, 192, 256}, SS with TA = TB = 0
+ * generated: N in {64, 128}, SS with TA = 0 and TB = 0 / 1, RS with TB = 1; N in {32, 160, 192, 256}, SS with TA = TB = 0
  * (tools/gen_wgmma.py). Every call must sit between wgmma_fence() and wgmma_commit(); results
  * are readable after wgmma_wait<k>(). On other targets the bodies compile to a trap.
  */
@@ -147,6 +147,21 @@ __device__ __forceinline__ void wgmma_rs<__nv_bfloat16, 128, 1>(float *d, const 
 }
 
 template <>
+__device__ __forceinline__ void wgmma_ss<__nv_bfloat16, 32, 0, 0>(float *d, uint64_t da, uint64_t db, int acc) {
+#if TACA_SM90A
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(da), "l"(db), "r"(acc));
+#else
+    (void)d; (void)da; (void)db; (void)acc;
+    __trap();
+#endif
+}
+
+template <>
 __device__ __forceinline__ void wgmma_ss<__nv_bfloat16, 160, 0, 0>(float *d, uint64_t da, uint64_t db, int acc) {
 #if TACA_SM90A
     asm volatile(
@@ -277,6 +292,21 @@ __device__ __forceinline__ void wgmma_rs<__half, 128, 1>(float *d, const uint32_
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
 #else
     (void)d; (void)a; (void)db; (void)acc;
+    __trap();
+#endif
+}
+
+template <>
+__device__ __forceinline__ void wgmma_ss<__half, 32, 0, 0>(float *d, uint64_t da, uint64_t db, int acc) {
+#if TACA_SM90A
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(da), "l"(db), "r"(acc));
+#else
+    (void)d; (void)da; (void)db; (void)acc;
     __trap();
 #endif
 }

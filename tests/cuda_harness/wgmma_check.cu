@@ -10,8 +10,9 @@
  *   the backward's dV and dK form; SS was a one-warpgroup dQ's (dropped, KERNEL_LOG) and stays as
  *   the check of that generated form (computed in a loop with RS: both at once made ptxas
  *   serialize this harness's wgmmas for registers)
- *   S (64 x N) = Q K^T for N = 160, 192, 256 (the forward's wider benchmark key tiles, WsCfg's BC), one
- *   instruction per k-step, K's N rows swizzled as the kernel's TMA boxes lay them out
+ *   S (64 x N) = Q K^T for N = 160, 192, 256 (the forward's wider benchmark key tiles, WsCfg's BC) and N = 32
+ *   (the D = 256 backward's S^T / dP^T per warpgroup), one instruction per k-step, K's N rows swizzled as the
+ *   kernel's TMA boxes lay them out
  *   S^T stored by store_block_trans (stmatrix .trans, taca_bwd_sm90.cuh) from the packed S
  *   fragments into a K-major tile (128 rows x 64): the backward's dS^T -> dS; exact match
  * for D = 64 and 128, against float64 products on the host of the same bf16 values.
@@ -307,6 +308,7 @@ bool run_wide() {
 int main() {
     bool ok = run<64>() & run<128>();
     ok &= run_wide<64, 192>() & run_wide<64, 256>() & run_wide<128, 160>() & run_wide<128, 192>();
+    ok &= run_wide<128, 32>();  // m64n32k16: the D = 256 backward's S^T / dP^T (taca_bwd_sm90_d256.cu)
     printf("wgmma_check: %s\n", ok ? "PASS" : "FAIL");
     return ok ? 0 : 1;
 }

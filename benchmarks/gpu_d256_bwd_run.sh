@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One GPU call for the D = 136..256 wgmma backward (csrc/cuda/taca_bwd_sm90_d256.cu). Steps (STEPS, default
+# "build check test bench"; they run in this order):
+#   build: the extension and the ctypes library (gpu_features_run.sh's build);
+#   check: wgmma_check (the m64n32k16 form the kernel adds), then the D > 128 backward tests (test_cuda_bwd.py: the
+#     rule, determinism, the wgmma kernel against TACA_BWD_D256=mma, the skew, deterministic=False; test_cuda_features.py:
+#     spans, grouped KV heads, N_q != N_k at D = 256 / 224 / 208);
+#   sanitize: memcheck, racecheck and synccheck of tests/cuda_harness/sanitize_bwd_d256.py;
+#   bench: AuraFlow and Ideogram 4 CFG (bench_attention_gpu.py, fwd and fwd+bwd) with TACA_BWD_D256=wgmma and
+#     =mma (the mma.sync kernel), one process each, BENCH_ROUNDS (2) rounds, plain cuDNN / FA2 beside.
+#   run(command="timeout 540 bash benchmarks/gpu_d256_bwd_run.sh; bash benchmarks/pack_out.sh $OUT", carry=[".whl"])
+set -o pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STEPS=${STEPS:-"build check test bench"}
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+{
+if has build; then STEPS=build OUT=/tmp/hw bash benchmarks/gpu_features_run.sh 2>&1 | grep -E "rc=|has_cuda|GPU|torch"; fi
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so
+# the wgmma kernel for every step (until it is the default: taca_bwd256::kDefault)
+export TACA_BWD_D256=${TACA_BWD_D256:-wgmma}
+if has check; then
+  nvcc -std=c++17 -O2 -Icsrc -Icsrc/cuda -gencode=arch=compute_90a,code=sm_90a tests/cuda_harness/wgmma_check.cu \
+    -o /tmp/wgmma_check 2>&1 | tail -3 && timeout 60 /tmp/wgmma_check | tail -3
+fi
+if has test; then
+  t0=$SECONDS
+  timeout 200 python3 -m pytest -q -x tests/test_cuda_bwd.py -k "256 or 224 or D200" > "$OUT/pytest_bwd_d256.txt" 2>&1
+  echo "test_cuda_bwd.py (D > 128) rc=$?: $(grep -E '^(FAILED|ERROR)|passed|failed|Error' "$OUT/pytest_bwd_d256.txt" | tail -6 | tr '\n' ' ')"
+  timeout 150 python3 -m pytest -q tests/test_cuda_features.py -k "256 or 224 or 208" > "$OUT/pytest_features_d256.txt" 2>&1
+  echo "test_cuda_features.py (D > 128) rc=$?: $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/pytest_features_d256.txt" | tail -6 | tr '\n' ' ')"
+  echo "tests ($((SECONDS - t0)) s)"
+fi
+if has sanitize; then
+  source benchmarks/gpu_sanitize.sh
+  SAN_TOOLS="memcheck racecheck synccheck" sanitize tests/cuda_harness/sanitize_bwd_d256.py taca_bwd sanitize_bwd_d256 150
+fi
+if has bench; then
+  t0=$SECONDS
+  for r in $(seq 1 "${BENCH_ROUNDS:-2}"); do
+    for k in wgmma mma; do
+      mkdir -p "$OUT/bench_${k}_r$r"
+      export TACA_BWD_D256=$k
+      timeout 120 python3 benchmarks/bench_attention_gpu.py --shapes auraflow_cfg,ideogram4_cfg \
+        --methods 'taca_cuda$' --out "$OUT/bench_${k}_r$r" --tag _d256bwd_$k > "$OUT/bench_${k}_r$r.txt" 2>&1
+      echo "bench $k round $r rc=$?"
+    done
+  done
+  export TACA_BWD_D256=wgmma
+  echo "bench ($((SECONDS - t0)) s)"
+  grep -h -E "auraflow|ideogram" "$OUT"/bench_*_r1.txt | head -30
+fi
+} 2>&1 | tee -a "$OUT/log.txt"

@@ -1,0 +1,599 @@
+/*
+ * taca_bwd_sm90_d256.cu: Hopper (sm_90a) backward main kernel for head dims 136..256 (padded to DP = 256), wgmma
+ * (configuration A1 of docs/d256_backward_design.md). Before it D = 256 ran the mma.sync kernel (taca_bwd_kernel.cuh,
+ * two CTAs per key tile of 128 columns each, S and dP recomputed in both: ~137 TFLOP/s on an H200, fwd+bwd 0.46x plain
+ * cuDNN at AuraFlow CFG). v6's layout (each MMA warpgroup owning 64 keys x every column of dK and dV) needs BN * D / 128
+ * accumulator registers a thread for dK + dV: 256 at D = 256, so here the columns are split instead:
+ *
+ *   CTA = one key tile of BN = 64 keys (K, V in shared memory for the whole loop), walking the flattened query tiles
+ *   of BM = 64 queries of its key/value head's group (GQA) as v6 does (skew, chains, workspace, conversion alike).
+ *   384 threads: two MMA warpgroups (setmaxnreg 240), a producer warp (8: Q by TMA into a two-deep ring, dO by TMA
+ *   into one buffer, lse2 / delta by its lanes), two dQ writer warps (9, 10: one per MMA warpgroup), one idle warp.
+ *   Per query tile, MMA warpgroup wg:
+ *     S^T  = K Q^T    keys x queries [32 wg, 32 wg + 32)        m64n32k16 x 16, SS        16 accumulators
+ *     dP^T = V dO^T   same                                       m64n32k16 x 16, SS        16
+ *     P^T, dS'^T of those 32 queries (gamma per (query, key) as v6), stored bf16 / fp16 into shared memory:
+ *       P^T and dS'^T as they are ([64 keys][64 queries], stmatrix), dS' transposed ([64 queries][64 keys],
+ *       stmatrix .trans); one barrier of the 256 MMA threads publishes the three (each warpgroup needs both halves)
+ *     dV[64 keys][128 wg ..+128] += P^T dO                       m64n128k16 x 4, SS (dO N-major)   64
+ *     dK[64 keys][128 wg ..+128] += dS'^T Q                      m64n128k16 x 4, SS (Q N-major)    64
+ *     dQ[64 queries][128 wg ..+128] = dS' K, in two slices of 64 columns (m64n64k16 x 4 each, K N-major), each
+ *       staged (fp32, the tensor writer's 128B-swizzled boxes of 32 columns) into the warpgroup's 16 KiB staging
+ *       buffer and added by its writer warp with two 2-D TMA tensor reduce-adds (the chain's first link stores).
+ *   No product is recomputed (FLOPs per tile 10 BM BN D: v6's count; the mma.sync kernel made 14).
+ *   Per-thread accumulators: 128 (dK, dV) + 32 (S^T, dP^T) during the exponentials, 128 + 32 (one dQ slice) after.
+ * Shared memory (1024-aligned base): K 32 KiB, V 32 KiB, Q [2] 64 KiB, dO 32 KiB, P^T / dS'^T / dS' 8 KiB each,
+ *   staging [2] 16 KiB each, lse2 / delta [2][64] fp32, 11 mbarriers: 223,336 bytes with the alignment slack.
+ * Determinism: a tile's dQ is added in one fixed order per chain (v6's chains and skew): both writers of a CTA poll the
+ *   predecessor's release of the tile, add their column half, wait for their writes, meet at a named barrier and
+ *   writer 0 releases the tile (st.release), so the conversion (bwd_dq_convert_tiles, BM = 64) and the successor see
+ *   both halves. Unordered mode (deterministic=False): adds without order into one zeroed buffer.
+ * Workspace: the D = 256 layout of taca_bwd.cu (rows rounded up to 64 for this kernel's tiles; nk, chains counted
+ *   in 128-key tiles there, re-counted here in 64-key tiles: never more chains than the workspace holds; the dQ
+ *   buffers' rows read with stride DP (acc_ld = 256 <= DP + kAccPad)).
+ * Masks: their own instance (MASK), v6's paths: a key mask's two terms a thread per query tile (and CTAs whose 64
+ *   keys all attend take the unmasked paths), any other mask per element.
+ * Not taken (TACA_ERR_UNSUPPORTED, the mma.sync kernel runs): a single 128-key tile (N_k <= 128: no dQ
+ *   buffer in the workspace), unaligned rows (vec_load), tensor maps the driver rejects, non-sm90a binaries.
+ *   TACA_BWD_D256=wgmma / mma forces one kernel (a test and timing switch, read per call); kDefault says which runs
+ *   without it.
+ * Build check: nvcc -std=c++17 -O3 --use_fast_math -Icsrc -Icsrc/cuda -DTACA_HAVE_SM90A=1 \
+ *   -gencode=arch=compute_90a,code=sm_90a -c csrc/cuda/taca_bwd_sm90_d256.cu -o /tmp/x.o -Xptxas -v
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "taca_bwd_kernel.cuh"
+#include "taca_bwd_sm90.cuh"
+#include "taca_sm90.cuh"
+
+namespace taca_bwd256 {
+
+using namespace taca_cuda;
+using namespace taca_sm90;
+using namespace taca_wgmma;
+using taca_bwd::BwdArgs;
+using taca_bwd90::bulk_commit;
+using taca_bwd90::bulk_wait_read;
+using taca_bwd90::bulk_wait_write;
+using taca_bwd90::stmatrix_x4;
+using taca_bwd90::store_block_trans;
+
+/* Whether this kernel runs by default where it applies (else only with TACA_BWD_D256=wgmma): off until a device
+ * run has tested and timed it. */
+constexpr bool kDefault = false;
+
+struct Cfg {
+    static constexpr int DP = 256, BM = 64, BN = 64;
+    static constexpr int THREADS = 384;
+    static constexpr uint32_t KV_BYTES = BN * DP * 2;         // 32 KiB: 4 blocks of [64 rows][128 B]
+    static constexpr uint32_t QT_BYTES = BM * DP * 2;         // one Q or dO tile
+    static constexpr uint32_t PT_BYTES = BN * BM * 2;         // P^T, dS'^T, dS': 8 KiB each
+    static constexpr uint32_t STAGE_BYTES = BM * 64 * 4;      // one 64-column fp32 slice: 2 boxes of [64][128 B]
+    static constexpr int ACC_LD = DP;                         // the dQ buffers' row stride (tensor writer)
+    // offsets from the 1024-aligned base
+    static constexpr uint32_t OFF_K = 0, OFF_V = KV_BYTES, OFF_Q = 2 * KV_BYTES, OFF_DO = OFF_Q + 2 * QT_BYTES;
+    static constexpr uint32_t OFF_PT = OFF_DO + QT_BYTES, OFF_DST = OFF_PT + PT_BYTES, OFF_DS = OFF_DST + PT_BYTES;
+    static constexpr uint32_t OFF_ST = OFF_DS + PT_BYTES;                 // [2] staging (1024-aligned: the boxes)
+    static constexpr uint32_t OFF_L = OFF_ST + 2 * STAGE_BYTES;           // lse2 [2][BM], delta [2][BM] fp32
+    static constexpr uint32_t OFF_BAR = OFF_L + 4 * BM * 4;
+    // q_full[2], q_empty[2], do_full, do_empty, pds_free, st_full[2], st_empty[2]
+    static constexpr int NBAR = 11;
+    static constexpr size_t SMEM = OFF_BAR + NBAR * 8 + 1024;  // + the base's alignment slack
+    static_assert(SMEM <= 232448, "shared memory");
+    static_assert(OFF_ST % 1024 == 0 && OFF_PT % 1024 == 0, "swizzle atoms");
+};
+
+enum { BAR_MMA = 1, BAR_WR = 2 };  // named barriers: the 256 MMA threads; the two writer warps
+
+struct D256Args {
+    CUtensorMap tq, tdo;
+    CUtensorMap tacc;  // dq_acc as 2-D fp32 (DP columns, every workspace row), 32 x BM boxes, 128B swizzle
+    BwdArgs a;
+    int pos_q[3], pos_do[3];
+};
+
+/* A warp's 16 x 16 block in the RS A-fragment packing (a[0]: rows 0-7 / cols 0-7, a[1]: rows 8-15 / cols 0-7, a[2],
+ * a[3]: cols 8-15) stored as it is into a 128B-swizzled K-major tile of ROWS rows: rows row0.., columns col0.. (col0
+ * a multiple of 8): lane L addresses row row0 + ((L >> 3) & 1) * 8 + (L & 7), 16-byte chunk col0 / 8 + (L >> 4). */
+template <int ROWS>
+__device__ __forceinline__ void store_block(uint32_t s, const uint32_t *a, int row0, int col0, int lane) {
+    const int r = row0 + ((lane >> 3) & 1) * 8 + (lane & 7);
+    stmatrix_x4(s + sw128_offset<ROWS>(r, (col0 >> 3) + (lane >> 4)), a);
+}
+
+/* One 64-column dQ slice (m64n64 accumulator: rows 16 warp + g, + 8; columns 8 nt + 2t, + 1) into a staging buffer
+ * in the tensor writer's layout: 2 boxes of 32 fp32 columns x BM rows, 128B-swizzled. */
+__device__ __forceinline__ void stage_slice(unsigned char *dst, const float (&q)[32], int warp, int g, int t) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            const int r = 16 * warp + g + half * 8, col = nt * 8 + 2 * t;
+            const uint32_t off = sw128_offset<Cfg::BM>(r, col >> 2) + (col & 3) * 4;
+            *reinterpret_cast<float2 *>(dst + off) = make_float2(q[nt * 4 + 2 * half], q[nt * 4 + 2 * half + 1]);
+        }
+}
+
+template <typename T, bool MASK>
+__global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid_constant__ D256Args p) {
+#if TACA_SM90A
+    using C = Cfg;
+    constexpr int BM = C::BM, BN = C::BN, DP = C::DP;
+    const BwdArgs &a = p.a;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    __shared__ int s_span[4];
+    const uint32_t raw = smem_u32(smem_raw);
+    const uint32_t base = (raw + 1023u) & ~1023u;
+    unsigned char *const smem = smem_raw + (base - raw);
+    const uint32_t sk = base + C::OFF_K, sv = base + C::OFF_V, sq = base + C::OFF_Q, sdo = base + C::OFF_DO;
+    const uint32_t spt = base + C::OFF_PT, sdst = base + C::OFF_DST, sds = base + C::OFF_DS;
+    unsigned char *const stage = smem + C::OFF_ST;
+    float *const sL = reinterpret_cast<float *>(smem + C::OFF_L);  // [2][BM] lse2
+    float *const sDl = sL + 2 * BM;                                 // [2][BM] delta
+    const uint32_t q_full = base + C::OFF_BAR;                      // [2]
+    const uint32_t q_empty = q_full + 16;                           // [2]
+    const uint32_t do_full = q_empty + 16, do_empty = do_full + 8, pds_free = do_empty + 8;
+    const uint32_t st_full = pds_free + 8;   // [2]
+    const uint32_t st_empty = st_full + 16;  // [2]
+
+    const int nq = a.nq, nk = a.nk;
+    const int nqt = a.group * nq;  // flattened query tiles x = (h - h0) * nq + query tile
+    const int jt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    const int h0 = hk * a.group;
+    const int64_t bh = static_cast<int64_t>(b) * a.H + h0;
+    const int seg = jt / a.seg_size, seg_pos = jt % a.seg_size;
+    const int seg_len = min(a.seg_size, nk - seg * a.seg_size);
+    const bool ordered = a.mode == taca_bwd::kOrdered;
+    const int soff = a.skew ? (nqt - jt % nqt) % nqt : 0;  // the skew (v6 item 10)
+    int *sem_row = a.sem + (seg * static_cast<int64_t>(a.B) * a.H + bh) * nq;
+    float *acc_base = a.dq_acc + (seg * static_cast<int64_t>(a.B) * a.H + bh) * a.Np * C::ACC_LD;
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < 2; ++s) {
+            mbar_init(q_full + 8 * s, 33);    // every producer lane after its lse2 / delta stores, + the expect_tx
+            mbar_init(q_empty + 8 * s, 256);  // every MMA thread after its last read of the tile (dK)
+            mbar_init(st_full + 8 * s, 128);  // the warpgroup's threads after their staging stores
+            mbar_init(st_empty + 8 * s, 32);  // the writer's lanes once the copy engine read the slice
+        }
+        mbar_init(do_full, 1);     // the producer's expect_tx
+        mbar_init(do_empty, 256);  // every MMA thread after its dV product
+        mbar_init(pds_free, 256);  // every MMA thread after its products that read P^T, dS'^T, dS'
+        mbar_init_fence();
+    }
+    __syncthreads();
+    if (threadIdx.x >= 256) setmaxnreg_dec<24>();
+    if (threadIdx.x >= 256 && threadIdx.x < 288) {
+        // Producer: Q of step it into ring slot it & 1 (once both warpgroups released step it - 2), lse2 / delta with
+        // it; then dO of step it into its one buffer (once both warpgroups' dV products of step it - 1 completed).
+        const int pl = threadIdx.x - 256;
+        const float *lse2b = a.lse2 + bh * a.Np;
+        const float *deltab = a.delta + bh * a.Np;
+        if (pl == 0) {
+            if (a.dq_overlap) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+            tma_prefetch_desc(&p.tq);
+            tma_prefetch_desc(&p.tdo);
+        }
+        for (int it = 0; it < nqt; ++it) {
+            const int buf = it & 1;
+            const int x = taca_bwd::skew_tile(it, soff, nqt);
+            if (it >= 2) mbar_wait(q_empty + 8 * buf, ((it >> 1) - 1) & 1);
+            {  // lanes 0..15 lse2, 16..31 delta: one float4 each (BM = 64)
+                const float4 v = reinterpret_cast<const float4 *>((pl < 16 ? lse2b : deltab) + x * BM)[pl & 15];
+                const uint32_t dst = smem_u32((pl < 16 ? sL : sDl) + buf * BM) + 16 * (pl & 15);
+                asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "f"(v.x), "f"(v.y), "f"(v.z),
+                             "f"(v.w)
+                             : "memory");
+            }
+            mbar_arrive(q_full + 8 * buf);  // every lane after its own stores (racecheck does not model __syncwarp)
+            const int hh = x / nq;
+            const int i0 = (x - hh * nq) * BM, h = h0 + hh;
+            if (pl == 0) {
+                mbar_arrive_expect_tx(q_full + 8 * buf, C::QT_BYTES);
+                tma_load_tile<DP, BM>(sq + buf * C::QT_BYTES, &p.tq, p.pos_q, q_full + 8 * buf, i0, h, b);
+                if (it >= 1) mbar_wait(do_empty, (it - 1) & 1);
+                mbar_arrive_expect_tx(do_full, C::QT_BYTES);
+                tma_load_tile<DP, BM>(sdo, &p.tdo, p.pos_do, do_full, i0, h, b);
+            }
+        }
+        return;
+    }
+    if (threadIdx.x >= 288) {
+        // dQ writers: warp 9 + w adds warpgroup w's column half [128 w, 128 w + 128) of every tile, two 64-column
+        // slices a tile through staging buffer w. Per tile: poll the chain predecessor's release, add (the chain's
+        // first link: store) each slice by two 2-D TMA tensor operations and free the buffer once read; then wait for
+        // the writes, meet the other writer, and writer 0 releases the tile.
+        if (threadIdx.x >= 352) return;
+        const int w = (threadIdx.x - 288) >> 5, wl = threadIdx.x & 31;
+        const int chain0 = seg * a.seg_size;
+        float *accb = ordered ? acc_base : a.dq_acc + bh * a.Np * C::ACC_LD;
+        const int row0 = static_cast<int>((accb - a.dq_acc) / DP);
+        const uint32_t src = smem_u32(stage + w * C::STAGE_BYTES);
+        if (wl == 0) tma_prefetch_desc(&p.tacc);
+        for (int it = 0; it < nqt; ++it) {
+            const int x = taca_bwd::skew_tile(it, soff, nqt);
+            const int rank = taca_bwd::skew_rank(x, seg_pos, seg_len, chain0, nqt, a.skew != 0);
+            const bool first = ordered ? rank == 0 : a.mode == taca_bwd::kRacy;
+            const bool releases = ordered ? (a.dq_overlap || rank < seg_len - 1) : a.dq_overlap != 0;
+            if (ordered && rank > 0) {
+                if (wl == 0)
+                    while (taca_bwd::ld_acquire(sem_row + x) < rank) {
+                    }
+                __syncwarp();
+                asm volatile("fence.proxy.async.global;\n" ::: "memory");
+            }
+#pragma unroll 1
+            for (int s = 0; s < 2; ++s) {
+                const int k = 2 * it + s;  // this buffer's k-th slice
+                mbar_wait(st_full + 8 * w, k & 1);
+                if (wl == 0) {
+#pragma unroll
+                    for (int cb = 0; cb < 2; ++cb) {
+                        const int col = 128 * w + 64 * s + 32 * cb;
+                        if (first) taca_bwd90::tma_store_2d(&p.tacc, src + cb * BM * 128, col, row0 + x * BM);
+                        else taca_bwd90::tma_add_2d(&p.tacc, src + cb * BM * 128, col, row0 + x * BM);
+                    }
+                    bulk_commit();
+                    bulk_wait_read();
+                }
+                __syncwarp();
+                mbar_arrive(st_empty + 8 * w);  // the buffer is free again
+            }
+            if (releases) {
+                if (wl == 0) {
+                    bulk_wait_write();  // this half added (+ proxy fence)
+                    __threadfence();
+                }
+                named_bar_sync(BAR_WR, 64);  // both halves added
+                if (w == 0 && wl == 0) {
+                    if (ordered) taca_bwd::st_release(sem_row + x, rank + 1);
+                    else taca_bwd::red_release_add(sem_row + x, 1);
+                }
+            }
+        }
+        bulk_wait_write();  // the CTA may not end before its bulk operations did
+        return;
+    }
+    setmaxnreg_inc<240>();
+
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int j0 = jt * BN;
+    const int N = a.N, Nk = a.Nk, D = a.D;
+    // MASK: a mask (its own instance); a key mask the same for every query row and head of the group whose 64 keys
+    // here all attend takes the unmasked paths (v6's rule)
+    const bool masked = MASK && !(a.mask.q == 0 && (a.mask.h == 0 || a.group == 1) &&
+                                  keys_attend<BN>(a.mask, b * a.mask.b + h0 * a.mask.h, j0, Nk, lane));
+    const float gam = a.gamma[b];
+    const float grev = a.gamma_reverse;
+    const float lg = a.scale * taca_bwd::kLog2e;
+    const T *kb = static_cast<const T *>(a.k) + b * a.ks_b + hk * a.ks_h;
+    const T *vb = static_cast<const T *>(a.v) + b * a.vs_b + hk * a.vs_h;
+
+    // K and V once (keys past Nk, columns past D: zero)
+    load_tile_sw128<T, BN, DP, 256>(sk, kb, a.ks_n, j0, Nk, D, tid);
+    load_tile_sw128<T, BN, DP, 256>(sv, vb, a.vs_n, j0, Nk, D, tid);
+    cp_async_commit();
+    if (tid == 0) {
+        const Span sp = span_of(a.spans, b, a.text_begin, a.text_end, a.q_text_begin, a.q_text_end);
+        s_span[0] = sp.kb;
+        s_span[1] = sp.ke;
+        s_span[2] = sp.qb;
+        s_span[3] = sp.qe;
+    }
+    float dv[64], dk[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) dv[i] = dk[i] = 0.f;
+    const int kr0 = j0 + 16 * warp + g, kr1 = kr0 + 8;  // this thread's keys (rows of S^T)
+    const uint64_t d_k = desc_sw128(sk), d_v = desc_sw128(sv);
+    const uint64_t d_pt = desc_sw128(spt), d_dst = desc_sw128(sdst), d_ds = desc_sw128(sds);
+    unsigned char *const my_stage = stage + wg * C::STAGE_BYTES;
+    cp_async_wait<0>();
+    fence_proxy_async();
+    named_bar_sync(BAR_MMA, 256);  // K, V, the span visible to both warpgroups and to wgmma
+    const int ksb = s_span[0], kse = s_span[1], qsb = s_span[2], qse = s_span[3];
+    const bool kt0 = kr0 >= ksb && kr0 < kse, kt1 = kr1 >= ksb && kr1 < kse;
+    // m is uniform over the CTA's 64 keys where they are all text or all visual
+    const bool k_uniform = j0 + BN <= ksb || j0 >= kse || (j0 >= ksb && j0 + BN <= kse);
+    const bool k_text = j0 >= ksb && j0 < kse;
+
+    for (int it = 0; it < nqt; ++it) {
+        const int buf = it & 1;
+        const int x = taca_bwd::skew_tile(it, soff, nqt);
+        const int hh = x / nq;
+        const int i0 = (x - hh * nq) * BM;
+        const uint32_t qt = sq + buf * C::QT_BYTES;
+        mbar_wait(q_full + 8 * buf, (it >> 1) & 1);  // Q, lse2, delta of step it landed
+        float s[16], dp[16];
+        const uint64_t d_qw = desc_sw128(qt + wg * 32 * 128), d_dow = desc_sw128(sdo + wg * 32 * 128);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < DP / 16; ++kk)
+            wgmma_ss<T, 32, 0, 0>(s, desc_advance(d_k, (kk >> 2) * BN * 128 + (kk & 3) * 32),
+                                  desc_advance(d_qw, (kk >> 2) * BM * 128 + (kk & 3) * 32), kk > 0);
+        wgmma_commit();
+        mbar_wait(do_full, it & 1);  // dO of step it landed
+#pragma unroll
+        for (int kk = 0; kk < DP / 16; ++kk)
+            wgmma_ss<T, 32, 0, 0>(dp, desc_advance(d_v, (kk >> 2) * BN * 128 + (kk & 3) * 32),
+                                  desc_advance(d_dow, (kk >> 2) * BM * 128 + (kk & 3) * 32), kk > 0);
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_regs<16>(s);
+
+        // P^T = exp2(S^T lg m - lse2) for this warpgroup's queries qw0 + 8 nt + 2t (+1), keys kr0 / kr1 (v6's math)
+        const int qw0 = i0 + 32 * wg;
+        const float *lrow = sL + buf * BM + 32 * wg;
+        const float *drow = sDl + buf * BM + 32 * wg;
+        const bool q_uniform = qw0 + 32 <= qsb || qw0 >= qse || (qw0 >= qsb && qw0 + 32 <= qse);
+        const bool uniform = !masked && k_uniform && q_uniform;
+        const bool q_text = qw0 >= qsb && qw0 < qse;
+        const float mu = (k_text == q_text) ? 1.f : (q_text ? grev : gam);
+        if (uniform) {
+            const float cf = lg * mu;
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+                const float2 l2 = *reinterpret_cast<const float2 *>(lrow + nt * 8 + 2 * t);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[nt * 4 + e] = fast_exp2(s[nt * 4 + e] * cf - ((e & 1) ? l2.y : l2.x));
+            }
+        } else if (!masked) {
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+                const float2 l2 = *reinterpret_cast<const float2 *>(lrow + nt * 8 + 2 * t);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = qw0 + nt * 8 + 2 * t + (e & 1);
+                    const bool qtx = qi >= qsb && qi < qse;
+                    const bool ktx = (e < 2) ? kt0 : kt1;
+                    const float m = (qtx == ktx) ? 1.f : (qtx ? grev : gam);
+                    s[nt * 4 + e] = fast_exp2(s[nt * 4 + e] * (lg * m) - ((e & 1) ? l2.y : l2.x));
+                }
+            }
+        } else if (a.mask_keys) {
+            // a key mask (mask.q == 0): the thread's two keys' terms, read once per query tile (v6's path); -inf for
+            // keys past Nk and queries past N
+            const float2 mk = key_mask_terms(a.mask, b * a.mask.b + (h0 + hh) * a.mask.h, kr0, Nk);
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+                const float2 l2 = *reinterpret_cast<const float2 *>(lrow + nt * 8 + 2 * t);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = qw0 + nt * 8 + 2 * t + (e & 1);
+                    const bool qtx = qi >= qsb && qi < qse;
+                    const bool ktx = (e < 2) ? kt0 : kt1;
+                    const float m = (qtx == ktx) ? 1.f : (qtx ? grev : gam);
+                    const float mt = qi < N ? ((e < 2) ? mk.x : mk.y) : -INFINITY;
+                    s[nt * 4 + e] = fast_exp2(s[nt * 4 + e] * (lg * m) + mt - ((e & 1) ? l2.y : l2.x));
+                }
+            }
+        } else {
+            // any other mask: + log2(e) mask_ij per element (key row kr, query column qi), -inf outside N x Nk
+            const int64_t mo0 = b * a.mask.b + (h0 + hh) * a.mask.h + static_cast<int64_t>(qw0 + 2 * t) * a.mask.q +
+                                static_cast<int64_t>(kr0) * a.mask.k;
+            const int64_t mo1 = mo0 + 8 * a.mask.k;
+            const bool kin0 = kr0 < Nk, kin1 = kr1 < Nk;
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+                const float2 l2 = *reinterpret_cast<const float2 *>(lrow + nt * 8 + 2 * t);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = qw0 + nt * 8 + 2 * t + (e & 1);
+                    const bool qtx = qi >= qsb && qi < qse;
+                    const bool ktx = (e < 2) ? kt0 : kt1;
+                    const float m = (qtx == ktx) ? 1.f : (qtx ? grev : gam);
+                    const float mt = (qi < N && ((e < 2) ? kin0 : kin1))
+                                         ? mask_log2(a.mask, (e < 2) ? mo0 : mo1, nt * 8 + (e & 1), 0)
+                                         : -INFINITY;
+                    s[nt * 4 + e] = fast_exp2(s[nt * 4 + e] * (lg * m) + mt - ((e & 1) ? l2.y : l2.x));
+                }
+            }
+        }
+        // P^T packed (RS A-fragment order, 16 queries a block) and stored once the previous tile's products read
+        // the three buffers
+        uint32_t pa[2][4], da[2][4];
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk) {
+            const float *s0 = s + 8 * kk;
+            pa[kk][0] = pack2<T>(s0[0], s0[1]);
+            pa[kk][1] = pack2<T>(s0[2], s0[3]);
+            pa[kk][2] = pack2<T>(s0[4], s0[5]);
+            pa[kk][3] = pack2<T>(s0[6], s0[7]);
+        }
+        if (it > 0) mbar_wait(pds_free, (it - 1) & 1);
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk) store_block<BN>(spt, pa[kk], 16 * warp, 32 * wg + 16 * kk, lane);
+        wgmma_wait<0>();
+        fence_regs<16>(dp);
+        // dS'^T = P^T (dP^T - delta) m
+        if (uniform) {
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+                const float2 dl = *reinterpret_cast<const float2 *>(drow + nt * 8 + 2 * t);
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    dp[nt * 4 + e] = s[nt * 4 + e] * (dp[nt * 4 + e] - ((e & 1) ? dl.y : dl.x)) * mu;
+            }
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+                const float2 dl = *reinterpret_cast<const float2 *>(drow + nt * 8 + 2 * t);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = qw0 + nt * 8 + 2 * t + (e & 1);
+                    const bool qtx = qi >= qsb && qi < qse;
+                    const bool ktx = (e < 2) ? kt0 : kt1;
+                    const float m = (qtx == ktx) ? 1.f : (qtx ? grev : gam);
+                    dp[nt * 4 + e] = s[nt * 4 + e] * (dp[nt * 4 + e] - ((e & 1) ? dl.y : dl.x)) * m;
+                }
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk) {
+            const float *d0 = dp + 8 * kk;
+            da[kk][0] = pack2<T>(d0[0], d0[1]);
+            da[kk][1] = pack2<T>(d0[2], d0[3]);
+            da[kk][2] = pack2<T>(d0[4], d0[5]);
+            da[kk][3] = pack2<T>(d0[6], d0[7]);
+            store_block<BN>(sdst, da[kk], 16 * warp, 32 * wg + 16 * kk, lane);        // dS'^T [keys][queries]
+            store_block_trans<BM>(sds, da[kk], 16 * warp, 32 * wg + 16 * kk, lane);  // dS' [queries][keys]
+        }
+        fence_proxy_async();           // the stmatrix writes -> the wgmma reads after the barrier
+        named_bar_sync(BAR_MMA, 256);  // P^T, dS'^T, dS' complete (both warpgroups' halves)
+
+        // dV += P^T dO, dQ slice 0 = dS' K, dK += dS'^T Q over this warpgroup's 128 columns
+        const uint64_t d_do_mn = desc_sw128_mn(sdo + 2 * wg * BM * 128, BM * 128);
+        const uint64_t d_q_mn = desc_sw128_mn(qt + 2 * wg * BM * 128, BM * 128);
+        const uint64_t d_kq = desc_sw128(sk + 2 * wg * BN * 128);
+        float dq[32];
+        fence_regs<64>(dv);
+        fence_regs<64>(dk);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk)
+            wgmma_ss<T, 128, 0, 1>(dv, desc_advance(d_pt, kk * 32), desc_advance(d_do_mn, kk * 16 * 128), 1);
+        wgmma_commit();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+            wgmma_ss<T, 64, 0, 1>(dq, desc_advance(d_ds, kk * 32), desc_advance(d_kq, kk * 16 * 128), kk > 0);
+        wgmma_commit();
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk)
+            wgmma_ss<T, 128, 0, 1>(dk, desc_advance(d_dst, kk * 32), desc_advance(d_q_mn, kk * 16 * 128), 1);
+        wgmma_commit();
+        wgmma_wait<1>();  // dV and dQ slice 0 done, dK running
+        fence_regs<64>(dv);
+        fence_regs<32>(dq);
+        mbar_arrive(do_empty);  // dO of step it read (dP^T and dV)
+        // slice 0 into the warpgroup's staging buffer (free once the writer read the previous slice)
+        {
+            const int k = 2 * it;
+            if (k > 0) mbar_wait(st_empty + 8 * wg, (k - 1) & 1);
+            stage_slice(my_stage, dq, warp, g, t);
+            fence_proxy_async();  // the copy engine reads what these generic stores wrote
+            mbar_arrive(st_full + 8 * wg);
+        }
+        // slice 1: columns 128 wg + 64 ..
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+            wgmma_ss<T, 64, 0, 1>(dq, desc_advance(d_ds, kk * 32), desc_advance(d_kq, BN * 128 + kk * 16 * 128),
+                                  kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs<64>(dk);
+        fence_regs<32>(dq);
+        mbar_arrive(q_empty + 8 * buf);  // Q, lse2, delta of step it read
+        mbar_arrive(pds_free);           // P^T, dS'^T, dS' read by this warpgroup's products
+        {
+            const int k = 2 * it + 1;
+            mbar_wait(st_empty + 8 * wg, (k - 1) & 1);
+            stage_slice(my_stage, dq, warp, g, t);
+            fence_proxy_async();
+            mbar_arrive(st_full + 8 * wg);
+        }
+    }
+    // dK = scale * dK', dV of key/value head hk: rows kr0, kr1, columns 128 wg ..
+    taca_bwd::store_dk_dv<T, 16>(a, b, hk, Nk, D, kr0, kr1, 128 * wg, t, dk, dv);
+#else
+    (void)p;
+#endif
+}
+
+/* dq_acc (rows x DP fp32, row-major) as a 2-D tensor map: boxes of 32 columns x box_rows rows, 128B swizzle. */
+inline bool encode_acc_map(CUtensorMap *m, float *acc, int64_t rows, int dp, int box_rows) {
+    EncodeTiledFn fn = encode_tiled_fn();
+    if (!fn) return false;
+    const cuuint64_t dims[2] = {(cuuint64_t)dp, (cuuint64_t)rows};
+    const cuuint64_t strides[1] = {(cuuint64_t)dp * sizeof(float)};
+    const cuuint32_t box[2] = {32, (cuuint32_t)box_rows}, estr[2] = {1, 1};
+    return fn(m, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, acc, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <typename T>
+int launch(const BwdArgs &a0, cudaStream_t stream) {
+    using C = Cfg;
+    auto kernel = a0.mask.data ? taca_bwd_sm90_d256_kernel<T, true> : taca_bwd_sm90_d256_kernel<T, false>;
+    cudaFuncAttributes attr;
+    TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_bwd_cuda (sm90 d256): cudaFuncGetAttributes");
+    if (attr.binaryVersion != 90) return TACA_ERR_UNSUPPORTED;
+    D256Args p;
+    memset(&p, 0, sizeof(p));
+    p.a = a0;
+    BwdArgs &a = p.a;
+    // The workspace (taca_bwd.cu layout_of) counts 32-row query tiles and 128-key tiles at D = 256; this kernel's
+    // tiles are 64 x 64: rows (Np) are rounded up to 64 there, the chains re-counted in 64-key tiles here (each chain
+    // twice as many tiles: never more chains, so never more dQ buffers or counters than the workspace holds).
+    if (a.Np % C::BM != 0) return TACA_ERR_UNSUPPORTED;
+    a.nq = a.Np / C::BM;
+    a.nk = (a.Nk + C::BN - 1) / C::BN;
+    a.seg_size *= 2;
+    a.nseg = (a.nk + a.seg_size - 1) / a.seg_size;
+    a.chain_len *= 2;
+    a.acc_ld = C::ACC_LD;
+    {
+        int sms = 0;
+        if (device_sm_count(&sms, "taca_bwd_cuda (sm90 d256): SM count") != TACA_OK) sms = 0;
+        taca_bwd::apply_skew_rule(&a, sms);
+    }
+    if (!encode_map<T>(&p.tq, p.pos_q, a.q, a.qs_n, a.qs_h, a.qs_b, a.N, a.H, a.B, a.D, C::BM) ||
+        !encode_map<T>(&p.tdo, p.pos_do, a.dout, a.dos_n, a.dos_h, a.dos_b, a.N, a.H, a.B, a.D, C::BM))
+        return TACA_ERR_UNSUPPORTED;
+    const int64_t rows = static_cast<int64_t>(a.nseg) * a.B * a.H * a.Np;
+    if (rows > INT32_MAX || !encode_acc_map(&p.tacc, a.dq_acc, rows, C::DP, C::BM)) return TACA_ERR_UNSUPPORTED;
+    TACA_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM),
+                  "taca_bwd_cuda (sm90 d256): cudaFuncSetAttribute");
+    int st = taca_bwd::launch_preprocess<T, C::DP>(a, stream, "taca_bwd_cuda (sm90 d256) preprocess");
+    if (st != TACA_OK) return st;
+    if (a.mode == taca_bwd::kAtomic) {
+        TACA_CUDA_TRY(cudaMemsetAsync(a.dq_acc, 0, static_cast<size_t>(a.nseg) * a.B * a.H * a.Np * C::ACC_LD * sizeof(float),
+                                      stream),
+                      "taca_bwd_cuda (sm90 d256) memset dq_acc");
+    }
+    kernel<<<dim3(a.nk, a.Hkv, a.B), C::THREADS, C::SMEM, stream>>>(p);
+    st = taca_cuda_check_launch("taca_bwd_cuda (sm90 d256) main");
+    if (st != TACA_OK) return st;
+    if (a.dq_overlap != 1) return taca_bwd::launch_dq_convert<T, C::DP>(a, stream, "taca_bwd_cuda (sm90 d256) dq convert");
+    // the conversion as the main kernel's programmatic dependent (v6 item 7)
+    int sms = 0;
+    if (device_sm_count(&sms, "taca_bwd_cuda (sm90 d256): SM count") != TACA_OK)
+        return taca_bwd::launch_dq_convert<T, C::DP>(a, stream, "taca_bwd_cuda (sm90 d256) dq convert");
+    const int64_t items = static_cast<int64_t>(a.B) * a.H * a.nq;
+    const int64_t conv_ctas = static_cast<int64_t>(8) * sms;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(items < conv_ctas ? items : conv_ctas));
+    cfg.blockDim = dim3(256);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr1[1];
+    attr1[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr1[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr1;
+    cfg.numAttrs = 1;
+    TACA_CUDA_TRY(cudaLaunchKernelEx(&cfg, taca_bwd::bwd_dq_convert_tiles<T, C::DP, C::BM>, static_cast<const BwdArgs &>(a)),
+                  "taca_bwd_cuda (sm90 d256) dq convert (tiles)");
+    return taca_cuda_check_launch("taca_bwd_cuda (sm90 d256) dq convert (tiles)");
+}
+
+}  // namespace taca_bwd256
+
+/* TACA_ERR_UNSUPPORTED where this kernel does not apply (the caller then runs the mma.sync kernel). */
+int taca_bwd_sm90_d256(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16) {
+#if defined(TACA_HAVE_SM90A)
+    // TACA_BWD_D256=wgmma / mma picks a kernel (a test and timing switch, read per call); the default is
+    // taca_bwd256::kDefault
+    const char *e = getenv("TACA_BWD_D256");
+    const bool on = e && !strcmp(e, "wgmma") ? true : e && !strcmp(e, "mma") ? false : taca_bwd256::kDefault;
+    if (!on) return TACA_ERR_UNSUPPORTED;
+    if (a.D <= 128 || a.D > 256 || !a.vec_load || a.nk < 2 || a.mode == taca_bwd::kSkip)
+        return TACA_ERR_UNSUPPORTED;
+    if (static_cast<int64_t>(a.Hkv) > 65535 || a.B > 65535) return TACA_ERR_UNSUPPORTED;
+    const int dev_st = taca_sm90::device_is_sm90("taca_bwd_cuda (sm90 d256): device query");
+    if (dev_st != TACA_OK) return dev_st;
+    return bf16 ? taca_bwd256::launch<__nv_bfloat16>(a, stream) : taca_bwd256::launch<__half>(a, stream);
+#else
+    (void)a; (void)stream; (void)bf16;
+    return TACA_ERR_UNSUPPORTED;
+#endif
+}
