@@ -22,6 +22,13 @@ if has check; then
   nvcc -std=c++17 -O2 -Icsrc -Icsrc/cuda -gencode=arch=compute_90a,code=sm_90a tests/cuda_harness/wgmma_check.cu \
     -o /tmp/wgmma_check 2>&1 | tail -3 && timeout 60 /tmp/wgmma_check | tail -3
 fi
+if has check; then
+  # a smoke run of every instance (the sanitizer harness without the sanitizer): a hang stops the call here
+  t0=$SECONDS
+  timeout 90 python3 tests/cuda_harness/sanitize_bwd_d256.py > "$OUT/smoke.txt" 2>&1
+  rc=$?; echo "smoke rc=$rc ($((SECONDS - t0)) s): $(tail -2 "$OUT/smoke.txt" | tr '\n' ' ')"
+  if [ $rc -ne 0 ]; then echo "smoke failed: stopping"; exit 1; fi
+fi
 if has test; then
   t0=$SECONDS
   timeout 200 python3 -m pytest -q -x tests/test_cuda_bwd.py -k "256 or 224 or D200" > "$OUT/pytest_bwd_d256.txt" 2>&1
