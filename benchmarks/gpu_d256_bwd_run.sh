@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One GPU call for the D = 136..256 wgmma backward (csrc/cuda/taca_bwd_sm90_d256.cu). Steps (STEPS, default
-# "build check test bench"; they run in this order):
+# "build check test bench test2"; they run in the order build check test bench test2 sanitize):
 #   build: the extension and the ctypes library (gpu_features_run.sh's build);
 #   check: wgmma_check (the m64n32k16 form the kernel adds) and a smoke run of every instance (a hang stops the call);
-#   test: the D > 128 backward tests (test_cuda_bwd.py: the rule, determinism, the wgmma kernel against TACA_BWD_D256=mma, the skew, deterministic=False; test_cuda_features.py:
-#     spans, grouped KV heads, N_q != N_k at D = 256 / 224 / 208), the WS forward's D = 256 tests (test_cuda.py);
+#   test: the D > 128 backward tests of test_cuda_bwd.py (the rule, determinism, the wgmma kernel against
+#     TACA_BWD_D256=mma, the skew, deterministic=False);
+#   test2: test_cuda_features.py's at D = 256 / 224 / 208 (spans, masks, grouped KV heads, N_q != N_k) and the WS
+#     forward's D = 256 tests (test_cuda.py);
 #   sanitize: memcheck, racecheck and synccheck of tests/cuda_harness/sanitize_bwd_d256.py;
 #   bench: AuraFlow and Ideogram 4 CFG (bench_attention_gpu.py, fwd and fwd+bwd) with TACA_BWD_D256=wgmma, =mma (the
 #     mma.sync kernel) and wgmma with TACA_FWD_D256=ws (the warp-specialized forward), one process each, BENCH_ROUNDS
@@ -12,7 +14,7 @@
 #   run(command="timeout 540 bash benchmarks/gpu_d256_bwd_run.sh; bash benchmarks/pack_out.sh $OUT", carry=[".whl"])
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STEPS=${STEPS:-"build check test bench"}
+STEPS=${STEPS:-"build check test bench test2"}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 {
 if has build; then STEPS=build OUT=/tmp/hw bash benchmarks/gpu_features_run.sh 2>&1 | grep -E "rc=|has_cuda|GPU|torch"; fi
@@ -34,16 +36,7 @@ if has test; then
   t0=$SECONDS
   timeout 200 python3 -m pytest -q -x tests/test_cuda_bwd.py -k "256 or 224 or D200" > "$OUT/pytest_bwd_d256.txt" 2>&1
   echo "test_cuda_bwd.py (D > 128) rc=$?: $(grep -E '^(FAILED|ERROR)|passed|failed|Error' "$OUT/pytest_bwd_d256.txt" | tail -6 | tr '\n' ' ')"
-  timeout 150 python3 -m pytest -q tests/test_cuda_features.py -k "256 or 224 or 208" > "$OUT/pytest_features_d256.txt" 2>&1
-  echo "test_cuda_features.py (D > 128) rc=$?: $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/pytest_features_d256.txt" | tail -6 | tr '\n' ' ')"
-  # the warp-specialized D = 256 forward (TACA_FWD_D256=ws, forty-seventh / -eighth sessions, not yet run)
-  timeout 100 python3 -m pytest -q tests/test_cuda.py -k "ws_d256 or head_dim_routes" > "$OUT/pytest_fwd_ws256.txt" 2>&1
-  echo "test_cuda.py (WS forward at D = 256) rc=$?: $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/pytest_fwd_ws256.txt" | tail -6 | tr '\n' ' ')"
   echo "tests ($((SECONDS - t0)) s)"
-fi
-if has sanitize; then
-  source benchmarks/gpu_sanitize.sh
-  SAN_TOOLS="memcheck racecheck synccheck" sanitize tests/cuda_harness/sanitize_bwd_d256.py taca_bwd sanitize_bwd_d256 150
 fi
 if has bench; then
   t0=$SECONDS
@@ -52,7 +45,7 @@ if has bench; then
       mkdir -p "$OUT/bench_${k}_r$r"
       export TACA_BWD_D256=${k%+ws}
       if [ "$k" = wgmma+ws ]; then export TACA_FWD_D256=ws; else unset TACA_FWD_D256; fi
-      timeout 120 python3 benchmarks/bench_attention_gpu.py --shapes auraflow_cfg,ideogram4_cfg \
+      timeout 90 python3 benchmarks/bench_attention_gpu.py --quick --shapes auraflow_cfg,ideogram4_cfg \
         --methods 'taca_cuda$' --out "$OUT/bench_${k}_r$r" --tag _d256bwd_$k > "$OUT/bench_${k}_r$r.txt" 2>&1
       echo "bench $k round $r rc=$?"
     done
@@ -60,5 +53,18 @@ if has bench; then
   export TACA_BWD_D256=wgmma; unset TACA_FWD_D256
   echo "bench ($((SECONDS - t0)) s)"
   grep -h -E "auraflow|ideogram" "$OUT"/bench_*_r1.txt | head -30
+fi
+if has test2; then
+  t0=$SECONDS
+  timeout 150 python3 -m pytest -q tests/test_cuda_features.py -k "256 or 224 or 208" > "$OUT/pytest_features_d256.txt" 2>&1
+  echo "test_cuda_features.py (D > 128) rc=$?: $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/pytest_features_d256.txt" | tail -6 | tr '\n' ' ')"
+  # the warp-specialized D = 256 forward (TACA_FWD_D256=ws, forty-seventh / -eighth sessions, not yet run)
+  timeout 100 python3 -m pytest -q tests/test_cuda.py -k "ws_d256 or head_dim_routes" > "$OUT/pytest_fwd_ws256.txt" 2>&1
+  echo "test_cuda.py (WS forward at D = 256) rc=$?: $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/pytest_fwd_ws256.txt" | tail -6 | tr '\n' ' ')"
+  echo "tests 2 ($((SECONDS - t0)) s)"
+fi
+if has sanitize; then
+  source benchmarks/gpu_sanitize.sh
+  SAN_TOOLS="memcheck racecheck synccheck" sanitize tests/cuda_harness/sanitize_bwd_d256.py taca_bwd sanitize_bwd_d256 150
 fi
 } 2>&1 | tee -a "$OUT/log.txt"
