@@ -139,6 +139,19 @@ __device__ __forceinline__ void store_acc_rows(uint32_t s, const float *acc, flo
     }
 }
 
+/* Host: dq_acc (rows x dp fp32, row-major) as a 2-D tensor map for the tensor writers (v6's TW, the D = 256 kernel):
+ * boxes of 32 columns (128 bytes, the 128B swizzle's width) x box_rows rows. */
+inline bool encode_acc_map(CUtensorMap *m, float *acc, int64_t rows, int dp, int box_rows) {
+    taca_sm90::EncodeTiledFn fn = taca_sm90::encode_tiled_fn();
+    if (!fn) return false;
+    const cuuint64_t dims[2] = {(cuuint64_t)dp, (cuuint64_t)rows};
+    const cuuint64_t strides[1] = {(cuuint64_t)dp * sizeof(float)};
+    const cuuint32_t box[2] = {32, (cuuint32_t)box_rows}, estr[2] = {1, 1};
+    return fn(m, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, acc, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 }  // namespace taca_bwd90
 
 #endif /* TACA_BWD_SM90_CUH_ */

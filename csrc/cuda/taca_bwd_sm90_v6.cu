@@ -168,6 +168,7 @@ using taca_bwd90::bulk_commit;
 using taca_bwd90::bulk_store;
 using taca_bwd90::bulk_wait_read;
 using taca_bwd90::bulk_wait_write;
+using taca_bwd90::encode_acc_map;
 using taca_bwd90::store_block_trans;
 
 /* TW: the writer adds a staged dQ tile with 2-D TMA tensor reduce-adds (DP / 32 per tile, staging in
@@ -1088,19 +1089,6 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_v6_kernel(const __grid_c
 #else
     (void)p;
 #endif
-}
-
-/* dq_acc (rows x DP fp32, row-major) as a 2-D tensor map: boxes of 32 columns (128 bytes, the
- * 128B swizzle's width) x box_rows rows. */
-inline bool encode_acc_map(CUtensorMap *m, float *acc, int64_t rows, int dp, int box_rows) {
-    EncodeTiledFn fn = encode_tiled_fn();
-    if (!fn) return false;
-    const cuuint64_t dims[2] = {(cuuint64_t)dp, (cuuint64_t)rows};
-    const cuuint64_t strides[1] = {(cuuint64_t)dp * sizeof(float)};
-    const cuuint32_t box[2] = {32, (cuuint32_t)box_rows}, estr[2] = {1, 1};
-    return fn(m, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, acc, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
-              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 template <typename T, int DP, int BM, bool TW, bool G1 = false, bool PF = false, bool IX = false, bool DS = false,
