@@ -19,7 +19,7 @@ has() { [[ " $STEPS " == *" $1 "* ]]; }
 {
 if has build; then STEPS=build OUT=/tmp/hw bash benchmarks/gpu_features_run.sh 2>&1 | grep -E "rc=|has_cuda|GPU|torch"; fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so
-# the wgmma kernel for every step (until it is the default: taca_bwd256::kDefault)
+# the wgmma kernel for every step (until it is the default: kDefault in taca_bwd_sm90_d256.cu)
 export TACA_BWD_D256=${TACA_BWD_D256:-wgmma}
 if has check; then
   nvcc -std=c++17 -O2 -Icsrc -Icsrc/cuda -gencode=arch=compute_90a,code=sm_90a tests/cuda_harness/wgmma_check.cu \

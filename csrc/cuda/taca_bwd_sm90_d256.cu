@@ -35,8 +35,8 @@
  *   keys all attend take the unmasked paths), any other mask per element.
  * Not taken (TACA_ERR_UNSUPPORTED, the mma.sync kernel runs): a single 128-key tile (N_k <= 128: no dQ
  *   buffer in the workspace), unaligned rows (vec_load), tensor maps the driver rejects, non-sm90a binaries.
- *   TACA_BWD_D256=wgmma / mma forces one kernel (a test and timing switch, read per call); kDefault says which runs
- *   without it.
+ *   TACA_BWD_D256=wgmma / mma forces one kernel (a test and timing switch, read per call); kDefault (in
+ *   taca_bwd_sm90_d256 below) says which runs without it.
  * Build check: nvcc -std=c++17 -O3 --use_fast_math -Icsrc -Icsrc/cuda -DTACA_HAVE_SM90A=1 \
  *   -gencode=arch=compute_90a,code=sm_90a -c csrc/cuda/taca_bwd_sm90_d256.cu -o /tmp/x.o -Xptxas -v
  */
@@ -59,10 +59,6 @@ using taca_bwd90::bulk_wait_write;
 using taca_bwd90::encode_acc_map;
 using taca_bwd90::stmatrix_x4;
 using taca_bwd90::store_block_trans;
-
-/* Whether this kernel runs by default where it applies (else only with TACA_BWD_D256=wgmma): off until a device
- * run has tested and timed it. */
-constexpr bool kDefault = false;
 
 struct Cfg {
     static constexpr int DP = 256, BM = 64, BN = 64;
@@ -570,10 +566,11 @@ int launch(const BwdArgs &a0, cudaStream_t stream) {
 /* TACA_ERR_UNSUPPORTED where this kernel does not apply (the caller then runs the mma.sync kernel). */
 int taca_bwd_sm90_d256(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16) {
 #if defined(TACA_HAVE_SM90A)
-    // TACA_BWD_D256=wgmma / mma picks a kernel (a test and timing switch, read per call); the default is
-    // taca_bwd256::kDefault
+    // Whether this kernel runs by default where it applies: off until a device run has tested and timed it.
+    // TACA_BWD_D256=wgmma / mma picks a kernel (a test and timing switch, read per call).
+    constexpr bool kDefault = false;
     const char *e = getenv("TACA_BWD_D256");
-    const bool on = e && !strcmp(e, "wgmma") ? true : e && !strcmp(e, "mma") ? false : taca_bwd256::kDefault;
+    const bool on = e && !strcmp(e, "wgmma") ? true : e && !strcmp(e, "mma") ? false : kDefault;
     if (!on) return TACA_ERR_UNSUPPORTED;
     if (a.D <= 128 || a.D > 256 || !a.vec_load || a.nk < 2 || a.mode == taca_bwd::kSkip)
         return TACA_ERR_UNSUPPORTED;
