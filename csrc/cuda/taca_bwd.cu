@@ -100,6 +100,7 @@ int taca_bwd_sm90(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16);
 int taca_bwd_sm90_v6(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16);
 /* taca_bwd_sm90_d256.cu: the wgmma main kernel at D = 136..256 (TACA_ERR_UNSUPPORTED where it does not apply). */
 int taca_bwd_sm90_d256(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16);
+bool taca_bwd_sm90_d256_enabled();
 
 namespace {
 
@@ -117,9 +118,10 @@ bool layout_of(const taca_bwd_params *p, Layout *L) {
     L->dp = c.dp;
     L->dc = c.dc;
     L->bm = c.bm;
-    // rows: a multiple of the query tile; at D = 256 of 64 (the Hopper kernel's tile, taca_bwd_sm90_d256.cu; the
-    // mma.sync kernel then walks an even number of its 32-row tiles, the last possibly all padding: P = 0 there)
-    const int64_t row_unit = c.dp == 256 ? 64 : c.bm;
+    // rows: a multiple of the query tile; at D = 256 of 64 where the Hopper kernel may run (taca_bwd_sm90_d256.cu's
+    // 64-row tiles; a fallback to the mma.sync kernel then walks an even number of its 32-row tiles, the last
+    // possibly all padding: P = 0 there)
+    const int64_t row_unit = c.dp == 256 && taca_bwd_sm90_d256_enabled() ? 64 : c.bm;
     L->np = static_cast<int>((N + row_unit - 1) / row_unit * row_unit);
     L->nq = L->np / c.bm;
     L->nk = static_cast<int>((p->seqlen_k + taca_bwd::kBlockN - 1) / taca_bwd::kBlockN);

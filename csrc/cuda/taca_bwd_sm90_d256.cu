@@ -28,7 +28,8 @@
  *   predecessor's release of the tile, add their column half, wait for their writes, meet at a named barrier and
  *   writer 0 releases the tile (st.release), so the conversion (bwd_dq_convert_tiles, BM = 64) and the successor see
  *   both halves. Unordered mode (deterministic=False): adds without order into one zeroed buffer.
- * Workspace: the D = 256 layout of taca_bwd.cu (rows rounded up to 64 for this kernel's tiles; nk, chains counted
+ * Workspace: the D = 256 layout of taca_bwd.cu (rows rounded up to 64 for this kernel's tiles where it is enabled;
+ *   nk, chains counted
  *   in 128-key tiles there, re-counted here in 64-key tiles: never more chains than the workspace holds; the dQ
  *   buffers' rows read with stride DP (acc_ld = 256 <= DP + kAccPad)).
  * Masks: their own instance (MASK), v6's paths: a key mask's two terms a thread per query tile (and CTAs whose 64
@@ -36,7 +37,7 @@
  * Not taken (TACA_ERR_UNSUPPORTED, the mma.sync kernel runs): a single 128-key tile (N_k <= 128: no dQ
  *   buffer in the workspace), unaligned rows (vec_load), tensor maps the driver rejects, non-sm90a binaries.
  *   TACA_BWD_D256=wgmma / mma forces one kernel (a test and timing switch, read per call); kDefault (in
- *   taca_bwd_sm90_d256 below) says which runs without it.
+ *   taca_bwd_sm90_d256_enabled below) says which runs without it.
  * Build check: nvcc -std=c++17 -O3 --use_fast_math -Icsrc -Icsrc/cuda -DTACA_HAVE_SM90A=1 \
  *   -gencode=arch=compute_90a,code=sm_90a -c csrc/cuda/taca_bwd_sm90_d256.cu -o /tmp/x.o -Xptxas -v
  */
@@ -511,7 +512,7 @@ int launch(const BwdArgs &a0, cudaStream_t stream) {
     // The workspace (taca_bwd.cu layout_of) counts 32-row query tiles and 128-key tiles at D = 256; this kernel's
     // tiles are 64 x 64: rows (Np) are rounded up to 64 there, the chains re-counted in 64-key tiles here (each chain
     // twice as many tiles: never more chains, so never more dQ buffers or counters than the workspace holds).
-    if (a.Np % C::BM != 0) return TACA_ERR_UNSUPPORTED;
+    if (a.Np % C::BM != 0) return TACA_ERR_UNSUPPORTED;  // (the layout rounds to 64 when the switch is read alike)
     a.nq = a.Np / C::BM;
     a.nk = (a.Nk + C::BN - 1) / C::BN;
     a.seg_size *= 2;
@@ -563,15 +564,24 @@ int launch(const BwdArgs &a0, cudaStream_t stream) {
 
 }  // namespace taca_bwd256
 
-/* TACA_ERR_UNSUPPORTED where this kernel does not apply (the caller then runs the mma.sync kernel). */
-int taca_bwd_sm90_d256(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16) {
+/* Whether this kernel may run (an sm_90a build, and the switch): taca_bwd.cu's workspace layout rounds D = 256 rows to
+ * its 64-row tiles only then, so the mma.sync kernel's layout is unchanged where this one cannot run. */
+bool taca_bwd_sm90_d256_enabled() {
 #if defined(TACA_HAVE_SM90A)
     // Whether this kernel runs by default where it applies: off until a device run has tested and timed it.
     // TACA_BWD_D256=wgmma / mma picks a kernel (a test and timing switch, read per call).
     constexpr bool kDefault = false;
     const char *e = getenv("TACA_BWD_D256");
-    const bool on = e && !strcmp(e, "wgmma") ? true : e && !strcmp(e, "mma") ? false : kDefault;
-    if (!on) return TACA_ERR_UNSUPPORTED;
+    return e && !strcmp(e, "wgmma") ? true : e && !strcmp(e, "mma") ? false : kDefault;
+#else
+    return false;
+#endif
+}
+
+/* TACA_ERR_UNSUPPORTED where this kernel does not apply (the caller then runs the mma.sync kernel). */
+int taca_bwd_sm90_d256(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16) {
+#if defined(TACA_HAVE_SM90A)
+    if (!taca_bwd_sm90_d256_enabled()) return TACA_ERR_UNSUPPORTED;
     if (a.D <= 128 || a.D > 256 || !a.vec_load || a.nk < 2 || a.mode == taca_bwd::kSkip)
         return TACA_ERR_UNSUPPORTED;
     if (static_cast<int64_t>(a.Hkv) > 65535 || a.B > 65535) return TACA_ERR_UNSUPPORTED;
