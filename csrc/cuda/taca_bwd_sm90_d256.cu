@@ -564,15 +564,17 @@ int launch(const BwdArgs &a0, cudaStream_t stream) {
 
 }  // namespace taca_bwd256
 
-/* Whether this kernel may run (an sm_90a build, and the switch): taca_bwd.cu's workspace layout rounds D = 256 rows to
- * its 64-row tiles only then, so the mma.sync kernel's layout is unchanged where this one cannot run. */
+/* Whether this kernel may run (an sm_90a build, an sm_90 device, and the switch): taca_bwd.cu's workspace layout
+ * rounds D = 256 rows to its 64-row tiles only then, so the mma.sync kernel's layout (and with it its skew's tile
+ * walk) is unchanged where this one cannot run. */
 bool taca_bwd_sm90_d256_enabled() {
 #if defined(TACA_HAVE_SM90A)
     // Whether this kernel runs by default where it applies: off until a device run has tested and timed it.
     // TACA_BWD_D256=wgmma / mma picks a kernel (a test and timing switch, read per call).
     constexpr bool kDefault = false;
     const char *e = getenv("TACA_BWD_D256");
-    return e && !strcmp(e, "wgmma") ? true : e && !strcmp(e, "mma") ? false : kDefault;
+    const bool on = e && !strcmp(e, "wgmma") ? true : e && !strcmp(e, "mma") ? false : kDefault;
+    return on && taca_sm90::device_is_sm90("taca_bwd_cuda (sm90 d256): device query") == TACA_OK;
 #else
     return false;
 #endif
@@ -581,12 +583,10 @@ bool taca_bwd_sm90_d256_enabled() {
 /* TACA_ERR_UNSUPPORTED where this kernel does not apply (the caller then runs the mma.sync kernel). */
 int taca_bwd_sm90_d256(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16) {
 #if defined(TACA_HAVE_SM90A)
-    if (!taca_bwd_sm90_d256_enabled()) return TACA_ERR_UNSUPPORTED;
+    if (!taca_bwd_sm90_d256_enabled()) return TACA_ERR_UNSUPPORTED;  // (the device query too)
     if (a.D <= 128 || a.D > 256 || !a.vec_load || a.nk < 2 || a.mode == taca_bwd::kSkip)
         return TACA_ERR_UNSUPPORTED;
     if (static_cast<int64_t>(a.Hkv) > 65535 || a.B > 65535) return TACA_ERR_UNSUPPORTED;
-    const int dev_st = taca_sm90::device_is_sm90("taca_bwd_cuda (sm90 d256): device query");
-    if (dev_st != TACA_OK) return dev_st;
     return bf16 ? taca_bwd256::launch<__nv_bfloat16>(a, stream) : taca_bwd256::launch<__half>(a, stream);
 #else
     (void)a; (void)stream; (void)bf16;
