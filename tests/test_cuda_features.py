@@ -148,8 +148,8 @@ BIG = {
     # D = 256 with spans alone (Ideogram 4's per-sample text) and a per-query float mask, D = 224 zero-filled
     "spans_d256": (2, 3, 3, 700, 700, 256, "bhnd", dict(text_len=[170, 512], text_first=True), None),
     "float_mask_d224": (2, 2, 1, 200, 260, 224, "bnhd", dict(text_len=50), "float_bhqk"),
-    # the D = 256 wgmma backward (no mask): grouped KV heads with N_q != N_k (FLUX.2-style KV text), per-sample spans
-    # at D = 208 with text last
+    # for the D = 256 backward kernels (the wgmma one with TACA_BWD_D256=wgmma, as gpu_d256_bwd_run.sh runs these):
+    # grouped KV heads with N_q != N_k (FLUX.2-style KV text), per-sample spans at D = 208 with text last
     "gqa_kv_d256": (2, 4, 2, 300, 700, 256, "bnhd", dict(text_len=64, query_text_len=64), None),
     "gqa_spans_d208": (2, 6, 2, 333, 333, 208, "bhnd", dict(text_len=[77, 200], text_first=False), None),
     "everything_d72": (3, 4, 2, 150, 170, 72, "bhnd",

@@ -372,6 +372,35 @@ int launch_dq_convert(const BwdArgs &a, cudaStream_t stream, const char *what) {
     return taca_cuda_check_launch(what);
 }
 
+/* The dQ conversion after a main kernel that counts its finished dQ tiles in sem (the Hopper kernels: v6, the D = 256
+ * one): with dq_overlap == 1 as that kernel's programmatic dependent (bwd_dq_convert_tiles over BM-row tiles, on the
+ * SMs its last wave leaves idle, at most 8 CTAs per SM: they take items from a counter, so however many are resident
+ * do all the work), else (or where the SM count is unknown) after it. what / what_tiles: the error messages. */
+template <typename T, int DP, int BM>
+int launch_dq_convert_after(const BwdArgs &a, cudaStream_t stream, const char *what, const char *what_tiles) {
+    if (a.dq_overlap != 1) return launch_dq_convert<T, DP>(a, stream, what);
+    int sms = 0;
+    if (device_sm_count(&sms, what) != TACA_OK) return launch_dq_convert<T, DP>(a, stream, what);  // convert after it
+    const int64_t items = static_cast<int64_t>(a.B) * a.H * a.nq;
+    int per_sm = 8;
+    if (const char *e = getenv("TACA_BWD_CONV_CTAS")) {  // timing experiments only (1..8 CTAs per SM)
+        const int n = atoi(e);
+        if (n >= 1 && n <= 8) per_sm = n;
+    }
+    const int64_t conv_ctas = static_cast<int64_t>(per_sm) * sms;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(items < conv_ctas ? items : conv_ctas));
+    cfg.blockDim = dim3(256);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    TACA_CUDA_TRY(cudaLaunchKernelEx(&cfg, bwd_dq_convert_tiles<T, DP, BM>, a), what_tiles);
+    return taca_cuda_check_launch(what_tiles);
+}
+
 template <int DP, int BM> struct Smem {
     static constexpr int LDK = DP + 8;  // +16 bytes per row: conflict-free ldmatrix
     static constexpr int LDS = BM + 8;

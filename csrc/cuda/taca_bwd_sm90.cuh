@@ -121,6 +121,16 @@ __device__ __forceinline__ void store_block_trans(uint32_t s, const uint32_t *a,
     stmatrix_x4_trans(s + taca_sm90::sw128_offset<ROWS>(r, c), a);
 }
 
+/* store_block_trans's untransposed twin (the D = 256 backward's P^T and dS'^T): a warp's 16 x 16 block in the RS
+ * A-fragment packing (a[0]: rows 0-7 / cols 0-7, a[1]: rows 8-15 / cols 0-7, a[2], a[3]: cols 8-15) stored as it is
+ * into a 128B-swizzled K-major tile of ROWS rows: rows row0.., columns col0.. (col0 a multiple of 8): lane L addresses
+ * row row0 + ((L >> 3) & 1) * 8 + (L & 7), 16-byte chunk col0 / 8 + (L >> 4). */
+template <int ROWS>
+__device__ __forceinline__ void store_block(uint32_t s, const uint32_t *a, int row0, int col0, int lane) {
+    const int r = row0 + ((lane >> 3) & 1) * 8 + (lane & 7);
+    stmatrix_x4(s + taca_sm90::sw128_offset<ROWS>(r, (col0 >> 3) + (lane >> 4)), a);
+}
+
 /* A warp's rows of an m64nN fp32 wgmma accumulator (16 rows: row0 = 16 * warp of the warpgroup's 64,
  * + the warpgroup's first tile row; N / 8 blocks of acc[nb * 4 .. + 3]), times `mul`, converted to T and
  * stored into a 128B-swizzled tile of ROWS rows (N / 64 blocks of 64 columns, ROWS * 128 bytes apart: the

@@ -2,8 +2,8 @@
  * taca_bwd_sm90_d256.cu: Hopper (sm_90a) backward main kernel for head dims 136..256 (padded to DP = 256), wgmma
  * (configuration A1 of docs/d256_backward_design.md). Before it D = 256 ran the mma.sync kernel (taca_bwd_kernel.cuh,
  * two CTAs per key tile of 128 columns each, S and dP recomputed in both: ~137 TFLOP/s on an H200, fwd+bwd 0.46x plain
- * cuDNN at AuraFlow CFG). v6's layout (each MMA warpgroup owning 64 keys x every column of dK and dV) needs BN * D / 128
- * accumulator registers a thread for dK + dV: 256 at D = 256, so here the columns are split instead:
+ * cuDNN at AuraFlow CFG). v6's layout (each MMA warpgroup owning 64 keys x every column of dK and dV) needs
+ * BN * D / 128 accumulator registers a thread for dK + dV: 256 at D = 256, so here the columns are split instead:
  *
  *   CTA = one key tile of BN = 64 keys (K, V in shared memory for the whole loop), walking the flattened query tiles
  *   of BM = 64 queries of its key/value head's group (GQA) as v6 does (skew, chains, workspace, conversion alike).
@@ -58,7 +58,7 @@ using taca_bwd90::bulk_commit;
 using taca_bwd90::bulk_wait_read;
 using taca_bwd90::bulk_wait_write;
 using taca_bwd90::encode_acc_map;
-using taca_bwd90::stmatrix_x4;
+using taca_bwd90::store_block;
 using taca_bwd90::store_block_trans;
 
 struct Cfg {
@@ -90,15 +90,6 @@ struct D256Args {
     BwdArgs a;
     int pos_q[3], pos_do[3];
 };
-
-/* A warp's 16 x 16 block in the RS A-fragment packing (a[0]: rows 0-7 / cols 0-7, a[1]: rows 8-15 / cols 0-7, a[2],
- * a[3]: cols 8-15) stored as it is into a 128B-swizzled K-major tile of ROWS rows: rows row0.., columns col0.. (col0
- * a multiple of 8): lane L addresses row row0 + ((L >> 3) & 1) * 8 + (L & 7), 16-byte chunk col0 / 8 + (L >> 4). */
-template <int ROWS>
-__device__ __forceinline__ void store_block(uint32_t s, const uint32_t *a, int row0, int col0, int lane) {
-    const int r = row0 + ((lane >> 3) & 1) * 8 + (lane & 7);
-    stmatrix_x4(s + sw128_offset<ROWS>(r, (col0 >> 3) + (lane >> 4)), a);
-}
 
 /* One 64-column dQ slice (m64n64 accumulator: rows 16 warp + g, + 8; columns 8 nt + 2t, + 1) into a staging buffer
  * in the tensor writer's layout: 2 boxes of 32 fp32 columns x BM rows, 128B-swizzled. */
@@ -327,6 +318,14 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
         const bool uniform = !masked && k_uniform && q_uniform;
         const bool q_text = qw0 >= qsb && qw0 < qse;
         const float mu = (k_text == q_text) ? 1.f : (q_text ? grev : gam);
+        // element (nt, e) of the S^T fragment: query qw0 + 8 nt + 2t + (e & 1), key e < 2 ? kr0 : kr1; its gamma
+        // factor m (query text span x key text span), and with a mask its log2(e) term (-inf outside N x Nk)
+        auto m_at = [&](int nt, int e) -> float {
+            const int qi = qw0 + nt * 8 + 2 * t + (e & 1);
+            const bool qtx = qi >= qsb && qi < qse;
+            const bool ktx = (e < 2) ? kt0 : kt1;
+            return (qtx == ktx) ? 1.f : (qtx ? grev : gam);
+        };
         if (uniform) {
             const float cf = lg * mu;
 #pragma unroll
@@ -340,33 +339,14 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
             for (int nt = 0; nt < 4; ++nt) {
                 const float2 l2 = *reinterpret_cast<const float2 *>(lrow + nt * 8 + 2 * t);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int qi = qw0 + nt * 8 + 2 * t + (e & 1);
-                    const bool qtx = qi >= qsb && qi < qse;
-                    const bool ktx = (e < 2) ? kt0 : kt1;
-                    const float m = (qtx == ktx) ? 1.f : (qtx ? grev : gam);
-                    s[nt * 4 + e] = fast_exp2(s[nt * 4 + e] * (lg * m) - ((e & 1) ? l2.y : l2.x));
-                }
-            }
-        } else if (a.mask_keys) {
-            // a key mask (mask.q == 0): the thread's two keys' terms, read once per query tile (v6's path); -inf for
-            // keys past Nk and queries past N
-            const float2 mk = key_mask_terms(a.mask, b * a.mask.b + (h0 + hh) * a.mask.h, kr0, Nk);
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
-                const float2 l2 = *reinterpret_cast<const float2 *>(lrow + nt * 8 + 2 * t);
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int qi = qw0 + nt * 8 + 2 * t + (e & 1);
-                    const bool qtx = qi >= qsb && qi < qse;
-                    const bool ktx = (e < 2) ? kt0 : kt1;
-                    const float m = (qtx == ktx) ? 1.f : (qtx ? grev : gam);
-                    const float mt = qi < N ? ((e < 2) ? mk.x : mk.y) : -INFINITY;
-                    s[nt * 4 + e] = fast_exp2(s[nt * 4 + e] * (lg * m) + mt - ((e & 1) ? l2.y : l2.x));
-                }
+                for (int e = 0; e < 4; ++e)
+                    s[nt * 4 + e] = fast_exp2(s[nt * 4 + e] * (lg * m_at(nt, e)) - ((e & 1) ? l2.y : l2.x));
             }
         } else {
-            // any other mask: + log2(e) mask_ij per element (key row kr, query column qi), -inf outside N x Nk
+            // a key mask (mask.q == 0): the thread's two keys' terms, read once per query tile (v6's path); any other
+            // mask: per element (key row kr, query column qi, offsets mo0 / mo1 of (qw0 + 2t, kr0 / kr1))
+            const float2 mk = a.mask_keys ? key_mask_terms(a.mask, b * a.mask.b + (h0 + hh) * a.mask.h, kr0, Nk)
+                                          : make_float2(0.f, 0.f);
             const int64_t mo0 = b * a.mask.b + (h0 + hh) * a.mask.h + static_cast<int64_t>(qw0 + 2 * t) * a.mask.q +
                                 static_cast<int64_t>(kr0) * a.mask.k;
             const int64_t mo1 = mo0 + 8 * a.mask.k;
@@ -377,13 +357,12 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qi = qw0 + nt * 8 + 2 * t + (e & 1);
-                    const bool qtx = qi >= qsb && qi < qse;
-                    const bool ktx = (e < 2) ? kt0 : kt1;
-                    const float m = (qtx == ktx) ? 1.f : (qtx ? grev : gam);
-                    const float mt = (qi < N && ((e < 2) ? kin0 : kin1))
-                                         ? mask_log2(a.mask, (e < 2) ? mo0 : mo1, nt * 8 + (e & 1), 0)
-                                         : -INFINITY;
-                    s[nt * 4 + e] = fast_exp2(s[nt * 4 + e] * (lg * m) + mt - ((e & 1) ? l2.y : l2.x));
+                    const bool kin = (e < 2) ? kin0 : kin1;
+                    const float mt = qi >= N        ? -INFINITY
+                                     : a.mask_keys ? ((e < 2) ? mk.x : mk.y)
+                                     : kin         ? mask_log2(a.mask, (e < 2) ? mo0 : mo1, nt * 8 + (e & 1), 0)
+                                                   : -INFINITY;
+                    s[nt * 4 + e] = fast_exp2(s[nt * 4 + e] * (lg * m_at(nt, e)) + mt - ((e & 1) ? l2.y : l2.x));
                 }
             }
         }
@@ -417,13 +396,8 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
             for (int nt = 0; nt < 4; ++nt) {
                 const float2 dl = *reinterpret_cast<const float2 *>(drow + nt * 8 + 2 * t);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int qi = qw0 + nt * 8 + 2 * t + (e & 1);
-                    const bool qtx = qi >= qsb && qi < qse;
-                    const bool ktx = (e < 2) ? kt0 : kt1;
-                    const float m = (qtx == ktx) ? 1.f : (qtx ? grev : gam);
-                    dp[nt * 4 + e] = s[nt * 4 + e] * (dp[nt * 4 + e] - ((e & 1) ? dl.y : dl.x)) * m;
-                }
+                for (int e = 0; e < 4; ++e)
+                    dp[nt * 4 + e] = s[nt * 4 + e] * (dp[nt * 4 + e] - ((e & 1) ? dl.y : dl.x)) * m_at(nt, e);
             }
         }
 #pragma unroll
@@ -534,32 +508,15 @@ int launch(const BwdArgs &a0, cudaStream_t stream) {
     int st = taca_bwd::launch_preprocess<T, C::DP>(a, stream, "taca_bwd_cuda (sm90 d256) preprocess");
     if (st != TACA_OK) return st;
     if (a.mode == taca_bwd::kAtomic) {
-        TACA_CUDA_TRY(cudaMemsetAsync(a.dq_acc, 0, static_cast<size_t>(a.nseg) * a.B * a.H * a.Np * C::ACC_LD * sizeof(float),
-                                      stream),
-                      "taca_bwd_cuda (sm90 d256) memset dq_acc");
+        const size_t bytes = static_cast<size_t>(a.nseg) * a.B * a.H * a.Np * C::ACC_LD * sizeof(float);
+        TACA_CUDA_TRY(cudaMemsetAsync(a.dq_acc, 0, bytes, stream), "taca_bwd_cuda (sm90 d256) memset dq_acc");
     }
     kernel<<<dim3(a.nk, a.Hkv, a.B), C::THREADS, C::SMEM, stream>>>(p);
     st = taca_cuda_check_launch("taca_bwd_cuda (sm90 d256) main");
     if (st != TACA_OK) return st;
-    if (a.dq_overlap != 1) return taca_bwd::launch_dq_convert<T, C::DP>(a, stream, "taca_bwd_cuda (sm90 d256) dq convert");
     // the conversion as the main kernel's programmatic dependent (v6 item 7)
-    int sms = 0;
-    if (device_sm_count(&sms, "taca_bwd_cuda (sm90 d256): SM count") != TACA_OK)
-        return taca_bwd::launch_dq_convert<T, C::DP>(a, stream, "taca_bwd_cuda (sm90 d256) dq convert");
-    const int64_t items = static_cast<int64_t>(a.B) * a.H * a.nq;
-    const int64_t conv_ctas = static_cast<int64_t>(8) * sms;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(items < conv_ctas ? items : conv_ctas));
-    cfg.blockDim = dim3(256);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr1[1];
-    attr1[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr1[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr1;
-    cfg.numAttrs = 1;
-    TACA_CUDA_TRY(cudaLaunchKernelEx(&cfg, taca_bwd::bwd_dq_convert_tiles<T, C::DP, C::BM>, static_cast<const BwdArgs &>(a)),
-                  "taca_bwd_cuda (sm90 d256) dq convert (tiles)");
-    return taca_cuda_check_launch("taca_bwd_cuda (sm90 d256) dq convert (tiles)");
+    return taca_bwd::launch_dq_convert_after<T, C::DP, C::BM>(a, stream, "taca_bwd_cuda (sm90 d256) dq convert",
+                                                             "taca_bwd_cuda (sm90 d256) dq convert (tiles)");
 }
 
 }  // namespace taca_bwd256

@@ -1149,32 +1149,9 @@ int launch(const BwdArgs &a, cudaStream_t stream) {
     kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
     st = taca_cuda_check_launch("taca_bwd_cuda (sm90 v6) main");
     if (st != TACA_OK || a.nk == 1) return st;
-    if (a.dq_overlap != 1) return taca_bwd::launch_dq_convert<T, DP>(ac, stream, "taca_bwd_cuda (sm90 v6) dq convert");
-    // The conversion as the main kernel's programmatic dependent: it converts tiles as their
-    // chains complete, on the SMs the main kernel's last wave leaves idle (8 CTAs per SM at most;
-    // they take items from a counter, so however many are resident do all the work).
-    int sms = 0;
-    if (device_sm_count(&sms, "taca_bwd_cuda (sm90 v6): SM count") != TACA_OK)  // the main kernel ran:
-        return taca_bwd::launch_dq_convert<T, DP>(ac, stream, "taca_bwd_cuda (sm90 v6) dq convert");  // convert after it
-    const int64_t items = static_cast<int64_t>(a.B) * a.H * a.nq;
-    cudaLaunchConfig_t cfg = {};
-    int per_sm = 8;
-    if (const char *e = getenv("TACA_BWD_CONV_CTAS")) {  // timing experiments only (1..8 CTAs per SM)
-        const int n = atoi(e);
-        if (n >= 1 && n <= 8) per_sm = n;
-    }
-    const int64_t conv_ctas = static_cast<int64_t>(per_sm) * sms;
-    cfg.gridDim = dim3(static_cast<unsigned>(items < conv_ctas ? items : conv_ctas));
-    cfg.blockDim = dim3(256);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr1[1];
-    attr1[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr1[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr1;
-    cfg.numAttrs = 1;
-    TACA_CUDA_TRY(cudaLaunchKernelEx(&cfg, taca_bwd::bwd_dq_convert_tiles<T, DP, BM>, ac),
-                  "taca_bwd_cuda (sm90 v6) dq convert (tiles)");
-    return taca_cuda_check_launch("taca_bwd_cuda (sm90 v6) dq convert (tiles)");
+    // the conversion as the main kernel's programmatic dependent (item 7)
+    return taca_bwd::launch_dq_convert_after<T, DP, BM>(ac, stream, "taca_bwd_cuda (sm90 v6) dq convert",
+                                                       "taca_bwd_cuda (sm90 v6) dq convert (tiles)");
 }
 
 template <int DP, int BM, bool TW>

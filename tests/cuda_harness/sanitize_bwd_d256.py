@@ -23,8 +23,9 @@ def main():
     os.environ.setdefault("TACA_BWD_D256", "wgmma")  # (read per call; until the kernel is the default)
     torch.manual_seed(0)
     runs = 0
-    for D, dt, det, layout, first in ((256, torch.bfloat16, True, "bhnd", True), (256, torch.bfloat16, False, "bhnd", True),
-                                      (200, torch.float16, True, "bnhd", False)):
+    calls = ((256, torch.bfloat16, True, "bhnd", True), (256, torch.bfloat16, False, "bhnd", True),
+             (200, torch.float16, True, "bnhd", False))
+    for D, dt, det, layout, first in calls:
         shape = (1, 2, 1100, D) if layout == "bhnd" else (1, 1100, 2, D)
         q, k, v = (torch.randn(shape, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
         o = taca.joint_attention(q, k, v, text_len=77, text_first=first, gamma=1.3, layout=layout, backend="cuda",
