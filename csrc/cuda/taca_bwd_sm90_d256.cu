@@ -91,9 +91,12 @@ struct D256Args {
     int pos_q[3], pos_do[3];
 };
 
-/* One 64-column dQ slice (m64n64 accumulator: rows 16 warp + g, + 8; columns 8 nt + 2t, + 1) into a staging buffer
- * in the tensor writer's layout: 2 boxes of 32 fp32 columns x BM rows, 128B-swizzled. */
-__device__ __forceinline__ void stage_slice(unsigned char *dst, const float (&q)[32], int warp, int g, int t) {
+/* The k-th 64-column dQ slice of a warpgroup (m64n64 accumulator: rows 16 warp + g, + 8; columns 8 nt + 2t, + 1) into
+ * its staging buffer dst, in the tensor writer's layout (2 boxes of 32 fp32 columns x BM rows, 128B-swizzled), once
+ * the writer read slice k - 1 from it (mbarrier empty), then announced (full). */
+__device__ __forceinline__ void stage_slice(unsigned char *dst, const float (&q)[32], int warp, int g, int t, int k,
+                                            uint32_t full, uint32_t empty) {
+    if (k > 0) mbar_wait(empty, (k - 1) & 1);
 #pragma unroll
     for (int half = 0; half < 2; ++half)
 #pragma unroll
@@ -102,6 +105,8 @@ __device__ __forceinline__ void stage_slice(unsigned char *dst, const float (&q)
             const uint32_t off = sw128_offset<Cfg::BM>(r, col >> 2) + (col & 3) * 4;
             *reinterpret_cast<float2 *>(dst + off) = make_float2(q[nt * 4 + 2 * half], q[nt * 4 + 2 * half + 1]);
         }
+    fence_proxy_async();  // the copy engine (async proxy) reads what these generic stores wrote
+    mbar_arrive(full);
 }
 
 template <typename T, bool MASK>
@@ -368,15 +373,14 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
         }
         // P^T packed (RS A-fragment order, 16 queries a block) and stored once the previous tile's products read
         // the three buffers
+        // a 16 x 16 block's 8 accumulators (8-column groups 2 kk, 2 kk + 1) as 4 packed pairs
+        auto pack_block = [](const float *x, uint32_t (&o)[4]) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) o[i] = pack2<T>(x[2 * i], x[2 * i + 1]);
+        };
         uint32_t pa[2][4], da[2][4];
 #pragma unroll
-        for (int kk = 0; kk < 2; ++kk) {
-            const float *s0 = s + 8 * kk;
-            pa[kk][0] = pack2<T>(s0[0], s0[1]);
-            pa[kk][1] = pack2<T>(s0[2], s0[3]);
-            pa[kk][2] = pack2<T>(s0[4], s0[5]);
-            pa[kk][3] = pack2<T>(s0[6], s0[7]);
-        }
+        for (int kk = 0; kk < 2; ++kk) pack_block(s + 8 * kk, pa[kk]);
         if (it > 0) mbar_wait(pds_free, (it - 1) & 1);
 #pragma unroll
         for (int kk = 0; kk < 2; ++kk) store_block<BN>(spt, pa[kk], 16 * warp, 32 * wg + 16 * kk, lane);
@@ -402,11 +406,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
         }
 #pragma unroll
         for (int kk = 0; kk < 2; ++kk) {
-            const float *d0 = dp + 8 * kk;
-            da[kk][0] = pack2<T>(d0[0], d0[1]);
-            da[kk][1] = pack2<T>(d0[2], d0[3]);
-            da[kk][2] = pack2<T>(d0[4], d0[5]);
-            da[kk][3] = pack2<T>(d0[6], d0[7]);
+            pack_block(dp + 8 * kk, da[kk]);
             store_block<BN>(sdst, da[kk], 16 * warp, 32 * wg + 16 * kk, lane);        // dS'^T [keys][queries]
             store_block_trans<BM>(sds, da[kk], 16 * warp, 32 * wg + 16 * kk, lane);  // dS' [queries][keys]
         }
@@ -438,13 +438,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
         fence_regs<32>(dq);
         mbar_arrive(do_empty);  // dO of step it read (dP^T and dV)
         // slice 0 into the warpgroup's staging buffer (free once the writer read the previous slice)
-        {
-            const int k = 2 * it;
-            if (k > 0) mbar_wait(st_empty + 8 * wg, (k - 1) & 1);
-            stage_slice(my_stage, dq, warp, g, t);
-            fence_proxy_async();  // the copy engine reads what these generic stores wrote
-            mbar_arrive(st_full + 8 * wg);
-        }
+        stage_slice(my_stage, dq, warp, g, t, 2 * it, st_full + 8 * wg, st_empty + 8 * wg);
         // slice 1: columns 128 wg + 64 ..
         wgmma_fence();
 #pragma unroll
@@ -457,13 +451,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
         fence_regs<32>(dq);
         mbar_arrive(q_empty + 8 * buf);  // Q, lse2, delta of step it read
         mbar_arrive(pds_free);           // P^T, dS'^T, dS' read by this warpgroup's products
-        {
-            const int k = 2 * it + 1;
-            mbar_wait(st_empty + 8 * wg, (k - 1) & 1);
-            stage_slice(my_stage, dq, warp, g, t);
-            fence_proxy_async();
-            mbar_arrive(st_full + 8 * wg);
-        }
+        stage_slice(my_stage, dq, warp, g, t, 2 * it + 1, st_full + 8 * wg, st_empty + 8 * wg);
     }
     // dK = scale * dK', dV of key/value head hk: rows kr0, kr1, columns 128 wg ..
     taca_bwd::store_dk_dv<T, 16>(a, b, hk, Nk, D, kr0, kr1, 128 * wg, t, dk, dv);
