@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The D = 256 defaults to be (fiftieth session): the wgmma backward (TACA_BWD_D256=wgmma; kDefault in
+# taca_bwd_sm90_d256.cu) and the warp-specialized forward (TACA_FWD_D256=ws; fwd_d256_ws in taca_fwd_sm90.cu), both
+# exported by this script (NEW, default "TACA_BWD_D256=wgmma TACA_FWD_D256=ws"), checked and timed in one call before
+# they are made the defaults; steps in order of need (STEPS, default all of them):
+#   build;
+#   test: the D > 128 CUDA tests (test_cuda.py, test_cuda_bwd.py, test_cuda_features.py) with NEW (the head dims
+#     they route; D <= 128 run the same code either way);
+#   san_bwd: compute-sanitizer memcheck, racecheck and synccheck of sanitize_bwd_d256.py;
+#   bench: bench_attention_gpu.py at auraflow_cfg / ideogram4_cfg with NEW, 3 rounds;
+#   feat: AuraFlow's / Ideogram 4's feature shapes with the old routes (TACA_FWD_D256=cp TACA_BWD_D256=mma) and the
+#     NEW, one process each;
+#   san_fwd: memcheck and racecheck of sanitize_fwd_pad.py (the WS D = 256 forward's plain and FEAT instances).
+# SAN_T: each sanitizer run's timeout in seconds (default 75 / 70).
+# Run: run(command="timeout 570 bash benchmarks/gpu_d256_defaults_run.sh; bash benchmarks/pack_out.sh $OUT", carry=[".whl"])
+set -o pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STEPS=${STEPS:-"build test san_bwd bench feat san_fwd"}
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+{
+if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1; fi
+if has build; then t0=$SECONDS; source benchmarks/gpu_build.sh; echo "build ($((SECONDS - t0)) s)"; fi
+export TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+NEW=${NEW:-"TACA_BWD_D256=wgmma TACA_FWD_D256=ws"}
+unset TACA_BWD_D256 TACA_FWD_D256; export $NEW
+nvidia-smi -L
+source benchmarks/gpu_sanitize.sh
+if has test; then
+  t0=$SECONDS
+  timeout 120 python3 -m pytest -q -rs tests/test_cuda.py tests/test_cuda_bwd.py tests/test_cuda_features.py \
+    -k "256 or 224 or 208 or D200 or d256" > "$OUT/pytest_d256.txt" 2>&1
+  echo "CUDA tests, D > 128, rc=$? ($((SECONDS - t0)) s): $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/pytest_d256.txt" | tail -8 | tr '\n' ' ')"
+fi
+if has san_bwd; then
+  SAN_TOOLS="memcheck racecheck synccheck" sanitize tests/cuda_harness/sanitize_bwd_d256.py taca_bwd sanitize_bwd_d256 ${SAN_T:-75}
+fi
+if has bench; then
+  t0=$SECONDS
+  timeout 90 python3 benchmarks/bench_attention_gpu.py --rounds 3 --shapes auraflow_cfg,ideogram4_cfg \
+    --methods 'taca_cuda$' --out "$OUT" --tag _d256_defaults > "$OUT/bench_d256.txt" 2>&1
+  echo "bench rc=$? ($((SECONDS - t0)) s)"
+  grep -E "^\| (auraflow|ideogram)" "$OUT/bench_d256.txt" | cut -d'|' -f2-12
+fi
+if has feat; then
+  t0=$SECONDS
+  for route in old new; do
+    mkdir -p "$OUT/feat256_$route"
+    if [ $route = old ]; then export TACA_FWD_D256=cp TACA_BWD_D256=mma; else export $NEW; fi
+    timeout 60 python3 benchmarks/bench_features_gpu.py --shapes 'auraflow|ideogram' --out "$OUT/feat256_$route" \
+      > "$OUT/feat256_$route.txt" 2>&1
+    echo "features D = 256 ($route routes) rc=$?"
+  done
+  export $NEW
+  echo "features ($((SECONDS - t0)) s)"
+  for f in "$OUT"/feat256_*.txt; do echo "== $(basename "$f")"; grep -E "auraflow|ideogram" "$f" | tail -4 | cut -c1-160; done
+fi
+if has san_fwd; then sanitize tests/cuda_harness/sanitize_fwd_pad.py taca_fwd sanitize_fwd_pad ${SAN_T:-70}; fi
+} 2>&1 | tee "$OUT/log.txt"
