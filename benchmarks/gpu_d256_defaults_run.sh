@@ -11,6 +11,8 @@
 #   feat: AuraFlow's / Ideogram 4's feature shapes with the old routes (TACA_FWD_D256=cp TACA_BWD_D256=mma) and the
 #     NEW, one process each;
 #   san_fwd: memcheck and racecheck of sanitize_fwd_pad.py (the WS D = 256 forward's plain and FEAT instances).
+#   prof (not in the default STEPS): Nsight Compute (full set) on the wgmma backward's main kernel and on plain cuDNN's
+#     fwd + bwd kernels at AuraFlow CFG (bwd_profile_once.py d256), the details pages and the SASS opcode counts.
 # SAN_T: each sanitizer run's timeout in seconds (default 75 / 70).
 # Run: run(command="timeout 570 bash benchmarks/gpu_d256_defaults_run.sh; bash benchmarks/pack_out.sh $OUT", carry=[".whl"])
 set -o pipefail
@@ -53,6 +55,24 @@ if has feat; then
   export $NEW
   echo "features ($((SECONDS - t0)) s)"
   for f in "$OUT"/feat256_*.txt; do echo "== $(basename "$f")"; grep -E "auraflow|ideogram" "$f" | tail -4 | cut -c1-160; done
+fi
+if has prof; then
+  for who in taca cudnn; do
+    t0=$SECONDS
+    if [ $who = taca ]; then
+      timeout 120 ncu --clock-control none --kernel-name regex:taca_bwd_sm90_d256 --launch-skip 1 --launch-count 1 \
+        --set full --import-source no -f -o /tmp/prof_$who python3 benchmarks/bwd_profile_once.py d256 > /tmp/ncu_$who.txt 2>&1
+    else
+      timeout 150 ncu --clock-control none --profile-from-start off --set full --import-source no -f -o /tmp/prof_$who \
+        python3 benchmarks/bwd_profile_once.py d256 cudnn > /tmp/ncu_$who.txt 2>&1
+    fi
+    echo "ncu $who rc=$? ($((SECONDS - t0)) s)"
+    ncu --import /tmp/prof_$who.ncu-rep --page details > "$OUT/ncu_d256_${who}_details.txt" 2>&1
+    ncu --import /tmp/prof_$who.ncu-rep --page source --csv --print-source sass 2>/dev/null | gzip -c > /tmp/ncu_${who}_sass.csv.gz
+    python3 tools/ncu_sass_ops.py /tmp/ncu_${who}_sass.csv.gz > "$OUT/ncu_d256_${who}_ops.txt"
+  done
+  grep -E "^  [a-zA-Z_].*\(|Duration|Registers Per|Dynamic Shared|Issue Slots Busy|No Eligible|Tensor" \
+    "$OUT"/ncu_d256_*_details.txt | head -40
 fi
 if has san_fwd; then sanitize tests/cuda_harness/sanitize_fwd_pad.py taca_fwd sanitize_fwd_pad ${SAN_T:-70}; fi
 } 2>&1 | tee "$OUT/log.txt"
