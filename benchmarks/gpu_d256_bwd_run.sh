@@ -21,6 +21,7 @@ if has build; then STEPS=build OUT=/tmp/hw bash benchmarks/gpu_features_run.sh 2
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so
 # the wgmma kernel for every step (until it is the default: kDefault in taca_bwd_sm90_d256.cu)
 export TACA_BWD_D256=${TACA_BWD_D256:-wgmma}
+source benchmarks/gpu_pytest.sh
 if has check; then
   nvcc -std=c++17 -O2 -Icsrc -Icsrc/cuda -gencode=arch=compute_90a,code=sm_90a tests/cuda_harness/wgmma_check.cu \
     -o /tmp/wgmma_check 2>&1 | tail -3 && timeout 60 /tmp/wgmma_check | tail -3
@@ -34,8 +35,7 @@ if has check; then
 fi
 if has test; then
   t0=$SECONDS
-  timeout 200 python3 -m pytest -q -x tests/test_cuda_bwd.py -k "256 or 224 or D200" > "$OUT/pytest_bwd_d256.txt" 2>&1
-  echo "test_cuda_bwd.py (D > 128) rc=$?: $(grep -E '^(FAILED|ERROR)|passed|failed|Error' "$OUT/pytest_bwd_d256.txt" | tail -6 | tr '\n' ' ')"
+  pytest_step pytest_bwd_d256 200 "test_cuda_bwd.py (D > 128)" -x tests/test_cuda_bwd.py -k "256 or 224 or D200"
   echo "tests ($((SECONDS - t0)) s)"
 fi
 if has bench; then
@@ -56,11 +56,9 @@ if has bench; then
 fi
 if has test2; then
   t0=$SECONDS
-  timeout 150 python3 -m pytest -q tests/test_cuda_features.py -k "256 or 224 or 208" > "$OUT/pytest_features_d256.txt" 2>&1
-  echo "test_cuda_features.py (D > 128) rc=$?: $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/pytest_features_d256.txt" | tail -6 | tr '\n' ' ')"
-  # the warp-specialized D = 256 forward (TACA_FWD_D256=ws, forty-seventh / -eighth sessions, not yet run)
-  timeout 100 python3 -m pytest -q tests/test_cuda.py -k "ws_d256 or head_dim_routes" > "$OUT/pytest_fwd_ws256.txt" 2>&1
-  echo "test_cuda.py (WS forward at D = 256) rc=$?: $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/pytest_fwd_ws256.txt" | tail -6 | tr '\n' ' ')"
+  pytest_step pytest_features_d256 150 "test_cuda_features.py (D > 128)" tests/test_cuda_features.py -k "256 or 224 or 208"
+  # the warp-specialized D = 256 forward (TACA_FWD_D256=ws)
+  pytest_step pytest_fwd_ws256 100 "test_cuda.py (WS forward at D = 256)" tests/test_cuda.py -k "ws_d256 or head_dim_routes"
   echo "tests 2 ($((SECONDS - t0)) s)"
 fi
 if has sanitize; then

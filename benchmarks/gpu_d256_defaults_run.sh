@@ -27,11 +27,10 @@ NEW=${NEW:-"TACA_BWD_D256=wgmma TACA_FWD_D256=ws"}
 unset TACA_BWD_D256 TACA_FWD_D256; export $NEW
 nvidia-smi -L
 source benchmarks/gpu_sanitize.sh
+source benchmarks/gpu_pytest.sh
 if has test; then
-  t0=$SECONDS
-  timeout 120 python3 -m pytest -q -rs tests/test_cuda.py tests/test_cuda_bwd.py tests/test_cuda_features.py \
-    -k "256 or 224 or 208 or D200 or d256" > "$OUT/pytest_d256.txt" 2>&1
-  echo "CUDA tests, D > 128, rc=$? ($((SECONDS - t0)) s): $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/pytest_d256.txt" | tail -8 | tr '\n' ' ')"
+  pytest_step pytest_d256 120 "CUDA tests, D > 128" -rs tests/test_cuda.py tests/test_cuda_bwd.py \
+    tests/test_cuda_features.py -k "256 or 224 or 208 or D200 or d256"
 fi
 if has san_bwd; then
   SAN_TOOLS="memcheck racecheck synccheck" sanitize tests/cuda_harness/sanitize_bwd_d256.py taca_bwd sanitize_bwd_d256 ${SAN_T:-75}

@@ -26,12 +26,13 @@ has() { [[ " $STEPS " == *" $1 "* ]]; }
 {
 if has build; then STEPS=build OUT=/tmp/hw bash benchmarks/gpu_features_run.sh 2>&1 | grep -E "rc=|has_cuda|GPU|torch"; fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TACA_CUDA_LIB=$PWD/build/libtaca_fwd_ctypes.so
+source benchmarks/gpu_pytest.sh
 if has test; then
   t0=$SECONDS
-  timeout 150 python3 -m pytest -q tests/test_cuda.py -k "D72 or D80 or D96 or D120 or ws_d256 or head_dim_routes or turn_across" > "$OUT/pytest_cuda.txt" 2>&1
-  echo "test_cuda.py (D 72..120, WS at D = 256) rc=$?: $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/pytest_cuda.txt" | tail -6 | tr '\n' ' ')"
-  timeout 160 python3 -m pytest -q tests/test_cuda_features.py -k "96 or 72 or 256 or 224" > "$OUT/pytest_features.txt" 2>&1
-  echo "test_cuda_features.py (96 / 72 / 256 / 224) rc=$?: $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/pytest_features.txt" | tail -6 | tr '\n' ' ')"
+  pytest_step pytest_cuda 150 "test_cuda.py (D 72..120, WS at D = 256)" tests/test_cuda.py \
+    -k "D72 or D80 or D96 or D120 or ws_d256 or head_dim_routes or turn_across"
+  pytest_step pytest_features 160 "test_cuda_features.py (96 / 72 / 256 / 224)" tests/test_cuda_features.py \
+    -k "96 or 72 or 256 or 224"
   echo "tests ($((SECONDS - t0)) s)"
 fi
 if has bench && [[ " ${BENCH:-d96 d256} " == *" d96 "* ]]; then
