@@ -13,6 +13,11 @@
 #   san_fwd: memcheck and racecheck of sanitize_fwd_pad.py (the WS D = 256 forward's plain and FEAT instances).
 #   prof (not in the default STEPS): Nsight Compute (full set) on the wgmma backward's main kernel and on plain cuDNN's
 #     fwd + bwd kernels at AuraFlow CFG (bwd_profile_once.py d256), the details pages and the SASS opcode counts.
+#   diag (not in the default STEPS; the fifty-first session's, about 1.5 min): where the wgmma backward's time goes,
+#     at AuraFlow / Ideogram 4 CFG: bench_bwd_handoff.py, the backward alone in its dQ modes (deterministic chains,
+#     deterministic=False, racy stores, no dQ written, without the skew, the conversion after the kernel), 3
+#     interleaved rounds; then bwd_trace.py --kernel d256 (the kernel's trace instance): a query tile's cycles by
+#     segment of MMA thread 0's loop, the writers' and the producer's waits, in the modes det / nd / racy / skip.
 # SAN_T: each sanitizer run's timeout in seconds (default 75 / 70).
 # Run: run(command="timeout 570 bash benchmarks/gpu_d256_defaults_run.sh; bash benchmarks/pack_out.sh $OUT", carry=[".whl"])
 set -o pipefail
@@ -72,6 +77,16 @@ if has prof; then
   done
   grep -E "^  [a-zA-Z_].*\(|Duration|Registers Per|Dynamic Shared|Issue Slots Busy|No Eligible|Tensor" \
     "$OUT"/ncu_d256_*_details.txt | head -40
+fi
+if has diag; then
+  t0=$SECONDS
+  timeout 150 python3 benchmarks/bench_bwd_handoff.py --rounds 3 --shapes auraflow_cfg,ideogram4_cfg \
+    --modes d256,d256+nd,d256@rc,d256@sk,d256@k0,d256@o0 --out "$OUT/diag_bench" > "$OUT/diag_bench.txt" 2>&1
+  echo "diag bench rc=$? ($((SECONDS - t0)) s)"; grep -E "^\|" "$OUT/diag_bench.txt" | cut -c1-220
+  t0=$SECONDS
+  timeout 120 python3 benchmarks/bwd_trace.py --kernel d256 --shapes auraflow_cfg,ideogram4_cfg \
+    --modes det,nd,racy,skip --reps 3 --out "$OUT/diag_trace" > "$OUT/diag_trace.txt" 2>&1
+  echo "diag trace rc=$? ($((SECONDS - t0)) s)"; grep -E "^\||cycles" "$OUT/diag_trace.txt" | cut -c1-260
 fi
 if has san_fwd; then sanitize tests/cuda_harness/sanitize_fwd_pad.py taca_fwd sanitize_fwd_pad ${SAN_T:-70}; fi
 } 2>&1 | tee "$OUT/log.txt"

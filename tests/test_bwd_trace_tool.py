@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 import numpy as np
 import pytest
@@ -70,12 +71,60 @@ def test_summarize_tiles_chain_lag(bt):
     assert len(r["lag_by_tile_us"]) == tiles
 
 
+def test_summarize256_per_tile_segments(bt):
+    # 2 CTAs on 2 SMs, clock 2 GHz; CTA 0 walks 10 tiles, CTA 1 20 (per-tile means weigh each CTA alike)
+    tr = np.zeros((2, bt.SLOTS256), dtype=np.uint64)
+    tiles = [10, 20]
+    for i in range(2):
+        tr[i, 0], tr[i, 1] = i, 1000
+        tr[i, bt.TR_LOOP_START] = 1500                     # 0.5 us of setup
+        tr[i, 2] = 1500 + 4000 * (i + 1)                   # loop: 4 / 8 us
+        tr[i, 4] = 2 * 4000 * (i + 1)                      # its cycles at 2 GHz
+        tr[i, 5] = tiles[i]
+        for k in range(len(bt.SEGS256)):                   # segment k: (k + 1) x 10 cycles a tile
+            tr[i, bt.TR_SEG + k] = (k + 1) * 10 * tiles[i]
+        tr[i, bt.TR_WRITER + 0] = 100 * tiles[i]           # writer 0 polls 100 cycles a tile, writer 1 300
+        tr[i, bt.TR_WRITER + 5] = 300 * tiles[i]
+        tr[i, bt.TR_WRITER + 4] = tr[i, 2] + 250           # writer 0 ends 0.25 us after the loop
+        tr[i, bt.TR_WRITER + 9] = tr[i, 2] + 100
+        tr[i, bt.TR_PRODUCER + 1] = 7 * tiles[i]
+    r = bt.summarize256(tr, n_sm=4)
+    assert r["clock_ghz"] == pytest.approx(2.0)
+    assert r["setup_us"] == pytest.approx(0.5) and r["tail_us"] == pytest.approx(0.25)
+    assert r["cta_mean_us"] == pytest.approx((4.75 + 8.75) / 2)
+    assert r["span_us"] == pytest.approx(8.75)
+    assert r["tiles_per_cta"] == pytest.approx(15.0)
+    assert r["loop_cycles_per_tile"] == pytest.approx((8000 / 10 + 16000 / 20) / 2)
+    assert list(r["segments_cycles_per_tile"]) == list(bt.SEGS256)
+    assert r["segments_cycles_per_tile"]["q_wait"] == pytest.approx(10)
+    assert r["segments_cycles_per_tile"]["stage1"] == pytest.approx(150)
+    assert r["segments_share"]["stage1"] == pytest.approx(150 / 800)
+    assert r["writer_cycles_per_tile"]["poll"] == pytest.approx(200)
+    assert r["producer_cycles_per_tile"] == {"q_empty_wait": 0.0, "do_empty_wait": pytest.approx(7)}
+    assert r["sms_used"] == 2 and r["sm_idle_unused_sms"] == 2
+    # the slot layout is the kernel's: 15 segments from slot 6, writers from 21, producer 31, loop start 33
+    assert (bt.TR_SEG, bt.TR_WRITER, bt.TR_PRODUCER, bt.TR_LOOP_START) == (6, 21, 31, 33)
+    src = open(os.path.join(os.path.dirname(os.path.dirname(_PATH)), "csrc", "cuda", "taca_bwd_sm90_d256.cu")).read()
+    assert "constexpr int kTraceSlots = 40, kTraceCtas = 4096;" in src
+    enum = src[src.index("enum TSeg {"):src.index("kSegs\n};")]
+    assert len(re.findall(r"^    kSeg\w+,", enum, re.M)) == len(bt.SEGS256)
+
+
 def test_modes(bt):
     assert bt.mode_env("det") == (True, {})
     assert bt.mode_env("nd@s6+tw") == (False, {"TACA_BWD_NSEG": "6", "TACA_BWD_V6_WRITER": "tensor"})
     assert bt.mode_env("as") == (False, {"TACA_BWD_MODE": "atomicseg"})
     with pytest.raises(SystemExit, match="unknown mode 'fast'"):
         bt.mode_env("fast")
+    trace256 = {"TACA_BWD_D256": "wgmma", "TACA_BWD_D256_TRACE": "1"}
+    assert bt.mode_env("det", "d256") == (True, trace256)
+    assert bt.mode_env("skip", "d256") == (True, {**trace256, "TACA_BWD_MODE": "skipdq"})
+    assert bt.mode_env("nd@s2", "d256") == (False, {**trace256, "TACA_BWD_NSEG": "2"})
+    for wrong in ("as", "det+tw"):  # v6's trace-build modes
+        with pytest.raises(SystemExit, match="for --kernel d256"):
+            bt.mode_env(wrong, "d256")
+    with pytest.raises(SystemExit, match="unknown mode 'skip' for --kernel v6"):
+        bt.mode_env("skip")
 
 
 def test_plot_writes_a_figure_and_keeps_existing_ones(tmp_path):

@@ -539,3 +539,60 @@ def test_sm90_d256_skew(case, monkeypatch):
     """The D = 256 wgmma kernel's skew (v6's, chains counted in 64-key tiles): as test_sm90_v6_skew."""
     monkeypatch.setenv("TACA_BWD_D256", "wgmma")
     _check_skew(case, monkeypatch, torch.cuda.get_device_capability() == (9, 0))
+
+
+@pytest.mark.skipif(not _HAVE or torch.cuda.get_device_capability() != (9, 0), reason="needs sm_90 (the wgmma kernel)")
+def test_sm90_d256_trace_instance_and_timing_modes(monkeypatch):
+    """The D = 256 wgmma kernel's diagnostic instance (TACA_BWD_D256_TRACE=1) and timing modes: the trace instance's
+    gradients are bitwise the plain one's and its slots add up (every CTA traced, the query tiles counted, the 15
+    segments summing to the loop's cycles, SM ids in range); TACA_BWD_MODE=skipdq (no dQ written) and =racy (dQ
+    parts stored without order) change dk and dv by nothing, bitwise (dq is wrong there on purpose)."""
+    import ctypes
+
+    import numpy as np
+
+    import taca._C as C
+
+    case = D256_SKEW_CASES[0]  # AuraFlow's class: 22 key tiles of 64, 22 query tiles, bf16
+    B, H, L, img, D, text_first, dtype, gamma, gamma_reverse, storage = case
+    N = L + img
+    monkeypatch.setenv("TACA_BWD_D256", "wgmma")
+    monkeypatch.delenv("TACA_BWD_MODE", raising=False)
+    monkeypatch.delenv("TACA_BWD_D256_TRACE", raising=False)
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    q, k, v, dout = (_make((B, N, H, D), dtype, storage, gen) for _ in range(4))
+    gamma_t = torch.tensor(gamma, device="cuda", dtype=torch.float32)
+    tb, te = reference.text_range(N, L, text_first)
+    out, lse, _ = torch.ops.taca.fwd(q, k, v, gamma_t, float(gamma_reverse), D ** -0.5, tb, te, False)
+
+    def bwd():
+        g = torch.ops.taca.bwd(dout, q, k, v, out, lse, gamma_t, float(gamma_reverse), D ** -0.5, tb, te)
+        torch.cuda.synchronize()
+        return g
+
+    base = bwd()
+    lib = ctypes.CDLL(C.__file__)
+    lib.taca_bwd256_trace_read.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    slots, nk = 40, -(-N // 64)
+    n_ctas = nk * H * B
+    buf = np.zeros((n_ctas, slots), dtype=np.uint64)
+    assert lib.taca_bwd256_trace_reset() == 0
+    monkeypatch.setenv("TACA_BWD_D256_TRACE", "1")
+    traced = bwd()
+    assert lib.taca_bwd256_trace_read(buf.ctypes.data, buf.nbytes) == 0
+    for name, a, b in zip(("dq", "dk", "dv"), traced, base):
+        assert torch.equal(a, b), f"{name}: the trace instance's differs from the plain instance's"
+    t = buf.astype(np.int64)
+    assert (t[:, 1] > 0).all() and (t[:, 2] >= t[:, 33]).all() and (t[:, 33] >= t[:, 1]).all()
+    assert (t[:, 5] == nk).all(), "query tiles walked: one KV head per head here, so nq = nk"
+    assert (t[:, 0] < torch.cuda.get_device_properties(0).multi_processor_count).all()
+    seg_sum = t[:, 6:21].sum(axis=1)
+    assert (seg_sum <= t[:, 4]).all() and (t[:, 4] - seg_sum < 2000).all(), "segments do not add up to the loop"
+    assert (t[:, 4] > 0).all() and (t[:, 25] > 0).all() and (t[:, 30] > 0).all(), "loop cycles / writers' end"
+    ids = t[:, 3]
+    assert sorted((ids & 0xFFFF).tolist()) == sorted(list(range(nk)) * H * B), "key tiles"
+    monkeypatch.delenv("TACA_BWD_D256_TRACE")
+    for mode in ("skipdq", "racy"):
+        monkeypatch.setenv("TACA_BWD_MODE", mode)
+        g = bwd()
+        assert torch.equal(g[1], base[1]) and torch.equal(g[2], base[2]), f"{mode}: dk / dv changed"

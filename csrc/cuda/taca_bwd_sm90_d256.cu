@@ -38,6 +38,9 @@
  *   buffer in the workspace), unaligned rows (vec_load), tensor maps the driver rejects, non-sm90a binaries.
  *   TACA_BWD_D256=wgmma / mma forces one kernel (a test and timing switch, read per call); kDefault (in
  *   taca_bwd_sm90_d256_enabled below) says which runs without it.
+ * Diagnostics (read per call; the default instances' tile loop unchanged by them): TACA_BWD_D256_TRACE=1 runs the
+ *   trace instance (kTraceSlots below; benchmarks/bwd_trace.py --kernel d256), TACA_BWD_MODE=skipdq writes no dQ
+ *   and =racy stores the parts without order (timing modes: dq wrong on purpose, dK / dV unchanged).
  * Build check: nvcc -std=c++17 -O3 --use_fast_math -Icsrc -Icsrc/cuda -DTACA_HAVE_SM90A=1 \
  *   -gencode=arch=compute_90a,code=sm_90a -c csrc/cuda/taca_bwd_sm90_d256.cu -o /tmp/x.o -Xptxas -v
  */
@@ -91,12 +94,69 @@ struct D256Args {
     int pos_q[3], pos_do[3];
 };
 
-/* The k-th 64-column dQ slice of a warpgroup (m64n64 accumulator: rows 16 warp + g, + 8; columns 8 nt + 2t, + 1) into
- * its staging buffer dst, in the tensor writer's layout (2 boxes of 32 fp32 columns x BM rows, 128B-swizzled), once
- * the writer read slice k - 1 from it (mbarrier empty), then announced (full). */
-__device__ __forceinline__ void stage_slice(unsigned char *dst, const float (&q)[32], int warp, int g, int t, int k,
-                                            uint32_t full, uint32_t empty) {
-    if (k > 0) mbar_wait(empty, (k - 1) & 1);
+/* The trace instances (TACA_BWD_D256_TRACE=1, read per call; bf16 / fp16 without a mask; the default instances have
+ * none of it, TRACE = false): where each CTA's time goes, kTraceSlots 64-bit values at g_trace256[cta id] for the
+ * first kTraceCtas CTAs (cta id = x + nk (y + Hkv z)), added by red.global into slots zeroed by
+ * taca_bwd256_trace_reset, read by taca_bwd256_trace_read (benchmarks/bwd_trace.py --kernel d256). Slots:
+ *   0 SM id, 1 start (globaltimer ns), 2 MMA thread 0's loop end (ns), 3 key tile | chain position << 16 | chain << 24
+ *   | KV head << 32 | batch << 48, 4 MMA thread 0's cycles from its loop's start to its end, 5 query tiles walked;
+ *   6 + TSeg: MMA thread 0's cycles in each segment of the tile loop (every cycle of the loop in exactly one);
+ *   kTrWriter + 5 w (writer warp w = 0, 1, lane 0): cycles polling the chain predecessor, waiting for a staged slice
+ *   (st_full), issuing the slice's TMA operations and waiting for the copy engine's reads, releasing the tile (its
+ *   writes, the fence, BAR_WR); its end (ns);
+ *   kTrProducer, + 1: the producer's lane 0 cycles waiting for a free Q slot (q_empty), for dO's buffer (do_empty);
+ *   kTrLoopStart: MMA thread 0's loop start (ns; K and V loaded, slot 4 counted from here).
+ * The instrumentation costs time itself (clock reads, one red a segment): compare modes within the trace instance. */
+constexpr int kTraceSlots = 40, kTraceCtas = 4096;
+enum TSeg {
+    kSegQ,    // waiting for Q / lse2 / delta of the tile (q_full)
+    kSegS,    // issuing S^T
+    kSegDo,   // waiting for dO (do_full)
+    kSegDp,   // issuing dP^T, waiting for S^T (wgmma_wait<1>)
+    kSegExp,  // the exponentials, P^T packed
+    kSegPds,  // waiting for the previous tile's products to free P^T / dS'^T / dS' (pds_free)
+    kSegPst,  // P^T stored, waiting for dP^T (wgmma_wait<0>)
+    kSegDs,   // dS'^T computed, packed and stored with dS' (transposed), the proxy fence
+    kSegBar,  // the 256 MMA threads' barrier (BAR_MMA)
+    kSegMma,  // issuing dV, dQ slice 0, dK; waiting for dV and slice 0 (wgmma_wait<1>)
+    kSegE0,   // waiting for the staging buffer (st_empty) for slice 0
+    kSegSt0,  // staging slice 0
+    kSegDq1,  // issuing dQ slice 1, waiting for it and dK (wgmma_wait<0>)
+    kSegE1,   // waiting for the staging buffer for slice 1
+    kSegSt1,  // staging slice 1
+    kSegs
+};
+constexpr int kTrSeg = 6, kTrWriter = kTrSeg + kSegs, kTrProducer = kTrWriter + 10, kTrLoopStart = kTrProducer + 2;
+static_assert(kTrLoopStart < kTraceSlots, "trace slots");
+__device__ unsigned long long g_trace256[kTraceCtas * kTraceSlots];
+
+__device__ __forceinline__ uint32_t trace_clock() {
+    uint32_t c;
+    asm volatile("mov.u32 %0, %%clock;\n" : "=r"(c)::"memory");
+    return c;
+}
+__device__ __forceinline__ unsigned long long trace_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t)::"memory");
+    return t;
+}
+__device__ __forceinline__ uint32_t trace_smid() {
+    uint32_t v;
+    asm volatile("mov.u32 %0, %%smid;\n" : "=r"(v));
+    return v;
+}
+/* Adds the cycles since *c0 to slot *tr (when tr is set) and restarts the count. */
+__device__ __forceinline__ void trace_lap(unsigned long long *tr, uint32_t &c0) {
+    const uint32_t c = trace_clock();
+    if (tr) atomicAdd(tr, static_cast<unsigned long long>(c - c0));
+    c0 = c;
+}
+
+/* A 64-column dQ slice of a warpgroup (m64n64 accumulator: rows 16 warp + g, + 8; columns 8 nt + 2t, + 1) into its
+ * staging buffer dst, in the tensor writer's layout (2 boxes of 32 fp32 columns x BM rows, 128B-swizzled), then
+ * announced (full). The caller waits first for the writer to have read the previous slice from it (st_empty). */
+__device__ __forceinline__ void stage_slice(unsigned char *dst, const float (&q)[32], int warp, int g, int t,
+                                            uint32_t full) {
 #pragma unroll
     for (int half = 0; half < 2; ++half)
 #pragma unroll
@@ -109,7 +169,7 @@ __device__ __forceinline__ void stage_slice(unsigned char *dst, const float (&q)
     mbar_arrive(full);
 }
 
-template <typename T, bool MASK>
+template <typename T, bool MASK, bool TRACE>
 __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid_constant__ D256Args p) {
 #if TACA_SM90A
     using C = Cfg;
@@ -142,6 +202,21 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
     const int soff = a.skew ? (nqt - jt % nqt) % nqt : 0;  // the skew (v6 item 10)
     int *sem_row = a.sem + (seg * static_cast<int64_t>(a.B) * a.H + bh) * nq;
     float *acc_base = a.dq_acc + (seg * static_cast<int64_t>(a.B) * a.H + bh) * a.Np * C::ACC_LD;
+    // TRACE: this CTA's slots (the first kTraceCtas CTAs), else null
+    [[maybe_unused]] unsigned long long *trace = nullptr;
+    if constexpr (TRACE) {
+        const int cid = jt + nk * (hk + gridDim.y * b);
+        if (cid < kTraceCtas) trace = g_trace256 + static_cast<size_t>(cid) * kTraceSlots;
+        if (trace && threadIdx.x == 0) {
+            atomicAdd(trace + 0, static_cast<unsigned long long>(trace_smid()));
+            atomicAdd(trace + 1, trace_ns());
+            atomicAdd(trace + 3, static_cast<unsigned long long>(jt) | (static_cast<unsigned long long>(seg_pos) << 16) |
+                                     (static_cast<unsigned long long>(seg) << 24) |
+                                     (static_cast<unsigned long long>(hk) << 32) |
+                                     (static_cast<unsigned long long>(b) << 48));
+            atomicAdd(trace + 5, static_cast<unsigned long long>(nqt));
+        }
+    }
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < 2; ++s) {
@@ -163,6 +238,8 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
         const int pl = threadIdx.x - 256;
         const float *lse2b = a.lse2 + bh * a.Np;
         const float *deltab = a.delta + bh * a.Np;
+        [[maybe_unused]] unsigned long long *const trp = TRACE && pl == 0 && trace ? trace + kTrProducer : nullptr;
+        [[maybe_unused]] uint32_t tc = 0;
         if (pl == 0) {
             if (a.dq_overlap) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
             tma_prefetch_desc(&p.tq);
@@ -171,7 +248,9 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
         for (int it = 0; it < nqt; ++it) {
             const int buf = it & 1;
             const int x = taca_bwd::skew_tile(it, soff, nqt);
+            if constexpr (TRACE) tc = trace_clock();
             if (it >= 2) mbar_wait(q_empty + 8 * buf, ((it >> 1) - 1) & 1);
+            if constexpr (TRACE) trace_lap(trp, tc);
             {  // lanes 0..15 lse2, 16..31 delta: one float4 each (BM = 64)
                 const float4 v = reinterpret_cast<const float4 *>((pl < 16 ? lse2b : deltab) + x * BM)[pl & 15];
                 const uint32_t dst = smem_u32((pl < 16 ? sL : sDl) + buf * BM) + 16 * (pl & 15);
@@ -185,7 +264,9 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
             if (pl == 0) {
                 mbar_arrive_expect_tx(q_full + 8 * buf, C::QT_BYTES);
                 tma_load_tile<DP, BM>(sq + buf * C::QT_BYTES, &p.tq, p.pos_q, q_full + 8 * buf, i0, h, b);
+                if constexpr (TRACE) tc = trace_clock();
                 if (it >= 1) mbar_wait(do_empty, (it - 1) & 1);
+                if constexpr (TRACE) trace_lap(trp ? trp + 1 : nullptr, tc);
                 mbar_arrive_expect_tx(do_full, C::QT_BYTES);
                 tma_load_tile<DP, BM>(sdo, &p.tdo, p.pos_do, do_full, i0, h, b);
             }
@@ -203,6 +284,10 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
         float *accb = ordered ? acc_base : a.dq_acc + bh * a.Np * C::ACC_LD;
         const int row0 = static_cast<int>((accb - a.dq_acc) / DP);
         const uint32_t src = smem_u32(stage + w * C::STAGE_BYTES);
+        const bool skip = a.mode == taca_bwd::kSkip;  // (a timing mode: no dQ written at all)
+        [[maybe_unused]] unsigned long long *const trw =
+            TRACE && wl == 0 && trace ? trace + kTrWriter + 5 * w : nullptr;
+        [[maybe_unused]] uint32_t tc = 0;
         if (wl == 0) tma_prefetch_desc(&p.tacc);
         for (int it = 0; it < nqt; ++it) {
             const int x = taca_bwd::skew_tile(it, soff, nqt);
@@ -210,17 +295,21 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
             const bool first = ordered ? rank == 0 : a.mode == taca_bwd::kRacy;
             const bool releases = ordered ? (a.dq_overlap || rank < seg_len - 1) : a.dq_overlap != 0;
             if (ordered && rank > 0) {
+                if constexpr (TRACE) tc = trace_clock();
                 if (wl == 0)
                     while (taca_bwd::ld_acquire(sem_row + x) < rank) {
                     }
+                if constexpr (TRACE) trace_lap(trw, tc);
                 __syncwarp();
                 asm volatile("fence.proxy.async.global;\n" ::: "memory");
             }
 #pragma unroll 1
             for (int s = 0; s < 2; ++s) {
                 const int k = 2 * it + s;  // this buffer's k-th slice
+                if constexpr (TRACE) tc = trace_clock();
                 mbar_wait(st_full + 8 * w, k & 1);
-                if (wl == 0) {
+                if constexpr (TRACE) trace_lap(trw ? trw + 1 : nullptr, tc);
+                if (wl == 0 && !skip) {
 #pragma unroll
                     for (int cb = 0; cb < 2; ++cb) {
                         const int col = 128 * w + 64 * s + 32 * cb;
@@ -230,10 +319,12 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
                     bulk_commit();
                     bulk_wait_read();
                 }
+                if constexpr (TRACE) trace_lap(trw ? trw + 2 : nullptr, tc);
                 __syncwarp();
                 mbar_arrive(st_empty + 8 * w);  // the buffer is free again
             }
             if (releases) {
+                if constexpr (TRACE) tc = trace_clock();
                 if (wl == 0) {
                     bulk_wait_write();  // this half added (+ proxy fence)
                     __threadfence();
@@ -243,9 +334,12 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
                     if (ordered) taca_bwd::st_release(sem_row + x, rank + 1);
                     else taca_bwd::red_release_add(sem_row + x, 1);
                 }
+                if constexpr (TRACE) trace_lap(trw ? trw + 3 : nullptr, tc);
             }
         }
         bulk_wait_write();  // the CTA may not end before its bulk operations did
+        if constexpr (TRACE)
+            if (trw) atomicAdd(trw + 4, trace_ns());
         return;
     }
     setmaxnreg_inc<240>();
@@ -290,6 +384,17 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
     // m is uniform over the CTA's 64 keys where they are all text or all visual
     const bool k_uniform = j0 + BN <= ksb || j0 >= kse || (j0 >= ksb && j0 + BN <= kse);
     const bool k_text = j0 >= ksb && j0 < kse;
+    // TRACE: MMA thread 0 adds each segment's cycles to its slot (lap: the segment ends here)
+    [[maybe_unused]] unsigned long long *const trm = TRACE && tid == 0 && trace ? trace + kTrSeg : nullptr;
+    [[maybe_unused]] uint32_t tc = 0, tc_start = 0;
+    if constexpr (TRACE) {
+        if (trm) atomicAdd(trace + kTrLoopStart, trace_ns());
+        tc = tc_start = trace_clock();
+    }
+#define D256_LAP(seg)                                                    \
+    do {                                                                 \
+        if constexpr (TRACE) trace_lap(trm ? trm + (seg) : nullptr, tc); \
+    } while (0)
 
     for (int it = 0; it < nqt; ++it) {
         const int buf = it & 1;
@@ -298,6 +403,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
         const int i0 = (x - hh * nq) * BM;
         const uint32_t qt = sq + buf * C::QT_BYTES;
         mbar_wait(q_full + 8 * buf, (it >> 1) & 1);  // Q, lse2, delta of step it landed
+        D256_LAP(kSegQ);
         float s[16], dp[16];
         const uint64_t d_qw = desc_sw128(qt + wg * 32 * 128), d_dow = desc_sw128(sdo + wg * 32 * 128);
         wgmma_fence();
@@ -306,7 +412,9 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
             wgmma_ss<T, 32, 0, 0>(s, desc_advance(d_k, (kk >> 2) * BN * 128 + (kk & 3) * 32),
                                   desc_advance(d_qw, (kk >> 2) * BM * 128 + (kk & 3) * 32), kk > 0);
         wgmma_commit();
+        D256_LAP(kSegS);
         mbar_wait(do_full, it & 1);  // dO of step it landed
+        D256_LAP(kSegDo);
 #pragma unroll
         for (int kk = 0; kk < DP / 16; ++kk)
             wgmma_ss<T, 32, 0, 0>(dp, desc_advance(d_v, (kk >> 2) * BN * 128 + (kk & 3) * 32),
@@ -314,6 +422,7 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
         wgmma_commit();
         wgmma_wait<1>();
         fence_regs<16>(s);
+        D256_LAP(kSegDp);
 
         // P^T = exp2(S^T lg m - lse2) for this warpgroup's queries qw0 + 8 nt + 2t (+1), keys kr0 / kr1 (v6's math)
         const int qw0 = i0 + 32 * wg;
@@ -381,11 +490,14 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
         uint32_t pa[2][4], da[2][4];
 #pragma unroll
         for (int kk = 0; kk < 2; ++kk) pack_block(s + 8 * kk, pa[kk]);
+        D256_LAP(kSegExp);
         if (it > 0) mbar_wait(pds_free, (it - 1) & 1);
+        D256_LAP(kSegPds);
 #pragma unroll
         for (int kk = 0; kk < 2; ++kk) store_block<BN>(spt, pa[kk], 16 * warp, 32 * wg + 16 * kk, lane);
         wgmma_wait<0>();
         fence_regs<16>(dp);
+        D256_LAP(kSegPst);
         // dS'^T = P^T (dP^T - delta) m
         if (uniform) {
 #pragma unroll
@@ -411,7 +523,9 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
             store_block_trans<BM>(sds, da[kk], 16 * warp, 32 * wg + 16 * kk, lane);  // dS' [queries][keys]
         }
         fence_proxy_async();           // the stmatrix writes -> the wgmma reads after the barrier
+        D256_LAP(kSegDs);
         named_bar_sync(BAR_MMA, 256);  // P^T, dS'^T, dS' complete (both warpgroups' halves)
+        D256_LAP(kSegBar);
 
         // dV += P^T dO, dQ slice 0 = dS' K, dK += dS'^T Q over this warpgroup's 128 columns
         const uint64_t d_do_mn = desc_sw128_mn(sdo + 2 * wg * BM * 128, BM * 128);
@@ -437,8 +551,12 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
         fence_regs<64>(dv);
         fence_regs<32>(dq);
         mbar_arrive(do_empty);  // dO of step it read (dP^T and dV)
-        // slice 0 into the warpgroup's staging buffer (free once the writer read the previous slice)
-        stage_slice(my_stage, dq, warp, g, t, 2 * it, st_full + 8 * wg, st_empty + 8 * wg);
+        D256_LAP(kSegMma);
+        // slice 0 into the warpgroup's staging buffer (free once the writer read the previous slice, 2 it - 1)
+        if (it > 0) mbar_wait(st_empty + 8 * wg, (2 * it - 1) & 1);
+        D256_LAP(kSegE0);
+        stage_slice(my_stage, dq, warp, g, t, st_full + 8 * wg);
+        D256_LAP(kSegSt0);
         // slice 1: columns 128 wg + 64 ..
         wgmma_fence();
 #pragma unroll
@@ -451,8 +569,18 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
         fence_regs<32>(dq);
         mbar_arrive(q_empty + 8 * buf);  // Q, lse2, delta of step it read
         mbar_arrive(pds_free);           // P^T, dS'^T, dS' read by this warpgroup's products
-        stage_slice(my_stage, dq, warp, g, t, 2 * it + 1, st_full + 8 * wg, st_empty + 8 * wg);
+        D256_LAP(kSegDq1);
+        mbar_wait(st_empty + 8 * wg, (2 * it) & 1);  // slice 2 it read by the writer
+        D256_LAP(kSegE1);
+        stage_slice(my_stage, dq, warp, g, t, st_full + 8 * wg);
+        D256_LAP(kSegSt1);
     }
+#undef D256_LAP
+    if constexpr (TRACE)
+        if (trm) {
+            atomicAdd(trace + 2, trace_ns());
+            atomicAdd(trace + 4, static_cast<unsigned long long>(trace_clock() - tc_start));
+        }
     // dK = scale * dK', dV of key/value head hk: rows kr0, kr1, columns 128 wg ..
     taca_bwd::store_dk_dv<T, 16>(a, b, hk, Nk, D, kr0, kr1, 128 * wg, t, dk, dv);
 #else
@@ -463,7 +591,11 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
 template <typename T>
 int launch(const BwdArgs &a0, cudaStream_t stream) {
     using C = Cfg;
-    auto kernel = a0.mask.data ? taca_bwd_sm90_d256_kernel<T, true> : taca_bwd_sm90_d256_kernel<T, false>;
+    // TACA_BWD_D256_TRACE=1: the trace instance (diagnostic; calls with a mask run the plain masked one)
+    const char *tr = getenv("TACA_BWD_D256_TRACE");
+    auto kernel = a0.mask.data             ? taca_bwd_sm90_d256_kernel<T, true, false>
+                  : tr && !strcmp(tr, "1") ? taca_bwd_sm90_d256_kernel<T, false, true>
+                                           : taca_bwd_sm90_d256_kernel<T, false, false>;
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_bwd_cuda (sm90 d256): cudaFuncGetAttributes");
     if (attr.binaryVersion != 90) return TACA_ERR_UNSUPPORTED;
@@ -530,8 +662,7 @@ bool taca_bwd_sm90_d256_enabled() {
 int taca_bwd_sm90_d256(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf16) {
 #if defined(TACA_HAVE_SM90A)
     if (!taca_bwd_sm90_d256_enabled()) return TACA_ERR_UNSUPPORTED;  // (the device query too)
-    if (a.D <= 128 || a.D > 256 || !a.vec_load || a.nk < 2 || a.mode == taca_bwd::kSkip)
-        return TACA_ERR_UNSUPPORTED;
+    if (a.D <= 128 || a.D > 256 || !a.vec_load || a.nk < 2) return TACA_ERR_UNSUPPORTED;
     if (static_cast<int64_t>(a.Hkv) > 65535 || a.B > 65535) return TACA_ERR_UNSUPPORTED;
     return bf16 ? taca_bwd256::launch<__nv_bfloat16>(a, stream) : taca_bwd256::launch<__half>(a, stream);
 #else
@@ -539,3 +670,18 @@ int taca_bwd_sm90_d256(const taca_bwd::BwdArgs &a, cudaStream_t stream, bool bf1
     return TACA_ERR_UNSUPPORTED;
 #endif
 }
+
+#if defined(TACA_HAVE_SM90A)
+/* The trace instance's slots (TACA_BWD_D256_TRACE=1; see kTraceSlots above): bytes <= sizeof g_trace256 copied to dst
+ * (host memory), or zeroed (before the launch to read). 0 on success, else the CUDA error. */
+extern "C" int taca_bwd256_trace_read(void *dst, size_t bytes) {
+    if (bytes > sizeof(taca_bwd256::g_trace256)) bytes = sizeof(taca_bwd256::g_trace256);
+    return static_cast<int>(cudaMemcpyFromSymbol(dst, taca_bwd256::g_trace256, bytes));
+}
+extern "C" int taca_bwd256_trace_reset(void) {
+    void *ptr = nullptr;
+    cudaError_t e = cudaGetSymbolAddress(&ptr, taca_bwd256::g_trace256);
+    if (e == cudaSuccess) e = cudaMemset(ptr, 0, sizeof(taca_bwd256::g_trace256));
+    return static_cast<int>(e == cudaSuccess ? cudaDeviceSynchronize() : e);
+}
+#endif
