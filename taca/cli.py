@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 import textwrap
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 KNOWN_MODELS = (
@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="taca",
         description="TACA (Temperature-Adjusted Cross-modal Attention, arXiv 2506.07986) for diffusers' "
-                    "FLUX.1 and SD3/SD3.5.",
+                    "multimodal diffusion transformers: FLUX.1, SD3/SD3.5 and the other joint-attention families "
+                    "of the README's Models section.",
         epilog="Start with `taca demo` (offline, under a minute on a CPU); `taca COMMAND --help` for each "
                "command. Exit codes: 0 success, 1 failure while running, 2 usage errors and missing models.",
     )
@@ -118,8 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
     d.set_defaults(func=cmd_demo)
 
-    g = sub.add_parser("generate", help="generate with a real FLUX.1 / SD3 / SD3.5 model (hub id or local folder)",
-                       description="Loads a diffusers FLUX.1 (dev, schnell) or SD3/SD3.5 pipeline with "
+    g = sub.add_parser("generate", help="generate with a real model: FLUX.1, SD3 / SD3.5 or another supported family "
+                                        "(hub id or local folder)",
+                       description="Loads a diffusers pipeline (FLUX.1 dev / schnell, SD3 / SD3.5, or another "
+                                   "family with a taca adapter whose pipeline generates from a prompt: FLUX.2, "
+                                   "Qwen-Image, Chroma, AuraFlow, ...; docs/cli.md lists them) with "
                                    "DiffusionPipeline.from_pretrained and generates with TACA.")
     g.add_argument("--model", required=True, metavar="ID_OR_PATH",
                    help=f"hub id (e.g. {KNOWN_MODELS[0]}) or a local pipeline folder")
@@ -409,8 +413,8 @@ def _peek_pipeline_class(model: str) -> Optional[str]:
 class UsageError(Exception):
     """A user mistake found before anything is loaded: ``str(e)`` is the one-line message."""
 
-    def __init__(self, arg: Optional[str], msg: str):
-        super().__init__(f"taca generate: argument {arg}: {msg}" if arg else f"taca generate: {msg}")
+    def __init__(self, arg: Optional[str], msg: str, command: str = "taca generate"):
+        super().__init__(f"{command}: argument {arg}: {msg}" if arg else f"{command}: {msg}")
 
 
 def _peek_family(model: str) -> Optional[str]:
@@ -444,9 +448,10 @@ def _peek_family(model: str) -> Optional[str]:
 _FAMILY_WHAT = {"flux": "FLUX.1 pipelines", "flux-schnell": "FLUX.1-schnell", "sd3": "SD3/SD3.5 pipelines"}
 
 
-def _check_family_args(args, family: Optional[str]) -> None:
+def _check_family_args(args, family: Optional[str], command: str = "taca generate") -> None:
     """Checks that need the model family (known before loading for known ids and folders; None:
-    not known yet, only the bounds common to every family)."""
+    not known yet, only the bounds common to every family). ``args``: max_sequence_length and
+    negative_prompt (None: not given)."""
     from . import models
 
     adapter = models.by_name(family) if family is not None else None
@@ -460,12 +465,62 @@ def _check_family_args(args, family: Optional[str]) -> None:
     n = args.max_sequence_length
     if n is not None and adapter is not None and not adapter.takes_max_sequence_length:
         raise UsageError("--max-sequence-length", f"{what} set the prompt length themselves and take no "
-                                                  f"max_sequence_length; leave it out")
+                                                  f"max_sequence_length; leave it out", command)
     if n is not None and n > limit:
-        raise UsageError("--max-sequence-length", f"{what} take at most {limit} {unit}, got {n}")
+        raise UsageError("--max-sequence-length", f"{what} take at most {limit} {unit}, got {n}", command)
     if args.negative_prompt is not None and family is not None and not (adapter is not None and adapter.negative_prompt):
         takes = [a.short_label() for a in models.adapters() if a.negative_prompt]
-        raise UsageError("--negative-prompt", f"only {'; '.join(takes)} pipelines take a negative prompt here")
+        raise UsageError("--negative-prompt", f"only {'; '.join(takes)} pipelines take a negative prompt here",
+                         command)
+
+
+# the pipeline call's arguments -> the option that sets them (pipeline_call's messages)
+_CALL_FLAGS = {"num_inference_steps": "--steps", "max_sequence_length": "--max-sequence-length",
+               "negative_prompt": "--negative-prompt", "height": "--height", "width": "--width"}
+
+
+def pipeline_call(pipe, family: Optional[str], *, steps: Optional[int] = None, guidance: Optional[float] = None,
+                  max_sequence_length: Optional[int] = None, height: Optional[int] = None,
+                  width: Optional[int] = None, negative_prompt: Optional[str] = None, schnell: bool = False,
+                  extra: Optional[Dict[str, str]] = None, command: str = "taca generate") -> Dict[str, Any]:
+    """The keyword arguments of ``pipe(prompt=..., generator=..., **call)`` for the command-line
+    options (None: the pipeline's default), shared by ``taca generate`` and ``taca eval generate``:
+    the guidance scale under the family's argument (``Adapter.guidance_arg``: Qwen-Image's
+    ``true_cfg_scale``, HunyuanImage's ``distilled_guidance_scale``, ...), the family's own
+    adjustments (``Adapter.generate_call``: Ideogram 4's guidance schedule), FLUX.1-schnell's
+    defaults (4 steps, guidance 0, 256 T5 tokens) where ``schnell``. ``extra``: further call
+    arguments the caller passes, by the option that sets them (checked alike). Raises UsageError,
+    naming the option, for an argument ``pipe.__call__`` does not take, before any image is made."""
+    import inspect
+
+    from . import models
+
+    adapter = models.by_name(family) if family is not None else None
+    call: Dict[str, Any] = {}
+    if steps is not None:
+        call["num_inference_steps"] = steps
+    elif schnell:
+        call["num_inference_steps"] = 4
+    if guidance is not None:
+        call[adapter.guidance_arg if adapter is not None else "guidance_scale"] = guidance
+    elif schnell:
+        call["guidance_scale"] = 0.0
+    if max_sequence_length is not None:
+        call["max_sequence_length"] = max_sequence_length
+    elif schnell:
+        call["max_sequence_length"] = MAX_SEQUENCE_LENGTH["flux-schnell"]
+    for k, v in (("height", height), ("width", width), ("negative_prompt", negative_prompt)):
+        if v is not None:
+            call[k] = v
+    if adapter is not None:
+        call = adapter.generate_call(call)
+    params = inspect.signature(pipe.__call__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        flags = {**_CALL_FLAGS, **(extra or {})}
+        for k in [*call, *(extra or {})]:
+            if k not in params:  # caught before any image is made
+                raise UsageError(flags.get(k, "--guidance"), f"{type(pipe).__name__} takes no {k}", command)
+    return call
 
 
 def _image_format(path: str) -> str:
@@ -604,42 +659,13 @@ def cmd_generate(args) -> int:
     else:
         pipe.to(device)
 
-    call = dict(prompt=args.prompt)
-    if args.steps is not None:
-        call["num_inference_steps"] = args.steps
-    elif schnell:
-        call["num_inference_steps"] = 4
-    if args.guidance is not None:
-        from . import models
-
-        call[models.by_name(family).guidance_arg] = args.guidance
-    elif schnell:
-        call["guidance_scale"] = 0.0
-    if args.max_sequence_length is not None:
-        call["max_sequence_length"] = args.max_sequence_length
-    elif schnell:
-        call["max_sequence_length"] = MAX_SEQUENCE_LENGTH["flux-schnell"]
-    for k in ("height", "width"):
-        if getattr(args, k) is not None:
-            call[k] = getattr(args, k)
-    if args.negative_prompt is not None:
-        call["negative_prompt"] = args.negative_prompt
-    from . import models
-
-    adapter = models.by_name(family)
-    if adapter is not None:
-        call = adapter.generate_call(call)
-
-    import inspect
-
-    params = inspect.signature(pipe.__call__).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        flags = {"num_inference_steps": "--steps", "max_sequence_length": "--max-sequence-length",
-                 "negative_prompt": "--negative-prompt", "height": "--height", "width": "--width"}
-        for k in call:
-            if k not in params:  # caught before any image is made
-                err(str(UsageError(flags.get(k, "--guidance"), f"{type(pipe).__name__} takes no {k}")))
-                return 2
+    try:
+        call = dict(prompt=args.prompt, **pipeline_call(
+            pipe, family, steps=args.steps, guidance=args.guidance, max_sequence_length=args.max_sequence_length,
+            height=args.height, width=args.width, negative_prompt=args.negative_prompt, schnell=schnell))
+    except UsageError as e:
+        err(str(e))
+        return 2
 
     import taca
 

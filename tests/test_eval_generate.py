@@ -192,3 +192,68 @@ def test_python_pipe_and_batch_size_give_the_same_images(tmp_path, prompts_dir, 
     for n in _names():
         assert open(os.path.join(cfg.out, "color", "samples", n), "rb").read() == \
             open(os.path.join(run_a, "color", "samples", n), "rb").read(), n
+
+
+# --- families beyond FLUX.1 and SD3 (the rules of taca generate) ---------------------------------------------------
+
+from test_models_cli import chroma_folder  # noqa: E402,F401  (a tiny saved ChromaPipeline, T5 built here)
+
+CHROMA_ARGS = ["--categories", "color", "--images-per-prompt", "1", "--steps", "2", "--height", "16", "--width", "16",
+               "--max-sequence-length", "8", "--guidance", "3", "--no-progress"]
+
+
+def test_chroma_folder_generates_with_and_without_taca(tmp_path, chroma_folder, prompts_dir, capsys):  # noqa: F811
+    """Another family's pipeline (Chroma: CFG with a negative prompt of its own) runs the same command: the
+    official layout, TACA on changing images, the family's limit on --max-sequence-length checked before any
+    folder is made."""
+    off, on = str(tmp_path / "off"), str(tmp_path / "on")
+    assert main(["eval", "generate", "--model", chroma_folder, "--out", off, "--prompts", prompts_dir, "--no-taca"]
+                + CHROMA_ARGS) == 0
+    assert main(["eval", "generate", "--model", chroma_folder, "--out", on, "--prompts", prompts_dir,
+                 "--taca", "gamma=1.5,schedule=constant"] + CHROMA_ARGS) == 0
+    names = sorted(f"{p}_{i:06d}.png" for i, p in enumerate(PROMPTS))
+    for run in (off, on):
+        assert sorted(os.listdir(os.path.join(run, "color", "samples"))) == names
+        settings = json.load(open(os.path.join(run, "run.json")))
+        assert settings["model"] == chroma_folder and settings["pipeline_args"]["guidance_scale"] == 3
+    same = [open(os.path.join(off, "color", "samples", n), "rb").read() ==
+            open(os.path.join(on, "color", "samples", n), "rb").read() for n in names]
+    assert not all(same), "gamma 1.5 at every step changed no image"
+    capsys.readouterr()
+    bad = str(tmp_path / "bad")
+    rc = main(["eval", "generate", "--model", chroma_folder, "--out", bad, "--prompts", prompts_dir, "--no-taca"]
+              + [a if a != "8" else "600" for a in CHROMA_ARGS])
+    err = capsys.readouterr().err
+    assert rc == 2 and "taca eval generate: argument --max-sequence-length" in err and "at most 512" in err, err
+    assert not os.path.exists(bad)
+
+
+def test_family_call_arguments():
+    """The call a family's pipeline gets from the shared options (taca.cli.pipeline_call), checked against the
+    installed diffusers pipelines' __call__ (bare instances: no weights)."""
+    import diffusers
+
+    from taca import cli
+    from taca.eval.generate import GenerateConfig, UsageError, pipeline_call
+
+    def bare(name):
+        cls = getattr(diffusers, name)
+        return cls.__new__(cls)
+
+    assert cli.pipeline_call(bare("QwenImagePipeline"), "qwenimage", steps=3, guidance=4.0) == \
+        {"num_inference_steps": 3, "true_cfg_scale": 4.0}
+    assert cli.pipeline_call(bare("Ideogram4Pipeline"), "ideogram4", guidance=5.0) == \
+        {"guidance_scale": 5.0, "guidance_schedule": None}
+    assert cli.pipeline_call(bare("FluxPipeline"), "flux", schnell=True) == \
+        {"num_inference_steps": 4, "guidance_scale": 0.0, "max_sequence_length": 256}
+    # a run records its options as given: no schnell defaults in eval, FLUX.1's call is the options themselves
+    flux_cfg = GenerateConfig(model="m", out="o", steps=2, guidance=0.0, height=32, width=32)
+    assert pipeline_call(flux_cfg, bare("FluxPipeline")) == \
+        {"num_inference_steps": 2, "guidance_scale": 0.0, "height": 32, "width": 32}
+    joy = bare("JoyImageEditPlusPipeline")  # its __call__ has no num_images_per_prompt
+    assert pipeline_call(GenerateConfig(model="m", out="o", steps=2), joy) == {"num_inference_steps": 2}
+    with pytest.raises(UsageError, match="taca eval generate: argument --batch-size: JoyImageEditPlusPipeline "
+                                         "takes no num_images_per_prompt"):
+        pipeline_call(GenerateConfig(model="m", out="o", batch_size=2), joy)
+    with pytest.raises(UsageError, match="argument --max-sequence-length: .* take no max_sequence_length"):
+        pipeline_call(GenerateConfig(model="m", out="o", max_sequence_length=64), bare("LongCatImagePipeline"))

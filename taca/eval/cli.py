@@ -28,7 +28,9 @@ def add_parser(sub) -> None:
                                     "into RUN/<category>/samples/<prompt>_<NNNNNN>.png with manifest.jsonl and "
                                     "run.json. Existing images are kept. `accelerate launch -m taca eval generate "
                                     "...` splits the prompts over processes and writes the same files.")
-    g.add_argument("--model", required=True, help="hub id or local diffusers pipeline folder (FLUX.1 / SD3 / SD3.5)")
+    g.add_argument("--model", required=True,
+                   help="hub id or local diffusers pipeline folder (FLUX.1, SD3 / SD3.5 or another family "
+                        "`taca generate` takes)")
     g.add_argument("--out", required=True, help="run folder RUN")
     g.add_argument("--categories", default=_CATS, help=f"comma-separated (default: all eight: {_CATS})")
     g.add_argument("--prompts", default=None, metavar="DIR",
@@ -44,7 +46,9 @@ def add_parser(sub) -> None:
                          "(bare --taca: gamma 1.2, paper schedule)")
     tg.add_argument("--no-taca", action="store_true", help="baseline (TACA off)")
     g.add_argument("--steps", type=_pos_int, default=None, help="denoising steps (default: the pipeline's)")
-    g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default: the pipeline's; the family's argument, e.g. Qwen-Image's "
+                        "true_cfg_scale)")
     g.add_argument("--height", type=_pos_int, default=None)
     g.add_argument("--width", type=_pos_int, default=None)
     g.add_argument("--max-sequence-length", type=_pos_int, default=None)

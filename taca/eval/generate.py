@@ -19,6 +19,7 @@ import sys
 import textwrap
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence
 
 from . import layout
@@ -168,18 +169,43 @@ def _versions() -> Dict[str, Optional[str]]:
 
 
 def load_pipeline(model: str, dtype):
-    """The FLUX or SD3/SD3.5 pipeline ``model`` names (hub id or local folder), through the loader
-    ``taca generate`` uses, or UsageError with its one-paragraph message."""
-    from ..cli import _load_pipeline
+    """The pipeline ``model`` names (hub id or local folder), through the loader ``taca generate``
+    uses: FLUX.1, SD3/SD3.5 or another family whose pipeline ``taca generate`` takes (an adapter in
+    ``taca.models``); UsageError with its one-paragraph message otherwise."""
+    from .. import models
+    from ..cli import _family, _load_pipeline
 
     pipe, msg = _load_pipeline(model, dtype, command="taca eval generate", argument="--model")
     if pipe is None:
         raise UsageError(msg)
-    name = type(pipe).__name__
-    if "Flux" not in name and "StableDiffusion3" not in name:
-        raise UsageError(f"taca eval generate: argument --model: {model} loads as {name}; TACA supports FLUX and "
-                         f"SD3/SD3.5 pipelines")
+    if _family(pipe) is None:
+        raise UsageError(f"taca eval generate: argument --model: {model} loads as {type(pipe).__name__}, which no "
+                         f"taca adapter generates with; TACA supports the pipelines of {models.supported()}")
     return pipe
+
+
+def pipeline_call(cfg: GenerateConfig, pipe) -> Dict[str, Any]:
+    """The arguments of every ``pipe(prompt=..., generator=..., output_type="pil", **call)`` of the run
+    (``num_images_per_prompt`` added per call): ``taca generate``'s rules for the pipeline's family
+    (its guidance argument, its limits and adjustments: taca.cli.pipeline_call) without its
+    FLUX.1-schnell defaults (a run records the options as given: pass --steps 4 --guidance 0 there).
+    A pipeline no adapter serves (a Python caller's) gets the options under diffusers' usual names.
+    UsageError for an option the pipeline does not take."""
+    from .. import cli
+
+    family = cli._family(pipe)
+    if family is None:
+        return _pipeline_args(cfg)
+    command = "taca eval generate"
+    opts = SimpleNamespace(max_sequence_length=cfg.max_sequence_length, negative_prompt=None)
+    try:
+        cli._check_family_args(opts, family, command=command)
+        return cli.pipeline_call(pipe, family, steps=cfg.steps, guidance=cfg.guidance,
+                                 max_sequence_length=cfg.max_sequence_length, height=cfg.height, width=cfg.width,
+                                 extra={"num_images_per_prompt": "--batch-size"} if cfg.batch_size > 1 else None,
+                                 command=command)
+    except cli.UsageError as e:
+        raise UsageError(str(e)) from None
 
 
 def _shard() -> tuple:
@@ -266,6 +292,7 @@ def generate(cfg: GenerateConfig, pipe=None) -> Dict[str, int]:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
     if n_todo and pipe is None:
         pipe = load_pipeline(cfg.model, dtype)  # before writing anything: a missing model leaves no folder
+    call = pipeline_call(cfg, pipe) if n_todo else None  # so does an option the pipeline does not take
 
     os.makedirs(cfg.out, exist_ok=True)
     for c in prepared["plans"]:
@@ -284,7 +311,6 @@ def generate(cfg: GenerateConfig, pipe=None) -> Dict[str, int]:
         taca.enable(pipe, **cfg.taca)
     else:
         taca.disable(pipe)
-    call = _pipeline_args(cfg)
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -299,8 +325,9 @@ def generate(cfg: GenerateConfig, pipe=None) -> Dict[str, int]:
                 for k in range(0, len(prow), cfg.batch_size):
                     chunk = prow[k:k + cfg.batch_size]
                     gens = [torch.Generator(device="cpu").manual_seed(r["seed"]) for r in chunk]
-                    out = pipe(prompt=chunk[0]["prompt"], num_images_per_prompt=len(chunk),
-                               generator=gens if len(gens) > 1 else gens[0], output_type="pil", **call)
+                    many = {"num_images_per_prompt": len(chunk)} if len(chunk) > 1 else {}
+                    out = pipe(prompt=chunk[0]["prompt"], generator=gens if len(gens) > 1 else gens[0],
+                               output_type="pil", **many, **call)
                     for r, img in zip(chunk, out.images):
                         final = os.path.join(cfg.out, c, r["file"])
                         # beside samples/, never in it (the official scripts read every file there)
