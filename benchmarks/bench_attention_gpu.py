@@ -5,7 +5,10 @@ One process, one GPU, every shape of shared/PERFORMANCE.md; forward and forward+
   binding has no CUDA kernel), plain SDPA per backend (cuDNN, FLASH_ATTENTION, EFFICIENT; no
   gamma), split-SDPA with gamma, flex_attention compiled with a score_mod, and the authors' two
   forms (eager flex_attention; materialized softmax) where they fit. A correctness check against
-  the fp32 reference runs first on every shape. Timing: triton.testing.do_bench median.
+  the fp32 reference runs first on every shape, of the output and (with the backward, where the
+  reference's N x N fits) of the gradients: each gamma method's dq / dk / dv against the fp32
+  reference's under one shared output gradient, beside split SDPA's (the tolerance rule of STYLE.md:
+  at most 2x split SDPA's error + 1e-5). Timing: triton.testing.do_bench median.
 FLOPs: forward 4*B*H*N^2*D, forward+backward 3.5x that.
 
 Usage: python benchmarks/bench_attention_gpu.py [--quick] [--shapes a,b] [--variants] [--out DIR]
@@ -172,6 +175,28 @@ def _methods(shape, op_ok, tc, variants: bool):
 _HEAVY = ("flex_compiled", "flex_eager_authors", "materialized_authors")
 
 
+def reference_grads(q, k, v, do, **kw) -> List[torch.Tensor]:
+    """dq, dk, dv (float32) of the materialized float32 reference (reference.attention_ref on float32 copies of
+    q, k, v; keyword arguments as its) under the output gradient do."""
+    from taca import reference
+
+    qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    out = reference.attention_ref(qf, kf, vf, upcast=torch.float32, **kw)[0]
+    return list(torch.autograd.grad(out, (qf, kf, vf), do.float()))
+
+
+def grad_errors(fn, q, k, v, do, ref) -> List[float]:
+    """Max |g - r| of fn's dq, dk, dv at (q, k, v) under the output gradient do, against ref (reference_grads)."""
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    g = torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), do)
+    return [float((a.float() - r).abs().max()) for a, r in zip(g, ref)]
+
+
+def grad_rule(errs, sdpa_errs) -> bool:
+    """STYLE.md's tolerance rule for each of dq, dk, dv: error <= 2 x split SDPA's + 1e-5."""
+    return all(e <= 2 * s + 1e-5 for e, s in zip(errs, sdpa_errs))
+
+
 def run_shape(sname, shape, op_ok, tc, quick, variants, do_bwd, log, skip_heavy=False, rounds=1):
     from taca import reference
 
@@ -180,18 +205,24 @@ def run_shape(sname, shape, op_ok, tc, quick, variants, do_bwd, log, skip_heavy=
     flops = 4.0 * B * H * N * N * D
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3))
+    do = torch.randn(B, H, N, D, device="cuda", generator=gen).to(torch.bfloat16)  # every method's output gradient
     methods = _methods(shape, op_ok, tc, variants)
     rows = []
 
     # correctness against the fp32 materialized reference where its N x N logits fit
     gamma = torch.full((B,), GAMMA, device="cuda")
-    ref_full = ref_plain = base_err = None
+    ref_full = ref_plain = base_err = ref_grads = sdpa_grad_err = None
     if B * H * N * N * 4 < 8e9:
         ref_full = reference.attention_ref(q, k, v, text_len=L, text_first=tf, gamma=gamma,
                                            upcast=torch.float32)[0]
         split = reference.attention_split_sdpa(q, k, v, text_len=L, text_first=tf, gamma=gamma)
         base_err = (split.float() - ref_full).abs().max().item()
         del split
+        if do_bwd:  # the gradients' reference and split SDPA's distance to it (the tolerance rule's baseline)
+            ref_grads = reference_grads(q, k, v, do, text_len=L, text_first=tf, gamma=gamma)
+            sdpa_grad_err = grad_errors(
+                lambda a, b, c: reference.attention_split_sdpa(a, b, c, text_len=L, text_first=tf, gamma=gamma),
+                q, k, v, do, ref_grads)
         if any(n.startswith("plain") for n in methods):
             ref_plain = reference.attention_ref(q, k, v, text_len=L, text_first=tf, gamma=1.0,
                                                 upcast=torch.float32)[0]
@@ -228,14 +259,17 @@ def run_shape(sname, shape, op_ok, tc, quick, variants, do_bwd, log, skip_heavy=
             torch.cuda.empty_cache()
         if do_bwd and has_bwd and rec.get("fwd_ms") is not None:
             try:
+                if ref_grads is not None and not gamma_free:
+                    rec["grad_err"] = grad_errors(fn, q, k, v, do, ref_grads)  # dq, dk, dv
+                    rec["sdpa_grad_err"] = sdpa_grad_err
+                    rec["grad_rule"] = grad_rule(rec["grad_err"], sdpa_grad_err)
                 qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-                do = torch.randn_like(q)
                 fb = _fwd_bwd(fn, qg, kg, vg, do)
                 fb()
                 ms = _bench(fb, quick)
                 rec["fwdbwd_ms"] = ms
                 rec["fwdbwd_tflops"] = 3.5 * flops / ms / 1e9
-                del qg, kg, vg, do, fb
+                del qg, kg, vg, fb
             except torch.OutOfMemoryError:
                 rec["fwdbwd_note"] = "out of memory"
                 torch.cuda.empty_cache()
@@ -247,7 +281,7 @@ def run_shape(sname, shape, op_ok, tc, quick, variants, do_bwd, log, skip_heavy=
             f"err {rec.get('max_err')} {rec.get('note', '')} {rec.get('fwdbwd_note', '')}")
     if rounds > 1:
         _more_rounds(rows, methods, q, k, v, rounds, quick, do_bwd, log)
-    del q, k, v, ref_full, ref_plain
+    del q, k, v, do, ref_full, ref_plain, ref_grads
     torch.cuda.empty_cache()
     return rows
 
@@ -298,8 +332,8 @@ def _fmt(x, f="{:.3f}"):
 
 def table(rows: List[Dict], header: str) -> str:
     out = [header, "",
-           "| shape | method | fwd ms | fwd TFLOP/s | fwd vs cuDNN | fwd vs FA2 | fwd+bwd ms | f+b TFLOP/s | f+b vs cuDNN | f+b vs FA2 | max err (sdpa err) | note |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| shape | method | fwd ms | fwd TFLOP/s | fwd vs cuDNN | fwd vs FA2 | fwd+bwd ms | f+b TFLOP/s | f+b vs cuDNN | f+b vs FA2 | max err (sdpa err) | grad err dq / dk / dv (sdpa) | note |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by = {}
     for r in rows:
         by.setdefault(r["shape"], {})[r["method"]] = r
@@ -313,10 +347,16 @@ def table(rows: List[Dict], header: str) -> str:
 
         note = " ".join(x for x in (r.get("note", ""), r.get("fwdbwd_note", "")) if x)
         err = "-" if r.get("max_err") is None else f"{r['max_err']:.2e} ({_fmt(r.get('sdpa_err'), '{:.2e}')})"
+        gerr = "-"
+        if r.get("grad_err") is not None:
+            gerr = (" / ".join(f"{e:.1e}" for e in r["grad_err"]) + " (" +
+                    " / ".join(f"{e:.1e}" for e in r["sdpa_grad_err"]) + ")" +
+                    ("" if r.get("grad_rule") else " **beyond the rule**"))
         out.append(f"| {r['shape']} | {r['method']} | {_fmt(r.get('fwd_ms'))} | {_fmt(r.get('fwd_tflops'), '{:.0f}')} | "
                    f"{_fmt(ratio('fwd_ms', cud), '{:.2f}x')} | {_fmt(ratio('fwd_ms', fa2), '{:.2f}x')} | "
                    f"{_fmt(r.get('fwdbwd_ms'))} | {_fmt(r.get('fwdbwd_tflops'), '{:.0f}')} | "
-                   f"{_fmt(ratio('fwdbwd_ms', cud), '{:.2f}x')} | {_fmt(ratio('fwdbwd_ms', fa2), '{:.2f}x')} | {err} | {note} |")
+                   f"{_fmt(ratio('fwdbwd_ms', cud), '{:.2f}x')} | {_fmt(ratio('fwdbwd_ms', fa2), '{:.2f}x')} | {err} | "
+                   f"{gerr} | {note} |")
     out.append("")
     out.append("Ratios are speed relative to the plain (no gamma) baseline: >1x is faster than it.")
     return "\n".join(out)

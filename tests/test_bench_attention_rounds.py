@@ -71,3 +71,38 @@ def test_nothing_timed_is_left_alone(monkeypatch):
 def test_bad_rounds_refused():
     with pytest.raises(SystemExit):
         bag.main(["--rounds", "0"])
+
+
+def test_gradient_errors_against_the_reference():
+    """The gradient check the table reports (CPU stand-ins for the GPU tensors): the fp32 reference's own gradients
+    (rounded to bf16) are within bf16 rounding of it; split SDPA on bf16 is a small nonzero distance, within the rule against itself; a method
+    that drops gamma is far beyond the rule; the table shows the three errors and flags a failure."""
+    from taca import reference
+
+    gen = torch.Generator().manual_seed(0)
+    B, H, N, D, L = 1, 2, 48, 16, 16
+    q, k, v, do = (torch.randn(B, H, N, D, generator=gen).to(torch.bfloat16) for _ in range(4))
+    gamma = torch.full((B,), 1.5)
+    kw = dict(text_len=L, text_first=True, gamma=gamma)
+    ref = bag.reference_grads(q, k, v, do, **kw)
+    assert [r.dtype for r in ref] == [torch.float32] * 3 and ref[0].shape == q.shape
+
+    def fp32(a, b, c):
+        return reference.attention_ref(a.float(), b.float(), c.float(), upcast=torch.float32, **kw)[0]
+
+    # the reference itself, its gradients rounded to the inputs' bf16: within half a bf16 unit of the largest
+    own = bag.grad_errors(fp32, q, k, v, do, ref)
+    assert all(e <= 2 ** -8 * float(r.abs().max()) for e, r in zip(own, ref)), own
+    split = bag.grad_errors(lambda a, b, c: reference.attention_split_sdpa(a, b, c, **kw), q, k, v, do, ref)
+    assert all(0 < e < 0.05 for e in split) and bag.grad_rule(split, split)
+    no_gamma = bag.grad_errors(lambda a, b, c: reference.attention_split_sdpa(a, b, c, text_len=L, text_first=True,
+                                                                              gamma=1.0), q, k, v, do, ref)
+    assert not bag.grad_rule(no_gamma, split)
+    rows = [{"shape": "s", "method": "taca_cuda", "fwd_ms": 1.0, "grad_err": split, "sdpa_grad_err": split,
+             "grad_rule": True},
+            {"shape": "s", "method": "wrong", "fwd_ms": 1.0, "grad_err": no_gamma, "sdpa_grad_err": split,
+             "grad_rule": False}]
+    md = bag.table(rows, "# t")
+    line = [x for x in md.splitlines() if "| taca_cuda |" in x][0]
+    assert " / ".join(f"{e:.1e}" for e in split) in line and "beyond the rule" not in line
+    assert "beyond the rule" in [x for x in md.splitlines() if "| wrong |" in x][0]
