@@ -17,7 +17,8 @@ kernel (TACA_BWD_SM90_KERNEL=v6, the default), "v6:rows" / "v6:tensor" v6 with t
 dK / dV by fragment stores / by TMA (TACA_BWD_V6_DKV=frag / tma; TMA is the default), "<mode>@me" a key mask
 by the per-element path (TACA_BWD_MASK=elem), "<mode>@k0" without the backward's skew (TACA_BWD_SKEW=0; v6 and mma), "<mode>@p0" v6 reading the span and lse2 / delta where used (TACA_BWD_V6_PF=0), "<mode>@i0" there the tile index divided per tile (TACA_BWD_V6_IX=0), "<mode>@ds" / "<mode>@d0" v6 staging each tile's dQ at the next tile's top or not (TACA_BWD_V6_DS=1 / 0; on at D = 72..128, not at D = 64; =0 turns DF off too), "<mode>@f0" / "<mode>@df" v6 without / with each tile's dQ product issued at the next tile (TACA_BWD_V6_DF=0 / 1: DF is the default at D = 72..128, where =0 gives DS; a switch at D = 64), "<mode>@l0" DF without its lead (TACA_BWD_V6_DFLEAD=0), "<mode>@d2" v6 at D = 64 with DF and two dS' buffers (TACA_BWD_V6_D2=1), "<mode>@rc" every key tile storing its dQ
 part without adds or order (TACA_BWD_MODE=racy: a wrong dq on purpose, the bound without a dQ reduction), "<mode>@sk"
-no dQ written at all (TACA_BWD_MODE=skipdq: wrong dq; the D = 256 wgmma kernel and v5 take it), "mma" the mma.sync
+no dQ written at all (TACA_BWD_MODE=skipdq: wrong dq; the D = 256 wgmma kernel and v5 take it), "<mode>@oh" the D = 256
+wgmma kernel's own-half dV / dK from registers before its barrier (TACA_BWD_D256_OWN=1), "mma" the mma.sync
 kernel (TACA_BWD_SM90=0, other GPUs' backward), "d256" / "d256:mma" at D = 136..256 the wgmma kernel / the mma.sync
 one (TACA_BWD_D256=wgmma / mma); suffixes combine, e.g. "v6@s4@o0+nd", "d256@k0+nd");
 the table also gives each mode's max difference to the first)
@@ -123,7 +124,8 @@ def main() -> int:
                             ("@i0", "TACA_BWD_V6_IX", "0"), ("@ds", "TACA_BWD_V6_DS", "1"),
                             ("@d0", "TACA_BWD_V6_DS", "0"), ("@f0", "TACA_BWD_V6_DF", "0"), ("@df", "TACA_BWD_V6_DF", "1"),
                             ("@l0", "TACA_BWD_V6_DFLEAD", "0"), ("@d2", "TACA_BWD_V6_D2", "1"),
-                            ("@rc", "TACA_BWD_MODE", "racy"), ("@sk", "TACA_BWD_MODE", "skipdq")) + tuple(
+                            ("@rc", "TACA_BWD_MODE", "racy"), ("@sk", "TACA_BWD_MODE", "skipdq"),
+                            ("@oh", "TACA_BWD_D256_OWN", "1")) + tuple(
                                 (f"@c{n}", "TACA_BWD_CONV_CTAS", str(n)) for n in range(1, 9))
                 for suffix, var, val in suffixes * 3:
                     if base.endswith(suffix):

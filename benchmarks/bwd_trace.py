@@ -22,7 +22,8 @@ Usage: python3 benchmarks/bwd_trace.py [--kernel v6|d256] [--shapes flux1024_b1]
 Modes: "det" (the default, deterministic chains), "nd" (deterministic=False: unordered adds into one
 buffer), "as" (unordered adds into the chains' buffers, TACA_BWD_MODE=atomicseg; v6 only), "racy" (every key
 tile stores its part, no adds, no order: a wrong dq on purpose, the bound without any dQ reduction), "skip"
-(d256 only: no dQ written at all, TACA_BWD_MODE=skipdq; wrong dq);
+(d256 only: no dQ written at all, TACA_BWD_MODE=skipdq; wrong dq); "<mode>+oh" (d256 only: the own-half variant,
+TACA_BWD_D256_OWN=1);
 "<mode>@sN": N chains (TACA_BWD_NSEG); "<mode>+tw" / "<mode>+rows": v6's tensor / row dQ writer
 (TACA_BWD_V6_WRITER; v6 only). Prints tables last; writes bwd_trace.json (summaries) and
 bwd_trace_raw.safetensors (the raw per-CTA slots of the last repetition, and the first mode's per-tile
@@ -86,6 +87,9 @@ def mode_env(mode: str, kernel: str = "v6"):
     env, base = {}, mode
     if kernel == "d256":  # the wgmma kernel at D = 136..256, its trace instance
         env.update(TACA_BWD_D256="wgmma", TACA_BWD_D256_TRACE="1")
+        if base.endswith("+oh"):  # its own-half dV / dK before the barrier (TACA_BWD_D256_OWN)
+            base = base[:-3]
+            env["TACA_BWD_D256_OWN"] = "1"
     for suffix, writer in (("+tw", "tensor"), ("+rows", "rows")):  # v6's dQ writer (TACA_BWD_V6_WRITER)
         if base.endswith(suffix) and kernel == "v6":
             base = base[: -len(suffix)]
@@ -107,7 +111,7 @@ def mode_env(mode: str, kernel: str = "v6"):
         env["TACA_BWD_MODE"] = "skipdq"
         return True, env
     known = "det, nd, as, racy, with an optional @sN, +tw, +rows" if kernel == "v6" else \
-        "det, nd, racy, skip, with an optional @sN"
+        "det, nd, racy, skip, with an optional @sN, +oh"
     raise SystemExit(f"--modes: unknown mode {mode!r} for --kernel {kernel} ({known})")
 
 

@@ -17,7 +17,11 @@
 #     at AuraFlow / Ideogram 4 CFG: bench_bwd_handoff.py, the backward alone in its dQ modes (deterministic chains,
 #     deterministic=False, racy stores, no dQ written, without the skew, the conversion after the kernel), 3
 #     interleaved rounds; then bwd_trace.py --kernel d256 (the kernel's trace instance): a query tile's cycles by
-#     segment of MMA thread 0's loop, the writers' and the producer's waits, in the modes det / nd / racy / skip.
+#     segment of MMA thread 0's loop, the writers' and the producer's waits, in the modes det / nd / racy / skip;
+#     both also with the own-half variant (TACA_BWD_D256_OWN=1: d256@oh, det+oh).
+#   own (not in the default STEPS; about 2.5 min): the own-half variant checked as a default would be: the D > 128
+#     tests with TACA_BWD_D256_OWN=1 exported (features, masks, grouped KV heads included), then racecheck and
+#     synccheck of sanitize_bwd_d256.py with it.
 # SAN_T: each sanitizer run's timeout in seconds (default 75 / 70).
 # Run: run(command="timeout 570 bash benchmarks/gpu_d256_defaults_run.sh; bash benchmarks/pack_out.sh $OUT", carry=[".whl"])
 set -o pipefail
@@ -81,12 +85,19 @@ fi
 if has diag; then
   t0=$SECONDS
   timeout 150 python3 benchmarks/bench_bwd_handoff.py --rounds 3 --shapes auraflow_cfg,ideogram4_cfg \
-    --modes d256,d256+nd,d256@rc,d256@sk,d256@k0,d256@o0 --out "$OUT/diag_bench" > "$OUT/diag_bench.txt" 2>&1
+    --modes d256,d256@oh,d256+nd,d256@rc,d256@sk,d256@k0,d256@o0 --out "$OUT/diag_bench" > "$OUT/diag_bench.txt" 2>&1
   echo "diag bench rc=$? ($((SECONDS - t0)) s)"; grep -E "^\|" "$OUT/diag_bench.txt" | cut -c1-220
   t0=$SECONDS
   timeout 120 python3 benchmarks/bwd_trace.py --kernel d256 --shapes auraflow_cfg,ideogram4_cfg \
-    --modes det,nd,racy,skip --reps 3 --out "$OUT/diag_trace" > "$OUT/diag_trace.txt" 2>&1
+    --modes det,det+oh,nd,racy,skip --reps 3 --out "$OUT/diag_trace" > "$OUT/diag_trace.txt" 2>&1
   echo "diag trace rc=$? ($((SECONDS - t0)) s)"; grep -E "^\||cycles" "$OUT/diag_trace.txt" | cut -c1-260
+fi
+if has own; then
+  export TACA_BWD_D256_OWN=1
+  pytest_step pytest_d256_own 120 "CUDA tests, D > 128, own half" -rs tests/test_cuda_bwd.py tests/test_cuda_features.py \
+    -k "256 or 224 or 208 or D200 or d256"
+  SAN_TOOLS="racecheck synccheck" sanitize tests/cuda_harness/sanitize_bwd_d256.py taca_bwd sanitize_bwd_d256_own ${SAN_T:-75}
+  unset TACA_BWD_D256_OWN
 fi
 if has san_fwd; then sanitize tests/cuda_harness/sanitize_fwd_pad.py taca_fwd sanitize_fwd_pad ${SAN_T:-70}; fi
 } 2>&1 | tee "$OUT/log.txt"

@@ -120,6 +120,7 @@ def test_modes(bt):
     assert bt.mode_env("det", "d256") == (True, trace256)
     assert bt.mode_env("skip", "d256") == (True, {**trace256, "TACA_BWD_MODE": "skipdq"})
     assert bt.mode_env("nd@s2", "d256") == (False, {**trace256, "TACA_BWD_NSEG": "2"})
+    assert bt.mode_env("det+oh", "d256") == (True, {**trace256, "TACA_BWD_D256_OWN": "1"})
     for wrong in ("as", "det+tw"):  # v6's trace-build modes
         with pytest.raises(SystemExit, match="for --kernel d256"):
             bt.mode_env(wrong, "d256")

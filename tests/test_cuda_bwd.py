@@ -541,6 +541,23 @@ def test_sm90_d256_skew(case, monkeypatch):
     _check_skew(case, monkeypatch, torch.cuda.get_device_capability() == (9, 0))
 
 
+@pytest.mark.parametrize("case", D256_CASES, ids=[_ids(c) for c in D256_CASES])
+def test_sm90_d256_own_half(case, monkeypatch):
+    """TACA_BWD_D256_OWN=1 (the D = 256 wgmma kernel with dV / dK over each warpgroup's own 32 queries issued from
+    its registers before the warpgroups' barrier, the other 32 from shared memory after it): the rule and determinism
+    (_run_case); dq bitwise the default's (its products are unchanged); dk / dv sum the tile's four query steps in
+    another order for the second warpgroup's columns, so within 2 ulp of the default's."""
+    monkeypatch.setenv("TACA_BWD_D256", "wgmma")
+    monkeypatch.delenv("TACA_BWD_D256_OWN", raising=False)
+    base = _run_case(case)
+    monkeypatch.setenv("TACA_BWD_D256_OWN", "1")
+    own = _run_case(case)
+    assert torch.equal(own[0], base[0]), "dq: not bitwise the default's"
+    for name, a, b in zip(("dk", "dv"), own[1:], base[1:]):
+        excess = _ulp_excess(a, b)
+        assert excess <= 0, f"{name}: {excess:.3g} beyond 2 ulp of the default's"
+
+
 @pytest.mark.skipif(not _HAVE or torch.cuda.get_device_capability() != (9, 0), reason="needs sm_90 (the wgmma kernel)")
 def test_sm90_d256_trace_instance_and_timing_modes(monkeypatch):
     """The D = 256 wgmma kernel's diagnostic instance (TACA_BWD_D256_TRACE=1) and timing modes: the trace instance's

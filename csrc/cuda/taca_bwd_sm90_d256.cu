@@ -38,6 +38,14 @@
  *   buffer in the workspace), unaligned rows (vec_load), tensor maps the driver rejects, non-sm90a binaries.
  *   TACA_BWD_D256=wgmma / mma forces one kernel (a test and timing switch, read per call); kDefault (in
  *   taca_bwd_sm90_d256_enabled below) says which runs without it.
+ * OWN (TACA_BWD_D256_OWN=1, read per call; opt-in, not yet run on a GPU): each warpgroup issues dV and dK over its own
+ *   32 queries right after making P^T / dS'^T, from its registers (RS, the exponentials' A fragments), before the
+ *   barrier; after it only the other warpgroup's 32 queries are read from shared memory (SS). The tensor cores then
+ *   have the own halves' 4 m64n128k16 per warpgroup during the exponentials, stores and barrier, where the default
+ *   leaves them idle. dQ's products are unchanged (dq bitwise the same); dK / dV of the second warpgroup's columns
+ *   sum the four query steps in another order. Registers: the two A fragments (16) stay live until the wait after dQ
+ *   slice 0 (SASS: highest register R219 of the MMA warps' 240 unmasked, R204 by default; R235 masked, as by default;
+ *   no spill beyond the producer's 8 bytes; nothing serialized).
  * Diagnostics (read per call; the default instances' tile loop unchanged by them): TACA_BWD_D256_TRACE=1 runs the
  *   trace instance (kTraceSlots below; benchmarks/bwd_trace.py --kernel d256), TACA_BWD_MODE=skipdq writes no dQ
  *   and =racy stores the parts without order (timing modes: dq wrong on purpose, dK / dV unchanged).
@@ -169,7 +177,7 @@ __device__ __forceinline__ void stage_slice(unsigned char *dst, const float (&q)
     mbar_arrive(full);
 }
 
-template <typename T, bool MASK, bool TRACE>
+template <typename T, bool MASK, bool TRACE, bool OWN>
 __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid_constant__ D256Args p) {
 #if TACA_SM90A
     using C = Cfg;
@@ -495,7 +503,20 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
         D256_LAP(kSegPds);
 #pragma unroll
         for (int kk = 0; kk < 2; ++kk) store_block<BN>(spt, pa[kk], 16 * warp, 32 * wg + 16 * kk, lane);
-        wgmma_wait<0>();
+        if constexpr (OWN) {
+            // OWN: dV += P^T dO over this warpgroup's own 32 queries now, A = P^T from its registers (the
+            // exponentials' RS A fragments), while the other warpgroup still makes its half
+            const uint64_t d_do_own = desc_sw128_mn(sdo + 2 * wg * BM * 128, BM * 128);
+            fence_regs<64>(dv);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < 2; ++kk)
+                wgmma_rs<T, 128, 1>(dv, pa[kk], desc_advance(d_do_own, (2 * wg + kk) * 16 * 128), 1);
+            wgmma_commit();
+            wgmma_wait<1>();  // dP^T done (dV's own half may run)
+        } else {
+            wgmma_wait<0>();
+        }
         fence_regs<16>(dp);
         D256_LAP(kSegPst);
         // dS'^T = P^T (dP^T - delta) m
@@ -522,34 +543,54 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
             store_block<BN>(sdst, da[kk], 16 * warp, 32 * wg + 16 * kk, lane);        // dS'^T [keys][queries]
             store_block_trans<BM>(sds, da[kk], 16 * warp, 32 * wg + 16 * kk, lane);  // dS' [queries][keys]
         }
+        if constexpr (OWN) {  // dK += dS'^T Q over the own 32 queries, A = dS'^T from registers
+            const uint64_t d_q_own = desc_sw128_mn(qt + 2 * wg * BM * 128, BM * 128);
+            fence_regs<64>(dk);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < 2; ++kk)
+                wgmma_rs<T, 128, 1>(dk, da[kk], desc_advance(d_q_own, (2 * wg + kk) * 16 * 128), 1);
+            wgmma_commit();
+        }
         fence_proxy_async();           // the stmatrix writes -> the wgmma reads after the barrier
         D256_LAP(kSegDs);
         named_bar_sync(BAR_MMA, 256);  // P^T, dS'^T, dS' complete (both warpgroups' halves)
         D256_LAP(kSegBar);
 
-        // dV += P^T dO, dQ slice 0 = dS' K, dK += dS'^T Q over this warpgroup's 128 columns
+        // dV += P^T dO, dQ slice 0 = dS' K, dK += dS'^T Q over this warpgroup's 128 columns (OWN: the other
+        // warpgroup's 32 queries of dV and dK, the own ones being in flight already)
         const uint64_t d_do_mn = desc_sw128_mn(sdo + 2 * wg * BM * 128, BM * 128);
         const uint64_t d_q_mn = desc_sw128_mn(qt + 2 * wg * BM * 128, BM * 128);
         const uint64_t d_kq = desc_sw128(sk + 2 * wg * BN * 128);
+        constexpr int nkq = OWN ? 2 : BM / 16;  // the query k-steps read from P^T / dS'^T here, from kqb
+        const int kqb = OWN ? 2 * (1 - wg) : 0;  // (OWN: the other warpgroup's two)
         float dq[32];
-        fence_regs<64>(dv);
-        fence_regs<64>(dk);
+        if constexpr (!OWN) {  // (OWN: dV and dK are accumulators of wgmmas in flight: not touched here)
+            fence_regs<64>(dv);
+            fence_regs<64>(dk);
+        }
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk)
-            wgmma_ss<T, 128, 0, 1>(dv, desc_advance(d_pt, kk * 32), desc_advance(d_do_mn, kk * 16 * 128), 1);
+        for (int i = 0; i < nkq; ++i)
+            wgmma_ss<T, 128, 0, 1>(dv, desc_advance(d_pt, (kqb + i) * 32), desc_advance(d_do_mn, (kqb + i) * 16 * 128),
+                                   1);
         wgmma_commit();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk)
             wgmma_ss<T, 64, 0, 1>(dq, desc_advance(d_ds, kk * 32), desc_advance(d_kq, kk * 16 * 128), kk > 0);
         wgmma_commit();
 #pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk)
-            wgmma_ss<T, 128, 0, 1>(dk, desc_advance(d_dst, kk * 32), desc_advance(d_q_mn, kk * 16 * 128), 1);
+        for (int i = 0; i < nkq; ++i)
+            wgmma_ss<T, 128, 0, 1>(dk, desc_advance(d_dst, (kqb + i) * 32), desc_advance(d_q_mn, (kqb + i) * 16 * 128),
+                                   1);
         wgmma_commit();
-        wgmma_wait<1>();  // dV and dQ slice 0 done, dK running
+        wgmma_wait<1>();  // dV and dQ slice 0 done (OWN: and dK's own half), dK running
         fence_regs<64>(dv);
         fence_regs<32>(dq);
+        if constexpr (OWN) {  // the RS products' A fragments stay untouched until they completed
+            fence_regs<8>(&pa[0][0]);
+            fence_regs<8>(&da[0][0]);
+        }
         mbar_arrive(do_empty);  // dO of step it read (dP^T and dV)
         D256_LAP(kSegMma);
         // slice 0 into the warpgroup's staging buffer (free once the writer read the previous slice, 2 it - 1)
@@ -591,11 +632,17 @@ __global__ void __launch_bounds__(384, 1) taca_bwd_sm90_d256_kernel(const __grid
 template <typename T>
 int launch(const BwdArgs &a0, cudaStream_t stream) {
     using C = Cfg;
-    // TACA_BWD_D256_TRACE=1: the trace instance (diagnostic; calls with a mask run the plain masked one)
+    // TACA_BWD_D256_TRACE=1: the trace instance (diagnostic; calls with a mask run the plain masked one);
+    // TACA_BWD_D256_OWN=1: dV / dK's own half of the queries from registers before the warpgroups' barrier (opt-in)
     const char *tr = getenv("TACA_BWD_D256_TRACE");
-    auto kernel = a0.mask.data             ? taca_bwd_sm90_d256_kernel<T, true, false>
-                  : tr && !strcmp(tr, "1") ? taca_bwd_sm90_d256_kernel<T, false, true>
-                                           : taca_bwd_sm90_d256_kernel<T, false, false>;
+    const char *own = getenv("TACA_BWD_D256_OWN");
+    const bool trace = !a0.mask.data && tr && !strcmp(tr, "1"), oh = own && !strcmp(own, "1");
+    auto kernel = oh ? (a0.mask.data ? taca_bwd_sm90_d256_kernel<T, true, false, true>
+                        : trace      ? taca_bwd_sm90_d256_kernel<T, false, true, true>
+                                     : taca_bwd_sm90_d256_kernel<T, false, false, true>)
+                     : (a0.mask.data ? taca_bwd_sm90_d256_kernel<T, true, false, false>
+                        : trace      ? taca_bwd_sm90_d256_kernel<T, false, true, false>
+                                     : taca_bwd_sm90_d256_kernel<T, false, false, false>);
     cudaFuncAttributes attr;
     TACA_CUDA_TRY(cudaFuncGetAttributes(&attr, kernel), "taca_bwd_cuda (sm90 d256): cudaFuncGetAttributes");
     if (attr.binaryVersion != 90) return TACA_ERR_UNSUPPORTED;
