@@ -123,8 +123,8 @@ enum TSeg {
     kSegDp,   // issuing dP^T, waiting for S^T (wgmma_wait<1>)
     kSegExp,  // the exponentials, P^T packed
     kSegPds,  // waiting for the previous tile's products to free P^T / dS'^T / dS' (pds_free)
-    kSegPst,  // P^T stored, waiting for dP^T (wgmma_wait<0>)
-    kSegDs,   // dS'^T computed, packed and stored with dS' (transposed), the proxy fence
+    kSegPst,  // P^T stored (OWN: dV's own half issued), waiting for dP^T
+    kSegDs,   // dS'^T computed, packed and stored with dS' (transposed; OWN: dK's own half issued), the fence
     kSegBar,  // the 256 MMA threads' barrier (BAR_MMA)
     kSegMma,  // issuing dV, dQ slice 0, dK; waiting for dV and slice 0 (wgmma_wait<1>)
     kSegE0,   // waiting for the staging buffer (st_empty) for slice 0
