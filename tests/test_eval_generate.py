@@ -219,6 +219,13 @@ def test_chroma_folder_generates_with_and_without_taca(tmp_path, chroma_folder, 
     same = [open(os.path.join(off, "color", "samples", n), "rb").read() ==
             open(os.path.join(on, "color", "samples", n), "rb").read() for n in names]
     assert not all(same), "gamma 1.5 at every step changed no image"
+    # a negative prompt (Chroma takes one): recorded with the pipeline arguments, and it changes the images
+    neg = str(tmp_path / "neg")
+    assert main(["eval", "generate", "--model", chroma_folder, "--out", neg, "--prompts", prompts_dir, "--no-taca",
+                 "--negative-prompt", "blurry"] + CHROMA_ARGS) == 0
+    assert json.load(open(os.path.join(neg, "run.json")))["pipeline_args"]["negative_prompt"] == "blurry"
+    assert any(open(os.path.join(off, "color", "samples", n), "rb").read() !=
+               open(os.path.join(neg, "color", "samples", n), "rb").read() for n in names)
     capsys.readouterr()
     bad = str(tmp_path / "bad")
     rc = main(["eval", "generate", "--model", chroma_folder, "--out", bad, "--prompts", prompts_dir, "--no-taca"]
@@ -257,3 +264,8 @@ def test_family_call_arguments():
         pipeline_call(GenerateConfig(model="m", out="o", batch_size=2), joy)
     with pytest.raises(UsageError, match="argument --max-sequence-length: .* take no max_sequence_length"):
         pipeline_call(GenerateConfig(model="m", out="o", max_sequence_length=64), bare("LongCatImagePipeline"))
+    # Qwen-Image's true CFG: the guidance under true_cfg_scale with the negative prompt its reference passes
+    assert pipeline_call(GenerateConfig(model="m", out="o", guidance=4.0, negative_prompt=" "),
+                         bare("QwenImagePipeline")) == {"true_cfg_scale": 4.0, "negative_prompt": " "}
+    with pytest.raises(UsageError, match="taca eval generate: argument --negative-prompt: only .*Qwen-Image"):
+        pipeline_call(GenerateConfig(model="m", out="o", negative_prompt="blurry"), bare("FluxPipeline"))

@@ -52,6 +52,9 @@ def add_parser(sub) -> None:
     g.add_argument("--height", type=_pos_int, default=None)
     g.add_argument("--width", type=_pos_int, default=None)
     g.add_argument("--max-sequence-length", type=_pos_int, default=None)
+    g.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="negative prompt, for the families that take one (Qwen-Image's true CFG needs one: "
+                        "its reference inference passes \" \"); default: none")
     g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default bf16 on GPU, fp32 on CPU")
     g.add_argument("--batch-size", type=_pos_int, default=1, help="images of one prompt per pipeline call")
     g.add_argument("--limit-prompts", type=_pos_int, default=None,
@@ -134,7 +137,8 @@ def cmd_generate(args) -> int:
             model=args.model, out=args.out, categories=[c.strip() for c in args.categories.split(",") if c.strip()],
             prompts_dir=args.prompts, prompt_set=args.prompt_set, images_per_prompt=args.images_per_prompt,
             seed=args.seed, taca=taca, steps=args.steps, guidance=args.guidance, height=args.height,
-            width=args.width, max_sequence_length=args.max_sequence_length, dtype=args.dtype,
+            width=args.width, max_sequence_length=args.max_sequence_length,
+            negative_prompt=args.negative_prompt, dtype=args.dtype,
             batch_size=args.batch_size, limit_prompts=args.limit_prompts, progress=not args.no_progress)
         generate(cfg)
     except UsageError as e:

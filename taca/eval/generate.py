@@ -82,6 +82,7 @@ class GenerateConfig:
     height: Optional[int] = None
     width: Optional[int] = None
     max_sequence_length: Optional[int] = None
+    negative_prompt: Optional[str] = None   # for the families that take one (recorded with the pipeline args)
     dtype: Optional[str] = None             # bf16 | fp16 | fp32 (default bf16 on GPU, fp32 on CPU)
     batch_size: int = 1
     limit_prompts: Optional[int] = None     # first N prompts of each category (smoke tests)
@@ -102,7 +103,8 @@ def plan(prompts: Sequence[str], images_per_prompt: int, seed: int) -> List[Dict
 
 def _pipeline_args(cfg: GenerateConfig) -> Dict[str, Any]:
     return {k: v for k, v in dict(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, height=cfg.height,
-                                  width=cfg.width, max_sequence_length=cfg.max_sequence_length).items()
+                                  width=cfg.width, max_sequence_length=cfg.max_sequence_length,
+                                  negative_prompt=cfg.negative_prompt).items()
             if v is not None}
 
 
@@ -197,11 +199,12 @@ def pipeline_call(cfg: GenerateConfig, pipe) -> Dict[str, Any]:
     if family is None:
         return _pipeline_args(cfg)
     command = "taca eval generate"
-    opts = SimpleNamespace(max_sequence_length=cfg.max_sequence_length, negative_prompt=None)
+    opts = SimpleNamespace(max_sequence_length=cfg.max_sequence_length, negative_prompt=cfg.negative_prompt)
     try:
         cli._check_family_args(opts, family, command=command)
         return cli.pipeline_call(pipe, family, steps=cfg.steps, guidance=cfg.guidance,
                                  max_sequence_length=cfg.max_sequence_length, height=cfg.height, width=cfg.width,
+                                 negative_prompt=cfg.negative_prompt,
                                  extra={"num_images_per_prompt": "--batch-size"} if cfg.batch_size > 1 else None,
                                  command=command)
     except cli.UsageError as e:
