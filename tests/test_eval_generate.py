@@ -264,6 +264,11 @@ def test_family_call_arguments():
         pipeline_call(GenerateConfig(model="m", out="o", batch_size=2), joy)
     with pytest.raises(UsageError, match="argument --max-sequence-length: .* take no max_sequence_length"):
         pipeline_call(GenerateConfig(model="m", out="o", max_sequence_length=64), bare("LongCatImagePipeline"))
+    # a FLUX.1 transformer without a guidance embedding is FLUX.1-schnell's: its 256 T5 tokens, as taca generate
+    from taca.demo import build_tiny_flux_pipeline
+
+    with pytest.raises(UsageError, match="FLUX.1-schnell take at most 256 T5 tokens, got 300"):
+        pipeline_call(GenerateConfig(model="m", out="o", max_sequence_length=300), build_tiny_flux_pipeline())
     # Qwen-Image's true CFG: the guidance under true_cfg_scale with the negative prompt its reference passes
     assert pipeline_call(GenerateConfig(model="m", out="o", guidance=4.0, negative_prompt=" "),
                          bare("QwenImagePipeline")) == {"true_cfg_scale": 4.0, "negative_prompt": " "}

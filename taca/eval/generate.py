@@ -200,8 +200,10 @@ def pipeline_call(cfg: GenerateConfig, pipe) -> Dict[str, Any]:
         return _pipeline_args(cfg)
     command = "taca eval generate"
     opts = SimpleNamespace(max_sequence_length=cfg.max_sequence_length, negative_prompt=cfg.negative_prompt)
-    try:
-        cli._check_family_args(opts, family, command=command)
+    transformer = getattr(pipe, "transformer", None)
+    schnell = family == "flux" and transformer is not None and not getattr(transformer.config, "guidance_embeds", True)
+    try:  # (FLUX.1-schnell's own limits, as taca generate checks them)
+        cli._check_family_args(opts, "flux-schnell" if schnell else family, command=command)
         return cli.pipeline_call(pipe, family, steps=cfg.steps, guidance=cfg.guidance,
                                  max_sequence_length=cfg.max_sequence_length, height=cfg.height, width=cfg.width,
                                  negative_prompt=cfg.negative_prompt,
