@@ -417,6 +417,7 @@ int taca_bwd_cpu(const taca_bwd_params *p) {
     if (!delta) return TACA_ERR_ALLOC;
     delta_portable(p, delta, taca_threads(p->num_threads, nrows, work));
 #if TACA_CPU_AVX2
+    taca_cpu_select_simd();
     if (p->dtype == TACA_F32 && taca_cpu_has_avx2()) {
         const int64_t ntile = (p->seqlen + TACA_T - 1) / TACA_T;
         st = bwd_f32(p, delta, taca_threads(p->num_threads, p->batch * p->heads * ntile, work));

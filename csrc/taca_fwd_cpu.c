@@ -299,6 +299,7 @@ int taca_fwd_cpu(const taca_fwd_params *p) {
     if ((st = taca_check_spans_host(p->text_spans, p->batch, p->seqlen, p->seqlen_k)) != TACA_OK)
         return st;
 #if TACA_CPU_AVX2
+    taca_cpu_select_simd();
     if (p->dtype == TACA_F32 && taca_cpu_has_avx2()) return fwd_f32(p);
 #endif
     return fwd_portable(p);
