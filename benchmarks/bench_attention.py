@@ -3,6 +3,8 @@
 CPU (this script): shapes B=1, H=8, 128 text + 1024 image tokens with D=64 and D=128, and a
 FLUX-like one (H=24, D=128, 512 text + 1024 image tokens; skipped with --quick). Methods:
   taca         the C kernel through taca.joint_attention(backend="cpu"), gamma=1.2
+  taca_avx2    the same with its AVX2 GEMM micro-kernel (TACA_CPU_AVX512=0; only on CPUs with AVX-512F, where
+               taca takes the AVX-512 one)
   sdpa_plain   F.scaled_dot_product_attention without gamma: the floor TACA should reach
   split_sdpa   the exact two-call SDPA form with gamma (reference.attention_split_sdpa)
   materialized the float32 materialized softmax with gamma (reference.attention_ref)
@@ -59,16 +61,39 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def has_avx512f() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
 def make_methods(q, k, v, text_len, text_first) -> Dict[str, Callable[[], torch.Tensor]]:
     """Forward callables on (B, H, N, D) inputs; each returns out."""
     g = torch.full((q.shape[0],), GAMMA)
     kw = dict(text_len=text_len, text_first=text_first, layout="bhnd")
-    return {
-        "taca": lambda: taca.joint_attention(q, k, v, gamma=g, backend="cpu", **kw),
+
+    def taca_avx2():  # TACA_CPU_AVX512 is read at every call of the kernels
+        old = os.environ.get("TACA_CPU_AVX512")
+        os.environ["TACA_CPU_AVX512"] = "0"
+        try:
+            return taca.joint_attention(q, k, v, gamma=g, backend="cpu", **kw)
+        finally:
+            if old is None:
+                del os.environ["TACA_CPU_AVX512"]
+            else:
+                os.environ["TACA_CPU_AVX512"] = old
+
+    methods = {"taca": lambda: taca.joint_attention(q, k, v, gamma=g, backend="cpu", **kw)}
+    if has_avx512f():
+        methods["taca_avx2"] = taca_avx2
+    methods.update({
         "sdpa_plain": lambda: F.scaled_dot_product_attention(q, k, v),
         "split_sdpa": lambda: reference.attention_split_sdpa(q, k, v, gamma=g, **kw),
         "materialized": lambda: reference.attention_ref(q, k, v, gamma=g, upcast=torch.float32, **kw)[0],
-    }
+    })
+    return methods
 
 
 def check(q, k, v, text_len, text_first, methods) -> Dict[str, float]:
@@ -149,7 +174,7 @@ def table(res: dict) -> str:
         "| shape (B, H, N, D, text) | pass | method | ms | TFLOP/s | x plain SDPA |",
         "|---|---|---|---|---|---|",
     ]
-    order = {"taca": 0, "sdpa_plain": 1, "split_sdpa": 2, "materialized": 3}
+    order = {"taca": 0, "taca_avx2": 1, "sdpa_plain": 2, "split_sdpa": 3, "materialized": 4}
     for r in sorted(res["rows"], key=lambda r: (list(CPU_SHAPES).index(r["shape"]), r["pass_"], order[r["method"]])):
         shp = f"{r['B']}, {r['H']}, {r['N']}, {r['D']}, {r['text_len']}"
         lines.append(f"| {shp} | {r['pass_']} | {r['method']} | {r['ms']:.1f} | {r['tflops']:.3f} | {r['ratio_to_plain']:.2f} |")

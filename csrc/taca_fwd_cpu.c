@@ -184,6 +184,86 @@ static void fwd_add_mask(const taca_fwd_params *p, float *st, int64_t b, int64_t
     }
 }
 
+/* The online softmax over one key tile (st: nk keys x T queries of logits, replaced by their exponentials) for the
+ * tile's T queries, 8 a vector: the running max, sum, text sum and the rescale factor alpha of each query. */
+static void fwd_softmax_256(fwd_scratch *w, int nk, int64_t k0, int64_t tb, int64_t te) {
+    const int T = TACA_T;
+    const __m256 ninf = _mm256_set1_ps(-INFINITY), zero = _mm256_setzero_ps();
+    int iv, j;
+    for (iv = 0; iv < T; iv += 8) {
+        const __m256 m_old = _mm256_load_ps(w->m + iv);
+        __m256 bm = ninf, m_new, m_use, alpha, sum = zero, tsum = zero;
+        for (j = 0; j < nk; ++j) bm = _mm256_max_ps(_mm256_load_ps(w->st + j * T + iv), bm);
+        m_new = _mm256_max_ps(bm, m_old);
+        m_use = _mm256_blendv_ps(m_new, zero, _mm256_cmp_ps(m_new, ninf, _CMP_EQ_OQ));
+        alpha = taca_exp256(_mm256_sub_ps(m_old, m_use));
+        for (j = 0; j < nk; ++j) {
+            float *x = w->st + j * T + iv;
+            __m256 e = taca_exp256(_mm256_sub_ps(_mm256_load_ps(x), m_use));
+            _mm256_store_ps(x, e);
+            sum = _mm256_add_ps(sum, e);
+            if (taca_is_text(k0 + j, tb, te)) tsum = _mm256_add_ps(tsum, e);
+        }
+        _mm256_store_ps(w->l + iv, _mm256_fmadd_ps(_mm256_load_ps(w->l + iv), alpha, sum));
+        _mm256_store_ps(w->tm + iv, _mm256_fmadd_ps(_mm256_load_ps(w->tm + iv), alpha, tsum));
+        _mm256_store_ps(w->m + iv, m_new);
+        _mm256_store_ps(w->alpha + iv, alpha);
+    }
+}
+
+/* The first nq rows of the output accumulator (T x Dp) times their alpha. */
+static void fwd_rescale_256(fwd_scratch *w, int nq, int64_t Dp) {
+    int i;
+    int64_t d;
+    for (i = 0; i < nq; ++i) {
+        const __m256 a = _mm256_set1_ps(w->alpha[i]);
+        float *orow = w->o + i * Dp;
+        for (d = 0; d < Dp; d += 8) _mm256_store_ps(orow + d, _mm256_mul_ps(_mm256_load_ps(orow + d), a));
+    }
+}
+
+#if TACA_CPU_AVX512
+/* fwd_softmax_256 with 16 queries a vector (T % 16 == 0): the same operations lane by lane (bitwise). */
+TACA_TARGET_AVX512 static void fwd_softmax_512(fwd_scratch *w, int nk, int64_t k0, int64_t tb, int64_t te) {
+    const int T = TACA_T;
+    const __m512 ninf = _mm512_set1_ps(-INFINITY), zero = _mm512_setzero_ps();
+    int iv, j;
+    for (iv = 0; iv < T; iv += 16) {
+        const __m512 m_old = _mm512_load_ps(w->m + iv);
+        __m512 bm = ninf, m_new, m_use, alpha, sum = zero, tsum = zero;
+        for (j = 0; j < nk; ++j) bm = _mm512_max_ps(_mm512_load_ps(w->st + j * T + iv), bm);
+        m_new = _mm512_max_ps(bm, m_old);
+        m_use = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m_new, ninf, _CMP_EQ_OQ), m_new, zero);
+        alpha = taca_exp512(_mm512_sub_ps(m_old, m_use));
+        for (j = 0; j < nk; ++j) {
+            float *x = w->st + j * T + iv;
+            __m512 e = taca_exp512(_mm512_sub_ps(_mm512_load_ps(x), m_use));
+            _mm512_store_ps(x, e);
+            sum = _mm512_add_ps(sum, e);
+            if (taca_is_text(k0 + j, tb, te)) tsum = _mm512_add_ps(tsum, e);
+        }
+        _mm512_store_ps(w->l + iv, _mm512_fmadd_ps(_mm512_load_ps(w->l + iv), alpha, sum));
+        _mm512_store_ps(w->tm + iv, _mm512_fmadd_ps(_mm512_load_ps(w->tm + iv), alpha, tsum));
+        _mm512_store_ps(w->m + iv, m_new);
+        _mm512_store_ps(w->alpha + iv, alpha);
+    }
+}
+
+/* fwd_rescale_256 with 16-float vectors (an 8-float masked tail where Dp % 16 == 8). */
+TACA_TARGET_AVX512 static void fwd_rescale_512(fwd_scratch *w, int nq, int64_t Dp) {
+    int i;
+    int64_t d;
+    for (i = 0; i < nq; ++i) {
+        const __m512 a = _mm512_set1_ps(w->alpha[i]);
+        float *orow = w->o + i * Dp;
+        for (d = 0; d < Dp; d += 16) {
+            const __mmask16 m = Dp - d >= 16 ? (__mmask16)0xFFFF : (__mmask16)0x00FF;
+            _mm512_mask_storeu_ps(orow + d, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, orow + d), a));
+        }
+    }
+}
+#endif
+
 /* One query tile of (b, h): rows n0 .. n0+nq. */
 static void fwd_tile_f32(const taca_fwd_params *p, fwd_scratch *w, int64_t b, int64_t h,
                          int64_t n0, int nq) {
@@ -191,9 +271,8 @@ static void fwd_tile_f32(const taca_fwd_params *p, fwd_scratch *w, int64_t b, in
     const int64_t hk = taca_kv_head(h, p->heads, p->heads_kv);
     const taca_span sp = TACA_SPAN_OF(p, b);
     const int64_t tb = sp.kb, te = sp.ke;
-    const __m256 ninf = _mm256_set1_ps(-INFINITY), zero = _mm256_setzero_ps();
     int64_t k0, d, ldv;
-    int i, j, iv;
+    int i;
 
     taca_pack_q_scaled((const float *)p->q, &p->q_stride, b, h, n0, nq, D, sp.qb, sp.qe, p->scale,
                        taca_gamma_at(p->gamma, 0, b), p->gamma_reverse, w->qt, w->qv, w->ct,
@@ -210,32 +289,15 @@ static void fwd_tile_f32(const taca_fwd_params *p, fwd_scratch *w, int64_t b, in
         taca_logits_t((const float *)p->k, &p->k_stride, b, hk, k0, nk, D, tb, te, w->qt, w->qv,
                       w->st);
         if (p->mask.kind != TACA_MASK_NONE) fwd_add_mask(p, w->st, b, h, n0, nq, k0, nk);
-        for (iv = 0; iv < T; iv += 8) {
-            const __m256 m_old = _mm256_load_ps(w->m + iv);
-            __m256 bm = ninf, m_new, m_use, alpha, sum = zero, tsum = zero;
-            for (j = 0; j < nk; ++j) bm = _mm256_max_ps(_mm256_load_ps(w->st + j * T + iv), bm);
-            m_new = _mm256_max_ps(bm, m_old);
-            m_use = _mm256_blendv_ps(m_new, zero, _mm256_cmp_ps(m_new, ninf, _CMP_EQ_OQ));
-            alpha = taca_exp256(_mm256_sub_ps(m_old, m_use));
-            for (j = 0; j < nk; ++j) {
-                float *x = w->st + j * T + iv;
-                __m256 e = taca_exp256(_mm256_sub_ps(_mm256_load_ps(x), m_use));
-                _mm256_store_ps(x, e);
-                sum = _mm256_add_ps(sum, e);
-                if (taca_is_text(k0 + j, tb, te)) tsum = _mm256_add_ps(tsum, e);
-            }
-            _mm256_store_ps(w->l + iv, _mm256_fmadd_ps(_mm256_load_ps(w->l + iv), alpha, sum));
-            _mm256_store_ps(w->tm + iv, _mm256_fmadd_ps(_mm256_load_ps(w->tm + iv), alpha, tsum));
-            _mm256_store_ps(w->m + iv, m_new);
-            _mm256_store_ps(w->alpha + iv, alpha);
-        }
-        if (k0 > 0) {
-            for (i = 0; i < nq; ++i) {
-                const __m256 a = _mm256_set1_ps(w->alpha[i]);
-                float *orow = w->o + i * Dp;
-                for (d = 0; d < Dp; d += 8)
-                    _mm256_store_ps(orow + d, _mm256_mul_ps(_mm256_load_ps(orow + d), a));
-            }
+#if TACA_CPU_AVX512
+        if (taca_use_avx512) {
+            fwd_softmax_512(w, nk, k0, tb, te);
+            if (k0 > 0) fwd_rescale_512(w, nq, Dp);
+        } else
+#endif
+        {
+            fwd_softmax_256(w, nk, k0, tb, te);
+            if (k0 > 0) fwd_rescale_256(w, nq, Dp);
         }
         vop = taca_rows_operand((const float *)p->v, &p->v_stride, b, hk, k0, nk, D, w->v, &ldv);
         taca_gemm_f32((int)T, (int)Dp, nk, w->st, 1, T, vop, ldv, w->o, Dp, 1);
