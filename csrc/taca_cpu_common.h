@@ -54,8 +54,10 @@
  * AVX-512F for the float32 path's GEMM micro-kernel (taca_gemm_f32), chosen per call where the CPU has it: its
  * function is compiled for AVX-512F by a target attribute whatever -march says (x86 GCC / Clang), and each C
  * element is the same chain of fused multiply-adds over k as in the AVX2 kernel, so the outputs are bitwise the
- * same. On the AMD EPYC of the CI machine (2 threads) the 6 x 32 kernel ran the logit GEMM (96 x 96 x 64 / 128)
- * at 108-111 GFLOP/s a thread against 63-66 for the 6 x 16 AVX2 one. TACA_CPU_AVX512=0 keeps AVX2 (read per call).
+ * same. On the AVX-512 AMD EPYC of the development machine (one thread, the logit GEMM 96 x 96 x D) it ran at 116
+ * GFLOP/s against the AVX2 kernel's 106 (D = 64) and 115 (D = 128): the AVX2 kernel is already near this core's FMA
+ * peak, the gain is in instructions issued (broadcasts, loop control); the forward gained 4-7% end to end, the
+ * backward nothing measurable (benchmarks/results/cpu_2026-12-08.md). TACA_CPU_AVX512=0 keeps AVX2 (read per call).
  */
 #if TACA_CPU_AVX2 && (defined(__x86_64__) || defined(__i386__))
 #define TACA_CPU_AVX512 1
