@@ -19,9 +19,9 @@
 #     interleaved rounds; then bwd_trace.py --kernel d256 (the kernel's trace instance): a query tile's cycles by
 #     segment of MMA thread 0's loop, the writers' and the producer's waits, in the modes det / nd / racy / skip;
 #     both also with the own-half variant (TACA_BWD_D256_OWN=1: d256@oh, det+oh).
-#   own (not in the default STEPS; about 2.5 min): the own-half variant checked as a default would be: the D > 128
-#     tests with TACA_BWD_D256_OWN=1 exported (features, masks, grouped KV heads included), then racecheck and
-#     synccheck of sanitize_bwd_d256.py with it.
+#   own (not in the default STEPS; about 4 min): the own-half variant checked as a default would be: the D > 128
+#     tests with TACA_BWD_D256_OWN=1 exported (features, masks, grouped KV heads included), then memcheck, racecheck
+#     and synccheck of sanitize_bwd_d256.py with it.
 # SAN_T: each sanitizer run's timeout in seconds (default 75 / 70).
 # Run: run(command="timeout 570 bash benchmarks/gpu_d256_defaults_run.sh; bash benchmarks/pack_out.sh $OUT", carry=[".whl"])
 set -o pipefail
@@ -96,7 +96,8 @@ if has own; then
   export TACA_BWD_D256_OWN=1
   pytest_step pytest_d256_own 120 "CUDA tests, D > 128, own half" -rs tests/test_cuda_bwd.py tests/test_cuda_features.py \
     -k "256 or 224 or 208 or D200 or d256"
-  SAN_TOOLS="racecheck synccheck" sanitize tests/cuda_harness/sanitize_bwd_d256.py taca_bwd sanitize_bwd_d256_own ${SAN_T:-75}
+  SAN_TOOLS="memcheck racecheck synccheck" sanitize tests/cuda_harness/sanitize_bwd_d256.py taca_bwd sanitize_bwd_d256_own \
+    ${SAN_T:-75}
   unset TACA_BWD_D256_OWN
 fi
 if has san_fwd; then sanitize tests/cuda_harness/sanitize_fwd_pad.py taca_fwd sanitize_fwd_pad ${SAN_T:-70}; fi
