@@ -61,6 +61,8 @@ def cpu_name() -> str:
 
 
 def has_avx512f() -> bool:
+    """Whether the CPU reports AVX-512F (Linux /proc/cpuinfo; False elsewhere): the C kernels then take their
+    AVX-512 GEMM unless TACA_CPU_AVX512=0."""
     try:
         with open("/proc/cpuinfo") as f:
             return " avx512f" in f.read()

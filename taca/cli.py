@@ -474,6 +474,12 @@ def _check_family_args(args, family: Optional[str], command: str = "taca generat
                          command)
 
 
+def _is_schnell(pipe, family: Optional[str]) -> bool:
+    """Whether a loaded FLUX.1 pipeline is FLUX.1-schnell's (its transformer has no guidance embedding)."""
+    transformer = getattr(pipe, "transformer", None)
+    return family == "flux" and transformer is not None and not getattr(transformer.config, "guidance_embeds", True)
+
+
 # the pipeline call's arguments -> the option that sets them (pipeline_call's messages)
 _CALL_FLAGS = {"num_inference_steps": "--steps", "max_sequence_length": "--max-sequence-length",
                "negative_prompt": "--negative-prompt", "height": "--height", "width": "--width"}
@@ -644,7 +650,7 @@ def cmd_generate(args) -> int:
         err(f"taca generate: {args.model} loads as {type(pipe).__name__}, which is not a FLUX or SD3/SD3.5 "
             f"pipeline nor another supported one; TACA supports the pipelines of {models.supported()}")
         return 2
-    schnell = family == "flux" and not getattr(pipe.transformer.config, "guidance_embeds", True)
+    schnell = _is_schnell(pipe, family)
     try:  # again, with the family the loaded pipeline really has
         _check_family_args(args, "flux-schnell" if schnell else family)
         head_dim = getattr(pipe.transformer.config, "attention_head_dim", None)

@@ -77,3 +77,25 @@ def spy(monkeypatch):
         return calls
 
     return install
+
+
+@pytest.fixture(scope="session")
+def chroma_folder(tmp_path_factory):
+    """A tiny saved ChromaPipeline (T5 from the tiny FLUX pipeline, a 1+1-block transformer): a family beyond
+    FLUX.1 / SD3 for `taca generate` and `taca eval generate` (test_models_cli, test_eval_generate)."""
+    pytest.importorskip("diffusers")
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel
+
+    from taca.demo import build_tiny_flux_pipeline
+
+    flux = build_tiny_flux_pipeline(seed=0)  # its tiny T5, tokenizer, VAE (1 latent channel) and scheduler
+    torch.manual_seed(0)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=64, axes_dims_rope=(4, 6, 6), approximator_num_channels=16, approximator_hidden_dim=32,
+        approximator_layers=1)
+    pipe = ChromaPipeline(scheduler=flux.scheduler, vae=flux.vae, text_encoder=flux.text_encoder_2,
+                          tokenizer=flux.tokenizer_2, transformer=transformer.eval())
+    d = tmp_path_factory.mktemp("tinychroma")
+    pipe.save_pretrained(str(d))
+    return str(d)

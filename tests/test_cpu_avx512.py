@@ -6,23 +6,20 @@ feature cases of test_ops_features (spans, masks, grouped KV heads). Skipped on 
 settings run the same code."""
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
 import taca
 from taca import ops
 
-
-def _has_avx512f() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512f" in f.read()
-    except OSError:
-        return False
-
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from bench_attention import has_avx512f  # noqa: E402  (the benchmark's taca_avx2 row asks the same)
 
 pytestmark = [pytest.mark.skipif(not ops.HAVE_KERNELS, reason="taca._C extension not built"),
-              pytest.mark.skipif(not _has_avx512f(), reason="the CPU has no AVX-512F: one micro-kernel only")]
+              pytest.mark.skipif(not has_avx512f(), reason="the CPU has no AVX-512F: one micro-kernel only")]
 
 
 def _run(q, k, v, kw, mode, monkeypatch):

@@ -196,13 +196,11 @@ def test_python_pipe_and_batch_size_give_the_same_images(tmp_path, prompts_dir, 
 
 # --- families beyond FLUX.1 and SD3 (the rules of taca generate) ---------------------------------------------------
 
-from test_models_cli import chroma_folder  # noqa: E402,F401  (a tiny saved ChromaPipeline, T5 built here)
-
 CHROMA_ARGS = ["--categories", "color", "--images-per-prompt", "1", "--steps", "2", "--height", "16", "--width", "16",
                "--max-sequence-length", "8", "--guidance", "3", "--no-progress"]
 
 
-def test_chroma_folder_generates_with_and_without_taca(tmp_path, chroma_folder, prompts_dir, capsys):  # noqa: F811
+def test_chroma_folder_generates_with_and_without_taca(tmp_path, chroma_folder, prompts_dir, capsys):
     """Another family's pipeline (Chroma: CFG with a negative prompt of its own) runs the same command: the
     official layout, TACA on changing images, the family's limit on --max-sequence-length checked before any
     folder is made."""

@@ -1,13 +1,12 @@
 """``taca generate`` with the models of taca.models beyond FLUX.1 and SD3: the family is told from
 a hub id or a folder's model_index.json before loading, the family's rules on arguments apply,
-and a tiny saved ChromaPipeline (T5 text encoder built here) generates end to end."""
+and a tiny saved ChromaPipeline (conftest's chroma_folder) generates end to end."""
 import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
-import torch
 
 from taca import cli
 from test_cli import _run
@@ -86,26 +85,6 @@ def test_family_of_loaded_pipelines():
 
     for cls, family in ((ChromaPipeline, "chroma"), (Flux2KleinPipeline, "flux2"), (QwenImagePipeline, "qwenimage")):
         assert cli._family(cls.__new__(cls)) == family
-
-
-@pytest.fixture(scope="module")
-def chroma_folder(tmp_path_factory):
-    pytest.importorskip("diffusers")
-    from diffusers import ChromaPipeline, ChromaTransformer2DModel
-
-    from taca.demo import build_tiny_flux_pipeline
-
-    flux = build_tiny_flux_pipeline(seed=0)  # its tiny T5, tokenizer, VAE (1 latent channel) and scheduler
-    torch.manual_seed(0)
-    transformer = ChromaTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=64, axes_dims_rope=(4, 6, 6), approximator_num_channels=16, approximator_hidden_dim=32,
-        approximator_layers=1)
-    pipe = ChromaPipeline(scheduler=flux.scheduler, vae=flux.vae, text_encoder=flux.text_encoder_2,
-                          tokenizer=flux.tokenizer_2, transformer=transformer.eval())
-    d = tmp_path_factory.mktemp("tinychroma")
-    pipe.save_pretrained(str(d))
-    return str(d)
 
 
 def _argv(folder, out, *extra):

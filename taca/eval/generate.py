@@ -200,10 +200,8 @@ def pipeline_call(cfg: GenerateConfig, pipe) -> Dict[str, Any]:
         return _pipeline_args(cfg)
     command = "taca eval generate"
     opts = SimpleNamespace(max_sequence_length=cfg.max_sequence_length, negative_prompt=cfg.negative_prompt)
-    transformer = getattr(pipe, "transformer", None)
-    schnell = family == "flux" and transformer is not None and not getattr(transformer.config, "guidance_embeds", True)
     try:  # (FLUX.1-schnell's own limits, as taca generate checks them)
-        cli._check_family_args(opts, "flux-schnell" if schnell else family, command=command)
+        cli._check_family_args(opts, "flux-schnell" if cli._is_schnell(pipe, family) else family, command=command)
         return cli.pipeline_call(pipe, family, steps=cfg.steps, guidance=cfg.guidance,
                                  max_sequence_length=cfg.max_sequence_length, height=cfg.height, width=cfg.width,
                                  negative_prompt=cfg.negative_prompt,
